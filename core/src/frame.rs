@@ -1,0 +1,1 @@
+//! Frames as hosts hand them over: pixel formats, strides, sizes.

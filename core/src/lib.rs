@@ -1,0 +1,18 @@
+//! sdstream: a real-time StreamDiffusion engine on candle.
+//!
+//! Frames go in, frames come out; the arithmetic is that of the reference StreamDiffusion
+//! (PyPI `streamdiffusion==0.1.1` on diffusers), so that a seed here means the same picture there.
+//!
+//! * [`params`]: the Daydream-compatible [`StreamDiffusionParams`] contract, engine-only
+//!   [`EngineSettings`], and [`classify`], which says whether a change is hot or needs a reload.
+//! * [`model`]: loading diffusers checkpoints and the networks (CLIP, UNet, VAE, TAESD).
+//! * [`pipeline`]: the StreamDiffusion state machine (scheduler grid, stream batch, RCFG, noise).
+
+pub mod error;
+pub mod frame;
+pub mod model;
+pub mod params;
+pub mod pipeline;
+
+pub use error::{Error, Result};
+// pub use params::{EngineSettings, StreamDiffusionParams, Update, classify};

@@ -1,0 +1,1 @@
+//! The StreamDiffusionParams contract (Daydream's model), engine settings, and update classification.

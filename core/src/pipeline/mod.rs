@@ -1,0 +1,1 @@
+//! The StreamDiffusion state machine.

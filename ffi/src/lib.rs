@@ -1,0 +1,1 @@
+//! C ABI for sdstream (see `include/sdstream.h`).
