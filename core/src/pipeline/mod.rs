@@ -1,1 +1,4 @@
-//! The StreamDiffusion state machine.
+//! The StreamDiffusion state machine: scheduler grid, stream batch, residual CFG, noise.
+
+pub mod rng;
+pub mod scheduler;
