@@ -186,7 +186,7 @@ impl TorchGenerator {
         for block in data.chunks_exact_mut(16) {
             box_muller_16(block);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for value in tail.iter_mut() {
                 *value = self.uniform_f32();
@@ -234,7 +234,7 @@ fn box_muller_16(data: &mut [f32]) {
 /// header writes them (double literals rounded to float).
 #[allow(clippy::excessive_precision, clippy::unreadable_literal)]
 mod cephes {
-    const SQRT_HALF: f32 = 0.707106781186547524_f64 as f32;
+    const SQRT_HALF: f32 = std::f64::consts::FRAC_1_SQRT_2 as f32;
     const LOG_P: [f32; 9] = [
         7.0376836292E-2_f64 as f32,
         -1.1514610310E-1_f64 as f32,
