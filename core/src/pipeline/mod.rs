@@ -2,3 +2,5 @@
 
 pub mod rng;
 pub mod scheduler;
+pub mod blend;
+pub mod filter;
