@@ -4,3 +4,4 @@ pub mod rng;
 pub mod scheduler;
 pub mod blend;
 pub mod filter;
+pub mod stream;
