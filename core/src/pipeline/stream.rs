@@ -7,21 +7,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::params::CfgType;
 use crate::pipeline::rng::TorchGenerator;
 use crate::{Error, Result};
-
-/// Residual classifier-free guidance mode (ALGORITHM.md §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Guidance {
-    /// No guidance: ε = ε_c.
-    None,
-    /// Real unconditional pass: the UNet batch is doubled.
-    Full,
-    /// Residual CFG with the virtual residual noise as the unconditional estimate.
-    SelfResidual,
-    /// As `SelfResidual`, but the first row's unconditional estimate comes from a real pass.
-    Initialize,
-}
 
 /// Per-step coefficients of the selected timesteps, each a `[n, 1, 1, 1]` tensor in the stream
 /// dtype, plus the timestep vector `[n]` the UNet sees.
@@ -120,8 +108,8 @@ pub struct Conditioning {
 #[derive(Debug, Clone, Copy)]
 pub struct GuidanceParams {
     /// The CFG mode.
-    pub mode: Guidance,
-    /// g; `Guidance::None` always behaves as g = 1.
+    pub mode: CfgType,
+    /// g; `CfgType::None` always behaves as g = 1.
     pub scale: f64,
     /// δ, the residual noise multiplier.
     pub delta: f64,
@@ -130,7 +118,7 @@ pub struct GuidanceParams {
 impl GuidanceParams {
     /// Whether guidance is in effect (g > 1 and a mode other than none).
     pub fn active(&self) -> bool {
-        self.mode != Guidance::None && self.scale > 1.0
+        self.mode != CfgType::None && self.scale > 1.0
     }
 }
 
@@ -313,12 +301,12 @@ impl StreamState {
         let active = guidance.active();
         let repeat = |e: &Tensor, k: usize| -> Result<Tensor> { Ok(e.repeat((k, 1, 1))?) };
         let (x_in, t_in, embeds) = match (active, guidance.mode) {
-            (true, Guidance::Initialize) => (
+            (true, CfgType::Initialize) => (
                 Tensor::cat(&[&x.narrow(0, 0, 1)?, x], 0)?,
                 Tensor::cat(&[&t.narrow(0, 0, 1)?, t], 0)?,
                 Tensor::cat(&[&cond.uncond, &repeat(&cond.cond, rows)?], 0)?,
             ),
-            (true, Guidance::Full) => (
+            (true, CfgType::Full) => (
                 Tensor::cat(&[x, x], 0)?,
                 Tensor::cat(&[t, t], 0)?,
                 Tensor::cat(&[repeat(&cond.uncond, rows)?, repeat(&cond.cond, rows)?], 0)?,
@@ -327,7 +315,7 @@ impl StreamState {
         };
         let pred = unet(&x_in, &t_in, &embeds)?;
         let (eps_text, eps_uncond) = match (active, guidance.mode) {
-            (true, Guidance::Initialize) => {
+            (true, CfgType::Initialize) => {
                 let first = pred.narrow(0, 0, 1)?;
                 self.stock_noise = if self.stock_noise.dim(0)? > 1 {
                     let rest = self.stock_noise.dim(0)? - 1;
@@ -338,8 +326,8 @@ impl StreamState {
                 let uncond = (&self.stock_noise * guidance.delta)?;
                 (pred.narrow(0, 1, rows)?, Some(uncond))
             }
-            (true, Guidance::Full) => (pred.narrow(0, rows, rows)?, Some(pred.narrow(0, 0, rows)?)),
-            (true, Guidance::SelfResidual) => (pred, Some((&self.stock_noise * guidance.delta)?)),
+            (true, CfgType::Full) => (pred.narrow(0, rows, rows)?, Some(pred.narrow(0, 0, rows)?)),
+            (true, CfgType::SelfNegative) => (pred, Some((&self.stock_noise * guidance.delta)?)),
             _ => (pred, None),
         };
         let eps = match eps_uncond {
@@ -348,7 +336,7 @@ impl StreamState {
         };
         let x0 = self.steps.denoise(&eps, x, idx)?;
         if self.use_denoising_batch
-            && matches!(guidance.mode, Guidance::SelfResidual | Guidance::Initialize)
+            && matches!(guidance.mode, CfgType::SelfNegative | CfgType::Initialize)
         {
             let n = self.steps.len();
             let scaled = self.stock_noise.broadcast_mul(&self.steps.beta)?;
