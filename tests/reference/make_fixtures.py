@@ -451,11 +451,22 @@ def write_json(path: Path, obj) -> None:
         f.write("\n")
 
 
+def write_json_compact_cases(path: Path, obj: dict) -> None:
+    """Like write_json, but each entry of obj["cases"] on one line (keeps id lists readable)."""
+    head = {k: v for k, v in obj.items() if k != "cases"}
+    lines = [json.dumps(head, indent=2, ensure_ascii=False)[:-2] + ',\n  "cases": [']
+    lines += ["    " + json.dumps(c, ensure_ascii=False) + "," for c in obj["cases"]]
+    lines[-1] = lines[-1][:-1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n  ]\n}\n", encoding="utf-8")
+
+
 def save_golden(name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()}
     save_file(tensors, GOLDEN_DIR / name, metadata=meta or None)
+    os.chmod(GOLDEN_DIR / name, 0o644)
 
 
 def load_sd_pipeline():
@@ -526,7 +537,7 @@ def golden_tokenizer() -> None:
             "input_ids_pad_eos": sd15(prompt, **kwargs).input_ids,
             "untruncated_len": len(turbo(prompt).input_ids),
         })
-    write_json(GOLDEN_DIR / "tokenizer_ids.json", {
+    write_json_compact_cases(GOLDEN_DIR / "tokenizer_ids.json", {
         "description": "CLIPTokenizer (transformers, as diffusers loads it) with padding='max_length', "
                        "max_length=77, truncation=True. input_ids_pad_bang: sd-turbo config (pad '!' = id 0); "
                        "input_ids_pad_eos: SD1.5-style config (pad '<|endoftext|>' = id 49407). "
@@ -655,12 +666,13 @@ def golden_scheduler() -> None:
     for n in (1, 2, 4, 10, 25, 30, 49, 50):
         lcm.set_timesteps(n)
         grids[f"timesteps_n{n}"] = lcm.timesteps.clone()
-    scalings = torch.tensor([lcm.get_scalings_for_boundary_condition_discrete(t) for t in range(1000)],
-                            dtype=torch.float64)
+    # The stream passes 0-d int64 tensors (an element of scheduler.timesteps), so the scalings are
+    # computed in float32 tensor arithmetic; do the same here.
+    scalings = [lcm.get_scalings_for_boundary_condition_discrete(torch.tensor(t)) for t in range(1000)]
     save_golden("scheduler.safetensors", {
-        "alphas_cumprod": lcm.alphas_cumprod.to(torch.float32),
-        "c_skip": scalings[:, 0].to(torch.float32),
-        "c_out": scalings[:, 1].to(torch.float32),
+        "alphas_cumprod": lcm.alphas_cumprod,
+        "c_skip": torch.stack([c for c, _ in scalings]),
+        "c_out": torch.stack([c for _, c in scalings]),
         **grids,
     }, {"original_inference_steps": lcm.config.original_inference_steps})
 
