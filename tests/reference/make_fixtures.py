@@ -250,9 +250,10 @@ def make_text_encoder_config():
 
 # Deterministic weight rescaling applied after the default random init (see make_vae, make_taesd).
 VAE_MEAN_SCALE = 20.0
-TAESD_ENCODER_SCALE = 12.0
-TAESD_DECODER_SCALE = 10.0
-TAESD_DECODER_SHIFT = 0.35
+TAESD_INIT_GAIN = 0.8
+TAESD_ENCODER_SCALE = 1.3
+TAESD_DECODER_SCALE = 0.035
+TAESD_DECODER_SHIFT = 0.47
 
 
 def make_unet():
@@ -332,10 +333,21 @@ def make_taesd(out_dir: Path) -> None:
         force_upcast=False,
         scaling_factor=1.0,
     )
-    # Default init gives near-constant outputs (latents std ~0.07, decoded std ~0.05 around -1).
-    # Scale the encoder's last conv, and scale and shift the decoder's last conv, so latents have
-    # std ~0.8 and decoded images sit around 0 in [-1, 1] with std ~0.5.
+    # diffusers' default init shrinks activations through TAESD's ~40 relu convs: latents come out
+    # nearly the same for every input (frame-to-frame change < 1% of their spread). Re-initialise
+    # every conv with a variance-preserving (He) normal init, then scale the encoder's last conv
+    # (latents std ~1), and scale and shift the decoder's last conv so that what the streams decode
+    # (x0 latents of std ~8, squashed by TAESD's tanh) lands near 0 in [-1, 1] with few clamped
+    # pixels (a unit-normal latent decodes to std ~0.14).
+    generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
+        for module in taesd.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+                std = TAESD_INIT_GAIN * math.sqrt(2.0 / fan_in)
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                if module.bias is not None:
+                    module.bias.copy_((torch.rand(module.bias.shape, generator=generator) - 0.5) * 0.1)
         taesd.encoder.layers[-1].weight *= TAESD_ENCODER_SCALE
         taesd.encoder.layers[-1].bias *= TAESD_ENCODER_SCALE
         taesd.decoder.layers[-1].weight *= TAESD_DECODER_SCALE
@@ -686,6 +698,223 @@ def stage_networks() -> None:
     golden_vae(pipe)
     golden_taesd()
     golden_scheduler()
+
+
+# --------------------------------------------------------------------------------------
+# Stage 3: StreamDiffusion stream goldens
+# --------------------------------------------------------------------------------------
+
+STREAM_DEFAULTS = dict(
+    mode="img2img",  # or "txt2img" (stream.txt2img(), no input frames)
+    prompt="a photo of a cat",
+    negative_prompt="blurry, low quality",
+    seed=2,
+    t_index_list=[12, 20, 32],
+    num_inference_steps=50,
+    guidance_scale=1.2,
+    delta=0.8,
+    cfg_type="self",
+    do_add_noise=True,
+    use_denoising_batch=True,
+    frame_buffer_size=1,
+    vae="taesd",
+    width=FRAME_SIZE,
+    height=FRAME_SIZE,
+    num_frames=6,
+    updates=[],
+)
+
+# Each case: name -> overrides of STREAM_DEFAULTS. Together they cover every cfg_type, t_index_list
+# lengths 1 to 4, do_add_noise on/off, TAESD and the full VAE, the batched and the step-by-step
+# denoising path, two prompts, two seeds, a mid-stream prompt update and txt2img.
+STREAM_CASES = {
+    "self_t3": dict(num_frames=8),
+    "none_t2": dict(cfg_type="none", t_index_list=[16, 32]),
+    # One step with cfg "self": the stock noise feeds back on itself each frame with gain ~b/a, which
+    # explodes (random UNet) when b/a > 1, i.e. t above ~340; index 40 (t = 199) keeps it bounded.
+    "self_t1": dict(t_index_list=[40]),
+    "full_t2": dict(cfg_type="full", t_index_list=[12, 32]),
+    "initialize_t4": dict(cfg_type="initialize", t_index_list=[8, 20, 32, 44]),
+    "self_t3_nonoise": dict(do_add_noise=False),
+    "self_t3_fullvae": dict(vae="full"),
+    "none_t4_fullvae_nonoise": dict(cfg_type="none", t_index_list=[8, 20, 32, 44], vae="full", do_add_noise=False),
+    "self_t3_nobatch": dict(use_denoising_batch=False),
+    "initialize_t2_nobatch": dict(cfg_type="initialize", t_index_list=[16, 32], use_denoising_batch=False),
+    "none_t3_nobatch_nonoise": dict(cfg_type="none", use_denoising_batch=False, do_add_noise=False),
+    "self_t3_prompt2_seed2": dict(prompt="a watercolor painting of mountains at sunset, vivid colors", seed=12345),
+    "self_t3_update_prompt": dict(updates=[{"before_frame": 3, "prompt": "a watercolor painting of mountains"}]),
+    "txt2img_self_t3": dict(mode="txt2img"),
+    # num_inference_steps that does not divide 50: the grid depends on original_inference_steps.
+    # Indices 4, 13, 22 give t = 919, 739, 559 with original_inference_steps 50 (the reference's);
+    # original_inference_steps 100 would give 909, 729, 549.
+    "self_t3_n30": dict(num_inference_steps=30, t_index_list=[4, 13, 22]),
+}
+
+
+class HostEvent:
+    """Stand-in for torch.cuda.Event on CPU: host clock, elapsed_time in milliseconds."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "HostEvent") -> float:
+        return (end.t - self.t) * 1000.0
+
+
+class CpuPatches:
+    """The reference times each frame with CUDA events; replace them with host-clock ones.
+
+    Also records every torch.randn_like draw (the step-by-step path re-noises with the global RNG).
+    """
+
+    def __init__(self):
+        self.randn_like_draws: list[torch.Tensor] = []
+
+    def __enter__(self):
+        self.saved = (torch.cuda.Event, torch.cuda.synchronize, torch.randn_like)
+        original_randn_like = torch.randn_like
+
+        def recording_randn_like(*args, **kwargs):
+            out = original_randn_like(*args, **kwargs)
+            self.randn_like_draws.append(out.detach().clone())
+            return out
+
+        torch.cuda.Event = HostEvent
+        torch.cuda.synchronize = lambda *a, **k: None
+        torch.randn_like = recording_randn_like
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.Event, torch.cuda.synchronize, torch.randn_like = self.saved
+        return False
+
+
+def stream_settings(name: str) -> dict:
+    settings = dict(STREAM_DEFAULTS, **STREAM_CASES[name])
+    settings["name"] = name
+    settings["file"] = f"golden/stream_{name}.safetensors"
+    settings["frames"] = frame_files()[: settings["num_frames"]] if settings["mode"] == "img2img" else []
+    # txt2img and the step-by-step path draw from torch's global generator, seeded with this.
+    settings["global_seed"] = settings["seed"]
+    return settings
+
+
+def run_stream(settings: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run the reference StreamDiffusion for one case; return the tensors to store and extra facts."""
+    from streamdiffusion import StreamDiffusion
+
+    pipe = load_sd_pipeline()
+    stream = StreamDiffusion(
+        pipe,
+        t_index_list=settings["t_index_list"],
+        torch_dtype=DTYPE,
+        width=settings["width"],
+        height=settings["height"],
+        do_add_noise=settings["do_add_noise"],
+        use_denoising_batch=settings["use_denoising_batch"],
+        frame_buffer_size=settings["frame_buffer_size"],
+        cfg_type=settings["cfg_type"],
+    )
+    if settings["vae"] == "taesd":
+        stream.vae = load_taesd()  # as StreamDiffusionWrapper does for use_tiny_vae
+
+    # Record what goes into and comes out of the denoiser each frame.
+    latents_in, latents_out, stock, buffers = [], [], [], []
+    predict = stream.predict_x0_batch
+
+    def recording_predict(x_t_latent):
+        latents_in.append(x_t_latent.detach().clone())
+        out = predict(x_t_latent)
+        latents_out.append(out.detach().clone())
+        stock.append(stream.stock_noise.detach().clone())
+        if stream.x_t_latent_buffer is not None:
+            buffers.append(stream.x_t_latent_buffer.detach().clone())
+        return out
+
+    stream.predict_x0_batch = recording_predict
+
+    with CpuPatches() as patches:
+        torch.manual_seed(settings["global_seed"])
+        stream.prepare(
+            prompt=settings["prompt"],
+            negative_prompt=settings["negative_prompt"],
+            num_inference_steps=settings["num_inference_steps"],
+            guidance_scale=settings["guidance_scale"],
+            delta=settings["delta"],
+            generator=torch.Generator(),
+            seed=settings["seed"],
+        )
+        prepared = {
+            "init_noise": stream.init_noise.clone(),
+            "prompt_embeds": stream.prompt_embeds.clone(),
+            "timesteps": stream.sub_timesteps_tensor.clone(),
+            "alpha_prod_t_sqrt": stream.alpha_prod_t_sqrt.flatten().clone(),
+            "beta_prod_t_sqrt": stream.beta_prod_t_sqrt.flatten().clone(),
+            "c_skip": stream.c_skip.flatten().clone(),
+            "c_out": stream.c_out.flatten().clone(),
+        }
+        outputs, updated_embeds = [], []
+        for k in range(settings["num_frames"]):
+            for update in settings["updates"]:
+                if update["before_frame"] == k:
+                    stream.update_prompt(update["prompt"])
+                    updated_embeds.append(stream.prompt_embeds.clone())
+            if settings["mode"] == "txt2img":
+                decoded = stream.txt2img()
+            else:
+                frame = PIL.Image.open(FIXTURES / settings["frames"][k]).convert("RGB")
+                decoded = stream(frame)
+            outputs.append((decoded / 2 + 0.5).clamp(0, 1))  # streamdiffusion.image_utils.denormalize
+
+    tensors = dict(prepared)
+    tensors["output"] = torch.cat(outputs)
+    tensors["x_t_latent"] = torch.stack(latents_in)
+    tensors["x0_pred"] = torch.stack(latents_out)
+    tensors["stock_noise"] = torch.stack(stock)
+    if buffers and settings["use_denoising_batch"]:  # the step-by-step path never uses the buffer
+        tensors["x_t_latent_buffer"] = torch.stack(buffers)
+    if patches.randn_like_draws:
+        per_frame = len(patches.randn_like_draws) // settings["num_frames"]
+        tensors["step_noise"] = torch.stack(patches.randn_like_draws).view(
+            settings["num_frames"], per_frame, *patches.randn_like_draws[0].shape)
+    for i, e in enumerate(updated_embeds):
+        tensors[f"prompt_embeds_update_{i}"] = e
+    facts = {"effective_guidance_scale": stream.guidance_scale,
+             "unet_batch_rows": int(stream.prompt_embeds.shape[0])}
+    return tensors, facts
+
+
+def stage_streams() -> None:
+    print("[streams]")
+    manifest = []
+    for name in STREAM_CASES:
+        settings = stream_settings(name)
+        first, facts = run_stream(settings)
+        second, _ = run_stream(settings)
+        same = first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+        if not same:
+            worst = max((first[k] - second[k]).abs().max().item() for k in first if first[k].is_floating_point())
+            print(f"  WARNING {name}: two runs differ (max abs {worst:.3g})")
+        settings.update(facts, deterministic=same)
+        save_golden(f"stream_{name}.safetensors", first)
+        out = first["output"]
+        print(f"  {name:28s} output {list(out.shape)} mean={out.mean():.4f} std={out.std():.4f} "
+              f"deterministic={same}")
+        manifest.append({k: v for k, v in settings.items() if k != "num_frames"} | {"num_frames": settings["num_frames"]})
+    write_json(GOLDEN_DIR / "streams.json", {
+        "description": "StreamDiffusion (PyPI streamdiffusion 0.1.1) on diffusers, CPU, float32, on "
+                       "tiny-sd-turbo (+ tiny-taesd when vae is 'taesd'). Tensors: see tests/reference/README.md.",
+        "random_numbers": "prepare() seeds the stream generator with `seed`; init_noise = randn[B,4,h,w] is its "
+                          "first draw, then (vae 'full') one posterior randn[1,4,h,w] per frame. torch's global "
+                          "generator is seeded with `global_seed` just before prepare(); only txt2img "
+                          "(randn[1,4,h,w] per frame, contiguous) and the step-by-step path (randn_like of a "
+                          "channels-last [1,4,h,w] tensor per re-noise: torch's serial double Box-Muller path "
+                          "in NHWC memory order) draw from it; those draws are stored as x_t_latent / step_noise.",
+        "cases": manifest,
+    })
 
 
 # --------------------------------------------------------------------------------------
