@@ -731,7 +731,7 @@ STREAM_CASES = {
     "self_t3": dict(num_frames=8),
     "none_t2": dict(cfg_type="none", t_index_list=[16, 32]),
     # One step with cfg "self": the stock noise feeds back on itself each frame with gain ~b/a, which
-    # explodes (random UNet) when b/a > 1, i.e. t above ~340; index 40 (t = 199) keeps it bounded.
+    # explodes (random UNet) when (b/a)*1.16 > 1, i.e. t above ~310; index 40 (t = 199) keeps it bounded.
     "self_t1": dict(t_index_list=[40]),
     "full_t2": dict(cfg_type="full", t_index_list=[12, 32]),
     "initialize_t4": dict(cfg_type="initialize", t_index_list=[8, 20, 32, 44]),
