@@ -16,3 +16,5 @@ pub mod pipeline;
 
 pub use error::{Error, Result};
 pub use params::{EngineSettings, StreamDiffusionParams, Update, classify};
+pub use pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
+pub use frame::{Frame, Image, PixelFormat};

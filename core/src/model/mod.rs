@@ -4,6 +4,7 @@
 //! read with [`read_config`]) and its weights are memory-mapped from safetensors with
 //! [`load_weights`]; nothing assumes Stable Diffusion's full-size shapes.
 
+pub mod bundle;
 pub mod clip;
 pub mod hub;
 pub mod taesd;

@@ -34,6 +34,14 @@ impl ModelFamily {
         }
     }
 
+    /// The TAESD that decodes this family's latents.
+    pub fn taesd_id(self) -> &'static str {
+        match self {
+            ModelFamily::Sd15 | ModelFamily::Sd21 => "madebyollin/taesd",
+            ModelFamily::Sdxl => "madebyollin/taesdxl",
+        }
+    }
+
     /// The ControlNet ids Daydream accepts for this family.
     pub fn controlnets(self) -> &'static [&'static str] {
         match self {

@@ -8,16 +8,8 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::params::InterpolationMethod;
 use crate::{Error, Result};
-
-/// How two or more inputs are combined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlendMethod {
-    /// Weighted sum.
-    Linear,
-    /// Spherical interpolation for exactly two inputs; a weighted sum otherwise.
-    Slerp,
-}
 
 /// Weights divided by their sum when `normalize` is set.
 ///
@@ -66,7 +58,7 @@ pub fn slerp(a: &Tensor, b: &Tensor, t: f64) -> Result<Tensor> {
 }
 
 /// Blends same-shaped tensors with (already normalised, if wanted) weights.
-pub fn blend(inputs: &[Tensor], weights: &[f64], method: BlendMethod) -> Result<Tensor> {
+pub fn blend(inputs: &[Tensor], weights: &[f64], method: InterpolationMethod) -> Result<Tensor> {
     if inputs.is_empty() || inputs.len() != weights.len() {
         return Err(Error::State(format!(
             "blend needs one weight per input, got {} inputs and {} weights",
@@ -74,7 +66,7 @@ pub fn blend(inputs: &[Tensor], weights: &[f64], method: BlendMethod) -> Result<
             weights.len()
         )));
     }
-    if method == BlendMethod::Slerp && inputs.len() == 2 {
+    if method == InterpolationMethod::Slerp && inputs.len() == 2 {
         return slerp(&inputs[0], &inputs[1], weights[1]);
     }
     let mut acc = (&inputs[0] * weights[0])?;
@@ -89,7 +81,7 @@ pub fn blend(inputs: &[Tensor], weights: &[f64], method: BlendMethod) -> Result<
 pub fn blend_noise(
     noises: &[Tensor],
     weights: &[f64],
-    method: BlendMethod,
+    method: InterpolationMethod,
     normalized: bool,
 ) -> Result<Tensor> {
     let mixed = blend(noises, weights, method)?;
@@ -151,7 +143,7 @@ mod tests {
         let xs = [t(&[1.0, 0.0]), t(&[0.0, 1.0]), t(&[1.0, 1.0])];
         let w = normalized_weights(&[1.0, 1.0, 2.0], true, "prompt").unwrap();
         assert_eq!(w, vec![0.25, 0.25, 0.5]);
-        let out = vec(&blend(&xs, &w, BlendMethod::Slerp).unwrap());
+        let out = vec(&blend(&xs, &w, InterpolationMethod::Slerp).unwrap());
         assert!((out[0] - 0.75).abs() < 1e-6 && (out[1] - 0.75).abs() < 1e-6);
     }
 
@@ -166,7 +158,7 @@ mod tests {
     fn blended_noise_keeps_the_mean_norm() {
         let a = t(&[3.0, 0.0]);
         let b = t(&[0.0, 5.0]);
-        let out = blend_noise(&[a, b], &[0.5, 0.5], BlendMethod::Linear, true).unwrap();
+        let out = blend_noise(&[a, b], &[0.5, 0.5], InterpolationMethod::Linear, true).unwrap();
         let n = vec(&out).iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((n - 4.0).abs() < 1e-5, "norm {n}");
         // Direction is the plain weighted sum's: (1.5, 2.5).

@@ -5,3 +5,4 @@ pub mod scheduler;
 pub mod blend;
 pub mod filter;
 pub mod stream;
+pub mod stream_diffusion;

@@ -8,7 +8,6 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::params::CfgType;
-use crate::pipeline::rng::TorchGenerator;
 use crate::{Error, Result};
 
 /// Per-step coefficients of the selected timesteps, each a `[n, 1, 1, 1]` tensor in the stream
@@ -136,25 +135,26 @@ pub struct StreamState {
 }
 
 impl StreamState {
-    /// A fresh stream: zero buffers and stock noise, `init_noise` = randn[B, C, h, w] drawn
-    /// from `generator` (B = n in batch mode, 1 otherwise), as the reference's `prepare`.
+    /// A fresh stream over `init_noise` `[B, C, h, w]` (B = n in batch mode, 1 otherwise):
+    /// zero latent buffer and stock noise, as the reference's `prepare`.
     pub fn new(
         steps: StepTensors,
-        latent_shape: (usize, usize, usize),
+        init_noise: Tensor,
         use_denoising_batch: bool,
         do_add_noise: bool,
-        generator: &mut TorchGenerator,
-        dtype: DType,
-        device: &Device,
     ) -> Result<Self> {
         let n = steps.len();
-        let (c, h, w) = latent_shape;
         let rows = if use_denoising_batch { n } else { 1 };
-        let init_noise = generator.randn_tensor(&[rows, c, h, w], device)?.to_dtype(dtype)?;
+        let (b, c, h, w) = init_noise.dims4()?;
+        if b != rows {
+            return Err(Error::State(format!(
+                "init_noise has {b} rows, the stream needs {rows} ({n} steps)"
+            )));
+        }
         let stock_noise = init_noise.zeros_like()?;
         // Only the batch path reads the buffer (the reference allocates it in both).
         let buffer = if n > 1 && use_denoising_batch {
-            Some(Tensor::zeros((n - 1, c, h, w), dtype, device)?)
+            Some(Tensor::zeros((n - 1, c, h, w), init_noise.dtype(), init_noise.device())?)
         } else {
             None
         };

@@ -1,0 +1,244 @@
+//! A loaded Stable Diffusion checkpoint: the networks one stream needs, built from a diffusers
+//! folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/) plus TAESD.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::clip::ClipTextModel;
+use crate::model::hub::{self, HubOptions};
+use crate::model::taesd::AutoencoderTiny;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::vae::AutoencoderKl;
+use crate::params::{EngineSettings, ModelFamily, VaeChoice};
+use crate::pipeline::rng::TorchGenerator;
+use crate::pipeline::scheduler::LcmScheduler;
+use crate::{Error, Result};
+
+/// The image autoencoder a stream encodes and decodes with.
+#[derive(Debug)]
+pub enum Autoencoder {
+    /// The checkpoint's own AutoencoderKL; its posterior is sampled with the stream's generator.
+    Kl(AutoencoderKl),
+    /// TAESD: deterministic, an order of magnitude cheaper.
+    Tiny(AutoencoderTiny),
+}
+
+impl Autoencoder {
+    /// Latent z₀ = s·E(x) for images in [−1, 1]; the KL posterior draws its noise from
+    /// `generator`, as the reference's `retrieve_latents(vae.encode(x), generator)`.
+    pub fn encode(&self, x: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
+        match self {
+            Autoencoder::Kl(vae) => {
+                let (mean, logvar) = vae.encode_moments(x)?;
+                let noise = generator
+                    .randn_tensor(mean.dims(), mean.device())?
+                    .to_dtype(mean.dtype())?;
+                let z = AutoencoderKl::sample_posterior(&mean, &logvar, &noise)?;
+                Ok((z * vae.scaling_factor())?)
+            }
+            Autoencoder::Tiny(taesd) => Ok((taesd.encode(x)? * taesd.scaling_factor())?),
+        }
+    }
+
+    /// Image in [−1, 1] from a latent z₀ (the scaling factor is undone here).
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        match self {
+            Autoencoder::Kl(vae) => vae.decode(&(z / vae.scaling_factor())?),
+            Autoencoder::Tiny(taesd) => taesd.decode(&(z / taesd.scaling_factor())?),
+        }
+    }
+
+    /// Pixels per latent cell along each axis.
+    pub fn spatial_scale_factor(&self) -> usize {
+        match self {
+            Autoencoder::Kl(vae) => vae.spatial_scale_factor(),
+            Autoencoder::Tiny(taesd) => taesd.spatial_scale_factor(),
+        }
+    }
+
+    /// Latent channels (4 for SD).
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            Autoencoder::Kl(vae) => vae.latent_channels(),
+            Autoencoder::Tiny(taesd) => taesd.latent_channels(),
+        }
+    }
+}
+
+/// Every network of one checkpoint, on one device in one dtype.
+#[derive(Debug)]
+pub struct StableDiffusionModels {
+    /// The checkpoint folder the networks came from.
+    pub dir: PathBuf,
+    /// SD1.5, SD2.1 or SDXL, from the UNet's cross-attention width.
+    pub family: ModelFamily,
+    /// CLIP tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// CLIP text encoder.
+    pub text_encoder: ClipTextModel,
+    /// The denoising UNet.
+    pub unet: UNet2DConditionModel,
+    /// Image encoder/decoder.
+    pub autoencoder: Autoencoder,
+    /// Timestep grid and coefficients, from scheduler/scheduler_config.json.
+    pub scheduler: LcmScheduler,
+    /// Where the tensors live.
+    pub device: Device,
+    /// The dtype the networks run in.
+    pub dtype: DType,
+}
+
+/// Files a stream needs from a checkpoint, so a hub download fetches only those
+/// (patterns as [`hub::resolve`] reads them; `?` marks optional files).
+fn checkpoint_files(full_vae: bool, fp16: bool) -> Vec<String> {
+    let mut files: Vec<String> = [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/tokenizer_config.json",
+        "?tokenizer/special_tokens_map.json",
+        "?tokenizer/tokenizer.json",
+        "text_encoder/config.json",
+        "unet/config.json",
+    ]
+    .map(String::from)
+    .to_vec();
+    files.push(hub::weights_pattern("text_encoder", "model", fp16));
+    files.push(hub::weights_pattern("unet", "diffusion_pytorch_model", fp16));
+    if full_vae {
+        files.push("vae/config.json".into());
+        files.push(hub::weights_pattern("vae", "diffusion_pytorch_model", fp16));
+    }
+    files
+}
+
+fn taesd_files(fp16: bool) -> Vec<String> {
+    vec![
+        "config.json".into(),
+        hub::weights_pattern("", "diffusion_pytorch_model", fp16),
+    ]
+}
+
+fn resolve(id: &str, opts: &HubOptions, files: &[String]) -> Result<PathBuf> {
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    hub::resolve(id, opts, &files)
+}
+
+impl StableDiffusionModels {
+    /// Resolves `model_id` (local folder, model_root, HF cache, hub) and loads every network,
+    /// reporting each step through `progress`.
+    pub fn load(
+        model_id: &str,
+        settings: &EngineSettings,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let fp16 = settings.dtype.dtype() == DType::F16;
+        let mut opts = HubOptions::from_env();
+        if settings.model_root.is_some() {
+            opts.model_root = settings.model_root.clone();
+        }
+        let full_vae = settings.vae == VaeChoice::Full;
+        let dir = resolve(model_id, &opts, &checkpoint_files(full_vae, fp16))?;
+        // The default TAESD depends on the family, known only once the UNet config is read.
+        let taesd_dir = match &settings.vae {
+            VaeChoice::Custom(id) => Some(resolve(id, &opts, &taesd_files(fp16))?),
+            VaeChoice::Full | VaeChoice::Taesd => None,
+        };
+        Self::load_dir(&dir, settings, taesd_dir, &opts, progress)
+    }
+
+    /// Loads from an already resolved checkpoint folder.
+    fn load_dir(
+        dir: &Path,
+        settings: &EngineSettings,
+        taesd_dir: Option<PathBuf>,
+        opts: &HubOptions,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let device = settings.device.device()?;
+        let dtype = settings.dtype.dtype();
+        let fp16 = dtype == DType::F16;
+        let tokenizer = timed(progress, "tokenizer", dir, || {
+            ClipTokenizer::from_dir(&dir.join("tokenizer"))
+        })?;
+        let text_encoder = timed(progress, "text encoder", dir, || {
+            ClipTextModel::load(&dir.join("text_encoder"), dtype, &device)
+        })?;
+        let unet = timed(progress, "unet", dir, || {
+            UNet2DConditionModel::load(&dir.join("unet"), dtype, &device)
+        })?;
+        let family = family_of(unet.config());
+        if family == ModelFamily::Sdxl {
+            return Err(Error::ModelLoad {
+                path: dir.join("unet/config.json"),
+                detail: "SDXL checkpoints are not supported yet (they need the second text \
+                         encoder and pooled embeddings)"
+                    .into(),
+            });
+        }
+        let autoencoder = if settings.vae == VaeChoice::Full {
+            timed(progress, "vae", dir, || {
+                Ok(Autoencoder::Kl(AutoencoderKl::load(&dir.join("vae"), dtype, &device)?))
+            })?
+        } else {
+            let taesd_dir = match taesd_dir {
+                Some(d) => d,
+                None => resolve(family.taesd_id(), opts, &taesd_files(fp16))?,
+            };
+            timed(progress, "taesd", &taesd_dir, || {
+                Ok(Autoencoder::Tiny(AutoencoderTiny::load(&taesd_dir, dtype, &device)?))
+            })?
+        };
+        let scheduler = LcmScheduler::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            family,
+            tokenizer,
+            text_encoder,
+            unet,
+            autoencoder,
+            scheduler,
+            device,
+            dtype,
+        })
+    }
+
+    /// CLIP embedding `[1, 77, D]` of one text.
+    pub fn encode_text(&self, text: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(text)?;
+        let ids = Tensor::from_vec(ids, (1, self.tokenizer.max_length()), &self.device)?;
+        self.text_encoder.forward(&ids)
+    }
+}
+
+
+/// The family of a checkpoint from its UNet config: SDXL adds `text_time` conditioning, SD2.x
+/// introduced linear projections in its transformers, everything else is SD1.x. Structure, not
+/// widths, so that scaled-down test checkpoints classify like the models they imitate.
+fn family_of(unet: &UNetConfig) -> ModelFamily {
+    if unet.addition_embed_type.as_deref() == Some("text_time") {
+        ModelFamily::Sdxl
+    } else if unet.use_linear_projection {
+        ModelFamily::Sd21
+    } else {
+        ModelFamily::Sd15
+    }
+}
+
+/// Runs one loading step, reporting its start and duration.
+fn timed<T>(
+    progress: &mut dyn FnMut(&str),
+    what: &str,
+    dir: &Path,
+    step: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let start = Instant::now();
+    progress(&format!("loading {what} from {}", dir.display()));
+    let value = step()?;
+    progress(&format!("loaded {what} in {:.2} s", start.elapsed().as_secs_f64()));
+    Ok(value)
+}

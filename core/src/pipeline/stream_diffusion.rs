@@ -1,0 +1,493 @@
+//! `StreamDiffusion`: the synchronous frame-in/frame-out core API.
+//!
+//! Latency: with n = len(t_index_list) an input frame's picture leaves the stream n − 1 calls
+//! later (the stream batch holds one frame per step); the first n − 1 outputs come from a zero
+//! latent buffer. Every call to [`StreamDiffusion::process`] returns one frame.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+
+use crate::frame::{Frame, Image};
+use crate::model::bundle::StableDiffusionModels;
+use crate::params::{EngineSettings, Prompt, StreamDiffusionParams, Update, classify};
+use crate::pipeline::blend::{blend, blend_noise, normalized_weights};
+use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
+use crate::pipeline::rng::TorchGenerator;
+use crate::pipeline::stream::{Conditioning, GuidanceParams, StepTensors, StreamState};
+use crate::{Error, Result};
+
+/// Wall-clock time of each stage of the last processed frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimings {
+    /// Frame → tensor conversion and resize.
+    pub preprocess: Duration,
+    /// VAE/TAESD encode.
+    pub encode: Duration,
+    /// UNet (all rows of the stream batch, guidance included).
+    pub unet: Duration,
+    /// VAE/TAESD decode.
+    pub decode: Duration,
+    /// Tensor → frame conversion.
+    pub postprocess: Duration,
+    /// The whole call.
+    pub total: Duration,
+}
+
+/// A running StreamDiffusion stream over one loaded checkpoint.
+pub struct StreamDiffusion {
+    models: Arc<StableDiffusionModels>,
+    params: StreamDiffusionParams,
+    settings: EngineSettings,
+    generator: TorchGenerator,
+    state: StreamState,
+    conditioning: Conditioning,
+    prompt_cache: PromptCache,
+    filter: Option<(SimilarImageFilter, TorchGenerator)>,
+    previous_output: Option<Tensor>,
+    timings: StageTimings,
+}
+
+impl std::fmt::Debug for StreamDiffusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamDiffusion")
+            .field("model", &self.models.dir)
+            .field("params", &self.params)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamDiffusion {
+    /// Validates `params`, loads `params.model_id` (local folder, model_root, HF cache or hub),
+    /// and prepares a stream. Loading progress goes to stderr.
+    pub fn new(params: StreamDiffusionParams, settings: EngineSettings) -> Result<Self> {
+        Self::new_with_progress(params, settings, &mut |line| eprintln!("sdstream: {line}"))
+    }
+
+    /// [`new`](Self::new) with loading progress sent to `progress` instead of stderr.
+    pub fn new_with_progress(
+        params: StreamDiffusionParams,
+        settings: EngineSettings,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        settings.validate()?;
+        params.validate(&settings)?;
+        let models = StableDiffusionModels::load(&params.model_id, &settings, progress)?;
+        Self::with_models(Arc::new(models), params, settings)
+    }
+
+    /// A stream over already loaded networks (several streams may share them).
+    pub fn with_models(
+        models: Arc<StableDiffusionModels>,
+        params: StreamDiffusionParams,
+        settings: EngineSettings,
+    ) -> Result<Self> {
+        settings.validate()?;
+        params.validate(&settings)?;
+        if settings.frame_buffer_size != 1 {
+            return Err(Error::param(
+                "frame_buffer_size",
+                format!(
+                    "{} is not supported; only 1 (Daydream's value) is",
+                    settings.frame_buffer_size
+                ),
+            ));
+        }
+        let scale = models.autoencoder.spatial_scale_factor();
+        let (width, height) = (params.width as usize, params.height as usize);
+        if width % scale != 0 || height % scale != 0 {
+            return Err(Error::param(
+                "width",
+                format!("{width}×{height} is not a multiple of the autoencoder's scale factor {scale}"),
+            ));
+        }
+        let mut prompt_cache = PromptCache::default();
+        let cond = prompt_embedding(&models, &params, &mut prompt_cache)?;
+        let uncond = prompt_cache.embed(&models, &params.negative_prompt)?;
+        let (state, generator) = build_state(&models, &params)?;
+        let filter = params.enable_similar_image_filter.then(|| {
+            (
+                SimilarImageFilter::new(
+                    params.similar_image_filter_threshold,
+                    params.similar_image_filter_max_skip_frame.max(0) as u32,
+                ),
+                // Its own generator, so filtering never shifts the diffusion's draws.
+                TorchGenerator::new(FILTER_SEED),
+            )
+        });
+        Ok(Self {
+            models,
+            params,
+            settings,
+            generator,
+            state,
+            conditioning: Conditioning { cond, uncond },
+            prompt_cache,
+            filter,
+            previous_output: None,
+            timings: StageTimings::default(),
+        })
+    }
+
+    /// The parameters in force.
+    pub fn params(&self) -> &StreamDiffusionParams {
+        &self.params
+    }
+
+    /// The engine settings in force.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// The loaded networks.
+    pub fn models(&self) -> &Arc<StableDiffusionModels> {
+        &self.models
+    }
+
+    /// Stage timings of the last processed frame.
+    pub fn timings(&self) -> StageTimings {
+        self.timings
+    }
+
+    /// Output size (width, height) in pixels.
+    pub fn output_size(&self) -> (usize, usize) {
+        (self.params.width as usize, self.params.height as usize)
+    }
+
+    /// One frame in, one frame out, in the input's pixel format at width × height.
+    pub fn process(&mut self, frame: &Frame) -> Result<Image> {
+        let start = Instant::now();
+        let (width, height) = self.output_size();
+        let x = frame.to_tensor(width, height, &self.models.device)?;
+        let preprocess = start.elapsed();
+        let out = self.process_tensor(&x)?;
+        let post = Instant::now();
+        let image = Image::from_tensor(&out, frame.format())?;
+        self.timings.preprocess = preprocess;
+        self.timings.postprocess = post.elapsed();
+        self.timings.total = start.elapsed();
+        Ok(image)
+    }
+
+    /// The tensor path: `x` is `[1, 3, H, W]` in [−1, 1] at the stream's size; returns the
+    /// output `[1, 3, H, W]` in [0, 1] (f32).
+    pub fn process_tensor(&mut self, x: &Tensor) -> Result<Tensor> {
+        let (width, height) = self.output_size();
+        if x.dims() != [1, 3, height, width] {
+            return Err(Error::InvalidFrame(format!(
+                "expected a [1, 3, {height}, {width}] tensor, got {:?}",
+                x.dims()
+            )));
+        }
+        if let Some((filter, rng)) = &mut self.filter {
+            let u = f64::from(rng.rand(1)[0]);
+            if filter.decide(x, u)? == FilterDecision::Skip {
+                if let Some(previous) = &self.previous_output {
+                    return Ok(previous.clone());
+                }
+            }
+        }
+        let x = x.to_dtype(self.models.dtype)?;
+        let t0 = Instant::now();
+        let z = self.models.autoencoder.encode(&x, &mut self.generator)?;
+        let x_new = self.state.add_first_noise(&z)?;
+        let encode = t0.elapsed();
+        let x0 = self.denoise(&x_new)?;
+        let t1 = Instant::now();
+        let image = self.models.autoencoder.decode(&x0)?;
+        let out = crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)?;
+        self.timings.encode = encode;
+        self.timings.decode = t1.elapsed();
+        self.previous_output = Some(out.clone());
+        Ok(out)
+    }
+
+    /// Text-to-image: one stream step from a fresh latent drawn from the stream's generator
+    /// (the reference draws it from torch's global generator, which no seed controls).
+    pub fn txt2img(&mut self) -> Result<Tensor> {
+        let (c, h, w) = latent_shape(&self.models, &self.params);
+        let latent = self
+            .generator
+            .randn_tensor(&[1, c, h, w], &self.models.device)?
+            .to_dtype(self.models.dtype)?;
+        self.txt2img_from(&latent)
+    }
+
+    /// Text-to-image from a given starting latent `[1, C, h, w]`, used as is (no a₀/b₀ mixing,
+    /// as the reference).
+    pub fn txt2img_from(&mut self, latent: &Tensor) -> Result<Tensor> {
+        let x0 = self.denoise(latent)?;
+        let image = self.models.autoencoder.decode(&x0)?;
+        crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)
+    }
+
+    /// Runs the stream batch on a noised latent and returns x̂₀ of the row that leaves it.
+    fn denoise(&mut self, x_new: &Tensor) -> Result<Tensor> {
+        self.denoise_with(x_new, None)
+    }
+
+    /// As [`denoise`](Self::denoise); `renoise` overrides the non-batch path's fresh noise
+    /// (tests feed the reference's draws).
+    pub fn denoise_with(
+        &mut self,
+        x_new: &Tensor,
+        mut renoise: Option<&mut dyn FnMut(&[usize]) -> Result<Tensor>>,
+    ) -> Result<Tensor> {
+        let t = Instant::now();
+        let guidance = GuidanceParams {
+            mode: self.settings.cfg_type,
+            scale: self.params.guidance_scale,
+            delta: self.params.delta,
+        };
+        let models = &self.models;
+        let generator = &mut self.generator;
+        let dtype = models.dtype;
+        let x0 = self.state.step(
+            x_new,
+            &self.conditioning,
+            guidance,
+            |x, t, e| models.unet.forward(x, &t.to_dtype(DType::F32)?, e, None),
+            |shape| match renoise.as_mut() {
+                Some(f) => f(shape),
+                None => Ok(generator.randn_tensor(shape, &models.device)?.to_dtype(dtype)?),
+            },
+        )?;
+        self.timings.unet = t.elapsed();
+        Ok(x0)
+    }
+
+    /// Applies a complete new parameter set. Hot changes take effect on the next frame without
+    /// touching the weights; a ControlNet swap is rejected until ControlNets are supported; a
+    /// reload rebuilds the stream (reusing the loaded networks when `model_id` is unchanged).
+    /// On any error the stream keeps its previous state.
+    pub fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
+        params.validate(&self.settings)?;
+        let update = classify(&self.params, &params);
+        match &update {
+            Update::Unchanged => {}
+            Update::Hot { .. } => self.apply_hot(params)?,
+            Update::ControlNetSwap { .. } => {
+                return Err(Error::State(
+                    "ControlNets are not supported yet; this update adds, removes or replaces one"
+                        .into(),
+                ));
+            }
+            Update::Reload { .. } => {
+                let models = if params.model_id == self.params.model_id {
+                    self.models.clone()
+                } else {
+                    Arc::new(StableDiffusionModels::load(
+                        &params.model_id,
+                        &self.settings,
+                        &mut |line| eprintln!("sdstream: {line}"),
+                    )?)
+                };
+                *self = Self::with_models(models, params, self.settings.clone())?;
+            }
+        }
+        Ok(update)
+    }
+
+    /// Recomputes only what the changed hot fields affect; builds everything first and commits
+    /// at the end, so a failure leaves the stream as it was.
+    fn apply_hot(&mut self, params: StreamDiffusionParams) -> Result<()> {
+        let old = std::mem::replace(&mut self.params, params);
+        let result = self.apply_hot_inner(&old);
+        if result.is_err() {
+            self.params = old;
+        }
+        result
+    }
+
+    fn apply_hot_inner(&mut self, old: &StreamDiffusionParams) -> Result<()> {
+        let new = &self.params;
+        let prompt_changed = old.prompt != new.prompt
+            || old.prompt_interpolation_method != new.prompt_interpolation_method
+            || old.normalize_prompt_weights != new.normalize_prompt_weights;
+        let cond = if prompt_changed {
+            Some(prompt_embedding(&self.models, new, &mut self.prompt_cache)?)
+        } else {
+            None
+        };
+        let uncond = if old.negative_prompt != new.negative_prompt {
+            Some(self.prompt_cache.embed(&self.models, &new.negative_prompt)?)
+        } else {
+            None
+        };
+        let steps_changed = old.num_inference_steps != new.num_inference_steps
+            || old.t_index_list != new.t_index_list;
+        let seed_changed = old.seed != new.seed
+            || old.seed_interpolation_method != new.seed_interpolation_method
+            || old.normalize_seed_weights != new.normalize_seed_weights;
+        let mut state = self.state.clone();
+        let mut generator = None;
+        if steps_changed && old.t_index_list.len() != new.t_index_list.len() {
+            // A new batch size: fresh buffers and noise, as a new stream would have.
+            let (fresh, g) = build_state(&self.models, new)?;
+            state = fresh;
+            generator = Some(g);
+        } else {
+            if steps_changed {
+                state.set_steps(step_tensors(&self.models, new)?)?;
+            }
+            if seed_changed {
+                let (noise, g) = seed_noise(&self.models, new, state.init_noise().dims())?;
+                state.set_init_noise(noise)?;
+                generator = Some(g);
+            }
+        }
+        self.state = state;
+        if let Some(g) = generator {
+            self.generator = g;
+        }
+        if let Some(cond) = cond {
+            self.conditioning.cond = cond;
+        }
+        if let Some(uncond) = uncond {
+            self.conditioning.uncond = uncond;
+        }
+        Ok(())
+    }
+
+    /// The current stream state (buffers and noise), for diagnostics and tests.
+    pub fn state(&self) -> &StreamState {
+        &self.state
+    }
+
+    /// Replaces the base noise; for tests that feed the reference's own init_noise.
+    pub fn set_init_noise(&mut self, noise: Tensor) -> Result<()> {
+        self.state.set_init_noise(noise)
+    }
+}
+
+/// Seed of the similar-image filter's coin flips (the reference uses Python's unseeded `random`).
+const FILTER_SEED: u64 = 0x5d5f_11e7;
+
+/// A seed as the u64 torch's `manual_seed` sees (validation keeps it in 0..2^53).
+fn seed_bits(seed: i64) -> u64 {
+    seed as u64
+}
+
+/// Latent shape (C, h, w) for the stream's size.
+fn latent_shape(models: &StableDiffusionModels, params: &StreamDiffusionParams) -> (usize, usize, usize) {
+    let scale = models.autoencoder.spatial_scale_factor();
+    (
+        models.autoencoder.latent_channels(),
+        params.height as usize / scale,
+        params.width as usize / scale,
+    )
+}
+
+/// Coefficients of the t_index_list on the grid of num_inference_steps.
+fn step_tensors(models: &StableDiffusionModels, params: &StreamDiffusionParams) -> Result<StepTensors> {
+    let t_index: Vec<usize> = params.t_index_list.iter().map(|&t| t as usize).collect();
+    let c = models
+        .scheduler
+        .step_coefficients(params.num_inference_steps as usize, &t_index)?;
+    let timesteps: Vec<f32> = c.timesteps.iter().map(|&t| t as f32).collect();
+    StepTensors::new(
+        &timesteps,
+        &c.alpha_sqrt,
+        &c.beta_sqrt,
+        &c.c_skip,
+        &c.c_out,
+        models.dtype,
+        &models.device,
+    )
+}
+
+/// A fresh stream state (zero buffers, seed noise) and the generator positioned after the
+/// noise draw, as the reference's `prepare`.
+fn build_state(
+    models: &StableDiffusionModels,
+    params: &StreamDiffusionParams,
+) -> Result<(StreamState, TorchGenerator)> {
+    let steps = step_tensors(models, params)?;
+    let rows = if params.use_denoising_batch { steps.len() } else { 1 };
+    let (c, h, w) = latent_shape(models, params);
+    let (noise, generator) = seed_noise(models, params, &[rows, c, h, w])?;
+    let state = StreamState::new(
+        steps,
+        noise,
+        params.use_denoising_batch,
+        params.do_add_noise,
+    )?;
+    Ok((state, generator))
+}
+
+/// init_noise for the seed (or seed blend) with `shape`, and the stream generator: seeded with
+/// the first seed and advanced past its noise, so later draws (the VAE posterior) come in the
+/// reference's order.
+fn seed_noise(
+    models: &StableDiffusionModels,
+    params: &StreamDiffusionParams,
+    shape: &[usize],
+) -> Result<(Tensor, TorchGenerator)> {
+    let seeds = params.seed.weighted();
+    let mut noises = Vec::with_capacity(seeds.len());
+    let mut first = None;
+    for (seed, _) in &seeds {
+        let mut g = TorchGenerator::new(seed_bits(*seed));
+        noises.push(g.randn_tensor(shape, &models.device)?.to_dtype(models.dtype)?);
+        first.get_or_insert(g);
+    }
+    let generator = first.ok_or_else(|| Error::param("seed", "no seed given"))?;
+    if noises.len() == 1 {
+        return Ok((noises.remove(0), generator));
+    }
+    let raw: Vec<f64> = seeds.iter().map(|(_, w)| *w).collect();
+    let weights = normalized_weights(&raw, params.normalize_seed_weights, "seed")?;
+    let noise = blend_noise(
+        &noises,
+        &weights,
+        params.seed_interpolation_method,
+        params.normalize_seed_weights,
+    )?;
+    Ok((noise, generator))
+}
+
+/// The (blended) prompt embedding `[1, 77, D]`.
+fn prompt_embedding(
+    models: &StableDiffusionModels,
+    params: &StreamDiffusionParams,
+    cache: &mut PromptCache,
+) -> Result<Tensor> {
+    match &params.prompt {
+        Prompt::Text(text) => cache.embed(models, text),
+        Prompt::Weighted(items) => {
+            let embeds = items
+                .iter()
+                .map(|(text, _)| cache.embed(models, text))
+                .collect::<Result<Vec<_>>>()?;
+            let raw: Vec<f64> = items.iter().map(|(_, w)| *w).collect();
+            let weights = normalized_weights(&raw, params.normalize_prompt_weights, "prompt")?;
+            blend(&embeds, &weights, params.prompt_interpolation_method)
+        }
+    }
+}
+
+/// CLIP embeddings by text, so switching back to a prompt costs nothing.
+#[derive(Debug, Default)]
+struct PromptCache {
+    embeds: HashMap<String, Tensor>,
+}
+
+impl PromptCache {
+    /// Most embeddings kept (each is 77 × D floats).
+    const LIMIT: usize = 64;
+
+    fn embed(&mut self, models: &StableDiffusionModels, text: &str) -> Result<Tensor> {
+        if let Some(e) = self.embeds.get(text) {
+            return Ok(e.clone());
+        }
+        let e = models.encode_text(text)?;
+        if self.embeds.len() >= Self::LIMIT {
+            self.embeds.clear();
+        }
+        self.embeds.insert(text.to_string(), e.clone());
+        Ok(e)
+    }
+}
