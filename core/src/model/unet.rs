@@ -460,7 +460,7 @@ impl UNetConfig {
                 "asymmetric UNets are not supported",
             ));
         }
-        if self.conv_in_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) {
             return Err(unsupported(
                 model,
                 "conv_in_kernel",
@@ -512,14 +512,14 @@ impl UNetConfig {
             }
         };
         for (i, &ch) in self.block_out_channels.iter().enumerate() {
-            if ch % groups != 0 {
+            if !ch.is_multiple_of(groups) {
                 return Err(unsupported(
                     model,
                     "norm_num_groups",
                     format!("{groups} groups do not divide block_out_channels[{i}] = {ch}"),
                 ));
             }
-            if heads[i] == 0 || ch % heads[i] != 0 {
+            if heads[i] == 0 || !ch.is_multiple_of(heads[i]) {
                 return Err(unsupported(
                     model,
                     "attention_head_dim",
@@ -888,7 +888,7 @@ impl UNet2DConditionModel {
             )?);
         }
         let ch0 = plan.block_out_channels[0];
-        if config.conv_out_kernel % 2 == 0 {
+        if config.conv_out_kernel.is_multiple_of(2) {
             return Err(unsupported(
                 MODEL,
                 "conv_out_kernel",

@@ -92,7 +92,7 @@ pub(crate) struct GroupNorm {
 
 impl GroupNorm {
     pub(crate) fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::UnsupportedConfig {
                 model: "UNet".into(),
                 option: "norm_num_groups".into(),
@@ -292,7 +292,9 @@ impl CustomOp3 for GroupNormOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
-        if shape.dims()[1] % self.groups != 0 || l2.shape().elem_count() != shape.dims()[1] {
+        if !shape.dims()[1].is_multiple_of(self.groups)
+            || l2.shape().elem_count() != shape.dims()[1]
+        {
             candle_core::bail!(
                 "GroupNorm: {} groups, weight {:?}, input {shape:?}",
                 self.groups,
@@ -891,7 +893,7 @@ impl Transformer2DModel {
         s: &BlockSettings,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if spec.heads == 0 || channels % spec.heads != 0 {
+        if spec.heads == 0 || !channels.is_multiple_of(spec.heads) {
             return Err(Error::UnsupportedConfig {
                 model: "UNet".into(),
                 option: "attention_head_dim".into(),
