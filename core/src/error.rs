@@ -40,6 +40,17 @@ pub enum Error {
         detail: String,
     },
 
+    /// A checkpoint's `config.json` asks for an architecture option sdstream does not implement.
+    #[error("unsupported {model} configuration: `{option}`: {detail}")]
+    UnsupportedConfig {
+        /// Which network (`UNet`, `ControlNet`, …).
+        model: String,
+        /// The config.json key.
+        option: String,
+        /// Its value and why it cannot be used.
+        detail: String,
+    },
+
     /// A frame handed to the engine does not fit its description.
     #[error("invalid frame: {0}")]
     InvalidFrame(String),

@@ -10,6 +10,7 @@ pub mod hub;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
+pub(crate) mod unet_blocks;
 pub mod vae;
 
 use std::path::{Path, PathBuf};
