@@ -48,7 +48,11 @@ pub struct StreamDiffusion {
     filter: Option<(SimilarImageFilter, TorchGenerator)>,
     previous_output: Option<Tensor>,
     timings: StageTimings,
+    renoise: Option<NoiseSource>,
 }
+
+/// A source of fresh Gaussian noise of a given shape.
+pub type NoiseSource = Box<dyn FnMut(&[usize]) -> Result<Tensor> + Send>;
 
 impl std::fmt::Debug for StreamDiffusion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,6 +133,7 @@ impl StreamDiffusion {
             filter,
             previous_output: None,
             timings: StageTimings::default(),
+            renoise: None,
         })
     }
 
@@ -226,16 +231,6 @@ impl StreamDiffusion {
 
     /// Runs the stream batch on a noised latent and returns x̂₀ of the row that leaves it.
     fn denoise(&mut self, x_new: &Tensor) -> Result<Tensor> {
-        self.denoise_with(x_new, None)
-    }
-
-    /// As [`denoise`](Self::denoise); `renoise` overrides the non-batch path's fresh noise
-    /// (tests feed the reference's draws).
-    pub fn denoise_with(
-        &mut self,
-        x_new: &Tensor,
-        mut renoise: Option<&mut dyn FnMut(&[usize]) -> Result<Tensor>>,
-    ) -> Result<Tensor> {
         let t = Instant::now();
         let guidance = GuidanceParams {
             mode: self.settings.cfg_type,
@@ -244,19 +239,27 @@ impl StreamDiffusion {
         };
         let models = &self.models;
         let generator = &mut self.generator;
-        let dtype = models.dtype;
+        let renoise = &mut self.renoise;
         let x0 = self.state.step(
             x_new,
             &self.conditioning,
             guidance,
-            |x, t, e| models.unet.forward(x, &t.to_dtype(DType::F32)?, e, None),
+            |x, t, e| models.unet.forward(x, t, e, None),
             |shape| match renoise.as_mut() {
-                Some(f) => f(shape),
-                None => Ok(generator.randn_tensor(shape, &models.device)?.to_dtype(dtype)?),
+                Some(source) => source(shape),
+                None => Ok(generator.randn_tensor(shape, &models.device)?),
             },
         )?;
         self.timings.unet = t.elapsed();
         Ok(x0)
+    }
+
+    /// Overrides where the non-batch path (`use_denoising_batch = false` with `do_add_noise`)
+    /// draws its fresh noise between steps; by default the stream's own seeded generator. The
+    /// reference draws these from torch's global generator, which the stream seed does not
+    /// control, so only an injected source can reproduce its numbers.
+    pub fn set_renoise_source(&mut self, source: Option<NoiseSource>) {
+        self.renoise = source;
     }
 
     /// Applies a complete new parameter set. Hot changes take effect on the next frame without
