@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -204,7 +205,8 @@ def markdown(results: list[dict], peak: dict, meta: dict) -> str:
         f"Machine: {meta['cpu']}, {meta['cpus']} CPUs; float32 matmul peak "
         f"{peak['best_gflops']:.1f} GFLOP/s (2048^2, {meta['threads']} threads; median {peak['median_gflops']:.1f}) "
         f"before the cases, {meta['peak_after']['best_gflops']:.1f} after. Load average "
-        f"{meta['load_average_start'][0]:.2f} at start, {meta['load_average_end'][0]:.2f} at end.",
+        f"{meta['load_average_start'][0]:.2f} at start, {meta['load_average_end'][0]:.2f} at end; "
+        f"peak memory {meta['max_rss_gb']:.1f} GB.",
         "CPU use = process CPU time / (threads x wall); below 100% the process waited for cores.",
         "",
         "| size | steps (t_index_list) | VAE | encode ms | UNet ms | decode ms | other ms | total ms | fps "
@@ -282,6 +284,7 @@ def main() -> None:
                 results.append(run_case(pipe, taesd, size, t_index_list, vae, args.warmup, args.frames,
                                             args.threads))
     meta["load_average_end"] = os.getloadavg()
+    meta["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
     meta["peak_after"] = matmul_peak()
 
     table = markdown(results, peak, meta)
