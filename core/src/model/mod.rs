@@ -5,6 +5,8 @@
 //! [`load_weights`]; nothing assumes Stable Diffusion's full-size shapes.
 
 pub mod clip;
+pub mod conv;
+pub mod group_norm;
 pub mod hub;
 pub mod taesd;
 pub mod tokenizer;
