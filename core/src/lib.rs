@@ -15,4 +15,4 @@ pub mod params;
 pub mod pipeline;
 
 pub use error::{Error, Result};
-// pub use params::{EngineSettings, StreamDiffusionParams, Update, classify};
+pub use params::{EngineSettings, StreamDiffusionParams, Update, classify};

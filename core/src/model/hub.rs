@@ -1,1 +1,765 @@
-//! (in progress)
+//! Model id → folder on disk: a local folder, a model root, the Hugging Face cache, or a download.
+//!
+//! [`resolve`] looks, in order, at
+//! 1. `id` itself when it names an existing folder (or looks like a path: then nothing else);
+//! 2. `model_root/<id>` when [`HubOptions::model_root`] is set;
+//! 3. the Hugging Face cache snapshot of `id` (`models--{org}--{name}/refs/main` →
+//!    `snapshots/<hash>/`, or any snapshot that holds the wanted files when the ref is missing or
+//!    incomplete);
+//! 4. a download of the wanted files into that cache with hf-hub (with a progress bar), unless
+//!    offline.
+//!
+//! A candidate folder is accepted only when it holds every wanted file. Callers say which files
+//! they need with small patterns (see [`Wanted`]): `"unet/config.json"`, `"unet/*.json"`,
+//! `"?tokenizer/tokenizer.json"` (optional) and weights such as
+//! `"unet/diffusion_pytorch_model.safetensors"`, which accept the `.fp16.safetensors` variant too
+//! ([`weights_pattern`] writes the fp16-preferring form). A failure names the id, every place looked
+//! at and what was missing there.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// Where models are looked for and whether the network may be used.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubOptions {
+    /// A folder of models laid out as `<model_root>/<org>/<name>/` (tried before the cache).
+    pub model_root: Option<PathBuf>,
+    /// The Hugging Face hub cache (the folder holding `models--*`). `None`: the default location.
+    pub cache_dir: Option<PathBuf>,
+    /// Never touch the network (HF_HUB_OFFLINE=1).
+    pub offline: bool,
+}
+
+impl HubOptions {
+    /// Options from the environment: `SDSTREAM_MODEL_ROOT`; the cache from `HF_HUB_CACHE`, else
+    /// `HF_HOME/hub`, else `~/.cache/huggingface/hub`; offline when `HF_HUB_OFFLINE` is `1`, `true`,
+    /// `yes` or `on`.
+    pub fn from_env() -> Self {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) with an explicit variable lookup (for tests and embedding).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let non_empty = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let cache_dir = non_empty("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| non_empty("HF_HOME").map(|home| PathBuf::from(home).join("hub")))
+            .or_else(|| {
+                non_empty("HOME")
+                    .or_else(|| non_empty("USERPROFILE"))
+                    .map(|home| {
+                        PathBuf::from(home)
+                            .join(".cache")
+                            .join("huggingface")
+                            .join("hub")
+                    })
+            });
+        let offline = non_empty("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        });
+        Self {
+            model_root: non_empty("SDSTREAM_MODEL_ROOT").map(PathBuf::from),
+            cache_dir,
+            offline,
+        }
+    }
+}
+
+/// One file (or set of files) a caller needs from a model folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wanted {
+    /// Exactly this relative path.
+    File(String),
+    /// Every file matching this pattern (`*` matches within one path segment); at least one.
+    Glob(String),
+    /// A safetensors weights file: `{stem}.safetensors` or `{stem}.fp16.safetensors`, either
+    /// accepted; `prefer_fp16` picks which to download when both exist remotely.
+    Weights {
+        /// Relative path without the `.safetensors` / `.fp16.safetensors` ending.
+        stem: String,
+        /// Download the fp16 variant when available.
+        prefer_fp16: bool,
+    },
+    /// Like the inner pattern but may be absent.
+    Optional(Box<Wanted>),
+}
+
+impl Wanted {
+    /// Parses a pattern: a leading `?` makes it optional; `*` makes it a glob; a name ending in
+    /// `.fp16.safetensors` or `.safetensors` is a weights file preferring (or not) the fp16
+    /// variant; anything else is an exact file.
+    pub fn parse(pattern: &str) -> Self {
+        if let Some(rest) = pattern.strip_prefix('?') {
+            return Wanted::Optional(Box::new(Self::parse(rest)));
+        }
+        if pattern.contains('*') {
+            return Wanted::Glob(pattern.to_string());
+        }
+        if let Some(stem) = pattern.strip_suffix(".fp16.safetensors") {
+            return Wanted::Weights {
+                stem: stem.to_string(),
+                prefer_fp16: true,
+            };
+        }
+        if let Some(stem) = pattern.strip_suffix(".safetensors") {
+            return Wanted::Weights {
+                stem: stem.to_string(),
+                prefer_fp16: false,
+            };
+        }
+        Wanted::File(pattern.to_string())
+    }
+
+    /// The pattern as a caller would write it.
+    fn describe(&self) -> String {
+        match self {
+            Wanted::File(p) | Wanted::Glob(p) => p.clone(),
+            Wanted::Weights { stem, prefer_fp16 } => {
+                if *prefer_fp16 {
+                    format!("{stem}.fp16.safetensors (or {stem}.safetensors)")
+                } else {
+                    format!("{stem}.safetensors (or {stem}.fp16.safetensors)")
+                }
+            }
+            Wanted::Optional(inner) => format!("optional {}", inner.describe()),
+        }
+    }
+
+    /// Whether `dir` satisfies this pattern.
+    fn satisfied_in(&self, dir: &Path) -> bool {
+        match self {
+            Wanted::File(p) => dir.join(p).is_file(),
+            Wanted::Glob(p) => !local_glob(dir, p).is_empty(),
+            Wanted::Weights { stem, .. } => {
+                dir.join(format!("{stem}.safetensors")).is_file()
+                    || dir.join(format!("{stem}.fp16.safetensors")).is_file()
+            }
+            Wanted::Optional(_) => true,
+        }
+    }
+
+    /// The remote files to fetch for this pattern, given the repository's file list; `Err` with
+    /// the pattern's description when a required one is not there.
+    fn select_remote(&self, listing: &[String]) -> std::result::Result<Vec<String>, String> {
+        match self {
+            Wanted::File(p) => {
+                if listing.iter().any(|f| f == p) {
+                    Ok(vec![p.clone()])
+                } else {
+                    Err(p.clone())
+                }
+            }
+            Wanted::Glob(p) => {
+                let found: Vec<String> = listing
+                    .iter()
+                    .filter(|f| glob_match(p, f))
+                    .cloned()
+                    .collect();
+                if found.is_empty() {
+                    Err(p.clone())
+                } else {
+                    Ok(found)
+                }
+            }
+            Wanted::Weights { stem, prefer_fp16 } => {
+                let full = format!("{stem}.safetensors");
+                let half = format!("{stem}.fp16.safetensors");
+                let order = if *prefer_fp16 {
+                    [half, full]
+                } else {
+                    [full, half]
+                };
+                order
+                    .into_iter()
+                    .find(|name| listing.contains(name))
+                    .map(|name| vec![name])
+                    .ok_or_else(|| self.describe())
+            }
+            Wanted::Optional(inner) => Ok(inner.select_remote(listing).unwrap_or_default()),
+        }
+    }
+}
+
+/// The weights pattern of a component: `"{component}/{stem}.safetensors"`, or the
+/// `.fp16.safetensors` form when f16 weights are preferred (either file satisfies both forms).
+pub fn weights_pattern(component: &str, stem: &str, prefer_fp16: bool) -> String {
+    let variant = if prefer_fp16 { ".fp16" } else { "" };
+    if component.is_empty() {
+        format!("{stem}{variant}.safetensors")
+    } else {
+        format!("{component}/{stem}{variant}.safetensors")
+    }
+}
+
+/// `*` matches any run of characters except `/`; everything else matches itself.
+fn glob_match(pattern: &str, path: &str) -> bool {
+    fn inner(p: &[u8], s: &[u8]) -> bool {
+        match p.split_first() {
+            None => s.is_empty(),
+            Some((b'*', rest)) => {
+                // Try every split point within the current segment.
+                let mut i = 0;
+                loop {
+                    if inner(rest, &s[i..]) {
+                        return true;
+                    }
+                    if i == s.len() || s[i] == b'/' {
+                        return false;
+                    }
+                    i += 1;
+                }
+            }
+            Some((&c, rest)) => s.first() == Some(&c) && inner(rest, &s[1..]),
+        }
+    }
+    inner(pattern.as_bytes(), path.as_bytes())
+}
+
+/// Files under `dir` whose relative path matches `pattern` (searched in the pattern's folder).
+fn local_glob(dir: &Path, pattern: &str) -> Vec<PathBuf> {
+    let (folder, _) = pattern.rsplit_once('/').unwrap_or(("", pattern));
+    let Ok(entries) = std::fs::read_dir(dir.join(folder)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let rel = if folder.is_empty() {
+                name
+            } else {
+                format!("{folder}/{name}")
+            };
+            (glob_match(pattern, &rel) && e.path().is_file()).then(|| e.path())
+        })
+        .collect()
+}
+
+/// The wanted patterns that `dir` lacks (empty when the folder is complete).
+fn missing_in(dir: &Path, wanted: &[Wanted]) -> Vec<String> {
+    wanted
+        .iter()
+        .filter(|w| !w.satisfied_in(dir))
+        .map(Wanted::describe)
+        .collect()
+}
+
+/// Whether `id` is meant as a filesystem path rather than a hub id (`org/name` or `name`).
+fn looks_like_path(id: &str) -> bool {
+    id.starts_with('/')
+        || id.starts_with('.')
+        || id.starts_with('~')
+        || id.contains('\\')
+        || id.contains(':')
+        || id.matches('/').count() > 1
+}
+
+/// The cache folder of a hub model id: `models--{org}--{name}`.
+pub fn cache_folder_name(id: &str) -> String {
+    format!("models--{}", id.replace('/', "--"))
+}
+
+/// Resolves `id` to a folder holding every `wanted` pattern (see [`Wanted::parse`]), looking at a
+/// local folder, the model root, the Hugging Face cache and finally the hub (unless offline).
+pub fn resolve(id: &str, opts: &HubOptions, wanted: &[&str]) -> Result<PathBuf> {
+    let wanted: Vec<Wanted> = wanted.iter().map(|p| Wanted::parse(p)).collect();
+    resolve_wanted(id, opts, &wanted)
+}
+
+/// [`resolve`] with parsed patterns.
+pub fn resolve_wanted(id: &str, opts: &HubOptions, wanted: &[Wanted]) -> Result<PathBuf> {
+    let not_found = |detail: String| Error::ModelNotFound {
+        id: id.to_string(),
+        detail,
+    };
+    let mut looked: Vec<String> = Vec::new();
+
+    // 1. A local folder.
+    let local = Path::new(id);
+    if local.is_dir() {
+        let missing = missing_in(local, wanted);
+        if missing.is_empty() {
+            return Ok(local.to_path_buf());
+        }
+        return Err(not_found(format!(
+            "local folder {} lacks {}",
+            local.display(),
+            missing.join(", ")
+        )));
+    }
+    if looks_like_path(id) || id.is_empty() {
+        return Err(not_found(format!(
+            "{} is not a folder (and not a hub id of the form org/name)",
+            local.display()
+        )));
+    }
+    looked.push(format!("local folder {}: not a folder", local.display()));
+
+    // 2. The model root.
+    if let Some(root) = &opts.model_root {
+        let dir = root.join(id);
+        if dir.is_dir() {
+            let missing = missing_in(&dir, wanted);
+            if missing.is_empty() {
+                return Ok(dir);
+            }
+            looked.push(format!(
+                "model root {}: lacks {}",
+                dir.display(),
+                missing.join(", ")
+            ));
+        } else {
+            looked.push(format!("model root {}: not a folder", dir.display()));
+        }
+    }
+
+    // 3. The Hugging Face cache.
+    let cache_dir = opts.cache_dir.clone();
+    if let Some(cache) = &cache_dir {
+        match find_in_cache(cache, id, wanted) {
+            Ok(dir) => return Ok(dir),
+            Err(why) => looked.push(why),
+        }
+    } else {
+        looked.push("Hugging Face cache: no location (set HF_HUB_CACHE or HF_HOME)".into());
+    }
+
+    // 4. The hub.
+    if opts.offline {
+        looked.push("offline (HF_HUB_OFFLINE): no download attempted".into());
+        return Err(not_found(format!(
+            "wanted {}; looked at: {}",
+            describe_all(wanted),
+            looked.join("; ")
+        )));
+    }
+    let Some(cache) = cache_dir else {
+        return Err(not_found(format!(
+            "wanted {}; looked at: {}; cannot download without a cache folder",
+            describe_all(wanted),
+            looked.join("; ")
+        )));
+    };
+    download(id, &cache, wanted).map_err(|why| {
+        looked.push(why);
+        not_found(format!(
+            "wanted {}; looked at: {}",
+            describe_all(wanted),
+            looked.join("; ")
+        ))
+    })
+}
+
+fn describe_all(wanted: &[Wanted]) -> String {
+    wanted
+        .iter()
+        .map(Wanted::describe)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The cache snapshot holding every wanted file: `refs/main`'s first, then any other. `Err` says
+/// what was found instead.
+fn find_in_cache(
+    cache: &Path,
+    id: &str,
+    wanted: &[Wanted],
+) -> std::result::Result<PathBuf, String> {
+    let repo = cache.join(cache_folder_name(id));
+    if !repo.is_dir() {
+        return Err(format!(
+            "Hugging Face cache {}: not downloaded",
+            repo.display()
+        ));
+    }
+    let snapshots = repo.join("snapshots");
+    let ref_main = repo.join("refs").join("main");
+    let mut notes = Vec::new();
+    let main_hash = std::fs::read_to_string(&ref_main)
+        .ok()
+        .map(|h| h.trim().to_string());
+    if let Some(hash) = &main_hash {
+        let dir = snapshots.join(hash);
+        if dir.is_dir() {
+            let missing = missing_in(&dir, wanted);
+            if missing.is_empty() {
+                return Ok(dir);
+            }
+            notes.push(format!(
+                "snapshot {} (refs/main) lacks {}",
+                dir.display(),
+                missing.join(", ")
+            ));
+        } else {
+            notes.push(format!(
+                "refs/main names {hash} but {} is missing",
+                dir.display()
+            ));
+        }
+    } else {
+        notes.push(format!("{} is missing", ref_main.display()));
+    }
+    let mut others: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .filter(|p| main_hash.as_deref() != p.file_name().and_then(|n| n.to_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Deterministic choice among several candidate snapshots.
+    others.sort();
+    for dir in &others {
+        let missing = missing_in(dir, wanted);
+        if missing.is_empty() {
+            return Ok(dir.clone());
+        }
+        notes.push(format!(
+            "snapshot {} lacks {}",
+            dir.display(),
+            missing.join(", ")
+        ));
+    }
+    if others.is_empty() && main_hash.is_none() {
+        notes.push(format!("no snapshot in {}", snapshots.display()));
+    }
+    Err(format!(
+        "Hugging Face cache {}: {}",
+        repo.display(),
+        notes.join(", ")
+    ))
+}
+
+/// Downloads the wanted files of `id` into `cache` and returns the snapshot folder.
+fn download(id: &str, cache: &Path, wanted: &[Wanted]) -> std::result::Result<PathBuf, String> {
+    use hf_hub::api::sync::ApiBuilder;
+
+    let mut builder =
+        ApiBuilder::from_cache(hf_hub::Cache::new(cache.to_path_buf())).with_progress(true);
+    if let Ok(token) = std::env::var("HF_TOKEN")
+        && !token.trim().is_empty()
+    {
+        builder = builder.with_token(Some(token.trim().to_string()));
+    }
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT")
+        && !endpoint.trim().is_empty()
+    {
+        builder = builder.with_endpoint(endpoint.trim().to_string());
+    }
+    let api = builder
+        .build()
+        .map_err(|e| format!("hub download: cannot start a client: {e}"))?;
+    let repo = api.model(id.to_string());
+    let listing: Vec<String> = repo
+        .info()
+        .map_err(|e| format!("hub: cannot list the files of {id}: {e}"))?
+        .siblings
+        .into_iter()
+        .map(|s| s.rfilename)
+        .collect();
+    let mut files = Vec::new();
+    let mut absent = Vec::new();
+    for w in wanted {
+        match w.select_remote(&listing) {
+            Ok(found) => files.extend(found),
+            Err(what) => absent.push(what),
+        }
+    }
+    if !absent.is_empty() {
+        return Err(format!("hub repository {id} has no {}", absent.join(", ")));
+    }
+    let mut snapshot: Option<PathBuf> = None;
+    for file in &files {
+        let path = repo
+            .get(file)
+            .map_err(|e| format!("hub: downloading {file} of {id} failed: {e}"))?;
+        // The file lives at <snapshot>/<file>: strip as many components as the file has.
+        let depth = Path::new(file).components().count();
+        let root = path.ancestors().nth(depth).map(Path::to_path_buf);
+        if snapshot.is_none() {
+            snapshot = root;
+        }
+    }
+    let dir = snapshot.ok_or_else(|| format!("hub: nothing to download for {id}"))?;
+    let missing = missing_in(&dir, wanted);
+    if missing.is_empty() {
+        Ok(dir)
+    } else {
+        Err(format!(
+            "hub download into {} is incomplete (the repository changed during the download?): lacks {}",
+            dir.display(),
+            missing.join(", ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A unique temp folder removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("sdstream-hub-{tag}-{}-{n}", std::process::id()));
+            std::fs::remove_dir_all(&dir).ok();
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+
+    fn touch(path: &Path) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, b"{}").expect("write");
+    }
+
+    fn model_files(dir: &Path, fp16: bool) {
+        touch(&dir.join("model_index.json"));
+        touch(&dir.join("unet/config.json"));
+        let weights = if fp16 {
+            "unet/diffusion_pytorch_model.fp16.safetensors"
+        } else {
+            "unet/diffusion_pytorch_model.safetensors"
+        };
+        touch(&dir.join(weights));
+    }
+
+    const WANTED: &[&str] = &[
+        "model_index.json",
+        "unet/*.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "?tokenizer/tokenizer.json",
+    ];
+
+    fn offline(cache: &Path) -> HubOptions {
+        HubOptions {
+            model_root: None,
+            cache_dir: Some(cache.to_path_buf()),
+            offline: true,
+        }
+    }
+
+    #[test]
+    fn resolves_cache_snapshot_through_refs_main() {
+        let cache = TempDir::new("refs");
+        let repo = cache.0.join("models--org--tiny");
+        std::fs::create_dir_all(repo.join("refs")).expect("refs");
+        std::fs::write(repo.join("refs/main"), "abc123\n").expect("ref");
+        let snap = repo.join("snapshots/abc123");
+        model_files(&snap, true);
+        // An older, incomplete snapshot sorts first but is not chosen.
+        touch(&repo.join("snapshots/000old/model_index.json"));
+        let dir = resolve("org/tiny", &offline(&cache.0), WANTED).expect("resolved");
+        assert_eq!(dir, snap);
+        // The fp16-preferring pattern is satisfied by the fp32 file and the other way round.
+        let fp16 = weights_pattern("unet", "diffusion_pytorch_model", true);
+        assert_eq!(fp16, "unet/diffusion_pytorch_model.fp16.safetensors");
+        assert_eq!(
+            resolve("org/tiny", &offline(&cache.0), &[&fp16]).expect("fp16"),
+            snap
+        );
+    }
+
+    #[test]
+    fn resolves_a_complete_snapshot_without_refs() {
+        let cache = TempDir::new("norefs");
+        let repo = cache.0.join("models--org--tiny");
+        touch(&repo.join("snapshots/aaa/model_index.json"));
+        model_files(&repo.join("snapshots/bbb"), false);
+        let dir = resolve("org/tiny", &offline(&cache.0), WANTED).expect("resolved");
+        assert_eq!(dir, repo.join("snapshots/bbb"));
+    }
+
+    #[test]
+    fn missing_snapshot_error_names_the_paths() {
+        let cache = TempDir::new("missing");
+        let repo = cache.0.join("models--org--tiny");
+        std::fs::create_dir_all(repo.join("refs")).expect("refs");
+        std::fs::write(repo.join("refs/main"), "deadbeef").expect("ref");
+        let err = resolve("org/tiny", &offline(&cache.0), WANTED).expect_err("no snapshot");
+        let msg = err.to_string();
+        assert!(
+            matches!(err, Error::ModelNotFound { ref id, .. } if id == "org/tiny"),
+            "{msg}"
+        );
+        let snapshot = repo.join("snapshots/deadbeef");
+        assert!(msg.contains(&snapshot.display().to_string()), "{msg}");
+        assert!(msg.contains("local folder org/tiny"), "{msg}");
+        assert!(
+            msg.contains("unet/config.json") || msg.contains("unet/*.json"),
+            "{msg}"
+        );
+        assert!(msg.contains("offline"), "{msg}");
+
+        // A snapshot that lacks a file: the error names the file and the snapshot.
+        touch(&snapshot.join("model_index.json"));
+        let msg = resolve("org/tiny", &offline(&cache.0), WANTED)
+            .expect_err("incomplete")
+            .to_string();
+        assert!(msg.contains("lacks unet/*.json"), "{msg}");
+        assert!(
+            msg.contains("diffusion_pytorch_model.safetensors (or"),
+            "{msg}"
+        );
+        let looked = msg.split("looked at:").nth(1).unwrap_or_default();
+        assert!(
+            !looked.contains("tokenizer.json"),
+            "optional files are not reported missing: {msg}"
+        );
+    }
+
+    #[test]
+    fn offline_makes_no_network_attempt() {
+        let cache = TempDir::new("offline");
+        // An id that does not exist anywhere; with offline set, resolve must fail fast and say so
+        // without a hub error in the message.
+        let msg = resolve("nobody/nothing", &offline(&cache.0), WANTED)
+            .expect_err("offline")
+            .to_string();
+        assert!(
+            msg.contains("offline (HF_HUB_OFFLINE): no download attempted"),
+            "{msg}"
+        );
+        assert!(msg.contains("not downloaded"), "{msg}");
+        assert!(!msg.contains("hub:"), "{msg}");
+        assert!(
+            !cache.0.join(cache_folder_name("nobody/nothing")).exists(),
+            "nothing written"
+        );
+    }
+
+    #[test]
+    fn local_folder_and_model_root_come_first() {
+        let cache = TempDir::new("local-cache");
+        let repo = cache.0.join("models--org--tiny");
+        std::fs::create_dir_all(repo.join("refs")).expect("refs");
+        std::fs::write(repo.join("refs/main"), "c1").expect("ref");
+        model_files(&repo.join("snapshots/c1"), false);
+
+        let local = TempDir::new("local");
+        model_files(&local.0, false);
+        let id = local.0.display().to_string();
+        assert_eq!(
+            resolve(&id, &offline(&cache.0), WANTED).expect("local"),
+            local.0
+        );
+        // A local folder that lacks files is an error naming them, not a fall-through.
+        std::fs::remove_file(local.0.join("unet/config.json")).expect("rm");
+        let msg = resolve(&id, &offline(&cache.0), WANTED)
+            .expect_err("incomplete")
+            .to_string();
+        assert!(msg.contains("lacks unet/*.json"), "{msg}");
+        let msg = resolve("./no/such/folder", &offline(&cache.0), WANTED)
+            .expect_err("path")
+            .to_string();
+        assert!(msg.contains("is not a folder"), "{msg}");
+
+        let root = TempDir::new("root");
+        model_files(&root.0.join("org/tiny"), true);
+        let opts = HubOptions {
+            model_root: Some(root.0.clone()),
+            ..offline(&cache.0)
+        };
+        assert_eq!(
+            resolve("org/tiny", &opts, WANTED).expect("root"),
+            root.0.join("org/tiny")
+        );
+        // An incomplete model-root copy falls through to the cache.
+        std::fs::remove_file(root.0.join("org/tiny/model_index.json")).expect("rm");
+        assert_eq!(
+            resolve("org/tiny", &opts, WANTED).expect("cache"),
+            repo.join("snapshots/c1")
+        );
+    }
+
+    #[test]
+    fn options_from_environment_variables() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let o = HubOptions::from_vars(vars(&[
+            ("HF_HUB_CACHE", "/c"),
+            ("HF_HOME", "/h"),
+            ("HOME", "/u"),
+        ]));
+        assert_eq!(o.cache_dir, Some(PathBuf::from("/c")));
+        assert!(!o.offline);
+        let o = HubOptions::from_vars(vars(&[
+            ("HF_HOME", "/h"),
+            ("HOME", "/u"),
+            ("HF_HUB_OFFLINE", "1"),
+        ]));
+        assert_eq!(o.cache_dir, Some(PathBuf::from("/h/hub")));
+        assert!(o.offline);
+        let o = HubOptions::from_vars(vars(&[
+            ("HOME", "/u"),
+            ("HF_HUB_OFFLINE", "0"),
+            ("SDSTREAM_MODEL_ROOT", "/m"),
+        ]));
+        assert_eq!(
+            o.cache_dir,
+            Some(PathBuf::from("/u/.cache/huggingface/hub"))
+        );
+        assert_eq!(o.model_root, Some(PathBuf::from("/m")));
+        assert!(!o.offline);
+    }
+
+    #[test]
+    fn patterns_parse_and_match() {
+        assert!(glob_match("unet/*.json", "unet/config.json"));
+        assert!(!glob_match("unet/*.json", "unet/sub/config.json"));
+        assert!(!glob_match("unet/*.json", "vae/config.json"));
+        assert!(glob_match("*", "model_index.json"));
+        assert_eq!(
+            Wanted::parse("?a/b.json"),
+            Wanted::Optional(Box::new(Wanted::File("a/b.json".into())))
+        );
+        let listing: Vec<String> = [
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let pick = |p: &str| Wanted::parse(p).select_remote(&listing);
+        assert_eq!(
+            pick("unet/diffusion_pytorch_model.fp16.safetensors"),
+            Ok(vec![
+                "unet/diffusion_pytorch_model.fp16.safetensors".to_string()
+            ])
+        );
+        assert_eq!(
+            pick("unet/diffusion_pytorch_model.safetensors"),
+            Ok(vec!["unet/diffusion_pytorch_model.safetensors".to_string()])
+        );
+        assert_eq!(
+            pick("unet/*.json"),
+            Ok(vec!["unet/config.json".to_string()])
+        );
+        assert_eq!(pick("?vae/config.json"), Ok(vec![]));
+        assert_eq!(pick("vae/config.json"), Err("vae/config.json".to_string()));
+    }
+}

@@ -2,3 +2,6 @@
 
 pub mod rng;
 pub mod scheduler;
+pub mod blend;
+pub mod filter;
+pub mod stream;

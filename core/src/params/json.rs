@@ -1,0 +1,97 @@
+//! JSON in and out, with the path of whatever failed to parse.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// Where a JSON object (not a list) is required below the root: the paths of nested structs.
+/// serde's derived structs also accept a list of the fields in order; Daydream (pydantic) does
+/// not, so [`parse`] refuses lists at these places before deserialising.
+#[derive(Clone, Copy)]
+pub(crate) enum Shape {
+    /// An object whose named members (when present and not null) are objects of these shapes.
+    Object(&'static [(&'static str, Shape)]),
+    /// A list whose items are of this shape.
+    ListOf(&'static Shape),
+}
+
+/// Parses `text` as `T`. Syntax errors become [`Error::Json`]; a wrong type, a bad enum value or
+/// an unknown field becomes [`Error::InvalidParam`] whose `field` is the path
+/// (`controlnets[2].conditioning_scale`).
+pub(crate) fn parse<T: DeserializeOwned>(text: &str, shape: Shape) -> Result<T> {
+    let tree: Value = serde_json::from_str(text).map_err(|e| Error::Json(e.to_string()))?;
+    if !tree.is_object() {
+        return Err(Error::Json(format!(
+            "expected a JSON object at the top level, got {}",
+            kind(&tree)
+        )));
+    }
+    check_shape(&tree, shape, "")?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_data() && path != "." {
+            Error::param(path, inner.to_string())
+        } else {
+            Error::Json(inner.to_string())
+        }
+    })?;
+    // Trailing characters after the object are a syntax error, as in `serde_json::from_str`.
+    de.end().map_err(|e| Error::Json(e.to_string()))?;
+    Ok(value)
+}
+
+/// Serialises `value`. The parameter types hold only strings, numbers, booleans, lists and
+/// string-keyed maps, for which serde_json cannot fail.
+pub(crate) fn to_string<T: Serialize>(value: &T) -> String {
+    match serde_json::to_string(value) {
+        Ok(text) => text,
+        // Unreachable for these types; an error text beats a panic across an FFI boundary.
+        Err(e) => format!("{{\"error\":{:?}}}", e.to_string()),
+    }
+}
+
+fn check_shape(value: &Value, shape: Shape, path: &str) -> Result<()> {
+    match (shape, value) {
+        (_, Value::Null) => Ok(()),
+        (Shape::Object(members), Value::Object(map)) => {
+            for (name, member_shape) in members {
+                if let Some(member) = map.get(*name) {
+                    let member_path = if path.is_empty() {
+                        (*name).to_owned()
+                    } else {
+                        format!("{path}.{name}")
+                    };
+                    check_shape(member, *member_shape, &member_path)?;
+                }
+            }
+            Ok(())
+        }
+        (Shape::ListOf(item), Value::Array(items)) => {
+            for (i, element) in items.iter().enumerate() {
+                check_shape(element, *item, &format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        (Shape::Object(_), other) => Err(Error::param(
+            path,
+            format!("{path} must be an object, got {}", kind(other)),
+        )),
+        // A non-list where a list belongs: serde's own message says it well.
+        (Shape::ListOf(_), _) => Ok(()),
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}

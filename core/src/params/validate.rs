@@ -1,0 +1,495 @@
+//! The rules of the parameter contract. One place: the Rust API, the C ABI, Python and HTTP all
+//! call [`StreamDiffusionParams::validate`].
+//!
+//! Daydream's own rules come first, with its wording (t_index_list, duplicate / invalid
+//! ControlNets, the SDXL limit, IPAdapter support, model id); PARAMS.md adds ranges Daydream does
+//! not check (finite floats, seeds below 2^53, guidance windows, filter settings). Every error is
+//! an [`Error::InvalidParam`] whose `field` is the path and whose message names the value and the
+//! rule. The first broken rule is reported.
+
+use super::catalog::{
+    self, IMAGE_PROCESSORS, INSIGHTFACE_MODEL_NAMES, IP_ADAPTER_IMAGE_ENCODER_PATHS,
+    IP_ADAPTER_MODEL_PATHS, IP_ADAPTER_WEIGHT_TYPES, KNOWN_MODELS, LATENT_PROCESSORS, ModelFamily,
+    UNSUPPORTED_TEMPORALNETS, python_list,
+};
+use super::fields::StreamDiffusionParams;
+use super::nested::{ControlNetConfig, IPAdapterConfig, ProcessingConfig};
+use super::settings::EngineSettings;
+use super::weighted::{Prompt, Seed};
+use crate::{Error, Result};
+
+/// Seeds must stay below 2^53 so that they survive a round trip through a JSON double
+/// (JavaScript, Python's json with floats) unchanged.
+pub const MAX_SEED_EXCLUSIVE: i64 = 1 << 53;
+
+/// Most t_index_list entries Daydream allows.
+pub const MAX_T_INDEX_LEN: usize = 4;
+
+/// Most enabled ControlNets (with a positive scale) Daydream allows on SDXL.
+pub const SDXL_MAX_ENABLED_CONTROLNETS: usize = 3;
+
+/// Which base model a parameter set names, as validation resolved it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A known id of this family.
+    Known(ModelFamily),
+    /// An existing local folder: its family is read from its config.json by the loader, so the
+    /// family rules (ControlNet lists, SDXL limit, IPAdapter support) are not checked here.
+    LocalFolder(std::path::PathBuf),
+}
+
+impl ModelKind {
+    /// The family, when the id is a known one.
+    pub fn family(&self) -> Option<ModelFamily> {
+        match self {
+            ModelKind::Known(family) => Some(*family),
+            ModelKind::LocalFolder(_) => None,
+        }
+    }
+}
+
+impl StreamDiffusionParams {
+    /// Checks every rule of the contract under `settings` (`allow_any_resolution` relaxes the
+    /// resolution rule; `model_root` is where local model folders are looked up first).
+    ///
+    /// A `model_id` that is an existing local folder has no known family at this point, so the
+    /// ControlNet-family list, the SDXL limit and IPAdapter support are skipped for it; the
+    /// loader checks compatibility from the folder's config.json.
+    pub fn validate(&self, settings: &EngineSettings) -> Result<()> {
+        let kind = resolve_model(&self.model_id, settings)?;
+        check_prompt(&self.prompt, self.normalize_prompt_weights)?;
+        finite("guidance_scale", self.guidance_scale)?;
+        finite("delta", self.delta)?;
+        check_steps(self.num_inference_steps, &self.t_index_list)?;
+        check_resolution("width", self.width, settings.allow_any_resolution)?;
+        check_resolution("height", self.height, settings.allow_any_resolution)?;
+        if let Some(loras) = &self.lora_dict {
+            for (id, weight) in loras {
+                if id.trim().is_empty() {
+                    return Err(Error::param(
+                        "lora_dict",
+                        "lora_dict keys must be non-empty LoRA ids; got \"\"",
+                    ));
+                }
+                finite(&format!("lora_dict.{id}"), *weight)?;
+            }
+        }
+        finite("safety_checker_threshold", self.safety_checker_threshold)?;
+        check_seed(&self.seed, self.normalize_seed_weights)?;
+        unit_interval(
+            "similar_image_filter_threshold",
+            self.similar_image_filter_threshold,
+        )?;
+        if self.similar_image_filter_max_skip_frame < 0 {
+            return Err(Error::param(
+                "similar_image_filter_max_skip_frame",
+                format!(
+                    "similar_image_filter_max_skip_frame must be >= 0; got {}",
+                    self.similar_image_filter_max_skip_frame
+                ),
+            ));
+        }
+        check_processing(
+            "image_preprocessing",
+            &self.image_preprocessing,
+            IMAGE_PROCESSORS,
+        )?;
+        check_processing(
+            "image_postprocessing",
+            &self.image_postprocessing,
+            IMAGE_PROCESSORS,
+        )?;
+        check_processing(
+            "latent_preprocessing",
+            &self.latent_preprocessing,
+            LATENT_PROCESSORS,
+        )?;
+        check_processing(
+            "latent_postprocessing",
+            &self.latent_postprocessing,
+            LATENT_PROCESSORS,
+        )?;
+        check_ip_adapter(&self.ip_adapter, &self.model_id, kind.family())?;
+        check_controlnets(&self.controlnets, &self.model_id, &kind, settings)?;
+        Ok(())
+    }
+
+    /// Resolves `model_id` the way validation does: a known id with its family, or an existing
+    /// local folder (`model_root/<id>` first, then `<id>` as a path).
+    pub fn model_kind(&self, settings: &EngineSettings) -> Result<ModelKind> {
+        resolve_model(&self.model_id, settings)
+    }
+}
+
+fn resolve_model(model_id: &str, settings: &EngineSettings) -> Result<ModelKind> {
+    if let Some(family) = ModelFamily::of_model(model_id) {
+        return Ok(ModelKind::Known(family));
+    }
+    if let Some(dir) = catalog::local_model_dir(model_id, settings.model_root.as_deref()) {
+        return Ok(ModelKind::LocalFolder(dir));
+    }
+    Err(Error::param(
+        "model_id",
+        format!(
+            "Invalid model_id: {model_id} (expected one of {} or an existing local folder)",
+            python_list(KNOWN_MODELS.iter().map(|(id, _)| *id))
+        ),
+    ))
+}
+
+fn finite(field: &str, value: f64) -> Result<()> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::param(
+            field,
+            format!("{field} must be a finite number; got {value}"),
+        ))
+    }
+}
+
+fn unit_interval(field: &str, value: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::param(
+            field,
+            format!("{field} must be between 0 and 1; got {value}"),
+        ))
+    }
+}
+
+fn one_of(field: &str, value: &str, allowed: &[&str], what: &str) -> Result<()> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::param(
+            field,
+            format!(
+                "{field}: unknown {what} '{value}'; expected one of {}",
+                python_list(allowed.iter().copied())
+            ),
+        ))
+    }
+}
+
+fn check_prompt(prompt: &Prompt, normalize: bool) -> Result<()> {
+    match prompt {
+        Prompt::Text(text) => {
+            if text.trim().is_empty() {
+                return Err(Error::param(
+                    "prompt",
+                    format!("prompt text must not be empty; got {text:?}"),
+                ));
+            }
+        }
+        Prompt::Weighted(items) => {
+            if items.is_empty() {
+                return Err(Error::param(
+                    "prompt",
+                    "prompt must be a string or a non-empty list of [text, weight] pairs; got []",
+                ));
+            }
+            for (i, (text, weight)) in items.iter().enumerate() {
+                if text.trim().is_empty() {
+                    return Err(Error::param(
+                        format!("prompt[{i}][0]"),
+                        format!("prompt[{i}] text must not be empty; got {text:?}"),
+                    ));
+                }
+                finite(&format!("prompt[{i}][1]"), *weight)?;
+            }
+            let weights: Vec<f64> = items.iter().map(|(_, w)| *w).collect();
+            check_weight_sum("prompt", "normalize_prompt_weights", &weights, normalize)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_weight_sum(field: &str, flag: &str, weights: &[f64], normalize: bool) -> Result<()> {
+    let sum: f64 = weights.iter().sum();
+    if normalize && (sum == 0.0 || !sum.is_finite()) {
+        return Err(Error::param(
+            field,
+            format!(
+                "{field} weights sum to {sum}; with {flag} true they must sum to a finite non-zero value"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_seed_value(field: &str, seed: i64) -> Result<()> {
+    if (0..MAX_SEED_EXCLUSIVE).contains(&seed) {
+        Ok(())
+    } else {
+        Err(Error::param(
+            field,
+            format!("{field} must satisfy 0 <= seed < 2^53 ({MAX_SEED_EXCLUSIVE}); got {seed}"),
+        ))
+    }
+}
+
+fn check_seed(seed: &Seed, normalize: bool) -> Result<()> {
+    match seed {
+        Seed::Single(value) => check_seed_value("seed", *value),
+        Seed::Weighted(items) => {
+            if items.is_empty() {
+                return Err(Error::param(
+                    "seed",
+                    "seed must be an integer or a non-empty list of [seed, weight] pairs; got []",
+                ));
+            }
+            for (i, (value, weight)) in items.iter().enumerate() {
+                check_seed_value(&format!("seed[{i}][0]"), *value)?;
+                finite(&format!("seed[{i}][1]"), *weight)?;
+            }
+            let weights: Vec<f64> = items.iter().map(|(_, w)| *w).collect();
+            check_weight_sum("seed", "normalize_seed_weights", &weights, normalize)
+        }
+    }
+}
+
+fn check_steps(num_inference_steps: i64, t_index_list: &[i64]) -> Result<()> {
+    if !(1..=100).contains(&num_inference_steps) {
+        return Err(Error::param(
+            "num_inference_steps",
+            format!("num_inference_steps must be between 1 and 100; got {num_inference_steps}"),
+        ));
+    }
+    if t_index_list.is_empty() || t_index_list.len() > MAX_T_INDEX_LEN {
+        return Err(Error::param(
+            "t_index_list",
+            format!(
+                "t_index_list must have between 1 and {MAX_T_INDEX_LEN} elements; got {}",
+                t_index_list.len()
+            ),
+        ));
+    }
+    // Daydream allows value == num_inference_steps; PARAMS.md does not, because the grid has
+    // num_inference_steps entries and that index would fall off its end.
+    for (i, &value) in t_index_list.iter().enumerate() {
+        if !(0..num_inference_steps).contains(&value) {
+            return Err(Error::param(
+                format!("t_index_list[{i}]"),
+                format!(
+                    "Each t_index_list value must be between 0 and num_inference_steps \
+                     ({num_inference_steps}). Found {value} at index {i}."
+                ),
+            ));
+        }
+    }
+    for i in 1..t_index_list.len() {
+        let (prev, curr) = (t_index_list[i - 1], t_index_list[i]);
+        if curr < prev {
+            return Err(Error::param(
+                format!("t_index_list[{i}]"),
+                format!("t_index_list must be in non-decreasing order. {curr} < {prev}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_resolution(field: &str, value: i64, allow_any: bool) -> Result<()> {
+    let (min, max, step) = if allow_any {
+        (64, 2048, 8)
+    } else {
+        (384, 1024, 64)
+    };
+    if (min..=max).contains(&value) && value % step == 0 {
+        Ok(())
+    } else {
+        Err(Error::param(
+            field,
+            format!(
+                "{field} must be between {min} and {max} and a multiple of {step}; got {value}"
+            ),
+        ))
+    }
+}
+
+fn check_processing(
+    field: &str,
+    config: &Option<ProcessingConfig>,
+    allowed: &[&str],
+) -> Result<()> {
+    let Some(config) = config else {
+        return Ok(());
+    };
+    for (i, processor) in config.processors.iter().enumerate() {
+        one_of(
+            &format!("{field}.processors[{i}].type"),
+            &processor.kind,
+            allowed,
+            "processor",
+        )?;
+    }
+    Ok(())
+}
+
+fn check_ip_adapter(
+    ip: &IPAdapterConfig,
+    model_id: &str,
+    family: Option<ModelFamily>,
+) -> Result<()> {
+    finite("ip_adapter.scale", ip.scale)?;
+    let literals = [
+        (
+            "ip_adapter.ipadapter_model_path",
+            &ip.ipadapter_model_path,
+            IP_ADAPTER_MODEL_PATHS,
+            "IPAdapter model path",
+        ),
+        (
+            "ip_adapter.image_encoder_path",
+            &ip.image_encoder_path,
+            IP_ADAPTER_IMAGE_ENCODER_PATHS,
+            "image encoder path",
+        ),
+        (
+            "ip_adapter.insightface_model_name",
+            &ip.insightface_model_name,
+            INSIGHTFACE_MODEL_NAMES,
+            "InsightFace model",
+        ),
+        (
+            "ip_adapter.weight_type",
+            &ip.weight_type,
+            IP_ADAPTER_WEIGHT_TYPES,
+            "weight type",
+        ),
+    ];
+    for (field, value, allowed, what) in literals {
+        if let Some(value) = value {
+            one_of(field, value, allowed, what)?;
+        }
+    }
+    if let Some(family) = family
+        && ip.enabled
+        && !family.supports_ip_adapter()
+    {
+        return Err(Error::param(
+            "ip_adapter.enabled",
+            format!(
+                "IPAdapter is not supported for {model_id} ({family} model; only sd15 and sdxl \
+                 models support it, so ip_adapter.enabled must be false)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_controlnet_fields(
+    i: usize,
+    net: &ControlNetConfig,
+    settings: &EngineSettings,
+) -> Result<()> {
+    let path = |leaf: &str| format!("controlnets[{i}].{leaf}");
+    let id = net.model_id.as_str();
+    let known = catalog::controlnet_family(id).is_some();
+    if !known && catalog::local_model_dir(id, settings.model_root.as_deref()).is_none() {
+        let field = path("model_id");
+        let message = if UNSUPPORTED_TEMPORALNETS.contains(&id) {
+            format!(
+                "{field}: {id} is a TemporalNet ControlNet, which Daydream accepts but sdstream \
+                 does not support (it conditions on optical flow between frames)"
+            )
+        } else {
+            format!(
+                "{field}: unknown ControlNet '{id}'; expected one of {} or an existing local folder",
+                python_list(catalog::all_controlnets())
+            )
+        };
+        return Err(Error::param(field, message));
+    }
+    finite(&path("conditioning_scale"), net.conditioning_scale)?;
+    if let Some(channels) = net.conditioning_channels
+        && !(1..=6).contains(&channels)
+    {
+        let field = path("conditioning_channels");
+        return Err(Error::param(
+            &field,
+            format!("{field} must be between 1 and 6 (or null); got {channels}"),
+        ));
+    }
+    one_of(
+        &path("preprocessor"),
+        &net.preprocessor,
+        IMAGE_PROCESSORS,
+        "preprocessor",
+    )?;
+    unit_interval(&path("control_guidance_start"), net.control_guidance_start)?;
+    unit_interval(&path("control_guidance_end"), net.control_guidance_end)?;
+    if net.control_guidance_start > net.control_guidance_end {
+        let field = path("control_guidance_end");
+        return Err(Error::param(
+            &field,
+            format!(
+                "controlnets[{i}]: control_guidance_start ({}) must be <= control_guidance_end ({})",
+                net.control_guidance_start, net.control_guidance_end
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_controlnets(
+    nets: &[ControlNetConfig],
+    model_id: &str,
+    kind: &ModelKind,
+    settings: &EngineSettings,
+) -> Result<()> {
+    for (i, net) in nets.iter().enumerate() {
+        check_controlnet_fields(i, net, settings)?;
+    }
+    for (i, net) in nets.iter().enumerate() {
+        if nets[..i]
+            .iter()
+            .any(|earlier| earlier.model_id == net.model_id)
+        {
+            return Err(Error::param(
+                format!("controlnets[{i}].model_id"),
+                format!("Duplicate controlnet model_id: {}", net.model_id),
+            ));
+        }
+    }
+    // A local-folder base model has no family yet; the loader checks its nets from config.json.
+    let Some(family) = kind.family() else {
+        return Ok(());
+    };
+    // Local-folder ControlNets have no family yet either; known ids must match the base model.
+    let invalid: Vec<(usize, &str)> = nets
+        .iter()
+        .enumerate()
+        .filter(|(_, net)| catalog::controlnet_family(&net.model_id).is_some_and(|f| f != family))
+        .map(|(i, net)| (i, net.model_id.as_str()))
+        .collect();
+    if let Some(&(first, _)) = invalid.first() {
+        return Err(Error::param(
+            format!("controlnets[{first}].model_id"),
+            format!(
+                "Invalid ControlNets for model {model_id}: {} ({family} models accept {})",
+                python_list(invalid.iter().map(|(_, id)| *id)),
+                python_list(family.controlnets().iter().copied())
+            ),
+        ));
+    }
+    if family == ModelFamily::Sdxl {
+        // Daydream counts a net as enabled only when it also has a positive scale.
+        let enabled = nets
+            .iter()
+            .filter(|net| net.enabled && net.conditioning_scale > 0.0)
+            .count();
+        if enabled > SDXL_MAX_ENABLED_CONTROLNETS {
+            return Err(Error::param(
+                "controlnets",
+                format!(
+                    "SDXL models support a maximum of {SDXL_MAX_ENABLED_CONTROLNETS} enabled \
+                     ControlNets, found {enabled}."
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
