@@ -13,12 +13,12 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 
 use super::unet_blocks::{
-    Activation, AttentionSpec, BlockSettings, DownBlock, LevelShape, MidBlock, SinusoidalTimesteps,
-    TimestepEmbedding, UpBlock, conv2d,
+    Activation, AttentionSpec, BlockSettings, Conv2d, DownBlock, LevelShape, MidBlock,
+    SinusoidalTimesteps, TimestepEmbedding, UpBlock, conv2d,
 };
 use super::{load_weights, read_config, weights_file};
 use crate::{Error, Result};
