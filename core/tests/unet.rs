@@ -99,6 +99,14 @@ fn tiny_sd_turbo_matches_diffusers() {
 
     // ControlNet residuals on the 12 skips and the mid block.
     assert_eq!(unet.down_residual_count(), 12);
+    let golden_channels: Vec<usize> = (0..12)
+        .map(|i| {
+            get(&g, &format!("control_down_residual_{i:02}"))
+                .dim(1)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(unet.down_residual_channels(), golden_channels);
     let control = ControlResiduals {
         down: (0..12)
             .map(|i| get(&g, &format!("control_down_residual_{i:02}")).clone())
@@ -201,6 +209,8 @@ fn check_variant(name: &str) {
     );
     let control = control_from(&g);
     assert_eq!(control.down.len(), unet.down_residual_count());
+    let channels: Vec<usize> = control.down.iter().map(|t| t.dim(1).unwrap()).collect();
+    assert_eq!(unet.down_residual_channels(), channels);
     let out = run(get(&g, "timesteps"), Some(&control));
     check(
         &format!("{name}: additional residuals"),

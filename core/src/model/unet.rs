@@ -813,6 +813,20 @@ impl UNetEncoder {
         }
     }
 
+    /// Channels of every skip connection in order (conv_in's first): the widths of a
+    /// ControlNet's zero convolutions and of its down residuals.
+    pub(crate) fn skip_channels(&self) -> Vec<usize> {
+        let plan = &self.plan;
+        let mut channels = vec![plan.block_out_channels[0]];
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            channels.extend(std::iter::repeat_n(
+                plan.block_out_channels[i],
+                block.skip_count(),
+            ));
+        }
+        channels
+    }
+
     /// Number of skip connections (= ControlNet down residuals): conv_in's plus each block's.
     pub(crate) fn skip_count(&self) -> usize {
         1 + self
@@ -952,6 +966,11 @@ impl UNet2DConditionModel {
     /// How many down residuals a [`ControlResiduals`] must hold (12 for SD 1.x/2.x).
     pub fn down_residual_count(&self) -> usize {
         self.encoder.skip_count()
+    }
+
+    /// The channel count of each down residual, in order (conv_in's skip first).
+    pub fn down_residual_channels(&self) -> Vec<usize> {
+        self.encoder.skip_channels()
     }
 
     /// Predicts the noise (or v) for `sample` `[B, C, h, w]` at `timesteps` `[B]` (one per row,

@@ -12,6 +12,18 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::{Error, Result};
 
+/// Whether the CPU kernels of this file (fused norms, im2col convolution, in-place adds and
+/// softmax) run for tensors on `device`. Other devices use candle's portable ops; setting
+/// `SDSTREAM_PORTABLE_KERNELS=1` makes the CPU use them too, which lets that code path be checked
+/// against the goldens without a GPU.
+pub(crate) fn cpu_kernels(device: &candle_core::Device) -> bool {
+    static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    device.is_cpu()
+        && !*PORTABLE.get_or_init(|| {
+            std::env::var_os("SDSTREAM_PORTABLE_KERNELS").is_some_and(|v| !v.is_empty() && v != "0")
+        })
+}
+
 /// Activation functions that diffusers' `get_activation` can name in a UNet config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Activation {
@@ -120,7 +132,7 @@ impl GroupNorm {
         if x.rank() < 3 {
             candle_core::bail!("GroupNorm expects [B, C, …], got {:?}", x.shape())
         }
-        if x.device().is_cpu() {
+        if cpu_kernels(x.device()) {
             let x = x.contiguous()?;
             return x.apply_op3_no_bwd(
                 &self.weight,
@@ -172,7 +184,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.device().is_cpu() {
+        if cpu_kernels(x.device()) {
             let x = x.contiguous()?;
             return x.apply_op3_no_bwd(&self.weight, &self.bias, &LayerNormOp { eps: self.eps });
         }
@@ -458,7 +470,7 @@ pub(crate) fn add_fresh(
 ) -> candle_core::Result<Tensor> {
     let same_shape = fresh.dims() == other.dims();
     let n = other.elem_count();
-    let in_place = fresh.device().is_cpu()
+    let in_place = cpu_kernels(fresh.device())
         && fresh.is_contiguous()
         && other.is_contiguous()
         && fresh.dtype() == other.dtype()
@@ -577,7 +589,7 @@ pub(crate) fn conv2d(
 ) -> Result<Conv2d> {
     let weight = vb.get((out_ch, in_ch, kernel, kernel), "weight")?;
     let bias = vb.get(out_ch, "bias")?;
-    let (folded, conv) = if vb.device().is_cpu() {
+    let (folded, conv) = if cpu_kernels(vb.device()) {
         let w = weight.reshape((out_ch, in_ch * kernel * kernel))?;
         (
             Some(Tensor::cat(&[&w, &bias.reshape((out_ch, 1))?], 1)?),
@@ -771,6 +783,7 @@ impl SinusoidalTimesteps {
     pub(crate) fn forward(&self, timesteps: &Tensor) -> candle_core::Result<Tensor> {
         let b = timesteps.dim(0)?;
         let args = timesteps
+            .to_device(self.freqs.device())?
             .to_dtype(DType::F32)?
             .reshape((b, 1))?
             .broadcast_mul(&self.freqs)?;
@@ -1098,7 +1111,7 @@ impl Attention {
         // allocator's reusable heap (no page faults per call) and stays cache-friendly; on other
         // devices blocks only bound memory.
         let score_dtype = if self.upcast { DType::F32 } else { q.dtype() };
-        let budget = if q.device().is_cpu() {
+        let budget = if cpu_kernels(q.device()) {
             ATTENTION_BLOCK_BYTES_CPU
         } else {
             ATTENTION_SCORE_BUDGET
@@ -1153,7 +1166,7 @@ impl Attention {
             (q.clone(), k.clone())
         };
         let scores = q.matmul(&k.t()?)?;
-        let probs = if scores.device().is_cpu() && scores.is_contiguous() {
+        let probs = if cpu_kernels(scores.device()) && scores.is_contiguous() {
             // In place on the fresh scores.
             scores.inplace_op1(&ScaledSoftmax { scale: self.scale })?;
             scores
@@ -1191,7 +1204,7 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let hg = self.proj.forward(x)?;
-        let gated = if hg.device().is_cpu() && hg.is_contiguous() {
+        let gated = if cpu_kernels(hg.device()) && hg.is_contiguous() {
             hg.apply_op1_no_bwd(&Geglu)?
         } else {
             let hidden = hg.narrow(D::Minus1, 0, self.inner)?;
