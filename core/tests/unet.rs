@@ -360,6 +360,13 @@ fn wrong_inputs_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("timesteps"), "{err}");
+    // Text embeddings of the wrong width.
+    let narrow = context.narrow(2, 0, 16).unwrap();
+    let err = unet
+        .forward(sample, get(&g, "timesteps"), &narrow, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("encoder_hidden_states"), "{err}");
     // Missing residuals.
     let control = ControlResiduals {
         down: vec![get(&g, "control_down_residual_00").clone()],

@@ -963,6 +963,17 @@ impl UNet2DConditionModel {
         self.encoder.dtype()
     }
 
+    /// Whether any block attends to the text embeddings.
+    fn has_attention(&self) -> bool {
+        self.encoder.plan.down_attention.iter().any(Option::is_some)
+            || self
+                .config
+                .up_block_types
+                .iter()
+                .any(|t| t == CROSS_ATTN_UP)
+            || self.config.mid_block_type.as_deref() == Some(MID_CROSS_ATTN)
+    }
+
     /// How many down residuals a [`ControlResiduals`] must hold (12 for SD 1.x/2.x).
     pub fn down_residual_count(&self) -> usize {
         self.encoder.skip_count()
@@ -1008,6 +1019,15 @@ impl UNet2DConditionModel {
         if context_dims.len() != 3 || context_dims[0] != batch {
             return Err(shape_error(format!(
                 "encoder_hidden_states must be [batch = {batch}, tokens, dim], got {context_dims:?}"
+            )));
+        }
+        if let Some(spec) = self.encoder.plan.attention.first()
+            && self.has_attention()
+            && context_dims[2] != spec.cross_attention_dim
+        {
+            return Err(shape_error(format!(
+                "encoder_hidden_states have width {}, the UNet's cross-attention takes {}",
+                context_dims[2], spec.cross_attention_dim
             )));
         }
         let context = encoder_hidden_states.to_dtype(dtype)?;

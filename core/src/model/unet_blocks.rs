@@ -196,23 +196,39 @@ impl Module for LayerNorm {
 /// Runs `f(row_index, row)` over the rows of `dst`, spread over candle's CPU threads when the
 /// work is big enough to pay for them.
 fn for_each_row<T: Send>(dst: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    let rows = dst.len().checked_div(row_len).unwrap_or(0);
-    let threads = candle_core::utils::get_num_threads().min(rows).max(1);
-    if threads == 1 || dst.len() < 1 << 15 {
+    /// Below this many elements per thread, spawning costs more than it saves.
+    const MIN_PER_THREAD: usize = 1 << 16;
+    if row_len == 0 || dst.is_empty() {
+        return;
+    }
+    let rows = dst.len().div_ceil(row_len);
+    let threads = candle_core::utils::get_num_threads()
+        .min(rows)
+        .min(dst.len() / MIN_PER_THREAD)
+        .max(1);
+    if threads == 1 {
         for (i, row) in dst.chunks_mut(row_len).enumerate() {
             f(i, row);
         }
         return;
     }
     let per_thread = rows.div_ceil(threads);
+    let f = &f;
     std::thread::scope(|scope| {
-        for (t, chunk) in dst.chunks_mut(per_thread * row_len).enumerate() {
-            let f = &f;
+        let mut chunks = dst.chunks_mut(per_thread * row_len).enumerate();
+        // The calling thread takes the first chunk itself.
+        let first = chunks.next();
+        for (t, chunk) in chunks {
             scope.spawn(move || {
                 for (j, row) in chunk.chunks_mut(row_len).enumerate() {
                     f(t * per_thread + j, row);
                 }
             });
+        }
+        if let Some((_, chunk)) = first {
+            for (j, row) in chunk.chunks_mut(row_len).enumerate() {
+                f(j, row);
+            }
         }
     });
 }
