@@ -7,8 +7,13 @@
 //! exactly where diffusers adds `down_block_additional_residuals` /
 //! `mid_block_additional_residual`.
 //!
-//! The time embedding, `conv_in`, the down blocks and the mid block form a [`UNetEncoder`],
+//! The time embedding, `conv_in`, the down blocks and the mid block form a `UNetEncoder`,
 //! which a ControlNet (the same encoder with zero convolutions on its outputs) reuses.
+//!
+//! On the CPU the blocks use fused kernels (im2col + GEMM convolutions, f64-accumulated norms,
+//! in-place softmax and adds); other devices use candle's portable ops, which
+//! `SDSTREAM_PORTABLE_KERNELS=1` also selects on the CPU (tests/unet_portable.rs checks that path).
+//! bf16 needs a GPU: candle's CPU matmul has no bf16 kernel.
 
 use std::path::Path;
 
