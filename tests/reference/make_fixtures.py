@@ -250,6 +250,7 @@ def make_text_encoder_config():
 
 # Deterministic weight rescaling applied after the default random init (see make_vae, make_taesd).
 VAE_MEAN_SCALE = 20.0
+UNET_NORM_JITTER = 0.2
 TAESD_INIT_GAIN = 0.8
 TAESD_ENCODER_SCALE = 1.3
 TAESD_DECODER_SCALE = 0.035
@@ -260,7 +261,7 @@ def make_unet():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(1)
-    return UNet2DConditionModel(
+    unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -286,6 +287,18 @@ def make_unet():
         dual_cross_attention=False,
         only_cross_attention=False,
     )
+    # Default init leaves every norm at weight 1, bias 0. Then an all-zero input (the stream's
+    # zero latent buffer on its first frames) stays spatially constant through the network, each
+    # one-channel GroupNorm sees zero variance and normalises float rounding noise instead of a
+    # signal: the output becomes chaotic (a 1e-9 perturbation moved ε by ~0.9). Trained checkpoints
+    # have non-trivial norm affines; give the fixture some, so its outputs are well-conditioned.
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
+                module.weight.copy_(1.0 + UNET_NORM_JITTER * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(UNET_NORM_JITTER * torch.randn(module.bias.shape, generator=generator))
+    return unet
 
 
 def make_vae():
