@@ -15,6 +15,6 @@ pub mod params;
 pub mod pipeline;
 
 pub use error::{Error, Result};
+pub use frame::{Frame, Image, PixelFormat};
 pub use params::{EngineSettings, StreamDiffusionParams, Update, classify};
 pub use pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
-pub use frame::{Frame, Image, PixelFormat};

@@ -108,7 +108,9 @@ fn check_case(name: &str) {
             .collect();
         let mut draws = draws.into_iter();
         stream.set_renoise_source(Some(Box::new(move |shape| {
-            let t = draws.next().expect("more re-noise draws than the reference made");
+            let t = draws
+                .next()
+                .expect("more re-noise draws than the reference made");
             assert_eq!(t.dims(), shape);
             Ok(t)
         })));
@@ -123,20 +125,23 @@ fn check_case(name: &str) {
     let n_frames = gold["output"].dim(0).unwrap();
     let updates = case["updates"].as_array().cloned().unwrap_or_default();
     let mut worst = (0f32, 0f32);
-    for i in 0..n_frames {
+    for (i, frame_path) in frames.iter().enumerate().take(n_frames) {
         for update in updates.iter().filter(|u| u["before_frame"] == i) {
             let mut body: Value = serde_json::from_str(&stream.params().to_json()).unwrap();
             body["prompt"] = update["prompt"].clone();
             let new = StreamDiffusionParams::from_json_with(&body.to_string(), &settings_for(case))
                 .unwrap();
             let applied = stream.update(new).unwrap();
-            assert!(applied.is_hot(), "{name}: a prompt change must be hot, got {applied:?}");
+            assert!(
+                applied.is_hot(),
+                "{name}: a prompt change must be hot, got {applied:?}"
+            );
         }
         let out = if case["mode"] == "txt2img" {
             let latent = gold["x_t_latent"].i(i).unwrap();
             stream.txt2img_from(&latent).unwrap()
         } else {
-            let (data, w, h) = read_frame(frames[i]);
+            let (data, w, h) = read_frame(frame_path);
             let frame = Frame::packed(&data, w, h, PixelFormat::Rgb8).unwrap();
             let x = frame.to_tensor(w, h, &Device::Cpu).unwrap();
             stream.process_tensor(&x).unwrap()
@@ -146,7 +151,10 @@ fn check_case(name: &str) {
         println!("{name} frame {i}: max {max:.2e} mean {mean:.2e}");
         worst = (worst.0.max(max), worst.1.max(mean));
     }
-    println!("{name}: worst frame max abs {:.2e}, mean abs {:.2e}", worst.0, worst.1);
+    println!(
+        "{name}: worst frame max abs {:.2e}, mean abs {:.2e}",
+        worst.0, worst.1
+    );
     assert!(
         worst.0 <= MAX_ABS && worst.1 <= MEAN_ABS,
         "{name}: max abs {:.3e} (≤ {MAX_ABS:e}), mean abs {:.3e} (≤ {MEAN_ABS:e})",

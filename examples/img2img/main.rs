@@ -112,8 +112,14 @@ fn ms(d: Duration) -> f64 {
 
 fn run() -> Result<(), String> {
     let args = parse_args()?;
-    let input = args.input.clone().ok_or_else(|| format!("--input is required\n{USAGE}"))?;
-    let output = args.output.clone().ok_or_else(|| format!("--output is required\n{USAGE}"))?;
+    let input = args
+        .input
+        .clone()
+        .ok_or_else(|| format!("--input is required\n{USAGE}"))?;
+    let output = args
+        .output
+        .clone()
+        .ok_or_else(|| format!("--output is required\n{USAGE}"))?;
     let (params, settings) = configure(&args)?;
     let frames = png_frames(&input)?;
     std::fs::create_dir_all(&output)
@@ -143,12 +149,16 @@ fn run() -> Result<(), String> {
         let (w, h) = img.dimensions();
         let frame = Frame::packed(img.as_raw(), w as usize, h as usize, PixelFormat::Rgb8)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        let out = stream.process(&frame).map_err(|e| format!("{}: {e}", path.display()))?;
+        let out = stream
+            .process(&frame)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let t = stream.timings();
         totals.push(t.total);
         println!(
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
             ms(t.encode),
             ms(t.unet),
             ms(t.decode),
@@ -161,7 +171,11 @@ fn run() -> Result<(), String> {
             .map_err(|e| format!("cannot write {}: {e}", output.join(name).display()))?;
     }
     // The first frame pays for lazy allocations; report steady state from the second on.
-    let steady = if totals.len() > 1 { &totals[1..] } else { &totals[..] };
+    let steady = if totals.len() > 1 {
+        &totals[1..]
+    } else {
+        &totals[..]
+    };
     let mean = steady.iter().sum::<Duration>() / steady.len() as u32;
     println!(
         "steady state: {:.1} ms/frame, {:.2} fps over {} frames; wrote {}",

@@ -21,9 +21,9 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub enum Autoencoder {
     /// The checkpoint's own AutoencoderKL; its posterior is sampled with the stream's generator.
-    Kl(AutoencoderKl),
+    Kl(Box<AutoencoderKl>),
     /// TAESD: deterministic, an order of magnitude cheaper.
-    Tiny(AutoencoderTiny),
+    Tiny(Box<AutoencoderTiny>),
 }
 
 impl Autoencoder {
@@ -108,7 +108,11 @@ fn checkpoint_files(full_vae: bool, fp16: bool) -> Vec<String> {
     .map(String::from)
     .to_vec();
     files.push(hub::weights_pattern("text_encoder", "model", fp16));
-    files.push(hub::weights_pattern("unet", "diffusion_pytorch_model", fp16));
+    files.push(hub::weights_pattern(
+        "unet",
+        "diffusion_pytorch_model",
+        fp16,
+    ));
     if full_vae {
         files.push("vae/config.json".into());
         files.push(hub::weights_pattern("vae", "diffusion_pytorch_model", fp16));
@@ -182,7 +186,11 @@ impl StableDiffusionModels {
         }
         let autoencoder = if settings.vae == VaeChoice::Full {
             timed(progress, "vae", dir, || {
-                Ok(Autoencoder::Kl(AutoencoderKl::load(&dir.join("vae"), dtype, &device)?))
+                Ok(Autoencoder::Kl(Box::new(AutoencoderKl::load(
+                    &dir.join("vae"),
+                    dtype,
+                    &device,
+                )?)))
             })?
         } else {
             let taesd_dir = match taesd_dir {
@@ -190,7 +198,9 @@ impl StableDiffusionModels {
                 None => resolve(family.taesd_id(), opts, &taesd_files(fp16))?,
             };
             timed(progress, "taesd", &taesd_dir, || {
-                Ok(Autoencoder::Tiny(AutoencoderTiny::load(&taesd_dir, dtype, &device)?))
+                Ok(Autoencoder::Tiny(Box::new(AutoencoderTiny::load(
+                    &taesd_dir, dtype, &device,
+                )?)))
             })?
         };
         let scheduler = LcmScheduler::from_file(&dir.join("scheduler/scheduler_config.json"))?;
@@ -215,7 +225,6 @@ impl StableDiffusionModels {
     }
 }
 
-
 /// The family of a checkpoint from its UNet config: SDXL adds `text_time` conditioning, SD2.x
 /// introduced linear projections in its transformers, everything else is SD1.x. Structure, not
 /// widths, so that scaled-down test checkpoints classify like the models they imitate.
@@ -239,6 +248,9 @@ fn timed<T>(
     let start = Instant::now();
     progress(&format!("loading {what} from {}", dir.display()));
     let value = step()?;
-    progress(&format!("loaded {what} in {:.2} s", start.elapsed().as_secs_f64()));
+    progress(&format!(
+        "loaded {what} in {:.2} s",
+        start.elapsed().as_secs_f64()
+    ));
     Ok(value)
 }

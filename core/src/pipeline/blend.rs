@@ -22,7 +22,9 @@ pub fn normalized_weights(weights: &[f64], normalize: bool, field: &str) -> Resu
     if sum == 0.0 || !sum.is_finite() {
         return Err(Error::param(
             field,
-            format!("weights sum to {sum}; they must sum to a finite non-zero value to be normalized"),
+            format!(
+                "weights sum to {sum}; they must sum to a finite non-zero value to be normalized"
+            ),
         ));
     }
     Ok(weights.iter().map(|w| w / sum).collect())
@@ -120,7 +122,10 @@ mod tests {
     fn slerp_of_orthogonal_unit_vectors_stays_on_the_circle() {
         let out = vec(&slerp(&t(&[1.0, 0.0]), &t(&[0.0, 1.0]), 0.5).unwrap());
         let h = std::f32::consts::FRAC_1_SQRT_2;
-        assert!((out[0] - h).abs() < 1e-6 && (out[1] - h).abs() < 1e-6, "{out:?}");
+        assert!(
+            (out[0] - h).abs() < 1e-6 && (out[1] - h).abs() < 1e-6,
+            "{out:?}"
+        );
         let third = vec(&slerp(&t(&[1.0, 0.0]), &t(&[0.0, 1.0]), 1.0 / 3.0).unwrap());
         let angle = std::f32::consts::FRAC_PI_6;
         assert!((third[0] - angle.cos()).abs() < 1e-6, "{third:?}");
@@ -135,7 +140,10 @@ mod tests {
         assert_eq!(vec(&slerp(&a, &b, 1.0).unwrap()), vec![2.0, 4.0]);
         // Parallel: θ = 0, so lerp.
         let mid = vec(&slerp(&a, &b, 0.25).unwrap());
-        assert!((mid[0] - 1.25).abs() < 1e-6 && (mid[1] - 2.5).abs() < 1e-6, "{mid:?}");
+        assert!(
+            (mid[0] - 1.25).abs() < 1e-6 && (mid[1] - 2.5).abs() < 1e-6,
+            "{mid:?}"
+        );
     }
 
     #[test]
@@ -151,7 +159,10 @@ mod tests {
     fn zero_weights_cannot_be_normalized() {
         let err = normalized_weights(&[0.0, 0.0], true, "seed").unwrap_err();
         assert!(err.to_string().contains("seed"), "{err}");
-        assert_eq!(normalized_weights(&[0.0, 2.0], false, "seed").unwrap(), [0.0, 2.0]);
+        assert_eq!(
+            normalized_weights(&[0.0, 2.0], false, "seed").unwrap(),
+            [0.0, 2.0]
+        );
     }
 
     #[test]

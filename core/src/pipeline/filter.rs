@@ -107,8 +107,14 @@ mod tests {
     #[test]
     fn different_frames_are_processed() {
         let mut f = SimilarImageFilter::new(0.98, 10);
-        assert_eq!(f.decide(&t(&[1.0, 0.0]), 0.5).unwrap(), FilterDecision::Process);
-        assert_eq!(f.decide(&t(&[0.0, 1.0]), 0.5).unwrap(), FilterDecision::Process);
+        assert_eq!(
+            f.decide(&t(&[1.0, 0.0]), 0.5).unwrap(),
+            FilterDecision::Process
+        );
+        assert_eq!(
+            f.decide(&t(&[0.0, 1.0]), 0.5).unwrap(),
+            FilterDecision::Process
+        );
         let cos = cosine_similarity(&t(&[1.0, 1.0]), &t(&[2.0, 2.0])).unwrap();
         assert!((cos - 1.0).abs() < 1e-6);
     }

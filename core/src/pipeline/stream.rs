@@ -154,7 +154,11 @@ impl StreamState {
         let stock_noise = init_noise.zeros_like()?;
         // Only the batch path reads the buffer (the reference allocates it in both).
         let buffer = if n > 1 && use_denoising_batch {
-            Some(Tensor::zeros((n - 1, c, h, w), init_noise.dtype(), init_noise.device())?)
+            Some(Tensor::zeros(
+                (n - 1, c, h, w),
+                init_noise.dtype(),
+                init_noise.device(),
+            )?)
         } else {
             None
         };

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 
 use crate::frame::{Frame, Image};
 use crate::model::bundle::StableDiffusionModels;
-use crate::params::{EngineSettings, Prompt, StreamDiffusionParams, Update, classify};
+use crate::params::{EngineSettings, ModelFamily, Prompt, StreamDiffusionParams, Update, classify};
 use crate::pipeline::blend::{blend, blend_noise, normalized_weights};
 use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
 use crate::pipeline::rng::TorchGenerator;
@@ -91,6 +91,7 @@ impl StreamDiffusion {
     ) -> Result<Self> {
         settings.validate()?;
         params.validate(&settings)?;
+        check_supported(&params, &models)?;
         if settings.frame_buffer_size != 1 {
             return Err(Error::param(
                 "frame_buffer_size",
@@ -105,7 +106,9 @@ impl StreamDiffusion {
         if width % scale != 0 || height % scale != 0 {
             return Err(Error::param(
                 "width",
-                format!("{width}×{height} is not a multiple of the autoencoder's scale factor {scale}"),
+                format!(
+                    "{width}×{height} is not a multiple of the autoencoder's scale factor {scale}"
+                ),
             ));
         }
         let mut prompt_cache = PromptCache::default();
@@ -189,10 +192,10 @@ impl StreamDiffusion {
         }
         if let Some((filter, rng)) = &mut self.filter {
             let u = f64::from(rng.rand(1)[0]);
-            if filter.decide(x, u)? == FilterDecision::Skip {
-                if let Some(previous) = &self.previous_output {
-                    return Ok(previous.clone());
-                }
+            if filter.decide(x, u)? == FilterDecision::Skip
+                && let Some(previous) = &self.previous_output
+            {
+                return Ok(previous.clone());
             }
         }
         let x = x.to_dtype(self.models.dtype)?;
@@ -268,6 +271,7 @@ impl StreamDiffusion {
     /// On any error the stream keeps its previous state.
     pub fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
         params.validate(&self.settings)?;
+        check_supported(&params, &self.models)?;
         let update = classify(&self.params, &params);
         match &update {
             Update::Unchanged => {}
@@ -316,7 +320,10 @@ impl StreamDiffusion {
             None
         };
         let uncond = if old.negative_prompt != new.negative_prompt {
-            Some(self.prompt_cache.embed(&self.models, &new.negative_prompt)?)
+            Some(
+                self.prompt_cache
+                    .embed(&self.models, &new.negative_prompt)?,
+            )
         } else {
             None
         };
@@ -366,6 +373,54 @@ impl StreamDiffusion {
     }
 }
 
+/// Rejects parameters that ask for features this version does not implement, rather than
+/// silently streaming without them. `use_safety_checker` is accepted: no checker runs yet, which
+/// the README states.
+fn check_supported(params: &StreamDiffusionParams, models: &StableDiffusionModels) -> Result<()> {
+    let not_yet = |field: &str, what: &str| {
+        Err(Error::param(
+            field,
+            format!("{what} is not supported yet by sdstream"),
+        ))
+    };
+    if let Some(i) = params
+        .controlnets
+        .iter()
+        .position(|c| c.enabled && c.conditioning_scale != 0.0)
+    {
+        return not_yet(&format!("controlnets[{i}]"), "ControlNet");
+    }
+    if params.ip_adapter.enabled {
+        return not_yet("ip_adapter", "IP-Adapter");
+    }
+    if params.lora_dict.as_ref().is_some_and(|l| !l.is_empty()) {
+        return not_yet("lora_dict", "LoRA");
+    }
+    if params.use_lcm_lora && models.family == ModelFamily::Sd15 {
+        return not_yet(
+            "use_lcm_lora",
+            "LCM-LoRA (needed by SD1.5 models, not by turbo ones)",
+        );
+    }
+    for (field, block) in [
+        ("image_preprocessing", &params.image_preprocessing),
+        ("image_postprocessing", &params.image_postprocessing),
+        ("latent_preprocessing", &params.latent_preprocessing),
+        ("latent_postprocessing", &params.latent_postprocessing),
+    ] {
+        if block
+            .as_ref()
+            .is_some_and(|b| b.enabled && b.processors.iter().any(|p| p.enabled))
+        {
+            return not_yet(field, "Image and latent processors");
+        }
+    }
+    if params.skip_diffusion {
+        return not_yet("skip_diffusion", "skip_diffusion (processors only)");
+    }
+    Ok(())
+}
+
 /// Seed of the similar-image filter's coin flips (the reference uses Python's unseeded `random`).
 const FILTER_SEED: u64 = 0x5d5f_11e7;
 
@@ -375,7 +430,10 @@ fn seed_bits(seed: i64) -> u64 {
 }
 
 /// Latent shape (C, h, w) for the stream's size.
-fn latent_shape(models: &StableDiffusionModels, params: &StreamDiffusionParams) -> (usize, usize, usize) {
+fn latent_shape(
+    models: &StableDiffusionModels,
+    params: &StreamDiffusionParams,
+) -> (usize, usize, usize) {
     let scale = models.autoencoder.spatial_scale_factor();
     (
         models.autoencoder.latent_channels(),
@@ -385,7 +443,10 @@ fn latent_shape(models: &StableDiffusionModels, params: &StreamDiffusionParams) 
 }
 
 /// Coefficients of the t_index_list on the grid of num_inference_steps.
-fn step_tensors(models: &StableDiffusionModels, params: &StreamDiffusionParams) -> Result<StepTensors> {
+fn step_tensors(
+    models: &StableDiffusionModels,
+    params: &StreamDiffusionParams,
+) -> Result<StepTensors> {
     let t_index: Vec<usize> = params.t_index_list.iter().map(|&t| t as usize).collect();
     let c = models
         .scheduler
@@ -409,7 +470,11 @@ fn build_state(
     params: &StreamDiffusionParams,
 ) -> Result<(StreamState, TorchGenerator)> {
     let steps = step_tensors(models, params)?;
-    let rows = if params.use_denoising_batch { steps.len() } else { 1 };
+    let rows = if params.use_denoising_batch {
+        steps.len()
+    } else {
+        1
+    };
     let (c, h, w) = latent_shape(models, params);
     let (noise, generator) = seed_noise(models, params, &[rows, c, h, w])?;
     let state = StreamState::new(
@@ -434,7 +499,10 @@ fn seed_noise(
     let mut first = None;
     for (seed, _) in &seeds {
         let mut g = TorchGenerator::new(seed_bits(*seed));
-        noises.push(g.randn_tensor(shape, &models.device)?.to_dtype(models.dtype)?);
+        noises.push(
+            g.randn_tensor(shape, &models.device)?
+                .to_dtype(models.dtype)?,
+        );
         first.get_or_insert(g);
     }
     let generator = first.ok_or_else(|| Error::param("seed", "no seed given"))?;

@@ -21,7 +21,11 @@ pub fn golden(rel: &str) -> HashMap<String, Tensor> {
     tensors
         .into_iter()
         .map(|(k, v)| {
-            let v = if v.dtype() == DType::F32 { v } else { v.to_dtype(DType::F32).unwrap() };
+            let v = if v.dtype() == DType::F32 {
+                v
+            } else {
+                v.to_dtype(DType::F32).unwrap()
+            };
             (k, v)
         })
         .collect()

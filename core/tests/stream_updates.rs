@@ -1,0 +1,361 @@
+//! Parameter updates on a running stream: every hot field takes effect on the next frame without
+//! touching the loaded networks; reloads rebuild the stream; invalid or unsupported updates leave
+//! it exactly as it was.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{Device, Tensor};
+use common::{abs_err, fixture};
+use sdstream::model::bundle::StableDiffusionModels;
+use sdstream::pipeline::rng::TorchGenerator;
+use sdstream::{
+    EngineSettings, Error, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams, Update,
+};
+use serde_json::{Value, json};
+
+fn settings() -> EngineSettings {
+    EngineSettings::from_json(
+        &json!({
+            "vae": fixture("tiny-taesd").display().to_string(),
+            "allow_any_resolution": true,
+        })
+        .to_string(),
+    )
+    .unwrap()
+}
+
+fn models() -> Arc<StableDiffusionModels> {
+    static MODELS: OnceLock<Arc<StableDiffusionModels>> = OnceLock::new();
+    MODELS
+        .get_or_init(|| {
+            let id = fixture("tiny-sd-turbo").display().to_string();
+            Arc::new(StableDiffusionModels::load(&id, &settings(), &mut |_| {}).unwrap())
+        })
+        .clone()
+}
+
+fn base_body() -> Value {
+    json!({
+        "model_id": fixture("tiny-sd-turbo").display().to_string(),
+        "prompt": "a photo of a cat",
+        "negative_prompt": "blurry",
+        "seed": 2,
+        "t_index_list": [12, 20, 32],
+        "guidance_scale": 1.2,
+        "delta": 0.8,
+        "width": 64,
+        "height": 64,
+    })
+}
+
+fn params(body: &Value) -> StreamDiffusionParams {
+    StreamDiffusionParams::from_json_with(&body.to_string(), &settings()).unwrap()
+}
+
+fn with(mut body: Value, key: &str, value: Value) -> Value {
+    body[key] = value;
+    body
+}
+
+fn stream(body: &Value) -> StreamDiffusion {
+    stream_with(body, settings())
+}
+
+fn stream_with(body: &Value, settings: EngineSettings) -> StreamDiffusion {
+    StreamDiffusion::with_models(models(), params(body), settings).unwrap()
+}
+
+fn frame_tensor(i: usize) -> Tensor {
+    let img = image::open(fixture(&format!("frames/{i:03}.png")))
+        .unwrap()
+        .to_rgb8();
+    let frame = Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
+    frame.to_tensor(64, 64, &Device::Cpu).unwrap()
+}
+
+/// Runs frames 0..3 on a stream and on its twin, applies `change` to the twin, runs frame 3 on
+/// both, and returns the update and the two outputs of frame 3.
+fn apply_mid_stream(body: &Value, changed: &Value) -> (Update, Tensor, Tensor, StreamDiffusion) {
+    apply_mid_stream_with(body, changed, settings())
+}
+
+fn apply_mid_stream_with(
+    body: &Value,
+    changed: &Value,
+    settings: EngineSettings,
+) -> (Update, Tensor, Tensor, StreamDiffusion) {
+    let mut control = stream_with(body, settings.clone());
+    let mut updated = stream_with(body, settings);
+    for i in 0..3 {
+        control.process_tensor(&frame_tensor(i)).unwrap();
+        updated.process_tensor(&frame_tensor(i)).unwrap();
+    }
+    let update = updated.update(params(changed)).unwrap();
+    let a = control.process_tensor(&frame_tensor(3)).unwrap();
+    let b = updated.process_tensor(&frame_tensor(3)).unwrap();
+    (update, a, b, updated)
+}
+
+#[test]
+fn every_hot_field_changes_the_next_frame_without_reloading() {
+    let base = base_body();
+    let cases: Vec<(&str, Value)> = vec![
+        (
+            "prompt",
+            with(
+                base.clone(),
+                "prompt",
+                json!("a watercolor painting of mountains"),
+            ),
+        ),
+        (
+            "prompt blend",
+            with(
+                base.clone(),
+                "prompt",
+                json!([["a photo of a cat", 0.5], ["a red car", 0.5]]),
+            ),
+        ),
+        (
+            "guidance_scale",
+            with(base.clone(), "guidance_scale", json!(1.8)),
+        ),
+        ("delta", with(base.clone(), "delta", json!(0.3))),
+        (
+            "t_index_list",
+            with(base.clone(), "t_index_list", json!([10, 24, 40])),
+        ),
+        (
+            "t_index_list length",
+            with(base.clone(), "t_index_list", json!([16, 32])),
+        ),
+        (
+            "num_inference_steps",
+            with(
+                with(base.clone(), "num_inference_steps", json!(40)),
+                "t_index_list",
+                json!([12, 20, 32]),
+            ),
+        ),
+        ("seed", with(base.clone(), "seed", json!(12345))),
+        (
+            "seed blend",
+            with(base.clone(), "seed", json!([[2, 0.5], [12345, 0.5]])),
+        ),
+    ];
+    for (name, changed) in cases {
+        let (update, control, updated, stream) = apply_mid_stream(&base, &changed);
+        assert!(
+            matches!(update, Update::Hot { .. }),
+            "{name}: expected a hot update, got {update:?}"
+        );
+        assert!(
+            Arc::ptr_eq(stream.models(), &models()),
+            "{name}: the networks were reloaded"
+        );
+        let (max, mean) = abs_err(&control, &updated);
+        println!("{name}: next frame differs by max {max:.3e}, mean {mean:.3e}");
+        // Twin streams are bit-identical without the update; the tiny random text encoder moves
+        // the picture little, so the bar is 10× the parity error rather than a visual change.
+        assert!(
+            max > 1e-4,
+            "{name}: the next frame did not change (max abs {max:.2e})"
+        );
+    }
+}
+
+#[test]
+fn the_negative_prompt_acts_only_where_guidance_runs_an_unconditional_pass() {
+    let base = base_body();
+    let changed = with(
+        base.clone(),
+        "negative_prompt",
+        json!("cartoon, oversaturated"),
+    );
+    // RCFG self takes the unconditional estimate from the stock noise: no effect, by design.
+    let (update, control, updated, _) = apply_mid_stream(&base, &changed);
+    assert!(matches!(update, Update::Hot { .. }), "{update:?}");
+    assert_eq!(abs_err(&control, &updated).0, 0.0);
+    // Full runs an unconditional pass on every row: the next frame changes.
+    let mut full = settings();
+    full.cfg_type = "full".parse().unwrap();
+    let (update, control, updated, _) = apply_mid_stream_with(&base, &changed, full);
+    assert!(matches!(update, Update::Hot { .. }), "{update:?}");
+    let (max, _) = abs_err(&control, &updated);
+    println!("negative_prompt under cfg full: next frame differs by max {max:.3e}");
+    assert!(
+        max > 1e-4,
+        "cfg full: the negative prompt had no effect ({max:.2e})"
+    );
+    // Initialize runs it on row 0 only; its estimate reaches the output row through the stock
+    // noise, one step per frame: no change on the next frame, a change n − 1 = 2 frames later.
+    let mut init = settings();
+    init.cfg_type = "initialize".parse().unwrap();
+    let mut control = stream_with(&base, init.clone());
+    let mut updated = stream_with(&base, init);
+    for i in 0..3 {
+        control.process_tensor(&frame_tensor(i)).unwrap();
+        updated.process_tensor(&frame_tensor(i)).unwrap();
+    }
+    updated.update(params(&changed)).unwrap();
+    let mut diffs = Vec::new();
+    for i in 3..6 {
+        let a = control.process_tensor(&frame_tensor(i)).unwrap();
+        let b = updated.process_tensor(&frame_tensor(i)).unwrap();
+        diffs.push(abs_err(&a, &b).0);
+    }
+    println!("negative_prompt under cfg initialize: frames 3..6 differ by {diffs:?}");
+    assert_eq!(
+        diffs[0], 0.0,
+        "row 0's estimate cannot reach the output row in one frame"
+    );
+    assert!(
+        diffs[2] > 1e-4,
+        "cfg initialize: no effect after n − 1 frames ({diffs:?})"
+    );
+}
+
+#[test]
+fn a_new_seed_gives_torch_noise_for_that_seed_and_zero_stock() {
+    let base = base_body();
+    let (_, _, _, stream) = apply_mid_stream(&base, &with(base.clone(), "seed", json!(777)));
+    // After the frame that followed the update the stock noise has moved on, but init_noise is
+    // exactly torch.randn([3, 4, 8, 8], generator=manual_seed(777)).
+    let want = TorchGenerator::new(777)
+        .randn_tensor(&[3, 4, 8, 8], &Device::Cpu)
+        .unwrap();
+    assert_eq!(abs_err(stream.state().init_noise(), &want).0, 0.0);
+}
+
+#[test]
+fn a_seed_blend_is_the_rescaled_mix_of_torch_noises() {
+    let base = base_body();
+    let changed = with(base.clone(), "seed", json!([[2, 0.25], [12345, 0.75]]));
+    let (_, _, _, stream) = apply_mid_stream(&base, &changed);
+    let draw = |seed| {
+        TorchGenerator::new(seed)
+            .randn_tensor(&[3, 4, 8, 8], &Device::Cpu)
+            .unwrap()
+    };
+    let (a, b) = (draw(2), draw(12345));
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    // Linear blend with normalised weights, rescaled to the mean norm of the two draws.
+    let mixed = ((&a * 0.25).unwrap() + (&b * 0.75).unwrap()).unwrap();
+    let target = (norm(&a) + norm(&b)) / 2.0;
+    let want = (&mixed * f64::from(target / norm(&mixed))).unwrap();
+    let (max, _) = abs_err(stream.state().init_noise(), &want);
+    assert!(max < 1e-5, "blend differs by {max:.2e}");
+}
+
+#[test]
+fn a_new_t_index_length_restarts_the_batch_like_a_fresh_stream() {
+    let base = base_body();
+    let changed = with(base.clone(), "t_index_list", json!([16, 32]));
+    let (_, _, updated, stream) = apply_mid_stream(&base, &changed);
+    assert_eq!(stream.state().steps().len(), 2);
+    // Zeroed buffers, redrawn noise: frame 3 comes out as the first frame of a new stream would
+    // (TAESD is deterministic, so nothing else carries history).
+    let mut fresh = self::stream(&changed);
+    let first = fresh.process_tensor(&frame_tensor(3)).unwrap();
+    let (max, _) = abs_err(&first, &updated);
+    assert!(max < 1e-6, "differs from a fresh stream by {max:.2e}");
+}
+
+#[test]
+fn a_reload_field_rebuilds_the_stream_and_keeps_the_networks() {
+    let base = base_body();
+    let mut s = stream(&base);
+    s.process_tensor(&frame_tensor(0)).unwrap();
+    let update = s
+        .update(params(&with(base.clone(), "width", json!(96))))
+        .unwrap();
+    match &update {
+        Update::Reload { fields } => assert_eq!(fields, &vec!["width"]),
+        other => panic!("expected a reload, got {other:?}"),
+    }
+    assert!(
+        Arc::ptr_eq(s.models(), &models()),
+        "same model_id must reuse the networks"
+    );
+    assert_eq!(s.output_size(), (96, 64));
+    let out = s
+        .process_tensor(
+            &Tensor::zeros((1, 3, 64, 96), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    assert_eq!(out.dims(), [1, 3, 64, 96]);
+}
+
+#[test]
+fn rejected_updates_leave_the_stream_untouched() {
+    let base = base_body();
+    let mut control = stream(&base);
+    let mut s = stream(&base);
+    for i in 0..2 {
+        control.process_tensor(&frame_tensor(i)).unwrap();
+        s.process_tensor(&frame_tensor(i)).unwrap();
+    }
+    // Invalid (t_index_list out of range for the step count): a validation error naming the field.
+    let mut bad = params(&base);
+    bad.t_index_list = vec![12, 20, 60];
+    let err = s.update(bad).unwrap_err();
+    assert!(err.to_string().contains("t_index_list"), "{err}");
+    // Unsupported (an enabled ControlNet): a clear error, not a silent no-op.
+    let cn = with(
+        base.clone(),
+        "controlnets",
+        json!([{"model_id": "thibaud/controlnet-sd21-canny-diffusers", "conditioning_scale": 0.5}]),
+    );
+    let err = s.update(params(&cn)).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidParam { field, .. } if field == "controlnets[0]"),
+        "{err}"
+    );
+    // A checkpoint folder without its networks: the reload fails naming what is missing, and the
+    // old stream keeps serving.
+    let broken = std::env::temp_dir().join(format!("sdstream-broken-{}", std::process::id()));
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("model_index.json"), "{}").unwrap();
+    let mut missing = params(&base);
+    missing.model_id = broken.display().to_string();
+    let err = s.update(missing).unwrap_err();
+    std::fs::remove_dir_all(&broken).ok();
+    assert!(err.to_string().contains("unet"), "{err}");
+    assert_eq!(s.params(), &params(&base));
+    let a = control.process_tensor(&frame_tensor(2)).unwrap();
+    let b = s.process_tensor(&frame_tensor(2)).unwrap();
+    assert_eq!(
+        abs_err(&a, &b).0,
+        0.0,
+        "a rejected update changed the stream's state"
+    );
+}
+
+#[test]
+fn wrong_input_sizes_are_errors_that_name_the_shape() {
+    let mut s = stream(&base_body());
+    let err = s
+        .process_tensor(
+            &Tensor::zeros((1, 3, 32, 64), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("[1, 3, 64, 64]"), "{err}");
+    // A frame of any size is resized to the stream's.
+    let data = vec![128u8; 100 * 50 * 4];
+    let frame = Frame::packed(&data, 100, 50, PixelFormat::Rgba8).unwrap();
+    let out = s.process(&frame).unwrap();
+    assert_eq!(
+        (out.width, out.height, out.format),
+        (64, 64, PixelFormat::Rgba8)
+    );
+}
