@@ -272,12 +272,7 @@ impl StreamDiffusion {
         match &update {
             Update::Unchanged => {}
             Update::Hot { .. } => self.apply_hot(params)?,
-            Update::ControlNetSwap { .. } => {
-                return Err(Error::State(
-                    "ControlNets are not supported yet; this update adds, removes or replaces one"
-                        .into(),
-                ));
-            }
+            Update::ControlNetSwap { .. } => return Err(controlnet_swap_unsupported()),
             Update::Reload { .. } => {
                 let models = if params.model_id == self.params.model_id {
                     self.models.clone()
@@ -364,6 +359,14 @@ impl StreamDiffusion {
     pub fn set_init_noise(&mut self, noise: Tensor) -> Result<()> {
         self.state.set_init_noise(noise)
     }
+}
+
+/// The error for an update that adds, removes or replaces a ControlNet, until ControlNets are
+/// supported (shared with the engine, which rejects such updates the same way).
+pub(crate) fn controlnet_swap_unsupported() -> Error {
+    Error::State(
+        "ControlNets are not supported yet; this update adds, removes or replaces one".into(),
+    )
 }
 
 /// Seed of the similar-image filter's coin flips (the reference uses Python's unseeded `random`).
