@@ -1,1 +1,419 @@
-//! (in progress)
+//! CLIP text encoder, as transformers' `CLIPTextModel`.
+//!
+//! Token and position embeddings, a stack of pre-LayerNorm transformer layers under a causal
+//! mask, and a final LayerNorm. Stable Diffusion conditions its UNet on the last hidden state
+//! (after the final LayerNorm); SDXL-style pipelines use the penultimate layer's output instead,
+//! which [`ClipTextModel::forward_with_penultimate`] also returns.
+//!
+//! Every size comes from the checkpoint's `config.json` (SD1.5's CLIP-L and SD2.1's OpenCLIP-H
+//! differ only there). Weights are read under the names transformers saves: with the
+//! `text_model.` prefix (transformers 4.x and every published SD checkpoint) or without it
+//! (transformers 5.x).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::model::{load_weights, read_config, weights_file};
+use crate::{Error, Result};
+
+/// `config.json` of a transformers `CLIPTextModel`; defaults are transformers' `CLIPTextConfig`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Number of token embeddings.
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    #[serde(default = "default_hidden_size")]
+    pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
+    #[serde(default = "default_intermediate_size")]
+    pub intermediate_size: usize,
+    /// Number of transformer layers.
+    #[serde(default = "default_num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer; must divide `hidden_size`.
+    #[serde(default = "default_num_attention_heads")]
+    pub num_attention_heads: usize,
+    /// Length of the position table, the longest sequence the model takes (77 for SD).
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    /// MLP activation: `quick_gelu` (CLIP-L), `gelu` (exact, OpenCLIP-H), `gelu_new`,
+    /// `gelu_pytorch_tanh`, `relu`, `silu`.
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    /// Epsilon of every LayerNorm.
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_vocab_size() -> usize {
+    49408
+}
+fn default_hidden_size() -> usize {
+    512
+}
+fn default_intermediate_size() -> usize {
+    2048
+}
+fn default_num_hidden_layers() -> usize {
+    12
+}
+fn default_num_attention_heads() -> usize {
+    8
+}
+fn default_max_position_embeddings() -> usize {
+    77
+}
+fn default_hidden_act() -> String {
+    "quick_gelu".into()
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            vocab_size: default_vocab_size(),
+            hidden_size: default_hidden_size(),
+            intermediate_size: default_intermediate_size(),
+            num_hidden_layers: default_num_hidden_layers(),
+            num_attention_heads: default_num_attention_heads(),
+            max_position_embeddings: default_max_position_embeddings(),
+            hidden_act: default_hidden_act(),
+            layer_norm_eps: default_layer_norm_eps(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks what the graph depends on; the error names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        Activation::parse(&self.hidden_act)?;
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return Err(Error::param(
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
+            ));
+        }
+        if self.num_hidden_layers == 0 {
+            return Err(Error::param("num_hidden_layers", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// The MLP activations transformers' `ACT2FN` offers that CLIP checkpoints use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    /// `x·σ(1.702x)`, OpenAI CLIP's approximation.
+    QuickGelu,
+    /// Exact GELU through erf.
+    GeluErf,
+    /// GELU's tanh approximation.
+    GeluTanh,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "quick_gelu" => Self::QuickGelu,
+            "gelu" => Self::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            other => {
+                return Err(Error::param(
+                    "hidden_act",
+                    format!(
+                        "unsupported activation {other:?} (supported: quick_gelu, gelu, gelu_new, \
+                         gelu_pytorch_tanh, gelu_fast, relu, silu, swish)"
+                    ),
+                ));
+            }
+        })
+    }
+
+    fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Self::GeluErf => xs.gelu_erf(),
+            Self::GeluTanh => xs.gelu(),
+            Self::Relu => xs.relu(),
+            Self::Silu => xs.silu(),
+        }
+    }
+}
+
+/// Multi-head self-attention with a causal mask.
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl SelfAttention {
+    fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        let dim = cfg.hidden_size;
+        let head_dim = dim / cfg.num_attention_heads;
+        Ok(Self {
+            q_proj: candle_nn::linear(dim, dim, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear(dim, dim, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear(dim, dim, vb.pp("v_proj"))?,
+            out_proj: candle_nn::linear(dim, dim, vb.pp("out_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            head_dim,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    /// `xs`: [B, S, D]; `mask`: [S, S] additive (0 on and below the diagonal, −∞ above).
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, s, d) = xs.dims3()?;
+        // [B, S, D] -> [B, H, S, Dh]
+        let heads = |t: Tensor| {
+            t.reshape((b, s, self.num_heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(self.q_proj.forward(xs)?)?;
+        let k = heads(self.k_proj.forward(xs)?)?;
+        let v = heads(self.v_proj.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask)?;
+        // transformers takes the softmax in f32 whatever the model dtype.
+        let dtype = scores.dtype();
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+/// One pre-LayerNorm transformer layer.
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: SelfAttention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+}
+
+impl EncoderLayer {
+    fn new(cfg: &Config, activation: Activation, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (dim, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let mlp = vb.pp("mlp");
+        Ok(Self {
+            layer_norm1: candle_nn::layer_norm(dim, eps, vb.pp("layer_norm1"))?,
+            self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
+            layer_norm2: candle_nn::layer_norm(dim, eps, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(dim, cfg.intermediate_size, mlp.pp("fc1"))?,
+            fc2: candle_nn::linear(cfg.intermediate_size, dim, mlp.pp("fc2"))?,
+            activation,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let attn = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(xs)?, mask)?;
+        let xs = (xs + attn)?;
+        let hidden = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
+        let mlp = self.fc2.forward(&self.activation.apply(&hidden)?)?;
+        xs + mlp
+    }
+}
+
+/// transformers' `CLIPTextModel`: token ids in, per-token hidden states out.
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    /// [max_position_embeddings, hidden_size]; positions are 0..S, so a slice replaces a gather.
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    /// [max_position_embeddings, max_position_embeddings] additive causal mask, model dtype.
+    causal_mask: Tensor,
+    config: Config,
+}
+
+impl ClipTextModel {
+    /// Builds the network from `config` with weights from `vb` (rooted at the file's top level;
+    /// the `text_model.` prefix is detected).
+    pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let activation = Activation::parse(&config.hidden_act)?;
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let dim = config.hidden_size;
+        let embeddings = vb.pp("embeddings");
+        let token_embedding =
+            candle_nn::embedding(config.vocab_size, dim, embeddings.pp("token_embedding"))?;
+        let position_embedding = embeddings
+            .pp("position_embedding")
+            .get((config.max_position_embeddings, dim), "weight")?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::new(config, activation, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let final_layer_norm =
+            candle_nn::layer_norm(dim, config.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        let causal_mask = causal_mask(config.max_position_embeddings, vb.dtype(), vb.device())?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            causal_mask,
+            config: config.clone(),
+        })
+    }
+
+    /// Loads a transformers text-encoder folder (`config.json` + `model.safetensors`, or the
+    /// `model.fp16.safetensors` variant, preferred when `dtype` is half precision).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config: Config = read_config(&config_path)?;
+        config.validate().map_err(|e| Error::ModelLoad {
+            path: config_path.clone(),
+            detail: e.to_string(),
+        })?;
+        let file = weights_file(dir, "model", matches!(dtype, DType::F16 | DType::BF16))?;
+        let vb = load_weights(std::slice::from_ref(&file), dtype, device)?;
+        Self::new(&config, vb).map_err(|e| Error::ModelLoad {
+            path: file,
+            detail: e.to_string(),
+        })
+    }
+
+    /// The configuration the network was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The model's dtype (that of its weights).
+    pub fn dtype(&self) -> DType {
+        self.position_embedding.dtype()
+    }
+
+    /// `input_ids`: [B, S] u32 with S ≤ `max_position_embeddings` (77 for SD).
+    /// Returns the last hidden state after the final LayerNorm, [B, S, hidden_size]: what
+    /// diffusers' `encode_prompt` feeds the UNet for SD1.5/2.1 (no clip skip).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let mut xs = self.embed(input_ids)?;
+        let mask = self.mask_for(&xs)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        Ok(self.final_layer_norm.forward(&xs)?)
+    }
+
+    /// Like [`forward`](Self::forward), and also the output of the penultimate layer (before
+    /// any LayerNorm): transformers' `hidden_states[-2]`, which SDXL conditions on.
+    ///
+    /// With a single layer the "penultimate" output is the embeddings themselves, as in
+    /// transformers.
+    pub fn forward_with_penultimate(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut xs = self.embed(input_ids)?;
+        let mask = self.mask_for(&xs)?;
+        let mut penultimate = xs.clone();
+        for layer in &self.layers {
+            penultimate = xs;
+            xs = layer.forward(&penultimate, &mask)?;
+        }
+        Ok((self.final_layer_norm.forward(&xs)?, penultimate))
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, seq_len) = input_ids.dims2()?;
+        if seq_len > self.config.max_position_embeddings {
+            return Err(Error::param(
+                "input_ids",
+                format!(
+                    "sequence of {seq_len} tokens is longer than max_position_embeddings {}",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        let tokens = self.token_embedding.forward(input_ids)?;
+        let positions = self.position_embedding.narrow(0, 0, seq_len)?;
+        Ok(tokens.broadcast_add(&positions)?)
+    }
+
+    fn mask_for(&self, xs: &Tensor) -> Result<Tensor> {
+        let seq_len = xs.dim(1)?;
+        Ok(self
+            .causal_mask
+            .narrow(0, 0, seq_len)?
+            .narrow(1, 0, seq_len)?
+            .contiguous()?)
+    }
+}
+
+/// Additive causal mask: −∞ where a query would see a later key.
+fn causal_mask(len: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let values: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (len, len), device)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_gelu_matches_its_formula() -> Result<()> {
+        let x = Tensor::new(&[-2.0f32, -0.5, 0.0, 0.7, 3.0], &Device::Cpu)?;
+        let y: Vec<f32> = Activation::QuickGelu.apply(&x)?.to_vec1()?;
+        for (xi, yi) in [-2.0f32, -0.5, 0.0, 0.7, 3.0].iter().zip(y) {
+            let want = xi / (1.0 + (-1.702 * xi).exp());
+            assert!((want - yi).abs() < 1e-6, "{xi}: {want} vs {yi}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_activation_is_named() {
+        let cfg = Config {
+            hidden_act: "gelu_10".into(),
+            ..Config::default()
+        };
+        let err = cfg
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("hidden_act") && err.contains("gelu_10"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn causal_mask_hides_the_future() -> Result<()> {
+        let m: Vec<Vec<f32>> = causal_mask(3, DType::F32, &Device::Cpu)?.to_vec2()?;
+        assert_eq!(m[0][0], 0.0);
+        assert_eq!(m[2][1], 0.0);
+        assert!(m[0][1].is_infinite() && m[1][2].is_infinite());
+        Ok(())
+    }
+}

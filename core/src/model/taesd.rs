@@ -1,1 +1,520 @@
-//! (in progress)
+//! The tiny autoencoder TAESD, as diffusers' `AutoencoderTiny`.
+//!
+//! Both halves are plain sequences (`encoder.layers.N`, `decoder.layers.N`, numbered as
+//! diffusers' `nn.Sequential`, which counts the weightless activation and upsampling layers too):
+//!
+//! * encoder: input mapped from [−1, 1] to [0, 1]; per level a 3×3 convolution (stride 2 and no
+//!   bias after the first level) and `num_encoder_blocks[i]` residual blocks; a final 3×3
+//!   convolution to the latent channels.
+//! * decoder: soft clamp `3·tanh(z/3)`; a convolution and the activation; per level
+//!   `num_decoder_blocks[i]` residual blocks, then (except at the last level) nearest upsampling
+//!   and a bias-free convolution; the last level's convolution (with bias) gives the image, which
+//!   is mapped from [0, 1] back to [−1, 1].
+//!
+//! A residual block is `relu(conv(act(conv(act(conv(x))))) + x)`.
+//! TAESD's latents are used unscaled (`scaling_factor` 1); `latent_magnitude` and
+//! `latent_shift` only matter for storing latents as bytes, which StreamDiffusion does not do.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Module, VarBuilder};
+use serde::Deserialize;
+
+use crate::model::conv::{Conv2d, Padding};
+use crate::model::{load_weights, read_config, weights_file};
+use crate::{Error, Result};
+
+/// `config.json` of a diffusers `AutoencoderTiny`; defaults are diffusers' constructor defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Image channels in.
+    #[serde(default = "default_image_channels")]
+    pub in_channels: usize,
+    /// Image channels out.
+    #[serde(default = "default_image_channels")]
+    pub out_channels: usize,
+    /// Channels per encoder level (diffusers chains the levels without projections, so they
+    /// must all be equal).
+    #[serde(default = "default_block_out_channels")]
+    pub encoder_block_out_channels: Vec<usize>,
+    /// Channels per decoder level (all equal, as for the encoder).
+    #[serde(default = "default_block_out_channels")]
+    pub decoder_block_out_channels: Vec<usize>,
+    /// Activation inside the blocks: `relu` (TAESD), `silu`/`swish`, `gelu`, `mish`.
+    #[serde(default = "default_act_fn")]
+    pub act_fn: String,
+    /// Upsampling mode of the decoder; only `nearest` is supported.
+    #[serde(default = "default_upsample_fn")]
+    pub upsample_fn: String,
+    /// Channels of the latent space.
+    #[serde(default = "default_latent_channels")]
+    pub latent_channels: usize,
+    /// Upsampling factor per decoder level.
+    #[serde(default = "default_upsampling_scaling_factor")]
+    pub upsampling_scaling_factor: usize,
+    /// Residual blocks per encoder level.
+    #[serde(default = "default_num_encoder_blocks")]
+    pub num_encoder_blocks: Vec<usize>,
+    /// Residual blocks per decoder level.
+    #[serde(default = "default_num_decoder_blocks")]
+    pub num_decoder_blocks: Vec<usize>,
+    /// Range of latents when stored as bytes (unused by encode/decode).
+    #[serde(default = "default_latent_magnitude")]
+    pub latent_magnitude: f64,
+    /// Offset of latents when stored as bytes (unused by encode/decode).
+    #[serde(default = "default_latent_shift")]
+    pub latent_shift: f64,
+    /// Whether pipelines should run it in f32 (diffusers forces this off for TAESD).
+    #[serde(default)]
+    pub force_upcast: bool,
+    /// Pipelines multiply latents by this after encoding and divide before decoding (1.0).
+    #[serde(default = "default_scaling_factor")]
+    pub scaling_factor: f64,
+}
+
+fn default_image_channels() -> usize {
+    3
+}
+fn default_block_out_channels() -> Vec<usize> {
+    vec![64; 4]
+}
+fn default_act_fn() -> String {
+    "relu".into()
+}
+fn default_upsample_fn() -> String {
+    "nearest".into()
+}
+fn default_latent_channels() -> usize {
+    4
+}
+fn default_upsampling_scaling_factor() -> usize {
+    2
+}
+fn default_num_encoder_blocks() -> Vec<usize> {
+    vec![1, 3, 3, 3]
+}
+fn default_num_decoder_blocks() -> Vec<usize> {
+    vec![3, 3, 3, 1]
+}
+fn default_latent_magnitude() -> f64 {
+    3.0
+}
+fn default_latent_shift() -> f64 {
+    0.5
+}
+fn default_scaling_factor() -> f64 {
+    1.0
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            in_channels: default_image_channels(),
+            out_channels: default_image_channels(),
+            encoder_block_out_channels: default_block_out_channels(),
+            decoder_block_out_channels: default_block_out_channels(),
+            act_fn: default_act_fn(),
+            upsample_fn: default_upsample_fn(),
+            latent_channels: default_latent_channels(),
+            upsampling_scaling_factor: default_upsampling_scaling_factor(),
+            num_encoder_blocks: default_num_encoder_blocks(),
+            num_decoder_blocks: default_num_decoder_blocks(),
+            latent_magnitude: default_latent_magnitude(),
+            latent_shift: default_latent_shift(),
+            force_upcast: false,
+            scaling_factor: default_scaling_factor(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks what the graph depends on; the error names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        for (field, channels, blocks_field, blocks) in [
+            (
+                "encoder_block_out_channels",
+                &self.encoder_block_out_channels,
+                "num_encoder_blocks",
+                &self.num_encoder_blocks,
+            ),
+            (
+                "decoder_block_out_channels",
+                &self.decoder_block_out_channels,
+                "num_decoder_blocks",
+                &self.num_decoder_blocks,
+            ),
+        ] {
+            if channels.is_empty() {
+                return Err(Error::param(field, "must not be empty"));
+            }
+            if channels.len() != blocks.len() {
+                return Err(Error::param(
+                    field,
+                    format!(
+                        "has {} entries but {blocks_field} has {}",
+                        channels.len(),
+                        blocks.len()
+                    ),
+                ));
+            }
+            // diffusers' EncoderTiny/DecoderTiny feed each level's output straight into the next
+            // level's blocks, so differing channel counts cannot run there either.
+            if channels.iter().any(|&c| c != channels[0] || c == 0) {
+                return Err(Error::param(
+                    field,
+                    format!(
+                        "unsupported channels {channels:?}: every level must have the same \
+                         non-zero channel count"
+                    ),
+                ));
+            }
+        }
+        Activation::parse(&self.act_fn)?;
+        if self.upsample_fn != "nearest" {
+            return Err(Error::param(
+                "upsample_fn",
+                format!(
+                    "unsupported upsampling {:?} (only \"nearest\" is supported)",
+                    self.upsample_fn
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("latent_channels", self.latent_channels),
+            ("upsampling_scaling_factor", self.upsampling_scaling_factor),
+        ] {
+            if value == 0 {
+                return Err(Error::param(field, "must be at least 1"));
+            }
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return Err(Error::param(
+                "scaling_factor",
+                format!("must be a positive number, got {}", self.scaling_factor),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// diffusers' `get_activation` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    Relu,
+    Silu,
+    Gelu,
+    Mish,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            "gelu" => Self::Gelu,
+            "mish" => Self::Mish,
+            other => {
+                return Err(Error::param(
+                    "act_fn",
+                    format!(
+                        "unsupported activation {other:?} (supported: relu, silu, swish, gelu, mish)"
+                    ),
+                ));
+            }
+        })
+    }
+
+    fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Relu => xs.relu(),
+            Self::Silu => xs.silu(),
+            Self::Gelu => xs.gelu_erf(),
+            Self::Mish => candle_nn::ops::mish(xs),
+        }
+    }
+}
+
+fn conv3x3(
+    c_in: usize,
+    c_out: usize,
+    stride: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    Conv2d::new(c_in, c_out, 3, stride, Padding::uniform(1), bias, vb)
+}
+
+/// diffusers' `AutoencoderTinyBlock` with equal input and output channels (identity skip).
+#[derive(Debug, Clone)]
+struct TinyBlock {
+    conv: [Conv2d; 3],
+    act: Activation,
+}
+
+impl TinyBlock {
+    fn new(channels: usize, act: Activation, vb: VarBuilder) -> candle_core::Result<Self> {
+        // Indices 1 and 3 of the inner Sequential are the activations.
+        let conv = |i: usize| conv3x3(channels, channels, 1, true, vb.pp(format!("conv.{i}")));
+        Ok(Self {
+            conv: [conv(0)?, conv(2)?, conv(4)?],
+            act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.act.apply(&self.conv[0].forward(xs)?)?;
+        let h = self.act.apply(&self.conv[1].forward(&h)?)?;
+        let h = self.conv[2].forward(&h)?;
+        (h + xs)?.relu()
+    }
+}
+
+/// One entry of an encoder/decoder sequence.
+#[derive(Debug, Clone)]
+enum Layer {
+    Conv(Conv2d),
+    /// Nearest-neighbour upsampling by this factor followed by the convolution (two entries of
+    /// diffusers' sequence, fused so that the upsampled map is not stored).
+    UpsampleConv(usize, Conv2d),
+    Block(TinyBlock),
+    Act(Activation),
+}
+
+impl Layer {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Conv(conv) => conv.forward(xs),
+            Self::UpsampleConv(factor, conv) => conv.forward_upsampled(xs, *factor),
+            Self::Block(block) => block.forward(xs),
+            Self::Act(act) => act.apply(xs),
+        }
+    }
+}
+
+/// Builds a sequence while numbering its entries as `nn.Sequential` does.
+struct SequenceBuilder<'a> {
+    vb: VarBuilder<'a>,
+    layers: Vec<Layer>,
+    /// Index of the next entry in diffusers' sequence.
+    next: usize,
+    /// Upsampling factor waiting to be fused into the next convolution.
+    pending_upsample: Option<usize>,
+}
+
+impl<'a> SequenceBuilder<'a> {
+    fn new(vb: VarBuilder<'a>) -> Self {
+        Self {
+            vb,
+            layers: Vec::new(),
+            next: 0,
+            pending_upsample: None,
+        }
+    }
+
+    fn next_vb(&mut self) -> VarBuilder<'a> {
+        let vb = self.vb.pp(self.next.to_string());
+        self.next += 1;
+        vb
+    }
+
+    fn conv(
+        &mut self,
+        c_in: usize,
+        c_out: usize,
+        stride: usize,
+        bias: bool,
+    ) -> candle_core::Result<()> {
+        let vb = self.next_vb();
+        let conv = conv3x3(c_in, c_out, stride, bias, vb)?;
+        self.layers.push(match self.pending_upsample.take() {
+            Some(factor) => Layer::UpsampleConv(factor, conv),
+            None => Layer::Conv(conv),
+        });
+        Ok(())
+    }
+
+    fn blocks(
+        &mut self,
+        count: usize,
+        channels: usize,
+        act: Activation,
+    ) -> candle_core::Result<()> {
+        for _ in 0..count {
+            let vb = self.next_vb();
+            self.layers
+                .push(Layer::Block(TinyBlock::new(channels, act, vb)?));
+        }
+        Ok(())
+    }
+
+    fn activation(&mut self, act: Activation) {
+        self.next += 1;
+        self.layers.push(Layer::Act(act));
+    }
+
+    /// An upsampling entry: weightless, applied by the convolution that follows it.
+    fn upsample(&mut self, factor: usize) {
+        self.next += 1;
+        self.pending_upsample = Some(factor);
+    }
+}
+
+fn run(layers: &[Layer], xs: Tensor) -> candle_core::Result<Tensor> {
+    layers.iter().try_fold(xs, |xs, layer| layer.forward(&xs))
+}
+
+/// diffusers' `AutoencoderTiny`.
+#[derive(Debug, Clone)]
+pub struct AutoencoderTiny {
+    encoder: Vec<Layer>,
+    decoder: Vec<Layer>,
+    config: Config,
+}
+
+impl AutoencoderTiny {
+    /// Builds the network from `config` with weights from `vb` (rooted at the file's top level).
+    pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let act = Activation::parse(&config.act_fn)?;
+
+        let mut enc = SequenceBuilder::new(vb.pp("encoder.layers"));
+        for (i, (&channels, &blocks)) in config
+            .encoder_block_out_channels
+            .iter()
+            .zip(&config.num_encoder_blocks)
+            .enumerate()
+        {
+            if i == 0 {
+                enc.conv(config.in_channels, channels, 1, true)?;
+            } else {
+                enc.conv(channels, channels, 2, false)?;
+            }
+            enc.blocks(blocks, channels, act)?;
+        }
+        let enc_out = *config.encoder_block_out_channels.last().unwrap_or(&0);
+        enc.conv(enc_out, config.latent_channels, 1, true)?;
+
+        let mut dec = SequenceBuilder::new(vb.pp("decoder.layers"));
+        let dec_channels = &config.decoder_block_out_channels;
+        dec.conv(config.latent_channels, dec_channels[0], 1, true)?;
+        dec.activation(act);
+        let levels = dec_channels.len();
+        for (i, (&channels, &blocks)) in dec_channels
+            .iter()
+            .zip(&config.num_decoder_blocks)
+            .enumerate()
+        {
+            let last = i + 1 == levels;
+            dec.blocks(blocks, channels, act)?;
+            if !last {
+                dec.upsample(config.upsampling_scaling_factor);
+            }
+            let c_out = if last { config.out_channels } else { channels };
+            dec.conv(channels, c_out, 1, last)?;
+        }
+
+        Ok(Self {
+            encoder: enc.layers,
+            decoder: dec.layers,
+            config: config.clone(),
+        })
+    }
+
+    /// Loads a diffusers TAESD folder (`config.json` + `diffusion_pytorch_model.safetensors`, or
+    /// the `.fp16.safetensors` variant, preferred when `dtype` is half precision).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config: Config = read_config(&config_path)?;
+        config.validate().map_err(|e| Error::ModelLoad {
+            path: config_path.clone(),
+            detail: e.to_string(),
+        })?;
+        let file = weights_file(
+            dir,
+            "diffusion_pytorch_model",
+            matches!(dtype, DType::F16 | DType::BF16),
+        )?;
+        let vb = load_weights(std::slice::from_ref(&file), dtype, device)?;
+        Self::new(&config, vb).map_err(|e| Error::ModelLoad {
+            path: file,
+            detail: e.to_string(),
+        })
+    }
+
+    /// The configuration the network was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The factor pipelines apply to latents (`config.scaling_factor`, 1.0 for TAESD).
+    pub fn scaling_factor(&self) -> f64 {
+        self.config.scaling_factor
+    }
+
+    /// Pixels per latent cell and side for the encoder: 2^(levels − 1), 8 for TAESD.
+    pub fn spatial_scale_factor(&self) -> usize {
+        1 << (self.config.encoder_block_out_channels.len() - 1)
+    }
+
+    /// Pixels per latent cell and side produced by the decoder:
+    /// `upsampling_scaling_factor`^(levels − 1), 8 for TAESD.
+    pub fn decoder_scale_factor(&self) -> usize {
+        let levels = self.config.decoder_block_out_channels.len() as u32;
+        self.config.upsampling_scaling_factor.pow(levels - 1)
+    }
+
+    /// Channels of the latent space.
+    pub fn latent_channels(&self) -> usize {
+        self.config.latent_channels
+    }
+
+    /// Encodes images `x` ([B, in_channels, H, W] in [−1, 1]) into latents
+    /// [B, latent_channels, H/8, W/8]: diffusers' `encode(x).latents`.
+    pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        let x01 = ((x + 1.0)? / 2.0)?;
+        Ok(run(&self.encoder, x01)?)
+    }
+
+    /// Decodes latents into images nominally in [−1, 1] (not clamped): diffusers'
+    /// `decode(z).sample`.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let soft_clamped = ((z / 3.0)?.tanh()? * 3.0)?;
+        let y01 = run(&self.decoder, soft_clamped)?;
+        Ok(((y01 * 2.0)? - 1.0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(cfg: &Config) -> String {
+        cfg.validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn unsupported_options_are_named() {
+        let cfg = Config {
+            upsample_fn: "bilinear".into(),
+            ..Config::default()
+        };
+        assert!(message(&cfg).contains("upsample_fn"));
+        let cfg = Config {
+            num_decoder_blocks: vec![3, 3],
+            ..Config::default()
+        };
+        assert!(message(&cfg).contains("decoder_block_out_channels"));
+        let cfg = Config {
+            encoder_block_out_channels: vec![32, 64, 64, 64],
+            ..Config::default()
+        };
+        assert!(message(&cfg).contains("encoder_block_out_channels"));
+        assert!(Config::default().validate().is_ok());
+    }
+}

@@ -7,18 +7,23 @@
 //! exactly where diffusers adds `down_block_additional_residuals` /
 //! `mid_block_additional_residual`.
 //!
-//! The time embedding, `conv_in`, the down blocks and the mid block form a [`UNetEncoder`],
+//! The time embedding, `conv_in`, the down blocks and the mid block form a `UNetEncoder`,
 //! which a ControlNet (the same encoder with zero convolutions on its outputs) reuses.
+//!
+//! On the CPU the blocks use fused kernels (im2col + GEMM convolutions, f64-accumulated norms,
+//! in-place softmax and adds); other devices use candle's portable ops, which
+//! `SDSTREAM_PORTABLE_KERNELS=1` also selects on the CPU (tests/unet_portable.rs checks that path).
+//! bf16 needs a GPU: candle's CPU matmul has no bf16 kernel.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 
 use super::unet_blocks::{
-    Activation, AttentionSpec, BlockSettings, DownBlock, LevelShape, MidBlock, SinusoidalTimesteps,
-    TimestepEmbedding, UpBlock, conv2d,
+    Activation, AttentionSpec, BlockSettings, Conv2d, DownBlock, LevelShape, MidBlock,
+    SinusoidalTimesteps, TimestepEmbedding, UpBlock, conv2d,
 };
 use super::{load_weights, read_config, weights_file};
 use crate::{Error, Result};
@@ -813,6 +818,20 @@ impl UNetEncoder {
         }
     }
 
+    /// Channels of every skip connection in order (conv_in's first): the widths of a
+    /// ControlNet's zero convolutions and of its down residuals.
+    pub(crate) fn skip_channels(&self) -> Vec<usize> {
+        let plan = &self.plan;
+        let mut channels = vec![plan.block_out_channels[0]];
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            channels.extend(std::iter::repeat_n(
+                plan.block_out_channels[i],
+                block.skip_count(),
+            ));
+        }
+        channels
+    }
+
     /// Number of skip connections (= ControlNet down residuals): conv_in's plus each block's.
     pub(crate) fn skip_count(&self) -> usize {
         1 + self
@@ -949,9 +968,25 @@ impl UNet2DConditionModel {
         self.encoder.dtype()
     }
 
+    /// Whether any block attends to the text embeddings.
+    fn has_attention(&self) -> bool {
+        self.encoder.plan.down_attention.iter().any(Option::is_some)
+            || self
+                .config
+                .up_block_types
+                .iter()
+                .any(|t| t == CROSS_ATTN_UP)
+            || self.config.mid_block_type.as_deref() == Some(MID_CROSS_ATTN)
+    }
+
     /// How many down residuals a [`ControlResiduals`] must hold (12 for SD 1.x/2.x).
     pub fn down_residual_count(&self) -> usize {
         self.encoder.skip_count()
+    }
+
+    /// The channel count of each down residual, in order (conv_in's skip first).
+    pub fn down_residual_channels(&self) -> Vec<usize> {
+        self.encoder.skip_channels()
     }
 
     /// Predicts the noise (or v) for `sample` `[B, C, h, w]` at `timesteps` `[B]` (one per row,
@@ -989,6 +1024,15 @@ impl UNet2DConditionModel {
         if context_dims.len() != 3 || context_dims[0] != batch {
             return Err(shape_error(format!(
                 "encoder_hidden_states must be [batch = {batch}, tokens, dim], got {context_dims:?}"
+            )));
+        }
+        if let Some(spec) = self.encoder.plan.attention.first()
+            && self.has_attention()
+            && context_dims[2] != spec.cross_attention_dim
+        {
+            return Err(shape_error(format!(
+                "encoder_hidden_states have width {}, the UNet's cross-attention takes {}",
+                context_dims[2], spec.cross_attention_dim
             )));
         }
         let context = encoder_hidden_states.to_dtype(dtype)?;

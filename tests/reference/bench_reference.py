@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Time the reference StreamDiffusion (PyPI streamdiffusion 0.1.1 on diffusers) on CPU, float32,
+on the full-size random-weight checkpoints that make_full_size.py writes.
+
+For each resolution x t_index_list x VAE (TAESD or the full AutoencoderKL), with cfg_type "self",
+guidance 1.2 (so residual CFG "self"), delta 0.7, 50 inference steps, the stream batch on,
+do_add_noise on: one warm-up frame, then N timed frames. A frame is one call as the reference's
+own wrapper makes it (StreamDiffusionWrapper.img2img): an RGB PIL frame of width x height in,
+`stream(frame)`, then the [-1, 1] output turned into an RGB8 array.
+
+Per frame it records, in milliseconds (host clock; the reference's CUDA events are replaced by
+host-clock stand-ins and torch.cuda.synchronize by a no-op, since there is no GPU):
+  encode  StreamDiffusion.encode_image  (VAE / TAESD encoder, posterior sample, scaling)
+  unet    StreamDiffusion.predict_x0_batch (UNet forward on the stream batch, LCM step, RCFG math)
+  decode  StreamDiffusion.decode_image  (VAE / TAESD decoder)
+  other   the rest of the frame: PIL -> tensor preprocessing, postprocessing to RGB8, Python glue
+  total   the whole frame, in to out; fps = 1000 / total
+and, for information, unet_forward (the UNet module's forward alone) and call (stream.__call__,
+what the reference's own inference_time_ema measures). The table shows means over the timed frames,
+the best frame's total, and "CPU use": the process's CPU time / (threads x wall time); well below
+100% means the process waited for cores (a shared machine), and the figures are then inflated.
+Beside it: the machine's float32 matmul peak (torch.matmul of 2048 x 2048, best of several),
+measured before and after the cases.
+
+Usage (see tests/reference/README.md, "Benchmarks"):
+  /work/refenv/bin/python tests/reference/bench_reference.py --sizes 256 --frames 3 --out /tmp/ref256.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+FRAMES_DIR = REPO / "tests" / "fixtures" / "frames"
+
+DEFAULT_SD = Path("/work/models/sd-turbo-random")
+DEFAULT_TAESD = Path("/work/models/taesd-random")
+
+# Daydream's StreamDiffusionParams defaults (shared/PARAMS.md) where they apply; guidance 1.2 so
+# that cfg "self" really does residual CFG (at 1.0 the reference skips it).
+PROMPT = "flowers"
+NEGATIVE_PROMPT = "blurry, low quality, flat, 2d"
+SEED = 789
+NUM_INFERENCE_STEPS = 50
+GUIDANCE_SCALE = 1.2
+DELTA = 0.7
+CFG_TYPE = "self"
+# 3 steps: Daydream's default t_index_list. 1 step: its last index (t = 359 on the 50-step grid).
+DEFAULT_T_INDEX_LISTS = "32;12,20,32"
+
+
+class HostEvent:
+    """Stand-in for torch.cuda.Event on CPU: host clock, elapsed_time in milliseconds."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "HostEvent") -> float:
+        return (end.t - self.t) * 1000.0
+
+
+def patch_cuda_timing() -> None:
+    torch.cuda.Event = HostEvent
+    torch.cuda.synchronize = lambda *a, **k: None
+
+
+class StageTimer:
+    """Accumulates wall-clock milliseconds per stage name for the current frame."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.ms = {}
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000.0
+
+        return timed
+
+
+def matmul_peak(n: int = 2048, reps: int = 6) -> dict:
+    """float32 GFLOP/s of torch.matmul on n x n operands (2 n^3 flops per product)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator)
+    b = torch.randn(n, n, generator=generator)
+    for _ in range(2):
+        torch.matmul(a, b)
+    seconds = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        seconds.append(time.perf_counter() - start)
+    flops = 2.0 * n**3
+    return {"n": n, "reps": reps, "best_gflops": flops / min(seconds) / 1e9,
+            "median_gflops": flops / statistics.median(seconds) / 1e9,
+            "best_ms": min(seconds) * 1000.0}
+
+
+def load_frames(width: int, height: int) -> list[PIL.Image.Image]:
+    files = sorted(FRAMES_DIR.glob("*.png"))
+    if not files:
+        sys.exit(f"no input frames in {FRAMES_DIR}")
+    return [PIL.Image.open(f).convert("RGB").resize((width, height), PIL.Image.BICUBIC) for f in files]
+
+
+def to_rgb8(image: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> HWC uint8, as streamdiffusion's postprocess_image does for output_type "np"/"pil"."""
+    x = (image / 2 + 0.5).clamp(0, 1)
+    return (x[0].permute(1, 2, 0).float().numpy() * 255).round().astype(np.uint8)
+
+
+def load_models(sd_dir: Path, taesd_dir: Path):
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline
+
+    for folder in (sd_dir, taesd_dir):
+        if not folder.exists():
+            sys.exit(f"{folder} does not exist: run tests/reference/make_full_size.py first")
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, torch_dtype=torch.float32, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to("cpu")
+    taesd = AutoencoderTiny.from_pretrained(taesd_dir, torch_dtype=torch.float32).eval()
+    return pipe, taesd
+
+
+def run_case(pipe, taesd, size: int, t_index_list: list[int], vae: str, warmup: int, frames: int,
+             threads: int) -> dict:
+    from streamdiffusion import StreamDiffusion
+
+    stream = StreamDiffusion(pipe, t_index_list=t_index_list, torch_dtype=torch.float32, width=size, height=size,
+                             do_add_noise=True, use_denoising_batch=True, frame_buffer_size=1, cfg_type=CFG_TYPE)
+    if vae == "taesd":
+        stream.vae = taesd  # as StreamDiffusionWrapper does for use_tiny_vae
+    timer = StageTimer()
+    stream.encode_image = timer.wrap("encode", stream.encode_image)
+    stream.predict_x0_batch = timer.wrap("unet", stream.predict_x0_batch)
+    stream.decode_image = timer.wrap("decode", stream.decode_image)
+    unet_forward = stream.unet.forward
+    stream.unet.forward = timer.wrap("unet_forward", unet_forward)
+    try:
+        stream.prepare(prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, num_inference_steps=NUM_INFERENCE_STEPS,
+                       guidance_scale=GUIDANCE_SCALE, delta=DELTA, generator=torch.Generator(), seed=SEED)
+        inputs = load_frames(size, size)
+        records, outputs = [], []
+        with torch.no_grad():
+            for k in range(warmup + frames):
+                frame = inputs[k % len(inputs)]
+                timer.reset()
+                cpu_start = time.process_time()
+                start = time.perf_counter()
+                out = stream(frame)
+                call_ms = (time.perf_counter() - start) * 1000.0
+                to_rgb8(out)
+                total_ms = (time.perf_counter() - start) * 1000.0
+                cpu_ms = (time.process_time() - cpu_start) * 1000.0
+                rec = dict(timer.ms, call=call_ms, total=total_ms, cpu=cpu_ms)
+                rec["other"] = total_ms - rec["encode"] - rec["unet"] - rec["decode"]
+                if k >= warmup:
+                    records.append(rec)
+                    outputs.append(out)
+                print(f"    {'warm-up' if k < warmup else 'frame'} {k}: " +
+                      " ".join(f"{n}={rec[n]:.0f}" for n in ("encode", "unet", "decode", "other", "total")) +
+                      f" ms, cpu use {rec['cpu'] / (threads * total_ms):.0%}", flush=True)
+    finally:
+        del stream.unet.forward  # back to the class's forward: the pipeline is shared between cases
+    out = torch.cat(outputs)
+    stages = ("encode", "unet", "unet_forward", "decode", "other", "call", "total", "cpu")
+    mean = {s: statistics.fmean(r[s] for r in records) for s in stages}
+    return {
+        "size": size, "t_index_list": t_index_list, "steps": len(t_index_list), "vae": vae,
+        "unet_batch": int(stream.batch_size), "warmup_frames": warmup, "timed_frames": frames,
+        "mean_ms": mean, "min_ms": {s: min(r[s] for r in records) for s in stages},
+        "fps": 1000.0 / mean["total"], "best_fps": 1000.0 / min(r["total"] for r in records),
+        "cpu_use": mean["cpu"] / (threads * mean["total"]), "frames_ms": records,
+        "output": {"finite": bool(torch.isfinite(out).all()), "mean": float(out.mean()), "std": float(out.std())},
+    }
+
+
+def markdown(results: list[dict], peak: dict, meta: dict) -> str:
+    lines = [
+        f"Reference StreamDiffusion {meta['streamdiffusion']} (diffusers {meta['diffusers']}, torch {meta['torch']}), "
+        f"CPU float32, {meta['threads']} threads, cfg {CFG_TYPE}, guidance {GUIDANCE_SCALE}, delta {DELTA}; "
+        f"full-size random weights (sd-turbo / taesd shapes); mean of timed frames after {meta['warmup']} warm-up.",
+        f"Machine: {meta['cpu']}, {meta['cpus']} CPUs; float32 matmul peak "
+        f"{peak['best_gflops']:.1f} GFLOP/s (2048^2, {meta['threads']} threads; median {peak['median_gflops']:.1f}) "
+        f"before the cases, {meta['peak_after']['best_gflops']:.1f} after. Load average "
+        f"{meta['load_average_start'][0]:.2f} at start, {meta['load_average_end'][0]:.2f} at end; "
+        f"peak memory {meta['max_rss_gb']:.1f} GB.",
+        "CPU use = process CPU time / (threads x wall); below 100% the process waited for cores.",
+        "",
+        "| size | steps (t_index_list) | VAE | encode ms | UNet ms | decode ms | other ms | total ms | fps "
+        "| best total ms | CPU use |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        m = r["mean_ms"]
+        lines.append(f"| {r['size']}² | {r['steps']} ({','.join(map(str, r['t_index_list']))}) | {r['vae']} | "
+                     f"{m['encode']:.0f} | {m['unet']:.0f} | {m['decode']:.0f} | {m['other']:.0f} | "
+                     f"{m['total']:.0f} | {r['fps']:.3f} | {r['min_ms']['total']:.0f} | {r['cpu_use']:.0%} |")
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sd", type=Path, default=DEFAULT_SD, help="sd-turbo-shaped diffusers folder")
+    parser.add_argument("--taesd", type=Path, default=DEFAULT_TAESD, help="taesd-shaped folder")
+    parser.add_argument("--sizes", default="256,512", help="square resolutions, comma-separated")
+    parser.add_argument("--t-index-lists", default=DEFAULT_T_INDEX_LISTS,
+                        help="t_index_lists separated by ';', each comma-separated (default: %(default)s)")
+    parser.add_argument("--vaes", default="taesd,full", help="taesd and/or full, comma-separated")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed frames first")
+    parser.add_argument("--frames", type=int, default=3, help="timed frames per case")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    t_index_lists = [[int(i) for i in part.split(",")] for part in args.t_index_lists.split(";") if part]
+    vaes = [v for v in args.vaes.split(",") if v]
+    for v in vaes:
+        if v not in ("taesd", "full"):
+            sys.exit(f"--vaes: unknown VAE {v!r} (taesd or full)")
+    for s in sizes:
+        if s % 8:
+            sys.exit(f"--sizes: {s} is not a multiple of 8")
+
+    torch.set_num_threads(args.threads)
+    patch_cuda_timing()
+    import diffusers
+    import importlib.metadata
+
+    meta = {
+        "streamdiffusion": importlib.metadata.version("streamdiffusion"), "diffusers": diffusers.__version__,
+        "torch": torch.__version__, "threads": args.threads, "cpu": cpu_name(), "cpus": os.cpu_count(),
+        "warmup": args.warmup, "frames": args.frames, "sd": str(args.sd), "taesd": str(args.taesd),
+        "prompt": PROMPT, "negative_prompt": NEGATIVE_PROMPT, "seed": SEED, "num_inference_steps": NUM_INFERENCE_STEPS,
+        "guidance_scale": GUIDANCE_SCALE, "delta": DELTA, "cfg_type": CFG_TYPE,
+        "load_average_start": os.getloadavg(),
+    }
+    peak = matmul_peak()
+    print(f"float32 matmul peak: {peak['best_gflops']:.1f} GFLOP/s (median {peak['median_gflops']:.1f})", flush=True)
+
+    start = time.perf_counter()
+    pipe, taesd = load_models(args.sd, args.taesd)
+    meta["load_s"] = time.perf_counter() - start
+    print(f"models loaded in {meta['load_s']:.0f} s", flush=True)
+
+    results = []
+    for size in sizes:
+        for t_index_list in t_index_lists:
+            for vae in vaes:
+                print(f"  {size}x{size} t_index_list={t_index_list} vae={vae}", flush=True)
+                results.append(run_case(pipe, taesd, size, t_index_list, vae, args.warmup, args.frames,
+                                            args.threads))
+    meta["load_average_end"] = os.getloadavg()
+    meta["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+    meta["peak_after"] = matmul_peak()
+
+    table = markdown(results, peak, meta)
+    print()
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "matmul_peak": peak, "results": results, "table": table}, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
