@@ -140,40 +140,82 @@ fn engine_outputs_equal_the_pipeline_called_directly() {
     assert_counters_add_up(&status);
 }
 
+/// A frame as native-endian f32 RGB in [0, 1], so that outputs come back unrounded.
+fn to_f32(rgb8: &[u8]) -> Vec<u8> {
+    rgb8.iter()
+        .flat_map(|&v| (f32::from(v) / 255.0).to_ne_bytes())
+        .collect()
+}
+
+fn frame_f32(data: &[u8]) -> Frame<'_> {
+    Frame::packed(data, SIZE, SIZE, PixelFormat::RgbF32).expect("64×64 f32 frame")
+}
+
+/// (max, mean) absolute difference of two f32 images, in [0, 1] units.
+fn diff_f32(a: &Image, b: &Image) -> (f32, f32) {
+    assert_eq!((a.width, a.height, a.format), (b.width, b.height, b.format));
+    let values = |img: &Image| -> Vec<f32> {
+        img.data
+            .chunks_exact(4)
+            .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let (va, vb) = (values(a), values(b));
+    let mut max = 0f32;
+    let mut sum = 0f64;
+    for (x, y) in va.iter().zip(&vb) {
+        let d = (x - y).abs();
+        max = max.max(d);
+        sum += f64::from(d);
+    }
+    (max, (sum / va.len() as f64) as f32)
+}
+
 #[test]
 fn a_hot_update_is_visible_on_the_next_frame() {
-    let frames = frames();
+    let frames: Vec<Vec<u8>> = frames().iter().map(|f| to_f32(f)).collect();
     let control = Engine::new(params(), settings(), options(DropPolicy::Lossless, false))
         .expect("control engine");
     let engine =
         Engine::new(params(), settings(), options(DropPolicy::Lossless, false)).expect("engine");
     let mut direct = StreamDiffusion::new(params(), settings()).expect("pipeline");
-    for f in &frames[..3] {
-        control.submit(&frame(f)).expect("submit");
-        engine.submit(&frame(f)).expect("submit");
-        let (a, b) = (recv(&control), recv(&engine));
-        assert_eq!(diff(&a.image, &b.image), (0, 0.0));
-        direct.process(&frame(f)).expect("direct");
+    let mut step = |i: usize, changed: Option<StreamDiffusionParams>| -> (Output, Output) {
+        if let Some(changed) = changed {
+            let update = engine.update_params(changed.clone()).expect("hot update");
+            assert!(update.is_hot() && !update.is_unchanged(), "{update:?}");
+            direct.update(changed).expect("direct update");
+        }
+        control.submit(&frame_f32(&frames[i])).expect("submit");
+        engine.submit(&frame_f32(&frames[i])).expect("submit");
+        let (before, after) = (recv(&control), recv(&engine));
+        // Exactly what the pipeline gives with the update applied between the two frames.
+        let expected = direct.process(&frame_f32(&frames[i])).expect("direct");
+        assert_eq!(diff_f32(&after.image, &expected), (0.0, 0.0), "frame {i}");
+        (before, after)
+    };
+    for i in 0..3 {
+        let (before, after) = step(i, None);
+        assert_eq!(diff_f32(&before.image, &after.image), (0.0, 0.0));
     }
-    let mut changed = params();
-    changed.prompt = Prompt::Text("a neon city at night, synthwave".into());
-    let update = engine.update_params(changed.clone()).expect("hot update");
-    assert!(update.is_hot() && !update.is_unchanged(), "{update:?}");
-    direct.update(changed).expect("direct update");
-
-    control.submit(&frame(&frames[3])).expect("submit");
-    engine.submit(&frame(&frames[3])).expect("submit");
-    let (before, after) = (recv(&control), recv(&engine));
+    // The tiny checkpoint's random CLIP moves pictures little, but the very next frame moves.
+    let mut prompt = params();
+    prompt.prompt = Prompt::Text("a neon city at night, synthwave".into());
+    let (before, after) = step(3, Some(prompt.clone()));
     assert_eq!((before.params_version, after.params_version), (0, 1));
-    let (max, mean) = diff(&before.image, &after.image);
-    eprintln!("prompt change, next frame vs control: max {max} levels, mean {mean:.3} levels");
+    let (max, mean) = diff_f32(&before.image, &after.image);
+    eprintln!("prompt change, next frame vs control: max {max:.2e}, mean {mean:.2e}");
     assert!(
-        mean > 0.5,
-        "the next frame barely changed: mean {mean:.3} levels"
+        mean > 1e-5,
+        "the next frame did not change: mean {mean:.2e}"
     );
-    // Exactly what the pipeline gives with the update between frames 2 and 3.
-    let expected = direct.process(&frame(&frames[3])).expect("direct");
-    assert_eq!(diff(&after.image, &expected), (0, 0.0));
+    // A seed change (new noise) moves it more.
+    let mut seed = prompt;
+    seed.seed = 4242.into();
+    let (before, after) = step(4, Some(seed));
+    assert_eq!(after.params_version, 2);
+    let (max, mean) = diff_f32(&before.image, &after.image);
+    eprintln!("+ seed change, next frame vs control: max {max:.2e}, mean {mean:.2e}");
+    assert!(mean > 1e-4, "the next frame barely changed: mean {mean:.3}");
 }
 
 #[test]
@@ -392,7 +434,7 @@ fn stress_producers_and_parameter_changes() {
             },
         )
         .expect("engine");
-        let run_for = Duration::from_secs(4);
+        let run_for = Duration::from_secs(6);
         let submitted = Mutex::new(Vec::new());
         let outputs = thread::scope(|scope| {
             for p in 0..3 {
@@ -420,16 +462,30 @@ fn stress_producers_and_parameter_changes() {
                     (state >> 33) as usize
                 };
                 while start.elapsed() < run_for {
-                    let mut p = params();
+                    // Changes on top of the last accepted parameters, so hot changes ride
+                    // along with pending reloads and some reloads complete.
+                    let mut p = engine.params();
+                    let base = params().model_id;
                     match next() % 6 {
-                        0 => p.width = 128,                            // reload, shared weights
-                        1 => p.model_id = format!("{}/.", p.model_id), // reload from disk
-                        2 => p.model_id = empty.display().to_string(), // reload that fails
-                        3 => p.guidance_scale = -1.0,                  // invalid
-                        _ => p.prompt = Prompt::Text(format!("prompt {}", next() % 4)), // hot
+                        // Reload with the same weights (shared).
+                        0 => p.width = if p.width == 128 { 64 } else { 128 },
+                        // Reload from disk (another spelling of the folder).
+                        1 => {
+                            p.model_id = if p.model_id == base {
+                                format!("{base}/.")
+                            } else {
+                                base
+                            }
+                        }
+                        // Reload that fails.
+                        2 => p.model_id = empty.display().to_string(),
+                        // Invalid.
+                        3 => p.guidance_scale = -1.0,
+                        // Hot.
+                        _ => p.prompt = Prompt::Text(format!("prompt {}", next() % 4)),
                     }
                     let _ = engine.update_params(p);
-                    thread::sleep(Duration::from_millis(40 + (next() % 200) as u64));
+                    thread::sleep(Duration::from_millis(100 + (next() % 600) as u64));
                 }
             });
             let consumer = scope.spawn(move || {
@@ -444,8 +500,32 @@ fn stress_producers_and_parameter_changes() {
             });
             consumer.join().expect("consumer")
         });
-        engine.close();
         let mut outputs = outputs;
+        // After the storm the engine still fails a bad reload and swaps a good one in.
+        let settle = |what: &str, done: &dyn Fn(&EngineStatus) -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !done(&engine.status()) {
+                assert!(
+                    Instant::now() < deadline,
+                    "after the stress: timed out on {what}"
+                );
+                thread::sleep(Duration::from_millis(10));
+            }
+        };
+        settle("the builds", &|s| !s.reloading);
+        let failures = engine.status().reload_failures;
+        let mut bad = engine.params();
+        bad.model_id = empty.display().to_string();
+        engine.update_params(bad).expect("accepted");
+        settle("a failing reload", &|s| s.reload_failures == failures + 1);
+        let mut good = engine.params();
+        good.width = if good.width == 128 { 64 } else { 128 };
+        engine.update_params(good).expect("accepted");
+        let version = engine.status().params_version;
+        settle("a good reload", &|s| {
+            s.serving_params_version == Some(version)
+        });
+        engine.close();
         while let Some(out) = engine.poll() {
             outputs.push((out.id, out.params_version));
         }
@@ -489,6 +569,11 @@ fn stress_producers_and_parameter_changes() {
         outputs.len() as u64 + status.outputs_dropped
     );
     assert_eq!(status.frames_failed, 0);
+    assert!(
+        status.restart_count >= 1,
+        "no reload swapped in: {status:#?}"
+    );
+    assert!(status.reload_failures >= 1, "no reload failed: {status:#?}");
 }
 
 #[test]
