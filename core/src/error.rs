@@ -68,6 +68,16 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The engine's input queue is full and its drop policy is `lossless`: the frame was not
+    /// taken; collect outputs and submit again (or use `submit_timeout`).
+    #[error(
+        "the input queue is full ({capacity} frames waiting); collect outputs and submit again"
+    )]
+    QueueFull {
+        /// The queue's capacity.
+        capacity: usize,
+    },
+
     /// The engine was asked to do something it cannot do in its current state.
     #[error("{0}")]
     State(String),

@@ -7,13 +7,19 @@
 //!   [`EngineSettings`], and [`classify`], which says whether a change is hot or needs a reload.
 //! * [`model`]: loading diffusers checkpoints and the networks (CLIP, UNet, VAE, TAESD).
 //! * [`pipeline`]: the StreamDiffusion state machine (scheduler grid, stream batch, RCFG, noise).
+//! * [`engine`]: [`Engine`], the pipeline on its own threads: non-blocking submit/poll, hot
+//!   updates between frames, background reloads, Daydream's status report.
 
+pub mod engine;
 pub mod error;
 pub mod frame;
 pub mod model;
 pub mod params;
 pub mod pipeline;
 
+pub use engine::{
+    DropPolicy, Engine, EngineOptions, EngineState, EngineStatus, FrameId, Output, StageMillis,
+};
 pub use error::{Error, Result};
 pub use frame::{Frame, Image, PixelFormat};
 pub use params::{EngineSettings, StreamDiffusionParams, Update, classify};

@@ -91,7 +91,7 @@ impl StreamDiffusion {
     ) -> Result<Self> {
         settings.validate()?;
         params.validate(&settings)?;
-        check_supported(&params, &models)?;
+        check_supported(&params, Some(models.family))?;
         if settings.frame_buffer_size != 1 {
             return Err(Error::param(
                 "frame_buffer_size",
@@ -271,17 +271,12 @@ impl StreamDiffusion {
     /// On any error the stream keeps its previous state.
     pub fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
         params.validate(&self.settings)?;
-        check_supported(&params, &self.models)?;
+        check_supported(&params, Some(self.models.family))?;
         let update = classify(&self.params, &params);
         match &update {
             Update::Unchanged => {}
             Update::Hot { .. } => self.apply_hot(params)?,
-            Update::ControlNetSwap { .. } => {
-                return Err(Error::State(
-                    "ControlNets are not supported yet; this update adds, removes or replaces one"
-                        .into(),
-                ));
-            }
+            Update::ControlNetSwap { .. } => return Err(controlnet_swap_unsupported()),
             Update::Reload { .. } => {
                 let models = if params.model_id == self.params.model_id {
                     self.models.clone()
@@ -375,8 +370,11 @@ impl StreamDiffusion {
 
 /// Rejects parameters that ask for features this version does not implement, rather than
 /// silently streaming without them. `use_safety_checker` is accepted: no checker runs yet, which
-/// the README states.
-fn check_supported(params: &StreamDiffusionParams, models: &StableDiffusionModels) -> Result<()> {
+/// the README states. `family` is the loaded model's, when known (LCM-LoRA matters for SD1.5).
+pub(crate) fn check_supported(
+    params: &StreamDiffusionParams,
+    family: Option<ModelFamily>,
+) -> Result<()> {
     let not_yet = |field: &str, what: &str| {
         Err(Error::param(
             field,
@@ -396,7 +394,7 @@ fn check_supported(params: &StreamDiffusionParams, models: &StableDiffusionModel
     if params.lora_dict.as_ref().is_some_and(|l| !l.is_empty()) {
         return not_yet("lora_dict", "LoRA");
     }
-    if params.use_lcm_lora && models.family == ModelFamily::Sd15 {
+    if params.use_lcm_lora && family == Some(ModelFamily::Sd15) {
         return not_yet(
             "use_lcm_lora",
             "LCM-LoRA (needed by SD1.5 models, not by turbo ones)",
@@ -419,6 +417,14 @@ fn check_supported(params: &StreamDiffusionParams, models: &StableDiffusionModel
         return not_yet("skip_diffusion", "skip_diffusion (processors only)");
     }
     Ok(())
+}
+
+/// The error for an update that adds, removes or replaces a ControlNet, until ControlNets are
+/// supported (shared with the engine, which rejects such updates the same way).
+pub(crate) fn controlnet_swap_unsupported() -> Error {
+    Error::State(
+        "ControlNets are not supported yet; this update adds, removes or replaces one".into(),
+    )
 }
 
 /// Seed of the similar-image filter's coin flips (the reference uses Python's unseeded `random`).

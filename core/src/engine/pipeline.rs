@@ -1,0 +1,118 @@
+//! What the engine's threads drive: a frame-in/frame-out [`Pipeline`] and the
+//! [`PipelineFactory`] that builds one for a parameter set. [`StreamDiffusion`] is the real
+//! pipeline; the traits let the engine's scheduling be tested with stand-ins.
+
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use crate::Result;
+use crate::frame::{Frame, Image};
+use crate::model::bundle::StableDiffusionModels;
+use crate::params::{EngineSettings, StreamDiffusionParams, Update};
+use crate::pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
+
+/// A running stream the worker thread owns.
+pub(crate) trait Pipeline: Send {
+    /// One frame in, one frame out.
+    fn process(&mut self, frame: &Frame) -> Result<Image>;
+    /// Applies new parameters in place. The engine calls it only for hot (or unchanged)
+    /// updates; reloads are built by the factory instead.
+    fn update(&mut self, params: StreamDiffusionParams) -> Result<Update>;
+    /// The parameters in force.
+    fn params(&self) -> &StreamDiffusionParams;
+    /// Stage timings of the last `process` call.
+    fn timings(&self) -> StageTimings;
+}
+
+impl Pipeline for StreamDiffusion {
+    fn process(&mut self, frame: &Frame) -> Result<Image> {
+        StreamDiffusion::process(self, frame)
+    }
+
+    fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
+        StreamDiffusion::update(self, params)
+    }
+
+    fn params(&self) -> &StreamDiffusionParams {
+        StreamDiffusion::params(self)
+    }
+
+    fn timings(&self) -> StageTimings {
+        StreamDiffusion::timings(self)
+    }
+}
+
+/// Builds pipelines on the engine's builder thread (initial load, reloads, restarts).
+pub(crate) trait PipelineFactory: Send + Sync {
+    /// A new pipeline for `params` (already validated), reporting loading steps to `progress`.
+    fn build(
+        &self,
+        params: &StreamDiffusionParams,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Box<dyn Pipeline>>;
+}
+
+/// Builds [`StreamDiffusion`]s, sharing loaded networks between pipelines of the same model_id:
+/// a reload that keeps the checkpoint (a width change, say) reuses the weights the running
+/// pipeline holds instead of reading them again. Only weak references are kept, so networks no
+/// pipeline uses any more are freed.
+pub(crate) struct StreamDiffusionFactory {
+    settings: EngineSettings,
+    loaded: Mutex<Vec<(String, Weak<StableDiffusionModels>)>>,
+}
+
+impl StreamDiffusionFactory {
+    pub(crate) fn new(settings: EngineSettings) -> Self {
+        Self {
+            settings,
+            loaded: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Networks for `model_id` that some pipeline still holds.
+    fn shared_models(&self, model_id: &str) -> Option<Arc<StableDiffusionModels>> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        loaded.retain(|(_, weak)| weak.strong_count() > 0);
+        loaded
+            .iter()
+            .find(|(id, _)| id == model_id)
+            .and_then(|(_, weak)| weak.upgrade())
+    }
+}
+
+impl PipelineFactory for StreamDiffusionFactory {
+    fn build(
+        &self,
+        params: &StreamDiffusionParams,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Box<dyn Pipeline>> {
+        let models = match self.shared_models(&params.model_id) {
+            Some(models) => models,
+            None => {
+                let models = Arc::new(StableDiffusionModels::load(
+                    &params.model_id,
+                    &self.settings,
+                    progress,
+                )?);
+                self.loaded
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((params.model_id.clone(), Arc::downgrade(&models)));
+                models
+            }
+        };
+        progress("preparing the stream");
+        let stream = StreamDiffusion::with_models(models, params.clone(), self.settings.clone())?;
+        Ok(Box::new(stream))
+    }
+}
+
+/// Extra passes that fill the stream batch with a frame, so that the next output comes from
+/// that frame instead of the zero buffer: n − 1 for a denoising batch of n steps, none
+/// without one (frame_buffer_size is 1).
+pub(crate) fn warmup_passes(params: &StreamDiffusionParams) -> usize {
+    if params.use_denoising_batch {
+        params.t_index_list.len().saturating_sub(1)
+    } else {
+        0
+    }
+}

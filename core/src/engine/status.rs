@@ -1,0 +1,276 @@
+//! The engine's status report, in Daydream's shape, and the small meters behind it.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::stream_diffusion::StageTimings;
+
+/// Daydream's stream states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EngineState {
+    /// The first pipeline (or one after a crash) is being built; frames wait in the queue.
+    Loading,
+    /// Serving frames.
+    Online,
+    /// Serving, but no frame was submitted for longer than the input timeout.
+    DegradedInput,
+    /// Serving, but within the last fps window a frame failed, or the output rate fell below
+    /// half the input rate (the pipeline cannot keep up and frames are being dropped).
+    DegradedInference,
+    /// No pipeline and none being built: the load failed or the pipeline panicked.
+    /// `last_error` says why; `restart()` or `update_params()` builds a new one.
+    Error,
+    /// Closed.
+    Offline,
+}
+
+impl EngineState {
+    /// The name Daydream uses (`"ONLINE"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineState::Loading => "LOADING",
+            EngineState::Online => "ONLINE",
+            EngineState::DegradedInput => "DEGRADED_INPUT",
+            EngineState::DegradedInference => "DEGRADED_INFERENCE",
+            EngineState::Error => "ERROR",
+            EngineState::Offline => "OFFLINE",
+        }
+    }
+}
+
+impl std::fmt::Display for EngineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// [`StageTimings`] in milliseconds, for the JSON report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageMillis {
+    /// Frame → tensor conversion and resize.
+    pub preprocess: f64,
+    /// VAE/TAESD encode.
+    pub encode: f64,
+    /// UNet, guidance included.
+    pub unet: f64,
+    /// VAE/TAESD decode.
+    pub decode: f64,
+    /// Tensor → frame conversion.
+    pub postprocess: f64,
+    /// The whole pipeline call.
+    pub total: f64,
+}
+
+impl From<StageTimings> for StageMillis {
+    fn from(t: StageTimings) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Self {
+            preprocess: ms(t.preprocess),
+            encode: ms(t.encode),
+            unet: ms(t.unet),
+            decode: ms(t.decode),
+            postprocess: ms(t.postprocess),
+            total: ms(t.total),
+        }
+    }
+}
+
+/// What a running engine reports. The first twelve fields are Daydream's status fields (times
+/// in milliseconds since the Unix epoch, `null` until the event first happens); the rest are
+/// this engine's own.
+///
+/// The frame counters always add up:
+/// `frames_submitted = frames_processed + frames_failed + frames_dropped + queue_depth + frames_in_flight`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineStatus {
+    /// Daydream's state.
+    pub state: EngineState,
+    /// Frames submitted per second over the fps window.
+    pub input_fps: f64,
+    /// Frames processed per second over the fps window.
+    pub output_fps: f64,
+    /// When the last frame was submitted.
+    pub last_input_time: Option<u64>,
+    /// When the last output was produced.
+    pub last_output_time: Option<u64>,
+    /// The last accepted parameters (every field), as JSON. After a failed reload these are
+    /// the parameters of the pipeline that kept serving.
+    pub last_params: serde_json::Value,
+    /// FNV-1a 64 of `last_params` as written by `StreamDiffusionParams::to_json`, 16 hex digits.
+    pub last_params_hash: String,
+    /// When parameters were last accepted (`null`: the ones the engine was created with).
+    pub last_params_update_time: Option<u64>,
+    /// The last error: a failed load or reload, a failed frame, a panic.
+    pub last_error: Option<String>,
+    /// When it happened.
+    pub last_error_time: Option<u64>,
+    /// Pipelines swapped in after the first one (reloads and restarts).
+    pub restart_count: u64,
+    /// When the last such swap happened.
+    pub last_restart_time: Option<u64>,
+
+    /// Version of the last accepted parameters (0: the initial ones; +1 per accepted change).
+    pub params_version: u64,
+    /// Version of the parameters the serving pipeline runs (`null` while none serves).
+    pub serving_params_version: Option<u64>,
+    /// Whether a new pipeline is being built beside the serving one (or as the first one).
+    pub reloading: bool,
+    /// The last progress line of the build in progress.
+    pub progress: Option<String>,
+    /// Stage timings of the last processed frame.
+    pub timings: StageMillis,
+    /// Frames waiting in the input queue.
+    pub queue_depth: usize,
+    /// Most frames the input queue holds.
+    pub queue_capacity: usize,
+    /// Outputs waiting to be collected.
+    pub output_queue_depth: usize,
+    /// Frames accepted by `submit`.
+    pub frames_submitted: u64,
+    /// Frames that produced an output.
+    pub frames_processed: u64,
+    /// Frames that failed in the pipeline (no output; see `last_error`).
+    pub frames_failed: u64,
+    /// Frames dropped before processing: overflow under the `latest` policy, `flush()`, or no
+    /// pipeline left to run them (ERROR, close).
+    pub frames_dropped: u64,
+    /// Frames being processed right now (0 or 1).
+    pub frames_in_flight: u64,
+    /// Outputs discarded uncollected because the output queue was full (`latest` policy).
+    pub outputs_dropped: u64,
+    /// Errors recorded (each one replaced `last_error`).
+    pub error_count: u64,
+    /// Reloads that failed (the previous pipeline kept serving).
+    pub reload_failures: u64,
+    /// Builds discarded because a newer update superseded them.
+    pub builds_superseded: u64,
+}
+
+/// Events per second over a sliding window.
+#[derive(Debug)]
+pub(crate) struct RateMeter {
+    window: Duration,
+    events: VecDeque<Instant>,
+}
+
+impl RateMeter {
+    /// Most events remembered, whatever the window (bounds memory at very high rates).
+    const MAX_EVENTS: usize = 4096;
+
+    pub(crate) fn new(window: Duration) -> Self {
+        Self {
+            window,
+            events: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn record(&mut self, now: Instant) {
+        if self.events.len() >= Self::MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(now);
+        self.prune(now);
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while let Some(&first) = self.events.front() {
+            if now.saturating_duration_since(first) > self.window {
+                self.events.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// (n − 1) / (last − first) over the events inside the window; 0 with fewer than two.
+    pub(crate) fn rate(&mut self, now: Instant) -> f64 {
+        self.prune(now);
+        match (self.events.front(), self.events.back()) {
+            (Some(&first), Some(&last)) if self.events.len() >= 2 => {
+                let span = last.saturating_duration_since(first).as_secs_f64();
+                if span > 0.0 {
+                    (self.events.len() - 1) as f64 / span
+                } else {
+                    0.0
+                }
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn epoch_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// FNV-1a 64 of `text`, as 16 hex digits: stable across runs, platforms and builds.
+pub(crate) fn params_hash(text: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_the_published_vectors() {
+        // Test vectors of the FNV reference (draft-eastlake-fnv).
+        assert_eq!(params_hash(""), "cbf29ce484222325");
+        assert_eq!(params_hash("a"), "af63dc4c8601ec8c");
+        assert_eq!(params_hash("foobar"), "85944171f73967e8");
+    }
+
+    #[test]
+    fn rate_meter_counts_events_inside_the_window() {
+        let mut meter = RateMeter::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        for i in 0..11 {
+            meter.record(t0 + Duration::from_millis(50 * i));
+        }
+        // 11 events over 0.5 s: 20 per second.
+        let rate = meter.rate(t0 + Duration::from_millis(500));
+        assert!((rate - 20.0).abs() < 1e-9, "rate {rate}");
+        // Two seconds later everything has left the window.
+        assert_eq!(meter.rate(t0 + Duration::from_millis(2600)), 0.0);
+    }
+
+    #[test]
+    fn states_serialise_with_daydream_names() {
+        let names: Vec<String> = [
+            EngineState::Loading,
+            EngineState::Online,
+            EngineState::DegradedInput,
+            EngineState::DegradedInference,
+            EngineState::Error,
+            EngineState::Offline,
+        ]
+        .iter()
+        .map(|s| {
+            let json = serde_json::to_string(s).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+            json
+        })
+        .collect();
+        assert_eq!(names.len(), 6);
+    }
+}

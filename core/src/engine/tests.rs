@@ -1,0 +1,674 @@
+//! The engine's scheduling with stand-in pipelines: ordering, counters, hot updates, reload
+//! swaps, supersession, failures, panics, back-pressure, warm-up, shutdown. (Tests on the real
+//! networks are in core/tests/engine.rs.)
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::pipeline::{Pipeline, PipelineFactory};
+use super::*;
+use crate::params::Prompt;
+
+/// Outputs one RGB pixel: [first input byte, width / 64, calls so far (warm-up included)].
+/// Prompt "panic" panics, prompt "fail" fails.
+struct Fake {
+    params: StreamDiffusionParams,
+    delay: Duration,
+    calls: u8,
+}
+
+impl Pipeline for Fake {
+    fn process(&mut self, frame: &Frame) -> Result<Image> {
+        thread::sleep(self.delay);
+        match self.params.prompt.texts().first().copied() {
+            Some("panic") => panic!("the fake pipeline was asked to panic"),
+            Some("fail") => return Err(Error::State("the fake pipeline was asked to fail".into())),
+            _ => {}
+        }
+        self.calls = self.calls.wrapping_add(1);
+        Ok(Image {
+            width: 1,
+            height: 1,
+            format: PixelFormat::Rgb8,
+            data: vec![
+                frame.data().first().copied().unwrap_or(0),
+                (self.params.width / 64) as u8,
+                self.calls,
+            ],
+        })
+    }
+
+    fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
+        let update = classify(&self.params, &params);
+        assert!(
+            update.is_hot(),
+            "the engine asked for an in-place reload: {update:?}"
+        );
+        self.params = params;
+        Ok(update)
+    }
+
+    fn params(&self) -> &StreamDiffusionParams {
+        &self.params
+    }
+
+    fn timings(&self) -> StageTimings {
+        StageTimings {
+            total: self.delay,
+            ..StageTimings::default()
+        }
+    }
+}
+
+/// Builds [`Fake`]s after `build_delay`; width 1024 fails to "load", prompt "panic-build"
+/// panics.
+struct FakeFactory {
+    build_delay: Duration,
+    frame_delay: Duration,
+    builds: AtomicUsize,
+}
+
+impl FakeFactory {
+    fn new(build_ms: u64, frame_ms: u64) -> Arc<Self> {
+        Arc::new(Self {
+            build_delay: Duration::from_millis(build_ms),
+            frame_delay: Duration::from_millis(frame_ms),
+            builds: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl PipelineFactory for FakeFactory {
+    fn build(
+        &self,
+        params: &StreamDiffusionParams,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Box<dyn Pipeline>> {
+        self.builds.fetch_add(1, Ordering::SeqCst);
+        progress("fake load");
+        thread::sleep(self.build_delay);
+        if params.width == 1024 {
+            return Err(Error::ModelLoad {
+                path: "fake/unet.safetensors".into(),
+                detail: "no such file".into(),
+            });
+        }
+        if params.prompt.texts().first() == Some(&"panic-build") {
+            panic!("the fake factory was asked to panic");
+        }
+        Ok(Box::new(Fake {
+            params: params.clone(),
+            delay: self.frame_delay,
+            calls: 0,
+        }))
+    }
+}
+
+fn params_with(prompt: &str, width: i64) -> StreamDiffusionParams {
+    StreamDiffusionParams {
+        prompt: Prompt::Text(prompt.into()),
+        width,
+        ..StreamDiffusionParams::default()
+    }
+}
+
+fn engine(factory: Arc<FakeFactory>, options: EngineOptions) -> Engine {
+    let engine = Engine::spawn_with_factory(
+        params_with("flowers", 512),
+        EngineSettings::default(),
+        options,
+        factory,
+    )
+    .expect("spawn");
+    engine
+        .wait_ready(Some(Duration::from_secs(10)))
+        .expect("ready");
+    engine
+}
+
+fn pixel(value: u8) -> [u8; 3] {
+    [value, 0, 0]
+}
+
+fn submit(engine: &Engine, value: u8) -> Result<FrameId> {
+    let data = pixel(value);
+    let frame = Frame::packed(&data, 1, 1, PixelFormat::Rgb8)?;
+    engine.submit(&frame)
+}
+
+fn recv(engine: &Engine) -> Output {
+    engine
+        .recv_timeout(Duration::from_secs(10))
+        .expect("recv")
+        .expect("an output within 10 s")
+}
+
+fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn assert_counters_add_up(status: &EngineStatus) {
+    assert_eq!(
+        status.frames_submitted,
+        status.frames_processed
+            + status.frames_failed
+            + status.frames_dropped
+            + status.queue_depth as u64
+            + status.frames_in_flight,
+        "counters: {status:#?}"
+    );
+}
+
+#[test]
+fn outputs_follow_inputs_with_ids_timestamps_and_versions() {
+    let engine = engine(
+        FakeFactory::new(0, 1),
+        EngineOptions {
+            queue_capacity: 16,
+            warmup: false,
+            ..EngineOptions::default()
+        },
+    );
+    let data = pixel(7);
+    let frame = Frame::packed(&data, 1, 1, PixelFormat::Rgb8).expect("frame");
+    let id = engine
+        .submit_with_timestamp(&frame, 123_456)
+        .expect("submit");
+    let out = recv(&engine);
+    assert_eq!(
+        (out.id, out.timestamp, out.params_version),
+        (id, 123_456, 0)
+    );
+    assert_eq!(out.image.data, vec![7, 8, 1]);
+    // A strided frame is copied row by row without its padding.
+    let strided = [1u8, 2, 3, 99, 4, 5, 6, 99];
+    let frame = Frame::new(&strided, 1, 2, 4, PixelFormat::Rgb8).expect("frame");
+    engine.submit(&frame).expect("submit");
+    assert_eq!(recv(&engine).image.data[0], 1);
+    let status = engine.status();
+    assert_eq!(status.state, EngineState::Online);
+    assert_eq!((status.frames_submitted, status.frames_processed), (2, 2));
+    assert!(status.last_output_time.is_some() && status.last_input_time.is_some());
+    let json: serde_json::Value = serde_json::from_str(&engine.status_json()).expect("status JSON");
+    assert_eq!(json["state"], "ONLINE");
+    assert_eq!(json["last_params"]["prompt"], "flowers");
+    assert_eq!(json["last_params_hash"].as_str().map(str::len), Some(16));
+}
+
+#[test]
+fn hot_update_applies_on_the_next_frame() {
+    let engine = engine(
+        FakeFactory::new(0, 1),
+        EngineOptions {
+            warmup: false,
+            ..EngineOptions::default()
+        },
+    );
+    submit(&engine, 1).expect("submit");
+    assert_eq!(recv(&engine).params_version, 0);
+    let update = engine
+        .update_params(params_with("a cat", 512))
+        .expect("hot update");
+    assert!(update.is_hot() && !update.is_unchanged());
+    let hash_before = engine.status().last_params_hash;
+    submit(&engine, 2).expect("submit");
+    let out = recv(&engine);
+    assert_eq!(out.params_version, 1, "the next frame runs the new prompt");
+    assert_eq!(engine.status().serving_params_version, Some(1));
+    // Invalid parameters change nothing.
+    let invalid = params_with("a cat", 100);
+    assert!(matches!(
+        engine.update_params(invalid),
+        Err(Error::InvalidParam { .. })
+    ));
+    assert_eq!(engine.status().last_params_hash, hash_before);
+    assert_eq!(engine.status().params_version, 1);
+}
+
+#[test]
+fn reload_builds_beside_the_serving_pipeline_and_swaps_between_frames() {
+    let factory = FakeFactory::new(300, 5);
+    let engine = engine(
+        factory.clone(),
+        EngineOptions {
+            warmup: false,
+            ..EngineOptions::default()
+        },
+    );
+    let update = engine
+        .update_params(params_with("flowers", 576))
+        .expect("reload");
+    assert!(update.needs_reload());
+    assert!(engine.status().reloading);
+    let mut old = 0;
+    let mut last = Instant::now();
+    let mut max_gap = Duration::ZERO;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "the reload never swapped in");
+        submit(&engine, 1).expect("submit");
+        let out = recv(&engine);
+        let now = Instant::now();
+        max_gap = max_gap.max(now - last);
+        last = now;
+        if out.params_version == 0 {
+            assert_eq!(out.image.data[1], 8);
+            old += 1;
+        } else {
+            assert_eq!((out.params_version, out.image.data[1]), (1, 9));
+            break;
+        }
+    }
+    assert!(
+        old >= 10,
+        "only {old} frames were served during a 300 ms build"
+    );
+    assert!(
+        max_gap < Duration::from_millis(250),
+        "a gap of {max_gap:?} between outputs (frames take 5 ms, the build 300 ms)"
+    );
+    let status = engine.status();
+    assert_eq!((status.restart_count, status.reloading), (1, false));
+    assert!(status.last_restart_time.is_some());
+    assert_eq!(factory.builds.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_newer_update_supersedes_a_build_in_progress() {
+    let factory = FakeFactory::new(200, 1);
+    let engine = engine(factory.clone(), EngineOptions::default());
+    engine
+        .update_params(params_with("flowers", 576))
+        .expect("reload");
+    thread::sleep(Duration::from_millis(50)); // the 576 build is under way
+    engine
+        .update_params(params_with("flowers", 640))
+        .expect("reload");
+    engine
+        .update_params(params_with("flowers", 704))
+        .expect("reload");
+    // A hot change on top of the wanted reload rides along instead of rebuilding.
+    engine
+        .update_params(params_with("roses", 704))
+        .expect("hot on top");
+    wait_for("the 704 pipeline", || {
+        engine.status().serving_params_version == Some(4)
+    });
+    let status = engine.status();
+    assert_eq!(status.last_params["width"], 704);
+    assert_eq!(status.last_params["prompt"], "roses");
+    // 576 finished stale, 640 never started; initial + 576 + 704 were built.
+    assert_eq!(status.builds_superseded, 2);
+    assert_eq!(factory.builds.load(Ordering::SeqCst), 3);
+    assert_eq!(status.restart_count, 1);
+    submit(&engine, 3).expect("submit");
+    assert_eq!(recv(&engine).image.data[1], 11);
+
+    // An update the serving pipeline takes in place cancels a wanted reload.
+    engine
+        .update_params(params_with("roses", 768))
+        .expect("reload");
+    engine
+        .update_params(params_with("tulips", 704))
+        .expect("hot");
+    wait_for("the cancelled build to finish and the hot change", || {
+        let status = engine.status();
+        status.builds_superseded == 3 && status.serving_params_version == Some(6)
+    });
+    let status = engine.status();
+    assert!(!status.reloading);
+    assert_eq!(status.serving_params_version, Some(6));
+    assert_eq!(status.restart_count, 1);
+}
+
+#[test]
+fn a_controlnet_swap_is_refused_and_changes_nothing() {
+    let engine = engine(FakeFactory::new(0, 1), EngineOptions::default());
+    let before = engine.status();
+    let mut with_net = params_with("flowers", 512);
+    with_net.controlnets = vec![crate::params::ControlNetConfig::new(
+        "thibaud/controlnet-sd21-canny-diffusers",
+    )];
+    with_net
+        .validate(&EngineSettings::default())
+        .expect("valid parameters");
+    match engine.update_params(with_net) {
+        Err(Error::State(message)) => assert!(message.contains("ControlNets"), "{message}"),
+        other => panic!("expected the ControlNet error, got {other:?}"),
+    }
+    let after = engine.status();
+    assert_eq!(
+        (
+            after.params_version,
+            after.last_params_hash,
+            after.reloading
+        ),
+        (before.params_version, before.last_params_hash, false)
+    );
+}
+
+#[test]
+fn a_failed_reload_keeps_serving_and_records_the_error() {
+    let engine = engine(FakeFactory::new(20, 1), EngineOptions::default());
+    let hash = engine.status().last_params_hash;
+    engine
+        .update_params(params_with("flowers", 1024))
+        .expect("accepted; fails while building");
+    wait_for("the failure", || engine.status().reload_failures == 1);
+    let status = engine.status();
+    assert_eq!(status.state, EngineState::Online);
+    let error = status.last_error.unwrap_or_default();
+    assert!(
+        error.contains("fake/unet.safetensors") && error.contains("keeps serving"),
+        "{error}"
+    );
+    assert!(status.last_error_time.is_some());
+    assert_eq!(status.last_params_hash, hash, "accepted parameters revert");
+    assert_eq!(status.last_params["width"], 512);
+    submit(&engine, 5).expect("submit");
+    assert_eq!(recv(&engine).image.data[1], 8);
+}
+
+#[test]
+fn a_failed_first_load_is_an_error_until_new_parameters_load() {
+    let factory = FakeFactory::new(0, 1);
+    let err = Engine::spawn_with_factory(
+        params_with("flowers", 1024),
+        EngineSettings::default(),
+        EngineOptions::default(),
+        factory.clone(),
+    )
+    .and_then(|e| e.wait_ready(None).map(|()| e));
+    assert!(matches!(err, Err(Error::ModelLoad { .. })), "{err:?}");
+
+    let engine = Engine::spawn_with_factory(
+        params_with("flowers", 1024),
+        EngineSettings::default(),
+        EngineOptions::default(),
+        factory,
+    )
+    .expect("spawn");
+    wait_for("ERROR", || engine.status().state == EngineState::Error);
+    assert!(matches!(submit(&engine, 1), Err(Error::State(_))));
+    assert!(engine.recv_timeout(Duration::from_millis(10)).is_err());
+    engine
+        .update_params(params_with("flowers", 512))
+        .expect("update");
+    engine
+        .wait_ready(Some(Duration::from_secs(10)))
+        .expect("loaded");
+    submit(&engine, 1).expect("submit");
+    assert_eq!(recv(&engine).image.data[1], 8);
+    assert_eq!(engine.status().restart_count, 0);
+}
+
+#[test]
+fn a_panic_in_the_pipeline_becomes_an_error_state_and_restart_recovers() {
+    let engine = engine(FakeFactory::new(0, 1), EngineOptions::default());
+    engine
+        .update_params(params_with("panic", 512))
+        .expect("hot");
+    submit(&engine, 1).expect("submit");
+    wait_for("ERROR", || engine.status().state == EngineState::Error);
+    let status = engine.status();
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("asked to panic")),
+        "{status:?}"
+    );
+    assert_eq!(status.frames_failed, 1);
+    assert_counters_add_up(&status);
+    assert!(submit(&engine, 1).is_err());
+    // A plain error in a frame is recorded, the pipeline stays.
+    engine
+        .update_params(params_with("fail", 512))
+        .expect("rebuild");
+    engine
+        .wait_ready(Some(Duration::from_secs(10)))
+        .expect("rebuilt");
+    submit(&engine, 1).expect("submit");
+    wait_for("the failure", || engine.status().frames_failed == 2);
+    assert_eq!(engine.status().state, EngineState::DegradedInference);
+    engine
+        .update_params(params_with("flowers", 512))
+        .expect("hot");
+    engine.restart().expect("restart");
+    wait_for("the restart", || engine.status().restart_count == 2);
+    submit(&engine, 4).expect("submit");
+    assert_eq!(recv(&engine).image.data[0], 4);
+    // A panicking build is a failed build.
+    engine
+        .update_params(params_with("panic-build", 576))
+        .expect("accepted");
+    wait_for("the failure", || engine.status().reload_failures == 1);
+    assert!(
+        engine
+            .status()
+            .last_error
+            .is_some_and(|e| e.contains("panicked"))
+    );
+}
+
+#[test]
+fn lossless_refuses_when_full_and_latest_drops_the_oldest() {
+    let engine = engine(
+        FakeFactory::new(0, 30),
+        EngineOptions {
+            queue_capacity: 1,
+            output_capacity: 1,
+            drop_policy: DropPolicy::Lossless,
+            warmup: false,
+            ..EngineOptions::default()
+        },
+    );
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..6 {
+        match submit(&engine, i) {
+            Ok(id) => accepted.push(id),
+            Err(Error::QueueFull { capacity: 1 }) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused >= 3, "refused {refused}");
+    let data = pixel(9);
+    let frame = Frame::packed(&data, 1, 1, PixelFormat::Rgb8).expect("frame");
+    // Waits while the worker works: nothing is lost.
+    let mut collected = Vec::new();
+    for _ in 0..3 {
+        while let Err(Error::QueueFull { .. }) =
+            engine.submit_timeout(&frame, None, Duration::from_millis(100))
+        {
+            collected.extend(engine.poll());
+        }
+        accepted.push(engine.status().frames_submitted - 1);
+    }
+    while collected.len() < accepted.len() {
+        collected.push(recv(&engine));
+    }
+    let ids: Vec<FrameId> = collected.iter().map(|o| o.id).collect();
+    assert_eq!(ids, accepted);
+    assert_eq!(engine.status().frames_dropped, 0);
+
+    let engine = self::engine(
+        FakeFactory::new(0, 30),
+        EngineOptions {
+            queue_capacity: 2,
+            warmup: false,
+            ..EngineOptions::default()
+        },
+    );
+    submit(&engine, 0).expect("submit");
+    wait_for("the worker to take frame 0", || {
+        engine.status().frames_in_flight == 1
+    });
+    for i in 1..10 {
+        submit(&engine, i).expect("latest never refuses");
+    }
+    let mut ids = Vec::new();
+    while let Ok(Some(out)) = engine.recv_timeout(Duration::from_millis(300)) {
+        ids.push(out.id);
+    }
+    // The frame in flight, then the two newest.
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(&ids[1..], &[8, 9]);
+    let status = engine.status();
+    assert_eq!(status.frames_dropped, 7);
+    assert_counters_add_up(&status);
+    assert_eq!(engine.flush(), 0);
+}
+
+#[test]
+fn warmup_primes_the_stream_batch_once() {
+    // t_index_list has 3 steps: 2 extra passes before the first output.
+    let engine = engine(FakeFactory::new(0, 1), EngineOptions::default());
+    submit(&engine, 1).expect("submit");
+    assert_eq!(recv(&engine).image.data[2], 3);
+    submit(&engine, 1).expect("submit");
+    assert_eq!(recv(&engine).image.data[2], 4);
+    // A reload is warmed up by the builder with the latest frame, before it swaps in.
+    engine
+        .update_params(params_with("flowers", 576))
+        .expect("reload");
+    wait_for("the swap", || {
+        engine.status().serving_params_version == Some(1)
+    });
+    submit(&engine, 1).expect("submit");
+    assert_eq!(recv(&engine).image.data[2], 3);
+    // A hot change of the number of steps zeroes the batch: warmed up again (3 extra passes).
+    let mut four_steps = params_with("flowers", 576);
+    four_steps.t_index_list = vec![0, 12, 20, 32];
+    engine.update_params(four_steps).expect("hot");
+    submit(&engine, 1).expect("submit");
+    assert_eq!(recv(&engine).image.data[2], 7);
+}
+
+#[test]
+fn close_joins_the_threads_and_refuses_work() {
+    let engine = engine(FakeFactory::new(0, 20), EngineOptions::default());
+    for i in 0..3 {
+        submit(&engine, i).expect("submit");
+    }
+    engine.close();
+    engine.close();
+    let status = engine.status();
+    assert_eq!(status.state, EngineState::Offline);
+    assert_counters_add_up(&status);
+    assert_eq!(status.frames_in_flight, 0);
+    assert!(engine.lock_threads().is_empty());
+    assert!(matches!(submit(&engine, 1), Err(Error::State(_))));
+    assert!(engine.update_params(params_with("x", 512)).is_err());
+    // Closing while a build is under way waits for it and discards it.
+    let engine = engine_loading(FakeFactory::new(200, 1));
+    assert_eq!(engine.status().state, EngineState::Loading);
+    let t = Instant::now();
+    drop(engine);
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+fn engine_loading(factory: Arc<FakeFactory>) -> Engine {
+    Engine::spawn_with_factory(
+        params_with("flowers", 512),
+        EngineSettings::default(),
+        EngineOptions::default(),
+        factory,
+    )
+    .expect("spawn")
+}
+
+#[test]
+fn frames_submitted_while_loading_wait_for_the_pipeline() {
+    let engine = engine_loading(FakeFactory::new(100, 1));
+    assert_eq!(engine.status().state, EngineState::Loading);
+    assert!(engine.status().progress.is_some());
+    let id = submit(&engine, 3).expect("queued while loading");
+    let out = recv(&engine);
+    assert_eq!((out.id, out.image.data[0]), (id, 3));
+}
+
+#[test]
+fn stress_with_concurrent_producers_and_updates() {
+    let factory = FakeFactory::new(30, 1);
+    let engine = engine(
+        factory,
+        EngineOptions {
+            queue_capacity: 3,
+            output_capacity: 4,
+            ..EngineOptions::default()
+        },
+    );
+    let run_for = Duration::from_millis(1500);
+    let submitted = std::sync::Mutex::new(Vec::new());
+    let outputs = thread::scope(|scope| {
+        for p in 0..3u8 {
+            let (engine, submitted) = (&engine, &submitted);
+            scope.spawn(move || {
+                let start = Instant::now();
+                while start.elapsed() < run_for {
+                    let id = submit(engine, p).expect("submit");
+                    submitted.lock().expect("ids").push(id);
+                    thread::sleep(Duration::from_micros(300));
+                }
+            });
+        }
+        let engine = &engine;
+        scope.spawn(move || {
+            let start = Instant::now();
+            let mut i = 0u64;
+            while start.elapsed() < run_for {
+                i += 1;
+                let params = match i % 5 {
+                    0 => params_with("flowers", 576 + 64 * (i % 3) as i64),
+                    1 => params_with("flowers", 100),  // invalid
+                    2 => params_with("flowers", 1024), // fails to build
+                    _ => params_with(&format!("prompt {i}"), 512),
+                };
+                let _ = engine.update_params(params);
+                thread::sleep(Duration::from_millis(7));
+            }
+        });
+        let consumer = scope.spawn(move || {
+            let mut outs = Vec::new();
+            let start = Instant::now();
+            while start.elapsed() < run_for + Duration::from_millis(200) {
+                if let Ok(Some(out)) = engine.recv_timeout(Duration::from_millis(50)) {
+                    outs.push(out);
+                }
+            }
+            outs
+        });
+        consumer.join().expect("consumer")
+    });
+    engine.close();
+    let mut outputs = outputs;
+    while let Some(out) = engine.poll() {
+        outputs.push(out);
+    }
+    let submitted = submitted.into_inner().expect("ids");
+    let known: std::collections::HashSet<_> = submitted.iter().copied().collect();
+    assert!(outputs.len() > 50, "only {} outputs", outputs.len());
+    for pair in outputs.windows(2) {
+        assert!(
+            pair[0].id < pair[1].id,
+            "out of order: {} then {}",
+            pair[0].id,
+            pair[1].id
+        );
+    }
+    assert!(outputs.iter().all(|o| known.contains(&o.id)));
+    let status = engine.status();
+    assert_counters_add_up(&status);
+    assert_eq!(status.frames_submitted, submitted.len() as u64);
+    assert_eq!(
+        status.frames_processed,
+        outputs.len() as u64 + status.outputs_dropped
+    );
+}
