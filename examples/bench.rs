@@ -1,0 +1,203 @@
+//! The benchmark table of ARCHITECTURE.md: per-stage milliseconds and fps of the synchronous
+//! pipeline for each resolution × step count × autoencoder, with the machine's measured f32
+//! matmul peak beside it. Same settings as tests/reference/bench_reference.py (cfg self,
+//! guidance 1.2, delta 0.7, 50-step grid, prompt "flowers", seed 789), so the two tables compare.
+//!
+//! ```text
+//! cargo run --release -p sdstream --example bench -- --model /work/models/sd-turbo-random \
+//!     --taesd /work/models/taesd-random [--sizes 256,512] [--frames 3] [--dtype f32] [--device cpu]
+//! ```
+//! Full-size random weights are made by tests/reference/make_full_size.py (never committed).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use sdstream::{EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
+use serde_json::json;
+
+struct Args {
+    model: String,
+    taesd: String,
+    sizes: Vec<usize>,
+    frames: usize,
+    dtype: String,
+    device: String,
+    vaes: Vec<String>,
+    t_index_lists: Vec<Vec<usize>>,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        model: "/work/models/sd-turbo-random".into(),
+        taesd: "/work/models/taesd-random".into(),
+        sizes: vec![256, 512],
+        frames: 3,
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        vaes: vec!["taesd".into(), "full".into()],
+        t_index_lists: vec![vec![32], vec![12, 20, 32]],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or(format!("{flag} needs a value"))?;
+        let list = |v: &str| -> Result<Vec<usize>, String> {
+            v.split(',')
+                .map(|x| x.trim().parse().map_err(|e| format!("{flag}: {x}: {e}")))
+                .collect()
+        };
+        match flag.as_str() {
+            "--model" => a.model = v,
+            "--taesd" => a.taesd = v,
+            "--sizes" => a.sizes = list(&v)?,
+            "--frames" => a.frames = v.parse().map_err(|e| format!("--frames: {e}"))?,
+            "--dtype" => a.dtype = v,
+            "--device" => a.device = v,
+            "--vaes" => a.vaes = v.split(',').map(String::from).collect(),
+            "--t-index-lists" => {
+                a.t_index_lists = v.split(';').map(list).collect::<Result<_, _>>()?
+            }
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(a)
+}
+
+/// Best f32 GFLOP/s of a 2048² matmul on `device` (what the machine can do at best).
+fn matmul_peak(device: &Device) -> Result<f64, String> {
+    let n = 2048;
+    let a = Tensor::randn(0f32, 1.0, (n, n), device).map_err(|e| e.to_string())?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device).map_err(|e| e.to_string())?;
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let c = a.matmul(&b).map_err(|e| e.to_string())?;
+        c.sum_all()
+            .and_then(|s| s.to_scalar::<f32>())
+            .map_err(|e| e.to_string())?;
+        best = best.min(t.elapsed());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best.as_secs_f64() / 1e9)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn run() -> Result<(), String> {
+    let args = parse()?;
+    let settings = |vae: &str| -> Result<EngineSettings, String> {
+        let vae = if vae == "taesd" {
+            args.taesd.clone()
+        } else {
+            vae.to_string()
+        };
+        EngineSettings::from_json(
+            &json!({"vae": vae, "dtype": args.dtype, "device": args.device, "cfg_type": "self"})
+                .to_string(),
+        )
+        .map_err(|e| e.to_string())
+    };
+    let device = settings("full")?
+        .device
+        .device()
+        .map_err(|e| e.to_string())?;
+    let peak_before = matmul_peak(&device)?;
+    let mut rows = Vec::new();
+    for vae in &args.vaes {
+        // One load per autoencoder; streams of every size and step count share it.
+        let s = settings(vae)?;
+        let load = Instant::now();
+        let models = std::sync::Arc::new(
+            sdstream::model::bundle::StableDiffusionModels::load(&args.model, &s, &mut |l| {
+                eprintln!("{l}")
+            })
+            .map_err(|e| e.to_string())?,
+        );
+        eprintln!(
+            "loaded with vae {vae} in {:.1} s",
+            load.elapsed().as_secs_f64()
+        );
+        for &size in &args.sizes {
+            for t_index in &args.t_index_lists {
+                let params = StreamDiffusionParams::from_json_with(
+                    &json!({
+                        "model_id": args.model, "prompt": "flowers",
+                        "negative_prompt": "blurry, low quality, flat, 2d", "seed": 789,
+                        "num_inference_steps": 50, "t_index_list": t_index,
+                        "guidance_scale": 1.2, "delta": 0.7, "width": size, "height": size,
+                    })
+                    .to_string(),
+                    &s,
+                )
+                .map_err(|e| e.to_string())?;
+                let mut stream = StreamDiffusion::with_models(models.clone(), params, s.clone())
+                    .map_err(|e| e.to_string())?;
+                let pixels: Vec<u8> = (0..size * size * 3).map(|i| (i * 7 % 251) as u8).collect();
+                let frame = Frame::packed(&pixels, size, size, PixelFormat::Rgb8)
+                    .map_err(|e| e.to_string())?;
+                stream.process(&frame).map_err(|e| e.to_string())?; // warm-up
+                let mut sum = [Duration::ZERO; 5];
+                let mut best = Duration::MAX;
+                for _ in 0..args.frames {
+                    stream.process(&frame).map_err(|e| e.to_string())?;
+                    let t = stream.timings();
+                    for (acc, d) in sum.iter_mut().zip([
+                        t.encode,
+                        t.unet,
+                        t.decode,
+                        t.preprocess + t.postprocess,
+                        t.total,
+                    ]) {
+                        *acc += d;
+                    }
+                    best = best.min(t.total);
+                }
+                let mean: Vec<f64> = sum.iter().map(|d| ms(*d) / args.frames as f64).collect();
+                eprintln!("{size}² {t_index:?} {vae}: {:.0} ms/frame", mean[4]);
+                rows.push(format!(
+                    "| {size}² | {} ({}) | {vae} | {:.0} | {:.0} | — | {:.0} | {:.0} | {:.0} | {:.3} | {:.0} |",
+                    t_index.len(),
+                    t_index.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
+                    mean[0],
+                    mean[1],
+                    mean[2],
+                    mean[3],
+                    mean[4],
+                    1e3 / mean[4],
+                    ms(best),
+                ));
+            }
+        }
+    }
+    let peak_after = matmul_peak(&device)?;
+    println!(
+        "sdstream {}, {} {}, {} threads, cfg self, guidance 1.2, delta 0.7; {} timed frames after 1 warm-up; \
+         f32 matmul peak {:.0} GFLOP/s before, {:.0} after",
+        env!("CARGO_PKG_VERSION"),
+        args.device,
+        args.dtype,
+        candle_core::utils::get_num_threads(),
+        args.frames,
+        peak_before,
+        peak_after
+    );
+    println!(
+        "| size | steps (t_index_list) | VAE | encode ms | UNet ms | ControlNet ms | decode ms | other ms | total ms | fps | best total ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
