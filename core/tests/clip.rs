@@ -1,31 +1,11 @@
 //! CLIP text encoder against transformers' `CLIPTextModel` (goldens from tests/reference/).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{abs_err, check, edited_config, fixture, golden, scratch_dir};
 
 use candle_core::{DType, Device, Tensor};
 use sdstream::model::clip::ClipTextModel;
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures")).join(rel)
-}
-
-fn golden(name: &str) -> std::collections::HashMap<String, Tensor> {
-    let path = fixture(&format!("golden/{name}"));
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot read golden {}: {e}", path.display()))
-}
-
-/// (max, mean) absolute difference, computed in f32.
-fn abs_err(got: &Tensor, want: &Tensor) -> (f32, f32) {
-    assert_eq!(got.dims(), want.dims(), "shape");
-    let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap();
-    let max = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
-    let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
-    (max, mean)
-}
 
 fn ids_u32(t: &Tensor) -> Tensor {
     t.to_dtype(DType::U32).unwrap()
@@ -40,7 +20,7 @@ fn last_hidden_state_matches_transformers() {
         &Device::Cpu,
     )
     .expect("load text encoder");
-    let g = golden("text_encoder.safetensors");
+    let g = golden("golden/text_encoder.safetensors");
     let out = model.forward(&ids_u32(&g["input_ids"])).expect("forward");
     let (max, mean) = abs_err(&out, &g["last_hidden_state"]);
     println!("text encoder (gelu) last_hidden_state: max {max:.3e} mean {mean:.3e}");
@@ -53,7 +33,7 @@ fn last_hidden_state_matches_transformers() {
 fn quick_gelu_and_penultimate_match_transformers() {
     let model = ClipTextModel::load(&fixture("nets-clip-quick-gelu"), DType::F32, &Device::Cpu)
         .expect("load text encoder");
-    let g = golden("nets_clip_quick_gelu.safetensors");
+    let g = golden("golden/nets_clip_quick_gelu.safetensors");
     let (last, penultimate) = model
         .forward_with_penultimate(&ids_u32(&g["input_ids"]))
         .expect("forward");
@@ -74,7 +54,7 @@ fn runs_in_half_precision() {
         let model =
             ClipTextModel::load(&fixture("tiny-sd-turbo/text_encoder"), dtype, &Device::Cpu)
                 .expect("load text encoder");
-        let g = golden("text_encoder.safetensors");
+        let g = golden("golden/text_encoder.safetensors");
         let out = model.forward(&ids_u32(&g["input_ids"])).expect("forward");
         assert_eq!(out.dtype(), dtype);
         let (max, mean) = abs_err(&out, &g["last_hidden_state"]);
@@ -83,27 +63,16 @@ fn runs_in_half_precision() {
     }
 }
 
-/// A scratch copy of a fixture folder with its config.json edited (or files left out).
-fn scratch_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sdstream-clip-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn edited_config(key: &str, value: serde_json::Value) -> String {
-    let text = std::fs::read_to_string(fixture("tiny-sd-turbo/text_encoder/config.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json[key] = value;
-    json.to_string()
-}
-
 #[test]
 fn unsupported_activation_is_named() {
-    let dir = scratch_dir("act");
+    let dir = scratch_dir("clip-act");
     std::fs::write(
         dir.join("config.json"),
-        edited_config("hidden_act", "gelu_10".into()),
+        edited_config(
+            "tiny-sd-turbo/text_encoder/config.json",
+            "hidden_act",
+            "gelu_10".into(),
+        ),
     )
     .unwrap();
     std::fs::copy(
@@ -124,10 +93,14 @@ fn unsupported_activation_is_named() {
 
 #[test]
 fn missing_weights_name_the_folder() {
-    let dir = scratch_dir("noweights");
+    let dir = scratch_dir("clip-noweights");
     std::fs::write(
         dir.join("config.json"),
-        edited_config("hidden_act", "gelu".into()),
+        edited_config(
+            "tiny-sd-turbo/text_encoder/config.json",
+            "hidden_act",
+            "gelu".into(),
+        ),
     )
     .unwrap();
     let err = ClipTextModel::load(&dir, DType::F32, &Device::Cpu)
@@ -140,10 +113,14 @@ fn missing_weights_name_the_folder() {
 
 #[test]
 fn wrong_shapes_name_the_file() {
-    let dir = scratch_dir("shape");
+    let dir = scratch_dir("clip-shape");
     std::fs::write(
         dir.join("config.json"),
-        edited_config("hidden_size", 48.into()),
+        edited_config(
+            "tiny-sd-turbo/text_encoder/config.json",
+            "hidden_size",
+            48.into(),
+        ),
     )
     .unwrap();
     std::fs::copy(

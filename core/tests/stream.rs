@@ -196,7 +196,11 @@ fn grid_at_30_steps_follows_daydream_not_the_reference() {
     let stream =
         StreamDiffusion::with_models(models(case), params_for(case), settings_for(case)).unwrap();
     let ours: Vec<f32> = stream.state().steps().timesteps.to_vec1().unwrap();
-    let reference: Vec<f32> = gold["timesteps"].to_vec1().unwrap();
+    let reference: Vec<f32> = gold["timesteps"]
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     // S = 100: T[i] = 999 − 10·⌊i·100/30⌋ → indices 4, 13, 22 give 869, 569, 269.
     assert_eq!(ours, vec![869.0, 569.0, 269.0]);
     // S = 50: T[i] = 999 − 20·⌊i·50/30⌋ → 879, 579, 279.

@@ -1,37 +1,11 @@
 //! TAESD (diffusers' AutoencoderTiny) against diffusers (goldens from tests/reference/).
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use common::{abs_err, check, edited_config, fixture, golden, scratch_dir};
+
+use candle_core::{DType, Device};
 use sdstream::model::taesd::AutoencoderTiny;
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures")).join(rel)
-}
-
-fn golden(name: &str) -> std::collections::HashMap<String, Tensor> {
-    let path = fixture(&format!("golden/{name}"));
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot read golden {}: {e}", path.display()))
-}
-
-/// (max, mean) absolute difference, computed in f32.
-fn abs_err(got: &Tensor, want: &Tensor) -> (f32, f32) {
-    assert_eq!(got.dims(), want.dims(), "shape");
-    let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap();
-    let max = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
-    let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
-    (max, mean)
-}
-
-fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let (max, mean) = abs_err(got, want);
-    println!("{what}: max {max:.3e} mean {mean:.3e}");
-    assert!(max <= tol, "{what}: max abs error {max} > {tol}");
-}
 
 #[test]
 fn encode_and_decode_match_diffusers() {
@@ -40,7 +14,7 @@ fn encode_and_decode_match_diffusers() {
     assert_eq!(taesd.spatial_scale_factor(), 8);
     assert_eq!(taesd.decoder_scale_factor(), 8);
     assert_eq!(taesd.scaling_factor(), 1.0);
-    let g = golden("taesd.safetensors");
+    let g = golden("golden/taesd.safetensors");
     let latents = taesd.encode(&g["image"]).expect("encode");
     check("taesd latents", &latents, &g["latents"], 1e-4);
     let decoded = taesd.decode(&g["latent"]).expect("decode");
@@ -50,7 +24,7 @@ fn encode_and_decode_match_diffusers() {
 /// Half precision runs end to end (loose bound: f16/bf16 arithmetic).
 #[test]
 fn runs_in_half_precision() {
-    let g = golden("taesd.safetensors");
+    let g = golden("golden/taesd.safetensors");
     for dtype in [DType::F16, DType::BF16] {
         let taesd =
             AutoencoderTiny::load(&fixture("tiny-taesd"), dtype, &Device::Cpu).expect("load taesd");
@@ -74,26 +48,12 @@ fn runs_in_half_precision() {
     }
 }
 
-fn scratch_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sdstream-taesd-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn edited_config(key: &str, value: serde_json::Value) -> String {
-    let text = std::fs::read_to_string(fixture("tiny-taesd/config.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json[key] = value;
-    json.to_string()
-}
-
 #[test]
 fn unsupported_upsampling_is_named() {
-    let dir = scratch_dir("upsample");
+    let dir = scratch_dir("taesd-upsample");
     std::fs::write(
         dir.join("config.json"),
-        edited_config("upsample_fn", "bicubic".into()),
+        edited_config("tiny-taesd/config.json", "upsample_fn", "bicubic".into()),
     )
     .unwrap();
     std::fs::copy(
@@ -113,10 +73,10 @@ fn unsupported_upsampling_is_named() {
 
 #[test]
 fn missing_weights_name_the_folder() {
-    let dir = scratch_dir("noweights");
+    let dir = scratch_dir("taesd-noweights");
     std::fs::write(
         dir.join("config.json"),
-        edited_config("act_fn", "relu".into()),
+        edited_config("tiny-taesd/config.json", "act_fn", "relu".into()),
     )
     .unwrap();
     let err = AutoencoderTiny::load(&dir, DType::F32, &Device::Cpu)

@@ -2,51 +2,25 @@
 //! by tests/reference/make_fixtures.py, and the architecture variants made by
 //! tests/reference/make_unet_variants.py.
 
+mod common;
+
+use common::{abs_err, fixture, golden};
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use sdstream::model::unet::{
     AddedConditioning, ControlResiduals, UNet2DConditionModel, UNetConfig,
 };
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(FIXTURES).join(rel)
-}
-
-fn golden(rel: &str) -> HashMap<String, Tensor> {
-    let path = fixture(rel);
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot read golden {}: {e}", path.display()))
-}
-
 fn get<'a>(g: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
     g.get(key)
         .unwrap_or_else(|| panic!("golden has no `{key}`"))
 }
 
-/// (max abs, mean abs) difference.
-fn errors(ours: &Tensor, theirs: &Tensor) -> (f32, f32) {
-    assert_eq!(ours.dims(), theirs.dims(), "shape");
-    let diff = (ours.to_dtype(DType::F32).unwrap() - theirs.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap();
-    let max = diff
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
-    (max, mean)
-}
-
 fn check(name: &str, ours: &Tensor, theirs: &Tensor, max_tol: f32) {
-    let (max, mean) = errors(ours, theirs);
+    let (max, mean) = abs_err(ours, theirs);
     let scale = theirs
         .abs()
         .unwrap()
@@ -348,7 +322,7 @@ fn truncated_weights_name_the_file() {
 }
 
 #[test]
-fn wrong_inputs_are_errors() {
+fn wrong_inputs_are_abs_err() {
     let unet = tiny_unet();
     let g = golden("golden/unet.safetensors");
     let sample = get(&g, "sample");

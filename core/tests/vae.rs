@@ -1,37 +1,11 @@
 //! AutoencoderKL against diffusers (goldens from tests/reference/).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{abs_err, check, edited_config, fixture, golden, scratch_dir};
 
 use candle_core::{DType, Device, Tensor};
 use sdstream::model::vae::AutoencoderKl;
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures")).join(rel)
-}
-
-fn golden(name: &str) -> std::collections::HashMap<String, Tensor> {
-    let path = fixture(&format!("golden/{name}"));
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot read golden {}: {e}", path.display()))
-}
-
-/// (max, mean) absolute difference, computed in f32.
-fn abs_err(got: &Tensor, want: &Tensor) -> (f32, f32) {
-    assert_eq!(got.dims(), want.dims(), "shape");
-    let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap();
-    let max = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
-    let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
-    (max, mean)
-}
-
-fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let (max, mean) = abs_err(got, want);
-    println!("{what}: max {max:.3e} mean {mean:.3e}");
-    assert!(max <= tol, "{what}: max abs error {max} > {tol}");
-}
 
 /// The tiny sd-turbo VAE: posterior moments, a posterior sample, and decoding.
 #[test]
@@ -40,7 +14,7 @@ fn tiny_sd_turbo_vae_matches_diffusers() {
         .expect("load vae");
     assert_eq!(vae.spatial_scale_factor(), 8);
     assert_eq!(vae.scaling_factor(), 0.18215);
-    let g = golden("vae.safetensors");
+    let g = golden("golden/vae.safetensors");
     let (mean, logvar) = vae.encode_moments(&g["image"]).expect("encode");
     check("vae posterior mean", &mean, &g["posterior_mean"], 1e-4);
     check(
@@ -75,7 +49,7 @@ fn odd_shaped_vae_matches_diffusers() {
         AutoencoderKl::load(&fixture("nets-vae-odd"), DType::F32, &Device::Cpu).expect("load vae");
     assert_eq!(vae.spatial_scale_factor(), 4);
     assert_eq!(vae.scaling_factor(), 0.5);
-    let g = golden("nets_vae_odd.safetensors");
+    let g = golden("golden/nets_vae_odd.safetensors");
     let (mean, logvar) = vae.encode_moments(&g["image"]).expect("encode");
     check("odd vae posterior mean", &mean, &g["posterior_mean"], 1e-4);
     check(
@@ -91,7 +65,7 @@ fn odd_shaped_vae_matches_diffusers() {
 /// Half precision runs end to end (loose bound: f16/bf16 arithmetic).
 #[test]
 fn runs_in_half_precision() {
-    let g = golden("vae.safetensors");
+    let g = golden("golden/vae.safetensors");
     for dtype in [DType::F16, DType::BF16] {
         let vae = AutoencoderKl::load(&fixture("tiny-sd-turbo/vae"), dtype, &Device::Cpu)
             .expect("load vae");
@@ -109,23 +83,9 @@ fn runs_in_half_precision() {
     }
 }
 
-fn scratch_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sdstream-vae-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn edited_config(key: &str, value: serde_json::Value) -> String {
-    let text = std::fs::read_to_string(fixture("tiny-sd-turbo/vae/config.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json[key] = value;
-    json.to_string()
-}
-
 #[test]
 fn unsupported_block_type_is_named() {
-    let dir = scratch_dir("blocks");
+    let dir = scratch_dir("vae-blocks");
     let types = serde_json::json!([
         "DownEncoderBlock2D",
         "AttnDownEncoderBlock2D",
@@ -134,7 +94,7 @@ fn unsupported_block_type_is_named() {
     ]);
     std::fs::write(
         dir.join("config.json"),
-        edited_config("down_block_types", types),
+        edited_config("tiny-sd-turbo/vae/config.json", "down_block_types", types),
     )
     .unwrap();
     std::fs::copy(
@@ -154,10 +114,10 @@ fn unsupported_block_type_is_named() {
 
 #[test]
 fn missing_weights_name_the_folder() {
-    let dir = scratch_dir("noweights");
+    let dir = scratch_dir("vae-noweights");
     std::fs::write(
         dir.join("config.json"),
-        edited_config("act_fn", "silu".into()),
+        edited_config("tiny-sd-turbo/vae/config.json", "act_fn", "silu".into()),
     )
     .unwrap();
     let err = AutoencoderKl::load(&dir, DType::F32, &Device::Cpu)

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: fixture paths, golden files, error metrics.
+//! Helpers shared by the integration tests: fixture paths, golden files, error metrics, scratch
+//! copies of fixtures.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -13,34 +14,45 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-/// All tensors of a golden safetensors file, as f32 on the CPU.
+/// All tensors of a golden safetensors file under tests/fixtures/, as stored (f32 values,
+/// int64 ids and timesteps), on the CPU.
 pub fn golden(rel: &str) -> HashMap<String, Tensor> {
     let path = fixture(rel);
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    tensors
-        .into_iter()
-        .map(|(k, v)| {
-            let v = if v.dtype() == DType::F32 {
-                v
-            } else {
-                v.to_dtype(DType::F32).unwrap()
-            };
-            (k, v)
-        })
-        .collect()
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot read golden {}: {e}", path.display()))
 }
 
-/// (max abs, mean abs) difference of two same-shaped tensors.
+/// (max abs, mean abs) difference of two same-shaped tensors, computed in f32.
 pub fn abs_err(a: &Tensor, b: &Tensor) -> (f32, f32) {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
         .unwrap()
         .abs()
-        .unwrap()
-        .flatten_all()
         .unwrap();
-    let max = d.max(0).unwrap().to_scalar::<f32>().unwrap();
-    let mean = d.mean(0).unwrap().to_scalar::<f32>().unwrap();
+    let max = d.max_all().unwrap().to_scalar::<f32>().unwrap();
+    let mean = d.mean_all().unwrap().to_scalar::<f32>().unwrap();
     (max, mean)
+}
+
+/// Prints the error of `got` against `want` and asserts its max abs is within `tol`.
+pub fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let (max, mean) = abs_err(got, want);
+    println!("{what}: max {max:.3e} mean {mean:.3e}");
+    assert!(max <= tol, "{what}: max abs error {max} > {tol}");
+}
+
+/// An empty scratch folder unique to this test process and `tag`.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdstream-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The JSON text of a fixture's config file with `key` set to `value`.
+pub fn edited_config(config_rel: &str, key: &str, value: serde_json::Value) -> String {
+    let text = std::fs::read_to_string(fixture(config_rel)).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json[key] = value;
+    json.to_string()
 }
