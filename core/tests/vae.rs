@@ -4,7 +4,7 @@ mod common;
 
 use common::{abs_err, check, edited_config, fixture, golden, scratch_dir};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use sdstream::model::vae::AutoencoderKl;
 
 /// The tiny sd-turbo VAE: posterior moments, a posterior sample, and decoding.
