@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{abs_err, check, edited_config, fixture, golden, scratch_dir};
+use common::{abs_err, edited_config, fixture, golden, scratch_dir};
 
 use candle_core::{DType, Device, Tensor};
 use sdstream::model::clip::ClipTextModel;
