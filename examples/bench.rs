@@ -93,7 +93,7 @@ fn run() -> Result<(), String> {
             vae.to_string()
         };
         EngineSettings::from_json(
-            &json!({"vae": vae, "dtype": args.dtype, "device": args.device, "cfg_type": "self"})
+            &json!({"vae": vae, "dtype": args.dtype, "device": args.device, "cfg_type": "self", "allow_any_resolution": true})
                 .to_string(),
         )
         .map_err(|e| e.to_string())
