@@ -9,6 +9,7 @@ pub mod clip;
 pub mod conv;
 pub mod group_norm;
 pub mod hub;
+pub mod kernels;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
