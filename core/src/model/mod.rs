@@ -6,8 +6,6 @@
 
 pub mod bundle;
 pub mod clip;
-pub mod conv;
-pub mod group_norm;
 pub mod hub;
 pub mod kernels;
 pub mod taesd;
@@ -46,7 +44,11 @@ pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
 pub fn weights_file(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<PathBuf> {
     let full = dir.join(format!("{stem}.safetensors"));
     let half = dir.join(format!("{stem}.fp16.safetensors"));
-    let order = if prefer_fp16 { [&half, &full] } else { [&full, &half] };
+    let order = if prefer_fp16 {
+        [&half, &full]
+    } else {
+        [&full, &half]
+    };
     order
         .into_iter()
         .find(|p| p.is_file())
@@ -64,7 +66,11 @@ pub fn weights_file(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<PathBuf
 ///
 /// The header of each file is checked up front so that a missing or truncated file is reported
 /// with its path rather than as an opaque tensor error later.
-pub fn load_weights(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn load_weights(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     for file in files {
         check_safetensors(file)?;
     }
