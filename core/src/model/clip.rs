@@ -13,8 +13,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
+
+use crate::model::kernels::norm::LayerNorm;
 
 use crate::model::{load_weights, read_config, weights_file};
 use crate::{Error, Result};
@@ -220,9 +222,9 @@ impl EncoderLayer {
         let (dim, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         let mlp = vb.pp("mlp");
         Ok(Self {
-            layer_norm1: candle_nn::layer_norm(dim, eps, vb.pp("layer_norm1"))?,
+            layer_norm1: LayerNorm::new(dim, eps, vb.pp("layer_norm1"))?,
             self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
-            layer_norm2: candle_nn::layer_norm(dim, eps, vb.pp("layer_norm2"))?,
+            layer_norm2: LayerNorm::new(dim, eps, vb.pp("layer_norm2"))?,
             fc1: candle_nn::linear(dim, cfg.intermediate_size, mlp.pp("fc1"))?,
             fc2: candle_nn::linear(cfg.intermediate_size, dim, mlp.pp("fc2"))?,
             activation,
@@ -275,7 +277,7 @@ impl ClipTextModel {
             .map(|i| EncoderLayer::new(config, activation, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_layer_norm =
-            candle_nn::layer_norm(dim, config.layer_norm_eps, vb.pp("final_layer_norm"))?;
+            LayerNorm::new(dim, config.layer_norm_eps, vb.pp("final_layer_norm"))?;
         let causal_mask = causal_mask(config.max_position_embeddings, vb.dtype(), vb.device())?;
         Ok(Self {
             token_embedding,

@@ -6,9 +6,8 @@
 
 pub mod bundle;
 pub mod clip;
-pub mod conv;
-pub mod group_norm;
 pub mod hub;
+pub mod kernels;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;

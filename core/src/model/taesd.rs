@@ -21,7 +21,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
-use crate::model::conv::{Conv2d, Padding};
+use crate::model::kernels::conv::{Conv2d, Padding};
+use crate::model::kernels::ops::add_fresh;
 use crate::model::{load_weights, read_config, weights_file};
 use crate::{Error, Result};
 
@@ -268,7 +269,7 @@ impl TinyBlock {
         let h = self.act.apply(&self.conv[0].forward(xs)?)?;
         let h = self.act.apply(&self.conv[1].forward(&h)?)?;
         let h = self.conv[2].forward(&h)?;
-        (h + xs)?.relu()
+        add_fresh(h, xs, 1)?.relu()
     }
 }
 

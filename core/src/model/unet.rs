@@ -10,9 +10,10 @@
 //! The time embedding, `conv_in`, the down blocks and the mid block form a `UNetEncoder`,
 //! which a ControlNet (the same encoder with zero convolutions on its outputs) reuses.
 //!
-//! On the CPU the blocks use fused kernels (im2col + GEMM convolutions, f64-accumulated norms,
-//! in-place softmax and adds); other devices use candle's portable ops, which
-//! `SDSTREAM_PORTABLE_KERNELS=1` also selects on the CPU (tests/unet_portable.rs checks that path).
+//! On the CPU the blocks use the shared kernels of [`super::kernels`] (tiled GEMM convolutions,
+//! f64-accumulated norms, in-place softmax and adds); other devices use candle's portable ops,
+//! which `SDSTREAM_PORTABLE_KERNELS=1` also selects on the CPU (tests/unet_portable.rs checks
+//! that path).
 //! bf16 needs a GPU: candle's CPU matmul has no bf16 kernel.
 
 use std::path::Path;
@@ -21,9 +22,11 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 
+use super::kernels::conv::Conv2d;
+use super::kernels::norm::GroupNorm;
 use super::unet_blocks::{
-    Activation, AttentionSpec, BlockSettings, Conv2d, DownBlock, LevelShape, MidBlock,
-    SinusoidalTimesteps, TimestepEmbedding, UpBlock, conv2d,
+    Activation, AttentionSpec, BlockSettings, DownBlock, LevelShape, MidBlock, SinusoidalTimesteps,
+    TimestepEmbedding, UpBlock, conv2d,
 };
 use super::{load_weights, read_config, weights_file};
 use crate::{Error, Result};
@@ -848,7 +851,7 @@ pub struct UNet2DConditionModel {
     config: UNetConfig,
     encoder: UNetEncoder,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: super::unet_blocks::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv2d,
 }
 
@@ -918,12 +921,7 @@ impl UNet2DConditionModel {
             ));
         }
         Ok(Self {
-            conv_norm_out: super::unet_blocks::GroupNorm::new(
-                s.groups,
-                ch0,
-                s.eps,
-                vb.pp("conv_norm_out"),
-            )?,
+            conv_norm_out: GroupNorm::new(s.groups, ch0, s.eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(
                 ch0,
                 config.out_channels,

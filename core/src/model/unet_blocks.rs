@@ -4,25 +4,17 @@
 //! .attn1.to_q.weight`, …) so that a block is built from the [`VarBuilder`] prefix of its place in
 //! the checkpoint. Numerics follow diffusers/PyTorch in f32: GroupNorm and LayerNorm statistics are
 //! accumulated in f64 on the CPU and applied as `x·scale + shift` per channel like PyTorch's CPU
-//! kernels; GEGLU uses the exact (erf) GELU; attention uses a scale of 1/√head_dim.
+//! kernels; GEGLU uses the exact (erf) GELU; attention uses a scale of 1/√head_dim. The CPU
+//! kernels and their portable twins live in [`super::kernels`].
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Module, Shape, Tensor, WithDType};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::VarBuilder;
 
+use super::kernels::conv::{Conv2d, Padding};
+use super::kernels::cpu_kernels;
+use super::kernels::norm::{GroupNorm, LayerNorm};
+use super::kernels::ops::{add_fresh, geglu, scaled_softmax};
 use crate::{Error, Result};
-
-/// Whether the CPU kernels of this file (fused norms, im2col convolution, in-place adds and
-/// softmax) run for tensors on `device`. Other devices use candle's portable ops; setting
-/// `SDSTREAM_PORTABLE_KERNELS=1` makes the CPU use them too, which lets that code path be checked
-/// against the goldens without a GPU.
-pub(crate) fn cpu_kernels(device: &candle_core::Device) -> bool {
-    static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    device.is_cpu()
-        && !*PORTABLE.get_or_init(|| {
-            std::env::var_os("SDSTREAM_PORTABLE_KERNELS").is_some_and(|v| !v.is_empty() && v != "0")
-        })
-}
 
 /// Activation functions that diffusers' `get_activation` can name in a UNet config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,347 +82,6 @@ pub(crate) struct AttentionSpec {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Normalisation
-// ---------------------------------------------------------------------------------------------
-
-/// GroupNorm over `[B, C, …]`, optionally followed by SiLU in the same pass.
-#[derive(Debug, Clone)]
-pub(crate) struct GroupNorm {
-    weight: Tensor,
-    bias: Tensor,
-    groups: usize,
-    eps: f64,
-}
-
-impl GroupNorm {
-    pub(crate) fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        if groups == 0 || !channels.is_multiple_of(groups) {
-            return Err(Error::UnsupportedConfig {
-                model: "UNet".into(),
-                option: "norm_num_groups".into(),
-                detail: format!("{groups} groups do not divide {channels} channels"),
-            });
-        }
-        Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
-            groups,
-            eps,
-        })
-    }
-
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.run(x, false)
-    }
-
-    /// `silu(group_norm(x))`, the pre-activation every resnet uses.
-    pub(crate) fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.run(x, true)
-    }
-
-    fn run(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        if x.rank() < 3 {
-            candle_core::bail!("GroupNorm expects [B, C, …], got {:?}", x.shape())
-        }
-        if cpu_kernels(x.device()) {
-            let x = x.contiguous()?;
-            return x.apply_op3_no_bwd(
-                &self.weight,
-                &self.bias,
-                &GroupNormOp {
-                    groups: self.groups,
-                    eps: self.eps,
-                    silu,
-                },
-            );
-        }
-        // GPU path: the same arithmetic from candle primitives, statistics in f32.
-        let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let dtype = x.dtype();
-        let xs = x.reshape((b, self.groups, ()))?.to_dtype(DType::F32)?;
-        let n = xs.dim(2)? as f64;
-        let mean = (xs.sum_keepdim(2)? / n)?;
-        let xs = xs.broadcast_sub(&mean)?;
-        let var = (xs.sqr()?.sum_keepdim(2)? / n)?;
-        let xs = xs.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let mut wshape = vec![1usize; dims.len()];
-        wshape[1] = c;
-        let w = self.weight.to_dtype(DType::F32)?.reshape(wshape.clone())?;
-        let bias = self.bias.to_dtype(DType::F32)?.reshape(wshape)?;
-        let y = xs.reshape(dims)?.broadcast_mul(&w)?.broadcast_add(&bias)?;
-        let y = if silu { y.silu()? } else { y };
-        y.to_dtype(dtype)
-    }
-}
-
-/// LayerNorm over the last dimension with affine weight and bias.
-#[derive(Debug, Clone)]
-pub(crate) struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    pub(crate) fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
-            eps,
-        })
-    }
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if cpu_kernels(x.device()) {
-            let x = x.contiguous()?;
-            return x.apply_op3_no_bwd(&self.weight, &self.bias, &LayerNormOp { eps: self.eps });
-        }
-        let x = x.contiguous()?;
-        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)
-    }
-}
-
-/// Runs `f(row_index, row)` over the rows of `dst`, spread over candle's CPU threads when the
-/// work is big enough to pay for them.
-fn for_each_row<T: Send>(dst: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    /// Below this many elements per thread, spawning costs more than it saves.
-    const MIN_PER_THREAD: usize = 1 << 16;
-    if row_len == 0 || dst.is_empty() {
-        return;
-    }
-    let rows = dst.len().div_ceil(row_len);
-    let threads = candle_core::utils::get_num_threads()
-        .min(rows)
-        .min(dst.len() / MIN_PER_THREAD)
-        .max(1);
-    if threads == 1 {
-        for (i, row) in dst.chunks_mut(row_len).enumerate() {
-            f(i, row);
-        }
-        return;
-    }
-    let per_thread = rows.div_ceil(threads);
-    let f = &f;
-    std::thread::scope(|scope| {
-        let mut chunks = dst.chunks_mut(per_thread * row_len).enumerate();
-        // The calling thread takes the first chunk itself.
-        let first = chunks.next();
-        for (t, chunk) in chunks {
-            scope.spawn(move || {
-                for (j, row) in chunk.chunks_mut(row_len).enumerate() {
-                    f(t * per_thread + j, row);
-                }
-            });
-        }
-        if let Some((_, chunk)) = first {
-            for (j, row) in chunk.chunks_mut(row_len).enumerate() {
-                f(j, row);
-            }
-        }
-    });
-}
-
-/// Mean and 1/√(var + eps) of a slice, accumulated in f64 (two passes, like a Welford result).
-fn moments<T: WithDType>(xs: &[T], eps: f64) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = xs
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-fn contiguous_slice<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    let data = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused norm: operand is not contiguous"),
-    }
-}
-
-#[inline]
-fn silu_f32(y: f32) -> f32 {
-    y / (1.0 + (-y).exp())
-}
-
-struct GroupNormOp {
-    groups: usize,
-    eps: f64,
-    silu: bool,
-}
-
-impl GroupNormOp {
-    fn run<T: WithDType>(
-        &self,
-        x: &[T],
-        shape: &Shape,
-        w: &[T],
-        b: &[T],
-    ) -> candle_core::Result<CpuStorage> {
-        let dims = shape.dims();
-        let channels = dims[1];
-        let spatial: usize = dims[2..].iter().product();
-        let per_group = channels / self.groups;
-        let row_len = per_group * spatial;
-        let mut dst = vec![T::zero(); x.len()];
-        for_each_row(&mut dst, row_len, |row, out| {
-            let src = &x[row * row_len..(row + 1) * row_len];
-            let (mean, rstd) = moments(src, self.eps);
-            let (mean, rstd) = (mean as f32, rstd as f32);
-            let first_channel = (row % self.groups) * per_group;
-            for c in 0..per_group {
-                // PyTorch's CPU GroupNorm: y = x·scale + shift with scale = rstd·γ, shift = β − scale·mean.
-                let scale = rstd * w[first_channel + c].to_f64() as f32;
-                let shift = b[first_channel + c].to_f64() as f32 - scale * mean;
-                let range = c * spatial..(c + 1) * spatial;
-                for (o, v) in out[range.clone()].iter_mut().zip(&src[range]) {
-                    let y = v.to_f64() as f32 * scale + shift;
-                    let y = if self.silu { silu_f32(y) } else { y };
-                    *o = T::from_f64(y as f64);
-                }
-            }
-        });
-        Ok(T::to_cpu_storage_owned(dst))
-    }
-}
-
-impl CustomOp3 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "sdstream-group-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = l1.shape().clone();
-        if !shape.dims()[1].is_multiple_of(self.groups)
-            || l2.shape().elem_count() != shape.dims()[1]
-        {
-            candle_core::bail!(
-                "GroupNorm: {} groups, weight {:?}, input {shape:?}",
-                self.groups,
-                l2.shape()
-            )
-        }
-        let out = match s1.dtype() {
-            DType::F32 => self.run::<f32>(
-                contiguous_slice(s1, l1)?,
-                &shape,
-                contiguous_slice(s2, l2)?,
-                contiguous_slice(s3, l3)?,
-            )?,
-            DType::F16 => self.run::<half::f16>(
-                contiguous_slice(s1, l1)?,
-                &shape,
-                contiguous_slice(s2, l2)?,
-                contiguous_slice(s3, l3)?,
-            )?,
-            DType::BF16 => self.run::<half::bf16>(
-                contiguous_slice(s1, l1)?,
-                &shape,
-                contiguous_slice(s2, l2)?,
-                contiguous_slice(s3, l3)?,
-            )?,
-            DType::F64 => self.run::<f64>(
-                contiguous_slice(s1, l1)?,
-                &shape,
-                contiguous_slice(s2, l2)?,
-                contiguous_slice(s3, l3)?,
-            )?,
-            other => candle_core::bail!("GroupNorm: unsupported dtype {other:?}"),
-        };
-        Ok((out, shape))
-    }
-}
-
-struct LayerNormOp {
-    eps: f64,
-}
-
-impl LayerNormOp {
-    fn run<T: WithDType>(&self, x: &[T], dim: usize, w: &[T], b: &[T]) -> CpuStorage {
-        let mut dst = vec![T::zero(); x.len()];
-        for_each_row(&mut dst, dim, |row, out| {
-            let src = &x[row * dim..(row + 1) * dim];
-            let (mean, rstd) = moments(src, self.eps);
-            let (mean, rstd) = (mean as f32, rstd as f32);
-            for ((o, v), (g, be)) in out.iter_mut().zip(src).zip(w.iter().zip(b)) {
-                let y = (v.to_f64() as f32 - mean) * rstd * g.to_f64() as f32 + be.to_f64() as f32;
-                *o = T::from_f64(y as f64);
-            }
-        });
-        T::to_cpu_storage_owned(dst)
-    }
-}
-
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "sdstream-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = l1.shape().clone();
-        let dim = shape.dims().last().copied().unwrap_or(0);
-        if dim == 0 || l2.shape().elem_count() != dim {
-            candle_core::bail!("LayerNorm: weight {:?} for input {shape:?}", l2.shape())
-        }
-        let out = match s1.dtype() {
-            DType::F32 => self.run::<f32>(
-                contiguous_slice(s1, l1)?,
-                dim,
-                contiguous_slice(s2, l2)?,
-                contiguous_slice(s3, l3)?,
-            ),
-            DType::F16 => self.run::<half::f16>(
-                contiguous_slice(s1, l1)?,
-                dim,
-                contiguous_slice(s2, l2)?,
-                contiguous_slice(s3, l3)?,
-            ),
-            DType::BF16 => self.run::<half::bf16>(
-                contiguous_slice(s1, l1)?,
-                dim,
-                contiguous_slice(s2, l2)?,
-                contiguous_slice(s3, l3)?,
-            ),
-            DType::F64 => self.run::<f64>(
-                contiguous_slice(s1, l1)?,
-                dim,
-                contiguous_slice(s2, l2)?,
-                contiguous_slice(s3, l3)?,
-            ),
-            other => candle_core::bail!("LayerNorm: unsupported dtype {other:?}"),
-        };
-        Ok((out, shape))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Layers
 // ---------------------------------------------------------------------------------------------
 
@@ -472,129 +123,7 @@ impl Module for Linear {
     }
 }
 
-/// `fresh + other` with broadcasting, where `other` is either the same shape as `fresh` or
-/// shaped to broadcast so that its element `i` covers runs of `inner` consecutive elements of
-/// `fresh` (a `[N]` bias over the last dimension: `inner = 1`; a `[B, C, 1, 1]` shift of
-/// `[B, C, H, W]`: `inner = H·W`).
-///
-/// On the CPU the sum is written into `fresh`'s buffer, so `fresh` must be a tensor the caller
-/// just produced and shares with nothing (the output of a matmul or convolution).
-pub(crate) fn add_fresh(
-    fresh: Tensor,
-    other: &Tensor,
-    inner: usize,
-) -> candle_core::Result<Tensor> {
-    let same_shape = fresh.dims() == other.dims();
-    let n = other.elem_count();
-    let in_place = cpu_kernels(fresh.device())
-        && fresh.is_contiguous()
-        && other.is_contiguous()
-        && fresh.dtype() == other.dtype()
-        && n > 0
-        && (same_shape || (inner > 0 && fresh.elem_count().is_multiple_of(n * inner)));
-    if !in_place {
-        return fresh.broadcast_add(other);
-    }
-    let inner = if same_shape { 1 } else { inner };
-    fresh.inplace_op2(other, &AddInPlace { n, inner })?;
-    Ok(fresh)
-}
-
-/// `dst[(j·n + i)·inner + k] += src[i]`.
-struct AddInPlace {
-    n: usize,
-    inner: usize,
-}
-
-impl AddInPlace {
-    fn run<T: WithDType>(&self, dst: &mut [T], src: &[T]) {
-        let (n, inner) = (self.n, self.inner);
-        const CHUNK: usize = 1 << 14;
-        for_each_row(dst, CHUNK, |chunk_index, out| {
-            let start = chunk_index * CHUNK;
-            let mut i = (start / inner) % n;
-            let mut k = start % inner;
-            let mut pos = 0;
-            while pos < out.len() {
-                let run = (inner - k).min(out.len() - pos);
-                let v = src[i];
-                for o in &mut out[pos..pos + run] {
-                    *o += v;
-                }
-                pos += run;
-                k = 0;
-                i = if i + 1 == n { 0 } else { i + 1 };
-            }
-        });
-    }
-
-    fn run_same<T: WithDType>(&self, dst: &mut [T], src: &[T]) {
-        const CHUNK: usize = 1 << 14;
-        for_each_row(dst, CHUNK, |chunk_index, out| {
-            let start = chunk_index * CHUNK;
-            let len = out.len();
-            for (o, v) in out.iter_mut().zip(&src[start..start + len]) {
-                *o += *v;
-            }
-        });
-    }
-}
-
-impl candle_core::InplaceOp2 for AddInPlace {
-    fn name(&self) -> &'static str {
-        "sdstream-add-in-place"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("add-in-place: operands must be contiguous")
-        };
-        macro_rules! go {
-            ($t:ty, $dst:expr, $src:expr) => {{
-                let dst = &mut $dst[a0..a1];
-                let src = &$src[b0..b1];
-                if src.len() == dst.len() && self.inner == 1 {
-                    self.run_same::<$t>(dst, src)
-                } else {
-                    self.run::<$t>(dst, src)
-                }
-            }};
-        }
-        match (s1, s2) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => go!(f32, d, s),
-            (CpuStorage::F16(d), CpuStorage::F16(s)) => go!(half::f16, d, s),
-            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => go!(half::bf16, d, s),
-            (CpuStorage::F64(d), CpuStorage::F64(s)) => go!(f64, d, s),
-            _ => candle_core::bail!("add-in-place: unsupported or mismatched dtypes"),
-        }
-        Ok(())
-    }
-}
-
-/// A 2-D convolution with bias. On the CPU it runs as im2col + one GEMM per call, with the
-/// weights laid out once at load time as `[c_out, c_in·k·k + 1]` (the bias is the last column,
-/// multiplied by a row of ones in the im2col matrix); on other devices it is candle's conv2d.
-#[derive(Debug, Clone)]
-pub(crate) struct Conv2d {
-    /// CPU: `[c_out, K + 1]` weights with the bias folded in.
-    folded: Option<Tensor>,
-    /// Other devices: candle's convolution.
-    conv: Option<candle_nn::Conv2d>,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-}
-
-/// im2col matrices above this many bytes are built one batch row at a time.
-const IM2COL_BUDGET: usize = 128 << 20;
-
+/// A convolution with bias and the same padding on every side, as the UNet's layers.
 pub(crate) fn conv2d(
     in_ch: usize,
     out_ch: usize,
@@ -603,154 +132,10 @@ pub(crate) fn conv2d(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let weight = vb.get((out_ch, in_ch, kernel, kernel), "weight")?;
-    let bias = vb.get(out_ch, "bias")?;
-    let (folded, conv) = if cpu_kernels(vb.device()) {
-        let w = weight.reshape((out_ch, in_ch * kernel * kernel))?;
-        (
-            Some(Tensor::cat(&[&w, &bias.reshape((out_ch, 1))?], 1)?),
-            None,
-        )
-    } else {
-        let cfg = Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        };
-        (None, Some(candle_nn::Conv2d::new(weight, Some(bias), cfg)))
-    };
-    Ok(Conv2d {
-        folded,
-        conv,
-        kernel,
-        stride,
-        padding,
-    })
-}
-
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let Some(w) = &self.folded else {
-            return match &self.conv {
-                Some(conv) => conv.forward(x),
-                None => candle_core::bail!("conv2d has no weights"),
-            };
-        };
-        let (b, c, h, wd) = x.dims4()?;
-        let (k, s, p) = (self.kernel, self.stride, self.padding);
-        if h + 2 * p < k || wd + 2 * p < k {
-            candle_core::bail!("conv2d: input {h}x{wd} is smaller than the {k}x{k} kernel")
-        }
-        let (ho, wo) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
-        let rows = c * k * k + 1;
-        if w.dim(1)? != rows {
-            candle_core::bail!(
-                "conv2d: {c} input channels, weights expect {}",
-                (w.dim(1)? - 1) / (k * k)
-            )
-        }
-        let op = Im2Col {
-            kernel: k,
-            stride: s,
-            padding: p,
-        };
-        let x = x.contiguous()?;
-        let bytes = b * rows * ho * wo * x.dtype().size_in_bytes();
-        let per_row = |x: &Tensor| -> candle_core::Result<Tensor> {
-            let n = x.dim(0)?;
-            let cols = x.apply_op1_no_bwd(&op)?;
-            w.broadcast_left(n)?.matmul(&cols)?.reshape((n, (), ho, wo))
-        };
-        if b == 1 || bytes <= IM2COL_BUDGET {
-            per_row(&x)
-        } else {
-            let parts = (0..b)
-                .map(|i| per_row(&x.narrow(0, i, 1)?))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&parts, 0)
-        }
-    }
-}
-
-/// `[B, C, H, W]` → `[B, C·k·k + 1, Ho·Wo]`: the patches of a convolution, one row per
-/// (channel, ky, kx) in PyTorch's weight order, plus a row of ones for the bias.
-struct Im2Col {
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-}
-
-impl Im2Col {
-    fn run<T: WithDType>(&self, x: &[T], dims: &[usize]) -> (Vec<T>, Shape) {
-        let (b, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
-        let (k, s, p) = (self.kernel, self.stride, self.padding);
-        let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
-        let rows = c * k * k + 1;
-        let row_len = ho * wo;
-        let mut dst = vec![T::zero(); b * rows * row_len];
-        for_each_row(&mut dst, row_len, |r, out| {
-            let (batch, row) = (r / rows, r % rows);
-            if row == rows - 1 {
-                out.fill(T::one());
-                return;
-            }
-            let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
-            let plane = &x[(batch * c + ci) * h * w..(batch * c + ci + 1) * h * w];
-            // Output columns whose input column ox·s + kx − p lies inside [0, w).
-            let ox_start = (p.saturating_sub(kx)).div_ceil(s);
-            let ox_end = ((w + p).saturating_sub(kx)).div_ceil(s).min(wo);
-            for oy in 0..ho {
-                let iy = (oy * s + ky) as isize - p as isize;
-                if iy < 0 || iy >= h as isize || ox_start >= ox_end {
-                    continue; // stays zero (padding)
-                }
-                let src_row = &plane[iy as usize * w..(iy as usize + 1) * w];
-                let dst_row = &mut out[oy * wo..(oy + 1) * wo];
-                let ix0 = ox_start * s + kx - p;
-                if s == 1 {
-                    let n = ox_end - ox_start;
-                    dst_row[ox_start..ox_end].copy_from_slice(&src_row[ix0..ix0 + n]);
-                } else {
-                    for (j, d) in dst_row[ox_start..ox_end].iter_mut().enumerate() {
-                        *d = src_row[ix0 + j * s];
-                    }
-                }
-            }
-        });
-        (dst, Shape::from_dims(&[b, rows, row_len]))
-    }
-}
-
-impl candle_core::CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "sdstream-im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l.shape().dims().to_vec();
-        if dims.len() != 4 {
-            candle_core::bail!("im2col expects [B, C, H, W], got {:?}", l.shape())
-        }
-        Ok(match s.dtype() {
-            DType::F32 => {
-                let (v, sh) = self.run::<f32>(contiguous_slice(s, l)?, &dims);
-                (f32::to_cpu_storage_owned(v), sh)
-            }
-            DType::F16 => {
-                let (v, sh) = self.run::<half::f16>(contiguous_slice(s, l)?, &dims);
-                (half::f16::to_cpu_storage_owned(v), sh)
-            }
-            DType::BF16 => {
-                let (v, sh) = self.run::<half::bf16>(contiguous_slice(s, l)?, &dims);
-                (half::bf16::to_cpu_storage_owned(v), sh)
-            }
-            DType::F64 => {
-                let (v, sh) = self.run::<f64>(contiguous_slice(s, l)?, &dims);
-                (f64::to_cpu_storage_owned(v), sh)
-            }
-            other => candle_core::bail!("im2col: unsupported dtype {other:?}"),
-        })
-    }
+    let padding = Padding::uniform(padding);
+    Ok(Conv2d::new(
+        in_ch, out_ch, kernel, stride, padding, true, vb,
+    )?)
 }
 
 /// A 1×1 convolution loaded as the equivalent linear map over channels, applied to tokens
@@ -939,26 +324,23 @@ impl ResnetBlock2D {
 #[derive(Debug, Clone)]
 pub(crate) struct Downsample2D {
     conv: Conv2d,
-    pad_end: bool,
 }
 
 impl Downsample2D {
     pub(crate) fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            conv: conv2d(channels, channels, 3, 2, padding, vb.pp("conv"))?,
-            pad_end: padding == 0,
-        })
+        let padding = if padding == 0 {
+            Padding::bottom_right(1)
+        } else {
+            Padding::uniform(padding)
+        };
+        let conv = Conv2d::new(channels, channels, 3, 2, padding, true, vb.pp("conv"))?;
+        Ok(Self { conv })
     }
 }
 
 impl Module for Downsample2D {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.pad_end {
-            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-            self.conv.forward(&x)
-        } else {
-            self.conv.forward(x)
-        }
+        self.conv.forward(x)
     }
 }
 
@@ -981,8 +363,12 @@ impl Upsample2D {
         size: Option<(usize, usize)>,
     ) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        match size {
+            // Plain 2×: fused into the convolution's input copy on the CPU.
+            None => self.conv.forward_upsampled(x, 2),
+            Some(size) if size == (2 * h, 2 * w) => self.conv.forward_upsampled(x, 2),
+            Some((th, tw)) => self.conv.forward(&x.upsample_nearest2d(th, tw)?),
+        }
     }
 }
 
@@ -1006,54 +392,6 @@ const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
 /// On the CPU, score blocks stay under this size (below glibc's largest mmap threshold, so the
 /// allocator reuses heap memory instead of faulting in fresh pages for every block).
 const ATTENTION_BLOCK_BYTES_CPU: usize = 16 << 20;
-
-/// Row-wise softmax of `scale·x` over the last dimension, in place, computed in f32.
-struct ScaledSoftmax {
-    scale: f64,
-}
-
-impl ScaledSoftmax {
-    fn run<T: WithDType>(&self, data: &mut [T], width: usize) {
-        let scale = self.scale as f32;
-        for_each_row(data, width, |_, row| {
-            // As PyTorch's CPU attention: x = scale·s (f32), then exp(x − max) / Σ.
-            let max = row
-                .iter()
-                .map(|v| v.to_f64() as f32 * scale)
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in row.iter_mut() {
-                let e = (v.to_f64() as f32 * scale - max).exp();
-                sum += e;
-                *v = T::from_f64(e as f64);
-            }
-            for v in row.iter_mut() {
-                *v = T::from_f64((v.to_f64() as f32 / sum) as f64);
-            }
-        });
-    }
-}
-
-impl candle_core::InplaceOp1 for ScaledSoftmax {
-    fn name(&self) -> &'static str {
-        "sdstream-scaled-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("softmax: scores must be contiguous")
-        };
-        let width = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        match s {
-            CpuStorage::F32(d) => self.run::<f32>(&mut d[a..b], width),
-            CpuStorage::F16(d) => self.run::<half::f16>(&mut d[a..b], width),
-            CpuStorage::BF16(d) => self.run::<half::bf16>(&mut d[a..b], width),
-            CpuStorage::F64(d) => self.run::<f64>(&mut d[a..b], width),
-            _ => candle_core::bail!("softmax: unsupported dtype"),
-        }
-        Ok(())
-    }
-}
 
 impl Attention {
     pub(crate) fn new(
@@ -1181,14 +519,7 @@ impl Attention {
         } else {
             (q.clone(), k.clone())
         };
-        let scores = q.matmul(&k.t()?)?;
-        let probs = if cpu_kernels(scores.device()) && scores.is_contiguous() {
-            // In place on the fresh scores.
-            scores.inplace_op1(&ScaledSoftmax { scale: self.scale })?;
-            scores
-        } else {
-            candle_nn::ops::softmax_last_dim(&(scores * self.scale)?)?
-        };
+        let probs = scaled_softmax(q.matmul(&k.t()?)?, self.scale)?;
         let probs = if upcast {
             probs.to_dtype(dtype)?
         } else {
@@ -1203,7 +534,6 @@ impl Attention {
 pub(crate) struct FeedForward {
     proj: Linear,
     out: Linear,
-    inner: usize,
 }
 
 impl FeedForward {
@@ -1212,80 +542,13 @@ impl FeedForward {
         Ok(Self {
             proj: linear(dim, 2 * inner, vb.pp("net").pp("0").pp("proj"))?,
             out: linear(inner, dim, vb.pp("net").pp("2"))?,
-            inner,
         })
     }
 }
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let hg = self.proj.forward(x)?;
-        let gated = if cpu_kernels(hg.device()) && hg.is_contiguous() {
-            hg.apply_op1_no_bwd(&Geglu)?
-        } else {
-            let hidden = hg.narrow(D::Minus1, 0, self.inner)?;
-            let gate = hg.narrow(D::Minus1, self.inner, self.inner)?;
-            (hidden * gate.gelu_erf()?)?
-        };
-        self.out.forward(&gated)
-    }
-}
-
-/// `[…, 2n]` → `[…, n]`: first half × exact GELU(second half), in one pass (diffusers' GEGLU).
-struct Geglu;
-
-impl Geglu {
-    fn run<T: WithDType>(x: &[T], width: usize) -> Vec<T> {
-        let half = width / 2;
-        let mut dst = vec![T::zero(); x.len() / 2];
-        for_each_row(&mut dst, half, |row, out| {
-            let src = &x[row * width..(row + 1) * width];
-            let (hidden, gate) = src.split_at(half);
-            for ((o, h), g) in out.iter_mut().zip(hidden).zip(gate) {
-                // f32 arithmetic as PyTorch's CPU GELU: x·0.5·(1 + erf(x·√½)), then × hidden.
-                let g = g.to_f64() as f32;
-                let gelu = g
-                    * 0.5
-                    * (1.0 + candle_core::cpu::erf::erf_f32(g * std::f32::consts::FRAC_1_SQRT_2));
-                *o = T::from_f64((h.to_f64() as f32 * gelu) as f64);
-            }
-        });
-        dst
-    }
-}
-
-impl candle_core::CustomOp1 for Geglu {
-    fn name(&self) -> &'static str {
-        "sdstream-geglu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let mut dims = l.shape().dims().to_vec();
-        let width = dims.last().copied().unwrap_or(0);
-        if width == 0 || !width.is_multiple_of(2) {
-            candle_core::bail!("GEGLU: last dimension {width} is not even")
-        }
-        if let Some(last) = dims.last_mut() {
-            *last = width / 2;
-        }
-        let storage = match s.dtype() {
-            DType::F32 => {
-                f32::to_cpu_storage_owned(Self::run::<f32>(contiguous_slice(s, l)?, width))
-            }
-            DType::F16 => half::f16::to_cpu_storage_owned(Self::run::<half::f16>(
-                contiguous_slice(s, l)?,
-                width,
-            )),
-            DType::BF16 => half::bf16::to_cpu_storage_owned(Self::run::<half::bf16>(
-                contiguous_slice(s, l)?,
-                width,
-            )),
-            DType::F64 => {
-                f64::to_cpu_storage_owned(Self::run::<f64>(contiguous_slice(s, l)?, width))
-            }
-            other => candle_core::bail!("GEGLU: unsupported dtype {other:?}"),
-        };
-        Ok((storage, Shape::from_dims(&dims)))
+        self.out.forward(&geglu(&self.proj.forward(x)?)?)
     }
 }
 

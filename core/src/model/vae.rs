@@ -16,8 +16,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::model::conv::{Conv2d, Padding};
-use crate::model::group_norm::GroupNorm;
+use crate::model::kernels::conv::{Conv2d, Padding};
+use crate::model::kernels::norm::GroupNorm;
+use crate::model::kernels::ops::add_fresh;
 use crate::model::{load_weights, read_config, weights_file};
 use crate::{Error, Result};
 
@@ -241,13 +242,7 @@ fn conv3x3(c_in: usize, c_out: usize, vb: VarBuilder) -> candle_core::Result<Con
 
 /// diffusers' `Downsample2D(padding=0)`: pad right and bottom by one, then a stride-2 3×3 conv.
 fn downsample_conv(channels: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    let padding = Padding {
-        top: 0,
-        bottom: 1,
-        left: 0,
-        right: 1,
-    };
-    Conv2d::new(channels, channels, 3, 2, padding, true, vb)
+    Conv2d::new(channels, channels, 3, 2, Padding::bottom_right(1), true, vb)
 }
 
 fn conv1x1(c_in: usize, c_out: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
@@ -293,8 +288,8 @@ impl ResnetBlock {
         let h = self.conv1.forward(&self.act.norm_act(&self.norm1, xs)?)?;
         let h = self.conv2.forward(&self.act.norm_act(&self.norm2, &h)?)?;
         match &self.conv_shortcut {
-            Some(conv) => conv.forward(xs)? + h,
-            None => xs + h,
+            Some(conv) => add_fresh(h, &conv.forward(xs)?, 1),
+            None => add_fresh(h, xs, 1),
         }
     }
 }

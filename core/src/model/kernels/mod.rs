@@ -1,0 +1,145 @@
+//! CPU kernels shared by every network (UNet, VAE, TAESD, CLIP): convolution, GroupNorm (with
+//! fused SiLU), LayerNorm, in-place adds, GEGLU and softmax.
+//!
+//! candle's CPU ops are generic: each allocates a fresh tensor and walks it once per primitive,
+//! and its convolution gathers im2col tiles element by element. The kernels here do the same
+//! arithmetic in fewer passes, split across candle's CPU threads with [`for_each_row`] and
+//! [`for_each_range`]. Every kernel has a portable twin built from candle ops: that is what
+//! non-CPU devices run, and what the CPU runs too when `SDSTREAM_PORTABLE_KERNELS=1`, so that
+//! the GPU code path can be checked against the goldens without a GPU ([`cpu_kernels`] decides).
+
+pub mod conv;
+pub mod norm;
+pub(crate) mod ops;
+
+use candle_core::{CpuStorage, Device, Layout, WithDType};
+
+/// Whether the CPU kernels run for tensors on `device`: on the CPU unless
+/// `SDSTREAM_PORTABLE_KERNELS` is set (to anything but `0`), never elsewhere.
+pub(crate) fn cpu_kernels(device: &Device) -> bool {
+    static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    device.is_cpu()
+        && !*PORTABLE.get_or_init(|| {
+            std::env::var_os("SDSTREAM_PORTABLE_KERNELS").is_some_and(|v| !v.is_empty() && v != "0")
+        })
+}
+
+/// Below this many elements per thread, starting a thread costs more than it saves.
+const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
+
+/// Threads worth using for `items` independent work items that touch `volume` elements.
+fn thread_count(items: usize, volume: usize) -> usize {
+    candle_core::utils::get_num_threads()
+        .min(items)
+        .min(volume / MIN_ELEMENTS_PER_THREAD)
+        .max(1)
+}
+
+/// Runs `f(row_index, row)` over the `row_len`-long rows of `dst` (the last may be shorter),
+/// spread over candle's CPU threads when the work is big enough to pay for them.
+pub(crate) fn for_each_row<T: Send>(
+    dst: &mut [T],
+    row_len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    if row_len == 0 || dst.is_empty() {
+        return;
+    }
+    let rows = dst.len().div_ceil(row_len);
+    let threads = thread_count(rows, dst.len());
+    let per_thread = rows.div_ceil(threads);
+    let f = &f;
+    let run = move |first_row: usize, chunk: &mut [T]| {
+        for (j, row) in chunk.chunks_mut(row_len).enumerate() {
+            f(first_row + j, row);
+        }
+    };
+    if threads == 1 {
+        run(0, dst);
+        return;
+    }
+    std::thread::scope(|scope| {
+        let mut chunks = dst.chunks_mut(per_thread * row_len).enumerate();
+        // The calling thread takes the first chunk itself.
+        let first = chunks.next();
+        for (t, chunk) in chunks {
+            scope.spawn(move || run(t * per_thread, chunk));
+        }
+        if let Some((_, chunk)) = first {
+            run(0, chunk);
+        }
+    });
+}
+
+/// Runs `work(range)` over `0..items` split into `threads` contiguous ranges, the first on the
+/// calling thread. For kernels whose items write scattered parts of one output (through
+/// [`SharedMut`]); the caller picks `threads` (see [`thread_count`]).
+fn for_each_range(items: usize, threads: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    if threads <= 1 {
+        work(0..items);
+        return;
+    }
+    let per_thread = items.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for t in 1..threads {
+            let range = t * per_thread..((t + 1) * per_thread).min(items);
+            if !range.is_empty() {
+                scope.spawn(move || work(range));
+            }
+        }
+        work(0..per_thread.min(items));
+    });
+}
+
+/// A raw pointer into one output buffer, shared by threads that write disjoint elements of it.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+
+// SAFETY: the wrapper only moves the pointer between threads; every user writes elements that no
+// other thread reads or writes (each call site says why), and the buffer outlives the scope.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
+/// The elements of a contiguous operand of a custom op; `op` names the op in the error.
+fn contiguous_slice<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    let data = storage.as_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: operand is not contiguous"),
+    }
+}
+
+/// Evaluates `$body` with the type alias `$t` bound to the Rust type of `$dtype` (one of the
+/// float dtypes listed), or bails naming `$op`.
+macro_rules! with_float_type {
+    ($dtype:expr, $op:expr, [$($variant:ident => $ty:ty),+], |$t:ident| $body:expr) => {
+        match $dtype {
+            $(candle_core::DType::$variant => {
+                type $t = $ty;
+                $body
+            })+
+            other => candle_core::bail!("{}: unsupported dtype {other:?} on the CPU", $op),
+        }
+    };
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
+        $crate::model::kernels::with_float_type!(
+            $dtype,
+            $op,
+            [F32 => f32, F16 => half::f16, BF16 => half::bf16, F64 => f64],
+            |$t| $body
+        )
+    };
+}
+pub(crate) use with_float_type;

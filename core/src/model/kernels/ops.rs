@@ -1,0 +1,220 @@
+//! Element-wise and row-wise kernels of the transformer and resnet blocks: in-place adds into
+//! fresh tensors, GEGLU, scaled softmax.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, D, InplaceOp1, InplaceOp2, Layout, Shape, Tensor, WithDType,
+};
+
+use super::{contiguous_slice, cpu_kernels, for_each_row, with_float_type};
+
+/// `fresh + other` with broadcasting, where `other` is either the same shape as `fresh` or
+/// shaped to broadcast so that its element `i` covers runs of `inner` consecutive elements of
+/// `fresh` (a `[N]` bias over the last dimension: `inner = 1`; a `[B, C, 1, 1]` shift of
+/// `[B, C, H, W]`: `inner = H·W`).
+///
+/// With the CPU kernels the sum is written into `fresh`'s buffer, so `fresh` must be a tensor
+/// the caller just produced and shares with nothing (the output of a matmul or convolution).
+pub(crate) fn add_fresh(
+    fresh: Tensor,
+    other: &Tensor,
+    inner: usize,
+) -> candle_core::Result<Tensor> {
+    let same_shape = fresh.dims() == other.dims();
+    let n = other.elem_count();
+    let in_place = cpu_kernels(fresh.device())
+        && fresh.is_contiguous()
+        && other.is_contiguous()
+        && fresh.dtype() == other.dtype()
+        && n > 0
+        && (same_shape || (inner > 0 && fresh.elem_count().is_multiple_of(n * inner)));
+    if !in_place {
+        return fresh.broadcast_add(other);
+    }
+    let inner = if same_shape { 1 } else { inner };
+    fresh.inplace_op2(other, &AddInPlace { n, inner })?;
+    Ok(fresh)
+}
+
+/// `dst[(j·n + i)·inner + k] += src[i]`.
+struct AddInPlace {
+    n: usize,
+    inner: usize,
+}
+
+/// Elements per work item of the in-place add.
+const ADD_CHUNK: usize = 1 << 14;
+
+impl AddInPlace {
+    fn run<T: WithDType>(&self, dst: &mut [T], src: &[T]) {
+        let (n, inner) = (self.n, self.inner);
+        if src.len() == dst.len() && inner == 1 {
+            for_each_row(dst, ADD_CHUNK, |chunk_index, out| {
+                let start = chunk_index * ADD_CHUNK;
+                let len = out.len();
+                for (o, v) in out.iter_mut().zip(&src[start..start + len]) {
+                    *o += *v;
+                }
+            });
+            return;
+        }
+        for_each_row(dst, ADD_CHUNK, |chunk_index, out| {
+            let start = chunk_index * ADD_CHUNK;
+            let mut i = (start / inner) % n;
+            let mut k = start % inner;
+            let mut pos = 0;
+            while pos < out.len() {
+                let run = (inner - k).min(out.len() - pos);
+                let v = src[i];
+                for o in &mut out[pos..pos + run] {
+                    *o += v;
+                }
+                pos += run;
+                k = 0;
+                i = if i + 1 == n { 0 } else { i + 1 };
+            }
+        });
+    }
+}
+
+impl InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "sdstream-add-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("add-in-place: operands must be contiguous")
+        };
+        match (s1, s2) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => self.run(&mut d[a0..a1], &s[b0..b1]),
+            (CpuStorage::F16(d), CpuStorage::F16(s)) => self.run(&mut d[a0..a1], &s[b0..b1]),
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => self.run(&mut d[a0..a1], &s[b0..b1]),
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => self.run(&mut d[a0..a1], &s[b0..b1]),
+            _ => candle_core::bail!("add-in-place: unsupported or mismatched dtypes"),
+        }
+        Ok(())
+    }
+}
+
+/// diffusers' GEGLU: `[…, 2n]` → `[…, n]`, first half × exact GELU(second half).
+pub(crate) fn geglu(hg: &Tensor) -> candle_core::Result<Tensor> {
+    if cpu_kernels(hg.device()) && hg.is_contiguous() {
+        return hg.apply_op1_no_bwd(&Geglu);
+    }
+    let inner = hg.dim(D::Minus1)? / 2;
+    let hidden = hg.narrow(D::Minus1, 0, inner)?;
+    let gate = hg.narrow(D::Minus1, inner, inner)?;
+    hidden * gate.gelu_erf()?
+}
+
+/// The GEGLU kernel, one pass.
+struct Geglu;
+
+impl Geglu {
+    fn run<T: WithDType>(x: &[T], width: usize) -> Vec<T> {
+        let half = width / 2;
+        let mut dst = vec![T::zero(); x.len() / 2];
+        for_each_row(&mut dst, half, |row, out| {
+            let src = &x[row * width..(row + 1) * width];
+            let (hidden, gate) = src.split_at(half);
+            for ((o, h), g) in out.iter_mut().zip(hidden).zip(gate) {
+                // f32 arithmetic as PyTorch's CPU GELU: x·0.5·(1 + erf(x·√½)), then × hidden.
+                let g = g.to_f64() as f32;
+                let gelu = g
+                    * 0.5
+                    * (1.0 + candle_core::cpu::erf::erf_f32(g * std::f32::consts::FRAC_1_SQRT_2));
+                *o = T::from_f64((h.to_f64() as f32 * gelu) as f64);
+            }
+        });
+        dst
+    }
+}
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "sdstream-geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut dims = l.shape().dims().to_vec();
+        let width = dims.last().copied().unwrap_or(0);
+        if width == 0 || !width.is_multiple_of(2) {
+            candle_core::bail!("GEGLU: last dimension {width} is not even")
+        }
+        if let Some(last) = dims.last_mut() {
+            *last = width / 2;
+        }
+        let name = self.name();
+        let storage = with_float_type!(s.dtype(), name, |T| T::to_cpu_storage_owned(
+            Self::run::<T>(contiguous_slice(s, l, name)?, width)
+        ));
+        Ok((storage, Shape::from_dims(&dims)))
+    }
+}
+
+/// Row-wise softmax of `scale·scores` over the last dimension, computed in f32 as PyTorch's CPU
+/// attention does. With the CPU kernels it runs in place, so `scores` must be a fresh tensor
+/// shared with nothing (the output of a matmul).
+pub(crate) fn scaled_softmax(scores: Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if cpu_kernels(scores.device()) && scores.is_contiguous() {
+        scores.inplace_op1(&ScaledSoftmax { scale })?;
+        return Ok(scores);
+    }
+    candle_nn::ops::softmax_last_dim(&(scores * scale)?)
+}
+
+/// The in-place softmax kernel.
+struct ScaledSoftmax {
+    scale: f64,
+}
+
+impl ScaledSoftmax {
+    fn run<T: WithDType>(&self, data: &mut [T], width: usize) {
+        let scale = self.scale as f32;
+        for_each_row(data, width, |_, row| {
+            // x = scale·s (f32), then exp(x − max) / Σ.
+            let max = row
+                .iter()
+                .map(|v| v.to_f64() as f32 * scale)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                let e = (v.to_f64() as f32 * scale - max).exp();
+                sum += e;
+                *v = T::from_f64(e as f64);
+            }
+            for v in row.iter_mut() {
+                *v = T::from_f64((v.to_f64() as f32 / sum) as f64);
+            }
+        });
+    }
+}
+
+impl InplaceOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "sdstream-scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("softmax: scores must be contiguous")
+        };
+        let width = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        match s {
+            CpuStorage::F32(d) => self.run(&mut d[a..b], width),
+            CpuStorage::F16(d) => self.run(&mut d[a..b], width),
+            CpuStorage::BF16(d) => self.run(&mut d[a..b], width),
+            CpuStorage::F64(d) => self.run(&mut d[a..b], width),
+            _ => candle_core::bail!("softmax: unsupported dtype"),
+        }
+        Ok(())
+    }
+}
