@@ -125,7 +125,17 @@ fn check_case(name: &str) {
     let n_frames = gold["output"].dim(0).unwrap();
     let updates = case["updates"].as_array().cloned().unwrap_or_default();
     let mut worst = (0f32, 0f32);
-    for (i, frame_path) in frames.iter().enumerate().take(n_frames) {
+    let txt2img = case["mode"] == "txt2img";
+    assert!(
+        n_frames >= 6,
+        "{name}: the golden holds only {n_frames} frames"
+    );
+    assert!(
+        txt2img || frames.len() >= n_frames,
+        "{name}: fewer input frames than outputs"
+    );
+    let mut compared = 0;
+    for i in 0..n_frames {
         for update in updates.iter().filter(|u| u["before_frame"] == i) {
             let mut body: Value = serde_json::from_str(&stream.params().to_json()).unwrap();
             body["prompt"] = update["prompt"].clone();
@@ -137,20 +147,22 @@ fn check_case(name: &str) {
                 "{name}: a prompt change must be hot, got {applied:?}"
             );
         }
-        let out = if case["mode"] == "txt2img" {
+        let out = if txt2img {
             let latent = gold["x_t_latent"].i(i).unwrap();
             stream.txt2img_from(&latent).unwrap()
         } else {
-            let (data, w, h) = read_frame(frame_path);
+            let (data, w, h) = read_frame(frames.get(i).expect("checked above"));
             let frame = Frame::packed(&data, w, h, PixelFormat::Rgb8).unwrap();
             let x = frame.to_tensor(w, h, &Device::Cpu).unwrap();
             stream.process_tensor(&x).unwrap()
         };
         let want = gold["output"].i(i).unwrap().unsqueeze(0).unwrap();
         let (max, mean) = abs_err(&out, &want);
+        compared += 1;
         println!("{name} frame {i}: max {max:.2e} mean {mean:.2e}");
         worst = (worst.0.max(max), worst.1.max(mean));
     }
+    assert_eq!(compared, n_frames, "{name}: not every frame was compared");
     println!(
         "{name}: worst frame max abs {:.2e}, mean abs {:.2e}",
         worst.0, worst.1
