@@ -31,7 +31,8 @@ def _plain(value: Any) -> Any:
 
 def _to_json(data: Any) -> str:
     try:
-        return json.dumps(_plain(data), allow_nan=True)
+        # Compact, like serde_json: the core's messages quote positions in this text.
+        return json.dumps(_plain(data), allow_nan=True, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise ValidationError(f"invalid JSON: {e}") from None
 

@@ -141,11 +141,10 @@ impl<'py> FrameArray<'py> {
             ));
         };
         let shape = frame.shape();
-        let channels_ok = match (&frame, shape) {
-            (FrameArray::U8(_), [_, _, 3 | 4]) => true,
-            (FrameArray::F32(_), [_, _, 3]) => true,
-            _ => false,
-        };
+        let channels_ok = matches!(
+            (&frame, shape),
+            (FrameArray::U8(_), [_, _, 3 | 4]) | (FrameArray::F32(_), [_, _, 3])
+        );
         if !channels_ok {
             let expected = match frame {
                 FrameArray::U8(_) => "HxWx3 or HxWx4",
@@ -255,7 +254,8 @@ impl PyStreamDiffusion {
     #[pyo3(signature = (params_json, settings_json=None))]
     fn new(py: Python<'_>, params_json: &str, settings_json: Option<&str>) -> PyResult<Self> {
         let settings = settings_from(settings_json)?;
-        let params = StreamDiffusionParams::from_json_with(params_json, &settings).map_err(py_err)?;
+        let params =
+            StreamDiffusionParams::from_json_with(params_json, &settings).map_err(py_err)?;
         let stream = py
             .detach(|| StreamDiffusion::new(params, settings))
             .map_err(py_err)?;
@@ -269,9 +269,8 @@ impl PyStreamDiffusion {
     fn process(&self, py: Python<'_>, frame: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let array = FrameArray::extract(frame)?;
         let frame = array.frame()?;
-        let image = py.detach(|| {
-            self.with_stream(|stream| stream.process(&frame).map_err(py_err))
-        })?;
+        let image =
+            py.detach(|| self.with_stream(|stream| stream.process(&frame).map_err(py_err)))?;
         *lock(&self.frames_processed) += 1;
         image_to_py(py, image)
     }
@@ -283,7 +282,10 @@ impl PyStreamDiffusion {
             self.with_stream(|stream| {
                 let params = StreamDiffusionParams::from_json_with(params_json, stream.settings())
                     .map_err(py_err)?;
-                stream.update(params).map(|u| update_name(&u)).map_err(py_err)
+                stream
+                    .update(params)
+                    .map(|u| update_name(&u))
+                    .map_err(py_err)
             })
         })
     }
@@ -305,7 +307,9 @@ impl PyStreamDiffusion {
         py.detach(|| {
             let guard = lock(&self.stream);
             let report = match guard.as_ref() {
-                None => serde_json::json!({"state": "OFFLINE", "frames_processed": frames_processed}),
+                None => {
+                    serde_json::json!({"state": "OFFLINE", "frames_processed": frames_processed})
+                }
                 Some(stream) => {
                     let (width, height) = stream.output_size();
                     let params: serde_json::Value =
@@ -361,7 +365,8 @@ impl PyEngine {
             Some(text) => EngineOptions::from_json(text).map_err(py_err)?,
             None => EngineOptions::default(),
         };
-        let params = StreamDiffusionParams::from_json_with(params_json, &settings).map_err(py_err)?;
+        let params =
+            StreamDiffusionParams::from_json_with(params_json, &settings).map_err(py_err)?;
         let engine = py
             .detach(|| {
                 if wait {
@@ -378,7 +383,8 @@ impl PyEngine {
     #[pyo3(signature = (timeout=None))]
     fn wait_ready(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         let timeout = timeout.map(duration).transpose()?;
-        py.detach(|| self.engine.wait_ready(timeout)).map_err(py_err)
+        py.detach(|| self.engine.wait_ready(timeout))
+            .map_err(py_err)
     }
 
     /// Queues a copy of the frame; returns its id.

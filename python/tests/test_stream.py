@@ -87,8 +87,9 @@ def test_update_params(stream, tiny_body, frames):
     full = StreamDiffusionParams.model_validate(tiny_body, context={"allow_any_resolution": True})
     assert stream.update_params(full) == "reload"  # back to 64x64
     assert stream.params == full
+    assert stream(frames[2]).shape == (64, 64, 3)
     status = stream.status()
-    assert status["state"] == "ONLINE" and status["frames_processed"] == 2
+    assert status["state"] == "ONLINE" and status["frames_processed"] == 3
     assert status["width"] == 64 and status["timings"]["total"] > 0
 
 
@@ -142,10 +143,10 @@ def test_engine_spawn_without_waiting(tiny_body, tiny_settings, frames):
 
 
 def test_gil_is_released_during_inference(tiny_body, tiny_settings, frames):
-    """A 256x256 frame takes long enough to see: during the native call, a Python thread
+    """A 128x128 frame takes long enough to see: during the native call, a Python thread
     keeps running (it would be frozen if the GIL were held)."""
-    body = dict(tiny_body, width=256, height=256)
-    frame = np.asarray(Image.fromarray(frames[0]).resize((256, 256)))
+    body = dict(tiny_body, width=128, height=128)
+    frame = np.asarray(Image.fromarray(frames[0]).resize((128, 128)))
     with StreamDiffusion(body, **tiny_settings) as s:
         s(frame)  # first call pays for lazy allocations
         window = {}
