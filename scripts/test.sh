@@ -1,5 +1,24 @@
 #!/usr/bin/env bash
 # The test command named in README.md: everything a contributor runs before pushing.
+#   1. the Rust workspace's tests (which also build the examples the Python tests compare with);
+#   2. the Python module: a virtualenv (target/py-venv, or $SDSTREAM_PY_VENV) with the pinned
+#      tools of python/requirements-test.txt, the module installed by pip through maturin
+#      (dev profile, so the optimised dependencies of step 1 are reused), then pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
 cargo test --workspace --exclude sdstream-python
+
+target_dir="${CARGO_TARGET_DIR:-target}"
+venv="${SDSTREAM_PY_VENV:-$target_dir/py-venv}"
+python="${PYTHON:-python3}"
+if [[ ! -x "$venv/bin/python" ]]; then
+  "$python" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
+# The maturin build backend runs `maturin` from PATH: the venv's pinned one.
+PATH="$(cd "$venv" && pwd)/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" \
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation \
+  --force-reinstall --no-deps ./python
+# pytest exits 5 when it collects no tests: that fails this script too.
+"$venv/bin/python" -m pytest python/tests -q

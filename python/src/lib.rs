@@ -1,10 +1,498 @@
 //! Python bindings for sdstream (module `sdstream._sdstream`).
+//!
+//! Thin by design: every rule (defaults, validation, messages, hot/reload decisions) lives in
+//! the `sdstream` crate and crosses this boundary as JSON text, the same Daydream body the C ABI
+//! and the HTTP server speak. The pure-Python package `sdstream` wraps these natives in
+//! pydantic-like classes. Inference and loading run with the GIL released.
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use numpy::ndarray::Array3;
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+
+use sdstream::params::{ControlNetConfig, IPAdapterConfig};
+use sdstream::{
+    Engine, EngineOptions, EngineSettings, Error, Frame, Image, PixelFormat, StageMillis,
+    StreamDiffusion, StreamDiffusionParams, Update,
+};
+
+create_exception!(
+    _sdstream,
+    ValidationError,
+    PyValueError,
+    "Invalid parameters: the message is sdstream's own (field path, bad value, rule)."
+);
+
+create_exception!(
+    _sdstream,
+    QueueFullError,
+    PyRuntimeError,
+    "The engine's input queue is full (drop policy \"lossless\"): collect outputs first."
+);
+
+/// Maps core errors to Python exceptions, keeping core's message.
+fn py_err(e: Error) -> PyErr {
+    match e {
+        Error::InvalidParam { .. } | Error::Json(_) => ValidationError::new_err(e.to_string()),
+        Error::InvalidFrame(_) => PyValueError::new_err(e.to_string()),
+        Error::QueueFull { .. } => QueueFullError::new_err(e.to_string()),
+        other => PyRuntimeError::new_err(other.to_string()),
+    }
+}
+
+/// Engine settings from an optional JSON object (omitted: the defaults).
+fn settings_from(settings_json: Option<&str>) -> PyResult<EngineSettings> {
+    match settings_json {
+        Some(text) => EngineSettings::from_json(text).map_err(py_err),
+        None => Ok(EngineSettings::default()),
+    }
+}
+
+/// Validates a Daydream body under the given engine settings and returns its canonical JSON
+/// (every field present, defaults filled). Raises `ValidationError` with core's message.
+#[pyfunction]
+#[pyo3(signature = (body, settings_json=None))]
+fn validate_params(body: &str, settings_json: Option<&str>) -> PyResult<String> {
+    let settings = settings_from(settings_json)?;
+    let params = StreamDiffusionParams::from_json_with(body, &settings).map_err(py_err)?;
+    Ok(params.to_json())
+}
+
+/// Validates engine settings and returns their canonical JSON.
+#[pyfunction]
+fn validate_settings(body: &str) -> PyResult<String> {
+    Ok(EngineSettings::from_json(body).map_err(py_err)?.to_json())
+}
+
+/// Validates engine options (queueing) and returns their canonical JSON.
+#[pyfunction]
+fn validate_options(body: &str) -> PyResult<String> {
+    Ok(EngineOptions::from_json(body).map_err(py_err)?.to_json())
+}
+
+/// Parses one nested object on its own (`"controlnet"` or `"ip_adapter"`) with core's types:
+/// field types, enum values, unknown fields and defaults. The rules that need the whole
+/// parameter set (model family, duplicates, ranges) run when it is placed in one.
+#[pyfunction]
+fn validate_nested(kind: &str, body: &str) -> PyResult<String> {
+    fn canonical<T: serde::de::DeserializeOwned + serde::Serialize>(
+        field: &str,
+        body: &str,
+    ) -> PyResult<String> {
+        let value: T = serde_json::from_str(body).map_err(|e| {
+            py_err(if e.is_data() {
+                Error::param(field, e.to_string())
+            } else {
+                Error::Json(e.to_string())
+            })
+        })?;
+        serde_json::to_string(&value).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+    match kind {
+        "controlnet" => canonical::<ControlNetConfig>("controlnets[]", body),
+        "ip_adapter" => canonical::<IPAdapterConfig>("ip_adapter", body),
+        other => Err(PyValueError::new_err(format!(
+            "unknown nested kind {other:?}; expected \"controlnet\" or \"ip_adapter\""
+        ))),
+    }
+}
+
+/// The Python name of an [`Update`].
+fn update_name(update: &Update) -> &'static str {
+    match update {
+        Update::Unchanged => "unchanged",
+        Update::Hot { .. } => "hot",
+        Update::ControlNetSwap { .. } => "swap",
+        Update::Reload { .. } => "reload",
+    }
+}
+
+/// What `classify` says about going from `old` to `new` (both canonical bodies, validated
+/// under `settings_json`): "unchanged", "hot", "swap" or "reload".
+#[pyfunction]
+#[pyo3(signature = (old, new, settings_json=None))]
+fn classify(old: &str, new: &str, settings_json: Option<&str>) -> PyResult<&'static str> {
+    let settings = settings_from(settings_json)?;
+    let old = StreamDiffusionParams::from_json_with(old, &settings).map_err(py_err)?;
+    let new = StreamDiffusionParams::from_json_with(new, &settings).map_err(py_err)?;
+    Ok(update_name(&sdstream::classify(&old, &new)))
+}
+
+/// A frame borrowed from a C-contiguous HxWxC numpy array: uint8 with 3 (RGB) or 4 (RGBA)
+/// channels, or float32 with 3 channels in [0, 1]. Holds the array's read borrow.
+enum FrameArray<'py> {
+    U8(PyReadonlyArrayDyn<'py, u8>),
+    F32(PyReadonlyArrayDyn<'py, f32>),
+}
+
+impl<'py> FrameArray<'py> {
+    fn extract(array: &Bound<'py, PyAny>) -> PyResult<Self> {
+        let frame = if let Ok(a) = array.extract::<PyReadonlyArrayDyn<'py, u8>>() {
+            FrameArray::U8(a)
+        } else if let Ok(a) = array.extract::<PyReadonlyArrayDyn<'py, f32>>() {
+            FrameArray::F32(a)
+        } else {
+            return Err(PyValueError::new_err(
+                "invalid frame: expected a numpy array of dtype uint8 or float32",
+            ));
+        };
+        let shape = frame.shape();
+        let channels_ok = matches!(
+            (&frame, shape),
+            (FrameArray::U8(_), [_, _, 3 | 4]) | (FrameArray::F32(_), [_, _, 3])
+        );
+        if !channels_ok {
+            let expected = match frame {
+                FrameArray::U8(_) => "HxWx3 or HxWx4",
+                FrameArray::F32(_) => "HxWx3",
+            };
+            return Err(PyValueError::new_err(format!(
+                "invalid frame: expected a {expected} array, got shape {shape:?}"
+            )));
+        }
+        Ok(frame)
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            FrameArray::U8(a) => a.shape(),
+            FrameArray::F32(a) => a.shape(),
+        }
+    }
+
+    /// The pixels as bytes, without copying.
+    fn bytes(&self) -> PyResult<&[u8]> {
+        let not_contiguous =
+            |_| PyValueError::new_err("invalid frame: the array must be C-contiguous");
+        match self {
+            FrameArray::U8(a) => a.as_slice().map_err(not_contiguous),
+            FrameArray::F32(a) => {
+                let floats = a.as_slice().map_err(not_contiguous)?;
+                // SAFETY: an f32 slice is valid as its bytes (no padding, any bit pattern
+                // is a valid u8); the length is the slice's size in bytes.
+                Ok(unsafe {
+                    std::slice::from_raw_parts(
+                        floats.as_ptr().cast::<u8>(),
+                        std::mem::size_of_val(floats),
+                    )
+                })
+            }
+        }
+    }
+
+    fn frame(&self) -> PyResult<Frame<'_>> {
+        let shape = self.shape();
+        let (height, width, channels) = (shape[0], shape[1], shape[2]);
+        let format = match (self, channels) {
+            (FrameArray::U8(_), 3) => PixelFormat::Rgb8,
+            (FrameArray::U8(_), _) => PixelFormat::Rgba8,
+            (FrameArray::F32(_), _) => PixelFormat::RgbF32,
+        };
+        Frame::packed(self.bytes()?, width, height, format).map_err(py_err)
+    }
+}
+
+/// An output image as an HxWxC numpy array: u8 formats are moved in without a copy; RgbF32
+/// becomes float32 (one conversion from the byte buffer).
+fn image_to_numpy<'py>(py: Python<'py>, image: Image) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+    let Image {
+        width,
+        height,
+        format,
+        data,
+    } = image;
+    let shape = (height, width, format.bytes_per_pixel());
+    let array = Array3::from_shape_vec(shape, data)
+        .map_err(|e| PyRuntimeError::new_err(format!("output image: {e}")))?;
+    Ok(array.into_dyn().into_pyarray(py))
+}
+
+fn image_to_py(py: Python<'_>, image: Image) -> PyResult<Py<PyAny>> {
+    if image.format == PixelFormat::RgbF32 {
+        let floats: Vec<f32> = image
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let array = Array3::from_shape_vec((image.height, image.width, 3), floats)
+            .map_err(|e| PyRuntimeError::new_err(format!("output image: {e}")))?;
+        return Ok(array.into_pyarray(py).into_any().unbind());
+    }
+    Ok(image_to_numpy(py, image)?.into_any().unbind())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The synchronous pipeline: one frame in, one frame out, on the calling thread (with the GIL
+/// released). Calls from several threads are serialised.
+#[pyclass(module = "sdstream._sdstream", name = "_StreamDiffusion")]
+struct PyStreamDiffusion {
+    stream: Mutex<Option<StreamDiffusion>>,
+    frames_processed: Mutex<u64>,
+}
+
+impl PyStreamDiffusion {
+    fn with_stream<R>(&self, f: impl FnOnce(&mut StreamDiffusion) -> PyResult<R>) -> PyResult<R> {
+        let mut guard = lock(&self.stream);
+        match guard.as_mut() {
+            Some(stream) => f(stream),
+            None => Err(PyRuntimeError::new_err("this StreamDiffusion is closed")),
+        }
+    }
+}
+
+#[pymethods]
+impl PyStreamDiffusion {
+    /// Loads the model named by the canonical `params_json` under `settings_json`.
+    #[new]
+    #[pyo3(signature = (params_json, settings_json=None))]
+    fn new(py: Python<'_>, params_json: &str, settings_json: Option<&str>) -> PyResult<Self> {
+        let settings = settings_from(settings_json)?;
+        let params =
+            StreamDiffusionParams::from_json_with(params_json, &settings).map_err(py_err)?;
+        let stream = py
+            .detach(|| StreamDiffusion::new(params, settings))
+            .map_err(py_err)?;
+        Ok(Self {
+            stream: Mutex::new(Some(stream)),
+            frames_processed: Mutex::new(0),
+        })
+    }
+
+    /// Processes one frame (see `FrameArray`); returns the output array.
+    fn process(&self, py: Python<'_>, frame: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let array = FrameArray::extract(frame)?;
+        let frame = array.frame()?;
+        let image =
+            py.detach(|| self.with_stream(|stream| stream.process(&frame).map_err(py_err)))?;
+        *lock(&self.frames_processed) += 1;
+        image_to_py(py, image)
+    }
+
+    /// Applies a complete canonical parameter set; returns "unchanged", "hot", "swap" or
+    /// "reload" (a reload rebuilds the stream before returning).
+    fn update(&self, py: Python<'_>, params_json: &str) -> PyResult<&'static str> {
+        py.detach(|| {
+            self.with_stream(|stream| {
+                let params = StreamDiffusionParams::from_json_with(params_json, stream.settings())
+                    .map_err(py_err)?;
+                stream
+                    .update(params)
+                    .map(|u| update_name(&u))
+                    .map_err(py_err)
+            })
+        })
+    }
+
+    /// The current parameters as canonical JSON.
+    fn params_json(&self, py: Python<'_>) -> PyResult<String> {
+        py.detach(|| self.with_stream(|stream| Ok(stream.params().to_json())))
+    }
+
+    /// The engine settings as JSON.
+    fn settings_json(&self, py: Python<'_>) -> PyResult<String> {
+        py.detach(|| self.with_stream(|stream| Ok(stream.settings().to_json())))
+    }
+
+    /// A status report as JSON: state, parameters, output size, frame count and the last
+    /// frame's stage timings in milliseconds.
+    fn status_json(&self, py: Python<'_>) -> PyResult<String> {
+        let frames_processed = *lock(&self.frames_processed);
+        py.detach(|| {
+            let guard = lock(&self.stream);
+            let report = match guard.as_ref() {
+                None => {
+                    serde_json::json!({"state": "OFFLINE", "frames_processed": frames_processed})
+                }
+                Some(stream) => {
+                    let (width, height) = stream.output_size();
+                    let params: serde_json::Value =
+                        serde_json::from_str(&stream.params().to_json())
+                            .unwrap_or(serde_json::Value::Null);
+                    serde_json::json!({
+                        "state": "ONLINE",
+                        "last_params": params,
+                        "width": width,
+                        "height": height,
+                        "frames_processed": frames_processed,
+                        "timings": StageMillis::from(stream.timings()),
+                    })
+                }
+            };
+            Ok(report.to_string())
+        })
+    }
+
+    /// Frees the pipeline (weights included). Idempotent; later calls fail.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| drop(lock(&self.stream).take()));
+    }
+
+    /// Whether `close` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        lock(&self.stream).is_none()
+    }
+}
+
+/// The threaded engine: `submit` / `poll` never wait for inference.
+#[pyclass(module = "sdstream._sdstream", name = "_Engine")]
+struct PyEngine {
+    engine: Engine,
+}
+
+#[pymethods]
+impl PyEngine {
+    /// Starts an engine. With `wait` (default) it returns once the pipeline is loaded;
+    /// otherwise at once, state `LOADING`.
+    #[new]
+    #[pyo3(signature = (params_json, settings_json=None, options_json=None, wait=true))]
+    fn new(
+        py: Python<'_>,
+        params_json: &str,
+        settings_json: Option<&str>,
+        options_json: Option<&str>,
+        wait: bool,
+    ) -> PyResult<Self> {
+        let settings = settings_from(settings_json)?;
+        let options = match options_json {
+            Some(text) => EngineOptions::from_json(text).map_err(py_err)?,
+            None => EngineOptions::default(),
+        };
+        let params =
+            StreamDiffusionParams::from_json_with(params_json, &settings).map_err(py_err)?;
+        let engine = py
+            .detach(|| {
+                if wait {
+                    Engine::new(params, settings, options)
+                } else {
+                    Engine::spawn(params, settings, options)
+                }
+            })
+            .map_err(py_err)?;
+        Ok(Self { engine })
+    }
+
+    /// Waits until a pipeline serves (`timeout` in seconds; None: no limit).
+    #[pyo3(signature = (timeout=None))]
+    fn wait_ready(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let timeout = timeout.map(duration).transpose()?;
+        py.detach(|| self.engine.wait_ready(timeout))
+            .map_err(py_err)
+    }
+
+    /// Queues a copy of the frame; returns its id.
+    #[pyo3(signature = (frame, timestamp=None))]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        frame: &Bound<'_, PyAny>,
+        timestamp: Option<i64>,
+    ) -> PyResult<u64> {
+        let array = FrameArray::extract(frame)?;
+        let frame = array.frame()?;
+        py.detach(|| match timestamp {
+            Some(t) => self.engine.submit_with_timestamp(&frame, t),
+            None => self.engine.submit(&frame),
+        })
+        .map_err(py_err)
+    }
+
+    /// The oldest output not yet collected, or None; never waits. An output is a tuple
+    /// `(id, timestamp, image, params_version, latency_seconds)`.
+    fn poll(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let output = py.detach(|| self.engine.poll());
+        output.map(|o| output_tuple(py, o)).transpose()
+    }
+
+    /// The oldest output, waiting up to `timeout` seconds; None when none came.
+    fn recv(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Py<PyAny>>> {
+        let timeout = duration(timeout)?;
+        let output = py
+            .detach(|| self.engine.recv_timeout(timeout))
+            .map_err(py_err)?;
+        output.map(|o| output_tuple(py, o)).transpose()
+    }
+
+    /// Drops the frames waiting in the input queue; returns how many.
+    fn flush(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.engine.flush())
+    }
+
+    /// Applies a complete canonical parameter set; returns "unchanged", "hot" or "reload"
+    /// (a reload builds in the background).
+    fn update(&self, py: Python<'_>, params_json: &str) -> PyResult<&'static str> {
+        let params = StreamDiffusionParams::from_json_with(params_json, self.engine.settings())
+            .map_err(py_err)?;
+        py.detach(|| self.engine.update_params(params))
+            .map(|u| update_name(&u))
+            .map_err(py_err)
+    }
+
+    /// Rebuilds the pipeline with the current parameters.
+    fn restart(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.engine.restart()).map_err(py_err)
+    }
+
+    /// The last accepted parameters as canonical JSON.
+    fn params_json(&self, py: Python<'_>) -> String {
+        py.detach(|| self.engine.params().to_json())
+    }
+
+    /// The engine settings as JSON.
+    fn settings_json(&self) -> String {
+        self.engine.settings().to_json()
+    }
+
+    /// The status report as JSON (Daydream's fields and the engine's own).
+    fn status_json(&self, py: Python<'_>) -> String {
+        py.detach(|| self.engine.status_json())
+    }
+
+    /// Stops the engine and joins its threads. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.engine.close());
+    }
+}
+
+fn duration(seconds: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|e| PyValueError::new_err(format!("timeout must be >= 0 seconds: {e}")))
+}
+
+fn output_tuple(py: Python<'_>, output: sdstream::Output) -> PyResult<Py<PyAny>> {
+    let sdstream::Output {
+        id,
+        timestamp,
+        image,
+        params_version,
+        latency,
+        ..
+    } = output;
+    let image = image_to_py(py, image)?;
+    let tuple = (id, timestamp, image, params_version, latency.as_secs_f64());
+    Ok(tuple.into_pyobject(py)?.into_any().unbind())
+}
 
 /// The native part of the `sdstream` Python package.
 #[pymodule]
 fn _sdstream(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("ValidationError", py.get_type::<ValidationError>())?;
+    m.add("QueueFullError", py.get_type::<QueueFullError>())?;
+    m.add_function(wrap_pyfunction!(validate_params, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_settings, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_options, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_nested, m)?)?;
+    m.add_function(wrap_pyfunction!(classify, m)?)?;
+    m.add_class::<PyStreamDiffusion>()?;
+    m.add_class::<PyEngine>()?;
     Ok(())
 }

@@ -1,0 +1,24 @@
+"""sdstream: real-time StreamDiffusion on candle, from Python.
+
+* `StreamDiffusionParams`, `ControlNetConfig`, `IPAdapterConfig`: Daydream's parameter models,
+  validated by sdstream's Rust core (invalid input raises `ValidationError`, a `ValueError`).
+* `StreamDiffusion`: ``out = stream(frame)`` on numpy arrays (or PIL images).
+* `Engine`: the same pipeline on its own threads, ``submit`` / ``poll``.
+"""
+
+from ._sdstream import QueueFullError, ValidationError, __version__
+from ._models import ControlNetConfig, IPAdapterConfig, StreamDiffusionParams
+from ._stream import Engine, Output, StreamDiffusion, as_frame
+
+__all__ = [
+    "ControlNetConfig",
+    "Engine",
+    "IPAdapterConfig",
+    "Output",
+    "QueueFullError",
+    "StreamDiffusion",
+    "StreamDiffusionParams",
+    "ValidationError",
+    "__version__",
+    "as_frame",
+]

@@ -1,0 +1,216 @@
+"""The pipeline objects: `StreamDiffusion` (synchronous) and `Engine` (threaded)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
+
+import numpy as np
+
+from . import _sdstream
+from ._models import StreamDiffusionParams, _to_json
+
+ParamsLike = Union[StreamDiffusionParams, Mapping[str, Any], str]
+
+
+def _settings_body(settings: Mapping[str, Any]) -> str:
+    body = {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in settings.items()}
+    return _sdstream.validate_settings(_to_json(body))
+
+
+def _params_body(params: Optional[ParamsLike], model: Optional[str], settings: str,
+                 changes: Optional[Mapping[str, Any]] = None) -> str:
+    """The canonical body of `params` (a model, a dict or a JSON text), with `model` as its
+    model_id and `changes` merged in, validated under `settings`."""
+    if params is None:
+        data: Dict[str, Any] = {}
+    elif isinstance(params, StreamDiffusionParams):
+        data = params.model_dump()
+    elif isinstance(params, str):
+        data = json.loads(_sdstream.validate_params(params, settings))
+    elif isinstance(params, Mapping):
+        data = dict(params)
+    else:
+        raise TypeError(
+            f"params must be a StreamDiffusionParams, a dict or a JSON text, got {type(params).__name__}"
+        )
+    if model is not None:
+        data["model_id"] = str(model)
+    data.update(changes or {})
+    return _sdstream.validate_params(_to_json(data), settings)
+
+
+def as_frame(frame: Any) -> np.ndarray:
+    """A frame as the native code takes it: a C-contiguous HxWx3 / HxWx4 uint8 array or an
+    HxWx3 float32 array in [0, 1]. PIL images are converted (RGB, RGBA kept; other modes to
+    RGB); a float32 HxWx4 array loses its alpha. Contiguous arrays are not copied."""
+    if not isinstance(frame, np.ndarray):
+        mode = getattr(frame, "mode", None)
+        if mode is not None and hasattr(frame, "convert"):  # a PIL image
+            if mode not in ("RGB", "RGBA"):
+                frame = frame.convert("RGB")
+            frame = np.asarray(frame)
+        else:
+            raise TypeError(f"expected a numpy array or a PIL image, got {type(frame).__name__}")
+    if frame.dtype == np.float32 and frame.ndim == 3 and frame.shape[2] == 4:
+        frame = frame[:, :, :3]
+    return np.ascontiguousarray(frame)
+
+
+class StreamDiffusion:
+    """A StreamDiffusion stream: ``out = stream(frame)``.
+
+    ``StreamDiffusion(params, model=None, **settings)``: `params` is a `StreamDiffusionParams`,
+    a dict or a JSON text (validated under `settings`); `model` (an id or a local folder)
+    replaces its `model_id`; `settings` are engine settings (``cfg_type``, ``vae``,
+    ``device``, ``dtype``, ``model_root``, ``frame_buffer_size``, ``allow_any_resolution``).
+    Loading and inference release the GIL. Calls from several threads are serialised.
+    """
+
+    def __init__(self, params: Optional[ParamsLike] = None, model: Optional[str] = None,
+                 **settings: Any) -> None:
+        self._settings = _settings_body(settings)
+        body = _params_body(params, model, self._settings)
+        self._native = _sdstream._StreamDiffusion(body, self._settings)
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        """Processes one frame (HxWx3 / HxWx4 uint8, HxWx3 float32 in [0, 1], or a PIL image)
+        and returns the output at the stream's size: uint8 with the input's channel count
+        (alpha 255), or float32 HxWx3 in [0, 1]."""
+        return self._native.process(as_frame(frame))
+
+    process = __call__
+
+    @property
+    def params(self) -> StreamDiffusionParams:
+        """The current parameters."""
+        return StreamDiffusionParams.model_validate_json(
+            self._native.params_json(), context=json.loads(self._settings))
+
+    @property
+    def settings(self) -> Dict[str, Any]:
+        """The engine settings."""
+        return json.loads(self._native.settings_json())
+
+    def update_params(self, params: Optional[ParamsLike] = None, **changes: Any) -> str:
+        """Applies new parameters: `params` is a complete set (omitted fields take the
+        defaults, as in Daydream); keyword `changes` are merged into `params`, or into the
+        current parameters when `params` is omitted. Returns "unchanged", "hot" (applied on
+        the next frame) or "reload" (rebuilt before returning). Raises `ValidationError` and
+        keeps the previous state when invalid."""
+        if params is None:
+            params = json.loads(self._native.params_json())
+        return self._native.update(_params_body(params, None, self._settings, changes))
+
+    def status(self) -> Dict[str, Any]:
+        """State, parameters, size, frame count and the last frame's stage timings (ms)."""
+        return json.loads(self._native.status_json())
+
+    def close(self) -> None:
+        """Frees the pipeline. Idempotent."""
+        self._native.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def __enter__(self) -> "StreamDiffusion":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<sdstream.StreamDiffusion {state}>"
+
+
+class Output(NamedTuple):
+    """A processed frame from `Engine.poll` / `Engine.recv`."""
+
+    id: int
+    """Id `submit` returned for its input."""
+    timestamp: int
+    """The input's timestamp (the caller's, else microseconds since the epoch)."""
+    image: np.ndarray
+    """The picture, in the input's layout at the stream's size."""
+    params_version: int
+    """Version of the parameters it was made with."""
+    latency: float
+    """Seconds from submit to ready."""
+
+
+class Engine:
+    """The pipeline on its own threads: `submit` queues a copy of a frame and returns at once;
+    `poll` / `recv` collect outputs in submission order. Parameter updates are applied between
+    frames (hot) or built in the background (reload).
+
+    ``Engine(params, model=None, *, options=None, wait=True, **settings)``: `options` holds
+    ``queue_capacity``, ``output_capacity``, ``drop_policy`` ("latest" / "lossless"),
+    ``warmup``, ``input_timeout_ms``, ``fps_window_ms``. With ``wait=False`` the constructor
+    returns while the model loads (see `status()` and `wait_ready`).
+    """
+
+    def __init__(self, params: Optional[ParamsLike] = None, model: Optional[str] = None, *,
+                 options: Optional[Mapping[str, Any]] = None, wait: bool = True,
+                 **settings: Any) -> None:
+        self._settings = _settings_body(settings)
+        body = _params_body(params, model, self._settings)
+        options_body = None if options is None else _sdstream.validate_options(_to_json(options))
+        self._native = _sdstream._Engine(body, self._settings, options_body, wait)
+
+    def wait_ready(self, timeout: Optional[float] = None) -> None:
+        """Waits until the pipeline serves; raises the load error if it failed."""
+        self._native.wait_ready(timeout)
+
+    def submit(self, frame: Any, timestamp: Optional[int] = None) -> int:
+        """Queues a copy of `frame` and returns its id; never waits for inference."""
+        return self._native.submit(as_frame(frame), timestamp)
+
+    def poll(self) -> Optional[Output]:
+        """The oldest output not yet collected, or None; never waits."""
+        out = self._native.poll()
+        return None if out is None else Output(*out)
+
+    def recv(self, timeout: float = 60.0) -> Optional[Output]:
+        """The oldest output, waiting up to `timeout` seconds; None when none came."""
+        out = self._native.recv(timeout)
+        return None if out is None else Output(*out)
+
+    def flush(self) -> int:
+        """Drops the frames waiting in the input queue; returns how many."""
+        return self._native.flush()
+
+    def update_params(self, params: Optional[ParamsLike] = None, **changes: Any) -> str:
+        """As `StreamDiffusion.update_params`, but never waits: "reload" builds in the
+        background while the current pipeline keeps serving."""
+        if params is None:
+            params = json.loads(self._native.params_json())
+        return self._native.update(_params_body(params, None, self._settings, changes))
+
+    def restart(self) -> None:
+        """Builds a fresh pipeline with the current parameters."""
+        self._native.restart()
+
+    @property
+    def params(self) -> StreamDiffusionParams:
+        """The last accepted parameters."""
+        return StreamDiffusionParams.model_validate_json(
+            self._native.params_json(), context=json.loads(self._settings))
+
+    def status(self) -> Dict[str, Any]:
+        """Daydream's status fields and the engine's own counters."""
+        return json.loads(self._native.status_json())
+
+    def close(self) -> None:
+        """Stops the engine and joins its threads. Idempotent."""
+        self._native.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<sdstream.Engine state={self.status().get('state')}>"

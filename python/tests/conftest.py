@@ -1,0 +1,65 @@
+"""Shared helpers: the workspace root, the tiny fixture, and the Rust examples the tests
+compare against (run through cargo, which reuses the build of `scripts/test.sh`)."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+TINY_MODEL = FIXTURES / "tiny-sd-turbo"
+TINY_TAESD = FIXTURES / "tiny-taesd"
+FRAMES = FIXTURES / "frames"
+
+# The body and settings every tiny-fixture test uses (64x64 needs allow_any_resolution).
+TINY_BODY = {
+    "model_id": str(TINY_MODEL),
+    "prompt": "a watercolor of a lighthouse",
+    "negative_prompt": "blurry",
+    "seed": 2,
+    "num_inference_steps": 50,
+    "t_index_list": [20, 35],
+    "guidance_scale": 1.0,
+    "width": 64,
+    "height": 64,
+}
+TINY_SETTINGS = {"vae": str(TINY_TAESD), "allow_any_resolution": True}
+
+
+def run_example(name, *args):
+    """Runs a Rust example of the workspace and returns its stdout."""
+    cmd = ["cargo", "run", "--quiet", "-p", "sdstream", "--example", name, "--", *map(str, args)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_body():
+    return dict(TINY_BODY)
+
+
+@pytest.fixture(scope="session")
+def tiny_settings():
+    return dict(TINY_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def frames():
+    """The fixture frames as HxWx3 uint8 arrays, in name order."""
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(FRAMES.glob("*.png"))]
+
+
+def write_json(path, value):
+    path.write_text(json.dumps(value))
+    return path
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -1,0 +1,209 @@
+"""StreamDiffusion and Engine on the tiny fixture: byte-for-byte agreement with the Rust
+example, frame formats, updates, status, threads and the GIL."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdstream
+from sdstream import Engine, StreamDiffusion, StreamDiffusionParams, ValidationError
+
+from conftest import FRAMES, TINY_MODEL, run_example, write_json
+
+
+@pytest.fixture()
+def stream(tiny_body, tiny_settings):
+    with StreamDiffusion(tiny_body, **tiny_settings) as s:
+        yield s
+
+
+def test_output_equals_rust_example_byte_for_byte(tmp_path, tiny_body, tiny_settings, frames):
+    out_dir = tmp_path / "rust"
+    run_example(
+        "img2img",
+        "--params", write_json(tmp_path / "params.json", tiny_body),
+        "--settings", write_json(tmp_path / "settings.json", tiny_settings),
+        "--input", FRAMES, "--output", out_dir,
+    )
+    rust = [np.asarray(Image.open(p)) for p in sorted(out_dir.glob("*.png"))]
+    assert len(rust) == len(frames) == 8
+    with StreamDiffusion(tiny_body, **tiny_settings) as stream:
+        for i, (frame, want) in enumerate(zip(frames, rust)):
+            got = stream(frame)
+            assert got.dtype == np.uint8 and got.shape == (64, 64, 3)
+            assert np.array_equal(got, want), f"frame {i}: max diff {np.abs(got.astype(int) - want).max()}"
+    # The outputs are real pictures, not a constant.
+    assert rust[-1].std() > 1.0
+
+
+def test_frame_formats_agree(tiny_body, tiny_settings, frames):
+    """RGB8, RGBA8, float32 and PIL inputs of the same pixels give the same pictures."""
+    outs = {}
+    for kind in ("rgb8", "rgba8", "f32", "pil", "strided"):
+        with StreamDiffusion(tiny_body, **tiny_settings) as s:
+            f = frames[0]
+            if kind == "rgba8":
+                f = np.dstack([f, np.full(f.shape[:2], 7, np.uint8)])
+            elif kind == "f32":
+                f = f.astype(np.float32) / 255.0
+            elif kind == "pil":
+                f = Image.fromarray(f)
+            elif kind == "strided":
+                f = np.ascontiguousarray(np.dstack([f, f]))[:, :, ::2]  # not contiguous
+            outs[kind] = s(f)
+    assert outs["rgba8"].shape == (64, 64, 4) and (outs["rgba8"][:, :, 3] == 255).all()
+    assert np.array_equal(outs["rgba8"][:, :, :3], outs["rgb8"])
+    assert np.array_equal(outs["pil"], outs["rgb8"])
+    assert np.array_equal(outs["strided"], outs["rgb8"])
+    f32 = outs["f32"]
+    assert f32.dtype == np.float32 and f32.shape == (64, 64, 3)
+    # u8 output is round(x * 255) of the same float output.
+    assert np.array_equal(np.round(f32 * 255).clip(0, 255).astype(np.uint8), outs["rgb8"])
+
+
+def test_bad_frames_raise(stream):
+    with pytest.raises(ValueError, match="HxWx3 or HxWx4"):
+        stream(np.zeros((64, 64), np.uint8))
+    with pytest.raises(ValueError, match="uint8 or float32"):
+        stream(np.zeros((64, 64, 3), np.int32))
+    with pytest.raises(TypeError):
+        stream([[1, 2, 3]])
+
+
+def test_update_params(stream, tiny_body, frames):
+    stream(frames[0])
+    assert stream.update_params(prompt="a red boat") == "hot"
+    assert stream.params.prompt == "a red boat"
+    assert stream.update_params(prompt="a red boat") == "unchanged"
+    assert stream.update_params(width=128, height=128) == "reload"
+    assert stream(frames[1]).shape == (128, 128, 3)
+    with pytest.raises(ValidationError, match="t_index_list must be in non-decreasing order"):
+        stream.update_params(t_index_list=[30, 10])
+    assert stream.params.t_index_list == [20, 35]
+    # A complete set: omitted fields take the defaults (Daydream's rule).
+    full = StreamDiffusionParams.model_validate(tiny_body, context={"allow_any_resolution": True})
+    assert stream.update_params(full) == "reload"  # back to 64x64
+    assert stream.params == full
+    assert stream(frames[2]).shape == (64, 64, 3)
+    status = stream.status()
+    assert status["state"] == "ONLINE" and status["frames_processed"] == 3
+    assert status["width"] == 64 and status["timings"]["total"] > 0
+
+
+def test_close_and_context_manager(tiny_body, tiny_settings, frames):
+    with StreamDiffusion(tiny_body, **tiny_settings) as s:
+        s(frames[0])
+    assert s.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        s(frames[0])
+    s.close()  # idempotent
+
+
+def test_model_argument_and_bad_settings(tiny_body, tiny_settings):
+    body = {k: v for k, v in tiny_body.items() if k != "model_id"}
+    with StreamDiffusion(body, model=TINY_MODEL, **tiny_settings) as s:
+        assert s.params.model_id == str(TINY_MODEL)
+    with pytest.raises(ValidationError, match="unknown field `no_such_setting`"):
+        StreamDiffusion(tiny_body, no_such_setting=1, **tiny_settings)
+
+
+def test_engine_matches_stream(tiny_body, tiny_settings, frames):
+    """Without warm-up, the engine's outputs equal the synchronous stream's."""
+    with StreamDiffusion(tiny_body, **tiny_settings) as s:
+        want = [s(f) for f in frames[:4]]
+    options = {"warmup": False, "drop_policy": "lossless", "queue_capacity": 8}
+    with Engine(tiny_body, options=options, **tiny_settings) as engine:
+        ids = [engine.submit(f, timestamp=100 + i) for i, f in enumerate(frames[:4])]
+        outs = [engine.recv(60.0) for _ in ids]
+        assert engine.poll() is None
+        assert [o.id for o in outs] == ids and [o.timestamp for o in outs] == [100, 101, 102, 103]
+        for o, w in zip(outs, want):
+            assert np.array_equal(o.image, w)
+        assert engine.update_params(prompt="a boat") == "hot"
+        status = engine.status()
+        assert status["state"] in ("ONLINE", "DEGRADED_INPUT") and status["frames_processed"] == 4
+        assert status["last_params"]["prompt"] == "a boat"
+
+
+def test_engine_spawn_without_waiting(tiny_body, tiny_settings, frames):
+    engine = Engine(tiny_body, wait=False, **tiny_settings)
+    try:
+        engine.wait_ready(60.0)
+        engine.submit(frames[0])
+        out = engine.recv(60.0)
+        assert out is not None and out.image.shape == (64, 64, 3) and out.latency > 0
+    finally:
+        engine.close()
+    engine.close()
+    with pytest.raises(RuntimeError):
+        engine.submit(frames[0])
+
+
+def test_gil_is_released_during_inference(tiny_body, tiny_settings, frames):
+    """A 128x128 frame takes long enough to see: during the native call, a Python thread
+    keeps running (it would be frozen if the GIL were held)."""
+    body = dict(tiny_body, width=128, height=128)
+    frame = np.asarray(Image.fromarray(frames[0]).resize((128, 128)))
+    with StreamDiffusion(body, **tiny_settings) as s:
+        s(frame)  # first call pays for lazy allocations
+        window = {}
+
+        def infer():
+            window["start"] = time.perf_counter()
+            s(frame)
+            window["end"] = time.perf_counter()
+
+        ticks = []
+        worker = threading.Thread(target=infer)
+        worker.start()
+        while worker.is_alive():
+            ticks.append(time.perf_counter())
+        worker.join()
+    start, end = window["start"], window["end"]
+    duration = end - start
+    inside = [t for t in ticks if start <= t <= end]
+    bin_s = 0.01
+    bins = {int((t - start) / bin_s) for t in inside}
+    n_bins = max(1, int(duration / bin_s))
+    print(f"inference {duration * 1e3:.0f} ms; main thread ran in {len(bins)}/{n_bins} 10-ms bins, "
+          f"{len(inside)} ticks")
+    assert duration > 0.05, "the call is too short to tell"
+    assert len(bins) >= 0.5 * n_bins
+
+
+def test_two_threads_share_one_stream_and_one_engine(tiny_body, tiny_settings, frames):
+    errors = []
+    results = []
+    options = {"drop_policy": "lossless", "queue_capacity": 16, "output_capacity": 16}
+    with StreamDiffusion(tiny_body, **tiny_settings) as s, Engine(tiny_body, options=options, **tiny_settings) as e:
+
+        def work(k):
+            try:
+                for i in range(4):
+                    results.append(("stream", s(frames[(k + i) % 8]).shape))
+                    e.submit(frames[i])
+                    out = e.recv(60.0)
+                    results.append(("engine", None if out is None else out.image.shape))
+                    s.status()
+                    e.status()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads), "deadlock"
+        assert errors == []
+        assert sorted(results) == sorted([("stream", (64, 64, 3))] * 8 + [("engine", (64, 64, 3))] * 8)
+        assert s.status()["frames_processed"] == 8
+        assert e.status()["frames_processed"] == 8
+
+
+def test_public_names():
+    for name in sdstream.__all__:
+        assert getattr(sdstream, name) is not None
