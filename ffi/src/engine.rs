@@ -1,0 +1,686 @@
+//! The `sds_engine_*` entry points: an opaque handle around [`sdstream_core::Engine`].
+
+use std::ffi::{CStr, CString, c_char};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use sdstream_core::{
+    Engine, EngineOptions, EngineSettings, EngineState, Output, StreamDiffusionParams, Update,
+};
+
+use crate::error::{ErrorSlot, Failure, SdsStatus, guard};
+use crate::frame::{SdsFrame, SdsOutput, SdsPixelFormat, check_fits, pixel_format, write_output};
+
+/// What an accepted parameter update costs.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum SdsUpdateKind {
+    /// Nothing changed.
+    SDS_UPDATE_UNCHANGED = 0,
+    /// Applied in place between two frames (prompt, guidance, seed, t_index_list …).
+    SDS_UPDATE_HOT = 1,
+    /// ControlNets added, removed or replaced (not supported yet: such updates currently fail
+    /// with `SDS_ERR_STATE`).
+    SDS_UPDATE_CONTROLNET_SWAP = 2,
+    /// A new pipeline is built in the background while the current one keeps serving, and
+    /// swapped in between two frames (model, resolution …); a failed build keeps the current one.
+    SDS_UPDATE_RELOAD = 3,
+}
+
+/// An engine: the StreamDiffusion pipeline on its own worker and loader threads. Opaque; made by
+/// `sds_engine_create`, freed by `sds_engine_destroy`.
+pub struct SdsEngine {
+    engine: Engine,
+    /// Set by `sds_engine_close`, to report `SDS_ERR_CLOSED` rather than a generic state error.
+    closed: AtomicBool,
+    /// An output taken from the engine that did not fit the caller's buffer.
+    held: Mutex<Option<Output>>,
+    /// Serialises `sds_engine_process` calls, which each wait for their own frame's output.
+    process_lock: Mutex<()>,
+    last_error: ErrorSlot,
+}
+
+impl SdsEngine {
+    fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            closed: AtomicBool::new(false),
+            held: Mutex::new(None),
+            process_lock: Mutex::new(()),
+            last_error: ErrorSlot::default(),
+        }
+    }
+
+    fn core_error(&self, function: &str, error: sdstream_core::Error) -> Failure {
+        Failure::from_core(function, error, self.closed.load(Ordering::Acquire))
+    }
+
+    fn held(&self) -> MutexGuard<'_, Option<Output>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes `output` to the caller's buffer, keeping it for the next poll when it does not fit.
+    ///
+    /// # Safety
+    /// `out.data` must be non-NULL with `out.capacity` writable bytes.
+    unsafe fn deliver(
+        &self,
+        function: &str,
+        out: &mut SdsOutput,
+        output: Output,
+    ) -> Result<(), Failure> {
+        // SAFETY: forwarded from the caller.
+        unsafe { write_output(function, out, output) }.map_err(|(failure, output)| {
+            *self.held() = Some(output);
+            failure
+        })
+    }
+}
+
+/// Runs `body` on a non-NULL handle inside the boundary guard.
+fn with_engine(
+    function: &str,
+    engine: *const SdsEngine,
+    body: impl FnOnce(&SdsEngine) -> Result<(), Failure>,
+) -> SdsStatus {
+    // SAFETY: a non-NULL handle is one sds_engine_create returned and not yet destroyed (the
+    // caller's contract).
+    match unsafe { engine.as_ref() } {
+        Some(handle) => guard(function, Some(&handle.last_error), || body(handle)),
+        None => guard(function, None, || Err(Failure::null(function, "engine"))),
+    }
+}
+
+/// A required string argument as UTF-8.
+///
+/// # Safety
+/// `ptr` must be NULL or a NUL-terminated string readable for the call's duration.
+unsafe fn str_arg<'a>(function: &str, name: &str, ptr: *const c_char) -> Result<&'a str, Failure> {
+    if ptr.is_null() {
+        return Err(Failure::null(function, name));
+    }
+    // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+    unsafe { CStr::from_ptr(ptr) }.to_str().map_err(|e| {
+        Failure::new(
+            SdsStatus::SDS_ERR_INVALID_ARGUMENT,
+            format!("{function}: `{name}` is not valid UTF-8: {e}"),
+        )
+    })
+}
+
+/// A required out-pointer as a mutable reference.
+///
+/// # Safety
+/// `ptr` must be NULL or valid for reads and writes of a `T` for the call's duration.
+unsafe fn out_arg<'a, T>(function: &str, name: &str, ptr: *mut T) -> Result<&'a mut T, Failure> {
+    // SAFETY: by the caller's contract.
+    unsafe { ptr.as_mut() }.ok_or_else(|| Failure::null(function, name))
+}
+
+/// Writes `value` through an optional out-pointer.
+///
+/// # Safety
+/// `ptr` must be NULL or valid for a write of a `T`.
+unsafe fn write_opt<T>(ptr: *mut T, value: T) {
+    if !ptr.is_null() {
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { ptr.write(value) };
+    }
+}
+
+/// Parses the three JSON texts, with core's validation.
+///
+/// # Safety
+/// As `sds_engine_create`.
+unsafe fn configure(
+    function: &str,
+    params_json: *const c_char,
+    settings_json: *const c_char,
+    options_json: *const c_char,
+) -> Result<(StreamDiffusionParams, EngineSettings, EngineOptions), Failure> {
+    // SAFETY: forwarded from the caller.
+    let (params, settings) = unsafe {
+        (
+            str_arg(function, "params_json", params_json)?,
+            str_arg(function, "settings_json", settings_json)?,
+        )
+    };
+    let options = if options_json.is_null() {
+        EngineOptions::default()
+    } else {
+        // SAFETY: non-NULL, forwarded from the caller.
+        let text = unsafe { str_arg(function, "options_json", options_json)? };
+        EngineOptions::from_json(text).map_err(|e| Failure::from_core(function, e, false))?
+    };
+    let settings =
+        EngineSettings::from_json(settings).map_err(|e| Failure::from_core(function, e, false))?;
+    let params = StreamDiffusionParams::from_json_with(params, &settings)
+        .map_err(|e| Failure::from_core(function, e, false))?;
+    Ok((params, settings, options))
+}
+
+/// Shared body of the two create functions.
+///
+/// # Safety
+/// As `sds_engine_create`.
+unsafe fn create(
+    function: &str,
+    params_json: *const c_char,
+    settings_json: *const c_char,
+    options_json: *const c_char,
+    out: *mut *mut SdsEngine,
+    wait: bool,
+) -> SdsStatus {
+    guard(function, None, || {
+        // SAFETY: forwarded from the caller.
+        let out = unsafe { out_arg(function, "out", out)? };
+        *out = std::ptr::null_mut();
+        // SAFETY: forwarded from the caller.
+        let (params, settings, options) =
+            unsafe { configure(function, params_json, settings_json, options_json)? };
+        let spawn = if wait { Engine::new } else { Engine::spawn };
+        let engine =
+            spawn(params, settings, options).map_err(|e| Failure::from_core(function, e, false))?;
+        *out = Box::into_raw(Box::new(SdsEngine::new(engine)));
+        Ok(())
+    })
+}
+
+/// Creates an engine and waits until its pipeline is loaded; on success `*out` is the handle
+/// (caller-owned: free it with `sds_engine_destroy`), on failure `*out` is NULL and
+/// `sds_last_error()` says why (a missing model gives `SDS_ERR_MODEL`).
+///
+/// - `params_json`: a StreamDiffusionParams body (Daydream's JSON; unknown fields are an error).
+/// - `settings_json`: EngineSettings (`{"vae": "taesd" | "full" | "<dir>", "device": "cpu",
+///   "dtype": "f32", "allow_any_resolution": false, "model_root": null, …}`); `"{}"` for the
+///   defaults.
+/// - `options_json` (nullable: defaults): EngineOptions (`{"queue_capacity": 2,
+///   "output_capacity": 8, "drop_policy": "latest" | "lossless", "warmup": true,
+///   "input_timeout_ms": 2000, "fps_window_ms": 2000}`).
+///
+/// Blocks for the load (seconds to minutes: weights are read or downloaded). Thread-safe (no
+/// handle involved). The strings are read only during the call.
+///
+/// # Safety
+/// String arguments are NULL or NUL-terminated; `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_create(
+    params_json: *const c_char,
+    settings_json: *const c_char,
+    options_json: *const c_char,
+    out: *mut *mut SdsEngine,
+) -> SdsStatus {
+    // SAFETY: forwarded.
+    unsafe {
+        create(
+            "sds_engine_create",
+            params_json,
+            settings_json,
+            options_json,
+            out,
+            true,
+        )
+    }
+}
+
+/// As `sds_engine_create`, but returns as soon as the JSON is validated: the pipeline loads on
+/// the engine's loader thread (frames submitted meanwhile wait in the queue). Follow the load
+/// with `sds_engine_wait_ready` or the status JSON (`"state": "LOADING"`); a failed load leaves
+/// the engine without a pipeline (`SDS_ERR_STATE` from submit, the reason in the status JSON).
+///
+/// # Safety
+/// As `sds_engine_create`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_create_async(
+    params_json: *const c_char,
+    settings_json: *const c_char,
+    options_json: *const c_char,
+    out: *mut *mut SdsEngine,
+) -> SdsStatus {
+    // SAFETY: forwarded.
+    unsafe {
+        create(
+            "sds_engine_create_async",
+            params_json,
+            settings_json,
+            options_json,
+            out,
+            false,
+        )
+    }
+}
+
+/// Waits until the engine's pipeline serves (`SDS_OK`), its load failed (the load's error,
+/// e.g. `SDS_ERR_MODEL`), or `timeout_ms` passed (`SDS_ERR_NOT_READY`; a negative timeout waits
+/// without limit). Thread-safe: any thread, concurrently with any call but destroy.
+///
+/// # Safety
+/// `engine` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_wait_ready(
+    engine: *mut SdsEngine,
+    timeout_ms: i64,
+) -> SdsStatus {
+    const F: &str = "sds_engine_wait_ready";
+    with_engine(F, engine, |h| {
+        let timeout = u64::try_from(timeout_ms).ok().map(Duration::from_millis);
+        h.engine.wait_ready(timeout).map_err(|e| {
+            let mut failure = h.core_error(F, e);
+            if failure.status == SdsStatus::SDS_ERR_STATE
+                && h.engine.status().state == EngineState::Loading
+            {
+                failure.status = SdsStatus::SDS_ERR_NOT_READY;
+            }
+            failure
+        })
+    })
+}
+
+/// Closes the engine (if not closed yet), joins its threads and frees the handle. NULL is a
+/// no-op. Blocks until the frame in flight finishes, and a model load in progress (loads
+/// cannot be interrupted). Call it once, when no other thread uses the handle; the handle and
+/// every pointer obtained from it (`sds_engine_last_error`) are invalid afterwards.
+///
+/// # Safety
+/// `engine` is NULL or a live handle not used by any other thread.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_destroy(engine: *mut SdsEngine) -> SdsStatus {
+    if engine.is_null() {
+        return SdsStatus::SDS_OK;
+    }
+    guard("sds_engine_destroy", None, || {
+        // SAFETY: made by Box::into_raw in create; the caller gives it up here.
+        drop(unsafe { Box::from_raw(engine) });
+        Ok(())
+    })
+}
+
+/// Stops the engine without freeing the handle: waiting frames are dropped, the frame in
+/// flight finishes (its output can still be polled), the threads are joined. Afterwards
+/// submit, process and update fail with `SDS_ERR_CLOSED`; status, poll and last_error still
+/// work. Idempotent. Thread-safe: may be called while other threads use the handle (to stop
+/// them before `sds_engine_destroy`).
+///
+/// # Safety
+/// `engine` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_close(engine: *mut SdsEngine) -> SdsStatus {
+    with_engine("sds_engine_close", engine, |h| {
+        h.closed.store(true, Ordering::Release);
+        h.engine.close();
+        Ok(())
+    })
+}
+
+/// Builds a fresh pipeline with the current parameters in the background (after a failed
+/// load, or a panic that discarded the pipeline); a serving pipeline keeps serving until the
+/// new one is ready. Never waits. Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_restart(engine: *mut SdsEngine) -> SdsStatus {
+    const F: &str = "sds_engine_restart";
+    with_engine(F, engine, |h| {
+        h.engine.restart().map_err(|e| h.core_error(F, e))
+    })
+}
+
+/// Processes one frame synchronously: submits a copy of `frame` and waits for its output,
+/// which is written to `out`. Latency: one pipeline pass (plus, with warm-up on, n − 1 more on
+/// the first frame after creation or a reload, and any frames already waiting in the queue).
+///
+/// `out` is checked before any work against the size `sds_engine_output_size` reports
+/// (`SDS_ERR_BUFFER_TOO_SMALL`, `out` filled in, no frame submitted). Outputs of frames
+/// submitted earlier with `sds_engine_submit` that are still waiting, or a kept one, are
+/// discarded. If the frame is dropped or fails, `SDS_ERR_NO_OUTPUT` with the reason.
+///
+/// Thread-safety: concurrent process calls on one handle are serialised; do not call
+/// `sds_engine_poll`/`sds_engine_recv` on the handle while a process call runs (they would take
+/// its output). Status, update_params and output_size may run concurrently.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `frame` NULL or as `SdsFrame` describes; `out` NULL or
+/// writable with `out->data` valid for `out->capacity` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_process(
+    engine: *mut SdsEngine,
+    frame: *const SdsFrame,
+    out: *mut SdsOutput,
+) -> SdsStatus {
+    const F: &str = "sds_engine_process";
+    with_engine(F, engine, |h| {
+        // SAFETY: by the caller's contract.
+        let (frame, out) = unsafe {
+            (
+                frame.as_ref().ok_or_else(|| Failure::null(F, "frame"))?,
+                out_arg(F, "out", out)?,
+            )
+        };
+        if out.data.is_null() {
+            return Err(Failure::null(F, "out->data"));
+        }
+        // SAFETY: by the caller's contract.
+        let frame = unsafe { frame.to_frame(F)? };
+        let params = h.engine.params();
+        check_fits(
+            F,
+            out,
+            params.width as usize,
+            params.height as usize,
+            frame.format(),
+        )?;
+        let _serial = h
+            .process_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        h.held().take();
+        let id = h.engine.submit(&frame).map_err(|e| h.core_error(F, e))?;
+        loop {
+            match h.engine.recv_timeout(Duration::from_millis(50)) {
+                // SAFETY: out->data checked non-NULL; capacity by the caller's contract.
+                Ok(Some(output)) if output.id == id => return unsafe { h.deliver(F, out, output) },
+                Ok(Some(output)) if output.id > id => return Err(lost_frame(h, id)),
+                // An output of a frame submitted before this one: discarded (documented).
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    // The worker moves a frame from queue to in-flight to outputs under one
+                    // lock, so all three empty means this frame will not come out.
+                    let s = h.engine.status();
+                    if s.queue_depth == 0 && s.frames_in_flight == 0 && s.output_queue_depth == 0 {
+                        return Err(lost_frame(h, id));
+                    }
+                }
+                Err(e) => return Err(h.core_error(F, e)),
+            }
+        }
+    })
+}
+
+fn lost_frame(h: &SdsEngine, id: u64) -> Failure {
+    let reason = h
+        .engine
+        .status()
+        .last_error
+        .map_or_else(String::new, |e| format!(" (last error: {e})"));
+    Failure::new(
+        SdsStatus::SDS_ERR_NO_OUTPUT,
+        format!(
+            "sds_engine_process: frame {id} produced no output: it was dropped (another \
+             thread's submit, a flush) or failed{reason}"
+        ),
+    )
+}
+
+/// Shared body of the submit functions.
+///
+/// # Safety
+/// As `sds_engine_submit`.
+unsafe fn submit(
+    function: &str,
+    engine: *mut SdsEngine,
+    frame: *const SdsFrame,
+    timestamp: Option<i64>,
+    id_out: *mut u64,
+) -> SdsStatus {
+    with_engine(function, engine, |h| {
+        // SAFETY: by the caller's contract.
+        let frame = unsafe { frame.as_ref() }.ok_or_else(|| Failure::null(function, "frame"))?;
+        // SAFETY: by the caller's contract.
+        let frame = unsafe { frame.to_frame(function)? };
+        let id = match timestamp {
+            Some(t) => h.engine.submit_with_timestamp(&frame, t),
+            None => h.engine.submit(&frame),
+        }
+        .map_err(|e| h.core_error(function, e))?;
+        // SAFETY: NULL or writable by the caller's contract.
+        unsafe { write_opt(id_out, id) };
+        Ok(())
+    })
+}
+
+/// Queues a copy of `frame` (the caller's memory is not kept) and returns at once, never
+/// waiting for inference; `*id_out` (nullable) gets the frame's id (0, 1, 2, … per accepted
+/// frame), which its output carries. A full queue drops its oldest waiting frame (drop policy
+/// `latest`) or fails with `SDS_ERR_QUEUE_FULL` (`lossless`). Cost: one copy of the frame.
+/// Thread-safe: any number of threads may submit, poll and update concurrently.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `frame` NULL or as `SdsFrame` describes; `id_out` NULL or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_submit(
+    engine: *mut SdsEngine,
+    frame: *const SdsFrame,
+    id_out: *mut u64,
+) -> SdsStatus {
+    // SAFETY: forwarded.
+    unsafe { submit("sds_engine_submit", engine, frame, None, id_out) }
+}
+
+/// `sds_engine_submit` with the host's timestamp (any unit), returned with the output.
+///
+/// # Safety
+/// As `sds_engine_submit`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_submit_with_timestamp(
+    engine: *mut SdsEngine,
+    frame: *const SdsFrame,
+    timestamp: i64,
+    id_out: *mut u64,
+) -> SdsStatus {
+    // SAFETY: forwarded.
+    unsafe {
+        submit(
+            "sds_engine_submit_with_timestamp",
+            engine,
+            frame,
+            Some(timestamp),
+            id_out,
+        )
+    }
+}
+
+/// Shared body of poll and recv.
+///
+/// # Safety
+/// As `sds_engine_poll`.
+unsafe fn collect(
+    function: &str,
+    engine: *mut SdsEngine,
+    out: *mut SdsOutput,
+    timeout: Option<Duration>,
+) -> SdsStatus {
+    with_engine(function, engine, |h| {
+        // SAFETY: by the caller's contract.
+        let out = unsafe { out_arg(function, "out", out)? };
+        if out.data.is_null() {
+            return Err(Failure::null(function, "out->data"));
+        }
+        let held = h.held().take();
+        let output = match (held, timeout) {
+            (Some(output), _) => Some(output),
+            (None, None) => h.engine.poll(),
+            (None, Some(t)) => h
+                .engine
+                .recv_timeout(t)
+                .map_err(|e| h.core_error(function, e))?,
+        };
+        match output {
+            // SAFETY: out->data checked non-NULL; capacity by the caller's contract.
+            Some(output) => unsafe { h.deliver(function, out, output) },
+            // Not a failure: not recorded as the last error.
+            None => Err(Failure::new(SdsStatus::SDS_ERR_NO_OUTPUT, String::new())),
+        }
+    })
+}
+
+/// Takes the oldest output not yet collected, if one is ready, and writes it to `out` with the
+/// id and timestamp of its input; `SDS_ERR_NO_OUTPUT` when none is (not recorded as an error).
+/// Never waits. If `out` is too small (`SDS_ERR_BUFFER_TOO_SMALL`, `out->size` says what is
+/// needed) the output is kept and returned by the next poll. Thread-safe (concurrent pollers
+/// get different outputs).
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `out` NULL or writable with `out->data` valid for
+/// `out->capacity` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_poll(engine: *mut SdsEngine, out: *mut SdsOutput) -> SdsStatus {
+    // SAFETY: forwarded.
+    unsafe { collect("sds_engine_poll", engine, out, None) }
+}
+
+/// `sds_engine_poll` that waits up to `timeout_ms` for an output (for hosts with a thread of
+/// their own); `SDS_ERR_NO_OUTPUT` when none came, `SDS_ERR_STATE`/`SDS_ERR_CLOSED` when none
+/// can come any more.
+///
+/// # Safety
+/// As `sds_engine_poll`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_recv(
+    engine: *mut SdsEngine,
+    out: *mut SdsOutput,
+    timeout_ms: u32,
+) -> SdsStatus {
+    let timeout = Duration::from_millis(u64::from(timeout_ms));
+    // SAFETY: forwarded.
+    unsafe { collect("sds_engine_recv", engine, out, Some(timeout)) }
+}
+
+/// Drops every frame waiting in the input queue (the one in flight still comes out), e.g. after
+/// a prompt change; `*dropped` (nullable) gets how many. Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `dropped` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_flush(
+    engine: *mut SdsEngine,
+    dropped: *mut usize,
+) -> SdsStatus {
+    with_engine("sds_engine_flush", engine, |h| {
+        let n = h.engine.flush();
+        // SAFETY: NULL or writable by the caller's contract.
+        unsafe { write_opt(dropped, n) };
+        Ok(())
+    })
+}
+
+/// The size of an output for input frames of `format` under the current (last accepted)
+/// parameters: the stream's `*width` × `*height`, and `*size`, the bytes of packed rows. While
+/// a reload that changes the resolution builds, outputs still come at the old size: check
+/// `SdsOutput.size` or allocate for both. Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; the out-pointers NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_output_size(
+    engine: *mut SdsEngine,
+    format: SdsPixelFormat,
+    width: *mut u32,
+    height: *mut u32,
+    size: *mut usize,
+) -> SdsStatus {
+    const F: &str = "sds_engine_output_size";
+    with_engine(F, engine, |h| {
+        // SAFETY: by the caller's contract.
+        let (width, height, size) = unsafe {
+            (
+                out_arg(F, "width", width)?,
+                out_arg(F, "height", height)?,
+                out_arg(F, "size", size)?,
+            )
+        };
+        let format = pixel_format(F, format)?;
+        let params = h.engine.params();
+        *width = params.width as u32;
+        *height = params.height as u32;
+        *size = params.width as usize * params.height as usize * format.bytes_per_pixel();
+        Ok(())
+    })
+}
+
+/// Applies a complete new parameter set (JSON as at create: omitted fields take the defaults,
+/// not the current values) and returns without waiting; `*kind` (nullable) says what it costs.
+/// Hot changes apply from the next frame; a reload builds beside the serving pipeline and is
+/// swapped in when ready (`serving_params_version` in the status JSON tells when); a reload
+/// that fails keeps the previous pipeline serving and records the error in the status JSON.
+/// Invalid JSON (`SDS_ERR_INVALID_JSON`) or parameters (`SDS_ERR_INVALID_PARAMS`) change
+/// nothing. Thread-safe: may run concurrently with submit/poll/process on other threads.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `params_json` NULL or NUL-terminated; `kind` NULL or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_update_params(
+    engine: *mut SdsEngine,
+    params_json: *const c_char,
+    kind: *mut SdsUpdateKind,
+) -> SdsStatus {
+    const F: &str = "sds_engine_update_params";
+    with_engine(F, engine, |h| {
+        // SAFETY: by the caller's contract.
+        let text = unsafe { str_arg(F, "params_json", params_json)? };
+        let params = StreamDiffusionParams::from_json_with(text, h.engine.settings())
+            .map_err(|e| h.core_error(F, e))?;
+        let update = h
+            .engine
+            .update_params(params)
+            .map_err(|e| h.core_error(F, e))?;
+        let value = match update {
+            Update::Unchanged => SdsUpdateKind::SDS_UPDATE_UNCHANGED,
+            Update::Hot { .. } => SdsUpdateKind::SDS_UPDATE_HOT,
+            Update::ControlNetSwap { .. } => SdsUpdateKind::SDS_UPDATE_CONTROLNET_SWAP,
+            Update::Reload { .. } => SdsUpdateKind::SDS_UPDATE_RELOAD,
+        };
+        // SAFETY: NULL or writable by the caller's contract.
+        unsafe { write_opt(kind, value) };
+        Ok(())
+    })
+}
+
+/// The status report as a JSON object (Daydream's fields: `state` ONLINE/LOADING/
+/// DEGRADED_INPUT/DEGRADED_INFERENCE/ERROR/OFFLINE, fps, `last_error`, `last_params`,
+/// `params_version`, `serving_params_version`, queue depths, frame counters, stage timings …).
+/// `*out` is a new NUL-terminated UTF-8 string owned by the caller: free it with
+/// `sds_string_free`. Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_status_json(
+    engine: *mut SdsEngine,
+    out: *mut *mut c_char,
+) -> SdsStatus {
+    const F: &str = "sds_engine_status_json";
+    with_engine(F, engine, |h| {
+        // SAFETY: by the caller's contract.
+        let out = unsafe { out_arg(F, "out", out)? };
+        *out = std::ptr::null_mut();
+        let json = CString::new(h.engine.status_json()).map_err(|e| {
+            Failure::new(
+                SdsStatus::SDS_ERR_INTERNAL,
+                format!("{F}: status JSON: {e}"),
+            )
+        })?;
+        *out = json.into_raw();
+        Ok(())
+    })
+}
+
+/// The message of the last failed call on this handle ("" if none), NUL-terminated UTF-8,
+/// owned by the handle: valid until the next failing call on the handle or its destruction.
+/// Hosts calling one handle from several threads should use `sds_last_error()` (per thread),
+/// which every failure sets too. NULL `engine` gives a static message saying so.
+///
+/// # Safety
+/// `engine` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_last_error(engine: *const SdsEngine) -> *const c_char {
+    // SAFETY: by the caller's contract.
+    match unsafe { engine.as_ref() } {
+        Some(h) => h.last_error.as_ptr(),
+        None => c"sds_engine_last_error: `engine` is NULL".as_ptr(),
+    }
+}

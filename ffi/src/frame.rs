@@ -1,0 +1,228 @@
+//! Frames in and outputs out: the C structs and their conversion to and from core's types.
+//! Only what is needed to form safe slices is checked here; the rules are core's.
+
+use sdstream_core::{Frame, Image, Output, PixelFormat};
+
+use crate::error::{Failure, SdsStatus};
+
+/// Pixel layout of a frame: one of the `SDS_PIXEL_FORMAT_*` values. A plain integer (not a C
+/// enum) so that any value a caller passes is defined behaviour; unknown values are rejected
+/// with `SDS_ERR_INVALID_ARGUMENT`.
+pub type SdsPixelFormat = u32;
+
+/// 3 bytes per pixel: red, green, blue.
+pub const SDS_PIXEL_FORMAT_RGB8: SdsPixelFormat = 0;
+/// 4 bytes per pixel: red, green, blue, alpha (ignored on input, 255 on output).
+pub const SDS_PIXEL_FORMAT_RGBA8: SdsPixelFormat = 1;
+/// 4 bytes per pixel: blue, green, red, alpha (ignored on input, 255 on output).
+pub const SDS_PIXEL_FORMAT_BGRA8: SdsPixelFormat = 2;
+/// 12 bytes per pixel: red, green, blue as native-endian `float` in [0, 1].
+pub const SDS_PIXEL_FORMAT_RGBF32: SdsPixelFormat = 3;
+
+pub(crate) fn pixel_format(function: &str, value: SdsPixelFormat) -> Result<PixelFormat, Failure> {
+    match value {
+        SDS_PIXEL_FORMAT_RGB8 => Ok(PixelFormat::Rgb8),
+        SDS_PIXEL_FORMAT_RGBA8 => Ok(PixelFormat::Rgba8),
+        SDS_PIXEL_FORMAT_BGRA8 => Ok(PixelFormat::Bgra8),
+        SDS_PIXEL_FORMAT_RGBF32 => Ok(PixelFormat::RgbF32),
+        other => Err(Failure::new(
+            SdsStatus::SDS_ERR_INVALID_ARGUMENT,
+            format!(
+                "{function}: unknown pixel format {other} (RGB8 = 0, RGBA8 = 1, BGRA8 = 2, \
+                 RGBF32 = 3)"
+            ),
+        )),
+    }
+}
+
+fn format_code(format: PixelFormat) -> SdsPixelFormat {
+    match format {
+        PixelFormat::Rgb8 => SDS_PIXEL_FORMAT_RGB8,
+        PixelFormat::Rgba8 => SDS_PIXEL_FORMAT_RGBA8,
+        PixelFormat::Bgra8 => SDS_PIXEL_FORMAT_BGRA8,
+        PixelFormat::RgbF32 => SDS_PIXEL_FORMAT_RGBF32,
+    }
+}
+
+/// An input image in the caller's memory, read only during the call that receives it (never
+/// kept: `sds_engine_submit` copies it).
+///
+/// `data` must hold `stride * (height - 1) + width * bytes_per_pixel` readable bytes. Any size
+/// is accepted (the pipeline resizes to the stream's width × height); the output comes back in
+/// the same pixel format.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct SdsFrame {
+    /// First byte of the top row.
+    pub data: *const u8,
+    /// Width in pixels, > 0.
+    pub width: u32,
+    /// Height in pixels, > 0.
+    pub height: u32,
+    /// Bytes from one row to the next, ≥ width × bytes per pixel; 0 means packed rows.
+    pub stride: u32,
+    /// One of the `SDS_PIXEL_FORMAT_*` values.
+    pub format: SdsPixelFormat,
+}
+
+impl SdsFrame {
+    /// Borrows the caller's pixels as a core [`Frame`] (validated by core).
+    ///
+    /// # Safety
+    /// `self.data` must satisfy the struct's contract.
+    pub(crate) unsafe fn to_frame(&self, function: &str) -> Result<Frame<'_>, Failure> {
+        if self.data.is_null() {
+            return Err(Failure::null(function, "frame->data"));
+        }
+        let format = pixel_format(function, self.format)?;
+        let (width, height) = (self.width as usize, self.height as usize);
+        let row = width.saturating_mul(format.bytes_per_pixel());
+        let stride = if self.stride == 0 {
+            row
+        } else {
+            self.stride as usize
+        };
+        // The slice covers exactly the bytes the contract promises; where the description is
+        // itself invalid (zero size, short stride) it is empty and core says what is wrong.
+        let len = if width == 0 || height == 0 || stride < row {
+            0
+        } else {
+            stride
+                .checked_mul(height - 1)
+                .and_then(|n| n.checked_add(row))
+                .filter(|&n| n <= isize::MAX as usize)
+                .ok_or_else(|| {
+                    Failure::new(
+                        SdsStatus::SDS_ERR_INVALID_FRAME,
+                        format!(
+                            "{function}: a {width}x{height} frame with stride {stride} does not \
+                             fit in memory"
+                        ),
+                    )
+                })?
+        };
+        // SAFETY: the caller promises `len` readable bytes at `data` for the call's duration.
+        let data = unsafe { std::slice::from_raw_parts(self.data, len) };
+        Frame::new(data, width, height, stride, format)
+            .map_err(|e| Failure::from_core(function, e, false))
+    }
+}
+
+/// Where an output goes: the caller fills `data`, `capacity` and `stride`; the call fills the
+/// rest, also when it fails with `SDS_ERR_BUFFER_TOO_SMALL` (then `size` is what is needed and
+/// nothing is written to `data`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct SdsOutput {
+    /// In: the caller's buffer (kept by the caller; sdstream writes to it only during the call).
+    pub data: *mut u8,
+    /// In: bytes available at `data`.
+    pub capacity: usize,
+    /// In: bytes from one row to the next in `data`, ≥ width × bytes per pixel; 0 means packed.
+    pub stride: u32,
+    /// Out: width in pixels (the stream's width).
+    pub width: u32,
+    /// Out: height in pixels (the stream's height).
+    pub height: u32,
+    /// Out: pixel format (the input frame's).
+    pub format: SdsPixelFormat,
+    /// Out: bytes needed at the chosen stride: `stride * (height - 1) + width * bytes_per_pixel`.
+    pub size: usize,
+    /// Out: id of the input frame (from `sds_engine_submit`).
+    pub frame_id: u64,
+    /// Out: the input's timestamp (the caller's from `sds_engine_submit_with_timestamp`, else
+    /// the submission time in microseconds since the Unix epoch).
+    pub timestamp: i64,
+    /// Out: version of the parameters it was made with (0 for those given at creation, then
+    /// one more per accepted update; see `params_version` in the status JSON).
+    pub params_version: u64,
+}
+
+/// Bytes needed for `width × height` pixels of `format` with rows `stride` apart (0: packed),
+/// and the stride used; `None` when the stride is shorter than a row.
+pub(crate) fn needed_bytes(
+    width: usize,
+    height: usize,
+    format: PixelFormat,
+    stride: u32,
+) -> Option<(usize, usize)> {
+    let row = width.checked_mul(format.bytes_per_pixel())?;
+    let stride = if stride == 0 { row } else { stride as usize };
+    if stride < row {
+        return None;
+    }
+    let size = stride
+        .checked_mul(height.saturating_sub(1))?
+        .checked_add(if height == 0 { 0 } else { row })?;
+    Some((size, stride))
+}
+
+/// Describes `width × height × format` in `out` and checks that it fits the caller's buffer.
+pub(crate) fn check_fits(
+    function: &str,
+    out: &mut SdsOutput,
+    width: usize,
+    height: usize,
+    format: PixelFormat,
+) -> Result<usize, Failure> {
+    out.width = width as u32;
+    out.height = height as u32;
+    out.format = format_code(format);
+    let row = width * format.bytes_per_pixel();
+    let Some((size, stride)) = needed_bytes(width, height, format, out.stride) else {
+        out.size = needed_bytes(width, height, format, 0).map_or(0, |(s, _)| s);
+        return Err(Failure::new(
+            SdsStatus::SDS_ERR_BUFFER_TOO_SMALL,
+            format!(
+                "{function}: output stride {} is shorter than a row of {width} {format} pixels \
+                 ({row} bytes)",
+                out.stride
+            ),
+        ));
+    };
+    out.size = size;
+    if out.capacity < size {
+        return Err(Failure::new(
+            SdsStatus::SDS_ERR_BUFFER_TOO_SMALL,
+            format!(
+                "{function}: a {width}x{height} {format} output with stride {stride} needs {size} \
+                 bytes; the buffer has {}",
+                out.capacity
+            ),
+        ));
+    }
+    Ok(stride)
+}
+
+/// Copies `output` into the caller's buffer; on failure gives the output back so the handle
+/// can keep it.
+///
+/// # Safety
+/// `out.data` must be non-NULL with `out.capacity` writable bytes.
+pub(crate) unsafe fn write_output(
+    function: &str,
+    out: &mut SdsOutput,
+    output: Output,
+) -> Result<(), (Failure, Output)> {
+    let Image {
+        width,
+        height,
+        format,
+        ..
+    } = output.image;
+    out.frame_id = output.id;
+    out.timestamp = output.timestamp;
+    out.params_version = output.params_version;
+    let stride = match check_fits(function, out, width, height, format) {
+        Ok(stride) => stride,
+        Err(failure) => return Err((failure, output)),
+    };
+    let row = output.image.stride();
+    for (y, src) in output.image.data.chunks_exact(row).enumerate() {
+        // SAFETY: check_fits proved `stride * (height - 1) + row <= capacity`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), out.data.add(y * stride), row);
+        }
+    }
+    Ok(())
+}

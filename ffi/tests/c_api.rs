@@ -1,0 +1,320 @@
+//! Compiles real C and C++ programs against `include/sdstream.h` and the static library cargo
+//! built (`libsdstream.a`), with the system `cc`/`c++`, and runs them on the tiny fixture
+//! (tests/fixtures/tiny-sd-turbo with TAESD tests/fixtures/tiny-taesd, 64×64):
+//!
+//! * `ffi/tests/c/api_test.c`: every function, NULL and invalid arguments, wrong frame and
+//!   buffer sizes, invalid JSON, unknown fields, use after a failed reload;
+//! * `examples/c/host.c`: its outputs must equal, byte for byte, what the Rust pipeline
+//!   ([`StreamDiffusion::process`], as the `img2img` example runs it) gives for the same frames
+//!   with the same prompt change;
+//! * `examples/cpp/td_style_host.cpp`: a never-waiting execute() loop.
+//!
+//! The programs are built with AddressSanitizer (leaks included) when the compiler supports it,
+//! so they fail on any invalid access or leak on either side of the boundary. Set
+//! `SDS_C_TESTS_NO_ASAN=1` to build them without it (to run them under valgrind instead).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use sdstream_core::{EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
+
+/// The libraries a Rust staticlib needs on Linux (`rustc --print native-static-libs`).
+const NATIVE_LIBS: &[&str] = &[
+    "-lgcc_s",
+    "-lutil",
+    "-lrt",
+    "-lpthread",
+    "-lm",
+    "-ldl",
+    "-lc",
+];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("ffi/ has a parent")
+        .to_path_buf()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    workspace().join("tests/fixtures").join(name)
+}
+
+/// `target/<profile>`, where cargo put `libsdstream.a` (this test runs from `.../deps/`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = profile_dir().join("ffi-c-tests").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+fn show(output: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Whether `cc -fsanitize=address` builds and runs a program here.
+fn asan_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if std::env::var_os("SDS_C_TESTS_NO_ASAN").is_some() {
+            return false;
+        }
+        let dir = scratch("asan-probe");
+        let src = dir.join("probe.c");
+        let exe = dir.join("probe");
+        let ok = std::fs::write(&src, "int main(void) { return 0; }\n").is_ok()
+            && Command::new("cc")
+                .args(["-fsanitize=address", "-o"])
+                .arg(&exe)
+                .arg(&src)
+                .status()
+                .is_ok_and(|s| s.success())
+            && Command::new(&exe).status().is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("note: AddressSanitizer unavailable; C programs built without it");
+        }
+        ok
+    })
+}
+
+/// `libsdstream.a`, built (or found fresh) by cargo in this test's target dir and profile:
+/// `cargo test` itself builds only the rlib the Rust tests link.
+fn staticlib() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let profile_dir = profile_dir();
+            let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+                Some("debug") | None => "dev".to_string(),
+                Some(other) => other.to_string(),
+            };
+            let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let output = Command::new(cargo)
+                .args([
+                    "build",
+                    "-p",
+                    "sdstream-ffi",
+                    "--lib",
+                    "--profile",
+                    &profile,
+                ])
+                .arg("--target-dir")
+                .arg(&target_dir)
+                .current_dir(workspace())
+                .output()
+                .expect("cannot run cargo");
+            assert!(
+                output.status.success(),
+                "building libsdstream.a failed:\n{}",
+                show(&output)
+            );
+            let lib = profile_dir.join("libsdstream.a");
+            assert!(lib.exists(), "{} missing after cargo build", lib.display());
+            lib
+        })
+        .clone()
+}
+
+/// Compiles `sources` (C with `cc`, C++ with `c++`) against the header and the staticlib.
+fn build(compiler: &str, std: &str, sources: &[PathBuf], exe: &Path) {
+    let lib = staticlib();
+    let mut cmd = Command::new(compiler);
+    cmd.arg(std)
+        .args(["-Wall", "-Wextra", "-Werror", "-g", "-O1"])
+        .arg("-I")
+        .arg(workspace().join("include"));
+    if asan_available() {
+        cmd.args(["-fsanitize=address", "-fno-omit-frame-pointer"]);
+    }
+    cmd.args(sources)
+        .arg(&lib)
+        .args(NATIVE_LIBS)
+        .arg("-o")
+        .arg(exe);
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
+    assert!(
+        output.status.success(),
+        "{compiler} failed on {sources:?}:\n{}",
+        show(&output)
+    );
+}
+
+/// Runs a built program with the sanitizer's leak checker on; panics with its output on failure.
+fn run(exe: &Path, args: &[&Path]) -> String {
+    let output = Command::new(exe)
+        .args(args)
+        .env(
+            "ASAN_OPTIONS",
+            "detect_leaks=1:halt_on_error=1:abort_on_error=0",
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+    let text = show(&output);
+    assert!(output.status.success(), "{} failed:\n{text}", exe.display());
+    assert!(
+        !text.contains("AddressSanitizer") && !text.contains("LeakSanitizer"),
+        "sanitizer report from {}:\n{text}",
+        exe.display()
+    );
+    text
+}
+
+/// The fixture frames as RGB8 rows, in name order.
+fn frames() -> Vec<(u32, u32, Vec<u8>)> {
+    (0..8)
+        .map(|i| {
+            let path = fixture(&format!("frames/{i:03}.png"));
+            let img = image::open(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .to_rgb8();
+            let (w, h) = img.dimensions();
+            (w, h, img.into_raw())
+        })
+        .collect()
+}
+
+fn ppm(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
+    let mut bytes = format!("P6\n{width} {height}\n255\n").into_bytes();
+    bytes.extend_from_slice(rgb);
+    bytes
+}
+
+/// Writes the fixture frames as `NNN.ppm` (what the C programs read) into `dir`.
+fn write_ppm_frames(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("frames dir");
+    for (i, (w, h, rgb)) in frames().iter().enumerate() {
+        let path = dir.join(format!("{i:03}.ppm"));
+        std::fs::write(&path, ppm(*w, *h, rgb)).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+fn model_args() -> (PathBuf, PathBuf) {
+    (fixture("tiny-sd-turbo"), fixture("tiny-taesd"))
+}
+
+#[test]
+fn c_api_test_passes() {
+    let dir = scratch("api_test");
+    let exe = dir.join("api_test");
+    build(
+        "cc",
+        "-std=c11",
+        &[workspace().join("ffi/tests/c/api_test.c")],
+        &exe,
+    );
+    write_ppm_frames(&dir.join("frames"));
+    let (model, vae) = model_args();
+    let out = run(&exe, &[&model, &vae, &dir.join("frames/000.ppm")]);
+    assert!(out.contains(", 0 failed"), "{out}");
+    println!("{out}");
+}
+
+/// The params JSON host.c sends (same text, so the same parameters).
+fn host_params(model: &Path, prompt: &str) -> String {
+    format!(
+        "{{\"model_id\": \"{}\", \"prompt\": \"{prompt}\", \"width\": 64, \"height\": 64, \
+         \"seed\": 42}}",
+        model.display()
+    )
+}
+
+#[test]
+fn c_host_output_equals_the_rust_pipeline() {
+    let dir = scratch("host");
+    let exe = dir.join("host");
+    build(
+        "cc",
+        "-std=c11",
+        &[workspace().join("examples/c/host.c")],
+        &exe,
+    );
+    let (frames_dir, out_dir) = (dir.join("frames"), dir.join("out"));
+    write_ppm_frames(&frames_dir);
+    std::fs::create_dir_all(&out_dir).expect("out dir");
+    let (model, vae) = model_args();
+    let log = run(&exe, &[&model, &vae, &frames_dir, &out_dir]);
+    assert!(log.contains("update kind 1 (hot)"), "{log}");
+    assert!(log.contains("\"state\":\"ONLINE\""), "{log}");
+
+    // The same frames through the synchronous Rust pipeline, prompt changed half way.
+    let settings = EngineSettings::from_json(&format!(
+        "{{\"vae\": \"{}\", \"allow_any_resolution\": true}}",
+        vae.display()
+    ))
+    .expect("settings");
+    let parse = |prompt| {
+        StreamDiffusionParams::from_json_with(&host_params(&model, prompt), &settings)
+            .expect("params")
+    };
+    let mut stream = StreamDiffusion::new(parse("a watercolor of a lighthouse"), settings.clone())
+        .expect("load");
+    let frames = frames();
+    let half = frames.len() / 2;
+    let mut max_diff = 0u8;
+    let mut differing = 0usize;
+    for (i, (w, h, rgb)) in frames.iter().enumerate() {
+        if i == half {
+            stream
+                .update(parse("an oil painting of a stormy sea"))
+                .expect("hot update");
+        }
+        let frame = Frame::packed(rgb, *w as usize, *h as usize, PixelFormat::Rgb8).expect("frame");
+        let expected = stream.process(&frame).expect("process");
+        let written = std::fs::read(out_dir.join(format!("{i:03}.ppm"))).expect("host output");
+        assert_eq!(
+            written.len(),
+            ppm(64, 64, &expected.data).len(),
+            "frame {i}: size"
+        );
+        let c_pixels = &written[written.len() - expected.data.len()..];
+        for (a, b) in c_pixels.iter().zip(&expected.data) {
+            max_diff = max_diff.max(a.abs_diff(*b));
+            differing += usize::from(a != b);
+        }
+    }
+    println!(
+        "host.c vs StreamDiffusion::process over {} frames: max abs diff {max_diff}, {differing} \
+         bytes differ",
+        frames.len()
+    );
+    assert_eq!(
+        (max_diff, differing),
+        (0, 0),
+        "the C host's bytes differ from the Rust pipeline's"
+    );
+}
+
+#[test]
+fn cpp_td_style_host_runs_without_waiting() {
+    let dir = scratch("td_style_host");
+    let exe = dir.join("td_style_host");
+    build(
+        "c++",
+        "-std=c++17",
+        &[workspace().join("examples/cpp/td_style_host.cpp")],
+        &exe,
+    );
+    write_ppm_frames(&dir.join("frames"));
+    let (model, vae) = model_args();
+    let log = run(&exe, &[&model, &vae, &dir.join("frames")]);
+    assert!(log.contains("in order: yes"), "{log}");
+    println!("{log}");
+}
