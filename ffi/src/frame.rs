@@ -70,7 +70,7 @@ impl SdsFrame {
     ///
     /// # Safety
     /// `self.data` must satisfy the struct's contract.
-    pub(crate) unsafe fn to_frame(&self, function: &str) -> Result<Frame<'_>, Failure> {
+    pub(crate) unsafe fn as_frame(&self, function: &str) -> Result<Frame<'_>, Failure> {
         if self.data.is_null() {
             return Err(Failure::null(function, "frame->data"));
         }
@@ -195,10 +195,12 @@ pub(crate) fn check_fits(
 }
 
 /// Copies `output` into the caller's buffer; on failure gives the output back so the handle
-/// can keep it.
+/// can keep it. The large error is deliberate: it is the undelivered frame itself, moved back
+/// on a cold path (buffer too small), never copied.
 ///
 /// # Safety
 /// `out.data` must be non-NULL with `out.capacity` writable bytes.
+#[allow(clippy::result_large_err)]
 pub(crate) unsafe fn write_output(
     function: &str,
     out: &mut SdsOutput,
