@@ -72,7 +72,8 @@ impl SdsEngine {
         output: Output,
     ) -> Result<(), Failure> {
         // SAFETY: forwarded from the caller.
-        unsafe { write_output(function, out, output) }.map_err(|(failure, output)| {
+        unsafe { write_output(function, out, output) }.map_err(|rejected| {
+            let (failure, output) = *rejected;
             *self.held() = Some(output);
             failure
         })
@@ -363,7 +364,7 @@ pub unsafe extern "C" fn sds_engine_process(
             return Err(Failure::null(F, "out->data"));
         }
         // SAFETY: by the caller's contract.
-        let frame = unsafe { frame.to_frame(F)? };
+        let frame = unsafe { frame.as_frame(F)? };
         let params = h.engine.params();
         check_fits(
             F,
@@ -429,7 +430,7 @@ unsafe fn submit(
         // SAFETY: by the caller's contract.
         let frame = unsafe { frame.as_ref() }.ok_or_else(|| Failure::null(function, "frame"))?;
         // SAFETY: by the caller's contract.
-        let frame = unsafe { frame.to_frame(function)? };
+        let frame = unsafe { frame.as_frame(function)? };
         let id = match timestamp {
             Some(t) => h.engine.submit_with_timestamp(&frame, t),
             None => h.engine.submit(&frame),

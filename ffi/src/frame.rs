@@ -70,7 +70,7 @@ impl SdsFrame {
     ///
     /// # Safety
     /// `self.data` must satisfy the struct's contract.
-    pub(crate) unsafe fn to_frame(&self, function: &str) -> Result<Frame<'_>, Failure> {
+    pub(crate) unsafe fn as_frame(&self, function: &str) -> Result<Frame<'_>, Failure> {
         if self.data.is_null() {
             return Err(Failure::null(function, "frame->data"));
         }
@@ -203,7 +203,7 @@ pub(crate) unsafe fn write_output(
     function: &str,
     out: &mut SdsOutput,
     output: Output,
-) -> Result<(), (Failure, Output)> {
+) -> Result<(), Box<(Failure, Output)>> {
     let Image {
         width,
         height,
@@ -215,7 +215,7 @@ pub(crate) unsafe fn write_output(
     out.params_version = output.params_version;
     let stride = match check_fits(function, out, width, height, format) {
         Ok(stride) => stride,
-        Err(failure) => return Err((failure, output)),
+        Err(failure) => return Err(Box::new((failure, output))),
     };
     let row = output.image.stride();
     for (y, src) in output.image.data.chunks_exact(row).enumerate() {
