@@ -72,7 +72,8 @@ impl SdsEngine {
         output: Output,
     ) -> Result<(), Failure> {
         // SAFETY: forwarded from the caller.
-        unsafe { write_output(function, out, output) }.map_err(|(failure, output)| {
+        unsafe { write_output(function, out, output) }.map_err(|rejected| {
+            let (failure, output) = *rejected;
             *self.held() = Some(output);
             failure
         })

@@ -205,7 +205,7 @@ pub(crate) unsafe fn write_output(
     function: &str,
     out: &mut SdsOutput,
     output: Output,
-) -> Result<(), (Failure, Output)> {
+) -> Result<(), Box<(Failure, Output)>> {
     let Image {
         width,
         height,
@@ -217,7 +217,7 @@ pub(crate) unsafe fn write_output(
     out.params_version = output.params_version;
     let stride = match check_fits(function, out, width, height, format) {
         Ok(stride) => stride,
-        Err(failure) => return Err((failure, output)),
+        Err(failure) => return Err(Box::new((failure, output))),
     };
     let row = output.image.stride();
     for (y, src) in output.image.data.chunks_exact(row).enumerate() {
