@@ -7,6 +7,7 @@
 //!   [`EngineSettings`], and [`classify`], which says whether a change is hot or needs a reload.
 //! * [`model`]: loading diffusers checkpoints and the networks (CLIP, UNet, VAE, TAESD).
 //! * [`pipeline`]: the StreamDiffusion state machine (scheduler grid, stream batch, RCFG, noise).
+//! * [`preprocess`]: ControlNet preprocessors and image pre/postprocessing.
 //! * [`engine`]: [`Engine`], the pipeline on its own threads: non-blocking submit/poll, hot
 //!   updates between frames, background reloads, Daydream's status report.
 
@@ -16,6 +17,7 @@ pub mod frame;
 pub mod model;
 pub mod params;
 pub mod pipeline;
+pub mod preprocess;
 
 pub use engine::{
     DropPolicy, Engine, EngineOptions, EngineState, EngineStatus, FrameId, Output, StageMillis,
