@@ -5,8 +5,8 @@
 //! * `ffi/tests/c/api_test.c`: every function, NULL and invalid arguments, wrong frame and
 //!   buffer sizes, invalid JSON, unknown fields, use after a failed reload;
 //! * `examples/c/host.c`: its outputs must equal, byte for byte, what the Rust pipeline
-//!   ([`StreamDiffusion::process`], as the `img2img` example runs it) gives for the same frames
-//!   with the same prompt change;
+//!   ([`StreamDiffusion::process`]) gives for the same frames with the same prompt change, and
+//!   the PNGs the `img2img` example writes for the frames before the change;
 //! * `examples/cpp/td_style_host.cpp`: a never-waiting execute() loop.
 //!
 //! The programs are built with AddressSanitizer (leaks included) when the compiler supports it,
@@ -300,6 +300,72 @@ fn c_host_output_equals_the_rust_pipeline() {
         (0, 0),
         "the C host's bytes differ from the Rust pipeline's"
     );
+
+    // And the files the img2img example writes for the frames before the prompt change.
+    let example_dir = dir.join("img2img");
+    let (example_in, example_out) = (example_dir.join("in"), example_dir.join("out"));
+    std::fs::create_dir_all(&example_in).expect("example input dir");
+    for i in 0..half {
+        let name = format!("{i:03}.png");
+        std::fs::copy(fixture(&format!("frames/{name}")), example_in.join(&name))
+            .expect("copy frame");
+    }
+    let params_path = example_dir.join("params.json");
+    let settings_path = example_dir.join("settings.json");
+    std::fs::write(
+        &params_path,
+        host_params(&model, "a watercolor of a lighthouse"),
+    )
+    .expect("params");
+    std::fs::write(&settings_path, settings.to_json()).expect("settings");
+    let example = img2img_example();
+    let output = Command::new(&example)
+        .arg("--params")
+        .arg(&params_path)
+        .arg("--settings")
+        .arg(&settings_path)
+        .arg("--input")
+        .arg(&example_in)
+        .arg("--output")
+        .arg(&example_out)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", example.display()));
+    assert!(
+        output.status.success(),
+        "img2img failed:\n{}",
+        show(&output)
+    );
+    for i in 0..half {
+        let png = example_out.join(format!("{i:03}.png"));
+        let rust = image::open(&png)
+            .unwrap_or_else(|e| panic!("{}: {e}", png.display()))
+            .to_rgb8()
+            .into_raw();
+        let written = std::fs::read(out_dir.join(format!("{i:03}.ppm"))).expect("host output");
+        let c_pixels = &written[written.len() - rust.len()..];
+        let differing = c_pixels.iter().zip(&rust).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differing,
+            0,
+            "frame {i}: {differing} bytes of host.c's output differ from {}",
+            png.display()
+        );
+    }
+    println!("host.c vs the img2img example's PNGs: {half} frames, 0 bytes differ");
+}
+
+/// The img2img example binary `cargo test --workspace` builds beside this test.
+fn img2img_example() -> PathBuf {
+    let exe = profile_dir()
+        .join("examples")
+        .join(format!("img2img{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        exe.is_file(),
+        "{} is missing: build it first (`cargo test --workspace` or `cargo build -p sdstream \
+         --example img2img`)",
+        exe.display()
+    );
+    exe
 }
 
 #[test]

@@ -6,6 +6,8 @@ madebyollin/taesd, for benchmarks (never for correctness goldens, never committe
     model_index.json, scheduler/, tokenizer/ (copied from tests/fixtures/tiny-sd-turbo),
     text_encoder/ (OpenCLIP-H text tower, 23 layers), unet/ (SD 2.1 UNet), vae/ (SD AutoencoderKL)
   TAESD_OUT/         AutoencoderTiny laid out like madebyollin/taesd
+  CONTROLNET_OUT/    (with --controlnet-out) a ControlNetModel in the shapes of the SD 2.1
+                     ControlNets Daydream streams with sd-turbo (thibaud/controlnet-sd21-*-diffusers)
 
 The config.json files are sd-turbo's / taesd's own (written out below as dicts), so a loader sees
 exactly what it would see in the real checkpoints. Weights: float32 `*.safetensors`, plus float16
@@ -167,6 +169,36 @@ SD_TURBO_VAE = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
+# An SD 2.1 ControlNet (thibaud/controlnet-sd21-*-diffusers): the UNet's encoder half with the same
+# block sizes, heads and cross-attention width, a 3-channel conditioning embedding.
+SD21_CONTROLNET = {
+    "_class_name": "ControlNetModel",
+    "_diffusers_version": "0.14.0",
+    "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "class_embed_type": None,
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "projection_class_embeddings_input_dim": None,
+    "resnet_time_scale_shift": "default",
+    "upcast_attention": False,
+    "use_linear_projection": True,
+}
+
 # madebyollin/taesd: AutoencoderTiny's defaults (64 channels everywhere).
 TAESD = {
     "_class_name": "AutoencoderTiny",
@@ -271,6 +303,22 @@ def make_vae():
     return vae
 
 
+def make_controlnet():
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(4)
+    controlnet = ControlNetModel(**diffusers_kwargs(SD21_CONTROLNET)).eval()
+    # Trained ControlNets' "zero" convs are not zero; small random weights keep the residuals real.
+    generator = torch.Generator().manual_seed(4)
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.01)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.01)
+    return controlnet
+
+
 def make_taesd():
     from diffusers import AutoencoderTiny
 
@@ -350,6 +398,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sd-out", type=Path, default=DEFAULT_SD_OUT)
     parser.add_argument("--taesd-out", type=Path, default=DEFAULT_TAESD_OUT)
+    parser.add_argument("--controlnet-out", type=Path, default=None,
+                        help="also (or, with --controlnet-only, only) write a full-size SD 2.1 ControlNet here")
+    parser.add_argument("--controlnet-only", action="store_true")
     parser.add_argument("--no-fp16", action="store_true", help="do not write the *.fp16.safetensors variants")
     parser.add_argument("--check-only", action="store_true", help="only run the sanity pass on existing folders")
     parser.add_argument("--check-size", type=int, default=256, help="image size of the sanity pass (UNet at /8)")
@@ -358,8 +409,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     fp16 = not args.no_fp16
     sd_out, taesd_out = args.sd_out.resolve(), args.taesd_out.resolve()
-    if REPO in sd_out.parents or REPO in taesd_out.parents:
+    controlnet_out = args.controlnet_out.resolve() if args.controlnet_out else None
+    if any(REPO in out.parents for out in (sd_out, taesd_out, controlnet_out) if out is not None):
         sys.exit(f"refusing to write weights inside the repository ({REPO}); choose a folder outside it")
+    if controlnet_out is not None:
+        start = time.perf_counter()
+        controlnet = make_controlnet()
+        write_json(controlnet_out / "config.json", SD21_CONTROLNET)
+        files = save_weights(controlnet.state_dict(), controlnet_out, "diffusion_pytorch_model", fp16)
+        report("controlnet", controlnet, files, time.perf_counter() - start)
+        del controlnet
+    if args.controlnet_only:
+        print("done")
+        return
 
     if not args.check_only:
         print(f"writing {sd_out} and {taesd_out} (float32{' + fp16 variants' if fp16 else ''})")
