@@ -1,0 +1,344 @@
+//! The image processors against OpenCV and against torch renderings of Daydream's processors
+//! (goldens from tests/reference/make_preprocess_goldens.py), their params' validation, and the
+//! `image_preprocessing` / `image_postprocessing` chains in a running stream.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{abs_err, check, fixture, golden};
+use sdstream::preprocess::{self, ProcessorInputs};
+use serde_json::{Map, Value, json};
+
+fn params(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+/// An RGB8 PNG under tests/fixtures/preprocess/inputs as `[1, 3, H, W]` in [0, 1].
+fn input_png(name: &str) -> Tensor {
+    let img = image::open(fixture(&format!("preprocess/inputs/{name}.png")))
+        .unwrap()
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    u8_hwc_to_unit(img.as_raw(), h, w)
+}
+
+fn u8_hwc_to_unit(raw: &[u8], h: usize, w: usize) -> Tensor {
+    Tensor::from_vec(raw.to_vec(), (h, w, 3), &Device::Cpu)
+        .unwrap()
+        .permute((2, 0, 1))
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .affine(1.0 / 255.0, 0.0)
+        .unwrap()
+}
+
+/// A uint8 `[H, W, 3]` input stored in filters.safetensors as `[1, 3, H, W]` in [0, 1].
+fn golden_input(g: &std::collections::HashMap<String, Tensor>, key: &str) -> Tensor {
+    let t = &g[key];
+    let (h, w, _) = t.dims3().unwrap();
+    u8_hwc_to_unit(&t.flatten_all().unwrap().to_vec1::<u8>().unwrap(), h, w)
+}
+
+fn run(name: &str, p: Value, x: &Tensor) -> Tensor {
+    preprocess::apply(name, &params(p), x, &ProcessorInputs::default()).unwrap()
+}
+
+#[test]
+fn canny_matches_opencv_on_every_pixel() {
+    let thresholds: Vec<(f64, f64)> =
+        std::fs::read_to_string(fixture("preprocess/canny/thresholds.txt"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Vec<f64> = l.split_whitespace().map(|s| s.parse().unwrap()).collect();
+                (v[0], v[1])
+            })
+            .collect();
+    assert!(thresholds.len() >= 3);
+    let mut names: Vec<String> = std::fs::read_dir(fixture("preprocess/inputs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|p| Some(p.file_stem()?.to_str()?.to_owned()))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 10, "{names:?}");
+    let (mut total, mut agree) = (0usize, 0usize);
+    for name in &names {
+        let x = input_png(name);
+        let (_, _, h, w) = x.dims4().unwrap();
+        let want = image::open(fixture(&format!("preprocess/canny/{name}.png")))
+            .unwrap()
+            .to_luma8();
+        assert_eq!(want.height() as usize, h * thresholds.len());
+        for (k, &(lo, hi)) in thresholds.iter().enumerate() {
+            let got = run(
+                "canny",
+                json!({"low_threshold": lo, "high_threshold": hi}),
+                &x,
+            );
+            // Three identical 0/1 channels.
+            let c = got.squeeze(0).unwrap();
+            assert_eq!(
+                abs_err(&c.get(0).unwrap(), &c.get(2).unwrap()).0,
+                0.0,
+                "{name}: channels differ"
+            );
+            let got = c
+                .get(0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want = &want.as_raw()[k * h * w..(k + 1) * h * w];
+            let same = got
+                .iter()
+                .zip(want)
+                .filter(|(g, w)| (**g == 1.0) == (**w == 255))
+                .count();
+            let edges = want.iter().filter(|&&v| v == 255).count();
+            println!(
+                "canny {name} {lo}/{hi}: {same}/{} agree, {edges} edges",
+                h * w
+            );
+            total += h * w;
+            agree += same;
+        }
+    }
+    let rate = agree as f64 / total as f64;
+    println!(
+        "canny: {agree}/{total} pixels agree with cv2.Canny ({:.4}%)",
+        100.0 * rate
+    );
+    assert_eq!(agree, total, "canny disagrees with OpenCV");
+}
+
+#[test]
+fn canny_defaults_are_100_200_and_thresholds_swap_like_opencv() {
+    let x = input_png("checker_noise");
+    let default = run("canny", json!({}), &x);
+    let explicit = run(
+        "canny",
+        json!({"low_threshold": 100, "high_threshold": 200}),
+        &x,
+    );
+    let swapped = run(
+        "canny",
+        json!({"low_threshold": 200, "high_threshold": 100}),
+        &x,
+    );
+    assert_eq!(abs_err(&default, &explicit).0, 0.0);
+    assert_eq!(abs_err(&default, &swapped).0, 0.0);
+    // A frame that went through the stream's [−1, 1] mapping and back gives the same edges.
+    let round_trip = x.affine(2.0, -1.0).unwrap().affine(0.5, 0.5).unwrap();
+    let again = run("canny", json!({}), &round_trip);
+    assert_eq!(abs_err(&default, &again).0, 0.0);
+    // And they are not trivially empty.
+    let edges = default.sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(edges > 100.0, "{edges}");
+}
+
+#[test]
+fn soft_edge_equals_daydreams_formula() {
+    let g = golden("preprocess/filters.safetensors");
+    for (input, key) in [("input_a", "soft_edge_a"), ("input_b", "soft_edge_b")] {
+        let got = run("soft_edge", json!({}), &golden_input(&g, input));
+        let want = g[key].broadcast_as(got.dims()).unwrap();
+        check(key, &got, &want, 1e-4);
+    }
+}
+
+#[test]
+fn blur_equals_daydreams_gaussian() {
+    let g = golden("preprocess/filters.safetensors");
+    let x = golden_input(&g, "input_c");
+    for (key, p) in [
+        ("blur_default", json!({})),
+        (
+            "blur_k4_s0.8",
+            json!({"blur_intensity": 0.8, "kernel_size": 4}),
+        ),
+        (
+            "blur_k31_s5",
+            json!({"blur_intensity": 5.0, "kernel_size": 31}),
+        ),
+    ] {
+        check(key, &run("blur", p, &x), &g[key], 1e-5);
+    }
+}
+
+#[test]
+fn sharpen_equals_daydreams_steps() {
+    let g = golden("preprocess/filters.safetensors");
+    let x = golden_input(&g, "input_c");
+    for (key, p) in [
+        ("sharpen_default", json!({})),
+        (
+            "sharpen_single",
+            json!({"multi_scale": false, "sharpen_intensity": 3.0, "unsharp_radius": 2.0,
+                   "edge_enhancement": 0.0, "detail_boost": 1.0, "noise_reduction": 0.0}),
+        ),
+        (
+            "sharpen_strong",
+            json!({"noise_reduction": 0.5, "edge_enhancement": 2.0, "detail_boost": 0.0,
+                   "unsharp_radius": 0.4}),
+        ),
+    ] {
+        check(key, &run("sharpen", p, &x), &g[key], 1e-5);
+    }
+}
+
+#[test]
+fn feedback_blends_with_the_previous_output_and_is_identity_without_one() {
+    let g = golden("preprocess/filters.safetensors");
+    let (x, prev) = (golden_input(&g, "input_c"), golden_input(&g, "input_d"));
+    let inputs = ProcessorInputs {
+        previous_output: Some(&prev),
+        external: None,
+    };
+    let p = params(json!({"feedback_strength": 0.3}));
+    let got = preprocess::apply("feedback", &p, &x, &inputs).unwrap();
+    check("feedback_0.3", &got, &g["feedback_0.3"], 1e-6);
+    // Default strength 0.5.
+    let half = preprocess::apply("feedback", &Map::new(), &x, &inputs).unwrap();
+    let want = ((&x + &prev).unwrap() * 0.5).unwrap();
+    check("feedback default", &half, &want, 1e-6);
+    let first = preprocess::apply("feedback", &p, &x, &ProcessorInputs::default()).unwrap();
+    assert_eq!(abs_err(&first, &x).0, 0.0);
+}
+
+#[test]
+fn upscale_resamples_as_torch_and_keeps_the_frame_size() {
+    let g = golden("preprocess/filters.safetensors");
+    let x = golden_input(&g, "input_d");
+    for (key, p) in [
+        ("upscale_default", json!({})),
+        (
+            "upscale_bicubic_1.5",
+            json!({"scale_factor": 1.5, "algorithm": "bicubic"}),
+        ),
+        (
+            "upscale_nearest_3",
+            json!({"scale_factor": 3.0, "algorithm": "nearest"}),
+        ),
+        (
+            "upscale_lanczos_2.5",
+            json!({"scale_factor": 2.5, "algorithm": "lanczos"}),
+        ),
+    ] {
+        let got = run("upscale", p, &x);
+        assert_eq!(got.dims(), x.dims());
+        check(key, &got, &g[key], 1e-5);
+    }
+}
+
+#[test]
+fn passthrough_and_external() {
+    let g = golden("preprocess/filters.safetensors");
+    let (x, ext) = (golden_input(&g, "input_c"), golden_input(&g, "input_d"));
+    assert_eq!(abs_err(&run("passthrough", json!({}), &x), &x).0, 0.0);
+    let inputs = ProcessorInputs {
+        previous_output: None,
+        external: Some(&ext),
+    };
+    let got = preprocess::apply("external", &Map::new(), &x, &inputs).unwrap();
+    assert_eq!(abs_err(&got, &ext).0, 0.0);
+    let err = preprocess::apply("external", &Map::new(), &x, &ProcessorInputs::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no control image"), "{err}");
+    let small = ext.narrow(3, 0, 16).unwrap();
+    let inputs = ProcessorInputs {
+        previous_output: None,
+        external: Some(&small),
+    };
+    let err = preprocess::apply("external", &Map::new(), &x, &inputs)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[1, 3, 32, 16]"), "{err}");
+}
+
+#[test]
+fn validation_names_the_field_and_the_rule() {
+    let f = "controlnets[1].preprocessor";
+    for name in preprocess::SUPPORTED_PROCESSORS {
+        preprocess::validate(name, &Map::new(), f).unwrap();
+    }
+    for name in [
+        "depth",
+        "openpose",
+        "hed",
+        "lineart",
+        "mediapipe_pose",
+        "realesrgan_trt",
+    ] {
+        let err = preprocess::validate(name, &Map::new(), f)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(f) && err.contains("not supported yet by sdstream") && err.contains(name),
+            "{err}"
+        );
+    }
+    let err = preprocess::validate("sobel", &Map::new(), f)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown image processor"), "{err}");
+    for (name, p, key, what) in [
+        (
+            "canny",
+            json!({"low_threshold": "high"}),
+            "low_threshold",
+            "expected a number",
+        ),
+        (
+            "canny",
+            json!({"high_threshold": 300}),
+            "high_threshold",
+            "out of range",
+        ),
+        (
+            "blur",
+            json!({"kernel_size": 2.5}),
+            "kernel_size",
+            "expected an integer",
+        ),
+        (
+            "blur",
+            json!({"blur_intensity": 0}),
+            "blur_intensity",
+            "out of range",
+        ),
+        (
+            "sharpen",
+            json!({"multi_scale": 1}),
+            "multi_scale",
+            "true or false",
+        ),
+        (
+            "feedback",
+            json!({"feedback_strength": 1.5}),
+            "feedback_strength",
+            "out of range",
+        ),
+        (
+            "upscale",
+            json!({"algorithm": "area"}),
+            "algorithm",
+            "expected one of",
+        ),
+    ] {
+        let err = preprocess::validate(name, &params(p), f)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("{f}.params.{key}")) && err.contains(what),
+            "{name}: {err}"
+        );
+    }
+    // Keys a processor does not read are ignored, as Daydream ignores them.
+    preprocess::validate("canny", &params(json!({"image_resolution": 512})), f).unwrap();
+}
