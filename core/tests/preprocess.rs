@@ -342,3 +342,253 @@ fn validation_names_the_field_and_the_rule() {
     // Keys a processor does not read are ignored, as Daydream ignores them.
     preprocess::validate("canny", &params(json!({"image_resolution": 512})), f).unwrap();
 }
+
+// ------------------------------------------------------------------ the chains in a stream
+
+mod stream {
+    use std::sync::{Arc, OnceLock};
+
+    use candle_core::{Device, Tensor};
+    use sdstream::model::bundle::StableDiffusionModels;
+    use sdstream::params::HotChange;
+    use sdstream::preprocess::{self, ProcessorInputs};
+    use sdstream::{EngineSettings, Error, Frame, PixelFormat, StreamDiffusion, Update};
+    use serde_json::{Value, json};
+
+    use super::common::{abs_err, fixture};
+    use super::params;
+
+    fn settings() -> EngineSettings {
+        EngineSettings::from_json(
+            &json!({
+                "vae": fixture("tiny-taesd").display().to_string(),
+                "allow_any_resolution": true,
+            })
+            .to_string(),
+        )
+        .unwrap()
+    }
+
+    fn models() -> Arc<StableDiffusionModels> {
+        static MODELS: OnceLock<Arc<StableDiffusionModels>> = OnceLock::new();
+        MODELS
+            .get_or_init(|| {
+                let id = fixture("tiny-sd-turbo").display().to_string();
+                Arc::new(StableDiffusionModels::load(&id, &settings(), &mut |_| {}).unwrap())
+            })
+            .clone()
+    }
+
+    fn body(extra: Value) -> Value {
+        let mut b = json!({
+            "model_id": fixture("tiny-sd-turbo").display().to_string(),
+            "prompt": "a photo of a cat",
+            "seed": 2,
+            "t_index_list": [12, 20, 32],
+            "guidance_scale": 1.2,
+            "delta": 0.8,
+            "width": 64,
+            "height": 64,
+        });
+        if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        b
+    }
+
+    fn stream_params(b: &Value) -> sdstream::StreamDiffusionParams {
+        sdstream::StreamDiffusionParams::from_json_with(&b.to_string(), &settings()).unwrap()
+    }
+
+    fn stream(b: &Value) -> StreamDiffusion {
+        StreamDiffusion::with_models(models(), stream_params(b), settings()).unwrap()
+    }
+
+    /// Fixture frame `i` as the stream's input tensor, [−1, 1].
+    fn frame(i: usize) -> Tensor {
+        let img = image::open(fixture(&format!("frames/{i:03}.png")))
+            .unwrap()
+            .to_rgb8();
+        let f = Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
+        f.to_tensor(64, 64, &Device::Cpu).unwrap()
+    }
+
+    /// A [−1, 1] input with processor `name` applied in [0, 1], as the stream does.
+    fn processed(name: &str, p: Value, x: &Tensor, previous: Option<&Tensor>) -> Tensor {
+        let inputs = ProcessorInputs {
+            previous_output: previous,
+            external: None,
+        };
+        let unit = x.affine(0.5, 0.5).unwrap();
+        preprocess::apply(name, &params(p), &unit, &inputs)
+            .unwrap()
+            .affine(2.0, -1.0)
+            .unwrap()
+    }
+
+    const BLUR: &str = "blur";
+    fn blur_params() -> Value {
+        json!({"blur_intensity": 1.5, "kernel_size": 7})
+    }
+    fn chain(name: &str, p: Value) -> Value {
+        json!({"enabled": true, "processors": [{"type": name, "params": p}]})
+    }
+
+    #[test]
+    fn preprocessing_blur_equals_processing_a_pre_blurred_frame() {
+        let mut with_chain = stream(&body(
+            json!({"image_preprocessing": chain(BLUR, blur_params())}),
+        ));
+        let mut pre_blurred = stream(&body(json!({})));
+        let mut plain = stream(&body(json!({})));
+        let mut worst = 0f32;
+        let mut change = 0f32;
+        for i in 0..5 {
+            let x = frame(i);
+            let a = with_chain.process_tensor(&x).unwrap();
+            let b = pre_blurred
+                .process_tensor(&processed(BLUR, blur_params(), &x, None))
+                .unwrap();
+            let c = plain.process_tensor(&x).unwrap();
+            worst = worst.max(abs_err(&a, &b).0);
+            change = change.max(abs_err(&a, &c).0);
+        }
+        println!("preprocessing blur: vs pre-blurred max {worst:.3e}; vs none max {change:.3e}");
+        assert!(worst <= 1e-5, "{worst}");
+        assert!(
+            change > 1e-3,
+            "the blur did not change the output ({change})"
+        );
+    }
+
+    #[test]
+    fn postprocessing_sharpen_is_sharpen_of_the_output() {
+        let sharpen = json!({"sharpen_intensity": 2.0});
+        let mut with_chain = stream(&body(json!({
+            "image_postprocessing": chain("sharpen", sharpen.clone())
+        })));
+        let mut plain = stream(&body(json!({})));
+        for i in 0..4 {
+            let a = with_chain.process_tensor(&frame(i)).unwrap();
+            let b = plain.process_tensor(&frame(i)).unwrap();
+            let want = preprocess::apply(
+                "sharpen",
+                &params(sharpen.clone()),
+                &b,
+                &ProcessorInputs::default(),
+            )
+            .unwrap();
+            let (err, changed) = (abs_err(&a, &want).0, abs_err(&a, &b).0);
+            println!("postprocessing sharpen frame {i}: max {err:.3e} (changed {changed:.3e})");
+            assert!(err <= 1e-6, "frame {i}: {err}");
+            assert!(changed > 1e-3, "frame {i}: sharpen changed nothing");
+        }
+    }
+
+    #[test]
+    fn preprocessing_feedback_blends_each_frame_with_the_previous_output() {
+        let fb = json!({"feedback_strength": 0.4});
+        let mut with_chain = stream(&body(
+            json!({"image_preprocessing": chain("feedback", fb.clone())}),
+        ));
+        let mut manual = stream(&body(json!({})));
+        let mut previous: Option<Tensor> = None;
+        for i in 0..4 {
+            let x = frame(i);
+            let a = with_chain.process_tensor(&x).unwrap();
+            let b = manual
+                .process_tensor(&processed("feedback", fb.clone(), &x, previous.as_ref()))
+                .unwrap();
+            let err = abs_err(&a, &b).0;
+            assert!(err <= 1e-5, "frame {i}: {err}");
+            previous = Some(b);
+        }
+    }
+
+    #[test]
+    fn hot_updates_toggle_the_chains_on_the_next_frame() {
+        let base = body(json!({}));
+        let blurred = body(json!({"image_preprocessing": chain(BLUR, blur_params())}));
+        let sharpened = body(json!({"image_postprocessing": chain("sharpen", json!({}))}));
+        let mut s = stream(&base);
+        let mut twin = stream(&base);
+        for i in 0..3 {
+            s.process_tensor(&frame(i)).unwrap();
+            twin.process_tensor(&frame(i)).unwrap();
+        }
+        // Blur on: frame 3 is the twin's on a pre-blurred frame 3.
+        let update = s.update(stream_params(&blurred)).unwrap();
+        assert_eq!(
+            update,
+            Update::Hot {
+                changes: vec![HotChange::ImagePreprocessing]
+            }
+        );
+        let a = s.process_tensor(&frame(3)).unwrap();
+        let b = twin
+            .process_tensor(&processed(BLUR, blur_params(), &frame(3), None))
+            .unwrap();
+        assert!(abs_err(&a, &b).0 <= 1e-5, "{}", abs_err(&a, &b).0);
+        // Blur off, sharpen on: frame 4 is the twin's plain frame 4, sharpened.
+        let update = s.update(stream_params(&sharpened)).unwrap();
+        assert!(matches!(update, Update::Hot { .. }), "{update:?}");
+        let a = s.process_tensor(&frame(4)).unwrap();
+        let b = twin.process_tensor(&frame(4)).unwrap();
+        let want = preprocess::apply(
+            "sharpen",
+            &params(json!({})),
+            &b,
+            &ProcessorInputs::default(),
+        )
+        .unwrap();
+        assert!(abs_err(&a, &want).0 <= 1e-6, "{}", abs_err(&a, &want).0);
+        // Disabling the chain (enabled: false) switches it off on the next frame.
+        let mut off = sharpened.clone();
+        off["image_postprocessing"]["enabled"] = json!(false);
+        s.update(stream_params(&off)).unwrap();
+        let a = s.process_tensor(&frame(5)).unwrap();
+        let b = twin.process_tensor(&frame(5)).unwrap();
+        assert_eq!(abs_err(&a, &b).0, 0.0);
+    }
+
+    #[test]
+    fn unsupported_or_invalid_processors_are_rejected_naming_the_field() {
+        let cases = [
+            (
+                json!({"image_preprocessing": chain("depth", json!({}))}),
+                "image_preprocessing.processors[0]",
+                "not supported yet",
+            ),
+            (
+                json!({"image_postprocessing": {"processors": [
+                    {"type": "canny", "enabled": false, "params": {"low_threshold": -1}},
+                    {"type": "blur", "params": {"kernel_size": 99}}]}}),
+                "image_postprocessing.processors[1].params.kernel_size",
+                "out of range",
+            ),
+            (
+                json!({"latent_preprocessing": chain("latent_feedback", json!({}))}),
+                "latent_preprocessing",
+                "not supported yet",
+            ),
+        ];
+        for (extra, field, what) in cases {
+            let p = stream_params(&body(extra));
+            let err = StreamDiffusion::with_models(models(), p.clone(), settings()).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidParam { field: f, message } if f == field && message.contains(what)),
+                "{err}"
+            );
+            // An update with it is refused and leaves the stream as it was.
+            let mut s = stream(&body(json!({})));
+            assert!(s.update(p).is_err());
+            assert_eq!(s.params(), &stream_params(&body(json!({}))));
+        }
+        // A disabled chain or disabled processors are accepted whatever they name.
+        let p = stream_params(&body(json!({
+            "image_preprocessing": {"enabled": false, "processors": [{"type": "depth"}]},
+            "image_postprocessing": {"processors": [{"type": "openpose", "enabled": false}]}
+        })));
+        StreamDiffusion::with_models(models(), p, settings()).unwrap();
+    }
+}
