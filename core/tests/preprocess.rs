@@ -592,3 +592,42 @@ mod stream {
         StreamDiffusion::with_models(models(), p, settings()).unwrap();
     }
 }
+
+#[test]
+fn a_chain_runs_its_enabled_processors_in_order() {
+    use sdstream::params::ProcessingConfig;
+    let g = golden("preprocess/filters.safetensors");
+    let x = golden_input(&g, "input_c");
+    let chain: ProcessingConfig = serde_json::from_value(json!({"processors": [
+        {"type": "external"},
+        {"type": "blur", "params": {"kernel_size": 5}},
+        {"type": "canny", "enabled": false},
+        {"type": "sharpen"},
+    ]}))
+    .unwrap();
+    let got = preprocess::apply_chain(Some(&chain), &x, &ProcessorInputs::default()).unwrap();
+    let want = run(
+        "sharpen",
+        json!({}),
+        &run("blur", json!({"kernel_size": 5}), &x),
+    );
+    assert_eq!(abs_err(&got, &want).0, 0.0);
+    // With a host image, `external` replaces the frame.
+    let ext = golden_input(&g, "input_d");
+    let inputs = ProcessorInputs {
+        previous_output: None,
+        external: Some(&ext),
+    };
+    let got = preprocess::apply_chain(Some(&chain), &x, &inputs).unwrap();
+    let want = run(
+        "sharpen",
+        json!({}),
+        &run("blur", json!({"kernel_size": 5}), &ext),
+    );
+    assert_eq!(abs_err(&got, &want).0, 0.0);
+    // A disabled chain is the identity.
+    let mut off = chain.clone();
+    off.enabled = false;
+    let got = preprocess::apply_chain(Some(&off), &x, &ProcessorInputs::default()).unwrap();
+    assert_eq!(abs_err(&got, &x).0, 0.0);
+}

@@ -126,6 +126,12 @@ impl Processor {
 
     /// Runs the processor on `image` (`[1, C, H, W]` in [0, 1]).
     pub fn run(&self, image: &Tensor, inputs: &ProcessorInputs<'_>) -> Result<Tensor> {
+        if image.dims().contains(&0) {
+            return Err(Error::InvalidFrame(format!(
+                "an image processor got an empty image {:?}",
+                image.dims()
+            )));
+        }
         let on_host = |f: &dyn Fn(&Planes) -> Planes| -> Result<Tensor> {
             f(&Planes::from_tensor(image)?).into_tensor(image.device())
         };
@@ -197,6 +203,9 @@ pub fn validate_chain(chain: Option<&ProcessingConfig>, field: &str) -> Result<(
 }
 
 /// Applies the enabled processors of an active chain in order (the image unchanged otherwise).
+/// In a chain, `external` passes its input through when `inputs` has no external image, as
+/// Daydream's `ExternalPreprocessor` returns the tensor it is given (the host's frame is then the
+/// externally prepared image).
 pub fn apply_chain(
     chain: Option<&ProcessingConfig>,
     image: &Tensor,
@@ -205,7 +214,12 @@ pub fn apply_chain(
     let mut x = image.clone();
     if let Some(chain) = chain.filter(|c| c.enabled) {
         for p in chain.processors.iter().filter(|p| p.enabled) {
-            x = apply(&p.kind, &p.params, &x, inputs)?;
+            let params_field = format!("{}.params", p.kind);
+            let processor = Processor::parse(&p.kind, &p.params, &p.kind, &params_field)?;
+            if processor == Processor::External && inputs.external.is_none() {
+                continue;
+            }
+            x = processor.run(&x, inputs)?;
         }
     }
     Ok(x)
