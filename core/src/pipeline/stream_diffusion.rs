@@ -217,7 +217,9 @@ impl StreamDiffusion {
     }
 
     /// Runs `image_preprocessing` on an input `[1, 3, H, W]` in [−1, 1]: the chain works in
-    /// [0, 1] (see [`crate::preprocess`]), `feedback` blends with the previous output.
+    /// [0, 1] (see [`crate::preprocess`]), `feedback` blends with the previous output. It runs
+    /// before the similar-image filter, so the filter compares processed frames (Daydream
+    /// preprocesses before the stream sees the frame).
     fn image_preprocessing(&self, x: &Tensor) -> Result<Tensor> {
         let chain = self.params.image_preprocessing.as_ref();
         if !preprocess::chain_is_active(chain) {

@@ -9,7 +9,8 @@
 //! 6. sigmoid(6x − 3), clamped to [0, 1], copied to three channels.
 //!
 //! Every convolution is torch's `conv2d` with `padding = k // 2`: zeros outside the image (no
-//! replication), cross-correlation. No params (Daydream declares none).
+//! replication), cross-correlation. Computed in f32 (Daydream runs it in the pipeline's dtype,
+//! float16 on GPUs). No params (Daydream declares none).
 
 use super::planes::{Planes, correlate, correlate_separable};
 
