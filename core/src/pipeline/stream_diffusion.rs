@@ -17,6 +17,7 @@ use crate::pipeline::blend::{blend, blend_noise, normalized_weights};
 use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
 use crate::pipeline::rng::TorchGenerator;
 use crate::pipeline::stream::{Conditioning, GuidanceParams, StepTensors, StreamState};
+use crate::preprocess::{self, ProcessorInputs};
 use crate::{Error, Result};
 
 /// Wall-clock time of each stage of the last processed frame.
@@ -190,6 +191,7 @@ impl StreamDiffusion {
                 x.dims()
             )));
         }
+        let x = &self.image_preprocessing(x)?;
         if let Some((filter, rng)) = &mut self.filter {
             let u = f64::from(rng.rand(1)[0]);
             if filter.decide(x, u)? == FilterDecision::Skip
@@ -207,10 +209,38 @@ impl StreamDiffusion {
         let t1 = Instant::now();
         let image = self.models.autoencoder.decode(&x0)?;
         let out = crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)?;
+        let out = self.image_postprocessing(&out)?;
         self.timings.encode = encode;
         self.timings.decode = t1.elapsed();
         self.previous_output = Some(out.clone());
         Ok(out)
+    }
+
+    /// Runs `image_preprocessing` on an input `[1, 3, H, W]` in [−1, 1]: the chain works in
+    /// [0, 1] (see [`crate::preprocess`]), `feedback` blends with the previous output. It runs
+    /// before the similar-image filter, so the filter compares processed frames (Daydream
+    /// preprocesses before the stream sees the frame).
+    fn image_preprocessing(&self, x: &Tensor) -> Result<Tensor> {
+        let chain = self.params.image_preprocessing.as_ref();
+        if !preprocess::chain_is_active(chain) {
+            return Ok(x.clone());
+        }
+        let inputs = ProcessorInputs {
+            previous_output: self.previous_output.as_ref(),
+            external: None,
+        };
+        let processed = preprocess::apply_chain(chain, &x.affine(0.5, 0.5)?, &inputs)?;
+        Ok(processed.affine(2.0, -1.0)?)
+    }
+
+    /// Runs `image_postprocessing` on a decoded output in [0, 1]; what it returns is the
+    /// stream's output (and the previous output `feedback` sees next).
+    fn image_postprocessing(&self, out: &Tensor) -> Result<Tensor> {
+        let inputs = ProcessorInputs {
+            previous_output: self.previous_output.as_ref(),
+            external: None,
+        };
+        preprocess::apply_chain(self.params.image_postprocessing.as_ref(), out, &inputs)
     }
 
     /// Text-to-image: one stream step from a fresh latent drawn from the stream's generator
@@ -400,17 +430,14 @@ pub(crate) fn check_supported(
             "LCM-LoRA (needed by SD1.5 models, not by turbo ones)",
         );
     }
+    preprocess::validate_chain(params.image_preprocessing.as_ref(), "image_preprocessing")?;
+    preprocess::validate_chain(params.image_postprocessing.as_ref(), "image_postprocessing")?;
     for (field, block) in [
-        ("image_preprocessing", &params.image_preprocessing),
-        ("image_postprocessing", &params.image_postprocessing),
         ("latent_preprocessing", &params.latent_preprocessing),
         ("latent_postprocessing", &params.latent_postprocessing),
     ] {
-        if block
-            .as_ref()
-            .is_some_and(|b| b.enabled && b.processors.iter().any(|p| p.enabled))
-        {
-            return not_yet(field, "Image and latent processors");
+        if preprocess::chain_is_active(block.as_ref()) {
+            return not_yet(field, "Latent processors");
         }
     }
     if params.skip_diffusion {
