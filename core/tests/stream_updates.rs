@@ -310,17 +310,23 @@ fn rejected_updates_leave_the_stream_untouched() {
     bad.t_index_list = vec![12, 20, 60];
     let err = s.update(bad).unwrap_err();
     assert!(err.to_string().contains("t_index_list"), "{err}");
-    // Unsupported (an enabled ControlNet): a clear error, not a silent no-op.
+    // Unsupported (a LoRA): a clear error, not a silent no-op.
+    let lora = with(base.clone(), "lora_dict", json!({"some/lora": 0.5}));
+    let err = s.update(params(&lora)).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidParam { field, .. } if field == "lora_dict"),
+        "{err}"
+    );
+    // A ControlNet that cannot be found: the swap fails naming it, and nothing changes.
+    let missing_net = std::env::temp_dir().join(format!("sdstream-no-net-{}", std::process::id()));
+    std::fs::create_dir_all(&missing_net).unwrap();
     let cn = with(
         base.clone(),
         "controlnets",
-        json!([{"model_id": "thibaud/controlnet-sd21-canny-diffusers", "conditioning_scale": 0.5}]),
+        json!([{"model_id": missing_net.display().to_string(), "conditioning_scale": 0.5}]),
     );
     let err = s.update(params(&cn)).unwrap_err();
-    assert!(
-        matches!(&err, Error::InvalidParam { field, .. } if field == "controlnets[0]"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("config.json"), "{err}");
     // A checkpoint folder without its networks: the reload fails naming what is missing, and the
     // old stream keeps serving.
     let broken = std::env::temp_dir().join(format!("sdstream-broken-{}", std::process::id()));

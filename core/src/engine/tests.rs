@@ -338,10 +338,10 @@ fn a_controlnet_swap_is_refused_and_changes_nothing() {
     with_net
         .validate(&EngineSettings::default())
         .expect("valid parameters");
-    // An enabled net asks for a feature not implemented yet: rejected as such.
+    // Adding an enabled net is a ControlNet swap, which the engine does not apply yet.
     match engine.update_params(with_net.clone()) {
-        Err(Error::InvalidParam { field, .. }) => assert_eq!(field, "controlnets[0]"),
-        other => panic!("expected the unsupported-ControlNet error, got {other:?}"),
+        Err(Error::State(message)) => assert!(message.contains("ControlNet"), "{message}"),
+        other => panic!("expected the ControlNet swap error, got {other:?}"),
     }
     // A disabled one changes nothing in the picture, but adding it is still a swap.
     with_net.controlnets[0].enabled = false;

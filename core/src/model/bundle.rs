@@ -2,11 +2,13 @@
 //! folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/) plus TAESD.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::clip::ClipTextModel;
+use crate::model::controlnet::ControlNetModel;
 use crate::model::hub::{self, HubOptions};
 use crate::model::taesd::AutoencoderTiny;
 use crate::model::tokenizer::ClipTokenizer;
@@ -89,7 +91,15 @@ pub struct StableDiffusionModels {
     pub device: Device,
     /// The dtype the networks run in.
     pub dtype: DType,
+    /// Where ControlNet ids are resolved (the base model's options: model_root, cache, hub).
+    hub: HubOptions,
+    /// ControlNets loaded for this checkpoint, most recently used last.
+    controlnets: Mutex<Vec<(String, Arc<ControlNetModel>)>>,
 }
+
+/// How many ControlNets stay cached after they leave the parameters (each holds roughly a
+/// third of the UNet's weights).
+pub const CONTROLNET_CACHE_SIZE: usize = 8;
 
 /// Files a stream needs from a checkpoint, so a hub download fetches only those
 /// (patterns as [`hub::resolve`] reads them; `?` marks optional files).
@@ -120,7 +130,8 @@ fn checkpoint_files(full_vae: bool, fp16: bool) -> Vec<String> {
     files
 }
 
-fn taesd_files(fp16: bool) -> Vec<String> {
+/// Files of a single-network folder (TAESD, a ControlNet): its config and its weights.
+fn component_files(fp16: bool) -> Vec<String> {
     vec![
         "config.json".into(),
         hub::weights_pattern("", "diffusion_pytorch_model", fp16),
@@ -149,10 +160,10 @@ impl StableDiffusionModels {
         let dir = resolve(model_id, &opts, &checkpoint_files(full_vae, fp16))?;
         // The default TAESD depends on the family, known only once the UNet config is read.
         let taesd_dir = match &settings.vae {
-            VaeChoice::Custom(id) => Some(resolve(id, &opts, &taesd_files(fp16))?),
+            VaeChoice::Custom(id) => Some(resolve(id, &opts, &component_files(fp16))?),
             VaeChoice::Full | VaeChoice::Taesd => None,
         };
-        Self::load_dir(&dir, settings, taesd_dir, &opts, progress)
+        Self::load_dir(&dir, settings, taesd_dir, opts, progress)
     }
 
     /// Loads from an already resolved checkpoint folder.
@@ -160,7 +171,7 @@ impl StableDiffusionModels {
         dir: &Path,
         settings: &EngineSettings,
         taesd_dir: Option<PathBuf>,
-        opts: &HubOptions,
+        opts: HubOptions,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         let device = settings.device.device()?;
@@ -195,7 +206,7 @@ impl StableDiffusionModels {
         } else {
             let taesd_dir = match taesd_dir {
                 Some(d) => d,
-                None => resolve(family.taesd_id(), opts, &taesd_files(fp16))?,
+                None => resolve(family.taesd_id(), &opts, &component_files(fp16))?,
             };
             timed(progress, "taesd", &taesd_dir, || {
                 Ok(Autoencoder::Tiny(Box::new(AutoencoderTiny::load(
@@ -214,7 +225,72 @@ impl StableDiffusionModels {
             scheduler,
             device,
             dtype,
+            hub: opts,
+            controlnets: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The ControlNet `id` (a local folder or a hub id, resolved like `model_id`), loaded once
+    /// and cached: later calls, from any thread, return the same `Arc` without reading weights.
+    /// A net that does not fit this checkpoint's UNet (text width, block widths, latent
+    /// channels, family) is an error naming both values, and is not cached.
+    ///
+    /// The cache keeps the [`CONTROLNET_CACHE_SIZE`] most recently used nets, so a net removed
+    /// from the parameters and added back soon costs nothing. The lock is not held while a net
+    /// loads, so lookups of cached nets never wait for a load.
+    pub fn controlnet(
+        &self,
+        id: &str,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Arc<ControlNetModel>> {
+        if let Some(net) = self.cached_controlnet(id) {
+            return Ok(net);
+        }
+        let fp16 = self.dtype == DType::F16;
+        let dir = resolve(id, &self.hub, &component_files(fp16))?;
+        let base = self.unet.config();
+        let net = timed(progress, "controlnet", &dir, || {
+            ControlNetModel::load_for(&dir, self.dtype, &self.device, |config| {
+                config.check_compatible(base, id)
+            })
+        })?;
+        let mut cache = self.lock_controlnets();
+        // Another thread may have loaded it meanwhile: keep the first, so one `Arc` per id.
+        if let Some(existing) = cache.iter().find(|(k, _)| k == id).map(|(_, n)| n.clone()) {
+            return Ok(existing);
+        }
+        let net = Arc::new(net);
+        cache.push((id.to_string(), net.clone()));
+        if cache.len() > CONTROLNET_CACHE_SIZE {
+            cache.remove(0);
+        }
+        Ok(net)
+    }
+
+    /// The ControlNet `id` if it is cached (marking it recently used); never loads.
+    pub fn cached_controlnet(&self, id: &str) -> Option<Arc<ControlNetModel>> {
+        let mut cache = self.lock_controlnets();
+        let pos = cache.iter().position(|(k, _)| k == id)?;
+        let entry = cache.remove(pos);
+        let net = entry.1.clone();
+        cache.push(entry);
+        Some(net)
+    }
+
+    /// The ids of the cached ControlNets, least recently used first.
+    pub fn cached_controlnet_ids(&self) -> Vec<String> {
+        self.lock_controlnets()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn lock_controlnets(&self) -> std::sync::MutexGuard<'_, Vec<(String, Arc<ControlNetModel>)>> {
+        // A panic while holding the lock cannot leave the list half-updated (push/remove are
+        // single operations), so a poisoned lock is still usable.
+        self.controlnets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// CLIP embedding `[1, 77, D]` of one text.

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::model::kernels::norm::LayerNorm;
 
-use crate::model::{load_weights, read_config, weights_file};
+use crate::model::open_component;
 use crate::{Error, Result};
 
 /// `config.json` of a transformers `CLIPTextModel`; defaults are transformers' `CLIPTextConfig`.
@@ -292,18 +292,7 @@ impl ClipTextModel {
     /// Loads a transformers text-encoder folder (`config.json` + `model.safetensors`, or the
     /// `model.fp16.safetensors` variant, preferred when `dtype` is half precision).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let config: Config = read_config(&config_path)?;
-        config.validate().map_err(|e| Error::ModelLoad {
-            path: config_path.clone(),
-            detail: e.to_string(),
-        })?;
-        let file = weights_file(dir, "model", matches!(dtype, DType::F16 | DType::BF16))?;
-        let vb = load_weights(std::slice::from_ref(&file), dtype, device)?;
-        Self::new(&config, vb).map_err(|e| Error::ModelLoad {
-            path: file,
-            detail: e.to_string(),
-        })
+        open_component(dir, "model", dtype, device, Config::validate, Self::new)
     }
 
     /// The configuration the network was built from.

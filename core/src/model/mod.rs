@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod clip;
+pub mod controlnet;
 pub mod hub;
 pub mod kernels;
 pub mod taesd;
@@ -100,4 +101,44 @@ fn check_safetensors(path: &Path) -> Result<()> {
             path: path.to_path_buf(),
             detail: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
         })
+}
+
+/// Opens one network folder the way every loader does: reads and checks `dir/config.json`,
+/// picks the weights file (`{stem}.safetensors`, or the fp16 variant when `dtype` is f16/bf16
+/// or that is all there is), maps it and builds the network.
+///
+/// `validate` checks the config before any weight is touched. Errors name the file at fault:
+/// config.json for a bad or unsupported configuration (including an
+/// [`Error::UnsupportedConfig`] raised while building), the weights file for anything else.
+pub fn open_component<C, M>(
+    dir: &Path,
+    stem: &str,
+    dtype: DType,
+    device: &Device,
+    validate: impl FnOnce(&C) -> Result<()>,
+    build: impl FnOnce(&C, VarBuilder<'static>) -> Result<M>,
+) -> Result<M>
+where
+    C: DeserializeOwned,
+{
+    let config_path = dir.join("config.json");
+    let config: C = read_config(&config_path)?;
+    validate(&config).map_err(|e| in_file(&config_path, e))?;
+    let file = weights_file(dir, stem, matches!(dtype, DType::F16 | DType::BF16))?;
+    let vb = load_weights(std::slice::from_ref(&file), dtype, device)?;
+    build(&config, vb).map_err(|e| match e {
+        Error::UnsupportedConfig { .. } => in_file(&config_path, e),
+        other => in_file(&file, other),
+    })
+}
+
+/// Wraps an error as a [`Error::ModelLoad`] of `path`, unless it already names a file.
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::ModelLoad { .. } | Error::Io { .. } => e,
+        other => Error::ModelLoad {
+            path: path.to_path_buf(),
+            detail: other.to_string(),
+        },
+    }
 }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::model::kernels::conv::{Conv2d, Padding};
 use crate::model::kernels::ops::add_fresh;
-use crate::model::{load_weights, read_config, weights_file};
+use crate::model::open_component;
 use crate::{Error, Result};
 
 /// `config.json` of a diffusers `AutoencoderTiny`; defaults are diffusers' constructor defaults.
@@ -427,22 +427,14 @@ impl AutoencoderTiny {
     /// Loads a diffusers TAESD folder (`config.json` + `diffusion_pytorch_model.safetensors`, or
     /// the `.fp16.safetensors` variant, preferred when `dtype` is half precision).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let config: Config = read_config(&config_path)?;
-        config.validate().map_err(|e| Error::ModelLoad {
-            path: config_path.clone(),
-            detail: e.to_string(),
-        })?;
-        let file = weights_file(
+        open_component(
             dir,
             "diffusion_pytorch_model",
-            matches!(dtype, DType::F16 | DType::BF16),
-        )?;
-        let vb = load_weights(std::slice::from_ref(&file), dtype, device)?;
-        Self::new(&config, vb).map_err(|e| Error::ModelLoad {
-            path: file,
-            detail: e.to_string(),
-        })
+            dtype,
+            device,
+            Config::validate,
+            Self::new,
+        )
     }
 
     /// The configuration the network was built from.

@@ -24,11 +24,11 @@ use serde::{Deserialize, Deserializer};
 
 use super::kernels::conv::Conv2d;
 use super::kernels::norm::GroupNorm;
+use super::open_component;
 use super::unet_blocks::{
     Activation, AttentionSpec, BlockSettings, DownBlock, LevelShape, MidBlock, SinusoidalTimesteps,
     TimestepEmbedding, UpBlock, conv2d,
 };
-use super::{load_weights, read_config, weights_file};
 use crate::{Error, Result};
 
 /// A config value that is either one value for every UNet level or one per level.
@@ -939,21 +939,14 @@ impl UNet2DConditionModel {
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model[.fp16].safetensors` (the fp16
     /// file is preferred when `dtype` is f16 or bf16). Errors name the file at fault.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let config: UNetConfig = read_config(&config_path)?;
-        let prefer_half = matches!(dtype, DType::F16 | DType::BF16);
-        let file = weights_file(dir, "diffusion_pytorch_model", prefer_half)?;
-        let vb = load_weights(std::slice::from_ref(&file), dtype, device)?;
-        Self::new(&config, vb).map_err(|e| match e {
-            Error::UnsupportedConfig { .. } => Error::ModelLoad {
-                path: config_path,
-                detail: e.to_string(),
-            },
-            other => Error::ModelLoad {
-                path: file,
-                detail: other.to_string(),
-            },
-        })
+        open_component(
+            dir,
+            "diffusion_pytorch_model",
+            dtype,
+            device,
+            |_: &UNetConfig| Ok(()),
+            Self::new,
+        )
     }
 
     /// The config the network was built from.

@@ -221,8 +221,9 @@ impl StreamState {
     /// One frame through the stream (the reference's `predict_x0_batch`): takes the noised new
     /// latent `[1, C, h, w]`, returns the denoised latent x̂₀ `[1, C, h, w]` that leaves the batch.
     ///
-    /// `unet(x, t, embeddings)` runs the network; `renoise` draws fresh noise for the non-batch
-    /// path.
+    /// `unet(x, t, embeddings, steps)` runs the network; `steps[r]` is the denoising step (the
+    /// index into t_index_list) that row r of `x` belongs to, for per-step conditioning such as
+    /// a ControlNet's guidance window. `renoise` draws fresh noise for the non-batch path.
     pub fn step<U>(
         &mut self,
         x_new: &Tensor,
@@ -232,7 +233,7 @@ impl StreamState {
         mut renoise: impl FnMut(&[usize]) -> Result<Tensor>,
     ) -> Result<Tensor>
     where
-        U: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+        U: FnMut(&Tensor, &Tensor, &Tensor, &[usize]) -> Result<Tensor>,
     {
         let n = self.steps.len();
         if self.use_denoising_batch {
@@ -299,7 +300,7 @@ impl StreamState {
         unet: &mut U,
     ) -> Result<Tensor>
     where
-        U: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+        U: FnMut(&Tensor, &Tensor, &Tensor, &[usize]) -> Result<Tensor>,
     {
         let rows = x.dim(0)?;
         let active = guidance.active();
@@ -317,7 +318,17 @@ impl StreamState {
             ),
             _ => (x.clone(), t.clone(), repeat(&cond.cond, rows)?),
         };
-        let pred = unet(&x_in, &t_in, &embeds)?;
+        // The step of every row of x: one row per step, or the single step `idx`.
+        let steps: Vec<usize> = match idx {
+            Some(i) => vec![i; rows],
+            None => (0..rows).collect(),
+        };
+        let row_steps: Vec<usize> = match (active, guidance.mode) {
+            (true, CfgType::Initialize) => std::iter::once(steps[0]).chain(steps).collect(),
+            (true, CfgType::Full) => steps.iter().chain(&steps).copied().collect(),
+            _ => steps,
+        };
+        let pred = unet(&x_in, &t_in, &embeds, &row_steps)?;
         let (eps_text, eps_uncond) = match (active, guidance.mode) {
             (true, CfgType::Initialize) => {
                 let first = pred.narrow(0, 0, 1)?;

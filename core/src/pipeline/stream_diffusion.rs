@@ -3,6 +3,15 @@
 //! Latency: with n = len(t_index_list) an input frame's picture leaves the stream n − 1 calls
 //! later (the stream batch holds one frame per step); the first n − 1 outputs come from a zero
 //! latent buffer. Every call to [`StreamDiffusion::process`] returns one frame.
+//!
+//! ControlNets (ALGORITHM.md §5): every net in `params.controlnets` is attached (loaded through
+//! the models' cache) and stays attached while it is listed, enabled or not. Each frame, every
+//! enabled net with a non-zero `conditioning_scale` gets its control image (the input frame
+//! through its preprocessor, or the host's image for `external`), and on every UNet call runs on
+//! the same latents, timesteps and text embeddings; its residuals, times the scale, are summed
+//! over the nets and added to the UNet. A net acts on the rows whose step i of N satisfies
+//! `start ≤ i/N` and `(i+1)/N ≤ end` (diffusers' `controlnet_keep`). Scale, enabled, preprocessor
+//! and guidance window are hot; adding or removing a net attaches it from the cache.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +21,8 @@ use candle_core::{DType, Tensor};
 
 use crate::frame::{Frame, Image};
 use crate::model::bundle::StableDiffusionModels;
+use crate::model::controlnet::ControlNetModel;
+use crate::model::unet::ControlResiduals;
 use crate::params::{EngineSettings, ModelFamily, Prompt, StreamDiffusionParams, Update, classify};
 use crate::pipeline::blend::{blend, blend_noise, normalized_weights};
 use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
@@ -27,8 +38,10 @@ pub struct StageTimings {
     pub preprocess: Duration,
     /// VAE/TAESD encode.
     pub encode: Duration,
-    /// UNet (all rows of the stream batch, guidance included).
+    /// UNet (all rows of the stream batch, guidance included; ControlNets excluded).
     pub unet: Duration,
+    /// ControlNets: control images (preprocessors) and the nets' forward passes.
+    pub controlnet: Duration,
     /// VAE/TAESD decode.
     pub decode: Duration,
     /// Tensor → frame conversion.
@@ -50,7 +63,14 @@ pub struct StreamDiffusion {
     previous_output: Option<Tensor>,
     timings: StageTimings,
     renoise: Option<NoiseSource>,
+    /// The nets of `params.controlnets`, in the same order.
+    controlnets: Vec<Arc<ControlNetModel>>,
+    /// The latest host-supplied control image per ControlNet id, `[1, 3, H, W]` f32 in [0, 1].
+    external_controls: HashMap<String, Tensor>,
 }
+
+/// The preprocessor name whose control image the host supplies with each frame.
+const EXTERNAL_PREPROCESSOR: &str = "external";
 
 /// A source of fresh Gaussian noise of a given shape.
 pub type NoiseSource = Box<dyn FnMut(&[usize]) -> Result<Tensor> + Send>;
@@ -116,6 +136,9 @@ impl StreamDiffusion {
         let cond = prompt_embedding(&models, &params, &mut prompt_cache)?;
         let uncond = prompt_cache.embed(&models, &params.negative_prompt)?;
         let (state, generator) = build_state(&models, &params)?;
+        let controlnets = attach_controlnets(&models, &params, &[], &mut |line| {
+            eprintln!("sdstream: {line}")
+        })?;
         let filter = params.enable_similar_image_filter.then(|| {
             (
                 SimilarImageFilter::new(
@@ -138,6 +161,8 @@ impl StreamDiffusion {
             previous_output: None,
             timings: StageTimings::default(),
             renoise: None,
+            controlnets,
+            external_controls: HashMap::new(),
         })
     }
 
@@ -168,11 +193,30 @@ impl StreamDiffusion {
 
     /// One frame in, one frame out, in the input's pixel format at width × height.
     pub fn process(&mut self, frame: &Frame) -> Result<Image> {
+        self.process_with_controls(frame, &[])
+    }
+
+    /// [`process`](Self::process) with control images for `external` ControlNets: each
+    /// `(model_id, frame)` is converted like the input frame (resized to the stream's size) and
+    /// kept, so a net uses the most recent image given for its id (before the first one it
+    /// contributes nothing). An id that names no configured ControlNet is an error, and then
+    /// nothing changes.
+    pub fn process_with_controls(
+        &mut self,
+        frame: &Frame,
+        controls: &[(&str, &Frame)],
+    ) -> Result<Image> {
         let start = Instant::now();
         let (width, height) = self.output_size();
         let x = frame.to_tensor(width, height, &self.models.device)?;
+        let mut images = Vec::with_capacity(controls.len());
+        for (id, control) in controls {
+            let t = control.to_tensor(width, height, &self.models.device)?;
+            images.push((*id, t));
+        }
         let preprocess = start.elapsed();
-        let out = self.process_tensor(&x)?;
+        let images: Vec<(&str, &Tensor)> = images.iter().map(|(id, t)| (*id, t)).collect();
+        let out = self.process_tensor_with_controls(&x, &images)?;
         let post = Instant::now();
         let image = Image::from_tensor(&out, frame.format())?;
         self.timings.preprocess = preprocess;
@@ -184,13 +228,51 @@ impl StreamDiffusion {
     /// The tensor path: `x` is `[1, 3, H, W]` in [−1, 1] at the stream's size; returns the
     /// output `[1, 3, H, W]` in [0, 1] (f32).
     pub fn process_tensor(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.process_tensor_with_controls(x, &[])
+    }
+
+    /// [`process_with_controls`](Self::process_with_controls) on tensors: `x` and every control
+    /// image are `[1, 3, H, W]` in [−1, 1] at the stream's size (as [`Frame::to_tensor`] makes
+    /// them).
+    pub fn process_tensor_with_controls(
+        &mut self,
+        x: &Tensor,
+        controls: &[(&str, &Tensor)],
+    ) -> Result<Tensor> {
         let (width, height) = self.output_size();
-        if x.dims() != [1, 3, height, width] {
+        let expected = [1, 3, height, width];
+        if x.dims() != expected {
             return Err(Error::InvalidFrame(format!(
                 "expected a [1, 3, {height}, {width}] tensor, got {:?}",
                 x.dims()
             )));
         }
+        // Check every control image before keeping any, so an error changes nothing.
+        let mut fresh = Vec::with_capacity(controls.len());
+        for (id, image) in controls {
+            if !self.params.controlnets.iter().any(|c| c.model_id == *id) {
+                return Err(Error::param(
+                    "controls",
+                    format!(
+                        "control image given for {id:?}, which is not a configured ControlNet \
+                         (configured: {:?})",
+                        self.params
+                            .controlnets
+                            .iter()
+                            .map(|c| c.model_id.as_str())
+                            .collect::<Vec<_>>()
+                    ),
+                ));
+            }
+            if image.dims() != expected {
+                return Err(Error::InvalidFrame(format!(
+                    "control image for {id:?}: expected a [1, 3, {height}, {width}] tensor, got {:?}",
+                    image.dims()
+                )));
+            }
+            fresh.push((id.to_string(), to_unit(image)?));
+        }
+        self.external_controls.extend(fresh);
         let x = &self.image_preprocessing(x)?;
         if let Some((filter, rng)) = &mut self.filter {
             let u = f64::from(rng.rand(1)[0]);
@@ -200,12 +282,16 @@ impl StreamDiffusion {
                 return Ok(previous.clone());
             }
         }
+        let tc = Instant::now();
+        let conds = self.control_conditions(Some(&to_unit(x)?))?;
+        let control_prep = tc.elapsed();
         let x = x.to_dtype(self.models.dtype)?;
         let t0 = Instant::now();
         let z = self.models.autoencoder.encode(&x, &mut self.generator)?;
         let x_new = self.state.add_first_noise(&z)?;
         let encode = t0.elapsed();
-        let x0 = self.denoise(&x_new)?;
+        let x0 = self.denoise(&x_new, &conds)?;
+        self.timings.controlnet += control_prep;
         let t1 = Instant::now();
         let image = self.models.autoencoder.decode(&x0)?;
         let out = crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)?;
@@ -256,14 +342,89 @@ impl StreamDiffusion {
 
     /// Text-to-image from a given starting latent `[1, C, h, w]`, used as is (no a₀/b₀ mixing,
     /// as the reference).
+    ///
+    /// Only `external` ControlNets act here (the others derive their image from an input frame).
     pub fn txt2img_from(&mut self, latent: &Tensor) -> Result<Tensor> {
-        let x0 = self.denoise(latent)?;
+        let conds = self.control_conditions(None)?;
+        let x0 = self.denoise(latent, &conds)?;
         let image = self.models.autoencoder.decode(&x0)?;
         crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)
     }
 
+    /// The ControlNets that act on this frame, each with its embedded control image. `input` is
+    /// the frame `[1, 3, H, W]` in [0, 1] (`None` for txt2img: only `external` nets act).
+    /// Disabled nets, scale-0 nets and nets whose guidance window covers no step are skipped
+    /// without preprocessing.
+    fn control_conditions(&self, input: Option<&Tensor>) -> Result<Vec<ActiveControlNet>> {
+        let steps = self.params.t_index_list.len();
+        let mut active = Vec::new();
+        // Nets with the same preprocessor and settings share one control image.
+        let mut images: Vec<(&str, &serde_json::Map<String, serde_json::Value>, Tensor)> =
+            Vec::new();
+        for (config, net) in self.params.controlnets.iter().zip(&self.controlnets) {
+            if !config.enabled || config.conditioning_scale == 0.0 {
+                continue;
+            }
+            let window = GuidanceWindow {
+                start: config.control_guidance_start,
+                end: config.control_guidance_end,
+            };
+            if !(0..steps).any(|i| window.keeps(i, steps)) {
+                continue;
+            }
+            let external = self.external_controls.get(&config.model_id);
+            let image = if config.preprocessor == EXTERNAL_PREPROCESSOR {
+                let Some(external) = external else { continue };
+                let source = input.unwrap_or(external);
+                let inputs = ProcessorInputs {
+                    previous_output: self.previous_output.as_ref(),
+                    external: Some(external),
+                };
+                preprocess::apply(
+                    &config.preprocessor,
+                    &config.preprocessor_params,
+                    source,
+                    &inputs,
+                )?
+            } else {
+                let Some(input) = input else { continue };
+                let cached = images.iter().find(|(name, params, _)| {
+                    *name == config.preprocessor && **params == config.preprocessor_params
+                });
+                match cached {
+                    Some((_, _, image)) => image.clone(),
+                    None => {
+                        let inputs = ProcessorInputs {
+                            previous_output: self.previous_output.as_ref(),
+                            external,
+                        };
+                        let image = preprocess::apply(
+                            &config.preprocessor,
+                            &config.preprocessor_params,
+                            input,
+                            &inputs,
+                        )?;
+                        images.push((
+                            &config.preprocessor,
+                            &config.preprocessor_params,
+                            image.clone(),
+                        ));
+                        image
+                    }
+                }
+            };
+            active.push(ActiveControlNet {
+                embedded: net.embed_condition(&image)?,
+                net: net.clone(),
+                scale: config.conditioning_scale,
+                window,
+            });
+        }
+        Ok(active)
+    }
+
     /// Runs the stream batch on a noised latent and returns x̂₀ of the row that leaves it.
-    fn denoise(&mut self, x_new: &Tensor) -> Result<Tensor> {
+    fn denoise(&mut self, x_new: &Tensor, controls: &[ActiveControlNet]) -> Result<Tensor> {
         let t = Instant::now();
         let guidance = GuidanceParams {
             mode: self.settings.cfg_type,
@@ -273,18 +434,31 @@ impl StreamDiffusion {
         let models = &self.models;
         let generator = &mut self.generator;
         let renoise = &mut self.renoise;
+        let steps = self.params.t_index_list.len();
+        let mut control_time = Duration::ZERO;
         let x0 = self.state.step(
             x_new,
             &self.conditioning,
             guidance,
-            |x, t, e| models.unet.forward(x, t, e, None),
+            |x, t, e, rows| {
+                let tc = Instant::now();
+                let residuals = control_residuals(controls, x, t, e, rows, steps)?;
+                control_time += tc.elapsed();
+                models.unet.forward(x, t, e, residuals.as_ref())
+            },
             |shape| match renoise.as_mut() {
                 Some(source) => source(shape),
                 None => Ok(generator.randn_tensor(shape, &models.device)?),
             },
         )?;
-        self.timings.unet = t.elapsed();
+        self.timings.unet = t.elapsed().saturating_sub(control_time);
+        self.timings.controlnet = control_time;
         Ok(x0)
+    }
+
+    /// The ControlNets attached to the stream, aligned with `params().controlnets`.
+    pub fn controlnets(&self) -> &[Arc<ControlNetModel>] {
+        &self.controlnets
     }
 
     /// Overrides where the non-batch path (`use_denoising_batch = false` with `do_add_noise`)
@@ -296,17 +470,37 @@ impl StreamDiffusion {
     }
 
     /// Applies a complete new parameter set. Hot changes take effect on the next frame without
-    /// touching the weights; a ControlNet swap is rejected until ControlNets are supported; a
-    /// reload rebuilds the stream (reusing the loaded networks when `model_id` is unchanged).
-    /// On any error the stream keeps its previous state.
+    /// touching the weights. A ControlNet swap attaches the new list's nets from the models'
+    /// ControlNet cache (loading those not cached yet; an engine pre-loads them with
+    /// [`StableDiffusionModels::controlnet`] so that this step reads no weights) together with
+    /// the hot changes riding along. A reload rebuilds the stream (reusing the loaded networks
+    /// when `model_id` is unchanged). On any error (a missing or incompatible ControlNet
+    /// included) the stream keeps its previous state.
     pub fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
         params.validate(&self.settings)?;
         check_supported(&params, Some(self.models.family))?;
         let update = classify(&self.params, &params);
         match &update {
             Update::Unchanged => {}
-            Update::Hot { .. } => self.apply_hot(params)?,
-            Update::ControlNetSwap { .. } => return Err(controlnet_swap_unsupported()),
+            Update::Hot { .. } | Update::ControlNetSwap { .. } => {
+                // Attach first (may load, may fail), then apply the rest; commit both together.
+                let controlnets = attach_controlnets(
+                    &self.models,
+                    &params,
+                    &self.current_controlnets(),
+                    &mut |line| eprintln!("sdstream: {line}"),
+                )?;
+                self.apply_hot(params)?;
+                self.controlnets = controlnets;
+                let ids: Vec<&str> = self
+                    .params
+                    .controlnets
+                    .iter()
+                    .map(|c| c.model_id.as_str())
+                    .collect();
+                self.external_controls
+                    .retain(|id, _| ids.contains(&id.as_str()));
+            }
             Update::Reload { .. } => {
                 let models = if params.model_id == self.params.model_id {
                     self.models.clone()
@@ -321,6 +515,16 @@ impl StreamDiffusion {
             }
         }
         Ok(update)
+    }
+
+    /// The attached nets by model id.
+    fn current_controlnets(&self) -> Vec<(String, Arc<ControlNetModel>)> {
+        self.params
+            .controlnets
+            .iter()
+            .map(|c| c.model_id.clone())
+            .zip(self.controlnets.iter().cloned())
+            .collect()
     }
 
     /// Recomputes only what the changed hot fields affect; builds everything first and commits
@@ -411,12 +615,12 @@ pub(crate) fn check_supported(
             format!("{what} is not supported yet by sdstream"),
         ))
     };
-    if let Some(i) = params
-        .controlnets
-        .iter()
-        .position(|c| c.enabled && c.conditioning_scale != 0.0)
-    {
-        return not_yet(&format!("controlnets[{i}]"), "ControlNet");
+    for (i, net) in params.controlnets.iter().enumerate() {
+        preprocess::validate(
+            &net.preprocessor,
+            &net.preprocessor_params,
+            &format!("controlnets[{i}].preprocessor"),
+        )?;
     }
     if params.ip_adapter.enabled {
         return not_yet("ip_adapter", "IP-Adapter");
@@ -446,12 +650,176 @@ pub(crate) fn check_supported(
     Ok(())
 }
 
-/// The error for an update that adds, removes or replaces a ControlNet, until ControlNets are
-/// supported (shared with the engine, which rejects such updates the same way).
+/// The error the engine gives for an update that adds, removes or replaces a ControlNet, until
+/// it loads nets in the background ([`StreamDiffusion::update`] itself applies swaps).
 pub(crate) fn controlnet_swap_unsupported() -> Error {
     Error::State(
         "ControlNets are not supported yet; this update adds, removes or replaces one".into(),
     )
+}
+
+/// A ControlNet acting on the current frame.
+struct ActiveControlNet {
+    net: Arc<ControlNetModel>,
+    /// Its control image through the net's conditioning embedding, `[1, ch0, h, w]`.
+    embedded: Tensor,
+    scale: f64,
+    window: GuidanceWindow,
+}
+
+/// `control_guidance_start` / `control_guidance_end` of one net.
+#[derive(Debug, Clone, Copy)]
+struct GuidanceWindow {
+    start: f64,
+    end: f64,
+}
+
+impl GuidanceWindow {
+    /// Whether step `i` of `n` gets the net's residuals: diffusers' `controlnet_keep`,
+    /// `not (i/n < start or (i+1)/n > end)`.
+    fn keeps(self, i: usize, n: usize) -> bool {
+        let n = n as f64;
+        !((i as f64) / n < self.start || (i as f64 + 1.0) / n > self.end)
+    }
+}
+
+/// The summed, scaled residuals of the acting nets for one UNet call; `rows[r]` is the step of
+/// row r. A net runs only on the rows its window keeps (not at all when it keeps none); the
+/// other rows get zero residuals from it. `None` when no net acts on any row.
+fn control_residuals(
+    controls: &[ActiveControlNet],
+    x: &Tensor,
+    t: &Tensor,
+    embeds: &Tensor,
+    rows: &[usize],
+    steps: usize,
+) -> Result<Option<ControlResiduals>> {
+    let mut sum: Option<ControlResiduals> = None;
+    for control in controls {
+        let kept: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, step)| control.window.keeps(**step, steps))
+            .map(|(r, _)| r as u32)
+            .collect();
+        if kept.is_empty() {
+            continue;
+        }
+        let residuals = if kept.len() == rows.len() {
+            let r = control
+                .net
+                .forward_embedded(x, t, embeds, &control.embedded)?;
+            scale_residuals(r, control.scale, None)?
+        } else {
+            let index = Tensor::new(kept.as_slice(), x.device())?;
+            let pick = |v: &Tensor| v.index_select(&index, 0);
+            let r = control.net.forward_embedded(
+                &pick(x)?,
+                &pick(t)?,
+                &pick(embeds)?,
+                &control.embedded,
+            )?;
+            scale_residuals(r, control.scale, Some((&index, rows.len())))?
+        };
+        sum = Some(match sum {
+            None => residuals,
+            Some(acc) => ControlResiduals {
+                down: acc
+                    .down
+                    .iter()
+                    .zip(&residuals.down)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+                mid: (acc.mid + residuals.mid)?,
+            },
+        });
+    }
+    Ok(sum)
+}
+
+/// Multiplies residuals by `scale`; with `scatter = (index, rows)` they were computed for the
+/// rows `index` only and are placed there in zero tensors of `rows` rows.
+fn scale_residuals(
+    r: ControlResiduals,
+    scale: f64,
+    scatter: Option<(&Tensor, usize)>,
+) -> Result<ControlResiduals> {
+    let one = |v: Tensor| -> Result<Tensor> {
+        let v = (v * scale)?;
+        Ok(match scatter {
+            None => v,
+            Some((index, rows)) => {
+                let mut dims = v.dims().to_vec();
+                dims[0] = rows;
+                Tensor::zeros(dims, v.dtype(), v.device())?.index_add(index, &v, 0)?
+            }
+        })
+    };
+    Ok(ControlResiduals {
+        down: r.down.into_iter().map(one).collect::<Result<Vec<_>>>()?,
+        mid: one(r.mid)?,
+    })
+}
+
+/// The nets for `params.controlnets`, in order: those in `current` (by model id) are reused,
+/// the others come from the models' cache (loaded if need be). Each is checked against the
+/// stream: 3-channel control images (or the params' `conditioning_channels`) and a control
+/// image embedding that lands at latent size.
+fn attach_controlnets(
+    models: &StableDiffusionModels,
+    params: &StreamDiffusionParams,
+    current: &[(String, Arc<ControlNetModel>)],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<Arc<ControlNetModel>>> {
+    let scale = models.autoencoder.spatial_scale_factor();
+    let mut nets = Vec::with_capacity(params.controlnets.len());
+    for (i, config) in params.controlnets.iter().enumerate() {
+        let id = config.model_id.as_str();
+        let net = match current.iter().find(|(k, _)| k == id) {
+            Some((_, net)) => net.clone(),
+            None => models.controlnet(id, progress)?,
+        };
+        let field = |leaf: &str| format!("controlnets[{i}].{leaf}");
+        let channels = net.config().conditioning_channels;
+        if let Some(wanted) = config.conditioning_channels
+            && wanted != channels as i64
+        {
+            return Err(Error::param(
+                field("conditioning_channels"),
+                format!(
+                    "{wanted} given, but ControlNet {id} takes {channels}-channel control images"
+                ),
+            ));
+        }
+        if channels != 3 {
+            return Err(Error::param(
+                field("model_id"),
+                format!(
+                    "ControlNet {id} takes {channels}-channel control images; sdstream's control \
+                     images are RGB (3 channels)"
+                ),
+            ));
+        }
+        let downscale = net.config().condition_downscale();
+        if downscale != scale {
+            return Err(Error::param(
+                field("model_id"),
+                format!(
+                    "ControlNet {id} embeds control images at 1/{downscale} of their size, but \
+                     the latents are 1/{scale} of the image (conditioning_embedding_out_channels \
+                     {:?})",
+                    net.config().conditioning_embedding_out_channels
+                ),
+            ));
+        }
+        nets.push(net);
+    }
+    Ok(nets)
+}
+
+/// [−1, 1] → [0, 1] in f32 (control images live in [0, 1]).
+fn to_unit(x: &Tensor) -> Result<Tensor> {
+    Ok(((x.to_dtype(DType::F32)? + 1.0)? / 2.0)?)
 }
 
 /// Seed of the similar-image filter's coin flips (the reference uses Python's unseeded `random`).
