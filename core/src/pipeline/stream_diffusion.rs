@@ -603,7 +603,8 @@ impl StreamDiffusion {
 }
 
 /// Rejects parameters that ask for features this version does not implement, rather than
-/// silently streaming without them. `use_safety_checker` is accepted: no checker runs yet, which
+/// silently streaming without them, and checks every ControlNet's preprocessor and its
+/// parameters with [`preprocess::validate`]. `use_safety_checker` is accepted: no checker runs yet, which
 /// the README states. `family` is the loaded model's, when known (LCM-LoRA matters for SD1.5).
 pub(crate) fn check_supported(
     params: &StreamDiffusionParams,
