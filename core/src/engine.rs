@@ -37,9 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::frame::{Frame, Image, PixelFormat};
 use crate::params::{EngineSettings, HotChange, StreamDiffusionParams, Update, classify};
-use crate::pipeline::stream_diffusion::{
-    StageTimings, check_supported, controlnet_swap_unsupported,
-};
+use crate::pipeline::stream_diffusion::{StageTimings, check_supported};
 use crate::{Error, Result};
 
 use pipeline::{Pipeline, PipelineFactory, StreamDiffusionFactory, warmup_passes};
@@ -155,29 +153,70 @@ pub struct Output {
     pub latency: Duration,
 }
 
-/// A submitted frame, copied out of the host's memory (rows packed).
+/// A picture copied out of the host's memory (rows packed).
 #[derive(Debug)]
-struct Job {
-    id: FrameId,
-    timestamp: i64,
+struct PackedFrame {
     width: usize,
     height: usize,
     format: PixelFormat,
     data: Vec<u8>,
-    submitted: Instant,
 }
 
-impl Job {
+impl PackedFrame {
+    fn copy(frame: &Frame) -> Result<Self> {
+        Ok(Self {
+            width: frame.width(),
+            height: frame.height(),
+            format: frame.format(),
+            data: copy_packed(frame)?,
+        })
+    }
+
     fn frame(&self) -> Result<Frame<'_>> {
         Frame::packed(&self.data, self.width, self.height, self.format)
     }
 }
 
-/// A pipeline wanted for parameters of a given version.
+/// A submitted frame and its control images (by ControlNet model_id).
+#[derive(Debug)]
+struct Job {
+    id: FrameId,
+    timestamp: i64,
+    input: PackedFrame,
+    controls: Vec<(String, PackedFrame)>,
+    submitted: Instant,
+}
+
+impl Job {
+    /// Runs `pipeline` on this job's frame and control images.
+    fn process(&self, pipeline: &mut dyn Pipeline) -> Result<Image> {
+        let frame = self.input.frame()?;
+        let controls = self
+            .controls
+            .iter()
+            .map(|(id, c)| Ok((id.as_str(), c.frame()?)))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<(&str, &Frame)> = controls.iter().map(|(id, f)| (*id, f)).collect();
+        pipeline.process(&frame, &refs)
+    }
+}
+
+/// Work wanted from the builder for parameters of a given version.
 #[derive(Debug, Clone)]
 struct BuildTicket {
     version: u64,
     params: StreamDiffusionParams,
+    kind: BuildKind,
+}
+
+/// What a [`BuildTicket`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BuildKind {
+    /// A new pipeline (a reload), swapped in whole.
+    Pipeline,
+    /// Only the ControlNets the parameters add, loaded into the shared cache; the serving
+    /// pipeline then takes the parameters in place between two frames (a ControlNet swap).
+    ControlNets,
 }
 
 /// A built pipeline waiting to be swapped in.
@@ -218,6 +257,8 @@ struct Inner {
     ready: Option<Ready>,
     /// Pipelines for the builder to drop.
     retired: Vec<Box<dyn Pipeline>>,
+    /// Counts finished ControlNet preloads, so the worker looks at the target again.
+    preloads_done: u64,
     /// The last processed frame, to warm reloads up with.
     last_frame: Option<Arc<Job>>,
     /// Why the first pipeline could not be built, for `wait_ready`.
@@ -268,6 +309,7 @@ impl Inner {
             build_request: None,
             ready: None,
             retired: Vec::new(),
+            preloads_done: 0,
             last_frame: None,
             initial_error: None,
             progress: None,
@@ -326,10 +368,15 @@ impl Inner {
             .is_some_and(|b| b.version == version)
     }
 
-    /// Asks the builder for a pipeline; whatever was wanted before is superseded.
-    fn request_build(&mut self, version: u64, params: StreamDiffusionParams) {
+    /// Asks the builder for a pipeline (or a ControlNet preload); whatever was wanted before
+    /// is superseded.
+    fn request_build(&mut self, version: u64, params: StreamDiffusionParams, kind: BuildKind) {
         self.cancel_build();
-        let ticket = BuildTicket { version, params };
+        let ticket = BuildTicket {
+            version,
+            params,
+            kind,
+        };
         self.pending_build = Some(ticket.clone());
         self.build_request = Some(ticket);
         self.progress = Some("waiting for the builder".into());
@@ -519,7 +566,7 @@ impl Engine {
     ) -> Result<Self> {
         options.validate()?;
         let mut inner = Inner::new(params.clone(), &options);
-        inner.request_build(0, params);
+        inner.request_build(0, params, BuildKind::Pipeline);
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             work: Condvar::new(),
@@ -594,12 +641,27 @@ impl Engine {
     /// [`DropPolicy::Latest`] and fails with [`Error::QueueFull`] under `Lossless`. Fails when
     /// the engine is closed or has no pipeline (state `ERROR`).
     pub fn submit(&self, frame: &Frame) -> Result<FrameId> {
-        self.submit_inner(frame, None, None)
+        self.submit_inner(frame, &[], None, None)
     }
 
     /// [`submit`](Self::submit) with the host's timestamp (any unit), returned in the output.
     pub fn submit_with_timestamp(&self, frame: &Frame, timestamp: i64) -> Result<FrameId> {
-        self.submit_inner(frame, Some(timestamp), None)
+        self.submit_inner(frame, &[], Some(timestamp), None)
+    }
+
+    /// [`submit`](Self::submit) with control images for `external` ControlNets, each
+    /// `(controlnet model_id, image)`, copied like the frame (any size and format: they are
+    /// resized to the stream's size). A net uses the most recent image given for it; before the
+    /// first, it contributes nothing. An id that names no ControlNet of the current parameters
+    /// is an error and nothing is queued. `timestamp` as in
+    /// [`submit_with_timestamp`](Self::submit_with_timestamp).
+    pub fn submit_with_controls(
+        &self,
+        frame: &Frame,
+        controls: &[(&str, &Frame)],
+        timestamp: Option<i64>,
+    ) -> Result<FrameId> {
+        self.submit_inner(frame, controls, timestamp, None)
     }
 
     /// [`submit`](Self::submit) that, under [`DropPolicy::Lossless`], waits up to `timeout`
@@ -611,17 +673,22 @@ impl Engine {
         timestamp: Option<i64>,
         timeout: Duration,
     ) -> Result<FrameId> {
-        self.submit_inner(frame, timestamp, Some(Instant::now() + timeout))
+        self.submit_inner(frame, &[], timestamp, Some(Instant::now() + timeout))
     }
 
     fn submit_inner(
         &self,
         frame: &Frame,
+        controls: &[(&str, &Frame)],
         timestamp: Option<i64>,
         deadline: Option<Instant>,
     ) -> Result<FrameId> {
         // Copy before taking the lock: the copy is the only per-pixel work on this thread.
-        let data = copy_packed(frame)?;
+        let input = PackedFrame::copy(frame)?;
+        let controls = controls
+            .iter()
+            .map(|(id, c)| Ok((id.to_string(), PackedFrame::copy(c)?)))
+            .collect::<Result<Vec<_>>>()?;
         let timestamp = timestamp.unwrap_or_else(epoch_us);
         let shared = &self.shared;
         let capacity = shared.options.queue_capacity;
@@ -632,6 +699,23 @@ impl Engine {
             }
             if !s.has_future() {
                 return Err(s.no_pipeline_error());
+            }
+            if let Some((id, _)) = controls
+                .iter()
+                .find(|(id, _)| !s.target.controlnets.iter().any(|c| &c.model_id == id))
+            {
+                return Err(Error::param(
+                    "controls",
+                    format!(
+                        "control image given for {id:?}, which is not a configured ControlNet \
+                         (configured: {:?})",
+                        s.target
+                            .controlnets
+                            .iter()
+                            .map(|c| c.model_id.as_str())
+                            .collect::<Vec<_>>()
+                    ),
+                ));
             }
             if s.queue.len() < capacity {
                 break;
@@ -664,10 +748,8 @@ impl Engine {
         s.queue.push_back(Job {
             id,
             timestamp,
-            width: frame.width(),
-            height: frame.height(),
-            format: frame.format(),
-            data,
+            input,
+            controls,
             submitted: now,
         });
         drop(s);
@@ -726,11 +808,12 @@ impl Engine {
         n
     }
 
-    /// Applies a complete new parameter set and says what it costs. Validation errors (and, for
-    /// now, ControlNet swaps) fail at once and change nothing. Otherwise the parameters are
-    /// accepted and this returns without waiting: hot changes take effect on the next frame
-    /// the worker starts; a reload is built beside the serving pipeline and swapped in when
-    /// ready (`status().serving_params_version` tells when). While a reload builds, an update
+    /// Applies a complete new parameter set and says what it costs. Validation errors fail at
+    /// once and change nothing. Otherwise the parameters are accepted and this returns without
+    /// waiting: hot changes take effect on the next frame the worker starts; a ControlNet swap
+    /// loads the nets it adds on the builder thread while frames keep flowing, then attaches
+    /// them between two frames; a reload is built beside the serving pipeline and swapped in
+    /// when ready (`status().serving_params_version` tells when either has happened). While a reload builds, an update
     /// that still needs it keeps it (its hot changes follow right after the swap), and one
     /// that needs another supersedes it. The returned [`Update`] compares with the previously
     /// accepted parameters.
@@ -745,28 +828,36 @@ impl Engine {
             return Err(s.no_pipeline_error());
         }
         let update = classify(&s.target, &params);
-        if update.is_controlnet_swap() {
-            // When ControlNet swaps exist they are built in the background like a reload
-            // (`request_build` with the swap's nets) and swapped in the same way.
-            return Err(controlnet_swap_unsupported());
-        }
-        let needs_build = match &s.serving {
-            Some((serving, _)) => !classify(serving, &params).is_hot(),
-            None => true,
+        let from_serving = s
+            .serving
+            .as_ref()
+            .map(|(serving, _)| classify(serving, &params));
+        let needs_build = match &from_serving {
+            Some(u) if u.is_controlnet_swap() => {
+                // Nothing to load when every added net is cached already (added back).
+                let added = added_controlnets(&from_serving);
+                (!self.shared.factory.controlnets_ready(&params, &added))
+                    .then_some(BuildKind::ControlNets)
+            }
+            Some(u) if u.is_hot() => None,
+            _ => Some(BuildKind::Pipeline),
         };
-        if update.is_unchanged() && (!needs_build || s.pending_build.is_some()) {
+        if update.is_unchanged() && (needs_build.is_none() || s.pending_build.is_some()) {
             return Ok(update);
         }
         let version = s.take_version();
         s.set_target(params.clone(), version);
         s.target_time = Some(epoch_ms());
-        if needs_build {
-            let pending_fits = s
-                .pending_build
-                .as_ref()
-                .is_some_and(|b| classify(&b.params, &params).is_hot());
+        if let Some(kind) = needs_build {
+            let pending_fits = s.pending_build.as_ref().is_some_and(|b| {
+                b.kind == kind
+                    && match kind {
+                        BuildKind::Pipeline => classify(&b.params, &params).is_hot(),
+                        BuildKind::ControlNets => same_controlnet_ids(&b.params, &params),
+                    }
+            });
             if !pending_fits {
-                s.request_build(version, params);
+                s.request_build(version, params, kind);
                 self.shared.build.notify_one();
             }
         } else if s.pending_build.is_some() {
@@ -794,7 +885,7 @@ impl Engine {
         let version = s.take_version();
         let params = s.target.clone();
         s.set_target(params.clone(), version);
-        s.request_build(version, params);
+        s.request_build(version, params, BuildKind::Pipeline);
         drop(s);
         self.shared.build.notify_one();
         self.shared.host.notify_all();
@@ -958,7 +1049,7 @@ fn run_worker(shared: &Shared) {
 
 fn worker_loop(shared: &Shared, live: &mut Option<Live>) {
     // The target version last compared with the live pipeline (classify once per change).
-    let mut examined: Option<u64> = None;
+    let mut examined: Option<(u64, u64)> = None;
     loop {
         match next_action(shared, live.as_ref(), &mut examined) {
             Action::Exit => return,
@@ -1024,7 +1115,7 @@ fn worker_loop(shared: &Shared, live: &mut Option<Live>) {
 /// Decides the worker's next step, waiting until there is one. Order: close, swap in a ready
 /// pipeline, apply accepted hot parameters, then the next frame. Parameters therefore always
 /// change between two frames.
-fn next_action(shared: &Shared, live: Option<&Live>, examined: &mut Option<u64>) -> Action {
+fn next_action(shared: &Shared, live: Option<&Live>, examined: &mut Option<(u64, u64)>) -> Action {
     let options = &shared.options;
     let mut s = shared.lock();
     loop {
@@ -1036,10 +1127,16 @@ fn next_action(shared: &Shared, live: Option<&Live>, examined: &mut Option<u64>)
         }
         match live {
             Some(l) => {
-                if s.target_version != l.version && *examined != Some(s.target_version) {
-                    *examined = Some(s.target_version);
+                let seen = (s.target_version, s.preloads_done);
+                if s.target_version != l.version && *examined != Some(seen) {
+                    *examined = Some(seen);
                     let update = classify(l.pipeline.params(), &s.target);
-                    if update.is_hot() {
+                    let swap_ready = update.is_controlnet_swap()
+                        && shared.factory.controlnets_ready(
+                            &s.target,
+                            &added_controlnets(&Some(update.clone())),
+                        );
+                    if update.is_hot() || swap_ready {
                         return Action::Apply {
                             params: Box::new(s.target.clone()),
                             version: s.target_version,
@@ -1047,10 +1144,15 @@ fn next_action(shared: &Shared, live: Option<&Live>, examined: &mut Option<u64>)
                         };
                     }
                     if s.pending_build.is_none() {
-                        // update_params requests a build for any target the serving pipeline
-                        // cannot take in place; this only guards that rule.
+                        // update_params requests a build (or a preload) for any target the
+                        // serving pipeline cannot take in place; this only guards that rule.
+                        let kind = if update.is_controlnet_swap() {
+                            BuildKind::ControlNets
+                        } else {
+                            BuildKind::Pipeline
+                        };
                         let (version, params) = (s.target_version, s.target.clone());
-                        s.request_build(version, params);
+                        s.request_build(version, params, kind);
                         shared.build.notify_one();
                     }
                 }
@@ -1097,11 +1199,10 @@ fn run_frame(shared: &Shared, live: &mut Option<Live>, job: Job) {
     };
     l.warmed = true;
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<(Image, StageTimings)> {
-        let frame = job.frame()?;
         for _ in 0..passes {
-            l.pipeline.process(&frame)?;
+            job.process(l.pipeline.as_mut())?;
         }
-        let image = l.pipeline.process(&frame)?;
+        let image = job.process(l.pipeline.as_mut())?;
         Ok((image, l.pipeline.timings()))
     }));
     let version = l.version;
@@ -1191,8 +1292,16 @@ fn run_builder(shared: &Shared) {
             let _ = catch_unwind(AssertUnwindSafe(move || drop(pipeline)));
         }
         if let Some(ticket) = ticket {
-            let outcome = build(shared, &ticket);
-            finish_build(shared, ticket, outcome);
+            match ticket.kind {
+                BuildKind::Pipeline => {
+                    let outcome = build(shared, &ticket);
+                    finish_build(shared, ticket, outcome);
+                }
+                BuildKind::ControlNets => {
+                    let outcome = preload(shared, &ticket);
+                    finish_preload(shared, ticket, outcome);
+                }
+            }
         }
     }
 }
@@ -1229,9 +1338,8 @@ fn build(shared: &Shared, ticket: &BuildTicket) -> Result<Ready> {
             progress("warming up with the latest frame");
             let passes = warmup_passes(pipeline.params());
             let primed = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
-                let frame = job.frame()?;
                 for _ in 0..passes {
-                    pipeline.process(&frame)?;
+                    job.process(pipeline.as_mut())?;
                 }
                 Ok(())
             }));
@@ -1256,6 +1364,77 @@ fn build(shared: &Shared, ticket: &BuildTicket) -> Result<Ready> {
         pipeline,
         warmed,
     })
+}
+
+/// Loads the ControlNets the ticket's parameters add into the shared cache.
+fn preload(shared: &Shared, ticket: &BuildTicket) -> Result<()> {
+    let version = ticket.version;
+    let mut progress = |line: &str| {
+        let mut s = shared.lock();
+        if s.is_wanted(version) {
+            s.progress = Some(line.to_owned());
+        }
+    };
+    catch_unwind(AssertUnwindSafe(|| {
+        shared
+            .factory
+            .preload_controlnets(&ticket.params, &mut progress)
+    }))
+    .unwrap_or_else(|panic| {
+        Err(Error::State(format!(
+            "loading ControlNets panicked: {}",
+            panic_message(panic.as_ref())
+        )))
+    })
+}
+
+/// Hands a finished preload to the worker, which attaches the nets between two frames; a
+/// failed one leaves the serving parameters in force.
+fn finish_preload(shared: &Shared, ticket: BuildTicket, outcome: Result<()>) {
+    let mut s = shared.lock();
+    if s.closed || !s.is_wanted(ticket.version) {
+        if !s.closed {
+            s.builds_superseded += 1;
+        }
+        return;
+    }
+    s.pending_build = None;
+    s.progress = None;
+    match outcome {
+        Ok(()) => s.preloads_done += 1,
+        Err(e) => {
+            s.reload_failures += 1;
+            s.record_error(format!(
+                "loading the ControlNets of parameters version {} failed, the stream keeps its \
+                 previous ControlNets: {e}",
+                ticket.version
+            ));
+            s.revert_target_to_serving();
+        }
+    }
+    drop(s);
+    shared.work.notify_one();
+    shared.host.notify_all();
+}
+
+/// The model_ids a ControlNet swap adds.
+fn added_controlnets(update: &Option<Update>) -> Vec<String> {
+    match update {
+        Some(Update::ControlNetSwap { added, .. }) => {
+            added.iter().map(|c| c.model_id.clone()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Whether two parameter sets name the same ControlNets (in any order).
+fn same_controlnet_ids(a: &StreamDiffusionParams, b: &StreamDiffusionParams) -> bool {
+    fn ids(p: &StreamDiffusionParams) -> Vec<&str> {
+        let mut v: Vec<&str> = p.controlnets.iter().map(|c| c.model_id.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+    ids(a) == ids(b)
 }
 
 fn finish_build(shared: &Shared, ticket: BuildTicket, outcome: Result<Ready>) {

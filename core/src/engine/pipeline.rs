@@ -4,16 +4,16 @@
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use crate::Result;
 use crate::frame::{Frame, Image};
 use crate::model::bundle::StableDiffusionModels;
 use crate::params::{EngineSettings, StreamDiffusionParams, Update};
 use crate::pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
+use crate::{Error, Result};
 
 /// A running stream the worker thread owns.
 pub(crate) trait Pipeline: Send {
-    /// One frame in, one frame out.
-    fn process(&mut self, frame: &Frame) -> Result<Image>;
+    /// One frame in, one frame out; `controls` are control images by ControlNet model_id.
+    fn process(&mut self, frame: &Frame, controls: &[(&str, &Frame)]) -> Result<Image>;
     /// Applies new parameters in place. The engine calls it only for hot (or unchanged)
     /// updates; reloads are built by the factory instead.
     fn update(&mut self, params: StreamDiffusionParams) -> Result<Update>;
@@ -24,8 +24,8 @@ pub(crate) trait Pipeline: Send {
 }
 
 impl Pipeline for StreamDiffusion {
-    fn process(&mut self, frame: &Frame) -> Result<Image> {
-        StreamDiffusion::process(self, frame)
+    fn process(&mut self, frame: &Frame, controls: &[(&str, &Frame)]) -> Result<Image> {
+        StreamDiffusion::process_with_controls(self, frame, controls)
     }
 
     fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
@@ -49,6 +49,25 @@ pub(crate) trait PipelineFactory: Send + Sync {
         params: &StreamDiffusionParams,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Box<dyn Pipeline>>;
+
+    /// Loads, ahead of a ControlNet swap, the ControlNets `params` names that are not loaded
+    /// yet, so that the serving pipeline can then take `params` without reading weights.
+    /// Stand-ins without ControlNets have nothing to load.
+    fn preload_controlnets(
+        &self,
+        params: &StreamDiffusionParams,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let _ = (params, progress);
+        Ok(())
+    }
+
+    /// Whether every ControlNet in `ids` (model_ids of `params`) is loaded, so that a swap to
+    /// `params` costs no weight reads.
+    fn controlnets_ready(&self, params: &StreamDiffusionParams, ids: &[String]) -> bool {
+        let _ = (params, ids);
+        true
+    }
 }
 
 /// Builds [`StreamDiffusion`]s, sharing loaded networks between pipelines of the same model_id:
@@ -85,24 +104,52 @@ impl PipelineFactory for StreamDiffusionFactory {
         params: &StreamDiffusionParams,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Box<dyn Pipeline>> {
-        let models = match self.shared_models(&params.model_id) {
-            Some(models) => models,
-            None => {
-                let models = Arc::new(StableDiffusionModels::load(
-                    &params.model_id,
-                    &self.settings,
-                    progress,
-                )?);
-                self.loaded
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push((params.model_id.clone(), Arc::downgrade(&models)));
-                models
-            }
-        };
+        let models = self.models_for(params, progress)?;
         progress("preparing the stream");
         let stream = StreamDiffusion::with_models(models, params.clone(), self.settings.clone())?;
         Ok(Box::new(stream))
+    }
+
+    fn preload_controlnets(
+        &self,
+        params: &StreamDiffusionParams,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let models = self.models_for(params, progress)?;
+        for (i, net) in params.controlnets.iter().enumerate() {
+            models
+                .controlnet(&net.model_id, progress)
+                .map_err(|e| Error::param(format!("controlnets[{i}].model_id"), e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn controlnets_ready(&self, params: &StreamDiffusionParams, ids: &[String]) -> bool {
+        self.shared_models(&params.model_id)
+            .is_some_and(|models| ids.iter().all(|id| models.cached_controlnet(id).is_some()))
+    }
+}
+
+impl StreamDiffusionFactory {
+    /// The networks a pipeline for `params` shares, loading them if no pipeline holds them.
+    fn models_for(
+        &self,
+        params: &StreamDiffusionParams,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Arc<StableDiffusionModels>> {
+        if let Some(models) = self.shared_models(&params.model_id) {
+            return Ok(models);
+        }
+        let models = Arc::new(StableDiffusionModels::load(
+            &params.model_id,
+            &self.settings,
+            progress,
+        )?);
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((params.model_id.clone(), Arc::downgrade(&models)));
+        Ok(models)
     }
 }
 

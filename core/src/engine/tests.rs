@@ -2,8 +2,8 @@
 //! swaps, supersession, failures, panics, back-pressure, warm-up, shutdown. (Tests on the real
 //! networks are in core/tests/engine.rs.)
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -17,10 +17,12 @@ struct Fake {
     params: StreamDiffusionParams,
     delay: Duration,
     calls: u8,
+    /// The factory's loaded ControlNets: a swap must find its nets there.
+    loaded: Arc<Mutex<Vec<String>>>,
 }
 
 impl Pipeline for Fake {
-    fn process(&mut self, frame: &Frame) -> Result<Image> {
+    fn process(&mut self, frame: &Frame, _controls: &[(&str, &Frame)]) -> Result<Image> {
         thread::sleep(self.delay);
         match self.params.prompt.texts().first().copied() {
             Some("panic") => panic!("the fake pipeline was asked to panic"),
@@ -43,9 +45,19 @@ impl Pipeline for Fake {
     fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
         let update = classify(&self.params, &params);
         assert!(
-            update.is_hot(),
+            update.is_hot() || update.is_controlnet_swap(),
             "the engine asked for an in-place reload: {update:?}"
         );
+        if let Update::ControlNetSwap { added, .. } = &update {
+            let loaded = self.loaded.lock().expect("loaded list");
+            for net in added {
+                assert!(
+                    loaded.contains(&net.model_id),
+                    "the engine attached {} before loading it",
+                    net.model_id
+                );
+            }
+        }
         self.params = params;
         Ok(update)
     }
@@ -63,19 +75,29 @@ impl Pipeline for Fake {
 }
 
 /// Builds [`Fake`]s after `build_delay`; width 1024 fails to "load", prompt "panic-build"
-/// panics.
+/// panics. ControlNets "load" in `preload_delay`; ids containing "depth" fail to.
 struct FakeFactory {
     build_delay: Duration,
     frame_delay: Duration,
+    preload_delay: Duration,
     builds: AtomicUsize,
+    preloads: AtomicUsize,
+    loaded: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeFactory {
     fn new(build_ms: u64, frame_ms: u64) -> Arc<Self> {
+        Self::with_preload(build_ms, frame_ms, 0)
+    }
+
+    fn with_preload(build_ms: u64, frame_ms: u64, preload_ms: u64) -> Arc<Self> {
         Arc::new(Self {
             build_delay: Duration::from_millis(build_ms),
             frame_delay: Duration::from_millis(frame_ms),
+            preload_delay: Duration::from_millis(preload_ms),
             builds: AtomicUsize::new(0),
+            preloads: AtomicUsize::new(0),
+            loaded: Arc::new(Mutex::new(Vec::new())),
         })
     }
 }
@@ -102,7 +124,37 @@ impl PipelineFactory for FakeFactory {
             params: params.clone(),
             delay: self.frame_delay,
             calls: 0,
+            loaded: self.loaded.clone(),
         }))
+    }
+
+    fn preload_controlnets(
+        &self,
+        params: &StreamDiffusionParams,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        self.preloads.fetch_add(1, Ordering::SeqCst);
+        progress("fake ControlNet load");
+        thread::sleep(self.preload_delay);
+        let mut loaded = self.loaded.lock().expect("loaded list");
+        for net in &params.controlnets {
+            if net.model_id.contains("depth") {
+                return Err(Error::ModelLoad {
+                    path: format!("fake/{}/diffusion_pytorch_model.safetensors", net.model_id)
+                        .into(),
+                    detail: "no such file".into(),
+                });
+            }
+            if !loaded.contains(&net.model_id) {
+                loaded.push(net.model_id.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn controlnets_ready(&self, _params: &StreamDiffusionParams, ids: &[String]) -> bool {
+        let loaded = self.loaded.lock().expect("loaded list");
+        ids.iter().all(|id| loaded.contains(id))
     }
 }
 
@@ -327,37 +379,123 @@ fn a_newer_update_supersedes_a_build_in_progress() {
     assert_eq!(status.restart_count, 1);
 }
 
-#[test]
-fn a_controlnet_swap_is_refused_and_changes_nothing() {
-    let engine = engine(FakeFactory::new(0, 1), EngineOptions::default());
-    let before = engine.status();
-    let mut with_net = params_with("flowers", 512);
-    with_net.controlnets = vec![crate::params::ControlNetConfig::new(
-        "thibaud/controlnet-sd21-canny-diffusers",
-    )];
-    with_net
+fn with_controlnet(mut params: StreamDiffusionParams, id: &str) -> StreamDiffusionParams {
+    params
+        .controlnets
+        .push(crate::params::ControlNetConfig::new(id));
+    params
         .validate(&EngineSettings::default())
         .expect("valid parameters");
-    // Adding an enabled net is a ControlNet swap, which the engine does not apply yet.
-    match engine.update_params(with_net.clone()) {
-        Err(Error::State(message)) => assert!(message.contains("ControlNet"), "{message}"),
-        other => panic!("expected the ControlNet swap error, got {other:?}"),
+    params
+}
+
+#[test]
+fn a_controlnet_swap_loads_on_the_builder_while_frames_flow() {
+    // Frames take 10 ms, the net 400 ms to load: the worker must never wait for it.
+    let factory = FakeFactory::with_preload(0, 10, 400);
+    let options = EngineOptions {
+        drop_policy: DropPolicy::Lossless,
+        queue_capacity: 256,
+        output_capacity: 256,
+        ..EngineOptions::default()
+    };
+    let engine = engine(factory.clone(), options);
+    let canny = "thibaud/controlnet-sd21-canny-diffusers";
+    let update = engine
+        .update_params(with_controlnet(params_with("flowers", 512), canny))
+        .expect("accepted");
+    assert!(update.is_controlnet_swap(), "{update:?}");
+    let swap_version = engine.status().params_version;
+    let (mut ids, mut done) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(800) {
+        ids.push(submit(&engine, 1).expect("submit"));
+        thread::sleep(Duration::from_millis(15));
+        while let Some(out) = engine.poll() {
+            done.push((Instant::now(), out));
+        }
     }
-    // A disabled one changes nothing in the picture, but adding it is still a swap.
-    with_net.controlnets[0].enabled = false;
-    match engine.update_params(with_net) {
-        Err(Error::State(message)) => assert!(message.contains("ControlNets"), "{message}"),
-        other => panic!("expected the ControlNet swap error, got {other:?}"),
+    while done.len() < ids.len() {
+        let out = engine
+            .recv_timeout(Duration::from_secs(5))
+            .expect("recv")
+            .expect("an output");
+        done.push((Instant::now(), out));
     }
-    let after = engine.status();
-    assert_eq!(
-        (
-            after.params_version,
-            after.last_params_hash,
-            after.reloading
-        ),
-        (before.params_version, before.last_params_hash, false)
+    let got: Vec<FrameId> = done.iter().map(|(_, o)| o.id).collect();
+    assert_eq!(got, ids, "every frame comes out, in order");
+    let longest_gap = done
+        .windows(2)
+        .map(|w| w[1].0.saturating_duration_since(w[0].0))
+        .max()
+        .unwrap_or_default();
+    assert!(
+        longest_gap < Duration::from_millis(150),
+        "outputs stalled for {longest_gap:?} while a 400 ms ControlNet load ran"
     );
+    let before: Vec<u64> = done.iter().map(|(_, o)| o.params_version).collect();
+    assert!(
+        before.first() < Some(&swap_version),
+        "the swap took time: {before:?}"
+    );
+    assert_eq!(before.last(), Some(&swap_version), "{before:?}");
+    let status = engine.status();
+    assert_eq!(status.serving_params_version, Some(swap_version));
+    assert_eq!(engine.params().controlnets.len(), 1);
+    assert_eq!(factory.preloads.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        factory.builds.load(Ordering::SeqCst),
+        1,
+        "no pipeline rebuild"
+    );
+
+    // Removing it and adding it back loads nothing: it is cached.
+    engine
+        .update_params(params_with("flowers", 512))
+        .expect("remove");
+    engine
+        .update_params(with_controlnet(params_with("flowers", 512), canny))
+        .expect("add back");
+    let version = engine.status().params_version;
+    submit(&engine, 2).expect("submit");
+    let out = engine
+        .recv_timeout(Duration::from_secs(5))
+        .expect("recv")
+        .expect("an output");
+    assert_eq!(out.params_version, version);
+    assert_eq!(factory.preloads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_failed_controlnet_load_keeps_the_stream_and_records_the_error() {
+    let factory = FakeFactory::with_preload(0, 1, 20);
+    let engine = engine(factory.clone(), EngineOptions::default());
+    let serving = engine.status().serving_params_version;
+    let hash = engine.status().last_params_hash;
+    engine
+        .update_params(with_controlnet(
+            params_with("flowers", 512),
+            "thibaud/controlnet-sd21-depth-diffusers",
+        ))
+        .expect("accepted; fails while loading");
+    wait_for("the failure", || engine.status().reload_failures == 1);
+    let status = engine.status();
+    let error = status.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("ControlNets") && error.contains("depth"),
+        "{error}"
+    );
+    assert_eq!(status.serving_params_version, serving);
+    assert_eq!(status.last_params_hash, hash, "the target went back");
+    assert!(engine.params().controlnets.is_empty());
+    submit(&engine, 3).expect("still serving");
+    assert!(
+        engine
+            .recv_timeout(Duration::from_secs(5))
+            .expect("recv")
+            .is_some()
+    );
+    assert_eq!(factory.builds.load(Ordering::SeqCst), 1);
 }
 
 #[test]

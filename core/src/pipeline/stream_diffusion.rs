@@ -651,14 +651,6 @@ pub(crate) fn check_supported(
     Ok(())
 }
 
-/// The error the engine gives for an update that adds, removes or replaces a ControlNet, until
-/// it loads nets in the background ([`StreamDiffusion::update`] itself applies swaps).
-pub(crate) fn controlnet_swap_unsupported() -> Error {
-    Error::State(
-        "ControlNets are not supported yet; this update adds, removes or replaces one".into(),
-    )
-}
-
 /// A ControlNet acting on the current frame.
 struct ActiveControlNet {
     net: Arc<ControlNetModel>,
