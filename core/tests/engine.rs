@@ -623,3 +623,125 @@ fn status_has_every_daydream_field() {
     engine.close();
     assert_eq!(engine.status().state, EngineState::Offline);
 }
+
+/// The base parameters with the fixture ControlNet `tiny-controlnet-a` at `scale`.
+fn with_controlnet(scale: f64) -> StreamDiffusionParams {
+    let mut p = params();
+    let mut net =
+        sdstream::params::ControlNetConfig::new(fixture("tiny-controlnet-a").display().to_string());
+    net.conditioning_scale = scale;
+    p.controlnets.push(net);
+    p
+}
+
+#[test]
+fn a_controlnet_added_and_rescaled_while_streaming_costs_no_frame() {
+    within(Duration::from_secs(300), || {
+        let frames = frames();
+        // The pacing: 1.5 × a warm frame's processing time.
+        let mut direct = StreamDiffusion::new(params(), settings()).expect("pipeline");
+        let mut times = Vec::new();
+        for f in &frames {
+            let t = Instant::now();
+            direct.process(&frame(f)).expect("direct");
+            times.push(t.elapsed());
+        }
+        let interval = median(times).mul_f64(1.5);
+
+        let engine = Engine::new(params(), settings(), options(DropPolicy::Lossless, false))
+            .expect("engine");
+        let (n, add_at, rescale_at) = (24, 8, 16);
+        let mut ids = Vec::new();
+        let mut versions = (0, 0);
+        let mut received = Vec::new();
+        let start = Instant::now();
+        for i in 0..n {
+            if i == add_at {
+                let update = engine
+                    .update_params(with_controlnet(0.5))
+                    .expect("add a ControlNet");
+                assert!(update.is_controlnet_swap(), "{update:?}");
+                versions.0 = engine.status().params_version;
+            }
+            if i == rescale_at {
+                let update = engine.update_params(with_controlnet(0.9)).expect("rescale");
+                assert!(update.is_hot(), "{update:?}");
+                versions.1 = engine.status().params_version;
+            }
+            ids.push(engine.submit(&frame(&frames[i % 8])).expect("submit"));
+            // Sleep to the next tick, collecting what is ready meanwhile.
+            let tick = start + interval.mul_f64((i + 1) as f64);
+            while Instant::now() < tick {
+                if let Some(out) = engine.poll() {
+                    received.push((Instant::now(), out));
+                } else {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        while received.len() < n {
+            let out = recv(&engine);
+            received.push((Instant::now(), out));
+        }
+        let got: Vec<FrameId> = received.iter().map(|(_, o)| o.id).collect();
+        assert_eq!(
+            got, ids,
+            "every frame comes out once, in order (none dropped)"
+        );
+
+        // Where each update took effect, from the outputs' parameter versions.
+        let first_with = |version: u64| {
+            received
+                .iter()
+                .position(|(_, o)| o.params_version >= version)
+                .expect("the update took effect")
+        };
+        let (acting, rescaled) = (first_with(versions.0), first_with(versions.1));
+        println!(
+            "interval {interval:?}; ControlNet attached from frame {acting} (added before {add_at}), \
+             rescale from frame {rescaled} (changed before {rescale_at})"
+        );
+        assert!(
+            (add_at..=add_at + 3).contains(&acting),
+            "the ControlNet acted from frame {acting}, added before frame {add_at}"
+        );
+        assert_eq!(
+            rescaled, rescale_at,
+            "a scale change is hot: the next frame"
+        );
+
+        // Latency: no frame later than one interval beyond the typical one.
+        let latencies: Vec<Duration> = received.iter().map(|(_, o)| o.latency).collect();
+        let typical = median(latencies.clone());
+        let worst = latencies.iter().max().copied().unwrap_or_default();
+        println!("latency: median {typical:?}, worst {worst:?}");
+        assert!(
+            worst <= typical.mul_f64(GAP_FACTOR / 1.5) + interval,
+            "a frame took {worst:?} (median {typical:?}, interval {interval:?})"
+        );
+
+        // And the pictures are the pipeline's with the same updates before the same frames.
+        let mut direct = StreamDiffusion::new(params(), settings()).expect("pipeline");
+        for (i, (_, out)) in received.iter().enumerate() {
+            if i == acting {
+                direct.update(with_controlnet(0.5)).expect("direct add");
+            }
+            if i == rescaled {
+                direct.update(with_controlnet(0.9)).expect("direct rescale");
+            }
+            let expected = direct.process(&frame(&frames[i % 8])).expect("direct");
+            assert_eq!(diff(&out.image, &expected), (0, 0.0), "frame {i}");
+        }
+        // The net changes the picture (frame `acting` onwards differs from no ControlNet).
+        let mut plain = StreamDiffusion::new(params(), settings()).expect("pipeline");
+        let plain_out: Vec<Image> = (0..n)
+            .map(|i| plain.process(&frame(&frames[i % 8])).expect("plain"))
+            .collect();
+        let (max, mean) = diff(&received[n - 1].1.image, &plain_out[n - 1]);
+        println!("last frame vs no ControlNet: max {max}, mean {mean:.2} levels");
+        assert!(mean > 0.5, "the ControlNet had no visible effect ({mean})");
+        let status = engine.status();
+        assert_eq!(status.reload_failures, 0);
+        assert_counters_add_up(&status);
+    });
+}
