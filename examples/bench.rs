@@ -5,9 +5,12 @@
 //!
 //! ```text
 //! cargo run --release -p sdstream --example bench -- --model /work/models/sd-turbo-random \
-//!     --taesd /work/models/taesd-random [--sizes 256,512] [--frames 3] [--dtype f32] [--device cpu]
+//!     --taesd /work/models/taesd-random [--sizes 256,512] [--frames 3] [--dtype f32] [--device cpu] \
+//!     [--controlnet /work/models/controlnet-sd21-random --controlnet-counts 0,1,2,5]
 //! ```
 //! Full-size random weights are made by tests/reference/make_full_size.py (never committed).
+//! With `--controlnet`, each row is repeated per ControlNet count: N copies of that net (linked
+//! under N folder names, so they load as N distinct nets), scale 0.5, canny preprocessing.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -25,6 +28,8 @@ struct Args {
     device: String,
     vaes: Vec<String>,
     t_index_lists: Vec<Vec<usize>>,
+    controlnet: Option<String>,
+    controlnet_counts: Vec<usize>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -37,6 +42,8 @@ fn parse() -> Result<Args, String> {
         device: "cpu".into(),
         vaes: vec!["taesd".into(), "full".into()],
         t_index_lists: vec![vec![32], vec![12, 20, 32]],
+        controlnet: None,
+        controlnet_counts: vec![0, 1, 2, 5],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +60,8 @@ fn parse() -> Result<Args, String> {
             "--frames" => a.frames = v.parse().map_err(|e| format!("--frames: {e}"))?,
             "--dtype" => a.dtype = v,
             "--device" => a.device = v,
+            "--controlnet" => a.controlnet = Some(v),
+            "--controlnet-counts" => a.controlnet_counts = list(&v)?,
             "--vaes" => a.vaes = v.split(',').map(String::from).collect(),
             "--t-index-lists" => {
                 a.t_index_lists = v.split(';').map(list).collect::<Result<_, _>>()?
@@ -84,8 +93,29 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// `count` distinct ControlNet ids for one net folder: symbolic links under a scratch folder.
+fn controlnet_ids(dir: &str, count: usize) -> Result<Vec<String>, String> {
+    let target = std::fs::canonicalize(dir).map_err(|e| format!("{dir}: {e}"))?;
+    let scratch = std::env::temp_dir().join(format!("sdstream-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    (0..count)
+        .map(|i| {
+            let link = scratch.join(format!("controlnet-{i}"));
+            if !link.exists() {
+                std::os::unix::fs::symlink(&target, &link)
+                    .map_err(|e| format!("{}: {e}", link.display()))?;
+            }
+            Ok(link.display().to_string())
+        })
+        .collect()
+}
+
 fn run() -> Result<(), String> {
     let args = parse()?;
+    let counts = match &args.controlnet {
+        Some(_) => args.controlnet_counts.clone(),
+        None => vec![0],
+    };
     let settings = |vae: &str| -> Result<EngineSettings, String> {
         let vae = if vae == "taesd" {
             args.taesd.clone()
@@ -120,43 +150,59 @@ fn run() -> Result<(), String> {
         );
         for &size in &args.sizes {
             for t_index in &args.t_index_lists {
-                let params = StreamDiffusionParams::from_json_with(
-                    &json!({
-                        "model_id": args.model, "prompt": "flowers",
-                        "negative_prompt": "blurry, low quality, flat, 2d", "seed": 789,
-                        "num_inference_steps": 50, "t_index_list": t_index,
-                        "guidance_scale": 1.2, "delta": 0.7, "width": size, "height": size,
-                    })
-                    .to_string(),
-                    &s,
-                )
-                .map_err(|e| e.to_string())?;
-                let mut stream = StreamDiffusion::with_models(models.clone(), params, s.clone())
+                for &nets in &counts {
+                    let ids = match &args.controlnet {
+                        Some(dir) => controlnet_ids(dir, nets)?,
+                        None => Vec::new(),
+                    };
+                    let controlnets: Vec<serde_json::Value> = ids
+                    .iter()
+                    .map(|id| json!({"model_id": id, "conditioning_scale": 0.5, "preprocessor": "canny"}))
+                    .collect();
+                    let params = StreamDiffusionParams::from_json_with(
+                        &json!({
+                            "model_id": args.model, "prompt": "flowers",
+                            "negative_prompt": "blurry, low quality, flat, 2d", "seed": 789,
+                            "num_inference_steps": 50, "t_index_list": t_index,
+                            "guidance_scale": 1.2, "delta": 0.7, "width": size, "height": size,
+                            "controlnets": controlnets,
+                        })
+                        .to_string(),
+                        &s,
+                    )
                     .map_err(|e| e.to_string())?;
-                let pixels: Vec<u8> = (0..size * size * 3).map(|i| (i * 7 % 251) as u8).collect();
-                let frame = Frame::packed(&pixels, size, size, PixelFormat::Rgb8)
-                    .map_err(|e| e.to_string())?;
-                stream.process(&frame).map_err(|e| e.to_string())?; // warm-up
-                let mut sum = [Duration::ZERO; 5];
-                let mut best = Duration::MAX;
-                for _ in 0..args.frames {
-                    stream.process(&frame).map_err(|e| e.to_string())?;
-                    let t = stream.timings();
-                    for (acc, d) in sum.iter_mut().zip([
-                        t.encode,
-                        t.unet,
-                        t.decode,
-                        t.preprocess + t.postprocess,
-                        t.total,
-                    ]) {
-                        *acc += d;
+                    let mut stream =
+                        StreamDiffusion::with_models(models.clone(), params, s.clone())
+                            .map_err(|e| e.to_string())?;
+                    let pixels: Vec<u8> =
+                        (0..size * size * 3).map(|i| (i * 7 % 251) as u8).collect();
+                    let frame = Frame::packed(&pixels, size, size, PixelFormat::Rgb8)
+                        .map_err(|e| e.to_string())?;
+                    stream.process(&frame).map_err(|e| e.to_string())?; // warm-up
+                    let mut sum = [Duration::ZERO; 6];
+                    let mut best = Duration::MAX;
+                    for _ in 0..args.frames {
+                        stream.process(&frame).map_err(|e| e.to_string())?;
+                        let t = stream.timings();
+                        for (acc, d) in sum.iter_mut().zip([
+                            t.encode,
+                            t.unet,
+                            t.controlnet,
+                            t.decode,
+                            t.preprocess + t.postprocess,
+                            t.total,
+                        ]) {
+                            *acc += d;
+                        }
+                        best = best.min(t.total);
                     }
-                    best = best.min(t.total);
-                }
-                let mean: Vec<f64> = sum.iter().map(|d| ms(*d) / args.frames as f64).collect();
-                eprintln!("{size}² {t_index:?} {vae}: {:.0} ms/frame", mean[4]);
-                rows.push(format!(
-                    "| {size}² | {} ({}) | {vae} | {:.0} | {:.0} | — | {:.0} | {:.0} | {:.0} | {:.3} | {:.0} |",
+                    let mean: Vec<f64> = sum.iter().map(|d| ms(*d) / args.frames as f64).collect();
+                    eprintln!(
+                        "{size}² {t_index:?} {vae} {nets} ControlNets: {:.0} ms/frame",
+                        mean[5]
+                    );
+                    rows.push(format!(
+                    "| {size}² | {} ({}) | {vae} | {nets} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} | {:.0} |",
                     t_index.len(),
                     t_index.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
                     mean[0],
@@ -164,9 +210,11 @@ fn run() -> Result<(), String> {
                     mean[2],
                     mean[3],
                     mean[4],
-                    1e3 / mean[4],
+                    mean[5],
+                    1e3 / mean[5],
                     ms(best),
                 ));
+                }
             }
         }
     }
@@ -183,9 +231,9 @@ fn run() -> Result<(), String> {
         peak_after
     );
     println!(
-        "| size | steps (t_index_list) | VAE | encode ms | UNet ms | ControlNet ms | decode ms | other ms | total ms | fps | best total ms |"
+        "| size | steps (t_index_list) | VAE | ControlNets | encode ms | UNet ms | ControlNet ms | decode ms | other ms | total ms | fps | best total ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }
