@@ -361,9 +361,10 @@ impl ClipTextModel {
 
 /// Additive causal mask: −∞ where a query would see a later key.
 fn causal_mask(len: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    let values: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mut values = vec![0f32; len * len];
+    for (i, row) in values.chunks_exact_mut(len.max(1)).enumerate() {
+        row[i + 1..].fill(f32::NEG_INFINITY);
+    }
     Tensor::from_vec(values, (len, len), device)?.to_dtype(dtype)
 }
 
