@@ -42,10 +42,9 @@ impl IntoResponse for TransportError {
             StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, format!("{self}\n")).into_response();
         if matches!(self, TransportError::Unauthorized) {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -192,9 +191,7 @@ async fn delete(
     query: HashMap<String, String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, TransportError> {
-    let stream = routes
-        .directory
-        .find(&stream_id, token(&query, &headers))?;
+    let stream = routes.directory.find(&stream_id, token(&query, &headers))?;
     match role {
         Role::Publisher => stream.unpublish(&session_id).await?,
         Role::Viewer => stream.stop_playing(&session_id).await?,

@@ -147,8 +147,14 @@ mod tests {
     #[test]
     fn groups_nal_units_by_timestamp_and_marker() {
         let mut a = AccessUnitAssembler::new(1 << 20);
-        assert_eq!(a.push(1, 100, false, &single(7, &[1, 2, 3])), Assembled::Pending);
-        assert_eq!(a.push(2, 100, false, &single(8, &[4, 5])), Assembled::Pending);
+        assert_eq!(
+            a.push(1, 100, false, &single(7, &[1, 2, 3])),
+            Assembled::Pending
+        );
+        assert_eq!(
+            a.push(2, 100, false, &single(8, &[4, 5])),
+            Assembled::Pending
+        );
         let body: Vec<u8> = (0..30).collect();
         let parts = fragments(&body, 3);
         assert_eq!(a.push(3, 100, false, &parts[0]), Assembled::Pending);
@@ -156,7 +162,9 @@ mod tests {
         let Assembled::AccessUnit(unit) = a.push(5, 100, true, &parts[2]) else {
             panic!("expected a complete access unit");
         };
-        let mut want = vec![0, 0, 0, 1, 0x67, 1, 2, 3, 0, 0, 0, 1, 0x68, 4, 5, 0, 0, 0, 1, 0x65];
+        let mut want = vec![
+            0, 0, 0, 1, 0x67, 1, 2, 3, 0, 0, 0, 1, 0x68, 4, 5, 0, 0, 0, 1, 0x65,
+        ];
         want.extend_from_slice(&body);
         assert_eq!(unit, want);
     }
@@ -178,12 +186,21 @@ mod tests {
     #[test]
     fn a_lost_marker_packet_is_reported_when_the_next_picture_starts() {
         let mut a = AccessUnitAssembler::new(1 << 20);
-        assert_eq!(a.push(1, 100, false, &single(1, &[1, 1])), Assembled::Pending);
+        assert_eq!(
+            a.push(1, 100, false, &single(1, &[1, 1])),
+            Assembled::Pending
+        );
         // Sequence 2 (the marker of timestamp 100) lost.
-        assert_eq!(a.push(3, 200, false, &single(1, &[2, 2])), Assembled::Damaged);
+        assert_eq!(
+            a.push(3, 200, false, &single(1, &[2, 2])),
+            Assembled::Damaged
+        );
         // The gap may also have taken the start of timestamp 200: it is dropped too, and the
         // stream resumes at 300.
-        assert_eq!(a.push(4, 200, true, &single(1, &[3, 3])), Assembled::Damaged);
+        assert_eq!(
+            a.push(4, 200, true, &single(1, &[3, 3])),
+            Assembled::Damaged
+        );
         assert!(matches!(
             a.push(5, 300, true, &single(1, &[4, 4])),
             Assembled::AccessUnit(_)
@@ -193,7 +210,10 @@ mod tests {
     #[test]
     fn malformed_and_oversized_payloads_are_damage_not_panics() {
         let mut a = AccessUnitAssembler::new(64);
-        assert_eq!(a.push(1, 100, true, &Bytes::from_static(&[0x7f])), Assembled::Damaged);
+        assert_eq!(
+            a.push(1, 100, true, &Bytes::from_static(&[0x7f])),
+            Assembled::Damaged
+        );
         let big = single(1, &[0u8; 100]);
         assert_eq!(a.push(2, 200, true, &big), Assembled::Damaged);
         assert!(matches!(

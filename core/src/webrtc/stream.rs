@@ -377,7 +377,10 @@ impl WebRtcStream {
                 let _ = finished.connection.close().await;
             }
         });
-        Ok(SessionAnswer { session_id: id, sdp })
+        Ok(SessionAnswer {
+            session_id: id,
+            sdp,
+        })
     }
 
     /// WHIP `DELETE`: ends the publisher session `session_id`.
@@ -478,7 +481,10 @@ impl WebRtcStream {
         tokio::spawn(async move {
             run_viewer(shared, viewer_id, state, track, sender, ssrc).await;
         });
-        Ok(SessionAnswer { session_id: id, sdp })
+        Ok(SessionAnswer {
+            session_id: id,
+            sdp,
+        })
     }
 
     /// WHEP `DELETE`: ends the viewer session `session_id`.
@@ -524,10 +530,7 @@ impl WebRtcStream {
         if let Some(p) = publisher {
             let _ = p.connection.close().await;
         }
-        let viewers: Vec<ViewerSlot> = lock(&self.shared.viewers)
-            .drain()
-            .map(|(_, v)| v)
-            .collect();
+        let viewers: Vec<ViewerSlot> = lock(&self.shared.viewers).drain().map(|(_, v)| v).collect();
         for v in viewers {
             let _ = v.connection.close().await;
         }
