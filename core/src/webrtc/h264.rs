@@ -153,7 +153,7 @@ impl H264Encoder {
         width: usize,
         height: usize,
     ) -> Result<EncodedPicture, TransportError> {
-        if width == 0 || height == 0 || width % 2 != 0 || height % 2 != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(2) || !height.is_multiple_of(2) {
             return Err(TransportError::Codec(format!(
                 "H.264 encode: {width}x{height} is not a positive even size"
             )));

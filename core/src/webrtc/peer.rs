@@ -69,7 +69,6 @@ fn media_engine() -> Result<MediaEngine, TransportError> {
                 RTCRtpCodecParameters {
                     rtp_codec: h264_codec_with_profile(profile),
                     payload_type,
-                    ..Default::default()
                 },
                 RtpCodecKind::Video,
             )
@@ -86,7 +85,6 @@ fn media_engine() -> Result<MediaEngine, TransportError> {
                     rtcp_feedback: vec![],
                 },
                 payload_type: OPUS_PAYLOAD_TYPE,
-                ..Default::default()
             },
             RtpCodecKind::Audio,
         )
