@@ -234,7 +234,9 @@ fn whip_and_whep_routes_answer_bad_requests_and_keep_serving() {
         let sdp = Some("application/sdp");
         let garbage = b"this is not an SDP offer".as_slice();
         let huge = vec![b'a'; 20 * 1024];
-        let cases: Vec<(&str, &str, &str, Option<&str>, &[u8], u16)> = vec![
+        // (what, method, path, content type, body, expected status)
+        type Case<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, &'a [u8], u16);
+        let cases: Vec<Case> = vec![
             (
                 "wrong content type",
                 "POST",

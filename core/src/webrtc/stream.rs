@@ -149,6 +149,12 @@ pub struct TransportStats {
     pub frames_dropped_for_viewers: u64,
     /// H.264 decode per picture.
     pub decode: Summary,
+    /// Ingest per picture: access unit complete → submitted to the engine (decode queue,
+    /// decode, RGB conversion, submit).
+    pub ingest: Summary,
+    /// Egress per output: taken from the engine → handed to the first viewer's track (encode,
+    /// fan-out queue, packetization).
+    pub send: Summary,
     /// H.264 encode per output.
     pub encode: Summary,
     /// Inside the engine but outside the pipeline call: input queue, hand-offs, output queue.
@@ -163,6 +169,8 @@ pub struct TransportStats {
 struct StatsState {
     counters: TransportStats,
     decode: Window,
+    ingest: Window,
+    send: Window,
     encode: Window,
     engine_queueing: Window,
     transport: Window,
@@ -178,6 +186,8 @@ struct EncodedFrame {
     duration: Duration,
     /// When the publisher's access unit was complete.
     arrived: Instant,
+    /// When the pump took the output from the engine.
+    taken: Instant,
     /// The pipeline call's own time.
     pipeline: Duration,
 }
@@ -515,6 +525,8 @@ impl WebRtcStream {
             viewers,
             viewers_connecting: connecting,
             decode: s.decode.summary(),
+            ingest: s.ingest.summary(),
+            send: s.send.summary(),
             encode: s.encode.summary(),
             engine_queueing: s.engine_queueing.summary(),
             transport: s.transport.summary(),
@@ -645,7 +657,10 @@ fn run_decoder(
             .engine
             .submit_with_timestamp(&frame, shared.micros(arrived))
         {
-            shared.stats().counters.frames_submitted += 1;
+            let mut s = shared.stats();
+            s.counters.frames_submitted += 1;
+            s.ingest.record(arrived.elapsed());
+            drop(s);
             if let Some(observer) = &shared.observer {
                 observer.on_input(id, picture.width, picture.height, &picture.rgb);
             }
@@ -717,6 +732,7 @@ fn run_pump(shared: &Shared) {
             keyframe: encoded.keyframe,
             duration,
             arrived: shared.instant(output.timestamp),
+            taken: received,
             pipeline: output.timings.total,
         });
         for queue in queues {
@@ -829,6 +845,7 @@ async fn run_viewer(
         s.counters.frames_sent += 1;
         if s.last_timed.is_none_or(|last| frame.seq > last) {
             s.last_timed = Some(frame.seq);
+            s.send.record(now.saturating_duration_since(frame.taken));
             let total = now.saturating_duration_since(frame.arrived);
             s.transport.record(total.saturating_sub(frame.pipeline));
         }
