@@ -18,6 +18,8 @@ pub mod model;
 pub mod params;
 pub mod pipeline;
 pub mod preprocess;
+#[cfg(feature = "webrtc")]
+pub mod webrtc;
 
 pub use engine::{
     DropPolicy, Engine, EngineOptions, EngineState, EngineStatus, FrameId, Output, StageMillis,

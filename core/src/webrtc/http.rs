@@ -1,0 +1,230 @@
+//! The WHIP and WHEP HTTP resources (RFC 9725 and the WHEP draft), as an axum [`Router`].
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /whip/{stream}` (`application/sdp` offer) | `201`, the answer, `Location: …/whip/{stream}/{session}` |
+//! | `DELETE /whip/{stream}/{session}` | `200` |
+//! | `POST /whep/{stream}`, `DELETE /whep/{stream}/{session}` | the same, for a viewer |
+//! | `PATCH` on a session | `405`: ICE is not trickled, the answer has every candidate |
+//!
+//! The token is the query parameter `token` or an `Authorization: Bearer` header; the
+//! [`StreamDirectory`] decides what it opens. Errors are plain text with the status of
+//! [`TransportError::status`]: 415 for a body that is not `application/sdp`, 400 for an offer
+//! that is not usable SDP, 404 for an unknown stream or session, 401 for a missing or wrong
+//! token, 413 for a body over the limit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{OriginalUri, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+
+use super::{SessionAnswer, TransportError, WebRtcStream};
+
+/// Finds a stream's transport by id and checks the caller's token.
+pub trait StreamDirectory: Send + Sync + 'static {
+    /// The transport of stream `stream_id`, if `token` opens it: [`TransportError::NotFound`]
+    /// for an unknown id, [`TransportError::Unauthorized`] for a missing or wrong token.
+    fn find(
+        &self,
+        stream_id: &str,
+        token: Option<&str>,
+    ) -> Result<Arc<WebRtcStream>, TransportError>;
+}
+
+impl IntoResponse for TransportError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, format!("{self}\n")).into_response();
+        if matches!(self, TransportError::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+#[derive(Clone)]
+struct Routes {
+    directory: Arc<dyn StreamDirectory>,
+    max_body_bytes: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Publisher,
+    Viewer,
+}
+
+/// The WHIP and WHEP routes (`/whip/…`, `/whep/…`) over `directory`; offers larger than
+/// `max_body_bytes` are refused with 413. Nest or merge it into an application's router.
+pub fn router(directory: Arc<dyn StreamDirectory>, max_body_bytes: usize) -> Router {
+    let routes = Routes {
+        directory,
+        max_body_bytes,
+    };
+    Router::new()
+        .route("/whip/{stream}", post(whip_offer))
+        .route(
+            "/whip/{stream}/{session}",
+            axum::routing::delete(whip_delete).patch(no_trickle),
+        )
+        .route("/whep/{stream}", post(whep_offer))
+        .route(
+            "/whep/{stream}/{session}",
+            axum::routing::delete(whep_delete).patch(no_trickle),
+        )
+        .with_state(routes)
+}
+
+/// The token from `?token=` or `Authorization: Bearer`.
+fn token<'a>(query: &'a HashMap<String, String>, headers: &'a HeaderMap) -> Option<&'a str> {
+    if let Some(t) = query.get("token") {
+        return Some(t.as_str());
+    }
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// The offer from a request: content type first (415), then size (413), then UTF-8 (400).
+async fn read_offer(request: Request, limit: usize) -> Result<String, TransportError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence != "application/sdp" {
+        return Err(TransportError::UnsupportedMediaType(content_type));
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(size) = declared
+        && size > limit
+    {
+        return Err(TransportError::TooLarge { size, limit });
+    }
+    let body = axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| TransportError::TooLarge {
+            size: limit + 1,
+            limit,
+        })?;
+    String::from_utf8(body.to_vec())
+        .map_err(|_| TransportError::BadOffer("the offer is not UTF-8 text".into()))
+}
+
+async fn offer(
+    routes: Routes,
+    role: Role,
+    stream_id: String,
+    uri: OriginalUri,
+    query: HashMap<String, String>,
+    request: Request,
+) -> Result<Response, TransportError> {
+    let stream = routes
+        .directory
+        .find(&stream_id, token(&query, request.headers()))?;
+    let sdp = read_offer(request, routes.max_body_bytes).await?;
+    let SessionAnswer { session_id, sdp } = match role {
+        Role::Publisher => stream.publish(&sdp).await?,
+        Role::Viewer => stream.play(&sdp).await?,
+    };
+    let mut location = format!("{}/{session_id}", uri.path().trim_end_matches('/'));
+    if let Some(query) = uri.query() {
+        location = format!("{location}?{query}");
+    }
+    let mut response = Response::new(Body::from(sdp));
+    *response.status_mut() = StatusCode::CREATED;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/sdp"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        headers.insert(header::LOCATION, value);
+    }
+    Ok(response)
+}
+
+async fn whip_offer(
+    State(routes): State<Routes>,
+    Path(stream): Path<String>,
+    uri: OriginalUri,
+    Query(query): Query<HashMap<String, String>>,
+    request: Request,
+) -> Result<Response, TransportError> {
+    offer(routes, Role::Publisher, stream, uri, query, request).await
+}
+
+async fn whep_offer(
+    State(routes): State<Routes>,
+    Path(stream): Path<String>,
+    uri: OriginalUri,
+    Query(query): Query<HashMap<String, String>>,
+    request: Request,
+) -> Result<Response, TransportError> {
+    offer(routes, Role::Viewer, stream, uri, query, request).await
+}
+
+async fn delete(
+    routes: Routes,
+    role: Role,
+    stream_id: String,
+    session_id: String,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, TransportError> {
+    let stream = routes.directory.find(&stream_id, token(&query, &headers))?;
+    match role {
+        Role::Publisher => stream.unpublish(&session_id).await?,
+        Role::Viewer => stream.stop_playing(&session_id).await?,
+    }
+    Ok(StatusCode::OK)
+}
+
+async fn whip_delete(
+    State(routes): State<Routes>,
+    Path((stream, session)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<StatusCode, TransportError> {
+    delete(routes, Role::Publisher, stream, session, query, headers).await
+}
+
+async fn whep_delete(
+    State(routes): State<Routes>,
+    Path((stream, session)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<StatusCode, TransportError> {
+    delete(routes, Role::Viewer, stream, session, query, headers).await
+}
+
+async fn no_trickle() -> Response {
+    let mut response = (
+        StatusCode::METHOD_NOT_ALLOWED,
+        "trickle ICE and ICE restarts are not supported: the answer carries every candidate\n",
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("DELETE"));
+    response
+}

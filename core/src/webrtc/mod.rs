@@ -1,0 +1,114 @@
+//! WebRTC transport around an [`Engine`](crate::Engine) (feature `webrtc`): WHIP ingest and WHEP
+//! playback, H.264 both ways.
+//!
+//! * [`WebRtcStream`] owns one engine's transport: at most one publisher (WHIP, RFC 9725) whose
+//!   video track is depacketized, decoded with OpenH264 and submitted to the engine, and any
+//!   number of viewers (WHEP) to which the engine's outputs are sent, encoded once as
+//!   constrained-baseline H.264 and packetized per viewer. Keyframe requests are honoured both
+//!   ways: a viewer's PLI or FIR (and every new viewer) makes the next output an IDR picture, and
+//!   a damaged or undecodable input picture makes the server send a PLI to the publisher.
+//! * [`router`] serves the WHIP and WHEP HTTP resources for any number of streams through a
+//!   [`StreamDirectory`] that finds a stream by id and checks its token: `POST` an SDP offer
+//!   (`application/sdp`) → `201 Created` with the answer and a `Location`, `DELETE` that
+//!   location to end the session. ICE is not trickled: the answer carries every candidate.
+//!
+//! Audio tracks are accepted and ignored. Everything here runs on a Tokio runtime (the calls are
+//! `async`); decoding and encoding run on their own threads so that neither the network tasks
+//! nor the engine wait on the codec.
+
+pub mod h264;
+mod http;
+mod peer;
+mod rtp;
+mod stream;
+
+use std::time::Duration;
+
+pub use h264::EncoderSettings;
+pub use http::{StreamDirectory, router};
+pub use stream::{FrameObserver, SessionAnswer, Summary, TransportStats, WebRtcStream};
+
+/// Why a WHIP or WHEP request failed; [`status`](Self::status) is its HTTP status code.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The body is not `application/sdp` (415).
+    #[error("unsupported content type {0:?}: send the SDP offer as application/sdp")]
+    UnsupportedMediaType(String),
+    /// The offer cannot be used: not SDP, no H.264 video, or no ICE credentials (400).
+    #[error("bad SDP offer: {0}")]
+    BadOffer(String),
+    /// No such stream or session (404).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The token is missing or wrong (401).
+    #[error("missing or wrong token")]
+    Unauthorized,
+    /// The body is larger than allowed (413).
+    #[error("body of {size} bytes is larger than the {limit}-byte limit")]
+    TooLarge {
+        /// Bytes received.
+        size: usize,
+        /// Bytes allowed.
+        limit: usize,
+    },
+    /// The stream holds as many viewers as it may (503).
+    #[error("the stream already has {0} viewers, the most it serves")]
+    TooManyViewers(usize),
+    /// The stream has been closed (410).
+    #[error("the stream is closed")]
+    Closed,
+    /// The codec failed (500 when it surfaces in a request).
+    #[error("codec: {0}")]
+    Codec(String),
+    /// The WebRTC stack failed (500).
+    #[error("WebRTC: {0}")]
+    WebRtc(String),
+}
+
+impl TransportError {
+    /// The HTTP status code this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            TransportError::UnsupportedMediaType(_) => 415,
+            TransportError::BadOffer(_) => 400,
+            TransportError::NotFound(_) => 404,
+            TransportError::Unauthorized => 401,
+            TransportError::TooLarge { .. } => 413,
+            TransportError::TooManyViewers(_) => 503,
+            TransportError::Closed => 410,
+            TransportError::Codec(_) | TransportError::WebRtc(_) => 500,
+        }
+    }
+}
+
+/// How a [`WebRtcStream`] connects and encodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransportConfig {
+    /// Local UDP addresses for ICE (`"127.0.0.1:0"`: loopback only, an ephemeral port per
+    /// session; `"0.0.0.0:0"`: every non-loopback interface). Default `["127.0.0.1:0"]`.
+    pub udp_addrs: Vec<String>,
+    /// STUN/TURN server URLs put in the ICE configuration (none by default: host candidates
+    /// only, which is what a loopback or LAN server needs).
+    pub ice_servers: Vec<String>,
+    /// The WHEP encoder's settings.
+    pub encoder: EncoderSettings,
+    /// Most viewers at once. Default 32.
+    pub max_viewers: usize,
+    /// How long to wait for ICE gathering before answering. Default 5 s.
+    pub gather_timeout: Duration,
+    /// Largest accepted SDP offer in bytes. Default 64 KiB.
+    pub max_sdp_bytes: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            udp_addrs: vec!["127.0.0.1:0".into()],
+            ice_servers: Vec::new(),
+            encoder: EncoderSettings::default(),
+            max_viewers: 32,
+            gather_timeout: Duration::from_secs(5),
+            max_sdp_bytes: 64 * 1024,
+        }
+    }
+}

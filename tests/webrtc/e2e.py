@@ -1,0 +1,408 @@
+"""End-to-end test of the WHIP/WHEP server example with aiortc, a WebRTC implementation that is
+not ours.
+
+1. Starts `server` (the example) on a loopback port over the tiny fixture (64x64), recording
+   every decoded input and engine output.
+2. Bad inputs: wrong content type, garbage SDP, unknown stream id, missing or wrong token,
+   oversized body -> 415/400/404/401/413 (and 422 for invalid params), each followed by a good
+   request that must still succeed.
+3. aiortc publishes a synthetic moving pattern over WHIP (H.264) and plays the stream over WHEP
+   (H.264); the received frames are decoded by aiortc (PyAV / FFmpeg).
+4. Mid-stream, PATCH changes the prompt: the answer must say "hot" and the status must show no
+   reload; the frames received afterwards must match outputs made with the new parameters.
+5. Stops the server and runs `server replay`, which feeds the recorded decoded inputs to a fresh
+   engine: the served outputs must equal the engine's outputs exactly, and the frames after the
+   PATCH must differ clearly from a replay that never switched prompts.
+
+Checks on the received frames (H.264 is lossy on the way out, so they are compared with a
+tolerance): each is matched to the nearest recorded engine output; the median error to it must
+be small and far below the error to the nearest input (decoded or synthetic) - the viewer gets
+the engine's picture, not the camera echoed.
+
+usage: e2e.py --server BIN --fixtures DIR --work DIR [--seconds S]
+Exits non-zero on any failed check; prints a JSON summary.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from fractions import Fraction
+
+import numpy as np
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
+from av import VideoFrame
+
+SIZE = 64
+API_TOKEN = "e2e-api-token"
+FAILURES = []
+
+
+def check(ok, what):
+    print(("ok   " if ok else "FAIL ") + what, flush=True)
+    if not ok:
+        FAILURES.append(what)
+
+
+def http(method, url, body=None, headers=None, timeout=30):
+    """(status, headers, body bytes); never raises on HTTP errors."""
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def api(base, method, path, payload=None, token=API_TOKEN):
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    body = json.dumps(payload) if payload is not None else None
+    status, _, raw = http(method, base + path, body, headers)
+    try:
+        return status, json.loads(raw or b"null")
+    except json.JSONDecodeError:
+        return status, raw
+
+
+def read_ppm(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    # The server writes exactly "P6\n{w} {h}\n255\n" before the pixels.
+    magic, size, depth, pixels = data.split(b"\n", 3)
+    w, h = map(int, size.split())
+    assert magic == b"P6" and depth == b"255", path
+    return np.frombuffer(pixels, dtype=np.uint8).reshape(h, w, 3)
+
+
+def pattern(i):
+    """A synthetic camera: moving diagonal bands and a disc that travels, 64x64 RGB."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    t = i * 0.15
+    r = 127 + 100 * np.sin((x + y) / 9.0 + t)
+    g = 127 + 100 * np.sin((x - y) / 13.0 - 0.7 * t)
+    cx, cy = 32 + 18 * np.cos(t * 0.5), 32 + 18 * np.sin(t * 0.5)
+    disc = ((x - cx) ** 2 + (y - cy) ** 2) < 100
+    b = np.where(disc, 230.0, 40.0)
+    return np.clip(np.stack([r, g, b], axis=-1), 0, 255).astype(np.uint8)
+
+
+class Camera(VideoStreamTrack):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    async def recv(self):
+        pts, time_base = await self.next_timestamp()
+        frame = VideoFrame.from_ndarray(pattern(self.count), format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        self.count += 1
+        return frame
+
+
+def h264_only(transceiver):
+    codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/H264"]
+    transceiver.setCodecPreferences(codecs)
+
+
+async def offer_to(pc, url):
+    await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers before returning
+    status, headers, body = await asyncio.to_thread(
+        http, "POST", url, pc.localDescription.sdp, {"Content-Type": "application/sdp"}
+    )
+    if status != 201:
+        raise RuntimeError(f"POST {url}: {status} {body[:200]!r}")
+    check(headers.get("content-type", "").startswith("application/sdp"), "answer is application/sdp")
+    location = headers.get("location")
+    check(bool(location), f"201 carries a Location ({location})")
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=body.decode(), type="answer"))
+    return location
+
+
+def bad_inputs(base, stream):
+    sid, whip, whep = stream["id"], stream["whip_url"], stream["whep_url"]
+    good = lambda: api(base, "GET", f"/v1/streams/{sid}")[0] == 200  # noqa: E731
+    sdp_headers = {"Content-Type": "application/sdp"}
+    without_token = whip.split("?")[0]
+    cases = [
+        ("API without token", lambda: api(base, "GET", f"/v1/streams/{sid}", token=None)[0], 401),
+        ("API with a wrong token", lambda: api(base, "GET", f"/v1/streams/{sid}", token="nope")[0], 401),
+        ("API unknown stream id", lambda: api(base, "GET", "/v1/streams/str_unknown")[0], 404),
+        ("PATCH unknown stream id", lambda: api(base, "PATCH", "/v1/streams/str_unknown", {"params": {}})[0], 404),
+        ("status of unknown stream id", lambda: api(base, "GET", "/v1/streams/str_unknown/status")[0], 404),
+        ("DELETE unknown stream id", lambda: api(base, "DELETE", "/v1/streams?id=str_unknown")[0], 404),
+        ("create with text/plain", lambda: http("POST", base + "/v1/streams", "{}",
+                                                {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "text/plain"})[0], 415),
+        ("create with malformed JSON", lambda: http("POST", base + "/v1/streams", "{",
+                                                     {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"})[0], 400),
+        ("create with invalid params", lambda: api(base, "POST", "/v1/streams", {"params": {"width": 63}})[0], 422),
+        ("PATCH with invalid params", lambda: api(base, "PATCH", f"/v1/streams/{sid}", {"params": {"guidance_scale": "x"}})[0], 422),
+        ("create with an oversized body", lambda: http("POST", base + "/v1/streams",
+                                                        json.dumps({"name": "x" * 400_000}),
+                                                        {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"})[0], 413),
+        ("WHIP with application/json", lambda: http("POST", whip, "v=0\r\n", {"Content-Type": "application/json"})[0], 415),
+        ("WHIP with garbage SDP", lambda: http("POST", whip, "this is not SDP", sdp_headers)[0], 400),
+        ("WHIP with SDP lacking video", lambda: http("POST", whip, "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", sdp_headers)[0], 400),
+        ("WHIP unknown stream id", lambda: http("POST", base + "/whip/str_unknown?token=x", "v=0\r\n", sdp_headers)[0], 404),
+        ("WHIP without token", lambda: http("POST", without_token, "v=0\r\n", sdp_headers)[0], 401),
+        ("WHIP with a wrong token", lambda: http("POST", without_token + "?token=wrong", "v=0\r\n", sdp_headers)[0], 401),
+        ("WHIP with the API token instead of the stream's", lambda: http("POST", without_token, "v=0\r\n",
+                                                                         {**sdp_headers, "Authorization": f"Bearer {API_TOKEN}"})[0], 401),
+        ("WHIP with an oversized offer", lambda: http("POST", whip, "v=0\r\n" + "a=x\r\n" * 20_000, sdp_headers)[0], 413),
+        ("WHEP with garbage SDP", lambda: http("POST", whep, "\x00\x01garbage", sdp_headers)[0], 400),
+        ("WHEP with text/plain", lambda: http("POST", whep, "v=0\r\n", {"Content-Type": "text/plain"})[0], 415),
+        ("DELETE an unknown WHIP session", lambda: http("DELETE", whip.replace("?", "/nosuchsession?"))[0], 404),
+        ("PATCH (trickle) a WHIP session", lambda: http("PATCH", whip.replace("?", "/nosuchsession?"), "a=candidate",
+                                                         {"Content-Type": "application/trickle-ice-sdpfrag"})[0], 405),
+    ]
+    for name, call, want in cases:
+        got = call()
+        check(got == want, f"{name}: {got} (want {want})")
+        check(good(), f"  server still serves after: {name}")
+
+
+async def stream_media(base, stream, seconds, summary):
+    sid = stream["id"]
+    received = []  # (monotonic time, HxWx3 array)
+
+    publisher = RTCPeerConnection()
+    camera = Camera()
+    h264_only(publisher.addTransceiver(camera, direction="sendonly"))
+    whip_session = await offer_to(publisher, stream["whip_url"])
+
+    viewer = RTCPeerConnection()
+    h264_only(viewer.addTransceiver("video", direction="recvonly"))
+    done = asyncio.Event()
+
+    @viewer.on("track")
+    def on_track(track):
+        async def consume():
+            while not done.is_set():
+                try:
+                    frame = await asyncio.wait_for(track.recv(), 5)
+                except Exception:
+                    break
+                received.append((time.monotonic(), frame.to_ndarray(format="rgb24")))
+
+        asyncio.ensure_future(consume())
+
+    whep_session = await offer_to(viewer, stream["whep_url"])
+
+    # Phase A: prompt A.
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(received) < 40:
+        await asyncio.sleep(0.2)
+    check(len(received) >= 10, f"frames received over WHEP before the PATCH: {len(received)}")
+
+    status_before = (await asyncio.to_thread(api, base, "GET", f"/v1/streams/{sid}/status"))[1]
+    patch_time = time.monotonic()
+    status, patched = await asyncio.to_thread(
+        api, base, "PATCH", f"/v1/streams/{sid}", {"params": {"prompt": "an oil painting of a red fox in snow"}}
+    )
+    check(status == 200, f"PATCH prompt: {status}")
+    check(patched.get("update") == "hot", f"PATCH says the update is hot: {patched.get('update')}")
+    check(patched["params"]["prompt"] == "an oil painting of a red fox in snow", "PATCH merged the prompt")
+    check(patched["params"]["width"] == SIZE, "PATCH kept the other params")
+    status_after = (await asyncio.to_thread(api, base, "GET", f"/v1/streams/{sid}/status"))[1]
+    check(status_after["params_version"] == status_before["params_version"] + 1, "PATCH made a new params version")
+    check(not status_after["reloading"], "no reload in progress after the PATCH")
+    check(status_after["restart_count"] == status_before["restart_count"], "no restart after the PATCH")
+
+    # Phase B: prompt B.
+    n_before = len(received)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(received) < n_before + 40:
+        await asyncio.sleep(0.2)
+    final_status = (await asyncio.to_thread(api, base, "GET", f"/v1/streams/{sid}/status"))[1]
+    check(final_status["serving_params_version"] == final_status["params_version"],
+          "the serving pipeline runs the PATCHed params (no reload pending)")
+    check(final_status["restart_count"] == 0, "no restarts over the stream")
+    check(final_status["transport"]["keyframes_encoded"] >= 1, "the viewer got a keyframe")
+    summary["status"] = {k: final_status[k] for k in ("state", "input_fps", "output_fps", "frames_processed", "frames_dropped")}
+    summary["transport"] = final_status["transport"]
+    done.set()
+
+    # Sessions end with DELETE on their Locations.
+    for location in (whep_session, whip_session):
+        url = location if location.startswith("http") else base + location
+        st = (await asyncio.to_thread(http, "DELETE", url))[0]
+        check(st == 200, f"DELETE session {location.split('?')[0]}: {st}")
+    await publisher.close()
+    await viewer.close()
+    return received, patch_time
+
+
+def load_ppms(folder, prefix):
+    """{frame id: HxWx3 float32} of the PPMs named PREFIX-ID.ppm in folder."""
+    return {int(n[len(prefix) + 1:-4]): read_ppm(os.path.join(folder, n)).astype(np.float32)
+            for n in os.listdir(folder) if n.startswith(prefix + "-") and n.endswith(".ppm")}
+
+
+def luma(a):
+    return a @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def compare(received, patch_time, record_dir, unswitched_dir, summary):
+    versions = {}
+    with open(os.path.join(record_dir, "outputs.jsonl")) as f:
+        for line in f:
+            v = json.loads(line)
+            versions[v["id"]] = v["params_version"]
+    first_version = min(versions.values())
+    outputs = load_ppms(record_dir, "out")
+    unswitched = load_ppms(unswitched_dir, "unswitched")
+    ids = sorted(outputs)
+    served = np.stack([outputs[i] for i in ids])
+    served_versions = np.array([versions.get(i, -1) for i in ids])
+    later = served[served_versions != first_version]
+    never_patched = np.stack([unswitched[i] for i in ids if versions.get(i) != first_version])
+    inputs = np.stack(list(load_ppms(record_dir, "in").values()))
+    sources = np.stack([pattern(i).astype(np.float32) for i in range(0, 2000, 2)])
+
+    def nearest(stack, f):
+        d = np.abs(stack - f).mean(axis=(1, 2, 3))
+        i = int(d.argmin())
+        return float(d[i]), i
+
+    luma_later = luma(later)[..., None]
+    luma_never = luma(never_patched)[..., None]
+    rows = []
+    for t, frame in received[3:]:  # the very first frames may still show the keyframe settling
+        f = frame.astype(np.float32)
+        if f.shape != (SIZE, SIZE, 3):
+            check(False, f"received frame of shape {f.shape}")
+            continue
+        d_out, best = nearest(served, f)
+        rows.append({
+            "t": t,
+            "to_output": d_out,
+            "version": int(served_versions[best]),
+            "luma_to_output": float(np.abs(luma(served[best]) - luma(f)).mean()),
+            "to_input": nearest(inputs, f)[0],
+            "to_source": nearest(sources, f)[0],
+            # The prompt check uses luma: 4:2:0 chroma error would drown a small prompt effect.
+            "to_later": nearest(luma_later, luma(f)[..., None])[0] if len(later) else np.inf,
+            "to_never_patched": nearest(luma_never, luma(f)[..., None])[0] if len(never_patched) else np.inf,
+        })
+    col = lambda k, rs=rows: np.array([r[k] for r in rs])  # noqa: E731
+    med = lambda k, rs=rows: float(np.median(col(k, rs)))  # noqa: E731
+    summary["received_frames"] = len(received)
+    summary["mean_abs_levels"] = {
+        "to_nearest_output": {"median": med("to_output"), "p95": float(np.percentile(col("to_output"), 95))},
+        "luma_to_nearest_output": {"median": med("luma_to_output")},
+        "to_nearest_decoded_input": {"median": med("to_input"), "min": float(col("to_input").min())},
+        "to_nearest_synthetic_frame": {"median": med("to_source"), "min": float(col("to_source").min())},
+    }
+    # H.264 4:2:0 on the tiny model's noisy colours costs a few levels (luma stays closer).
+    check(med("to_output") < 10.0, f"received frames match engine outputs: median mean-abs {med('to_output'):.2f} levels (< 10)")
+    check(med("to_input") > 5 * med("to_output") and med("to_source") > 5 * med("to_output"),
+          f"received frames are not the input echoed: {med('to_input'):.2f} / {med('to_source'):.2f} vs {med('to_output'):.2f}")
+
+    settle = 1.0  # frames in flight at the PATCH still carry the old prompt
+    after = [r for r in rows if r["t"] > patch_time + settle]
+    before = [r for r in rows if r["t"] < patch_time]
+    closer = float(np.mean(col("to_later", after) < col("to_never_patched", after))) if after else 0.0
+    summary["after_patch"] = {
+        "frames": len(after),
+        "share_closer_to_new_prompt": closer,
+        "median_to_new_prompt_outputs": med("to_later", after) if after else None,
+        "median_to_never_patched_outputs": med("to_never_patched", after) if after else None,
+    }
+    old_share = float(np.mean(col("version", before) == first_version)) if before else 0.0
+    summary["before_patch"] = {"frames": len(before), "share_matching_old_params": old_share}
+    check(len(after) >= 5 and closer >= 0.9,
+          f"after the PATCH, received frames are the new prompt's outputs, not the old one's ({closer:.0%} of {len(after)})")
+    check(len(after) >= 5 and med("to_never_patched", after) > 1.5 * med("to_later", after),
+          "after the PATCH, the never-PATCHed outputs are 1.5x as far (luma) as the new prompt's: "
+          f"{med('to_never_patched', after):.2f} vs {med('to_later', after):.2f}")
+    check(len(before) >= 5 and old_share >= 0.9, f"before the PATCH, frames match the old prompt's outputs ({old_share:.0%} of {len(before)})")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", required=True)
+    ap.add_argument("--fixtures", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--seconds", type=float, default=20)
+    args = ap.parse_args()
+    fixtures = os.path.abspath(args.fixtures)
+    os.makedirs(args.work, exist_ok=True)
+    record = os.path.join(args.work, "record")
+    params = os.path.join(args.work, "params.json")
+    settings = json.dumps({"vae": os.path.join(fixtures, "tiny-taesd"), "allow_any_resolution": True})
+    with open(params, "w") as f:
+        json.dump({"model_id": os.path.join(fixtures, "tiny-sd-turbo"), "width": SIZE, "height": SIZE,
+                   "seed": 42, "delta": 0.7,
+                   # Residual CFG at 3: the tiny model's text conditioning then moves the
+                   # picture by ~20 levels per prompt change (1 level at guidance 1).
+                   "guidance_scale": 3.0}, f)
+
+    env = dict(os.environ, SDSTREAM_API_TOKEN=API_TOKEN)
+    server = subprocess.Popen(
+        [args.server, "--bind", "127.0.0.1:0", "--params", params, "--settings", settings, "--record", record],
+        stdout=subprocess.PIPE, env=env, text=True,
+    )
+    summary = {}
+    try:
+        line = server.stdout.readline()
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"server did not start: {line!r}")
+        base = line.split()[-1]
+        status, stream = api(base, "POST", "/v1/streams",
+                             {"pipeline": "streamdiffusion", "params": {"prompt": "a watercolor of a lighthouse"}})
+        check(status == 201, f"POST /v1/streams: {status}")
+        for key in ("id", "whip_url", "whep_url", "output_stream_url", "created_at", "stream_key", "params"):
+            check(key in stream, f"the stream has {key}")
+        check(stream["params"]["model_id"].endswith("tiny-sd-turbo"), "server defaults merged under the body")
+        status, got = api(base, "GET", f"/v1/streams/{stream['id']}")
+        check(status == 200 and got["id"] == stream["id"], "GET /v1/streams/{id}")
+
+        bad_inputs(base, stream)
+        received, patch_time = asyncio.run(stream_media(base, stream, args.seconds, summary))
+        status, _ = api(base, "DELETE", f"/v1/streams?id={stream['id']}")
+        check(status == 200, f"DELETE /v1/streams?id=: {status}")
+        check(api(base, "GET", f"/v1/streams/{stream['id']}")[0] == 404, "deleted stream is gone")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+    stream_dir = os.path.join(record, stream["id"])
+    unswitched_dir = os.path.join(args.work, "unswitched")
+    replay = subprocess.run(
+        [args.server, "replay", "--record", stream_dir, "--settings", settings, "--dump-unswitched", unswitched_dir],
+        capture_output=True, text=True,
+    )
+    if replay.returncode != 0:
+        check(False, f"replay failed: {replay.stderr.strip()}")
+    else:
+        report = json.loads(replay.stdout.strip().splitlines()[-1])
+        summary["replay"] = report
+        check(report["served_vs_replay"]["max_abs"] == 0,
+              f"served outputs == a fresh engine's outputs on the decoded inputs (max abs {report['served_vs_replay']['max_abs']})")
+        check(report["update_kinds"] == ["hot"], f"the replay's prompt switch is hot: {report['update_kinds']}")
+        later = report["later_versions_vs_unswitched"]
+        check(later["frames"] >= 5 and later["min_frame_mean_abs_after_ramp"] > 1.0 and later["mean_abs"] > 3.0,
+              "after the PATCH (and the stream batch's ramp) every served frame differs from the never-PATCHed "
+              f"replay: mean {later['mean_abs']:.2f}, min {later['min_frame_mean_abs_after_ramp']:.2f} levels")
+        check(report["first_version_vs_unswitched_max_abs"] == 0, "before the PATCH both replays agree")
+        compare(received, patch_time, stream_dir, unswitched_dir, summary)
+
+    print(json.dumps(summary, indent=1, default=float))
+    if FAILURES:
+        print(f"{len(FAILURES)} check(s) failed", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
