@@ -24,8 +24,10 @@
  *     at once except where a function says otherwise; sds_engine_destroy must be the last call.
  *   - JSON texts are UTF-8. Unknown fields are an error (SDS_ERR_INVALID_PARAMS naming it).
  *
- * TODO: per-frame control images for ControlNets with an `external` preprocessor, once core
- * supports ControlNets (parameters enabling a ControlNet fail with SDS_ERR_INVALID_PARAMS now).
+ * ControlNets are configured in the params JSON ("controlnets": [...]). A net whose preprocessor
+ * is "external" takes control images from the host: pass them with a frame through
+ * sds_engine_submit_with_controls or sds_engine_process_with_controls (SdsControlImage: the
+ * net's model_id and an SdsFrame); each net uses the most recent image given for it.
  */
 
 #ifndef SDSTREAM_H
@@ -104,8 +106,7 @@ typedef enum {
   SDS_ERR_NOT_READY = 9,
   /**
    * The engine cannot do this in its current state: it has no pipeline (its load failed or a
-   * panic discarded it; `sds_engine_restart` or `sds_engine_update_params` builds one), or
-   * the update needs something not supported yet (a ControlNet swap).
+   * panic discarded it; `sds_engine_restart` or `sds_engine_update_params` builds one).
    */
   SDS_ERR_STATE = 10,
   /**
@@ -140,8 +141,8 @@ typedef enum {
    */
   SDS_UPDATE_HOT = 1,
   /**
-   * ControlNets added, removed or replaced (not supported yet: such updates currently fail
-   * with `SDS_ERR_STATE`).
+   * ControlNets added, removed or replaced: nets to add load in the background while the
+   * current ones keep serving, and attach between two frames.
    */
   SDS_UPDATE_CONTROLNET_SWAP = 2,
   /**
@@ -244,6 +245,23 @@ typedef struct {
    */
   uint64_t params_version;
 } SdsOutput;
+
+/**
+ * A control image for one ControlNet whose `preprocessor` is `"external"`: the host makes the
+ * control image (a depth map, a pose drawing …) and hands it over with a frame. Read only
+ * during the call that receives it (never kept: the engine copies it).
+ */
+typedef struct {
+  /**
+   * The ControlNet's `model_id`, exactly as in the parameters (NUL-terminated UTF-8).
+   */
+  const char *controlnet_id;
+  /**
+   * The image: any size and pixel format (resized to the stream's width × height like a
+   * frame), described as for frames.
+   */
+  SdsFrame frame;
+} SdsControlImage;
 
 /**
  * 3 bytes per pixel: red, green, blue.
@@ -394,6 +412,29 @@ SdsStatus sds_engine_restart(SdsEngine *engine);
 SdsStatus sds_engine_process(SdsEngine *engine, const SdsFrame *frame, SdsOutput *out);
 
 /**
+ * `sds_engine_process` with control images for ControlNets whose `preprocessor` is
+ * `"external"`: `controls` points to `count` of them (NULL with `count` 0 for none), each
+ * naming its ControlNet by `model_id`. A net uses the most recent image given for it (with
+ * this call or an earlier submit/process); before the first one it contributes nothing. The
+ * images are copied before the call returns (nothing is kept).
+ *
+ * Every argument is checked before any work: NULL `controls` with `count` > 0, a NULL or
+ * non-UTF-8 `controlnet_id` or an invalid control frame fail naming the entry
+ * (`controls[i]…`); an id naming no ControlNet of the current parameters fails with
+ * `SDS_ERR_INVALID_PARAMS` naming the id, and nothing is submitted. Thread-safety as
+ * `sds_engine_process`.
+ *
+ * # Safety
+ * As `sds_engine_process`; `controls` NULL or `count` readable `SdsControlImage`s, each as
+ * the struct describes.
+ */
+SdsStatus sds_engine_process_with_controls(SdsEngine *engine,
+                                           const SdsFrame *frame,
+                                           const SdsControlImage *controls,
+                                           size_t count,
+                                           SdsOutput *out);
+
+/**
  * Queues a copy of `frame` (the caller's memory is not kept) and returns at once, never
  * waiting for inference; `*id_out` (nullable) gets the frame's id (0, 1, 2, … per accepted
  * frame), which its output carries. A full queue drops its oldest waiting frame (drop policy
@@ -416,6 +457,31 @@ SdsStatus sds_engine_submit_with_timestamp(SdsEngine *engine,
                                            const SdsFrame *frame,
                                            int64_t timestamp,
                                            uint64_t *id_out);
+
+/**
+ * `sds_engine_submit` with control images for ControlNets whose `preprocessor` is
+ * `"external"`, and optionally the host's timestamp. `controls` points to `count` images
+ * (NULL with `count` 0 for none), each naming its ControlNet by `model_id`; a net uses the
+ * most recent image given for it (with this frame or an earlier one), and before the first
+ * one it contributes nothing. `timestamp` (nullable) points to the host's timestamp (any
+ * unit, returned with the output); NULL uses the submission time, as `sds_engine_submit`.
+ *
+ * Frame and control images are copied before the call returns (nothing is kept); cost: one
+ * copy of each. Every argument is checked before anything is queued: NULL `controls` with
+ * `count` > 0, a NULL or non-UTF-8 `controlnet_id` or an invalid control frame fail naming
+ * the entry (`controls[i]…`); an id naming no ControlNet of the current parameters fails
+ * with `SDS_ERR_INVALID_PARAMS` naming the id. Thread-safe, as `sds_engine_submit`.
+ *
+ * # Safety
+ * As `sds_engine_submit`; `controls` NULL or `count` readable `SdsControlImage`s, each as the
+ * struct describes; `timestamp` NULL or readable.
+ */
+SdsStatus sds_engine_submit_with_controls(SdsEngine *engine,
+                                          const SdsFrame *frame,
+                                          const SdsControlImage *controls,
+                                          size_t count,
+                                          const int64_t *timestamp,
+                                          uint64_t *id_out);
 
 /**
  * Takes the oldest output not yet collected, if one is ready, and writes it to `out` with the

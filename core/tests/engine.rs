@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::fixture;
-use sdstream::params::{Prompt, VaeChoice};
+use sdstream::params::{ControlNetConfig, Prompt, VaeChoice};
 use sdstream::{
     DropPolicy, Engine, EngineOptions, EngineSettings, EngineState, EngineStatus, Frame, FrameId,
     Image, Output, PixelFormat, StreamDiffusion, StreamDiffusionParams,
@@ -744,4 +744,92 @@ fn a_controlnet_added_and_rescaled_while_streaming_costs_no_frame() {
         assert_eq!(status.reload_failures, 0);
         assert_counters_add_up(&status);
     });
+}
+
+/// `params()` with the tiny fixture ControlNet fed by the host's control images.
+fn params_with_external_net() -> (StreamDiffusionParams, String) {
+    let id = fixture("tiny-controlnet-a").display().to_string();
+    let mut net = ControlNetConfig::new(id.clone());
+    net.preprocessor = "external".into();
+    let mut p = params();
+    p.controlnets = vec![net];
+    (p, id)
+}
+
+/// A 48×40 RGBA8 control image (another size and format than the frames: it is resized like
+/// them) with a pattern of its own.
+fn control_image(phase: u32) -> Vec<u8> {
+    let (w, h) = (48u32, 40u32);
+    (0..h)
+        .flat_map(|y| {
+            (0..w).flat_map(move |x| {
+                let v = (((x * 7 + y * 3 + phase * 29) % 64) * 4) as u8;
+                [v, 255 - v, ((x * y + phase) % 256) as u8, 0]
+            })
+        })
+        .collect()
+}
+
+fn control_frame(data: &[u8]) -> Frame<'_> {
+    Frame::packed(data, 48, 40, PixelFormat::Rgba8).expect("48×40 RGBA control image")
+}
+
+#[test]
+fn external_control_images_through_the_engine_equal_the_pipeline() {
+    let (params, id) = params_with_external_net();
+    let frames: Vec<Vec<u8>> = frames().iter().map(|f| to_f32(f)).collect();
+    let controls = [control_image(0), control_image(1)];
+    let mut direct = StreamDiffusion::new(params.clone(), settings()).expect("pipeline");
+    let mut plain = StreamDiffusion::new(self::params(), settings()).expect("plain pipeline");
+    let engine =
+        Engine::new(params, settings(), options(DropPolicy::Lossless, false)).expect("engine");
+
+    // An id naming no configured ControlNet: an error naming it, nothing queued.
+    let err = engine
+        .submit_with_controls(
+            &frame_f32(&frames[0]),
+            &[("no/such-net", &control_frame(&controls[0]))],
+            None,
+        )
+        .expect_err("unknown ControlNet id");
+    assert!(err.to_string().contains("no/such-net"), "{err}");
+    assert_eq!(engine.status().frames_submitted, 0);
+
+    // Frame 0 before any control image (the net contributes nothing), frames 1–2 with one,
+    // frame 3 without (the most recent one is kept), frame 4 with another.
+    let given: [Option<&Vec<u8>>; 5] = [
+        None,
+        Some(&controls[0]),
+        Some(&controls[0]),
+        None,
+        Some(&controls[1]),
+    ];
+    for (i, control) in given.iter().enumerate() {
+        let input = frame_f32(&frames[i]);
+        let list: Vec<(&str, Frame)> = control
+            .iter()
+            .map(|c| (id.as_str(), control_frame(c)))
+            .collect();
+        let list: Vec<(&str, &Frame)> = list.iter().map(|(id, f)| (*id, f)).collect();
+        let frame_id = engine
+            .submit_with_controls(&input, &list, Some(1000 + i as i64))
+            .expect("submit with controls");
+        let expected = direct
+            .process_with_controls(&input, &list)
+            .expect("direct process_with_controls");
+        let without_net = plain.process(&input).expect("plain process");
+        let out = recv(&engine);
+        assert_eq!((out.id, out.timestamp), (frame_id, 1000 + i as i64));
+        assert_eq!(diff_f32(&out.image, &expected), (0.0, 0.0), "frame {i}");
+        let (max, mean) = diff_f32(&out.image, &without_net);
+        eprintln!("frame {i}: engine with external net vs no net: max {max:.2e}, mean {mean:.2e}");
+        if i == 0 {
+            assert_eq!((max, mean), (0.0, 0.0), "frame 0 has no control image yet");
+        } else {
+            assert!(mean > 1e-4, "frame {i}: the control image changed nothing");
+        }
+    }
+    let status = engine.status();
+    assert_eq!((status.frames_processed, status.frames_failed), (5, 0));
+    assert_counters_add_up(&status);
 }

@@ -6,11 +6,15 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use sdstream_core::{
-    Engine, EngineOptions, EngineSettings, EngineState, Output, StreamDiffusionParams, Update,
+    Engine, EngineOptions, EngineSettings, EngineState, Frame, Output, StreamDiffusionParams,
+    Update,
 };
 
 use crate::error::{ErrorSlot, Failure, SdsStatus, guard};
-use crate::frame::{SdsFrame, SdsOutput, SdsPixelFormat, check_fits, pixel_format, write_output};
+use crate::frame::{
+    SdsControlImage, SdsFrame, SdsOutput, SdsPixelFormat, check_fits, control_images, pixel_format,
+    write_output,
+};
 
 /// What an accepted parameter update costs.
 #[repr(C)]
@@ -21,8 +25,8 @@ pub enum SdsUpdateKind {
     SDS_UPDATE_UNCHANGED = 0,
     /// Applied in place between two frames (prompt, guidance, seed, t_index_list …).
     SDS_UPDATE_HOT = 1,
-    /// ControlNets added, removed or replaced (not supported yet: such updates currently fail
-    /// with `SDS_ERR_STATE`).
+    /// ControlNets added, removed or replaced: nets to add load in the background while the
+    /// current ones keep serving, and attach between two frames.
     SDS_UPDATE_CONTROLNET_SWAP = 2,
     /// A new pipeline is built in the background while the current one keeps serving, and
     /// swapped in between two frames (model, resolution …); a failed build keeps the current one.
@@ -329,6 +333,72 @@ pub unsafe extern "C" fn sds_engine_restart(engine: *mut SdsEngine) -> SdsStatus
     })
 }
 
+/// Shared body of the process functions.
+///
+/// # Safety
+/// As `sds_engine_process_with_controls`.
+unsafe fn process(
+    function: &str,
+    engine: *mut SdsEngine,
+    frame: *const SdsFrame,
+    controls: *const SdsControlImage,
+    count: usize,
+    out: *mut SdsOutput,
+) -> SdsStatus {
+    let f = function;
+    with_engine(f, engine, |h| {
+        // SAFETY: by the caller's contract.
+        let (frame, out) = unsafe {
+            (
+                frame.as_ref().ok_or_else(|| Failure::null(f, "frame"))?,
+                out_arg(f, "out", out)?,
+            )
+        };
+        if out.data.is_null() {
+            return Err(Failure::null(f, "out->data"));
+        }
+        // SAFETY: by the caller's contract.
+        let (frame, controls) =
+            unsafe { (frame.as_frame(f)?, control_images(f, controls, count)?) };
+        let controls: Vec<(&str, &Frame)> = controls.iter().map(|(id, c)| (*id, c)).collect();
+        let params = h.engine.params();
+        check_fits(
+            f,
+            out,
+            params.width as usize,
+            params.height as usize,
+            frame.format(),
+        )?;
+        let _serial = h
+            .process_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        h.held().take();
+        let id = h
+            .engine
+            .submit_with_controls(&frame, &controls, None)
+            .map_err(|e| h.core_error(f, e))?;
+        loop {
+            match h.engine.recv_timeout(Duration::from_millis(50)) {
+                // SAFETY: out->data checked non-NULL; capacity by the caller's contract.
+                Ok(Some(output)) if output.id == id => return unsafe { h.deliver(f, out, output) },
+                Ok(Some(output)) if output.id > id => return Err(lost_frame(f, h, id)),
+                // An output of a frame submitted before this one: discarded (documented).
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    // The worker moves a frame from queue to in-flight to outputs under one
+                    // lock, so all three empty means this frame will not come out.
+                    let s = h.engine.status();
+                    if s.queue_depth == 0 && s.frames_in_flight == 0 && s.output_queue_depth == 0 {
+                        return Err(lost_frame(f, h, id));
+                    }
+                }
+                Err(e) => return Err(h.core_error(f, e)),
+            }
+        }
+    })
+}
+
 /// Processes one frame synchronously: submits a copy of `frame` and waits for its output,
 /// which is written to `out`. Latency: one pipeline pass (plus, with warm-up on, n − 1 more on
 /// the first frame after creation or a reload, and any frames already waiting in the queue).
@@ -351,56 +421,56 @@ pub unsafe extern "C" fn sds_engine_process(
     frame: *const SdsFrame,
     out: *mut SdsOutput,
 ) -> SdsStatus {
-    const F: &str = "sds_engine_process";
-    with_engine(F, engine, |h| {
-        // SAFETY: by the caller's contract.
-        let (frame, out) = unsafe {
-            (
-                frame.as_ref().ok_or_else(|| Failure::null(F, "frame"))?,
-                out_arg(F, "out", out)?,
-            )
-        };
-        if out.data.is_null() {
-            return Err(Failure::null(F, "out->data"));
-        }
-        // SAFETY: by the caller's contract.
-        let frame = unsafe { frame.as_frame(F)? };
-        let params = h.engine.params();
-        check_fits(
-            F,
+    // SAFETY: forwarded.
+    unsafe {
+        process(
+            "sds_engine_process",
+            engine,
+            frame,
+            std::ptr::null(),
+            0,
             out,
-            params.width as usize,
-            params.height as usize,
-            frame.format(),
-        )?;
-        let _serial = h
-            .process_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        h.held().take();
-        let id = h.engine.submit(&frame).map_err(|e| h.core_error(F, e))?;
-        loop {
-            match h.engine.recv_timeout(Duration::from_millis(50)) {
-                // SAFETY: out->data checked non-NULL; capacity by the caller's contract.
-                Ok(Some(output)) if output.id == id => return unsafe { h.deliver(F, out, output) },
-                Ok(Some(output)) if output.id > id => return Err(lost_frame(h, id)),
-                // An output of a frame submitted before this one: discarded (documented).
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    // The worker moves a frame from queue to in-flight to outputs under one
-                    // lock, so all three empty means this frame will not come out.
-                    let s = h.engine.status();
-                    if s.queue_depth == 0 && s.frames_in_flight == 0 && s.output_queue_depth == 0 {
-                        return Err(lost_frame(h, id));
-                    }
-                }
-                Err(e) => return Err(h.core_error(F, e)),
-            }
-        }
-    })
+        )
+    }
 }
 
-fn lost_frame(h: &SdsEngine, id: u64) -> Failure {
+/// `sds_engine_process` with control images for ControlNets whose `preprocessor` is
+/// `"external"`: `controls` points to `count` of them (NULL with `count` 0 for none), each
+/// naming its ControlNet by `model_id`. A net uses the most recent image given for it (with
+/// this call or an earlier submit/process); before the first one it contributes nothing. The
+/// images are copied before the call returns (nothing is kept).
+///
+/// Every argument is checked before any work: NULL `controls` with `count` > 0, a NULL or
+/// non-UTF-8 `controlnet_id` or an invalid control frame fail naming the entry
+/// (`controls[i]…`); an id naming no ControlNet of the current parameters fails with
+/// `SDS_ERR_INVALID_PARAMS` naming the id, and nothing is submitted. Thread-safety as
+/// `sds_engine_process`.
+///
+/// # Safety
+/// As `sds_engine_process`; `controls` NULL or `count` readable `SdsControlImage`s, each as
+/// the struct describes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_process_with_controls(
+    engine: *mut SdsEngine,
+    frame: *const SdsFrame,
+    controls: *const SdsControlImage,
+    count: usize,
+    out: *mut SdsOutput,
+) -> SdsStatus {
+    // SAFETY: forwarded.
+    unsafe {
+        process(
+            "sds_engine_process_with_controls",
+            engine,
+            frame,
+            controls,
+            count,
+            out,
+        )
+    }
+}
+
+fn lost_frame(function: &str, h: &SdsEngine, id: u64) -> Failure {
     let reason = h
         .engine
         .status()
@@ -409,7 +479,7 @@ fn lost_frame(h: &SdsEngine, id: u64) -> Failure {
     Failure::new(
         SdsStatus::SDS_ERR_NO_OUTPUT,
         format!(
-            "sds_engine_process: frame {id} produced no output: it was dropped (another \
+            "{function}: frame {id} produced no output: it was dropped (another \
              thread's submit, a flush) or failed{reason}"
         ),
     )
@@ -418,11 +488,13 @@ fn lost_frame(h: &SdsEngine, id: u64) -> Failure {
 /// Shared body of the submit functions.
 ///
 /// # Safety
-/// As `sds_engine_submit`.
+/// As `sds_engine_submit_with_controls`, with `timestamp` already read.
 unsafe fn submit(
     function: &str,
     engine: *mut SdsEngine,
     frame: *const SdsFrame,
+    controls: *const SdsControlImage,
+    count: usize,
     timestamp: Option<i64>,
     id_out: *mut u64,
 ) -> SdsStatus {
@@ -430,12 +502,17 @@ unsafe fn submit(
         // SAFETY: by the caller's contract.
         let frame = unsafe { frame.as_ref() }.ok_or_else(|| Failure::null(function, "frame"))?;
         // SAFETY: by the caller's contract.
-        let frame = unsafe { frame.as_frame(function)? };
-        let id = match timestamp {
-            Some(t) => h.engine.submit_with_timestamp(&frame, t),
-            None => h.engine.submit(&frame),
-        }
-        .map_err(|e| h.core_error(function, e))?;
+        let (frame, controls) = unsafe {
+            (
+                frame.as_frame(function)?,
+                control_images(function, controls, count)?,
+            )
+        };
+        let controls: Vec<(&str, &Frame)> = controls.iter().map(|(id, c)| (*id, c)).collect();
+        let id = h
+            .engine
+            .submit_with_controls(&frame, &controls, timestamp)
+            .map_err(|e| h.core_error(function, e))?;
         // SAFETY: NULL or writable by the caller's contract.
         unsafe { write_opt(id_out, id) };
         Ok(())
@@ -458,7 +535,17 @@ pub unsafe extern "C" fn sds_engine_submit(
     id_out: *mut u64,
 ) -> SdsStatus {
     // SAFETY: forwarded.
-    unsafe { submit("sds_engine_submit", engine, frame, None, id_out) }
+    unsafe {
+        submit(
+            "sds_engine_submit",
+            engine,
+            frame,
+            std::ptr::null(),
+            0,
+            None,
+            id_out,
+        )
+    }
 }
 
 /// `sds_engine_submit` with the host's timestamp (any unit), returned with the output.
@@ -478,7 +565,50 @@ pub unsafe extern "C" fn sds_engine_submit_with_timestamp(
             "sds_engine_submit_with_timestamp",
             engine,
             frame,
+            std::ptr::null(),
+            0,
             Some(timestamp),
+            id_out,
+        )
+    }
+}
+
+/// `sds_engine_submit` with control images for ControlNets whose `preprocessor` is
+/// `"external"`, and optionally the host's timestamp. `controls` points to `count` images
+/// (NULL with `count` 0 for none), each naming its ControlNet by `model_id`; a net uses the
+/// most recent image given for it (with this frame or an earlier one), and before the first
+/// one it contributes nothing. `timestamp` (nullable) points to the host's timestamp (any
+/// unit, returned with the output); NULL uses the submission time, as `sds_engine_submit`.
+///
+/// Frame and control images are copied before the call returns (nothing is kept); cost: one
+/// copy of each. Every argument is checked before anything is queued: NULL `controls` with
+/// `count` > 0, a NULL or non-UTF-8 `controlnet_id` or an invalid control frame fail naming
+/// the entry (`controls[i]…`); an id naming no ControlNet of the current parameters fails
+/// with `SDS_ERR_INVALID_PARAMS` naming the id. Thread-safe, as `sds_engine_submit`.
+///
+/// # Safety
+/// As `sds_engine_submit`; `controls` NULL or `count` readable `SdsControlImage`s, each as the
+/// struct describes; `timestamp` NULL or readable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_submit_with_controls(
+    engine: *mut SdsEngine,
+    frame: *const SdsFrame,
+    controls: *const SdsControlImage,
+    count: usize,
+    timestamp: *const i64,
+    id_out: *mut u64,
+) -> SdsStatus {
+    // SAFETY: NULL or readable by the caller's contract.
+    let timestamp = unsafe { timestamp.as_ref() }.copied();
+    // SAFETY: forwarded.
+    unsafe {
+        submit(
+            "sds_engine_submit_with_controls",
+            engine,
+            frame,
+            controls,
+            count,
+            timestamp,
             id_out,
         )
     }

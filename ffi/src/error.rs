@@ -42,8 +42,7 @@ pub enum SdsStatus {
     /// The pipeline is still loading (`sds_engine_wait_ready` timed out).
     SDS_ERR_NOT_READY = 9,
     /// The engine cannot do this in its current state: it has no pipeline (its load failed or a
-    /// panic discarded it; `sds_engine_restart` or `sds_engine_update_params` builds one), or
-    /// the update needs something not supported yet (a ControlNet swap).
+    /// panic discarded it; `sds_engine_restart` or `sds_engine_update_params` builds one).
     SDS_ERR_STATE = 10,
     /// The caller's output buffer is too small or its stride shorter than a row; the `SdsOutput`
     /// says the size needed. An output already made is kept: the next poll or recv returns it.

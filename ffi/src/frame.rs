@@ -1,6 +1,8 @@
 //! Frames in and outputs out: the C structs and their conversion to and from core's types.
 //! Only what is needed to form safe slices is checked here; the rules are core's.
 
+use std::ffi::{CStr, c_char};
+
 use sdstream_core::{Frame, Image, Output, PixelFormat};
 
 use crate::error::{Failure, SdsStatus};
@@ -71,10 +73,39 @@ impl SdsFrame {
     /// # Safety
     /// `self.data` must satisfy the struct's contract.
     pub(crate) unsafe fn as_frame(&self, function: &str) -> Result<Frame<'_>, Failure> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.as_named_frame(function, None) }
+    }
+
+    /// [`as_frame`](Self::as_frame) for a frame that is not the call's `frame` argument:
+    /// `name` is how the caller spells it (`controls[2].frame`), and messages say which.
+    ///
+    /// # Safety
+    /// `self.data` must satisfy the struct's contract.
+    pub(crate) unsafe fn as_named_frame(
+        &self,
+        function: &str,
+        name: Option<&str>,
+    ) -> Result<Frame<'_>, Failure> {
+        let context = |failure: Failure| match name {
+            Some(name) => Failure {
+                message: failure.message.replacen(
+                    &format!("{function}: "),
+                    &format!("{function}: {name}: "),
+                    1,
+                ),
+                ..failure
+            },
+            None => failure,
+        };
         if self.data.is_null() {
-            return Err(Failure::null(function, "frame->data"));
+            let field = match name {
+                Some(name) => format!("{name}.data"),
+                None => "frame->data".to_string(),
+            };
+            return Err(Failure::null(function, &field));
         }
-        let format = pixel_format(function, self.format)?;
+        let format = pixel_format(function, self.format).map_err(context)?;
         let (width, height) = (self.width as usize, self.height as usize);
         let row = width.saturating_mul(format.bytes_per_pixel());
         let stride = if self.stride == 0 {
@@ -92,20 +123,89 @@ impl SdsFrame {
                 .and_then(|n| n.checked_add(row))
                 .filter(|&n| n <= isize::MAX as usize)
                 .ok_or_else(|| {
-                    Failure::new(
+                    context(Failure::new(
                         SdsStatus::SDS_ERR_INVALID_FRAME,
                         format!(
                             "{function}: a {width}x{height} frame with stride {stride} does not \
                              fit in memory"
                         ),
-                    )
+                    ))
                 })?
         };
         // SAFETY: the caller promises `len` readable bytes at `data` for the call's duration.
         let data = unsafe { std::slice::from_raw_parts(self.data, len) };
         Frame::new(data, width, height, stride, format)
-            .map_err(|e| Failure::from_core(function, e, false))
+            .map_err(|e| context(Failure::from_core(function, e, false)))
     }
+}
+
+/// A control image for one ControlNet whose `preprocessor` is `"external"`: the host makes the
+/// control image (a depth map, a pose drawing …) and hands it over with a frame. Read only
+/// during the call that receives it (never kept: the engine copies it).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct SdsControlImage {
+    /// The ControlNet's `model_id`, exactly as in the parameters (NUL-terminated UTF-8).
+    pub controlnet_id: *const c_char,
+    /// The image: any size and pixel format (resized to the stream's width × height like a
+    /// frame), described as for frames.
+    pub frame: SdsFrame,
+}
+
+/// Borrows the caller's `count` control images as `(ControlNet id, frame)` pairs. NULL
+/// `controls` is fine with `count` 0. The ids are checked against the parameters by core.
+///
+/// # Safety
+/// `controls` must be NULL or point to `count` readable `SdsControlImage`s, each as the struct
+/// describes, for the call's duration.
+pub(crate) unsafe fn control_images<'a>(
+    function: &str,
+    controls: *const SdsControlImage,
+    count: usize,
+) -> Result<Vec<(&'a str, Frame<'a>)>, Failure> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if controls.is_null() {
+        return Err(Failure::new(
+            SdsStatus::SDS_ERR_NULL,
+            format!("{function}: `controls` is NULL but `count` is {count}"),
+        ));
+    }
+    if count > isize::MAX as usize / std::mem::size_of::<SdsControlImage>() {
+        return Err(Failure::new(
+            SdsStatus::SDS_ERR_INVALID_ARGUMENT,
+            format!("{function}: `count` {count} is not a number of control images"),
+        ));
+    }
+    // SAFETY: non-NULL, `count` readable elements by the caller's contract (size checked).
+    let controls: &'a [SdsControlImage] = unsafe { std::slice::from_raw_parts(controls, count) };
+    controls
+        .iter()
+        .enumerate()
+        .map(|(i, control)| {
+            let id_name = format!("controls[{i}].controlnet_id");
+            if control.controlnet_id.is_null() {
+                return Err(Failure::null(function, &id_name));
+            }
+            // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+            let id = unsafe { CStr::from_ptr(control.controlnet_id) }
+                .to_str()
+                .map_err(|e| {
+                    Failure::new(
+                        SdsStatus::SDS_ERR_INVALID_ARGUMENT,
+                        format!("{function}: `{id_name}` is not valid UTF-8: {e}"),
+                    )
+                })?;
+            // SAFETY: the frame's description by the caller's contract.
+            let frame = unsafe {
+                control
+                    .frame
+                    .as_named_frame(function, Some(&format!("controls[{i}].frame")))?
+            };
+            Ok((id, frame))
+        })
+        .collect()
 }
 
 /// Where an output goes: the caller fills `data`, `capacity` and `stride`; the call fills the

@@ -14,7 +14,7 @@ pub use engine::{SdsEngine, SdsUpdateKind};
 pub use error::SdsStatus;
 pub use frame::{
     SDS_PIXEL_FORMAT_BGRA8, SDS_PIXEL_FORMAT_RGB8, SDS_PIXEL_FORMAT_RGBA8, SDS_PIXEL_FORMAT_RGBF32,
-    SdsFrame, SdsOutput, SdsPixelFormat,
+    SdsControlImage, SdsFrame, SdsOutput, SdsPixelFormat,
 };
 
 /// Major version of the library this header belongs to.

@@ -3,7 +3,9 @@
 //! (tests/fixtures/tiny-sd-turbo with TAESD tests/fixtures/tiny-taesd, 64×64):
 //!
 //! * `ffi/tests/c/api_test.c`: every function, NULL and invalid arguments, wrong frame and
-//!   buffer sizes, invalid JSON, unknown fields, use after a failed reload;
+//!   buffer sizes, invalid JSON, unknown fields, use after a failed reload, control images for
+//!   an `external` ControlNet (its outputs must equal, byte for byte, what
+//!   [`StreamDiffusion::process_with_controls`] gives for the same calls);
 //! * `examples/c/host.c`: its outputs must equal, byte for byte, what the Rust pipeline
 //!   ([`StreamDiffusion::process`]) gives for the same frames with the same prompt change, and
 //!   the PNGs the `img2img` example writes for the frames before the change;
@@ -222,9 +224,75 @@ fn c_api_test_passes() {
     );
     write_ppm_frames(&dir.join("frames"));
     let (model, vae) = model_args();
-    let out = run(&exe, &[&model, &vae, &dir.join("frames/000.ppm")]);
+    let net = fixture("tiny-controlnet-a");
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(&out_dir).expect("out dir");
+    let out = run(
+        &exe,
+        &[
+            &model,
+            &vae,
+            &dir.join("frames/000.ppm"),
+            &net,
+            &dir.join("frames/007.ppm"),
+            &out_dir,
+        ],
+    );
     assert!(out.contains(", 0 failed"), "{out}");
     println!("{out}");
+    c_control_outputs_equal_the_rust_pipeline(&model, &vae, &net, &out_dir);
+}
+
+/// The outputs api_test.c's `test_controls` wrote (frame 000 three times: without a control
+/// image, with the 48x40 top-left window of frame 007 as the `external` net's image, then with
+/// none, the net keeping it) equal `StreamDiffusion::process_with_controls` on the same calls.
+fn c_control_outputs_equal_the_rust_pipeline(model: &Path, vae: &Path, net: &Path, dir: &Path) {
+    let settings = EngineSettings::from_json(&format!(
+        "{{\"vae\": \"{}\", \"allow_any_resolution\": true}}",
+        vae.display()
+    ))
+    .expect("settings");
+    let id = net.display().to_string();
+    let params = StreamDiffusionParams::from_json_with(
+        &format!(
+            "{{\"model_id\": \"{}\", \"prompt\": \"a watercolor of a lighthouse\", \"width\": 64, \
+             \"height\": 64, \"controlnets\": [{{\"model_id\": \"{id}\", \"preprocessor\": \
+             \"external\"}}]}}",
+            model.display()
+        ),
+        &settings,
+    )
+    .expect("params");
+    let mut stream = StreamDiffusion::new(params, settings).expect("load");
+    let frames = frames();
+    let (w, h, rgb) = &frames[0];
+    let frame = Frame::packed(rgb, *w as usize, *h as usize, PixelFormat::Rgb8).expect("frame");
+    let control_rgb = &frames[7].2;
+    let control = Frame::new(
+        &control_rgb[..64 * 3 * 39 + 48 * 3],
+        48,
+        40,
+        64 * 3,
+        PixelFormat::Rgb8,
+    )
+    .expect("control window");
+    let calls: [&[(&str, &Frame)]; 3] = [&[], &[(id.as_str(), &control)], &[]];
+    for (i, controls) in calls.iter().enumerate() {
+        let expected = stream
+            .process_with_controls(&frame, controls)
+            .expect("process_with_controls");
+        let path = dir.join(format!("control_{i}.ppm"));
+        let written = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(written.len(), ppm(64, 64, &expected.data).len(), "{path:?}");
+        let c_pixels = &written[written.len() - expected.data.len()..];
+        let differing = c_pixels
+            .iter()
+            .zip(&expected.data)
+            .filter(|(a, b)| a != b)
+            .count();
+        println!("api_test control output {i} vs process_with_controls: {differing} bytes differ");
+        assert_eq!(differing, 0, "{}", path.display());
+    }
 }
 
 /// The params JSON host.c sends (same text, so the same parameters).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
@@ -11,6 +12,7 @@ from . import _sdstream
 from ._models import StreamDiffusionParams, _to_json
 
 ParamsLike = Union[StreamDiffusionParams, Mapping[str, Any], str]
+ControlsLike = Mapping[Union[str, "os.PathLike[str]"], Any]
 
 
 def _settings_body(settings: Mapping[str, Any]) -> str:
@@ -57,6 +59,19 @@ def as_frame(frame: Any) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
+def _controls(controls: Optional[ControlsLike]) -> Optional[Dict[str, np.ndarray]]:
+    """Control images for `external` ControlNets as the native code takes them: a dict
+    {ControlNet model_id: frame}, each frame converted as `as_frame` does; path-like ids become
+    text (a ControlNet's model_id may be a folder)."""
+    if controls is None:
+        return None
+    if not isinstance(controls, Mapping):
+        raise TypeError(
+            f"controls must be a dict {{ControlNet model_id: frame}}, got {type(controls).__name__}"
+        )
+    return {(k if isinstance(k, str) else os.fspath(k)): as_frame(v) for k, v in controls.items()}
+
+
 class StreamDiffusion:
     """A StreamDiffusion stream: ``out = stream(frame)``.
 
@@ -73,11 +88,17 @@ class StreamDiffusion:
         body = _params_body(params, model, self._settings)
         self._native = _sdstream._StreamDiffusion(body, self._settings)
 
-    def __call__(self, frame: Any) -> np.ndarray:
+    def __call__(self, frame: Any, controls: Optional[ControlsLike] = None) -> np.ndarray:
         """Processes one frame (HxWx3 / HxWx4 uint8, HxWx3 float32 in [0, 1], or a PIL image)
         and returns the output at the stream's size: uint8 with the input's channel count
-        (alpha 255), or float32 HxWx3 in [0, 1]."""
-        return self._native.process(as_frame(frame))
+        (alpha 255), or float32 HxWx3 in [0, 1].
+
+        `controls` gives control images to ControlNets whose preprocessor is "external":
+        ``{controlnet model_id: image}``, images as frames (any size: resized like them). A net
+        uses the most recent image given for it; before the first one it contributes nothing.
+        An id naming no configured ControlNet raises `ValidationError` naming it, and then
+        nothing changes."""
+        return self._native.process(as_frame(frame), _controls(controls))
 
     process = __call__
 
@@ -163,9 +184,13 @@ class Engine:
         """Waits until the pipeline serves; raises the load error if it failed."""
         self._native.wait_ready(timeout)
 
-    def submit(self, frame: Any, timestamp: Optional[int] = None) -> int:
-        """Queues a copy of `frame` and returns its id; never waits for inference."""
-        return self._native.submit(as_frame(frame), timestamp)
+    def submit(self, frame: Any, timestamp: Optional[int] = None,
+               controls: Optional[ControlsLike] = None) -> int:
+        """Queues a copy of `frame` and returns its id; never waits for inference. `timestamp`
+        (any unit) comes back with the output; `controls` gives control images to "external"
+        ControlNets as in `StreamDiffusion.__call__` (copied too). An id naming no configured
+        ControlNet raises `ValidationError` naming it, and nothing is queued."""
+        return self._native.submit(as_frame(frame), timestamp, _controls(controls))
 
     def poll(self) -> Optional[Output]:
         """The oldest output not yet collected, or None; never waits."""

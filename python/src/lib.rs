@@ -11,8 +11,9 @@ use std::time::Duration;
 use numpy::ndarray::Array3;
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use sdstream::params::{ControlNetConfig, IPAdapterConfig};
 use sdstream::{
@@ -131,14 +132,19 @@ enum FrameArray<'py> {
 
 impl<'py> FrameArray<'py> {
     fn extract(array: &Bound<'py, PyAny>) -> PyResult<Self> {
+        Self::extract_named(array, "frame")
+    }
+
+    /// [`extract`](Self::extract) with messages naming the array `what` (a control image).
+    fn extract_named(array: &Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
         let frame = if let Ok(a) = array.extract::<PyReadonlyArrayDyn<'py, u8>>() {
             FrameArray::U8(a)
         } else if let Ok(a) = array.extract::<PyReadonlyArrayDyn<'py, f32>>() {
             FrameArray::F32(a)
         } else {
-            return Err(PyValueError::new_err(
-                "invalid frame: expected a numpy array of dtype uint8 or float32",
-            ));
+            return Err(PyValueError::new_err(format!(
+                "invalid {what}: expected a numpy array of dtype uint8 or float32"
+            )));
         };
         let shape = frame.shape();
         let channels_ok = matches!(
@@ -151,7 +157,7 @@ impl<'py> FrameArray<'py> {
                 FrameArray::F32(_) => "HxWx3",
             };
             return Err(PyValueError::new_err(format!(
-                "invalid frame: expected a {expected} array, got shape {shape:?}"
+                "invalid {what}: expected a {expected} array, got shape {shape:?}"
             )));
         }
         Ok(frame)
@@ -194,6 +200,40 @@ impl<'py> FrameArray<'py> {
         };
         Frame::packed(self.bytes()?, width, height, format).map_err(py_err)
     }
+}
+
+/// Control images for `external` ControlNets, `{controlnet model_id: frame array}`, borrowed
+/// from Python (arrays as for frames; the Python wrapper converts PIL images). The ids are
+/// checked against the parameters by core.
+fn control_arrays<'py>(
+    controls: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Vec<(String, FrameArray<'py>)>> {
+    let Some(controls) = controls else {
+        return Ok(Vec::new());
+    };
+    controls
+        .iter()
+        .map(|(key, value)| {
+            let id: String = key.extract().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "controls: keys are ControlNet model_id strings, got {}",
+                    key.get_type()
+                ))
+            })?;
+            let array = FrameArray::extract_named(&value, &format!("control image for {id:?}"))?;
+            Ok((id, array))
+        })
+        .collect()
+}
+
+/// The borrowed control images as core frames, `(id, frame)`.
+fn control_frames<'a>(
+    arrays: &'a [(String, FrameArray<'_>)],
+) -> PyResult<Vec<(&'a str, Frame<'a>)>> {
+    arrays
+        .iter()
+        .map(|(id, array)| Ok((id.as_str(), array.frame()?)))
+        .collect()
 }
 
 /// An output image as an HxWxC numpy array: u8 formats are moved in without a copy; RgbF32
@@ -265,12 +305,27 @@ impl PyStreamDiffusion {
         })
     }
 
-    /// Processes one frame (see `FrameArray`); returns the output array.
-    fn process(&self, py: Python<'_>, frame: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    /// Processes one frame (see `FrameArray`) with optional control images for `external`
+    /// ControlNets (`{model_id: array}`, see `control_arrays`); returns the output array.
+    #[pyo3(signature = (frame, controls=None))]
+    fn process(
+        &self,
+        py: Python<'_>,
+        frame: &Bound<'_, PyAny>,
+        controls: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
         let array = FrameArray::extract(frame)?;
         let frame = array.frame()?;
-        let image =
-            py.detach(|| self.with_stream(|stream| stream.process(&frame).map_err(py_err)))?;
+        let control_arrays = control_arrays(controls)?;
+        let controls = control_frames(&control_arrays)?;
+        let controls: Vec<(&str, &Frame)> = controls.iter().map(|(id, c)| (*id, c)).collect();
+        let image = py.detach(|| {
+            self.with_stream(|stream| {
+                stream
+                    .process_with_controls(&frame, &controls)
+                    .map_err(py_err)
+            })
+        })?;
         *lock(&self.frames_processed) += 1;
         image_to_py(py, image)
     }
@@ -387,19 +442,24 @@ impl PyEngine {
             .map_err(py_err)
     }
 
-    /// Queues a copy of the frame; returns its id.
-    #[pyo3(signature = (frame, timestamp=None))]
+    /// Queues a copy of the frame, and of the control images for `external` ControlNets
+    /// (`{model_id: array}`, see `control_arrays`); returns its id.
+    #[pyo3(signature = (frame, timestamp=None, controls=None))]
     fn submit(
         &self,
         py: Python<'_>,
         frame: &Bound<'_, PyAny>,
         timestamp: Option<i64>,
+        controls: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<u64> {
         let array = FrameArray::extract(frame)?;
         let frame = array.frame()?;
-        py.detach(|| match timestamp {
-            Some(t) => self.engine.submit_with_timestamp(&frame, t),
-            None => self.engine.submit(&frame),
+        let control_arrays = control_arrays(controls)?;
+        let controls = control_frames(&control_arrays)?;
+        let controls: Vec<(&str, &Frame)> = controls.iter().map(|(id, c)| (*id, c)).collect();
+        py.detach(|| {
+            self.engine
+                .submit_with_controls(&frame, &controls, timestamp)
         })
         .map_err(py_err)
     }

@@ -1,7 +1,13 @@
 /* Exercises every function of include/sdstream.h from C, including NULL and invalid arguments,
- * wrong frame and buffer sizes, invalid JSON, unknown fields, and use after a failed reload.
+ * wrong frame and buffer sizes, invalid JSON, unknown fields, use after a failed reload, and
+ * control images for an `external` ControlNet.
  *
- *   api_test MODEL_DIR VAE_DIR FRAME.ppm
+ *   api_test MODEL_DIR VAE_DIR FRAME.ppm CONTROLNET_DIR CONTROL.ppm OUT_DIR
+ *
+ * FRAME.ppm is a 64x64 frame; the control image is the top-left 48x40 window of the 64x64
+ * CONTROL.ppm (passed with a row stride, so it is resized like a frame). OUT_DIR receives
+ * control_0.ppm to control_2.ppm, the outputs of test_controls' engine, which ffi/tests/c_api.rs
+ * compares with the Rust pipeline.
  *
  * Prints one line per failed check and a summary; exit status 0 when every check passed. Run
  * by ffi/tests/c_api.rs (under AddressSanitizer). */
@@ -53,7 +59,7 @@ static void report_message(const char *file, int line, const char *call, const c
     } while (0)
 
 static char params[4096], params_other_prompt[4096], params_bad_model[4096],
-    params_missing_model[4096], settings[4096];
+    params_missing_model[4096], params_external_net[4096], settings[4096];
 
 static void sleep_ms(long ms) {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
@@ -142,6 +148,10 @@ static void test_null_handles(void) {
     EXPECT(sds_engine_process(NULL, &frame, &out), SDS_ERR_NULL, "sds_engine_process");
     EXPECT(sds_engine_submit(NULL, &frame, NULL), SDS_ERR_NULL, "`engine`");
     EXPECT(sds_engine_submit_with_timestamp(NULL, &frame, 1, NULL), SDS_ERR_NULL, "`engine`");
+    EXPECT(sds_engine_submit_with_controls(NULL, &frame, NULL, 0, NULL, NULL), SDS_ERR_NULL,
+           "`engine`");
+    EXPECT(sds_engine_process_with_controls(NULL, &frame, NULL, 0, &out), SDS_ERR_NULL,
+           "`engine`");
     EXPECT(sds_engine_poll(NULL, &out), SDS_ERR_NULL, "sds_engine_poll");
     EXPECT(sds_engine_recv(NULL, &out, 0), SDS_ERR_NULL, "`engine`");
     EXPECT(sds_engine_flush(NULL, NULL), SDS_ERR_NULL, "`engine`");
@@ -383,16 +393,131 @@ static void test_async_failed_load(void) {
     EXPECT(sds_engine_destroy(engine), SDS_OK, NULL);
 }
 
+/* Whether two 64x64 RGB8 outputs differ anywhere. */
+static int outputs_differ(const uint8_t *a, const uint8_t *b) {
+    return memcmp(a, b, 64 * 64 * 3) != 0;
+}
+
+/* An `external` ControlNet fed through submit_with_controls / process_with_controls: argument
+ * checks, unknown ids, and outputs that differ from a twin engine given no control images. */
+static void test_controls(const uint8_t *rgb, const char *net_id, const uint8_t *control_rgb,
+                          const char *out_dir) {
+    const char *options = "{\"warmup\": false, \"drop_policy\": \"lossless\"}";
+    SdsEngine *engine = NULL, *twin = NULL;
+    EXPECT(sds_engine_create(params_external_net, settings, options, &engine), SDS_OK, NULL);
+    EXPECT(sds_engine_create(params_external_net, settings, options, &twin), SDS_OK, NULL);
+    if (!engine || !twin) {
+        sds_engine_destroy(engine);
+        sds_engine_destroy(twin);
+        return;
+    }
+    enum { SIZE = 64 * 64 * 3 };
+    uint8_t *with = (uint8_t *)malloc(3 * SIZE), *without = (uint8_t *)malloc(3 * SIZE);
+    SdsFrame frame = {rgb, 64, 64, 0, SDS_PIXEL_FORMAT_RGB8};
+    /* the top-left 48x40 window of the control picture: another size, rows 64 pixels apart */
+    SdsFrame control_frame = {control_rgb, 48, 40, 64 * 3, SDS_PIXEL_FORMAT_RGB8};
+    SdsControlImage control = {net_id, control_frame};
+    SdsOutput out = output_to(with, SIZE, 0);
+
+    /* argument checks: each fails before anything is queued */
+    uint64_t id = 999;
+    EXPECT(sds_engine_submit_with_controls(engine, NULL, &control, 1, NULL, &id), SDS_ERR_NULL,
+           "`frame`");
+    EXPECT(sds_engine_submit_with_controls(engine, &frame, NULL, 1, NULL, &id), SDS_ERR_NULL,
+           "`controls` is NULL but `count` is 1");
+    SdsControlImage two[2] = {control, {NULL, control_frame}};
+    EXPECT(sds_engine_submit_with_controls(engine, &frame, two, 2, NULL, &id), SDS_ERR_NULL,
+           "`controls[1].controlnet_id` is NULL");
+    SdsControlImage bad = {"\xff\xfe", control_frame};
+    EXPECT(sds_engine_submit_with_controls(engine, &frame, &bad, 1, NULL, &id),
+           SDS_ERR_INVALID_ARGUMENT, "`controls[0].controlnet_id` is not valid UTF-8");
+    bad = control;
+    bad.frame.data = NULL;
+    EXPECT(sds_engine_submit_with_controls(engine, &frame, &bad, 1, NULL, &id), SDS_ERR_NULL,
+           "`controls[0].frame.data` is NULL");
+    bad = control;
+    bad.frame.width = 0;
+    EXPECT(sds_engine_submit_with_controls(engine, &frame, &bad, 1, NULL, &id),
+           SDS_ERR_INVALID_FRAME, "controls[0].frame: ");
+    bad = control;
+    bad.frame.stride = 10;
+    EXPECT(sds_engine_process_with_controls(engine, &frame, &bad, 1, &out),
+           SDS_ERR_INVALID_FRAME, "controls[0].frame: ");
+    bad = control;
+    bad.frame.format = 9;
+    EXPECT(sds_engine_submit_with_controls(engine, &frame, &bad, 1, NULL, &id),
+           SDS_ERR_INVALID_ARGUMENT, "pixel format 9");
+    SdsControlImage unknown = {"no/such-net", control_frame};
+    EXPECT(sds_engine_submit_with_controls(engine, &frame, &unknown, 1, NULL, &id),
+           SDS_ERR_INVALID_PARAMS, "\"no/such-net\"");
+    CHECK(strstr(sds_engine_last_error(engine), "sds_engine_submit_with_controls") != NULL);
+    EXPECT(sds_engine_process_with_controls(engine, &frame, &unknown, 1, &out),
+           SDS_ERR_INVALID_PARAMS, "\"no/such-net\"");
+    SdsOutput small = output_to(with, SIZE - 1, 0);
+    EXPECT(sds_engine_process_with_controls(engine, &frame, &control, 1, &small),
+           SDS_ERR_BUFFER_TOO_SMALL, "12288");
+    EXPECT(sds_engine_process_with_controls(engine, NULL, &control, 1, &out), SDS_ERR_NULL,
+           "`frame`");
+    EXPECT(sds_engine_process_with_controls(engine, &frame, &control, 1, NULL), SDS_ERR_NULL,
+           "`out`");
+    CHECK(id == 999);
+    CHECK(status_has(engine, "\"frames_submitted\":0,"));
+
+    /* Frame 0 with no control image yet (NULL controls, count 0): the net contributes
+     * nothing. Frame 1 with the control image, through process. Frame 2 through submit with
+     * a timestamp and no new image: the net keeps using the last one. The twin gets none. */
+    EXPECT(sds_engine_process_with_controls(engine, &frame, NULL, 0, &out), SDS_OK, NULL);
+    CHECK(out.frame_id == 0);
+    out = output_to(with + SIZE, SIZE, 0);
+    EXPECT(sds_engine_process_with_controls(engine, &frame, &control, 1, &out), SDS_OK, NULL);
+    CHECK(out.frame_id == 1);
+    int64_t timestamp = 4242;
+    EXPECT(sds_engine_submit_with_controls(engine, &frame, NULL, 0, &timestamp, &id), SDS_OK,
+           NULL);
+    CHECK(id == 2);
+    out = output_to(with + 2 * SIZE, SIZE, 0);
+    EXPECT(sds_engine_recv(engine, &out, 60000), SDS_OK, NULL);
+    CHECK(out.frame_id == 2 && out.timestamp == 4242);
+    for (int i = 0; i < 3; i++) {
+        SdsOutput o = output_to(without + i * SIZE, SIZE, 0);
+        EXPECT(sds_engine_process(twin, &frame, &o), SDS_OK, NULL);
+    }
+    CHECK(!outputs_differ(with, without));
+    CHECK(outputs_differ(with + SIZE, without + SIZE));
+    CHECK(outputs_differ(with + 2 * SIZE, without + 2 * SIZE));
+
+    /* the engine keeps working after the refused calls and serves plain submits */
+    EXPECT(sds_engine_submit(engine, &frame, &id), SDS_OK, NULL);
+    out = output_to(without, SIZE, 0);
+    EXPECT(sds_engine_recv(engine, &out, 60000), SDS_OK, NULL);
+    CHECK(out.frame_id == id && id == 3);
+    CHECK(status_has(engine, "\"frames_failed\":0,"));
+
+    for (int i = 0; i < 3; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/control_%d.ppm", out_dir, i);
+        CHECK(ppm_write(path, with + i * SIZE, 64, 64, 64 * 3) == 0);
+    }
+    EXPECT(sds_engine_destroy(engine), SDS_OK, NULL);
+    EXPECT(sds_engine_destroy(twin), SDS_OK, NULL);
+    free(with);
+    free(without);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: api_test MODEL_DIR VAE_DIR FRAME.ppm\n");
+    if (argc != 7) {
+        fprintf(stderr,
+                "usage: api_test MODEL_DIR VAE_DIR FRAME.ppm CONTROLNET_DIR CONTROL.ppm OUT_DIR\n");
         return 2;
     }
-    const char *model = argv[1], *vae = argv[2];
-    uint32_t w = 0, h = 0;
+    const char *model = argv[1], *vae = argv[2], *net = argv[4], *out_dir = argv[6];
+    uint32_t w = 0, h = 0, cw = 0, ch = 0;
     uint8_t *rgb = ppm_read(argv[3], &w, &h);
-    if (!rgb || w != 64 || h != 64) {
-        fprintf(stderr, "api_test: %s is not a 64x64 PPM\n", argv[3]);
+    uint8_t *control_rgb = ppm_read(argv[5], &cw, &ch);
+    if (!rgb || w != 64 || h != 64 || !control_rgb || cw != 64 || ch != 64) {
+        fprintf(stderr, "api_test: %s or %s is not a 64x64 PPM\n", argv[3], argv[5]);
+        free(rgb);
+        free(control_rgb);
         return 2;
     }
     const char *fmt = "{\"model_id\": \"%s\", \"prompt\": \"%s\", \"width\": 64, \"height\": 64}";
@@ -402,6 +527,11 @@ int main(int argc, char **argv) {
              "/nonexistent/sdstream-model", "a watercolor of a lighthouse");
     /* The TAESD folder exists but holds no StreamDiffusion pipeline. */
     snprintf(params_bad_model, sizeof params_bad_model, fmt, vae, "a watercolor of a lighthouse");
+    snprintf(params_external_net, sizeof params_external_net,
+             "{\"model_id\": \"%s\", \"prompt\": \"a watercolor of a lighthouse\", "
+             "\"width\": 64, \"height\": 64, \"controlnets\": [{\"model_id\": \"%s\", "
+             "\"preprocessor\": \"external\"}]}",
+             model, net);
     snprintf(settings, sizeof settings, "{\"vae\": \"%s\", \"allow_any_resolution\": true}", vae);
 
     test_version();
@@ -410,7 +540,9 @@ int main(int argc, char **argv) {
     test_engine(rgb);
     test_queue_full(rgb);
     test_async_failed_load();
+    test_controls(rgb, net, control_rgb, out_dir);
     free(rgb);
+    free(control_rgb);
     printf("api_test: %d checks, %d failed\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }
