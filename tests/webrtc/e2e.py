@@ -8,6 +8,11 @@ not ours.
    request that must still succeed.
 3. aiortc publishes a synthetic moving pattern over WHIP (H.264) and plays the stream over WHEP
    (H.264); the received frames are decoded by aiortc (PyAV / FFmpeg).
+   Keyframe requests both ways: the viewer sends a PLI after a dozen pictures without an IDR,
+   and the next WHEP picture (at most the third) must be an IDR that the server counts as made
+   on request; later one publisher RTP packet (and its NACK retransmissions) is dropped, and the
+   server must count a damaged picture and send a PLI, aiortc's sender must force its next
+   picture to an IDR, and frames must keep reaching the viewer.
 4. Mid-stream, PATCH changes the prompt: the answer must say "hot" and the status must show no
    reload; the frames received afterwards must match outputs made with the new parameters.
 5. Stops the server and runs `server replay`, which feeds the recorded decoded inputs to a fresh
@@ -37,6 +42,7 @@ from fractions import Fraction
 
 import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
+from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, RTCP_RTPFB_NACK, RtcpPsfbPacket, RtcpRtpfbPacket, is_rtcp
 from av import VideoFrame
 
 SIZE = 64
@@ -108,6 +114,113 @@ class Camera(VideoStreamTrack):
         return frame
 
 
+def nal_types(payload):
+    """The H.264 NAL unit types an RTP payload starts or carries (RFC 6184: single NAL unit,
+    STAP-A, the first fragment of an FU-A); 5 is an IDR slice."""
+    if not payload:
+        return set()
+    kind = payload[0] & 0x1F
+    if kind == 24:  # STAP-A: 16-bit size, NAL unit, ...
+        found, at = set(), 1
+        while at + 2 < len(payload):
+            size = int.from_bytes(payload[at:at + 2], "big")
+            found.add(payload[at + 2] & 0x1F)
+            at += 2 + size
+        return found
+    if kind == 28:  # FU-A: the header's type counts on the start fragment only
+        return {payload[1] & 0x1F} if len(payload) > 1 and payload[1] & 0x80 else set()
+    return {kind}
+
+
+class ViewerTap:
+    """Sees every RTP packet the WHEP viewer's receiver handles (aiortc 1.16:
+    RTCRtpReceiver._handle_rtp_packet) and notes each picture (one RTP timestamp) in arrival
+    order and whether it is an IDR."""
+
+    def __init__(self, receiver):
+        self.receiver = receiver
+        self.pictures = []  # [timestamp, idr]
+        self.media_ssrc = None
+        handle = receiver._handle_rtp_packet
+
+        async def tapped(packet, arrival_time_ms):
+            self.media_ssrc = packet.ssrc
+            if not self.pictures or self.pictures[-1][0] != packet.timestamp:
+                self.pictures.append([packet.timestamp, False])
+            if 5 in nal_types(packet.payload):
+                self.pictures[-1][1] = True
+            return await handle(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = tapped
+
+    def idrs(self, start=0):
+        return [i for i, (_, idr) in enumerate(self.pictures) if idr and i >= start]
+
+    async def send_pli(self):
+        # aiortc 1.16's own loss reporting path (RTCRtpReceiver._send_rtcp_pli).
+        await self.receiver._send_rtcp_pli(self.media_ssrc)
+
+
+class PublisherTap:
+    """On the WHIP publisher (aiortc 1.16): drops chosen outgoing video RTP packets (and their
+    NACK retransmissions, which reuse the sequence number: no RTX is negotiated with the server),
+    logs the keyframe requests and NACKs the RTCRtpSender receives, and every encoder call with
+    its force_keyframe flag and whether the output holds an IDR."""
+
+    def __init__(self, sender):
+        self.sender = sender
+        self.drop_next = False
+        self.dropped = set()  # sequence numbers
+        self.drops = 0  # packets dropped, retransmissions included
+        self.keyframe_requests = []  # monotonic times of PLI/FIR received
+        self.nacked = []  # sequence numbers NACKed
+        self.encodes = []  # (monotonic start, force_keyframe, idr)
+        transport = sender.transport
+        send_rtp = transport._send_rtp
+
+        async def send(data):
+            if not is_rtcp(data) and len(data) >= 12 and int.from_bytes(data[8:12], "big") == sender._ssrc:
+                seq = int.from_bytes(data[2:4], "big")
+                if self.drop_next and seq not in self.dropped:
+                    self.drop_next = False
+                    self.dropped.add(seq)
+                if seq in self.dropped:
+                    self.drops += 1
+                    return
+            return await send_rtp(data)
+
+        transport._send_rtp = send
+        handle_rtcp = sender._handle_rtcp_packet
+
+        async def rtcp(packet):
+            if isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+                self.keyframe_requests.append(time.monotonic())
+            if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+                self.nacked.extend(packet.lost)
+            return await handle_rtcp(packet)
+
+        sender._handle_rtcp_packet = rtcp
+        self.wrapped_encoder = None
+
+    def wrap_encoder(self):
+        """The sender makes its encoder on the first frame; wrap it once it exists."""
+        encoder = getattr(self.sender, "_RTCRtpSender__encoder", None)
+        if encoder is None or encoder is self.wrapped_encoder:
+            return encoder is not None
+        encode = encoder.encode
+
+        def tapped(frame, force_keyframe=False):
+            started = time.monotonic()
+            payloads, timestamp = encode(frame, force_keyframe)
+            idr = any(5 in nal_types(p) for p in payloads)
+            self.encodes.append((started, bool(force_keyframe), idr))
+            return payloads, timestamp
+
+        encoder.encode = tapped
+        self.wrapped_encoder = encoder
+        return True
+
+
 def h264_only(transceiver):
     codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/H264"]
     transceiver.setCodecPreferences(codecs)
@@ -169,6 +282,110 @@ def bad_inputs(base, stream):
         check(good(), f"  server still serves after: {name}")
 
 
+async def wait_for(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not condition():
+        await asyncio.sleep(0.01)
+    return bool(condition())
+
+
+async def transport_status(base, sid):
+    return (await asyncio.to_thread(api, base, "GET", f"/v1/streams/{sid}/status"))[1]["transport"]
+
+
+def grew(before, after, key):
+    return after[key] - before[key]
+
+
+async def viewer_keyframe_request(base, sid, tap, seconds, summary):
+    """Viewer -> server: a PLI from the WHEP viewer makes the next picture sent an IDR. The
+    encoder's own keyframes are 120 frames apart, so a quiet stretch before the PLI and an IDR
+    right after it (and the server's count of keyframes made on request) tell the two apart."""
+    quiet = 12  # pictures after the viewer's first IDR before the PLI goes out
+    ready = await wait_for(lambda: tap.idrs() and len(tap.pictures) - tap.idrs()[0] > quiet, seconds)
+    check(ready, f"the viewer got an IDR and {quiet} more pictures before the PLI")
+    if not ready:
+        return
+    first = tap.idrs()[0]
+    before = await transport_status(base, sid)
+    sent_at = len(tap.pictures)  # pictures [0, sent_at) arrived before the PLI
+    check(tap.idrs(first + 1) == [],
+          f"no IDR among the {sent_at - first - 1} pictures between the viewer's first IDR and its PLI")
+    await tap.send_pli()
+    got = await wait_for(lambda: tap.idrs(sent_at), 5)
+    after = await transport_status(base, sid)
+    check(got, "an IDR arrived after the viewer's PLI")
+    if not got:
+        return
+    nth = tap.idrs(sent_at)[0] - sent_at + 1
+    check(1 <= nth <= 3, f"the IDR is picture {nth} after the PLI (<= 3: only frames already in flight come first)")
+    check(grew(before, after, "keyframe_requests_received") == 1,
+          f"the server counted the viewer's keyframe request: +{grew(before, after, 'keyframe_requests_received')}")
+    check(grew(before, after, "keyframes_on_request") == 1,
+          f"the server made one keyframe on request: +{grew(before, after, 'keyframes_on_request')}")
+    summary["viewer_pli"] = {
+        "pictures_before_pli_since_first_idr": sent_at - first - 1,
+        "idr_is_nth_picture_after_pli": nth,
+        "keyframes_encoded_meanwhile": grew(before, after, "keyframes_encoded"),
+    }
+
+
+async def publisher_picture_loss(base, sid, tap, received, seconds, summary):
+    """Server -> publisher: one video RTP packet of the WHIP publisher is lost (and so is every
+    retransmission of it): the server must count a damaged picture and send a PLI, aiortc's
+    sender must get it and encode its next picture as an IDR, and the stream must go on."""
+    ready = await wait_for(lambda: tap.wrap_encoder() and len(tap.encodes) >= 5, seconds)
+    check(ready, "the publisher's encoder is running (and watched)")
+    if not ready:
+        return
+    before = await transport_status(base, sid)
+    requests_before, encodes_before = len(tap.keyframe_requests), len(tap.encodes)
+    dropped_at = time.monotonic()
+    tap.drop_next = True
+
+    def keyframe_sent():
+        if len(tap.keyframe_requests) == requests_before:
+            return False
+        return any(force for _, force, _ in tap.encodes[encodes_before:])
+
+    got = await wait_for(keyframe_sent, seconds)
+    check(tap.drops >= 1, f"one publisher packet was dropped (seq {sorted(tap.dropped)}, "
+                          f"and {tap.drops - 1} retransmission(s) of it so far)")
+    check(got, "the publisher got a keyframe request after the loss and encoded a forced keyframe")
+    if not got:
+        return
+    pli_at = tap.keyframe_requests[requests_before]
+    encodes = tap.encodes[encodes_before:]
+    first_after = next((i for i, (t, _, _) in enumerate(encodes) if t >= pli_at), len(encodes))
+    forced = next(i for i, (_, force, _) in enumerate(encodes) if force)
+    check(forced in (first_after - 1, first_after, first_after + 1),
+          f"the forced picture is the publisher's next one after the PLI (encode {forced - first_after:+d})")
+    check(encodes[forced][2], "the forced picture is an IDR")
+    check(not any(idr for _, _, idr in encodes[:forced]),
+          f"no IDR from the publisher between the loss and the forced one ({forced} pictures)")
+    # Recovery: the server decodes again and the viewer keeps getting frames.
+    received_at_keyframe = len(received)
+    recovered = await wait_for(lambda: len(received) >= received_at_keyframe + 10, seconds)
+    after = await transport_status(base, sid)
+    check(recovered, f"the viewer got {len(received) - received_at_keyframe} frames after the publisher's keyframe (>= 10)")
+    check(grew(before, after, "pictures_damaged") >= 1,
+          f"the server counted the damaged picture: +{grew(before, after, 'pictures_damaged')}")
+    check(grew(before, after, "plis_sent") >= 1, f"the server sent a PLI: +{grew(before, after, 'plis_sent')}")
+    check(grew(before, after, "frames_submitted") >= 10,
+          f"the server kept decoding the publisher: +{grew(before, after, 'frames_submitted')} pictures")
+    summary["publisher_loss"] = {
+        "dropped_sequence_numbers": sorted(tap.dropped),
+        "retransmissions_dropped": tap.drops - 1,
+        "nacks_received_for_it": sum(1 for q in tap.nacked if q in tap.dropped),
+        "pli_after_drop_ms": round((pli_at - dropped_at) * 1e3, 1),
+        "plis_received": len(tap.keyframe_requests) - requests_before,
+        "pictures_damaged": grew(before, after, "pictures_damaged"),
+        "decode_errors": grew(before, after, "decode_errors"),
+        "plis_sent": grew(before, after, "plis_sent"),
+        "forced_encode_after_pli": forced - first_after,
+    }
+
+
 async def stream_media(base, stream, seconds, summary):
     sid = stream["id"]
     received = []  # (monotonic time, HxWx3 array)
@@ -177,9 +394,11 @@ async def stream_media(base, stream, seconds, summary):
     camera = Camera()
     h264_only(publisher.addTransceiver(camera, direction="sendonly"))
     whip_session = await offer_to(publisher, stream["whip_url"])
+    publisher_tap = PublisherTap(publisher.getTransceivers()[0].sender)
 
     viewer = RTCPeerConnection()
     h264_only(viewer.addTransceiver("video", direction="recvonly"))
+    viewer_tap = ViewerTap(viewer.getTransceivers()[0].receiver)
     done = asyncio.Event()
 
     @viewer.on("track")
@@ -196,7 +415,8 @@ async def stream_media(base, stream, seconds, summary):
 
     whep_session = await offer_to(viewer, stream["whep_url"])
 
-    # Phase A: prompt A.
+    # Phase A: prompt A; the viewer asks for a keyframe on the way.
+    await viewer_keyframe_request(base, sid, viewer_tap, seconds, summary)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and len(received) < 40:
         await asyncio.sleep(0.2)
@@ -221,6 +441,8 @@ async def stream_media(base, stream, seconds, summary):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and len(received) < n_before + 40:
         await asyncio.sleep(0.2)
+    # Phase C: a publisher packet is lost.
+    await publisher_picture_loss(base, sid, publisher_tap, received, seconds, summary)
     final_status = (await asyncio.to_thread(api, base, "GET", f"/v1/streams/{sid}/status"))[1]
     check(final_status["serving_params_version"] == final_status["params_version"],
           "the serving pipeline runs the PATCHed params (no reload pending)")

@@ -143,6 +143,9 @@ pub struct TransportStats {
     pub frames_encoded: u64,
     /// Of those, keyframes.
     pub keyframes_encoded: u64,
+    /// Of those, keyframes made because one was asked for (a viewer joined, sent a PLI/FIR or
+    /// missed frames) rather than by the encoder's periodic schedule.
+    pub keyframes_on_request: u64,
     /// Frames written to viewers' tracks (summed over viewers).
     pub frames_sent: u64,
     /// Frames a viewer's queue had no room for.
@@ -704,7 +707,8 @@ fn run_pump(shared: &Shared) {
         if queues.is_empty() {
             continue;
         }
-        if shared.keyframe_wanted.swap(false, Ordering::AcqRel) {
+        let requested = shared.keyframe_wanted.swap(false, Ordering::AcqRel);
+        if requested {
             encoder.request_keyframe();
         }
         let image = &output.image;
@@ -725,6 +729,7 @@ fn run_pump(shared: &Shared) {
             s.encode.record(started.elapsed());
             s.counters.frames_encoded += 1;
             s.counters.keyframes_encoded += u64::from(encoded.keyframe);
+            s.counters.keyframes_on_request += u64::from(encoded.keyframe && requested);
         }
         let frame = Arc::new(EncodedFrame {
             seq: shared.next_seq.fetch_add(1, Ordering::Relaxed),
