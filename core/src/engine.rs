@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::frame::{Frame, Image, PixelFormat};
 use crate::params::{EngineSettings, HotChange, StreamDiffusionParams, Update, classify};
-use crate::pipeline::stream_diffusion::{StageTimings, check_supported};
+use crate::pipeline::stream_diffusion::{StageTimings, check_control_ids, check_supported};
 use crate::{Error, Result};
 
 use pipeline::{Pipeline, PipelineFactory, StreamDiffusionFactory, warmup_passes};
@@ -700,23 +700,7 @@ impl Engine {
             if !s.has_future() {
                 return Err(s.no_pipeline_error());
             }
-            if let Some((id, _)) = controls
-                .iter()
-                .find(|(id, _)| !s.target.controlnets.iter().any(|c| &c.model_id == id))
-            {
-                return Err(Error::param(
-                    "controls",
-                    format!(
-                        "control image given for {id:?}, which is not a configured ControlNet \
-                         (configured: {:?})",
-                        s.target
-                            .controlnets
-                            .iter()
-                            .map(|c| c.model_id.as_str())
-                            .collect::<Vec<_>>()
-                    ),
-                ));
-            }
+            check_control_ids(&s.target, controls.iter().map(|(id, _)| id.as_str()))?;
             if s.queue.len() < capacity {
                 break;
             }

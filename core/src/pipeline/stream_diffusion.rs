@@ -249,21 +249,8 @@ impl StreamDiffusion {
         }
         // Check every control image before keeping any, so an error changes nothing.
         let mut fresh = Vec::with_capacity(controls.len());
+        check_control_ids(&self.params, controls.iter().map(|(id, _)| *id))?;
         for (id, image) in controls {
-            if !self.params.controlnets.iter().any(|c| c.model_id == *id) {
-                return Err(Error::param(
-                    "controls",
-                    format!(
-                        "control image given for {id:?}, which is not a configured ControlNet \
-                         (configured: {:?})",
-                        self.params
-                            .controlnets
-                            .iter()
-                            .map(|c| c.model_id.as_str())
-                            .collect::<Vec<_>>()
-                    ),
-                ));
-            }
             if image.dims() != expected {
                 return Err(Error::InvalidFrame(format!(
                     "control image for {id:?}: expected a [1, 3, {height}, {width}] tensor, got {:?}",
@@ -647,6 +634,34 @@ pub(crate) fn check_supported(
     }
     if params.skip_diffusion {
         return not_yet("skip_diffusion", "skip_diffusion (processors only)");
+    }
+    Ok(())
+}
+
+/// Fails, naming the id, when a control image is given for an id that names none of
+/// `params.controlnets` (the stream and the engine's submit share this rule).
+pub(crate) fn check_control_ids<'a>(
+    params: &StreamDiffusionParams,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
+    let configured = || {
+        params
+            .controlnets
+            .iter()
+            .map(|c| c.model_id.as_str())
+            .collect::<Vec<_>>()
+    };
+    for id in ids {
+        if !params.controlnets.iter().any(|c| c.model_id == id) {
+            return Err(Error::param(
+                "controls",
+                format!(
+                    "control image given for {id:?}, which is not a configured ControlNet \
+                     (configured: {:?})",
+                    configured()
+                ),
+            ));
+        }
     }
     Ok(())
 }
