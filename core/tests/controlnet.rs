@@ -42,26 +42,12 @@ fn case(name: &str) -> &'static Value {
 }
 
 fn settings(cfg_type: &str) -> EngineSettings {
-    EngineSettings::from_json(
-        &json!({
-            "cfg_type": cfg_type,
-            "vae": fixture("tiny-taesd").display().to_string(),
-            "allow_any_resolution": true,
-        })
-        .to_string(),
-    )
-    .unwrap()
+    common::tiny_settings(cfg_type)
 }
 
 /// The networks, loaded once and shared (their ControlNet cache too).
 fn models() -> Arc<StableDiffusionModels> {
-    static MODELS: OnceLock<Arc<StableDiffusionModels>> = OnceLock::new();
-    MODELS
-        .get_or_init(|| {
-            let id = fixture("tiny-sd-turbo").display().to_string();
-            Arc::new(StableDiffusionModels::load(&id, &settings("self"), &mut |_| {}).unwrap())
-        })
-        .clone()
+    common::tiny_models()
 }
 
 fn net_path(name: &str) -> String {

@@ -346,7 +346,7 @@ fn validation_names_the_field_and_the_rule() {
 // ------------------------------------------------------------------ the chains in a stream
 
 mod stream {
-    use std::sync::{Arc, OnceLock};
+    use std::sync::Arc;
 
     use candle_core::{Device, Tensor};
     use sdstream::model::bundle::StableDiffusionModels;
@@ -359,24 +359,11 @@ mod stream {
     use super::params;
 
     fn settings() -> EngineSettings {
-        EngineSettings::from_json(
-            &json!({
-                "vae": fixture("tiny-taesd").display().to_string(),
-                "allow_any_resolution": true,
-            })
-            .to_string(),
-        )
-        .unwrap()
+        super::common::tiny_settings("self")
     }
 
     fn models() -> Arc<StableDiffusionModels> {
-        static MODELS: OnceLock<Arc<StableDiffusionModels>> = OnceLock::new();
-        MODELS
-            .get_or_init(|| {
-                let id = fixture("tiny-sd-turbo").display().to_string();
-                Arc::new(StableDiffusionModels::load(&id, &settings(), &mut |_| {}).unwrap())
-            })
-            .clone()
+        super::common::tiny_models()
     }
 
     fn body(extra: Value) -> Value {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use common::{abs_err, fixture};
@@ -16,24 +16,11 @@ use sdstream::{
 use serde_json::{Value, json};
 
 fn settings() -> EngineSettings {
-    EngineSettings::from_json(
-        &json!({
-            "vae": fixture("tiny-taesd").display().to_string(),
-            "allow_any_resolution": true,
-        })
-        .to_string(),
-    )
-    .unwrap()
+    common::tiny_settings("self")
 }
 
 fn models() -> Arc<StableDiffusionModels> {
-    static MODELS: OnceLock<Arc<StableDiffusionModels>> = OnceLock::new();
-    MODELS
-        .get_or_init(|| {
-            let id = fixture("tiny-sd-turbo").display().to_string();
-            Arc::new(StableDiffusionModels::load(&id, &settings(), &mut |_| {}).unwrap())
-        })
-        .clone()
+    common::tiny_models()
 }
 
 fn base_body() -> Value {

@@ -56,3 +56,37 @@ pub fn edited_config(config_rel: &str, key: &str, value: serde_json::Value) -> S
     json[key] = value;
     json.to_string()
 }
+
+/// Settings for the tiny checkpoint: TAESD from `tests/fixtures/tiny-taesd`, 64×64 allowed,
+/// the given cfg_type.
+pub fn tiny_settings(cfg_type: &str) -> sdstream::EngineSettings {
+    sdstream::EngineSettings::from_json(
+        &serde_json::json!({
+            "cfg_type": cfg_type,
+            "vae": fixture("tiny-taesd").display().to_string(),
+            "allow_any_resolution": true,
+        })
+        .to_string(),
+    )
+    .expect("tiny settings")
+}
+
+/// The tiny checkpoint's networks (with TAESD), loaded once per test binary and shared, their
+/// ControlNet cache included. (cfg_type does not affect the networks.)
+pub fn tiny_models() -> std::sync::Arc<sdstream::model::bundle::StableDiffusionModels> {
+    use std::sync::{Arc, OnceLock};
+    static MODELS: OnceLock<Arc<sdstream::model::bundle::StableDiffusionModels>> = OnceLock::new();
+    MODELS
+        .get_or_init(|| {
+            let id = fixture("tiny-sd-turbo").display().to_string();
+            Arc::new(
+                sdstream::model::bundle::StableDiffusionModels::load(
+                    &id,
+                    &tiny_settings("self"),
+                    &mut |_| {},
+                )
+                .expect("tiny models"),
+            )
+        })
+        .clone()
+}
