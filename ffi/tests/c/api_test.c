@@ -23,6 +23,10 @@
 
 static int checks = 0, failures = 0;
 
+/* How long a test waits for an output: generous, since under valgrind one tiny frame with a
+ * ControlNet takes over a minute. */
+#define RECV_TIMEOUT_MS 600000
+
 #define CHECK(cond)                                                                     \
     do {                                                                                \
         checks++;                                                                       \
@@ -273,7 +277,7 @@ static void test_engine(const uint8_t *rgb) {
     CHECK(out.frame_id == 3 && out.timestamp == 123456789 && out.params_version == 0);
     EXPECT(sds_engine_submit(engine, &frame, NULL), SDS_OK, NULL);
     out = output_to(buffer, 64 * 64 * 3, 0);
-    EXPECT(sds_engine_recv(engine, &out, 60000), SDS_OK, NULL);
+    EXPECT(sds_engine_recv(engine, &out, RECV_TIMEOUT_MS), SDS_OK, NULL);
     CHECK(out.frame_id == 4);
     size_t dropped = 99;
     EXPECT(sds_engine_flush(engine, &dropped), SDS_OK, NULL);
@@ -314,7 +318,7 @@ static void test_engine(const uint8_t *rgb) {
     EXPECT(sds_engine_process(engine, &frame, &out), SDS_OK, NULL);
     CHECK(out.params_version == 1); /* still the serving (pre-reload) parameters */
     EXPECT(sds_engine_submit(engine, &frame, &id), SDS_OK, NULL);
-    EXPECT(sds_engine_recv(engine, &out, 60000), SDS_OK, NULL);
+    EXPECT(sds_engine_recv(engine, &out, RECV_TIMEOUT_MS), SDS_OK, NULL);
     CHECK(out.frame_id == id);
     EXPECT(sds_engine_update_params(engine, params, &kind), SDS_OK, NULL);
     CHECK(kind == SDS_UPDATE_HOT); /* compared with the accepted (reverted) parameters */
@@ -476,7 +480,7 @@ static void test_controls(const uint8_t *rgb, const char *net_id, const uint8_t 
            NULL);
     CHECK(id == 2);
     out = output_to(with + 2 * SIZE, SIZE, 0);
-    EXPECT(sds_engine_recv(engine, &out, 60000), SDS_OK, NULL);
+    EXPECT(sds_engine_recv(engine, &out, RECV_TIMEOUT_MS), SDS_OK, NULL);
     CHECK(out.frame_id == 2 && out.timestamp == 4242);
     for (int i = 0; i < 3; i++) {
         SdsOutput o = output_to(without + i * SIZE, SIZE, 0);
@@ -489,7 +493,7 @@ static void test_controls(const uint8_t *rgb, const char *net_id, const uint8_t 
     /* the engine keeps working after the refused calls and serves plain submits */
     EXPECT(sds_engine_submit(engine, &frame, &id), SDS_OK, NULL);
     out = output_to(without, SIZE, 0);
-    EXPECT(sds_engine_recv(engine, &out, 60000), SDS_OK, NULL);
+    EXPECT(sds_engine_recv(engine, &out, RECV_TIMEOUT_MS), SDS_OK, NULL);
     CHECK(out.frame_id == id && id == 3);
     CHECK(status_has(engine, "\"frames_failed\":0,"));
 
