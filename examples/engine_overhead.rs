@@ -131,7 +131,7 @@ fn run() -> Result<(), String> {
     for i in 0..warm + args.frames {
         let f = frame(i).map_err(|e| e.to_string())?;
         let t = Instant::now();
-        engine.submit(&f).map_err(|e| e.to_string())?;
+        engine.submit(f).map_err(|e| e.to_string())?;
         let out = engine
             .recv_timeout(Duration::from_secs(60))
             .map_err(|e| e.to_string())?

@@ -129,7 +129,8 @@ typedef enum {
 } SdsStatus;
 
 /**
- * What an accepted parameter update costs.
+ * What an accepted parameter update costs: core's `UpdateKind`, whose names ("unchanged",
+ * "hot", "controlnet_swap", "reload") the server and the Python module use.
  */
 typedef enum {
   /**
@@ -397,13 +398,13 @@ SdsStatus sds_engine_restart(SdsEngine *engine);
  * the first frame after creation or a reload, and any frames already waiting in the queue).
  *
  * `out` is checked before any work against the size `sds_engine_output_size` reports
- * (`SDS_ERR_BUFFER_TOO_SMALL`, `out` filled in, no frame submitted). Outputs of frames
- * submitted earlier with `sds_engine_submit` that are still waiting, or a kept one, are
- * discarded. If the frame is dropped or fails, `SDS_ERR_NO_OUTPUT` with the reason.
+ * (`SDS_ERR_BUFFER_TOO_SMALL`, `out` filled in, no frame submitted). The frame's output goes
+ * to this call only: outputs of frames submitted earlier with `sds_engine_submit` stay for
+ * `sds_engine_poll`/`sds_engine_recv`. If the frame is dropped (a newer frame took its place
+ * in a full `latest` queue, a flush, close) or fails, `SDS_ERR_NO_OUTPUT` with the reason.
  *
- * Thread-safety: concurrent process calls on one handle are serialised; do not call
- * `sds_engine_poll`/`sds_engine_recv` on the handle while a process call runs (they would take
- * its output). Status, update_params and output_size may run concurrently.
+ * Thread-safety: any number of threads may process, submit, poll and update concurrently on
+ * one handle; each process call gets its own frame's output.
  *
  * # Safety
  * `engine` is NULL or a live handle; `frame` NULL or as `SdsFrame` describes; `out` NULL or

@@ -69,13 +69,22 @@ pub enum Error {
     },
 
     /// The engine's input queue is full and its drop policy is `lossless`: the frame was not
-    /// taken; collect outputs and submit again (or use `submit_timeout`).
+    /// taken; collect outputs and submit again (or wait: `Submission::wait_for_room`).
     #[error(
         "the input queue is full ({capacity} frames waiting); collect outputs and submit again"
     )]
     QueueFull {
         /// The queue's capacity.
         capacity: usize,
+    },
+
+    /// A frame given to [`Engine::process`](crate::Engine::process) produced no output.
+    #[error("frame {id} produced no output: {reason}")]
+    NoOutput {
+        /// The frame's id.
+        id: u64,
+        /// Why: dropped (by what), or failed (with the pipeline's error).
+        reason: String,
     },
 
     /// The engine was asked to do something it cannot do in its current state.

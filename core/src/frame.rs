@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::preprocess::resize::{resize_rgb_f32_lanczos, resize_rgb8_lanczos};
 use crate::{Error, Result};
 
 /// How the pixels of a frame are laid out in memory. Channels are interleaved; rows are `stride`
@@ -80,9 +81,51 @@ pub struct Frame<'a> {
     format: PixelFormat,
 }
 
+/// Largest width or height of a frame: 16K. Frames are resized to the stream's size, and the
+/// resize's work per output pixel grows with the input's size, so an absurd size must be
+/// refused before anything is copied or allocated for it.
+pub const MAX_FRAME_SIDE: usize = 16_384;
+
+/// Most bytes one frame may span (a 16K × 16K RGB f32 frame fits).
+pub const MAX_FRAME_BYTES: usize = 4 << 30;
+
+/// The one size rule every frame obeys, on every surface (Rust, C, Python, WebRTC): width and
+/// height in 1..=[`MAX_FRAME_SIDE`], `stride ≥ width · bytes_per_pixel`, and the bytes it spans,
+/// `stride · (height − 1) + width · bytes_per_pixel` (the last row need not be padded), at most
+/// [`MAX_FRAME_BYTES`]. Returns that byte count.
+pub fn frame_len(width: usize, height: usize, stride: usize, format: PixelFormat) -> Result<usize> {
+    if width == 0 || height == 0 {
+        return Err(Error::InvalidFrame(format!(
+            "size {width}x{height}: width and height must be non-zero"
+        )));
+    }
+    if width > MAX_FRAME_SIDE || height > MAX_FRAME_SIDE {
+        return Err(Error::InvalidFrame(format!(
+            "size {width}x{height}: width and height must be at most {MAX_FRAME_SIDE}"
+        )));
+    }
+    let bpp = format.bytes_per_pixel();
+    let row_bytes = width * bpp;
+    if stride < row_bytes {
+        return Err(Error::InvalidFrame(format!(
+            "stride {stride} is less than width {width} x {bpp} bytes per pixel ({format}) = {row_bytes}"
+        )));
+    }
+    stride
+        .checked_mul(height - 1)
+        .and_then(|n| n.checked_add(row_bytes))
+        .filter(|&n| n <= MAX_FRAME_BYTES)
+        .ok_or_else(|| {
+            Error::InvalidFrame(format!(
+                "a {width}x{height} {format} frame with stride {stride} spans more than \
+                 {MAX_FRAME_BYTES} bytes"
+            ))
+        })
+}
+
 impl<'a> Frame<'a> {
-    /// Describes `data` as a frame, checking sizes: width and height non-zero,
-    /// `stride ≥ width · bytes_per_pixel`, `data.len() ≥ stride · (height − 1) + width · bytes_per_pixel`.
+    /// Describes `data` as a frame, checking sizes with [`frame_len`] and that `data` holds
+    /// that many bytes.
     pub fn new(
         data: &'a [u8],
         width: usize,
@@ -90,27 +133,9 @@ impl<'a> Frame<'a> {
         stride: usize,
         format: PixelFormat,
     ) -> Result<Self> {
-        if width == 0 || height == 0 {
-            return Err(Error::InvalidFrame(format!(
-                "size {width}x{height}: width and height must be non-zero"
-            )));
-        }
-        let bpp = format.bytes_per_pixel();
-        let row_bytes = width.checked_mul(bpp).ok_or_else(|| {
-            Error::InvalidFrame(format!("width {width} x {bpp} bytes per pixel overflows"))
-        })?;
-        if stride < row_bytes {
-            return Err(Error::InvalidFrame(format!(
-                "stride {stride} is less than width {width} x {bpp} bytes per pixel ({format}) = {row_bytes}"
-            )));
-        }
-        let needed = stride
-            .checked_mul(height - 1)
-            .and_then(|n| n.checked_add(row_bytes))
-            .ok_or_else(|| {
-                Error::InvalidFrame(format!("stride {stride} x height {height} overflows"))
-            })?;
+        let needed = frame_len(width, height, stride, format)?;
         if data.len() < needed {
+            let bpp = format.bytes_per_pixel();
             return Err(Error::InvalidFrame(format!(
                 "{width}x{height} {format} frame with stride {stride} needs {needed} bytes \
                  (stride x (height - 1) + width x {bpp}), got {}",
@@ -337,209 +362,6 @@ impl Image {
             data,
         })
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Lanczos resampling with PIL's semantics.
-//
-// PIL resizes in two separable passes, horizontal first, each producing u8: per output position it
-// takes the input pixels whose centres lie within `3 · max(1, in/out)` of the output centre (the
-// filter widens when downsampling, which is its antialiasing), weights them with
-// sinc(x)·sinc(x/3) evaluated at `(i − centre + 0.5) / max(1, in/out)`, normalises the weights to
-// sum 1, converts them to fixed point with 22 fractional bits (rounded away from zero), and rounds
-// the weighted sum by adding half before the shift, clamping to 0..=255.
-
-/// Fractional bits of PIL's fixed-point weights (32 − 8 − 2).
-const PRECISION_BITS: u32 = 22;
-/// Half the support of the Lanczos-3 kernel.
-const LANCZOS_SUPPORT: f64 = 3.0;
-
-fn sinc(x: f64) -> f64 {
-    if x == 0.0 {
-        1.0
-    } else {
-        let x = x * std::f64::consts::PI;
-        x.sin() / x
-    }
-}
-
-fn lanczos(x: f64) -> f64 {
-    if (-LANCZOS_SUPPORT..LANCZOS_SUPPORT).contains(&x) {
-        sinc(x) * sinc(x / 3.0)
-    } else {
-        0.0
-    }
-}
-
-/// Normalised weights of one output position: the first input index and the weights from there.
-struct Taps {
-    first: usize,
-    weights: Vec<f64>,
-}
-
-/// PIL's `precompute_coeffs` for the whole input range.
-fn lanczos_taps(in_size: usize, out_size: usize) -> Vec<Taps> {
-    let scale = in_size as f64 / out_size as f64;
-    let filter_scale = scale.max(1.0);
-    let support = LANCZOS_SUPPORT * filter_scale;
-    let inv = 1.0 / filter_scale;
-    (0..out_size)
-        .map(|xx| {
-            let center = (xx as f64 + 0.5) * scale;
-            // C casts truncate toward zero; negative starts are clamped to 0 anyway.
-            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-            let xmax = ((center + support + 0.5) as i64).clamp(0, in_size as i64) as usize;
-            let mut weights: Vec<f64> = (xmin..xmax)
-                .map(|x| lanczos((x as f64 - center + 0.5) * inv))
-                .collect();
-            let total: f64 = weights.iter().sum();
-            if total != 0.0 {
-                for w in &mut weights {
-                    *w /= total;
-                }
-            }
-            Taps {
-                first: xmin,
-                weights,
-            }
-        })
-        .collect()
-}
-
-/// Weights as PIL's 8-bit path uses them: fixed point, rounded half away from zero.
-fn fixed_point(taps: &[Taps]) -> Vec<(usize, Vec<i64>)> {
-    let one = (1i64 << PRECISION_BITS) as f64;
-    taps.iter()
-        .map(|t| {
-            let k = t
-                .weights
-                .iter()
-                .map(|&w| {
-                    if w < 0.0 {
-                        (-0.5 + w * one) as i64
-                    } else {
-                        (0.5 + w * one) as i64
-                    }
-                })
-                .collect();
-            (t.first, k)
-        })
-        .collect()
-}
-
-fn clip8(acc: i64) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
-/// Resizes packed RGB u8 (`src_w · src_h · 3` bytes) to `dst_w × dst_h` with Lanczos-3, bit-for-bit
-/// as PIL's `Image.resize((dst_w, dst_h), Image.LANCZOS)` on an RGB image.
-///
-/// Sizes must be non-zero and `src.len()` must be `src_w · src_h · 3`.
-pub fn resize_rgb8_lanczos(
-    src: &[u8],
-    src_w: usize,
-    src_h: usize,
-    dst_w: usize,
-    dst_h: usize,
-) -> Vec<u8> {
-    debug_assert_eq!(src.len(), src_w * src_h * 3);
-    let half = 1i64 << (PRECISION_BITS - 1);
-    // Horizontal pass (skipped when the width does not change, as PIL does).
-    let (mid, mid_w) = if dst_w != src_w {
-        let taps = fixed_point(&lanczos_taps(src_w, dst_w));
-        let mut out = vec![0u8; dst_w * src_h * 3];
-        for y in 0..src_h {
-            let row = &src[y * src_w * 3..(y + 1) * src_w * 3];
-            for (xx, (first, k)) in taps.iter().enumerate() {
-                let mut acc = [half; 3];
-                for (i, &w) in k.iter().enumerate() {
-                    let px = &row[(first + i) * 3..(first + i) * 3 + 3];
-                    for c in 0..3 {
-                        acc[c] += px[c] as i64 * w;
-                    }
-                }
-                let o = (y * dst_w + xx) * 3;
-                for c in 0..3 {
-                    out[o + c] = clip8(acc[c]);
-                }
-            }
-        }
-        (out, dst_w)
-    } else {
-        (src.to_vec(), src_w)
-    };
-    if dst_h == src_h {
-        return mid;
-    }
-    // Vertical pass on the u8 intermediate.
-    let taps = fixed_point(&lanczos_taps(src_h, dst_h));
-    let row_len = mid_w * 3;
-    let mut out = vec![0u8; dst_h * row_len];
-    let mut acc = vec![0i64; row_len];
-    for (yy, (first, k)) in taps.iter().enumerate() {
-        acc.fill(half);
-        for (i, &w) in k.iter().enumerate() {
-            let row = &mid[(first + i) * row_len..(first + i + 1) * row_len];
-            for (a, &p) in acc.iter_mut().zip(row) {
-                *a += p as i64 * w;
-            }
-        }
-        for (o, &a) in out[yy * row_len..(yy + 1) * row_len].iter_mut().zip(&acc) {
-            *o = clip8(a);
-        }
-    }
-    out
-}
-
-/// Resizes packed RGB f32 with the same Lanczos-3 weights, in f64 accumulation without rounding
-/// (PIL's float-image path), horizontal pass first.
-pub fn resize_rgb_f32_lanczos(
-    src: &[f32],
-    src_w: usize,
-    src_h: usize,
-    dst_w: usize,
-    dst_h: usize,
-) -> Vec<f32> {
-    debug_assert_eq!(src.len(), src_w * src_h * 3);
-    let (mid, mid_w) = if dst_w != src_w {
-        let taps = lanczos_taps(src_w, dst_w);
-        let mut out = vec![0f32; dst_w * src_h * 3];
-        for y in 0..src_h {
-            let row = &src[y * src_w * 3..(y + 1) * src_w * 3];
-            for (xx, t) in taps.iter().enumerate() {
-                for c in 0..3 {
-                    let acc: f64 = t
-                        .weights
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &w)| row[(t.first + i) * 3 + c] as f64 * w)
-                        .sum();
-                    out[(y * dst_w + xx) * 3 + c] = acc as f32;
-                }
-            }
-        }
-        (out, dst_w)
-    } else {
-        (src.to_vec(), src_w)
-    };
-    if dst_h == src_h {
-        return mid;
-    }
-    let taps = lanczos_taps(src_h, dst_h);
-    let row_len = mid_w * 3;
-    let mut out = vec![0f32; dst_h * row_len];
-    for (yy, t) in taps.iter().enumerate() {
-        for x in 0..row_len {
-            let acc: f64 = t
-                .weights
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| mid[(t.first + i) * row_len + x] as f64 * w)
-                .sum();
-            out[yy * row_len + x] = acc as f32;
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -777,6 +599,30 @@ mod tests {
         let data = vec![0u8; 30 * 3 + 24];
         assert!(Frame::new(&data, 6, 4, 30, PixelFormat::Rgba8).is_ok());
         assert!(Frame::new(&data[..data.len() - 1], 6, 4, 30, PixelFormat::Rgba8).is_err());
+        // Sizes past the bounds fail before any byte is looked at (no allocation either).
+        for (w, h) in [(1 << 28, 1), (1 << 30, 1 << 30), (MAX_FRAME_SIDE + 1, 2)] {
+            let err = Frame::new(&data, w, h, w * 3, PixelFormat::Rgb8)
+                .expect_err("too large")
+                .to_string();
+            assert!(
+                err.contains(&format!("{w}x{h}")) && err.contains("at most 16384"),
+                "{err}"
+            );
+        }
+        let err = frame_len(16_384, 16_384, 1 << 20, PixelFormat::Rgb8)
+            .expect_err("stride too large")
+            .to_string();
+        assert!(err.contains("spans more than 4294967296 bytes"), "{err}");
+        assert_eq!(
+            frame_len(
+                MAX_FRAME_SIDE,
+                MAX_FRAME_SIDE,
+                MAX_FRAME_SIDE * 12,
+                PixelFormat::RgbF32
+            )
+            .expect("the largest f32 frame"),
+            MAX_FRAME_SIDE * MAX_FRAME_SIDE * 12
+        );
         let t = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).expect("t");
         let err = Image::from_tensor(&t, PixelFormat::Rgb8)
             .expect_err("shape")

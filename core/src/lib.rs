@@ -14,17 +14,22 @@
 pub mod engine;
 pub mod error;
 pub mod frame;
+pub mod hub;
+pub mod ids;
 pub mod model;
 pub mod params;
 pub mod pipeline;
 pub mod preprocess;
+pub mod sampling;
+pub mod status;
 #[cfg(feature = "webrtc")]
 pub mod webrtc;
 
 pub use engine::{
     DropPolicy, Engine, EngineOptions, EngineState, EngineStatus, FrameId, Output, StageMillis,
+    Submission,
 };
 pub use error::{Error, Result};
 pub use frame::{Frame, Image, PixelFormat};
-pub use params::{EngineSettings, StreamDiffusionParams, Update, classify};
+pub use params::{EngineSettings, StreamDiffusionParams, Update, UpdateKind, classify};
 pub use pipeline::stream_diffusion::{StageTimings, StreamDiffusion};

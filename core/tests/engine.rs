@@ -15,7 +15,7 @@ use common::fixture;
 use sdstream::params::{ControlNetConfig, Prompt, VaeChoice};
 use sdstream::{
     DropPolicy, Engine, EngineOptions, EngineSettings, EngineState, EngineStatus, Frame, FrameId,
-    Image, Output, PixelFormat, StreamDiffusion, StreamDiffusionParams,
+    Image, Output, PixelFormat, StreamDiffusion, StreamDiffusionParams, Submission,
 };
 
 const SIZE: usize = 64;
@@ -126,7 +126,7 @@ fn engine_outputs_equal_the_pipeline_called_directly() {
         Engine::new(params(), settings(), options(DropPolicy::Lossless, false)).expect("engine");
     let ids: Vec<FrameId> = frames
         .iter()
-        .map(|f| engine.submit(&frame(f)).expect("submit"))
+        .map(|f| engine.submit(frame(f)).expect("submit"))
         .collect();
     for (i, f) in frames.iter().enumerate() {
         let expected = direct.process(&frame(f)).expect("direct");
@@ -185,8 +185,8 @@ fn a_hot_update_is_visible_on_the_next_frame() {
             assert!(update.is_hot() && !update.is_unchanged(), "{update:?}");
             direct.update(changed).expect("direct update");
         }
-        control.submit(&frame_f32(&frames[i])).expect("submit");
-        engine.submit(&frame_f32(&frames[i])).expect("submit");
+        control.submit(frame_f32(&frames[i])).expect("submit");
+        engine.submit(frame_f32(&frames[i])).expect("submit");
         let (before, after) = (recv(&control), recv(&engine));
         // Exactly what the pipeline gives with the update applied between the two frames.
         let expected = direct.process(&frame_f32(&frames[i])).expect("direct");
@@ -239,7 +239,7 @@ fn a_reload_to_a_missing_model_keeps_the_engine_serving() {
             Instant::now() < deadline,
             "the reload neither failed nor finished"
         );
-        engine.submit(&frame(&frames[served % 8])).expect("submit");
+        engine.submit(frame(&frames[served % 8])).expect("submit");
         assert_eq!(recv(&engine).params_version, 0);
         served += 1;
     }
@@ -257,7 +257,7 @@ fn a_reload_to_a_missing_model_keeps_the_engine_serving() {
         (status.restart_count, status.serving_params_version),
         (0, Some(0))
     );
-    engine.submit(&frame(&frames[0])).expect("submit");
+    engine.submit(frame(&frames[0])).expect("submit");
     assert_eq!(recv(&engine).image.width, SIZE);
     let _ = std::fs::remove_dir(&empty);
 }
@@ -293,7 +293,7 @@ fn a_reload_swaps_in_without_a_gap() {
             scope.spawn(|| {
                 let mut i = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = engine.submit(&frame(&frames[i % 8]));
+                    let _ = engine.submit(frame(&frames[i % 8]));
                     i += 1;
                     thread::sleep(Duration::from_millis(1));
                 }
@@ -401,12 +401,12 @@ fn warmup_makes_the_first_output_come_from_the_first_frame() {
 
     let cold =
         Engine::new(params(), settings(), options(DropPolicy::Lossless, false)).expect("engine");
-    cold.submit(&frame(&frames[0])).expect("submit");
+    cold.submit(frame(&frames[0])).expect("submit");
     assert_eq!(diff(&recv(&cold).image, &zero_buffer), (0, 0.0));
 
     let warm =
         Engine::new(params(), settings(), options(DropPolicy::Lossless, true)).expect("engine");
-    warm.submit(&frame(&frames[0])).expect("submit");
+    warm.submit(frame(&frames[0])).expect("submit");
     let first = recv(&warm);
     assert_eq!(
         diff(&first.image, &expected),
@@ -443,7 +443,7 @@ fn stress_producers_and_parameter_changes() {
                     let start = Instant::now();
                     let mut i = p;
                     while start.elapsed() < run_for {
-                        let id = engine.submit(&frame(&frames[i % 8])).expect("submit");
+                        let id = engine.submit(frame(&frames[i % 8])).expect("submit");
                         submitted.lock().expect("ids").push(id);
                         i += 3;
                         thread::sleep(Duration::from_millis(3));
@@ -591,7 +591,7 @@ fn status_has_every_daydream_field() {
         .wait_ready(Some(Duration::from_secs(60)))
         .expect("ready");
     let frames = frames();
-    engine.submit(&frame(&frames[0])).expect("submit");
+    engine.submit(frame(&frames[0])).expect("submit");
     let out = recv(&engine);
     assert!(out.timings.total > Duration::ZERO && out.timings.unet > Duration::ZERO);
     let status: serde_json::Value =
@@ -668,7 +668,7 @@ fn a_controlnet_added_and_rescaled_while_streaming_costs_no_frame() {
                 assert!(update.is_hot(), "{update:?}");
                 versions.1 = engine.status().params_version;
             }
-            ids.push(engine.submit(&frame(&frames[i % 8])).expect("submit"));
+            ids.push(engine.submit(frame(&frames[i % 8])).expect("submit"));
             // Sleep to the next tick, collecting what is ready meanwhile.
             let tick = start + interval.mul_f64((i + 1) as f64);
             while Instant::now() < tick {
@@ -786,10 +786,9 @@ fn external_control_images_through_the_engine_equal_the_pipeline() {
 
     // An id naming no configured ControlNet: an error naming it, nothing queued.
     let err = engine
-        .submit_with_controls(
-            &frame_f32(&frames[0]),
-            &[("no/such-net", &control_frame(&controls[0]))],
-            None,
+        .submit(
+            Submission::new(frame_f32(&frames[0]))
+                .control("no/such-net", control_frame(&controls[0])),
         )
         .expect_err("unknown ControlNet id");
     assert!(err.to_string().contains("no/such-net"), "{err}");
@@ -812,7 +811,11 @@ fn external_control_images_through_the_engine_equal_the_pipeline() {
             .collect();
         let list: Vec<(&str, &Frame)> = list.iter().map(|(id, f)| (*id, f)).collect();
         let frame_id = engine
-            .submit_with_controls(&input, &list, Some(1000 + i as i64))
+            .submit(
+                Submission::new(input)
+                    .controls(list.iter().map(|(id, f)| (*id, **f)))
+                    .timestamp(1000 + i as i64),
+            )
             .expect("submit with controls");
         let expected = direct
             .process_with_controls(&input, &list)

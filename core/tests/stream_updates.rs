@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use common::{abs_err, fixture};
 use sdstream::model::bundle::StableDiffusionModels;
-use sdstream::pipeline::rng::TorchGenerator;
+use sdstream::sampling::rng::TorchGenerator;
 use sdstream::{
     EngineSettings, Error, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams, Update,
 };

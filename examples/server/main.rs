@@ -16,9 +16,10 @@
 //!   `id`, `stream_key`, `whip_url`, `whep_url` (= `output_stream_url`), `params`, `created_at`…
 //!   `params` go over the server's `--params` defaults and are validated (422 when invalid).
 //! * `GET /v1/streams/{id}`: the stream, its current params and transport counters.
-//! * `PATCH /v1/streams/{id}` `{"params": {…}}`: merged into the current params (objects merge,
-//!   everything else replaces), validated, applied hot or by a background reload; the answer
-//!   says which (`"update": "hot" | "reload" | "unchanged"`).
+//! * `PATCH /v1/streams/{id}` `{"params": {…}}`: merged into the current params as JSON Merge
+//!   Patch (objects merge, `null` restores a default, everything else replaces), validated,
+//!   applied hot or by a background reload; the answer says which (`"update"`: `"unchanged"`,
+//!   `"hot"`, `"controlnet_swap"` or `"reload"`).
 //! * `GET /v1/streams/{id}/status`: the engine's Daydream status.
 //! * `DELETE /v1/streams?id=…` (or `/v1/streams/{id}`): ends the sessions and the engine.
 //! * `POST {whip_url}` / `POST {whep_url}` with an `application/sdp` offer: WHIP / WHEP; these
@@ -49,6 +50,8 @@ use axum::routing::get;
 use serde_json::{Value, json};
 
 use sdstream::engine::{FrameId, Output};
+use sdstream::ids::random_hex;
+use sdstream::params::merge_patch;
 use sdstream::webrtc::{
     EncoderSettings, FrameObserver, StreamDirectory, TransportConfig, TransportError, WebRtcStream,
 };
@@ -129,23 +132,6 @@ pub(crate) fn engine_settings(arg: Option<&str>) -> Result<EngineSettings, Strin
     }
 }
 
-/// RFC 7386 merge: objects merge member by member, anything else replaces.
-pub(crate) fn merge(base: &mut Value, patch: &Value) {
-    match (base, patch) {
-        (Value::Object(base), Value::Object(patch)) => {
-            for (key, value) in patch {
-                match base.get_mut(key) {
-                    Some(slot) if value.is_object() && slot.is_object() => merge(slot, value),
-                    _ => {
-                        base.insert(key.clone(), value.clone());
-                    }
-                }
-            }
-        }
-        (base, patch) => *base = patch.clone(),
-    }
-}
-
 /// Seconds since the epoch as RFC 3339 UTC (`2025-01-31T12:00:00Z`).
 fn rfc3339(at: SystemTime) -> String {
     let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
@@ -166,22 +152,6 @@ fn rfc3339(at: SystemTime) -> String {
         rem / 60 % 60,
         rem % 60
     )
-}
-
-/// A random token: 128 bits from the OS-seeded hasher keys (see `random_hex` in the library).
-fn random_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let word = || {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(
-            SystemTime::now()
-                .elapsed()
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0),
-        );
-        h.finish()
-    };
-    format!("{:016x}{:016x}", word(), word())
 }
 
 /// Constant-time comparison of tokens (no early exit on the first differing byte).
@@ -417,7 +387,7 @@ async fn create_stream(
 ) -> Result<Response, ApiError> {
     let body = json_body(request).await?;
     let mut params = app.default_params.clone();
-    merge(&mut params, &params_of(&body)?);
+    merge_patch(&mut params, &params_of(&body)?);
     let pipeline = body
         .get("pipeline")
         .or_else(|| body.get("pipeline_id"))
@@ -432,7 +402,7 @@ async fn create_stream(
     };
     let engine =
         Arc::new(Engine::spawn(params.clone(), app.settings.clone(), options).map_err(invalid)?);
-    let id = format!("str_{}", &random_token()[..16]);
+    let id = format!("str_{}", &random_hex()[..16]);
     let recorder = match &app.record {
         Some(dir) => match Recorder::new(dir.join(&id)) {
             Ok(r) => Some(Arc::new(r)),
@@ -454,7 +424,7 @@ async fn create_stream(
     let now = rfc3339(SystemTime::now());
     let entry = Arc::new(StreamEntry {
         id: id.clone(),
-        key: random_token(),
+        key: random_hex(),
         name: body
             .get("name")
             .and_then(Value::as_str)
@@ -496,15 +466,6 @@ async fn get_status(
     Ok(axum::Json(status))
 }
 
-fn update_kind(update: &Update) -> &'static str {
-    match update {
-        Update::Unchanged => "unchanged",
-        Update::Hot { .. } => "hot",
-        Update::ControlNetSwap { .. } => "controlnet_swap",
-        Update::Reload { .. } => "reload",
-    }
-}
-
 async fn patch_stream(
     State(app): State<Arc<App>>,
     UrlPath(id): UrlPath<String>,
@@ -513,10 +474,10 @@ async fn patch_stream(
     let s = app.stream(&id).ok_or_else(|| not_found(&id))?;
     let body = json_body(request).await?;
     let patch = params_of(&body)?;
-    let mut params: Value = serde_json::from_str(&s.engine.params().to_json())
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    merge(&mut params, &patch);
-    let params = StreamDiffusionParams::from_json_with(&params.to_string(), &app.settings)
+    let params = s
+        .engine
+        .params()
+        .patched(&patch, &app.settings)
         .map_err(invalid)?;
     let update = s.engine.update_params(params.clone()).map_err(invalid)?;
     let version = s.engine.status().params_version;
@@ -528,7 +489,7 @@ async fn patch_stream(
     }
     let mut answer = app.describe(&s);
     if let Value::Object(map) = &mut answer {
-        map.insert("update".into(), json!(update_kind(&update)));
+        map.insert("update".into(), json!(update.kind().as_str()));
         map.insert("params_version".into(), json!(version));
         if let Update::Reload { fields } = &update {
             map.insert("reload_fields".into(), json!(fields));
@@ -664,7 +625,7 @@ async fn serve(args: Args) -> Result<(), String> {
     let token = match std::env::var("SDSTREAM_API_TOKEN") {
         Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
         _ => {
-            let t = random_token();
+            let t = random_hex();
             eprintln!("SDSTREAM_API_TOKEN is not set; this run's API token: {t}");
             t
         }

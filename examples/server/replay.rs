@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 use sdstream::{
     DropPolicy, Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusionParams,
+    Submission,
 };
 
 fn read_ppm(path: &Path) -> Result<(usize, usize, Vec<u8>), String> {
@@ -137,7 +138,7 @@ fn replay(
         let (w, h, rgb) = read_ppm(&dir.join(format!("in-{:06}.ppm", f.id)))?;
         let frame = Frame::packed(&rgb, w, h, PixelFormat::Rgb8).map_err(|e| e.to_string())?;
         engine
-            .submit_timeout(&frame, None, Duration::from_secs(60))
+            .submit(Submission::new(frame).wait_for_room(Duration::from_secs(60)))
             .map_err(|e| format!("frame {}: {e}", f.id))?;
         let output = engine
             .recv_timeout(Duration::from_secs(120))

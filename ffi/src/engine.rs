@@ -6,8 +6,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use sdstream_core::{
-    Engine, EngineOptions, EngineSettings, EngineState, Frame, Output, StreamDiffusionParams,
-    Update,
+    Engine, EngineOptions, EngineSettings, EngineState, Output, StreamDiffusionParams, Submission,
+    UpdateKind,
 };
 
 use crate::error::{ErrorSlot, Failure, SdsStatus, guard};
@@ -16,7 +16,8 @@ use crate::frame::{
     write_output,
 };
 
-/// What an accepted parameter update costs.
+/// What an accepted parameter update costs: core's `UpdateKind`, whose names ("unchanged",
+/// "hot", "controlnet_swap", "reload") the server and the Python module use.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(non_camel_case_types)]
@@ -41,8 +42,6 @@ pub struct SdsEngine {
     closed: AtomicBool,
     /// An output taken from the engine that did not fit the caller's buffer.
     held: Mutex<Option<Output>>,
-    /// Serialises `sds_engine_process` calls, which each wait for their own frame's output.
-    process_lock: Mutex<()>,
     last_error: ErrorSlot,
 }
 
@@ -52,7 +51,6 @@ impl SdsEngine {
             engine,
             closed: AtomicBool::new(false),
             held: Mutex::new(None),
-            process_lock: Mutex::new(()),
             last_error: ErrorSlot::default(),
         }
     }
@@ -360,7 +358,6 @@ unsafe fn process(
         // SAFETY: by the caller's contract.
         let (frame, controls) =
             unsafe { (frame.as_frame(f)?, control_images(f, controls, count)?) };
-        let controls: Vec<(&str, &Frame)> = controls.iter().map(|(id, c)| (*id, c)).collect();
         let params = h.engine.params();
         check_fits(
             f,
@@ -369,33 +366,13 @@ unsafe fn process(
             params.height as usize,
             frame.format(),
         )?;
-        let _serial = h
-            .process_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        h.held().take();
-        let id = h
+        let submission = Submission::new(frame).controls(controls.iter().map(|(id, c)| (*id, *c)));
+        let output = h
             .engine
-            .submit_with_controls(&frame, &controls, None)
+            .process(submission)
             .map_err(|e| h.core_error(f, e))?;
-        loop {
-            match h.engine.recv_timeout(Duration::from_millis(50)) {
-                // SAFETY: out->data checked non-NULL; capacity by the caller's contract.
-                Ok(Some(output)) if output.id == id => return unsafe { h.deliver(f, out, output) },
-                Ok(Some(output)) if output.id > id => return Err(lost_frame(f, h, id)),
-                // An output of a frame submitted before this one: discarded (documented).
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    // The worker moves a frame from queue to in-flight to outputs under one
-                    // lock, so all three empty means this frame will not come out.
-                    let s = h.engine.status();
-                    if s.queue_depth == 0 && s.frames_in_flight == 0 && s.output_queue_depth == 0 {
-                        return Err(lost_frame(f, h, id));
-                    }
-                }
-                Err(e) => return Err(h.core_error(f, e)),
-            }
-        }
+        // SAFETY: out->data checked non-NULL; capacity by the caller's contract.
+        unsafe { h.deliver(f, out, output) }
     })
 }
 
@@ -404,13 +381,13 @@ unsafe fn process(
 /// the first frame after creation or a reload, and any frames already waiting in the queue).
 ///
 /// `out` is checked before any work against the size `sds_engine_output_size` reports
-/// (`SDS_ERR_BUFFER_TOO_SMALL`, `out` filled in, no frame submitted). Outputs of frames
-/// submitted earlier with `sds_engine_submit` that are still waiting, or a kept one, are
-/// discarded. If the frame is dropped or fails, `SDS_ERR_NO_OUTPUT` with the reason.
+/// (`SDS_ERR_BUFFER_TOO_SMALL`, `out` filled in, no frame submitted). The frame's output goes
+/// to this call only: outputs of frames submitted earlier with `sds_engine_submit` stay for
+/// `sds_engine_poll`/`sds_engine_recv`. If the frame is dropped (a newer frame took its place
+/// in a full `latest` queue, a flush, close) or fails, `SDS_ERR_NO_OUTPUT` with the reason.
 ///
-/// Thread-safety: concurrent process calls on one handle are serialised; do not call
-/// `sds_engine_poll`/`sds_engine_recv` on the handle while a process call runs (they would take
-/// its output). Status, update_params and output_size may run concurrently.
+/// Thread-safety: any number of threads may process, submit, poll and update concurrently on
+/// one handle; each process call gets its own frame's output.
 ///
 /// # Safety
 /// `engine` is NULL or a live handle; `frame` NULL or as `SdsFrame` describes; `out` NULL or
@@ -470,21 +447,6 @@ pub unsafe extern "C" fn sds_engine_process_with_controls(
     }
 }
 
-fn lost_frame(function: &str, h: &SdsEngine, id: u64) -> Failure {
-    let reason = h
-        .engine
-        .status()
-        .last_error
-        .map_or_else(String::new, |e| format!(" (last error: {e})"));
-    Failure::new(
-        SdsStatus::SDS_ERR_NO_OUTPUT,
-        format!(
-            "{function}: frame {id} produced no output: it was dropped (another \
-             thread's submit, a flush) or failed{reason}"
-        ),
-    )
-}
-
 /// Shared body of the submit functions.
 ///
 /// # Safety
@@ -508,10 +470,12 @@ unsafe fn submit(
                 control_images(function, controls, count)?,
             )
         };
-        let controls: Vec<(&str, &Frame)> = controls.iter().map(|(id, c)| (*id, c)).collect();
+        let submission = Submission::new(frame)
+            .controls(controls.iter().map(|(id, c)| (*id, *c)))
+            .timestamp(timestamp);
         let id = h
             .engine
-            .submit_with_controls(&frame, &controls, timestamp)
+            .submit(submission)
             .map_err(|e| h.core_error(function, e))?;
         // SAFETY: NULL or writable by the caller's contract.
         unsafe { write_opt(id_out, id) };
@@ -759,11 +723,11 @@ pub unsafe extern "C" fn sds_engine_update_params(
             .engine
             .update_params(params)
             .map_err(|e| h.core_error(F, e))?;
-        let value = match update {
-            Update::Unchanged => SdsUpdateKind::SDS_UPDATE_UNCHANGED,
-            Update::Hot { .. } => SdsUpdateKind::SDS_UPDATE_HOT,
-            Update::ControlNetSwap { .. } => SdsUpdateKind::SDS_UPDATE_CONTROLNET_SWAP,
-            Update::Reload { .. } => SdsUpdateKind::SDS_UPDATE_RELOAD,
+        let value = match update.kind() {
+            UpdateKind::Unchanged => SdsUpdateKind::SDS_UPDATE_UNCHANGED,
+            UpdateKind::Hot => SdsUpdateKind::SDS_UPDATE_HOT,
+            UpdateKind::ControlNetSwap => SdsUpdateKind::SDS_UPDATE_CONTROLNET_SWAP,
+            UpdateKind::Reload => SdsUpdateKind::SDS_UPDATE_RELOAD,
         };
         // SAFETY: NULL or writable by the caller's contract.
         unsafe { write_opt(kind, value) };

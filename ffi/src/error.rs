@@ -89,6 +89,7 @@ impl Failure {
             | Error::UnsupportedConfig { .. }
             | Error::Candle(_) => SdsStatus::SDS_ERR_MODEL,
             Error::InvalidFrame(_) => SdsStatus::SDS_ERR_INVALID_FRAME,
+            Error::NoOutput { .. } => SdsStatus::SDS_ERR_NO_OUTPUT,
             Error::QueueFull { .. } => SdsStatus::SDS_ERR_QUEUE_FULL,
             Error::State(_) if closed => SdsStatus::SDS_ERR_CLOSED,
             Error::State(_) => SdsStatus::SDS_ERR_STATE,

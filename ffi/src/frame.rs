@@ -3,6 +3,7 @@
 
 use std::ffi::{CStr, c_char};
 
+use sdstream_core::frame::frame_len;
 use sdstream_core::{Frame, Image, Output, PixelFormat};
 
 use crate::error::{Failure, SdsStatus};
@@ -107,31 +108,15 @@ impl SdsFrame {
         }
         let format = pixel_format(function, self.format).map_err(context)?;
         let (width, height) = (self.width as usize, self.height as usize);
-        let row = width.saturating_mul(format.bytes_per_pixel());
         let stride = if self.stride == 0 {
-            row
+            width.saturating_mul(format.bytes_per_pixel())
         } else {
             self.stride as usize
         };
-        // The slice covers exactly the bytes the contract promises; where the description is
-        // itself invalid (zero size, short stride) it is empty and core says what is wrong.
-        let len = if width == 0 || height == 0 || stride < row {
-            0
-        } else {
-            stride
-                .checked_mul(height - 1)
-                .and_then(|n| n.checked_add(row))
-                .filter(|&n| n <= isize::MAX as usize)
-                .ok_or_else(|| {
-                    context(Failure::new(
-                        SdsStatus::SDS_ERR_INVALID_FRAME,
-                        format!(
-                            "{function}: a {width}x{height} frame with stride {stride} does not \
-                             fit in memory"
-                        ),
-                    ))
-                })?
-        };
+        // The slice covers exactly the bytes the description spans, by core's one size rule;
+        // a description that breaks it is refused before any byte is touched.
+        let len = frame_len(width, height, stride, format)
+            .map_err(|e| context(Failure::from_core(function, e, false)))?;
         // SAFETY: the caller promises `len` readable bytes at `data` for the call's duration.
         let data = unsafe { std::slice::from_raw_parts(self.data, len) };
         Frame::new(data, width, height, stride, format)
@@ -239,22 +224,22 @@ pub struct SdsOutput {
 }
 
 /// Bytes needed for `width × height` pixels of `format` with rows `stride` apart (0: packed),
-/// and the stride used; `None` when the stride is shorter than a row.
+/// by core's frame size rule, and the stride used; `None` when the rule refuses them (a stride
+/// shorter than a row).
 pub(crate) fn needed_bytes(
     width: usize,
     height: usize,
     format: PixelFormat,
     stride: u32,
 ) -> Option<(usize, usize)> {
-    let row = width.checked_mul(format.bytes_per_pixel())?;
-    let stride = if stride == 0 { row } else { stride as usize };
-    if stride < row {
-        return None;
-    }
-    let size = stride
-        .checked_mul(height.saturating_sub(1))?
-        .checked_add(if height == 0 { 0 } else { row })?;
-    Some((size, stride))
+    let stride = if stride == 0 {
+        width.checked_mul(format.bytes_per_pixel())?
+    } else {
+        stride as usize
+    };
+    frame_len(width, height, stride, format)
+        .ok()
+        .map(|size| (size, stride))
 }
 
 /// Describes `width × height × format` in `out` and checks that it fits the caller's buffer.

@@ -12,7 +12,7 @@ class ValidationError(ValueError):
 class QueueFullError(RuntimeError):
     """The engine's input queue is full (drop policy "lossless")."""
 
-UpdateKind = Literal["unchanged", "hot", "swap", "reload"]
+UpdateKind = Literal["unchanged", "hot", "controlnet_swap", "reload"]
 Prompt = Union[str, List[Tuple[str, float]]]
 Seed = Union[int, List[Tuple[int, float]]]
 

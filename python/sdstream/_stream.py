@@ -23,7 +23,8 @@ def _settings_body(settings: Mapping[str, Any]) -> str:
 def _params_body(params: Optional[ParamsLike], model: Optional[str], settings: str,
                  changes: Optional[Mapping[str, Any]] = None) -> str:
     """The canonical body of `params` (a model, a dict or a JSON text), with `model` as its
-    model_id and `changes` merged in, validated under `settings`."""
+    model_id and `changes` merged in as JSON Merge Patch (core's merge: nested objects merge,
+    None restores a default), validated under `settings`."""
     if params is None:
         data: Dict[str, Any] = {}
     elif isinstance(params, StreamDiffusionParams):
@@ -38,8 +39,10 @@ def _params_body(params: Optional[ParamsLike], model: Optional[str], settings: s
         )
     if model is not None:
         data["model_id"] = str(model)
-    data.update(changes or {})
-    return _sdstream.validate_params(_to_json(data), settings)
+    body = _to_json(data)
+    if changes:
+        body = _sdstream.merge_patch(body, _to_json(dict(changes)))
+    return _sdstream.validate_params(body, settings)
 
 
 def as_frame(frame: Any) -> np.ndarray:

@@ -17,8 +17,8 @@ use pyo3::types::PyDict;
 
 use sdstream::params::{ControlNetConfig, IPAdapterConfig};
 use sdstream::{
-    Engine, EngineOptions, EngineSettings, Error, Frame, Image, PixelFormat, StageMillis,
-    StreamDiffusion, StreamDiffusionParams, Update,
+    Engine, EngineOptions, EngineSettings, EngineState, EngineStatus, Error, Frame, Image,
+    PixelFormat, StreamDiffusion, StreamDiffusionParams, Submission,
 };
 
 create_exception!(
@@ -51,6 +51,20 @@ fn settings_from(settings_json: Option<&str>) -> PyResult<EngineSettings> {
         Some(text) => EngineSettings::from_json(text).map_err(py_err),
         None => Ok(EngineSettings::default()),
     }
+}
+
+/// `patch_json` merged into `base_json` as JSON Merge Patch (objects merge, `null` removes a
+/// member, anything else replaces): core's one merge of partial parameters. Raises
+/// `ValidationError` when either is not JSON.
+#[pyfunction]
+fn merge_patch(base_json: &str, patch_json: &str) -> PyResult<String> {
+    let parse = |what: &str, text: &str| {
+        serde_json::from_str::<serde_json::Value>(text)
+            .map_err(|e| ValidationError::new_err(format!("invalid JSON ({what}): {e}")))
+    };
+    let mut merged = parse("base", base_json)?;
+    sdstream::params::merge_patch(&mut merged, &parse("patch", patch_json)?);
+    Ok(merged.to_string())
 }
 
 /// Validates a Daydream body under the given engine settings and returns its canonical JSON
@@ -103,24 +117,15 @@ fn validate_nested(kind: &str, body: &str) -> PyResult<String> {
 }
 
 /// The Python name of an [`Update`].
-fn update_name(update: &Update) -> &'static str {
-    match update {
-        Update::Unchanged => "unchanged",
-        Update::Hot { .. } => "hot",
-        Update::ControlNetSwap { .. } => "swap",
-        Update::Reload { .. } => "reload",
-    }
-}
-
 /// What `classify` says about going from `old` to `new` (both canonical bodies, validated
-/// under `settings_json`): "unchanged", "hot", "swap" or "reload".
+/// under `settings_json`): "unchanged", "hot", "controlnet_swap" or "reload".
 #[pyfunction]
 #[pyo3(signature = (old, new, settings_json=None))]
 fn classify(old: &str, new: &str, settings_json: Option<&str>) -> PyResult<&'static str> {
     let settings = settings_from(settings_json)?;
     let old = StreamDiffusionParams::from_json_with(old, &settings).map_err(py_err)?;
     let new = StreamDiffusionParams::from_json_with(new, &settings).map_err(py_err)?;
-    Ok(update_name(&sdstream::classify(&old, &new)))
+    Ok(sdstream::classify(&old, &new).kind().as_str())
 }
 
 /// A frame borrowed from a C-contiguous HxWxC numpy array: uint8 with 3 (RGB) or 4 (RGBA)
@@ -274,7 +279,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[pyclass(module = "sdstream._sdstream", name = "_StreamDiffusion")]
 struct PyStreamDiffusion {
     stream: Mutex<Option<StreamDiffusion>>,
-    frames_processed: Mutex<u64>,
+    /// The report at `close`, state `OFFLINE`, for status calls after it.
+    closed_status: Mutex<Option<EngineStatus>>,
 }
 
 impl PyStreamDiffusion {
@@ -301,7 +307,7 @@ impl PyStreamDiffusion {
             .map_err(py_err)?;
         Ok(Self {
             stream: Mutex::new(Some(stream)),
-            frames_processed: Mutex::new(0),
+            closed_status: Mutex::new(None),
         })
     }
 
@@ -326,12 +332,11 @@ impl PyStreamDiffusion {
                     .map_err(py_err)
             })
         })?;
-        *lock(&self.frames_processed) += 1;
         image_to_py(py, image)
     }
 
-    /// Applies a complete canonical parameter set; returns "unchanged", "hot", "swap" or
-    /// "reload" (a reload rebuilds the stream before returning).
+    /// Applies a complete canonical parameter set; returns "unchanged", "hot",
+    /// "controlnet_swap" or "reload" (a reload rebuilds the stream before returning).
     fn update(&self, py: Python<'_>, params_json: &str) -> PyResult<&'static str> {
         py.detach(|| {
             self.with_stream(|stream| {
@@ -339,7 +344,7 @@ impl PyStreamDiffusion {
                     .map_err(py_err)?;
                 stream
                     .update(params)
-                    .map(|u| update_name(&u))
+                    .map(|u| u.kind().as_str())
                     .map_err(py_err)
             })
         })
@@ -355,38 +360,29 @@ impl PyStreamDiffusion {
         py.detach(|| self.with_stream(|stream| Ok(stream.settings().to_json())))
     }
 
-    /// A status report as JSON: state, parameters, output size, frame count and the last
-    /// frame's stage timings in milliseconds.
-    fn status_json(&self, py: Python<'_>) -> PyResult<String> {
-        let frames_processed = *lock(&self.frames_processed);
+    /// The status report as JSON, in the Engine's schema (see `StreamDiffusion::status`).
+    fn status_json(&self, py: Python<'_>) -> String {
         py.detach(|| {
-            let guard = lock(&self.stream);
-            let report = match guard.as_ref() {
-                None => {
-                    serde_json::json!({"state": "OFFLINE", "frames_processed": frames_processed})
-                }
-                Some(stream) => {
-                    let (width, height) = stream.output_size();
-                    let params: serde_json::Value =
-                        serde_json::from_str(&stream.params().to_json())
-                            .unwrap_or(serde_json::Value::Null);
-                    serde_json::json!({
-                        "state": "ONLINE",
-                        "last_params": params,
-                        "width": width,
-                        "height": height,
-                        "frames_processed": frames_processed,
-                        "timings": StageMillis::from(stream.timings()),
-                    })
-                }
+            let status = match lock(&self.stream).as_ref() {
+                Some(stream) => Some(stream.status()),
+                None => lock(&self.closed_status).clone(),
             };
-            Ok(report.to_string())
+            status.map_or_else(
+                || r#"{"state":"OFFLINE"}"#.to_owned(),
+                |s| serde_json::to_string(&s).unwrap_or_default(),
+            )
         })
     }
 
     /// Frees the pipeline (weights included). Idempotent; later calls fail.
     fn close(&self, py: Python<'_>) {
-        py.detach(|| drop(lock(&self.stream).take()));
+        py.detach(|| {
+            if let Some(stream) = lock(&self.stream).take() {
+                let mut status = stream.status();
+                status.state = EngineState::Offline;
+                *lock(&self.closed_status) = Some(status);
+            }
+        });
     }
 
     /// Whether `close` was called.
@@ -456,12 +452,10 @@ impl PyEngine {
         let frame = array.frame()?;
         let control_arrays = control_arrays(controls)?;
         let controls = control_frames(&control_arrays)?;
-        let controls: Vec<(&str, &Frame)> = controls.iter().map(|(id, c)| (*id, c)).collect();
-        py.detach(|| {
-            self.engine
-                .submit_with_controls(&frame, &controls, timestamp)
-        })
-        .map_err(py_err)
+        let submission = Submission::new(frame)
+            .controls(controls.iter().map(|(id, c)| (*id, *c)))
+            .timestamp(timestamp);
+        py.detach(|| self.engine.submit(submission)).map_err(py_err)
     }
 
     /// The oldest output not yet collected, or None; never waits. An output is a tuple
@@ -491,7 +485,7 @@ impl PyEngine {
         let params = StreamDiffusionParams::from_json_with(params_json, self.engine.settings())
             .map_err(py_err)?;
         py.detach(|| self.engine.update_params(params))
-            .map(|u| update_name(&u))
+            .map(|u| u.kind().as_str())
             .map_err(py_err)
     }
 
@@ -547,6 +541,7 @@ fn _sdstream(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("ValidationError", py.get_type::<ValidationError>())?;
     m.add("QueueFullError", py.get_type::<QueueFullError>())?;
+    m.add_function(wrap_pyfunction!(merge_patch, m)?)?;
     m.add_function(wrap_pyfunction!(validate_params, m)?)?;
     m.add_function(wrap_pyfunction!(validate_settings, m)?)?;
     m.add_function(wrap_pyfunction!(validate_options, m)?)?;

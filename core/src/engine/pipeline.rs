@@ -64,7 +64,7 @@ pub(crate) trait PipelineFactory: Send + Sync {
 
     /// Whether every ControlNet in `ids` (model_ids of `params`) is loaded, so that a swap to
     /// `params` costs no weight reads.
-    fn controlnets_ready(&self, params: &StreamDiffusionParams, ids: &[String]) -> bool {
+    fn controlnets_ready(&self, params: &StreamDiffusionParams, ids: &[&str]) -> bool {
         let _ = (params, ids);
         true
     }
@@ -124,7 +124,7 @@ impl PipelineFactory for StreamDiffusionFactory {
         Ok(())
     }
 
-    fn controlnets_ready(&self, params: &StreamDiffusionParams, ids: &[String]) -> bool {
+    fn controlnets_ready(&self, params: &StreamDiffusionParams, ids: &[&str]) -> bool {
         self.shared_models(&params.model_id)
             .is_some_and(|models| ids.iter().all(|id| models.cached_controlnet(id).is_some()))
     }

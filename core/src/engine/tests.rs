@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use super::pipeline::{Pipeline, PipelineFactory};
 use super::*;
 use crate::params::Prompt;
+use crate::pipeline::stream_diffusion::StageTimings;
+use crate::{Frame, Image, PixelFormat};
 
 /// Outputs one RGB pixel: [first input byte, width / 64, calls so far (warm-up included)].
 /// Prompt "panic" panics, prompt "fail" fails.
@@ -152,9 +154,9 @@ impl PipelineFactory for FakeFactory {
         Ok(())
     }
 
-    fn controlnets_ready(&self, _params: &StreamDiffusionParams, ids: &[String]) -> bool {
+    fn controlnets_ready(&self, _params: &StreamDiffusionParams, ids: &[&str]) -> bool {
         let loaded = self.loaded.lock().expect("loaded list");
-        ids.iter().all(|id| loaded.contains(id))
+        ids.iter().all(|id| loaded.iter().any(|l| l == id))
     }
 }
 
@@ -187,7 +189,7 @@ fn pixel(value: u8) -> [u8; 3] {
 fn submit(engine: &Engine, value: u8) -> Result<FrameId> {
     let data = pixel(value);
     let frame = Frame::packed(&data, 1, 1, PixelFormat::Rgb8)?;
-    engine.submit(&frame)
+    engine.submit(frame)
 }
 
 fn recv(engine: &Engine) -> Output {
@@ -230,7 +232,7 @@ fn outputs_follow_inputs_with_ids_timestamps_and_versions() {
     let data = pixel(7);
     let frame = Frame::packed(&data, 1, 1, PixelFormat::Rgb8).expect("frame");
     let id = engine
-        .submit_with_timestamp(&frame, 123_456)
+        .submit(Submission::new(frame).timestamp(123_456))
         .expect("submit");
     let out = recv(&engine);
     assert_eq!(
@@ -241,7 +243,7 @@ fn outputs_follow_inputs_with_ids_timestamps_and_versions() {
     // A strided frame is copied row by row without its padding.
     let strided = [1u8, 2, 3, 99, 4, 5, 6, 99];
     let frame = Frame::new(&strided, 1, 2, 4, PixelFormat::Rgb8).expect("frame");
-    engine.submit(&frame).expect("submit");
+    engine.submit(frame).expect("submit");
     assert_eq!(recv(&engine).image.data[0], 1);
     let status = engine.status();
     assert_eq!(status.state, EngineState::Online);
@@ -630,7 +632,7 @@ fn lossless_refuses_when_full_and_latest_drops_the_oldest() {
     let mut collected = Vec::new();
     for _ in 0..3 {
         while let Err(Error::QueueFull { .. }) =
-            engine.submit_timeout(&frame, None, Duration::from_millis(100))
+            engine.submit(Submission::new(frame).wait_for_room(Duration::from_millis(100)))
         {
             collected.extend(engine.poll());
         }
@@ -816,4 +818,41 @@ fn stress_with_concurrent_producers_and_updates() {
         status.frames_processed,
         outputs.len() as u64 + status.outputs_dropped
     );
+}
+
+#[test]
+fn options_out_of_range_are_refused_before_anything_is_allocated() {
+    for (field, value) in [
+        ("queue_capacity", "0"),
+        ("queue_capacity", "1000000000"),
+        ("output_capacity", "18446744073709551615"),
+        ("input_timeout_ms", "18446744073709551615"),
+        ("fps_window_ms", "0"),
+        ("fps_window_ms", "3600001"),
+    ] {
+        let err = EngineOptions::from_json(&format!("{{\"{field}\": {value}}}"))
+            .expect_err(field)
+            .to_string();
+        assert!(
+            err.contains(field) && err.contains(&format!("got {value}")),
+            "{field} = {value}: {err}"
+        );
+        // The same through spawn: no thread starts, no queue is reserved.
+        let options: EngineOptions =
+            serde_json::from_str(&format!("{{\"{field}\": {value}}}")).expect(field);
+        let err = Engine::spawn_with_factory(
+            params_with("a", 64),
+            EngineSettings::default(),
+            options,
+            FakeFactory::new(0, 1),
+        )
+        .expect_err("spawn with bad options");
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    for (field, least, most) in EngineOptions::OPTION_RANGES {
+        for value in [least, most] {
+            EngineOptions::from_json(&format!("{{\"{field}\": {value}}}"))
+                .unwrap_or_else(|e| panic!("{field} = {value}: {e}"));
+        }
+    }
 }

@@ -7,16 +7,16 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::hub::{self, HubOptions};
 use crate::model::clip::ClipTextModel;
 use crate::model::controlnet::ControlNetModel;
-use crate::model::hub::{self, HubOptions};
 use crate::model::taesd::AutoencoderTiny;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKl;
 use crate::params::{EngineSettings, ModelFamily, VaeChoice};
-use crate::pipeline::rng::TorchGenerator;
-use crate::pipeline::scheduler::LcmScheduler;
+use crate::sampling::rng::TorchGenerator;
+use crate::sampling::scheduler::LcmScheduler;
 use crate::{Error, Result};
 
 /// The image autoencoder a stream encodes and decodes with.
@@ -152,10 +152,7 @@ impl StableDiffusionModels {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         let fp16 = settings.dtype.dtype() == DType::F16;
-        let mut opts = HubOptions::from_env();
-        if settings.model_root.is_some() {
-            opts.model_root = settings.model_root.clone();
-        }
+        let opts = settings.hub_options();
         let full_vae = settings.vae == VaeChoice::Full;
         let dir = resolve(model_id, &opts, &checkpoint_files(full_vae, fp16))?;
         // The default TAESD depends on the family, known only once the UNet config is read.

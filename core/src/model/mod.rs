@@ -7,12 +7,12 @@
 pub mod bundle;
 pub mod clip;
 pub mod controlnet;
-pub mod hub;
 pub mod kernels;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub(crate) mod unet_blocks;
+mod unet_config;
 pub mod vae;
 
 use std::path::{Path, PathBuf};

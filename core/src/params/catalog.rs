@@ -3,7 +3,6 @@
 //! tables; nothing else should spell the ids out again.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 
 /// The architecture family of a base model; it decides which ControlNets and adapters fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -192,23 +191,6 @@ pub const IP_ADAPTER_IMAGE_ENCODER_PATHS: &[&str] = &[
 
 /// Values Daydream accepts for `ip_adapter.insightface_model_name`.
 pub const INSIGHTFACE_MODEL_NAMES: &[&str] = &["buffalo_l"];
-
-/// The folder a model id names on this machine, if it names one: `model_root/<id>` first (so a
-/// cache of known ids can live there), then `<id>` itself as a path. Validation accepts any id
-/// this finds; the loaders resolve ids the same way.
-pub fn local_model_dir(id: &str, model_root: Option<&Path>) -> Option<PathBuf> {
-    if id.is_empty() {
-        return None;
-    }
-    if let Some(root) = model_root {
-        let under_root = root.join(id);
-        if under_root.is_dir() {
-            return Some(under_root);
-        }
-    }
-    let as_path = PathBuf::from(id);
-    as_path.is_dir().then_some(as_path)
-}
 
 /// Formats ids the way Daydream's messages do (a Python list repr): `['a', 'b']`.
 pub(crate) fn python_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {

@@ -143,7 +143,71 @@ pub enum Update {
     },
 }
 
+/// What an [`Update`] is, without its details; the one spelling every surface uses (Rust,
+/// C's `SdsUpdateKind`, Python's strings, the server's JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpdateKind {
+    /// [`Update::Unchanged`].
+    Unchanged,
+    /// [`Update::Hot`].
+    Hot,
+    /// [`Update::ControlNetSwap`].
+    ControlNetSwap,
+    /// [`Update::Reload`].
+    Reload,
+}
+
+impl UpdateKind {
+    /// `"unchanged"`, `"hot"`, `"controlnet_swap"` or `"reload"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateKind::Unchanged => "unchanged",
+            UpdateKind::Hot => "hot",
+            UpdateKind::ControlNetSwap => "controlnet_swap",
+            UpdateKind::Reload => "reload",
+        }
+    }
+}
+
+impl std::fmt::Display for UpdateKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Update {
+    /// Its kind.
+    pub fn kind(&self) -> UpdateKind {
+        match self {
+            Update::Unchanged => UpdateKind::Unchanged,
+            Update::Hot { .. } => UpdateKind::Hot,
+            Update::ControlNetSwap { .. } => UpdateKind::ControlNetSwap,
+            Update::Reload { .. } => UpdateKind::Reload,
+        }
+    }
+
+    /// Whether applying it in place leaves the stream batch at its zero state: a new number of
+    /// steps (`t_index_list` of another length) gives the stream fresh buffers, so the next
+    /// n − 1 outputs come from them unless it is primed again (warm-up). A reload builds a new
+    /// stream, which starts zeroed too.
+    pub fn resets_stream_batch(&self) -> bool {
+        self.needs_reload()
+            || self
+                .hot_changes()
+                .iter()
+                .any(|c| matches!(c, HotChange::TIndexList { same_len: false }))
+    }
+
+    /// The model ids of the ControlNets a swap adds (empty for any other kind).
+    pub fn added_controlnet_ids(&self) -> Vec<&str> {
+        match self {
+            Update::ControlNetSwap { added, .. } => {
+                added.iter().map(|c| c.model_id.as_str()).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// True when the update applies in place without loading anything: [`Update::Hot`] and, as
     /// the trivial case, [`Update::Unchanged`]. False for a ControlNet swap and a reload.
     pub fn is_hot(&self) -> bool {

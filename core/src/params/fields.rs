@@ -9,7 +9,7 @@ use super::json::{self, Shape};
 use super::nested::{ControlNetConfig, IPAdapterConfig, ProcessingConfig};
 use super::settings::EngineSettings;
 use super::weighted::{InterpolationMethod, Prompt, Seed};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Daydream's acceleration switch. Accepted for compatibility; every value means "the fastest
 /// path available here".
@@ -203,6 +203,18 @@ impl StreamDiffusionParams {
     /// rules of [`validate`](Self::validate) are not. For callers that merge before validating.
     pub fn from_json_unvalidated(text: &str) -> Result<Self> {
         json::parse(text, BODY_SHAPE)
+    }
+
+    /// These parameters with `patch` merged in as JSON Merge Patch ([`merge_patch`]: objects
+    /// merge, `null` restores a default, anything else replaces), validated under `settings`.
+    /// `self` is unchanged either way.
+    ///
+    /// [`merge_patch`]: super::merge_patch
+    pub fn patched(&self, patch: &serde_json::Value, settings: &EngineSettings) -> Result<Self> {
+        let mut merged: serde_json::Value =
+            serde_json::from_str(&self.to_json()).map_err(|e| Error::Json(e.to_string()))?;
+        json::merge_patch(&mut merged, patch);
+        Self::from_json_with(&merged.to_string(), settings)
     }
 
     /// The parameters as JSON, every field present; [`from_json`](Self::from_json) of the

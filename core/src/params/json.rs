@@ -54,6 +54,30 @@ pub(crate) fn to_string<T: Serialize>(value: &T) -> String {
     }
 }
 
+/// Applies `patch` to `target` as JSON Merge Patch (RFC 7386) says: an object patch merges
+/// member by member, recursively; a `null` member removes that member (so a parameter goes
+/// back to its default); anything else replaces. The one merge of partial parameters: the
+/// server's PATCH and create bodies and the Python module's keyword updates all use it.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(members) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(serde_json::Map::new());
+    }
+    let Value::Object(target) = target else {
+        unreachable!("made an object above")
+    };
+    for (name, value) in members {
+        if value.is_null() {
+            target.remove(name);
+        } else {
+            merge_patch(target.entry(name.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
 fn check_shape(value: &Value, shape: Shape, path: &str) -> Result<()> {
     match (shape, value) {
         (_, Value::Null) => Ok(()),
@@ -93,5 +117,66 @@ fn kind(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The examples of RFC 7386, appendix A, and nested nulls inside an added object.
+    #[test]
+    fn merge_patch_follows_rfc_7386() {
+        let cases = [
+            (json!({"a": "b"}), json!({"a": "c"}), json!({"a": "c"})),
+            (
+                json!({"a": "b"}),
+                json!({"b": "c"}),
+                json!({"a": "b", "b": "c"}),
+            ),
+            (json!({"a": "b"}), json!({"a": null}), json!({})),
+            (
+                json!({"a": "b", "b": "c"}),
+                json!({"a": null}),
+                json!({"b": "c"}),
+            ),
+            (json!({"a": ["b"]}), json!({"a": "c"}), json!({"a": "c"})),
+            (json!({"a": "c"}), json!({"a": ["b"]}), json!({"a": ["b"]})),
+            (
+                json!({"a": {"b": "c"}}),
+                json!({"a": {"b": "d", "c": null}}),
+                json!({"a": {"b": "d"}}),
+            ),
+            (
+                json!({"a": [{"b": "c"}]}),
+                json!({"a": [1]}),
+                json!({"a": [1]}),
+            ),
+            (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
+            (json!({"a": "b"}), json!(["c"]), json!(["c"])),
+            (json!({"a": "foo"}), json!(null), json!(null)),
+            (json!({"a": "foo"}), json!("bar"), json!("bar")),
+            (
+                json!({"e": null}),
+                json!({"a": 1}),
+                json!({"e": null, "a": 1}),
+            ),
+            (
+                json!([1, 2]),
+                json!({"a": "b", "c": null}),
+                json!({"a": "b"}),
+            ),
+            (
+                json!({}),
+                json!({"a": {"bb": {"ccc": null}}}),
+                json!({"a": {"bb": {}}}),
+            ),
+        ];
+        for (target, patch, want) in cases {
+            let mut got = target.clone();
+            merge_patch(&mut got, &patch);
+            assert_eq!(got, want, "{target} + {patch}");
+        }
     }
 }

@@ -23,8 +23,9 @@ mod validate;
 mod weighted;
 
 pub use catalog::ModelFamily;
-pub use classify::{ControlNetField, HotChange, IpAdapterField, Update, classify};
+pub use classify::{ControlNetField, HotChange, IpAdapterField, Update, UpdateKind, classify};
 pub use fields::{Acceleration, DEFAULT_IP_ADAPTER_STYLE_IMAGE_URL, StreamDiffusionParams};
+pub use json::merge_patch;
 pub use nested::{
     ControlNetConfig, IPAdapterConfig, IpAdapterType, ProcessingConfig, ProcessorConfig,
 };

@@ -258,7 +258,9 @@ pub struct EngineSettings {
     pub dtype: DTypeChoice,
     /// Autoencoder. Default `"taesd"`.
     pub vae: VaeChoice,
-    /// Folder where model ids are looked up first (`<model_root>/<model_id>`). Default none.
+    /// Folder of models laid out as `<model_root>/<model_id>`, searched after the id itself as
+    /// a folder and before the Hugging Face cache (see [`crate::hub`]). Default none: the
+    /// `SDSTREAM_MODEL_ROOT` environment variable, if set.
     pub model_root: Option<PathBuf>,
     /// When true, width and height may be any multiple of 8 from 64 to 2048 instead of
     /// Daydream's 384–1024 in steps of 64 (small checkpoints and tests need it). Default false.
@@ -280,6 +282,13 @@ impl Default for EngineSettings {
 }
 
 impl EngineSettings {
+    /// Where model ids are looked for under these settings: `model_root` (or
+    /// `SDSTREAM_MODEL_ROOT`), the Hugging Face cache, and whether downloads are allowed. The
+    /// one place validation and the loaders get it from.
+    pub fn hub_options(&self) -> crate::hub::HubOptions {
+        crate::hub::HubOptions::with_model_root(self.model_root.as_deref())
+    }
+
     /// Parses and validates settings from JSON; omitted keys take their defaults.
     pub fn from_json(text: &str) -> Result<Self> {
         let settings: EngineSettings = json::parse(text, json::Shape::Object(&[]))?;

@@ -16,6 +16,7 @@ use super::fields::StreamDiffusionParams;
 use super::nested::{ControlNetConfig, IPAdapterConfig, ProcessingConfig};
 use super::settings::EngineSettings;
 use super::weighted::{Prompt, Seed};
+use crate::hub;
 use crate::{Error, Result};
 
 /// Seeds must stay below 2^53 so that they survive a round trip through a JSON double
@@ -50,7 +51,8 @@ impl ModelKind {
 
 impl StreamDiffusionParams {
     /// Checks every rule of the contract under `settings` (`allow_any_resolution` relaxes the
-    /// resolution rule; `model_root` is where local model folders are looked up first).
+    /// resolution rule; `model_root` is where model ids are looked up after themselves as
+    /// folders, see [`hub::local_dir`]).
     ///
     /// A `model_id` that is an existing local folder has no known family at this point, so the
     /// ControlNet-family list, the SDXL limit and IPAdapter support are skipped for it; the
@@ -115,7 +117,7 @@ impl StreamDiffusionParams {
     }
 
     /// Resolves `model_id` the way validation does: a known id with its family, or an existing
-    /// local folder (`model_root/<id>` first, then `<id>` as a path).
+    /// local folder ([`hub::local_dir`]: `<id>` as a path, then `model_root/<id>`).
     pub fn model_kind(&self, settings: &EngineSettings) -> Result<ModelKind> {
         resolve_model(&self.model_id, settings)
     }
@@ -125,7 +127,7 @@ fn resolve_model(model_id: &str, settings: &EngineSettings) -> Result<ModelKind>
     if let Some(family) = ModelFamily::of_model(model_id) {
         return Ok(ModelKind::Known(family));
     }
-    if let Some(dir) = catalog::local_model_dir(model_id, settings.model_root.as_deref()) {
+    if let Some(dir) = hub::local_dir(model_id, &settings.hub_options()) {
         return Ok(ModelKind::LocalFolder(dir));
     }
     Err(Error::param(
@@ -388,7 +390,7 @@ fn check_controlnet_fields(
     let path = |leaf: &str| format!("controlnets[{i}].{leaf}");
     let id = net.model_id.as_str();
     let known = catalog::controlnet_family(id).is_some();
-    if !known && catalog::local_model_dir(id, settings.model_root.as_deref()).is_none() {
+    if !known && hub::local_dir(id, &settings.hub_options()).is_none() {
         let field = path("model_id");
         let message = if UNSUPPORTED_TEMPORALNETS.contains(&id) {
             format!(

@@ -1,8 +1,9 @@
 //! The StreamDiffusion state machine: scheduler grid, stream batch, residual CFG, noise.
 
 pub mod blend;
+mod conditioning;
+mod controlnet;
 pub mod filter;
-pub mod rng;
-pub mod scheduler;
 pub mod stream;
 pub mod stream_diffusion;
+mod support;

@@ -4,7 +4,7 @@
 //! later (the stream batch holds one frame per step); the first n − 1 outputs come from a zero
 //! latent buffer. Every call to [`StreamDiffusion::process`] returns one frame.
 //!
-//! ControlNets (ALGORITHM.md §5): every net in `params.controlnets` is attached (loaded through
+//! ControlNets (docs/ALGORITHM.md §5): every net in `params.controlnets` is attached (loaded through
 //! the models' cache) and stays attached while it is listed, enabled or not. Each frame, every
 //! enabled net with a non-zero `conditioning_scale` gets its control image (the input frame
 //! through its preprocessor, or the host's image for `external`), and on every UNet call runs on
@@ -22,13 +22,19 @@ use candle_core::{DType, Tensor};
 use crate::frame::{Frame, Image};
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::controlnet::ControlNetModel;
-use crate::model::unet::ControlResiduals;
-use crate::params::{EngineSettings, ModelFamily, Prompt, StreamDiffusionParams, Update, classify};
-use crate::pipeline::blend::{blend, blend_noise, normalized_weights};
+use crate::params::{EngineSettings, HotChange, StreamDiffusionParams, Update, classify};
+use crate::pipeline::conditioning::{
+    PromptCache, build_state, latent_shape, prompt_embedding, seed_noise, step_tensors,
+};
+use crate::pipeline::controlnet::{
+    ActiveControlNet, attach_controlnets, control_conditions, control_residuals,
+};
 use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
-use crate::pipeline::rng::TorchGenerator;
-use crate::pipeline::stream::{Conditioning, GuidanceParams, StepTensors, StreamState};
+use crate::pipeline::stream::{Conditioning, GuidanceParams, StreamState};
+pub(crate) use crate::pipeline::support::{check_control_ids, check_supported};
 use crate::preprocess::{self, ProcessorInputs};
+use crate::sampling::rng::TorchGenerator;
+use crate::status::{Activity, EngineState, EngineStatus, epoch_ms, params_hash};
 use crate::{Error, Result};
 
 /// Wall-clock time of each stage of the last processed frame.
@@ -67,10 +73,33 @@ pub struct StreamDiffusion {
     controlnets: Vec<Arc<ControlNetModel>>,
     /// The latest host-supplied control image per ControlNet id, `[1, 3, H, W]` f32 in [0, 1].
     external_controls: HashMap<String, Tensor>,
+    /// What [`status`](Self::status) reports; kept across reloads.
+    report: StreamReport,
 }
 
-/// The preprocessor name whose control image the host supplies with each frame.
-const EXTERNAL_PREPROCESSOR: &str = "external";
+/// The counters behind a stream's status report.
+#[derive(Debug)]
+struct StreamReport {
+    activity: Activity,
+    /// Accepted parameter changes (0: the initial parameters).
+    params_version: u64,
+    params_time: Option<u64>,
+    /// Reloads (the stream rebuilt by `update`).
+    restart_count: u64,
+    last_restart_time: Option<u64>,
+}
+
+impl Default for StreamReport {
+    fn default() -> Self {
+        Self {
+            activity: Activity::new(Duration::from_secs(2)),
+            params_version: 0,
+            params_time: None,
+            restart_count: 0,
+            last_restart_time: None,
+        }
+    }
+}
 
 /// A source of fresh Gaussian noise of a given shape.
 pub type NoiseSource = Box<dyn FnMut(&[usize]) -> Result<Tensor> + Send>;
@@ -163,6 +192,7 @@ impl StreamDiffusion {
             renoise: None,
             controlnets,
             external_controls: HashMap::new(),
+            report: StreamReport::default(),
         })
     }
 
@@ -206,6 +236,17 @@ impl StreamDiffusion {
         frame: &Frame,
         controls: &[(&str, &Frame)],
     ) -> Result<Image> {
+        self.report.activity.frame_in(Instant::now());
+        let result = self.run_frame(frame, controls);
+        let activity = &mut self.report.activity;
+        match &result {
+            Ok(_) => activity.frame_out(Instant::now(), self.timings),
+            Err(e) => activity.frame_failed(Instant::now(), format!("a frame failed: {e}")),
+        }
+        result
+    }
+
+    fn run_frame(&mut self, frame: &Frame, controls: &[(&str, &Frame)]) -> Result<Image> {
         let start = Instant::now();
         let (width, height) = self.output_size();
         let x = frame.to_tensor(width, height, &self.models.device)?;
@@ -223,6 +264,26 @@ impl StreamDiffusion {
         self.timings.postprocess = post.elapsed();
         self.timings.total = start.elapsed();
         Ok(image)
+    }
+
+    /// The status report, in the [`Engine`](crate::Engine)'s schema: state `ONLINE`, fps,
+    /// frame and error counters, the last error, the last frame's stage timings, the
+    /// parameters and how often they changed (a reload counts as a restart). Frames and
+    /// errors are those of [`process`](Self::process) / [`process_with_controls`](Self::process_with_controls)
+    /// and [`update`](Self::update).
+    pub fn status(&self) -> EngineStatus {
+        let report = &self.report;
+        let params = self.params.to_json();
+        EngineStatus {
+            last_params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
+            last_params_hash: params_hash(&params),
+            last_params_update_time: report.params_time,
+            restart_count: report.restart_count,
+            last_restart_time: report.last_restart_time,
+            params_version: report.params_version,
+            serving_params_version: Some(report.params_version),
+            ..report.activity.report(Instant::now(), EngineState::Online)
+        }
     }
 
     /// The tensor path: `x` is `[1, 3, H, W]` in [−1, 1] at the stream's size; returns the
@@ -270,7 +331,13 @@ impl StreamDiffusion {
             }
         }
         let tc = Instant::now();
-        let conds = self.control_conditions(Some(&to_unit(x)?))?;
+        let conds = control_conditions(
+            &self.params,
+            &self.controlnets,
+            &self.external_controls,
+            self.previous_output.as_ref(),
+            Some(&to_unit(x)?),
+        )?;
         let control_prep = tc.elapsed();
         let x = x.to_dtype(self.models.dtype)?;
         let t0 = Instant::now();
@@ -332,82 +399,16 @@ impl StreamDiffusion {
     ///
     /// Only `external` ControlNets act here (the others derive their image from an input frame).
     pub fn txt2img_from(&mut self, latent: &Tensor) -> Result<Tensor> {
-        let conds = self.control_conditions(None)?;
+        let conds = control_conditions(
+            &self.params,
+            &self.controlnets,
+            &self.external_controls,
+            self.previous_output.as_ref(),
+            None,
+        )?;
         let x0 = self.denoise(latent, &conds)?;
         let image = self.models.autoencoder.decode(&x0)?;
         crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)
-    }
-
-    /// The ControlNets that act on this frame, each with its embedded control image. `input` is
-    /// the frame `[1, 3, H, W]` in [0, 1] (`None` for txt2img: only `external` nets act).
-    /// Disabled nets, scale-0 nets and nets whose guidance window covers no step are skipped
-    /// without preprocessing.
-    fn control_conditions(&self, input: Option<&Tensor>) -> Result<Vec<ActiveControlNet>> {
-        let steps = self.params.t_index_list.len();
-        let mut active = Vec::new();
-        // Nets with the same preprocessor and settings share one control image.
-        let mut images: Vec<(&str, &serde_json::Map<String, serde_json::Value>, Tensor)> =
-            Vec::new();
-        for (config, net) in self.params.controlnets.iter().zip(&self.controlnets) {
-            if !config.enabled || config.conditioning_scale == 0.0 {
-                continue;
-            }
-            let window = GuidanceWindow {
-                start: config.control_guidance_start,
-                end: config.control_guidance_end,
-            };
-            if !(0..steps).any(|i| window.keeps(i, steps)) {
-                continue;
-            }
-            let external = self.external_controls.get(&config.model_id);
-            let image = if config.preprocessor == EXTERNAL_PREPROCESSOR {
-                let Some(external) = external else { continue };
-                let source = input.unwrap_or(external);
-                let inputs = ProcessorInputs {
-                    previous_output: self.previous_output.as_ref(),
-                    external: Some(external),
-                };
-                preprocess::apply(
-                    &config.preprocessor,
-                    &config.preprocessor_params,
-                    source,
-                    &inputs,
-                )?
-            } else {
-                let Some(input) = input else { continue };
-                let cached = images.iter().find(|(name, params, _)| {
-                    *name == config.preprocessor && **params == config.preprocessor_params
-                });
-                match cached {
-                    Some((_, _, image)) => image.clone(),
-                    None => {
-                        let inputs = ProcessorInputs {
-                            previous_output: self.previous_output.as_ref(),
-                            external,
-                        };
-                        let image = preprocess::apply(
-                            &config.preprocessor,
-                            &config.preprocessor_params,
-                            input,
-                            &inputs,
-                        )?;
-                        images.push((
-                            &config.preprocessor,
-                            &config.preprocessor_params,
-                            image.clone(),
-                        ));
-                        image
-                    }
-                }
-            };
-            active.push(ActiveControlNet {
-                embedded: net.embed_condition(&image)?,
-                net: net.clone(),
-                scale: config.conditioning_scale,
-                window,
-            });
-        }
-        Ok(active)
     }
 
     /// Runs the stream batch on a noised latent and returns x̂₀ of the row that leaves it.
@@ -464,6 +465,26 @@ impl StreamDiffusion {
     /// when `model_id` is unchanged). On any error (a missing or incompatible ControlNet
     /// included) the stream keeps its previous state.
     pub fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
+        let result = self.apply_update(params);
+        let report = &mut self.report;
+        match &result {
+            Ok(Update::Unchanged) => {}
+            Ok(update) => {
+                report.params_version += 1;
+                report.params_time = Some(epoch_ms());
+                if update.needs_reload() {
+                    report.restart_count += 1;
+                    report.last_restart_time = report.params_time;
+                }
+            }
+            Err(e) => report.activity.error(format!(
+                "an update failed, the previous parameters stay: {e}"
+            )),
+        }
+        result
+    }
+
+    fn apply_update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
         params.validate(&self.settings)?;
         check_supported(&params, Some(self.models.family))?;
         let update = classify(&self.params, &params);
@@ -477,7 +498,7 @@ impl StreamDiffusion {
                     &self.current_controlnets(),
                     &mut |line| eprintln!("sdstream: {line}"),
                 )?;
-                self.apply_hot(params)?;
+                self.apply_hot(params, update.hot_changes())?;
                 self.controlnets = controlnets;
                 let ids: Vec<&str> = self
                     .params
@@ -498,7 +519,9 @@ impl StreamDiffusion {
                         &mut |line| eprintln!("sdstream: {line}"),
                     )?)
                 };
-                *self = Self::with_models(models, params, self.settings.clone())?;
+                let mut fresh = Self::with_models(models, params, self.settings.clone())?;
+                fresh.report = std::mem::take(&mut self.report);
+                *self = fresh;
             }
         }
         Ok(update)
@@ -514,60 +537,76 @@ impl StreamDiffusion {
             .collect()
     }
 
-    /// Recomputes only what the changed hot fields affect; builds everything first and commits
-    /// at the end, so a failure leaves the stream as it was.
-    fn apply_hot(&mut self, params: StreamDiffusionParams) -> Result<()> {
-        let old = std::mem::replace(&mut self.params, params);
-        let result = self.apply_hot_inner(&old);
-        if result.is_err() {
-            self.params = old;
-        }
-        result
-    }
-
-    fn apply_hot_inner(&mut self, old: &StreamDiffusionParams) -> Result<()> {
-        let new = &self.params;
-        let prompt_changed = old.prompt != new.prompt
-            || old.prompt_interpolation_method != new.prompt_interpolation_method
-            || old.normalize_prompt_weights != new.normalize_prompt_weights;
-        let cond = if prompt_changed {
-            Some(prompt_embedding(&self.models, new, &mut self.prompt_cache)?)
+    /// Takes `params` in place, recomputing only what `changes` (the hot changes [`classify`]
+    /// found) touch; everything is built first and committed at the end, so a failure leaves
+    /// the stream as it was. Fields read on every frame (guidance, delta, the ControlNets'
+    /// scales and windows, the processor chains) need nothing here.
+    fn apply_hot(&mut self, params: StreamDiffusionParams, changes: &[HotChange]) -> Result<()> {
+        let touched = |wanted: fn(&HotChange) -> bool| changes.iter().any(wanted);
+        let cond = if touched(|c| {
+            matches!(
+                c,
+                HotChange::Prompt { .. }
+                    | HotChange::PromptInterpolationMethod
+                    | HotChange::NormalizePromptWeights
+            )
+        }) {
+            Some(prompt_embedding(
+                &self.models,
+                &params,
+                &mut self.prompt_cache,
+            )?)
         } else {
             None
         };
-        let uncond = if old.negative_prompt != new.negative_prompt {
+        let uncond = if touched(|c| matches!(c, HotChange::NegativePrompt)) {
             Some(
                 self.prompt_cache
-                    .embed(&self.models, &new.negative_prompt)?,
+                    .embed(&self.models, &params.negative_prompt)?,
             )
         } else {
             None
         };
-        let steps_changed = old.num_inference_steps != new.num_inference_steps
-            || old.t_index_list != new.t_index_list;
-        let seed_changed = old.seed != new.seed
-            || old.seed_interpolation_method != new.seed_interpolation_method
-            || old.normalize_seed_weights != new.normalize_seed_weights;
-        let mut state = self.state.clone();
-        let mut generator = None;
-        if steps_changed && old.t_index_list.len() != new.t_index_list.len() {
+        let new_batch = touched(|c| matches!(c, HotChange::TIndexList { same_len: false }));
+        let new_steps = touched(|c| {
+            matches!(
+                c,
+                HotChange::TIndexList { .. } | HotChange::NumInferenceSteps
+            )
+        });
+        let new_seed = touched(|c| {
+            matches!(
+                c,
+                HotChange::Seed { .. }
+                    | HotChange::SeedInterpolationMethod
+                    | HotChange::NormalizeSeedWeights
+            )
+        });
+        let (state, generator) = if new_batch {
             // A new batch size: fresh buffers and noise, as a new stream would have.
-            let (fresh, g) = build_state(&self.models, new)?;
-            state = fresh;
-            generator = Some(g);
-        } else {
-            if steps_changed {
-                state.set_steps(step_tensors(&self.models, new)?)?;
+            let (state, generator) = build_state(&self.models, &params)?;
+            (Some(state), Some(generator))
+        } else if new_steps || new_seed {
+            let mut state = self.state.clone();
+            if new_steps {
+                state.set_steps(step_tensors(&self.models, &params)?)?;
             }
-            if seed_changed {
-                let (noise, g) = seed_noise(&self.models, new, state.init_noise().dims())?;
+            let mut generator = None;
+            if new_seed {
+                let (noise, g) = seed_noise(&self.models, &params, state.init_noise().dims())?;
                 state.set_init_noise(noise)?;
                 generator = Some(g);
             }
+            (Some(state), generator)
+        } else {
+            (None, None)
+        };
+        self.params = params;
+        if let Some(state) = state {
+            self.state = state;
         }
-        self.state = state;
-        if let Some(g) = generator {
-            self.generator = g;
+        if let Some(generator) = generator {
+            self.generator = generator;
         }
         if let Some(cond) = cond {
             self.conditioning.cond = cond;
@@ -589,242 +628,6 @@ impl StreamDiffusion {
     }
 }
 
-/// Rejects parameters that ask for features this version does not implement, rather than
-/// silently streaming without them, and checks every ControlNet's preprocessor and its
-/// parameters with [`preprocess::validate`]. `use_safety_checker` is accepted: no checker runs yet, which
-/// the README states. `family` is the loaded model's, when known (LCM-LoRA matters for SD1.5).
-pub(crate) fn check_supported(
-    params: &StreamDiffusionParams,
-    family: Option<ModelFamily>,
-) -> Result<()> {
-    let not_yet = |field: &str, what: &str| {
-        Err(Error::param(
-            field,
-            format!("{what} is not supported yet by sdstream"),
-        ))
-    };
-    for (i, net) in params.controlnets.iter().enumerate() {
-        preprocess::validate(
-            &net.preprocessor,
-            &net.preprocessor_params,
-            &format!("controlnets[{i}].preprocessor"),
-        )?;
-    }
-    if params.ip_adapter.enabled {
-        return not_yet("ip_adapter", "IP-Adapter");
-    }
-    if params.lora_dict.as_ref().is_some_and(|l| !l.is_empty()) {
-        return not_yet("lora_dict", "LoRA");
-    }
-    if params.use_lcm_lora && family == Some(ModelFamily::Sd15) {
-        return not_yet(
-            "use_lcm_lora",
-            "LCM-LoRA (needed by SD1.5 models, not by turbo ones)",
-        );
-    }
-    preprocess::validate_chain(params.image_preprocessing.as_ref(), "image_preprocessing")?;
-    preprocess::validate_chain(params.image_postprocessing.as_ref(), "image_postprocessing")?;
-    for (field, block) in [
-        ("latent_preprocessing", &params.latent_preprocessing),
-        ("latent_postprocessing", &params.latent_postprocessing),
-    ] {
-        if preprocess::chain_is_active(block.as_ref()) {
-            return not_yet(field, "Latent processors");
-        }
-    }
-    if params.skip_diffusion {
-        return not_yet("skip_diffusion", "skip_diffusion (processors only)");
-    }
-    Ok(())
-}
-
-/// Fails, naming the id, when a control image is given for an id that names none of
-/// `params.controlnets` (the stream and the engine's submit share this rule).
-pub(crate) fn check_control_ids<'a>(
-    params: &StreamDiffusionParams,
-    ids: impl IntoIterator<Item = &'a str>,
-) -> Result<()> {
-    let configured = || {
-        params
-            .controlnets
-            .iter()
-            .map(|c| c.model_id.as_str())
-            .collect::<Vec<_>>()
-    };
-    for id in ids {
-        if !params.controlnets.iter().any(|c| c.model_id == id) {
-            return Err(Error::param(
-                "controls",
-                format!(
-                    "control image given for {id:?}, which is not a configured ControlNet \
-                     (configured: {:?})",
-                    configured()
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// A ControlNet acting on the current frame.
-struct ActiveControlNet {
-    net: Arc<ControlNetModel>,
-    /// Its control image through the net's conditioning embedding, `[1, ch0, h, w]`.
-    embedded: Tensor,
-    scale: f64,
-    window: GuidanceWindow,
-}
-
-/// `control_guidance_start` / `control_guidance_end` of one net.
-#[derive(Debug, Clone, Copy)]
-struct GuidanceWindow {
-    start: f64,
-    end: f64,
-}
-
-impl GuidanceWindow {
-    /// Whether step `i` of `n` gets the net's residuals: diffusers' `controlnet_keep`,
-    /// `not (i/n < start or (i+1)/n > end)`.
-    fn keeps(self, i: usize, n: usize) -> bool {
-        let n = n as f64;
-        !((i as f64) / n < self.start || (i as f64 + 1.0) / n > self.end)
-    }
-}
-
-/// The summed, scaled residuals of the acting nets for one UNet call; `rows[r]` is the step of
-/// row r. A net runs only on the rows its window keeps (not at all when it keeps none); the
-/// other rows get zero residuals from it. `None` when no net acts on any row.
-fn control_residuals(
-    controls: &[ActiveControlNet],
-    x: &Tensor,
-    t: &Tensor,
-    embeds: &Tensor,
-    rows: &[usize],
-    steps: usize,
-) -> Result<Option<ControlResiduals>> {
-    let mut sum: Option<ControlResiduals> = None;
-    for control in controls {
-        let kept: Vec<u32> = rows
-            .iter()
-            .enumerate()
-            .filter(|(_, step)| control.window.keeps(**step, steps))
-            .map(|(r, _)| r as u32)
-            .collect();
-        if kept.is_empty() {
-            continue;
-        }
-        let residuals = if kept.len() == rows.len() {
-            let r = control
-                .net
-                .forward_embedded(x, t, embeds, &control.embedded)?;
-            scale_residuals(r, control.scale, None)?
-        } else {
-            let index = Tensor::new(kept.as_slice(), x.device())?;
-            let pick = |v: &Tensor| v.index_select(&index, 0);
-            let r = control.net.forward_embedded(
-                &pick(x)?,
-                &pick(t)?,
-                &pick(embeds)?,
-                &control.embedded,
-            )?;
-            scale_residuals(r, control.scale, Some((&index, rows.len())))?
-        };
-        sum = Some(match sum {
-            None => residuals,
-            Some(acc) => ControlResiduals {
-                down: acc
-                    .down
-                    .iter()
-                    .zip(&residuals.down)
-                    .map(|(a, b)| a + b)
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-                mid: (acc.mid + residuals.mid)?,
-            },
-        });
-    }
-    Ok(sum)
-}
-
-/// Multiplies residuals by `scale`; with `scatter = (index, rows)` they were computed for the
-/// rows `index` only and are placed there in zero tensors of `rows` rows.
-fn scale_residuals(
-    r: ControlResiduals,
-    scale: f64,
-    scatter: Option<(&Tensor, usize)>,
-) -> Result<ControlResiduals> {
-    let one = |v: Tensor| -> Result<Tensor> {
-        let v = (v * scale)?;
-        Ok(match scatter {
-            None => v,
-            Some((index, rows)) => {
-                let mut dims = v.dims().to_vec();
-                dims[0] = rows;
-                Tensor::zeros(dims, v.dtype(), v.device())?.index_add(index, &v, 0)?
-            }
-        })
-    };
-    Ok(ControlResiduals {
-        down: r.down.into_iter().map(one).collect::<Result<Vec<_>>>()?,
-        mid: one(r.mid)?,
-    })
-}
-
-/// The nets for `params.controlnets`, in order: those in `current` (by model id) are reused,
-/// the others come from the models' cache (loaded if need be). Each is checked against the
-/// stream: 3-channel control images (or the params' `conditioning_channels`) and a control
-/// image embedding that lands at latent size.
-fn attach_controlnets(
-    models: &StableDiffusionModels,
-    params: &StreamDiffusionParams,
-    current: &[(String, Arc<ControlNetModel>)],
-    progress: &mut dyn FnMut(&str),
-) -> Result<Vec<Arc<ControlNetModel>>> {
-    let scale = models.autoencoder.spatial_scale_factor();
-    let mut nets = Vec::with_capacity(params.controlnets.len());
-    for (i, config) in params.controlnets.iter().enumerate() {
-        let id = config.model_id.as_str();
-        let net = match current.iter().find(|(k, _)| k == id) {
-            Some((_, net)) => net.clone(),
-            None => models.controlnet(id, progress)?,
-        };
-        let field = |leaf: &str| format!("controlnets[{i}].{leaf}");
-        let channels = net.config().conditioning_channels;
-        if let Some(wanted) = config.conditioning_channels
-            && wanted != channels as i64
-        {
-            return Err(Error::param(
-                field("conditioning_channels"),
-                format!(
-                    "{wanted} given, but ControlNet {id} takes {channels}-channel control images"
-                ),
-            ));
-        }
-        if channels != 3 {
-            return Err(Error::param(
-                field("model_id"),
-                format!(
-                    "ControlNet {id} takes {channels}-channel control images; sdstream's control \
-                     images are RGB (3 channels)"
-                ),
-            ));
-        }
-        let downscale = net.config().condition_downscale();
-        if downscale != scale {
-            return Err(Error::param(
-                field("model_id"),
-                format!(
-                    "ControlNet {id} embeds control images at 1/{downscale} of their size, but \
-                     the latents are 1/{scale} of the image (conditioning_embedding_out_channels \
-                     {:?})",
-                    net.config().conditioning_embedding_out_channels
-                ),
-            ));
-        }
-        nets.push(net);
-    }
-    Ok(nets)
-}
-
 /// [−1, 1] → [0, 1] in f32 (control images live in [0, 1]).
 fn to_unit(x: &Tensor) -> Result<Tensor> {
     Ok(((x.to_dtype(DType::F32)? + 1.0)? / 2.0)?)
@@ -832,142 +635,3 @@ fn to_unit(x: &Tensor) -> Result<Tensor> {
 
 /// Seed of the similar-image filter's coin flips (the reference uses Python's unseeded `random`).
 const FILTER_SEED: u64 = 0x5d5f_11e7;
-
-/// A seed as the u64 torch's `manual_seed` sees (validation keeps it in 0..2^53).
-fn seed_bits(seed: i64) -> u64 {
-    seed as u64
-}
-
-/// Latent shape (C, h, w) for the stream's size.
-fn latent_shape(
-    models: &StableDiffusionModels,
-    params: &StreamDiffusionParams,
-) -> (usize, usize, usize) {
-    let scale = models.autoencoder.spatial_scale_factor();
-    (
-        models.autoencoder.latent_channels(),
-        params.height as usize / scale,
-        params.width as usize / scale,
-    )
-}
-
-/// Coefficients of the t_index_list on the grid of num_inference_steps.
-fn step_tensors(
-    models: &StableDiffusionModels,
-    params: &StreamDiffusionParams,
-) -> Result<StepTensors> {
-    let t_index: Vec<usize> = params.t_index_list.iter().map(|&t| t as usize).collect();
-    let c = models
-        .scheduler
-        .step_coefficients(params.num_inference_steps as usize, &t_index)?;
-    let timesteps: Vec<f32> = c.timesteps.iter().map(|&t| t as f32).collect();
-    StepTensors::new(
-        &timesteps,
-        &c.alpha_sqrt,
-        &c.beta_sqrt,
-        &c.c_skip,
-        &c.c_out,
-        models.dtype,
-        &models.device,
-    )
-}
-
-/// A fresh stream state (zero buffers, seed noise) and the generator positioned after the
-/// noise draw, as the reference's `prepare`.
-fn build_state(
-    models: &StableDiffusionModels,
-    params: &StreamDiffusionParams,
-) -> Result<(StreamState, TorchGenerator)> {
-    let steps = step_tensors(models, params)?;
-    let rows = if params.use_denoising_batch {
-        steps.len()
-    } else {
-        1
-    };
-    let (c, h, w) = latent_shape(models, params);
-    let (noise, generator) = seed_noise(models, params, &[rows, c, h, w])?;
-    let state = StreamState::new(
-        steps,
-        noise,
-        params.use_denoising_batch,
-        params.do_add_noise,
-    )?;
-    Ok((state, generator))
-}
-
-/// init_noise for the seed (or seed blend) with `shape`, and the stream generator: seeded with
-/// the first seed and advanced past its noise, so later draws (the VAE posterior) come in the
-/// reference's order.
-fn seed_noise(
-    models: &StableDiffusionModels,
-    params: &StreamDiffusionParams,
-    shape: &[usize],
-) -> Result<(Tensor, TorchGenerator)> {
-    let seeds = params.seed.weighted();
-    let mut noises = Vec::with_capacity(seeds.len());
-    let mut first = None;
-    for (seed, _) in &seeds {
-        let mut g = TorchGenerator::new(seed_bits(*seed));
-        noises.push(
-            g.randn_tensor(shape, &models.device)?
-                .to_dtype(models.dtype)?,
-        );
-        first.get_or_insert(g);
-    }
-    let generator = first.ok_or_else(|| Error::param("seed", "no seed given"))?;
-    if noises.len() == 1 {
-        return Ok((noises.remove(0), generator));
-    }
-    let raw: Vec<f64> = seeds.iter().map(|(_, w)| *w).collect();
-    let weights = normalized_weights(&raw, params.normalize_seed_weights, "seed")?;
-    let noise = blend_noise(
-        &noises,
-        &weights,
-        params.seed_interpolation_method,
-        params.normalize_seed_weights,
-    )?;
-    Ok((noise, generator))
-}
-
-/// The (blended) prompt embedding `[1, 77, D]`.
-fn prompt_embedding(
-    models: &StableDiffusionModels,
-    params: &StreamDiffusionParams,
-    cache: &mut PromptCache,
-) -> Result<Tensor> {
-    match &params.prompt {
-        Prompt::Text(text) => cache.embed(models, text),
-        Prompt::Weighted(items) => {
-            let embeds = items
-                .iter()
-                .map(|(text, _)| cache.embed(models, text))
-                .collect::<Result<Vec<_>>>()?;
-            let raw: Vec<f64> = items.iter().map(|(_, w)| *w).collect();
-            let weights = normalized_weights(&raw, params.normalize_prompt_weights, "prompt")?;
-            blend(&embeds, &weights, params.prompt_interpolation_method)
-        }
-    }
-}
-
-/// CLIP embeddings by text, so switching back to a prompt costs nothing.
-#[derive(Debug, Default)]
-struct PromptCache {
-    embeds: HashMap<String, Tensor>,
-}
-
-impl PromptCache {
-    /// Most embeddings kept (each is 77 × D floats).
-    const LIMIT: usize = 64;
-
-    fn embed(&mut self, models: &StableDiffusionModels, text: &str) -> Result<Tensor> {
-        if let Some(e) = self.embeds.get(text) {
-            return Ok(e.clone());
-        }
-        let e = models.encode_text(text)?;
-        if self.embeds.len() >= Self::LIMIT {
-            self.embeds.clear();
-        }
-        self.embeds.insert(text.to_string(), e.clone());
-        Ok(e)
-    }
-}

@@ -30,6 +30,7 @@ pub mod feedback;
 pub mod filters;
 pub mod param_reader;
 pub mod planes;
+pub mod resize;
 pub mod soft_edge;
 pub mod upscale;
 

@@ -1,7 +1,8 @@
 //! Model id → folder on disk: a local folder, a model root, the Hugging Face cache, or a download.
 //!
-//! [`resolve`] looks, in order, at
-//! 1. `id` itself when it names an existing folder (or looks like a path: then nothing else);
+//! One resolution order, used by parameter validation and by every loader alike:
+//! 1. `id` itself when it names an existing folder (when it looks like a path and is not one,
+//!    nothing else is tried);
 //! 2. `model_root/<id>` when [`HubOptions::model_root`] is set;
 //! 3. the Hugging Face cache snapshot of `id` (`models--{org}--{name}/refs/main` →
 //!    `snapshots/<hash>/`, or any snapshot that holds the wanted files when the ref is missing or
@@ -9,8 +10,11 @@
 //! 4. a download of the wanted files into that cache with hf-hub (with a progress bar), unless
 //!    offline.
 //!
-//! A candidate folder is accepted only when it holds every wanted file. Callers say which files
-//! they need with small patterns (see [`Wanted`]): `"unet/config.json"`, `"unet/*.json"`,
+//! Steps 1 and 2 are [`local_dir`]: validation accepts an unknown id only when it finds a folder
+//! there, and [`resolve`] then loads from that very folder (failing, with what it lacks, rather
+//! than looking further), so the two can never judge and read different checkpoints. Steps 3
+//! and 4 accept a candidate only when it holds every wanted file. Callers say which files they
+//! need with small patterns (see [`Wanted`]): `"unet/config.json"`, `"unet/*.json"`,
 //! `"?tokenizer/tokenizer.json"` (optional) and weights such as
 //! `"unet/diffusion_pytorch_model.safetensors"`, which accept the `.fp16.safetensors` variant too
 //! ([`weights_pattern`] writes the fp16-preferring form). A failure names the id, every place looked
@@ -37,6 +41,16 @@ impl HubOptions {
     /// `yes` or `on`.
     pub fn from_env() -> Self {
         Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env), with `model_root` (an engine setting) taking the place of
+    /// `SDSTREAM_MODEL_ROOT` when given.
+    pub fn with_model_root(model_root: Option<&Path>) -> Self {
+        let mut opts = Self::from_env();
+        if let Some(root) = model_root {
+            opts.model_root = Some(root.to_path_buf());
+        }
+        opts
     }
 
     /// [`from_env`](Self::from_env) with an explicit variable lookup (for tests and embedding).
@@ -258,6 +272,21 @@ fn looks_like_path(id: &str) -> bool {
         || id.matches('/').count() > 1
 }
 
+/// The local folder `id` names, if any: `id` itself when it is an existing folder, else
+/// `model_root/<id>` (steps 1–2 of the resolution order). Validation accepts an unknown id only
+/// when this finds a folder, and [`resolve`] loads from the folder this returns.
+pub fn local_dir(id: &str, opts: &HubOptions) -> Option<PathBuf> {
+    if id.is_empty() {
+        return None;
+    }
+    let as_path = Path::new(id);
+    if as_path.is_dir() {
+        return Some(as_path.to_path_buf());
+    }
+    let under_root = opts.model_root.as_ref()?.join(id);
+    under_root.is_dir().then_some(under_root)
+}
+
 /// The cache folder of a hub model id: `models--{org}--{name}`.
 pub fn cache_folder_name(id: &str) -> String {
     format!("models--{}", id.replace('/', "--"))
@@ -278,19 +307,19 @@ pub fn resolve_wanted(id: &str, opts: &HubOptions, wanted: &[Wanted]) -> Result<
     };
     let mut looked: Vec<String> = Vec::new();
 
-    // 1. A local folder.
-    let local = Path::new(id);
-    if local.is_dir() {
-        let missing = missing_in(local, wanted);
+    // 1–2. A local folder: the id as a path, then under the model root.
+    if let Some(dir) = local_dir(id, opts) {
+        let missing = missing_in(&dir, wanted);
         if missing.is_empty() {
-            return Ok(local.to_path_buf());
+            return Ok(dir);
         }
         return Err(not_found(format!(
             "local folder {} lacks {}",
-            local.display(),
+            dir.display(),
             missing.join(", ")
         )));
     }
+    let local = Path::new(id);
     if looks_like_path(id) || id.is_empty() {
         return Err(not_found(format!(
             "{} is not a folder (and not a hub id of the form org/name)",
@@ -298,23 +327,11 @@ pub fn resolve_wanted(id: &str, opts: &HubOptions, wanted: &[Wanted]) -> Result<
         )));
     }
     looked.push(format!("local folder {}: not a folder", local.display()));
-
-    // 2. The model root.
     if let Some(root) = &opts.model_root {
-        let dir = root.join(id);
-        if dir.is_dir() {
-            let missing = missing_in(&dir, wanted);
-            if missing.is_empty() {
-                return Ok(dir);
-            }
-            looked.push(format!(
-                "model root {}: lacks {}",
-                dir.display(),
-                missing.join(", ")
-            ));
-        } else {
-            looked.push(format!("model root {}: not a folder", dir.display()));
-        }
+        looked.push(format!(
+            "model root {}: not a folder",
+            root.join(id).display()
+        ));
     }
 
     // 3. The Hugging Face cache.
@@ -681,8 +698,17 @@ mod tests {
             resolve("org/tiny", &opts, WANTED).expect("root"),
             root.0.join("org/tiny")
         );
-        // An incomplete model-root copy falls through to the cache.
+        assert_eq!(local_dir("org/tiny", &opts), Some(root.0.join("org/tiny")));
+        // An incomplete model-root copy is an error naming what it lacks, not a fall-through
+        // to the cache: validation judged that folder, so loading must read that folder.
         std::fs::remove_file(root.0.join("org/tiny/model_index.json")).expect("rm");
+        let msg = resolve("org/tiny", &opts, WANTED)
+            .expect_err("incomplete model-root copy")
+            .to_string();
+        assert!(msg.contains("lacks model_index.json"), "{msg}");
+        // Without the model-root copy the cache serves the id.
+        std::fs::remove_dir_all(root.0.join("org/tiny")).expect("rm");
+        assert_eq!(local_dir("org/tiny", &opts), None);
         assert_eq!(
             resolve("org/tiny", &opts, WANTED).expect("cache"),
             repo.join("snapshots/c1")

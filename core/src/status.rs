@@ -1,4 +1,6 @@
-//! The engine's status report, in Daydream's shape, and the small meters behind it.
+//! The status report, in Daydream's shape, that the threaded [`Engine`](crate::Engine) and the
+//! synchronous [`StreamDiffusion`](crate::StreamDiffusion) both give, and the counters and meters
+//! behind it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -54,8 +56,10 @@ pub struct StageMillis {
     pub preprocess: f64,
     /// VAE/TAESD encode.
     pub encode: f64,
-    /// UNet, guidance included.
+    /// UNet, guidance included (ControlNets excluded).
     pub unet: f64,
+    /// ControlNets: control images and the nets' forward passes.
+    pub controlnet: f64,
     /// VAE/TAESD decode.
     pub decode: f64,
     /// Tensor → frame conversion.
@@ -71,6 +75,7 @@ impl From<StageTimings> for StageMillis {
             preprocess: ms(t.preprocess),
             encode: ms(t.encode),
             unet: ms(t.unet),
+            controlnet: ms(t.controlnet),
             decode: ms(t.decode),
             postprocess: ms(t.postprocess),
             total: ms(t.total),
@@ -78,9 +83,10 @@ impl From<StageTimings> for StageMillis {
     }
 }
 
-/// What a running engine reports. The first twelve fields are Daydream's status fields (times
-/// in milliseconds since the Unix epoch, `null` until the event first happens); the rest are
-/// this engine's own.
+/// What a running engine or stream reports. The first twelve fields are Daydream's status
+/// fields (times in milliseconds since the Unix epoch, `null` until the event first happens);
+/// the rest are sdstream's own. A synchronous [`StreamDiffusion`](crate::StreamDiffusion) has no
+/// queues and builds nothing in the background: its queue, drop and build fields stay 0.
 ///
 /// The frame counters always add up:
 /// `frames_submitted = frames_processed + frames_failed + frames_dropped + queue_depth + frames_in_flight`.
@@ -149,6 +155,111 @@ pub struct EngineStatus {
     pub builds_superseded: u64,
 }
 
+/// The frame and error counters both reports share, kept where frames are processed.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    pub(crate) frames_submitted: u64,
+    pub(crate) frames_processed: u64,
+    pub(crate) frames_failed: u64,
+    pub(crate) error_count: u64,
+    pub(crate) last_error: Option<String>,
+    pub(crate) last_error_time: Option<u64>,
+    pub(crate) last_input: Option<Instant>,
+    pub(crate) last_input_time: Option<u64>,
+    pub(crate) last_output_time: Option<u64>,
+    pub(crate) last_failure: Option<Instant>,
+    pub(crate) timings: StageTimings,
+    pub(crate) input_meter: RateMeter,
+    pub(crate) output_meter: RateMeter,
+}
+
+impl Activity {
+    /// Counters at zero; the fps meters average over `fps_window`.
+    pub(crate) fn new(fps_window: Duration) -> Self {
+        Self {
+            frames_submitted: 0,
+            frames_processed: 0,
+            frames_failed: 0,
+            error_count: 0,
+            last_error: None,
+            last_error_time: None,
+            last_input: None,
+            last_input_time: None,
+            last_output_time: None,
+            last_failure: None,
+            timings: StageTimings::default(),
+            input_meter: RateMeter::new(fps_window),
+            output_meter: RateMeter::new(fps_window),
+        }
+    }
+
+    /// A frame came in.
+    pub(crate) fn frame_in(&mut self, now: Instant) {
+        self.frames_submitted += 1;
+        self.input_meter.record(now);
+        self.last_input = Some(now);
+        self.last_input_time = Some(epoch_ms());
+    }
+
+    /// A frame came out, made in `timings`.
+    pub(crate) fn frame_out(&mut self, now: Instant, timings: StageTimings) {
+        self.frames_processed += 1;
+        self.output_meter.record(now);
+        self.last_output_time = Some(epoch_ms());
+        self.timings = timings;
+    }
+
+    /// A frame failed with `message`.
+    pub(crate) fn frame_failed(&mut self, now: Instant, message: String) {
+        self.frames_failed += 1;
+        self.last_failure = Some(now);
+        self.error(message);
+    }
+
+    /// Something went wrong (a frame, an update, a load); `message` becomes `last_error`.
+    pub(crate) fn error(&mut self, message: String) {
+        self.error_count += 1;
+        self.last_error = Some(message);
+        self.last_error_time = Some(epoch_ms());
+    }
+
+    /// A report with these counters; the caller sets the state, parameters and what else it
+    /// knows (queues, builds, versions).
+    pub(crate) fn report(&self, now: Instant, state: EngineState) -> EngineStatus {
+        EngineStatus {
+            state,
+            input_fps: self.input_meter.rate(now),
+            output_fps: self.output_meter.rate(now),
+            last_input_time: self.last_input_time,
+            last_output_time: self.last_output_time,
+            last_params: serde_json::Value::Null,
+            last_params_hash: String::new(),
+            last_params_update_time: None,
+            last_error: self.last_error.clone(),
+            last_error_time: self.last_error_time,
+            restart_count: 0,
+            last_restart_time: None,
+            params_version: 0,
+            serving_params_version: None,
+            reloading: false,
+            progress: None,
+            timings: self.timings.into(),
+            queue_depth: 0,
+            queue_capacity: 0,
+            output_queue_depth: 0,
+            frames_submitted: self.frames_submitted,
+            frames_processed: self.frames_processed,
+            frames_failed: self.frames_failed,
+            frames_dropped: 0,
+            frames_in_flight: 0,
+            outputs_dropped: 0,
+            error_count: self.error_count,
+            reload_failures: 0,
+            builds_superseded: 0,
+        }
+    }
+}
+
 /// Events per second over a sliding window.
 #[derive(Debug)]
 pub(crate) struct RateMeter {
@@ -186,13 +297,22 @@ impl RateMeter {
     }
 
     /// (n − 1) / (last − first) over the events inside the window; 0 with fewer than two.
-    pub(crate) fn rate(&mut self, now: Instant) -> f64 {
-        self.prune(now);
-        match (self.events.front(), self.events.back()) {
-            (Some(&first), Some(&last)) if self.events.len() >= 2 => {
+    pub(crate) fn rate(&self, now: Instant) -> f64 {
+        let inside = self
+            .events
+            .iter()
+            .skip_while(|&&t| now.saturating_duration_since(t) > self.window);
+        let (mut first, mut last, mut n) = (None, None, 0usize);
+        for &t in inside {
+            first.get_or_insert(t);
+            last = Some(t);
+            n += 1;
+        }
+        match (first, last) {
+            (Some(first), Some(last)) if n >= 2 => {
                 let span = last.saturating_duration_since(first).as_secs_f64();
                 if span > 0.0 {
-                    (self.events.len() - 1) as f64 / span
+                    (n - 1) as f64 / span
                 } else {
                     0.0
                 }

@@ -1,0 +1,275 @@
+//! The worker thread: owns the serving pipeline, runs frames in order, applies hot updates
+//! and swaps built pipelines in, always between two frames.
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::Result;
+use crate::frame::Image;
+use crate::params::{StreamDiffusionParams, Update, classify};
+use crate::pipeline::stream_diffusion::StageTimings;
+
+use super::pipeline::{Pipeline, warmup_passes};
+use super::state::{BuildKind, Inner, Job, Ready, Shared, panic_message};
+use super::{DropPolicy, Output};
+use crate::status::epoch_ms;
+
+/// The serving pipeline, as the worker holds it.
+pub(super) struct Live {
+    pipeline: Box<dyn Pipeline>,
+    version: u64,
+    /// Whether its stream batch has been primed (always true with warm-up off).
+    warmed: bool,
+}
+
+pub(super) enum Action {
+    Exit,
+    Swap(Ready),
+    Apply {
+        params: Box<StreamDiffusionParams>,
+        version: u64,
+        update: Update,
+    },
+    Frame(Job),
+}
+
+pub(super) fn run_worker(shared: &Shared) {
+    let mut live: Option<Live> = None;
+    let outcome = catch_unwind(AssertUnwindSafe(|| worker_loop(shared, &mut live)));
+    if let Err(panic) = outcome {
+        let mut s = shared.lock();
+        s.worker_dead = true;
+        s.serving = None;
+        s.in_flight = None;
+        s.drop_queue("the engine's worker thread panicked");
+        s.record_error(format!(
+            "the engine's worker thread panicked: {}",
+            panic_message(panic.as_ref())
+        ));
+        drop(s);
+        shared.host.notify_all();
+    }
+    // Free the pipeline here, outside the lock; a panic while dropping stays on this thread.
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(live)));
+}
+
+pub(super) fn worker_loop(shared: &Shared, live: &mut Option<Live>) {
+    // The target version last compared with the live pipeline (classify once per change).
+    let mut examined: Option<(u64, u64)> = None;
+    loop {
+        match next_action(shared, live.as_ref(), &mut examined) {
+            Action::Exit => return,
+            Action::Swap(ready) => {
+                let params = ready.pipeline.params().clone();
+                let old = live.replace(Live {
+                    pipeline: ready.pipeline,
+                    version: ready.version,
+                    warmed: ready.warmed || !shared.options.warmup,
+                });
+                examined = None;
+                let mut s = shared.lock();
+                if s.ever_served {
+                    s.restart_count += 1;
+                    s.last_restart_time = Some(epoch_ms());
+                }
+                s.ever_served = true;
+                s.serving = Some((params, ready.version));
+                s.pending_build = None;
+                s.progress = None;
+                if let Some(old) = old {
+                    s.retired.push(old.pipeline);
+                    shared.build.notify_one();
+                }
+                drop(s);
+                shared.host.notify_all();
+            }
+            Action::Apply {
+                params,
+                version,
+                update,
+            } => {
+                let Some(l) = live.as_mut() else { continue };
+                let result =
+                    catch_unwind(AssertUnwindSafe(|| l.pipeline.update((*params).clone())));
+                let mut s = shared.lock();
+                match result {
+                    Ok(Ok(_)) => {
+                        l.version = version;
+                        if update.resets_stream_batch() && shared.options.warmup {
+                            l.warmed = false;
+                        }
+                        s.serving = Some((*params, version));
+                    }
+                    Ok(Err(e)) => {
+                        s.record_error(format!(
+                            "applying parameters version {version} failed, the previous ones stay: {e}"
+                        ));
+                        if s.target_version == version {
+                            s.revert_target_to_serving();
+                        }
+                    }
+                    Err(panic) => {
+                        crash(shared, &mut s, live, "applying parameters", panic.as_ref());
+                    }
+                }
+            }
+            Action::Frame(job) => run_frame(shared, live, job),
+        }
+    }
+}
+
+/// Decides the worker's next step, waiting until there is one. Order: close, swap in a ready
+/// pipeline, apply accepted hot parameters, then the next frame. Parameters therefore always
+/// change between two frames.
+pub(super) fn next_action(
+    shared: &Shared,
+    live: Option<&Live>,
+    examined: &mut Option<(u64, u64)>,
+) -> Action {
+    let options = &shared.options;
+    let mut s = shared.lock();
+    loop {
+        if s.closed {
+            return Action::Exit;
+        }
+        if let Some(ready) = s.ready.take() {
+            return Action::Swap(ready);
+        }
+        match live {
+            Some(l) => {
+                let seen = (s.target_version, s.preloads_done);
+                if s.target_version != l.version && *examined != Some(seen) {
+                    *examined = Some(seen);
+                    let update = classify(l.pipeline.params(), &s.target);
+                    let swap_ready = update.is_controlnet_swap()
+                        && shared
+                            .factory
+                            .controlnets_ready(&s.target, &update.added_controlnet_ids());
+                    if update.is_hot() || swap_ready {
+                        return Action::Apply {
+                            params: Box::new(s.target.clone()),
+                            version: s.target_version,
+                            update,
+                        };
+                    }
+                    if s.pending_build.is_none() {
+                        // update_params requests a build (or a preload) for any target the
+                        // serving pipeline cannot take in place; this only guards that rule.
+                        let kind = if update.is_controlnet_swap() {
+                            BuildKind::ControlNets
+                        } else {
+                            BuildKind::Pipeline
+                        };
+                        let (version, params) = (s.target_version, s.target.clone());
+                        s.request_build(version, params, kind);
+                        shared.build.notify_one();
+                    }
+                }
+                let output_room = options.drop_policy == DropPolicy::Latest
+                    || s.outputs.len() < options.output_capacity;
+                if output_room && let Some(job) = s.queue.pop_front() {
+                    s.in_flight = Some(job.id);
+                    drop(s);
+                    shared.host.notify_all();
+                    return Action::Frame(job);
+                }
+            }
+            None => {
+                if s.pending_build.is_none() && !s.queue.is_empty() {
+                    // No pipeline and none coming: nothing will ever run these frames.
+                    s.drop_queue("the engine has no pipeline (see last_error)");
+                    shared.host.notify_all();
+                }
+            }
+        }
+        s = shared.wait(&shared.work, s);
+    }
+}
+
+pub(super) fn run_frame(shared: &Shared, live: &mut Option<Live>, job: Job) {
+    let Some(l) = live.as_mut() else {
+        let mut s = shared.lock();
+        s.in_flight = None;
+        s.frames_dropped += 1;
+        s.lose_claim(job.id, "the engine has no pipeline (see last_error)");
+        drop(s);
+        shared.host.notify_all();
+        return;
+    };
+    let passes = if l.warmed {
+        0
+    } else {
+        warmup_passes(l.pipeline.params())
+    };
+    l.warmed = true;
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<(Image, StageTimings)> {
+        for _ in 0..passes {
+            job.process(l.pipeline.as_mut())?;
+        }
+        let image = job.process(l.pipeline.as_mut())?;
+        Ok((image, l.pipeline.timings()))
+    }));
+    let version = l.version;
+    let mut s = shared.lock();
+    s.in_flight = None;
+    match result {
+        Ok(Ok((image, timings))) => {
+            let now = Instant::now();
+            s.activity.frame_out(now, timings);
+            let output = Output {
+                id: job.id,
+                timestamp: job.timestamp,
+                image,
+                timings,
+                params_version: version,
+                latency: now.saturating_duration_since(job.submitted),
+            };
+            // A full poll queue only happens under Latest: Lossless never takes a frame
+            // without room for its output.
+            s.deliver(output, shared.options.output_capacity);
+            if shared.options.warmup {
+                s.last_frame = Some(Arc::new(job));
+            }
+        }
+        Ok(Err(e)) => {
+            s.lose_claim(job.id, &format!("it failed: {e}"));
+            s.activity
+                .frame_failed(Instant::now(), format!("frame {} failed: {e}", job.id));
+        }
+        Err(panic) => {
+            s.activity.frames_failed += 1;
+            s.activity.last_failure = Some(Instant::now());
+            let what = format!("processing frame {}", job.id);
+            s.lose_claim(
+                job.id,
+                &format!("the pipeline panicked: {}", panic_message(panic.as_ref())),
+            );
+            crash(shared, &mut s, live, &what, panic.as_ref());
+        }
+    }
+    drop(s);
+    shared.host.notify_all();
+}
+
+/// A panic inside the pipeline: its state cannot be trusted, so it is discarded (the builder
+/// drops it) and the engine has no pipeline until a build brings one.
+pub(super) fn crash(
+    shared: &Shared,
+    s: &mut Inner,
+    live: &mut Option<Live>,
+    what: &str,
+    payload: &(dyn Any + Send),
+) {
+    s.record_error(format!(
+        "the pipeline panicked while {what} and was discarded: {}",
+        panic_message(payload)
+    ));
+    s.serving = None;
+    if let Some(dead) = live.take() {
+        s.retired.push(dead.pipeline);
+        shared.build.notify_one();
+    }
+    shared.host.notify_all();
+}

@@ -1,0 +1,254 @@
+//! ControlNet conditioning of the stream (docs/ALGORITHM.md §5): attaching nets from the
+//! models' cache, making each frame's control images, and summing the scaled residuals per
+//! UNet row within each net's guidance window.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::model::bundle::StableDiffusionModels;
+use crate::model::controlnet::ControlNetModel;
+use crate::model::unet::ControlResiduals;
+use crate::params::StreamDiffusionParams;
+use crate::preprocess::{self, ProcessorInputs};
+use crate::{Error, Result};
+
+/// A ControlNet acting on the current frame.
+/// The preprocessor name whose control image the host supplies with each frame.
+const EXTERNAL_PREPROCESSOR: &str = "external";
+
+pub(super) struct ActiveControlNet {
+    net: Arc<ControlNetModel>,
+    /// Its control image through the net's conditioning embedding, `[1, ch0, h, w]`.
+    embedded: Tensor,
+    scale: f64,
+    window: GuidanceWindow,
+}
+
+/// `control_guidance_start` / `control_guidance_end` of one net.
+#[derive(Debug, Clone, Copy)]
+struct GuidanceWindow {
+    start: f64,
+    end: f64,
+}
+
+impl GuidanceWindow {
+    /// Whether step `i` of `n` gets the net's residuals: diffusers' `controlnet_keep`,
+    /// `not (i/n < start or (i+1)/n > end)`.
+    fn keeps(self, i: usize, n: usize) -> bool {
+        let n = n as f64;
+        !((i as f64) / n < self.start || (i as f64 + 1.0) / n > self.end)
+    }
+}
+
+/// The summed, scaled residuals of the acting nets for one UNet call; `rows[r]` is the step of
+/// row r. A net runs only on the rows its window keeps (not at all when it keeps none); the
+/// other rows get zero residuals from it. `None` when no net acts on any row.
+pub(super) fn control_residuals(
+    controls: &[ActiveControlNet],
+    x: &Tensor,
+    t: &Tensor,
+    embeds: &Tensor,
+    rows: &[usize],
+    steps: usize,
+) -> Result<Option<ControlResiduals>> {
+    let mut sum: Option<ControlResiduals> = None;
+    for control in controls {
+        let kept: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, step)| control.window.keeps(**step, steps))
+            .map(|(r, _)| r as u32)
+            .collect();
+        if kept.is_empty() {
+            continue;
+        }
+        let residuals = if kept.len() == rows.len() {
+            let r = control
+                .net
+                .forward_embedded(x, t, embeds, &control.embedded)?;
+            scale_residuals(r, control.scale, None)?
+        } else {
+            let index = Tensor::new(kept.as_slice(), x.device())?;
+            let pick = |v: &Tensor| v.index_select(&index, 0);
+            let r = control.net.forward_embedded(
+                &pick(x)?,
+                &pick(t)?,
+                &pick(embeds)?,
+                &control.embedded,
+            )?;
+            scale_residuals(r, control.scale, Some((&index, rows.len())))?
+        };
+        sum = Some(match sum {
+            None => residuals,
+            Some(acc) => ControlResiduals {
+                down: acc
+                    .down
+                    .iter()
+                    .zip(&residuals.down)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+                mid: (acc.mid + residuals.mid)?,
+            },
+        });
+    }
+    Ok(sum)
+}
+
+/// Multiplies residuals by `scale`; with `scatter = (index, rows)` they were computed for the
+/// rows `index` only and are placed there in zero tensors of `rows` rows.
+fn scale_residuals(
+    r: ControlResiduals,
+    scale: f64,
+    scatter: Option<(&Tensor, usize)>,
+) -> Result<ControlResiduals> {
+    let one = |v: Tensor| -> Result<Tensor> {
+        let v = (v * scale)?;
+        Ok(match scatter {
+            None => v,
+            Some((index, rows)) => {
+                let mut dims = v.dims().to_vec();
+                dims[0] = rows;
+                Tensor::zeros(dims, v.dtype(), v.device())?.index_add(index, &v, 0)?
+            }
+        })
+    };
+    Ok(ControlResiduals {
+        down: r.down.into_iter().map(one).collect::<Result<Vec<_>>>()?,
+        mid: one(r.mid)?,
+    })
+}
+
+/// The nets for `params.controlnets`, in order: those in `current` (by model id) are reused,
+/// the others come from the models' cache (loaded if need be). Each is checked against the
+/// stream: 3-channel control images (or the params' `conditioning_channels`) and a control
+/// image embedding that lands at latent size.
+pub(super) fn attach_controlnets(
+    models: &StableDiffusionModels,
+    params: &StreamDiffusionParams,
+    current: &[(String, Arc<ControlNetModel>)],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<Arc<ControlNetModel>>> {
+    let scale = models.autoencoder.spatial_scale_factor();
+    let mut nets = Vec::with_capacity(params.controlnets.len());
+    for (i, config) in params.controlnets.iter().enumerate() {
+        let id = config.model_id.as_str();
+        let net = match current.iter().find(|(k, _)| k == id) {
+            Some((_, net)) => net.clone(),
+            None => models.controlnet(id, progress)?,
+        };
+        let field = |leaf: &str| format!("controlnets[{i}].{leaf}");
+        let channels = net.config().conditioning_channels;
+        if let Some(wanted) = config.conditioning_channels
+            && wanted != channels as i64
+        {
+            return Err(Error::param(
+                field("conditioning_channels"),
+                format!(
+                    "{wanted} given, but ControlNet {id} takes {channels}-channel control images"
+                ),
+            ));
+        }
+        if channels != 3 {
+            return Err(Error::param(
+                field("model_id"),
+                format!(
+                    "ControlNet {id} takes {channels}-channel control images; sdstream's control \
+                     images are RGB (3 channels)"
+                ),
+            ));
+        }
+        let downscale = net.config().condition_downscale();
+        if downscale != scale {
+            return Err(Error::param(
+                field("model_id"),
+                format!(
+                    "ControlNet {id} embeds control images at 1/{downscale} of their size, but \
+                     the latents are 1/{scale} of the image (conditioning_embedding_out_channels \
+                     {:?})",
+                    net.config().conditioning_embedding_out_channels
+                ),
+            ));
+        }
+        nets.push(net);
+    }
+    Ok(nets)
+}
+
+/// The ControlNets of `params` (attached as `nets`) that act on this frame, each with its
+/// embedded control image. `input` is the frame `[1, 3, H, W]` in [0, 1] (`None` for txt2img: only `external` nets act).
+/// Disabled nets, scale-0 nets and nets whose guidance window covers no step are skipped
+/// without preprocessing.
+pub(super) fn control_conditions(
+    params: &StreamDiffusionParams,
+    nets: &[Arc<ControlNetModel>],
+    external_controls: &HashMap<String, Tensor>,
+    previous_output: Option<&Tensor>,
+    input: Option<&Tensor>,
+) -> Result<Vec<ActiveControlNet>> {
+    let steps = params.t_index_list.len();
+    let mut active = Vec::new();
+    // Nets with the same preprocessor and settings share one control image.
+    let mut images: Vec<(&str, &serde_json::Map<String, serde_json::Value>, Tensor)> = Vec::new();
+    for (config, net) in params.controlnets.iter().zip(nets) {
+        if !config.enabled || config.conditioning_scale == 0.0 {
+            continue;
+        }
+        let window = GuidanceWindow {
+            start: config.control_guidance_start,
+            end: config.control_guidance_end,
+        };
+        if !(0..steps).any(|i| window.keeps(i, steps)) {
+            continue;
+        }
+        let external = external_controls.get(&config.model_id);
+        let image = if config.preprocessor == EXTERNAL_PREPROCESSOR {
+            let Some(external) = external else { continue };
+            let source = input.unwrap_or(external);
+            let inputs = ProcessorInputs {
+                previous_output,
+                external: Some(external),
+            };
+            preprocess::apply(
+                &config.preprocessor,
+                &config.preprocessor_params,
+                source,
+                &inputs,
+            )?
+        } else {
+            let Some(input) = input else { continue };
+            let cached = images.iter().find(|(name, params, _)| {
+                *name == config.preprocessor && **params == config.preprocessor_params
+            });
+            match cached {
+                Some((_, _, image)) => image.clone(),
+                None => {
+                    let inputs = ProcessorInputs {
+                        previous_output,
+                        external,
+                    };
+                    let image = preprocess::apply(
+                        &config.preprocessor,
+                        &config.preprocessor_params,
+                        input,
+                        &inputs,
+                    )?;
+                    images.push((
+                        &config.preprocessor,
+                        &config.preprocessor_params,
+                        image.clone(),
+                    ));
+                    image
+                }
+            }
+        };
+        active.push(ActiveControlNet {
+            embedded: net.embed_condition(&image)?,
+            net: net.clone(),
+            scale: config.conditioning_scale,
+            window,
+        });
+    }
+    Ok(active)
+}

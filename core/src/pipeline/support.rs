@@ -1,0 +1,83 @@
+//! What a stream accepts beyond the parameter contract: the features this version runs, and
+//! which control images a frame may carry. The stream and the engine share these rules.
+
+use crate::params::{ModelFamily, StreamDiffusionParams};
+use crate::preprocess;
+use crate::{Error, Result};
+
+/// Rejects parameters that ask for features this version does not implement, rather than
+/// silently streaming without them, and checks every ControlNet's preprocessor and its
+/// parameters with [`preprocess::validate`]. `use_safety_checker` is accepted: no checker runs yet, which
+/// the README states. `family` is the loaded model's, when known (LCM-LoRA matters for SD1.5).
+pub(crate) fn check_supported(
+    params: &StreamDiffusionParams,
+    family: Option<ModelFamily>,
+) -> Result<()> {
+    let not_yet = |field: &str, what: &str| {
+        Err(Error::param(
+            field,
+            format!("{what} is not supported yet by sdstream"),
+        ))
+    };
+    for (i, net) in params.controlnets.iter().enumerate() {
+        preprocess::validate(
+            &net.preprocessor,
+            &net.preprocessor_params,
+            &format!("controlnets[{i}].preprocessor"),
+        )?;
+    }
+    if params.ip_adapter.enabled {
+        return not_yet("ip_adapter", "IP-Adapter");
+    }
+    if params.lora_dict.as_ref().is_some_and(|l| !l.is_empty()) {
+        return not_yet("lora_dict", "LoRA");
+    }
+    if params.use_lcm_lora && family == Some(ModelFamily::Sd15) {
+        return not_yet(
+            "use_lcm_lora",
+            "LCM-LoRA (needed by SD1.5 models, not by turbo ones)",
+        );
+    }
+    preprocess::validate_chain(params.image_preprocessing.as_ref(), "image_preprocessing")?;
+    preprocess::validate_chain(params.image_postprocessing.as_ref(), "image_postprocessing")?;
+    for (field, block) in [
+        ("latent_preprocessing", &params.latent_preprocessing),
+        ("latent_postprocessing", &params.latent_postprocessing),
+    ] {
+        if preprocess::chain_is_active(block.as_ref()) {
+            return not_yet(field, "Latent processors");
+        }
+    }
+    if params.skip_diffusion {
+        return not_yet("skip_diffusion", "skip_diffusion (processors only)");
+    }
+    Ok(())
+}
+
+/// Fails, naming the id, when a control image is given for an id that names none of
+/// `params.controlnets` (the stream and the engine's submit share this rule).
+pub(crate) fn check_control_ids<'a>(
+    params: &StreamDiffusionParams,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
+    let configured = || {
+        params
+            .controlnets
+            .iter()
+            .map(|c| c.model_id.as_str())
+            .collect::<Vec<_>>()
+    };
+    for id in ids {
+        if !params.controlnets.iter().any(|c| c.model_id == id) {
+            return Err(Error::param(
+                "controls",
+                format!(
+                    "control image given for {id:?}, which is not a configured ControlNet \
+                     (configured: {:?})",
+                    configured()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! [`WebRtcStream`]: one engine's publisher and viewers, and the threads between them.
+//!
+//! Ingest: RTP packets (network task) → access units → decode thread → `Engine::submit`.
+//! Egress: pump thread (`Engine::recv_timeout`) → one H.264 encode → a bounded queue per
+//! viewer → the viewer's task packetizes and sends. A viewer that falls behind loses frames
+//! from its own queue (and waits for the next keyframe); it never slows the others down.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use webrtc::peer_connection::PeerConnection;
+
+mod publisher;
+mod stats;
+mod viewers;
+
+use super::{TransportConfig, TransportError};
+use crate::Engine;
+use crate::engine::{FrameId, Output};
+
+use stats::StatsState;
+pub use stats::{Summary, TransportStats};
+use viewers::{EncodedFrame, run_pump};
+
+/// Largest access unit accepted from a publisher (a 4K intra picture fits).
+const MAX_ACCESS_UNIT_BYTES: usize = 8 << 20;
+/// Access units waiting for the decoder; more means the decoder cannot keep up, and the
+/// newest are dropped (with a keyframe request) rather than delaying everything.
+const DECODE_QUEUE: usize = 4;
+/// Encoded frames waiting per viewer.
+const VIEWER_QUEUE: usize = 8;
+/// At most one PLI to the publisher per this interval.
+const PLI_INTERVAL: Duration = Duration::from_millis(250);
+/// A viewer that has not connected after this long is dropped.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Samples kept for the latency summaries.
+const WINDOW: usize = 512;
+
+/// The answer to a WHIP or WHEP offer.
+#[derive(Debug, Clone)]
+pub struct SessionAnswer {
+    /// Identifies the session (the last segment of its `Location`).
+    pub session_id: String,
+    /// The SDP answer, with every ICE candidate.
+    pub sdp: String,
+}
+
+/// Sees every frame that crosses the transport, for recording and tests. Called on the
+/// decode and pump threads: keep it quick.
+pub trait FrameObserver: Send + Sync {
+    /// A decoded publisher picture was submitted to the engine as frame `id` (packed RGB8).
+    fn on_input(&self, id: FrameId, width: usize, height: usize, rgb: &[u8]);
+    /// The engine produced `output` (before it is encoded for the viewers).
+    fn on_output(&self, output: &Output);
+}
+
+struct PublisherSlot {
+    id: String,
+    connection: Arc<dyn PeerConnection>,
+}
+
+struct ViewerSlot {
+    connection: Arc<dyn PeerConnection>,
+    /// Set once connected: the viewer's frame queue.
+    frames: Option<mpsc::Sender<Arc<EncodedFrame>>>,
+}
+
+struct Shared {
+    engine: Arc<Engine>,
+    config: TransportConfig,
+    observer: Option<Arc<dyn FrameObserver>>,
+    publisher: Mutex<Option<PublisherSlot>>,
+    viewers: Mutex<HashMap<String, ViewerSlot>>,
+    keyframe_wanted: AtomicBool,
+    closed: AtomicBool,
+    stats: Mutex<StatsState>,
+    epoch: Instant,
+    next_seq: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn stats(&self) -> MutexGuard<'_, StatsState> {
+        lock(&self.stats)
+    }
+
+    fn micros(&self, at: Instant) -> i64 {
+        at.saturating_duration_since(self.epoch).as_micros() as i64
+    }
+
+    fn instant(&self, micros: i64) -> Instant {
+        self.epoch + Duration::from_micros(micros.max(0) as u64)
+    }
+}
+
+/// The WHIP/WHEP transport of one [`Engine`]. Cheap to share (`Arc` inside); all methods take
+/// `&self`. Call [`close`](Self::close) to end every session; dropping it only stops the
+/// output thread.
+pub struct WebRtcStream {
+    shared: Arc<Shared>,
+    pump: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for WebRtcStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebRtcStream")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebRtcStream {
+    /// Starts the transport of `engine`: the output thread starts at once (it takes every
+    /// output of the engine from now on, so nothing else should poll it).
+    pub fn new(engine: Arc<Engine>, config: TransportConfig) -> Result<Self, TransportError> {
+        Self::with_observer(engine, config, None)
+    }
+
+    /// [`new`](Self::new) with a [`FrameObserver`].
+    pub fn with_observer(
+        engine: Arc<Engine>,
+        config: TransportConfig,
+        observer: Option<Arc<dyn FrameObserver>>,
+    ) -> Result<Self, TransportError> {
+        let shared = Arc::new(Shared {
+            engine,
+            config,
+            observer,
+            publisher: Mutex::new(None),
+            viewers: Mutex::new(HashMap::new()),
+            keyframe_wanted: AtomicBool::new(true),
+            closed: AtomicBool::new(false),
+            stats: Mutex::new(StatsState::default()),
+            epoch: Instant::now(),
+            next_seq: AtomicU64::new(0),
+        });
+        let pump_shared = shared.clone();
+        let pump = std::thread::Builder::new()
+            .name("sdstream-whep-pump".into())
+            .spawn(move || run_pump(&pump_shared))
+            .map_err(|e| TransportError::WebRtc(format!("cannot start the output thread: {e}")))?;
+        Ok(Self {
+            shared,
+            pump: Mutex::new(Some(pump)),
+        })
+    }
+
+    /// The engine this transport feeds.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.shared.engine
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TransportConfig {
+        &self.shared.config
+    }
+
+    fn check_open(&self) -> Result<(), TransportError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            Err(TransportError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Counters and timings.
+    pub fn stats(&self) -> TransportStats {
+        let publishing = lock(&self.shared.publisher).is_some();
+        let (viewers, connecting) = {
+            let v = lock(&self.shared.viewers);
+            let live = v.values().filter(|s| s.frames.is_some()).count();
+            (live, v.len() - live)
+        };
+        let s = self.shared.stats();
+        TransportStats {
+            publishing,
+            viewers,
+            viewers_connecting: connecting,
+            decode: s.decode.summary(),
+            ingest: s.ingest.summary(),
+            send: s.send.summary(),
+            encode: s.encode.summary(),
+            engine_queueing: s.engine_queueing.summary(),
+            transport: s.transport.summary(),
+            ..s.counters.clone()
+        }
+    }
+
+    /// Ends every session and stops the output thread. The engine is left running (it belongs
+    /// to the caller). Idempotent.
+    pub async fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        let publisher = lock(&self.shared.publisher).take();
+        if let Some(p) = publisher {
+            let _ = p.connection.close().await;
+        }
+        let viewers: Vec<ViewerSlot> = lock(&self.shared.viewers).drain().map(|(_, v)| v).collect();
+        for v in viewers {
+            let _ = v.connection.close().await;
+        }
+        let pump = lock(&self.pump).take();
+        if let Some(pump) = pump {
+            // The pump notices `closed` within one receive timeout (100 ms).
+            let _ = tokio::task::spawn_blocking(move || pump.join()).await;
+        }
+    }
+}
+
+impl Drop for WebRtcStream {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        // Peer connections close when their last handle goes; tasks holding `shared` end as
+        // their connections do.
+    }
+}

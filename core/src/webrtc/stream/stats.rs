@@ -1,0 +1,122 @@
+//! Transport counters and latency summaries.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::WINDOW;
+
+/// Mean, median, 95th percentile and maximum of a measurement over its last 512 samples.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Summary {
+    /// Samples ever recorded.
+    pub count: u64,
+    /// Mean over the window, milliseconds.
+    pub mean_ms: f64,
+    /// Median over the window, milliseconds.
+    pub p50_ms: f64,
+    /// 95th percentile over the window, milliseconds.
+    pub p95_ms: f64,
+    /// Largest in the window, milliseconds.
+    pub max_ms: f64,
+}
+
+#[derive(Default)]
+pub(super) struct Window {
+    pub(super) values: VecDeque<f64>,
+    pub(super) count: u64,
+}
+
+impl Window {
+    pub(super) fn record(&mut self, d: Duration) {
+        if self.values.len() == WINDOW {
+            self.values.pop_front();
+        }
+        self.values.push_back(d.as_secs_f64() * 1e3);
+        self.count += 1;
+    }
+
+    pub(super) fn summary(&self) -> Summary {
+        if self.values.is_empty() {
+            return Summary::default();
+        }
+        let mut sorted: Vec<f64> = self.values.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+        Summary {
+            count: self.count,
+            mean_ms: sorted.iter().sum::<f64>() / sorted.len() as f64,
+            p50_ms: at(0.5),
+            p95_ms: at(0.95),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+/// Counters and timings of a [`WebRtcStream`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TransportStats {
+    /// A publisher session exists.
+    pub publishing: bool,
+    /// Viewers receiving frames.
+    pub viewers: usize,
+    /// Viewer sessions still connecting.
+    pub viewers_connecting: usize,
+    /// Complete access units received from publishers.
+    pub access_units_received: u64,
+    /// Pictures dropped because packets were lost or malformed.
+    pub pictures_damaged: u64,
+    /// Access units dropped because the decoder was behind.
+    pub access_units_dropped: u64,
+    /// Pictures decoded and submitted to the engine.
+    pub frames_submitted: u64,
+    /// Access units the decoder rejected.
+    pub decode_errors: u64,
+    /// Keyframe requests (PLI) sent to publishers.
+    pub plis_sent: u64,
+    /// Keyframe requests (PLI/FIR) received from viewers.
+    pub keyframe_requests_received: u64,
+    /// Engine outputs taken by the transport.
+    pub outputs: u64,
+    /// Engine outputs encoded (there was at least one viewer).
+    pub frames_encoded: u64,
+    /// Of those, keyframes.
+    pub keyframes_encoded: u64,
+    /// Of those, keyframes made because one was asked for (a viewer joined, sent a PLI/FIR or
+    /// missed frames) rather than by the encoder's periodic schedule.
+    pub keyframes_on_request: u64,
+    /// Frames written to viewers' tracks (summed over viewers).
+    pub frames_sent: u64,
+    /// Frames a viewer's queue had no room for.
+    pub frames_dropped_for_viewers: u64,
+    /// H.264 decode per picture.
+    pub decode: Summary,
+    /// Ingest per picture: access unit complete → submitted to the engine (decode queue,
+    /// decode, RGB conversion, submit).
+    pub ingest: Summary,
+    /// Egress per output: taken from the engine → handed to the first viewer's track (encode,
+    /// fan-out queue, packetization).
+    pub send: Summary,
+    /// H.264 encode per output.
+    pub encode: Summary,
+    /// Inside the engine but outside the pipeline call: input queue, hand-offs, output queue.
+    pub engine_queueing: Summary,
+    /// The transport path's added latency per frame: from the publisher's access unit being
+    /// complete to the output being handed to the first viewer's track, minus the pipeline
+    /// call (decode + queueing + encode + fan-out).
+    pub transport: Summary,
+}
+
+#[derive(Default)]
+pub(super) struct StatsState {
+    pub(super) counters: TransportStats,
+    pub(super) decode: Window,
+    pub(super) ingest: Window,
+    pub(super) send: Window,
+    pub(super) encode: Window,
+    pub(super) engine_queueing: Window,
+    pub(super) transport: Window,
+    /// Highest frame sequence number whose transport latency was recorded.
+    pub(super) last_timed: Option<u64>,
+}

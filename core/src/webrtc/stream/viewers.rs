@@ -1,0 +1,331 @@
+//! WHEP egress: viewer sessions, the output pump (one encode for all viewers) and each
+//! viewer's sending task.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rtc::media::Sample;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use tokio::sync::mpsc;
+use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::peer_connection::RTCPeerConnectionState;
+
+use super::super::TransportError;
+use super::super::h264::H264Encoder;
+use super::super::peer;
+use super::{CONNECT_TIMEOUT, SessionAnswer, Shared, VIEWER_QUEUE, ViewerSlot, WebRtcStream, lock};
+use crate::PixelFormat;
+use crate::ids::random_hex;
+
+/// One encoded output on its way to the viewers.
+pub(super) struct EncodedFrame {
+    seq: u64,
+    data: Bytes,
+    keyframe: bool,
+    duration: Duration,
+    /// When the publisher's access unit was complete.
+    arrived: Instant,
+    /// When the pump took the output from the engine.
+    taken: Instant,
+    /// The pipeline call's own time.
+    pipeline: Duration,
+}
+
+impl WebRtcStream {
+    /// WHEP: answers a viewer's offer with a track of the engine's output, H.264. Frames flow
+    /// once the viewer connects, from a keyframe.
+    pub async fn play(&self, offer_sdp: &str) -> Result<SessionAnswer, TransportError> {
+        self.check_open()?;
+        let limit = self.shared.config.max_viewers;
+        if lock(&self.shared.viewers).len() >= limit {
+            return Err(TransportError::TooManyViewers(limit));
+        }
+        let offer = peer::parse_offer(offer_sdp)?;
+        let mut peer = peer::build(&self.shared.config, false).await?;
+        let id = random_hex();
+        let ssrc = random_hex()
+            .get(..8)
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .unwrap_or(0x5d5_7a3e);
+        let webrtc = |e: rtc::shared::error::Error| TransportError::WebRtc(e.to_string());
+        let outcome = async {
+            let track = Arc::new(
+                TrackLocalStaticSample::new(
+                    Instant::now(),
+                    MediaStreamTrack::new(
+                        "sdstream".to_owned(),
+                        format!("sdstream-video-{id}"),
+                        "sdstream output".to_owned(),
+                        RtpCodecKind::Video,
+                        vec![RTCRtpEncodingParameters {
+                            rtp_coding_parameters: RTCRtpCodingParameters {
+                                ssrc: Some(ssrc),
+                                ..Default::default()
+                            },
+                            codec: peer::h264_codec(),
+                            ..Default::default()
+                        }],
+                    ),
+                )
+                .map_err(webrtc)?,
+            );
+            let sender = peer
+                .connection
+                .add_track(track.clone() as Arc<dyn TrackLocal>)
+                .await
+                .map_err(webrtc)?;
+            let sdp = peer::answer(&mut peer, offer, self.shared.config.gather_timeout).await?;
+            Ok::<_, TransportError>((track, sender, sdp))
+        }
+        .await;
+        let (track, sender, sdp) = match outcome {
+            Ok(parts) => parts,
+            Err(e) => {
+                let _ = peer.connection.close().await;
+                return Err(e);
+            }
+        };
+        let admitted = {
+            let mut viewers = lock(&self.shared.viewers);
+            let room = viewers.len() < limit;
+            if room {
+                viewers.insert(
+                    id.clone(),
+                    ViewerSlot {
+                        connection: peer.connection.clone(),
+                        frames: None,
+                    },
+                );
+            }
+            room
+        };
+        if !admitted {
+            let _ = peer.connection.close().await;
+            return Err(TransportError::TooManyViewers(limit));
+        }
+        let shared = self.shared.clone();
+        let viewer_id = id.clone();
+        let state = peer.state.clone();
+        tokio::spawn(async move {
+            run_viewer(shared, viewer_id, state, track, sender, ssrc).await;
+        });
+        Ok(SessionAnswer {
+            session_id: id,
+            sdp,
+        })
+    }
+
+    /// WHEP `DELETE`: ends the viewer session `session_id`.
+    pub async fn stop_playing(&self, session_id: &str) -> Result<(), TransportError> {
+        let ended = lock(&self.shared.viewers).remove(session_id);
+        match ended {
+            Some(slot) => {
+                let _ = slot.connection.close().await;
+                Ok(())
+            }
+            None => Err(TransportError::NotFound(format!(
+                "viewer session {session_id:?}"
+            ))),
+        }
+    }
+}
+
+/// Takes every engine output; encodes it once when anyone watches and queues it per viewer.
+pub(super) fn run_pump(shared: &Shared) {
+    let mut encoder = H264Encoder::new(shared.config.encoder);
+    let mut last_output: Option<Instant> = None;
+    while !shared.closed.load(Ordering::Acquire) {
+        let output = match shared.engine.recv_timeout(Duration::from_millis(100)) {
+            Ok(Some(output)) => output,
+            Ok(None) => continue,
+            // Closed or no pipeline: nothing to send until that changes.
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let received = Instant::now();
+        if let Some(observer) = &shared.observer {
+            observer.on_output(&output);
+        }
+        {
+            let mut s = shared.stats();
+            s.counters.outputs += 1;
+            s.engine_queueing
+                .record(output.latency.saturating_sub(output.timings.total));
+        }
+        let queues: Vec<mpsc::Sender<Arc<EncodedFrame>>> = lock(&shared.viewers)
+            .values()
+            .filter_map(|v| v.frames.clone())
+            .collect();
+        let duration = last_output
+            .map(|t| received.saturating_duration_since(t))
+            .unwrap_or(Duration::from_millis(33))
+            .clamp(Duration::from_millis(1), Duration::from_secs(1));
+        last_output = Some(received);
+        if queues.is_empty() {
+            continue;
+        }
+        let requested = shared.keyframe_wanted.swap(false, Ordering::AcqRel);
+        if requested {
+            encoder.request_keyframe();
+        }
+        let image = &output.image;
+        let rgb = match image.format {
+            PixelFormat::Rgb8 => std::borrow::Cow::Borrowed(&image.data),
+            _ => match image.as_frame() {
+                Ok(frame) => std::borrow::Cow::Owned(frame.to_rgb8()),
+                Err(_) => continue,
+            },
+        };
+        let started = Instant::now();
+        let encoded = match encoder.encode(&rgb, image.width, image.height) {
+            Ok(encoded) => encoded,
+            Err(_) => continue,
+        };
+        {
+            let mut s = shared.stats();
+            s.encode.record(started.elapsed());
+            s.counters.frames_encoded += 1;
+            s.counters.keyframes_encoded += u64::from(encoded.keyframe);
+            s.counters.keyframes_on_request += u64::from(encoded.keyframe && requested);
+        }
+        let frame = Arc::new(EncodedFrame {
+            seq: shared.next_seq.fetch_add(1, Ordering::Relaxed),
+            data: Bytes::from(encoded.data),
+            keyframe: encoded.keyframe,
+            duration,
+            arrived: shared.instant(output.timestamp),
+            taken: received,
+            pipeline: output.timings.total,
+        });
+        for queue in queues {
+            if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(frame.clone()) {
+                shared.stats().counters.frames_dropped_for_viewers += 1;
+                shared.keyframe_wanted.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// One viewer's life: wait for the connection, then send frames until it ends.
+pub(super) async fn run_viewer(
+    shared: Arc<Shared>,
+    id: String,
+    mut state: tokio::sync::watch::Receiver<RTCPeerConnectionState>,
+    track: Arc<TrackLocalStaticSample>,
+    sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+    ssrc: u32,
+) {
+    let is_connected = {
+        let settled = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            state.wait_for(|s| {
+                matches!(
+                    s,
+                    RTCPeerConnectionState::Connected
+                        | RTCPeerConnectionState::Failed
+                        | RTCPeerConnectionState::Closed
+                )
+            }),
+        )
+        .await;
+        matches!(&settled, Ok(Ok(s)) if **s == RTCPeerConnectionState::Connected)
+    };
+    let payload_type = match sender.get_parameters().await {
+        Ok(p) => p.rtp_parameters.codecs.first().map(|c| c.payload_type),
+        Err(_) => None,
+    };
+    let (Some(payload_type), true) = (payload_type, is_connected) else {
+        end_viewer(&shared, &id).await;
+        return;
+    };
+    let (frames_tx, mut frames_rx) = mpsc::channel::<Arc<EncodedFrame>>(VIEWER_QUEUE);
+    {
+        let mut viewers = lock(&shared.viewers);
+        match viewers.get_mut(&id) {
+            Some(slot) => slot.frames = Some(frames_tx),
+            // Deleted while connecting.
+            None => return,
+        }
+    }
+    shared.keyframe_wanted.store(true, Ordering::Release);
+
+    // Keyframe requests from this viewer.
+    let rtcp_track = track.clone();
+    let rtcp_shared = shared.clone();
+    tokio::spawn(async move {
+        while let Some(event) = rtcp_track.poll().await {
+            if let TrackLocalEvent::OnRtcpPacket(_) = event {
+                rtcp_shared.stats().counters.keyframe_requests_received += 1;
+                rtcp_shared.keyframe_wanted.store(true, Ordering::Release);
+            }
+        }
+    });
+    // The end of the connection ends the session.
+    let watch_shared = shared.clone();
+    let watch_id = id.clone();
+    tokio::spawn(async move {
+        let _ = state
+            .wait_for(|s| {
+                matches!(
+                    s,
+                    RTCPeerConnectionState::Failed
+                        | RTCPeerConnectionState::Closed
+                        | RTCPeerConnectionState::Disconnected
+                )
+            })
+            .await;
+        end_viewer(&watch_shared, &watch_id).await;
+    });
+
+    let mut waiting_for_keyframe = true;
+    let mut last_seq: Option<u64> = None;
+    while let Some(frame) = frames_rx.recv().await {
+        if last_seq.is_some_and(|last| frame.seq != last + 1) {
+            // A frame this viewer never got: its decoder needs a new start.
+            waiting_for_keyframe = true;
+        }
+        last_seq = Some(frame.seq);
+        if waiting_for_keyframe {
+            if !frame.keyframe {
+                shared.keyframe_wanted.store(true, Ordering::Release);
+                continue;
+            }
+            waiting_for_keyframe = false;
+        }
+        let mut sample = Sample::new(Instant::now());
+        sample.data = frame.data.clone();
+        sample.duration = frame.duration;
+        if track
+            .write_sample(ssrc, payload_type, &sample, &[])
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let now = Instant::now();
+        let mut s = shared.stats();
+        s.counters.frames_sent += 1;
+        if s.last_timed.is_none_or(|last| frame.seq > last) {
+            s.last_timed = Some(frame.seq);
+            s.send.record(now.saturating_duration_since(frame.taken));
+            let total = now.saturating_duration_since(frame.arrived);
+            s.transport.record(total.saturating_sub(frame.pipeline));
+        }
+    }
+    end_viewer(&shared, &id).await;
+}
+
+pub(super) async fn end_viewer(shared: &Shared, id: &str) {
+    let slot = lock(&shared.viewers).remove(id);
+    if let Some(slot) = slot {
+        let _ = slot.connection.close().await;
+    }
+}
