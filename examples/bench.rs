@@ -1,14 +1,18 @@
-//! The benchmark table of ARCHITECTURE.md: per-stage milliseconds and fps of the synchronous
-//! pipeline for each resolution × step count × autoencoder, with the machine's measured f32
-//! matmul peak beside it. Same settings as tests/reference/bench_reference.py (cfg self,
-//! guidance 1.2, delta 0.7, 50-step grid, prompt "flowers", seed 789), so the two tables compare.
+//! The benchmark table of docs/ARCHITECTURE.md ("Performance"): per-stage milliseconds and fps
+//! of the synchronous pipeline for each resolution × step count × autoencoder, with the machine's
+//! measured f32 matmul peak beside it. Same settings as tests/reference/bench_reference.py (cfg
+//! self, guidance 1.2, delta 0.7, 50-step grid, prompt "flowers", seed 789), so the two tables
+//! compare.
 //!
 //! ```text
-//! cargo run --release -p sdstream --example bench -- --model /work/models/sd-turbo-random \
-//!     --taesd /work/models/taesd-random [--sizes 256,512] [--frames 3] [--dtype f32] [--device cpu] \
-//!     [--controlnet /work/models/controlnet-sd21-random --controlnet-counts 0,1,2,5]
+//! cargo run --release -p sdstream --example bench -- --model MODEL_DIR --taesd TAESD_DIR \
+//!     [--sizes 256,512] [--frames 3] [--dtype f32] [--device cpu] \
+//!     [--controlnet CONTROLNET_DIR --controlnet-counts 0,1,2,5]
 //! ```
-//! Full-size random weights are made by tests/reference/make_full_size.py (never committed).
+//! `--model` and `--taesd` default to the environment variables `SDSTREAM_BENCH_MODEL` and
+//! `SDSTREAM_BENCH_TAESD` (`--taesd` is needed only when the TAESD rows run). Full-size random
+//! weights are made by tests/reference/make_full_size.py (never committed), which reads the same
+//! variables for where to write them.
 //! With `--controlnet`, each row is repeated per ControlNet count: N copies of that net (linked
 //! under N folder names, so they load as N distinct nets), scale 0.5, canny preprocessing.
 
@@ -21,7 +25,7 @@ use serde_json::json;
 
 struct Args {
     model: String,
-    taesd: String,
+    taesd: Option<String>,
     sizes: Vec<usize>,
     frames: usize,
     dtype: String,
@@ -32,10 +36,20 @@ struct Args {
     controlnet_counts: Vec<usize>,
 }
 
+/// The environment variables that stand in for `--model` and `--taesd`.
+const MODEL_VAR: &str = "SDSTREAM_BENCH_MODEL";
+const TAESD_VAR: &str = "SDSTREAM_BENCH_TAESD";
+
+/// A non-empty environment variable.
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
 fn parse() -> Result<Args, String> {
+    let mut model = env_var(MODEL_VAR);
     let mut a = Args {
-        model: "/work/models/sd-turbo-random".into(),
-        taesd: "/work/models/taesd-random".into(),
+        model: String::new(),
+        taesd: env_var(TAESD_VAR),
         sizes: vec![256, 512],
         frames: 3,
         dtype: "f32".into(),
@@ -54,8 +68,8 @@ fn parse() -> Result<Args, String> {
                 .collect()
         };
         match flag.as_str() {
-            "--model" => a.model = v,
-            "--taesd" => a.taesd = v,
+            "--model" => model = Some(v),
+            "--taesd" => a.taesd = Some(v),
             "--sizes" => a.sizes = list(&v)?,
             "--frames" => a.frames = v.parse().map_err(|e| format!("--frames: {e}"))?,
             "--dtype" => a.dtype = v,
@@ -68,6 +82,16 @@ fn parse() -> Result<Args, String> {
             }
             other => return Err(format!("unknown flag {other}")),
         }
+    }
+    a.model = model.ok_or(format!(
+        "no model: pass --model DIR or set {MODEL_VAR} (a diffusers folder shaped like \
+         stabilityai/sd-turbo; tests/reference/make_full_size.py writes one with random weights)"
+    ))?;
+    if a.taesd.is_none() && a.vaes.iter().any(|v| v == "taesd") {
+        return Err(format!(
+            "no TAESD: pass --taesd DIR or set {TAESD_VAR} (a madebyollin/taesd-shaped folder), \
+             or leave taesd out of --vaes"
+        ));
     }
     Ok(a)
 }
@@ -117,10 +141,9 @@ fn run() -> Result<(), String> {
         None => vec![0],
     };
     let settings = |vae: &str| -> Result<EngineSettings, String> {
-        let vae = if vae == "taesd" {
-            args.taesd.clone()
-        } else {
-            vae.to_string()
+        let vae = match (vae, &args.taesd) {
+            ("taesd", Some(dir)) => dir.clone(),
+            _ => vae.to_string(),
         };
         EngineSettings::from_json(
             &json!({"vae": vae, "dtype": args.dtype, "device": args.device, "cfg_type": "self", "allow_any_resolution": true})

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{abs_err, edited_config, fixture, golden, scratch_dir};
@@ -24,21 +24,9 @@ const MEAN_ABS: f32 = 2e-4;
 /// Tolerance of the net-level residuals.
 const NET_MAX_ABS: f32 = 1e-5;
 
-fn manifest() -> &'static Value {
-    static MANIFEST: OnceLock<Value> = OnceLock::new();
-    MANIFEST.get_or_init(|| {
-        let text = std::fs::read_to_string(fixture("golden/controlnet_streams.json")).unwrap();
-        serde_json::from_str(&text).unwrap()
-    })
-}
-
+/// A case of golden/controlnet_streams.json.
 fn case(name: &str) -> &'static Value {
-    manifest()["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name} in controlnet_streams.json"))
+    common::golden_case("golden/controlnet_streams.json", name)
 }
 
 fn settings(cfg_type: &str) -> EngineSettings {

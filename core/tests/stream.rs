@@ -15,21 +15,9 @@ use serde_json::{Value, json};
 const MAX_ABS: f32 = 2e-3;
 const MEAN_ABS: f32 = 2e-4;
 
-fn manifest() -> &'static Value {
-    static MANIFEST: OnceLock<Value> = OnceLock::new();
-    MANIFEST.get_or_init(|| {
-        let text = std::fs::read_to_string(fixture("golden/streams.json")).unwrap();
-        serde_json::from_str(&text).unwrap()
-    })
-}
-
+/// A case of golden/streams.json.
 fn case(name: &str) -> &'static Value {
-    manifest()["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name} in streams.json"))
+    common::golden_case("golden/streams.json", name)
 }
 
 fn settings_for(case: &Value) -> EngineSettings {
@@ -199,8 +187,8 @@ stream_cases!(
 );
 
 /// `self_t3_n30` is deliberately not a parity case: the reference builds the grid from 50
-/// original steps, sdstream from Daydream's 100 (ALGORITHM.md §1); they agree at 50 steps but
-/// not at 30. This pins the difference so it stays a decision, not an accident.
+/// original steps, sdstream from Daydream's 100 (docs/ALGORITHM.md §1); they agree at 50 steps
+/// but not at 30. This pins the difference so it stays a decision, not an accident.
 #[test]
 fn grid_at_30_steps_follows_daydream_not_the_reference() {
     let case = case("self_t3_n30");

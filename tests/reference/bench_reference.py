@@ -23,7 +23,10 @@ Beside it: the machine's float32 matmul peak (torch.matmul of 2048 x 2048, best 
 measured before and after the cases.
 
 Usage (see tests/reference/README.md, "Benchmarks"):
-  /work/refenv/bin/python tests/reference/bench_reference.py --sizes 256 --frames 3 --out /tmp/ref256.json
+  python tests/reference/bench_reference.py --sd MODEL_DIR --taesd TAESD_DIR --sizes 256 --frames 3 \
+      --out ref256.json
+--sd and --taesd default to $SDSTREAM_BENCH_MODEL and $SDSTREAM_BENCH_TAESD (what make_full_size.py
+wrote there, and what examples/bench.rs reads).
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ import numpy as np
 import PIL.Image
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-FRAMES_DIR = REPO / "tests" / "fixtures" / "frames"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    BENCH_MODEL_VAR, BENCH_TAESD_VAR, FIXTURES, env_path, patch_cuda_timing, required_path,
+)
 
-DEFAULT_SD = Path("/work/models/sd-turbo-random")
-DEFAULT_TAESD = Path("/work/models/taesd-random")
+FRAMES_DIR = FIXTURES / "frames"
 
-# Daydream's StreamDiffusionParams defaults (shared/PARAMS.md) where they apply; guidance 1.2 so
+# Daydream's StreamDiffusionParams defaults (docs/PARAMS.md) where they apply; guidance 1.2 so
 # that cfg "self" really does residual CFG (at 1.0 the reference skips it).
 PROMPT = "flowers"
 NEGATIVE_PROMPT = "blurry, low quality, flat, 2d"
@@ -59,24 +63,6 @@ DELTA = 0.7
 CFG_TYPE = "self"
 # 3 steps: Daydream's default t_index_list. 1 step: its last index (t = 359 on the 50-step grid).
 DEFAULT_T_INDEX_LISTS = "32;12,20,32"
-
-
-class HostEvent:
-    """Stand-in for torch.cuda.Event on CPU: host clock, elapsed_time in milliseconds."""
-
-    def __init__(self, enable_timing: bool = False):
-        self.t = None
-
-    def record(self, stream=None):
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end: "HostEvent") -> float:
-        return (end.t - self.t) * 1000.0
-
-
-def patch_cuda_timing() -> None:
-    torch.cuda.Event = HostEvent
-    torch.cuda.synchronize = lambda *a, **k: None
 
 
 class StageTimer:
@@ -233,8 +219,10 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sd", type=Path, default=DEFAULT_SD, help="sd-turbo-shaped diffusers folder")
-    parser.add_argument("--taesd", type=Path, default=DEFAULT_TAESD, help="taesd-shaped folder")
+    parser.add_argument("--sd", type=Path, default=env_path(BENCH_MODEL_VAR),
+                        help=f"sd-turbo-shaped diffusers folder (default: ${BENCH_MODEL_VAR})")
+    parser.add_argument("--taesd", type=Path, default=env_path(BENCH_TAESD_VAR),
+                        help=f"taesd-shaped folder (default: ${BENCH_TAESD_VAR})")
     parser.add_argument("--sizes", default="256,512", help="square resolutions, comma-separated")
     parser.add_argument("--t-index-lists", default=DEFAULT_T_INDEX_LISTS,
                         help="t_index_lists separated by ';', each comma-separated (default: %(default)s)")
@@ -244,6 +232,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    args.sd = required_path(args.sd, "--sd", BENCH_MODEL_VAR, "sd-turbo-shaped model folder")
+    args.taesd = required_path(args.taesd, "--taesd", BENCH_TAESD_VAR, "TAESD folder")
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     t_index_lists = [[int(i) for i in part.split(",")] for part in args.t_index_lists.split(";") if part]

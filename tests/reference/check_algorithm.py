@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Re-implement /work/shared/ALGORITHM.md (sections 1-4) from its text, on top of the diffusers
-networks, and compare with the reference's stream goldens in tests/fixtures/golden/.
+"""Re-implement the stream arithmetic of docs/ALGORITHM.md (sections 1-4) independently, on top of
+the diffusers networks, and compare with the reference's stream goldens in tests/fixtures/golden/.
 
-It answers "does ALGORITHM.md describe what streamdiffusion 0.1.1 computes?" case by case. The
-differences it finds are listed in tests/reference/README.md. Nothing here is written to disk.
+It answers "does the arithmetic ALGORITHM.md describes reproduce what streamdiffusion 0.1.1
+computes, and where exactly do sdstream's choices part from it?" case by case: the variants switch
+between sdstream's grid (S = 100) and the reference's (S = 50), with and without the step-by-step
+path's init_noise overwrite, and f64 or f32 coefficients. The results are in
+tests/reference/README.md. Nothing here is written to disk.
 
 Usage: python tests/reference/check_algorithm.py
 """
@@ -70,7 +73,7 @@ class TorchSerialNormal:
 
 
 class SpecStream:
-    """Sections 2-4 of ALGORITHM.md, frame_buffer_size 1."""
+    """Sections 2-4 of docs/ALGORITHM.md, frame_buffer_size 1."""
 
     def __init__(self, s: dict, pipe, taesd, original_steps: int, nonbatch_overwrites_init_noise: bool,
                  f32_coefficients: bool = False):
@@ -212,7 +215,7 @@ def main() -> None:
     pipe, taesd = mf.load_sd_pipeline(), mf.load_taesd()
     cases = json.loads((mf.GOLDEN_DIR / "streams.json").read_text())["cases"]
     variants = [  # (label, original_inference_steps, step-by-step init_noise quirk, f32 coefficients)
-        ("as written (S=100)", 100, False, False),
+        ("S=100", 100, False, False),
         ("S=50", 50, False, False),
         ("S=50+quirk", 50, True, False),
         ("S=50+quirk+f32", 50, True, True),

@@ -33,17 +33,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_fixtures as mf  # noqa: E402  (shares paths, the pipeline loader and the CPU patches)
+import make_fixtures as mf  # noqa: E402  (shares the pipeline loader and the stream driver)
+from _common import FIXTURES, GOLDEN_DIR, jitter_norms, write_json  # noqa: E402
 
 torch.set_num_threads(1)
 
-FIXTURES = mf.FIXTURES
-GOLDEN_DIR = mf.GOLDEN_DIR
 NET_A = FIXTURES / "tiny-controlnet-a"
 NET_B = FIXTURES / "tiny-controlnet-b"
 # 64x64 frames, 8x8 latents: the conditioning embedding must downscale 8x (4 widths).
@@ -88,12 +86,7 @@ def make_nets() -> None:
         conditioning_embedding_out_channels=EMBEDDING_CHANNELS,
     )
     # Trained-looking norms, as the fixture UNet (see make_fixtures.make_unet).
-    g = torch.Generator().manual_seed(23)
-    with torch.no_grad():
-        for module in net_b.modules():
-            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
-                module.weight.copy_(1.0 + mf.UNET_NORM_JITTER * torch.randn(module.weight.shape, generator=g))
-                module.bias.copy_(mf.UNET_NORM_JITTER * torch.randn(module.bias.shape, generator=g))
+    jitter_norms(net_b, torch.Generator().manual_seed(23))
     randomize_control_parts(net_b, 24)
 
     for net, out in ((net_a, NET_A), (net_b, NET_B)):
@@ -238,52 +231,28 @@ def case_settings(name: str) -> dict:
 
 
 def run_case(settings: dict, nets: dict) -> dict[str, torch.Tensor]:
-    from streamdiffusion import StreamDiffusion
+    controlled = None
 
-    pipe = mf.load_sd_pipeline()
-    stream = StreamDiffusion(
-        pipe,
-        t_index_list=settings["t_index_list"],
-        torch_dtype=mf.DTYPE,
-        width=settings["width"],
-        height=settings["height"],
-        do_add_noise=settings["do_add_noise"],
-        use_denoising_batch=settings["use_denoising_batch"],
-        frame_buffer_size=settings["frame_buffer_size"],
-        cfg_type=settings["cfg_type"],
-    )
-    stream.vae = mf.load_taesd()
-    controlled = ControlledUNet(stream.unet, stream, nets)
-    controlled.configs = [dict(c) for c in settings["controlnets"]]
-    stream.unet = controlled
-    with mf.CpuPatches() as patches:
-        torch.manual_seed(settings["seed"])
-        stream.prepare(
-            prompt=settings["prompt"],
-            negative_prompt=settings["negative_prompt"],
-            num_inference_steps=settings["num_inference_steps"],
-            guidance_scale=settings["guidance_scale"],
-            delta=settings["delta"],
-            generator=torch.Generator(),
-            seed=settings["seed"],
-        )
-        init_noise = stream.init_noise.clone()
-        outputs = []
-        for k in range(settings["num_frames"]):
-            for update in settings["updates"]:
-                if update["before_frame"] != k:
-                    continue
-                for index, fields in update.get("set", {}).items():
-                    controlled.configs[int(index)].update(fields)
-                for added in update.get("add", []):
-                    controlled.configs.append(dict(NET_DEFAULTS, **added))
-            frame = PIL.Image.open(FIXTURES / settings["frames"][k]).convert("RGB")
-            image = np.asarray(frame, dtype=np.float32) / 255.0
-            controlled.control_image = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).contiguous()
-            decoded = stream(frame)
-            outputs.append((decoded / 2 + 0.5).clamp(0, 1))
-        assert not patches.randn_like_draws, "cases must not draw from the global generator"
-    return {"init_noise": init_noise, "output": torch.cat(outputs)}
+    def control_unet(stream) -> None:
+        nonlocal controlled
+        controlled = ControlledUNet(stream.unet, stream, nets)
+        controlled.configs = [dict(c) for c in settings["controlnets"]]
+        stream.unet = controlled
+
+    def before_frame(k: int, stream, frame) -> None:
+        for update in settings["updates"]:
+            if update["before_frame"] != k:
+                continue
+            for index, fields in update.get("set", {}).items():
+                controlled.configs[int(index)].update(fields)
+            for added in update.get("add", []):
+                controlled.configs.append(dict(NET_DEFAULTS, **added))
+        image = np.asarray(frame, dtype=np.float32) / 255.0
+        controlled.control_image = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+    _, prepared, outputs, patches = mf.drive_stream(settings, control_unet, before_frame)
+    assert not patches.randn_like_draws, "cases must not draw from the global generator"
+    return {"init_noise": prepared["init_noise"], "output": torch.cat(outputs)}
 
 
 def golden_streams() -> None:
@@ -301,7 +270,7 @@ def golden_streams() -> None:
               f"deterministic={same}")
         manifest.append(settings | {"deterministic": same})
     # How much the nets change the picture (so the goldens test something): the no-net outputs.
-    mf.write_json(GOLDEN_DIR / "controlnet_streams.json", {
+    write_json(GOLDEN_DIR / "controlnet_streams.json", {
         "description": "StreamDiffusion (PyPI streamdiffusion 0.1.1) on diffusers, CPU, float32, tiny-sd-turbo + "
                        "tiny-taesd, with ControlNet residuals added to every UNet call (see "
                        "tests/reference/make_controlnet_fixtures.py). ControlNet model_ids are folders under "

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import unicodedata
 import zipfile
@@ -33,14 +34,16 @@ import regex
 import torch
 from safetensors.torch import load_file, save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    FIXTURES, GOLDEN_DIR, HostEvent, jitter_norms, scale_vae_mean, tune_taesd, write_json,
+)
+
 torch.set_num_threads(1)  # one thread: bit-stable results, and the machine is shared
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = REPO / "tests" / "fixtures"
 SD_DIR = FIXTURES / "tiny-sd-turbo"
 TAESD_DIR = FIXTURES / "tiny-taesd"
 FRAMES_DIR = FIXTURES / "frames"
-GOLDEN_DIR = FIXTURES / "golden"
 
 NUM_FRAMES = 8
 FRAME_SIZE = 64
@@ -55,22 +58,33 @@ NUM_CLIP_MERGES = 49152 - 256 - 2
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
+# Where `pip download --no-deps open_clip_torch -d DIR` put the wheel: $SDSTREAM_REF_DL, else
+# ref_dl under the system's temporary folder.
+REF_DL_VAR = "SDSTREAM_REF_DL"
+
+
+def download_dir() -> Path:
+    value = os.environ.get(REF_DL_VAR, "").strip()
+    return Path(value) if value else Path(tempfile.gettempdir()) / "ref_dl"
+
+
 def find_bpe_file(explicit: str | None) -> Path:
     """Locate bpe_simple_vocab_16e6.txt.gz: an explicit path, or inside an open_clip_torch wheel.
 
-    The wheel comes from `pip download --no-deps open_clip_torch -d /tmp/ref_dl` (no install needed).
+    The wheel comes from `pip download --no-deps open_clip_torch -d DIR` (no install needed), DIR
+    being download_dir().
     """
     if explicit:
         return Path(explicit)
-    cache = Path("/tmp/ref_dl")
+    cache = download_dir()
     extracted = cache / "open_clip" / "bpe_simple_vocab_16e6.txt.gz"
     if extracted.exists():
         return extracted
     wheels = sorted(cache.glob("open_clip_torch-*.whl"))
     if not wheels:
         sys.exit(
-            "CLIP BPE file not found: run `pip download --no-deps open_clip_torch -d /tmp/ref_dl` "
-            "or pass --bpe PATH"
+            f"CLIP BPE file not found: run `pip download --no-deps open_clip_torch -d {cache}` "
+            f"(or into the folder named by {REF_DL_VAR}), or pass --bpe PATH"
         )
     with zipfile.ZipFile(wheels[-1]) as wheel:
         wheel.extract("open_clip/bpe_simple_vocab_16e6.txt.gz", cache)
@@ -248,13 +262,8 @@ def make_text_encoder_config():
     )
 
 
-# Deterministic weight rescaling applied after the default random init (see make_vae, make_taesd).
-VAE_MEAN_SCALE = 20.0
-UNET_NORM_JITTER = 0.2
-TAESD_INIT_GAIN = 0.8
-TAESD_ENCODER_SCALE = 1.3
-TAESD_DECODER_SCALE = 0.035
-TAESD_DECODER_SHIFT = 0.47
+# The deterministic rescalings applied after the default random init (VAE_MEAN_SCALE,
+# UNET_NORM_JITTER, TAESD_*) live in _common.py: make_full_size.py applies the same ones.
 
 
 def make_unet():
@@ -292,12 +301,7 @@ def make_unet():
     # one-channel GroupNorm sees zero variance and normalises float rounding noise instead of a
     # signal: the output becomes chaotic (a 1e-9 perturbation moved ε by ~0.9). Trained checkpoints
     # have non-trivial norm affines; give the fixture some, so its outputs are well-conditioned.
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
-                module.weight.copy_(1.0 + UNET_NORM_JITTER * torch.randn(module.weight.shape, generator=generator))
-                module.bias.copy_(UNET_NORM_JITTER * torch.randn(module.bias.shape, generator=generator))
+    jitter_norms(unet, torch.Generator().manual_seed(11))
     return unet
 
 
@@ -321,9 +325,7 @@ def make_vae():
     # With default init the posterior mean is tiny (std ~0.2, i.e. ~0.04 after the 0.18215 scaling),
     # so the input frame would hardly matter downstream. Scale the mean half of quant_conv so scaled
     # latents have std ~0.8, like a real VAE's; the logvar half is left as initialised.
-    with torch.no_grad():
-        vae.quant_conv.weight[:4] *= VAE_MEAN_SCALE
-        vae.quant_conv.bias[:4] *= VAE_MEAN_SCALE
+    scale_vae_mean(vae)
     return vae
 
 
@@ -346,25 +348,9 @@ def make_taesd(out_dir: Path) -> None:
         force_upcast=False,
         scaling_factor=1.0,
     )
-    # diffusers' default init shrinks activations through TAESD's ~40 relu convs: latents come out
-    # nearly the same for every input (frame-to-frame change < 1% of their spread). Re-initialise
-    # every conv with a variance-preserving (He) normal init, then scale the encoder's last conv
-    # (latents std ~1), and scale and shift the decoder's last conv so that what the streams decode
-    # (x0 latents of std ~8, squashed by TAESD's tanh) lands near 0 in [-1, 1] with few clamped
-    # pixels (a unit-normal latent decodes to std ~0.14).
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for module in taesd.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-                std = TAESD_INIT_GAIN * math.sqrt(2.0 / fan_in)
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
-                if module.bias is not None:
-                    module.bias.copy_((torch.rand(module.bias.shape, generator=generator) - 0.5) * 0.1)
-        taesd.encoder.layers[-1].weight *= TAESD_ENCODER_SCALE
-        taesd.encoder.layers[-1].bias *= TAESD_ENCODER_SCALE
-        taesd.decoder.layers[-1].weight *= TAESD_DECODER_SCALE
-        taesd.decoder.layers[-1].bias.mul_(TAESD_DECODER_SCALE).add_(TAESD_DECODER_SHIFT)
+    # diffusers' default init makes latents nearly the same for every input (frame-to-frame change
+    # < 1% of their spread); see _common.tune_taesd (a unit-normal latent then decodes to std ~0.14).
+    tune_taesd(taesd, 3)
     taesd.save_pretrained(out_dir, safe_serialization=True)
 
 
@@ -467,13 +453,6 @@ def describe(name: str, t: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 def write_json_compact_cases(path: Path, obj: dict) -> None:
@@ -758,23 +737,10 @@ STREAM_CASES = {
     "self_t3_update_prompt": dict(updates=[{"before_frame": 3, "prompt": "a watercolor painting of mountains"}]),
     "txt2img_self_t3": dict(mode="txt2img"),
     # num_inference_steps that does not divide 50: the grid depends on original_inference_steps.
-    # Indices 4, 13, 22 give t = 919, 739, 559 with original_inference_steps 50 (the reference's);
-    # original_inference_steps 100 would give 909, 729, 549.
+    # Indices 4, 13, 22 give t = 879, 579, 279 with original_inference_steps 50 (the reference's);
+    # original_inference_steps 100 (sdstream's) gives 869, 569, 269.
     "self_t3_n30": dict(num_inference_steps=30, t_index_list=[4, 13, 22]),
 }
-
-
-class HostEvent:
-    """Stand-in for torch.cuda.Event on CPU: host clock, elapsed_time in milliseconds."""
-
-    def __init__(self, enable_timing: bool = False):
-        self.t = None
-
-    def record(self, stream=None):
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end: "HostEvent") -> float:
-        return (end.t - self.t) * 1000.0
 
 
 class CpuPatches:
@@ -815,8 +781,19 @@ def stream_settings(name: str) -> dict:
     return settings
 
 
-def run_stream(settings: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run the reference StreamDiffusion for one case; return the tensors to store and extra facts."""
+def drive_stream(settings: dict, setup=None, before_frame=None):
+    """Run the reference StreamDiffusion through one case as a user would, on the CPU.
+
+    Builds `streamdiffusion.StreamDiffusion` from `settings` (the keys of STREAM_DEFAULTS), puts
+    tiny-taesd in place of the VAE when `vae` is "taesd" (what StreamDiffusionWrapper does for
+    use_tiny_vae), calls `setup(stream)` (to wrap its methods or networks), seeds torch's global
+    generator with `global_seed` (default: `seed`), runs `prepare`, then makes `num_frames` calls:
+    `stream(frame)` on the case's frames, or `stream.txt2img()`. `before_frame(k, stream, frame)`
+    runs before call k (`frame` is the PIL input, None for txt2img).
+
+    Returns the stream, what `prepare` computed, the outputs `(decoded / 2 + 0.5).clamp(0, 1)`
+    (streamdiffusion.image_utils.denormalize) and the CpuPatches with the recorded global draws.
+    """
     from streamdiffusion import StreamDiffusion
 
     pipe = load_sd_pipeline()
@@ -832,25 +809,12 @@ def run_stream(settings: dict) -> tuple[dict[str, torch.Tensor], dict]:
         cfg_type=settings["cfg_type"],
     )
     if settings["vae"] == "taesd":
-        stream.vae = load_taesd()  # as StreamDiffusionWrapper does for use_tiny_vae
-
-    # Record what goes into and comes out of the denoiser each frame.
-    latents_in, latents_out, stock, buffers = [], [], [], []
-    predict = stream.predict_x0_batch
-
-    def recording_predict(x_t_latent):
-        latents_in.append(x_t_latent.detach().clone())
-        out = predict(x_t_latent)
-        latents_out.append(out.detach().clone())
-        stock.append(stream.stock_noise.detach().clone())
-        if stream.x_t_latent_buffer is not None:
-            buffers.append(stream.x_t_latent_buffer.detach().clone())
-        return out
-
-    stream.predict_x0_batch = recording_predict
+        stream.vae = load_taesd()
+    if setup is not None:
+        setup(stream)
 
     with CpuPatches() as patches:
-        torch.manual_seed(settings["global_seed"])
+        torch.manual_seed(settings.get("global_seed", settings["seed"]))
         stream.prepare(
             prompt=settings["prompt"],
             negative_prompt=settings["negative_prompt"],
@@ -869,18 +833,46 @@ def run_stream(settings: dict) -> tuple[dict[str, torch.Tensor], dict]:
             "c_skip": stream.c_skip.flatten().clone(),
             "c_out": stream.c_out.flatten().clone(),
         }
-        outputs, updated_embeds = [], []
+        outputs = []
         for k in range(settings["num_frames"]):
-            for update in settings["updates"]:
-                if update["before_frame"] == k:
-                    stream.update_prompt(update["prompt"])
-                    updated_embeds.append(stream.prompt_embeds.clone())
-            if settings["mode"] == "txt2img":
-                decoded = stream.txt2img()
-            else:
+            frame = None
+            if settings["mode"] != "txt2img":
                 frame = PIL.Image.open(FIXTURES / settings["frames"][k]).convert("RGB")
-                decoded = stream(frame)
-            outputs.append((decoded / 2 + 0.5).clamp(0, 1))  # streamdiffusion.image_utils.denormalize
+            if before_frame is not None:
+                before_frame(k, stream, frame)
+            decoded = stream.txt2img() if frame is None else stream(frame)
+            outputs.append((decoded / 2 + 0.5).clamp(0, 1))
+    return stream, prepared, outputs, patches
+
+
+def run_stream(settings: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run the reference StreamDiffusion for one case; return the tensors to store and extra facts."""
+    # Record what goes into and comes out of the denoiser each frame.
+    latents_in, latents_out, stock, buffers = [], [], [], []
+
+    def record_denoiser(stream) -> None:
+        predict = stream.predict_x0_batch
+
+        def recording_predict(x_t_latent):
+            latents_in.append(x_t_latent.detach().clone())
+            out = predict(x_t_latent)
+            latents_out.append(out.detach().clone())
+            stock.append(stream.stock_noise.detach().clone())
+            if stream.x_t_latent_buffer is not None:
+                buffers.append(stream.x_t_latent_buffer.detach().clone())
+            return out
+
+        stream.predict_x0_batch = recording_predict
+
+    updated_embeds = []
+
+    def update_prompts(k: int, stream, frame) -> None:
+        for update in settings["updates"]:
+            if update["before_frame"] == k:
+                stream.update_prompt(update["prompt"])
+                updated_embeds.append(stream.prompt_embeds.clone())
+
+    stream, prepared, outputs, patches = drive_stream(settings, record_denoiser, update_prompts)
 
     tensors = dict(prepared)
     tensors["output"] = torch.cat(outputs)

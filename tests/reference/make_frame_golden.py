@@ -10,7 +10,7 @@ Writes into tests/fixtures/frame/:
 * postprocess.bin: float32 values in [0, 1] and the uint8 that StreamDiffusion's numpy_to_pil makes of
   them (`(x * 255).round().astype("uint8")`).
 
-Run: /work/refenv/bin/python tests/reference/make_frame_golden.py
+Run: python tests/reference/make_frame_golden.py
 """
 
 import json

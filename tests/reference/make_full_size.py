@@ -14,14 +14,14 @@ exactly what it would see in the real checkpoints. Weights: float32 `*.safetenso
 `*.fp16.safetensors` variants as the real repositories have (skip with --no-fp16).
 
 Usage (see tests/reference/README.md, "Benchmarks"):
-  /work/refenv/bin/python tests/reference/make_full_size.py [--sd-out DIR] [--taesd-out DIR] [--no-fp16]
+  python tests/reference/make_full_size.py [--sd-out DIR] [--taesd-out DIR] [--no-fp16]
+--sd-out and --taesd-out default to $SDSTREAM_BENCH_MODEL and $SDSTREAM_BENCH_TAESD, the folders
+bench_reference.py and examples/bench.rs read; they must lie outside the repository.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import shutil
 import sys
@@ -31,11 +31,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-REPO = Path(__file__).resolve().parents[2]
-TOKENIZER_SRC = REPO / "tests" / "fixtures" / "tiny-sd-turbo" / "tokenizer"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    BENCH_MODEL_VAR, BENCH_TAESD_VAR, FIXTURES, REPO, env_path, required_path, scale_vae_mean, tune_taesd,
+    write_json,
+)
 
-DEFAULT_SD_OUT = Path("/work/models/sd-turbo-random")
-DEFAULT_TAESD_OUT = Path("/work/models/taesd-random")
+TOKENIZER_SRC = FIXTURES / "tiny-sd-turbo" / "tokenizer"
+
 
 # --------------------------------------------------------------------------------------
 # Configs: stabilityai/sd-turbo and madebyollin/taesd, as in their config.json files
@@ -218,14 +221,9 @@ TAESD = {
     "upsampling_scaling_factor": 2,
 }
 
-# Deterministic rescaling after the default random init, as make_fixtures.py does for the tiny
-# checkpoints, so that decoded images are neither constant nor saturated (not needed for timing,
-# but it keeps every activation in a normal float range: no NaN, inf or denormals).
-VAE_MEAN_SCALE = 20.0
-TAESD_INIT_GAIN = 0.8
-TAESD_ENCODER_SCALE = 1.3
-TAESD_DECODER_SCALE = 0.035
-TAESD_DECODER_SHIFT = 0.47
+# The VAE and TAESD get the rescalings of the tiny checkpoints (_common.py), so that decoded images
+# are neither constant nor saturated (not needed for timing, but it keeps every activation in a
+# normal float range: no NaN, inf or denormals).
 
 
 def diffusers_kwargs(config: dict) -> dict:
@@ -236,13 +234,6 @@ def diffusers_kwargs(config: dict) -> dict:
 # --------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def save_weights(state: dict[str, torch.Tensor], folder: Path, stem: str, fp16: bool) -> list[Path]:
@@ -297,9 +288,7 @@ def make_vae():
 
     torch.manual_seed(2)
     vae = AutoencoderKL(**diffusers_kwargs(SD_TURBO_VAE)).eval()
-    with torch.no_grad():  # posterior mean std ~5, i.e. ~1 after x0.18215 (see make_fixtures.py)
-        vae.quant_conv.weight[:4] *= VAE_MEAN_SCALE
-        vae.quant_conv.bias[:4] *= VAE_MEAN_SCALE
+    scale_vae_mean(vae)  # posterior mean std ~5, i.e. ~1 after x0.18215 (see make_fixtures.py)
     return vae
 
 
@@ -324,21 +313,8 @@ def make_taesd():
 
     torch.manual_seed(3)
     taesd = AutoencoderTiny(**diffusers_kwargs(TAESD)).eval()
-    # Variance-preserving (He) init of every conv, then gains on the encoder's and decoder's last convs,
-    # as make_fixtures.py does: the default init makes TAESD's outputs nearly input-independent.
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for module in taesd.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-                std = TAESD_INIT_GAIN * math.sqrt(2.0 / fan_in)
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
-                if module.bias is not None:
-                    module.bias.copy_((torch.rand(module.bias.shape, generator=generator) - 0.5) * 0.1)
-        taesd.encoder.layers[-1].weight *= TAESD_ENCODER_SCALE
-        taesd.encoder.layers[-1].bias *= TAESD_ENCODER_SCALE
-        taesd.decoder.layers[-1].weight *= TAESD_DECODER_SCALE
-        taesd.decoder.layers[-1].bias.mul_(TAESD_DECODER_SCALE).add_(TAESD_DECODER_SHIFT)
+    # The default init makes TAESD's outputs nearly input-independent (see make_fixtures.py).
+    tune_taesd(taesd, 3)
     return taesd
 
 
@@ -396,8 +372,10 @@ def check(sd_dir: Path, taesd_dir: Path, image_size: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sd-out", type=Path, default=DEFAULT_SD_OUT)
-    parser.add_argument("--taesd-out", type=Path, default=DEFAULT_TAESD_OUT)
+    parser.add_argument("--sd-out", type=Path, default=env_path(BENCH_MODEL_VAR),
+                        help=f"sd-turbo-shaped folder to write (default: ${BENCH_MODEL_VAR})")
+    parser.add_argument("--taesd-out", type=Path, default=env_path(BENCH_TAESD_VAR),
+                        help=f"TAESD folder to write (default: ${BENCH_TAESD_VAR})")
     parser.add_argument("--controlnet-out", type=Path, default=None,
                         help="also (or, with --controlnet-only, only) write a full-size SD 2.1 ControlNet here")
     parser.add_argument("--controlnet-only", action="store_true")
@@ -408,8 +386,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fp16 = not args.no_fp16
-    sd_out, taesd_out = args.sd_out.resolve(), args.taesd_out.resolve()
     controlnet_out = args.controlnet_out.resolve() if args.controlnet_out else None
+    if args.controlnet_only:
+        sd_out = taesd_out = None
+    else:
+        sd_out = required_path(args.sd_out, "--sd-out", BENCH_MODEL_VAR, "output folder for the model").resolve()
+        taesd_out = required_path(args.taesd_out, "--taesd-out", BENCH_TAESD_VAR, "output folder for TAESD").resolve()
     if any(REPO in out.parents for out in (sd_out, taesd_out, controlnet_out) if out is not None):
         sys.exit(f"refusing to write weights inside the repository ({REPO}); choose a folder outside it")
     if controlnet_out is not None:

@@ -8,7 +8,7 @@ They cover configurations the tiny sd-turbo checkpoint does not:
     GroupNorm affine parameters and biases, weights stored only as `.fp16.safetensors`; golden on a
     batch of 2 non-square images whose latent size is odd (exercises the asymmetric padding).
 
-Run: /work/refenv/bin/python tests/reference/make_nets_fixtures.py   (CPU, float32, deterministic)
+Run: python tests/reference/make_nets_fixtures.py   (CPU, float32, deterministic)
 """
 import json
 from pathlib import Path

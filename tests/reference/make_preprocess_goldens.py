@@ -10,7 +10,7 @@ Writes tests/fixtures/preprocess/:
                              soft_edge, blur, sharpen, feedback, upscale, computed in float64 with
                              torch the way Daydream's processors compute them (zero-padded conv2d).
 
-Run: /work/refenv/bin/python tests/reference/make_preprocess_goldens.py  (a few seconds; the output
+Run: python tests/reference/make_preprocess_goldens.py  (a few seconds; the output
 is deterministic).
 """
 

@@ -5,15 +5,15 @@ seeds and shapes, as hex-encoded IEEE-754 bit patterns (8 hex digits per value, 
 Rust test can compare in ulps. Large tensors are stored sampled (every `stride`-th value plus the last 16)
 with an exact f64 sum of all values and the sum of all bit patterns (u64).
 
-Run: /work/refenv/bin/python tests/reference/make_rng_golden.py
+Run: python tests/reference/make_rng_golden.py   (in the environment of tests/reference/README.md)
 """
 
-import json
 import math
-import os
 
 import numpy as np
 import torch
+
+from _common import FIXTURES, hexbits, write_json_dense
 
 SEEDS = [0, 1, 42, 789, 2**32 + 5, 2**53 - 1]
 FULL_SHAPES = [[1], [7], [15], [16], [17], [33], [256], [1, 4, 8, 8]]
@@ -28,11 +28,6 @@ SEQUENCES = [
     (789, [("randn", [2, 4, 8, 8]), ("randn", [16]), ("randn", [9]), ("rand", [5]), ("randn", [17])]),
     (2**32 + 5, [("randn", [1]), ("randn", [1]), ("randn", [1]), ("randn", [31])]),
 ]
-
-
-def hexbits(t: torch.Tensor) -> str:
-    a = t.detach().contiguous().view(-1).numpy().astype(np.float32)
-    return "".join(f"{b:08x}" for b in a.view(np.uint32).tolist())
 
 
 def main() -> None:
@@ -60,11 +55,7 @@ def main() -> None:
             t = torch.randn(shape, generator=g) if op == "randn" else torch.rand(shape, generator=g)
             results.append({"op": op, "shape": shape, "bits": hexbits(t)})
         out["sequences"].append({"seed": seed, "calls": results})
-    path = os.path.join(os.path.dirname(__file__), "..", "fixtures", "rng", "torch_randn.json")
-    with open(path, "w") as f:
-        json.dump(out, f, separators=(",", ":"))
-        f.write("\n")
-    print("wrote", os.path.normpath(path), os.path.getsize(path), "bytes")
+    write_json_dense(FIXTURES / "rng" / "torch_randn.json", out)
 
 
 if __name__ == "__main__":

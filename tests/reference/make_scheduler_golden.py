@@ -8,29 +8,23 @@ Writes tests/fixtures/scheduler/lcm_golden.json:
   beta_prod_t_sqrt, c_skip, c_out), computed by the reference code itself on a stand-in pipeline
   whose only real part is the scheduler config (the text encoder is not needed for these).
 
-Run: /work/refenv/bin/python tests/reference/make_scheduler_golden.py
+Run: python tests/reference/make_scheduler_golden.py   (in the environment of tests/reference/README.md)
 """
 
 import json
-import os
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, LCMScheduler
 from streamdiffusion import StreamDiffusion
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURES = os.path.join(HERE, "..", "fixtures", "scheduler")
+from _common import FIXTURES, hexbits, write_json_dense
 
-
-def hexbits(t) -> str:
-    a = torch.as_tensor(t).detach().reshape(-1).to(torch.float32).numpy()
-    return "".join(f"{b:08x}" for b in a.view(np.uint32).tolist())
+OUT = FIXTURES / "scheduler"
 
 
 def load_sd_turbo_config() -> dict:
-    with open(os.path.join(FIXTURES, "sd_turbo_scheduler_config.json")) as f:
+    with open(OUT / "sd_turbo_scheduler_config.json") as f:
         return json.load(f)
 
 
@@ -98,11 +92,7 @@ def main() -> None:
         case = stream_coefficients(config, t_list, n)
         case["config"] = config
         out["stream"].append(case)
-    path = os.path.join(FIXTURES, "lcm_golden.json")
-    with open(path, "w") as f:
-        json.dump(out, f, separators=(",", ":"))
-        f.write("\n")
-    print("wrote", os.path.normpath(path), os.path.getsize(path), "bytes")
+    write_json_dense(OUT / "lcm_golden.json", out)
 
 
 if __name__ == "__main__":

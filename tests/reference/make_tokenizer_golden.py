@@ -8,7 +8,7 @@ with transformers' CLIPTokenizer exactly as diffusers does, and encodes the same
 padding="max_length", max_length=77, truncation=True.
 
 Writes tests/fixtures/tokenizer/vocab_merges_ids.json.
-Run: /work/refenv/bin/python tests/reference/make_tokenizer_golden.py
+Run: python tests/reference/make_tokenizer_golden.py   (in the environment of tests/reference/README.md)
 """
 
 import json
@@ -19,7 +19,9 @@ import tempfile
 import transformers
 from transformers import CLIPTokenizer
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+from _common import FIXTURES, write_json_dense
+
+ROOT = str(FIXTURES)
 SRC = os.path.join(ROOT, "tiny-sd-turbo", "tokenizer")
 EOS = "<|endoftext|>"
 
@@ -51,11 +53,7 @@ def main() -> None:
                 "input_ids_pad_bang": tok_turbo(prompt, **kwargs).input_ids,
                 "input_ids_pad_eos": tok_sd15(prompt, **kwargs).input_ids,
             })
-    path = os.path.join(ROOT, "tokenizer", "vocab_merges_ids.json")
-    with open(path, "w") as f:
-        json.dump(out, f, ensure_ascii=False, separators=(",", ":"))
-        f.write("\n")
-    print("wrote", os.path.normpath(path), os.path.getsize(path), "bytes")
+    write_json_dense(os.path.join(ROOT, "tokenizer", "vocab_merges_ids.json"), out, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ save_pretrained, weights in f16) and io.safetensors with:
   output, output_single_timestep, control_down_residual_NN, control_mid_residual, output_control,
   and for SDXL text_embeds, time_ids.
 
-Run: /work/refenv/bin/python tests/reference/make_unet_variants.py   (from the repository root)
+Run: python tests/reference/make_unet_variants.py   (from the repository root)
 """
 
 import math

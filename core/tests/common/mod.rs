@@ -22,6 +22,36 @@ pub fn golden(rel: &str) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("cannot read golden {}: {e}", path.display()))
 }
 
+/// The case called `name` in a golden manifest under tests/fixtures/ (a JSON object whose `cases`
+/// list holds objects with a `name`, as tests/reference writes them). Each manifest is read once
+/// per test binary.
+pub fn golden_case(manifest_rel: &str, name: &str) -> &'static serde_json::Value {
+    use std::sync::{Mutex, OnceLock, PoisonError};
+    static MANIFESTS: OnceLock<Mutex<HashMap<String, &'static serde_json::Value>>> =
+        OnceLock::new();
+    let mut manifests = MANIFESTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let manifest = *manifests
+        .entry(manifest_rel.to_string())
+        .or_insert_with(|| {
+            let path = fixture(manifest_rel);
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            let json = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+            Box::leak(Box::new(json))
+        });
+    drop(manifests);
+    manifest["cases"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{manifest_rel} has no \"cases\" list"))
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name} in {manifest_rel}"))
+}
+
 /// (max abs, mean abs) difference of two same-shaped tensors, computed in f32.
 pub fn abs_err(a: &Tensor, b: &Tensor) -> (f32, f32) {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
