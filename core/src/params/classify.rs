@@ -1,5 +1,5 @@
-//! What a parameter change costs (ALGORITHM.md §8): nothing, a hot update between two frames, a
-//! ControlNet swap (only those nets load or unload), or a reload of the base pipeline.
+//! What a parameter change costs (docs/ALGORITHM.md §8): nothing, a hot update between two frames,
+//! a ControlNet swap (only those nets load or unload), or a reload of the base pipeline.
 
 use super::fields::StreamDiffusionParams;
 use super::nested::{ControlNetConfig, IPAdapterConfig};

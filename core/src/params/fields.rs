@@ -37,7 +37,8 @@ impl fmt::Display for Acceleration {
 
 /// The parameters of a stream, as Daydream's `StreamDiffusionParams` defines them: the same JSON
 /// body is accepted, means the same, and is rejected for the same reasons (plus the stricter
-/// rules of PARAMS.md). Every update is a complete set: omitted fields take the defaults below.
+/// rules of docs/PARAMS.md). Every update is a complete set: omitted fields take the defaults
+/// below.
 ///
 /// Unknown fields are an error at every level. Integers are `i64` so that an out-of-range value
 /// (a negative step, say) reaches validation and gets its rule's message; after

@@ -2,10 +2,10 @@
 //! call [`StreamDiffusionParams::validate`].
 //!
 //! Daydream's own rules come first, with its wording (t_index_list, duplicate / invalid
-//! ControlNets, the SDXL limit, IPAdapter support, model id); PARAMS.md adds ranges Daydream does
-//! not check (finite floats, seeds below 2^53, guidance windows, filter settings). Every error is
-//! an [`Error::InvalidParam`] whose `field` is the path and whose message names the value and the
-//! rule. The first broken rule is reported.
+//! ControlNets, the SDXL limit, IPAdapter support, model id); docs/PARAMS.md adds ranges Daydream
+//! does not check (finite floats, seeds below 2^53, guidance windows, filter settings). Every error
+//! is an [`Error::InvalidParam`] whose `field` is the path and whose message names the value and
+//! the rule. The first broken rule is reported.
 
 use super::catalog::{
     self, IMAGE_PROCESSORS, INSIGHTFACE_MODEL_NAMES, IP_ADAPTER_IMAGE_ENCODER_PATHS,
@@ -268,7 +268,7 @@ fn check_steps(num_inference_steps: i64, t_index_list: &[i64]) -> Result<()> {
             ),
         ));
     }
-    // Daydream allows value == num_inference_steps; PARAMS.md does not, because the grid has
+    // Daydream allows value == num_inference_steps; docs/PARAMS.md does not, because the grid has
     // num_inference_steps entries and that index would fall off its end.
     for (i, &value) in t_index_list.iter().enumerate() {
         if !(0..num_inference_steps).contains(&value) {

@@ -1,4 +1,5 @@
-//! Weighted blending of prompt embeddings and seed noise (ALGORITHM.md §7, Daydream semantics).
+//! Weighted blending of prompt embeddings and seed noise (docs/ALGORITHM.md §7, Daydream
+//! semantics).
 //!
 //! Prompts: each text is encoded once; weights are normalised to sum 1 when asked; exactly two
 //! inputs with `slerp` are interpolated on the sphere with t = the second weight, anything else is

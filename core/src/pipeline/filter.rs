@@ -1,4 +1,4 @@
-//! Stochastic similar-image filter (ALGORITHM.md §6): skips frames that barely differ from the
+//! Stochastic similar-image filter (docs/ALGORITHM.md §6): skips frames that barely differ from the
 //! last processed one, with a probability that grows with their similarity, but never more than
 //! `max_skip_frame` frames in a row.
 

@@ -1,4 +1,4 @@
-//! The stream batch: StreamDiffusion's per-frame latent arithmetic (ALGORITHM.md §2–§4), with
+//! The stream batch: StreamDiffusion's per-frame latent arithmetic (docs/ALGORITHM.md §2–§4), with
 //! the UNet abstracted as a closure so the state machine can be tested on its own.
 //!
 //! Rows: with n denoising steps the batch holds n latents, row i at timestep t_i; a new frame

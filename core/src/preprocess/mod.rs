@@ -2,7 +2,7 @@
 //! and the `image_preprocessing` / `image_postprocessing` chains applied to the frame itself.
 //!
 //! Every processor maps a `[1, 3, H, W]` f32 image in [0, 1] to a `[1, 3, H, W]` f32 image in
-//! [0, 1] at the same size (ALGORITHM.md §5). Names, params and defaults are Daydream's
+//! [0, 1] at the same size (docs/ALGORITHM.md §5). Names, params and defaults are Daydream's
 //! (`streamdiffusion/preprocessing/processors/*.py`); each processor's module documents its own:
 //!
 //! | name | module | params (default) |

@@ -1,4 +1,4 @@
-//! The LCM timestep grid and the per-step coefficients of the stream batch (ALGORITHM.md §1).
+//! The LCM timestep grid and the per-step coefficients of the stream batch (docs/ALGORITHM.md §1).
 //!
 //! The arithmetic mirrors the reference's dtypes so that the coefficients are bit-identical:
 //! betas come from torch's float32 `linspace` (squared for `scaled_linear`), ᾱ is their float32
@@ -167,8 +167,9 @@ pub struct LcmScheduler {
     alphas_cumprod: Vec<f32>,
 }
 
-/// Per-row coefficients of the stream batch for one `t_index_list` (ALGORITHM.md §1), one entry per
-/// selected timestep, in f32 whatever dtype the networks run in (c_skip is subnormal in f16).
+/// Per-row coefficients of the stream batch for one `t_index_list` (docs/ALGORITHM.md §1), one
+/// entry per selected timestep, in f32 whatever dtype the networks run in (c_skip is subnormal in
+/// f16).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepCoefficients {
     /// The selected timesteps t_i = T[t_index_list[i]].
@@ -420,7 +421,7 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, 150);
-        // ALGORITHM.md §1: at N = 50 the S = 100 grid is 999 − 20i, as the reference's S = 50.
+        // docs/ALGORITHM.md §1: at N = 50 the S = 100 grid is 999 − 20i, as the reference's S = 50.
         let grid = sched.timesteps(50).expect("grid");
         assert!(grid.iter().enumerate().all(|(i, &t)| t == 999 - 20 * i));
     }
