@@ -352,3 +352,67 @@ fn wrong_input_sizes_are_errors_that_name_the_shape() {
         (64, 64, PixelFormat::Rgba8)
     );
 }
+
+/// The synchronous stream reports in the Engine's schema: frames, failures, errors, timings,
+/// parameter versions and reloads.
+#[test]
+fn status_counts_frames_errors_updates_and_reloads() {
+    let mut s = stream(&base_body());
+    let status = s.status();
+    assert_eq!(status.state, sdstream::EngineState::Online);
+    assert_eq!((status.frames_submitted, status.params_version), (0, 0));
+    let rgb = vec![128u8; 64 * 64 * 3];
+    let frame = Frame::packed(&rgb, 64, 64, PixelFormat::Rgb8).unwrap();
+    for _ in 0..3 {
+        s.process(&frame).unwrap();
+    }
+    // A control image for a ControlNet the stream does not have: the frame fails.
+    let err = s
+        .process_with_controls(&frame, &[("no/such-net", &frame)])
+        .unwrap_err();
+    assert!(err.to_string().contains("no/such-net"), "{err}");
+    let status = s.status();
+    assert_eq!(
+        (
+            status.frames_submitted,
+            status.frames_processed,
+            status.frames_failed,
+            status.error_count
+        ),
+        (4, 3, 1, 1)
+    );
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("no/such-net")
+    );
+    assert!(status.timings.total > 0.0 && status.timings.unet > 0.0);
+    assert!(status.last_output_time.is_some());
+    // A hot update, an unchanged one, a refused one, then a reload.
+    assert!(
+        s.update(params(&with(base_body(), "prompt", json!("a dog"))))
+            .unwrap()
+            .is_hot()
+    );
+    assert!(s.update(s.params().clone()).unwrap().is_unchanged());
+    let mut bad = s.params().clone();
+    bad.guidance_scale = f64::NAN;
+    assert!(s.update(bad).is_err());
+    let reload = params(&with(base_body(), "width", json!(128)));
+    assert!(s.update(reload).unwrap().needs_reload());
+    let status = s.status();
+    assert_eq!(
+        (
+            status.params_version,
+            status.serving_params_version,
+            status.restart_count,
+            status.error_count
+        ),
+        (2, Some(2), 1, 2),
+        "the counters survive the reload"
+    );
+    assert_eq!(status.last_params["width"], 128);
+    assert_eq!(status.frames_submitted, 4);
+}

@@ -258,12 +258,36 @@ mod tests {
     }
 
     #[test]
-    fn garbage_does_not_panic_the_decoder() {
+    fn garbage_neither_panics_nor_breaks_the_decoder() {
+        let (w, h) = (64, 48);
+        let mut encoder = H264Encoder::new(EncoderSettings::default());
         let mut decoder = H264Decoder::new().expect("decoder");
         let garbage: Vec<u8> = (0..500u32).map(|i| (i * 7919 % 251) as u8).collect();
         let mut with_start = vec![0, 0, 0, 1, 0x65];
         with_start.extend_from_slice(&garbage);
-        let _ = decoder.decode(&garbage);
-        let _ = decoder.decode(&with_start);
+        // Whatever it makes of garbage (an error or no picture), it must not make a picture.
+        for junk in [&garbage, &with_start] {
+            assert!(
+                decoder.decode(junk).map_or(true, |p| p.is_none()),
+                "garbage decoded to a picture"
+            );
+        }
+        // The same decoder still decodes a real stream afterwards, from its next keyframe.
+        encoder.request_keyframe();
+        let input = picture(w, h, 0);
+        let encoded = encoder.encode(&input, w, h).expect("encode");
+        assert!(encoded.keyframe);
+        let decoded = decoder
+            .decode(&encoded.data)
+            .expect("decode after garbage")
+            .expect("a picture after garbage");
+        assert_eq!((decoded.width, decoded.height), (w, h));
+        let mean = input
+            .iter()
+            .zip(&decoded.rgb)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / input.len() as f64;
+        assert!(mean < 6.0, "mean abs error {mean:.2} levels after garbage");
     }
 }
