@@ -11,9 +11,13 @@
 //! (`Output::timings.total`): the frame copy, queueing, two thread hand-offs and the output
 //! hand-back. The direct loop's per-frame time is printed beside it for scale.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::fixture;
 
 use sdstream::{
     DropPolicy, Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusion,
@@ -29,14 +33,6 @@ struct Args {
     vae: String,
 }
 
-fn fixture(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
-}
-
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         frames: 200,
@@ -44,14 +40,7 @@ fn parse_args() -> Result<Args, String> {
         model: fixture("tiny-sd-turbo"),
         vae: fixture("tiny-taesd"),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            return Err(USAGE.into());
-        }
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+    for (flag, value) in support::flag_values(USAGE)? {
         let number = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
         match flag.as_str() {
             "--frames" => args.frames = number(&value)?.max(1),

@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+#[path = "../support/mod.rs"]
+mod support;
+
 use sdstream::{EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
 
 const USAGE: &str = "usage: img2img --input DIR --output DIR [--model DIR_OR_ID] [--params FILE] \
@@ -35,14 +38,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args::default();
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            return Err(USAGE.to_string());
-        }
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+    for (flag, value) in support::flag_values(USAGE)? {
         match flag.as_str() {
             "--model" => args.model = Some(value),
             "--params" => args.params = Some(value.into()),

@@ -13,11 +13,14 @@
 //! in progress (the stale result is discarded when it finishes; builds are not interrupted). A
 //! failed build keeps the previous pipeline and records the error.
 //!
-//! Frames. [`Engine::submit`] copies the frame into the bounded input queue and returns its id.
-//! When the queue is full, [`DropPolicy::Latest`] drops the oldest waiting frame (live video)
-//! and [`DropPolicy::Lossless`] refuses with [`Error::QueueFull`] ([`Engine::submit_timeout`]
-//! waits for room instead). Outputs come back in submission order from [`Engine::poll`] or
-//! [`Engine::recv_timeout`], each with the id and timestamp of its input.
+//! Frames. [`Engine::submit`] copies a [`Submission`] (the frame, and optionally its timestamp
+//! and control images) into the bounded input queue and returns its id. When the queue is full,
+//! [`DropPolicy::Latest`] drops the oldest waiting frame (live video) and
+//! [`DropPolicy::Lossless`] refuses with [`Error::QueueFull`] (or waits for room, see
+//! [`Submission::wait_for_room`]). Outputs come back in submission order from [`Engine::poll`]
+//! or [`Engine::recv_timeout`], each with the id and timestamp of its input.
+//! [`Engine::process`] submits and waits for that frame's own output, which bypasses the poll
+//! queue: a blocking call for hosts that want one, safe beside other threads' submits and polls.
 //!
 //! Failure. A panic inside the pipeline is caught: the pipeline is discarded, the engine goes
 //! to [`EngineState::Error`] with `last_error` set, and [`Engine::restart`] (or any
