@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{abs_err, edited_config, fixture, golden, scratch_dir};
+use common::{WorstFrame, abs_err, edited_config, fixture, golden, scratch_dir};
 use sdstream::model::bundle::StableDiffusionModels;
 use sdstream::model::controlnet::ControlNetModel;
 use sdstream::{
@@ -18,9 +18,6 @@ use sdstream::{
 };
 use serde_json::{Value, json};
 
-/// Tolerances on [0, 1] output pixels, per frame.
-const MAX_ABS: f32 = 2e-3;
-const MEAN_ABS: f32 = 2e-4;
 /// Tolerance of the net-level residuals.
 const NET_MAX_ABS: f32 = 1e-5;
 
@@ -144,7 +141,7 @@ fn check_case(name: &str) {
     let n_frames = gold["output"].dim(0).unwrap();
     assert!(n_frames >= 6, "{name}: only {n_frames} frames");
     let updates = case["updates"].as_array().cloned().unwrap_or_default();
-    let mut worst = (0f32, 0f32);
+    let mut worst = WorstFrame::default();
     for i in 0..n_frames {
         for update in updates.iter().filter(|u| u["before_frame"] == i) {
             if let Some(set) = update["set"].as_object() {
@@ -186,20 +183,9 @@ fn check_case(name: &str) {
         }
         let out = stream.process_tensor(&frame_tensor(i)).unwrap();
         let want = gold["output"].i(i).unwrap().unsqueeze(0).unwrap();
-        let (max, mean) = abs_err(&out, &want);
-        println!("{name} frame {i}: max {max:.2e} mean {mean:.2e}");
-        worst = (worst.0.max(max), worst.1.max(mean));
+        worst.add(name, i, &out, &want);
     }
-    println!(
-        "{name}: worst frame max abs {:.2e}, mean abs {:.2e}",
-        worst.0, worst.1
-    );
-    assert!(
-        worst.0 <= MAX_ABS && worst.1 <= MEAN_ABS,
-        "{name}: max abs {:.3e} (≤ {MAX_ABS:e}), mean abs {:.3e} (≤ {MEAN_ABS:e})",
-        worst.0,
-        worst.1
-    );
+    worst.check(name, n_frames);
 }
 
 macro_rules! stream_cases {

@@ -6,14 +6,10 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{Device, IndexOp, Tensor};
-use common::{abs_err, fixture, golden};
+use common::{WorstFrame, abs_err, fixture, golden};
 use sdstream::model::bundle::StableDiffusionModels;
 use sdstream::{EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
 use serde_json::{Value, json};
-
-/// Tolerances of issue 3 on [0, 1] pixels.
-const MAX_ABS: f32 = 2e-3;
-const MEAN_ABS: f32 = 2e-4;
 
 /// A case of golden/streams.json.
 fn case(name: &str) -> &'static Value {
@@ -112,7 +108,7 @@ fn check_case(name: &str) {
         .collect();
     let n_frames = gold["output"].dim(0).unwrap();
     let updates = case["updates"].as_array().cloned().unwrap_or_default();
-    let mut worst = (0f32, 0f32);
+    let mut worst = WorstFrame::default();
     let txt2img = case["mode"] == "txt2img";
     assert!(
         n_frames >= 6,
@@ -122,7 +118,6 @@ fn check_case(name: &str) {
         txt2img || frames.len() >= n_frames,
         "{name}: fewer input frames than outputs"
     );
-    let mut compared = 0;
     for i in 0..n_frames {
         for update in updates.iter().filter(|u| u["before_frame"] == i) {
             let mut body: Value = serde_json::from_str(&stream.params().to_json()).unwrap();
@@ -145,22 +140,9 @@ fn check_case(name: &str) {
             stream.process_tensor(&x).unwrap()
         };
         let want = gold["output"].i(i).unwrap().unsqueeze(0).unwrap();
-        let (max, mean) = abs_err(&out, &want);
-        compared += 1;
-        println!("{name} frame {i}: max {max:.2e} mean {mean:.2e}");
-        worst = (worst.0.max(max), worst.1.max(mean));
+        worst.add(name, i, &out, &want);
     }
-    assert_eq!(compared, n_frames, "{name}: not every frame was compared");
-    println!(
-        "{name}: worst frame max abs {:.2e}, mean abs {:.2e}",
-        worst.0, worst.1
-    );
-    assert!(
-        worst.0 <= MAX_ABS && worst.1 <= MEAN_ABS,
-        "{name}: max abs {:.3e} (≤ {MAX_ABS:e}), mean abs {:.3e} (≤ {MEAN_ABS:e})",
-        worst.0,
-        worst.1
-    );
+    worst.check(name, n_frames);
 }
 
 macro_rules! stream_cases {

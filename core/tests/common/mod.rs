@@ -135,3 +135,42 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// The stream parity bounds on [0, 1] pixels: every frame's max and mean absolute error.
+pub const STREAM_MAX_ABS: f32 = 2e-3;
+/// See [`STREAM_MAX_ABS`].
+pub const STREAM_MEAN_ABS: f32 = 2e-4;
+
+/// The worst frame of a stream case against its golden outputs.
+#[derive(Debug, Default)]
+pub struct WorstFrame {
+    max: f32,
+    mean: f32,
+    frames: usize,
+}
+
+impl WorstFrame {
+    /// Compares frame `i` of case `name` with the golden one and prints its error.
+    pub fn add(&mut self, name: &str, i: usize, got: &Tensor, want: &Tensor) {
+        let (max, mean) = abs_err(got, want);
+        println!("{name} frame {i}: max {max:.2e} mean {mean:.2e}");
+        self.max = self.max.max(max);
+        self.mean = self.mean.max(mean);
+        self.frames += 1;
+    }
+
+    /// Asserts that `frames` frames were compared and the worst is within the stream bounds.
+    pub fn check(&self, name: &str, frames: usize) {
+        assert_eq!(self.frames, frames, "{name}: not every frame was compared");
+        println!(
+            "{name}: worst frame max abs {:.2e}, mean abs {:.2e}",
+            self.max, self.mean
+        );
+        assert!(
+            self.max <= STREAM_MAX_ABS && self.mean <= STREAM_MEAN_ABS,
+            "{name}: max abs {:.3e} (≤ {STREAM_MAX_ABS:e}), mean abs {:.3e} (≤ {STREAM_MEAN_ABS:e})",
+            self.max,
+            self.mean
+        );
+    }
+}
