@@ -174,15 +174,19 @@ impl StableDiffusionModels {
         let device = settings.device.device()?;
         let dtype = settings.dtype.dtype();
         let fp16 = dtype == DType::F16;
+        check_model_index(dir, settings.vae == VaeChoice::Full)?;
+        let scheduler = LcmScheduler::from_file(&dir.join("scheduler/scheduler_config.json"))?;
         let tokenizer = timed(progress, "tokenizer", dir, || {
             ClipTokenizer::from_dir(&dir.join("tokenizer"))
         })?;
         let text_encoder = timed(progress, "text encoder", dir, || {
             ClipTextModel::load(&dir.join("text_encoder"), dtype, &device)
         })?;
+        check_tokenizer_fits(dir, &tokenizer, &text_encoder)?;
         let unet = timed(progress, "unet", dir, || {
             UNet2DConditionModel::load(&dir.join("unet"), dtype, &device)
         })?;
+        check_text_width(dir, &unet, &text_encoder)?;
         let family = family_of(unet.config());
         if family == ModelFamily::Sdxl {
             return Err(Error::ModelLoad {
@@ -192,26 +196,23 @@ impl StableDiffusionModels {
                     .into(),
             });
         }
-        let autoencoder = if settings.vae == VaeChoice::Full {
-            timed(progress, "vae", dir, || {
-                Ok(Autoencoder::Kl(Box::new(AutoencoderKl::load(
-                    &dir.join("vae"),
-                    dtype,
-                    &device,
-                )?)))
-            })?
+        let (autoencoder, vae_dir) = if settings.vae == VaeChoice::Full {
+            let vae_dir = dir.join("vae");
+            let vae = timed(progress, "vae", dir, || {
+                AutoencoderKl::load(&vae_dir, dtype, &device)
+            })?;
+            (Autoencoder::Kl(Box::new(vae)), vae_dir)
         } else {
             let taesd_dir = match taesd_dir {
                 Some(d) => d,
                 None => resolve(family.taesd_id(), &opts, &component_files(fp16))?,
             };
-            timed(progress, "taesd", &taesd_dir, || {
-                Ok(Autoencoder::Tiny(Box::new(AutoencoderTiny::load(
-                    &taesd_dir, dtype, &device,
-                )?)))
-            })?
+            let taesd = timed(progress, "taesd", &taesd_dir, || {
+                AutoencoderTiny::load(&taesd_dir, dtype, &device)
+            })?;
+            (Autoencoder::Tiny(Box::new(taesd)), taesd_dir)
         };
-        let scheduler = LcmScheduler::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+        check_latent_channels(dir, &unet, &autoencoder, &vae_dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             family,
@@ -309,6 +310,146 @@ fn family_of(unet: &UNetConfig) -> ModelFamily {
     } else {
         ModelFamily::Sd15
     }
+}
+
+/// Checks `model_index.json`, diffusers' index of a pipeline folder: a JSON object naming the
+/// pipeline class (`_class_name`, which diffusers needs to load the folder) and every component
+/// as a `[library, class]` pair. The components a stream reads must be declared, not
+/// `[null, null]`; the networks' own config.json files decide everything else.
+fn check_model_index(dir: &Path, full_vae: bool) -> Result<()> {
+    let path = dir.join("model_index.json");
+    let fail = |detail: String| Error::ModelLoad {
+        path: path.clone(),
+        detail,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
+    let Some(index) = index.as_object() else {
+        return Err(fail(format!(
+            "{} where diffusers' pipeline index is an object (component name → [library, class])",
+            json_kind(&index)
+        )));
+    };
+    if !index
+        .get("_class_name")
+        .is_some_and(serde_json::Value::is_string)
+    {
+        return Err(fail(
+            "no `_class_name` string (the pipeline class diffusers loads the folder as)".into(),
+        ));
+    }
+    let mut needed = vec!["scheduler", "tokenizer", "text_encoder", "unet"];
+    if full_vae {
+        needed.push("vae");
+    }
+    for name in needed {
+        let entry = index
+            .get(name)
+            .and_then(|v| v.as_array())
+            .filter(|v| v.len() == 2);
+        match entry {
+            Some(pair) if pair.iter().all(serde_json::Value::is_string) => {}
+            Some(pair) if pair.iter().all(serde_json::Value::is_null) => {
+                return Err(fail(format!(
+                    "`{name}` is [null, null]: the checkpoint declares no {name}, which a stream \
+                     needs"
+                )));
+            }
+            _ => {
+                return Err(fail(format!(
+                    "`{name}` is {} where a [library, class] pair is due",
+                    index.get(name).map_or("missing", json_kind)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What kind of JSON value `v` is, for messages that must not echo arbitrary input.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The tokenizer must not produce more ids than the text encoder has positions, or every
+/// prompt would fail to encode.
+fn check_tokenizer_fits(
+    dir: &Path,
+    tokenizer: &ClipTokenizer,
+    text_encoder: &ClipTextModel,
+) -> Result<()> {
+    let positions = text_encoder.config().max_position_embeddings;
+    if tokenizer.max_length() > positions {
+        return Err(Error::ModelLoad {
+            path: dir.join("tokenizer/tokenizer_config.json"),
+            detail: format!(
+                "the tokenizer's length ({}, `model_max_length`; 77 when absent) is longer than \
+                 the text encoder's {positions} positions (`max_position_embeddings` of \
+                 text_encoder/config.json)",
+                tokenizer.max_length()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The UNet's cross-attention must read embeddings as wide as the text encoder makes them, or
+/// every frame would fail.
+fn check_text_width(
+    dir: &Path,
+    unet: &UNet2DConditionModel,
+    text_encoder: &ClipTextModel,
+) -> Result<()> {
+    let hidden = text_encoder.config().hidden_size;
+    match unet.text_width() {
+        Some(width) if width != hidden => Err(Error::ModelLoad {
+            path: dir.join("unet/config.json"),
+            detail: format!(
+                "`cross_attention_dim` {width} does not match the text encoder's width \
+                 (`hidden_size` {hidden} in text_encoder/config.json)"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The UNet denoises the autoencoder's latents: its input and output channels must be the
+/// latent channels.
+fn check_latent_channels(
+    dir: &Path,
+    unet: &UNet2DConditionModel,
+    autoencoder: &Autoencoder,
+    autoencoder_dir: &Path,
+) -> Result<()> {
+    let latent = autoencoder.latent_channels();
+    let config = unet.config();
+    for (key, channels) in [
+        ("in_channels", config.in_channels),
+        ("out_channels", config.out_channels),
+    ] {
+        if channels != latent {
+            return Err(Error::ModelLoad {
+                path: dir.join("unet/config.json"),
+                detail: format!(
+                    "`{key}` {channels} does not match the {latent} latent channels of the \
+                     autoencoder ({})",
+                    autoencoder_dir.join("config.json").display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Runs one loading step, reporting its start and duration.

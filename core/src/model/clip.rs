@@ -17,8 +17,11 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::model::kernels::norm::LayerNorm;
+use crate::model::limits::{
+    Limits, MAX_CHANNELS, MAX_HEADS, MAX_POSITIONS, MAX_TEXT_LAYERS, MAX_VOCAB, MAX_WIDTH,
+};
 
-use crate::model::open_component;
+use crate::model::{open_component, try_vec};
 use crate::{Error, Result};
 
 /// `config.json` of a transformers `CLIPTextModel`; defaults are transformers' `CLIPTextConfig`.
@@ -92,8 +95,21 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Checks what the graph depends on; the error names the offending field.
+    /// Checks what the graph depends on, and every size against [`crate::model::limits`]; the
+    /// error names the offending field.
     pub fn validate(&self) -> Result<()> {
+        let l = Limits::new("CLIP text encoder");
+        l.value("vocab_size", self.vocab_size, MAX_VOCAB)?;
+        l.value("hidden_size", self.hidden_size, MAX_CHANNELS)?;
+        l.value("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
+        l.value("num_hidden_layers", self.num_hidden_layers, MAX_TEXT_LAYERS)?;
+        l.value("num_attention_heads", self.num_attention_heads, MAX_HEADS)?;
+        l.value(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            MAX_POSITIONS,
+        )?;
+        l.finite("layer_norm_eps", self.layer_norm_eps, false)?;
         Activation::parse(&self.hidden_act)?;
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
@@ -292,7 +308,15 @@ impl ClipTextModel {
     /// Loads a transformers text-encoder folder (`config.json` + `model.safetensors`, or the
     /// `model.fp16.safetensors` variant, preferred when `dtype` is half precision).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        open_component(dir, "model", dtype, device, Config::validate, Self::new)
+        open_component(
+            dir,
+            "model",
+            dtype,
+            device,
+            position_ids_buffer,
+            Config::validate,
+            Self::new,
+        )
     }
 
     /// The configuration the network was built from.
@@ -359,9 +383,19 @@ impl ClipTextModel {
     }
 }
 
+/// transformers 4.x saved the `position_ids` buffer (0..positions) with the weights; positions
+/// are computed here instead.
+fn position_ids_buffer(name: &str) -> bool {
+    name.ends_with("embeddings.position_ids")
+}
+
 /// Additive causal mask: −∞ where a query would see a later key.
 fn causal_mask(len: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    let mut values = vec![0f32; len * len];
+    let cells = len
+        .checked_mul(len)
+        .ok_or_else(|| candle_core::Error::Msg(format!("causal mask of {len}² overflows")))?;
+    let mut values = try_vec(cells, "the causal mask")?;
+    values.resize(cells, 0f32);
     for (i, row) in values.chunks_exact_mut(len.max(1)).enumerate() {
         row[i + 1..].fill(f32::NEG_INFINITY);
     }

@@ -17,9 +17,10 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 
 use super::kernels::conv::Conv2d;
-use super::open_component;
+use super::limits::{Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS};
 use super::unet::{ControlResiduals, LevelPlan, PerLevel, UNetConfig, UNetEncoder};
 use super::unet_blocks::conv2d;
+use super::{no_unused_tensors, open_component};
 use crate::{Error, Result};
 
 const MODEL: &str = "ControlNet";
@@ -69,9 +70,13 @@ impl<'de> Deserialize<'de> for Config {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         use serde::de::Error as _;
         let value = serde_json::Value::deserialize(d)?;
+        // Through serde_path_to_error so that a value of the wrong type is named by its key.
+        let named = |e: serde_path_to_error::Error<serde_json::Error>| {
+            D::Error::custom(super::describe_json_error(&e))
+        };
         let mut unet: UNetConfig =
-            serde_json::from_value(value.clone()).map_err(D::Error::custom)?;
-        let own: OwnKeys = serde_json::from_value(value).map_err(D::Error::custom)?;
+            serde_path_to_error::deserialize(value.clone()).map_err(named)?;
+        let own: OwnKeys = serde_path_to_error::deserialize(value).map_err(named)?;
         // ControlNetModel's constructor fixes these (a 3×3 conv_in, a 4×ch0 positional time
         // embedding without extra activations, no input centring); config keys for them are
         // ignored by diffusers, so they are here too.
@@ -106,8 +111,24 @@ fn unsupported(option: &str, detail: impl Into<String>) -> Error {
 }
 
 impl Config {
-    /// Checks the ControlNet-only options (the encoder's are checked when it is built).
+    /// Checks the ControlNet-only options and limits, then the encoder's (as the UNet's).
     pub fn validate(&self) -> Result<()> {
+        let limits = Limits::new(MODEL);
+        limits.value(
+            "conditioning_channels",
+            self.conditioning_channels,
+            MAX_IO_CHANNELS,
+        )?;
+        limits.count(
+            "conditioning_embedding_out_channels",
+            self.conditioning_embedding_out_channels.len(),
+            MAX_LEVELS,
+        )?;
+        limits.values(
+            "conditioning_embedding_out_channels",
+            &self.conditioning_embedding_out_channels,
+            MAX_CHANNELS,
+        )?;
         if self.conditioning_channels == 0 {
             return Err(unsupported("conditioning_channels", "0 channels"));
         }
@@ -141,7 +162,7 @@ impl Config {
                 "null: a ControlNet always has a mid block (UNetMidBlock2DCrossAttn or UNetMidBlock2D)",
             ));
         }
-        Ok(())
+        self.unet.plan(MODEL).map(|_| ())
     }
 
     /// Checks, from the configs alone (before any weight is read), that a net with this config
@@ -366,6 +387,7 @@ impl ControlNetModel {
             "diffusion_pytorch_model",
             dtype,
             device,
+            no_unused_tensors,
             Config::validate,
             Self::new,
         )
@@ -384,6 +406,7 @@ impl ControlNetModel {
             "diffusion_pytorch_model",
             dtype,
             device,
+            no_unused_tensors,
             |config: &Config| {
                 config.validate()?;
                 check(config)

@@ -1,41 +1,69 @@
 //! Where model files come from and how networks are built from them.
 //!
 //! Every network is built from its checkpoint's own `config.json` (one config struct per network,
-//! read with [`read_config`]) and its weights are memory-mapped from safetensors with
-//! [`load_weights`]; nothing assumes Stable Diffusion's full-size shapes.
+//! read with [`read_config`] and checked against [`limits`]) and its safetensors weights, mapped
+//! and checked tensor by tensor against what the config implies before any is read
+//! ([`open_component`], [`weights`]); nothing assumes Stable Diffusion's full-size shapes.
 
 pub mod bundle;
 pub mod clip;
 pub mod controlnet;
 pub mod kernels;
+pub(crate) mod limits;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub(crate) mod unet_blocks;
 mod unet_config;
 pub mod vae;
+pub(crate) mod weights;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
+use weights::{CheckedBackend, Mode, WeightsFile};
 
 /// Reads a diffusers/transformers `config.json` into a network's config struct.
 ///
 /// Unknown keys are ignored (diffusers configs carry many that do not change the graph); missing
-/// keys take the struct's serde defaults, which mirror diffusers' constructor defaults.
+/// keys take the struct's serde defaults, which mirror diffusers' constructor defaults. An error
+/// names the file and, for a value of the wrong type, its key.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|e| Error::ModelLoad {
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| Error::ModelLoad {
         path: path.to_path_buf(),
-        detail: format!("bad config: {e}"),
+        detail: format!("bad config: {}", describe_json_error(&e)),
     })
+}
+
+/// A serde error with the path of the value at fault, when there is one (`layers_per_block: …`).
+pub(crate) fn describe_json_error<E: std::fmt::Display>(
+    e: &serde_path_to_error::Error<E>,
+) -> String {
+    match e.path().to_string().as_str() {
+        // "." is the root, "?" a position serde could not name (a syntax error).
+        "." | "?" | "" => e.inner().to_string(),
+        path => format!("`{path}`: {}", e.inner()),
+    }
+}
+
+/// An empty `Vec` with room for `len` items, or an error when the host cannot provide it: for
+/// sizes a config decides, so that an absurd one fails the load instead of aborting the process.
+pub(crate) fn try_vec<T>(len: usize, what: &str) -> candle_core::Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|e| {
+        candle_core::Error::Msg(format!("cannot allocate {what} ({len} items): {e}"))
+    })?;
+    Ok(v)
 }
 
 /// Picks the weights file of a component folder: `{stem}.safetensors`, or the
@@ -62,61 +90,30 @@ pub fn weights_file(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<PathBuf
         })
 }
 
-/// Memory-maps safetensors files into a [`VarBuilder`] that converts every tensor to `dtype` on
-/// `device` as it is fetched.
-///
-/// The header of each file is checked up front so that a missing or truncated file is reported
-/// with its path rather than as an opaque tensor error later.
-pub fn load_weights(
-    files: &[PathBuf],
-    dtype: DType,
-    device: &Device,
-) -> Result<VarBuilder<'static>> {
-    for file in files {
-        check_safetensors(file)?;
-    }
-    // SAFETY: the files are mapped read-only; sdstream never writes to them, and a host that
-    // truncates a checkpoint while it is loaded is outside what any mmap-based loader can defend.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {
-        Error::ModelLoad {
-            path: files.first().cloned().unwrap_or_default(),
-            detail: e.to_string(),
-        }
-    })
-}
-
-/// Validates a safetensors file up front (8-byte length, JSON header, every tensor's byte range
-/// inside the file), so that a truncated or corrupt file is reported with its path.
-fn check_safetensors(path: &Path) -> Result<()> {
-    if !path.is_file() {
-        return Err(Error::ModelLoad {
-            path: path.to_path_buf(),
-            detail: "file not found".into(),
-        });
-    }
-    // SAFETY: read-only map of a file sdstream only reads.
-    unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-        .map(|_| ())
-        .map_err(|e| Error::ModelLoad {
-            path: path.to_path_buf(),
-            detail: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-        })
-}
-
 /// Opens one network folder the way every loader does: reads and checks `dir/config.json`,
 /// picks the weights file (`{stem}.safetensors`, or the fp16 variant when `dtype` is f16/bf16
-/// or that is all there is), maps it and builds the network.
+/// or that is all there is), checks it against the config and builds the network.
 ///
-/// `validate` checks the config before any weight is touched. Errors name the file at fault:
-/// config.json for a bad or unsupported configuration (including an
-/// [`Error::UnsupportedConfig`] raised while building), the weights file for anything else.
+/// In order, each step before any weight is read:
+/// 1. `validate` checks the config (limits and supported options);
+/// 2. the weights header is checked ([`WeightsFile::open`]: dtypes, shapes, byte ranges within
+///    the file);
+/// 3. `build` runs over a probe that compares every tensor the config implies with the header
+///    and reads none;
+/// 4. float tensors the network does not use (and `tolerated` does not excuse) are refused, and
+///    the used ones are scanned for NaN/Inf.
+///
+/// Then `build` runs again over the real weights. Errors name the file at fault: config.json for
+/// a bad or unsupported configuration (including an [`Error::UnsupportedConfig`] raised while
+/// building), the weights file (and the tensor) for anything else.
 pub fn open_component<C, M>(
     dir: &Path,
     stem: &str,
     dtype: DType,
     device: &Device,
+    tolerated: fn(&str) -> bool,
     validate: impl FnOnce(&C) -> Result<()>,
-    build: impl FnOnce(&C, VarBuilder<'static>) -> Result<M>,
+    build: impl Fn(&C, VarBuilder<'static>) -> Result<M>,
 ) -> Result<M>
 where
     C: DeserializeOwned,
@@ -124,12 +121,35 @@ where
     let config_path = dir.join("config.json");
     let config: C = read_config(&config_path)?;
     validate(&config).map_err(|e| in_file(&config_path, e))?;
-    let file = weights_file(dir, stem, matches!(dtype, DType::F16 | DType::BF16))?;
-    let vb = load_weights(std::slice::from_ref(&file), dtype, device)?;
-    build(&config, vb).map_err(|e| match e {
-        Error::UnsupportedConfig { .. } => in_file(&config_path, e),
-        other => in_file(&file, other),
-    })
+    let file = Arc::new(WeightsFile::open(&weights_file(
+        dir,
+        stem,
+        matches!(dtype, DType::F16 | DType::BF16),
+    )?)?);
+    let build_from = |mode| {
+        let (vb, used) = CheckedBackend::var_builder(file.clone(), mode, dtype, device);
+        let model = build(&config, vb).map_err(|e| match e {
+            Error::UnsupportedConfig { .. } => in_file(&config_path, e),
+            // The backend's own messages (missing tensor, wrong shape, …) read best bare.
+            Error::Candle(candle_core::Error::Msg(detail)) => Error::ModelLoad {
+                path: file.path().to_path_buf(),
+                detail,
+            },
+            other => in_file(file.path(), other),
+        })?;
+        let used = std::mem::take(&mut *used.lock().unwrap_or_else(PoisonError::into_inner));
+        Ok::<_, Error>((model, used))
+    };
+    let (probe, used) = build_from(Mode::Probe)?;
+    drop(probe);
+    file.check_all_used(&used, tolerated)?;
+    file.check_finite(&used)?;
+    Ok(build_from(Mode::Load)?.0)
+}
+
+/// For [`open_component`]: no unused tensor is tolerated.
+pub fn no_unused_tensors(_: &str) -> bool {
+    false
 }
 
 /// Wraps an error as a [`Error::ModelLoad`] of `path`, unless it already names a file.
@@ -140,5 +160,21 @@ fn in_file(path: &Path, e: Error) -> Error {
             path: path.to_path_buf(),
             detail: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn try_vec_refuses_what_the_host_cannot_hold() {
+        // 288 PB of 288-byte items: more than any address space, an abort with Vec::with_capacity.
+        let err = super::try_vec::<[u8; 288]>(1_000_000_000_000_000, "resnets")
+            .expect_err("cannot be reserved")
+            .to_string();
+        assert!(
+            err.contains("resnets") && err.contains("1000000000000000"),
+            "{err}"
+        );
+        assert!(super::try_vec::<u32>(16, "ids").expect("small").capacity() >= 16);
     }
 }

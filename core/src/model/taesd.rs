@@ -23,7 +23,10 @@ use serde::Deserialize;
 
 use crate::model::kernels::conv::{Conv2d, Padding};
 use crate::model::kernels::ops::add_fresh;
-use crate::model::open_component;
+use crate::model::limits::{
+    Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS, MAX_TINY_BLOCKS, MAX_UPSAMPLING,
+};
+use crate::model::{no_unused_tensors, open_component};
 use crate::{Error, Result};
 
 /// `config.json` of a diffusers `AutoencoderTiny`; defaults are diffusers' constructor defaults.
@@ -130,8 +133,41 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Checks what the graph depends on; the error names the offending field.
+    /// Checks what the graph depends on, and every size against [`crate::model::limits`]; the
+    /// error names the offending field.
     pub fn validate(&self) -> Result<()> {
+        let l = Limits::new("AutoencoderTiny");
+        for (key, channels, blocks_key, blocks) in [
+            (
+                "encoder_block_out_channels",
+                &self.encoder_block_out_channels,
+                "num_encoder_blocks",
+                &self.num_encoder_blocks,
+            ),
+            (
+                "decoder_block_out_channels",
+                &self.decoder_block_out_channels,
+                "num_decoder_blocks",
+                &self.num_decoder_blocks,
+            ),
+        ] {
+            l.count(key, channels.len(), MAX_LEVELS)?;
+            l.values(key, channels, MAX_CHANNELS)?;
+            l.count(blocks_key, blocks.len(), MAX_LEVELS)?;
+            l.values(blocks_key, blocks, MAX_TINY_BLOCKS)?;
+        }
+        for (key, value) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("latent_channels", self.latent_channels),
+        ] {
+            l.value(key, value, MAX_IO_CHANNELS)?;
+        }
+        l.value(
+            "upsampling_scaling_factor",
+            self.upsampling_scaling_factor,
+            MAX_UPSAMPLING,
+        )?;
         for (field, channels, blocks_field, blocks) in [
             (
                 "encoder_block_out_channels",
@@ -432,6 +468,7 @@ impl AutoencoderTiny {
             "diffusion_pytorch_model",
             dtype,
             device,
+            no_unused_tensors,
             Config::validate,
             Self::new,
         )

@@ -409,7 +409,8 @@ impl UNet2DConditionModel {
             "diffusion_pytorch_model",
             dtype,
             device,
-            |_: &UNetConfig| Ok(()),
+            unused_lcm_guidance_embedding,
+            |config: &UNetConfig| config.plan("UNet").map(|_| ()),
             Self::new,
         )
     }
@@ -433,6 +434,17 @@ impl UNet2DConditionModel {
                 .iter()
                 .any(|t| t == CROSS_ATTN_UP)
             || self.config.mid_block_type.as_deref() == Some(MID_CROSS_ATTN)
+    }
+
+    /// The width of the text embeddings the cross-attention reads, when any block attends to
+    /// the text.
+    pub fn text_width(&self) -> Option<usize> {
+        self.encoder
+            .plan
+            .attention
+            .first()
+            .filter(|_| self.has_attention())
+            .map(|spec| spec.cross_attention_dim)
     }
 
     /// How many down residuals a [`ControlResiduals`] must hold (12 for SD 1.x/2.x).
@@ -482,13 +494,12 @@ impl UNet2DConditionModel {
                 "encoder_hidden_states must be [batch = {batch}, tokens, dim], got {context_dims:?}"
             )));
         }
-        if let Some(spec) = self.encoder.plan.attention.first()
-            && self.has_attention()
-            && context_dims[2] != spec.cross_attention_dim
+        if let Some(width) = self.text_width()
+            && context_dims[2] != width
         {
             return Err(shape_error(format!(
-                "encoder_hidden_states have width {}, the UNet's cross-attention takes {}",
-                context_dims[2], spec.cross_attention_dim
+                "encoder_hidden_states have width {}, the UNet's cross-attention takes {width}",
+                context_dims[2]
             )));
         }
         let context = encoder_hidden_states.to_dtype(dtype)?;
@@ -562,6 +573,12 @@ impl UNet2DConditionModel {
         };
         Ok(self.conv_out.forward(&x)?)
     }
+}
+
+/// LCM-distilled UNets (`time_cond_proj_dim`) carry a guidance embedding that is read only with a
+/// `timestep_cond`, which StreamDiffusion's UNet calls never pass (see [`UNetConfig`]).
+fn unused_lcm_guidance_embedding(name: &str) -> bool {
+    name.starts_with("time_embedding.cond_proj.")
 }
 
 fn shape_error(message: String) -> Error {

@@ -14,6 +14,7 @@ use super::kernels::conv::{Conv2d, Padding};
 use super::kernels::cpu_kernels;
 use super::kernels::norm::{GroupNorm, LayerNorm};
 use super::kernels::ops::{add_fresh, geglu, scaled_softmax};
+use super::try_vec;
 use crate::{Error, Result};
 
 /// Activation functions that diffusers' `get_activation` can name in a UNet config.
@@ -169,10 +170,12 @@ impl SinusoidalTimesteps {
         // exp is correctly rounded here (PyTorch's CPU exp may differ by one ulp).
         let log_period = -(10000f64.ln()) as f32;
         let divisor = (half as f64 - freq_shift) as f32;
-        let freqs: Vec<f32> = (0..half)
-            .map(|i| ((log_period * i as f32) / divisor) as f64)
-            .map(|e| e.exp() as f32)
-            .collect();
+        let mut freqs: Vec<f32> = try_vec(half, "the sinusoidal frequencies")?;
+        freqs.extend(
+            (0..half)
+                .map(|i| ((log_period * i as f32) / divisor) as f64)
+                .map(|e| e.exp() as f32),
+        );
         Ok(Self {
             freqs: Tensor::from_vec(freqs, (1, half), device)?,
             dim,
@@ -709,7 +712,7 @@ impl DownBlock {
         s: &BlockSettings,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let mut resnets = Vec::with_capacity(shape.layers);
+        let mut resnets = try_vec(shape.layers, "the resnets of a level")?;
         let mut attentions = Vec::new();
         for i in 0..shape.layers {
             let in_ch = if i == 0 {
@@ -857,7 +860,7 @@ impl UpBlock {
         s: &BlockSettings,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let mut resnets = Vec::with_capacity(shape.layers);
+        let mut resnets = try_vec(shape.layers, "the resnets of a level")?;
         let mut attentions = Vec::new();
         for i in 0..shape.layers {
             let skip_ch = if i + 1 == shape.layers {

@@ -3,6 +3,10 @@
 
 use serde::{Deserialize, Deserializer};
 
+use super::limits::{
+    Limits, MAX_CHANNELS, MAX_GROUPS, MAX_HEADS, MAX_IO_CHANNELS, MAX_KERNEL, MAX_LAYERS_PER_BLOCK,
+    MAX_LEVELS, MAX_PADDING, MAX_TRANSFORMER_LAYERS, MAX_WIDTH,
+};
 use super::unet_blocks::{Activation, AttentionSpec, BlockSettings};
 use crate::{Error, Result};
 
@@ -14,6 +18,16 @@ pub enum PerLevel<T> {
     One(T),
     /// One value per level, outermost first.
     Each(Vec<T>),
+}
+
+impl PerLevel<usize> {
+    /// Checks the value, or every per-level value, against `max`.
+    fn check_limit(&self, limits: &Limits, key: &str, max: usize) -> Result<()> {
+        match self {
+            Self::One(v) => limits.value(key, *v, max),
+            Self::Each(vs) => limits.values(key, vs, max),
+        }
+    }
 }
 
 impl<T: Clone> PerLevel<T> {
@@ -285,9 +299,72 @@ pub(crate) struct LevelPlan {
 }
 
 impl UNetConfig {
-    /// Checks the options shared by the UNet and the ControlNet (time embedding, down path,
-    /// mid block) and resolves the per-level lists. `model` names the network in errors.
-    pub(crate) fn plan(&self, model: &str) -> Result<LevelPlan> {
+    /// Checks every value that sizes the network against [`super::limits`] (run by
+    /// [`plan`](Self::plan), so before anything is built from the config).
+    fn check_limits(&self, model: &'static str) -> Result<()> {
+        let l = Limits::new(model);
+        l.count(
+            "block_out_channels",
+            self.block_out_channels.len(),
+            MAX_LEVELS,
+        )?;
+        l.count("down_block_types", self.down_block_types.len(), MAX_LEVELS)?;
+        l.count("up_block_types", self.up_block_types.len(), MAX_LEVELS)?;
+        l.values("block_out_channels", &self.block_out_channels, MAX_CHANNELS)?;
+        self.layers_per_block
+            .check_limit(&l, "layers_per_block", MAX_LAYERS_PER_BLOCK)?;
+        match &self.transformer_layers_per_block {
+            TransformerLayers::One(v) => {
+                l.value("transformer_layers_per_block", *v, MAX_TRANSFORMER_LAYERS)?
+            }
+            TransformerLayers::Each(vs) => {
+                l.values("transformer_layers_per_block", vs, MAX_TRANSFORMER_LAYERS)?
+            }
+            TransformerLayers::PerResnet(vss) => {
+                for vs in vss {
+                    l.values("transformer_layers_per_block", vs, MAX_TRANSFORMER_LAYERS)?;
+                }
+            }
+        }
+        self.attention_head_dim
+            .check_limit(&l, "attention_head_dim", MAX_HEADS)?;
+        if let Some(heads) = &self.num_attention_heads {
+            heads.check_limit(&l, "num_attention_heads", MAX_HEADS)?;
+        }
+        self.cross_attention_dim
+            .check_limit(&l, "cross_attention_dim", MAX_WIDTH)?;
+        l.value("in_channels", self.in_channels, MAX_IO_CHANNELS)?;
+        l.value("out_channels", self.out_channels, MAX_IO_CHANNELS)?;
+        l.value("conv_in_kernel", self.conv_in_kernel, MAX_KERNEL)?;
+        l.value("conv_out_kernel", self.conv_out_kernel, MAX_KERNEL)?;
+        l.value("downsample_padding", self.downsample_padding, MAX_PADDING)?;
+        if let Some(groups) = self.norm_num_groups {
+            l.value("norm_num_groups", groups, MAX_GROUPS)?;
+        }
+        for (key, value) in [
+            ("time_embedding_dim", self.time_embedding_dim),
+            ("addition_time_embed_dim", self.addition_time_embed_dim),
+            (
+                "projection_class_embeddings_input_dim",
+                self.projection_class_embeddings_input_dim,
+            ),
+            ("time_cond_proj_dim", self.time_cond_proj_dim),
+        ] {
+            if let Some(v) = value {
+                l.value(key, v, MAX_WIDTH)?;
+            }
+        }
+        l.finite("norm_eps", self.norm_eps, false)?;
+        l.finite("freq_shift", self.freq_shift, false)?;
+        // The mid block's resnets divide by it.
+        l.finite("mid_block_scale_factor", self.mid_block_scale_factor, true)?;
+        Ok(())
+    }
+
+    /// Checks the options shared by the UNet and the ControlNet (limits, time embedding, down
+    /// path, mid block) and resolves the per-level lists. `model` names the network in errors.
+    pub(crate) fn plan(&self, model: &'static str) -> Result<LevelPlan> {
+        self.check_limits(model)?;
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(unsupported(model, "block_out_channels", "is empty"));

@@ -19,7 +19,10 @@ use serde::Deserialize;
 use crate::model::kernels::conv::{Conv2d, Padding};
 use crate::model::kernels::norm::GroupNorm;
 use crate::model::kernels::ops::add_fresh;
-use crate::model::open_component;
+use crate::model::limits::{
+    Limits, MAX_CHANNELS, MAX_GROUPS, MAX_IO_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS,
+};
+use crate::model::{no_unused_tensors, open_component};
 use crate::{Error, Result};
 
 /// diffusers' normalisation epsilon inside the VAE (hard-wired there too).
@@ -129,8 +132,29 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Checks what the graph depends on; the error names the offending field.
+    /// Checks what the graph depends on, and every size against [`crate::model::limits`]; the
+    /// error names the offending field.
     pub fn validate(&self) -> Result<()> {
+        let l = Limits::new("AutoencoderKL");
+        l.count(
+            "block_out_channels",
+            self.block_out_channels.len(),
+            MAX_LEVELS,
+        )?;
+        l.values("block_out_channels", &self.block_out_channels, MAX_CHANNELS)?;
+        l.value(
+            "layers_per_block",
+            self.layers_per_block,
+            MAX_LAYERS_PER_BLOCK,
+        )?;
+        for (key, value) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("latent_channels", self.latent_channels),
+        ] {
+            l.value(key, value, MAX_IO_CHANNELS)?;
+        }
+        l.value("norm_num_groups", self.norm_num_groups, MAX_GROUPS)?;
         let levels = self.block_out_channels.len();
         if levels == 0 {
             return Err(Error::param("block_out_channels", "must not be empty"));
@@ -619,6 +643,7 @@ impl AutoencoderKl {
             "diffusion_pytorch_model",
             dtype,
             device,
+            no_unused_tensors,
             Config::validate,
             Self::new,
         )

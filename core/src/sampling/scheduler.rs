@@ -18,6 +18,11 @@ use crate::{Error, Result};
 /// reference's (S = 50): T[i] = 999 − 20·i.
 pub const ORIGINAL_INFERENCE_STEPS: usize = 100;
 
+/// Bound on `num_train_timesteps`, which sizes the beta tables: Stable Diffusion trains with
+/// 1000, so this leaves room for any real schedule while an absurd value cannot make the
+/// tables unallocatable.
+const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// The LCM boundary-condition σ_data.
 const SIGMA_DATA: f32 = 0.5;
 
@@ -84,6 +89,12 @@ impl SchedulerConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
+        if self.num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+            return Err(format!(
+                "num_train_timesteps {} is above the limit of {MAX_TRAIN_TIMESTEPS}",
+                self.num_train_timesteps
+            ));
+        }
         if self.num_train_timesteps < 2 {
             return Err(format!(
                 "num_train_timesteps must be at least 2, got {}",
