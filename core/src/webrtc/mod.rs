@@ -62,8 +62,12 @@ pub enum TransportError {
     /// The body did not arrive in time (408).
     #[error("the request body did not arrive within {} s", .0.as_secs())]
     BodyTimeout(Duration),
-    /// The stream holds as many viewers as it may and none still connecting can give way (503).
-    #[error("the stream has no room for another viewer: it serves {0} at most, all connected")]
+    /// The stream holds as many viewer sessions as it may and none can give way: all connected,
+    /// or still being answered (503).
+    #[error(
+        "the stream has no room for another viewer: it serves {0} at most and none still \
+         connecting can give way"
+    )]
     TooManyViewers(usize),
     /// The stream already has a publisher whose session is connected or still connecting (409).
     #[error(
