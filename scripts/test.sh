@@ -25,11 +25,13 @@ PATH="$(cd "$venv" && pwd)/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" \
 "$venv/bin/python" -m pytest python/tests -q
 
 # 3. The optional WebRTC transport (feature `webrtc`, off in the steps above): its Rust tests, the
-#    server example, then the end-to-end test with aiortc, a WebRTC implementation that is not
-#    ours, from its own virtualenv (target/webrtc-venv, or $SDSTREAM_WEBRTC_VENV) with the pinned
-#    wheels of tests/webrtc/requirements.txt.
+#    server example (and its own HTTP tests), then the end-to-end test with aiortc, a WebRTC
+#    implementation that is not ours, from its own virtualenv (target/webrtc-venv, or
+#    $SDSTREAM_WEBRTC_VENV) with the pinned wheels of tests/webrtc/requirements.txt, and a bounded
+#    HTTP fuzz run (3,000 hostile requests from a fixed seed, about 25 s).
 cargo test -p sdstream --features webrtc --lib webrtc::
 cargo test -p sdstream --features webrtc --test webrtc
+cargo test -p sdstream --features webrtc --example server
 cargo build -p sdstream --features webrtc --example server
 webrtc_venv="${SDSTREAM_WEBRTC_VENV:-$target_dir/webrtc-venv}"
 if [[ ! -x "$webrtc_venv/bin/python" ]]; then
@@ -38,3 +40,5 @@ fi
 "$webrtc_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/webrtc/requirements.txt
 "$webrtc_venv/bin/python" tests/webrtc/e2e.py --server "$target_dir/debug/examples/server" \
   --fixtures tests/fixtures --work "$target_dir/webrtc-e2e"
+"$webrtc_venv/bin/python" tests/webrtc/fuzz_http.py --server "$target_dir/debug/examples/server" \
+  --fixtures tests/fixtures

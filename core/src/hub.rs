@@ -2,7 +2,9 @@
 //!
 //! One resolution order, used by parameter validation and by every loader alike:
 //! 1. `id` itself when it names an existing folder (when it looks like a path and is not one,
-//!    nothing else is tried);
+//!    nothing else is tried); skipped when [`HubOptions::allow_paths`] is false, and then an id
+//!    that is not a hub id ([`is_hub_id`]: `org/name` or `name`) is refused before anything on
+//!    disk is looked at, so `model_root/<id>` and the cache folder stay inside their roots;
 //! 2. `model_root/<id>` when [`HubOptions::model_root`] is set;
 //! 3. the Hugging Face cache snapshot of `id` (`models--{org}--{name}/refs/main` →
 //!    `snapshots/<hash>/`, or any snapshot that holds the wanted files when the ref is missing or
@@ -24,8 +26,8 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
-/// Where models are looked for and whether the network may be used.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Where models are looked for, whether an id may be a path, and whether the network may be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubOptions {
     /// A folder of models laid out as `<model_root>/<org>/<name>/` (tried before the cache).
     pub model_root: Option<PathBuf>,
@@ -33,6 +35,21 @@ pub struct HubOptions {
     pub cache_dir: Option<PathBuf>,
     /// Never touch the network (HF_HUB_OFFLINE=1).
     pub offline: bool,
+    /// Whether an id may name a folder on disk (step 1). True by default; false where ids come
+    /// from someone else (the HTTP server), so that an id is only ever a hub id looked up under
+    /// `model_root`, in the cache or on the hub.
+    pub allow_paths: bool,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        Self {
+            model_root: None,
+            cache_dir: None,
+            offline: false,
+            allow_paths: true,
+        }
+    }
 }
 
 impl HubOptions {
@@ -79,6 +96,7 @@ impl HubOptions {
             model_root: non_empty("SDSTREAM_MODEL_ROOT").map(PathBuf::from),
             cache_dir,
             offline,
+            allow_paths: true,
         }
     }
 }
@@ -272,16 +290,40 @@ fn looks_like_path(id: &str) -> bool {
         || id.matches('/').count() > 1
 }
 
-/// The local folder `id` names, if any: `id` itself when it is an existing folder, else
-/// `model_root/<id>` (steps 1–2 of the resolution order). Validation accepts an unknown id only
-/// when this finds a folder, and [`resolve`] loads from the folder this returns.
+/// Longest part of a hub id (the hub's own limit on a user or repository name).
+const MAX_HUB_ID_PART: usize = 96;
+
+/// Whether `id` has the shape of a hub model id: `name` or `org/name`, each part 1 to 96 ASCII
+/// letters, digits, `-`, `_` or `.`, not starting with `.`. Such an id joined to a folder stays
+/// inside it: no `..`, no absolute path, no drive letter, no backslash, no `~`.
+pub fn is_hub_id(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('/').collect();
+    parts.len() <= 2
+        && parts.iter().all(|part| {
+            !part.is_empty()
+                && part.len() <= MAX_HUB_ID_PART
+                && !part.starts_with('.')
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+}
+
+/// The local folder `id` names, if any: `id` itself when it is an existing folder (only when
+/// [`HubOptions::allow_paths`]), else `model_root/<id>` (steps 1–2 of the resolution order; with
+/// paths off, only for a hub id). Validation accepts an unknown id only when this finds a folder,
+/// and [`resolve`] loads from the folder this returns.
 pub fn local_dir(id: &str, opts: &HubOptions) -> Option<PathBuf> {
     if id.is_empty() {
         return None;
     }
-    let as_path = Path::new(id);
-    if as_path.is_dir() {
-        return Some(as_path.to_path_buf());
+    if opts.allow_paths {
+        let as_path = Path::new(id);
+        if as_path.is_dir() {
+            return Some(as_path.to_path_buf());
+        }
+    } else if !is_hub_id(id) {
+        return None;
     }
     let under_root = opts.model_root.as_ref()?.join(id);
     under_root.is_dir().then_some(under_root)
@@ -307,6 +349,13 @@ pub fn resolve_wanted(id: &str, opts: &HubOptions, wanted: &[Wanted]) -> Result<
     };
     let mut looked: Vec<String> = Vec::new();
 
+    // Checked before anything on disk is looked at, so the answer says nothing about the disk.
+    if !opts.allow_paths && !is_hub_id(id) {
+        return Err(not_found(
+            "not a hub id of the form org/name or name (model paths are not allowed here)".into(),
+        ));
+    }
+
     // 1–2. A local folder: the id as a path, then under the model root.
     if let Some(dir) = local_dir(id, opts) {
         let missing = missing_in(&dir, wanted);
@@ -326,7 +375,9 @@ pub fn resolve_wanted(id: &str, opts: &HubOptions, wanted: &[Wanted]) -> Result<
             local.display()
         )));
     }
-    looked.push(format!("local folder {}: not a folder", local.display()));
+    if opts.allow_paths {
+        looked.push(format!("local folder {}: not a folder", local.display()));
+    }
     if let Some(root) = &opts.model_root {
         looked.push(format!(
             "model root {}: not a folder",
@@ -570,6 +621,7 @@ mod tests {
             model_root: None,
             cache_dir: Some(cache.to_path_buf()),
             offline: true,
+            allow_paths: true,
         }
     }
 
@@ -713,6 +765,118 @@ mod tests {
             resolve("org/tiny", &opts, WANTED).expect("cache"),
             repo.join("snapshots/c1")
         );
+    }
+
+    #[test]
+    fn hub_id_shape() {
+        use crate::params::catalog;
+        let known = catalog::KNOWN_MODELS
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(catalog::all_controlnets())
+            .chain(["madebyollin/taesd", "madebyollin/taesdxl", "tiny-sd-turbo"]);
+        for id in known {
+            assert!(is_hub_id(id), "{id}");
+        }
+        let long = "a".repeat(MAX_HUB_ID_PART + 1);
+        for id in [
+            "",
+            "/",
+            "/etc",
+            "/etc/passwd",
+            "..",
+            ".",
+            "../../..",
+            "org/../../x",
+            "org/..",
+            "org/./name",
+            "./name",
+            ".hidden",
+            "org/.hidden",
+            "org/name/",
+            "/org/name",
+            "org//name",
+            "a/b/c",
+            "org\\name",
+            "C:/models",
+            "C:name",
+            "~/models",
+            "org/na me",
+            "org/name\0",
+            "org/n\u{e9}",
+            long.as_str(),
+        ] {
+            assert!(!is_hub_id(id), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn without_paths_only_hub_ids_resolve_inside_the_root() {
+        let cache = TempDir::new("nopaths-cache");
+        let root = TempDir::new("nopaths-root");
+        model_files(&root.0.join("org/tiny"), false);
+        model_files(&root.0.join("tiny"), false);
+        // A complete model outside the root, reachable by an absolute path and by `..`.
+        let outside = TempDir::new("nopaths-outside");
+        model_files(&outside.0, false);
+        let outside_name = outside
+            .0
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name");
+        let opts = HubOptions {
+            model_root: Some(root.0.clone()),
+            allow_paths: false,
+            ..offline(&cache.0)
+        };
+        assert_eq!(
+            resolve("org/tiny", &opts, WANTED).expect("org/name under the root"),
+            root.0.join("org/tiny")
+        );
+        assert_eq!(
+            resolve("tiny", &opts, WANTED).expect("name under the root"),
+            root.0.join("tiny")
+        );
+        let absolute = outside.0.display().to_string();
+        let dotdot = format!("../{outside_name}");
+        let missing = format!("{absolute}-missing");
+        let refused = [
+            absolute.as_str(),
+            dotdot.as_str(),
+            missing.as_str(),
+            "/etc",
+            "../../..",
+            "org/../../x",
+            "org/../tiny",
+            "./tiny",
+            "",
+        ];
+        // The same answer for every refused id, whether or not it names an existing folder.
+        let mut details = Vec::new();
+        for id in refused {
+            assert_eq!(local_dir(id, &opts), None, "{id:?}");
+            match resolve(id, &opts, WANTED) {
+                Err(Error::ModelNotFound { detail, .. }) => details.push(detail),
+                other => panic!("{id:?}: expected ModelNotFound, got {other:?}"),
+            }
+        }
+        assert!(details.iter().all(|d| d == &details[0]), "{details:?}");
+        assert!(
+            details[0].contains("model paths are not allowed"),
+            "{details:?}"
+        );
+        assert!(!details[0].contains(&root.0.display().to_string()));
+        // With paths allowed, the same absolute and `..` ids do reach the outside folder: the
+        // option is what keeps them out.
+        let with_paths = HubOptions {
+            allow_paths: true,
+            ..opts.clone()
+        };
+        assert_eq!(
+            resolve(&absolute, &with_paths, WANTED).expect("path"),
+            outside.0
+        );
+        assert!(local_dir(&dotdot, &with_paths).is_some());
     }
 
     #[test]

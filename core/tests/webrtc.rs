@@ -1,7 +1,10 @@
 //! The WHIP/WHEP routes (feature `webrtc`) on a real loopback server over the tiny checkpoint:
-//! bad requests get their status codes (415, 400, 404, 401, 413, 405) and the server keeps
-//! answering good offers after each; a good offer gets 201, an SDP answer with H.264 and a
-//! Location that DELETE ends (once). Media end to end is tests/webrtc/e2e.py (aiortc).
+//! bad requests get their status codes (415, 400, 404, 401, 413, 405; 400 for a body cut
+//! short) and the server keeps answering good offers after each; a good offer gets 201, an SDP
+//! answer with H.264 and a Location that DELETE ends (once). Sessions: viewer offers that never
+//! connect give way to newer ones and end after the connect timeout, so a real viewer gets in
+//! right after a flood; a second publisher gets 409 until the first is gone (closed, DELETEd or
+//! never connected). Media end to end is tests/webrtc/e2e.py (aiortc).
 
 mod common;
 
@@ -15,6 +18,7 @@ use sdstream::{Engine, EngineOptions, EngineSettings, StreamDiffusionParams};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCPeerConnectionState, RTCSessionDescription,
 };
 use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 
@@ -36,13 +40,42 @@ struct Quiet;
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for Quiet {}
 
+/// Passes the client's connection state on.
+struct StateWatch(tokio::sync::watch::Sender<RTCPeerConnectionState>);
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for StateWatch {
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.0.send(state);
+    }
+}
+
 /// An SDP offer from webrtc-rs: one video transceiver in `direction`.
 async fn offer(direction: RTCRtpTransceiverDirection) -> (impl PeerConnection, String) {
+    offer_with(direction, Arc::new(Quiet)).await
+}
+
+/// [`offer`] with a client that reports its connection state.
+async fn watched_offer(
+    direction: RTCRtpTransceiverDirection,
+) -> (
+    impl PeerConnection,
+    String,
+    tokio::sync::watch::Receiver<RTCPeerConnectionState>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(RTCPeerConnectionState::New);
+    let (pc, sdp) = offer_with(direction, Arc::new(StateWatch(tx))).await;
+    (pc, sdp, rx)
+}
+
+async fn offer_with(
+    direction: RTCRtpTransceiverDirection,
+    handler: Arc<dyn PeerConnectionEventHandler>,
+) -> (impl PeerConnection, String) {
     let mut media = MediaEngine::default();
     media.register_default_codecs().expect("codecs");
     let pc = PeerConnectionBuilder::new()
         .with_media_engine(media)
-        .with_handler(Arc::new(Quiet))
+        .with_handler(handler)
         .with_udp_addrs(vec!["127.0.0.1:0"])
         .build()
         .await
@@ -166,8 +199,27 @@ fn blocking_request(
     }
 }
 
-#[test]
-fn whip_and_whep_routes_answer_bad_requests_and_keep_serving() {
+/// `raw` on a fresh connection whose write side is then shut, as a client whose body was cut
+/// off would leave it; the status of the answer (0 for none).
+async fn cut_request(addr: std::net::SocketAddr, raw: String) -> u16 {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.write_all(raw.as_bytes()).expect("write");
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    })
+    .await
+    .expect("request thread")
+}
+
+fn tiny_engine() -> Arc<Engine> {
     let settings = EngineSettings {
         vae: VaeChoice::Custom(fixture("tiny-taesd").display().to_string()),
         allow_any_resolution: true,
@@ -180,22 +232,48 @@ fn whip_and_whep_routes_answer_bad_requests_and_keep_serving() {
         height: 64,
         ..StreamDiffusionParams::default()
     };
-    let engine = Arc::new(Engine::new(params, settings, EngineOptions::default()).expect("engine"));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    Arc::new(Engine::new(params, settings, EngineOptions::default()).expect("engine"))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
         .build()
-        .expect("runtime");
-    runtime.block_on(async {
+        .expect("runtime")
+}
+
+/// Serves `stream` as `s1` (token `k`) on a loopback port.
+async fn serve(stream: Arc<WebRtcStream>) -> std::net::SocketAddr {
+    let app = router(Arc::new(OneStream(stream)), 16 * 1024);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Polls `condition` every 20 ms until it holds or a minute passes (a bound for a hung test,
+/// not a measurement); whether it held.
+async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+    for _ in 0..3000 {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    condition()
+}
+
+#[test]
+fn whip_and_whep_routes_answer_bad_requests_and_keep_serving() {
+    let engine = tiny_engine();
+    runtime().block_on(async {
         let stream = Arc::new(
             WebRtcStream::new(engine.clone(), TransportConfig::default()).expect("transport"),
         );
-        let app = router(Arc::new(OneStream(stream.clone())), 16 * 1024);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("listen");
-        let addr = listener.local_addr().expect("address");
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = serve(stream.clone()).await;
 
         let (_viewer, good_offer) = offer(RTCRtpTransceiverDirection::Recvonly).await;
         let (_publisher, publish_offer) = offer(RTCRtpTransceiverDirection::Sendrecv).await;
@@ -332,6 +410,34 @@ fn whip_and_whep_routes_answer_bad_requests_and_keep_serving() {
             assert_eq!(reply.status, want, "{what}: {}", reply.body);
             good().await;
         }
+        // Bodies cut short are bad requests (400), not too large (413).
+        let head = |extra: &str| {
+            format!(
+                "POST /whep/s1?token=k HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+                 Content-Type: application/sdp\r\n{extra}\r\n"
+            )
+        };
+        let cut = [
+            (
+                "shorter than its Content-Length",
+                head(&format!("Content-Length: {}\r\n", good_offer.len()))
+                    + &good_offer[..good_offer.len() / 2],
+            ),
+            (
+                "chunked and cut off",
+                head("Transfer-Encoding: chunked\r\n")
+                    + &format!("{:x}\r\n{}", good_offer.len(), &good_offer[..10]),
+            ),
+            (
+                "chunked without its last chunk",
+                head("Transfer-Encoding: chunked\r\n")
+                    + &format!("{:x}\r\n{good_offer}\r\n", good_offer.len()),
+            ),
+        ];
+        for (what, raw) in cut {
+            assert_eq!(cut_request(addr, raw).await, 400, "a body {what}");
+            good().await;
+        }
 
         // A publisher offer is answered too (recvonly H.264 on our side).
         let reply = request(
@@ -356,6 +462,234 @@ fn whip_and_whep_routes_answer_bad_requests_and_keep_serving() {
         let closed = request(addr, "POST", "/whep/s1?token=k", sdp, good_offer.as_bytes()).await;
         assert_eq!(closed.status, 410, "a closed stream: {}", closed.body);
         tokio::time::sleep(Duration::from_millis(10)).await;
+    });
+    engine.close();
+}
+
+#[test]
+fn viewer_offers_that_never_connect_give_way_to_a_real_viewer() {
+    let engine = tiny_engine();
+    runtime().block_on(async {
+        let whep = |addr, sdp: String| async move {
+            request(
+                addr,
+                "POST",
+                "/whep/s1?token=k",
+                Some("application/sdp"),
+                sdp.as_bytes(),
+            )
+            .await
+        };
+        // Offers whose client never takes the answer: they never connect.
+        let (_fake, fake_offer) = offer(RTCRtpTransceiverDirection::Recvonly).await;
+
+        // 1. A flood: 4 places, 2 of them for sessions still connecting, and a connect timeout
+        //    far longer than the test, so that only the offers decide what is ended.
+        let config = TransportConfig {
+            max_viewers: 4,
+            max_pending_viewers: 2,
+            connect_timeout: Duration::from_secs(600),
+            ..TransportConfig::default()
+        };
+        let stream = Arc::new(WebRtcStream::new(engine.clone(), config).expect("transport"));
+        let addr = serve(stream.clone()).await;
+        let mut locations = Vec::new();
+        for i in 0..6 {
+            let reply = whep(addr, fake_offer.clone()).await;
+            assert_eq!(reply.status, 201, "offer {i}: {}", reply.body);
+            locations.push(reply.header("location").expect("Location").to_owned());
+            assert_eq!(
+                stream.stats().viewers_connecting,
+                (i + 1).min(2),
+                "after offer {i}"
+            );
+        }
+        let s = stream.stats();
+        assert_eq!(
+            (
+                s.viewer_offers_answered,
+                s.viewers_evicted,
+                s.viewers_connect_failed
+            ),
+            (6, 4, 0)
+        );
+        for location in &locations[..4] {
+            let status = request(addr, "DELETE", location, None, b"").await.status;
+            assert_eq!(status, 404, "an evicted session is gone: {location}");
+        }
+        // A real viewer gets in at once (the oldest session still connecting gives way) and
+        // connects.
+        let (viewer, viewer_offer, mut viewer_state) =
+            watched_offer(RTCRtpTransceiverDirection::Recvonly).await;
+        let reply = whep(addr, viewer_offer.clone()).await;
+        assert_eq!(reply.status, 201, "the real viewer: {}", reply.body);
+        let answer = RTCSessionDescription::answer(reply.body.clone()).expect("answer");
+        viewer
+            .set_remote_description(answer)
+            .await
+            .expect("remote description");
+        let connected = tokio::time::timeout(
+            Duration::from_secs(60),
+            viewer_state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
+        )
+        .await
+        .is_ok_and(|state| state.is_ok());
+        assert!(connected, "the real viewer connects");
+        assert!(eventually(|| stream.stats().viewers == 1).await);
+        let s = stream.stats();
+        assert_eq!(
+            (s.viewers, s.viewers_connecting, s.viewers_evicted),
+            (1, 1, 5)
+        );
+        assert_eq!(
+            request(addr, "DELETE", &locations[5], None, b"")
+                .await
+                .status,
+            200
+        );
+        stream.close().await;
+
+        // 2. The connect timeout frees places by itself.
+        let config = TransportConfig {
+            max_viewers: 4,
+            max_pending_viewers: 2,
+            connect_timeout: Duration::from_secs(1),
+            ..TransportConfig::default()
+        };
+        let stream = Arc::new(WebRtcStream::new(engine.clone(), config).expect("transport"));
+        let addr = serve(stream.clone()).await;
+        for i in 0..3 {
+            let reply = whep(addr, fake_offer.clone()).await;
+            assert_eq!(reply.status, 201, "offer {i}: {}", reply.body);
+        }
+        assert!(eventually(|| stream.stats().viewers_connecting == 0).await);
+        let s = stream.stats();
+        // At least the last two timed out; the first either timed out too or gave way.
+        assert_eq!(s.viewers_evicted + s.viewers_connect_failed, 3, "{s:?}");
+        assert!(s.viewers_connect_failed >= 2, "{s:?}");
+        stream.close().await;
+
+        // 3. When every place holds a connected viewer, an offer is refused (503).
+        let config = TransportConfig {
+            max_viewers: 1,
+            ..TransportConfig::default()
+        };
+        let stream = Arc::new(WebRtcStream::new(engine.clone(), config).expect("transport"));
+        let addr = serve(stream.clone()).await;
+        let (viewer, viewer_offer) = offer(RTCRtpTransceiverDirection::Recvonly).await;
+        let reply = whep(addr, viewer_offer).await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+        let answer = RTCSessionDescription::answer(reply.body.clone()).expect("answer");
+        viewer
+            .set_remote_description(answer)
+            .await
+            .expect("remote description");
+        assert!(eventually(|| stream.stats().viewers == 1).await);
+        let reply = whep(addr, fake_offer.clone()).await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        let s = stream.stats();
+        assert_eq!((s.viewers, s.viewer_offers_refused), (1, 1));
+        stream.close().await;
+    });
+    engine.close();
+}
+
+#[test]
+fn a_second_publisher_is_refused_until_the_first_is_gone() {
+    let engine = tiny_engine();
+    runtime().block_on(async {
+        let config = TransportConfig {
+            connect_timeout: Duration::from_secs(1),
+            ..TransportConfig::default()
+        };
+        let stream = Arc::new(WebRtcStream::new(engine.clone(), config).expect("transport"));
+        let addr = serve(stream.clone()).await;
+        let whip = |sdp: String| async move {
+            request(
+                addr,
+                "POST",
+                "/whip/s1?token=k",
+                Some("application/sdp"),
+                sdp.as_bytes(),
+            )
+            .await
+        };
+
+        // A camera publishes and connects.
+        let (camera, camera_offer, mut camera_state) =
+            watched_offer(RTCRtpTransceiverDirection::Sendrecv).await;
+        let reply = whip(camera_offer).await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+        let answer = RTCSessionDescription::answer(reply.body.clone()).expect("answer");
+        camera
+            .set_remote_description(answer)
+            .await
+            .expect("remote description");
+        let connected = tokio::time::timeout(
+            Duration::from_secs(60),
+            camera_state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
+        )
+        .await
+        .is_ok_and(|state| state.is_ok());
+        assert!(connected, "the camera connects");
+
+        // A second publisher is refused while the camera is there, and replaces nothing.
+        let (_other, other_offer) = offer(RTCRtpTransceiverDirection::Sendrecv).await;
+        let reply = whip(other_offer.clone()).await;
+        assert_eq!(reply.status, 409, "{}", reply.body);
+        assert!(
+            reply.body.contains("already has a publisher"),
+            "{}",
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*camera_state.borrow(), RTCPeerConnectionState::Connected);
+        let s = stream.stats();
+        assert!(s.publishing);
+        assert_eq!(
+            (s.publisher_offers_answered, s.publisher_offers_refused),
+            (1, 1)
+        );
+
+        // The camera goes away without DELETE (a crash, a reconnect): once its connection has
+        // ended on the server's side, the next offer takes its place.
+        camera.close().await.expect("close");
+        let mut refused_meanwhile = 0;
+        let reply = loop {
+            let reply = whip(other_offer.clone()).await;
+            if reply.status != 409 || refused_meanwhile == 3000 {
+                break reply;
+            }
+            refused_meanwhile += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(reply.status, 201, "{}", reply.body);
+        let s = stream.stats();
+        assert_eq!(
+            (s.publisher_offers_answered, s.publisher_offers_refused),
+            (2, 1 + refused_meanwhile)
+        );
+
+        // That one never connects (its client never takes the answer): it holds the place
+        // until the connect timeout, then a new offer gets in.
+        let reply = whip(other_offer.clone()).await;
+        assert_eq!(reply.status, 409, "still connecting: {}", reply.body);
+        assert!(eventually(|| !stream.stats().publishing).await);
+        assert_eq!(stream.stats().publishers_connect_failed, 1);
+        let reply = whip(other_offer.clone()).await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+
+        // DELETE frees the place at once.
+        let location = reply.header("location").expect("Location").to_owned();
+        assert_eq!(
+            request(addr, "DELETE", &location, None, b"").await.status,
+            200
+        );
+        let reply = whip(other_offer.clone()).await;
+        assert_eq!(reply.status, 201, "after DELETE: {}", reply.body);
+        let s = stream.stats();
+        assert_eq!(s.publisher_offers_answered, 4);
+        stream.close().await;
     });
     engine.close();
 }

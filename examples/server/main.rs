@@ -5,7 +5,8 @@
 //! ```text
 //! SDSTREAM_API_TOKEN=secret cargo run --release --features webrtc --example server -- \
 //!     [--bind 127.0.0.1:8088] [--public-url URL] [--params FILE] [--settings FILE_OR_JSON] \
-//!     [--ice-udp ADDR] [--max-viewers N] [--bitrate BPS] [--record DIR]
+//!     [--allow-model ID]... [--ice-udp ADDR] [--max-viewers N] [--max-pending-viewers N] \
+//!     [--connect-timeout SECONDS] [--bitrate BPS] [--record DIR]
 //! cargo run --features webrtc --example server -- replay --record DIR/STREAM_ID [--settings …]
 //! ```
 //!
@@ -26,12 +27,24 @@
 //!   URLs carry the stream's own token (`?token=` + `stream_key`), not the API token.
 //! * `GET /`: a page with camera → WHIP, WHEP → `<video>`, and a prompt box that PATCHes.
 //!
+//! Models: the server loads only the ids it is configured to serve: the known base models and
+//! ControlNets, and the ids given with `--allow-model` (or `allowed_models` in `--settings`),
+//! each a hub id (`org/name` or `name`) found under `model_root`, in the Hugging Face cache or
+//! on the hub. A `model_id` that names a folder (`/etc`, `../x`) is refused with 422 and the
+//! same message whether or not the folder exists (`EngineSettings::allow_model_paths` is off).
+//!
+//! Sessions: a second WHIP publisher is refused (409) while the first is connected or
+//! connecting; viewer offers that never connect give way to newer ones and are ended after
+//! `--connect-timeout` (see `TransportConfig`).
+//!
 //! Loopback by default; CORS is open (`*`) because the bearer token, not the origin, guards it.
 //! `--record DIR` writes every decoded input and engine output (PPM) with their params, and
 //! `replay` runs a fresh engine over such a recording and compares (the end-to-end test uses
 //! it to show that what the viewers got is the engine's output for what the server decoded).
 
 mod replay;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -39,7 +52,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State};
@@ -53,12 +66,14 @@ use sdstream::engine::{FrameId, Output};
 use sdstream::ids::random_hex;
 use sdstream::params::merge_patch;
 use sdstream::webrtc::{
-    EncoderSettings, FrameObserver, StreamDirectory, TransportConfig, TransportError, WebRtcStream,
+    BODY_TIMEOUT, EncoderSettings, FrameObserver, StreamDirectory, TransportConfig, TransportError,
+    WebRtcStream,
 };
 use sdstream::{DropPolicy, Engine, EngineOptions, EngineSettings, StreamDiffusionParams, Update};
 
 const USAGE: &str = "usage: server [--bind ADDR] [--public-url URL] [--params FILE] \
-[--settings FILE_OR_JSON] [--ice-udp ADDR] [--max-viewers N] [--bitrate BPS] [--record DIR]\n\
+[--settings FILE_OR_JSON] [--allow-model ID]... [--ice-udp ADDR] [--max-viewers N] \
+[--max-pending-viewers N] [--connect-timeout SECONDS] [--bitrate BPS] [--record DIR]\n\
        server replay --record DIR [--settings FILE_OR_JSON]";
 
 /// Largest JSON body of the API.
@@ -71,8 +86,11 @@ struct Args {
     public_url: Option<String>,
     params: Option<PathBuf>,
     settings: Option<String>,
+    allow_models: Vec<String>,
     ice_udp: Option<String>,
     max_viewers: usize,
+    max_pending_viewers: usize,
+    connect_timeout: Duration,
     bitrate: u32,
     record: Option<PathBuf>,
 }
@@ -83,8 +101,11 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         public_url: None,
         params: None,
         settings: None,
+        allow_models: Vec::new(),
         ice_udp: None,
         max_viewers: 32,
+        max_pending_viewers: TransportConfig::default().max_pending_viewers,
+        connect_timeout: TransportConfig::default().connect_timeout,
         bitrate: EncoderSettings::default().bitrate_bps,
         record: None,
     };
@@ -105,8 +126,15 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--public-url" => parsed.public_url = Some(value.trim_end_matches('/').to_owned()),
             "--params" => parsed.params = Some(value.into()),
             "--settings" => parsed.settings = Some(value),
+            "--allow-model" => parsed.allow_models.push(value),
             "--ice-udp" => parsed.ice_udp = Some(value),
-            "--max-viewers" => parsed.max_viewers = number(&value)?.max(1) as usize,
+            "--max-viewers" => parsed.max_viewers = number(&value)?.clamp(1, 10_000) as usize,
+            "--max-pending-viewers" => {
+                parsed.max_pending_viewers = number(&value)?.clamp(1, 10_000) as usize;
+            }
+            "--connect-timeout" => {
+                parsed.connect_timeout = Duration::from_secs(number(&value)?.clamp(1, 300));
+            }
             "--bitrate" => parsed.bitrate = number(&value)?.clamp(50_000, 50_000_000) as u32,
             "--record" => parsed.record = Some(value.into()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
@@ -130,6 +158,45 @@ pub(crate) fn engine_settings(arg: Option<&str>) -> Result<EngineSettings, Strin
         Some(v) => EngineSettings::from_json(&json_arg(v)?.to_string()).map_err(|e| e.to_string()),
         None => Ok(EngineSettings::default()),
     }
+}
+
+/// The settings the server's engines run with: `--settings`, model paths off (API clients name
+/// the models), the `--allow-model` ids added to `allowed_models`. Asking for model paths is an
+/// error rather than silently overridden.
+fn served_settings(arg: Option<&str>, allow_models: &[String]) -> Result<EngineSettings, String> {
+    if let Some(v) = arg
+        && json_arg(v)?.get("allow_model_paths") == Some(&Value::Bool(true))
+    {
+        return Err(
+            "--settings: allow_model_paths cannot be true in the server (API clients \
+                    would name folders on its disk); put models under model_root and list \
+                    their ids with --allow-model"
+                .into(),
+        );
+    }
+    let mut settings = engine_settings(arg)?;
+    settings.allow_model_paths = false;
+    for id in allow_models {
+        if !settings.is_allowed_model(id) {
+            settings.allowed_models.push(id.clone());
+        }
+    }
+    // The added ids are checked like the rest (hub ids only).
+    settings
+        .validate()
+        .map_err(|e| format!("--allow-model: {e}"))?;
+    Ok(settings)
+}
+
+/// The `--params` defaults must be valid under the served settings: a default that names a
+/// model the server does not serve would fail every create.
+fn check_default_params(defaults: &Value, settings: &EngineSettings) -> Result<(), String> {
+    if !defaults.is_object() {
+        return Err("--params must hold a JSON object".into());
+    }
+    StreamDiffusionParams::from_json_with(&defaults.to_string(), settings)
+        .map(|_| ())
+        .map_err(|e| format!("--params: {e}"))
 }
 
 /// Seconds since the epoch as RFC 3339 UTC (`2025-01-31T12:00:00Z`).
@@ -333,7 +400,8 @@ fn invalid(e: sdstream::Error) -> ApiError {
     }
 }
 
-/// The JSON body: 415 unless `application/json`, 413 over the limit, 400 when not JSON.
+/// The JSON body: 415 unless `application/json`; then the transport's body rules (413 over the
+/// limit, 400 cut short, 408 too slow); 400 when not JSON.
 async fn json_body(request: Request) -> Result<Value, ApiError> {
     let content_type = request
         .headers()
@@ -351,13 +419,11 @@ async fn json_body(request: Request) -> Result<Value, ApiError> {
             format!("send JSON as application/json, not {content_type:?}"),
         ));
     }
-    let body = axum::body::to_bytes(request.into_body(), MAX_JSON_BYTES)
+    let body = sdstream::webrtc::read_body(request, MAX_JSON_BYTES, BODY_TIMEOUT)
         .await
-        .map_err(|_| {
-            ApiError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body is larger than {MAX_JSON_BYTES} bytes"),
-            )
+        .map_err(|e| {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            ApiError(status, e.to_string())
         })?;
     serde_json::from_slice(&body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))
@@ -630,14 +696,12 @@ async fn serve(args: Args) -> Result<(), String> {
             t
         }
     };
-    let settings = engine_settings(args.settings.as_deref())?;
+    let settings = served_settings(args.settings.as_deref(), &args.allow_models)?;
     let default_params = match &args.params {
         Some(p) => json_arg(&p.display().to_string())?,
         None => json!({}),
     };
-    if !default_params.is_object() {
-        return Err("--params must hold a JSON object".into());
-    }
+    check_default_params(&default_params, &settings)?;
     let listener = tokio::net::TcpListener::bind(args.bind)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
@@ -652,6 +716,8 @@ async fn serve(args: Args) -> Result<(), String> {
     let transport = TransportConfig {
         udp_addrs: vec![ice_udp],
         max_viewers: args.max_viewers,
+        max_pending_viewers: args.max_pending_viewers,
+        connect_timeout: args.connect_timeout,
         encoder: EncoderSettings {
             bitrate_bps: args.bitrate,
             ..EncoderSettings::default()

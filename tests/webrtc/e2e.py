@@ -15,7 +15,15 @@ not ours.
    picture to an IDR, and frames must keep reaching the viewer.
 4. Mid-stream, PATCH changes the prompt: the answer must say "hot" and the status must show no
    reload; the frames received afterwards must match outputs made with the new parameters.
-5. Stops the server and runs `server replay`, which feeds the recorded decoded inputs to a fresh
+5. On a second stream: 32 viewer offers that never connect, then a real viewer joins at once
+   and gets frames; the server's counters must account for every fake session (evicted or timed
+   out) and show none left connecting. A second publisher is refused with 409 while the first
+   is live; when the first closes without DELETE (a camera that reconnects), the second gets in
+   by retrying and its pictures reach the engine and the viewer.
+6. Model ids that name folders (`/etc`, `../../..`, an existing fixture folder, a missing one)
+   are refused with 422 and byte-identical bodies, on create and on PATCH; bodies cut short get
+   400 (not 413).
+7. Stops the server and runs `server replay`, which feeds the recorded decoded inputs to a fresh
    engine: the served outputs must equal the engine's outputs exactly, and the frames after the
    PATCH must differ clearly from a replay that never switched prompts.
 
@@ -33,6 +41,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +74,24 @@ def http(method, url, body=None, headers=None, timeout=30):
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def raw_http(base, raw, half_close=True, timeout=30):
+    """Sends raw bytes on a fresh connection, shuts the write side (as a client whose body was cut
+    off would) and returns the answer's status (0 for none)."""
+    host, port = base.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(raw)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    parts = answer.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
 
 
 def api(base, method, path, payload=None, token=API_TOKEN):
@@ -275,6 +302,15 @@ def bad_inputs(base, stream):
         ("DELETE an unknown WHIP session", lambda: http("DELETE", whip.replace("?", "/nosuchsession?"))[0], 404),
         ("PATCH (trickle) a WHIP session", lambda: http("PATCH", whip.replace("?", "/nosuchsession?"), "a=candidate",
                                                          {"Content-Type": "application/trickle-ice-sdpfrag"})[0], 405),
+        ("create with a body shorter than its Content-Length",
+         lambda: raw_http(base, b"POST /v1/streams HTTP/1.1\r\nHost: e2e\r\nAuthorization: Bearer " + API_TOKEN.encode()
+                          + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"params\":"), 400),
+        ("WHIP with an offer shorter than its Content-Length",
+         lambda: raw_http(base, f"POST {whip.split(base, 1)[-1]} HTTP/1.1\r\nHost: e2e\r\nContent-Type: application/sdp\r\n"
+                                f"Content-Length: 500\r\n\r\nv=0\r\n".encode()), 400),
+        ("WHEP with a chunked offer cut off",
+         lambda: raw_http(base, f"POST {whep.split(base, 1)[-1]} HTTP/1.1\r\nHost: e2e\r\nContent-Type: application/sdp\r\n"
+                                f"Transfer-Encoding: chunked\r\n\r\n40\r\nv=0\r\n".encode()), 400),
     ]
     for name, call, want in cases:
         got = call()
@@ -462,6 +498,162 @@ async def stream_media(base, stream, seconds, summary):
     return received, patch_time
 
 
+def model_paths(base, sid, fixtures, summary):
+    """Model ids that name folders on the server's disk are refused alike (422, the same bytes),
+    whether the folder exists or not, on create and on PATCH; the stream keeps its params."""
+    ids = ["/etc", "../../..", "org/../../x", os.path.join(fixtures, "tiny-sd-turbo"),
+           os.path.join(fixtures, "no-such-model"), "tiny-taesd", "no-such-model"]
+    version = lambda: api(base, "GET", f"/v1/streams/{sid}/status")[1]["params_version"]  # noqa: E731
+    before = version()
+    answers = {}
+    for what, call in [
+        ("create", lambda i: http("POST", base + "/v1/streams", json.dumps({"params": {"model_id": i}}),
+                                  {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"})),
+        ("create with a ControlNet", lambda i: http("POST", base + "/v1/streams",
+                                                    json.dumps({"params": {"controlnets": [{"model_id": i}]}}),
+                                                    {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"})),
+        ("PATCH", lambda i: http("PATCH", f"{base}/v1/streams/{sid}", json.dumps({"params": {"model_id": i}}),
+                                 {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"})),
+    ]:
+        got = [(i, call(i)) for i in ids]
+        statuses = sorted({r[0] for _, r in got})
+        bodies = {r[2] for _, r in got}
+        check(statuses == [422], f"{what} with a model path: {statuses} (want [422])")
+        check(len(bodies) == 1, f"{what}: one answer, byte for byte, for {len(ids)} ids (existing and missing folders)")
+        check(not any(b"reload" in r[2] or b"fixtures" in r[2] for _, r in got), f"{what}: no reload, no path in the answer")
+        answers[what] = next(iter(bodies)).decode(errors="replace")
+    check(version() == before, "the refused PATCHes changed no params")
+    summary["model_path_refusal"] = json.loads(answers["PATCH"])["error"]
+
+
+async def sessions(base, seconds, summary):
+    """A second stream: a viewer flood that never connects, then a real viewer; a second
+    publisher (409), then the first one closes without DELETE and the second gets in."""
+    status, stream = await asyncio.to_thread(api, base, "POST", "/v1/streams", {"params": {"prompt": "a red kite"}})
+    check(status == 201, f"POST a second stream: {status}")
+    sid = stream["id"]
+    start = await transport_status(base, sid)
+    pcs = []
+
+    camera = RTCPeerConnection()
+    pcs.append(camera)
+    h264_only(camera.addTransceiver(Camera(), direction="sendonly"))
+    await offer_to(camera, stream["whip_url"])
+    check(await wait_for_status(base, sid, lambda t: t["frames_submitted"] >= 5, seconds),
+          "the first publisher's pictures reach the engine")
+
+    # The flood: offers whose client is gone before it could answer a connectivity check.
+    fake = RTCPeerConnection()
+    h264_only(fake.addTransceiver("video", direction="recvonly"))
+    await fake.setLocalDescription(await fake.createOffer())
+    fake_sdp = fake.localDescription.sdp
+    await fake.close()
+    flood = 32
+    statuses = []
+    for _ in range(flood):
+        st, _, _ = await asyncio.to_thread(http, "POST", stream["whep_url"], fake_sdp, {"Content-Type": "application/sdp"})
+        statuses.append(st)
+    after_flood = await transport_status(base, sid)
+    check(statuses == [201] * flood, f"every flood offer was answered (the oldest still connecting gave way): "
+                                     f"{ {s: statuses.count(s) for s in set(statuses)} }")
+    check(after_flood["viewers_connecting"] <= 8, f"at most 8 viewers connecting at once: {after_flood['viewers_connecting']}")
+
+    # A real viewer right after it.
+    viewer = RTCPeerConnection()
+    pcs.append(viewer)
+    h264_only(viewer.addTransceiver("video", direction="recvonly"))
+    received = []
+    done = asyncio.Event()
+
+    @viewer.on("track")
+    def on_track(track):
+        async def consume():
+            while not done.is_set():
+                try:
+                    await asyncio.wait_for(track.recv(), 5)
+                except Exception:
+                    break
+                received.append(time.monotonic())
+
+        asyncio.ensure_future(consume())
+
+    await offer_to(viewer, stream["whep_url"])
+    got = await wait_for(lambda: len(received) >= 10, seconds)
+    check(got, f"the real viewer joined right after the flood and got frames: {len(received)}")
+    settled = await wait_for_status(base, sid, lambda t: t["viewers_connecting"] == 0, seconds + 30)
+    end_flood = await transport_status(base, sid)
+    freed = grew(start, end_flood, "viewers_evicted") + grew(start, end_flood, "viewers_connect_failed")
+    check(settled, f"no viewer left connecting: {end_flood['viewers_connecting']}")
+    check(freed == flood, f"every flood session was ended and counted: {freed} of {flood} "
+                          f"({grew(start, end_flood, 'viewers_evicted')} gave way, "
+                          f"{grew(start, end_flood, 'viewers_connect_failed')} timed out)")
+    check(grew(start, end_flood, "viewer_offers_answered") == flood + 1, "the server answered the flood and the real viewer")
+    check(end_flood["viewers"] == 1, f"one viewer connected: {end_flood['viewers']}")
+    summary["viewer_flood"] = {
+        "offers": flood,
+        "answered_201": statuses.count(201),
+        "connecting_after_flood": after_flood["viewers_connecting"],
+        "evicted": grew(start, end_flood, "viewers_evicted"),
+        "timed_out": grew(start, end_flood, "viewers_connect_failed"),
+        "real_viewer_frames": len(received),
+    }
+
+    # A second publisher while the first is live: 409, and the first goes on.
+    second = RTCPeerConnection()
+    pcs.append(second)
+    h264_only(second.addTransceiver(Camera(), direction="sendonly"))
+    await second.setLocalDescription(await second.createOffer())
+    second_sdp = second.localDescription.sdp
+    st, _, body = await asyncio.to_thread(http, "POST", stream["whip_url"], second_sdp, {"Content-Type": "application/sdp"})
+    check(st == 409, f"a second publisher is refused while the first is live: {st} {body[:80]!r}")
+    before = await transport_status(base, sid)
+    check(grew(start, before, "publisher_offers_refused") == 1, "the server counted the refusal")
+    check(await wait_for_status(base, sid, lambda t: t["frames_submitted"] >= before["frames_submitted"] + 5, seconds),
+          "the first publisher is still the one feeding the engine")
+
+    # The first publisher goes away without DELETE (a camera that reconnects): retrying, the
+    # second gets in once the server has seen the first connection end.
+    await camera.close()
+    retries, st = 0, 409
+    deadline = time.monotonic() + seconds + 30
+    while st == 409 and time.monotonic() < deadline:
+        st, headers, body = await asyncio.to_thread(http, "POST", stream["whip_url"], second_sdp,
+                                                    {"Content-Type": "application/sdp"})
+        if st == 409:
+            retries += 1
+            await asyncio.sleep(0.1)
+    check(st == 201, f"after the first publisher closed, the second got in: {st} after {retries} refusals")
+    if st == 201:
+        await second.setRemoteDescription(RTCSessionDescription(sdp=body.decode(), type="answer"))
+        mid = await transport_status(base, sid)
+        n = len(received)
+        check(await wait_for_status(base, sid, lambda t: t["frames_submitted"] >= mid["frames_submitted"] + 10, seconds),
+              "the second publisher's pictures reach the engine")
+        check(await wait_for(lambda: len(received) >= n + 10, seconds), "and the viewer keeps getting frames")
+    end = await transport_status(base, sid)
+    summary["second_publisher"] = {
+        "refused_while_first_live": 1,
+        "refused_while_first_closing": retries,
+        "publisher_offers_answered": grew(start, end, "publisher_offers_answered"),
+        "publisher_offers_refused": grew(start, end, "publisher_offers_refused"),
+    }
+    done.set()
+    for pc in pcs:
+        await pc.close()
+    status, _ = await asyncio.to_thread(api, base, "DELETE", f"/v1/streams/{sid}")
+    check(status == 200, f"DELETE the second stream: {status}")
+
+
+async def wait_for_status(base, sid, condition, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition(await transport_status(base, sid)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+
+
 def load_ppms(folder, prefix):
     """{frame id: HxWx3 float32} of the PPMs named PREFIX-ID.ppm in folder."""
     return {int(n[len(prefix) + 1:-4]): read_ppm(os.path.join(folder, n)).astype(np.float32)
@@ -559,9 +751,10 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     record = os.path.join(args.work, "record")
     params = os.path.join(args.work, "params.json")
-    settings = json.dumps({"vae": os.path.join(fixtures, "tiny-taesd"), "allow_any_resolution": True})
+    # The server serves models by id only: the fixtures folder is its model_root.
+    settings = json.dumps({"vae": "tiny-taesd", "model_root": fixtures, "allow_any_resolution": True})
     with open(params, "w") as f:
-        json.dump({"model_id": os.path.join(fixtures, "tiny-sd-turbo"), "width": SIZE, "height": SIZE,
+        json.dump({"model_id": "tiny-sd-turbo", "width": SIZE, "height": SIZE,
                    "seed": 42, "delta": 0.7,
                    # Residual CFG at 3: the tiny model's text conditioning then moves the
                    # picture by ~20 levels per prompt change (1 level at guidance 1).
@@ -569,7 +762,8 @@ def main():
 
     env = dict(os.environ, SDSTREAM_API_TOKEN=API_TOKEN)
     server = subprocess.Popen(
-        [args.server, "--bind", "127.0.0.1:0", "--params", params, "--settings", settings, "--record", record],
+        [args.server, "--bind", "127.0.0.1:0", "--params", params, "--settings", settings, "--record", record,
+         "--allow-model", "tiny-sd-turbo", "--connect-timeout", "3"],
         stdout=subprocess.PIPE, env=env, text=True,
     )
     summary = {}
@@ -583,12 +777,14 @@ def main():
         check(status == 201, f"POST /v1/streams: {status}")
         for key in ("id", "whip_url", "whep_url", "output_stream_url", "created_at", "stream_key", "params"):
             check(key in stream, f"the stream has {key}")
-        check(stream["params"]["model_id"].endswith("tiny-sd-turbo"), "server defaults merged under the body")
+        check(stream["params"]["model_id"] == "tiny-sd-turbo", "server defaults merged under the body")
         status, got = api(base, "GET", f"/v1/streams/{stream['id']}")
         check(status == 200 and got["id"] == stream["id"], "GET /v1/streams/{id}")
 
         bad_inputs(base, stream)
         received, patch_time = asyncio.run(stream_media(base, stream, args.seconds, summary))
+        model_paths(base, stream["id"], fixtures, summary)
+        asyncio.run(sessions(base, args.seconds, summary))
         status, _ = api(base, "DELETE", f"/v1/streams?id={stream['id']}")
         check(status == 200, f"DELETE /v1/streams?id=: {status}")
         check(api(base, "GET", f"/v1/streams/{stream['id']}")[0] == 404, "deleted stream is gone")

@@ -244,7 +244,8 @@ impl From<VaeChoice> for String {
 
 /// Settings of the engine that Daydream's parameter model does not hold. JSON keys:
 /// `cfg_type`, `frame_buffer_size`, `device`, `dtype`, `vae`, `model_root`,
-/// `allow_any_resolution`; unknown keys are an error. Any change needs a pipeline reload.
+/// `allow_any_resolution`, `allow_model_paths`, `allowed_models`; unknown keys are an error. Any
+/// change needs a pipeline reload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSettings {
@@ -265,6 +266,17 @@ pub struct EngineSettings {
     /// When true, width and height may be any multiple of 8 from 64 to 2048 instead of
     /// Daydream's 384–1024 in steps of 64 (small checkpoints and tests need it). Default false.
     pub allow_any_resolution: bool,
+    /// Whether a model id (`model_id`, a ControlNet's `model_id`, `vae`) may name a folder on
+    /// disk. True (the default) for programs that pick their own ids. False where the ids come
+    /// from someone else, as in the HTTP server: then validation accepts only the known ids and
+    /// `allowed_models`, an id is only ever a hub id (`org/name` or `name`) looked up under
+    /// `model_root`, in the Hugging Face cache or on the hub, and a refusal reads the same
+    /// whether or not a folder of that name exists.
+    pub allow_model_paths: bool,
+    /// Model ids served besides the known ones (base models and ControlNets alike), each a hub id
+    /// (`org/name` or `name`) looked up like a known id: under `model_root`, in the Hugging Face
+    /// cache or on the hub. Default none.
+    pub allowed_models: Vec<String>,
 }
 
 impl Default for EngineSettings {
@@ -277,6 +289,8 @@ impl Default for EngineSettings {
             vae: VaeChoice::Taesd,
             model_root: None,
             allow_any_resolution: false,
+            allow_model_paths: true,
+            allowed_models: Vec::new(),
         }
     }
 }
@@ -286,7 +300,15 @@ impl EngineSettings {
     /// `SDSTREAM_MODEL_ROOT`), the Hugging Face cache, and whether downloads are allowed. The
     /// one place validation and the loaders get it from.
     pub fn hub_options(&self) -> crate::hub::HubOptions {
-        crate::hub::HubOptions::with_model_root(self.model_root.as_deref())
+        crate::hub::HubOptions {
+            allow_paths: self.allow_model_paths,
+            ..crate::hub::HubOptions::with_model_root(self.model_root.as_deref())
+        }
+    }
+
+    /// Whether `id` is one of [`allowed_models`](Self::allowed_models).
+    pub fn is_allowed_model(&self, id: &str) -> bool {
+        self.allowed_models.iter().any(|allowed| allowed == id)
     }
 
     /// Parses and validates settings from JSON; omitted keys take their defaults.
@@ -326,6 +348,31 @@ impl EngineSettings {
             return Err(Error::param(
                 "model_root",
                 "model_root must be a folder path or null; got \"\"",
+            ));
+        }
+        for (i, id) in self.allowed_models.iter().enumerate() {
+            if !crate::hub::is_hub_id(id) {
+                return Err(Error::param(
+                    format!("allowed_models[{i}]"),
+                    format!(
+                        "allowed_models[{i}] must be a hub id, org/name or name (letters, digits, \
+                         '-', '_', '.'), found under model_root, in the cache or on the hub; \
+                         got {id:?}"
+                    ),
+                ));
+            }
+        }
+        if let VaeChoice::Custom(id) = &self.vae
+            && !self.allow_model_paths
+            && !crate::hub::is_hub_id(id)
+        {
+            return Err(Error::param(
+                "vae",
+                format!(
+                    "with allow_model_paths false, vae must be \"taesd\", \"full\" or a hub id \
+                     (org/name or name) found under model_root, in the cache or on the hub; \
+                     got {id:?}"
+                ),
             ));
         }
         Ok(())

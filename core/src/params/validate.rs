@@ -37,6 +37,9 @@ pub enum ModelKind {
     /// An existing local folder: its family is read from its config.json by the loader, so the
     /// family rules (ControlNet lists, SDXL limit, IPAdapter support) are not checked here.
     LocalFolder(std::path::PathBuf),
+    /// One of the settings' `allowed_models`: resolved by the loader like a known id, its family
+    /// read from its config.json (so, as for a folder, the family rules are not checked here).
+    Allowed,
 }
 
 impl ModelKind {
@@ -44,7 +47,7 @@ impl ModelKind {
     pub fn family(&self) -> Option<ModelFamily> {
         match self {
             ModelKind::Known(family) => Some(*family),
-            ModelKind::LocalFolder(_) => None,
+            ModelKind::LocalFolder(_) | ModelKind::Allowed => None,
         }
     }
 }
@@ -52,7 +55,8 @@ impl ModelKind {
 impl StreamDiffusionParams {
     /// Checks every rule of the contract under `settings` (`allow_any_resolution` relaxes the
     /// resolution rule; `model_root` is where model ids are looked up after themselves as
-    /// folders, see [`hub::local_dir`]).
+    /// folders, see [`hub::local_dir`]; `allowed_models` are accepted besides the known ids, and
+    /// with `allow_model_paths` false nothing else is, whatever is on disk).
     ///
     /// A `model_id` that is an existing local folder has no known family at this point, so the
     /// ControlNet-family list, the SDXL limit and IPAdapter support are skipped for it; the
@@ -116,8 +120,9 @@ impl StreamDiffusionParams {
         Ok(())
     }
 
-    /// Resolves `model_id` the way validation does: a known id with its family, or an existing
-    /// local folder ([`hub::local_dir`]: `<id>` as a path, then `model_root/<id>`).
+    /// Resolves `model_id` the way validation does: a known id with its family, an allowed one,
+    /// or (with `allow_model_paths`) an existing local folder ([`hub::local_dir`]: `<id>` as a
+    /// path, then `model_root/<id>`).
     pub fn model_kind(&self, settings: &EngineSettings) -> Result<ModelKind> {
         resolve_model(&self.model_id, settings)
     }
@@ -127,6 +132,29 @@ fn resolve_model(model_id: &str, settings: &EngineSettings) -> Result<ModelKind>
     if let Some(family) = ModelFamily::of_model(model_id) {
         return Ok(ModelKind::Known(family));
     }
+    if settings.is_allowed_model(model_id) {
+        return Ok(ModelKind::Allowed);
+    }
+    let served = || {
+        python_list(
+            KNOWN_MODELS
+                .iter()
+                .map(|(id, _)| *id)
+                .chain(settings.allowed_models.iter().map(String::as_str)),
+        )
+    };
+    if !settings.allow_model_paths {
+        // Neither the id nor anything on disk goes into the message: it reads the same for an
+        // existing folder and a missing one.
+        return Err(Error::param(
+            "model_id",
+            format!(
+                "Invalid model_id: not a model served here (expected one of {}; folders on disk \
+                 are not accepted)",
+                served()
+            ),
+        ));
+    }
     if let Some(dir) = hub::local_dir(model_id, &settings.hub_options()) {
         return Ok(ModelKind::LocalFolder(dir));
     }
@@ -134,7 +162,7 @@ fn resolve_model(model_id: &str, settings: &EngineSettings) -> Result<ModelKind>
         "model_id",
         format!(
             "Invalid model_id: {model_id} (expected one of {} or an existing local folder)",
-            python_list(KNOWN_MODELS.iter().map(|(id, _)| *id))
+            served()
         ),
     ))
 }
@@ -389,18 +417,32 @@ fn check_controlnet_fields(
 ) -> Result<()> {
     let path = |leaf: &str| format!("controlnets[{i}].{leaf}");
     let id = net.model_id.as_str();
-    let known = catalog::controlnet_family(id).is_some();
-    if !known && hub::local_dir(id, &settings.hub_options()).is_none() {
+    let served = catalog::controlnet_family(id).is_some()
+        || settings.is_allowed_model(id)
+        || (settings.allow_model_paths && hub::local_dir(id, &settings.hub_options()).is_some());
+    if !served {
         let field = path("model_id");
+        let known = || {
+            let mut ids: Vec<&str> = catalog::all_controlnets().collect();
+            ids.extend(settings.allowed_models.iter().map(String::as_str));
+            python_list(ids)
+        };
         let message = if UNSUPPORTED_TEMPORALNETS.contains(&id) {
             format!(
                 "{field}: {id} is a TemporalNet ControlNet, which Daydream accepts but sdstream \
                  does not support (it conditions on optical flow between frames)"
             )
-        } else {
+        } else if settings.allow_model_paths {
             format!(
                 "{field}: unknown ControlNet '{id}'; expected one of {} or an existing local folder",
-                python_list(catalog::all_controlnets())
+                known()
+            )
+        } else {
+            // As for model_id: the same words whatever the id names on disk.
+            format!(
+                "{field}: not a ControlNet served here; expected one of {} (folders on disk are \
+                 not accepted)",
+                known()
             )
         };
         return Err(Error::param(field, message));

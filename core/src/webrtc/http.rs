@@ -10,14 +10,18 @@
 //! The token is the query parameter `token` or an `Authorization: Bearer` header; the
 //! [`StreamDirectory`] decides what it opens. Errors are plain text with the status of
 //! [`TransportError::status`]: 415 for a body that is not `application/sdp`, 400 for an offer
-//! that is not usable SDP, 404 for an unknown stream or session, 401 for a missing or wrong
-//! token, 413 for a body over the limit.
+//! that is not usable SDP or a body that ends before it is complete, 404 for an unknown stream
+//! or session, 401 for a missing or wrong token, 413 for a body over the limit, 408 for a body
+//! that does not arrive within [`BODY_TIMEOUT`], 409 for a second publisher while the first is
+//! connected or connecting, 503 for a viewer when every place is taken by a connected viewer.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{OriginalUri, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -93,7 +97,55 @@ fn token<'a>(query: &'a HashMap<String, String>, headers: &'a HeaderMap) -> Opti
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
-/// The offer from a request: content type first (415), then size (413), then UTF-8 (400).
+/// How long a request body may take to arrive once its headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the body of `request`, at most `limit` bytes, within `timeout`. The one reading of
+/// request bodies for these routes and the server's API:
+/// [`TooLarge`](TransportError::TooLarge) (413) only for a body over the limit, declared by
+/// `Content-Length` or streamed; [`IncompleteBody`](TransportError::IncompleteBody) (400) for
+/// one that ends early or breaks (shorter than its `Content-Length`, a chunked body cut off);
+/// [`BodyTimeout`](TransportError::BodyTimeout) (408) for one that does not arrive in time.
+pub async fn read_body(
+    request: Request,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, TransportError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if let Some(size) = declared
+        && size > limit
+    {
+        return Err(TransportError::TooLarge { size, limit });
+    }
+    let mut body = request.into_body();
+    let collect = async {
+        let mut data = Vec::with_capacity(declared.unwrap_or(0));
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            let frame = frame.map_err(|e| TransportError::IncompleteBody(e.to_string()))?;
+            // Trailers carry no body bytes.
+            let Ok(chunk) = frame.into_data() else {
+                continue;
+            };
+            let size = data.len() + chunk.len();
+            if size > limit {
+                return Err(TransportError::TooLarge { size, limit });
+            }
+            data.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(data))
+    };
+    tokio::time::timeout(timeout, collect)
+        .await
+        .map_err(|_| TransportError::BodyTimeout(timeout))?
+}
+
+/// The offer from a request: content type first (415), then the body (413, 400, 408), then
+/// UTF-8 (400).
 async fn read_offer(request: Request, limit: usize) -> Result<String, TransportError> {
     let content_type = request
         .headers()
@@ -110,22 +162,7 @@ async fn read_offer(request: Request, limit: usize) -> Result<String, TransportE
     if essence != "application/sdp" {
         return Err(TransportError::UnsupportedMediaType(content_type));
     }
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if let Some(size) = declared
-        && size > limit
-    {
-        return Err(TransportError::TooLarge { size, limit });
-    }
-    let body = axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|_| TransportError::TooLarge {
-            size: limit + 1,
-            limit,
-        })?;
+    let body = read_body(request, limit, BODY_TIMEOUT).await?;
     String::from_utf8(body.to_vec())
         .map_err(|_| TransportError::BadOffer("the offer is not UTF-8 text".into()))
 }

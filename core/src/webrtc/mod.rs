@@ -2,11 +2,15 @@
 //! playback, H.264 both ways.
 //!
 //! * [`WebRtcStream`] owns one engine's transport: at most one publisher (WHIP, RFC 9725) whose
-//!   video track is depacketized, decoded with OpenH264 and submitted to the engine, and any
-//!   number of viewers (WHEP) to which the engine's outputs are sent, encoded once as
-//!   constrained-baseline H.264 and packetized per viewer. Keyframe requests are honoured both
-//!   ways: a viewer's PLI or FIR (and every new viewer) makes the next output an IDR picture, and
-//!   a damaged or undecodable input picture makes the server send a PLI to the publisher.
+//!   video track is depacketized, decoded with OpenH264 and submitted to the engine (a second
+//!   one is refused with 409 until the first is gone), and up to
+//!   [`max_viewers`](TransportConfig::max_viewers) viewers (WHEP) to which the engine's outputs
+//!   are sent, encoded once as constrained-baseline H.264 and packetized per viewer. Keyframe
+//!   requests are honoured both ways: a viewer's PLI or FIR (and every new viewer) makes the
+//!   next output an IDR picture, and a damaged or undecodable input picture makes the server
+//!   send a PLI to the publisher. A session that does not connect within
+//!   [`connect_timeout`](TransportConfig::connect_timeout) is ended; viewers still connecting
+//!   give way to newer offers ([`max_pending_viewers`](TransportConfig::max_pending_viewers)).
 //! * [`router`] serves the WHIP and WHEP HTTP resources for any number of streams through a
 //!   [`StreamDirectory`] that finds a stream by id and checks its token: `POST` an SDP offer
 //!   (`application/sdp`) → `201 Created` with the answer and a `Location`, `DELETE` that
@@ -25,7 +29,7 @@ mod stream;
 use std::time::Duration;
 
 pub use h264::EncoderSettings;
-pub use http::{StreamDirectory, router};
+pub use http::{BODY_TIMEOUT, StreamDirectory, read_body, router};
 pub use stream::{FrameObserver, SessionAnswer, Summary, TransportStats, WebRtcStream};
 
 /// Why a WHIP or WHEP request failed; [`status`](Self::status) is its HTTP status code.
@@ -51,9 +55,26 @@ pub enum TransportError {
         /// Bytes allowed.
         limit: usize,
     },
-    /// The stream holds as many viewers as it may (503).
-    #[error("the stream already has {0} viewers, the most it serves")]
+    /// The body ended before it was complete: shorter than its `Content-Length`, a chunked body
+    /// cut off, or the connection broke (400).
+    #[error("the request body is incomplete: {0}")]
+    IncompleteBody(String),
+    /// The body did not arrive in time (408).
+    #[error("the request body did not arrive within {} s", .0.as_secs())]
+    BodyTimeout(Duration),
+    /// The stream holds as many viewer sessions as it may and none can give way: all connected,
+    /// or still being answered (503).
+    #[error(
+        "the stream has no room for another viewer: it serves {0} at most and none still \
+         connecting can give way"
+    )]
     TooManyViewers(usize),
+    /// The stream already has a publisher whose session is connected or still connecting (409).
+    #[error(
+        "the stream already has a publisher; DELETE its session first, or publish again once its \
+         connection has ended"
+    )]
+    PublisherPresent,
     /// The stream has been closed (410).
     #[error("the stream is closed")]
     Closed,
@@ -74,7 +95,10 @@ impl TransportError {
             TransportError::NotFound(_) => 404,
             TransportError::Unauthorized => 401,
             TransportError::TooLarge { .. } => 413,
+            TransportError::IncompleteBody(_) => 400,
+            TransportError::BodyTimeout(_) => 408,
             TransportError::TooManyViewers(_) => 503,
+            TransportError::PublisherPresent => 409,
             TransportError::Closed => 410,
             TransportError::Codec(_) | TransportError::WebRtc(_) => 500,
         }
@@ -92,8 +116,18 @@ pub struct TransportConfig {
     pub ice_servers: Vec<String>,
     /// The WHEP encoder's settings.
     pub encoder: EncoderSettings,
-    /// Most viewers at once. Default 32.
+    /// Most viewer sessions at once. Default 32. A session still connecting holds a place only
+    /// until a newer offer needs it: see `max_pending_viewers`.
     pub max_viewers: usize,
+    /// Most viewer sessions still connecting (answered, ICE and DTLS not done). When a new offer
+    /// finds the stream full (`max_viewers` sessions, or this many connecting), the oldest
+    /// session still connecting is ended to make room, so offers that never connect cannot
+    /// lock real viewers out; only when every session is connected is an offer refused (503).
+    /// Default 8.
+    pub max_pending_viewers: usize,
+    /// How long a session (viewer or publisher) may take from its answer to being connected;
+    /// one that has not connected by then is ended and its place freed. Default 10 s.
+    pub connect_timeout: Duration,
     /// How long to wait for ICE gathering before answering. Default 5 s.
     pub gather_timeout: Duration,
     /// Largest accepted SDP offer in bytes. Default 64 KiB.
@@ -107,6 +141,8 @@ impl Default for TransportConfig {
             ice_servers: Vec::new(),
             encoder: EncoderSettings::default(),
             max_viewers: 32,
+            max_pending_viewers: 8,
+            connect_timeout: Duration::from_secs(10),
             gather_timeout: Duration::from_secs(5),
             max_sdp_bytes: 64 * 1024,
         }

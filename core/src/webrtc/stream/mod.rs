@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use webrtc::peer_connection::PeerConnection;
+use tokio::sync::{mpsc, watch};
+use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState};
 
 mod publisher;
 mod stats;
@@ -35,8 +35,6 @@ const DECODE_QUEUE: usize = 4;
 const VIEWER_QUEUE: usize = 8;
 /// At most one PLI to the publisher per this interval.
 const PLI_INTERVAL: Duration = Duration::from_millis(250);
-/// A viewer that has not connected after this long is dropped.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Samples kept for the latency summaries.
 const WINDOW: usize = 512;
 
@@ -61,10 +59,27 @@ pub trait FrameObserver: Send + Sync {
 struct PublisherSlot {
     id: String,
     connection: Arc<dyn PeerConnection>,
+    state: watch::Receiver<RTCPeerConnectionState>,
+}
+
+impl PublisherSlot {
+    /// Whether its connection has ended or lost contact, so that a new publisher (a camera
+    /// that reconnects without having sent DELETE) may take its place.
+    fn is_gone(&self) -> bool {
+        matches!(
+            *self.state.borrow(),
+            RTCPeerConnectionState::Failed
+                | RTCPeerConnectionState::Closed
+                | RTCPeerConnectionState::Disconnected
+        )
+    }
 }
 
 struct ViewerSlot {
-    connection: Arc<dyn PeerConnection>,
+    /// When the offer was admitted: the oldest session still connecting gives way first.
+    since: Instant,
+    /// `None` while the answer is being made.
+    connection: Option<Arc<dyn PeerConnection>>,
     /// Set once connected: the viewer's frame queue.
     frames: Option<mpsc::Sender<Arc<EncodedFrame>>>,
 }
@@ -202,8 +217,8 @@ impl WebRtcStream {
             let _ = p.connection.close().await;
         }
         let viewers: Vec<ViewerSlot> = lock(&self.shared.viewers).drain().map(|(_, v)| v).collect();
-        for v in viewers {
-            let _ = v.connection.close().await;
+        for connection in viewers.into_iter().filter_map(|v| v.connection) {
+            let _ = connection.close().await;
         }
         let pump = lock(&self.pump).take();
         if let Some(pump) = pump {

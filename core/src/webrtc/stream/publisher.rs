@@ -8,7 +8,7 @@ use std::time::Instant;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::RTCPeerConnectionState;
 
@@ -26,11 +26,21 @@ use crate::{Frame, PixelFormat};
 
 impl WebRtcStream {
     /// WHIP: answers a publisher's offer. The video track is decoded and fed to the engine;
-    /// audio is accepted and dropped. A new publisher replaces the current one (a camera that
-    /// reconnects must not be locked out by its own stale session).
+    /// audio is accepted and dropped. While the stream's publisher is connected or still
+    /// connecting, another is refused ([`TransportError::PublisherPresent`], 409); once its
+    /// connection has failed, closed or lost contact (a camera that reconnects without having
+    /// sent DELETE), or it was DELETEd, or it did not connect in time, a new one takes its place.
     pub async fn publish(&self, offer_sdp: &str) -> Result<SessionAnswer, TransportError> {
         self.check_open()?;
         let offer = peer::parse_offer(offer_sdp)?;
+        // Refused before a peer connection is built for it; checked again when it is installed.
+        if lock(&self.shared.publisher)
+            .as_ref()
+            .is_some_and(|p| !p.is_gone())
+        {
+            self.shared.stats().counters.publisher_offers_refused += 1;
+            return Err(TransportError::PublisherPresent);
+        }
         let mut peer = peer::build(&self.shared.config, true).await?;
         let outcome = async {
             for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
@@ -56,13 +66,31 @@ impl WebRtcStream {
             }
         };
         let id = random_hex();
-        let previous = lock(&self.shared.publisher).replace(PublisherSlot {
-            id: id.clone(),
-            connection: peer.connection.clone(),
-        });
+        let installed = {
+            let mut slot = lock(&self.shared.publisher);
+            if slot.as_ref().is_some_and(|p| !p.is_gone()) {
+                Err(())
+            } else {
+                Ok(slot.replace(PublisherSlot {
+                    id: id.clone(),
+                    connection: peer.connection.clone(),
+                    state: peer.state.clone(),
+                }))
+            }
+        };
+        let previous = match installed {
+            Ok(previous) => previous,
+            // Another publisher got in while this one was being answered.
+            Err(()) => {
+                let _ = peer.connection.close().await;
+                self.shared.stats().counters.publisher_offers_refused += 1;
+                return Err(TransportError::PublisherPresent);
+            }
+        };
         if let Some(previous) = previous {
             let _ = previous.connection.close().await;
         }
+        self.shared.stats().counters.publisher_offers_answered += 1;
         if let Some(mut tracks) = peer.tracks.take() {
             let shared = self.shared.clone();
             tokio::spawn(async move {
@@ -74,29 +102,8 @@ impl WebRtcStream {
         }
         let shared = self.shared.clone();
         let watched_id = id.clone();
-        let mut state = peer.state.clone();
-        tokio::spawn(async move {
-            let ended = state
-                .wait_for(|s| {
-                    matches!(
-                        s,
-                        RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
-                    )
-                })
-                .await
-                .is_ok();
-            let finished = {
-                let mut slot = lock(&shared.publisher);
-                if ended && slot.as_ref().is_some_and(|p| p.id == watched_id) {
-                    slot.take()
-                } else {
-                    None
-                }
-            };
-            if let Some(finished) = finished {
-                let _ = finished.connection.close().await;
-            }
-        });
+        let state = peer.state.clone();
+        tokio::spawn(async move { watch_publisher(shared, watched_id, state).await });
         Ok(SessionAnswer {
             session_id: id,
             sdp,
@@ -122,6 +129,55 @@ impl WebRtcStream {
                 "publisher session {session_id:?}"
             ))),
         }
+    }
+}
+
+/// Frees the publisher slot of session `id` when its connection does not come up within the
+/// connect timeout, or when it fails or closes later.
+async fn watch_publisher(
+    shared: Arc<Shared>,
+    id: String,
+    mut state: watch::Receiver<RTCPeerConnectionState>,
+) {
+    let connected = {
+        let settled = tokio::time::timeout(
+            shared.config.connect_timeout,
+            state.wait_for(|s| {
+                matches!(
+                    s,
+                    RTCPeerConnectionState::Connected
+                        | RTCPeerConnectionState::Failed
+                        | RTCPeerConnectionState::Closed
+                )
+            }),
+        )
+        .await;
+        matches!(&settled, Ok(Ok(s)) if **s == RTCPeerConnectionState::Connected)
+    };
+    if connected {
+        // An error means the connection is gone (its sender dropped): the end as well.
+        let _ = state
+            .wait_for(|s| {
+                matches!(
+                    s,
+                    RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
+                )
+            })
+            .await;
+    }
+    let finished = {
+        let mut slot = lock(&shared.publisher);
+        if slot.as_ref().is_some_and(|p| p.id == id) {
+            slot.take()
+        } else {
+            None
+        }
+    };
+    if let Some(finished) = finished {
+        if !connected {
+            shared.stats().counters.publishers_connect_failed += 1;
+        }
+        let _ = finished.connection.close().await;
     }
 }
 

@@ -61,8 +61,24 @@ pub struct TransportStats {
     pub publishing: bool,
     /// Viewers receiving frames.
     pub viewers: usize,
-    /// Viewer sessions still connecting.
+    /// Viewer sessions still connecting (their answer being made or sent, not yet connected).
     pub viewers_connecting: usize,
+    /// Publisher offers answered (201).
+    pub publisher_offers_answered: u64,
+    /// Publisher offers refused because the stream's publisher was connected or connecting (409).
+    pub publisher_offers_refused: u64,
+    /// Publisher sessions ended because they did not connect (within the connect timeout, or
+    /// ICE/DTLS failed first).
+    pub publishers_connect_failed: u64,
+    /// Viewer offers answered (201).
+    pub viewer_offers_answered: u64,
+    /// Viewer offers refused because every session was connected and the stream full (503).
+    pub viewer_offers_refused: u64,
+    /// Viewer sessions still connecting that were ended to make room for a newer offer.
+    pub viewers_evicted: u64,
+    /// Viewer sessions ended because they did not connect (within the connect timeout, or
+    /// ICE/DTLS failed first).
+    pub viewers_connect_failed: u64,
     /// Complete access units received from publishers.
     pub access_units_received: u64,
     /// Pictures dropped because packets were lost or malformed.

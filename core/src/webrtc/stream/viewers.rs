@@ -14,12 +14,12 @@ use rtc::rtp_transceiver::rtp_sender::{
 use tokio::sync::mpsc;
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
-use webrtc::peer_connection::RTCPeerConnectionState;
+use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState, RTCSessionDescription};
 
 use super::super::TransportError;
 use super::super::h264::H264Encoder;
 use super::super::peer;
-use super::{CONNECT_TIMEOUT, SessionAnswer, Shared, VIEWER_QUEUE, ViewerSlot, WebRtcStream, lock};
+use super::{SessionAnswer, Shared, VIEWER_QUEUE, ViewerSlot, WebRtcStream, lock};
 use crate::PixelFormat;
 use crate::ids::random_hex;
 
@@ -39,16 +39,73 @@ pub(super) struct EncodedFrame {
 
 impl WebRtcStream {
     /// WHEP: answers a viewer's offer with a track of the engine's output, H.264. Frames flow
-    /// once the viewer connects, from a keyframe.
+    /// once the viewer connects, from a keyframe. A full stream makes room by ending its oldest
+    /// session still connecting (see [`TransportConfig::max_pending_viewers`]); only when every
+    /// session is connected is the offer refused.
+    ///
+    /// [`TransportConfig::max_pending_viewers`]: crate::webrtc::TransportConfig::max_pending_viewers
     pub async fn play(&self, offer_sdp: &str) -> Result<SessionAnswer, TransportError> {
         self.check_open()?;
-        let limit = self.shared.config.max_viewers;
-        if lock(&self.shared.viewers).len() >= limit {
+        let offer = peer::parse_offer(offer_sdp)?;
+        let id = random_hex();
+        for evicted in self.reserve_viewer(&id)? {
+            let _ = evicted.close().await;
+        }
+        let answered = self.answer_viewer(&id, offer).await;
+        if answered.is_err() {
+            // Give the reservation back (it has no connection yet, so nothing else holds it).
+            lock(&self.shared.viewers).remove(&id);
+        }
+        answered
+    }
+
+    /// Holds a place for viewer `id` (still connecting), ending the oldest sessions still
+    /// connecting while the stream has no room; returns their connections, to be closed.
+    fn reserve_viewer(&self, id: &str) -> Result<Vec<Arc<dyn PeerConnection>>, TransportError> {
+        let limit = self.shared.config.max_viewers.max(1);
+        let pending_limit = self.shared.config.max_pending_viewers.max(1);
+        let mut viewers = lock(&self.shared.viewers);
+        let live = viewers.values().filter(|v| v.frames.is_some()).count();
+        let pending = viewers.len() - live;
+        let needed = (viewers.len() + 1)
+            .saturating_sub(limit)
+            .max((pending + 1).saturating_sub(pending_limit));
+        // Only sessions whose answer is out give way: one still being answered is about to be.
+        let mut candidates: Vec<(Instant, String)> = viewers
+            .iter()
+            .filter(|(_, v)| v.frames.is_none() && v.connection.is_some())
+            .map(|(k, v)| (v.since, k.clone()))
+            .collect();
+        if candidates.len() < needed {
+            drop(viewers);
+            self.shared.stats().counters.viewer_offers_refused += 1;
             return Err(TransportError::TooManyViewers(limit));
         }
-        let offer = peer::parse_offer(offer_sdp)?;
+        candidates.sort();
+        let evicted: Vec<Arc<dyn PeerConnection>> = candidates[..needed]
+            .iter()
+            .filter_map(|(_, k)| viewers.remove(k).and_then(|v| v.connection))
+            .collect();
+        viewers.insert(
+            id.to_owned(),
+            ViewerSlot {
+                since: Instant::now(),
+                connection: None,
+                frames: None,
+            },
+        );
+        drop(viewers);
+        self.shared.stats().counters.viewers_evicted += evicted.len() as u64;
+        Ok(evicted)
+    }
+
+    /// Builds viewer `id`'s peer connection and track, answers, and starts its task.
+    async fn answer_viewer(
+        &self,
+        id: &str,
+        offer: RTCSessionDescription,
+    ) -> Result<SessionAnswer, TransportError> {
         let mut peer = peer::build(&self.shared.config, false).await?;
-        let id = random_hex();
         let ssrc = random_hex()
             .get(..8)
             .and_then(|h| u32::from_str_radix(h, 16).ok())
@@ -91,32 +148,27 @@ impl WebRtcStream {
                 return Err(e);
             }
         };
-        let admitted = {
-            let mut viewers = lock(&self.shared.viewers);
-            let room = viewers.len() < limit;
-            if room {
-                viewers.insert(
-                    id.clone(),
-                    ViewerSlot {
-                        connection: peer.connection.clone(),
-                        frames: None,
-                    },
-                );
+        let installed = match lock(&self.shared.viewers).get_mut(id) {
+            Some(slot) => {
+                slot.connection = Some(peer.connection.clone());
+                true
             }
-            room
+            // The stream was closed meanwhile (close() empties the table).
+            None => false,
         };
-        if !admitted {
+        if !installed {
             let _ = peer.connection.close().await;
-            return Err(TransportError::TooManyViewers(limit));
+            return Err(TransportError::Closed);
         }
+        self.shared.stats().counters.viewer_offers_answered += 1;
         let shared = self.shared.clone();
-        let viewer_id = id.clone();
+        let viewer_id = id.to_owned();
         let state = peer.state.clone();
         tokio::spawn(async move {
             run_viewer(shared, viewer_id, state, track, sender, ssrc).await;
         });
         Ok(SessionAnswer {
-            session_id: id,
+            session_id: id.to_owned(),
             sdp,
         })
     }
@@ -126,7 +178,9 @@ impl WebRtcStream {
         let ended = lock(&self.shared.viewers).remove(session_id);
         match ended {
             Some(slot) => {
-                let _ = slot.connection.close().await;
+                if let Some(connection) = slot.connection {
+                    let _ = connection.close().await;
+                }
                 Ok(())
             }
             None => Err(TransportError::NotFound(format!(
@@ -225,7 +279,7 @@ pub(super) async fn run_viewer(
 ) {
     let is_connected = {
         let settled = tokio::time::timeout(
-            CONNECT_TIMEOUT,
+            shared.config.connect_timeout,
             state.wait_for(|s| {
                 matches!(
                     s,
@@ -243,7 +297,14 @@ pub(super) async fn run_viewer(
         Err(_) => None,
     };
     let (Some(payload_type), true) = (payload_type, is_connected) else {
-        end_viewer(&shared, &id).await;
+        // Still connecting unless DELETE or a newer offer (which counted it) took it already.
+        let slot = lock(&shared.viewers).remove(&id);
+        if let Some(slot) = slot {
+            shared.stats().counters.viewers_connect_failed += 1;
+            if let Some(connection) = slot.connection {
+                let _ = connection.close().await;
+            }
+        }
         return;
     };
     let (frames_tx, mut frames_rx) = mpsc::channel::<Arc<EncodedFrame>>(VIEWER_QUEUE);
@@ -251,7 +312,7 @@ pub(super) async fn run_viewer(
         let mut viewers = lock(&shared.viewers);
         match viewers.get_mut(&id) {
             Some(slot) => slot.frames = Some(frames_tx),
-            // Deleted while connecting.
+            // Deleted, or made room for a newer offer, while connecting.
             None => return,
         }
     }
@@ -325,7 +386,7 @@ pub(super) async fn run_viewer(
 
 pub(super) async fn end_viewer(shared: &Shared, id: &str) {
     let slot = lock(&shared.viewers).remove(id);
-    if let Some(slot) = slot {
-        let _ = slot.connection.close().await;
+    if let Some(connection) = slot.and_then(|s| s.connection) {
+        let _ = connection.close().await;
     }
 }

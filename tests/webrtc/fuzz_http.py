@@ -1,0 +1,468 @@
+"""A bounded HTTP fuzz run against the server example: hostile and malformed requests (methods,
+paths, request lines, headers, tokens, JSON, SDP, sizes, bodies cut short or too slow) on fresh
+connections, a few at a time, from a fixed seed.
+
+Checks: every complete request gets an answer (bytes that are no HTTP/1.1 request, such as a TLS
+greeting, may be closed on); no answer is a 5xx except 503 (documented: no viewer place free and
+none can give way); bodies cut short get 400, bodies over the
+limit 413, bodies too slow 408; the model paths sent as model_id never get anything but 422; and
+afterwards the server still serves good requests (the API, a WHEP offer) and its stream still
+runs. Prints the status histogram (overall and per kind of request) as JSON.
+
+usage: fuzz_http.py --server BIN --fixtures DIR [--requests N] [--seed S] [--concurrency C]
+Exits non-zero on any failed check.
+"""
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from aiortc import RTCPeerConnection
+
+API_TOKEN = "fuzz-api-token"
+MAX_JSON = 256 * 1024
+MAX_SDP = 64 * 1024
+BODY_TIMEOUT = 10  # the server's (sdstream::webrtc::BODY_TIMEOUT)
+FAILURES = []
+
+
+def check(ok, what):
+    print(("ok   " if ok else "FAIL ") + what, flush=True)
+    if not ok:
+        FAILURES.append(what)
+
+
+def http(method, url, body=None, headers=None, timeout=30):
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def api(base, method, path, payload=None):
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_TOKEN}"}
+    status, _, raw = http(method, base + path, json.dumps(payload) if payload is not None else None, headers)
+    try:
+        return status, json.loads(raw or b"null")
+    except json.JSONDecodeError:
+        return status, raw
+
+
+async def sdp_offer(direction):
+    pc = RTCPeerConnection()
+    if direction == "sendonly":
+        from aiortc import VideoStreamTrack
+        pc.addTransceiver(VideoStreamTrack(), direction="sendonly")
+    else:
+        pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+class Request:
+    """One fuzz case: raw bytes to send, what kind it is and what it must get. `half_close`
+    shuts the client's write side after sending, as a client whose body was cut off leaves it
+    (hyper, as configured by axum::serve, drops a connection whose client half-closes while
+    a complete request is being handled, so complete requests keep it open); `may_close` marks
+    bytes that are no complete request, which hyper may close without answering."""
+
+    def __init__(self, kind, raw, half_close=False, may_close=False, want=None):
+        self.kind, self.raw, self.half_close, self.may_close, self.want = kind, raw, half_close, may_close, want
+
+
+class Fuzzer:
+    def __init__(self, rng, stream, viewer_sdp, publisher_sdp, fixtures):
+        self.rng = rng
+        self.sid, self.key = stream["id"], stream["stream_key"]
+        self.viewer_sdp, self.publisher_sdp = viewer_sdp, publisher_sdp
+        self.fixtures = fixtures
+
+    # --- pieces -----------------------------------------------------------------------------
+
+    def junk(self, n):
+        return bytes(self.rng.randrange(256) for _ in range(n))
+
+    def text(self, n):
+        alphabet = "abcxyz019 -_./%?&=#:;,{}[]\"'\\\t~é漢\u0000\u202e"
+        return "".join(self.rng.choice(alphabet) for _ in range(n))
+
+    def mutate(self, data):
+        data = bytearray(data)
+        for _ in range(self.rng.randint(1, 8)):
+            op = self.rng.randrange(4)
+            if not data:
+                data += self.junk(4)
+            i = self.rng.randrange(len(data))
+            if op == 0:
+                data[i] = self.rng.randrange(256)
+            elif op == 1:
+                del data[i:i + self.rng.randint(1, 64)]
+            elif op == 2:
+                data[i:i] = self.junk(self.rng.randint(1, 16))
+            else:
+                j = self.rng.randrange(len(data))
+                data[i:i] = data[j:j + self.rng.randint(1, 200)]
+        return bytes(data)
+
+    def path(self):
+        sid, key = self.sid, self.key
+        choices = [
+            "/", "/v1/streams", f"/v1/streams/{sid}", f"/v1/streams/{sid}/status", f"/v1/streams?id=str_nope",
+            f"/whip/{sid}?token={key}", f"/whep/{sid}?token={key}", f"/whip/{sid}", f"/whep/{sid}?token=wrong",
+            f"/whip/{sid}/nosession?token={key}", f"/whep/{sid}/nosession?token={key}", "/whip/", "/whep//",
+            "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/v1/streams/%00", "/v1/streams/" + "a" * 5000,
+            "/" + "x/" * 2000, f"/v1/streams/{sid}/status/extra", "/v2/streams", "/index.html", "*",
+            "http://example.com/v1/streams", f"/whep/{sid}?token={key}&token=x", f"/whip/{sid}?token=" + "k" * 3000,
+            "/v1/streams/" + self.text(20), "/whep/" + self.text(12),
+        ]
+        return self.rng.choice(choices)
+
+    def auth(self):
+        return self.rng.choice([
+            f"Authorization: Bearer {API_TOKEN}\r\n", f"Authorization: Bearer {API_TOKEN}\r\n", "",
+            "Authorization: Bearer wrong\r\n", "Authorization: Basic Zm9vOmJhcg==\r\n", "Authorization: \r\n",
+            "Authorization: Bearer\r\n", f"Authorization: bearer   {API_TOKEN}  \r\n",
+            "Authorization: Bearer " + "t" * 9000 + "\r\n", f"Authorization: Bearer {self.key}\r\n",
+            f"Authorization: Bearer {API_TOKEN}\r\nAuthorization: Bearer wrong\r\n",
+        ])
+
+    def json_body(self):
+        good = {"params": {"prompt": "a kite", "guidance_scale": 1.2}}
+        bodies = [
+            json.dumps(good), "{", "}", "[]", "null", "1e999999", '{"params": 1}', '{"params": []}',
+            '{"params": {"width": "a"}}', '{"params": {"width": 1e300}}', '{"params": {"seed": -1}}',
+            '{"params": {"prompt": ""}}', '{"params": {"t_index_list": [' + ",".join(["1"] * 1000) + ']}}',
+            '{"params": {"nope": 1}}', '{"params": {"prompt": NaN}}', "[" * 20000 + "]" * 20000,
+            '{"a":' * 5000 + "1" + "}" * 5000, json.dumps({"params": {"prompt": "x" * 200_000}}),
+            json.dumps({"params": {"model_id": self.rng.choice(["/etc", "../../..", "org/../../x", "/",
+                                                                os.path.join(self.fixtures, "tiny-sd-turbo")])}}),
+            json.dumps({"params": {"controlnets": [{"model_id": "/etc"}]}}),
+            json.dumps({"params": {"controlnets": [{"model_id": "thibaud/controlnet-sd21-canny-diffusers",
+                                                    "conditioning_scale": "x"}]}}),
+            json.dumps({"name": "\ud800"}, ensure_ascii=False).encode("utf-8", "surrogatepass").decode("latin-1"),
+            "\ufeff" + json.dumps(good), json.dumps(good) + "garbage", self.text(40),
+        ]
+        body = self.rng.choice(bodies)
+        body = body.encode("latin-1", "replace") if isinstance(body, str) else body
+        if self.rng.random() < 0.3:
+            body = self.mutate(body)
+        return body
+
+    def sdp_body(self):
+        sdp = self.rng.choice([self.viewer_sdp, self.publisher_sdp]).encode()
+        r = self.rng.random()
+        if r < 0.5:
+            return self.mutate(sdp)
+        if r < 0.6:
+            return sdp[:self.rng.randrange(len(sdp))]
+        if r < 0.7:
+            return b"v=0\r\n" + b"a=" + b"x" * self.rng.randint(1, 60_000) + b"\r\n"
+        if r < 0.8:
+            return self.junk(self.rng.randint(0, 300))
+        if r < 0.9:
+            lines = sdp.split(b"\r\n")
+            self.rng.shuffle(lines)
+            return b"\r\n".join(lines)
+        return sdp.replace(b"H264", b"VP8").replace(b"m=video", b"m=audio")
+
+    def framed(self, method, path, headers, body, version="HTTP/1.1", length=None):
+        length = len(body) if length is None else length
+        head = f"{method} {path} {version}\r\nHost: fuzz\r\nConnection: close\r\n{headers}"
+        if length is not False:
+            head += f"Content-Length: {length}\r\n"
+        return head.encode("utf-8", "surrogateescape") + b"\r\n" + body
+
+    # --- cases ------------------------------------------------------------------------------
+
+    def case(self):
+        rng = self.rng
+        kind = rng.choices(
+            ["request_line", "headers", "api_json", "sdp", "cut_body", "over_limit", "slow_body", "valid_offer",
+             "model_path"],
+            weights=[12, 14, 26, 24, 8, 5, 1, 2, 8],
+        )[0]
+        sid, key = self.sid, self.key
+        if kind == "request_line":
+            choice = rng.randrange(8)
+            if choice == 0:
+                raw = self.junk(rng.randint(1, 400))
+            elif choice == 1:
+                method = rng.choice(["GET", "PUT", "TRACE", "CONNECT", "FOO", "get", "G\x00T", "M" * 300, "POST "])
+                raw = self.framed(method, self.path(), self.auth(), b"")
+            elif choice == 2:
+                version = rng.choice(["HTTP/2.0", "HTTP/0.9", "HTTP/1.2", "HTTPS/1.1", "", "HTTP/1.1 x"])
+                raw = f"GET {self.path()} {version}\r\nConnection: close\r\n\r\n".encode()
+            elif choice == 3:
+                raw = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + self.junk(200)  # a TLS ClientHello
+            elif choice == 4:
+                raw = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + self.junk(30)
+            elif choice == 5:
+                method, path = rng.choice(["GET", "DELETE", "OPTIONS", "PATCH", "POST"]), self.path()
+                if method == "DELETE" and path.startswith(f"/v1/streams/{sid}"):
+                    path = "/v1/streams/str_nope"  # the run's stream stays
+                raw = self.framed(method, path, self.auth(), b"")
+            elif choice == 6:
+                raw = f"GET /{'a' * rng.randint(10_000, 100_000)} HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n\r\n".encode()
+            else:
+                raw = b"\r\n" * rng.randint(1, 50) + self.framed("GET", "/v1/streams/" + sid, self.auth(), b"")
+            # Random bytes, a TLS or HTTP/2 greeting: no HTTP/1.1 request, so the client closes its
+            # side when done and the server may close without a word.
+            junk = choice in (0, 3, 4)
+            return Request(kind, raw, half_close=junk, may_close=junk)
+        if kind == "headers":
+            choice = rng.randrange(9)
+            body = self.json_body()
+            base = self.auth() + "Content-Type: application/json\r\n"
+            path = rng.choice(["/v1/streams", f"/v1/streams/{sid}"])
+            method = "POST" if path == "/v1/streams" else "PATCH"
+            if choice == 0:
+                raw = self.framed(method, path, base + f"Content-Length: {len(body)}\r\n", body)
+            elif choice == 1:
+                raw = self.framed(method, path, base + "Transfer-Encoding: chunked\r\n", body)
+            elif choice == 2:
+                raw = self.framed(method, path, base, body, length=rng.choice(["-1", "abc", "1e3", "99999999999999999999999", " 5", "0x10"]))
+            elif choice == 3:
+                raw = self.framed(method, path, base + "X-Big: " + "b" * rng.randint(20_000, 120_000) + "\r\n", body)
+            elif choice == 4:
+                raw = self.framed(method, path, base + "".join(f"X-{i}: {i}\r\n" for i in range(rng.randint(50, 400))), body)
+            elif choice == 5:
+                raw = self.framed(method, path, base + "X-Bin: \xff\xfe\x01\r\n", body)
+            elif choice == 6:
+                ct = rng.choice(["text/plain", "application/json; charset=latin1", "application/JSON", "",
+                                 "application/json\x00", "multipart/form-data; boundary=x", "application/sdp"])
+                raw = self.framed(method, path, self.auth() + f"Content-Type: {ct}\r\n", body)
+            elif choice == 7:
+                raw = self.framed(method, path, base + "Transfer-Encoding: gzip, chunked\r\n", body, length=False)
+            else:
+                raw = self.framed(method, path, base + "Expect: 100-continue\r\n", body)
+            return Request(kind, raw)
+        if kind == "api_json":
+            method, path = rng.choice([("POST", "/v1/streams"), ("PATCH", f"/v1/streams/{sid}"),
+                                       ("PATCH", "/v1/streams/str_nope"), ("GET", f"/v1/streams/{sid}"),
+                                       ("DELETE", "/v1/streams/str_nope"), ("DELETE", "/v1/streams"),
+                                       ("PUT", f"/v1/streams/{sid}")])
+            raw = self.framed(method, path, self.auth() + "Content-Type: application/json\r\n", self.json_body())
+            return Request(kind, raw)
+        if kind == "sdp":
+            path = rng.choice([f"/whip/{sid}?token={key}", f"/whep/{sid}?token={key}", f"/whep/{sid}",
+                               f"/whip/{sid}?token=bad", f"/whep/str_nope?token={key}"])
+            ct = rng.choice(["application/sdp"] * 6 + ["application/SDP; charset=utf-8", "text/plain", ""])
+            raw = self.framed("POST", path, f"Content-Type: {ct}\r\n", self.sdp_body())
+            return Request(kind, raw)
+        if kind == "cut_body":
+            if rng.random() < 0.5:
+                path, ct, body = "/v1/streams", "application/json", self.json_body()
+                headers = f"Authorization: Bearer {API_TOKEN}\r\n"
+            else:
+                path, ct, body = rng.choice([f"/whip/{sid}?token={key}", f"/whep/{sid}?token={key}"]), "application/sdp", self.viewer_sdp.encode()
+                headers = ""
+            headers += f"Content-Type: {ct}\r\n"
+            if len(body) < 2:
+                body = b"{}" * 8
+            cut = rng.randrange(1, len(body))
+            if rng.random() < 0.5:
+                raw = self.framed("POST", path, headers, body[:cut], length=len(body))
+            else:
+                raw = self.framed("POST", path, headers + "Transfer-Encoding: chunked\r\n",
+                                  f"{len(body):x}\r\n".encode() + body[:cut], length=False)
+            return Request(kind, raw, half_close=True, want={400})
+        if kind == "over_limit":
+            if rng.random() < 0.5:
+                path, ct, limit = "/v1/streams", "application/json", MAX_JSON
+                headers = f"Authorization: Bearer {API_TOKEN}\r\nContent-Type: {ct}\r\n"
+            else:
+                path, ct, limit = f"/whep/{sid}?token={key}", "application/sdp", MAX_SDP
+                headers = f"Content-Type: {ct}\r\n"
+            if rng.random() < 0.5:
+                raw = self.framed("POST", path, headers, b"", length=limit + rng.randint(1, 10**9))
+            else:
+                size = limit + rng.randint(1, 1000)
+                raw = self.framed("POST", path, headers + "Transfer-Encoding: chunked\r\n",
+                                  f"{size:x}\r\n".encode() + b"a" * size + b"\r\n0\r\n\r\n", length=False)
+            return Request(kind, raw, want={413})
+        if kind == "slow_body":
+            path, headers, body = rng.choice([
+                ("/v1/streams", f"Authorization: Bearer {API_TOKEN}\r\nContent-Type: application/json\r\n", b'{"params":'),
+                (f"/whip/{sid}?token={key}", "Content-Type: application/sdp\r\n", b"v=0\r\n"),
+            ])
+            raw = self.framed("POST", path, headers, body, length=len(body) + 100)
+            return Request(kind, raw, want={408})
+        if kind == "valid_offer":
+            if rng.random() < 0.7:
+                raw = self.framed("POST", f"/whep/{sid}?token={key}", "Content-Type: application/sdp\r\n", self.viewer_sdp.encode())
+                return Request(kind, raw, want={201, 503})
+            raw = self.framed("POST", f"/whip/{sid}?token={key}", "Content-Type: application/sdp\r\n", self.publisher_sdp.encode())
+            return Request(kind, raw, want={201, 409})
+        # model_path
+        target = rng.choice(["/etc", "../../..", "org/../../x", "/", "~", "C:\\x", "tiny-taesd", "..",
+                             os.path.join(self.fixtures, "tiny-sd-turbo"), os.path.join(self.fixtures, "nope"),
+                             "../tests/fixtures/tiny-sd-turbo", "/proc/self", "/dev/zero"])
+        where = rng.choice(["model_id", "controlnet"])
+        params = {"model_id": target} if where == "model_id" else {"controlnets": [{"model_id": target}]}
+        method, path = rng.choice([("POST", "/v1/streams"), ("PATCH", f"/v1/streams/{sid}")])
+        raw = self.framed(method, path, f"Authorization: Bearer {API_TOKEN}\r\nContent-Type: application/json\r\n",
+                          json.dumps({"params": params}).encode())
+        return Request(kind, raw, want={422})
+
+
+async def send(host, port, req, timeout):
+    """The status of the answer to `req` ('none' when the connection closed without one,
+    'timeout' when nothing came back in time)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return "connect-failed", b""
+
+    async def read_all():
+        # Reading from the start: a server that answers before reading the whole body (401,
+        # 413) closes with bytes unread, which resets the connection; the answer is read first.
+        got = b""
+        try:
+            while chunk := await reader.read(65536):
+                got += chunk
+        except OSError:
+            pass
+        return got
+
+    answer_task = asyncio.ensure_future(read_all())
+    try:
+        try:
+            writer.write(req.raw)
+            await writer.drain()
+            if req.half_close:
+                writer.write_eof()
+        except OSError:
+            pass
+        try:
+            answer = await asyncio.wait_for(answer_task, timeout)
+        except asyncio.TimeoutError:
+            return "timeout", b""
+    finally:
+        writer.close()
+    # The final status: `Expect: 100-continue` gets an interim 100 first.
+    status = "none"
+    for line in answer.split(b"\r\n"):
+        parts = line.split(b" ", 2)
+        if len(parts) > 1 and parts[0].startswith(b"HTTP/1.") and parts[1].isdigit():
+            status = int(parts[1])
+            if status >= 200:
+                break
+    return status, answer
+
+
+async def run(base, fuzzer, n, concurrency):
+    host, port = base.split("//", 1)[1].rsplit(":", 1)
+    port = int(port)
+    cases = [fuzzer.case() for _ in range(n)]
+    results = [None] * n
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i):
+        async with sem:
+            results[i] = await send(host, port, cases[i], BODY_TIMEOUT * 3)
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return cases, results, time.monotonic() - started
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", required=True)
+    ap.add_argument("--fixtures", required=True)
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=20)
+    ap.add_argument("--concurrency", type=int, default=24)
+    args = ap.parse_args()
+    fixtures = os.path.abspath(args.fixtures)
+    settings = json.dumps({"vae": "tiny-taesd", "model_root": fixtures, "allow_any_resolution": True})
+    params = json.dumps({"model_id": "tiny-sd-turbo", "width": 64, "height": 64})
+    env = dict(os.environ, SDSTREAM_API_TOKEN=API_TOKEN)
+    server = subprocess.Popen(
+        [args.server, "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
+         "--allow-model", "tiny-sd-turbo", "--max-viewers", "8", "--max-pending-viewers", "4",
+         "--connect-timeout", "3"],
+        stdout=subprocess.PIPE, env=env, text=True,
+    )
+    summary = {}
+    try:
+        line = server.stdout.readline()
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"server did not start: {line!r}")
+        base = line.split()[-1]
+        status, stream = api(base, "POST", "/v1/streams", {"params": {"prompt": "a lighthouse"}})
+        check(status == 201, f"POST /v1/streams: {status}")
+        viewer_sdp = asyncio.run(sdp_offer("recvonly"))
+        publisher_sdp = asyncio.run(sdp_offer("sendonly"))
+        fuzzer = Fuzzer(random.Random(args.seed), stream, viewer_sdp, publisher_sdp, fixtures)
+        cases, results, seconds = asyncio.run(run(base, fuzzer, args.requests, args.concurrency))
+
+        histogram = collections.Counter(str(status) for status, _ in results)
+        by_kind = collections.defaultdict(collections.Counter)
+        for case, (status, _) in zip(cases, results):
+            by_kind[case.kind][str(status)] += 1
+        summary = {
+            "requests": len(cases),
+            "seconds": round(seconds, 1),
+            "seed": args.seed,
+            "statuses": dict(sorted(histogram.items())),
+            "by_kind": {k: dict(sorted(v.items())) for k, v in sorted(by_kind.items())},
+        }
+        five = {s: c for s, c in histogram.items() if s.isdigit() and int(s) >= 500 and s != "503"}
+        check(not five, f"no 5xx but 503: {five}")
+        unanswered = collections.Counter(str(s) for c, (s, _) in zip(cases, results)
+                                         if not str(s).isdigit() and not c.may_close)
+        check(not unanswered, f"every complete request got an answer: {dict(unanswered)}")
+        for case, (status, answer) in zip(cases, results):
+            if not str(status).isdigit() and not case.may_close:
+                print(f"     {case.kind}: {status}: {case.raw[:160]!r} ({len(case.raw)} bytes)")
+        summary["closed_without_answer_on_junk"] = sum(1 for c, (s, _) in zip(cases, results)
+                                                       if c.may_close and not str(s).isdigit())
+        for case, (status, answer) in zip(cases, results):
+            if case.want is not None and status not in case.want:
+                check(False, f"{case.kind}: got {status}, want {sorted(case.want)}: {case.raw[:120]!r} -> {answer[:200]!r}")
+        wrong = sum(1 for c, (s, _) in zip(cases, results) if c.want is not None and s not in c.want)
+        check(wrong == 0, f"every case with a required status got it ({sum(1 for c in cases if c.want)} cases)")
+
+        # The server still serves, and its stream still runs.
+        status, got = api(base, "GET", f"/v1/streams/{stream['id']}")
+        check(status == 200 and got["id"] == stream["id"], f"GET the stream afterwards: {status}")
+        status, got = api(base, "PATCH", f"/v1/streams/{stream['id']}", {"params": {"prompt": "a red fox"}})
+        check(status == 200 and got.get("update") in ("hot", "unchanged", "reload"), f"a good PATCH afterwards: {status}")
+        status, got = api(base, "GET", f"/v1/streams/{stream['id']}/status")
+        check(status == 200 and got.get("state") not in (None, "error"), f"the stream's status afterwards: {status} {got.get('state')}")
+        summary["stream_after"] = {k: got.get(k) for k in ("state", "params_version", "restart_count", "last_error")}
+        summary["transport_after"] = {k: got["transport"][k] for k in (
+            "viewer_offers_answered", "viewer_offers_refused", "viewers_evicted", "viewers_connect_failed",
+            "publisher_offers_answered", "publisher_offers_refused", "publishers_connect_failed")}
+        st, _, body = http("POST", stream["whep_url"], viewer_sdp, {"Content-Type": "application/sdp"})
+        check(st == 201, f"a good WHEP offer afterwards: {st} {body[:80]!r}")
+        check(server.poll() is None, "the server is still running")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    print(json.dumps(summary, indent=1))
+    if FAILURES:
+        print(f"{len(FAILURES)} check(s) failed", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
