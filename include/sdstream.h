@@ -174,9 +174,10 @@ typedef uint32_t SdsPixelFormat;
  * An input image in the caller's memory, read only during the call that receives it (never
  * kept: `sds_engine_submit` copies it).
  *
- * `data` must hold `stride * (height - 1) + width * bytes_per_pixel` readable bytes. Any size
- * is accepted (the pipeline resizes to the stream's width × height); the output comes back in
- * the same pixel format.
+ * `data` must hold `stride * (height - 1) + width * bytes_per_pixel` readable bytes. Width and
+ * height may be 1 to 16384 and those bytes at most 4 GiB (the pipeline resizes to the stream's
+ * width × height); a description outside these bounds is refused with `SDS_ERR_INVALID_FRAME`
+ * before any byte is read. The output comes back in the same pixel format.
  */
 typedef struct {
   /**
@@ -184,11 +185,11 @@ typedef struct {
    */
   const uint8_t *data;
   /**
-   * Width in pixels, > 0.
+   * Width in pixels, 1 to 16384.
    */
   uint32_t width;
   /**
-   * Height in pixels, > 0.
+   * Height in pixels, 1 to 16384.
    */
   uint32_t height;
   /**

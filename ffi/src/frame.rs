@@ -50,17 +50,18 @@ fn format_code(format: PixelFormat) -> SdsPixelFormat {
 /// An input image in the caller's memory, read only during the call that receives it (never
 /// kept: `sds_engine_submit` copies it).
 ///
-/// `data` must hold `stride * (height - 1) + width * bytes_per_pixel` readable bytes. Any size
-/// is accepted (the pipeline resizes to the stream's width × height); the output comes back in
-/// the same pixel format.
+/// `data` must hold `stride * (height - 1) + width * bytes_per_pixel` readable bytes. Width and
+/// height may be 1 to 16384 and those bytes at most 4 GiB (the pipeline resizes to the stream's
+/// width × height); a description outside these bounds is refused with `SDS_ERR_INVALID_FRAME`
+/// before any byte is read. The output comes back in the same pixel format.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct SdsFrame {
     /// First byte of the top row.
     pub data: *const u8,
-    /// Width in pixels, > 0.
+    /// Width in pixels, 1 to 16384.
     pub width: u32,
-    /// Height in pixels, > 0.
+    /// Height in pixels, 1 to 16384.
     pub height: u32,
     /// Bytes from one row to the next, ≥ width × bytes per pixel; 0 means packed rows.
     pub stride: u32,
