@@ -592,6 +592,11 @@ fn c_abuse_gets_a_status_and_a_message_for_every_failure() {
     assert_eq!(figure("unexpected outcomes"), 0, "{text}");
     assert_eq!(failing, with_message + no_output, "{summary}");
     assert!(figure("calls") > failing && with_message > 300, "{summary}");
-    // The threads' phase ran against a live pipeline, not only against refusals.
+    // The threads' phase ran against a live pipeline, not only against refusals, and the
+    // random descriptions (a fixed sequence) were copied as well as refused.
     assert!(figure("frames accepted") > 0, "{summary}");
+    assert!(
+        figure("copied") > 500 && figure("refused") > 500,
+        "{summary}"
+    );
 }

@@ -1,7 +1,8 @@
 /* A hostile host: every entry point of include/sdstream.h called with NULL for each pointer
  * argument, invalid UTF-8 and malformed JSON, unknown pixel formats, zero and absurd sizes,
- * every call on a closed engine, several handles closed twice, and several threads hammering one
- * handle while another closes it. Built with -fsanitize=address,undefined
+ * every call on a closed engine, several handles closed twice, several threads hammering one
+ * handle while another closes it, and 3000 random frame descriptions, each valid one backed by
+ * exactly the bytes the header says it spans. Built with -fsanitize=address,undefined
  * -fno-sanitize-recover=all and run by ffi/tests/c_api.rs, which fails on any sanitizer report
  * (LeakSanitizer included) or crash.
  *
@@ -447,6 +448,77 @@ static void absurd_frames(SdsEngine *engine) {
     }
 }
 
+/* xorshift64*: the same descriptions on every run. */
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rng_next(void) {
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1Dull;
+}
+
+/* Random frame descriptions, each backed by exactly the bytes the header says it spans (a
+ * malloc of that size, when valid and at most 1 MiB): AddressSanitizer sees any read past them,
+ * also inside the library's copies. Invalid ones point at 16 bytes and must be refused. */
+enum { RANDOM_FRAMES = 3000 };
+static long random_copied, random_refused;
+
+static void random_frames(void) {
+    SdsEngine *engine = NULL;
+    EXPECT(sds_engine_create_async(params, settings, "{\"warmup\": false}", &engine), SDS_OK,
+           NULL);
+    if (!engine) return;
+    /* Closed: a valid frame is still copied in full, then refused as closed (no inference). */
+    EXPECT(sds_engine_close(engine), SDS_OK, NULL);
+    static const uint32_t sides[] = {0, 1, 2, 63, 64, 65, 16383, 16384, 16385, 65536,
+                                     1u << 28, 1u << 30, UINT32_MAX};
+    static const uint64_t bpp_of[] = {3, 4, 4, 12};
+    for (int i = 0; i < RANDOM_FRAMES; i++) {
+        uint64_t r = rng_next();
+        uint32_t format = (r & 7) == 0 ? (uint32_t)(r >> 32) | 4u : (uint32_t)(r % 4);
+        uint32_t w = (r >> 8) % 4 ? 1 + (uint32_t)(rng_next() % 300)
+                                  : sides[rng_next() % (sizeof sides / sizeof *sides)];
+        uint32_t h = (r >> 12) % 4 ? 1 + (uint32_t)(rng_next() % 300)
+                                   : sides[rng_next() % (sizeof sides / sizeof *sides)];
+        uint64_t bpp = format < 4 ? bpp_of[format] : 4;
+        uint64_t row = (uint64_t)w * bpp;
+        uint32_t stride;
+        switch (rng_next() % 5) {
+        case 0: stride = 0; break;
+        case 1: stride = row <= UINT32_MAX ? (uint32_t)row : UINT32_MAX; break;
+        case 2: stride = row + 64 <= UINT32_MAX ? (uint32_t)(row + rng_next() % 64) : 7; break;
+        case 3: stride = row > 0 && row <= UINT32_MAX ? (uint32_t)(row - 1) : 1; break;
+        default: stride = (uint32_t)rng_next(); break;
+        }
+        uint64_t used = stride ? stride : row;
+        int valid = format < 4 && w >= 1 && w <= 16384 && h >= 1 && h <= 16384 && used >= row &&
+                    used * (h - 1) + row <= (4ull << 30);
+        uint64_t spans = valid ? used * (h - 1) + row : 0;
+        if (valid && spans > (1u << 20)) continue; /* not backed here */
+        uint8_t *data = valid ? (uint8_t *)malloc(spans) : tiny;
+        if (valid) memset(data, 0x5A, spans);
+        SdsFrame frame = frame_of(data, w, h, stride, format);
+        SdsStatus want = valid ? SDS_ERR_CLOSED
+                               : format >= 4 ? SDS_ERR_INVALID_ARGUMENT : SDS_ERR_INVALID_FRAME;
+        uint64_t id = 0;
+        SdsStatus got = i % 2 ? CALL(sds_engine_submit(engine, &frame, &id))
+                              : CALL(sds_engine_submit_with_controls(engine, &frame, NULL, 0,
+                                                                     NULL, &id));
+        if (got != want) {
+            atomic_fetch_add(&unexpected, 1);
+            fprintf(stderr, "abuse.c: random frame %d: %ux%u stride %u format %u: %d, want %d: %s\n",
+                    i, w, h, stride, format, (int)got, (int)want, sds_last_error());
+        }
+        if (valid) {
+            random_copied++;
+            free(data);
+        } else {
+            random_refused++;
+        }
+    }
+    EXPECT(sds_engine_destroy(engine), SDS_OK, NULL);
+}
+
 /* Every entry point on a closed engine, and close twice, on several distinct handles. */
 static void closed_engines(void) {
     enum { HANDLES = 3 };
@@ -616,15 +688,16 @@ int main(int argc, char **argv) {
         EXPECT(sds_engine_destroy(engine), SDS_OK, NULL);
     }
     absurd_options();
+    random_frames();
     closed_engines();
     concurrent();
     free(pixels);
 
     printf("abuse: calls %ld, failing calls %ld, errors with messages %ld, errors without "
            "messages %ld, no-output answers %ld, panics %ld, unexpected outcomes %ld; threads "
-           "%d: frames accepted %ld, outputs taken %ld\n",
+           "%d: frames accepted %ld, outputs taken %ld; random frames: copied %ld, refused %ld\n",
            (long)calls, (long)failures, (long)with_message, (long)without_message,
            (long)no_output, (long)panics, (long)unexpected, THREADS, (long)frames_accepted,
-           (long)outputs_taken);
+           (long)outputs_taken, random_copied, random_refused);
     return (without_message || panics || unexpected || !engine) ? 1 : 0;
 }
