@@ -250,7 +250,6 @@ mod tests {
         assert_eq!(copied("abc", 3), (false, b"ab\0".to_vec()));
         assert_eq!(copied("abc", 1), (false, b"\0".to_vec()));
         assert_eq!(copied("", 1), (true, b"\0".to_vec()));
-        // "é" is two bytes: a buffer with room for one and a half characters gets one.
         // "é" is two bytes: room for three gets one "é" and the NUL, never half a character.
         assert_eq!(copied("éé", 4), (false, vec![0xC3, 0xA9, 0, 0xAA]));
         assert_eq!(copied("éé", 5), (true, vec![0xC3, 0xA9, 0xC3, 0xA9, 0]));
