@@ -1799,3 +1799,92 @@ fn integers_near_two_to_the_53_round_trip() {
         );
     }
 }
+
+/// Issue #20 item 8: prompt count and length are bounded before any text reaches the tokenizer,
+/// with errors naming the field, the count or length, and the limit; the limits themselves pass.
+#[test]
+fn prompt_and_seed_limits() {
+    use sdstream::params::{MAX_PROMPT_CHARS, MAX_WEIGHTED_PROMPTS, MAX_WEIGHTED_SEEDS};
+    let body = |members: Value| {
+        let mut body = json!({"normalize_prompt_weights": true});
+        for (name, value) in members.as_object().unwrap() {
+            body[name] = value.clone();
+        }
+        body.to_string()
+    };
+    let prompts = |n: usize, text: &dyn Fn(usize) -> String| {
+        Value::Array((0..n).map(|i| json!([text(i), 1.0])).collect())
+    };
+    let seeds = |n: usize| Value::Array((0..n).map(|i| json!([i, 1.0])).collect());
+    let at_limit = "x".repeat(MAX_PROMPT_CHARS);
+    // A character, not a byte, is the unit: 2048 three-byte characters pass.
+    let wide_at_limit = "€".repeat(MAX_PROMPT_CHARS);
+    let over = "x".repeat(MAX_PROMPT_CHARS + 1);
+
+    for ok in [
+        json!({"prompt": prompts(MAX_WEIGHTED_PROMPTS, &|i| format!("prompt {i}"))}),
+        json!({"prompt": at_limit, "negative_prompt": at_limit}),
+        json!({"prompt": wide_at_limit, "negative_prompt": wide_at_limit}),
+        json!({"prompt": prompts(MAX_WEIGHTED_PROMPTS, &|_| at_limit.clone())}),
+        json!({"seed": seeds(MAX_WEIGHTED_SEEDS)}),
+    ] {
+        params(&body(ok));
+    }
+
+    let cases: Vec<(Value, &str, Vec<String>)> = vec![
+        (
+            json!({"prompt": prompts(MAX_WEIGHTED_PROMPTS + 1, &|i| format!("p{i}"))}),
+            "prompt",
+            vec!["33 [text, weight] pairs".into(), "at most 32".into()],
+        ),
+        // The count is checked before the items: blank texts past the limit are not reported.
+        (
+            json!({"prompt": prompts(10_000, &|_| String::new())}),
+            "prompt",
+            vec!["10000 [text, weight] pairs".into(), "at most 32".into()],
+        ),
+        (
+            json!({"prompt": over}),
+            "prompt",
+            vec!["2049 characters".into(), "at most 2048".into()],
+        ),
+        (
+            json!({"prompt": "€".repeat(MAX_PROMPT_CHARS + 1)}),
+            "prompt",
+            vec!["2049 characters".into()],
+        ),
+        (
+            json!({"prompt": "x".repeat(10 << 20)}),
+            "prompt",
+            vec![format!("{} characters", 10 << 20), "at most 2048".into()],
+        ),
+        (
+            json!({"prompt": prompts(3, &|i| if i == 1 { over.clone() } else { "ok".into() })}),
+            "prompt[1][0]",
+            vec!["prompt[1][0] is 2049 characters long".into()],
+        ),
+        (
+            json!({"negative_prompt": over}),
+            "negative_prompt",
+            vec!["negative_prompt is 2049 characters long; at most 2048 are allowed".into()],
+        ),
+        (
+            json!({"seed": seeds(MAX_WEIGHTED_SEEDS + 1)}),
+            "seed",
+            vec!["seed has 33 [seed, weight] pairs; at most 32 are allowed".into()],
+        ),
+    ];
+    for (members, want_field, want_parts) in cases {
+        let text = body(members);
+        let what: String = text.chars().take(80).collect();
+        let what = what.as_str();
+        let (field, message) = invalid(StreamDiffusionParams::from_json(&text), what);
+        assert_eq!(field, want_field, "{what}");
+        for part in want_parts {
+            assert!(
+                message.contains(&part),
+                "{what}: {message:?} lacks {part:?}"
+            );
+        }
+    }
+}
