@@ -9,14 +9,14 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 import numpy as np
 
 from . import _sdstream
-from ._models import StreamDiffusionParams, _to_json
+from ._models import StreamDiffusionParams, ValidationError, _text_or_path, _to_json
 
 ParamsLike = Union[StreamDiffusionParams, Mapping[str, Any], str]
 ControlsLike = Mapping[Union[str, "os.PathLike[str]"], Any]
 
 
 def _settings_body(settings: Mapping[str, Any]) -> str:
-    body = {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in settings.items()}
+    body = {k: (_text_or_path(v, k) if isinstance(v, os.PathLike) else v) for k, v in settings.items()}
     return _sdstream.validate_settings(_to_json(body))
 
 
@@ -29,19 +29,19 @@ def _params_body(params: Optional[ParamsLike], model: Optional[str], settings: s
         data: Dict[str, Any] = {}
     elif isinstance(params, StreamDiffusionParams):
         data = params.model_dump()
-    elif isinstance(params, str):
+    elif isinstance(params, (str, bytes, bytearray)):
         data = json.loads(_sdstream.validate_params(params, settings))
     elif isinstance(params, Mapping):
         data = dict(params)
     else:
-        raise TypeError(
+        raise ValidationError(
             f"params must be a StreamDiffusionParams, a dict or a JSON text, got {type(params).__name__}"
         )
     if model is not None:
-        data["model_id"] = str(model)
+        data["model_id"] = _text_or_path(model, "model")
     body = _to_json(data)
     if changes:
-        body = _sdstream.merge_patch(body, _to_json(dict(changes)))
+        body = _sdstream.merge_patch(body, _to_json(changes))
     return _sdstream.validate_params(body, settings)
 
 
