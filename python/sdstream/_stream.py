@@ -195,6 +195,17 @@ class Engine:
         ControlNet raises `ValidationError` naming it, and nothing is queued."""
         return self._native.submit(as_frame(frame), timestamp, _controls(controls))
 
+    def process(self, frame: Any, controls: Optional[ControlsLike] = None,
+                timestamp: Optional[int] = None) -> Output:
+        """Submits `frame` and waits for its own output (with the GIL released): the
+        synchronous call on the engine's threads, giving what `StreamDiffusion.__call__` gives
+        for the same frames, as an `Output`. The output never reaches `poll` / `recv`, and
+        outputs of earlier `submit` calls stay there. `controls` and `timestamp` as in `submit`;
+        an id naming no configured ControlNet raises `ValidationError` and nothing is queued.
+        Raises `RuntimeError` when the frame is dropped before it is processed (a newer frame
+        took its place in a full "latest" queue, `flush`, `close`) or fails in the pipeline."""
+        return Output(*self._native.process(as_frame(frame), _controls(controls), timestamp))
+
     def poll(self) -> Optional[Output]:
         """The oldest output not yet collected, or None; never waits."""
         out = self._native.poll()

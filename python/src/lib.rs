@@ -524,6 +524,31 @@ impl PyEngine {
         py.detach(|| self.engine.submit(submission)).map_err(py_err)
     }
 
+    /// Queues the frame (and control images, as `submit`) and waits for its own output, which
+    /// `poll` / `recv` never see; returns it as they do. Fails as `submit` does before
+    /// anything is queued, and when the frame is dropped or fails in the pipeline. Waits with
+    /// the GIL released.
+    #[pyo3(signature = (frame, controls=None, timestamp=None))]
+    fn process(
+        &self,
+        py: Python<'_>,
+        frame: &Bound<'_, PyAny>,
+        controls: Option<&Bound<'_, PyDict>>,
+        timestamp: Option<i64>,
+    ) -> PyResult<Py<PyAny>> {
+        let array = FrameArray::extract(frame)?;
+        let frame = array.frame()?;
+        let control_arrays = control_arrays(controls)?;
+        let controls = control_frames(&control_arrays)?;
+        let submission = Submission::new(frame)
+            .controls(controls.iter().map(|(id, c)| (*id, *c)))
+            .timestamp(timestamp);
+        let output = py
+            .detach(|| self.engine.process(submission))
+            .map_err(py_err)?;
+        output_tuple(py, output)
+    }
+
     /// The oldest output not yet collected, or None; never waits. An output is a tuple
     /// `(id, timestamp, image, params_version, latency_seconds)`.
     fn poll(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
