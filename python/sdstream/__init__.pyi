@@ -4,6 +4,19 @@ from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Tupl
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "ControlNetConfig",
+    "Engine",
+    "IPAdapterConfig",
+    "Output",
+    "QueueFullError",
+    "StreamDiffusion",
+    "StreamDiffusionParams",
+    "ValidationError",
+    "__version__",
+    "as_frame",
+]
+
 __version__: str
 
 class ValidationError(ValueError):

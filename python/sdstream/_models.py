@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Type, Union
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple, Type, Union
 
 import numpy as np
 
 from . import _sdstream
 
 ValidationError = _sdstream.ValidationError
+
+# Type aliases for annotations (the stubs use them too).
+# What an update cost, in core's `UpdateKind` spelling. Written as the union of one-value
+# Literals that type checkers (and stubtest, comparing with the stub) make of Literal[...].
+UpdateKind = Union[Literal["unchanged"], Literal["hot"], Literal["controlnet_swap"], Literal["reload"]]
+Prompt = Union[str, List[Tuple[str, float]]]
+Seed = Union[int, List[Tuple[int, float]]]
 
 # The core's JSON parser refuses bodies nested deeper than this (serde_json's recursion limit);
 # stopping at the same depth here keeps Python's own recursion far from its limit, so a deep or

@@ -7,12 +7,15 @@ import os
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _sdstream
 from ._models import StreamDiffusionParams, ValidationError, _text_or_path, _to_json
 
 ParamsLike = Union[StreamDiffusionParams, Mapping[str, Any], str]
-ControlsLike = Mapping[Union[str, "os.PathLike[str]"], Any]
+FrameLike = Union["npt.NDArray[np.uint8]", "npt.NDArray[np.float32]", Any]
+"""A frame: an HxWx3 / HxWx4 uint8 or HxWx3 float32 numpy array, or a PIL image."""
+ControlsLike = Mapping[Union[str, "os.PathLike[str]"], FrameLike]
 
 
 def _settings_body(settings: Mapping[str, Any]) -> str:
@@ -127,7 +130,9 @@ class StreamDiffusion:
         return self._native.update(_params_body(params, None, self._settings, changes))
 
     def status(self) -> Dict[str, Any]:
-        """State, parameters, size, frame count and the last frame's stage timings (ms)."""
+        """The status report in the Engine's schema (`Engine.status`): Daydream's fields (state,
+        fps, last_params, last_error, ...), the size, frame counters and the last frame's stage
+        timings in ms."""
         return json.loads(self._native.status_json())
 
     def close(self) -> None:

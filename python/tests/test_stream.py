@@ -90,7 +90,8 @@ def test_update_params(stream, tiny_body, frames):
     assert stream(frames[2]).shape == (64, 64, 3)
     status = stream.status()
     assert status["state"] == "ONLINE" and status["frames_processed"] == 3
-    assert status["width"] == 64 and status["timings"]["total"] > 0
+    # The Engine's status schema: the size is in the parameters it reports.
+    assert status["last_params"]["width"] == 64 and status["timings"]["total"] > 0
 
 
 def test_close_and_context_manager(tiny_body, tiny_settings, frames):
