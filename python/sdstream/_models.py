@@ -18,9 +18,9 @@ from . import _sdstream
 
 ValidationError = _sdstream.ValidationError
 
-# Type aliases for annotations (the stubs use them too).
-# What an update cost, in core's `UpdateKind` spelling. Written as the union of one-value
-# Literals that type checkers (and stubtest, comparing with the stub) make of Literal[...].
+# Type aliases for annotations, as the stubs name them. UpdateKind: what an update cost, in
+# core's spelling, written as the union of one-value Literals that type checkers (and stubtest,
+# comparing with the stub) make of Literal[...].
 UpdateKind = Union[Literal["unchanged"], Literal["hot"], Literal["controlnet_swap"], Literal["reload"]]
 Prompt = Union[str, List[Tuple[str, float]]]
 Seed = Union[int, List[Tuple[int, float]]]
@@ -60,7 +60,10 @@ def _plain(value: Any, path: _Path = None, depth: int = 0, open_ids: Optional[Li
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, np.generic):
-        return _plain(value.item(), path, depth, open_ids)
+        item = value.item()
+        if isinstance(item, np.generic):  # longdouble, clongdouble: no Python equivalent
+            raise ValidationError(f"invalid JSON: numpy {type(value).__name__} is not a JSON value{_where(path)}")
+        return _plain(item, path, depth, open_ids)
     if isinstance(value, _Model):
         return value.model_dump()
     if depth >= _MAX_DEPTH:

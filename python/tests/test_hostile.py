@@ -116,7 +116,8 @@ def hostile(rng, depth=0):
         return rng.choice([True, False, None])
     if kind == 6:
         return rng.choice([np.float32("nan"), np.int64(-5), np.bool_(True), np.str_("\ud800"),
-                           np.float64(1e300), np.array([[1, 2], [3, 4]]), np.array(7), np.bytes_(b"\xff")])
+                           np.float64(1e300), np.array([[1, 2], [3, 4]]), np.array(7), np.bytes_(b"\xff"),
+                           np.longdouble(1.5), np.datetime64("2020-01-01"), np.array(["a", None], dtype=object)])
     if kind == 7:
         return rng.choice([object(), lambda: 0, int, complex(1, 2), decimal.Decimal("1.1"),
                            fractions.Fraction(1, 3), datetime.date(2020, 1, 1), Path("no/such/dir"),
