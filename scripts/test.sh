@@ -3,7 +3,9 @@
 #   1. the Rust workspace's tests (which also build the examples the Python tests compare with);
 #   2. the Python module: a virtualenv (target/py-venv, or $SDSTREAM_PY_VENV) with the pinned
 #      tools of python/requirements-test.txt, the module installed by pip through maturin
-#      (dev profile, so the optimised dependencies of step 1 are reused), then pytest;
+#      (dev profile, so the optimised dependencies of step 1 are reused), then pytest, which
+#      also runs mypy's stubtest on the installed module against its .pyi stubs
+#      (python/tests/test_stubs.py);
 #   3. the `webrtc` feature: its Rust tests and the aiortc end-to-end test (tests/webrtc/);
 #   4. the control page at `/` in a real browser (tests/browser/): the system's Chromium
 #      ($CHROMIUM, default /usr/bin/chromium; .ci/run installs Debian's) driven by Playwright.

@@ -4,6 +4,19 @@ from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Tupl
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "ControlNetConfig",
+    "Engine",
+    "IPAdapterConfig",
+    "Output",
+    "QueueFullError",
+    "StreamDiffusion",
+    "StreamDiffusionParams",
+    "ValidationError",
+    "__version__",
+    "as_frame",
+]
+
 __version__: str
 
 class ValidationError(ValueError):
@@ -233,6 +246,12 @@ class Engine:
         timestamp: Optional[int] = ...,
         controls: Optional[ControlsLike] = ...,
     ) -> int: ...
+    def process(
+        self,
+        frame: FrameLike,
+        controls: Optional[ControlsLike] = ...,
+        timestamp: Optional[int] = ...,
+    ) -> Output: ...
     def poll(self) -> Optional[Output]: ...
     def recv(self, timeout: float = ...) -> Optional[Output]: ...
     def flush(self) -> int: ...
