@@ -686,6 +686,8 @@ fn parsers_survive_mutated_bodies() {
         assert_eq!(counts.panics, 0, "{name}");
         assert_eq!(counts.rejected_without_message, 0, "{name}");
         assert_eq!(counts.round_trip_failures, 0, "{name}");
+        // serde_json's float_roundtrip parsing (issue #20 item 6): not one ulp may move.
+        assert_eq!(counts.float_drift, 0, "{name}: floats moved by one ulp");
         assert_eq!(
             counts.accepted + counts.rejected_with_message,
             counts.tried,

@@ -1,5 +1,5 @@
 from os import PathLike
-from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -201,6 +201,8 @@ class StreamDiffusion:
         vae: Union[str, PathLike[str]] = ...,
         model_root: Optional[Union[str, PathLike[str]]] = ...,
         allow_any_resolution: bool = ...,
+        allow_model_paths: bool = ...,
+        allowed_models: Sequence[str] = ...,
     ) -> None: ...
     def __call__(self, frame: FrameLike, controls: Optional[ControlsLike] = ...) -> np.ndarray: ...
     def process(self, frame: FrameLike, controls: Optional[ControlsLike] = ...) -> np.ndarray: ...
@@ -238,6 +240,8 @@ class Engine:
         vae: Union[str, PathLike[str]] = ...,
         model_root: Optional[Union[str, PathLike[str]]] = ...,
         allow_any_resolution: bool = ...,
+        allow_model_paths: bool = ...,
+        allowed_models: Sequence[str] = ...,
     ) -> None: ...
     def wait_ready(self, timeout: Optional[float] = ...) -> None: ...
     def submit(
