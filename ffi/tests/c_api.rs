@@ -378,7 +378,12 @@ fn c_host_output_equals_the_rust_pipeline() {
     let (model, vae) = model_args();
     let log = run(&exe, &[&model, &vae, &frames_dir, &out_dir]);
     assert!(log.contains("update kind 1 (hot)"), "{log}");
-    assert!(log.contains("\"state\":\"ONLINE\""), "{log}");
+    // The host's closing status report (its state depends on how long the machine took, so the
+    // counts are what is checked).
+    assert!(
+        log.contains("\"frames_processed\":8") && log.contains("\"error_count\":0"),
+        "{log}"
+    );
 
     // The same frames through the synchronous Rust pipeline, prompt changed half way.
     let settings = EngineSettings::from_json(&format!(
