@@ -119,30 +119,40 @@ pub(crate) struct ResolvedFolders {
 /// asking for a net the first uses gets the same copy even after it left the recently-used
 /// set; the [`CONTROLNET_CACHE_SIZE`] most recently used are also held strongly, so a net
 /// removed from the parameters and added back soon costs nothing.
-#[derive(Debug, Default)]
-struct NetCache {
+/// Generic over the net so that its bookkeeping can be tested without loading networks.
+#[derive(Debug)]
+struct NetCache<N = ControlNetModel> {
     /// Least recently used first.
-    nets: Vec<CachedNet>,
+    nets: Vec<CachedNet<N>>,
     /// Loads in progress by id: a second request for the same net waits on its lock and then
     /// finds the net cached, instead of reading the weights again.
     loading: Vec<(String, Arc<Mutex<()>>)>,
 }
 
+impl<N> Default for NetCache<N> {
+    fn default() -> Self {
+        Self {
+            nets: Vec::new(),
+            loading: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
-struct CachedNet {
+struct CachedNet<N> {
     /// The ids it was asked for by (several spellings of one folder share the net).
     ids: Vec<String>,
     /// The folder it was loaded from (canonical where the file system allows).
     dir: PathBuf,
-    net: Weak<ControlNetModel>,
+    net: Weak<N>,
     /// `Some` while among the most recently used.
-    pinned: Option<Arc<ControlNetModel>>,
+    pinned: Option<Arc<N>>,
     bytes: u64,
 }
 
-impl NetCache {
+impl<N> NetCache<N> {
     /// The live net known under `id`, marked most recently used.
-    fn get(&mut self, id: &str) -> Option<Arc<ControlNetModel>> {
+    fn get(&mut self, id: &str) -> Option<Arc<N>> {
         let pos = self
             .nets
             .iter()
@@ -151,7 +161,7 @@ impl NetCache {
     }
 
     /// The live net loaded from `dir`, now also known under `id`, marked most recently used.
-    fn get_by_dir(&mut self, dir: &Path, id: &str) -> Option<Arc<ControlNetModel>> {
+    fn get_by_dir(&mut self, dir: &Path, id: &str) -> Option<Arc<N>> {
         let pos = self.nets.iter().position(|n| n.dir == dir)?;
         let net = self.touch(pos)?;
         let entry = self.nets.last_mut().expect("just touched");
@@ -162,7 +172,7 @@ impl NetCache {
     }
 
     /// Moves entry `pos` to the most recently used end if its net is alive.
-    fn touch(&mut self, pos: usize) -> Option<Arc<ControlNetModel>> {
+    fn touch(&mut self, pos: usize) -> Option<Arc<N>> {
         let mut entry = self.nets.remove(pos);
         let net = entry.net.upgrade()?;
         entry.pinned = Some(net.clone());
@@ -171,7 +181,7 @@ impl NetCache {
         Some(net)
     }
 
-    fn insert(&mut self, id: &str, dir: PathBuf, net: Arc<ControlNetModel>, bytes: u64) {
+    fn insert(&mut self, id: &str, dir: PathBuf, net: Arc<N>, bytes: u64) {
         self.nets.push(CachedNet {
             ids: vec![id.to_string()],
             dir,
@@ -660,5 +670,64 @@ pub(crate) fn lock_or_wait<'a>(slot: &'a Mutex<()>, waiting: impl FnOnce()) -> M
             waiting();
             slot.lock().unwrap_or_else(PoisonError::into_inner)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use super::{CONTROLNET_CACHE_SIZE, NetCache};
+
+    fn insert(cache: &mut NetCache<String>, id: &str) -> Arc<String> {
+        let net = Arc::new(id.to_string());
+        cache.insert(id, PathBuf::from(format!("/nets/{id}")), net.clone(), 1);
+        net
+    }
+
+    fn ids(cache: &NetCache<String>) -> Vec<String> {
+        cache.nets.iter().map(|n| n.ids[0].clone()).collect()
+    }
+
+    #[test]
+    fn a_net_in_use_stays_shared_after_it_leaves_the_recent_set() {
+        let mut cache = NetCache::<String>::default();
+        let first = insert(&mut cache, "n0");
+        for i in 1..=CONTROLNET_CACHE_SIZE {
+            drop(insert(&mut cache, &format!("n{i}")));
+        }
+        // n0 is no longer among the most recent, but a stream still holds it: the same copy.
+        assert!(cache.nets[0].pinned.is_none());
+        assert!(Arc::ptr_eq(&cache.get("n0").expect("held"), &first));
+        // Touched, it is the most recent again; n1 fell out and, held by nobody, is forgotten.
+        assert_eq!(ids(&cache).last().map(String::as_str), Some("n0"));
+        assert!(cache.get("n1").is_none());
+        assert_eq!(cache.nets.len(), CONTROLNET_CACHE_SIZE);
+        // Unpinned and unheld: gone once more nets come.
+        drop(first);
+        for i in 0..CONTROLNET_CACHE_SIZE {
+            drop(insert(&mut cache, &format!("m{i}")));
+        }
+        assert!(cache.get("n0").is_none());
+        assert_eq!(cache.nets.len(), CONTROLNET_CACHE_SIZE);
+    }
+
+    #[test]
+    fn another_spelling_of_a_folder_finds_the_same_net() {
+        let mut cache = NetCache::<String>::default();
+        let net = insert(&mut cache, "org/net");
+        assert!(
+            cache.get("./org/net").is_none(),
+            "ids are matched as spelled"
+        );
+        let by_dir = cache
+            .get_by_dir(&PathBuf::from("/nets/org/net"), "./org/net")
+            .expect("same folder");
+        assert!(Arc::ptr_eq(&by_dir, &net));
+        // Known under both spellings from now on, one entry.
+        assert!(Arc::ptr_eq(&cache.get("./org/net").expect("alias"), &net));
+        assert_eq!(cache.nets.len(), 1);
+        assert_eq!(cache.nets[0].ids, ["org/net", "./org/net"]);
     }
 }
