@@ -2,10 +2,11 @@
 //!
 //! A [`ModelPool`] hands out [`StableDiffusionModels`] by [`ModelKey`]: the resolved checkpoint
 //! folder (so two spellings of one folder share), the dtype, the device, the autoencoder and
-//! where ids are looked up. Every [`Engine`](crate::Engine) and [`StreamDiffusion::new`]
-//! (crate::StreamDiffusion::new) takes its networks from [`ModelPool::global`], so N streams on
-//! one model cost one set of weights plus their own state; ControlNets are shared through the
-//! networks' own ControlNet cache ([`StableDiffusionModels::controlnet`]).
+//! where ids are looked up. Every [`Engine`](crate::Engine) and
+//! [`StreamDiffusion::new`](crate::StreamDiffusion::new) takes its networks from
+//! [`ModelPool::global`], so N streams on one model cost one set of weights plus their own
+//! state; ControlNets are shared through the networks' own ControlNet cache
+//! ([`StableDiffusionModels::controlnet`]).
 //!
 //! Loading. The pool's lock is only held for bookkeeping. Each key has a slot whose own lock is
 //! held for the whole of a load: a second request for the key waits there and then takes what
