@@ -13,7 +13,11 @@
  * Conventions:
  *   - Every function but sds_version, sds_last_error, sds_engine_last_error and sds_string_free
  *     returns an SdsStatus; SDS_OK is 0. On failure, sds_last_error() (this thread) and
- *     sds_engine_last_error(engine) (this handle) give the message.
+ *     sds_engine_last_error(engine) (this handle) give the message. Both return strings owned
+ *     by the calling thread (safe to read while other threads fail calls on the handle):
+ *     sds_last_error's is valid until this thread's next failing call, sds_engine_last_error's
+ *     until this thread's next sds_engine_last_error. sds_engine_last_error_copy copies the
+ *     handle's message into the caller's buffer instead.
  *   - A NULL pointer argument gives SDS_ERR_NULL with a message naming it (arguments documented
  *     as nullable excepted); panics are caught and reported as SDS_ERR_PANIC.
  *   - Memory the caller passes in (frames, output buffers, strings) is used only during the call.
@@ -170,9 +174,10 @@ typedef uint32_t SdsPixelFormat;
  * An input image in the caller's memory, read only during the call that receives it (never
  * kept: `sds_engine_submit` copies it).
  *
- * `data` must hold `stride * (height - 1) + width * bytes_per_pixel` readable bytes. Any size
- * is accepted (the pipeline resizes to the stream's width × height); the output comes back in
- * the same pixel format.
+ * `data` must hold `stride * (height - 1) + width * bytes_per_pixel` readable bytes. Width and
+ * height may be 1 to 16384 and those bytes at most 4 GiB (the pipeline resizes to the stream's
+ * width × height); a description outside these bounds is refused with `SDS_ERR_INVALID_FRAME`
+ * before any byte is read. The output comes back in the same pixel format.
  */
 typedef struct {
   /**
@@ -180,11 +185,11 @@ typedef struct {
    */
   const uint8_t *data;
   /**
-   * Width in pixels, > 0.
+   * Width in pixels, 1 to 16384.
    */
   uint32_t width;
   /**
-   * Height in pixels, > 0.
+   * Height in pixels, 1 to 16384.
    */
   uint32_t height;
   /**
@@ -362,8 +367,9 @@ SdsStatus sds_engine_wait_ready(SdsEngine *engine, int64_t timeout_ms);
 /**
  * Closes the engine (if not closed yet), joins its threads and frees the handle. NULL is a
  * no-op. Blocks until the frame in flight finishes, and a model load in progress (loads
- * cannot be interrupted). Call it once, when no other thread uses the handle; the handle and
- * every pointer obtained from it (`sds_engine_last_error`) are invalid afterwards.
+ * cannot be interrupted). Call it once, when no other thread uses the handle; the handle is
+ * invalid afterwards (strings `sds_engine_last_error` returned are the threads' own copies and
+ * stay valid).
  *
  * # Safety
  * `engine` is NULL or a live handle not used by any other thread.
@@ -559,15 +565,40 @@ SdsStatus sds_engine_update_params(SdsEngine *engine, const char *params_json, S
 SdsStatus sds_engine_status_json(SdsEngine *engine, char **out);
 
 /**
- * The message of the last failed call on this handle ("" if none), NUL-terminated UTF-8,
- * owned by the handle: valid until the next failing call on the handle or its destruction.
- * Hosts calling one handle from several threads should use `sds_last_error()` (per thread),
- * which every failure sets too. NULL `engine` gives a static message saying so.
+ * The message of the last failed call on this handle ("" if none), NUL-terminated UTF-8.
+ *
+ * The pointer is the calling thread's own copy of the message, owned by the library: it stays
+ * valid until this thread calls `sds_engine_last_error` again (on any handle) or exits. Other
+ * threads failing calls on the handle, other `sds_*` calls on this thread, and
+ * `sds_engine_destroy` do not touch it. Safe to call from any thread at any time, concurrently
+ * with any call on the handle but destroy. The message is that of the handle's latest failure
+ * at the moment of the copy; with several threads failing calls on one handle, which of their
+ * failures is latest is a race: use `sds_last_error()` (per thread) for the message of this
+ * thread's own call. NULL `engine` gives a static message saying so.
  *
  * # Safety
  * `engine` is NULL or a live handle.
  */
 const char *sds_engine_last_error(const SdsEngine *engine);
+
+/**
+ * Copies the message of the last failed call on this handle ("" if none) into the caller's
+ * buffer, as `snprintf` does: at most `cap - 1` bytes (cut at a UTF-8 character boundary)
+ * followed by a NUL. `*len` (nullable) gets the whole message's length in bytes, without the
+ * NUL, also when it did not fit: allocate `len + 1` and call again.
+ *
+ * Returns `SDS_OK` when the whole message fit, `SDS_ERR_BUFFER_TOO_SMALL` when it was cut (or
+ * `cap` is 0: `buf` may then be NULL, to ask for the length only), `SDS_ERR_NULL` for a NULL
+ * `engine`, or a NULL `buf` with `cap` > 0. The caller owns `buf` throughout; nothing is kept.
+ * This call's own failures are recorded for `sds_last_error()` only, never as the handle's
+ * message (reading the message does not replace it). Thread-safe: any thread, concurrently
+ * with any call on the handle but destroy.
+ *
+ * # Safety
+ * `engine` is NULL or a live handle; `buf` NULL or valid for `cap` writable bytes; `len` NULL
+ * or writable.
+ */
+SdsStatus sds_engine_last_error_copy(const SdsEngine *engine, char *buf, size_t cap, size_t *len);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -3,8 +3,12 @@
 #   1. the Rust workspace's tests (which also build the examples the Python tests compare with);
 #   2. the Python module: a virtualenv (target/py-venv, or $SDSTREAM_PY_VENV) with the pinned
 #      tools of python/requirements-test.txt, the module installed by pip through maturin
-#      (dev profile, so the optimised dependencies of step 1 are reused), then pytest;
-#   3. the `webrtc` feature: its Rust tests and the aiortc end-to-end test (tests/webrtc/).
+#      (dev profile, so the optimised dependencies of step 1 are reused), then pytest, which
+#      also runs mypy's stubtest on the installed module against its .pyi stubs
+#      (python/tests/test_stubs.py);
+#   3. the `webrtc` feature: its Rust tests and the aiortc end-to-end test (tests/webrtc/);
+#   4. the control page at `/` in a real browser (tests/browser/): the system's Chromium
+#      ($CHROMIUM, default /usr/bin/chromium; .ci/run installs Debian's) driven by Playwright.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,3 +46,24 @@ fi
   --fixtures tests/fixtures --work "$target_dir/webrtc-e2e"
 "$webrtc_venv/bin/python" tests/webrtc/fuzz_http.py --server "$target_dir/debug/examples/server" \
   --fixtures tests/fixtures
+
+# 4. The control page in headless Chromium with its fake camera, driven by Playwright for Python
+#    from its own virtualenv (target/browser-venv, or $SDSTREAM_BROWSER_VENV) with the pinned
+#    wheels of tests/browser/requirements.txt; screenshots go to target/browser-e2e/screens.
+#    Playwright never downloads a browser here: it runs the system's Chromium.
+chromium="${CHROMIUM:-/usr/bin/chromium}"
+browser_venv="${SDSTREAM_BROWSER_VENV:-$target_dir/browser-venv}"
+if [[ -x "$chromium" ]]; then
+  if [[ ! -x "$browser_venv/bin/python" ]]; then
+    "$python" -m venv "$browser_venv"
+  fi
+  "$browser_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/browser/requirements.txt
+  "$browser_venv/bin/python" tests/browser/page_e2e.py --server "$target_dir/debug/examples/server" \
+    --fixtures tests/fixtures --work "$target_dir/browser-e2e" --chromium "$chromium"
+elif [[ "${SDSTREAM_SKIP_BROWSER:-0}" == 1 ]]; then
+  echo "SDSTREAM_SKIP_BROWSER=1: the browser test of the control page is skipped" >&2
+else
+  echo "no Chromium at $chromium: install Debian's (apt-get install chromium), set CHROMIUM," >&2
+  echo "or set SDSTREAM_SKIP_BROWSER=1 to skip the browser test" >&2
+  exit 1
+fi

@@ -1646,3 +1646,246 @@ fn reload_wins_over_swap_and_hot() {
     );
     assert!(update.hot_changes().is_empty());
 }
+
+/// splitmix64: a seeded source of bit patterns, so a failure names a reproducible value.
+struct BitSource(u64);
+
+impl BitSource {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Finite doubles of every bit-pattern class: any pattern, subnormals, magnitudes near 1 (where
+/// real guidance scales and weights live), huge ones, and the edges (±0, the smallest and largest
+/// of each kind, 2^53 ± 1 and their neighbours).
+fn float_samples(per_class: usize) -> Vec<f64> {
+    const SIGN: u64 = 1 << 63;
+    const MANTISSA: u64 = (1 << 52) - 1;
+    let mut bits = BitSource(0x5d5_7e4a);
+    let mut samples = vec![
+        0.0,
+        -0.0,
+        f64::MIN_POSITIVE,
+        f64::from_bits(1),
+        f64::from_bits(MANTISSA),
+        f64::MAX,
+        f64::MIN,
+        f64::EPSILON,
+        9007199254740991.0,
+        9007199254740992.0,
+        9007199254740994.0,
+        -9007199254740991.0,
+        0.1,
+        0.7,
+        1.0 + f64::EPSILON,
+        1.0 - f64::EPSILON / 2.0,
+    ];
+    let with_exponent = |exponent: u64, bits: &mut BitSource| {
+        let b = bits.next();
+        f64::from_bits((b & SIGN) | (exponent << 52) | (b & MANTISSA))
+    };
+    for _ in 0..per_class {
+        let any = f64::from_bits(bits.next());
+        if any.is_finite() {
+            samples.push(any);
+        }
+        samples.push(with_exponent(0, &mut bits));
+        let near_one = 1023 - 10 + bits.next() % 20;
+        samples.push(with_exponent(near_one, &mut bits));
+        let huge = 2046 - bits.next() % 64;
+        samples.push(with_exponent(huge, &mut bits));
+        let tiny_normal = 1 + bits.next() % 64;
+        samples.push(with_exponent(tiny_normal, &mut bits));
+    }
+    samples
+}
+
+/// Every float of `p` that may hold any finite value, with its path.
+fn free_floats(p: &StreamDiffusionParams) -> Vec<(&'static str, f64)> {
+    let Prompt::Weighted(prompts) = &p.prompt else {
+        panic!("weighted prompt expected")
+    };
+    let Seed::Weighted(seeds) = &p.seed else {
+        panic!("weighted seed expected")
+    };
+    vec![
+        ("guidance_scale", p.guidance_scale),
+        ("delta", p.delta),
+        ("safety_checker_threshold", p.safety_checker_threshold),
+        ("prompt[0][1]", prompts[0].1),
+        ("seed[0][1]", seeds[0].1),
+        ("lora_dict.a", p.lora_dict.as_ref().unwrap()["a"]),
+        (
+            "controlnets[0].conditioning_scale",
+            p.controlnets[0].conditioning_scale,
+        ),
+        (
+            "controlnets[0].preprocessor_params.k",
+            p.controlnets[0].preprocessor_params["k"].as_f64().unwrap(),
+        ),
+        ("ip_adapter.scale", p.ip_adapter.scale),
+    ]
+}
+
+/// Issue #20 item 6: a double written in its shortest form (as Rust, Python and JavaScript write
+/// it) parses to the very same bits, and from_json → to_json → from_json changes no bit, for
+/// every class of bit pattern. Without serde_json's exact float parsing about one value in six
+/// came back one ulp off.
+#[test]
+fn floats_round_trip_exactly() {
+    let samples = float_samples(4000);
+    let mut checked = 0usize;
+    let mut changed = Vec::new();
+    for &x in &samples {
+        // `{:?}` writes the shortest decimal that reads back as `x` (exponent form when large or
+        // small), which JSON accepts as it is.
+        let body = format!(
+            r#"{{"guidance_scale": {x:?}, "delta": {x:?}, "safety_checker_threshold": {x:?},
+               "prompt": [["a", {x:?}], ["b", 1.0]], "normalize_prompt_weights": false,
+               "seed": [[1, {x:?}], [2, 1.0]], "normalize_seed_weights": false,
+               "lora_dict": {{"a": {x:?}}},
+               "controlnets": [{{"model_id": "thibaud/controlnet-sd21-depth-diffusers",
+                                "conditioning_scale": {x:?}, "preprocessor_params": {{"k": {x:?}}}}}],
+               "ip_adapter": {{"enabled": false, "scale": {x:?}}}}}"#
+        );
+        let first = params(&body);
+        let second = params(&first.to_json());
+        for ((path, parsed), (_, again)) in
+            free_floats(&first).into_iter().zip(free_floats(&second))
+        {
+            checked += 1;
+            if parsed.to_bits() != x.to_bits() || again.to_bits() != x.to_bits() {
+                changed.push(format!("{path}: {x:?} -> {parsed:?} -> {again:?}"));
+            }
+        }
+        if first != second {
+            changed.push(format!("{x:?}: the parameters differ after a round trip"));
+        }
+    }
+    assert!(samples.len() > 20_000, "{} samples", samples.len());
+    assert!(
+        changed.is_empty(),
+        "{} of {checked} floats changed; first: {:?}",
+        changed.len(),
+        &changed[..changed.len().min(5)]
+    );
+}
+
+/// The integers next to 2^53 written without a fraction: 2^53 − 1 is a double and stays itself
+/// (it once came back as 2^53 − 2 on the second parse, from "9007199254740991.0"); 2^53 + 1 is
+/// not, and reads as the nearest double, 2^53, both times.
+#[test]
+fn integers_near_two_to_the_53_round_trip() {
+    for (text, want) in [
+        ("9007199254740991", 9007199254740991.0_f64),
+        ("9007199254740992", 9007199254740992.0),
+        ("9007199254740993", 9007199254740992.0),
+        ("-9007199254740991", -9007199254740991.0),
+        ("18446744073709551616", 18446744073709551616.0),
+        ("9007199254740991.0", 9007199254740991.0),
+        ("9007199254740991e0", 9007199254740991.0),
+    ] {
+        let first = params(&format!(r#"{{"delta": {text}}}"#));
+        let second = params(&first.to_json());
+        assert_eq!(first.delta.to_bits(), want.to_bits(), "{text}");
+        assert_eq!(
+            second.delta.to_bits(),
+            want.to_bits(),
+            "{text} after a round trip"
+        );
+    }
+}
+
+/// Issue #20 item 8: prompt count and length are bounded before any text reaches the tokenizer,
+/// with errors naming the field, the count or length, and the limit; the limits themselves pass.
+#[test]
+fn prompt_and_seed_limits() {
+    use sdstream::params::{MAX_PROMPT_CHARS, MAX_WEIGHTED_PROMPTS, MAX_WEIGHTED_SEEDS};
+    let body = |members: Value| {
+        let mut body = json!({"normalize_prompt_weights": true});
+        for (name, value) in members.as_object().unwrap() {
+            body[name] = value.clone();
+        }
+        body.to_string()
+    };
+    let prompts = |n: usize, text: &dyn Fn(usize) -> String| {
+        Value::Array((0..n).map(|i| json!([text(i), 1.0])).collect())
+    };
+    let seeds = |n: usize| Value::Array((0..n).map(|i| json!([i, 1.0])).collect());
+    let at_limit = "x".repeat(MAX_PROMPT_CHARS);
+    // A character, not a byte, is the unit: 2048 three-byte characters pass.
+    let wide_at_limit = "€".repeat(MAX_PROMPT_CHARS);
+    let over = "x".repeat(MAX_PROMPT_CHARS + 1);
+
+    for ok in [
+        json!({"prompt": prompts(MAX_WEIGHTED_PROMPTS, &|i| format!("prompt {i}"))}),
+        json!({"prompt": at_limit, "negative_prompt": at_limit}),
+        json!({"prompt": wide_at_limit, "negative_prompt": wide_at_limit}),
+        json!({"prompt": prompts(MAX_WEIGHTED_PROMPTS, &|_| at_limit.clone())}),
+        json!({"seed": seeds(MAX_WEIGHTED_SEEDS)}),
+    ] {
+        params(&body(ok));
+    }
+
+    let cases: Vec<(Value, &str, Vec<String>)> = vec![
+        (
+            json!({"prompt": prompts(MAX_WEIGHTED_PROMPTS + 1, &|i| format!("p{i}"))}),
+            "prompt",
+            vec!["33 [text, weight] pairs".into(), "at most 32".into()],
+        ),
+        // The count is checked before the items: blank texts past the limit are not reported.
+        (
+            json!({"prompt": prompts(10_000, &|_| String::new())}),
+            "prompt",
+            vec!["10000 [text, weight] pairs".into(), "at most 32".into()],
+        ),
+        (
+            json!({"prompt": over}),
+            "prompt",
+            vec!["2049 characters".into(), "at most 2048".into()],
+        ),
+        (
+            json!({"prompt": "€".repeat(MAX_PROMPT_CHARS + 1)}),
+            "prompt",
+            vec!["2049 characters".into()],
+        ),
+        (
+            json!({"prompt": "x".repeat(10 << 20)}),
+            "prompt",
+            vec![format!("{} characters", 10 << 20), "at most 2048".into()],
+        ),
+        (
+            json!({"prompt": prompts(3, &|i| if i == 1 { over.clone() } else { "ok".into() })}),
+            "prompt[1][0]",
+            vec!["prompt[1][0] is 2049 characters long".into()],
+        ),
+        (
+            json!({"negative_prompt": over}),
+            "negative_prompt",
+            vec!["negative_prompt is 2049 characters long; at most 2048 are allowed".into()],
+        ),
+        (
+            json!({"seed": seeds(MAX_WEIGHTED_SEEDS + 1)}),
+            "seed",
+            vec!["seed has 33 [seed, weight] pairs; at most 32 are allowed".into()],
+        ),
+    ];
+    for (members, want_field, want_parts) in cases {
+        let text = body(members);
+        let what: String = text.chars().take(80).collect();
+        let what = what.as_str();
+        let (field, message) = invalid(StreamDiffusionParams::from_json(&text), what);
+        assert_eq!(field, want_field, "{what}");
+        for part in want_parts {
+            assert!(
+                message.contains(&part),
+                "{what}: {message:?} lacks {part:?}"
+            );
+        }
+    }
+}

@@ -10,10 +10,10 @@ use sdstream_core::{
     UpdateKind,
 };
 
-use crate::error::{ErrorSlot, Failure, SdsStatus, guard};
+use crate::error::{ErrorSlot, Failure, SdsStatus, copy_out, guard, thread_copy_of};
 use crate::frame::{
-    SdsControlImage, SdsFrame, SdsOutput, SdsPixelFormat, check_fits, control_images, pixel_format,
-    write_output,
+    SdsControlImage, SdsFrame, SdsOutput, SdsPixelFormat, check_fits, control_images, needed_bytes,
+    pixel_format, write_output,
 };
 
 /// What an accepted parameter update costs: core's `UpdateKind`, whose names ("unchanged",
@@ -283,8 +283,9 @@ pub unsafe extern "C" fn sds_engine_wait_ready(
 
 /// Closes the engine (if not closed yet), joins its threads and frees the handle. NULL is a
 /// no-op. Blocks until the frame in flight finishes, and a model load in progress (loads
-/// cannot be interrupted). Call it once, when no other thread uses the handle; the handle and
-/// every pointer obtained from it (`sds_engine_last_error`) are invalid afterwards.
+/// cannot be interrupted). Call it once, when no other thread uses the handle; the handle is
+/// invalid afterwards (strings `sds_engine_last_error` returned are the threads' own copies and
+/// stay valid).
 ///
 /// # Safety
 /// `engine` is NULL or a live handle not used by any other thread.
@@ -689,9 +690,17 @@ pub unsafe extern "C" fn sds_engine_output_size(
         };
         let format = pixel_format(F, format)?;
         let params = h.engine.params();
+        let (cols, rows) = (params.width as usize, params.height as usize);
+        // Core's frame size rule, as for every other size this layer reports.
+        let (bytes, _) = needed_bytes(cols, rows, format, 0).map_err(|e| {
+            Failure::new(
+                SdsStatus::SDS_ERR_INTERNAL,
+                format!("{F}: the output size: {e}"),
+            )
+        })?;
         *width = params.width as u32;
         *height = params.height as u32;
-        *size = params.width as usize * params.height as usize * format.bytes_per_pixel();
+        *size = bytes;
         Ok(())
     })
 }
@@ -764,10 +773,16 @@ pub unsafe extern "C" fn sds_engine_status_json(
     })
 }
 
-/// The message of the last failed call on this handle ("" if none), NUL-terminated UTF-8,
-/// owned by the handle: valid until the next failing call on the handle or its destruction.
-/// Hosts calling one handle from several threads should use `sds_last_error()` (per thread),
-/// which every failure sets too. NULL `engine` gives a static message saying so.
+/// The message of the last failed call on this handle ("" if none), NUL-terminated UTF-8.
+///
+/// The pointer is the calling thread's own copy of the message, owned by the library: it stays
+/// valid until this thread calls `sds_engine_last_error` again (on any handle) or exits. Other
+/// threads failing calls on the handle, other `sds_*` calls on this thread, and
+/// `sds_engine_destroy` do not touch it. Safe to call from any thread at any time, concurrently
+/// with any call on the handle but destroy. The message is that of the handle's latest failure
+/// at the moment of the copy; with several threads failing calls on one handle, which of their
+/// failures is latest is a race: use `sds_last_error()` (per thread) for the message of this
+/// thread's own call. NULL `engine` gives a static message saying so.
 ///
 /// # Safety
 /// `engine` is NULL or a live handle.
@@ -775,7 +790,60 @@ pub unsafe extern "C" fn sds_engine_status_json(
 pub unsafe extern "C" fn sds_engine_last_error(engine: *const SdsEngine) -> *const c_char {
     // SAFETY: by the caller's contract.
     match unsafe { engine.as_ref() } {
-        Some(h) => h.last_error.as_ptr(),
+        Some(h) => thread_copy_of(&h.last_error),
         None => c"sds_engine_last_error: `engine` is NULL".as_ptr(),
     }
+}
+
+/// Copies the message of the last failed call on this handle ("" if none) into the caller's
+/// buffer, as `snprintf` does: at most `cap - 1` bytes (cut at a UTF-8 character boundary)
+/// followed by a NUL. `*len` (nullable) gets the whole message's length in bytes, without the
+/// NUL, also when it did not fit: allocate `len + 1` and call again.
+///
+/// Returns `SDS_OK` when the whole message fit, `SDS_ERR_BUFFER_TOO_SMALL` when it was cut (or
+/// `cap` is 0: `buf` may then be NULL, to ask for the length only), `SDS_ERR_NULL` for a NULL
+/// `engine`, or a NULL `buf` with `cap` > 0. The caller owns `buf` throughout; nothing is kept.
+/// This call's own failures are recorded for `sds_last_error()` only, never as the handle's
+/// message (reading the message does not replace it). Thread-safe: any thread, concurrently
+/// with any call on the handle but destroy.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `buf` NULL or valid for `cap` writable bytes; `len` NULL
+/// or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_last_error_copy(
+    engine: *const SdsEngine,
+    buf: *mut c_char,
+    cap: usize,
+    len: *mut usize,
+) -> SdsStatus {
+    const F: &str = "sds_engine_last_error_copy";
+    guard(F, None, || {
+        // SAFETY: a non-NULL handle is live by the caller's contract.
+        let h = unsafe { engine.as_ref() }.ok_or_else(|| Failure::null(F, "engine"))?;
+        if buf.is_null() && cap > 0 {
+            return Err(Failure::new(
+                SdsStatus::SDS_ERR_NULL,
+                format!("{F}: `buf` is NULL but `cap` is {cap}"),
+            ));
+        }
+        let (fit, whole) = h.last_error.with(|message| {
+            // SAFETY: `buf` is valid for `cap` bytes by the caller's contract (NULL only with 0).
+            let fit = unsafe { copy_out(message, buf, cap) };
+            (fit, message.to_bytes().len())
+        });
+        // SAFETY: NULL or writable by the caller's contract.
+        unsafe { write_opt(len, whole) };
+        if fit {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                SdsStatus::SDS_ERR_BUFFER_TOO_SMALL,
+                format!(
+                    "{F}: the message needs {} bytes with its NUL; `cap` is {cap}",
+                    whole + 1
+                ),
+            ))
+        }
+    })
 }

@@ -1,9 +1,10 @@
-//! Status codes, the two last-error slots (per handle and per thread), and the boundary guard
-//! that turns errors and panics into status codes.
+//! Status codes, the last-error slots (per handle, and per thread: the thread's last failure and
+//! its copy of a handle's message), and the boundary guard that turns errors and panics into
+//! status codes.
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::ffi::{CString, c_char};
+use std::ffi::{CStr, CString, c_char};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Mutex, PoisonError};
 
@@ -105,15 +106,48 @@ pub(crate) fn c_string(message: &str) -> CString {
 }
 
 thread_local! {
+    /// What `sds_last_error()` returns: the last failure of any call on this thread.
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// What `sds_engine_last_error()` returns: this thread's copy of a handle's message, so that
+    /// another thread failing a call on the handle cannot free what this thread is reading.
+    static HANDLE_ERROR_COPY: RefCell<CString> = RefCell::new(CString::default());
 }
+
+/// Returned when a thread-local slot is gone (the thread is exiting).
+const NO_SLOT: &CStr = c"sds_*: the thread's error slot is gone (the thread is exiting)";
 
 /// The message of the last failure on this thread (any function, any handle).
 pub(crate) fn thread_last_error() -> *const c_char {
-    LAST_ERROR.with(|slot| slot.borrow().as_ptr())
+    LAST_ERROR
+        .try_with(|slot| slot.borrow().as_ptr())
+        .unwrap_or(NO_SLOT.as_ptr())
 }
 
-/// A handle's last-error slot.
+/// Copies a handle's message into this thread's own slot and returns that copy: valid until
+/// this thread calls this again, whatever other threads do with the handle.
+pub(crate) fn thread_copy_of(handle_slot: &ErrorSlot) -> *const c_char {
+    let copy = catch_unwind(AssertUnwindSafe(|| {
+        HANDLE_ERROR_COPY.try_with(|slot| {
+            let mut slot = slot.borrow_mut();
+            handle_slot.with(|message| {
+                // Reuses the thread's buffer: no allocation once it is large enough.
+                let mut bytes = std::mem::take(&mut *slot).into_bytes_with_nul();
+                bytes.clear();
+                bytes.extend_from_slice(message.to_bytes_with_nul());
+                *slot = CString::from_vec_with_nul(bytes).unwrap_or_default();
+            });
+            slot.as_ptr()
+        })
+    }));
+    match copy {
+        Ok(Ok(ptr)) => ptr,
+        Ok(Err(_)) => NO_SLOT.as_ptr(),
+        Err(_) => c"sds_engine_last_error: panicked while copying the message".as_ptr(),
+    }
+}
+
+/// A handle's last-error slot. Its message is never handed out by pointer (another thread may
+/// replace it at any time): readers copy it while holding the lock.
 #[derive(Debug, Default)]
 pub(crate) struct ErrorSlot(Mutex<CString>);
 
@@ -122,13 +156,34 @@ impl ErrorSlot {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = message.clone();
     }
 
-    /// Pointer to the message; valid until the slot is set again or dropped.
-    pub fn as_ptr(&self) -> *const c_char {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ptr()
+    /// Runs `read` on the current message, with the slot locked.
+    pub fn with<R>(&self, read: impl FnOnce(&CStr) -> R) -> R {
+        read(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
+}
+
+/// Copies `message` into `buf` as `snprintf` does: at most `cap - 1` bytes, cut at a UTF-8
+/// character boundary, then a NUL (nothing when `cap` is 0). Returns whether all of it fit.
+///
+/// # Safety
+/// `buf` must be valid for `cap` writable bytes (NULL only with `cap` 0).
+pub(crate) unsafe fn copy_out(message: &CStr, buf: *mut c_char, cap: usize) -> bool {
+    let bytes = message.to_bytes();
+    if cap == 0 {
+        return false;
+    }
+    let mut n = bytes.len().min(cap - 1);
+    // Messages are UTF-8 (built from Rust strings); never split a character.
+    while n < bytes.len() && n > 0 && (bytes[n] & 0xC0) == 0x80 {
+        n -= 1;
+    }
+    // SAFETY: `n + 1 <= cap` bytes written to the caller's buffer; `bytes` is our own memory,
+    // so the two do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.cast::<u8>(), n);
+        buf.add(n).write(0);
+    }
+    n == bytes.len()
 }
 
 fn panic_message(payload: &(dyn Any + Send)) -> String {
@@ -147,7 +202,8 @@ fn record(failure: &Failure, handle_slot: Option<&ErrorSlot>) {
     if let Some(slot) = handle_slot {
         slot.set(&message);
     }
-    LAST_ERROR.with(|slot| *slot.borrow_mut() = message);
+    // Fails only while the thread exits, when nobody can read the slot any more.
+    let _ = LAST_ERROR.try_with(|slot| *slot.borrow_mut() = message);
 }
 
 /// Runs one C entry point: catches panics, records failures, returns the status. `slot` is the
@@ -170,4 +226,34 @@ pub(crate) fn guard(
         record(&failure, slot);
     }
     failure.status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Copies `message` into a buffer of `cap` bytes (plus a guard byte that must stay untouched).
+    fn copied(message: &str, cap: usize) -> (bool, Vec<u8>) {
+        let message = c_string(message);
+        let mut buf = vec![0xAAu8; cap + 1];
+        // SAFETY: `buf` has `cap` writable bytes (and one more).
+        let fit = unsafe { copy_out(&message, buf.as_mut_ptr().cast(), cap) };
+        assert_eq!(buf[cap], 0xAA, "wrote past `cap`");
+        buf.truncate(cap);
+        (fit, buf)
+    }
+
+    #[test]
+    fn copy_out_truncates_like_snprintf_at_a_character_boundary() {
+        assert_eq!(copied("abc", 4), (true, b"abc\0".to_vec()));
+        assert!(copied("abc", 8).0);
+        assert_eq!(copied("abc", 3), (false, b"ab\0".to_vec()));
+        assert_eq!(copied("abc", 1), (false, b"\0".to_vec()));
+        assert_eq!(copied("", 1), (true, b"\0".to_vec()));
+        // "é" is two bytes: room for three gets one "é" and the NUL, never half a character.
+        assert_eq!(copied("éé", 4), (false, vec![0xC3, 0xA9, 0, 0xAA]));
+        assert_eq!(copied("éé", 5), (true, vec![0xC3, 0xA9, 0xC3, 0xA9, 0]));
+        // SAFETY: cap 0 writes nothing, so NULL is fine.
+        assert!(!unsafe { copy_out(c"x", std::ptr::null_mut(), 0) });
+    }
 }

@@ -50,17 +50,18 @@ fn format_code(format: PixelFormat) -> SdsPixelFormat {
 /// An input image in the caller's memory, read only during the call that receives it (never
 /// kept: `sds_engine_submit` copies it).
 ///
-/// `data` must hold `stride * (height - 1) + width * bytes_per_pixel` readable bytes. Any size
-/// is accepted (the pipeline resizes to the stream's width × height); the output comes back in
-/// the same pixel format.
+/// `data` must hold `stride * (height - 1) + width * bytes_per_pixel` readable bytes. Width and
+/// height may be 1 to 16384 and those bytes at most 4 GiB (the pipeline resizes to the stream's
+/// width × height); a description outside these bounds is refused with `SDS_ERR_INVALID_FRAME`
+/// before any byte is read. The output comes back in the same pixel format.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct SdsFrame {
     /// First byte of the top row.
     pub data: *const u8,
-    /// Width in pixels, > 0.
+    /// Width in pixels, 1 to 16384.
     pub width: u32,
-    /// Height in pixels, > 0.
+    /// Height in pixels, 1 to 16384.
     pub height: u32,
     /// Bytes from one row to the next, ≥ width × bytes per pixel; 0 means packed rows.
     pub stride: u32,
@@ -108,11 +109,7 @@ impl SdsFrame {
         }
         let format = pixel_format(function, self.format).map_err(context)?;
         let (width, height) = (self.width as usize, self.height as usize);
-        let stride = if self.stride == 0 {
-            width.saturating_mul(format.bytes_per_pixel())
-        } else {
-            self.stride as usize
-        };
+        let stride = row_stride(width, format, self.stride);
         // The slice covers exactly the bytes the description spans, by core's one size rule;
         // a description that breaks it is refused before any byte is touched.
         let len = frame_len(width, height, stride, format)
@@ -223,23 +220,26 @@ pub struct SdsOutput {
     pub params_version: u64,
 }
 
+/// The row stride a C description means: `stride`, or packed rows when it is 0 (saturating: an
+/// absurd width then fails core's size rule instead of wrapping).
+fn row_stride(width: usize, format: PixelFormat, stride: u32) -> usize {
+    match stride {
+        0 => width.saturating_mul(format.bytes_per_pixel()),
+        _ => stride as usize,
+    }
+}
+
 /// Bytes needed for `width × height` pixels of `format` with rows `stride` apart (0: packed),
-/// by core's frame size rule, and the stride used; `None` when the rule refuses them (a stride
-/// shorter than a row).
+/// by core's frame size rule, and the stride used; core's error when the rule refuses them (a
+/// stride shorter than a row, or one so long that the rows span more than a frame may).
 pub(crate) fn needed_bytes(
     width: usize,
     height: usize,
     format: PixelFormat,
     stride: u32,
-) -> Option<(usize, usize)> {
-    let stride = if stride == 0 {
-        width.checked_mul(format.bytes_per_pixel())?
-    } else {
-        stride as usize
-    };
-    frame_len(width, height, stride, format)
-        .ok()
-        .map(|size| (size, stride))
+) -> sdstream_core::Result<(usize, usize)> {
+    let stride = row_stride(width, format, stride);
+    frame_len(width, height, stride, format).map(|size| (size, stride))
 }
 
 /// Describes `width × height × format` in `out` and checks that it fits the caller's buffer.
@@ -253,17 +253,20 @@ pub(crate) fn check_fits(
     out.width = width as u32;
     out.height = height as u32;
     out.format = format_code(format);
-    let row = width * format.bytes_per_pixel();
-    let Some((size, stride)) = needed_bytes(width, height, format, out.stride) else {
-        out.size = needed_bytes(width, height, format, 0).map_or(0, |(s, _)| s);
-        return Err(Failure::new(
-            SdsStatus::SDS_ERR_BUFFER_TOO_SMALL,
-            format!(
-                "{function}: output stride {} is shorter than a row of {width} {format} pixels \
-                 ({row} bytes)",
-                out.stride
-            ),
-        ));
+    let (size, stride) = match needed_bytes(width, height, format, out.stride) {
+        Ok(fits) => fits,
+        Err(e) => {
+            // What packed rows would need: the caller's way out.
+            out.size = needed_bytes(width, height, format, 0).map_or(0, |(s, _)| s);
+            let reason = match e {
+                sdstream_core::Error::InvalidFrame(reason) => reason,
+                other => other.to_string(),
+            };
+            return Err(Failure::new(
+                SdsStatus::SDS_ERR_BUFFER_TOO_SMALL,
+                format!("{function}: the output buffer: {reason}"),
+            ));
+        }
     };
     out.size = size;
     if out.capacity < size {

@@ -9,11 +9,17 @@
 //! * `examples/c/host.c`: its outputs must equal, byte for byte, what the Rust pipeline
 //!   ([`StreamDiffusion::process`]) gives for the same frames with the same prompt change, and
 //!   the PNGs the `img2img` example writes for the frames before the change;
-//! * `examples/cpp/td_style_host.cpp`: a never-waiting execute() loop.
+//! * `examples/cpp/td_style_host.cpp`: a never-waiting execute() loop;
+//! * `ffi/tests/c/last_error_race.c`: `sds_engine_last_error` read while another thread fails
+//!   calls on the handle (issue #20 item 5);
+//! * `ffi/tests/c/abuse.c`: a hostile host (issue #20: NULLs, bad strings, absurd options and
+//!   frames, closed engines, threads); every failure must come with a status and a message.
 //!
 //! The programs are built with AddressSanitizer (leaks included) when the compiler supports it,
-//! so they fail on any invalid access or leak on either side of the boundary. Set
-//! `SDS_C_TESTS_NO_ASAN=1` to build them without it (to run them under valgrind instead).
+//! and the last two with UndefinedBehaviorSanitizer too, stopping at the first report, so they
+//! fail on any invalid access, undefined behaviour or leak on either side of the boundary. Set
+//! `SDS_C_TESTS_NO_ASAN=1` to build them without sanitizers (to run them under valgrind
+//! instead).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -69,29 +75,67 @@ fn show(output: &Output) -> String {
     )
 }
 
-/// Whether `cc -fsanitize=address` builds and runs a program here.
-fn asan_available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if std::env::var_os("SDS_C_TESTS_NO_ASAN").is_some() {
-            return false;
+/// The sanitizers a C program is built with: AddressSanitizer (with LeakSanitizer) for every
+/// program; the hostile ones (abuse.c, last_error_race.c) add UndefinedBehaviorSanitizer, and
+/// stop at the first report of either.
+#[derive(Clone, Copy, PartialEq)]
+enum Sanitizers {
+    Address,
+    AddressAndUndefined,
+}
+
+impl Sanitizers {
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Sanitizers::Address => &["-fsanitize=address", "-fno-omit-frame-pointer"],
+            Sanitizers::AddressAndUndefined => &[
+                "-fsanitize=address,undefined",
+                "-fno-sanitize-recover=all",
+                "-fno-omit-frame-pointer",
+            ],
         }
-        let dir = scratch("asan-probe");
-        let src = dir.join("probe.c");
-        let exe = dir.join("probe");
-        let ok = std::fs::write(&src, "int main(void) { return 0; }\n").is_ok()
-            && Command::new("cc")
-                .args(["-fsanitize=address", "-o"])
-                .arg(&exe)
-                .arg(&src)
-                .status()
-                .is_ok_and(|s| s.success())
-            && Command::new(&exe).status().is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("note: AddressSanitizer unavailable; C programs built without it");
-        }
-        ok
-    })
+    }
+
+    /// Whether `cc` builds and runs a program with these sanitizers here.
+    fn available(self) -> bool {
+        static AVAILABLE: [OnceLock<bool>; 2] = [OnceLock::new(), OnceLock::new()];
+        *AVAILABLE[self as usize].get_or_init(|| {
+            if std::env::var_os("SDS_C_TESTS_NO_ASAN").is_some() {
+                return false;
+            }
+            let dir = scratch(&format!("sanitizer-probe-{}", self as usize));
+            let src = dir.join("probe.c");
+            let exe = dir.join("probe");
+            let ok = std::fs::write(&src, "int main(void) { return 0; }\n").is_ok()
+                && Command::new("cc")
+                    .args(self.flags())
+                    .arg("-o")
+                    .arg(&exe)
+                    .arg(&src)
+                    .status()
+                    .is_ok_and(|s| s.success())
+                && Command::new(&exe).status().is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!(
+                    "note: {:?} unavailable; C programs built without it",
+                    self.flags()
+                );
+            }
+            ok
+        })
+    }
+}
+
+/// Reports the sanitizers wrote into a program's output.
+fn sanitizer_reports(text: &str) -> usize {
+    [
+        "ERROR: AddressSanitizer",
+        "ERROR: LeakSanitizer",
+        "runtime error:",
+    ]
+    .iter()
+    .map(|marker| text.matches(marker).count())
+    .sum()
 }
 
 /// `libsdstream.a`, built (or found fresh) by cargo in this test's target dir and profile:
@@ -133,16 +177,22 @@ fn staticlib() -> PathBuf {
         .clone()
 }
 
-/// Compiles `sources` (C with `cc`, C++ with `c++`) against the header and the staticlib.
+/// Compiles `sources` (C with `cc`, C++ with `c++`) against the header and the staticlib, with
+/// AddressSanitizer when available.
 fn build(compiler: &str, std: &str, sources: &[PathBuf], exe: &Path) {
+    build_with(compiler, std, sources, exe, Sanitizers::Address);
+}
+
+/// [`build`] with `sanitizers` (when available) and POSIX threads.
+fn build_with(compiler: &str, std: &str, sources: &[PathBuf], exe: &Path, sanitizers: Sanitizers) {
     let lib = staticlib();
     let mut cmd = Command::new(compiler);
     cmd.arg(std)
-        .args(["-Wall", "-Wextra", "-Werror", "-g", "-O1"])
+        .args(["-Wall", "-Wextra", "-Werror", "-g", "-O1", "-pthread"])
         .arg("-I")
         .arg(workspace().join("include"));
-    if asan_available() {
-        cmd.args(["-fsanitize=address", "-fno-omit-frame-pointer"]);
+    if sanitizers.available() {
+        cmd.args(sanitizers.flags());
     }
     cmd.args(sources)
         .arg(&lib)
@@ -159,20 +209,28 @@ fn build(compiler: &str, std: &str, sources: &[PathBuf], exe: &Path) {
     );
 }
 
-/// Runs a built program with the sanitizer's leak checker on; panics with its output on failure.
-fn run(exe: &Path, args: &[&Path]) -> String {
-    let output = Command::new(exe)
+/// Runs a built program with the sanitizers' leak checker on, stopping at the first report.
+fn run_program(exe: &Path, args: &[&Path]) -> Output {
+    Command::new(exe)
         .args(args)
         .env(
             "ASAN_OPTIONS",
             "detect_leaks=1:halt_on_error=1:abort_on_error=0",
         )
+        .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()))
+}
+
+/// Runs a built program (see [`run_program`]); panics with its output on failure or on any
+/// sanitizer report.
+fn run(exe: &Path, args: &[&Path]) -> String {
+    let output = run_program(exe, args);
     let text = show(&output);
     assert!(output.status.success(), "{} failed:\n{text}", exe.display());
-    assert!(
-        !text.contains("AddressSanitizer") && !text.contains("LeakSanitizer"),
+    assert_eq!(
+        sanitizer_reports(&text),
+        0,
         "sanitizer report from {}:\n{text}",
         exe.display()
     );
@@ -451,4 +509,94 @@ fn cpp_td_style_host_runs_without_waiting() {
     let log = run(&exe, &[&model, &vae, &dir.join("frames")]);
     assert!(log.contains("in order: yes"), "{log}");
     println!("{log}");
+}
+
+/// Issue #20 item 5: one thread fails calls on a handle while two read its last error (the
+/// pointer and the copy-out call). It was a use-after-free under AddressSanitizer within the
+/// first thousand reads; now every read is of the reader's own copy.
+#[test]
+fn c_last_error_is_safe_while_another_thread_fails_calls() {
+    let dir = scratch("last_error_race");
+    let exe = dir.join("last_error_race");
+    build_with(
+        "cc",
+        "-std=c11",
+        &[workspace().join("ffi/tests/c/last_error_race.c")],
+        &exe,
+        Sanitizers::AddressAndUndefined,
+    );
+    let (model, vae) = model_args();
+    let log = run(&exe, &[&model, &vae]);
+    assert!(
+        log.contains(
+            "0 unexpected statuses, 0 implausible messages (pointer), 0 (copy), last message \
+             right: yes"
+        ),
+        "{log}"
+    );
+    println!("{log}");
+}
+
+/// A hostile host (ffi/tests/c/abuse.c) under AddressSanitizer, LeakSanitizer and
+/// UndefinedBehaviorSanitizer: NULLs, bad strings, absurd options and frames (issue #20 items 2
+/// and 3), closed engines, several threads on one handle. Every failing call came back with a
+/// status and a message naming its function; no crash, no sanitizer report.
+#[test]
+fn c_abuse_gets_a_status_and_a_message_for_every_failure() {
+    let dir = scratch("abuse");
+    let exe = dir.join("abuse");
+    build_with(
+        "cc",
+        "-std=c11",
+        &[workspace().join("ffi/tests/c/abuse.c")],
+        &exe,
+        Sanitizers::AddressAndUndefined,
+    );
+    let (model, vae) = model_args();
+    let output = run_program(&exe, &[&model, &vae]);
+    let text = show(&output);
+    // Killed by a signal (a crash, or a sanitizer's abort) or exited with a failure.
+    let crashes = usize::from(output.status.code().is_none());
+    let reports = sanitizer_reports(&text);
+    let summary = text
+        .lines()
+        .find(|line| line.starts_with("abuse: "))
+        .unwrap_or("abuse: no summary (the program did not finish)");
+    println!(
+        "{summary}\nabuse: crashes {crashes}, sanitizer reports {reports} (sanitizers: {})",
+        if Sanitizers::AddressAndUndefined.available() {
+            "address, leak, undefined"
+        } else {
+            "none available"
+        }
+    );
+    assert_eq!((crashes, reports), (0, 0), "{text}");
+    assert!(output.status.success(), "{text}");
+    let figure = |name: &str| -> u64 {
+        let start = summary
+            .find(&format!("{name} "))
+            .unwrap_or_else(|| panic!("{name} missing: {summary}"));
+        summary[start + name.len() + 1..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: {summary}"))
+    };
+    let (failing, with_message, no_output) = (
+        figure("failing calls"),
+        figure("errors with messages"),
+        figure("no-output answers"),
+    );
+    assert_eq!(figure("errors without messages"), 0, "{text}");
+    assert_eq!(figure("panics"), 0, "{text}");
+    assert_eq!(figure("unexpected outcomes"), 0, "{text}");
+    assert_eq!(failing, with_message + no_output, "{summary}");
+    assert!(figure("calls") > failing && with_message > 300, "{summary}");
+    // The threads' phase ran against a live pipeline, not only against refusals, and the
+    // random descriptions (a fixed sequence) were copied as well as refused.
+    assert!(figure("frames accepted") > 0, "{summary}");
+    assert!(
+        figure("copied") > 500 && figure("refused") > 500,
+        "{summary}"
+    );
 }

@@ -7,8 +7,8 @@
 """
 
 from ._sdstream import QueueFullError, ValidationError, __version__
-from ._models import ControlNetConfig, IPAdapterConfig, StreamDiffusionParams
-from ._stream import Engine, Output, StreamDiffusion, as_frame
+from ._models import ControlNetConfig, IPAdapterConfig, Prompt, Seed, StreamDiffusionParams, UpdateKind
+from ._stream import ControlsLike, Engine, FrameLike, Output, ParamsLike, StreamDiffusion, as_frame
 
 __all__ = [
     "ControlNetConfig",

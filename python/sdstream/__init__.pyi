@@ -1,8 +1,21 @@
 from os import PathLike
-from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "ControlNetConfig",
+    "Engine",
+    "IPAdapterConfig",
+    "Output",
+    "QueueFullError",
+    "StreamDiffusion",
+    "StreamDiffusionParams",
+    "ValidationError",
+    "__version__",
+    "as_frame",
+]
 
 __version__: str
 
@@ -188,6 +201,8 @@ class StreamDiffusion:
         vae: Union[str, PathLike[str]] = ...,
         model_root: Optional[Union[str, PathLike[str]]] = ...,
         allow_any_resolution: bool = ...,
+        allow_model_paths: bool = ...,
+        allowed_models: Sequence[str] = ...,
     ) -> None: ...
     def __call__(self, frame: FrameLike, controls: Optional[ControlsLike] = ...) -> np.ndarray: ...
     def process(self, frame: FrameLike, controls: Optional[ControlsLike] = ...) -> np.ndarray: ...
@@ -225,6 +240,8 @@ class Engine:
         vae: Union[str, PathLike[str]] = ...,
         model_root: Optional[Union[str, PathLike[str]]] = ...,
         allow_any_resolution: bool = ...,
+        allow_model_paths: bool = ...,
+        allowed_models: Sequence[str] = ...,
     ) -> None: ...
     def wait_ready(self, timeout: Optional[float] = ...) -> None: ...
     def submit(
@@ -233,6 +250,12 @@ class Engine:
         timestamp: Optional[int] = ...,
         controls: Optional[ControlsLike] = ...,
     ) -> int: ...
+    def process(
+        self,
+        frame: FrameLike,
+        controls: Optional[ControlsLike] = ...,
+        timestamp: Optional[int] = ...,
+    ) -> Output: ...
     def poll(self) -> Optional[Output]: ...
     def recv(self, timeout: float = ...) -> Optional[Output]: ...
     def flush(self) -> int: ...

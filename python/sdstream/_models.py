@@ -9,32 +9,117 @@ HTTP server see them.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Dict, Mapping, Optional
+import os
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple, Type, Union
+
+import numpy as np
 
 from . import _sdstream
 
 ValidationError = _sdstream.ValidationError
 
+# Type aliases for annotations, as the stubs name them. UpdateKind: what an update cost, in
+# core's spelling, written as the union of one-value Literals that type checkers (and stubtest,
+# comparing with the stub) make of Literal[...].
+UpdateKind = Union[Literal["unchanged"], Literal["hot"], Literal["controlnet_swap"], Literal["reload"]]
+Prompt = Union[str, List[Tuple[str, float]]]
+Seed = Union[int, List[Tuple[int, float]]]
 
-def _plain(value: Any) -> Any:
-    """Turns models, tuples and numpy scalars into plain JSON values."""
+# The core's JSON parser refuses bodies nested deeper than this (serde_json's recursion limit);
+# stopping at the same depth here keeps Python's own recursion far from its limit, so a deep or
+# self-containing value is a ValidationError, never a RecursionError.
+_MAX_DEPTH = 128
+
+
+# A JSON text as the core takes it (bytes must be UTF-8).
+_JsonText = Union[str, bytes, bytearray]
+
+# Where a value sits in the body, built only for messages: (parent, key-or-index), or None.
+_Path = Optional[tuple]
+
+
+def _where(path: _Path) -> str:
+    parts = []
+    while path is not None:
+        path, step = path
+        if isinstance(step, int):
+            parts.append(f"[{step}]")
+        else:
+            name = step if len(step) <= 40 else step[:40] + "..."
+            name = name.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+            parts.append(f".{name}")
+    text = "".join(reversed(parts)).lstrip(".")
+    return f" at {text}" if text else ""
+
+
+def _plain(value: Any, path: _Path = None, depth: int = 0, open_ids: Optional[List[int]] = None) -> Any:
+    """`value` as plain JSON values (dict with str keys, list, str, int, float, bool, None):
+    models become their dump, tuples and numpy arrays lists, numpy scalars Python numbers,
+    path-like keys text. Anything else, a value nested deeper than the core reads, or a dict /
+    list that contains itself raises `ValidationError` naming where it is."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, np.generic):
+        item = value.item()
+        if isinstance(item, np.generic):  # longdouble, clongdouble: no Python equivalent
+            raise ValidationError(f"invalid JSON: numpy {type(value).__name__} is not a JSON value{_where(path)}")
+        return _plain(item, path, depth, open_ids)
     if isinstance(value, _Model):
         return value.model_dump()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
-        return value.item()  # numpy scalar
-    return value
+    if depth >= _MAX_DEPTH:
+        raise ValidationError(f"invalid JSON: nested more than {_MAX_DEPTH} levels deep{_where(path)}")
+    open_ids = [] if open_ids is None else open_ids
+    if id(value) in open_ids:
+        raise ValidationError(f"invalid JSON: a dict or list contains itself{_where(path)}")
+    open_ids.append(id(value))
+    try:
+        if isinstance(value, Mapping):
+            out = {}
+            for key, item in value.items():
+                name = _key(key, path)
+                out[name] = _plain(item, (path, name), depth + 1, open_ids)
+            return out
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        if isinstance(value, (list, tuple)):
+            return [_plain(v, (path, i), depth + 1, open_ids) for i, v in enumerate(value)]
+    finally:
+        open_ids.pop()
+    raise ValidationError(f"invalid JSON: {type(value).__name__} is not a JSON value{_where(path)}")
+
+
+def _key(key: Any, path: _Path) -> str:
+    """An object key as JSON text: a str, or a path (a LoRA or model folder)."""
+    if isinstance(key, os.PathLike):
+        key = os.fspath(key)
+        if isinstance(key, bytes):
+            key = os.fsdecode(key)
+    if not isinstance(key, str):
+        raise ValidationError(
+            f"invalid JSON: object keys must be strings; got {type(key).__name__}{_where(path)}"
+        )
+    return key
 
 
 def _to_json(data: Any) -> str:
+    plain = _plain(data)
     try:
-        # Compact, like serde_json: the core's messages quote positions in this text.
-        return json.dumps(_plain(data), allow_nan=True, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
+        # Compact, like serde_json: the core's messages quote positions in this text. NaN and
+        # infinity are written as such, and the core refuses them as invalid JSON.
+        return json.dumps(plain, allow_nan=True, separators=(",", ":"))
+    except ValueError as e:  # an int too long for Python's str() (4300 digits by default)
         raise ValidationError(f"invalid JSON: {e}") from None
+
+
+def _text_or_path(value: Any, what: str) -> str:
+    """A model id or folder given as text or a path."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        if isinstance(value, bytes):
+            value = os.fsdecode(value)
+    if not isinstance(value, str):
+        raise ValidationError(f"{what} must be a model id or a folder path; got {type(value).__name__}")
+    return value
 
 
 def _settings_json(settings: Optional[Mapping[str, Any]]) -> Optional[str]:
@@ -47,7 +132,7 @@ class _Model:
     """Common behaviour of the three models; subclasses say how the core validates them."""
 
     __slots__ = ("_data", "_settings")
-    _nested: ClassVar[Dict[str, type]] = {}
+    _nested: ClassVar[Dict[str, "Type[_Model]"]] = {}
 
     def __init__(self, **data: Any) -> None:
         self._init(data, None)
@@ -57,7 +142,7 @@ class _Model:
         object.__setattr__(self, "_data", self._canonical(_to_json(data), settings))
 
     @classmethod
-    def _canonical(cls, body: str, settings: Optional[str]) -> Dict[str, Any]:
+    def _canonical(cls, body: _JsonText, settings: Optional[str]) -> Dict[str, Any]:
         raise NotImplementedError
 
     @classmethod
@@ -82,9 +167,7 @@ class _Model:
 
     @classmethod
     def model_validate_json(cls, json_data: "str | bytes", *, context: Optional[Mapping[str, Any]] = None):
-        """Validates a JSON text."""
-        if isinstance(json_data, (bytes, bytearray)):
-            json_data = json_data.decode("utf-8")
+        """Validates a JSON text (str, or UTF-8 bytes)."""
         model = cls.__new__(cls)
         settings = _settings_json(context)
         object.__setattr__(model, "_settings", settings)
@@ -104,6 +187,8 @@ class _Model:
 
     def model_copy(self, *, update: Optional[Mapping[str, Any]] = None, deep: bool = False):
         """A copy with `update` applied. Unlike pydantic, the result is validated."""
+        if update is not None and not isinstance(update, Mapping):
+            raise ValidationError(f"model_copy: update must be a dict, got {type(update).__name__}")
         data = self.model_dump()
         data.update(update or {})
         return type(self)._new(data, self._settings)
@@ -156,10 +241,10 @@ class _Model:
         return (_rebuild, (type(self), self.model_dump_json(), self._settings))
 
 
-def _rebuild(cls: type, body: str, settings: Optional[str]) -> _Model:
+def _rebuild(cls: "Type[_Model]", body: str, settings: Optional[str]) -> _Model:
     model = cls.__new__(cls)
     object.__setattr__(model, "_settings", settings)
-    object.__setattr__(model, "_data", cls._canonical(body, settings))  # type: ignore[attr-defined]
+    object.__setattr__(model, "_data", cls._canonical(body, settings))
     return model
 
 
@@ -171,7 +256,7 @@ class ControlNetConfig(_Model):
     __slots__ = ()
 
     @classmethod
-    def _canonical(cls, body: str, settings: Optional[str]) -> Dict[str, Any]:
+    def _canonical(cls, body: _JsonText, settings: Optional[str]) -> Dict[str, Any]:
         return json.loads(_sdstream.validate_nested("controlnet", body))
 
 
@@ -182,7 +267,7 @@ class IPAdapterConfig(_Model):
     __slots__ = ()
 
     @classmethod
-    def _canonical(cls, body: str, settings: Optional[str]) -> Dict[str, Any]:
+    def _canonical(cls, body: _JsonText, settings: Optional[str]) -> Dict[str, Any]:
         return json.loads(_sdstream.validate_nested("ip_adapter", body))
 
 
@@ -193,11 +278,11 @@ class StreamDiffusionParams(_Model):
     the object unchanged."""
 
     __slots__ = ()
-    _nested: ClassVar[Dict[str, type]] = {
+    _nested: ClassVar[Dict[str, "Type[_Model]"]] = {
         "controlnets": ControlNetConfig,
         "ip_adapter": IPAdapterConfig,
     }
 
     @classmethod
-    def _canonical(cls, body: str, settings: Optional[str]) -> Dict[str, Any]:
+    def _canonical(cls, body: _JsonText, settings: Optional[str]) -> Dict[str, Any]:
         return json.loads(_sdstream.validate_params(body, settings))

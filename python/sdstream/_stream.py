@@ -7,16 +7,19 @@ import os
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _sdstream
-from ._models import StreamDiffusionParams, _to_json
+from ._models import StreamDiffusionParams, ValidationError, _text_or_path, _to_json
 
 ParamsLike = Union[StreamDiffusionParams, Mapping[str, Any], str]
-ControlsLike = Mapping[Union[str, "os.PathLike[str]"], Any]
+FrameLike = Union["npt.NDArray[np.uint8]", "npt.NDArray[np.float32]", Any]
+"""A frame: an HxWx3 / HxWx4 uint8 or HxWx3 float32 numpy array, or a PIL image."""
+ControlsLike = Mapping[Union[str, "os.PathLike[str]"], FrameLike]
 
 
 def _settings_body(settings: Mapping[str, Any]) -> str:
-    body = {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in settings.items()}
+    body = {k: (_text_or_path(v, k) if isinstance(v, os.PathLike) else v) for k, v in settings.items()}
     return _sdstream.validate_settings(_to_json(body))
 
 
@@ -29,19 +32,19 @@ def _params_body(params: Optional[ParamsLike], model: Optional[str], settings: s
         data: Dict[str, Any] = {}
     elif isinstance(params, StreamDiffusionParams):
         data = params.model_dump()
-    elif isinstance(params, str):
+    elif isinstance(params, (str, bytes, bytearray)):
         data = json.loads(_sdstream.validate_params(params, settings))
     elif isinstance(params, Mapping):
         data = dict(params)
     else:
-        raise TypeError(
+        raise ValidationError(
             f"params must be a StreamDiffusionParams, a dict or a JSON text, got {type(params).__name__}"
         )
     if model is not None:
-        data["model_id"] = str(model)
+        data["model_id"] = _text_or_path(model, "model")
     body = _to_json(data)
     if changes:
-        body = _sdstream.merge_patch(body, _to_json(dict(changes)))
+        body = _sdstream.merge_patch(body, _to_json(changes))
     return _sdstream.validate_params(body, settings)
 
 
@@ -81,7 +84,8 @@ class StreamDiffusion:
     ``StreamDiffusion(params, model=None, **settings)``: `params` is a `StreamDiffusionParams`,
     a dict or a JSON text (validated under `settings`); `model` (an id or a local folder)
     replaces its `model_id`; `settings` are engine settings (``cfg_type``, ``vae``,
-    ``device``, ``dtype``, ``model_root``, ``frame_buffer_size``, ``allow_any_resolution``).
+    ``device``, ``dtype``, ``model_root``, ``frame_buffer_size``, ``allow_any_resolution``,
+    ``allow_model_paths``, ``allowed_models``).
     Loading and inference release the GIL. Calls from several threads are serialised.
     """
 
@@ -127,7 +131,9 @@ class StreamDiffusion:
         return self._native.update(_params_body(params, None, self._settings, changes))
 
     def status(self) -> Dict[str, Any]:
-        """State, parameters, size, frame count and the last frame's stage timings (ms)."""
+        """The status report in the Engine's schema (`Engine.status`): Daydream's fields (state,
+        fps, last_params, last_error, ...), the size, frame counters and the last frame's stage
+        timings in ms."""
         return json.loads(self._native.status_json())
 
     def close(self) -> None:
@@ -194,6 +200,17 @@ class Engine:
         ControlNets as in `StreamDiffusion.__call__` (copied too). An id naming no configured
         ControlNet raises `ValidationError` naming it, and nothing is queued."""
         return self._native.submit(as_frame(frame), timestamp, _controls(controls))
+
+    def process(self, frame: Any, controls: Optional[ControlsLike] = None,
+                timestamp: Optional[int] = None) -> Output:
+        """Submits `frame` and waits for its own output (with the GIL released): the
+        synchronous call on the engine's threads, giving what `StreamDiffusion.__call__` gives
+        for the same frames, as an `Output`. The output never reaches `poll` / `recv`, and
+        outputs of earlier `submit` calls stay there. `controls` and `timestamp` as in `submit`;
+        an id naming no configured ControlNet raises `ValidationError` and nothing is queued.
+        Raises `RuntimeError` when the frame is dropped before it is processed (a newer frame
+        took its place in a full "latest" queue, `flush`, `close`) or fails in the pipeline."""
+        return Output(*self._native.process(as_frame(frame), _controls(controls), timestamp))
 
     def poll(self) -> Optional[Output]:
         """The oldest output not yet collected, or None; never waits."""

@@ -5,6 +5,7 @@
 //! and the HTTP server speak. The pure-Python package `sdstream` wraps these natives in
 //! pydantic-like classes. Inference and loading run with the GIL released.
 
+use std::borrow::Cow;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString};
 
 use sdstream::params::{ControlNetConfig, IPAdapterConfig};
 use sdstream::{
@@ -45,21 +46,74 @@ fn py_err(e: Error) -> PyErr {
     }
 }
 
+/// A JSON text handed in from Python: a `str`, or UTF-8 `bytes` / `bytearray`. Anything else,
+/// a `str` that cannot be UTF-8 (a lone surrogate such as '\ud800') and bytes that are not
+/// UTF-8 raise `ValidationError` naming `what`, as a bad body does, instead of the
+/// TypeError / UnicodeEncodeError / UnicodeDecodeError pyo3's own conversions would.
+fn json_text<'a>(text: &'a Bound<'_, PyAny>, what: &str) -> PyResult<Cow<'a, str>> {
+    if let Ok(text) = text.cast::<PyString>() {
+        return text.to_cow().map_err(|e| {
+            ValidationError::new_err(format!(
+                "invalid JSON ({what}): the text is not valid Unicode: {}",
+                e.value(text.py())
+            ))
+        });
+    }
+    let not_utf8 = |e: std::str::Utf8Error| {
+        ValidationError::new_err(format!(
+            "invalid JSON ({what}): the bytes are not UTF-8: {e}"
+        ))
+    };
+    if let Ok(bytes) = text.cast::<PyBytes>() {
+        return std::str::from_utf8(bytes.as_bytes())
+            .map(Cow::Borrowed)
+            .map_err(not_utf8);
+    }
+    if let Ok(bytes) = text.cast::<PyByteArray>() {
+        return String::from_utf8(bytes.to_vec())
+            .map(Cow::Owned)
+            .map_err(|e| not_utf8(e.utf8_error()));
+    }
+    Err(ValidationError::new_err(format!(
+        "invalid JSON ({what}): expected a JSON text (str or bytes), got {}",
+        text.get_type()
+            .name()
+            .map_or_else(|_| "an object".to_owned(), |n| n.to_string())
+    )))
+}
+
+/// [`json_text`] for an optional argument (None: absent).
+fn optional_json_text<'a>(
+    text: Option<&'a Bound<'_, PyAny>>,
+    what: &str,
+) -> PyResult<Option<Cow<'a, str>>> {
+    text.map(|t| json_text(t, what)).transpose()
+}
+
 /// Engine settings from an optional JSON object (omitted: the defaults).
-fn settings_from(settings_json: Option<&str>) -> PyResult<EngineSettings> {
-    match settings_json {
-        Some(text) => EngineSettings::from_json(text).map_err(py_err),
+fn settings_from(settings_json: Option<&Bound<'_, PyAny>>) -> PyResult<EngineSettings> {
+    match optional_json_text(settings_json, "settings")? {
+        Some(text) => EngineSettings::from_json(&text).map_err(py_err),
         None => Ok(EngineSettings::default()),
     }
+}
+
+/// Parameters from a JSON text, validated under `settings`.
+fn params_from(
+    params_json: &Bound<'_, PyAny>,
+    settings: &EngineSettings,
+) -> PyResult<StreamDiffusionParams> {
+    let text = json_text(params_json, "params")?;
+    StreamDiffusionParams::from_json_with(&text, settings).map_err(py_err)
 }
 
 /// `patch_json` merged into `base_json` as JSON Merge Patch (objects merge, `null` removes a
 /// member, anything else replaces): core's one merge of partial parameters. Raises
 /// `ValidationError` when either is not JSON.
 #[pyfunction]
-fn merge_patch(base_json: &str, patch_json: &str) -> PyResult<String> {
-    let parse = |what: &str, text: &str| {
-        serde_json::from_str::<serde_json::Value>(text)
+fn merge_patch(base_json: &Bound<'_, PyAny>, patch_json: &Bound<'_, PyAny>) -> PyResult<String> {
+    let parse = |what: &str, text: &Bound<'_, PyAny>| {
+        serde_json::from_str::<serde_json::Value>(&json_text(text, what)?)
             .map_err(|e| ValidationError::new_err(format!("invalid JSON ({what}): {e}")))
     };
     let mut merged = parse("base", base_json)?;
@@ -71,29 +125,33 @@ fn merge_patch(base_json: &str, patch_json: &str) -> PyResult<String> {
 /// (every field present, defaults filled). Raises `ValidationError` with core's message.
 #[pyfunction]
 #[pyo3(signature = (body, settings_json=None))]
-fn validate_params(body: &str, settings_json: Option<&str>) -> PyResult<String> {
+fn validate_params(
+    body: &Bound<'_, PyAny>,
+    settings_json: Option<&Bound<'_, PyAny>>,
+) -> PyResult<String> {
     let settings = settings_from(settings_json)?;
-    let params = StreamDiffusionParams::from_json_with(body, &settings).map_err(py_err)?;
-    Ok(params.to_json())
+    Ok(params_from(body, &settings)?.to_json())
 }
 
 /// Validates engine settings and returns their canonical JSON.
 #[pyfunction]
-fn validate_settings(body: &str) -> PyResult<String> {
-    Ok(EngineSettings::from_json(body).map_err(py_err)?.to_json())
+fn validate_settings(body: &Bound<'_, PyAny>) -> PyResult<String> {
+    let text = json_text(body, "settings")?;
+    Ok(EngineSettings::from_json(&text).map_err(py_err)?.to_json())
 }
 
 /// Validates engine options (queueing) and returns their canonical JSON.
 #[pyfunction]
-fn validate_options(body: &str) -> PyResult<String> {
-    Ok(EngineOptions::from_json(body).map_err(py_err)?.to_json())
+fn validate_options(body: &Bound<'_, PyAny>) -> PyResult<String> {
+    let text = json_text(body, "options")?;
+    Ok(EngineOptions::from_json(&text).map_err(py_err)?.to_json())
 }
 
 /// Parses one nested object on its own (`"controlnet"` or `"ip_adapter"`) with core's types:
 /// field types, enum values, unknown fields and defaults. The rules that need the whole
 /// parameter set (model family, duplicates, ranges) run when it is placed in one.
 #[pyfunction]
-fn validate_nested(kind: &str, body: &str) -> PyResult<String> {
+fn validate_nested(kind: &str, body: &Bound<'_, PyAny>) -> PyResult<String> {
     fn canonical<T: serde::de::DeserializeOwned + serde::Serialize>(
         field: &str,
         body: &str,
@@ -107,9 +165,10 @@ fn validate_nested(kind: &str, body: &str) -> PyResult<String> {
         })?;
         serde_json::to_string(&value).map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
+    let body = json_text(body, kind)?;
     match kind {
-        "controlnet" => canonical::<ControlNetConfig>("controlnets[]", body),
-        "ip_adapter" => canonical::<IPAdapterConfig>("ip_adapter", body),
+        "controlnet" => canonical::<ControlNetConfig>("controlnets[]", &body),
+        "ip_adapter" => canonical::<IPAdapterConfig>("ip_adapter", &body),
         other => Err(PyValueError::new_err(format!(
             "unknown nested kind {other:?}; expected \"controlnet\" or \"ip_adapter\""
         ))),
@@ -121,10 +180,14 @@ fn validate_nested(kind: &str, body: &str) -> PyResult<String> {
 /// under `settings_json`): "unchanged", "hot", "controlnet_swap" or "reload".
 #[pyfunction]
 #[pyo3(signature = (old, new, settings_json=None))]
-fn classify(old: &str, new: &str, settings_json: Option<&str>) -> PyResult<&'static str> {
+fn classify(
+    old: &Bound<'_, PyAny>,
+    new: &Bound<'_, PyAny>,
+    settings_json: Option<&Bound<'_, PyAny>>,
+) -> PyResult<&'static str> {
     let settings = settings_from(settings_json)?;
-    let old = StreamDiffusionParams::from_json_with(old, &settings).map_err(py_err)?;
-    let new = StreamDiffusionParams::from_json_with(new, &settings).map_err(py_err)?;
+    let old = params_from(old, &settings)?;
+    let new = params_from(new, &settings)?;
     Ok(sdstream::classify(&old, &new).kind().as_str())
 }
 
@@ -298,10 +361,13 @@ impl PyStreamDiffusion {
     /// Loads the model named by the canonical `params_json` under `settings_json`.
     #[new]
     #[pyo3(signature = (params_json, settings_json=None))]
-    fn new(py: Python<'_>, params_json: &str, settings_json: Option<&str>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        params_json: &Bound<'_, PyAny>,
+        settings_json: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let settings = settings_from(settings_json)?;
-        let params =
-            StreamDiffusionParams::from_json_with(params_json, &settings).map_err(py_err)?;
+        let params = params_from(params_json, &settings)?;
         let stream = py
             .detach(|| StreamDiffusion::new(params, settings))
             .map_err(py_err)?;
@@ -337,10 +403,11 @@ impl PyStreamDiffusion {
 
     /// Applies a complete canonical parameter set; returns "unchanged", "hot",
     /// "controlnet_swap" or "reload" (a reload rebuilds the stream before returning).
-    fn update(&self, py: Python<'_>, params_json: &str) -> PyResult<&'static str> {
+    fn update(&self, py: Python<'_>, params_json: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+        let text = json_text(params_json, "params")?;
         py.detach(|| {
             self.with_stream(|stream| {
-                let params = StreamDiffusionParams::from_json_with(params_json, stream.settings())
+                let params = StreamDiffusionParams::from_json_with(&text, stream.settings())
                     .map_err(py_err)?;
                 stream
                     .update(params)
@@ -406,18 +473,17 @@ impl PyEngine {
     #[pyo3(signature = (params_json, settings_json=None, options_json=None, wait=true))]
     fn new(
         py: Python<'_>,
-        params_json: &str,
-        settings_json: Option<&str>,
-        options_json: Option<&str>,
+        params_json: &Bound<'_, PyAny>,
+        settings_json: Option<&Bound<'_, PyAny>>,
+        options_json: Option<&Bound<'_, PyAny>>,
         wait: bool,
     ) -> PyResult<Self> {
         let settings = settings_from(settings_json)?;
-        let options = match options_json {
-            Some(text) => EngineOptions::from_json(text).map_err(py_err)?,
+        let options = match optional_json_text(options_json, "options")? {
+            Some(text) => EngineOptions::from_json(&text).map_err(py_err)?,
             None => EngineOptions::default(),
         };
-        let params =
-            StreamDiffusionParams::from_json_with(params_json, &settings).map_err(py_err)?;
+        let params = params_from(params_json, &settings)?;
         let engine = py
             .detach(|| {
                 if wait {
@@ -458,6 +524,31 @@ impl PyEngine {
         py.detach(|| self.engine.submit(submission)).map_err(py_err)
     }
 
+    /// Queues the frame (and control images, as `submit`) and waits for its own output, which
+    /// `poll` / `recv` never see; returns it as they do. Fails as `submit` does before
+    /// anything is queued, and when the frame is dropped or fails in the pipeline. Waits with
+    /// the GIL released.
+    #[pyo3(signature = (frame, controls=None, timestamp=None))]
+    fn process(
+        &self,
+        py: Python<'_>,
+        frame: &Bound<'_, PyAny>,
+        controls: Option<&Bound<'_, PyDict>>,
+        timestamp: Option<i64>,
+    ) -> PyResult<Py<PyAny>> {
+        let array = FrameArray::extract(frame)?;
+        let frame = array.frame()?;
+        let control_arrays = control_arrays(controls)?;
+        let controls = control_frames(&control_arrays)?;
+        let submission = Submission::new(frame)
+            .controls(controls.iter().map(|(id, c)| (*id, *c)))
+            .timestamp(timestamp);
+        let output = py
+            .detach(|| self.engine.process(submission))
+            .map_err(py_err)?;
+        output_tuple(py, output)
+    }
+
     /// The oldest output not yet collected, or None; never waits. An output is a tuple
     /// `(id, timestamp, image, params_version, latency_seconds)`.
     fn poll(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
@@ -481,9 +572,8 @@ impl PyEngine {
 
     /// Applies a complete canonical parameter set; returns "unchanged", "hot" or "reload"
     /// (a reload builds in the background).
-    fn update(&self, py: Python<'_>, params_json: &str) -> PyResult<&'static str> {
-        let params = StreamDiffusionParams::from_json_with(params_json, self.engine.settings())
-            .map_err(py_err)?;
+    fn update(&self, py: Python<'_>, params_json: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+        let params = params_from(params_json, self.engine.settings())?;
         py.detach(|| self.engine.update_params(params))
             .map(|u| u.kind().as_str())
             .map_err(py_err)

@@ -78,9 +78,12 @@ def test_unknown_controlnet_id_raises_and_changes_nothing(body, tiny_settings, f
     with Engine(body, options={"warmup": False}, **tiny_settings) as engine:
         with pytest.raises(ValidationError, match="no/such-net"):
             engine.submit(frames[0], controls={"no/such-net": control})
+        with pytest.raises(ValidationError, match="no/such-net"):
+            engine.process(frames[0], controls={NET: control, "no/such-net": control})
         assert engine.status()["frames_submitted"] == 0
         engine.submit(frames[0], controls={NET: control})
         assert engine.recv() is not None
+        assert engine.status()["frames_submitted"] == 1
 
 
 def test_bad_controls_raise(body, tiny_settings, frames):
@@ -106,3 +109,10 @@ def test_engine_equals_the_stream_byte_for_byte(body, tiny_settings, frames, con
             out = engine.recv(60.0)
             assert out is not None and out.id == ids[i] and out.timestamp == 100 + i
             assert np.array_equal(out.image, want), f"frame {i}: max diff {mean_diff(out.image, want)}"
+    # Engine.process with the same control images gives the same bytes.
+    with Engine(body, options={"warmup": False}, **tiny_settings) as engine:
+        for i, (c, want) in enumerate(zip(given, expected)):
+            out = engine.process(frames[i], controls=c, timestamp=200 + i)
+            assert out.timestamp == 200 + i
+            assert np.array_equal(out.image, want), f"frame {i}: max diff {mean_diff(out.image, want)}"
+        assert engine.poll() is None

@@ -133,6 +133,28 @@ def test_engine_matches_stream(tiny_body, tiny_settings, frames):
         assert status["last_params"]["prompt"] == "a boat"
 
 
+def test_engine_process_equals_stream(tiny_body, tiny_settings, frames):
+    """Engine.process gives StreamDiffusion's pictures for the same frames, as Outputs with the
+    caller's timestamps; its outputs never reach poll / recv, and a submitted frame's does."""
+    with StreamDiffusion(tiny_body, **tiny_settings) as s:
+        want = [s(f) for f in frames[:4]]
+    options = {"warmup": False, "drop_policy": "lossless", "queue_capacity": 8}
+    with Engine(tiny_body, options=options, **tiny_settings) as engine:
+        outs = [engine.process(f, timestamp=500 + i) for i, f in enumerate(frames[:2])]
+        # A submitted frame between two process calls: its output waits for poll / recv.
+        submitted = engine.submit(frames[2], timestamp=502)
+        outs.append(engine.process(frames[3], timestamp=503))
+        queued = engine.recv(60.0)
+        assert engine.poll() is None
+        assert all(isinstance(o, sdstream.Output) for o in outs)
+        assert [o.timestamp for o in outs] == [500, 501, 503]
+        assert outs[0].id < outs[1].id < submitted < outs[2].id
+        assert queued is not None and (queued.id, queued.timestamp) == (submitted, 502)
+        for got, w in zip([outs[0], outs[1], queued, outs[2]], want):
+            assert np.array_equal(got.image, w)
+        assert engine.status()["frames_processed"] == 4
+
+
 def test_engine_spawn_without_waiting(tiny_body, tiny_settings, frames):
     engine = Engine(tiny_body, wait=False, **tiny_settings)
     try:

@@ -1030,3 +1030,34 @@ fn process_says_why_its_frame_was_lost() {
         factory.frame_gate.open();
     });
 }
+
+#[test]
+fn options_of_the_wrong_type_are_refused_naming_the_option() {
+    for (field, value) in [
+        ("queue_capacity", "-1"),
+        ("queue_capacity", "18446744073709551616"),
+        ("output_capacity", "1e20"),
+        ("output_capacity", "\"8\""),
+        ("input_timeout_ms", "2.5"),
+        ("fps_window_ms", "null"),
+        ("drop_policy", "\"sometimes\""),
+        ("warmup", "1"),
+    ] {
+        let err = EngineOptions::from_json(&format!("{{\"{field}\": {value}}}")).expect_err(field);
+        assert!(
+            matches!(&err, Error::Json(m) if m.starts_with(&format!("engine options: {field}: "))),
+            "{field} = {value}: {err:?}"
+        );
+    }
+    for text in [
+        "{\"queue_capacity\": 2} x",
+        "[2, 8]",
+        "{\"queue_capacity\": 2",
+    ] {
+        let err = EngineOptions::from_json(text).expect_err(text);
+        assert!(
+            matches!(&err, Error::Json(m) if m.starts_with("engine options: ")),
+            "{err:?}"
+        );
+    }
+}

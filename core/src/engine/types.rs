@@ -61,10 +61,27 @@ impl Default for EngineOptions {
 }
 
 impl EngineOptions {
-    /// Parses and validates options from JSON; omitted keys take their defaults.
+    /// Parses and validates options from JSON; omitted keys take their defaults. A text that
+    /// is not a JSON object of options is an [`Error::Json`] whose message names the option
+    /// that does not fit (`engine options: queue_capacity: invalid value: integer `-1`,
+    /// expected usize`); a value out of range is an [`Error::InvalidParam`] (see
+    /// [`validate`](Self::validate)).
     pub fn from_json(text: &str) -> Result<Self> {
-        let options: Self =
-            serde_json::from_str(text).map_err(|e| Error::Json(format!("engine options: {e}")))?;
+        let fail = |message: String| Error::Json(format!("engine options: {message}"));
+        let tree: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| fail(e.to_string()))?;
+        // serde's derived structs also take a list of the fields in order; options are an object.
+        if !tree.is_object() {
+            return Err(fail("expected a JSON object of options".to_string()));
+        }
+        let options: Self = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            match path.as_str() {
+                // An unknown option: serde's message names it.
+                "." => fail(e.into_inner().to_string()),
+                _ => fail(format!("{path}: {}", e.into_inner())),
+            }
+        })?;
         options.validate()?;
         Ok(options)
     }

@@ -30,5 +30,8 @@ pub use nested::{
     ControlNetConfig, IPAdapterConfig, IpAdapterType, ProcessingConfig, ProcessorConfig,
 };
 pub use settings::{CfgType, DTypeChoice, DeviceSpec, EngineSettings, VaeChoice};
-pub use validate::{MAX_SEED_EXCLUSIVE, MAX_T_INDEX_LEN, ModelKind, SDXL_MAX_ENABLED_CONTROLNETS};
+pub use validate::{
+    MAX_PROMPT_CHARS, MAX_SEED_EXCLUSIVE, MAX_T_INDEX_LEN, MAX_WEIGHTED_PROMPTS,
+    MAX_WEIGHTED_SEEDS, ModelKind, SDXL_MAX_ENABLED_CONTROLNETS,
+};
 pub use weighted::{InterpolationMethod, Prompt, Seed};

@@ -29,6 +29,25 @@ pub const MAX_T_INDEX_LEN: usize = 4;
 /// Most enabled ControlNets (with a positive scale) Daydream allows on SDXL.
 pub const SDXL_MAX_ENABLED_CONTROLNETS: usize = 3;
 
+/// Most `[text, weight]` pairs in a weighted prompt. Each distinct text costs one CLIP text
+/// encoder pass when the prompt changes, so the count bounds the work one update can ask for
+/// (and the pipeline's prompt cache, 64 embeddings, holds two such bodies). Blends in practice
+/// use two to a handful of prompts.
+pub const MAX_WEIGHTED_PROMPTS: usize = 32;
+
+/// Most `[seed, weight]` pairs in a weighted seed: each one is a noise tensor of the latent's
+/// size drawn when the seed changes.
+pub const MAX_WEIGHTED_SEEDS: usize = 32;
+
+/// Most characters (Unicode scalar values) in one prompt text and in `negative_prompt`.
+/// CLIP reads only the first 77 tokens (75 of text between its start and end tokens):
+/// roughly 300 to 400 characters of English, and at most 1,426 characters plus the spaces
+/// between them even for the 75 longest tokens of its vocabulary, so a longer text adds
+/// nothing CLIP sees unless it repeats CLIP's longest tokens. The tokenizer reads the whole
+/// text before cutting it, so the length, times [`MAX_WEIGHTED_PROMPTS`], bounds the
+/// tokenizing one update can ask for.
+pub const MAX_PROMPT_CHARS: usize = 2048;
+
 /// Which base model a parameter set names, as validation resolved it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelKind {
@@ -64,6 +83,7 @@ impl StreamDiffusionParams {
     pub fn validate(&self, settings: &EngineSettings) -> Result<()> {
         let kind = resolve_model(&self.model_id, settings)?;
         check_prompt(&self.prompt, self.normalize_prompt_weights)?;
+        check_text_length("negative_prompt", &self.negative_prompt)?;
         finite("guidance_scale", self.guidance_scale)?;
         finite("delta", self.delta)?;
         check_steps(self.num_inference_steps, &self.t_index_list)?;
@@ -203,9 +223,41 @@ fn one_of(field: &str, value: &str, allowed: &[&str], what: &str) -> Result<()> 
     }
 }
 
+/// Refuses a text longer than [`MAX_PROMPT_CHARS`]. The byte length bounds the character count
+/// from above, so the count is taken only for texts that may be too long.
+fn check_text_length(field: &str, text: &str) -> Result<()> {
+    if text.len() <= MAX_PROMPT_CHARS {
+        return Ok(());
+    }
+    let chars = text.chars().count();
+    if chars <= MAX_PROMPT_CHARS {
+        return Ok(());
+    }
+    Err(Error::param(
+        field,
+        format!(
+            "{field} is {chars} characters long; at most {MAX_PROMPT_CHARS} are allowed \
+             (CLIP reads only the first 77 tokens)"
+        ),
+    ))
+}
+
+/// Refuses a weighted list longer than `max`, before any of its items is looked at.
+fn check_item_count(field: &str, what: &str, count: usize, max: usize) -> Result<()> {
+    if count <= max {
+        Ok(())
+    } else {
+        Err(Error::param(
+            field,
+            format!("{field} has {count} {what}; at most {max} are allowed"),
+        ))
+    }
+}
+
 fn check_prompt(prompt: &Prompt, normalize: bool) -> Result<()> {
     match prompt {
         Prompt::Text(text) => {
+            check_text_length("prompt", text)?;
             if text.trim().is_empty() {
                 return Err(Error::param(
                     "prompt",
@@ -220,7 +272,14 @@ fn check_prompt(prompt: &Prompt, normalize: bool) -> Result<()> {
                     "prompt must be a string or a non-empty list of [text, weight] pairs; got []",
                 ));
             }
+            check_item_count(
+                "prompt",
+                "[text, weight] pairs",
+                items.len(),
+                MAX_WEIGHTED_PROMPTS,
+            )?;
             for (i, (text, weight)) in items.iter().enumerate() {
+                check_text_length(&format!("prompt[{i}][0]"), text)?;
                 if text.trim().is_empty() {
                     return Err(Error::param(
                         format!("prompt[{i}][0]"),
@@ -270,6 +329,12 @@ fn check_seed(seed: &Seed, normalize: bool) -> Result<()> {
                     "seed must be an integer or a non-empty list of [seed, weight] pairs; got []",
                 ));
             }
+            check_item_count(
+                "seed",
+                "[seed, weight] pairs",
+                items.len(),
+                MAX_WEIGHTED_SEEDS,
+            )?;
             for (i, (value, weight)) in items.iter().enumerate() {
                 check_seed_value(&format!("seed[{i}][0]"), *value)?;
                 finite(&format!("seed[{i}][1]"), *weight)?;
