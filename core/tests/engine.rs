@@ -38,12 +38,14 @@ fn params() -> StreamDiffusionParams {
     }
 }
 
+/// Roomy queues; an input timeout of a day, so a slow machine never reads as DEGRADED_INPUT.
 fn options(policy: DropPolicy, warmup: bool) -> EngineOptions {
     EngineOptions {
         queue_capacity: 64,
         output_capacity: 64,
         drop_policy: policy,
         warmup,
+        input_timeout_ms: EngineOptions::MAX_INPUT_TIMEOUT_MS,
         ..EngineOptions::default()
     }
 }
