@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 #[path = "support/mod.rs"]
 mod support;
 
-use support::fixture;
+use support::{fixture, rss_kib};
 
 use sdstream::params::Prompt;
 use sdstream::{
@@ -91,13 +91,6 @@ impl Counts {
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// Resident set size in KiB, from /proc (Linux); `None` elsewhere.
-fn rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Least-squares slope of `(seconds, KiB)` samples, in KiB per minute.

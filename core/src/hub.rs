@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use crate::{Error, Result};
 
 /// Where models are looked for, whether an id may be a path, and whether the network may be used.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HubOptions {
     /// A folder of models laid out as `<model_root>/<org>/<name>/` (tried before the cache).
     pub model_root: Option<PathBuf>,

@@ -886,8 +886,11 @@ fn a_reload_to_a_broken_folder_keeps_the_old_pipeline_serving() {
         height: 64,
         ..StreamDiffusionParams::default()
     };
+    // No input arrives while the reload fails, and that must not read as DEGRADED_INPUT: the
+    // input timeout is the longest there is, so the state depends on no clock.
     let options = EngineOptions {
         drop_policy: DropPolicy::Latest,
+        input_timeout_ms: EngineOptions::MAX_INPUT_TIMEOUT_MS,
         ..EngineOptions::default()
     };
     let engine = Engine::new(params.clone(), settings, options).expect("engine");

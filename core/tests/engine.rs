@@ -38,12 +38,14 @@ fn params() -> StreamDiffusionParams {
     }
 }
 
+/// Roomy queues; an input timeout of a day, so a slow machine never reads as DEGRADED_INPUT.
 fn options(policy: DropPolicy, warmup: bool) -> EngineOptions {
     EngineOptions {
         queue_capacity: 64,
         output_capacity: 64,
         drop_policy: policy,
         warmup,
+        input_timeout_ms: EngineOptions::MAX_INPUT_TIMEOUT_MS,
         ..EngineOptions::default()
     }
 }
@@ -268,6 +270,18 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
+/// A copy of the tiny checkpoint in a scratch folder of its own: the model pool shares weights
+/// by folder, so loading the copy reads the files again.
+fn checkpoint_copy(tag: &str) -> std::path::PathBuf {
+    let dir = common::scratch_dir(&format!("engine-{tag}")).join("tiny-sd-turbo");
+    common::copy_dir(&fixture("tiny-sd-turbo"), &dir);
+    dir
+}
+
+fn remove_checkpoint_copy(copy: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(copy.parent().expect("scratch folder"));
+}
+
 /// Consecutive output intervals are compared with the typical frame time by this factor: the
 /// build runs beside the stream on the same cores (2 here, shared with other jobs), so frames
 /// during it are slower; a pipeline that stopped serving for the build would exceed it many
@@ -278,6 +292,7 @@ const GAP_FACTOR: f64 = 3.0;
 fn a_reload_swaps_in_without_a_gap() {
     within(Duration::from_secs(300), || {
         let frames = frames();
+        let copy = checkpoint_copy("reload");
         let engine = Engine::new(
             params(),
             settings(),
@@ -306,9 +321,10 @@ fn a_reload_swaps_in_without_a_gap() {
                 }
             };
             collect(15, &mut times);
-            // Another spelling of the same folder: a full load from disk, not shared weights.
+            // A copy of the checkpoint in another folder: a full load from disk, not the
+            // pool's shared weights (another spelling of the same folder would share them).
             let mut bigger = params();
-            bigger.model_id = format!("{}/.", params().model_id);
+            bigger.model_id = copy.display().to_string();
             bigger.width = 128;
             let requested = Instant::now();
             let update = engine.update_params(bigger).expect("reload");
@@ -377,6 +393,8 @@ fn a_reload_swaps_in_without_a_gap() {
             (1, Some(1))
         );
         assert!(status.last_error.is_none(), "{:?}", status.last_error);
+        drop(engine);
+        remove_checkpoint_copy(&copy);
     });
 }
 
@@ -424,6 +442,7 @@ fn stress_producers_and_parameter_changes() {
         let frames = frames();
         let empty = std::env::temp_dir().join(format!("sdstream-stress-{}", std::process::id()));
         std::fs::create_dir_all(&empty).expect("temp dir");
+        let copy = checkpoint_copy("stress");
         let engine = Engine::new(
             params(),
             settings(),
@@ -450,7 +469,7 @@ fn stress_producers_and_parameter_changes() {
                     }
                 });
             }
-            let (engine, empty) = (&engine, &empty);
+            let (engine, empty, copy) = (&engine, &empty, &copy);
             scope.spawn(move || {
                 let start = Instant::now();
                 // A fixed-seed LCG: the sequence differs per step but repeats per run.
@@ -469,10 +488,10 @@ fn stress_producers_and_parameter_changes() {
                     match next() % 6 {
                         // Reload with the same weights (shared).
                         0 => p.width = if p.width == 128 { 64 } else { 128 },
-                        // Reload from disk (another spelling of the folder).
+                        // Reload from disk (a copy of the checkpoint in another folder).
                         1 => {
                             p.model_id = if p.model_id == base {
-                                format!("{base}/.")
+                                copy.display().to_string()
                             } else {
                                 base
                             }
@@ -529,9 +548,12 @@ fn stress_producers_and_parameter_changes() {
         while let Some(out) = engine.poll() {
             outputs.push((out.id, out.params_version));
         }
+        let status = engine.status();
         let _ = std::fs::remove_dir(&empty);
+        drop(engine);
+        remove_checkpoint_copy(&copy);
         let submitted = submitted.into_inner().expect("ids");
-        (outputs, submitted, engine.status())
+        (outputs, submitted, status)
     });
     let known: HashSet<FrameId> = submitted.iter().copied().collect();
     eprintln!(

@@ -30,3 +30,25 @@ pub fn flag_values(usage: &str) -> Result<Vec<(String, String)>, String> {
     }
     Ok(pairs)
 }
+
+/// Resident set size in KiB, from /proc (Linux); `None` elsewhere.
+pub fn rss_kib() -> Option<u64> {
+    proc_status_kib("VmRSS:")
+}
+
+/// Anonymous resident memory in KiB (heap and other private allocations: not the program's
+/// code or mapped files), from /proc (Linux); `None` elsewhere.
+pub fn anon_rss_kib() -> Option<u64> {
+    proc_status_kib("RssAnon:")
+}
+
+/// Peak resident set size in KiB, from /proc (Linux); `None` elsewhere.
+pub fn peak_rss_kib() -> Option<u64> {
+    proc_status_kib("VmHWM:")
+}
+
+fn proc_status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

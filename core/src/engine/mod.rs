@@ -36,6 +36,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::model::pool::ModelPool;
 use crate::params::{EngineSettings, StreamDiffusionParams, Update, classify};
 use crate::pipeline::stream_diffusion::{check_control_ids, check_supported};
 use crate::{Error, Result};
@@ -85,9 +86,32 @@ impl Engine {
         settings: EngineSettings,
         options: EngineOptions,
     ) -> Result<Self> {
+        Self::spawn_in(ModelPool::global().clone(), params, settings, options)
+    }
+
+    /// [`new`](Self::new) taking its networks from `pool` instead of the process-wide
+    /// [`ModelPool::global`]: engines share weights only with engines of the same pool.
+    pub fn new_in(
+        pool: Arc<ModelPool>,
+        params: StreamDiffusionParams,
+        settings: EngineSettings,
+        options: EngineOptions,
+    ) -> Result<Self> {
+        let engine = Self::spawn_in(pool, params, settings, options)?;
+        engine.wait_ready(None)?;
+        Ok(engine)
+    }
+
+    /// [`spawn`](Self::spawn) taking its networks from `pool` (see [`new_in`](Self::new_in)).
+    pub fn spawn_in(
+        pool: Arc<ModelPool>,
+        params: StreamDiffusionParams,
+        settings: EngineSettings,
+        options: EngineOptions,
+    ) -> Result<Self> {
         settings.validate()?;
         params.validate(&settings)?;
-        let factory = Arc::new(StreamDiffusionFactory::new(settings.clone()));
+        let factory = Arc::new(StreamDiffusionFactory::new(settings.clone(), pool));
         Self::spawn_with_factory(params, settings, options, factory)
     }
 

@@ -2,10 +2,11 @@
 //! [`PipelineFactory`] that builds one for a parameter set. [`StreamDiffusion`] is the real
 //! pipeline; the traits let the engine's scheduling be tested with stand-ins.
 
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::Arc;
 
 use crate::frame::{Frame, Image};
 use crate::model::bundle::StableDiffusionModels;
+use crate::model::pool::ModelPool;
 use crate::params::{EngineSettings, StreamDiffusionParams, Update};
 use crate::pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
 use crate::{Error, Result};
@@ -70,31 +71,27 @@ pub(crate) trait PipelineFactory: Send + Sync {
     }
 }
 
-/// Builds [`StreamDiffusion`]s, sharing loaded networks between pipelines of the same model_id:
-/// a reload that keeps the checkpoint (a width change, say) reuses the weights the running
-/// pipeline holds instead of reading them again. Only weak references are kept, so networks no
-/// pipeline uses any more are freed.
+/// Builds [`StreamDiffusion`]s over networks from a [`ModelPool`] (the process-wide one unless
+/// the engine was given another): pipelines of every engine on the same checkpoint share one
+/// copy, and a reload that keeps the checkpoint (a width change, say) reuses the weights the
+/// running pipeline holds instead of reading them again.
 pub(crate) struct StreamDiffusionFactory {
     settings: EngineSettings,
-    loaded: Mutex<Vec<(String, Weak<StableDiffusionModels>)>>,
+    pool: Arc<ModelPool>,
 }
 
 impl StreamDiffusionFactory {
-    pub(crate) fn new(settings: EngineSettings) -> Self {
-        Self {
-            settings,
-            loaded: Mutex::new(Vec::new()),
-        }
+    pub(crate) fn new(settings: EngineSettings, pool: Arc<ModelPool>) -> Self {
+        Self { settings, pool }
     }
 
-    /// Networks for `model_id` that some pipeline still holds.
-    fn shared_models(&self, model_id: &str) -> Option<Arc<StableDiffusionModels>> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
-        loaded.retain(|(_, weak)| weak.strong_count() > 0);
-        loaded
-            .iter()
-            .find(|(id, _)| id == model_id)
-            .and_then(|(_, weak)| weak.upgrade())
+    /// The networks a pipeline for `params` shares, loading them if no pipeline holds them.
+    fn models_for(
+        &self,
+        params: &StreamDiffusionParams,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Arc<StableDiffusionModels>> {
+        self.pool.get(&params.model_id, &self.settings, progress)
     }
 }
 
@@ -125,31 +122,9 @@ impl PipelineFactory for StreamDiffusionFactory {
     }
 
     fn controlnets_ready(&self, params: &StreamDiffusionParams, ids: &[&str]) -> bool {
-        self.shared_models(&params.model_id)
+        self.pool
+            .find(&params.model_id, &self.settings)
             .is_some_and(|models| ids.iter().all(|id| models.cached_controlnet(id).is_some()))
-    }
-}
-
-impl StreamDiffusionFactory {
-    /// The networks a pipeline for `params` shares, loading them if no pipeline holds them.
-    fn models_for(
-        &self,
-        params: &StreamDiffusionParams,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<Arc<StableDiffusionModels>> {
-        if let Some(models) = self.shared_models(&params.model_id) {
-            return Ok(models);
-        }
-        let models = Arc::new(StableDiffusionModels::load(
-            &params.model_id,
-            &self.settings,
-            progress,
-        )?);
-        self.loaded
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((params.model_id.clone(), Arc::downgrade(&models)));
-        Ok(models)
     }
 }
 

@@ -113,12 +113,15 @@ impl EngineOptions {
         Ok(())
     }
 
+    /// The longest input timeout: a day.
+    pub const MAX_INPUT_TIMEOUT_MS: u64 = 86_400_000;
+
     /// `(option, least, most)` for each numeric option: at most 1024 frames waiting on either
     /// side, an input timeout up to a day, an fps window up to an hour.
     pub const OPTION_RANGES: [(&'static str, u64, u64); 4] = [
         ("queue_capacity", 1, 1024),
         ("output_capacity", 1, 1024),
-        ("input_timeout_ms", 0, 86_400_000),
+        ("input_timeout_ms", 0, Self::MAX_INPUT_TIMEOUT_MS),
         ("fps_window_ms", 1, 3_600_000),
     ];
 

@@ -2,7 +2,8 @@
 //! folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/) plus TAESD.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -14,6 +15,7 @@ use crate::model::taesd::AutoencoderTiny;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKl;
+use crate::model::weights;
 use crate::params::{EngineSettings, ModelFamily, VaeChoice};
 use crate::sampling::rng::TorchGenerator;
 use crate::sampling::scheduler::LcmScheduler;
@@ -93,8 +95,111 @@ pub struct StableDiffusionModels {
     pub dtype: DType,
     /// Where ControlNet ids are resolved (the base model's options: model_root, cache, hub).
     hub: HubOptions,
-    /// ControlNets loaded for this checkpoint, most recently used last.
-    controlnets: Mutex<Vec<(String, Arc<ControlNetModel>)>>,
+    /// Bytes of the networks' tensors (ControlNets not included).
+    weight_bytes: u64,
+    /// ControlNets loaded for this checkpoint.
+    controlnets: Mutex<NetCache>,
+    /// ControlNet loads performed (weights read), for the pool's figures and tests.
+    controlnet_loads: AtomicU64,
+}
+
+/// The folders a checkpoint loads from, once its id is resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct ResolvedFolders {
+    /// The diffusers checkpoint folder.
+    pub(crate) dir: PathBuf,
+    /// A custom TAESD's folder (`vae` naming one); `None` for the checkpoint's own VAE or the
+    /// family's default TAESD.
+    pub(crate) taesd: Option<PathBuf>,
+}
+
+/// The ControlNets of one checkpoint, shared by every stream on it.
+///
+/// Every net some stream still holds stays findable (a weak reference), so a second stream
+/// asking for a net the first uses gets the same copy even after it left the recently-used
+/// set; the [`CONTROLNET_CACHE_SIZE`] most recently used are also held strongly, so a net
+/// removed from the parameters and added back soon costs nothing.
+/// Generic over the net so that its bookkeeping can be tested without loading networks.
+#[derive(Debug)]
+struct NetCache<N = ControlNetModel> {
+    /// Least recently used first.
+    nets: Vec<CachedNet<N>>,
+    /// Loads in progress by id: a second request for the same net waits on its lock and then
+    /// finds the net cached, instead of reading the weights again.
+    loading: Vec<(String, Arc<Mutex<()>>)>,
+}
+
+impl<N> Default for NetCache<N> {
+    fn default() -> Self {
+        Self {
+            nets: Vec::new(),
+            loading: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CachedNet<N> {
+    /// The ids it was asked for by (several spellings of one folder share the net).
+    ids: Vec<String>,
+    /// The folder it was loaded from (canonical where the file system allows).
+    dir: PathBuf,
+    net: Weak<N>,
+    /// `Some` while among the most recently used.
+    pinned: Option<Arc<N>>,
+    bytes: u64,
+}
+
+impl<N> NetCache<N> {
+    /// The live net known under `id`, marked most recently used.
+    fn get(&mut self, id: &str) -> Option<Arc<N>> {
+        let pos = self
+            .nets
+            .iter()
+            .position(|n| n.ids.iter().any(|k| k == id))?;
+        self.touch(pos)
+    }
+
+    /// The live net loaded from `dir`, now also known under `id`, marked most recently used.
+    fn get_by_dir(&mut self, dir: &Path, id: &str) -> Option<Arc<N>> {
+        let pos = self.nets.iter().position(|n| n.dir == dir)?;
+        let net = self.touch(pos)?;
+        let entry = self.nets.last_mut().expect("just touched");
+        if !entry.ids.iter().any(|k| k == id) {
+            entry.ids.push(id.to_string());
+        }
+        Some(net)
+    }
+
+    /// Moves entry `pos` to the most recently used end if its net is alive.
+    fn touch(&mut self, pos: usize) -> Option<Arc<N>> {
+        let mut entry = self.nets.remove(pos);
+        let net = entry.net.upgrade()?;
+        entry.pinned = Some(net.clone());
+        self.nets.push(entry);
+        self.settle();
+        Some(net)
+    }
+
+    fn insert(&mut self, id: &str, dir: PathBuf, net: Arc<N>, bytes: u64) {
+        self.nets.push(CachedNet {
+            ids: vec![id.to_string()],
+            dir,
+            net: Arc::downgrade(&net),
+            pinned: Some(net),
+            bytes,
+        });
+        self.settle();
+    }
+
+    /// Unpins all but the most recently used nets and forgets those no stream holds.
+    fn settle(&mut self) {
+        let unpinned = self.nets.len().saturating_sub(CONTROLNET_CACHE_SIZE);
+        for entry in &mut self.nets[..unpinned] {
+            entry.pinned = None;
+        }
+        self.nets.retain(|n| n.net.strong_count() > 0);
+    }
 }
 
 /// How many ControlNets stay cached after they leave the parameters (each holds roughly a
@@ -145,22 +250,48 @@ fn resolve(id: &str, opts: &HubOptions, files: &[String]) -> Result<PathBuf> {
 
 impl StableDiffusionModels {
     /// Resolves `model_id` (local folder, model_root, HF cache, hub) and loads every network,
-    /// reporting each step through `progress`.
+    /// reporting each step through `progress`. Every call is a load of its own; streams that
+    /// should share one copy get their networks from a [`ModelPool`](crate::model::pool::ModelPool).
     pub fn load(
         model_id: &str,
         settings: &EngineSettings,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
+        let folders = Self::resolve(model_id, settings)?;
+        Self::load_resolved(&folders, settings, progress)
+    }
+
+    /// The folders `model_id` and the settings' autoencoder resolve to (local folder,
+    /// model_root, HF cache, or a download of the files a stream needs), read nothing else.
+    pub(crate) fn resolve(model_id: &str, settings: &EngineSettings) -> Result<ResolvedFolders> {
         let fp16 = settings.dtype.dtype() == DType::F16;
         let opts = settings.hub_options();
         let full_vae = settings.vae == VaeChoice::Full;
         let dir = resolve(model_id, &opts, &checkpoint_files(full_vae, fp16))?;
         // The default TAESD depends on the family, known only once the UNet config is read.
-        let taesd_dir = match &settings.vae {
+        let taesd = match &settings.vae {
             VaeChoice::Custom(id) => Some(resolve(id, &opts, &component_files(fp16))?),
             VaeChoice::Full | VaeChoice::Taesd => None,
         };
-        Self::load_dir(&dir, settings, taesd_dir, opts, progress)
+        Ok(ResolvedFolders { dir, taesd })
+    }
+
+    /// Loads every network from already resolved folders.
+    pub(crate) fn load_resolved(
+        folders: &ResolvedFolders,
+        settings: &EngineSettings,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let before = weights::loaded_bytes();
+        let mut models = Self::load_dir(
+            &folders.dir,
+            settings,
+            folders.taesd.clone(),
+            settings.hub_options(),
+            progress,
+        )?;
+        models.weight_bytes = weights::loaded_bytes() - before;
+        Ok(models)
     }
 
     /// Loads from an already resolved checkpoint folder.
@@ -224,18 +355,23 @@ impl StableDiffusionModels {
             device,
             dtype,
             hub: opts,
-            controlnets: Mutex::new(Vec::new()),
+            weight_bytes: 0,
+            controlnets: Mutex::new(NetCache::default()),
+            controlnet_loads: AtomicU64::new(0),
         })
     }
 
     /// The ControlNet `id` (a local folder or a hub id, resolved like `model_id`), loaded once
-    /// and cached: later calls, from any thread, return the same `Arc` without reading weights.
-    /// A net that does not fit this checkpoint's UNet (text width, block widths, latent
-    /// channels, family) is an error naming both values, and is not cached.
+    /// and cached: later calls, from any thread and any stream on these networks, return the
+    /// same `Arc` without reading weights (two spellings of one folder included). A net that
+    /// does not fit this checkpoint's UNet (text width, block widths, latent channels, family)
+    /// is an error naming both values, and is not cached.
     ///
-    /// The cache keeps the [`CONTROLNET_CACHE_SIZE`] most recently used nets, so a net removed
-    /// from the parameters and added back soon costs nothing. The lock is not held while a net
-    /// loads, so lookups of cached nets never wait for a load.
+    /// The cache keeps the [`CONTROLNET_CACHE_SIZE`] most recently used nets, and every net a
+    /// stream still holds, so a net removed from the parameters and added back soon costs
+    /// nothing. Concurrent requests for a net not loaded yet wait for one load (a per-id lock);
+    /// the cache's own lock is never held while a net loads, so lookups of cached nets never
+    /// wait for a load.
     pub fn controlnet(
         &self,
         id: &str,
@@ -244,51 +380,100 @@ impl StableDiffusionModels {
         if let Some(net) = self.cached_controlnet(id) {
             return Ok(net);
         }
+        let slot = {
+            let mut cache = self.lock_controlnets();
+            match cache.loading.iter().find(|(k, _)| k == id) {
+                Some((_, slot)) => slot.clone(),
+                None => {
+                    let slot = Arc::new(Mutex::new(()));
+                    cache.loading.push((id.to_string(), slot.clone()));
+                    slot
+                }
+            }
+        };
+        let outcome = {
+            let _loading = lock_or_wait(&slot, || {
+                progress(&format!(
+                    "waiting for ControlNet {id}, which another stream is loading"
+                ))
+            });
+            self.load_controlnet(id, progress)
+        };
+        let mut cache = self.lock_controlnets();
+        cache
+            .loading
+            .retain(|(k, s)| !(k == id && Arc::ptr_eq(s, &slot)));
+        outcome
+    }
+
+    /// The body of [`controlnet`](Self::controlnet), run under the id's loading lock.
+    fn load_controlnet(
+        &self,
+        id: &str,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Arc<ControlNetModel>> {
+        // Loaded by the request this one waited for.
+        if let Some(net) = self.cached_controlnet(id) {
+            return Ok(net);
+        }
         let fp16 = self.dtype == DType::F16;
         let dir = resolve(id, &self.hub, &component_files(fp16))?;
+        let canonical = canonical(&dir);
+        if let Some(net) = self.lock_controlnets().get_by_dir(&canonical, id) {
+            return Ok(net);
+        }
         let base = self.unet.config();
+        let before = weights::loaded_bytes();
         let net = timed(progress, "controlnet", &dir, || {
             ControlNetModel::load_for(&dir, self.dtype, &self.device, |config| {
                 config.check_compatible(base, id)
             })
         })?;
-        let mut cache = self.lock_controlnets();
-        // Another thread may have loaded it meanwhile: keep the first, so one `Arc` per id.
-        if let Some(existing) = cache.iter().find(|(k, _)| k == id).map(|(_, n)| n.clone()) {
-            return Ok(existing);
-        }
+        let bytes = weights::loaded_bytes() - before;
+        self.controlnet_loads.fetch_add(1, Ordering::Relaxed);
         let net = Arc::new(net);
-        cache.push((id.to_string(), net.clone()));
-        if cache.len() > CONTROLNET_CACHE_SIZE {
-            cache.remove(0);
-        }
+        self.lock_controlnets()
+            .insert(id, canonical, net.clone(), bytes);
         Ok(net)
     }
 
     /// The ControlNet `id` if it is cached (marking it recently used); never loads.
     pub fn cached_controlnet(&self, id: &str) -> Option<Arc<ControlNetModel>> {
-        let mut cache = self.lock_controlnets();
-        let pos = cache.iter().position(|(k, _)| k == id)?;
-        let entry = cache.remove(pos);
-        let net = entry.1.clone();
-        cache.push(entry);
-        Some(net)
+        self.lock_controlnets().get(id)
     }
 
-    /// The ids of the cached ControlNets, least recently used first.
+    /// The ids of the cached ControlNets (the first id each was asked for), least recently
+    /// used first.
     pub fn cached_controlnet_ids(&self) -> Vec<String> {
-        self.lock_controlnets()
-            .iter()
-            .map(|(k, _)| k.clone())
-            .collect()
+        let mut cache = self.lock_controlnets();
+        cache.settle();
+        cache.nets.iter().map(|n| n.ids[0].clone()).collect()
     }
 
-    fn lock_controlnets(&self) -> std::sync::MutexGuard<'_, Vec<(String, Arc<ControlNetModel>)>> {
-        // A panic while holding the lock cannot leave the list half-updated (push/remove are
-        // single operations), so a poisoned lock is still usable.
+    /// How many ControlNets these networks have read from disk so far.
+    pub fn controlnet_loads(&self) -> u64 {
+        self.controlnet_loads.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the networks' tensors in their dtype (tokenizer, scheduler and ControlNets
+    /// not included): what one copy of the checkpoint costs.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Bytes of the cached ControlNets' tensors.
+    pub fn controlnet_bytes(&self) -> u64 {
+        let mut cache = self.lock_controlnets();
+        cache.settle();
+        cache.nets.iter().map(|n| n.bytes).sum()
+    }
+
+    fn lock_controlnets(&self) -> MutexGuard<'_, NetCache> {
+        // A panic while holding the lock cannot leave the cache half-updated (each change is
+        // a single push, remove or field store), so a poisoned lock is still usable.
         self.controlnets
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// CLIP embedding `[1, 77, D]` of one text.
@@ -467,4 +652,82 @@ fn timed<T>(
         start.elapsed().as_secs_f64()
     ));
     Ok(value)
+}
+
+/// `path` with links and `.` resolved, so that two spellings of one folder compare equal; the
+/// path as given when the file system cannot say.
+pub(crate) fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Locks `slot`, first telling `waiting` when another thread holds it (a load in progress that
+/// this caller is about to wait for). A poisoned lock guards nothing but the wait itself.
+pub(crate) fn lock_or_wait<'a>(slot: &'a Mutex<()>, waiting: impl FnOnce()) -> MutexGuard<'a, ()> {
+    match slot.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            waiting();
+            slot.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use super::{CONTROLNET_CACHE_SIZE, NetCache};
+
+    fn insert(cache: &mut NetCache<String>, id: &str) -> Arc<String> {
+        let net = Arc::new(id.to_string());
+        cache.insert(id, PathBuf::from(format!("/nets/{id}")), net.clone(), 1);
+        net
+    }
+
+    fn ids(cache: &NetCache<String>) -> Vec<String> {
+        cache.nets.iter().map(|n| n.ids[0].clone()).collect()
+    }
+
+    #[test]
+    fn a_net_in_use_stays_shared_after_it_leaves_the_recent_set() {
+        let mut cache = NetCache::<String>::default();
+        let first = insert(&mut cache, "n0");
+        for i in 1..=CONTROLNET_CACHE_SIZE {
+            drop(insert(&mut cache, &format!("n{i}")));
+        }
+        // n0 is no longer among the most recent, but a stream still holds it: the same copy.
+        assert!(cache.nets[0].pinned.is_none());
+        assert!(Arc::ptr_eq(&cache.get("n0").expect("held"), &first));
+        // Touched, it is the most recent again; n1 fell out and, held by nobody, is forgotten.
+        assert_eq!(ids(&cache).last().map(String::as_str), Some("n0"));
+        assert!(cache.get("n1").is_none());
+        assert_eq!(cache.nets.len(), CONTROLNET_CACHE_SIZE);
+        // Unpinned and unheld: gone once more nets come.
+        drop(first);
+        for i in 0..CONTROLNET_CACHE_SIZE {
+            drop(insert(&mut cache, &format!("m{i}")));
+        }
+        assert!(cache.get("n0").is_none());
+        assert_eq!(cache.nets.len(), CONTROLNET_CACHE_SIZE);
+    }
+
+    #[test]
+    fn another_spelling_of_a_folder_finds_the_same_net() {
+        let mut cache = NetCache::<String>::default();
+        let net = insert(&mut cache, "org/net");
+        assert!(
+            cache.get("./org/net").is_none(),
+            "ids are matched as spelled"
+        );
+        let by_dir = cache
+            .get_by_dir(&PathBuf::from("/nets/org/net"), "./org/net")
+            .expect("same folder");
+        assert!(Arc::ptr_eq(&by_dir, &net));
+        // Known under both spellings from now on, one entry.
+        assert!(Arc::ptr_eq(&cache.get("./org/net").expect("alias"), &net));
+        assert_eq!(cache.nets.len(), 1);
+        assert_eq!(cache.nets[0].ids, ["org/net", "./org/net"]);
+    }
 }

@@ -10,6 +10,7 @@ pub mod clip;
 pub mod controlnet;
 pub mod kernels;
 pub(crate) mod limits;
+pub mod pool;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;

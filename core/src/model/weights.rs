@@ -11,6 +11,7 @@
 //! the file does not hold is therefore refused, naming the file and the tensor, before any
 //! weight is read or uploaded.
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -388,6 +389,19 @@ fn count(n: usize, thing: &str) -> String {
     }
 }
 
+thread_local! {
+    /// Bytes of the tensors this thread's loading backends have handed out, ever.
+    static LOADED_BYTES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The bytes of every tensor loaded on this thread so far (a running total): the difference
+/// across a load is the size of what it loaded, in the target dtype. A thread-local counter
+/// because networks are built synchronously on the caller's thread, and it spares every
+/// network constructor a byte count in its signature.
+pub(crate) fn loaded_bytes() -> u64 {
+    LOADED_BYTES.with(Cell::get)
+}
+
 /// What a [`CheckedBackend`] hands out: zero-stride stand-ins (probe) or the stored tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -472,7 +486,12 @@ impl CheckedBackend {
             .map_err(candle_core::Error::Msg)?;
         let tensor = match self.mode {
             Mode::Probe => self.stand_in(&entry.shape, dtype)?,
-            Mode::Load => self.file.mmap.load(name, device)?.to_dtype(dtype)?,
+            Mode::Load => {
+                let tensor = self.file.mmap.load(name, device)?.to_dtype(dtype)?;
+                let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
+                LOADED_BYTES.with(|total| total.set(total.get() + bytes as u64));
+                tensor
+            }
         };
         self.used
             .lock()

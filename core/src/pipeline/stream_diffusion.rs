@@ -22,6 +22,7 @@ use candle_core::{DType, Tensor};
 use crate::frame::{Frame, Image};
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::controlnet::ControlNetModel;
+use crate::model::pool::ModelPool;
 use crate::params::{EngineSettings, HotChange, StreamDiffusionParams, Update, classify};
 use crate::pipeline::conditioning::{
     PromptCache, build_state, latent_shape, prompt_embedding, seed_noise, step_tensors,
@@ -115,8 +116,10 @@ impl std::fmt::Debug for StreamDiffusion {
 }
 
 impl StreamDiffusion {
-    /// Validates `params`, loads `params.model_id` (local folder, model_root, HF cache or hub),
-    /// and prepares a stream. Loading progress goes to stderr.
+    /// Validates `params`, gets `params.model_id`'s networks from the process-wide
+    /// [`ModelPool`] (loading them, from a local folder, model_root, the HF cache or the hub,
+    /// unless another stream holds them), and prepares a stream. Loading progress goes to
+    /// stderr.
     pub fn new(params: StreamDiffusionParams, settings: EngineSettings) -> Result<Self> {
         Self::new_with_progress(params, settings, &mut |line| eprintln!("sdstream: {line}"))
     }
@@ -129,8 +132,8 @@ impl StreamDiffusion {
     ) -> Result<Self> {
         settings.validate()?;
         params.validate(&settings)?;
-        let models = StableDiffusionModels::load(&params.model_id, &settings, progress)?;
-        Self::with_models(Arc::new(models), params, settings)
+        let models = ModelPool::global().get(&params.model_id, &settings, progress)?;
+        Self::with_models(models, params, settings)
     }
 
     /// A stream over already loaded networks (several streams may share them).
@@ -462,7 +465,8 @@ impl StreamDiffusion {
     /// ControlNet cache (loading those not cached yet; an engine pre-loads them with
     /// [`StableDiffusionModels::controlnet`] so that this step reads no weights) together with
     /// the hot changes riding along. A reload rebuilds the stream (reusing the loaded networks
-    /// when `model_id` is unchanged). On any error (a missing or incompatible ControlNet
+    /// when `model_id` is unchanged, else taking them from the process-wide [`ModelPool`], so
+    /// another stream's copy is shared). On any error (a missing or incompatible ControlNet
     /// included) the stream keeps its previous state.
     pub fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
         let result = self.apply_update(params);
@@ -513,11 +517,9 @@ impl StreamDiffusion {
                 let models = if params.model_id == self.params.model_id {
                     self.models.clone()
                 } else {
-                    Arc::new(StableDiffusionModels::load(
-                        &params.model_id,
-                        &self.settings,
-                        &mut |line| eprintln!("sdstream: {line}"),
-                    )?)
+                    ModelPool::global().get(&params.model_id, &self.settings, &mut |line| {
+                        eprintln!("sdstream: {line}")
+                    })?
                 };
                 let mut fresh = Self::with_models(models, params, self.settings.clone())?;
                 fresh.report = std::mem::take(&mut self.report);
