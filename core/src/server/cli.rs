@@ -24,7 +24,7 @@ usage: sdstream serve [FLAGS]        run the server (until SIGINT or SIGTERM)
 `sdstream serve --help` lists the server's flags.";
 
 const SERVE_USAGE: &str = "\
-usage: sdstream serve [FLAGS]
+usage: sdstream serve [FLAGS]   (--flag value or --flag=value)
 
 The API token is SDSTREAM_API_TOKEN (one is made up and printed when it is unset). Logs go to
 stderr; their filter is SDSTREAM_LOG or RUST_LOG (default: sdstream=info,warn).
@@ -118,7 +118,17 @@ fn parse_serve(args: &[String], env_instance: Option<String>) -> Result<Command,
         bitrate: EncoderSettings::default().bitrate_bps,
         record: None,
     };
-    let mut it = args.iter();
+    // `--flag value` and `--flag=value` alike.
+    let split: Vec<String> = args
+        .iter()
+        .flat_map(|arg| match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                vec![flag.to_owned(), value.to_owned()]
+            }
+            _ => vec![arg.clone()],
+        })
+        .collect();
+    let mut it = split.iter();
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             return Ok(Command::Help(SERVE_USAGE));

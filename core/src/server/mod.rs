@@ -35,7 +35,7 @@
 //! Parameters go over the server's defaults (`--params`) and are validated with the server's
 //! [`EngineSettings`]: model paths off, only the known models and `--allow-model` ids served.
 //! The rules themselves (merging a partial body: [`crate::params::merge_patch`] /
-//! [`StreamDiffusionParams::patched`]; what a change costs: [`crate::UpdateKind`]; ids and
+//! [`crate::StreamDiffusionParams::patched`]; what a change costs: [`crate::UpdateKind`]; ids and
 //! keys: [`crate::ids::random_hex`]) live in the library; this module only translates.
 //!
 //! Liveness: a stream whose publisher has gone (its session ended, or its connection failed,

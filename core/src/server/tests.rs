@@ -368,10 +368,10 @@ fn command_line_defaults_and_errors() {
             "2",
             "--input-timeout",
             "5",
-            "--instance",
-            "gpu-3",
+            "--instance=gpu-3",
             "--public-url",
             "https://x.example/",
+            "--settings={\"device\":\"cpu\"}",
         ]),
         Some("ignored-by-the-flag".into()),
     ) else {
@@ -392,6 +392,11 @@ fn command_line_defaults_and_errors() {
             Some("gpu-3"),
             Some("https://x.example")
         )
+    );
+    assert_eq!(
+        serve.settings.as_deref(),
+        Some("{\"device\":\"cpu\"}"),
+        "= in the value kept"
     );
     let Ok(Command::Serve(serve)) = cli::parse(&args(&["serve"]), Some("pod-7".into())) else {
         panic!("serve with SDSTREAM_INSTANCE");
