@@ -6,7 +6,8 @@
 #      (dev profile, so the optimised dependencies of step 1 are reused), then pytest, which
 #      also runs mypy's stubtest on the installed module against its .pyi stubs
 #      (python/tests/test_stubs.py);
-#   3. the `webrtc` feature: its Rust tests and the aiortc end-to-end test (tests/webrtc/);
+#   3. the `server` feature (with `webrtc`): its Rust tests, the aiortc end-to-end test and
+#      the HTTP fuzz run (tests/webrtc/), Daydream's Python SDK against the server (tests/server/);
 #   4. the control page at `/` in a real browser (tests/browser/): the system's Chromium
 #      ($CHROMIUM, default /usr/bin/chromium; .ci/run installs Debian's) driven by Playwright.
 set -euo pipefail
@@ -28,24 +29,33 @@ PATH="$(cd "$venv" && pwd)/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" \
 # pytest exits 5 when it collects no tests: that fails this script too.
 "$venv/bin/python" -m pytest python/tests -q
 
-# 3. The optional WebRTC transport (feature `webrtc`, off in the steps above): its Rust tests, the
-#    server example (and its own HTTP tests), then the end-to-end test with aiortc, a WebRTC
-#    implementation that is not ours, from its own virtualenv (target/webrtc-venv, or
-#    $SDSTREAM_WEBRTC_VENV) with the pinned wheels of tests/webrtc/requirements.txt, and a bounded
-#    HTTP fuzz run (3,000 hostile requests from a fixed seed, about 25 s).
-cargo test -p sdstream --features webrtc --lib webrtc::
-cargo test -p sdstream --features webrtc --test webrtc
-cargo test -p sdstream --features webrtc --example server
-cargo build -p sdstream --features webrtc --example server
+# 3. The optional server (feature `server`, which implies `webrtc`; off in the steps above): the
+#    WebRTC transport's and the server module's Rust tests, the `sdstream` binary, then, each
+#    from its own virtualenv under the target dir with pinned wheels:
+#    - the end-to-end test with aiortc, a WebRTC implementation that is not ours
+#      (target/webrtc-venv or $SDSTREAM_WEBRTC_VENV, tests/webrtc/requirements.txt), and a
+#      bounded HTTP fuzz run (3,000 hostile requests from a fixed seed, about 25 s);
+#    - Daydream's official Python SDK against the server (target/sdk-venv or
+#      $SDSTREAM_SDK_VENV, tests/server/requirements.txt; a few seconds).
+cargo test -p sdstream --features server --lib -- webrtc:: server::
+cargo test -p sdstream --features server --test webrtc
+cargo build -p sdstream --features server --bin sdstream
+server_bin="$target_dir/debug/sdstream"
 webrtc_venv="${SDSTREAM_WEBRTC_VENV:-$target_dir/webrtc-venv}"
 if [[ ! -x "$webrtc_venv/bin/python" ]]; then
   "$python" -m venv "$webrtc_venv"
 fi
 "$webrtc_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/webrtc/requirements.txt
-"$webrtc_venv/bin/python" tests/webrtc/e2e.py --server "$target_dir/debug/examples/server" \
+"$webrtc_venv/bin/python" tests/webrtc/e2e.py --server "$server_bin" \
   --fixtures tests/fixtures --work "$target_dir/webrtc-e2e"
-"$webrtc_venv/bin/python" tests/webrtc/fuzz_http.py --server "$target_dir/debug/examples/server" \
+"$webrtc_venv/bin/python" tests/webrtc/fuzz_http.py --server "$server_bin" \
   --fixtures tests/fixtures
+sdk_venv="${SDSTREAM_SDK_VENV:-$target_dir/sdk-venv}"
+if [[ ! -x "$sdk_venv/bin/python" ]]; then
+  "$python" -m venv "$sdk_venv"
+fi
+"$sdk_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/server/requirements.txt
+"$sdk_venv/bin/python" tests/server/daydream_sdk.py --server "$server_bin" --fixtures tests/fixtures
 
 # 4. The control page in headless Chromium with its fake camera, driven by Playwright for Python
 #    from its own virtualenv (target/browser-venv, or $SDSTREAM_BROWSER_VENV) with the pinned
@@ -58,7 +68,7 @@ if [[ -x "$chromium" ]]; then
     "$python" -m venv "$browser_venv"
   fi
   "$browser_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/browser/requirements.txt
-  "$browser_venv/bin/python" tests/browser/page_e2e.py --server "$target_dir/debug/examples/server" \
+  "$browser_venv/bin/python" tests/browser/page_e2e.py --server "$server_bin" \
     --fixtures tests/fixtures --work "$target_dir/browser-e2e" --chromium "$chromium"
 elif [[ "${SDSTREAM_SKIP_BROWSER:-0}" == 1 ]]; then
   echo "SDSTREAM_SKIP_BROWSER=1: the browser test of the control page is skipped" >&2

@@ -10,6 +10,9 @@
 //! * [`preprocess`]: ControlNet preprocessors and image pre/postprocessing.
 //! * [`engine`]: [`Engine`], the pipeline on its own threads: non-blocking submit/poll, hot
 //!   updates between frames, background reloads, Daydream's status report.
+//! * `webrtc` (feature `webrtc`): WHIP ingest and WHEP playback around an engine.
+//! * `server` (feature `server`): Daydream's HTTP API over engines, run by the `sdstream`
+//!   binary.
 
 pub mod engine;
 pub mod error;
@@ -21,6 +24,8 @@ pub mod params;
 pub mod pipeline;
 pub mod preprocess;
 pub mod sampling;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod status;
 #[cfg(feature = "webrtc")]
 pub mod webrtc;

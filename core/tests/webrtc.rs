@@ -1,7 +1,8 @@
 //! The WHIP/WHEP routes (feature `webrtc`) on a real loopback server over the tiny checkpoint:
 //! bad requests get their status codes (415, 400, 404, 401, 413, 405; 400 for a body cut
-//! short) and the server keeps answering good offers after each; a good offer gets 201, an SDP
-//! answer with H.264 and a Location that DELETE ends (once). Sessions: viewer offers that never
+//! short) in the JSON error envelope and the server keeps answering good offers after each; a
+//! good offer gets 201, an SDP answer with H.264, an ETag and a Location that DELETE ends
+//! (once). The publisher's state (never, connecting, connected, gone) follows its session. Sessions: viewer offers that never
 //! connect give way to newer ones and end after the connect timeout, so a real viewer gets in
 //! right after a flood; a second publisher gets 409 until the first is gone (closed, DELETEd or
 //! never connected). Media end to end is tests/webrtc/e2e.py (aiortc).
@@ -13,7 +14,9 @@ use std::time::Duration;
 
 use common::fixture;
 use sdstream::params::{Prompt, VaeChoice};
-use sdstream::webrtc::{StreamDirectory, TransportConfig, TransportError, WebRtcStream, router};
+use sdstream::webrtc::{
+    PublisherState, StreamDirectory, TransportConfig, TransportError, WebRtcStream, router,
+};
 use sdstream::{Engine, EngineOptions, EngineSettings, StreamDiffusionParams};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::peer_connection::{
@@ -298,6 +301,12 @@ fn whip_and_whep_routes_answer_bad_requests_and_keep_serving() {
             );
             let location = reply.header("location").expect("Location").to_owned();
             assert!(location.starts_with("/whep/s1/"), "{location}");
+            // RFC 9725 §4.3.1: the ICE session's entity tag, one per session.
+            let session = location["/whep/s1/".len()..].split('?').next().unwrap();
+            assert_eq!(
+                reply.header("etag"),
+                Some(format!("\"{session}\"").as_str())
+            );
             assert_eq!(
                 request(addr, "DELETE", &location, None, b"").await.status,
                 200
@@ -408,6 +417,26 @@ fn whip_and_whep_routes_answer_bad_requests_and_keep_serving() {
         for (what, method, path, content_type, body, want) in cases {
             let reply = request(addr, method, path, content_type, body).await;
             assert_eq!(reply.status, want, "{what}: {}", reply.body);
+            // Every error is the JSON envelope.
+            assert_eq!(
+                reply.header("content-type"),
+                Some("application/json"),
+                "{what}"
+            );
+            let envelope: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
+            assert_eq!(envelope["success"], false, "{what}");
+            assert_eq!(envelope["status"], want, "{what}");
+            assert!(
+                envelope["code"].as_str().is_some_and(|c| c.contains('/')),
+                "{what}"
+            );
+            assert!(
+                envelope["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{what}"
+            );
+            if want == 405 {
+                assert_eq!(reply.header("allow"), Some("DELETE"), "{what}");
+            }
             good().await;
         }
         // Bodies cut short are bad requests (400), not too large (413).
@@ -616,10 +645,12 @@ fn a_second_publisher_is_refused_until_the_first_is_gone() {
         };
 
         // A camera publishes and connects.
+        assert_eq!(stream.ingest().publisher, PublisherState::Never);
         let (camera, camera_offer, mut camera_state) =
             watched_offer(RTCRtpTransceiverDirection::Sendrecv).await;
         let reply = whip(camera_offer).await;
         assert_eq!(reply.status, 201, "{}", reply.body);
+        assert_eq!(stream.ingest().publisher, PublisherState::Connecting);
         let answer = RTCSessionDescription::answer(reply.body.clone()).expect("answer");
         camera
             .set_remote_description(answer)
@@ -632,6 +663,8 @@ fn a_second_publisher_is_refused_until_the_first_is_gone() {
         .await
         .is_ok_and(|state| state.is_ok());
         assert!(connected, "the camera connects");
+        assert!(eventually(|| stream.ingest().publisher == PublisherState::Connected).await);
+        assert_eq!(stream.ingest().publisher_lost, None);
 
         // A second publisher is refused while the camera is there, and replaces nothing.
         let (_other, other_offer) = offer(RTCRtpTransceiverDirection::Sendrecv).await;
@@ -654,6 +687,15 @@ fn a_second_publisher_is_refused_until_the_first_is_gone() {
         // The camera goes away without DELETE (a crash, a reconnect): once its connection has
         // ended on the server's side, the next offer takes its place.
         camera.close().await.expect("close");
+        // The server sees it gone (DTLS close or ICE failure) without any DELETE.
+        assert!(eventually(|| stream.ingest().publisher == PublisherState::Gone).await);
+        let gone = stream.ingest();
+        assert!(gone.publisher_lost.is_some());
+        assert_eq!(
+            stream.ingest().publisher_lost,
+            gone.publisher_lost,
+            "stays put"
+        );
         let mut refused_meanwhile = 0;
         let reply = loop {
             let reply = whip(other_offer.clone()).await;
@@ -664,6 +706,8 @@ fn a_second_publisher_is_refused_until_the_first_is_gone() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(reply.status, 201, "{}", reply.body);
+        assert_eq!(stream.ingest().publisher, PublisherState::Connecting);
+        assert_eq!(stream.ingest().publisher_lost, None);
         let s = stream.stats();
         assert_eq!(
             (s.publisher_offers_answered, s.publisher_offers_refused),
@@ -685,6 +729,9 @@ fn a_second_publisher_is_refused_until_the_first_is_gone() {
             request(addr, "DELETE", &location, None, b"").await.status,
             200
         );
+        let after_delete = stream.ingest();
+        assert_eq!(after_delete.publisher, PublisherState::Gone, "DELETEd");
+        assert!(after_delete.publisher_lost.is_some());
         let reply = whip(other_offer.clone()).await;
         assert_eq!(reply.status, 201, "after DELETE: {}", reply.body);
         let s = stream.stats();

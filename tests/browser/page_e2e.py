@@ -124,7 +124,7 @@ def start_server(args):
                    "controlnets": [{"model_id": "tiny-controlnet-a", "conditioning_scale": 0.5}]}, f)
     settings = json.dumps({"vae": "tiny-taesd", "model_root": fixtures, "allow_any_resolution": True})
     server = subprocess.Popen(
-        [args.server, "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
+        [args.server, "serve", "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
          "--allow-model", "tiny-sd-turbo", "--allow-model", "tiny-controlnet-a", "--connect-timeout", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, SDSTREAM_API_TOKEN=TOKEN), text=True,
     )

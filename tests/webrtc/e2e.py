@@ -1,11 +1,12 @@
-"""End-to-end test of the WHIP/WHEP server example with aiortc, a WebRTC implementation that is
-not ours.
+"""End-to-end test of `sdstream serve` (WHIP/WHEP and Daydream's API) with aiortc, a WebRTC
+implementation that is not ours.
 
-1. Starts `server` (the example) on a loopback port over the tiny fixture (64x64), recording
-   every decoded input and engine output.
+1. Starts `sdstream serve` on a loopback port over the tiny fixture (64x64), recording every
+   decoded input and engine output, its logs (stderr) in the work folder.
 2. Bad inputs: wrong content type, garbage SDP, unknown stream id, missing or wrong token,
-   oversized body -> 415/400/404/401/413 (and 422 for invalid params), each followed by a good
-   request that must still succeed.
+   oversized body -> 415/400/404/401/413 (and 422 for invalid params), each in the error envelope
+   {success: false, error, code, status} and followed by a good request that must still succeed.
+   Every WHIP/WHEP answer carries an ETag (RFC 9725).
 3. aiortc publishes a synthetic moving pattern over WHIP (H.264) and plays the stream over WHEP
    (H.264); the received frames are decoded by aiortc (PyAV / FFmpeg).
    Keyframe requests both ways: the viewer sends a PLI after a dozen pictures without an IDR,
@@ -23,7 +24,12 @@ not ours.
 6. Model ids that name folders (`/etc`, `../../..`, an existing fixture folder, a missing one)
    are refused with 422 and byte-identical bodies, on create and on PATCH; bodies cut short get
    400 (not 413).
-7. Stops the server and runs `server replay`, which feeds the recorded decoded inputs to a fresh
+7. Liveness: once the publisher's session is DELETEd the stream reports DEGRADED_INPUT at once;
+   once a publisher's connection closes without DELETE it does so as soon as the server sees the
+   close; a stream left without publisher for --idle-timeout is deleted (and logged as such).
+8. SIGTERM: the server exits 0 and logs the shutdown. The log has a line per request (never a
+   stream key) and per session.
+9. Runs `sdstream replay`, which feeds the recorded decoded inputs to a fresh
    engine: the served outputs must equal the engine's outputs exactly, and the frames after the
    PATCH must differ clearly from a replay that never switched prompts.
 
@@ -56,7 +62,9 @@ from av import VideoFrame
 
 SIZE = 64
 API_TOKEN = "e2e-api-token"
+IDLE_TIMEOUT = 10  # seconds: --idle-timeout of the server under test
 FAILURES = []
+LAST = {}  # the body of the last HTTP answer (for the error envelope checks)
 
 
 def check(ok, what):
@@ -71,9 +79,26 @@ def http(method, url, body=None, headers=None, timeout=30):
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+            answer = r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+        answer = e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+    LAST["body"] = answer[2]
+    return answer
+
+
+def is_envelope(body, status):
+    """`body` is the error envelope {success: false, error, code, status} of `status`."""
+    try:
+        v = json.loads(body)
+    except (ValueError, TypeError):
+        return False
+    return (isinstance(v, dict) and v.get("success") is False and v.get("status") == status
+            and isinstance(v.get("error"), str) and isinstance(v.get("code"), str) and "/" in v["code"])
+
+
+def status_data(base, sid):
+    """The `data` of GET /v1/streams/{sid}/status ({success, error, data})."""
+    return api(base, "GET", f"/v1/streams/{sid}/status")[1]["data"]
 
 
 def raw_http(base, raw, half_close=True, timeout=30):
@@ -91,6 +116,7 @@ def raw_http(base, raw, half_close=True, timeout=30):
         except OSError:
             pass
     parts = answer.split(b" ", 2)
+    LAST["body"] = answer.split(b"\r\n\r\n", 1)[-1]
     return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
 
 
@@ -263,6 +289,8 @@ async def offer_to(pc, url):
     check(headers.get("content-type", "").startswith("application/sdp"), "answer is application/sdp")
     location = headers.get("location")
     check(bool(location), f"201 carries a Location ({location})")
+    session = (location or "").split("?")[0].rsplit("/", 1)[-1]
+    check(headers.get("etag") == f'"{session}"', f"201 carries the session's ETag ({headers.get('etag')})")
     await pc.setRemoteDescription(RTCSessionDescription(sdp=body.decode(), type="answer"))
     return location
 
@@ -313,8 +341,10 @@ def bad_inputs(base, stream):
                                 f"Transfer-Encoding: chunked\r\n\r\n40\r\nv=0\r\n".encode()), 400),
     ]
     for name, call, want in cases:
+        LAST.clear()
         got = call()
         check(got == want, f"{name}: {got} (want {want})")
+        check(is_envelope(LAST.get("body"), want), f"  in the error envelope: {LAST.get('body', b'')[:160]!r}")
         check(good(), f"  server still serves after: {name}")
 
 
@@ -326,7 +356,7 @@ async def wait_for(condition, timeout):
 
 
 async def transport_status(base, sid):
-    return (await asyncio.to_thread(api, base, "GET", f"/v1/streams/{sid}/status"))[1]["transport"]
+    return (await asyncio.to_thread(status_data, base, sid))["transport"]
 
 
 def grew(before, after, key):
@@ -458,7 +488,7 @@ async def stream_media(base, stream, seconds, summary):
         await asyncio.sleep(0.2)
     check(len(received) >= 10, f"frames received over WHEP before the PATCH: {len(received)}")
 
-    status_before = (await asyncio.to_thread(api, base, "GET", f"/v1/streams/{sid}/status"))[1]
+    status_before = (await asyncio.to_thread(status_data, base, sid))["engine"]
     patch_time = time.monotonic()
     status, patched = await asyncio.to_thread(
         api, base, "PATCH", f"/v1/streams/{sid}", {"params": {"prompt": "an oil painting of a red fox in snow"}}
@@ -467,7 +497,7 @@ async def stream_media(base, stream, seconds, summary):
     check(patched.get("update") == "hot", f"PATCH says the update is hot: {patched.get('update')}")
     check(patched["params"]["prompt"] == "an oil painting of a red fox in snow", "PATCH merged the prompt")
     check(patched["params"]["width"] == SIZE, "PATCH kept the other params")
-    status_after = (await asyncio.to_thread(api, base, "GET", f"/v1/streams/{sid}/status"))[1]
+    status_after = (await asyncio.to_thread(status_data, base, sid))["engine"]
     check(status_after["params_version"] == status_before["params_version"] + 1, "PATCH made a new params version")
     check(not status_after["reloading"], "no reload in progress after the PATCH")
     check(status_after["restart_count"] == status_before["restart_count"], "no restart after the PATCH")
@@ -479,13 +509,23 @@ async def stream_media(base, stream, seconds, summary):
         await asyncio.sleep(0.2)
     # Phase C: a publisher packet is lost.
     await publisher_picture_loss(base, sid, publisher_tap, received, seconds, summary)
-    final_status = (await asyncio.to_thread(api, base, "GET", f"/v1/streams/{sid}/status"))[1]
+    final = await asyncio.to_thread(status_data, base, sid)
+    final_status = final["engine"]
     check(final_status["serving_params_version"] == final_status["params_version"],
           "the serving pipeline runs the PATCHed params (no reload pending)")
     check(final_status["restart_count"] == 0, "no restarts over the stream")
-    check(final_status["transport"]["keyframes_encoded"] >= 1, "the viewer got a keyframe")
+    check(final["transport"]["keyframes_encoded"] >= 1, "the viewer got a keyframe")
+    check(final["state"] in ("ONLINE", "DEGRADED_INFERENCE"), f"the stream is served: {final['state']}")
+    check(final["inference_status"]["last_params"]["prompt"] == "an oil painting of a red fox in snow",
+          "status: inference_status.last_params holds the PATCHed prompt")
+    stats = final["gateway_status"]["ingest_metrics"]["stats"]
+    track = stats["track_stats"][0] if stats["track_stats"] else {}
+    check(track.get("packets_received", 0) > 0 and stats["peer_conn_stats"]["BytesReceived"] > 0,
+          f"status: ingest metrics count the publisher's packets ({track.get('packets_received')})")
+    check(stats["peer_conn_stats"]["BytesSent"] > 0, "status: ingest metrics count the bytes sent to viewers")
     summary["status"] = {k: final_status[k] for k in ("state", "input_fps", "output_fps", "frames_processed", "frames_dropped")}
-    summary["transport"] = final_status["transport"]
+    summary["ingest_metrics"] = stats
+    summary["transport"] = final["transport"]
     done.set()
 
     # Sessions end with DELETE on their Locations.
@@ -493,6 +533,10 @@ async def stream_media(base, stream, seconds, summary):
         url = location if location.startswith("http") else base + location
         st = (await asyncio.to_thread(http, "DELETE", url))[0]
         check(st == 200, f"DELETE session {location.split('?')[0]}: {st}")
+    # The publisher is gone: DEGRADED_INPUT at once, not after the input timeout.
+    after_delete = await asyncio.to_thread(status_data, base, sid)
+    check(after_delete["state"] == "DEGRADED_INPUT",
+          f"right after the WHIP DELETE the stream is DEGRADED_INPUT: {after_delete['state']}")
     await publisher.close()
     await viewer.close()
     return received, patch_time
@@ -503,7 +547,7 @@ def model_paths(base, sid, fixtures, summary):
     whether the folder exists or not, on create and on PATCH; the stream keeps its params."""
     ids = ["/etc", "../../..", "org/../../x", os.path.join(fixtures, "tiny-sd-turbo"),
            os.path.join(fixtures, "no-such-model"), "tiny-taesd", "no-such-model"]
-    version = lambda: api(base, "GET", f"/v1/streams/{sid}/status")[1]["params_version"]  # noqa: E731
+    version = lambda: status_data(base, sid)["engine"]["params_version"]  # noqa: E731
     before = version()
     answers = {}
     for what, call in [
@@ -638,8 +682,17 @@ async def sessions(base, seconds, summary):
         "publisher_offers_refused": grew(start, end, "publisher_offers_refused"),
     }
     done.set()
+    closed_at = time.monotonic()
     for pc in pcs:
         await pc.close()
+    # Closed without DELETE: DEGRADED_INPUT as soon as the server sees the connection close.
+    degraded = False
+    while not degraded and time.monotonic() < closed_at + seconds:
+        degraded = (await asyncio.to_thread(status_data, base, sid))["state"] == "DEGRADED_INPUT"
+        if not degraded:
+            await asyncio.sleep(0.05)
+    check(degraded, "a publisher that closed without DELETE: the stream turns DEGRADED_INPUT")
+    summary["second_publisher"]["degraded_input_after_close_s"] = round(time.monotonic() - closed_at, 2)
     status, _ = await asyncio.to_thread(api, base, "DELETE", f"/v1/streams/{sid}")
     check(status == 200, f"DELETE the second stream: {status}")
 
@@ -740,6 +793,20 @@ def compare(received, patch_time, record_dir, unswitched_dir, summary):
     check(len(before) >= 5 and old_share >= 0.9, f"before the PATCH, frames match the old prompt's outputs ({old_share:.0%} of {len(before)})")
 
 
+def logs(path, stream, summary):
+    """The server's structured log: requests, sessions, the idle deletion, the shutdown; no key."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    sid = stream["id"]
+    has = lambda *parts: [line for line in lines if all(p in line for p in parts)]  # noqa: E731
+    check(bool(has("request", "method=POST", "path=/v1/streams", "status=201")), "log: a line per request")
+    check(bool(has("WHIP publisher answered")) and bool(has("WHEP viewer answered")), "log: session lines")
+    check(bool(has("stream deleted", f"stream={sid}", 'reason="idle"')), "log: the idle stream's deletion")
+    check(bool(has("SIGTERM")) and bool(has("stopped")), "log: the shutdown")
+    check(not any(stream["stream_key"] in line or "token=" in line for line in lines), "log: no stream key, no token")
+    summary["log_lines"] = len(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", required=True)
@@ -760,11 +827,14 @@ def main():
                    # picture by ~20 levels per prompt change (1 level at guidance 1).
                    "guidance_scale": 3.0}, f)
 
-    env = dict(os.environ, SDSTREAM_API_TOKEN=API_TOKEN)
+    env = dict(os.environ, SDSTREAM_API_TOKEN=API_TOKEN, SDSTREAM_LOG="sdstream=info,warn")
+    log_path = os.path.join(args.work, "server.log")
+    log = open(log_path, "w")
     server = subprocess.Popen(
-        [args.server, "--bind", "127.0.0.1:0", "--params", params, "--settings", settings, "--record", record,
-         "--allow-model", "tiny-sd-turbo", "--connect-timeout", "3"],
-        stdout=subprocess.PIPE, env=env, text=True,
+        [args.server, "serve", "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
+         "--record", record, "--allow-model", "tiny-sd-turbo", "--connect-timeout", "3",
+         "--idle-timeout", str(IDLE_TIMEOUT)],
+        stdout=subprocess.PIPE, stderr=log, env=env, text=True,
     )
     summary = {}
     try:
@@ -784,16 +854,28 @@ def main():
         bad_inputs(base, stream)
         received, patch_time = asyncio.run(stream_media(base, stream, args.seconds, summary))
         model_paths(base, stream["id"], fixtures, summary)
+        idle_from = time.monotonic()  # at the latest: the publisher went before model_paths
         asyncio.run(sessions(base, args.seconds, summary))
-        status, _ = api(base, "DELETE", f"/v1/streams?id={stream['id']}")
-        check(status == 200, f"DELETE /v1/streams?id=: {status}")
-        check(api(base, "GET", f"/v1/streams/{stream['id']}")[0] == 404, "deleted stream is gone")
+        # Left without publisher, the first stream is deleted after the idle timeout.
+        deadline = idle_from + IDLE_TIMEOUT + 15
+        while api(base, "GET", f"/v1/streams/{stream['id']}")[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        check(api(base, "GET", f"/v1/streams/{stream['id']}")[0] == 404,
+              f"the stream left without publisher was deleted after --idle-timeout {IDLE_TIMEOUT}")
+        status, third = api(base, "POST", "/v1/streams", {"params": {"prompt": "a third"}})
+        status, deleted = api(base, "DELETE", f"/v1/streams?id={third['id']}")
+        check((status, deleted) == (200, {"success": True, "data": {}}), f"DELETE /v1/streams?id=: {status} {deleted}")
+        check(api(base, "GET", f"/v1/streams/{third['id']}")[0] == 404, "deleted stream is gone")
     finally:
         server.send_signal(signal.SIGTERM)
         try:
-            server.wait(10)
+            code = server.wait(10)
+            check(code == 0, f"SIGTERM: the server exits 0 ({code})")
         except subprocess.TimeoutExpired:
             server.kill()
+            check(False, "SIGTERM: the server did not exit within 10 s")
+        log.close()
+    logs(log_path, stream, summary)
 
     stream_dir = os.path.join(record, stream["id"])
     unswitched_dir = os.path.join(args.work, "unswitched")

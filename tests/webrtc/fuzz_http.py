@@ -1,13 +1,16 @@
-"""A bounded HTTP fuzz run against the server example: hostile and malformed requests (methods,
+"""A bounded HTTP fuzz run against `sdstream serve`: hostile and malformed requests (methods,
 paths, request lines, headers, tokens, JSON, SDP, sizes, bodies cut short or too slow) on fresh
 connections, a few at a time, from a fixed seed.
 
 Checks: every complete request gets an answer (bytes that are no HTTP/1.1 request, such as a TLS
 greeting, may be closed on); no answer is a 5xx except 503 (documented: no viewer place free and
-none can give way); bodies cut short get 400, bodies over the
-limit 413, bodies too slow 408; the model paths sent as model_id never get anything but 422; and
-afterwards the server still serves good requests (the API, a WHEP offer) and its stream still
-runs. Prints the status histogram (overall and per kind of request) as JSON.
+none can give way); every error answer of the server is Daydream's envelope
+{success: false, error, code, status} with the answer's status - only a request the HTTP layer
+cannot parse (a bad request line or header) may get its bare 4xx; bodies cut short get 400,
+bodies over the limit 413, bodies too slow 408; the model paths sent as model_id never get
+anything but 422; creates beyond --max-streams get 429; and afterwards the server still serves
+good requests (the API, a WHEP offer) and its stream still runs. Prints the status histogram
+(overall and per kind of request) as JSON.
 
 usage: fuzz_http.py --server BIN --fixtures DIR [--requests N] [--seed S] [--concurrency C]
 Exits non-zero on any failed check.
@@ -364,6 +367,36 @@ async def send(host, port, req, timeout):
     return status, answer
 
 
+def final_answer(answer):
+    """(headers, body) of the final response in `answer` (an interim 100 Continue skipped)."""
+    rest = answer
+    while rest.startswith(b"HTTP/1.1 1"):
+        rest = rest.split(b"\r\n\r\n", 1)[-1]
+    head, _, body = rest.partition(b"\r\n\r\n")
+    headers = {}
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        headers[k.strip().lower().decode("latin-1")] = v.strip().decode("latin-1")
+    return headers, body
+
+
+def envelope_kind(status, answer):
+    """'envelope' for Daydream's error envelope of `status`, 'bare' for an empty answer with no
+    content type (the HTTP layer's own, for a request it could not parse), 'other' otherwise."""
+    headers, body = final_answer(answer)
+    try:
+        v = json.loads(body)
+    except ValueError:
+        v = None
+    if (headers.get("content-type", "").startswith("application/json") and isinstance(v, dict)
+            and v.get("success") is False and v.get("status") == status and isinstance(v.get("error"), str)
+            and isinstance(v.get("code"), str) and "/" in v["code"]):
+        return "envelope"
+    if not body and "content-type" not in headers:
+        return "bare"
+    return "other"
+
+
 async def run(base, fuzzer, n, concurrency):
     host, port = base.split("//", 1)[1].rsplit(":", 1)
     port = int(port)
@@ -391,11 +424,11 @@ def main():
     fixtures = os.path.abspath(args.fixtures)
     settings = json.dumps({"vae": "tiny-taesd", "model_root": fixtures, "allow_any_resolution": True})
     params = json.dumps({"model_id": "tiny-sd-turbo", "width": 64, "height": 64})
-    env = dict(os.environ, SDSTREAM_API_TOKEN=API_TOKEN)
+    env = dict(os.environ, SDSTREAM_API_TOKEN=API_TOKEN, SDSTREAM_LOG="warn")
     server = subprocess.Popen(
-        [args.server, "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
+        [args.server, "serve", "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
          "--allow-model", "tiny-sd-turbo", "--max-viewers", "8", "--max-pending-viewers", "4",
-         "--connect-timeout", "3"],
+         "--connect-timeout", "3", "--max-streams", "4"],
         stdout=subprocess.PIPE, env=env, text=True,
     )
     summary = {}
@@ -438,14 +471,34 @@ def main():
         wrong = sum(1 for c, (s, _) in zip(cases, results) if c.want is not None and s not in c.want)
         check(wrong == 0, f"every case with a required status got it ({sum(1 for c in cases if c.want)} cases)")
 
+        # Error answers: the envelope, but for what the HTTP layer could not parse.
+        shapes = collections.Counter()
+        for case, (status, answer) in zip(cases, results):
+            if not isinstance(status, int) or status < 400:
+                continue
+            shape = envelope_kind(status, answer)
+            shapes[shape] += 1
+            allowed = {"envelope", "bare"} if case.kind in ("request_line", "headers") else {"envelope"}
+            if shape not in allowed:
+                check(False, f"{case.kind}: {status} not in the envelope: {case.raw[:120]!r} -> {answer[:300]!r}")
+        bad_shapes = sum(1 for c, (s, a) in zip(cases, results) if isinstance(s, int) and s >= 400
+                         and envelope_kind(s, a) not in ({"envelope", "bare"} if c.kind in ("request_line", "headers")
+                                                         else {"envelope"}))
+        check(bad_shapes == 0, f"every error answer is the envelope ({shapes['envelope']}), but for "
+                               f"{shapes['bare']} unparsable requests answered bare by the HTTP layer")
+        summary["error_answers"] = dict(shapes)
+        summary["refused_429"] = sum(1 for _, (s, _) in zip(cases, results) if s == 429)
+
         # The server still serves, and its stream still runs.
         status, got = api(base, "GET", f"/v1/streams/{stream['id']}")
         check(status == 200 and got["id"] == stream["id"], f"GET the stream afterwards: {status}")
         status, got = api(base, "PATCH", f"/v1/streams/{stream['id']}", {"params": {"prompt": "a red fox"}})
         check(status == 200 and got.get("update") in ("hot", "unchanged", "reload"), f"a good PATCH afterwards: {status}")
         status, got = api(base, "GET", f"/v1/streams/{stream['id']}/status")
-        check(status == 200 and got.get("state") not in (None, "error"), f"the stream's status afterwards: {status} {got.get('state')}")
-        summary["stream_after"] = {k: got.get(k) for k in ("state", "params_version", "restart_count", "last_error")}
+        got = got["data"] if status == 200 else {}
+        check(status == 200 and got.get("state") not in (None, "ERROR"), f"the stream's status afterwards: {status} {got.get('state')}")
+        summary["stream_after"] = {"state": got.get("state"),
+                                   **{k: got["engine"].get(k) for k in ("params_version", "restart_count", "last_error")}}
         summary["transport_after"] = {k: got["transport"][k] for k in (
             "viewer_offers_answered", "viewer_offers_refused", "viewers_evicted", "viewers_connect_failed",
             "publisher_offers_answered", "publisher_offers_refused", "publishers_connect_failed")}
@@ -455,9 +508,11 @@ def main():
     finally:
         server.send_signal(signal.SIGTERM)
         try:
-            server.wait(10)
+            code = server.wait(10)
+            check(code == 0, f"SIGTERM: the server exits 0 ({code})")
         except subprocess.TimeoutExpired:
             server.kill()
+            check(False, "SIGTERM: the server did not exit within 10 s")
     print(json.dumps(summary, indent=1))
     if FAILURES:
         print(f"{len(FAILURES)} check(s) failed", file=sys.stderr)

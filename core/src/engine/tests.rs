@@ -1061,3 +1061,55 @@ fn options_of_the_wrong_type_are_refused_naming_the_option() {
         );
     }
 }
+
+#[test]
+fn spawn_refuses_what_the_pipeline_cannot_run_before_loading_anything() {
+    let base = serde_json::json!({"model_id": "stabilityai/sd-turbo", "width": 512, "height": 512});
+    let with = |patch: serde_json::Value| {
+        StreamDiffusionParams::from_json(&base.to_string())
+            .and_then(|p| p.patched(&patch, &EngineSettings::default()))
+            .expect("valid parameters")
+    };
+    for (patch, field) in [
+        (
+            serde_json::json!({"controlnets": [{
+                "model_id": "thibaud/controlnet-sd21-depth-diffusers", "preprocessor": "depth"}]}),
+            "controlnets[0].preprocessor",
+        ),
+        (
+            serde_json::json!({"lora_dict": {"some/lora": 0.5}}),
+            "lora_dict",
+        ),
+        (
+            serde_json::json!({"skip_diffusion": true}),
+            "skip_diffusion",
+        ),
+        // LCM-LoRA matters for a known SD1.5 id; on sd-turbo it is no error.
+        (
+            serde_json::json!({"model_id": "Lykon/dreamshaper-8", "use_lcm_lora": true}),
+            "use_lcm_lora",
+        ),
+    ] {
+        let err = Engine::spawn(
+            with(patch.clone()),
+            EngineSettings::default(),
+            EngineOptions::default(),
+        )
+        .map(|_| ())
+        .expect_err(&patch.to_string());
+        assert!(
+            matches!(&err, Error::InvalidParam { field: f, .. } if f == field),
+            "{patch}: {err}"
+        );
+    }
+    // The same check guards updates (no engine needs loading to see that).
+    let factory = FakeFactory::new(0, 0);
+    let engine = engine(factory, EngineOptions::default());
+    let err = engine
+        .update_params(with(serde_json::json!({"lora_dict": {"x/y": 1.0}})))
+        .expect_err("LoRA");
+    assert!(
+        matches!(&err, Error::InvalidParam { field, .. } if field == "lora_dict"),
+        "{err}"
+    );
+}

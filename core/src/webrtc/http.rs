@@ -2,18 +2,19 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /whip/{stream}` (`application/sdp` offer) | `201`, the answer, `Location: …/whip/{stream}/{session}` |
+//! | `POST /whip/{stream}` (`application/sdp` offer) | `201`, the answer, `Location: …/whip/{stream}/{session}`, `ETag` |
 //! | `DELETE /whip/{stream}/{session}` | `200` |
 //! | `POST /whep/{stream}`, `DELETE /whep/{stream}/{session}` | the same, for a viewer |
-//! | `PATCH` on a session | `405`: ICE is not trickled, the answer has every candidate |
+//! | `PATCH` on a session | `405` (`Allow: DELETE`): ICE is not trickled, the answer has every candidate |
 //!
 //! The token is the query parameter `token` or an `Authorization: Bearer` header; the
-//! [`StreamDirectory`] decides what it opens. Errors are plain text with the status of
-//! [`TransportError::status`]: 415 for a body that is not `application/sdp`, 400 for an offer
-//! that is not usable SDP or a body that ends before it is complete, 404 for an unknown stream
-//! or session, 401 for a missing or wrong token, 413 for a body over the limit, 408 for a body
-//! that does not arrive within [`BODY_TIMEOUT`], 409 for a second publisher while the first is
-//! connected or connecting, 503 for a viewer when every place is taken by a connected viewer.
+//! [`StreamDirectory`] decides what it opens. Errors are JSON envelopes ([`error_response`])
+//! with the status of [`TransportError::status`]: 415 for a body that is not `application/sdp`,
+//! 400 for an offer that is not usable SDP or a body that ends before it is complete, 404 for an
+//! unknown stream or session, 401 for a missing or wrong token, 413 for a body over the limit,
+//! 408 for a body that does not arrive within [`BODY_TIMEOUT`], 409 for a second publisher while
+//! the first is connected or connecting, 503 for a viewer when every place is taken by a
+//! connected viewer.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -40,17 +41,29 @@ pub trait StreamDirectory: Send + Sync + 'static {
     ) -> Result<Arc<WebRtcStream>, TransportError>;
 }
 
+/// The error envelope of every HTTP answer that is not a success, Daydream's:
+/// `{"success": false, "error": message, "code": code, "status": status}` as
+/// `application/json`, with `WWW-Authenticate: Bearer` on a 401.
+pub fn error_response(status: u16, code: &str, message: &str) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::json!({
+        "success": false,
+        "error": message,
+        "code": code,
+        "status": status.as_u16(),
+    });
+    let mut response = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
 impl IntoResponse for TransportError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = (status, format!("{self}\n")).into_response();
-        if matches!(self, TransportError::Unauthorized) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
+        error_response(self.status(), self.code(), &self.to_string())
     }
 }
 
@@ -197,6 +210,10 @@ async fn offer(
     if let Ok(value) = HeaderValue::from_str(&location) {
         headers.insert(header::LOCATION, value);
     }
+    // RFC 9725 §4.3.1: the entity tag of the ICE session (one per session: no restarts).
+    if let Ok(value) = HeaderValue::from_str(&format!("\"{session_id}\"")) {
+        headers.insert(header::ETAG, value);
+    }
     Ok(response)
 }
 
@@ -254,12 +271,14 @@ async fn whep_delete(
     delete(routes, Role::Viewer, stream, session, query, headers).await
 }
 
+/// RFC 9725 §4.3: a session that supports neither trickle ICE nor ICE restarts answers every
+/// `PATCH` with 405.
 async fn no_trickle() -> Response {
-    let mut response = (
-        StatusCode::METHOD_NOT_ALLOWED,
-        "trickle ICE and ICE restarts are not supported: the answer carries every candidate\n",
-    )
-        .into_response();
+    let mut response = error_response(
+        405,
+        "WEBRTC/TRICKLE_NOT_SUPPORTED",
+        "trickle ICE and ICE restarts are not supported: the answer carries every candidate",
+    );
     response
         .headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static("DELETE"));

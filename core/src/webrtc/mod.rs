@@ -14,7 +14,10 @@
 //! * [`router`] serves the WHIP and WHEP HTTP resources for any number of streams through a
 //!   [`StreamDirectory`] that finds a stream by id and checks its token: `POST` an SDP offer
 //!   (`application/sdp`) → `201 Created` with the answer and a `Location`, `DELETE` that
-//!   location to end the session. ICE is not trickled: the answer carries every candidate.
+//!   location to end the session. ICE is not trickled: the answer carries every candidate, and a
+//!   `PATCH` of a session is answered 405 as RFC 9725 §4.3 prescribes for a session that
+//!   supports neither trickle ICE nor ICE restarts. Errors are JSON envelopes
+//!   (`{"success": false, "error", "code", "status"}`, see [`error_response`]).
 //!
 //! Audio tracks are accepted and ignored. Everything here runs on a Tokio runtime (the calls are
 //! `async`); decoding and encoding run on their own threads so that neither the network tasks
@@ -29,8 +32,10 @@ mod stream;
 use std::time::Duration;
 
 pub use h264::EncoderSettings;
-pub use http::{BODY_TIMEOUT, StreamDirectory, read_body, router};
-pub use stream::{FrameObserver, SessionAnswer, Summary, TransportStats, WebRtcStream};
+pub use http::{BODY_TIMEOUT, StreamDirectory, error_response, read_body, router};
+pub use stream::{
+    FrameObserver, Ingest, PublisherState, SessionAnswer, Summary, TransportStats, WebRtcStream,
+};
 
 /// Why a WHIP or WHEP request failed; [`status`](Self::status) is its HTTP status code.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +92,23 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// A stable machine-readable code for the error envelope (`WEBRTC/BAD_OFFER`, …).
+    pub fn code(&self) -> &'static str {
+        match self {
+            TransportError::UnsupportedMediaType(_) => "REQUEST/UNSUPPORTED_MEDIA_TYPE",
+            TransportError::BadOffer(_) => "WEBRTC/BAD_OFFER",
+            TransportError::NotFound(_) => "WEBRTC/NOT_FOUND",
+            TransportError::Unauthorized => "AUTH/UNAUTHORIZED",
+            TransportError::TooLarge { .. } => "REQUEST/TOO_LARGE",
+            TransportError::IncompleteBody(_) => "REQUEST/INCOMPLETE_BODY",
+            TransportError::BodyTimeout(_) => "REQUEST/TIMEOUT",
+            TransportError::TooManyViewers(_) => "WEBRTC/TOO_MANY_VIEWERS",
+            TransportError::PublisherPresent => "WEBRTC/PUBLISHER_PRESENT",
+            TransportError::Closed => "STREAMS/CLOSED",
+            TransportError::Codec(_) | TransportError::WebRtc(_) => "WEBRTC/INTERNAL",
+        }
+    }
+
     /// The HTTP status code this error is answered with.
     pub fn status(&self) -> u16 {
         match self {

@@ -56,6 +56,31 @@ pub trait FrameObserver: Send + Sync {
     fn on_output(&self, output: &Output);
 }
 
+/// Where a stream's publisher is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublisherState {
+    /// No publisher has ever been answered.
+    Never,
+    /// A publisher was answered and its connection is not up yet.
+    Connecting,
+    /// The publisher's connection is up.
+    Connected,
+    /// The publisher's session ended (DELETE, connection failed or closed, never connected)
+    /// or its connection lost contact (ICE disconnected).
+    Gone,
+}
+
+/// How a stream is being fed: what the server's liveness rules read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ingest {
+    /// The publisher's state.
+    pub publisher: PublisherState,
+    /// When it went ([`PublisherState::Gone`] only).
+    pub publisher_lost: Option<Instant>,
+    /// When the last RTP packet of a publisher arrived.
+    pub last_media: Option<Instant>,
+}
+
 struct PublisherSlot {
     id: String,
     connection: Arc<dyn PeerConnection>,
@@ -112,6 +137,14 @@ impl Shared {
 
     fn instant(&self, micros: i64) -> Instant {
         self.epoch + Duration::from_micros(micros.max(0) as u64)
+    }
+
+    /// Notes that the publisher went at `at` (the first time since it last connected).
+    fn publisher_lost(&self, at: Instant) {
+        let mut s = self.stats();
+        if s.publisher_lost.is_none() {
+            s.publisher_lost = Some(at);
+        }
     }
 }
 
@@ -208,12 +241,41 @@ impl WebRtcStream {
         }
     }
 
+    /// Where the publisher is and when media last arrived.
+    pub fn ingest(&self) -> Ingest {
+        let state = lock(&self.shared.publisher)
+            .as_ref()
+            .map(|p| *p.state.borrow());
+        let s = self.shared.stats();
+        let publisher = match state {
+            Some(
+                RTCPeerConnectionState::Failed
+                | RTCPeerConnectionState::Closed
+                | RTCPeerConnectionState::Disconnected,
+            ) => PublisherState::Gone,
+            Some(RTCPeerConnectionState::Connected) => PublisherState::Connected,
+            Some(_) => PublisherState::Connecting,
+            None if s.ever_published => PublisherState::Gone,
+            None => PublisherState::Never,
+        };
+        Ingest {
+            publisher,
+            publisher_lost: match publisher {
+                // A state change not yet seen by the watcher: gone from now.
+                PublisherState::Gone => Some(s.publisher_lost.unwrap_or_else(Instant::now)),
+                _ => None,
+            },
+            last_media: s.last_media,
+        }
+    }
+
     /// Ends every session and stops the output thread. The engine is left running (it belongs
     /// to the caller). Idempotent.
     pub async fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
         let publisher = lock(&self.shared.publisher).take();
         if let Some(p) = publisher {
+            self.shared.publisher_lost(Instant::now());
             let _ = p.connection.close().await;
         }
         let viewers: Vec<ViewerSlot> = lock(&self.shared.viewers).drain().map(|(_, v)| v).collect();

@@ -90,7 +90,13 @@ impl WebRtcStream {
         if let Some(previous) = previous {
             let _ = previous.connection.close().await;
         }
-        self.shared.stats().counters.publisher_offers_answered += 1;
+        {
+            let mut s = self.shared.stats();
+            s.counters.publisher_offers_answered += 1;
+            s.ever_published = true;
+            s.publisher_lost = None;
+        }
+        tracing::info!(session = %id, "WHIP publisher answered");
         if let Some(mut tracks) = peer.tracks.take() {
             let shared = self.shared.clone();
             tokio::spawn(async move {
@@ -122,6 +128,8 @@ impl WebRtcStream {
         };
         match ended {
             Some(ended) => {
+                self.shared.publisher_lost(Instant::now());
+                tracing::info!(session = %session_id, "WHIP publisher deleted");
                 let _ = ended.connection.close().await;
                 Ok(())
             }
@@ -155,15 +163,24 @@ async fn watch_publisher(
         matches!(&settled, Ok(Ok(s)) if **s == RTCPeerConnectionState::Connected)
     };
     if connected {
-        // An error means the connection is gone (its sender dropped): the end as well.
-        let _ = state
-            .wait_for(|s| {
-                matches!(
-                    s,
-                    RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
-                )
-            })
-            .await;
+        tracing::info!(session = %id, "WHIP publisher connected");
+        shared.stats().publisher_lost = None;
+        // Lost contact (ICE disconnected: consent checks unanswered, which is how a peer that
+        // closed shows, since webrtc-rs does not surface its DTLS close_notify here) counts as
+        // gone at once for the stream's state; the session ends on failed or closed. An error
+        // means the connection is gone (its sender dropped): the end as well.
+        while state.changed().await.is_ok() {
+            let now = *state.borrow_and_update();
+            match now {
+                RTCPeerConnectionState::Disconnected => {
+                    tracing::info!(session = %id, "WHIP publisher lost contact");
+                    shared.publisher_lost(Instant::now());
+                }
+                RTCPeerConnectionState::Connected => shared.stats().publisher_lost = None,
+                RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => break,
+                _ => {}
+            }
+        }
     }
     let finished = {
         let mut slot = lock(&shared.publisher);
@@ -174,9 +191,11 @@ async fn watch_publisher(
         }
     };
     if let Some(finished) = finished {
+        shared.publisher_lost(Instant::now());
         if !connected {
             shared.stats().counters.publishers_connect_failed += 1;
         }
+        tracing::info!(session = %id, connected, "WHIP publisher session ended");
         let _ = finished.connection.close().await;
     }
 }
@@ -218,11 +237,23 @@ pub(super) async fn receive_track(shared: Arc<Shared>, track: Arc<dyn TrackRemot
         return;
     }
     let mut assembler = AccessUnitAssembler::new(MAX_ACCESS_UNIT_BYTES);
+    let mut reception = Reception::default();
     while let Some(event) = track.poll().await {
         let TrackRemoteEvent::OnRtpPacket(packet) = event else {
             continue;
         };
         let h = &packet.header;
+        {
+            let now = Instant::now();
+            let arrival = now.saturating_duration_since(shared.epoch).as_secs_f64();
+            reception.packet(h.sequence_number, h.timestamp, arrival);
+            let mut s = shared.stats();
+            s.last_media = Some(now);
+            s.counters.media_packets_received += 1;
+            s.counters.media_bytes_received += packet.payload.len() as u64;
+            s.counters.media_packets_lost = reception.lost();
+            s.counters.media_jitter_ms = reception.jitter_ms();
+        }
         match assembler.push(h.sequence_number, h.timestamp, h.marker, &packet.payload) {
             Assembled::Pending => {}
             Assembled::AccessUnit(unit) => {
@@ -284,5 +315,106 @@ pub(super) fn run_decoder(
                 observer.on_input(id, picture.width, picture.height, &picture.rgb);
             }
         }
+    }
+}
+
+/// RTP reception statistics of one video track (RFC 3550 §6.4.1 and appendix A.3): packets
+/// lost from the span of extended sequence numbers seen, and the interarrival jitter.
+#[derive(Debug, Default)]
+pub(super) struct Reception {
+    /// First and highest extended sequence numbers seen.
+    span: Option<(u64, u64)>,
+    received: u64,
+    /// Transit time (arrival − RTP timestamp) of the previous packet, in 90 kHz units.
+    transit: Option<f64>,
+    /// Jitter in 90 kHz units.
+    jitter: f64,
+}
+
+/// The video RTP clock.
+const VIDEO_CLOCK_HZ: f64 = 90_000.0;
+
+impl Reception {
+    /// A packet with sequence number `seq` and RTP timestamp `timestamp` arrived at `arrival`
+    /// seconds (any fixed origin).
+    pub(super) fn packet(&mut self, seq: u16, timestamp: u32, arrival: f64) {
+        self.received += 1;
+        self.span = Some(match self.span {
+            None => (u64::from(seq), u64::from(seq)),
+            Some((first, highest)) => {
+                // The signed distance from the highest so far, modulo 2^16: wraps count
+                // forward; late packets (reordered, retransmitted) move nothing.
+                let step = seq.wrapping_sub(highest as u16) as i16;
+                (first, highest + u64::from(step.max(0) as u16))
+            }
+        });
+        let transit = arrival * VIDEO_CLOCK_HZ - f64::from(timestamp);
+        if let Some(previous) = self.transit {
+            // Timestamps wrap at 2^32: take the difference modulo it.
+            let mut d = (transit - previous).rem_euclid(4_294_967_296.0);
+            if d > 2_147_483_648.0 {
+                d -= 4_294_967_296.0;
+            }
+            self.jitter += (d.abs() - self.jitter) / 16.0;
+        }
+        self.transit = Some(transit);
+    }
+
+    /// Packets expected (the span of sequence numbers) minus packets received, at least 0.
+    pub(super) fn lost(&self) -> u64 {
+        self.span
+            .map(|(first, highest)| (highest - first + 1).saturating_sub(self.received))
+            .unwrap_or(0)
+    }
+
+    /// The jitter in milliseconds.
+    pub(super) fn jitter_ms(&self) -> f64 {
+        self.jitter / VIDEO_CLOCK_HZ * 1e3
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reception;
+
+    #[test]
+    fn lost_packets_are_the_gaps_in_the_sequence_numbers_across_a_wrap() {
+        let mut r = Reception::default();
+        // 65533, 65534, (65535 lost), 0, (1, 2 lost), 3, and 0 again (a retransmission).
+        for seq in [65533u16, 65534, 0, 3, 0] {
+            r.packet(seq, 0, 0.0);
+        }
+        assert_eq!(r.lost(), 2, "7 expected, 5 received");
+        let mut r = Reception::default();
+        for seq in 10u16..20 {
+            r.packet(seq, 0, 0.0);
+        }
+        assert_eq!(r.lost(), 0);
+        // A late packet from before the first seen does not widen the span.
+        r.packet(5, 0, 0.0);
+        assert_eq!(r.lost(), 0);
+    }
+
+    #[test]
+    fn jitter_follows_rfc_3550() {
+        // Packets every 1/30 s with timestamps 3000 apart: no jitter.
+        let mut r = Reception::default();
+        for i in 0..10u32 {
+            r.packet(i as u16, i * 3000, f64::from(i) / 30.0);
+        }
+        assert!(r.jitter_ms().abs() < 1e-9, "{}", r.jitter_ms());
+        // One packet 10 ms late: |D| = 900 ticks, J = 900/16 ticks = 0.625 ms; the next on
+        // time adds |D| = 900 again: J = 56.25 + (900 − 56.25)/16.
+        r.packet(10, 30_000, 10.0 / 30.0 + 0.010);
+        assert!((r.jitter_ms() - 0.625).abs() < 1e-6, "{}", r.jitter_ms());
+        r.packet(11, 33_000, 11.0 / 30.0);
+        let want = (56.25 + (900.0 - 56.25) / 16.0) / 90.0;
+        assert!((r.jitter_ms() - want).abs() < 1e-6, "{}", r.jitter_ms());
+        // Timestamps that wrap at 2^32 are no jump.
+        let mut r = Reception::default();
+        r.packet(0, u32::MAX - 2999, 0.0);
+        r.packet(1, 0, 3000.0 / 90_000.0 - 1.0 / 90_000.0);
+        r.packet(2, 3000, 6000.0 / 90_000.0 - 1.0 / 90_000.0);
+        assert!(r.jitter_ms() < 0.01, "{}", r.jitter_ms());
     }
 }

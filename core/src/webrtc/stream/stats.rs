@@ -79,6 +79,18 @@ pub struct TransportStats {
     /// Viewer sessions ended because they did not connect (within the connect timeout, or
     /// ICE/DTLS failed first).
     pub viewers_connect_failed: u64,
+    /// RTP packets of the publishers' video tracks received.
+    pub media_packets_received: u64,
+    /// Their payload bytes.
+    pub media_bytes_received: u64,
+    /// Video RTP packets never received: the sequence numbers a publisher's track skipped
+    /// (received packets, retransmissions included, subtracted from the span seen).
+    pub media_packets_lost: u64,
+    /// Interarrival jitter of the current publisher's video track (RFC 3550 §6.4.1), in
+    /// milliseconds.
+    pub media_jitter_ms: f64,
+    /// Encoded bytes written to viewers' tracks (summed over viewers).
+    pub media_bytes_sent: u64,
     /// Complete access units received from publishers.
     pub access_units_received: u64,
     /// Pictures dropped because packets were lost or malformed.
@@ -135,4 +147,11 @@ pub(super) struct StatsState {
     pub(super) transport: Window,
     /// Highest frame sequence number whose transport latency was recorded.
     pub(super) last_timed: Option<u64>,
+    /// When the last publisher RTP packet arrived.
+    pub(super) last_media: Option<std::time::Instant>,
+    /// When the publisher was last seen to go (its session ended, or its connection lost
+    /// contact); cleared when a publisher connects.
+    pub(super) publisher_lost: Option<std::time::Instant>,
+    /// A publisher's offer was ever answered.
+    pub(super) ever_published: bool,
 }

@@ -161,6 +161,7 @@ impl WebRtcStream {
             return Err(TransportError::Closed);
         }
         self.shared.stats().counters.viewer_offers_answered += 1;
+        tracing::info!(session = %id, "WHEP viewer answered");
         let shared = self.shared.clone();
         let viewer_id = id.to_owned();
         let state = peer.state.clone();
@@ -374,6 +375,7 @@ pub(super) async fn run_viewer(
         let now = Instant::now();
         let mut s = shared.stats();
         s.counters.frames_sent += 1;
+        s.counters.media_bytes_sent += frame.data.len() as u64;
         if s.last_timed.is_none_or(|last| frame.seq > last) {
             s.last_timed = Some(frame.seq);
             s.send.record(now.saturating_duration_since(frame.taken));
@@ -386,6 +388,9 @@ pub(super) async fn run_viewer(
 
 pub(super) async fn end_viewer(shared: &Shared, id: &str) {
     let slot = lock(&shared.viewers).remove(id);
+    if slot.is_some() {
+        tracing::info!(session = %id, "WHEP viewer session ended");
+    }
     if let Some(connection) = slot.and_then(|s| s.connection) {
         let _ = connection.close().await;
     }

@@ -1,4 +1,4 @@
-//! `server replay --record DIR`: runs a fresh engine over a stream's recorded inputs and
+//! `sdstream replay --record DIR`: runs a fresh engine over a stream's recorded inputs and
 //! compares with what the server served.
 //!
 //! The recording holds every decoded input the engine processed (`in-ID.ppm`), the output it
@@ -12,16 +12,22 @@
 //! Prints one JSON object.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use sdstream::{
+use crate::{
     DropPolicy, Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusionParams,
     Submission,
 };
+
+const USAGE: &str = "\
+usage: sdstream replay --record DIR [--settings FILE_OR_JSON] [--dump-unswitched DIR]
+
+DIR is one stream's folder of a `sdstream serve --record` run. Prints one JSON object.";
 
 fn read_ppm(path: &Path) -> Result<(usize, usize, Vec<u8>), String> {
     let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -161,6 +167,10 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let mut dump: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "-h" || flag == "--help" {
+            let _ = writeln!(std::io::stdout(), "{USAGE}");
+            return Ok(());
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--record" => dir = Some(value.into()),
@@ -170,7 +180,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         }
     }
     let dir = dir.ok_or("replay needs --record DIR (one stream's folder)")?;
-    let settings = crate::engine_settings(settings_arg.as_deref())?;
+    let settings = super::cli::engine_settings(settings_arg.as_deref())?;
     let (frames, params) = load(&dir)?;
     let first_version = frames.first().map(|f| f.version).unwrap_or(0);
 
@@ -180,7 +190,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         std::fs::create_dir_all(dump).map_err(|e| format!("{}: {e}", dump.display()))?;
         for (f, rgb) in frames.iter().zip(&unswitched) {
             let (w, h, _) = read_ppm(&dir.join(format!("out-{:06}.ppm", f.id)))?;
-            crate::write_ppm(&dump.join(format!("unswitched-{:06}.ppm", f.id)), w, h, rgb)
+            super::record::write_ppm(&dump.join(format!("unswitched-{:06}.ppm", f.id)), w, h, rgb)
                 .map_err(|e| format!("{}: {e}", dump.display()))?;
         }
     }
