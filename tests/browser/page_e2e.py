@@ -94,7 +94,7 @@ def status_of(base, stream_id):
         return None, {}, None
     inf = st.get("inference_status") or {}
     params = inf.get("last_params") or st.get("last_params") or {}
-    version = st.get("params_version", inf.get("params_version"))
+    version = st.get("params_version", inf.get("params_version", (st.get("engine") or {}).get("params_version")))
     if version is None:
         version = st.get("last_params_hash") or inf.get("last_params_hash")
     return st.get("state") or inf.get("state"), params, version
@@ -484,7 +484,8 @@ def scenario_daydream_shapes(browser, base, args, requests, summary):
     page = open_page(context, base, requests, "not-the-token")
     page.click("#start")
     text = wait_until(lambda: banner(page), page=page)
-    check("401" in text and "HTTP_401" in text, f"Daydream's error envelope: the banner shows the 401 and its code ({text!r})")
+    check("401" in text and re.search(r"\[[A-Z0-9_/]+\]", text) is not None,
+          f"Daydream's error envelope: the banner shows the 401 and its code ({text!r})")
     page.click("#banner-close")
     page.fill("#token", TOKEN)
     sid = start_stream(page, base)
@@ -494,9 +495,11 @@ def scenario_daydream_shapes(browser, base, args, requests, summary):
     frames = page.evaluate(PRESENTED, 5)
     check(playing and frames["count"] >= 5,
           f"Daydream's shapes (envelope, WHEP address from gateway_status): the output plays ({frames['count']} frames)")
-    shown = wait_until(lambda: page.text_content("#st-params").startswith("hash ")
+    # The server's own status already speaks Daydream's vocabulary (with sdstream's `engine`
+    # report beside it, whose params_version the panel prefers); the hash serves without it.
+    shown = wait_until(lambda: page.text_content("#st-params").startswith(("hash ", "version "))
                        and page.text_content("#st-state") == status_of(base, sid)[0], page=page)
-    check(bool(shown), f"Daydream's status vocabulary: the panel shows the state and the params hash "
+    check(bool(shown), f"Daydream's status vocabulary: the panel shows the state and the params version or hash "
                        f"({page.text_content('#st-state')}, {page.text_content('#st-params')})")
     _, _, v0 = status_of(base, sid)
     page.fill("#prompt", "an ink sketch of a forest")
