@@ -131,6 +131,24 @@ impl Shared {
         lock(&self.stats)
     }
 
+    /// Whether a session's connection reaches `Connected` within the connect timeout (rather
+    /// than failing, closing, or never settling): the one rule publishers and viewers share.
+    async fn connects_in_time(&self, state: &mut watch::Receiver<RTCPeerConnectionState>) -> bool {
+        let settled = tokio::time::timeout(
+            self.config.connect_timeout,
+            state.wait_for(|s| {
+                matches!(
+                    s,
+                    RTCPeerConnectionState::Connected
+                        | RTCPeerConnectionState::Failed
+                        | RTCPeerConnectionState::Closed
+                )
+            }),
+        )
+        .await;
+        matches!(&settled, Ok(Ok(s)) if **s == RTCPeerConnectionState::Connected)
+    }
+
     fn micros(&self, at: Instant) -> i64 {
         at.saturating_duration_since(self.epoch).as_micros() as i64
     }

@@ -147,21 +147,7 @@ async fn watch_publisher(
     id: String,
     mut state: watch::Receiver<RTCPeerConnectionState>,
 ) {
-    let connected = {
-        let settled = tokio::time::timeout(
-            shared.config.connect_timeout,
-            state.wait_for(|s| {
-                matches!(
-                    s,
-                    RTCPeerConnectionState::Connected
-                        | RTCPeerConnectionState::Failed
-                        | RTCPeerConnectionState::Closed
-                )
-            }),
-        )
-        .await;
-        matches!(&settled, Ok(Ok(s)) if **s == RTCPeerConnectionState::Connected)
-    };
+    let connected = shared.connects_in_time(&mut state).await;
     if connected {
         tracing::info!(session = %id, "WHIP publisher connected");
         shared.stats().publisher_lost = None;

@@ -278,21 +278,7 @@ pub(super) async fn run_viewer(
     sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
     ssrc: u32,
 ) {
-    let is_connected = {
-        let settled = tokio::time::timeout(
-            shared.config.connect_timeout,
-            state.wait_for(|s| {
-                matches!(
-                    s,
-                    RTCPeerConnectionState::Connected
-                        | RTCPeerConnectionState::Failed
-                        | RTCPeerConnectionState::Closed
-                )
-            }),
-        )
-        .await;
-        matches!(&settled, Ok(Ok(s)) if **s == RTCPeerConnectionState::Connected)
-    };
+    let is_connected = shared.connects_in_time(&mut state).await;
     let payload_type = match sender.get_parameters().await {
         Ok(p) => p.rtp_parameters.codecs.first().map(|c| c.payload_type),
         Err(_) => None,
