@@ -18,6 +18,7 @@ camera, through Playwright (the browser is the system's; Playwright never downlo
 8. The same page against Daydream's answer shapes (the server's answers rewritten in the browser:
    the {success, data} envelope, errors with a code, the WHEP address only in the status's
    gateway_status, the status in Daydream's vocabulary): a wrong token, play, a prompt, Stop.
+9. SIGTERM: the server exits 0.
 
 Screenshots go to WORK/screens (PNG). Waits are bounded only so that a broken run ends; no check
 depends on how fast anything is.
@@ -26,23 +27,18 @@ usage: page_e2e.py --server BIN --fixtures DIR --work DIR [--chromium /usr/bin/c
 Exits non-zero on any failed check; prints a JSON summary.
 """
 
-import argparse
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 
 from playwright.sync_api import sync_playwright
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from server_harness import CHECKS, FAILURES, api, arguments, check, finish, serve, unwrap  # noqa: E402
+
 TOKEN = "browser-e2e-token"
-FAILURES = []
-CHECKS = []
 
 # Chromium as root in this sandbox (see the machine notes): no sandbox, no GPU, and none of the
 # background connections a closed network refuses.
@@ -59,37 +55,10 @@ LOAD_WAIT = 120
 WAIT = 30
 
 
-def check(ok, what):
-    CHECKS.append(what)
-    print(("ok   " if ok else "FAIL ") + what, flush=True)
-    if not ok:
-        FAILURES.append(what)
-    return ok
-
-
-def unwrap(json_value):
-    """Daydream's envelope {success, data} or today's bare object: the object."""
-    if isinstance(json_value, dict) and isinstance(json_value.get("data"), (dict, list)):
-        return json_value["data"]
-    return json_value
-
-
-def api(base, method, path, token=TOKEN):
-    req = urllib.request.Request(base + path, method=method, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, unwrap(json.loads(raw or b"null"))
-    except json.JSONDecodeError:
-        return status, raw
-
-
 def status_of(base, stream_id):
     """(state, last_params, params_version or hash) from the status, in either vocabulary."""
     code, st = api(base, "GET", f"/v1/streams/{stream_id}/status")
+    st = unwrap(st)
     if code != 200 or not isinstance(st, dict):
         return None, {}, None
     inf = st.get("inference_status") or {}
@@ -116,26 +85,11 @@ def wait_until(fn, timeout=WAIT, every=0.2, page=None):
 
 
 def start_server(args):
-    fixtures = os.path.abspath(args.fixtures)
-    params = os.path.join(args.work, "params.json")
-    with open(params, "w") as f:
-        json.dump({"model_id": "tiny-sd-turbo", "width": 64, "height": 64, "seed": 42,
-                   "guidance_scale": 3.0,
-                   "controlnets": [{"model_id": "tiny-controlnet-a", "conditioning_scale": 0.5}]}, f)
-    settings = json.dumps({"vae": "tiny-taesd", "model_root": fixtures, "allow_any_resolution": True})
-    server = subprocess.Popen(
-        [args.server, "serve", "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
-         "--allow-model", "tiny-sd-turbo", "--allow-model", "tiny-controlnet-a", "--connect-timeout", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, SDSTREAM_API_TOKEN=TOKEN), text=True,
-    )
-    line = server.stdout.readline()
-    if "listening on " not in line:
-        server.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    log = open(os.path.join(args.work, "server.log"), "w")
-    # Keep draining the server's output so that it never blocks on a full pipe.
-    threading.Thread(target=lambda: [log.write(l) or log.flush() for l in server.stdout], daemon=True).start()
-    return server, line.split()[-1].rstrip("/")
+    return serve(args.server, TOKEN, os.path.abspath(args.fixtures),
+                 params={"seed": 42, "guidance_scale": 3.0,
+                         "controlnets": [{"model_id": "tiny-controlnet-a", "conditioning_scale": 0.5}]},
+                 allow=("tiny-sd-turbo", "tiny-controlnet-a"), flags=["--connect-timeout", 5],
+                 log_path=os.path.join(args.work, "server.log"))
 
 
 # Records, in order, what the output overlay says and whether it is shown.
@@ -516,15 +470,13 @@ def scenario_daydream_shapes(browser, base, args, requests, summary):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--server", required=True)
-    ap.add_argument("--fixtures", required=True)
-    ap.add_argument("--work", required=True)
+    ap = arguments(work=True)
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     args = ap.parse_args()
     os.makedirs(os.path.join(args.work, "screens"), exist_ok=True)
     summary = {"screens": []}
-    server, base = start_server(args)
+    server = start_server(args)
+    base = server.base
     requests = Requests()
     try:
         with sync_playwright() as playwright:
@@ -540,21 +492,17 @@ def main():
                     check(False, f"{scenario.__name__} raised {type(e).__name__}: {str(e).splitlines()[0]}")
             browser.close()
         code, listed = api(base, "GET", "/v1/streams")
+        listed = unwrap(listed)
         if code == 200 and isinstance(listed, list):
             check(listed == [], f"GET /v1/streams lists no stream at the end ({len(listed)})")
         foreign = sorted({u for _, u in requests.seen if not u.startswith(base) and not u.startswith(("data:", "blob:"))})
         check(foreign == [], f"every request stayed on the server's origin ({len(requests.seen)} requests; "
                              f"elsewhere: {foreign})")
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
     summary["checks"] = len(CHECKS)
     summary["failures"] = FAILURES
-    print(json.dumps(summary, indent=2))
-    sys.exit(1 if FAILURES else 0)
+    finish(summary)
 
 
 if __name__ == "__main__":

@@ -20,43 +20,23 @@ usage: daydream_sdk.py --server BIN --fixtures DIR
 Exits non-zero on any failed check; prints a JSON summary.
 """
 
-import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 
-import httpx
 from daydream import Daydream, errors
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from server_harness import api, arguments, check, finish, serve  # noqa: E402
 
 TOKEN = "sdk-test-token"
 MODEL = "stabilityai/sd-turbo"
-FAILURES = []
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what, flush=True)
-    if not ok:
-        FAILURES.append(what)
-
-
-def raw(base, method, path, body=None, token=TOKEN):
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    r = httpx.request(method, base + path, headers=headers, content=json.dumps(body) if body is not None else None,
-                      timeout=30)
-    try:
-        return r.status_code, r.json()
-    except ValueError:
-        return r.status_code, r.text
 
 
 def status(base, sid):
-    code, body = raw(base, "GET", f"/v1/streams/{sid}/status")
+    code, body = api(base, "GET", f"/v1/streams/{sid}/status")
     check(code == 200, f"GET status: {code}")
     return body
 
@@ -140,7 +120,7 @@ def run(base, summary):
     summary["status_keys"] = sorted(data)
 
     # --- the older create form and the beta prompts route ----------------------------------------
-    code, old = raw(base, "POST", "/v1/streams", {"pipeline_id": "pip_SD-turbo",
+    code, old = api(base, "POST", "/v1/streams", {"pipeline_id": "pip_SD-turbo",
                                                   "pipeline_params": {"model_id": MODEL, "prompt": "a paper crane"}})
     check(code == 201, f"older create form: {code}")
     old_id = old["id"]
@@ -151,7 +131,7 @@ def run(base, summary):
     check(dd.streams.get_stream_by_id(id=old_id).params.prompt == "a paper crane", "older form stream through the SDK")
 
     before = status(base, old_id)["data"]["engine"]["params_version"]
-    code, beta = raw(base, "POST", f"/beta/streams/{old_id}/prompts",
+    code, beta = api(base, "POST", f"/beta/streams/{old_id}/prompts",
                      {"pipeline": "live-video-to-video", "model_id": "streamdiffusion",
                       "params": {"model_id": MODEL, "prompt": "a paper crane in the rain"}})
     check(code == 200 and beta["success"] is True and beta["was_censored"] is False, f"beta prompts: {code} {beta}")
@@ -193,7 +173,7 @@ def run(base, summary):
         body = json.loads(e.body)
         check(e.status_code == 422 and body["status"] == 422 and "controlnets[0].preprocessor" in body["error"],
               f"unsupported preprocessor: {e.status_code} {body['error']}")
-    code, listed = raw(base, "GET", "/v1/streams")
+    code, listed = api(base, "GET", "/v1/streams")
     check([s["id"] for s in listed["data"]] == [sid], "nothing left behind by the refusals")
 
     # --- delete -------------------------------------------------------------------------------
@@ -205,10 +185,7 @@ def run(base, summary):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--server", required=True)
-    ap.add_argument("--fixtures", required=True)
-    args = ap.parse_args()
+    args = arguments().parse_args()
     fixtures = os.path.abspath(args.fixtures)
     summary = {}
     with tempfile.TemporaryDirectory() as root:
@@ -216,34 +193,15 @@ def main():
         os.makedirs(os.path.join(root, "stabilityai"))
         os.symlink(os.path.join(fixtures, "tiny-sd-turbo"), os.path.join(root, MODEL))
         os.symlink(os.path.join(fixtures, "tiny-taesd"), os.path.join(root, "tiny-taesd"))
-        settings = json.dumps({"vae": "tiny-taesd", "model_root": root, "allow_any_resolution": True})
-        params = json.dumps({"model_id": MODEL, "width": 64, "height": 64})
-        env = dict(os.environ, SDSTREAM_API_TOKEN=TOKEN, HF_HUB_OFFLINE="1", SDSTREAM_LOG="warn")
         started = time.monotonic()
-        server = subprocess.Popen(
-            [args.server, "serve", "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
-             "--max-streams", "2"],
-            stdout=subprocess.PIPE, env=env, text=True,
-        )
+        server = serve(args.server, TOKEN, root, params={"model_id": MODEL}, allow=(), flags=["--max-streams", 2])
         try:
-            line = server.stdout.readline()
-            if not line.startswith("listening on "):
-                raise RuntimeError(f"server did not start: {line!r}")
-            run(line.split()[-1], summary)
-            check(server.poll() is None, "the server is still running")
+            run(server.base, summary)
+            check(server.process.poll() is None, "the server is still running")
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                code = server.wait(10)
-                check(code == 0, f"SIGTERM: the server exits 0 ({code})")
-            except subprocess.TimeoutExpired:
-                server.kill()
-                check(False, "SIGTERM: the server did not exit within 10 s")
+            server.stop()
         summary["seconds"] = round(time.monotonic() - started, 2)
-    print(json.dumps(summary, indent=1))
-    if FAILURES:
-        print(f"{len(FAILURES)} check(s) failed", file=sys.stderr)
-        sys.exit(1)
+    finish(summary)
 
 
 if __name__ == "__main__":

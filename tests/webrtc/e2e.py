@@ -42,58 +42,26 @@ usage: e2e.py --server BIN --fixtures DIR --work DIR [--seconds S]
 Exits non-zero on any failed check; prints a JSON summary.
 """
 
-import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from fractions import Fraction
 
 import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
 from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, RTCP_RTPFB_NACK, RtcpPsfbPacket, RtcpRtpfbPacket, is_rtcp
 from av import VideoFrame
 
-SIZE = 64
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from server_harness import (  # noqa: E402
+    LAST, SIZE, api, arguments, check, finish, http, is_error_envelope, serve, tiny_settings,
+)
+
 API_TOKEN = "e2e-api-token"
 IDLE_TIMEOUT = 10  # seconds: --idle-timeout of the server under test
-FAILURES = []
-LAST = {}  # the body of the last HTTP answer (for the error envelope checks)
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what, flush=True)
-    if not ok:
-        FAILURES.append(what)
-
-
-def http(method, url, body=None, headers=None, timeout=30):
-    """(status, headers, body bytes); never raises on HTTP errors."""
-    data = body.encode() if isinstance(body, str) else body
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            answer = r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as e:
-        answer = e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
-    LAST["body"] = answer[2]
-    return answer
-
-
-def is_envelope(body, status):
-    """`body` is the error envelope {success: false, error, code, status} of `status`."""
-    try:
-        v = json.loads(body)
-    except (ValueError, TypeError):
-        return False
-    return (isinstance(v, dict) and v.get("success") is False and v.get("status") == status
-            and isinstance(v.get("error"), str) and isinstance(v.get("code"), str) and "/" in v["code"])
 
 
 def status_data(base, sid):
@@ -118,18 +86,6 @@ def raw_http(base, raw, half_close=True, timeout=30):
     parts = answer.split(b" ", 2)
     LAST["body"] = answer.split(b"\r\n\r\n", 1)[-1]
     return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
-
-
-def api(base, method, path, payload=None, token=API_TOKEN):
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    body = json.dumps(payload) if payload is not None else None
-    status, _, raw = http(method, base + path, body, headers)
-    try:
-        return status, json.loads(raw or b"null")
-    except json.JSONDecodeError:
-        return status, raw
 
 
 def read_ppm(path):
@@ -344,7 +300,7 @@ def bad_inputs(base, stream):
         LAST.clear()
         got = call()
         check(got == want, f"{name}: {got} (want {want})")
-        check(is_envelope(LAST.get("body"), want), f"  in the error envelope: {LAST.get('body', b'')[:160]!r}")
+        check(is_error_envelope(LAST.get("body"), want), f"  in the error envelope: {LAST.get('body', b'')[:160]!r}")
         check(good(), f"  server still serves after: {name}")
 
 
@@ -808,40 +764,22 @@ def logs(path, stream, summary):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--server", required=True)
-    ap.add_argument("--fixtures", required=True)
-    ap.add_argument("--work", required=True)
+    ap = arguments(work=True)
     ap.add_argument("--seconds", type=float, default=20)
     args = ap.parse_args()
     fixtures = os.path.abspath(args.fixtures)
     os.makedirs(args.work, exist_ok=True)
     record = os.path.join(args.work, "record")
-    params = os.path.join(args.work, "params.json")
-    # The server serves models by id only: the fixtures folder is its model_root.
-    settings = json.dumps({"vae": "tiny-taesd", "model_root": fixtures, "allow_any_resolution": True})
-    with open(params, "w") as f:
-        json.dump({"model_id": "tiny-sd-turbo", "width": SIZE, "height": SIZE,
-                   "seed": 42, "delta": 0.7,
+    log_path = os.path.join(args.work, "server.log")
+    server = serve(args.server, API_TOKEN, fixtures,
                    # Residual CFG at 3: the tiny model's text conditioning then moves the
                    # picture by ~20 levels per prompt change (1 level at guidance 1).
-                   "guidance_scale": 3.0}, f)
-
-    env = dict(os.environ, SDSTREAM_API_TOKEN=API_TOKEN, SDSTREAM_LOG="sdstream=info,warn")
-    log_path = os.path.join(args.work, "server.log")
-    log = open(log_path, "w")
-    server = subprocess.Popen(
-        [args.server, "serve", "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
-         "--record", record, "--allow-model", "tiny-sd-turbo", "--connect-timeout", "3",
-         "--idle-timeout", str(IDLE_TIMEOUT)],
-        stdout=subprocess.PIPE, stderr=log, env=env, text=True,
-    )
+                   params={"seed": 42, "delta": 0.7, "guidance_scale": 3.0},
+                   flags=["--record", record, "--connect-timeout", 3, "--idle-timeout", IDLE_TIMEOUT],
+                   log_path=log_path)
+    base = server.base
     summary = {}
     try:
-        line = server.stdout.readline()
-        if not line.startswith("listening on "):
-            raise RuntimeError(f"server did not start: {line!r}")
-        base = line.split()[-1]
         status, stream = api(base, "POST", "/v1/streams",
                              {"pipeline": "streamdiffusion", "params": {"prompt": "a watercolor of a lighthouse"}})
         check(status == 201, f"POST /v1/streams: {status}")
@@ -867,20 +805,13 @@ def main():
         check((status, deleted) == (200, {"success": True, "data": {}}), f"DELETE /v1/streams?id=: {status} {deleted}")
         check(api(base, "GET", f"/v1/streams/{third['id']}")[0] == 404, "deleted stream is gone")
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            code = server.wait(10)
-            check(code == 0, f"SIGTERM: the server exits 0 ({code})")
-        except subprocess.TimeoutExpired:
-            server.kill()
-            check(False, "SIGTERM: the server did not exit within 10 s")
-        log.close()
+        server.stop()
     logs(log_path, stream, summary)
 
     stream_dir = os.path.join(record, stream["id"])
     unswitched_dir = os.path.join(args.work, "unswitched")
     replay = subprocess.run(
-        [args.server, "replay", "--record", stream_dir, "--settings", settings, "--dump-unswitched", unswitched_dir],
+        [args.server, "replay", "--record", stream_dir, "--settings", tiny_settings(fixtures), "--dump-unswitched", unswitched_dir],
         capture_output=True, text=True,
     )
     if replay.returncode != 0:
@@ -898,10 +829,7 @@ def main():
         check(report["first_version_vs_unswitched_max_abs"] == 0, "before the PATCH both replays agree")
         compare(received, patch_time, stream_dir, unswitched_dir, summary)
 
-    print(json.dumps(summary, indent=1, default=float))
-    if FAILURES:
-        print(f"{len(FAILURES)} check(s) failed", file=sys.stderr)
-        sys.exit(1)
+    finish(summary)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ it watched.
 usage: figures.py --server BIN --fixtures DIR --work DIR [--size 512] [--viewers 1] [--seconds 15]
 """
 
-import argparse
 import asyncio
 import json
 import os
-import subprocess
+import sys
 import time
 
 import numpy as np
@@ -21,6 +20,9 @@ from aiortc import RTCPeerConnection, VideoStreamTrack
 from av import VideoFrame
 
 import e2e
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from server_harness import api, arguments, serve  # noqa: E402
 
 
 class Camera(VideoStreamTrack):
@@ -67,10 +69,10 @@ async def run(base, stream, size, viewers, seconds):
         await e2e.offer_to(pc, stream["whep_url"])
         pcs.append(pc)
     await asyncio.sleep(3)  # connect, first keyframe
-    start = (await asyncio.to_thread(e2e.api, base, "GET", f"/v1/streams/{stream['id']}"))[1]["transport"]
+    start = await e2e.transport_status(base, stream["id"])
     counts_start = list(counts)
     await asyncio.sleep(seconds)
-    end = (await asyncio.to_thread(e2e.api, base, "GET", f"/v1/streams/{stream['id']}"))[1]["transport"]
+    end = await e2e.transport_status(base, stream["id"])
     got = [c - s for c, s in zip(counts, counts_start)]
     encoded = end["frames_encoded"] - start["frames_encoded"]
     for pc in pcs + [publisher]:
@@ -79,31 +81,22 @@ async def run(base, stream, size, viewers, seconds):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--server", required=True)
-    ap.add_argument("--fixtures", required=True)
-    ap.add_argument("--work", required=True)
+    ap = arguments(work=True)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--viewers", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=15)
     args = ap.parse_args()
-    fixtures = os.path.abspath(args.fixtures)
     os.makedirs(args.work, exist_ok=True)
-    params = os.path.join(args.work, "params.json")
-    with open(params, "w") as f:
-        json.dump({"model_id": os.path.join(fixtures, "tiny-sd-turbo"), "width": args.size, "height": args.size}, f)
-    settings = json.dumps({"vae": os.path.join(fixtures, "tiny-taesd"), "allow_any_resolution": True})
-    env = dict(os.environ, SDSTREAM_API_TOKEN=e2e.API_TOKEN)
-    server = subprocess.Popen([args.server, "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
-                               "--max-viewers", str(max(args.viewers, 1))], stdout=subprocess.PIPE, env=env, text=True)
+    server = serve(args.server, e2e.API_TOKEN, os.path.abspath(args.fixtures),
+                   params={"width": args.size, "height": args.size},
+                   flags=["--max-viewers", max(args.viewers, 1)], log_path=os.path.join(args.work, "server.log"))
+    base = server.base
     try:
-        base = server.stdout.readline().split()[-1]
-        _, stream = e2e.api(base, "POST", "/v1/streams", {"params": {"prompt": "a lighthouse"}})
+        _, stream = api(base, "POST", "/v1/streams", {"params": {"prompt": "a lighthouse"}})
         transport, got, encoded = asyncio.run(run(base, stream, args.size, args.viewers, args.seconds))
-        status = e2e.api(base, "GET", f"/v1/streams/{stream['id']}/status")[1]
+        status = e2e.status_data(base, stream["id"])["engine"]
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
     print(json.dumps({
         "size": args.size, "viewers": args.viewers, "seconds": args.seconds,
         "engine": {k: status[k] for k in ("input_fps", "output_fps", "timings")},

@@ -16,51 +16,23 @@ usage: fuzz_http.py --server BIN --fixtures DIR [--requests N] [--seed S] [--con
 Exits non-zero on any failed check.
 """
 
-import argparse
 import asyncio
 import collections
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from aiortc import RTCPeerConnection
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from server_harness import api, arguments, check, finish, http, is_error_envelope, serve  # noqa: E402
 
 API_TOKEN = "fuzz-api-token"
 MAX_JSON = 256 * 1024
 MAX_SDP = 64 * 1024
 BODY_TIMEOUT = 10  # the server's (sdstream::webrtc::BODY_TIMEOUT)
-FAILURES = []
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what, flush=True)
-    if not ok:
-        FAILURES.append(what)
-
-
-def http(method, url, body=None, headers=None, timeout=30):
-    data = body.encode() if isinstance(body, str) else body
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
-
-
-def api(base, method, path, payload=None):
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_TOKEN}"}
-    status, _, raw = http(method, base + path, json.dumps(payload) if payload is not None else None, headers)
-    try:
-        return status, json.loads(raw or b"null")
-    except json.JSONDecodeError:
-        return status, raw
 
 
 async def sdp_offer(direction):
@@ -384,13 +356,7 @@ def envelope_kind(status, answer):
     """'envelope' for Daydream's error envelope of `status`, 'bare' for an empty answer with no
     content type (the HTTP layer's own, for a request it could not parse), 'other' otherwise."""
     headers, body = final_answer(answer)
-    try:
-        v = json.loads(body)
-    except ValueError:
-        v = None
-    if (headers.get("content-type", "").startswith("application/json") and isinstance(v, dict)
-            and v.get("success") is False and v.get("status") == status and isinstance(v.get("error"), str)
-            and isinstance(v.get("code"), str) and "/" in v["code"]):
+    if headers.get("content-type", "").startswith("application/json") and is_error_envelope(body, status):
         return "envelope"
     if not body and "content-type" not in headers:
         return "bare"
@@ -414,29 +380,17 @@ async def run(base, fuzzer, n, concurrency):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--server", required=True)
-    ap.add_argument("--fixtures", required=True)
+    ap = arguments()
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=24)
     args = ap.parse_args()
     fixtures = os.path.abspath(args.fixtures)
-    settings = json.dumps({"vae": "tiny-taesd", "model_root": fixtures, "allow_any_resolution": True})
-    params = json.dumps({"model_id": "tiny-sd-turbo", "width": 64, "height": 64})
-    env = dict(os.environ, SDSTREAM_API_TOKEN=API_TOKEN, SDSTREAM_LOG="warn")
-    server = subprocess.Popen(
-        [args.server, "serve", "--bind", "127.0.0.1:0", "--params", params, "--settings", settings,
-         "--allow-model", "tiny-sd-turbo", "--max-viewers", "8", "--max-pending-viewers", "4",
-         "--connect-timeout", "3", "--max-streams", "4"],
-        stdout=subprocess.PIPE, env=env, text=True,
-    )
+    server = serve(args.server, API_TOKEN, fixtures,
+                   flags=["--max-viewers", 8, "--max-pending-viewers", 4, "--connect-timeout", 3, "--max-streams", 4])
+    base = server.base
     summary = {}
     try:
-        line = server.stdout.readline()
-        if not line.startswith("listening on "):
-            raise RuntimeError(f"server did not start: {line!r}")
-        base = line.split()[-1]
         status, stream = api(base, "POST", "/v1/streams", {"params": {"prompt": "a lighthouse"}})
         check(status == 201, f"POST /v1/streams: {status}")
         viewer_sdp = asyncio.run(sdp_offer("recvonly"))
@@ -504,19 +458,10 @@ def main():
             "publisher_offers_answered", "publisher_offers_refused", "publishers_connect_failed")}
         st, _, body = http("POST", stream["whep_url"], viewer_sdp, {"Content-Type": "application/sdp"})
         check(st == 201, f"a good WHEP offer afterwards: {st} {body[:80]!r}")
-        check(server.poll() is None, "the server is still running")
+        check(server.process.poll() is None, "the server is still running")
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            code = server.wait(10)
-            check(code == 0, f"SIGTERM: the server exits 0 ({code})")
-        except subprocess.TimeoutExpired:
-            server.kill()
-            check(False, "SIGTERM: the server did not exit within 10 s")
-    print(json.dumps(summary, indent=1))
-    if FAILURES:
-        print(f"{len(FAILURES)} check(s) failed", file=sys.stderr)
-        sys.exit(1)
+        server.stop()
+    finish(summary)
 
 
 if __name__ == "__main__":
