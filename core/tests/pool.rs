@@ -124,7 +124,7 @@ fn five_engines_share_one_copy_and_release_it_when_dropped() {
             waits: 0
         }
     );
-    let shared = pool.find(&model_id(), &settings()).expect("loaded");
+    let shared = pool.find(&params(), &settings()).expect("loaded");
     assert!(Arc::ptr_eq(
         &shared,
         &pool
@@ -191,7 +191,7 @@ fn five_engines_share_one_copy_and_release_it_when_dropped() {
     drop(engines);
     assert!(pool.entries().is_empty(), "{:#?}", pool.entries());
     assert_eq!(pool.total_bytes(), 0);
-    assert!(pool.find(&model_id(), &settings()).is_none());
+    assert!(pool.find(&params(), &settings()).is_none());
     // A later stream loads again: nothing was kept.
     let again = engine_in(&pool, params());
     assert_eq!(pool.stats().loads, 2);
@@ -348,7 +348,7 @@ fn a_controlnet_is_loaded_once_for_two_engines() {
     let pool = Arc::new(ModelPool::new());
     let a = engine_in(&pool, with_controlnet());
     let b = engine_in(&pool, with_controlnet());
-    let models = pool.find(&model_id(), &settings()).expect("loaded");
+    let models = pool.find(&params(), &settings()).expect("loaded");
     assert_eq!(models.controlnet_loads(), 1);
     assert_eq!(pool.stats().loads, 1);
     let entries = pool.entries();
@@ -404,7 +404,7 @@ fn engines_and_streams_share_the_process_wide_pool() {
     let engine = Engine::new(params(), settings(), EngineOptions::default()).expect("engine");
     let stream =
         StreamDiffusion::new_with_progress(params(), settings(), &mut |_| {}).expect("stream");
-    let shared = global.find(&model_id(), &settings()).expect("in the pool");
+    let shared = global.find(&params(), &settings()).expect("in the pool");
     assert!(Arc::ptr_eq(stream.models(), &shared));
     drop(shared);
     let entries = global.entries();

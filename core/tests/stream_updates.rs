@@ -297,11 +297,15 @@ fn rejected_updates_leave_the_stream_untouched() {
     bad.t_index_list = vec![12, 20, 60];
     let err = s.update(bad).unwrap_err();
     assert!(err.to_string().contains("t_index_list"), "{err}");
-    // Unsupported (a LoRA): a clear error, not a silent no-op.
-    let lora = with(base.clone(), "lora_dict", json!({"some/lora": 0.5}));
+    // A LoRA that cannot be found: the reload fails naming the lora_dict entry.
+    let no_lora = std::env::temp_dir()
+        .join(format!("sdstream-no-lora-{}", std::process::id()))
+        .display()
+        .to_string();
+    let lora = with(base.clone(), "lora_dict", json!({ &no_lora: 0.5 }));
     let err = s.update(params(&lora)).unwrap_err();
     assert!(
-        matches!(&err, Error::InvalidParam { field, .. } if field == "lora_dict"),
+        matches!(&err, Error::InvalidParam { field, .. } if *field == format!("lora_dict.{no_lora}")),
         "{err}"
     );
     // A ControlNet that cannot be found: the swap fails naming it, and nothing changes.

@@ -37,7 +37,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::model::pool::ModelPool;
-use crate::params::{EngineSettings, ModelFamily, StreamDiffusionParams, Update, classify};
+use crate::params::{EngineSettings, StreamDiffusionParams, Update, classify};
 use crate::pipeline::stream_diffusion::{check_control_ids, check_supported};
 use crate::{Error, Result};
 
@@ -112,8 +112,8 @@ impl Engine {
         settings.validate()?;
         params.validate(&settings)?;
         // What the pipeline would refuse once loaded (a preprocessor it cannot run, a feature
-        // it lacks, LCM-LoRA on a known SD1.5 id) is refused here, not left to the load.
-        check_supported(&params, ModelFamily::of_model(&params.model_id))?;
+        // it lacks) is refused here, not left to the load.
+        check_supported(&params)?;
         let factory = Arc::new(StreamDiffusionFactory::new(settings.clone(), pool));
         Self::spawn_with_factory(params, settings, options, factory)
     }
@@ -360,7 +360,7 @@ impl Engine {
     /// accepted parameters.
     pub fn update_params(&self, params: StreamDiffusionParams) -> Result<Update> {
         params.validate(&self.shared.settings)?;
-        check_supported(&params, ModelFamily::of_model(&params.model_id))?;
+        check_supported(&params)?;
         let mut s = self.shared.lock();
         if s.closed {
             return Err(closed_error());

@@ -91,7 +91,7 @@ impl StreamDiffusionFactory {
         params: &StreamDiffusionParams,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Arc<StableDiffusionModels>> {
-        self.pool.get(&params.model_id, &self.settings, progress)
+        self.pool.get(params, &self.settings, progress)
     }
 }
 
@@ -123,7 +123,7 @@ impl PipelineFactory for StreamDiffusionFactory {
 
     fn controlnets_ready(&self, params: &StreamDiffusionParams, ids: &[&str]) -> bool {
         self.pool
-            .find(&params.model_id, &self.settings)
+            .find(params, &self.settings)
             .is_some_and(|models| ids.iter().all(|id| models.cached_controlnet(id).is_some()))
     }
 }

@@ -1077,17 +1077,8 @@ fn spawn_refuses_what_the_pipeline_cannot_run_before_loading_anything() {
             "controlnets[0].preprocessor",
         ),
         (
-            serde_json::json!({"lora_dict": {"some/lora": 0.5}}),
-            "lora_dict",
-        ),
-        (
             serde_json::json!({"skip_diffusion": true}),
             "skip_diffusion",
-        ),
-        // LCM-LoRA matters for a known SD1.5 id; on sd-turbo it is no error.
-        (
-            serde_json::json!({"model_id": "Lykon/dreamshaper-8", "use_lcm_lora": true}),
-            "use_lcm_lora",
         ),
     ] {
         let err = Engine::spawn(
@@ -1106,10 +1097,55 @@ fn spawn_refuses_what_the_pipeline_cannot_run_before_loading_anything() {
     let factory = FakeFactory::new(0, 0);
     let engine = engine(factory, EngineOptions::default());
     let err = engine
-        .update_params(with(serde_json::json!({"lora_dict": {"x/y": 1.0}})))
-        .expect_err("LoRA");
+        .update_params(with(serde_json::json!({"skip_diffusion": true})))
+        .expect_err("skip_diffusion");
     assert!(
-        matches!(&err, Error::InvalidParam { field, .. } if field == "lora_dict"),
+        matches!(&err, Error::InvalidParam { field, .. } if field == "skip_diffusion"),
         "{err}"
     );
+}
+
+#[test]
+fn lora_ids_are_hub_ids_where_model_paths_are_off() {
+    let settings = EngineSettings {
+        allow_model_paths: false,
+        ..EngineSettings::default()
+    };
+    let base = serde_json::json!({"model_id": "Lykon/dreamshaper-8", "width": 512, "height": 512});
+    for (patch, field) in [
+        (
+            serde_json::json!({"lora_dict": {"../../etc": 1.0}}),
+            "lora_dict",
+        ),
+        (
+            serde_json::json!({"lora_dict": {"/models/x.safetensors": 1.0}}),
+            "lora_dict",
+        ),
+        (
+            serde_json::json!({"lcm_lora_id": "/models/lcm"}),
+            "lcm_lora_id",
+        ),
+    ] {
+        let err = StreamDiffusionParams::from_json(&base.to_string())
+            .and_then(|p| p.patched(&patch, &settings))
+            .expect_err(&patch.to_string());
+        assert!(
+            matches!(&err, Error::InvalidParam { field: f, .. } if f == field),
+            "{patch}: {err}"
+        );
+        assert!(
+            !err.to_string().contains("etc") && !err.to_string().contains("/models"),
+            "{err}"
+        );
+    }
+    // Hub ids pass validation (they are resolved when the pipeline loads); an LCM-LoRA id is
+    // not checked while use_lcm_lora is off.
+    for patch in [
+        serde_json::json!({"lora_dict": {"org/style-lora": 0.8}}),
+        serde_json::json!({"use_lcm_lora": false, "lcm_lora_id": "/models/lcm"}),
+    ] {
+        StreamDiffusionParams::from_json(&base.to_string())
+            .and_then(|p| p.patched(&patch, &settings))
+            .unwrap_or_else(|e| panic!("{patch}: {e}"));
+    }
 }

@@ -11,12 +11,13 @@ use candle_core::{DType, Device, Tensor};
 use crate::hub::{self, HubOptions};
 use crate::model::clip::ClipTextModel;
 use crate::model::controlnet::ControlNetModel;
+use crate::model::lora::{LoraDeltas, LoraFile, LoraTarget, resolve_lora};
 use crate::model::taesd::AutoencoderTiny;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKl;
-use crate::model::weights;
-use crate::params::{EngineSettings, ModelFamily, VaeChoice};
+use crate::model::{read_config, weights};
+use crate::params::{EngineSettings, ModelFamily, StreamDiffusionParams, VaeChoice};
 use crate::sampling::rng::TorchGenerator;
 use crate::sampling::scheduler::LcmScheduler;
 use crate::{Error, Result};
@@ -77,6 +78,8 @@ impl Autoencoder {
 pub struct StableDiffusionModels {
     /// The checkpoint folder the networks came from.
     pub dir: PathBuf,
+    /// The LoRA files fused into the UNet and text encoder, with their weights, in order.
+    pub loras: Vec<(PathBuf, f64)>,
     /// SD1.5, SD2.1 or SDXL, from the UNet's cross-attention width.
     pub family: ModelFamily,
     /// CLIP tokenizer.
@@ -103,7 +106,50 @@ pub struct StableDiffusionModels {
     controlnet_loads: AtomicU64,
 }
 
-/// The folders a checkpoint loads from, once its id is resolved.
+/// What a stream asks for: a checkpoint and the LoRAs fused into it. Built from the parameters
+/// (`model_id`, `use_lcm_lora` + `lcm_lora_id`, `lora_dict`), or from a bare model id.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModelRequest {
+    /// The checkpoint's id (a hub id or, where allowed, a folder).
+    pub model_id: String,
+    /// The LCM-LoRA, fused at weight 1 when the checkpoint is an SD 1.5 one (turbo models and
+    /// other families need none; the family is read from the checkpoint, not the id).
+    pub lcm_lora: Option<String>,
+    /// Further LoRAs with their weights, fused after the LCM-LoRA in this order.
+    pub loras: Vec<(String, f64)>,
+}
+
+impl From<&str> for ModelRequest {
+    fn from(model_id: &str) -> Self {
+        Self {
+            model_id: model_id.to_string(),
+            ..Self::default()
+        }
+    }
+}
+
+impl From<&String> for ModelRequest {
+    fn from(model_id: &String) -> Self {
+        Self::from(model_id.as_str())
+    }
+}
+
+impl From<&StreamDiffusionParams> for ModelRequest {
+    fn from(params: &StreamDiffusionParams) -> Self {
+        Self {
+            model_id: params.model_id.clone(),
+            lcm_lora: params.use_lcm_lora.then(|| params.lcm_lora_id.clone()),
+            loras: params
+                .lora_dict
+                .iter()
+                .flatten()
+                .map(|(id, weight)| (id.clone(), *weight))
+                .collect(),
+        }
+    }
+}
+
+/// The folders and files a checkpoint loads from, once its ids are resolved.
 #[derive(Debug, Clone)]
 pub(crate) struct ResolvedFolders {
     /// The diffusers checkpoint folder.
@@ -111,6 +157,8 @@ pub(crate) struct ResolvedFolders {
     /// A custom TAESD's folder (`vae` naming one); `None` for the checkpoint's own VAE or the
     /// family's default TAESD.
     pub(crate) taesd: Option<PathBuf>,
+    /// LoRA files with their weights, in the order they are fused.
+    pub(crate) loras: Vec<(PathBuf, f64)>,
 }
 
 /// The ControlNets of one checkpoint, shared by every stream on it.
@@ -243,6 +291,14 @@ fn component_files(fp16: bool) -> Vec<String> {
     ]
 }
 
+/// The LoRA file `id` names; an id that names none is an error on `field`.
+fn lora_file(id: &str, opts: &HubOptions, field: &str) -> Result<PathBuf> {
+    resolve_lora(id, opts).map_err(|e| match e {
+        Error::ModelNotFound { .. } => Error::param(field, format!("LoRA {id}: {e}")),
+        other => other,
+    })
+}
+
 fn resolve(id: &str, opts: &HubOptions, files: &[String]) -> Result<PathBuf> {
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
     hub::resolve(id, opts, &files)
@@ -253,27 +309,41 @@ impl StableDiffusionModels {
     /// reporting each step through `progress`. Every call is a load of its own; streams that
     /// should share one copy get their networks from a [`ModelPool`](crate::model::pool::ModelPool).
     pub fn load(
-        model_id: &str,
+        request: impl Into<ModelRequest>,
         settings: &EngineSettings,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
-        let folders = Self::resolve(model_id, settings)?;
+        let folders = Self::resolve(&request.into(), settings)?;
         Self::load_resolved(&folders, settings, progress)
     }
 
-    /// The folders `model_id` and the settings' autoencoder resolve to (local folder,
-    /// model_root, HF cache, or a download of the files a stream needs), read nothing else.
-    pub(crate) fn resolve(model_id: &str, settings: &EngineSettings) -> Result<ResolvedFolders> {
+    /// The folders and files `request` and the settings' autoencoder resolve to (local folder,
+    /// model_root, HF cache, or a download of the files a stream needs). Reads the UNet's
+    /// config (the family decides whether the LCM-LoRA applies), no weights.
+    pub(crate) fn resolve(
+        request: &ModelRequest,
+        settings: &EngineSettings,
+    ) -> Result<ResolvedFolders> {
         let fp16 = settings.dtype.dtype() == DType::F16;
         let opts = settings.hub_options();
         let full_vae = settings.vae == VaeChoice::Full;
-        let dir = resolve(model_id, &opts, &checkpoint_files(full_vae, fp16))?;
+        let dir = resolve(&request.model_id, &opts, &checkpoint_files(full_vae, fp16))?;
         // The default TAESD depends on the family, known only once the UNet config is read.
         let taesd = match &settings.vae {
             VaeChoice::Custom(id) => Some(resolve(id, &opts, &component_files(fp16))?),
             VaeChoice::Full | VaeChoice::Taesd => None,
         };
-        Ok(ResolvedFolders { dir, taesd })
+        let mut loras = Vec::new();
+        if let Some(lcm) = &request.lcm_lora {
+            let config: UNetConfig = read_config(&dir.join("unet/config.json"))?;
+            if family_of(&config) == ModelFamily::Sd15 {
+                loras.push((lora_file(lcm, &opts, "lcm_lora_id")?, 1.0));
+            }
+        }
+        for (id, weight) in &request.loras {
+            loras.push((lora_file(id, &opts, &format!("lora_dict.{id}"))?, *weight));
+        }
+        Ok(ResolvedFolders { dir, taesd, loras })
     }
 
     /// Loads every network from already resolved folders.
@@ -283,25 +353,25 @@ impl StableDiffusionModels {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         let before = weights::loaded_bytes();
-        let mut models = Self::load_dir(
-            &folders.dir,
-            settings,
-            folders.taesd.clone(),
-            settings.hub_options(),
-            progress,
-        )?;
+        let mut models = Self::load_dir(folders, settings, settings.hub_options(), progress)?;
         models.weight_bytes = weights::loaded_bytes() - before;
         Ok(models)
     }
 
     /// Loads from an already resolved checkpoint folder.
     fn load_dir(
-        dir: &Path,
+        folders: &ResolvedFolders,
         settings: &EngineSettings,
-        taesd_dir: Option<PathBuf>,
         opts: HubOptions,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
+        let dir = folders.dir.as_path();
+        let taesd_dir = folders.taesd.clone();
+        let mut stack = Vec::with_capacity(folders.loras.len());
+        for (path, weight) in &folders.loras {
+            let file = timed(progress, "lora", path, || LoraFile::open(path))?;
+            stack.push((Arc::new(file), *weight));
+        }
         let device = settings.device.device()?;
         let dtype = settings.dtype.dtype();
         let fp16 = dtype == DType::F16;
@@ -311,11 +381,21 @@ impl StableDiffusionModels {
             ClipTokenizer::from_dir(&dir.join("tokenizer"))
         })?;
         let text_encoder = timed(progress, "text encoder", dir, || {
-            ClipTextModel::load(&dir.join("text_encoder"), dtype, &device)
+            ClipTextModel::load_with_lora(
+                &dir.join("text_encoder"),
+                dtype,
+                &device,
+                LoraDeltas::new(LoraTarget::TextEncoder, &stack),
+            )
         })?;
         check_tokenizer_fits(dir, &tokenizer, &text_encoder)?;
         let unet = timed(progress, "unet", dir, || {
-            UNet2DConditionModel::load(&dir.join("unet"), dtype, &device)
+            UNet2DConditionModel::load_with_lora(
+                &dir.join("unet"),
+                dtype,
+                &device,
+                LoraDeltas::new(LoraTarget::Unet, &stack),
+            )
         })?;
         check_text_width(dir, &unet, &text_encoder)?;
         let family = family_of(unet.config());
@@ -346,6 +426,7 @@ impl StableDiffusionModels {
         check_latent_channels(dir, &unet, &autoencoder, &vae_dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            loras: folders.loras.clone(),
             family,
             tokenizer,
             text_encoder,

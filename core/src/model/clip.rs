@@ -11,6 +11,7 @@
 //! (transformers 5.x).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
@@ -21,7 +22,8 @@ use crate::model::limits::{
     Limits, MAX_CHANNELS, MAX_HEADS, MAX_POSITIONS, MAX_TEXT_LAYERS, MAX_VOCAB, MAX_WIDTH,
 };
 
-use crate::model::{open_component, try_vec};
+use crate::model::lora::LoraDeltas;
+use crate::model::{open_component_with_lora, try_vec};
 use crate::{Error, Result};
 
 /// `config.json` of a transformers `CLIPTextModel`; defaults are transformers' `CLIPTextConfig`.
@@ -308,12 +310,23 @@ impl ClipTextModel {
     /// Loads a transformers text-encoder folder (`config.json` + `model.safetensors`, or the
     /// `model.fp16.safetensors` variant, preferred when `dtype` is half precision).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        open_component(
+        Self::load_with_lora(dir, dtype, device, None)
+    }
+
+    /// [`load`](Self::load) with LoRA deltas fused into the weights they patch.
+    pub fn load_with_lora(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        lora: Option<Arc<LoraDeltas>>,
+    ) -> Result<Self> {
+        open_component_with_lora(
             dir,
             "model",
             dtype,
             device,
             position_ids_buffer,
+            lora,
             Config::validate,
             Self::new,
         )

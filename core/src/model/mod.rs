@@ -10,6 +10,7 @@ pub mod clip;
 pub mod controlnet;
 pub mod kernels;
 pub(crate) mod limits;
+pub mod lora;
 pub mod pool;
 pub mod taesd;
 pub mod tokenizer;
@@ -119,6 +120,26 @@ pub fn open_component<C, M>(
 where
     C: DeserializeOwned,
 {
+    open_component_with_lora(dir, stem, dtype, device, tolerated, None, validate, build)
+}
+
+/// [`open_component`] with LoRA deltas fused into the tensors they target: the probe also
+/// checks every delta against its tensor's shape, and that every layer of the LoRA found its
+/// tensor (a LoRA for another network is an error naming its first stray layer).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn open_component_with_lora<C, M>(
+    dir: &Path,
+    stem: &str,
+    dtype: DType,
+    device: &Device,
+    tolerated: fn(&str) -> bool,
+    lora: Option<Arc<lora::LoraDeltas>>,
+    validate: impl FnOnce(&C) -> Result<()>,
+    build: impl Fn(&C, VarBuilder<'static>) -> Result<M>,
+) -> Result<M>
+where
+    C: DeserializeOwned,
+{
     let config_path = dir.join("config.json");
     let config: C = read_config(&config_path)?;
     validate(&config).map_err(|e| in_file(&config_path, e))?;
@@ -128,7 +149,8 @@ where
         matches!(dtype, DType::F16 | DType::BF16),
     )?)?);
     let build_from = |mode| {
-        let (vb, used) = CheckedBackend::var_builder(file.clone(), mode, dtype, device);
+        let (vb, used) =
+            CheckedBackend::var_builder(file.clone(), mode, dtype, device, lora.clone());
         let model = build(&config, vb).map_err(|e| match e {
             Error::UnsupportedConfig { .. } => in_file(&config_path, e),
             // The backend's own messages (missing tensor, wrong shape, …) read best bare.
@@ -145,6 +167,9 @@ where
     drop(probe);
     file.check_all_used(&used, tolerated)?;
     file.check_finite(&used)?;
+    if let Some(lora) = &lora {
+        lora.check_all_targeted(&used)?;
+    }
     Ok(build_from(Mode::Load)?.0)
 }
 

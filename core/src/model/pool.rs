@@ -28,7 +28,9 @@ use serde::Serialize;
 
 use crate::Result;
 use crate::hub::HubOptions;
-use crate::model::bundle::{ResolvedFolders, StableDiffusionModels, canonical, lock_or_wait};
+use crate::model::bundle::{
+    ModelRequest, ResolvedFolders, StableDiffusionModels, canonical, lock_or_wait,
+};
 use crate::params::{DTypeChoice, DeviceSpec, EngineSettings, VaeChoice};
 
 /// What decides which networks a load produces: two requests with equal keys share one load.
@@ -45,6 +47,8 @@ pub struct ModelKey {
     /// Where the default TAESD and the ControlNet ids are looked up: streams whose ids could
     /// resolve to other folders must not share a ControlNet cache.
     pub hub: HubOptions,
+    /// The LoRA files fused into the networks (canonical) with their weights' bits, in order.
+    pub loras: Vec<(PathBuf, u64)>,
 }
 
 /// The autoencoder part of a [`ModelKey`].
@@ -72,6 +76,11 @@ impl ModelKey {
             device: settings.device,
             vae,
             hub: settings.hub_options(),
+            loras: folders
+                .loras
+                .iter()
+                .map(|(path, weight)| (canonical(path), weight.to_bits()))
+                .collect(),
         }
     }
 }
@@ -80,6 +89,9 @@ impl ModelKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Alias {
     model_id: String,
+    lcm_lora: Option<String>,
+    /// `lora_dict` ids with their weights' bits.
+    loras: Vec<(String, u64)>,
     dtype: DTypeChoice,
     device: DeviceSpec,
     vae: VaeChoice,
@@ -87,9 +99,15 @@ struct Alias {
 }
 
 impl Alias {
-    fn new(model_id: &str, settings: &EngineSettings) -> Self {
+    fn new(request: &ModelRequest, settings: &EngineSettings) -> Self {
         Self {
-            model_id: model_id.to_string(),
+            model_id: request.model_id.clone(),
+            lcm_lora: request.lcm_lora.clone(),
+            loras: request
+                .loras
+                .iter()
+                .map(|(id, weight)| (id.clone(), weight.to_bits()))
+                .collect(),
             dtype: settings.dtype,
             device: settings.device,
             vae: settings.vae.clone(),
@@ -196,22 +214,23 @@ impl ModelPool {
         GLOBAL.get_or_init(|| Arc::new(ModelPool::new()))
     }
 
-    /// The networks of `model_id` under `settings` (dtype, device, vae, where ids are looked
-    /// up): the loaded ones when some stream holds them, else loaded now (resolving the id
+    /// The networks of `request` (a model id, or a stream's parameters: the id with the LoRAs
+    /// to fuse) under `settings` (dtype, device, vae, where ids are looked up): the loaded ones when some stream holds them, else loaded now (resolving the id
     /// first, which may download), reporting steps to `progress`. A request for a key another
     /// request is loading waits for that load instead of reading the weights again.
     pub fn get(
         &self,
-        model_id: &str,
+        request: impl Into<ModelRequest>,
         settings: &EngineSettings,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Arc<StableDiffusionModels>> {
-        let alias = Alias::new(model_id, settings);
+        let request = request.into();
+        let alias = Alias::new(&request, settings);
         if let Some(models) = self.find_alias(&alias) {
             self.reuses.fetch_add(1, Ordering::Relaxed);
             return Ok(models);
         }
-        let folders = StableDiffusionModels::resolve(model_id, settings)?;
+        let folders = StableDiffusionModels::resolve(&request, settings)?;
         let slot = self.slot(ModelKey::of(&folders, settings));
         if let Some(models) = slot.live(&alias) {
             self.reuses.fetch_add(1, Ordering::Relaxed);
@@ -240,14 +259,15 @@ impl ModelPool {
         Ok(models)
     }
 
-    /// The loaded networks some earlier [`get`](Self::get) with this `model_id` spelling and
+    /// The loaded networks some earlier [`get`](Self::get) with this request (the model id as
+    /// spelled, the LoRA fields as given: pass a stream's parameters to find its networks) and
     /// these settings returned, if a stream still holds them; never reads the disk or loads.
     pub fn find(
         &self,
-        model_id: &str,
+        request: impl Into<ModelRequest>,
         settings: &EngineSettings,
     ) -> Option<Arc<StableDiffusionModels>> {
-        self.find_alias(&Alias::new(model_id, settings))
+        self.find_alias(&Alias::new(&request.into(), settings))
     }
 
     fn find_alias(&self, alias: &Alias) -> Option<Arc<StableDiffusionModels>> {

@@ -17,13 +17,15 @@
 //! bf16 needs a GPU: candle's CPU matmul has no bf16 kernel.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::kernels::conv::Conv2d;
 use super::kernels::norm::GroupNorm;
-use super::open_component;
+use super::lora::LoraDeltas;
+use super::open_component_with_lora;
 use super::unet_blocks::{
     Activation, DownBlock, LevelShape, MidBlock, SinusoidalTimesteps, TimestepEmbedding, UpBlock,
     conv2d,
@@ -404,12 +406,23 @@ impl UNet2DConditionModel {
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model[.fp16].safetensors` (the fp16
     /// file is preferred when `dtype` is f16 or bf16). Errors name the file at fault.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        open_component(
+        Self::load_with_lora(dir, dtype, device, None)
+    }
+
+    /// [`load`](Self::load) with LoRA deltas fused into the weights they patch.
+    pub fn load_with_lora(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        lora: Option<Arc<LoraDeltas>>,
+    ) -> Result<Self> {
+        open_component_with_lora(
             dir,
             "diffusion_pytorch_model",
             dtype,
             device,
             unused_lcm_guidance_embedding,
+            lora,
             |config: &UNetConfig| config.plan("UNet").map(|_| ()),
             Self::new,
         )

@@ -23,6 +23,7 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use serde_json::Value;
 
+use crate::model::lora::LoraDeltas;
 use crate::{Error, Result};
 
 /// safetensors' own bound on the JSON header.
@@ -190,6 +191,8 @@ pub(crate) struct WeightsFile {
     /// The tensors in the order of their bytes in the file.
     entries: Vec<Entry>,
     index: HashMap<String, usize>,
+    /// The header's `__metadata__` (string values only, as safetensors defines it).
+    metadata: HashMap<String, String>,
     mmap: MmapedSafetensors,
 }
 
@@ -248,8 +251,17 @@ impl WeightsFile {
         let json: serde_json::Map<String, Value> = serde_json::from_slice(&header)
             .map_err(|e| fail(format!("the header is not a JSON object: {e}")))?;
         let mut entries = Vec::new();
+        let mut metadata = HashMap::new();
         for (name, info) in json {
-            if name != "__metadata__" {
+            if name == "__metadata__" {
+                if let Value::Object(map) = info {
+                    for (key, value) in map {
+                        if let Value::String(text) = value {
+                            metadata.insert(key, text);
+                        }
+                    }
+                }
+            } else {
                 entries.push(Entry::parse(name, &info).map_err(fail)?);
             }
         }
@@ -280,8 +292,47 @@ impl WeightsFile {
             path: path.to_path_buf(),
             entries,
             index,
+            metadata,
             mmap,
         })
+    }
+
+    /// A value of the header's `__metadata__`.
+    pub(crate) fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
+    }
+
+    /// Every tensor's name and shape, in file order.
+    pub(crate) fn tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.shape.as_slice()))
+    }
+
+    /// The float tensor `name` on the CPU in f32 (checked like a network's tensors).
+    pub(crate) fn load_f32(&self, name: &str) -> Result<Tensor> {
+        self.lookup(name, None).map_err(|detail| Error::ModelLoad {
+            path: self.path.clone(),
+            detail,
+        })?;
+        Ok(self.mmap.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+
+    /// The tensor `name`, of any numeric dtype, on the CPU in f32 (for small values such as a
+    /// LoRA's alpha, which some files store as an integer).
+    pub(crate) fn load_numeric_f32(&self, name: &str) -> Result<Tensor> {
+        Ok(self.mmap.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`check_finite`](Self::check_finite) over every float tensor of the file.
+    pub(crate) fn check_all_finite(&self) -> Result<()> {
+        let names = self
+            .entries
+            .iter()
+            .filter(|e| e.float.is_some())
+            .map(|e| e.name.clone())
+            .collect();
+        self.check_finite(&names)
     }
 
     /// The file's path.
@@ -420,6 +471,8 @@ pub(crate) struct CheckedBackend {
     /// projections, reshaped 1×1 convolutions) copy at memory speed; zero-stride stand-ins
     /// would be copied element by element.
     zeros: Option<Tensor>,
+    /// LoRA deltas to fuse into the tensors they target (see [`crate::model::lora`]).
+    lora: Option<Arc<LoraDeltas>>,
 }
 
 impl CheckedBackend {
@@ -433,6 +486,7 @@ impl CheckedBackend {
         mode: Mode,
         dtype: DType,
         device: &Device,
+        lora: Option<Arc<LoraDeltas>>,
     ) -> (VarBuilder<'static>, Arc<Mutex<BTreeSet<String>>>) {
         let used = Arc::new(Mutex::new(BTreeSet::new()));
         let (dtype, device, zeros) = match mode {
@@ -455,6 +509,7 @@ impl CheckedBackend {
             mode,
             used: used.clone(),
             zeros,
+            lora,
         };
         (
             VarBuilder::from_backend(Box::new(backend), dtype, device),
@@ -484,10 +539,24 @@ impl CheckedBackend {
             .file
             .lookup(name, shape.map(Shape::dims))
             .map_err(candle_core::Error::Msg)?;
+        let lora = self.lora.as_ref().filter(|l| l.targets(name));
+        if let Some(lora) = lora {
+            lora.check_fits(name, &entry.shape)
+                .map_err(candle_core::Error::Msg)?;
+        }
         let tensor = match self.mode {
             Mode::Probe => self.stand_in(&entry.shape, dtype)?,
             Mode::Load => {
-                let tensor = self.file.mmap.load(name, device)?.to_dtype(dtype)?;
+                let tensor = match lora {
+                    // Fused in f32 on the CPU, as diffusers' fuse_lora does on an f32 model.
+                    Some(lora) => {
+                        let base = self.file.mmap.load(name, &Device::Cpu)?;
+                        lora.fuse(name, &base.to_dtype(DType::F32)?)?
+                            .to_dtype(dtype)?
+                            .to_device(device)?
+                    }
+                    None => self.file.mmap.load(name, device)?.to_dtype(dtype)?,
+                };
                 let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
                 LOADED_BYTES.with(|total| total.set(total.get() + bytes as u64));
                 tensor
@@ -605,7 +674,7 @@ mod tests {
         let open_ms = ms(t);
         let t = Instant::now();
         let (vb, used) =
-            CheckedBackend::var_builder(file.clone(), Mode::Probe, DType::F16, &Device::Cpu);
+            CheckedBackend::var_builder(file.clone(), Mode::Probe, DType::F16, &Device::Cpu, None);
         drop(UNet2DConditionModel::new(&config, vb).expect("probe"));
         let probe_ms = ms(t);
         let used = std::mem::take(&mut *used.lock().unwrap());
@@ -620,7 +689,7 @@ mod tests {
         let best = scans[1..].iter().copied().fold(f64::INFINITY, f64::min);
         let t = Instant::now();
         let (vb, _) =
-            CheckedBackend::var_builder(file.clone(), Mode::Load, DType::F16, &Device::Cpu);
+            CheckedBackend::var_builder(file.clone(), Mode::Load, DType::F16, &Device::Cpu, None);
         drop(UNet2DConditionModel::new(&config, vb).expect("load"));
         let load_ms = ms(t);
         println!(

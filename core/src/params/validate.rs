@@ -98,7 +98,11 @@ impl StreamDiffusionParams {
                     ));
                 }
                 finite(&format!("lora_dict.{id}"), *weight)?;
+                check_lora_id("lora_dict", id, settings)?;
             }
+        }
+        if self.use_lcm_lora {
+            check_lora_id("lcm_lora_id", &self.lcm_lora_id, settings)?;
         }
         finite("safety_checker_threshold", self.safety_checker_threshold)?;
         check_seed(&self.seed, self.normalize_seed_weights)?;
@@ -183,6 +187,19 @@ fn resolve_model(model_id: &str, settings: &EngineSettings) -> Result<ModelKind>
         format!(
             "Invalid model_id: {model_id} (expected one of {} or an existing local folder)",
             served()
+        ),
+    ))
+}
+
+/// With model paths off, a LoRA id must be a hub id (what is on disk is never named back).
+fn check_lora_id(field: &str, id: &str, settings: &EngineSettings) -> Result<()> {
+    if settings.allow_model_paths || hub::is_hub_id(id) {
+        return Ok(());
+    }
+    Err(Error::param(
+        field,
+        format!(
+            "{field}: LoRA ids must be hub ids, org/name or name (paths are not accepted here)"
         ),
     ))
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 
 use crate::frame::{Frame, Image};
-use crate::model::bundle::StableDiffusionModels;
+use crate::model::bundle::{ModelRequest, StableDiffusionModels};
 use crate::model::controlnet::ControlNetModel;
 use crate::model::pool::ModelPool;
 use crate::params::{EngineSettings, HotChange, StreamDiffusionParams, Update, classify};
@@ -132,7 +132,7 @@ impl StreamDiffusion {
     ) -> Result<Self> {
         settings.validate()?;
         params.validate(&settings)?;
-        let models = ModelPool::global().get(&params.model_id, &settings, progress)?;
+        let models = ModelPool::global().get(&params, &settings, progress)?;
         Self::with_models(models, params, settings)
     }
 
@@ -144,7 +144,7 @@ impl StreamDiffusion {
     ) -> Result<Self> {
         settings.validate()?;
         params.validate(&settings)?;
-        check_supported(&params, Some(models.family))?;
+        check_supported(&params)?;
         if settings.frame_buffer_size != 1 {
             return Err(Error::param(
                 "frame_buffer_size",
@@ -490,7 +490,7 @@ impl StreamDiffusion {
 
     fn apply_update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
         params.validate(&self.settings)?;
-        check_supported(&params, Some(self.models.family))?;
+        check_supported(&params)?;
         let update = classify(&self.params, &params);
         match &update {
             Update::Unchanged => {}
@@ -514,10 +514,10 @@ impl StreamDiffusion {
                     .retain(|id, _| ids.contains(&id.as_str()));
             }
             Update::Reload { .. } => {
-                let models = if params.model_id == self.params.model_id {
+                let models = if ModelRequest::from(&params) == ModelRequest::from(&self.params) {
                     self.models.clone()
                 } else {
-                    ModelPool::global().get(&params.model_id, &self.settings, &mut |line| {
+                    ModelPool::global().get(&params, &self.settings, &mut |line| {
                         eprintln!("sdstream: {line}")
                     })?
                 };

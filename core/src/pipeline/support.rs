@@ -1,18 +1,15 @@
 //! What a stream accepts beyond the parameter contract: the features this version runs, and
 //! which control images a frame may carry. The stream and the engine share these rules.
 
-use crate::params::{ModelFamily, StreamDiffusionParams};
+use crate::params::StreamDiffusionParams;
 use crate::preprocess;
 use crate::{Error, Result};
 
 /// Rejects parameters that ask for features this version does not implement, rather than
 /// silently streaming without them, and checks every ControlNet's preprocessor and its
 /// parameters with [`preprocess::validate`]. `use_safety_checker` is accepted: no checker runs yet, which
-/// the README states. `family` is the loaded model's, when known (LCM-LoRA matters for SD1.5).
-pub(crate) fn check_supported(
-    params: &StreamDiffusionParams,
-    family: Option<ModelFamily>,
-) -> Result<()> {
+/// the README states.
+pub(crate) fn check_supported(params: &StreamDiffusionParams) -> Result<()> {
     let not_yet = |field: &str, what: &str| {
         Err(Error::param(
             field,
@@ -28,15 +25,6 @@ pub(crate) fn check_supported(
     }
     if params.ip_adapter.enabled {
         return not_yet("ip_adapter", "IP-Adapter");
-    }
-    if params.lora_dict.as_ref().is_some_and(|l| !l.is_empty()) {
-        return not_yet("lora_dict", "LoRA");
-    }
-    if params.use_lcm_lora && family == Some(ModelFamily::Sd15) {
-        return not_yet(
-            "use_lcm_lora",
-            "LCM-LoRA (needed by SD1.5 models, not by turbo ones)",
-        );
     }
     preprocess::validate_chain(params.image_preprocessing.as_ref(), "image_preprocessing")?;
     preprocess::validate_chain(params.image_postprocessing.as_ref(), "image_postprocessing")?;

@@ -880,7 +880,8 @@ fn what_the_engine_cannot_run_is_refused_at_creation_naming_the_field() {
             json!({"image_preprocessing": {"enabled": true, "processors": [{"type": "mediapipe_pose"}]}}),
             "`image_preprocessing.processors[0]",
         ),
-        (json!({"lora_dict": {"some/lora": 1.0}}), "`lora_dict`"),
+        // The server never takes paths: a LoRA must be a hub id.
+        (json!({"lora_dict": {"../some/lora": 1.0}}), "`lora_dict`"),
         (json!({"ip_adapter": {"enabled": true}}), "ip_adapter"),
         (json!({"skip_diffusion": true}), "`skip_diffusion`"),
         (
@@ -888,8 +889,8 @@ fn what_the_engine_cannot_run_is_refused_at_creation_naming_the_field() {
             "`latent_preprocessing`",
         ),
         (
-            json!({"model_id": "Lykon/dreamshaper-8", "use_lcm_lora": true}),
-            "`use_lcm_lora`",
+            json!({"model_id": "Lykon/dreamshaper-8", "lcm_lora_id": "/lcm"}),
+            "`lcm_lora_id`",
         ),
     ] {
         let (status, body) = api(
