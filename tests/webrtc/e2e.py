@@ -334,7 +334,9 @@ async def viewer_keyframe_request(base, sid, tap, seconds, summary):
     check(tap.idrs(first + 1) == [],
           f"no IDR among the {sent_at - first - 1} pictures between the viewer's first IDR and its PLI")
     await tap.send_pli()
-    got = await wait_for(lambda: tap.idrs(sent_at), 5)
+    # Bounded by the run's wait, not 5 s: a slow machine makes few pictures a second, and
+    # which picture the IDR is (nth below) is what tells a keyframe on request apart.
+    got = await wait_for(lambda: tap.idrs(sent_at), seconds)
     after = await transport_status(base, sid)
     check(got, "an IDR arrived after the viewer's PLI")
     if not got:
