@@ -47,6 +47,68 @@ fn quick_gelu_and_penultimate_match_transformers() {
     assert_eq!(abs_err(&plain, &last).0, 0.0);
 }
 
+/// SDXL's second encoder (`CLIPTextModelWithProjection`, eos_token_id 2: the pooled token is
+/// the largest id): the penultimate hidden state and the projected pooled output, and the same
+/// pooled rows when the config names the end token itself.
+#[test]
+fn projection_and_pooled_output_match_transformers() {
+    let model = ClipTextModel::load(&fixture("nets-clip-projection"), DType::F32, &Device::Cpu)
+        .expect("load text encoder with projection");
+    let g = golden("golden/nets_clip_projection.safetensors");
+    let out = model
+        .forward_all(&ids_u32(&g["input_ids"]))
+        .expect("forward");
+    for (what, got, want, tol) in [
+        (
+            "last_hidden_state",
+            &out.last_hidden_state,
+            "last_hidden_state",
+            1e-5,
+        ),
+        (
+            "hidden_states[-2]",
+            &out.penultimate,
+            "penultimate_hidden_state",
+            1e-5,
+        ),
+        ("text_embeds", &out.pooled, "text_embeds", 1e-5),
+    ] {
+        let (max, mean) = abs_err(got, &g[want]);
+        println!("text encoder with projection, {what}: max {max:.3e} mean {mean:.3e}");
+        assert!(max <= tol, "{what}: max abs error {max}");
+    }
+    assert_eq!(out.pooled.dims(), [3, 12]);
+
+    // The same weights with the end token named (63): the same pooled rows.
+    let dir = scratch_dir("clip-eos");
+    std::fs::write(
+        dir.join("config.json"),
+        edited_config(
+            "nets-clip-projection/config.json",
+            "eos_token_id",
+            63.into(),
+        ),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("nets-clip-projection/model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let named = ClipTextModel::load(&dir, DType::F32, &Device::Cpu).expect("load");
+    let again = named
+        .forward_all(&ids_u32(&g["input_ids"]))
+        .expect("forward");
+    assert_eq!(abs_err(&again.pooled, &out.pooled).0, 0.0);
+    // A row without that token is an error naming it, not a silent pick.
+    let no_end = Tensor::zeros((1, 77), DType::U32, &Device::Cpu).unwrap();
+    let err = named.forward_all(&no_end).expect_err("no end token");
+    assert!(
+        err.to_string().contains("no end-of-text token (63)"),
+        "{err}"
+    );
+}
+
 /// Half precision runs and stays close (f16 arithmetic, so a loose bound).
 #[test]
 fn runs_in_half_precision() {

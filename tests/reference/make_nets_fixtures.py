@@ -4,6 +4,10 @@ They cover configurations the tiny sd-turbo checkpoint does not:
   * nets-clip-quick-gelu/: CLIPTextModel with hidden_act "quick_gelu" (SD1.5's CLIP-L), 3 layers,
     saved by transformers 5 (keys without the `text_model.` prefix); golden last hidden state and
     penultimate hidden state (`hidden_states[-2]`, what SDXL uses).
+  * nets-clip-projection/: CLIPTextModelWithProjection as SDXL's second text encoder
+    (OpenCLIP bigG: gelu, `text_projection` without bias, eos_token_id 2 so the pooled token is
+    the argmax of the ids, padding with id 0 after the end token); golden penultimate hidden
+    state and the projected pooled output (`text_embeds`, SDXL's added conditioning).
   * nets-vae-odd/: AutoencoderKL with 3 levels, layers_per_block 2, norm_num_groups 2, non-trivial
     GroupNorm affine parameters and biases, weights stored only as `.fp16.safetensors`; golden on a
     batch of 2 non-square images whose latent size is odd (exercises the asymmetric padding).
@@ -61,6 +65,34 @@ def make_clip():
     }, ROOT / "golden" / "nets_clip_quick_gelu.safetensors")
 
 
+def make_clip_projection():
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(13)
+    g = torch.Generator().manual_seed(13)
+    cfg = CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+                         projection_dim=12, bos_token_id=62, eos_token_id=2, pad_token_id=1)
+    model = CLIPTextModelWithProjection(cfg).eval()
+    perturb(model, g)
+    out_dir = ROOT / "nets-clip-projection"
+    model.save_pretrained(out_dir)
+    # Start token, words, the end token (63, the largest id), then SDXL tokenizer_2's padding (0).
+    ids = torch.randint(3, 62, (3, 77), generator=g)
+    ids[:, 0] = 62
+    for row, end in enumerate([9, 40, 76]):
+        ids[row, end] = 63
+        ids[row, end + 1:] = 0
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    save_file({
+        "input_ids": ids.to(torch.int64).contiguous(),
+        "last_hidden_state": out.last_hidden_state.contiguous(),
+        "penultimate_hidden_state": out.hidden_states[-2].contiguous(),
+        "text_embeds": out.text_embeds.contiguous(),
+    }, ROOT / "golden" / "nets_clip_projection.safetensors")
+
+
 def make_vae():
     torch.manual_seed(12)
     g = torch.Generator().manual_seed(12)
@@ -94,5 +126,6 @@ def make_vae():
 if __name__ == "__main__":
     (ROOT / "golden").mkdir(parents=True, exist_ok=True)
     make_clip()
+    make_clip_projection()
     make_vae()
     print("ok")

@@ -54,7 +54,22 @@ pub struct Config {
     /// Epsilon of every LayerNorm.
     #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_eps: f64,
+    /// transformers' class names; `CLIPTextModelWithProjection` (SDXL's second encoder) adds
+    /// the `text_projection` of the pooled output.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// Width of `text_projection`'s output (transformers' default 512).
+    #[serde(default = "default_projection_dim")]
+    pub projection_dim: usize,
+    /// The end-of-text token whose hidden state is pooled. 2 is transformers' legacy value, for
+    /// which the pooled token is the one with the largest id (49407, the end token, in CLIP's
+    /// vocabulary), as transformers does for such configs.
+    #[serde(default = "default_eos_token_id")]
+    pub eos_token_id: i64,
 }
+
+/// The architecture name of a text encoder with `text_projection`.
+const WITH_PROJECTION: &str = "CLIPTextModelWithProjection";
 
 fn default_vocab_size() -> usize {
     49408
@@ -80,6 +95,12 @@ fn default_hidden_act() -> String {
 fn default_layer_norm_eps() -> f64 {
     1e-5
 }
+fn default_projection_dim() -> usize {
+    512
+}
+fn default_eos_token_id() -> i64 {
+    49407
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -92,17 +113,28 @@ impl Default for Config {
             max_position_embeddings: default_max_position_embeddings(),
             hidden_act: default_hidden_act(),
             layer_norm_eps: default_layer_norm_eps(),
+            architectures: Vec::new(),
+            projection_dim: default_projection_dim(),
+            eos_token_id: default_eos_token_id(),
         }
     }
 }
 
 impl Config {
+    /// Whether the network has `text_projection` (transformers' `CLIPTextModelWithProjection`).
+    pub fn with_projection(&self) -> bool {
+        self.architectures.iter().any(|a| a == WITH_PROJECTION)
+    }
+
     /// Checks what the graph depends on, and every size against [`crate::model::limits`]; the
     /// error names the offending field.
     pub fn validate(&self) -> Result<()> {
         let l = Limits::new("CLIP text encoder");
         l.value("vocab_size", self.vocab_size, MAX_VOCAB)?;
         l.value("hidden_size", self.hidden_size, MAX_CHANNELS)?;
+        if self.with_projection() {
+            l.value("projection_dim", self.projection_dim, MAX_CHANNELS)?;
+        }
         l.value("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
         l.value("num_hidden_layers", self.num_hidden_layers, MAX_TEXT_LAYERS)?;
         l.value("num_attention_heads", self.num_attention_heads, MAX_HEADS)?;
@@ -270,7 +302,22 @@ pub struct ClipTextModel {
     final_layer_norm: LayerNorm,
     /// [max_position_embeddings, max_position_embeddings] additive causal mask, model dtype.
     causal_mask: Tensor,
+    /// `text_projection.weight` transposed, [hidden_size, projection_dim]
+    /// (`CLIPTextModelWithProjection` only).
+    text_projection: Option<Tensor>,
     config: Config,
+}
+
+/// Every output SD and SDXL read from a text encoder, from one pass.
+#[derive(Debug, Clone)]
+pub struct ClipTextOutputs {
+    /// After the final LayerNorm, [B, S, hidden_size] (SD 1.5/2.1's conditioning).
+    pub last_hidden_state: Tensor,
+    /// The penultimate layer's output, [B, S, hidden_size] (SDXL's conditioning).
+    pub penultimate: Tensor,
+    /// The end token's final hidden state, projected by `text_projection` when the network has
+    /// one: [B, projection_dim] (SDXL's `text_embeds`), else [B, hidden_size].
+    pub pooled: Tensor,
 }
 
 impl ClipTextModel {
@@ -279,6 +326,16 @@ impl ClipTextModel {
     pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let activation = Activation::parse(&config.hidden_act)?;
+        // The projection sits beside `text_model`, at the file's top level.
+        let text_projection = if config.with_projection() {
+            let weight = vb.get(
+                (config.projection_dim, config.hidden_size),
+                "text_projection.weight",
+            )?;
+            Some(weight.t()?.contiguous()?)
+        } else {
+            None
+        };
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -303,6 +360,7 @@ impl ClipTextModel {
             layers,
             final_layer_norm,
             causal_mask,
+            text_projection,
             config: config.clone(),
         })
     }
@@ -368,6 +426,50 @@ impl ClipTextModel {
             xs = layer.forward(&penultimate, &mask)?;
         }
         Ok((self.final_layer_norm.forward(&xs)?, penultimate))
+    }
+
+    /// One pass giving every output SD and SDXL read (see [`ClipTextOutputs`]). The pooled token
+    /// of each row is its first `eos_token_id`, or, for the legacy `eos_token_id` 2, the token
+    /// with the largest id, as transformers picks it.
+    pub fn forward_all(&self, input_ids: &Tensor) -> Result<ClipTextOutputs> {
+        let (last_hidden_state, penultimate) = self.forward_with_penultimate(input_ids)?;
+        let ids = input_ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        let mut rows = Vec::with_capacity(ids.len());
+        for (b, row) in ids.iter().enumerate() {
+            let position = if self.config.eos_token_id == 2 {
+                // The first largest id, as torch's argmax returns it.
+                row.iter()
+                    .enumerate()
+                    .fold(
+                        (0, i64::MIN),
+                        |best, (i, &id)| if id > best.1 { (i, id) } else { best },
+                    )
+                    .0
+            } else {
+                row.iter()
+                    .position(|&id| id == self.config.eos_token_id)
+                    .ok_or_else(|| {
+                        Error::param(
+                            "input_ids",
+                            format!(
+                                "row {b} has no end-of-text token ({})",
+                                self.config.eos_token_id
+                            ),
+                        )
+                    })?
+            };
+            rows.push(last_hidden_state.get(b)?.get(position)?.unsqueeze(0)?);
+        }
+        let pooled = Tensor::cat(&rows, 0)?;
+        let pooled = match &self.text_projection {
+            Some(weight) => pooled.matmul(weight)?,
+            None => pooled,
+        };
+        Ok(ClipTextOutputs {
+            last_hidden_state,
+            penultimate,
+            pooled,
+        })
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
