@@ -87,6 +87,8 @@ def make_tiny_sd15() -> None:
     SD15_DIR.mkdir(parents=True)
     shutil.copytree(SD_DIR / "tokenizer", SD15_DIR / "tokenizer")
     shutil.copytree(SD_DIR / "scheduler", SD15_DIR / "scheduler")
+    # vocab.json and merges.txt are what a CLIP tokenizer needs; tokenizer.json would double them.
+    (SD15_DIR / "tokenizer" / "tokenizer.json").unlink()
     config = make_text_encoder_config()
     config.hidden_act = "quick_gelu"  # SD 1.5's CLIP ViT-L/14
     config.eos_token_id = 49407

@@ -1080,6 +1080,10 @@ fn spawn_refuses_what_the_pipeline_cannot_run_before_loading_anything() {
             serde_json::json!({"skip_diffusion": true}),
             "skip_diffusion",
         ),
+        (
+            serde_json::json!({"model_id": "stabilityai/sdxl-turbo", "width": 1024, "height": 1024}),
+            "model_id",
+        ),
     ] {
         let err = Engine::spawn(
             with(patch.clone()),

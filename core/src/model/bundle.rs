@@ -88,6 +88,8 @@ pub struct StableDiffusionModels {
     pub text_encoder: ClipTextModel,
     /// The denoising UNet.
     pub unet: UNet2DConditionModel,
+    /// SDXL's second tokenizer and text encoder (with projection); `None` for SD 1.5/2.1.
+    pub second: Option<SecondTextEncoder>,
     /// Image encoder/decoder.
     pub autoencoder: Autoencoder,
     /// Timestep grid and coefficients, from scheduler/scheduler_config.json.
@@ -104,6 +106,56 @@ pub struct StableDiffusionModels {
     controlnets: Mutex<NetCache>,
     /// ControlNet loads performed (weights read), for the pool's figures and tests.
     controlnet_loads: AtomicU64,
+}
+
+/// SDXL's second tokenizer and text encoder (`tokenizer_2/`, `text_encoder_2/`: OpenCLIP bigG
+/// with `text_projection`, whose pooled output is SDXL's `text_embeds`).
+#[derive(Debug)]
+pub struct SecondTextEncoder {
+    /// `tokenizer_2/` (sdxl-turbo's pads with `!`).
+    pub tokenizer: ClipTokenizer,
+    /// `text_encoder_2/`, a `CLIPTextModelWithProjection`.
+    pub text_encoder: ClipTextModel,
+}
+
+impl SecondTextEncoder {
+    fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let tokenizer = timed(progress, "tokenizer 2", dir, || {
+            ClipTokenizer::from_dir(&dir.join("tokenizer_2"))
+        })?;
+        let text_encoder = timed(progress, "text encoder 2", dir, || {
+            ClipTextModel::load(&dir.join("text_encoder_2"), dtype, device)
+        })?;
+        if !text_encoder.config().with_projection() {
+            return Err(Error::ModelLoad {
+                path: dir.join("text_encoder_2/config.json"),
+                detail: "an SDXL checkpoint's second text encoder must be a \
+                         CLIPTextModelWithProjection (its pooled, projected output conditions the \
+                         UNet); `architectures` does not name it"
+                    .into(),
+            });
+        }
+        check_tokenizer_fits(dir, &tokenizer, &text_encoder)?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+        })
+    }
+}
+
+/// SDXL's conditioning of one text: both encoders' penultimate hidden states side by side,
+/// `[1, 77, D₁ + D₂]`, and the second encoder's projected pooled output, `[1, P]`.
+#[derive(Debug, Clone)]
+pub struct SdxlText {
+    /// diffusers' `prompt_embeds`.
+    pub embeds: Tensor,
+    /// diffusers' `pooled_prompt_embeds` (the UNet's `text_embeds`).
+    pub pooled: Tensor,
 }
 
 /// What a stream asks for: a checkpoint and the LoRAs fused into it. Built from the parameters
@@ -271,6 +323,20 @@ fn checkpoint_files(full_vae: bool, fp16: bool) -> Vec<String> {
     .map(String::from)
     .to_vec();
     files.push(hub::weights_pattern("text_encoder", "model", fp16));
+    // SDXL's second encoder; the family is known only once the UNet config is read.
+    for file in [
+        "tokenizer_2/vocab.json",
+        "tokenizer_2/merges.txt",
+        "tokenizer_2/tokenizer_config.json",
+        "tokenizer_2/special_tokens_map.json",
+        "text_encoder_2/config.json",
+    ] {
+        files.push(format!("?{file}"));
+    }
+    files.push(format!(
+        "?{}",
+        hub::weights_pattern("text_encoder_2", "model", fp16)
+    ));
     files.push(hub::weights_pattern(
         "unet",
         "diffusion_pytorch_model",
@@ -397,16 +463,13 @@ impl StableDiffusionModels {
                 LoraDeltas::new(LoraTarget::Unet, &stack),
             )
         })?;
-        check_text_width(dir, &unet, &text_encoder)?;
         let family = family_of(unet.config());
-        if family == ModelFamily::Sdxl {
-            return Err(Error::ModelLoad {
-                path: dir.join("unet/config.json"),
-                detail: "SDXL checkpoints are not supported yet (they need the second text \
-                         encoder and pooled embeddings)"
-                    .into(),
-            });
-        }
+        let second = if family == ModelFamily::Sdxl {
+            Some(SecondTextEncoder::load(dir, dtype, &device, progress)?)
+        } else {
+            None
+        };
+        check_text_width(dir, &unet, &text_encoder, second.as_ref())?;
         let (autoencoder, vae_dir) = if settings.vae == VaeChoice::Full {
             let vae_dir = dir.join("vae");
             let vae = timed(progress, "vae", dir, || {
@@ -431,6 +494,7 @@ impl StableDiffusionModels {
             tokenizer,
             text_encoder,
             unet,
+            second,
             autoencoder,
             scheduler,
             device,
@@ -557,6 +621,42 @@ impl StableDiffusionModels {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// SDXL's embeddings of one text, as diffusers' `StableDiffusionXLPipeline.encode_prompt`
+    /// computes them (no clip skip); an error on a checkpoint without a second text encoder.
+    pub fn encode_text_sdxl(&self, text: &str) -> Result<SdxlText> {
+        let second = self.second.as_ref().ok_or_else(|| Error::ModelLoad {
+            path: self.dir.clone(),
+            detail: "not an SDXL checkpoint: it has no second text encoder".into(),
+        })?;
+        let ids = |tokenizer: &ClipTokenizer| -> Result<Tensor> {
+            let ids = tokenizer.encode(text)?;
+            Ok(Tensor::from_vec(
+                ids,
+                (1, tokenizer.max_length()),
+                &self.device,
+            )?)
+        };
+        let (_, first) = self
+            .text_encoder
+            .forward_with_penultimate(&ids(&self.tokenizer)?)?;
+        let out = second.text_encoder.forward_all(&ids(&second.tokenizer)?)?;
+        Ok(SdxlText {
+            embeds: Tensor::cat(&[&first, &out.penultimate], 2)?,
+            pooled: out.pooled,
+        })
+    }
+
+    /// SDXL's `time_ids` for a stream of `height`×`width`: original size, crop corner (0, 0),
+    /// target size, `[1, 6]` in the networks' dtype (what the reference passes, with the
+    /// stream's size as both sizes).
+    pub fn sdxl_time_ids(&self, height: usize, width: usize) -> Result<Tensor> {
+        let (h, w) = (height as f32, width as f32);
+        Ok(
+            Tensor::from_vec(vec![h, w, 0.0, 0.0, h, w], (1, 6), &self.device)?
+                .to_dtype(self.dtype)?,
+        )
+    }
+
     /// CLIP embedding `[1, 77, D]` of one text.
     pub fn encode_text(&self, text: &str) -> Result<Tensor> {
         let ids = self.tokenizer.encode(text)?;
@@ -676,15 +776,31 @@ fn check_text_width(
     dir: &Path,
     unet: &UNet2DConditionModel,
     text_encoder: &ClipTextModel,
+    second: Option<&SecondTextEncoder>,
 ) -> Result<()> {
     let hidden = text_encoder.config().hidden_size;
-    match unet.text_width() {
-        Some(width) if width != hidden => Err(Error::ModelLoad {
-            path: dir.join("unet/config.json"),
-            detail: format!(
-                "`cross_attention_dim` {width} does not match the text encoder's width \
-                 (`hidden_size` {hidden} in text_encoder/config.json)"
+    let (total, whose) = match second {
+        None => (
+            hidden,
+            format!(
+                "the text encoder's width (`hidden_size` {hidden} in text_encoder/config.json)"
             ),
+        ),
+        Some(second) => {
+            let other = second.text_encoder.config().hidden_size;
+            (
+                hidden + other,
+                format!(
+                    "the two text encoders' widths together ({hidden} + {other}, `hidden_size` in \
+                     text_encoder/ and text_encoder_2/config.json)"
+                ),
+            )
+        }
+    };
+    match unet.text_width() {
+        Some(width) if width != total => Err(Error::ModelLoad {
+            path: dir.join("unet/config.json"),
+            detail: format!("`cross_attention_dim` {width} does not match {whose}"),
         }),
         _ => Ok(()),
     }

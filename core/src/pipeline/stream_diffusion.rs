@@ -23,7 +23,9 @@ use crate::frame::{Frame, Image};
 use crate::model::bundle::{ModelRequest, StableDiffusionModels};
 use crate::model::controlnet::ControlNetModel;
 use crate::model::pool::ModelPool;
-use crate::params::{EngineSettings, HotChange, StreamDiffusionParams, Update, classify};
+use crate::params::{
+    EngineSettings, HotChange, ModelFamily, StreamDiffusionParams, Update, classify,
+};
 use crate::pipeline::conditioning::{
     PromptCache, build_state, latent_shape, prompt_embedding, seed_noise, step_tensors,
 };
@@ -145,6 +147,14 @@ impl StreamDiffusion {
         settings.validate()?;
         params.validate(&settings)?;
         check_supported(&params)?;
+        if models.family == ModelFamily::Sdxl {
+            return Err(Error::ModelLoad {
+                path: models.dir.clone(),
+                detail: "SDXL streams are not supported yet: the networks and SDXL's text \
+                         conditioning load, the stream does not run them"
+                    .into(),
+            });
+        }
         if settings.frame_buffer_size != 1 {
             return Err(Error::param(
                 "frame_buffer_size",

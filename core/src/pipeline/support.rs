@@ -1,7 +1,7 @@
 //! What a stream accepts beyond the parameter contract: the features this version runs, and
 //! which control images a frame may carry. The stream and the engine share these rules.
 
-use crate::params::StreamDiffusionParams;
+use crate::params::{ModelFamily, StreamDiffusionParams};
 use crate::preprocess;
 use crate::{Error, Result};
 
@@ -22,6 +22,11 @@ pub(crate) fn check_supported(params: &StreamDiffusionParams) -> Result<()> {
             &net.preprocessor_params,
             &format!("controlnets[{i}].preprocessor"),
         )?;
+    }
+    // A known SDXL id is refused before anything loads; an SDXL folder is refused once its
+    // config is read (StreamDiffusion::with_models).
+    if ModelFamily::of_model(&params.model_id) == Some(ModelFamily::Sdxl) {
+        return not_yet("model_id", "SDXL (its streams)");
     }
     if params.ip_adapter.enabled {
         return not_yet("ip_adapter", "IP-Adapter");

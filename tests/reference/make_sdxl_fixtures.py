@@ -1,0 +1,195 @@
+"""A tiny SDXL pipeline and what diffusers' StableDiffusionXLPipeline computes for its
+conditioning.
+
+Writes (under tests/fixtures/):
+  tiny-sdxl/                  an SDXL-shaped pipeline: tokenizer (pads with the end token) and
+                              tokenizer_2 (pads with "!", id 0) as in sdxl-turbo, CLIPTextModel
+                              (quick_gelu) and CLIPTextModelWithProjection (gelu, eos_token_id 2),
+                              a UNet with SDXL's text_time added conditioning whose cross-attention
+                              width is the two encoders' widths together; TAESD-only
+                              (vae: [null, null]);
+  golden/sdxl_conditioning.safetensors
+                              `encode_prompt`'s prompt embeddings (both encoders' penultimate
+                              hidden states, concatenated) and pooled embeddings for a prompt and a
+                              negative prompt, `_get_add_time_ids` for a 64x96 stream, and the UNet's
+                              output with that added conditioning.
+
+Run from the repository root with the reference environment (tests/reference/README.md), after
+make_fixtures.py: "$REFENV/bin/python" tests/reference/make_sdxl_fixtures.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import FIXTURES, jitter_norms, write_json  # noqa: E402
+from make_fixtures import SD_DIR, make_text_encoder_config, save_golden  # noqa: E402
+
+SDXL_DIR = FIXTURES / "tiny-sdxl"
+PROMPT = "a watercolor of a lighthouse"
+NEGATIVE = "blurry"
+HEIGHT, WIDTH = 64, 96
+
+
+def text_encoders():
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    first = make_text_encoder_config()
+    first.hidden_act = "quick_gelu"  # CLIP ViT-L/14, as SDXL's first encoder
+    first.eos_token_id = 49407
+    torch.manual_seed(51)
+    one = CLIPTextModel(first).eval()
+    second = make_text_encoder_config()
+    second.hidden_size = 48
+    second.intermediate_size = 96
+    second.num_attention_heads = 4
+    second.projection_dim = 24
+    second.eos_token_id = 2  # as sdxl-turbo's text_encoder_2 config
+    torch.manual_seed(52)
+    two = CLIPTextModelWithProjection(second).eval()
+    return one, two
+
+
+def make_unet(cross_attention_dim: int, projection_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(53)
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=time_embed_dim * 6 + projection_dim,
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=32,
+    )
+    jitter_norms(unet, torch.Generator().manual_seed(54))
+    return unet.eval()
+
+
+def save_encoder(model, folder: Path) -> None:
+    """float16 on disk with transformers 4's `text_model.` keys (as the published files)."""
+    model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    model.float()
+    weights = load_file(folder / "model.safetensors")
+    renamed = {}
+    for k, v in weights.items():
+        top = k.startswith(("text_model.", "text_projection."))
+        renamed[k if top else f"text_model.{k}"] = v.contiguous()
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def make_tiny_sdxl() -> None:
+    if SDXL_DIR.exists():
+        shutil.rmtree(SDXL_DIR)
+    SDXL_DIR.mkdir(parents=True)
+    shutil.copytree(SD_DIR / "scheduler", SDXL_DIR / "scheduler")
+    # tokenizer: pads with the end token (SD 1.5's); tokenizer_2: sd-turbo's, pads with "!".
+    shutil.copytree(SD_DIR / "tokenizer", SDXL_DIR / "tokenizer_2")
+    shutil.copytree(SD_DIR / "tokenizer", SDXL_DIR / "tokenizer")
+    for name in ["special_tokens_map.json", "tokenizer_config.json"]:
+        path = SDXL_DIR / "tokenizer" / name
+        text = path.read_text().replace('"pad_token": "!"', '"pad_token": "<|endoftext|>"')
+        config = json.loads(text)
+        if isinstance(config.get("pad_token"), dict):
+            config["pad_token"]["content"] = "<|endoftext|>"
+        write_json(path, config)
+    # vocab.json and merges.txt are what a CLIP tokenizer needs; tokenizer.json would double them.
+    for name in ["tokenizer", "tokenizer_2"]:
+        (SDXL_DIR / name / "tokenizer.json").unlink(missing_ok=True)
+    one, two = text_encoders()
+    save_encoder(one, SDXL_DIR / "text_encoder")
+    save_encoder(two, SDXL_DIR / "text_encoder_2")
+    unet = make_unet(one.config.hidden_size + two.config.hidden_size, two.config.projection_dim)
+    unet.save_pretrained(SDXL_DIR / "unet", safe_serialization=True)
+    write_json(SDXL_DIR / "model_index.json", {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": False,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": [None, None],
+    })
+
+
+def load_pipeline():
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(block_out_channels=(32,), norm_num_groups=32, latent_channels=4),
+        text_encoder=CLIPTextModel.from_pretrained(SDXL_DIR / "text_encoder", torch_dtype=torch.float32),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(SDXL_DIR / "text_encoder_2",
+                                                                   torch_dtype=torch.float32),
+        tokenizer=CLIPTokenizer.from_pretrained(SDXL_DIR / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(SDXL_DIR / "tokenizer_2"),
+        unet=UNet2DConditionModel.from_pretrained(SDXL_DIR / "unet"),
+        scheduler=EulerDiscreteScheduler.from_pretrained(SDXL_DIR / "scheduler"),
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.unet.eval()
+    return pipe
+
+
+def main() -> None:
+    make_tiny_sdxl()
+    pipe = load_pipeline()
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=NEGATIVE)
+        projection_dim = int(pooled.shape[-1])
+        time_ids = pipe._get_add_time_ids((HEIGHT, WIDTH), (0, 0), (HEIGHT, WIDTH), dtype=torch.float32,
+                                          text_encoder_projection_dim=projection_dim)
+        ids_1 = pipe.tokenizer(PROMPT, padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids
+        ids_2 = pipe.tokenizer_2(PROMPT, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+        g = torch.Generator().manual_seed(55)
+        sample = torch.randn(2, 4, HEIGHT // 8, WIDTH // 8, generator=g)
+        timesteps = torch.tensor([999, 499], dtype=torch.int64)
+        context = torch.cat([embeds, negative])
+        added = {"text_embeds": torch.cat([pooled, negative_pooled]), "time_ids": time_ids.repeat(2, 1)}
+        out = pipe.unet(sample, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
+    assert embeds.shape == (1, 77, 32 + 48), embeds.shape
+    assert int(ids_2[0, -1]) == 0 and int(ids_1[0, -1]) == 49407, "the two tokenizers pad differently"
+    save_golden("sdxl_conditioning.safetensors", {
+        "input_ids": ids_1.to(torch.int64),
+        "input_ids_2": ids_2.to(torch.int64),
+        "prompt_embeds": embeds,
+        "negative_prompt_embeds": negative,
+        "pooled_prompt_embeds": pooled,
+        "negative_pooled_prompt_embeds": negative_pooled,
+        "add_time_ids": time_ids,
+        "sample": sample,
+        "timesteps": timesteps,
+        "unet_output": out,
+    }, {"prompt": PROMPT, "negative_prompt": NEGATIVE, "height": HEIGHT, "width": WIDTH})
+    print("wrote", SDXL_DIR, "golden/sdxl_conditioning.safetensors", tuple(embeds.shape),
+          tuple(pooled.shape), time_ids.tolist())
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
