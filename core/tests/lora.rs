@@ -454,3 +454,48 @@ fn mean_levels(a: &[u8], b: &[u8]) -> f64 {
         .sum::<f64>()
         / a.len() as f64
 }
+
+#[test]
+fn a_pair_stored_as_1x1_convolutions_fits_a_linear_layer() {
+    let dir = scratch_dir("lora-forms");
+    let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let linear = dir.join("linear.safetensors");
+    let conv = dir.join("conv.safetensors");
+    write_lora(
+        &linear,
+        &[
+            (&format!("{q}.lora_down.weight"), &[2, 32]),
+            (&format!("{q}.lora_up.weight"), &[32, 2]),
+        ],
+    );
+    write_lora(
+        &conv,
+        &[
+            (&format!("{q}.lora_down.weight"), &[2, 32, 1, 1]),
+            (&format!("{q}.lora_up.weight"), &[32, 2, 1, 1]),
+        ],
+    );
+    let g = golden("golden/lora.safetensors");
+    let outputs: Vec<Tensor> = [&linear, &conv]
+        .iter()
+        .map(|path| {
+            let models = load(ModelRequest {
+                model_id: sd15(),
+                lcm_lora: None,
+                loras: vec![(path.display().to_string(), 1.0)],
+            })
+            .expect("either form loads");
+            run(&models, &g, "base").1
+        })
+        .collect();
+    assert_eq!(
+        abs_err(&outputs[0], &outputs[1]).0,
+        0.0,
+        "the same numbers, the same output"
+    );
+    let base = run(&load(request("base")).unwrap(), &g, "base").1;
+    assert!(
+        abs_err(&outputs[0], &base).1 > 0.0,
+        "the pair changes the output"
+    );
+}

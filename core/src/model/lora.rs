@@ -354,10 +354,13 @@ impl LoraDeltas {
             let layer = delta.layer();
             let (out, r) = (layer.up.dims()[0], layer.down.dims()[0]);
             let per_rank = layer.down.elem_count() / r;
+            // A 1×1 convolution and a linear layer hold the same numbers: either form of the
+            // pair fits either form of the weight; kernels larger than 1×1 must agree.
+            let kernels_agree = !(layer.down.rank() == 4 && shape.len() == 4)
+                || layer.down.dims()[1..] == shape[1..];
             let fits = shape.first() == Some(&out)
                 && shape[1..].iter().product::<usize>() == per_rank
-                && (layer.down.rank() == 2
-                    || shape.len() == 4 && layer.down.dims()[1..] == shape[1..]);
+                && kernels_agree;
             if !fits {
                 return Err(format!(
                     "LoRA {}: layer `{}` (down {:?}, up {:?}) does not fit `{name}` of shape \
