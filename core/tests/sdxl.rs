@@ -2,17 +2,22 @@
 //! tiny SDXL checkpoint (tests/fixtures/tiny-sdxl, goldens from
 //! tests/reference/make_sdxl_fixtures.py): both tokenizers (they pad differently), the prompt
 //! embeddings (both encoders' penultimate states side by side), the pooled projection, the time
-//! ids, and the UNet with that added conditioning. SDXL streams themselves are refused until the
-//! stream runs them.
+//! ids, and the UNet with that added conditioning; then the SDXL stream (TAESD, every cfg type
+//! with negative rows) against the reference's stream arithmetic with that conditioning, and
+//! through the Engine.
 
 mod common;
 
-use candle_core::{DType, Tensor};
-use common::{abs_err, fixture, golden, tiny_settings};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{WorstFrame, abs_err, fixture, golden, tiny_settings};
 use sdstream::model::bundle::StableDiffusionModels;
 use sdstream::model::unet::AddedConditioning;
-use sdstream::params::{ModelFamily, Prompt};
-use sdstream::{StreamDiffusion, StreamDiffusionParams};
+use sdstream::params::{ControlNetConfig, ModelFamily};
+use sdstream::{
+    Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusion,
+    StreamDiffusionParams,
+};
+use serde_json::{Value, json};
 
 fn sdxl() -> String {
     fixture("tiny-sdxl").display().to_string()
@@ -90,7 +95,7 @@ fn conditioning_matches_diffusers_encode_prompt() {
 }
 
 #[test]
-fn sd_checkpoints_have_no_sdxl_conditioning_and_sdxl_streams_are_refused() {
+fn sd_checkpoints_have_no_sdxl_conditioning() {
     let sd = StableDiffusionModels::load(
         fixture("tiny-sd-turbo").display().to_string().as_str(),
         &tiny_settings("self"),
@@ -100,18 +105,106 @@ fn sd_checkpoints_have_no_sdxl_conditioning_and_sdxl_streams_are_refused() {
     assert!(sd.second.is_none());
     let err = sd.encode_text_sdxl("x").expect_err("no second encoder");
     assert!(err.to_string().contains("not an SDXL checkpoint"), "{err}");
+}
 
-    let params = StreamDiffusionParams {
-        model_id: sdxl(),
-        prompt: Prompt::Text("a lighthouse".into()),
-        width: 64,
-        height: 64,
-        ..StreamDiffusionParams::default()
+fn stream_case(name: &str) -> &'static Value {
+    common::golden_case("golden/streams_sdxl.json", name)
+}
+
+fn stream_params(case: &Value, settings: &EngineSettings) -> StreamDiffusionParams {
+    let body = json!({
+        "model_id": sdxl(),
+        "prompt": case["prompt"],
+        "negative_prompt": case["negative_prompt"],
+        "seed": case["seed"],
+        "t_index_list": case["t_index_list"],
+        "num_inference_steps": case["num_inference_steps"],
+        "guidance_scale": case["guidance_scale"],
+        "delta": case["delta"],
+        "width": case["width"],
+        "height": case["height"],
+    });
+    StreamDiffusionParams::from_json_with(&body.to_string(), settings).unwrap()
+}
+
+/// The SDXL stream against the reference's stream arithmetic with SDXL's added conditioning
+/// (tests/reference/make_sdxl_fixtures.py), every cfg type that lays out negative rows.
+fn check_stream(name: &str) {
+    let case = stream_case(name);
+    let gold = golden(case["file"].as_str().unwrap());
+    let settings = tiny_settings(case["cfg_type"].as_str().unwrap());
+    let mut stream = StreamDiffusion::new(stream_params(case, &settings), settings).unwrap();
+    assert_eq!(stream.models().family, ModelFamily::Sdxl);
+    assert_eq!(
+        abs_err(stream.state().init_noise(), &gold["init_noise"]).0,
+        0.0
+    );
+    let frames = case["frames"].as_array().unwrap();
+    let n = gold["output"].dim(0).unwrap();
+    assert!(n >= 6 && frames.len() >= n);
+    let mut worst = WorstFrame::default();
+    for (i, rel) in frames.iter().take(n).enumerate() {
+        let img = image::open(fixture(rel.as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let data = img.into_raw();
+        let frame = Frame::packed(&data, w, h, PixelFormat::Rgb8).unwrap();
+        let x = frame.to_tensor(w, h, &Device::Cpu).unwrap();
+        let out = stream.process_tensor(&x).unwrap();
+        worst.add(
+            name,
+            i,
+            &out,
+            &gold["output"].i(i).unwrap().unsqueeze(0).unwrap(),
+        );
+    }
+    worst.check(name, n);
+}
+
+#[test]
+fn stream_self_t3() {
+    check_stream("self_t3");
+}
+
+#[test]
+fn stream_full_t2() {
+    check_stream("full_t2");
+}
+
+#[test]
+fn stream_initialize_t3() {
+    check_stream("initialize_t3");
+}
+
+#[test]
+fn sdxl_streams_through_the_engine_and_refuse_controlnets() {
+    let case = stream_case("self_t3");
+    let settings = tiny_settings("self");
+    let params = stream_params(case, &settings);
+    let img = image::open(fixture("frames/000.png")).unwrap().to_rgb8();
+    let data = img.into_raw();
+    let frame = Frame::packed(&data, 64, 64, PixelFormat::Rgb8).unwrap();
+    let mut direct = StreamDiffusion::new(params.clone(), settings.clone()).unwrap();
+    let want = direct.process(&frame).unwrap();
+    let options = EngineOptions {
+        warmup: false,
+        ..EngineOptions::default()
     };
-    let err = StreamDiffusion::new(params, tiny_settings("self")).expect_err("not yet");
+    let engine = Engine::new(params.clone(), settings.clone(), options).unwrap();
+    let got = engine.process(frame).unwrap();
     assert!(
-        err.to_string()
-            .contains("SDXL streams are not supported yet"),
+        got.image.data == want.data,
+        "Engine = StreamDiffusion, byte for byte"
+    );
+
+    let mut with_net = params;
+    with_net.controlnets = vec![ControlNetConfig::new(
+        fixture("tiny-controlnet-a").display().to_string(),
+    )];
+    let err = StreamDiffusion::new(with_net, settings).expect_err("no SDXL ControlNets yet");
+    assert!(
+        matches!(&err, sdstream::Error::InvalidParam { field, .. } if field == "controlnets"),
         "{err}"
     );
 }

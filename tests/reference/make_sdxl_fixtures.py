@@ -12,7 +12,13 @@ Writes (under tests/fixtures/):
                               `encode_prompt`'s prompt embeddings (both encoders' penultimate
                               hidden states, concatenated) and pooled embeddings for a prompt and a
                               negative prompt, `_get_add_time_ids` for a 64x96 stream, and the UNet's
-                              output with that added conditioning.
+                              output with that added conditioning;
+  golden/stream_sdxl_<case>.safetensors
+                              the reference stream (streamdiffusion 0.1.1) on the tiny SDXL pipeline
+                              with TAESD, its UNet given SDXL's added conditioning row by row (the
+                              pooled embedding of the prompt or negative prompt each row carries,
+                              and the stream's time ids): 0.1.1 has no SDXL path of its own, so this
+                              is its arithmetic with what SDXL's UNet needs added.
 
 Run from the repository root with the reference environment (tests/reference/README.md), after
 make_fixtures.py: "$REFENV/bin/python" tests/reference/make_sdxl_fixtures.py
@@ -137,8 +143,12 @@ def load_pipeline():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    # A stand-in VAE (the streams use TAESD) with four levels, so that the pipeline's
+    # vae_scale_factor is 8 as SDXL's.
     pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL(block_out_channels=(32,), norm_num_groups=32, latent_channels=4),
+        vae=AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=8, latent_channels=4,
+                          down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4),
         text_encoder=CLIPTextModel.from_pretrained(SDXL_DIR / "text_encoder", torch_dtype=torch.float32),
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(SDXL_DIR / "text_encoder_2",
                                                                    torch_dtype=torch.float32),
@@ -190,6 +200,75 @@ def main() -> None:
           tuple(pooled.shape), time_ids.tolist())
 
 
+# Cases of the stream golden: overrides of make_fixtures.STREAM_DEFAULTS (64x64, TAESD).
+STREAM_CASES = {
+    "self_t3": dict(),
+    "full_t2": dict(cfg_type="full", t_index_list=[12, 32]),
+    "initialize_t3": dict(cfg_type="initialize"),
+}
+
+
+class UNetWithAddedConditioning(torch.nn.Module):
+    """The stream's UNet with SDXL's added conditioning: each row's pooled embedding is that of
+    the text whose embedding the row carries (prompt or negative prompt); time ids for all rows."""
+
+    def __init__(self, unet, texts, time_ids):
+        super().__init__()
+        self.unet, self.texts, self.time_ids = unet, texts, time_ids
+
+    def forward(self, x, t, encoder_hidden_states=None, return_dict=True, **kwargs):
+        pooled = []
+        for row in encoder_hidden_states:
+            match = [p for e, p in self.texts if torch.equal(row, e[0])]
+            assert len(match) == 1, "a UNet row carries neither the prompt nor the negative prompt"
+            pooled.append(match[0][0])
+        added = {"text_embeds": torch.stack(pooled),
+                 "time_ids": self.time_ids.repeat(len(pooled), 1)}
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
+                         return_dict=return_dict, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.unet, name)
+
+
+def stage_stream() -> None:
+    import make_fixtures
+    from make_fixtures import STREAM_DEFAULTS, drive_stream, frame_files
+
+    make_fixtures.load_sd_pipeline = load_pipeline  # drive_stream builds its pipe with it
+    manifest = []
+    for name, overrides in STREAM_CASES.items():
+        settings = dict(STREAM_DEFAULTS, **overrides)
+        settings["frames"] = frame_files()[: settings["num_frames"]]
+
+        def setup(stream, settings=settings):
+            with torch.no_grad():
+                embeds, negative, pooled, negative_pooled = stream.pipe.encode_prompt(
+                    settings["prompt"], device="cpu", num_images_per_prompt=1,
+                    do_classifier_free_guidance=True, negative_prompt=settings["negative_prompt"])
+                time_ids = stream.pipe._get_add_time_ids(
+                    (settings["height"], settings["width"]), (0, 0),
+                    (settings["height"], settings["width"]), dtype=torch.float32,
+                    text_encoder_projection_dim=int(pooled.shape[-1]))
+            stream.unet = UNetWithAddedConditioning(
+                stream.unet, [(embeds, pooled), (negative, negative_pooled)], time_ids)
+
+        with torch.no_grad():
+            _, prepared, outputs, _ = drive_stream(settings, setup)
+        file = f"stream_sdxl_{name}.safetensors"
+        save_golden(file, {"init_noise": prepared["init_noise"], "output": torch.cat(outputs)})
+        manifest.append({"name": name, "file": f"golden/{file}", **{
+            k: settings[k] for k in ["prompt", "negative_prompt", "seed", "t_index_list",
+                                     "num_inference_steps", "guidance_scale", "delta", "cfg_type",
+                                     "width", "height", "frames"]}})
+        print(f"stream {name}: {len(outputs)} frames, output std {torch.cat(outputs).std():.3f}")
+    write_json(FIXTURES / "golden" / "streams_sdxl.json", {"cases": manifest})
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
+    stage_stream()

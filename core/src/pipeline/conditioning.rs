@@ -108,41 +108,70 @@ pub(super) fn seed_noise(
     Ok((noise, generator))
 }
 
-/// The (blended) prompt embedding `[1, 77, D]`.
+/// A text's conditioning: its embedding `[1, 77, D]` and, for SDXL, its pooled embedding
+/// `[1, P]`.
+#[derive(Debug, Clone)]
+pub(super) struct TextEmbedding {
+    pub(super) embeds: Tensor,
+    pub(super) pooled: Option<Tensor>,
+}
+
+/// The (blended) prompt embedding; for SDXL the pooled embeddings blend with the same weights.
 pub(super) fn prompt_embedding(
     models: &StableDiffusionModels,
     params: &StreamDiffusionParams,
     cache: &mut PromptCache,
-) -> Result<Tensor> {
+) -> Result<TextEmbedding> {
     match &params.prompt {
         Prompt::Text(text) => cache.embed(models, text),
         Prompt::Weighted(items) => {
-            let embeds = items
+            let texts = items
                 .iter()
                 .map(|(text, _)| cache.embed(models, text))
                 .collect::<Result<Vec<_>>>()?;
             let raw: Vec<f64> = items.iter().map(|(_, w)| *w).collect();
             let weights = normalized_weights(&raw, params.normalize_prompt_weights, "prompt")?;
-            blend(&embeds, &weights, params.prompt_interpolation_method)
+            let method = params.prompt_interpolation_method;
+            let embeds: Vec<Tensor> = texts.iter().map(|t| t.embeds.clone()).collect();
+            let pooled: Option<Vec<Tensor>> = texts.iter().map(|t| t.pooled.clone()).collect();
+            Ok(TextEmbedding {
+                embeds: blend(&embeds, &weights, method)?,
+                pooled: pooled.map(|p| blend(&p, &weights, method)).transpose()?,
+            })
         }
     }
 }
 
-/// CLIP embeddings by text, so switching back to a prompt costs nothing.
+/// Text embeddings by text, so switching back to a prompt costs nothing.
 #[derive(Debug, Default)]
 pub(super) struct PromptCache {
-    embeds: HashMap<String, Tensor>,
+    embeds: HashMap<String, TextEmbedding>,
 }
 
 impl PromptCache {
     /// Most embeddings kept (each is 77 × D floats).
     const LIMIT: usize = 64;
 
-    pub(super) fn embed(&mut self, models: &StableDiffusionModels, text: &str) -> Result<Tensor> {
+    pub(super) fn embed(
+        &mut self,
+        models: &StableDiffusionModels,
+        text: &str,
+    ) -> Result<TextEmbedding> {
         if let Some(e) = self.embeds.get(text) {
             return Ok(e.clone());
         }
-        let e = models.encode_text(text)?;
+        let e = if models.second.is_some() {
+            let sdxl = models.encode_text_sdxl(text)?;
+            TextEmbedding {
+                embeds: sdxl.embeds,
+                pooled: Some(sdxl.pooled),
+            }
+        } else {
+            TextEmbedding {
+                embeds: models.encode_text(text)?,
+                pooled: None,
+            }
+        };
         if self.embeds.len() >= Self::LIMIT {
             self.embeds.clear();
         }

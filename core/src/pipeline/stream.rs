@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::model::unet::AddedConditioning;
 use crate::params::CfgType;
 use crate::{Error, Result};
 
@@ -101,6 +102,20 @@ pub struct Conditioning {
     pub cond: Tensor,
     /// Negative prompt embedding `[1, 77, D]`.
     pub uncond: Tensor,
+    /// SDXL's added conditioning; `None` for SD 1.5/2.1.
+    pub added: Option<AddedText>,
+}
+
+/// SDXL's added conditioning of a stream: each UNet row gets the pooled embedding of the text
+/// whose embedding it carries, and every row the stream's time ids.
+#[derive(Debug, Clone)]
+pub struct AddedText {
+    /// The prompt's pooled embedding `[1, P]`.
+    pub cond: Tensor,
+    /// The negative prompt's pooled embedding `[1, P]`.
+    pub uncond: Tensor,
+    /// `[1, 6]`: original size, crop corner, target size.
+    pub time_ids: Tensor,
 }
 
 /// Guidance settings that may change between frames without touching the buffers.
@@ -233,7 +248,7 @@ impl StreamState {
         mut renoise: impl FnMut(&[usize]) -> Result<Tensor>,
     ) -> Result<Tensor>
     where
-        U: FnMut(&Tensor, &Tensor, &Tensor, &[usize]) -> Result<Tensor>,
+        U: FnMut(&Tensor, &Tensor, &Tensor, Option<&AddedConditioning>, &[usize]) -> Result<Tensor>,
     {
         let n = self.steps.len();
         if self.use_denoising_batch {
@@ -300,23 +315,46 @@ impl StreamState {
         unet: &mut U,
     ) -> Result<Tensor>
     where
-        U: FnMut(&Tensor, &Tensor, &Tensor, &[usize]) -> Result<Tensor>,
+        U: FnMut(&Tensor, &Tensor, &Tensor, Option<&AddedConditioning>, &[usize]) -> Result<Tensor>,
     {
         let rows = x.dim(0)?;
         let active = guidance.active();
-        let repeat = |e: &Tensor, k: usize| -> Result<Tensor> { Ok(e.repeat((k, 1, 1))?) };
-        let (x_in, t_in, embeds) = match (active, guidance.mode) {
+        // Rows of the negative and the positive text, in the order the guidance lays them out.
+        let layout = |positive: &Tensor, negative: &Tensor| -> Result<Tensor> {
+            let repeat = |e: &Tensor, k: usize| -> Result<Tensor> {
+                let mut reps = vec![1; e.rank()];
+                reps[0] = k;
+                Ok(e.repeat(reps.as_slice())?)
+            };
+            Ok(match (active, guidance.mode) {
+                (true, CfgType::Initialize) => {
+                    Tensor::cat(&[negative, &repeat(positive, rows)?], 0)?
+                }
+                (true, CfgType::Full) => {
+                    Tensor::cat(&[repeat(negative, rows)?, repeat(positive, rows)?], 0)?
+                }
+                _ => repeat(positive, rows)?,
+            })
+        };
+        let embeds = layout(&cond.cond, &cond.uncond)?;
+        let added = match &cond.added {
+            Some(added) => {
+                let text_embeds = layout(&added.cond, &added.uncond)?;
+                let time_ids = added.time_ids.repeat((text_embeds.dim(0)?, 1))?;
+                Some(AddedConditioning {
+                    text_embeds,
+                    time_ids,
+                })
+            }
+            None => None,
+        };
+        let (x_in, t_in) = match (active, guidance.mode) {
             (true, CfgType::Initialize) => (
                 Tensor::cat(&[&x.narrow(0, 0, 1)?, x], 0)?,
                 Tensor::cat(&[&t.narrow(0, 0, 1)?, t], 0)?,
-                Tensor::cat(&[&cond.uncond, &repeat(&cond.cond, rows)?], 0)?,
             ),
-            (true, CfgType::Full) => (
-                Tensor::cat(&[x, x], 0)?,
-                Tensor::cat(&[t, t], 0)?,
-                Tensor::cat(&[repeat(&cond.uncond, rows)?, repeat(&cond.cond, rows)?], 0)?,
-            ),
-            _ => (x.clone(), t.clone(), repeat(&cond.cond, rows)?),
+            (true, CfgType::Full) => (Tensor::cat(&[x, x], 0)?, Tensor::cat(&[t, t], 0)?),
+            _ => (x.clone(), t.clone()),
         };
         // The step of every row of x: one row per step, or the single step `idx`.
         let steps: Vec<usize> = match idx {
@@ -328,7 +366,7 @@ impl StreamState {
             (true, CfgType::Full) => steps.iter().chain(&steps).copied().collect(),
             _ => steps,
         };
-        let pred = unet(&x_in, &t_in, &embeds, &row_steps)?;
+        let pred = unet(&x_in, &t_in, &embeds, added.as_ref(), &row_steps)?;
         let (eps_text, eps_uncond) = match (active, guidance.mode) {
             (true, CfgType::Initialize) => {
                 let first = pred.narrow(0, 0, 1)?;

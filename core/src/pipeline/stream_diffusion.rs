@@ -33,7 +33,7 @@ use crate::pipeline::controlnet::{
     ActiveControlNet, attach_controlnets, control_conditions, control_residuals,
 };
 use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
-use crate::pipeline::stream::{Conditioning, GuidanceParams, StreamState};
+use crate::pipeline::stream::{AddedText, Conditioning, GuidanceParams, StreamState};
 pub(crate) use crate::pipeline::support::{check_control_ids, check_supported};
 use crate::preprocess::{self, ProcessorInputs};
 use crate::sampling::rng::TorchGenerator;
@@ -147,13 +147,11 @@ impl StreamDiffusion {
         settings.validate()?;
         params.validate(&settings)?;
         check_supported(&params)?;
-        if models.family == ModelFamily::Sdxl {
-            return Err(Error::ModelLoad {
-                path: models.dir.clone(),
-                detail: "SDXL streams are not supported yet: the networks and SDXL's text \
-                         conditioning load, the stream does not run them"
-                    .into(),
-            });
+        if models.family == ModelFamily::Sdxl && !params.controlnets.is_empty() {
+            return Err(Error::param(
+                "controlnets",
+                "SDXL ControlNets are not supported yet by sdstream",
+            ));
         }
         if settings.frame_buffer_size != 1 {
             return Err(Error::param(
@@ -177,6 +175,22 @@ impl StreamDiffusion {
         let mut prompt_cache = PromptCache::default();
         let cond = prompt_embedding(&models, &params, &mut prompt_cache)?;
         let uncond = prompt_cache.embed(&models, &params.negative_prompt)?;
+        let time_ids = match models.second {
+            Some(_) => Some(models.sdxl_time_ids(height, width)?),
+            None => None,
+        };
+        let conditioning = Conditioning {
+            added: match (&cond.pooled, &uncond.pooled, time_ids) {
+                (Some(c), Some(u), Some(time_ids)) => Some(AddedText {
+                    cond: c.clone(),
+                    uncond: u.clone(),
+                    time_ids,
+                }),
+                _ => None,
+            },
+            cond: cond.embeds,
+            uncond: uncond.embeds,
+        };
         let (state, generator) = build_state(&models, &params)?;
         let controlnets = attach_controlnets(&models, &params, &[], &mut |line| {
             eprintln!("sdstream: {line}")
@@ -197,7 +211,7 @@ impl StreamDiffusion {
             settings,
             generator,
             state,
-            conditioning: Conditioning { cond, uncond },
+            conditioning,
             prompt_cache,
             filter,
             previous_output: None,
@@ -441,11 +455,13 @@ impl StreamDiffusion {
             x_new,
             &self.conditioning,
             guidance,
-            |x, t, e, rows| {
+            |x, t, e, added, rows| {
                 let tc = Instant::now();
                 let residuals = control_residuals(controls, x, t, e, rows, steps)?;
                 control_time += tc.elapsed();
-                models.unet.forward(x, t, e, residuals.as_ref())
+                models
+                    .unet
+                    .forward_with_added(x, t, e, added, residuals.as_ref())
             },
             |shape| match renoise.as_mut() {
                 Some(source) => source(shape),
@@ -621,10 +637,16 @@ impl StreamDiffusion {
             self.generator = generator;
         }
         if let Some(cond) = cond {
-            self.conditioning.cond = cond;
+            self.conditioning.cond = cond.embeds;
+            if let (Some(added), Some(pooled)) = (&mut self.conditioning.added, cond.pooled) {
+                added.cond = pooled;
+            }
         }
         if let Some(uncond) = uncond {
-            self.conditioning.uncond = uncond;
+            self.conditioning.uncond = uncond.embeds;
+            if let (Some(added), Some(pooled)) = (&mut self.conditioning.added, uncond.pooled) {
+                added.uncond = pooled;
+            }
         }
         Ok(())
     }

@@ -23,10 +23,12 @@ pub(crate) fn check_supported(params: &StreamDiffusionParams) -> Result<()> {
             &format!("controlnets[{i}].preprocessor"),
         )?;
     }
-    // A known SDXL id is refused before anything loads; an SDXL folder is refused once its
-    // config is read (StreamDiffusion::with_models).
-    if ModelFamily::of_model(&params.model_id) == Some(ModelFamily::Sdxl) {
-        return not_yet("model_id", "SDXL (its streams)");
+    // SDXL ControlNets: refused before anything loads for a known SDXL id, once the config is
+    // read for an SDXL folder (StreamDiffusion::with_models).
+    if ModelFamily::of_model(&params.model_id) == Some(ModelFamily::Sdxl)
+        && !params.controlnets.is_empty()
+    {
+        return not_yet("controlnets", "SDXL ControlNets");
     }
     if params.ip_adapter.enabled {
         return not_yet("ip_adapter", "IP-Adapter");
