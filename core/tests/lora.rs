@@ -252,16 +252,21 @@ fn loras_that_do_not_fit_are_refused_naming_the_layer() {
             "SDXL's second text encoder",
             Box::new(|d: &Path| {
                 let p = d.join("te2.safetensors");
+                let key = "lora_te2_text_model_encoder_layers_0_mlp_fc1";
                 write_lora(
                     &p,
-                    &[(
-                        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
-                        &[2, 32],
-                    )],
+                    &[
+                        (&format!("{key}.lora_down.weight"), &[2, 32]),
+                        (&format!("{key}.lora_up.weight"), &[64, 2]),
+                    ],
                 );
                 p.display().to_string()
             }),
-            vec!["second text encoder"],
+            vec![
+                "patches a second text encoder",
+                "this checkpoint has none",
+                "te2.safetensors",
+            ],
         ),
         (
             "a LoHa",

@@ -10,7 +10,7 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{WorstFrame, abs_err, fixture, golden, tiny_settings};
-use sdstream::model::bundle::StableDiffusionModels;
+use sdstream::model::bundle::{ModelRequest, StableDiffusionModels};
 use sdstream::model::unet::AddedConditioning;
 use sdstream::params::{ControlNetConfig, ModelFamily};
 use sdstream::{
@@ -207,4 +207,64 @@ fn sdxl_streams_through_the_engine_and_refuse_controlnets() {
         matches!(&err, sdstream::Error::InvalidParam { field, .. } if field == "controlnets"),
         "{err}"
     );
+}
+
+/// A kohya LoRA with UNet and both text encoders' layers (lora_unet_, lora_te1_, lora_te2_),
+/// fused at 0.8, against tests/reference/make_sdxl_fixtures.py's `stage_lora`.
+#[test]
+fn an_sdxl_lora_patches_the_unet_and_both_text_encoders() {
+    let lora = fixture("lora/sdxl-kohya").display().to_string();
+    let models = StableDiffusionModels::load(
+        ModelRequest {
+            model_id: sdxl(),
+            lcm_lora: Some("ignored-on-sdxl/lcm".into()),
+            loras: vec![(lora, 0.8)],
+        },
+        &tiny_settings("self"),
+        &mut |_| {},
+    )
+    .expect("SDXL with a LoRA");
+    assert_eq!(models.loras.len(), 1, "the LCM-LoRA is for SD 1.5 only");
+    let g = golden("golden/sdxl_lora.safetensors");
+    let base = golden("golden/sdxl_conditioning.safetensors");
+    let text = models
+        .encode_text_sdxl("a watercolor of a lighthouse")
+        .unwrap();
+    let context = Tensor::cat(
+        &[&base["prompt_embeds"], &base["negative_prompt_embeds"]],
+        0,
+    )
+    .unwrap();
+    let added = AddedConditioning {
+        text_embeds: Tensor::cat(
+            &[
+                &base["pooled_prompt_embeds"],
+                &base["negative_pooled_prompt_embeds"],
+            ],
+            0,
+        )
+        .unwrap(),
+        time_ids: base["add_time_ids"].repeat((2, 1)).unwrap(),
+    };
+    let out = models
+        .unet
+        .forward_with_added(
+            &base["sample"],
+            &base["timesteps"],
+            &context,
+            Some(&added),
+            None,
+        )
+        .unwrap();
+    for (what, got, key, tol) in [
+        ("prompt_embeds", &text.embeds, "prompt_embeds", 1e-5),
+        ("pooled", &text.pooled, "pooled_prompt_embeds", 1e-5),
+        ("unet_output", &out, "unet_output", 1e-4),
+    ] {
+        let (max, _) = abs_err(got, &g[key]);
+        let (_, change) = abs_err(&g[key], &base[key]);
+        println!("SDXL LoRA {what}: max {max:.2e} (the LoRA moves it by {change:.3} mean)");
+        assert!(max <= tol, "{what}: {max}");
+        assert!(change > 1e-3, "{what}: the LoRA changes it");
+    }
 }

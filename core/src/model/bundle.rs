@@ -123,13 +123,14 @@ impl SecondTextEncoder {
         dir: &Path,
         dtype: DType,
         device: &Device,
+        lora: Option<Arc<LoraDeltas>>,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         let tokenizer = timed(progress, "tokenizer 2", dir, || {
             ClipTokenizer::from_dir(&dir.join("tokenizer_2"))
         })?;
         let text_encoder = timed(progress, "text encoder 2", dir, || {
-            ClipTextModel::load(&dir.join("text_encoder_2"), dtype, device)
+            ClipTextModel::load_with_lora(&dir.join("text_encoder_2"), dtype, device, lora)
         })?;
         if !text_encoder.config().with_projection() {
             return Err(Error::ModelLoad {
@@ -465,8 +466,22 @@ impl StableDiffusionModels {
         })?;
         let family = family_of(unet.config());
         let second = if family == ModelFamily::Sdxl {
-            Some(SecondTextEncoder::load(dir, dtype, &device, progress)?)
+            let lora = LoraDeltas::new(LoraTarget::TextEncoder2, &stack);
+            Some(SecondTextEncoder::load(
+                dir, dtype, &device, lora, progress,
+            )?)
         } else {
+            if let Some((file, _)) = stack
+                .iter()
+                .find(|(f, _)| f.patches(LoraTarget::TextEncoder2))
+            {
+                return Err(Error::ModelLoad {
+                    path: file.path().to_path_buf(),
+                    detail: "the LoRA patches a second text encoder (an SDXL LoRA); this \
+                             checkpoint has none"
+                        .into(),
+                });
+            }
             None
         };
         check_text_width(dir, &unet, &text_encoder, second.as_ref())?;

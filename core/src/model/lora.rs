@@ -11,11 +11,13 @@
 //!   else α = r, as diffusers reads it;
 //! - diffusers before peft: `unet.<module>.lora.down.weight` / `.lora.up.weight`;
 //! - kohya: `lora_unet_<module, dots as _>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
-//!   `lora_te_…` for the text encoder (the published LCM-LoRAs are in this form).
+//!   `lora_te_…` (or SDXL's `lora_te1_…`) for the text encoder and `lora_te2_…` for SDXL's
+//!   second (the published LCM-LoRAs are in this form).
 //!
 //! Text-encoder module names are compared without their `text_model` level, which transformers
 //! 4 and 5 spell differently. Anything a file holds that is not one of these (LoHa/LoKr factors,
-//! SDXL's second text encoder, a layer the network does not have) is an error naming the key,
+//! a second text encoder on a checkpoint without one, a layer the network does not have) is an
+//! error naming the key,
 //! never skipped: a LoRA half applied is a different picture.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -38,6 +40,8 @@ pub enum LoraTarget {
     Unet,
     /// The (first) CLIP text encoder.
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl LoraTarget {
@@ -45,6 +49,7 @@ impl LoraTarget {
         match self {
             LoraTarget::Unet => "UNet",
             LoraTarget::TextEncoder => "text encoder",
+            LoraTarget::TextEncoder2 => "second text encoder",
         }
     }
 }
@@ -93,19 +98,25 @@ const SUFFIXES: [(&str, Part); 7] = [
 ];
 
 /// Key beginnings: (prefix, target, peft metadata component).
-const PREFIXES: [(&str, LoraTarget, &str); 5] = [
+const PREFIXES: [(&str, LoraTarget, &str); 7] = [
     ("unet.", LoraTarget::Unet, "unet"),
     ("text_encoder.", LoraTarget::TextEncoder, "text_encoder"),
+    (
+        "text_encoder_2.",
+        LoraTarget::TextEncoder2,
+        "text_encoder_2",
+    ),
     ("lora_unet_", LoraTarget::Unet, "unet"),
     ("lora_te_", LoraTarget::TextEncoder, "text_encoder"),
     ("lora_te1_", LoraTarget::TextEncoder, "text_encoder"),
+    ("lora_te2_", LoraTarget::TextEncoder2, "text_encoder_2"),
 ];
 
 /// `module` (dotted or kohya's underscored form) as compared with a network's tensor names:
 /// dots as underscores, the text encoder's `text_model` level dropped.
 fn module_key(target: LoraTarget, module: &str) -> String {
     let module = match target {
-        LoraTarget::TextEncoder => module
+        LoraTarget::TextEncoder | LoraTarget::TextEncoder2 => module
             .strip_prefix("text_model.")
             .or_else(|| module.strip_prefix("text_model_"))
             .unwrap_or(module),
@@ -116,11 +127,6 @@ fn module_key(target: LoraTarget, module: &str) -> String {
 
 /// (target, module key, metadata component, part) of a key, or why it is not a LoRA key.
 fn parse_key(key: &str) -> std::result::Result<(LoraTarget, String, &'static str, Part), String> {
-    if key.starts_with("text_encoder_2.") || key.starts_with("lora_te2_") {
-        return Err(format!(
-            "key `{key}` patches a second text encoder (SDXL's), which sdstream does not load yet"
-        ));
-    }
     let Some(&(prefix, target, component)) = PREFIXES.iter().find(|(p, ..)| key.starts_with(p))
     else {
         return Err(format!(
@@ -275,6 +281,11 @@ impl LoraFile {
     /// The file it was read from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether some layer patches `target`.
+    pub fn patches(&self, target: LoraTarget) -> bool {
+        self.layers.iter().any(|l| l.target == target)
     }
 
     /// How many layers patch `target`.
@@ -507,6 +518,18 @@ mod tests {
                 "encoder_layers_1_self_attn_q_proj",
                 Part::Alpha,
             ),
+            (
+                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+                LoraTarget::TextEncoder2,
+                "encoder_layers_0_mlp_fc1",
+                Part::Down,
+            ),
+            (
+                "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight",
+                LoraTarget::TextEncoder2,
+                "encoder_layers_0_mlp_fc1",
+                Part::Down,
+            ),
         ];
         for (key, target, module, part) in cases {
             let (t, m, _, p) = parse_key(key).unwrap();
@@ -525,14 +548,6 @@ mod tests {
     #[test]
     fn keys_it_cannot_apply_are_named() {
         for (key, says) in [
-            (
-                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
-                "second text encoder",
-            ),
-            (
-                "text_encoder_2.encoder.layers.0.mlp.fc1.lora_A.weight",
-                "second text encoder",
-            ),
             ("lora_unet_mid_block_attentions_0_proj_in.hada_w1_a", "LoHa"),
             (
                 "model.diffusion_model.input_blocks.1.weight",
