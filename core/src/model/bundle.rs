@@ -643,18 +643,12 @@ impl StableDiffusionModels {
             path: self.dir.clone(),
             detail: "not an SDXL checkpoint: it has no second text encoder".into(),
         })?;
-        let ids = |tokenizer: &ClipTokenizer| -> Result<Tensor> {
-            let ids = tokenizer.encode(text)?;
-            Ok(Tensor::from_vec(
-                ids,
-                (1, tokenizer.max_length()),
-                &self.device,
-            )?)
-        };
         let (_, first) = self
             .text_encoder
-            .forward_with_penultimate(&ids(&self.tokenizer)?)?;
-        let out = second.text_encoder.forward_all(&ids(&second.tokenizer)?)?;
+            .forward_with_penultimate(&self.token_ids(&self.tokenizer, text)?)?;
+        let out = second
+            .text_encoder
+            .forward_all(&self.token_ids(&second.tokenizer, text)?)?;
         Ok(SdxlText {
             embeds: Tensor::cat(&[&first, &out.penultimate], 2)?,
             pooled: out.pooled,
@@ -674,9 +668,18 @@ impl StableDiffusionModels {
 
     /// CLIP embedding `[1, 77, D]` of one text.
     pub fn encode_text(&self, text: &str) -> Result<Tensor> {
-        let ids = self.tokenizer.encode(text)?;
-        let ids = Tensor::from_vec(ids, (1, self.tokenizer.max_length()), &self.device)?;
-        self.text_encoder.forward(&ids)
+        self.text_encoder
+            .forward(&self.token_ids(&self.tokenizer, text)?)
+    }
+
+    /// `text` as `tokenizer` pads it, `[1, max_length]` on the networks' device.
+    fn token_ids(&self, tokenizer: &ClipTokenizer, text: &str) -> Result<Tensor> {
+        let ids = tokenizer.encode(text)?;
+        Ok(Tensor::from_vec(
+            ids,
+            (1, tokenizer.max_length()),
+            &self.device,
+        )?)
     }
 }
 

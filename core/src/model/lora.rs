@@ -287,11 +287,6 @@ impl LoraFile {
     pub fn patches(&self, target: LoraTarget) -> bool {
         self.layers.iter().any(|l| l.target == target)
     }
-
-    /// How many layers patch `target`.
-    pub fn layer_count(&self, target: LoraTarget) -> usize {
-        self.layers.iter().filter(|l| l.target == target).count()
-    }
 }
 
 /// LoRAs with the weights a stream fuses them at, in order.
