@@ -268,3 +268,26 @@ fn an_sdxl_lora_patches_the_unet_and_both_text_encoders() {
         assert!(change > 1e-3, "{what}: the LoRA changes it");
     }
 }
+
+#[test]
+fn a_second_tokenizer_longer_than_its_encoder_is_named() {
+    let dir = common::scratch_dir("sdxl-tokenizer-2");
+    common::copy_dir(&fixture("tiny-sdxl"), &dir);
+    let config = dir.join("tokenizer_2/tokenizer_config.json");
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["model_max_length"] = 100.into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let err = StableDiffusionModels::load(
+        dir.display().to_string().as_str(),
+        &tiny_settings("self"),
+        &mut |_| {},
+    )
+    .expect_err("100 tokens do not fit 77 positions")
+    .to_string();
+    assert!(
+        err.contains("tokenizer_2/tokenizer_config.json")
+            && err.contains("text_encoder_2/config.json")
+            && err.contains("(100,"),
+        "{err}"
+    );
+}

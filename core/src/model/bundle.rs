@@ -141,7 +141,7 @@ impl SecondTextEncoder {
                     .into(),
             });
         }
-        check_tokenizer_fits(dir, &tokenizer, &text_encoder)?;
+        check_tokenizer_fits(dir, "_2", &tokenizer, &text_encoder)?;
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -455,7 +455,7 @@ impl StableDiffusionModels {
                 LoraDeltas::new(LoraTarget::TextEncoder, &stack),
             )
         })?;
-        check_tokenizer_fits(dir, &tokenizer, &text_encoder)?;
+        check_tokenizer_fits(dir, "", &tokenizer, &text_encoder)?;
         let unet = timed(progress, "unet", dir, || {
             UNet2DConditionModel::load_with_lora(
                 &dir.join("unet"),
@@ -768,19 +768,21 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 
 /// The tokenizer must not produce more ids than the text encoder has positions, or every
 /// prompt would fail to encode.
+/// `suffix` is "" for the first pair, "_2" for SDXL's second (`tokenizer_2/`, `text_encoder_2/`).
 fn check_tokenizer_fits(
     dir: &Path,
+    suffix: &str,
     tokenizer: &ClipTokenizer,
     text_encoder: &ClipTextModel,
 ) -> Result<()> {
     let positions = text_encoder.config().max_position_embeddings;
     if tokenizer.max_length() > positions {
         return Err(Error::ModelLoad {
-            path: dir.join("tokenizer/tokenizer_config.json"),
+            path: dir.join(format!("tokenizer{suffix}/tokenizer_config.json")),
             detail: format!(
                 "the tokenizer's length ({}, `model_max_length`; 77 when absent) is longer than \
                  the text encoder's {positions} positions (`max_position_embeddings` of \
-                 text_encoder/config.json)",
+                 text_encoder{suffix}/config.json)",
                 tokenizer.max_length()
             ),
         });
