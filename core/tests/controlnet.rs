@@ -88,6 +88,7 @@ fn check_net(name: &str, prefix: &str) {
             &gold["sample"],
             &gold["timesteps"],
             &gold["encoder_hidden_states"],
+            None,
             &gold["controlnet_cond"],
         )
         .unwrap();

@@ -1080,11 +1080,6 @@ fn spawn_refuses_what_the_pipeline_cannot_run_before_loading_anything() {
             serde_json::json!({"skip_diffusion": true}),
             "skip_diffusion",
         ),
-        (
-            serde_json::json!({"model_id": "stabilityai/sdxl-turbo", "width": 1024, "height": 1024,
-                "controlnets": [{"model_id": "xinsir/controlnet-depth-sdxl-1.0"}]}),
-            "controlnets",
-        ),
     ] {
         let err = Engine::spawn(
             with(patch.clone()),

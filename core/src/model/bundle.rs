@@ -33,25 +33,27 @@ pub enum Autoencoder {
 
 impl Autoencoder {
     /// Latent z₀ = s·E(x) for images in [−1, 1]; the KL posterior draws its noise from
-    /// `generator`, as the reference's `retrieve_latents(vae.encode(x), generator)`.
+    /// `generator`, as the reference's `retrieve_latents(vae.encode(x), generator)`. The latent
+    /// has `x`'s dtype even where the VAE computes in another (an upcast SDXL VAE).
     pub fn encode(&self, x: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
         match self {
             Autoencoder::Kl(vae) => {
-                let (mean, logvar) = vae.encode_moments(x)?;
+                let (mean, logvar) = vae.encode_moments(&x.to_dtype(vae.dtype())?)?;
                 let noise = generator
                     .randn_tensor(mean.dims(), mean.device())?
                     .to_dtype(mean.dtype())?;
                 let z = AutoencoderKl::sample_posterior(&mean, &logvar, &noise)?;
-                Ok((z * vae.scaling_factor())?)
+                Ok((z * vae.scaling_factor())?.to_dtype(x.dtype())?)
             }
             Autoencoder::Tiny(taesd) => Ok((taesd.encode(x)? * taesd.scaling_factor())?),
         }
     }
 
-    /// Image in [−1, 1] from a latent z₀ (the scaling factor is undone here).
+    /// Image in [−1, 1] from a latent z₀ (the scaling factor is undone here), in the
+    /// autoencoder's dtype.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         match self {
-            Autoencoder::Kl(vae) => vae.decode(&(z / vae.scaling_factor())?),
+            Autoencoder::Kl(vae) => vae.decode(&(z.to_dtype(vae.dtype())? / vae.scaling_factor())?),
             Autoencoder::Tiny(taesd) => taesd.decode(&(z / taesd.scaling_factor())?),
         }
     }
@@ -487,8 +489,9 @@ impl StableDiffusionModels {
         check_text_width(dir, &unet, &text_encoder, second.as_ref())?;
         let (autoencoder, vae_dir) = if settings.vae == VaeChoice::Full {
             let vae_dir = dir.join("vae");
+            let vae_dtype = vae_dtype(family, &vae_dir, dtype)?;
             let vae = timed(progress, "vae", dir, || {
-                AutoencoderKl::load(&vae_dir, dtype, &device)
+                AutoencoderKl::load(&vae_dir, vae_dtype, &device)
             })?;
             (Autoencoder::Kl(Box::new(vae)), vae_dir)
         } else {
@@ -700,6 +703,21 @@ fn family_of(unet: &UNetConfig) -> ModelFamily {
 /// pipeline class (`_class_name`, which diffusers needs to load the folder) and every component
 /// as a `[library, class]` pair. The components a stream reads must be declared, not
 /// `[null, null]`; the networks' own config.json files decide everything else.
+/// The dtype the checkpoint's VAE computes in: f32 for an SDXL VAE whose config sets
+/// `force_upcast` when the engine runs in f16 (SDXL's VAE overflows f16's range; diffusers' SDXL
+/// pipelines upcast it the same way, and bf16 has f32's range), else the engine's dtype.
+fn vae_dtype(family: ModelFamily, vae_dir: &Path, dtype: DType) -> Result<DType> {
+    if family != ModelFamily::Sdxl || dtype != DType::F16 {
+        return Ok(dtype);
+    }
+    let config: crate::model::vae::Config = read_config(&vae_dir.join("config.json"))?;
+    Ok(if config.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    })
+}
+
 fn check_model_index(dir: &Path, full_vae: bool) -> Result<()> {
     let path = dir.join("model_index.json");
     let fail = |detail: String| Error::ModelLoad {

@@ -18,7 +18,9 @@ use serde::{Deserialize, Deserializer};
 
 use super::kernels::conv::Conv2d;
 use super::limits::{Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS};
-use super::unet::{ControlResiduals, LevelPlan, PerLevel, UNetConfig, UNetEncoder};
+use super::unet::{
+    AddedConditioning, ControlResiduals, LevelPlan, PerLevel, UNetConfig, UNetEncoder,
+};
 use super::unet_blocks::conv2d;
 use super::{no_unused_tensors, open_component};
 use crate::{Error, Result};
@@ -182,11 +184,11 @@ impl Config {
         };
         let sdxl = |c: &UNetConfig| c.addition_embed_type.as_deref() == Some("text_time");
         if sdxl(net) != sdxl(base) {
-            return mismatch(
-                "addition_embed_type",
-                format!("{:?}", net.addition_embed_type),
-                format!("{:?}", base.addition_embed_type),
-            );
+            let show = |c: &UNetConfig| match &c.addition_embed_type {
+                Some(kind) => format!("{kind:?}"),
+                None => "null".to_string(),
+            };
+            return mismatch("addition_embed_type", show(net), show(base));
         }
         let net_plan = net.plan(MODEL)?;
         let base_plan = base.plan("UNet")?;
@@ -328,8 +330,8 @@ impl ConditioningEmbedding {
     }
 }
 
-/// diffusers' `ControlNetModel` (SD 1.x/2.x layouts; SDXL nets build but need added
-/// conditioning, which the stream does not provide yet).
+/// diffusers' `ControlNetModel`: SD 1.x/2.x layouts, and SDXL's (`addition_embed_type:
+/// "text_time"`), which take the same added conditioning as the UNet they steer.
 #[derive(Debug, Clone)]
 pub struct ControlNetModel {
     config: Config,
@@ -454,16 +456,19 @@ impl ControlNetModel {
     /// The residuals for `sample` `[B, C, h, w]` at `timesteps` (`[B]`, or one for all rows)
     /// with text embeddings `[B, 77, D]` and a control image `[B or 1, C, H, W]` in [0, 1]
     /// (H = h·f, W = w·f with f = [`Config::condition_downscale`]). Unscaled: multiply by the
-    /// conditioning scale before adding them to the UNet.
+    /// conditioning scale before adding them to the UNet. An SDXL net also needs `added`, the
+    /// added conditioning its UNet gets (`[B, P]` pooled text, `[B, 6]` time ids); others take
+    /// `None`.
     pub fn forward(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
         controlnet_cond: &Tensor,
     ) -> Result<ControlResiduals> {
         let embedded = self.embed_condition(controlnet_cond)?;
-        self.forward_embedded(sample, timesteps, encoder_hidden_states, &embedded)
+        self.forward_embedded(sample, timesteps, encoder_hidden_states, added, &embedded)
     }
 
     /// [`forward`](Self::forward) with the control image already embedded by
@@ -473,6 +478,7 @@ impl ControlNetModel {
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
         cond_embedding: &Tensor,
     ) -> Result<ControlResiduals> {
         let dtype = self.dtype();
@@ -500,7 +506,7 @@ impl ControlNetModel {
             )));
         }
         let context = encoder_hidden_states.to_dtype(dtype)?;
-        let emb = self.encoder.time_embedding(timesteps, batch, None)?;
+        let emb = self.encoder.time_embedding(timesteps, batch, added)?;
         let temb_act = self.encoder.resnet_temb(&emb)?;
         let x = self
             .encoder

@@ -64,7 +64,9 @@ pub struct Config {
     /// Latent shift of SD3/Flux VAEs; StreamDiffusion does not use it.
     #[serde(default)]
     pub shift_factor: Option<f64>,
-    /// Whether the checkpoint asks pipelines to run it in f32 (informational).
+    /// Whether the checkpoint asks pipelines to run it in f32: SDXL's VAE overflows f16, so an
+    /// SDXL checkpoint with this set loads its VAE in f32 when the engine runs in f16
+    /// (`StableDiffusionModels`), as diffusers' SDXL pipelines upcast it.
     #[serde(default = "default_true")]
     pub force_upcast: bool,
     /// Whether a 1×1 convolution follows the encoder.
@@ -610,6 +612,7 @@ pub struct AutoencoderKl {
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
     config: Config,
+    dtype: DType,
 }
 
 impl AutoencoderKl {
@@ -632,6 +635,7 @@ impl AutoencoderKl {
             },
             decoder: Decoder::new(config, act, vb.pp("decoder"))?,
             config: config.clone(),
+            dtype: vb.dtype(),
         })
     }
 
@@ -652,6 +656,11 @@ impl AutoencoderKl {
     /// The configuration the network was built from.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The dtype of the weights, in which the network computes.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The factor latents are multiplied by after encoding (`config.scaling_factor`).

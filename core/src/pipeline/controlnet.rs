@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::controlnet::ControlNetModel;
-use crate::model::unet::ControlResiduals;
+use crate::model::unet::{AddedConditioning, ControlResiduals};
 use crate::params::StreamDiffusionParams;
 use crate::preprocess::{self, ProcessorInputs};
 use crate::{Error, Result};
@@ -43,13 +43,14 @@ impl GuidanceWindow {
 }
 
 /// The summed, scaled residuals of the acting nets for one UNet call; `rows[r]` is the step of
-/// row r. A net runs only on the rows its window keeps (not at all when it keeps none); the
+/// row r. SDXL nets get the UNet call's added conditioning (`added`), row for row. A net runs only on the rows its window keeps (not at all when it keeps none); the
 /// other rows get zero residuals from it. `None` when no net acts on any row.
 pub(super) fn control_residuals(
     controls: &[ActiveControlNet],
     x: &Tensor,
     t: &Tensor,
     embeds: &Tensor,
+    added: Option<&AddedConditioning>,
     rows: &[usize],
     steps: usize,
 ) -> Result<Option<ControlResiduals>> {
@@ -67,15 +68,23 @@ pub(super) fn control_residuals(
         let residuals = if kept.len() == rows.len() {
             let r = control
                 .net
-                .forward_embedded(x, t, embeds, &control.embedded)?;
+                .forward_embedded(x, t, embeds, added, &control.embedded)?;
             scale_residuals(r, control.scale, None)?
         } else {
             let index = Tensor::new(kept.as_slice(), x.device())?;
             let pick = |v: &Tensor| v.index_select(&index, 0);
+            let added = match added {
+                Some(a) => Some(AddedConditioning {
+                    text_embeds: pick(&a.text_embeds)?,
+                    time_ids: pick(&a.time_ids)?,
+                }),
+                None => None,
+            };
             let r = control.net.forward_embedded(
                 &pick(x)?,
                 &pick(t)?,
                 &pick(embeds)?,
+                added.as_ref(),
                 &control.embedded,
             )?;
             scale_residuals(r, control.scale, Some((&index, rows.len())))?

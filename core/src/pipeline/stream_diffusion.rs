@@ -23,9 +23,7 @@ use crate::frame::{Frame, Image};
 use crate::model::bundle::{ModelRequest, StableDiffusionModels};
 use crate::model::controlnet::ControlNetModel;
 use crate::model::pool::ModelPool;
-use crate::params::{
-    EngineSettings, HotChange, ModelFamily, StreamDiffusionParams, Update, classify,
-};
+use crate::params::{EngineSettings, HotChange, StreamDiffusionParams, Update, classify};
 use crate::pipeline::conditioning::{
     PromptCache, build_state, latent_shape, prompt_embedding, seed_noise, step_tensors,
 };
@@ -147,12 +145,6 @@ impl StreamDiffusion {
         settings.validate()?;
         params.validate(&settings)?;
         check_supported(&params)?;
-        if models.family == ModelFamily::Sdxl && !params.controlnets.is_empty() {
-            return Err(Error::param(
-                "controlnets",
-                "SDXL ControlNets are not supported yet by sdstream",
-            ));
-        }
         if settings.frame_buffer_size != 1 {
             return Err(Error::param(
                 "frame_buffer_size",
@@ -457,7 +449,7 @@ impl StreamDiffusion {
             guidance,
             |x, t, e, added, rows| {
                 let tc = Instant::now();
-                let residuals = control_residuals(controls, x, t, e, rows, steps)?;
+                let residuals = control_residuals(controls, x, t, e, added, rows, steps)?;
                 control_time += tc.elapsed();
                 models
                     .unet

@@ -1,7 +1,7 @@
 //! What a stream accepts beyond the parameter contract: the features this version runs, and
 //! which control images a frame may carry. The stream and the engine share these rules.
 
-use crate::params::{ModelFamily, StreamDiffusionParams};
+use crate::params::StreamDiffusionParams;
 use crate::preprocess;
 use crate::{Error, Result};
 
@@ -22,13 +22,6 @@ pub(crate) fn check_supported(params: &StreamDiffusionParams) -> Result<()> {
             &net.preprocessor_params,
             &format!("controlnets[{i}].preprocessor"),
         )?;
-    }
-    // SDXL ControlNets: refused before anything loads for a known SDXL id, once the config is
-    // read for an SDXL folder (StreamDiffusion::with_models).
-    if ModelFamily::of_model(&params.model_id) == Some(ModelFamily::Sdxl)
-        && !params.controlnets.is_empty()
-    {
-        return not_yet("controlnets", "SDXL ControlNets");
     }
     if params.ip_adapter.enabled {
         return not_yet("ip_adapter", "IP-Adapter");

@@ -885,11 +885,6 @@ fn what_the_engine_cannot_run_is_refused_at_creation_naming_the_field() {
         (json!({"ip_adapter": {"enabled": true}}), "ip_adapter"),
         (json!({"skip_diffusion": true}), "`skip_diffusion`"),
         (
-            json!({"model_id": "stabilityai/sdxl-turbo", "width": 1024, "height": 1024,
-                   "controlnets": [{"model_id": "xinsir/controlnet-depth-sdxl-1.0"}]}),
-            "`controlnets`",
-        ),
-        (
             json!({"latent_preprocessing": {"enabled": true, "processors": [{"type": "latent_feedback"}]}}),
             "`latent_preprocessing`",
         ),
