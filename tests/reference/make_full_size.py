@@ -8,6 +8,12 @@ madebyollin/taesd, for benchmarks (never for correctness goldens, never committe
   TAESD_OUT/         AutoencoderTiny laid out like madebyollin/taesd
   CONTROLNET_OUT/    (with --controlnet-out) a ControlNetModel in the shapes of the SD 2.1
                      ControlNets Daydream streams with sd-turbo (thibaud/controlnet-sd21-*-diffusers)
+  SDXL_OUT/          (with --sdxl-out) a folder laid out like stabilityai/sdxl-turbo without its VAE
+                     (the SDXL rows use TAESDXL): both tokenizers (copied from tests/fixtures/tiny-sdxl),
+                     text_encoder (CLIP ViT-L/14 text), text_encoder_2 (OpenCLIP bigG text with its
+                     projection), unet (SDXL's, 2.6 B parameters); weights stored as float16 only
+                     (a float32 load casts them; the f32 UNet file alone would be 10 GB)
+  TAESDXL_OUT/       (with --taesdxl-out) AutoencoderTiny laid out like madebyollin/taesdxl
 
 The config.json files are sd-turbo's / taesd's own (written out below as dicts), so a loader sees
 exactly what it would see in the real checkpoints. Weights: float32 `*.safetensors`, plus float16
@@ -15,6 +21,7 @@ exactly what it would see in the real checkpoints. Weights: float32 `*.safetenso
 
 Usage (see tests/reference/README.md, "Benchmarks"):
   python tests/reference/make_full_size.py [--sd-out DIR] [--taesd-out DIR] [--no-fp16]
+  python tests/reference/make_full_size.py --sdxl-out DIR --taesdxl-out DIR   (SDXL only)
 --sd-out and --taesd-out default to $SDSTREAM_BENCH_MODEL and $SDSTREAM_BENCH_TAESD, the folders
 bench_reference.py and examples/bench.rs read; they must lie outside the repository.
 """
@@ -226,6 +233,120 @@ TAESD = {
 # normal float range: no NaN, inf or denormals).
 
 
+# stabilityai/sdxl-turbo (model_index, unet, both text encoders; its scheduler and tokenizers are
+# copied from tests/fixtures/tiny-sdxl, which has sdxl-turbo's tokenizer settings) and
+# madebyollin/taesdxl, as in their config.json files.
+SDXL_TURBO_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "_diffusers_version": "0.24.0.dev0",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": [None, None],
+}
+
+SDXL_TURBO_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.24.0.dev0",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 64,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+SDXL_TURBO_TEXT_ENCODER = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "torch_dtype": "float16",
+    "vocab_size": 49408,
+}
+
+SDXL_TURBO_TEXT_ENCODER_2 = {
+    "architectures": ["CLIPTextModelWithProjection"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "projection_dim": 1280,
+    "torch_dtype": "float16",
+    "vocab_size": 49408,
+}
+
+# madebyollin/taesdxl has taesd's shapes and config.
+TAESDXL = TAESD
+
+
 def diffusers_kwargs(config: dict) -> dict:
     """A config.json dict minus the bookkeeping keys that are not constructor arguments."""
     return {k: v for k, v in config.items() if not k.startswith("_")}
@@ -308,13 +429,66 @@ def make_controlnet():
     return controlnet
 
 
-def make_taesd():
+def make_sdxl(sdxl_out: Path, taesdxl_out: Path) -> None:
+    """sdxl-turbo-shaped random weights (float16 on disk) and TAESDXL (float32, as taesdxl's)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    print(f"writing {sdxl_out} and {taesdxl_out}")
+    tiny = FIXTURES / "tiny-sdxl"
+    write_json(sdxl_out / "model_index.json", SDXL_TURBO_MODEL_INDEX)
+    for name in ["scheduler", "tokenizer", "tokenizer_2"]:
+        if (sdxl_out / name).exists():
+            shutil.rmtree(sdxl_out / name)
+        shutil.copytree(tiny / name, sdxl_out / name)
+
+    def text_config(config: dict) -> CLIPTextConfig:
+        return CLIPTextConfig(**{k: v for k, v in config.items()
+                                 if k not in ("architectures", "model_type", "torch_dtype")})
+
+    def unet():
+        torch.manual_seed(5)
+        return UNet2DConditionModel(**diffusers_kwargs(SDXL_TURBO_UNET)).eval()
+
+    def text_encoder():
+        torch.manual_seed(6)
+        return CLIPTextModel(text_config(SDXL_TURBO_TEXT_ENCODER)).eval()
+
+    def text_encoder_2():
+        torch.manual_seed(7)
+        return CLIPTextModelWithProjection(text_config(SDXL_TURBO_TEXT_ENCODER_2)).eval()
+
+    for name, build, stem, config in [
+        ("text_encoder", text_encoder, "model", SDXL_TURBO_TEXT_ENCODER),
+        ("text_encoder_2", text_encoder_2, "model", SDXL_TURBO_TEXT_ENCODER_2),
+        ("unet", unet, "diffusion_pytorch_model", SDXL_TURBO_UNET),
+    ]:
+        start = time.perf_counter()
+        folder = sdxl_out / name
+        module = build().to(torch.float16)
+        state = module.state_dict()
+        if name.startswith("text_encoder"):
+            # transformers 4's key names, as the published files (see the SD branch below).
+            state = {k if k.startswith(("text_model.", "text_projection."))
+                     else f"text_model.{k}": v for k, v in state.items()}
+        write_json(folder / "config.json", config)
+        files = save_weights(state, folder, stem, fp16=False)
+        report(name, module, files, time.perf_counter() - start)
+        del module, state
+    start = time.perf_counter()
+    taesdxl = make_taesd(seed=8)
+    write_json(taesdxl_out / "config.json", TAESDXL)
+    files = save_weights(taesdxl.state_dict(), taesdxl_out, "diffusion_pytorch_model", fp16=False)
+    report("taesdxl", taesdxl, files, time.perf_counter() - start)
+
+
+def make_taesd(seed: int = 3):
     from diffusers import AutoencoderTiny
 
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     taesd = AutoencoderTiny(**diffusers_kwargs(TAESD)).eval()
     # The default init makes TAESD's outputs nearly input-independent (see make_fixtures.py).
-    tune_taesd(taesd, 3)
+    tune_taesd(taesd, seed)
     return taesd
 
 
@@ -382,9 +556,21 @@ def main() -> None:
     parser.add_argument("--no-fp16", action="store_true", help="do not write the *.fp16.safetensors variants")
     parser.add_argument("--check-only", action="store_true", help="only run the sanity pass on existing folders")
     parser.add_argument("--check-size", type=int, default=256, help="image size of the sanity pass (UNet at /8)")
+    parser.add_argument("--sdxl-out", type=Path, default=None,
+                        help="write only an sdxl-turbo-shaped folder here (with --taesdxl-out)")
+    parser.add_argument("--taesdxl-out", type=Path, default=None, help="TAESDXL folder (with --sdxl-out)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sdxl_out is not None or args.taesdxl_out is not None:
+        if args.sdxl_out is None or args.taesdxl_out is None:
+            sys.exit("--sdxl-out and --taesdxl-out go together")
+        outs = (args.sdxl_out.resolve(), args.taesdxl_out.resolve())
+        if any(REPO in out.parents for out in outs):
+            sys.exit(f"refusing to write weights inside the repository ({REPO}); choose a folder outside it")
+        make_sdxl(*outs)
+        print("done")
+        return
     fp16 = not args.no_fp16
     controlnet_out = args.controlnet_out.resolve() if args.controlnet_out else None
     if args.controlnet_only:
