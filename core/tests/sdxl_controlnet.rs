@@ -324,9 +324,10 @@ fn camera_frame() -> Vec<u8> {
 }
 
 fn camera_settings(root: &Path) -> EngineSettings {
-    let mut settings = EngineSettings::default();
-    settings.model_root = Some(root.to_path_buf());
-    settings
+    EngineSettings {
+        model_root: Some(root.to_path_buf()),
+        ..EngineSettings::default()
+    }
 }
 
 fn mean_levels(a: &[u8], b: &[u8]) -> f64 {
