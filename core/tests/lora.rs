@@ -353,7 +353,94 @@ fn the_pool_shares_equal_lora_sets_and_keeps_others_apart() {
         !Arc::ptr_eq(&a, &b),
         "another weight is another set of networks"
     );
-    assert_eq!(pool.stats().loads, 3);
+    // The base and the other weight were rebuilt from the first load's tensors.
+    assert_eq!(pool.stats().loads, 1);
+    assert_eq!(pool.stats().lora_rebuilds, 2);
+}
+
+/// A LoRA change on a loaded checkpoint (another weight, a LoRA added, swapped or removed)
+/// rebuilds the networks from the loaded tensors: the checkpoint's weight files are not read
+/// (here they are replaced by garbage after the first load, which a load would refuse), and
+/// every rebuilt set equals diffusers' fusion of that set as closely as a fresh load does.
+#[test]
+fn a_lora_change_rebuilds_from_memory_without_reading_the_weights() {
+    let g = golden("golden/lora.safetensors");
+    let dir = common::scratch_dir("lora-rebuild").join("tiny-sd15");
+    common::copy_dir(&fixture("tiny-sd15"), &dir);
+    let with_model = |mut r: ModelRequest| {
+        r.model_id = dir.display().to_string();
+        r
+    };
+    let pool = Arc::new(ModelPool::new());
+    let settings = tiny_settings("self");
+    let mut held = vec![
+        pool.get(with_model(request("peft_a")), &settings, &mut |_| {})
+            .expect("first load"),
+    ];
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        let path = dir.join(file);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"not a safetensors file").unwrap();
+    }
+    let mut steps = 0;
+    for case in ["both", "kohya_b", "lcm", "base", "peft_a"] {
+        let mut lines = Vec::new();
+        let models = pool
+            .get(with_model(request(case)), &settings, &mut |l| {
+                lines.push(l.to_string())
+            })
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        steps += 1;
+        assert!(
+            lines.iter().any(|l| l.contains("LoRA change")),
+            "{case}: rebuilt, not loaded: {lines:?}"
+        );
+        let (embeds, out) = run(&models, &g, case);
+        let (te_err, _) = abs_err(&embeds, &g[&format!("{case}.text_embeds")]);
+        let (unet_err, _) = abs_err(&out, &g[&format!("{case}.unet_output")]);
+        println!("{case} rebuilt: text encoder max {te_err:.2e}, UNet max {unet_err:.2e}");
+        assert!(
+            te_err <= 1e-5 && unet_err <= 1e-5,
+            "{case}: {te_err} {unet_err}"
+        );
+        // Drop the older sets, as a reload does once the new pipeline serves.
+        held = vec![models];
+    }
+    assert_eq!(pool.stats().loads, 1, "one load, from the files");
+    assert_eq!(pool.stats().lora_rebuilds, steps);
+
+    // A LoRA that does not fit is refused by a rebuild as by a load, naming the layer; the
+    // networks in use are untouched.
+    let wide = common::scratch_dir("lora-rebuild-wide").join("wide.safetensors");
+    let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    write_lora(
+        &wide,
+        &[
+            (&format!("{q}.lora_down.weight"), &[2, 48]),
+            (&format!("{q}.lora_up.weight"), &[32, 2]),
+        ],
+    );
+    let mut bad = with_model(request("base"));
+    bad.loras = vec![(wide.display().to_string(), 1.0)];
+    let err = pool
+        .get(bad, &settings, &mut |_| {})
+        .expect_err("a LoRA for another width");
+    assert!(
+        err.to_string().contains("does not fit") && err.to_string().contains("attn1_to_q"),
+        "{err}"
+    );
+    let (_, out) = run(&held[0], &g, "peft_a");
+    assert!(abs_err(&out, &g["peft_a.unet_output"]).0 <= 1e-5);
+    drop(held);
+
+    // With nothing loaded, the garbage is what a request meets: refused, naming the file.
+    let err = pool
+        .get(with_model(request("peft_a")), &settings, &mut |_| {})
+        .expect_err("the files are garbage now");
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
 
 const SIZE: usize = 64;

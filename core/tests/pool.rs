@@ -121,7 +121,8 @@ fn five_engines_share_one_copy_and_release_it_when_dropped() {
         PoolStats {
             loads: 1,
             reuses: 4,
-            waits: 0
+            waits: 0,
+            lora_rebuilds: 0,
         }
     );
     let shared = pool.find(&params(), &settings()).expect("loaded");
@@ -256,7 +257,8 @@ fn concurrent_requests_for_one_model_load_it_once() {
         PoolStats {
             loads: 1,
             reuses: 1,
-            waits: 1
+            waits: 1,
+            lora_rebuilds: 0,
         }
     );
     assert_eq!(pool.entries().len(), 1);

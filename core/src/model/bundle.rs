@@ -11,11 +11,12 @@ use candle_core::{DType, Device, Tensor};
 use crate::hub::{self, HubOptions};
 use crate::model::clip::ClipTextModel;
 use crate::model::controlnet::ControlNetModel;
-use crate::model::lora::{LoraDeltas, LoraFile, LoraTarget, resolve_lora};
+use crate::model::lora::{LoraDeltas, LoraFile, LoraStack, LoraTarget, resolve_lora};
 use crate::model::taesd::AutoencoderTiny;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKl;
+use crate::model::weight_table::WeightTable;
 use crate::model::{read_config, weights};
 use crate::params::{EngineSettings, ModelFamily, StreamDiffusionParams, VaeChoice};
 use crate::sampling::rng::TorchGenerator;
@@ -23,7 +24,7 @@ use crate::sampling::scheduler::LcmScheduler;
 use crate::{Error, Result};
 
 /// The image autoencoder a stream encodes and decodes with.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Autoencoder {
     /// The checkpoint's own AutoencoderKL; its posterior is sampled with the stream's generator.
     Kl(Box<AutoencoderKl>),
@@ -108,16 +109,22 @@ pub struct StableDiffusionModels {
     controlnets: Mutex<NetCache>,
     /// ControlNet loads performed (weights read), for the pool's figures and tests.
     controlnet_loads: AtomicU64,
+    /// The text encoder's and the UNet's tensors by name, for a LoRA change
+    /// ([`with_loras`](Self::with_loras)).
+    text_encoder_weights: WeightTable,
+    unet_weights: WeightTable,
 }
 
 /// SDXL's second tokenizer and text encoder (`tokenizer_2/`, `text_encoder_2/`: OpenCLIP bigG
 /// with `text_projection`, whose pooled output is SDXL's `text_embeds`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SecondTextEncoder {
     /// `tokenizer_2/` (sdxl-turbo's pads with `!`).
     pub tokenizer: ClipTokenizer,
     /// `text_encoder_2/`, a `CLIPTextModelWithProjection`.
     pub text_encoder: ClipTextModel,
+    /// The encoder's tensors by name, for a LoRA change.
+    weights: WeightTable,
 }
 
 impl SecondTextEncoder {
@@ -131,7 +138,7 @@ impl SecondTextEncoder {
         let tokenizer = timed(progress, "tokenizer 2", dir, || {
             ClipTokenizer::from_dir(&dir.join("tokenizer_2"))
         })?;
-        let text_encoder = timed(progress, "text encoder 2", dir, || {
+        let (text_encoder, weights) = timed(progress, "text encoder 2", dir, || {
             ClipTextModel::load_with_lora(&dir.join("text_encoder_2"), dtype, device, lora)
         })?;
         if !text_encoder.config().with_projection() {
@@ -147,6 +154,7 @@ impl SecondTextEncoder {
         Ok(Self {
             tokenizer,
             text_encoder,
+            weights,
         })
     }
 }
@@ -254,6 +262,24 @@ struct CachedNet<N> {
 }
 
 impl<N> NetCache<N> {
+    /// A cache holding the same nets (no load in progress): for networks derived from these.
+    fn shared_copy(&self) -> Self {
+        Self {
+            nets: self
+                .nets
+                .iter()
+                .map(|c| CachedNet {
+                    ids: c.ids.clone(),
+                    dir: c.dir.clone(),
+                    net: c.net.clone(),
+                    pinned: c.pinned.clone(),
+                    bytes: c.bytes,
+                })
+                .collect(),
+            loading: Vec::new(),
+        }
+    }
+
     /// The live net known under `id`, marked most recently used.
     fn get(&mut self, id: &str) -> Option<Arc<N>> {
         let pos = self
@@ -427,6 +453,80 @@ impl StableDiffusionModels {
         Ok(models)
     }
 
+    /// These networks with the LoRAs of `folders` fused instead of this load's, rebuilt from
+    /// the tensors in memory without reading the checkpoint's files: only the tensors some LoRA
+    /// of either set patches are computed again (in f32: this load's deltas taken away, the
+    /// new ones added), every other tensor is shared with these networks, and so are the
+    /// tokenizers, the autoencoder and the cached ControlNets. The caller (the model pool)
+    /// makes sure `folders` names this checkpoint with this autoencoder. A LoRA that does not
+    /// fit is refused as at a load, and these networks are left as they are.
+    pub(crate) fn with_loras(
+        &self,
+        folders: &ResolvedFolders,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let old = open_loras(&self.loras, progress)?;
+        let new = open_loras(&folders.loras, progress)?;
+        let deltas = |target| (LoraDeltas::new(target, &old), LoraDeltas::new(target, &new));
+        let device = &self.device;
+        let (text_encoder, text_encoder_weights) = match deltas(LoraTarget::TextEncoder) {
+            (None, None) => (self.text_encoder.clone(), self.text_encoder_weights.clone()),
+            (old, new) => timed(progress, "text encoder (LoRA change)", &self.dir, || {
+                self.text_encoder
+                    .rebuild_with_lora(&self.text_encoder_weights, old, new, device)
+            })?,
+        };
+        let (unet, unet_weights) = match deltas(LoraTarget::Unet) {
+            (None, None) => (self.unet.clone(), self.unet_weights.clone()),
+            (old, new) => timed(progress, "unet (LoRA change)", &self.dir, || {
+                self.unet
+                    .rebuild_with_lora(&self.unet_weights, old, new, device)
+            })?,
+        };
+        let second = match &self.second {
+            Some(second) => Some(match deltas(LoraTarget::TextEncoder2) {
+                (None, None) => second.clone(),
+                (old, new) => {
+                    let (text_encoder, weights) =
+                        timed(progress, "text encoder 2 (LoRA change)", &self.dir, || {
+                            second
+                                .text_encoder
+                                .rebuild_with_lora(&second.weights, old, new, device)
+                        })?;
+                    SecondTextEncoder {
+                        tokenizer: second.tokenizer.clone(),
+                        text_encoder,
+                        weights,
+                    }
+                }
+            }),
+            None => {
+                refuse_second_encoder_loras(&new)?;
+                None
+            }
+        };
+        let controlnets = self.lock_controlnets().shared_copy();
+        Ok(Self {
+            dir: self.dir.clone(),
+            loras: folders.loras.clone(),
+            family: self.family,
+            tokenizer: self.tokenizer.clone(),
+            text_encoder,
+            unet,
+            second,
+            autoencoder: self.autoencoder.clone(),
+            scheduler: self.scheduler.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+            hub: self.hub.clone(),
+            weight_bytes: self.weight_bytes,
+            controlnets: Mutex::new(controlnets),
+            controlnet_loads: AtomicU64::new(0),
+            text_encoder_weights,
+            unet_weights,
+        })
+    }
+
     /// Loads from an already resolved checkpoint folder.
     fn load_dir(
         folders: &ResolvedFolders,
@@ -436,11 +536,7 @@ impl StableDiffusionModels {
     ) -> Result<Self> {
         let dir = folders.dir.as_path();
         let taesd_dir = folders.taesd.clone();
-        let mut stack = Vec::with_capacity(folders.loras.len());
-        for (path, weight) in &folders.loras {
-            let file = timed(progress, "lora", path, || LoraFile::open(path))?;
-            stack.push((Arc::new(file), *weight));
-        }
+        let stack = open_loras(&folders.loras, progress)?;
         let device = settings.device.device()?;
         let dtype = settings.dtype.dtype();
         let fp16 = dtype == DType::F16;
@@ -449,7 +545,7 @@ impl StableDiffusionModels {
         let tokenizer = timed(progress, "tokenizer", dir, || {
             ClipTokenizer::from_dir(&dir.join("tokenizer"))
         })?;
-        let text_encoder = timed(progress, "text encoder", dir, || {
+        let (text_encoder, text_encoder_weights) = timed(progress, "text encoder", dir, || {
             ClipTextModel::load_with_lora(
                 &dir.join("text_encoder"),
                 dtype,
@@ -458,7 +554,7 @@ impl StableDiffusionModels {
             )
         })?;
         check_tokenizer_fits(dir, "", &tokenizer, &text_encoder)?;
-        let unet = timed(progress, "unet", dir, || {
+        let (unet, unet_weights) = timed(progress, "unet", dir, || {
             UNet2DConditionModel::load_with_lora(
                 &dir.join("unet"),
                 dtype,
@@ -473,17 +569,7 @@ impl StableDiffusionModels {
                 dir, dtype, &device, lora, progress,
             )?)
         } else {
-            if let Some((file, _)) = stack
-                .iter()
-                .find(|(f, _)| f.patches(LoraTarget::TextEncoder2))
-            {
-                return Err(Error::ModelLoad {
-                    path: file.path().to_path_buf(),
-                    detail: "the LoRA patches a second text encoder (an SDXL LoRA); this \
-                             checkpoint has none"
-                        .into(),
-                });
-            }
+            refuse_second_encoder_loras(&stack)?;
             None
         };
         check_text_width(dir, &unet, &text_encoder, second.as_ref())?;
@@ -521,6 +607,8 @@ impl StableDiffusionModels {
             weight_bytes: 0,
             controlnets: Mutex::new(NetCache::default()),
             controlnet_loads: AtomicU64::new(0),
+            text_encoder_weights,
+            unet_weights,
         })
     }
 
@@ -873,6 +961,37 @@ fn check_latent_channels(
 }
 
 /// Runs one loading step, reporting its start and duration.
+/// Fails, naming the file, when a LoRA of `stack` patches a second text encoder (an SDXL LoRA)
+/// and the checkpoint has none.
+fn refuse_second_encoder_loras(stack: &LoraStack) -> Result<()> {
+    match stack
+        .iter()
+        .find(|(f, _)| f.patches(LoraTarget::TextEncoder2))
+    {
+        Some((file, _)) => Err(Error::ModelLoad {
+            path: file.path().to_path_buf(),
+            detail: "the LoRA patches a second text encoder (an SDXL LoRA); this checkpoint \
+                     has none"
+                .into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Opens the LoRA files of `loras`, reporting each to `progress`.
+fn open_loras(
+    loras: &[(PathBuf, f64)],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<(Arc<LoraFile>, f64)>> {
+    loras
+        .iter()
+        .map(|(path, weight)| {
+            let file = timed(progress, "lora", path, || LoraFile::open(path))?;
+            Ok((Arc::new(file), *weight))
+        })
+        .collect()
+}
+
 fn timed<T>(
     progress: &mut dyn FnMut(&str),
     what: &str,

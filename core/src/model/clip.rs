@@ -23,6 +23,7 @@ use crate::model::limits::{
 };
 
 use crate::model::lora::LoraDeltas;
+use crate::model::weight_table::{WeightTable, rebuild_with_lora};
 use crate::model::{open_component_with_lora, try_vec};
 use crate::{Error, Result};
 
@@ -368,16 +369,17 @@ impl ClipTextModel {
     /// Loads a transformers text-encoder folder (`config.json` + `model.safetensors`, or the
     /// `model.fp16.safetensors` variant, preferred when `dtype` is half precision).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_with_lora(dir, dtype, device, None)
+        Self::load_with_lora(dir, dtype, device, None).map(|(model, _)| model)
     }
 
-    /// [`load`](Self::load) with LoRA deltas fused into the weights they patch.
+    /// [`load`](Self::load) with LoRA deltas fused into the weights they patch; also returns
+    /// the tensors it was built from, for [`rebuild_with_lora`](Self::rebuild_with_lora).
     pub fn load_with_lora(
         dir: &Path,
         dtype: DType,
         device: &Device,
         lora: Option<Arc<LoraDeltas>>,
-    ) -> Result<Self> {
+    ) -> Result<(Self, WeightTable)> {
         open_component_with_lora(
             dir,
             "model",
@@ -386,6 +388,27 @@ impl ClipTextModel {
             position_ids_buffer,
             lora,
             Config::validate,
+            Self::new,
+        )
+    }
+
+    /// The same network with the LoRA deltas `new` fused instead of `old`, built from `table`
+    /// (what [`load_with_lora`](Self::load_with_lora) returned with it) without reading its
+    /// files: tensors neither set patches are shared with this network.
+    pub fn rebuild_with_lora(
+        &self,
+        table: &WeightTable,
+        old: Option<Arc<LoraDeltas>>,
+        new: Option<Arc<LoraDeltas>>,
+        device: &Device,
+    ) -> Result<(Self, WeightTable)> {
+        rebuild_with_lora(
+            &self.config,
+            table,
+            self.dtype(),
+            device,
+            old,
+            new,
             Self::new,
         )
     }

@@ -383,17 +383,34 @@ impl LoraDeltas {
 
     /// `base` (f32) with every delta for `name` added: W + Σ w·(α/r)·(up·down).
     pub(crate) fn fuse(&self, name: &str, base: &Tensor) -> candle_core::Result<Tensor> {
-        let mut fused = base.clone();
-        for delta in self.deltas(name).unwrap_or_default() {
+        self.add_deltas(name, base, 1.0)
+    }
+
+    /// `fused` (f32) with every delta for `name` taken away again: W − Σ w·(α/r)·(up·down),
+    /// in the reverse order of [`fuse`](Self::fuse).
+    pub(crate) fn unfuse(&self, name: &str, fused: &Tensor) -> candle_core::Result<Tensor> {
+        self.add_deltas(name, fused, -1.0)
+    }
+
+    fn add_deltas(&self, name: &str, base: &Tensor, sign: f64) -> candle_core::Result<Tensor> {
+        let deltas = self.deltas(name).unwrap_or_default();
+        let mut out = base.clone();
+        let mut apply = |delta: &Delta| -> candle_core::Result<()> {
             let layer = delta.layer();
             let product = layer
                 .up
                 .flatten_from(1)?
                 .matmul(&layer.down.flatten_from(1)?)?
                 .reshape(base.shape())?;
-            fused = (fused + (product * (delta.weight * layer.scale))?)?;
+            out = (&out + (product * (sign * delta.weight * layer.scale))?)?;
+            Ok(())
+        };
+        if sign > 0.0 {
+            deltas.iter().try_for_each(&mut apply)?;
+        } else {
+            deltas.iter().rev().try_for_each(&mut apply)?;
         }
-        Ok(fused)
+        Ok(out)
     }
 
     /// Fails, naming the first, when some layer patched no tensor of the network (`used`: the

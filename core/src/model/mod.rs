@@ -18,6 +18,7 @@ pub mod unet;
 pub(crate) mod unet_blocks;
 mod unet_config;
 pub mod vae;
+pub mod weight_table;
 pub(crate) mod weights;
 
 use std::path::{Path, PathBuf};
@@ -121,11 +122,13 @@ where
     C: DeserializeOwned,
 {
     open_component_with_lora(dir, stem, dtype, device, tolerated, None, validate, build)
+        .map(|(model, _)| model)
 }
 
 /// [`open_component`] with LoRA deltas fused into the tensors they target: the probe also
 /// checks every delta against its tensor's shape, and that every layer of the LoRA found its
-/// tensor (a LoRA for another network is an error naming its first stray layer).
+/// tensor (a LoRA for another network is an error naming its first stray layer). Also returns
+/// the tensors the network was built from ([`weight_table`]), for a later LoRA change.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn open_component_with_lora<C, M>(
     dir: &Path,
@@ -136,7 +139,7 @@ pub(crate) fn open_component_with_lora<C, M>(
     lora: Option<Arc<lora::LoraDeltas>>,
     validate: impl FnOnce(&C) -> Result<()>,
     build: impl Fn(&C, VarBuilder<'static>) -> Result<M>,
-) -> Result<M>
+) -> Result<(M, weight_table::WeightTable)>
 where
     C: DeserializeOwned,
 {
@@ -170,7 +173,7 @@ where
     if let Some(lora) = &lora {
         lora.check_all_targeted(&used)?;
     }
-    Ok(build_from(Mode::Load)?.0)
+    weight_table::recording(|| Ok(build_from(Mode::Load)?.0))
 }
 
 /// For [`open_component`]: no unused tensor is tolerated.

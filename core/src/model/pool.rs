@@ -19,6 +19,11 @@
 //! setting; a host that wants a model kept warm while no stream runs holds an `Arc` from
 //! [`ModelPool::get`] itself. (Reloading a just-released model reads the files again, mostly
 //! from the OS page cache.)
+//!
+//! LoRA changes. A request for a checkpoint some stream holds with other LoRAs (a weight
+//! changed, a LoRA added or removed) is rebuilt from those networks' tensors
+//! ([`StableDiffusionModels::with_loras`]): only the tensors the LoRAs patch are computed again,
+//! the rest are shared, and no weight file is read.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -159,6 +164,9 @@ pub struct PoolStats {
     /// Requests that waited for another request's load of the same key (and then shared it,
     /// or, if it failed, loaded themselves).
     pub waits: u64,
+    /// Checkpoints rebuilt from a loaded one of the same checkpoint with other LoRAs (or other
+    /// LoRA weights), without reading the weights again.
+    pub lora_rebuilds: u64,
 }
 
 /// One loaded checkpoint, as [`ModelPool::entries`] reports it.
@@ -198,6 +206,7 @@ pub struct ModelPool {
     loads: AtomicU64,
     reuses: AtomicU64,
     waits: AtomicU64,
+    lora_rebuilds: AtomicU64,
 }
 
 impl ModelPool {
@@ -247,10 +256,22 @@ impl ModelPool {
             self.reuses.fetch_add(1, Ordering::Relaxed);
             return Ok(models);
         }
-        let models = Arc::new(StableDiffusionModels::load_resolved(
-            &folders, settings, progress,
-        )?);
-        self.loads.fetch_add(1, Ordering::Relaxed);
+        // The same checkpoint loaded with other LoRAs (a LoRA weight changed, one added or
+        // removed): rebuild from its tensors instead of reading the weights again.
+        let models = match self.lora_sibling(&slot.key) {
+            Some(sibling) => {
+                let models = Arc::new(sibling.with_loras(&folders, progress)?);
+                self.lora_rebuilds.fetch_add(1, Ordering::Relaxed);
+                models
+            }
+            None => {
+                let models = Arc::new(StableDiffusionModels::load_resolved(
+                    &folders, settings, progress,
+                )?);
+                self.loads.fetch_add(1, Ordering::Relaxed);
+                models
+            }
+        };
         let mut state = slot.state();
         state.models = Arc::downgrade(&models);
         if !state.aliases.contains(&alias) {
@@ -280,6 +301,27 @@ impl ModelPool {
                 .then(|| state.models.upgrade())
                 .flatten()
         })
+    }
+
+    /// Loaded networks of `key`'s checkpoint, dtype, device, autoencoder and lookup options
+    /// with other LoRAs, if some stream holds them: those with the fewest LoRAs (each rebuild
+    /// unfuses in f32 from weights rounded to the dtype; fewer deltas, less rounding).
+    fn lora_sibling(&self, key: &ModelKey) -> Option<Arc<StableDiffusionModels>> {
+        let same_base = |other: &ModelKey| {
+            other.dir == key.dir
+                && other.dtype == key.dtype
+                && other.device == key.device
+                && other.vae == key.vae
+                && other.hub == key.hub
+                && other.loras != key.loras
+        };
+        let slots = self.lock_slots();
+        slots
+            .iter()
+            .filter(|slot| same_base(&slot.key))
+            .filter_map(|slot| Some((slot.key.loras.len(), slot.state().models.upgrade()?)))
+            .min_by_key(|(loras, _)| *loras)
+            .map(|(_, models)| models)
     }
 
     /// The slot of `key`, made if there is none; forgets slots nobody uses any more.
@@ -343,6 +385,7 @@ impl ModelPool {
             loads: self.loads.load(Ordering::Relaxed),
             reuses: self.reuses.load(Ordering::Relaxed),
             waits: self.waits.load(Ordering::Relaxed),
+            lora_rebuilds: self.lora_rebuilds.load(Ordering::Relaxed),
         }
     }
 

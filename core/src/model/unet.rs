@@ -30,6 +30,7 @@ use super::unet_blocks::{
     Activation, DownBlock, LevelShape, MidBlock, SinusoidalTimesteps, TimestepEmbedding, UpBlock,
     conv2d,
 };
+use super::weight_table::{WeightTable, rebuild_with_lora};
 use crate::{Error, Result};
 
 pub(crate) use super::unet_config::LevelPlan;
@@ -406,16 +407,17 @@ impl UNet2DConditionModel {
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model[.fp16].safetensors` (the fp16
     /// file is preferred when `dtype` is f16 or bf16). Errors name the file at fault.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_with_lora(dir, dtype, device, None)
+        Self::load_with_lora(dir, dtype, device, None).map(|(model, _)| model)
     }
 
-    /// [`load`](Self::load) with LoRA deltas fused into the weights they patch.
+    /// [`load`](Self::load) with LoRA deltas fused into the weights they patch; also returns
+    /// the tensors it was built from, for [`rebuild_with_lora`](Self::rebuild_with_lora).
     pub fn load_with_lora(
         dir: &Path,
         dtype: DType,
         device: &Device,
         lora: Option<Arc<LoraDeltas>>,
-    ) -> Result<Self> {
+    ) -> Result<(Self, WeightTable)> {
         open_component_with_lora(
             dir,
             "diffusion_pytorch_model",
@@ -424,6 +426,27 @@ impl UNet2DConditionModel {
             unused_lcm_guidance_embedding,
             lora,
             |config: &UNetConfig| config.plan("UNet").map(|_| ()),
+            Self::new,
+        )
+    }
+
+    /// The same network with the LoRA deltas `new` fused instead of `old`, built from `table`
+    /// (what [`load_with_lora`](Self::load_with_lora) returned with it) without reading its
+    /// files: tensors neither set patches are shared with this network.
+    pub fn rebuild_with_lora(
+        &self,
+        table: &WeightTable,
+        old: Option<Arc<LoraDeltas>>,
+        new: Option<Arc<LoraDeltas>>,
+        device: &Device,
+    ) -> Result<(Self, WeightTable)> {
+        rebuild_with_lora(
+            &self.config,
+            table,
+            self.dtype(),
+            device,
+            old,
+            new,
             Self::new,
         )
     }

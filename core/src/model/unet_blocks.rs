@@ -15,6 +15,7 @@ use super::kernels::cpu_kernels;
 use super::kernels::norm::{GroupNorm, LayerNorm};
 use super::kernels::ops::{add_fresh, geglu, scaled_softmax};
 use super::try_vec;
+use super::weight_table;
 use crate::{Error, Result};
 
 /// Activation functions that diffusers' `get_activation` can name in a UNet config.
@@ -410,13 +411,17 @@ impl Attention {
         let wq = vb.get((inner, query_dim), "to_q.weight")?;
         let wk = vb.get((inner, kv_dim), "to_k.weight")?;
         let wv = vb.get((inner, kv_dim), "to_v.weight")?;
+        let name = |leaf: &str| format!("{}.{leaf}.weight", vb.prefix());
+        // The fused projections are copies: the weight table keeps views of them instead of
+        // the separate tensors (see model::weight_table).
         let (to_q_or_qkv, to_kv) = if context_dim.is_none() {
-            (Linear::new(Tensor::cat(&[&wq, &wk, &wv], 0)?, None), None)
+            let qkv = Tensor::cat(&[&wq, &wk, &wv], 0)?;
+            weight_table::record_rows(&[name("to_q"), name("to_k"), name("to_v")], &qkv)?;
+            (Linear::new(qkv, None), None)
         } else {
-            (
-                Linear::new(wq, None),
-                Some(Linear::new(Tensor::cat(&[&wk, &wv], 0)?, None)),
-            )
+            let kv = Tensor::cat(&[&wk, &wv], 0)?;
+            weight_table::record_rows(&[name("to_k"), name("to_v")], &kv)?;
+            (Linear::new(wq, None), Some(Linear::new(kv, None)))
         };
         Ok(Self {
             to_q_or_qkv,

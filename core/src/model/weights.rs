@@ -559,6 +559,7 @@ impl CheckedBackend {
                 };
                 let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
                 LOADED_BYTES.with(|total| total.set(total.get() + bytes as u64));
+                super::weight_table::record(name, &tensor);
                 tensor
             }
         };

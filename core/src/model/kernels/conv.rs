@@ -98,12 +98,18 @@ impl Conv2d {
         } else {
             Tensor::zeros(c_out, vb.dtype(), vb.device())?
         };
-        // The CPU GEMM has no bf16 kernel: keep f32 copies for it.
+        // The CPU GEMM has no bf16 kernel: keep f32 copies for it (which the weight table
+        // keeps in place of the bf16 ones, see model::weight_table).
         let (weight, bias_tensor) = if vb.dtype() == DType::BF16 && cpu_kernels(vb.device()) {
-            (
+            let (weight, bias_tensor) = (
                 weight.to_dtype(DType::F32)?,
                 bias_tensor.to_dtype(DType::F32)?,
-            )
+            );
+            crate::model::weight_table::record(&format!("{}.weight", vb.prefix()), &weight);
+            if bias {
+                crate::model::weight_table::record(&format!("{}.bias", vb.prefix()), &bias_tensor);
+            }
+            (weight, bias_tensor)
         } else {
             (weight, bias_tensor)
         };
