@@ -13,7 +13,7 @@
 mod common;
 mod streams;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use streams::{CASES, CONTROLNET_CASES, Levels, Target, check_case_against_golden, run_case};
 
 const CUDA_F32: Target = Target {
@@ -157,4 +157,68 @@ fn cuda_without_the_feature_names_it() {
         err.contains("device \"cuda:1\"") && err.contains("`cuda` feature"),
         "{err}"
     );
+}
+
+/// sdstream's GroupNorm (+ SiLU) kernel against its portable twin on the device, in every dtype,
+/// on shapes of the UNet and the VAE (odd sizes and a large mean included).
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_group_norm_kernel_matches_the_portable_twin() {
+    use sdstream::model::kernels::norm::GroupNorm;
+    if !cuda_or_skip("cuda_group_norm_kernel_matches_the_portable_twin") {
+        return;
+    }
+    let device = Device::new_cuda(0).unwrap();
+    // (batch, channels, height, width, groups, offset, f32 bound)
+    let shapes = [
+        (2, 320, 64, 64, 32, 0.0, 2e-5f32),
+        (1, 128, 257, 129, 32, 0.0, 2e-5),
+        (3, 64, 9, 7, 4, 100.0, 2e-4),
+        (1, 512, 1, 1, 32, 0.0, 2e-5),
+    ];
+    for (b, c, h, w, groups, offset, bound) in shapes {
+        let x = ((Tensor::randn(0f32, 1.0, (b, c, h, w), &Device::Cpu).unwrap() * 3.0).unwrap()
+            + offset)
+            .unwrap();
+        let weight = Tensor::randn(1f32, 0.2, c, &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 0.2, c, &Device::Cpu).unwrap();
+        // f32: both sum in f32, in different orders; f16 and bf16: both compute in f32 and round
+        // once, so a rounding may differ by an ulp at |y| up to 8 (2 ulps allowed).
+        for (dtype, limit) in [
+            (DType::F32, bound),
+            (DType::F16, 8e-3),
+            (DType::BF16, 6.25e-2),
+        ] {
+            let tensors = std::collections::HashMap::from([
+                ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
+                ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
+            ]);
+            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, &device);
+            let norm = GroupNorm::new(groups, c, 1e-5, vb).unwrap();
+            let x = x.to_dtype(dtype).unwrap().to_device(&device).unwrap();
+            for silu in [false, true] {
+                let ours = if silu {
+                    norm.forward_silu(&x)
+                } else {
+                    norm.forward(&x)
+                }
+                .unwrap();
+                let twin = norm.forward_portable(&x, silu).unwrap();
+                let (max, mean) = common::abs_err(
+                    &ours.to_device(&Device::Cpu).unwrap(),
+                    &twin.to_device(&Device::Cpu).unwrap(),
+                );
+                println!(
+                    "group norm [{b}, {c}, {h}, {w}] / {groups} {dtype:?} silu {silu}: max {max:.2e} mean {mean:.2e}"
+                );
+                assert!(
+                    max <= limit,
+                    "{dtype:?} [{b}, {c}, {h}, {w}] silu {silu}: max {max} > {limit}"
+                );
+            }
+        }
+    }
 }
