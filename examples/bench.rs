@@ -7,7 +7,7 @@
 //! ```text
 //! cargo run --release -p sdstream --example bench -- --model MODEL_DIR --taesd TAESD_DIR \
 //!     [--sizes 256,512] [--frames 3] [--dtype f32] [--device cpu] \
-//!     [--controlnet CONTROLNET_DIR --controlnet-counts 0,1,2,5]
+//!     [--controlnet CONTROLNET_DIR --controlnet-counts 0,1,2,5] [--sync-stages on|off]
 //! ```
 //! `--model` and `--taesd` default to the environment variables `SDSTREAM_BENCH_MODEL` and
 //! `SDSTREAM_BENCH_TAESD` (`--taesd` is needed only when the TAESD rows run). Full-size random
@@ -15,6 +15,10 @@
 //! variables for where to write them.
 //! With `--controlnet`, each row is repeated per ControlNet count: N copies of that net (linked
 //! under N folder names, so they load as N distinct nets), scale 0.5, canny preprocessing.
+//! `--sync-stages` (default: on for a GPU, off for the CPU) waits for the device at the end of
+//! every stage so that the per-stage columns measure each stage's own work
+//! (`StreamDiffusion::set_stage_sync`); off, a GPU's stages only queue work and the total is the
+//! honest figure. docs/GPU.md runs it on a GPU.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -34,6 +38,7 @@ struct Args {
     t_index_lists: Vec<Vec<usize>>,
     controlnet: Option<String>,
     controlnet_counts: Vec<usize>,
+    sync_stages: Option<bool>,
 }
 
 /// The environment variables that stand in for `--model` and `--taesd`.
@@ -58,6 +63,7 @@ fn parse() -> Result<Args, String> {
         t_index_lists: vec![vec![32], vec![12, 20, 32]],
         controlnet: None,
         controlnet_counts: vec![0, 1, 2, 5],
+        sync_stages: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -77,6 +83,13 @@ fn parse() -> Result<Args, String> {
             "--controlnet" => a.controlnet = Some(v),
             "--controlnet-counts" => a.controlnet_counts = list(&v)?,
             "--vaes" => a.vaes = v.split(',').map(String::from).collect(),
+            "--sync-stages" => {
+                a.sync_stages = Some(match v.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("--sync-stages: on or off, not {v:?}")),
+                })
+            }
             "--t-index-lists" => {
                 a.t_index_lists = v.split(';').map(list).collect::<Result<_, _>>()?
             }
@@ -155,6 +168,7 @@ fn run() -> Result<(), String> {
         .device
         .device()
         .map_err(|e| e.to_string())?;
+    let sync_stages = args.sync_stages.unwrap_or(!device.is_cpu());
     let peak_before = matmul_peak(&device)?;
     let mut rows = Vec::new();
     for vae in &args.vaes {
@@ -197,6 +211,7 @@ fn run() -> Result<(), String> {
                     let mut stream =
                         StreamDiffusion::with_models(models.clone(), params, s.clone())
                             .map_err(|e| e.to_string())?;
+                    stream.set_stage_sync(sync_stages);
                     let pixels: Vec<u8> =
                         (0..size * size * 3).map(|i| (i * 7 % 251) as u8).collect();
                     let frame = Frame::packed(&pixels, size, size, PixelFormat::Rgb8)
@@ -244,12 +259,13 @@ fn run() -> Result<(), String> {
     let peak_after = matmul_peak(&device)?;
     println!(
         "sdstream {}, {} {}, {} threads, cfg self, guidance 1.2, delta 0.7; {} timed frames after 1 warm-up; \
-         f32 matmul peak {:.0} GFLOP/s before, {:.0} after",
+         stage sync {}; f32 matmul peak {:.0} GFLOP/s before, {:.0} after",
         env!("CARGO_PKG_VERSION"),
         args.device,
         args.dtype,
         candle_core::utils::get_num_threads(),
         args.frames,
+        if sync_stages { "on" } else { "off" },
         peak_before,
         peak_after
     );

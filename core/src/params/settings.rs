@@ -76,12 +76,27 @@ pub enum DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Opens the device; fails with candle's error when this build lacks the backend.
+    /// Opens the device. A backend this build lacks is an error on `device` naming the feature
+    /// to build with; a device that does not open gives candle's error.
     pub fn device(&self) -> Result<candle_core::Device> {
-        Ok(match self {
-            DeviceSpec::Cpu => candle_core::Device::Cpu,
-            DeviceSpec::Cuda(ordinal) => candle_core::Device::new_cuda(*ordinal)?,
-            DeviceSpec::Metal => candle_core::Device::new_metal(0)?,
+        let opened = match self {
+            DeviceSpec::Cpu => return Ok(candle_core::Device::Cpu),
+            DeviceSpec::Cuda(ordinal) => candle_core::Device::new_cuda(*ordinal),
+            DeviceSpec::Metal => candle_core::Device::new_metal(0),
+        };
+        let missing = |feature: &str| {
+            Error::param(
+                "device",
+                format!(
+                    "device \"{self}\" needs sdstream built with its `{feature}` feature; this \
+                     build has none"
+                ),
+            )
+        };
+        opened.map_err(|e| match e {
+            candle_core::Error::NotCompiledWithCudaSupport => missing("cuda"),
+            candle_core::Error::NotCompiledWithMetalSupport => missing("metal"),
+            other => other.into(),
         })
     }
 }

@@ -76,6 +76,8 @@ pub struct StreamDiffusion {
     external_controls: HashMap<String, Tensor>,
     /// What [`status`](Self::status) reports; kept across reloads.
     report: StreamReport,
+    /// Wait for the device at every stage boundary ([`set_stage_sync`](Self::set_stage_sync)).
+    stage_sync: bool,
 }
 
 /// The counters behind a stream's status report.
@@ -212,6 +214,7 @@ impl StreamDiffusion {
             controlnets,
             external_controls: HashMap::new(),
             report: StreamReport::default(),
+            stage_sync: false,
         })
     }
 
@@ -233,6 +236,23 @@ impl StreamDiffusion {
     /// Stage timings of the last processed frame.
     pub fn timings(&self) -> StageTimings {
         self.timings
+    }
+
+    /// On a GPU the stages only queue work, and the device runs it later: the stage timings then
+    /// measure the queueing, and the final download waits for all of it. With `on`, every stage
+    /// ends by waiting for the device, so [`timings`](Self::timings) measure each stage's own
+    /// work, at the cost of a few host waits per frame (for benchmarks; off by default, no
+    /// effect on the CPU). Kept across reloads.
+    pub fn set_stage_sync(&mut self, on: bool) {
+        self.stage_sync = on;
+    }
+
+    /// Waits for the device when [`set_stage_sync`](Self::set_stage_sync) is on.
+    fn sync_stage(&self) -> Result<()> {
+        if self.stage_sync {
+            self.models.device.synchronize()?;
+        }
+        Ok(())
     }
 
     /// Output size (width, height) in pixels.
@@ -274,6 +294,7 @@ impl StreamDiffusion {
             let t = control.to_tensor(width, height, &self.models.device)?;
             images.push((*id, t));
         }
+        self.sync_stage()?;
         let preprocess = start.elapsed();
         let images: Vec<(&str, &Tensor)> = images.iter().map(|(id, t)| (*id, t)).collect();
         let out = self.process_tensor_with_controls(&x, &images)?;
@@ -357,11 +378,13 @@ impl StreamDiffusion {
             self.previous_output.as_ref(),
             Some(&to_unit(x)?),
         )?;
+        self.sync_stage()?;
         let control_prep = tc.elapsed();
         let x = x.to_dtype(self.models.dtype)?;
         let t0 = Instant::now();
         let z = self.models.autoencoder.encode(&x, &mut self.generator)?;
         let x_new = self.state.add_first_noise(&z)?;
+        self.sync_stage()?;
         let encode = t0.elapsed();
         let x0 = self.denoise(&x_new, &conds)?;
         self.timings.controlnet += control_prep;
@@ -369,6 +392,7 @@ impl StreamDiffusion {
         let image = self.models.autoencoder.decode(&x0)?;
         let out = crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)?;
         let out = self.image_postprocessing(&out)?;
+        self.sync_stage()?;
         self.timings.encode = encode;
         self.timings.decode = t1.elapsed();
         self.previous_output = Some(out.clone());
@@ -442,6 +466,12 @@ impl StreamDiffusion {
         let generator = &mut self.generator;
         let renoise = &mut self.renoise;
         let steps = self.params.t_index_list.len();
+        let sync = |device: &candle_core::Device| -> Result<()> {
+            if self.stage_sync {
+                device.synchronize()?;
+            }
+            Ok(())
+        };
         let mut control_time = Duration::ZERO;
         let x0 = self.state.step(
             x_new,
@@ -450,6 +480,9 @@ impl StreamDiffusion {
             |x, t, e, added, rows| {
                 let tc = Instant::now();
                 let residuals = control_residuals(controls, x, t, e, added, rows, steps)?;
+                if residuals.is_some() {
+                    sync(&models.device)?;
+                }
                 control_time += tc.elapsed();
                 models
                     .unet
@@ -460,6 +493,7 @@ impl StreamDiffusion {
                 None => Ok(generator.randn_tensor(shape, &models.device)?),
             },
         )?;
+        sync(&models.device)?;
         self.timings.unet = t.elapsed().saturating_sub(control_time);
         self.timings.controlnet = control_time;
         Ok(x0)
@@ -541,6 +575,7 @@ impl StreamDiffusion {
                 };
                 let mut fresh = Self::with_models(models, params, self.settings.clone())?;
                 fresh.report = std::mem::take(&mut self.report);
+                fresh.stage_sync = self.stage_sync;
                 *self = fresh;
             }
         }

@@ -7,11 +7,15 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
-/// `tests/fixtures/<rel>` at the workspace root.
+/// `tests/fixtures/<rel>` at the workspace root, or `$SDSTREAM_FIXTURES/<rel>` when that is set
+/// (a test binary run on another machine: docs/GPU.md).
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(rel)
+    match std::env::var_os("SDSTREAM_FIXTURES").filter(|v| !v.is_empty()) {
+        Some(root) => PathBuf::from(root).join(rel),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(rel),
+    }
 }
 
 /// All tensors of a golden safetensors file under tests/fixtures/, as stored (f32 values,

@@ -7,6 +7,8 @@
 //! [`for_each_range`]. Every kernel has a portable twin built from candle ops: that is what
 //! non-CPU devices run, and what the CPU runs too when `SDSTREAM_PORTABLE_KERNELS=1`, so that
 //! the GPU code path can be checked against the goldens without a GPU ([`cpu_kernels`] decides).
+//! On CUDA, kernels of sdstream's own replace some twins ([`cuda_kernels`] decides): GroupNorm
+//! (+ SiLU), group_norm.cu, compiled to PTX by build.rs with the `cuda` feature.
 
 pub mod conv;
 pub mod norm;
@@ -22,6 +24,15 @@ pub(crate) fn cpu_kernels(device: &Device) -> bool {
         && !*PORTABLE.get_or_init(|| {
             std::env::var_os("SDSTREAM_PORTABLE_KERNELS").is_some_and(|v| !v.is_empty() && v != "0")
         })
+}
+
+/// Whether sdstream's own CUDA kernels run for tensors on `device`: on a CUDA device unless
+/// `SDSTREAM_CUDA_KERNELS=0` (which leaves the portable twins), never elsewhere. Always false
+/// without the `cuda` feature.
+pub(crate) fn cuda_kernels(device: &Device) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    device.is_cuda()
+        && !*OFF.get_or_init(|| std::env::var_os("SDSTREAM_CUDA_KERNELS").is_some_and(|v| v == "0"))
 }
 
 /// Below this many elements per thread, starting a thread costs more than it saves.

@@ -9,7 +9,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 
-use super::{contiguous_slice, cpu_kernels, for_each_row, with_float_type};
+use super::{contiguous_slice, cpu_kernels, cuda_kernels, for_each_row, with_float_type};
 
 /// torch's `nn.GroupNorm(num_groups, num_channels, eps, affine=True)` over `[B, C, …]` tensors.
 #[derive(Debug, Clone)]
@@ -60,7 +60,8 @@ impl GroupNorm {
                 x.shape()
             );
         }
-        if cpu_kernels(x.device()) {
+        let own_cuda_kernel = cuda_kernels(x.device()) && x.dtype() == self.weight.dtype();
+        if cpu_kernels(x.device()) || own_cuda_kernel {
             let op = GroupNormOp {
                 groups: self.groups,
                 eps: self.eps,
@@ -70,6 +71,12 @@ impl GroupNorm {
                 .contiguous()?
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op);
         }
+        self.portable(x, silu)
+    }
+
+    /// The portable twin, whatever the device (for checking a device's own kernel against it).
+    #[doc(hidden)]
+    pub fn forward_portable(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         self.portable(x, silu)
     }
 
@@ -227,6 +234,158 @@ impl CustomOp3 for GroupNormOp {
             )
         ));
         Ok((out, shape.clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let shape = l1.shape();
+        let channels = shape.dims()[1];
+        if !channels.is_multiple_of(self.groups)
+            || l2.shape().elem_count() != channels
+            || l3.shape().elem_count() != channels
+        {
+            candle_core::bail!(
+                "GroupNorm: {} groups, weight {:?}, bias {:?}, input {shape:?}",
+                self.groups,
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        cuda::forward(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+}
+
+/// GroupNorm's own CUDA kernel (group_norm.cu, compiled to PTX by build.rs): two launches, the
+/// groups' statistics spread over several blocks each, then the normalisation with the optional
+/// SiLU in one pass. Off with `SDSTREAM_CUDA_KERNELS=0`, which leaves the portable twin.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout, Shape};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
+    const MODULE: &str = "sdstream_group_norm";
+    /// Threads per block.
+    const THREADS: u32 = 512;
+    /// Blocks worth launching in all (a few per multiprocessor of a large GPU).
+    const TARGET_BLOCKS: usize = 512;
+    /// Values below which a chunk is not split further.
+    const MIN_CHUNK: usize = 8192;
+
+    pub(super) fn forward(
+        op: &super::GroupNormOp,
+        x: (&CudaStorage, &Layout),
+        weight: (&CudaStorage, &Layout),
+        bias: (&CudaStorage, &Layout),
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match x.0.dtype() {
+            DType::F32 => run::<f32>(op, x, weight, bias, "f32"),
+            DType::F16 => run::<half::f16>(op, x, weight, bias, "f16"),
+            DType::BF16 => run::<half::bf16>(op, x, weight, bias, "bf16"),
+            other => candle_core::bail!("sdstream-group-norm: no CUDA kernel for {other:?}"),
+        }
+    }
+
+    /// The contiguous elements of an operand.
+    fn view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<CudaView<'a, T>> {
+        let slice = s.as_cuda_slice::<T>()?;
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(slice.slice(a..b)),
+            None => candle_core::bail!("sdstream-group-norm: {what} is not contiguous"),
+        }
+    }
+
+    fn run<T: CudaDType + DeviceRepr>(
+        op: &super::GroupNormOp,
+        (xs, xl): (&CudaStorage, &Layout),
+        (ws, wl): (&CudaStorage, &Layout),
+        (bs, bl): (&CudaStorage, &Layout),
+        suffix: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let x = view::<T>(xs, xl, "input")?;
+        let weight = view::<T>(ws, wl, "weight")?;
+        let bias = view::<T>(bs, bl, "bias")?;
+        let dims = xl.shape().dims();
+        let (batch, channels) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        let per_group = channels / op.groups;
+        let group_len = per_group * spatial;
+        let groups_total = batch * op.groups;
+        let elements = xl.shape().elem_count();
+        let dev = xs.device();
+        // SAFETY: every element is written by the `apply` launch below before anything reads it.
+        let dst = unsafe { dev.alloc::<T>(elements)? };
+        if elements == 0 {
+            return Ok((
+                CudaStorage::wrap_cuda_slice(dst, dev.clone()),
+                xl.shape().clone(),
+            ));
+        }
+        let chunks = TARGET_BLOCKS
+            .div_ceil(groups_total)
+            .min(group_len.div_ceil(MIN_CHUNK))
+            .max(1);
+        let partial = dev.alloc_zeros::<f32>(3 * groups_total * chunks)?;
+        let cfg = LaunchConfig {
+            grid_dim: (groups_total as u32, chunks as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (group_len, chunks, groups, per_group, spatial) = (
+            group_len as i64,
+            chunks as i32,
+            op.groups as i32,
+            per_group as i32,
+            spatial as i64,
+        );
+        let (eps, silu) = (op.eps as f32, i32::from(op.silu));
+        let stats =
+            dev.get_or_load_custom_func(&format!("group_norm_stats_{suffix}"), MODULE, PTX)?;
+        let mut builder = stats.builder();
+        builder.arg(&x);
+        builder.arg(&partial);
+        builder.arg(&group_len);
+        builder.arg(&chunks);
+        // SAFETY: the arguments match the kernel's parameters one for one; every index the
+        // kernel forms stays below groups_total · group_len (x) and 3 · groups_total · chunks.
+        unsafe { builder.launch(cfg) }.w()?;
+        let apply =
+            dev.get_or_load_custom_func(&format!("group_norm_apply_{suffix}"), MODULE, PTX)?;
+        let mut builder = apply.builder();
+        builder.arg(&x);
+        builder.arg(&dst);
+        builder.arg(&weight);
+        builder.arg(&bias);
+        builder.arg(&partial);
+        builder.arg(&group_len);
+        builder.arg(&chunks);
+        builder.arg(&groups);
+        builder.arg(&per_group);
+        builder.arg(&spatial);
+        builder.arg(&eps);
+        builder.arg(&silu);
+        // SAFETY: as above; channel indices stay below groups · per_group = channels.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(dst, dev.clone()),
+            xl.shape().clone(),
+        ))
     }
 }
 
