@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::model::kernels::{self, transfer};
 use crate::preprocess::resize::{resize_rgb_f32_lanczos, resize_rgb8_lanczos};
 use crate::{Error, Result};
 
@@ -266,6 +267,10 @@ impl<'a> Frame<'a> {
             } else {
                 resize_rgb8_lanczos(&rgb, w, h, width, height)
             };
+            if kernels::cuda_kernels(device) {
+                // 8 bits over the bus; the device converts with the arithmetic below.
+                return Ok(transfer::rgb8_to_unit_planes(rgb, width, height, device)?);
+            }
             rgb.into_iter().map(|u| u as f32 / 255.0).collect()
         };
         // Interleaved HWC in [0, 1] → planar CHW in [−1, 1] (diffusers: 2.0 * x - 1.0, two f32 ops).
@@ -328,6 +333,23 @@ impl Image {
                 )));
             }
         };
+        if format != PixelFormat::RgbF32
+            && kernels::cuda_kernels(tensor.device())
+            && transfer::converts(tensor.dtype())
+        {
+            // The device quantises with `quantize_unit`'s arithmetic; 8 bits come back.
+            let data = transfer::unit_planes_to_packed8(
+                tensor,
+                format.bytes_per_pixel(),
+                format.rgb_order(),
+            )?;
+            return Ok(Self {
+                width,
+                height,
+                format,
+                data,
+            });
+        }
         let values: Vec<f32> = tensor
             .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?

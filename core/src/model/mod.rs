@@ -8,6 +8,7 @@
 pub mod bundle;
 pub mod clip;
 pub mod controlnet;
+pub mod cuda_graph;
 pub mod kernels;
 pub(crate) mod limits;
 pub mod lora;

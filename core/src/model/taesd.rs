@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
+use crate::model::cuda_graph::GraphCache;
 use crate::model::kernels::conv::{Conv2d, Padding};
 use crate::model::kernels::ops::add_fresh;
 use crate::model::limits::{
@@ -409,6 +410,9 @@ pub struct AutoencoderTiny {
     encoder: Vec<Layer>,
     decoder: Vec<Layer>,
     config: Config,
+    /// CUDA graphs of the encoder and the decoder (none elsewhere); a clone starts without any.
+    encoder_graphs: GraphCache,
+    decoder_graphs: GraphCache,
 }
 
 impl AutoencoderTiny {
@@ -457,6 +461,8 @@ impl AutoencoderTiny {
             encoder: enc.layers,
             decoder: dec.layers,
             config: config.clone(),
+            encoder_graphs: GraphCache::default(),
+            decoder_graphs: GraphCache::default(),
         })
     }
 
@@ -503,17 +509,23 @@ impl AutoencoderTiny {
 
     /// Encodes images `x` ([B, in_channels, H, W] in [−1, 1]) into latents
     /// [B, latent_channels, H/8, W/8]: diffusers' `encode(x).latents`.
+    /// On a CUDA device it runs as a CUDA graph after its first call ([`super::cuda_graph`]).
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
-        let x01 = ((x + 1.0)? / 2.0)?;
-        Ok(run(&self.encoder, x01)?)
+        self.encoder_graphs.run(&[x], |xs| {
+            let x01 = ((xs[0] + 1.0)? / 2.0)?;
+            Ok(run(&self.encoder, x01)?)
+        })
     }
 
     /// Decodes latents into images nominally in [−1, 1] (not clamped): diffusers'
     /// `decode(z).sample`.
+    /// On a CUDA device it runs as a CUDA graph after its first call ([`super::cuda_graph`]).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let soft_clamped = ((z / 3.0)?.tanh()? * 3.0)?;
-        let y01 = run(&self.decoder, soft_clamped)?;
-        Ok(((y01 * 2.0)? - 1.0)?)
+        self.decoder_graphs.run(&[z], |zs| {
+            let soft_clamped = ((zs[0] / 3.0)?.tanh()? * 3.0)?;
+            let y01 = run(&self.decoder, soft_clamped)?;
+            Ok(((y01 * 2.0)? - 1.0)?)
+        })
     }
 }
 

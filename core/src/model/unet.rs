@@ -22,6 +22,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::cuda_graph::GraphCache;
 use super::kernels::conv::Conv2d;
 use super::kernels::norm::GroupNorm;
 use super::lora::LoraDeltas;
@@ -321,6 +322,8 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// The forward pass's CUDA graphs (none elsewhere); a clone starts without any.
+    graphs: GraphCache,
 }
 
 impl UNet2DConditionModel {
@@ -401,6 +404,7 @@ impl UNet2DConditionModel {
             config: config.clone(),
             encoder,
             up_blocks,
+            graphs: GraphCache::default(),
         })
     }
 
@@ -508,7 +512,46 @@ impl UNet2DConditionModel {
 
     /// [`forward`](Self::forward) with SDXL's added conditioning, which a config with
     /// `addition_embed_type: "text_time"` requires.
+    ///
+    /// On a CUDA device the pass is captured as a CUDA graph at its first call for each input
+    /// signature and replayed after ([`super::cuda_graph`]): every argument is an input of the
+    /// graph, copied into it per call.
     pub fn forward_with_added(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+    ) -> Result<Tensor> {
+        if !super::cuda_graph::enabled(sample.device()) {
+            return self.forward_eager(sample, timesteps, encoder_hidden_states, added, control);
+        }
+        let mut inputs = vec![sample, timesteps, encoder_hidden_states];
+        if let Some(added) = added {
+            inputs.extend([&added.text_embeds, &added.time_ids]);
+        }
+        if let Some(control) = control {
+            inputs.extend(control.down.iter());
+            inputs.push(&control.mid);
+        }
+        let has_added = added.is_some();
+        let down_count = control.map(|c| c.down.len());
+        self.graphs.run(&inputs, |xs| {
+            let added = has_added.then(|| AddedConditioning {
+                text_embeds: xs[3].clone(),
+                time_ids: xs[4].clone(),
+            });
+            let first = if has_added { 5 } else { 3 };
+            let control = down_count.map(|n| ControlResiduals {
+                down: xs[first..first + n].iter().map(|t| (*t).clone()).collect(),
+                mid: xs[first + n].clone(),
+            });
+            self.forward_eager(xs[0], xs[1], xs[2], added.as_ref(), control.as_ref())
+        })
+    }
+
+    fn forward_eager(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,

@@ -93,11 +93,13 @@ impl DeviceSpec {
                 ),
             )
         };
-        opened.map_err(|e| match e {
+        let device = opened.map_err(|e| match e {
             candle_core::Error::NotCompiledWithCudaSupport => missing("cuda"),
             candle_core::Error::NotCompiledWithMetalSupport => missing("metal"),
             other => other.into(),
-        })
+        })?;
+        crate::model::kernels::prepare_device(&device)?;
+        Ok(device)
     }
 }
 

@@ -150,7 +150,8 @@ impl Conv2d {
         self.portable(&xs)
     }
 
-    /// candle's convolution: what other devices run.
+    /// candle's convolution: what other devices run (on CUDA with the `cudnn` feature, cuDNN
+    /// with f32 accumulation, [`super::cudnn_conv`]).
     fn portable(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let p = self.padding;
         let (xs, pad) = if p.is_uniform() {
@@ -161,9 +162,17 @@ impl Conv2d {
                 .pad_with_zeros(3, p.left, p.right)?;
             (padded, 0)
         };
+        #[cfg(feature = "cudnn")]
+        let ys = if super::cuda_kernels(xs.device()) {
+            super::cudnn_conv::conv2d(&xs, &self.weight, pad, self.stride)?
+        } else {
+            xs.conv2d(&self.weight, pad, self.stride, 1, 1)?
+        };
+        #[cfg(not(feature = "cudnn"))]
         let ys = xs.conv2d(&self.weight, pad, self.stride, 1, 1)?;
         if self.has_bias {
-            ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+            let (_, _, h, w) = ys.dims4()?;
+            super::ops::add_fresh(ys, &self.bias.reshape((1, (), 1, 1))?, h * w)
         } else {
             Ok(ys)
         }

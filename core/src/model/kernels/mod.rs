@@ -8,11 +8,15 @@
 //! non-CPU devices run, and what the CPU runs too when `SDSTREAM_PORTABLE_KERNELS=1`, so that
 //! the GPU code path can be checked against the goldens without a GPU ([`cpu_kernels`] decides).
 //! On CUDA, kernels of sdstream's own replace some twins ([`cuda_kernels`] decides): GroupNorm
-//! (+ SiLU), group_norm.cu, compiled to PTX by build.rs with the `cuda` feature.
+//! (+ SiLU), group_norm.cu, and a frame's 8-bit conversions on the way on and off the device,
+//! transfer.cu; both compiled to PTX by build.rs with the `cuda` feature.
 
 pub mod conv;
+#[cfg(feature = "cudnn")]
+pub(crate) mod cudnn_conv;
 pub mod norm;
 pub(crate) mod ops;
+pub(crate) mod transfer;
 
 use candle_core::{CpuStorage, Device, Layout, WithDType};
 
@@ -33,6 +37,35 @@ pub(crate) fn cuda_kernels(device: &Device) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     device.is_cuda()
         && !*OFF.get_or_init(|| std::env::var_os("SDSTREAM_CUDA_KERNELS").is_some_and(|v| v == "0"))
+}
+
+/// Prepares a freshly opened device for frames. On CUDA: memory a frame frees stays in the
+/// device's stream-ordered pool for the next frame (release threshold: unlimited), where the
+/// driver's default gives it back at every synchronisation, so that each frame would map its
+/// working memory (hundreds of MB for the VAE at 512²) anew. What a stream has used at most
+/// stays reserved while the process runs, as PyTorch's caching allocator does.
+pub(crate) fn prepare_device(device: &Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        let stream = d.cuda_stream();
+        let context = stream.context();
+        context.bind_to_thread().w()?;
+        let mut threshold = u64::MAX;
+        // SAFETY: the device is the context's own; the attribute takes a u64, which `threshold` is.
+        unsafe {
+            let pool = result::device::get_mem_pool(context.cu_device()).w()?;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .w()?;
+        }
+    }
+    let _ = device;
+    Ok(())
 }
 
 /// Below this many elements per thread, starting a thread costs more than it saves.

@@ -6,14 +6,14 @@ use candle_core::{
     CpuStorage, CustomOp1, D, InplaceOp1, InplaceOp2, Layout, Shape, Tensor, WithDType,
 };
 
-use super::{contiguous_slice, cpu_kernels, for_each_row, with_float_type};
+use super::{contiguous_slice, cpu_kernels, cuda_kernels, for_each_row, with_float_type};
 
 /// `fresh + other` with broadcasting, where `other` is either the same shape as `fresh` or
 /// shaped to broadcast so that its element `i` covers runs of `inner` consecutive elements of
 /// `fresh` (a `[N]` bias over the last dimension: `inner = 1`; a `[B, C, 1, 1]` shift of
 /// `[B, C, H, W]`: `inner = H·W`).
 ///
-/// With the CPU kernels the sum is written into `fresh`'s buffer, so `fresh` must be a tensor
+/// With the CPU kernels (and on CUDA, ops.cu) the sum is written into `fresh`'s buffer, so `fresh` must be a tensor
 /// the caller just produced and shares with nothing (the output of a matmul or convolution).
 pub(crate) fn add_fresh(
     fresh: Tensor,
@@ -22,7 +22,7 @@ pub(crate) fn add_fresh(
 ) -> candle_core::Result<Tensor> {
     let same_shape = fresh.dims() == other.dims();
     let n = other.elem_count();
-    let in_place = cpu_kernels(fresh.device())
+    let in_place = (cpu_kernels(fresh.device()) || cuda_kernels(fresh.device()))
         && fresh.is_contiguous()
         && other.is_contiguous()
         && fresh.dtype() == other.dtype()
@@ -100,6 +100,90 @@ impl InplaceOp2 for AddInPlace {
             (CpuStorage::F64(d), CpuStorage::F64(s)) => self.run(&mut d[a0..a1], &s[b0..b1]),
             _ => candle_core::bail!("add-in-place: unsupported or mismatched dtypes"),
         }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        cuda::add_in_place(self, s1, l1, s2, l2)
+    }
+}
+
+/// ops.cu's in-place add on a CUDA device.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ops.ptx"));
+    const MODULE: &str = "sdstream_ops";
+    const THREADS: u32 = 256;
+    /// Enough blocks to fill a large GPU; the kernel strides over the rest.
+    const MAX_BLOCKS: usize = 4096;
+
+    pub(super) fn add_in_place(
+        op: &super::AddInPlace,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => run::<f32>(op, s1, l1, s2, l2, "f32"),
+            (DType::F16, DType::F16) => run::<half::f16>(op, s1, l1, s2, l2, "f16"),
+            (DType::BF16, DType::BF16) => run::<half::bf16>(op, s1, l1, s2, l2, "bf16"),
+            _ => candle_core::bail!("add-in-place: unsupported or mismatched dtypes"),
+        }
+    }
+
+    fn run<T: CudaDType + DeviceRepr>(
+        op: &super::AddInPlace,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        suffix: &str,
+    ) -> candle_core::Result<()> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("add-in-place: operands must be contiguous")
+        };
+        let total = a1 - a0;
+        if total == 0 {
+            return Ok(());
+        }
+        let dev = s1.device().clone();
+        let src = s2.as_cuda_slice::<T>()?.slice(b0..b1);
+        let dst = s1.as_cuda_slice_mut::<T>()?;
+        let mut dst = dst.slice_mut(a0..a1);
+        let func = dev.get_or_load_custom_func(&format!("add_in_place_{suffix}"), MODULE, PTX)?;
+        let mut builder = func.builder();
+        let (total_arg, n, inner) = (total as i64, op.n as i64, op.inner as i64);
+        builder.arg(&mut dst);
+        builder.arg(&src);
+        builder.arg(&total_arg);
+        builder.arg(&n);
+        builder.arg(&inner);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                total.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32,
+                1,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's parameters; it reads src below n (the
+        // caller checked that n · inner divides dst's length) and writes dst below total.
+        unsafe { builder.launch(cfg) }.w()?;
         Ok(())
     }
 }
