@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! cargo run --release -p sdstream --example bench -- --model MODEL_DIR --taesd TAESD_DIR \
-//!     [--sizes 256,512] [--frames 3] [--dtype f32] [--device cpu] \
+//!     [--sizes 256,512] [--frames 3] [--warmup 1] [--dtype f32] [--device cpu] \
 //!     [--controlnet CONTROLNET_DIR --controlnet-counts 0,1,2,5] [--sync-stages on|off]
 //! ```
 //! `--model` and `--taesd` default to the environment variables `SDSTREAM_BENCH_MODEL` and
@@ -18,7 +18,10 @@
 //! `--sync-stages` (default: on for a GPU, off for the CPU) waits for the device at the end of
 //! every stage so that the per-stage columns measure each stage's own work
 //! (`StreamDiffusion::set_stage_sync`); off, a GPU's stages only queue work and the total is the
-//! honest figure. docs/GPU.md runs it on a GPU.
+//! honest figure. Columns: upload (frame resize and conversion, copy to the device), encode,
+//! UNet, ControlNet (preprocessors and nets), decode, download (copy back, 8-bit quantisation),
+//! the total as the host saw it, and on a GPU the memory in use after the row's frames (the
+//! device's total less its free memory). docs/GPU.md runs it on a GPU.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -32,6 +35,7 @@ struct Args {
     taesd: Option<String>,
     sizes: Vec<usize>,
     frames: usize,
+    warmup: usize,
     dtype: String,
     device: String,
     vaes: Vec<String>,
@@ -57,6 +61,7 @@ fn parse() -> Result<Args, String> {
         taesd: env_var(TAESD_VAR),
         sizes: vec![256, 512],
         frames: 3,
+        warmup: 1,
         dtype: "f32".into(),
         device: "cpu".into(),
         vaes: vec!["taesd".into(), "full".into()],
@@ -78,6 +83,7 @@ fn parse() -> Result<Args, String> {
             "--taesd" => a.taesd = Some(v),
             "--sizes" => a.sizes = list(&v)?,
             "--frames" => a.frames = v.parse().map_err(|e| format!("--frames: {e}"))?,
+            "--warmup" => a.warmup = v.parse().map_err(|e| format!("--warmup: {e}"))?,
             "--dtype" => a.dtype = v,
             "--device" => a.device = v,
             "--controlnet" => a.controlnet = Some(v),
@@ -124,6 +130,18 @@ fn matmul_peak(device: &Device) -> Result<f64, String> {
         best = best.min(t.elapsed());
     }
     Ok(2.0 * (n as f64).powi(3) / best.as_secs_f64() / 1e9)
+}
+
+/// GiB of the GPU's memory in use (device total less free, so other processes' too): what a
+/// stream holds once its frames have run. None on the CPU.
+fn gpu_memory_gib(device: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+        return Some((total - free) as f64 / (1u64 << 30) as f64);
+    }
+    let _ = device;
+    None
 }
 
 fn ms(d: Duration) -> f64 {
@@ -216,8 +234,10 @@ fn run() -> Result<(), String> {
                         (0..size * size * 3).map(|i| (i * 7 % 251) as u8).collect();
                     let frame = Frame::packed(&pixels, size, size, PixelFormat::Rgb8)
                         .map_err(|e| e.to_string())?;
-                    stream.process(&frame).map_err(|e| e.to_string())?; // warm-up
-                    let mut sum = [Duration::ZERO; 6];
+                    for _ in 0..args.warmup {
+                        stream.process(&frame).map_err(|e| e.to_string())?;
+                    }
+                    let mut sum = [Duration::ZERO; 7];
                     let mut best = Duration::MAX;
                     for _ in 0..args.frames {
                         stream.process(&frame).map_err(|e| e.to_string())?;
@@ -227,7 +247,8 @@ fn run() -> Result<(), String> {
                             t.unet,
                             t.controlnet,
                             t.decode,
-                            t.preprocess + t.postprocess,
+                            t.preprocess,
+                            t.postprocess,
                             t.total,
                         ]) {
                             *acc += d;
@@ -235,21 +256,24 @@ fn run() -> Result<(), String> {
                         best = best.min(t.total);
                     }
                     let mean: Vec<f64> = sum.iter().map(|d| ms(*d) / args.frames as f64).collect();
+                    let memory = gpu_memory_gib(&device)
+                        .map_or_else(|| "-".to_string(), |g| format!("{g:.2}"));
                     eprintln!(
-                        "{size}² {t_index:?} {vae} {nets} ControlNets: {:.0} ms/frame",
-                        mean[5]
+                        "{size}² {t_index:?} {vae} {nets} ControlNets: {:.2} ms/frame",
+                        mean[6]
                     );
                     rows.push(format!(
-                    "| {size}² | {} ({}) | {vae} | {nets} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} | {:.0} |",
+                    "| {size}² | {} ({}) | {vae} | {nets} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {memory} |",
                     t_index.len(),
                     t_index.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
+                    mean[4],
                     mean[0],
                     mean[1],
                     mean[2],
                     mean[3],
-                    mean[4],
                     mean[5],
-                    1e3 / mean[5],
+                    mean[6],
+                    1e3 / mean[6],
                     ms(best),
                 ));
                 }
@@ -258,21 +282,22 @@ fn run() -> Result<(), String> {
     }
     let peak_after = matmul_peak(&device)?;
     println!(
-        "sdstream {}, {} {}, {} threads, cfg self, guidance 1.2, delta 0.7; {} timed frames after 1 warm-up; \
+        "sdstream {}, {} {}, {} threads, cfg self, guidance 1.2, delta 0.7; {} timed frames after {} warm-up; \
          stage sync {}; f32 matmul peak {:.0} GFLOP/s before, {:.0} after",
         env!("CARGO_PKG_VERSION"),
         args.device,
         args.dtype,
         candle_core::utils::get_num_threads(),
         args.frames,
+        args.warmup,
         if sync_stages { "on" } else { "off" },
         peak_before,
         peak_after
     );
     println!(
-        "| size | steps (t_index_list) | VAE | ControlNets | encode ms | UNet ms | ControlNet ms | decode ms | other ms | total ms | fps | best total ms |"
+        "| size | steps (t_index_list) | VAE | ControlNets | upload ms | encode ms | UNet ms | ControlNet ms | decode ms | download ms | total ms | fps | best total ms | GPU memory GiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }

@@ -109,6 +109,29 @@ for p in json.load(sys.stdin)["packages"]:
     echo "cuda-toolchain: libcuda link stub with $(wc -l < "$tc/libcuda-stub.c") functions" >&2
   fi
   ln -sf stubs/libcuda.so "$root/lib/libcuda.so"
+  # The libcudnn link stub, likewise (the `cudnn` feature): cuDNN's library is large (a wheel of
+  # hundreds of MB) and only its names are needed here; the GPU machine's PyTorch environment
+  # has the real libcudnn.so.9.
+  cudnn_stub="$root/lib/stubs/libcudnn.so"
+  if [[ ! -f "$cudnn_stub" ]]; then
+    if [[ -z "${cudarc_dir:-}" ]]; then
+      cudarc_dir="$(cargo metadata --format-version 1 --features sdstream/cuda 2>/dev/null \
+        | "$venv/bin/python" -c 'import json, os, sys
+for p in json.load(sys.stdin)["packages"]:
+    if p["name"] == "cudarc":
+        print(os.path.dirname(p["manifest_path"]))')"
+    fi
+    cudnn_rs="$cudarc_dir/src/cudnn/sys/mod.rs"
+    if [[ ! -f "$cudnn_rs" ]]; then
+      echo "cuda-toolchain: cudarc's cuDNN bindings not found (run cargo fetch first)" >&2
+      exit 1
+    fi
+    grep -oE '^\s+(pub )?fn cudnn[A-Za-z0-9_]+\(' "$cudnn_rs" | sed -E 's/^\s+(pub )?fn (cudnn[A-Za-z0-9_]+)\(/\2/' \
+      | sort -u | awk '{ print "void " $1 "(void) {}" }' > "$tc/libcudnn-stub.c"
+    cc -shared -fPIC -Wl,-soname,libcudnn.so.9 -o "$cudnn_stub" "$tc/libcudnn-stub.c"
+    echo "cuda-toolchain: libcudnn link stub with $(wc -l < "$tc/libcudnn-stub.c") functions" >&2
+  fi
+  ln -sf stubs/libcudnn.so "$root/lib/libcudnn.so"
 fi
 
 cat <<EOF

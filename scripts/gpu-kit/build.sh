@@ -21,8 +21,8 @@ eval "$(bash scripts/cuda-toolchain.sh --link)"
 
 # cudarc's build script adds CUDA_ROOT/lib and lib/stubs to the link search: the libraries are
 # linked by name (libcublas.so …), and the binaries ask for their sonames (libcublas.so.13 …).
-cargo build --release -p sdstream --features cuda --example bench
-test_bin="$(cargo test --release -p sdstream --features cuda --test cuda --no-run \
+cargo build --release -p sdstream --features cudnn --example bench
+test_bin="$(cargo test --release -p sdstream --features cudnn --test cuda --no-run \
   --message-format=json 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -8,10 +8,19 @@
 #     weights   full-size random sd-turbo / TAESD / ControlNet weights (once; about 5 GB on disk)
 #     bench-f16, bench-bf16, bench-f32
 #               examples/bench at 512², 1 and 2 steps, TAESD and the full VAE, 0/1/2 ControlNets
+#     profile-f16, profile-bf16
+#               Nsight Compute (ncu) over one 512² frame (TAESD, 1 step, no ControlNet, graphs off):
+#               each kernel's GPU time, summed by kernel name, for the frame after the warm-up
+#     reference-f16, reference-f32
+#               tests/reference/bench_reference.py (streamdiffusion 0.1.1 on diffusers, torch eager)
+#               on the same weights and GPU, 1 and 2 steps, TAESD and the full VAE; diffusers,
+#               streamdiffusion and importlib_metadata come as wheels in $SDSTREAM_WHEELS (.whl)
 #     all       info tests weights bench-f16 bench-bf16
-# Logs and tables go to $OUT (the device tool's folder that comes back) or target/gpu-kit-out.
+# Logs and tables go to $OUT (the device tool's folder that comes back) or target/gpu-kit-out: at
+# most seven files for `info tests weights bench-f16 reference-f16`.
 # Everything unpacks under $SDSTREAM_GPU_WORK (default /tmp/sdstream-gpu), so a later call on the
-# same warm machine reuses the binaries and the weights. Extra bench flags: $SDSTREAM_BENCH_ARGS.
+# same warm machine reuses the binaries and the weights. Extra bench flags: $SDSTREAM_BENCH_ARGS;
+# $SDSTREAM_BENCH_TAG is appended to the bench's file names (two runs with different flags).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -105,10 +114,68 @@ stage_bench() {
   fi
   # shellcheck disable=SC2086 # SDSTREAM_BENCH_ARGS is a list of flags
   "$work/bench" --model "$work/fullsize/sd" --taesd "$work/fullsize/taesd" \
-    --device cuda --dtype "$dtype" --sizes 512 --frames 10 --t-index-lists '32;16,32' \
+    --device cuda --dtype "$dtype" --sizes 512 --warmup 3 --frames 20 --t-index-lists '32;16,32' \
     --controlnet "$work/fullsize/controlnet" --controlnet-counts 0,1,2 \
-    ${SDSTREAM_BENCH_ARGS:-} 2> "$out/bench-$dtype.log" | tee "$out/bench-$dtype.md"
+    ${SDSTREAM_BENCH_ARGS:-} 2> "$out/bench-$dtype${SDSTREAM_BENCH_TAG:-}.log" \
+    | tee "$out/bench-$dtype${SDSTREAM_BENCH_TAG:-}.md"
   return "${PIPESTATUS[0]}"
+}
+
+stage_profile() {
+  local dtype="$1" ncu
+  ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)"
+  if [[ -z "$ncu" ]]; then
+    echo "no ncu on this machine" >&2
+    return 1
+  fi
+  if [[ ! -f "$work/fullsize/done" ]]; then
+    stage_weights
+  fi
+  SDSTREAM_CUDA_GRAPHS=0 "$ncu" --metrics gpu__time_duration.sum --csv --page raw \
+    "$work/bench" --model "$work/fullsize/sd" --taesd "$work/fullsize/taesd" --vaes taesd \
+    --device cuda --dtype "$dtype" --sizes 512 --warmup 1 --frames 1 --t-index-lists 32 \
+    > "$work/profile-$dtype.csv" 2> "$work/profile-$dtype.log" || return 1
+  xz -T0 -c "$work/profile-$dtype.csv" > "$out/profile-$dtype.csv.xz"
+  "$python" - "$work/profile-$dtype.csv" <<'PY' | tee "$out/profile-$dtype.txt"
+import collections, csv, sys
+# ncu's table follows the program's own output (whose lines may hold commas too).
+rows = list(csv.reader(open(sys.argv[1])))
+at = next(i for i, r in enumerate(rows) if "Kernel Name" in r and "gpu__time_duration.sum" in r)
+head, unit, rows = rows[at], rows[at + 1], rows[at + 2:]
+name, dur = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
+scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0}.get(unit[dur], 1e-6)
+kernels = [(r[name], float(r[dur].replace(",", "")) * scale) for r in rows
+           if len(r) > dur and r[dur].replace(",", "").replace(".", "", 1).isdigit()]
+starts = [i for i, (n, _) in enumerate(kernels) if n.startswith("rgb8_to_unit_planes")]
+frame = kernels[starts[-1]:] if starts else kernels
+total = sum(d for _, d in frame)
+by = collections.defaultdict(lambda: [0, 0.0])
+for n, d in frame:
+    key = n.split("(")[0][:90]
+    by[key][0] += 1
+    by[key][1] += d
+print(f"one frame: {len(frame)} kernels, {total:.2f} ms of GPU time (ncu)")
+for key, (count, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:40]:
+    print(f"{d:8.3f} ms {100 * d / total:5.1f}% {count:5d}x  {key}")
+PY
+}
+
+stage_reference() {
+  local dtype="$1" wheels="${SDSTREAM_WHEELS:-.whl}"
+  if [[ ! -f "$work/fullsize/done" ]]; then
+    stage_weights
+  fi
+  if [[ ! -d "$work/site/streamdiffusion" ]]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" \
+      "$wheels"/*.whl
+  fi
+  local sync
+  for sync in on off; do
+    PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}" SDSTREAM_FIXTURES="$work/fixtures" PYTHONUNBUFFERED=1 \
+      "$python" tests/reference/bench_reference.py --sd "$work/fullsize/sd" --taesd "$work/fullsize/taesd" \
+      --device cuda --dtype "$dtype" --sync-stages "$sync" --sizes 512 --t-index-lists '32;16,32' \
+      --warmup 3 --frames 20 --out "$out/reference-$dtype-sync-$sync.json" 2>&1 | tail -n 12
+  done
 }
 
 unpack
@@ -120,6 +187,10 @@ for stage in "$@"; do
     bench-f16) stage_bench f16 ;;
     bench-bf16) stage_bench bf16 ;;
     bench-f32) stage_bench f32 ;;
+    profile-f16) stage_profile f16 ;;
+    profile-bf16) stage_profile bf16 ;;
+    reference-f16) stage_reference f16 ;;
+    reference-f32) stage_reference f32 ;;
     all) stage_info; stage_tests; stage_weights; stage_bench f16; stage_bench bf16 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = REPO / "tests" / "fixtures"
+# SDSTREAM_FIXTURES moves the fixtures (as the Rust tests allow): a GPU machine reads them from
+# the unpacked GPU kit (scripts/gpu-kit/run.sh).
+FIXTURES = Path(os.environ.get("SDSTREAM_FIXTURES") or REPO / "tests" / "fixtures")
 GOLDEN_DIR = FIXTURES / "golden"
 
 # --------------------------------------------------------------------------------------

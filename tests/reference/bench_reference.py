@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Time the reference StreamDiffusion (PyPI streamdiffusion 0.1.1 on diffusers) on CPU, float32,
-on the full-size random-weight checkpoints that make_full_size.py writes.
+"""Time the reference StreamDiffusion (PyPI streamdiffusion 0.1.1 on diffusers) on the full-size
+random-weight checkpoints that make_full_size.py (or scripts/gpu-kit/random_weights.py) writes: on the
+CPU in float32 (the default), or on a CUDA GPU in float16/float32 (`--device cuda --dtype f16`: torch
+eager, diffusers' default attention (SDPA), no TensorRT, no torch.compile).
 
 For each resolution x t_index_list x VAE (TAESD or the full AutoencoderKL), with cfg_type "self",
 guidance 1.2 (so residual CFG "self"), delta 0.7, 50 inference steps, the stream batch on,
@@ -8,8 +10,10 @@ do_add_noise on: one warm-up frame, then N timed frames. A frame is one call as 
 own wrapper makes it (StreamDiffusionWrapper.img2img): an RGB PIL frame of width x height in,
 `stream(frame)`, then the [-1, 1] output turned into an RGB8 array.
 
-Per frame it records, in milliseconds (host clock; the reference's CUDA events are replaced by
-host-clock stand-ins and torch.cuda.synchronize by a no-op, since there is no GPU):
+Per frame it records, in milliseconds (host clock; on the CPU the reference's CUDA events are replaced
+by host-clock stand-ins and torch.cuda.synchronize by a no-op; on a GPU with `--sync-stages on` each
+stage waits for the GPU before and after, so its column is its own work, and with `off` only the total
+is meaningful, as a host sees it):
   encode  StreamDiffusion.encode_image  (VAE / TAESD encoder, posterior sample, scaling)
   unet    StreamDiffusion.predict_x0_batch (UNet forward on the stream batch, LCM step, RCFG math)
   decode  StreamDiffusion.decode_image  (VAE / TAESD decoder)
@@ -65,37 +69,50 @@ CFG_TYPE = "self"
 DEFAULT_T_INDEX_LISTS = "32;12,20,32"
 
 
-class StageTimer:
-    """Accumulates wall-clock milliseconds per stage name for the current frame."""
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-    def __init__(self):
+
+class StageTimer:
+    """Accumulates wall-clock milliseconds per stage name for the current frame; with a device to wait
+    for, each stage waits for it before and after (so a stage's time is its own GPU work)."""
+
+    def __init__(self, sync_device: str | None = None):
         self.ms: dict[str, float] = {}
+        self.sync_device = sync_device
 
     def reset(self) -> None:
         self.ms = {}
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
+            if self.sync_device:
+                sync(self.sync_device)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                if self.sync_device:
+                    sync(self.sync_device)
                 self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000.0
 
         return timed
 
 
-def matmul_peak(n: int = 2048, reps: int = 6) -> dict:
-    """float32 GFLOP/s of torch.matmul on n x n operands (2 n^3 flops per product)."""
+def matmul_peak(n: int = 2048, reps: int = 6, device: str = "cpu", dtype=torch.float32) -> dict:
+    """GFLOP/s of torch.matmul on n x n operands (2 n^3 flops per product) on the device, in dtype."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=generator)
-    b = torch.randn(n, n, generator=generator)
+    a = torch.randn(n, n, generator=generator).to(device, dtype)
+    b = torch.randn(n, n, generator=generator).to(device, dtype)
     for _ in range(2):
         torch.matmul(a, b)
+    sync(device)
     seconds = []
     for _ in range(reps):
         start = time.perf_counter()
         torch.matmul(a, b)
+        sync(device)
         seconds.append(time.perf_counter() - start)
     flops = 2.0 * n**3
     return {"n": n, "reps": reps, "best_gflops": flops / min(seconds) / 1e9,
@@ -113,32 +130,35 @@ def load_frames(width: int, height: int) -> list[PIL.Image.Image]:
 def to_rgb8(image: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW -> HWC uint8, as streamdiffusion's postprocess_image does for output_type "np"/"pil"."""
     x = (image / 2 + 0.5).clamp(0, 1)
-    return (x[0].permute(1, 2, 0).float().numpy() * 255).round().astype(np.uint8)
+    return (x[0].permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def load_models(sd_dir: Path, taesd_dir: Path):
+def load_models(sd_dir: Path, taesd_dir: Path, device: str, dtype):
     from diffusers import AutoencoderTiny, StableDiffusionPipeline
 
     for folder in (sd_dir, taesd_dir):
         if not folder.exists():
             sys.exit(f"{folder} does not exist: run tests/reference/make_full_size.py first")
-    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, torch_dtype=torch.float32, safety_checker=None,
+    # The float16 variant files when asked for float16 and they exist (random_weights.py writes both).
+    variant = "fp16" if dtype == torch.float16 and any(sd_dir.glob("unet/*.fp16.safetensors")) else None
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, torch_dtype=dtype, variant=variant, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to("cpu")
-    taesd = AutoencoderTiny.from_pretrained(taesd_dir, torch_dtype=torch.float32).eval()
+    pipe = pipe.to(device)
+    variant = "fp16" if dtype == torch.float16 and any(taesd_dir.glob("*.fp16.safetensors")) else None
+    taesd = AutoencoderTiny.from_pretrained(taesd_dir, torch_dtype=dtype, variant=variant).to(device).eval()
     return pipe, taesd
 
 
 def run_case(pipe, taesd, size: int, t_index_list: list[int], vae: str, warmup: int, frames: int,
-             threads: int) -> dict:
+             threads: int, device: str = "cpu", dtype=torch.float32, sync_stages: bool = False) -> dict:
     from streamdiffusion import StreamDiffusion
 
-    stream = StreamDiffusion(pipe, t_index_list=t_index_list, torch_dtype=torch.float32, width=size, height=size,
+    stream = StreamDiffusion(pipe, t_index_list=t_index_list, torch_dtype=dtype, width=size, height=size,
                              do_add_noise=True, use_denoising_batch=True, frame_buffer_size=1, cfg_type=CFG_TYPE)
     if vae == "taesd":
         stream.vae = taesd  # as StreamDiffusionWrapper does for use_tiny_vae
-    timer = StageTimer()
+    timer = StageTimer(device if sync_stages else None)
     stream.encode_image = timer.wrap("encode", stream.encode_image)
     stream.predict_x0_batch = timer.wrap("unet", stream.predict_x0_batch)
     stream.decode_image = timer.wrap("decode", stream.decode_image)
@@ -146,13 +166,15 @@ def run_case(pipe, taesd, size: int, t_index_list: list[int], vae: str, warmup: 
     stream.unet.forward = timer.wrap("unet_forward", unet_forward)
     try:
         stream.prepare(prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, num_inference_steps=NUM_INFERENCE_STEPS,
-                       guidance_scale=GUIDANCE_SCALE, delta=DELTA, generator=torch.Generator(), seed=SEED)
+                       guidance_scale=GUIDANCE_SCALE, delta=DELTA, generator=torch.Generator(),
+                       seed=SEED)
         inputs = load_frames(size, size)
         records, outputs = [], []
         with torch.no_grad():
             for k in range(warmup + frames):
                 frame = inputs[k % len(inputs)]
                 timer.reset()
+                sync(device)
                 cpu_start = time.process_time()
                 start = time.perf_counter()
                 out = stream(frame)
@@ -186,13 +208,14 @@ def run_case(pipe, taesd, size: int, t_index_list: list[int], vae: str, warmup: 
 def markdown(results: list[dict], peak: dict, meta: dict) -> str:
     lines = [
         f"Reference StreamDiffusion {meta['streamdiffusion']} (diffusers {meta['diffusers']}, torch {meta['torch']}), "
-        f"CPU float32, {meta['threads']} threads, cfg {CFG_TYPE}, guidance {GUIDANCE_SCALE}, delta {DELTA}; "
+        f"{meta['device']} {meta['dtype']} (stages synchronised: {meta['sync_stages']}), "
+        f"{meta['threads']} threads, cfg {CFG_TYPE}, guidance {GUIDANCE_SCALE}, delta {DELTA}; "
         f"full-size random weights (sd-turbo / taesd shapes); mean of timed frames after {meta['warmup']} warm-up.",
-        f"Machine: {meta['cpu']}, {meta['cpus']} CPUs; float32 matmul peak "
-        f"{peak['best_gflops']:.1f} GFLOP/s (2048^2, {meta['threads']} threads; median {peak['median_gflops']:.1f}) "
+        f"Machine: {meta['cpu']}, {meta['cpus']} CPUs{', ' + meta['gpu'] if meta['gpu'] else ''}; matmul peak "
+        f"{peak['best_gflops']:.1f} GFLOP/s ({meta['peak_n']}^2, {meta['dtype']}, {meta['threads']} threads; median {peak['median_gflops']:.1f}) "
         f"before the cases, {meta['peak_after']['best_gflops']:.1f} after. Load average "
         f"{meta['load_average_start'][0]:.2f} at start, {meta['load_average_end'][0]:.2f} at end; "
-        f"peak memory {meta['max_rss_gb']:.1f} GB.",
+        f"peak memory {meta['max_rss_gb']:.1f} GB; GPU memory {meta['gpu_max_allocated_gb']:.2f} GB allocated at most.",
         "CPU use = process CPU time / (threads x wall); below 100% the process waited for cores.",
         "",
         "| size | steps (t_index_list) | VAE | encode ms | UNet ms | decode ms | other ms | total ms | fps "
@@ -230,8 +253,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed frames first")
     parser.add_argument("--frames", type=int, default=3, help="timed frames per case")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    parser.add_argument("--dtype", default="f32", choices=("f32", "f16"), help="weights and activations")
+    parser.add_argument("--sync-stages", default="on", choices=("on", "off"),
+                        help="on a GPU: wait for it around every stage (per-stage columns) or not (the total)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    dtype = {"f32": torch.float32, "f16": torch.float16}[args.dtype]
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: torch sees no CUDA device")
+    if not on_gpu and dtype != torch.float32:
+        sys.exit("--dtype f16 needs --device cuda (the reference runs float16 on GPUs only)")
     args.sd = required_path(args.sd, "--sd", BENCH_MODEL_VAR, "sd-turbo-shaped model folder")
     args.taesd = required_path(args.taesd, "--taesd", BENCH_TAESD_VAR, "TAESD folder")
 
@@ -246,7 +279,8 @@ def main() -> None:
             sys.exit(f"--sizes: {s} is not a multiple of 8")
 
     torch.set_num_threads(args.threads)
-    patch_cuda_timing()
+    if not on_gpu:
+        patch_cuda_timing()
     import diffusers
     import importlib.metadata
 
@@ -256,13 +290,15 @@ def main() -> None:
         "warmup": args.warmup, "frames": args.frames, "sd": str(args.sd), "taesd": str(args.taesd),
         "prompt": PROMPT, "negative_prompt": NEGATIVE_PROMPT, "seed": SEED, "num_inference_steps": NUM_INFERENCE_STEPS,
         "guidance_scale": GUIDANCE_SCALE, "delta": DELTA, "cfg_type": CFG_TYPE,
-        "load_average_start": os.getloadavg(),
+        "load_average_start": os.getloadavg(), "device": args.device, "dtype": args.dtype,
+        "sync_stages": args.sync_stages if on_gpu else "n/a",
+        "gpu": torch.cuda.get_device_name() if on_gpu else None, "peak_n": 8192 if on_gpu else 2048,
     }
-    peak = matmul_peak()
+    peak = matmul_peak(meta["peak_n"], device=args.device, dtype=dtype)
     print(f"float32 matmul peak: {peak['best_gflops']:.1f} GFLOP/s (median {peak['median_gflops']:.1f})", flush=True)
 
     start = time.perf_counter()
-    pipe, taesd = load_models(args.sd, args.taesd)
+    pipe, taesd = load_models(args.sd, args.taesd, args.device, dtype)
     meta["load_s"] = time.perf_counter() - start
     print(f"models loaded in {meta['load_s']:.0f} s", flush=True)
 
@@ -272,10 +308,11 @@ def main() -> None:
             for vae in vaes:
                 print(f"  {size}x{size} t_index_list={t_index_list} vae={vae}", flush=True)
                 results.append(run_case(pipe, taesd, size, t_index_list, vae, args.warmup, args.frames,
-                                            args.threads))
+                                        args.threads, args.device, dtype, args.sync_stages == "on"))
     meta["load_average_end"] = os.getloadavg()
     meta["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
-    meta["peak_after"] = matmul_peak()
+    meta["peak_after"] = matmul_peak(meta["peak_n"], device=args.device, dtype=dtype)
+    meta["gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9 if on_gpu else 0.0
 
     table = markdown(results, peak, meta)
     print()
