@@ -30,6 +30,8 @@ fn main() {
         })
         .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()))
         .unwrap_or_else(|| "80".to_string());
+    // The header every kernel includes.
+    println!("cargo:rerun-if-changed=src/model/kernels/storage.cuh");
     for name in KERNELS {
         let src = format!("src/model/kernels/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

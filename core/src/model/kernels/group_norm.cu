@@ -5,25 +5,11 @@
 // y = x·scale + shift per channel, scale = γ/σ and shift = β − scale·μ, then SiLU when asked.
 // Statistics and arithmetic in f32 for every storage type, as the portable twin
 // (core/src/model/kernels/norm.rs) does. Compiled to PTX by core/build.rs (feature `cuda`).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "storage.cuh"
+
 namespace {
-
-template <typename T> __device__ __forceinline__ float load(const T v);
-template <> __device__ __forceinline__ float load<float>(const float v) { return v; }
-template <> __device__ __forceinline__ float load<__half>(const __half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T> __device__ __forceinline__ T store(const float v);
-template <> __device__ __forceinline__ float store<float>(const float v) { return v; }
-template <> __device__ __forceinline__ __half store<__half>(const float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(const float v) {
-  return __float2bfloat16_rn(v);
-}
 
 struct Stat {
   float n;

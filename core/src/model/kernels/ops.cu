@@ -5,25 +5,11 @@
 //                   per (batch, channel), and same-shape residual adds (n = total, inner = 1),
 //                   without the strided indexing of a general broadcast.
 // Compiled to PTX by core/build.rs (feature `cuda`).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "storage.cuh"
+
 namespace {
-
-template <typename T> __device__ __forceinline__ float load(const T v);
-template <> __device__ __forceinline__ float load<float>(const float v) { return v; }
-template <> __device__ __forceinline__ float load<__half>(const __half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T> __device__ __forceinline__ T store(const float v);
-template <> __device__ __forceinline__ float store<float>(const float v) { return v; }
-template <> __device__ __forceinline__ __half store<__half>(const float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(const float v) {
-  return __float2bfloat16_rn(v);
-}
 
 template <typename T>
 __device__ void add_in_place(T *__restrict__ dst, const T *__restrict__ src, const int64_t total,

@@ -7,18 +7,11 @@
 //                         `bpp` bytes, channel r/g/b at byte offsets r/g/b, alpha 255 when bpp is
 //                         4: round(x·255) with ties to even (rintf), clamped to 0..255, NaN → 0.
 // Compiled to PTX by core/build.rs (feature `cuda`).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
 
-namespace {
+#include "storage.cuh"
 
-template <typename T> __device__ __forceinline__ float load(const T v);
-template <> __device__ __forceinline__ float load<float>(const float v) { return v; }
-template <> __device__ __forceinline__ float load<__half>(const __half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
+namespace {
 
 __device__ __forceinline__ uint8_t quantize_unit(const float x) {
   const float v = rintf(x * 255.0f);
