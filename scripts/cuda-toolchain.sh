@@ -88,50 +88,39 @@ if [[ "$link" == 1 ]]; then
     fi
     ln -sf "$cu/lib/$lib" "$root/lib/${lib%%.so.*}.so"
   done
-  # The libcuda link stub: every driver function cudarc's bindings declare (its sources in
-  # cargo's registry, found through cargo metadata), as an empty function in a library whose
-  # soname is the driver's, so the binary asks for libcuda.so.1 and gets the real one at run time.
-  stub="$root/lib/stubs/libcuda.so"
-  if [[ ! -f "$stub" ]]; then
-    cudarc_dir="$(cargo metadata --format-version 1 --features sdstream/cuda 2>/dev/null \
-      | "$venv/bin/python" -c 'import json, os, sys
+  # Link stubs: every function cudarc's bindings of a library declare (its sources in cargo's
+  # registry, found through cargo metadata), as an empty function in a library whose soname is
+  # the real one's, so the binary asks for that soname and gets the real library at run time.
+  # libcuda is the driver's (never in a wheel); libcudnn (the `cudnn` feature) comes in a wheel
+  # of hundreds of MB of which only the names are needed here (a GPU machine's PyTorch
+  # environment has the real libcudnn.so.9).
+  cudarc_dir=""
+  link_stub() {  # NAME SONAME BINDINGS(relative to cudarc's src/) DECLARATION PREFIX
+    local name="$1" soname="$2" bindings="$3" declaration="$4" prefix="$5"
+    local stub="$root/lib/stubs/lib$name.so"
+    if [[ ! -f "$stub" ]]; then
+      if [[ -z "$cudarc_dir" ]]; then
+        cudarc_dir="$(cargo metadata --format-version 1 --features sdstream/cuda 2>/dev/null \
+          | "$venv/bin/python" -c 'import json, os, sys
 for p in json.load(sys.stdin)["packages"]:
     if p["name"] == "cudarc":
         print(os.path.dirname(p["manifest_path"]))')"
-    sys_rs="$cudarc_dir/src/driver/sys/mod.rs"
-    if [[ ! -f "$sys_rs" ]]; then
-      echo "cuda-toolchain: cudarc's driver bindings not found (run cargo fetch first)" >&2
-      exit 1
+      fi
+      local sys_rs="$cudarc_dir/src/$bindings"
+      if [[ ! -f "$sys_rs" ]]; then
+        echo "cuda-toolchain: cudarc's $name bindings not found (run cargo fetch first)" >&2
+        exit 1
+      fi
+      grep -oE "^\s+${declaration}${prefix}[A-Za-z0-9_]+\(" "$sys_rs" \
+        | grep -oE "${prefix}[A-Za-z0-9_]+" \
+        | sort -u | awk '{ print "void " $1 "(void) {}" }' > "$tc/lib$name-stub.c"
+      cc -shared -fPIC -Wl,-soname,"$soname" -o "$stub" "$tc/lib$name-stub.c"
+      echo "cuda-toolchain: lib$name link stub with $(wc -l < "$tc/lib$name-stub.c") functions" >&2
     fi
-    grep -oE '^\s+fn cu[A-Za-z0-9_]+\(' "$sys_rs" | sed -E 's/^\s+fn (cu[A-Za-z0-9_]+)\(/\1/' \
-      | sort -u | awk '{ print "void " $1 "(void) {}" }' > "$tc/libcuda-stub.c"
-    cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$tc/libcuda-stub.c"
-    echo "cuda-toolchain: libcuda link stub with $(wc -l < "$tc/libcuda-stub.c") functions" >&2
-  fi
-  ln -sf stubs/libcuda.so "$root/lib/libcuda.so"
-  # The libcudnn link stub, likewise (the `cudnn` feature): cuDNN's library is large (a wheel of
-  # hundreds of MB) and only its names are needed here; the GPU machine's PyTorch environment
-  # has the real libcudnn.so.9.
-  cudnn_stub="$root/lib/stubs/libcudnn.so"
-  if [[ ! -f "$cudnn_stub" ]]; then
-    if [[ -z "${cudarc_dir:-}" ]]; then
-      cudarc_dir="$(cargo metadata --format-version 1 --features sdstream/cuda 2>/dev/null \
-        | "$venv/bin/python" -c 'import json, os, sys
-for p in json.load(sys.stdin)["packages"]:
-    if p["name"] == "cudarc":
-        print(os.path.dirname(p["manifest_path"]))')"
-    fi
-    cudnn_rs="$cudarc_dir/src/cudnn/sys/mod.rs"
-    if [[ ! -f "$cudnn_rs" ]]; then
-      echo "cuda-toolchain: cudarc's cuDNN bindings not found (run cargo fetch first)" >&2
-      exit 1
-    fi
-    grep -oE '^\s+(pub )?fn cudnn[A-Za-z0-9_]+\(' "$cudnn_rs" | sed -E 's/^\s+(pub )?fn (cudnn[A-Za-z0-9_]+)\(/\2/' \
-      | sort -u | awk '{ print "void " $1 "(void) {}" }' > "$tc/libcudnn-stub.c"
-    cc -shared -fPIC -Wl,-soname,libcudnn.so.9 -o "$cudnn_stub" "$tc/libcudnn-stub.c"
-    echo "cuda-toolchain: libcudnn link stub with $(wc -l < "$tc/libcudnn-stub.c") functions" >&2
-  fi
-  ln -sf stubs/libcudnn.so "$root/lib/libcudnn.so"
+    ln -sf "stubs/lib$name.so" "$root/lib/lib$name.so"
+  }
+  link_stub cuda libcuda.so.1 driver/sys/mod.rs 'fn ' cu
+  link_stub cudnn libcudnn.so.9 cudnn/sys/mod.rs '(pub )?fn ' cudnn
 fi
 
 cat <<EOF
