@@ -80,7 +80,7 @@ pub fn counts() -> CudaGraphCounts {
 }
 
 /// Whether forward passes on `device` are captured and replayed.
-pub(crate) fn enabled(device: &Device) -> bool {
+fn enabled(device: &Device) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     device.is_cuda()
         && cfg!(feature = "cuda")
@@ -168,7 +168,7 @@ impl GraphCache {
         };
         let _cached_uploads = cuda.enable_cuda_graph_htod_cache();
         let eager = forward(inputs)?;
-        match capture(device, inputs, &forward, &eager) {
+        match capture(cuda, inputs, &forward, &eager) {
             Ok(captured) => {
                 CAPTURED.fetch_add(1, Ordering::Relaxed);
                 graphs.insert(signature, captured);
@@ -189,23 +189,18 @@ impl GraphCache {
 /// against the eager output `eager`.
 #[cfg(feature = "cuda")]
 fn capture(
-    device: &Device,
+    cuda: &candle_core::CudaDevice,
     inputs: &[&Tensor],
     forward: &impl Fn(&[&Tensor]) -> crate::Result<Tensor>,
     eager: &Tensor,
 ) -> crate::Result<Captured> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let Device::Cuda(cuda) = device else {
-        return Err(crate::Error::Candle(candle_core::Error::Msg(
-            "CUDA graphs need a CUDA device".into(),
-        )));
-    };
     let statics = inputs
         .iter()
         .map(|t| t.contiguous().and_then(|t| t.copy()))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let stream = cuda.cuda_stream();
-    device.synchronize()?;
+    stream.synchronize().map_err(candle_core::Error::wrap)?;
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .map_err(candle_core::Error::wrap)?;

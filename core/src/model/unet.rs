@@ -524,9 +524,6 @@ impl UNet2DConditionModel {
         added: Option<&AddedConditioning>,
         control: Option<&ControlResiduals>,
     ) -> Result<Tensor> {
-        if !super::cuda_graph::enabled(sample.device()) {
-            return self.forward_eager(sample, timesteps, encoder_hidden_states, added, control);
-        }
         let mut inputs = vec![sample, timesteps, encoder_hidden_states];
         if let Some(added) = added {
             inputs.extend([&added.text_embeds, &added.time_ids]);
