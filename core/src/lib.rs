@@ -10,19 +10,26 @@
 //! * [`preprocess`]: ControlNet preprocessors and image pre/postprocessing.
 //! * [`engine`]: [`Engine`], the pipeline on its own threads: non-blocking submit/poll, hot
 //!   updates between frames, background reloads, Daydream's status report.
-//! * `webrtc` (feature `webrtc`): WHIP ingest and WHEP playback around an engine.
+//! * `webrtc` (feature `webrtc`): WHIP ingest and WHEP playback around an engine, and the
+//!   duplex sessions (one connection both ways, with a control data channel).
+//! * `rtmp` (feature `rtmp`): RTMP ingest into a stream and RTMP push of its output.
+//! * `hls` (feature `hls`): a stream's output as HLS (MPEG-TS segments and a live playlist).
 //! * `server` (feature `server`): Daydream's HTTP API over engines, run by the `sdstream`
 //!   binary.
 
 pub mod engine;
 pub mod error;
 pub mod frame;
+#[cfg(feature = "hls")]
+pub mod hls;
 pub mod hub;
 pub mod ids;
 pub mod model;
 pub mod params;
 pub mod pipeline;
 pub mod preprocess;
+#[cfg(feature = "rtmp")]
+pub mod rtmp;
 pub mod sampling;
 #[cfg(feature = "server")]
 pub mod server;

@@ -326,6 +326,45 @@ pub fn select_timesteps(grid: &[usize], t_index_list: &[usize]) -> Result<Vec<us
         .collect()
 }
 
+/// The `t_index_list` that comes nearest to a list of timesteps on the grid of
+/// `num_inference_steps` (Daydream Scope's `denoising_step_list`, e.g. `[1000, 750, 500, 250]`):
+/// each timestep t in 0..=`num_train_timesteps` becomes the index whose grid timestep is
+/// closest to it (the earlier index on a tie), in ascending index order, which is the
+/// descending timestep order both lists walk. 1 to 4 timesteps, as `t_index_list` allows.
+pub fn t_index_list_for_timesteps(
+    grid: &[usize],
+    num_train_timesteps: usize,
+    timesteps: &[i64],
+) -> Result<Vec<usize>> {
+    if timesteps.is_empty() || timesteps.len() > 4 {
+        return Err(Error::param(
+            "denoising_step_list",
+            format!("must have 1 to 4 timesteps; got {}", timesteps.len()),
+        ));
+    }
+    if grid.is_empty() {
+        return Err(Error::param("num_inference_steps", "the grid is empty"));
+    }
+    let mut indices = Vec::with_capacity(timesteps.len());
+    for (i, &t) in timesteps.iter().enumerate() {
+        if t < 0 || t as u64 > num_train_timesteps as u64 {
+            return Err(Error::param(
+                format!("denoising_step_list[{i}]"),
+                format!("{t} is not a timestep from 0 to {num_train_timesteps}"),
+            ));
+        }
+        let nearest = grid
+            .iter()
+            .enumerate()
+            .min_by_key(|(index, step)| ((**step as i64 - t).unsigned_abs(), *index))
+            .map(|(index, _)| index)
+            .unwrap_or(0);
+        indices.push(nearest);
+    }
+    indices.sort_unstable();
+    Ok(indices)
+}
+
 /// torch's CPU `cumprod` on float32: a float64 running product, each output rounded to float32.
 fn cumprod_f32(values: impl Iterator<Item = f32>) -> Vec<f32> {
     let mut running = 1.0f64;
@@ -410,6 +449,34 @@ mod tests {
                 &theirs,
                 &format!("alphas_cumprod ({name})"),
             );
+        }
+    }
+
+    #[test]
+    fn scope_timesteps_map_to_the_nearest_grid_indices() {
+        let sched = LcmScheduler::new(SchedulerConfig::default()).expect("defaults");
+        // N = 50: T[i] = 999 - 20 i.
+        let grid = sched.timesteps(50).expect("grid");
+        assert_eq!(&grid[..3], &[999, 979, 959]);
+        let map = |ts: &[i64]| t_index_list_for_timesteps(&grid, 1000, ts);
+        // 1000 -> 999 (0); 750 -> 759 (12) over 739 (13); 500 -> 499 (25); 250 -> 259 (37).
+        assert_eq!(map(&[1000, 750, 500, 250]).unwrap(), vec![0, 12, 25, 37]);
+        // Order in, ascending indices out; a tie (989 is 10 from 999 and 979) takes the earlier.
+        assert_eq!(map(&[250, 989]).unwrap(), vec![0, 37]);
+        assert_eq!(map(&[0]).unwrap(), vec![49]);
+        let coarse = sched.timesteps(4).expect("grid");
+        assert_eq!(
+            t_index_list_for_timesteps(&coarse, 1000, &[700, 500]).unwrap(),
+            vec![1, 2]
+        );
+        for (bad, says) in [
+            (&[][..], "1 to 4"),
+            (&[1, 2, 3, 4, 5][..], "1 to 4"),
+            (&[-1][..], "denoising_step_list[0]"),
+            (&[500, 1001][..], "denoising_step_list[1]"),
+        ] {
+            let e = map(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
         }
     }
 

@@ -10,8 +10,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::{Server, ServerConfig};
+use crate::hls::HlsConfig;
 use crate::ids::random_hex;
-use crate::webrtc::{EncoderSettings, TransportConfig};
+use crate::webrtc::{EncoderSettings, IceServer, TransportConfig};
 use crate::{EngineSettings, StreamDiffusionParams};
 
 const USAGE: &str = "\
@@ -45,7 +46,17 @@ stderr; their filter is SDSTREAM_LOG or RUST_LOG (default: sdstream=info,warn).
   --max-viewers N             most viewers per stream (default 32)
   --max-pending-viewers N     most viewers still connecting per stream (default 8)
   --connect-timeout SECONDS   a session must connect within this (default 10)
-  --bitrate BPS               the WHEP encoder's bitrate (default 4000000)
+  --bitrate BPS               the WHEP/HLS/RTMP encoder's bitrate (default 4000000)
+  --ice-server URL[,USER,CREDENTIAL]
+                              a STUN or TURN server for ICE, also handed to Scope-style
+                              clients by GET /api/v1/webrtc/ice-servers (repeatable)
+  --rtmp-bind ADDR|off        where to take RTMP publishes (rtmp://HOST:PORT/live/STREAM_KEY;
+                              default: the bind address's host, port 1935; off: no RTMP)
+  --rtmp-public-url URL       the RTMP URL clients publish to, without the key (default
+                              rtmp://<public host>:<RTMP port>/live)
+  --hls-segment-ms MS         HLS segment length (default 1000; 200 to 10000)
+  --scope-auth token|none     whether the Scope-style routes (/api/v1/...) need the API token
+                              (default token; Daydream Scope's own server asks for none)
   --record DIR                record every stream's inputs, outputs and params (for replay)
   -h, --help                  this text";
 
@@ -66,6 +77,12 @@ pub(crate) struct ServeArgs {
     pub(crate) max_pending_viewers: usize,
     pub(crate) connect_timeout: Duration,
     pub(crate) bitrate: u32,
+    pub(crate) ice_servers: Vec<IceServer>,
+    /// `None`: no RTMP ingest; `Some(None)`: the default address.
+    pub(crate) rtmp_bind: Option<Option<SocketAddr>>,
+    pub(crate) rtmp_public_url: Option<String>,
+    pub(crate) hls_segment: Duration,
+    pub(crate) scope_requires_token: bool,
     pub(crate) record: Option<PathBuf>,
 }
 
@@ -116,6 +133,11 @@ fn parse_serve(args: &[String], env_instance: Option<String>) -> Result<Command,
         max_pending_viewers: TransportConfig::default().max_pending_viewers,
         connect_timeout: TransportConfig::default().connect_timeout,
         bitrate: EncoderSettings::default().bitrate_bps,
+        ice_servers: Vec::new(),
+        rtmp_bind: Some(None),
+        rtmp_public_url: None,
+        hls_segment: HlsConfig::default().segment_target,
+        scope_requires_token: true,
         record: None,
     };
     // `--flag value` and `--flag=value` alike.
@@ -173,6 +195,37 @@ fn parse_serve(args: &[String], env_instance: Option<String>) -> Result<Command,
                 parsed.connect_timeout = Duration::from_secs(number(&value)?.clamp(1, 300));
             }
             "--bitrate" => parsed.bitrate = number(&value)?.clamp(50_000, 50_000_000) as u32,
+            "--ice-server" => parsed
+                .ice_servers
+                .push(IceServer::parse(&value).map_err(|e| format!("--ice-server {e}"))?),
+            "--rtmp-bind" => {
+                parsed.rtmp_bind = if value == "off" {
+                    None
+                } else {
+                    Some(Some(
+                        value
+                            .parse()
+                            .map_err(|e| format!("--rtmp-bind {value}: {e} (or off)"))?,
+                    ))
+                };
+            }
+            "--rtmp-public-url" => {
+                let url = value.trim_end_matches('/').to_owned();
+                if !url.starts_with("rtmp://") {
+                    return Err(format!("--rtmp-public-url {value}: give an rtmp:// URL"));
+                }
+                parsed.rtmp_public_url = Some(url);
+            }
+            "--hls-segment-ms" => {
+                parsed.hls_segment = Duration::from_millis(number(&value)?.clamp(200, 10_000));
+            }
+            "--scope-auth" => {
+                parsed.scope_requires_token = match value.as_str() {
+                    "token" => true,
+                    "none" => false,
+                    other => return Err(format!("--scope-auth {other}: give token or none")),
+                };
+            }
             "--record" => parsed.record = Some(value.into()),
             other => return Err(format!("unknown flag {other}\n\n{SERVE_USAGE}")),
         }
@@ -249,12 +302,24 @@ pub(crate) fn check_default_params(
         .map_err(|e| format!("--params: {e}"))
 }
 
+/// The host part of an `http(s)://host[:port]/…` URL (brackets kept for IPv6).
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => &authority[..i],
+        _ => authority,
+    }
+}
+
 /// The server's configuration from the flags and the token; `local` is the address it
-/// listens on (the default public URL and ICE address follow it).
+/// listens on (the default public URL and ICE address follow it), `rtmp_local` the RTMP
+/// listener's, if any.
 pub(crate) fn config(
     args: &ServeArgs,
     token: String,
     local: SocketAddr,
+    rtmp_local: Option<SocketAddr>,
 ) -> Result<ServerConfig, String> {
     let settings = served_settings(args.settings.as_deref(), &args.allow_models)?;
     let default_params = match &args.params {
@@ -278,14 +343,27 @@ pub(crate) fn config(
             ..EncoderSettings::default()
         },
         max_sdp_bytes: super::MAX_SDP_BYTES,
+        ice_servers: args.ice_servers.clone(),
         ..TransportConfig::default()
     };
+    let public_url = args
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+    let rtmp = crate::rtmp::RtmpConfig::default();
+    let rtmp_url = rtmp_local.map(|addr| {
+        args.rtmp_public_url.clone().unwrap_or_else(|| {
+            format!(
+                "rtmp://{}:{}/{}",
+                url_host(&public_url),
+                addr.port(),
+                rtmp.app
+            )
+        })
+    });
     Ok(ServerConfig {
         token,
-        public_url: args
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{local}")),
+        public_url,
         instance: args.instance.clone(),
         default_params,
         settings,
@@ -294,6 +372,13 @@ pub(crate) fn config(
         max_streams: args.max_streams,
         input_timeout: args.input_timeout,
         idle_timeout: args.idle_timeout,
+        rtmp,
+        rtmp_url,
+        hls: HlsConfig {
+            segment_target: args.hls_segment,
+            ..HlsConfig::default()
+        },
+        scope_requires_token: args.scope_requires_token,
     })
 }
 
@@ -349,10 +434,30 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let server = Server::new(config(&args, token, local)?)?;
+    let rtmp_listener = match args.rtmp_bind {
+        None => None,
+        Some(bind) => {
+            let bind = bind.unwrap_or_else(|| SocketAddr::new(local.ip(), 1935));
+            Some(tokio::net::TcpListener::bind(bind).await.map_err(|e| {
+                format!(
+                    "cannot listen for RTMP on {bind}: {e}; give another address with \
+                     --rtmp-bind ADDR, or --rtmp-bind off"
+                )
+            })?)
+        }
+    };
+    let rtmp_local = match &rtmp_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let server = Server::new(config(&args, token, local, rtmp_local)?)?;
     let public_url = server.app().config().public_url.clone();
     // The first line on stdout, which scripts wait for.
     say(&format!("listening on {public_url}"));
+    if let (Some(listener), Some(url)) = (rtmp_listener, server.app().config().rtmp_url.clone()) {
+        server.start_rtmp(listener);
+        tracing::info!(url = %url, "taking RTMP publishes");
+    }
     let _ = std::io::stdout().flush();
     tracing::info!(url = %public_url, max_streams = args.max_streams, "serving");
     server

@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::state::{App, StreamEntry, stream_state};
+use crate::rtmp::RtmpUrl;
+pub(crate) use crate::status::rfc3339;
 use crate::webrtc::{Ingest, PublisherState, TransportStats, error_response};
 
 /// The only pipeline served.
@@ -118,30 +120,6 @@ pub(crate) fn epoch_ms(at: SystemTime) -> u64 {
         .as_millis() as u64
 }
 
-/// RFC 3339 UTC with milliseconds (`2025-01-31T12:00:00.000Z`), as Daydream's `created_at`.
-pub(crate) fn rfc3339(at: SystemTime) -> String {
-    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        since.subsec_millis()
-    )
-}
-
 /// A create body, from either form: `{pipeline, params, name?, output_rtmp_url?}` or the
 /// older `{pipeline_id, pipeline_params, name?}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +129,8 @@ pub(crate) struct CreateBody {
     /// A JSON object (merged over the server's defaults).
     pub(crate) params: Value,
     pub(crate) name: Option<String>,
+    /// Where to push the output over RTMP: the URL as given, parsed.
+    pub(crate) output_rtmp_url: Option<(String, RtmpUrl)>,
 }
 
 fn object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
@@ -228,19 +208,19 @@ impl CreateBody {
         if name.as_ref().is_some_and(|n| n.chars().count() > 256) {
             return Err(ApiError::field("name", "at most 256 characters"));
         }
-        // The output goes out over WHEP only: a client that asks for RTMP would get nothing.
-        if string_field(map, "output_rtmp_url")?.is_some_and(|u| !u.trim().is_empty()) {
-            return Err(ApiError::field(
-                "output_rtmp_url",
-                "RTMP output is not supported by this server; play the output over WHEP \
-                 (the stream's whep_url)",
-            ));
-        }
+        let output_rtmp_url = match string_field(map, "output_rtmp_url")? {
+            Some(url) if !url.trim().is_empty() => Some((
+                url.trim().to_owned(),
+                RtmpUrl::parse(url).map_err(|e| ApiError::field("output_rtmp_url", e))?,
+            )),
+            _ => None,
+        };
         Ok(Self {
             pipeline: PIPELINE.to_owned(),
             pipeline_id,
             params: params_field(map)?,
             name,
+            output_rtmp_url,
         })
     }
 }
@@ -265,6 +245,16 @@ pub(crate) fn urls(app: &App, s: &StreamEntry) -> (String, String) {
     )
 }
 
+/// The HLS playlist URL of a stream.
+pub(crate) fn hls_url(app: &App, s: &StreamEntry) -> String {
+    format!(
+        "{}/hls/{}/index.m3u8?token={}",
+        app.config().public_url,
+        s.id,
+        s.key
+    )
+}
+
 /// The host of the public URL (`gateway_host`).
 pub(crate) fn gateway_host(app: &App) -> String {
     let url = &app.config().public_url;
@@ -277,6 +267,8 @@ pub(crate) fn stream_json(app: &App, s: &StreamEntry) -> Value {
     let (whip_url, whep_url) = urls(app, s);
     let params = App::params_json(s);
     let updated_at = s.updated_at.lock().map(|t| t.clone()).unwrap_or_default();
+    let rtmp_url = app.config().rtmp_url.clone();
+    let rtmp_publish_url = rtmp_url.as_ref().map(|u| format!("{u}/{}", s.key));
     json!({
         "id": s.id,
         "object": "stream",
@@ -296,6 +288,10 @@ pub(crate) fn stream_json(app: &App, s: &StreamEntry) -> Value {
         "whip_url": whip_url,
         "output_stream_url": whep_url,
         "whep_url": whep_url,
+        "hls_url": hls_url(app, s),
+        "rtmp_url": rtmp_url,
+        "rtmp_publish_url": rtmp_publish_url,
+        "output_rtmp_url": s.push.as_ref().map(|(url, _)| url),
     })
 }
 
@@ -350,6 +346,37 @@ fn ingest_metrics(s: &StreamEntry, t: &TransportStats, ingest: &Ingest) -> Value
     })
 }
 
+/// Where a frame's time goes on each path, in milliseconds (mean, median, p95, max of the
+/// last 512): `ingest` (the access unit complete → submitted: decode queue, decode, RGB),
+/// `queueing` (inside the engine around the pipeline call), `engine` (the pipeline call),
+/// `encode` (H.264, once for every output), and `delivery` per output path: `webrtc`
+/// (taken from the engine → on the first viewer's track), `hls` (encoded → its segment
+/// published), `rtmp_push` (encoded → written to the socket). `transport_added` is the WebRTC
+/// path's sum minus the engine (publisher's access unit → viewer's track).
+fn latency_json(
+    t: &TransportStats,
+    ingest: &Ingest,
+    hls: &crate::hls::HlsStats,
+    push: Option<&crate::rtmp::PushStatus>,
+) -> Value {
+    json!({
+        "ingest": {
+            "source": ingest.kind.map(|k| k.as_str()),
+            "decode": t.decode,
+            "total": t.ingest,
+        },
+        "queueing": t.engine_queueing,
+        "engine": t.pipeline,
+        "encode": t.encode,
+        "delivery": {
+            "webrtc": t.send,
+            "hls": hls.delivery,
+            "rtmp_push": push.map(|p| &p.delivery),
+        },
+        "transport_added": t.transport,
+    })
+}
+
 /// `GET /v1/streams/{id}/status`: `{success, error, data}`, `data` in both vocabularies
 /// clients read: the runner's (`input_status.fps`, `inference_status.fps`) and the API
 /// reference's (`inference_status.input_fps`, `output_fps`, `last_input_time`), with the
@@ -362,6 +389,8 @@ pub(crate) fn status_json(app: &App, s: &StreamEntry) -> Value {
     let ingest = s.transport.ingest();
     let state = stream_state(engine.state, &ingest);
     let (_, whep_url) = urls(app, s);
+    let hls = s.hls.stats();
+    let push = s.push.as_ref().map(|(_, p)| p.status());
     let restart_logs: Vec<String> = Vec::new();
     let inference = json!({
         "pipeline": s.pipeline,
@@ -403,6 +432,9 @@ pub(crate) fn status_json(app: &App, s: &StreamEntry) -> Value {
             "address": app.config().instance.as_deref().unwrap_or(""),
             "url": app.config().public_url,
         },
+        "latency": latency_json(&transport, &ingest, &hls, push.as_ref()),
+        "hls": hls,
+        "rtmp_push": push,
         "engine": engine,
         "transport": transport,
     });

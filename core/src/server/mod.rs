@@ -48,9 +48,11 @@
 
 mod cli;
 mod daydream;
+mod playback;
 mod record;
 mod replay;
 mod routes;
+mod scope;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -63,6 +65,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::EngineSettings;
+use crate::hls::HlsConfig;
+use crate::rtmp::RtmpConfig;
 use crate::webrtc::TransportConfig;
 
 pub use cli::main;
@@ -100,6 +104,18 @@ pub struct ServerConfig {
     pub input_timeout: Duration,
     /// No publisher and no media for this long: the stream is deleted (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// The RTMP ingest's settings (its listener is started with [`Server::start_rtmp`]).
+    pub rtmp: RtmpConfig,
+    /// The RTMP ingest URL clients publish to, without the stream key
+    /// (`rtmp://host:1935/live`): streams report `rtmp_url` and `rtmp_publish_url` from it.
+    /// `None`: no RTMP ingest.
+    pub rtmp_url: Option<String>,
+    /// How HLS output is cut and kept.
+    pub hls: HlsConfig,
+    /// Whether the Scope-style routes (`/api/v1/…`) need the API's bearer token, as the
+    /// Daydream routes do. Daydream Scope's own server has no authentication; turn this off
+    /// only where the port is not reachable by others.
+    pub scope_requires_token: bool,
 }
 
 impl Default for ServerConfig {
@@ -115,6 +131,10 @@ impl Default for ServerConfig {
             max_streams: 8,
             input_timeout: Duration::from_secs(3),
             idle_timeout: Some(Duration::from_secs(120)),
+            rtmp: RtmpConfig::default(),
+            rtmp_url: None,
+            hls: HlsConfig::default(),
+            scope_requires_token: true,
         }
     }
 }
@@ -151,6 +171,15 @@ impl Server {
     /// The HTTP routes.
     pub fn router(&self) -> axum::Router {
         router(self.app.clone())
+    }
+
+    /// Starts taking RTMP publishes on `listener` (stopped by shutdown); the URL clients use
+    /// is the configuration's `rtmp_url`.
+    pub fn start_rtmp(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> std::sync::Arc<crate::rtmp::RtmpIngest> {
+        self.app.start_rtmp(listener)
     }
 
     /// Serves on `listener` until `shutdown` completes, deleting idle streams meanwhile; then

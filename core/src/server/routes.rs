@@ -23,7 +23,7 @@ type Json = axum::Json<Value>;
 
 /// The JSON body: 415 unless `application/json`; then the transport's body rules (413 over the
 /// limit, 400 cut short, 408 too slow); 400 when not JSON.
-async fn json_body(request: Request) -> Result<Value, ApiError> {
+pub(crate) async fn json_body(request: Request) -> Result<Value, ApiError> {
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -190,7 +190,11 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 }
 
 /// Bearer-token check for the API.
-async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+pub(crate) async fn require_token(
+    State(app): State<Arc<App>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -350,10 +354,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(app.clone());
+    let scope = super::scope::routes(app.clone());
+    let hls = super::playback::routes(app.clone());
     let media = crate::webrtc::router(Arc::new(Directory(app)), MAX_SDP_BYTES);
     Router::new()
         .merge(open)
         .merge(api)
+        .merge(scope)
+        .merge(hls)
         .merge(media)
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)

@@ -3,17 +3,20 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Instant, SystemTime};
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use super::ServerConfig;
 use super::daydream::{ApiError, CreateBody, epoch_ms, rfc3339};
 use super::record::Recorder;
 use crate::engine::EngineState;
+use crate::hls::HlsOutput;
 use crate::ids::random_hex;
 use crate::params::merge_patch;
+use crate::rtmp::{RtmpDirectory, RtmpIngest, RtmpPush};
 use crate::webrtc::{
     FrameObserver, Ingest, PublisherState, StreamDirectory, TransportError, WebRtcStream,
 };
@@ -35,6 +38,13 @@ pub(crate) struct StreamEntry {
     pub(crate) engine: Arc<Engine>,
     pub(crate) transport: Arc<WebRtcStream>,
     pub(crate) recorder: Option<Arc<Recorder>>,
+    /// The HLS output (its segmenter runs while someone reads it).
+    pub(crate) hls: Arc<HlsOutput>,
+    /// The push of the output to the create body's `output_rtmp_url`, with that URL.
+    pub(crate) push: Option<(String, RtmpPush)>,
+    /// The transport's session id of the Scope-style session that owns this stream, if one
+    /// does (`POST /api/v1/webrtc/offer`): the stream ends with it.
+    pub(crate) duplex: Mutex<Option<String>>,
 }
 
 /// A stream's state: the engine's, except that a stream whose publisher has gone is
@@ -79,6 +89,14 @@ pub struct App {
     /// Streams existing or being created: what the limit counts.
     live: AtomicUsize,
     shutting_down: AtomicBool,
+    /// Turns true at shutdown: the RTMP listener stops.
+    stop: watch::Sender<bool>,
+    /// The RTMP ingest listener, once started.
+    rtmp: OnceLock<Arc<RtmpIngest>>,
+    /// When the server was made (Scope's `/health` reports it).
+    pub(crate) started: SystemTime,
+    /// The Scope-style routes' own state.
+    pub(crate) scope: super::scope::ScopeState,
 }
 
 /// A place among `max_streams`, given back when dropped unless the stream was installed.
@@ -102,7 +120,35 @@ impl App {
             streams: RwLock::new(HashMap::new()),
             live: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
+            stop: watch::channel(false).0,
+            rtmp: OnceLock::new(),
+            started: SystemTime::now(),
+            scope: Default::default(),
         }
+    }
+
+    /// The RTMP ingest listener, if one was started.
+    pub fn rtmp(&self) -> Option<&Arc<RtmpIngest>> {
+        self.rtmp.get()
+    }
+
+    /// Starts the RTMP ingest on `listener` (once; it stops at shutdown).
+    pub(crate) fn start_rtmp(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+    ) -> Arc<RtmpIngest> {
+        let ingest = self
+            .rtmp
+            .get_or_init(|| {
+                RtmpIngest::new(
+                    self.config.rtmp.clone(),
+                    Arc::new(Directory(self.clone())) as Arc<dyn RtmpDirectory>,
+                )
+            })
+            .clone();
+        let stop = self.stop.subscribe();
+        tokio::spawn(ingest.clone().serve(listener, stop));
+        ingest
     }
 
     /// The configuration.
@@ -122,6 +168,7 @@ impl App {
 
     pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
+        self.stop.send_replace(true);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<StreamEntry>>> {
@@ -134,6 +181,21 @@ impl App {
 
     pub(crate) fn stream(&self, id: &str) -> Option<Arc<StreamEntry>> {
         self.read().get(id).cloned()
+    }
+
+    /// Stream `id` if `token` is its key: what opens its media URLs (WHIP, WHEP, HLS).
+    pub(crate) fn stream_with_key(
+        &self,
+        id: &str,
+        token: Option<&str>,
+    ) -> Result<Arc<StreamEntry>, TransportError> {
+        let stream = self
+            .stream(id)
+            .ok_or_else(|| TransportError::NotFound(format!("stream {id:?}")))?;
+        match token {
+            Some(t) if same_token(t, &stream.key) => Ok(stream),
+            _ => Err(TransportError::Unauthorized),
+        }
     }
 
     /// Every stream, oldest first.
@@ -218,6 +280,12 @@ impl App {
                 return Err(ApiError::internal(e.to_string()));
             }
         };
+        let transport = Arc::new(transport);
+        let hls = HlsOutput::new(transport.clone(), self.config.hls.clone());
+        let push = body.output_rtmp_url.map(|(text, url)| {
+            tracing::info!(stream = %id, url = %url.redacted(), "RTMP push started");
+            (text, RtmpPush::start(transport.clone(), url))
+        });
         let now = SystemTime::now();
         let entry = Arc::new(StreamEntry {
             id: id.clone(),
@@ -230,8 +298,11 @@ impl App {
             created: Instant::now(),
             updated_at: Mutex::new(rfc3339(now)),
             engine,
-            transport: Arc::new(transport),
+            transport,
             recorder,
+            hls,
+            push,
+            duplex: Mutex::new(None),
         });
         self.write().insert(id.clone(), entry.clone());
         place.kept = true;
@@ -245,13 +316,34 @@ impl App {
             .write()
             .remove(id)
             .ok_or_else(|| ApiError::not_found(id))?;
-        Self::close(entry).await;
+        Self::close(entry, reason).await;
         self.live.fetch_sub(1, Ordering::AcqRel);
         tracing::info!(stream = %id, reason, "stream deleted");
         Ok(())
     }
 
-    async fn close(entry: Arc<StreamEntry>) {
+    /// Ends a stream: a Scope-style session is told why first (`stream_stopped`, with the
+    /// engine's error when it failed), then every session ends and the engine closes.
+    async fn close(entry: Arc<StreamEntry>, reason: &str) {
+        let duplex = entry.duplex.lock().ok().and_then(|mut d| d.take());
+        if let Some(session) = duplex {
+            let status = entry.engine.status();
+            let error = match status.state {
+                crate::EngineState::Error => status.last_error.clone(),
+                _ => None,
+            };
+            let mut notice = json!({"type": "stream_stopped", "reason": reason});
+            if let Some(error) = error {
+                notice["error_message"] = json!(error);
+            }
+            let _ = entry
+                .transport
+                .end_duplex(&session, Some(&notice.to_string()))
+                .await;
+        }
+        if let Some((_, push)) = &entry.push {
+            push.stop();
+        }
         entry.transport.close().await;
         let engine = entry.engine.clone();
         // Closing joins the engine's threads (and waits for a build in progress).
@@ -283,7 +375,7 @@ impl App {
     pub(crate) async fn close_all(&self) {
         let all: Vec<(String, Arc<StreamEntry>)> = self.write().drain().collect();
         for (id, entry) in all {
-            Self::close(entry).await;
+            Self::close(entry, "the server is shutting down").await;
             self.live.fetch_sub(1, Ordering::AcqRel);
             tracing::info!(stream = %id, reason = "shutdown", "stream deleted");
         }
@@ -304,18 +396,24 @@ pub(crate) fn same_token(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// WHIP/WHEP lookups: the stream's own key opens its URLs.
+/// WHIP/WHEP lookups: the stream's own key opens its URLs; RTMP publishes with it.
 pub(crate) struct Directory(pub(crate) Arc<App>);
+
+impl RtmpDirectory for Directory {
+    fn stream_for_key(&self, stream_key: &str) -> Option<(String, Arc<WebRtcStream>)> {
+        // Every key is compared (in constant time), so the time taken tells nothing.
+        let mut found = None;
+        for stream in self.0.streams() {
+            if same_token(stream_key, &stream.key) {
+                found = Some((stream.id.clone(), stream.transport.clone()));
+            }
+        }
+        found
+    }
+}
 
 impl StreamDirectory for Directory {
     fn find(&self, id: &str, token: Option<&str>) -> Result<Arc<WebRtcStream>, TransportError> {
-        let stream = self
-            .0
-            .stream(id)
-            .ok_or_else(|| TransportError::NotFound(format!("stream {id:?}")))?;
-        match token {
-            Some(t) if same_token(t, &stream.key) => Ok(stream.transport.clone()),
-            _ => Err(TransportError::Unauthorized),
-        }
+        Ok(self.0.stream_with_key(id, token)?.transport.clone())
     }
 }

@@ -319,6 +319,7 @@ fn a_gone_publisher_degrades_the_stream_at_once_and_idle_counts_from_its_last_si
     let (t1, t2) = (t0 + Duration::from_secs(5), t0 + Duration::from_secs(9));
     let ingest = |publisher, lost, media| Ingest {
         publisher,
+        kind: None,
         publisher_lost: lost,
         last_media: media,
     };

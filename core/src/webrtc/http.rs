@@ -100,8 +100,12 @@ pub fn router(directory: Arc<dyn StreamDirectory>, max_body_bytes: usize) -> Rou
         .with_state(routes)
 }
 
-/// The token from `?token=` or `Authorization: Bearer`.
-fn token<'a>(query: &'a HashMap<String, String>, headers: &'a HeaderMap) -> Option<&'a str> {
+/// The token of a request: the query parameter `token`, or an `Authorization: Bearer` header.
+/// The one reading of a stream's key on its media URLs (WHIP, WHEP, HLS).
+pub fn request_token<'a>(
+    query: &'a HashMap<String, String>,
+    headers: &'a HeaderMap,
+) -> Option<&'a str> {
     if let Some(t) = query.get("token") {
         return Some(t.as_str());
     }
@@ -190,7 +194,7 @@ async fn offer(
 ) -> Result<Response, TransportError> {
     let stream = routes
         .directory
-        .find(&stream_id, token(&query, request.headers()))?;
+        .find(&stream_id, request_token(&query, request.headers()))?;
     let sdp = read_offer(request, routes.max_body_bytes).await?;
     let SessionAnswer { session_id, sdp } = match role {
         Role::Publisher => stream.publish(&sdp).await?,
@@ -245,7 +249,9 @@ async fn delete(
     query: HashMap<String, String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, TransportError> {
-    let stream = routes.directory.find(&stream_id, token(&query, &headers))?;
+    let stream = routes
+        .directory
+        .find(&stream_id, request_token(&query, &headers))?;
     match role {
         Role::Publisher => stream.unpublish(&session_id).await?,
         Role::Viewer => stream.stop_playing(&session_id).await?,

@@ -32,9 +32,10 @@ mod stream;
 use std::time::Duration;
 
 pub use h264::EncoderSettings;
-pub use http::{BODY_TIMEOUT, StreamDirectory, error_response, read_body, router};
+pub use http::{BODY_TIMEOUT, StreamDirectory, error_response, read_body, request_token, router};
 pub use stream::{
-    FrameObserver, Ingest, PublisherState, SessionAnswer, Summary, TransportStats, WebRtcStream,
+    ControlHandler, EncodedFrame, EncodedSink, ExternalPublisher, FrameObserver, IceCandidate,
+    Ingest, IngestKind, PublisherState, SessionAnswer, Summary, TransportStats, WebRtcStream,
 };
 
 /// Why a WHIP or WHEP request failed; [`status`](Self::status) is its HTTP status code.
@@ -46,6 +47,9 @@ pub enum TransportError {
     /// The offer cannot be used: not SDP, no H.264 video, or no ICE credentials (400).
     #[error("bad SDP offer: {0}")]
     BadOffer(String),
+    /// A trickled ICE candidate cannot be used (400).
+    #[error("bad ICE candidate: {0}")]
+    BadCandidate(String),
     /// No such stream or session (404).
     #[error("{0} not found")]
     NotFound(String),
@@ -97,6 +101,7 @@ impl TransportError {
         match self {
             TransportError::UnsupportedMediaType(_) => "REQUEST/UNSUPPORTED_MEDIA_TYPE",
             TransportError::BadOffer(_) => "WEBRTC/BAD_OFFER",
+            TransportError::BadCandidate(_) => "WEBRTC/BAD_CANDIDATE",
             TransportError::NotFound(_) => "WEBRTC/NOT_FOUND",
             TransportError::Unauthorized => "AUTH/UNAUTHORIZED",
             TransportError::TooLarge { .. } => "REQUEST/TOO_LARGE",
@@ -113,7 +118,7 @@ impl TransportError {
     pub fn status(&self) -> u16 {
         match self {
             TransportError::UnsupportedMediaType(_) => 415,
-            TransportError::BadOffer(_) => 400,
+            TransportError::BadOffer(_) | TransportError::BadCandidate(_) => 400,
             TransportError::NotFound(_) => 404,
             TransportError::Unauthorized => 401,
             TransportError::TooLarge { .. } => 413,
@@ -127,15 +132,70 @@ impl TransportError {
     }
 }
 
+/// A STUN or TURN server, in the shape of the W3C `RTCIceServer` dictionary.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IceServer {
+    /// `stun:host:port`, `turn:host:port?transport=udp`, … (one server, several URLs).
+    pub urls: Vec<String>,
+    /// The TURN user name; `None` for STUN.
+    pub username: Option<String>,
+    /// The TURN credential; `None` for STUN.
+    pub credential: Option<String>,
+}
+
+impl IceServer {
+    /// Parses `URL` or `URL,USERNAME,CREDENTIAL` (the command line's `--ice-server`); the
+    /// URL must be a `stun:`, `stuns:`, `turn:` or `turns:` URL, and a TURN URL needs both a
+    /// user name and a credential.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+        let (url, username, credential) = match parts.as_slice() {
+            [url] => (*url, None, None),
+            [url, user, credential] => (*url, Some(*user), Some(*credential)),
+            _ => {
+                return Err(format!(
+                    "{text:?}: give URL or URL,USERNAME,CREDENTIAL (e.g. \
+                     turn:turn.example.com:3478,alice,secret)"
+                ));
+            }
+        };
+        let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
+        let is_turn = match scheme.as_deref() {
+            Some("stun" | "stuns") => false,
+            Some("turn" | "turns") => true,
+            _ => {
+                return Err(format!(
+                    "{url:?}: an ICE server URL starts with stun:, stuns:, turn: or turns:"
+                ));
+            }
+        };
+        if url.len() <= "turn:".len() || url.chars().any(char::is_whitespace) {
+            return Err(format!("{url:?}: no host after the scheme"));
+        }
+        if is_turn && (username.is_none_or(str::is_empty) || credential.is_none_or(str::is_empty)) {
+            return Err(format!(
+                "{url:?}: a TURN server needs a user name and a credential \
+                 (URL,USERNAME,CREDENTIAL)"
+            ));
+        }
+        Ok(Self {
+            urls: vec![url.to_owned()],
+            username: username.map(str::to_owned),
+            credential: credential.map(str::to_owned),
+        })
+    }
+}
+
 /// How a [`WebRtcStream`] connects and encodes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransportConfig {
     /// Local UDP addresses for ICE (`"127.0.0.1:0"`: loopback only, an ephemeral port per
     /// session; `"0.0.0.0:0"`: every non-loopback interface). Default `["127.0.0.1:0"]`.
     pub udp_addrs: Vec<String>,
-    /// STUN/TURN server URLs put in the ICE configuration (none by default: host candidates
-    /// only, which is what a loopback or LAN server needs).
-    pub ice_servers: Vec<String>,
+    /// STUN/TURN servers put in the ICE configuration (none by default: host candidates
+    /// only, which is what a loopback or LAN server needs). The server hands the same list to
+    /// clients (`GET /api/v1/webrtc/ice-servers`).
+    pub ice_servers: Vec<IceServer>,
     /// The WHEP encoder's settings.
     pub encoder: EncoderSettings,
     /// Most viewer sessions at once. Default 32. A session still connecting holds a place only

@@ -18,6 +18,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use rtc::sansio::Protocol;
 use tokio::sync::{mpsc, watch};
+use webrtc::data_channel::DataChannel;
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
@@ -152,6 +153,7 @@ struct Events {
     gathered: watch::Sender<bool>,
     state: watch::Sender<RTCPeerConnectionState>,
     tracks: Option<mpsc::UnboundedSender<Arc<dyn TrackRemote>>>,
+    data_channels: Option<mpsc::UnboundedSender<Arc<dyn DataChannel>>>,
 }
 
 #[async_trait::async_trait]
@@ -171,6 +173,12 @@ impl PeerConnectionEventHandler for Events {
             let _ = tracks.send(track);
         }
     }
+
+    async fn on_data_channel(&self, channel: Arc<dyn DataChannel>) {
+        if let Some(channels) = &self.data_channels {
+            let _ = channels.send(channel);
+        }
+    }
 }
 
 /// A new peer connection and the channels its events arrive on.
@@ -181,13 +189,25 @@ pub(crate) struct Peer {
     pub(crate) state: watch::Receiver<RTCPeerConnectionState>,
     /// Remote tracks (publishers only).
     pub(crate) tracks: Option<mpsc::UnboundedReceiver<Arc<dyn TrackRemote>>>,
+    /// Data channels the remote peer opens (duplex sessions only).
+    pub(crate) data_channels: Option<mpsc::UnboundedReceiver<Arc<dyn DataChannel>>>,
 }
 
-/// Builds a peer connection; `receive_tracks` for a publisher (WHIP), whose tracks arrive on
-/// [`Peer::tracks`].
+/// What a peer connection takes from the remote peer besides the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Receives {
+    /// Nothing: a viewer (WHEP).
+    Nothing,
+    /// Its tracks, on [`Peer::tracks`]: a publisher (WHIP).
+    Tracks,
+    /// Its tracks and the data channels it opens, on [`Peer::data_channels`]: a duplex session.
+    TracksAndDataChannels,
+}
+
+/// Builds a peer connection that takes what `receives` says from the remote peer.
 pub(crate) async fn build(
     config: &TransportConfig,
-    receive_tracks: bool,
+    receives: Receives,
 ) -> Result<Peer, TransportError> {
     let webrtc = |e: rtc::shared::error::Error| TransportError::WebRtc(e.to_string());
     let mut media_engine = media_engine()?;
@@ -201,20 +221,27 @@ pub(crate) async fn build(
                 write: VecDeque::new(),
             },
         );
-    let ice_servers = if config.ice_servers.is_empty() {
-        Vec::new()
-    } else {
-        vec![RTCIceServer {
-            urls: config.ice_servers.clone(),
-            ..Default::default()
-        }]
-    };
+    let ice_servers: Vec<RTCIceServer> = config
+        .ice_servers
+        .iter()
+        .map(|server| RTCIceServer {
+            urls: server.urls.clone(),
+            username: server.username.clone().unwrap_or_default(),
+            credential: server.credential.clone().unwrap_or_default(),
+        })
+        .collect();
     let configuration = RTCConfigurationBuilder::new()
         .with_ice_servers(ice_servers)
         .build();
     let (gathered_tx, gathered) = watch::channel(false);
     let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
-    let (tracks_tx, tracks) = if receive_tracks {
+    let (tracks_tx, tracks) = if receives == Receives::Nothing {
+        (None, None)
+    } else {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Some(tx), Some(rx))
+    };
+    let (channels_tx, data_channels) = if receives == Receives::TracksAndDataChannels {
         let (tx, rx) = mpsc::unbounded_channel();
         (Some(tx), Some(rx))
     } else {
@@ -224,6 +251,7 @@ pub(crate) async fn build(
         gathered: gathered_tx,
         state: state_tx,
         tracks: tracks_tx,
+        data_channels: channels_tx,
     });
     let connection = PeerConnectionBuilder::new()
         .with_configuration(configuration)
@@ -239,6 +267,7 @@ pub(crate) async fn build(
         gathered,
         state,
         tracks,
+        data_channels,
     })
 }
 
@@ -254,14 +283,43 @@ pub(crate) fn parse_offer(sdp: &str) -> Result<RTCSessionDescription, TransportE
     let parsed = offer
         .unmarshal()
         .map_err(|e| TransportError::BadOffer(e.to_string()))?;
-    let video = parsed
+    let videos: Vec<_> = parsed
         .media_descriptions
         .iter()
-        .any(|m| m.media_name.media == "video");
-    if !video {
+        .filter(|m| m.media_name.media == "video")
+        .collect();
+    if videos.is_empty() {
         return Err(TransportError::BadOffer(
             "the offer has no video media section".into(),
         ));
+    }
+    // A browser told to prefer another codec (Daydream Scope's page forces VP8) would get an
+    // answer without video: say why instead.
+    let offers_h264 = videos.iter().any(|m| {
+        m.attributes.iter().any(|a| {
+            a.key == "rtpmap"
+                && a.value
+                    .as_deref()
+                    .is_some_and(|v| v.to_ascii_uppercase().contains(" H264/"))
+        })
+    });
+    if !offers_h264 {
+        let offered: Vec<String> = videos
+            .iter()
+            .flat_map(|m| m.attributes.iter())
+            .filter(|a| a.key == "rtpmap")
+            .filter_map(|a| a.value.as_deref())
+            .filter_map(|v| v.split_once(' ').map(|(_, codec)| codec.to_owned()))
+            .collect();
+        return Err(TransportError::BadOffer(format!(
+            "the offer's video has no H.264 (it offers {}); sdstream sends and receives H.264 \
+             only: allow H.264 in the client's codec preferences",
+            if offered.is_empty() {
+                "no codec".to_owned()
+            } else {
+                offered.join(", ")
+            }
+        )));
     }
     Ok(offer)
 }

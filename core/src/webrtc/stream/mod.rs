@@ -1,9 +1,12 @@
 //! [`WebRtcStream`]: one engine's publisher and viewers, and the threads between them.
 //!
-//! Ingest: RTP packets (network task) → access units → decode thread → `Engine::submit`.
+//! Ingest: RTP packets (network task) → access units → decode thread → `Engine::submit`. A
+//! publisher outside WebRTC (RTMP) hands in access units through an [`ExternalPublisher`] and
+//! takes the same publisher place and decode thread.
 //! Egress: pump thread (`Engine::recv_timeout`) → one H.264 encode → a bounded queue per
-//! viewer → the viewer's task packetizes and sends. A viewer that falls behind loses frames
-//! from its own queue (and waits for the next keyframe); it never slows the others down.
+//! viewer and per [`EncodedSink`] (HLS, an RTMP push) → the viewer's task packetizes and sends.
+//! A viewer or sink that falls behind loses frames from its own queue (and waits for the next
+//! keyframe); it never slows the others down.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,7 +17,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState};
 
+mod duplex;
+mod external;
 mod publisher;
+mod sinks;
 mod stats;
 mod viewers;
 
@@ -22,9 +28,12 @@ use super::{TransportConfig, TransportError};
 use crate::Engine;
 use crate::engine::{FrameId, Output};
 
+pub use duplex::{ControlHandler, IceCandidate};
+pub use external::ExternalPublisher;
+pub use sinks::{EncodedFrame, EncodedSink};
 use stats::StatsState;
 pub use stats::{Summary, TransportStats};
-use viewers::{EncodedFrame, run_pump};
+use viewers::run_pump;
 
 /// Largest access unit accepted from a publisher (a 4K intra picture fits).
 const MAX_ACCESS_UNIT_BYTES: usize = 8 << 20;
@@ -70,24 +79,71 @@ pub enum PublisherState {
     Gone,
 }
 
+/// How a publisher's media reaches the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestKind {
+    /// WHIP (RFC 9725): a peer connection that only sends.
+    Whip,
+    /// A session whose one peer connection sends the camera and receives the output (the
+    /// Scope-style offer).
+    Duplex,
+    /// RTMP (or any source outside WebRTC handing in access units).
+    Rtmp,
+}
+
+impl IngestKind {
+    /// `"whip"`, `"duplex"` or `"rtmp"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngestKind::Whip => "whip",
+            IngestKind::Duplex => "duplex",
+            IngestKind::Rtmp => "rtmp",
+        }
+    }
+}
+
 /// How a stream is being fed: what the server's liveness rules read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ingest {
     /// The publisher's state.
     pub publisher: PublisherState,
+    /// How the current (or last) publisher sends, once there has been one.
+    pub kind: Option<IngestKind>,
     /// When it went ([`PublisherState::Gone`] only).
     pub publisher_lost: Option<Instant>,
     /// When the last RTP packet of a publisher arrived.
     pub last_media: Option<Instant>,
 }
 
+/// What ends a publisher's session.
+enum PublisherLink {
+    /// Its peer connection (WHIP, or a duplex session's).
+    Peer(Arc<dyn PeerConnection>),
+    /// A source outside WebRTC: its [`ExternalPublisher`] watches this state and stops when it
+    /// turns `Closed`.
+    External(Arc<watch::Sender<RTCPeerConnectionState>>),
+}
+
 struct PublisherSlot {
     id: String,
-    connection: Arc<dyn PeerConnection>,
+    kind: IngestKind,
+    link: PublisherLink,
     state: watch::Receiver<RTCPeerConnectionState>,
 }
 
 impl PublisherSlot {
+    /// Ends the session: closes its connection, or tells the external source to stop.
+    async fn end(self) {
+        match self.link {
+            PublisherLink::Peer(connection) => {
+                let _ = connection.close().await;
+            }
+            PublisherLink::External(state) => {
+                state.send_replace(RTCPeerConnectionState::Closed);
+            }
+        }
+    }
+
     /// Whether its connection has ended or lost contact, so that a new publisher (a camera
     /// that reconnects without having sent DELETE) may take its place.
     fn is_gone(&self) -> bool {
@@ -115,7 +171,13 @@ struct Shared {
     observer: Option<Arc<dyn FrameObserver>>,
     publisher: Mutex<Option<PublisherSlot>>,
     viewers: Mutex<HashMap<String, ViewerSlot>>,
+    /// Encoded-output subscribers outside WebRTC (HLS, RTMP push), by id.
+    sinks: Mutex<HashMap<u64, mpsc::Sender<Arc<EncodedFrame>>>>,
+    /// Duplex sessions' data channels and handlers, by session id.
+    controls: Mutex<HashMap<String, duplex::ControlSlot>>,
     keyframe_wanted: AtomicBool,
+    /// While set, decoded input pictures are not submitted to the engine.
+    paused: AtomicBool,
     closed: AtomicBool,
     stats: Mutex<StatsState>,
     epoch: Instant,
@@ -201,7 +263,10 @@ impl WebRtcStream {
             observer,
             publisher: Mutex::new(None),
             viewers: Mutex::new(HashMap::new()),
+            sinks: Mutex::new(HashMap::new()),
+            controls: Mutex::new(HashMap::new()),
             keyframe_wanted: AtomicBool::new(true),
+            paused: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             stats: Mutex::new(StatsState::default()),
             epoch: Instant::now(),
@@ -244,17 +309,24 @@ impl WebRtcStream {
             let live = v.values().filter(|s| s.frames.is_some()).count();
             (live, v.len() - live)
         };
+        let sinks = lock(&self.shared.sinks).len();
+        let paused = self.shared.paused.load(Ordering::Acquire);
         let s = self.shared.stats();
         TransportStats {
             publishing,
+            publisher_kind: s.publisher_kind.map(IngestKind::as_str),
+            paused,
             viewers,
             viewers_connecting: connecting,
+            sinks,
             decode: s.decode.summary(),
             ingest: s.ingest.summary(),
             send: s.send.summary(),
             encode: s.encode.summary(),
             engine_queueing: s.engine_queueing.summary(),
+            pipeline: s.pipeline.summary(),
             transport: s.transport.summary(),
+            sink_delivery: s.sink_delivery.summary(),
             ..s.counters.clone()
         }
     }
@@ -265,6 +337,7 @@ impl WebRtcStream {
             .as_ref()
             .map(|p| *p.state.borrow());
         let s = self.shared.stats();
+        let kind = s.publisher_kind;
         let publisher = match state {
             Some(
                 RTCPeerConnectionState::Failed
@@ -278,6 +351,7 @@ impl WebRtcStream {
         };
         Ingest {
             publisher,
+            kind,
             publisher_lost: match publisher {
                 // A state change not yet seen by the watcher: gone from now.
                 PublisherState::Gone => Some(s.publisher_lost.unwrap_or_else(Instant::now)),
@@ -287,6 +361,18 @@ impl WebRtcStream {
         }
     }
 
+    /// Pauses or resumes the input: while paused, decoded pictures are counted
+    /// (`frames_paused`) and not submitted, so the engine makes no new output and viewers keep
+    /// the last picture.
+    pub fn set_paused(&self, paused: bool) {
+        self.shared.paused.store(paused, Ordering::Release);
+    }
+
+    /// Whether the input is paused.
+    pub fn is_paused(&self) -> bool {
+        self.shared.paused.load(Ordering::Acquire)
+    }
+
     /// Ends every session and stops the output thread. The engine is left running (it belongs
     /// to the caller). Idempotent.
     pub async fn close(&self) {
@@ -294,8 +380,10 @@ impl WebRtcStream {
         let publisher = lock(&self.shared.publisher).take();
         if let Some(p) = publisher {
             self.shared.publisher_lost(Instant::now());
-            let _ = p.connection.close().await;
+            p.end().await;
         }
+        lock(&self.shared.sinks).clear();
+        lock(&self.shared.controls).clear();
         let viewers: Vec<ViewerSlot> = lock(&self.shared.viewers).drain().map(|(_, v)| v).collect();
         for connection in viewers.into_iter().filter_map(|v| v.connection) {
             let _ = connection.close().await;

@@ -17,8 +17,8 @@ use super::super::h264::H264Decoder;
 use super::super::peer;
 use super::super::rtp::{AccessUnitAssembler, Assembled};
 use super::{
-    DECODE_QUEUE, MAX_ACCESS_UNIT_BYTES, PLI_INTERVAL, PublisherSlot, SessionAnswer, Shared,
-    WebRtcStream, lock,
+    DECODE_QUEUE, IngestKind, MAX_ACCESS_UNIT_BYTES, PLI_INTERVAL, PublisherLink, PublisherSlot,
+    SessionAnswer, Shared, WebRtcStream, lock,
 };
 use crate::engine::Submission;
 use crate::ids::random_hex;
@@ -34,14 +34,8 @@ impl WebRtcStream {
         self.check_open()?;
         let offer = peer::parse_offer(offer_sdp)?;
         // Refused before a peer connection is built for it; checked again when it is installed.
-        if lock(&self.shared.publisher)
-            .as_ref()
-            .is_some_and(|p| !p.is_gone())
-        {
-            self.shared.stats().counters.publisher_offers_refused += 1;
-            return Err(TransportError::PublisherPresent);
-        }
-        let mut peer = peer::build(&self.shared.config, true).await?;
+        self.shared.check_publisher_place()?;
+        let mut peer = peer::build(&self.shared.config, peer::Receives::Tracks).await?;
         let outcome = async {
             for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
                 peer.connection
@@ -66,50 +60,19 @@ impl WebRtcStream {
             }
         };
         let id = random_hex();
-        let installed = {
-            let mut slot = lock(&self.shared.publisher);
-            if slot.as_ref().is_some_and(|p| !p.is_gone()) {
-                Err(())
-            } else {
-                Ok(slot.replace(PublisherSlot {
-                    id: id.clone(),
-                    connection: peer.connection.clone(),
-                    state: peer.state.clone(),
-                }))
-            }
+        let slot = PublisherSlot {
+            id: id.clone(),
+            kind: IngestKind::Whip,
+            link: PublisherLink::Peer(peer.connection.clone()),
+            state: peer.state.clone(),
         };
-        let previous = match installed {
-            Ok(previous) => previous,
+        if let Err(e) = self.shared.install_publisher(slot).await {
             // Another publisher got in while this one was being answered.
-            Err(()) => {
-                let _ = peer.connection.close().await;
-                self.shared.stats().counters.publisher_offers_refused += 1;
-                return Err(TransportError::PublisherPresent);
-            }
-        };
-        if let Some(previous) = previous {
-            let _ = previous.connection.close().await;
-        }
-        {
-            let mut s = self.shared.stats();
-            s.counters.publisher_offers_answered += 1;
-            s.ever_published = true;
-            s.publisher_lost = None;
+            let _ = peer.connection.close().await;
+            return Err(e);
         }
         tracing::info!(session = %id, "WHIP publisher answered");
-        if let Some(mut tracks) = peer.tracks.take() {
-            let shared = self.shared.clone();
-            tokio::spawn(async move {
-                while let Some(track) = tracks.recv().await {
-                    let shared = shared.clone();
-                    tokio::spawn(async move { receive_track(shared, track).await });
-                }
-            });
-        }
-        let shared = self.shared.clone();
-        let watched_id = id.clone();
-        let state = peer.state.clone();
-        tokio::spawn(async move { watch_publisher(shared, watched_id, state).await });
+        start_publisher_tasks(&self.shared, &id, &mut peer);
         Ok(SessionAnswer {
             session_id: id,
             sdp,
@@ -118,19 +81,11 @@ impl WebRtcStream {
 
     /// WHIP `DELETE`: ends the publisher session `session_id`.
     pub async fn unpublish(&self, session_id: &str) -> Result<(), TransportError> {
-        let ended = {
-            let mut slot = lock(&self.shared.publisher);
-            if slot.as_ref().is_some_and(|p| p.id == session_id) {
-                slot.take()
-            } else {
-                None
-            }
-        };
-        match ended {
+        match self.shared.take_publisher(session_id) {
             Some(ended) => {
                 self.shared.publisher_lost(Instant::now());
                 tracing::info!(session = %session_id, "WHIP publisher deleted");
-                let _ = ended.connection.close().await;
+                ended.end().await;
                 Ok(())
             }
             None => Err(TransportError::NotFound(format!(
@@ -138,6 +93,77 @@ impl WebRtcStream {
             ))),
         }
     }
+}
+
+impl Shared {
+    /// Refuses a new publisher while the stream's publisher is connected or connecting
+    /// ([`TransportError::PublisherPresent`], counted).
+    pub(super) fn check_publisher_place(&self) -> Result<(), TransportError> {
+        if lock(&self.publisher).as_ref().is_some_and(|p| !p.is_gone()) {
+            self.stats().counters.publisher_offers_refused += 1;
+            return Err(TransportError::PublisherPresent);
+        }
+        Ok(())
+    }
+
+    /// Makes `slot` the stream's publisher, ending a previous one that has gone; refuses it
+    /// (counted) while another is connected or connecting. The one place where a publisher of
+    /// any kind takes the stream.
+    pub(super) async fn install_publisher(
+        &self,
+        slot: PublisherSlot,
+    ) -> Result<(), TransportError> {
+        let kind = slot.kind;
+        let previous = {
+            let mut current = lock(&self.publisher);
+            if current.as_ref().is_some_and(|p| !p.is_gone()) {
+                None
+            } else {
+                Some(current.replace(slot))
+            }
+        };
+        let Some(previous) = previous else {
+            self.stats().counters.publisher_offers_refused += 1;
+            return Err(TransportError::PublisherPresent);
+        };
+        if let Some(previous) = previous {
+            previous.end().await;
+        }
+        let mut s = self.stats();
+        s.counters.publisher_offers_answered += 1;
+        s.ever_published = true;
+        s.publisher_lost = None;
+        s.publisher_kind = Some(kind);
+        Ok(())
+    }
+
+    /// Takes the publisher slot if session `id` still holds it.
+    pub(super) fn take_publisher(&self, id: &str) -> Option<PublisherSlot> {
+        let mut slot = lock(&self.publisher);
+        if slot.as_ref().is_some_and(|p| p.id == id) {
+            slot.take()
+        } else {
+            None
+        }
+    }
+}
+
+/// Starts the tasks of a publisher's peer connection: its tracks are read (video decoded and
+/// submitted) and its slot is freed when the connection does not come up or ends.
+pub(super) fn start_publisher_tasks(shared: &Arc<Shared>, id: &str, peer: &mut peer::Peer) {
+    if let Some(mut tracks) = peer.tracks.take() {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(track) = tracks.recv().await {
+                let shared = shared.clone();
+                tokio::spawn(async move { receive_track(shared, track).await });
+            }
+        });
+    }
+    let shared = shared.clone();
+    let watched_id = id.to_owned();
+    let state = peer.state.clone();
+    tokio::spawn(async move { watch_publisher(shared, watched_id, state).await });
 }
 
 /// Frees the publisher slot of session `id` when its connection does not come up within the
@@ -168,21 +194,13 @@ async fn watch_publisher(
             }
         }
     }
-    let finished = {
-        let mut slot = lock(&shared.publisher);
-        if slot.as_ref().is_some_and(|p| p.id == id) {
-            slot.take()
-        } else {
-            None
-        }
-    };
-    if let Some(finished) = finished {
+    if let Some(finished) = shared.take_publisher(&id) {
         shared.publisher_lost(Instant::now());
         if !connected {
             shared.stats().counters.publishers_connect_failed += 1;
         }
-        tracing::info!(session = %id, connected, "WHIP publisher session ended");
-        let _ = finished.connection.close().await;
+        tracing::info!(session = %id, connected, kind = finished.kind.as_str(), "publisher session ended");
+        finished.end().await;
     }
 }
 
@@ -281,6 +299,11 @@ pub(super) fn run_decoder(
             }
         };
         shared.stats().decode.record(started.elapsed());
+        // Decoded even while paused, so that the decoder's references stay whole.
+        if shared.paused.load(Ordering::Acquire) {
+            shared.stats().counters.frames_paused += 1;
+            continue;
+        }
         let Ok(frame) = Frame::packed(
             &picture.rgb,
             picture.width,

@@ -59,19 +59,37 @@ impl Window {
 pub struct TransportStats {
     /// A publisher session exists.
     pub publishing: bool,
+    /// How the current or last publisher sends (`whip`, `duplex`, `rtmp`); `null` before the
+    /// first.
+    pub publisher_kind: Option<&'static str>,
+    /// The input is paused (decoded pictures are not submitted).
+    pub paused: bool,
     /// Viewers receiving frames.
     pub viewers: usize,
     /// Viewer sessions still connecting (their answer being made or sent, not yet connected).
     pub viewers_connecting: usize,
-    /// Publisher offers answered (201).
+    /// Encoded-output subscribers outside WebRTC (HLS, RTMP push).
+    pub sinks: usize,
+    /// Publishers accepted: WHIP and duplex offers answered (201), RTMP publish requests
+    /// accepted.
     pub publisher_offers_answered: u64,
-    /// Publisher offers refused because the stream's publisher was connected or connecting (409).
+    /// Publishers refused because the stream's publisher was connected or connecting (409 for
+    /// an offer; an RTMP publish request is rejected).
     pub publisher_offers_refused: u64,
     /// Publisher sessions ended because they did not connect (within the connect timeout, or
     /// ICE/DTLS failed first).
     pub publishers_connect_failed: u64,
     /// Viewer offers answered (201).
     pub viewer_offers_answered: u64,
+    /// Duplex offers answered (201): sessions that send the camera and receive the output on
+    /// one connection.
+    pub duplex_sessions_answered: u64,
+    /// ICE candidates a duplex session's peer trickled after its offer.
+    pub remote_candidates_added: u64,
+    /// Data-channel messages received from duplex sessions.
+    pub control_messages_received: u64,
+    /// Data-channel messages sent to duplex sessions (replies and notices).
+    pub control_messages_sent: u64,
     /// Viewer offers refused because every session was connected and the stream full (503).
     pub viewer_offers_refused: u64,
     /// Viewer sessions still connecting that were ended to make room for a newer offer.
@@ -99,6 +117,8 @@ pub struct TransportStats {
     pub access_units_dropped: u64,
     /// Pictures decoded and submitted to the engine.
     pub frames_submitted: u64,
+    /// Pictures decoded while the input was paused, not submitted.
+    pub frames_paused: u64,
     /// Access units the decoder rejected.
     pub decode_errors: u64,
     /// Keyframe requests (PLI) sent to publishers.
@@ -118,6 +138,10 @@ pub struct TransportStats {
     pub frames_sent: u64,
     /// Frames a viewer's queue had no room for.
     pub frames_dropped_for_viewers: u64,
+    /// Frames handed to encoded-output sinks (summed over sinks).
+    pub frames_to_sinks: u64,
+    /// Frames a sink's queue had no room for.
+    pub frames_dropped_for_sinks: u64,
     /// H.264 decode per picture.
     pub decode: Summary,
     /// Ingest per picture: access unit complete → submitted to the engine (decode queue,
@@ -130,10 +154,15 @@ pub struct TransportStats {
     pub encode: Summary,
     /// Inside the engine but outside the pipeline call: input queue, hand-offs, output queue.
     pub engine_queueing: Summary,
+    /// The pipeline call per output (the engine's own work on the frame).
+    pub pipeline: Summary,
     /// The transport path's added latency per frame: from the publisher's access unit being
     /// complete to the output being handed to the first viewer's track, minus the pipeline
     /// call (decode + queueing + encode + fan-out).
     pub transport: Summary,
+    /// Per output handed to a sink: taken from the engine → queued for the sink (encode and
+    /// fan-out); what each sink adds after that (segmenting, sending) it reports itself.
+    pub sink_delivery: Summary,
 }
 
 #[derive(Default)]
@@ -145,6 +174,10 @@ pub(super) struct StatsState {
     pub(super) encode: Window,
     pub(super) engine_queueing: Window,
     pub(super) transport: Window,
+    pub(super) sink_delivery: Window,
+    pub(super) pipeline: Window,
+    /// How the current or last publisher sends.
+    pub(super) publisher_kind: Option<super::IngestKind>,
     /// Highest frame sequence number whose transport latency was recorded.
     pub(super) last_timed: Option<u64>,
     /// When the last publisher RTP packet arrived.

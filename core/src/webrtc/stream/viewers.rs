@@ -19,23 +19,9 @@ use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState, RTCSession
 use super::super::TransportError;
 use super::super::h264::H264Encoder;
 use super::super::peer;
-use super::{SessionAnswer, Shared, VIEWER_QUEUE, ViewerSlot, WebRtcStream, lock};
+use super::{EncodedFrame, SessionAnswer, Shared, VIEWER_QUEUE, ViewerSlot, WebRtcStream, lock};
 use crate::PixelFormat;
 use crate::ids::random_hex;
-
-/// One encoded output on its way to the viewers.
-pub(super) struct EncodedFrame {
-    seq: u64,
-    data: Bytes,
-    keyframe: bool,
-    duration: Duration,
-    /// When the publisher's access unit was complete.
-    arrived: Instant,
-    /// When the pump took the output from the engine.
-    taken: Instant,
-    /// The pipeline call's own time.
-    pipeline: Duration,
-}
 
 impl WebRtcStream {
     /// WHEP: answers a viewer's offer with a track of the engine's output, H.264. Frames flow
@@ -61,7 +47,10 @@ impl WebRtcStream {
 
     /// Holds a place for viewer `id` (still connecting), ending the oldest sessions still
     /// connecting while the stream has no room; returns their connections, to be closed.
-    fn reserve_viewer(&self, id: &str) -> Result<Vec<Arc<dyn PeerConnection>>, TransportError> {
+    pub(super) fn reserve_viewer(
+        &self,
+        id: &str,
+    ) -> Result<Vec<Arc<dyn PeerConnection>>, TransportError> {
         let limit = self.shared.config.max_viewers.max(1);
         let pending_limit = self.shared.config.max_pending_viewers.max(1);
         let mut viewers = lock(&self.shared.viewers);
@@ -105,43 +94,19 @@ impl WebRtcStream {
         id: &str,
         offer: RTCSessionDescription,
     ) -> Result<SessionAnswer, TransportError> {
-        let mut peer = peer::build(&self.shared.config, false).await?;
-        let ssrc = random_hex()
-            .get(..8)
-            .and_then(|h| u32::from_str_radix(h, 16).ok())
-            .unwrap_or(0x5d5_7a3e);
-        let webrtc = |e: rtc::shared::error::Error| TransportError::WebRtc(e.to_string());
+        let mut peer = peer::build(&self.shared.config, peer::Receives::Nothing).await?;
         let outcome = async {
-            let track = Arc::new(
-                TrackLocalStaticSample::new(
-                    Instant::now(),
-                    MediaStreamTrack::new(
-                        "sdstream".to_owned(),
-                        format!("sdstream-video-{id}"),
-                        "sdstream output".to_owned(),
-                        RtpCodecKind::Video,
-                        vec![RTCRtpEncodingParameters {
-                            rtp_coding_parameters: RTCRtpCodingParameters {
-                                ssrc: Some(ssrc),
-                                ..Default::default()
-                            },
-                            codec: peer::h264_codec(),
-                            ..Default::default()
-                        }],
-                    ),
-                )
-                .map_err(webrtc)?,
-            );
+            let (track, ssrc) = output_track(id)?;
             let sender = peer
                 .connection
                 .add_track(track.clone() as Arc<dyn TrackLocal>)
                 .await
-                .map_err(webrtc)?;
+                .map_err(|e| TransportError::WebRtc(e.to_string()))?;
             let sdp = peer::answer(&mut peer, offer, self.shared.config.gather_timeout).await?;
-            Ok::<_, TransportError>((track, sender, sdp))
+            Ok::<_, TransportError>((track, ssrc, sender, sdp))
         }
         .await;
-        let (track, sender, sdp) = match outcome {
+        let (track, ssrc, sender, sdp) = match outcome {
             Ok(parts) => parts,
             Err(e) => {
                 let _ = peer.connection.close().await;
@@ -191,6 +156,35 @@ impl WebRtcStream {
     }
 }
 
+/// A new video track for the engine's output (H.264, a random SSRC) and its SSRC.
+pub(super) fn output_track(
+    session_id: &str,
+) -> Result<(Arc<TrackLocalStaticSample>, u32), TransportError> {
+    let ssrc = random_hex()
+        .get(..8)
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .unwrap_or(0x5d5_7a3e);
+    let track = TrackLocalStaticSample::new(
+        Instant::now(),
+        MediaStreamTrack::new(
+            "sdstream".to_owned(),
+            format!("sdstream-video-{session_id}"),
+            "sdstream output".to_owned(),
+            RtpCodecKind::Video,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: peer::h264_codec(),
+                ..Default::default()
+            }],
+        ),
+    )
+    .map_err(|e| TransportError::WebRtc(e.to_string()))?;
+    Ok((Arc::new(track), ssrc))
+}
+
 /// Takes every engine output; encodes it once when anyone watches and queues it per viewer.
 pub(super) fn run_pump(shared: &Shared) {
     let mut encoder = H264Encoder::new(shared.config.encoder);
@@ -214,17 +208,20 @@ pub(super) fn run_pump(shared: &Shared) {
             s.counters.outputs += 1;
             s.engine_queueing
                 .record(output.latency.saturating_sub(output.timings.total));
+            s.pipeline.record(output.timings.total);
         }
         let queues: Vec<mpsc::Sender<Arc<EncodedFrame>>> = lock(&shared.viewers)
             .values()
             .filter_map(|v| v.frames.clone())
             .collect();
+        let sinks: Vec<mpsc::Sender<Arc<EncodedFrame>>> =
+            lock(&shared.sinks).values().cloned().collect();
         let duration = last_output
             .map(|t| received.saturating_duration_since(t))
             .unwrap_or(Duration::from_millis(33))
             .clamp(Duration::from_millis(1), Duration::from_secs(1));
         last_output = Some(received);
-        if queues.is_empty() {
+        if queues.is_empty() && sinks.is_empty() {
             continue;
         }
         let requested = shared.keyframe_wanted.swap(false, Ordering::AcqRel);
@@ -255,15 +252,33 @@ pub(super) fn run_pump(shared: &Shared) {
             seq: shared.next_seq.fetch_add(1, Ordering::Relaxed),
             data: Bytes::from(encoded.data),
             keyframe: encoded.keyframe,
+            width: image.width,
+            height: image.height,
             duration,
             arrived: shared.instant(output.timestamp),
             taken: received,
+            encoded: Instant::now(),
             pipeline: output.timings.total,
         });
         for queue in queues {
             if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(frame.clone()) {
                 shared.stats().counters.frames_dropped_for_viewers += 1;
                 shared.keyframe_wanted.store(true, Ordering::Release);
+            }
+        }
+        for sink in sinks {
+            match sink.try_send(frame.clone()) {
+                Ok(()) => {
+                    let mut s = shared.stats();
+                    s.counters.frames_to_sinks += 1;
+                    s.sink_delivery.record(received.elapsed());
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    shared.stats().counters.frames_dropped_for_sinks += 1;
+                    shared.keyframe_wanted.store(true, Ordering::Release);
+                }
+                // Unsubscribed meanwhile.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
     }
