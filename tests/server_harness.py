@@ -147,7 +147,11 @@ def serve(binary, token, model_root, params=None, allow=("tiny-sd-turbo",), flag
                "--settings", tiny_settings(model_root)]
     for model_id in allow:
         command += ["--allow-model", model_id]
-    command += [str(f) for f in flags]
+    flags = [str(f) for f in flags]
+    if "--rtmp-bind" not in flags:
+        # An ephemeral port: several test servers may run at once (the stream objects give the URL).
+        command += ["--rtmp-bind", "127.0.0.1:0"]
+    command += flags
     log = open(log_path, "w") if log_path else None
     env = dict(os.environ, SDSTREAM_API_TOKEN=token, HF_HUB_OFFLINE="1",
                SDSTREAM_LOG="sdstream=info,warn" if log else "warn")

@@ -189,22 +189,23 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     .into_response()
 }
 
-/// Bearer-token check for the API.
-pub(crate) async fn require_token(
-    State(app): State<Arc<App>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let given = request
+/// Whether `request` carries the API's bearer token: the one check of every route that needs it.
+pub(crate) fn has_api_token(app: &App, request: &Request) -> bool {
+    request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    match given {
-        Some(token) if same_token(token, &app.config().token) => next.run(request).await,
-        _ => ApiError::unauthorized().into_response(),
+        .is_some_and(|(_, token)| same_token(token.trim(), &app.config().token))
+}
+
+/// Bearer-token check for the API.
+async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if has_api_token(&app, &request) {
+        next.run(request).await
+    } else {
+        ApiError::unauthorized().into_response()
     }
 }
 

@@ -28,13 +28,13 @@ use std::time::SystemTime;
 use axum::Router;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use serde_json::{Map, Value, json};
 
 use super::daydream::{ApiError, CreateBody, PIPELINE};
-use super::routes::{json_body, require_token};
+use super::routes::{has_api_token, json_body};
 use super::state::{App, StreamEntry};
 use crate::sampling::scheduler::{LcmScheduler, SchedulerConfig, t_index_list_for_timesteps};
 use crate::webrtc::{ControlHandler, IceCandidate, TransportError};
@@ -729,6 +729,15 @@ async fn pipeline_status(State(app): State<Arc<App>>) -> Json {
         "produces_video": true,
         "produces_audio": false,
     }))
+}
+
+/// The API token on the Scope routes, refused in their error shape.
+async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if has_api_token(&app, &request) {
+        next.run(request).await
+    } else {
+        ScopeError(ApiError::unauthorized()).into_response()
+    }
 }
 
 /// The Scope-style routes over `app`.

@@ -31,8 +31,10 @@ pub trait ControlHandler: Send + Sync + 'static {
     /// order. Called on a blocking thread, one message at a time per channel.
     fn on_message(&self, session_id: &str, message: &[u8]) -> Vec<String>;
 
-    /// The session ended on its own: its connection failed or closed, or it never connected.
-    /// Not called when [`WebRtcStream::end_duplex`] or [`WebRtcStream::close`] ended it.
+    /// The session ended on its own: the peer closed its last control channel (as a client
+    /// that closes its connection does), the connection failed or closed, or it never
+    /// connected. Not called when [`WebRtcStream::end_duplex`] or [`WebRtcStream::close`] ended
+    /// it.
     fn on_end(&self, session_id: &str);
 }
 
@@ -347,7 +349,8 @@ async fn run_channel(shared: Arc<Shared>, id: String, channel: Arc<dyn DataChann
             .get(&id)
             .map(|slot| slot.handler.clone());
         let Some(handler) = handler else {
-            break;
+            // The session was ended meanwhile.
+            return;
         };
         shared.stats().counters.control_messages_received += 1;
         let session = id.clone();
@@ -357,16 +360,38 @@ async fn run_channel(shared: Arc<Shared>, id: String, channel: Arc<dyn DataChann
             .unwrap_or_default();
         for reply in replies {
             if channel.send_text(&reply).await.is_err() {
-                return;
+                break;
             }
             shared.stats().counters.control_messages_sent += 1;
         }
         if shared.closed.load(Ordering::Acquire) {
-            break;
+            return;
         }
     }
-    let mut controls = lock(&shared.controls);
-    if let Some(slot) = controls.get_mut(&id) {
-        slot.channels.retain(|c| !Arc::ptr_eq(c, &channel));
+    // The peer closed its last control channel (how a Scope client stops: it closes its
+    // connection, whose channels close at once while ICE would take many seconds to notice):
+    // the session has ended.
+    let ended = {
+        let mut controls = lock(&shared.controls);
+        match controls.get_mut(&id) {
+            Some(slot) => {
+                slot.channels.retain(|c| !Arc::ptr_eq(c, &channel));
+                if slot.channels.is_empty() {
+                    controls.remove(&id)
+                } else {
+                    None
+                }
+            }
+            None => None,
+        }
+    };
+    if let Some(slot) = ended {
+        tracing::info!(session = %id, "duplex session ended: its control channel closed");
+        slot.handler.on_end(&id);
+        if shared.take_publisher(&id).is_some() {
+            shared.publisher_lost(Instant::now());
+        }
+        lock(&shared.viewers).remove(&id);
+        let _ = slot.connection.close().await;
     }
 }
