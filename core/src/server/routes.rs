@@ -185,6 +185,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         "status": "ready",
         "streams": app.stream_count(),
         "max_streams": app.config().max_streams,
+        "rtmp": app.rtmp().map(|r| r.stats()),
     }))
     .into_response()
 }
