@@ -6,8 +6,9 @@
 #      (dev profile, so the optimised dependencies of step 1 are reused), then pytest, which
 #      also runs mypy's stubtest on the installed module against its .pyi stubs
 #      (python/tests/test_stubs.py);
-#   3. the `server` feature (with `webrtc`): its Rust tests, the aiortc end-to-end test and
-#      the HTTP fuzz run (tests/webrtc/), Daydream's Python SDK against the server (tests/server/);
+#   3. the `server` feature (with `webrtc`, `rtmp`, `hls`): its Rust tests, the aiortc
+#      end-to-end tests (WHIP/WHEP, the Scope-style session), the HTTP fuzz run, RTMP and HLS
+#      with ffmpeg (tests/webrtc/), Daydream's Python SDK against the server (tests/server/);
 #   4. the control page at `/` in a real browser (tests/browser/): the system's Chromium
 #      ($CHROMIUM, default /usr/bin/chromium; .ci/run installs Debian's) driven by Playwright.
 set -euo pipefail
@@ -50,6 +51,23 @@ fi
   --fixtures tests/fixtures --work "$target_dir/webrtc-e2e"
 "$webrtc_venv/bin/python" tests/webrtc/fuzz_http.py --server "$server_bin" \
   --fixtures tests/fixtures
+#    - the Scope-style session (one connection both ways, the parameters data channel, trickle
+#      ICE) with aiortc;
+#    - RTMP ingest, HLS output and the RTMP push with Debian's ffmpeg ($FFMPEG, default
+#      ffmpeg; .ci/run installs it; SDSTREAM_SKIP_FFMPEG=1 skips this step).
+"$webrtc_venv/bin/python" tests/webrtc/scope.py --server "$server_bin" \
+  --fixtures tests/fixtures --work "$target_dir/scope-e2e"
+ffmpeg="${FFMPEG:-ffmpeg}"
+if command -v "$ffmpeg" >/dev/null 2>&1; then
+  "$webrtc_venv/bin/python" tests/webrtc/rtmp_hls.py --server "$server_bin" \
+    --fixtures tests/fixtures --work "$target_dir/rtmp-hls-e2e" --ffmpeg "$ffmpeg"
+elif [[ "${SDSTREAM_SKIP_FFMPEG:-0}" == 1 ]]; then
+  echo "SDSTREAM_SKIP_FFMPEG=1: the RTMP/HLS test with ffmpeg is skipped" >&2
+else
+  echo "no ffmpeg ($ffmpeg): install Debian's (apt-get install ffmpeg), set FFMPEG," >&2
+  echo "or set SDSTREAM_SKIP_FFMPEG=1 to skip the RTMP/HLS test" >&2
+  exit 1
+fi
 sdk_venv="${SDSTREAM_SDK_VENV:-$target_dir/sdk-venv}"
 if [[ ! -x "$sdk_venv/bin/python" ]]; then
   "$python" -m venv "$sdk_venv"

@@ -740,3 +740,131 @@ fn a_second_publisher_is_refused_until_the_first_is_gone() {
     });
     engine.close();
 }
+
+/// A moving test picture, RGB8, `w`×`h`.
+fn picture(w: usize, h: usize, t: usize) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            rgb.extend_from_slice(&[((x + 3 * t) * 4) as u8, (y * 4) as u8, 128]);
+        }
+    }
+    rgb
+}
+
+/// A source outside WebRTC (what RTMP ingest is) takes the stream's one publisher place: a
+/// WHIP offer is refused while it is live; its access units are decoded and reach the engine;
+/// an encoded-output subscriber (what HLS and the RTMP push are) gets the outputs from a
+/// keyframe on, in sequence, decodable; pausing holds decoded pictures back from the engine;
+/// dropping the source frees the place (the stream is then `Gone`), and ending the stream ends
+/// the source.
+#[test]
+fn an_external_publisher_and_an_encoded_sink_carry_frames_through_the_engine() {
+    use sdstream::webrtc::IngestKind;
+    use sdstream::webrtc::h264::{EncoderSettings as Settings, H264Encoder};
+    let engine = tiny_engine();
+    runtime().block_on(async {
+        let stream = Arc::new(
+            WebRtcStream::new(engine.clone(), TransportConfig::default()).expect("transport"),
+        );
+        let addr = serve(stream.clone()).await;
+        let publisher = stream
+            .publish_external(IngestKind::Rtmp)
+            .await
+            .expect("the place is free");
+        assert_eq!(stream.ingest().publisher, PublisherState::Connected);
+        assert_eq!(stream.ingest().kind, Some(IngestKind::Rtmp));
+        // A second source of either kind is refused while it is live.
+        assert!(matches!(
+            stream.publish_external(IngestKind::Rtmp).await,
+            Err(TransportError::PublisherPresent)
+        ));
+        let (_camera, camera_offer) = offer(RTCRtpTransceiverDirection::Sendrecv).await;
+        let reply = request(
+            addr,
+            "POST",
+            "/whip/s1?token=k",
+            Some("application/sdp"),
+            camera_offer.as_bytes(),
+        )
+        .await;
+        assert_eq!(reply.status, 409, "{}", reply.body);
+
+        let mut sink = stream.subscribe_encoded().expect("sink");
+        let mut encoder = H264Encoder::new(Settings {
+            keyframe_interval: 10,
+            ..Settings::default()
+        });
+        let mut received = Vec::new();
+        let mut t = 0;
+        while received.len() < 8 && t < 600 {
+            let encoded = encoder.encode(&picture(64, 64, t), 64, 64).expect("encode");
+            publisher.push_access_unit(encoded.data, std::time::Instant::now());
+            publisher.received_bytes(100);
+            t += 1;
+            if let Ok(Some(frame)) = sink.recv_timeout(Duration::from_millis(100)).await {
+                received.push(frame);
+            }
+        }
+        assert!(
+            received.len() >= 8,
+            "outputs reached the sink: {}",
+            received.len()
+        );
+        assert!(
+            received[0].keyframe,
+            "the first picture a sink gets is a keyframe"
+        );
+        assert!(
+            received.windows(2).all(|w| w[1].seq > w[0].seq),
+            "in sequence"
+        );
+        assert!(received.iter().all(|f| (f.width, f.height) == (64, 64)));
+        let mut decoder = sdstream::webrtc::h264::H264Decoder::new().expect("decoder");
+        for frame in &received {
+            let picture = decoder
+                .decode(&frame.data)
+                .expect("decodable")
+                .expect("a picture per frame");
+            assert_eq!((picture.width, picture.height), (64, 64));
+        }
+        let s = stream.stats();
+        assert!(s.frames_submitted >= 8 && s.frames_to_sinks >= 8, "{s:?}");
+        assert_eq!(s.publisher_kind, Some("rtmp"));
+        assert_eq!(s.sinks, 1);
+        assert!(s.access_units_received >= s.frames_submitted);
+
+        // Paused: decoded, counted, not submitted.
+        stream.set_paused(true);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = stream.stats();
+        for _ in 0..5 {
+            let encoded = encoder.encode(&picture(64, 64, t), 64, 64).expect("encode");
+            publisher.push_access_unit(encoded.data, std::time::Instant::now());
+            t += 1;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert!(eventually(|| stream.stats().frames_paused >= before.frames_paused + 4).await);
+        assert_eq!(stream.stats().frames_submitted, before.frames_submitted);
+        stream.set_paused(false);
+        assert!(!stream.is_paused());
+
+        // Dropping the source frees the place; a WHIP offer would now be answered.
+        drop(sink);
+        assert_eq!(stream.stats().sinks, 0);
+        drop(publisher);
+        assert_eq!(stream.ingest().publisher, PublisherState::Gone);
+        assert!(stream.ingest().publisher_lost.is_some());
+        let again = stream
+            .publish_external(IngestKind::Rtmp)
+            .await
+            .expect("the place is free again");
+        // Closing the stream ends its source.
+        stream.close().await;
+        assert!(again.is_ended());
+        tokio::time::timeout(Duration::from_secs(5), again.ended())
+            .await
+            .expect("ended() completes");
+    });
+    engine.close();
+}

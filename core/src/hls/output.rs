@@ -51,8 +51,6 @@ struct Segment {
     duration: f64,
     /// Wall-clock time of its first picture.
     program_date: SystemTime,
-    /// A discontinuity precedes it (the segmenter restarted).
-    discontinuity: bool,
 }
 
 /// Counters and timings of a stream's HLS output.
@@ -81,8 +79,6 @@ pub struct HlsStats {
 struct State {
     segments: VecDeque<Arc<Segment>>,
     next_seq: u64,
-    /// A discontinuity goes before the next segment published.
-    discontinuity: bool,
     last_request: Instant,
     stats: HlsStats,
     durations: VecDeque<f64>,
@@ -142,7 +138,6 @@ impl HlsOutput {
             state: Mutex::new(State {
                 segments: VecDeque::new(),
                 next_seq: 0,
-                discontinuity: false,
                 last_request: Instant::now(),
                 stats: HlsStats::default(),
                 durations: VecDeque::new(),
@@ -209,37 +204,7 @@ impl HlsOutput {
             .cloned()
             .collect();
         drop(s);
-        Some(self.render(&listed, segment_uri))
-    }
-
-    fn render(&self, listed: &[Arc<Segment>], segment_uri: impl Fn(u64) -> String) -> String {
-        // A segment ends at the first keyframe after the target, which the encoder makes
-        // within a picture or two of being asked: twice the target bounds every segment, so
-        // the target duration never has to change (RFC 8216 §4.3.3.1).
-        let target = (self.config.segment_target.as_secs_f64() * 2.0)
-            .ceil()
-            .max(1.0) as u64;
-        let first = listed.first().map_or(0, |s| s.seq);
-        let mut text = String::with_capacity(256 + listed.len() * 128);
-        text.push_str("#EXTM3U\n#EXT-X-VERSION:3\n");
-        text.push_str(&format!("#EXT-X-TARGETDURATION:{target}\n"));
-        text.push_str(&format!("#EXT-X-MEDIA-SEQUENCE:{first}\n"));
-        let discontinuities = listed.iter().filter(|s| s.discontinuity).count();
-        if discontinuities > 0 {
-            text.push_str("#EXT-X-DISCONTINUITY-SEQUENCE:0\n");
-        }
-        for segment in listed {
-            if segment.discontinuity && segment.seq != first {
-                text.push_str("#EXT-X-DISCONTINUITY\n");
-            }
-            text.push_str(&format!(
-                "#EXT-X-PROGRAM-DATE-TIME:{}\n#EXTINF:{:.3},\n{}\n",
-                crate::status::rfc3339(segment.program_date),
-                segment.duration,
-                segment_uri(segment.seq)
-            ));
-        }
-        text
+        Some(render_playlist(&self.config, &listed, segment_uri))
     }
 
     /// Segment `seq`, while it is kept.
@@ -265,11 +230,9 @@ impl HlsOutput {
         if let Err(e) = outcome {
             tracing::warn!(error = %e, "HLS segmenter stopped");
         }
-        {
-            let mut s = self.state();
-            // Players that come back later start from fresh segments after a discontinuity.
-            s.discontinuity = true;
-        }
+        // Nobody has read for `idle_stop`: a player that comes back starts from fresh
+        // segments (the media sequence goes on), so none of these is needed any more.
+        self.state().segments.clear();
         self.running.store(false, Ordering::Release);
         tracing::info!("HLS segmenter stopped (no requests)");
     }
@@ -327,7 +290,6 @@ impl HlsOutput {
             let mut s = self.state();
             let seq = s.next_seq;
             s.next_seq += 1;
-            let discontinuity = std::mem::take(&mut s.discontinuity);
             s.stats.segments += 1;
             s.stats.bytes += data.len() as u64;
             record(&mut s.durations, duration * 1e3);
@@ -342,7 +304,6 @@ impl HlsOutput {
                 data: Bytes::from(data),
                 duration,
                 program_date,
-                discontinuity,
             }));
             let keep = self
                 .config
@@ -358,9 +319,74 @@ impl HlsOutput {
     }
 }
 
+/// The live playlist listing `listed` (oldest first).
+fn render_playlist(
+    config: &HlsConfig,
+    listed: &[Arc<Segment>],
+    segment_uri: impl Fn(u64) -> String,
+) -> String {
+    // A segment ends at the first keyframe after the target, which the encoder makes
+    // within a picture or two of being asked: twice the target bounds every segment, so
+    // the target duration never has to change (RFC 8216 §4.3.3.1).
+    let target = (config.segment_target.as_secs_f64() * 2.0).ceil().max(1.0) as u64;
+    let first = listed.first().map_or(0, |s| s.seq);
+    let mut text = String::with_capacity(256 + listed.len() * 128);
+    text.push_str("#EXTM3U\n#EXT-X-VERSION:3\n");
+    text.push_str(&format!("#EXT-X-TARGETDURATION:{target}\n"));
+    text.push_str(&format!("#EXT-X-MEDIA-SEQUENCE:{first}\n"));
+    for segment in listed {
+        text.push_str(&format!(
+            "#EXT-X-PROGRAM-DATE-TIME:{}\n#EXTINF:{:.3},\n{}\n",
+            crate::status::rfc3339(segment.program_date),
+            segment.duration,
+            segment_uri(segment.seq)
+        ));
+    }
+    text
+}
+
 /// The wall-clock time at which `frame` was taken from the engine.
 fn wall_clock(frame: &EncodedFrame) -> SystemTime {
     SystemTime::now()
         .checked_sub(frame.taken.elapsed())
         .unwrap_or_else(SystemTime::now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment(seq: u64, duration: f64) -> Arc<Segment> {
+        Arc::new(Segment {
+            seq,
+            data: Bytes::new(),
+            duration,
+            program_date: SystemTime::UNIX_EPOCH
+                + Duration::from_millis(1_700_000_000_123 + seq * 1000),
+        })
+    }
+
+    #[test]
+    fn the_playlist_lists_segments_with_a_fixed_target() {
+        let config = HlsConfig {
+            segment_target: Duration::from_millis(1500),
+            ..HlsConfig::default()
+        };
+        let text = render_playlist(&config, &[segment(7, 1.52), segment(8, 1.5)], |n| {
+            format!("{n}.ts?token=k")
+        });
+        assert_eq!(
+            text,
+            "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:3\n#EXT-X-MEDIA-SEQUENCE:7\n\
+             #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:27.123Z\n#EXTINF:1.520,\n7.ts?token=k\n\
+             #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:28.123Z\n#EXTINF:1.500,\n8.ts?token=k\n"
+        );
+        // 200 ms segments still get a whole second of target duration.
+        let short = HlsConfig {
+            segment_target: Duration::from_millis(200),
+            ..HlsConfig::default()
+        };
+        let text = render_playlist(&short, &[segment(0, 0.2)], |n| format!("{n}.ts"));
+        assert!(text.contains("#EXT-X-TARGETDURATION:1\n"), "{text}");
+    }
 }

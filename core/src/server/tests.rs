@@ -298,7 +298,12 @@ fn create_bodies_in_both_forms_and_their_errors_name_the_field() {
         (
             json!({"output_rtmp_url": "rtmp://x/y"}),
             422,
-            "`output_rtmp_url`: RTMP output",
+            "`output_rtmp_url`: \"rtmp://x/y\": give both an application and a stream key",
+        ),
+        (
+            json!({"output_rtmp_url": "rtmps://x/live/k"}),
+            422,
+            "`output_rtmp_url`: rtmps:// (RTMP over TLS) is not supported",
         ),
         (
             json!({"output_rtmp_url": true}),
@@ -435,6 +440,172 @@ fn command_line_defaults_and_errors() {
     }
     let err = cli::parse(&args(&["serve"]), Some("a/b".into())).expect_err("bad env");
     assert!(err.contains("SDSTREAM_INSTANCE"), "{err}");
+}
+
+#[test]
+fn media_flags_and_the_urls_they_give() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let parse = |a: &[&str]| match cli::parse(&args(a), None) {
+        Ok(Command::Serve(serve)) => *serve,
+        other => panic!("{a:?}: {other:?}"),
+    };
+    // Defaults: RTMP on the bind host's port 1935, 1 s HLS segments, Scope routes behind the
+    // token, no ICE servers.
+    let defaults = parse(&["serve"]);
+    assert_eq!(defaults.rtmp_bind, Some(None));
+    assert_eq!(defaults.hls_segment, Duration::from_secs(1));
+    assert!(defaults.scope_requires_token);
+    assert!(defaults.ice_servers.is_empty());
+    let local = SocketAddr::from(([127, 0, 0, 1], 8088));
+    let config = cli::config(
+        &defaults,
+        "t".into(),
+        local,
+        Some(SocketAddr::from(([127, 0, 0, 1], 1935))),
+    )
+    .unwrap();
+    assert_eq!(
+        config.rtmp_url.as_deref(),
+        Some("rtmp://127.0.0.1:1935/live")
+    );
+    assert_eq!(config.hls.segment_target, Duration::from_secs(1));
+    let flagged = parse(&[
+        "serve",
+        "--rtmp-bind",
+        "0.0.0.0:19350",
+        "--public-url",
+        "https://sd.example:8443/base",
+        "--hls-segment-ms",
+        "50",
+        "--scope-auth",
+        "none",
+        "--ice-server",
+        "stun:stun.example.org:3478",
+        "--ice-server",
+        "turn:turn.example.org:3478,alice,secret",
+    ]);
+    assert_eq!(
+        flagged.rtmp_bind,
+        Some(Some(SocketAddr::from(([0, 0, 0, 0], 19350))))
+    );
+    // Clamped to 200 ms at least.
+    assert_eq!(flagged.hls_segment, Duration::from_millis(200));
+    assert!(!flagged.scope_requires_token);
+    assert_eq!(flagged.ice_servers.len(), 2);
+    assert_eq!(flagged.ice_servers[1].username.as_deref(), Some("alice"));
+    let config = cli::config(
+        &flagged,
+        "t".into(),
+        local,
+        Some(SocketAddr::from(([0, 0, 0, 0], 19350))),
+    )
+    .unwrap();
+    // The public host with the RTMP port.
+    assert_eq!(
+        config.rtmp_url.as_deref(),
+        Some("rtmp://sd.example:19350/live")
+    );
+    assert_eq!(config.transport.ice_servers, flagged.ice_servers);
+    assert!(!config.scope_requires_token);
+    let explicit = parse(&["serve", "--rtmp-public-url", "rtmp://ingest.example/live/"]);
+    let config = cli::config(&explicit, "t".into(), local, Some(local)).unwrap();
+    assert_eq!(
+        config.rtmp_url.as_deref(),
+        Some("rtmp://ingest.example/live")
+    );
+    let off = parse(&["serve", "--rtmp-bind", "off"]);
+    assert_eq!(off.rtmp_bind, None);
+    assert_eq!(
+        cli::config(&off, "t".into(), local, None).unwrap().rtmp_url,
+        None
+    );
+    for (bad, says) in [
+        (
+            &["serve", "--rtmp-bind", "nowhere"][..],
+            "--rtmp-bind nowhere",
+        ),
+        (&["serve", "--rtmp-public-url", "http://x"][..], "rtmp://"),
+        (&["serve", "--scope-auth", "maybe"][..], "token or none"),
+        (
+            &["serve", "--ice-server", "http://stun.example"][..],
+            "stun:",
+        ),
+        (
+            &["serve", "--ice-server", "turn:turn.example:3478"][..],
+            "user name",
+        ),
+        (
+            &["serve", "--ice-server", "stun:a,b"][..],
+            "URL,USERNAME,CREDENTIAL",
+        ),
+        (
+            &["serve", "--hls-segment-ms", "fast"][..],
+            "--hls-segment-ms fast",
+        ),
+    ] {
+        let err = cli::parse(&args(bad), None).expect_err(&format!("{bad:?}"));
+        assert!(err.contains(says), "{bad:?}: {err}");
+    }
+}
+
+#[test]
+fn streams_give_their_rtmp_and_hls_urls_and_scope_routes_follow_the_token_setting() {
+    let mut guarded = config();
+    guarded.rtmp_url = Some("rtmp://sd.example:1935/live".into());
+    let (_rt, addr, _server) = serve(guarded);
+    let stream = create(addr, &json!({"params": {"prompt": "a fox"}}));
+    let (id, key) = (
+        stream["id"].as_str().unwrap(),
+        stream["stream_key"].as_str().unwrap(),
+    );
+    assert_eq!(stream["rtmp_url"], "rtmp://sd.example:1935/live");
+    assert_eq!(
+        stream["rtmp_publish_url"],
+        format!("rtmp://sd.example:1935/live/{key}")
+    );
+    assert_eq!(
+        stream["hls_url"],
+        format!("http://sd.example:8088/hls/{id}/index.m3u8?token={key}")
+    );
+    assert_eq!(stream["output_rtmp_url"], Value::Null);
+    // A pushed stream echoes its destination; a bad one is refused naming the field.
+    let pushed = create(
+        addr,
+        &json!({"output_rtmp_url": "rtmp://127.0.0.1:9/live/k"}),
+    );
+    assert_eq!(pushed["output_rtmp_url"], "rtmp://127.0.0.1:9/live/k");
+    let (status, body) = api(
+        addr,
+        "POST",
+        "/v1/streams",
+        Some(&json!({"output_rtmp_url": "rtmps://cdn.example/live/k"})),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("output_rtmp_url") && body.contains("rtmps"),
+        "{body}"
+    );
+    // Scope routes need the token here; its own 401 carries Scope's `detail`.
+    let (status, _, body) = request(addr, "GET", "/api/v1/webrtc/ice-servers", "", None);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(json_of(&body)["detail"], "missing or wrong bearer token");
+    let (status, body) = api(addr, "GET", "/api/v1/webrtc/ice-servers", None);
+    assert_eq!((status, json_of(&body)), (200, json!({"iceServers": []})));
+    // /health is open, like Scope's.
+    let (status, _, body) = request(addr, "GET", "/health", "", None);
+    assert_eq!(
+        (status, json_of(&body)["status"].clone()),
+        (200, json!("healthy"))
+    );
+
+    let mut open = config();
+    open.scope_requires_token = false;
+    let (_rt2, addr2, _server2) = serve(open);
+    let (status, _, body) = request(addr2, "GET", "/api/v1/webrtc/ice-servers", "", None);
+    assert_eq!(status, 200, "{body}");
+    // The Daydream API still needs it.
+    let (status, _, _) = request(addr2, "GET", "/v1/streams", "", None);
+    assert_eq!(status, 401);
 }
 
 #[test]
@@ -914,7 +1085,7 @@ fn what_the_engine_cannot_run_is_refused_at_creation_naming_the_field() {
     let (_, ready) = api(addr, "GET", "/readyz", None);
     assert_eq!(
         json_of(&ready),
-        json!({"status": "ready", "streams": 1, "max_streams": 1}),
+        json!({"status": "ready", "streams": 1, "max_streams": 1, "rtmp": null}),
         "a full server stays ready"
     );
     let id = only["id"].as_str().unwrap();
