@@ -14,13 +14,17 @@
 //! | `GET /v1/streams/{id}/status` | `{success, error, data: {state, input_status, inference_status, gateway_status, …}}` |
 //! | `POST /beta/streams/{id}/prompts` `{pipeline, model_id, params}` | `{success, message, was_censored, warnings}` |
 //! | `POST {whip_url}`, `POST {whep_url}` (`application/sdp`) | WHIP / WHEP (RFC 9725), the stream's own key as token |
+//! | `GET {hls_url}` (`/hls/{id}/index.m3u8?token=`), its segments | HLS: a live playlist of MPEG-TS segments |
+//! | `rtmp://host:1935/live/{stream_key}` | RTMP ingest (a separate TCP listener, [`Server::start_rtmp`]) |
+//! | `POST /api/v1/webrtc/offer`, `PATCH`/`DELETE /api/v1/webrtc/offer/{id}`, `GET /api/v1/webrtc/ice-servers`, `POST /api/v1/pipeline/load`, `GET /api/v1/pipeline/status`, `GET /health` | Daydream Scope's session API (module `scope`; docs/STREAMING.md) |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness (no token) |
 //! | `GET /` | a camera → WHIP, WHEP → `<video>` page |
 //!
 //! The stream object carries every field Daydream's SDK requires (`id`, `stream_key`,
 //! `created_at`, `output_playback_id`, `name`, `author`, `from_playground`, `gateway_host`,
 //! `is_smoke_test`, `whip_url`, `pipeline`, `params`) and `output_stream_url`, plus the older
-//! form's `pipeline_id` and `pipeline_params`, and sdstream's `whep_url`. A PATCH answer also
+//! form's `pipeline_id` and `pipeline_params`, and sdstream's `whep_url`, `hls_url`, `rtmp_url`,
+//! `rtmp_publish_url` and `output_rtmp_url`. A PATCH answer also
 //! says what the change cost (`update`: `unchanged`, `hot`, `controlnet_swap` or `reload`) and
 //! the new `params_version`.
 //!

@@ -16,7 +16,7 @@
 //! with `--scope-auth none`.
 //!
 //! [`translate`] maps Scope's parameters onto [`StreamDiffusionParams`]; what it cannot map is
-//! refused, naming the keys, never silently dropped (docs/SCOPE.md has the table). On the data
+//! refused, naming the keys, never silently dropped (docs/STREAMING.md has the table). On the data
 //! channel each message is a JSON object merged into the session's parameters: applied whole
 //! or not at all, answered `{type: "parameters_applied", update, params_version, paused}` or
 //! `{type: "parameters_rejected", error_message, fields}`. When the server ends a session it
@@ -195,7 +195,7 @@ fn interpolation(field: &str, v: &Value) -> Result<Value, Rejection> {
     }
 }
 
-/// Maps a Scope parameter object onto this server's terms (module docs; docs/SCOPE.md).
+/// Maps a Scope parameter object onto this server's terms (module docs; docs/STREAMING.md).
 /// `current` is the stream's parameters (for `denoising_step_list`, which needs the grid of
 /// `num_inference_steps`).
 pub(crate) fn translate(
