@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+import urllib.parse
 
 from aiortc import RTCPeerConnection
 
@@ -103,6 +104,10 @@ class Fuzzer:
             "/" + "x/" * 2000, f"/v1/streams/{sid}/status/extra", "/v2/streams", "/index.html", "*",
             "http://example.com/v1/streams", f"/whep/{sid}?token={key}&token=x", f"/whip/{sid}?token=" + "k" * 3000,
             "/v1/streams/" + self.text(20), "/whep/" + self.text(12),
+            "/api/v1/webrtc/offer", f"/api/v1/webrtc/offer/{sid}", "/api/v1/webrtc/offer/str_nope",
+            "/api/v1/webrtc/ice-servers", "/api/v1/pipeline/status", "/api/v1/pipeline/load", "/health",
+            f"/hls/{sid}/index.m3u8?token={key}", f"/hls/{sid}/0.ts?token={key}", f"/hls/{sid}/x.ts",
+            "/hls/str_nope/index.m3u8", f"/hls/{sid}/" + self.text(8),
         ]
         return self.rng.choice(choices)
 
@@ -167,8 +172,8 @@ class Fuzzer:
         rng = self.rng
         kind = rng.choices(
             ["request_line", "headers", "api_json", "sdp", "cut_body", "over_limit", "slow_body", "valid_offer",
-             "model_path"],
-            weights=[12, 14, 26, 24, 8, 5, 1, 2, 8],
+             "model_path", "scope"],
+            weights=[12, 14, 26, 24, 8, 5, 1, 2, 8, 8],
         )[0]
         sid, key = self.sid, self.key
         if kind == "request_line":
@@ -282,6 +287,8 @@ class Fuzzer:
                 return Request(kind, raw, want={201, 503})
             raw = self.framed("POST", f"/whip/{sid}?token={key}", "Content-Type: application/sdp\r\n", self.publisher_sdp.encode())
             return Request(kind, raw, want={201, 409})
+        if kind == "scope":
+            return self.scope_case()
         # model_path
         target = rng.choice(["/etc", "../../..", "org/../../x", "/", "~", "C:\\x", "tiny-taesd", "..",
                              os.path.join(self.fixtures, "tiny-sd-turbo"), os.path.join(self.fixtures, "nope"),
@@ -292,6 +299,48 @@ class Fuzzer:
         raw = self.framed(method, path, f"Authorization: Bearer {API_TOKEN}\r\nContent-Type: application/json\r\n",
                           json.dumps({"params": params}).encode())
         return Request(kind, raw, want={422})
+
+    def scope_case(self):
+        """The Scope-style routes: offers in JSON (SDP mutated as above, parameters good and
+        bad), trickled candidates, the pipeline and ICE-server routes."""
+        rng, sid = self.rng, self.sid
+        auth = self.auth() + "Content-Type: application/json\r\n"
+        choice = rng.randrange(4)
+        if choice == 0:
+            body = {"sdp": self.sdp_body().decode("latin-1"), "type": rng.choice(["offer", "offer", "answer", 3, None])}
+            if rng.random() < 0.7:
+                body["initialParameters"] = rng.choice([
+                    {}, {"prompts": [{"text": "a fox", "weight": 1}]}, {"noise_scale": 2}, {"prompts": "x"},
+                    {"prompts": [{"text": "x", "weight": -1}]}, {"denoising_step_list": [5000]},
+                    {"denoising_step_list": [700, 500]}, {"transition": {"target_prompts": []}}, [], None,
+                    {"seed": -1}, {"pipeline_ids": ["longlive"]}, {"paused": "x"}, {"guidance_scale": 1e308},
+                    {"prompts": [{"text": "a"}] * 100}, {"input_mode": "text"}, {"model_id": "/etc"},
+                ])
+            raw = json.dumps(body).encode()
+            if rng.random() < 0.2:
+                raw = self.mutate(raw)
+            return Request("scope", self.framed("POST", "/api/v1/webrtc/offer", auth, raw))
+        if choice == 1:
+            # Hostile ids, percent-encoded: this kind is about the routes, not the request line.
+            path = rng.choice([f"/api/v1/webrtc/offer/{sid}", "/api/v1/webrtc/offer/str_nope",
+                               "/api/v1/webrtc/offer/" + urllib.parse.quote(self.text(10), safe="")])
+            candidate = rng.choice(["candidate:1 1 udp 2130706431 127.0.0.1 9 typ host", "candidate:garbage", "",
+                                    None, 7, "a=candidate:" + self.text(30)])
+            body = rng.choice([
+                {"candidates": [{"candidate": candidate, "sdpMid": rng.choice(["0", None, 1]),
+                                 "sdpMLineIndex": rng.choice([0, None, -1, 70000])}]},
+                {"candidates": [{"candidate": candidate, "sdpMid": "0"}] * rng.randint(0, 200)},
+                {"candidates": "x"}, {}, [],
+            ])
+            return Request("scope", self.framed(rng.choice(["PATCH", "PATCH", "DELETE"]), path, auth,
+                                                json.dumps(body).encode()))
+        if choice == 2:
+            body = rng.choice([{"pipeline_ids": ["streamdiffusion"], "load_params": {"base_seed": 7}},
+                               {"pipeline_ids": ["longlive"]}, {"pipelines": [{"pipeline_id": "streamdiffusion"}]},
+                               {"pipeline_ids": ["streamdiffusion"], "load_params": {"width": "x"}}, {}, []])
+            return Request("scope", self.framed("POST", "/api/v1/pipeline/load", auth, json.dumps(body).encode()))
+        path = rng.choice(["/api/v1/webrtc/ice-servers", "/api/v1/pipeline/status", "/health"])
+        return Request("scope", self.framed("GET", path, self.auth(), b""))
 
 
 async def send(host, port, req, timeout):
