@@ -12,7 +12,11 @@ complete -> submitted), queueing and engine (inside the engine), encode, and del
 published; RTMP push: encoded -> written to the socket). For HLS a player adds its own buffer on
 top (it starts about three segments from the live edge).
 
-usage: path_figures.py --server BIN --fixtures DIR --work DIR [--size 512] [--seconds 15] [--ffmpeg ffmpeg]
+Cameras send RATE (10) pictures a second. On a small CPU the tiny fixture at 512² makes a frame in
+seconds, so most frames wait in the engine's queue (`queueing`): that figure is the engine's
+backlog, not the transport's; ingest, encode and delivery are the transport's own.
+
+usage: path_figures.py --server BIN --fixtures DIR --work DIR [--size 512] [--seconds 45] [--ffmpeg ffmpeg]
 """
 
 import asyncio
@@ -23,10 +27,34 @@ import subprocess
 import sys
 import time
 
+import fractions
+
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 import e2e
-from figures import Camera
+import figures
+
+# Cameras send 10 pictures a second: the peers (aiortc's Python encoder, ffmpeg) share this
+# machine's cores with the engine, and the figures are about the server's own share.
+RATE = 10
+
+
+class Camera(figures.Camera):
+    """figures.Camera at RATE pictures a second."""
+
+    async def recv(self):
+        if not hasattr(self, "_start"):
+            self._start, self._n = time.monotonic(), 0
+        self._n += 1
+        wait = self._start + self._n / RATE - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        frame = await super().recv()
+        frame.pts, frame.time_base = self._n * (90_000 // RATE), fractions.Fraction(1, 90_000)
+        return frame
+
+    async def next_timestamp(self):
+        return 0, fractions.Fraction(1, 90_000)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from server_harness import api, arguments, serve  # noqa: E402
@@ -110,9 +138,9 @@ def rtmp_hls_push(base, size, seconds, ffmpeg):
     _, stream = api(base, "POST", "/v1/streams", {"params": {"prompt": "a lighthouse"},
                                                    "output_rtmp_url": f"rtmp://127.0.0.1:{out_port}/live/out"})
     push = subprocess.Popen(
-        [ffmpeg, "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i", f"testsrc2=size={size}x{size}:rate=30",
+        [ffmpeg, "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i", f"testsrc2=size={size}x{size}:rate={RATE}",
          "-t", str(seconds + 10), "-c:v", "libx264", "-profile:v", "baseline", "-preset", "ultrafast", "-tune", "zerolatency",
-         "-g", "30", "-pix_fmt", "yuv420p", "-f", "flv", stream["rtmp_publish_url"]])
+         "-g", str(RATE), "-pix_fmt", "yuv420p", "-f", "flv", stream["rtmp_publish_url"]])
     time.sleep(3)
     reader = subprocess.Popen([ffmpeg, "-hide_banner", "-loglevel", "error", "-i", stream["hls_url"], "-f", "null", "-"])
     time.sleep(seconds)
@@ -127,7 +155,7 @@ def rtmp_hls_push(base, size, seconds, ffmpeg):
 def main():
     ap = arguments(work=True)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--seconds", type=float, default=45)
     ap.add_argument("--ffmpeg", default="ffmpeg")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)

@@ -19,6 +19,15 @@
 //!   supports neither trickle ICE nor ICE restarts. Errors are JSON envelopes
 //!   (`{"success": false, "error", "code", "status"}`, see [`error_response`]).
 //!
+//! * [`WebRtcStream::open_duplex`] answers a session whose one connection sends the camera and
+//!   receives the output (Daydream Scope's shape): it holds the publisher place and a viewer
+//!   place, takes trickled candidates ([`WebRtcStream::add_remote_candidates`]), and hands its
+//!   data-channel messages to a [`ControlHandler`].
+//! * [`WebRtcStream::publish_external`] gives the publisher place to a source outside WebRTC
+//!   (RTMP, [`crate::rtmp`]), whose access units go through the same decode thread;
+//!   [`WebRtcStream::subscribe_encoded`] hands the encoded output to consumers outside WebRTC
+//!   (HLS, an RTMP push). One publisher at a time, whatever its kind.
+//!
 //! Audio tracks are accepted and ignored. Everything here runs on a Tokio runtime (the calls are
 //! `async`); decoding and encoding run on their own threads so that neither the network tasks
 //! nor the engine wait on the codec.
