@@ -331,7 +331,7 @@ pub(crate) fn epoch_ms() -> u64 {
 }
 
 /// RFC 3339 UTC with milliseconds (`2025-01-31T12:00:00.000Z`), as Daydream's `created_at`.
-pub(crate) fn rfc3339(at: SystemTime) -> String {
+pub fn rfc3339(at: SystemTime) -> String {
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
