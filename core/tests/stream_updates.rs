@@ -420,3 +420,183 @@ fn status_counts_frames_errors_updates_and_reloads() {
     assert_eq!(status.last_params["width"], 128);
     assert_eq!(status.frames_submitted, 4);
 }
+
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The interpolation docs/ALGORITHM.md §8 states, in f64: (1 − t)·a + t·b, or the spherical
+/// sin((1 − t)θ)/sin θ · a + sin(tθ)/sin θ · b with θ the angle between a and b.
+fn interpolated(a: &Tensor, b: &Tensor, t: f64, slerp: bool) -> Vec<f64> {
+    let (a, b) = (flat(a), flat(b));
+    let (wa, wb) = if slerp {
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let dot = a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>() / (norm(&a) * norm(&b));
+        let theta = dot.clamp(-1.0, 1.0).acos();
+        (
+            ((1.0 - t) * theta).sin() / theta.sin(),
+            (t * theta).sin() / theta.sin(),
+        )
+    } else {
+        (1.0 - t, t)
+    };
+    a.iter().zip(&b).map(|(x, y)| wa * x + wb * y).collect()
+}
+
+fn max_diff(got: &Tensor, want: &[f64]) -> f64 {
+    flat(got)
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Transitions (issue #16 item 5): frame k of n is conditioned on the stated interpolation at
+/// k/n between the embedding in force and the new prompt's (linear and slerp), the n-th frame
+/// on the new embedding exactly; a change mid-glide starts from where it is; an update without
+/// a transition switches at once; a seed glides its noise the same way; a reload or a new batch
+/// size drops the glide.
+#[test]
+fn a_transition_glides_prompt_and_seed_frame_by_frame_and_ends_on_the_target() {
+    use sdstream::params::{InterpolationMethod, Transition};
+    let base = base_body();
+    let mut s = stream(&base);
+    for i in 0..2 {
+        s.process_tensor(&frame_tensor(i)).unwrap();
+    }
+    let encode = |text: &str| models().encode_text(text).unwrap();
+    let cat = s.conditioning().cond.clone();
+    assert_eq!(abs_err(&cat, &encode("a photo of a cat")).0, 0.0);
+    let dog = encode("a photo of a dog");
+    let linear = Transition::new(4, InterpolationMethod::Linear);
+    let update = s
+        .update_with_transition(
+            params(&with(base.clone(), "prompt", json!("a photo of a dog"))),
+            linear,
+        )
+        .unwrap();
+    assert!(update.is_hot());
+    // Nothing moves before the next frame.
+    assert_eq!(abs_err(&s.conditioning().cond, &cat).0, 0.0);
+    assert_eq!(s.transition_progress().prompt, Some((0, 4)));
+    let mut worst: f64 = 0.0;
+    for k in 1..=3u32 {
+        s.process_tensor(&frame_tensor(k as usize % 8)).unwrap();
+        let want = interpolated(&cat, &dog, f64::from(k) / 4.0, false);
+        worst = worst.max(max_diff(&s.conditioning().cond, &want));
+        assert_eq!(s.transition_progress().prompt, Some((k, 4)));
+    }
+    assert!(worst < 1e-6, "linear glide off by {worst:.2e}");
+    s.process_tensor(&frame_tensor(4)).unwrap();
+    assert_eq!(
+        abs_err(&s.conditioning().cond, &dog).0,
+        0.0,
+        "ends on the target"
+    );
+    assert_eq!(s.transition_progress().prompt, None);
+
+    // Slerp over 4 frames to "fox", interrupted after 2 by "owl" over 2 frames: the owl glide
+    // starts from the value after frame 2.
+    let fox = encode("a photo of a fox");
+    let owl = encode("a photo of an owl");
+    let slerp4 = Transition::new(4, InterpolationMethod::Slerp);
+    s.update_with_transition(
+        params(&with(base.clone(), "prompt", json!("a photo of a fox"))),
+        slerp4,
+    )
+    .unwrap();
+    let mut worst: f64 = 0.0;
+    for k in 1..=2u32 {
+        s.process_tensor(&frame_tensor((4 + k as usize) % 8))
+            .unwrap();
+        let want = interpolated(&dog, &fox, f64::from(k) / 4.0, true);
+        worst = worst.max(max_diff(&s.conditioning().cond, &want));
+    }
+    assert!(worst < 1e-5, "slerp glide off by {worst:.2e}");
+    let midway = s.conditioning().cond.clone();
+    s.update_with_transition(
+        params(&with(base.clone(), "prompt", json!("a photo of an owl"))),
+        Transition::new(2, InterpolationMethod::Slerp),
+    )
+    .unwrap();
+    s.process_tensor(&frame_tensor(7)).unwrap();
+    let want = interpolated(&midway, &owl, 0.5, true);
+    let off = max_diff(&s.conditioning().cond, &want);
+    assert!(
+        off < 1e-5,
+        "a glide mid-glide starts from where it is: off by {off:.2e}"
+    );
+    // An update without a transition mid-glide switches on the next frame.
+    s.update(params(&with(
+        base.clone(),
+        "prompt",
+        json!("a photo of a cat"),
+    )))
+    .unwrap();
+    assert_eq!(s.transition_progress().prompt, None);
+    assert_eq!(abs_err(&s.conditioning().cond, &cat).0, 0.0);
+
+    // The seed: the stream's noise glides from seed 2's to seed 777's.
+    let draw = |seed| {
+        TorchGenerator::new(seed)
+            .randn_tensor(&[3, 4, 8, 8], &Device::Cpu)
+            .unwrap()
+    };
+    let (two, seven) = (draw(2), draw(777));
+    assert_eq!(abs_err(s.state().init_noise(), &two).0, 0.0);
+    let cat_seed = with(base.clone(), "seed", json!(777));
+    s.update_with_transition(
+        params(&cat_seed),
+        Transition::new(2, InterpolationMethod::Slerp),
+    )
+    .unwrap();
+    s.process_tensor(&frame_tensor(0)).unwrap();
+    let off = max_diff(
+        s.state().init_noise(),
+        &interpolated(&two, &seven, 0.5, true),
+    );
+    assert!(off < 1e-5, "seed glide off by {off:.2e}");
+    assert_eq!(s.transition_progress().seed, Some((1, 2)));
+    s.process_tensor(&frame_tensor(1)).unwrap();
+    assert_eq!(abs_err(s.state().init_noise(), &seven).0, 0.0);
+    assert_eq!(s.transition_progress().seed, None);
+
+    // A new batch size mid-glide starts the new stream from the new values.
+    s.update_with_transition(
+        params(&with(cat_seed.clone(), "prompt", json!("a photo of a dog"))),
+        linear,
+    )
+    .unwrap();
+    s.process_tensor(&frame_tensor(2)).unwrap();
+    assert!(s.transition_progress().prompt.is_some());
+    let resized = with(
+        with(cat_seed, "prompt", json!("a photo of a dog")),
+        "t_index_list",
+        json!([20, 32]),
+    );
+    s.update_with_transition(params(&resized), linear).unwrap();
+    assert!(
+        s.transition_progress().prompt.is_some(),
+        "the prompt glide goes on"
+    );
+    assert_eq!(s.transition_progress().seed, None);
+    // A reload drops every glide.
+    let reloaded = with(resized, "width", json!(128));
+    assert!(
+        s.update_with_transition(params(&reloaded), linear)
+            .unwrap()
+            .needs_reload()
+    );
+    assert_eq!(s.transition_progress(), Default::default());
+    // A transition out of range changes nothing.
+    let too_long = Transition::new(Transition::MAX_STEPS + 1, InterpolationMethod::Linear);
+    assert!(matches!(
+        s.update_with_transition(params(&base), too_long),
+        Err(Error::InvalidParam { .. })
+    ));
+}

@@ -37,7 +37,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::model::pool::ModelPool;
-use crate::params::{EngineSettings, StreamDiffusionParams, Update, classify};
+use crate::params::{EngineSettings, StreamDiffusionParams, Transition, Update, classify};
 use crate::pipeline::stream_diffusion::{check_control_ids, check_supported};
 use crate::{Error, Result};
 
@@ -359,6 +359,21 @@ impl Engine {
     /// that needs another supersedes it. The returned [`Update`] compares with the previously
     /// accepted parameters.
     pub fn update_params(&self, params: StreamDiffusionParams) -> Result<Update> {
+        self.update_params_with_transition(params, Transition::default())
+    }
+
+    /// [`update_params`](Self::update_params) with a [`Transition`]: when the serving pipeline
+    /// takes the new parameters in place, a change of the prompt (or of the seed) glides over
+    /// `transition.num_steps` frames from where it is to the new value instead of switching
+    /// on the next frame. A change that needs a reload ignores the transition (the new
+    /// pipeline starts from the new values). A later update replaces the transition of one
+    /// not yet taken; one taken mid-glide starts from the glide's current value.
+    pub fn update_params_with_transition(
+        &self,
+        params: StreamDiffusionParams,
+        transition: Transition,
+    ) -> Result<Update> {
+        transition.validate()?;
         params.validate(&self.shared.settings)?;
         check_supported(&params)?;
         let mut s = self.shared.lock();
@@ -390,6 +405,7 @@ impl Engine {
         }
         let version = s.take_version();
         s.set_target(params.clone(), version);
+        s.target_transition = transition;
         s.target_time = Some(epoch_ms());
         if let Some(kind) = needs_build {
             let pending_fits = s.pending_build.as_ref().is_some_and(|b| {

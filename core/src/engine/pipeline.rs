@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::frame::{Frame, Image};
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::pool::ModelPool;
-use crate::params::{EngineSettings, StreamDiffusionParams, Update};
+use crate::params::{EngineSettings, StreamDiffusionParams, Transition, Update};
 use crate::pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
 use crate::{Error, Result};
 
@@ -15,9 +15,10 @@ use crate::{Error, Result};
 pub(crate) trait Pipeline: Send {
     /// One frame in, one frame out; `controls` are control images by ControlNet model_id.
     fn process(&mut self, frame: &Frame, controls: &[(&str, &Frame)]) -> Result<Image>;
-    /// Applies new parameters in place. The engine calls it only for hot (or unchanged)
-    /// updates; reloads are built by the factory instead.
-    fn update(&mut self, params: StreamDiffusionParams) -> Result<Update>;
+    /// Applies new parameters in place, a prompt or seed change gliding as `transition` says.
+    /// The engine calls it only for hot (or unchanged) updates; reloads are built by the
+    /// factory instead.
+    fn update(&mut self, params: StreamDiffusionParams, transition: Transition) -> Result<Update>;
     /// The parameters in force.
     fn params(&self) -> &StreamDiffusionParams;
     /// Stage timings of the last `process` call.
@@ -29,8 +30,8 @@ impl Pipeline for StreamDiffusion {
         StreamDiffusion::process_with_controls(self, frame, controls)
     }
 
-    fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
-        StreamDiffusion::update(self, params)
+    fn update(&mut self, params: StreamDiffusionParams, transition: Transition) -> Result<Update> {
+        StreamDiffusion::update_with_transition(self, params, transition)
     }
 
     fn params(&self) -> &StreamDiffusionParams {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use crate::frame::{Frame, Image, PixelFormat};
-use crate::params::{EngineSettings, StreamDiffusionParams};
+use crate::params::{EngineSettings, StreamDiffusionParams, Transition};
 use crate::{Error, Result};
 
 use super::pipeline::{Pipeline, PipelineFactory};
@@ -115,6 +115,8 @@ pub(super) struct Inner {
     /// The last accepted parameters, their version, JSON, hash and time.
     pub(super) target: StreamDiffusionParams,
     pub(super) target_version: u64,
+    /// How the target's prompt or seed change glides when the serving pipeline takes it.
+    pub(super) target_transition: Transition,
     pub(super) target_json: serde_json::Value,
     pub(super) target_hash: String,
     pub(super) target_time: Option<u64>,
@@ -166,6 +168,7 @@ impl Inner {
             target_json: json,
             target: params,
             target_version: 0,
+            target_transition: Transition::default(),
             target_time: None,
             next_version: 1,
             serving: None,
@@ -200,6 +203,7 @@ impl Inner {
     }
 
     pub(super) fn set_target(&mut self, params: StreamDiffusionParams, version: u64) {
+        self.target_transition = Transition::default();
         self.target_hash = params_hash(&params.to_json());
         self.target_json = params_json(&params);
         self.target = params;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::pipeline::{Pipeline, PipelineFactory};
 use super::*;
-use crate::params::Prompt;
+use crate::params::{Prompt, Transition};
 use crate::pipeline::stream_diffusion::StageTimings;
 use crate::{Frame, Image, PixelFormat};
 
@@ -23,6 +23,8 @@ struct Fake {
     loaded: Arc<Mutex<Vec<String>>>,
     /// Frames wait here while a test holds it closed.
     frame_gate: Arc<Gate>,
+    /// Every transition an update came with, in order (shared with the factory).
+    transitions: Arc<Mutex<Vec<(String, Transition)>>>,
 }
 
 impl Pipeline for Fake {
@@ -47,8 +49,14 @@ impl Pipeline for Fake {
         })
     }
 
-    fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
+    fn update(&mut self, params: StreamDiffusionParams, transition: Transition) -> Result<Update> {
         let update = classify(&self.params, &params);
+        if let Prompt::Text(text) = &params.prompt {
+            self.transitions
+                .lock()
+                .expect("transitions")
+                .push((text.clone(), transition));
+        }
         assert!(
             update.is_hot() || update.is_controlnet_swap(),
             "the engine asked for an in-place reload: {update:?}"
@@ -93,6 +101,8 @@ struct FakeFactory {
     gate: Gate,
     /// The same for frames, in every pipeline this factory builds.
     frame_gate: Arc<Gate>,
+    /// The transitions updates came with, in every pipeline this factory builds.
+    transitions: Arc<Mutex<Vec<(String, Transition)>>>,
 }
 
 /// A door the factory's loads wait at; open unless a test closes it.
@@ -135,6 +145,7 @@ impl FakeFactory {
             loaded: Arc::new(Mutex::new(Vec::new())),
             gate: Gate::default(),
             frame_gate: Arc::default(),
+            transitions: Arc::default(),
         })
     }
 }
@@ -164,6 +175,7 @@ impl PipelineFactory for FakeFactory {
             calls: 0,
             loaded: self.loaded.clone(),
             frame_gate: self.frame_gate.clone(),
+            transitions: self.transitions.clone(),
         }))
     }
 
@@ -321,6 +333,61 @@ fn hot_update_applies_on_the_next_frame() {
     ));
     assert_eq!(engine.status().last_params_hash, hash_before);
     assert_eq!(engine.status().params_version, 1);
+}
+
+#[test]
+fn a_transition_reaches_the_pipeline_with_its_update_and_a_later_one_replaces_it() {
+    let factory = FakeFactory::new(0, 1);
+    let engine = engine(
+        factory.clone(),
+        EngineOptions {
+            warmup: false,
+            ..EngineOptions::default()
+        },
+    );
+    submit(&engine, 1).expect("submit");
+    recv(&engine);
+    let glide = Transition::new(8, crate::params::InterpolationMethod::Slerp);
+    engine
+        .update_params_with_transition(params_with("a cat", 512), glide)
+        .expect("update");
+    submit(&engine, 2).expect("submit");
+    recv(&engine);
+    // Two updates before the next frame: the pipeline takes the last, with its own transition
+    // (none: instant).
+    factory.frame_gate.close();
+    submit(&engine, 3).expect("submit");
+    wait_for("the frame to be in flight", || {
+        engine.status().frames_in_flight == 1
+    });
+    engine
+        .update_params_with_transition(params_with("a dog", 512), glide)
+        .expect("update");
+    engine
+        .update_params(params_with("a fox", 512))
+        .expect("update");
+    factory.frame_gate.open();
+    recv(&engine);
+    submit(&engine, 4).expect("submit");
+    recv(&engine);
+    let seen = factory.transitions.lock().expect("transitions").clone();
+    assert_eq!(
+        seen,
+        vec![
+            ("a cat".to_owned(), glide),
+            ("a fox".to_owned(), Transition::default())
+        ]
+    );
+    // A transition out of range is refused and changes nothing.
+    let too_long = Transition::new(
+        Transition::MAX_STEPS + 1,
+        glide.temporal_interpolation_method,
+    );
+    assert!(matches!(
+        engine.update_params_with_transition(params_with("a hen", 512), too_long),
+        Err(Error::InvalidParam { field, .. }) if field == "transition.num_steps"
+    ));
+    assert_eq!(engine.params().prompt, Prompt::Text("a fox".into()));
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::Result;
 use crate::frame::Image;
-use crate::params::{StreamDiffusionParams, Update, classify};
+use crate::params::{StreamDiffusionParams, Transition, Update, classify};
 use crate::pipeline::stream_diffusion::StageTimings;
 
 use super::pipeline::{Pipeline, warmup_passes};
@@ -31,6 +31,7 @@ pub(super) enum Action {
         params: Box<StreamDiffusionParams>,
         version: u64,
         update: Update,
+        transition: Transition,
     },
     Frame(Job),
 }
@@ -89,10 +90,12 @@ pub(super) fn worker_loop(shared: &Shared, live: &mut Option<Live>) {
                 params,
                 version,
                 update,
+                transition,
             } => {
                 let Some(l) = live.as_mut() else { continue };
-                let result =
-                    catch_unwind(AssertUnwindSafe(|| l.pipeline.update((*params).clone())));
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    l.pipeline.update((*params).clone(), transition)
+                }));
                 let mut s = shared.lock();
                 match result {
                     Ok(Ok(_)) => {
@@ -152,6 +155,7 @@ pub(super) fn next_action(
                             params: Box::new(s.target.clone()),
                             version: s.target_version,
                             update,
+                            transition: s.target_transition,
                         };
                     }
                     if s.pending_build.is_none() {

@@ -12,6 +12,8 @@
 //!   reload ([`Update`]), with a list of [`HotChange`]s precise enough to recompute only what
 //!   changed.
 //! * [`catalog`]: the known model and ControlNet ids, families and processor names.
+//! * [`Transition`]: how a prompt or seed change may glide over several frames instead of
+//!   switching at once.
 
 pub mod catalog;
 mod classify;
@@ -19,6 +21,7 @@ mod fields;
 mod json;
 mod nested;
 mod settings;
+mod transition;
 mod validate;
 mod weighted;
 
@@ -30,6 +33,7 @@ pub use nested::{
     ControlNetConfig, IPAdapterConfig, IpAdapterType, ProcessingConfig, ProcessorConfig,
 };
 pub use settings::{CfgType, DTypeChoice, DeviceSpec, EngineSettings, VaeChoice};
+pub use transition::Transition;
 pub use validate::{
     MAX_PROMPT_CHARS, MAX_SEED_EXCLUSIVE, MAX_T_INDEX_LEN, MAX_WEIGHTED_PROMPTS,
     MAX_WEIGHTED_SEEDS, ModelKind, SDXL_MAX_ENABLED_CONTROLNETS,

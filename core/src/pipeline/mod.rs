@@ -7,3 +7,4 @@ pub mod filter;
 pub mod stream;
 pub mod stream_diffusion;
 mod support;
+pub mod transition;

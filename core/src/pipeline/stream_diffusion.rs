@@ -23,7 +23,9 @@ use crate::frame::{Frame, Image};
 use crate::model::bundle::{ModelRequest, StableDiffusionModels};
 use crate::model::controlnet::ControlNetModel;
 use crate::model::pool::ModelPool;
-use crate::params::{EngineSettings, HotChange, StreamDiffusionParams, Update, classify};
+use crate::params::{
+    EngineSettings, HotChange, StreamDiffusionParams, Transition, Update, classify,
+};
 use crate::pipeline::conditioning::{
     PromptCache, build_state, latent_shape, prompt_embedding, seed_noise, step_tensors,
 };
@@ -33,6 +35,7 @@ use crate::pipeline::controlnet::{
 use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
 use crate::pipeline::stream::{AddedText, Conditioning, GuidanceParams, StreamState};
 pub(crate) use crate::pipeline::support::{check_control_ids, check_supported};
+use crate::pipeline::transition::{Glide, TransitionProgress};
 use crate::preprocess::{self, ProcessorInputs};
 use crate::sampling::rng::TorchGenerator;
 use crate::status::{Activity, EngineState, EngineStatus, epoch_ms, params_hash};
@@ -78,6 +81,10 @@ pub struct StreamDiffusion {
     report: StreamReport,
     /// Wait for the device at every stage boundary ([`set_stage_sync`](Self::set_stage_sync)).
     stage_sync: bool,
+    /// The prompt embedding (and SDXL's pooled one) gliding to a new prompt.
+    prompt_glide: Option<Glide>,
+    /// The seed noise gliding to a new seed's.
+    noise_glide: Option<Glide>,
 }
 
 /// The counters behind a stream's status report.
@@ -215,6 +222,8 @@ impl StreamDiffusion {
             external_controls: HashMap::new(),
             report: StreamReport::default(),
             stage_sync: false,
+            prompt_glide: None,
+            noise_glide: None,
         })
     }
 
@@ -370,6 +379,7 @@ impl StreamDiffusion {
                 return Ok(previous.clone());
             }
         }
+        self.advance_transition()?;
         let tc = Instant::now();
         let conds = control_conditions(
             &self.params,
@@ -442,6 +452,7 @@ impl StreamDiffusion {
     ///
     /// Only `external` ControlNets act here (the others derive their image from an input frame).
     pub fn txt2img_from(&mut self, latent: &Tensor) -> Result<Tensor> {
+        self.advance_transition()?;
         let conds = control_conditions(
             &self.params,
             &self.controlnets,
@@ -452,6 +463,45 @@ impl StreamDiffusion {
         let x0 = self.denoise(latent, &conds)?;
         let image = self.models.autoencoder.decode(&x0)?;
         crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)
+    }
+
+    /// Moves the glides in progress one frame on (a frame the similar-image filter skips does
+    /// not count).
+    fn advance_transition(&mut self) -> Result<()> {
+        if let Some(glide) = &mut self.prompt_glide {
+            let (mut values, last) = glide.advance()?;
+            if let Some(added) = &mut self.conditioning.added
+                && values.len() == 2
+            {
+                added.cond = values.pop().expect("two values");
+            }
+            self.conditioning.cond = values.remove(0);
+            if last {
+                self.prompt_glide = None;
+            }
+        }
+        if let Some(glide) = &mut self.noise_glide {
+            let (mut values, last) = glide.advance()?;
+            self.state.set_init_noise(values.remove(0))?;
+            if last {
+                self.noise_glide = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// How far the prompt and seed glides in progress are.
+    pub fn transition_progress(&self) -> TransitionProgress {
+        TransitionProgress {
+            prompt: self.prompt_glide.as_ref().map(Glide::progress),
+            seed: self.noise_glide.as_ref().map(Glide::progress),
+        }
+    }
+
+    /// The conditioning the next frame uses (prompt and negative prompt embeddings), for
+    /// diagnostics and tests.
+    pub fn conditioning(&self) -> &Conditioning {
+        &self.conditioning
     }
 
     /// Runs the stream batch on a noised latent and returns x̂₀ of the row that leaves it.
@@ -521,7 +571,21 @@ impl StreamDiffusion {
     /// another stream's copy is shared). On any error (a missing or incompatible ControlNet
     /// included) the stream keeps its previous state.
     pub fn update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
-        let result = self.apply_update(params);
+        self.update_with_transition(params, Transition::default())
+    }
+
+    /// [`update`](Self::update) with a `transition`: a hot change of the prompt (or prompt
+    /// weights, interpolation or normalisation) or of the seed then glides over
+    /// `transition.num_steps` frames from where it is (mid-way through an earlier glide, that
+    /// glide's current value) to the new value, instead of switching on the next frame. Other
+    /// changes apply at once; a reload or a new stream batch size starts from the new values.
+    pub fn update_with_transition(
+        &mut self,
+        params: StreamDiffusionParams,
+        transition: Transition,
+    ) -> Result<Update> {
+        transition.validate()?;
+        let result = self.apply_update(params, transition);
         let report = &mut self.report;
         match &result {
             Ok(Update::Unchanged) => {}
@@ -540,7 +604,11 @@ impl StreamDiffusion {
         result
     }
 
-    fn apply_update(&mut self, params: StreamDiffusionParams) -> Result<Update> {
+    fn apply_update(
+        &mut self,
+        params: StreamDiffusionParams,
+        transition: Transition,
+    ) -> Result<Update> {
         params.validate(&self.settings)?;
         check_supported(&params)?;
         let update = classify(&self.params, &params);
@@ -554,7 +622,7 @@ impl StreamDiffusion {
                     &self.current_controlnets(),
                     &mut |line| eprintln!("sdstream: {line}"),
                 )?;
-                self.apply_hot(params, update.hot_changes())?;
+                self.apply_hot(params, update.hot_changes(), transition)?;
                 self.controlnets = controlnets;
                 let ids: Vec<&str> = self
                     .params
@@ -596,7 +664,12 @@ impl StreamDiffusion {
     /// found) touch; everything is built first and committed at the end, so a failure leaves
     /// the stream as it was. Fields read on every frame (guidance, delta, the ControlNets'
     /// scales and windows, the processor chains) need nothing here.
-    fn apply_hot(&mut self, params: StreamDiffusionParams, changes: &[HotChange]) -> Result<()> {
+    fn apply_hot(
+        &mut self,
+        params: StreamDiffusionParams,
+        changes: &[HotChange],
+        transition: Transition,
+    ) -> Result<()> {
         let touched = |wanted: fn(&HotChange) -> bool| changes.iter().any(wanted);
         let cond = if touched(|c| {
             matches!(
@@ -637,6 +710,9 @@ impl StreamDiffusion {
                     | HotChange::NormalizeSeedWeights
             )
         });
+        let glide = !transition.is_instant();
+        let method = transition.temporal_interpolation_method;
+        let mut noise_glide = None;
         let (state, generator) = if new_batch {
             // A new batch size: fresh buffers and noise, as a new stream would have.
             let (state, generator) = build_state(&self.models, &params)?;
@@ -649,12 +725,35 @@ impl StreamDiffusion {
             let mut generator = None;
             if new_seed {
                 let (noise, g) = seed_noise(&self.models, &params, state.init_noise().dims())?;
-                state.set_init_noise(noise)?;
+                if glide {
+                    // From the noise in use now (mid-glide, the glide's current value).
+                    let from = state.init_noise().clone();
+                    noise_glide = Some(Glide::new(
+                        vec![from],
+                        vec![noise],
+                        transition.num_steps,
+                        method,
+                    ));
+                } else {
+                    state.set_init_noise(noise)?;
+                }
                 generator = Some(g);
             }
             (Some(state), generator)
         } else {
             (None, None)
+        };
+        let prompt_glide = match (&cond, glide) {
+            (Some(cond), true) => {
+                let mut from = vec![self.conditioning.cond.clone()];
+                let mut to = vec![cond.embeds.clone()];
+                if let (Some(added), Some(pooled)) = (&self.conditioning.added, &cond.pooled) {
+                    from.push(added.cond.clone());
+                    to.push(pooled.clone());
+                }
+                Some(Glide::new(from, to, transition.num_steps, method))
+            }
+            _ => None,
         };
         self.params = params;
         if let Some(state) = state {
@@ -663,10 +762,21 @@ impl StreamDiffusion {
         if let Some(generator) = generator {
             self.generator = generator;
         }
+        if new_batch {
+            self.noise_glide = None;
+        } else if new_seed {
+            // A new seed replaces a seed glide in progress (it glides on from where it was).
+            self.noise_glide = noise_glide;
+        }
         if let Some(cond) = cond {
-            self.conditioning.cond = cond.embeds;
-            if let (Some(added), Some(pooled)) = (&mut self.conditioning.added, cond.pooled) {
-                added.cond = pooled;
+            if prompt_glide.is_some() {
+                self.prompt_glide = prompt_glide;
+            } else {
+                self.prompt_glide = None;
+                self.conditioning.cond = cond.embeds;
+                if let (Some(added), Some(pooled)) = (&mut self.conditioning.added, cond.pooled) {
+                    added.cond = pooled;
+                }
             }
         }
         if let Some(uncond) = uncond {
