@@ -553,6 +553,23 @@ SdsStatus sds_engine_output_size(SdsEngine *engine,
 SdsStatus sds_engine_update_params(SdsEngine *engine, const char *params_json, SdsUpdateKind *kind);
 
 /**
+ * As `sds_engine_update_params`, with a transition: `transition_json` is
+ * `{"num_steps": N, "temporal_interpolation_method": "linear" | "slerp"}` (both optional: 0
+ * and linear; N at most 1000). When the serving pipeline takes the new parameters in place, a
+ * change of the prompt or the seed then glides over N frames from where it is to the new
+ * value instead of switching on the next frame; a reload ignores it. A bad transition
+ * (`SDS_ERR_INVALID_JSON`, `SDS_ERR_INVALID_PARAMS` naming `transition.…`) changes nothing.
+ *
+ * # Safety
+ * `engine` is NULL or a live handle; `params_json` and `transition_json` NULL or
+ * NUL-terminated; `kind` NULL or writable.
+ */
+SdsStatus sds_engine_update_params_with_transition(SdsEngine *engine,
+                                                   const char *params_json,
+                                                   const char *transition_json,
+                                                   SdsUpdateKind *kind);
+
+/**
  * The status report as a JSON object (Daydream's fields: `state` ONLINE/LOADING/
  * DEGRADED_INPUT/DEGRADED_INFERENCE/ERROR/OFFLINE, fps, `last_error`, `last_params`,
  * `params_version`, `serving_params_version`, queue depths, frame counters, stage timings …).

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use sdstream_core::params::Transition;
 use sdstream_core::{
     Engine, EngineOptions, EngineSettings, EngineState, Output, StreamDiffusionParams, Submission,
     UpdateKind,
@@ -722,16 +723,60 @@ pub unsafe extern "C" fn sds_engine_update_params(
     params_json: *const c_char,
     kind: *mut SdsUpdateKind,
 ) -> SdsStatus {
-    const F: &str = "sds_engine_update_params";
-    with_engine(F, engine, |h| {
+    // SAFETY: by the caller's contract.
+    unsafe { update_params("sds_engine_update_params", engine, params_json, None, kind) }
+}
+
+/// As `sds_engine_update_params`, with a transition: `transition_json` is
+/// `{"num_steps": N, "temporal_interpolation_method": "linear" | "slerp"}` (both optional: 0
+/// and linear; N at most 1000). When the serving pipeline takes the new parameters in place, a
+/// change of the prompt or the seed then glides over N frames from where it is to the new
+/// value instead of switching on the next frame; a reload ignores it. A bad transition
+/// (`SDS_ERR_INVALID_JSON`, `SDS_ERR_INVALID_PARAMS` naming `transition.…`) changes nothing.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `params_json` and `transition_json` NULL or
+/// NUL-terminated; `kind` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_update_params_with_transition(
+    engine: *mut SdsEngine,
+    params_json: *const c_char,
+    transition_json: *const c_char,
+    kind: *mut SdsUpdateKind,
+) -> SdsStatus {
+    const F: &str = "sds_engine_update_params_with_transition";
+    // SAFETY: by the caller's contract.
+    unsafe { update_params(F, engine, params_json, Some(transition_json), kind) }
+}
+
+/// The one body of the two update calls; `transition_json` is `None` for the plain one.
+///
+/// # Safety
+/// As `sds_engine_update_params_with_transition`.
+unsafe fn update_params(
+    f: &'static str,
+    engine: *mut SdsEngine,
+    params_json: *const c_char,
+    transition_json: Option<*const c_char>,
+    kind: *mut SdsUpdateKind,
+) -> SdsStatus {
+    with_engine(f, engine, |h| {
         // SAFETY: by the caller's contract.
-        let text = unsafe { str_arg(F, "params_json", params_json)? };
+        let text = unsafe { str_arg(f, "params_json", params_json)? };
+        let transition = match transition_json {
+            None => Transition::default(),
+            Some(ptr) => {
+                // SAFETY: by the caller's contract.
+                let text = unsafe { str_arg(f, "transition_json", ptr)? };
+                Transition::from_json(text).map_err(|e| h.core_error(f, e))?
+            }
+        };
         let params = StreamDiffusionParams::from_json_with(text, h.engine.settings())
-            .map_err(|e| h.core_error(F, e))?;
+            .map_err(|e| h.core_error(f, e))?;
         let update = h
             .engine
-            .update_params(params)
-            .map_err(|e| h.core_error(F, e))?;
+            .update_params_with_transition(params, transition)
+            .map_err(|e| h.core_error(f, e))?;
         let value = match update.kind() {
             UpdateKind::Unchanged => SdsUpdateKind::SDS_UPDATE_UNCHANGED,
             UpdateKind::Hot => SdsUpdateKind::SDS_UPDATE_HOT,

@@ -8,7 +8,9 @@
 
 from ._sdstream import QueueFullError, ValidationError, __version__
 from ._models import ControlNetConfig, IPAdapterConfig, Prompt, Seed, StreamDiffusionParams, UpdateKind
-from ._stream import ControlsLike, Engine, FrameLike, Output, ParamsLike, StreamDiffusion, as_frame
+from ._stream import (
+    ControlsLike, Engine, FrameLike, Output, ParamsLike, StreamDiffusion, TransitionLike, as_frame,
+)
 
 __all__ = [
     "ControlNetConfig",

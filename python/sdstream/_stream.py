@@ -16,6 +16,9 @@ ParamsLike = Union[StreamDiffusionParams, Mapping[str, Any], str]
 FrameLike = Union["npt.NDArray[np.uint8]", "npt.NDArray[np.float32]", Any]
 """A frame: an HxWx3 / HxWx4 uint8 or HxWx3 float32 numpy array, or a PIL image."""
 ControlsLike = Mapping[Union[str, "os.PathLike[str]"], FrameLike]
+TransitionLike = Union[int, Mapping[str, Any]]
+"""A transition: a frame count, or `{"num_steps": N, "temporal_interpolation_method":
+"linear" | "slerp"}` (Daydream Scope's shape, without target prompts)."""
 
 
 def _settings_body(settings: Mapping[str, Any]) -> str:
@@ -46,6 +49,20 @@ def _params_body(params: Optional[ParamsLike], model: Optional[str], settings: s
     if changes:
         body = _sdstream.merge_patch(body, _to_json(changes))
     return _sdstream.validate_params(body, settings)
+
+
+def _transition_body(transition: Optional[TransitionLike]) -> Optional[str]:
+    """The JSON of a transition (the native code validates it), or None."""
+    if transition is None:
+        return None
+    if isinstance(transition, bool) or not isinstance(transition, (int, Mapping)):
+        raise ValidationError(
+            "transition must be a frame count or a dict {num_steps, temporal_interpolation_method}, "
+            f"got {type(transition).__name__}"
+        )
+    if isinstance(transition, int):
+        transition = {"num_steps": transition}
+    return _to_json(dict(transition))
 
 
 def as_frame(frame: Any) -> np.ndarray:
@@ -120,15 +137,19 @@ class StreamDiffusion:
         """The engine settings."""
         return json.loads(self._native.settings_json())
 
-    def update_params(self, params: Optional[ParamsLike] = None, **changes: Any) -> str:
+    def update_params(self, params: Optional[ParamsLike] = None, *,
+                      transition: Optional[TransitionLike] = None, **changes: Any) -> str:
         """Applies new parameters: `params` is a complete set (omitted fields take the
         defaults, as in Daydream); keyword `changes` are merged into `params`, or into the
-        current parameters when `params` is omitted. Returns "unchanged", "hot" (applied on
-        the next frame) or "reload" (rebuilt before returning). Raises `ValidationError` and
-        keeps the previous state when invalid."""
+        current parameters when `params` is omitted. With `transition` (a frame count, or
+        `{"num_steps": N, "temporal_interpolation_method": "linear" | "slerp"}`) a prompt or
+        seed change glides over that many frames instead of switching at once. Returns
+        "unchanged", "hot" (applied on the next frame) or "reload" (rebuilt before
+        returning). Raises `ValidationError` and keeps the previous state when invalid."""
         if params is None:
             params = json.loads(self._native.params_json())
-        return self._native.update(_params_body(params, None, self._settings, changes))
+        return self._native.update(_params_body(params, None, self._settings, changes),
+                                   _transition_body(transition))
 
     def status(self) -> Dict[str, Any]:
         """The status report in the Engine's schema (`Engine.status`): Daydream's fields (state,
@@ -226,12 +247,15 @@ class Engine:
         """Drops the frames waiting in the input queue; returns how many."""
         return self._native.flush()
 
-    def update_params(self, params: Optional[ParamsLike] = None, **changes: Any) -> str:
+    def update_params(self, params: Optional[ParamsLike] = None, *,
+                      transition: Optional[TransitionLike] = None, **changes: Any) -> str:
         """As `StreamDiffusion.update_params`, but never waits: "reload" builds in the
-        background while the current pipeline keeps serving."""
+        background while the current pipeline keeps serving (a reload ignores `transition`:
+        the new pipeline starts from the new values)."""
         if params is None:
             params = json.loads(self._native.params_json())
-        return self._native.update(_params_body(params, None, self._settings, changes))
+        return self._native.update(_params_body(params, None, self._settings, changes),
+                                   _transition_body(transition))
 
     def restart(self) -> None:
         """Builds a fresh pipeline with the current parameters."""

@@ -16,7 +16,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString};
 
-use sdstream::params::{ControlNetConfig, IPAdapterConfig};
+use sdstream::params::{ControlNetConfig, IPAdapterConfig, Transition};
 use sdstream::{
     Engine, EngineOptions, EngineSettings, EngineState, EngineStatus, Error, Frame, Image,
     PixelFormat, StreamDiffusion, StreamDiffusionParams, Submission,
@@ -105,6 +105,17 @@ fn params_from(
 ) -> PyResult<StreamDiffusionParams> {
     let text = json_text(params_json, "params")?;
     StreamDiffusionParams::from_json_with(&text, settings).map_err(py_err)
+}
+
+/// A transition from its JSON (`None`: none, the change applies at once).
+fn transition_from(transition_json: Option<&Bound<'_, PyAny>>) -> PyResult<Transition> {
+    match transition_json {
+        None => Ok(Transition::default()),
+        Some(json) => {
+            let text = json_text(json, "transition")?;
+            Transition::from_json(&text).map_err(py_err)
+        }
+    }
 }
 
 /// `patch_json` merged into `base_json` as JSON Merge Patch (objects merge, `null` removes a
@@ -401,16 +412,25 @@ impl PyStreamDiffusion {
         image_to_py(py, image)
     }
 
-    /// Applies a complete canonical parameter set; returns "unchanged", "hot",
-    /// "controlnet_swap" or "reload" (a reload rebuilds the stream before returning).
-    fn update(&self, py: Python<'_>, params_json: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    /// Applies a complete canonical parameter set, a prompt or seed change gliding as
+    /// `transition_json` says (`{num_steps, temporal_interpolation_method}`; none: at once);
+    /// returns "unchanged", "hot", "controlnet_swap" or "reload" (a reload rebuilds the
+    /// stream before returning).
+    #[pyo3(signature = (params_json, transition_json=None))]
+    fn update(
+        &self,
+        py: Python<'_>,
+        params_json: &Bound<'_, PyAny>,
+        transition_json: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<&'static str> {
         let text = json_text(params_json, "params")?;
+        let transition = transition_from(transition_json)?;
         py.detach(|| {
             self.with_stream(|stream| {
                 let params = StreamDiffusionParams::from_json_with(&text, stream.settings())
                     .map_err(py_err)?;
                 stream
-                    .update(params)
+                    .update_with_transition(params, transition)
                     .map(|u| u.kind().as_str())
                     .map_err(py_err)
             })
@@ -570,13 +590,24 @@ impl PyEngine {
         py.detach(|| self.engine.flush())
     }
 
-    /// Applies a complete canonical parameter set; returns "unchanged", "hot" or "reload"
-    /// (a reload builds in the background).
-    fn update(&self, py: Python<'_>, params_json: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    /// Applies a complete canonical parameter set, a prompt or seed change gliding as
+    /// `transition_json` says; returns "unchanged", "hot" or "reload" (a reload builds in
+    /// the background).
+    #[pyo3(signature = (params_json, transition_json=None))]
+    fn update(
+        &self,
+        py: Python<'_>,
+        params_json: &Bound<'_, PyAny>,
+        transition_json: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<&'static str> {
         let params = params_from(params_json, self.engine.settings())?;
-        py.detach(|| self.engine.update_params(params))
-            .map(|u| u.kind().as_str())
-            .map_err(py_err)
+        let transition = transition_from(transition_json)?;
+        py.detach(|| {
+            self.engine
+                .update_params_with_transition(params, transition)
+        })
+        .map(|u| u.kind().as_str())
+        .map_err(py_err)
     }
 
     /// Rebuilds the pipeline with the current parameters.

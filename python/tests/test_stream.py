@@ -237,3 +237,36 @@ def test_two_threads_share_one_stream_and_one_engine(tiny_body, tiny_settings, f
 def test_public_names():
     for name in sdstream.__all__:
         assert getattr(sdstream, name) is not None
+
+
+def test_a_transition_glides_from_the_old_prompt_to_the_new(tiny_body, tiny_settings, frames):
+    """A prompt change with a transition over 4 frames: while it glides the outputs differ from
+    a switch at once, less and less; afterwards they equal the switched stream's. Bad transitions raise ValidationError naming the field and change
+    nothing."""
+    runs = {}
+    for name, transition in (("instant", None), ("glide", 4),
+                             ("slerp", {"num_steps": 4, "temporal_interpolation_method": "slerp"})):
+        with StreamDiffusion(dict(tiny_body, guidance_scale=3.0), **tiny_settings) as s:
+            s(frames[0])
+            assert s.update_params(prompt="an oil painting of a red fox", transition=transition) == "hot"
+            runs[name] = [s(f).astype(np.float64) for f in frames[1:8]]
+    for name in ("glide", "slerp"):
+        diffs = [float(np.abs(a - b).mean()) for a, b in zip(runs[name], runs["instant"])]
+        # The output leaves the stream batch one frame after its conditioning: the glide shows
+        # from the second frame, shrinks, and once its last frame has left the batch the
+        # outputs are the switched stream's exactly.
+        during, after = diffs[1:4], diffs[4:]
+        assert min(during) > 0.1 and during[0] > during[1] > during[2], f"{name}: {diffs}"
+        assert after == [0.0] * len(after), f"{name}: after the glide the outputs match: {diffs}"
+    with StreamDiffusion(tiny_body, **tiny_settings) as s:
+        for bad, match in ((5000, "transition.num_steps"), ({"num_steps": -1}, "transition.num_steps"),
+                           ({"num_steps": 3, "temporal_interpolation_method": "cubic"},
+                            "transition.temporal_interpolation_method"),
+                           ("3", "transition must be"), (True, "transition must be")):
+            with pytest.raises(ValidationError, match=match):
+                s.update_params(prompt="a dog", transition=bad)
+        assert s.params.prompt == tiny_body["prompt"]
+    with Engine(tiny_body, **tiny_settings) as engine:
+        assert engine.update_params(prompt="a dog", transition=3) == "hot"
+        with pytest.raises(ValidationError, match="transition.num_steps"):
+            engine.update_params(prompt="a cat", transition=1001)

@@ -6,7 +6,7 @@ implementation that is not ours, against `sdstream serve` over the tiny fixture.
 2. Bad input, each answered in the error envelope with Scope's `detail`, no stream left behind,
    the server still serving: no token (401), no `sdp` (422), `type` not "offer" (422), garbage
    SDP (400), an offer whose video is VP8 only (400 naming H.264), parameters that cannot be
-   mapped (422 naming them), a pipeline not served (422), a transition over several frames
+   mapped (422 naming them), a pipeline not served (422), a transition over too many frames
    (422), trickle to an unknown session (404), a malformed candidate (400), candidates not a
    list (422).
 3. One aiortc peer connection sends the synthetic camera (the same pattern as e2e.py) and
@@ -116,9 +116,10 @@ def bad_inputs(base, summary):
         ("offer for another pipeline",
          lambda: scope_call(base, "POST", offer, {"sdp": good_sdp, "type": "offer",
                                                   "initialParameters": {"pipeline_ids": ["longlive"]}}), 422, "pipeline_ids"),
-        ("offer with a transition over 4 frames",
+        ("offer with a transition over 5000 frames",
          lambda: scope_call(base, "POST", offer, {"sdp": good_sdp, "type": "offer",
-                                                  "initialParameters": {"transition": {"target_prompts": [{"text": "x"}]}}}),
+                                                  "initialParameters": {"transition": {"target_prompts": [{"text": "x"}],
+                                                                                       "num_steps": 5000}}}),
          422, "num_steps"),
         ("offer with invalid StreamDiffusion params",
          lambda: scope_call(base, "POST", offer, {"sdp": good_sdp, "type": "offer",
@@ -241,7 +242,7 @@ async def session(base, record_root, seconds, summary):
         ("malformed JSON", "{\"prompts\": [", "message"),
         ("an unsupported key", {"kv_cache_attention_bias": 0.3}, "kv_cache_attention_bias"),
         ("an invalid value", {"guidance_scale": "loud"}, "guidance_scale"),
-        ("a transition over frames", {"transition": {"target_prompts": [{"text": "x"}], "num_steps": 8}},
+        ("a transition too long", {"transition": {"target_prompts": [{"text": "x"}], "num_steps": 5000}},
          "transition.num_steps"),
     ]:
         reply = await send(message)
@@ -307,6 +308,15 @@ async def closed_by_client(base, seconds):
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
     sid = answer["sessionId"]
     check(await wait_for(lambda: channel.readyState == "open", seconds), "its channel opens")
+    # A transition over frames (the glide's numbers are checked in core/tests/stream_updates.rs).
+    replies = []
+    channel.on("message", lambda m: replies.append(json.loads(m)))
+    channel.send(json.dumps({"transition": {"target_prompts": [{"text": "a kite at dusk"}], "num_steps": 8,
+                                            "temporal_interpolation_method": "slerp"}}))
+    check(await wait_for(lambda: len(replies) >= 1, 10) and replies[0].get("type") == "parameters_applied"
+          and replies[0].get("update") == "hot", f"a transition over 8 frames on the channel is applied hot: {replies}")
+    check(api(base, "GET", f"/v1/streams/{sid}")[1]["params"]["prompt"] == "a kite at dusk",
+          "its target prompts became the prompt")
     closed_at = time.monotonic()
     await pc.close()
     gone = await wait_for(lambda: api(base, "GET", f"/v1/streams/{sid}")[0] == 404, 15)

@@ -17,6 +17,7 @@ use super::daydream::{AUTHOR, ApiError, CreateBody, patch_params, status_json, s
 use super::state::{App, Directory, same_token};
 use super::{MAX_JSON_BYTES, MAX_SDP_BYTES};
 use crate::Update;
+use crate::params::Transition;
 use crate::webrtc::{BODY_TIMEOUT, error_response, read_body};
 
 type Json = axum::Json<Value>;
@@ -81,12 +82,13 @@ async fn get_status(State(app): State<Arc<App>>, Path(id): Path<String>) -> Resu
     Ok(axum::Json(status_json(&app, &s)))
 }
 
-/// Merges `patch` into stream `id`'s parameters and applies them: (the update, the new
-/// params version, the stream).
+/// Merges `patch` into stream `id`'s parameters and applies them, a prompt or seed change
+/// gliding as `transition` says: (the update, the new params version, the stream).
 async fn apply_patch(
     app: &App,
     id: &str,
     patch: &Value,
+    transition: Transition,
 ) -> Result<(Update, u64, Arc<super::state::StreamEntry>), ApiError> {
     let s = app.stream(id).ok_or_else(|| ApiError::not_found(id))?;
     let params = s
@@ -96,7 +98,7 @@ async fn apply_patch(
         .map_err(ApiError::invalid)?;
     let update = s
         .engine
-        .update_params(params.clone())
+        .update_params_with_transition(params.clone(), transition)
         .map_err(ApiError::invalid)?;
     let version = s.engine.status().params_version;
     if let Some(r) = &s.recorder {
@@ -114,8 +116,14 @@ async fn patch_stream(
 ) -> Result<Json, ApiError> {
     // An unknown id is 404 whatever the body.
     app.stream(&id).ok_or_else(|| ApiError::not_found(&id))?;
-    let patch = patch_params(&json_body(request).await?, false)?;
-    let (update, version, s) = apply_patch(&app, &id, &patch).await?;
+    let body = json_body(request).await?;
+    let patch = patch_params(&body, false)?;
+    // sdstream's own member beside `params`: how a prompt or seed change glides.
+    let transition = match body.get("transition") {
+        None | Some(Value::Null) => Transition::default(),
+        Some(t) => Transition::from_json(&t.to_string()).map_err(ApiError::invalid)?,
+    };
+    let (update, version, s) = apply_patch(&app, &id, &patch, transition).await?;
     let mut answer = stream_json(&app, &s);
     if let Value::Object(map) = &mut answer {
         map.insert("update".into(), json!(update.kind().as_str()));
@@ -135,7 +143,7 @@ async fn beta_prompts(
 ) -> Result<Json, ApiError> {
     app.stream(&id).ok_or_else(|| ApiError::not_found(&id))?;
     let patch = patch_params(&json_body(request).await?, true)?;
-    let (update, version, _) = apply_patch(&app, &id, &patch).await?;
+    let (update, version, _) = apply_patch(&app, &id, &patch, Transition::default()).await?;
     let kind = update.kind().as_str();
     Ok(axum::Json(json!({
         "success": true,

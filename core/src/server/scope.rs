@@ -36,6 +36,7 @@ use serde_json::{Map, Value, json};
 use super::daydream::{ApiError, CreateBody, PIPELINE};
 use super::routes::{has_api_token, json_body};
 use super::state::{App, StreamEntry};
+use crate::params::{InterpolationMethod, Transition};
 use crate::sampling::scheduler::{LcmScheduler, SchedulerConfig, t_index_list_for_timesteps};
 use crate::webrtc::{ControlHandler, IceCandidate, TransportError};
 use crate::{StreamDiffusionParams, UpdateKind};
@@ -112,6 +113,8 @@ pub(crate) struct ScopeUpdate {
     pub(crate) patch: Map<String, Value>,
     /// Pause or resume the input.
     pub(crate) paused: Option<bool>,
+    /// How the prompt change glides (a `transition` with `num_steps` > 0 on the channel).
+    pub(crate) transition: Transition,
 }
 
 /// Where a Scope parameter set comes from: the rules differ slightly (Scope itself fills a
@@ -247,6 +250,8 @@ pub(crate) fn translate(
                 let target = t
                     .get("target_prompts")
                     .ok_or_else(|| Rejection::new("transition.target_prompts", "is required"))?;
+                // Scope fills a missing num_steps with 4 in an offer and 0 on the data channel;
+                // an offer has nothing to glide from, so its target prompts apply at once.
                 let default_steps = if source == Source::Offer { 4 } else { 0 };
                 let num_steps = match t.get("num_steps") {
                     None | Some(Value::Null) => default_steps,
@@ -254,20 +259,27 @@ pub(crate) fn translate(
                         Rejection::new("transition.num_steps", "must be an integer ≥ 0")
                     })?,
                 };
-                if let Some(m) = t
+                let method = match t
                     .get("temporal_interpolation_method")
                     .filter(|m| !m.is_null())
                 {
-                    interpolation("transition.temporal_interpolation_method", m)?;
-                }
-                if num_steps > 0 {
-                    return Err(Rejection::new(
-                        "transition.num_steps",
-                        format!(
-                            "{num_steps}: a transition over several frames is not supported \
-                             yet; send num_steps 0 to switch to the target prompts at once"
-                        ),
-                    ));
+                    Some(m) => {
+                        interpolation("transition.temporal_interpolation_method", m)?;
+                        if m == "slerp" {
+                            InterpolationMethod::Slerp
+                        } else {
+                            InterpolationMethod::Linear
+                        }
+                    }
+                    None => InterpolationMethod::Linear,
+                };
+                let glide = Transition::new(u32::try_from(num_steps).unwrap_or(u32::MAX), method);
+                glide.validate().map_err(|e| Rejection {
+                    message: e.to_string(),
+                    fields: vec!["transition.num_steps".into()],
+                })?;
+                if source == Source::Channel {
+                    update.transition = glide;
                 }
                 update.patch.insert(
                     "prompt".into(),
@@ -326,7 +338,7 @@ pub(crate) fn translate(
         return Err(Rejection {
             message: format!(
                 "not supported here: {} (sdstream runs StreamDiffusion: it takes prompts, \
-                 transition with num_steps 0, prompt_interpolation_method, \
+                 transition, prompt_interpolation_method, \
                  denoising_step_list, seed, paused and StreamDiffusionParams fields)",
                 unsupported.join(", ")
             ),
@@ -417,7 +429,7 @@ impl Control {
                 })?;
             let applied = entry
                 .engine
-                .update_params(params.clone())
+                .update_params_with_transition(params.clone(), update.transition)
                 .map_err(|e| Rejection {
                     message: e.to_string(),
                     fields: update.patch.keys().cloned().collect(),
@@ -834,6 +846,23 @@ mod tests {
             Source::Channel,
         );
         assert_eq!(u.patch["prompt"], json!("x"));
+        assert!(u.transition.is_instant());
+        // With num_steps the channel's prompt change glides.
+        let u = ok(
+            json!({"transition": {"target_prompts": [{"text": "y"}], "num_steps": 8,
+                                  "temporal_interpolation_method": "slerp"}}),
+            Source::Channel,
+        );
+        assert_eq!(u.patch["prompt"], json!("y"));
+        assert_eq!(u.transition, Transition::new(8, InterpolationMethod::Slerp));
+        // An offer has nothing to glide from: its target prompts apply at once (Scope's
+        // default of 4 steps is accepted and has no effect).
+        let u = ok(
+            json!({"transition": {"target_prompts": [{"text": "z"}]}}),
+            Source::Offer,
+        );
+        assert_eq!(u.patch["prompt"], json!("z"));
+        assert!(u.transition.is_instant());
         // base_seed (Scope's load parameter) is the seed too; pipeline_ids in an offer.
         let u = ok(
             json!({"base_seed": 42, "pipeline_ids": ["streamdiffusion"]}),
@@ -865,9 +894,9 @@ mod tests {
                 "unknown key",
             ),
             (
-                json!({"transition": {"target_prompts": [{"text": "x"}]}}),
+                json!({"transition": {"target_prompts": [{"text": "x"}], "num_steps": 5000}}),
                 "transition.num_steps",
-                "not supported yet",
+                "at most 1000",
             ),
             (
                 json!({"transition": {"target_prompts": [{"text": "x"}], "num_steps": 0,
@@ -894,8 +923,7 @@ mod tests {
                 "not served",
             ),
         ] {
-            // An offer fills num_steps with 4 (refused); the channel with 0 (taken).
-            let source = if field == "transition.num_steps" || field == "pipeline_ids" {
+            let source = if field == "pipeline_ids" {
                 Source::Offer
             } else {
                 Source::Channel

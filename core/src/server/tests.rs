@@ -723,6 +723,37 @@ fn the_stream_api_in_daydream_shapes() {
     );
     assert_eq!(json_of(&again)["update"], "unchanged");
     assert_eq!(version(&status_data(addr, &a_id)), version(&after));
+    // sdstream's `transition` beside `params`: the prompt change glides (hot); a bad one is
+    // refused naming it, and changes nothing.
+    for (transition, status_want, says) in [
+        (json!({"num_steps": "8"}), 422, "transition.num_steps"),
+        (json!({"num_steps": 5000}), 422, "at most 1000"),
+        (
+            json!({"num_steps": 8, "target_prompts": []}),
+            422,
+            "transition",
+        ),
+    ] {
+        let (status, body) = api(
+            addr,
+            "PATCH",
+            &format!("/v1/streams/{a_id}"),
+            Some(&json!({"params": {"prompt": "a wolf"}, "transition": transition})),
+        );
+        assert_eq!(status, status_want, "{body}");
+        assert!(envelope(status_want, &body).contains(says), "{body}");
+    }
+    assert_eq!(version(&status_data(addr, &a_id)), version(&after));
+    let (status, glided) = api(
+        addr,
+        "PATCH",
+        &format!("/v1/streams/{a_id}"),
+        Some(&json!({"params": {"prompt": "a wolf"},
+                     "transition": {"num_steps": 8, "temporal_interpolation_method": "slerp"}})),
+    );
+    assert_eq!(status, 200, "{glided}");
+    assert_eq!(json_of(&glided)["update"], "hot");
+    assert_eq!(version(&status_data(addr, &a_id)), version(&after) + 1);
 
     // The legacy beta route applies its params like a PATCH.
     let (status, beta) = api(
@@ -747,7 +778,11 @@ fn the_stream_api_in_daydream_shapes() {
     );
     let data = status_data(addr, &a_id);
     assert_eq!(data["inference_status"]["last_params"]["prompt"], "a heron");
-    assert_eq!(version(&data), version(&after) + 1);
+    assert_eq!(
+        version(&data),
+        version(&after) + 2,
+        "after the gliding PATCH"
+    );
 
     // The status envelope, both vocabularies.
     assert_eq!(data["stream_id"], a_id.as_str());

@@ -324,6 +324,29 @@ static void test_engine(const uint8_t *rgb) {
     CHECK(kind == SDS_UPDATE_HOT); /* compared with the accepted (reverted) parameters */
     EXPECT(sds_engine_process(engine, &frame, &out), SDS_OK, NULL);
 
+    /* update_params_with_transition: a prompt change gliding over 3 frames */
+    const char *glide = "{\"num_steps\": 3, \"temporal_interpolation_method\": \"slerp\"}";
+    kind = (SdsUpdateKind)77;
+    EXPECT(sds_engine_update_params_with_transition(NULL, params, glide, &kind), SDS_ERR_NULL,
+           "`engine`");
+    EXPECT(sds_engine_update_params_with_transition(engine, params_other_prompt, NULL, &kind),
+           SDS_ERR_NULL, "`transition_json`");
+    EXPECT(sds_engine_update_params_with_transition(engine, params_other_prompt, "{\"num_steps\":",
+                                                    &kind),
+           SDS_ERR_INVALID_JSON, NULL);
+    EXPECT(sds_engine_update_params_with_transition(engine, params_other_prompt,
+                                                    "{\"num_steps\": 5000}", &kind),
+           SDS_ERR_INVALID_PARAMS, "transition.num_steps");
+    EXPECT(sds_engine_update_params_with_transition(engine, params_other_prompt,
+                                                    "{\"num_steps\": 3, \"target_prompts\": []}",
+                                                    &kind),
+           SDS_ERR_INVALID_PARAMS, "transition");
+    CHECK(kind == (SdsUpdateKind)77); /* nothing was applied */
+    EXPECT(sds_engine_update_params_with_transition(engine, params_other_prompt, glide, &kind),
+           SDS_OK, NULL);
+    CHECK(kind == SDS_UPDATE_HOT);
+    for (int i = 0; i < 3; i++) EXPECT(sds_engine_process(engine, &frame, &out), SDS_OK, NULL);
+
     /* status */
     char *json = (char *)&json;
     EXPECT(sds_engine_status_json(engine, NULL), SDS_ERR_NULL, "`out`");
