@@ -118,15 +118,22 @@ pub enum Wanted {
     },
     /// Like the inner pattern but may be absent.
     Optional(Box<Wanted>),
+    /// The first of several alternatives that is there (`a.safetensors|a.pth`): a network
+    /// whose weights exist in several formats.
+    OneOf(Vec<Wanted>),
 }
 
 impl Wanted {
-    /// Parses a pattern: a leading `?` makes it optional; `*` makes it a glob; a name ending in
+    /// Parses a pattern: a leading `?` makes it optional; `|` separates alternatives, the first
+    /// one present being taken; `*` makes it a glob; a name ending in
     /// `.fp16.safetensors` or `.safetensors` is a weights file preferring (or not) the fp16
     /// variant; anything else is an exact file.
     pub fn parse(pattern: &str) -> Self {
         if let Some(rest) = pattern.strip_prefix('?') {
             return Wanted::Optional(Box::new(Self::parse(rest)));
+        }
+        if pattern.contains('|') {
+            return Wanted::OneOf(pattern.split('|').map(Self::parse).collect());
         }
         if pattern.contains('*') {
             return Wanted::Glob(pattern.to_string());
@@ -158,6 +165,11 @@ impl Wanted {
                 }
             }
             Wanted::Optional(inner) => format!("optional {}", inner.describe()),
+            Wanted::OneOf(options) => options
+                .iter()
+                .map(Wanted::describe)
+                .collect::<Vec<_>>()
+                .join(" or "),
         }
     }
 
@@ -171,6 +183,7 @@ impl Wanted {
                     || dir.join(format!("{stem}.fp16.safetensors")).is_file()
             }
             Wanted::Optional(_) => true,
+            Wanted::OneOf(options) => options.iter().any(|w| w.satisfied_in(dir)),
         }
     }
 
@@ -212,6 +225,10 @@ impl Wanted {
                     .ok_or_else(|| self.describe())
             }
             Wanted::Optional(inner) => Ok(inner.select_remote(listing).unwrap_or_default()),
+            Wanted::OneOf(options) => options
+                .iter()
+                .find_map(|w| w.select_remote(listing).ok())
+                .ok_or_else(|| self.describe()),
         }
     }
 }
@@ -951,5 +968,25 @@ mod tests {
         );
         assert_eq!(pick("?vae/config.json"), Ok(vec![]));
         assert_eq!(pick("vae/config.json"), Err("vae/config.json".to_string()));
+        // Alternatives: the first one listed that the repository has.
+        assert_eq!(
+            pick("unet/model.pth|unet/config.json|unet/*.json"),
+            Ok(vec!["unet/config.json".to_string()])
+        );
+        assert_eq!(
+            pick("a.safetensors|a.pth"),
+            Err("a.safetensors (or a.fp16.safetensors) or a.pth".to_string())
+        );
+    }
+
+    #[test]
+    fn alternatives_are_satisfied_by_any_local_file() {
+        let dir = std::env::temp_dir().join(format!("sdstream-oneof-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let wanted = Wanted::parse("net.safetensors|net.pth");
+        assert!(!wanted.satisfied_in(&dir));
+        std::fs::write(dir.join("net.pth"), b"x").unwrap();
+        assert!(wanted.satisfied_in(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

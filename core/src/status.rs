@@ -128,6 +128,11 @@ pub struct EngineStatus {
     pub progress: Option<String>,
     /// Stage timings of the last processed frame.
     pub timings: StageMillis,
+    /// Milliseconds each image processor took in the last processed frame, by Daydream's
+    /// processor name (ControlNet preprocessors and the image pre/postprocessing chains; a
+    /// processor several nets share runs, and counts, once).
+    #[serde(default)]
+    pub processor_ms: std::collections::BTreeMap<String, f64>,
     /// Frames waiting in the input queue.
     pub queue_depth: usize,
     /// Most frames the input queue holds.
@@ -244,6 +249,12 @@ impl Activity {
             reloading: false,
             progress: None,
             timings: self.timings.into(),
+            processor_ms: self
+                .timings
+                .processors
+                .iter()
+                .map(|(name, spent)| (name.to_string(), spent.as_secs_f64() * 1e3))
+                .collect(),
             queue_depth: 0,
             queue_capacity: 0,
             output_queue_depth: 0,

@@ -198,6 +198,7 @@ fn feedback_blends_with_the_previous_output_and_is_identity_without_one() {
     let inputs = ProcessorInputs {
         previous_output: Some(&prev),
         external: None,
+        ..Default::default()
     };
     let p = params(json!({"feedback_strength": 0.3}));
     let got = preprocess::apply("feedback", &p, &x, &inputs).unwrap();
@@ -243,6 +244,7 @@ fn passthrough_and_external() {
     let inputs = ProcessorInputs {
         previous_output: None,
         external: Some(&ext),
+        ..Default::default()
     };
     let got = preprocess::apply("external", &Map::new(), &x, &inputs).unwrap();
     assert_eq!(abs_err(&got, &ext).0, 0.0);
@@ -254,6 +256,7 @@ fn passthrough_and_external() {
     let inputs = ProcessorInputs {
         previous_output: None,
         external: Some(&small),
+        ..Default::default()
     };
     let err = preprocess::apply("external", &Map::new(), &x, &inputs)
         .unwrap_err()
@@ -405,6 +408,7 @@ mod stream {
         let inputs = ProcessorInputs {
             previous_output: previous,
             external: None,
+            ..Default::default()
         };
         let unit = x.affine(0.5, 0.5).unwrap();
         preprocess::apply(name, &params(p), &unit, &inputs)
@@ -592,7 +596,17 @@ fn a_chain_runs_its_enabled_processors_in_order() {
         {"type": "sharpen"},
     ]}))
     .unwrap();
-    let got = preprocess::apply_chain(Some(&chain), &x, &ProcessorInputs::default()).unwrap();
+    let got = {
+        let mut times = preprocess::ProcessorTimes::default();
+        let got =
+            preprocess::apply_chain(Some(&chain), &x, &ProcessorInputs::default(), &mut times)
+                .unwrap();
+        // The two enabled processors ran and were timed; the disabled one did not.
+        assert!(times.get("blur").is_some() && times.get("sharpen").is_some());
+        assert_eq!(times.get("canny"), None);
+        assert_eq!(times.iter().count(), 2);
+        got
+    };
     let want = run(
         "sharpen",
         json!({}),
@@ -604,8 +618,9 @@ fn a_chain_runs_its_enabled_processors_in_order() {
     let inputs = ProcessorInputs {
         previous_output: None,
         external: Some(&ext),
+        ..Default::default()
     };
-    let got = preprocess::apply_chain(Some(&chain), &x, &inputs).unwrap();
+    let got = preprocess::apply_chain(Some(&chain), &x, &inputs, &mut Default::default()).unwrap();
     let want = run(
         "sharpen",
         json!({}),
@@ -615,6 +630,12 @@ fn a_chain_runs_its_enabled_processors_in_order() {
     // A disabled chain is the identity.
     let mut off = chain.clone();
     off.enabled = false;
-    let got = preprocess::apply_chain(Some(&off), &x, &ProcessorInputs::default()).unwrap();
+    let got = preprocess::apply_chain(
+        Some(&off),
+        &x,
+        &ProcessorInputs::default(),
+        &mut Default::default(),
+    )
+    .unwrap();
     assert_eq!(abs_err(&got, &x).0, 0.0);
 }

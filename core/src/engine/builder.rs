@@ -36,7 +36,7 @@ pub(super) fn run_builder(shared: &Shared) {
                     let outcome = build(shared, &ticket);
                     finish_build(shared, ticket, outcome);
                 }
-                BuildKind::ControlNets => {
+                BuildKind::Preload => {
                     let outcome = preload(shared, &ticket);
                     finish_preload(shared, ticket, outcome);
                 }
@@ -105,7 +105,7 @@ pub(super) fn build(shared: &Shared, ticket: &BuildTicket) -> Result<Ready> {
     })
 }
 
-/// Loads the ControlNets the ticket's parameters add into the shared cache.
+/// Loads the networks the ticket's parameters add into the shared caches.
 pub(super) fn preload(shared: &Shared, ticket: &BuildTicket) -> Result<()> {
     let version = ticket.version;
     let mut progress = |line: &str| {
@@ -117,11 +117,11 @@ pub(super) fn preload(shared: &Shared, ticket: &BuildTicket) -> Result<()> {
     catch_unwind(AssertUnwindSafe(|| {
         shared
             .factory
-            .preload_controlnets(&ticket.params, &mut progress)
+            .preload_networks(&ticket.params, &mut progress)
     }))
     .unwrap_or_else(|panic| {
         Err(Error::State(format!(
-            "loading ControlNets panicked: {}",
+            "loading networks panicked: {}",
             panic_message(panic.as_ref())
         )))
     })
@@ -156,14 +156,20 @@ pub(super) fn finish_preload(shared: &Shared, ticket: BuildTicket, outcome: Resu
     shared.host.notify_all();
 }
 
-/// Whether two parameter sets name the same ControlNets (in any order).
-pub(super) fn same_controlnet_ids(a: &StreamDiffusionParams, b: &StreamDiffusionParams) -> bool {
+/// Whether two parameter sets need the same networks: the same ControlNets (in any order) and
+/// the same processor networks, so that one preload serves both.
+pub(super) fn same_networks(a: &StreamDiffusionParams, b: &StreamDiffusionParams) -> bool {
     fn ids(p: &StreamDiffusionParams) -> Vec<&str> {
         let mut v: Vec<&str> = p.controlnets.iter().map(|c| c.model_id.as_str()).collect();
         v.sort_unstable();
         v
     }
-    ids(a) == ids(b)
+    let networks = |p| {
+        let mut v = crate::preprocess::networks_for(p);
+        v.sort_unstable_by_key(|r| (r.repo, r.stem));
+        v
+    };
+    ids(a) == ids(b) && networks(a) == networks(b)
 }
 
 pub(super) fn finish_build(shared: &Shared, ticket: BuildTicket, outcome: Result<Ready>) {

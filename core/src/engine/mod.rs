@@ -43,7 +43,7 @@ use crate::{Error, Result};
 
 pub use crate::status::{EngineState, EngineStatus, StageMillis};
 use crate::status::{epoch_ms, epoch_us};
-use builder::same_controlnet_ids;
+use builder::same_networks;
 use pipeline::{PipelineFactory, StreamDiffusionFactory};
 use state::{BuildKind, Claim, Inner, Job, PackedFrame, Shared, closed_error};
 pub use types::{DropPolicy, EngineOptions, FrameId, Output, Submission};
@@ -389,15 +389,15 @@ impl Engine {
             .as_ref()
             .map(|(serving, _)| classify(serving, &params));
         let needs_build = match &from_serving {
-            Some(u) if u.is_controlnet_swap() => {
-                // Nothing to load when every added net is cached already (added back).
+            Some(u) if u.is_controlnet_swap() || u.is_hot() => {
+                // Nothing to load when every added net and processor network is loaded already
+                // (always so for a hot change that keeps the processors).
                 (!self
                     .shared
                     .factory
-                    .controlnets_ready(&params, &u.added_controlnet_ids()))
-                .then_some(BuildKind::ControlNets)
+                    .networks_ready(&params, &u.added_controlnet_ids()))
+                .then_some(BuildKind::Preload)
             }
-            Some(u) if u.is_hot() => None,
             _ => Some(BuildKind::Pipeline),
         };
         if update.is_unchanged() && (needs_build.is_none() || s.pending_build.is_some()) {
@@ -412,7 +412,7 @@ impl Engine {
                 b.kind == kind
                     && match kind {
                         BuildKind::Pipeline => classify(&b.params, &params).is_hot(),
-                        BuildKind::ControlNets => same_controlnet_ids(&b.params, &params),
+                        BuildKind::Preload => same_networks(&b.params, &params),
                     }
             });
             if !pending_fits {

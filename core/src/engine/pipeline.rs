@@ -2,13 +2,15 @@
 //! [`PipelineFactory`] that builds one for a parameter set. [`StreamDiffusion`] is the real
 //! pipeline; the traits let the engine's scheduling be tested with stand-ins.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::frame::{Frame, Image};
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::pool::ModelPool;
 use crate::params::{EngineSettings, StreamDiffusionParams, Transition, Update};
 use crate::pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
+use crate::preprocess;
+use crate::preprocess::networks::{NetworkPool, ProcessorNetworks};
 use crate::{Error, Result};
 
 /// A running stream the worker thread owns.
@@ -52,10 +54,10 @@ pub(crate) trait PipelineFactory: Send + Sync {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Box<dyn Pipeline>>;
 
-    /// Loads, ahead of a ControlNet swap, the ControlNets `params` names that are not loaded
-    /// yet, so that the serving pipeline can then take `params` without reading weights.
-    /// Stand-ins without ControlNets have nothing to load.
-    fn preload_controlnets(
+    /// Loads, ahead of a ControlNet swap or a hot change, the ControlNets and processor
+    /// networks `params` needs that are not loaded yet, so that the serving pipeline can then
+    /// take `params` without reading weights. Stand-ins without networks have nothing to load.
+    fn preload_networks(
         &self,
         params: &StreamDiffusionParams,
         progress: &mut dyn FnMut(&str),
@@ -64,9 +66,9 @@ pub(crate) trait PipelineFactory: Send + Sync {
         Ok(())
     }
 
-    /// Whether every ControlNet in `ids` (model_ids of `params`) is loaded, so that a swap to
-    /// `params` costs no weight reads.
-    fn controlnets_ready(&self, params: &StreamDiffusionParams, ids: &[&str]) -> bool {
+    /// Whether every ControlNet in `ids` (model_ids of `params`) and every network of
+    /// `params`' processors is loaded, so that taking `params` in place costs no weight reads.
+    fn networks_ready(&self, params: &StreamDiffusionParams, ids: &[&str]) -> bool {
         let _ = (params, ids);
         true
     }
@@ -79,11 +81,18 @@ pub(crate) trait PipelineFactory: Send + Sync {
 pub(crate) struct StreamDiffusionFactory {
     settings: EngineSettings,
     pool: Arc<ModelPool>,
+    /// The processor networks of the last preload, held until a later preload replaces them
+    /// (the pool itself keeps only weak references).
+    preloaded: Mutex<Option<ProcessorNetworks>>,
 }
 
 impl StreamDiffusionFactory {
     pub(crate) fn new(settings: EngineSettings, pool: Arc<ModelPool>) -> Self {
-        Self { settings, pool }
+        Self {
+            settings,
+            pool,
+            preloaded: Mutex::new(None),
+        }
     }
 
     /// The networks a pipeline for `params` shares, loading them if no pipeline holds them.
@@ -108,7 +117,7 @@ impl PipelineFactory for StreamDiffusionFactory {
         Ok(Box::new(stream))
     }
 
-    fn preload_controlnets(
+    fn preload_networks(
         &self,
         params: &StreamDiffusionParams,
         progress: &mut dyn FnMut(&str),
@@ -119,13 +128,36 @@ impl PipelineFactory for StreamDiffusionFactory {
                 .controlnet(&net.model_id, progress)
                 .map_err(|e| Error::param(format!("controlnets[{i}].model_id"), e.to_string()))?;
         }
+        // Held by the pool only while some stream holds them: the serving pipeline takes
+        // them from there when it applies `params`, so keep them until it has.
+        let networks = ProcessorNetworks::load(
+            preprocess::networks_for(params),
+            NetworkPool::global(),
+            &self.settings.hub_options(),
+            models.dtype,
+            &models.device,
+            progress,
+        )?;
+        self.preloaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace(networks);
         Ok(())
     }
 
-    fn controlnets_ready(&self, params: &StreamDiffusionParams, ids: &[&str]) -> bool {
+    fn networks_ready(&self, params: &StreamDiffusionParams, ids: &[&str]) -> bool {
         self.pool
             .find(params, &self.settings)
-            .is_some_and(|models| ids.iter().all(|id| models.cached_controlnet(id).is_some()))
+            .is_some_and(|models| {
+                ids.iter().all(|id| models.cached_controlnet(id).is_some())
+                    && ProcessorNetworks::ready(
+                        preprocess::networks_for(params),
+                        NetworkPool::global(),
+                        &self.settings.hub_options(),
+                        models.dtype,
+                        &models.device,
+                    )
+            })
     }
 }
 

@@ -86,9 +86,11 @@ pub(super) struct BuildTicket {
 pub(super) enum BuildKind {
     /// A new pipeline (a reload), swapped in whole.
     Pipeline,
-    /// Only the ControlNets the parameters add, loaded into the shared cache; the serving
-    /// pipeline then takes the parameters in place between two frames (a ControlNet swap).
-    ControlNets,
+    /// Only the networks the parameters add — ControlNets and the model-based processors'
+    /// networks — loaded into the shared caches; the serving pipeline then takes the
+    /// parameters in place between two frames (a ControlNet swap, or a hot change that
+    /// switches to a model-based processor).
+    Preload,
 }
 
 /// A built pipeline waiting to be swapped in.

@@ -179,7 +179,7 @@ impl PipelineFactory for FakeFactory {
         }))
     }
 
-    fn preload_controlnets(
+    fn preload_networks(
         &self,
         params: &StreamDiffusionParams,
         progress: &mut dyn FnMut(&str),
@@ -204,7 +204,7 @@ impl PipelineFactory for FakeFactory {
         Ok(())
     }
 
-    fn controlnets_ready(&self, _params: &StreamDiffusionParams, ids: &[&str]) -> bool {
+    fn networks_ready(&self, _params: &StreamDiffusionParams, ids: &[&str]) -> bool {
         let loaded = self.loaded.lock().expect("loaded list");
         ids.iter().all(|id| loaded.iter().any(|l| l == id))
     }

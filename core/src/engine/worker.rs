@@ -146,11 +146,13 @@ pub(super) fn next_action(
                 if s.target_version != l.version && *examined != Some(seen) {
                     *examined = Some(seen);
                     let update = classify(l.pipeline.params(), &s.target);
-                    let swap_ready = update.is_controlnet_swap()
+                    // A hot change or a ControlNet swap is taken in place once the networks
+                    // it needs are loaded (a preload brings them).
+                    let in_place = (update.is_hot() || update.is_controlnet_swap())
                         && shared
                             .factory
-                            .controlnets_ready(&s.target, &update.added_controlnet_ids());
-                    if update.is_hot() || swap_ready {
+                            .networks_ready(&s.target, &update.added_controlnet_ids());
+                    if in_place {
                         return Action::Apply {
                             params: Box::new(s.target.clone()),
                             version: s.target_version,
@@ -161,8 +163,8 @@ pub(super) fn next_action(
                     if s.pending_build.is_none() {
                         // update_params requests a build (or a preload) for any target the
                         // serving pipeline cannot take in place; this only guards that rule.
-                        let kind = if update.is_controlnet_swap() {
-                            BuildKind::ControlNets
+                        let kind = if update.is_controlnet_swap() || update.is_hot() {
+                            BuildKind::Preload
                         } else {
                             BuildKind::Pipeline
                         };

@@ -9,10 +9,13 @@ pub mod bundle;
 pub mod clip;
 pub mod controlnet;
 pub mod cuda_graph;
+pub mod hed;
 pub mod kernels;
 pub(crate) mod limits;
+pub mod lineart;
 pub mod lora;
 pub mod pool;
+pub mod rrdbnet;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
@@ -22,6 +25,7 @@ pub mod vae;
 pub mod weight_table;
 pub(crate) mod weights;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 
@@ -152,11 +156,69 @@ where
         stem,
         matches!(dtype, DType::F16 | DType::BF16),
     )?)?);
+    build_checked(
+        &file,
+        &config_path,
+        &config,
+        dtype,
+        device,
+        tolerated,
+        lora,
+        build,
+    )
+}
+
+/// Opens one weights file of a network that has no config file — a safetensors file, or a
+/// PyTorch checkpoint (`.pth`, `.pt`, `.ckpt`; read without running its pickle code) — with the
+/// checks of [`open_component`]: `config` reads the network's sizes from the tensors' names
+/// and shapes (float tensors only), the probe build compares every tensor the sizes imply with
+/// the file, unused and non-finite tensors are refused, then the network is built over the
+/// real weights. Errors name the file.
+pub fn open_weights<C, M>(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    config: impl FnOnce(&HashMap<String, Vec<usize>>) -> Result<C>,
+    build: impl Fn(&C, VarBuilder<'static>) -> Result<M>,
+) -> Result<M> {
+    let file = Arc::new(WeightsFile::open(path)?);
+    let shapes: HashMap<String, Vec<usize>> = file
+        .float_tensors()
+        .map(|(name, shape)| (name.to_string(), shape.to_vec()))
+        .collect();
+    let config = config(&shapes).map_err(|e| in_file(path, e))?;
+    build_checked(
+        &file,
+        path,
+        &config,
+        dtype,
+        device,
+        no_unused_tensors,
+        None,
+        build,
+    )
+    .map(|(model, _)| model)
+}
+
+/// The shared tail of the loaders: the probe build over `file` (errors about the config name
+/// `config_path`), the unused-tensor, LoRA-target and NaN/Inf checks, then the real build,
+/// recording the tensors it uses.
+#[allow(clippy::too_many_arguments)]
+fn build_checked<C, M>(
+    file: &Arc<WeightsFile>,
+    config_path: &Path,
+    config: &C,
+    dtype: DType,
+    device: &Device,
+    tolerated: fn(&str) -> bool,
+    lora: Option<Arc<lora::LoraDeltas>>,
+    build: impl Fn(&C, VarBuilder<'static>) -> Result<M>,
+) -> Result<(M, weight_table::WeightTable)> {
     let build_from = |mode| {
         let (vb, used) =
             CheckedBackend::var_builder(file.clone(), mode, dtype, device, lora.clone());
-        let model = build(&config, vb).map_err(|e| match e {
-            Error::UnsupportedConfig { .. } => in_file(&config_path, e),
+        let model = build(config, vb).map_err(|e| match e {
+            Error::UnsupportedConfig { .. } => in_file(config_path, e),
             // The backend's own messages (missing tensor, wrong shape, …) read best bare.
             Error::Candle(candle_core::Error::Msg(detail)) => Error::ModelLoad {
                 path: file.path().to_path_buf(),

@@ -17,7 +17,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::safetensors::MmapedSafetensors;
+use candle_core::safetensors::{BufferedSafetensors, MmapedSafetensors};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
@@ -185,7 +185,32 @@ impl Entry {
     }
 }
 
-/// A safetensors file whose header has been checked, memory-mapped.
+/// Where a [`WeightsFile`]'s bytes live.
+enum Storage {
+    /// A safetensors file, memory-mapped.
+    Mapped(MmapedSafetensors),
+    /// A PyTorch checkpoint, read and rewritten as safetensors bytes in memory.
+    Buffered(BufferedSafetensors),
+}
+
+impl Storage {
+    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Storage::Mapped(m) => m.load(name, device),
+            Storage::Buffered(b) => b.load(name, device),
+        }
+    }
+
+    fn get(&self, name: &str) -> candle_core::Result<safetensors::tensor::TensorView<'_>> {
+        match self {
+            Storage::Mapped(m) => m.get(name),
+            Storage::Buffered(b) => b.get(name),
+        }
+    }
+}
+
+/// A weights file whose header has been checked: a safetensors file (memory-mapped) or a
+/// PyTorch `.pth` checkpoint (see [`WeightsFile::open`]).
 pub(crate) struct WeightsFile {
     path: PathBuf,
     /// The tensors in the order of their bytes in the file.
@@ -193,7 +218,7 @@ pub(crate) struct WeightsFile {
     index: HashMap<String, usize>,
     /// The header's `__metadata__` (string values only, as safetensors defines it).
     metadata: HashMap<String, String>,
-    mmap: MmapedSafetensors,
+    storage: Storage,
 }
 
 impl std::fmt::Debug for WeightsFile {
@@ -206,10 +231,111 @@ impl std::fmt::Debug for WeightsFile {
 }
 
 impl WeightsFile {
-    /// Reads and checks the header of `path` (8-byte length, JSON object, every tensor's dtype,
-    /// shape and byte range inside the file), then maps the file. Errors name the file and,
-    /// where one is at fault, the tensor.
+    /// Opens a weights file: a PyTorch checkpoint when its name ends in `.pth`, `.pt` or
+    /// `.ckpt` ([`open_pytorch`](Self::open_pytorch)), a safetensors file otherwise
+    /// ([`open_safetensors`](Self::open_safetensors)).
     pub(crate) fn open(path: &Path) -> Result<Self> {
+        let extension = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match extension.as_deref() {
+            Some("pth" | "pt" | "ckpt") => Self::open_pytorch(path),
+            _ => Self::open_safetensors(path),
+        }
+    }
+
+    /// Reads a PyTorch checkpoint (`torch.save`'s zip format, which every torch since 1.6
+    /// writes) with candle's pickle reader, which rebuilds tensors from the archive without
+    /// running any of the pickle's code, and rewrites it as safetensors bytes in memory, so that
+    /// it is checked exactly like a safetensors file. The state dict is the top-level
+    /// dictionary, or the one under `state_dict`, `params_ema` or `params` (as BasicSR and
+    /// Real-ESRGAN save theirs). The whole file is read: these checkpoints are the small
+    /// preprocessor networks, not diffusion models.
+    pub(crate) fn open_pytorch(path: &Path) -> Result<Self> {
+        let fail = |detail: String| Error::ModelLoad {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(fail("not a file".into()));
+        }
+        let mut tensors = Vec::new();
+        for key in [None, Some("state_dict"), Some("params_ema"), Some("params")] {
+            // candle's reader panics on some malformed archives instead of failing.
+            let read =
+                std::panic::catch_unwind(|| candle_core::pickle::read_all_with_key(path, key))
+                    .unwrap_or_else(|_| {
+                        Err(candle_core::Error::Msg(
+                            "the pickle reader could not parse it".into(),
+                        ))
+                    });
+            match read {
+                Ok(found) if !found.is_empty() => {
+                    tensors = found;
+                    break;
+                }
+                Ok(_) => {}
+                // Another key may hold the dictionary; the top level's error is the telling one.
+                Err(_) if key.is_some() => {}
+                Err(e) => {
+                    return Err(fail(format!(
+                        "not a readable PyTorch checkpoint ({e}); sdstream reads the zip format \
+                         torch.save writes since torch 1.6 and safetensors files: re-save an older \
+                         file with torch.save, or convert it with safetensors.torch.save_file"
+                    )));
+                }
+            }
+        }
+        if tensors.is_empty() {
+            return Err(fail(
+                "no tensors found: expected a state dict at the top level or under \
+                 `state_dict`, `params_ema` or `params`"
+                    .into(),
+            ));
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n, t)), None)
+            .map_err(|e| fail(format!("cannot rewrite the tensors as safetensors: {e}")))?;
+        let (entries, metadata) = parse_header(&bytes, bytes.len() as u64).map_err(fail)?;
+        let storage = BufferedSafetensors::new(bytes)
+            .map_err(|e| fail(format!("not a valid checkpoint: {e}")))?;
+        Ok(Self::from_parts(
+            path,
+            entries,
+            metadata,
+            Storage::Buffered(storage),
+        ))
+    }
+
+    fn from_parts(
+        path: &Path,
+        entries: Vec<Entry>,
+        metadata: HashMap<String, String>,
+        storage: Storage,
+    ) -> Self {
+        let index = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        Self {
+            path: path.to_path_buf(),
+            entries,
+            index,
+            metadata,
+            storage,
+        }
+    }
+
+    /// Reads and checks the header of the safetensors file `path` (8-byte length, JSON object,
+    /// every tensor's dtype, shape and byte range inside the file), then maps the file. Errors
+    /// name the file and, where one is at fault, the tensor.
+    pub(crate) fn open_safetensors(path: &Path) -> Result<Self> {
         let fail = |detail: String| Error::ModelLoad {
             path: path.to_path_buf(),
             detail,
@@ -242,59 +368,25 @@ impl WeightsFile {
         }
         let mut header = Vec::new();
         header
-            .try_reserve_exact(header_len as usize)
+            .try_reserve_exact(header_len as usize + 8)
             .map_err(|e| fail(format!("cannot allocate the {header_len}-byte header: {e}")))?;
+        header.extend_from_slice(&word);
         file.by_ref()
             .take(header_len)
             .read_to_end(&mut header)
             .map_err(io)?;
-        let json: serde_json::Map<String, Value> = serde_json::from_slice(&header)
-            .map_err(|e| fail(format!("the header is not a JSON object: {e}")))?;
-        let mut entries = Vec::new();
-        let mut metadata = HashMap::new();
-        for (name, info) in json {
-            if name == "__metadata__" {
-                if let Value::Object(map) = info {
-                    for (key, value) in map {
-                        if let Value::String(text) = value {
-                            metadata.insert(key, text);
-                        }
-                    }
-                }
-            } else {
-                entries.push(Entry::parse(name, &info).map_err(fail)?);
-            }
-        }
-        entries.sort_by_key(|e| (e.start, e.end));
-        let data_len = len - 8 - header_len;
-        let cut: Vec<&Entry> = entries.iter().filter(|e| e.end > data_len).collect();
-        if let Some(first) = cut.first() {
-            return Err(fail(format!(
-                "tensor `{}` ends at byte {} of the data, but the file holds only {data_len} \
-                 bytes after its header: the file is truncated ({} of {} tensors cut off)",
-                first.name,
-                first.end,
-                cut.len(),
-                entries.len()
-            )));
-        }
-        let index = entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.name.clone(), i))
-            .collect();
+        let (entries, metadata) = parse_header(&header, len).map_err(fail)?;
         // SAFETY: the file is mapped read-only; sdstream never writes to it, and a host that
         // truncates a checkpoint while it is loaded is outside what any mmap-based loader can
         // defend against.
         let mmap = unsafe { MmapedSafetensors::new(path) }
             .map_err(|e| fail(format!("not a valid safetensors file: {e}")))?;
-        Ok(Self {
-            path: path.to_path_buf(),
+        Ok(Self::from_parts(
+            path,
             entries,
-            index,
             metadata,
-            mmap,
-        })
+            Storage::Mapped(mmap),
+        ))
     }
 
     /// A value of the header's `__metadata__`.
@@ -309,19 +401,33 @@ impl WeightsFile {
             .map(|e| (e.name.as_str(), e.shape.as_slice()))
     }
 
+    /// Every float tensor's name and shape, in file order.
+    pub(crate) fn float_tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.entries
+            .iter()
+            .filter(|e| e.float.is_some())
+            .map(|e| (e.name.as_str(), e.shape.as_slice()))
+    }
+
     /// The float tensor `name` on the CPU in f32 (checked like a network's tensors).
     pub(crate) fn load_f32(&self, name: &str) -> Result<Tensor> {
         self.lookup(name, None).map_err(|detail| Error::ModelLoad {
             path: self.path.clone(),
             detail,
         })?;
-        Ok(self.mmap.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
+        Ok(self
+            .storage
+            .load(name, &Device::Cpu)?
+            .to_dtype(DType::F32)?)
     }
 
     /// The tensor `name`, of any numeric dtype, on the CPU in f32 (for small values such as a
     /// LoRA's alpha, which some files store as an integer).
     pub(crate) fn load_numeric_f32(&self, name: &str) -> Result<Tensor> {
-        Ok(self.mmap.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
+        Ok(self
+            .storage
+            .load(name, &Device::Cpu)?
+            .to_dtype(DType::F32)?)
     }
 
     /// [`check_finite`](Self::check_finite) over every float tensor of the file.
@@ -403,10 +509,13 @@ impl WeightsFile {
         let (mut tensors, mut values) = (0, 0);
         for entry in self.entries.iter().filter(|e| names.contains(&e.name)) {
             let Some(float) = entry.float else { continue };
-            let view = self.mmap.get(&entry.name).map_err(|e| Error::ModelLoad {
-                path: self.path.clone(),
-                detail: format!("tensor `{}`: {e}", entry.name),
-            })?;
+            let view = self
+                .storage
+                .get(&entry.name)
+                .map_err(|e| Error::ModelLoad {
+                    path: self.path.clone(),
+                    detail: format!("tensor `{}`: {e}", entry.name),
+                })?;
             let n = count_non_finite(view.data(), float);
             if n > 0 {
                 let elements = entry.shape.iter().product::<usize>();
@@ -429,6 +538,56 @@ impl WeightsFile {
         }
         Ok(())
     }
+}
+
+/// The tensors and `__metadata__` of a safetensors header: `start` holds the 8-byte length
+/// and at least that much JSON, `file_len` is the size of the whole file. Checks every
+/// tensor's dtype, shape and byte range against the data the file holds (the error names the
+/// first tensor a truncation cuts off).
+fn parse_header(
+    start: &[u8],
+    file_len: u64,
+) -> std::result::Result<(Vec<Entry>, HashMap<String, String>), String> {
+    let word: [u8; 8] = start
+        .get(..8)
+        .and_then(|w| w.try_into().ok())
+        .ok_or("shorter than a safetensors header length")?;
+    let header_len = u64::from_le_bytes(word);
+    let json_bytes = usize::try_from(header_len)
+        .ok()
+        .and_then(|n| start.get(8..8 + n))
+        .ok_or("the header is cut short")?;
+    let json: serde_json::Map<String, Value> = serde_json::from_slice(json_bytes)
+        .map_err(|e| format!("the header is not a JSON object: {e}"))?;
+    let mut entries = Vec::new();
+    let mut metadata = HashMap::new();
+    for (name, info) in json {
+        if name == "__metadata__" {
+            if let Value::Object(map) = info {
+                for (key, value) in map {
+                    if let Value::String(text) = value {
+                        metadata.insert(key, text);
+                    }
+                }
+            }
+        } else {
+            entries.push(Entry::parse(name, &info)?);
+        }
+    }
+    entries.sort_by_key(|e| (e.start, e.end));
+    let data_len = file_len - 8 - header_len;
+    let cut: Vec<&Entry> = entries.iter().filter(|e| e.end > data_len).collect();
+    if let Some(first) = cut.first() {
+        return Err(format!(
+            "tensor `{}` ends at byte {} of the data, but the file holds only {data_len} \
+             bytes after its header: the file is truncated ({} of {} tensors cut off)",
+            first.name,
+            first.end,
+            cut.len(),
+            entries.len()
+        ));
+    }
+    Ok((entries, metadata))
 }
 
 /// `n thing` or `n things`.
@@ -550,12 +709,12 @@ impl CheckedBackend {
                 let tensor = match lora {
                     // Fused in f32 on the CPU, as diffusers' fuse_lora does on an f32 model.
                     Some(lora) => {
-                        let base = self.file.mmap.load(name, &Device::Cpu)?;
+                        let base = self.file.storage.load(name, &Device::Cpu)?;
                         lora.fuse(name, &base.to_dtype(DType::F32)?)?
                             .to_dtype(dtype)?
                             .to_device(device)?
                     }
-                    None => self.file.mmap.load(name, device)?.to_dtype(dtype)?,
+                    None => self.file.storage.load(name, device)?.to_dtype(dtype)?,
                 };
                 let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
                 LOADED_BYTES.with(|total| total.set(total.get() + bytes as u64));

@@ -11,7 +11,8 @@ use crate::model::bundle::StableDiffusionModels;
 use crate::model::controlnet::ControlNetModel;
 use crate::model::unet::{AddedConditioning, ControlResiduals};
 use crate::params::StreamDiffusionParams;
-use crate::preprocess::{self, ProcessorInputs};
+use crate::preprocess::networks::ProcessorNetworks;
+use crate::preprocess::{self, Processor, ProcessorInputs, ProcessorTimes};
 use crate::{Error, Result};
 
 /// A ControlNet acting on the current frame.
@@ -159,12 +160,26 @@ pub(super) fn attach_controlnets(
                 ),
             ));
         }
-        if channels != 3 {
+        let preprocessor = &config.preprocessor;
+        let made = Processor::parse(
+            preprocessor,
+            &config.preprocessor_params,
+            &field("preprocessor"),
+            &field("preprocessor_params"),
+        )?
+        .output_channels();
+        if channels != made {
             return Err(Error::param(
                 field("model_id"),
                 format!(
-                    "ControlNet {id} takes {channels}-channel control images; sdstream's control \
-                     images are RGB (3 channels)"
+                    "ControlNet {id} takes {channels}-channel control images, but preprocessor \
+                     {preprocessor:?} makes {made}-channel ones{}",
+                    if channels == 6 {
+                        " (6-channel TemporalNet2 nets take \"temporal_net_tensorrt\" with \
+                         output_format \"concat\")"
+                    } else {
+                        ""
+                    }
                 ),
             ));
         }
@@ -185,16 +200,29 @@ pub(super) fn attach_controlnets(
     Ok(nets)
 }
 
+/// What the preprocessors of a frame read besides the frame.
+pub(super) struct ControlInputs<'a> {
+    /// The latest host-supplied control image per ControlNet id.
+    pub external_controls: &'a HashMap<String, Tensor>,
+    /// The stream's previous output in [0, 1].
+    pub previous_output: Option<&'a Tensor>,
+    /// The previous input frame in [0, 1].
+    pub previous_input: Option<&'a Tensor>,
+    /// The model-based processors' networks.
+    pub networks: &'a ProcessorNetworks,
+}
+
 /// The ControlNets of `params` (attached as `nets`) that act on this frame, each with its
-/// embedded control image. `input` is the frame `[1, 3, H, W]` in [0, 1] (`None` for txt2img: only `external` nets act).
-/// Disabled nets, scale-0 nets and nets whose guidance window covers no step are skipped
-/// without preprocessing.
+/// embedded control image; each preprocessor's time is added to `times`. `input` is the frame
+/// `[1, 3, H, W]` in [0, 1] (`None` for txt2img: only `external` nets act). Disabled nets,
+/// scale-0 nets and nets whose guidance window covers no step are skipped without
+/// preprocessing.
 pub(super) fn control_conditions(
     params: &StreamDiffusionParams,
     nets: &[Arc<ControlNetModel>],
-    external_controls: &HashMap<String, Tensor>,
-    previous_output: Option<&Tensor>,
+    frame: &ControlInputs<'_>,
     input: Option<&Tensor>,
+    times: &mut ProcessorTimes,
 ) -> Result<Vec<ActiveControlNet>> {
     let steps = params.t_index_list.len();
     let mut active = Vec::new();
@@ -211,14 +239,16 @@ pub(super) fn control_conditions(
         if !(0..steps).any(|i| window.keeps(i, steps)) {
             continue;
         }
-        let external = external_controls.get(&config.model_id);
+        let external = frame.external_controls.get(&config.model_id);
+        let inputs = ProcessorInputs {
+            previous_output: frame.previous_output,
+            previous_input: frame.previous_input,
+            external,
+            networks: Some(frame.networks),
+        };
         let image = if config.preprocessor == EXTERNAL_PREPROCESSOR {
             let Some(external) = external else { continue };
             let source = input.unwrap_or(external);
-            let inputs = ProcessorInputs {
-                previous_output,
-                external: Some(external),
-            };
             preprocess::apply(
                 &config.preprocessor,
                 &config.preprocessor_params,
@@ -233,16 +263,14 @@ pub(super) fn control_conditions(
             match cached {
                 Some((_, _, image)) => image.clone(),
                 None => {
-                    let inputs = ProcessorInputs {
-                        previous_output,
-                        external,
-                    };
+                    let start = std::time::Instant::now();
                     let image = preprocess::apply(
                         &config.preprocessor,
                         &config.preprocessor_params,
                         input,
                         &inputs,
                     )?;
+                    times.add(&config.preprocessor, start.elapsed());
                     images.push((
                         &config.preprocessor,
                         &config.preprocessor_params,

@@ -30,13 +30,14 @@ use crate::pipeline::conditioning::{
     PromptCache, build_state, latent_shape, prompt_embedding, seed_noise, step_tensors,
 };
 use crate::pipeline::controlnet::{
-    ActiveControlNet, attach_controlnets, control_conditions, control_residuals,
+    ActiveControlNet, ControlInputs, attach_controlnets, control_conditions, control_residuals,
 };
 use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
 use crate::pipeline::stream::{AddedText, Conditioning, GuidanceParams, StreamState};
 pub(crate) use crate::pipeline::support::{check_control_ids, check_supported};
 use crate::pipeline::transition::{Glide, TransitionProgress};
-use crate::preprocess::{self, ProcessorInputs};
+use crate::preprocess::networks::{NetworkPool, ProcessorNetworks};
+use crate::preprocess::{self, ProcessorInputs, ProcessorTimes};
 use crate::sampling::rng::TorchGenerator;
 use crate::status::{Activity, EngineState, EngineStatus, epoch_ms, params_hash};
 use crate::{Error, Result};
@@ -58,6 +59,9 @@ pub struct StageTimings {
     pub postprocess: Duration,
     /// The whole call.
     pub total: Duration,
+    /// Each image processor's share: the ControlNets' preprocessors (inside `controlnet`) and
+    /// the `image_preprocessing` / `image_postprocessing` chains.
+    pub processors: ProcessorTimes,
 }
 
 /// A running StreamDiffusion stream over one loaded checkpoint.
@@ -77,6 +81,10 @@ pub struct StreamDiffusion {
     controlnets: Vec<Arc<ControlNetModel>>,
     /// The latest host-supplied control image per ControlNet id, `[1, 3, H, W]` f32 in [0, 1].
     external_controls: HashMap<String, Tensor>,
+    /// The networks the model-based processors of `params` run.
+    networks: ProcessorNetworks,
+    /// The last processed input frame (after `image_preprocessing`), f32 in [0, 1].
+    previous_input: Option<Tensor>,
     /// What [`status`](Self::status) reports; kept across reloads.
     report: StreamReport,
     /// Wait for the device at every stage boundary ([`set_stage_sync`](Self::set_stage_sync)).
@@ -196,6 +204,7 @@ impl StreamDiffusion {
         let controlnets = attach_controlnets(&models, &params, &[], &mut |line| {
             eprintln!("sdstream: {line}")
         })?;
+        let networks = load_networks(&models, &params, &settings)?;
         let filter = params.enable_similar_image_filter.then(|| {
             (
                 SimilarImageFilter::new(
@@ -220,6 +229,8 @@ impl StreamDiffusion {
             renoise: None,
             controlnets,
             external_controls: HashMap::new(),
+            networks,
+            previous_input: None,
             report: StreamReport::default(),
             stage_sync: false,
             prompt_glide: None,
@@ -370,6 +381,7 @@ impl StreamDiffusion {
             fresh.push((id.to_string(), to_unit(image)?));
         }
         self.external_controls.extend(fresh);
+        self.timings.processors = ProcessorTimes::default();
         let x = &self.image_preprocessing(x)?;
         if let Some((filter, rng)) = &mut self.filter {
             let u = f64::from(rng.rand(1)[0]);
@@ -381,12 +393,19 @@ impl StreamDiffusion {
         }
         self.advance_transition()?;
         let tc = Instant::now();
+        let unit_input = to_unit(x)?;
+        let frame = ControlInputs {
+            external_controls: &self.external_controls,
+            previous_output: self.previous_output.as_ref(),
+            previous_input: self.previous_input.as_ref(),
+            networks: &self.networks,
+        };
         let conds = control_conditions(
             &self.params,
             &self.controlnets,
-            &self.external_controls,
-            self.previous_output.as_ref(),
-            Some(&to_unit(x)?),
+            &frame,
+            Some(&unit_input),
+            &mut self.timings.processors,
         )?;
         self.sync_stage()?;
         let control_prep = tc.elapsed();
@@ -406,6 +425,7 @@ impl StreamDiffusion {
         self.timings.encode = encode;
         self.timings.decode = t1.elapsed();
         self.previous_output = Some(out.clone());
+        self.previous_input = Some(unit_input);
         Ok(out)
     }
 
@@ -413,27 +433,44 @@ impl StreamDiffusion {
     /// [0, 1] (see [`crate::preprocess`]), `feedback` blends with the previous output. It runs
     /// before the similar-image filter, so the filter compares processed frames (Daydream
     /// preprocesses before the stream sees the frame).
-    fn image_preprocessing(&self, x: &Tensor) -> Result<Tensor> {
+    fn image_preprocessing(&mut self, x: &Tensor) -> Result<Tensor> {
         let chain = self.params.image_preprocessing.as_ref();
         if !preprocess::chain_is_active(chain) {
             return Ok(x.clone());
         }
-        let inputs = ProcessorInputs {
+        let mut times = self.timings.processors;
+        let processed = preprocess::apply_chain(
+            chain,
+            &x.affine(0.5, 0.5)?,
+            &self.chain_inputs(),
+            &mut times,
+        );
+        self.timings.processors = times;
+        Ok(processed?.affine(2.0, -1.0)?)
+    }
+
+    /// What the processors of the chains read besides the image.
+    fn chain_inputs(&self) -> ProcessorInputs<'_> {
+        ProcessorInputs {
             previous_output: self.previous_output.as_ref(),
+            previous_input: self.previous_input.as_ref(),
             external: None,
-        };
-        let processed = preprocess::apply_chain(chain, &x.affine(0.5, 0.5)?, &inputs)?;
-        Ok(processed.affine(2.0, -1.0)?)
+            networks: Some(&self.networks),
+        }
     }
 
     /// Runs `image_postprocessing` on a decoded output in [0, 1]; what it returns is the
     /// stream's output (and the previous output `feedback` sees next).
-    fn image_postprocessing(&self, out: &Tensor) -> Result<Tensor> {
-        let inputs = ProcessorInputs {
-            previous_output: self.previous_output.as_ref(),
-            external: None,
-        };
-        preprocess::apply_chain(self.params.image_postprocessing.as_ref(), out, &inputs)
+    fn image_postprocessing(&mut self, out: &Tensor) -> Result<Tensor> {
+        let mut times = self.timings.processors;
+        let result = preprocess::apply_chain(
+            self.params.image_postprocessing.as_ref(),
+            out,
+            &self.chain_inputs(),
+            &mut times,
+        );
+        self.timings.processors = times;
+        result
     }
 
     /// Text-to-image: one stream step from a fresh latent drawn from the stream's generator
@@ -453,12 +490,18 @@ impl StreamDiffusion {
     /// Only `external` ControlNets act here (the others derive their image from an input frame).
     pub fn txt2img_from(&mut self, latent: &Tensor) -> Result<Tensor> {
         self.advance_transition()?;
+        let frame = ControlInputs {
+            external_controls: &self.external_controls,
+            previous_output: self.previous_output.as_ref(),
+            previous_input: self.previous_input.as_ref(),
+            networks: &self.networks,
+        };
         let conds = control_conditions(
             &self.params,
             &self.controlnets,
-            &self.external_controls,
-            self.previous_output.as_ref(),
+            &frame,
             None,
+            &mut self.timings.processors,
         )?;
         let x0 = self.denoise(latent, &conds)?;
         let image = self.models.autoencoder.decode(&x0)?;
@@ -622,8 +665,10 @@ impl StreamDiffusion {
                     &self.current_controlnets(),
                     &mut |line| eprintln!("sdstream: {line}"),
                 )?;
+                let networks = load_networks(&self.models, &params, &self.settings)?;
                 self.apply_hot(params, update.hot_changes(), transition)?;
                 self.controlnets = controlnets;
+                self.networks = networks;
                 let ids: Vec<&str> = self
                     .params
                     .controlnets
@@ -797,6 +842,24 @@ impl StreamDiffusion {
     pub fn set_init_noise(&mut self, noise: Tensor) -> Result<()> {
         self.state.set_init_noise(noise)
     }
+}
+
+/// The networks the processors of `params` run, from the process-wide [`NetworkPool`] (loaded
+/// there, on the networks' device and in their dtype, when no stream holds them; progress to
+/// stderr).
+fn load_networks(
+    models: &StableDiffusionModels,
+    params: &StreamDiffusionParams,
+    settings: &EngineSettings,
+) -> Result<ProcessorNetworks> {
+    ProcessorNetworks::load(
+        preprocess::networks_for(params),
+        NetworkPool::global(),
+        &settings.hub_options(),
+        models.dtype,
+        &models.device,
+        &mut |line| eprintln!("sdstream: {line}"),
+    )
 }
 
 /// [−1, 1] → [0, 1] in f32 (control images live in [0, 1]).

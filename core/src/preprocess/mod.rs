@@ -28,19 +28,24 @@
 pub mod canny;
 pub mod feedback;
 pub mod filters;
+pub mod networks;
 pub mod param_reader;
 pub mod planes;
 pub mod resize;
 pub mod soft_edge;
+pub mod standard_lineart;
 pub mod upscale;
+
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
+use self::networks::{NetworkRequest, ProcessorNetworks};
 use self::param_reader::ParamReader;
 use self::planes::Planes;
-use crate::params::ProcessingConfig;
 use crate::params::catalog::IMAGE_PROCESSORS;
+use crate::params::{ProcessingConfig, StreamDiffusionParams};
 use crate::{Error, Result};
 
 /// The image processors sdstream implements (the rest of Daydream's
@@ -53,6 +58,7 @@ pub const SUPPORTED_PROCESSORS: &[&str] = &[
     "passthrough",
     "sharpen",
     "soft_edge",
+    "standard_lineart",
     "upscale",
 ];
 
@@ -62,9 +68,45 @@ pub struct ProcessorInputs<'a> {
     /// The stream's previous output `[1, 3, H, W]` in [0, 1] (`feedback`); `None` before the
     /// first output.
     pub previous_output: Option<&'a Tensor>,
+    /// The previous input frame `[1, 3, H, W]` in [0, 1] (the temporal processors); `None`
+    /// on the first frame.
+    pub previous_input: Option<&'a Tensor>,
     /// The control image the host supplied with this frame (`external`), `[1, 3, H, W]` in
     /// [0, 1] at the stream's size.
     pub external: Option<&'a Tensor>,
+    /// The networks of the model-based processors (see [`Processor::network`]).
+    pub networks: Option<&'a ProcessorNetworks>,
+}
+
+/// Time spent in each processor during one frame, by name (Daydream's processor names,
+/// [`IMAGE_PROCESSORS`]); a processor that ran several times (two chains, two settings) sums.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessorTimes {
+    spent: [Option<Duration>; IMAGE_PROCESSORS.len()],
+}
+
+impl ProcessorTimes {
+    /// Adds `elapsed` to processor `name` (names outside the catalogue are not counted).
+    pub fn add(&mut self, name: &str, elapsed: Duration) {
+        if let Some(i) = IMAGE_PROCESSORS.iter().position(|n| *n == name) {
+            let slot = &mut self.spent[i];
+            *slot = Some(slot.unwrap_or_default() + elapsed);
+        }
+    }
+
+    /// Each processor that ran, with its time, in catalogue order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, Duration)> + '_ {
+        IMAGE_PROCESSORS
+            .iter()
+            .zip(&self.spent)
+            .filter_map(|(name, spent)| spent.map(|d| (*name, d)))
+    }
+
+    /// The time of processor `name` (`None` when it did not run).
+    pub fn get(&self, name: &str) -> Option<Duration> {
+        let i = IMAGE_PROCESSORS.iter().position(|n| *n == name)?;
+        self.spent[i]
+    }
 }
 
 /// A processor with its params read and checked: the one place that maps a name and a params
@@ -87,6 +129,8 @@ pub enum Processor {
     Sharpen(filters::SharpenParams),
     /// `upscale`.
     Upscale(upscale::UpscaleParams),
+    /// `standard_lineart`.
+    StandardLineart(standard_lineart::StandardLineartParams),
 }
 
 impl Processor {
@@ -108,6 +152,27 @@ impl Processor {
             "blur" => Processor::Blur(filters::BlurParams::read(&r)?),
             "sharpen" => Processor::Sharpen(filters::SharpenParams::read(&r)?),
             "upscale" => Processor::Upscale(upscale::UpscaleParams::read(&r)?),
+            "standard_lineart" => {
+                Processor::StandardLineart(standard_lineart::StandardLineartParams::read(&r)?)
+            }
+            "mediapipe_pose" => {
+                return Err(Error::param(
+                    name_field,
+                    "image processor \"mediapipe_pose\" is not available in sdstream: it runs \
+                     Google's MediaPipe BlazePose and hand models, which sdstream does not \
+                     carry; use \"openpose\" (the OpenPose body network, drawn as the OpenPose \
+                     skeleton that pose ControlNets were trained on) instead",
+                ));
+            }
+            "mediapipe_segmentation" => {
+                return Err(Error::param(
+                    name_field,
+                    "image processor \"mediapipe_segmentation\" is not available in sdstream: \
+                     it runs MediaPipe's selfie-segmentation model, which sdstream does not \
+                     carry, and no other processor segments people; make the mask in the host \
+                     and hand it in with the \"external\" processor",
+                ));
+            }
             other if IMAGE_PROCESSORS.contains(&other) => {
                 return Err(Error::param(
                     name_field,
@@ -123,6 +188,26 @@ impl Processor {
                 ));
             }
         })
+    }
+
+    /// The network the processor runs, if it is a model-based one.
+    pub fn network(&self) -> Option<NetworkRequest> {
+        match self {
+            Processor::Passthrough
+            | Processor::External
+            | Processor::Canny(_)
+            | Processor::SoftEdge
+            | Processor::Feedback(_)
+            | Processor::Blur(_)
+            | Processor::Sharpen(_)
+            | Processor::Upscale(_)
+            | Processor::StandardLineart(_) => None,
+        }
+    }
+
+    /// Channels of the image the processor makes (3: RGB).
+    pub fn output_channels(&self) -> usize {
+        3
     }
 
     /// Runs the processor on `image` (`[1, C, H, W]` in [0, 1]).
@@ -145,7 +230,21 @@ impl Processor {
             Processor::Blur(p) => on_host(&|x| filters::blur(x, p)),
             Processor::Sharpen(p) => on_host(&|x| filters::sharpen(x, p)),
             Processor::Upscale(p) => on_host(&|x| upscale::apply(x, p)),
+            Processor::StandardLineart(p) => {
+                on_host(&|x| to_size(&standard_lineart::apply(x, p), x.height, x.width))
+            }
         }
+    }
+}
+
+/// A processor's result at `height × width`: unchanged when it has that size, else resized
+/// with torch's bilinear interpolation (align_corners false), as Daydream's processors end on
+/// their tensor path (`_ensure_target_size_tensor`).
+fn to_size(image: &Planes, height: usize, width: usize) -> Planes {
+    if (image.height, image.width) == (height, width) {
+        image.clone()
+    } else {
+        upscale::resize(image, height, width, upscale::Resample::Bilinear)
     }
 }
 
@@ -197,20 +296,38 @@ pub fn validate_chain(chain: Option<&ProcessingConfig>, field: &str) -> Result<(
     };
     for (i, p) in chain.processors.iter().enumerate() {
         if p.enabled {
-            validate(&p.kind, &p.params, &format!("{field}.processors[{i}]"))?;
+            let name_field = format!("{field}.processors[{i}]");
+            let processor = Processor::parse(
+                &p.kind,
+                &p.params,
+                &name_field,
+                &format!("{name_field}.params"),
+            )?;
+            let channels = processor.output_channels();
+            if channels != 3 {
+                return Err(Error::param(
+                    name_field,
+                    format!(
+                        "{:?} makes {channels}-channel images, which only a ControlNet takes, \
+                         not a frame",
+                        p.kind
+                    ),
+                ));
+            }
         }
     }
     Ok(())
 }
 
-/// Applies the enabled processors of an active chain in order (the image unchanged otherwise).
-/// In a chain, `external` passes its input through when `inputs` has no external image, as
-/// Daydream's `ExternalPreprocessor` returns the tensor it is given (the host's frame is then the
-/// externally prepared image).
+/// Applies the enabled processors of an active chain in order (the image unchanged otherwise),
+/// adding each one's time to `times`. In a chain, `external` passes its input through when
+/// `inputs` has no external image, as Daydream's `ExternalPreprocessor` returns the tensor it is
+/// given (the host's frame is then the externally prepared image).
 pub fn apply_chain(
     chain: Option<&ProcessingConfig>,
     image: &Tensor,
     inputs: &ProcessorInputs<'_>,
+    times: &mut ProcessorTimes,
 ) -> Result<Tensor> {
     let mut x = image.clone();
     if let Some(chain) = chain.filter(|c| c.enabled) {
@@ -220,8 +337,47 @@ pub fn apply_chain(
             if processor == Processor::External && inputs.external.is_none() {
                 continue;
             }
+            let start = Instant::now();
             x = processor.run(&x, inputs)?;
+            times.add(&p.kind, start.elapsed());
         }
     }
     Ok(x)
+}
+
+/// The processors `params` runs: the enabled ControlNets' preprocessors (whatever their scale)
+/// and the enabled processors of enabled chains, parsed (they are validated already; one that
+/// does not parse is left out, and fails where it runs). Enabling one later is a hot change
+/// whose networks the engine loads before it applies the change.
+fn processors_of(params: &StreamDiffusionParams) -> Vec<Processor> {
+    let nets = params
+        .controlnets
+        .iter()
+        .filter(|c| c.enabled)
+        .map(|c| (c.preprocessor.as_str(), &c.preprocessor_params));
+    let chains = [&params.image_preprocessing, &params.image_postprocessing]
+        .into_iter()
+        .flatten()
+        .filter(|chain| chain.enabled)
+        .flat_map(|chain| {
+            chain
+                .processors
+                .iter()
+                .filter(|p| p.enabled)
+                .map(|p| (p.kind.as_str(), &p.params))
+        });
+    nets.chain(chains)
+        .filter_map(|(name, p)| Processor::parse(name, p, name, name).ok())
+        .collect()
+}
+
+/// The networks the processors of `params` run, each once.
+pub fn networks_for(params: &StreamDiffusionParams) -> Vec<NetworkRequest> {
+    let mut requests: Vec<NetworkRequest> = Vec::new();
+    for request in processors_of(params).iter().filter_map(Processor::network) {
+        if !requests.contains(&request) {
+            requests.push(request);
+        }
+    }
+    requests
 }

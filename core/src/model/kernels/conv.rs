@@ -122,6 +122,11 @@ impl Conv2d {
         })
     }
 
+    /// The dtype the convolution computes in (its weight's; f32 for bf16 layers on the CPU).
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
     /// Convolves the nearest-neighbour `factor`× upsampling of `xs` (torch's
     /// `F.interpolate(xs, scale_factor=factor, mode="nearest")` followed by this convolution),
     /// without materialising the upsampled map on the CPU.

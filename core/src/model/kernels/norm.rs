@@ -42,6 +42,22 @@ impl GroupNorm {
         })
     }
 
+    /// torch's `nn.InstanceNorm2d(channels, eps)` (no affine parameters, no running
+    /// statistics): a GroupNorm with one group per channel, weight 1 and bias 0.
+    pub fn instance(
+        channels: usize,
+        eps: f64,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: Tensor::ones(channels, dtype, device)?,
+            bias: Tensor::zeros(channels, dtype, device)?,
+            groups: channels,
+            eps,
+        })
+    }
+
     /// `GroupNorm(x)`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.run(x, false)

@@ -1,0 +1,335 @@
+//! The networks behind the model-based processors: which weights each one needs, where they
+//! are found, and one loaded copy per weights file, device and dtype for the whole process.
+//!
+//! A processor names what it needs as a [`NetworkRequest`]: a kind of network and the files of
+//! a model repository (the ones Daydream's processors download, e.g. `ControlNetHED.pth` of
+//! `lllyasviel/Annotators`). The repository is resolved like every model id ([`crate::hub`]:
+//! the id as a folder when paths are allowed, `model_root/<id>`, the Hugging Face cache, a
+//! download), so a folder of weights laid out as `<model_root>/lllyasviel/Annotators/…` serves
+//! offline. Each file may also be given as safetensors (`ControlNetHED.safetensors`), which is
+//! taken first.
+//!
+//! [`NetworkPool::global`] keeps weak references, like the diffusion models' pool: a network
+//! lives while some stream (or host) holds it, and every stream of the process shares it. A
+//! stream gets its networks as [`ProcessorNetworks`] when it is built or takes new parameters;
+//! the engine loads them on its builder thread first, so a frame never waits for a load.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use crate::hub::{self, HubOptions};
+use crate::model::hed::{self, Hed};
+use crate::model::lineart::{self, LineartGenerator};
+use crate::model::open_weights;
+use crate::model::rrdbnet::{self, RrdbNet};
+use crate::{Error, Result};
+
+/// Which network a request loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NetworkKind {
+    /// HED edges ([`crate::model::hed`]).
+    Hed,
+    /// The lineart generator ([`crate::model::lineart`]).
+    Lineart,
+    /// Real-ESRGAN's RRDB upscaler ([`crate::model::rrdbnet`]).
+    RealEsrgan,
+}
+
+impl NetworkKind {
+    /// A name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            NetworkKind::Hed => "HED",
+            NetworkKind::Lineart => "lineart generator",
+            NetworkKind::RealEsrgan => "Real-ESRGAN",
+        }
+    }
+}
+
+/// A network a processor needs: its kind, the model repository and the weights file in it
+/// (the stem of a `.pth` file; `<stem>.safetensors` is preferred when present).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NetworkRequest {
+    /// What to build.
+    pub kind: NetworkKind,
+    /// The repository (a hub id), resolved like a model id.
+    pub repo: &'static str,
+    /// The weights file's name without its extension.
+    pub stem: &'static str,
+}
+
+impl NetworkRequest {
+    /// `ControlNetHED.pth` of `lllyasviel/Annotators`.
+    pub const HED: Self = Self {
+        kind: NetworkKind::Hed,
+        repo: ANNOTATORS,
+        stem: "ControlNetHED",
+    };
+    /// `sk_model.pth` of `lllyasviel/Annotators` (fine lines).
+    pub const LINEART_FINE: Self = Self {
+        kind: NetworkKind::Lineart,
+        repo: ANNOTATORS,
+        stem: "sk_model",
+    };
+    /// `sk_model2.pth` of `lllyasviel/Annotators` (coarse lines).
+    pub const LINEART_COARSE: Self = Self {
+        kind: NetworkKind::Lineart,
+        repo: ANNOTATORS,
+        stem: "sk_model2",
+    };
+    /// `RealESRGAN_x2.pth` of `ai-forever/Real-ESRGAN`.
+    pub const REAL_ESRGAN_X2: Self = Self {
+        kind: NetworkKind::RealEsrgan,
+        repo: "ai-forever/Real-ESRGAN",
+        stem: "RealESRGAN_x2",
+    };
+
+    /// The file patterns [`hub::resolve`] looks for: the safetensors form, else the `.pth`.
+    fn wanted(&self) -> String {
+        format!("{0}.safetensors|{0}.pth", self.stem)
+    }
+
+    /// Where the request is found: the resolved weights file.
+    pub fn resolve(&self, hub_options: &HubOptions) -> Result<PathBuf> {
+        let dir = hub::resolve(self.repo, hub_options, &[&self.wanted()])?;
+        let safetensors = dir.join(format!("{}.safetensors", self.stem));
+        Ok(if safetensors.is_file() {
+            safetensors
+        } else {
+            dir.join(format!("{}.pth", self.stem))
+        })
+    }
+}
+
+/// ControlNet's annotator weights, where Daydream's processors (through controlnet_aux) get them.
+const ANNOTATORS: &str = "lllyasviel/Annotators";
+
+/// A loaded network.
+#[derive(Debug)]
+pub enum Network {
+    /// HED edges.
+    Hed(Hed),
+    /// The lineart generator.
+    Lineart(LineartGenerator),
+    /// Real-ESRGAN.
+    RealEsrgan(RrdbNet),
+}
+
+impl Network {
+    /// Loads the network `kind` from `path` in `dtype` on `device`, its sizes read from the
+    /// weights (see each network's `Config::from_shapes`).
+    pub fn load(kind: NetworkKind, path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(match kind {
+            NetworkKind::Hed => Network::Hed(open_weights(
+                path,
+                dtype,
+                device,
+                hed::Config::from_shapes,
+                Hed::new,
+            )?),
+            NetworkKind::Lineart => Network::Lineart(open_weights(
+                path,
+                dtype,
+                device,
+                lineart::Config::from_shapes,
+                LineartGenerator::new,
+            )?),
+            NetworkKind::RealEsrgan => Network::RealEsrgan(open_weights(
+                path,
+                dtype,
+                device,
+                rrdbnet::Config::from_shapes,
+                RrdbNet::new,
+            )?),
+        })
+    }
+}
+
+/// What a network is shared by: the request as spelled (looked up without touching the disk)
+/// or the resolved file, with the dtype and device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PoolKey {
+    Request {
+        request: NetworkRequest,
+        hub: HubOptions,
+        dtype: DType,
+        device: String,
+    },
+    File {
+        kind: NetworkKind,
+        path: PathBuf,
+        dtype: DType,
+        device: String,
+    },
+}
+
+/// One loaded copy of each network per file, dtype and device (weak references: a network
+/// goes when its last holder drops it).
+#[derive(Debug, Default)]
+pub struct NetworkPool {
+    entries: Mutex<HashMap<PoolKey, Weak<Network>>>,
+    /// Held for a whole load, so that two streams asking for one network load it once (loads
+    /// are short: these are small networks); lookups never wait for it.
+    loading: Mutex<()>,
+    loads: AtomicU64,
+}
+
+/// `device`'s identity as a key (`Cpu`, `Cuda { gpu_id: 0 }`, …).
+fn device_key(device: &Device) -> String {
+    format!("{:?}", device.location())
+}
+
+impl NetworkPool {
+    /// The pool every stream of the process uses.
+    pub fn global() -> &'static NetworkPool {
+        static POOL: OnceLock<NetworkPool> = OnceLock::new();
+        POOL.get_or_init(NetworkPool::default)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, Weak<Network>>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn request_key(
+        request: NetworkRequest,
+        hub: &HubOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> PoolKey {
+        PoolKey::Request {
+            request,
+            hub: hub.clone(),
+            dtype,
+            device: device_key(device),
+        }
+    }
+
+    /// The loaded network for `request`, if some holder keeps it (no disk access).
+    pub fn find(
+        &self,
+        request: NetworkRequest,
+        hub: &HubOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> Option<Arc<Network>> {
+        let key = Self::request_key(request, hub, dtype, device);
+        self.lock().get(&key).and_then(Weak::upgrade)
+    }
+
+    /// The network for `request`, loaded unless some holder keeps it; loading steps go to
+    /// `progress`.
+    pub fn get(
+        &self,
+        request: NetworkRequest,
+        hub: &HubOptions,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Arc<Network>> {
+        if let Some(net) = self.find(request, hub, dtype, device) {
+            return Ok(net);
+        }
+        let _loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(net) = self.find(request, hub, dtype, device) {
+            return Ok(net);
+        }
+        let path = request.resolve(hub)?;
+        let file_key = PoolKey::File {
+            kind: request.kind,
+            path: crate::model::bundle::canonical(&path),
+            dtype,
+            device: device_key(device),
+        };
+        let found = self.lock().get(&file_key).and_then(Weak::upgrade);
+        let net = match found {
+            Some(net) => net,
+            None => {
+                let start = Instant::now();
+                progress(&format!(
+                    "loading the {} network from {}",
+                    request.kind.name(),
+                    path.display()
+                ));
+                let net = Arc::new(Network::load(request.kind, &path, dtype, device)?);
+                progress(&format!(
+                    "loaded the {} network in {:.2} s",
+                    request.kind.name(),
+                    start.elapsed().as_secs_f64()
+                ));
+                self.loads.fetch_add(1, Ordering::Relaxed);
+                net
+            }
+        };
+        let mut entries = self.lock();
+        entries.retain(|_, weak| weak.strong_count() > 0);
+        entries.insert(file_key, Arc::downgrade(&net));
+        entries.insert(
+            Self::request_key(request, hub, dtype, device),
+            Arc::downgrade(&net),
+        );
+        Ok(net)
+    }
+
+    /// How many networks this pool has read from disk so far.
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
+    }
+}
+
+/// The loaded networks a stream's processors use, by request.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessorNetworks {
+    networks: HashMap<NetworkRequest, Arc<Network>>,
+}
+
+impl ProcessorNetworks {
+    /// Gets every request of `requests` from `pool` (loading what no one holds).
+    pub fn load(
+        requests: impl IntoIterator<Item = NetworkRequest>,
+        pool: &NetworkPool,
+        hub: &HubOptions,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let mut networks = HashMap::new();
+        for request in requests {
+            if networks.contains_key(&request) {
+                continue;
+            }
+            let net = pool.get(request, hub, dtype, device, progress)?;
+            networks.insert(request, net);
+        }
+        Ok(Self { networks })
+    }
+
+    /// Whether every request of `requests` is loaded in `pool` (no disk access).
+    pub fn ready(
+        requests: impl IntoIterator<Item = NetworkRequest>,
+        pool: &NetworkPool,
+        hub: &HubOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> bool {
+        requests
+            .into_iter()
+            .all(|r| pool.find(r, hub, dtype, device).is_some())
+    }
+
+    /// The network for `request`; an error naming it when it was not loaded for this stream.
+    pub fn get(&self, request: NetworkRequest) -> Result<&Network> {
+        self.networks.get(&request).map(Arc::as_ref).ok_or_else(|| {
+            Error::State(format!(
+                "the {} network ({} of {}) is not loaded for this stream",
+                request.kind.name(),
+                request.stem,
+                request.repo
+            ))
+        })
+    }
+}
