@@ -360,14 +360,8 @@ unsafe fn process(
         // SAFETY: by the caller's contract.
         let (frame, controls) =
             unsafe { (frame.as_frame(f)?, control_images(f, controls, count)?) };
-        let params = h.engine.params();
-        check_fits(
-            f,
-            out,
-            params.width as usize,
-            params.height as usize,
-            frame.format(),
-        )?;
+        let (width, height) = sdstream_core::preprocess::output_size(&h.engine.params());
+        check_fits(f, out, width, height, frame.format())?;
         let submission = Submission::new(frame).controls(controls.iter().map(|(id, c)| (*id, *c)));
         let output = h
             .engine
@@ -665,7 +659,9 @@ pub unsafe extern "C" fn sds_engine_flush(
 }
 
 /// The size of an output for input frames of `format` under the current (last accepted)
-/// parameters: the stream's `*width` × `*height`, and `*size`, the bytes of packed rows. While
+/// parameters: `*width` × `*height` (the stream's size, or twice it with an upscaling
+/// `image_postprocessing` processor such as `realesrgan_trt`), and `*size`, the bytes of packed
+/// rows. While
 /// a reload that changes the resolution builds, outputs still come at the old size: check
 /// `SdsOutput.size` or allocate for both. Thread-safe.
 ///
@@ -691,7 +687,7 @@ pub unsafe extern "C" fn sds_engine_output_size(
         };
         let format = pixel_format(F, format)?;
         let params = h.engine.params();
-        let (cols, rows) = (params.width as usize, params.height as usize);
+        let (cols, rows) = sdstream_core::preprocess::output_size(&params);
         // Core's frame size rule, as for every other size this layer reports.
         let (bytes, _) = needed_bytes(cols, rows, format, 0).map_err(|e| {
             Failure::new(
@@ -699,8 +695,8 @@ pub unsafe extern "C" fn sds_engine_output_size(
                 format!("{F}: the output size: {e}"),
             )
         })?;
-        *width = params.width as u32;
-        *height = params.height as u32;
+        *width = cols as u32;
+        *height = rows as u32;
         *size = bytes;
         Ok(())
     })

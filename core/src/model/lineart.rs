@@ -23,6 +23,7 @@ use candle_nn::VarBuilder;
 
 use crate::model::kernels::conv::{Conv2d, Padding};
 use crate::model::kernels::norm::GroupNorm;
+use crate::model::kernels::ops;
 use crate::{Error, Result};
 
 /// torch's `InstanceNorm2d` default eps.
@@ -98,36 +99,10 @@ impl Config {
     }
 }
 
-/// torch's `ReflectionPad2d(p)` on `[B, C, H, W]`: index −i reads i, index n − 1 + i reads
-/// n − 1 − i. Needs p < H and p < W, as torch does.
+/// torch's `ReflectionPad2d(p)`.
 fn reflection_pad(x: &Tensor, p: usize) -> Result<Tensor> {
-    let mut x = x.clone();
-    for dim in [2, 3] {
-        let n = x.dim(dim)?;
-        if p >= n {
-            return Err(Error::InvalidFrame(format!(
-                "the lineart generator needs maps larger than {p} pixels, got {:?}",
-                x.dims()
-            )));
-        }
-        let index: Vec<u32> = (0..n + 2 * p)
-            .map(|i| {
-                let i = i as isize - p as isize;
-                let last = n as isize - 1;
-                let mirrored = if i < 0 {
-                    -i
-                } else if i > last {
-                    2 * last - i
-                } else {
-                    i
-                };
-                mirrored as u32
-            })
-            .collect();
-        let index = Tensor::new(index.as_slice(), x.device())?;
-        x = x.index_select(&index, dim)?;
-    }
-    Ok(x)
+    ops::reflection_pad(x, p, p, p, p)
+        .map_err(|e| Error::InvalidFrame(format!("the lineart generator cannot pad its maps: {e}")))
 }
 
 /// A convolution followed by InstanceNorm and (optionally) ReLU.

@@ -21,6 +21,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::kernels::conv::{Conv2d, Padding};
+use crate::model::kernels::ops;
 use crate::{Error, Result};
 
 /// LeakyReLU's negative slope throughout.
@@ -221,18 +222,15 @@ impl RrdbNet {
         &self.config
     }
 
-    /// Upscales `x` `[B, C, H, W]` in [0, 1] to `[B, C, s·H, s·W]` (unclamped). H and W must
-    /// be multiples of the unshuffle factor (4 for ×1, 2 for ×2).
+    /// Upscales `x` `[B, C, H, W]` in [0, 1] to `[B, C, s·H, s·W]` (unclamped). Sides that are
+    /// not multiples of the unshuffle factor (4 for ×1, 2 for ×2) are first reflection-padded
+    /// on the bottom and right, and the result cropped back, as spandrel does.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let fold = self.config.fold();
         let (_, _, h, w) = x.dims4()?;
-        if !h.is_multiple_of(fold) || !w.is_multiple_of(fold) {
-            return Err(Error::InvalidFrame(format!(
-                "the ×{} upscaler needs sides that are multiples of {fold}, got {w}×{h}",
-                self.config.scale
-            )));
-        }
+        let pad = |side: usize| (fold - side % fold) % fold;
         let x = x.to_dtype(self.conv_first.dtype())?;
+        let x = ops::reflection_pad(&x, 0, pad(h), 0, pad(w))?;
         let folded = pixel_unshuffle(&x, fold)?;
         let feat = self.conv_first.forward(&folded)?;
         let mut body = feat.clone();

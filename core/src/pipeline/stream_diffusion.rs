@@ -275,9 +275,15 @@ impl StreamDiffusion {
         Ok(())
     }
 
-    /// Output size (width, height) in pixels.
-    pub fn output_size(&self) -> (usize, usize) {
+    /// The stream's size (width, height) in pixels: frames are resized to it.
+    pub fn stream_size(&self) -> (usize, usize) {
         (self.params.width as usize, self.params.height as usize)
+    }
+
+    /// Output size (width, height) in pixels: the stream's size, times the scale of an
+    /// upscaling `image_postprocessing` processor ([`preprocess::output_size`]).
+    pub fn output_size(&self) -> (usize, usize) {
+        preprocess::output_size(&self.params)
     }
 
     /// One frame in, one frame out, in the input's pixel format at width × height.
@@ -307,7 +313,7 @@ impl StreamDiffusion {
 
     fn run_frame(&mut self, frame: &Frame, controls: &[(&str, &Frame)]) -> Result<Image> {
         let start = Instant::now();
-        let (width, height) = self.output_size();
+        let (width, height) = self.stream_size();
         let x = frame.to_tensor(width, height, &self.models.device)?;
         let mut images = Vec::with_capacity(controls.len());
         for (id, control) in controls {
@@ -360,7 +366,7 @@ impl StreamDiffusion {
         x: &Tensor,
         controls: &[(&str, &Tensor)],
     ) -> Result<Tensor> {
-        let (width, height) = self.output_size();
+        let (width, height) = self.stream_size();
         let expected = [1, 3, height, width];
         if x.dims() != expected {
             return Err(Error::InvalidFrame(format!(

@@ -26,8 +26,16 @@ pub(crate) fn check_supported(params: &StreamDiffusionParams) -> Result<()> {
     if params.ip_adapter.enabled {
         return not_yet("ip_adapter", "IP-Adapter");
     }
-    preprocess::validate_chain(params.image_preprocessing.as_ref(), "image_preprocessing")?;
-    preprocess::validate_chain(params.image_postprocessing.as_ref(), "image_postprocessing")?;
+    preprocess::validate_chain(
+        params.image_preprocessing.as_ref(),
+        "image_preprocessing",
+        false,
+    )?;
+    preprocess::validate_chain(
+        params.image_postprocessing.as_ref(),
+        "image_postprocessing",
+        true,
+    )?;
     for (field, block) in [
         ("latent_preprocessing", &params.latent_preprocessing),
         ("latent_postprocessing", &params.latent_postprocessing),

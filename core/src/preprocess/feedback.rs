@@ -31,14 +31,29 @@ pub fn apply(image: &Tensor, previous: Option<&Tensor>, p: FeedbackParams) -> Re
     let Some(previous) = previous else {
         return Ok(image.clone());
     };
-    if previous.dims() != image.dims() {
+    let (&[1, c, h, w], &[1, pc, ..]) = (image.dims(), previous.dims()) else {
         return Err(Error::InvalidFrame(format!(
-            "feedback: the previous output is {:?} but the image is {:?}",
-            previous.dims(),
-            image.dims()
+            "feedback: the image is {:?} and the previous output {:?}; expected [1, C, H, W]",
+            image.dims(),
+            previous.dims()
+        )));
+    };
+    if c != pc {
+        return Err(Error::InvalidFrame(format!(
+            "feedback: the previous output has {pc} channels, the image {c}"
         )));
     }
     let k = p.feedback_strength;
     let previous = previous.to_dtype(image.dtype())?;
+    // An upscaling postprocessor makes outputs larger than the frames: blend at the frame's
+    // size (torch's bilinear resize).
+    let previous = if previous.dims() == image.dims() {
+        previous
+    } else {
+        let planes = super::planes::Planes::from_tensor(&previous)?;
+        super::upscale::resize(&planes, h, w, super::upscale::Resample::Bilinear)
+            .into_tensor(image.device())?
+            .to_dtype(image.dtype())?
+    };
     Ok(((image * (1.0 - k))? + (previous * k)?)?)
 }

@@ -31,6 +31,7 @@ pub mod filters;
 pub mod networks;
 pub mod param_reader;
 pub mod planes;
+pub mod realesrgan;
 pub mod resize;
 pub mod soft_edge;
 pub mod standard_lineart;
@@ -41,7 +42,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
-use self::networks::{NetworkRequest, ProcessorNetworks};
+use self::networks::{Network, NetworkRequest, ProcessorNetworks};
 use self::param_reader::ParamReader;
 use self::planes::Planes;
 use crate::params::catalog::IMAGE_PROCESSORS;
@@ -56,6 +57,7 @@ pub const SUPPORTED_PROCESSORS: &[&str] = &[
     "external",
     "feedback",
     "passthrough",
+    "realesrgan_trt",
     "sharpen",
     "soft_edge",
     "standard_lineart",
@@ -131,6 +133,8 @@ pub enum Processor {
     Upscale(upscale::UpscaleParams),
     /// `standard_lineart`.
     StandardLineart(standard_lineart::StandardLineartParams),
+    /// `realesrgan_trt`.
+    RealEsrgan(realesrgan::RealEsrganParams),
 }
 
 impl Processor {
@@ -155,6 +159,7 @@ impl Processor {
             "standard_lineart" => {
                 Processor::StandardLineart(standard_lineart::StandardLineartParams::read(&r)?)
             }
+            "realesrgan_trt" => Processor::RealEsrgan(realesrgan::RealEsrganParams::read(&r)?),
             "mediapipe_pose" => {
                 return Err(Error::param(
                     name_field,
@@ -202,6 +207,15 @@ impl Processor {
             | Processor::Sharpen(_)
             | Processor::Upscale(_)
             | Processor::StandardLineart(_) => None,
+            Processor::RealEsrgan(_) => Some(NetworkRequest::REAL_ESRGAN_X2),
+        }
+    }
+
+    /// How many times larger than its input the processor's image is (1 but for upscalers).
+    pub fn output_scale(&self) -> usize {
+        match self {
+            Processor::RealEsrgan(_) => realesrgan::SCALE,
+            _ => 1,
         }
     }
 
@@ -233,8 +247,32 @@ impl Processor {
             Processor::StandardLineart(p) => {
                 on_host(&|x| to_size(&standard_lineart::apply(x, p), x.height, x.width))
             }
+            Processor::RealEsrgan(_) => {
+                let Network::RealEsrgan(net) = network(inputs, NetworkRequest::REAL_ESRGAN_X2)?
+                else {
+                    return Err(wrong_network("realesrgan_trt"));
+                };
+                realesrgan::apply(net, image)
+            }
         }
     }
+}
+
+/// The loaded network `request` from `inputs`; an error naming it when the caller has none.
+fn network<'a>(inputs: &ProcessorInputs<'a>, request: NetworkRequest) -> Result<&'a Network> {
+    match inputs.networks {
+        Some(networks) => networks.get(request),
+        None => Err(Error::State(format!(
+            "the {} network is not loaded: model-based processors run inside a stream, an \
+             engine or a standalone processor, which load it",
+            request.kind.name()
+        ))),
+    }
+}
+
+/// The error for a network of the wrong kind under a request (a bug, not an input).
+fn wrong_network(processor: &str) -> Error {
+    Error::State(format!("{processor}: its network has the wrong kind"))
 }
 
 /// A processor's result at `height × width`: unchanged when it has that size, else resized
@@ -276,11 +314,28 @@ pub fn apply(
     Processor::parse(name, params, name, &format!("{name}.params"))?.run(image, inputs)
 }
 
-/// Checks that processor `name` is implemented and that `params` suit it; `field` is the
-/// parameter path used in messages (`controlnets[1].preprocessor`); errors about a param name
-/// `<field>.params.<key>`.
+/// Checks that processor `name` is implemented and that `params` suit it, as a ControlNet's
+/// preprocessor (an upscaler is refused: a control image has the frame's size); `field` is
+/// the parameter path used in messages (`controlnets[1].preprocessor`); errors about a param
+/// name `<field>.params.<key>`.
 pub fn validate(name: &str, params: &Map<String, Value>, field: &str) -> Result<()> {
-    Processor::parse(name, params, field, &format!("{field}.params")).map(|_| ())
+    let processor = Processor::parse(name, params, field, &format!("{field}.params"))?;
+    refuse_upscaler(&processor, name, field)
+}
+
+/// An error for an upscaler where the image must keep its size.
+fn refuse_upscaler(processor: &Processor, name: &str, field: &str) -> Result<()> {
+    if processor.output_scale() != 1 {
+        return Err(Error::param(
+            field,
+            format!(
+                "{name:?} makes an image {}× larger; only image_postprocessing may change the \
+                 size (the stream's output then grows with it)",
+                processor.output_scale()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a chain would change anything: present, enabled, with an enabled processor.
@@ -289,8 +344,14 @@ pub fn chain_is_active(chain: Option<&ProcessingConfig>) -> bool {
 }
 
 /// Validates every enabled processor of an active chain; `field` is the chain's path
-/// (`image_preprocessing`), errors name `<field>.processors[i]` and `<field>.processors[i].params.<key>`.
-pub fn validate_chain(chain: Option<&ProcessingConfig>, field: &str) -> Result<()> {
+/// (`image_preprocessing`), errors name `<field>.processors[i]` and
+/// `<field>.processors[i].params.<key>`. Upscalers are allowed only where `may_upscale`
+/// (`image_postprocessing`).
+pub fn validate_chain(
+    chain: Option<&ProcessingConfig>,
+    field: &str,
+    may_upscale: bool,
+) -> Result<()> {
     let Some(chain) = chain.filter(|c| c.enabled) else {
         return Ok(());
     };
@@ -303,6 +364,9 @@ pub fn validate_chain(chain: Option<&ProcessingConfig>, field: &str) -> Result<(
                 &name_field,
                 &format!("{name_field}.params"),
             )?;
+            if !may_upscale {
+                refuse_upscaler(&processor, &p.kind, &name_field)?;
+            }
             let channels = processor.output_channels();
             if channels != 3 {
                 return Err(Error::param(
@@ -369,6 +433,23 @@ fn processors_of(params: &StreamDiffusionParams) -> Vec<Processor> {
     nets.chain(chains)
         .filter_map(|(name, p)| Processor::parse(name, p, name, name).ok())
         .collect()
+}
+
+/// The size (width, height) of the frames a stream with `params` puts out: its size, times
+/// the scale of every upscaler in an active `image_postprocessing` chain.
+pub fn output_size(params: &StreamDiffusionParams) -> (usize, usize) {
+    let mut scale = 1;
+    if let Some(chain) = params.image_postprocessing.as_ref().filter(|c| c.enabled) {
+        for p in chain.processors.iter().filter(|p| p.enabled) {
+            if let Ok(processor) = Processor::parse(&p.kind, &p.params, &p.kind, &p.kind) {
+                scale *= processor.output_scale();
+            }
+        }
+    }
+    (
+        params.width as usize * scale,
+        params.height as usize * scale,
+    )
 }
 
 /// The networks the processors of `params` run, each once.

@@ -16,7 +16,7 @@
 //! Daydream then resizes the result to the stream's size (bilinear on its tensor path, which
 //! production runs), as [`super::annotator::to_stream_size`] does.
 //!
-//! Params: `detect_resolution` (integer, default 512), `gaussian_sigma` (1–20, default 6),
+//! Params: `detect_resolution` (integer in [8, 4096], default 512), `gaussian_sigma` (1–20, default 6),
 //! `intensity_threshold` (1–50, default 8).
 
 use super::param_reader::ParamReader;
@@ -39,7 +39,7 @@ impl StandardLineartParams {
     /// Reads `detect_resolution`, `gaussian_sigma` and `intensity_threshold`.
     pub fn read(r: &ParamReader<'_>) -> Result<Self> {
         Ok(Self {
-            detect_resolution: r.integer("detect_resolution", 512, 64..=2048)? as usize,
+            detect_resolution: r.integer("detect_resolution", 512, 8..=4096)? as usize,
             gaussian_sigma: r.number("gaussian_sigma", 6.0, 1.0..=20.0)?,
             intensity_threshold: r.number("intensity_threshold", 8.0, 1.0..=50.0)?,
         })

@@ -1,5 +1,5 @@
 //! Element-wise and row-wise kernels of the transformer and resnet blocks: in-place adds into
-//! fresh tensors, GEGLU, scaled softmax.
+//! fresh tensors, GEGLU, scaled softmax; and torch's reflection padding.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -301,4 +301,54 @@ impl InplaceOp1 for ScaledSoftmax {
         }
         Ok(())
     }
+}
+
+/// torch's reflection padding of the last two dimensions (`F.pad(x, (left, right, top,
+/// bottom), mode="reflect")`): index −i reads i and index n − 1 + i reads n − 1 − i, for pads
+/// smaller than the side, as torch requires. Built from index selections, so it runs on every
+/// device.
+pub fn reflection_pad(
+    x: &Tensor,
+    top: usize,
+    bottom: usize,
+    left: usize,
+    right: usize,
+) -> candle_core::Result<Tensor> {
+    let rank = x.rank();
+    if rank < 2 {
+        candle_core::bail!(
+            "reflection padding needs at least 2 dimensions, got {:?}",
+            x.dims()
+        );
+    }
+    let mut x = x.clone();
+    for (dim, before, after) in [(rank - 2, top, bottom), (rank - 1, left, right)] {
+        if before == 0 && after == 0 {
+            continue;
+        }
+        let n = x.dim(dim)?;
+        if before >= n || after >= n {
+            candle_core::bail!(
+                "reflection padding by {before}/{after} needs sides larger than that, got {:?}",
+                x.dims()
+            );
+        }
+        let last = n as isize - 1;
+        let index: Vec<u32> = (0..n + before + after)
+            .map(|i| {
+                let i = i as isize - before as isize;
+                let mirrored = if i < 0 {
+                    -i
+                } else if i > last {
+                    2 * last - i
+                } else {
+                    i
+                };
+                mirrored as u32
+            })
+            .collect();
+        let index = Tensor::new(index.as_slice(), x.device())?;
+        x = x.index_select(&index, dim)?;
+    }
+    Ok(x)
 }

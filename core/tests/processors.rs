@@ -1,0 +1,305 @@
+//! The model-based image processors and their networks against the reference implementations
+//! (goldens from tests/reference/make_processor_fixtures.py: controlnet_aux's HED and lineart
+//! detectors, spandrel's Real-ESRGAN, a torch rendering of Daydream's standard_lineart), the
+//! PyTorch checkpoint reader, and the network pool.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use common::{abs_err, fixture, golden, scratch_dir};
+use sdstream::hub::HubOptions;
+use sdstream::preprocess::networks::{
+    Network, NetworkKind, NetworkPool, NetworkRequest, ProcessorNetworks,
+};
+use sdstream::preprocess::{self, ProcessorInputs};
+use serde_json::{Map, Value, json};
+
+/// Hub options that find the tiny networks under tests/fixtures/processors (as a model root).
+fn hub() -> HubOptions {
+    HubOptions {
+        model_root: Some(fixture("processors")),
+        cache_dir: None,
+        offline: true,
+        allow_paths: true,
+    }
+}
+
+fn networks(requests: &[NetworkRequest]) -> ProcessorNetworks {
+    ProcessorNetworks::load(
+        requests.iter().copied(),
+        NetworkPool::global(),
+        &hub(),
+        DType::F32,
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .expect("the tiny networks load")
+}
+
+fn goldens() -> HashMap<String, Tensor> {
+    golden("processors/goldens.safetensors")
+}
+
+/// A stored uint8 `[H, W, 3]` image as `[1, 3, H, W]` f32 in [0, 1].
+fn unit_image(t: &Tensor) -> Tensor {
+    t.permute((2, 0, 1))
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .affine(1.0 / 255.0, 0.0)
+        .unwrap()
+}
+
+fn params(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+fn run(name: &str, p: Value, image: &Tensor, networks: Option<&ProcessorNetworks>) -> Tensor {
+    let inputs = ProcessorInputs {
+        networks,
+        ..Default::default()
+    };
+    preprocess::apply(name, &params(p), image, &inputs).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The fraction of values of `got` more than `levels`/255 from `want`.
+fn share_off(got: &Tensor, want: &Tensor, levels: f32) -> f32 {
+    let d = (got - want).unwrap().abs().unwrap();
+    let off = d.gt(levels / 255.0).unwrap().to_dtype(DType::F32).unwrap();
+    off.mean_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn real_esrgan_matches_spandrel_and_doubles_the_size() {
+    let g = goldens();
+    let nets = networks(&[NetworkRequest::REAL_ESRGAN_X2]);
+    let Network::RealEsrgan(net) = nets.get(NetworkRequest::REAL_ESRGAN_X2).unwrap() else {
+        panic!("wrong network kind");
+    };
+    // The fixture is a ×2 net with 4 features and one block, growth 32 (spandrel's).
+    let c = net.config();
+    assert_eq!(
+        (c.scale, c.num_feat, c.num_block, c.num_grow_ch),
+        (2, 4, 1, 32)
+    );
+    for k in 0..2 {
+        let x = &g[&format!("realesrgan_in_{k}")];
+        let want = &g[&format!("realesrgan_out_{k}")];
+        let got = run("realesrgan_trt", json!({}), x, Some(&nets));
+        let (_, _, h, w) = x.dims4().unwrap();
+        assert_eq!(got.dims(), &[1, 3, 2 * h, 2 * w]);
+        let (max, mean) = abs_err(&got, want);
+        println!("realesrgan {h}x{w}: max {max:.3e} mean {mean:.3e}");
+        assert!(max < 2e-5, "realesrgan case {k}: max abs {max}");
+    }
+}
+
+#[test]
+fn standard_lineart_matches_daydreams_arithmetic() {
+    let g = goldens();
+    for name in ["sq", "wide"] {
+        let x = unit_image(&g[&format!("input_{name}")]);
+        for (case, p) in [
+            ("default", json!({})),
+            (
+                "small",
+                json!({"detect_resolution": 48, "gaussian_sigma": 2.5, "intensity_threshold": 20}),
+            ),
+        ] {
+            let want = &g[&format!("std_lineart_{case}_{name}")];
+            let got = run("standard_lineart", p, &x, None);
+            let (max, mean) = abs_err(&got, want);
+            let off = share_off(&got, want, 0.5);
+            println!("standard_lineart {case} {name}: max {max:.3e} mean {mean:.3e} off {off:.2e}");
+            // 8-bit maps resized with bilinear weights: a level truncated the other way moves
+            // a value by at most 1/255; the float sums' order decides only rare ties.
+            assert!(max <= 1.0 / 255.0 + 1e-5, "{case} {name}: max {max}");
+            assert!(
+                off < 0.01,
+                "{case} {name}: {off} of the values off by more than half a level"
+            );
+            assert!(mean < 1e-3, "{case} {name}: mean {mean}");
+        }
+    }
+}
+
+#[test]
+fn pytorch_checkpoints_load_like_safetensors_and_bad_ones_are_named() {
+    // The .pth fixture and the same tensors rewritten as safetensors build the same network.
+    let pth = fixture("processors/lllyasviel/Annotators/sk_model2.pth");
+    let from_pth =
+        Network::load(NetworkKind::Lineart, &pth, DType::F32, &Device::Cpu).expect("pth loads");
+    let dir = scratch_dir("pth");
+    let tensors = candle_core::pickle::read_all(&pth).unwrap();
+    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
+    let st = dir.join("sk_model2.safetensors");
+    candle_core::safetensors::save(&map, &st).unwrap();
+    let from_st =
+        Network::load(NetworkKind::Lineart, &st, DType::F32, &Device::Cpu).expect("st loads");
+    let x = Tensor::rand(0f32, 1.0, (1, 3, 32, 32), &Device::Cpu).unwrap();
+    let (Network::Lineart(a), Network::Lineart(b)) = (&from_pth, &from_st) else {
+        panic!("wrong kinds");
+    };
+    assert_eq!(
+        abs_err(&a.forward(&x).unwrap(), &b.forward(&x).unwrap()).0,
+        0.0
+    );
+
+    // A truncated archive, garbage and a checkpoint of another network each fail naming the file.
+    let bytes = std::fs::read(&pth).unwrap();
+    let cut = dir.join("cut.pth");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let garbage = dir.join("garbage.pth");
+    std::fs::write(&garbage, b"not a zip archive at all").unwrap();
+    for (path, what) in [(&cut, "cut.pth"), (&garbage, "garbage.pth")] {
+        let err = Network::load(NetworkKind::Lineart, path, DType::F32, &Device::Cpu)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(what) && err.contains("PyTorch"), "{err}");
+    }
+    let hed = fixture("processors/lllyasviel/Annotators/ControlNetHED.pth");
+    let err = Network::load(NetworkKind::Lineart, &hed, DType::F32, &Device::Cpu)
+        .expect_err("a HED checkpoint is not a lineart generator")
+        .to_string();
+    assert!(
+        err.contains("ControlNetHED.pth") && err.contains("model0.1.weight"),
+        "{err}"
+    );
+    // A tensor with a NaN is refused naming it.
+    let mut poisoned = map.clone();
+    let name = "model1.0.weight";
+    let w = &poisoned[name];
+    let mut values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values[3] = f32::NAN;
+    poisoned.insert(
+        name.into(),
+        Tensor::from_vec(values, w.dims(), &Device::Cpu).unwrap(),
+    );
+    let bad = dir.join("nan.safetensors");
+    candle_core::safetensors::save(&poisoned, &bad).unwrap();
+    let err = Network::load(NetworkKind::Lineart, &bad, DType::F32, &Device::Cpu)
+        .expect_err("NaN refused")
+        .to_string();
+    assert!(err.contains(name) && err.contains("non-finite"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_pool_loads_each_network_once_and_frees_it_with_its_last_holder() {
+    let pool = NetworkPool::default();
+    let get = |pool: &NetworkPool| {
+        ProcessorNetworks::load(
+            [NetworkRequest::LINEART_FINE, NetworkRequest::LINEART_FINE],
+            pool,
+            &hub(),
+            DType::F32,
+            &Device::Cpu,
+            &mut |_| {},
+        )
+        .unwrap()
+    };
+    let first = get(&pool);
+    let second = get(&pool);
+    assert_eq!(
+        pool.loads(),
+        1,
+        "a request listed twice and asked twice loads once"
+    );
+    assert!(ProcessorNetworks::ready(
+        [NetworkRequest::LINEART_FINE],
+        &pool,
+        &hub(),
+        DType::F32,
+        &Device::Cpu
+    ));
+    assert!(!ProcessorNetworks::ready(
+        [NetworkRequest::LINEART_COARSE],
+        &pool,
+        &hub(),
+        DType::F32,
+        &Device::Cpu
+    ));
+    drop((first, second));
+    assert!(
+        !ProcessorNetworks::ready(
+            [NetworkRequest::LINEART_FINE],
+            &pool,
+            &hub(),
+            DType::F32,
+            &Device::Cpu
+        ),
+        "freed with its last holder"
+    );
+    get(&pool);
+    assert_eq!(pool.loads(), 2);
+    // Missing weights: the error names the repository and where it looked.
+    let empty = HubOptions {
+        model_root: Some(scratch_dir("no-weights")),
+        ..hub()
+    };
+    let err = ProcessorNetworks::load(
+        [NetworkRequest::HED],
+        &pool,
+        &empty,
+        DType::F32,
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .expect_err("no weights")
+    .to_string();
+    assert!(
+        err.contains("lllyasviel/Annotators") && err.contains("ControlNetHED"),
+        "{err}"
+    );
+}
+
+#[test]
+fn processors_name_what_they_cannot_do() {
+    let x = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    // A model-based processor without its network says so.
+    let err = preprocess::apply(
+        "realesrgan_trt",
+        &Map::new(),
+        &x,
+        &ProcessorInputs::default(),
+    )
+    .expect_err("no network")
+    .to_string();
+    assert!(
+        err.contains("Real-ESRGAN") && err.contains("not loaded"),
+        "{err}"
+    );
+    // MediaPipe's processors are refused with what to use instead.
+    let err = preprocess::validate("mediapipe_pose", &Map::new(), "controlnets[0].preprocessor")
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("controlnets[0].preprocessor") && err.contains("openpose"),
+        "{err}"
+    );
+    let err = preprocess::validate("mediapipe_segmentation", &Map::new(), "p")
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("external"), "{err}");
+    // An upscaler is no ControlNet preprocessor.
+    let err = preprocess::validate("realesrgan_trt", &Map::new(), "controlnets[1].preprocessor")
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("image_postprocessing"), "{err}");
+    // Params are checked.
+    let err = preprocess::validate(
+        "standard_lineart",
+        &params(json!({"gaussian_sigma": 50})),
+        "controlnets[0].preprocessor",
+    )
+    .expect_err("out of range")
+    .to_string();
+    assert!(
+        err.contains("controlnets[0].preprocessor.params.gaussian_sigma"),
+        "{err}"
+    );
+}
