@@ -7,7 +7,9 @@
 //!   [`EngineSettings`], and [`classify`], which says whether a change is hot or needs a reload.
 //! * [`model`]: loading diffusers checkpoints and the networks (CLIP, UNet, VAE, TAESD).
 //! * [`pipeline`]: the StreamDiffusion state machine (scheduler grid, stream batch, RCFG, noise).
-//! * [`preprocess`]: ControlNet preprocessors and image pre/postprocessing.
+//! * [`preprocess`]: ControlNet preprocessors and image pre/postprocessing, the networks of the
+//!   model-based ones, and [`ImageProcessor`], one processor on its own (frame in, control
+//!   image out).
 //! * [`engine`]: [`Engine`], the pipeline on its own threads: non-blocking submit/poll, hot
 //!   updates between frames, background reloads, Daydream's status report.
 //! * `webrtc` (feature `webrtc`): WHIP ingest and WHEP playback around an engine, and the
@@ -45,3 +47,4 @@ pub use error::{Error, Result};
 pub use frame::{Frame, Image, PixelFormat};
 pub use params::{EngineSettings, StreamDiffusionParams, Update, UpdateKind, classify};
 pub use pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
+pub use preprocess::standalone::{ControlImage, ImageProcessor};

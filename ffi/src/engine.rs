@@ -101,7 +101,11 @@ fn with_engine(
 ///
 /// # Safety
 /// `ptr` must be NULL or a NUL-terminated string readable for the call's duration.
-unsafe fn str_arg<'a>(function: &str, name: &str, ptr: *const c_char) -> Result<&'a str, Failure> {
+pub(crate) unsafe fn str_arg<'a>(
+    function: &str,
+    name: &str,
+    ptr: *const c_char,
+) -> Result<&'a str, Failure> {
     if ptr.is_null() {
         return Err(Failure::null(function, name));
     }
@@ -118,7 +122,11 @@ unsafe fn str_arg<'a>(function: &str, name: &str, ptr: *const c_char) -> Result<
 ///
 /// # Safety
 /// `ptr` must be NULL or valid for reads and writes of a `T` for the call's duration.
-unsafe fn out_arg<'a, T>(function: &str, name: &str, ptr: *mut T) -> Result<&'a mut T, Failure> {
+pub(crate) unsafe fn out_arg<'a, T>(
+    function: &str,
+    name: &str,
+    ptr: *mut T,
+) -> Result<&'a mut T, Failure> {
     // SAFETY: by the caller's contract.
     unsafe { ptr.as_mut() }.ok_or_else(|| Failure::null(function, name))
 }
@@ -127,7 +135,7 @@ unsafe fn out_arg<'a, T>(function: &str, name: &str, ptr: *mut T) -> Result<&'a 
 ///
 /// # Safety
 /// `ptr` must be NULL or valid for a write of a `T`.
-unsafe fn write_opt<T>(ptr: *mut T, value: T) {
+pub(crate) unsafe fn write_opt<T>(ptr: *mut T, value: T) {
     if !ptr.is_null() {
         // SAFETY: non-NULL and writable by the caller's contract.
         unsafe { ptr.write(value) };

@@ -7,6 +7,7 @@
 mod engine;
 mod error;
 mod frame;
+mod processor;
 
 use std::ffi::c_char;
 
@@ -16,6 +17,7 @@ pub use frame::{
     SDS_PIXEL_FORMAT_BGRA8, SDS_PIXEL_FORMAT_RGB8, SDS_PIXEL_FORMAT_RGBA8, SDS_PIXEL_FORMAT_RGBF32,
     SdsControlImage, SdsFrame, SdsOutput, SdsPixelFormat,
 };
+pub use processor::{SdsControlOutput, SdsProcessor};
 
 /// Major version of the library this header belongs to.
 pub const SDS_VERSION_MAJOR: u32 = 0;

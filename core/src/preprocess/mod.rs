@@ -34,6 +34,7 @@ pub mod planes;
 pub mod realesrgan;
 pub mod resize;
 pub mod soft_edge;
+pub mod standalone;
 pub mod standard_lineart;
 pub mod upscale;
 
