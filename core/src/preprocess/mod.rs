@@ -29,6 +29,7 @@ pub mod canny;
 pub mod feedback;
 pub mod filters;
 pub mod networks;
+pub mod openpose;
 pub mod param_reader;
 pub mod planes;
 pub mod realesrgan;
