@@ -26,6 +26,8 @@
 //! (Daydream's `image_postprocessing` does too).
 
 pub mod canny;
+pub mod cv_draw;
+pub mod cv_resize;
 pub mod feedback;
 pub mod filters;
 pub mod networks;
