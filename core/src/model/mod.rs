@@ -18,6 +18,7 @@ pub mod lineart;
 pub mod lora;
 pub mod openpose_body;
 pub mod pool;
+pub mod raft;
 pub mod rrdbnet;
 pub mod taesd;
 pub mod tokenizer;

@@ -30,6 +30,7 @@ pub mod cv_draw;
 pub mod cv_resize;
 pub mod feedback;
 pub mod filters;
+pub mod flow_image;
 pub mod networks;
 pub mod openpose;
 pub mod param_reader;
