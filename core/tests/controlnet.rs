@@ -81,7 +81,11 @@ fn frame_tensor(i: usize) -> Tensor {
 // ---------------------------------------------------------------------------------------------
 
 fn check_net(name: &str, prefix: &str) {
-    let gold = golden("golden/controlnet_net.safetensors");
+    check_net_against(name, prefix, "golden/controlnet_net.safetensors");
+}
+
+fn check_net_against(name: &str, prefix: &str, golden_file: &str) {
+    let gold = golden(golden_file);
     let net = ControlNetModel::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
     let out = net
         .forward(
@@ -121,6 +125,30 @@ fn net_a_residuals_match_diffusers() {
 #[test]
 fn net_b_residuals_match_diffusers() {
     check_net("tiny-controlnet-b", "b");
+}
+
+/// A TemporalNet2-shaped net: 6 conditioning channels (the previous frame and the flow image).
+#[test]
+fn six_channel_net_residuals_match_diffusers() {
+    let net = ControlNetModel::load(
+        &fixture("tiny-controlnet-temporal"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(net.config().conditioning_channels, 6);
+    check_net_against(
+        "tiny-controlnet-temporal",
+        "t",
+        "golden/controlnet_temporal_net.safetensors",
+    );
+    // A 3-channel image is refused, naming both counts.
+    let rgb = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+    let err = net
+        .embed_condition(&rgb)
+        .expect_err("3 channels")
+        .to_string();
+    assert!(err.contains('3') && err.contains('6'), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

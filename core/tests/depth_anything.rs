@@ -11,6 +11,10 @@ use candle_nn::VarBuilder;
 use sdstream::model::depth_anything::{Config, DepthAnything};
 use sdstream::model::dinov2;
 
+/// The tiny checkpoint, where the model root tests/fixtures/model-root finds it under
+/// Depth-Anything-V2-Small-hf's id.
+const TINY: &str = "model-root/depth-anything/Depth-Anything-V2-Small-hf";
+
 fn fixture(rel: &str) -> PathBuf {
     common::fixture(rel)
 }
@@ -21,16 +25,14 @@ fn golden() -> HashMap<String, Tensor> {
 }
 
 fn tiny_config_json() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture("depth-anything/tiny/config.json")).expect("config");
+    let text = std::fs::read_to_string(fixture(&format!("{TINY}/config.json"))).expect("config");
     serde_json::from_str(&text).expect("json")
 }
 
 fn load(config: &Config) -> DepthAnything {
-    let weights = candle_core::safetensors::load(
-        fixture("depth-anything/tiny/model.safetensors"),
-        &Device::Cpu,
-    )
-    .expect("weights");
+    let weights =
+        candle_core::safetensors::load(fixture(&format!("{TINY}/model.safetensors")), &Device::Cpu)
+            .expect("weights");
     let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
     DepthAnything::new(config, vb).expect("build")
 }
@@ -308,7 +310,7 @@ fn runs_in_half_precision() {
     {
         let dtype = DType::F16;
         let weights = candle_core::safetensors::load(
-            fixture("depth-anything/tiny/model.safetensors"),
+            fixture(&format!("{TINY}/model.safetensors")),
             &Device::Cpu,
         )
         .unwrap();

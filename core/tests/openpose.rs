@@ -16,6 +16,10 @@ use sdstream::preprocess::openpose::{
     decode_people, find_peaks, gaussian_filter,
 };
 
+/// The narrow body network, where the model root tests/fixtures/model-root finds it under
+/// body_pose_model's name.
+const TINY_BODY: &str = "model-root/lllyasviel/Annotators/body_pose_model.safetensors";
+
 fn fixture(rel: &str) -> PathBuf {
     common::fixture(&format!("openpose/{rel}"))
 }
@@ -95,7 +99,7 @@ fn errors(got: &Tensor, want: &Tensor) -> (f64, f64, f64) {
 
 #[test]
 fn network_matches_controlnet_aux() {
-    let weights = tensors("body_pose_tiny.safetensors");
+    let weights = common::golden(TINY_BODY);
     let config = Config::from_tensor_shapes(&shapes_of(&weights)).expect("config");
     assert_eq!(config, tiny_config());
     let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
@@ -130,7 +134,7 @@ fn network_matches_controlnet_aux() {
 /// The final heatmaps keep controlnet_aux's ReLU: without it the outputs differ.
 #[test]
 fn final_heatmap_relu_matters() {
-    let weights = tensors("body_pose_tiny.safetensors");
+    let weights = common::golden(TINY_BODY);
     let config = Config {
         final_heatmap_relu: false,
         ..tiny_config()

@@ -63,7 +63,7 @@ const SD_TURBO_FIVE_CONTROLNETS: &str = r#"{
   "ip_adapter_style_image_url": "https://storage.googleapis.com/lp-ai-assets/ipadapter_style_imgs/textures/vortex.jpeg"
 }"#;
 
-/// Daydream's SDXL body (TemporalNet removed: sdstream does not support it), IPAdapter on.
+/// Daydream's SDXL body (without its TemporalNet), IPAdapter on.
 const SDXL_BODY: &str = r#"{
   "model_id": "stabilityai/sdxl-turbo",
   "prompt": [["neon glass shards", 0.7], ["liquid smoke", 0.3]],
@@ -654,10 +654,10 @@ fn every_validation_rule_has_its_message() {
             &["unknown ControlNet 'someone/controlnet-x'"],
         ),
         rule(
-            "controlnet temporalnet",
-            json!({"controlnets": [cn("daydreamlive/TemporalNet2-stable-diffusion-2-1")]}),
+            "temporalnet of another family",
+            json!({"controlnets": [cn("daydreamlive/TemporalNet2-stable-diffusion-v1-5")]}),
             "controlnets[0].model_id",
-            &["TemporalNet", "not support"],
+            &["Invalid ControlNets for model stabilityai/sd-turbo"],
         ),
         rule(
             "sdxl more than 3 enabled",

@@ -16,10 +16,10 @@ use sdstream::preprocess::networks::{
 use sdstream::preprocess::{self, ProcessorInputs};
 use serde_json::{Map, Value, json};
 
-/// Hub options that find the tiny networks under tests/fixtures/processors (as a model root).
+/// Hub options that find the tiny networks under tests/fixtures/model-root.
 fn hub() -> HubOptions {
     HubOptions {
-        model_root: Some(fixture("processors")),
+        model_root: Some(fixture("model-root")),
         cache_dir: None,
         offline: true,
         allow_paths: true,
@@ -98,6 +98,272 @@ fn real_esrgan_matches_spandrel_and_doubles_the_size() {
     }
 }
 
+/// Checks `got` against `want` (both `[1, C, H, W]` in [0, 1]): at most `max_levels` 8-bit
+/// levels apart anywhere, a mean under `mean_levels`, and at most `share` of the values more
+/// than half a level apart.
+fn check_levels(
+    what: &str,
+    got: &Tensor,
+    want: &Tensor,
+    max_levels: f32,
+    mean_levels: f32,
+    share: f32,
+) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let (max, mean) = abs_err(got, want);
+    let off = share_off(got, want, 0.5);
+    println!(
+        "{what}: max {:.3} levels, mean {:.2e} levels, {:.3}% off by more than half a level",
+        max * 255.0,
+        mean * 255.0,
+        off * 100.0
+    );
+    assert!(
+        max * 255.0 <= max_levels + 1e-3,
+        "{what}: max {} levels",
+        max * 255.0
+    );
+    assert!(
+        mean * 255.0 <= mean_levels,
+        "{what}: mean {} levels",
+        mean * 255.0
+    );
+    assert!(
+        off <= share,
+        "{what}: {off} of the values off by more than half a level"
+    );
+}
+
+#[test]
+fn hed_matches_controlnet_aux() {
+    let g = goldens();
+    let nets = networks(&[NetworkRequest::HED]);
+    for name in ["sq", "wide"] {
+        let x = unit_image(&g[&format!("input_{name}")]);
+        let want = unit_image(&g[&format!("hed_{name}")]);
+        let got = run("hed", json!({"safe": true}), &x, Some(&nets));
+        // Every step but numpy's float32 mean is exact; that mean's rounding may move an
+        // edge across a level boundary now and then.
+        check_levels(&format!("hed {name}"), &got, &want, 1.0, 0.01, 0.002);
+    }
+}
+
+#[test]
+fn lineart_matches_controlnet_aux_coarse_and_fine() {
+    let g = goldens();
+    let nets = networks(&[NetworkRequest::LINEART_COARSE, NetworkRequest::LINEART_FINE]);
+    for (kind, detect, name) in [
+        ("coarse", 512, "sq"),
+        ("coarse", 128, "wide"),
+        ("fine", 128, "sq"),
+        ("fine", 512, "wide"),
+    ] {
+        let x = unit_image(&g[&format!("input_{name}")]);
+        let want = &g[&format!("lineart_{kind}_{detect}_{name}")];
+        let p = json!({"coarse": kind == "coarse", "detect_resolution": detect});
+        let got = run("lineart", p, &x, Some(&nets));
+        // The generator's f32 sums (convolutions, instance norms) are ordered differently from
+        // torch's, so a line level truncated to 8 bits can land one level over.
+        check_levels(
+            &format!("lineart {kind} {detect} {name}"),
+            &got,
+            want,
+            1.0,
+            0.02,
+            0.01,
+        );
+    }
+}
+
+#[test]
+fn depth_matches_daydreams_depth_anything_path() {
+    let g = goldens();
+    let nets = networks(&[NetworkRequest::DEPTH_ANYTHING_V2_SMALL]);
+    for (detect, name) in [(518, "sq"), (518, "wide"), (140, "sq")] {
+        let x = unit_image(&g[&format!("input_{name}")]);
+        let want = &g[&format!("depth_{detect}_{name}")];
+        let got = run(
+            "depth_tensorrt",
+            json!({"detect_resolution": detect, "engine_path": "ignored.engine"}),
+            &x,
+            Some(&nets),
+        );
+        let (max, mean) = abs_err(&got, want);
+        println!("depth {detect} {name}: max {max:.3e} mean {mean:.3e}");
+        assert!(max < 2e-4, "depth {detect} {name}: max {max}");
+        // `depth` runs the same network the same way.
+        let same = run(
+            "depth",
+            json!({"detect_resolution": detect}),
+            &x,
+            Some(&nets),
+        );
+        assert_eq!(abs_err(&same, &got).0, 0.0);
+    }
+    let err = preprocess::validate(
+        "depth",
+        &params(json!({"model_name": "Intel/dpt-large"})),
+        "controlnets[0].preprocessor",
+    )
+    .expect_err("another depth model is refused")
+    .to_string();
+    assert!(
+        err.contains("Intel/dpt-large") && err.contains("model_name"),
+        "{err}"
+    );
+    let err = preprocess::validate(
+        "depth_tensorrt",
+        &params(json!({"detect_resolution": 512})),
+        "controlnets[0].preprocessor",
+    )
+    .expect_err("not a multiple of 14")
+    .to_string();
+    assert!(err.contains("multiple of 14"), "{err}");
+}
+
+#[test]
+fn openpose_draws_what_controlnet_aux_draws_from_the_same_maps() {
+    use sdstream::preprocess::annotator::Rgb8;
+    use sdstream::preprocess::pose;
+
+    let g = goldens();
+    let frame = image::open(fixture("../../examples/frames/001.png"))
+        .unwrap()
+        .to_rgb8();
+    let image = Rgb8 {
+        height: 512,
+        width: 512,
+        data: frame.into_raw(),
+    };
+    let want_input = g["pose_maps_input"].to_vec3::<u8>().unwrap();
+    let mut seen_input = false;
+    let canvas = pose::skeleton(&image, &Device::Cpu, |input| {
+        // The prepared input: BGR levels / 256 − 0.5 at 184 × 184.
+        assert_eq!(input.dims(), &[1, 3, 184, 184]);
+        let planes = input.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+        for (y, row) in want_input.iter().enumerate() {
+            for (x, px) in row.iter().enumerate() {
+                for c in 0..3 {
+                    let level = ((planes[c][y][x] + 0.5) * 256.0).round() as u8;
+                    assert_eq!(level, px[c], "network input at ({x}, {y}), channel {c}");
+                }
+            }
+        }
+        seen_input = true;
+        Ok((g["pose_maps_pafs"].clone(), g["pose_maps_heatmaps"].clone()))
+    })
+    .unwrap();
+    assert!(seen_input);
+    let want = image::open(fixture("processors/pose_maps_canvas.png"))
+        .unwrap()
+        .to_rgb8();
+    let differing = canvas
+        .data
+        .chunks_exact(3)
+        .zip(want.as_raw().chunks_exact(3))
+        .filter(|(a, b)| a != b)
+        .count();
+    let drawn = want
+        .as_raw()
+        .chunks_exact(3)
+        .filter(|p| p.iter().any(|&v| v > 0))
+        .count();
+    println!("pose from maps: {drawn} drawn pixels, {differing} differ");
+    assert!(drawn > 5_000, "the golden has two skeletons");
+    assert_eq!(
+        differing, 0,
+        "pixels differing from controlnet_aux's canvas"
+    );
+}
+
+#[test]
+fn openpose_and_pose_tensorrt_match_controlnet_aux_with_the_tiny_network() {
+    let g = goldens();
+    let nets = networks(&[NetworkRequest::BODY_POSE]);
+    for name in ["sq", "wide"] {
+        let x = unit_image(&g[&format!("input_{name}")]);
+        let want = &g[&format!("pose_{name}")];
+        let got = run("openpose", json!({}), &x, Some(&nets));
+        check_levels(&format!("openpose {name}"), &got, want, 0.51, 1e-3, 0.0);
+        let same = run(
+            "pose_tensorrt",
+            json!({"confidence_threshold": 0.5, "engine_path": "x"}),
+            &x,
+            Some(&nets),
+        );
+        assert_eq!(abs_err(&same, &got).0, 0.0);
+    }
+    let err = preprocess::validate(
+        "openpose",
+        &params(json!({"include_hands": true})),
+        "controlnets[0].preprocessor",
+    )
+    .expect_err("hands are refused")
+    .to_string();
+    assert!(
+        err.contains("include_hands") && err.contains("not supported"),
+        "{err}"
+    );
+}
+
+#[test]
+fn temporal_net_matches_daydreams_flow_image() {
+    let g = goldens();
+    let nets = networks(&[NetworkRequest::RAFT_SMALL]);
+    for name in ["sq", "wide"] {
+        let x = unit_image(&g[&format!("input_{name}")]);
+        let previous = unit_image(&g[&format!("temporal_prev_{name}")]);
+        for (format, channels) in [("concat", 6), ("warped_only", 3)] {
+            let p = params(json!({"height": 256, "width": 256, "output_format": format}));
+            let processor =
+                preprocess::Processor::parse("temporal_net_tensorrt", &p, "preprocessor", "params")
+                    .unwrap();
+            assert_eq!(processor.output_channels(), channels);
+            let inputs = ProcessorInputs {
+                previous_input: Some(&previous),
+                networks: Some(&nets),
+                ..Default::default()
+            };
+            let got = processor.run(&x, &inputs).unwrap();
+            let key = if format == "concat" { "concat" } else { "flow" };
+            let want = &g[&format!("temporal_{key}_{name}")];
+            // RAFT's f32 sums differ from torch's in the last bits, which can move a flow colour
+            // across an 8-bit boundary (a level there is a quarter level once the 256² flow
+            // image is shrunk to the frame).
+            check_levels(
+                &format!("temporal {format} {name}"),
+                &got,
+                want,
+                0.5,
+                0.01,
+                0.0,
+            );
+            // The first frame: the frame and black, or black.
+            let first = processor
+                .run(
+                    &x,
+                    &ProcessorInputs {
+                        networks: Some(&nets),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            assert_eq!(first.dim(1).unwrap(), channels);
+            let black = first.narrow(1, channels - 3, 3).unwrap();
+            assert_eq!(
+                black
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                0.0
+            );
+        }
+    }
+}
+
 #[test]
 fn standard_lineart_matches_daydreams_arithmetic() {
     let g = goldens();
@@ -130,7 +396,7 @@ fn standard_lineart_matches_daydreams_arithmetic() {
 #[test]
 fn pytorch_checkpoints_load_like_safetensors_and_bad_ones_are_named() {
     // The .pth fixture and the same tensors rewritten as safetensors build the same network.
-    let pth = fixture("processors/lllyasviel/Annotators/sk_model2.pth");
+    let pth = fixture("model-root/lllyasviel/Annotators/sk_model2.pth");
     let from_pth =
         Network::load(NetworkKind::Lineart, &pth, DType::F32, &Device::Cpu).expect("pth loads");
     let dir = scratch_dir("pth");
@@ -161,7 +427,7 @@ fn pytorch_checkpoints_load_like_safetensors_and_bad_ones_are_named() {
             .to_string();
         assert!(err.contains(what) && err.contains("PyTorch"), "{err}");
     }
-    let hed = fixture("processors/lllyasviel/Annotators/ControlNetHED.pth");
+    let hed = fixture("model-root/lllyasviel/Annotators/ControlNetHED.pth");
     let err = Network::load(NetworkKind::Lineart, &hed, DType::F32, &Device::Cpu)
         .expect_err("a HED checkpoint is not a lineart generator")
         .to_string();

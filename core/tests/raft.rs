@@ -14,6 +14,10 @@ use candle_nn::VarBuilder;
 use sdstream::model::raft::{Config, Raft};
 
 /// `tests/fixtures/<rel>` at the workspace root, or `$SDSTREAM_FIXTURES/<rel>`.
+/// The narrow random-weight net, where the model root tests/fixtures/model-root finds it under
+/// raft_small's torchvision file name.
+const NARROW: &str = "model-root/torchvision/raft_small/raft_small_C_T_V2-01064c6d.safetensors";
+
 fn fixture(rel: &str) -> PathBuf {
     common::fixture(rel)
 }
@@ -108,7 +112,7 @@ fn default_config_is_raft_small() {
 
 #[test]
 fn config_read_from_narrow_state_dict() {
-    let shapes = shapes_of(&load(&fixture("raft/raft_narrow.safetensors")));
+    let shapes = shapes_of(&load(&fixture(NARROW)));
     assert_eq!(
         Config::from_tensor_shapes(&shapes).unwrap(),
         narrow_config()
@@ -117,7 +121,7 @@ fn config_read_from_narrow_state_dict() {
 
 #[test]
 fn config_refuses_what_does_not_fit() {
-    let base = shapes_of(&load(&fixture("raft/raft_narrow.safetensors")));
+    let base = shapes_of(&load(&fixture(NARROW)));
     let refuse = |edit: &dyn Fn(&mut Shapes), needle: &str| {
         let mut shapes = base.clone();
         edit(&mut shapes);
@@ -146,7 +150,7 @@ fn config_refuses_what_does_not_fit() {
 
 #[test]
 fn narrow_flows_match_torchvision() {
-    let (_, raft) = load_raft(&fixture("raft/raft_narrow.safetensors"));
+    let (_, raft) = load_raft(&fixture(NARROW));
     let goldens = load(&fixture("raft/raft_narrow_flows.safetensors"));
     for (pair, iterations) in [("square", &[1usize, 2, 12][..]), ("wide", &[1, 12][..])] {
         let image1 = preset(&goldens[&format!("{pair}.image1")]);
@@ -171,7 +175,7 @@ fn narrow_flows_match_torchvision() {
 
 #[test]
 fn first_iteration_does_not_depend_on_the_count() {
-    let (_, raft) = load_raft(&fixture("raft/raft_narrow.safetensors"));
+    let (_, raft) = load_raft(&fixture(NARROW));
     let goldens = load(&fixture("raft/raft_narrow_flows.safetensors"));
     let image1 = preset(&goldens["square.image1"]);
     let image2 = preset(&goldens["square.image2"]);
@@ -187,7 +191,7 @@ fn first_iteration_does_not_depend_on_the_count() {
 
 #[test]
 fn refuses_unusable_inputs() {
-    let (_, raft) = load_raft(&fixture("raft/raft_narrow.safetensors"));
+    let (_, raft) = load_raft(&fixture(NARROW));
     let image = |h: usize, w: usize| Tensor::zeros((1, 3, h, w), DType::F32, &Device::Cpu).unwrap();
     for (a, b, needle) in [
         (image(128, 132), image(128, 132), "multiples of 8"),
@@ -276,7 +280,7 @@ fn bench_raft_small_512() {
 /// convolution, which the scratch shim uses, has no bf16 matmul.)
 #[test]
 fn half_precision_stays_close() {
-    let tensors = load(&fixture("raft/raft_narrow.safetensors"));
+    let tensors = load(&fixture(NARROW));
     let config = Config::from_tensor_shapes(&shapes_of(&tensors)).unwrap();
     let goldens = load(&fixture("raft/raft_narrow_flows.safetensors"));
     let image1 = preset(&goldens["square.image1"]);

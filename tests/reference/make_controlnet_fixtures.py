@@ -7,6 +7,9 @@ Writes under tests/fixtures/ (see tests/reference/README.md, "ControlNet fixture
                        UNetMidBlock2DCrossAttn; encoder weights copied from the UNet
   tiny-controlnet-b/   a lighter net of the same widths: cross-attention only at level 0,
                        UNetMidBlock2D (no attention), its own random encoder weights
+  tiny-controlnet-temporal/  net b's shape with 6 conditioning channels, as TemporalNet2
+                       (daydreamlive/TemporalNet2-*) takes the previous frame and the flow image
+  golden/controlnet_temporal_net.safetensors  its residuals for a 6-channel control image
   golden/controlnet_net.safetensors       net-level residuals of both nets (diffusers)
   golden/stream_cn_*.safetensors          StreamDiffusion 0.1.1 outputs with ControlNet residuals
   golden/controlnet_streams.json          the stream cases
@@ -44,6 +47,7 @@ torch.set_num_threads(1)
 
 NET_A = FIXTURES / "tiny-controlnet-a"
 NET_B = FIXTURES / "tiny-controlnet-b"
+NET_TEMPORAL = FIXTURES / "tiny-controlnet-temporal"
 # 64x64 frames, 8x8 latents: the conditioning embedding must downscale 8x (4 widths).
 EMBEDDING_CHANNELS = (8, 8, 16, 16)
 ZERO_CONV_GAIN = 1.0
@@ -61,18 +65,14 @@ def randomize_control_parts(net, seed: int) -> None:
                 module.reset_parameters()
 
 
-def make_nets() -> None:
-    from diffusers import ControlNetModel, UNet2DConditionModel
+def light_net(unet, conditioning_channels: int):
+    """Net b's shape for the fixture UNet: cross-attention only at level 0, no mid attention."""
+    from diffusers import ControlNetModel
 
-    unet = UNet2DConditionModel.from_pretrained(mf.SD_DIR / "unet", torch_dtype=torch.float32)
-    net_a = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS)
-    randomize_control_parts(net_a, 21)
-
-    torch.manual_seed(22)
     cfg = unet.config
-    net_b = ControlNetModel(
+    return ControlNetModel(
         in_channels=cfg.in_channels,
-        conditioning_channels=3,
+        conditioning_channels=conditioning_channels,
         flip_sin_to_cos=cfg.flip_sin_to_cos,
         freq_shift=cfg.freq_shift,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -85,19 +85,66 @@ def make_nets() -> None:
         norm_num_groups=cfg.norm_num_groups,
         conditioning_embedding_out_channels=EMBEDDING_CHANNELS,
     )
+
+
+def save_net(net, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    net.to(torch.float16).save_pretrained(out, variant="fp16", safe_serialization=True)
+    for f in out.iterdir():
+        os.chmod(f, 0o644)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"  {out.name}: {size / 1e6:.2f} MB")
+
+
+def make_temporal_net() -> None:
+    """tiny-controlnet-temporal and its residuals (diffusers) for a 6-channel control image."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(mf.SD_DIR / "unet", torch_dtype=torch.float32)
+    torch.manual_seed(26)
+    net = light_net(unet, conditioning_channels=6)
+    jitter_norms(net, torch.Generator().manual_seed(27))
+    randomize_control_parts(net, 28)
+    save_net(net, NET_TEMPORAL)
+
+    pipe = mf.load_sd_pipeline()
+    g = torch.Generator().manual_seed(401)
+    sample = torch.randn(2, 4, 8, 16, generator=g)
+    timesteps = torch.tensor([759, 359], dtype=torch.int64)
+    cond = torch.rand(1, 6, 64, 128, generator=g)
+    ids = pipe.tokenizer(["a photo of a cat", "flowers"], padding="max_length", max_length=77,
+                         truncation=True, return_tensors="pt").input_ids
+    tensors = {"sample": sample, "timesteps": timesteps, "controlnet_cond": cond}
+    with torch.no_grad():
+        embeds = pipe.text_encoder(ids)[0]
+        tensors["encoder_hidden_states"] = embeds
+        net = load_net(NET_TEMPORAL)
+        down, mid = net(sample, timesteps, encoder_hidden_states=embeds,
+                        controlnet_cond=cond.repeat(2, 1, 1, 1), conditioning_scale=1.0,
+                        return_dict=False)
+        for i, d in enumerate(down):
+            tensors[f"t_down_{i:02d}"] = d
+        tensors["t_mid"] = mid
+    mf.save_golden("controlnet_temporal_net.safetensors", tensors)
+
+
+def make_nets() -> None:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(mf.SD_DIR / "unet", torch_dtype=torch.float32)
+    net_a = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS)
+    randomize_control_parts(net_a, 21)
+
+    torch.manual_seed(22)
+    net_b = light_net(unet, conditioning_channels=3)
     # Trained-looking norms, as the fixture UNet (see make_fixtures.make_unet).
     jitter_norms(net_b, torch.Generator().manual_seed(23))
     randomize_control_parts(net_b, 24)
 
     for net, out in ((net_a, NET_A), (net_b, NET_B)):
-        out.mkdir(parents=True, exist_ok=True)
-        for old in out.glob("*.safetensors"):
-            old.unlink()
-        net.to(torch.float16).save_pretrained(out, variant="fp16", safe_serialization=True)
-        for f in out.iterdir():
-            os.chmod(f, 0o644)
-        size = sum(f.stat().st_size for f in out.iterdir())
-        print(f"  {out.name}: {size / 1e6:.2f} MB")
+        save_net(net, out)
 
 
 def load_net(path: Path):
@@ -285,11 +332,14 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", default="all", choices=["nets", "net-golden", "streams", "all"])
+    parser.add_argument("--stage", default="all", choices=["nets", "temporal", "net-golden", "streams", "all"])
     stage = parser.parse_args().stage
     if stage in ("nets", "all"):
         print("[controlnets]")
         make_nets()
+    if stage in ("temporal", "all"):
+        print("[6-channel controlnet]")
+        make_temporal_net()
     if stage in ("net-golden", "all"):
         print("[net goldens]")
         golden_nets()

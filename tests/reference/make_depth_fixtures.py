@@ -4,7 +4,7 @@
 Writes under tests/fixtures/depth-anything/ (the folder is found from this file's location, or
 from $SDSTREAM_FIXTURES as for the other scripts here):
 
-  tiny/config.json, tiny/model.safetensors
+  model-root/depth-anything/Depth-Anything-V2-Small-hf/{config.json, model.safetensors}
       transformers' `DepthAnythingForDepthEstimation.save_pretrained`, float32: a Dinov2 backbone
       with the real Small checkpoint's layout (patch 14, image_size 518, so 37x37 learned
       positions; apply_layernorm, reshape_hidden_states false) but hidden 32, 4 heads, 4 layers,
@@ -65,7 +65,8 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(os.environ.get("SDSTREAM_FIXTURES") or REPO / "tests" / "fixtures")
 OUT = FIXTURES / "depth-anything"
-TINY = OUT / "tiny"
+# The checkpoint sits where the model root tests/fixtures/model-root finds the real one.
+TINY = FIXTURES / "model-root" / "depth-anything" / "Depth-Anything-V2-Small-hf"
 
 
 def input_pattern(height: int, width: int) -> np.ndarray:

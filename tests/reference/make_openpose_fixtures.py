@@ -2,7 +2,7 @@
 
 Writes, under tests/fixtures/openpose/:
 
-  * body_pose_tiny.safetensors: a narrow random-weight body network built from controlnet_aux's
+  * ../model-root/lllyasviel/Annotators/body_pose_model.safetensors: a narrow random-weight body network built from controlnet_aux's
     own `make_layers` with the module names of `bodypose_model`, saved with the key names of
     `body_pose_model.pth` (the first path component dropped, as `util.transfer` expects:
     `conv1_1.weight`, `conv5_5_CPM_L2.bias`, `Mconv7_stage6_L1.weight`, ...). Every width is
@@ -65,6 +65,8 @@ from controlnet_aux.open_pose.body import Body
 from controlnet_aux.open_pose.model import bodypose_model, make_layers
 
 OUT = Path(__file__).resolve().parents[1] / "fixtures" / "openpose"
+# The narrow network sits where the model root tests/fixtures/model-root finds the real file.
+BODY = Path(__file__).resolve().parents[1] / "fixtures" / "model-root" / "lllyasviel" / "Annotators" / "body_pose_model.safetensors"
 torch.set_num_threads(1)
 
 STAGES = range(2, 7)
@@ -169,7 +171,7 @@ def make_network():
     assert len(file_dict) == len(model.state_dict())
     assert set(file_dict) == set(real_shapes), "the narrow model's keys differ from the file's"
     model.load_state_dict(util.transfer(model, file_dict))
-    save_torch(file_dict, str(OUT / "body_pose_tiny.safetensors"))
+    save_torch(file_dict, str(BODY))
 
     goldens = {}
     for h, w in ((184, 184), (99, 141)):

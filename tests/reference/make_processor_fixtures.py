@@ -1,8 +1,13 @@
 """Tiny random-weight annotator networks and golden outputs for sdstream's model-based image
-processors that use controlnet_aux's networks (HED, lineart), for standard_lineart (no network)
-and for Real-ESRGAN (spandrel), tested by core/tests/processors.rs.
+processors, tested by core/tests/processors.rs: HED and lineart (controlnet_aux's detectors),
+standard_lineart (no network), Real-ESRGAN (spandrel), Depth Anything (transformers), OpenPose
+(controlnet_aux's OpenposeDetector) and the TemporalNet flow image (torchvision's RAFT).
 
-Writes tests/fixtures/processors/:
+Run after make_depth_fixtures.py, make_openpose_fixtures.py and make_raft_fixtures.py, which
+write the tiny Depth Anything, body and RAFT networks this reads from the model root.
+
+Writes under tests/fixtures/model-root/ (a model root: `<repo id>/<file>`, where the tests point
+the engine's model_root):
   lllyasviel/Annotators/ControlNetHED.pth   controlnet_aux's ControlNetHED_Apache2, narrowed
                                             (widths 4, 8, 8, 12, 12; 2, 2, 3, 3, 3 convolutions)
   lllyasviel/Annotators/sk_model.pth        controlnet_aux's lineart Generator, narrowed (base
@@ -10,11 +15,10 @@ Writes tests/fixtures/processors/:
   ai-forever/Real-ESRGAN/RealESRGAN_x2.pth  a ×2 RRDBNet in BasicSR's names (4 features, 1 block,
                                             growth 32 as spandrel builds it), float16 tensors
                                             saved under `params_ema` as BasicSR does
-  goldens.safetensors                       inputs and outputs, below
+and tests/fixtures/processors/goldens.safetensors: inputs and outputs, below.
 
 The .pth files are torch.save()'d state dicts (zip format), the form the real files have, so the
-tests go through sdstream's PyTorch reader. Layout under the folder is `<repo id>/<file>`: the
-tests use the folder as the engine's model_root.
+tests go through sdstream's PyTorch reader.
 
 Goldens (uint8 images are stored as U8 [H, W, 3]; float outputs as F32 [1, 3, H, W]):
   input_<n>                   the test images (examples/frames/000.png and 003.png shrunk with PIL
@@ -31,6 +35,26 @@ Goldens (uint8 images are stored as U8 [H, W, 3]; float outputs as F32 [1, 3, H,
   realesrgan_in_<k>, realesrgan_out_<k>
                               spandrel's model of the .pth on a [1, 3, h, w] input, clamped to
                               [0, 1] as Daydream's RealESRGANProcessor does
+  depth_<d>_<n>               Daydream's DepthAnythingTensorrtPreprocessor's tensor path with the
+                              tiny Depth Anything (transformers): bilinear to d x d, the network
+                              without normalisation, min-max, three channels, bilinear back, F32
+  pose_<n>                    Daydream's OpenPosePreprocessor with the tiny body network: PIL
+                              LANCZOS to 512 x 512, controlnet_aux's OpenposeDetector, then
+                              bilinear to the image's size (tensor path), F32
+  pose_maps_heatmaps, pose_maps_pafs
+                              synthetic network outputs [1, 19 | 38, 23, 23] (two people, drawn
+                              as make_openpose_fixtures.render draws them) for a 512 x 512 image
+  pose_maps_input             the uint8 [184, 184, 3] BGR image controlnet_aux's Body feeds the
+                              network for examples/frames/001.png (pixel / 256 - 0.5 of it)
+and tests/fixtures/processors/pose_maps_canvas.png: the skeleton controlnet_aux draws (RGB,
+512 x 512) when its network returns the pose_maps outputs: every step of Body.__call__ after the
+network (Lanczos-4 resizes, cropping, decoding) and the drawing.
+  temporal_<format>_<n>       Daydream's TemporalNetTensorRTPreprocessor on input_<n> after
+                              temporal_prev_<n> (input_<n> shifted 3 pixels right and 2 down):
+                              bilinear to 256 x 256, [-1, 1], the tiny RAFT's first flow
+                              (torchvision), flow_to_image (correctly rounded, as
+                              make_raft_fixtures.flow_to_image_exact), / 255, bilinear back;
+                              concat = previous frame then flow (6 channels), F32
 
 Run: python tests/reference/make_processor_fixtures.py  (about half a minute; deterministic).
 """
@@ -46,13 +70,20 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from controlnet_aux.hed import ControlNetHED_Apache2, DoubleConvBlock, HEDdetector
-from controlnet_aux.lineart import Generator, LineartDetector, ResidualBlock
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from controlnet_aux.hed import ControlNetHED_Apache2, DoubleConvBlock, HEDdetector  # noqa: E402
+from controlnet_aux.lineart import Generator, LineartDetector, ResidualBlock  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+MODEL_ROOT = ROOT / "tests/fixtures/model-root"
 OUT = ROOT / "tests/fixtures/processors"
-ANNOTATORS = OUT / "lllyasviel/Annotators"
-ESRGAN = OUT / "ai-forever/Real-ESRGAN"
+ANNOTATORS = MODEL_ROOT / "lllyasviel/Annotators"
+ESRGAN = MODEL_ROOT / "ai-forever/Real-ESRGAN"
+DEPTH = MODEL_ROOT / "depth-anything/Depth-Anything-V2-Small-hf"
+RAFT = MODEL_ROOT / "torchvision/raft_small/raft_small_C_T_V2-01064c6d.safetensors"
 
 torch.set_num_threads(1)
 
@@ -212,6 +243,110 @@ def tiny_esrgan_state(seed=4, feat=4, blocks=1, grow=32):
     return sd
 
 
+# ---------------------------------------------------------------- depth
+
+
+def depth_daydream(model, image, detect):
+    """DepthAnythingTensorrtPreprocessor._process_tensor_core on a [1, 3, h, w] image in [0, 1]."""
+    h, w = image.shape[-2:]
+    x = F.interpolate(image, size=(detect, detect), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        depth = model(pixel_values=x).predicted_depth.squeeze()
+    depth = (depth - depth.min()) / (depth.max() - depth.min())
+    out = depth.repeat(3, 1, 1).unsqueeze(0)
+    return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False).contiguous()
+
+
+# ---------------------------------------------------------------- pose
+
+
+def tiny_body():
+    """The narrow body network of make_openpose_fixtures, loaded from the model root."""
+    import make_openpose_fixtures as mo
+    from controlnet_aux.open_pose import util
+    from safetensors.torch import load_file
+
+    model = mo.narrow_model()
+    model.load_state_dict(util.transfer(model, load_file(str(ANNOTATORS / "body_pose_model.safetensors"))))
+    return model.float().eval()
+
+
+def detector_with(model):
+    from controlnet_aux.open_pose import OpenposeDetector
+    from controlnet_aux.open_pose.body import Body
+
+    body = Body.__new__(Body)
+    body.model = model
+    return OpenposeDetector(body)
+
+
+def pose_daydream(detector, image, detect=512):
+    """OpenPosePreprocessor._process_core, then the tensor path's bilinear resize."""
+    h, w = image.shape[:2]
+    pil = Image.fromarray(image).resize((detect, detect), Image.LANCZOS)
+    result = detector(pil, hand_and_face=False)
+    t = torch.from_numpy(np.asarray(result).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    if t.shape[-2:] != (h, w):
+        t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+    return t.contiguous()
+
+
+class GivenMaps(torch.nn.Module):
+    """A stand-in body network: records its input and returns given (PAFs, heatmaps)."""
+
+    def __init__(self, pafs, heatmaps):
+        super().__init__()
+        self.pafs, self.heatmaps, self.seen = pafs, heatmaps, None
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.seen = x.clone()
+        return self.pafs, self.heatmaps
+
+
+def pose_from_maps():
+    """controlnet_aux's whole pose pipeline for examples/frames/001.png with given network
+    outputs: two people rendered at 1/8 of 184 x 184 (the network input of a 512 image)."""
+    import make_openpose_fixtures as mo
+
+    rng = np.random.default_rng(77)
+    people = [mo.person(rng, 170.0, 90.0, 330.0), mo.person(rng, 360.0, 120.0, 300.0, missing=(16,))]
+    # render() draws network-like maps at 1/8 of the size it is given, in that size's pixels:
+    # people placed in the 184 x 184 input's frame, scaled from the 512 image (x 0.359375).
+    scaled = [{part: (x * 0.359375, y * 0.359375, amp) for part, (x, y, amp) in p.items()} for p in people]
+    heat, paf = mo.render(rng, 184, 184, scaled)
+    return people, heat, paf
+
+
+# ---------------------------------------------------------------- temporal net
+
+
+def tiny_raft():
+    import make_raft_fixtures as mr
+    from safetensors.torch import load_file
+    from torchvision.models.optical_flow.raft import _raft
+
+    model = _raft(weights=None, progress=False, **mr.NARROW).eval()
+    model.load_state_dict(load_file(str(RAFT)))
+    return model
+
+
+def temporal_daydream(raft, previous, current, concat, size=256):
+    """TemporalNetTensorRTPreprocessor._process_tensor_core for a second frame (CHW in [0, 1])."""
+    import make_raft_fixtures as mr
+
+    h, w = current.shape[-2:]
+    a = F.interpolate(previous[None], size=(size, size), mode="bilinear", align_corners=False)
+    b = F.interpolate(current[None], size=(size, size), mode="bilinear", align_corners=False)
+    a, b = (a - 0.5) / 0.5, (b - 0.5) / 0.5
+    with torch.no_grad():
+        flow = raft(a, b, num_flow_updates=1)[0][0]
+    rgb = mr.flow_to_image_exact(flow).float() / 255.0
+    rgb = F.interpolate(rgb[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    out = torch.cat([previous, rgb]) if concat else rgb
+    return out[None].contiguous()
+
+
 def main():
     ANNOTATORS.mkdir(parents=True, exist_ok=True)
     ESRGAN.mkdir(parents=True, exist_ok=True)
@@ -254,8 +389,42 @@ def main():
         goldens[f"realesrgan_in_{k}"] = x
         goldens[f"realesrgan_out_{k}"] = y.contiguous()
 
+    from transformers import DepthAnythingForDepthEstimation
+
+    depth_model = DepthAnythingForDepthEstimation.from_pretrained(DEPTH).float().eval()
+    for name, detect in [("sq", 518), ("wide", 518), ("sq", 140)]:
+        x = torch.from_numpy(images[name]).permute(2, 0, 1)[None].float() / 255.0
+        goldens[f"depth_{detect}_{name}"] = depth_daydream(depth_model, x, detect)
+
+    detector = detector_with(tiny_body())
+    for name, img in images.items():
+        goldens[f"pose_{name}"] = pose_daydream(detector, img)
+    _, heat, paf = pose_from_maps()
+    stand_in = GivenMaps(torch.from_numpy(paf)[None], torch.from_numpy(heat)[None])
+    frame = np.asarray(Image.open(ROOT / "examples/frames/001.png").convert("RGB")).copy()
+    canvas = np.asarray(detector_with(stand_in)(frame, output_type="np"))
+    seen = stand_in.seen[0].permute(1, 2, 0).numpy()
+    levels = np.rint((seen + 0.5) * 256.0)
+    assert np.array_equal((levels / 256 - 0.5).astype(np.float32), seen), "input not from bytes"
+    goldens["pose_maps_heatmaps"] = torch.from_numpy(heat)[None]
+    goldens["pose_maps_pafs"] = torch.from_numpy(paf)[None]
+    goldens["pose_maps_input"] = torch.from_numpy(levels.astype(np.uint8))
+    OUT.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(OUT / "pose_maps_canvas.png", optimize=False, compress_level=9)
+    print("pose from maps: canvas levels", np.unique(canvas).size, "non-black", (canvas.max(axis=2) > 0).mean())
+
+    raft = tiny_raft()
+    for name, img in images.items():
+        current = torch.from_numpy(img).permute(2, 0, 1).float() / 255.0
+        shifted = np.roll(np.roll(img, 2, axis=0), 3, axis=1)
+        previous = torch.from_numpy(shifted).permute(2, 0, 1).float() / 255.0
+        goldens[f"temporal_prev_{name}"] = torch.from_numpy(shifted.copy())
+        goldens[f"temporal_concat_{name}"] = temporal_daydream(raft, previous, current, True)
+        goldens[f"temporal_flow_{name}"] = temporal_daydream(raft, previous, current, False)
+
+    OUT.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in goldens.items()}, str(OUT / "goldens.safetensors"))
-    for path in sorted(OUT.rglob("*")):
+    for path in sorted(list(OUT.rglob("*")) + [ANNOTATORS / f for f in ("ControlNetHED.pth", "sk_model.pth", "sk_model2.pth")] + [ESRGAN / "RealESRGAN_x2.pth"]):
         if path.is_file():
             print(path.relative_to(ROOT), path.stat().st_size, "bytes")
 

@@ -2,7 +2,7 @@
 (core/src/preprocess/flow_image.rs).
 
 Writes tests/fixtures/raft/:
-  raft_narrow.safetensors   a random-weight RAFT built by torchvision's own `_raft` builder in
+  ../model-root/torchvision/raft_small/raft_small_C_T_V2-01064c6d.safetensors: a random-weight RAFT built by torchvision's own `_raft` builder in
                             raft_small's layout (bottleneck blocks, instance norm in the feature
                             encoder, no norm in the context encoder, 4 levels radius 3, one 3x3
                             GRU, no mask predictor) with narrower widths (NARROW below);
@@ -48,6 +48,8 @@ from torchvision.models.optical_flow.raft import BottleneckBlock, _raft
 from torchvision.utils import _make_colorwheel, flow_to_image
 
 OUT = pathlib.Path(__file__).resolve().parents[2] / "tests/fixtures/raft"
+# The narrow net sits where the model root tests/fixtures/model-root finds raft_small's file.
+NARROW_FILE = OUT.parent / "model-root/torchvision/raft_small/raft_small_C_T_V2-01064c6d.safetensors"
 
 # raft_small's layout with narrower widths (raft_small: feature (32, 32, 64, 96, 128), context
 # (32, 32, 64, 96, 160), motion corr (96,), flow (64, 32), out 82, hidden 96, flow head 128).
@@ -91,7 +93,8 @@ def raft_fixtures():
     torch.manual_seed(0)
     model = _raft(**NARROW).eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, OUT / "raft_narrow.safetensors")
+    NARROW_FILE.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, NARROW_FILE)
     preset = Raft_Small_Weights.C_T_V2.transforms()
     tensors = {}
     last_square_flow = None

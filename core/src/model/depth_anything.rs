@@ -318,6 +318,7 @@ fn resize_bilinear(x: &Tensor, h: usize, w: usize, align_corners: bool) -> Resul
 /// The transposed convolution of an upsampling reassemble layer (`resize`, weight
 /// `[in, out, k, k]`). Its kernel equals its stride, so the output is a mosaic of
 /// non-overlapping k×k tiles, each a linear map of one input pixel: one matmul and a reshuffle.
+#[derive(Debug)]
 struct TileUpsample {
     /// `[in, out·k·k]`.
     weight: Tensor,
@@ -350,6 +351,7 @@ impl TileUpsample {
     }
 }
 
+#[derive(Debug)]
 enum Resize {
     Up(TileUpsample),
     Identity,
@@ -357,6 +359,7 @@ enum Resize {
 }
 
 /// `neck.reassemble_stage.layers.i`: projection, then resize.
+#[derive(Debug)]
 struct ReassembleLayer {
     projection: Conv2d,
     resize: Resize,
@@ -401,6 +404,7 @@ impl ReassembleLayer {
 }
 
 /// Pre-activation residual unit: `y + conv₂(relu(conv₁(relu(y))))`.
+#[derive(Debug)]
 struct ResidualUnit {
     convolution1: Conv2d,
     convolution2: Conv2d,
@@ -433,6 +437,7 @@ impl ResidualUnit {
 }
 
 /// `neck.fusion_stage.layers.j`.
+#[derive(Debug)]
 struct FusionLayer {
     projection: Conv2d,
     residual_layer1: ResidualUnit,
@@ -488,6 +493,7 @@ impl FusionLayer {
 }
 
 /// `head.*`: the depth map from the fused features.
+#[derive(Debug)]
 struct Head {
     conv1: Conv2d,
     conv2: Conv2d,
@@ -532,6 +538,7 @@ impl Head {
 }
 
 /// transformers' `DepthAnythingForDepthEstimation`.
+#[derive(Debug)]
 pub struct DepthAnything {
     backbone: Dinov2Backbone,
     reassemble: Vec<ReassembleLayer>,
@@ -540,6 +547,8 @@ pub struct DepthAnything {
     head: Head,
     head_level: usize,
     patch: usize,
+    /// The weights' dtype, which inputs are cast to.
+    dtype: candle_core::DType,
 }
 
 impl DepthAnything {
@@ -591,12 +600,18 @@ impl DepthAnything {
             head: Head::new(config, vb.pp("head"))?,
             head_level: config.head_level().unwrap_or(0),
             patch: config.backbone_config.patch(),
+            dtype: vb.dtype(),
         })
     }
 
     /// The backbone (its feature maps are the neck's input).
     pub fn backbone(&self) -> &Dinov2Backbone {
         &self.backbone
+    }
+
+    /// The dtype the network computes in (its weights').
+    pub fn dtype(&self) -> candle_core::DType {
+        self.dtype
     }
 
     /// Predicted depth `[B, H, W]` for `pixel_values` `[B, 3, H, W]` (H and W positive

@@ -391,6 +391,7 @@ pub fn bicubic_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
 }
 
 /// Patch embedding, CLS token and position embeddings.
+#[derive(Debug)]
 struct Embeddings {
     projection: Conv2d,
     cls_token: Tensor,
@@ -469,6 +470,7 @@ impl Embeddings {
 }
 
 /// Multi-head self-attention (`attention.attention.{query,key,value}`, `attention.output.dense`).
+#[derive(Debug)]
 struct Attention {
     query: Linear,
     key: Linear,
@@ -519,6 +521,7 @@ impl Attention {
 }
 
 /// `fc2(gelu(fc1(x)))` with the exact GELU.
+#[derive(Debug)]
 struct Mlp {
     fc1: Linear,
     fc2: Linear,
@@ -539,6 +542,7 @@ impl Mlp {
 }
 
 /// One pre-norm transformer block with layer scales (`encoder.layer.N`).
+#[derive(Debug)]
 struct Block {
     norm1: LayerNorm,
     attention: Attention,
@@ -570,6 +574,7 @@ impl Block {
 }
 
 /// transformers' `Dinov2Backbone`: the feature maps of the configured stages.
+#[derive(Debug)]
 pub struct Dinov2Backbone {
     embeddings: Embeddings,
     blocks: Vec<Block>,

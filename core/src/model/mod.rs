@@ -252,6 +252,11 @@ pub fn no_unused_tensors(_: &str) -> bool {
 fn in_file(path: &Path, e: Error) -> Error {
     match e {
         Error::ModelLoad { .. } | Error::Io { .. } => e,
+        // A network's own message (a tensor that does not fit, a key at fault) reads best bare.
+        Error::Candle(candle_core::Error::Msg(detail)) => Error::ModelLoad {
+            path: path.to_path_buf(),
+            detail,
+        },
         other => Error::ModelLoad {
             path: path.to_path_buf(),
             detail: other.to_string(),

@@ -86,6 +86,7 @@ pub const SD21_CONTROLNETS: &[&str] = &[
     "thibaud/controlnet-sd21-canny-diffusers",
     "thibaud/controlnet-sd21-depth-diffusers",
     "thibaud/controlnet-sd21-color-diffusers",
+    "daydreamlive/TemporalNet2-stable-diffusion-2-1",
 ];
 
 /// ControlNets for sd15 models.
@@ -93,6 +94,8 @@ pub const SD15_CONTROLNETS: &[&str] = &[
     "lllyasviel/control_v11f1p_sd15_depth",
     "lllyasviel/control_v11f1e_sd15_tile",
     "lllyasviel/control_v11p_sd15_canny",
+    "daydreamlive/TemporalNet2-stable-diffusion-v1-5",
+    "CiaraRowles/TemporalNet2",
 ];
 
 /// ControlNets for sdxl models.
@@ -100,16 +103,7 @@ pub const SDXL_CONTROLNETS: &[&str] = &[
     "xinsir/controlnet-depth-sdxl-1.0",
     "xinsir/controlnet-canny-sdxl-1.0",
     "xinsir/controlnet-tile-sdxl-1.0",
-];
-
-/// Daydream's TemporalNet ControlNets. Daydream accepts them; sdstream does not (they condition
-/// on optical flow between frames, which nothing here computes), so validation names them with
-/// that reason instead of calling them unknown.
-pub const UNSUPPORTED_TEMPORALNETS: &[&str] = &[
-    "daydreamlive/TemporalNet2-stable-diffusion-2-1",
-    "daydreamlive/TemporalNet2-stable-diffusion-v1-5",
     "daydreamlive/TemporalNet2-stable-diffusion-xl-base-1.0",
-    "CiaraRowles/TemporalNet2",
 ];
 
 /// The family a known ControlNet id belongs to.

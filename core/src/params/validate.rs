@@ -10,7 +10,7 @@
 use super::catalog::{
     self, IMAGE_PROCESSORS, INSIGHTFACE_MODEL_NAMES, IP_ADAPTER_IMAGE_ENCODER_PATHS,
     IP_ADAPTER_MODEL_PATHS, IP_ADAPTER_WEIGHT_TYPES, KNOWN_MODELS, LATENT_PROCESSORS, ModelFamily,
-    UNSUPPORTED_TEMPORALNETS, python_list,
+    python_list,
 };
 use super::fields::StreamDiffusionParams;
 use super::nested::{ControlNetConfig, IPAdapterConfig, ProcessingConfig};
@@ -509,12 +509,7 @@ fn check_controlnet_fields(
             ids.extend(settings.allowed_models.iter().map(String::as_str));
             python_list(ids)
         };
-        let message = if UNSUPPORTED_TEMPORALNETS.contains(&id) {
-            format!(
-                "{field}: {id} is a TemporalNet ControlNet, which Daydream accepts but sdstream \
-                 does not support (it conditions on optical flow between frames)"
-            )
-        } else if settings.allow_model_paths {
+        let message = if settings.allow_model_paths {
             format!(
                 "{field}: unknown ControlNet '{id}'; expected one of {} or an existing local folder",
                 known()

@@ -25,21 +25,27 @@
 //! [0, 1] drops the dark half; sdstream runs every processor on [0, 1] as their code assumes
 //! (Daydream's `image_postprocessing` does too).
 
+pub mod annotator;
 pub mod canny;
 pub mod cv_draw;
 pub mod cv_resize;
+pub mod depth;
 pub mod feedback;
 pub mod filters;
 pub mod flow_image;
+pub mod hed;
+pub mod lineart;
 pub mod networks;
 pub mod openpose;
 pub mod param_reader;
 pub mod planes;
+pub mod pose;
 pub mod realesrgan;
 pub mod resize;
 pub mod soft_edge;
 pub mod standalone;
 pub mod standard_lineart;
+pub mod temporal_net;
 pub mod upscale;
 
 use std::time::{Duration, Instant};
@@ -54,18 +60,25 @@ use crate::params::catalog::IMAGE_PROCESSORS;
 use crate::params::{ProcessingConfig, StreamDiffusionParams};
 use crate::{Error, Result};
 
-/// The image processors sdstream implements (the rest of Daydream's
-/// [`IMAGE_PROCESSORS`] are rejected as not supported yet).
+/// The image processors sdstream implements (the rest of Daydream's [`IMAGE_PROCESSORS`], the
+/// MediaPipe ones, are refused with what to use instead).
 pub const SUPPORTED_PROCESSORS: &[&str] = &[
     "blur",
     "canny",
+    "depth",
+    "depth_tensorrt",
     "external",
     "feedback",
+    "hed",
+    "lineart",
+    "openpose",
     "passthrough",
+    "pose_tensorrt",
     "realesrgan_trt",
     "sharpen",
     "soft_edge",
     "standard_lineart",
+    "temporal_net_tensorrt",
     "upscale",
 ];
 
@@ -140,6 +153,16 @@ pub enum Processor {
     StandardLineart(standard_lineart::StandardLineartParams),
     /// `realesrgan_trt`.
     RealEsrgan(realesrgan::RealEsrganParams),
+    /// `hed`.
+    Hed(hed::HedParams),
+    /// `lineart`.
+    Lineart(lineart::LineartParams),
+    /// `depth` and `depth_tensorrt`.
+    Depth(depth::DepthParams),
+    /// `openpose` and `pose_tensorrt`.
+    Pose(pose::PoseParams),
+    /// `temporal_net_tensorrt`.
+    TemporalNet(temporal_net::TemporalNetParams),
 }
 
 impl Processor {
@@ -165,6 +188,15 @@ impl Processor {
                 Processor::StandardLineart(standard_lineart::StandardLineartParams::read(&r)?)
             }
             "realesrgan_trt" => Processor::RealEsrgan(realesrgan::RealEsrganParams::read(&r)?),
+            "hed" => Processor::Hed(hed::HedParams::read(&r)?),
+            "lineart" => Processor::Lineart(lineart::LineartParams::read(&r)?),
+            "depth" => Processor::Depth(depth::DepthParams::read(&r, true)?),
+            "depth_tensorrt" => Processor::Depth(depth::DepthParams::read(&r, false)?),
+            "openpose" => Processor::Pose(pose::PoseParams::read(&r, false)?),
+            "pose_tensorrt" => Processor::Pose(pose::PoseParams::read(&r, true)?),
+            "temporal_net_tensorrt" => {
+                Processor::TemporalNet(temporal_net::TemporalNetParams::read(&r)?)
+            }
             "mediapipe_pose" => {
                 return Err(Error::param(
                     name_field,
@@ -213,6 +245,11 @@ impl Processor {
             | Processor::Upscale(_)
             | Processor::StandardLineart(_) => None,
             Processor::RealEsrgan(_) => Some(NetworkRequest::REAL_ESRGAN_X2),
+            Processor::Hed(_) => Some(NetworkRequest::HED),
+            Processor::Lineart(p) => Some(p.network()),
+            Processor::Depth(_) => Some(NetworkRequest::DEPTH_ANYTHING_V2_SMALL),
+            Processor::Pose(_) => Some(NetworkRequest::BODY_POSE),
+            Processor::TemporalNet(_) => Some(NetworkRequest::RAFT_SMALL),
         }
     }
 
@@ -224,9 +261,13 @@ impl Processor {
         }
     }
 
-    /// Channels of the image the processor makes (3: RGB).
+    /// Channels of the image the processor makes (3: RGB; 6 for `temporal_net_tensorrt`'s
+    /// `concat`).
     pub fn output_channels(&self) -> usize {
-        3
+        match self {
+            Processor::TemporalNet(p) => p.channels(),
+            _ => 3,
+        }
     }
 
     /// Runs the processor on `image` (`[1, C, H, W]` in [0, 1]).
@@ -252,13 +293,32 @@ impl Processor {
             Processor::StandardLineart(p) => {
                 on_host(&|x| to_size(&standard_lineart::apply(x, p), x.height, x.width))
             }
-            Processor::RealEsrgan(_) => {
-                let Network::RealEsrgan(net) = network(inputs, NetworkRequest::REAL_ESRGAN_X2)?
-                else {
-                    return Err(wrong_network("realesrgan_trt"));
-                };
-                realesrgan::apply(net, image)
+            Processor::RealEsrgan(_) => match network(inputs, NetworkRequest::REAL_ESRGAN_X2)? {
+                Network::RealEsrgan(net) => realesrgan::apply(net, image),
+                _ => Err(wrong_network("realesrgan_trt")),
+            },
+            Processor::Hed(_) => match network(inputs, NetworkRequest::HED)? {
+                Network::Hed(net) => hed::apply(net, image),
+                _ => Err(wrong_network("hed")),
+            },
+            Processor::Lineart(p) => match network(inputs, p.network())? {
+                Network::Lineart(net) => lineart::apply(net, image, p),
+                _ => Err(wrong_network("lineart")),
+            },
+            Processor::Depth(p) => {
+                match network(inputs, NetworkRequest::DEPTH_ANYTHING_V2_SMALL)? {
+                    Network::DepthAnything(net) => depth::apply(net, image, p),
+                    _ => Err(wrong_network("depth")),
+                }
             }
+            Processor::Pose(p) => match network(inputs, NetworkRequest::BODY_POSE)? {
+                Network::BodyPose(net) => pose::apply(net, image, p),
+                _ => Err(wrong_network("openpose")),
+            },
+            Processor::TemporalNet(p) => match network(inputs, NetworkRequest::RAFT_SMALL)? {
+                Network::Raft(net) => temporal_net::apply(net, image, inputs.previous_input, p),
+                _ => Err(wrong_network("temporal_net_tensorrt")),
+            },
         }
     }
 }

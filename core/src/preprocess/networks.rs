@@ -23,10 +23,13 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 
 use crate::hub::{self, HubOptions};
+use crate::model::depth_anything::{self, DepthAnything};
 use crate::model::hed::{self, Hed};
 use crate::model::lineart::{self, LineartGenerator};
-use crate::model::open_weights;
+use crate::model::openpose_body::{self, BodyPoseNet};
+use crate::model::raft::{self, Raft};
 use crate::model::rrdbnet::{self, RrdbNet};
+use crate::model::{open_component, open_weights};
 use crate::{Error, Result};
 
 /// Which network a request loads.
@@ -36,6 +39,12 @@ pub enum NetworkKind {
     Hed,
     /// The lineart generator ([`crate::model::lineart`]).
     Lineart,
+    /// The OpenPose body network ([`crate::model::openpose_body`]).
+    BodyPose,
+    /// Depth Anything ([`crate::model::depth_anything`]), a transformers checkpoint folder.
+    DepthAnything,
+    /// RAFT optical flow ([`crate::model::raft`]).
+    Raft,
     /// Real-ESRGAN's RRDB upscaler ([`crate::model::rrdbnet`]).
     RealEsrgan,
 }
@@ -46,8 +55,17 @@ impl NetworkKind {
         match self {
             NetworkKind::Hed => "HED",
             NetworkKind::Lineart => "lineart generator",
+            NetworkKind::BodyPose => "OpenPose body",
+            NetworkKind::DepthAnything => "Depth Anything",
+            NetworkKind::Raft => "RAFT optical flow",
             NetworkKind::RealEsrgan => "Real-ESRGAN",
         }
+    }
+
+    /// Whether the network is a transformers checkpoint folder (`config.json` and
+    /// `<stem>.safetensors`) rather than one weights file.
+    fn is_folder(self) -> bool {
+        self == NetworkKind::DepthAnything
     }
 }
 
@@ -82,6 +100,26 @@ impl NetworkRequest {
         repo: ANNOTATORS,
         stem: "sk_model2",
     };
+    /// `body_pose_model.pth` of `lllyasviel/Annotators` (controlnet_aux's OpenPose body).
+    pub const BODY_POSE: Self = Self {
+        kind: NetworkKind::BodyPose,
+        repo: ANNOTATORS,
+        stem: "body_pose_model",
+    };
+    /// Depth Anything V2 Small in transformers' layout (`config.json`, `model.safetensors`).
+    pub const DEPTH_ANYTHING_V2_SMALL: Self = Self {
+        kind: NetworkKind::DepthAnything,
+        repo: "depth-anything/Depth-Anything-V2-Small-hf",
+        stem: "model",
+    };
+    /// torchvision's `raft_small` weights (`Raft_Small_Weights.C_T_V2`), which are not on the
+    /// Hugging Face hub: sdstream looks for them under this id in the model root or the cache,
+    /// and says where to download them when they are missing.
+    pub const RAFT_SMALL: Self = Self {
+        kind: NetworkKind::Raft,
+        repo: "torchvision/raft_small",
+        stem: "raft_small_C_T_V2-01064c6d",
+    };
     /// `RealESRGAN_x2.pth` of `ai-forever/Real-ESRGAN`.
     pub const REAL_ESRGAN_X2: Self = Self {
         kind: NetworkKind::RealEsrgan,
@@ -89,14 +127,38 @@ impl NetworkRequest {
         stem: "RealESRGAN_x2",
     };
 
-    /// The file patterns [`hub::resolve`] looks for: the safetensors form, else the `.pth`.
-    fn wanted(&self) -> String {
-        format!("{0}.safetensors|{0}.pth", self.stem)
+    /// The file patterns [`hub::resolve`] looks for: for one weights file the safetensors form,
+    /// else the `.pth`; for a checkpoint folder its config and weights.
+    fn wanted(&self) -> Vec<String> {
+        if self.kind.is_folder() {
+            vec!["config.json".into(), format!("{}.safetensors", self.stem)]
+        } else {
+            vec![format!("{0}.safetensors|{0}.pth", self.stem)]
+        }
     }
 
-    /// Where the request is found: the resolved weights file.
+    /// Where the request is found: the resolved weights file (the checkpoint folder for
+    /// transformers checkpoints).
     pub fn resolve(&self, hub_options: &HubOptions) -> Result<PathBuf> {
-        let dir = hub::resolve(self.repo, hub_options, &[&self.wanted()])?;
+        let wanted = self.wanted();
+        let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        let dir = hub::resolve(self.repo, hub_options, &wanted).map_err(|e| match e {
+            Error::ModelNotFound { id, detail } if self.kind == NetworkKind::Raft => {
+                Error::ModelNotFound {
+                    id,
+                    detail: format!(
+                        "{detail}. torchvision publishes these weights outside the Hugging Face \
+                         hub: download https://download.pytorch.org/models/{}.pth into \
+                         <model_root>/{}/ (or the cache folder of that id)",
+                        self.stem, self.repo
+                    ),
+                }
+            }
+            other => other,
+        })?;
+        if self.kind.is_folder() {
+            return Ok(dir);
+        }
         let safetensors = dir.join(format!("{}.safetensors", self.stem));
         Ok(if safetensors.is_file() {
             safetensors
@@ -116,15 +178,51 @@ pub enum Network {
     Hed(Hed),
     /// The lineart generator.
     Lineart(LineartGenerator),
+    /// The OpenPose body network.
+    BodyPose(BodyPoseNet),
+    /// Depth Anything.
+    DepthAnything(DepthAnything),
+    /// RAFT optical flow.
+    Raft(Raft),
     /// Real-ESRGAN.
     RealEsrgan(RrdbNet),
 }
 
 impl Network {
-    /// Loads the network `kind` from `path` in `dtype` on `device`, its sizes read from the
-    /// weights (see each network's `Config::from_shapes`).
+    /// Loads the network `kind` from `path` in `dtype` on `device`: one weights file whose
+    /// network's sizes are read from the tensors (each network's `Config::from_shapes`), or for
+    /// Depth Anything a checkpoint folder with its `config.json`.
     pub fn load(kind: NetworkKind, path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         Ok(match kind {
+            NetworkKind::BodyPose => Network::BodyPose(open_weights(
+                path,
+                dtype,
+                device,
+                |shapes| Ok(openpose_body::Config::from_tensor_shapes(shapes)?),
+                |config, vb| Ok(BodyPoseNet::new(config, vb)?),
+            )?),
+            NetworkKind::DepthAnything => Network::DepthAnything(open_component(
+                path,
+                "model",
+                dtype,
+                device,
+                depth_anything::tolerated_unused,
+                |config: &depth_anything::Config| {
+                    config.validate().map_err(|e| Error::UnsupportedConfig {
+                        model: "Depth Anything".into(),
+                        option: "config.json".into(),
+                        detail: e.to_string(),
+                    })
+                },
+                |config, vb| Ok(DepthAnything::new(config, vb)?),
+            )?),
+            NetworkKind::Raft => Network::Raft(open_weights(
+                path,
+                dtype,
+                device,
+                |shapes| Ok(raft::Config::from_tensor_shapes(shapes)?),
+                |config, vb| Ok(Raft::new(config, vb)?),
+            )?),
             NetworkKind::Hed => Network::Hed(open_weights(
                 path,
                 dtype,

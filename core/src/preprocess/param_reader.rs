@@ -21,7 +21,7 @@ impl<'a> ParamReader<'a> {
         ParamReader { params, field }
     }
 
-    fn error(&self, key: &str, message: String) -> Error {
+    pub(crate) fn error(&self, key: &str, message: String) -> Error {
         Error::param(format!("{}.{key}", self.field), message)
     }
 
@@ -72,6 +72,15 @@ impl<'a> ParamReader<'a> {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
             Some(other) => Err(self.error(key, format!("expected true or false, got {other}"))),
+        }
+    }
+
+    /// A string, `None` when absent.
+    pub fn string(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(self.error(key, format!("expected a string, got {other}"))),
         }
     }
 
