@@ -99,19 +99,31 @@ pub struct ProcessorInputs<'a> {
 }
 
 /// Time spent in each processor during one frame, by name (Daydream's processor names,
-/// [`IMAGE_PROCESSORS`]); a processor that ran several times (two chains, two settings) sums.
+/// [`IMAGE_PROCESSORS`]); a processor that ran several times (two chains, two settings) sums,
+/// and the runs are counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcessorTimes {
     spent: [Option<Duration>; IMAGE_PROCESSORS.len()],
+    runs: [u32; IMAGE_PROCESSORS.len()],
 }
 
 impl ProcessorTimes {
-    /// Adds `elapsed` to processor `name` (names outside the catalogue are not counted).
+    /// Adds a run of `elapsed` to processor `name` (names outside the catalogue are not
+    /// counted).
     pub fn add(&mut self, name: &str, elapsed: Duration) {
         if let Some(i) = IMAGE_PROCESSORS.iter().position(|n| *n == name) {
             let slot = &mut self.spent[i];
             *slot = Some(slot.unwrap_or_default() + elapsed);
+            self.runs[i] += 1;
         }
+    }
+
+    /// How many times processor `name` ran.
+    pub fn runs(&self, name: &str) -> u32 {
+        IMAGE_PROCESSORS
+            .iter()
+            .position(|n| *n == name)
+            .map_or(0, |i| self.runs[i])
     }
 
     /// Each processor that ran, with its time, in catalogue order.

@@ -1076,11 +1076,18 @@ fn what_the_engine_cannot_run_is_refused_at_creation_naming_the_field() {
     });
     for (params, field) in [
         (
-            json!({"controlnets": [{"model_id": "tiny-controlnet-a", "preprocessor": "depth"}]}),
+            json!({"controlnets": [{"model_id": "tiny-controlnet-a",
+                                     "preprocessor": "mediapipe_segmentation"}]}),
             "`controlnets[0].preprocessor`",
         ),
         (
-            json!({"controlnets": [{"model_id": "tiny-controlnet-a", "preprocessor": "openpose"}]}),
+            json!({"controlnets": [{"model_id": "tiny-controlnet-a", "preprocessor": "openpose",
+                                     "preprocessor_params": {"include_hands": true}}]}),
+            "`controlnets[0].preprocessor.params.include_hands`",
+        ),
+        (
+            json!({"controlnets": [{"model_id": "tiny-controlnet-a",
+                                     "preprocessor": "realesrgan_trt"}]}),
             "`controlnets[0].preprocessor`",
         ),
         (
