@@ -164,6 +164,12 @@ typedef enum {
 typedef struct SdsEngine SdsEngine;
 
 /**
+ * An image processor with its network loaded. Opaque; made by `sds_processor_create`, freed by
+ * `sds_processor_destroy`. Calls on one handle may come from any thread; they run one at a time.
+ */
+typedef struct SdsProcessor SdsProcessor;
+
+/**
  * Pixel layout of a frame: one of the `SDS_PIXEL_FORMAT_*` values. A plain integer (not a C
  * enum) so that any value a caller passes is defined behaviour; unknown values are rejected
  * with `SDS_ERR_INVALID_ARGUMENT`.
@@ -268,6 +274,39 @@ typedef struct {
    */
   SdsFrame frame;
 } SdsControlImage;
+
+/**
+ * Where a control image goes: the caller fills `data` and `capacity`; the call fills the rest,
+ * also when it fails with `SDS_ERR_BUFFER_TOO_SMALL` (then `size` is what is needed and
+ * nothing is written to `data`). Rows are packed: `width * channels` bytes each.
+ */
+typedef struct {
+  /**
+   * In: the caller's buffer (kept by the caller; written only during the call).
+   */
+  uint8_t *data;
+  /**
+   * In: bytes available at `data`.
+   */
+  size_t capacity;
+  /**
+   * Out: width in pixels (the frame's, or twice it for `realesrgan_trt`).
+   */
+  uint32_t width;
+  /**
+   * Out: height in pixels.
+   */
+  uint32_t height;
+  /**
+   * Out: 8-bit values per pixel: 3 (RGB), or 6 for `temporal_net_tensorrt` with
+   * `output_format` `"concat"` (the previous frame's RGB, then the flow's RGB).
+   */
+  uint32_t channels;
+  /**
+   * Out: bytes of the image: `width * height * channels`.
+   */
+  size_t size;
+} SdsControlOutput;
 
 /**
  * 3 bytes per pixel: red, green, blue.
@@ -524,7 +563,9 @@ SdsStatus sds_engine_flush(SdsEngine *engine, size_t *dropped);
 
 /**
  * The size of an output for input frames of `format` under the current (last accepted)
- * parameters: the stream's `*width` × `*height`, and `*size`, the bytes of packed rows. While
+ * parameters: `*width` × `*height` (the stream's size, or twice it with an upscaling
+ * `image_postprocessing` processor such as `realesrgan_trt`), and `*size`, the bytes of packed
+ * rows. While
  * a reload that changes the resolution builds, outputs still come at the old size: check
  * `SdsOutput.size` or allocate for both. Thread-safe.
  *
@@ -616,6 +657,80 @@ const char *sds_engine_last_error(const SdsEngine *engine);
  * or writable.
  */
 SdsStatus sds_engine_last_error_copy(const SdsEngine *engine, char *buf, size_t cap, size_t *len);
+
+/**
+ * Creates processor `name` (Daydream's image-processor names: `"depth_tensorrt"`,
+ * `"pose_tensorrt"`, `"hed"`, `"canny"`, …) with `params_json` (its `preprocessor_params`
+ * object; NULL for `{}`) on the device and in the dtype of `settings_json` (EngineSettings,
+ * as for `sds_engine_create`; NULL for the defaults), loading its network if it has one (found
+ * like models: `model_root`, the Hugging Face cache, a download; seconds). On success `*out` is
+ * the handle (caller-owned: free it with `sds_processor_destroy`); on failure `*out` is NULL
+ * and `sds_last_error()` names the field or file at fault. Thread-safe.
+ *
+ * # Safety
+ * String arguments are NULL or NUL-terminated; `out` is NULL or writable.
+ */
+SdsStatus sds_processor_create(const char *name,
+                               const char *params_json,
+                               const char *settings_json,
+                               SdsProcessor **out);
+
+/**
+ * The control image of `frame` (any size and pixel format), written to `out` as 8-bit
+ * interleaved values. Blocks for the processor's work. The buffer is checked after the work
+ * (the size of a processor's image is known for every processor but is cheap to ask for with
+ * `sds_processor_output_size`): too small gives `SDS_ERR_BUFFER_TOO_SMALL` with `out->size`.
+ * A temporal processor (`temporal_net_tensorrt`) keeps the frame for the next call. Thread-safe.
+ *
+ * # Safety
+ * `processor` is NULL or a live handle; `frame` NULL or as `SdsFrame` describes; `out` NULL or
+ * writable with `out->data` valid for `out->capacity` bytes.
+ */
+SdsStatus sds_processor_process(SdsProcessor *processor,
+                                const SdsFrame *frame,
+                                SdsControlOutput *out);
+
+/**
+ * The image `sds_processor_process` makes for a `width × height` frame: `*out_width` ×
+ * `*out_height` pixels of `*channels` bytes, `*size` bytes in all (each out-pointer may be
+ * NULL). Thread-safe.
+ *
+ * # Safety
+ * `processor` is NULL or a live handle; the out-pointers NULL or writable.
+ */
+SdsStatus sds_processor_output_size(SdsProcessor *processor,
+                                    uint32_t width,
+                                    uint32_t height,
+                                    uint32_t *out_width,
+                                    uint32_t *out_height,
+                                    uint32_t *channels,
+                                    size_t *size);
+
+/**
+ * Forgets the previous frame: a temporal processor's next image starts over. Thread-safe.
+ *
+ * # Safety
+ * `processor` is NULL or a live handle.
+ */
+SdsStatus sds_processor_reset(SdsProcessor *processor);
+
+/**
+ * The last error of a call on this handle, as this thread's copy (valid until this thread
+ * calls it again); `""` when none. NULL gives a message about the NULL handle.
+ *
+ * # Safety
+ * `processor` is NULL or a live handle.
+ */
+const char *sds_processor_last_error(const SdsProcessor *processor);
+
+/**
+ * Frees the handle (the network stays loaded while a stream or another processor uses it).
+ * NULL is a no-op. Call it once, when no other thread uses the handle.
+ *
+ * # Safety
+ * `processor` is NULL or a live handle not used by any other thread.
+ */
+SdsStatus sds_processor_destroy(SdsProcessor *processor);
 
 #ifdef __cplusplus
 }  // extern "C"

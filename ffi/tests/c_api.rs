@@ -2,6 +2,9 @@
 //! built (`libsdstream.a`), with the system `cc`/`c++`, and runs them on the tiny fixture
 //! (tests/fixtures/tiny-sd-turbo with TAESD tests/fixtures/tiny-taesd, 64×64):
 //!
+//! * `ffi/tests/c/processor_test.c`: the `sds_processor_*` functions (refusals, buffer sizes,
+//!   HED and a 6-channel TemporalNet image), whose images must equal, byte for byte, what
+//!   [`sdstream_core::ImageProcessor`] gives for the same frames;
 //! * `ffi/tests/c/api_test.c`: every function, NULL and invalid arguments, wrong frame and
 //!   buffer sizes, invalid JSON, unknown fields, use after a failed reload, control images for
 //!   an `external` ControlNet (its outputs must equal, byte for byte, what
@@ -25,7 +28,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use sdstream_core::{EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
+use sdstream_core::{
+    EngineSettings, Frame, ImageProcessor, PixelFormat, StreamDiffusion, StreamDiffusionParams,
+};
 
 /// The libraries a Rust staticlib needs on Linux (`rustc --print native-static-libs`).
 const NATIVE_LIBS: &[&str] = &[
@@ -299,6 +304,63 @@ fn c_api_test_passes() {
     assert!(out.contains(", 0 failed"), "{out}");
     println!("{out}");
     c_control_outputs_equal_the_rust_pipeline(&model, &vae, &net, &out_dir);
+}
+
+#[test]
+fn c_processors_equal_the_rust_processors() {
+    let dir = scratch("processor_test");
+    let exe = dir.join("processor_test");
+    build(
+        "cc",
+        "-std=c11",
+        &[workspace().join("ffi/tests/c/processor_test.c")],
+        &exe,
+    );
+    write_ppm_frames(&dir.join("frames"));
+    let root = fixture("model-root");
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(&out_dir).expect("out dir");
+    let a = dir.join("frames/001.ppm");
+    let b = dir.join("frames/002.ppm");
+    let out = run(&exe, &[&root, &a, &b, &out_dir]);
+    assert!(out.contains(", 0 failed"), "{out}");
+    println!("{out}");
+
+    let settings = EngineSettings {
+        model_root: Some(root),
+        ..EngineSettings::default()
+    };
+    let all = frames();
+    let frame = |i: usize| {
+        let (w, h, rgb) = &all[i];
+        (*w as usize, *h as usize, rgb.clone())
+    };
+    let read = |name: &str| std::fs::read(out_dir.join(name)).expect(name);
+    let (w, h, rgb_a) = frame(1);
+    let (_, _, rgb_b) = frame(2);
+    let frame_a = Frame::packed(&rgb_a, w, h, PixelFormat::Rgb8).unwrap();
+    let frame_b = Frame::packed(&rgb_b, w, h, PixelFormat::Rgb8).unwrap();
+    let params = |v: serde_json::Value| v.as_object().cloned().unwrap();
+    let mut hed = ImageProcessor::new(
+        "hed",
+        &params(serde_json::json!({"safe": false})),
+        &settings,
+    )
+    .unwrap();
+    assert_eq!(hed.process(&frame_a).unwrap().data, read("hed.raw"));
+    let mut temporal = ImageProcessor::new(
+        "temporal_net_tensorrt",
+        &params(serde_json::json!({"height": 256, "width": 256})),
+        &settings,
+    )
+    .unwrap();
+    assert_eq!(
+        temporal.process(&frame_a).unwrap().data,
+        read("temporal_0.raw")
+    );
+    let second = temporal.process(&frame_b).unwrap();
+    assert_eq!(second.channels, 6);
+    assert_eq!(second.data, read("temporal_1.raw"));
 }
 
 /// The outputs api_test.c's `test_controls` wrote (frame 000 three times: without a control
