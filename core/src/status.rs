@@ -158,6 +158,10 @@ pub struct EngineStatus {
     pub reload_failures: u64,
     /// Builds discarded because a newer update superseded them.
     pub builds_superseded: u64,
+    /// Frames whose control images (the preprocessors' part) were made on a helper thread
+    /// while the frame before them diffused.
+    #[serde(default)]
+    pub frames_prepared_ahead: u64,
 }
 
 /// The frame and error counters both reports share, kept where frames are processed.
@@ -267,6 +271,7 @@ impl Activity {
             error_count: self.error_count,
             reload_failures: 0,
             builds_superseded: 0,
+            frames_prepared_ahead: 0,
         }
     }
 }

@@ -299,3 +299,63 @@ fn temporalnet2_streams_with_the_flow_between_frames() {
         "{err}"
     );
 }
+
+#[test]
+fn the_engine_makes_the_next_frames_control_images_beside_the_current_one() {
+    // The DJ body with TemporalNet2 as a sixth net: every preprocessor but passthrough works,
+    // and the temporal one needs the right previous frame.
+    let mut body = dj_body();
+    body["controlnets"].as_array_mut().unwrap().push(json!({
+        "model_id": "daydreamlive/TemporalNet2-stable-diffusion-2-1",
+        "conditioning_scale": 0.5,
+        "preprocessor": "temporal_net_tensorrt",
+        "preprocessor_params": {"height": 256, "width": 256},
+    }));
+    let params = params(&body);
+    let frames: Vec<Vec<u8>> = (0..3).map(frame_data).collect();
+    let mut stream = StreamDiffusion::new(params.clone(), settings()).unwrap();
+    let want: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|d| stream.process(&frame(d)).unwrap().data)
+        .collect();
+
+    // Every frame queued at once: while frame k diffuses, frame k + 1's images are made.
+    let engine = Engine::new(
+        params,
+        settings(),
+        EngineOptions {
+            warmup: false,
+            queue_capacity: 8,
+            drop_policy: sdstream::DropPolicy::Lossless,
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
+    for data in &frames {
+        engine
+            .submit(sdstream::Submission::new(frame(data)))
+            .unwrap();
+    }
+    for (i, want) in want.iter().enumerate() {
+        let got = engine
+            .recv_timeout(Duration::from_secs(600))
+            .unwrap()
+            .expect("an output");
+        assert!(
+            &got.image.data == want,
+            "frame {i}: made-ahead control images give the same output"
+        );
+    }
+    let status = engine.status();
+    println!(
+        "frames prepared ahead: {} of {}",
+        status.frames_prepared_ahead,
+        frames.len()
+    );
+    assert!(
+        status.frames_prepared_ahead >= 1,
+        "the queued frames' images were made ahead: {}",
+        status.frames_prepared_ahead
+    );
+    assert_eq!(status.frames_failed, 0);
+}

@@ -8,6 +8,7 @@ __all__ = [
     "ControlNetConfig",
     "Engine",
     "IPAdapterConfig",
+    "ImageProcessor",
     "Output",
     "QueueFullError",
     "StreamDiffusion",
@@ -270,3 +271,30 @@ class Engine:
     def close(self) -> None: ...
     def __enter__(self) -> "Engine": ...
     def __exit__(self, *exc: Any) -> None: ...
+
+class ImageProcessor:
+    def __init__(
+        self,
+        name: str,
+        params: Optional[Union[Mapping[str, Any], str]] = ...,
+        *,
+        cfg_type: Literal["none", "full", "self", "initialize"] = ...,
+        frame_buffer_size: int = ...,
+        device: str = ...,
+        dtype: Literal["f32", "f16", "bf16"] = ...,
+        vae: Union[str, PathLike[str]] = ...,
+        model_root: Optional[Union[str, PathLike[str]]] = ...,
+        allow_any_resolution: bool = ...,
+        allow_model_paths: bool = ...,
+        allowed_models: Sequence[str] = ...,
+    ) -> None: ...
+    def __call__(self, frame: FrameLike) -> np.ndarray: ...
+    def process(self, frame: FrameLike) -> np.ndarray: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def output_channels(self) -> int: ...
+    def output_size(self, width: int, height: int) -> Tuple[int, int]: ...
+    @property
+    def last_ms(self) -> Optional[float]: ...
+    def reset(self) -> None: ...

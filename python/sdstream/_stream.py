@@ -1,10 +1,11 @@
-"""The pipeline objects: `StreamDiffusion` (synchronous) and `Engine` (threaded)."""
+"""The pipeline objects: `StreamDiffusion` (synchronous), `Engine` (threaded) and
+`ImageProcessor` (one image processor on its own)."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -283,3 +284,63 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"<sdstream.Engine state={self.status().get('state')}>"
+
+
+class ImageProcessor:
+    """One image processor on its own: ``control = processor(frame)``.
+
+    ``ImageProcessor(name, params=None, **settings)``: `name` is a Daydream image-processor
+    name (``"depth_tensorrt"``, ``"pose_tensorrt"``, ``"hed"``, ``"canny"``, ...), `params` its
+    ``preprocessor_params`` (a dict or a JSON text), `settings` engine settings (``device``,
+    ``dtype``, ``model_root``, ...). A model-based processor loads its network (found like
+    models: ``model_root``, the Hugging Face cache, a download). Invalid input raises
+    `ValidationError` naming the field. Processing releases the GIL; calls from several
+    threads are serialised.
+    """
+
+    def __init__(self, name: str, params: Optional[Union[Mapping[str, Any], str]] = None,
+                 **settings: Any) -> None:
+        if not isinstance(name, str):
+            raise ValidationError(f"name must be a processor name (a str), got {type(name).__name__}")
+        if params is None:
+            body = "{}"
+        elif isinstance(params, (str, bytes, bytearray)):
+            body = params if isinstance(params, str) else bytes(params).decode()
+        elif isinstance(params, Mapping):
+            body = _to_json(dict(params))
+        else:
+            raise ValidationError(f"params must be a dict or a JSON text, got {type(params).__name__}")
+        self._native = _sdstream._ImageProcessor(name, body, _settings_body(settings))
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        """The control image of `frame` (as for `StreamDiffusion`): an HxWxC uint8 array, C = 3
+        (RGB) or 6 (temporal_net_tensorrt's concat: the previous frame, then the flow). A
+        temporal processor keeps the frame for the next call."""
+        return self.process(frame)
+
+    def process(self, frame: Any) -> np.ndarray:
+        """Same as calling the processor."""
+        return self._native.process(as_frame(frame))
+
+    @property
+    def name(self) -> str:
+        """The processor's name."""
+        return self._native.name
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of its images."""
+        return self._native.output_channels
+
+    def output_size(self, width: int, height: int) -> Tuple[int, int]:
+        """(width, height) of its image for a `width` x `height` frame."""
+        return self._native.output_size(width, height)
+
+    @property
+    def last_ms(self) -> Optional[float]:
+        """Milliseconds the last call took (None before the first)."""
+        return self._native.last_ms
+
+    def reset(self) -> None:
+        """Forgets the previous frame (a temporal processor starts over)."""
+        self._native.reset()

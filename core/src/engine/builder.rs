@@ -78,7 +78,7 @@ pub(super) fn build(shared: &Shared, ticket: &BuildTicket) -> Result<Ready> {
             let passes = warmup_passes(pipeline.params());
             let primed = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
                 for _ in 0..passes {
-                    job.process(pipeline.as_mut())?;
+                    job.process(pipeline.as_mut(), None)?;
                 }
                 Ok(())
             }));

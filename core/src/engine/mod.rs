@@ -490,6 +490,7 @@ impl Engine {
             outputs_dropped: s.outputs_dropped,
             reload_failures: s.reload_failures,
             builds_superseded: s.builds_superseded,
+            frames_prepared_ahead: s.frames_prepared_ahead,
             ..s.activity.report(now, state)
         }
     }

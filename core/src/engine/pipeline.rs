@@ -9,6 +9,7 @@ use crate::model::bundle::StableDiffusionModels;
 use crate::model::pool::ModelPool;
 use crate::params::{EngineSettings, StreamDiffusionParams, Transition, Update};
 use crate::pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
+use crate::pipeline::{ControlPreparer, PreparedControls};
 use crate::preprocess;
 use crate::preprocess::networks::{NetworkPool, ProcessorNetworks};
 use crate::{Error, Result};
@@ -17,6 +18,23 @@ use crate::{Error, Result};
 pub(crate) trait Pipeline: Send {
     /// One frame in, one frame out; `controls` are control images by ControlNet model_id.
     fn process(&mut self, frame: &Frame, controls: &[(&str, &Frame)]) -> Result<Image>;
+    /// [`process`](Self::process) with control images made ahead by a preparer of this
+    /// pipeline (used when they still apply). Stand-ins without preprocessors ignore them.
+    fn process_prepared(
+        &mut self,
+        frame: &Frame,
+        controls: &[(&str, &Frame)],
+        prepared: Option<PreparedControls>,
+    ) -> Result<Image> {
+        let _ = prepared;
+        self.process(frame, controls)
+    }
+    /// What makes the control images of the frame after `current` on another thread while
+    /// this pipeline processes `current`; `None` when nothing can run ahead.
+    fn control_preparer(&self, current: &Frame) -> Result<Option<ControlPreparer>> {
+        let _ = current;
+        Ok(None)
+    }
     /// Applies new parameters in place, a prompt or seed change gliding as `transition` says.
     /// The engine calls it only for hot (or unchanged) updates; reloads are built by the
     /// factory instead.
@@ -30,6 +48,19 @@ pub(crate) trait Pipeline: Send {
 impl Pipeline for StreamDiffusion {
     fn process(&mut self, frame: &Frame, controls: &[(&str, &Frame)]) -> Result<Image> {
         StreamDiffusion::process_with_controls(self, frame, controls)
+    }
+
+    fn process_prepared(
+        &mut self,
+        frame: &Frame,
+        controls: &[(&str, &Frame)],
+        prepared: Option<PreparedControls>,
+    ) -> Result<Image> {
+        StreamDiffusion::process_prepared(self, frame, controls, prepared)
+    }
+
+    fn control_preparer(&self, current: &Frame) -> Result<Option<ControlPreparer>> {
+        StreamDiffusion::control_preparer(self, current)
     }
 
     fn update(&mut self, params: StreamDiffusionParams, transition: Transition) -> Result<Update> {

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use crate::frame::{Frame, Image, PixelFormat};
 use crate::params::{EngineSettings, StreamDiffusionParams, Transition};
+use crate::pipeline::PreparedControls;
 use crate::{Error, Result};
 
 use super::pipeline::{Pipeline, PipelineFactory};
@@ -15,7 +16,7 @@ use super::{EngineOptions, FrameId, Output};
 use crate::status::{Activity, EngineState, params_hash};
 
 /// A picture copied out of the host's memory (rows packed).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct PackedFrame {
     pub(super) width: usize,
     pub(super) height: usize,
@@ -49,8 +50,13 @@ pub(super) struct Job {
 }
 
 impl Job {
-    /// Runs `pipeline` on this job's frame and control images.
-    pub(super) fn process(&self, pipeline: &mut dyn Pipeline) -> Result<Image> {
+    /// Runs `pipeline` on this job's frame and control images (with the images its
+    /// preprocessors made ahead, if any).
+    pub(super) fn process(
+        &self,
+        pipeline: &mut dyn Pipeline,
+        prepared: Option<PreparedControls>,
+    ) -> Result<Image> {
         let frame = self.input.frame()?;
         let controls = self
             .controls
@@ -58,7 +64,7 @@ impl Job {
             .map(|(id, c)| Ok((id.as_str(), c.frame()?)))
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<(&str, &Frame)> = controls.iter().map(|(id, f)| (*id, f)).collect();
-        pipeline.process(&frame, &refs)
+        pipeline.process_prepared(&frame, &refs, prepared)
     }
 }
 
@@ -150,6 +156,8 @@ pub(super) struct Inner {
     pub(super) outputs_dropped: u64,
     pub(super) reload_failures: u64,
     pub(super) builds_superseded: u64,
+    /// Frames whose control images were made ahead, beside the frame before them.
+    pub(super) frames_prepared_ahead: u64,
     pub(super) last_overflow: Option<Instant>,
     pub(super) restart_count: u64,
     pub(super) last_restart_time: Option<u64>,
@@ -188,6 +196,7 @@ impl Inner {
             outputs_dropped: 0,
             reload_failures: 0,
             builds_superseded: 0,
+            frames_prepared_ahead: 0,
             last_overflow: None,
             restart_count: 0,
             last_restart_time: None,

@@ -1140,7 +1140,8 @@ fn spawn_refuses_what_the_pipeline_cannot_run_before_loading_anything() {
     for (patch, field) in [
         (
             serde_json::json!({"controlnets": [{
-                "model_id": "thibaud/controlnet-sd21-depth-diffusers", "preprocessor": "depth"}]}),
+                "model_id": "thibaud/controlnet-sd21-depth-diffusers",
+                "preprocessor": "mediapipe_segmentation"}]}),
             "controlnets[0].preprocessor",
         ),
         (

@@ -14,6 +14,7 @@ use crate::pipeline::stream_diffusion::StageTimings;
 use super::pipeline::{Pipeline, warmup_passes};
 use super::state::{BuildKind, Inner, Job, Ready, Shared, panic_message};
 use super::{DropPolicy, Output};
+use crate::pipeline::PreparedControls;
 use crate::status::epoch_ms;
 
 /// The serving pipeline, as the worker holds it.
@@ -22,6 +23,15 @@ pub(super) struct Live {
     version: u64,
     /// Whether its stream batch has been primed (always true with warm-up off).
     warmed: bool,
+    /// The control images of the next queued frame, being made on a helper thread while this
+    /// pipeline processes the frame before it.
+    lookahead: Option<Lookahead>,
+}
+
+/// A queued frame's control images in the making (see [`start_lookahead`]).
+struct Lookahead {
+    id: crate::engine::FrameId,
+    images: std::thread::JoinHandle<Result<PreparedControls>>,
 }
 
 pub(super) enum Action {
@@ -68,6 +78,7 @@ pub(super) fn worker_loop(shared: &Shared, live: &mut Option<Live>) {
                     pipeline: ready.pipeline,
                     version: ready.version,
                     warmed: ready.warmed || !shared.options.warmup,
+                    lookahead: None,
                 });
                 examined = None;
                 let mut s = shared.lock();
@@ -210,11 +221,21 @@ pub(super) fn run_frame(shared: &Shared, live: &mut Option<Live>, job: Job) {
         warmup_passes(l.pipeline.params())
     };
     l.warmed = true;
+    // This frame's images if they were made ahead (a stale lookahead, for a frame the `latest`
+    // policy dropped, is left to finish on its own), then the next frame's, beside this one.
+    let prepared = match l.lookahead.take() {
+        Some(ahead) if ahead.id == job.id => ahead.images.join().ok().and_then(Result::ok),
+        _ => None,
+    };
+    if prepared.is_some() {
+        shared.lock().frames_prepared_ahead += 1;
+    }
+    start_lookahead(shared, l, &job);
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<(Image, StageTimings)> {
         for _ in 0..passes {
-            job.process(l.pipeline.as_mut())?;
+            job.process(l.pipeline.as_mut(), None)?;
         }
-        let image = job.process(l.pipeline.as_mut())?;
+        let image = job.process(l.pipeline.as_mut(), prepared)?;
         Ok((image, l.pipeline.timings()))
     }));
     let version = l.version;
@@ -257,6 +278,45 @@ pub(super) fn run_frame(shared: &Shared, live: &mut Option<Live>, job: Job) {
     }
     drop(s);
     shared.host.notify_all();
+}
+
+/// Starts making the control images of the next queued frame (if any, and if the pipeline has
+/// preprocessors that can run ahead) on a helper thread, so that they overlap `current`'s
+/// diffusion; the worker takes them when that frame's turn comes. Nothing here can fail the
+/// current frame: a preparer that cannot be made, or images that fail, leave the frame to make
+/// its images itself.
+fn start_lookahead(shared: &Shared, live: &mut Live, current: &Job) {
+    let next = {
+        let s = shared.lock();
+        s.queue.front().map(|job| (job.id, job.input.clone()))
+    };
+    let Some((id, input)) = next else {
+        return;
+    };
+    let preparer = catch_unwind(AssertUnwindSafe(|| {
+        current
+            .input
+            .frame()
+            .and_then(|frame| live.pipeline.control_preparer(&frame))
+    }));
+    let Ok(Ok(Some(preparer))) = preparer else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("sdstream-prepare".into())
+        .spawn(move || {
+            catch_unwind(AssertUnwindSafe(|| preparer.prepare(&input.frame()?))).unwrap_or_else(
+                |panic| {
+                    Err(crate::Error::State(format!(
+                        "preparing control images panicked: {}",
+                        panic_message(panic.as_ref())
+                    )))
+                },
+            )
+        });
+    if let Ok(images) = spawned {
+        live.lookahead = Some(Lookahead { id, images });
+    }
 }
 
 /// A panic inside the pipeline: its state cannot be trusted, so it is discarded (the builder

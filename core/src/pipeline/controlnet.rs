@@ -200,6 +200,114 @@ pub(super) fn attach_controlnets(
     Ok(nets)
 }
 
+/// The preprocessors of a parameter set that can run ahead of their frame — those of enabled,
+/// acting nets that read only the frame (and the previous input): not `external` (the host's
+/// image comes with the frame) nor those reading the previous *output*, which does not exist
+/// yet when the next frame is prepared. Equal fingerprints mean prepared images still apply.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ControlFingerprint {
+    /// The stream's size (width, height).
+    size: (usize, usize),
+    /// (preprocessor, params) of each preparable net, in order, repeated ones once.
+    processors: Vec<(String, serde_json::Map<String, serde_json::Value>)>,
+}
+
+impl ControlFingerprint {
+    /// The fingerprint of `params`; `None` when nothing can be prepared (no such processor,
+    /// or an active `image_preprocessing` chain, which control images are made after).
+    pub(crate) fn of(params: &StreamDiffusionParams) -> Option<Self> {
+        if preprocess::chain_is_active(params.image_preprocessing.as_ref()) {
+            return None;
+        }
+        let steps = params.t_index_list.len();
+        let mut processors: Vec<(String, serde_json::Map<String, serde_json::Value>)> = Vec::new();
+        for config in &params.controlnets {
+            let window = GuidanceWindow {
+                start: config.control_guidance_start,
+                end: config.control_guidance_end,
+            };
+            let acting = config.enabled
+                && config.conditioning_scale != 0.0
+                && (0..steps).any(|i| window.keeps(i, steps));
+            let Ok(processor) = Processor::parse(
+                &config.preprocessor,
+                &config.preprocessor_params,
+                &config.preprocessor,
+                &config.preprocessor,
+            ) else {
+                continue;
+            };
+            let entry = (
+                config.preprocessor.clone(),
+                config.preprocessor_params.clone(),
+            );
+            if acting && processor.runs_ahead() && !processors.contains(&entry) {
+                processors.push(entry);
+            }
+        }
+        (!processors.is_empty()).then_some(Self {
+            size: (params.width as usize, params.height as usize),
+            processors,
+        })
+    }
+}
+
+/// Control images made ahead of their frame ([`ControlPreparer::prepare`]), for
+/// [`StreamDiffusion::process_prepared`](super::stream_diffusion::StreamDiffusion::process_prepared).
+#[derive(Debug)]
+pub struct PreparedControls {
+    pub(crate) fingerprint: ControlFingerprint,
+    /// The count of input frames the stream must have taken for these images to apply.
+    pub(crate) follows: u64,
+    /// (preprocessor, params, image) of each preparable processor.
+    pub(crate) images: Vec<(String, serde_json::Map<String, serde_json::Value>, Tensor)>,
+    /// The time each took.
+    pub(crate) times: ProcessorTimes,
+}
+
+/// What it takes to make a frame's control images on another thread while the stream diffuses
+/// the frame before it: the preparable processors, their networks, and the input the frame
+/// will follow (what temporal processors compare with). `Send`; cheap to make (the networks
+/// are shared).
+#[derive(Debug)]
+pub struct ControlPreparer {
+    pub(crate) fingerprint: ControlFingerprint,
+    pub(crate) networks: ProcessorNetworks,
+    pub(crate) device: candle_core::Device,
+    pub(crate) previous_input: Option<Tensor>,
+    /// The count of input frames the stream will have taken when the prepared frame comes.
+    pub(crate) follows: u64,
+}
+
+impl ControlPreparer {
+    /// The control images of `frame` (resized to the stream's size as the stream does).
+    pub fn prepare(&self, frame: &crate::frame::Frame) -> Result<PreparedControls> {
+        let (width, height) = self.fingerprint.size;
+        let unit = frame
+            .to_tensor(width, height, &self.device)?
+            .affine(0.5, 0.5)?;
+        let inputs = ProcessorInputs {
+            previous_input: self.previous_input.as_ref(),
+            networks: Some(&self.networks),
+            ..Default::default()
+        };
+        let mut times = ProcessorTimes::default();
+        let mut images = Vec::with_capacity(self.fingerprint.processors.len());
+        for (name, params) in &self.fingerprint.processors {
+            let start = std::time::Instant::now();
+            let image = preprocess::apply(name, params, &unit, &inputs)?;
+            times.add(name, start.elapsed());
+            images.push((name.clone(), params.clone(), image));
+        }
+        Ok(PreparedControls {
+            fingerprint: self.fingerprint.clone(),
+            follows: self.follows,
+            images,
+            times,
+        })
+    }
+}
+
 /// What the preprocessors of a frame read besides the frame.
 pub(super) struct ControlInputs<'a> {
     /// The latest host-supplied control image per ControlNet id.
@@ -214,20 +322,30 @@ pub(super) struct ControlInputs<'a> {
 
 /// The ControlNets of `params` (attached as `nets`) that act on this frame, each with its
 /// embedded control image; each preprocessor's time is added to `times`. `input` is the frame
-/// `[1, 3, H, W]` in [0, 1] (`None` for txt2img: only `external` nets act). Disabled nets,
-/// scale-0 nets and nets whose guidance window covers no step are skipped without
+/// `[1, 3, H, W]` in [0, 1] (`None` for txt2img: only `external` nets act); `prepared` holds
+/// images already made for it (the caller checked they belong to these parameters). Disabled
+/// nets, scale-0 nets and nets whose guidance window covers no step are skipped without
 /// preprocessing.
 pub(super) fn control_conditions(
     params: &StreamDiffusionParams,
     nets: &[Arc<ControlNetModel>],
     frame: &ControlInputs<'_>,
     input: Option<&Tensor>,
+    prepared: Option<&PreparedControls>,
     times: &mut ProcessorTimes,
 ) -> Result<Vec<ActiveControlNet>> {
     let steps = params.t_index_list.len();
     let mut active = Vec::new();
     // Nets with the same preprocessor and settings share one control image.
     let mut images: Vec<(&str, &serde_json::Map<String, serde_json::Value>, Tensor)> = Vec::new();
+    if let Some(prepared) = prepared {
+        for (name, params, image) in &prepared.images {
+            images.push((name, params, image.clone()));
+        }
+        for (name, spent) in prepared.times.iter() {
+            times.add(name, spent);
+        }
+    }
     for (config, net) in params.controlnets.iter().zip(nets) {
         if !config.enabled || config.conditioning_scale == 0.0 {
             continue;

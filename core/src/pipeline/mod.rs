@@ -8,3 +8,5 @@ pub mod stream;
 pub mod stream_diffusion;
 mod support;
 pub mod transition;
+
+pub use controlnet::{ControlPreparer, PreparedControls};

@@ -30,7 +30,8 @@ use crate::pipeline::conditioning::{
     PromptCache, build_state, latent_shape, prompt_embedding, seed_noise, step_tensors,
 };
 use crate::pipeline::controlnet::{
-    ActiveControlNet, ControlInputs, attach_controlnets, control_conditions, control_residuals,
+    ActiveControlNet, ControlFingerprint, ControlInputs, ControlPreparer, PreparedControls,
+    attach_controlnets, control_conditions, control_residuals,
 };
 use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
 use crate::pipeline::stream::{AddedText, Conditioning, GuidanceParams, StreamState};
@@ -85,6 +86,11 @@ pub struct StreamDiffusion {
     networks: ProcessorNetworks,
     /// The last processed input frame (after `image_preprocessing`), f32 in [0, 1].
     previous_input: Option<Tensor>,
+    /// How many input frames were taken as `previous_input` (prepared control images name
+    /// the count they follow).
+    inputs_taken: u64,
+    /// Control images made ahead for the frame being processed.
+    prepared: Option<PreparedControls>,
     /// What [`status`](Self::status) reports; kept across reloads.
     report: StreamReport,
     /// Wait for the device at every stage boundary ([`set_stage_sync`](Self::set_stage_sync)).
@@ -231,6 +237,8 @@ impl StreamDiffusion {
             external_controls: HashMap::new(),
             networks,
             previous_input: None,
+            inputs_taken: 0,
+            prepared: None,
             report: StreamReport::default(),
             stage_sync: false,
             prompt_glide: None,
@@ -301,8 +309,47 @@ impl StreamDiffusion {
         frame: &Frame,
         controls: &[(&str, &Frame)],
     ) -> Result<Image> {
+        self.process_prepared(frame, controls, None)
+    }
+
+    /// What makes the control images of the frame that follows `current` on another thread,
+    /// while this stream diffuses `current` ([`ControlPreparer::prepare`], then
+    /// [`process_prepared`](Self::process_prepared)); `None` when the parameters have no
+    /// preprocessor that can run ahead. Costs one conversion of `current`.
+    pub fn control_preparer(&self, current: &Frame) -> Result<Option<ControlPreparer>> {
+        let Some(fingerprint) = ControlFingerprint::of(&self.params) else {
+            return Ok(None);
+        };
+        let (width, height) = self.stream_size();
+        let previous = to_unit(&current.to_tensor(width, height, &self.models.device)?)?;
+        Ok(Some(ControlPreparer {
+            fingerprint,
+            networks: self.networks.clone(),
+            device: self.models.device.clone(),
+            previous_input: Some(previous),
+            follows: self.inputs_taken + 1,
+        }))
+    }
+
+    /// [`process_with_controls`](Self::process_with_controls) with control images made ahead
+    /// by a [`ControlPreparer`] of this stream. They are used only when they still apply: the
+    /// same preprocessors and settings, and made after the input this frame follows (a hot
+    /// change or a frame the similar-image filter skipped in between makes them stale, and the
+    /// images are then made here). The outputs equal those of `process_with_controls`.
+    pub fn process_prepared(
+        &mut self,
+        frame: &Frame,
+        controls: &[(&str, &Frame)],
+        prepared: Option<PreparedControls>,
+    ) -> Result<Image> {
         self.report.activity.frame_in(Instant::now());
+        let prepared = prepared.filter(|p| {
+            p.follows == self.inputs_taken
+                && Some(&p.fingerprint) == ControlFingerprint::of(&self.params).as_ref()
+        });
+        self.prepared = prepared;
         let result = self.run_frame(frame, controls);
+        self.prepared = None;
         let activity = &mut self.report.activity;
         match &result {
             Ok(_) => activity.frame_out(Instant::now(), self.timings),
@@ -406,11 +453,13 @@ impl StreamDiffusion {
             previous_input: self.previous_input.as_ref(),
             networks: &self.networks,
         };
+        let prepared = self.prepared.take();
         let conds = control_conditions(
             &self.params,
             &self.controlnets,
             &frame,
             Some(&unit_input),
+            prepared.as_ref(),
             &mut self.timings.processors,
         )?;
         self.sync_stage()?;
@@ -432,6 +481,7 @@ impl StreamDiffusion {
         self.timings.decode = t1.elapsed();
         self.previous_output = Some(out.clone());
         self.previous_input = Some(unit_input);
+        self.inputs_taken += 1;
         Ok(out)
     }
 
@@ -506,6 +556,7 @@ impl StreamDiffusion {
             &self.params,
             &self.controlnets,
             &frame,
+            None,
             None,
             &mut self.timings.processors,
         )?;

@@ -265,6 +265,13 @@ impl Processor {
         }
     }
 
+    /// Whether the processor's image depends only on its frame (and the previous input), so
+    /// that it can be made ahead of the frame's diffusion: not `external` (the host's image) nor
+    /// `feedback` (the previous output).
+    pub fn runs_ahead(&self) -> bool {
+        !matches!(self, Processor::External | Processor::Feedback(_))
+    }
+
     /// How many times larger than its input the processor's image is (1 but for upscalers).
     pub fn output_scale(&self) -> usize {
         match self {
