@@ -406,6 +406,15 @@ impl ProcessorNetworks {
         Ok(Self { networks })
     }
 
+    /// Networks a host built itself (benchmarks, hosts with their own loading), by request.
+    pub fn from_networks(
+        networks: impl IntoIterator<Item = (NetworkRequest, Arc<Network>)>,
+    ) -> Self {
+        Self {
+            networks: networks.into_iter().collect(),
+        }
+    }
+
     /// Whether every request of `requests` is loaded in `pool` (no disk access).
     pub fn ready(
         requests: impl IntoIterator<Item = NetworkRequest>,
