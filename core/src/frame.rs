@@ -287,7 +287,7 @@ impl<'a> Frame<'a> {
 
 /// `round(x · 255)` with ties to even, clamped to 0..=255 (NaN → 0): numpy's
 /// `(x * 255).round().astype("uint8")` for x in [0, 1].
-fn quantize_unit(x: f32) -> u8 {
+pub(crate) fn quantize_unit(x: f32) -> u8 {
     let v = (x * 255.0).round_ties_even();
     if v.is_nan() {
         0

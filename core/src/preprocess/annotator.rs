@@ -4,13 +4,12 @@
 //! final bilinear resize of Daydream's tensor path.
 //!
 //! Daydream turns its tensor into a PIL image by truncating `255·x`; sdstream rounds instead
-//! (frames arrive as 8-bit pixels, and rounding gets those exact levels back after the float
-//! round trip, where truncation can lose one), as its pixel processors do.
+//! ([`to_u8`]), as its pixel processors do.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::cv_resize::{self, Interpolation};
-use super::planes::Planes;
+use super::planes::{Planes, to_u8};
 use super::resize::resize_rgb8_lanczos;
 use crate::{Error, Result};
 
@@ -40,7 +39,7 @@ impl Rgb8 {
         let mut data = vec![0u8; n * 3];
         for c in 0..3 {
             for (i, &v) in planes.plane(c).iter().enumerate() {
-                data[i * 3 + c] = (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8;
+                data[i * 3 + c] = to_u8(v);
             }
         }
         Ok(Self {

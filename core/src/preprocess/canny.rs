@@ -13,7 +13,7 @@
 //! 1.0 on edges and 0.0 elsewhere, in all three channels.
 
 use super::param_reader::ParamReader;
-use super::planes::Planes;
+use super::planes::{Planes, to_u8};
 use crate::Result;
 
 /// Canny's settings.
@@ -48,14 +48,6 @@ pub fn apply(image: &Planes, params: CannyParams) -> Planes {
         }
     }
     out
-}
-
-/// A [0, 1] value as the 8-bit level it came from: `round(255·v)`, clamped. Daydream truncates
-/// `255·v` (its torch → PIL step); on frames that came from 8-bit pixels both give the original
-/// level, and rounding keeps it when the value went through float arithmetic on the way (our
-/// frames arrive as [−1, 1] and are mapped back).
-fn to_u8(v: f32) -> u8 {
-    (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8
 }
 
 /// The 8-bit grey image `cv2.cvtColor(rgb8, COLOR_RGB2GRAY)` gives: OpenCV's 15-bit fixed point

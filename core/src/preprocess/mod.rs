@@ -1,9 +1,11 @@
 //! Image processors: the ControlNet preprocessors that turn an input frame into a control image,
 //! and the `image_preprocessing` / `image_postprocessing` chains applied to the frame itself.
 //!
-//! Every processor maps a `[1, 3, H, W]` f32 image in [0, 1] to a `[1, 3, H, W]` f32 image in
-//! [0, 1] at the same size (docs/ALGORITHM.md §5). Names, params and defaults are Daydream's
-//! (`streamdiffusion/preprocessing/processors/*.py`); each processor's module documents its own:
+//! Every processor maps a `[1, 3, H, W]` f32 image in [0, 1] to a `[1, C, H, W]` f32 image in
+//! [0, 1] at the same size (docs/ALGORITHM.md §5): C = 3, but for `temporal_net_tensorrt`'s
+//! six channels, and `realesrgan_trt` doubles the size. Names, params and defaults are
+//! Daydream's (`streamdiffusion/preprocessing/processors/*.py`); each processor's module
+//! documents its own:
 //!
 //! | name | module | params (default) |
 //! |---|---|---|
@@ -15,10 +17,20 @@
 //! | `blur` | [`filters`] | `blur_intensity` (2.0), `kernel_size` (15) |
 //! | `sharpen` | [`filters`] | `sharpen_intensity` (1.5), `unsharp_radius` (1.0), `edge_enhancement` (0.5), `detail_boost` (0.3), `noise_reduction` (0.1), `multi_scale` (true) |
 //! | `upscale` | [`upscale`] | `scale_factor` (2.0), `algorithm` ("bilinear") |
+//! | `standard_lineart` | [`standard_lineart`] | `detect_resolution` (512), `gaussian_sigma` (6.0), `intensity_threshold` (8) |
+//! | `hed` | [`hed`] | `safe` (true; no effect, as in Daydream) |
+//! | `lineart` | [`lineart`] | `detect_resolution` (512), `coarse` (true), `anime_style` (false only) |
+//! | `depth_tensorrt`, `depth` | [`depth`] | `detect_resolution` (518), `model_name` (`depth` only: Depth Anything V2 Small only) |
+//! | `pose_tensorrt`, `openpose` | [`pose`] | `detect_resolution` (512), `include_hands`/`include_face` (false only), `confidence_threshold` (0.5; no effect) |
+//! | `temporal_net_tensorrt` | [`temporal_net`] | `height`/`width` (512), `flow_strength` (1.0), `output_format` ("concat") |
+//! | `realesrgan_trt` | [`realesrgan`] | `enable_tensorrt`, `force_rebuild` (no effect) |
 //!
+//! The model-based processors run networks ([`networks`]: which weights, where they are found,
+//! one loaded copy per file, device and dtype for the process) handed to them in
+//! [`ProcessorInputs::networks`]; [`standalone::ImageProcessor`] runs one processor on its own.
 //! Params are checked by type and by the ranges Daydream documents; keys a processor does not
-//! read are ignored, as in Daydream. The model-based processors Daydream also has (depth, pose,
-//! HED, lineart, mediapipe, TensorRT ones) are rejected by [`validate`] as not supported yet.
+//! read are ignored, as in Daydream (`engine_path`, `image_resolution` and the like travel
+//! along). The MediaPipe processors are refused naming what to use instead.
 //!
 //! The chains run in [0, 1]. Daydream hands `image_preprocessing` processors the [−1, 1] tensor
 //! it encodes next, so there its zero-padded blur pads with mid-grey and sharpen's clamp to
@@ -310,7 +322,9 @@ impl Processor {
             Processor::Sharpen(p) => on_host(&|x| filters::sharpen(x, p)),
             Processor::Upscale(p) => on_host(&|x| upscale::apply(x, p)),
             Processor::StandardLineart(p) => {
-                on_host(&|x| to_size(&standard_lineart::apply(x, p), x.height, x.width))
+                let (_, _, h, w) = image.dims4()?;
+                let lines = on_host(&|x| standard_lineart::apply(x, p))?;
+                annotator::to_stream_size(&lines, h, w)
             }
             Processor::RealEsrgan(_) => match network(inputs, NetworkRequest::REAL_ESRGAN_X2)? {
                 Network::RealEsrgan(net) => realesrgan::apply(net, image),
@@ -357,17 +371,6 @@ fn network<'a>(inputs: &ProcessorInputs<'a>, request: NetworkRequest) -> Result<
 /// The error for a network of the wrong kind under a request (a bug, not an input).
 fn wrong_network(processor: &str) -> Error {
     Error::State(format!("{processor}: its network has the wrong kind"))
-}
-
-/// A processor's result at `height × width`: unchanged when it has that size, else resized
-/// with torch's bilinear interpolation (align_corners false), as Daydream's processors end on
-/// their tensor path (`_ensure_target_size_tensor`).
-fn to_size(image: &Planes, height: usize, width: usize) -> Planes {
-    if (image.height, image.width) == (height, width) {
-        image.clone()
-    } else {
-        upscale::resize(image, height, width, upscale::Resample::Bilinear)
-    }
 }
 
 /// `external`: the host's control image for this frame. An error when there is none (the

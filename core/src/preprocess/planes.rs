@@ -7,6 +7,14 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
+/// A [0, 1] value as the 8-bit level it came from: `round(255·v)`, clamped. Daydream truncates
+/// `255·v` (its torch → PIL step); on frames that came from 8-bit pixels both give the original
+/// level, and rounding keeps it when the value went through float arithmetic on the way (our
+/// frames arrive as [−1, 1] and are mapped back).
+pub fn to_u8(v: f32) -> u8 {
+    (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8
+}
+
 /// A `[C, H, W]` f32 image in one buffer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Planes {

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use super::networks::{NetworkPool, ProcessorNetworks};
 use super::{Processor, ProcessorInputs};
-use crate::frame::Frame;
+use crate::frame::{Frame, quantize_unit};
 use crate::params::EngineSettings;
 use crate::{Error, Result};
 
@@ -45,12 +45,7 @@ impl ControlImage {
         let mut data = vec![0u8; plane * channels];
         for c in 0..channels {
             for (i, &v) in planar[c * plane..(c + 1) * plane].iter().enumerate() {
-                let level = (v * 255.0).round_ties_even();
-                data[i * channels + c] = if level.is_nan() {
-                    0
-                } else {
-                    level.clamp(0.0, 255.0) as u8
-                };
+                data[i * channels + c] = quantize_unit(v);
             }
         }
         Ok(Self {

@@ -122,6 +122,38 @@ impl Conv2d {
         })
     }
 
+    /// A convolution with weights the caller computed (`weight` `[C_out, C_in, k, k]`, `bias`
+    /// `[C_out]`), in their dtype.
+    pub fn from_tensors(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: Padding,
+    ) -> candle_core::Result<Self> {
+        let (c_out, _, _, _) = weight.dims4()?;
+        if stride == 0 {
+            candle_core::bail!("conv: stride must be positive");
+        }
+        // As `new`: the CPU GEMM has no bf16 kernel.
+        let weight = if weight.dtype() == DType::BF16 && cpu_kernels(weight.device()) {
+            weight.to_dtype(DType::F32)?
+        } else {
+            weight
+        };
+        let has_bias = bias.is_some();
+        let bias = match bias {
+            Some(b) => b.to_dtype(weight.dtype())?,
+            None => Tensor::zeros(c_out, weight.dtype(), weight.device())?,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            has_bias,
+            stride,
+            padding,
+        })
+    }
+
     /// The dtype the convolution computes in (its weight's; f32 for bf16 layers on the CPU).
     pub fn dtype(&self) -> DType {
         self.weight.dtype()
