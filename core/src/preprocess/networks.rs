@@ -172,6 +172,8 @@ impl NetworkRequest {
 const ANNOTATORS: &str = "lllyasviel/Annotators";
 
 /// A loaded network.
+// Each lives once per process behind an `Arc`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Network {
     /// HED edges.
