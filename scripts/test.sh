@@ -57,6 +57,9 @@ fi
 #      ffmpeg; .ci/run installs it; SDSTREAM_SKIP_FFMPEG=1 skips this step).
 "$webrtc_venv/bin/python" tests/webrtc/scope.py --server "$server_bin" \
   --fixtures tests/fixtures --work "$target_dir/scope-e2e"
+#    - the DJ visualiser's body (five ControlNets fed by pose, soft-edge, canny, depth and colour
+#      processors) on the tiny stand-ins of tests/fixtures/model-root, with aiortc.
+"$webrtc_venv/bin/python" tests/webrtc/dj_body.py --server "$server_bin" --fixtures tests/fixtures
 ffmpeg="${FFMPEG:-ffmpeg}"
 if command -v "$ffmpeg" >/dev/null 2>&1; then
   "$webrtc_venv/bin/python" tests/webrtc/rtmp_hls.py --server "$server_bin" \
