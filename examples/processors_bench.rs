@@ -267,6 +267,26 @@ fn run() -> Result<(), String> {
             ms(times[0])
         );
     }
+    // OpenPose's network alone on what a 512² detection feeds it (184² after the scaling), to
+    // tell the network from the host's resizes, grouping and drawing.
+    if let Ok(Network::BodyPose(net)) = nets.get(NetworkRequest::BODY_POSE) {
+        let input = Tensor::zeros((1, 3, 184, 184), dtype, &device).map_err(|e| e.to_string())?;
+        let mut times = Vec::with_capacity(args.frames);
+        for k in 0..=args.frames {
+            let t = Instant::now();
+            net.forward(&input).map_err(|e| e.to_string())?;
+            device.synchronize().map_err(|e| e.to_string())?;
+            if k > 0 {
+                times.push(t.elapsed());
+            }
+        }
+        times.sort();
+        println!(
+            "OpenPose body network alone at 184x184: median {:.1} ms, best {:.1} ms",
+            ms(times[times.len() / 2]),
+            ms(times[0])
+        );
+    }
     Ok(())
 }
 
