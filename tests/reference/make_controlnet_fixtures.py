@@ -109,25 +109,7 @@ def make_temporal_net() -> None:
     randomize_control_parts(net, 28)
     save_net(net, NET_TEMPORAL)
 
-    pipe = mf.load_sd_pipeline()
-    g = torch.Generator().manual_seed(401)
-    sample = torch.randn(2, 4, 8, 16, generator=g)
-    timesteps = torch.tensor([759, 359], dtype=torch.int64)
-    cond = torch.rand(1, 6, 64, 128, generator=g)
-    ids = pipe.tokenizer(["a photo of a cat", "flowers"], padding="max_length", max_length=77,
-                         truncation=True, return_tensors="pt").input_ids
-    tensors = {"sample": sample, "timesteps": timesteps, "controlnet_cond": cond}
-    with torch.no_grad():
-        embeds = pipe.text_encoder(ids)[0]
-        tensors["encoder_hidden_states"] = embeds
-        net = load_net(NET_TEMPORAL)
-        down, mid = net(sample, timesteps, encoder_hidden_states=embeds,
-                        controlnet_cond=cond.repeat(2, 1, 1, 1), conditioning_scale=1.0,
-                        return_dict=False)
-        for i, d in enumerate(down):
-            tensors[f"t_down_{i:02d}"] = d
-        tensors["t_mid"] = mid
-    mf.save_golden("controlnet_temporal_net.safetensors", tensors)
+    net_residuals("controlnet_temporal_net.safetensors", 401, 6, (("t", NET_TEMPORAL),))
 
 
 def make_nets() -> None:
@@ -158,21 +140,24 @@ def load_net(path: Path):
 # --------------------------------------------------------------------------------------
 
 
-def golden_nets() -> None:
+def net_residuals(golden_name: str, seed: int, channels: int, nets) -> None:
+    """Writes golden/<golden_name>: the inputs (two latent rows, two timesteps, two prompts, a
+    `channels`-channel control image) and each net's residuals, as `<prefix>_down_NN` and
+    `<prefix>_mid` for the (prefix, folder) pairs of `nets`."""
     pipe = mf.load_sd_pipeline()
-    g = torch.Generator().manual_seed(400)
+    g = torch.Generator().manual_seed(seed)
     # 8x16 latents: at 8x8 the deepest level is 1x1, where GroupNorm sees 2 values per group and
     # amplifies float rounding (the tiny fixture's 64 channels in 32 groups); 1x2 keeps it tame.
     sample = torch.randn(2, 4, 8, 16, generator=g)
     timesteps = torch.tensor([759, 359], dtype=torch.int64)
-    cond = torch.rand(1, 3, 64, 128, generator=g)
+    cond = torch.rand(1, channels, 64, 128, generator=g)
     ids = pipe.tokenizer(["a photo of a cat", "flowers"], padding="max_length", max_length=77,
                          truncation=True, return_tensors="pt").input_ids
     tensors = {"sample": sample, "timesteps": timesteps, "controlnet_cond": cond}
     with torch.no_grad():
         embeds = pipe.text_encoder(ids)[0]
         tensors["encoder_hidden_states"] = embeds
-        for name, path in (("a", NET_A), ("b", NET_B)):
+        for name, path in nets:
             net = load_net(path)
             down, mid = net(sample, timesteps, encoder_hidden_states=embeds,
                             controlnet_cond=cond.repeat(2, 1, 1, 1), conditioning_scale=1.0,
@@ -182,7 +167,11 @@ def golden_nets() -> None:
             tensors[f"{name}_mid"] = mid
             print(f"  net {name}: {len(down)} down residuals, std {torch.cat([d.flatten() for d in down]).std():.3f}, "
                   f"mid std {mid.std():.3f}")
-    mf.save_golden("controlnet_net.safetensors", tensors)
+    mf.save_golden(golden_name, tensors)
+
+
+def golden_nets() -> None:
+    net_residuals("controlnet_net.safetensors", 400, 3, (("a", NET_A), ("b", NET_B)))
 
 
 # --------------------------------------------------------------------------------------
