@@ -268,21 +268,36 @@ fn passthrough_and_external() {
 fn validation_names_the_field_and_the_rule() {
     let f = "controlnets[1].preprocessor";
     for name in preprocess::SUPPORTED_PROCESSORS {
-        preprocess::validate(name, &Map::new(), f).unwrap();
+        let checked = preprocess::validate(name, &Map::new(), f);
+        if *name == "realesrgan_trt" {
+            // An upscaler is no ControlNet preprocessor (the control image has the frame's size).
+            let err = checked.unwrap_err().to_string();
+            assert!(
+                err.contains(f) && err.contains("image_postprocessing"),
+                "{err}"
+            );
+        } else {
+            checked.unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
-    for name in [
-        "depth",
-        "openpose",
-        "hed",
-        "lineart",
-        "mediapipe_pose",
-        "realesrgan_trt",
-    ] {
+    for name in ["mediapipe_pose", "mediapipe_segmentation"] {
         let err = preprocess::validate(name, &Map::new(), f)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains(f) && err.contains("not supported yet by sdstream") && err.contains(name),
+            err.contains(f) && err.contains("not available in sdstream") && err.contains(name),
+            "{err}"
+        );
+    }
+    for (name, p, key) in [
+        ("lineart", json!({"anime_style": true}), "anime_style"),
+        ("openpose", json!({"include_face": true}), "include_face"),
+    ] {
+        let err = preprocess::validate(name, &params(p), f)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("{f}.params.{key}")) && err.contains("not supported yet"),
             "{err}"
         );
     }
@@ -546,9 +561,14 @@ mod stream {
     fn unsupported_or_invalid_processors_are_rejected_naming_the_field() {
         let cases = [
             (
-                json!({"image_preprocessing": chain("depth", json!({}))}),
+                json!({"image_preprocessing": chain("mediapipe_segmentation", json!({}))}),
                 "image_preprocessing.processors[0]",
-                "not supported yet",
+                "not available",
+            ),
+            (
+                json!({"image_preprocessing": chain("realesrgan_trt", json!({}))}),
+                "image_preprocessing.processors[0]",
+                "only image_postprocessing",
             ),
             (
                 json!({"image_postprocessing": {"processors": [
