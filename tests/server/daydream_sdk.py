@@ -166,7 +166,7 @@ def run(base, summary):
     try:
         dd.streams.create_stream(request={"pipeline": "streamdiffusion", "params": {
             "model_id": MODEL, "controlnets": [{"model_id": "thibaud/controlnet-sd21-depth-diffusers",
-                                                "conditioning_scale": 0.5, "preprocessor": "depth",
+                                                "conditioning_scale": 0.5, "preprocessor": "mediapipe_pose",
                                                 "enabled": True}]}})
         check(False, "an unsupported preprocessor was accepted")
     except errors.DaydreamDefaultError as e:
