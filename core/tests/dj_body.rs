@@ -221,8 +221,12 @@ fn a_switch_to_a_model_processor_loads_its_network_beside_the_serving_stream() {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         engine.process(frame(&data)).expect("frames keep flowing");
-        let status = engine.status();
-        if status.serving_params_version == Some(version) {
+        if engine.status().serving_params_version == Some(version) {
+            // The switch happens between two frames: the frame after it runs hed.
+            engine
+                .process(frame(&data))
+                .expect("a frame after the switch");
+            let status = engine.status();
             assert!(
                 status.processor_ms.contains_key("hed"),
                 "{:?}",
