@@ -267,14 +267,16 @@ pub(super) fn run_pump(shared: &Shared) {
             }
         }
         for sink in sinks {
+            // The stats are held across the (non-blocking) send, so a reader that has the
+            // frame also sees it counted.
+            let mut s = shared.stats();
             match sink.try_send(frame.clone()) {
                 Ok(()) => {
-                    let mut s = shared.stats();
                     s.counters.frames_to_sinks += 1;
                     s.sink_delivery.record(received.elapsed());
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    shared.stats().counters.frames_dropped_for_sinks += 1;
+                    s.counters.frames_dropped_for_sinks += 1;
                     shared.keyframe_wanted.store(true, Ordering::Release);
                 }
                 // Unsubscribed meanwhile.
