@@ -46,5 +46,5 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use frame::{Frame, Image, PixelFormat};
 pub use params::{EngineSettings, StreamDiffusionParams, Update, UpdateKind, classify};
-pub use pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
+pub use pipeline::stream_diffusion::{SafetyFrame, StageTimings, StreamDiffusion};
 pub use preprocess::standalone::{ControlImage, ImageProcessor};

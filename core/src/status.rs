@@ -162,6 +162,12 @@ pub struct EngineStatus {
     /// while the frame before them diffused.
     #[serde(default)]
     pub frames_prepared_ahead: u64,
+    /// Outputs the safety checker looked at (`use_safety_checker`).
+    #[serde(default)]
+    pub safety_frames_checked: u64,
+    /// Outputs it flagged and replaced by black.
+    #[serde(default)]
+    pub safety_frames_flagged: u64,
 }
 
 /// The frame and error counters both reports share, kept where frames are processed.
@@ -178,6 +184,8 @@ pub(crate) struct Activity {
     pub(crate) last_output_time: Option<u64>,
     pub(crate) last_failure: Option<Instant>,
     pub(crate) timings: StageTimings,
+    pub(crate) safety_frames_checked: u64,
+    pub(crate) safety_frames_flagged: u64,
     pub(crate) input_meter: RateMeter,
     pub(crate) output_meter: RateMeter,
 }
@@ -197,6 +205,8 @@ impl Activity {
             last_output_time: None,
             last_failure: None,
             timings: StageTimings::default(),
+            safety_frames_checked: 0,
+            safety_frames_flagged: 0,
             input_meter: RateMeter::new(fps_window),
             output_meter: RateMeter::new(fps_window),
         }
@@ -216,6 +226,10 @@ impl Activity {
         self.output_meter.record(now);
         self.last_output_time = Some(epoch_ms());
         self.timings = timings;
+        if timings.safety.checked {
+            self.safety_frames_checked += 1;
+            self.safety_frames_flagged += u64::from(timings.safety.flagged);
+        }
     }
 
     /// A frame failed with `message`.
@@ -272,6 +286,8 @@ impl Activity {
             reload_failures: 0,
             builds_superseded: 0,
             frames_prepared_ahead: 0,
+            safety_frames_checked: self.safety_frames_checked,
+            safety_frames_flagged: self.safety_frames_flagged,
         }
     }
 }

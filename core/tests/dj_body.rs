@@ -125,7 +125,9 @@ fn the_dj_body_streams_through_the_stream_and_the_engine() {
             status.processor_ms
         );
     }
-    assert_eq!(status.processor_ms.len(), 5, "{:?}", status.processor_ms);
+    // The five processors and the safety checker (on by default; the tiny pipeline carries one).
+    assert!(status.processor_ms.contains_key("safety_checker"));
+    assert_eq!(status.processor_ms.len(), 6, "{:?}", status.processor_ms);
 
     // The engine computes the same frames, byte for byte, and reports the same processors.
     let options = EngineOptions {
@@ -145,6 +147,7 @@ fn the_dj_body_streams_through_the_stream_and_the_engine() {
         status.processor_ms.keys().collect::<Vec<_>>(),
         {
             let mut names = DJ_PROCESSORS.to_vec();
+            names.push("safety_checker");
             names.sort_unstable();
             names
         }
@@ -163,7 +166,11 @@ fn the_dj_body_streams_through_the_stream_and_the_engine() {
         plain_out = plain.process(&frame(data)).unwrap().data;
     }
     assert!(
-        plain.timings().processors.iter().count() == 0,
+        plain
+            .timings()
+            .processors
+            .iter()
+            .all(|(name, _)| name == "safety_checker"),
         "scale-0 nets run no processor"
     );
     let moved = mean_levels(&plain_out, want.last().unwrap());

@@ -578,9 +578,9 @@ mod stream {
                 "out of range",
             ),
             (
-                json!({"latent_preprocessing": chain("latent_feedback", json!({}))}),
-                "latent_preprocessing",
-                "not supported yet",
+                json!({"latent_preprocessing": chain("latent_feedback", json!({"feedback_strength": 1.5}))}),
+                "latent_preprocessing.processors[0].params.feedback_strength",
+                "out of range",
             ),
         ];
         for (extra, field, what) in cases {

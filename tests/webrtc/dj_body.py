@@ -120,7 +120,11 @@ async def run(base, stream, frames, timeout, summary):
     summary["frames_processed"] = status["frames_processed"]
     for name in PROCESSORS:
         check(ms.get(name, 0) > 0, f"status: {name} ran ({ms.get(name)} ms in the last frame)")
-    check(set(ms) == set(PROCESSORS), f"status: exactly the five processors ran: {sorted(ms)}")
+    check(set(ms) == set(PROCESSORS) | {"safety_checker"},
+          f"status: exactly the five processors and the safety checker (on by default) ran: {sorted(ms)}")
+    check(status.get("safety_frames_checked", 0) >= 3 and status.get("safety_frames_flagged") == 0,
+          f"status: the safety checker saw the frames and flagged none "
+          f"({status.get('safety_frames_checked')}, {status.get('safety_frames_flagged')})")
     check(status["last_error"] is None, f"no error: {status['last_error']}")
     check(status["frames_failed"] == 0, "no frame failed")
 

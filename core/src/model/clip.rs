@@ -166,7 +166,7 @@ impl Config {
 
 /// The MLP activations transformers' `ACT2FN` offers that CLIP checkpoints use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Activation {
+pub(crate) enum Activation {
     /// `x·σ(1.702x)`, OpenAI CLIP's approximation.
     QuickGelu,
     /// Exact GELU through erf.
@@ -178,7 +178,7 @@ enum Activation {
 }
 
 impl Activation {
-    fn parse(name: &str) -> Result<Self> {
+    pub(crate) fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "quick_gelu" => Self::QuickGelu,
             "gelu" => Self::GeluErf,
@@ -221,22 +221,22 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
-        let dim = cfg.hidden_size;
-        let head_dim = dim / cfg.num_attention_heads;
+    fn new(dim: usize, num_heads: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let head_dim = dim / num_heads;
         Ok(Self {
             q_proj: candle_nn::linear(dim, dim, vb.pp("q_proj"))?,
             k_proj: candle_nn::linear(dim, dim, vb.pp("k_proj"))?,
             v_proj: candle_nn::linear(dim, dim, vb.pp("v_proj"))?,
             out_proj: candle_nn::linear(dim, dim, vb.pp("out_proj"))?,
-            num_heads: cfg.num_attention_heads,
+            num_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
         })
     }
 
-    /// `xs`: [B, S, D]; `mask`: [S, S] additive (0 on and below the diagonal, −∞ above).
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `xs`: [B, S, D]; `mask`: [S, S] additive (the text model's causal mask: 0 on and below
+    /// the diagonal, −∞ above), none for the vision tower.
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, s, d) = xs.dims3()?;
         // [B, S, D] -> [B, H, S, Dh]
         let heads = |t: Tensor| {
@@ -247,7 +247,11 @@ impl SelfAttention {
         let q = heads(self.q_proj.forward(xs)?)?;
         let k = heads(self.k_proj.forward(xs)?)?;
         let v = heads(self.v_proj.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
         // transformers takes the softmax in f32 whatever the model dtype.
         let dtype = scores.dtype();
         let probs =
@@ -257,9 +261,9 @@ impl SelfAttention {
     }
 }
 
-/// One pre-LayerNorm transformer layer.
+/// One pre-LayerNorm transformer layer (the text and the vision towers share it).
 #[derive(Debug, Clone)]
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: SelfAttention,
     layer_norm2: LayerNorm,
@@ -269,20 +273,29 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &Config, activation: Activation, vb: VarBuilder) -> candle_core::Result<Self> {
-        let (dim, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+    /// A layer of width `sizes.0` with `sizes.1` heads and an MLP of `sizes.2`.
+    pub(crate) fn new(
+        (dim, num_heads, intermediate): (usize, usize, usize),
+        eps: f64,
+        activation: Activation,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let mlp = vb.pp("mlp");
         Ok(Self {
             layer_norm1: LayerNorm::new(dim, eps, vb.pp("layer_norm1"))?,
-            self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: SelfAttention::new(dim, num_heads, vb.pp("self_attn"))?,
             layer_norm2: LayerNorm::new(dim, eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(dim, cfg.intermediate_size, mlp.pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, dim, mlp.pp("fc2"))?,
+            fc1: candle_nn::linear(dim, intermediate, mlp.pp("fc1"))?,
+            fc2: candle_nn::linear(intermediate, dim, mlp.pp("fc2"))?,
             activation,
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let attn = self
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, mask)?;
@@ -350,7 +363,18 @@ impl ClipTextModel {
             .pp("position_embedding")
             .get((config.max_position_embeddings, dim), "weight")?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::new(config, activation, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| {
+                EncoderLayer::new(
+                    (
+                        config.hidden_size,
+                        config.num_attention_heads,
+                        config.intermediate_size,
+                    ),
+                    config.layer_norm_eps,
+                    activation,
+                    vb.pp(format!("encoder.layers.{i}")),
+                )
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_layer_norm =
             LayerNorm::new(dim, config.layer_norm_eps, vb.pp("final_layer_norm"))?;
@@ -430,7 +454,7 @@ impl ClipTextModel {
         let mut xs = self.embed(input_ids)?;
         let mask = self.mask_for(&xs)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs, Some(&mask))?;
         }
         Ok(self.final_layer_norm.forward(&xs)?)
     }
@@ -446,7 +470,7 @@ impl ClipTextModel {
         let mut penultimate = xs.clone();
         for layer in &self.layers {
             penultimate = xs;
-            xs = layer.forward(&penultimate, &mask)?;
+            xs = layer.forward(&penultimate, Some(&mask))?;
         }
         Ok((self.final_layer_norm.forward(&xs)?, penultimate))
     }

@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod clip;
+pub mod clip_vision;
 pub mod controlnet;
 pub mod cuda_graph;
 pub mod depth_anything;
@@ -20,6 +21,7 @@ pub mod openpose_body;
 pub mod pool;
 pub mod raft;
 pub mod rrdbnet;
+pub mod safety_checker;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;

@@ -37,7 +37,10 @@ use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
 use crate::pipeline::stream::{AddedText, Conditioning, GuidanceParams, StreamState};
 pub(crate) use crate::pipeline::support::{check_control_ids, check_supported};
 use crate::pipeline::transition::{Glide, TransitionProgress};
-use crate::preprocess::networks::{NetworkPool, ProcessorNetworks};
+use crate::preprocess::latent::LatentChain;
+use crate::preprocess::networks::{
+    Network, NetworkKind, NetworkPool, NetworkRequest, ProcessorNetworks,
+};
 use crate::preprocess::{self, ProcessorInputs, ProcessorTimes};
 use crate::sampling::rng::TorchGenerator;
 use crate::status::{Activity, EngineState, EngineStatus, epoch_ms, params_hash};
@@ -61,8 +64,23 @@ pub struct StageTimings {
     /// The whole call.
     pub total: Duration,
     /// Each image processor's share: the ControlNets' preprocessors (inside `controlnet`) and
-    /// the `image_preprocessing` / `image_postprocessing` chains.
+    /// the `image_preprocessing` / `image_postprocessing` chains; also `latent_feedback` and
+    /// `safety_checker`.
     pub processors: ProcessorTimes,
+    /// What the safety checker made of the frame.
+    pub safety: SafetyFrame,
+}
+
+/// The safety checker's part in one frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SafetyFrame {
+    /// Whether the checker ran on this frame (it is on, and the frame was not skipped).
+    pub checked: bool,
+    /// Whether the frame was flagged (and replaced by black). A skipped frame repeats the
+    /// previous output and its verdict.
+    pub flagged: bool,
+    /// The highest concept score (diffusers' rule flags above 0 at the default threshold).
+    pub max_concept_score: f32,
 }
 
 /// A running StreamDiffusion stream over one loaded checkpoint.
@@ -99,6 +117,15 @@ pub struct StreamDiffusion {
     prompt_glide: Option<Glide>,
     /// The seed noise gliding to a new seed's.
     noise_glide: Option<Glide>,
+    /// `latent_preprocessing`, run on the noised input latent.
+    latent_pre: LatentChain,
+    /// `latent_postprocessing`, run on the x̂₀ that leaves the stream batch.
+    latent_post: LatentChain,
+    /// The previous frame's x̂₀ after `latent_postprocessing` (Daydream's `prev_latent_result`),
+    /// what `latent_feedback` blends with.
+    previous_latent: Option<Tensor>,
+    /// The safety checker, while `use_safety_checker` is on.
+    safety_checker: Option<Arc<Network>>,
 }
 
 /// The counters behind a stream's status report.
@@ -211,6 +238,13 @@ impl StreamDiffusion {
             eprintln!("sdstream: {line}")
         })?;
         let networks = load_networks(&models, &params, &settings)?;
+        let safety_checker = load_safety_checker(&models, &params, &settings)?;
+        let latent_pre =
+            LatentChain::new(params.latent_preprocessing.as_ref(), "latent_preprocessing")?;
+        let latent_post = LatentChain::new(
+            params.latent_postprocessing.as_ref(),
+            "latent_postprocessing",
+        )?;
         let filter = params.enable_similar_image_filter.then(|| {
             (
                 SimilarImageFilter::new(
@@ -243,6 +277,10 @@ impl StreamDiffusion {
             stage_sync: false,
             prompt_glide: None,
             noise_glide: None,
+            latent_pre,
+            latent_post,
+            previous_latent: None,
+            safety_checker,
         })
     }
 
@@ -441,7 +479,13 @@ impl StreamDiffusion {
             if filter.decide(x, u)? == FilterDecision::Skip
                 && let Some(previous) = &self.previous_output
             {
-                return Ok(previous.clone());
+                // The previous output again, with its verdict (no second check).
+                self.timings.safety.checked = false;
+                return Ok(if self.timings.safety.flagged {
+                    previous.zeros_like()?
+                } else {
+                    previous.clone()
+                });
             }
         }
         self.advance_transition()?;
@@ -468,21 +512,59 @@ impl StreamDiffusion {
         let t0 = Instant::now();
         let z = self.models.autoencoder.encode(&x, &mut self.generator)?;
         let x_new = self.state.add_first_noise(&z)?;
+        let x_new = self.latent_pre.apply(
+            &x_new,
+            self.previous_latent.as_ref(),
+            &mut self.timings.processors,
+        )?;
         self.sync_stage()?;
         let encode = t0.elapsed();
         let x0 = self.denoise(&x_new, &conds)?;
+        let x0 = self.latent_postprocessing(&x0)?;
         self.timings.controlnet += control_prep;
         let t1 = Instant::now();
         let image = self.models.autoencoder.decode(&x0)?;
         let out = crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)?;
         let out = self.image_postprocessing(&out)?;
+        let shown = self.safety_check(&out)?;
         self.sync_stage()?;
         self.timings.encode = encode;
         self.timings.decode = t1.elapsed();
-        self.previous_output = Some(out.clone());
+        // Feedback and the filter's repeats see the generated picture, as Daydream's
+        // `prev_image_result` (its checker runs on the way out).
+        self.previous_output = Some(out);
         self.previous_input = Some(unit_input);
         self.inputs_taken += 1;
-        Ok(out)
+        Ok(shown)
+    }
+
+    /// Runs the safety checker (when on) on an output in [0, 1]: black in its place when
+    /// flagged; records the verdict and the time.
+    fn safety_check(&mut self, out: &Tensor) -> Result<Tensor> {
+        let Some(net) = &self.safety_checker else {
+            self.timings.safety = SafetyFrame::default();
+            return Ok(out.clone());
+        };
+        let Network::SafetyChecker(checker) = net.as_ref() else {
+            return Err(Error::State(
+                "the safety checker slot holds another network".into(),
+            ));
+        };
+        let start = Instant::now();
+        let verdict = checker.check(out, self.params.safety_checker_threshold)?;
+        self.timings
+            .processors
+            .add("safety_checker", start.elapsed());
+        self.timings.safety = SafetyFrame {
+            checked: true,
+            flagged: verdict.flagged,
+            max_concept_score: verdict.max_concept_score(),
+        };
+        if verdict.flagged {
+            Ok(out.zeros_like()?)
+        } else {
+            Ok(out.clone())
+        }
     }
 
     /// Runs `image_preprocessing` on an input `[1, 3, H, W]` in [−1, 1]: the chain works in
@@ -561,8 +643,22 @@ impl StreamDiffusion {
             &mut self.timings.processors,
         )?;
         let x0 = self.denoise(latent, &conds)?;
+        let x0 = self.latent_postprocessing(&x0)?;
         let image = self.models.autoencoder.decode(&x0)?;
-        crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)
+        let out = crate::pipeline::stream::to_unit_range(&image.to_dtype(DType::F32)?)?;
+        self.safety_check(&out)
+    }
+
+    /// Runs `latent_postprocessing` on x̂₀ and keeps the result as the previous latent (what
+    /// Daydream keeps as `prev_latent_result`, after its post hooks).
+    fn latent_postprocessing(&mut self, x0: &Tensor) -> Result<Tensor> {
+        let x0 = self.latent_post.apply(
+            x0,
+            self.previous_latent.as_ref(),
+            &mut self.timings.processors,
+        )?;
+        self.previous_latent = Some(x0.clone());
+        Ok(x0)
     }
 
     /// Moves the glides in progress one frame on (a frame the similar-image filter skips does
@@ -723,9 +819,16 @@ impl StreamDiffusion {
                     &mut |line| eprintln!("sdstream: {line}"),
                 )?;
                 let networks = load_networks(&self.models, &params, &self.settings)?;
+                let safety_checker = if params.use_safety_checker == self.params.use_safety_checker
+                {
+                    self.safety_checker.clone()
+                } else {
+                    load_safety_checker(&self.models, &params, &self.settings)?
+                };
                 self.apply_hot(params, update.hot_changes(), transition)?;
                 self.controlnets = controlnets;
                 self.networks = networks;
+                self.safety_checker = safety_checker;
                 let ids: Vec<&str> = self
                     .params
                     .controlnets
@@ -845,6 +948,22 @@ impl StreamDiffusion {
         } else {
             (None, None)
         };
+        let latent_pre = if touched(|c| matches!(c, HotChange::LatentPreprocessing)) {
+            Some(
+                self.latent_pre
+                    .reconfigured(params.latent_preprocessing.as_ref(), "latent_preprocessing")?,
+            )
+        } else {
+            None
+        };
+        let latent_post = if touched(|c| matches!(c, HotChange::LatentPostprocessing)) {
+            Some(self.latent_post.reconfigured(
+                params.latent_postprocessing.as_ref(),
+                "latent_postprocessing",
+            )?)
+        } else {
+            None
+        };
         let prompt_glide = match (&cond, glide) {
             (Some(cond), true) => {
                 let mut from = vec![self.conditioning.cond.clone()];
@@ -858,6 +977,12 @@ impl StreamDiffusion {
             _ => None,
         };
         self.params = params;
+        if let Some(chain) = latent_pre {
+            self.latent_pre = chain;
+        }
+        if let Some(chain) = latent_post {
+            self.latent_post = chain;
+        }
         if let Some(state) = state {
             self.state = state;
         }
@@ -890,6 +1015,12 @@ impl StreamDiffusion {
         Ok(())
     }
 
+    /// The last frame's output latent: x̂₀ after `latent_postprocessing`, `[1, C, h, w]` in the
+    /// models' dtype (what the decoder took, and what `latent_feedback` blends with next).
+    pub fn last_latent(&self) -> Option<&Tensor> {
+        self.previous_latent.as_ref()
+    }
+
     /// The current stream state (buffers and noise), for diagnostics and tests.
     pub fn state(&self) -> &StreamState {
         &self.state
@@ -917,6 +1048,51 @@ fn load_networks(
         &models.device,
         &mut |line| eprintln!("sdstream: {line}"),
     )
+}
+
+/// The safety checker `params` asks for: the pipeline folder's own `safety_checker/` (diffusers'
+/// layout, as SD 1.5 repositories ship it), else `CompVis/stable-diffusion-safety-checker`
+/// resolved like a model; none when `use_safety_checker` is off.
+fn load_safety_checker(
+    models: &StableDiffusionModels,
+    params: &StreamDiffusionParams,
+    settings: &EngineSettings,
+) -> Result<Option<Arc<Network>>> {
+    if !params.use_safety_checker {
+        return Ok(None);
+    }
+    let pool = NetworkPool::global();
+    let mut progress = |line: &str| eprintln!("sdstream: {line}");
+    let own = models.dir.join("safety_checker");
+    let net = if own.join("config.json").is_file() {
+        pool.get_path(
+            NetworkKind::SafetyChecker,
+            &own,
+            models.dtype,
+            &models.device,
+            &mut progress,
+        )?
+    } else {
+        pool.get(
+            NetworkRequest::SAFETY_CHECKER,
+            &settings.hub_options(),
+            models.dtype,
+            &models.device,
+            &mut progress,
+        )
+        .map_err(|e| match e {
+            Error::ModelNotFound { id, detail } => Error::ModelNotFound {
+                id,
+                detail: format!(
+                    "{detail}. The safety checker is on (`use_safety_checker`, true by default \
+                     as in Daydream) and the model folder has no safety_checker/: provide \
+                     these weights, or set use_safety_checker to false"
+                ),
+            },
+            other => other,
+        })?
+    };
+    Ok(Some(net))
 }
 
 /// [−1, 1] → [0, 1] in f32 (control images live in [0, 1]).

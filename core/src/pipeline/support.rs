@@ -36,14 +36,14 @@ pub(crate) fn check_supported(params: &StreamDiffusionParams) -> Result<()> {
         "image_postprocessing",
         true,
     )?;
-    for (field, block) in [
-        ("latent_preprocessing", &params.latent_preprocessing),
-        ("latent_postprocessing", &params.latent_postprocessing),
-    ] {
-        if preprocess::chain_is_active(block.as_ref()) {
-            return not_yet(field, "Latent processors");
-        }
-    }
+    preprocess::latent::validate_chain(
+        params.latent_preprocessing.as_ref(),
+        "latent_preprocessing",
+    )?;
+    preprocess::latent::validate_chain(
+        params.latent_postprocessing.as_ref(),
+        "latent_postprocessing",
+    )?;
     if params.skip_diffusion {
         return not_yet("skip_diffusion", "skip_diffusion (processors only)");
     }

@@ -46,6 +46,7 @@ pub mod feedback;
 pub mod filters;
 pub mod flow_image;
 pub mod hed;
+pub mod latent;
 pub mod lineart;
 pub mod networks;
 pub mod openpose;
@@ -110,20 +111,34 @@ pub struct ProcessorInputs<'a> {
     pub networks: Option<&'a ProcessorNetworks>,
 }
 
+/// The names [`ProcessorTimes`] counts after the image processors: the latent processors and
+/// the safety checker, which the status reports beside them.
+const OTHER_TIMED: [&str; 2] = ["latent_feedback", "safety_checker"];
+
+const TIMED: usize = IMAGE_PROCESSORS.len() + OTHER_TIMED.len();
+
+/// The position of `name` among the timed names.
+fn timed_index(name: &str) -> Option<usize> {
+    IMAGE_PROCESSORS
+        .iter()
+        .chain(&OTHER_TIMED)
+        .position(|n| *n == name)
+}
+
 /// Time spent in each processor during one frame, by name (Daydream's processor names,
-/// [`IMAGE_PROCESSORS`]); a processor that ran several times (two chains, two settings) sums,
-/// and the runs are counted.
+/// [`IMAGE_PROCESSORS`], then `latent_feedback` and `safety_checker`); a processor that ran
+/// several times (two chains, two settings) sums, and the runs are counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcessorTimes {
-    spent: [Option<Duration>; IMAGE_PROCESSORS.len()],
-    runs: [u32; IMAGE_PROCESSORS.len()],
+    spent: [Option<Duration>; TIMED],
+    runs: [u32; TIMED],
 }
 
 impl ProcessorTimes {
     /// Adds a run of `elapsed` to processor `name` (names outside the catalogue are not
     /// counted).
     pub fn add(&mut self, name: &str, elapsed: Duration) {
-        if let Some(i) = IMAGE_PROCESSORS.iter().position(|n| *n == name) {
+        if let Some(i) = timed_index(name) {
             let slot = &mut self.spent[i];
             *slot = Some(slot.unwrap_or_default() + elapsed);
             self.runs[i] += 1;
@@ -132,24 +147,21 @@ impl ProcessorTimes {
 
     /// How many times processor `name` ran.
     pub fn runs(&self, name: &str) -> u32 {
-        IMAGE_PROCESSORS
-            .iter()
-            .position(|n| *n == name)
-            .map_or(0, |i| self.runs[i])
+        timed_index(name).map_or(0, |i| self.runs[i])
     }
 
     /// Each processor that ran, with its time, in catalogue order.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, Duration)> + '_ {
         IMAGE_PROCESSORS
             .iter()
+            .chain(&OTHER_TIMED)
             .zip(&self.spent)
             .filter_map(|(name, spent)| spent.map(|d| (*name, d)))
     }
 
     /// The time of processor `name` (`None` when it did not run).
     pub fn get(&self, name: &str) -> Option<Duration> {
-        let i = IMAGE_PROCESSORS.iter().position(|n| *n == name)?;
-        self.spent[i]
+        self.spent[timed_index(name)?]
     }
 }
 

@@ -29,6 +29,7 @@ use crate::model::lineart::{self, LineartGenerator};
 use crate::model::openpose_body::{self, BodyPoseNet};
 use crate::model::raft::{self, Raft};
 use crate::model::rrdbnet::{self, RrdbNet};
+use crate::model::safety_checker::{self, SafetyChecker};
 use crate::model::{open_component, open_weights};
 use crate::{Error, Result};
 
@@ -47,6 +48,9 @@ pub enum NetworkKind {
     Raft,
     /// Real-ESRGAN's RRDB upscaler ([`crate::model::rrdbnet`]).
     RealEsrgan,
+    /// The Stable Diffusion safety checker ([`crate::model::safety_checker`]), a transformers
+    /// checkpoint folder.
+    SafetyChecker,
 }
 
 impl NetworkKind {
@@ -59,13 +63,17 @@ impl NetworkKind {
             NetworkKind::DepthAnything => "Depth Anything",
             NetworkKind::Raft => "RAFT optical flow",
             NetworkKind::RealEsrgan => "Real-ESRGAN",
+            NetworkKind::SafetyChecker => "safety checker",
         }
     }
 
     /// Whether the network is a transformers checkpoint folder (`config.json` and
     /// `<stem>.safetensors`) rather than one weights file.
     fn is_folder(self) -> bool {
-        self == NetworkKind::DepthAnything
+        matches!(
+            self,
+            NetworkKind::DepthAnything | NetworkKind::SafetyChecker
+        )
     }
 }
 
@@ -119,6 +127,13 @@ impl NetworkRequest {
         kind: NetworkKind::Raft,
         repo: "torchvision/raft_small",
         stem: "raft_small_C_T_V2-01064c6d",
+    };
+    /// The Stable Diffusion safety checker (`config.json`, `model.safetensors`), for
+    /// pipelines whose folder carries no `safety_checker/` of their own.
+    pub const SAFETY_CHECKER: Self = Self {
+        kind: NetworkKind::SafetyChecker,
+        repo: "CompVis/stable-diffusion-safety-checker",
+        stem: "model",
     };
     /// `RealESRGAN_x2.pth` of `ai-forever/Real-ESRGAN`.
     pub const REAL_ESRGAN_X2: Self = Self {
@@ -188,6 +203,8 @@ pub enum Network {
     Raft(Raft),
     /// Real-ESRGAN.
     RealEsrgan(RrdbNet),
+    /// The safety checker.
+    SafetyChecker(SafetyChecker),
 }
 
 impl Network {
@@ -238,6 +255,21 @@ impl Network {
                 device,
                 lineart::Config::from_shapes,
                 LineartGenerator::new,
+            )?),
+            NetworkKind::SafetyChecker => Network::SafetyChecker(open_component(
+                path,
+                "model",
+                dtype,
+                device,
+                safety_checker::tolerated_unused,
+                |config: &safety_checker::Config| {
+                    config.validate().map_err(|e| Error::UnsupportedConfig {
+                        model: "safety checker".into(),
+                        option: "config.json".into(),
+                        detail: e.to_string(),
+                    })
+                },
+                |config, vb| SafetyChecker::new(config, vb),
             )?),
             NetworkKind::RealEsrgan => Network::RealEsrgan(open_weights(
                 path,
@@ -339,9 +371,40 @@ impl NetworkPool {
             return Ok(net);
         }
         let path = request.resolve(hub)?;
+        let net = self.load_file(request.kind, &path, dtype, device, progress)?;
+        self.lock().insert(
+            Self::request_key(request, hub, dtype, device),
+            Arc::downgrade(&net),
+        );
+        Ok(net)
+    }
+
+    /// The network `kind` at `path` (a weights file, or a checkpoint folder for the folder
+    /// kinds), loaded unless some holder keeps it.
+    pub fn get_path(
+        &self,
+        kind: NetworkKind,
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Arc<Network>> {
+        let _loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
+        self.load_file(kind, path, dtype, device, progress)
+    }
+
+    /// Loads (or finds) the network at `path`; the caller holds `loading`.
+    fn load_file(
+        &self,
+        kind: NetworkKind,
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Arc<Network>> {
         let file_key = PoolKey::File {
-            kind: request.kind,
-            path: crate::model::bundle::canonical(&path),
+            kind,
+            path: crate::model::bundle::canonical(path),
             dtype,
             device: device_key(device),
         };
@@ -352,13 +415,13 @@ impl NetworkPool {
                 let start = Instant::now();
                 progress(&format!(
                     "loading the {} network from {}",
-                    request.kind.name(),
+                    kind.name(),
                     path.display()
                 ));
-                let net = Arc::new(Network::load(request.kind, &path, dtype, device)?);
+                let net = Arc::new(Network::load(kind, path, dtype, device)?);
                 progress(&format!(
                     "loaded the {} network in {:.2} s",
-                    request.kind.name(),
+                    kind.name(),
                     start.elapsed().as_secs_f64()
                 ));
                 self.loads.fetch_add(1, Ordering::Relaxed);
@@ -368,10 +431,6 @@ impl NetworkPool {
         let mut entries = self.lock();
         entries.retain(|_, weak| weak.strong_count() > 0);
         entries.insert(file_key, Arc::downgrade(&net));
-        entries.insert(
-            Self::request_key(request, hub, dtype, device),
-            Arc::downgrade(&net),
-        );
         Ok(net)
     }
 

@@ -1,4 +1,5 @@
-//! Lanczos resampling with PIL's semantics (the frames' resize to the stream's size).
+//! Resampling with PIL's semantics: Lanczos (the frames' resize to the stream's size) and
+//! bicubic (the CLIP image processor's, before the safety checker).
 //!
 //! PIL resizes in two separable passes, horizontal first, each producing u8: per output position it
 //! takes the input pixels whose centres lie within `3 · max(1, in/out)` of the output centre (the
@@ -21,6 +22,44 @@ fn sinc(x: f64) -> f64 {
     }
 }
 
+/// A PIL resampling filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// `Image.LANCZOS`: sinc(x)·sinc(x/3) on [−3, 3).
+    Lanczos,
+    /// `Image.BICUBIC`: Keys' cubic with a = −0.5 on (−2, 2).
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Lanczos => LANCZOS_SUPPORT,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Lanczos => lanczos(x),
+            Filter::Bicubic => bicubic(x),
+        }
+    }
+}
+
+/// PIL's `bicubic_filter` (a = −0.5).
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
 fn lanczos(x: f64) -> f64 {
     if (-LANCZOS_SUPPORT..LANCZOS_SUPPORT).contains(&x) {
         sinc(x) * sinc(x / 3.0)
@@ -37,9 +76,14 @@ struct Taps {
 
 /// PIL's `precompute_coeffs` for the whole input range.
 fn lanczos_taps(in_size: usize, out_size: usize) -> Vec<Taps> {
+    taps(in_size, out_size, Filter::Lanczos)
+}
+
+/// PIL's `precompute_coeffs` for `filter`.
+fn taps(in_size: usize, out_size: usize, filter: Filter) -> Vec<Taps> {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
-    let support = LANCZOS_SUPPORT * filter_scale;
+    let support = filter.support() * filter_scale;
     let inv = 1.0 / filter_scale;
     (0..out_size)
         .map(|xx| {
@@ -48,7 +92,7 @@ fn lanczos_taps(in_size: usize, out_size: usize) -> Vec<Taps> {
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).clamp(0, in_size as i64) as usize;
             let mut weights: Vec<f64> = (xmin..xmax)
-                .map(|x| lanczos((x as f64 - center + 0.5) * inv))
+                .map(|x| filter.weight((x as f64 - center + 0.5) * inv))
                 .collect();
             let total: f64 = weights.iter().sum();
             if total != 0.0 {
@@ -100,11 +144,26 @@ pub fn resize_rgb8_lanczos(
     dst_w: usize,
     dst_h: usize,
 ) -> Vec<u8> {
+    resize_rgb8(src, src_w, src_h, dst_w, dst_h, Filter::Lanczos)
+}
+
+/// Resizes packed RGB u8 to `dst_w × dst_h` with `filter`, bit-for-bit as PIL's
+/// `Image.resize((dst_w, dst_h), filter)` on an RGB image (no `reducing_gap`).
+///
+/// Sizes must be non-zero and `src.len()` must be `src_w · src_h · 3`.
+pub fn resize_rgb8(
+    src: &[u8],
+    src_w: usize,
+    src_h: usize,
+    dst_w: usize,
+    dst_h: usize,
+    filter: Filter,
+) -> Vec<u8> {
     debug_assert_eq!(src.len(), src_w * src_h * 3);
     let half = 1i64 << (PRECISION_BITS - 1);
     // Horizontal pass (skipped when the width does not change, as PIL does).
     let (mid, mid_w) = if dst_w != src_w {
-        let taps = fixed_point(&lanczos_taps(src_w, dst_w));
+        let taps = fixed_point(&taps(src_w, dst_w, filter));
         let mut out = vec![0u8; dst_w * src_h * 3];
         for y in 0..src_h {
             let row = &src[y * src_w * 3..(y + 1) * src_w * 3];
@@ -130,7 +189,7 @@ pub fn resize_rgb8_lanczos(
         return mid;
     }
     // Vertical pass on the u8 intermediate.
-    let taps = fixed_point(&lanczos_taps(src_h, dst_h));
+    let taps = fixed_point(&taps(src_h, dst_h, filter));
     let row_len = mid_w * 3;
     let mut out = vec![0u8; dst_h * row_len];
     let mut acc = vec![0i64; row_len];

@@ -1099,8 +1099,9 @@ fn what_the_engine_cannot_run_is_refused_at_creation_naming_the_field() {
         (json!({"ip_adapter": {"enabled": true}}), "ip_adapter"),
         (json!({"skip_diffusion": true}), "`skip_diffusion`"),
         (
-            json!({"latent_preprocessing": {"enabled": true, "processors": [{"type": "latent_feedback"}]}}),
-            "`latent_preprocessing`",
+            json!({"latent_preprocessing": {"enabled": true, "processors": [
+                {"type": "latent_feedback", "params": {"feedback_strength": 2}}]}}),
+            "`latent_preprocessing.processors[0].params.feedback_strength`",
         ),
         (
             json!({"model_id": "Lykon/dreamshaper-8", "lcm_lora_id": "/lcm"}),
