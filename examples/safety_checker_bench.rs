@@ -75,13 +75,14 @@ fn run() -> Result<(), String> {
         checker.check(&image, 0.5).unwrap();
     });
     let mut feedback = ProcessorConfig::new("latent_feedback");
-    feedback.params.insert("feedback_strength".into(), json!(0.5));
+    feedback
+        .params
+        .insert("feedback_strength".into(), json!(0.5));
     let chain_config = ProcessingConfig {
         enabled: true,
         processors: vec![feedback],
     };
-    let mut chain =
-        LatentChain::new(Some(&chain_config), "latent_postprocessing").map_err(e)?;
+    let mut chain = LatentChain::new(Some(&chain_config), "latent_postprocessing").map_err(e)?;
     let latent = Tensor::randn(0f32, 1f32, (1, 4, 64, 64), &device).map_err(|e| e.to_string())?;
     let previous = Tensor::randn(0f32, 1f32, (1, 4, 64, 64), &device).map_err(|e| e.to_string())?;
     let mut times = ProcessorTimes::default();
@@ -92,10 +93,26 @@ fn run() -> Result<(), String> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("| part ({device:?}, f32) | median ms | best ms |");
     println!("|---|---:|---:|");
-    println!("| safety checker: CLIP image processing (512² → 224²) | {:.2} | {:.2} |", ms(pre_med), ms(pre_best));
-    println!("| safety checker: ViT-L/14 + projection | {:.1} | {:.1} |", ms(net_med), ms(net_best));
-    println!("| safety checker: whole check of a 512² output | {:.1} | {:.1} |", ms(all_med), ms(all_best));
-    println!("| latent_feedback on [1, 4, 64, 64] | {:.3} | {:.3} |", ms(fb_med), ms(fb_best));
+    println!(
+        "| safety checker: CLIP image processing (512² → 224²) | {:.2} | {:.2} |",
+        ms(pre_med),
+        ms(pre_best)
+    );
+    println!(
+        "| safety checker: ViT-L/14 + projection | {:.1} | {:.1} |",
+        ms(net_med),
+        ms(net_best)
+    );
+    println!(
+        "| safety checker: whole check of a 512² output | {:.1} | {:.1} |",
+        ms(all_med),
+        ms(all_best)
+    );
+    println!(
+        "| latent_feedback on [1, 4, 64, 64] | {:.3} | {:.3} |",
+        ms(fb_med),
+        ms(fb_best)
+    );
     Ok(())
 }
 
