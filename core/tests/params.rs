@@ -299,7 +299,11 @@ fn json_round_trip_is_stable() {
     }
     // Every field is written out, so a reader needs no defaults table.
     let written: Value = serde_json::from_str(&StreamDiffusionParams::default().to_json()).unwrap();
-    assert_eq!(written.as_object().map(|o| o.len()), Some(34));
+    assert_eq!(written.as_object().map(|o| o.len()), Some(35));
+    assert_eq!(
+        written["cached_attention"],
+        json!({"enabled": false, "max_frames": 1, "interval": 1})
+    );
     assert_eq!(written["prompt"], json!("flowers"));
     assert_eq!(written["seed"], json!(789));
     assert_eq!(written["lora_dict"], Value::Null);
@@ -311,8 +315,8 @@ fn unknown_fields_rejected_at_every_level() {
     let cases: &[(&str, &str)] = &[
         (r#"{"bogus": 1}"#, "bogus"),
         (
-            r#"{"cached_attention": {"enabled": true}}"#,
-            "cached_attention",
+            r#"{"cached_attention": {"enabled": true, "frames": 2}}"#,
+            "cached_attention.frames",
         ),
         (
             r#"{"controlnets": [{"model_id": "thibaud/controlnet-sd21-hed-diffusers", "scale": 1}]}"#,
@@ -1289,6 +1293,16 @@ fn every_hot_field_alone_is_hot() {
             vec![H::ShowReloadingFrame],
         ),
         (
+            "cached_attention",
+            Box::new(|p| p.cached_attention.max_frames = 3),
+            vec![H::CachedAttention],
+        ),
+        (
+            "cached_attention",
+            Box::new(|p| p.cached_attention.interval = 8),
+            vec![H::CachedAttention],
+        ),
+        (
             "controlnets",
             Box::new(|p| p.controlnets[1].conditioning_scale = 0.9),
             vec![H::ControlNet {
@@ -1387,7 +1401,7 @@ fn every_hot_field_alone_is_hot() {
         assert_eq!(update.hot_changes(), &expected[..]);
         covered.insert(*field);
     }
-    assert_eq!(cases.len(), 35);
+    assert_eq!(cases.len(), 37);
     covered.remove("guidance_scale+prompt");
     check_coverage(covered, "hot");
 }
@@ -1453,6 +1467,10 @@ fn every_reload_field_alone_reloads() {
             "ip_adapter.insightface_model_name",
             Box::new(|p| p.ip_adapter.insightface_model_name = None),
         ),
+        (
+            "cached_attention.enabled",
+            Box::new(|p| p.cached_attention.enabled = true),
+        ),
     ];
     let mut covered = BTreeSet::new();
     for (field, edit) in &cases {
@@ -1494,6 +1512,7 @@ fn check_coverage(covered: BTreeSet<&str>, table: &str) {
         "latent_postprocessing",
         "show_reloading_frame",
         "controlnets",
+        "cached_attention",
     ];
     let reload = [
         "model_id",
@@ -1510,6 +1529,7 @@ fn check_coverage(covered: BTreeSet<&str>, table: &str) {
         "similar_image_filter_threshold",
         "similar_image_filter_max_skip_frame",
         "ip_adapter",
+        "cached_attention",
     ];
     let expected: BTreeSet<&str> = if table == "hot" {
         hot.into()

@@ -133,6 +133,7 @@ class StreamDiffusionParams(_Model):
     latent_preprocessing: Optional[Dict[str, Any]]
     latent_postprocessing: Optional[Dict[str, Any]]
     show_reloading_frame: bool
+    cached_attention: Dict[str, Any]
     def __init__(
         self,
         *,
@@ -170,6 +171,7 @@ class StreamDiffusionParams(_Model):
         latent_preprocessing: Optional[Mapping[str, Any]] = None,
         latent_postprocessing: Optional[Mapping[str, Any]] = None,
         show_reloading_frame: bool = True,
+        cached_attention: Mapping[str, Any] = ...,
     ) -> None: ...
     @classmethod
     def model_validate(

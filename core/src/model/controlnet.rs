@@ -21,7 +21,7 @@ use super::limits::{Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS};
 use super::unet::{
     AddedConditioning, ControlResiduals, LevelPlan, PerLevel, UNetConfig, UNetEncoder,
 };
-use super::unet_blocks::conv2d;
+use super::unet_blocks::{Context, conv2d};
 use super::{no_unused_tensors, open_component};
 use crate::{Error, Result};
 
@@ -513,8 +513,8 @@ impl ControlNetModel {
             .conv_in
             .forward(&sample.to_dtype(dtype)?)?
             .broadcast_add(&cond_embedding.to_dtype(dtype)?)?;
-        let (x, skips) = self.encoder.down(&x, &temb_act, &context)?;
-        let x = self.encoder.mid(&x, &temb_act, &context)?;
+        let (x, skips) = self.encoder.down(&x, &temb_act, Context::text(&context))?;
+        let x = self.encoder.mid(&x, &temb_act, Context::text(&context))?;
         let pool = |r: Tensor| -> Result<Tensor> {
             if self.config.global_pool_conditions {
                 // diffusers averages and lets the UNet broadcast; broadcast here instead.

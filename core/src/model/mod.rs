@@ -5,6 +5,7 @@
 //! and checked tensor by tensor against what the config implies before any is read
 //! ([`open_component`], [`weights`]); nothing assumes Stable Diffusion's full-size shapes.
 
+pub mod attention_bank;
 pub mod bundle;
 pub mod clip;
 pub mod clip_vision;

@@ -16,20 +16,22 @@
 //! that path).
 //! bf16 needs a GPU: candle's CPU matmul has no bf16 kernel.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::attention_bank::{AttentionBank, BankCall};
 use super::cuda_graph::GraphCache;
 use super::kernels::conv::Conv2d;
 use super::kernels::norm::GroupNorm;
 use super::lora::LoraDeltas;
 use super::open_component_with_lora;
 use super::unet_blocks::{
-    Activation, DownBlock, LevelShape, MidBlock, SinusoidalTimesteps, TimestepEmbedding, UpBlock,
-    conv2d,
+    Activation, Context, DownBlock, LevelShape, MidBlock, SinusoidalTimesteps, TimestepEmbedding,
+    UpBlock, conv2d,
 };
 use super::weight_table::{WeightTable, rebuild_with_lora};
 use crate::{Error, Result};
@@ -269,7 +271,7 @@ impl UNetEncoder {
         &self,
         x: &Tensor,
         temb_act: &Tensor,
-        context: &Tensor,
+        context: Context<'_, '_>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut skips = Vec::with_capacity(self.skip_count());
         skips.push(x.clone());
@@ -283,7 +285,12 @@ impl UNetEncoder {
     }
 
     /// The mid block, or the identity when the config has none.
-    pub(crate) fn mid(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub(crate) fn mid(
+        &self,
+        x: &Tensor,
+        temb_act: &Tensor,
+        context: Context<'_, '_>,
+    ) -> Result<Tensor> {
         match &self.mid_block {
             Some(mid) => Ok(mid.forward(x, temb_act, context)?),
             None => Ok(x.clone()),
@@ -544,8 +551,34 @@ impl UNet2DConditionModel {
                 down: xs[first..first + n].iter().map(|t| (*t).clone()).collect(),
                 mid: xs[first + n].clone(),
             });
-            self.forward_eager(xs[0], xs[1], xs[2], added.as_ref(), control.as_ref())
+            self.forward_eager(xs[0], xs[1], xs[2], added.as_ref(), control.as_ref(), None)
         })
+    }
+
+    /// [`forward_with_added`](Self::forward_with_added) with cached attention: every
+    /// self-attention layer also attends to `bank`'s keys and values, and the bank takes this
+    /// call's ([`AttentionBank`]). Runs eagerly (no CUDA graph: the bank changes every call).
+    pub fn forward_banked(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+        bank: &mut AttentionBank,
+    ) -> Result<Tensor> {
+        let call = bank.begin();
+        let out = self.forward_eager(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added,
+            control,
+            Some(&call),
+        )?;
+        let fresh = call.into_inner().into_fresh();
+        bank.commit(fresh)?;
+        Ok(out)
     }
 
     fn forward_eager(
@@ -555,6 +588,7 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         added: Option<&AddedConditioning>,
         control: Option<&ControlResiduals>,
+        bank: Option<&RefCell<BankCall<'_>>>,
     ) -> Result<Tensor> {
         let dtype = self.dtype();
         let (batch, channels, height, width) = sample.dims4()?;
@@ -590,7 +624,11 @@ impl UNet2DConditionModel {
             sample
         };
         let x = self.encoder.conv_in.forward(&sample)?;
-        let (x, mut skips) = self.encoder.down(&x, &temb_act, &context)?;
+        let context = Context {
+            text: &context,
+            bank,
+        };
+        let (x, mut skips) = self.encoder.down(&x, &temb_act, context)?;
         if let Some(control) = control {
             if control.down.len() != skips.len() {
                 return Err(shape_error(format!(
@@ -610,7 +648,7 @@ impl UNet2DConditionModel {
                 *skip = (&*skip + residual.to_dtype(dtype)?)?;
             }
         }
-        let mut x = self.encoder.mid(&x, &temb_act, &context)?;
+        let mut x = self.encoder.mid(&x, &temb_act, context)?;
         if let Some(control) = control {
             if control.mid.dims() != x.dims() {
                 return Err(shape_error(format!(
@@ -641,7 +679,7 @@ impl UNet2DConditionModel {
                 }
                 _ => None,
             };
-            x = block.forward(&x, &block_skips, &temb_act, &context, size)?;
+            x = block.forward(&x, &block_skips, &temb_act, context, size)?;
         }
         let x = match self.encoder.plan.settings.act {
             Activation::Silu => self.conv_norm_out.forward_silu(&x)?,

@@ -7,9 +7,12 @@
 //! kernels; GEGLU uses the exact (erf) GELU; attention uses a scale of 1/√head_dim. The CPU
 //! kernels and their portable twins live in [`super::kernels`].
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::attention_bank::BankCall;
 use super::kernels::conv::{Conv2d, Padding};
 use super::kernels::cpu_kernels;
 use super::kernels::norm::{GroupNorm, LayerNorm};
@@ -435,10 +438,13 @@ impl Attention {
     }
 
     /// `x`: `[B, N, C]`; `context`: `[B, M, D]` for cross-attention (ignored for self-attention).
+    /// With `bank`, self-attention also attends to the banked keys and values
+    /// ([`crate::model::attention_bank`]).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         context: Option<&Tensor>,
+        bank: Option<&RefCell<BankCall<'_>>>,
     ) -> candle_core::Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
@@ -468,6 +474,14 @@ impl Attention {
         let q = q.reshape((b * h, n, d))?;
         let k = k.reshape((b * h, m, d))?;
         let v = v.reshape((b * h, m, d))?;
+        let (k, v, m) = match bank.filter(|_| self.to_kv.is_none()) {
+            Some(bank) => {
+                let (k, v) = bank.borrow_mut().extend(&k, &v)?;
+                let m = k.dim(1)?;
+                (k, v, m)
+            }
+            None => (k, v, m),
+        };
 
         // Scores are computed in blocks of (head, query rows): on the CPU a block fits the
         // allocator's reusable heap (no page faults per call) and stays cache-friendly; on other
@@ -534,6 +548,21 @@ impl Attention {
             probs
         };
         probs.matmul(v)
+    }
+}
+
+/// What the transformer blocks read besides their input: the text embeddings and, with cached
+/// attention, this UNet call's use of the bank.
+#[derive(Clone, Copy)]
+pub(crate) struct Context<'a, 'b> {
+    pub(crate) text: &'a Tensor,
+    pub(crate) bank: Option<&'a RefCell<BankCall<'b>>>,
+}
+
+impl<'a> Context<'a, 'static> {
+    /// The text alone (no bank).
+    pub(crate) fn text(text: &'a Tensor) -> Self {
+        Self { text, bank: None }
     }
 }
 
@@ -608,12 +637,25 @@ impl BasicTransformerBlock {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        let ctx1 = self.only_cross_attention.then_some(context);
-        let x = add_fresh(self.attn1.forward(&self.norm1.forward(x)?, ctx1)?, x, 1)?;
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        context: Context<'_, '_>,
+    ) -> candle_core::Result<Tensor> {
+        // The bank extends self-attention only (an `only_cross_attention` attn1 reads the text).
+        let (ctx1, bank) = if self.only_cross_attention {
+            (Some(context.text), None)
+        } else {
+            (None, context.bank)
+        };
+        let x = add_fresh(
+            self.attn1.forward(&self.norm1.forward(x)?, ctx1, bank)?,
+            x,
+            1,
+        )?;
         let x = add_fresh(
             self.attn2
-                .forward(&self.norm2.forward(&x)?, Some(context))?,
+                .forward(&self.norm2.forward(&x)?, Some(context.text), None)?,
             &x,
             1,
         )?;
@@ -676,7 +718,11 @@ impl Transformer2DModel {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        context: Context<'_, '_>,
+    ) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = self
             .norm
@@ -763,7 +809,7 @@ impl DownBlock {
         &self,
         x: &Tensor,
         temb_act: &Tensor,
-        context: &Tensor,
+        context: Context<'_, '_>,
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         let mut x = x.clone();
@@ -835,7 +881,7 @@ impl MidBlock {
         &self,
         x: &Tensor,
         temb_act: &Tensor,
-        context: &Tensor,
+        context: Context<'_, '_>,
     ) -> candle_core::Result<Tensor> {
         let mut x = self.resnets[0].forward(x, temb_act)?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
@@ -921,7 +967,7 @@ impl UpBlock {
         x: &Tensor,
         skips: &[Tensor],
         temb_act: &Tensor,
-        context: &Tensor,
+        context: Context<'_, '_>,
         upsample_size: Option<(usize, usize)>,
     ) -> candle_core::Result<Tensor> {
         if skips.len() != self.resnets.len() {

@@ -109,6 +109,8 @@ pub enum HotChange {
     SafetyCheckerThreshold,
     /// `show_reloading_frame`: Daydream's overlay switch; nothing to recompute here.
     ShowReloadingFrame,
+    /// `cached_attention.max_frames` or `.interval`: resize or re-pace the bank.
+    CachedAttention,
 }
 
 /// What applying new parameters over old ones costs. Precedence: a reload field makes it a
@@ -279,6 +281,7 @@ pub fn classify(old: &StreamDiffusionParams, new: &StreamDiffusionParams) -> Upd
         latent_preprocessing,
         latent_postprocessing,
         show_reloading_frame,
+        cached_attention,
     } = old;
 
     let mut reload: Vec<&'static str> = Vec::new();
@@ -311,6 +314,10 @@ pub fn classify(old: &StreamDiffusionParams, new: &StreamDiffusionParams) -> Upd
     note(
         *similar_image_filter_max_skip_frame != new.similar_image_filter_max_skip_frame,
         "similar_image_filter_max_skip_frame",
+    );
+    note(
+        cached_attention.enabled != new.cached_attention.enabled,
+        "cached_attention.enabled",
     );
     reload.extend(ip_adapter_reload_fields(ip_adapter, &new.ip_adapter));
     if !reload.is_empty() {
@@ -412,6 +419,11 @@ pub fn classify(old: &StreamDiffusionParams, new: &StreamDiffusionParams) -> Upd
     push(
         *show_reloading_frame != new.show_reloading_frame,
         HotChange::ShowReloadingFrame,
+    );
+    push(
+        cached_attention.max_frames != new.cached_attention.max_frames
+            || cached_attention.interval != new.cached_attention.interval,
+        HotChange::CachedAttention,
     );
 
     match swap {

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::json::{self, Shape};
-use super::nested::{ControlNetConfig, IPAdapterConfig, ProcessingConfig};
+use super::nested::{CachedAttentionConfig, ControlNetConfig, IPAdapterConfig, ProcessingConfig};
 use super::settings::EngineSettings;
 use super::weighted::{InterpolationMethod, Prompt, Seed};
 use crate::{Error, Result};
@@ -126,6 +126,9 @@ pub struct StreamDiffusionParams {
     pub latent_postprocessing: Option<ProcessingConfig>,
     /// Daydream's loading overlay during reloads; sdstream has no overlay. Hot. Default true.
     pub show_reloading_frame: bool,
+    /// StreamV2V's cached attention. `enabled` reload, `max_frames` / `interval` hot.
+    /// Default: disabled.
+    pub cached_attention: CachedAttentionConfig,
 }
 
 /// Daydream's default IPAdapter style image.
@@ -142,6 +145,7 @@ const BODY_SHAPE: Shape = {
         ("image_postprocessing", PROCESSING),
         ("latent_preprocessing", PROCESSING),
         ("latent_postprocessing", PROCESSING),
+        ("cached_attention", Shape::Object(&[])),
     ])
 };
 
@@ -182,6 +186,7 @@ impl Default for StreamDiffusionParams {
             latent_preprocessing: None,
             latent_postprocessing: None,
             show_reloading_frame: true,
+            cached_attention: CachedAttentionConfig::disabled(),
         }
     }
 }

@@ -116,6 +116,41 @@ impl Default for IPAdapterConfig {
     }
 }
 
+/// `cached_attention`: StreamV2V's feature bank (docs/ALGORITHM.md §5e). `enabled` is a reload,
+/// `max_frames` and `interval` are hot. An object written as `{}` is *enabled* (Daydream's
+/// class default); the parameter set's own default is a disabled bank (see docs/PARAMS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CachedAttentionConfig {
+    /// Whether each self-attention also attends to the banked keys and values. Default true
+    /// inside the object.
+    pub enabled: bool,
+    /// Frames kept in the bank, 1–4. Default 1.
+    pub max_frames: u32,
+    /// A frame enters the bank every `interval` UNet calls, 1–1440. Default 1.
+    pub interval: u32,
+}
+
+impl Default for CachedAttentionConfig {
+    fn default() -> Self {
+        CachedAttentionConfig {
+            enabled: true,
+            max_frames: 1,
+            interval: 1,
+        }
+    }
+}
+
+impl CachedAttentionConfig {
+    /// The parameter set's default: a disabled bank.
+    pub fn disabled() -> Self {
+        CachedAttentionConfig {
+            enabled: false,
+            ..CachedAttentionConfig::default()
+        }
+    }
+}
+
 impl IPAdapterConfig {
     /// The parameter set's default: every field at its default but `enabled: false`.
     pub fn disabled() -> Self {

@@ -140,6 +140,7 @@ impl StreamDiffusionParams {
             LATENT_PROCESSORS,
         )?;
         check_ip_adapter(&self.ip_adapter, &self.model_id, kind.family())?;
+        check_cached_attention(&self.cached_attention)?;
         check_controlnets(&self.controlnets, &self.model_id, &kind, settings)?;
         Ok(())
     }
@@ -436,6 +437,23 @@ fn check_processing(
             allowed,
             "processor",
         )?;
+    }
+    Ok(())
+}
+
+/// `cached_attention`: Daydream's ranges (1–4 frames, an interval of 1–1440 frames).
+fn check_cached_attention(c: &super::CachedAttentionConfig) -> Result<()> {
+    if !(1..=4).contains(&c.max_frames) {
+        return Err(Error::param(
+            "cached_attention.max_frames",
+            format!("{} is out of range [1, 4]", c.max_frames),
+        ));
+    }
+    if !(1..=1440).contains(&c.interval) {
+        return Err(Error::param(
+            "cached_attention.interval",
+            format!("{} is out of range [1, 1440]", c.interval),
+        ));
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 
 use crate::frame::{Frame, Image};
+use crate::model::attention_bank::AttentionBank;
 use crate::model::bundle::{ModelRequest, StableDiffusionModels};
 use crate::model::controlnet::ControlNetModel;
 use crate::model::pool::ModelPool;
@@ -126,6 +127,8 @@ pub struct StreamDiffusion {
     previous_latent: Option<Tensor>,
     /// The safety checker, while `use_safety_checker` is on.
     safety_checker: Option<Arc<Network>>,
+    /// Cached attention's bank, while `cached_attention.enabled`.
+    attention_bank: Option<AttentionBank>,
 }
 
 /// The counters behind a stream's status report.
@@ -239,6 +242,7 @@ impl StreamDiffusion {
         })?;
         let networks = load_networks(&models, &params, &settings)?;
         let safety_checker = load_safety_checker(&models, &params, &settings)?;
+        let attention_bank = attention_bank(&params)?;
         let latent_pre =
             LatentChain::new(params.latent_preprocessing.as_ref(), "latent_preprocessing")?;
         let latent_post = LatentChain::new(
@@ -281,6 +285,7 @@ impl StreamDiffusion {
             latent_post,
             previous_latent: None,
             safety_checker,
+            attention_bank,
         })
     }
 
@@ -711,6 +716,7 @@ impl StreamDiffusion {
         let models = &self.models;
         let generator = &mut self.generator;
         let renoise = &mut self.renoise;
+        let mut bank = self.attention_bank.as_mut();
         let steps = self.params.t_index_list.len();
         let sync = |device: &candle_core::Device| -> Result<()> {
             if self.stage_sync {
@@ -730,9 +736,16 @@ impl StreamDiffusion {
                     sync(&models.device)?;
                 }
                 control_time += tc.elapsed();
-                models
-                    .unet
-                    .forward_with_added(x, t, e, added, residuals.as_ref())
+                match bank.as_deref_mut() {
+                    Some(bank) => {
+                        models
+                            .unet
+                            .forward_banked(x, t, e, added, residuals.as_ref(), bank)
+                    }
+                    None => models
+                        .unet
+                        .forward_with_added(x, t, e, added, residuals.as_ref()),
+                }
             },
             |shape| match renoise.as_mut() {
                 Some(source) => source(shape),
@@ -948,6 +961,20 @@ impl StreamDiffusion {
         } else {
             (None, None)
         };
+        let attention_bank = match (
+            &self.attention_bank,
+            touched(|c| matches!(c, HotChange::CachedAttention)),
+        ) {
+            (Some(bank), true) => {
+                let mut bank = bank.clone();
+                bank.resize(
+                    params.cached_attention.max_frames as usize,
+                    params.cached_attention.interval as usize,
+                )?;
+                Some(bank)
+            }
+            _ => None,
+        };
         let latent_pre = if touched(|c| matches!(c, HotChange::LatentPreprocessing)) {
             Some(
                 self.latent_pre
@@ -977,6 +1004,13 @@ impl StreamDiffusion {
             _ => None,
         };
         self.params = params;
+        if let Some(bank) = attention_bank {
+            self.attention_bank = Some(bank);
+        }
+        if new_batch && let Some(bank) = &mut self.attention_bank {
+            // Another batch shape: the banked rows no longer line up.
+            bank.clear();
+        }
         if let Some(chain) = latent_pre {
             self.latent_pre = chain;
         }
@@ -1019,6 +1053,11 @@ impl StreamDiffusion {
     /// models' dtype (what the decoder took, and what `latent_feedback` blends with next).
     pub fn last_latent(&self) -> Option<&Tensor> {
         self.previous_latent.as_ref()
+    }
+
+    /// Cached attention's bank (`cached_attention.enabled`), for diagnostics and tests.
+    pub fn attention_bank(&self) -> Option<&AttentionBank> {
+        self.attention_bank.as_ref()
     }
 
     /// The current stream state (buffers and noise), for diagnostics and tests.
@@ -1093,6 +1132,18 @@ fn load_safety_checker(
         })?
     };
     Ok(Some(net))
+}
+
+/// The bank `params.cached_attention` asks for (none when disabled).
+fn attention_bank(params: &StreamDiffusionParams) -> Result<Option<AttentionBank>> {
+    let c = params.cached_attention;
+    if !c.enabled {
+        return Ok(None);
+    }
+    Ok(Some(AttentionBank::new(
+        c.max_frames as usize,
+        c.interval as usize,
+    )?))
 }
 
 /// [−1, 1] → [0, 1] in f32 (control images live in [0, 1]).
