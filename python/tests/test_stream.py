@@ -270,3 +270,32 @@ def test_a_transition_glides_from_the_old_prompt_to_the_new(tiny_body, tiny_sett
         assert engine.update_params(prompt="a dog", transition=3) == "hot"
         with pytest.raises(ValidationError, match="transition.num_steps"):
             engine.update_params(prompt="a cat", transition=1001)
+
+
+def test_the_per_frame_features_of_issue_16_from_python(tiny_body, tiny_settings, frames):
+    """The safety checker (on by default; the tiny pipeline carries one that never flags),
+    latent feedback and cached attention, driven from Python: counted in the status, hot or
+    reload as Daydream classifies them, invalid values refused naming the field."""
+    off_body = dict(tiny_body, use_safety_checker=False)
+    with StreamDiffusion(tiny_body, **tiny_settings) as s, StreamDiffusion(off_body, **tiny_settings) as off:
+        assert np.array_equal(s(frames[0]), off(frames[0]))
+        status = s.status()
+        assert (status["safety_frames_checked"], status["safety_frames_flagged"]) == (1, 0)
+        assert "safety_checker" in status["processor_ms"]
+        assert off.status()["safety_frames_checked"] == 0
+        feedback = {"processors": [{"type": "latent_feedback", "params": {"feedback_strength": 0.5}}]}
+        assert s.update_params(latent_postprocessing=feedback) == "hot"
+        s(frames[1])
+        s(frames[2])
+        assert "latent_feedback" in s.status()["processor_ms"]
+        bad = {"processors": [{"type": "latent_feedback", "params": {"feedback_strength": 2}}]}
+        with pytest.raises(ValidationError, match="feedback_strength"):
+            s.update_params(latent_postprocessing=bad)
+        assert s.update_params(cached_attention={"enabled": True, "max_frames": 2}) == "reload"
+        s(frames[3])
+        assert s.update_params(cached_attention={"max_frames": 3, "interval": 2}) == "hot"
+        assert s.params.cached_attention == {"enabled": True, "max_frames": 3, "interval": 2}
+        with pytest.raises(ValidationError, match="cached_attention.max_frames"):
+            s.update_params(cached_attention={"max_frames": 5})
+        assert s(frames[4]).shape == (64, 64, 3)
+        assert s.status()["safety_frames_checked"] == 5
