@@ -182,9 +182,10 @@ fn process(s: &mut StreamDiffusion, i: usize) -> sdstream::Image {
         .unwrap()
 }
 
-/// A copy of the tiny sd-turbo whose `safety_checker/` is the flagging test checker.
-fn pipeline_with_flagging_checker() -> std::path::PathBuf {
-    let dir = scratch_dir("safety-pipeline").join("tiny-sd-turbo");
+/// A copy of the tiny sd-turbo whose `safety_checker/` is the flagging test checker, in a
+/// scratch folder of its own (`tag`: tests run in parallel).
+fn pipeline_with_flagging_checker(tag: &str) -> std::path::PathBuf {
+    let dir = scratch_dir(&format!("safety-pipeline-{tag}")).join("tiny-sd-turbo");
     copy_dir(&fixture("tiny-sd-turbo"), &dir);
     std::fs::remove_dir_all(dir.join("safety_checker")).unwrap();
     copy_dir(&fixture("safety-checker"), &dir.join("safety_checker"));
@@ -225,7 +226,7 @@ fn on_by_default_the_tiny_pipelines_checker_passes_every_frame_and_changes_nothi
 
 #[test]
 fn flagged_frames_are_black_and_counted_and_the_threshold_is_hot() {
-    let model = pipeline_with_flagging_checker();
+    let model = pipeline_with_flagging_checker("flagged");
     let settings = common::tiny_settings("self");
     let c = checker();
     let mut s = StreamDiffusion::new(params(&model, json!({})), settings.clone()).unwrap();
@@ -310,7 +311,7 @@ fn a_pipeline_without_its_own_checker_takes_the_hub_ones_from_the_model_root() {
     }
     // The flagging checker was found: the same frames as with it in the pipeline folder.
     let mut own = StreamDiffusion::new(
-        params(&pipeline_with_flagging_checker(), json!({})),
+        params(&pipeline_with_flagging_checker("own"), json!({})),
         common::tiny_settings("self"),
     )
     .unwrap();
@@ -331,4 +332,48 @@ fn a_pipeline_without_its_own_checker_takes_the_hub_ones_from_the_model_root() {
     .unwrap();
     let err = StreamDiffusion::new(params(&model, json!({})), settings).unwrap_err();
     assert!(err.to_string().contains("config.json"), "{err}");
+}
+
+#[test]
+fn an_engine_turns_the_checker_on_hot_without_a_reload() {
+    use sdstream::{Engine, EngineOptions};
+    use std::time::{Duration, Instant};
+    // A pipeline folder of its own, so that no other test holds its checker in the pool.
+    let model = pipeline_with_flagging_checker("engine");
+    let settings = common::tiny_settings("self");
+    let engine = Engine::new(
+        params(&model, json!({"use_safety_checker": false})),
+        settings,
+        EngineOptions {
+            warmup: false,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("the engine starts");
+    let img = image::open(fixture("frames/000.png")).unwrap().to_rgb8();
+    let frame = || Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
+    let first = engine.process(frame()).expect("a frame");
+    assert!(first.image.data.iter().any(|&v| v != 0));
+    assert_eq!(engine.status().safety_frames_checked, 0);
+    let update = engine
+        .update_params(params(&model, json!({})))
+        .expect("accepted");
+    assert!(update.is_hot(), "{update:?}");
+    let version = engine.status().params_version;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        engine.process(frame()).expect("frames keep flowing");
+        if engine.status().serving_params_version == Some(version) {
+            // The switch happens between two frames: the frame after it is checked (and this
+            // checker flags every output of the tiny pipeline).
+            let out = engine.process(frame()).expect("a frame after the switch");
+            let status = engine.status();
+            assert!(status.safety_frames_checked >= 1, "{status:?}");
+            assert_eq!(status.safety_frames_flagged, status.safety_frames_checked);
+            assert!(out.image.data.iter().all(|&v| v == 0), "flagged: black");
+            assert_eq!((status.restart_count, status.reload_failures), (0, 0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the switch never happened");
+    }
 }

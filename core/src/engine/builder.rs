@@ -169,7 +169,7 @@ pub(super) fn same_networks(a: &StreamDiffusionParams, b: &StreamDiffusionParams
         v.sort_unstable_by_key(|r| (r.repo, r.stem));
         v
     };
-    ids(a) == ids(b) && networks(a) == networks(b)
+    ids(a) == ids(b) && networks(a) == networks(b) && a.use_safety_checker == b.use_safety_checker
 }
 
 pub(super) fn finish_build(shared: &Shared, ticket: BuildTicket, outcome: Result<Ready>) {

@@ -8,10 +8,12 @@ use crate::frame::{Frame, Image};
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::pool::ModelPool;
 use crate::params::{EngineSettings, StreamDiffusionParams, Transition, Update};
-use crate::pipeline::stream_diffusion::{StageTimings, StreamDiffusion};
+use crate::pipeline::stream_diffusion::{
+    StageTimings, StreamDiffusion, load_safety_checker, safety_checker_ready,
+};
 use crate::pipeline::{ControlPreparer, PreparedControls};
 use crate::preprocess;
-use crate::preprocess::networks::{NetworkPool, ProcessorNetworks};
+use crate::preprocess::networks::{Network, NetworkPool, ProcessorNetworks};
 use crate::{Error, Result};
 
 /// A running stream the worker thread owns.
@@ -114,7 +116,7 @@ pub(crate) struct StreamDiffusionFactory {
     pool: Arc<ModelPool>,
     /// The processor networks of the last preload, held until a later preload replaces them
     /// (the pool itself keeps only weak references).
-    preloaded: Mutex<Option<ProcessorNetworks>>,
+    preloaded: Mutex<Option<(ProcessorNetworks, Option<Arc<Network>>)>>,
 }
 
 impl StreamDiffusionFactory {
@@ -169,10 +171,11 @@ impl PipelineFactory for StreamDiffusionFactory {
             &models.device,
             progress,
         )?;
+        let checker = load_safety_checker(&models, params, &self.settings)?;
         self.preloaded
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .replace(networks);
+            .replace((networks, checker));
         Ok(())
     }
 
@@ -188,6 +191,7 @@ impl PipelineFactory for StreamDiffusionFactory {
                         models.dtype,
                         &models.device,
                     )
+                    && safety_checker_ready(&models, params, &self.settings)
             })
     }
 }

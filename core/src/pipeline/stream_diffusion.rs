@@ -1091,8 +1091,9 @@ fn load_networks(
 
 /// The safety checker `params` asks for: the pipeline folder's own `safety_checker/` (diffusers'
 /// layout, as SD 1.5 repositories ship it), else `CompVis/stable-diffusion-safety-checker`
-/// resolved like a model; none when `use_safety_checker` is off.
-fn load_safety_checker(
+/// resolved like a model; none when `use_safety_checker` is off. The engine calls it on its
+/// builder thread before a hot change turns the checker on, so the frame thread finds it loaded.
+pub(crate) fn load_safety_checker(
     models: &StableDiffusionModels,
     params: &StreamDiffusionParams,
     settings: &EngineSettings,
@@ -1102,36 +1103,71 @@ fn load_safety_checker(
     }
     let pool = NetworkPool::global();
     let mut progress = |line: &str| eprintln!("sdstream: {line}");
-    let own = models.dir.join("safety_checker");
-    let net = if own.join("config.json").is_file() {
-        pool.get_path(
+    let net = match own_safety_checker(models) {
+        Some(own) => pool.get_path(
             NetworkKind::SafetyChecker,
             &own,
             models.dtype,
             &models.device,
             &mut progress,
-        )?
-    } else {
-        pool.get(
-            NetworkRequest::SAFETY_CHECKER,
-            &settings.hub_options(),
-            models.dtype,
-            &models.device,
-            &mut progress,
-        )
-        .map_err(|e| match e {
-            Error::ModelNotFound { id, detail } => Error::ModelNotFound {
-                id,
-                detail: format!(
-                    "{detail}. The safety checker is on (`use_safety_checker`, true by default \
-                     as in Daydream) and the model folder has no safety_checker/: provide \
-                     these weights, or set use_safety_checker to false"
-                ),
-            },
-            other => other,
-        })?
+        )?,
+        None => pool
+            .get(
+                NetworkRequest::SAFETY_CHECKER,
+                &settings.hub_options(),
+                models.dtype,
+                &models.device,
+                &mut progress,
+            )
+            .map_err(|e| match e {
+                Error::ModelNotFound { id, detail } => Error::ModelNotFound {
+                    id,
+                    detail: format!(
+                        "{detail}. The safety checker is on (`use_safety_checker`, true by \
+                         default as in Daydream) and the model folder has no safety_checker/: \
+                         provide these weights, or set use_safety_checker to false"
+                    ),
+                },
+                other => other,
+            })?,
     };
     Ok(Some(net))
+}
+
+/// Whether the safety checker `params` asks for is loaded already (or none is asked for).
+pub(crate) fn safety_checker_ready(
+    models: &StableDiffusionModels,
+    params: &StreamDiffusionParams,
+    settings: &EngineSettings,
+) -> bool {
+    if !params.use_safety_checker {
+        return true;
+    }
+    let pool = NetworkPool::global();
+    match own_safety_checker(models) {
+        Some(own) => pool
+            .find_path(
+                NetworkKind::SafetyChecker,
+                &own,
+                models.dtype,
+                &models.device,
+            )
+            .is_some(),
+        None => pool
+            .find(
+                NetworkRequest::SAFETY_CHECKER,
+                &settings.hub_options(),
+                models.dtype,
+                &models.device,
+            )
+            .is_some(),
+    }
+}
+
+/// The pipeline folder's own `safety_checker/`, when it has one.
+fn own_safety_checker(models: &StableDiffusionModels) -> Option<std::path::PathBuf> {
+    let own = models.dir.join("safety_checker");
+    own.join("config.json").is_file().then_some(own)
 }
 
 /// The bank `params.cached_attention` asks for (none when disabled).

@@ -353,6 +353,24 @@ impl NetworkPool {
         self.lock().get(&key).and_then(Weak::upgrade)
     }
 
+    /// The loaded network `kind` at `path`, if some holder keeps it (no disk access beyond
+    /// making the path canonical).
+    pub fn find_path(
+        &self,
+        kind: NetworkKind,
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Option<Arc<Network>> {
+        let key = PoolKey::File {
+            kind,
+            path: crate::model::bundle::canonical(path),
+            dtype,
+            device: device_key(device),
+        };
+        self.lock().get(&key).and_then(Weak::upgrade)
+    }
+
     /// The network for `request`, loaded unless some holder keeps it; loading steps go to
     /// `progress`.
     pub fn get(
