@@ -71,6 +71,19 @@ class HostEvent:
         return (end.t - self.t) * 1000.0
 
 
+def timed(fn, frames: int) -> tuple[float, float]:
+    """Runs `fn` once to warm up, then `frames` times: (median, best) milliseconds."""
+    import statistics
+
+    fn()
+    times = []
+    for _ in range(frames):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), min(times)
+
+
 def patch_cuda_timing() -> None:
     """The reference times every frame with CUDA events; make them host-clock ones, for good."""
     torch.cuda.Event = HostEvent

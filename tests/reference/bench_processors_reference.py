@@ -11,25 +11,15 @@ Run: python tests/reference/bench_processors_reference.py [--frames 3] [--thread
 
 import argparse
 import pathlib
-import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from _common import timed
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def timed(fn, frames):
-    fn()
-    times = []
-    for _ in range(frames):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), min(times)
 
 
 def main():

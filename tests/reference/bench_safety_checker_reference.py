@@ -8,22 +8,12 @@ Run: python tests/reference/bench_safety_checker_reference.py [--frames 5] [--th
 """
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-
-def timed(fn, frames):
-    fn()
-    times = []
-    for _ in range(frames):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), min(times)
+from _common import timed
 
 
 def main() -> None:
