@@ -5,7 +5,6 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
 use common::{abs_err, check, fixture, golden};
 use sdstream::model::attention_bank::AttentionBank;
 use sdstream::{StreamDiffusion, StreamDiffusionParams};
@@ -120,14 +119,6 @@ fn params(extra: Value) -> StreamDiffusionParams {
     StreamDiffusionParams::from_json_with(&b.to_string(), &common::tiny_settings("self")).unwrap()
 }
 
-fn frame(i: usize) -> Tensor {
-    let img = image::open(fixture(&format!("frames/{:03}.png", i % 8)))
-        .unwrap()
-        .to_rgb8();
-    let f = sdstream::Frame::packed(img.as_raw(), 64, 64, sdstream::PixelFormat::Rgb8).unwrap();
-    f.to_tensor(64, 64, &Device::Cpu).unwrap()
-}
-
 #[test]
 fn the_parameters_are_checked_and_classified_as_daydream_does() {
     let p = params(json!({}));
@@ -199,8 +190,8 @@ fn a_stream_banks_every_frame_and_hot_changes_resize_the_bank() {
     .unwrap();
     let mut moved = 0.0f32;
     for i in 0..4 {
-        let a = s.process_tensor(&frame(i)).unwrap();
-        let b = plain.process_tensor(&frame(i)).unwrap();
+        let a = s.process_tensor(&common::frame_tensor(i)).unwrap();
+        let b = plain.process_tensor(&common::frame_tensor(i)).unwrap();
         moved = moved.max(abs_err(&a, &b).1);
     }
     assert!(moved > 1e-4, "the bank changed nothing ({moved})");
@@ -217,7 +208,7 @@ fn a_stream_banks_every_frame_and_hot_changes_resize_the_bank() {
         (bank.max_frames(), bank.interval(), bank.calls()),
         (1, 3, 4)
     );
-    s.process_tensor(&frame(4)).unwrap();
+    s.process_tensor(&common::frame_tensor(4)).unwrap();
     assert_eq!(s.attention_bank().unwrap().calls(), 5);
     assert!(plain.attention_bank().is_none());
 }

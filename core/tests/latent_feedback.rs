@@ -4,10 +4,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::{abs_err, fixture};
 use sdstream::pipeline::stream::to_unit_range;
-use sdstream::{Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
+use sdstream::{StreamDiffusion, StreamDiffusionParams};
 use serde_json::{Value, json};
 
 fn params(steps: Value, extra: Value) -> StreamDiffusionParams {
@@ -36,14 +36,6 @@ fn feedback(field: &str, strength: f64) -> Value {
         {"type": "latent_feedback", "params": {"feedback_strength": strength}}]}})
 }
 
-fn frame(i: usize) -> Tensor {
-    let img = image::open(fixture(&format!("frames/{i:03}.png")))
-        .unwrap()
-        .to_rgb8();
-    let f = Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
-    f.to_tensor(64, 64, &Device::Cpu).unwrap()
-}
-
 fn latent(s: &StreamDiffusion) -> Tensor {
     s.last_latent()
         .expect("a processed frame leaves its latent")
@@ -68,8 +60,8 @@ fn postprocessing_feedback_is_the_stated_moving_average_of_the_outputs() {
     let mut want_previous: Option<Tensor> = None;
     let mut moved = 0.0f32;
     for i in 0..5 {
-        plain.process_tensor(&frame(i)).unwrap();
-        let out = fed.process_tensor(&frame(i)).unwrap();
+        plain.process_tensor(&common::frame_tensor(i)).unwrap();
+        let out = fed.process_tensor(&common::frame_tensor(i)).unwrap();
         let x0 = latent(&plain);
         // The first frame passes through; later ones blend with the previous kept latent.
         let want = match &want_previous {
@@ -101,11 +93,11 @@ fn preprocessing_feedback_at_full_strength_denoises_the_previous_latent() {
     // whatever the input; the input only matters on the first frame.
     let p = params(json!([20]), feedback("latent_preprocessing", 1.0));
     let (mut a, mut b) = (stream(p.clone()), stream(p));
-    let a1 = a.process_tensor(&frame(0)).unwrap();
-    let b1 = b.process_tensor(&frame(0)).unwrap();
+    let a1 = a.process_tensor(&common::frame_tensor(0)).unwrap();
+    let b1 = b.process_tensor(&common::frame_tensor(0)).unwrap();
     assert_eq!(abs_err(&a1, &b1).0, 0.0);
-    let a2 = a.process_tensor(&frame(3)).unwrap();
-    let b2 = b.process_tensor(&frame(7)).unwrap();
+    let a2 = a.process_tensor(&common::frame_tensor(3)).unwrap();
+    let b2 = b.process_tensor(&common::frame_tensor(7)).unwrap();
     assert_eq!(
         abs_err(&a2, &b2).0,
         0.0,
@@ -114,17 +106,17 @@ fn preprocessing_feedback_at_full_strength_denoises_the_previous_latent() {
     // Without the chain the two inputs give different outputs.
     let plain = params(json!([20]), json!({}));
     let (mut c, mut d) = (stream(plain.clone()), stream(plain));
-    c.process_tensor(&frame(0)).unwrap();
-    d.process_tensor(&frame(0)).unwrap();
-    let c2 = c.process_tensor(&frame(3)).unwrap();
-    let d2 = d.process_tensor(&frame(7)).unwrap();
+    c.process_tensor(&common::frame_tensor(0)).unwrap();
+    d.process_tensor(&common::frame_tensor(0)).unwrap();
+    let c2 = c.process_tensor(&common::frame_tensor(3)).unwrap();
+    let d2 = d.process_tensor(&common::frame_tensor(7)).unwrap();
     assert!(abs_err(&c2, &d2).1 > 1e-3);
     // At k = 0 the chain changes nothing but the clamp, which these latents never reach.
     let mut zero = stream(params(json!([20]), feedback("latent_preprocessing", 0.0)));
     let mut e = stream(params(json!([20]), json!({})));
     for i in 0..3 {
-        let got = zero.process_tensor(&frame(i)).unwrap();
-        let want = e.process_tensor(&frame(i)).unwrap();
+        let got = zero.process_tensor(&common::frame_tensor(i)).unwrap();
+        let want = e.process_tensor(&common::frame_tensor(i)).unwrap();
         assert_eq!(abs_err(&got, &want).0, 0.0, "frame {i}");
     }
 }
@@ -133,8 +125,8 @@ fn preprocessing_feedback_at_full_strength_denoises_the_previous_latent() {
 fn hot_changes_keep_the_history_and_a_new_chain_starts_with_a_passed_frame() {
     let steps = json!([20]);
     let mut s = stream(params(steps.clone(), json!({})));
-    s.process_tensor(&frame(0)).unwrap();
-    s.process_tensor(&frame(1)).unwrap();
+    s.process_tensor(&common::frame_tensor(0)).unwrap();
+    s.process_tensor(&common::frame_tensor(1)).unwrap();
     // Enabling the chain is hot; its first frame passes through (the history already exists).
     let update = s
         .update(params(
@@ -145,9 +137,9 @@ fn hot_changes_keep_the_history_and_a_new_chain_starts_with_a_passed_frame() {
     assert!(update.is_hot(), "{update:?}");
     let mut plain = stream(params(steps.clone(), json!({})));
     for i in 0..3 {
-        plain.process_tensor(&frame(i)).unwrap();
+        plain.process_tensor(&common::frame_tensor(i)).unwrap();
     }
-    s.process_tensor(&frame(2)).unwrap();
+    s.process_tensor(&common::frame_tensor(2)).unwrap();
     assert_eq!(
         abs_err(&latent(&s), &latent(&plain)).0,
         0.0,
@@ -156,10 +148,10 @@ fn hot_changes_keep_the_history_and_a_new_chain_starts_with_a_passed_frame() {
     // At k = 1 the next frames repeat the kept latent (clamped to ±10: these random-weight
     // latents exceed it).
     let kept3 = latent(&s);
-    s.process_tensor(&frame(5)).unwrap();
+    s.process_tensor(&common::frame_tensor(5)).unwrap();
     let clamped = kept3.clamp(-10.0, 10.0).unwrap();
     assert_eq!(abs_err(&latent(&s), &clamped).0, 0.0);
-    let out5 = s.process_tensor(&frame(4)).unwrap();
+    let out5 = s.process_tensor(&common::frame_tensor(4)).unwrap();
     assert_eq!(abs_err(&latent(&s), &clamped).0, 0.0);
     let decoded = to_unit_range(&s.models().autoencoder.decode(&clamped).unwrap()).unwrap();
     assert_eq!(abs_err(&out5, &decoded).0, 0.0);
@@ -170,11 +162,11 @@ fn hot_changes_keep_the_history_and_a_new_chain_starts_with_a_passed_frame() {
         feedback("latent_postprocessing", 0.5),
     ))
     .unwrap();
-    s.process_tensor(&frame(6)).unwrap();
+    s.process_tensor(&common::frame_tensor(6)).unwrap();
     let mut reference = stream(params(steps.clone(), json!({})));
     // The same inputs: RCFG "self" carries noise from frame to frame.
     for i in [0, 1, 2, 5, 4, 6] {
-        reference.process_tensor(&frame(i)).unwrap();
+        reference.process_tensor(&common::frame_tensor(i)).unwrap();
     }
     let want = blend(&latent(&reference), &kept, 0.5);
     let (max, _) = abs_err(&latent(&s), &want);

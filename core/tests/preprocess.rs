@@ -366,11 +366,11 @@ fn validation_names_the_field_and_the_rule() {
 mod stream {
     use std::sync::Arc;
 
-    use candle_core::{Device, Tensor};
+    use candle_core::Tensor;
     use sdstream::model::bundle::StableDiffusionModels;
     use sdstream::params::HotChange;
     use sdstream::preprocess::{self, ProcessorInputs};
-    use sdstream::{EngineSettings, Error, Frame, PixelFormat, StreamDiffusion, Update};
+    use sdstream::{EngineSettings, Error, StreamDiffusion, Update};
     use serde_json::{Value, json};
 
     use super::common::{abs_err, fixture};
@@ -409,15 +409,6 @@ mod stream {
         StreamDiffusion::with_models(models(), stream_params(b), settings()).unwrap()
     }
 
-    /// Fixture frame `i` as the stream's input tensor, [−1, 1].
-    fn frame(i: usize) -> Tensor {
-        let img = image::open(fixture(&format!("frames/{i:03}.png")))
-            .unwrap()
-            .to_rgb8();
-        let f = Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
-        f.to_tensor(64, 64, &Device::Cpu).unwrap()
-    }
-
     /// A [−1, 1] input with processor `name` applied in [0, 1], as the stream does.
     fn processed(name: &str, p: Value, x: &Tensor, previous: Option<&Tensor>) -> Tensor {
         let inputs = ProcessorInputs {
@@ -450,7 +441,7 @@ mod stream {
         let mut worst = 0f32;
         let mut change = 0f32;
         for i in 0..5 {
-            let x = frame(i);
+            let x = super::common::frame_tensor(i);
             let a = with_chain.process_tensor(&x).unwrap();
             let b = pre_blurred
                 .process_tensor(&processed(BLUR, blur_params(), &x, None))
@@ -475,8 +466,12 @@ mod stream {
         })));
         let mut plain = stream(&body(json!({})));
         for i in 0..4 {
-            let a = with_chain.process_tensor(&frame(i)).unwrap();
-            let b = plain.process_tensor(&frame(i)).unwrap();
+            let a = with_chain
+                .process_tensor(&super::common::frame_tensor(i))
+                .unwrap();
+            let b = plain
+                .process_tensor(&super::common::frame_tensor(i))
+                .unwrap();
             let want = preprocess::apply(
                 "sharpen",
                 &params(sharpen.clone()),
@@ -500,7 +495,7 @@ mod stream {
         let mut manual = stream(&body(json!({})));
         let mut previous: Option<Tensor> = None;
         for i in 0..4 {
-            let x = frame(i);
+            let x = super::common::frame_tensor(i);
             let a = with_chain.process_tensor(&x).unwrap();
             let b = manual
                 .process_tensor(&processed("feedback", fb.clone(), &x, previous.as_ref()))
@@ -519,8 +514,9 @@ mod stream {
         let mut s = stream(&base);
         let mut twin = stream(&base);
         for i in 0..3 {
-            s.process_tensor(&frame(i)).unwrap();
-            twin.process_tensor(&frame(i)).unwrap();
+            s.process_tensor(&super::common::frame_tensor(i)).unwrap();
+            twin.process_tensor(&super::common::frame_tensor(i))
+                .unwrap();
         }
         // Blur on: frame 3 is the twin's on a pre-blurred frame 3.
         let update = s.update(stream_params(&blurred)).unwrap();
@@ -530,16 +526,23 @@ mod stream {
                 changes: vec![HotChange::ImagePreprocessing]
             }
         );
-        let a = s.process_tensor(&frame(3)).unwrap();
+        let a = s.process_tensor(&super::common::frame_tensor(3)).unwrap();
         let b = twin
-            .process_tensor(&processed(BLUR, blur_params(), &frame(3), None))
+            .process_tensor(&processed(
+                BLUR,
+                blur_params(),
+                &super::common::frame_tensor(3),
+                None,
+            ))
             .unwrap();
         assert!(abs_err(&a, &b).0 <= 1e-5, "{}", abs_err(&a, &b).0);
         // Blur off, sharpen on: frame 4 is the twin's plain frame 4, sharpened.
         let update = s.update(stream_params(&sharpened)).unwrap();
         assert!(matches!(update, Update::Hot { .. }), "{update:?}");
-        let a = s.process_tensor(&frame(4)).unwrap();
-        let b = twin.process_tensor(&frame(4)).unwrap();
+        let a = s.process_tensor(&super::common::frame_tensor(4)).unwrap();
+        let b = twin
+            .process_tensor(&super::common::frame_tensor(4))
+            .unwrap();
         let want = preprocess::apply(
             "sharpen",
             &params(json!({})),
@@ -552,8 +555,10 @@ mod stream {
         let mut off = sharpened.clone();
         off["image_postprocessing"]["enabled"] = json!(false);
         s.update(stream_params(&off)).unwrap();
-        let a = s.process_tensor(&frame(5)).unwrap();
-        let b = twin.process_tensor(&frame(5)).unwrap();
+        let a = s.process_tensor(&super::common::frame_tensor(5)).unwrap();
+        let b = twin
+            .process_tensor(&super::common::frame_tensor(5))
+            .unwrap();
         assert_eq!(abs_err(&a, &b).0, 0.0);
     }
 

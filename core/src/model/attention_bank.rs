@@ -20,8 +20,8 @@ use candle_core::Tensor;
 
 use crate::{Error, Result};
 
-/// The most frames Daydream lets the bank hold.
-pub const MAX_BANKED_FRAMES: usize = 4;
+/// The most frames the bank holds: the parameters' bound.
+pub const MAX_BANKED_FRAMES: usize = crate::params::CACHED_ATTENTION_MAX_FRAMES as usize;
 
 /// The keys and values kept across UNet calls, one entry per self-attention layer.
 #[derive(Debug, Clone)]

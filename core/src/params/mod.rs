@@ -30,8 +30,8 @@ pub use classify::{ControlNetField, HotChange, IpAdapterField, Update, UpdateKin
 pub use fields::{Acceleration, DEFAULT_IP_ADAPTER_STYLE_IMAGE_URL, StreamDiffusionParams};
 pub use json::merge_patch;
 pub use nested::{
-    CachedAttentionConfig, ControlNetConfig, IPAdapterConfig, IpAdapterType, ProcessingConfig,
-    ProcessorConfig,
+    CACHED_ATTENTION_MAX_FRAMES, CACHED_ATTENTION_MAX_INTERVAL, CachedAttentionConfig,
+    ControlNetConfig, IPAdapterConfig, IpAdapterType, ProcessingConfig, ProcessorConfig,
 };
 pub use settings::{CfgType, DTypeChoice, DeviceSpec, EngineSettings, VaeChoice};
 pub use transition::Transition;

@@ -116,6 +116,11 @@ impl Default for IPAdapterConfig {
     }
 }
 
+/// Most frames `cached_attention` may bank (Daydream's `CACHED_ATTENTION_MAX_FRAMES`).
+pub const CACHED_ATTENTION_MAX_FRAMES: u32 = 4;
+/// Longest `cached_attention.interval` (Daydream's bound: a minute at 24 fps).
+pub const CACHED_ATTENTION_MAX_INTERVAL: u32 = 1440;
+
 /// `cached_attention`: StreamV2V's feature bank (docs/ALGORITHM.md §5e). `enabled` is a reload,
 /// `max_frames` and `interval` are hot. An object written as `{}` is *enabled* (Daydream's
 /// class default); the parameter set's own default is a disabled bank (see docs/PARAMS.md).

@@ -443,17 +443,25 @@ fn check_processing(
 
 /// `cached_attention`: Daydream's ranges (1–4 frames, an interval of 1–1440 frames).
 fn check_cached_attention(c: &super::CachedAttentionConfig) -> Result<()> {
-    if !(1..=4).contains(&c.max_frames) {
-        return Err(Error::param(
+    use super::nested::{CACHED_ATTENTION_MAX_FRAMES, CACHED_ATTENTION_MAX_INTERVAL};
+    for (field, value, max) in [
+        (
             "cached_attention.max_frames",
-            format!("{} is out of range [1, 4]", c.max_frames),
-        ));
-    }
-    if !(1..=1440).contains(&c.interval) {
-        return Err(Error::param(
+            c.max_frames,
+            CACHED_ATTENTION_MAX_FRAMES,
+        ),
+        (
             "cached_attention.interval",
-            format!("{} is out of range [1, 1440]", c.interval),
-        ));
+            c.interval,
+            CACHED_ATTENTION_MAX_INTERVAL,
+        ),
+    ] {
+        if !(1..=max).contains(&value) {
+            return Err(Error::param(
+                field,
+                format!("{value} is out of range [1, {max}]"),
+            ));
+        }
     }
     Ok(())
 }

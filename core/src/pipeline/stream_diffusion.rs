@@ -559,7 +559,7 @@ impl StreamDiffusion {
         let verdict = checker.check(out, self.params.safety_checker_threshold)?;
         self.timings
             .processors
-            .add("safety_checker", start.elapsed());
+            .add(preprocess::SAFETY_CHECKER, start.elapsed());
         self.timings.safety = SafetyFrame {
             checked: true,
             flagged: verdict.flagged,

@@ -52,6 +52,13 @@ impl LatentProcessor {
         }
     }
 
+    /// Daydream's name of the processor.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LatentProcessor::Feedback { .. } => "latent_feedback",
+        }
+    }
+
     /// Runs the processor on `latent`; `previous` is the previous frame's output latent,
     /// `first` whether this is the processor's first frame.
     pub fn apply(&self, latent: &Tensor, previous: Option<&Tensor>, first: bool) -> Result<Tensor> {
@@ -165,15 +172,6 @@ impl LatentChain {
             *first = false;
         }
         Ok(x)
-    }
-}
-
-impl LatentProcessor {
-    /// Daydream's name of the processor.
-    pub fn name(&self) -> &'static str {
-        match self {
-            LatentProcessor::Feedback { .. } => "latent_feedback",
-        }
     }
 }
 

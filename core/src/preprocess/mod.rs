@@ -69,7 +69,7 @@ use serde_json::{Map, Value};
 use self::networks::{Network, NetworkRequest, ProcessorNetworks};
 use self::param_reader::ParamReader;
 use self::planes::Planes;
-use crate::params::catalog::IMAGE_PROCESSORS;
+use crate::params::catalog::{IMAGE_PROCESSORS, LATENT_PROCESSORS};
 use crate::params::{ProcessingConfig, StreamDiffusionParams};
 use crate::{Error, Result};
 
@@ -111,18 +111,23 @@ pub struct ProcessorInputs<'a> {
     pub networks: Option<&'a ProcessorNetworks>,
 }
 
-/// The names [`ProcessorTimes`] counts after the image processors: the latent processors and
-/// the safety checker, which the status reports beside them.
-const OTHER_TIMED: [&str; 2] = ["latent_feedback", "safety_checker"];
+/// The name the safety checker's time is reported under, beside the processors'.
+pub const SAFETY_CHECKER: &str = "safety_checker";
 
-const TIMED: usize = IMAGE_PROCESSORS.len() + OTHER_TIMED.len();
+const TIMED: usize = IMAGE_PROCESSORS.len() + LATENT_PROCESSORS.len() + 1;
+
+/// Every name [`ProcessorTimes`] counts, in order: the image processors, the latent
+/// processors, the safety checker.
+fn timed_names() -> impl Iterator<Item = &'static &'static str> {
+    IMAGE_PROCESSORS
+        .iter()
+        .chain(LATENT_PROCESSORS)
+        .chain(std::iter::once(&SAFETY_CHECKER))
+}
 
 /// The position of `name` among the timed names.
 fn timed_index(name: &str) -> Option<usize> {
-    IMAGE_PROCESSORS
-        .iter()
-        .chain(&OTHER_TIMED)
-        .position(|n| *n == name)
+    timed_names().position(|n| *n == name)
 }
 
 /// Time spent in each processor during one frame, by name (Daydream's processor names,
@@ -152,9 +157,7 @@ impl ProcessorTimes {
 
     /// Each processor that ran, with its time, in catalogue order.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, Duration)> + '_ {
-        IMAGE_PROCESSORS
-            .iter()
-            .chain(&OTHER_TIMED)
+        timed_names()
             .zip(&self.spent)
             .filter_map(|(name, spent)| spent.map(|d| (*name, d)))
     }

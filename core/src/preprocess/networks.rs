@@ -227,11 +227,9 @@ impl Network {
                 device,
                 depth_anything::tolerated_unused,
                 |config: &depth_anything::Config| {
-                    config.validate().map_err(|e| Error::UnsupportedConfig {
-                        model: "Depth Anything".into(),
-                        option: "config.json".into(),
-                        detail: e.to_string(),
-                    })
+                    config
+                        .validate()
+                        .map_err(unsupported_config("Depth Anything"))
                 },
                 |config, vb| Ok(DepthAnything::new(config, vb)?),
             )?),
@@ -263,13 +261,11 @@ impl Network {
                 device,
                 safety_checker::tolerated_unused,
                 |config: &safety_checker::Config| {
-                    config.validate().map_err(|e| Error::UnsupportedConfig {
-                        model: "safety checker".into(),
-                        option: "config.json".into(),
-                        detail: e.to_string(),
-                    })
+                    config
+                        .validate()
+                        .map_err(unsupported_config("safety checker"))
                 },
-                |config, vb| SafetyChecker::new(config, vb),
+                SafetyChecker::new,
             )?),
             NetworkKind::RealEsrgan => Network::RealEsrgan(open_weights(
                 path,
@@ -279,6 +275,15 @@ impl Network {
                 RrdbNet::new,
             )?),
         })
+    }
+}
+
+/// Turns a checkpoint folder's failed config check into an unsupported `config.json` of `model`.
+fn unsupported_config<E: std::fmt::Display>(model: &str) -> impl Fn(E) -> Error + '_ {
+    move |e| Error::UnsupportedConfig {
+        model: model.into(),
+        option: "config.json".into(),
+        detail: e.to_string(),
     }
 }
 

@@ -178,3 +178,13 @@ impl WorstFrame {
         );
     }
 }
+
+/// Fixture frame `i` (tests/fixtures/frames holds 8, taken round) as a stream's 64×64 input
+/// tensor `[1, 3, 64, 64]` in [−1, 1] on the CPU.
+pub fn frame_tensor(i: usize) -> Tensor {
+    let img = image::open(fixture(&format!("frames/{:03}.png", i % 8)))
+        .unwrap_or_else(|e| panic!("fixture frame {i}: {e}"))
+        .to_rgb8();
+    let f = sdstream::Frame::packed(img.as_raw(), 64, 64, sdstream::PixelFormat::Rgb8).unwrap();
+    f.to_tensor(64, 64, &Device::Cpu).unwrap()
+}
