@@ -322,6 +322,30 @@ fn a_pipeline_without_its_own_checker_takes_the_hub_ones_from_the_model_root() {
     }
     assert_eq!(n, m);
     assert_eq!(s.status().safety_frames_checked, 8);
+    // Transformers 4.x's `pytorch_model.bin` (keys under `vision_model.vision_model.`, the
+    // position_ids buffer) serves as well, with the same verdicts.
+    let legacy_root = scratch.join("legacy-root");
+    copy_dir(
+        &fixture("safety-checker-bin"),
+        &legacy_root.join("CompVis/stable-diffusion-safety-checker"),
+    );
+    let mut legacy_settings = common::tiny_settings("self");
+    legacy_settings.model_root = Some(legacy_root);
+    let mut legacy = StreamDiffusion::new(params(&model, json!({})), legacy_settings).unwrap();
+    let mut fresh = StreamDiffusion::new(
+        params(&pipeline_with_flagging_checker("legacy"), json!({})),
+        common::tiny_settings("self"),
+    )
+    .unwrap();
+    let mut l = 0;
+    for i in 0..8 {
+        let got = process(&mut legacy, i);
+        let want = process(&mut fresh, i);
+        assert_eq!(got.data, want.data, "frame {i}");
+        assert_eq!(legacy.timings().safety, fresh.timings().safety, "frame {i}");
+        l += u64::from(legacy.timings().safety.flagged);
+    }
+    assert_eq!(l, n);
     // A broken checker there is an error naming its file, and nothing streams (once no stream
     // holds the loaded one: the pool shares a network while someone holds it).
     drop(s);

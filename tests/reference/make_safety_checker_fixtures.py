@@ -15,6 +15,9 @@ front, as diffusers' pipelines run it (`feature_extractor(pil_images)`, then
       the same network with every threshold at 2.0 (a cosine never exceeds 1): the checker the
       tiny pipelines carry, as diffusers' SD folders carry theirs; it never flags, so every stream
       golden is unchanged with the checker on (Daydream's default).
+  safety-checker-bin/{config.json, pytorch_model.bin}
+      the same checker as transformers 4.x saved it (keys under `vision_model.vision_model.`,
+      the `position_ids` buffer, torch.save's zip format), for the loader's legacy path.
   golden/safety_checker.safetensors
       image_<k>        [H, W, 3] uint8   the test images (the fixture frames and two patterns)
       clip_input_<k>   [1, 3, 224, 224]  CLIPImageProcessorPil (PIL bicubic, shortest edge 224,
@@ -140,6 +143,24 @@ def choose_thresholds(checker, inputs) -> None:
         checker.concept_embeds_weights.copy_(weights)
 
 
+def write_legacy_copy(src, out) -> None:
+    """The checker as transformers 4.x saved it before safetensors: `pytorch_model.bin`
+    (torch.save's zip format), keys under `vision_model.vision_model.`, with the
+    `position_ids` buffer — what CompVis's repository may still serve."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for key, value in load_file(str(src / "model.safetensors")).items():
+        if key.startswith("vision_model."):
+            key = "vision_model." + key
+        state[key] = value
+    state["vision_model.vision_model.embeddings.position_ids"] = torch.arange(257)[None]
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "config.json", out / "config.json")
+    torch.save(state, out / "pytorch_model.bin")
+    print("wrote", out / "pytorch_model.bin")
+
+
 def main() -> None:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
@@ -209,6 +230,8 @@ def main() -> None:
                  "tests/fixtures/safety-checker; written by make_safety_checker_fixtures.py",
         "cases": cases,
     })
+
+    write_legacy_copy(OUT, FIXTURES / "safety-checker-bin")
 
     # The never-flagging copy the tiny pipelines carry.
     with torch.no_grad():

@@ -155,14 +155,32 @@ pub(crate) fn open_component_with_lora<C, M>(
 where
     C: DeserializeOwned,
 {
+    let weights = weights_file(dir, stem, matches!(dtype, DType::F16 | DType::BF16))?;
+    open_component_file(
+        dir, &weights, dtype, device, tolerated, lora, validate, build,
+    )
+}
+
+/// [`open_component_with_lora`] with the weights file chosen by the caller (a safetensors file
+/// or a PyTorch checkpoint, [`WeightsFile::open`]) beside `dir/config.json`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn open_component_file<C, M>(
+    dir: &Path,
+    weights: &Path,
+    dtype: DType,
+    device: &Device,
+    tolerated: fn(&str) -> bool,
+    lora: Option<Arc<lora::LoraDeltas>>,
+    validate: impl FnOnce(&C) -> Result<()>,
+    build: impl Fn(&C, VarBuilder<'static>) -> Result<M>,
+) -> Result<(M, weight_table::WeightTable)>
+where
+    C: DeserializeOwned,
+{
     let config_path = dir.join("config.json");
     let config: C = read_config(&config_path)?;
     validate(&config).map_err(|e| in_file(&config_path, e))?;
-    let file = Arc::new(WeightsFile::open(&weights_file(
-        dir,
-        stem,
-        matches!(dtype, DType::F16 | DType::BF16),
-    )?)?);
+    let file = Arc::new(WeightsFile::open(weights)?);
     build_checked(
         &file,
         &config_path,

@@ -231,8 +231,9 @@ impl std::fmt::Debug for WeightsFile {
 }
 
 impl WeightsFile {
-    /// Opens a weights file: a PyTorch checkpoint when its name ends in `.pth`, `.pt` or
-    /// `.ckpt` ([`open_pytorch`](Self::open_pytorch)), a safetensors file otherwise
+    /// Opens a weights file: a PyTorch checkpoint when its name ends in `.pth`, `.pt`, `.ckpt`
+    /// or `.bin` (transformers' `pytorch_model.bin`) ([`open_pytorch`](Self::open_pytorch)), a
+    /// safetensors file otherwise
     /// ([`open_safetensors`](Self::open_safetensors)).
     pub(crate) fn open(path: &Path) -> Result<Self> {
         let extension = path
@@ -240,7 +241,7 @@ impl WeightsFile {
             .and_then(|e| e.to_str())
             .map(str::to_ascii_lowercase);
         match extension.as_deref() {
-            Some("pth" | "pt" | "ckpt") => Self::open_pytorch(path),
+            Some("pth" | "pt" | "ckpt" | "bin") => Self::open_pytorch(path),
             _ => Self::open_safetensors(path),
         }
     }

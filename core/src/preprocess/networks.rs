@@ -30,7 +30,7 @@ use crate::model::openpose_body::{self, BodyPoseNet};
 use crate::model::raft::{self, Raft};
 use crate::model::rrdbnet::{self, RrdbNet};
 use crate::model::safety_checker::{self, SafetyChecker};
-use crate::model::{open_component, open_weights};
+use crate::model::{open_component, open_component_file, open_weights, weights_file};
 use crate::{Error, Result};
 
 /// Which network a request loads.
@@ -145,7 +145,13 @@ impl NetworkRequest {
     /// The file patterns [`hub::resolve`] looks for: for one weights file the safetensors form,
     /// else the `.pth`; for a checkpoint folder its config and weights.
     fn wanted(&self) -> Vec<String> {
-        if self.kind.is_folder() {
+        if self.kind == NetworkKind::SafetyChecker {
+            // CompVis's checker may come as transformers' older `pytorch_model.bin` only.
+            vec![
+                "config.json".into(),
+                format!("{}.safetensors|{SAFETY_CHECKER_BIN}", self.stem),
+            ]
+        } else if self.kind.is_folder() {
             vec!["config.json".into(), format!("{}.safetensors", self.stem)]
         } else {
             vec![format!("{0}.safetensors|{0}.pth", self.stem)]
@@ -182,6 +188,9 @@ impl NetworkRequest {
         })
     }
 }
+
+/// The safety checker's weights as transformers 4.x saved them before safetensors.
+const SAFETY_CHECKER_BIN: &str = "pytorch_model.bin";
 
 /// ControlNet's annotator weights, where Daydream's processors (through controlnet_aux) get them.
 const ANNOTATORS: &str = "lllyasviel/Annotators";
@@ -254,19 +263,34 @@ impl Network {
                 lineart::Config::from_shapes,
                 LineartGenerator::new,
             )?),
-            NetworkKind::SafetyChecker => Network::SafetyChecker(open_component(
-                path,
-                "model",
-                dtype,
-                device,
-                safety_checker::tolerated_unused,
-                |config: &safety_checker::Config| {
-                    config
-                        .validate()
-                        .map_err(unsupported_config("safety checker"))
-                },
-                SafetyChecker::new,
-            )?),
+            NetworkKind::SafetyChecker => {
+                // `model.safetensors` (or its fp16 variant), else transformers' older
+                // `pytorch_model.bin`, read without running its pickle code.
+                let half = matches!(dtype, DType::F16 | DType::BF16);
+                let weights = match weights_file(path, "model", half) {
+                    Err(_) if path.join(SAFETY_CHECKER_BIN).is_file() => {
+                        path.join(SAFETY_CHECKER_BIN)
+                    }
+                    found => found?,
+                };
+                Network::SafetyChecker(
+                    open_component_file(
+                        path,
+                        &weights,
+                        dtype,
+                        device,
+                        safety_checker::tolerated_unused,
+                        None,
+                        |config: &safety_checker::Config| {
+                            config
+                                .validate()
+                                .map_err(unsupported_config("safety checker"))
+                        },
+                        SafetyChecker::new,
+                    )?
+                    .0,
+                )
+            }
             NetworkKind::RealEsrgan => Network::RealEsrgan(open_weights(
                 path,
                 dtype,
