@@ -47,4 +47,5 @@ pub use error::{Error, Result};
 pub use frame::{Frame, Image, PixelFormat};
 pub use params::{EngineSettings, StreamDiffusionParams, Update, UpdateKind, classify};
 pub use pipeline::stream_diffusion::{SafetyFrame, StageTimings, StreamDiffusion};
+pub use pipeline::style_image::StyleImage;
 pub use preprocess::standalone::{ControlImage, ImageProcessor};

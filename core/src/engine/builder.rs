@@ -169,7 +169,11 @@ pub(super) fn same_networks(a: &StreamDiffusionParams, b: &StreamDiffusionParams
         v.sort_unstable_by_key(|r| (r.repo, r.stem));
         v
     };
-    ids(a) == ids(b) && networks(a) == networks(b) && a.use_safety_checker == b.use_safety_checker
+    ids(a) == ids(b)
+        && networks(a) == networks(b)
+        && a.use_safety_checker == b.use_safety_checker
+        && a.ip_adapter == b.ip_adapter
+        && a.ip_adapter_style_image_url == b.ip_adapter_style_image_url
 }
 
 pub(super) fn finish_build(shared: &Shared, ticket: BuildTicket, outcome: Result<Ready>) {

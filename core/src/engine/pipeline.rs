@@ -9,7 +9,8 @@ use crate::model::bundle::StableDiffusionModels;
 use crate::model::pool::ModelPool;
 use crate::params::{EngineSettings, StreamDiffusionParams, Transition, Update};
 use crate::pipeline::stream_diffusion::{
-    StageTimings, StreamDiffusion, load_safety_checker, safety_checker_ready,
+    StageTimings, StreamDiffusion, image_prompt_ready, load_image_prompt, load_safety_checker,
+    prefetch_style_image, safety_checker_ready,
 };
 use crate::pipeline::{ControlPreparer, PreparedControls};
 use crate::preprocess;
@@ -116,7 +117,7 @@ pub(crate) struct StreamDiffusionFactory {
     pool: Arc<ModelPool>,
     /// The processor networks of the last preload, held until a later preload replaces them
     /// (the pool itself keeps only weak references).
-    preloaded: Mutex<Option<(ProcessorNetworks, Option<Arc<Network>>)>>,
+    preloaded: Mutex<Option<Preloaded>>,
 }
 
 impl StreamDiffusionFactory {
@@ -172,10 +173,12 @@ impl PipelineFactory for StreamDiffusionFactory {
             progress,
         )?;
         let checker = load_safety_checker(&models, params, &self.settings)?;
+        let adapter = load_image_prompt(&models, params, &self.settings)?;
+        prefetch_style_image(params, &self.settings)?;
         self.preloaded
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .replace((networks, checker));
+            .replace((networks, checker, adapter));
         Ok(())
     }
 
@@ -192,9 +195,17 @@ impl PipelineFactory for StreamDiffusionFactory {
                         &models.device,
                     )
                     && safety_checker_ready(&models, params, &self.settings)
+                    && image_prompt_ready(&models, params, &self.settings)
             })
     }
 }
+
+/// Networks loaded ahead of a change: the processors', the safety checker, the IP-Adapter.
+type Preloaded = (
+    ProcessorNetworks,
+    Option<Arc<Network>>,
+    Option<Arc<Network>>,
+);
 
 /// Extra passes that fill the stream batch with a frame, so that the next output comes from
 /// that frame instead of the zero buffer: n − 1 for a denoising batch of n steps, none

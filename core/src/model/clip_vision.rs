@@ -9,13 +9,14 @@
 //! image encoder is the same network. Weights are read under transformers 4.x's names
 //! (`vision_model.embeddings...` below whatever prefix the caller gives) or 5.x's.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
 use crate::model::clip::{Activation, EncoderLayer};
 use crate::model::kernels::norm::LayerNorm;
 use crate::model::limits::{Limits, MAX_CHANNELS, MAX_HEADS, MAX_TEXT_LAYERS, MAX_WIDTH};
+use crate::preprocess::resize::{Filter, resize_rgb8};
 use crate::{Error, Result};
 
 /// `vision_config` of a transformers CLIP configuration; defaults are `CLIPVisionConfig`'s.
@@ -242,4 +243,52 @@ impl ClipVisionModel {
             pooled,
         })
     }
+}
+
+/// OpenAI CLIP's per-channel mean, as transformers' `OPENAI_CLIP_MEAN`.
+pub const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// OpenAI CLIP's per-channel deviation, as transformers' `OPENAI_CLIP_STD`.
+pub const CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// transformers' CLIP image processor (its PIL backend): shorter side to `size` (the longer one
+/// `⌊size · long / short⌋`) with PIL's `filter` (bicubic by default there; Daydream's IP-Adapter
+/// asks for Lanczos), centre crop `size`², `/255`, CLIP mean and std.
+pub fn clip_input(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    size: usize,
+    filter: Filter,
+    device: &Device,
+) -> Result<Tensor> {
+    if width == 0 || height == 0 || rgb.len() != width * height * 3 {
+        return Err(Error::InvalidFrame(format!(
+            "expected {width}×{height} packed RGB ({} bytes), got {} bytes",
+            width * height * 3,
+            rgb.len()
+        )));
+    }
+    let (new_w, new_h) = if width <= height {
+        (size, size * height / width)
+    } else {
+        (size * width / height, size)
+    };
+    let resized = resize_rgb8(rgb, width, height, new_w, new_h, filter);
+    // Centre crop (transformers: top = (h − crop) // 2); sizes at least `size` by construction.
+    let (top, left) = ((new_h - size) / 2, (new_w - size) / 2);
+    // numpy holds the mean and deviation in the image's dtype (f32).
+    let mean = CLIP_MEAN.map(|m| m as f32);
+    let std = CLIP_STD.map(|s| s as f32);
+    let mut planes = vec![0f32; 3 * size * size];
+    for y in 0..size {
+        for x in 0..size {
+            let px = &resized[((top + y) * new_w + left + x) * 3..][..3];
+            for c in 0..3 {
+                // Rescaled in f64 and stored as f32, then normalised in f32, as numpy does.
+                let unit = (f64::from(px[c]) * (1.0 / 255.0)) as f32;
+                planes[c * size * size + y * size + x] = (unit - mean[c]) / std[c];
+            }
+        }
+    }
+    Ok(Tensor::from_vec(planes, (1, 3, size, size), device)?)
 }

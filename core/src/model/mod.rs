@@ -14,6 +14,7 @@ pub mod cuda_graph;
 pub mod depth_anything;
 pub mod dinov2;
 pub mod hed;
+pub mod ip_adapter;
 pub mod kernels;
 pub(crate) mod limits;
 pub mod lineart;

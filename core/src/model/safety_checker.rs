@@ -24,14 +24,9 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::clip_vision::{ClipVisionModel, VisionConfig};
-use crate::preprocess::resize::{Filter, resize_rgb8};
+use crate::model::clip_vision::{ClipVisionModel, VisionConfig, clip_input};
+use crate::preprocess::resize::Filter;
 use crate::{Error, Result};
-
-/// OpenAI CLIP's per-channel mean, as transformers' `OPENAI_CLIP_MEAN`.
-pub const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// OpenAI CLIP's per-channel deviation, as transformers' `OPENAI_CLIP_STD`.
-pub const CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// The concept embeddings diffusers' checker holds.
 const CONCEPTS: usize = 17;
@@ -184,7 +179,14 @@ impl SafetyChecker {
         height: usize,
         device: &Device,
     ) -> Result<Tensor> {
-        clip_input(rgb, width, height, self.input_size(), device)
+        clip_input(
+            rgb,
+            width,
+            height,
+            self.input_size(),
+            Filter::Bicubic,
+            device,
+        )
     }
 
     /// The image embedding `[1, projection]` (f32) of a processed input.
@@ -244,7 +246,7 @@ impl SafetyChecker {
         }
         let rgb = to_rgb8(image)?;
         let device = self.visual_projection.device().clone();
-        let input = clip_input(&rgb, w, h, self.input_size(), &device)?;
+        let input = clip_input(&rgb, w, h, self.input_size(), Filter::Bicubic, &device)?;
         let (special, concept) = self.cosines(&self.image_embeds(&input)?)?;
         Ok(self.verdict(&special, &concept, threshold))
     }
@@ -263,47 +265,6 @@ fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
         .into_iter()
         .map(|v| (v.clamp(0.0, 1.0) * 255.0).round_ties_even() as u8)
         .collect())
-}
-
-/// transformers' CLIP image processor (its PIL backend): shorter side to `size` (the longer one
-/// `⌊size · long / short⌋`) with PIL's bicubic, centre crop `size`², `/255`, CLIP mean and std.
-pub fn clip_input(
-    rgb: &[u8],
-    width: usize,
-    height: usize,
-    size: usize,
-    device: &Device,
-) -> Result<Tensor> {
-    if width == 0 || height == 0 || rgb.len() != width * height * 3 {
-        return Err(Error::InvalidFrame(format!(
-            "expected {width}×{height} packed RGB ({} bytes), got {} bytes",
-            width * height * 3,
-            rgb.len()
-        )));
-    }
-    let (new_w, new_h) = if width <= height {
-        (size, size * height / width)
-    } else {
-        (size * width / height, size)
-    };
-    let resized = resize_rgb8(rgb, width, height, new_w, new_h, Filter::Bicubic);
-    // Centre crop (transformers: top = (h − crop) // 2); sizes at least `size` by construction.
-    let (top, left) = ((new_h - size) / 2, (new_w - size) / 2);
-    // numpy holds the mean and deviation in the image's dtype (f32).
-    let mean = CLIP_MEAN.map(|m| m as f32);
-    let std = CLIP_STD.map(|s| s as f32);
-    let mut planes = vec![0f32; 3 * size * size];
-    for y in 0..size {
-        for x in 0..size {
-            let px = &resized[((top + y) * new_w + left + x) * 3..][..3];
-            for c in 0..3 {
-                // Rescaled in f64 and stored as f32, then normalised in f32, as numpy does.
-                let unit = (f64::from(px[c]) * (1.0 / 255.0)) as f32;
-                planes[c * size * size + y * size + x] = (unit - mean[c]) / std[c];
-            }
-        }
-    }
-    Ok(Tensor::from_vec(planes, (1, 3, size, size), device)?)
 }
 
 /// For sdstream's weight loading: checkpoint tensors the checker does not read. transformers

@@ -25,13 +25,14 @@ use candle_nn::VarBuilder;
 
 use super::attention_bank::{AttentionBank, BankCall};
 use super::cuda_graph::GraphCache;
+use super::ip_adapter::IpAdapterLayers;
 use super::kernels::conv::Conv2d;
 use super::kernels::norm::GroupNorm;
 use super::lora::LoraDeltas;
 use super::open_component_with_lora;
 use super::unet_blocks::{
-    Activation, Context, DownBlock, LevelShape, MidBlock, SinusoidalTimesteps, TimestepEmbedding,
-    UpBlock, conv2d,
+    Activation, Context, DownBlock, ImageContext, LevelShape, MidBlock, SinusoidalTimesteps,
+    TimestepEmbedding, UpBlock, conv2d,
 };
 use super::weight_table::{WeightTable, rebuild_with_lora};
 use crate::{Error, Result};
@@ -329,8 +330,21 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// The query width of every cross-attention layer, in diffusers' `attn_processors` order.
+    cross_attention_widths: Vec<usize>,
     /// The forward pass's CUDA graphs (none elsewhere); a clone starts without any.
     graphs: GraphCache,
+}
+
+/// IP-Adapter's inputs to one UNet call ([`crate::model::ip_adapter`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ImagePrompt<'a> {
+    /// The adapter's per-layer key and value projections.
+    pub adapter: &'a IpAdapterLayers,
+    /// How many tokens at the end of `encoder_hidden_states` are image tokens.
+    pub tokens: usize,
+    /// The scale of every cross-attention layer's image attention (diffusers' order).
+    pub scales: &'a [f64],
 }
 
 impl UNet2DConditionModel {
@@ -338,7 +352,7 @@ impl UNet2DConditionModel {
     /// sets that is not implemented is an [`Error::UnsupportedConfig`] naming it.
     pub fn new(config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
         const MODEL: &str = "UNet";
-        let encoder = UNetEncoder::new(config, MODEL, vb.clone())?;
+        let mut encoder = UNetEncoder::new(config, MODEL, vb.clone())?;
         let plan = &encoder.plan;
         let s = plan.settings;
         let n = plan.block_out_channels.len();
@@ -388,6 +402,32 @@ impl UNet2DConditionModel {
             )?);
         }
         let ch0 = plan.block_out_channels[0];
+        // Number the cross-attention layers as diffusers lists its attention processors
+        // (module order: down blocks, up blocks, then the mid block).
+        let mut cross_attention_widths = Vec::new();
+        {
+            let transformers = encoder
+                .down_blocks
+                .iter_mut()
+                .flat_map(|b| b.transformers_mut().iter_mut())
+                .chain(
+                    up_blocks
+                        .iter_mut()
+                        .flat_map(|b| b.transformers_mut().iter_mut()),
+                )
+                .chain(
+                    encoder
+                        .mid_block
+                        .iter_mut()
+                        .flat_map(|b| b.transformers_mut().iter_mut()),
+                );
+            for transformer in transformers {
+                for block in transformer.blocks_mut() {
+                    block.cross_attention_slot = cross_attention_widths.len();
+                    cross_attention_widths.push(block.width);
+                }
+            }
+        }
         if config.conv_out_kernel.is_multiple_of(2) {
             return Err(unsupported(
                 MODEL,
@@ -411,6 +451,7 @@ impl UNet2DConditionModel {
             config: config.clone(),
             encoder,
             up_blocks,
+            cross_attention_widths,
             graphs: GraphCache::default(),
         })
     }
@@ -494,6 +535,12 @@ impl UNet2DConditionModel {
             .map(|spec| spec.cross_attention_dim)
     }
 
+    /// The query width of every cross-attention layer, in diffusers' `attn_processors` order
+    /// (down blocks, up blocks, mid block): the layers IP-Adapter checkpoints number.
+    pub fn cross_attention_widths(&self) -> &[usize] {
+        &self.cross_attention_widths
+    }
+
     /// How many down residuals a [`ControlResiduals`] must hold (12 for SD 1.x/2.x).
     pub fn down_residual_count(&self) -> usize {
         self.encoder.skip_count()
@@ -551,7 +598,15 @@ impl UNet2DConditionModel {
                 down: xs[first..first + n].iter().map(|t| (*t).clone()).collect(),
                 mid: xs[first + n].clone(),
             });
-            self.forward_eager(xs[0], xs[1], xs[2], added.as_ref(), control.as_ref(), None)
+            self.forward_eager(
+                xs[0],
+                xs[1],
+                xs[2],
+                added.as_ref(),
+                control.as_ref(),
+                None,
+                None,
+            )
         })
     }
 
@@ -567,18 +622,106 @@ impl UNet2DConditionModel {
         control: Option<&ControlResiduals>,
         bank: &mut AttentionBank,
     ) -> Result<Tensor> {
-        let call = bank.begin();
-        let out = self.forward_eager(
+        self.forward_extended(
             sample,
             timesteps,
             encoder_hidden_states,
             added,
             control,
-            Some(&call),
-        )?;
-        let fresh = call.into_inner().into_fresh();
-        bank.commit(fresh)?;
-        Ok(out)
+            Some(bank),
+            None,
+        )
+    }
+
+    /// The general call: [`forward_with_added`](Self::forward_with_added) with cached
+    /// attention's `bank` and IP-Adapter's `image` prompt, each optional. With `image`, the
+    /// last `image.tokens` tokens of `encoder_hidden_states` are the image tokens of each row
+    /// (Daydream's layout: appended to the text) and every cross-attention layer also attends
+    /// to them ([`crate::model::ip_adapter`]). With either, the pass runs eagerly (no CUDA
+    /// graph); with neither, this is `forward_with_added`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_extended(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+        bank: Option<&mut AttentionBank>,
+        image: Option<ImagePrompt<'_>>,
+    ) -> Result<Tensor> {
+        if bank.is_none() && image.is_none() {
+            return self.forward_with_added(
+                sample,
+                timesteps,
+                encoder_hidden_states,
+                added,
+                control,
+            );
+        }
+        let (text, image_tokens) = match image {
+            Some(image) => {
+                let all = encoder_hidden_states.dim(1)?;
+                if image.tokens == 0 || image.tokens >= all {
+                    return Err(shape_error(format!(
+                        "{} image tokens given in encoder_hidden_states of {all} tokens",
+                        image.tokens
+                    )));
+                }
+                let widths = image.adapter.widths();
+                if widths != self.cross_attention_widths {
+                    return Err(shape_error(format!(
+                        "the IP-Adapter's layers have widths {widths:?}, the UNet's \
+                         cross-attention layers {:?}",
+                        self.cross_attention_widths
+                    )));
+                }
+                if image.scales.len() != widths.len() {
+                    return Err(shape_error(format!(
+                        "{} IP-Adapter scales given for {} layers",
+                        image.scales.len(),
+                        widths.len()
+                    )));
+                }
+                let text = encoder_hidden_states.narrow(1, 0, all - image.tokens)?;
+                let tokens = encoder_hidden_states
+                    .narrow(1, all - image.tokens, image.tokens)?
+                    .to_dtype(self.dtype())?;
+                (text, Some((tokens, image)))
+            }
+            None => (encoder_hidden_states.clone(), None),
+        };
+        let image_context = image_tokens.as_ref().map(|(tokens, image)| ImageContext {
+            tokens,
+            layers: image.adapter.layers(),
+            scales: image.scales,
+        });
+        match bank {
+            Some(bank) => {
+                let call = bank.begin();
+                let out = self.forward_eager(
+                    sample,
+                    timesteps,
+                    &text,
+                    added,
+                    control,
+                    Some(&call),
+                    image_context.as_ref(),
+                )?;
+                let fresh = call.into_inner().into_fresh();
+                bank.commit(fresh)?;
+                Ok(out)
+            }
+            None => self.forward_eager(
+                sample,
+                timesteps,
+                &text,
+                added,
+                control,
+                None,
+                image_context.as_ref(),
+            ),
+        }
     }
 
     fn forward_eager(
@@ -589,6 +732,7 @@ impl UNet2DConditionModel {
         added: Option<&AddedConditioning>,
         control: Option<&ControlResiduals>,
         bank: Option<&RefCell<BankCall<'_>>>,
+        image: Option<&ImageContext<'_>>,
     ) -> Result<Tensor> {
         let dtype = self.dtype();
         let (batch, channels, height, width) = sample.dims4()?;
@@ -627,6 +771,7 @@ impl UNet2DConditionModel {
         let context = Context {
             text: &context,
             bank,
+            image,
         };
         let (x, mut skips) = self.encoder.down(&x, &temb_act, context)?;
         if let Some(control) = control {

@@ -446,6 +446,19 @@ impl Attention {
         context: Option<&Tensor>,
         bank: Option<&RefCell<BankCall<'_>>>,
     ) -> candle_core::Result<Tensor> {
+        self.forward_with_image(x, context, bank, None)
+    }
+
+    /// [`forward`](Self::forward) with IP-Adapter's decoupled cross-attention: the queries
+    /// also attend to the image tokens' keys and values, and that result, times the layer's
+    /// scale, is added to the text attention's before the output projection.
+    pub(crate) fn forward_with_image(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        bank: Option<&RefCell<BankCall<'_>>>,
+        image: Option<ImageAttention<'_>>,
+    ) -> candle_core::Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
         // Heads-major layout [·, B, H, tokens, d] so that every (batch, head) pair is one matmul.
@@ -482,7 +495,35 @@ impl Attention {
             }
             None => (k, v, m),
         };
+        let mut out = self.attend_blocks(&q, &k, &v, b, n, m)?;
+        if let Some(image) = image {
+            let t = image.tokens.dim(1)?;
+            let kv = image
+                .to_kv
+                .forward(image.tokens)?
+                .reshape((b, t, 2, h, d))?
+                .permute((2, 0, 3, 1, 4))?
+                .contiguous()?;
+            let k = kv.get(0)?.reshape((b * h, t, d))?;
+            let v = kv.get(1)?.reshape((b * h, t, d))?;
+            let from_image = self.attend_blocks(&q, &k, &v, b, n, t)?;
+            out = (out + (from_image * image.scale)?)?;
+        }
+        self.to_out.forward(&out)
+    }
 
+    /// Attention of `q` `[B·H, N, d]` over `k`, `v` `[B·H, M, d]`, heads merged back:
+    /// `[B, N, H·d]` (before the output projection).
+    fn attend_blocks(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        b: usize,
+        n: usize,
+        m: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (h, d) = (self.heads, self.head_dim);
         // Scores are computed in blocks of (head, query rows): on the CPU a block fits the
         // allocator's reusable heap (no page faults per call) and stays cache-friendly; on other
         // devices blocks only bound memory.
@@ -494,7 +535,7 @@ impl Attention {
         } / score_dtype.size_in_bytes();
         let pairs = b * h;
         let out = if pairs * n * m <= budget {
-            self.attend(&q, &k, &v)?
+            self.attend(q, k, v)?
         } else if n * m <= budget {
             let group = budget / (n * m);
             let mut parts = Vec::with_capacity(pairs.div_ceil(group));
@@ -525,11 +566,9 @@ impl Attention {
             }
             Tensor::cat(&per_pair, 0)?
         };
-        let out = out
-            .reshape((b, h, n, d))?
+        out.reshape((b, h, n, d))?
             .transpose(1, 2)?
-            .reshape((b, n, h * d))?;
-        self.to_out.forward(&out)
+            .reshape((b, n, h * d))
     }
 
     /// softmax(q·kᵀ·scale)·v for `[P, N, d]` × `[P, M, d]`.
@@ -557,13 +596,37 @@ impl Attention {
 pub(crate) struct Context<'a, 'b> {
     pub(crate) text: &'a Tensor,
     pub(crate) bank: Option<&'a RefCell<BankCall<'b>>>,
+    /// IP-Adapter's image tokens and layers, when an adapter is active.
+    pub(crate) image: Option<&'a ImageContext<'a>>,
 }
 
 impl<'a> Context<'a, 'static> {
-    /// The text alone (no bank).
+    /// The text alone (no bank, no image).
     pub(crate) fn text(text: &'a Tensor) -> Self {
-        Self { text, bank: None }
+        Self {
+            text,
+            bank: None,
+            image: None,
+        }
     }
+}
+
+/// IP-Adapter's part in one UNet call ([`crate::model::ip_adapter`]).
+pub(crate) struct ImageContext<'a> {
+    /// The image tokens of every batch row, `[B, T, D]`.
+    pub(crate) tokens: &'a Tensor,
+    /// Per cross-attention layer (diffusers' `attn_processors` order): `[to_k_ip; to_v_ip]`.
+    pub(crate) layers: &'a [Linear],
+    /// Per cross-attention layer: the scale of its image attention.
+    pub(crate) scales: &'a [f64],
+}
+
+/// What one cross-attention layer reads of an [`ImageContext`].
+#[derive(Clone, Copy)]
+pub(crate) struct ImageAttention<'a> {
+    tokens: &'a Tensor,
+    to_kv: &'a Linear,
+    scale: f64,
 }
 
 /// diffusers' `FeedForward` with GEGLU: `net.0.proj` (→ 2·inner), exact GELU gate, `net.2`.
@@ -599,6 +662,11 @@ pub(crate) struct BasicTransformerBlock {
     norm3: LayerNorm,
     ff: FeedForward,
     only_cross_attention: bool,
+    /// This block's cross-attention in diffusers' `attn_processors` order (down, up, mid
+    /// blocks), which IP-Adapter checkpoints number their layers by; set by the UNet.
+    pub(crate) cross_attention_slot: usize,
+    /// The width of its queries (what IP-Adapter's key and value projections output).
+    pub(crate) width: usize,
 }
 
 impl BasicTransformerBlock {
@@ -634,6 +702,8 @@ impl BasicTransformerBlock {
             norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
             only_cross_attention: spec.only_cross_attention,
+            cross_attention_slot: 0,
+            width: dim,
         })
     }
 
@@ -653,9 +723,23 @@ impl BasicTransformerBlock {
             x,
             1,
         )?;
+        // A layer at scale 0 adds nothing: skipped, as the adapter's absence.
+        let image = context.image.and_then(|image| {
+            let slot = self.cross_attention_slot;
+            let scale = *image.scales.get(slot)?;
+            (scale != 0.0).then(|| ImageAttention {
+                tokens: image.tokens,
+                to_kv: &image.layers[slot],
+                scale,
+            })
+        });
         let x = add_fresh(
-            self.attn2
-                .forward(&self.norm2.forward(&x)?, Some(context.text), None)?,
+            self.attn2.forward_with_image(
+                &self.norm2.forward(&x)?,
+                Some(context.text),
+                None,
+                image,
+            )?,
             &x,
             1,
         )?;
@@ -718,6 +802,11 @@ impl Transformer2DModel {
         })
     }
 
+    /// Its transformer blocks, in order.
+    pub(crate) fn blocks_mut(&mut self) -> impl Iterator<Item = &mut BasicTransformerBlock> {
+        self.blocks.iter_mut()
+    }
+
     pub(crate) fn forward(
         &self,
         x: &Tensor,
@@ -756,6 +845,11 @@ pub(crate) struct LevelShape {
 }
 
 impl DownBlock {
+    /// Its transformers (none in a block without attention).
+    pub(crate) fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
+        &mut self.attentions
+    }
+
     pub(crate) fn new(
         shape: LevelShape,
         attention: Option<&AttentionSpec>,
@@ -842,6 +936,11 @@ pub(crate) struct MidBlock {
 }
 
 impl MidBlock {
+    /// Its transformers (none in a block without attention).
+    pub(crate) fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
+        &mut self.attentions
+    }
+
     pub(crate) fn new(
         channels: usize,
         temb_channels: usize,
@@ -901,6 +1000,11 @@ pub(crate) struct UpBlock {
 }
 
 impl UpBlock {
+    /// Its transformers (none in a block without attention).
+    pub(crate) fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
+        &mut self.attentions
+    }
+
     /// `shape.in_channels` is the channel count of the deepest skip this block consumes
     /// (diffusers' `in_channels`), `prev_channels` that of the block below.
     pub(crate) fn new(

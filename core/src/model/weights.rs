@@ -209,6 +209,10 @@ impl Storage {
     }
 }
 
+/// Dictionaries a PyTorch checkpoint may nest its tensors in, one per part of the network
+/// (h94/IP-Adapter's `.bin` files: the image projection and the attention layers).
+const NESTED_SECTIONS: [&str; 2] = ["image_proj", "ip_adapter"];
+
 /// A weights file whose header has been checked: a safetensors file (memory-mapped) or a
 /// PyTorch `.pth` checkpoint (see [`WeightsFile::open`]).
 pub(crate) struct WeightsFile {
@@ -293,9 +297,26 @@ impl WeightsFile {
             }
         }
         if tensors.is_empty() {
+            // IP-Adapter checkpoints hold one dictionary per part; their safetensors form names
+            // the tensors `<part>.<name>`, and so does this reading.
+            for section in NESTED_SECTIONS {
+                if let Ok(found) = std::panic::catch_unwind(|| {
+                    candle_core::pickle::read_all_with_key(path, Some(section))
+                }) && let Ok(found) = found
+                {
+                    tensors.extend(
+                        found
+                            .into_iter()
+                            .map(|(n, t)| (format!("{section}.{n}"), t)),
+                    );
+                }
+            }
+        }
+        if tensors.is_empty() {
             return Err(fail(
                 "no tensors found: expected a state dict at the top level or under \
-                 `state_dict`, `params_ema` or `params`"
+                 `state_dict`, `params_ema` or `params` (or IP-Adapter's `image_proj` and \
+                 `ip_adapter`)"
                     .into(),
             ));
         }

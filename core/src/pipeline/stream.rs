@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::model::ip_adapter::ImageTokens;
 use crate::model::unet::AddedConditioning;
 use crate::params::CfgType;
 use crate::{Error, Result};
@@ -104,6 +105,9 @@ pub struct Conditioning {
     pub uncond: Tensor,
     /// SDXL's added conditioning; `None` for SD 1.5/2.1.
     pub added: Option<AddedText>,
+    /// IP-Adapter's image tokens `[1, T, D]` of the prompt's rows and the negative prompt's,
+    /// appended to the text tokens of each row (Daydream's layout); `None` without an adapter.
+    pub image: Option<ImageTokens>,
 }
 
 /// SDXL's added conditioning of a stream: each UNet row gets the pooled embedding of the text
@@ -336,7 +340,16 @@ impl StreamState {
                 _ => repeat(positive, rows)?,
             })
         };
-        let embeds = layout(&cond.cond, &cond.uncond)?;
+        let embeds = match &cond.image {
+            Some(image) => Tensor::cat(
+                &[
+                    layout(&cond.cond, &cond.uncond)?,
+                    layout(&image.cond, &image.uncond)?,
+                ],
+                1,
+            )?,
+            None => layout(&cond.cond, &cond.uncond)?,
+        };
         let added = match &cond.added {
             Some(added) => {
                 let text_embeds = layout(&added.cond, &added.uncond)?;

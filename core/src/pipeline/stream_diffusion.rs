@@ -35,7 +35,12 @@ use crate::pipeline::controlnet::{
     attach_controlnets, control_conditions, control_residuals,
 };
 use crate::pipeline::filter::{FilterDecision, SimilarImageFilter};
+use crate::pipeline::image_prompt::{self, ImagePromptState};
+pub(crate) use crate::pipeline::image_prompt::{
+    load as load_image_prompt, prefetch as prefetch_style_image, ready as image_prompt_ready,
+};
 use crate::pipeline::stream::{AddedText, Conditioning, GuidanceParams, StreamState};
+use crate::pipeline::style_image::StyleImage;
 pub(crate) use crate::pipeline::support::{check_control_ids, check_supported};
 use crate::pipeline::transition::{Glide, TransitionProgress};
 use crate::preprocess::latent::LatentChain;
@@ -129,6 +134,10 @@ pub struct StreamDiffusion {
     safety_checker: Option<Arc<Network>>,
     /// Cached attention's bank, while `cached_attention.enabled`.
     attention_bank: Option<AttentionBank>,
+    /// IP-Adapter, while `ip_adapter.enabled`.
+    image_prompt: Option<ImagePromptState>,
+    /// A style picture the host handed in, used instead of `ip_adapter_style_image_url`.
+    host_style: Option<StyleImage>,
 }
 
 /// The counters behind a stream's status report.
@@ -195,6 +204,16 @@ impl StreamDiffusion {
         params: StreamDiffusionParams,
         settings: EngineSettings,
     ) -> Result<Self> {
+        Self::with_models_and_style(models, params, settings, None)
+    }
+
+    /// [`with_models`](Self::with_models) with a host-supplied IP-Adapter style picture.
+    fn with_models_and_style(
+        models: Arc<StableDiffusionModels>,
+        params: StreamDiffusionParams,
+        settings: EngineSettings,
+        host_style: Option<StyleImage>,
+    ) -> Result<Self> {
         settings.validate()?;
         params.validate(&settings)?;
         check_supported(&params)?;
@@ -224,7 +243,10 @@ impl StreamDiffusion {
             Some(_) => Some(models.sdxl_time_ids(height, width)?),
             None => None,
         };
+        let image_prompt =
+            image_prompt::build(&models, &params, &settings, host_style.as_ref(), None)?;
         let conditioning = Conditioning {
+            image: image_prompt.as_ref().map(|s| s.tokens.clone()),
             added: match (&cond.pooled, &uncond.pooled, time_ids) {
                 (Some(c), Some(u), Some(time_ids)) => Some(AddedText {
                     cond: c.clone(),
@@ -286,6 +308,8 @@ impl StreamDiffusion {
             previous_latent: None,
             safety_checker,
             attention_bank,
+            image_prompt,
+            host_style,
         })
     }
 
@@ -717,6 +741,7 @@ impl StreamDiffusion {
         let generator = &mut self.generator;
         let renoise = &mut self.renoise;
         let mut bank = self.attention_bank.as_mut();
+        let image = self.image_prompt.as_ref().map(ImagePromptState::unet_input);
         let steps = self.params.t_index_list.len();
         let sync = |device: &candle_core::Device| -> Result<()> {
             if self.stage_sync {
@@ -731,21 +756,25 @@ impl StreamDiffusion {
             guidance,
             |x, t, e, added, rows| {
                 let tc = Instant::now();
-                let residuals = control_residuals(controls, x, t, e, added, rows, steps)?;
+                // ControlNets read the text alone (Daydream's CNAttnProcessor).
+                let text = match image {
+                    Some(image) => e.narrow(1, 0, e.dim(1)? - image.tokens)?,
+                    None => e.clone(),
+                };
+                let residuals = control_residuals(controls, x, t, &text, added, rows, steps)?;
                 if residuals.is_some() {
                     sync(&models.device)?;
                 }
                 control_time += tc.elapsed();
-                match bank.as_deref_mut() {
-                    Some(bank) => {
-                        models
-                            .unet
-                            .forward_banked(x, t, e, added, residuals.as_ref(), bank)
-                    }
-                    None => models
-                        .unet
-                        .forward_with_added(x, t, e, added, residuals.as_ref()),
-                }
+                models.unet.forward_extended(
+                    x,
+                    t,
+                    e,
+                    added,
+                    residuals.as_ref(),
+                    bank.as_deref_mut(),
+                    image,
+                )
             },
             |shape| match renoise.as_mut() {
                 Some(source) => source(shape),
@@ -838,7 +867,22 @@ impl StreamDiffusion {
                 } else {
                     load_safety_checker(&self.models, &params, &self.settings)?
                 };
+                let image_prompt = if params.ip_adapter == self.params.ip_adapter
+                    && params.ip_adapter_style_image_url == self.params.ip_adapter_style_image_url
+                {
+                    self.image_prompt.clone()
+                } else {
+                    image_prompt::build(
+                        &self.models,
+                        &params,
+                        &self.settings,
+                        self.host_style.as_ref(),
+                        self.image_prompt.as_ref(),
+                    )?
+                };
                 self.apply_hot(params, update.hot_changes(), transition)?;
+                self.conditioning.image = image_prompt.as_ref().map(|s| s.tokens.clone());
+                self.image_prompt = image_prompt;
                 self.controlnets = controlnets;
                 self.networks = networks;
                 self.safety_checker = safety_checker;
@@ -859,7 +903,12 @@ impl StreamDiffusion {
                         eprintln!("sdstream: {line}")
                     })?
                 };
-                let mut fresh = Self::with_models(models, params, self.settings.clone())?;
+                let mut fresh = Self::with_models_and_style(
+                    models,
+                    params,
+                    self.settings.clone(),
+                    self.host_style.clone(),
+                )?;
                 fresh.report = std::mem::take(&mut self.report);
                 fresh.stage_sync = self.stage_sync;
                 *self = fresh;
@@ -1053,6 +1102,29 @@ impl StreamDiffusion {
     /// models' dtype (what the decoder took, and what `latent_feedback` blends with next).
     pub fn last_latent(&self) -> Option<&Tensor> {
         self.previous_latent.as_ref()
+    }
+
+    /// Hands in IP-Adapter's style picture (`Some`), used instead of the one at
+    /// `ip_adapter_style_image_url` from the next frame on, or goes back to the URL's (`None`).
+    /// The picture is encoded once, here, when the adapter is on (else when it is turned on).
+    /// On an error the stream keeps its previous picture.
+    pub fn set_style_image(&mut self, picture: Option<StyleImage>) -> Result<()> {
+        let image_prompt = image_prompt::build(
+            &self.models,
+            &self.params,
+            &self.settings,
+            picture.as_ref(),
+            self.image_prompt.as_ref(),
+        )?;
+        self.conditioning.image = image_prompt.as_ref().map(|s| s.tokens.clone());
+        self.image_prompt = image_prompt;
+        self.host_style = picture;
+        Ok(())
+    }
+
+    /// IP-Adapter's scale in each cross-attention layer (diffusers' order), while it is on.
+    pub fn ip_adapter_scales(&self) -> Option<&[f64]> {
+        self.image_prompt.as_ref().map(ImagePromptState::scales)
     }
 
     /// Cached attention's bank (`cached_attention.enabled`), for diagnostics and tests.

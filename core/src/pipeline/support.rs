@@ -1,14 +1,13 @@
 //! What a stream accepts beyond the parameter contract: the features this version runs, and
 //! which control images a frame may carry. The stream and the engine share these rules.
 
-use crate::params::StreamDiffusionParams;
+use crate::params::{IpAdapterType, StreamDiffusionParams};
 use crate::preprocess;
 use crate::{Error, Result};
 
 /// Rejects parameters that ask for features this version does not implement, rather than
 /// silently streaming without them, and checks every ControlNet's preprocessor and its
-/// parameters with [`preprocess::validate`]. `use_safety_checker` is accepted: no checker runs yet, which
-/// the README states.
+/// parameters with [`preprocess::validate`].
 pub(crate) fn check_supported(params: &StreamDiffusionParams) -> Result<()> {
     let not_yet = |field: &str, what: &str| {
         Err(Error::param(
@@ -23,8 +22,13 @@ pub(crate) fn check_supported(params: &StreamDiffusionParams) -> Result<()> {
             &format!("controlnets[{i}].preprocessor"),
         )?;
     }
-    if params.ip_adapter.enabled {
-        return not_yet("ip_adapter", "IP-Adapter");
+    if params.ip_adapter.enabled && params.ip_adapter.kind == IpAdapterType::Faceid {
+        return Err(Error::param(
+            "ip_adapter.type",
+            "faceid is not supported by sdstream: it needs InsightFace's buffalo_l face detector \
+             and recogniser (ONNX networks) and the FaceID checkpoints' LoRA layers; use type \
+             regular (style from the whole picture)",
+        ));
     }
     preprocess::validate_chain(
         params.image_preprocessing.as_ref(),

@@ -25,6 +25,7 @@ use candle_core::{DType, Device};
 use crate::hub::{self, HubOptions};
 use crate::model::depth_anything::{self, DepthAnything};
 use crate::model::hed::{self, Hed};
+use crate::model::ip_adapter::IpAdapter;
 use crate::model::lineart::{self, LineartGenerator};
 use crate::model::openpose_body::{self, BodyPoseNet};
 use crate::model::raft::{self, Raft};
@@ -51,6 +52,9 @@ pub enum NetworkKind {
     /// The Stable Diffusion safety checker ([`crate::model::safety_checker`]), a transformers
     /// checkpoint folder.
     SafetyChecker,
+    /// An IP-Adapter ([`crate::model::ip_adapter`]): its checkpoint with the image encoder's
+    /// folder beside it.
+    IpAdapter,
 }
 
 impl NetworkKind {
@@ -64,6 +68,7 @@ impl NetworkKind {
             NetworkKind::Raft => "RAFT optical flow",
             NetworkKind::RealEsrgan => "Real-ESRGAN",
             NetworkKind::SafetyChecker => "safety checker",
+            NetworkKind::IpAdapter => "IP-Adapter",
         }
     }
 
@@ -135,6 +140,18 @@ impl NetworkRequest {
         repo: "CompVis/stable-diffusion-safety-checker",
         stem: "model",
     };
+    /// h94's IP-Adapter for SD 1.5 (`models/ip-adapter_sd15`, ViT-H image encoder).
+    pub const IP_ADAPTER_SD15: Self = Self {
+        kind: NetworkKind::IpAdapter,
+        repo: IP_ADAPTER_REPO,
+        stem: "models/ip-adapter_sd15",
+    };
+    /// h94's IP-Adapter for SDXL (`sdxl_models/ip-adapter_sdxl`, ViT-bigG image encoder).
+    pub const IP_ADAPTER_SDXL: Self = Self {
+        kind: NetworkKind::IpAdapter,
+        repo: IP_ADAPTER_REPO,
+        stem: "sdxl_models/ip-adapter_sdxl",
+    };
     /// `RealESRGAN_x2.pth` of `ai-forever/Real-ESRGAN`.
     pub const REAL_ESRGAN_X2: Self = Self {
         kind: NetworkKind::RealEsrgan,
@@ -145,7 +162,21 @@ impl NetworkRequest {
     /// The file patterns [`hub::resolve`] looks for: for one weights file the safetensors form,
     /// else the `.pth`; for a checkpoint folder its config and weights.
     fn wanted(&self) -> Vec<String> {
-        if self.kind == NetworkKind::SafetyChecker {
+        if self.kind == NetworkKind::IpAdapter {
+            // h94 publishes `.bin` checkpoints (and safetensors copies of some); the image
+            // encoder is the `image_encoder` folder beside the checkpoint.
+            let folder = self.stem.rsplit_once('/').map_or("", |(dir, _)| dir);
+            let encoder = if folder.is_empty() {
+                "image_encoder".to_string()
+            } else {
+                format!("{folder}/image_encoder")
+            };
+            vec![
+                format!("{0}.safetensors|{0}.bin", self.stem),
+                format!("{encoder}/config.json"),
+                format!("{encoder}/model.safetensors|{encoder}/{SAFETY_CHECKER_BIN}"),
+            ]
+        } else if self.kind == NetworkKind::SafetyChecker {
             // CompVis's checker may come as transformers' older `pytorch_model.bin` only.
             vec![
                 "config.json".into(),
@@ -181,16 +212,24 @@ impl NetworkRequest {
             return Ok(dir);
         }
         let safetensors = dir.join(format!("{}.safetensors", self.stem));
+        let legacy = if self.kind == NetworkKind::IpAdapter {
+            "bin"
+        } else {
+            "pth"
+        };
         Ok(if safetensors.is_file() {
             safetensors
         } else {
-            dir.join(format!("{}.pth", self.stem))
+            dir.join(format!("{}.{legacy}", self.stem))
         })
     }
 }
 
 /// The safety checker's weights as transformers 4.x saved them before safetensors.
 const SAFETY_CHECKER_BIN: &str = "pytorch_model.bin";
+
+/// Where Daydream's IP-Adapter checkpoints and image encoders come from.
+const IP_ADAPTER_REPO: &str = "h94/IP-Adapter";
 
 /// ControlNet's annotator weights, where Daydream's processors (through controlnet_aux) get them.
 const ANNOTATORS: &str = "lllyasviel/Annotators";
@@ -214,6 +253,8 @@ pub enum Network {
     RealEsrgan(RrdbNet),
     /// The safety checker.
     SafetyChecker(SafetyChecker),
+    /// An IP-Adapter with its image encoder.
+    IpAdapter(IpAdapter),
 }
 
 impl Network {
@@ -291,6 +332,7 @@ impl Network {
                     .0,
                 )
             }
+            NetworkKind::IpAdapter => Network::IpAdapter(IpAdapter::load(path, dtype, device)?),
             NetworkKind::RealEsrgan => Network::RealEsrgan(open_weights(
                 path,
                 dtype,
