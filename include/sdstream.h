@@ -438,6 +438,19 @@ SdsStatus sds_engine_close(SdsEngine *engine);
 SdsStatus sds_engine_restart(SdsEngine *engine);
 
 /**
+ * Hands the stream an IP-Adapter style picture (`ip_adapter`), used instead of the one at
+ * `ip_adapter_style_image_url` from the next frame on; `frame` NULL goes back to the URL's
+ * picture. The pixels are copied before the call returns (nothing is kept); the picture stays
+ * across reloads. An invalid frame fails naming what is wrong and changes nothing; a picture the
+ * engine cannot encode is reported by `last_error` in the status JSON, the previous one staying.
+ * Thread-safe.
+ *
+ * # Safety
+ * `engine` is NULL or a live handle; `frame` NULL or as `SdsFrame` describes.
+ */
+SdsStatus sds_engine_set_style_image(SdsEngine *engine, const SdsFrame *frame);
+
+/**
  * Processes one frame synchronously: submits a copy of `frame` and waits for its output,
  * which is written to `out`. Latency: one pipeline pass (plus, with warm-up on, n − 1 more on
  * the first frame after creation or a reload, and any frames already waiting in the queue).

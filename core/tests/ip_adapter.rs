@@ -467,3 +467,78 @@ fn faceid_and_mismatched_checkpoints_are_refused_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn an_engine_turns_the_adapter_on_hot_and_takes_the_hosts_picture() {
+    use sdstream::{Engine, EngineOptions};
+    use std::time::{Duration, Instant};
+    let engine = Engine::new(
+        params(json!({})),
+        settings(),
+        EngineOptions {
+            warmup: false,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("the engine starts");
+    let img = image::open(fixture("frames/000.png")).unwrap().to_rgb8();
+    let frame = || Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
+    engine.process(frame()).expect("a frame");
+    let on = params(json!({"ip_adapter": {"enabled": true, "scale": 0.7}}));
+    let update = engine.update_params(on.clone()).expect("accepted");
+    assert!(update.is_hot(), "{update:?}");
+    let version = engine.status().params_version;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.status().serving_params_version != Some(version) {
+        engine.process(frame()).expect("frames keep flowing");
+        assert!(Instant::now() < deadline, "the adapter never came on");
+    }
+    assert_eq!(engine.status().restart_count, 0, "hot: no reload");
+    assert!(engine.status().last_error.is_none());
+
+    // A host picture handed in between two frames applies to the next one, as in a stream.
+    let picture = StyleImage::decode(
+        &std::fs::read(fixture("frames/005.png")).unwrap(),
+        "frame 5",
+    )
+    .unwrap();
+    let run = |host: bool| -> Vec<Vec<u8>> {
+        let engine = Engine::new(
+            params(json!({"ip_adapter": {"enabled": true, "scale": 0.7}})),
+            settings(),
+            EngineOptions {
+                warmup: false,
+                ..EngineOptions::default()
+            },
+        )
+        .unwrap();
+        let a = engine.process(frame()).unwrap().image.data;
+        if host {
+            engine.set_style_image(Some(picture.clone()));
+        }
+        let b = engine.process(frame()).unwrap().image.data;
+        assert!(engine.status().last_error.is_none());
+        vec![a, b]
+    };
+    let mut direct = StreamDiffusion::new(
+        params(json!({"ip_adapter": {"enabled": true, "scale": 0.7}})),
+        settings(),
+    )
+    .unwrap();
+    let a = direct.process(&frame()).unwrap().data;
+    direct.set_style_image(Some(picture.clone())).unwrap();
+    let b = direct.process(&frame()).unwrap().data;
+    let with_host = run(true);
+    assert_eq!(
+        with_host,
+        vec![a, b],
+        "Engine = StreamDiffusion, byte for byte"
+    );
+    let without = run(false);
+    assert_eq!(with_host[0], without[0]);
+    let moved = mean_levels(&with_host[1..], &without[1..]);
+    assert!(
+        moved > 0.5,
+        "the host's picture changes the output ({moved:.2} levels)"
+    );
+}

@@ -341,6 +341,36 @@ pub unsafe extern "C" fn sds_engine_restart(engine: *mut SdsEngine) -> SdsStatus
     })
 }
 
+/// Hands the stream an IP-Adapter style picture (`ip_adapter`), used instead of the one at
+/// `ip_adapter_style_image_url` from the next frame on; `frame` NULL goes back to the URL's
+/// picture. The pixels are copied before the call returns (nothing is kept); the picture stays
+/// across reloads. An invalid frame fails naming what is wrong and changes nothing; a picture the
+/// engine cannot encode is reported by `last_error` in the status JSON, the previous one staying.
+/// Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `frame` NULL or as `SdsFrame` describes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sds_engine_set_style_image(
+    engine: *mut SdsEngine,
+    frame: *const SdsFrame,
+) -> SdsStatus {
+    const F: &str = "sds_engine_set_style_image";
+    with_engine(F, engine, |h| {
+        // SAFETY: by the caller's contract.
+        let picture = match unsafe { frame.as_ref() } {
+            None => None,
+            Some(frame) => {
+                // SAFETY: by the caller's contract.
+                let frame = unsafe { frame.as_frame(F)? };
+                Some(sdstream_core::StyleImage::from_frame(frame).map_err(|e| h.core_error(F, e))?)
+            }
+        };
+        h.engine.set_style_image(picture);
+        Ok(())
+    })
+}
+
 /// Shared body of the process functions.
 ///
 /// # Safety

@@ -138,6 +138,13 @@ class StreamDiffusion:
         """The engine settings."""
         return json.loads(self._native.settings_json())
 
+    def set_style_image(self, picture: Any = None) -> None:
+        """Hands in IP-Adapter's style picture: an ``(H, W, 3)`` or ``(H, W, 4)`` uint8 array
+        (or float32 RGB in [0, 1]) like a frame, copied and encoded before returning; used
+        instead of ``ip_adapter_style_image_url``'s picture, across updates and reloads.
+        ``None`` goes back to the URL's picture."""
+        self._native.set_style_image(picture)
+
     def update_params(self, params: Optional[ParamsLike] = None, *,
                       transition: Optional[TransitionLike] = None, **changes: Any) -> str:
         """Applies new parameters: `params` is a complete set (omitted fields take the
@@ -261,6 +268,11 @@ class Engine:
     def restart(self) -> None:
         """Builds a fresh pipeline with the current parameters."""
         self._native.restart()
+
+    def set_style_image(self, picture: Any = None) -> None:
+        """As `StreamDiffusion.set_style_image`, applied by the engine before its next frame
+        (a picture it cannot encode is reported in ``status()["last_error"]``)."""
+        self._native.set_style_image(picture)
 
     @property
     def params(self) -> StreamDiffusionParams:

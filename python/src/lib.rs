@@ -344,6 +344,18 @@ fn image_to_py(py: Python<'_>, image: Image) -> PyResult<Py<PyAny>> {
     Ok(image_to_numpy(py, image)?.into_any().unbind())
 }
 
+/// A style picture from an optional frame-like array (copied).
+fn style_picture(picture: Option<&Bound<'_, PyAny>>) -> PyResult<Option<sdstream::StyleImage>> {
+    let Some(picture) = picture else {
+        return Ok(None);
+    };
+    let array = FrameArray::extract_named(picture, "picture")?;
+    let frame = array.frame()?;
+    sdstream::StyleImage::from_frame(frame)
+        .map(Some)
+        .map_err(py_err)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -435,6 +447,14 @@ impl PyStreamDiffusion {
                     .map_err(py_err)
             })
         })
+    }
+
+    /// Hands in IP-Adapter's style picture (an array like a frame; copied and encoded before
+    /// returning), or goes back to `ip_adapter_style_image_url`'s with None.
+    #[pyo3(signature = (picture=None))]
+    fn set_style_image(&self, py: Python<'_>, picture: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let picture = style_picture(picture)?;
+        py.detach(|| self.with_stream(|stream| stream.set_style_image(picture).map_err(py_err)))
     }
 
     /// The current parameters as canonical JSON.
@@ -613,6 +633,15 @@ impl PyEngine {
     /// Rebuilds the pipeline with the current parameters.
     fn restart(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.engine.restart()).map_err(py_err)
+    }
+
+    /// Hands in IP-Adapter's style picture (an RGB/RGBA/BGR… array like a frame; copied), or
+    /// goes back to `ip_adapter_style_image_url`'s with None.
+    #[pyo3(signature = (picture=None))]
+    fn set_style_image(&self, py: Python<'_>, picture: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let picture = style_picture(picture)?;
+        py.detach(|| self.engine.set_style_image(picture));
+        Ok(())
     }
 
     /// The last accepted parameters as canonical JSON.

@@ -299,3 +299,46 @@ def test_the_per_frame_features_of_issue_16_from_python(tiny_body, tiny_settings
             s.update_params(cached_attention={"max_frames": 5})
         assert s(frames[4]).shape == (64, 64, 3)
         assert s.status()["safety_frames_checked"] == 5
+
+
+def test_ip_adapter_style_from_a_url_and_from_an_array(tiny_body, tiny_settings, frames):
+    """IP-Adapter on the tiny SD 1.5 pipeline (h94/IP-Adapter from the fixtures' model root):
+    the style picture from a data: URL, then handed in as an array; scale hot (0 = no
+    adapter, byte for byte); a bad array refused naming it; faceid refused naming the field."""
+    import base64
+
+    from conftest import FIXTURES
+
+    png = (FIXTURES / "golden" / "ip_adapter_style.png").read_bytes()
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    body = dict(tiny_body, model_id=str(FIXTURES / "tiny-sd15"), use_lcm_lora=False,
+                use_safety_checker=False, ip_adapter_style_image_url=url)
+    settings = dict(tiny_settings, model_root=str(FIXTURES / "model-root"))
+    on = dict(body, ip_adapter={"enabled": True, "scale": 1.0})
+    with StreamDiffusion(body, **settings) as plain, StreamDiffusion(on, **settings) as styled:
+        a = [plain(f) for f in frames[:3]]
+        b = [styled(f) for f in frames[:3]]
+        moved = np.mean([np.abs(x.astype(float) - y.astype(float)).mean() for x, y in zip(a, b)])
+        assert moved > 1.0, moved
+        # A picture from the host: another style, another output.
+        styled.set_style_image(frames[5])
+        c = styled(frames[3])
+        styled.set_style_image(None)
+        assert styled.update_params(ip_adapter={"enabled": True, "scale": 0.0}) == "hot"
+        with pytest.raises(ValueError, match="invalid picture"):
+            styled.set_style_image(np.zeros((4, 4), dtype=np.uint8))
+        with pytest.raises(ValidationError, match="ip_adapter.type"):
+            styled.update_params(ip_adapter={"enabled": True, "type": "faceid"})
+    with StreamDiffusion(on, **settings) as again:
+        for f in frames[:3]:
+            again(f)
+        d = again(frames[3])
+    assert np.abs(c.astype(float) - d.astype(float)).mean() > 0.2
+    with StreamDiffusion(dict(on, ip_adapter={"enabled": True, "scale": 0.0}), **settings) as zero, \
+            StreamDiffusion(body, **settings) as plain:
+        for f in frames[:3]:
+            assert np.array_equal(zero(f), plain(f))
+    with Engine(on, **settings) as engine:
+        engine.set_style_image(frames[5])
+        assert engine.process(frames[0]).image.shape == (64, 64, 3)
+        assert engine.status()["last_error"] is None

@@ -429,6 +429,17 @@ impl Engine {
         Ok(update)
     }
 
+    /// Hands the stream an IP-Adapter style picture, used instead of the one at
+    /// `ip_adapter_style_image_url` from the next frame on (`None`: back to the URL's). It is
+    /// kept across reloads; the worker encodes it before its next frame (a failure is reported
+    /// in the status' `last_error`, and the previous picture stays).
+    pub fn set_style_image(&self, picture: Option<crate::StyleImage>) {
+        let mut s = self.shared.lock();
+        s.style = (s.style.0 + 1, picture);
+        drop(s);
+        self.shared.work.notify_all();
+    }
+
     /// Builds a fresh pipeline with the current parameters (after a panic, or to retry a load
     /// that failed). The serving pipeline, if any, keeps serving until it is ready.
     pub fn restart(&self) -> Result<()> {

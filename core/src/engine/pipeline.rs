@@ -42,6 +42,10 @@ pub(crate) trait Pipeline: Send {
     /// The engine calls it only for hot (or unchanged) updates; reloads are built by the
     /// factory instead.
     fn update(&mut self, params: StreamDiffusionParams, transition: Transition) -> Result<Update>;
+    /// Hands in (or withdraws) the host's IP-Adapter style picture.
+    fn set_style_image(&mut self, _picture: Option<crate::StyleImage>) -> Result<()> {
+        Ok(())
+    }
     /// The parameters in force.
     fn params(&self) -> &StreamDiffusionParams;
     /// Stage timings of the last `process` call.
@@ -72,6 +76,10 @@ impl Pipeline for StreamDiffusion {
 
     fn params(&self) -> &StreamDiffusionParams {
         StreamDiffusion::params(self)
+    }
+
+    fn set_style_image(&mut self, picture: Option<crate::StyleImage>) -> Result<()> {
+        StreamDiffusion::set_style_image(self, picture)
     }
 
     fn timings(&self) -> StageTimings {

@@ -158,6 +158,9 @@ pub(super) struct Inner {
     pub(super) builds_superseded: u64,
     /// Frames whose control images were made ahead, beside the frame before them.
     pub(super) frames_prepared_ahead: u64,
+    /// The host's IP-Adapter style picture and its version (0: none ever set), which the
+    /// worker hands to the serving pipeline before its next frame.
+    pub(super) style: (u64, Option<crate::StyleImage>),
     pub(super) last_overflow: Option<Instant>,
     pub(super) restart_count: u64,
     pub(super) last_restart_time: Option<u64>,
@@ -197,6 +200,7 @@ impl Inner {
             reload_failures: 0,
             builds_superseded: 0,
             frames_prepared_ahead: 0,
+            style: (0, None),
             last_overflow: None,
             restart_count: 0,
             last_restart_time: None,

@@ -26,6 +26,8 @@ pub(super) struct Live {
     /// The control images of the next queued frame, being made on a helper thread while this
     /// pipeline processes the frame before it.
     lookahead: Option<Lookahead>,
+    /// The version of the host's style picture this pipeline has (see `Inner::style`).
+    style_version: u64,
 }
 
 /// A queued frame's control images in the making (see [`start_lookahead`]).
@@ -79,6 +81,7 @@ pub(super) fn worker_loop(shared: &Shared, live: &mut Option<Live>) {
                     version: ready.version,
                     warmed: ready.warmed || !shared.options.warmup,
                     lookahead: None,
+                    style_version: 0,
                 });
                 examined = None;
                 let mut s = shared.lock();
@@ -215,6 +218,23 @@ pub(super) fn run_frame(shared: &Shared, live: &mut Option<Live>, job: Job) {
         shared.host.notify_all();
         return;
     };
+    let style = {
+        let s = shared.lock();
+        (s.style.0 != l.style_version).then(|| s.style.clone())
+    };
+    if let Some((version, picture)) = style {
+        l.style_version = version;
+        let applied = catch_unwind(AssertUnwindSafe(|| l.pipeline.set_style_image(picture)));
+        match applied {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => shared
+                .lock()
+                .record_error(format!("the host's style picture was not taken: {e}")),
+            Err(_) => shared.lock().record_error(
+                "the host's style picture was not taken: the pipeline panicked".into(),
+            ),
+        }
+    }
     let passes = if l.warmed {
         0
     } else {

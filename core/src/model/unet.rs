@@ -724,6 +724,7 @@ impl UNet2DConditionModel {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward_eager(
         &self,
         sample: &Tensor,

@@ -48,6 +48,12 @@ impl StyleImage {
         })
     }
 
+    /// A picture from a host frame in any of the engine's pixel formats (copied).
+    pub fn from_frame(frame: crate::Frame<'_>) -> Result<Self> {
+        let (width, height) = (frame.width(), frame.height());
+        Self::from_rgb(frame.to_rgb8(), width, height)
+    }
+
     /// Decodes a PNG or JPEG file's bytes.
     pub fn decode(bytes: &[u8], what: &str) -> Result<Self> {
         let bad = |detail: String| {

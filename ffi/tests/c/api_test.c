@@ -149,6 +149,7 @@ static void test_null_handles(void) {
     EXPECT(sds_engine_wait_ready(NULL, 0), SDS_ERR_NULL, "`engine`");
     EXPECT(sds_engine_close(NULL), SDS_ERR_NULL, "`engine`");
     EXPECT(sds_engine_restart(NULL), SDS_ERR_NULL, "`engine`");
+    EXPECT(sds_engine_set_style_image(NULL, &frame), SDS_ERR_NULL, "`engine`");
     EXPECT(sds_engine_process(NULL, &frame, &out), SDS_ERR_NULL, "sds_engine_process");
     EXPECT(sds_engine_submit(NULL, &frame, NULL), SDS_ERR_NULL, "`engine`");
     EXPECT(sds_engine_submit_with_timestamp(NULL, &frame, 1, NULL), SDS_ERR_NULL, "`engine`");
@@ -357,6 +358,14 @@ static void test_engine(const uint8_t *rgb) {
     /* restart builds a new pipeline in the background */
     EXPECT(sds_engine_restart(engine), SDS_OK, NULL);
     EXPECT(sds_engine_wait_ready(engine, -1), SDS_OK, NULL);
+    EXPECT(sds_engine_process(engine, &frame, &out), SDS_OK, NULL);
+
+    /* an IP-Adapter style picture from the host: copied (or NULL: back to the URL's); a bad
+       frame is refused naming the function, and the engine keeps serving */
+    EXPECT(sds_engine_set_style_image(engine, &frame), SDS_OK, NULL);
+    EXPECT(sds_engine_set_style_image(engine, NULL), SDS_OK, NULL);
+    EXPECT(sds_engine_set_style_image(engine, &empty), SDS_ERR_INVALID_FRAME,
+           "sds_engine_set_style_image");
     EXPECT(sds_engine_process(engine, &frame, &out), SDS_OK, NULL);
 
     /* the handle's last error names the function that failed on it */
