@@ -1096,7 +1096,10 @@ fn what_the_engine_cannot_run_is_refused_at_creation_naming_the_field() {
         ),
         // The server never takes paths: a LoRA must be a hub id.
         (json!({"lora_dict": {"../some/lora": 1.0}}), "`lora_dict`"),
-        (json!({"ip_adapter": {"enabled": true}}), "ip_adapter"),
+        (
+            json!({"ip_adapter": {"enabled": true, "type": "faceid"}}),
+            "ip_adapter.type",
+        ),
         (json!({"skip_diffusion": true}), "`skip_diffusion`"),
         (
             json!({"latent_preprocessing": {"enabled": true, "processors": [
