@@ -192,7 +192,8 @@ pub struct ImageProjection {
 }
 
 impl ImageProjection {
-    fn new(config: &AdapterConfig, vb: VarBuilder) -> Result<Self> {
+    /// Builds the projection (`proj.*`, `norm.*` under `vb`) for `config`'s sizes.
+    pub fn new(config: &AdapterConfig, vb: VarBuilder) -> Result<Self> {
         let rows = config.tokens * config.dim;
         Ok(Self {
             proj: Linear::new(
@@ -225,7 +226,8 @@ pub struct IpAdapterLayers {
 }
 
 impl IpAdapterLayers {
-    fn new(config: &AdapterConfig, vb: VarBuilder) -> Result<Self> {
+    /// Builds the layers (`<2i + 1>.to_{k,v}_ip.weight` under `vb`) for `config`'s sizes.
+    pub fn new(config: &AdapterConfig, vb: VarBuilder) -> Result<Self> {
         let layers = config
             .widths
             .iter()
