@@ -109,6 +109,56 @@ fn tiny_sd_turbo_matches_diffusers() {
     check("wide 16x24 latent", &out, get(&g, "wide_output"), 1e-4);
 }
 
+/// Cross-attention keys and values are projected once per context: a call with equal values
+/// in a new tensor (the stream builds its context afresh every frame) reuses them, another
+/// context projects again, and every output equals a fresh network's bit for bit.
+#[test]
+fn cross_attention_projects_a_context_once_while_it_holds() {
+    let unet = tiny_unet();
+    let layers = unet.cross_attention_widths().len();
+    assert!(layers > 0);
+    let g = golden("golden/unet.safetensors");
+    let (sample, t) = (get(&g, "sample"), get(&g, "timesteps"));
+    let context = get(&g, "encoder_hidden_states");
+    let same_bits = |a: &Tensor, b: &Tensor| {
+        let (a, b) = (flat_bits(a), flat_bits(b));
+        a.len() == b.len() && a == b
+    };
+    assert_eq!(unet.cross_attention_projections(), 0);
+    let first = unet.forward(sample, t, context, None).unwrap();
+    assert_eq!(unet.cross_attention_projections(), layers);
+
+    let second = unet
+        .forward(sample, t, &context.copy().unwrap(), None)
+        .unwrap();
+    assert_eq!(
+        unet.cross_attention_projections(),
+        layers,
+        "equal values projected again"
+    );
+    assert!(same_bits(&first, &second));
+
+    let other = (context * 0.5).unwrap();
+    let third = unet.forward(sample, t, &other, None).unwrap();
+    assert_eq!(unet.cross_attention_projections(), 2 * layers);
+    let fresh = tiny_unet().forward(sample, t, &other, None).unwrap();
+    assert!(same_bits(&third, &fresh), "a memo changed the output");
+
+    let again = unet.forward(sample, t, context, None).unwrap();
+    assert_eq!(unet.cross_attention_projections(), 3 * layers);
+    assert!(same_bits(&first, &again));
+}
+
+fn flat_bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
 #[test]
 fn tiny_sd_turbo_half_precision_runs_close() {
     // f16 on the CPU: not bit-comparable with the f32 reference, but must stay close. (bf16 is a

@@ -19,6 +19,7 @@
 use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -332,6 +333,9 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     /// The query width of every cross-attention layer, in diffusers' `attn_processors` order.
     cross_attention_widths: Vec<usize>,
+    /// How many times a cross-attention layer projected a context to keys and values (each
+    /// layer keeps the last context's, see unet_blocks::KvMemo).
+    kv_projections: Arc<AtomicUsize>,
     /// The forward pass's CUDA graphs (none elsewhere); a clone starts without any.
     graphs: GraphCache,
 }
@@ -405,6 +409,7 @@ impl UNet2DConditionModel {
         // Number the cross-attention layers as diffusers lists its attention processors
         // (module order: down blocks, up blocks, then the mid block).
         let mut cross_attention_widths = Vec::new();
+        let kv_projections = Arc::new(AtomicUsize::new(0));
         {
             let transformers = encoder
                 .down_blocks
@@ -423,6 +428,7 @@ impl UNet2DConditionModel {
                 );
             for transformer in transformers {
                 for block in transformer.blocks_mut() {
+                    block.share_projection_counter(&kv_projections);
                     block.cross_attention_slot = cross_attention_widths.len();
                     cross_attention_widths.push(block.width);
                 }
@@ -452,6 +458,7 @@ impl UNet2DConditionModel {
             encoder,
             up_blocks,
             cross_attention_widths,
+            kv_projections,
             graphs: GraphCache::default(),
         })
     }
@@ -501,6 +508,13 @@ impl UNet2DConditionModel {
             new,
             Self::new,
         )
+    }
+
+    /// How many key/value projections of a text context the cross-attention layers have
+    /// computed so far: one per layer per prompt while the prompt holds (frames with the same
+    /// context reuse them); shared with clones of this network.
+    pub fn cross_attention_projections(&self) -> usize {
+        self.kv_projections.load(Ordering::Relaxed)
     }
 
     /// The config the network was built from.

@@ -8,15 +8,17 @@
 //! kernels and their portable twins live in [`super::kernels`].
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention_bank::BankCall;
 use super::kernels::conv::{Conv2d, Padding};
-use super::kernels::cpu_kernels;
 use super::kernels::norm::{GroupNorm, LayerNorm};
 use super::kernels::ops::{add_fresh, geglu, scaled_softmax};
+use super::kernels::{cpu_kernels, same_values};
 use super::try_vec;
 use super::weight_table;
 use crate::{Error, Result};
@@ -392,6 +394,48 @@ pub(crate) struct Attention {
     head_dim: usize,
     scale: f64,
     upcast: bool,
+    /// Cross-attention only: the keys and values of the last context.
+    kv_memo: KvMemo,
+}
+
+/// A cross-attention layer's keys and values of the last context it saw, reused while the
+/// context holds the same values: the prompt changes far less often than frames come, and the
+/// stream rebuilds its context tensor every frame, so the test is on values, not identity.
+/// A clone starts empty (a clone may get other weights, as a LoRA rebuild does).
+#[derive(Debug, Default)]
+struct KvMemo {
+    last: Mutex<Option<(Tensor, Tensor, Tensor)>>,
+    /// Counts projections actually computed; shared by every layer of one network.
+    computed: Arc<AtomicUsize>,
+}
+
+impl Clone for KvMemo {
+    fn clone(&self) -> Self {
+        Self {
+            last: Mutex::default(),
+            computed: Arc::clone(&self.computed),
+        }
+    }
+}
+
+impl KvMemo {
+    /// The keys and values of `context`, from the memo when it saw the same values.
+    fn get_or_compute(
+        &self,
+        context: &Tensor,
+        compute: impl FnOnce() -> candle_core::Result<(Tensor, Tensor)>,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((seen, k, v)) = last.as_ref()
+            && same_values(seen, context)
+        {
+            return Ok((k.clone(), v.clone()));
+        }
+        let (k, v) = compute()?;
+        self.computed.fetch_add(1, Ordering::Relaxed);
+        *last = Some((context.clone(), k.clone(), v.clone()));
+        Ok((k, v))
+    }
 }
 
 /// Attention scores above this many bytes are computed in slices of heads to bound memory.
@@ -434,7 +478,14 @@ impl Attention {
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
+            kv_memo: KvMemo::default(),
         })
+    }
+
+    /// Counts this layer's key/value projections into `counter` (with every other layer of
+    /// its network).
+    pub(crate) fn share_projection_counter(&mut self, counter: &Arc<AtomicUsize>) {
+        self.kv_memo.computed = Arc::clone(counter);
     }
 
     /// `x`: `[B, N, C]`; `context`: `[B, M, D]` for cross-attention (ignored for self-attention).
@@ -475,12 +526,15 @@ impl Attention {
                 let m = ctx.dim(1)?;
                 let q = self.to_q_or_qkv.forward(x)?;
                 let q = q.reshape((b, n, h, d))?.transpose(1, 2)?.contiguous()?;
-                let kv = to_kv.forward(ctx)?;
-                let kv = kv
-                    .reshape((b, m, 2, h, d))?
-                    .permute((2, 0, 3, 1, 4))?
-                    .contiguous()?;
-                (q, kv.get(0)?, kv.get(1)?, m)
+                let (k, v) = self.kv_memo.get_or_compute(ctx, || {
+                    let kv = to_kv
+                        .forward(ctx)?
+                        .reshape((b, m, 2, h, d))?
+                        .permute((2, 0, 3, 1, 4))?
+                        .contiguous()?;
+                    Ok((kv.get(0)?, kv.get(1)?))
+                })?;
+                (q, k, v, m)
             }
             (Some(_), None) => candle_core::bail!("cross-attention called without a context"),
         };
@@ -670,6 +724,12 @@ pub(crate) struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
+    /// Counts the key/value projections of this block's attention layers into `counter`.
+    pub(crate) fn share_projection_counter(&mut self, counter: &Arc<AtomicUsize>) {
+        self.attn1.share_projection_counter(counter);
+        self.attn2.share_projection_counter(counter);
+    }
+
     pub(crate) fn new(
         dim: usize,
         spec: &AttentionSpec,

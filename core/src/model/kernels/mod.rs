@@ -16,9 +16,10 @@ pub mod conv;
 pub(crate) mod cudnn_conv;
 pub mod norm;
 pub(crate) mod ops;
+mod simd;
 pub(crate) mod transfer;
 
-use candle_core::{CpuStorage, Device, Layout, WithDType};
+use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
 
 /// Whether the CPU kernels run for tensors on `device`: on the CPU unless
 /// `SDSTREAM_PORTABLE_KERNELS` is set (to anything but `0`), never elsewhere.
@@ -149,6 +150,45 @@ impl<T> SharedMut<T> {
     /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
     fn ptr(self) -> *mut T {
         self.0
+    }
+}
+
+/// Whether two tensors hold the same values, bit for bit: the same tensor, or, on the CPU, equal
+/// dtypes, shapes and bytes (a compare costs a read of both, far less than any projection of
+/// them). Off the CPU only identity counts.
+pub(crate) fn same_values(a: &Tensor, b: &Tensor) -> bool {
+    if a.id() == b.id() {
+        return true;
+    }
+    if a.dtype() != b.dtype() || a.shape() != b.shape() {
+        return false;
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Some((a0, a1)), Some((b0, b1))) = (la.contiguous_offsets(), lb.contiguous_offsets())
+    else {
+        return false;
+    };
+    fn bits_eq<T: Copy, B: PartialEq>(x: &[T], y: &[T], bits: impl Fn(T) -> B) -> bool {
+        x.len() == y.len() && x.iter().zip(y).all(|(&p, &q)| bits(p) == bits(q))
+    }
+    match (&*sa, &*sb) {
+        (Storage::Cpu(x), Storage::Cpu(y)) => match (x, y) {
+            (CpuStorage::F32(x), CpuStorage::F32(y)) => {
+                bits_eq(&x[a0..a1], &y[b0..b1], f32::to_bits)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(y)) => {
+                bits_eq(&x[a0..a1], &y[b0..b1], f64::to_bits)
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(y)) => {
+                bits_eq(&x[a0..a1], &y[b0..b1], half::f16::to_bits)
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(y)) => {
+                bits_eq(&x[a0..a1], &y[b0..b1], half::bf16::to_bits)
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 

@@ -6,6 +6,7 @@ use candle_core::{
     CpuStorage, CustomOp1, D, InplaceOp1, InplaceOp2, Layout, Shape, Tensor, WithDType,
 };
 
+use super::simd::softmax_row;
 use super::{contiguous_slice, cpu_kernels, cuda_kernels, for_each_row, with_float_type};
 
 /// `fresh + other` with broadcasting, where `other` is either the same shape as `fresh` or
@@ -255,7 +256,8 @@ pub(crate) fn scaled_softmax(scores: Tensor, scale: f64) -> candle_core::Result<
     candle_nn::ops::softmax_last_dim(&(scores * scale)?)
 }
 
-/// The in-place softmax kernel.
+/// The in-place softmax kernel: vectorised for f32 (kernels::simd), the scalar loop below for
+/// the half types (held in f32 arithmetic all the same).
 struct ScaledSoftmax {
     scale: f64,
 }
@@ -293,7 +295,10 @@ impl InplaceOp1 for ScaledSoftmax {
         };
         let width = l.shape().dims().last().copied().unwrap_or(1).max(1);
         match s {
-            CpuStorage::F32(d) => self.run(&mut d[a..b], width),
+            CpuStorage::F32(d) => {
+                let scale = self.scale as f32;
+                for_each_row(&mut d[a..b], width, |_, row| softmax_row(row, scale));
+            }
             CpuStorage::F16(d) => self.run(&mut d[a..b], width),
             CpuStorage::BF16(d) => self.run(&mut d[a..b], width),
             CpuStorage::F64(d) => self.run(&mut d[a..b], width),
