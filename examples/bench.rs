@@ -221,6 +221,9 @@ fn run() -> Result<(), String> {
                             "num_inference_steps": 50, "t_index_list": t_index,
                             "guidance_scale": 1.2, "delta": 0.7, "width": size, "height": size,
                             "controlnets": controlnets,
+                            // The reference runs no checker; its cost is in
+                            // examples/safety_checker_bench.
+                            "use_safety_checker": false,
                         })
                         .to_string(),
                         &s,
