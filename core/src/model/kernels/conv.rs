@@ -23,7 +23,7 @@ use candle_nn::VarBuilder;
 
 use super::{
     SharedMut, contiguous_slice, cpu_kernels, for_each_range, for_each_row, thread_count,
-    with_float_type,
+    with_float_type, zeroed_buffer,
 };
 
 /// Zero padding on each side of the input, in input pixels.
@@ -365,7 +365,7 @@ impl ConvOp {
     fn run<T: WithDType>(&self, x: &[T], weight: &[T], bias: &[T], g: &Geometry) -> Vec<T> {
         let n = g.columns();
         let k = g.depth();
-        let mut out = vec![T::zero(); g.batch * g.c_out * n];
+        let mut out = zeroed_buffer::<T>(g.batch * g.c_out * n);
         if out.is_empty() {
             return out;
         }
@@ -439,7 +439,7 @@ impl ConvOp {
     fn pack<T: WithDType>(&self, x: &[T], g: &Geometry) -> Vec<T> {
         let (s, f, p) = (self.stride, self.upsample, self.padding);
         let plane_len = g.plane_len();
-        let mut planes = vec![T::zero(); g.batch * g.c_in * s * s * plane_len];
+        let mut planes = zeroed_buffer::<T>(g.batch * g.c_in * s * s * plane_len);
         // One row of `planes` per (batch, channel) pair.
         for_each_row(&mut planes, s * s * plane_len, |pair, dst| {
             let src = &x[pair * g.h * g.w..(pair + 1) * g.h * g.w];

@@ -153,6 +153,36 @@ impl<T> SharedMut<T> {
     }
 }
 
+/// A zeroed buffer of `len` values for a kernel's output or scratch. Buffers this large come
+/// from the operating system as fresh pages each time (glibc maps them anew), and at the
+/// autoencoders' full-resolution maps (64 MiB and more) faulting them in 4 KiB at a time is a
+/// visible share of the frame; on Linux the buffer is marked for transparent huge pages before
+/// its first touch, so it faults in 2 MiB at a time (docs/ARCHITECTURE.md "Performance"). The
+/// advice is only advice: where it is refused, nothing changes.
+pub(crate) fn zeroed_buffer<T: WithDType>(len: usize) -> Vec<T> {
+    let buffer = vec![T::zero(); len];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE_PAGE: usize = 2 << 20;
+        let bytes = len * std::mem::size_of::<T>();
+        // Only the largest maps: smaller buffers are reused from the heap, and asking for huge
+        // pages has the kernel compact memory on the fault, a stall worth paying only here.
+        if bytes >= 16 * HUGE_PAGE {
+            let start = buffer.as_ptr() as usize;
+            let first = start.next_multiple_of(HUGE_PAGE);
+            let end = (start + bytes) / HUGE_PAGE * HUGE_PAGE;
+            if end > first {
+                // SAFETY: the range lies inside the buffer just allocated; madvise changes
+                // how its pages are backed, never their contents (still zero).
+                unsafe {
+                    libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
+                }
+            }
+        }
+    }
+    buffer
+}
+
 /// Whether two tensors hold the same values, bit for bit: the same tensor, or, on the CPU, equal
 /// dtypes, shapes and bytes (a compare costs a read of both, far less than any projection of
 /// them). Off the CPU only identity counts.

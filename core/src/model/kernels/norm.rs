@@ -9,7 +9,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 
-use super::{contiguous_slice, cpu_kernels, cuda_kernels, for_each_row, with_float_type};
+use super::{
+    contiguous_slice, cpu_kernels, cuda_kernels, for_each_row, with_float_type, zeroed_buffer,
+};
 
 /// torch's `nn.GroupNorm(num_groups, num_channels, eps, affine=True)` over `[B, C, …]` tensors.
 #[derive(Debug, Clone)]
@@ -189,7 +191,7 @@ impl GroupNormOp {
         let spatial: usize = dims[2..].iter().product();
         let per_group = dims[1] / self.groups;
         let group_len = per_group * spatial;
-        let mut dst = vec![T::zero(); x.len()];
+        let mut dst = zeroed_buffer::<T>(x.len());
         // One row of `dst` per (batch, group).
         for_each_row(&mut dst, group_len, |row, out| {
             let src = &x[row * group_len..(row + 1) * group_len];
@@ -412,7 +414,7 @@ struct LayerNormOp {
 
 impl LayerNormOp {
     fn run<T: WithDType>(&self, x: &[T], dim: usize, weight: &[T], bias: &[T]) -> Vec<T> {
-        let mut dst = vec![T::zero(); x.len()];
+        let mut dst = zeroed_buffer::<T>(x.len());
         for_each_row(&mut dst, dim, |row, out| {
             let src = &x[row * dim..(row + 1) * dim];
             let (mean, rstd) = moments(src, self.eps);

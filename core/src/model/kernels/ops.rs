@@ -7,7 +7,9 @@ use candle_core::{
 };
 
 use super::simd::softmax_row;
-use super::{contiguous_slice, cpu_kernels, cuda_kernels, for_each_row, with_float_type};
+use super::{
+    contiguous_slice, cpu_kernels, cuda_kernels, for_each_row, with_float_type, zeroed_buffer,
+};
 
 /// `fresh + other` with broadcasting, where `other` is either the same shape as `fresh` or
 /// shaped to broadcast so that its element `i` covers runs of `inner` consecutive elements of
@@ -206,7 +208,7 @@ struct Geglu;
 impl Geglu {
     fn run<T: WithDType>(x: &[T], width: usize) -> Vec<T> {
         let half = width / 2;
-        let mut dst = vec![T::zero(); x.len() / 2];
+        let mut dst = zeroed_buffer::<T>(x.len() / 2);
         for_each_row(&mut dst, half, |row, out| {
             let src = &x[row * width..(row + 1) * width];
             let (hidden, gate) = src.split_at(half);
