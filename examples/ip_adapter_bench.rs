@@ -14,7 +14,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -25,18 +25,9 @@ use sdstream::model::unet::{ImagePrompt, UNet2DConditionModel, UNetConfig};
 use sdstream::preprocess::resize::Filter;
 use serde_json::json;
 
-fn time(frames: usize, mut f: impl FnMut()) -> (Duration, Duration) {
-    f();
-    let mut t: Vec<Duration> = (0..frames)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    t.sort();
-    (t[t.len() / 2], t[0])
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::median_and_best;
 
 /// stabilityai/sd-turbo's UNet config (SD 2.1): the graph-shaping keys; the rest take
 /// diffusers' defaults, as in the real file.
@@ -68,11 +59,7 @@ fn run() -> Result<(), String> {
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    let device = match device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).map_err(|e| e.to_string())?,
-        other => return Err(format!("unknown device {other}")),
-    };
+    let device = support::device(&device)?;
     let e = |e: sdstream::Error| e.to_string();
     let c = |e: candle_core::Error| e.to_string();
     let sync = |d: &Device| d.synchronize().unwrap();
@@ -117,19 +104,19 @@ fn run() -> Result<(), String> {
     let layers = IpAdapterLayers::new(&adapter_config, vb.pp("ip_adapter")).map_err(e)?;
 
     let rgb: Vec<u8> = (0..512 * 512 * 3).map(|i| (i * 37 % 251) as u8).collect();
-    let (pre_med, pre_best) = time(frames, || {
+    let (pre_med, pre_best) = median_and_best(frames, || {
         sdstream::model::clip_vision::clip_input(&rgb, 512, 512, 224, Filter::Lanczos, &device)
             .unwrap();
     });
     let pixels =
         sdstream::model::clip_vision::clip_input(&rgb, 512, 512, 224, Filter::Lanczos, &device)
             .map_err(e)?;
-    let (enc_med, enc_best) = time(frames, || {
+    let (enc_med, enc_best) = median_and_best(frames, || {
         encoder.image_embeds(&pixels).unwrap();
         sync(&device);
     });
     let embeds = encoder.image_embeds(&pixels).map_err(e)?;
-    let (proj_med, proj_best) = time(frames, || {
+    let (proj_med, proj_best) = median_and_best(frames, || {
         projection.forward(&embeds).unwrap();
         sync(&device);
     });
@@ -140,11 +127,11 @@ fn run() -> Result<(), String> {
     let text = Tensor::randn(0f32, 1f32, (1, 77, text_width), &device).map_err(c)?;
     let with_tokens = Tensor::cat(&[&text, &tokens], 1).map_err(c)?;
     let scales = vec![1.0; layers.len()];
-    let (plain_med, plain_best) = time(frames, || {
+    let (plain_med, plain_best) = median_and_best(frames, || {
         unet.forward(&sample, &t, &text, None).unwrap();
         sync(&device);
     });
-    let (ip_med, ip_best) = time(frames, || {
+    let (ip_med, ip_best) = median_and_best(frames, || {
         unet.forward_extended(
             &sample,
             &t,

@@ -25,6 +25,9 @@ use sdstream::preprocess::networks::{Network, NetworkRequest, ProcessorNetworks}
 use sdstream::preprocess::{Processor, ProcessorInputs};
 use serde_json::{Value, json};
 
+#[path = "support/mod.rs"]
+mod support;
+
 struct Args {
     size: usize,
     frames: usize,
@@ -191,11 +194,7 @@ fn ms(d: Duration) -> f64 {
 
 fn run() -> Result<(), String> {
     let args = parse()?;
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).map_err(|e| format!("--device cuda: {e}"))?,
-        other => return Err(format!("--device {other}: cpu or cuda")),
-    };
+    let device = support::device(&args.device)?;
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,
         "f16" => DType::F16,

@@ -10,9 +10,9 @@
 //! tests/reference/bench_safety_checker_reference.py times diffusers' checker the same way.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use sdstream::model::safety_checker::{Config, SafetyChecker};
 use sdstream::params::{ProcessingConfig, ProcessorConfig};
@@ -20,18 +20,9 @@ use sdstream::preprocess::ProcessorTimes;
 use sdstream::preprocess::latent::LatentChain;
 use serde_json::json;
 
-fn time(frames: usize, mut f: impl FnMut()) -> (Duration, Duration) {
-    f();
-    let mut t: Vec<Duration> = (0..frames)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    t.sort();
-    (t[t.len() / 2], t[0])
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::median_and_best;
 
 fn run() -> Result<(), String> {
     let mut frames = 5;
@@ -45,11 +36,7 @@ fn run() -> Result<(), String> {
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    let device = match device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).map_err(|e| e.to_string())?,
-        other => return Err(format!("unknown device {other}")),
-    };
+    let device = support::device(&device)?;
     let e = |e: sdstream::Error| e.to_string();
     let config: Config = serde_json::from_value(json!({
         "projection_dim": 768,
@@ -63,15 +50,15 @@ fn run() -> Result<(), String> {
     let checker = SafetyChecker::new(&config, vb).map_err(e)?;
     let image = Tensor::rand(0f32, 1f32, (1, 3, 512, 512), &device).map_err(|e| e.to_string())?;
     let rgb: Vec<u8> = (0..512 * 512 * 3).map(|i| (i * 37 % 251) as u8).collect();
-    let (pre_med, pre_best) = time(frames, || {
+    let (pre_med, pre_best) = median_and_best(frames, || {
         checker.clip_input(&rgb, 512, 512, &device).unwrap();
     });
     let input = checker.clip_input(&rgb, 512, 512, &device).map_err(e)?;
-    let (net_med, net_best) = time(frames, || {
+    let (net_med, net_best) = median_and_best(frames, || {
         checker.image_embeds(&input).unwrap();
         device.synchronize().unwrap();
     });
-    let (all_med, all_best) = time(frames, || {
+    let (all_med, all_best) = median_and_best(frames, || {
         checker.check(&image, 0.5).unwrap();
     });
     let mut feedback = ProcessorConfig::new("latent_feedback");
@@ -86,7 +73,7 @@ fn run() -> Result<(), String> {
     let latent = Tensor::randn(0f32, 1f32, (1, 4, 64, 64), &device).map_err(|e| e.to_string())?;
     let previous = Tensor::randn(0f32, 1f32, (1, 4, 64, 64), &device).map_err(|e| e.to_string())?;
     let mut times = ProcessorTimes::default();
-    let (fb_med, fb_best) = time(frames, || {
+    let (fb_med, fb_best) = median_and_best(frames, || {
         chain.apply(&latent, Some(&previous), &mut times).unwrap();
         device.synchronize().unwrap();
     });

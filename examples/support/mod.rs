@@ -1,9 +1,11 @@
-//! What the example programs share: the test fixtures' location and `--flag value` arguments.
+//! What the example programs share: the test fixtures' location, `--flag value` arguments, the
+//! benches' `--device` and their median/best timing.
 //! Each example includes it with `#[path = "support/mod.rs"] mod support;` (examples are
 //! separate binaries, so this is the one copy of these helpers, not a library API).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// `tests/fixtures/<rel>` of this repository, as a string (the tiny test checkpoints).
 pub fn fixture(rel: &str) -> String {
@@ -51,4 +53,27 @@ fn proc_status_kib(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with(key))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The device a bench's `--device` names: `cpu` or `cuda` (the first GPU).
+pub fn device(name: &str) -> Result<candle_core::Device, String> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => candle_core::Device::new_cuda(0).map_err(|e| format!("--device cuda: {e}")),
+        other => Err(format!("--device {other}: cpu or cuda")),
+    }
+}
+
+/// Runs `f` once to warm up, then `runs` times: the median and the best duration.
+pub fn median_and_best(runs: usize, mut f: impl FnMut()) -> (Duration, Duration) {
+    f();
+    let mut t: Vec<Duration> = (0..runs.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    t.sort();
+    (t[t.len() / 2], t[0])
 }
