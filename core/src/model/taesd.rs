@@ -22,8 +22,8 @@ use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
 use crate::model::cuda_graph::GraphCache;
-use crate::model::kernels::conv::{Conv2d, Padding};
-use crate::model::kernels::ops::add_fresh;
+use crate::model::kernels::conv::{Conv2d, Epilogue, Padding};
+use crate::model::kernels::cpu_kernels;
 use crate::model::limits::{
     Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS, MAX_TINY_BLOCKS, MAX_UPSAMPLING,
 };
@@ -265,6 +265,19 @@ impl Activation {
         })
     }
 
+    /// `conv(xs)` followed by the activation (ReLU fused into the convolution).
+    fn after_conv(self, conv: &Conv2d, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self == Self::Relu {
+            let relu = Epilogue {
+                residual: None,
+                relu: true,
+            };
+            conv.forward_with(xs, 1, relu)
+        } else {
+            self.apply(&conv.forward(xs)?)
+        }
+    }
+
     fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Relu => xs.relu(),
@@ -275,6 +288,7 @@ impl Activation {
     }
 }
 
+/// A 3×3 convolution, channels-last where the CPU kernels run (see [`AutoencoderTiny`]).
 fn conv3x3(
     c_in: usize,
     c_out: usize,
@@ -282,7 +296,20 @@ fn conv3x3(
     bias: bool,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
-    Conv2d::new(c_in, c_out, 3, stride, Padding::uniform(1), bias, vb)
+    let conv = Conv2d::new(
+        c_in,
+        c_out,
+        3,
+        stride,
+        Padding::uniform(1),
+        bias,
+        vb.clone(),
+    )?;
+    if cpu_kernels(vb.device()) {
+        conv.into_channels_last()
+    } else {
+        Ok(conv)
+    }
 }
 
 /// diffusers' `AutoencoderTinyBlock` with equal input and output channels (identity skip).
@@ -303,10 +330,14 @@ impl TinyBlock {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.act.apply(&self.conv[0].forward(xs)?)?;
-        let h = self.act.apply(&self.conv[1].forward(&h)?)?;
-        let h = self.conv[2].forward(&h)?;
-        add_fresh(h, xs, 1)?.relu()
+        let h = self.act.after_conv(&self.conv[0], xs)?;
+        let h = self.act.after_conv(&self.conv[1], &h)?;
+        // diffusers' block ends in a ReLU whatever the activation inside.
+        let fuse = Epilogue {
+            residual: Some(xs),
+            relu: true,
+        };
+        self.conv[2].forward_with(&h, 1, fuse)
     }
 }
 
@@ -400,10 +431,6 @@ impl<'a> SequenceBuilder<'a> {
     }
 }
 
-fn run(layers: &[Layer], xs: Tensor) -> candle_core::Result<Tensor> {
-    layers.iter().try_fold(xs, |xs, layer| layer.forward(&xs))
-}
-
 /// diffusers' `AutoencoderTiny`.
 #[derive(Debug, Clone)]
 pub struct AutoencoderTiny {
@@ -480,6 +507,29 @@ impl AutoencoderTiny {
         )
     }
 
+    /// Runs `layers` over channels-first `xs`, in the layout its convolutions take: with the
+    /// CPU kernels the whole sequence runs channels-last (`[B, H, W, C]`: 64 channels at up to
+    /// 512×512, where that layout's convolution needs no im2col matrix), converted once on the
+    /// way in and once on the way out, where the maps have 3 or 4 channels.
+    fn run_layers(&self, layers: &[Layer], xs: Tensor) -> candle_core::Result<Tensor> {
+        let channels_last = layers.iter().any(|layer| match layer {
+            Layer::Conv(conv) | Layer::UpsampleConv(_, conv) => conv.is_channels_last(),
+            Layer::Block(block) => block.conv[0].is_channels_last(),
+            Layer::Act(_) => false,
+        });
+        let xs = if channels_last {
+            xs.permute((0, 2, 3, 1))?.contiguous()?
+        } else {
+            xs
+        };
+        let ys = layers.iter().try_fold(xs, |xs, layer| layer.forward(&xs))?;
+        if channels_last {
+            ys.permute((0, 3, 1, 2))?.contiguous()
+        } else {
+            Ok(ys)
+        }
+    }
+
     /// The configuration the network was built from.
     pub fn config(&self) -> &Config {
         &self.config
@@ -513,7 +563,7 @@ impl AutoencoderTiny {
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
         self.encoder_graphs.run(&[x], |xs| {
             let x01 = ((xs[0] + 1.0)? / 2.0)?;
-            Ok(run(&self.encoder, x01)?)
+            Ok(self.run_layers(&self.encoder, x01)?)
         })
     }
 
@@ -523,7 +573,7 @@ impl AutoencoderTiny {
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         self.decoder_graphs.run(&[z], |zs| {
             let soft_clamped = ((zs[0] / 3.0)?.tanh()? * 3.0)?;
-            let y01 = run(&self.decoder, soft_clamped)?;
+            let y01 = self.run_layers(&self.decoder, soft_clamped)?;
             Ok(((y01 * 2.0)? - 1.0)?)
         })
     }

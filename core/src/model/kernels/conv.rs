@@ -21,6 +21,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 
+use super::conv_channels_last::ChannelsLastConvOp;
+use super::ops::add_fresh;
 use super::{
     SharedMut, contiguous_slice, cpu_kernels, for_each_range, for_each_row, thread_count,
     with_float_type, zeroed_buffer,
@@ -73,6 +75,20 @@ pub struct Conv2d {
     has_bias: bool,
     stride: usize,
     padding: Padding,
+    /// Whether maps are `[B, H, W, C]` ([`Conv2d::into_channels_last`]); with the CPU kernels
+    /// the weight is then kept as `[kh, kw, C_in, C_out]`.
+    channels_last: bool,
+}
+
+/// What a convolution applies to its output before returning it, in this order: the bias, then
+/// `residual` (a map of the output's shape) added, then ReLU. The channels-last CPU kernel does
+/// it while each output row is in cache; elsewhere it runs as separate ops.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// Added to the output.
+    pub residual: Option<&'a Tensor>,
+    /// ReLU last.
+    pub relu: bool,
 }
 
 impl Conv2d {
@@ -119,6 +135,7 @@ impl Conv2d {
             has_bias: bias,
             stride,
             padding,
+            channels_last: false,
         })
     }
 
@@ -151,6 +168,7 @@ impl Conv2d {
             has_bias,
             stride,
             padding,
+            channels_last: false,
         })
     }
 
@@ -159,13 +177,87 @@ impl Conv2d {
         self.weight.dtype()
     }
 
+    /// The same convolution over channels-last maps: `forward` then takes `[B, H, W, C_in]`
+    /// and returns `[B, H_out, W_out, C_out]`. With the CPU kernels it runs
+    /// [`super::conv_channels_last`], which writes no im2col matrix (the faster layout for few
+    /// channels at large sizes); elsewhere the maps are permuted around candle's convolution.
+    pub fn into_channels_last(self) -> candle_core::Result<Self> {
+        if self.channels_last {
+            return Ok(self);
+        }
+        let weight = if cpu_kernels(self.weight.device()) {
+            self.weight.permute((2, 3, 1, 0))?.contiguous()?
+        } else {
+            self.weight
+        };
+        Ok(Self {
+            weight,
+            channels_last: true,
+            ..self
+        })
+    }
+
+    /// Whether the convolution takes and returns channels-last maps.
+    pub fn is_channels_last(&self) -> bool {
+        self.channels_last
+    }
+
     /// Convolves the nearest-neighbour `factor`× upsampling of `xs` (torch's
     /// `F.interpolate(xs, scale_factor=factor, mode="nearest")` followed by this convolution),
     /// without materialising the upsampled map on the CPU.
     pub fn forward_upsampled(&self, xs: &Tensor, factor: usize) -> candle_core::Result<Tensor> {
+        self.forward_with(xs, factor, Epilogue::default())
+    }
+
+    /// [`Conv2d::forward_upsampled`] followed by `epilogue`.
+    pub fn forward_with(
+        &self,
+        xs: &Tensor,
+        factor: usize,
+        epilogue: Epilogue,
+    ) -> candle_core::Result<Tensor> {
         if factor == 0 {
             candle_core::bail!("conv: upsampling factor must be positive");
         }
+        if self.channels_last && cpu_kernels(xs.device()) {
+            let dtype = xs.dtype();
+            let xs = xs.to_dtype(self.weight.dtype())?.contiguous()?;
+            let op = ChannelsLastConvOp {
+                stride: self.stride,
+                padding: self.padding,
+                upsample: factor,
+                bias: if self.has_bias {
+                    Some(self.bias.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+                } else {
+                    None
+                },
+                relu: epilogue.relu,
+            };
+            let ys = match epilogue.residual {
+                Some(residual) => {
+                    let residual = residual.to_dtype(self.weight.dtype())?.contiguous()?;
+                    xs.apply_op3_no_bwd(&self.weight, &residual, &op)?
+                }
+                None => xs.apply_op2_no_bwd(&self.weight, &op)?,
+            };
+            return ys.to_dtype(dtype);
+        }
+        let ys = if self.channels_last {
+            let xs = xs.permute((0, 3, 1, 2))?;
+            self.forward_channels_first(&xs, factor)?
+                .permute((0, 2, 3, 1))?
+                .contiguous()?
+        } else {
+            self.forward_channels_first(xs, factor)?
+        };
+        let ys = match epilogue.residual {
+            Some(residual) => add_fresh(ys, residual, 1)?,
+            None => ys,
+        };
+        if epilogue.relu { ys.relu() } else { Ok(ys) }
+    }
+
+    fn forward_channels_first(&self, xs: &Tensor, factor: usize) -> candle_core::Result<Tensor> {
         if cpu_kernels(xs.device()) {
             let dtype = xs.dtype();
             let xs = xs.to_dtype(self.weight.dtype())?.contiguous()?;
@@ -209,7 +301,7 @@ impl Conv2d {
         let ys = xs.conv2d(&self.weight, pad, self.stride, 1, 1)?;
         if self.has_bias {
             let (_, _, h, w) = ys.dims4()?;
-            super::ops::add_fresh(ys, &self.bias.reshape((1, (), 1, 1))?, h * w)
+            add_fresh(ys, &self.bias.reshape((1, (), 1, 1))?, h * w)
         } else {
             Ok(ys)
         }
@@ -595,6 +687,7 @@ mod tests {
                 has_bias: true,
                 stride,
                 padding,
+                channels_last: false,
             };
             let got = layer.forward_upsampled(&x, up)?;
             let xu = if up == 1 {
@@ -614,6 +707,90 @@ mod tests {
                 "case b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up}: {err}"
             );
         }
+        Ok(())
+    }
+
+    /// The channels-last kernel computes what the channels-first one does, with its epilogue
+    /// (bias, residual, ReLU) equal to the separate ops, across strides, paddings, kernel
+    /// sizes, upsampling, batches and sizes that split rows over threads.
+    #[test]
+    fn channels_last_matches_channels_first() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let cases = [
+            // (batch, c_in, c_out, k, h, w, stride, padding, upsample, bias)
+            (2, 3, 5, 3, 7, 9, 1, Padding::uniform(1), 1, true),
+            (2, 4, 6, 3, 8, 6, 2, Padding::bottom_right(1), 1, false),
+            (1, 8, 8, 3, 9, 7, 2, Padding::uniform(1), 1, true),
+            (2, 5, 3, 1, 6, 5, 1, Padding::default(), 1, true),
+            (1, 6, 4, 3, 5, 6, 1, Padding::uniform(1), 2, false),
+            (2, 3, 2, 5, 11, 10, 1, Padding::uniform(2), 1, true),
+            (1, 16, 16, 3, 64, 48, 1, Padding::uniform(1), 1, true),
+            (1, 16, 16, 3, 32, 40, 1, Padding::uniform(1), 2, true),
+            // Upsampling through phases with other factors, kernels and paddings, and the
+            // strided fallback that upsamples in the copy.
+            (2, 4, 5, 3, 5, 7, 1, Padding::uniform(1), 3, true),
+            (1, 4, 5, 5, 6, 5, 1, Padding::uniform(2), 2, true),
+            (1, 4, 5, 3, 6, 5, 1, Padding::bottom_right(1), 2, false),
+            (1, 4, 5, 2, 6, 5, 1, Padding::default(), 2, true),
+            (2, 4, 5, 3, 6, 5, 2, Padding::uniform(1), 2, true),
+        ];
+        for (b, c_in, c_out, k, h, w, stride, padding, up, bias) in cases {
+            let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
+            let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, k, k), &dev)?;
+            let bias = bias
+                .then(|| Tensor::randn(0f32, 0.3, c_out, &dev))
+                .transpose()?;
+            let first = Conv2d::from_tensors(weight, bias, stride, padding)?;
+            let last = first.clone().into_channels_last()?;
+            assert!(last.is_channels_last() && !first.is_channels_last());
+            let want = first.forward_upsampled(&x, up)?;
+            let residual = Tensor::randn(0f32, 1.0, want.shape(), &dev)?;
+            let want_fused = (&want + &residual)?.relu()?;
+            let to_last = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
+            let x_last = to_last(&x)?;
+            let got = last.forward_upsampled(&x_last, up)?;
+            let residual_last = to_last(&residual)?;
+            let epilogue = Epilogue {
+                residual: Some(&residual_last),
+                relu: true,
+            };
+            let got_fused = last.forward_with(&x_last, up, epilogue)?;
+            for (got, want, what) in [(got, &want, "plain"), (got_fused, &want_fused, "fused")] {
+                let got = got.permute((0, 3, 1, 2))?;
+                assert_eq!(got.dims(), want.dims());
+                let err = (got - want)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                assert!(
+                    err < 1e-4,
+                    "{what} b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up}: {err}"
+                );
+            }
+        }
+        // A residual of the wrong shape is refused, naming the shapes.
+        let layer = Conv2d::from_tensors(
+            Tensor::randn(0f32, 0.3, (4, 2, 3, 3), &dev)?,
+            None,
+            1,
+            Padding::uniform(1),
+        )?
+        .into_channels_last()?;
+        let x = Tensor::randn(0f32, 1.0, (1, 5, 5, 2), &dev)?;
+        let wrong = Tensor::zeros((1, 5, 4, 4), DType::F32, &dev)?;
+        let err = layer
+            .forward_with(
+                &x,
+                1,
+                Epilogue {
+                    residual: Some(&wrong),
+                    relu: false,
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("residual"), "{err}");
         Ok(())
     }
 }

@@ -12,6 +12,7 @@
 //! transfer.cu; both compiled to PTX by build.rs with the `cuda` feature.
 
 pub mod conv;
+mod conv_channels_last;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
 pub mod norm;
