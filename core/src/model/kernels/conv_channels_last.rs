@@ -12,6 +12,7 @@
 //! the row is still in cache.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 use candle_core::backend::BackendStorage;
@@ -227,12 +228,17 @@ impl ChannelsLastConvOp {
         let padded = ScratchGuard(Some(padded.values));
         let padded: &[T] = padded.0.as_deref().unwrap_or(&[]);
         // Per (row phase, column phase): the summed weights [taps_h, taps_w, c, co].
-        let phase_weights: Vec<Vec<T>> = along_h
-            .phases
-            .iter()
-            .flat_map(|ph| along_w.phases.iter().map(move |pw| (ph, pw)))
-            .map(|(ph, pw)| summed_weights(weight, g, &ph.groups, &pw.groups))
-            .collect();
+        // Without upsampling through phases every group is one tap: the weights as they are.
+        let phase_weights: Vec<Cow<[T]>> = if along_h.factor() * along_w.factor() == 1 {
+            vec![Cow::Borrowed(weight)]
+        } else {
+            along_h
+                .phases
+                .iter()
+                .flat_map(|ph| along_w.phases.iter().map(move |pw| (ph, pw)))
+                .map(|(ph, pw)| Cow::Owned(summed_weights(weight, g, &ph.groups, &pw.groups)))
+                .collect()
+        };
         let (fh, fw) = (along_h.factor(), along_w.factor());
         let bias: Option<Vec<T>> = self
             .bias
@@ -375,8 +381,7 @@ impl ChannelsLastConvOp {
 }
 
 /// The weights `[kh, kw, c, co]` with the kernel rows of each group in `rows` summed, and the
-/// columns of each group in `cols`: `[rows.len(), cols.len(), c, co]` (the original weights when
-/// every group holds one tap).
+/// columns of each group in `cols`: `[rows.len(), cols.len(), c, co]`.
 fn summed_weights<T: WithDType>(
     weight: &[T],
     g: &Geometry,

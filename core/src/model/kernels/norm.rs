@@ -20,6 +20,8 @@ pub struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
+    /// Whether inputs are `[B, …, C]` ([`GroupNorm::into_channels_last`]).
+    channels_last: bool,
 }
 
 impl GroupNorm {
@@ -41,7 +43,18 @@ impl GroupNorm {
             bias: vb.get(channels, "bias")?,
             groups,
             eps,
+            channels_last: false,
         })
+    }
+
+    /// The same normalisation over channels-last inputs (`[B, …, C]`, channels innermost), the
+    /// layout of the networks that run channels-last convolutions
+    /// ([`super::conv::Conv2d::into_channels_last`]).
+    pub fn into_channels_last(self) -> Self {
+        Self {
+            channels_last: true,
+            ..self
+        }
     }
 
     /// torch's `nn.InstanceNorm2d(channels, eps)` (no affine parameters, no running
@@ -57,6 +70,7 @@ impl GroupNorm {
             bias: Tensor::zeros(channels, dtype, device)?,
             groups: channels,
             eps,
+            channels_last: false,
         })
     }
 
@@ -71,6 +85,9 @@ impl GroupNorm {
     }
 
     fn run(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        if self.channels_last {
+            return self.run_channels_last(x, silu);
+        }
         let channels = self.weight.dim(0)?;
         if x.rank() < 3 || x.dim(1)? != channels {
             candle_core::bail!(
@@ -90,6 +107,39 @@ impl GroupNorm {
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op);
         }
         self.portable(x, silu)
+    }
+
+    fn run_channels_last(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        let channels = self.weight.dim(0)?;
+        let rank = x.rank();
+        if rank < 3 || x.dim(rank - 1)? != channels {
+            candle_core::bail!(
+                "GroupNorm over {channels} channels (channels last) expects [B, …, {channels}], \
+                 got {:?}",
+                x.shape()
+            );
+        }
+        if cpu_kernels(x.device()) {
+            let op = GroupNormChannelsLastOp {
+                groups: self.groups,
+                eps: self.eps,
+                silu,
+            };
+            return x
+                .contiguous()?
+                .apply_op3_no_bwd(&self.weight, &self.bias, &op);
+        }
+        // Elsewhere: channels first around the other kernels.
+        let to_first: Vec<usize> = [0, rank - 1].into_iter().chain(1..rank - 1).collect();
+        let to_last: Vec<usize> = [0].into_iter().chain(2..rank).chain([1]).collect();
+        let first = Self {
+            channels_last: false,
+            ..self.clone()
+        };
+        first
+            .run(&x.permute(to_first)?, silu)?
+            .permute(to_last)?
+            .contiguous()
     }
 
     /// The portable twin, whatever the device (for checking a device's own kernel against it).
@@ -173,6 +223,20 @@ fn moments<T: WithDType>(xs: &[T], eps: f64) -> (f32, f32) {
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
+/// `xs` as f32 values when `T` is f32 (for the vectorised passes of kernels::simd).
+fn as_f32<T: WithDType>(xs: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 (its dtype says so), so the slice's memory holds f32 values.
+    (T::DTYPE == DType::F32)
+        .then(|| unsafe { std::slice::from_raw_parts(xs.as_ptr().cast(), xs.len()) })
+}
+
+/// As [`as_f32`], mutably.
+fn as_f32_mut<T: WithDType>(xs: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`; the borrow is the slice's own.
+    (T::DTYPE == DType::F32)
+        .then(|| unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast(), xs.len()) })
+}
+
 #[inline]
 fn silu(y: f32) -> f32 {
     y / (1.0 + (-y).exp())
@@ -200,7 +264,9 @@ impl GroupNormOp {
             for (c, (xc, yc)) in src.chunks(spatial).zip(out.chunks_mut(spatial)).enumerate() {
                 let scale = rstd * weight[first_channel + c].to_f64() as f32;
                 let shift = bias[first_channel + c].to_f64() as f32 - scale * mean;
-                if self.silu {
+                if let (Some(yc), Some(xc)) = (as_f32_mut(yc), as_f32(xc)) {
+                    super::simd::affine_uniform(yc, xc, scale, shift, self.silu);
+                } else if self.silu {
                     for (y, v) in yc.iter_mut().zip(xc) {
                         *y = T::from_f64(silu(v.to_f64() as f32 * scale + shift) as f64);
                     }
@@ -212,6 +278,152 @@ impl GroupNormOp {
             }
         });
         dst
+    }
+}
+
+/// The GroupNorm kernel over channels-last input: contiguous `[B, pixels…, C]`, weight and bias
+/// `[C]`. Same arithmetic as [`GroupNormOp`] (f64 statistics in two passes, an f32 affine
+/// pass); each pass walks the image once for every group at a time, accumulating per channel,
+/// so that no group's strided channels are gathered.
+struct GroupNormChannelsLastOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl GroupNormChannelsLastOp {
+    fn run<T: WithDType>(&self, x: &[T], shape: &Shape, weight: &[T], bias: &[T]) -> Vec<T> {
+        let dims = shape.dims();
+        let channels = dims[dims.len() - 1];
+        let image_len: usize = dims[1..].iter().product();
+        let pixels = image_len / channels.max(1);
+        let per_group = channels / self.groups;
+        let count = (pixels * per_group) as f64;
+        let mut dst = zeroed_buffer::<T>(x.len());
+        if dst.is_empty() {
+            return dst;
+        }
+        // Rows of pixels handed to each thread at a time in the affine pass.
+        let rows_per_chunk = (1 << 14) / channels.max(1) + 1;
+        for (image, out) in x.chunks(image_len).zip(dst.chunks_mut(image_len)) {
+            let group_of = |sums: &[f64]| -> Vec<f64> {
+                sums.chunks(per_group)
+                    .map(|g| g.iter().sum::<f64>() / count)
+                    .collect()
+            };
+            let sums = per_channel_sums(image, channels, |_, v| v);
+            let means = group_of(&sums);
+            let channel_means: Vec<f64> = (0..channels).map(|c| means[c / per_group]).collect();
+            let squares = per_channel_sums(image, channels, |c, v| {
+                let d = v - channel_means[c];
+                d * d
+            });
+            let vars = group_of(&squares);
+            let (scale, shift): (Vec<f32>, Vec<f32>) = (0..channels)
+                .map(|c| {
+                    let g = c / per_group;
+                    let (mean, rstd) =
+                        (means[g] as f32, (1.0 / (vars[g] + self.eps).sqrt()) as f32);
+                    let scale = rstd * weight[c].to_f64() as f32;
+                    (scale, bias[c].to_f64() as f32 - scale * mean)
+                })
+                .unzip();
+            for_each_row(out, rows_per_chunk * channels, |chunk, ys| {
+                let xs = &image[chunk * rows_per_chunk * channels..][..ys.len()];
+                if let (Some(ys), Some(xs)) = (as_f32_mut(ys), as_f32(xs)) {
+                    super::simd::affine_per_channel(ys, xs, &scale, &shift, self.silu);
+                    return;
+                }
+                for (y_px, x_px) in ys.chunks_exact_mut(channels).zip(xs.chunks_exact(channels)) {
+                    for (((y, v), &a), &b) in y_px.iter_mut().zip(x_px).zip(&scale).zip(&shift) {
+                        let z = v.to_f64() as f32 * a + b;
+                        *y = T::from_f64(if self.silu { silu(z) } else { z } as f64);
+                    }
+                }
+            });
+        }
+        dst
+    }
+}
+
+/// Σ over the pixels of `f(channel, value)` per channel, in f64, split over threads by pixels.
+fn per_channel_sums<T: WithDType>(
+    image: &[T],
+    channels: usize,
+    f: impl Fn(usize, f64) -> f64 + Sync,
+) -> Vec<f64> {
+    let pixels = image.len() / channels;
+    let threads = super::thread_count(pixels, image.len());
+    let per_thread = pixels.div_ceil(threads);
+    let partial = |range: std::ops::Range<usize>| {
+        let mut acc = vec![0f64; channels];
+        for px in image[range.start * channels..range.end * channels].chunks_exact(channels) {
+            for (c, (a, v)) in acc.iter_mut().zip(px).enumerate() {
+                *a += f(c, v.to_f64());
+            }
+        }
+        acc
+    };
+    let parts: Vec<Vec<f64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..threads)
+            .map(|t| {
+                let range = t * per_thread..((t + 1) * per_thread).min(pixels);
+                scope.spawn(move || partial(range))
+            })
+            .collect();
+        let mut parts = vec![partial(0..per_thread.min(pixels))];
+        parts.extend(handles.into_iter().map(|h| {
+            h.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        }));
+        parts
+    });
+    let mut total = vec![0f64; channels];
+    for part in parts {
+        for (t, p) in total.iter_mut().zip(part) {
+            *t += p;
+        }
+    }
+    total
+}
+
+impl CustomOp3 for GroupNormChannelsLastOp {
+    fn name(&self) -> &'static str {
+        "sdstream-group-norm-channels-last"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = l1.shape();
+        let channels = shape.dims()[shape.rank() - 1];
+        if !channels.is_multiple_of(self.groups)
+            || l2.shape().elem_count() != channels
+            || l3.shape().elem_count() != channels
+        {
+            candle_core::bail!(
+                "GroupNorm (channels last): {} groups, weight {:?}, bias {:?}, input {shape:?}",
+                self.groups,
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let name = self.name();
+        let out = with_float_type!(s1.dtype(), name, |T| T::to_cpu_storage_owned(
+            self.run::<T>(
+                contiguous_slice(s1, l1, name)?,
+                shape,
+                contiguous_slice(s2, l2, name)?,
+                contiguous_slice(s3, l3, name)?,
+            )
+        ));
+        Ok((out, shape.clone()))
     }
 }
 
@@ -483,11 +695,51 @@ mod tests {
             bias: Tensor::randn(0f32, 0.2, 8, &dev)?,
             groups: 4,
             eps: 1e-6,
+            channels_last: false,
         };
         let err = max_abs_diff(&norm.forward(&x)?, &norm.portable(&x, false)?)?;
         assert!(err < 2e-5, "group norm max abs error {err}");
         let err = max_abs_diff(&norm.forward_silu(&x)?, &norm.portable(&x, true)?)?;
         assert!(err < 2e-5, "group norm + silu max abs error {err}");
+        Ok(())
+    }
+
+    /// The channels-last kernel gives what the channels-first one does, with and without SiLU,
+    /// on a large mean and on images big enough to split over threads; a wrong channel count is
+    /// named.
+    #[test]
+    fn group_norm_channels_last_matches_channels_first() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (b, c, h, w, groups) in [(2, 8, 5, 7, 4), (1, 64, 96, 80, 32), (2, 6, 3, 4, 6)] {
+            let x = ((Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)? * 3.0)? + 100.0)?;
+            let first = GroupNorm {
+                weight: Tensor::randn(1f32, 0.2, c, &dev)?,
+                bias: Tensor::randn(0f32, 0.2, c, &dev)?,
+                groups,
+                eps: 1e-6,
+                channels_last: false,
+            };
+            let last = first.clone().into_channels_last();
+            let x_last = x.permute((0, 2, 3, 1))?.contiguous()?;
+            for silu in [false, true] {
+                let want = first.run(&x, silu)?;
+                let got = last.run(&x_last, silu)?.permute((0, 3, 1, 2))?;
+                let err = max_abs_diff(&got, &want)?;
+                assert!(err < 1e-5, "b{b} c{c} {h}x{w} g{groups} silu {silu}: {err}");
+            }
+        }
+        let last = GroupNorm {
+            weight: Tensor::ones(8, DType::F32, &dev)?,
+            bias: Tensor::zeros(8, DType::F32, &dev)?,
+            groups: 4,
+            eps: 1e-6,
+            channels_last: true,
+        };
+        let err = last
+            .forward(&Tensor::zeros((1, 8, 4, 4), DType::F32, &dev)?)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("channels last"), "{err}");
         Ok(())
     }
 
