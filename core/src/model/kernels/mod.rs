@@ -1,5 +1,6 @@
-//! CPU kernels shared by every network (UNet, VAE, TAESD, CLIP): convolution, GroupNorm (with
-//! fused SiLU), LayerNorm, in-place adds, GEGLU and softmax.
+//! CPU kernels shared by every network (UNet, VAE, TAESD, CLIP): convolution (channels-first,
+//! [`conv`], and channels-last for the autoencoders, `conv_channels_last`), GroupNorm (with
+//! fused SiLU, in either layout), LayerNorm, in-place adds, GEGLU and softmax.
 //!
 //! candle's CPU ops are generic: each allocates a fresh tensor and walks it once per primitive,
 //! and its convolution gathers im2col tiles element by element. The kernels here do the same
