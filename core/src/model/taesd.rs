@@ -431,6 +431,68 @@ impl<'a> SequenceBuilder<'a> {
     }
 }
 
+/// The channels-last maps of TAESD's CPU runs, kept from call to call. At 512×512 a map is
+/// 64 MiB, and a fresh one costs the operating system's zeroing of every page on first touch
+/// (docs/ARCHITECTURE.md "Fresh pages"): inside a pipeline, where the UNet's working memory
+/// was just returned, that was half of TAESD's time. A run borrows buffers from here and gives
+/// them back; what it holds at most (three maps of the largest level, about 200 MB at 512²)
+/// stays while the model lives. A clone starts with an empty pool of its own; two runs on one
+/// model at once work, the second with fresh buffers.
+#[derive(Debug, Default)]
+struct MapPool(std::sync::Mutex<Vec<Vec<f32>>>);
+
+impl Clone for MapPool {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// Buffers borrowed from a [`MapPool`] for one run.
+struct Borrowed<'a> {
+    free: Vec<Vec<f32>>,
+    pool: Option<std::sync::MutexGuard<'a, Vec<Vec<f32>>>>,
+}
+
+impl Borrowed<'_> {
+    /// A buffer holding at least `len` values, or an empty one the kernel will size.
+    fn take(&mut self, len: usize) -> Vec<f32> {
+        let best = (0..self.free.len())
+            .filter(|&i| self.free[i].capacity() >= len)
+            .min_by_key(|&i| self.free[i].capacity());
+        match best {
+            Some(i) => self.free.swap_remove(i),
+            None => Vec::new(),
+        }
+    }
+
+    fn give(&mut self, buffer: Vec<f32>) {
+        self.free.push(buffer);
+    }
+}
+
+impl Drop for Borrowed<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.as_mut() {
+            pool.append(&mut self.free);
+        }
+    }
+}
+
+impl MapPool {
+    fn borrow(&self) -> Borrowed<'_> {
+        match self.0.try_lock() {
+            Ok(mut pool) => Borrowed {
+                free: std::mem::take(&mut *pool),
+                pool: Some(pool),
+            },
+            Err(_) => Borrowed {
+                free: Vec::new(),
+                pool: None,
+            },
+        }
+    }
+}
+
 /// diffusers' `AutoencoderTiny`.
 #[derive(Debug, Clone)]
 pub struct AutoencoderTiny {
@@ -440,6 +502,8 @@ pub struct AutoencoderTiny {
     /// CUDA graphs of the encoder and the decoder (none elsewhere); a clone starts without any.
     encoder_graphs: GraphCache,
     decoder_graphs: GraphCache,
+    /// Maps of the CPU runs, reused from call to call.
+    maps: MapPool,
 }
 
 impl AutoencoderTiny {
@@ -490,6 +554,7 @@ impl AutoencoderTiny {
             config: config.clone(),
             encoder_graphs: GraphCache::default(),
             decoder_graphs: GraphCache::default(),
+            maps: MapPool::default(),
         })
     }
 
@@ -517,6 +582,26 @@ impl AutoencoderTiny {
             Layer::Block(block) => block.conv[0].is_channels_last(),
             Layer::Act(_) => false,
         });
+        if channels_last
+            && xs.dtype() == DType::F32
+            && layers.iter().all(|layer| match layer {
+                Layer::Act(act) => *act == Activation::Relu,
+                Layer::Block(block) => block.act == Activation::Relu,
+                Layer::Conv(conv) | Layer::UpsampleConv(_, conv) => conv.dtype() == DType::F32,
+            })
+        {
+            return self.run_pooled(layers, &xs);
+        }
+        Self::run_tensors(layers, xs, channels_last)
+    }
+
+    /// [`Self::run_layers`] with a tensor per map (what runs off the CPU, and for activations
+    /// other than ReLU or dtypes other than f32).
+    fn run_tensors(
+        layers: &[Layer],
+        xs: Tensor,
+        channels_last: bool,
+    ) -> candle_core::Result<Tensor> {
         let xs = if channels_last {
             xs.permute((0, 2, 3, 1))?.contiguous()?
         } else {
@@ -528,6 +613,78 @@ impl AutoencoderTiny {
         } else {
             Ok(ys)
         }
+    }
+
+    /// [`Self::run_layers`] over f32 channels-last buffers from the model's [`MapPool`] (ReLU
+    /// activations only; the kernels are the ones the tensor path calls): the input and the
+    /// output are converted between layouts through buffers of their own, so only the output
+    /// tensor is new memory.
+    fn run_pooled(&self, layers: &[Layer], xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let src = xs.flatten_all()?.to_vec1::<f32>()?;
+        let mut maps = self.maps.borrow();
+        let mut cur = maps.take(src.len());
+        cur.resize(src.len(), 0.0);
+        // [B, C, H, W] → [B, H, W, C].
+        for (dst, src) in cur.chunks_mut(c * h * w).zip(src.chunks(c * h * w)) {
+            for (ch, plane) in src.chunks(h * w).enumerate() {
+                for (px, &v) in plane.iter().enumerate() {
+                    dst[px * c + ch] = v;
+                }
+            }
+        }
+        let (mut h, mut w, mut c) = (h, w, c);
+        for layer in layers {
+            match layer {
+                Layer::Conv(conv) | Layer::UpsampleConv(_, conv) => {
+                    let factor = match layer {
+                        Layer::UpsampleConv(f, _) => *f,
+                        _ => 1,
+                    };
+                    let mut out = maps.take(0);
+                    (h, w, c) =
+                        conv.forward_f32_into(&cur, (b, h, w), factor, None, false, &mut out)?;
+                    maps.give(std::mem::replace(&mut cur, out));
+                }
+                Layer::Act(_) => {
+                    for v in cur.iter_mut() {
+                        // torch's ReLU: NaN kept.
+                        if *v < 0.0 {
+                            *v = 0.0;
+                        }
+                    }
+                }
+                Layer::Block(block) => {
+                    let shape = (b, h, w);
+                    let mut first = maps.take(cur.len());
+                    block.conv[0].forward_f32_into(&cur, shape, 1, None, true, &mut first)?;
+                    let mut second = maps.take(cur.len());
+                    block.conv[1].forward_f32_into(&first, shape, 1, None, true, &mut second)?;
+                    // relu(conv(second) + x) over the first buffer, no longer needed.
+                    block.conv[2].forward_f32_into(
+                        &second,
+                        shape,
+                        1,
+                        Some(&cur),
+                        true,
+                        &mut first,
+                    )?;
+                    maps.give(second);
+                    maps.give(std::mem::replace(&mut cur, first));
+                }
+            }
+        }
+        // [B, H, W, C] → [B, C, H, W], into the output's own memory.
+        let mut out = vec![0f32; cur.len()];
+        for (dst, src) in out.chunks_mut(c * h * w).zip(cur.chunks(c * h * w)) {
+            for (px, pixel) in src.chunks_exact(c).enumerate() {
+                for (ch, &v) in pixel.iter().enumerate() {
+                    dst[ch * h * w + px] = v;
+                }
+            }
+        }
+        maps.give(cur);
+        Tensor::from_vec(out, (b, c, h, w), xs.device())
     }
 
     /// The configuration the network was built from.
@@ -588,6 +745,79 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default()
+    }
+
+    /// The pooled CPU run gives the tensor path's values (same kernels, so bit for bit), keeps
+    /// its buffers between calls without adding to them, and leaves a second run's result
+    /// unchanged.
+    #[test]
+    fn pooled_maps_match_tensors_and_are_reused() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = Config {
+            encoder_block_out_channels: vec![8; 3],
+            decoder_block_out_channels: vec![8; 3],
+            num_encoder_blocks: vec![1, 2, 1],
+            num_decoder_blocks: vec![1, 2, 1],
+            ..Config::default()
+        };
+        let vars = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+        // A first build names every weight (zeros); random values go in, and a second build
+        // reads them.
+        AutoencoderTiny::new(&cfg, vb.clone())?;
+        for var in vars.all_vars() {
+            var.set(&Tensor::randn(0f32, 0.3, var.shape(), &dev)?)?;
+        }
+        let taesd = AutoencoderTiny::new(&cfg, vb)?;
+        assert!(matches!(&taesd.encoder[0], Layer::Conv(c) if c.is_channels_last()));
+        let x = Tensor::randn(0f32, 0.5, (2, 3, 24, 20), &dev)?;
+        let pooled = taesd.run_pooled(&taesd.encoder, &x)?;
+        let tensors = AutoencoderTiny::run_tensors(&taesd.encoder, x.clone(), true)?;
+        assert_eq!(pooled.dims(), &[2, 4, 6, 5]);
+        let diff = (&pooled - &tensors)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(
+            diff, 0.0,
+            "encoder: pooled and tensor runs differ by {diff}"
+        );
+        let z = Tensor::randn(0f32, 1.0, (2, 4, 6, 5), &dev)?;
+        let decoded = taesd.run_pooled(&taesd.decoder, &z)?;
+        let want = AutoencoderTiny::run_tensors(&taesd.decoder, z.clone(), true)?;
+        assert_eq!(decoded.dims(), &[2, 3, 24, 20]);
+        let diff = (&decoded - &want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(
+            diff, 0.0,
+            "decoder: pooled and tensor runs differ by {diff}"
+        );
+        let kept = taesd.maps.0.lock().map(|p| p.len()).unwrap_or(0);
+        assert!(kept >= 3, "only {kept} buffers kept");
+        let again = taesd.run_pooled(&taesd.decoder, &z)?;
+        let diff = (&again - &decoded)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "a second run differs by {diff}");
+        let kept_after = taesd.maps.0.lock().map(|p| p.len()).unwrap_or(0);
+        assert_eq!(kept_after, kept, "the second run added buffers");
+        // The public entry points take the pooled path and agree with it.
+        let via_decode = taesd.decode(&z)?;
+        let soft = ((&z / 3.0)?.tanh()? * 3.0)?;
+        let expected_soft = ((taesd.run_pooled(&taesd.decoder, &soft)? * 2.0)? - 1.0)?;
+        let diff = (&via_decode - &expected_soft)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "decode differs from the pooled run by {diff}");
+        Ok(())
     }
 
     #[test]

@@ -197,6 +197,49 @@ impl Conv2d {
         })
     }
 
+    /// The channels-last CPU kernel over raw f32 maps, for networks that keep their maps in
+    /// buffers of their own between calls: `x` `[batch, h, w, C_in]` (upsampled ×`upsample`
+    /// first), `epilogue.residual` replaced by `residual`, written into `out` (resized; its
+    /// earlier values are never read, so a reused buffer costs no clearing). Returns
+    /// `(h_out, w_out, C_out)`. Needs a channels-last f32 convolution on the CPU kernels.
+    pub(crate) fn forward_f32_into(
+        &self,
+        x: &[f32],
+        shape: (usize, usize, usize),
+        upsample: usize,
+        residual: Option<&[f32]>,
+        relu: bool,
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<(usize, usize, usize)> {
+        if !(self.channels_last && cpu_kernels(self.weight.device()))
+            || self.weight.dtype() != DType::F32
+        {
+            candle_core::bail!(
+                "conv: raw f32 maps need a channels-last f32 convolution on the CPU"
+            );
+        }
+        if upsample == 0 {
+            candle_core::bail!("conv: upsampling factor must be positive");
+        }
+        let op = ChannelsLastConvOp {
+            stride: self.stride,
+            padding: self.padding,
+            upsample,
+            bias: if self.has_bias {
+                Some(self.bias.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+            } else {
+                None
+            },
+            relu,
+        };
+        let (storage, layout) = self.weight.storage_and_layout();
+        let weight = match &*storage {
+            candle_core::Storage::Cpu(cpu) => contiguous_slice::<f32>(cpu, layout, "conv")?,
+            _ => candle_core::bail!("conv: the weight is not on the CPU"),
+        };
+        op.run_f32_into(x, shape, weight, layout.shape(), residual, out)
+    }
+
     /// Whether the convolution takes and returns channels-last maps.
     pub fn is_channels_last(&self) -> bool {
         self.channels_last

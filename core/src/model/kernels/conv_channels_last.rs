@@ -213,12 +213,31 @@ impl ChannelsLastConvOp {
         residual: Option<&[T]>,
         g: &Geometry,
     ) -> Vec<T> {
+        let mut out = zeroed_buffer::<T>(g.batch * g.h_out * g.w_out * g.c_out);
+        self.run_into(x, weight, residual, g, &mut out);
+        out
+    }
+
+    /// The convolution written into `out` (`[B, h_out, w_out, C_out]`, every element
+    /// overwritten: the first GEMM of each output pixel does not read what was there).
+    fn run_into<T: WithDType>(
+        &self,
+        x: &[T],
+        weight: &[T],
+        residual: Option<&[T]>,
+        g: &Geometry,
+        out: &mut [T],
+    ) {
         let (c, co, s, f, p) = (g.c_in, g.c_out, self.stride, self.upsample, self.padding);
         let row_len = g.w_out * co;
         let rows = g.batch * g.h_out;
-        let mut out = zeroed_buffer::<T>(rows * row_len);
+        assert_eq!(
+            out.len(),
+            rows * row_len,
+            "conv (channels last): output size"
+        );
         if out.is_empty() {
-            return out;
+            return;
         }
         let along_h = AxisPlan::new(g.h, g.h_out, f, g.kh, s, p.top, p.bottom);
         let along_w = AxisPlan::new(g.w, g.w_out, f, g.kw, s, p.left, p.right);
@@ -307,7 +326,40 @@ impl ChannelsLastConvOp {
         };
         let threads = thread_count(rows, rows * row_len * g.kw * c);
         for_each_range(rows, threads, &work);
-        out
+    }
+
+    /// The op over raw f32 maps: `x` `[batch, h, w, C_in]` with `weight` `[kh, kw, C_in,
+    /// C_out]`, written into `out` (resized to the output; its earlier values are not read).
+    /// Returns the output's `(h_out, w_out, C_out)`.
+    pub(super) fn run_f32_into(
+        &self,
+        x: &[f32],
+        (batch, h, w): (usize, usize, usize),
+        weight: &[f32],
+        weight_shape: &Shape,
+        residual: Option<&[f32]>,
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<(usize, usize, usize)> {
+        let c_in = weight_shape.dims4()?.2;
+        if x.len() != batch * h * w * c_in {
+            candle_core::bail!(
+                "conv (channels last): {} input values for [{batch}, {h}, {w}, {c_in}]",
+                x.len()
+            );
+        }
+        let g = self.geometry(&Shape::from((batch, h, w, c_in)), weight_shape)?;
+        let len = g.batch * g.h_out * g.w_out * g.c_out;
+        if residual.is_some_and(|r| r.len() != len) {
+            candle_core::bail!("conv (channels last): residual does not match the output");
+        }
+        if out.capacity() < len {
+            // A reallocation would copy the old values first: start afresh instead.
+            *out = zeroed_buffer(len);
+        } else {
+            out.resize(len, 0.0);
+        }
+        self.run_into(x, weight, residual, &g, out);
+        Ok((g.h_out, g.w_out, g.c_out))
     }
 
     /// Bias, residual and ReLU over one output row (`[w_out, co]`), in one pass.
