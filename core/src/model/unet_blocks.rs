@@ -18,7 +18,7 @@ use super::attention_bank::BankCall;
 use super::kernels::conv::{Conv2d, Padding};
 use super::kernels::norm::{GroupNorm, LayerNorm};
 use super::kernels::ops::{add_fresh, geglu, scaled_softmax};
-use super::kernels::{cpu_kernels, same_values};
+use super::kernels::{attention, cpu_kernels, same_values};
 use super::try_vec;
 use super::weight_table;
 use crate::{Error, Result};
@@ -578,6 +578,9 @@ impl Attention {
         m: usize,
     ) -> candle_core::Result<Tensor> {
         let (h, d) = (self.heads, self.head_dim);
+        if attention::applies(q) {
+            return attention::attention(q, k, v, h, self.scale);
+        }
         // Scores are computed in blocks of (head, query rows): on the CPU a block fits the
         // allocator's reusable heap (no page faults per call) and stays cache-friendly; on other
         // devices blocks only bound memory.

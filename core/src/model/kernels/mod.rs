@@ -12,6 +12,7 @@
 //! (+ SiLU), group_norm.cu, and a frame's 8-bit conversions on the way on and off the device,
 //! transfer.cu; both compiled to PTX by build.rs with the `cuda` feature.
 
+pub(crate) mod attention;
 pub mod conv;
 mod conv_channels_last;
 #[cfg(feature = "cudnn")]
