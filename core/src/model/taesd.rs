@@ -641,7 +641,8 @@ impl AutoencoderTiny {
                         Layer::UpsampleConv(f, _) => *f,
                         _ => 1,
                     };
-                    let mut out = maps.take(0);
+                    let (h_out, w_out, c_out) = conv.output_size(h, w, factor);
+                    let mut out = maps.take(b * h_out * w_out * c_out);
                     (h, w, c) =
                         conv.forward_f32_into(&cur, (b, h, w), factor, None, false, &mut out)?;
                     maps.give(std::mem::replace(&mut cur, out));
@@ -807,6 +808,23 @@ mod tests {
         assert_eq!(diff, 0.0, "a second run differs by {diff}");
         let kept_after = taesd.maps.0.lock().map(|p| p.len()).unwrap_or(0);
         assert_eq!(kept_after, kept, "the second run added buffers");
+        // Once warm, runs take their buffers from the pool: the same allocations, run after run.
+        let addresses = |taesd: &AutoencoderTiny| -> Vec<usize> {
+            let mut a: Vec<usize> = taesd
+                .maps
+                .0
+                .lock()
+                .map(|p| p.iter().map(|b| b.as_ptr() as usize).collect())
+                .unwrap_or_default();
+            a.sort_unstable();
+            a
+        };
+        taesd.run_pooled(&taesd.encoder, &x)?;
+        taesd.run_pooled(&taesd.decoder, &z)?;
+        let warm = addresses(&taesd);
+        taesd.run_pooled(&taesd.encoder, &x)?;
+        taesd.run_pooled(&taesd.decoder, &z)?;
+        assert_eq!(addresses(&taesd), warm, "a warm run allocated new maps");
         // The public entry points take the pooled path and agree with it.
         let via_decode = taesd.decode(&z)?;
         let soft = ((&z / 3.0)?.tanh()? * 3.0)?;

@@ -240,6 +240,26 @@ impl Conv2d {
         op.run_f32_into(x, shape, weight, layout.shape(), residual, out)
     }
 
+    /// The output's `(height, width, channels)` for an `h`×`w` input upsampled ×`upsample`.
+    pub(crate) fn output_size(&self, h: usize, w: usize, upsample: usize) -> (usize, usize, usize) {
+        let dims = self.weight.dims();
+        // [C_out, C_in, kh, kw], or [kh, kw, C_in, C_out] once relaid for the channels-last kernel.
+        let (kh, kw, c_out) = if self.channels_last && cpu_kernels(self.weight.device()) {
+            (dims[0], dims[1], dims[3])
+        } else {
+            (dims[2], dims[3], dims[0])
+        };
+        let p = self.padding;
+        let out = |n: usize, before: usize, after: usize, k: usize| {
+            (n * upsample + before + after).saturating_sub(k) / self.stride + 1
+        };
+        (
+            out(h, p.top, p.bottom, kh),
+            out(w, p.left, p.right, kw),
+            c_out,
+        )
+    }
+
     /// Whether the convolution takes and returns channels-last maps.
     pub fn is_channels_last(&self) -> bool {
         self.channels_last
