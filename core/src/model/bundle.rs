@@ -538,7 +538,7 @@ impl StableDiffusionModels {
         let taesd_dir = folders.taesd.clone();
         let stack = open_loras(&folders.loras, progress)?;
         let device = settings.device.device()?;
-        let dtype = settings.dtype.dtype();
+        let (dtype, bf16_gemms) = compute_dtype(settings.dtype.dtype(), &device);
         let fp16 = dtype == DType::F16;
         check_model_index(dir, settings.vae == VaeChoice::Full)?;
         let scheduler = LcmScheduler::from_file(&dir.join("scheduler/scheduler_config.json"))?;
@@ -562,6 +562,7 @@ impl StableDiffusionModels {
                 LoraDeltas::new(LoraTarget::Unet, &stack),
             )
         })?;
+        let unet = unet.with_bf16_gemms(bf16_gemms);
         let family = family_of(unet.config());
         let second = if family == ModelFamily::Sdxl {
             let lora = LoraDeltas::new(LoraTarget::TextEncoder2, &stack);
@@ -791,6 +792,18 @@ fn family_of(unet: &UNetConfig) -> ModelFamily {
 /// pipeline class (`_class_name`, which diffusers needs to load the folder) and every component
 /// as a `[library, class]` pair. The components a stream reads must be declared, not
 /// `[null, null]`; the networks' own config.json files decide everything else.
+/// The dtype the networks hold their maps in for the `requested` one on `device`, and whether
+/// the UNet's GEMMs multiply in bf16. On the CPU, bf16 means f32 maps whose GEMMs round their
+/// operands to bf16 and sum in f32 (kernels::gemm_bf16: AMX where the CPU has it), since
+/// candle's CPU ops have no bf16 arithmetic of their own; elsewhere the dtype is the dtype.
+pub(crate) fn compute_dtype(requested: DType, device: &Device) -> (DType, bool) {
+    if requested == DType::BF16 && device.is_cpu() {
+        (DType::F32, true)
+    } else {
+        (requested, false)
+    }
+}
+
 /// The dtype the checkpoint's VAE computes in: f32 for an SDXL VAE whose config sets
 /// `force_upcast` when the engine runs in f16 (SDXL's VAE overflows f16's range; diffusers' SDXL
 /// pipelines upcast it the same way, and bf16 has f32's range), else the engine's dtype.

@@ -28,6 +28,7 @@ use super::attention_bank::{AttentionBank, BankCall};
 use super::cuda_graph::GraphCache;
 use super::ip_adapter::IpAdapterLayers;
 use super::kernels::conv::Conv2d;
+use super::kernels::gemm_bf16;
 use super::kernels::norm::GroupNorm;
 use super::lora::LoraDeltas;
 use super::open_component_with_lora;
@@ -338,6 +339,9 @@ pub struct UNet2DConditionModel {
     kv_projections: Arc<AtomicUsize>,
     /// The forward pass's CUDA graphs (none elsewhere); a clone starts without any.
     graphs: GraphCache,
+    /// Whether the CPU's GEMMs run in bf16 during the forward pass (`dtype: "bf16"` on the
+    /// CPU, see [`super::kernels::gemm_bf16`]).
+    bf16_gemms: bool,
 }
 
 /// IP-Adapter's inputs to one UNet call ([`crate::model::ip_adapter`]).
@@ -460,6 +464,7 @@ impl UNet2DConditionModel {
             cross_attention_widths,
             kv_projections,
             graphs: GraphCache::default(),
+            bf16_gemms: false,
         })
     }
 
@@ -499,7 +504,7 @@ impl UNet2DConditionModel {
         new: Option<Arc<LoraDeltas>>,
         device: &Device,
     ) -> Result<(Self, WeightTable)> {
-        rebuild_with_lora(
+        let (model, table) = rebuild_with_lora(
             &self.config,
             table,
             self.dtype(),
@@ -507,7 +512,21 @@ impl UNet2DConditionModel {
             old,
             new,
             Self::new,
-        )
+        )?;
+        Ok((model.with_bf16_gemms(self.bf16_gemms), table))
+    }
+
+    /// The same network with its CPU GEMMs in bf16 (`on`) or f32: bf16 operands, f32 sums,
+    /// f32 maps in between ([`super::kernels::gemm_bf16`]); `dtype: "bf16"` on the CPU. Other
+    /// devices ignore it.
+    pub fn with_bf16_gemms(mut self, on: bool) -> Self {
+        self.bf16_gemms = on;
+        self
+    }
+
+    /// Whether the CPU GEMMs run in bf16 ([`with_bf16_gemms`](Self::with_bf16_gemms)).
+    pub fn bf16_gemms(&self) -> bool {
+        self.bf16_gemms
     }
 
     /// How many key/value projections of a text context the cross-attention layers have
@@ -739,7 +758,32 @@ impl UNet2DConditionModel {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     fn forward_eager(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+        bank: Option<&RefCell<BankCall<'_>>>,
+        image: Option<&ImageContext<'_>>,
+    ) -> Result<Tensor> {
+        gemm_bf16::scoped(self.bf16_gemms, || {
+            self.forward_layers(
+                sample,
+                timesteps,
+                encoder_hidden_states,
+                added,
+                control,
+                bank,
+                image,
+            )
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_layers(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,

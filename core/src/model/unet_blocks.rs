@@ -18,7 +18,7 @@ use super::attention_bank::BankCall;
 use super::kernels::conv::{Conv2d, Padding};
 use super::kernels::norm::{GroupNorm, LayerNorm};
 use super::kernels::ops::{add_fresh, geglu, scaled_softmax};
-use super::kernels::{attention, cpu_kernels, same_values};
+use super::kernels::{attention, cpu_kernels, gemm_bf16, same_values};
 use super::try_vec;
 use super::weight_table;
 use crate::{Error, Result};
@@ -98,11 +98,17 @@ pub(crate) struct AttentionSpec {
 pub(crate) struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The weight packed for bf16 products, made on the first one (see [`gemm_bf16`]).
+    packed_bf16: gemm_bf16::LazyWeight,
 }
 
 impl Linear {
     pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            packed_bf16: Default::default(),
+        }
     }
 }
 
@@ -115,6 +121,13 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if gemm_bf16::active() && cpu_kernels(x.device()) && x.dtype() == DType::F32 {
+            let y = gemm_bf16::linear(x, &self.weight, &self.packed_bf16)?;
+            return match &self.bias {
+                Some(bias) => add_fresh(y, &bias.to_dtype(DType::F32)?, 1),
+                None => Ok(y),
+            };
+        }
         let w = self.weight.t()?;
         let y = match *x.dims() {
             [b, n, k] if x.is_contiguous() => {

@@ -21,7 +21,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 
+use std::sync::{Arc, OnceLock};
+
 use super::conv_channels_last::ChannelsLastConvOp;
+use super::gemm_bf16::{self, PackedA, PackedB};
 use super::ops::add_fresh;
 use super::{
     SharedMut, contiguous_slice, cpu_kernels, for_each_range, for_each_row, thread_count,
@@ -78,6 +81,9 @@ pub struct Conv2d {
     /// Whether maps are `[B, H, W, C]` ([`Conv2d::into_channels_last`]); with the CPU kernels
     /// the weight is then kept as `[kh, kw, C_in, C_out]`.
     channels_last: bool,
+    /// The weight `[C_out, C_in·kh·kw]` packed for bf16 products, made on the first one
+    /// (channels-first CPU kernel only; see [`super::gemm_bf16`]).
+    packed_bf16: Arc<OnceLock<PackedA>>,
 }
 
 /// What a convolution applies to its output before returning it, in this order: the bias, then
@@ -136,6 +142,7 @@ impl Conv2d {
             stride,
             padding,
             channels_last: false,
+            packed_bf16: Default::default(),
         })
     }
 
@@ -169,6 +176,7 @@ impl Conv2d {
             stride,
             padding,
             channels_last: false,
+            packed_bf16: Default::default(),
         })
     }
 
@@ -193,6 +201,7 @@ impl Conv2d {
         Ok(Self {
             weight,
             channels_last: true,
+            packed_bf16: Default::default(),
             ..self
         })
     }
@@ -324,10 +333,16 @@ impl Conv2d {
         if cpu_kernels(xs.device()) {
             let dtype = xs.dtype();
             let xs = xs.to_dtype(self.weight.dtype())?.contiguous()?;
+            let packed_bf16 = if gemm_bf16::active() && self.weight.dtype() == DType::F32 {
+                Some(self.packed_weight()?)
+            } else {
+                None
+            };
             let op = ConvOp {
                 stride: self.stride,
                 padding: self.padding,
                 upsample: factor,
+                packed_bf16,
             };
             return xs
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op)?
@@ -340,6 +355,19 @@ impl Conv2d {
             xs.upsample_nearest2d(h * factor, w * factor)?
         };
         self.portable(&xs)
+    }
+
+    /// The weight packed for the bf16 GEMM (made on the first call).
+    fn packed_weight(&self) -> candle_core::Result<&PackedA> {
+        if let Some(packed) = self.packed_bf16.get() {
+            return Ok(packed);
+        }
+        let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        let k = c_in * kh * kw;
+        let values = self.weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(self
+            .packed_bf16
+            .get_or_init(|| PackedA::new(&values, c_out, k, k)))
     }
 
     /// candle's convolution: what other devices run (on CUDA with the `cudnn` feature, cuDNN
@@ -379,10 +407,12 @@ impl Module for Conv2d {
 
 /// The CPU kernel: input `[B, C_in, H, W]`, weight `[C_out, C_in, kh, kw]`, bias `[C_out]`, all
 /// contiguous; the input is upsampled by `upsample` (nearest), then padded, then convolved.
-struct ConvOp {
+struct ConvOp<'a> {
     stride: usize,
     padding: Padding,
     upsample: usize,
+    /// f32 maps multiplied in bf16 by this packing of the weight ([`super::gemm_bf16`]).
+    packed_bf16: Option<&'a PackedA>,
 }
 
 /// Geometry of one convolution.
@@ -475,7 +505,7 @@ impl TilePlan {
     }
 }
 
-impl ConvOp {
+impl ConvOp<'_> {
     fn geometry(&self, x: &Shape, w: &Shape) -> candle_core::Result<Geometry> {
         let (batch, c_in, h, wd) = x.dims4()?;
         let (c_out, c_in_w, kh, kw) = w.dims4()?;
@@ -532,8 +562,13 @@ impl ConvOp {
             gemm::Parallelism::None
         };
         let out_ptr = SharedMut(out.as_mut_ptr());
+        // The bf16 GEMM reads f32 maps (`cpu_fwd` passes a packing only with f32 operands).
+        let packed_bf16 = self
+            .packed_bf16
+            .filter(|_| std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>());
         let work = |tiles: std::ops::Range<usize>| {
             let mut col = vec![T::zero(); if planes.is_some() { k * plan.tile } else { 0 }];
+            let mut packed_rhs = PackedB::default();
             for t in tiles {
                 let (image, index) = (t / plan.tiles_per_image, t % plan.tiles_per_image);
                 let n0 = index * plan.tile;
@@ -547,32 +582,52 @@ impl ConvOp {
                     None => (&x[image * k * n + n0..], n),
                 };
                 let dst_at = image * g.c_out * n + n0;
-                // SAFETY: the GEMM writes out[image, 0..c_out, n0..n0 + nt] (row stride n):
-                // inside `out`, and written by this tile only, since tiles partition the
-                // positions of each image. `weight` holds [c_out, k] (row stride k) and `rhs`
-                // [k, nt] with row stride `rhs_stride`, as the slices above guarantee.
-                unsafe {
-                    gemm::gemm(
-                        g.c_out,
-                        nt,
-                        k,
-                        out_ptr.ptr().add(dst_at),
-                        1,
-                        n as isize,
-                        false,
-                        weight.as_ptr(),
-                        1,
-                        k as isize,
-                        rhs.as_ptr(),
-                        1,
-                        rhs_stride as isize,
-                        T::zero(),
-                        T::one(),
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
+                if let Some(packed_weight) = packed_bf16 {
+                    // SAFETY: T is f32 (checked where `packed_bf16` is made), so the slice
+                    // holds f32 values.
+                    let rhs = unsafe {
+                        std::slice::from_raw_parts(rhs.as_ptr().cast::<f32>(), rhs.len())
+                    };
+                    packed_rhs.repack_rows(rhs, k, nt, rhs_stride, plan.gemm_threads);
+                    // SAFETY: as for the f32 GEMM below: out[image, 0..c_out, n0..n0 + nt]
+                    // (row stride n) is this tile's alone; T is f32.
+                    unsafe {
+                        gemm_bf16::gemm_into(
+                            packed_weight,
+                            &packed_rhs,
+                            out_ptr.ptr().add(dst_at).cast::<f32>(),
+                            n,
+                            plan.gemm_threads,
+                        );
+                    }
+                } else {
+                    // SAFETY: the GEMM writes out[image, 0..c_out, n0..n0 + nt] (row stride n):
+                    // inside `out`, and written by this tile only, since tiles partition the
+                    // positions of each image. `weight` holds [c_out, k] (row stride k) and `rhs`
+                    // [k, nt] with row stride `rhs_stride`, as the slices above guarantee.
+                    unsafe {
+                        gemm::gemm(
+                            g.c_out,
+                            nt,
+                            k,
+                            out_ptr.ptr().add(dst_at),
+                            1,
+                            n as isize,
+                            false,
+                            weight.as_ptr(),
+                            1,
+                            k as isize,
+                            rhs.as_ptr(),
+                            1,
+                            rhs_stride as isize,
+                            T::zero(),
+                            T::one(),
+                            false,
+                            false,
+                            false,
+                            parallelism,
+                        );
+                    }
                 }
                 for (co, &b) in bias.iter().enumerate() {
                     // SAFETY: the same elements the GEMM above just wrote for this tile.
@@ -677,7 +732,7 @@ impl ConvOp {
     }
 }
 
-impl CustomOp3 for ConvOp {
+impl CustomOp3 for ConvOp<'_> {
     fn name(&self) -> &'static str {
         "sdstream-conv2d"
     }
@@ -744,14 +799,12 @@ mod tests {
         ];
         for (b, c_in, c_out, k, h, w, stride, padding, up) in cases {
             let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
-            let layer = Conv2d {
-                weight: Tensor::randn(0f32, 0.3, (c_out, c_in, k, k), &dev)?,
-                bias: Tensor::randn(0f32, 0.3, c_out, &dev)?,
-                has_bias: true,
+            let layer = Conv2d::from_tensors(
+                Tensor::randn(0f32, 0.3, (c_out, c_in, k, k), &dev)?,
+                Some(Tensor::randn(0f32, 0.3, c_out, &dev)?),
                 stride,
                 padding,
-                channels_last: false,
-            };
+            )?;
             let got = layer.forward_upsampled(&x, up)?;
             let xu = if up == 1 {
                 x.clone()
@@ -760,17 +813,36 @@ mod tests {
             };
             let want = layer.portable(&xu)?;
             assert_eq!(got.dims(), want.dims());
-            let err = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let err = max_abs_diff(&got, &want)?;
             assert!(
                 err < 1e-4,
                 "case b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up}: {err}"
             );
+
+            // In bf16 (gemm_bf16): what candle's f32 convolution gives for the operands rounded
+            // to bf16, up to f32 summation order.
+            let got = gemm_bf16::scoped(true, || layer.forward_upsampled(&x, up))?;
+            let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+            let rounded = Conv2d::from_tensors(
+                round(&layer.weight)?,
+                Some(layer.bias.clone()),
+                stride,
+                padding,
+            )?;
+            let want = rounded.portable(&round(&xu)?)?;
+            let err = max_abs_diff(&got, &want)?;
+            assert!(
+                err < 1e-4,
+                "bf16 case b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up}: {err}"
+            );
+            // ... and not what f32 operands give (the rounding really happened).
+            assert!(max_abs_diff(&got, &layer.portable(&xu)?)? > 1e-4);
         }
         Ok(())
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
 
     /// The channels-last kernel computes what the channels-first one does, with its epilogue

@@ -17,6 +17,7 @@ pub mod conv;
 mod conv_channels_last;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
+pub mod gemm_bf16;
 pub mod norm;
 pub(crate) mod ops;
 mod simd;

@@ -1,0 +1,891 @@
+//! The CPU's bf16 GEMM: `C = A·B` with both operands rounded to bf16 (round to nearest even)
+//! and every product summed in f32, written as f32. What `dtype: "bf16"` means on the CPU (see
+//! [`scoped`]): maps, norms and softmax stay in f32; only the multiplicands of the GEMMs lose
+//! precision, as torch's CPU autocast does.
+//!
+//! On CPUs with AMX (Intel Sapphire Rapids and later) the 32×32 blocks of `C` accumulate in
+//! four tile registers, each `TDPBF16PS` instruction doing 16×16×32 multiply-adds; measured at
+//! about 3.3 TFLOP/s on one core of this project's machine against about 180 GFLOP/s for the f32
+//! GEMM. Elsewhere a portable block computes the same sums (rounded operands, f32 accumulation)
+//! in plain loops; it is there so that the bf16 path gives the same pictures everywhere, not
+//! for speed.
+//!
+//! Both operands are packed once into the tiles' own layouts, so every tile load is 1 KiB of
+//! consecutive memory: `A` ([`PackedA`]) as 16-row strips of 16×32 blocks, `B` ([`PackedB`])
+//! as 16-column strips of blocks holding 16 pairs of consecutive `k` for each column (the pair
+//! layout `TDPBF16PS` reads). A weight is packed once per layer and kept; activations are packed
+//! on each call into a buffer the thread keeps.
+
+use std::cell::Cell;
+
+use candle_core::{DType, Tensor};
+
+use super::{SharedMut, for_each_range};
+
+/// Rows or columns of one tile.
+const TILE: usize = 16;
+/// `k` values per tile block (64 bytes of bf16 per tile row).
+const K_BLOCK: usize = 32;
+/// Elements of one packed tile block.
+const BLOCK_LEN: usize = TILE * K_BLOCK;
+/// Rows (and columns) of the `C` block the kernel keeps in its four accumulator tiles.
+const PANEL: usize = 2 * TILE;
+/// `k` blocks per pass over `C`: 1,024 values of `k`, so that a 32-row strip of `A` (64 KiB)
+/// and a [`N_PANELS_PER_PASS`]-panel block of `B` (512 KiB) stay in the core's L2 cache.
+const K_BLOCKS_PER_PASS: usize = 32;
+/// 32-column panels of `B` per pass.
+const N_PANELS_PER_PASS: usize = 8;
+
+thread_local! {
+    static BF16_GEMMS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the CPU's GEMMs on this thread in bf16 (`on`) or f32 (`!on`), restoring the
+/// previous choice afterwards, even when `f` panics. A network set to bf16 on the CPU wraps its
+/// forward pass in this; its layers ask [`active`] when they multiply.
+pub(crate) fn scoped<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BF16_GEMMS.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(BF16_GEMMS.with(|c| c.replace(on)));
+    f()
+}
+
+/// Whether GEMMs called on this thread multiply in bf16 (inside a [`scoped`] call that said so).
+pub(crate) fn active() -> bool {
+    BF16_GEMMS.with(Cell::get)
+}
+
+/// Whether this CPU has AMX's bf16 tiles and the operating system lets this process use them.
+pub fn amx_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if std::env::var_os("SDSTREAM_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0") {
+            return false;
+        }
+        amx::request()
+    })
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as bits; NaN stays NaN.
+#[inline(always)]
+fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((bits >> 16) | 0x40) as u16;
+    // A select, not a branch, so that the packing loops vectorise.
+    if bits & 0x7fff_ffff > 0x7f80_0000 {
+        quiet_nan
+    } else {
+        rounded
+    }
+}
+
+#[inline(always)]
+fn from_bf16(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// Whether the packing loops run their AVX-512 build (decided once).
+fn packs_with_avx512() -> bool {
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Runs `pack(first_strip, strips_data)` over groups of consecutive strips of `data` (each
+/// `strip_len` long), one group per thread on up to `threads` threads, in the AVX-512 build where the CPU has it: the activations of every call
+/// pass through here, and the rounding vectorises.
+fn pack_strips<F: Fn(usize, &mut [u16]) + Sync>(
+    data: &mut [u16],
+    strip_len: usize,
+    threads: usize,
+    pack: F,
+) {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn vectorised<F: Fn(usize, &mut [u16])>(pack: &F, first: usize, group: &mut [u16]) {
+        pack(first, group)
+    }
+    let run = |first: usize, group: &mut [u16]| {
+        #[cfg(target_arch = "x86_64")]
+        if packs_with_avx512() {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { vectorised(&pack, first, group) };
+            return;
+        }
+        pack(first, group);
+    };
+    let strips = data.len() / strip_len;
+    let threads = threads.clamp(1, strips.max(1));
+    if threads == 1 {
+        run(0, data);
+        return;
+    }
+    let per_thread = strips.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut groups = data.chunks_mut(per_thread * strip_len).enumerate();
+        let first = groups.next();
+        for (t, group) in groups {
+            let run = &run;
+            scope.spawn(move || run(t * per_thread, group));
+        }
+        if let Some((_, group)) = first {
+            run(0, group);
+        }
+    });
+}
+
+/// The left operand `A` (`m×k`) in bf16 tile blocks: strip `t` (rows `16t..16t+16`) holds its
+/// `k` blocks one after another, each 16 rows × 32 values. Rows and `k` past the matrix are
+/// zero; the strip count is even, so that every 32-row panel is whole.
+#[derive(Debug, Clone, Default)]
+pub struct PackedA {
+    m: usize,
+    k: usize,
+    k_blocks: usize,
+    data: Vec<u16>,
+}
+
+impl PackedA {
+    /// Packs `src`, `m` rows of `k` values with row stride `ld`.
+    pub fn new(src: &[f32], m: usize, k: usize, ld: usize) -> Self {
+        let mut packed = Self::default();
+        packed.repack(src, m, k, ld, 1);
+        packed
+    }
+
+    /// Packs `src` into this buffer (grown, never shrunk, so a kept one stops allocating), on
+    /// up to `threads` threads.
+    pub fn repack(&mut self, src: &[f32], m: usize, k: usize, ld: usize, threads: usize) {
+        let k_blocks = k.div_ceil(K_BLOCK);
+        let strips = m.div_ceil(PANEL) * 2;
+        let len = strips * k_blocks * BLOCK_LEN;
+        (self.m, self.k, self.k_blocks) = (m, k, k_blocks);
+        if self.data.len() < len {
+            self.data.resize(len, 0);
+        }
+        if len == 0 {
+            return;
+        }
+        let strip_len = k_blocks * BLOCK_LEN;
+        pack_strips(&mut self.data[..len], strip_len, threads, |first, group| {
+            for (j, data) in group.chunks_exact_mut(strip_len).enumerate() {
+                let strip = first + j;
+                for i in 0..TILE {
+                    let row = strip * TILE + i;
+                    for (q, block) in data.chunks_exact_mut(BLOCK_LEN).enumerate() {
+                        let dst = &mut block[i * K_BLOCK..][..K_BLOCK];
+                        let k0 = q * K_BLOCK;
+                        let width = K_BLOCK.min(k - k0);
+                        if row < m {
+                            for (d, &v) in dst.iter_mut().zip(&src[row * ld + k0..][..width]) {
+                                *d = to_bf16(v);
+                            }
+                            dst[width..].fill(0);
+                        } else {
+                            dst.fill(0);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// The first tile block of strip `strip` at `k` block `q`.
+    fn block(&self, strip: usize, q: usize) -> *const u16 {
+        self.data[(strip * self.k_blocks + q) * BLOCK_LEN..].as_ptr()
+    }
+}
+
+/// The right operand `B` (`k×n`) in bf16 tile blocks: strip `s` (columns `16s..16s+16`) holds
+/// its `k` blocks one after another, each 16 rows of (for each of 16 columns) a pair of
+/// consecutive `k`. Columns and `k` past the matrix are zero; the strip count is even.
+#[derive(Debug, Clone, Default)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    k_blocks: usize,
+    data: Vec<u16>,
+}
+
+impl PackedB {
+    fn reshape(&mut self, k: usize, n: usize) -> &mut [u16] {
+        let k_blocks = k.div_ceil(K_BLOCK);
+        let strips = n.div_ceil(PANEL) * 2;
+        let len = strips * k_blocks * BLOCK_LEN;
+        (self.k, self.n, self.k_blocks) = (k, n, k_blocks);
+        if self.data.len() < len {
+            self.data.resize(len, 0);
+        }
+        &mut self.data[..len]
+    }
+
+    /// Packs `B` given as its transpose: `bt` holds `n` rows of `k` values (row stride `ld`),
+    /// as a linear layer's weight `[out, in]` or attention's keys `[tokens, d]`.
+    pub fn from_transposed(bt: &[f32], n: usize, k: usize, ld: usize) -> Self {
+        let mut packed = Self::default();
+        let k_blocks = k.div_ceil(K_BLOCK);
+        let data = packed.reshape(k, n);
+        let mut rounded = [0u16; K_BLOCK];
+        for (strip, strip_data) in data.chunks_exact_mut(k_blocks * BLOCK_LEN).enumerate() {
+            for c in 0..TILE {
+                let col = strip * TILE + c;
+                for q in 0..k_blocks {
+                    let k0 = q * K_BLOCK;
+                    let width = K_BLOCK.min(k.saturating_sub(k0));
+                    rounded.fill(0);
+                    if col < n {
+                        for (d, &v) in rounded.iter_mut().zip(&bt[col * ld + k0..][..width]) {
+                            *d = to_bf16(v);
+                        }
+                    }
+                    let block = &mut strip_data[q * BLOCK_LEN..][..BLOCK_LEN];
+                    for r in 0..TILE {
+                        block[r * K_BLOCK + 2 * c] = rounded[2 * r];
+                        block[r * K_BLOCK + 2 * c + 1] = rounded[2 * r + 1];
+                    }
+                }
+            }
+        }
+        packed
+    }
+
+    /// Packs `B` given row by row: `src` holds `k` rows of `n` values (row stride `ld`), as an
+    /// im2col block `[C_in·kh·kw, positions]` or attention's values `[tokens, d]`. Reuses this
+    /// buffer (grown, never shrunk); packs on up to `threads` threads.
+    pub fn repack_rows(&mut self, src: &[f32], k: usize, n: usize, ld: usize, threads: usize) {
+        let k_blocks = k.div_ceil(K_BLOCK);
+        let data = self.reshape(k, n);
+        if data.is_empty() {
+            return;
+        }
+        let strip_len = k_blocks * BLOCK_LEN;
+        // k blocks outermost: each reads 32 rows of the group's columns (in cache) and writes
+        // one 1 KiB block per strip; strips outermost would read every row of the matrix for
+        // each 16 columns.
+        pack_strips(data, strip_len, threads, |first, group| {
+            let strips = group.len() / strip_len;
+            for q in 0..k_blocks {
+                for j in 0..strips {
+                    let c0 = (first + j) * TILE;
+                    let width = TILE.min(n.saturating_sub(c0));
+                    let block = &mut group[j * strip_len + q * BLOCK_LEN..][..BLOCK_LEN];
+                    for (pair, dst) in block.chunks_exact_mut(K_BLOCK).enumerate() {
+                        let k_even = q * K_BLOCK + 2 * pair;
+                        let mut even = [0f32; TILE];
+                        let mut odd = [0f32; TILE];
+                        if width > 0 {
+                            if k_even < k {
+                                even[..width].copy_from_slice(&src[k_even * ld + c0..][..width]);
+                            }
+                            if k_even + 1 < k {
+                                odd[..width]
+                                    .copy_from_slice(&src[(k_even + 1) * ld + c0..][..width]);
+                            }
+                        }
+                        for c in 0..TILE {
+                            dst[2 * c] = to_bf16(even[c]);
+                            dst[2 * c + 1] = to_bf16(odd[c]);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Columns.
+    pub fn columns(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    fn block(&self, strip: usize, q: usize) -> *const u16 {
+        self.data[(strip * self.k_blocks + q) * BLOCK_LEN..].as_ptr()
+    }
+}
+
+/// `C = A·B` into `c` (`a.rows()` rows of `b.columns()` values, row stride `ldc`), over up to
+/// `threads` threads. Errors when the operands' `k` differ or `c` is too short.
+pub fn gemm(
+    a: &PackedA,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    threads: usize,
+) -> candle_core::Result<()> {
+    gemm_with(amx_available(), a, b, c, ldc, threads)
+}
+
+/// [`gemm`] with the AMX kernel (`use_amx`, only where [`amx_available`]) or the portable one.
+fn gemm_with(
+    use_amx: bool,
+    a: &PackedA,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    threads: usize,
+) -> candle_core::Result<()> {
+    let (m, n) = (a.m, b.n);
+    if a.k != b.k {
+        candle_core::bail!("bf16 gemm: A has {} columns, B {} rows", a.k, b.k);
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if ldc < n || c.len() < (m - 1) * ldc + n {
+        candle_core::bail!(
+            "bf16 gemm: output of {} values for {m}×{n} (row stride {ldc})",
+            c.len()
+        );
+    }
+    // SAFETY: checked just above.
+    unsafe { gemm_raw(use_amx, a, b, c.as_mut_ptr(), ldc, threads) };
+    Ok(())
+}
+
+/// [`gemm`] into raw memory, for callers whose threads write disjoint blocks of one output.
+///
+/// # Safety
+/// `a.k == b.k`; `c` addresses `a.rows()` rows of `b.columns()` writable values at stride
+/// `ldc ≥ b.columns()`, which nothing else reads or writes during the call.
+pub(crate) unsafe fn gemm_into(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, threads: usize) {
+    // SAFETY: as the caller promises.
+    unsafe { gemm_raw(amx_available(), a, b, c, ldc, threads) }
+}
+
+/// # Safety
+/// As [`gemm_into`].
+unsafe fn gemm_raw(
+    use_amx: bool,
+    a: &PackedA,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    threads: usize,
+) {
+    let (m, n) = (a.m, b.n);
+    debug_assert_eq!(a.k, b.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (m_panels, n_panels) = (m.div_ceil(PANEL), n.div_ceil(PANEL));
+    let threads = threads.clamp(1, m_panels.max(n_panels));
+    let c_ptr = SharedMut(c);
+    // Threads take rows of C when there are enough of them, else columns.
+    let split_rows = m_panels >= threads * 2 || m_panels >= n_panels;
+    let work = |range: std::ops::Range<usize>| {
+        let (rows, cols) = if split_rows {
+            (range, 0..n_panels)
+        } else {
+            (0..m_panels, range)
+        };
+        let _tiles = use_amx.then(amx::Tiles::configure);
+        let mut scratch = [0f32; PANEL * PANEL];
+        for q0 in (0..a.k_blocks).step_by(K_BLOCKS_PER_PASS) {
+            let blocks = K_BLOCKS_PER_PASS.min(a.k_blocks - q0);
+            let accumulate = q0 > 0;
+            for np0 in cols.clone().step_by(N_PANELS_PER_PASS) {
+                let np1 = (np0 + N_PANELS_PER_PASS).min(cols.end);
+                for mp in rows.clone() {
+                    for np in np0..np1 {
+                        let (r0, c0) = (mp * PANEL, np * PANEL);
+                        let (h, w) = (PANEL.min(m - r0), PANEL.min(n - c0));
+                        let operands = Operands {
+                            a0: a.block(2 * mp, q0),
+                            a1: a.block(2 * mp + 1, q0),
+                            b0: b.block(2 * np, q0),
+                            b1: b.block(2 * np + 1, q0),
+                            blocks,
+                        };
+                        // SAFETY: the block of C at (r0, c0) lies inside `c` (checked above)
+                        // and belongs to this thread alone (threads split panels); the packed
+                        // operands hold `blocks` k blocks past each pointer.
+                        unsafe {
+                            let at = c_ptr.ptr().add(r0 * ldc + c0);
+                            if h == PANEL && w == PANEL {
+                                panel(use_amx, &operands, at, ldc, accumulate);
+                            } else {
+                                for i in 0..h {
+                                    for j in 0..w {
+                                        scratch[i * PANEL + j] = if accumulate {
+                                            *at.add(i * ldc + j)
+                                        } else {
+                                            0.0
+                                        };
+                                    }
+                                }
+                                panel(use_amx, &operands, scratch.as_mut_ptr(), PANEL, accumulate);
+                                for i in 0..h {
+                                    for j in 0..w {
+                                        *at.add(i * ldc + j) = scratch[i * PANEL + j];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let items = if split_rows { m_panels } else { n_panels };
+    for_each_range(items, threads, &work);
+}
+
+/// A linear layer's weight `[out, in]` packed for [`linear`], once per layer on first use.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LazyWeight(std::sync::Arc<std::sync::OnceLock<PackedB>>);
+
+impl LazyWeight {
+    fn get(&self, weight: &Tensor) -> candle_core::Result<&PackedB> {
+        if let Some(packed) = self.0.get() {
+            return Ok(packed);
+        }
+        let (n, k) = weight.dims2()?;
+        let values = weight.to_dtype(DType::F32)?.contiguous()?;
+        let values = values.flatten_all()?.to_vec1::<f32>()?;
+        Ok(self
+            .0
+            .get_or_init(|| PackedB::from_transposed(&values, n, k, k)))
+    }
+}
+
+thread_local! {
+    /// The activations of this thread's last bf16 product, packed (kept to reuse the buffer).
+    static PACKED_ACTIVATIONS: std::cell::RefCell<PackedA> =
+        std::cell::RefCell::new(PackedA::default());
+}
+
+/// `x·Wᵀ` for `x` `[.., in]` (f32 on the CPU) and `weight` `[out, in]`, in bf16 with f32 sums:
+/// `[.., out]` in f32. `packed` keeps the weight's packing between calls.
+pub(crate) fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    packed: &LazyWeight,
+) -> candle_core::Result<Tensor> {
+    let packed_weight = packed.get(weight)?;
+    let dims = x.dims().to_vec();
+    let Some((&k, outer)) = dims.split_last() else {
+        candle_core::bail!("bf16 linear: a scalar input");
+    };
+    if k != packed_weight.k {
+        candle_core::bail!(
+            "bf16 linear: input width {k}, weight expects {}",
+            packed_weight.k
+        );
+    }
+    let n = packed_weight.n;
+    let m: usize = outer.iter().product();
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("bf16 linear: the input is not on the CPU");
+    };
+    let values = super::contiguous_slice::<f32>(cpu, layout, "bf16 linear")?;
+    let threads = candle_core::utils::get_num_threads();
+    let mut out = super::zeroed_buffer::<f32>(m * n);
+    PACKED_ACTIVATIONS.with(|packed_x| -> candle_core::Result<()> {
+        let mut packed_x = packed_x.borrow_mut();
+        packed_x.repack(values, m, k, k, threads);
+        gemm(&packed_x, packed_weight, &mut out, n, threads)
+    })?;
+    drop(storage);
+    let mut shape = outer.to_vec();
+    shape.push(n);
+    Tensor::from_vec(out, shape, x.device())
+}
+
+/// The packed operands of one 32×32 block of C: two 16-row strips of A and two 16-column
+/// strips of B, each pointing at its first k block of the pass.
+struct Operands {
+    a0: *const u16,
+    a1: *const u16,
+    b0: *const u16,
+    b1: *const u16,
+    blocks: usize,
+}
+
+/// One 32×32 block of C at `c` (row stride `ldc` values): `C (+)= A·B` over the operands' k
+/// blocks.
+///
+/// # Safety
+/// `c` addresses 32 rows of 32 writable values at stride `ldc`; the operands hold `blocks`
+/// tile blocks past each pointer; with `use_amx`, this thread's tiles are configured.
+unsafe fn panel(use_amx: bool, ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
+    if use_amx {
+        // SAFETY: as the caller promises.
+        unsafe { amx::panel(ops, c, ldc, accumulate) }
+    } else {
+        // SAFETY: as the caller promises.
+        unsafe { panel_portable(ops, c, ldc, accumulate) }
+    }
+}
+
+/// The portable block: the same rounded operands, summed in f32 pair by pair (as the tiles do).
+unsafe fn panel_portable(ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
+    let mut acc = [[0f32; PANEL]; PANEL];
+    // SAFETY: the caller promises `blocks` tile blocks past each operand pointer.
+    let (a, b) = unsafe {
+        (
+            [
+                std::slice::from_raw_parts(ops.a0, ops.blocks * BLOCK_LEN),
+                std::slice::from_raw_parts(ops.a1, ops.blocks * BLOCK_LEN),
+            ],
+            [
+                std::slice::from_raw_parts(ops.b0, ops.blocks * BLOCK_LEN),
+                std::slice::from_raw_parts(ops.b1, ops.blocks * BLOCK_LEN),
+            ],
+        )
+    };
+    for q in 0..ops.blocks {
+        for pair in 0..TILE {
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                let a_row = &a[i / TILE][q * BLOCK_LEN + (i % TILE) * K_BLOCK..];
+                let (lo, hi) = (from_bf16(a_row[2 * pair]), from_bf16(a_row[2 * pair + 1]));
+                for (j, sum) in acc_row.iter_mut().enumerate() {
+                    let b_row = &b[j / TILE][q * BLOCK_LEN + pair * K_BLOCK..];
+                    let jj = j % TILE;
+                    *sum += lo * from_bf16(b_row[2 * jj]) + hi * from_bf16(b_row[2 * jj + 1]);
+                }
+            }
+        }
+    }
+    for (i, acc_row) in acc.iter().enumerate() {
+        for (j, &v) in acc_row.iter().enumerate() {
+            // SAFETY: the caller promises 32×32 writable values at stride `ldc`.
+            unsafe {
+                let at = c.add(i * ldc + j);
+                *at = if accumulate { *at + v } else { v };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    //! The AMX block: inline assembly, since Rust's AMX intrinsics are not stable.
+
+    use std::arch::asm;
+
+    use super::{BLOCK_LEN, Operands, TILE};
+
+    /// Asks Linux for the tile data state (AMX's 8 KiB of registers are off until a process
+    /// asks), after checking CPUID for AMX-TILE and AMX-BF16.
+    pub(super) fn request() -> bool {
+        // SAFETY: CPUID leaf 7 exists on every x86-64 CPU this builds for.
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+        if !(amx_bf16 && amx_tile) {
+            return false;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: the request only changes which register state the kernel saves for this
+            // process; a refusal returns an error and changes nothing.
+            let status = unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                )
+            };
+            status == 0
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+
+    /// The palette every tile register is set to: 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+        reserved2: [u8; 16],
+    }
+
+    /// This thread's tiles, configured while the value lives and released when it drops (so
+    /// the kernel stops saving 8 KiB of tile state at every switch).
+    pub(super) struct Tiles(());
+
+    impl Tiles {
+        pub(super) fn configure() -> Self {
+            let mut config = Config {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                bytes_per_row: [0; 16],
+                rows: [0; 16],
+                reserved2: [0; 16],
+            };
+            for t in 0..8 {
+                config.bytes_per_row[t] = 64;
+                config.rows[t] = TILE as u8;
+            }
+            // SAFETY: only called where `amx_available` said the process may use the tiles;
+            // the configuration is a valid palette-1 layout.
+            unsafe {
+                asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
+            }
+            Self(())
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: releases what `configure` set up on this thread.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+
+    /// One 32×32 block: tmm0..tmm3 accumulate (rows 0–15 / 16–31 × columns 0–15 / 16–31),
+    /// tmm4/tmm5 hold A's strips and tmm6/tmm7 B's.
+    ///
+    /// # Safety
+    /// As [`super::panel`]; this thread's tiles are configured ([`Tiles::configure`]).
+    pub(super) unsafe fn panel(ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
+        let stride = ldc * 4;
+        // SAFETY: the four C tiles are 16 rows of 64 bytes at `stride`, inside the block the
+        // caller handed over; the operand loads read 1 KiB per block that the caller promises.
+        unsafe {
+            let c01 = c.add(TILE);
+            let c10 = c.add(TILE * ldc);
+            let c11 = c10.add(TILE);
+            if accumulate {
+                asm!(
+                    "tileloadd tmm0, [{c00} + {s} * 1]",
+                    "tileloadd tmm1, [{c01} + {s} * 1]",
+                    "tileloadd tmm2, [{c10} + {s} * 1]",
+                    "tileloadd tmm3, [{c11} + {s} * 1]",
+                    c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+                    s = in(reg) stride,
+                    options(nostack, readonly),
+                );
+            } else {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            }
+            asm!(
+                "2:",
+                "tileloadd tmm4, [{a0} + {s} * 1]",
+                "tileloadd tmm6, [{b0} + {s} * 1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s} * 1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s} * 1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a0}, {step}",
+                "add {a1}, {step}",
+                "add {b0}, {step}",
+                "add {b1}, {step}",
+                "dec {blocks}",
+                "jnz 2b",
+                a0 = inout(reg) ops.a0 => _,
+                a1 = inout(reg) ops.a1 => _,
+                b0 = inout(reg) ops.b0 => _,
+                b1 = inout(reg) ops.b1 => _,
+                blocks = inout(reg) ops.blocks => _,
+                s = in(reg) 64usize,
+                step = const BLOCK_LEN * 2,
+                options(nostack, readonly),
+            );
+            asm!(
+                "tilestored [{c00} + {s} * 1], tmm0",
+                "tilestored [{c01} + {s} * 1], tmm1",
+                "tilestored [{c10} + {s} * 1], tmm2",
+                "tilestored [{c11} + {s} * 1], tmm3",
+                c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+                s = in(reg) stride,
+                options(nostack),
+            );
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    use super::Operands;
+
+    pub(super) fn request() -> bool {
+        false
+    }
+
+    pub(super) struct Tiles(());
+
+    impl Tiles {
+        pub(super) fn configure() -> Self {
+            Self(())
+        }
+    }
+
+    pub(super) unsafe fn panel(_: &Operands, _: *mut f32, _: usize, _: bool) {
+        unreachable!("AMX is x86-64 only")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) with a spread of magnitudes.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn rounded(x: f32) -> f64 {
+        f64::from(from_bf16(to_bf16(x)))
+    }
+
+    /// The exact product of the rounded operands, in f64.
+    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for p in 0..k {
+                let x = rounded(a[i * k + p]);
+                for j in 0..n {
+                    c[i * n + j] += x * rounded(b[p * n + j]);
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2⁻⁸ is halfway between 1 and 1 + 2⁻⁷: ties go to the even mantissa (1.0).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3·2⁻⁸ is halfway between 1 + 2⁻⁷ and 1 + 2⁻⁶: to the even one, up.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(-2.0), 0xc000);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+        for x in values(1000, 3) {
+            assert_eq!(to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x}");
+        }
+    }
+
+    /// Both packings of B and both kernels against the f64 product of the rounded operands,
+    /// at shapes with ragged edges in every dimension and more than one pass over k.
+    #[test]
+    fn gemm_matches_the_rounded_product() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (17, 33, 15),
+            (64, 1100, 96),
+            (45, 2083, 70),
+            (96, 64, 33),
+        ] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let expected = reference(&a, &b, m, k, n);
+            let mut packed_a = PackedA::new(&a, m, k, k);
+            packed_a.repack(&a, m, k, k, 3);
+            let mut by_rows = PackedB::default();
+            by_rows.repack_rows(&b, k, n, n, 2);
+            let by_transpose = PackedB::from_transposed(&bt, n, k, k);
+            let kernels: &[bool] = if amx_available() {
+                &[true, false]
+            } else {
+                &[false]
+            };
+            for packed_b in [&by_rows, &by_transpose] {
+                for &amx in kernels {
+                    for threads in [1, 3] {
+                        let ldc = n + 3;
+                        let mut c = vec![f32::NAN; m * ldc];
+                        run_with(amx, &packed_a, packed_b, &mut c, ldc, threads);
+                        let mut worst = 0f64;
+                        for i in 0..m {
+                            for j in 0..n {
+                                let e = expected[i * n + j];
+                                let d = (f64::from(c[i * ldc + j]) - e).abs();
+                                // f32 sums of k products: error ~ k·2⁻²⁴ of the magnitudes.
+                                worst = worst.max(d / (k as f64).sqrt());
+                            }
+                            // The padding between rows is never written.
+                            assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+                        }
+                        assert!(
+                            worst < 2e-6,
+                            "{m}×{k}×{n} amx {amx} threads {threads}: {worst}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The tensor entry point: `x·Wᵀ` over a batch of token rows equals candle's f32 matmul of
+    /// the rounded operands, and the weight is packed once for every call.
+    #[test]
+    fn linear_matches_the_rounded_matmul() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 37, 70), &dev)?;
+        let w = Tensor::randn(0f32, 0.2, (45, 70), &dev)?;
+        let packed = LazyWeight::default();
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let want = round(&x)?.broadcast_matmul(&round(&w)?.t()?)?;
+        for _ in 0..2 {
+            let got = linear(&x, &w, &packed)?;
+            assert_eq!(got.dims(), &[2, 37, 45]);
+            let err = (&got - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(err < 1e-4, "{err}");
+        }
+        assert!(packed.0.get().is_some());
+        Ok(())
+    }
+
+    /// Runs the GEMM with the AMX kernel on or off (off stands for a CPU without it).
+    fn run_with(amx: bool, a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, threads: usize) {
+        gemm_with(amx, a, b, c, ldc, threads).unwrap();
+    }
+}
