@@ -579,7 +579,8 @@ impl StableDiffusionModels {
             let vae_dtype = vae_dtype(family, &vae_dir, dtype)?;
             let vae = timed(progress, "vae", dir, || {
                 AutoencoderKl::load(&vae_dir, vae_dtype, &device)
-            })?;
+            })?
+            .with_bf16_gemms(bf16_gemms);
             (Autoencoder::Kl(Box::new(vae)), vae_dir)
         } else {
             let taesd_dir = match taesd_dir {
@@ -588,7 +589,8 @@ impl StableDiffusionModels {
             };
             let taesd = timed(progress, "taesd", &taesd_dir, || {
                 AutoencoderTiny::load(&taesd_dir, dtype, &device)
-            })?;
+            })?
+            .with_bf16_gemms(bf16_gemms);
             (Autoencoder::Tiny(Box::new(taesd)), taesd_dir)
         };
         check_latent_channels(dir, &unet, &autoencoder, &vae_dir)?;
@@ -793,7 +795,7 @@ fn family_of(unet: &UNetConfig) -> ModelFamily {
 /// as a `[library, class]` pair. The components a stream reads must be declared, not
 /// `[null, null]`; the networks' own config.json files decide everything else.
 /// The dtype the networks hold their maps in for the `requested` one on `device`, and whether
-/// the UNet's GEMMs multiply in bf16. On the CPU, bf16 means f32 maps whose GEMMs round their
+/// the UNet's and the autoencoder's GEMMs multiply in bf16. On the CPU, bf16 means f32 maps whose GEMMs round their
 /// operands to bf16 and sum in f32 (kernels::gemm_bf16: AMX where the CPU has it), since
 /// candle's CPU ops have no bf16 arithmetic of their own; elsewhere the dtype is the dtype.
 pub(crate) fn compute_dtype(requested: DType, device: &Device) -> (DType, bool) {

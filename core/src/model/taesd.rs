@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::model::cuda_graph::GraphCache;
 use crate::model::kernels::conv::{Conv2d, Epilogue, Padding};
-use crate::model::kernels::cpu_kernels;
+use crate::model::kernels::{cpu_kernels, gemm_bf16};
 use crate::model::limits::{
     Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS, MAX_TINY_BLOCKS, MAX_UPSAMPLING,
 };
@@ -504,6 +504,8 @@ pub struct AutoencoderTiny {
     decoder_graphs: GraphCache,
     /// Maps of the CPU runs, reused from call to call.
     maps: MapPool,
+    /// Whether the CPU's GEMMs run in bf16 ([`with_bf16_gemms`](Self::with_bf16_gemms)).
+    bf16_gemms: bool,
 }
 
 impl AutoencoderTiny {
@@ -555,7 +557,16 @@ impl AutoencoderTiny {
             encoder_graphs: GraphCache::default(),
             decoder_graphs: GraphCache::default(),
             maps: MapPool::default(),
+            bf16_gemms: false,
         })
+    }
+
+    /// The same network with its CPU GEMMs in bf16 (`on`) or f32: bf16 operands, f32 sums,
+    /// f32 maps in between ([`super::kernels::gemm_bf16`]); `dtype: "bf16"` on the CPU. Other
+    /// devices ignore it.
+    pub fn with_bf16_gemms(mut self, on: bool) -> Self {
+        self.bf16_gemms = on;
+        self
     }
 
     /// Loads a diffusers TAESD folder (`config.json` + `diffusion_pytorch_model.safetensors`, or
@@ -719,9 +730,11 @@ impl AutoencoderTiny {
     /// [B, latent_channels, H/8, W/8]: diffusers' `encode(x).latents`.
     /// On a CUDA device it runs as a CUDA graph after its first call ([`super::cuda_graph`]).
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
-        self.encoder_graphs.run(&[x], |xs| {
-            let x01 = ((xs[0] + 1.0)? / 2.0)?;
-            Ok(self.run_layers(&self.encoder, x01)?)
+        gemm_bf16::scoped(self.bf16_gemms, || {
+            self.encoder_graphs.run(&[x], |xs| {
+                let x01 = ((xs[0] + 1.0)? / 2.0)?;
+                Ok(self.run_layers(&self.encoder, x01)?)
+            })
         })
     }
 
@@ -729,10 +742,12 @@ impl AutoencoderTiny {
     /// `decode(z).sample`.
     /// On a CUDA device it runs as a CUDA graph after its first call ([`super::cuda_graph`]).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.decoder_graphs.run(&[z], |zs| {
-            let soft_clamped = ((zs[0] / 3.0)?.tanh()? * 3.0)?;
-            let y01 = self.run_layers(&self.decoder, soft_clamped)?;
-            Ok(((y01 * 2.0)? - 1.0)?)
+        gemm_bf16::scoped(self.bf16_gemms, || {
+            self.decoder_graphs.run(&[z], |zs| {
+                let soft_clamped = ((zs[0] / 3.0)?.tanh()? * 3.0)?;
+                let y01 = self.run_layers(&self.decoder, soft_clamped)?;
+                Ok(((y01 * 2.0)? - 1.0)?)
+            })
         })
     }
 }

@@ -17,9 +17,9 @@ use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::model::kernels::conv::{Conv2d, Padding};
-use crate::model::kernels::cpu_kernels;
 use crate::model::kernels::norm::GroupNorm;
 use crate::model::kernels::ops::add_fresh;
+use crate::model::kernels::{cpu_kernels, gemm_bf16};
 use crate::model::limits::{
     Limits, MAX_CHANNELS, MAX_GROUPS, MAX_IO_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS,
 };
@@ -700,6 +700,8 @@ pub struct AutoencoderKl {
     decoder: Decoder,
     config: Config,
     dtype: DType,
+    /// Whether the CPU's GEMMs run in bf16 ([`with_bf16_gemms`](Self::with_bf16_gemms)).
+    bf16_gemms: bool,
 }
 
 impl AutoencoderKl {
@@ -723,6 +725,7 @@ impl AutoencoderKl {
             decoder: Decoder::new(config, act, vb.pp("decoder"))?,
             config: config.clone(),
             dtype: vb.dtype(),
+            bf16_gemms: false,
         })
     }
 
@@ -770,7 +773,7 @@ impl AutoencoderKl {
     /// each [B, latent_channels, H/f, W/f], logvar clamped to [−30, 20] as diffusers'
     /// `DiagonalGaussianDistribution` does. Both are views into one tensor.
     pub fn encode_moments(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut moments = self.encoder.forward(x)?;
+        let mut moments = gemm_bf16::scoped(self.bf16_gemms, || self.encoder.forward(x))?;
         if let Some(conv) = &self.quant_conv {
             moments = conv.forward(&moments)?;
         }
@@ -795,7 +798,17 @@ impl AutoencoderKl {
             Some(conv) => conv.forward(z)?,
             None => z.clone(),
         };
-        Ok(self.decoder.forward(&z)?)
+        Ok(gemm_bf16::scoped(self.bf16_gemms, || {
+            self.decoder.forward(&z)
+        })?)
+    }
+
+    /// The same network with its CPU GEMMs in bf16 (`on`) or f32: bf16 operands, f32 sums,
+    /// f32 maps in between ([`super::kernels::gemm_bf16`]); `dtype: "bf16"` on the CPU. Other
+    /// devices ignore it.
+    pub fn with_bf16_gemms(mut self, on: bool) -> Self {
+        self.bf16_gemms = on;
+        self
     }
 }
 

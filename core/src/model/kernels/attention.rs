@@ -11,6 +11,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
+use super::gemm_bf16::{self, PackedA, PackedB};
 use super::{SharedMut, contiguous_slice, cpu_kernels, for_each_range, simd, thread_count};
 
 /// Scores per block, in f32 values (4 MiB): at 4,096 keys, 256 query rows. Measured on the
@@ -33,7 +34,11 @@ pub(crate) fn attention(
     heads: usize,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let op = AttentionOp { heads, scale };
+    let op = AttentionOp {
+        heads,
+        scale,
+        bf16: gemm_bf16::active(),
+    };
     q.contiguous()?
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
 }
@@ -41,6 +46,8 @@ pub(crate) fn attention(
 struct AttentionOp {
     heads: usize,
     scale: f64,
+    /// Both products on bf16 operands with f32 sums ([`gemm_bf16`]); the softmax stays f32.
+    bf16: bool,
 }
 
 impl AttentionOp {
@@ -64,6 +71,7 @@ impl AttentionOp {
         let scale = self.scale as f32;
         let work = |range: std::ops::Range<usize>| {
             let mut scores = vec![0f32; rows * m];
+            let mut packed = self.bf16.then(PackedPair::default);
             for task in range {
                 let (pair, block) = (task / blocks_per_pair, task % blocks_per_pair);
                 let (image, head) = (pair / heads, pair % heads);
@@ -71,6 +79,26 @@ impl AttentionOp {
                 let nr = rows.min(n - r0);
                 let q_at = (pair * n + r0) * d;
                 let kv_at = pair * m * d;
+                let dst_at = (image * n + r0) * row_len + head * d;
+                if let Some(packed) = &mut packed {
+                    packed.run(
+                        (pair, &k[kv_at..][..m * d], &v[kv_at..][..m * d], (m, d)),
+                        &q[q_at..][..nr * d],
+                        &mut scores[..nr * m],
+                        scale,
+                        // SAFETY: as for the f32 products below.
+                        |packed_scores, packed_v| unsafe {
+                            gemm_bf16::gemm_into(
+                                packed_scores,
+                                packed_v,
+                                out_ptr.ptr().add(dst_at),
+                                row_len,
+                                1,
+                            )
+                        },
+                    );
+                    continue;
+                }
                 // SAFETY: scores holds nr × m values (row stride m); q[pair, r0..r0 + nr] is
                 // nr rows of d values; kᵀ is read from k[pair] ([m, d]) with strides swapped.
                 unsafe {
@@ -99,7 +127,6 @@ impl AttentionOp {
                 for row in scores[..nr * m].chunks_exact_mut(m) {
                     simd::softmax_row(row, scale);
                 }
-                let dst_at = (image * n + r0) * row_len + head * d;
                 // SAFETY: dst is out[image, r0..r0 + nr, head·d..(head + 1)·d] (row stride
                 // H·d): written by this task only, since tasks partition (pair, rows). The
                 // scores are nr × m (row stride m), v[pair] is m × d.
@@ -131,6 +158,45 @@ impl AttentionOp {
         let threads = thread_count(tasks, pairs * n * m);
         for_each_range(tasks, threads, &work);
         out
+    }
+}
+
+/// One thread's packed operands for the bf16 products: the keys and values of the pair it
+/// last saw (tasks of one pair are consecutive), the query block and the probabilities.
+#[derive(Default)]
+struct PackedPair {
+    pair: Option<usize>,
+    keys: PackedB,
+    values: PackedB,
+    queries: PackedA,
+    probabilities: PackedA,
+}
+
+impl PackedPair {
+    /// softmax(scale·q·kᵀ) into `scores` (`q` `[rows, d]`), then hands the packed
+    /// probabilities and values to `multiply_v`, which writes the block's output.
+    fn run(
+        &mut self,
+        (pair, k, v, (m, d)): (usize, &[f32], &[f32], (usize, usize)),
+        q: &[f32],
+        scores: &mut [f32],
+        scale: f32,
+        multiply_v: impl FnOnce(&PackedA, &PackedB),
+    ) {
+        if self.pair != Some(pair) {
+            self.keys.repack_transposed(k, m, d, d);
+            self.values.repack_rows(v, m, d, d, 1);
+            self.pair = Some(pair);
+        }
+        let rows = q.len() / d;
+        self.queries.repack(q, rows, d, d, 1);
+        // SAFETY: `scores` holds rows × m values; both operands have d columns/rows.
+        unsafe { gemm_bf16::gemm_into(&self.queries, &self.keys, scores.as_mut_ptr(), m, 1) };
+        for row in scores.chunks_exact_mut(m) {
+            simd::softmax_row(row, scale);
+        }
+        self.probabilities.repack(scores, rows, m, m, 1);
+        multiply_v(&self.probabilities, &self.values);
     }
 }
 
@@ -215,6 +281,34 @@ mod tests {
             assert!(
                 err < 1e-5,
                 "{batch}×{heads} heads, {n} queries, {m} keys: {err}"
+            );
+        }
+        // In bf16: the formula on rounded q, k, v and probabilities, up to f32 summation order.
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        for (batch, heads, n, m, d) in [(2, 3, 37, 29, 40), (1, 2, 600, 4096, 64)] {
+            let pairs = batch * heads;
+            let q = Tensor::randn(0f32, 1.0, (pairs, n, d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (pairs, m, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (pairs, m, d), &dev)?;
+            let scale = (d as f64).powf(-0.5);
+            let scores = (round(&q)?.matmul(&round(&k)?.t()?)? * scale)?;
+            let probs = round(&candle_nn::ops::softmax(&scores, D::Minus1)?)?;
+            let want = probs
+                .matmul(&round(&v)?)?
+                .reshape((batch, heads, n, d))?
+                .transpose(1, 2)?
+                .reshape((batch, n, heads * d))?;
+            let got = gemm_bf16::scoped(true, || attention(&q, &k, &v, heads, scale))?;
+            let err = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            // A score differing in the last f32 bit can round its probability to a neighbouring
+            // bf16 value (2⁻⁸ relative): bounded by that, not by f32's epsilon.
+            assert!(
+                err < 2e-3,
+                "bf16: {batch}×{heads} heads, {n} queries, {m} keys: {err}"
             );
         }
         // Shapes that do not fit the head count are named.

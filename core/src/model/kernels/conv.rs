@@ -240,6 +240,7 @@ impl Conv2d {
                 None
             },
             relu,
+            bf16: gemm_bf16::active(),
         };
         let (storage, layout) = self.weight.storage_and_layout();
         let weight = match &*storage {
@@ -304,6 +305,7 @@ impl Conv2d {
                     None
                 },
                 relu: epilogue.relu,
+                bf16: gemm_bf16::active(),
             };
             let ys = match epilogue.residual {
                 Some(residual) => {
@@ -843,6 +845,60 @@ mod tests {
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// Channels-last in bf16 (C_in a multiple of 32: the GEMMs read the rounded padded input in
+    /// place): without upsampling, what candle's f32 convolution gives for the rounded
+    /// operands; with upsampling through phases (whose summed weights are rounded after the
+    /// sum), within bf16's rounding of the f32 result. Channel counts that do not fit stay f32.
+    #[test]
+    fn channels_last_bf16_matches_the_rounded_convolution() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let cases = [
+            // (batch, c_in, c_out, h, w, stride, padding, upsample)
+            (2, 32, 5, 7, 9, 1, Padding::uniform(1), 1),
+            (1, 64, 64, 37, 41, 1, Padding::uniform(1), 1),
+            (1, 64, 40, 16, 12, 2, Padding::bottom_right(1), 1),
+            (1, 32, 36, 9, 14, 1, Padding::uniform(1), 2),
+            (1, 8, 8, 9, 7, 1, Padding::uniform(1), 1),
+        ];
+        for (b, c_in, c_out, h, w, stride, padding, up) in cases {
+            let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
+            let weight = Tensor::randn(0f32, 0.1, (c_out, c_in, 3, 3), &dev)?;
+            let bias = Tensor::randn(0f32, 0.3, c_out, &dev)?;
+            let first = Conv2d::from_tensors(weight.clone(), Some(bias.clone()), stride, padding)?;
+            let last = first.clone().into_channels_last()?;
+            let x_last = x.permute((0, 2, 3, 1))?.contiguous()?;
+            let got = gemm_bf16::scoped(true, || last.forward_upsampled(&x_last, up))?
+                .permute((0, 3, 1, 2))?;
+            let f32_result = first.forward_upsampled(&x, up)?;
+            let case = format!("b{b} {c_in}->{c_out} {h}x{w} s{stride} up{up}");
+            if !c_in.is_multiple_of(32) {
+                let f32_last = last.forward_upsampled(&x_last, up)?.permute((0, 3, 1, 2))?;
+                assert_eq!(max_abs_diff(&got, &f32_last)?, 0.0, "{case}: stays f32");
+                continue;
+            }
+            if up == 1 {
+                let rounded = Conv2d::from_tensors(round(&weight)?, Some(bias), stride, padding)?;
+                let want = rounded.forward(&round(&x)?)?;
+                let err = max_abs_diff(&got, &want)?;
+                assert!(err < 1e-4, "{case}: {err}");
+            } else {
+                let scale = f32_result
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                let err = max_abs_diff(&got, &f32_result)?;
+                assert!(err < 2e-2 * scale, "{case}: {err} of {scale}");
+            }
+            assert!(
+                max_abs_diff(&got, &f32_result)? > 1e-5,
+                "{case}: not rounded"
+            );
+        }
+        Ok(())
     }
 
     /// The channels-last kernel computes what the channels-first one does, with its epilogue

@@ -19,6 +19,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, WithDType};
 
 use super::conv::Padding;
+use super::gemm_bf16::{self, PackedB};
 use super::{
     SharedMut, contiguous_slice, for_each_range, for_each_row, thread_count, with_float_type,
     zeroed_buffer,
@@ -29,6 +30,8 @@ thread_local! {
     /// at TAESD's 512×512 level it is 67 MB, which a fresh allocation would have the operating
     /// system zero page by page on every layer of every frame. Held until the thread ends.
     static SCRATCH: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+    /// The same in bf16, for the bf16 products.
+    static SCRATCH_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A buffer of `len` values from this thread's scratch (contents unspecified), or a new one.
@@ -65,6 +68,9 @@ pub(super) struct ChannelsLastConvOp {
     /// One value per output channel, or none.
     pub(super) bias: Option<Vec<f64>>,
     pub(super) relu: bool,
+    /// Multiply in bf16 ([`super::gemm_bf16`]) where it applies: f32 maps whose `C_in` is a
+    /// multiple of 32 (the GEMM rows are then whole tile blocks of the bf16 padded input).
+    pub(super) bf16: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -264,6 +270,51 @@ impl ChannelsLastConvOp {
             .as_ref()
             .map(|b| b.iter().map(|&v| T::from_f64(v)).collect());
         let out_ptr = SharedMut(out.as_mut_ptr());
+        let bf16 = self.bf16
+            && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && c.is_multiple_of(32);
+        // bf16: the padded input rounded once, and per (phase, kernel row) the summed weights
+        // packed ([`PackedB`]); each GEMM then reads its rows of the input in place.
+        let mut padded_bf16 = if bf16 {
+            SCRATCH_BF16.with(|s| std::mem::take(&mut *s.borrow_mut()))
+        } else {
+            Vec::new()
+        };
+        let mut packed_weights = Vec::new();
+        if bf16 {
+            // SAFETY: T is f32 (checked just above).
+            let padded_f32 =
+                unsafe { std::slice::from_raw_parts(padded.as_ptr().cast::<f32>(), padded.len()) };
+            padded_bf16.resize(padded.len(), 0);
+            let chunk = w_src * c;
+            for_each_row(&mut padded_bf16, chunk, |i, dst| {
+                gemm_bf16::round_slice(&padded_f32[i * chunk..][..dst.len()], dst)
+            });
+            for (p, weights) in phase_weights.iter().enumerate() {
+                let (ph, pw) = (&along_h.phases[p / fw], &along_w.phases[p % fw]);
+                let depth = pw.groups.len() * c;
+                // SAFETY: T is f32.
+                let weights = unsafe {
+                    std::slice::from_raw_parts(weights.as_ptr().cast::<f32>(), weights.len())
+                };
+                let per_row: Vec<PackedB> = (0..ph.groups.len())
+                    .map(|a| {
+                        let mut packed = PackedB::default();
+                        packed.repack_rows(
+                            &weights[a * depth * co..][..depth * co],
+                            depth,
+                            co,
+                            co,
+                            1,
+                        );
+                        packed
+                    })
+                    .collect();
+                packed_weights.push(per_row);
+            }
+        }
+        let padded_bf16_ref = &padded_bf16;
+        let packed_weights = &packed_weights;
         let work = |range: std::ops::Range<usize>| {
             for row in range {
                 let (image, y) = (row / g.h_out, row % g.h_out);
@@ -277,12 +328,30 @@ impl ChannelsLastConvOp {
                     }
                     let weights = &phase_weights[(y % fh) * fw + rx];
                     let depth = phase_w.groups.len() * c;
+                    // `a` also places the source row and decides accumulation, not only indexes.
+                    #[allow(clippy::needless_range_loop)]
                     for a in 0..phase_h.groups.len() {
                         let src_at = ((image * h_src + source_row + a) * w_src + phase_w.first) * c;
                         debug_assert!(
                             (outputs - 1) * s + phase_w.first + phase_w.groups.len() <= w_src
                                 && source_row + a < h_src
                         );
+                        if bf16 {
+                            // SAFETY: as for the f32 GEMM below, over the bf16 copy of the
+                            // padded input (same layout); T is f32.
+                            unsafe {
+                                gemm_bf16::gemm_rows_in_place(
+                                    padded_bf16_ref.as_ptr().add(src_at),
+                                    s * c,
+                                    outputs,
+                                    &packed_weights[(y % fh) * fw + rx][a],
+                                    out_ptr.ptr().add(dst_at + rx * co).cast::<f32>(),
+                                    fw * co,
+                                    a > 0,
+                                );
+                            }
+                            continue;
+                        }
                         // SAFETY: dst is the phase's outputs of out[row] (`outputs` pixels
                         // `fw·co` apart, co values each), written by this thread only (threads
                         // take disjoint runs of rows). lhs reads `outputs` rows of `depth`
@@ -326,6 +395,9 @@ impl ChannelsLastConvOp {
         };
         let threads = thread_count(rows, rows * row_len * g.kw * c);
         for_each_range(rows, threads, &work);
+        if bf16 {
+            SCRATCH_BF16.with(|s| *s.borrow_mut() = padded_bf16);
+        }
     }
 
     /// The op over raw f32 maps: `x` `[batch, h, w, C_in]` with `weight` `[kh, kw, C_in,

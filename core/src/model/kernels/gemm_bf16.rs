@@ -145,6 +145,28 @@ fn pack_strips<F: Fn(usize, &mut [u16]) + Sync>(
     });
 }
 
+/// `src` rounded into `dst` (as long), in the AVX-512 build where the CPU has it.
+pub(crate) fn round_slice(src: &[f32], dst: &mut [u16]) {
+    #[inline(always)]
+    fn body(src: &[f32], dst: &mut [u16]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = to_bf16(v);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn vectorised(src: &[f32], dst: &mut [u16]) {
+        body(src, dst)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if packs_with_avx512() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        unsafe { vectorised(src, dst) };
+        return;
+    }
+    body(src, dst);
+}
+
 /// The left operand `A` (`m×k`) in bf16 tile blocks: strip `t` (rows `16t..16t+16`) holds its
 /// `k` blocks one after another, each 16 rows × 32 values. Rows and `k` past the matrix are
 /// zero; the strip count is even, so that every 32-row panel is whole.
@@ -244,8 +266,14 @@ impl PackedB {
     /// as a linear layer's weight `[out, in]` or attention's keys `[tokens, d]`.
     pub fn from_transposed(bt: &[f32], n: usize, k: usize, ld: usize) -> Self {
         let mut packed = Self::default();
+        packed.repack_transposed(bt, n, k, ld);
+        packed
+    }
+
+    /// [`from_transposed`](Self::from_transposed) into this buffer (grown, never shrunk).
+    pub fn repack_transposed(&mut self, bt: &[f32], n: usize, k: usize, ld: usize) {
         let k_blocks = k.div_ceil(K_BLOCK);
-        let data = packed.reshape(k, n);
+        let data = self.reshape(k, n);
         let mut rounded = [0u16; K_BLOCK];
         for (strip, strip_data) in data.chunks_exact_mut(k_blocks * BLOCK_LEN).enumerate() {
             for c in 0..TILE {
@@ -267,7 +295,6 @@ impl PackedB {
                 }
             }
         }
-        packed
     }
 
     /// Packs `B` given row by row: `src` holds `k` rows of `n` values (row stride `ld`), as an
@@ -417,6 +444,8 @@ unsafe fn gemm_raw(
                         let operands = Operands {
                             a0: a.block(2 * mp, q0),
                             a1: a.block(2 * mp + 1, q0),
+                            a_row: K_BLOCK,
+                            a_step: BLOCK_LEN,
                             b0: b.block(2 * np, q0),
                             b1: b.block(2 * np + 1, q0),
                             blocks,
@@ -426,25 +455,15 @@ unsafe fn gemm_raw(
                         // operands hold `blocks` k blocks past each pointer.
                         unsafe {
                             let at = c_ptr.ptr().add(r0 * ldc + c0);
-                            if h == PANEL && w == PANEL {
-                                panel(use_amx, &operands, at, ldc, accumulate);
-                            } else {
-                                for i in 0..h {
-                                    for j in 0..w {
-                                        scratch[i * PANEL + j] = if accumulate {
-                                            *at.add(i * ldc + j)
-                                        } else {
-                                            0.0
-                                        };
-                                    }
-                                }
-                                panel(use_amx, &operands, scratch.as_mut_ptr(), PANEL, accumulate);
-                                for i in 0..h {
-                                    for j in 0..w {
-                                        *at.add(i * ldc + j) = scratch[i * PANEL + j];
-                                    }
-                                }
-                            }
+                            block_of_c(
+                                use_amx,
+                                &operands,
+                                at,
+                                (h, w),
+                                ldc,
+                                accumulate,
+                                &mut scratch,
+                            );
                         }
                     }
                 }
@@ -518,11 +537,119 @@ pub(crate) fn linear(
     Tensor::from_vec(out, shape, x.device())
 }
 
+/// `C (+)= A·B` for A's rows read in place: row `i` is the `b.k` consecutive bf16 values at
+/// `a + i·a_row` (`b.k` a multiple of 32), `m` rows; on this thread. For maps kept in bf16
+/// whose GEMM rows are windows of the map (the channels-last convolution), which need no
+/// packing at all. Rows of a last, partial panel are copied into a zero-padded scratch, so
+/// nothing past row `m − 1`'s values is read.
+///
+/// # Safety
+/// Rows `0..m` of `a` are readable as described; `c` addresses `m` rows of `b.columns()`
+/// writable values at stride `ldc`, which nothing else touches during the call.
+pub(crate) unsafe fn gemm_rows_in_place(
+    a: *const u16,
+    a_row: usize,
+    m: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (k, n) = (b.k, b.n);
+    debug_assert!(k.is_multiple_of(K_BLOCK));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let use_amx = amx_available();
+    let _tiles = use_amx.then(amx::Tiles::configure);
+    let mut scratch = [0f32; PANEL * PANEL];
+    let mut tail = Vec::new();
+    for r0 in (0..m).step_by(PANEL) {
+        let h = PANEL.min(m - r0);
+        let (rows, row_stride) = if h == PANEL {
+            // SAFETY: row r0 is one of the caller's rows.
+            (unsafe { a.add(r0 * a_row) }, a_row)
+        } else {
+            tail.clear();
+            tail.resize(PANEL * k, 0u16);
+            for i in 0..h {
+                // SAFETY: rows r0..m are readable, k values each.
+                let row = unsafe { std::slice::from_raw_parts(a.add((r0 + i) * a_row), k) };
+                tail[i * k..(i + 1) * k].copy_from_slice(row);
+            }
+            (tail.as_ptr(), k)
+        };
+        for np in 0..n.div_ceil(PANEL) {
+            let c0 = np * PANEL;
+            let operands = Operands {
+                a0: rows,
+                // SAFETY: 16 rows further, inside the 32 rows just chosen.
+                a1: unsafe { rows.add(TILE * row_stride) },
+                a_row: row_stride,
+                a_step: K_BLOCK,
+                b0: b.block(2 * np, 0),
+                b1: b.block(2 * np + 1, 0),
+                blocks: b.k_blocks,
+            };
+            // SAFETY: the caller promises the rows of A and the block of C.
+            unsafe {
+                block_of_c(
+                    use_amx,
+                    &operands,
+                    c.add(r0 * ldc + c0),
+                    (h, PANEL.min(n - c0)),
+                    ldc,
+                    accumulate,
+                    &mut scratch,
+                );
+            }
+        }
+    }
+}
+
+/// One 32×32 block of C at `c`, of which the first `h` rows and `w` columns exist: written in
+/// place when whole, else through `scratch`.
+///
+/// # Safety
+/// As [`panel`], for `h` rows of `w` values at `c`.
+unsafe fn block_of_c(
+    use_amx: bool,
+    operands: &Operands,
+    c: *mut f32,
+    (h, w): (usize, usize),
+    ldc: usize,
+    accumulate: bool,
+    scratch: &mut [f32; PANEL * PANEL],
+) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        if h == PANEL && w == PANEL {
+            panel(use_amx, operands, c, ldc, accumulate);
+            return;
+        }
+        for i in 0..h {
+            for j in 0..w {
+                scratch[i * PANEL + j] = if accumulate { *c.add(i * ldc + j) } else { 0.0 };
+            }
+        }
+        panel(use_amx, operands, scratch.as_mut_ptr(), PANEL, accumulate);
+        for i in 0..h {
+            for j in 0..w {
+                *c.add(i * ldc + j) = scratch[i * PANEL + j];
+            }
+        }
+    }
+}
+
 /// The packed operands of one 32×32 block of C: two 16-row strips of A and two 16-column
 /// strips of B, each pointing at its first k block of the pass.
 struct Operands {
     a0: *const u16,
     a1: *const u16,
+    /// Elements from one row of A to the next (32 when packed).
+    a_row: usize,
+    /// Elements from one k block of A to the next (a whole block when packed, 32 in place).
+    a_step: usize,
     b0: *const u16,
     b1: *const u16,
     blocks: usize,
@@ -547,12 +674,14 @@ unsafe fn panel(use_amx: bool, ops: &Operands, c: *mut f32, ldc: usize, accumula
 /// The portable block: the same rounded operands, summed in f32 pair by pair (as the tiles do).
 unsafe fn panel_portable(ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
     let mut acc = [[0f32; PANEL]; PANEL];
-    // SAFETY: the caller promises `blocks` tile blocks past each operand pointer.
+    // SAFETY: the caller promises `blocks` tile blocks past each operand pointer (for A: 16
+    // rows `a_row` apart, k blocks `a_step` apart).
+    let a_len = (TILE - 1) * ops.a_row + (ops.blocks - 1) * ops.a_step + K_BLOCK;
     let (a, b) = unsafe {
         (
             [
-                std::slice::from_raw_parts(ops.a0, ops.blocks * BLOCK_LEN),
-                std::slice::from_raw_parts(ops.a1, ops.blocks * BLOCK_LEN),
+                std::slice::from_raw_parts(ops.a0, a_len),
+                std::slice::from_raw_parts(ops.a1, a_len),
             ],
             [
                 std::slice::from_raw_parts(ops.b0, ops.blocks * BLOCK_LEN),
@@ -563,7 +692,7 @@ unsafe fn panel_portable(ops: &Operands, c: *mut f32, ldc: usize, accumulate: bo
     for q in 0..ops.blocks {
         for pair in 0..TILE {
             for (i, acc_row) in acc.iter_mut().enumerate() {
-                let a_row = &a[i / TILE][q * BLOCK_LEN + (i % TILE) * K_BLOCK..];
+                let a_row = &a[i / TILE][q * ops.a_step + (i % TILE) * ops.a_row..];
                 let (lo, hi) = (from_bf16(a_row[2 * pair]), from_bf16(a_row[2 * pair + 1]));
                 for (j, sum) in acc_row.iter_mut().enumerate() {
                     let b_row = &b[j / TILE][q * BLOCK_LEN + pair * K_BLOCK..];
@@ -699,16 +828,16 @@ mod amx {
             }
             asm!(
                 "2:",
-                "tileloadd tmm4, [{a0} + {s} * 1]",
+                "tileloadd tmm4, [{a0} + {sa} * 1]",
                 "tileloadd tmm6, [{b0} + {s} * 1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tileloadd tmm7, [{b1} + {s} * 1]",
                 "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1} + {s} * 1]",
+                "tileloadd tmm5, [{a1} + {sa} * 1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                "add {a0}, {step}",
-                "add {a1}, {step}",
+                "add {a0}, {a_step}",
+                "add {a1}, {a_step}",
                 "add {b0}, {step}",
                 "add {b1}, {step}",
                 "dec {blocks}",
@@ -718,6 +847,8 @@ mod amx {
                 b0 = inout(reg) ops.b0 => _,
                 b1 = inout(reg) ops.b1 => _,
                 blocks = inout(reg) ops.blocks => _,
+                sa = in(reg) ops.a_row * 2,
+                a_step = in(reg) ops.a_step * 2,
                 s = in(reg) 64usize,
                 step = const BLOCK_LEN * 2,
                 options(nostack, readonly),
