@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! cargo run --release -p sdstream --example bench -- --model MODEL_DIR --taesd TAESD_DIR \
-//!     [--sizes 256,512] [--frames 3] [--warmup 1] [--dtype f32] [--device cpu] \
+//!     [--sizes 256,512] [--frames 3] [--warmup 1] [--dtype f32] [--against f32] [--device cpu] \
 //!     [--controlnet CONTROLNET_DIR --controlnet-counts 0,1,2,5] [--sync-stages on|off]
 //! ```
 //! `--model` and `--taesd` default to the environment variables `SDSTREAM_BENCH_MODEL` and
@@ -15,6 +15,9 @@
 //! variables for where to write them.
 //! With `--controlnet`, each row is repeated per ControlNet count: N copies of that net (linked
 //! under N folder names, so they load as N distinct nets), scale 0.5, canny preprocessing.
+//! `--against f32` (or another dtype) also runs every row's frames through the networks loaded in
+//! that dtype and prints how far this dtype's pictures are from those, in 8-bit levels (worst
+//! frame's max and mean absolute difference): bf16 against f32, say.
 //! `--sync-stages` (default: on for a GPU, off for the CPU) waits for the device at the end of
 //! every stage so that the per-stage columns measure each stage's own work
 //! (`StreamDiffusion::set_stage_sync`); off, a GPU's stages only queue work and the total is the
@@ -37,6 +40,7 @@ struct Args {
     frames: usize,
     warmup: usize,
     dtype: String,
+    against: Option<String>,
     device: String,
     vaes: Vec<String>,
     t_index_lists: Vec<Vec<usize>>,
@@ -63,6 +67,7 @@ fn parse() -> Result<Args, String> {
         frames: 3,
         warmup: 1,
         dtype: "f32".into(),
+        against: None,
         device: "cpu".into(),
         vaes: vec!["taesd".into(), "full".into()],
         t_index_lists: vec![vec![32], vec![12, 20, 32]],
@@ -85,6 +90,7 @@ fn parse() -> Result<Args, String> {
             "--frames" => a.frames = v.parse().map_err(|e| format!("--frames: {e}"))?,
             "--warmup" => a.warmup = v.parse().map_err(|e| format!("--warmup: {e}"))?,
             "--dtype" => a.dtype = v,
+            "--against" => a.against = Some(v),
             "--device" => a.device = v,
             "--controlnet" => a.controlnet = Some(v),
             "--controlnet-counts" => a.controlnet_counts = list(&v)?,
@@ -171,17 +177,18 @@ fn run() -> Result<(), String> {
         Some(_) => args.controlnet_counts.clone(),
         None => vec![0],
     };
-    let settings = |vae: &str| -> Result<EngineSettings, String> {
+    let settings_in = |vae: &str, dtype: &str| -> Result<EngineSettings, String> {
         let vae = match (vae, &args.taesd) {
             ("taesd", Some(dir)) => dir.clone(),
             _ => vae.to_string(),
         };
         EngineSettings::from_json(
-            &json!({"vae": vae, "dtype": args.dtype, "device": args.device, "cfg_type": "self", "allow_any_resolution": true})
+            &json!({"vae": vae, "dtype": dtype, "device": args.device, "cfg_type": "self", "allow_any_resolution": true})
                 .to_string(),
         )
         .map_err(|e| e.to_string())
     };
+    let settings = |vae: &str| settings_in(vae, &args.dtype);
     let device = settings("full")?
         .device
         .device()
@@ -203,6 +210,19 @@ fn run() -> Result<(), String> {
             "loaded with vae {vae} in {:.1} s",
             load.elapsed().as_secs_f64()
         );
+        let against = match &args.against {
+            Some(dtype) => {
+                let s = settings_in(vae, dtype)?;
+                let models = sdstream::model::bundle::StableDiffusionModels::load(
+                    &args.model,
+                    &s,
+                    &mut |l| eprintln!("{l}"),
+                )
+                .map_err(|e| e.to_string())?;
+                Some((std::sync::Arc::new(models), s))
+            }
+            None => None,
+        };
         for &size in &args.sizes {
             for t_index in &args.t_index_lists {
                 for &nets in &counts {
@@ -237,13 +257,14 @@ fn run() -> Result<(), String> {
                         (0..size * size * 3).map(|i| (i * 7 % 251) as u8).collect();
                     let frame = Frame::packed(&pixels, size, size, PixelFormat::Rgb8)
                         .map_err(|e| e.to_string())?;
+                    let mut outputs = Vec::new();
                     for _ in 0..args.warmup {
-                        stream.process(&frame).map_err(|e| e.to_string())?;
+                        outputs.push(stream.process(&frame).map_err(|e| e.to_string())?.data);
                     }
                     let mut sum = [Duration::ZERO; 7];
                     let mut best = Duration::MAX;
                     for _ in 0..args.frames {
-                        stream.process(&frame).map_err(|e| e.to_string())?;
+                        outputs.push(stream.process(&frame).map_err(|e| e.to_string())?.data);
                         let t = stream.timings();
                         for (acc, d) in sum.iter_mut().zip([
                             t.encode,
@@ -259,6 +280,27 @@ fn run() -> Result<(), String> {
                         best = best.min(t.total);
                     }
                     let mean: Vec<f64> = sum.iter().map(|d| ms(*d) / args.frames as f64).collect();
+                    let levels = match &against {
+                        Some((models, s)) => {
+                            let mut other = StreamDiffusion::with_models(
+                                models.clone(),
+                                stream.params().clone(),
+                                s.clone(),
+                            )
+                            .map_err(|e| e.to_string())?;
+                            let (mut max, mut mean_levels) = (0u8, 0f64);
+                            for ours in &outputs {
+                                let theirs = other.process(&frame).map_err(|e| e.to_string())?.data;
+                                let diffs = ours.iter().zip(&theirs).map(|(a, b)| a.abs_diff(*b));
+                                let (m, total) = diffs
+                                    .fold((0u8, 0u64), |(m, t), d| (m.max(d), t + u64::from(d)));
+                                max = max.max(m);
+                                mean_levels = mean_levels.max(total as f64 / ours.len() as f64);
+                            }
+                            format!(" {max} / {mean_levels:.2} |")
+                        }
+                        None => String::new(),
+                    };
                     let memory = gpu_memory_gib(&device)
                         .map_or_else(|| "-".to_string(), |g| format!("{g:.2}"));
                     eprintln!(
@@ -266,7 +308,7 @@ fn run() -> Result<(), String> {
                         mean[6]
                     );
                     rows.push(format!(
-                    "| {size}² | {} ({}) | {vae} | {nets} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {memory} |",
+                    "| {size}² | {} ({}) | {vae} | {nets} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {memory} |{levels}",
                     t_index.len(),
                     t_index.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
                     mean[4],
@@ -297,10 +339,14 @@ fn run() -> Result<(), String> {
         peak_before,
         peak_after
     );
+    let (against_header, against_rule) = match &args.against {
+        Some(dtype) => (format!(" vs {dtype}: max / mean levels |"), "---|"),
+        None => (String::new(), ""),
+    };
     println!(
-        "| size | steps (t_index_list) | VAE | ControlNets | upload ms | encode ms | UNet ms | ControlNet ms | decode ms | download ms | total ms | fps | best total ms | GPU memory GiB |"
+        "| size | steps (t_index_list) | VAE | ControlNets | upload ms | encode ms | UNet ms | ControlNet ms | decode ms | download ms | total ms | fps | best total ms | GPU memory GiB |{against_header}"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|{against_rule}");
     for r in rows {
         println!("{r}");
     }

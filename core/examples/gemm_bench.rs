@@ -107,7 +107,15 @@ fn main() {
                 packed_b.repack_rows(&b, k, n, n, threads);
             }
         });
-        eprintln!("  packing {:.1} ms", pack_s * 1e3);
+        let bt: Vec<f32> = b.clone();
+        let weight_s = best_of(1, || {
+            let _ = PackedB::from_transposed(&bt, n, k, k, threads);
+        });
+        eprintln!(
+            "  packing {:.1} ms; weight as transposed {:.1} ms",
+            pack_s * 1e3,
+            weight_s * 1e3
+        );
         println!(
             "| {what} | {m}×{k}×{n} | {:.1} | {:.0} | {:.1} | {:.0} |",
             f32_s * 1e3,

@@ -14,7 +14,9 @@
 //! f64-accumulated norms, in-place softmax and adds); other devices use candle's portable ops,
 //! which `SDSTREAM_PORTABLE_KERNELS=1` also selects on the CPU (tests/unet_portable.rs checks
 //! that path).
-//! bf16 needs a GPU: candle's CPU matmul has no bf16 kernel.
+//! On the CPU candle has no bf16 arithmetic: there `dtype: "bf16"` loads the weights in f32 and
+//! turns on [`UNet2DConditionModel::with_bf16_gemms`] (f32 maps, GEMMs on bf16 operands,
+//! kernels::gemm_bf16).
 
 use std::cell::RefCell;
 use std::path::Path;

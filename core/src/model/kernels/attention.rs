@@ -184,7 +184,7 @@ impl PackedPair {
         multiply_v: impl FnOnce(&PackedA, &PackedB),
     ) {
         if self.pair != Some(pair) {
-            self.keys.repack_transposed(k, m, d, d);
+            self.keys.repack_transposed(k, m, d, d, 1);
             self.values.repack_rows(v, m, d, d, 1);
             self.pair = Some(pair);
         }

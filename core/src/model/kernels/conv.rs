@@ -14,7 +14,9 @@
 //!   itself threaded;
 //! * multiplies 1×1 convolutions straight from the input.
 //!
-//! bf16 runs in f32 on the CPU (the GEMM has no bf16 kernel). Elsewhere, and with
+//! Inside a bf16 scope ([`super::gemm_bf16::scoped`]) the tiles multiply on bf16 operands with
+//! f32 sums; bf16 weights given to the CPU kernel are kept as f32 copies (candle's CPU ops have
+//! no bf16 arithmetic). Elsewhere, and with
 //! `SDSTREAM_PORTABLE_KERNELS=1`, candle's own convolution runs.
 
 use candle_core::backend::BackendStorage;
@@ -366,10 +368,13 @@ impl Conv2d {
         }
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
         let k = c_in * kh * kw;
-        let values = self.weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(self
-            .packed_bf16
-            .get_or_init(|| PackedA::new(&values, c_out, k, k)))
+        let threads = candle_core::utils::get_num_threads();
+        let packed = gemm_bf16::with_f32_values(&self.weight, |values| {
+            let mut packed = PackedA::default();
+            packed.repack(values, c_out, k, k, threads);
+            packed
+        })?;
+        Ok(self.packed_bf16.get_or_init(|| packed))
     }
 
     /// candle's convolution: what other devices run (on CUDA with the `cudnn` feature, cuDNN

@@ -263,38 +263,44 @@ impl PackedB {
     }
 
     /// Packs `B` given as its transpose: `bt` holds `n` rows of `k` values (row stride `ld`),
-    /// as a linear layer's weight `[out, in]` or attention's keys `[tokens, d]`.
-    pub fn from_transposed(bt: &[f32], n: usize, k: usize, ld: usize) -> Self {
+    /// as a linear layer's weight `[out, in]` or attention's keys `[tokens, d]`; on up to
+    /// `threads` threads.
+    pub fn from_transposed(bt: &[f32], n: usize, k: usize, ld: usize, threads: usize) -> Self {
         let mut packed = Self::default();
-        packed.repack_transposed(bt, n, k, ld);
+        packed.repack_transposed(bt, n, k, ld, threads);
         packed
     }
 
     /// [`from_transposed`](Self::from_transposed) into this buffer (grown, never shrunk).
-    pub fn repack_transposed(&mut self, bt: &[f32], n: usize, k: usize, ld: usize) {
+    pub fn repack_transposed(&mut self, bt: &[f32], n: usize, k: usize, ld: usize, threads: usize) {
         let k_blocks = k.div_ceil(K_BLOCK);
         let data = self.reshape(k, n);
-        let mut rounded = [0u16; K_BLOCK];
-        for (strip, strip_data) in data.chunks_exact_mut(k_blocks * BLOCK_LEN).enumerate() {
-            for c in 0..TILE {
-                let col = strip * TILE + c;
-                for q in 0..k_blocks {
-                    let k0 = q * K_BLOCK;
-                    let width = K_BLOCK.min(k.saturating_sub(k0));
-                    rounded.fill(0);
-                    if col < n {
-                        for (d, &v) in rounded.iter_mut().zip(&bt[col * ld + k0..][..width]) {
-                            *d = to_bf16(v);
+        if data.is_empty() {
+            return;
+        }
+        let strip_len = k_blocks * BLOCK_LEN;
+        pack_strips(data, strip_len, threads, |first, group| {
+            for (j, strip_data) in group.chunks_exact_mut(strip_len).enumerate() {
+                let strip = first + j;
+                for c in 0..TILE {
+                    let col = strip * TILE + c;
+                    for (q, block) in strip_data.chunks_exact_mut(BLOCK_LEN).enumerate() {
+                        let k0 = q * K_BLOCK;
+                        let width = K_BLOCK.min(k - k0);
+                        let mut rounded = [0u16; K_BLOCK];
+                        if col < n {
+                            for (d, &v) in rounded.iter_mut().zip(&bt[col * ld + k0..][..width]) {
+                                *d = to_bf16(v);
+                            }
                         }
-                    }
-                    let block = &mut strip_data[q * BLOCK_LEN..][..BLOCK_LEN];
-                    for r in 0..TILE {
-                        block[r * K_BLOCK + 2 * c] = rounded[2 * r];
-                        block[r * K_BLOCK + 2 * c + 1] = rounded[2 * r + 1];
+                        for r in 0..TILE {
+                            block[r * K_BLOCK + 2 * c] = rounded[2 * r];
+                            block[r * K_BLOCK + 2 * c + 1] = rounded[2 * r + 1];
+                        }
                     }
                 }
             }
-        }
+        });
     }
 
     /// Packs `B` given row by row: `src` holds `k` rows of `n` values (row stride `ld`), as an
@@ -484,12 +490,27 @@ impl LazyWeight {
             return Ok(packed);
         }
         let (n, k) = weight.dims2()?;
-        let values = weight.to_dtype(DType::F32)?.contiguous()?;
-        let values = values.flatten_all()?.to_vec1::<f32>()?;
-        Ok(self
-            .0
-            .get_or_init(|| PackedB::from_transposed(&values, n, k, k)))
+        let threads = candle_core::utils::get_num_threads();
+        let packed = with_f32_values(weight, |values| {
+            PackedB::from_transposed(values, n, k, k, threads)
+        })?;
+        Ok(self.0.get_or_init(|| packed))
     }
+}
+
+/// Runs `f` over the values of `t` as f32 (in place when `t` is a contiguous f32 CPU tensor,
+/// else from a converted copy).
+pub(crate) fn with_f32_values<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("bf16 gemm: operand is not on the CPU");
+    };
+    let values = super::contiguous_slice::<f32>(cpu, layout, "bf16 gemm")?;
+    Ok(f(values))
 }
 
 thread_local! {
@@ -958,7 +979,7 @@ mod tests {
             packed_a.repack(&a, m, k, k, 3);
             let mut by_rows = PackedB::default();
             by_rows.repack_rows(&b, k, n, n, 2);
-            let by_transpose = PackedB::from_transposed(&bt, n, k, k);
+            let by_transpose = PackedB::from_transposed(&bt, n, k, k, 2);
             let kernels: &[bool] = if amx_available() {
                 &[true, false]
             } else {
