@@ -1,11 +1,12 @@
 //! `dtype: "bf16"` on the CPU (f32 maps, the UNet's GEMMs on bf16 operands with f32 sums; see
 //! kernels::gemm_bf16 and docs/ARCHITECTURE.md "bf16 on the CPU") against f32, every golden
-//! stream case, in 8-bit levels (pixel × 255).
+//! stream case (ControlNet streams included: the nets take the UNet's precision), in 8-bit
+//! levels (pixel × 255).
 
 mod common;
 mod streams;
 
-use streams::{CASES, Levels, Target, run_case};
+use streams::{CASES, CONTROLNET_CASES, Levels, Target, run_case};
 
 /// bf16 against f32, worst frame of any case. Measured on this project's machine (AMX): max
 /// 34.96 levels, mean 2.95, both in none_t4_fullvae_nonoise (four steps without noise through
@@ -29,7 +30,7 @@ const CPU_BF16: Target = Target {
 fn cpu_bf16_streams_stay_close_to_f32() {
     let mut worst = Levels::default();
     let mut worst_taesd = Levels::default();
-    for name in CASES {
+    for name in CASES.iter().chain(CONTROLNET_CASES) {
         let reference = run_case(name, Target::CPU_F32);
         let got = run_case(name, CPU_BF16);
         let levels = Levels::between(&got, &reference);
@@ -47,6 +48,15 @@ fn cpu_bf16_streams_stay_close_to_f32() {
             worst_taesd = worst_taesd.worst(levels);
         }
     }
+    // The ControlNets those cases loaded took the UNet's precision.
+    let models = streams::models(streams::case("cn1_self_t3"), CPU_BF16);
+    let nets = models.cached_controlnet_ids();
+    assert!(!nets.is_empty());
+    for id in nets {
+        let net = models.cached_controlnet(&id).unwrap();
+        assert!(net.bf16_gemms(), "{id} runs its GEMMs in f32");
+    }
+    assert!(models.unet.bf16_gemms());
     println!(
         "cpu bf16 vs f32, worst TAESD case: max {:.2} levels (≤ {BF16_TAESD_MAX_LEVELS}), mean {:.3} levels (≤ {BF16_TAESD_MEAN_LEVELS})",
         worst_taesd.max, worst_taesd.mean

@@ -682,7 +682,9 @@ impl StableDiffusionModels {
             ControlNetModel::load_for(&dir, self.dtype, &self.device, |config| {
                 config.check_compatible(base, id)
             })
-        })?;
+        })?
+        // In the precision of the UNet it steers (bf16 GEMMs on the CPU, see compute_dtype).
+        .with_bf16_gemms(self.unet.bf16_gemms());
         let bytes = weights::loaded_bytes() - before;
         self.controlnet_loads.fetch_add(1, Ordering::Relaxed);
         let net = Arc::new(net);
@@ -795,7 +797,7 @@ fn family_of(unet: &UNetConfig) -> ModelFamily {
 /// as a `[library, class]` pair. The components a stream reads must be declared, not
 /// `[null, null]`; the networks' own config.json files decide everything else.
 /// The dtype the networks hold their maps in for the `requested` one on `device`, and whether
-/// the UNet's and the autoencoder's GEMMs multiply in bf16. On the CPU, bf16 means f32 maps whose GEMMs round their
+/// the GEMMs of the UNet, its ControlNets and the autoencoder multiply in bf16. On the CPU, bf16 means f32 maps whose GEMMs round their
 /// operands to bf16 and sum in f32 (kernels::gemm_bf16: AMX where the CPU has it), since
 /// candle's CPU ops have no bf16 arithmetic of their own; elsewhere the dtype is the dtype.
 pub(crate) fn compute_dtype(requested: DType, device: &Device) -> (DType, bool) {

@@ -17,6 +17,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 
 use super::kernels::conv::Conv2d;
+use super::kernels::gemm_bf16;
 use super::limits::{Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS};
 use super::unet::{
     AddedConditioning, ControlResiduals, LevelPlan, PerLevel, UNetConfig, UNetEncoder,
@@ -341,6 +342,8 @@ pub struct ControlNetModel {
     down_zero_convs: Vec<Conv2d>,
     /// `controlnet_mid_block`.
     mid_zero_conv: Conv2d,
+    /// Whether the CPU's GEMMs run in bf16 ([`with_bf16_gemms`](Self::with_bf16_gemms)).
+    bf16_gemms: bool,
 }
 
 impl ControlNetModel {
@@ -378,7 +381,20 @@ impl ControlNetModel {
             cond_embedding,
             down_zero_convs,
             mid_zero_conv,
+            bf16_gemms: false,
         })
+    }
+
+    /// The same net with its CPU GEMMs in bf16 (`on`) or f32, as the UNet it steers
+    /// ([`super::unet::UNet2DConditionModel::with_bf16_gemms`]). Other devices ignore it.
+    pub fn with_bf16_gemms(mut self, on: bool) -> Self {
+        self.bf16_gemms = on;
+        self
+    }
+
+    /// Whether the CPU GEMMs run in bf16 ([`with_bf16_gemms`](Self::with_bf16_gemms)).
+    pub fn bf16_gemms(&self) -> bool {
+        self.bf16_gemms
     }
 
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model[.fp16].safetensors` (the fp16
@@ -435,6 +451,12 @@ impl ControlNetModel {
     /// Embeds a control image `[B, C, H, W]` (B = 1 to share it across every row, as a stream
     /// does) in [0, 1] into the UNet's first width at latent size, `[B, ch0, H/f, W/f]`.
     pub fn embed_condition(&self, controlnet_cond: &Tensor) -> Result<Tensor> {
+        gemm_bf16::scoped(self.bf16_gemms, || {
+            self.embed_condition_layers(controlnet_cond)
+        })
+    }
+
+    fn embed_condition_layers(&self, controlnet_cond: &Tensor) -> Result<Tensor> {
         let (_, channels, _, _) = controlnet_cond.dims4()?;
         if channels != self.config.conditioning_channels {
             return Err(input_error(format!(
@@ -474,6 +496,25 @@ impl ControlNetModel {
     /// [`forward`](Self::forward) with the control image already embedded by
     /// [`embed_condition`](Self::embed_condition) (`[B or 1, ch0, h, w]`).
     pub fn forward_embedded(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
+        cond_embedding: &Tensor,
+    ) -> Result<ControlResiduals> {
+        gemm_bf16::scoped(self.bf16_gemms, || {
+            self.forward_layers(
+                sample,
+                timesteps,
+                encoder_hidden_states,
+                added,
+                cond_embedding,
+            )
+        })
+    }
+
+    fn forward_layers(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
