@@ -103,19 +103,11 @@ fn cuda_half_precision_streams_stay_close_to_f32() {
     for (dtype, max_levels, mean_levels) in bounds {
         let mut worst = Levels::default();
         for (name, reference) in cases.iter().zip(&f32_outputs) {
-            let got = run_case(
-                name,
-                Target {
-                    device: "cuda",
-                    dtype,
-                },
-            );
-            let levels = Levels::between(&got, reference);
-            println!(
-                "cuda {dtype} vs f32, {name}: max {:.2} levels, mean {:.3} levels",
-                levels.max, levels.mean
-            );
-            worst = worst.worst(levels);
+            let target = Target {
+                device: "cuda",
+                dtype,
+            };
+            worst = worst.worst(Levels::of_case(name, target, reference, "cuda"));
         }
         println!(
             "cuda {dtype} vs f32, worst case: max {:.2} levels (≤ {max_levels}), mean {:.3} levels (≤ {mean_levels})",

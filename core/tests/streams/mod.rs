@@ -271,6 +271,17 @@ impl Levels {
         levels
     }
 
+    /// Runs case `name` on `target` and measures it against `reference` (that case's outputs
+    /// in f32), printing the figures after `label`.
+    pub fn of_case(name: &str, target: Target, reference: &[Tensor], label: &str) -> Levels {
+        let levels = Levels::between(&run_case(name, target), reference);
+        println!(
+            "{label} {} vs f32, {name}: max {:.2} levels, mean {:.3} levels",
+            target.dtype, levels.max, levels.mean
+        );
+        levels
+    }
+
     /// The larger of each figure.
     pub fn worst(self, other: Levels) -> Levels {
         Levels {
