@@ -451,12 +451,7 @@ impl ControlNetModel {
     /// Embeds a control image `[B, C, H, W]` (B = 1 to share it across every row, as a stream
     /// does) in [0, 1] into the UNet's first width at latent size, `[B, ch0, H/f, W/f]`.
     pub fn embed_condition(&self, controlnet_cond: &Tensor) -> Result<Tensor> {
-        gemm_bf16::scoped(self.bf16_gemms, || {
-            self.embed_condition_layers(controlnet_cond)
-        })
-    }
-
-    fn embed_condition_layers(&self, controlnet_cond: &Tensor) -> Result<Tensor> {
+        let _bf16 = gemm_bf16::scope(self.bf16_gemms);
         let (_, channels, _, _) = controlnet_cond.dims4()?;
         if channels != self.config.conditioning_channels {
             return Err(input_error(format!(
@@ -503,25 +498,7 @@ impl ControlNetModel {
         added: Option<&AddedConditioning>,
         cond_embedding: &Tensor,
     ) -> Result<ControlResiduals> {
-        gemm_bf16::scoped(self.bf16_gemms, || {
-            self.forward_layers(
-                sample,
-                timesteps,
-                encoder_hidden_states,
-                added,
-                cond_embedding,
-            )
-        })
-    }
-
-    fn forward_layers(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
-        added: Option<&AddedConditioning>,
-        cond_embedding: &Tensor,
-    ) -> Result<ControlResiduals> {
+        let _bf16 = gemm_bf16::scope(self.bf16_gemms);
         let dtype = self.dtype();
         let (batch, channels, height, width) = sample.dims4()?;
         if channels != self.config.unet.in_channels {

@@ -760,7 +760,6 @@ impl UNet2DConditionModel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[allow(clippy::too_many_arguments)]
     fn forward_eager(
         &self,
         sample: &Tensor,
@@ -771,30 +770,7 @@ impl UNet2DConditionModel {
         bank: Option<&RefCell<BankCall<'_>>>,
         image: Option<&ImageContext<'_>>,
     ) -> Result<Tensor> {
-        gemm_bf16::scoped(self.bf16_gemms, || {
-            self.forward_layers(
-                sample,
-                timesteps,
-                encoder_hidden_states,
-                added,
-                control,
-                bank,
-                image,
-            )
-        })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn forward_layers(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
-        added: Option<&AddedConditioning>,
-        control: Option<&ControlResiduals>,
-        bank: Option<&RefCell<BankCall<'_>>>,
-        image: Option<&ImageContext<'_>>,
-    ) -> Result<Tensor> {
+        let _bf16 = gemm_bf16::scope(self.bf16_gemms);
         let dtype = self.dtype();
         let (batch, channels, height, width) = sample.dims4()?;
         if channels != self.config.in_channels {

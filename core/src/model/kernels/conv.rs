@@ -232,7 +232,23 @@ impl Conv2d {
         if upsample == 0 {
             candle_core::bail!("conv: upsampling factor must be positive");
         }
-        let op = ChannelsLastConvOp {
+        let op = self.channels_last_op(upsample, relu)?;
+        let (storage, layout) = self.weight.storage_and_layout();
+        let weight = match &*storage {
+            candle_core::Storage::Cpu(cpu) => contiguous_slice::<f32>(cpu, layout, "conv")?,
+            _ => candle_core::bail!("conv: the weight is not on the CPU"),
+        };
+        op.run_f32_into(x, shape, weight, layout.shape(), residual, out)
+    }
+
+    /// The channels-last CPU kernel's op for this layer's input upsampled ×`upsample`, ending in
+    /// ReLU when `relu`, multiplying in bf16 inside a bf16 scope.
+    fn channels_last_op(
+        &self,
+        upsample: usize,
+        relu: bool,
+    ) -> candle_core::Result<ChannelsLastConvOp> {
+        Ok(ChannelsLastConvOp {
             stride: self.stride,
             padding: self.padding,
             upsample,
@@ -243,13 +259,7 @@ impl Conv2d {
             },
             relu,
             bf16: gemm_bf16::active(),
-        };
-        let (storage, layout) = self.weight.storage_and_layout();
-        let weight = match &*storage {
-            candle_core::Storage::Cpu(cpu) => contiguous_slice::<f32>(cpu, layout, "conv")?,
-            _ => candle_core::bail!("conv: the weight is not on the CPU"),
-        };
-        op.run_f32_into(x, shape, weight, layout.shape(), residual, out)
+        })
     }
 
     /// The output's `(height, width, channels)` for an `h`×`w` input upsampled ×`upsample`.
@@ -297,18 +307,7 @@ impl Conv2d {
         if self.channels_last && cpu_kernels(xs.device()) {
             let dtype = xs.dtype();
             let xs = xs.to_dtype(self.weight.dtype())?.contiguous()?;
-            let op = ChannelsLastConvOp {
-                stride: self.stride,
-                padding: self.padding,
-                upsample: factor,
-                bias: if self.has_bias {
-                    Some(self.bias.to_dtype(DType::F64)?.to_vec1::<f64>()?)
-                } else {
-                    None
-                },
-                relu: epilogue.relu,
-                bf16: gemm_bf16::active(),
-            };
+            let op = self.channels_last_op(factor, epilogue.relu)?;
             let ys = match epilogue.residual {
                 Some(residual) => {
                     let residual = residual.to_dtype(self.weight.dtype())?.contiguous()?;

@@ -1,6 +1,6 @@
 //! The CPU's bf16 GEMM: `C = A·B` with both operands rounded to bf16 (round to nearest even)
 //! and every product summed in f32, written as f32. What `dtype: "bf16"` means on the CPU (see
-//! [`scoped`]): maps, norms and softmax stay in f32; only the multiplicands of the GEMMs lose
+//! [`Scope`]): maps, norms and softmax stay in f32; only the multiplicands of the GEMMs lose
 //! precision, as torch's CPU autocast does.
 //!
 //! On CPUs with AMX (Intel Sapphire Rapids and later) the 32×32 blocks of `C` accumulate in
@@ -40,21 +40,37 @@ thread_local! {
     static BF16_GEMMS: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `f` with the CPU's GEMMs on this thread in bf16 (`on`) or f32 (`!on`), restoring the
-/// previous choice afterwards, even when `f` panics. A network set to bf16 on the CPU wraps its
-/// forward pass in this; its layers ask [`active`] when they multiply.
-pub(crate) fn scoped<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            BF16_GEMMS.with(|c| c.set(self.0));
-        }
+/// While alive, the CPU's GEMMs on this thread run in bf16 (`on`) or f32 (`!on`); dropping it
+/// (also on unwinding) restores the previous choice. A network set to bf16 on the CPU holds one
+/// over its forward pass; its layers ask [`active`] when they multiply. Not `Send`: the choice
+/// belongs to the thread that made it.
+#[must_use = "the choice lasts only while the scope is held"]
+pub(crate) struct Scope {
+    previous: bool,
+    _this_thread: std::marker::PhantomData<*const ()>,
+}
+
+/// Enters a [`Scope`].
+pub(crate) fn scope(on: bool) -> Scope {
+    Scope {
+        previous: BF16_GEMMS.with(|c| c.replace(on)),
+        _this_thread: std::marker::PhantomData,
     }
-    let _restore = Restore(BF16_GEMMS.with(|c| c.replace(on)));
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        BF16_GEMMS.with(|c| c.set(self.previous));
+    }
+}
+
+/// `f()` inside a [`Scope`] of `on`.
+pub(crate) fn scoped<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let _scope = scope(on);
     f()
 }
 
-/// Whether GEMMs called on this thread multiply in bf16 (inside a [`scoped`] call that said so).
+/// Whether GEMMs called on this thread multiply in bf16 (inside a [`Scope`] that said so).
 pub(crate) fn active() -> bool {
     BF16_GEMMS.with(Cell::get)
 }
@@ -89,42 +105,37 @@ fn from_bf16(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
-/// Whether the packing loops run their AVX-512 build (decided once).
-fn packs_with_avx512() -> bool {
-    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX512.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+/// Runs `f` compiled for AVX-512 where the CPU has it (decided once), else as it is: the
+/// activations of every call pass through the packing loops, whose rounding then vectorises.
+#[inline(always)]
+fn vectorised<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    })
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let available = *AVX512.get_or_init(|| {
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+        });
+        if available {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { avx512(f) };
+        }
+    }
+    f()
 }
 
 /// Runs `pack(first_strip, strips_data)` over groups of consecutive strips of `data` (each
-/// `strip_len` long), one group per thread on up to `threads` threads, in the AVX-512 build where the CPU has it: the activations of every call
-/// pass through here, and the rounding vectorises.
+/// `strip_len` long), one group per thread on up to `threads` threads, [`vectorised`].
 fn pack_strips<F: Fn(usize, &mut [u16]) + Sync>(
     data: &mut [u16],
     strip_len: usize,
     threads: usize,
     pack: F,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    fn vectorised<F: Fn(usize, &mut [u16])>(pack: &F, first: usize, group: &mut [u16]) {
-        pack(first, group)
-    }
-    let run = |first: usize, group: &mut [u16]| {
-        #[cfg(target_arch = "x86_64")]
-        if packs_with_avx512() {
-            // SAFETY: the CPU has the features the function is compiled for.
-            unsafe { vectorised(&pack, first, group) };
-            return;
-        }
-        pack(first, group);
-    };
+    let run = |first: usize, group: &mut [u16]| vectorised(|| pack(first, group));
     let strips = data.len() / strip_len;
     let threads = threads.clamp(1, strips.max(1));
     if threads == 1 {
@@ -145,26 +156,13 @@ fn pack_strips<F: Fn(usize, &mut [u16]) + Sync>(
     });
 }
 
-/// `src` rounded into `dst` (as long), in the AVX-512 build where the CPU has it.
+/// `src` rounded into `dst` (as long), [`vectorised`].
 pub(crate) fn round_slice(src: &[f32], dst: &mut [u16]) {
-    #[inline(always)]
-    fn body(src: &[f32], dst: &mut [u16]) {
+    vectorised(|| {
         for (d, &v) in dst.iter_mut().zip(src) {
             *d = to_bf16(v);
         }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    fn vectorised(src: &[f32], dst: &mut [u16]) {
-        body(src, dst)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if packs_with_avx512() {
-        // SAFETY: the CPU has the features the function is compiled for.
-        unsafe { vectorised(src, dst) };
-        return;
-    }
-    body(src, dst);
+    })
 }
 
 /// The left operand `A` (`m×k`) in bf16 tile blocks: strip `t` (rows `16t..16t+16`) holds its
@@ -221,16 +219,6 @@ impl PackedA {
                 }
             }
         });
-    }
-
-    /// Rows.
-    pub fn rows(&self) -> usize {
-        self.m
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 2
     }
 
     /// The first tile block of strip `strip` at `k` block `q`.
@@ -346,22 +334,12 @@ impl PackedB {
         });
     }
 
-    /// Columns.
-    pub fn columns(&self) -> usize {
-        self.n
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 2
-    }
-
     fn block(&self, strip: usize, q: usize) -> *const u16 {
         self.data[(strip * self.k_blocks + q) * BLOCK_LEN..].as_ptr()
     }
 }
 
-/// `C = A·B` into `c` (`a.rows()` rows of `b.columns()` values, row stride `ldc`), over up to
+/// `C = A·B` into `c` (A's rows of B's columns, row stride `ldc`), over up to
 /// `threads` threads. Errors when the operands' `k` differ or `c` is too short.
 pub fn gemm(
     a: &PackedA,
@@ -403,8 +381,8 @@ fn gemm_with(
 /// [`gemm`] into raw memory, for callers whose threads write disjoint blocks of one output.
 ///
 /// # Safety
-/// `a.k == b.k`; `c` addresses `a.rows()` rows of `b.columns()` writable values at stride
-/// `ldc ≥ b.columns()`, which nothing else reads or writes during the call.
+/// A's `k` is B's; `c` addresses A's rows of B's columns of writable values at stride
+/// `ldc` (at least B's columns), which nothing else reads or writes during the call.
 pub(crate) unsafe fn gemm_into(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, threads: usize) {
     // SAFETY: as the caller promises.
     unsafe { gemm_raw(amx_available(), a, b, c, ldc, threads) }
@@ -539,20 +517,15 @@ pub(crate) fn linear(
     }
     let n = packed_weight.n;
     let m: usize = outer.iter().product();
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("bf16 linear: the input is not on the CPU");
-    };
-    let values = super::contiguous_slice::<f32>(cpu, layout, "bf16 linear")?;
     let threads = candle_core::utils::get_num_threads();
     let mut out = super::zeroed_buffer::<f32>(m * n);
-    PACKED_ACTIVATIONS.with(|packed_x| -> candle_core::Result<()> {
-        let mut packed_x = packed_x.borrow_mut();
-        packed_x.repack(values, m, k, k, threads);
-        gemm(&packed_x, packed_weight, &mut out, n, threads)
-    })?;
-    drop(storage);
+    with_f32_values(x, |values| {
+        PACKED_ACTIVATIONS.with(|packed_x| {
+            let mut packed_x = packed_x.borrow_mut();
+            packed_x.repack(values, m, k, k, threads);
+            gemm(&packed_x, packed_weight, &mut out, n, threads)
+        })
+    })??;
     let mut shape = outer.to_vec();
     shape.push(n);
     Tensor::from_vec(out, shape, x.device())
@@ -565,7 +538,7 @@ pub(crate) fn linear(
 /// nothing past row `m − 1`'s values is read.
 ///
 /// # Safety
-/// Rows `0..m` of `a` are readable as described; `c` addresses `m` rows of `b.columns()`
+/// Rows `0..m` of `a` are readable as described; `c` addresses `m` rows of B's columns of
 /// writable values at stride `ldc`, which nothing else touches during the call.
 pub(crate) unsafe fn gemm_rows_in_place(
     a: *const u16,
