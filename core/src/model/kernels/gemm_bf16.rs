@@ -105,8 +105,37 @@ fn from_bf16(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
-/// Runs `f` compiled for AVX-512 where the CPU has it (decided once), else as it is: the
-/// activations of every call pass through the packing loops, whose rounding then vectorises.
+/// The widest vectors this CPU has that the bf16 kernels' portable loops are compiled for.
+#[derive(Clone, Copy, PartialEq)]
+enum Vectors {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+/// Decided once.
+fn vectors() -> Vectors {
+    static VECTORS: std::sync::OnceLock<Vectors> = std::sync::OnceLock::new();
+    *VECTORS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+            {
+                return Vectors::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                return Vectors::Avx2;
+            }
+        }
+        Vectors::Baseline
+    })
+}
+
+/// Runs `f` inside a function compiled for AVX-512 where the CPU has it, else for AVX2 where it
+/// has that, else as it is, for the packing loops' rounding. Whether `f`'s body takes the wider
+/// vectors is the compiler's choice (a closure too large to inline stays a call to baseline
+/// code); the packing is bound by memory either way (gemm_bench's "packing" figures), and the
+/// GEMM's own inner loops dispatch by name instead ([`panel_portable_vectorised`]).
 #[inline(always)]
 fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -115,13 +144,16 @@ fn vectorised<R>(f: impl FnOnce() -> R) -> R {
         fn avx512<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let available = *AVX512.get_or_init(|| {
-            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
-        });
-        if available {
+        #[target_feature(enable = "avx2")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match vectors() {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { avx512(f) };
+            Vectors::Avx512 => return unsafe { avx512(f) },
+            // SAFETY: as above.
+            Vectors::Avx2 => return unsafe { avx2(f) },
+            Vectors::Baseline => {}
         }
     }
     f()
@@ -661,50 +693,191 @@ unsafe fn panel(use_amx: bool, ops: &Operands, c: *mut f32, ldc: usize, accumula
         unsafe { amx::panel(ops, c, ldc, accumulate) }
     } else {
         // SAFETY: as the caller promises.
-        unsafe { panel_portable(ops, c, ldc, accumulate) }
+        unsafe { panel_portable_vectorised(ops, c, ldc, accumulate) }
     }
 }
 
-/// The portable block: the same rounded operands, summed in f32 pair by pair (as the tiles do).
-unsafe fn panel_portable(ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
-    let mut acc = [[0f32; PANEL]; PANEL];
-    // SAFETY: the caller promises `blocks` tile blocks past each operand pointer (for A: 16
-    // rows `a_row` apart, k blocks `a_step` apart).
-    let a_len = (TILE - 1) * ops.a_row + (ops.blocks - 1) * ops.a_step + K_BLOCK;
-    let (a, b) = unsafe {
-        (
-            [
-                std::slice::from_raw_parts(ops.a0, a_len),
-                std::slice::from_raw_parts(ops.a1, a_len),
-            ],
-            [
-                std::slice::from_raw_parts(ops.b0, ops.blocks * BLOCK_LEN),
-                std::slice::from_raw_parts(ops.b1, ops.blocks * BLOCK_LEN),
-            ],
-        )
-    };
-    for q in 0..ops.blocks {
-        for pair in 0..TILE {
-            for (i, acc_row) in acc.iter_mut().enumerate() {
-                let a_row = &a[i / TILE][q * ops.a_step + (i % TILE) * ops.a_row..];
-                let (lo, hi) = (from_bf16(a_row[2 * pair]), from_bf16(a_row[2 * pair + 1]));
-                for (j, sum) in acc_row.iter_mut().enumerate() {
-                    let b_row = &b[j / TILE][q * BLOCK_LEN + pair * K_BLOCK..];
-                    let jj = j % TILE;
-                    *sum += lo * from_bf16(b_row[2 * jj]) + hi * from_bf16(b_row[2 * jj + 1]);
+/// Rows of C the portable block carries through the whole pass at a time, against one 16-column
+/// strip of B: 4 × 16 sums, eight 8-lane vectors on AVX2.
+const PORTABLE_ROWS: usize = 4;
+
+/// The portable block: the same rounded operands, each pair of products summed in f32 and then
+/// added to the running sum, `c += a₀·b₀ + a₁·b₁`, pair after pair in `k` order (as the tiles
+/// pair them). Written so that the compiler vectorises it over the 16 columns of a strip of B
+/// (run through [`vectorised`]: AVX2 or AVX-512 where the CPU has them); every compilation gives
+/// the same sums bit for bit, since nothing is reordered or fused.
+/// `rows_times_strip` computes each 4-row × 16-column piece: [`rows_times_strip`] or its AVX2
+/// twin ([`avx2::rows_times_strip`]), which give the same sums.
+#[inline(always)]
+unsafe fn panel_portable(
+    ops: &Operands,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    rows_times_strip: impl Fn(&[&[u16]; PORTABLE_ROWS], usize, &[u16], usize) -> Sums,
+) {
+    let a_len = (TILE - 1) * ops.a_row + ops.blocks.saturating_sub(1) * ops.a_step + K_BLOCK;
+    for (strip, b) in [ops.b0, ops.b1].into_iter().enumerate() {
+        // SAFETY: the caller promises `blocks` tile blocks past each operand pointer (for A: 16
+        // rows `a_row` apart, k blocks `a_step` apart).
+        let b = unsafe { std::slice::from_raw_parts(b, ops.blocks * BLOCK_LEN) };
+        for r0 in (0..PANEL).step_by(PORTABLE_ROWS) {
+            let a = if r0 < TILE { ops.a0 } else { ops.a1 };
+            let rows: [&[u16]; PORTABLE_ROWS] = std::array::from_fn(|i| {
+                // SAFETY: as above; the strip's row (r0 + i) mod 16 starts its slice.
+                unsafe {
+                    std::slice::from_raw_parts(
+                        a.add(((r0 + i) % TILE) * ops.a_row),
+                        a_len - (TILE - 1) * ops.a_row,
+                    )
+                }
+            });
+            let sums = rows_times_strip(&rows, ops.a_step, b, ops.blocks);
+            for (i, row) in sums.iter().enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    // SAFETY: the caller promises 32×32 writable values at stride `ldc`.
+                    unsafe {
+                        let at = c.add((r0 + i) * ldc + strip * TILE + j);
+                        *at = if accumulate { *at + v } else { v };
+                    }
                 }
             }
         }
     }
-    for (i, acc_row) in acc.iter().enumerate() {
-        for (j, &v) in acc_row.iter().enumerate() {
-            // SAFETY: the caller promises 32×32 writable values at stride `ldc`.
-            unsafe {
-                let at = c.add(i * ldc + j);
-                *at = if accumulate { *at + v } else { v };
+}
+
+/// [`panel_portable`] with the AVX2 piece where the CPU has AVX2 (AVX-512 CPUs included), else
+/// the plain one.
+///
+/// # Safety
+/// As [`panel`].
+unsafe fn panel_portable_vectorised(ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if vectors() != Vectors::Baseline {
+        // SAFETY: as the caller promises; the CPU has AVX2.
+        return unsafe {
+            panel_portable(ops, c, ldc, accumulate, |rows, a_step, b, blocks| {
+                avx2::rows_times_strip(rows, a_step, b, blocks)
+            })
+        };
+    }
+    // SAFETY: as the caller promises.
+    unsafe { panel_portable(ops, c, ldc, accumulate, rows_times_strip) }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The portable block's piece in AVX2 intrinsics: the compiler's own vectorisation of
+    //! [`super::rows_times_strip`] shuffles the pairs apart and spills a sum (about 50 GFLOP/s
+    //! on 2 Zen 3 cores where this reaches more; examples/gemm_bench).
+
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK_LEN, K_BLOCK, PORTABLE_ROWS, Sums, TILE};
+
+    /// [`super::rows_times_strip`], the same sums bit for bit: every pair of products is two
+    /// multiplies and an add, then added to the row's sum, in `k` order; nothing fused.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows_times_strip(
+        rows: &[&[u16]; PORTABLE_ROWS],
+        a_step: usize,
+        b: &[u16],
+        blocks: usize,
+    ) -> Sums {
+        // A pair (first value in the low half) widens to two f32 values: the first shifted up,
+        // the second with the low half cleared.
+        let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        let mut sums = [[_mm256_setzero_ps(); 2]; PORTABLE_ROWS];
+        let b = &b[..blocks * BLOCK_LEN];
+        for r in rows {
+            assert!(r.len() >= blocks.saturating_sub(1) * a_step + K_BLOCK);
+        }
+        for q in 0..blocks {
+            for pair in 0..TILE {
+                let b_at = q * BLOCK_LEN + pair * K_BLOCK;
+                // SAFETY: b_at + 32 ≤ blocks × BLOCK_LEN = b.len(): two loads of 16 values.
+                let (w0, w1) = unsafe {
+                    let at = b.as_ptr().add(b_at).cast::<__m256i>();
+                    (_mm256_loadu_si256(at), _mm256_loadu_si256(at.add(1)))
+                };
+                let b_even = [
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w0)),
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w1)),
+                ];
+                let b_odd = [
+                    _mm256_castsi256_ps(_mm256_and_si256(w0, high)),
+                    _mm256_castsi256_ps(_mm256_and_si256(w1, high)),
+                ];
+                for (row_sums, row) in sums.iter_mut().zip(rows) {
+                    // SAFETY: q·a_step + 2·pair + 2 ≤ (blocks − 1)·a_step + 32 ≤ row.len()
+                    // (asserted above).
+                    let word = unsafe {
+                        row.as_ptr()
+                            .add(q * a_step + 2 * pair)
+                            .cast::<i32>()
+                            .read_unaligned()
+                    };
+                    let a = _mm256_set1_epi32(word);
+                    let a_even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(a));
+                    let a_odd = _mm256_castsi256_ps(_mm256_and_si256(a, high));
+                    for h in 0..2 {
+                        let pair_sum = _mm256_add_ps(
+                            _mm256_mul_ps(a_even, b_even[h]),
+                            _mm256_mul_ps(a_odd, b_odd[h]),
+                        );
+                        row_sums[h] = _mm256_add_ps(row_sums[h], pair_sum);
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; TILE]; PORTABLE_ROWS];
+        for (row_out, row_sums) in out.iter_mut().zip(&sums) {
+            for (h, &v) in row_sums.iter().enumerate() {
+                // SAFETY: 8 values from lane h·8 of a 16-value row.
+                unsafe { _mm256_storeu_ps(row_out[h * 8..].as_mut_ptr(), v) };
+            }
+        }
+        out
+    }
+}
+
+/// The sums of [`PORTABLE_ROWS`] rows of C over one 16-column strip.
+type Sums = [[f32; TILE]; PORTABLE_ROWS];
+
+/// `PORTABLE_ROWS` rows of A (each `blocks` k blocks `a_step` apart) times one 16-column strip
+/// of packed B, summed pairwise as [`panel_portable`] says.
+fn rows_times_strip(
+    rows: &[&[u16]; PORTABLE_ROWS],
+    a_step: usize,
+    b: &[u16],
+    blocks: usize,
+) -> Sums {
+    let mut sums = [[0f32; TILE]; PORTABLE_ROWS];
+    for q in 0..blocks {
+        for (pair, b_pairs) in b[q * BLOCK_LEN..][..BLOCK_LEN]
+            .chunks_exact(K_BLOCK)
+            .enumerate()
+        {
+            // The strip's 16 columns at k = 2·pair (the first of each pair) and 2·pair + 1.
+            let mut b_even = [0f32; TILE];
+            let mut b_odd = [0f32; TILE];
+            for (j, two) in b_pairs.chunks_exact(2).enumerate() {
+                b_even[j] = from_bf16(two[0]);
+                b_odd[j] = from_bf16(two[1]);
+            }
+            for (row_sums, row) in sums.iter_mut().zip(rows) {
+                let at = q * a_step + 2 * pair;
+                let (a_even, a_odd) = (from_bf16(row[at]), from_bf16(row[at + 1]));
+                for ((sum, &even), &odd) in row_sums.iter_mut().zip(&b_even).zip(&b_odd) {
+                    *sum += a_even * even + a_odd * odd;
+                }
             }
         }
     }
+    sums
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -983,6 +1156,92 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The portable block's pieces (plain, and AVX2 where the CPU has it) give the pairwise
+    /// f32 formula's sums bit for bit: `c += a[2p]·b[2p] + a[2p+1]·b[2p+1]`, pair after pair,
+    /// on top of what C held when accumulating.
+    #[test]
+    fn portable_block_sums_pairwise_bit_for_bit() {
+        let (m, k, n) = (PANEL, 5 * K_BLOCK - 7, PANEL);
+        let (a, b) = (values(m * k, 5), values(k * n, 6));
+        let packed_a = PackedA::new(&a, m, k, k);
+        let mut packed_b = PackedB::default();
+        packed_b.repack_rows(&b, k, n, n, 1);
+        let ops = Operands {
+            a0: packed_a.block(0, 0),
+            a1: packed_a.block(1, 0),
+            a_row: K_BLOCK,
+            a_step: BLOCK_LEN,
+            b0: packed_b.block(0, 0),
+            b1: packed_b.block(1, 0),
+            blocks: packed_a.k_blocks,
+        };
+        let start = values(m * n, 7);
+        let value = |x: &[f32], at: usize, len: usize| {
+            if at < len {
+                from_bf16(to_bf16(x[at]))
+            } else {
+                0.0
+            }
+        };
+        let mut expected = start.clone();
+        for i in 0..m {
+            for j in 0..n {
+                let mut sum = 0f32;
+                for p in (0..packed_a.k_blocks * K_BLOCK).step_by(2) {
+                    let (a0, a1) = (
+                        value(&a, i * k + p, (i + 1) * k),
+                        value(&a, i * k + p + 1, (i + 1) * k),
+                    );
+                    let (b0, b1) = (
+                        if p < k {
+                            value(&b, p * n + j, k * n)
+                        } else {
+                            0.0
+                        },
+                        if p + 1 < k {
+                            value(&b, (p + 1) * n + j, k * n)
+                        } else {
+                            0.0
+                        },
+                    );
+                    sum += a0 * b0 + a1 * b1;
+                }
+                expected[i * n + j] += sum;
+            }
+        }
+        let mut pieces: Vec<(&str, Box<dyn Fn(&mut [f32])>)> = vec![(
+            "plain",
+            Box::new(|c: &mut [f32]| unsafe {
+                panel_portable(&ops, c.as_mut_ptr(), n, true, rows_times_strip)
+            }),
+        )];
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            pieces.push((
+                "avx2",
+                Box::new(|c: &mut [f32]| unsafe {
+                    panel_portable(&ops, c.as_mut_ptr(), n, true, |r, s, b, q| {
+                        avx2::rows_times_strip(r, s, b, q)
+                    })
+                }),
+            ));
+        }
+        for (name, run) in &pieces {
+            let mut c = start.clone();
+            run(&mut c);
+            let differing = c
+                .iter()
+                .zip(&expected)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+            assert_eq!(differing, 0, "{name}: {differing} of {} sums differ", m * n);
+        }
+        println!(
+            "portable block pieces checked bit for bit: {}",
+            pieces.len()
+        );
     }
 
     /// The tensor entry point: `x·Wᵀ` over a batch of token rows equals candle's f32 matmul of
