@@ -543,7 +543,7 @@ impl StableDiffusionModels {
             // Honoured (the pictures are bf16's everywhere), but the user chose it for speed.
             progress(
                 "dtype bf16: this CPU has no AMX tiles, so the bf16 GEMMs run on its vector units, \
-                 slower than f32 here (about 0.65x f32's speed on AVX2); use dtype f32 for speed",
+                 a frame taking about 1.5x f32's time; use dtype f32 for speed",
             );
         }
         let fp16 = dtype == DType::F16;
