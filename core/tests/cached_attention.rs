@@ -1,7 +1,6 @@
 //! Cached attention (StreamV2V's feature bank) in the UNet against a torch rendering of the
-//! formula on diffusers' UNet (tests/reference/make_cached_attention_fixtures.py; within the
-//! UNet's own parity with diffusers on the same inputs, 2e-4 on outputs up to 1.2), and in a
-//! stream: parameters, hot changes, and what it does to consecutive outputs.
+//! formula on diffusers' UNet (tests/reference/make_cached_attention_fixtures.py, rendered in f64),
+//! and in a stream: parameters, hot changes, and what it does to consecutive outputs.
 
 mod common;
 
@@ -11,6 +10,12 @@ use sdstream::{StreamDiffusion, StreamDiffusionParams};
 use serde_json::{Value, json};
 
 const CALLS: usize = 6;
+
+/// How far an f32 UNet may land from the f64 rendering on these inputs. Call 0 is the worst
+/// conditioned: torch's own f32 run lands 2.3e-4 from f64 on the machine that wrote the goldens and
+/// 4.5e-4 on an AVX2-only one, ours 4.7e-4 there (summation order alone moves it). The bank moves
+/// every output by 0.046 or more, so a wrong bank formula still misses this by 45 times.
+const F32_SPREAD: f32 = 1e-3;
 
 #[test]
 fn banked_unet_calls_match_the_torch_rendering() {
@@ -27,8 +32,12 @@ fn banked_unet_calls_match_the_torch_rendering() {
                 None,
             )
             .unwrap();
-        // The UNet's own parity with diffusers on these inputs (as core/tests/unet.rs: 1e-4).
-        check(&format!("plain {c}"), &out, &g[&format!("plain_{c}")], 2e-4);
+        check(
+            &format!("plain {c}"),
+            &out,
+            &g[&format!("plain_{c}")],
+            F32_SPREAD,
+        );
     }
     for (frames, interval) in [(1, 1), (2, 1), (3, 2)] {
         let mut bank = AttentionBank::new(frames, interval).unwrap();
@@ -48,7 +57,7 @@ fn banked_unet_calls_match_the_torch_rendering() {
                 &format!("F={frames} I={interval} call {c}"),
                 &out,
                 want,
-                2e-4,
+                F32_SPREAD,
             );
             // The bank acts: the output differs from the plain UNet's.
             assert!(abs_err(&out, &g[&format!("plain_{c}")]).0 > 1e-3);
