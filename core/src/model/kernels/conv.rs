@@ -988,4 +988,60 @@ mod tests {
         assert!(err.contains("residual"), "{err}");
         Ok(())
     }
+
+    /// The direct AVX2 kernel (what the autoencoders run on an AVX2 CPU without AVX-512) and the
+    /// GEMM path each compute the channels-first convolution, with the fused epilogue, across
+    /// strides, upsampling (phases and the strided fallback), 1×1 kernels, several blocks of 16
+    /// output channels and pixel counts that leave every remainder of the 6-pixel block.
+    #[test]
+    fn direct_and_gemm_channels_last_kernels_match_channels_first() -> candle_core::Result<()> {
+        use super::super::conv_direct;
+        if !conv_direct::available() {
+            println!("no AVX2 and FMA here: only the GEMM path can run");
+        }
+        let dev = Device::Cpu;
+        let cases = [
+            // (batch, c_in, c_out, k, h, w, stride, padding, upsample)
+            (1, 3, 32, 3, 13, 17, 1, Padding::uniform(1), 1),
+            (2, 16, 32, 3, 9, 11, 2, Padding::bottom_right(1), 1),
+            (1, 32, 16, 3, 7, 10, 1, Padding::uniform(1), 2),
+            (1, 8, 16, 1, 5, 7, 1, Padding::default(), 1),
+            (1, 16, 48, 3, 6, 8, 2, Padding::uniform(1), 2),
+            (2, 24, 64, 3, 12, 23, 1, Padding::uniform(1), 1),
+        ];
+        for (b, c_in, c_out, k, h, w, stride, padding, up) in cases {
+            let case = format!("b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up}");
+            let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
+            let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 0.3, c_out, &dev)?;
+            let first = Conv2d::from_tensors(weight, Some(bias), stride, padding)?;
+            let last = first.clone().into_channels_last()?;
+            let want = first.forward_upsampled(&x, up)?;
+            let residual = Tensor::randn(0f32, 1.0, want.shape(), &dev)?;
+            let want_fused = (&want + &residual)?.relu()?;
+            let to_last = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
+            let (x_last, residual_last) = (to_last(&x)?, to_last(&residual)?);
+            for direct in [false, true] {
+                if direct && !conv_direct::available() {
+                    continue;
+                }
+                let _choice = conv_direct::choose(Some(direct));
+                // What the op's dispatch reads on this thread.
+                assert_eq!(conv_direct::chosen(c_out), direct, "{case}");
+                let plain = last.forward_upsampled(&x_last, up)?;
+                let epilogue = Epilogue {
+                    residual: Some(&residual_last),
+                    relu: true,
+                };
+                let fused = last.forward_with(&x_last, up, epilogue)?;
+                for (got, want, what) in [(&plain, &want, "plain"), (&fused, &want_fused, "fused")]
+                {
+                    let err = max_abs_diff(&got.permute((0, 3, 1, 2))?, want)?;
+                    println!("{case} direct {direct} {what}: max abs error {err:.2e}");
+                    assert!(err < 1e-4, "{case} direct {direct} {what}: {err}");
+                }
+            }
+        }
+        Ok(())
+    }
 }

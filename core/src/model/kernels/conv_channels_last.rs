@@ -19,6 +19,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, WithDType};
 
 use super::conv::Padding;
+use super::conv_direct;
 use super::gemm_bf16::{self, PackedB};
 use super::{
     SharedMut, contiguous_slice, for_each_range, for_each_row, thread_count, with_float_type,
@@ -313,6 +314,32 @@ impl ChannelsLastConvOp {
                 packed_weights.push(per_row);
             }
         }
+        // f32 on an AVX2 CPU without AVX-512: the direct kernel, its weights regrouped per phase.
+        let direct: Vec<conv_direct::PackedWeights> = if !bf16
+            && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && conv_direct::chosen(co)
+        {
+            phase_weights
+                .iter()
+                .enumerate()
+                .map(|(p, weights)| {
+                    let (ph, pw) = (&along_h.phases[p / fw], &along_w.phases[p % fw]);
+                    // SAFETY: T is f32 (checked just above).
+                    let weights = unsafe {
+                        std::slice::from_raw_parts(weights.as_ptr().cast::<f32>(), weights.len())
+                    };
+                    conv_direct::PackedWeights::new(
+                        weights,
+                        ph.groups.len(),
+                        pw.groups.len() * c,
+                        co,
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let direct = &direct;
         let padded_bf16_ref = &padded_bf16;
         let packed_weights = &packed_weights;
         let work = |range: std::ops::Range<usize>| {
@@ -328,6 +355,29 @@ impl ChannelsLastConvOp {
                     }
                     let weights = &phase_weights[(y % fh) * fw + rx];
                     let depth = phase_w.groups.len() * c;
+                    if let Some(packed) = direct.get((y % fh) * fw + rx) {
+                        let src_at = ((image * h_src + source_row) * w_src + phase_w.first) * c;
+                        let geometry = conv_direct::RowGeometry {
+                            source_row_stride: w_src * c,
+                            source_pixel_stride: s * c,
+                            outputs,
+                            output_pixel_stride: fw * co,
+                        };
+                        // SAFETY: `direct` is filled only where the kernel can run and T is
+                        // f32. The reads are the GEMM path's below (kernel rows
+                        // `source_row..source_row + taps`, each `outputs` windows of `depth`
+                        // values `s·c` apart, inside the padded source); the writes the
+                        // phase's outputs of this thread's row.
+                        unsafe {
+                            conv_direct::convolve_row(
+                                padded.as_ptr().add(src_at).cast::<f32>(),
+                                &geometry,
+                                packed,
+                                out_ptr.ptr().add(dst_at + rx * co).cast::<f32>(),
+                            );
+                        }
+                        continue;
+                    }
                     // `a` also places the source row and decides accumulation, not only indexes.
                     #[allow(clippy::needless_range_loop)]
                     for a in 0..phase_h.groups.len() {

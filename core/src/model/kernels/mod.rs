@@ -15,6 +15,7 @@
 pub(crate) mod attention;
 pub mod conv;
 mod conv_channels_last;
+mod conv_direct;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
 pub mod gemm_bf16;
