@@ -1415,10 +1415,13 @@ fn bodies_cut_short_are_400_and_only_bodies_over_the_limit_413() {
             false,
             413,
         ),
+        // Complete, so the write side stays open: hyper (as axum serves it) drops the
+        // connection when it reads EOF before its answer is out, and with nothing left to read
+        // an early close raced the 400 (a CI run read no answer at all).
         (
             "complete but empty JSON body",
             api_head("Content-Length: 0\r\n"),
-            true,
+            false,
             400,
         ),
     ];
