@@ -905,6 +905,36 @@ mod tests {
         Ok(())
     }
 
+    /// `first`'s channels-last copy on `x` (channels-first) gives what `first` gives, within
+    /// 1e-4, plain and with the fused epilogue (a residual, then ReLU) against the separate ops.
+    fn assert_channels_last_matches(
+        first: &Conv2d,
+        x: &Tensor,
+        up: usize,
+        case: &str,
+    ) -> candle_core::Result<()> {
+        let last = first.clone().into_channels_last()?;
+        assert!(last.is_channels_last() && !first.is_channels_last());
+        let want = first.forward_upsampled(x, up)?;
+        let residual = Tensor::randn(0f32, 1.0, want.shape(), x.device())?;
+        let want_fused = (&want + &residual)?.relu()?;
+        let to_last = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
+        let (x_last, residual_last) = (to_last(x)?, to_last(&residual)?);
+        let got = last.forward_upsampled(&x_last, up)?;
+        let epilogue = Epilogue {
+            residual: Some(&residual_last),
+            relu: true,
+        };
+        let got_fused = last.forward_with(&x_last, up, epilogue)?;
+        for (got, want, what) in [(got, &want, "plain"), (got_fused, &want_fused, "fused")] {
+            let got = got.permute((0, 3, 1, 2))?;
+            assert_eq!(got.dims(), want.dims());
+            let err = max_abs_diff(&got, want)?;
+            assert!(err < 1e-4, "{what} {case}: {err}");
+        }
+        Ok(())
+    }
+
     /// The channels-last kernel computes what the channels-first one does, with its epilogue
     /// (bias, residual, ReLU) equal to the separate ops, across strides, paddings, kernel
     /// sizes, upsampling, batches and sizes that split rows over threads.
@@ -936,33 +966,8 @@ mod tests {
                 .then(|| Tensor::randn(0f32, 0.3, c_out, &dev))
                 .transpose()?;
             let first = Conv2d::from_tensors(weight, bias, stride, padding)?;
-            let last = first.clone().into_channels_last()?;
-            assert!(last.is_channels_last() && !first.is_channels_last());
-            let want = first.forward_upsampled(&x, up)?;
-            let residual = Tensor::randn(0f32, 1.0, want.shape(), &dev)?;
-            let want_fused = (&want + &residual)?.relu()?;
-            let to_last = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
-            let x_last = to_last(&x)?;
-            let got = last.forward_upsampled(&x_last, up)?;
-            let residual_last = to_last(&residual)?;
-            let epilogue = Epilogue {
-                residual: Some(&residual_last),
-                relu: true,
-            };
-            let got_fused = last.forward_with(&x_last, up, epilogue)?;
-            for (got, want, what) in [(got, &want, "plain"), (got_fused, &want_fused, "fused")] {
-                let got = got.permute((0, 3, 1, 2))?;
-                assert_eq!(got.dims(), want.dims());
-                let err = (got - want)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
-                assert!(
-                    err < 1e-4,
-                    "{what} b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up}: {err}"
-                );
-            }
+            let case = format!("b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up}");
+            assert_channels_last_matches(&first, &x, up, &case)?;
         }
         // A residual of the wrong shape is refused, naming the shapes.
         let layer = Conv2d::from_tensors(
@@ -1010,36 +1015,21 @@ mod tests {
             (2, 24, 64, 3, 12, 23, 1, Padding::uniform(1), 1),
         ];
         for (b, c_in, c_out, k, h, w, stride, padding, up) in cases {
-            let case = format!("b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up}");
             let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
             let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, k, k), &dev)?;
             let bias = Tensor::randn(0f32, 0.3, c_out, &dev)?;
             let first = Conv2d::from_tensors(weight, Some(bias), stride, padding)?;
-            let last = first.clone().into_channels_last()?;
-            let want = first.forward_upsampled(&x, up)?;
-            let residual = Tensor::randn(0f32, 1.0, want.shape(), &dev)?;
-            let want_fused = (&want + &residual)?.relu()?;
-            let to_last = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
-            let (x_last, residual_last) = (to_last(&x)?, to_last(&residual)?);
             for direct in [false, true] {
                 if direct && !conv_direct::available() {
                     continue;
                 }
+                let case = format!(
+                    "b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up} direct {direct}"
+                );
                 let _choice = conv_direct::choose(Some(direct));
                 // What the op's dispatch reads on this thread.
                 assert_eq!(conv_direct::chosen(c_out), direct, "{case}");
-                let plain = last.forward_upsampled(&x_last, up)?;
-                let epilogue = Epilogue {
-                    residual: Some(&residual_last),
-                    relu: true,
-                };
-                let fused = last.forward_with(&x_last, up, epilogue)?;
-                for (got, want, what) in [(&plain, &want, "plain"), (&fused, &want_fused, "fused")]
-                {
-                    let err = max_abs_diff(&got.permute((0, 3, 1, 2))?, want)?;
-                    println!("{case} direct {direct} {what}: max abs error {err:.2e}");
-                    assert!(err < 1e-4, "{case} direct {direct} {what}: {err}");
-                }
+                assert_channels_last_matches(&first, &x, up, &case)?;
             }
         }
         Ok(())
