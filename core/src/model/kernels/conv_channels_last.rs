@@ -353,9 +353,8 @@ impl ChannelsLastConvOp {
                     if outputs == 0 {
                         continue;
                     }
-                    let weights = &phase_weights[(y % fh) * fw + rx];
-                    let depth = phase_w.groups.len() * c;
-                    if let Some(packed) = direct.get((y % fh) * fw + rx) {
+                    let phase = (y % fh) * fw + rx;
+                    if let Some(packed) = direct.get(phase) {
                         let src_at = ((image * h_src + source_row) * w_src + phase_w.first) * c;
                         let geometry = conv_direct::RowGeometry {
                             source_row_stride: w_src * c,
@@ -378,6 +377,8 @@ impl ChannelsLastConvOp {
                         }
                         continue;
                     }
+                    let weights = &phase_weights[phase];
+                    let depth = phase_w.groups.len() * c;
                     // `a` also places the source row and decides accumulation, not only indexes.
                     #[allow(clippy::needless_range_loop)]
                     for a in 0..phase_h.groups.len() {
@@ -394,7 +395,7 @@ impl ChannelsLastConvOp {
                                     padded_bf16_ref.as_ptr().add(src_at),
                                     s * c,
                                     outputs,
-                                    &packed_weights[(y % fh) * fw + rx][a],
+                                    &packed_weights[phase][a],
                                     out_ptr.ptr().add(dst_at + rx * co).cast::<f32>(),
                                     fw * co,
                                     a > 0,
