@@ -80,9 +80,9 @@ def table(cases: list[tuple[int, str, str]], ours: dict, ref: dict) -> str:
     return "\n".join(lines)
 
 
-def run(command: list[str], env: dict[str, str]) -> str:
+def run(command: list[str]) -> str:
     print("  $ " + " ".join(command), flush=True)
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{command[0]} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done.stdout
@@ -114,7 +114,6 @@ def main() -> None:
              for size in args.sizes.split(",") if size
              for t_index in args.t_index_lists.split(";") if t_index
              for vae in args.vaes.split(",") if vae]
-    env = dict(os.environ)
     ours: dict = {case: [] for case in cases}
     ref: dict = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as scratch:
@@ -124,10 +123,10 @@ def main() -> None:
                 print(f"round {round_index + 1}/{args.rounds}: {size}² [{t_index}] {vae}", flush=True)
                 flags = ["--sizes", str(size), "--t-index-lists", t_index, "--vaes", vae,
                          "--frames", str(args.frames)]
-                ours[case].append(parse_our_table(run([str(args.ours), *flags], env)))
+                ours[case].append(parse_our_table(run([str(args.ours), *flags])))
                 out = Path(scratch) / "reference.json"
                 run([args.python, str(REPO / "tests" / "reference" / "bench_reference.py"), *flags,
-                     "--out", str(out)], env)
+                     "--out", str(out)])
                 ref[case].append(parse_reference(json.loads(out.read_text(encoding="utf-8"))))
                 print(f"    ours {ours[case][-1]['total']:,.0f} ms, reference {ref[case][-1]['total']:,.0f} ms",
                       flush=True)
