@@ -28,6 +28,7 @@ use std::sync::{Arc, OnceLock};
 use super::conv_channels_last::ChannelsLastConvOp;
 use super::gemm_bf16::{self, PackedA, PackedB};
 use super::ops::add_fresh;
+use super::winograd::{self, WinogradWeights};
 use super::{
     SharedMut, contiguous_slice, cpu_kernels, for_each_range, for_each_row, thread_count,
     with_float_type, zeroed_buffer,
@@ -86,6 +87,9 @@ pub struct Conv2d {
     /// The weight `[C_out, C_in·kh·kw]` packed for bf16 products, made on the first one
     /// (channels-first CPU kernel only; see [`super::gemm_bf16`]).
     packed_bf16: Arc<OnceLock<PackedA>>,
+    /// The weight transformed for [`super::winograd`], made on the first convolution that
+    /// takes it (channels-first f32 3×3 stride-1 CPU kernel only).
+    winograd: Arc<OnceLock<Arc<WinogradWeights>>>,
 }
 
 /// What a convolution applies to its output before returning it, in this order: the bias, then
@@ -145,6 +149,7 @@ impl Conv2d {
             padding,
             channels_last: false,
             packed_bf16: Default::default(),
+            winograd: Default::default(),
         })
     }
 
@@ -179,6 +184,7 @@ impl Conv2d {
             padding,
             channels_last: false,
             packed_bf16: Default::default(),
+            winograd: Default::default(),
         })
     }
 
@@ -204,6 +210,7 @@ impl Conv2d {
             weight,
             channels_last: true,
             packed_bf16: Default::default(),
+            winograd: Default::default(),
             ..self
         })
     }
@@ -232,7 +239,7 @@ impl Conv2d {
         if upsample == 0 {
             candle_core::bail!("conv: upsampling factor must be positive");
         }
-        let op = self.channels_last_op(upsample, relu)?;
+        let op = self.channels_last_op(shape, upsample, relu)?;
         let (storage, layout) = self.weight.storage_and_layout();
         let weight = match &*storage {
             candle_core::Storage::Cpu(cpu) => contiguous_slice::<f32>(cpu, layout, "conv")?,
@@ -241,14 +248,22 @@ impl Conv2d {
         op.run_f32_into(x, shape, weight, layout.shape(), residual, out)
     }
 
-    /// The channels-last CPU kernel's op for this layer's input upsampled ×`upsample`, ending in
-    /// ReLU when `relu`, multiplying in bf16 inside a bf16 scope.
+    /// The channels-last CPU kernel's op for this layer's input (`(batch, h, w)`) upsampled
+    /// ×`upsample`, ending in ReLU when `relu`, multiplying in bf16 inside a bf16 scope.
     fn channels_last_op(
         &self,
+        input: (usize, usize, usize),
         upsample: usize,
         relu: bool,
     ) -> candle_core::Result<ChannelsLastConvOp> {
+        let bf16 = gemm_bf16::active();
+        let winograd = if bf16 || upsample != 1 {
+            None
+        } else {
+            self.winograd_weight(input, upsample)?.cloned()
+        };
         Ok(ChannelsLastConvOp {
+            winograd,
             stride: self.stride,
             padding: self.padding,
             upsample,
@@ -258,7 +273,7 @@ impl Conv2d {
                 None
             },
             relu,
-            bf16: gemm_bf16::active(),
+            bf16,
         })
     }
 
@@ -307,7 +322,8 @@ impl Conv2d {
         if self.channels_last && cpu_kernels(xs.device()) {
             let dtype = xs.dtype();
             let xs = xs.to_dtype(self.weight.dtype())?.contiguous()?;
-            let op = self.channels_last_op(factor, epilogue.relu)?;
+            let (b, h, w, _) = xs.dims4()?;
+            let op = self.channels_last_op((b, h, w), factor, epilogue.relu)?;
             let ys = match epilogue.residual {
                 Some(residual) => {
                     let residual = residual.to_dtype(self.weight.dtype())?.contiguous()?;
@@ -341,11 +357,18 @@ impl Conv2d {
             } else {
                 None
             };
+            let winograd = if packed_bf16.is_none() {
+                let (b, _, h, w) = xs.dims4()?;
+                self.winograd_weight((b, h, w), factor)?.map(|w| &**w)
+            } else {
+                None
+            };
             let op = ConvOp {
                 stride: self.stride,
                 padding: self.padding,
                 upsample: factor,
                 packed_bf16,
+                winograd,
             };
             return xs
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op)?
@@ -374,6 +397,44 @@ impl Conv2d {
             packed
         })?;
         Ok(self.packed_bf16.get_or_init(|| packed))
+    }
+
+    /// The Winograd transform of the weight (made on the first call) when an input of
+    /// `(batch, h, w)` upsampled by `factor` runs on [`super::winograd`]: f32, 3×3, stride 1,
+    /// enough output tiles (see [`winograd::chosen`]).
+    fn winograd_weight(
+        &self,
+        (batch, h, w): (usize, usize, usize),
+        factor: usize,
+    ) -> candle_core::Result<Option<&Arc<WinogradWeights>>> {
+        let dims = self.weight.dims4()?;
+        // [C_out, C_in, kh, kw], or [kh, kw, C_in, C_out] once relaid for the channels-last kernel.
+        let (c_out, c_in, kh, kw) = if self.channels_last {
+            (dims.3, dims.2, dims.0, dims.1)
+        } else {
+            dims
+        };
+        if self.weight.dtype() != DType::F32 || self.stride != 1 || (kh, kw) != (3, 3) {
+            return Ok(None);
+        }
+        let (h_out, w_out, _) = self.output_size(h, w, factor);
+        if !winograd::chosen(batch, h_out, w_out, c_in, c_out) {
+            return Ok(None);
+        }
+        if let Some(transformed) = self.winograd.get() {
+            return Ok(Some(transformed));
+        }
+        let (storage, layout) = self.weight.storage_and_layout();
+        let transformed = match &*storage {
+            candle_core::Storage::Cpu(cpu) => WinogradWeights::new(
+                contiguous_slice::<f32>(cpu, layout, "conv")?,
+                c_out,
+                c_in,
+                self.channels_last,
+            ),
+            _ => candle_core::bail!("conv: the Winograd kernel runs on the CPU"),
+        };
+        Ok(Some(self.winograd.get_or_init(|| Arc::new(transformed))))
     }
 
     /// candle's convolution: what other devices run (on CUDA with the `cudnn` feature, cuDNN
@@ -413,12 +474,15 @@ impl Module for Conv2d {
 
 /// The CPU kernel: input `[B, C_in, H, W]`, weight `[C_out, C_in, kh, kw]`, bias `[C_out]`, all
 /// contiguous; the input is upsampled by `upsample` (nearest), then padded, then convolved.
+#[derive(Clone, Copy)]
 struct ConvOp<'a> {
     stride: usize,
     padding: Padding,
     upsample: usize,
     /// f32 maps multiplied in bf16 by this packing of the weight ([`super::gemm_bf16`]).
     packed_bf16: Option<&'a PackedA>,
+    /// f32 maps convolved by [`super::winograd`] with this transform of the weight.
+    winograd: Option<&'a WinogradWeights>,
 }
 
 /// Geometry of one convolution.
@@ -560,6 +624,12 @@ impl ConvOp<'_> {
         if out.is_empty() {
             return out;
         }
+        if let Some(weights) = self.winograd {
+            if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+                self.run_winograd(x, weights, bias, g, &mut out);
+                return out;
+            }
+        }
         let planes = (!self.is_pointwise(g)).then(|| self.pack(x, g));
         let plan = TilePlan::new(g, std::mem::size_of::<T>());
         let parallelism = if plan.gemm_threads > 1 {
@@ -648,6 +718,48 @@ impl ConvOp<'_> {
         };
         for_each_range(g.batch * plan.tiles_per_image, plan.threads, &work);
         out
+    }
+
+    /// The convolution by [`super::winograd`] (`T` is f32, the kernel 3×3 with stride 1): the
+    /// padded input is split into its four stride-2 phases, which the kernel reads.
+    fn run_winograd<T: WithDType>(
+        &self,
+        x: &[T],
+        weights: &WinogradWeights,
+        bias: &[T],
+        g: &Geometry,
+        out: &mut [T],
+    ) {
+        let phases = ConvOp {
+            stride: 2,
+            winograd: None,
+            ..*self
+        };
+        let phase_geometry = Geometry {
+            h_plane: g.h_plane.div_ceil(2),
+            w_plane: g.w_plane.div_ceil(2),
+            ..*g
+        };
+        let planes = phases.pack(x, &phase_geometry);
+        let shape = winograd::Shape {
+            batch: g.batch,
+            c_in: g.c_in,
+            c_out: g.c_out,
+            h_plane: phase_geometry.h_plane,
+            w_plane: phase_geometry.w_plane,
+            h_out: g.h_out,
+            w_out: g.w_out,
+        };
+        // SAFETY: the caller checked that T is f32, so these slices hold f32 values.
+        let (planes, bias, out) = unsafe {
+            (
+                std::slice::from_raw_parts(planes.as_ptr().cast::<f32>(), planes.len()),
+                std::slice::from_raw_parts(bias.as_ptr().cast::<f32>(), bias.len()),
+                std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()),
+            )
+        };
+        let threads = candle_core::utils::get_num_threads().max(1);
+        winograd::convolve(planes, &shape, weights, bias, out, threads);
     }
 
     /// Copies the (upsampled) input into zero-padded phase planes, laid out
@@ -847,6 +959,154 @@ mod tests {
         Ok(())
     }
 
+    /// The Winograd kernel against the convolution computed in f64, beside the im2col GEMM's
+    /// own error: odd and even sizes (partial tiles), upsampling, one-sided padding, batches,
+    /// channel counts on either side of the GEMM's blocks, chunks of tile rows.
+    #[test]
+    fn winograd_matches_the_formula_in_f64() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let cases = [
+            // (batch, c_in, c_out, h, w, padding, upsample)
+            (1, 1, 1, 1, 1, Padding::uniform(1), 1),
+            (2, 3, 5, 7, 9, Padding::uniform(1), 1),
+            (1, 4, 3, 6, 6, Padding::bottom_right(1), 1),
+            (2, 2, 4, 5, 6, Padding::uniform(1), 2),
+            (2, 6, 7, 40, 33, Padding::uniform(1), 1),
+            (3, 96, 64, 16, 12, Padding::uniform(1), 1),
+            (1, 320, 40, 64, 64, Padding::uniform(1), 1),
+            (1, 24, 17, 9, 16, Padding::uniform(1), 2),
+        ];
+        for (b, c_in, c_out, h, w, padding, up) in cases {
+            let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
+            let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev)?;
+            let bias = Tensor::randn(0f32, 0.3, c_out, &dev)?;
+            let layer = Conv2d::from_tensors(weight.clone(), Some(bias.clone()), 1, padding)?;
+            let exact = Conv2d::from_tensors(
+                weight.to_dtype(DType::F64)?,
+                Some(bias.to_dtype(DType::F64)?),
+                1,
+                padding,
+            )?;
+            let xu = if up == 1 {
+                x.clone()
+            } else {
+                x.upsample_nearest2d(h * up, w * up)?
+            };
+            let want = exact
+                .portable(&xu.to_dtype(DType::F64)?)?
+                .to_dtype(DType::F32)?;
+            let winograd = {
+                let _choice = winograd::choose(Some(true));
+                layer.forward_upsampled(&x, up)?
+            };
+            let im2col = {
+                let _choice = winograd::choose(Some(false));
+                layer.forward_upsampled(&x, up)?
+            };
+            assert_eq!(winograd.dims(), want.dims());
+            let case = format!("b{b} {c_in}->{c_out} {h}x{w} {padding:?} up{up}");
+            let (err, gemm_err) = (
+                max_abs_diff(&winograd, &want)?,
+                max_abs_diff(&im2col, &want)?,
+            );
+            // The sums are about √(9·C_in)·0.3 large; f32 rounding of them is ~1e-7 relative.
+            let bound = 2e-6 * (9.0 * c_in as f32).sqrt();
+            assert!(
+                err < bound,
+                "{case}: Winograd {err} (im2col GEMM {gemm_err}), bound {bound}"
+            );
+            // ... and within a few times the GEMM's own error (measured 0.8-1.4x of it).
+            assert!(
+                err <= 3.0 * gemm_err + 1e-6,
+                "{case}: Winograd {err}, GEMM {gemm_err}"
+            );
+            // The path was taken: its rounding differs from the GEMM's somewhere.
+            if c_in > 1 {
+                assert!(max_abs_diff(&winograd, &im2col)? > 0.0, "{case}: same bits");
+            }
+        }
+        Ok(())
+    }
+
+    /// The channels-last Winograd kernel against the convolution in f64, with and without its
+    /// epilogue (bias, residual, ReLU): odd sizes (partial tiles), one-sided padding, batches,
+    /// no bias, and maps large enough to be cut into several chunks of tile rows.
+    #[test]
+    fn channels_last_winograd_matches_the_formula_in_f64() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let cases = [
+            // (batch, c_in, c_out, h, w, padding, bias)
+            (1, 1, 1, 1, 1, Padding::uniform(1), true),
+            (2, 3, 5, 7, 9, Padding::uniform(1), true),
+            (1, 4, 3, 6, 6, Padding::bottom_right(1), false),
+            (2, 16, 32, 13, 8, Padding::uniform(1), true),
+            (1, 64, 64, 96, 80, Padding::uniform(1), true),
+            (3, 24, 17, 9, 16, Padding::uniform(1), false),
+        ];
+        for (b, c_in, c_out, h, w, padding, with_bias) in cases {
+            let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
+            let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev)?;
+            let bias = with_bias
+                .then(|| Tensor::randn(0f32, 0.3, c_out, &dev))
+                .transpose()?;
+            let first = Conv2d::from_tensors(weight.clone(), bias.clone(), 1, padding)?;
+            let last = first.clone().into_channels_last()?;
+            let exact = Conv2d::from_tensors(
+                weight.to_dtype(DType::F64)?,
+                bias.map(|b| b.to_dtype(DType::F64)).transpose()?,
+                1,
+                padding,
+            )?;
+            let want = exact.portable(&x.to_dtype(DType::F64)?)?;
+            let residual = Tensor::randn(0f32, 1.0, want.shape(), &dev)?;
+            let want_fused = (&want + residual.to_dtype(DType::F64)?)?.relu()?;
+            let to_last = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
+            let (x_last, residual_last) = (to_last(&x)?, to_last(&residual)?);
+            let epilogue = Epilogue {
+                residual: Some(&residual_last),
+                relu: true,
+            };
+            let (plain, fused) = {
+                let _choice = winograd::choose(Some(true));
+                (
+                    last.forward(&x_last)?,
+                    last.forward_with(&x_last, 1, epilogue)?,
+                )
+            };
+            let gemm = {
+                let _choice = winograd::choose(Some(false));
+                last.forward(&x_last)?
+            };
+            let bound = 2e-6 * (9.0 * c_in as f32).sqrt();
+            let case = format!("b{b} {c_in}->{c_out} {h}x{w} {padding:?} bias {with_bias}");
+            let from_last = |t: Tensor| t.permute((0, 3, 1, 2));
+            let gemm_err = max_abs_diff(&from_last(gemm.clone())?, &want.to_dtype(DType::F32)?)?;
+            for (got, want, what) in [
+                (plain.clone(), &want, "plain"),
+                (fused, &want_fused, "fused"),
+            ] {
+                let got = from_last(got)?;
+                assert_eq!(got.dims(), want.dims(), "{what} {case}");
+                let err = max_abs_diff(&got, &want.to_dtype(DType::F32)?)?;
+                assert!(
+                    err < bound,
+                    "{what} {case}: {err} (GEMM {gemm_err}), bound {bound}"
+                );
+                assert!(
+                    err <= 3.0 * gemm_err + 1e-6,
+                    "{what} {case}: {err}, GEMM {gemm_err}"
+                );
+            }
+            if c_in > 1 {
+                assert!(
+                    max_abs_diff(&plain, &gemm)? > 0.0,
+                    "{case}: same bits as the GEMM"
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
@@ -1027,6 +1287,7 @@ mod tests {
                     "b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up} direct {direct}"
                 );
                 let _choice = conv_direct::choose(Some(direct));
+                let _no_winograd = winograd::choose(Some(false));
                 // What the op's dispatch reads on this thread.
                 assert_eq!(conv_direct::chosen(c_out), direct, "{case}");
                 assert_channels_last_matches(&first, &x, up, &case)?;

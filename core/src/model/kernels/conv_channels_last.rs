@@ -14,6 +14,7 @@
 use std::any::Any;
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, WithDType};
@@ -21,6 +22,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, WithDType};
 use super::conv::Padding;
 use super::conv_direct;
 use super::gemm_bf16::{self, PackedB};
+use super::winograd::{self, WinogradWeights};
 use super::{
     SharedMut, contiguous_slice, for_each_range, for_each_row, thread_count, with_float_type,
     zeroed_buffer,
@@ -72,6 +74,9 @@ pub(super) struct ChannelsLastConvOp {
     /// Multiply in bf16 ([`super::gemm_bf16`]) where it applies: f32 maps whose `C_in` is a
     /// multiple of 32 (the GEMM rows are then whole tile blocks of the bf16 padded input).
     pub(super) bf16: bool,
+    /// The weight's Winograd transform, when this convolution runs on [`super::winograd`]
+    /// (f32, 3×3, stride 1, no upsampling, enough output tiles; chosen by [`super::conv`]).
+    pub(super) winograd: Option<Arc<WinogradWeights>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -244,6 +249,13 @@ impl ChannelsLastConvOp {
             "conv (channels last): output size"
         );
         if out.is_empty() {
+            return;
+        }
+        if let Some(weights) = &self.winograd
+            && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && !self.bf16
+        {
+            self.run_winograd(x, weights, residual, g, out);
             return;
         }
         let along_h = AxisPlan::new(g.h, g.h_out, f, g.kh, s, p.top, p.bottom);
@@ -449,6 +461,55 @@ impl ChannelsLastConvOp {
         if bf16 {
             SCRATCH_BF16.with(|s| *s.borrow_mut() = padded_bf16);
         }
+    }
+
+    /// The convolution on [`super::winograd`] (`T` is f32; a 3×3 kernel, stride 1, no
+    /// upsampling), each output row finished by [`Self::epilogue`].
+    fn run_winograd<T: WithDType>(
+        &self,
+        x: &[T],
+        weights: &WinogradWeights,
+        residual: Option<&[T]>,
+        g: &Geometry,
+        out: &mut [T],
+    ) {
+        assert!(
+            (g.kh, g.kw, self.stride, self.upsample) == (3, 3, 1, 1),
+            "Winograd: 3×3 kernel, stride 1, no upsampling"
+        );
+        let shape = winograd::ChannelsLastShape {
+            batch: g.batch,
+            c_in: g.c_in,
+            c_out: g.c_out,
+            h: g.h,
+            w: g.w,
+            pad_top: self.padding.top,
+            pad_left: self.padding.left,
+            h_out: g.h_out,
+            w_out: g.w_out,
+        };
+        let bias: Option<Vec<f32>> = self
+            .bias
+            .as_ref()
+            .map(|b| b.iter().map(|&v| v as f32).collect());
+        let row_len = g.w_out * g.c_out;
+        // SAFETY: the caller checked that T is f32, so these slices hold f32 values.
+        let (x, residual, out) = unsafe {
+            (
+                std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()),
+                residual.map(|r| std::slice::from_raw_parts(r.as_ptr().cast::<f32>(), r.len())),
+                std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()),
+            )
+        };
+        let finish = |row: usize, values: &mut [f32]| {
+            self.epilogue(
+                values,
+                bias.as_deref(),
+                residual.map(|r| &r[row * row_len..][..row_len]),
+            );
+        };
+        let threads = candle_core::utils::get_num_threads().max(1);
+        winograd::convolve_channels_last(x, &shape, weights, &finish, out, threads);
     }
 
     /// The op over raw f32 maps: `x` `[batch, h, w, C_in]` with `weight` `[kh, kw, C_in,

@@ -23,6 +23,9 @@ pub mod norm;
 pub(crate) mod ops;
 mod simd;
 pub(crate) mod transfer;
+mod winograd;
+
+pub use winograd::convolutions as winograd_convolutions;
 
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
 
