@@ -199,7 +199,7 @@ impl ImageProjection {
             proj: Linear::new(
                 vb.get((rows, config.embed_dim), "proj.weight")?,
                 Some(vb.get(rows, "proj.bias")?),
-            ),
+            )?,
             norm: LayerNorm::new(config.dim, 1e-5, vb.pp("norm"))?,
             tokens: config.tokens,
             dim: config.dim,
@@ -236,7 +236,7 @@ impl IpAdapterLayers {
                 let vb = vb.pp((2 * i + 1).to_string());
                 let k = vb.get((width, config.dim), "to_k_ip.weight")?;
                 let v = vb.get((width, config.dim), "to_v_ip.weight")?;
-                Ok(Linear::new(Tensor::cat(&[k, v], 0)?, None))
+                Ok(Linear::new(Tensor::cat(&[k, v], 0)?, None)?)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {

@@ -96,6 +96,7 @@ pub(crate) struct AttentionSpec {
 /// into the fresh matmul output (one pass, no extra allocation).
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
+    /// `[out, in]`; on the CPU kernels a view of `[in, out]` values (see [`Linear::new`]).
     weight: Tensor,
     bias: Option<Tensor>,
     /// The weight packed for bf16 products, made on the first one (see [`gemm_bf16`]).
@@ -103,20 +104,41 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
+    /// A layer of `weight` `[out, in]`. For the CPU kernels the values are laid out `[in, out]`
+    /// (one copy, made here, of which `weight` becomes a view): candle's CPU matmul hands
+    /// `x·Wᵀ` to the `gemm` crate, which repacks a weight stored `[out, in]` on every call but
+    /// reads one stored `[in, out]` in place. At the UNet's inner levels, where few tokens meet
+    /// large weights, that repacking was most of the work (64 tokens, 5120 → 1280: 13.1 →
+    /// 4.9 ms). A weight already laid out so (a rebuild for a LoRA hands the old view back) is
+    /// kept as it is.
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let weight = if cpu_kernels(weight.device()) {
+            weight.t()?.contiguous()?.t()?
+        } else {
+            weight
+        };
+        Ok(Self {
             weight,
             bias,
             packed_bf16: Default::default(),
-        }
+        })
+    }
+
+    /// The weight, `[out, in]` (a strided view on the CPU kernels).
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
     }
 }
 
+/// `prefix.weight` (`[out, in]`) and `prefix.bias` of a linear layer. The weight table records
+/// the layer's own view of its weight (see [`Linear::new`] and [`weight_table`]).
 pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear::new(
+    let layer = Linear::new(
         vb.get((out_dim, in_dim), "weight")?,
         Some(vb.get(out_dim, "bias")?),
-    ))
+    )?;
+    weight_table::record(&format!("{}.weight", vb.prefix()), layer.weight());
+    Ok(layer)
 }
 
 impl Module for Linear {
@@ -165,7 +187,11 @@ fn pointwise_as_linear(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Li
         .get((out_ch, in_ch, 1, 1), "weight")?
         .reshape((out_ch, in_ch))?;
     let b = vb.get(out_ch, "bias")?;
-    Ok(Linear::new(w, Some(b)))
+    let layer = Linear::new(w, Some(b))?;
+    // The table keeps the layer's values in the checkpoint's shape (a view, no copy).
+    let view = layer.weight().unsqueeze(2)?.unsqueeze(3)?;
+    weight_table::record(&format!("{}.weight", vb.prefix()), &view);
+    Ok(layer)
 }
 
 /// Sinusoidal timestep features, as diffusers' `get_timestep_embedding`, always in f32.
@@ -475,13 +501,15 @@ impl Attention {
         // The fused projections are copies: the weight table keeps views of them instead of
         // the separate tensors (see model::weight_table).
         let (to_q_or_qkv, to_kv) = if context_dim.is_none() {
-            let qkv = Tensor::cat(&[&wq, &wk, &wv], 0)?;
-            weight_table::record_rows(&[name("to_q"), name("to_k"), name("to_v")], &qkv)?;
-            (Linear::new(qkv, None), None)
+            let qkv = Linear::new(Tensor::cat(&[&wq, &wk, &wv], 0)?, None)?;
+            weight_table::record_rows(&[name("to_q"), name("to_k"), name("to_v")], qkv.weight())?;
+            (qkv, None)
         } else {
-            let kv = Tensor::cat(&[&wk, &wv], 0)?;
-            weight_table::record_rows(&[name("to_k"), name("to_v")], &kv)?;
-            (Linear::new(wq, None), Some(Linear::new(kv, None)))
+            let q = Linear::new(wq, None)?;
+            weight_table::record(&name("to_q"), q.weight());
+            let kv = Linear::new(Tensor::cat(&[&wk, &wv], 0)?, None)?;
+            weight_table::record_rows(&[name("to_k"), name("to_v")], kv.weight())?;
+            (q, Some(kv))
         };
         Ok(Self {
             to_q_or_qkv,
@@ -1168,6 +1196,136 @@ impl UpBlock {
         match &self.upsampler {
             Some(up) => up.forward(&x, upsample_size),
             None => Ok(x),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{Device, IndexOp, Storage};
+
+    use super::*;
+
+    /// Where a CPU f32 tensor's values start in memory.
+    fn first_value(t: &Tensor) -> *const f32 {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cpu(candle_core::CpuStorage::F32(values)) = &*storage else {
+            panic!("a CPU f32 tensor");
+        };
+        values[layout.start_offset()..].as_ptr()
+    }
+
+    /// Builds with `tensors` recorded as the weights backend records what it hands out.
+    fn recorded<M>(
+        tensors: &HashMap<String, Tensor>,
+        build: impl FnOnce(VarBuilder) -> Result<M>,
+    ) -> (M, weight_table::WeightTable) {
+        let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+        weight_table::recording(|| {
+            for (name, t) in tensors {
+                weight_table::record(name, t);
+            }
+            build(vb)
+        })
+        .unwrap()
+    }
+
+    /// On the CPU a linear layer's values are laid out `[in, out]` (what the `gemm` crate reads
+    /// without repacking), its output is `x·Wᵀ + b` as before, and the weight table records the
+    /// layer's own storage (a view), not the checkpoint's tensor it let go of.
+    #[test]
+    fn linear_weights_lie_in_out_and_the_table_shares_them() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
+        let tensors = HashMap::from([
+            ("l.weight".to_string(), w.clone()),
+            ("l.bias".to_string(), b.clone()),
+        ]);
+        let (layer, table) = recorded(&tensors, |vb| linear(5, 6, vb.pp("l")));
+        assert!(
+            layer.weight().t().unwrap().is_contiguous(),
+            "values laid out [in, out]"
+        );
+        assert!(same_values(&layer.weight().contiguous().unwrap(), &w));
+        let recorded = table.get("l.weight").unwrap();
+        assert_eq!(
+            first_value(recorded),
+            first_value(layer.weight()),
+            "the table shares the layer's values"
+        );
+        assert_eq!(recorded.dims(), &[6, 5]);
+        // The output is the same as with the checkpoint's layout, within rounding.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
+        let want = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let err = (layer.forward(&x).unwrap() - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(err.to_scalar::<f32>().unwrap() < 1e-5);
+        // A layer built again from its own view (a rebuild for a LoRA) makes no copy.
+        let again = Linear::new(layer.weight().clone(), None).unwrap();
+        assert_eq!(first_value(again.weight()), first_value(layer.weight()));
+    }
+
+    /// The fused projections of self-attention (q, k, v) and cross-attention (k, v): the table
+    /// records each checkpoint tensor as its rows of the layer's own values.
+    #[test]
+    fn fused_projections_are_recorded_as_views_of_the_layer() {
+        let dev = Device::Cpu;
+        let (dim, context) = (8, 4);
+        for context_dim in [None, Some(context)] {
+            let kv_dim = context_dim.unwrap_or(dim);
+            let mut tensors = HashMap::new();
+            for (leaf, width) in [("to_q", dim), ("to_k", kv_dim), ("to_v", kv_dim)] {
+                tensors.insert(
+                    format!("a.{leaf}.weight"),
+                    Tensor::randn(0f32, 1.0, (dim, width), &dev).unwrap(),
+                );
+            }
+            tensors.insert(
+                "a.to_out.0.weight".into(),
+                Tensor::randn(0f32, 1.0, (dim, dim), &dev).unwrap(),
+            );
+            tensors.insert(
+                "a.to_out.0.bias".into(),
+                Tensor::randn(0f32, 1.0, dim, &dev).unwrap(),
+            );
+            let (attention, table) = recorded(&tensors, |vb| {
+                Attention::new(dim, context_dim, 2, 4, false, vb.pp("a"))
+            });
+            let fused = match &attention.to_kv {
+                Some(kv) => kv.weight(),
+                None => attention.to_q_or_qkv.weight(),
+            };
+            for (i, leaf) in ["to_k", "to_v"].iter().enumerate() {
+                let name = format!("a.{leaf}.weight");
+                let recorded = table.get(&name).unwrap();
+                let rows = if context_dim.is_some() {
+                    i * dim
+                } else {
+                    (i + 1) * dim
+                };
+                assert_eq!(
+                    first_value(recorded),
+                    first_value(&fused.i(rows..).unwrap()),
+                    "{name}"
+                );
+                assert!(
+                    same_values(&recorded.contiguous().unwrap(), &tensors[&name]),
+                    "{name}"
+                );
+            }
+            let q = table.get("a.to_q.weight").unwrap();
+            assert_eq!(first_value(q), first_value(attention.to_q_or_qkv.weight()));
         }
     }
 }

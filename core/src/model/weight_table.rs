@@ -43,6 +43,12 @@ impl WeightTable {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The tensor recorded under `name`.
+    #[cfg(test)]
+    pub(crate) fn get(&self, name: &str) -> Option<&Tensor> {
+        self.0.get(name)
+    }
 }
 
 /// Runs `build` with recording on, and returns what it built with the tensors it was handed.
