@@ -290,3 +290,23 @@ impl Levels {
         }
     }
 }
+
+/// Every golden stream case (ControlNet streams included) with every f32 3×3 stride-1
+/// convolution on Winograd's kernel in the variant `SDSTREAM_WINOGRAD` names (set by the
+/// caller's test binary before anything runs), against the reference's outputs within the
+/// bounds of tests/stream.rs (each case's worst frame is printed); checks that the kernel ran
+/// in every case.
+pub fn check_cases_on_winograd() {
+    let variant = std::env::var("SDSTREAM_WINOGRAD").expect("the test binary sets the variant");
+    for name in CASES.iter().chain(CONTROLNET_CASES) {
+        let before = sdstream::model::kernels::winograd_convolutions();
+        check_case_against_golden(name, Target::CPU_F32);
+        let ran = sdstream::model::kernels::winograd_convolutions() - before;
+        println!("{name}: {ran} convolutions on Winograd's kernel ({variant})");
+        // Measured 486 (txt2img: no encoder) to 1,818 (ControlNets, step by step) a case.
+        assert!(
+            ran >= 400,
+            "{name}: only {ran} convolutions took Winograd's kernel"
+        );
+    }
+}

@@ -25,7 +25,7 @@ mod simd;
 pub(crate) mod transfer;
 mod winograd;
 
-pub use winograd::convolutions as winograd_convolutions;
+pub use winograd::{convolutions as winograd_convolutions, weight_bytes as winograd_weight_bytes};
 
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
 

@@ -1,111 +1,221 @@
-//! 3×3 stride-1 convolution by Winograd's minimal filtering, F(2×2, 3×3), for channels-first
-//! f32 maps on the CPU (the UNet's and ControlNets' resnet and upsampler convolutions).
+//! 3×3 stride-1 convolution by Winograd's minimal filtering on the CPU, in f32, for both map
+//! layouts: F(2×2, 3×3) and F(4×4, 3×3) (docs/ARCHITECTURE.md, "Winograd convolution").
 //!
-//! A 3×3 correlation over a 2×2 block of outputs reads a 4×4 window of the input. Winograd's
-//! identity writes that block as `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` (docs/ARCHITECTURE.md, "Winograd
-//! convolution"): transform the window `d` into 16 values, the weight `g` into 16 values (once
-//! per layer), multiply pointwise and sum over input channels, then transform the 16 sums back
-//! into 4 outputs. Summing over channels at each of the 16 points is a GEMM
-//! `[C_out, C_in] × [C_in, tiles]`, so the convolution becomes 16 GEMMs with 4 multiply-adds per
-//! output and input channel instead of 9: 2.25× fewer. The transforms only add and subtract
-//! (and halve, in `G`), so the result differs from the direct sum by rounding: a few units in
-//! the last place of the largest terms (tests bound it against the f64 formula).
+//! A 3×3 correlation over an m×m block of outputs reads an (m+2)×(m+2) window of the input.
+//! Winograd's identity writes that block as `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`: transform the window
+//! `d` into (m+2)² values, the weight `g` into as many (once per layer), multiply pointwise and
+//! sum over input channels, then transform the sums back into m² outputs. Summing over channels
+//! at each point is a GEMM `[C_out, C_in] × [C_in, tiles]`, so the convolution becomes (m+2)²
+//! GEMMs: per output and pair of channels, 4 multiply-adds for m = 2 and 2.25 for m = 4, where
+//! the direct sum takes 9. The transforms only add, subtract and scale, so the result differs
+//! from the direct sum by rounding: about the direct sum's own for m = 2, up to some tens of
+//! times it for m = 4, whose transforms scale by up to 8 (relative errors near 1e-5; tests
+//! bound both against the f64 formula).
 //!
-//! The input arrives as the convolution's zero-padded (and upsampled) map split into its four
-//! stride-2 phases (`ConvOp::pack` with stride 2): the window of tile `(ty, tx)` is then rows
-//! `ty, ty + 1` and columns `tx, tx + 1` of the four phase planes, so consecutive tiles read
-//! consecutive values and the transforms vectorise across a row of tiles.
+//! Channels-first maps arrive as the convolution's zero-padded (and upsampled) map split into
+//! its m×m stride-m phases (`ConvOp::pack` with stride m): the window of tile `(ty, tx)` is then
+//! rows `ty, ty + 1` and columns `tx, tx + 1` of the phase planes, so consecutive tiles read
+//! consecutive values and the transforms run 16 tiles at a time in vector lanes. Channels-last
+//! maps are read in place, 16 channels at a time.
 //!
 //! Tiles are processed in chunks of whole tile rows (images of the batch side by side), so that
 //! the transformed input and the GEMMs' outputs stay a few MiB at any map size. Within a chunk
-//! the input transform splits input channels over threads, the 16 GEMMs split over threads
-//! (each single-threaded), and the output transform splits output channels.
+//! the input transform splits input channels (or tile rows) over threads, the GEMMs split over
+//! threads by point (each single-threaded), and the output transform splits output channels (or
+//! tile rows).
+//!
+//! The weights' transforms are kept by the layer (16/9 of its weight for m = 2, 36/9 for
+//! m = 4), made on the layer's first convolution that takes them.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{SharedMut, for_each_range};
 
-/// Transformed points per tile: the 4×4 input window.
-const POINTS: usize = 16;
-/// Bytes of transformed input a chunk of tile rows aims at, so that each of its 16 GEMMs' right
+/// Lanes of the transforms' vectors: one AVX-512 register of f32 (two AVX2 registers).
+const LANES: usize = 16;
+type Lane = [f32; LANES];
+const ZERO: Lane = [0.0; LANES];
+/// The largest window side, m + 2 for m = 4; F(2×2, 3×3) uses the first 4 entries of arrays
+/// of this size.
+const MAX_WINDOW: usize = 6;
+
+/// Bytes of transformed input a chunk of tile rows aims at, so that each of its GEMMs' right
 /// operand stays in cache while the GEMM runs; small in tests, so that their maps are cut into
 /// several chunks.
 const CHUNK_BYTES: usize = if cfg!(test) { 256 << 10 } else { 8 << 20 };
-/// Fewest tiles (2×2 output blocks, the batch's images together) for which this kernel runs by
-/// default: below it the 16 GEMMs are too narrow to beat one GEMM over the im2col matrix.
+/// Fewest tiles (the batch's images together) for which a variant runs by default. Fewer
+/// tiles would still run faster than the im2col GEMM (conv_bench: 16 tiles of F(2×2, 3×3) at
+/// 8² × 1,280 channels 8.4 ms against 13.1), but each layer keeps its weights' transform, 16/9
+/// or 36/9 of its weight, and at the UNet's deepest levels few tiles meet most of the weights:
+/// with 16 tiles the sd-turbo UNet at 512² kept 3.4 GB more of them for no gain measurable
+/// over the machine's noise (3.82–3.85 s a call against 3.70–3.92 s).
 const MIN_TILES: usize = 64;
-/// Narrowest layer for which this kernel runs by default, as `C_in·C_out / (C_in + C_out)` (half
-/// the harmonic mean of the channel counts). The transforms move `16·(C_in + C_out)` values per
-/// tile while the GEMMs do `32·C_in·C_out` flops, so narrow layers spend their time moving data:
-/// measured on conv_bench, 64- and 128-channel layers are slower this way, 256 channels and up
-/// faster (docs/ARCHITECTURE.md, "Winograd convolution").
-const MIN_HALF_HARMONIC_CHANNELS: usize = 96;
+/// Narrowest layer for which the kernel runs by default, as `C_in·C_out / (C_in + C_out)` (half
+/// the harmonic mean of the channel counts). The transforms move `(m+2)²·(C_in + C_out)` values
+/// per tile while the GEMMs do `2·(m+2)²·C_in·C_out` flops, so narrow layers spend their time
+/// moving data: measured on conv_bench, TAESD's 64-channel layers gain nothing this way, the
+/// full VAE's 128 channels at 512² gain 28 % (docs/ARCHITECTURE.md, "Winograd convolution").
+const MIN_HALF_HARMONIC_CHANNELS: usize = 48;
+
+/// The two algorithms: F(m×m, 3×3) for output tiles of side m = 2 or 4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Variant {
+    F2,
+    F4,
+}
+
+impl Variant {
+    /// Output tile side m.
+    pub(super) const fn tile(self) -> usize {
+        match self {
+            Variant::F2 => 2,
+            Variant::F4 => 4,
+        }
+    }
+
+    /// Input window side, m + 2.
+    const fn window(self) -> usize {
+        self.tile() + 2
+    }
+
+    /// Transformed points per tile, (m + 2)².
+    pub(super) const fn points(self) -> usize {
+        self.window() * self.window()
+    }
+
+    /// Tiles covering `batch` outputs of `h_out × w_out`.
+    fn tiles(self, batch: usize, h_out: usize, w_out: usize) -> usize {
+        batch * h_out.div_ceil(self.tile()) * w_out.div_ceil(self.tile())
+    }
+
+    /// Index of the variant among [`Variant::ALL`] (where a layer keeps each one's weights).
+    pub(super) const fn index(self) -> usize {
+        match self {
+            Variant::F2 => 0,
+            Variant::F4 => 1,
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) const ALL: [Variant; 2] = [Variant::F2, Variant::F4];
+}
 
 /// Where the kernel runs, from `SDSTREAM_WINOGRAD` (read once): `auto` (the default: wide enough
-/// layers over enough tiles), `off` (never: for comparisons), `all` (every f32 3×3 stride-1
-/// convolution: for tests of the arithmetic on small networks).
+/// layers over enough tiles, F(4×4, 3×3) where its tiles are many), `off` (never: for
+/// comparisons), `f2` or `f4` (that variant for every f32 3×3 stride-1 convolution: for tests of
+/// the arithmetic on small networks, and comparisons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Policy {
     Auto,
     Off,
-    All,
+    Every(Variant),
 }
 
 fn policy() -> Policy {
     static POLICY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
     *POLICY.get_or_init(|| match std::env::var("SDSTREAM_WINOGRAD").as_deref() {
         Ok("off" | "0") => Policy::Off,
-        Ok("all") => Policy::All,
+        Ok("f2") => Policy::Every(Variant::F2),
+        Ok("f4") => Policy::Every(Variant::F4),
         Ok("" | "auto") | Err(std::env::VarError::NotPresent) => Policy::Auto,
         Ok(other) => {
-            eprintln!("sdstream: SDSTREAM_WINOGRAD={other:?} is not auto, off or all; using auto");
+            eprintln!(
+                "sdstream: SDSTREAM_WINOGRAD={other:?} is not auto, off, f2 or f4; using auto"
+            );
             Policy::Auto
         }
         Err(std::env::VarError::NotUnicode(_)) => Policy::Auto,
     })
 }
 
-/// Convolutions run by this kernel in this process (either layout).
+/// Convolutions run by this kernel in this process (either layout, either variant).
 static CONVOLUTIONS: AtomicU64 = AtomicU64::new(0);
 
-/// How many convolutions this process has run by Winograd's kernel (either layout): what a test
-/// reads to know the path was taken, and a host to know which kernel its layers got.
+/// Bytes of transformed weights the layers of this process hold.
+static WEIGHT_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of transformed weights the layers of this process hold now (made on each layer's first
+/// convolution that takes Winograd's kernel, freed with the layer): the memory this kernel
+/// costs beside the weights themselves.
+pub fn weight_bytes() -> u64 {
+    WEIGHT_BYTES.load(Ordering::Relaxed)
+}
+
+/// How many convolutions this process has run by Winograd's kernel (either layout, either
+/// variant): what a test reads to know the path was taken, and a host to know which kernel its
+/// layers got.
 pub fn convolutions() -> u64 {
     CONVOLUTIONS.load(Ordering::Relaxed)
 }
 
-thread_local! {
-    /// Tests on this thread choose the kernel (`Some(true)`: wherever the convolution allows it,
-    /// any size; `Some(false)`: never), so that both paths are checked on every machine.
-    static CHOICE: Cell<Option<bool>> = const { Cell::new(None) };
+/// Counts a convolution run by this kernel.
+fn count() {
+    CONVOLUTIONS.fetch_add(1, Ordering::Relaxed);
+    #[cfg(test)]
+    ON_THIS_THREAD.with(|n| n.set(n.get() + 1));
 }
 
-/// Whether a convolution of `C_in → C_out` channels whose output is `batch` images of
-/// `h_out × w_out` runs here (the caller has checked the kernel is 3×3, stride 1, f32).
-pub(super) fn chosen(batch: usize, h_out: usize, w_out: usize, c_in: usize, c_out: usize) -> bool {
+#[cfg(test)]
+thread_local! {
+    /// Convolutions this thread ran by this kernel (tests run side by side).
+    static ON_THIS_THREAD: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Convolutions this thread has run by this kernel.
+#[cfg(test)]
+pub(super) fn convolutions_on_this_thread() -> u64 {
+    ON_THIS_THREAD.with(Cell::get)
+}
+
+thread_local! {
+    /// Tests on this thread choose the kernel (`Some(Some(v))`: variant v wherever the
+    /// convolution allows it, any size; `Some(None)`: never), so that every path is checked on
+    /// every machine.
+    static CHOICE: Cell<Option<Option<Variant>>> = const { Cell::new(None) };
+}
+
+/// The variant a convolution of `C_in → C_out` channels whose output is `batch` images of
+/// `h_out × w_out` runs with, if any (the caller has checked the kernel is 3×3, stride 1, f32).
+pub(super) fn chosen(
+    batch: usize,
+    h_out: usize,
+    w_out: usize,
+    c_in: usize,
+    c_out: usize,
+) -> Option<Variant> {
     if let Some(choice) = CHOICE.with(Cell::get) {
         return choice;
     }
     match policy() {
-        Policy::Off => false,
-        Policy::All => true,
-        Policy::Auto => pays_off(batch, h_out, w_out, c_in, c_out),
+        Policy::Off => None,
+        Policy::Every(variant) => Some(variant),
+        Policy::Auto => by_default(batch, h_out, w_out, c_in, c_out),
     }
 }
 
-/// The default choice: enough tiles and wide enough layers (see [`MIN_TILES`] and
-/// [`MIN_HALF_HARMONIC_CHANNELS`]).
-fn pays_off(batch: usize, h_out: usize, w_out: usize, c_in: usize, c_out: usize) -> bool {
-    batch * h_out.div_ceil(2) * w_out.div_ceil(2) >= MIN_TILES
-        && c_in * c_out >= MIN_HALF_HARMONIC_CHANNELS * (c_in + c_out)
+/// The default choice: layers wide enough (see [`MIN_HALF_HARMONIC_CHANNELS`]) take F(4×4,
+/// 3×3) where it has [`MIN_TILES`] tiles, else F(2×2, 3×3) where that has them.
+fn by_default(
+    batch: usize,
+    h_out: usize,
+    w_out: usize,
+    c_in: usize,
+    c_out: usize,
+) -> Option<Variant> {
+    if c_in * c_out < MIN_HALF_HARMONIC_CHANNELS * (c_in + c_out) {
+        return None;
+    }
+    [Variant::F4, Variant::F2]
+        .into_iter()
+        .find(|v| v.tiles(batch, h_out, w_out) >= MIN_TILES)
 }
 
-/// Makes this thread's convolutions take this kernel wherever they can (`Some(true)`) or never
-/// (`Some(false)`) until the guard drops; `None` restores the default.
+/// Makes this thread's convolutions take `variant` wherever they can (`Some(Some(v))`) or
+/// never (`Some(None)`) until the guard drops; `None` restores the default.
 #[cfg(test)]
-pub(super) fn choose(choice: Option<bool>) -> impl Drop {
-    struct Restore(Option<bool>);
+pub(super) fn choose(choice: Option<Option<Variant>>) -> impl Drop {
+    struct Restore(Option<Option<Variant>>);
     impl Drop for Restore {
         fn drop(&mut self) {
             CHOICE.with(|c| c.set(self.0));
@@ -114,53 +224,195 @@ pub(super) fn choose(choice: Option<bool>) -> impl Drop {
     Restore(CHOICE.with(|c| c.replace(choice)))
 }
 
-/// A layer's weights `[C_out, C_in, 3, 3]` transformed to `G g Gᵀ`, laid out as 16 matrices
-/// `[C_out, C_in]` (one per point), the GEMMs' left operands.
+// ---------------------------------------------------------------------------------------------
+// The transforms
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn add(a: Lane, b: Lane) -> Lane {
+    std::array::from_fn(|i| a[i] + b[i])
+}
+
+#[inline(always)]
+fn sub(a: Lane, b: Lane) -> Lane {
+    std::array::from_fn(|i| a[i] - b[i])
+}
+
+#[inline(always)]
+fn scale(a: Lane, s: f32) -> Lane {
+    std::array::from_fn(|i| a[i] * s)
+}
+
+/// `Bᵀ x` for one column (or row) of a window: for m = 2, `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0],
+/// [0, −1, 1, 0], [0, 1, 0, −1]]`; for m = 4,
+/// `Bᵀ = [[4, 0, −5, 0, 1, 0], [0, −4, −4, 1, 1, 0], [0, 4, −4, −1, 1, 0], [0, −2, −1, 2, 1, 0],
+/// [0, 2, −1, −2, 1, 0], [0, 4, 0, −5, 0, 1]]`.
+#[inline(always)]
+fn input_1d<const M: usize>(x: &[Lane; MAX_WINDOW]) -> [Lane; MAX_WINDOW] {
+    let mut y = [ZERO; MAX_WINDOW];
+    if M == 2 {
+        y[0] = sub(x[0], x[2]);
+        y[1] = add(x[1], x[2]);
+        y[2] = sub(x[2], x[1]);
+        y[3] = sub(x[1], x[3]);
+    } else {
+        let a = sub(x[4], scale(x[2], 4.0));
+        let b = sub(x[3], scale(x[1], 4.0));
+        let c = sub(x[4], x[2]);
+        let e = scale(sub(x[3], x[1]), 2.0);
+        y[0] = add(sub(scale(x[0], 4.0), scale(x[2], 5.0)), x[4]);
+        y[1] = add(a, b);
+        y[2] = sub(a, b);
+        y[3] = add(c, e);
+        y[4] = sub(c, e);
+        y[5] = add(sub(scale(x[1], 4.0), scale(x[3], 5.0)), x[5]);
+    }
+    y
+}
+
+/// `Aᵀ x` for one column (or row) of the points: for m = 2, `Aᵀ = [[1, 1, 1, 0], [0, 1, −1,
+/// −1]]`; for m = 4, `Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0], [0, 1,
+/// −1, 8, −8, 1]]`. Only the first m entries of the result are meaningful.
+#[inline(always)]
+fn output_1d<const M: usize>(x: &[Lane; MAX_WINDOW]) -> [Lane; MAX_WINDOW] {
+    let mut y = [ZERO; MAX_WINDOW];
+    if M == 2 {
+        y[0] = add(add(x[0], x[1]), x[2]);
+        y[1] = sub(sub(x[1], x[2]), x[3]);
+    } else {
+        let p = add(x[1], x[2]);
+        let q = sub(x[1], x[2]);
+        let r = add(x[3], x[4]);
+        let s = sub(x[3], x[4]);
+        y[0] = add(add(x[0], p), r);
+        y[1] = add(q, scale(s, 2.0));
+        y[2] = add(p, scale(r, 4.0));
+        y[3] = add(add(q, scale(s, 8.0)), x[5]);
+    }
+    y
+}
+
+/// `Bᵀ d B` of a window of lanes (`d[row][col]`, the first m + 2 of each side used).
+#[inline(always)]
+fn input_2d<const M: usize>(
+    d: &[[Lane; MAX_WINDOW]; MAX_WINDOW],
+) -> [[Lane; MAX_WINDOW]; MAX_WINDOW] {
+    let a = M + 2;
+    let mut t = [[ZERO; MAX_WINDOW]; MAX_WINDOW];
+    for c in 0..a {
+        let column = std::array::from_fn(|r| d[r][c]);
+        let y = input_1d::<M>(&column);
+        for r in 0..a {
+            t[r][c] = y[r];
+        }
+    }
+    let mut v = [[ZERO; MAX_WINDOW]; MAX_WINDOW];
+    for r in 0..a {
+        v[r] = input_1d::<M>(&t[r]);
+    }
+    v
+}
+
+/// `Aᵀ m A` of the points of a tile of lanes (`m[row][col]`): `y[i][j]` for i, j < m.
+#[inline(always)]
+fn output_2d<const M: usize>(
+    m: &[[Lane; MAX_WINDOW]; MAX_WINDOW],
+) -> [[Lane; MAX_WINDOW]; MAX_WINDOW] {
+    let a = M + 2;
+    let mut t = [[ZERO; MAX_WINDOW]; MAX_WINDOW];
+    for c in 0..a {
+        let column = std::array::from_fn(|r| m[r][c]);
+        let y = output_1d::<M>(&column);
+        for i in 0..M {
+            t[i][c] = y[i];
+        }
+    }
+    let mut y = [[ZERO; MAX_WINDOW]; MAX_WINDOW];
+    for i in 0..M {
+        y[i] = output_1d::<M>(&t[i]);
+    }
+    y
+}
+
+/// `G g` for one column (or row) of a 3×3 weight, in f64: for m = 2, `G = [[1, 0, 0], [½, ½,
+/// ½], [½, −½, ½], [0, 0, 1]]`; for m = 4, `G = [[¼, 0, 0], [−⅙, −⅙, −⅙], [−⅙, ⅙, −⅙],
+/// [1/24, 1/12, ⅙], [1/24, −1/12, ⅙], [0, 0, 1]]`.
+#[inline(always)]
+fn weight_1d(variant: Variant, [g0, g1, g2]: [f64; 3]) -> [f64; MAX_WINDOW] {
+    match variant {
+        Variant::F2 => [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2, 0.0, 0.0],
+        Variant::F4 => [
+            0.25 * g0,
+            -(g0 + g1 + g2) / 6.0,
+            -(g0 - g1 + g2) / 6.0,
+            g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+            g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+            g2,
+        ],
+    }
+}
+
+/// A layer's weights transformed to `G g Gᵀ` for one variant, laid out as (m+2)² matrices
+/// `[C_out, C_in]` (one per point), the GEMMs' left operands; `[C_in, C_out]` when made from
+/// channels-last weights (the right operands of the channels-last GEMMs).
 #[derive(Debug)]
 pub(super) struct WinogradWeights {
     values: Vec<f32>,
+    variant: Variant,
     c_out: usize,
     c_in: usize,
 }
 
 impl WinogradWeights {
-    /// Transforms a layer's 3×3 weights: `[C_out, C_in, 3, 3]` (torch's layout), or
-    /// `[3, 3, C_in, C_out]` when `channels_last`, which then gives matrices `[C_in, C_out]`
-    /// (the right operands of the channels-last GEMMs). Each point is computed in f64 and
-    /// rounded once.
-    pub(super) fn new(weight: &[f32], c_out: usize, c_in: usize, channels_last: bool) -> Self {
+    /// Transforms a layer's 3×3 weights for `variant`: `[C_out, C_in, 3, 3]` (torch's layout),
+    /// or `[3, 3, C_in, C_out]` when `channels_last`. Each point is computed in f64 and rounded
+    /// once; pairs of channels are split over `threads`.
+    pub(super) fn new(
+        weight: &[f32],
+        c_out: usize,
+        c_in: usize,
+        channels_last: bool,
+        variant: Variant,
+        threads: usize,
+    ) -> Self {
         assert_eq!(weight.len(), c_out * c_in * 9, "3×3 weights");
         let plane = c_out * c_in;
-        let mut values = vec![0f32; POINTS * plane];
+        let (a, points) = (variant.window(), variant.points());
+        let mut values = vec![0f32; points * plane];
+        let dst = SharedMut(values.as_mut_ptr());
         // `pair` indexes a (C_out, C_in) pair in either layout's order, the same in the source
         // and in each point's matrix.
-        for pair in 0..plane {
-            let g: [f64; 9] = std::array::from_fn(|tap| {
-                f64::from(if channels_last {
-                    weight[tap * plane + pair]
-                } else {
-                    weight[pair * 9 + tap]
-                })
-            });
-            // G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]; first G g (4×3), then (G g) Gᵀ.
-            let mut gg = [[0f64; 3]; 4];
-            for c in 0..3 {
-                let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
-                gg[0][c] = g0;
-                gg[1][c] = 0.5 * (g0 + g1 + g2);
-                gg[2][c] = 0.5 * (g0 - g1 + g2);
-                gg[3][c] = g2;
-            }
-            for (i, row) in gg.iter().enumerate() {
-                let [g0, g1, g2] = *row;
-                let u = [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2];
-                for (j, u) in u.into_iter().enumerate() {
-                    values[(i * 4 + j) * plane + pair] = u as f32;
+        let work = |pairs: std::ops::Range<usize>| {
+            for pair in pairs {
+                let tap = |t: usize| {
+                    f64::from(if channels_last {
+                        weight[t * plane + pair]
+                    } else {
+                        weight[pair * 9 + t]
+                    })
+                };
+                // G g (a × 3: columns of g transformed), then (G g) Gᵀ (rows transformed).
+                let columns: [[f64; MAX_WINDOW]; 3] =
+                    std::array::from_fn(|c| weight_1d(variant, [tap(c), tap(3 + c), tap(6 + c)]));
+                let [c0, c1, c2] = columns;
+                for (i, ((g0, g1), g2)) in c0.into_iter().zip(c1).zip(c2).take(a).enumerate() {
+                    let row = weight_1d(variant, [g0, g1, g2]);
+                    for (j, &u) in row[..a].iter().enumerate() {
+                        // SAFETY: point (i, j)'s entry for `pair`, inside `values`; pairs are
+                        // split between threads, so no other thread writes it.
+                        unsafe { *dst.ptr().add((i * a + j) * plane + pair) = u as f32 };
+                    }
                 }
             }
-        }
+        };
+        for_each_range(plane, threads.clamp(1, plane.max(1)), &work);
+        WEIGHT_BYTES.fetch_add(
+            std::mem::size_of_val(values.as_slice()) as u64,
+            Ordering::Relaxed,
+        );
         Self {
             values,
+            variant,
             c_out,
             c_in,
         }
@@ -170,15 +422,39 @@ impl WinogradWeights {
         let plane = self.c_out * self.c_in;
         &self.values[xi * plane..][..plane]
     }
+
+    pub(super) fn variant(&self) -> Variant {
+        self.variant
+    }
 }
 
-/// Shape of one Winograd convolution.
+impl Drop for WinogradWeights {
+    fn drop(&mut self) {
+        let bytes = std::mem::size_of_val(self.values.as_slice()) as u64;
+        WEIGHT_BYTES.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Copies `n ≤ LANES` values from `src[at..]` into a lane (the rest zero).
+#[inline(always)]
+fn load(src: &[f32], at: usize, n: usize) -> Lane {
+    let mut lane = ZERO;
+    lane[..n].copy_from_slice(&src[at..at + n]);
+    lane
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channels-first maps
+// ---------------------------------------------------------------------------------------------
+
+/// Shape of one channels-first Winograd convolution.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Shape {
     pub(super) batch: usize,
     pub(super) c_in: usize,
     pub(super) c_out: usize,
-    /// Size of each of the four phase planes of the padded input.
+    /// Size of each of the m² phase planes of the padded input (at least one more than the
+    /// tiles along each side, zeros past the padded input).
     pub(super) h_plane: usize,
     pub(super) w_plane: usize,
     /// Output size (the padded input's size minus 2).
@@ -186,19 +462,10 @@ pub(super) struct Shape {
     pub(super) w_out: usize,
 }
 
-impl Shape {
-    fn tiles_wide(&self) -> usize {
-        self.w_out.div_ceil(2)
-    }
-
-    fn tiles_high(&self) -> usize {
-        self.h_out.div_ceil(2)
-    }
-}
-
-/// Writes the convolution of `planes` (`[batch][C_in][4 phases][h_plane][w_plane]`, phase
-/// `(row % 2)·2 + col % 2` of the zero-padded input) by `weights`, plus `bias`, into `out`
-/// (`[batch][C_out][h_out][w_out]`), on up to `threads` threads.
+/// Writes the convolution of `planes` (`[batch][C_in][m² phases][h_plane][w_plane]`, phase
+/// `(row % m)·m + col % m` of the zero-padded input, m the weights' variant's tile) by
+/// `weights`, plus `bias`, into `out` (`[batch][C_out][h_out][w_out]`), on up to `threads`
+/// threads.
 pub(super) fn convolve(
     planes: &[f32],
     shape: &Shape,
@@ -207,33 +474,52 @@ pub(super) fn convolve(
     out: &mut [f32],
     threads: usize,
 ) {
+    match weights.variant {
+        Variant::F2 => convolve_with::<2>(planes, shape, weights, bias, out, threads),
+        Variant::F4 => convolve_with::<4>(planes, shape, weights, bias, out, threads),
+    }
+}
+
+fn convolve_with<const M: usize>(
+    planes: &[f32],
+    shape: &Shape,
+    weights: &WinogradWeights,
+    bias: &[f32],
+    out: &mut [f32],
+    threads: usize,
+) {
     let s = *shape;
-    CONVOLUTIONS.fetch_add(1, Ordering::Relaxed);
+    count();
+    let points = weights.variant.points();
+    debug_assert_eq!(weights.variant.tile(), M);
     assert_eq!((weights.c_out, weights.c_in), (s.c_out, s.c_in), "weights");
+    let (th, tw) = (s.h_out.div_ceil(M), s.w_out.div_ceil(M));
     assert!(
-        s.h_plane > s.tiles_high() && s.w_plane > s.tiles_wide(),
+        s.h_plane > th && s.w_plane > tw,
         "phase planes cover every tile's window"
     );
-    assert_eq!(planes.len(), s.batch * s.c_in * 4 * s.h_plane * s.w_plane);
+    assert_eq!(
+        planes.len(),
+        s.batch * s.c_in * M * M * s.h_plane * s.w_plane
+    );
     assert_eq!(out.len(), s.batch * s.c_out * s.h_out * s.w_out);
     assert_eq!(bias.len(), s.c_out);
-    let tw = s.tiles_wide();
-    let tile_rows = s.batch * s.tiles_high();
+    let tile_rows = s.batch * th;
     if tile_rows == 0 || tw == 0 {
         return;
     }
     let rows_per_chunk =
-        (CHUNK_BYTES / (POINTS * s.c_in.max(s.c_out) * tw * 4)).clamp(1, tile_rows);
+        (CHUNK_BYTES / (points * s.c_in.max(s.c_out) * tw * 4)).clamp(1, tile_rows);
     let chunk_tiles = rows_per_chunk * tw;
-    let mut transformed = vec![0f32; POINTS * s.c_in * chunk_tiles];
-    let mut products = vec![0f32; POINTS * s.c_out * chunk_tiles];
+    let mut transformed = vec![0f32; points * s.c_in * chunk_tiles];
+    let mut products = vec![0f32; points * s.c_out * chunk_tiles];
     let out_ptr = SharedMut(out.as_mut_ptr());
     let mut first_row = 0;
     while first_row < tile_rows {
         let rows = rows_per_chunk.min(tile_rows - first_row);
         let tiles = rows * tw;
         let chunk = first_row..first_row + rows;
-        transform_input(
+        transform_input::<M>(
             planes,
             &s,
             chunk.clone(),
@@ -252,14 +538,14 @@ pub(super) fn convolve(
         );
         // SAFETY: `out` is `[batch][C_out][h_out][w_out]` (asserted above), and the output
         // transform writes the outputs of this chunk's tiles, split by output channel.
-        unsafe { transform_output(&products, &s, chunk, chunk_tiles, bias, out_ptr, threads) };
+        unsafe { transform_output::<M>(&products, &s, chunk, chunk_tiles, bias, out_ptr, threads) };
         first_row += rows;
     }
 }
 
-/// `Bᵀ d B` of every window in tile rows `chunk` (global tile row `r` is image `r / tiles_high`,
-/// row `r % tiles_high`), into `transformed` `[16][C_in][stride]`, tile `(r − chunk.start)·tw + tx`.
-fn transform_input(
+/// `Bᵀ d B` of every window in tile rows `chunk` (global tile row `r` is image `r / th`, row
+/// `r % th`), into `transformed` `[points][C_in][stride]`, tile `(r − chunk.start)·tw + tx`.
+fn transform_input<const M: usize>(
     planes: &[f32],
     s: &Shape,
     chunk: std::ops::Range<usize>,
@@ -267,7 +553,8 @@ fn transform_input(
     transformed: &mut [f32],
     threads: usize,
 ) {
-    let (th, tw) = (s.tiles_high(), s.tiles_wide());
+    let a = M + 2;
+    let (th, tw) = (s.h_out.div_ceil(M), s.w_out.div_ceil(M));
     let plane_len = s.h_plane * s.w_plane;
     let point_len = s.c_in * stride;
     let dst = SharedMut(transformed.as_mut_ptr());
@@ -275,78 +562,56 @@ fn transform_input(
         for ci in channels {
             for (local, r) in chunk.clone().enumerate() {
                 let (image, ty) = (r / th, r % th);
-                let phases = &planes[(image * s.c_in + ci) * 4 * plane_len..][..4 * plane_len];
-                // d[row][col] for the row of tiles: phase (row % 2, col % 2), plane row
-                // ty + row / 2, columns tx + col / 2.
-                let d: [[&[f32]; 4]; 4] = std::array::from_fn(|row| {
+                let phases =
+                    &planes[(image * s.c_in + ci) * M * M * plane_len..][..M * M * plane_len];
+                // Window value (row, col) of tile tx: phase (row % m, col % m), plane row
+                // ty + row / m, column tx + col / m.
+                let rows: [[&[f32]; MAX_WINDOW]; MAX_WINDOW] = std::array::from_fn(|row| {
                     std::array::from_fn(|col| {
-                        let phase = &phases[((row % 2) * 2 + col % 2) * plane_len..][..plane_len];
-                        &phase[(ty + row / 2) * s.w_plane + col / 2..][..tw]
+                        if row >= a || col >= a {
+                            return &[][..];
+                        }
+                        let phase = &phases[((row % M) * M + col % M) * plane_len..][..plane_len];
+                        &phase[(ty + row / M) * s.w_plane + col / M..][..tw]
                     })
                 });
                 let at = ci * stride + local * tw;
-                // SAFETY: point ξ's row of channel ci, tiles `at..at + tw`: inside
-                // `transformed` ([16][C_in][stride], at + tw ≤ stride), and channel ci is this
-                // thread's alone.
-                let v: [&mut [f32]; POINTS] = std::array::from_fn(|xi| unsafe {
-                    std::slice::from_raw_parts_mut(dst.ptr().add(xi * point_len + at), tw)
-                });
-                transform_input_row(&d, v, tw);
+                let mut tx = 0;
+                while tx < tw {
+                    let n = LANES.min(tw - tx);
+                    let d = std::array::from_fn(|row| {
+                        std::array::from_fn(|col| {
+                            if row < a && col < a {
+                                load(rows[row][col], tx, n)
+                            } else {
+                                ZERO
+                            }
+                        })
+                    });
+                    let v = input_2d::<M>(&d);
+                    for (i, row) in v.iter().take(a).enumerate() {
+                        for (j, lane) in row.iter().take(a).enumerate() {
+                            // SAFETY: point (i, j)'s row of channel ci, tiles at + tx..+ n:
+                            // inside `transformed` ([points][C_in][stride], at + tw ≤ stride),
+                            // and channel ci is this thread's alone.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    lane.as_ptr(),
+                                    dst.ptr().add((i * a + j) * point_len + at + tx),
+                                    n,
+                                );
+                            }
+                        }
+                    }
+                    tx += n;
+                }
             }
         }
     };
     for_each_range(s.c_in, threads.min(s.c_in), &work);
 }
 
-/// One row of `tw` tiles: `v[4i + j][x] = (Bᵀ d B)[i][j]` of the window `d[·][·][x]`, with
-/// `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`.
-#[inline(always)]
-fn transform_input_row(d: &[[&[f32]; 4]; 4], v: [&mut [f32]; POINTS], tw: usize) {
-    let [
-        v0,
-        v1,
-        v2,
-        v3,
-        v4,
-        v5,
-        v6,
-        v7,
-        v8,
-        v9,
-        v10,
-        v11,
-        v12,
-        v13,
-        v14,
-        v15,
-    ] = v;
-    for x in 0..tw {
-        // Bᵀ d: combine rows, per column.
-        let mut t = [[0f32; 4]; 4];
-        for c in 0..4 {
-            let (d0, d1, d2, d3) = (d[0][c][x], d[1][c][x], d[2][c][x], d[3][c][x]);
-            t[0][c] = d0 - d2;
-            t[1][c] = d1 + d2;
-            t[2][c] = d2 - d1;
-            t[3][c] = d1 - d3;
-        }
-        // (Bᵀ d) B: combine columns, per row.
-        let rows = [
-            (&mut *v0, &mut *v1, &mut *v2, &mut *v3),
-            (&mut *v4, &mut *v5, &mut *v6, &mut *v7),
-            (&mut *v8, &mut *v9, &mut *v10, &mut *v11),
-            (&mut *v12, &mut *v13, &mut *v14, &mut *v15),
-        ];
-        for (row, (a, b, c, e)) in t.iter().zip(rows) {
-            a[x] = row[0] - row[2];
-            b[x] = row[1] + row[2];
-            c[x] = row[2] - row[1];
-            e[x] = row[1] - row[3];
-        }
-    }
-}
-
-/// The 16 GEMMs `products[ξ] = U[ξ] · transformed[ξ]` (`[C_out, C_in] × [C_in, tiles]`), split
+/// The GEMMs `products[ξ] = U[ξ] · transformed[ξ]` (`[C_out, C_in] × [C_in, tiles]`), split
 /// over threads by point.
 fn multiply(
     transformed: &[f32],
@@ -357,6 +622,7 @@ fn multiply(
     products: &mut [f32],
     threads: usize,
 ) {
+    let points = weights.variant.points();
     let dst = SharedMut(products.as_mut_ptr());
     let work = |points: std::ops::Range<usize>| {
         for xi in points {
@@ -390,15 +656,14 @@ fn multiply(
             }
         }
     };
-    for_each_range(POINTS, threads.min(POINTS), &work);
+    for_each_range(points, threads.min(points), &work);
 }
 
-/// `Aᵀ m A` (`Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`) of every tile of `chunk` plus the bias, into
-/// the output map.
+/// `Aᵀ m A` of every tile of `chunk` plus the bias, into the output map.
 ///
 /// # Safety
 /// `out` points to `[batch][C_out][h_out][w_out]` values that no other thread touches meanwhile.
-unsafe fn transform_output(
+unsafe fn transform_output<const M: usize>(
     products: &[f32],
     s: &Shape,
     chunk: std::ops::Range<usize>,
@@ -407,19 +672,41 @@ unsafe fn transform_output(
     out: SharedMut<f32>,
     threads: usize,
 ) {
-    let (th, tw) = (s.tiles_high(), s.tiles_wide());
+    let a = M + 2;
+    let (th, tw) = (s.h_out.div_ceil(M), s.w_out.div_ceil(M));
     let point_len = s.c_out * stride;
     let work = |channels: std::ops::Range<usize>| {
-        let mut y = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
+        // One tile row's M output rows, M values a tile (the last tile's may pass w_out).
+        let mut y = vec![0f32; M * M * tw];
         for co in channels {
             for (local, r) in chunk.clone().enumerate() {
                 let (image, ty) = (r / th, r % th);
                 let at = co * stride + local * tw;
-                let m: [&[f32]; POINTS] =
-                    std::array::from_fn(|xi| &products[xi * point_len + at..][..tw]);
-                transform_output_row(&m, bias[co], &mut y, tw);
-                for (i, y) in y.iter().enumerate() {
-                    let row = 2 * ty + i;
+                let mut tx = 0;
+                while tx < tw {
+                    let n = LANES.min(tw - tx);
+                    let m = std::array::from_fn(|i| {
+                        std::array::from_fn(|j| {
+                            if i < a && j < a {
+                                load(products, (i * a + j) * point_len + at + tx, n)
+                            } else {
+                                ZERO
+                            }
+                        })
+                    });
+                    let tile = output_2d::<M>(&m);
+                    for (i, rows) in tile.iter().take(M).enumerate() {
+                        let dst = &mut y[i * M * tw..][..M * tw];
+                        for (j, lane) in rows.iter().take(M).enumerate() {
+                            for (l, &v) in lane[..n].iter().enumerate() {
+                                dst[(tx + l) * M + j] = v + bias[co];
+                            }
+                        }
+                    }
+                    tx += n;
+                }
+                for i in 0..M {
+                    let row = M * ty + i;
                     if row < s.h_out {
                         // SAFETY: output row `row` of channel co of `image`: inside the map,
                         // and channel co is this thread's alone.
@@ -427,7 +714,7 @@ unsafe fn transform_output(
                             let dst = out
                                 .ptr()
                                 .add(((image * s.c_out + co) * s.h_out + row) * s.w_out);
-                            std::ptr::copy_nonoverlapping(y.as_ptr(), dst, s.w_out);
+                            std::ptr::copy_nonoverlapping(y[i * M * tw..].as_ptr(), dst, s.w_out);
                         }
                     }
                 }
@@ -437,26 +724,9 @@ unsafe fn transform_output(
     for_each_range(s.c_out, threads.min(s.c_out), &work);
 }
 
-/// One row of tiles: output rows `y[0]`, `y[1]` (2 values a tile) from the 16 points `m`.
-#[inline(always)]
-fn transform_output_row(m: &[&[f32]; POINTS], bias: f32, y: &mut [Vec<f32>; 2], tw: usize) {
-    let [y0, y1] = y;
-    let (y0, y1) = (&mut y0[..2 * tw], &mut y1[..2 * tw]);
-    for x in 0..tw {
-        // Aᵀ m: combine rows, per column.
-        let mut t = [[0f32; 4]; 2];
-        for c in 0..4 {
-            let (m0, m1, m2, m3) = (m[c][x], m[4 + c][x], m[8 + c][x], m[12 + c][x]);
-            t[0][c] = m0 + m1 + m2;
-            t[1][c] = m1 - m2 - m3;
-        }
-        // (Aᵀ m) A: combine columns, per row.
-        for (row, y) in t.iter().zip([&mut *y0, &mut *y1]) {
-            y[2 * x] = row[0] + row[1] + row[2] + bias;
-            y[2 * x + 1] = row[1] - row[2] - row[3] + bias;
-        }
-    }
-}
+// ---------------------------------------------------------------------------------------------
+// Channels-last maps
+// ---------------------------------------------------------------------------------------------
 
 /// Shape of one Winograd convolution over channels-last maps.
 #[derive(Debug, Clone, Copy)]
@@ -487,23 +757,39 @@ pub(super) fn convolve_channels_last(
     out: &mut [f32],
     threads: usize,
 ) {
+    match weights.variant {
+        Variant::F2 => convolve_channels_last_with::<2>(x, shape, weights, finish, out, threads),
+        Variant::F4 => convolve_channels_last_with::<4>(x, shape, weights, finish, out, threads),
+    }
+}
+
+fn convolve_channels_last_with<const M: usize>(
+    x: &[f32],
+    shape: &ChannelsLastShape,
+    weights: &WinogradWeights,
+    finish: &(dyn Fn(usize, &mut [f32]) + Sync),
+    out: &mut [f32],
+    threads: usize,
+) {
     let s = *shape;
-    CONVOLUTIONS.fetch_add(1, Ordering::Relaxed);
+    count();
+    let (a, points) = (M + 2, weights.variant.points());
+    debug_assert_eq!(weights.variant.tile(), M);
     assert_eq!((weights.c_out, weights.c_in), (s.c_out, s.c_in), "weights");
     assert_eq!(x.len(), s.batch * s.h * s.w * s.c_in);
     assert_eq!(out.len(), s.batch * s.h_out * s.w_out * s.c_out);
-    let (th, tw) = (s.h_out.div_ceil(2), s.w_out.div_ceil(2));
+    let (th, tw) = (s.h_out.div_ceil(M), s.w_out.div_ceil(M));
     let tile_rows = s.batch * th;
     if tile_rows == 0 || tw == 0 || s.c_out == 0 {
         return;
     }
     // At least one tile row per thread, so that the transforms share out.
-    let rows_per_chunk = (CHUNK_BYTES / (POINTS * s.c_in.max(s.c_out) * tw * 4))
+    let rows_per_chunk = (CHUNK_BYTES / (points * s.c_in.max(s.c_out) * tw * 4))
         .max(threads)
         .clamp(1, tile_rows);
     let chunk_tiles = rows_per_chunk * tw;
-    let mut transformed = vec![0f32; POINTS * chunk_tiles * s.c_in];
-    let mut products = vec![0f32; POINTS * chunk_tiles * s.c_out];
+    let mut transformed = vec![0f32; points * chunk_tiles * s.c_in];
+    let mut products = vec![0f32; points * chunk_tiles * s.c_out];
     let zeros = vec![0f32; s.c_in];
     let out_ptr = SharedMut(out.as_mut_ptr());
     let mut first_row = 0;
@@ -515,28 +801,56 @@ pub(super) fn convolve_channels_last(
             for local in local_rows {
                 let (image, ty) = ((chunk.start + local) / th, (chunk.start + local) % th);
                 for tx in 0..tw {
-                    // The window's 16 input pixels (zeros outside the map).
-                    let d: [&[f32]; POINTS] = std::array::from_fn(|k| {
-                        let (r, c) = (k / 4, k % 4);
-                        let (y, xx) = (2 * ty + r, 2 * tx + c);
+                    // The window's input pixels (zeros outside the map).
+                    let pixel = |row: usize, col: usize| -> &[f32] {
+                        let (y, xx) = (M * ty + row, M * tx + col);
                         match (y.checked_sub(s.pad_top), xx.checked_sub(s.pad_left)) {
                             (Some(y), Some(xx)) if y < s.h && xx < s.w => {
                                 &x[((image * s.h + y) * s.w + xx) * s.c_in..][..s.c_in]
                             }
                             _ => &zeros,
                         }
+                    };
+                    let d: [[&[f32]; MAX_WINDOW]; MAX_WINDOW] = std::array::from_fn(|row| {
+                        std::array::from_fn(|col| {
+                            if row < a && col < a {
+                                pixel(row, col)
+                            } else {
+                                &[][..]
+                            }
+                        })
                     });
                     let tile = local * tw + tx;
-                    // SAFETY: point ξ's row for this tile in `transformed` ([16][chunk_tiles]
-                    // [C_in]); tile rows are split between threads, so the row is this
-                    // thread's alone.
-                    let v: [&mut [f32]; POINTS] = std::array::from_fn(|xi| unsafe {
-                        std::slice::from_raw_parts_mut(
-                            dst.ptr().add((xi * chunk_tiles + tile) * s.c_in),
-                            s.c_in,
-                        )
-                    });
-                    transform_input_window(&d, v);
+                    let mut ch = 0;
+                    while ch < s.c_in {
+                        let n = LANES.min(s.c_in - ch);
+                        let window = std::array::from_fn(|row| {
+                            std::array::from_fn(|col| {
+                                if row < a && col < a {
+                                    load(d[row][col], ch, n)
+                                } else {
+                                    ZERO
+                                }
+                            })
+                        });
+                        let v = input_2d::<M>(&window);
+                        for (i, row) in v.iter().take(a).enumerate() {
+                            for (j, lane) in row.iter().take(a).enumerate() {
+                                // SAFETY: point (i, j)'s row for this tile in `transformed`
+                                // ([points][chunk_tiles][C_in]), channels ch..ch + n; tile rows
+                                // are split between threads, so the row is this thread's alone.
+                                unsafe {
+                                    std::ptr::copy_nonoverlapping(
+                                        lane.as_ptr(),
+                                        dst.ptr()
+                                            .add(((i * a + j) * chunk_tiles + tile) * s.c_in + ch),
+                                        n,
+                                    );
+                                }
+                            }
+                        }
+                        ch += n;
+                    }
                 }
             }
         };
@@ -573,38 +887,49 @@ pub(super) fn convolve_channels_last(
                 }
             }
         };
-        for_each_range(POINTS, threads.min(POINTS), &multiply);
+        for_each_range(points, threads.min(points), &multiply);
         let products = &products;
         let output = |local_rows: std::ops::Range<usize>| {
             for local in local_rows {
                 let (image, ty) = ((chunk.start + local) / th, (chunk.start + local) % th);
-                let out_rows = 2.min(s.h_out - 2 * ty);
+                let out_rows = M.min(s.h_out - M * ty);
                 let row_len = s.w_out * s.c_out;
-                // SAFETY: output rows 2ty, 2ty + 1 of `image` (those inside the map): this
-                // tile row's alone, and tile rows are split between threads.
+                // SAFETY: output rows M·ty.. of `image` (those inside the map): this tile
+                // row's alone, and tile rows are split between threads.
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(
-                        out_ptr.ptr().add((image * s.h_out + 2 * ty) * row_len),
+                        out_ptr.ptr().add((image * s.h_out + M * ty) * row_len),
                         out_rows * row_len,
                     )
                 };
                 for tx in 0..tw {
                     let tile = local * tw + tx;
-                    let m: [&[f32]; POINTS] = std::array::from_fn(|xi| {
-                        &products[(xi * chunk_tiles + tile) * s.c_out..][..s.c_out]
-                    });
-                    let out_cols = 2.min(s.w_out - 2 * tx);
-                    let (top, bottom) = dst.split_at_mut(row_len.min(dst.len()));
-                    let y0 = &mut top[2 * tx * s.c_out..][..out_cols * s.c_out];
-                    let y1 = if out_rows == 2 {
-                        Some(&mut bottom[2 * tx * s.c_out..][..out_cols * s.c_out])
-                    } else {
-                        None
-                    };
-                    transform_output_window(&m, y0, y1, s.c_out);
+                    let out_cols = M.min(s.w_out - M * tx);
+                    let mut co = 0;
+                    while co < s.c_out {
+                        let n = LANES.min(s.c_out - co);
+                        let m = std::array::from_fn(|i| {
+                            std::array::from_fn(|j| {
+                                if i < a && j < a {
+                                    let at = ((i * a + j) * chunk_tiles + tile) * s.c_out + co;
+                                    load(products, at, n)
+                                } else {
+                                    ZERO
+                                }
+                            })
+                        });
+                        let y = output_2d::<M>(&m);
+                        for (i, row) in y.iter().take(out_rows).enumerate() {
+                            for (j, lane) in row.iter().take(out_cols).enumerate() {
+                                let at = i * row_len + (M * tx + j) * s.c_out + co;
+                                dst[at..at + n].copy_from_slice(&lane[..n]);
+                            }
+                        }
+                        co += n;
+                    }
                 }
                 for (i, row) in dst.chunks_exact_mut(row_len).enumerate() {
-                    finish(image * s.h_out + 2 * ty + i, row);
+                    finish(image * s.h_out + M * ty + i, row);
                 }
             }
         };
@@ -613,137 +938,78 @@ pub(super) fn convolve_channels_last(
     }
 }
 
-/// `v[4i + j] = (Bᵀ d B)[i][j]` of one window, channel by channel (`d[4r + c]` is the input
-/// pixel at window row r, column c).
-#[inline(always)]
-fn transform_input_window(d: &[&[f32]; POINTS], v: [&mut [f32]; POINTS]) {
-    let n = v[0].len();
-    let [
-        v0,
-        v1,
-        v2,
-        v3,
-        v4,
-        v5,
-        v6,
-        v7,
-        v8,
-        v9,
-        v10,
-        v11,
-        v12,
-        v13,
-        v14,
-        v15,
-    ] = v;
-    let (v0, v1, v2, v3) = (&mut v0[..n], &mut v1[..n], &mut v2[..n], &mut v3[..n]);
-    let (v4, v5, v6, v7) = (&mut v4[..n], &mut v5[..n], &mut v6[..n], &mut v7[..n]);
-    let (v8, v9, v10, v11) = (&mut v8[..n], &mut v9[..n], &mut v10[..n], &mut v11[..n]);
-    let (v12, v13, v14, v15) = (&mut v12[..n], &mut v13[..n], &mut v14[..n], &mut v15[..n]);
-    let d: [&[f32]; POINTS] = std::array::from_fn(|k| &d[k][..n]);
-    for ch in 0..n {
-        let mut t = [[0f32; 4]; 4];
-        for c in 0..4 {
-            let (d0, d1, d2, d3) = (d[c][ch], d[4 + c][ch], d[8 + c][ch], d[12 + c][ch]);
-            t[0][c] = d0 - d2;
-            t[1][c] = d1 + d2;
-            t[2][c] = d2 - d1;
-            t[3][c] = d1 - d3;
-        }
-        let rows = [
-            (&mut v0[ch], &mut v1[ch], &mut v2[ch], &mut v3[ch]),
-            (&mut v4[ch], &mut v5[ch], &mut v6[ch], &mut v7[ch]),
-            (&mut v8[ch], &mut v9[ch], &mut v10[ch], &mut v11[ch]),
-            (&mut v12[ch], &mut v13[ch], &mut v14[ch], &mut v15[ch]),
-        ];
-        for (row, (a, b, c, e)) in t.iter().zip(rows) {
-            *a = row[0] - row[2];
-            *b = row[1] + row[2];
-            *c = row[2] - row[1];
-            *e = row[1] - row[3];
-        }
-    }
-}
-
-/// `Aᵀ m A` of one tile, channel by channel, into its output pixels: `y0` the top row's one or
-/// two pixels (`[pixels][C_out]`), `y1` the bottom row's (none past the map's last row).
-#[inline(always)]
-fn transform_output_window(
-    m: &[&[f32]; POINTS],
-    y0: &mut [f32],
-    y1: Option<&mut [f32]>,
-    c_out: usize,
-) {
-    let m: [&[f32]; POINTS] = std::array::from_fn(|k| &m[k][..c_out]);
-    let two_columns = y0.len() == 2 * c_out;
-    let mut tile = [[0f32; 2]; 2];
-    let (mut scratch0, mut scratch1) = (Vec::new(), Vec::new());
-    // Full tiles (the common case) write straight into the map; edge tiles into scratch first.
-    let (y0, y1): (&mut [f32], &mut [f32]) = match (two_columns, y1) {
-        (true, Some(y1)) => (y0, y1),
-        (_, y1) => {
-            scratch0.resize(2 * c_out, 0f32);
-            scratch1.resize(2 * c_out, 0f32);
-            transform_output_window(&m, &mut scratch0, Some(&mut scratch1), c_out);
-            let n = y0.len();
-            y0.copy_from_slice(&scratch0[..n]);
-            if let Some(y1) = y1 {
-                y1.copy_from_slice(&scratch1[..n]);
-            }
-            return;
-        }
-    };
-    let (y0a, y0b) = y0.split_at_mut(c_out);
-    let (y1a, y1b) = y1.split_at_mut(c_out);
-    for ch in 0..c_out {
-        let mut t = [[0f32; 4]; 2];
-        for c in 0..4 {
-            let (m0, m1, m2, m3) = (m[c][ch], m[4 + c][ch], m[8 + c][ch], m[12 + c][ch]);
-            t[0][c] = m0 + m1 + m2;
-            t[1][c] = m1 - m2 - m3;
-        }
-        for (row, out) in t.iter().zip(tile.iter_mut()) {
-            out[0] = row[0] + row[1] + row[2];
-            out[1] = row[1] - row[2] - row[3];
-        }
-        y0a[ch] = tile[0][0];
-        y0b[ch] = tile[0][1];
-        y1a[ch] = tile[1][0];
-        y1b[ch] = tile[1][1];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The default: the UNet's resnet convolutions from a 16×16 map up (and the full VAE's at 256
-    /// channels and more) take the kernel; the 8×8 level, TAESD's 64 channels, the VAE's 128,
-    /// the first and last convolutions (4 or 3 channels on one side) keep the GEMM.
+    /// The default: the UNet's resnet convolutions take F(4×4, 3×3) from a 32×32 map up and
+    /// F(2×2, 3×3) at 16×16, and the full VAE's take F(4×4, 3×3); the 8×8 level, TAESD's 64
+    /// channels, the first and last convolutions (4 or 3 channels on one side) keep the GEMM.
     #[test]
     fn default_choice_takes_wide_layers_over_enough_tiles() {
+        use Variant::{F2, F4};
         // (batch, h_out, w_out, c_in, c_out, chosen)
         let cases = [
-            (1, 64, 64, 320, 320, true),
-            (1, 64, 64, 640, 320, true),
-            (3, 32, 32, 1280, 640, true),
-            (1, 16, 16, 1280, 1280, true),
-            (1, 8, 8, 1280, 1280, false),
-            (4, 8, 8, 1280, 1280, true),
-            (1, 256, 256, 256, 256, true),
-            (1, 128, 128, 512, 512, true),
-            (1, 512, 512, 128, 128, false),
-            (1, 512, 512, 256, 128, false),
-            (1, 512, 512, 64, 64, false),
-            (1, 64, 64, 4, 320, false),
-            (1, 64, 64, 320, 4, false),
+            (1, 64, 64, 320, 320, Some(F4)),
+            (1, 64, 64, 640, 320, Some(F4)),
+            (3, 32, 32, 1280, 640, Some(F4)),
+            (1, 32, 32, 640, 640, Some(F4)),
+            (1, 16, 16, 1280, 1280, Some(F2)),
+            (3, 16, 16, 1280, 1280, Some(F2)),
+            (4, 16, 16, 1280, 1280, Some(F4)),
+            (1, 8, 8, 1280, 1280, None),
+            (4, 8, 8, 1280, 1280, Some(F2)),
+            (1, 256, 256, 256, 256, Some(F4)),
+            (1, 128, 128, 512, 512, Some(F4)),
+            (1, 512, 512, 128, 128, Some(F4)),
+            (1, 512, 512, 256, 128, Some(F4)),
+            (1, 512, 512, 128, 3, None),
+            (1, 512, 512, 64, 64, None),
+            (1, 64, 64, 4, 320, None),
+            (1, 64, 64, 320, 4, None),
         ];
         for (batch, h, w, c_in, c_out, want) in cases {
             assert_eq!(
-                pays_off(batch, h, w, c_in, c_out),
+                by_default(batch, h, w, c_in, c_out),
                 want,
                 "batch {batch}, {h}×{w}, {c_in}→{c_out}"
             );
+        }
+    }
+
+    /// The 1-D transforms are the matrices their documentation gives (checked on unit vectors),
+    /// and together they reproduce the 3-tap correlation exactly on small integers (both
+    /// variants): `Aᵀ [(G g) ⊙ (Bᵀ d)]` for one row.
+    #[test]
+    fn transforms_compute_the_correlation() {
+        for variant in Variant::ALL {
+            let (m, a) = (variant.tile(), variant.window());
+            let d: [f64; MAX_WINDOW] = std::array::from_fn(|i| [3., -1., 4., 1., -5., 9.][i]);
+            let g = [2.0, -6.0, 5.0];
+            let u = weight_1d(variant, g);
+            let lanes: [Lane; MAX_WINDOW] = std::array::from_fn(|i| [d[i] as f32; LANES]);
+            let v = match variant {
+                Variant::F2 => input_1d::<2>(&lanes),
+                Variant::F4 => input_1d::<4>(&lanes),
+            };
+            let prod: [Lane; MAX_WINDOW] = std::array::from_fn(|i| {
+                if i < a {
+                    [(u[i] * f64::from(v[i][0])) as f32; LANES]
+                } else {
+                    ZERO
+                }
+            });
+            let y = match variant {
+                Variant::F2 => output_1d::<2>(&prod),
+                Variant::F4 => output_1d::<4>(&prod),
+            };
+            for k in 0..m {
+                let want = g[0] * d[k] + g[1] * d[k + 1] + g[2] * d[k + 2];
+                assert!(
+                    (f64::from(y[k][0]) - want).abs() < 1e-4,
+                    "{variant:?} output {k}"
+                );
+            }
         }
     }
 }
