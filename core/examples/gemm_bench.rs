@@ -1,5 +1,5 @@
 //! Times the CPU GEMMs at the sd-turbo UNet's shapes: the f32 GEMM (the `gemm` crate, what f32
-//! runs) beside sdstream's bf16 GEMM (AMX where the CPU has it; see
+//! runs) beside sdstream's bf16 GEMM (AMX or AVX512-BF16 where the CPU has them; see
 //! `sdstream::model::kernels::gemm_bf16`), packing of the activations included.
 //!
 //! `cargo run --release -p sdstream --example gemm_bench -- [iterations]`
@@ -27,12 +27,8 @@ fn main() {
         .unwrap_or(3);
     let threads = candle_core::utils::get_num_threads();
     println!(
-        "AMX: {}; {threads} threads",
-        if gemm_bf16::amx_available() {
-            "yes"
-        } else {
-            "no (portable bf16 kernel)"
-        }
+        "bf16 kernel: {:?}; {threads} threads",
+        gemm_bf16::Kernel::best()
     );
     println!("| GEMM | m×k×n | f32 ms | GFLOP/s | bf16 ms | GFLOP/s |");
     println!("|---|---|---:|---:|---:|---:|");

@@ -1,6 +1,8 @@
 //! Times the UNet forward pass on sd-turbo-shaped (SD 2.1) random weights.
 //!
-//! `cargo run --release -p sdstream --example unet_bench -- [latent_size] [batch] [iters] [f32|f16]`
+//! `cargo run --release -p sdstream --example unet_bench -- [latent_size] [batch] [iters] [f32|f16|bf16]`
+//! (`bf16`: f32 weights and maps with the GEMMs on bf16 operands, what `dtype: "bf16"` means on
+//! the CPU)
 //! e.g. `-- 32 1 3` for 256×256 images with one denoising step.
 
 use std::time::Instant;
@@ -26,12 +28,13 @@ fn main() -> sdstream::Result<()> {
         Some("f16") => DType::F16,
         _ => DType::F32,
     };
+    let bf16_gemms = args.get(3).is_some_and(|a| a == "bf16");
     let device = Device::Cpu;
     let config: UNetConfig =
         serde_json::from_str(SD_TURBO_UNET).map_err(|e| sdstream::Error::Json(e.to_string()))?;
     // Zero weights: the values do not change the work done.
     let vb = VarBuilder::zeros(dtype, &device);
-    let unet = UNet2DConditionModel::new(&config, vb)?;
+    let unet = UNet2DConditionModel::new(&config, vb)?.with_bf16_gemms(bf16_gemms);
     let sample = Tensor::randn(0f32, 1., (batch, 4, size, size), &device)?.to_dtype(dtype)?;
     let context = Tensor::randn(0f32, 1., (batch, 77, 1024), &device)?.to_dtype(dtype)?;
     let t: Vec<f32> = (0..batch).map(|i| 999.0 - 200.0 * i as f32).collect();
@@ -46,7 +49,8 @@ fn main() -> sdstream::Result<()> {
     }
     times.sort_by(f64::total_cmp);
     println!(
-        "UNet {size}x{size} latent, batch {batch}, {dtype:?}, {} threads: median {:.0} ms (min {:.0})",
+        "UNet {size}x{size} latent, batch {batch}, {dtype:?}{}, {} threads: median {:.0} ms (min {:.0})",
+        if bf16_gemms { " (bf16 GEMMs)" } else { "" },
         candle_core::utils::get_num_threads(),
         times[times.len() / 2],
         times[0]

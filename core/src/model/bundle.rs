@@ -539,11 +539,12 @@ impl StableDiffusionModels {
         let stack = open_loras(&folders.loras, progress)?;
         let device = settings.device.device()?;
         let (dtype, bf16_gemms) = compute_dtype(settings.dtype.dtype(), &device);
-        if bf16_gemms && !crate::model::kernels::gemm_bf16::amx_available() {
+        if bf16_gemms && !crate::model::kernels::gemm_bf16::Kernel::best().has_bf16_arithmetic() {
             // Honoured (the pictures are bf16's everywhere), but the user chose it for speed.
             progress(
-                "dtype bf16: this CPU has no AMX tiles, so the bf16 GEMMs run on its vector units, \
-                 a frame taking about 1.5x f32's time; use dtype f32 for speed",
+                "dtype bf16: this CPU has neither AMX tiles nor AVX512-BF16, so the bf16 GEMMs run \
+                 on its f32 vector units, a frame taking about 1.5x f32's time; use dtype f32 for \
+                 speed",
             );
         }
         let fp16 = dtype == DType::F16;

@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 use super::attention_bank::BankCall;
 use super::kernels::conv::{Conv2d, Padding};
 use super::kernels::norm::{GroupNorm, LayerNorm};
-use super::kernels::ops::{add_fresh, geglu, scaled_softmax};
+use super::kernels::ops::{add_fresh, geglu, scaled_softmax, transposed};
 use super::kernels::{attention, cpu_kernels, gemm_bf16, same_values};
 use super::try_vec;
 use super::weight_table;
@@ -112,10 +112,10 @@ impl Linear {
     /// 4.9 ms). A weight already laid out so (a rebuild for a LoRA hands the old view back) is
     /// kept as it is.
     pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
-        let weight = if cpu_kernels(weight.device()) {
-            weight.t()?.contiguous()?.t()?
-        } else {
+        let weight = if !cpu_kernels(weight.device()) || weight.t()?.is_contiguous() {
             weight
+        } else {
+            transposed(&weight)?.t()?
         };
         Ok(Self {
             weight,

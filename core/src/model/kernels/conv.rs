@@ -258,7 +258,9 @@ impl Conv2d {
         relu: bool,
     ) -> candle_core::Result<ChannelsLastConvOp> {
         let bf16 = gemm_bf16::active();
-        let winograd = if bf16 || upsample != 1 {
+        // Inside a bf16 scope too: where Winograd's kernel is chosen it runs in f32 and still
+        // beats the bf16 GEMM (docs/ARCHITECTURE.md, "bf16 on the CPU").
+        let winograd = if upsample != 1 {
             None
         } else {
             self.winograd_weight(input, upsample)?.cloned()
@@ -353,17 +355,16 @@ impl Conv2d {
         if cpu_kernels(xs.device()) {
             let dtype = xs.dtype();
             let xs = xs.to_dtype(self.weight.dtype())?.contiguous()?;
-            let packed_bf16 = if gemm_bf16::active() && self.weight.dtype() == DType::F32 {
-                Some(self.packed_weight()?)
-            } else {
-                None
-            };
-            let winograd = if packed_bf16.is_none() {
-                let (b, _, h, w) = xs.dims4()?;
-                self.winograd_weight((b, h, w), factor)?.map(|w| &**w)
-            } else {
-                None
-            };
+            // Where Winograd's kernel is chosen it runs in f32, inside a bf16 scope too: it
+            // still beats the bf16 GEMM (docs/ARCHITECTURE.md, "bf16 on the CPU").
+            let (b, _, h, w) = xs.dims4()?;
+            let winograd = self.winograd_weight((b, h, w), factor)?.map(|w| &**w);
+            let packed_bf16 =
+                if winograd.is_none() && gemm_bf16::active() && self.weight.dtype() == DType::F32 {
+                    Some(self.packed_weight()?)
+                } else {
+                    None
+                };
             let op = ConvOp {
                 stride: self.stride,
                 padding: self.padding,

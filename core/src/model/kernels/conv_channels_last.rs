@@ -75,7 +75,8 @@ pub(super) struct ChannelsLastConvOp {
     /// multiple of 32 (the GEMM rows are then whole tile blocks of the bf16 padded input).
     pub(super) bf16: bool,
     /// The weight's Winograd transform, when this convolution runs on [`super::winograd`]
-    /// (f32, 3×3, stride 1, no upsampling, enough output tiles; chosen by [`super::conv`]).
+    /// (f32, 3×3, stride 1, no upsampling, enough output tiles; chosen by [`super::conv`]), in
+    /// f32 also inside a bf16 scope.
     pub(super) winograd: Option<Arc<WinogradWeights>>,
 }
 
@@ -253,7 +254,6 @@ impl ChannelsLastConvOp {
         }
         if let Some(weights) = &self.winograd
             && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-            && !self.bf16
         {
             self.run_winograd(x, weights, residual, g, out);
             return;

@@ -88,6 +88,68 @@ pub fn amx_available() -> bool {
     })
 }
 
+/// Whether this CPU has AVX512-BF16's `VDPBF16PS` (AMD Zen 4 and later, Intel Cooper Lake and
+/// Sapphire Rapids): 32 bf16 products summed into 16 f32 lanes per instruction, twice the
+/// multiply-adds of an f32 FMA. `SDSTREAM_NO_AVX512_BF16=1` says no (for comparisons).
+pub fn avx512_bf16_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if std::env::var_os("SDSTREAM_NO_AVX512_BF16").is_some_and(|v| !v.is_empty() && v != "0") {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// The block kernels, fastest first; [`Kernel::best`] is the one the GEMMs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles (`TDPBF16PS`).
+    Amx,
+    /// AVX512-BF16 (`VDPBF16PS`).
+    Avx512Bf16,
+    /// The portable block: f32 multiplies of the rounded operands, in AVX2 where the CPU has
+    /// it. No faster than the f32 GEMM.
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU has (decided once).
+    pub fn best() -> Kernel {
+        if amx_available() {
+            Kernel::Amx
+        } else if avx512_bf16_available() {
+            Kernel::Avx512Bf16
+        } else {
+            Kernel::Portable
+        }
+    }
+
+    /// Every kernel this CPU can run (for tests and benchmarks).
+    pub fn available() -> Vec<Kernel> {
+        let mut kernels = Vec::new();
+        if amx_available() {
+            kernels.push(Kernel::Amx);
+        }
+        if avx512_bf16_available() {
+            kernels.push(Kernel::Avx512Bf16);
+        }
+        kernels.push(Kernel::Portable);
+        kernels
+    }
+
+    /// Whether the CPU multiplies bf16 itself (AMX or AVX512-BF16), so that bf16 runs faster
+    /// than f32.
+    pub fn has_bf16_arithmetic(self) -> bool {
+        self != Kernel::Portable
+    }
+}
+
 /// `x` rounded to the nearest bf16 (ties to even), as bits; NaN stays NaN.
 #[inline(always)]
 fn to_bf16(x: f32) -> u16 {
@@ -382,12 +444,12 @@ pub fn gemm(
     ldc: usize,
     threads: usize,
 ) -> candle_core::Result<()> {
-    gemm_with(amx_available(), a, b, c, ldc, threads)
+    gemm_with(Kernel::best(), a, b, c, ldc, threads)
 }
 
-/// [`gemm`] with the AMX kernel (`use_amx`, only where [`amx_available`]) or the portable one.
+/// [`gemm`] with `kernel` (one of [`Kernel::available`]).
 fn gemm_with(
-    use_amx: bool,
+    kernel: Kernel,
     a: &PackedA,
     b: &PackedB,
     c: &mut [f32],
@@ -408,7 +470,7 @@ fn gemm_with(
         );
     }
     // SAFETY: checked just above.
-    unsafe { gemm_raw(use_amx, a, b, c.as_mut_ptr(), ldc, threads) };
+    unsafe { gemm_raw(kernel, a, b, c.as_mut_ptr(), ldc, threads) };
     Ok(())
 }
 
@@ -419,13 +481,13 @@ fn gemm_with(
 /// `ldc` (at least B's columns), which nothing else reads or writes during the call.
 pub(crate) unsafe fn gemm_into(a: &PackedA, b: &PackedB, c: *mut f32, ldc: usize, threads: usize) {
     // SAFETY: as the caller promises.
-    unsafe { gemm_raw(amx_available(), a, b, c, ldc, threads) }
+    unsafe { gemm_raw(Kernel::best(), a, b, c, ldc, threads) }
 }
 
 /// # Safety
 /// As [`gemm_into`].
 unsafe fn gemm_raw(
-    use_amx: bool,
+    kernel: Kernel,
     a: &PackedA,
     b: &PackedB,
     c: *mut f32,
@@ -448,7 +510,7 @@ unsafe fn gemm_raw(
         } else {
             (0..m_panels, range)
         };
-        let _tiles = use_amx.then(amx::Tiles::configure);
+        let _tiles = (kernel == Kernel::Amx).then(amx::Tiles::configure);
         let mut scratch = [0f32; PANEL * PANEL];
         for q0 in (0..a.k_blocks).step_by(K_BLOCKS_PER_PASS) {
             let blocks = K_BLOCKS_PER_PASS.min(a.k_blocks - q0);
@@ -474,7 +536,7 @@ unsafe fn gemm_raw(
                         unsafe {
                             let at = c_ptr.ptr().add(r0 * ldc + c0);
                             block_of_c(
-                                use_amx,
+                                kernel,
                                 &operands,
                                 at,
                                 (h, w),
@@ -503,9 +565,19 @@ impl LazyWeight {
         }
         let (n, k) = weight.dims2()?;
         let threads = candle_core::utils::get_num_threads();
-        let packed = with_f32_values(weight, |values| {
-            PackedB::from_transposed(values, n, k, k, threads)
-        })?;
+        let packed = if weight.t()?.is_contiguous() {
+            // Values laid out [in, out] (unet_blocks::Linear keeps them so on the CPU): B row
+            // by row, read in place.
+            with_f32_values(&weight.t()?, |values| {
+                let mut packed = PackedB::default();
+                packed.repack_rows(values, k, n, n, threads);
+                packed
+            })?
+        } else {
+            with_f32_values(weight, |values| {
+                PackedB::from_transposed(values, n, k, k, threads)
+            })?
+        };
         Ok(self.0.get_or_init(|| packed))
     }
 }
@@ -588,8 +660,8 @@ pub(crate) unsafe fn gemm_rows_in_place(
     if m == 0 || n == 0 {
         return;
     }
-    let use_amx = amx_available();
-    let _tiles = use_amx.then(amx::Tiles::configure);
+    let kernel = Kernel::best();
+    let _tiles = (kernel == Kernel::Amx).then(amx::Tiles::configure);
     let mut scratch = [0f32; PANEL * PANEL];
     let mut tail = Vec::new();
     for r0 in (0..m).step_by(PANEL) {
@@ -622,7 +694,7 @@ pub(crate) unsafe fn gemm_rows_in_place(
             // SAFETY: the caller promises the rows of A and the block of C.
             unsafe {
                 block_of_c(
-                    use_amx,
+                    kernel,
                     &operands,
                     c.add(r0 * ldc + c0),
                     (h, PANEL.min(n - c0)),
@@ -641,7 +713,7 @@ pub(crate) unsafe fn gemm_rows_in_place(
 /// # Safety
 /// As [`panel`], for `h` rows of `w` values at `c`.
 unsafe fn block_of_c(
-    use_amx: bool,
+    kernel: Kernel,
     operands: &Operands,
     c: *mut f32,
     (h, w): (usize, usize),
@@ -652,7 +724,7 @@ unsafe fn block_of_c(
     // SAFETY: as the caller promises.
     unsafe {
         if h == PANEL && w == PANEL {
-            panel(use_amx, operands, c, ldc, accumulate);
+            panel(kernel, operands, c, ldc, accumulate);
             return;
         }
         for i in 0..h {
@@ -660,7 +732,7 @@ unsafe fn block_of_c(
                 scratch[i * PANEL + j] = if accumulate { *c.add(i * ldc + j) } else { 0.0 };
             }
         }
-        panel(use_amx, operands, scratch.as_mut_ptr(), PANEL, accumulate);
+        panel(kernel, operands, scratch.as_mut_ptr(), PANEL, accumulate);
         for i in 0..h {
             for j in 0..w {
                 *c.add(i * ldc + j) = scratch[i * PANEL + j];
@@ -688,14 +760,88 @@ struct Operands {
 ///
 /// # Safety
 /// `c` addresses 32 rows of 32 writable values at stride `ldc`; the operands hold `blocks`
-/// tile blocks past each pointer; with `use_amx`, this thread's tiles are configured.
-unsafe fn panel(use_amx: bool, ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
-    if use_amx {
+/// tile blocks past each pointer; `kernel` is one of [`Kernel::available`], and for AMX this
+/// thread's tiles are configured.
+unsafe fn panel(kernel: Kernel, ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
+    match kernel {
         // SAFETY: as the caller promises.
-        unsafe { amx::panel(ops, c, ldc, accumulate) }
-    } else {
+        Kernel::Amx => unsafe { amx::panel(ops, c, ldc, accumulate) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as the caller promises; the CPU has AVX512-BF16.
+        Kernel::Avx512Bf16 => unsafe { avx512_bf16::panel(ops, c, ldc, accumulate) },
         // SAFETY: as the caller promises.
-        unsafe { panel_portable_vectorised(ops, c, ldc, accumulate) }
+        _ => unsafe { panel_portable_vectorised(ops, c, ldc, accumulate) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16 {
+    //! The AVX512-BF16 block: `VDPBF16PS` adds to each of 16 f32 lanes the two products of a
+    //! pair of bf16 values, exactly the pair layout of a packed B row (16 columns × a pair of
+    //! consecutive `k`); A's pair for one row of C is broadcast to every lane. Eight rows of C
+    //! × two 16-column strips stay in 16 of the 32 vector registers through a pass over `k`.
+    //! Each instruction rounds after each product (the odd one first), with denormals read
+    //! and written as zero, so its sums differ from the portable block's in the last bits.
+
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK_LEN, K_BLOCK, Operands, PANEL, TILE};
+
+    /// Rows of C per register block.
+    const ROWS: usize = 8;
+
+    /// [`super::panel`] on AVX512-BF16.
+    ///
+    /// # Safety
+    /// As [`super::panel`]; the CPU has AVX-512F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn panel(ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
+        for r0 in (0..PANEL).step_by(ROWS) {
+            let a = if r0 < TILE { ops.a0 } else { ops.a1 };
+            let mut sums = [[_mm512_setzero_ps(); 2]; ROWS];
+            if accumulate {
+                for (i, row) in sums.iter_mut().enumerate() {
+                    for (h, v) in row.iter_mut().enumerate() {
+                        // SAFETY: 32 rows of 32 values at stride ldc (the caller's promise).
+                        *v = unsafe { _mm512_loadu_ps(c.add((r0 + i) * ldc + h * TILE)) };
+                    }
+                }
+            }
+            for q in 0..ops.blocks {
+                for pair in 0..TILE {
+                    // SAFETY: the operands hold `blocks` tile blocks past each pointer: a B
+                    // block is 16 rows of 32 values (one 64-byte vector each); A's rows are
+                    // `a_row` apart, k blocks `a_step` apart, 32 values each.
+                    unsafe {
+                        let at = q * BLOCK_LEN + pair * K_BLOCK;
+                        let b = [
+                            _mm512_loadu_si512(ops.b0.add(at).cast()),
+                            _mm512_loadu_si512(ops.b1.add(at).cast()),
+                        ];
+                        let b: [__m512bh; 2] = [
+                            std::mem::transmute::<__m512i, __m512bh>(b[0]),
+                            std::mem::transmute::<__m512i, __m512bh>(b[1]),
+                        ];
+                        for (i, row) in sums.iter_mut().enumerate() {
+                            let word = a
+                                .add(((r0 + i) % TILE) * ops.a_row + q * ops.a_step + 2 * pair)
+                                .cast::<i32>()
+                                .read_unaligned();
+                            let a =
+                                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(word));
+                            row[0] = _mm512_dpbf16_ps(row[0], a, b[0]);
+                            row[1] = _mm512_dpbf16_ps(row[1], a, b[1]);
+                        }
+                    }
+                }
+            }
+            for (i, row) in sums.iter().enumerate() {
+                for (h, &v) in row.iter().enumerate() {
+                    // SAFETY: as for the loads above.
+                    unsafe { _mm512_storeu_ps(c.add((r0 + i) * ldc + h * TILE), v) };
+                }
+            }
+        }
     }
 }
 
@@ -1128,17 +1274,12 @@ mod tests {
             let mut by_rows = PackedB::default();
             by_rows.repack_rows(&b, k, n, n, 2);
             let by_transpose = PackedB::from_transposed(&bt, n, k, k, 2);
-            let kernels: &[bool] = if amx_available() {
-                &[true, false]
-            } else {
-                &[false]
-            };
             for packed_b in [&by_rows, &by_transpose] {
-                for &amx in kernels {
+                for kernel in Kernel::available() {
                     for threads in [1, 3] {
                         let ldc = n + 3;
                         let mut c = vec![f32::NAN; m * ldc];
-                        run_with(amx, &packed_a, packed_b, &mut c, ldc, threads);
+                        gemm_with(kernel, &packed_a, packed_b, &mut c, ldc, threads).unwrap();
                         let mut worst = 0f64;
                         for i in 0..m {
                             for j in 0..n {
@@ -1152,7 +1293,7 @@ mod tests {
                         }
                         assert!(
                             worst < 2e-6,
-                            "{m}×{k}×{n} amx {amx} threads {threads}: {worst}"
+                            "{m}×{k}×{n} {kernel:?} threads {threads}: {worst}"
                         );
                     }
                 }
@@ -1254,25 +1395,25 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, 37, 70), &dev)?;
         let w = Tensor::randn(0f32, 0.2, (45, 70), &dev)?;
-        let packed = LazyWeight::default();
         let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
         let want = round(&x)?.broadcast_matmul(&round(&w)?.t()?)?;
-        for _ in 0..2 {
-            let got = linear(&x, &w, &packed)?;
-            assert_eq!(got.dims(), &[2, 37, 45]);
-            let err = (&got - &want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert!(err < 1e-4, "{err}");
+        // The weight laid out [out, in], and as a view of [in, out] values (unet_blocks::Linear
+        // on the CPU), packed from either.
+        let w_in_out = w.t()?.contiguous()?.t()?;
+        for weight in [&w, &w_in_out] {
+            let packed = LazyWeight::default();
+            for _ in 0..2 {
+                let got = linear(&x, weight, &packed)?;
+                assert_eq!(got.dims(), &[2, 37, 45]);
+                let err = (&got - &want)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                assert!(err < 1e-4, "{err}");
+            }
+            assert!(packed.0.get().is_some());
         }
-        assert!(packed.0.get().is_some());
         Ok(())
-    }
-
-    /// Runs the GEMM with the AMX kernel on or off (off stands for a CPU without it).
-    fn run_with(amx: bool, a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, threads: usize) {
-        gemm_with(amx, a, b, c, ldc, threads).unwrap();
     }
 }

@@ -359,3 +359,41 @@ pub fn reflection_pad(
     }
     Ok(x)
 }
+
+/// The transpose of a 2-D CPU tensor `[rows, cols]`, made contiguous: `[cols, rows]`. Copied in
+/// 32×32 blocks over candle's CPU threads; candle's own strided copy walks the source one index
+/// at a time, which took most of a model's load once the linear layers kept their weights
+/// transposed (unet_blocks::Linear).
+pub(crate) fn transposed(t: &Tensor) -> candle_core::Result<Tensor> {
+    /// Side of the square blocks, in values: a block of either layout stays in L1.
+    const BLOCK: usize = 32;
+    let (rows, cols) = t.dims2()?;
+    let t = t.contiguous()?;
+    if !t.device().is_cpu() {
+        return t.t()?.contiguous();
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("transpose: a CPU tensor's storage is not on the CPU");
+    };
+    with_float_type!(t.dtype(), "transpose", |T| {
+        let src = contiguous_slice::<T>(cpu, layout, "transpose")?;
+        let mut dst = vec![<T as WithDType>::from_f64(0.0); rows * cols];
+        if !dst.is_empty() {
+            // Each task writes BLOCK rows of the result (columns c0.. of the source).
+            for_each_row(&mut dst, BLOCK * rows, |block, out| {
+                let c0 = block * BLOCK;
+                let width = out.len() / rows;
+                for r0 in (0..rows).step_by(BLOCK) {
+                    for dc in 0..width {
+                        let column = &mut out[dc * rows..][..rows];
+                        for r in r0..(r0 + BLOCK).min(rows) {
+                            column[r] = src[r * cols + c0 + dc];
+                        }
+                    }
+                }
+            });
+        }
+        Tensor::from_vec(dst, (cols, rows), t.device())
+    })
+}
