@@ -195,6 +195,8 @@ fn run() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let sync_stages = args.sync_stages.unwrap_or(!device.is_cpu());
     let peak_before = matmul_peak(&device)?;
+    // The most memory Winograd's kernel kept for its weights' transforms after any row.
+    let mut winograd_gb_max = 0f64;
     let mut rows = Vec::new();
     for vae in &args.vaes {
         // One load per autoencoder; streams of every size and step count share it.
@@ -303,8 +305,12 @@ fn run() -> Result<(), String> {
                     };
                     let memory = gpu_memory_gib(&device)
                         .map_or_else(|| "-".to_string(), |g| format!("{g:.2}"));
+                    let winograd_gb =
+                        sdstream::model::kernels::winograd_weight_bytes() as f64 / 1e9;
+                    winograd_gb_max = winograd_gb_max.max(winograd_gb);
                     eprintln!(
-                        "{size}² {t_index:?} {vae} {nets} ControlNets: {:.2} ms/frame",
+                        "{size}² {t_index:?} {vae} {nets} ControlNets: {:.2} ms/frame \
+                         (Winograd's weight transforms held: {winograd_gb:.2} GB)",
                         mean[6]
                     );
                     rows.push(format!(
@@ -328,7 +334,8 @@ fn run() -> Result<(), String> {
     let peak_after = matmul_peak(&device)?;
     println!(
         "sdstream {}, {} {}, {} threads, cfg self, guidance 1.2, delta 0.7; {} timed frames after {} warm-up; \
-         stage sync {}; f32 matmul peak {:.0} GFLOP/s before, {:.0} after",
+         stage sync {}; f32 matmul peak {:.0} GFLOP/s before, {:.0} after; Winograd's weight \
+         transforms up to {winograd_gb_max:.2} GB",
         env!("CARGO_PKG_VERSION"),
         args.device,
         args.dtype,

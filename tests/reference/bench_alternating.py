@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--vaes", default="taesd,full", help="taesd and/or full, comma-separated")
     parser.add_argument("--frames", type=int, default=2, help="timed frames per case and side")
     parser.add_argument("--rounds", type=int, default=2, help="passes over every case")
+    parser.add_argument("--dtype", default="f32",
+                        help="sdstream's dtype (f32 or bf16); the reference always runs float32, "
+                             "so bf16 rows read as bf16 against torch's f32 (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="write every round's figures as JSON here")
     args = parser.parse_args()
     if not args.ours.is_file():
@@ -123,7 +126,7 @@ def main() -> None:
                 print(f"round {round_index + 1}/{args.rounds}: {size}² [{t_index}] {vae}", flush=True)
                 flags = ["--sizes", str(size), "--t-index-lists", t_index, "--vaes", vae,
                          "--frames", str(args.frames)]
-                ours[case].append(parse_our_table(run([str(args.ours), *flags])))
+                ours[case].append(parse_our_table(run([str(args.ours), *flags, "--dtype", args.dtype])))
                 out = Path(scratch) / "reference.json"
                 run([args.python, str(REPO / "tests" / "reference" / "bench_reference.py"), *flags,
                      "--out", str(out)])
@@ -131,11 +134,12 @@ def main() -> None:
                 print(f"    ours {ours[case][-1]['total']:,.0f} ms, reference {ref[case][-1]['total']:,.0f} ms",
                       flush=True)
     print()
-    print(f"{args.rounds} rounds, {args.frames} timed frames per case and side; ms per frame, ranges over rounds")
+    print(f"{args.rounds} rounds, {args.frames} timed frames per case and side; sdstream in {args.dtype}, "
+          "the reference in float32; ms per frame, ranges over rounds")
     print(table(cases, ours, ref))
     if args.out:
         args.out.write_text(json.dumps({
-            "rounds": args.rounds, "frames": args.frames,
+            "rounds": args.rounds, "frames": args.frames, "dtype": args.dtype,
             "cases": [{"size": s, "t_index_list": t, "vae": v, "ours": ours[(s, t, v)], "reference": ref[(s, t, v)]}
                       for (s, t, v) in cases],
         }, indent=2) + "\n", encoding="utf-8")

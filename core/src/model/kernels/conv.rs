@@ -541,7 +541,7 @@ struct TilePlan {
     tiles_per_image: usize,
     /// Threads that take whole tiles (1: tiles in turn).
     threads: usize,
-    /// Threads inside each GEMM.
+    /// Threads that split each tile's output channels between them (1: one GEMM a tile).
     gemm_threads: usize,
 }
 
@@ -638,11 +638,6 @@ impl ConvOp<'_> {
         }
         let planes = (!self.is_pointwise(g)).then(|| self.pack(x, g));
         let plan = TilePlan::new(g, std::mem::size_of::<T>());
-        let parallelism = if plan.gemm_threads > 1 {
-            gemm::Parallelism::Rayon(plan.gemm_threads)
-        } else {
-            gemm::Parallelism::None
-        };
         let out_ptr = SharedMut(out.as_mut_ptr());
         // The bf16 GEMM reads f32 maps (`cpu_fwd` passes a packing only with f32 operands).
         let packed_bf16 = self
@@ -683,33 +678,42 @@ impl ConvOp<'_> {
                         );
                     }
                 } else {
-                    // SAFETY: the GEMM writes out[image, 0..c_out, n0..n0 + nt] (row stride n):
-                    // inside `out`, and written by this tile only, since tiles partition the
-                    // positions of each image. `weight` holds [c_out, k] (row stride k) and `rhs`
-                    // [k, nt] with row stride `rhs_stride`, as the slices above guarantee.
-                    unsafe {
-                        gemm::gemm(
-                            g.c_out,
-                            nt,
-                            k,
-                            out_ptr.ptr().add(dst_at),
-                            1,
-                            n as isize,
-                            false,
-                            weight.as_ptr(),
-                            1,
-                            k as isize,
-                            rhs.as_ptr(),
-                            1,
-                            rhs_stride as isize,
-                            T::zero(),
-                            T::one(),
-                            false,
-                            false,
-                            false,
-                            parallelism,
-                        );
-                    }
+                    // Output channels `rows` of the tile: one GEMM on this thread.
+                    let gemm_rows = |rows: std::ops::Range<usize>| {
+                        // SAFETY: the GEMM writes out[image, rows, n0..n0 + nt] (row stride
+                        // n): inside `out`, and written by this call only, since tiles
+                        // partition the positions of each image and the threads of one tile
+                        // its output channels. `weight` holds [c_out, k] (row stride k), of
+                        // which rows `rows` are read, and `rhs` [k, nt] with row stride
+                        // `rhs_stride`, as the slices above guarantee.
+                        unsafe {
+                            gemm::gemm(
+                                rows.len(),
+                                nt,
+                                k,
+                                out_ptr.ptr().add(dst_at + rows.start * n),
+                                1,
+                                n as isize,
+                                false,
+                                weight.as_ptr().add(rows.start * k),
+                                1,
+                                k as isize,
+                                rhs.as_ptr(),
+                                1,
+                                rhs_stride as isize,
+                                T::zero(),
+                                T::one(),
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                    };
+                    // Too few tiles to share out: the threads split the output channels (the
+                    // gemm crate's own threading gained nothing at the UNet's 8² level: 1,280
+                    // channels, 17.8 ms on one thread, 19.1 on two; see TilePlan).
+                    for_each_range(g.c_out, plan.gemm_threads.min(g.c_out), &gemm_rows);
                 }
                 for (co, &b) in bias.iter().enumerate() {
                     // SAFETY: the same elements the GEMM above just wrote for this tile.
