@@ -65,8 +65,8 @@ const INV_FACTORIAL_F32: [f32; 6] = [
 const ROUND_F32: f32 = 12_582_912.0;
 /// ln 2 split in two: `LN2_HI` has 12 significant bits, so that `n·LN2_HI` is exact for the
 /// |n| ≤ 127 used here, and `LN2_HI + LN2_LO` is ln 2 to 2⁻³⁶.
-const LN2_HI: f32 = 0.693_115_234_375;
-const LN2_LO: f32 = 3.194_618_058_8e-5;
+const LN2_HI: f32 = 0.693_115_23;
+const LN2_LO: f32 = 3.194_618_3e-5;
 
 /// eˣ for one f32 lane, all in f32: the reduction by ln 2 in two exact-ish steps, Taylor's
 /// series to r⁷, then scaling by 2ⁿ; within 2 ulp of the correctly rounded value (checked
