@@ -45,11 +45,11 @@ const MAX_WINDOW: usize = 6;
 /// several chunks.
 const CHUNK_BYTES: usize = if cfg!(test) { 256 << 10 } else { 8 << 20 };
 /// Fewest tiles (the batch's images together) for which a variant runs by default. Fewer
-/// tiles would still run faster than the im2col GEMM (conv_bench: 16 tiles of F(2×2, 3×3) at
-/// 8² × 1,280 channels 8.4 ms against 13.1), but each layer keeps its weights' transform, 16/9
-/// or 36/9 of its weight, and at the UNet's deepest levels few tiles meet most of the weights:
-/// with 16 tiles the sd-turbo UNet at 512² kept 3.4 GB more of them for no gain measurable
-/// over the machine's noise (3.82–3.85 s a call against 3.70–3.92 s).
+/// tiles can still beat the im2col GEMM (conv_bench: 16 tiles of F(2×2, 3×3) at 8² × 1,280
+/// channels 8.4 ms against 9.4), but each layer keeps its weights' transform, 16/9 or 36/9 of
+/// its weight, and at the UNet's deepest levels few tiles meet most of the weights: with 16
+/// tiles the sd-turbo UNet at 512² kept 3.4 GB more of them for no gain measurable over the
+/// machine's noise (3.82–3.85 s a call against 3.70–3.92 s).
 const MIN_TILES: usize = 64;
 /// Narrowest layer for which the kernel runs by default, as `C_in·C_out / (C_in + C_out)` (half
 /// the harmonic mean of the channel counts). The transforms move `(m+2)²·(C_in + C_out)` values
