@@ -44,13 +44,16 @@ const MAX_WINDOW: usize = 6;
 /// operand stays in cache while the GEMM runs; small in tests, so that their maps are cut into
 /// several chunks.
 const CHUNK_BYTES: usize = if cfg!(test) { 256 << 10 } else { 8 << 20 };
-/// Fewest tiles (the batch's images together) for which a variant runs by default. Fewer
-/// tiles can still beat the im2col GEMM (conv_bench: 16 tiles of F(2×2, 3×3) at 8² × 1,280
-/// channels 8.4 ms against 9.4), but each layer keeps its weights' transform, 16/9 or 36/9 of
-/// its weight, and at the UNet's deepest levels few tiles meet most of the weights: with 16
-/// tiles the sd-turbo UNet at 512² kept 3.4 GB more of them for no gain measurable over the
-/// machine's noise (3.82–3.85 s a call against 3.70–3.92 s).
-const MIN_TILES: usize = 64;
+/// Fewest tiles (the batch's images together) for which a variant runs by default: three
+/// images of a map of 16 tiles (a stream batch of three denoising steps) take it, one or two do
+/// not. Fewer tiles can still beat the im2col GEMM (conv_bench: 16 tiles of F(2×2, 3×3) at
+/// 8² × 1,280 channels 8.4 ms against 9.4), but each layer keeps its weights' transform, 16/9
+/// or 36/9 of its weight, and at the UNet's deepest levels few tiles meet most of the weights:
+/// with 16 tiles the sd-turbo UNet at 512² kept 3.4 GB more of them for no gain measurable
+/// over the machine's noise (3.82–3.85 s a call against 3.70–3.92 s). At 48 tiles the gain is
+/// there (unet_bench, batch 3, alternated three times, 64 tiles → 48: at 256² 2,634–2,673 →
+/// 2,435–2,495 ms a call, for 1.9 GB more; at 512² 11.5–11.7 → 11.1–11.2 s, for 3.4 GB more).
+const MIN_TILES: usize = 48;
 /// Narrowest layer for which the kernel runs by default, as `C_in·C_out / (C_in + C_out)` (half
 /// the harmonic mean of the channel counts). The transforms move `(m+2)²·(C_in + C_out)` values
 /// per tile while the GEMMs do `2·(m+2)²·C_in·C_out` flops, so narrow layers spend their time
@@ -955,10 +958,12 @@ mod tests {
             (3, 32, 32, 1280, 640, Some(F4)),
             (1, 32, 32, 640, 640, Some(F4)),
             (1, 16, 16, 1280, 1280, Some(F2)),
-            (3, 16, 16, 1280, 1280, Some(F2)),
-            (4, 16, 16, 1280, 1280, Some(F4)),
+            (2, 16, 16, 1280, 1280, Some(F2)),
+            (3, 16, 16, 1280, 1280, Some(F4)),
             (1, 8, 8, 1280, 1280, None),
-            (4, 8, 8, 1280, 1280, Some(F2)),
+            (2, 8, 8, 1280, 1280, None),
+            (3, 8, 8, 1280, 1280, Some(F2)),
+            (3, 4, 4, 1280, 1280, None),
             (1, 256, 256, 256, 256, Some(F4)),
             (1, 128, 128, 512, 512, Some(F4)),
             (1, 512, 512, 128, 128, Some(F4)),
