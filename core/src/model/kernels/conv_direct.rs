@@ -53,10 +53,7 @@ pub(super) fn chosen(c_out: usize) -> bool {
         Some(choice) => choice,
         None => {
             static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            let off = *OFF.get_or_init(|| {
-                std::env::var_os("SDSTREAM_NO_DIRECT_CONV")
-                    .is_some_and(|v| !v.is_empty() && v != "0")
-            });
+            let off = *OFF.get_or_init(|| super::env_switch("SDSTREAM_NO_DIRECT_CONV"));
             #[cfg(target_arch = "x86_64")]
             {
                 !off && !std::is_x86_feature_detected!("avx512f")

@@ -81,7 +81,7 @@ pub(crate) fn active() -> bool {
 pub fn amx_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        if std::env::var_os("SDSTREAM_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0") {
+        if super::env_switch("SDSTREAM_NO_AMX") {
             return false;
         }
         amx::request()
@@ -94,7 +94,7 @@ pub fn amx_available() -> bool {
 pub fn avx512_bf16_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        if std::env::var_os("SDSTREAM_NO_AVX512_BF16").is_some_and(|v| !v.is_empty() && v != "0") {
+        if super::env_switch("SDSTREAM_NO_AVX512_BF16") {
             return false;
         }
         #[cfg(target_arch = "x86_64")]

@@ -29,14 +29,17 @@ pub use winograd::{convolutions as winograd_convolutions, weight_bytes as winogr
 
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
 
+/// Whether the switch `name` is on: the environment variable is set to anything but nothing or
+/// `0`. The kernels' switches (`SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, ...) all read so.
+pub(crate) fn env_switch(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Whether the CPU kernels run for tensors on `device`: on the CPU unless
 /// `SDSTREAM_PORTABLE_KERNELS` is set (to anything but `0`), never elsewhere.
 pub(crate) fn cpu_kernels(device: &Device) -> bool {
     static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    device.is_cpu()
-        && !*PORTABLE.get_or_init(|| {
-            std::env::var_os("SDSTREAM_PORTABLE_KERNELS").is_some_and(|v| !v.is_empty() && v != "0")
-        })
+    device.is_cpu() && !*PORTABLE.get_or_init(|| env_switch("SDSTREAM_PORTABLE_KERNELS"))
 }
 
 /// Whether sdstream's own CUDA kernels run for tensors on `device`: on a CUDA device unless
