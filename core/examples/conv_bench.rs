@@ -3,7 +3,7 @@
 //! upsampled convolution counts the work at the upsampled size, which the channels-last kernel
 //! does in 4 taps instead of 9: its figure can exceed the machine's peak).
 //!
-//! `cargo run --release -p sdstream --example conv_bench -- [iterations]`
+//! `cargo run --release -p sdstream --example conv_bench -- [iterations] [layer name filter]`
 
 use std::time::Instant;
 
@@ -30,6 +30,8 @@ fn main() -> candle_core::Result<()> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
+    // Only the layers whose name contains this (all of them by default).
+    let filter = std::env::args().nth(2).unwrap_or_default();
     let dev = Device::Cpu;
     println!(
         "| layer | input | stride | upsample | GFLOP | channels-first ms | GFLOP/s | channels-last ms | GFLOP/s |"
@@ -58,6 +60,9 @@ fn main() -> candle_core::Result<()> {
         ("VAE, 512² × 256 → 128", 256, 128, 512, 1, 1),
     ];
     for (name, c, co, hw, s, up) in shapes {
+        if !name.contains(filter.as_str()) {
+            continue;
+        }
         let out = hw * up / s;
         let gflop = 2.0 * (c * 9 * co * out * out) as f64 / 1e9;
         let weight = Tensor::randn(0f32, 0.1, (co, c, 3, 3), &dev)?;

@@ -421,7 +421,8 @@ impl Conv2d {
             return Ok(None);
         }
         let (h_out, w_out, _) = self.output_size(h, w, factor);
-        let Some(variant) = winograd::chosen(batch, h_out, w_out, c_in, c_out) else {
+        let Some(variant) = winograd::chosen(batch, h_out, w_out, c_in, c_out, self.channels_last)
+        else {
             return Ok(None);
         };
         let slot = &self.winograd[variant.index()];
@@ -1089,6 +1090,9 @@ mod tests {
             (2, 16, 32, 13, 8, Padding::uniform(1), true),
             (1, 64, 64, 96, 80, Padding::uniform(1), true),
             (3, 24, 17, 9, 16, Padding::uniform(1), false),
+            // Several blocks of tiles to a row for the blocked kernel (whole vectors of
+            // channels on both sides, where the CPU has AVX2 or AVX-512).
+            (1, 32, 48, 10, 230, Padding::bottom_right(1), true),
         ];
         for variant in winograd::Variant::ALL {
             let (times_rounding, times_gemm) = winograd_bounds(variant);

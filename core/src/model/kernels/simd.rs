@@ -224,14 +224,14 @@ fn affine_uniform_avx2(dst: &mut [f32], src: &[f32], scale: f32, shift: f32, sil
 }
 
 /// The instruction set the row kernels run with on this CPU.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Isa {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
     Avx512,
     Avx2,
     Baseline,
 }
 
-fn isa() -> Isa {
+pub(crate) fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {

@@ -30,12 +30,31 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::simd::{self, Isa};
 use super::{SharedMut, for_each_range};
 
 /// Lanes of the transforms' vectors: one AVX-512 register of f32 (two AVX2 registers).
 const LANES: usize = 16;
-type Lane = [f32; LANES];
-const ZERO: Lane = [0.0; LANES];
+/// One vector of values, aligned to its size: the transforms keep windows of 36 of them on the
+/// stack, and at f32's own alignment each AVX-512 access there would straddle two cache lines.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Lane([f32; LANES]);
+
+impl std::ops::Deref for Lane {
+    type Target = [f32; LANES];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Lane {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+const ZERO: Lane = Lane([0.0; LANES]);
 /// The largest window side, m + 2 for m = 4; F(2×2, 3×3) uses the first 4 entries of arrays
 /// of this size.
 const MAX_WINDOW: usize = 6;
@@ -179,13 +198,15 @@ thread_local! {
 }
 
 /// The variant a convolution of `C_in → C_out` channels whose output is `batch` images of
-/// `h_out × w_out` runs with, if any (the caller has checked the kernel is 3×3, stride 1, f32).
+/// `h_out × w_out` runs with, if any (the caller has checked the kernel is 3×3, stride 1, f32);
+/// `channels_last` is the layer's layout.
 pub(super) fn chosen(
     batch: usize,
     h_out: usize,
     w_out: usize,
     c_in: usize,
     c_out: usize,
+    channels_last: bool,
 ) -> Option<Variant> {
     if let Some(choice) = CHOICE.with(Cell::get) {
         return choice;
@@ -193,20 +214,26 @@ pub(super) fn chosen(
     match policy() {
         Policy::Off => None,
         Policy::Every(variant) => Some(variant),
-        Policy::Auto => by_default(batch, h_out, w_out, c_in, c_out),
+        Policy::Auto => by_default(batch, h_out, w_out, c_in, c_out, channels_last),
     }
 }
 
-/// The default choice: layers wide enough (see [`MIN_HALF_HARMONIC_CHANNELS`]) take F(4×4,
-/// 3×3) where it has [`MIN_TILES`] tiles, else F(2×2, 3×3) where that has them.
+/// The default choice: layers wide enough (see [`MIN_HALF_HARMONIC_CHANNELS`]), or narrow
+/// channels-last ones the blocked kernel takes (see [`MIN_BLOCKED_CHANNELS`]), run F(4×4, 3×3)
+/// where it has [`MIN_TILES`] tiles, else F(2×2, 3×3) where that has them.
 fn by_default(
     batch: usize,
     h_out: usize,
     w_out: usize,
     c_in: usize,
     c_out: usize,
+    channels_last: bool,
 ) -> Option<Variant> {
-    if c_in * c_out < MIN_HALF_HARMONIC_CHANNELS * (c_in + c_out) {
+    let wide = c_in * c_out >= MIN_HALF_HARMONIC_CHANNELS * (c_in + c_out);
+    let blocked = channels_last
+        && c_in.min(c_out) >= MIN_BLOCKED_CHANNELS
+        && blocked_fits(simd::isa(), c_in, c_out);
+    if !wide && !blocked {
         return None;
     }
     [Variant::F4, Variant::F2]
@@ -233,17 +260,17 @@ pub(super) fn choose(choice: Option<Option<Variant>>) -> impl Drop {
 
 #[inline(always)]
 fn add(a: Lane, b: Lane) -> Lane {
-    std::array::from_fn(|i| a[i] + b[i])
+    Lane(std::array::from_fn(|i| a[i] + b[i]))
 }
 
 #[inline(always)]
 fn sub(a: Lane, b: Lane) -> Lane {
-    std::array::from_fn(|i| a[i] - b[i])
+    Lane(std::array::from_fn(|i| a[i] - b[i]))
 }
 
 #[inline(always)]
 fn scale(a: Lane, s: f32) -> Lane {
-    std::array::from_fn(|i| a[i] * s)
+    Lane(std::array::from_fn(|i| a[i] * s))
 }
 
 /// `Bᵀ x` for one column (or row) of a window: for m = 2, `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0],
@@ -438,12 +465,42 @@ impl Drop for WinogradWeights {
     }
 }
 
-/// Copies `n ≤ LANES` values from `src[at..]` into a lane (the rest zero).
+/// Copies `n ≤ LANES` values from `src[at..]` into a lane (the rest zero). A whole lane is a
+/// fixed-size copy the compiler keeps in a register; only a part calls `memcpy`.
 #[inline(always)]
 fn load(src: &[f32], at: usize, n: usize) -> Lane {
+    if n == LANES {
+        return Lane(src[at..at + LANES].try_into().expect("a whole lane"));
+    }
     let mut lane = ZERO;
     lane[..n].copy_from_slice(&src[at..at + n]);
     lane
+}
+
+/// Copies the first `n ≤ LANES` values of `lane` to `dst[at..]` (a whole lane without `memcpy`).
+#[inline(always)]
+fn store(dst: &mut [f32], at: usize, lane: &Lane, n: usize) {
+    if n == LANES {
+        dst[at..at + LANES].copy_from_slice(&lane.0);
+    } else {
+        dst[at..at + n].copy_from_slice(&lane[..n]);
+    }
+}
+
+/// [`store`] through a raw pointer.
+///
+/// # Safety
+/// `dst` is valid for writes of `n` values that no other thread touches meanwhile.
+#[inline(always)]
+unsafe fn store_raw(dst: *mut f32, lane: &Lane, n: usize) {
+    // SAFETY: the caller's.
+    unsafe {
+        if n == LANES {
+            dst.cast::<[f32; LANES]>().write_unaligned(lane.0);
+        } else {
+            std::ptr::copy_nonoverlapping(lane.as_ptr(), dst, n);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -598,9 +655,9 @@ fn transform_input<const M: usize>(
                             // inside `transformed` ([points][C_in][stride], at + tw ≤ stride),
                             // and channel ci is this thread's alone.
                             unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    lane.as_ptr(),
+                                store_raw(
                                     dst.ptr().add((i * a + j) * point_len + at + tx),
+                                    lane,
                                     n,
                                 );
                             }
@@ -760,9 +817,16 @@ pub(super) fn convolve_channels_last(
     out: &mut [f32],
     threads: usize,
 ) {
-    match weights.variant {
-        Variant::F2 => convolve_channels_last_with::<2>(x, shape, weights, finish, out, threads),
-        Variant::F4 => convolve_channels_last_with::<4>(x, shape, weights, finish, out, threads),
+    let isa = simd::isa();
+    match (weights.variant, blocked_fits(isa, shape.c_in, shape.c_out)) {
+        (Variant::F2, false) => {
+            convolve_channels_last_with::<2>(x, shape, weights, finish, out, threads)
+        }
+        (Variant::F4, false) => {
+            convolve_channels_last_with::<4>(x, shape, weights, finish, out, threads)
+        }
+        (Variant::F2, true) => convolve_blocked::<2>(isa, x, shape, weights, finish, out, threads),
+        (Variant::F4, true) => convolve_blocked::<4>(isa, x, shape, weights, finish, out, threads),
     }
 }
 
@@ -843,10 +907,10 @@ fn convolve_channels_last_with<const M: usize>(
                                 // ([points][chunk_tiles][C_in]), channels ch..ch + n; tile rows
                                 // are split between threads, so the row is this thread's alone.
                                 unsafe {
-                                    std::ptr::copy_nonoverlapping(
-                                        lane.as_ptr(),
+                                    store_raw(
                                         dst.ptr()
                                             .add(((i * a + j) * chunk_tiles + tile) * s.c_in + ch),
+                                        lane,
                                         n,
                                     );
                                 }
@@ -925,7 +989,7 @@ fn convolve_channels_last_with<const M: usize>(
                         for (i, row) in y.iter().take(out_rows).enumerate() {
                             for (j, lane) in row.iter().take(out_cols).enumerate() {
                                 let at = i * row_len + (M * tx + j) * s.c_out + co;
-                                dst[at..at + n].copy_from_slice(&lane[..n]);
+                                store(dst, at, lane, n);
                             }
                         }
                         co += n;
@@ -941,44 +1005,458 @@ fn convolve_channels_last_with<const M: usize>(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Narrow channels-last layers, block by block
+// ---------------------------------------------------------------------------------------------
+
+/// Widest layer (the larger of C_in and C_out) that [`convolve_blocked`] takes: a block's
+/// transformed input and products, `(m+2)²·(C_in + C_out)` values for each of its
+/// [`BLOCK_TILES`] tiles, stay near a core's L2 cache (0.9 MiB at 128 channels for F(4×4), 1.3
+/// at 256 → 128). Wider layers stream them through [`convolve_channels_last_with`]'s chunks,
+/// whose GEMMs are deep enough to hide the traffic (conv_bench, F(4×4), ms, chunked →
+/// blocked: 128→128 at 512² 217 → 168, 256→128 at 512² 381 → 309, 256→256 at 256² 170 →
+/// 166, but 512→512 at 128² 142 → 284).
+const BLOCKED_MAX_CHANNELS: usize = 256;
+/// Narrowest layer (the smaller of C_in and C_out) that takes the blocked kernel by default:
+/// TAESD's 64 channels gain (conv_bench, 64→64, im2col GEMM → F(4×4) blocked: 512² 96 → 54
+/// ms, 256² 24 → 14, 64² 1.6 → 0.9); narrower layers were not measured.
+const MIN_BLOCKED_CHANNELS: usize = 64;
+/// Tiles (of one tile row) a block transforms, multiplies and transforms back together.
+const BLOCK_TILES: usize = 24;
+
+/// Values from one point's matrix to the next in a block's buffers of `c` channels: the
+/// matrix plus one lane. The transforms write (and read) all (m+2)² points of a tile at once;
+/// at `BLOCK_TILES · c` apart (6 KiB at 64 channels) those addresses share two of the L1
+/// cache's 64 sets and evict each other, one lane more spreads them over all of them.
+const fn point_stride(c: usize) -> usize {
+    BLOCK_TILES * c + LANES
+}
+
+/// Whether [`convolve_blocked`] takes a channels-last layer of `C_in → C_out` channels: narrow
+/// enough, whole vectors of channels on both sides, and a CPU with the vector registers its register
+/// blocks are sized for.
+fn blocked_fits(isa: Isa, c_in: usize, c_out: usize) -> bool {
+    isa != Isa::Baseline
+        && c_in.max(c_out) <= BLOCKED_MAX_CHANNELS
+        && c_in.is_multiple_of(LANES)
+        && c_out.is_multiple_of(LANES)
+}
+
+/// The channels-last convolution of narrow layers (TAESD's 64 channels, the full VAE's 128)
+/// a small block of tiles at a time, each block's three steps on one thread, tile rows split
+/// over threads. At 64 channels each point's GEMM is `[tiles, 64] × [64, 64]`, four
+/// multiply-adds per value moved, so [`convolve_channels_last_with`]'s passes over chunks of
+/// megabytes are paced by memory, not arithmetic (conv_bench: F(4×4) no faster than the im2col
+/// GEMM at 64 channels). Here a block's transformed input, its products and each point's
+/// weights stay in the core's caches, and the products come from register blocks of 6 tiles ×
+/// 64 output channels (24 AVX-512 registers), the shape of the GEMM's own. Transforms and
+/// products are compiled for the CPU's vector registers (the crate's baseline is SSE2's four
+/// lanes).
+fn convolve_blocked<const M: usize>(
+    isa: Isa,
+    x: &[f32],
+    shape: &ChannelsLastShape,
+    weights: &WinogradWeights,
+    finish: &(dyn Fn(usize, &mut [f32]) + Sync),
+    out: &mut [f32],
+    threads: usize,
+) {
+    let s = *shape;
+    count();
+    let points = weights.variant.points();
+    debug_assert_eq!(weights.variant.tile(), M);
+    assert_eq!((weights.c_out, weights.c_in), (s.c_out, s.c_in), "weights");
+    assert_eq!(x.len(), s.batch * s.h * s.w * s.c_in);
+    assert_eq!(out.len(), s.batch * s.h_out * s.w_out * s.c_out);
+    let th = s.h_out.div_ceil(M);
+    let tile_rows = s.batch * th;
+    if tile_rows == 0 || s.w_out == 0 || s.c_out == 0 {
+        return;
+    }
+    let conv = Blocked {
+        x,
+        s,
+        weights,
+        zeros: vec![0f32; s.c_in],
+    };
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let work = |tile_rows: std::ops::Range<usize>| {
+        let mut scratch = BlockScratch {
+            transformed: vec![0f32; points * point_stride(s.c_in)],
+            products: vec![0f32; points * point_stride(s.c_out)],
+        };
+        for r in tile_rows {
+            let (image, ty) = (r / th, r % th);
+            let out_rows = M.min(s.h_out - M * ty);
+            let row_len = s.w_out * s.c_out;
+            // SAFETY: output rows M·ty.. of `image` (those inside the map): this tile row's
+            // alone, and tile rows are split between threads.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    out_ptr.ptr().add((image * s.h_out + M * ty) * row_len),
+                    out_rows * row_len,
+                )
+            };
+            conv.tile_row::<M>(isa, image, ty, dst, &mut scratch);
+            for (i, row) in dst.chunks_exact_mut(row_len).enumerate() {
+                finish(image * s.h_out + M * ty + i, row);
+            }
+        }
+    };
+    for_each_range(tile_rows, threads.min(tile_rows), &work);
+}
+
+/// One narrow channels-last convolution's operands, as [`convolve_blocked`] reads them.
+struct Blocked<'a> {
+    x: &'a [f32],
+    s: ChannelsLastShape,
+    weights: &'a WinogradWeights,
+    /// One pixel of zeros: the window's values outside the map.
+    zeros: Vec<f32>,
+}
+
+/// A thread's buffers for one block: its transformed input `[ξ][tile][C_in]` and products
+/// `[ξ][tile][C_out]`, points [`point_stride`] apart.
+struct BlockScratch {
+    transformed: Vec<f32>,
+    products: Vec<f32>,
+}
+
+impl Blocked<'_> {
+    /// Tile row `ty` of `image` into `dst` (its output rows inside the map), block by block.
+    fn tile_row<const M: usize>(
+        &self,
+        isa: Isa,
+        image: usize,
+        ty: usize,
+        dst: &mut [f32],
+        scratch: &mut BlockScratch,
+    ) {
+        let s = &self.s;
+        let tw = s.w_out.div_ceil(M);
+        let out_rows = M.min(s.h_out - M * ty);
+        let row_len = s.w_out * s.c_out;
+        for first in (0..tw).step_by(BLOCK_TILES) {
+            let block = first..tw.min(first + BLOCK_TILES);
+            for (t, tx) in block.clone().enumerate() {
+                self.transform_window::<M>(image, ty, tx, t, &mut scratch.transformed);
+            }
+            // Tiles past the block's end hold an earlier block's values (or zeros): they are
+            // multiplied along and never read back.
+            block_products(
+                isa,
+                &scratch.transformed,
+                self.weights,
+                &mut scratch.products,
+            );
+            let a = M + 2;
+            for (t, tx) in block.enumerate() {
+                let out_cols = M.min(s.w_out - M * tx);
+                for co in (0..s.c_out).step_by(LANES) {
+                    let m = std::array::from_fn(|i| {
+                        std::array::from_fn(|j| {
+                            if i < a && j < a {
+                                let at = (i * a + j) * point_stride(s.c_out) + t * s.c_out + co;
+                                load(&scratch.products, at, LANES)
+                            } else {
+                                ZERO
+                            }
+                        })
+                    });
+                    let y = output_2d::<M>(&m);
+                    if out_rows == M && out_cols == M {
+                        for (i, row) in y.iter().take(M).enumerate() {
+                            for (j, lane) in row.iter().take(M).enumerate() {
+                                let at = i * row_len + (M * tx + j) * s.c_out + co;
+                                store(dst, at, lane, LANES);
+                            }
+                        }
+                    } else {
+                        for (i, row) in y.iter().take(out_rows).enumerate() {
+                            for (j, lane) in row.iter().take(out_cols).enumerate() {
+                                let at = i * row_len + (M * tx + j) * s.c_out + co;
+                                store(dst, at, lane, LANES);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Bᵀ d B` of the window of tile `(ty, tx)` of `image`, into block tile `t` of
+    /// `transformed` (`[ξ][tile][C_in]`).
+    #[inline(always)]
+    fn transform_window<const M: usize>(
+        &self,
+        image: usize,
+        ty: usize,
+        tx: usize,
+        t: usize,
+        transformed: &mut [f32],
+    ) {
+        let (s, x, a) = (&self.s, self.x, M + 2);
+        // The window's top-left pixel, and whether the whole window lies inside the map (most
+        // do: then each of its values is a fixed offset from there).
+        let (y0, x0) = (M * ty, M * tx);
+        let inside = y0 >= s.pad_top
+            && x0 >= s.pad_left
+            && y0 + a <= s.pad_top + s.h
+            && x0 + a <= s.pad_left + s.w;
+        let corner = if inside {
+            ((image * s.h + y0 - s.pad_top) * s.w + x0 - s.pad_left) * s.c_in
+        } else {
+            0
+        };
+        // The window's input pixels (zeros outside the map).
+        let pixel = |row: usize, col: usize| -> &[f32] {
+            let (y, xx) = (y0 + row, x0 + col);
+            match (y.checked_sub(s.pad_top), xx.checked_sub(s.pad_left)) {
+                (Some(y), Some(xx)) if y < s.h && xx < s.w => {
+                    &x[((image * s.h + y) * s.w + xx) * s.c_in..][..s.c_in]
+                }
+                _ => &self.zeros,
+            }
+        };
+        let pixel_stride = s.w * s.c_in;
+        for ch in (0..s.c_in).step_by(LANES) {
+            let mut window = [[ZERO; MAX_WINDOW]; MAX_WINDOW];
+            if inside {
+                for (row, lanes) in window.iter_mut().take(a).enumerate() {
+                    let at = corner + row * pixel_stride + ch;
+                    for (col, lane) in lanes.iter_mut().take(a).enumerate() {
+                        *lane = load(x, at + col * s.c_in, LANES);
+                    }
+                }
+            } else {
+                for (row, lanes) in window.iter_mut().take(a).enumerate() {
+                    for (col, lane) in lanes.iter_mut().take(a).enumerate() {
+                        *lane = load(pixel(row, col), ch, LANES);
+                    }
+                }
+            }
+            let v = input_2d::<M>(&window);
+            for (i, row) in v.iter().take(a).enumerate() {
+                for (j, lane) in row.iter().take(a).enumerate() {
+                    let at = (i * a + j) * point_stride(s.c_in) + t * s.c_in + ch;
+                    store(transformed, at, lane, LANES);
+                }
+            }
+        }
+    }
+}
+
+/// `products[ξ][tile] = transformed[ξ][tile] · U[ξ]` (`[C_in] × [C_in, C_out]`) for every
+/// point ξ and the block's [`BLOCK_TILES`] tiles, on the CPU's widest vectors.
+fn block_products(isa: Isa, transformed: &[f32], weights: &WinogradWeights, products: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has the features the function is compiled for.
+        Isa::Avx512 => unsafe { block_products_avx512(transformed, weights, products) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { block_products_avx2(transformed, weights, products) },
+        _ => block_products_body::<6, 1>(transformed, weights, products),
+    }
+}
+
+/// AVX-512: 6 tiles × 4 lanes of output channels, 24 of the 32 registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+fn block_products_avx512(transformed: &[f32], weights: &WinogradWeights, products: &mut [f32]) {
+    block_products_body::<6, 4>(transformed, weights, products)
+}
+
+/// AVX2, where a lane is two registers: 6 tiles × 1 lane, 12 of the 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn block_products_avx2(transformed: &[f32], weights: &WinogradWeights, products: &mut [f32]) {
+    block_products_body::<6, 1>(transformed, weights, products)
+}
+
+/// [`block_products`] with register blocks of `R` tiles × `L` lanes of output channels.
+#[inline(always)]
+fn block_products_body<const R: usize, const L: usize>(
+    transformed: &[f32],
+    weights: &WinogradWeights,
+    products: &mut [f32],
+) {
+    const { assert!(BLOCK_TILES.is_multiple_of(R)) };
+    let (c_in, c_out) = (weights.c_in, weights.c_out);
+    for xi in 0..weights.variant.points() {
+        let u = weights.point(xi);
+        let v = &transformed[xi * point_stride(c_in)..][..BLOCK_TILES * c_in];
+        let p = &mut products[xi * point_stride(c_out)..][..BLOCK_TILES * c_out];
+        for t in (0..BLOCK_TILES).step_by(R) {
+            let mut co = 0;
+            while co + L * LANES <= c_out {
+                register_block::<R, L>(u, v, p, t, co, c_in, c_out);
+                co += L * LANES;
+            }
+            while co < c_out {
+                register_block::<R, 1>(u, v, p, t, co, c_in, c_out);
+                co += LANES;
+            }
+        }
+    }
+}
+
+/// Tiles `t..t + R`, output channels `co..co + L·16`: `R·L` lanes of sums held in registers
+/// over the `C_in` terms, each one broadcast input value times one lane of weights.
+#[inline(always)]
+fn register_block<const R: usize, const L: usize>(
+    u: &[f32],
+    v: &[f32],
+    p: &mut [f32],
+    t: usize,
+    co: usize,
+    c_in: usize,
+    c_out: usize,
+) {
+    let mut acc = [[ZERO; L]; R];
+    for ci in 0..c_in {
+        let w: [Lane; L] = std::array::from_fn(|l| {
+            let at = ci * c_out + co + l * LANES;
+            Lane(u[at..at + LANES].try_into().expect("one lane"))
+        });
+        for (r, sums) in acc.iter_mut().enumerate() {
+            let x = v[(t + r) * c_in + ci];
+            for (sum, lane) in sums.iter_mut().zip(&w) {
+                for (s, &w) in sum.iter_mut().zip(lane.iter()) {
+                    *s = x.mul_add(w, *s);
+                }
+            }
+        }
+    }
+    for (r, sums) in acc.iter().enumerate() {
+        for (l, sum) in sums.iter().enumerate() {
+            let at = (t + r) * c_out + co + l * LANES;
+            p[at..at + LANES].copy_from_slice(&sum.0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// The default: the UNet's resnet convolutions take F(4×4, 3×3) from a 32×32 map up and
-    /// F(2×2, 3×3) at 16×16, and the full VAE's take F(4×4, 3×3); the 8×8 level, TAESD's 64
-    /// channels, the first and last convolutions (4 or 3 channels on one side) keep the GEMM.
+    /// F(2×2, 3×3) at 16×16, and the full VAE's take F(4×4, 3×3); TAESD's 64 channels take it
+    /// channels-last where the blocked kernel runs (a CPU with AVX2 or AVX-512); the 8×8 level,
+    /// the first and last convolutions (4 or 3 channels on one side) keep the GEMM.
     #[test]
     fn default_choice_takes_wide_layers_over_enough_tiles() {
         use Variant::{F2, F4};
-        // (batch, h_out, w_out, c_in, c_out, chosen)
+        let blocked = blocked_fits(simd::isa(), 64, 64);
+        // (batch, h_out, w_out, c_in, c_out, channels_last, chosen)
         let cases = [
-            (1, 64, 64, 320, 320, Some(F4)),
-            (1, 64, 64, 640, 320, Some(F4)),
-            (3, 32, 32, 1280, 640, Some(F4)),
-            (1, 32, 32, 640, 640, Some(F4)),
-            (1, 16, 16, 1280, 1280, Some(F2)),
-            (2, 16, 16, 1280, 1280, Some(F2)),
-            (3, 16, 16, 1280, 1280, Some(F4)),
-            (1, 8, 8, 1280, 1280, None),
-            (2, 8, 8, 1280, 1280, None),
-            (3, 8, 8, 1280, 1280, Some(F2)),
-            (3, 4, 4, 1280, 1280, None),
-            (1, 256, 256, 256, 256, Some(F4)),
-            (1, 128, 128, 512, 512, Some(F4)),
-            (1, 512, 512, 128, 128, Some(F4)),
-            (1, 512, 512, 256, 128, Some(F4)),
-            (1, 512, 512, 128, 3, None),
-            (1, 512, 512, 64, 64, None),
-            (1, 64, 64, 4, 320, None),
-            (1, 64, 64, 320, 4, None),
+            (1, 64, 64, 320, 320, false, Some(F4)),
+            (1, 64, 64, 640, 320, false, Some(F4)),
+            (3, 32, 32, 1280, 640, false, Some(F4)),
+            (1, 32, 32, 640, 640, false, Some(F4)),
+            (1, 16, 16, 1280, 1280, false, Some(F2)),
+            (2, 16, 16, 1280, 1280, false, Some(F2)),
+            (3, 16, 16, 1280, 1280, false, Some(F4)),
+            (1, 8, 8, 1280, 1280, false, None),
+            (2, 8, 8, 1280, 1280, false, None),
+            (3, 8, 8, 1280, 1280, false, Some(F2)),
+            (3, 4, 4, 1280, 1280, false, None),
+            (1, 256, 256, 256, 256, true, Some(F4)),
+            (1, 128, 128, 512, 512, true, Some(F4)),
+            (1, 512, 512, 128, 128, true, Some(F4)),
+            (1, 512, 512, 256, 128, true, Some(F4)),
+            (1, 512, 512, 128, 3, true, None),
+            (1, 512, 512, 64, 64, true, blocked.then_some(F4)),
+            (1, 64, 64, 64, 64, true, blocked.then_some(F4)),
+            (1, 512, 512, 64, 64, false, None),
+            (1, 512, 512, 3, 64, true, None),
+            (1, 512, 512, 64, 3, true, None),
+            (1, 64, 64, 4, 320, false, None),
+            (1, 64, 64, 320, 4, false, None),
         ];
-        for (batch, h, w, c_in, c_out, want) in cases {
+        for (batch, h, w, c_in, c_out, channels_last, want) in cases {
             assert_eq!(
-                by_default(batch, h, w, c_in, c_out),
+                by_default(batch, h, w, c_in, c_out, channels_last),
                 want,
-                "batch {batch}, {h}×{w}, {c_in}→{c_out}"
+                "batch {batch}, {h}×{w}, {c_in}→{c_out}, channels-last {channels_last}"
             );
+        }
+    }
+
+    /// The blocked kernel, with each instruction set this CPU has (and the portable body), gives
+    /// the chunked kernel's values: the same arithmetic but the order of the channel sums.
+    /// Shapes with several blocks to a tile row, a partial last block, partial tiles at the
+    /// right and bottom edges, one-sided padding, a batch, and output channels in more than one
+    /// register block.
+    #[test]
+    fn blocked_kernel_matches_the_chunked_one() {
+        let mut isas = vec![Isa::Baseline];
+        if simd::isa() == Isa::Avx512 {
+            isas.extend([Isa::Avx512, Isa::Avx2]);
+        } else if simd::isa() == Isa::Avx2 {
+            isas.push(Isa::Avx2);
+        }
+        // (batch, c_in, c_out, h, w, pad_top, pad_left, h_out, w_out)
+        let cases = [
+            (1, 64, 64, 9, 110, 1, 1, 9, 110),
+            (2, 16, 80, 7, 61, 0, 0, 6, 60),
+            (1, 48, 16, 13, 5, 1, 1, 13, 5),
+        ];
+        let mut seed = 1u32;
+        let mut random = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 23) as f32 - 1.0
+        };
+        for variant in Variant::ALL {
+            for (batch, c_in, c_out, h, w, pad_top, pad_left, h_out, w_out) in cases {
+                let s = ChannelsLastShape {
+                    batch,
+                    c_in,
+                    c_out,
+                    h,
+                    w,
+                    pad_top,
+                    pad_left,
+                    h_out,
+                    w_out,
+                };
+                let x: Vec<f32> = (0..batch * h * w * c_in).map(|_| random()).collect();
+                let weight: Vec<f32> = (0..9 * c_in * c_out).map(|_| random()).collect();
+                let weights = WinogradWeights::new(&weight, c_out, c_in, true, variant, 2);
+                let run = |isa: Option<Isa>| {
+                    let mut out = vec![0f32; batch * h_out * w_out * c_out];
+                    let finish = |_: usize, row: &mut [f32]| row.iter_mut().for_each(|v| *v += 1.0);
+                    match (variant, isa) {
+                        (Variant::F2, None) => {
+                            convolve_channels_last_with::<2>(&x, &s, &weights, &finish, &mut out, 2)
+                        }
+                        (Variant::F4, None) => {
+                            convolve_channels_last_with::<4>(&x, &s, &weights, &finish, &mut out, 2)
+                        }
+                        (Variant::F2, Some(isa)) => {
+                            convolve_blocked::<2>(isa, &x, &s, &weights, &finish, &mut out, 2)
+                        }
+                        (Variant::F4, Some(isa)) => {
+                            convolve_blocked::<4>(isa, &x, &s, &weights, &finish, &mut out, 2)
+                        }
+                    }
+                    out
+                };
+                let want = run(None);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(scale > 1.0, "the outputs are not trivially small");
+                for &isa in &isas {
+                    let got = run(Some(isa));
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(
+                        err <= 1e-5 * scale,
+                        "{variant:?} {isa:?} b{batch} {c_in}->{c_out} {h}x{w}: {err} of {scale}"
+                    );
+                }
+            }
         }
     }
 
@@ -992,14 +1470,14 @@ mod tests {
             let d: [f64; MAX_WINDOW] = std::array::from_fn(|i| [3., -1., 4., 1., -5., 9.][i]);
             let g = [2.0, -6.0, 5.0];
             let u = weight_1d(variant, g);
-            let lanes: [Lane; MAX_WINDOW] = std::array::from_fn(|i| [d[i] as f32; LANES]);
+            let lanes: [Lane; MAX_WINDOW] = std::array::from_fn(|i| Lane([d[i] as f32; LANES]));
             let v = match variant {
                 Variant::F2 => input_1d::<2>(&lanes),
                 Variant::F4 => input_1d::<4>(&lanes),
             };
             let prod: [Lane; MAX_WINDOW] = std::array::from_fn(|i| {
                 if i < a {
-                    [(u[i] * f64::from(v[i][0])) as f32; LANES]
+                    Lane([(u[i] * f64::from(v[i][0])) as f32; LANES])
                 } else {
                     ZERO
                 }
