@@ -36,7 +36,7 @@ use super::{SharedMut, for_each_range};
 /// Lanes of the transforms' vectors: one AVX-512 register of f32 (two AVX2 registers).
 const LANES: usize = 16;
 /// One vector of values, aligned to its size: the transforms keep windows of 36 of them on the
-/// stack, and at f32's own alignment each AVX-512 access there would straddle two cache lines.
+/// stack, where at f32's own alignment vector accesses would straddle cache lines.
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(64))]
 struct Lane([f32; LANES]);
@@ -76,8 +76,10 @@ const MIN_TILES: usize = 48;
 /// Narrowest layer for which the kernel runs by default, as `C_in·C_out / (C_in + C_out)` (half
 /// the harmonic mean of the channel counts). The transforms move `(m+2)²·(C_in + C_out)` values
 /// per tile while the GEMMs do `2·(m+2)²·C_in·C_out` flops, so narrow layers spend their time
-/// moving data: measured on conv_bench, TAESD's 64-channel layers gain nothing this way, the
-/// full VAE's 128 channels at 512² gain 28 % (docs/ARCHITECTURE.md, "Winograd convolution").
+/// moving data: measured on conv_bench, TAESD's 64-channel layers gain nothing from the chunked
+/// kernels, the full VAE's 128 channels at 512² gain 28 % (docs/ARCHITECTURE.md, "Winograd
+/// convolution"). Narrower channels-last layers can take the blocked kernel instead (see
+/// [`MIN_BLOCKED_CHANNELS`]).
 const MIN_HALF_HARMONIC_CHANNELS: usize = 48;
 
 /// The two algorithms: F(m×m, 3×3) for output tiles of side m = 2 or 4.
@@ -1049,9 +1051,9 @@ fn blocked_fits(isa: Isa, c_in: usize, c_out: usize) -> bool {
 /// megabytes are paced by memory, not arithmetic (conv_bench: F(4×4) no faster than the im2col
 /// GEMM at 64 channels). Here a block's transformed input, its products and each point's
 /// weights stay in the core's caches, and the products come from register blocks of 6 tiles ×
-/// 64 output channels (24 AVX-512 registers), the shape of the GEMM's own. Transforms and
-/// products are compiled for the CPU's vector registers (the crate's baseline is SSE2's four
-/// lanes).
+/// 64 output channels (24 AVX-512 registers), the shape of the GEMM's own, compiled for the
+/// CPU's vector registers. The transforms stay on the crate's baseline: compiled for AVX-512,
+/// their windows of 36 lanes became masked, spilling code and the layer took twice as long.
 fn convolve_blocked<const M: usize>(
     isa: Isa,
     x: &[f32],
