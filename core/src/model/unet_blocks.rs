@@ -756,34 +756,33 @@ impl FeedForward {
     fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.out.forward(&geglu(&self.proj.forward(x)?)?)
     }
-}
 
-impl Module for FeedForward {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let dim = dims.last().copied().unwrap_or(1).max(1);
-        let rows = x.elem_count() / dim;
-        let chunk_rows =
-            (FEED_FORWARD_CHUNK_BYTES / (self.width * x.dtype().size_in_bytes())).max(1);
-        if !cpu_kernels(x.device()) || !x.is_contiguous() || rows <= chunk_rows {
-            return self.forward_rows(x);
-        }
-        self.forward_chunked(x, chunk_rows)
-    }
-}
-
-impl FeedForward {
-    /// The feed-forward of a contiguous `x` (`[…, dim]`), `chunk_rows` rows at a time.
+    /// The feed-forward of a contiguous `x` (`[…, dim]`), `chunk_rows` rows at a time (in one
+    /// piece when it has no more).
     fn forward_chunked(&self, x: &Tensor, chunk_rows: usize) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let dim = dims.last().copied().unwrap_or(1).max(1);
         let rows = x.elem_count() / dim;
+        if rows <= chunk_rows {
+            return self.forward_rows(x);
+        }
         let flat = x.reshape((rows, dim))?;
         let parts = (0..rows)
             .step_by(chunk_rows)
             .map(|first| self.forward_rows(&flat.narrow(0, first, chunk_rows.min(rows - first))?))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)?.reshape(dims)
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !cpu_kernels(x.device()) || !x.is_contiguous() {
+            return self.forward_rows(x);
+        }
+        let chunk_rows =
+            (FEED_FORWARD_CHUNK_BYTES / (self.width * x.dtype().size_in_bytes())).max(1);
+        self.forward_chunked(x, chunk_rows)
     }
 }
 
