@@ -33,6 +33,11 @@ use candle_core::{Device, Tensor};
 use sdstream::{EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
 use serde_json::json;
 
+// As the C ABI, the Python module and the server have it: large freed blocks kept for reuse
+// (sdstream::alloc; `SDSTREAM_REUSE_MB=0` runs on the system allocator alone).
+#[global_allocator]
+static ALLOCATOR: sdstream::alloc::ReusingAllocator = sdstream::alloc::ReusingAllocator::new();
+
 struct Args {
     model: String,
     taesd: Option<String>,

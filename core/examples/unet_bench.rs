@@ -11,6 +11,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sdstream::model::unet::{UNet2DConditionModel, UNetConfig};
 
+// As the C ABI, the Python module and the server have it (sdstream::alloc); `SDSTREAM_REUSE_MB=0`
+// times the system allocator alone.
+#[global_allocator]
+static ALLOCATOR: sdstream::alloc::ReusingAllocator = sdstream::alloc::ReusingAllocator::new();
+
 const SD_TURBO_UNET: &str = r#"{
   "attention_head_dim": [5, 10, 20, 20],
   "block_out_channels": [320, 640, 1280, 1280],

@@ -19,6 +19,7 @@
 //! * `server` (feature `server`): Daydream's HTTP API over engines, run by the `sdstream`
 //!   binary.
 
+pub mod alloc;
 pub mod engine;
 pub mod error;
 pub mod frame;

@@ -19,6 +19,11 @@ mod support;
 
 use sdstream::{EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
 
+// As the C ABI, the Python module and the server have it: large freed blocks kept for reuse
+// (sdstream::alloc; `SDSTREAM_REUSE_MB=0` runs on the system allocator alone).
+#[global_allocator]
+static ALLOCATOR: sdstream::alloc::ReusingAllocator = sdstream::alloc::ReusingAllocator::new();
+
 const USAGE: &str = "usage: img2img --input DIR --output DIR [--model DIR_OR_ID] [--params FILE] \
 [--settings FILE] [--cfg-type none|full|self|initialize] [--vae taesd|full|DIR] \
 [--device cpu|cuda|cuda:N|metal] [--dtype f32|f16|bf16]";

@@ -9,6 +9,13 @@ mod error;
 mod frame;
 mod processor;
 
+/// This library's own Rust allocations keep large freed blocks for reuse: a frame allocates the
+/// same large buffers every time, and the system allocator would hand them back to the kernel and
+/// fault them in again (sdstream::alloc). The host's own malloc is untouched.
+#[global_allocator]
+static ALLOCATOR: sdstream_core::alloc::ReusingAllocator =
+    sdstream_core::alloc::ReusingAllocator::new();
+
 use std::ffi::c_char;
 
 pub use engine::{SdsEngine, SdsUpdateKind};

@@ -22,6 +22,12 @@ use sdstream::{
     Image, ImageProcessor, PixelFormat, StreamDiffusion, StreamDiffusionParams, Submission,
 };
 
+/// The module's own Rust allocations keep large freed blocks for reuse: a frame allocates the
+/// same large buffers every time, and the system allocator would hand them back to the kernel and
+/// fault them in again (sdstream::alloc). Python's own allocations are untouched.
+#[global_allocator]
+static ALLOCATOR: sdstream::alloc::ReusingAllocator = sdstream::alloc::ReusingAllocator::new();
+
 create_exception!(
     _sdstream,
     ValidationError,

@@ -538,6 +538,15 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.close();
+        // The pipelines still held go now rather than with the last handle to `shared`, so that
+        // the large blocks they free are given back with the rest: a host done with its engine
+        // gets its memory back (crate::alloc; a no-op under the system allocator).
+        {
+            let mut s = self.shared.lock();
+            s.ready = None;
+            s.retired.clear();
+        }
+        crate::alloc::release_kept();
     }
 }
 

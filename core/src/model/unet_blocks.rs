@@ -777,7 +777,9 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !cpu_kernels(x.device()) || !x.is_contiguous() {
+        // Chunks only keep the projection out of freshly mapped memory, at the price of reading
+        // the weights once per chunk: not worth it where large blocks are reused anyway.
+        if !cpu_kernels(x.device()) || !x.is_contiguous() || crate::alloc::reuses_large_blocks() {
             return self.forward_rows(x);
         }
         let chunk_rows =
