@@ -443,7 +443,8 @@ pub(crate) struct Attention {
 /// A clone starts empty (a clone may get other weights, as a LoRA rebuild does).
 #[derive(Debug, Default)]
 struct KvMemo {
-    last: Mutex<Option<(Tensor, Tensor, Tensor)>>,
+    /// The context and its key/value projection (`[B, M, 2·H·d]`, keys then values).
+    last: Mutex<Option<(Tensor, Tensor)>>,
     /// Counts projections actually computed; shared by every layer of one network.
     computed: Arc<AtomicUsize>,
 }
@@ -458,22 +459,22 @@ impl Clone for KvMemo {
 }
 
 impl KvMemo {
-    /// The keys and values of `context`, from the memo when it saw the same values.
+    /// The key/value projection of `context`, from the memo when it saw the same values.
     fn get_or_compute(
         &self,
         context: &Tensor,
-        compute: impl FnOnce() -> candle_core::Result<(Tensor, Tensor)>,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
+        compute: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((seen, k, v)) = last.as_ref()
+        if let Some((seen, kv)) = last.as_ref()
             && same_values(seen, context)
         {
-            return Ok((k.clone(), v.clone()));
+            return Ok(kv.clone());
         }
-        let (k, v) = compute()?;
+        let kv = compute()?;
         self.computed.fetch_add(1, Ordering::Relaxed);
-        *last = Some((context.clone(), k.clone(), v.clone()));
-        Ok((k, v))
+        *last = Some((context.clone(), kv.clone()));
+        Ok(kv)
     }
 }
 
@@ -553,11 +554,21 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
+        let bank = bank.filter(|_| self.to_kv.is_none());
+        if attention::applies(x) && bank.is_none() {
+            return self.attend_in_place(x, context, image);
+        }
         // Heads-major layout [·, B, H, tokens, d] so that every (batch, head) pair is one matmul.
+        let heads_major = |kv: Tensor, tokens: usize| {
+            kv.reshape((b, tokens, 2, h, d))?
+                .permute((2, 0, 3, 1, 4))?
+                .contiguous()
+        };
         let (q, k, v, m) = match (&self.to_kv, context) {
             (None, _) => {
-                let qkv = self.to_q_or_qkv.forward(x)?;
-                let qkv = qkv
+                let qkv = self
+                    .to_q_or_qkv
+                    .forward(x)?
                     .reshape((b, n, 3, h, d))?
                     .permute((2, 0, 3, 1, 4))?
                     .contiguous()?;
@@ -567,22 +578,15 @@ impl Attention {
                 let m = ctx.dim(1)?;
                 let q = self.to_q_or_qkv.forward(x)?;
                 let q = q.reshape((b, n, h, d))?.transpose(1, 2)?.contiguous()?;
-                let (k, v) = self.kv_memo.get_or_compute(ctx, || {
-                    let kv = to_kv
-                        .forward(ctx)?
-                        .reshape((b, m, 2, h, d))?
-                        .permute((2, 0, 3, 1, 4))?
-                        .contiguous()?;
-                    Ok((kv.get(0)?, kv.get(1)?))
-                })?;
-                (q, k, v, m)
+                let kv = heads_major(self.kv_memo.get_or_compute(ctx, || to_kv.forward(ctx))?, m)?;
+                (q, kv.get(0)?, kv.get(1)?, m)
             }
             (Some(_), None) => candle_core::bail!("cross-attention called without a context"),
         };
         let q = q.reshape((b * h, n, d))?;
         let k = k.reshape((b * h, m, d))?;
         let v = v.reshape((b * h, m, d))?;
-        let (k, v, m) = match bank.filter(|_| self.to_kv.is_none()) {
+        let (k, v, m) = match bank {
             Some(bank) => {
                 let (k, v) = bank.borrow_mut().extend(&k, &v)?;
                 let m = k.dim(1)?;
@@ -593,15 +597,63 @@ impl Attention {
         let mut out = self.attend_blocks(&q, &k, &v, b, n, m)?;
         if let Some(image) = image {
             let t = image.tokens.dim(1)?;
-            let kv = image
-                .to_kv
-                .forward(image.tokens)?
-                .reshape((b, t, 2, h, d))?
-                .permute((2, 0, 3, 1, 4))?
-                .contiguous()?;
+            let kv = heads_major(image.to_kv.forward(image.tokens)?, t)?;
             let k = kv.get(0)?.reshape((b * h, t, d))?;
             let v = kv.get(1)?.reshape((b * h, t, d))?;
             let from_image = self.attend_blocks(&q, &k, &v, b, n, t)?;
+            out = (out + (from_image * image.scale)?)?;
+        }
+        self.to_out.forward(&out)
+    }
+
+    /// [`forward_with_image`](Self::forward_with_image) on the CPU kernels without a bank: the
+    /// attention reads its heads in place from the projections' `[B, tokens, width]` outputs
+    /// (the fused `qkv` of self-attention, `q` and the memo's `kv` of cross-attention).
+    fn attend_in_place(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        image: Option<ImageAttention<'_>>,
+    ) -> candle_core::Result<Tensor> {
+        let (h, d) = (self.heads, self.head_dim);
+        let view = |tensor, offset| attention::TokenMajor { tensor, offset };
+        let queries = self.to_q_or_qkv.forward(x)?;
+        let keys_values = match (&self.to_kv, context) {
+            (None, _) => None,
+            (Some(to_kv), Some(ctx)) => {
+                Some(self.kv_memo.get_or_compute(ctx, || to_kv.forward(ctx))?)
+            }
+            (Some(_), None) => candle_core::bail!("cross-attention called without a context"),
+        };
+        let mut out = match &keys_values {
+            // Self-attention: `queries` is q, k and v side by side.
+            None => attention::attention_token_major(
+                view(&queries, 0),
+                view(&queries, h * d),
+                view(&queries, 2 * h * d),
+                h,
+                d,
+                self.scale,
+            )?,
+            Some(kv) => attention::attention_token_major(
+                view(&queries, 0),
+                view(kv, 0),
+                view(kv, h * d),
+                h,
+                d,
+                self.scale,
+            )?,
+        };
+        if let Some(image) = image {
+            let kv = image.to_kv.forward(image.tokens)?;
+            let from_image = attention::attention_token_major(
+                view(&queries, 0),
+                view(&kv, 0),
+                view(&kv, h * d),
+                h,
+                d,
+                self.scale,
+            )?;
             out = (out + (from_image * image.scale)?)?;
         }
         self.to_out.forward(&out)

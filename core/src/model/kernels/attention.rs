@@ -7,6 +7,12 @@
 //! megabytes of scores per head to memory and reads them back twice, and copies the heads' outputs
 //! together afterwards. Each block's output lands directly in its place in `[B, N, H·d]`, the
 //! layout the output projection reads.
+//!
+//! The operands are read where they are: heads-major (`[B·H, N, d]`, [`attention`]) or, as the
+//! projections write them, token-major (`[B, N, width]` with head `h`'s `d` columns at `offset +
+//! h·d`, [`attention_token_major`]), so that self-attention reads its queries, keys and values
+//! straight from the one fused projection instead of copying them apart first (at 4,096 tokens,
+//! batch 3, that copy moved 47 MB each way per layer).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -38,9 +44,109 @@ pub(crate) fn attention(
         heads,
         scale,
         bf16: gemm_bf16::active(),
+        arrangement: Arrangement::HeadsMajor,
     };
     q.contiguous()?
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+}
+
+/// One operand of [`attention_token_major`]: a `[B, tokens, width]` tensor whose head `h` is
+/// columns `offset + h·d .. offset + (h + 1)·d`.
+#[derive(Clone, Copy)]
+pub(crate) struct TokenMajor<'a> {
+    pub tensor: &'a Tensor,
+    pub offset: usize,
+}
+
+/// Attention of `heads` heads of `head_dim` values each, read in place from token-major
+/// operands (queries `[B, N, ·]`, keys and values `[B, M, ·]`; keys and values may be one
+/// tensor, and so may all three), heads merged: `[B, N, H·d]`.
+pub(crate) fn attention_token_major(
+    q: TokenMajor<'_>,
+    k: TokenMajor<'_>,
+    v: TokenMajor<'_>,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let op = AttentionOp {
+        heads,
+        scale,
+        bf16: gemm_bf16::active(),
+        arrangement: Arrangement::TokenMajor {
+            head_dim,
+            offsets: [q.offset, k.offset, v.offset],
+        },
+    };
+    q.tensor
+        .contiguous()?
+        .apply_op3_no_bwd(&k.tensor.contiguous()?, &v.tensor.contiguous()?, &op)
+}
+
+/// How the operands hold their heads.
+#[derive(Clone, Copy)]
+enum Arrangement {
+    /// `[B·H, tokens, d]`.
+    HeadsMajor,
+    /// `[B, tokens, width]`, head `h` at columns `offset + h·d` (one offset per operand).
+    TokenMajor {
+        head_dim: usize,
+        offsets: [usize; 3],
+    },
+}
+
+/// Where an operand's rows lie in its buffer: row `r` of image `i`, head `h` starts at
+/// `i·image_stride + h·head_stride + r·row_stride + offset`, and is `d` values long.
+#[derive(Clone, Copy, Debug)]
+struct Rows {
+    image_stride: usize,
+    head_stride: usize,
+    row_stride: usize,
+    offset: usize,
+}
+
+impl Rows {
+    fn heads_major(heads: usize, tokens: usize, d: usize) -> Self {
+        Self {
+            image_stride: heads * tokens * d,
+            head_stride: tokens * d,
+            row_stride: d,
+            offset: 0,
+        }
+    }
+
+    fn token_major(tokens: usize, width: usize, d: usize, offset: usize) -> Self {
+        Self {
+            image_stride: tokens * width,
+            head_stride: d,
+            row_stride: width,
+            offset,
+        }
+    }
+
+    fn at(&self, image: usize, head: usize, row: usize) -> usize {
+        image * self.image_stride + head * self.head_stride + row * self.row_stride + self.offset
+    }
+
+    /// The values `rows` rows of (image, head) span from their first: what a slice of them
+    /// must hold.
+    fn span(&self, rows: usize, d: usize) -> usize {
+        if rows == 0 {
+            0
+        } else {
+            (rows - 1) * self.row_stride + d
+        }
+    }
+}
+
+/// The operands' sizes: images, heads, queries, keys, values per head.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    n: usize,
+    m: usize,
+    d: usize,
 }
 
 struct AttentionOp {
@@ -48,17 +154,20 @@ struct AttentionOp {
     scale: f64,
     /// Both products on bf16 operands with f32 sums ([`gemm_bf16`]); the softmax stays f32.
     bf16: bool,
+    arrangement: Arrangement,
 }
 
 impl AttentionOp {
-    fn run(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        (pairs, n, m, d): (usize, usize, usize, usize),
-    ) -> Vec<f32> {
-        let heads = self.heads;
+    fn run(&self, (q, k, v): (&[f32], &[f32], &[f32]), rows: [Rows; 3], dims: Dims) -> Vec<f32> {
+        let Dims {
+            batch,
+            heads,
+            n,
+            m,
+            d,
+        } = dims;
+        let [q_rows, k_rows, v_rows] = rows;
+        let pairs = batch * heads;
         let row_len = heads * d;
         let mut out = vec![0f32; pairs * n * d];
         if out.is_empty() {
@@ -77,13 +186,18 @@ impl AttentionOp {
                 let (image, head) = (pair / heads, pair % heads);
                 let r0 = block * rows;
                 let nr = rows.min(n - r0);
-                let q_at = (pair * n + r0) * d;
-                let kv_at = pair * m * d;
+                let q_at = q_rows.at(image, head, r0);
+                let (k_at, v_at) = (k_rows.at(image, head, 0), v_rows.at(image, head, 0));
                 let dst_at = (image * n + r0) * row_len + head * d;
                 if let Some(packed) = &mut packed {
                     packed.run(
-                        (pair, &k[kv_at..][..m * d], &v[kv_at..][..m * d], (m, d)),
-                        &q[q_at..][..nr * d],
+                        (
+                            pair,
+                            (&k[k_at..][..k_rows.span(m, d)], k_rows.row_stride),
+                            (&v[v_at..][..v_rows.span(m, d)], v_rows.row_stride),
+                            (m, d),
+                        ),
+                        (&q[q_at..][..q_rows.span(nr, d)], q_rows.row_stride),
                         &mut scores[..nr * m],
                         scale,
                         // SAFETY: as for the f32 products below.
@@ -99,8 +213,10 @@ impl AttentionOp {
                     );
                     continue;
                 }
-                // SAFETY: scores holds nr × m values (row stride m); q[pair, r0..r0 + nr] is
-                // nr rows of d values; kᵀ is read from k[pair] ([m, d]) with strides swapped.
+                // SAFETY: scores holds nr × m values (row stride m); q's block is nr rows of d
+                // values (row stride q_rows.row_stride); kᵀ is read from k's m rows of (image,
+                // head) with strides swapped. cpu_fwd checked that every such row lies inside
+                // its operand.
                 unsafe {
                     gemm::gemm(
                         nr,
@@ -112,9 +228,9 @@ impl AttentionOp {
                         false,
                         q.as_ptr().add(q_at),
                         1,
-                        d as isize,
-                        k.as_ptr().add(kv_at),
-                        d as isize,
+                        q_rows.row_stride as isize,
+                        k.as_ptr().add(k_at),
+                        k_rows.row_stride as isize,
                         1,
                         0.0,
                         1.0,
@@ -129,7 +245,8 @@ impl AttentionOp {
                 }
                 // SAFETY: dst is out[image, r0..r0 + nr, head·d..(head + 1)·d] (row stride
                 // H·d): written by this task only, since tasks partition (pair, rows). The
-                // scores are nr × m (row stride m), v[pair] is m × d.
+                // scores are nr × m (row stride m), v's rows of (image, head) m × d (row stride
+                // v_rows.row_stride, checked in cpu_fwd).
                 unsafe {
                     gemm::gemm(
                         nr,
@@ -142,9 +259,9 @@ impl AttentionOp {
                         scores.as_ptr(),
                         1,
                         m as isize,
-                        v.as_ptr().add(kv_at),
+                        v.as_ptr().add(v_at),
                         1,
-                        d as isize,
+                        v_rows.row_stride as isize,
                         0.0,
                         1.0,
                         false,
@@ -161,6 +278,9 @@ impl AttentionOp {
     }
 }
 
+/// An operand's rows of one (image, head) pair and their row stride.
+type StridedRows<'a> = (&'a [f32], usize);
+
 /// One thread's packed operands for the bf16 products: the keys and values of the pair it
 /// last saw (tasks of one pair are consecutive), the query block and the probabilities.
 #[derive(Default)]
@@ -175,21 +295,27 @@ struct PackedPair {
 impl PackedPair {
     /// softmax(scale·q·kᵀ) into `scores` (`q` `[rows, d]`), then hands the packed
     /// probabilities and values to `multiply_v`, which writes the block's output.
+    /// `k`, `v` and `q` come with their row strides.
     fn run(
         &mut self,
-        (pair, k, v, (m, d)): (usize, &[f32], &[f32], (usize, usize)),
-        q: &[f32],
+        (pair, (k, k_stride), (v, v_stride), (m, d)): (
+            usize,
+            StridedRows,
+            StridedRows,
+            (usize, usize),
+        ),
+        (q, q_stride): StridedRows,
         scores: &mut [f32],
         scale: f32,
         multiply_v: impl FnOnce(&PackedA, &PackedB),
     ) {
         if self.pair != Some(pair) {
-            self.keys.repack_transposed(k, m, d, d, 1);
-            self.values.repack_rows(v, m, d, d, 1);
+            self.keys.repack_transposed(k, m, d, k_stride, 1);
+            self.values.repack_rows(v, m, d, v_stride, 1);
             self.pair = Some(pair);
         }
-        let rows = q.len() / d;
-        self.queries.repack(q, rows, d, d, 1);
+        let rows = scores.len() / m;
+        self.queries.repack(q, rows, d, q_stride, 1);
         // SAFETY: `scores` holds rows × m values; both operands have d columns/rows.
         unsafe { gemm_bf16::gemm_into(&self.queries, &self.keys, scores.as_mut_ptr(), m, 1) };
         for row in scores.chunks_exact_mut(m) {
@@ -215,35 +341,82 @@ impl CustomOp3 for AttentionOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (pairs, n, d) = l1.shape().dims3()?;
-        let (k_pairs, m, k_d) = l2.shape().dims3()?;
-        if l3.shape() != l2.shape()
-            || k_pairs != pairs
-            || k_d != d
-            || self.heads == 0
-            || !pairs.is_multiple_of(self.heads)
-        {
-            candle_core::bail!(
-                "{name}: q {:?}, k {:?}, v {:?} do not fit {} heads",
+        let heads = self.heads;
+        let misfit = || {
+            candle_core::Error::Msg(format!(
+                "{name}: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
                 l1.shape(),
                 l2.shape(),
                 l3.shape(),
-                self.heads
-            );
+            ))
+        };
+        let (q_dims, k_dims, v_dims) = (
+            l1.shape().dims3()?,
+            l2.shape().dims3()?,
+            l3.shape().dims3()?,
+        );
+        if heads == 0 || k_dims.1 != v_dims.1 || k_dims.0 != q_dims.0 || v_dims.0 != q_dims.0 {
+            return Err(misfit());
         }
+        let (dims, rows) = match self.arrangement {
+            Arrangement::HeadsMajor => {
+                let (pairs, n, d) = q_dims;
+                let m = k_dims.1;
+                if k_dims != (pairs, m, d) || v_dims != k_dims || !pairs.is_multiple_of(heads) {
+                    return Err(misfit());
+                }
+                let batch = pairs / heads;
+                let rows = [
+                    Rows::heads_major(heads, n, d),
+                    Rows::heads_major(heads, m, d),
+                    Rows::heads_major(heads, m, d),
+                ];
+                (
+                    Dims {
+                        batch,
+                        heads,
+                        n,
+                        m,
+                        d,
+                    },
+                    rows,
+                )
+            }
+            Arrangement::TokenMajor { head_dim, offsets } => {
+                let (batch, n, m) = (q_dims.0, q_dims.1, k_dims.1);
+                let widths = [q_dims.2, k_dims.2, v_dims.2];
+                if head_dim == 0 || (0..3).any(|i| offsets[i] + heads * head_dim > widths[i]) {
+                    return Err(misfit());
+                }
+                let tokens = [n, m, m];
+                let rows = std::array::from_fn(|i| {
+                    Rows::token_major(tokens[i], widths[i], head_dim, offsets[i])
+                });
+                let dims = Dims {
+                    batch,
+                    heads,
+                    n,
+                    m,
+                    d: head_dim,
+                };
+                (dims, rows)
+            }
+        };
         if s1.dtype() != DType::F32 {
             candle_core::bail!("{name}: f32 only, got {:?}", s1.dtype());
         }
         let out = self.run(
-            contiguous_slice(s1, l1, name)?,
-            contiguous_slice(s2, l2, name)?,
-            contiguous_slice(s3, l3, name)?,
-            (pairs, n, m, d),
+            (
+                contiguous_slice(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                contiguous_slice(s3, l3, name)?,
+            ),
+            rows,
+            dims,
         );
-        let batch = pairs / self.heads;
         Ok((
             CpuStorage::F32(out),
-            Shape::from((batch, n, self.heads * d)),
+            Shape::from((dims.batch, dims.n, heads * dims.d)),
         ))
     }
 }
@@ -315,6 +488,80 @@ mod tests {
         let q = Tensor::zeros((3, 4, 8), DType::F32, &dev)?;
         let err = attention(&q, &q, &q, 2, 1.0).unwrap_err().to_string();
         assert!(err.contains("heads"), "{err}");
+        Ok(())
+    }
+
+    /// Read in place from token-major projections (self-attention's fused `[B, N, 3·H·d]`, and
+    /// cross-attention's `q` beside a `[B, M, 2·H·d]` key/value projection), in f32 and bf16,
+    /// the kernel gives what it gives on the same values copied apart heads-major.
+    #[test]
+    fn token_major_operands_match_heads_major_ones() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let heads_major = |t: &Tensor, parts: usize, part: usize, heads: usize, d: usize| {
+            let (b, tokens, _) = t.dims3()?;
+            t.reshape((b, tokens, parts, heads, d))?
+                .permute((2, 0, 3, 1, 4))?
+                .contiguous()?
+                .get(part)?
+                .reshape((b * heads, tokens, d))
+        };
+        let largest_difference = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        for bf16 in [false, true] {
+            for (batch, heads, n, m, d) in [(2, 3, 37, 29, 8), (1, 5, 300, 77, 64)] {
+                let view = |tensor, offset| TokenMajor { tensor, offset };
+                let scale = (d as f64).powf(-0.5);
+                let (hd, run) = (heads * d, |f: &dyn Fn() -> candle_core::Result<Tensor>| {
+                    gemm_bf16::scoped(bf16, f)
+                });
+                // Self-attention: q, k and v side by side in one tensor.
+                let qkv = Tensor::randn(0f32, 1.0, (batch, n, 3 * hd), &dev)?;
+                let got = run(&|| {
+                    attention_token_major(
+                        view(&qkv, 0),
+                        view(&qkv, hd),
+                        view(&qkv, 2 * hd),
+                        heads,
+                        d,
+                        scale,
+                    )
+                })?;
+                let (q, k, v) = (
+                    heads_major(&qkv, 3, 0, heads, d)?,
+                    heads_major(&qkv, 3, 1, heads, d)?,
+                    heads_major(&qkv, 3, 2, heads, d)?,
+                );
+                let want = run(&|| attention(&q, &k, &v, heads, scale))?;
+                assert_eq!(got.dims(), &[batch, n, hd]);
+                let err = largest_difference(&got, &want)?;
+                assert!(err <= 1e-6, "self, bf16 {bf16}, {heads} heads: {err}");
+                // Cross-attention: q alone, keys and values in one projection.
+                let q = Tensor::randn(0f32, 1.0, (batch, n, hd), &dev)?;
+                let kv = Tensor::randn(0f32, 1.0, (batch, m, 2 * hd), &dev)?;
+                let got = run(&|| {
+                    attention_token_major(view(&q, 0), view(&kv, 0), view(&kv, hd), heads, d, scale)
+                })?;
+                let (k, v) = (
+                    heads_major(&kv, 2, 0, heads, d)?,
+                    heads_major(&kv, 2, 1, heads, d)?,
+                );
+                let q_heads = heads_major(&Tensor::cat(&[&q, &q], 2)?, 2, 0, heads, d)?;
+                let want = run(&|| attention(&q_heads, &k, &v, heads, scale))?;
+                let err = largest_difference(&got, &want)?;
+                assert!(err <= 1e-6, "cross, bf16 {bf16}, {heads} heads: {err}");
+            }
+        }
+        // Heads that pass the end of an operand's rows are named, not read.
+        let qkv = Tensor::zeros((1, 4, 24), DType::F32, &dev)?;
+        let view = |offset| TokenMajor {
+            tensor: &qkv,
+            offset,
+        };
+        let err = attention_token_major(view(0), view(8), view(17), 2, 4, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("do not fit 2 heads"), "{err}");
         Ok(())
     }
 }
