@@ -3,9 +3,15 @@
 //! upsampled convolution counts the work at the upsampled size, which the channels-last kernel
 //! does in 4 taps instead of 9: its figure can exceed the machine's peak).
 //!
-//! `cargo run --release -p sdstream --example conv_bench -- [iterations] [layer name filter]`
+//! `cargo run --release -p sdstream --example conv_bench -- [iterations] [layer name filter] [batch]`
+//! (a batch of three is what a three-step stream gives the UNet)
 
 use std::time::Instant;
+
+// As the C ABI, the Python module and the server have it (sdstream::alloc); `SDSTREAM_REUSE_MB=0`
+// times the system allocator alone.
+#[global_allocator]
+static ALLOCATOR: sdstream::alloc::ReusingAllocator = sdstream::alloc::ReusingAllocator::new();
 
 use candle_core::{Device, Tensor};
 use sdstream::model::kernels::conv::{Conv2d, Padding};
@@ -32,7 +38,12 @@ fn main() -> candle_core::Result<()> {
         .unwrap_or(4);
     // Only the layers whose name contains this (all of them by default).
     let filter = std::env::args().nth(2).unwrap_or_default();
+    let batch: usize = std::env::args()
+        .nth(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let dev = Device::Cpu;
+    println!("batch {batch}");
     println!(
         "| layer | input | stride | upsample | GFLOP | channels-first ms | GFLOP/s | channels-last ms | GFLOP/s |"
     );
@@ -64,12 +75,12 @@ fn main() -> candle_core::Result<()> {
             continue;
         }
         let out = hw * up / s;
-        let gflop = 2.0 * (c * 9 * co * out * out) as f64 / 1e9;
+        let gflop = 2.0 * (batch * c * 9 * co * out * out) as f64 / 1e9;
         let weight = Tensor::randn(0f32, 0.1, (co, c, 3, 3), &dev)?;
         let bias = Tensor::randn(0f32, 0.1, co, &dev)?;
         let first = Conv2d::from_tensors(weight, Some(bias), s, Padding::uniform(1))?;
         let last = first.clone().into_channels_last()?;
-        let x_first = Tensor::randn(0f32, 1.0, (1, c, hw, hw), &dev)?;
+        let x_first = Tensor::randn(0f32, 1.0, (batch, c, hw, hw), &dev)?;
         let x_last = x_first.permute((0, 2, 3, 1))?.contiguous()?;
         let t_first = best_of(iterations, || {
             first.forward_upsampled(&x_first, up).map(drop)

@@ -59,10 +59,25 @@ const ZERO: Lane = Lane([0.0; LANES]);
 /// of this size.
 const MAX_WINDOW: usize = 6;
 
-/// Bytes of transformed input a chunk of tile rows aims at, so that each of its GEMMs' right
-/// operand stays in cache while the GEMM runs; small in tests, so that their maps are cut into
-/// several chunks.
+/// Bytes of transformed input (or of products, the larger) a chunk of tile rows aims at, at
+/// least: each of its GEMMs' right operand stays in cache while the GEMM runs. Small in tests,
+/// so that their maps are cut into several chunks.
 const CHUNK_BYTES: usize = if cfg!(test) { 256 << 10 } else { 8 << 20 };
+/// Most bytes a chunk's transformed input (or products) may take.
+const MAX_CHUNK_BYTES: usize = 128 << 20;
+
+/// What a chunk of a layer aims at: [`CHUNK_BYTES`], or the layer's transformed weights where
+/// those are more, since every chunk reads all of them again (236 MB at the UNet's 1,280
+/// channels, read 2 to 12 times a call with 8 MiB chunks). conv_bench, ms, 8 MiB chunks → this:
+/// the UNet's upsampling to 32² × 1,280 69.2 → 47.7–48.9 for one image, 174.8 → 140.7–144.0 for
+/// three; 2,560 → 1,280 at 16², three images, 124.2 → 73.8; 1,280 at 16², three, 60.4 → 39.6.
+fn chunk_budget(points: usize, c_in: usize, c_out: usize) -> usize {
+    if cfg!(test) {
+        return CHUNK_BYTES;
+    }
+    let weights = points * c_in * c_out * std::mem::size_of::<f32>();
+    weights.clamp(CHUNK_BYTES, MAX_CHUNK_BYTES)
+}
 /// Fewest tiles (the batch's images together) for which a variant runs by default: three
 /// images of a map of 16 tiles (a stream batch of three denoising steps) take it, one or two do
 /// not. Fewer tiles can still beat the im2col GEMM (conv_bench: 16 tiles of F(2×2, 3×3) at
@@ -570,8 +585,9 @@ fn convolve_with<const M: usize>(
     if tile_rows == 0 || tw == 0 {
         return;
     }
-    let rows_per_chunk =
-        (CHUNK_BYTES / (points * s.c_in.max(s.c_out) * tw * 4)).clamp(1, tile_rows);
+    let rows_per_chunk = (chunk_budget(points, s.c_in, s.c_out)
+        / (points * s.c_in.max(s.c_out) * tw * 4))
+        .clamp(1, tile_rows);
     let chunk_tiles = rows_per_chunk * tw;
     let mut transformed = vec![0f32; points * s.c_in * chunk_tiles];
     let mut products = vec![0f32; points * s.c_out * chunk_tiles];
@@ -884,7 +900,8 @@ fn convolve_channels_last_with<const M: usize>(
         return;
     }
     // At least one tile row per thread, so that the transforms share out.
-    let rows_per_chunk = (CHUNK_BYTES / (points * s.c_in.max(s.c_out) * tw * 4))
+    let rows_per_chunk = (chunk_budget(points, s.c_in, s.c_out)
+        / (points * s.c_in.max(s.c_out) * tw * 4))
         .max(threads)
         .clamp(1, tile_rows);
     let chunk_tiles = rows_per_chunk * tw;
