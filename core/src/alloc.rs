@@ -188,6 +188,34 @@ impl ReusingAllocator {
         limit
     }
 
+    /// Whether requests of `layout` are served from (and freed to) the kept blocks: large enough,
+    /// an alignment the blocks can have, and a non-zero limit. The limit never changes once read,
+    /// so a block is freed the way it was allocated.
+    fn reuses(&self, layout: Layout) -> bool {
+        layout.size() >= MIN_REUSED_BYTES && layout.align() <= MAX_BLOCK_ALIGN && self.limit() > 0
+    }
+
+    /// A block for a request of `layout` that [`reuses`](Self::reuses) says is served here: a
+    /// kept one of its class (zeroed when asked), or a new one of the whole class.
+    ///
+    /// # Safety
+    /// `layout` has a non-zero size (as every layout reaching a `GlobalAlloc` does).
+    unsafe fn serve(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let block = Block::for_request(layout, std::ptr::null_mut());
+        match (self.take(block), zeroed) {
+            (Some(ptr), false) => ptr,
+            (Some(ptr), true) => {
+                // SAFETY: the block holds at least layout.size() bytes.
+                unsafe { std::ptr::write_bytes(ptr, 0, layout.size()) };
+                ptr
+            }
+            // SAFETY: a non-zero size, a power-of-two alignment.
+            (None, false) => unsafe { System.alloc(block.layout()) },
+            // SAFETY: as above; fresh pages come zeroed from the kernel.
+            (None, true) => unsafe { System.alloc_zeroed(block.layout()) },
+        }
+    }
+
     /// A kept block for `request` (same class and alignment: a block goes back to the system
     /// with the layout it came with, which its next owner's free must give again), the most
     /// recently freed one (its pages are the likeliest to be in cache).
@@ -233,10 +261,6 @@ impl ReusingAllocator {
     }
 }
 
-fn reused(layout: Layout) -> bool {
-    layout.size() >= MIN_REUSED_BYTES && layout.align() <= MAX_BLOCK_ALIGN
-}
-
 /// `SDSTREAM_REUSE_MB` as bytes, read without allocating (this runs inside the allocator).
 fn limit_from_environment() -> usize {
     // SAFETY: getenv's result is either null or a NUL-terminated string that lives while the
@@ -258,45 +282,25 @@ fn limit_from_environment() -> usize {
 // table under its lock); blocks return to the system with the layout they were allocated with.
 unsafe impl GlobalAlloc for ReusingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !reused(layout) {
+        if !self.reuses(layout) {
             // SAFETY: forwarded as given.
             return unsafe { System.alloc(layout) };
         }
-        if self.limit() == 0 {
-            // SAFETY: forwarded as given.
-            return unsafe { System.alloc(layout) };
-        }
-        let block = Block::for_request(layout, std::ptr::null_mut());
-        match self.take(block) {
-            Some(ptr) => ptr,
-            // SAFETY: a non-zero size, a power-of-two alignment.
-            None => unsafe { System.alloc(block.layout()) },
-        }
+        // SAFETY: a request this allocator reuses blocks for.
+        unsafe { self.serve(layout, false) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !reused(layout) {
+        if !self.reuses(layout) {
             // SAFETY: forwarded as given.
             return unsafe { System.alloc_zeroed(layout) };
         }
-        if self.limit() == 0 {
-            // SAFETY: forwarded as given.
-            return unsafe { System.alloc_zeroed(layout) };
-        }
-        let block = Block::for_request(layout, std::ptr::null_mut());
-        match self.take(block) {
-            Some(ptr) => {
-                // SAFETY: the block holds at least layout.size() bytes.
-                unsafe { std::ptr::write_bytes(ptr, 0, layout.size()) };
-                ptr
-            }
-            // SAFETY: as in alloc; fresh pages come zeroed from the kernel.
-            None => unsafe { System.alloc_zeroed(block.layout()) },
-        }
+        // SAFETY: as in alloc.
+        unsafe { self.serve(layout, true) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if !reused(layout) || self.limit() == 0 {
+        if !self.reuses(layout) {
             // SAFETY: allocated by `System` with this layout (alloc forwarded it).
             return unsafe { System.dealloc(ptr, layout) };
         }
@@ -306,8 +310,7 @@ unsafe impl GlobalAlloc for ReusingAllocator {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller guarantees new_size rounded to the alignment does not overflow.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        let reusing = self.limit() > 0;
-        match (reused(layout) && reusing, reused(new_layout) && reusing) {
+        match (self.reuses(layout), self.reuses(new_layout)) {
             // SAFETY: both sides are the system's own blocks.
             (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
             (true, true) if size_class(layout.size()) == size_class(new_size) => ptr,
