@@ -555,8 +555,18 @@ impl Attention {
         let (b, n, _) = x.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
         let bank = bank.filter(|_| self.to_kv.is_none());
+        // Self-attention: q, k and v side by side; cross-attention: q alone, and the context's
+        // key/value projection from the memo.
+        let queries = self.to_q_or_qkv.forward(x)?;
+        let keys_values = match (&self.to_kv, context) {
+            (None, _) => None,
+            (Some(to_kv), Some(ctx)) => {
+                Some(self.kv_memo.get_or_compute(ctx, || to_kv.forward(ctx))?)
+            }
+            (Some(_), None) => candle_core::bail!("cross-attention called without a context"),
+        };
         if attention::applies(x) && bank.is_none() {
-            return self.attend_in_place(x, context, image);
+            return self.attend_in_place(&queries, keys_values.as_ref(), image);
         }
         // Heads-major layout [·, B, H, tokens, d] so that every (batch, head) pair is one matmul.
         let heads_major = |kv: Tensor, tokens: usize| {
@@ -564,24 +574,23 @@ impl Attention {
                 .permute((2, 0, 3, 1, 4))?
                 .contiguous()
         };
-        let (q, k, v, m) = match (&self.to_kv, context) {
-            (None, _) => {
-                let qkv = self
-                    .to_q_or_qkv
-                    .forward(x)?
+        let (q, k, v, m) = match keys_values {
+            None => {
+                let qkv = queries
                     .reshape((b, n, 3, h, d))?
                     .permute((2, 0, 3, 1, 4))?
                     .contiguous()?;
                 (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?, n)
             }
-            (Some(to_kv), Some(ctx)) => {
-                let m = ctx.dim(1)?;
-                let q = self.to_q_or_qkv.forward(x)?;
-                let q = q.reshape((b, n, h, d))?.transpose(1, 2)?.contiguous()?;
-                let kv = heads_major(self.kv_memo.get_or_compute(ctx, || to_kv.forward(ctx))?, m)?;
+            Some(kv) => {
+                let m = kv.dim(1)?;
+                let q = queries
+                    .reshape((b, n, h, d))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let kv = heads_major(kv, m)?;
                 (q, kv.get(0)?, kv.get(1)?, m)
             }
-            (Some(_), None) => candle_core::bail!("cross-attention called without a context"),
         };
         let q = q.reshape((b * h, n, d))?;
         let k = k.reshape((b * h, m, d))?;
@@ -608,52 +617,34 @@ impl Attention {
 
     /// [`forward_with_image`](Self::forward_with_image) on the CPU kernels without a bank: the
     /// attention reads its heads in place from the projections' `[B, tokens, width]` outputs
-    /// (the fused `qkv` of self-attention, `q` and the memo's `kv` of cross-attention).
+    /// (`queries`, and cross-attention's `keys_values`).
     fn attend_in_place(
         &self,
-        x: &Tensor,
-        context: Option<&Tensor>,
+        queries: &Tensor,
+        keys_values: Option<&Tensor>,
         image: Option<ImageAttention<'_>>,
     ) -> candle_core::Result<Tensor> {
         let (h, d) = (self.heads, self.head_dim);
-        let view = |tensor, offset| attention::TokenMajor { tensor, offset };
-        let queries = self.to_q_or_qkv.forward(x)?;
-        let keys_values = match (&self.to_kv, context) {
-            (None, _) => None,
-            (Some(to_kv), Some(ctx)) => {
-                Some(self.kv_memo.get_or_compute(ctx, || to_kv.forward(ctx))?)
-            }
-            (Some(_), None) => candle_core::bail!("cross-attention called without a context"),
+        // The queries' attention over the keys at column `keys` of `kv` and the values right
+        // after them.
+        let attend = |kv: &Tensor, keys: usize| {
+            let view = |tensor, offset| attention::TokenMajor { tensor, offset };
+            attention::attention_token_major(
+                view(queries, 0),
+                view(kv, keys),
+                view(kv, keys + h * d),
+                h,
+                d,
+                self.scale,
+            )
         };
-        let mut out = match &keys_values {
+        let mut out = match keys_values {
             // Self-attention: `queries` is q, k and v side by side.
-            None => attention::attention_token_major(
-                view(&queries, 0),
-                view(&queries, h * d),
-                view(&queries, 2 * h * d),
-                h,
-                d,
-                self.scale,
-            )?,
-            Some(kv) => attention::attention_token_major(
-                view(&queries, 0),
-                view(kv, 0),
-                view(kv, h * d),
-                h,
-                d,
-                self.scale,
-            )?,
+            None => attend(queries, h * d)?,
+            Some(kv) => attend(kv, 0)?,
         };
         if let Some(image) = image {
-            let kv = image.to_kv.forward(image.tokens)?;
-            let from_image = attention::attention_token_major(
-                view(&queries, 0),
-                view(&kv, 0),
-                view(&kv, h * d),
-                h,
-                d,
-                self.scale,
-            )?;
+            let from_image = attend(&image.to_kv.forward(image.tokens)?, 0)?;
             out = (out + (from_image * image.scale)?)?;
         }
         self.to_out.forward(&out)

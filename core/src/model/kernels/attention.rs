@@ -40,14 +40,7 @@ pub(crate) fn attention(
     heads: usize,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let op = AttentionOp {
-        heads,
-        scale,
-        bf16: gemm_bf16::active(),
-        arrangement: Arrangement::HeadsMajor,
-    };
-    q.contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+    AttentionOp::apply(q, k, v, (heads, scale), Arrangement::HeadsMajor)
 }
 
 /// One operand of [`attention_token_major`]: a `[B, tokens, width]` tensor whose head `h` is
@@ -69,18 +62,11 @@ pub(crate) fn attention_token_major(
     head_dim: usize,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let op = AttentionOp {
-        heads,
-        scale,
-        bf16: gemm_bf16::active(),
-        arrangement: Arrangement::TokenMajor {
-            head_dim,
-            offsets: [q.offset, k.offset, v.offset],
-        },
+    let arrangement = Arrangement::TokenMajor {
+        head_dim,
+        offsets: [q.offset, k.offset, v.offset],
     };
-    q.tensor
-        .contiguous()?
-        .apply_op3_no_bwd(&k.tensor.contiguous()?, &v.tensor.contiguous()?, &op)
+    AttentionOp::apply(q.tensor, k.tensor, v.tensor, (heads, scale), arrangement)
 }
 
 /// How the operands hold their heads.
@@ -158,6 +144,24 @@ struct AttentionOp {
 }
 
 impl AttentionOp {
+    /// The op on these operands, bf16 products where the thread's scope asks for them.
+    fn apply(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (heads, scale): (usize, f64),
+        arrangement: Arrangement,
+    ) -> candle_core::Result<Tensor> {
+        let op = Self {
+            heads,
+            scale,
+            bf16: gemm_bf16::active(),
+            arrangement,
+        };
+        q.contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+    }
+
     fn run(&self, (q, k, v): (&[f32], &[f32], &[f32]), rows: [Rows; 3], dims: Dims) -> Vec<f32> {
         let Dims {
             batch,
