@@ -141,24 +141,30 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
     Ok(layer)
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Linear {
+    /// `x·Wᵀ`, without the bias.
+    pub(crate) fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if gemm_bf16::active() && cpu_kernels(x.device()) && x.dtype() == DType::F32 {
-            let y = gemm_bf16::linear(x, &self.weight, &self.packed_bf16)?;
-            return match &self.bias {
-                Some(bias) => add_fresh(y, &bias.to_dtype(DType::F32)?, 1),
-                None => Ok(y),
-            };
+            return gemm_bf16::linear(x, &self.weight, &self.packed_bf16);
         }
         let w = self.weight.t()?;
-        let y = match *x.dims() {
+        match *x.dims() {
             [b, n, k] if x.is_contiguous() => {
-                x.reshape((b * n, k))?.matmul(&w)?.reshape((b, n, ()))?
+                x.reshape((b * n, k))?.matmul(&w)?.reshape((b, n, ()))
             }
-            [b, n, _] => x.matmul(&w.broadcast_left(b)?)?.reshape((b, n, ()))?,
-            _ => x.matmul(&w)?,
-        };
+            [b, n, _] => x.matmul(&w.broadcast_left(b)?)?.reshape((b, n, ())),
+            _ => x.matmul(&w),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.product(x)?;
+        let dtype = y.dtype();
         match &self.bias {
+            // The bf16 product is f32 whatever the bias's type.
+            Some(bias) if bias.dtype() != dtype => add_fresh(y, &bias.to_dtype(dtype)?, 1),
             Some(bias) => add_fresh(y, bias, 1),
             None => Ok(y),
         }
@@ -797,7 +803,9 @@ impl FeedForward {
     }
 
     fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.out.forward(&geglu(&self.proj.forward(x)?)?)
+        // The projection's bias is added by GEGLU as it reads the product.
+        self.out
+            .forward(&geglu(&self.proj.product(x)?, self.proj.bias.as_ref())?)
     }
 
     /// The feed-forward of a contiguous `x` (`[…, dim]`), `chunk_rows` rows at a time (in one

@@ -3,10 +3,10 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, D, InplaceOp1, InplaceOp2, Layout, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, D, DType, InplaceOp1, InplaceOp2, Layout, Shape, Tensor, WithDType,
 };
 
-use super::simd::softmax_row;
+use super::simd::{self, softmax_row};
 use super::{
     contiguous_slice, cpu_kernels, cuda_kernels, for_each_row, with_float_type, zeroed_buffer,
 };
@@ -57,6 +57,20 @@ impl AddInPlace {
                 let len = out.len();
                 for (o, v) in out.iter_mut().zip(&src[start..start + len]) {
                     *o += *v;
+                }
+            });
+            return;
+        }
+        if inner == 1 {
+            // A bias over the last dimension: whole rows of `n` at a time, so that the loop is
+            // a vectorised row add (one value at a time it took a bounds check and a wrap test
+            // per element).
+            let rows_per_chunk = (ADD_CHUNK / n).max(1);
+            for_each_row(dst, rows_per_chunk * n, |_, out| {
+                for row in out.chunks_mut(n) {
+                    for (o, v) in row.iter_mut().zip(src) {
+                        *o += *v;
+                    }
                 }
             });
             return;
@@ -191,10 +205,23 @@ mod cuda {
     }
 }
 
-/// diffusers' GEGLU: `[…, 2n]` → `[…, n]`, first half × exact GELU(second half).
-pub(crate) fn geglu(hg: &Tensor) -> candle_core::Result<Tensor> {
-    if cpu_kernels(hg.device()) && hg.is_contiguous() {
-        return hg.apply_op1_no_bwd(&Geglu);
+/// diffusers' GEGLU of a projection's output before its bias: `[…, 2n]` plus `bias` (`[2n]`,
+/// if any) → `[…, n]`, first half × exact GELU(second half). The CPU kernel adds the bias as
+/// it reads each value, which spares the projection a pass of its own over its (widest in the
+/// UNet) output.
+pub(crate) fn geglu(hg: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    if cpu_kernels(hg.device())
+        && hg.is_contiguous()
+        && (bias.is_none() || hg.dtype() == DType::F32)
+    {
+        let bias = match bias {
+            Some(bias) => Some(bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        return hg.apply_op1_no_bwd(&Geglu { bias });
+    }
+    if let Some(bias) = bias {
+        return geglu(&hg.broadcast_add(bias)?, None);
     }
     let inner = hg.dim(D::Minus1)? / 2;
     let hidden = hg.narrow(D::Minus1, 0, inner)?;
@@ -202,10 +229,28 @@ pub(crate) fn geglu(hg: &Tensor) -> candle_core::Result<Tensor> {
     hidden * gate.gelu_erf()?
 }
 
-/// The GEGLU kernel, one pass.
-struct Geglu;
+/// The GEGLU kernel, one pass; `bias` (f32 only) is added to each value as it is read.
+struct Geglu {
+    bias: Option<Vec<f32>>,
+}
 
 impl Geglu {
+    /// f32: the vectorised row kernel ([`simd::geglu_row`]).
+    fn run_f32(&self, x: &[f32], width: usize) -> Vec<f32> {
+        let half = width / 2;
+        let mut dst = zeroed_buffer::<f32>(x.len() / 2);
+        let biases = match &self.bias {
+            Some(bias) => bias.split_at(half),
+            None => (&[][..], &[][..]),
+        };
+        for_each_row(&mut dst, half, |row, out| {
+            let (hidden, gate) = x[row * width..(row + 1) * width].split_at(half);
+            simd::geglu_row(out, hidden, gate, biases);
+        });
+        dst
+    }
+
+    /// The half types, without a bias, in f32 arithmetic.
     fn run<T: WithDType>(x: &[T], width: usize) -> Vec<T> {
         let half = width / 2;
         let mut dst = zeroed_buffer::<T>(x.len() / 2);
@@ -240,9 +285,20 @@ impl CustomOp1 for Geglu {
             *last = width / 2;
         }
         let name = self.name();
-        let storage = with_float_type!(s.dtype(), name, |T| T::to_cpu_storage_owned(
-            Self::run::<T>(contiguous_slice(s, l, name)?, width)
-        ));
+        let storage = match (s, &self.bias) {
+            (CpuStorage::F32(_), bias) => {
+                if let Some(bias) = bias
+                    && bias.len() != width
+                {
+                    candle_core::bail!("GEGLU: {} bias values for width {width}", bias.len())
+                }
+                CpuStorage::F32(self.run_f32(contiguous_slice(s, l, name)?, width))
+            }
+            (_, Some(_)) => candle_core::bail!("GEGLU: a bias with {:?} values", s.dtype()),
+            (_, None) => with_float_type!(s.dtype(), name, |T| T::to_cpu_storage_owned(
+                Self::run::<T>(contiguous_slice(s, l, name)?, width)
+            )),
+        };
         Ok((storage, Shape::from_dims(&dims)))
     }
 }
