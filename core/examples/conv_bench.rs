@@ -3,8 +3,9 @@
 //! upsampled convolution counts the work at the upsampled size, which the channels-last kernel
 //! does in 4 taps instead of 9: its figure can exceed the machine's peak).
 //!
-//! `cargo run --release -p sdstream --example conv_bench -- [iterations] [layer name filter] [batch]`
-//! (a batch of three is what a three-step stream gives the UNet)
+//! `cargo run --release -p sdstream --example conv_bench -- [iterations] [layer name filter] [batch] [f32|bf16]`
+//! (a batch of three is what a three-step stream gives the UNet; `bf16`: f32 maps multiplied on
+//! bf16 operands, what `dtype: "bf16"` means on the CPU)
 
 use std::time::Instant;
 
@@ -15,6 +16,7 @@ static ALLOCATOR: sdstream::alloc::ReusingAllocator = sdstream::alloc::ReusingAl
 
 use candle_core::{Device, Tensor};
 use sdstream::model::kernels::conv::{Conv2d, Padding};
+use sdstream::model::kernels::gemm_bf16;
 
 /// Best wall time of `iterations` calls after one warm-up, in seconds.
 fn best_of<F: FnMut() -> candle_core::Result<()>>(
@@ -42,8 +44,9 @@ fn main() -> candle_core::Result<()> {
         .nth(3)
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
+    let bf16 = std::env::args().nth(4).is_some_and(|a| a == "bf16");
     let dev = Device::Cpu;
-    println!("batch {batch}");
+    println!("batch {batch}{}", if bf16 { ", bf16 products" } else { "" });
     println!(
         "| layer | input | stride | upsample | GFLOP | channels-first ms | GFLOP/s | channels-last ms | GFLOP/s |"
     );
@@ -83,9 +86,11 @@ fn main() -> candle_core::Result<()> {
         let x_first = Tensor::randn(0f32, 1.0, (batch, c, hw, hw), &dev)?;
         let x_last = x_first.permute((0, 2, 3, 1))?.contiguous()?;
         let t_first = best_of(iterations, || {
-            first.forward_upsampled(&x_first, up).map(drop)
+            gemm_bf16::scoped(bf16, || first.forward_upsampled(&x_first, up)).map(drop)
         })?;
-        let t_last = best_of(iterations, || last.forward_upsampled(&x_last, up).map(drop))?;
+        let t_last = best_of(iterations, || {
+            gemm_bf16::scoped(bf16, || last.forward_upsampled(&x_last, up)).map(drop)
+        })?;
         println!(
             "| {name} | {c}→{co} {hw}² | {s} | {up} | {gflop:.2} | {:.1} | {:.0} | {:.1} | {:.0} |",
             t_first * 1e3,

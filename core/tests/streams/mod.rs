@@ -291,6 +291,55 @@ impl Levels {
     }
 }
 
+/// The CPU in bf16 (f32 maps, GEMMs on bf16 operands; see kernels::gemm_bf16).
+pub const CPU_BF16: Target = Target {
+    device: "cpu",
+    dtype: "bf16",
+};
+
+/// Every golden stream case (ControlNet streams included) in bf16 on the CPU against f32:
+/// the worst frame of any case, and of the TAESD cases alone. Checks that every case's output
+/// moved (the bf16 products ran) and that the ControlNets loaded took the UNet's precision.
+pub fn cpu_bf16_against_f32() -> (Levels, Levels) {
+    let mut worst = Levels::default();
+    let mut worst_taesd = Levels::default();
+    for name in CASES.iter().chain(CONTROLNET_CASES) {
+        let reference = run_case(name, Target::CPU_F32);
+        let levels = Levels::of_case(name, CPU_BF16, &reference, "cpu");
+        assert!(
+            levels.max > 0.0,
+            "{name}: bf16 output equals f32's bit for bit"
+        );
+        worst = worst.worst(levels);
+        if case(name)["vae"] != "full" {
+            worst_taesd = worst_taesd.worst(levels);
+        }
+    }
+    let models = models(case("cn1_self_t3"), CPU_BF16);
+    let nets = models.cached_controlnet_ids();
+    assert!(!nets.is_empty());
+    for id in nets {
+        let net = models.cached_controlnet(&id).unwrap();
+        assert!(net.bf16_gemms(), "{id} runs its GEMMs in f32");
+    }
+    assert!(models.unet.bf16_gemms());
+    (worst, worst_taesd)
+}
+
+/// Asserts `levels` within `max` and `mean` levels, printing both figures first.
+pub fn assert_levels_within(what: &str, levels: Levels, max: f32, mean: f32) {
+    println!(
+        "{what}: max {:.2} levels (≤ {max}), mean {:.3} levels (≤ {mean})",
+        levels.max, levels.mean
+    );
+    assert!(
+        levels.max <= max && levels.mean <= mean,
+        "{what}: max {:.2} levels (≤ {max}), mean {:.3} (≤ {mean})",
+        levels.max,
+        levels.mean
+    );
+}
+
 /// Every golden stream case (ControlNet streams included) with every f32 3×3 stride-1
 /// convolution on Winograd's kernel in the variant `SDSTREAM_WINOGRAD` names (set by the
 /// caller's test binary before anything runs), against the reference's outputs within the

@@ -87,10 +87,10 @@ pub struct Conv2d {
     /// The weight `[C_out, C_in·kh·kw]` packed for bf16 products, made on the first one
     /// (channels-first CPU kernel only; see [`super::gemm_bf16`]).
     packed_bf16: Arc<OnceLock<PackedA>>,
-    /// The weight transformed for each variant of [`super::winograd`] (indexed by
-    /// `Variant::index`), made on the first convolution that takes it (f32 3×3 stride-1 CPU
-    /// kernels).
-    winograd: Arc<[OnceLock<Arc<WinogradWeights>>; 2]>,
+    /// The weight transformed for each variant of [`super::winograd`], for f32 and for bf16
+    /// products (indexed by `2·Variant::index + bf16`), made on the first convolution that
+    /// takes it (f32 3×3 stride-1 CPU kernels).
+    winograd: Arc<[OnceLock<Arc<WinogradWeights>>; 4]>,
 }
 
 /// What a convolution applies to its output before returning it, in this order: the bias, then
@@ -258,8 +258,9 @@ impl Conv2d {
         relu: bool,
     ) -> candle_core::Result<ChannelsLastConvOp> {
         let bf16 = gemm_bf16::active();
-        // Inside a bf16 scope too: where Winograd's kernel is chosen it runs in f32 and still
-        // beats the bf16 GEMM (docs/ARCHITECTURE.md, "bf16 on the CPU").
+        // Inside a bf16 scope too: where Winograd's kernel is chosen it beats the bf16 GEMM, its
+        // own products in bf16 (wide layers) or f32 (the blocked narrow ones; see
+        // winograd::multiplies_in_bf16 and docs/ARCHITECTURE.md, "bf16 on the CPU").
         let winograd = if upsample != 1 {
             None
         } else {
@@ -355,8 +356,8 @@ impl Conv2d {
         if cpu_kernels(xs.device()) {
             let dtype = xs.dtype();
             let xs = xs.to_dtype(self.weight.dtype())?.contiguous()?;
-            // Where Winograd's kernel is chosen it runs in f32, inside a bf16 scope too: it
-            // still beats the bf16 GEMM (docs/ARCHITECTURE.md, "bf16 on the CPU").
+            // Where Winograd's kernel is chosen it runs, inside a bf16 scope too (its products
+            // then in bf16): it beats the bf16 GEMM (docs/ARCHITECTURE.md, "bf16 on the CPU").
             let (b, _, h, w) = xs.dims4()?;
             let winograd = self.winograd_weight((b, h, w), factor)?.map(|w| &**w);
             let packed_bf16 =
@@ -425,7 +426,8 @@ impl Conv2d {
         else {
             return Ok(None);
         };
-        let slot = &self.winograd[variant.index()];
+        let bf16 = winograd::multiplies_in_bf16(self.channels_last, c_in, c_out);
+        let slot = &self.winograd[2 * variant.index() + usize::from(bf16)];
         if let Some(transformed) = slot.get() {
             return Ok(Some(transformed));
         }
@@ -437,6 +439,7 @@ impl Conv2d {
                 c_in,
                 self.channels_last,
                 variant,
+                bf16,
                 candle_core::utils::get_num_threads(),
             ),
             _ => candle_core::bail!("conv: the Winograd kernel runs on the CPU"),
@@ -1164,6 +1167,111 @@ mod tests {
         Ok(())
     }
 
+    /// How far Winograd's kernel with bf16 products may land from the convolution in f64, as a
+    /// multiple of the im2col GEMM's error in bf16 on the same case (both round their operands
+    /// to bf16; Winograd rounds the transformed ones, which its transforms then combine).
+    /// Measured over five runs of the cases below: F(2×2, 3×3) 1.7–2.0×, F(4×4, 3×3) 29–35×
+    /// (as its f32 error against the f32 GEMM's, above).
+    fn winograd_bf16_times_gemm(variant: winograd::Variant) -> f32 {
+        match variant {
+            winograd::Variant::F2 => 4.0,
+            winograd::Variant::F4 => 60.0,
+        }
+    }
+
+    /// Winograd's kernel inside a bf16 scope, both layouts and variants: its products run on
+    /// the bf16 GEMM (rounded operands, so not the f32 kernel's values), within a bound of the
+    /// formula in f64 set by the bf16 im2col GEMM's own error; and a bf16 scope keeps its own
+    /// transform of the weights beside the f32 one. Partial tiles, a batch, channels past the
+    /// GEMM's 32-value blocks and its 32-row panels, a chunked map, a channels-last layer too
+    /// wide for the blocked kernel and one whose channels do not fill its vectors.
+    #[test]
+    fn winograd_in_bf16_stays_near_the_formula() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let cases = [
+            // (batch, c_in, c_out, h, w, channels_last)
+            (2, 40, 36, 9, 11, false),
+            (1, 96, 70, 32, 30, false),
+            (1, 320, 40, 64, 64, false),
+            (2, 40, 36, 9, 11, true),
+            (1, 288, 272, 12, 10, true),
+        ];
+        for variant in winograd::Variant::ALL {
+            let mut worst = 0f32;
+            for (b, c_in, c_out, h, w, channels_last) in cases {
+                let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
+                let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev)?;
+                let bias = Tensor::randn(0f32, 0.3, c_out, &dev)?;
+                let padding = Padding::uniform(1);
+                let first = Conv2d::from_tensors(weight.clone(), Some(bias.clone()), 1, padding)?;
+                let exact = Conv2d::from_tensors(
+                    weight.to_dtype(DType::F64)?,
+                    Some(bias.to_dtype(DType::F64)?),
+                    1,
+                    padding,
+                )?
+                .portable(&x.to_dtype(DType::F64)?)?
+                .to_dtype(DType::F32)?;
+                let gemm_bf16_err = {
+                    let _choice = winograd::choose(Some(None));
+                    let got = gemm_bf16::scoped(true, || first.forward(&x))?;
+                    max_abs_diff(&got, &exact)?
+                };
+                let layer = if channels_last {
+                    first.clone().into_channels_last()?
+                } else {
+                    first.clone()
+                };
+                let input = if channels_last {
+                    x.permute((0, 2, 3, 1))?.contiguous()?
+                } else {
+                    x.clone()
+                };
+                let back = |t: Tensor| {
+                    if channels_last {
+                        t.permute((0, 3, 1, 2))
+                    } else {
+                        Ok(t)
+                    }
+                };
+                let _choice = winograd::choose(Some(Some(variant)));
+                let before = winograd::convolutions_on_this_thread();
+                let in_f32 = back(layer.forward(&input)?)?;
+                let in_bf16 = back(gemm_bf16::scoped(true, || layer.forward(&input))?)?;
+                assert_eq!(
+                    winograd::convolutions_on_this_thread(),
+                    before + 2,
+                    "{variant:?} ran"
+                );
+                let case = format!("{variant:?} b{b} {c_in}->{c_out} {h}x{w} last {channels_last}");
+                // Each scope made its own transform of the weights.
+                let kept = |bf16: bool| {
+                    layer.winograd[2 * variant.index() + usize::from(bf16)]
+                        .get()
+                        .map(|w| w.is_bf16())
+                };
+                assert_eq!(
+                    (kept(false), kept(true)),
+                    (Some(false), Some(true)),
+                    "{case}"
+                );
+                let err = max_abs_diff(&in_bf16, &exact)?;
+                let f32_err = max_abs_diff(&in_f32, &exact)?;
+                worst = worst.max(err / gemm_bf16_err);
+                assert!(
+                    err <= winograd_bf16_times_gemm(variant) * gemm_bf16_err,
+                    "{case}: {err} against the bf16 GEMM's {gemm_bf16_err}"
+                );
+                assert!(
+                    err > 10.0 * f32_err,
+                    "{case}: {err}, no more than f32's {f32_err}: the products were not bf16"
+                );
+            }
+            println!("{variant:?} in bf16: worst {worst:.2}× the bf16 GEMM's error");
+        }
+        Ok(())
+    }
+
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
@@ -1172,7 +1280,8 @@ mod tests {
     /// place): without upsampling, what candle's f32 convolution gives for the rounded
     /// operands; with upsampling through phases (whose summed weights are rounded after the
     /// sum), within bf16's rounding of the f32 result. Channel counts that do not fit stay f32.
-    /// Winograd's kernel, which a bf16 scope leaves in f32 and would take 64 → 64, is kept off.
+    /// Winograd's kernel, which would take 64 → 64 (blocked, in f32 inside a bf16 scope too), is
+    /// kept off.
     #[test]
     fn channels_last_bf16_matches_the_rounded_convolution() -> candle_core::Result<()> {
         let _no_winograd = winograd::choose(Some(None));

@@ -66,8 +66,9 @@ impl Drop for Scope {
     }
 }
 
-/// `f()` inside a [`Scope`] of `on`.
-pub(crate) fn scoped<R>(on: bool, f: impl FnOnce() -> R) -> R {
+/// `f()` inside a [`Scope`] of `on`: what a network set to bf16 does around its forward pass,
+/// for hosts (and benchmarks) that call layers directly.
+pub fn scoped<R>(on: bool, f: impl FnOnce() -> R) -> R {
     let _scope = scope(on);
     f()
 }
@@ -273,6 +274,11 @@ pub struct PackedA {
 }
 
 impl PackedA {
+    /// Bytes this packing holds.
+    pub(crate) fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.data.as_slice())
+    }
+
     /// Packs `src`, `m` rows of `k` values with row stride `ld`.
     pub fn new(src: &[f32], m: usize, k: usize, ld: usize) -> Self {
         let mut packed = Self::default();
@@ -335,6 +341,11 @@ pub struct PackedB {
 }
 
 impl PackedB {
+    /// Bytes this packing holds.
+    pub(crate) fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.data.as_slice())
+    }
+
     fn reshape(&mut self, k: usize, n: usize) -> &mut [u16] {
         let k_blocks = k.div_ceil(K_BLOCK);
         let strips = n.div_ceil(PANEL) * 2;
@@ -407,19 +418,25 @@ impl PackedB {
                     let c0 = (first + j) * TILE;
                     let width = TILE.min(n.saturating_sub(c0));
                     let block = &mut group[j * strip_len + q * BLOCK_LEN..][..BLOCK_LEN];
+                    // Row `r` of B, columns c0..c0 + 16 (zeros past the matrix). A whole
+                    // strip is a fixed-size copy that stays in registers; a partial one calls
+                    // `memcpy` (which for whole strips took most of the packing's time).
+                    let row = |r: usize| -> [f32; TILE] {
+                        if r >= k || width == 0 {
+                            return [0.0; TILE];
+                        }
+                        if width == TILE {
+                            return src[r * ld + c0..][..TILE]
+                                .try_into()
+                                .expect("a whole strip");
+                        }
+                        let mut values = [0f32; TILE];
+                        values[..width].copy_from_slice(&src[r * ld + c0..][..width]);
+                        values
+                    };
                     for (pair, dst) in block.chunks_exact_mut(K_BLOCK).enumerate() {
                         let k_even = q * K_BLOCK + 2 * pair;
-                        let mut even = [0f32; TILE];
-                        let mut odd = [0f32; TILE];
-                        if width > 0 {
-                            if k_even < k {
-                                even[..width].copy_from_slice(&src[k_even * ld + c0..][..width]);
-                            }
-                            if k_even + 1 < k {
-                                odd[..width]
-                                    .copy_from_slice(&src[(k_even + 1) * ld + c0..][..width]);
-                            }
-                        }
+                        let (even, odd) = (row(k_even), row(k_even + 1));
                         for c in 0..TILE {
                             dst[2 * c] = to_bf16(even[c]);
                             dst[2 * c + 1] = to_bf16(odd[c]);
@@ -789,6 +806,8 @@ mod avx512_bf16 {
 
     /// Rows of C per register block.
     const ROWS: usize = 8;
+    /// K blocks ahead whose rows of A are prefetched.
+    const AHEAD: usize = 4;
 
     /// [`super::panel`] on AVX512-BF16.
     ///
@@ -808,6 +827,13 @@ mod avx512_bf16 {
                 }
             }
             for q in 0..ops.blocks {
+                if q + AHEAD < ops.blocks {
+                    for i in 0..ROWS {
+                        let row = a
+                            .wrapping_add(((r0 + i) % TILE) * ops.a_row + (q + AHEAD) * ops.a_step);
+                        _mm_prefetch::<_MM_HINT_T0>(row.cast());
+                    }
+                }
                 for pair in 0..TILE {
                     // SAFETY: the operands hold `blocks` tile blocks past each pointer: a B
                     // block is 16 rows of 32 values (one 64-byte vector each); A's rows are

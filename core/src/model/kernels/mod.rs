@@ -25,7 +25,10 @@ mod simd;
 pub(crate) mod transfer;
 mod winograd;
 
-pub use winograd::{convolutions as winograd_convolutions, weight_bytes as winograd_weight_bytes};
+pub use winograd::{
+    bf16_convolutions as winograd_bf16_convolutions, convolutions as winograd_convolutions,
+    weight_bytes as winograd_weight_bytes,
+};
 
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
 

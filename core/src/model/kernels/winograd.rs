@@ -1,4 +1,4 @@
-//! 3×3 stride-1 convolution by Winograd's minimal filtering on the CPU, in f32, for both map
+//! 3×3 stride-1 convolution by Winograd's minimal filtering on the CPU, for f32 maps in both
 //! layouts: F(2×2, 3×3) and F(4×4, 3×3) (docs/ARCHITECTURE.md, "Winograd convolution").
 //!
 //! A 3×3 correlation over an m×m block of outputs reads an (m+2)×(m+2) window of the input.
@@ -26,10 +26,18 @@
 //!
 //! The weights' transforms are kept by the layer (16/9 of its weight for m = 2, 36/9 for
 //! m = 4), made on the layer's first convolution that takes them.
+//!
+//! Inside a bf16 scope ([`super::gemm_bf16::scoped`]) the products of wide layers run on the
+//! bf16 GEMM: the weights' transforms are rounded and packed for it once (half the f32 bytes),
+//! each point's transformed input per chunk, sums in f32. The transforms stay f32; rounding
+//! their outputs costs what rounding the direct sum's operands costs, magnified as above: about
+//! twice the bf16 GEMM's error for m = 2, up to some tens of times it for m = 4 (tests in
+//! kernels::conv). The blocked kernel of narrow channels-last layers keeps f32 products.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::gemm_bf16::{self, PackedA, PackedB};
 use super::simd::{self, Isa};
 use super::{SharedMut, for_each_range};
 
@@ -168,8 +176,10 @@ fn policy() -> Policy {
     })
 }
 
-/// Convolutions run by this kernel in this process (either layout, either variant).
+/// Convolutions run by this kernel in this process (either layout, either variant), and those
+/// of them whose products ran in bf16.
 static CONVOLUTIONS: AtomicU64 = AtomicU64::new(0);
+static BF16_CONVOLUTIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Bytes of transformed weights the layers of this process hold.
 static WEIGHT_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -188,9 +198,18 @@ pub fn convolutions() -> u64 {
     CONVOLUTIONS.load(Ordering::Relaxed)
 }
 
-/// Counts a convolution run by this kernel.
-fn count() {
+/// How many of [`convolutions`] multiplied in bf16 (inside a bf16 scope, see
+/// [`multiplies_in_bf16`]).
+pub fn bf16_convolutions() -> u64 {
+    BF16_CONVOLUTIONS.load(Ordering::Relaxed)
+}
+
+/// Counts a convolution run by this kernel with `weights`.
+fn count(weights: &WinogradWeights) {
     CONVOLUTIONS.fetch_add(1, Ordering::Relaxed);
+    if weights.is_bf16() {
+        BF16_CONVOLUTIONS.fetch_add(1, Ordering::Relaxed);
+    }
     #[cfg(test)]
     ON_THIS_THREAD.with(|n| n.set(n.get() + 1));
 }
@@ -401,25 +420,56 @@ fn weight_1d(variant: Variant, [g0, g1, g2]: [f64; 3]) -> [f64; MAX_WINDOW] {
 
 /// A layer's weights transformed to `G g Gᵀ` for one variant, laid out as (m+2)² matrices
 /// `[C_out, C_in]` (one per point), the GEMMs' left operands; `[C_in, C_out]` when made from
-/// channels-last weights (the right operands of the channels-last GEMMs).
+/// channels-last weights (the right operands of the channels-last GEMMs). Kept in f32, or
+/// rounded to bf16 and packed for [`super::gemm_bf16`] when made for products in bf16 (see
+/// [`multiplies_in_bf16`]).
 #[derive(Debug)]
 pub(super) struct WinogradWeights {
-    values: Vec<f32>,
+    transformed: Transformed,
     variant: Variant,
     c_out: usize,
     c_in: usize,
 }
 
+/// The per-point matrices of [`WinogradWeights`] in the form the products read.
+#[derive(Debug)]
+enum Transformed {
+    F32(Vec<f32>),
+    /// Channels-first: each point's `[C_out, C_in]`, the bf16 GEMM's left operand.
+    Bf16Left(Vec<PackedA>),
+    /// Channels-last: each point's `[C_in, C_out]`, the bf16 GEMM's right operand.
+    Bf16Right(Vec<PackedB>),
+}
+
+impl Transformed {
+    fn bytes(&self) -> u64 {
+        (match self {
+            Transformed::F32(values) => std::mem::size_of_val(values.as_slice()),
+            Transformed::Bf16Left(points) => points.iter().map(PackedA::bytes).sum(),
+            Transformed::Bf16Right(points) => points.iter().map(PackedB::bytes).sum(),
+        }) as u64
+    }
+}
+
+/// Whether a layer of `C_in → C_out` channels in `channels_last` layout multiplies its
+/// transformed values in bf16 here: inside a bf16 scope ([`super::gemm_bf16::active`]), where
+/// the products are GEMMs (the blocked kernel of narrow channels-last layers keeps its f32
+/// register blocks, whose cache-resident blocks leave nothing for a GEMM to gain).
+pub(super) fn multiplies_in_bf16(channels_last: bool, c_in: usize, c_out: usize) -> bool {
+    gemm_bf16::active() && !(channels_last && blocked_fits(simd::isa(), c_in, c_out))
+}
+
 impl WinogradWeights {
     /// Transforms a layer's 3×3 weights for `variant`: `[C_out, C_in, 3, 3]` (torch's layout),
     /// or `[3, 3, C_in, C_out]` when `channels_last`. Each point is computed in f64 and rounded
-    /// once; pairs of channels are split over `threads`.
+    /// once (to f32, and then to bf16 when `bf16`); pairs of channels are split over `threads`.
     pub(super) fn new(
         weight: &[f32],
         c_out: usize,
         c_in: usize,
         channels_last: bool,
         variant: Variant,
+        bf16: bool,
         threads: usize,
     ) -> Self {
         assert_eq!(weight.len(), c_out * c_in * 9, "3×3 weights");
@@ -453,32 +503,59 @@ impl WinogradWeights {
             }
         };
         for_each_range(plane, threads.clamp(1, plane.max(1)), &work);
-        WEIGHT_BYTES.fetch_add(
-            std::mem::size_of_val(values.as_slice()) as u64,
-            Ordering::Relaxed,
-        );
+        let point = |xi: usize| &values[xi * plane..][..plane];
+        let transformed = match (bf16, channels_last) {
+            (false, _) => Transformed::F32(values),
+            (true, false) => Transformed::Bf16Left(
+                (0..points)
+                    .map(|xi| {
+                        let mut packed = PackedA::default();
+                        packed.repack(point(xi), c_out, c_in, c_in, threads);
+                        packed
+                    })
+                    .collect(),
+            ),
+            (true, true) => Transformed::Bf16Right(
+                (0..points)
+                    .map(|xi| {
+                        let mut packed = PackedB::default();
+                        packed.repack_rows(point(xi), c_in, c_out, c_out, threads);
+                        packed
+                    })
+                    .collect(),
+            ),
+        };
+        WEIGHT_BYTES.fetch_add(transformed.bytes(), Ordering::Relaxed);
         Self {
-            values,
+            transformed,
             variant,
             c_out,
             c_in,
         }
     }
 
+    /// Point ξ's f32 matrix (weights made without bf16).
     fn point(&self, xi: usize) -> &[f32] {
+        let Transformed::F32(values) = &self.transformed else {
+            unreachable!("the f32 products read f32 weights");
+        };
         let plane = self.c_out * self.c_in;
-        &self.values[xi * plane..][..plane]
+        &values[xi * plane..][..plane]
     }
 
     pub(super) fn variant(&self) -> Variant {
         self.variant
     }
+
+    /// Whether the products read these weights in bf16.
+    pub(super) fn is_bf16(&self) -> bool {
+        !matches!(self.transformed, Transformed::F32(_))
+    }
 }
 
 impl Drop for WinogradWeights {
     fn drop(&mut self) {
-        let bytes = std::mem::size_of_val(self.values.as_slice()) as u64;
-        WEIGHT_BYTES.fetch_sub(bytes, Ordering::Relaxed);
+        WEIGHT_BYTES.fetch_sub(self.transformed.bytes(), Ordering::Relaxed);
     }
 }
 
@@ -566,7 +643,7 @@ fn convolve_with<const M: usize>(
     threads: usize,
 ) {
     let s = *shape;
-    count();
+    count(weights);
     let points = weights.variant.points();
     debug_assert_eq!(weights.variant.tile(), M);
     assert_eq!((weights.c_out, weights.c_in), (s.c_out, s.c_in), "weights");
@@ -690,7 +767,8 @@ fn transform_input<const M: usize>(
 }
 
 /// The GEMMs `products[ξ] = U[ξ] · transformed[ξ]` (`[C_out, C_in] × [C_in, tiles]`), split
-/// over threads by point.
+/// over threads by point; in bf16 (each point's transformed input rounded and packed on the
+/// thread that multiplies it) when the weights are.
 fn multiply(
     transformed: &[f32],
     weights: &WinogradWeights,
@@ -703,9 +781,26 @@ fn multiply(
     let points = weights.variant.points();
     let dst = SharedMut(products.as_mut_ptr());
     let work = |points: std::ops::Range<usize>| {
+        let mut packed_rhs = PackedB::default();
         for xi in points {
-            let lhs = weights.point(xi);
             let rhs = &transformed[xi * s.c_in * stride..][..s.c_in * stride];
+            if let Transformed::Bf16Left(packed) = &weights.transformed {
+                packed_rhs.repack_rows(rhs, s.c_in, tiles, stride, 1);
+                // SAFETY: products[ξ][0..C_out][0..tiles] (row stride `stride`) is point ξ's
+                // own block, which no other thread touches; A is U[ξ] ([C_out, C_in]) and B
+                // the rows just packed ([C_in, tiles]).
+                unsafe {
+                    gemm_bf16::gemm_into(
+                        &packed[xi],
+                        &packed_rhs,
+                        dst.ptr().add(xi * s.c_out * stride),
+                        stride,
+                        1,
+                    );
+                }
+                continue;
+            }
+            let lhs = weights.point(xi);
             // SAFETY: the GEMM writes products[ξ][0..C_out][0..tiles] (row stride `stride`),
             // point ξ's own block, which no other thread touches; lhs is [C_out, C_in] (row
             // stride C_in) and rhs [C_in, tiles] (row stride `stride`), inside their slices.
@@ -869,7 +964,10 @@ pub(super) fn convolve_channels_last(
     threads: usize,
 ) {
     let isa = simd::isa();
-    match (weights.variant, blocked_fits(isa, shape.c_in, shape.c_out)) {
+    match (
+        weights.variant,
+        !weights.is_bf16() && blocked_fits(isa, shape.c_in, shape.c_out),
+    ) {
         (Variant::F2, false) => {
             convolve_channels_last_with::<2>(x, shape, weights, finish, out, threads)
         }
@@ -890,7 +988,7 @@ fn convolve_channels_last_with<const M: usize>(
     threads: usize,
 ) {
     let s = *shape;
-    count();
+    count(weights);
     let (a, points) = (M + 2, weights.variant.points());
     debug_assert_eq!(weights.variant.tile(), M);
     s.check(x, out, weights);
@@ -966,7 +1064,24 @@ fn convolve_channels_last_with<const M: usize>(
         let tiles = rows * tw;
         let products_ptr = SharedMut(products.as_mut_ptr());
         let multiply = |points: std::ops::Range<usize>| {
+            let mut packed_lhs = PackedA::default();
             for xi in points {
+                let lhs = &transformed[xi * chunk_tiles * s.c_in..][..tiles * s.c_in];
+                if let Transformed::Bf16Right(packed) = &weights.transformed {
+                    packed_lhs.repack(lhs, tiles, s.c_in, s.c_in, 1);
+                    // SAFETY: products[ξ] ([tiles, C_out], row stride C_out) is point ξ's own
+                    // block; A is the tiles just packed ([tiles, C_in]), B is U[ξ].
+                    unsafe {
+                        gemm_bf16::gemm_into(
+                            &packed_lhs,
+                            &packed[xi],
+                            products_ptr.ptr().add(xi * chunk_tiles * s.c_out),
+                            s.c_out,
+                            1,
+                        );
+                    }
+                    continue;
+                }
                 // SAFETY: products[ξ] ([tiles, C_out], row stride C_out) is point ξ's own block;
                 // the left operand is transformed[ξ] ([tiles, C_in]), the right U[ξ]
                 // ([C_in, C_out]), inside their buffers.
@@ -979,7 +1094,7 @@ fn convolve_channels_last_with<const M: usize>(
                         1,
                         s.c_out as isize,
                         false,
-                        transformed.as_ptr().add(xi * chunk_tiles * s.c_in),
+                        lhs.as_ptr(),
                         1,
                         s.c_in as isize,
                         weights.point(xi).as_ptr(),
@@ -1103,7 +1218,7 @@ fn convolve_blocked<const M: usize>(
     threads: usize,
 ) {
     let s = *shape;
-    count();
+    count(weights);
     let points = weights.variant.points();
     debug_assert_eq!(weights.variant.tile(), M);
     s.check(x, out, weights);
@@ -1455,7 +1570,7 @@ mod tests {
                 };
                 let x: Vec<f32> = (0..batch * h * w * c_in).map(|_| random()).collect();
                 let weight: Vec<f32> = (0..9 * c_in * c_out).map(|_| random()).collect();
-                let weights = WinogradWeights::new(&weight, c_out, c_in, true, variant, 2);
+                let weights = WinogradWeights::new(&weight, c_out, c_in, true, variant, false, 2);
                 let run = |isa: Option<Isa>| {
                     let mut out = vec![0f32; batch * h_out * w_out * c_out];
                     let finish = |_: usize, row: &mut [f32]| row.iter_mut().for_each(|v| *v += 1.0);
