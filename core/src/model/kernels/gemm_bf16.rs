@@ -341,11 +341,6 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// Bytes this packing holds.
-    pub(crate) fn bytes(&self) -> usize {
-        std::mem::size_of_val(self.data.as_slice())
-    }
-
     fn reshape(&mut self, k: usize, n: usize) -> &mut [u16] {
         let k_blocks = k.div_ceil(K_BLOCK);
         let strips = n.div_ceil(PANEL) * 2;

@@ -27,12 +27,12 @@
 //! The weights' transforms are kept by the layer (16/9 of its weight for m = 2, 36/9 for
 //! m = 4), made on the layer's first convolution that takes them.
 //!
-//! Inside a bf16 scope ([`super::gemm_bf16::scoped`]) the products of wide layers run on the
-//! bf16 GEMM: the weights' transforms are rounded and packed for it once (half the f32 bytes),
-//! each point's transformed input per chunk, sums in f32. The transforms stay f32; rounding
-//! their outputs costs what rounding the direct sum's operands costs, magnified as above: about
-//! twice the bf16 GEMM's error for m = 2, up to some tens of times it for m = 4 (tests in
-//! kernels::conv). The blocked kernel of narrow channels-last layers keeps f32 products.
+//! Inside a bf16 scope ([`super::gemm_bf16::scoped`]) the products of channels-first layers run
+//! on the bf16 GEMM: the weights' transforms are rounded and packed for it once (half the f32
+//! bytes), each point's transformed input per chunk, sums in f32. The transforms stay f32;
+//! rounding their outputs costs what rounding the direct sum's operands costs, magnified as
+//! above: about twice the bf16 GEMM's error for m = 2, some tens of times it for m = 4 (tests
+//! in kernels::conv). Channels-last layers keep f32 products (see [`multiplies_in_bf16`]).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -421,8 +421,8 @@ fn weight_1d(variant: Variant, [g0, g1, g2]: [f64; 3]) -> [f64; MAX_WINDOW] {
 /// A layer's weights transformed to `G g Gᵀ` for one variant, laid out as (m+2)² matrices
 /// `[C_out, C_in]` (one per point), the GEMMs' left operands; `[C_in, C_out]` when made from
 /// channels-last weights (the right operands of the channels-last GEMMs). Kept in f32, or
-/// rounded to bf16 and packed for [`super::gemm_bf16`] when made for products in bf16 (see
-/// [`multiplies_in_bf16`]).
+/// (channels-first only) rounded to bf16 and packed for [`super::gemm_bf16`] when made for
+/// products in bf16 (see [`multiplies_in_bf16`]).
 #[derive(Debug)]
 pub(super) struct WinogradWeights {
     transformed: Transformed,
@@ -435,34 +435,34 @@ pub(super) struct WinogradWeights {
 #[derive(Debug)]
 enum Transformed {
     F32(Vec<f32>),
-    /// Channels-first: each point's `[C_out, C_in]`, the bf16 GEMM's left operand.
-    Bf16Left(Vec<PackedA>),
-    /// Channels-last: each point's `[C_in, C_out]`, the bf16 GEMM's right operand.
-    Bf16Right(Vec<PackedB>),
+    /// Each point's `[C_out, C_in]` (channels-first), the bf16 GEMM's left operand.
+    Bf16(Vec<PackedA>),
 }
 
 impl Transformed {
     fn bytes(&self) -> u64 {
         (match self {
             Transformed::F32(values) => std::mem::size_of_val(values.as_slice()),
-            Transformed::Bf16Left(points) => points.iter().map(PackedA::bytes).sum(),
-            Transformed::Bf16Right(points) => points.iter().map(PackedB::bytes).sum(),
+            Transformed::Bf16(points) => points.iter().map(PackedA::bytes).sum(),
         }) as u64
     }
 }
 
-/// Whether a layer of `C_in → C_out` channels in `channels_last` layout multiplies its
-/// transformed values in bf16 here: inside a bf16 scope ([`super::gemm_bf16::active`]), where
-/// the products are GEMMs (the blocked kernel of narrow channels-last layers keeps its f32
-/// register blocks, whose cache-resident blocks leave nothing for a GEMM to gain).
-pub(super) fn multiplies_in_bf16(channels_last: bool, c_in: usize, c_out: usize) -> bool {
-    gemm_bf16::active() && !(channels_last && blocked_fits(simd::isa(), c_in, c_out))
+/// Whether a layer in `channels_last` layout multiplies its transformed values in bf16 here:
+/// inside a bf16 scope ([`super::gemm_bf16::active`]), channels-first layers (the UNet's and the
+/// ControlNets'). The autoencoders' channels-last layers keep f32 products: their rounding
+/// lands in the picture, and F(4×4, 3×3)'s transforms magnify it some tens of times (measured
+/// with bf16 products on the full VAE at 256², one step: 2.04 levels mean and 21 max from the
+/// f32 picture, against 0.46 and 5 with f32 products; docs/ARCHITECTURE.md, "bf16 on the CPU").
+pub(super) fn multiplies_in_bf16(channels_last: bool) -> bool {
+    gemm_bf16::active() && !channels_last
 }
 
 impl WinogradWeights {
     /// Transforms a layer's 3×3 weights for `variant`: `[C_out, C_in, 3, 3]` (torch's layout),
     /// or `[3, 3, C_in, C_out]` when `channels_last`. Each point is computed in f64 and rounded
-    /// once (to f32, and then to bf16 when `bf16`); pairs of channels are split over `threads`.
+    /// once (to f32, and then to bf16 when `bf16`, which channels-last weights never are); pairs
+    /// of channels are split over `threads`.
     pub(super) fn new(
         weight: &[f32],
         c_out: usize,
@@ -473,6 +473,7 @@ impl WinogradWeights {
         threads: usize,
     ) -> Self {
         assert_eq!(weight.len(), c_out * c_in * 9, "3×3 weights");
+        assert!(!(bf16 && channels_last), "bf16 products are channels-first");
         let plane = c_out * c_in;
         let (a, points) = (variant.window(), variant.points());
         let mut values = vec![0f32; points * plane];
@@ -503,27 +504,15 @@ impl WinogradWeights {
             }
         };
         for_each_range(plane, threads.clamp(1, plane.max(1)), &work);
-        let point = |xi: usize| &values[xi * plane..][..plane];
-        let transformed = match (bf16, channels_last) {
-            (false, _) => Transformed::F32(values),
-            (true, false) => Transformed::Bf16Left(
-                (0..points)
-                    .map(|xi| {
-                        let mut packed = PackedA::default();
-                        packed.repack(point(xi), c_out, c_in, c_in, threads);
-                        packed
-                    })
-                    .collect(),
-            ),
-            (true, true) => Transformed::Bf16Right(
-                (0..points)
-                    .map(|xi| {
-                        let mut packed = PackedB::default();
-                        packed.repack_rows(point(xi), c_in, c_out, c_out, threads);
-                        packed
-                    })
-                    .collect(),
-            ),
+        let transformed = if bf16 {
+            let points = (0..points).map(|xi| {
+                let mut packed = PackedA::default();
+                packed.repack(&values[xi * plane..][..plane], c_out, c_in, c_in, threads);
+                packed
+            });
+            Transformed::Bf16(points.collect())
+        } else {
+            Transformed::F32(values)
         };
         WEIGHT_BYTES.fetch_add(transformed.bytes(), Ordering::Relaxed);
         Self {
@@ -784,7 +773,7 @@ fn multiply(
         let mut packed_rhs = PackedB::default();
         for xi in points {
             let rhs = &transformed[xi * s.c_in * stride..][..s.c_in * stride];
-            if let Transformed::Bf16Left(packed) = &weights.transformed {
+            if let Transformed::Bf16(packed) = &weights.transformed {
                 packed_rhs.repack_rows(rhs, s.c_in, tiles, stride, 1);
                 // SAFETY: products[ξ][0..C_out][0..tiles] (row stride `stride`) is point ξ's
                 // own block, which no other thread touches; A is U[ξ] ([C_out, C_in]) and B
@@ -964,10 +953,7 @@ pub(super) fn convolve_channels_last(
     threads: usize,
 ) {
     let isa = simd::isa();
-    match (
-        weights.variant,
-        !weights.is_bf16() && blocked_fits(isa, shape.c_in, shape.c_out),
-    ) {
+    match (weights.variant, blocked_fits(isa, shape.c_in, shape.c_out)) {
         (Variant::F2, false) => {
             convolve_channels_last_with::<2>(x, shape, weights, finish, out, threads)
         }
@@ -1064,24 +1050,8 @@ fn convolve_channels_last_with<const M: usize>(
         let tiles = rows * tw;
         let products_ptr = SharedMut(products.as_mut_ptr());
         let multiply = |points: std::ops::Range<usize>| {
-            let mut packed_lhs = PackedA::default();
             for xi in points {
                 let lhs = &transformed[xi * chunk_tiles * s.c_in..][..tiles * s.c_in];
-                if let Transformed::Bf16Right(packed) = &weights.transformed {
-                    packed_lhs.repack(lhs, tiles, s.c_in, s.c_in, 1);
-                    // SAFETY: products[ξ] ([tiles, C_out], row stride C_out) is point ξ's own
-                    // block; A is the tiles just packed ([tiles, C_in]), B is U[ξ].
-                    unsafe {
-                        gemm_bf16::gemm_into(
-                            &packed_lhs,
-                            &packed[xi],
-                            products_ptr.ptr().add(xi * chunk_tiles * s.c_out),
-                            s.c_out,
-                            1,
-                        );
-                    }
-                    continue;
-                }
                 // SAFETY: products[ξ] ([tiles, C_out], row stride C_out) is point ξ's own block;
                 // the left operand is transformed[ξ] ([tiles, C_in]), the right U[ξ]
                 // ([C_in, C_out]), inside their buffers.
