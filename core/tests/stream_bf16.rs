@@ -22,15 +22,13 @@ const BF16_TAESD_MEAN_LEVELS: f32 = 1.0;
 #[test]
 fn cpu_bf16_streams_stay_close_to_f32() {
     let (worst, worst_taesd) = streams::cpu_bf16_against_f32();
-    streams::assert_levels_within(
+    worst_taesd.assert_within(
         "cpu bf16 vs f32, worst TAESD case",
-        worst_taesd,
         BF16_TAESD_MAX_LEVELS,
         BF16_TAESD_MEAN_LEVELS,
     );
-    streams::assert_levels_within(
+    worst.assert_within(
         "cpu bf16 vs f32, worst case",
-        worst,
         BF16_MAX_LEVELS,
         BF16_MEAN_LEVELS,
     );

@@ -34,15 +34,13 @@ fn cpu_bf16_streams_on_winograd_f4_stay_close_to_f32() {
         ran >= 5000,
         "only {ran} convolutions took Winograd's kernel in bf16"
     );
-    streams::assert_levels_within(
+    worst_taesd.assert_within(
         "cpu bf16 vs f32 on F(4×4, 3×3), worst TAESD case",
-        worst_taesd,
         TAESD_MAX_LEVELS,
         TAESD_MEAN_LEVELS,
     );
-    streams::assert_levels_within(
+    worst.assert_within(
         "cpu bf16 vs f32 on F(4×4, 3×3), worst case",
-        worst,
         MAX_LEVELS,
         MEAN_LEVELS,
     );

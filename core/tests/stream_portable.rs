@@ -36,15 +36,10 @@ fn portable_streams_match_goldens_and_half_precision_stays_close() {
             };
             worst = worst.worst(Levels::of_case(name, target, reference, "portable"));
         }
-        println!(
-            "portable {dtype} vs f32, worst case: max {:.2} levels (≤ {max_levels}), mean {:.3} levels (≤ {mean_levels})",
-            worst.max, worst.mean
-        );
-        assert!(
-            worst.max <= max_levels && worst.mean <= mean_levels,
-            "portable {dtype}: max {:.2} levels (≤ {max_levels}), mean {:.3} (≤ {mean_levels})",
-            worst.max,
-            worst.mean
+        worst.assert_within(
+            &format!("portable {dtype} vs f32, worst case"),
+            max_levels,
+            mean_levels,
         );
     }
 }

@@ -260,6 +260,30 @@ pub struct Levels {
 }
 
 impl Levels {
+    /// Prints `what`'s figures beside their bounds, `max` and `mean` levels; an error naming
+    /// them when either is over.
+    pub fn within(self, what: &str, max: f32, mean: f32) -> Result<(), String> {
+        println!(
+            "{what}: max {:.2} levels (≤ {max}), mean {:.3} levels (≤ {mean})",
+            self.max, self.mean
+        );
+        if self.max <= max && self.mean <= mean {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what}: max {:.2} levels (≤ {max}), mean {:.3} (≤ {mean})",
+                self.max, self.mean
+            ))
+        }
+    }
+
+    /// [`Levels::within`], failing the test when over.
+    pub fn assert_within(self, what: &str, max: f32, mean: f32) {
+        if let Err(over) = self.within(what, max, mean) {
+            panic!("{over}");
+        }
+    }
+
     pub fn between(a: &[Tensor], b: &[Tensor]) -> Levels {
         assert_eq!(a.len(), b.len(), "frame counts differ");
         let mut levels = Levels::default();
@@ -324,20 +348,6 @@ pub fn cpu_bf16_against_f32() -> (Levels, Levels) {
     }
     assert!(models.unet.bf16_gemms());
     (worst, worst_taesd)
-}
-
-/// Asserts `levels` within `max` and `mean` levels, printing both figures first.
-pub fn assert_levels_within(what: &str, levels: Levels, max: f32, mean: f32) {
-    println!(
-        "{what}: max {:.2} levels (≤ {max}), mean {:.3} levels (≤ {mean})",
-        levels.max, levels.mean
-    );
-    assert!(
-        levels.max <= max && levels.mean <= mean,
-        "{what}: max {:.2} levels (≤ {max}), mean {:.3} (≤ {mean})",
-        levels.max,
-        levels.mean
-    );
 }
 
 /// Every golden stream case (ControlNet streams included) with every f32 3×3 stride-1
