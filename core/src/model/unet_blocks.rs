@@ -163,9 +163,9 @@ impl Module for Linear {
         let y = self.product(x)?;
         let dtype = y.dtype();
         match &self.bias {
-            // The bf16 product is f32 whatever the bias's type.
-            Some(bias) if bias.dtype() != dtype => add_fresh(y, &bias.to_dtype(dtype)?, 1),
-            Some(bias) => add_fresh(y, bias, 1),
+            // The bf16 product is f32 whatever the bias's type (`to_dtype` to the bias's own
+            // type is a clone of the handle).
+            Some(bias) => add_fresh(y, &bias.to_dtype(dtype)?, 1),
             None => Ok(y),
         }
     }
