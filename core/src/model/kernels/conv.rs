@@ -393,7 +393,7 @@ impl Conv2d {
         }
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
         let k = c_in * kh * kw;
-        let threads = candle_core::utils::get_num_threads();
+        let threads = super::threads();
         let packed = gemm_bf16::with_f32_values(&self.weight, |values| {
             let mut packed = PackedA::default();
             packed.repack(values, c_out, k, k, threads);
@@ -440,7 +440,7 @@ impl Conv2d {
                 self.channels_last,
                 variant,
                 bf16,
-                candle_core::utils::get_num_threads(),
+                super::threads(),
             ),
             _ => candle_core::bail!("conv: the Winograd kernel runs on the CPU"),
         };
@@ -552,7 +552,7 @@ struct TilePlan {
 impl TilePlan {
     fn new(g: &Geometry, elem_size: usize) -> Self {
         let n = g.columns();
-        let available = candle_core::utils::get_num_threads().max(1);
+        let available = super::threads().max(1);
         let by_cache = (TILE_BYTES / (g.depth() * elem_size).max(1)).max(MIN_TILE_COLUMNS);
         let mut tiles_per_image = n.div_ceil(by_cache);
         if g.batch * tiles_per_image < available {
@@ -775,7 +775,7 @@ impl ConvOp<'_> {
                 std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()),
             )
         };
-        let threads = candle_core::utils::get_num_threads().max(1);
+        let threads = super::threads().max(1);
         winograd::convolve(planes, &shape, weights, bias, out, threads);
     }
 

@@ -508,7 +508,7 @@ impl ChannelsLastConvOp {
                 residual.map(|r| &r[row * row_len..][..row_len]),
             );
         };
-        let threads = candle_core::utils::get_num_threads().max(1);
+        let threads = super::threads().max(1);
         winograd::convolve_channels_last(x, &shape, weights, &finish, out, threads);
     }
 

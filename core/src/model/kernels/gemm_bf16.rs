@@ -22,7 +22,7 @@ use std::cell::Cell;
 
 use candle_core::{DType, Tensor};
 
-use super::{SharedMut, for_each_range};
+use super::{SharedMut, for_each_range, pool};
 
 /// Rows or columns of one tile.
 const TILE: usize = 16;
@@ -240,16 +240,16 @@ fn pack_strips<F: Fn(usize, &mut [u16]) + Sync>(
         return;
     }
     let per_thread = strips.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let mut groups = data.chunks_mut(per_thread * strip_len).enumerate();
-        let first = groups.next();
-        for (t, group) in groups {
-            let run = &run;
-            scope.spawn(move || run(t * per_thread, group));
-        }
-        if let Some((_, group)) = first {
-            run(0, group);
-        }
+    let group_len = per_thread * strip_len;
+    let len = data.len();
+    let base = SharedMut(data.as_mut_ptr());
+    pool::run(len.div_ceil(group_len), &|part| {
+        let start = part * group_len;
+        // SAFETY: the parts' groups are disjoint pieces of `data`, which outlives the call.
+        let group = unsafe {
+            std::slice::from_raw_parts_mut(base.ptr().add(start), group_len.min(len - start))
+        };
+        run(part * per_thread, group);
     });
 }
 
@@ -576,7 +576,7 @@ impl LazyWeight {
             return Ok(packed);
         }
         let (n, k) = weight.dims2()?;
-        let threads = candle_core::utils::get_num_threads();
+        let threads = super::threads();
         let packed = if weight.t()?.is_contiguous() {
             // Values laid out [in, out] (unet_blocks::Linear keeps them so on the CPU): B row
             // by row, read in place.
@@ -635,7 +635,7 @@ pub(crate) fn linear(
     }
     let n = packed_weight.n;
     let m: usize = outer.iter().product();
-    let threads = candle_core::utils::get_num_threads();
+    let threads = super::threads();
     let mut out = super::zeroed_buffer::<f32>(m * n);
     with_f32_values(x, |values| {
         PACKED_ACTIVATIONS.with(|packed_x| {

@@ -5,9 +5,10 @@
 //! candle's CPU ops are generic: each allocates a fresh tensor and walks it once per primitive,
 //! and its convolution gathers im2col tiles element by element. The kernels here do the same
 //! arithmetic in fewer passes, split across candle's CPU threads with [`for_each_row`] and
-//! [`for_each_range`]. Every kernel has a portable twin built from candle ops: that is what
-//! non-CPU devices run, and what the CPU runs too when `SDSTREAM_PORTABLE_KERNELS=1`, so that
-//! the GPU code path can be checked against the goldens without a GPU ([`cpu_kernels`] decides).
+//! [`for_each_range`], whose parts run on the persistent workers of [`pool`]. Every kernel has a
+//! portable twin built from candle ops: that is what non-CPU devices run, and what the CPU runs
+//! too when `SDSTREAM_PORTABLE_KERNELS=1`, so that the GPU code path can be checked against the
+//! goldens without a GPU ([`cpu_kernels`] decides).
 //! On CUDA, kernels of sdstream's own replace some twins ([`cuda_kernels`] decides): GroupNorm
 //! (+ SiLU), group_norm.cu, and a frame's 8-bit conversions on the way on and off the device,
 //! transfer.cu; both compiled to PTX by build.rs with the `cuda` feature.
@@ -21,6 +22,7 @@ pub(crate) mod cudnn_conv;
 pub mod gemm_bf16;
 pub mod norm;
 pub(crate) mod ops;
+mod pool;
 mod simd;
 pub(crate) mod transfer;
 mod winograd;
@@ -31,6 +33,7 @@ pub use winograd::{
 };
 
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
+pub(crate) use pool::threads;
 
 /// Whether the switch `name` is on: the environment variable is set to anything but nothing or
 /// `0`. The kernels' switches (`SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, ...) all read so.
@@ -88,7 +91,7 @@ const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
 
 /// Threads worth using for `items` independent work items that touch `volume` elements.
 fn thread_count(items: usize, volume: usize) -> usize {
-    candle_core::utils::get_num_threads()
+    threads()
         .min(items)
         .min(volume / MIN_ELEMENTS_PER_THREAD)
         .max(1)
@@ -117,16 +120,16 @@ pub(crate) fn for_each_row<T: Send>(
         run(0, dst);
         return;
     }
-    std::thread::scope(|scope| {
-        let mut chunks = dst.chunks_mut(per_thread * row_len).enumerate();
-        // The calling thread takes the first chunk itself.
-        let first = chunks.next();
-        for (t, chunk) in chunks {
-            scope.spawn(move || run(t * per_thread, chunk));
-        }
-        if let Some((_, chunk)) = first {
-            run(0, chunk);
-        }
+    let len = dst.len();
+    let chunk_len = per_thread * row_len;
+    let base = SharedMut(dst.as_mut_ptr());
+    pool::run(len.div_ceil(chunk_len), &|part| {
+        let start = part * chunk_len;
+        // SAFETY: the parts' chunks are disjoint pieces of `dst`, which outlives the call.
+        let chunk = unsafe {
+            std::slice::from_raw_parts_mut(base.ptr().add(start), chunk_len.min(len - start))
+        };
+        run(part * per_thread, chunk);
     });
 }
 
@@ -134,25 +137,26 @@ pub(crate) fn for_each_row<T: Send>(
 /// calling thread. For kernels whose items write scattered parts of one output (through
 /// [`SharedMut`]); the caller picks `threads` (see [`thread_count`]).
 fn for_each_range(items: usize, threads: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-    if threads <= 1 {
+    if threads <= 1 || items <= 1 {
         work(0..items);
         return;
     }
     let per_thread = items.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for t in 1..threads {
-            let range = t * per_thread..((t + 1) * per_thread).min(items);
-            if !range.is_empty() {
-                scope.spawn(move || work(range));
-            }
-        }
-        work(0..per_thread.min(items));
+    pool::run(items.div_ceil(per_thread), &|part| {
+        work(part * per_thread..((part + 1) * per_thread).min(items));
     });
 }
 
 /// A raw pointer into one output buffer, shared by threads that write disjoint elements of it.
-#[derive(Clone, Copy)]
 struct SharedMut<T>(*mut T);
+
+// Copyable whatever `T` is (a derive would ask `T: Copy`): it is only a pointer.
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedMut<T> {}
 
 // SAFETY: the wrapper only moves the pointer between threads; every user writes elements that no
 // other thread reads or writes (each call site says why), and the buffer outlives the scope.

@@ -364,20 +364,14 @@ fn per_channel_sums<T: WithDType>(
         }
         acc
     };
-    let parts: Vec<Vec<f64>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (1..threads)
-            .map(|t| {
-                let range = t * per_thread..((t + 1) * per_thread).min(pixels);
-                scope.spawn(move || partial(range))
-            })
-            .collect();
-        let mut parts = vec![partial(0..per_thread.min(pixels))];
-        parts.extend(handles.into_iter().map(|h| {
-            h.join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        }));
-        parts
+    let parts: Vec<std::sync::Mutex<Vec<f64>>> = (0..threads).map(|_| Default::default()).collect();
+    super::pool::run(threads, &|t| {
+        let range = (t * per_thread).min(pixels)..((t + 1) * per_thread).min(pixels);
+        *parts[t].lock().unwrap_or_else(|e| e.into_inner()) = partial(range);
     });
+    let parts = parts
+        .into_iter()
+        .map(|p| p.into_inner().unwrap_or_else(|e| e.into_inner()));
     let mut total = vec![0f64; channels];
     for part in parts {
         for (t, p) in total.iter_mut().zip(part) {
