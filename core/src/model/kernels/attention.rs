@@ -25,6 +25,8 @@ use super::{SharedMut, contiguous_slice, cpu_kernels, for_each_range, simd, thre
 const BLOCK_SCORES: usize = 1 << 20;
 /// Fewest query rows per block (the GEMMs need some height to reach their speed).
 const MIN_ROWS: usize = 16;
+/// Tasks per thread the blocks aim for, so that uneven splits cost little.
+const TASKS_PER_THREAD: usize = 4;
 
 /// Whether [`attention`] runs for these tensors: f32 on the CPU kernels.
 pub(crate) fn applies(q: &Tensor) -> bool {
@@ -177,7 +179,7 @@ impl AttentionOp {
         if out.is_empty() {
             return out;
         }
-        let rows = (BLOCK_SCORES / m.max(1)).max(MIN_ROWS).min(n);
+        let rows = block_rows(pairs, n, m, super::threads());
         let blocks_per_pair = n.div_ceil(rows);
         let tasks = pairs * blocks_per_pair;
         let out_ptr = SharedMut(out.as_mut_ptr());
@@ -280,6 +282,17 @@ impl AttentionOp {
         for_each_range(tasks, threads, &work);
         out
     }
+}
+
+/// Query rows per task: as many as fit [`BLOCK_SCORES`], but few enough that the `pairs` ×
+/// blocks tasks give each of `threads` threads [`TASKS_PER_THREAD`] (a UNet's top level at 256²
+/// has 5 heads of 1,024 queries: 5 whole-pair tasks would leave one of 2 threads idle a sixth
+/// of the time), and never fewer than [`MIN_ROWS`].
+fn block_rows(pairs: usize, n: usize, m: usize, threads: usize) -> usize {
+    let by_memory = (BLOCK_SCORES / m.max(1)).max(MIN_ROWS);
+    let blocks_wanted = (threads * TASKS_PER_THREAD).div_ceil(pairs.max(1));
+    let by_balance = n.div_ceil(blocks_wanted).max(MIN_ROWS);
+    by_memory.min(by_balance).min(n).max(1)
 }
 
 /// An operand's rows of one (image, head) pair and their row stride.
@@ -429,6 +442,23 @@ impl CustomOp3 for AttentionOp {
 mod tests {
     use super::*;
     use candle_core::{D, Device};
+
+    /// Blocks give every thread several tasks where the rows allow, within the memory bound.
+    #[test]
+    fn blocks_spread_over_the_threads() {
+        let tasks =
+            |pairs, n: usize, m, threads| pairs * n.div_ceil(block_rows(pairs, n, m, threads));
+        // The UNet's top level at 256², batch 1: 5 heads of 1,024 queries and keys.
+        assert_eq!(block_rows(5, 1024, 1024, 2), 512);
+        assert_eq!(tasks(5, 1024, 1024, 2), 10);
+        assert_eq!(tasks(5, 1024, 77, 16), 65);
+        // At 512² the memory bound decides: 4 MiB of scores is 256 rows of 4,096 keys.
+        assert_eq!(block_rows(5, 4096, 4096, 2), 256);
+        // Small problems keep MIN_ROWS, or all their rows.
+        assert_eq!(block_rows(20, 64, 64, 2), 64);
+        assert_eq!(block_rows(1, 40, 64, 16), MIN_ROWS);
+        assert_eq!(block_rows(1, 5, 64, 16), 5);
+    }
 
     /// The blocked kernel gives candle's softmax(scale·q·kᵀ)·v with the heads merged, for key
     /// counts that make one block and several (with a partial last block).
