@@ -211,16 +211,28 @@ impl Module for LayerNorm {
 /// Mean and 1/√(var + eps) of a slice, accumulated in f64 in two passes (robust to large means).
 fn moments<T: WithDType>(xs: &[T], eps: f64) -> (f32, f32) {
     let n = xs.len() as f64;
-    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = xs
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
+    let mean = interleaved_sum(xs, |v| v) / n;
+    let var = interleaved_sum(xs, |v| (v - mean) * (v - mean)) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// Σ `f(x)` over `xs` in f64, as eight interleaved partial sums added at the end: one running
+/// sum waits on each add's latency (GroupNorm's moments were 2.5% of a bf16 UNet step at 512²,
+/// perf). The order differs from a plain running sum by an f64 rounding or two, far below the
+/// f32 the moments are rounded to.
+#[inline(always)]
+fn interleaved_sum<T: WithDType>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    const PARTS: usize = 8;
+    let mut parts = [0f64; PARTS];
+    let chunks = xs.chunks_exact(PARTS);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (part, v) in parts.iter_mut().zip(chunk) {
+            *part += f(v.to_f64());
+        }
+    }
+    tail.iter()
+        .fold(parts.iter().sum(), |sum, v| sum + f(v.to_f64()))
 }
 
 /// `xs` as f32 values when `T` is f32 (for the vectorised passes of kernels::simd).
