@@ -22,7 +22,7 @@ use std::cell::Cell;
 
 use candle_core::{DType, Tensor};
 
-use super::{SharedMut, for_each_range, pool};
+use super::{SharedMut, for_each_chunk, for_each_range};
 
 /// Rows or columns of one tile.
 const TILE: usize = 16;
@@ -334,16 +334,8 @@ fn pack_strips<F: Fn(usize, &mut [u16]) + Sync>(
         return;
     }
     let per_thread = strips.div_ceil(threads);
-    let group_len = per_thread * strip_len;
-    let len = data.len();
-    let base = SharedMut(data.as_mut_ptr());
-    pool::run(len.div_ceil(group_len), &|part| {
-        let start = part * group_len;
-        // SAFETY: the parts' groups are disjoint pieces of `data`, which outlives the call.
-        let group = unsafe {
-            std::slice::from_raw_parts_mut(base.ptr().add(start), group_len.min(len - start))
-        };
-        run(part * per_thread, group);
+    for_each_chunk(data, per_thread * strip_len, &|part, group| {
+        run(part * per_thread, group)
     });
 }
 

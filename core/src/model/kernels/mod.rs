@@ -120,16 +120,23 @@ pub(crate) fn for_each_row<T: Send>(
         run(0, dst);
         return;
     }
-    let len = dst.len();
-    let chunk_len = per_thread * row_len;
-    let base = SharedMut(dst.as_mut_ptr());
+    for_each_chunk(dst, per_thread * row_len, &|part, chunk| {
+        run(part * per_thread, chunk)
+    });
+}
+
+/// Runs `f(part, chunk)` over the `chunk_len`-long chunks of `data` (the last may be shorter),
+/// one part each on [`pool`], the first on the calling thread.
+fn for_each_chunk<T: Send>(data: &mut [T], chunk_len: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+    let len = data.len();
+    let base = SharedMut(data.as_mut_ptr());
     pool::run(len.div_ceil(chunk_len), &|part| {
         let start = part * chunk_len;
-        // SAFETY: the parts' chunks are disjoint pieces of `dst`, which outlives the call.
+        // SAFETY: the parts' chunks are disjoint pieces of `data`, which outlives the call.
         let chunk = unsafe {
             std::slice::from_raw_parts_mut(base.ptr().add(start), chunk_len.min(len - start))
         };
-        run(part * per_thread, chunk);
+        f(part, chunk);
     });
 }
 

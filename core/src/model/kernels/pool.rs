@@ -42,11 +42,10 @@ struct Job {
 }
 
 /// A worker's mailbox, on its own cache line so that the caller's store to one worker does not
-/// disturb another's spinning.
+/// disturb another's spinning. Worker `i` always runs part `i + 1`.
 #[repr(align(64))]
 struct Worker {
     job: AtomicPtr<Job>,
-    part: AtomicUsize,
 }
 
 struct Pool {
@@ -69,7 +68,6 @@ fn pool() -> &'static Pool {
             workers: (0..count)
                 .map(|_| Worker {
                     job: AtomicPtr::new(std::ptr::null_mut()),
-                    part: AtomicUsize::new(0),
                 })
                 .collect(),
             threads: OnceLock::new(),
@@ -78,7 +76,7 @@ fn pool() -> &'static Pool {
         for index in 0..count {
             let spawned = std::thread::Builder::new()
                 .name(format!("sdstream-kernel-{}", index + 1))
-                .spawn(move || serve(&pool.workers[index]));
+                .spawn(move || serve(&pool.workers[index], index + 1));
             match spawned {
                 Ok(handle) => handles.push(handle.thread().clone()),
                 // Fewer workers than threads: calls that need more run on threads of their own.
@@ -91,7 +89,7 @@ fn pool() -> &'static Pool {
 }
 
 /// A worker's life: wait for a job, run its part, report, wait again.
-fn serve(worker: &Worker) {
+fn serve(worker: &Worker, part: usize) {
     IS_WORKER.with(|w| w.set(true));
     loop {
         let job = wait_for(|| {
@@ -101,7 +99,6 @@ fn serve(worker: &Worker) {
         // SAFETY: the caller keeps the job alive until `remaining` reaches zero, which this
         // worker's decrement below is part of; nothing here touches it after that decrement.
         let job = unsafe { &*job };
-        let part = worker.part.load(Ordering::Relaxed);
         let caller = job.caller.clone();
         // SAFETY: as above, the closure outlives the job.
         let work = unsafe { &*job.work };
@@ -175,11 +172,7 @@ pub(crate) fn run(parts: usize, work: &(dyn Fn(usize) + Sync)) {
         caller: std::thread::current(),
     };
     let threads = pool.threads.get().expect("workers started");
-    for (index, (worker, thread)) in pool.workers.iter().zip(threads.iter()).enumerate() {
-        if index + 1 == parts {
-            break;
-        }
-        worker.part.store(index + 1, Ordering::Relaxed);
+    for (worker, thread) in pool.workers.iter().zip(threads.iter()).take(parts - 1) {
         worker
             .job
             .store(&job as *const Job as *mut Job, Ordering::Release);
