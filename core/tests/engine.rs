@@ -676,7 +676,7 @@ fn a_controlnet_added_and_rescaled_while_streaming_costs_no_frame() {
         let mut ids = Vec::new();
         let mut versions = (0, 0);
         let mut received = Vec::new();
-        let start = Instant::now();
+        let mut start = Instant::now();
         for i in 0..n {
             if i == add_at {
                 let update = engine
@@ -686,6 +686,15 @@ fn a_controlnet_added_and_rescaled_while_streaming_costs_no_frame() {
                 versions.0 = engine.status().params_version;
             }
             if i == rescale_at {
+                // A hot update acts on the frames processed after it. When tests running beside
+                // this one slow the engine below the pacing, frames still queued would take it
+                // too: wait for the earlier frames' outputs, so that "the next frame" is frame
+                // `rescale_at` on any machine, and resume the pacing from now.
+                while received.len() < i {
+                    let out = recv(&engine);
+                    received.push((Instant::now(), out));
+                }
+                start = Instant::now() - interval.mul_f64(i as f64);
                 let update = engine.update_params(with_controlnet(0.9)).expect("rescale");
                 assert!(update.is_hot(), "{update:?}");
                 versions.1 = engine.status().params_version;
