@@ -617,13 +617,17 @@ pub(super) fn convolve(
     out: &mut [f32],
     threads: usize,
 ) {
+    let isa = simd::isa();
     match weights.variant {
-        Variant::F2 => convolve_with::<2>(planes, shape, weights, bias, out, threads),
-        Variant::F4 => convolve_with::<4>(planes, shape, weights, bias, out, threads),
+        Variant::F2 => convolve_with::<2>(isa, planes, shape, weights, bias, out, threads),
+        Variant::F4 => convolve_with::<4>(isa, planes, shape, weights, bias, out, threads),
     }
 }
 
+/// [`convolve`] with the transforms of `isa` (AVX-512 has its own; the others run the portable
+/// ones).
 fn convolve_with<const M: usize>(
+    isa: Isa,
     planes: &[f32],
     shape: &Shape,
     weights: &WinogradWeights,
@@ -664,6 +668,7 @@ fn convolve_with<const M: usize>(
         let tiles = rows * tw;
         let chunk = first_row..first_row + rows;
         transform_input::<M>(
+            isa,
             planes,
             &s,
             chunk.clone(),
@@ -682,7 +687,9 @@ fn convolve_with<const M: usize>(
         );
         // SAFETY: `out` is `[batch][C_out][h_out][w_out]` (asserted above), and the output
         // transform writes the outputs of this chunk's tiles, split by output channel.
-        unsafe { transform_output::<M>(&products, &s, chunk, chunk_tiles, bias, out_ptr, threads) };
+        unsafe {
+            transform_output::<M>(isa, &products, &s, chunk, chunk_tiles, bias, out_ptr, threads)
+        };
         first_row += rows;
     }
 }
@@ -690,6 +697,7 @@ fn convolve_with<const M: usize>(
 /// `Bᵀ d B` of every window in tile rows `chunk` (global tile row `r` is image `r / th`, row
 /// `r % th`), into `transformed` `[points][C_in][stride]`, tile `(r − chunk.start)·tw + tx`.
 fn transform_input<const M: usize>(
+    isa: Isa,
     planes: &[f32],
     s: &Shape,
     chunk: std::ops::Range<usize>,
@@ -720,6 +728,14 @@ fn transform_input<const M: usize>(
                     })
                 });
                 let at = ci * stride + local * tw;
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512 {
+                    // SAFETY: the CPU has AVX-512F; point (i, j)'s row of channel ci, tiles
+                    // at..at + tw, lies inside `transformed` ([points][C_in][stride], at + tw ≤
+                    // stride), and channel ci is this thread's alone.
+                    unsafe { avx512::input_tile_row::<M>(&rows, tw, dst.ptr().add(at), point_len) };
+                    continue;
+                }
                 let mut tx = 0;
                 while tx < tw {
                     let n = LANES.min(tw - tx);
@@ -826,6 +842,7 @@ fn multiply(
 /// # Safety
 /// `out` points to `[batch][C_out][h_out][w_out]` values that no other thread touches meanwhile.
 unsafe fn transform_output<const M: usize>(
+    isa: Isa,
     products: &[f32],
     s: &Shape,
     chunk: std::ops::Range<usize>,
@@ -844,6 +861,26 @@ unsafe fn transform_output<const M: usize>(
             for (local, r) in chunk.clone().enumerate() {
                 let (image, ty) = (r / th, r % th);
                 let at = co * stride + local * tw;
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512 {
+                    let rows = M.min(s.h_out - M * ty);
+                    // SAFETY: the CPU has AVX-512F; products[ξ][co][at..at + tw] lie inside
+                    // `products` ([points][C_out][stride]); output rows M·ty.. (`rows` of them,
+                    // inside the map) of channel co of `image` are this thread's alone.
+                    unsafe {
+                        avx512::output_tile_row::<M>(
+                            products.as_ptr().add(at),
+                            point_len,
+                            tw,
+                            bias[co],
+                            out.ptr()
+                                .add(((image * s.c_out + co) * s.h_out + M * ty) * s.w_out),
+                            rows,
+                            s.w_out,
+                        )
+                    };
+                    continue;
+                }
                 let mut tx = 0;
                 while tx < tw {
                     let n = LANES.min(tw - tx);
@@ -884,6 +921,222 @@ unsafe fn transform_output<const M: usize>(
         }
     };
     for_each_range(s.c_out, threads.min(s.c_out), &work);
+}
+
+/// The channels-first transforms on AVX-512: the portable ones' arithmetic, operation for
+/// operation (so the same values, bit for bit), on registers instead of lane arrays. Compiled
+/// for the baseline, the portable transforms spent most of their time copying 16-value lanes
+/// through the stack and calling `memcpy` for the partial lanes that every tile row narrower
+/// than 16 tiles has (the UNet's 32² maps have 8 tiles a row): a seventh of a bf16 UNet call at
+/// batch 3. Here partial lanes are masked loads and stores, and the output transform
+/// interleaves a tile row's M outputs per tile in registers.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{LANES, MAX_WINDOW};
+
+    /// The first `n` of 16 lanes.
+    #[inline(always)]
+    fn first(n: usize) -> __mmask16 {
+        if n >= LANES {
+            u16::MAX
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn sub(a: __m512, b: __m512) -> __m512 {
+        _mm512_sub_ps(a, b)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn scale(a: __m512, s: f32) -> __m512 {
+        _mm512_mul_ps(a, _mm512_set1_ps(s))
+    }
+
+    /// [`super::input_1d`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn input_1d<const M: usize>(x: &[__m512; MAX_WINDOW]) -> [__m512; MAX_WINDOW] {
+        let mut y = [_mm512_setzero_ps(); MAX_WINDOW];
+        if M == 2 {
+            y[0] = sub(x[0], x[2]);
+            y[1] = add(x[1], x[2]);
+            y[2] = sub(x[2], x[1]);
+            y[3] = sub(x[1], x[3]);
+        } else {
+            let a = sub(x[4], scale(x[2], 4.0));
+            let b = sub(x[3], scale(x[1], 4.0));
+            let c = sub(x[4], x[2]);
+            let e = scale(sub(x[3], x[1]), 2.0);
+            y[0] = add(sub(scale(x[0], 4.0), scale(x[2], 5.0)), x[4]);
+            y[1] = add(a, b);
+            y[2] = sub(a, b);
+            y[3] = add(c, e);
+            y[4] = sub(c, e);
+            y[5] = add(sub(scale(x[1], 4.0), scale(x[3], 5.0)), x[5]);
+        }
+        y
+    }
+
+    /// [`super::output_1d`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn output_1d<const M: usize>(x: &[__m512; MAX_WINDOW]) -> [__m512; MAX_WINDOW] {
+        let mut y = [_mm512_setzero_ps(); MAX_WINDOW];
+        if M == 2 {
+            y[0] = add(add(x[0], x[1]), x[2]);
+            y[1] = sub(sub(x[1], x[2]), x[3]);
+        } else {
+            let p = add(x[1], x[2]);
+            let q = sub(x[1], x[2]);
+            let r = add(x[3], x[4]);
+            let s = sub(x[3], x[4]);
+            y[0] = add(add(x[0], p), r);
+            y[1] = add(q, scale(s, 2.0));
+            y[2] = add(p, scale(r, 4.0));
+            y[3] = add(add(q, scale(s, 8.0)), x[5]);
+        }
+        y
+    }
+
+    /// `[a0, b0, a1, b1, …, a7, b7]` and `[a8, b8, …, a15, b15]`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn interleave(a: __m512, b: __m512) -> (__m512, __m512) {
+        let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        (
+            _mm512_permutex2var_ps(a, low, b),
+            _mm512_permutex2var_ps(a, high, b),
+        )
+    }
+
+    /// `Bᵀ d B` of one tile row's windows (super::transform_input's inner loop): window value
+    /// (row, col) of tile tx is `rows[row][col][tx]`; point (i, j) of tile tx goes to
+    /// `dst[(i·a + j)·point_len + tx]`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `rows` hold `tw` values each (those past m + 2 are not read);
+    /// `dst` is valid for those writes, which no other thread touches meanwhile.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn input_tile_row<const M: usize>(
+        rows: &[[&[f32]; MAX_WINDOW]; MAX_WINDOW],
+        tw: usize,
+        dst: *mut f32,
+        point_len: usize,
+    ) {
+        let a = M + 2;
+        let mut tx = 0;
+        while tx < tw {
+            let lanes = first(tw - tx);
+            // Columns first, then rows, as super::input_2d.
+            let mut t = [[_mm512_setzero_ps(); MAX_WINDOW]; MAX_WINDOW];
+            for c in 0..a {
+                let mut column = [_mm512_setzero_ps(); MAX_WINDOW];
+                for (r, value) in column.iter_mut().enumerate().take(a) {
+                    debug_assert_eq!(rows[r][c].len(), tw);
+                    // SAFETY: lanes tx.. up to tw of a row of tw values (masked-off lanes
+                    // are not read).
+                    *value = unsafe { _mm512_maskz_loadu_ps(lanes, rows[r][c].as_ptr().add(tx)) };
+                }
+                let y = input_1d::<M>(&column);
+                for (r, row) in t.iter_mut().enumerate().take(a) {
+                    row[c] = y[r];
+                }
+            }
+            for (i, row) in t.iter().enumerate().take(a) {
+                let v = input_1d::<M>(row);
+                for (j, &value) in v.iter().enumerate().take(a) {
+                    // SAFETY: the caller's.
+                    unsafe {
+                        _mm512_mask_storeu_ps(dst.add((i * a + j) * point_len + tx), lanes, value)
+                    };
+                }
+            }
+            tx += LANES;
+        }
+    }
+
+    /// `Aᵀ m A` of one tile row's points plus `bias` (super::transform_output's inner loop):
+    /// point (i, j) of tile tx is `products[(i·a + j)·point_len + tx]`; output row i < `rows`
+    /// of the tile row starts at `out[i·w_out]`, where tile tx's outputs are columns
+    /// `M·tx .. M·tx + M` (those below `w_out`).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `products` is valid for those reads (`tw` tiles of each point);
+    /// `out` for writes of `rows` rows of `w_out` values, which no other thread touches.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn output_tile_row<const M: usize>(
+        products: *const f32,
+        point_len: usize,
+        tw: usize,
+        bias: f32,
+        out: *mut f32,
+        rows: usize,
+        w_out: usize,
+    ) {
+        let a = M + 2;
+        let bias = _mm512_set1_ps(bias);
+        let mut tx = 0;
+        while tx < tw {
+            let lanes = first(tw - tx);
+            // Columns first, then rows, as super::output_2d.
+            let mut t = [[_mm512_setzero_ps(); MAX_WINDOW]; MAX_WINDOW];
+            for c in 0..a {
+                let mut column = [_mm512_setzero_ps(); MAX_WINDOW];
+                for (r, value) in column.iter_mut().enumerate().take(a) {
+                    // SAFETY: the caller's (masked-off lanes are not read).
+                    *value = unsafe {
+                        _mm512_maskz_loadu_ps(lanes, products.add((r * a + c) * point_len + tx))
+                    };
+                }
+                let y = output_1d::<M>(&column);
+                for (i, row) in t.iter_mut().enumerate().take(M) {
+                    row[c] = y[i];
+                }
+            }
+            for (i, row) in t.iter().enumerate().take(rows.min(M)) {
+                let y = output_1d::<M>(row);
+                // Tile tx + l's output j is column M·(tx + l) + j: the M lanes interleaved.
+                let parts = if M == 2 {
+                    let (low, high) = interleave(add(y[0], bias), add(y[1], bias));
+                    [low, high, low, high]
+                } else {
+                    let (p_low, p_high) = interleave(add(y[0], bias), add(y[2], bias));
+                    let (q_low, q_high) = interleave(add(y[1], bias), add(y[3], bias));
+                    let (first_quarter, second) = interleave(p_low, q_low);
+                    let (third, fourth) = interleave(p_high, q_high);
+                    [first_quarter, second, third, fourth]
+                };
+                for (k, &part) in parts.iter().enumerate().take(M) {
+                    let column = M * tx + LANES * k;
+                    if column >= w_out {
+                        break;
+                    }
+                    // SAFETY: columns column.. below w_out of row i, the caller's.
+                    unsafe {
+                        _mm512_mask_storeu_ps(
+                            out.add(i * w_out + column),
+                            first(w_out - column),
+                            part,
+                        )
+                    };
+                }
+            }
+            tx += LANES;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1576,6 +1829,81 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX-512 transforms of channels-first maps give the portable ones' values bit for bit
+    /// (the same operations in the same order): tile rows of 3, 8, 16 and 20 tiles (partial
+    /// lanes, one lane and more), partial tiles at the right and bottom edges, a batch, both
+    /// variants, and more outputs than a lane's interleaved columns.
+    #[test]
+    fn avx512_transforms_equal_the_portable_ones() {
+        if simd::isa() != Isa::Avx512 {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let mut seed = 7u32;
+        let mut random = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 23) as f32 - 1.0
+        };
+        // (batch, c_in, c_out, h_out, w_out)
+        let cases: [(usize, usize, usize, usize, usize); 4] = [
+            (1, 5, 7, 9, 10),
+            (2, 3, 4, 14, 31),
+            (1, 4, 6, 7, 64),
+            (2, 2, 3, 5, 78),
+        ];
+        let mut tiles_a_row = std::collections::BTreeSet::new();
+        for variant in Variant::ALL {
+            let m = variant.tile();
+            for (batch, c_in, c_out, h_out, w_out) in cases {
+                let (th, tw) = (h_out.div_ceil(m), w_out.div_ceil(m));
+                tiles_a_row.insert(tw);
+                let s = Shape {
+                    batch,
+                    c_in,
+                    c_out,
+                    h_plane: th + 1,
+                    w_plane: tw + 1,
+                    h_out,
+                    w_out,
+                };
+                let planes: Vec<f32> = (0..batch * c_in * m * m * s.h_plane * s.w_plane)
+                    .map(|_| random())
+                    .collect();
+                let weight: Vec<f32> = (0..9 * c_in * c_out).map(|_| random()).collect();
+                let bias: Vec<f32> = (0..c_out).map(|_| random()).collect();
+                let weights = WinogradWeights::new(&weight, c_out, c_in, false, variant, false, 2);
+                let run = |isa: Isa| {
+                    let mut out = vec![f32::NAN; batch * c_out * h_out * w_out];
+                    match variant {
+                        Variant::F2 => {
+                            convolve_with::<2>(isa, &planes, &s, &weights, &bias, &mut out, 2)
+                        }
+                        Variant::F4 => {
+                            convolve_with::<4>(isa, &planes, &s, &weights, &bias, &mut out, 2)
+                        }
+                    }
+                    out
+                };
+                let (portable, avx512) = (run(Isa::Baseline), run(Isa::Avx512));
+                assert!(portable.iter().all(|v| v.is_finite()), "every output written");
+                assert!(portable.iter().any(|v| v.abs() > 0.5), "outputs not trivially small");
+                let differ = portable
+                    .iter()
+                    .zip(&avx512)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{variant:?} b{batch} {c_in}->{c_out} {h_out}x{w_out}: outputs differ"
+                );
+            }
+        }
+        assert!(
+            [3, 8, 16, 20].iter().all(|tw| tiles_a_row.contains(tw)),
+            "{tiles_a_row:?}"
+        );
     }
 
     /// The 1-D transforms are the matrices their documentation gives (checked on unit vectors),
