@@ -722,6 +722,11 @@ def compare(received, patch_time, record_dir, unswitched_dir, summary):
             # The prompt check uses luma: 4:2:0 chroma error would drown a small prompt effect.
             "to_later": nearest(luma_later, luma(f)[..., None])[0] if len(later) else np.inf,
             "to_never_patched": nearest(luma_never, luma(f)[..., None])[0] if len(never_patched) else np.inf,
+            # The same frame as the never-PATCHed replay rendered it: the nearest-of-all above can
+            # land on a neighbouring frame of the moving pattern, which sits closer than the frame
+            # itself and made the prompt's effect look smaller than it is.
+            "to_same_frame_never_patched": (
+                float(np.abs(luma(unswitched[ids[best]]) - luma(f)).mean()) if ids[best] in unswitched else np.inf),
         })
     col = lambda k, rs=rows: np.array([r[k] for r in rs])  # noqa: E731
     med = lambda k, rs=rows: float(np.median(col(k, rs)))  # noqa: E731
@@ -746,14 +751,16 @@ def compare(received, patch_time, record_dir, unswitched_dir, summary):
         "share_closer_to_new_prompt": closer,
         "median_to_new_prompt_outputs": med("to_later", after) if after else None,
         "median_to_never_patched_outputs": med("to_never_patched", after) if after else None,
+        "median_to_same_frame_never_patched": med("to_same_frame_never_patched", after) if after else None,
     }
     old_share = float(np.mean(col("version", before) == first_version)) if before else 0.0
     summary["before_patch"] = {"frames": len(before), "share_matching_old_params": old_share}
     check(len(after) >= 5 and closer >= 0.9,
           f"after the PATCH, received frames are the new prompt's outputs, not the old one's ({closer:.0%} of {len(after)})")
-    check(len(after) >= 5 and med("to_never_patched", after) > 1.5 * med("to_later", after),
-          "after the PATCH, the never-PATCHed outputs are 1.5x as far (luma) as the new prompt's: "
-          f"{med('to_never_patched', after):.2f} vs {med('to_later', after):.2f}")
+    check(len(after) >= 5 and med("to_same_frame_never_patched", after) > 1.5 * med("to_later", after),
+          "after the PATCH, each frame's never-PATCHed rendering is 1.5x as far (luma) as the new prompt's: "
+          f"{med('to_same_frame_never_patched', after):.2f} vs {med('to_later', after):.2f} "
+          f"(nearest never-PATCHed frame of any: {med('to_never_patched', after):.2f})")
     check(len(before) >= 5 and old_share >= 0.9, f"before the PATCH, frames match the old prompt's outputs ({old_share:.0%} of {len(before)})")
 
 
@@ -780,9 +787,11 @@ def main():
     record = os.path.join(args.work, "record")
     log_path = os.path.join(args.work, "server.log")
     server = serve(args.server, API_TOKEN, fixtures,
-                   # Residual CFG at 3: the tiny model's text conditioning then moves the
-                   # picture by ~20 levels per prompt change (1 level at guidance 1).
-                   params={"seed": 42, "delta": 0.7, "guidance_scale": 3.0},
+                   # Residual CFG at 4: the tiny model's text conditioning then moves the
+                   # engine's outputs by about 5.8 levels (mean abs) at the PATCH's prompt
+                   # change, 3.3 at the least; at 3 it was 4.9 and 2.4, and the received
+                   # frames' luma check sat at its bound, H.264's own error being 1.8 levels.
+                   params={"seed": 42, "delta": 0.7, "guidance_scale": 4.0},
                    flags=["--record", record, "--connect-timeout", 3, "--idle-timeout", IDLE_TIMEOUT],
                    log_path=log_path)
     base = server.base
