@@ -688,7 +688,16 @@ fn convolve_with<const M: usize>(
         // SAFETY: `out` is `[batch][C_out][h_out][w_out]` (asserted above), and the output
         // transform writes the outputs of this chunk's tiles, split by output channel.
         unsafe {
-            transform_output::<M>(isa, &products, &s, chunk, chunk_tiles, bias, out_ptr, threads)
+            transform_output::<M>(
+                isa,
+                &products,
+                &s,
+                chunk,
+                chunk_tiles,
+                bias,
+                out_ptr,
+                threads,
+            )
         };
         first_row += rows;
     }
@@ -705,6 +714,9 @@ fn transform_input<const M: usize>(
     transformed: &mut [f32],
     threads: usize,
 ) {
+    // Only x86-64 has a kernel of its own.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     let a = M + 2;
     let (th, tw) = (s.h_out.div_ceil(M), s.w_out.div_ceil(M));
     let plane_len = s.h_plane * s.w_plane;
@@ -841,6 +853,7 @@ fn multiply(
 ///
 /// # Safety
 /// `out` points to `[batch][C_out][h_out][w_out]` values that no other thread touches meanwhile.
+#[allow(clippy::too_many_arguments)]
 unsafe fn transform_output<const M: usize>(
     isa: Isa,
     products: &[f32],
@@ -851,6 +864,9 @@ unsafe fn transform_output<const M: usize>(
     out: SharedMut<f32>,
     threads: usize,
 ) {
+    // Only x86-64 has a kernel of its own.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     let a = M + 2;
     let (th, tw) = (s.h_out.div_ceil(M), s.w_out.div_ceil(M));
     let point_len = s.c_out * stride;
@@ -923,13 +939,16 @@ unsafe fn transform_output<const M: usize>(
     for_each_range(s.c_out, threads.min(s.c_out), &work);
 }
 
-/// The channels-first transforms on AVX-512: the portable ones' arithmetic, operation for
-/// operation (so the same values, bit for bit), on registers instead of lane arrays. Compiled
-/// for the baseline, the portable transforms spent most of their time copying 16-value lanes
-/// through the stack and calling `memcpy` for the partial lanes that every tile row narrower
-/// than 16 tiles has (the UNet's 32² maps have 8 tiles a row): a seventh of a bf16 UNet call at
-/// batch 3. Here partial lanes are masked loads and stores, and the output transform
-/// interleaves a tile row's M outputs per tile in registers.
+/// The transforms on AVX-512: the portable ones' arithmetic, operation for operation (so the
+/// same values, bit for bit), on registers instead of lane arrays, a window column by column
+/// (six registers in, six out) as the portable `input_2d` and `output_2d` do. Compiled for the
+/// baseline, the portable transforms spent most of their time copying 16-value lanes through
+/// the stack and calling `memcpy` for the partial lanes that every tile row narrower than 16
+/// tiles has (the UNet's 32² maps have 8 tiles a row): a seventh of a bf16 UNet call at batch
+/// 3. Here partial lanes are masked loads and stores, and the channels-first output transform
+/// interleaves a tile row's M outputs per tile in registers. (A `#[target_feature]` copy of the
+/// portable code was tried first on the blocked kernel and ran twice as slow: the compiler
+/// kept whole 6 × 6 windows of lane arrays on the stack.)
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -938,7 +957,7 @@ mod avx512 {
 
     /// The first `n` of 16 lanes.
     #[inline(always)]
-    fn first(n: usize) -> __mmask16 {
+    pub(super) fn first(n: usize) -> __mmask16 {
         if n >= LANES {
             u16::MAX
         } else {
@@ -1022,6 +1041,79 @@ mod avx512 {
         )
     }
 
+    /// `Bᵀ d B` of one window of 16 lanes (the first `lanes` of them read and written): value
+    /// (row, col) at `src(row, col)`, point (i, j) to `dst(i, j)`. Columns first, then rows,
+    /// as super::input_2d.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; every `src` pointer is valid for reads and every `dst` pointer
+    /// for writes of the `lanes` values, which no other thread touches meanwhile.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn input_window<const M: usize>(
+        src: impl Fn(usize, usize) -> *const f32,
+        dst: impl Fn(usize, usize) -> *mut f32,
+        lanes: __mmask16,
+    ) {
+        let a = M + 2;
+        let mut t = [[_mm512_setzero_ps(); MAX_WINDOW]; MAX_WINDOW];
+        for c in 0..a {
+            let mut column = [_mm512_setzero_ps(); MAX_WINDOW];
+            for (r, value) in column.iter_mut().enumerate().take(a) {
+                // SAFETY: the caller's (masked-off lanes are not read).
+                *value = unsafe { _mm512_maskz_loadu_ps(lanes, src(r, c)) };
+            }
+            let y = input_1d::<M>(&column);
+            for (r, row) in t.iter_mut().enumerate().take(a) {
+                row[c] = y[r];
+            }
+        }
+        for (i, row) in t.iter().enumerate().take(a) {
+            let v = input_1d::<M>(row);
+            for (j, &value) in v.iter().enumerate().take(a) {
+                // SAFETY: the caller's.
+                unsafe { _mm512_mask_storeu_ps(dst(i, j), lanes, value) };
+            }
+        }
+    }
+
+    /// `Aᵀ m A` of one tile's points, 16 lanes (channels) of them: point (i, j) at `src(i, j)`,
+    /// output (i, j) for i < `rows`, j < `columns` to `dst(i, j)`. Columns first, then rows, as
+    /// super::output_2d.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; every `src` pointer is valid for reads and every `dst` pointer
+    /// for writes of 16 values, which no other thread touches meanwhile.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn output_window<const M: usize>(
+        src: impl Fn(usize, usize) -> *const f32,
+        dst: impl Fn(usize, usize) -> *mut f32,
+        rows: usize,
+        columns: usize,
+    ) {
+        let a = M + 2;
+        let mut t = [[_mm512_setzero_ps(); MAX_WINDOW]; MAX_WINDOW];
+        for c in 0..a {
+            let mut column = [_mm512_setzero_ps(); MAX_WINDOW];
+            for (r, value) in column.iter_mut().enumerate().take(a) {
+                // SAFETY: the caller's.
+                *value = unsafe { _mm512_loadu_ps(src(r, c)) };
+            }
+            let y = output_1d::<M>(&column);
+            for (i, row) in t.iter_mut().enumerate().take(M) {
+                row[c] = y[i];
+            }
+        }
+        for (i, row) in t.iter().enumerate().take(rows.min(M)) {
+            let y = output_1d::<M>(row);
+            for (j, &value) in y.iter().enumerate().take(columns.min(M)) {
+                // SAFETY: the caller's.
+                unsafe { _mm512_storeu_ps(dst(i, j), value) };
+            }
+        }
+    }
+
     /// `Bᵀ d B` of one tile row's windows (super::transform_input's inner loop): window value
     /// (row, col) of tile tx is `rows[row][col][tx]`; point (i, j) of tile tx goes to
     /// `dst[(i·a + j)·point_len + tx]`.
@@ -1039,31 +1131,15 @@ mod avx512 {
         let a = M + 2;
         let mut tx = 0;
         while tx < tw {
-            let lanes = first(tw - tx);
-            // Columns first, then rows, as super::input_2d.
-            let mut t = [[_mm512_setzero_ps(); MAX_WINDOW]; MAX_WINDOW];
-            for c in 0..a {
-                let mut column = [_mm512_setzero_ps(); MAX_WINDOW];
-                for (r, value) in column.iter_mut().enumerate().take(a) {
-                    debug_assert_eq!(rows[r][c].len(), tw);
-                    // SAFETY: lanes tx.. up to tw of a row of tw values (masked-off lanes
-                    // are not read).
-                    *value = unsafe { _mm512_maskz_loadu_ps(lanes, rows[r][c].as_ptr().add(tx)) };
-                }
-                let y = input_1d::<M>(&column);
-                for (r, row) in t.iter_mut().enumerate().take(a) {
-                    row[c] = y[r];
-                }
-            }
-            for (i, row) in t.iter().enumerate().take(a) {
-                let v = input_1d::<M>(row);
-                for (j, &value) in v.iter().enumerate().take(a) {
-                    // SAFETY: the caller's.
-                    unsafe {
-                        _mm512_mask_storeu_ps(dst.add((i * a + j) * point_len + tx), lanes, value)
-                    };
-                }
-            }
+            // SAFETY: lanes tx.. up to tw of rows of tw values (masked-off lanes are neither
+            // read nor written); the writes are the caller's.
+            unsafe {
+                input_window::<M>(
+                    |r, c| rows[r][c][tx..].as_ptr(),
+                    |i, j| dst.add((i * a + j) * point_len + tx),
+                    first(tw - tx),
+                )
+            };
             tx += LANES;
         }
     }
@@ -1208,10 +1284,10 @@ pub(super) fn convolve_channels_last(
     let isa = simd::isa();
     match (weights.variant, blocked_fits(isa, shape.c_in, shape.c_out)) {
         (Variant::F2, false) => {
-            convolve_channels_last_with::<2>(x, shape, weights, finish, out, threads)
+            convolve_channels_last_with::<2>(isa, x, shape, weights, finish, out, threads)
         }
         (Variant::F4, false) => {
-            convolve_channels_last_with::<4>(x, shape, weights, finish, out, threads)
+            convolve_channels_last_with::<4>(isa, x, shape, weights, finish, out, threads)
         }
         (Variant::F2, true) => convolve_blocked::<2>(isa, x, shape, weights, finish, out, threads),
         (Variant::F4, true) => convolve_blocked::<4>(isa, x, shape, weights, finish, out, threads),
@@ -1219,6 +1295,7 @@ pub(super) fn convolve_channels_last(
 }
 
 fn convolve_channels_last_with<const M: usize>(
+    isa: Isa,
     x: &[f32],
     shape: &ChannelsLastShape,
     weights: &WinogradWeights,
@@ -1226,6 +1303,8 @@ fn convolve_channels_last_with<const M: usize>(
     out: &mut [f32],
     threads: usize,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     let s = *shape;
     count(weights);
     let (a, points) = (M + 2, weights.variant.points());
@@ -1266,6 +1345,27 @@ fn convolve_channels_last_with<const M: usize>(
                         })
                     });
                     let tile = local * tw + tx;
+                    #[cfg(target_arch = "x86_64")]
+                    if isa == Isa::Avx512 {
+                        let mut ch = 0;
+                        while ch < s.c_in {
+                            let point = |i: usize, j: usize| {
+                                ((i * a + j) * chunk_tiles + tile) * s.c_in + ch
+                            };
+                            // SAFETY: the CPU has AVX-512F; channels ch.. (up to C_in) of each
+                            // window pixel, and of point (i, j)'s row for this tile in
+                            // `transformed`, which is this thread's alone (as below).
+                            unsafe {
+                                avx512::input_window::<M>(
+                                    |row, col| d[row][col][ch..].as_ptr(),
+                                    |i, j| dst.ptr().add(point(i, j)),
+                                    avx512::first(s.c_in - ch),
+                                )
+                            };
+                            ch += LANES;
+                        }
+                        continue;
+                    }
                     let mut ch = 0;
                     while ch < s.c_in {
                         let n = LANES.min(s.c_in - ch);
@@ -1351,6 +1451,31 @@ fn convolve_channels_last_with<const M: usize>(
                 for tx in 0..tw {
                     let tile = local * tw + tx;
                     let out_cols = M.min(s.w_out - M * tx);
+                    #[cfg(target_arch = "x86_64")]
+                    if isa == Isa::Avx512 && s.c_out.is_multiple_of(LANES) {
+                        let out_row = dst.as_mut_ptr();
+                        for co in (0..s.c_out).step_by(LANES) {
+                            let point = |i: usize, j: usize| {
+                                ((i * a + j) * chunk_tiles + tile) * s.c_out + co
+                            };
+                            // SAFETY: the CPU has AVX-512F; 16 channels of each point's
+                            // product for this tile, and of each output pixel of the tile
+                            // inside the map, which is this thread's alone (as above).
+                            unsafe {
+                                avx512::output_window::<M>(
+                                    |i, j| products[point(i, j)..][..LANES].as_ptr(),
+                                    |i, j| {
+                                        let at = i * row_len + (M * tx + j) * s.c_out + co;
+                                        debug_assert!(at + LANES <= out_rows * row_len);
+                                        out_row.add(at)
+                                    },
+                                    out_rows,
+                                    out_cols,
+                                )
+                            };
+                        }
+                        continue;
+                    }
                     let mut co = 0;
                     while co < s.c_out {
                         let n = LANES.min(s.c_out - co);
@@ -1516,7 +1641,7 @@ impl Blocked<'_> {
         for first in (0..tw).step_by(BLOCK_TILES) {
             let block = first..tw.min(first + BLOCK_TILES);
             for (t, tx) in block.clone().enumerate() {
-                self.transform_window::<M>(image, ty, tx, t, &mut scratch.transformed);
+                self.transform_window::<M>(isa, image, ty, tx, t, &mut scratch.transformed);
             }
             // Tiles past the block's end hold an earlier block's values (or zeros): they are
             // multiplied along and never read back.
@@ -1529,6 +1654,34 @@ impl Blocked<'_> {
             let a = M + 2;
             for (t, tx) in block.enumerate() {
                 let out_cols = M.min(s.w_out - M * tx);
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512 {
+                    let (products, out_row) = (scratch.products.as_ptr(), dst.as_mut_ptr());
+                    for co in (0..s.c_out).step_by(LANES) {
+                        let point = |i: usize, j: usize| {
+                            // SAFETY: 16 channels of block tile t's product at point (i, j),
+                            // inside the thread's scratch (C_out is whole lanes).
+                            unsafe {
+                                products.add((i * a + j) * point_stride(s.c_out) + t * s.c_out + co)
+                            }
+                        };
+                        let pixel = |i: usize, j: usize| {
+                            // SAFETY: 16 channels of output pixel (i, M·tx + j) of this tile
+                            // row, inside `dst` for i < out_rows and M·tx + j < w_out.
+                            unsafe { out_row.add(i * row_len + (M * tx + j) * s.c_out + co) }
+                        };
+                        // SAFETY: the CPU has AVX-512F; the pointers as above, and `dst` is
+                        // this thread's alone. Whole tiles pass constant bounds, as below.
+                        unsafe {
+                            if out_rows == M && out_cols == M {
+                                avx512::output_window::<M>(point, pixel, M, M)
+                            } else {
+                                avx512::output_window::<M>(point, pixel, out_rows, out_cols)
+                            }
+                        };
+                    }
+                    continue;
+                }
                 for co in (0..s.c_out).step_by(LANES) {
                     let m = std::array::from_fn(|i| {
                         std::array::from_fn(|j| {
@@ -1569,12 +1722,15 @@ impl Blocked<'_> {
     #[inline(always)]
     fn transform_window<const M: usize>(
         &self,
+        isa: Isa,
         image: usize,
         ty: usize,
         tx: usize,
         t: usize,
         transformed: &mut [f32],
     ) {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = isa;
         let (s, x, a) = (&self.s, self.x, M + 2);
         // The window's top-left pixel, and whether the whole window lies inside the map (most
         // do: then each of its values is a fixed offset from there).
@@ -1589,6 +1745,43 @@ impl Blocked<'_> {
             0
         };
         let pixel_stride = s.w * s.c_in;
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            let dst = transformed.as_mut_ptr();
+            for ch in (0..s.c_in).step_by(LANES) {
+                let point = |i: usize, j: usize| {
+                    // SAFETY: 16 channels of block tile t at point (i, j), inside the thread's
+                    // scratch (C_in is whole lanes).
+                    unsafe { dst.add((i * a + j) * point_stride(s.c_in) + t * s.c_in + ch) }
+                };
+                // SAFETY (both): the CPU has AVX-512F; 16 channels of each window pixel, inside
+                // `x` (or the zero pixel), and of each point, as above.
+                if inside {
+                    unsafe {
+                        avx512::input_window::<M>(
+                            |row, col| {
+                                x[corner + row * pixel_stride + col * s.c_in + ch..][..LANES]
+                                    .as_ptr()
+                            },
+                            point,
+                            u16::MAX,
+                        )
+                    };
+                } else {
+                    unsafe {
+                        avx512::input_window::<M>(
+                            |row, col| {
+                                s.pixel(x, &self.zeros, image, y0 + row, x0 + col)[ch..][..LANES]
+                                    .as_ptr()
+                            },
+                            point,
+                            u16::MAX,
+                        )
+                    };
+                }
+            }
+            return;
+        }
         for ch in (0..s.c_in).step_by(LANES) {
             let mut window = [[ZERO; MAX_WINDOW]; MAX_WINDOW];
             if inside {
@@ -1798,12 +1991,24 @@ mod tests {
                     let mut out = vec![0f32; batch * h_out * w_out * c_out];
                     let finish = |_: usize, row: &mut [f32]| row.iter_mut().for_each(|v| *v += 1.0);
                     match (variant, isa) {
-                        (Variant::F2, None) => {
-                            convolve_channels_last_with::<2>(&x, &s, &weights, &finish, &mut out, 2)
-                        }
-                        (Variant::F4, None) => {
-                            convolve_channels_last_with::<4>(&x, &s, &weights, &finish, &mut out, 2)
-                        }
+                        (Variant::F2, None) => convolve_channels_last_with::<2>(
+                            Isa::Baseline,
+                            &x,
+                            &s,
+                            &weights,
+                            &finish,
+                            &mut out,
+                            2,
+                        ),
+                        (Variant::F4, None) => convolve_channels_last_with::<4>(
+                            Isa::Baseline,
+                            &x,
+                            &s,
+                            &weights,
+                            &finish,
+                            &mut out,
+                            2,
+                        ),
                         (Variant::F2, Some(isa)) => {
                             convolve_blocked::<2>(isa, &x, &s, &weights, &finish, &mut out, 2)
                         }
@@ -1887,8 +2092,14 @@ mod tests {
                     out
                 };
                 let (portable, avx512) = (run(Isa::Baseline), run(Isa::Avx512));
-                assert!(portable.iter().all(|v| v.is_finite()), "every output written");
-                assert!(portable.iter().any(|v| v.abs() > 0.5), "outputs not trivially small");
+                assert!(
+                    portable.iter().all(|v| v.is_finite()),
+                    "every output written"
+                );
+                assert!(
+                    portable.iter().any(|v| v.abs() > 0.5),
+                    "outputs not trivially small"
+                );
                 let differ = portable
                     .iter()
                     .zip(&avx512)
@@ -1904,6 +2115,102 @@ mod tests {
             [3, 8, 16, 20].iter().all(|tw| tiles_a_row.contains(tw)),
             "{tiles_a_row:?}"
         );
+    }
+
+    /// The AVX-512 transforms of channels-last maps give the portable ones' values bit for bit:
+    /// in the chunked kernel (its products on the `gemm` crate either way), with input
+    /// channels in partial lanes and output channels in whole lanes or not (those stay
+    /// portable); in the blocked kernel against its AVX2 form (the same sums in the same order
+    /// on narrower registers, the transforms portable). Partial tiles at the right and bottom
+    /// edges, one-sided padding, a batch, both variants.
+    #[test]
+    fn avx512_channels_last_transforms_equal_the_portable_ones() {
+        if simd::isa() != Isa::Avx512 {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let mut seed = 11u32;
+        let mut random = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 23) as f32 - 1.0
+        };
+        // (blocked, batch, c_in, c_out, h, w, pad_top, pad_left, h_out, w_out)
+        type Case = (
+            bool,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+        );
+        let cases: [Case; 6] = [
+            (false, 1, 20, 32, 9, 13, 1, 1, 9, 13),
+            (false, 2, 7, 16, 6, 10, 0, 0, 5, 9),
+            (false, 1, 16, 24, 11, 7, 1, 1, 11, 7),
+            (true, 1, 64, 64, 9, 30, 1, 1, 9, 30),
+            (true, 2, 16, 48, 7, 61, 0, 0, 6, 60),
+            (true, 1, 32, 16, 13, 5, 1, 1, 13, 5),
+        ];
+        for variant in Variant::ALL {
+            for (blocked, batch, c_in, c_out, h, w, pad_top, pad_left, h_out, w_out) in cases {
+                let s = ChannelsLastShape {
+                    batch,
+                    c_in,
+                    c_out,
+                    h,
+                    w,
+                    pad_top,
+                    pad_left,
+                    h_out,
+                    w_out,
+                };
+                let x: Vec<f32> = (0..batch * h * w * c_in).map(|_| random()).collect();
+                let weight: Vec<f32> = (0..9 * c_in * c_out).map(|_| random()).collect();
+                let weights = WinogradWeights::new(&weight, c_out, c_in, true, variant, false, 2);
+                let run = |isa: Isa| {
+                    let mut out = vec![f32::NAN; batch * h_out * w_out * c_out];
+                    let finish = |_: usize, _: &mut [f32]| {};
+                    match (variant, blocked) {
+                        (Variant::F2, false) => convolve_channels_last_with::<2>(
+                            isa, &x, &s, &weights, &finish, &mut out, 2,
+                        ),
+                        (Variant::F4, false) => convolve_channels_last_with::<4>(
+                            isa, &x, &s, &weights, &finish, &mut out, 2,
+                        ),
+                        (Variant::F2, true) => {
+                            convolve_blocked::<2>(isa, &x, &s, &weights, &finish, &mut out, 2)
+                        }
+                        (Variant::F4, true) => {
+                            convolve_blocked::<4>(isa, &x, &s, &weights, &finish, &mut out, 2)
+                        }
+                    }
+                    out
+                };
+                let portable = run(if blocked { Isa::Avx2 } else { Isa::Baseline });
+                let avx512 = run(Isa::Avx512);
+                assert!(
+                    portable.iter().all(|v| v.is_finite()),
+                    "every output written"
+                );
+                assert!(
+                    portable.iter().any(|v| v.abs() > 0.5),
+                    "outputs not trivially small"
+                );
+                let differ = portable
+                    .iter()
+                    .zip(&avx512)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{variant:?} blocked {blocked} b{batch} {c_in}->{c_out} {h}x{w}: outputs differ"
+                );
+            }
+        }
     }
 
     /// The 1-D transforms are the matrices their documentation gives (checked on unit vectors),
