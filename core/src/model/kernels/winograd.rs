@@ -1041,9 +1041,50 @@ mod avx512 {
         )
     }
 
+    /// `Bᵀ d B` (`INPUT`) or `Aᵀ m A` of one window of 16 lanes, value (row, col) loaded from
+    /// `src(row, col)` (its first `lanes` lanes, the others zero): columns first, then rows, as
+    /// super::input_2d and super::output_2d. The first m + 2 (`INPUT`) or m entries of each
+    /// side of the result are meaningful.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; every `src` pointer is valid for reads of the `lanes` values.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn transform_2d<const M: usize, const INPUT: bool>(
+        src: impl Fn(usize, usize) -> *const f32,
+        lanes: __mmask16,
+    ) -> [[__m512; MAX_WINDOW]; MAX_WINDOW] {
+        let a = M + 2;
+        let outputs = if INPUT { a } else { M };
+        let mut t = [[_mm512_setzero_ps(); MAX_WINDOW]; MAX_WINDOW];
+        for c in 0..a {
+            let mut column = [_mm512_setzero_ps(); MAX_WINDOW];
+            for (r, value) in column.iter_mut().enumerate().take(a) {
+                // SAFETY: the caller's (masked-off lanes are not read).
+                *value = unsafe { _mm512_maskz_loadu_ps(lanes, src(r, c)) };
+            }
+            let y = if INPUT {
+                input_1d::<M>(&column)
+            } else {
+                output_1d::<M>(&column)
+            };
+            for (r, row) in t.iter_mut().enumerate().take(outputs) {
+                row[c] = y[r];
+            }
+        }
+        let mut v = [[_mm512_setzero_ps(); MAX_WINDOW]; MAX_WINDOW];
+        for (transformed, row) in v.iter_mut().zip(&t).take(outputs) {
+            *transformed = if INPUT {
+                input_1d::<M>(row)
+            } else {
+                output_1d::<M>(row)
+            };
+        }
+        v
+    }
+
     /// `Bᵀ d B` of one window of 16 lanes (the first `lanes` of them read and written): value
-    /// (row, col) at `src(row, col)`, point (i, j) to `dst(i, j)`. Columns first, then rows,
-    /// as super::input_2d.
+    /// (row, col) at `src(row, col)`, point (i, j) to `dst(i, j)`.
     ///
     /// # Safety
     /// The CPU has AVX-512F; every `src` pointer is valid for reads and every `dst` pointer
@@ -1056,21 +1097,10 @@ mod avx512 {
         lanes: __mmask16,
     ) {
         let a = M + 2;
-        let mut t = [[_mm512_setzero_ps(); MAX_WINDOW]; MAX_WINDOW];
-        for c in 0..a {
-            let mut column = [_mm512_setzero_ps(); MAX_WINDOW];
-            for (r, value) in column.iter_mut().enumerate().take(a) {
-                // SAFETY: the caller's (masked-off lanes are not read).
-                *value = unsafe { _mm512_maskz_loadu_ps(lanes, src(r, c)) };
-            }
-            let y = input_1d::<M>(&column);
-            for (r, row) in t.iter_mut().enumerate().take(a) {
-                row[c] = y[r];
-            }
-        }
-        for (i, row) in t.iter().enumerate().take(a) {
-            let v = input_1d::<M>(row);
-            for (j, &value) in v.iter().enumerate().take(a) {
+        // SAFETY: the caller's.
+        let v = unsafe { transform_2d::<M, true>(src, lanes) };
+        for (i, row) in v.iter().enumerate().take(a) {
+            for (j, &value) in row.iter().enumerate().take(a) {
                 // SAFETY: the caller's.
                 unsafe { _mm512_mask_storeu_ps(dst(i, j), lanes, value) };
             }
@@ -1078,8 +1108,7 @@ mod avx512 {
     }
 
     /// `Aᵀ m A` of one tile's points, 16 lanes (channels) of them: point (i, j) at `src(i, j)`,
-    /// output (i, j) for i < `rows`, j < `columns` to `dst(i, j)`. Columns first, then rows, as
-    /// super::output_2d.
+    /// output (i, j) for i < `rows`, j < `columns` to `dst(i, j)`.
     ///
     /// # Safety
     /// The CPU has AVX-512F; every `src` pointer is valid for reads and every `dst` pointer
@@ -1092,22 +1121,10 @@ mod avx512 {
         rows: usize,
         columns: usize,
     ) {
-        let a = M + 2;
-        let mut t = [[_mm512_setzero_ps(); MAX_WINDOW]; MAX_WINDOW];
-        for c in 0..a {
-            let mut column = [_mm512_setzero_ps(); MAX_WINDOW];
-            for (r, value) in column.iter_mut().enumerate().take(a) {
-                // SAFETY: the caller's.
-                *value = unsafe { _mm512_loadu_ps(src(r, c)) };
-            }
-            let y = output_1d::<M>(&column);
-            for (i, row) in t.iter_mut().enumerate().take(M) {
-                row[c] = y[i];
-            }
-        }
-        for (i, row) in t.iter().enumerate().take(rows.min(M)) {
-            let y = output_1d::<M>(row);
-            for (j, &value) in y.iter().enumerate().take(columns.min(M)) {
+        // SAFETY: the caller's.
+        let y = unsafe { transform_2d::<M, false>(src, u16::MAX) };
+        for (i, row) in y.iter().enumerate().take(rows.min(M)) {
+            for (j, &value) in row.iter().enumerate().take(columns.min(M)) {
                 // SAFETY: the caller's.
                 unsafe { _mm512_storeu_ps(dst(i, j), value) };
             }
@@ -1166,24 +1183,15 @@ mod avx512 {
         let bias = _mm512_set1_ps(bias);
         let mut tx = 0;
         while tx < tw {
-            let lanes = first(tw - tx);
-            // Columns first, then rows, as super::output_2d.
-            let mut t = [[_mm512_setzero_ps(); MAX_WINDOW]; MAX_WINDOW];
-            for c in 0..a {
-                let mut column = [_mm512_setzero_ps(); MAX_WINDOW];
-                for (r, value) in column.iter_mut().enumerate().take(a) {
-                    // SAFETY: the caller's (masked-off lanes are not read).
-                    *value = unsafe {
-                        _mm512_maskz_loadu_ps(lanes, products.add((r * a + c) * point_len + tx))
-                    };
-                }
-                let y = output_1d::<M>(&column);
-                for (i, row) in t.iter_mut().enumerate().take(M) {
-                    row[c] = y[i];
-                }
-            }
-            for (i, row) in t.iter().enumerate().take(rows.min(M)) {
-                let y = output_1d::<M>(row);
+            // SAFETY: lanes tx.. up to tw of each point's tiles, the caller's (masked-off lanes
+            // are not read).
+            let tile = unsafe {
+                transform_2d::<M, false>(
+                    |i, j| products.add((i * a + j) * point_len + tx),
+                    first(tw - tx),
+                )
+            };
+            for (i, y) in tile.iter().enumerate().take(rows.min(M)) {
                 // Tile tx + l's output j is column M·(tx + l) + j: the M lanes interleaved.
                 let parts = if M == 2 {
                     let (low, high) = interleave(add(y[0], bias), add(y[1], bias));
@@ -1904,6 +1912,15 @@ fn register_block<const R: usize, const L: usize>(
 mod tests {
     use super::*;
 
+    /// Values in [−1, 1) from a linear congruential generator started at `seed`: the same
+    /// operands on every machine.
+    fn random_values(mut seed: u32) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 23) as f32 - 1.0
+        }
+    }
+
     /// The default: the UNet's resnet convolutions take F(4×4, 3×3) from a 32×32 map up and
     /// F(2×2, 3×3) at 16×16, and the full VAE's take F(4×4, 3×3); TAESD's 64 channels take it
     /// channels-last where the blocked kernel runs (a CPU with AVX2 or AVX-512); the 8×8 level,
@@ -1966,11 +1983,7 @@ mod tests {
             (2, 16, 80, 7, 61, 0, 0, 6, 60),
             (1, 48, 16, 13, 5, 1, 1, 13, 5),
         ];
-        let mut seed = 1u32;
-        let mut random = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1 << 23) as f32 - 1.0
-        };
+        let mut random = random_values(1);
         for variant in Variant::ALL {
             for (batch, c_in, c_out, h, w, pad_top, pad_left, h_out, w_out) in cases {
                 let s = ChannelsLastShape {
@@ -2046,11 +2059,7 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512");
             return;
         }
-        let mut seed = 7u32;
-        let mut random = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1 << 23) as f32 - 1.0
-        };
+        let mut random = random_values(7);
         // (batch, c_in, c_out, h_out, w_out)
         let cases: [(usize, usize, usize, usize, usize); 4] = [
             (1, 5, 7, 9, 10),
@@ -2129,11 +2138,7 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512");
             return;
         }
-        let mut seed = 11u32;
-        let mut random = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1 << 23) as f32 - 1.0
-        };
+        let mut random = random_values(11);
         // (blocked, batch, c_in, c_out, h, w, pad_top, pad_left, h_out, w_out)
         type Case = (
             bool,
