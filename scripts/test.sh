@@ -31,15 +31,18 @@ PATH="$(cd "$venv" && pwd)/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" \
 "$venv/bin/python" -m pytest python/tests -q
 
 # 3. The optional server (feature `server`, which implies `webrtc`; off in the steps above): the
-#    WebRTC transport's and the server module's Rust tests, the `sdstream` binary, then, each
+#    WebRTC transport's, RTMP's, HLS's and the server module's Rust tests, the `sdstream` binary, then, each
 #    from its own virtualenv under the target dir with pinned wheels:
 #    - the end-to-end test with aiortc, a WebRTC implementation that is not ours
 #      (target/webrtc-venv or $SDSTREAM_WEBRTC_VENV, tests/webrtc/requirements.txt), and a
 #      bounded HTTP fuzz run (3,000 hostile requests from a fixed seed, about 25 s);
 #    - Daydream's official Python SDK against the server (target/sdk-venv or
 #      $SDSTREAM_SDK_VENV, tests/server/requirements.txt; a few seconds).
-cargo test -p sdstream --features server --lib -- webrtc:: server::
+cargo test -p sdstream --features server --lib -- webrtc:: server:: rtmp:: hls::
 cargo test -p sdstream --features server --test webrtc
+#    RTMP from an attacker: the findings of issue #41 reproduced, and a bounded fuzz run
+#    (3,000 mutated connections from a fixed seed, a few seconds) against the ingest.
+cargo test -p sdstream --features server --test rtmp_fuzz -- --nocapture
 cargo build -p sdstream --features server --bin sdstream
 server_bin="$target_dir/debug/sdstream"
 webrtc_venv="${SDSTREAM_WEBRTC_VENV:-$target_dir/webrtc-venv}"

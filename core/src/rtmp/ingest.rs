@@ -2,30 +2,33 @@
 //! ffmpeg) and feeds their H.264 into the stream the key belongs to, through the stream's one
 //! publisher place (an [`ExternalPublisher`]), like a WHIP session.
 //!
-//! Each connection: the RTMP handshake (within `handshake_timeout`), then rml_rtmp's server
-//! session: `connect` to the configured application (others are rejected), `publish` with a
-//! stream key (an unknown key, or a stream that already has a publisher, is rejected), then
-//! video tags → Annex-B access units → the stream's decoder. Audio is dropped; playback
-//! requests are rejected (watch over HLS or WHEP). A connection that sends nothing for
-//! `idle_timeout` is closed, and so is one whose stream ends its publisher (stream deleted).
-//! Garbage (a bad handshake, undecodable chunks, a codec other than H.264) closes the
-//! connection and is counted; nothing else is disturbed.
+//! Each connection: the RTMP handshake (within `handshake_timeout`), then a bounded server
+//! session ([`ServerSession`]): `connect` to the configured application (others are rejected),
+//! `publish` with a stream key (an unknown key, or a stream that already has a publisher, is
+//! rejected), then video tags → Annex-B access units → the stream's decoder. Audio is dropped;
+//! playback requests are rejected (watch over HLS or WHEP). A connection that sends nothing for
+//! `idle_timeout`, or does not read what it is sent for as long, is closed, and so is one whose
+//! stream ends its publisher (stream deleted).
+//!
+//! Nothing a connection sends reaches beyond it: garbage (a bad handshake, a broken chunk
+//! stream, a malformed or over-deep command, a codec other than H.264) closes that connection
+//! and is counted. Its slot among `max_connections` is held by a guard, so however the
+//! connection ends — an error, a timeout, even a panic (which Tokio confines to the
+//! connection's task, and which is counted) — the slot is given back.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
-use rml_rtmp::sessions::{
-    ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult,
-};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::flv::{AvcDepacketizer, FlvError};
+use super::handshake::{HandshakeRole, handshake};
+use super::session::{ServerEvent, ServerSession, SessionLimits};
 use crate::webrtc::{ExternalPublisher, IngestKind, TransportError, WebRtcStream};
 
 /// How the ingest listener behaves.
@@ -40,6 +43,9 @@ pub struct RtmpConfig {
     pub idle_timeout: Duration,
     /// Most connections at once; more are closed at once (counted). Default 64.
     pub max_connections: usize,
+    /// What one connection's chunk stream and commands may hold (message sizes, buffered
+    /// bytes, chunk streams, AMF0 depth and value count).
+    pub limits: SessionLimits,
 }
 
 impl Default for RtmpConfig {
@@ -49,6 +55,7 @@ impl Default for RtmpConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(10),
             max_connections: 64,
+            limits: SessionLimits::default(),
         }
     }
 }
@@ -85,6 +92,9 @@ pub struct RtmpIngestStats {
     pub protocol_errors: u64,
     /// Connections closed after `idle_timeout` without data.
     pub idle_closed: u64,
+    /// Connections whose task panicked (a bug: the connection ended, its slot was given back,
+    /// nothing else was disturbed).
+    pub connection_panics: u64,
     /// Bytes received on all connections.
     pub bytes_received: u64,
     /// The last error, for the log and the status.
@@ -133,7 +143,6 @@ struct Connection {
     session: ServerSession,
     socket: TcpStream,
     peer: SocketAddr,
-    app_accepted: bool,
     publisher: Option<ExternalPublisher>,
     stream_id: Option<String>,
     depacketizer: AvcDepacketizer,
@@ -175,24 +184,34 @@ impl RtmpIngest {
             let (socket, peer) = match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
+                    // Out of descriptors, most often: back off and keep the listener.
                     tracing::warn!(error = %e, "RTMP accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
             self.lock().connections += 1;
-            if self.open.load(Ordering::Acquire) >= self.config.max_connections {
+            let Some(slot) = OpenSlot::take(&self) else {
                 self.lock().connections_refused += 1;
                 tracing::warn!(%peer, "RTMP connection refused: too many open");
                 drop(socket);
                 continue;
-            }
-            self.open.fetch_add(1, Ordering::AcqRel);
+            };
             let ingest = self.clone();
             let stop = shutdown.clone();
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
+                // Given back when the task ends, however it ends.
+                let _slot = slot;
                 ingest.connection(socket, peer, stop).await;
-                ingest.open.fetch_sub(1, Ordering::AcqRel);
+            });
+            let ingest = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = task.await
+                    && e.is_panic()
+                {
+                    ingest.lock().connection_panics += 1;
+                    tracing::error!(%peer, "RTMP connection task panicked; the connection was closed");
+                }
             });
         }
     }
@@ -232,7 +251,7 @@ impl RtmpIngest {
         let mut buffer = vec![0u8; 64 * 1024];
         let remaining = match tokio::time::timeout(
             self.config.handshake_timeout,
-            handshake(&mut socket, &mut buffer),
+            handshake(&mut socket, HandshakeRole::Server, &mut buffer),
         )
         .await
         {
@@ -240,18 +259,14 @@ impl RtmpIngest {
             Ok(Err(message)) => return Err(self.handshake_failed(peer, message)),
             Err(_) => return Err(self.handshake_failed(peer, "timed out".into())),
         };
-        let (session, results) = ServerSession::new(ServerSessionConfig::new())
-            .map_err(|e| Closed::Protocol(format!("RTMP session: {e:?}")))?;
         let mut conn = Connection {
-            session,
+            session: ServerSession::new(self.config.limits),
             socket,
             peer,
-            app_accepted: false,
             publisher: None,
             stream_id: None,
             depacketizer: AvcDepacketizer::new(),
         };
-        self.results(&mut conn, results).await?;
         if !remaining.is_empty() {
             self.input(&mut conn, &remaining).await?;
         }
@@ -286,8 +301,7 @@ impl RtmpIngest {
             if let Some(publisher) = &conn.publisher {
                 publisher.received_bytes(n);
             }
-            let data = buffer[..n].to_vec();
-            self.input(&mut conn, &data).await?;
+            self.input(&mut conn, &buffer[..n]).await?;
         }
     }
 
@@ -299,108 +313,99 @@ impl RtmpIngest {
         Closed::Refused
     }
 
+    /// Feeds bytes to the session, acts on what it reports, and sends its answers.
     async fn input(&self, conn: &mut Connection, data: &[u8]) -> Result<(), Closed> {
-        let results = conn
+        let events = conn
             .session
-            .handle_input(data)
-            .map_err(|e| Closed::Protocol(format!("undecodable RTMP data: {e:?}")))?;
-        self.results(conn, results).await
-    }
-
-    /// Sends the session's packets and acts on its events (which may make more packets).
-    async fn results(
-        &self,
-        conn: &mut Connection,
-        results: Vec<ServerSessionResult>,
-    ) -> Result<(), Closed> {
-        let mut queue: std::collections::VecDeque<ServerSessionResult> = results.into();
-        while let Some(result) = queue.pop_front() {
-            match result {
-                ServerSessionResult::OutboundResponse(packet) => {
-                    conn.socket.write_all(&packet.bytes).await?;
-                }
-                ServerSessionResult::RaisedEvent(event) => {
-                    let more = self.event(conn, event).await?;
-                    queue.extend(more);
-                }
-                ServerSessionResult::UnhandleableMessageReceived(_) => {}
-            }
+            .input(data)
+            .map_err(|e| Closed::Protocol(format!("RTMP: {e}")))?;
+        for event in events {
+            self.event(conn, event).await?;
         }
-        Ok(())
+        self.flush(conn).await
     }
 
-    /// Rejects request `request_id` with an RTMP status `code` and `description`, sends the
-    /// answer and ends the connection.
+    /// Writes what the session queued, within the idle timeout: a peer that stops reading
+    /// cannot hold its slot by leaving the server blocked on a full socket.
+    async fn flush(&self, conn: &mut Connection) -> Result<(), Closed> {
+        let out = conn.session.take_output();
+        if out.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.config.idle_timeout, conn.socket.write_all(&out)).await {
+            Ok(written) => Ok(written?),
+            Err(_) => Err(Closed::Protocol(
+                "the peer did not read the server's answers".into(),
+            )),
+        }
+    }
+
+    /// Refuses a request with an RTMP status `code` and `description`, sends the answer and
+    /// ends the connection.
     async fn reject(
         &self,
         conn: &mut Connection,
-        request_id: u32,
+        transaction: f64,
+        stream_id: u32,
         code: &str,
         description: &str,
     ) -> Closed {
         tracing::info!(peer = %conn.peer, code, description, "RTMP request rejected");
-        if let Ok(results) = conn.session.reject_request(request_id, code, description) {
-            for result in results {
-                if let ServerSessionResult::OutboundResponse(packet) = result {
-                    let _ = conn.socket.write_all(&packet.bytes).await;
-                }
-            }
-        }
+        conn.session
+            .reject(transaction, stream_id, code, description);
+        let _ = self.flush(conn).await;
         let _ = conn.socket.flush().await;
         let _ = conn.socket.shutdown().await;
         self.lock().last_error = Some(description.to_owned());
         Closed::Refused
     }
 
-    fn accept(conn: &mut Connection, request_id: u32) -> Result<Vec<ServerSessionResult>, Closed> {
-        conn.session
-            .accept_request(request_id)
-            .map_err(|e| Closed::Protocol(format!("RTMP session: {e:?}")))
-    }
-
-    async fn event(
-        &self,
-        conn: &mut Connection,
-        event: ServerSessionEvent,
-    ) -> Result<Vec<ServerSessionResult>, Closed> {
+    async fn event(&self, conn: &mut Connection, event: ServerEvent) -> Result<(), Closed> {
         match event {
-            ServerSessionEvent::ConnectionRequested {
-                request_id,
-                app_name,
-            } => {
-                if app_name.trim_end_matches('/') != self.config.app {
+            ServerEvent::Connect { transaction, app } => {
+                if app != self.config.app {
                     self.lock().wrong_app += 1;
                     let message = format!(
-                        "unknown application {app_name:?}: publish to rtmp://<host>/{}/<stream_key>",
+                        "unknown application {app:?}: publish to rtmp://<host>/{}/<stream_key>",
                         self.config.app
                     );
                     return Err(self
-                        .reject(conn, request_id, "NetConnection.Connect.Rejected", &message)
+                        .reject(
+                            conn,
+                            transaction,
+                            0,
+                            "NetConnection.Connect.Rejected",
+                            &message,
+                        )
                         .await);
                 }
-                conn.app_accepted = true;
-                Self::accept(conn, request_id)
+                conn.session.accept_connect(transaction);
+                Ok(())
             }
-            ServerSessionEvent::PublishStreamRequested {
-                request_id,
-                stream_key,
-                ..
-            } => self.publish(conn, request_id, &stream_key).await,
-            ServerSessionEvent::PlayStreamRequested { request_id, .. } => {
+            ServerEvent::Publish {
+                transaction,
+                stream_id,
+                key,
+            } => self.publish(conn, transaction, stream_id, &key).await,
+            ServerEvent::Play {
+                transaction,
+                stream_id,
+            } => {
                 self.lock().play_refused += 1;
                 Err(self
                     .reject(
                         conn,
-                        request_id,
+                        transaction,
+                        stream_id,
                         "NetStream.Play.Failed",
                         "this server does not play over RTMP: watch the stream's HLS or WHEP URL",
                     )
                     .await)
             }
-            ServerSessionEvent::VideoDataReceived { data, .. } => {
+            ServerEvent::Video { data, .. } => {
                 let arrived = Instant::now();
                 let Some(publisher) = &conn.publisher else {
-                    return Ok(Vec::new());
+                    return Ok(());
                 };
                 match conn.depacketizer.push(&data) {
                     Ok(Some(unit)) => publisher.push_access_unit(unit.data, arrived),
@@ -413,9 +418,9 @@ impl RtmpIngest {
                         tracing::debug!(peer = %conn.peer, error = %e, "RTMP video tag dropped");
                     }
                 }
-                Ok(Vec::new())
+                Ok(())
             }
-            ServerSessionEvent::PublishStreamFinished { .. } => {
+            ServerEvent::PublishEnded => {
                 if let Some(publisher) = conn.publisher.take() {
                     tracing::info!(
                         peer = %conn.peer,
@@ -424,70 +429,79 @@ impl RtmpIngest {
                         "RTMP publish finished"
                     );
                 }
-                Ok(Vec::new())
+                Ok(())
             }
-            _ => Ok(Vec::new()),
         }
     }
 
     async fn publish(
         &self,
         conn: &mut Connection,
-        request_id: u32,
+        transaction: f64,
+        rtmp_stream: u32,
         stream_key: &str,
-    ) -> Result<Vec<ServerSessionResult>, Closed> {
-        if !conn.app_accepted || conn.publisher.is_some() {
-            return Err(self
-                .reject(
-                    conn,
-                    request_id,
-                    "NetStream.Publish.BadName",
-                    "one publish per connection, after connect",
-                )
-                .await);
-        }
-        let Some((stream_id, stream)) = self.directory.stream_for_key(stream_key) else {
+    ) -> Result<(), Closed> {
+        let refuse = |message: &str| (transaction, rtmp_stream, message.to_owned());
+        let refusal = if conn.publisher.is_some() {
+            refuse("one publish per connection")
+        } else if let Some((stream_id, stream)) = self.directory.stream_for_key(stream_key) {
+            match stream.publish_external(IngestKind::Rtmp).await {
+                Ok(publisher) => {
+                    self.lock().publishes += 1;
+                    tracing::info!(
+                        peer = %conn.peer,
+                        stream = %stream_id,
+                        session = publisher.session_id(),
+                        "RTMP publisher connected"
+                    );
+                    conn.publisher = Some(publisher);
+                    conn.stream_id = Some(stream_id);
+                    conn.session.accept_publish(rtmp_stream, stream_key);
+                    return Ok(());
+                }
+                Err(TransportError::PublisherPresent) => {
+                    self.lock().publishers_refused += 1;
+                    refuse("the stream already has a publisher")
+                }
+                Err(e) => refuse(&e.to_string()),
+            }
+        } else {
             self.lock().unknown_keys += 1;
-            return Err(self
-                .reject(
-                    conn,
-                    request_id,
-                    "NetStream.Publish.BadName",
-                    "unknown stream key: create a stream and publish with its stream_key",
-                )
-                .await);
+            refuse("unknown stream key: create a stream and publish with its stream_key")
         };
-        match stream.publish_external(IngestKind::Rtmp).await {
-            Ok(publisher) => {
-                self.lock().publishes += 1;
-                tracing::info!(
-                    peer = %conn.peer,
-                    stream = %stream_id,
-                    session = publisher.session_id(),
-                    "RTMP publisher connected"
-                );
-                conn.publisher = Some(publisher);
-                conn.stream_id = Some(stream_id);
-                Self::accept(conn, request_id)
-            }
-            Err(TransportError::PublisherPresent) => {
-                self.lock().publishers_refused += 1;
-                Err(self
-                    .reject(
-                        conn,
-                        request_id,
-                        "NetStream.Publish.BadName",
-                        "the stream already has a publisher",
-                    )
-                    .await)
-            }
-            Err(e) => {
-                let message = e.to_string();
-                Err(self
-                    .reject(conn, request_id, "NetStream.Publish.BadName", &message)
-                    .await)
-            }
-        }
+        let (transaction, rtmp_stream, message) = refusal;
+        Err(self
+            .reject(
+                conn,
+                transaction,
+                rtmp_stream,
+                "NetStream.Publish.BadName",
+                &message,
+            )
+            .await)
+    }
+}
+
+/// One of the listener's `max_connections` places, given back when dropped.
+struct OpenSlot(Arc<RtmpIngest>);
+
+impl OpenSlot {
+    /// A place, unless all are taken.
+    fn take(ingest: &Arc<RtmpIngest>) -> Option<Self> {
+        let max = ingest.config.max_connections;
+        ingest
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| Self(ingest.clone()))
+    }
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -496,38 +510,5 @@ async fn ended(publisher: Option<&ExternalPublisher>) {
     match publisher {
         Some(p) => p.ended().await,
         None => std::future::pending().await,
-    }
-}
-
-/// The server side of the RTMP handshake; returns the bytes that followed it.
-async fn handshake(socket: &mut TcpStream, buffer: &mut [u8]) -> Result<Vec<u8>, String> {
-    let mut handshake = Handshake::new(PeerType::Server);
-    loop {
-        let n = socket
-            .read(buffer)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("the peer closed the connection during the handshake".into());
-        }
-        match handshake.process_bytes(&buffer[..n]) {
-            Err(e) => return Err(format!("not an RTMP handshake ({e:?})")),
-            Ok(HandshakeProcessResult::InProgress { response_bytes }) => {
-                socket
-                    .write_all(&response_bytes)
-                    .await
-                    .map_err(|e| format!("write: {e}"))?;
-            }
-            Ok(HandshakeProcessResult::Completed {
-                response_bytes,
-                remaining_bytes,
-            }) => {
-                socket
-                    .write_all(&response_bytes)
-                    .await
-                    .map_err(|e| format!("write: {e}"))?;
-                return Ok(remaining_bytes);
-            }
-        }
     }
 }

@@ -8,18 +8,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
-use rml_rtmp::sessions::{
-    ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult, PublishRequestType,
-};
-use rml_rtmp::time::RtmpTimestamp;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::flv::{parameter_sets, picture_tag, sequence_header_tag};
+use super::handshake::{HandshakeRole, handshake};
+use super::session::{ClientEvent, ClientSession, SessionLimits};
 use crate::webrtc::{Summary, WebRtcStream};
 
 /// The default RTMP port.
@@ -294,12 +290,10 @@ struct Attempt {
 async fn push_once(shared: &PushShared, stream: &Arc<WebRtcStream>, url: &RtmpUrl) -> Attempt {
     let mut published = false;
     let result = async {
-        let (mut socket, mut session, leftover) =
-            tokio::time::timeout(SETUP_TIMEOUT, setup(url))
-                .await
-                .map_err(|_| "timed out connecting and asking to publish".to_owned())??;
+        let (mut socket, mut session) = tokio::time::timeout(SETUP_TIMEOUT, setup(url))
+            .await
+            .map_err(|_| "timed out connecting and asking to publish".to_owned())??;
         published = true;
-        drop(leftover);
         {
             let mut s = shared.status();
             s.state = PushState::Publishing;
@@ -357,19 +351,22 @@ async fn push_once(shared: &PushShared, stream: &Arc<WebRtcStream>, url: &RtmpUr
                     }
                 }
                 read = socket.read(&mut buffer) => {
-                    // The server's acknowledgements and pings; a close ends the attempt.
+                    // The server's acknowledgements and pings (answered); a close or an error
+                    // status ends the attempt.
                     let n = read.map_err(|e| format!("read: {e}"))?;
                     if n == 0 {
                         return Err("the server closed the connection".to_owned());
                     }
-                    let results = session
-                        .handle_input(&buffer[..n])
-                        .map_err(|e| format!("undecodable RTMP data from the server: {e:?}"))?;
-                    for result in results {
-                        if let ClientSessionResult::OutboundResponse(packet) = result {
-                            socket.write_all(&packet.bytes).await.map_err(|e| format!("write: {e}"))?;
-                        }
+                    let events = session
+                        .input(&buffer[..n])
+                        .map_err(|e| format!("RTMP data from the server: {e}"))?;
+                    if let Some(ClientEvent::Refused(reason)) = events
+                        .into_iter()
+                        .find(|e| matches!(e, ClientEvent::Refused(_)))
+                    {
+                        return Err(format!("the server stopped the publish: {reason}"));
                     }
+                    write_output(&mut socket, &mut session).await?;
                 }
             }
         }
@@ -384,126 +381,61 @@ async fn send_video(
     tag: Vec<u8>,
     at_ms: u32,
 ) -> Result<usize, String> {
-    let result = session
-        .publish_video_data(Bytes::from(tag), RtmpTimestamp::new(at_ms), false)
-        .map_err(|e| format!("RTMP session: {e:?}"))?;
-    let ClientSessionResult::OutboundResponse(packet) = result else {
-        return Ok(0);
-    };
-    socket
-        .write_all(&packet.bytes)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    Ok(packet.bytes.len())
+    session
+        .send_video(tag, at_ms)
+        .map_err(|e| format!("RTMP session: {e}"))?;
+    write_output(socket, session).await
 }
 
-/// Connects, handshakes, and asks to publish; returns the socket, the session and any bytes
-/// read past the answers.
-async fn setup(url: &RtmpUrl) -> Result<(TcpStream, ClientSession, Vec<u8>), String> {
+/// Writes what the session queued; returns how many bytes. A server that stops reading stalls
+/// the write for at most [`SETUP_TIMEOUT`], then the attempt fails and is retried.
+async fn write_output(
+    socket: &mut TcpStream,
+    session: &mut ClientSession,
+) -> Result<usize, String> {
+    let out = session.take_output();
+    if out.is_empty() {
+        return Ok(0);
+    }
+    tokio::time::timeout(SETUP_TIMEOUT, socket.write_all(&out))
+        .await
+        .map_err(|_| "the server stopped reading".to_owned())?
+        .map_err(|e| format!("write: {e}"))?;
+    Ok(out.len())
+}
+
+/// Connects, handshakes, and asks to publish; returns the socket and the publishing session.
+async fn setup(url: &RtmpUrl) -> Result<(TcpStream, ClientSession), String> {
     let mut socket = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|e| format!("connect to {}:{}: {e}", url.host, url.port))?;
     let _ = socket.set_nodelay(true);
-    let mut handshake = Handshake::new(PeerType::Client);
-    let p0p1 = handshake
-        .generate_outbound_p0_and_p1()
-        .map_err(|e| format!("handshake: {e:?}"))?;
-    socket
-        .write_all(&p0p1)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
     let mut buffer = vec![0u8; 16 * 1024];
-    let remaining = loop {
-        let n = socket
-            .read(&mut buffer)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("the server closed the connection during the handshake".into());
-        }
-        match handshake
-            .process_bytes(&buffer[..n])
-            .map_err(|e| format!("handshake: {e:?}"))?
-        {
-            HandshakeProcessResult::InProgress { response_bytes } => socket
-                .write_all(&response_bytes)
-                .await
-                .map_err(|e| format!("write: {e}"))?,
-            HandshakeProcessResult::Completed {
-                response_bytes,
-                remaining_bytes,
-            } => {
-                socket
-                    .write_all(&response_bytes)
-                    .await
-                    .map_err(|e| format!("write: {e}"))?;
-                break remaining_bytes;
-            }
-        }
-    };
-    let mut config = ClientSessionConfig::new();
-    config.tc_url = Some(url.tc_url());
-    let (mut session, initial) =
-        ClientSession::new(config).map_err(|e| format!("RTMP session: {e:?}"))?;
-    let mut outbound: Vec<ClientSessionResult> = initial;
-    outbound.push(
-        session
-            .request_connection(url.app.clone())
-            .map_err(|e| format!("RTMP connect: {e:?}"))?,
+    let remaining = handshake(&mut socket, HandshakeRole::Client, &mut buffer)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let mut session = ClientSession::new(
+        SessionLimits::default(),
+        &url.app,
+        &url.tc_url(),
+        &url.stream_key,
     );
-    write_results(&mut socket, outbound).await?;
+    write_output(&mut socket, &mut session).await?;
     let mut pending = remaining;
-    let mut asked_to_publish = false;
     loop {
-        let results = session
-            .handle_input(&pending)
-            .map_err(|e| format!("undecodable RTMP data from the server: {e:?}"))?;
-        pending.clear();
-        let mut outbound = Vec::new();
-        for result in results {
-            match result {
-                ClientSessionResult::OutboundResponse(_) => outbound.push(result),
-                ClientSessionResult::RaisedEvent(ClientSessionEvent::ConnectionRequestAccepted) => {
-                    outbound.push(
-                        session
-                            .request_publishing(url.stream_key.clone(), PublishRequestType::Live)
-                            .map_err(|e| format!("RTMP publish: {e:?}"))?,
-                    );
-                    asked_to_publish = true;
+        let events = session
+            .input(&pending)
+            .map_err(|e| format!("RTMP data from the server: {e}"))?;
+        write_output(&mut socket, &mut session).await?;
+        for event in events {
+            match event {
+                ClientEvent::Connected => {}
+                ClientEvent::Publishing => return Ok((socket, session)),
+                ClientEvent::Refused(reason) => {
+                    return Err(format!("the server refused the publish: {reason}"));
                 }
-                ClientSessionResult::RaisedEvent(
-                    ClientSessionEvent::ConnectionRequestRejected { description },
-                ) => return Err(format!("the server refused the connection: {description}")),
-                ClientSessionResult::RaisedEvent(ClientSessionEvent::PublishRequestAccepted) => {
-                    write_results(&mut socket, outbound).await?;
-                    return Ok((socket, session, Vec::new()));
-                }
-                ClientSessionResult::RaisedEvent(
-                    ClientSessionEvent::UnhandleableOnStatusCode { code },
-                ) if ["BadName", "Failed", "Rejected", "Error"]
-                    .iter()
-                    .any(|bad| code.contains(bad)) =>
-                {
-                    let stage = if asked_to_publish {
-                        "publish"
-                    } else {
-                        "connect"
-                    };
-                    return Err(format!("the server refused to {stage}: {code}"));
-                }
-                ClientSessionResult::RaisedEvent(ClientSessionEvent::UnhandleableAmf0Command {
-                    command_name,
-                    additional_values,
-                    ..
-                }) if command_name == "_error" => {
-                    return Err(format!(
-                        "the server answered with an error: {additional_values:?}"
-                    ));
-                }
-                _ => {}
             }
         }
-        write_results(&mut socket, outbound).await?;
         let n = socket
             .read(&mut buffer)
             .await
@@ -511,23 +443,9 @@ async fn setup(url: &RtmpUrl) -> Result<(TcpStream, ClientSession, Vec<u8>), Str
         if n == 0 {
             return Err("the server closed the connection before publishing began".into());
         }
+        pending.clear();
         pending.extend_from_slice(&buffer[..n]);
     }
-}
-
-async fn write_results(
-    socket: &mut TcpStream,
-    results: Vec<ClientSessionResult>,
-) -> Result<(), String> {
-    for result in results {
-        if let ClientSessionResult::OutboundResponse(packet) = result {
-            socket
-                .write_all(&packet.bytes)
-                .await
-                .map_err(|e| format!("write: {e}"))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
