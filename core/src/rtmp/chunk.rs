@@ -61,15 +61,17 @@ pub struct Message {
 /// What a [`ChunkDecoder`] takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkLimits {
-    /// Largest audio or video message. A 1080p H.264 keyframe from OBS at 6 Mb/s is about
-    /// 0.5 MB; 8 MiB leaves room for far higher rates.
+    /// Largest audio or video message once media is allowed
+    /// ([`ChunkDecoder::allow_media`]; before, media messages have the other types' limit). A
+    /// 1080p H.264 keyframe from OBS at 6 Mb/s is about 0.5 MB; 8 MiB leaves room for far
+    /// higher rates.
     pub max_media_message: usize,
     /// Largest message of any other type (commands, data, control). A `connect` is a few hundred
     /// bytes, `onMetaData` under a kilobyte.
     pub max_other_message: usize,
     /// Most bytes held by unfinished messages over all chunk streams.
     pub max_buffered: usize,
-    /// Most chunk streams with state at once.
+    /// Most chunk streams with state at once (OBS and ffmpeg use five or six).
     pub max_chunk_streams: usize,
     /// Largest chunk size the peer may set.
     pub max_chunk_size: usize,
@@ -81,7 +83,7 @@ impl Default for ChunkLimits {
             max_media_message: 8 << 20,
             max_other_message: 64 << 10,
             max_buffered: 16 << 20,
-            max_chunk_streams: 64,
+            max_chunk_streams: 16,
             max_chunk_size: 1 << 24,
         }
     }
@@ -175,6 +177,7 @@ pub struct ChunkDecoder {
     /// Bytes of a chunk header that arrived without the rest of it (at most 18).
     header: Vec<u8>,
     buffered: usize,
+    media_allowed: bool,
 }
 
 impl ChunkDecoder {
@@ -187,7 +190,15 @@ impl ChunkDecoder {
             reading: Reading::Header,
             header: Vec::new(),
             buffered: 0,
+            media_allowed: false,
         }
+    }
+
+    /// Lets audio and video messages up to [`ChunkLimits::max_media_message`] through (a
+    /// publisher once its publish is accepted): until then a connection that has shown no
+    /// right to send media holds at most the small messages' limit per chunk stream.
+    pub fn allow_media(&mut self) {
+        self.media_allowed = true;
     }
 
     /// The peer's current chunk size.
@@ -348,7 +359,7 @@ impl ChunkDecoder {
                 let length = u32::from_be_bytes([0, field[3], field[4], field[5]]) as usize;
                 let kind = field[6];
                 let limit = match kind {
-                    kind::AUDIO | kind::VIDEO => limits.max_media_message,
+                    kind::AUDIO | kind::VIDEO if self.media_allowed => limits.max_media_message,
                     _ => limits.max_other_message,
                 };
                 if length > limit {
@@ -567,6 +578,7 @@ mod tests {
             }
             for step in [1usize, 7, 128, 5000, bytes.len()] {
                 let mut decoder = ChunkDecoder::new(ChunkLimits::default());
+                decoder.allow_media();
                 let got: Vec<Message> = decode_all(&mut decoder, &bytes, step)
                     .into_iter()
                     .filter(|m| m.kind != kind::SET_CHUNK_SIZE)
@@ -633,6 +645,7 @@ mod tests {
         let limits = ChunkLimits::default();
         let refuse = |bytes: &[u8]| {
             let mut decoder = ChunkDecoder::new(limits);
+            decoder.allow_media();
             let mut result = Ok(());
             for piece in bytes.chunks(5) {
                 if let Err(e) = decoder.push(piece) {
@@ -695,12 +708,22 @@ mod tests {
             bytes.extend([0u8; 128]);
         }
         assert_eq!(refuse(&bytes), ChunkError::TooMuchBuffered(16 << 20));
-        // 65 chunk streams.
+        // 17 chunk streams.
         let mut bytes = Vec::new();
-        for csid in 0..65u8 {
+        for csid in 0..17u8 {
             bytes.extend([0, csid, 0, 0, 0, 0, 0, 1, kind::AUDIO, 0, 0, 0, 0, 0]);
         }
-        assert_eq!(refuse(&bytes), ChunkError::TooManyChunkStreams(64));
+        assert_eq!(refuse(&bytes), ChunkError::TooManyChunkStreams(16));
+        // Before media is allowed, a 100 KB video message is refused at its header.
+        let mut decoder = ChunkDecoder::new(limits);
+        assert_eq!(
+            decoder.push(&[0x06, 0, 0, 0, 0x01, 0x86, 0xa0, kind::VIDEO, 1, 0, 0, 0]),
+            Err(ChunkError::MessageTooLong {
+                kind: kind::VIDEO,
+                length: 100_000,
+                limit: 64 << 10
+            })
+        );
         // A control message of the wrong size.
         assert_eq!(
             refuse(&[

@@ -465,6 +465,7 @@ impl ServerSession {
     /// Accepts a publish on `stream_id`: stream begin, then `onStatus` with
     /// `NetStream.Publish.Start`.
     pub fn accept_publish(&mut self, stream_id: u32, key: &str) {
+        self.link.decoder.allow_media();
         self.link.send_user_control(USER_STREAM_BEGIN, stream_id);
         self.link.send_command(
             stream_id,
