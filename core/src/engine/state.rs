@@ -225,11 +225,17 @@ impl Inner {
         self.target_version = version;
     }
 
-    /// After a failed update: what is accepted is what serves.
-    pub(super) fn revert_target_to_serving(&mut self) {
-        if let Some((params, version)) = self.serving.clone() {
-            self.set_target(params, version);
-        }
+    /// After a failed update: what is accepted is what serves. The serving parameters are
+    /// accepted again under a new version, which the serving pipeline takes as its own (its
+    /// parameters are those very ones), so that `params_version` never goes back to an older
+    /// number while `serving_params_version` still matches it. Returns the new version (none
+    /// when nothing serves, and the failed target stays as it was).
+    pub(super) fn revert_target_to_serving(&mut self) -> Option<u64> {
+        let (params, _) = self.serving.clone()?;
+        let version = self.take_version();
+        self.set_target(params.clone(), version);
+        self.serving = Some((params, version));
+        Some(version)
     }
 
     pub(super) fn is_wanted(&self, version: u64) -> bool {

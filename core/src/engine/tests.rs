@@ -585,7 +585,14 @@ fn a_failed_controlnet_load_keeps_the_stream_and_records_the_error() {
         error.contains("ControlNets") && error.contains("depth"),
         "{error}"
     );
-    assert_eq!(status.serving_params_version, serving);
+    // The serving parameters are accepted again under a newer version, which the serving
+    // pipeline carries: the version never goes back to the one before the failed update.
+    let version = status.params_version;
+    assert!(
+        serving.is_some_and(|s| s + 1 < version),
+        "{serving:?} -> {version}"
+    );
+    assert_eq!(status.serving_params_version, Some(version));
     assert_eq!(status.last_params_hash, hash, "the target went back");
     assert!(engine.params().controlnets.is_empty());
     submit(&engine, 3).expect("still serving");
@@ -1216,4 +1223,43 @@ fn lora_ids_are_hub_ids_where_model_paths_are_off() {
             .and_then(|p| p.patched(&patch, &settings))
             .unwrap_or_else(|e| panic!("{patch}: {e}"));
     }
+}
+
+#[test]
+fn params_version_never_goes_back_when_updates_fail() {
+    let engine = engine(FakeFactory::with_preload(0, 1, 0), EngineOptions::default());
+    let mut seen = vec![engine.status().params_version];
+    let depth = with_controlnet(
+        params_with("trees", 512),
+        "thibaud/controlnet-sd21-depth-diffusers",
+    );
+    // A failed reload, a hot change, a failed preload, a hot change, a failed reload.
+    let steps = [
+        (params_with("flowers", 1024), true),
+        (params_with("trees", 512), false),
+        (depth, true),
+        (params_with("rivers", 512), false),
+        (params_with("rivers", 1024), true),
+    ];
+    for (params, fails) in steps {
+        let failures = engine.status().reload_failures;
+        engine.update_params(params).expect("accepted");
+        seen.push(engine.status().params_version);
+        wait_for("the update to settle", || {
+            let s = engine.status();
+            seen.push(s.params_version);
+            !s.reloading && s.serving_params_version == Some(s.params_version)
+        });
+        assert_eq!(engine.status().reload_failures, failures + u64::from(fails));
+    }
+    seen.dedup();
+    println!("params_version as seen: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    // Five accepted updates and three reverts: eight versions after the first.
+    assert_eq!(seen.last(), Some(&8), "{seen:?}");
+    let status = engine.status();
+    assert_eq!(status.last_params["prompt"], "rivers");
+    assert_eq!(status.last_params["width"], 512);
+    submit(&engine, 4).expect("still serving");
+    assert_eq!(recv(&engine).params_version, 8);
 }
