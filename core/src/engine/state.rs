@@ -164,6 +164,9 @@ pub(super) struct Inner {
     pub(super) last_overflow: Option<Instant>,
     pub(super) restart_count: u64,
     pub(super) last_restart_time: Option<u64>,
+    /// Hides the host's model folders in what the status and errors report (settings that
+    /// serve ids from someone else; empty otherwise).
+    pub(super) redactor: crate::hub::PathRedactor,
 }
 
 impl Inner {
@@ -204,6 +207,7 @@ impl Inner {
             last_overflow: None,
             restart_count: 0,
             last_restart_time: None,
+            redactor: crate::hub::PathRedactor::default(),
         }
     }
 
@@ -377,7 +381,8 @@ impl Inner {
     pub(super) fn no_pipeline_error(&self) -> Error {
         Error::State(match &self.activity.last_error {
             Some(e) => format!(
-                "the engine has no pipeline (last error: {e}); call restart() or update_params()"
+                "the engine has no pipeline (last error: {}); call restart() or update_params()",
+                self.redactor.redact(e)
             ),
             None => "the engine has no pipeline; call restart() or update_params()".into(),
         })

@@ -290,9 +290,10 @@ pub struct EngineSettings {
     /// `model_root`, in the Hugging Face cache or on the hub, and a refusal reads the same
     /// whether or not a folder of that name exists.
     pub allow_model_paths: bool,
-    /// Model ids served besides the known ones (base models and ControlNets alike), each a hub id
-    /// (`org/name` or `name`) looked up like a known id: under `model_root`, in the Hugging Face
-    /// cache or on the hub. Default none.
+    /// Model ids served besides the known ones, each a hub id (`org/name` or `name`) looked up
+    /// like a known id: under `model_root`, in the Hugging Face cache or on the hub. One list for
+    /// every id a body names: `model_id`, ControlNets, `lora_dict` keys and `lcm_lora_id`.
+    /// Default none.
     pub allowed_models: Vec<String>,
 }
 
@@ -326,6 +327,18 @@ impl EngineSettings {
     /// Whether `id` is one of [`allowed_models`](Self::allowed_models).
     pub fn is_allowed_model(&self, id: &str) -> bool {
         self.allowed_models.iter().any(|allowed| allowed == id)
+    }
+
+    /// What hides this host's model folders from messages meant for whoever sent the ids: with
+    /// [`allow_model_paths`](Self::allow_model_paths) off, the model root and the Hugging Face
+    /// cache become `<model_root>` and `<hf_cache>` (see [`crate::hub::PathRedactor`]); with it
+    /// on, the program picked its own ids and messages keep every path.
+    pub fn path_redactor(&self) -> crate::hub::PathRedactor {
+        if self.allow_model_paths {
+            crate::hub::PathRedactor::default()
+        } else {
+            crate::hub::PathRedactor::new(&self.hub_options())
+        }
     }
 
     /// Parses and validates settings from JSON; omitted keys take their defaults.
