@@ -1461,6 +1461,28 @@ fn start_time_is_the_creation_in_milliseconds() {
 }
 
 #[test]
+fn the_lan_flag_reaches_the_engines_settings() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let local: SocketAddr = "127.0.0.1:8088".parse().unwrap();
+    let settings = |a: &[&str]| match cli::parse(&args(a), None) {
+        Ok(Command::Serve(serve)) => {
+            cli::config(&serve, "t".into(), local, None)
+                .expect("config")
+                .settings
+        }
+        other => panic!("{a:?}: {other:?}"),
+    };
+    assert!(!settings(&["serve"]).allow_private_network);
+    assert!(settings(&["serve", "--allow-private-network"]).allow_private_network);
+    assert!(
+        settings(&["serve", "--allow-private-network", "--max-streams", "2"]).allow_private_network
+    );
+    let err = cli::parse(&args(&["serve", "--allow-private-network=yes"]), None)
+        .expect_err("takes no value");
+    assert!(err.contains("takes no value"), "{err}");
+}
+
+#[test]
 fn loras_are_served_like_models_and_no_answer_names_the_model_root() {
     let mut config = config();
     // The fixtures' `lora` folder holds LoRA folders, no LoRA file of its own: allowed, it
