@@ -101,6 +101,70 @@ impl HubOptions {
     }
 }
 
+/// Replaces this host's model folders in a message — the model root and the Hugging Face cache,
+/// as configured, made absolute and resolved — with `<model_root>` and `<hf_cache>`, so that a
+/// message about a model can go to whoever named it without telling them where the host keeps
+/// its files. The messages themselves keep every path ([`resolve`]'s failures list where they
+/// looked): run locally, that is what one needs. An engine that serves ids from someone else
+/// passes what it reports through the one redactor its settings give
+/// ([`EngineSettings::path_redactor`](crate::EngineSettings::path_redactor)).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathRedactor {
+    /// (folder as text, its label), longest first.
+    folders: Vec<(String, &'static str)>,
+}
+
+impl PathRedactor {
+    /// A redactor of `opts`' model root and cache folder.
+    pub fn new(opts: &HubOptions) -> Self {
+        let mut folders: Vec<(String, &'static str)> = Vec::new();
+        let mut add = |folder: &Path, label: &'static str| {
+            let forms = [
+                Some(folder.to_path_buf()),
+                std::path::absolute(folder).ok(),
+                folder.canonicalize().ok(),
+            ];
+            for form in forms.into_iter().flatten() {
+                // `/` or a relative name would rewrite ordinary words; a relative path in a
+                // message tells nothing about the host anyway.
+                if !form.is_absolute() || form.parent().is_none() {
+                    continue;
+                }
+                let text = form.to_string_lossy();
+                let text = text.trim_end_matches(['/', '\\']).to_owned();
+                if !folders.iter().any(|(known, _)| *known == text) {
+                    folders.push((text, label));
+                }
+            }
+        };
+        if let Some(root) = &opts.model_root {
+            add(root, "<model_root>");
+        }
+        if let Some(cache) = &opts.cache_dir {
+            add(cache, "<hf_cache>");
+        }
+        // Longest first: a cache inside the model root is named as the cache.
+        folders.sort_by_key(|(text, _)| std::cmp::Reverse(text.len()));
+        Self { folders }
+    }
+
+    /// `text` with every folder replaced by its label.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (folder, label) in &self.folders {
+            if out.contains(folder.as_str()) {
+                out = out.replace(folder.as_str(), label);
+            }
+        }
+        out
+    }
+
+    /// Whether this redactor changes nothing (the folders are the program's own business).
+    pub fn is_empty(&self) -> bool {
+        self.folders.is_empty()
+    }
+}
+
 /// One file (or set of files) a caller needs from a model folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wanted {

@@ -12,6 +12,8 @@
 //!   image out).
 //! * [`engine`]: [`Engine`], the pipeline on its own threads: non-blocking submit/poll, hot
 //!   updates between frames, background reloads, Daydream's status report.
+//! * [`outbound`]: which addresses connections made for a client (the style picture's fetch,
+//!   the RTMP push) may reach.
 //! * `webrtc` (feature `webrtc`): WHIP ingest and WHEP playback around an engine, and the
 //!   duplex sessions (one connection both ways, with a control data channel).
 //! * `rtmp` (feature `rtmp`): RTMP ingest into a stream and RTMP push of its output.
@@ -28,6 +30,7 @@ pub mod hls;
 pub mod hub;
 pub mod ids;
 pub mod model;
+pub mod outbound;
 pub mod params;
 pub mod pipeline;
 pub mod preprocess;

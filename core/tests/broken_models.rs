@@ -917,7 +917,11 @@ fn a_reload_to_a_broken_folder_keeps_the_old_pipeline_serving() {
     let status = engine.status();
     assert_eq!(status.state, EngineState::Online);
     assert_eq!(status.reload_failures, 1);
-    assert_eq!(status.serving_params_version, Some(0));
+    // The failed update (version 1) reverted to the serving parameters under version 2.
+    assert_eq!(
+        (status.params_version, status.serving_params_version),
+        (2, Some(2))
+    );
     let error = status.last_error.unwrap_or_default();
     println!("last_error: {error}");
     let config = broken.join("unet").join("config.json");
@@ -927,7 +931,7 @@ fn a_reload_to_a_broken_folder_keeps_the_old_pipeline_serving() {
     let after = engine
         .process(frame(&pixels))
         .expect("a frame after the failed reload");
-    assert_eq!(after.params_version, 0);
+    assert_eq!(after.params_version, 2);
     assert_eq!(
         (after.image.width, after.image.height),
         (before.image.width, before.image.height)

@@ -370,9 +370,12 @@ fn a_new_style_url_or_a_host_picture_re_encodes_and_a_bad_url_keeps_the_old_one(
         err.contains("ip_adapter_style_image_url") && err.contains("PNG or JPEG"),
         "{err}"
     );
-    let err = sdstream::pipeline::style_image::fetch("/etc/passwd", false)
-        .unwrap_err()
-        .to_string();
+    let err = sdstream::pipeline::style_image::fetch(
+        "/etc/passwd",
+        sdstream::pipeline::style_image::FetchPolicy::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("local files are not allowed"), "{err}");
 
     // A picture from the host replaces the URL's, and None goes back to it.
@@ -420,27 +423,38 @@ fn the_style_picture_is_fetched_over_http_once() {
     });
     let url = format!("http://127.0.0.1:{port}/style.png");
     let body = json!({"ip_adapter": {"enabled": true}, "ip_adapter_style_image_url": url});
-    let a = StreamDiffusion::new(params(body.clone()), settings()).unwrap();
+    // The picture is served on loopback, which only the LAN setting lets a fetch reach.
+    let refused = StreamDiffusion::new(params(body.clone()), settings())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("ip_adapter_style_image_url") && refused.contains("could not be fetched"),
+        "{refused}"
+    );
+    let lan = EngineSettings {
+        allow_private_network: true,
+        ..settings()
+    };
+    let a = StreamDiffusion::new(params(body.clone()), lan.clone()).unwrap();
     assert_eq!(served.join().unwrap(), 1);
     // The second stream finds the picture in the cache (the server is gone).
-    let b = StreamDiffusion::new(params(body), settings()).unwrap();
+    let b = StreamDiffusion::new(params(body), lan.clone()).unwrap();
     check(
         "cached picture",
         &a.conditioning().image.clone().unwrap().cond,
         &b.conditioning().image.clone().unwrap().cond,
         0.0,
     );
+    // The server is gone: the stream is refused naming the field, in the words a refused
+    // address gets too (why goes to the log).
     let err = StreamDiffusion::new(
         params(json!({"ip_adapter": {"enabled": true},
                        "ip_adapter_style_image_url": format!("http://127.0.0.1:{port}/gone.png")})),
-        settings(),
+        lan,
     )
     .unwrap_err()
     .to_string();
-    assert!(
-        err.contains("ip_adapter_style_image_url") && err.contains("gone.png"),
-        "{err}"
-    );
+    assert_eq!(err, refused);
 }
 
 #[test]
@@ -541,4 +555,75 @@ fn an_engine_turns_the_adapter_on_hot_and_takes_the_hosts_picture() {
         moved > 0.5,
         "the host's picture changes the output ({moved:.2} levels)"
     );
+}
+
+#[test]
+fn params_version_never_goes_back_across_refused_style_fetches() {
+    use sdstream::{Engine, EngineOptions};
+    use std::time::{Duration, Instant};
+    let on = |extra: Value| {
+        let mut body = json!({"ip_adapter": {"enabled": true, "scale": 0.7}});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        params(body)
+    };
+    // Loopback: refused under the default settings, before any connection.
+    let refused = |port: u16| {
+        on(json!({"ip_adapter_style_image_url": format!("http://127.0.0.1:{port}/style.png")}))
+    };
+    let scale = |s: f64| on(json!({"ip_adapter": {"enabled": true, "scale": s}}));
+    let engine = Engine::new(
+        on(json!({})),
+        settings(),
+        EngineOptions {
+            warmup: false,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("the engine starts");
+    let img = image::open(fixture("frames/000.png")).unwrap().to_rgb8();
+    let frame = || Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
+    engine.process(frame()).expect("a frame");
+    let mut seen = vec![engine.status().params_version];
+    let steps = [
+        (refused(1), true),
+        (scale(0.5), false),
+        (scale(0.6), false),
+        (refused(2), true),
+    ];
+    for (next, fails) in steps {
+        let failures = engine.status().reload_failures;
+        engine.update_params(next).expect("accepted");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = engine.status();
+            seen.push(s.params_version);
+            if !s.reloading && s.serving_params_version == Some(s.params_version) {
+                break;
+            }
+            engine.process(frame()).expect("frames keep flowing");
+            assert!(Instant::now() < deadline, "the update never settled");
+        }
+        let status = engine.status();
+        assert_eq!(status.reload_failures, failures + u64::from(fails));
+        if fails {
+            let error = status.last_error.unwrap_or_default();
+            assert!(error.contains("could not be fetched"), "{error}");
+        }
+    }
+    seen.dedup();
+    println!("params_version as seen: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    // Four accepted updates, two reverts.
+    assert_eq!(seen.last(), Some(&6), "{seen:?}");
+    let status = engine.status();
+    assert_eq!(status.last_params["ip_adapter"]["scale"], 0.6);
+    assert!(
+        status.last_params["ip_adapter_style_image_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("data:")),
+        "the picture that serves"
+    );
+    assert_eq!(engine.process(frame()).expect("serving").params_version, 6);
 }

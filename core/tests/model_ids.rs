@@ -224,3 +224,98 @@ fn without_paths_loading_stays_under_model_root() {
         }
     }
 }
+
+fn with_loras(
+    patch: serde_json::Value,
+    settings: &EngineSettings,
+) -> Result<StreamDiffusionParams, Error> {
+    let mut body = json!({"model_id": "tiny-sd-turbo", "width": 64, "height": 64});
+    if let (Some(b), Some(p)) = (body.as_object_mut(), patch.as_object()) {
+        b.extend(p.clone());
+    }
+    StreamDiffusionParams::from_json_with(&body.to_string(), settings)
+}
+
+#[test]
+fn without_paths_loras_go_through_the_same_policy_and_no_answer_names_the_disk() {
+    let settings = served_settings();
+    let root = fixture("").display().to_string();
+    let root = root.trim_end_matches('/');
+    // Hub ids nobody allowed, paths, and folders under model_root that are not allowed: the
+    // field is named, the disk is not.
+    let mut ids = hostile_ids();
+    ids.extend(["org/some-lora".into(), "lora/peft-a".into()]);
+    for id in &ids {
+        for (patch, field) in [
+            (json!({"lora_dict": {id.clone(): 0.5}}), "lora_dict"),
+            (
+                json!({"use_lcm_lora": true, "lcm_lora_id": id}),
+                "lcm_lora_id",
+            ),
+        ] {
+            let answer = refusal(with_loras(patch, &settings), id);
+            assert!(
+                answer.starts_with(&format!("{field}: {field}: ")),
+                "{answer}"
+            );
+            assert!(
+                !answer.contains(root) && !answer.contains("fixtures"),
+                "{answer}"
+            );
+        }
+    }
+    let answer = refusal(
+        with_loras(json!({"lora_dict": {"org/some-lora": 1.0}}), &settings),
+        "",
+    );
+    println!("{answer}");
+    assert!(
+        answer.contains("\"org/some-lora\" is not a LoRA served here")
+            && answer.contains("'latent-consistency/lcm-lora-sdv1-5'")
+            && answer.contains("'tiny-sd-turbo'"),
+        "{answer}"
+    );
+    // The known LCM-LoRAs are served; anything else once --allow-model lists it.
+    for known in [
+        "latent-consistency/lcm-lora-sdv1-5",
+        "latent-consistency/lcm-lora-sdxl",
+    ] {
+        with_loras(
+            json!({"lcm_lora_id": known, "lora_dict": {known: 1.0}}),
+            &settings,
+        )
+        .unwrap_or_else(|e| panic!("{known}: {e}"));
+    }
+    let mut allowed = served_settings();
+    allowed
+        .allowed_models
+        .extend(["lora/peft-a".to_owned(), "lora".to_owned()]);
+    with_loras(
+        json!({"lora_dict": {"lora/peft-a": 0.7}, "lcm_lora_id": "lora/peft-a"}),
+        &allowed,
+    )
+    .expect("allowed LoRA ids");
+
+    // An allowed id whose folder holds no LoRA fails at load; the message names the folder for
+    // the operator, and the redactor every answer of such an engine goes through hides it.
+    let mut request = sdstream::model::bundle::ModelRequest::from("tiny-sd-turbo");
+    request.loras = vec![("lora".into(), 1.0)];
+    let err = match StableDiffusionModels::load(request, &allowed, &mut |_| {}) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a folder without a LoRA file loaded"),
+    };
+    assert!(
+        err.contains("lora_dict.lora") && err.contains(root),
+        "{err}"
+    );
+    let answered = allowed.path_redactor().redact(&err);
+    println!("{answered}");
+    assert!(answered.contains("<model_root>/lora"), "{answered}");
+    assert!(!answered.contains(root), "{answered}");
+    // A program that names its own models keeps the paths.
+    let local = EngineSettings {
+        allow_model_paths: true,
+        ..allowed
+    };
+    assert_eq!(local.path_redactor().redact(&err), err);
+}

@@ -991,7 +991,7 @@ fn engine_settings_json() {
         serde_json::from_str::<Value>(&s.to_json()).unwrap(),
         json!({"cfg_type": "self", "frame_buffer_size": 1, "device": "cpu", "dtype": "f32",
                "vae": "taesd", "model_root": null, "allow_any_resolution": false,
-               "allow_model_paths": true, "allowed_models": []})
+               "allow_model_paths": true, "allowed_models": [], "allow_private_network": false})
     );
 
     let full = r#"{"cfg_type": "initialize", "frame_buffer_size": 2, "device": "cuda:1",

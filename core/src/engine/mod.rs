@@ -127,6 +127,7 @@ impl Engine {
     ) -> Result<Self> {
         options.validate()?;
         let mut inner = Inner::new(params.clone(), &options);
+        inner.redactor = settings.path_redactor();
         inner.request_build(0, params, BuildKind::Pipeline);
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
@@ -483,7 +484,7 @@ impl Engine {
         let options = &self.shared.options;
         let mut s = self.shared.lock();
         let state = s.state(now, options);
-        EngineStatus {
+        let mut status = EngineStatus {
             last_params: s.target_json.clone(),
             last_params_hash: s.target_hash.clone(),
             last_params_update_time: s.target_time,
@@ -492,7 +493,7 @@ impl Engine {
             params_version: s.target_version,
             serving_params_version: s.serving.as_ref().map(|(_, v)| *v),
             reloading: s.pending_build.is_some(),
-            progress: s.progress.clone(),
+            progress: s.progress.as_deref().map(|p| s.redactor.redact(p)),
             queue_depth: s.queue.len(),
             queue_capacity: options.queue_capacity,
             output_queue_depth: s.outputs.len(),
@@ -503,7 +504,9 @@ impl Engine {
             builds_superseded: s.builds_superseded,
             frames_prepared_ahead: s.frames_prepared_ahead,
             ..s.activity.report(now, state)
-        }
+        };
+        status.last_error = status.last_error.map(|e| s.redactor.redact(&e));
+        status
     }
 
     /// [`status`](Self::status) as a JSON object.

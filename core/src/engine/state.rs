@@ -164,6 +164,9 @@ pub(super) struct Inner {
     pub(super) last_overflow: Option<Instant>,
     pub(super) restart_count: u64,
     pub(super) last_restart_time: Option<u64>,
+    /// Hides the host's model folders in what the status and errors report (settings that
+    /// serve ids from someone else; empty otherwise).
+    pub(super) redactor: crate::hub::PathRedactor,
 }
 
 impl Inner {
@@ -204,6 +207,7 @@ impl Inner {
             last_overflow: None,
             restart_count: 0,
             last_restart_time: None,
+            redactor: crate::hub::PathRedactor::default(),
         }
     }
 
@@ -225,11 +229,17 @@ impl Inner {
         self.target_version = version;
     }
 
-    /// After a failed update: what is accepted is what serves.
-    pub(super) fn revert_target_to_serving(&mut self) {
-        if let Some((params, version)) = self.serving.clone() {
-            self.set_target(params, version);
-        }
+    /// After a failed update: what is accepted is what serves. The serving parameters are
+    /// accepted again under a new version, which the serving pipeline takes as its own (its
+    /// parameters are those very ones), so that `params_version` never goes back to an older
+    /// number while `serving_params_version` still matches it. Returns the new version (none
+    /// when nothing serves, and the failed target stays as it was).
+    pub(super) fn revert_target_to_serving(&mut self) -> Option<u64> {
+        let (params, _) = self.serving.clone()?;
+        let version = self.take_version();
+        self.set_target(params.clone(), version);
+        self.serving = Some((params, version));
+        Some(version)
     }
 
     pub(super) fn is_wanted(&self, version: u64) -> bool {
@@ -371,7 +381,8 @@ impl Inner {
     pub(super) fn no_pipeline_error(&self) -> Error {
         Error::State(match &self.activity.last_error {
             Some(e) => format!(
-                "the engine has no pipeline (last error: {e}); call restart() or update_params()"
+                "the engine has no pipeline (last error: {}); call restart() or update_params()",
+                self.redactor.redact(e)
             ),
             None => "the engine has no pipeline; call restart() or update_params()".into(),
         })

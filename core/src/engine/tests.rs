@@ -585,7 +585,14 @@ fn a_failed_controlnet_load_keeps_the_stream_and_records_the_error() {
         error.contains("ControlNets") && error.contains("depth"),
         "{error}"
     );
-    assert_eq!(status.serving_params_version, serving);
+    // The serving parameters are accepted again under a newer version, which the serving
+    // pipeline carries: the version never goes back to the one before the failed update.
+    let version = status.params_version;
+    assert!(
+        serving.is_some_and(|s| s + 1 < version),
+        "{serving:?} -> {version}"
+    );
+    assert_eq!(status.serving_params_version, Some(version));
     assert_eq!(status.last_params_hash, hash, "the target went back");
     assert!(engine.params().controlnets.is_empty());
     submit(&engine, 3).expect("still serving");
@@ -1206,14 +1213,140 @@ fn lora_ids_are_hub_ids_where_model_paths_are_off() {
             "{err}"
         );
     }
-    // Hub ids pass validation (they are resolved when the pipeline loads); an LCM-LoRA id is
+    // A hub id that is not served is refused too, by name; the allowed ones and the known
+    // LCM-LoRAs pass validation (they are resolved when the pipeline loads); an LCM-LoRA id is
     // not checked while use_lcm_lora is off.
+    let err = StreamDiffusionParams::from_json(&base.to_string())
+        .and_then(|p| {
+            p.patched(
+                &serde_json::json!({"lora_dict": {"org/style-lora": 0.8}}),
+                &settings,
+            )
+        })
+        .expect_err("not allowed");
+    assert!(
+        matches!(&err, Error::InvalidParam { field, message } if field == "lora_dict"
+            && message.contains("\"org/style-lora\" is not a LoRA served here")),
+        "{err}"
+    );
+    let settings = EngineSettings {
+        allowed_models: vec!["org/style-lora".into()],
+        ..settings
+    };
     for patch in [
         serde_json::json!({"lora_dict": {"org/style-lora": 0.8}}),
+        serde_json::json!({"lcm_lora_id": "latent-consistency/lcm-lora-sdxl"}),
         serde_json::json!({"use_lcm_lora": false, "lcm_lora_id": "/models/lcm"}),
     ] {
         StreamDiffusionParams::from_json(&base.to_string())
             .and_then(|p| p.patched(&patch, &settings))
             .unwrap_or_else(|e| panic!("{patch}: {e}"));
     }
+}
+
+#[test]
+fn params_version_never_goes_back_when_updates_fail() {
+    let engine = engine(FakeFactory::with_preload(0, 1, 0), EngineOptions::default());
+    let mut seen = vec![engine.status().params_version];
+    let depth = with_controlnet(
+        params_with("trees", 512),
+        "thibaud/controlnet-sd21-depth-diffusers",
+    );
+    // A failed reload, a hot change, a failed preload, a hot change, a failed reload.
+    let steps = [
+        (params_with("flowers", 1024), true),
+        (params_with("trees", 512), false),
+        (depth, true),
+        (params_with("rivers", 512), false),
+        (params_with("rivers", 1024), true),
+    ];
+    for (params, fails) in steps {
+        let failures = engine.status().reload_failures;
+        engine.update_params(params).expect("accepted");
+        seen.push(engine.status().params_version);
+        wait_for("the update to settle", || {
+            let s = engine.status();
+            seen.push(s.params_version);
+            !s.reloading && s.serving_params_version == Some(s.params_version)
+        });
+        assert_eq!(engine.status().reload_failures, failures + u64::from(fails));
+    }
+    seen.dedup();
+    println!("params_version as seen: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    // Five accepted updates and three reverts: eight versions after the first.
+    assert_eq!(seen.last(), Some(&8), "{seen:?}");
+    let status = engine.status();
+    assert_eq!(status.last_params["prompt"], "rivers");
+    assert_eq!(status.last_params["width"], 512);
+    submit(&engine, 4).expect("still serving");
+    assert_eq!(recv(&engine).params_version, 8);
+}
+
+/// Fails every build with an error naming a file under the settings' model root.
+struct FailingFactory(std::path::PathBuf);
+
+impl PipelineFactory for FailingFactory {
+    fn build(
+        &self,
+        _params: &StreamDiffusionParams,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Box<dyn Pipeline>> {
+        progress(&format!("reading {}", self.0.display()));
+        Err(Error::ModelLoad {
+            path: self.0.clone(),
+            detail: "no such file".into(),
+        })
+    }
+
+    fn preload_networks(
+        &self,
+        _params: &StreamDiffusionParams,
+        _progress: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn networks_ready(&self, _params: &StreamDiffusionParams, _ids: &[&str]) -> bool {
+        true
+    }
+}
+
+#[test]
+fn an_engine_serving_ids_from_others_reports_no_model_folder() {
+    let root = std::env::temp_dir().join("sdstream-private-models");
+    let file = root.join("org/model/unet/diffusion_pytorch_model.safetensors");
+    let run = |allow_model_paths: bool| {
+        let settings = EngineSettings {
+            allow_model_paths,
+            model_root: Some(root.clone()),
+            ..EngineSettings::default()
+        };
+        let engine = Engine::spawn_with_factory(
+            params_with("flowers", 512),
+            settings,
+            EngineOptions::default(),
+            Arc::new(FailingFactory(file.clone())),
+        )
+        .expect("spawn");
+        wait_for("ERROR", || engine.status().state == EngineState::Error);
+        let last_error = engine.status().last_error.unwrap_or_default();
+        let refused = submit(&engine, 1).expect_err("no pipeline").to_string();
+        (last_error, refused)
+    };
+    let root_text = root.display().to_string();
+    let (last_error, refused) = run(false);
+    for text in [&last_error, &refused] {
+        assert!(!text.contains(&root_text), "{text}");
+        assert!(
+            text.contains("<model_root>/org/model/unet/diffusion_pytorch_model.safetensors"),
+            "{text}"
+        );
+    }
+    // A program that names its own models keeps the whole path.
+    let (last_error, _) = run(true);
+    assert!(
+        last_error.contains(&file.display().to_string()),
+        "{last_error}"
+    );
 }

@@ -123,8 +123,12 @@ pub(super) fn worker_loop(shared: &Shared, live: &mut Option<Live>) {
                         s.record_error(format!(
                             "applying parameters version {version} failed, the previous ones stay: {e}"
                         ));
-                        if s.target_version == version {
-                            s.revert_target_to_serving();
+                        if s.target_version == version
+                            && let Some(reverted) = s.revert_target_to_serving()
+                        {
+                            // The pipeline kept the serving parameters: it serves the
+                            // reverted version as it is, without applying them again.
+                            l.version = reverted;
                         }
                     }
                     Err(panic) => {

@@ -58,8 +58,8 @@ impl ModelFamily {
     /// The LCM LoRA that fits this family, where there is one (turbo models do not need it).
     pub fn lcm_lora(self) -> Option<&'static str> {
         match self {
-            ModelFamily::Sd15 => Some("latent-consistency/lcm-lora-sdv1-5"),
-            ModelFamily::Sdxl => Some("latent-consistency/lcm-lora-sdxl"),
+            ModelFamily::Sd15 => Some(KNOWN_LORAS[0]),
+            ModelFamily::Sdxl => Some(KNOWN_LORAS[1]),
             ModelFamily::Sd21 => None,
         }
     }
@@ -77,6 +77,14 @@ pub const KNOWN_MODELS: &[(&str, ModelFamily)] = &[
     ("stabilityai/sdxl-turbo", ModelFamily::Sdxl),
     ("prompthero/openjourney-v4", ModelFamily::Sd15),
     ("Lykon/dreamshaper-8", ModelFamily::Sd15),
+];
+
+/// LoRA ids served without being listed in the settings' `allowed_models` (`lcm_lora_id` and
+/// `lora_dict` keys alike): the LCM-LoRAs of the families that use one, `lcm_lora_id`'s default
+/// first.
+pub const KNOWN_LORAS: &[&str] = &[
+    "latent-consistency/lcm-lora-sdv1-5",
+    "latent-consistency/lcm-lora-sdxl",
 ];
 
 /// ControlNets for sd21 models (sd-turbo).

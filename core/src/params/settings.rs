@@ -261,8 +261,8 @@ impl From<VaeChoice> for String {
 
 /// Settings of the engine that Daydream's parameter model does not hold. JSON keys:
 /// `cfg_type`, `frame_buffer_size`, `device`, `dtype`, `vae`, `model_root`,
-/// `allow_any_resolution`, `allow_model_paths`, `allowed_models`; unknown keys are an error. Any
-/// change needs a pipeline reload.
+/// `allow_any_resolution`, `allow_model_paths`, `allowed_models`, `allow_private_network`;
+/// unknown keys are an error. Any change needs a pipeline reload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSettings {
@@ -290,10 +290,16 @@ pub struct EngineSettings {
     /// `model_root`, in the Hugging Face cache or on the hub, and a refusal reads the same
     /// whether or not a folder of that name exists.
     pub allow_model_paths: bool,
-    /// Model ids served besides the known ones (base models and ControlNets alike), each a hub id
-    /// (`org/name` or `name`) looked up like a known id: under `model_root`, in the Hugging Face
-    /// cache or on the hub. Default none.
+    /// Model ids served besides the known ones, each a hub id (`org/name` or `name`) looked up
+    /// like a known id: under `model_root`, in the Hugging Face cache or on the hub. One list for
+    /// every id a body names: `model_id`, ControlNets, `lora_dict` keys and `lcm_lora_id`.
+    /// Default none.
     pub allowed_models: Vec<String>,
+    /// Whether `ip_adapter_style_image_url` may be fetched from loopback, private and shared
+    /// (CGNAT) addresses ([`crate::outbound`]); link-local, metadata and reserved addresses are
+    /// refused either way. Default false, in the library as in the server: the URL usually comes
+    /// with a body someone else wrote, and a program whose pictures live on its LAN says so once.
+    pub allow_private_network: bool,
 }
 
 impl Default for EngineSettings {
@@ -308,6 +314,7 @@ impl Default for EngineSettings {
             allow_any_resolution: false,
             allow_model_paths: true,
             allowed_models: Vec::new(),
+            allow_private_network: false,
         }
     }
 }
@@ -326,6 +333,24 @@ impl EngineSettings {
     /// Whether `id` is one of [`allowed_models`](Self::allowed_models).
     pub fn is_allowed_model(&self, id: &str) -> bool {
         self.allowed_models.iter().any(|allowed| allowed == id)
+    }
+
+    /// Which addresses outbound fetches for these settings' bodies may reach
+    /// ([`allow_private_network`](Self::allow_private_network)).
+    pub fn outbound_policy(&self) -> crate::outbound::OutboundPolicy {
+        crate::outbound::OutboundPolicy::new(self.allow_private_network)
+    }
+
+    /// What hides this host's model folders from messages meant for whoever sent the ids: with
+    /// [`allow_model_paths`](Self::allow_model_paths) off, the model root and the Hugging Face
+    /// cache become `<model_root>` and `<hf_cache>` (see [`crate::hub::PathRedactor`]); with it
+    /// on, the program picked its own ids and messages keep every path.
+    pub fn path_redactor(&self) -> crate::hub::PathRedactor {
+        if self.allow_model_paths {
+            crate::hub::PathRedactor::default()
+        } else {
+            crate::hub::PathRedactor::new(&self.hub_options())
+        }
     }
 
     /// Parses and validates settings from JSON; omitted keys take their defaults.

@@ -9,8 +9,8 @@
 
 use super::catalog::{
     self, IMAGE_PROCESSORS, INSIGHTFACE_MODEL_NAMES, IP_ADAPTER_IMAGE_ENCODER_PATHS,
-    IP_ADAPTER_MODEL_PATHS, IP_ADAPTER_WEIGHT_TYPES, KNOWN_MODELS, LATENT_PROCESSORS, ModelFamily,
-    python_list,
+    IP_ADAPTER_MODEL_PATHS, IP_ADAPTER_WEIGHT_TYPES, KNOWN_LORAS, KNOWN_MODELS, LATENT_PROCESSORS,
+    ModelFamily, python_list,
 };
 use super::fields::StreamDiffusionParams;
 use super::nested::{ControlNetConfig, IPAdapterConfig, ProcessingConfig};
@@ -153,12 +153,66 @@ impl StreamDiffusionParams {
     }
 }
 
-fn resolve_model(model_id: &str, settings: &EngineSettings) -> Result<ModelKind> {
-    if let Some(family) = ModelFamily::of_model(model_id) {
-        return Ok(ModelKind::Known(family));
+/// The kind of network a model id in a body is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdKind {
+    /// `model_id`.
+    Base,
+    /// A ControlNet's `model_id`.
+    ControlNet,
+    /// A `lora_dict` key or `lcm_lora_id`.
+    Lora,
+}
+
+/// How a model id in a body is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Served {
+    /// A known id of its kind.
+    Known,
+    /// One of the settings' `allowed_models`.
+    Allowed,
+    /// With model paths on: an existing folder (base models and ControlNets, whose family is
+    /// read from it).
+    LocalFolder(std::path::PathBuf),
+    /// With model paths on: a LoRA, resolved when the pipeline loads (a folder, the model
+    /// root, the cache, or the hub).
+    AtLoad,
+}
+
+/// The one rule every model id a body names goes through (`model_id`, ControlNets,
+/// `lora_dict` keys, `lcm_lora_id`): a known id of its kind or one of `allowed_models`; only
+/// where the settings allow model paths (the program names its own models) also a local folder,
+/// or for a LoRA whatever the loader finds. `None`: not served; the caller words the refusal.
+fn served(id: &str, kind: IdKind, settings: &EngineSettings) -> Option<Served> {
+    let known = match kind {
+        IdKind::Base => ModelFamily::of_model(id).is_some(),
+        IdKind::ControlNet => catalog::controlnet_family(id).is_some(),
+        IdKind::Lora => KNOWN_LORAS.contains(&id),
+    };
+    if known {
+        return Some(Served::Known);
     }
-    if settings.is_allowed_model(model_id) {
-        return Ok(ModelKind::Allowed);
+    if settings.is_allowed_model(id) {
+        return Some(Served::Allowed);
+    }
+    if !settings.allow_model_paths {
+        return None;
+    }
+    match kind {
+        IdKind::Lora => Some(Served::AtLoad),
+        IdKind::Base | IdKind::ControlNet => {
+            hub::local_dir(id, &settings.hub_options()).map(Served::LocalFolder)
+        }
+    }
+}
+
+fn resolve_model(model_id: &str, settings: &EngineSettings) -> Result<ModelKind> {
+    match served(model_id, IdKind::Base, settings) {
+        Some(Served::LocalFolder(dir)) => return Ok(ModelKind::LocalFolder(dir)),
+        Some(_) => {
+            return Ok(ModelFamily::of_model(model_id).map_or(ModelKind::Allowed, ModelKind::Known));
+        }
+        None => {}
     }
     let served = || {
         python_list(
@@ -180,9 +234,6 @@ fn resolve_model(model_id: &str, settings: &EngineSettings) -> Result<ModelKind>
             ),
         ));
     }
-    if let Some(dir) = hub::local_dir(model_id, &settings.hub_options()) {
-        return Ok(ModelKind::LocalFolder(dir));
-    }
     Err(Error::param(
         "model_id",
         format!(
@@ -192,16 +243,31 @@ fn resolve_model(model_id: &str, settings: &EngineSettings) -> Result<ModelKind>
     ))
 }
 
-/// With model paths off, a LoRA id must be a hub id (what is on disk is never named back).
+/// A LoRA id (`lora_dict` key, `lcm_lora_id`) by the rule of [`served`]: with model paths off,
+/// only the known LCM-LoRAs and `allowed_models` (what is on disk is never named back, and an
+/// id that is not a hub id is not echoed).
 fn check_lora_id(field: &str, id: &str, settings: &EngineSettings) -> Result<()> {
-    if settings.allow_model_paths || hub::is_hub_id(id) {
+    if served(id, IdKind::Lora, settings).is_some() {
         return Ok(());
     }
+    if !hub::is_hub_id(id) {
+        return Err(Error::param(
+            field,
+            format!(
+                "{field}: LoRA ids must be hub ids, org/name or name (paths are not accepted \
+                 here)"
+            ),
+        ));
+    }
+    let ids = python_list(
+        KNOWN_LORAS
+            .iter()
+            .copied()
+            .chain(settings.allowed_models.iter().map(String::as_str)),
+    );
     Err(Error::param(
         field,
-        format!(
-            "{field}: LoRA ids must be hub ids, org/name or name (paths are not accepted here)"
-        ),
+        format!("{field}: {id:?} is not a LoRA served here (expected one of {ids})"),
     ))
 }
 
@@ -525,10 +591,7 @@ fn check_controlnet_fields(
 ) -> Result<()> {
     let path = |leaf: &str| format!("controlnets[{i}].{leaf}");
     let id = net.model_id.as_str();
-    let served = catalog::controlnet_family(id).is_some()
-        || settings.is_allowed_model(id)
-        || (settings.allow_model_paths && hub::local_dir(id, &settings.hub_options()).is_some());
-    if !served {
+    if served(id, IdKind::ControlNet, settings).is_none() {
         let field = path("model_id");
         let known = || {
             let mut ids: Vec<&str> = catalog::all_controlnets().collect();

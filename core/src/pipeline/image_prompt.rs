@@ -7,7 +7,7 @@ use crate::model::bundle::StableDiffusionModels;
 use crate::model::ip_adapter::{ImageTokens, IpAdapter, layer_scales};
 use crate::model::unet::ImagePrompt;
 use crate::params::{EngineSettings, StreamDiffusionParams};
-use crate::pipeline::style_image::{self, StyleImage};
+use crate::pipeline::style_image::{self, FetchPolicy, StyleImage};
 use crate::preprocess::networks::{Network, NetworkPool, NetworkRequest};
 use crate::{Error, Result};
 
@@ -142,7 +142,11 @@ pub(crate) fn ready(
                     &models.device,
                 )
                 .is_some()
-                && style_image::cached(&params.ip_adapter_style_image_url).is_some()
+                && style_image::cached(
+                    &params.ip_adapter_style_image_url,
+                    FetchPolicy::of(settings),
+                )
+                .is_some()
         }
         Ok(None) => true,
         // Let the build report it.
@@ -156,7 +160,7 @@ pub(crate) fn prefetch(params: &StreamDiffusionParams, settings: &EngineSettings
     if params.ip_adapter.enabled {
         style_image::fetch_cached(
             &params.ip_adapter_style_image_url,
-            settings.allow_model_paths,
+            FetchPolicy::of(settings),
         )?;
     }
     Ok(())
@@ -202,9 +206,7 @@ pub(crate) fn build(
         _ => {
             let picture = match &source {
                 StyleSource::Host(picture) => picture.clone(),
-                StyleSource::Url(url) => {
-                    style_image::fetch_cached(url, settings.allow_model_paths)?
-                }
+                StyleSource::Url(url) => style_image::fetch_cached(url, FetchPolicy::of(settings))?,
             };
             let t = adapter.encode(&picture.rgb, picture.width, picture.height)?;
             ImageTokens {

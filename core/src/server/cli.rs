@@ -37,7 +37,10 @@ stderr; their filter is SDSTREAM_LOG or RUST_LOG (default: sdstream=info,warn).
                               str_NAME_ (default SDSTREAM_INSTANCE, or none)
   --params FILE_OR_JSON       default stream parameters, under each create body
   --settings FILE_OR_JSON     engine settings (device, dtype, vae, model_root, ...)
-  --allow-model ID            serve this hub id besides the known models (repeatable)
+  --allow-model ID            serve this hub id besides the known models, as a base model,
+                              ControlNet or LoRA (repeatable)
+  --allow-private-network     let ip_adapter_style_image_url reach loopback and private
+                              addresses (a LAN set-up); link-local ones stay refused
   --max-streams N             most streams at once; more are refused with 429 (default 8)
   --input-timeout SECONDS     no frame for this long: DEGRADED_INPUT (default 3)
   --idle-timeout SECONDS      delete a stream with no publisher and no media for this long;
@@ -69,6 +72,7 @@ pub(crate) struct ServeArgs {
     pub(crate) params: Option<String>,
     pub(crate) settings: Option<String>,
     pub(crate) allow_models: Vec<String>,
+    pub(crate) allow_private_network: bool,
     pub(crate) max_streams: usize,
     pub(crate) input_timeout: Duration,
     pub(crate) idle_timeout: Option<Duration>,
@@ -125,6 +129,7 @@ fn parse_serve(args: &[String], env_instance: Option<String>) -> Result<Command,
         params: None,
         settings: None,
         allow_models: Vec::new(),
+        allow_private_network: false,
         max_streams: 8,
         input_timeout: Duration::from_secs(3),
         idle_timeout: Some(Duration::from_secs(120)),
@@ -154,6 +159,17 @@ fn parse_serve(args: &[String], env_instance: Option<String>) -> Result<Command,
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             return Ok(Command::Help(SERVE_USAGE));
+        }
+        // The one flag without a value.
+        if flag == "--allow-private-network" {
+            if args
+                .iter()
+                .any(|a| a.starts_with("--allow-private-network="))
+            {
+                return Err("--allow-private-network takes no value".into());
+            }
+            parsed.allow_private_network = true;
+            continue;
         }
         let value = it
             .next()
@@ -321,7 +337,8 @@ pub(crate) fn config(
     local: SocketAddr,
     rtmp_local: Option<SocketAddr>,
 ) -> Result<ServerConfig, String> {
-    let settings = served_settings(args.settings.as_deref(), &args.allow_models)?;
+    let mut settings = served_settings(args.settings.as_deref(), &args.allow_models)?;
+    settings.allow_private_network |= args.allow_private_network;
     let default_params = match &args.params {
         Some(p) => json_arg(p)?,
         None => json!({}),

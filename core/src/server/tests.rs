@@ -1459,3 +1459,79 @@ fn start_time_is_the_creation_in_milliseconds() {
     );
     assert_eq!(data["inference_status"]["start_time"], start);
 }
+
+#[test]
+fn the_lan_flag_reaches_the_engines_settings() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let local: SocketAddr = "127.0.0.1:8088".parse().unwrap();
+    let settings = |a: &[&str]| match cli::parse(&args(a), None) {
+        Ok(Command::Serve(serve)) => {
+            cli::config(&serve, "t".into(), local, None)
+                .expect("config")
+                .settings
+        }
+        other => panic!("{a:?}: {other:?}"),
+    };
+    assert!(!settings(&["serve"]).allow_private_network);
+    assert!(settings(&["serve", "--allow-private-network"]).allow_private_network);
+    assert!(
+        settings(&["serve", "--allow-private-network", "--max-streams", "2"]).allow_private_network
+    );
+    let err = cli::parse(&args(&["serve", "--allow-private-network=yes"]), None)
+        .expect_err("takes no value");
+    assert!(err.contains("takes no value"), "{err}");
+}
+
+#[test]
+fn loras_are_served_like_models_and_no_answer_names_the_model_root() {
+    let mut config = config();
+    // The fixtures' `lora` folder holds LoRA folders, no LoRA file of its own: allowed, it
+    // fails when the stream loads.
+    config.settings.allowed_models.push("lora".into());
+    let root = fixtures().display().to_string();
+    let canonical = fixtures().canonicalize().unwrap().display().to_string();
+    let (_rt, addr, _server) = serve(config);
+    for (params, field) in [
+        (json!({"lora_dict": {"org/some-lora": 1.0}}), "`lora_dict`"),
+        (
+            json!({"use_lcm_lora": true, "lcm_lora_id": "org/other-lcm-lora"}),
+            "`lcm_lora_id`",
+        ),
+        (json!({"lora_dict": {"lora/peft-a": 1.0}}), "`lora_dict`"),
+    ] {
+        let (status, body) = api(
+            addr,
+            "POST",
+            "/v1/streams",
+            Some(&json!({"params": params})),
+        );
+        assert_eq!(status, 422, "{params}: {body}");
+        let message = envelope(422, &body);
+        assert!(
+            message.contains(field) && message.contains("is not a LoRA served here"),
+            "{params}: {message}"
+        );
+        assert!(!message.contains("fixtures"), "{message}");
+    }
+    let stream = create(addr, &json!({"params": {"lora_dict": {"lora": 1.0}}}));
+    let id = stream["id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let data = loop {
+        let data = status_data(addr, &id);
+        if data["inference_status"]["last_error"].is_string() {
+            break data;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the load neither failed nor finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = data.to_string();
+    println!("{}", data["inference_status"]["last_error"]);
+    assert!(text.contains("<model_root>/lora"), "{text}");
+    assert!(
+        !text.contains(&root) && !text.contains(&canonical),
+        "{text}"
+    );
+}
