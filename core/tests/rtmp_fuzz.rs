@@ -700,3 +700,102 @@ fn the_push_session_survives_hostile_servers() {
     assert!(errors.values().sum::<usize>() > 1_000, "{errors:?}");
     assert!(publishing > 0, "some mutations leave an honest exchange");
 }
+
+/// A destination that answers the push's `connect` with `_result` nesting 10,000 arrays: the
+/// finding's hostile RTMP server, on a loopback port. Counts the connections it takes.
+async fn hostile_destination() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let addr = listener.local_addr().expect("address");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                // The plain handshake: C0 C1 in, S0 S1 S2 (S2 echoes C1) out, C2 in.
+                let mut c0c1 = vec![0u8; 1537];
+                socket.read_exact(&mut c0c1).await?;
+                let mut answer = vec![3u8];
+                answer.extend([0u8; 1536]);
+                answer.extend_from_slice(&c0c1[1..]);
+                socket.write_all(&answer).await?;
+                let mut c2 = vec![0u8; 1536];
+                socket.read_exact(&mut c2).await?;
+                let mut first = vec![0u8; 1024];
+                let _ = socket.read(&mut first).await?;
+                let mut body = amf0::encode(&[Value::string("_result"), Value::Number(1.0)]);
+                body.extend(nested_arrays(10_000));
+                let mut deep = command(&[], 0);
+                deep.payload = body;
+                socket.write_all(&chunked(&[deep], 65_536)).await?;
+                let mut rest = vec![0u8; 1024];
+                while socket.read(&mut rest).await? > 0 {}
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// The push connects only where the server's outbound policy lets it (a loopback destination
+/// is refused by default, without a connection), and a hostile destination's answer fails that
+/// attempt only: the push retries, the process lives.
+#[test]
+fn the_push_reaches_only_allowed_destinations_and_survives_a_hostile_one() {
+    use sdstream::outbound::OutboundPolicy;
+    use sdstream::rtmp::{RtmpPush, RtmpUrl};
+    let engine = tiny_engine();
+    let rt = runtime();
+    rt.block_on(async {
+        let stream = Arc::new(
+            WebRtcStream::new(engine.clone(), TransportConfig::default()).expect("transport"),
+        );
+        let (addr, accepted) = hostile_destination().await;
+        let url = RtmpUrl::parse(&format!("rtmp://127.0.0.1:{}/live/k", addr.port())).unwrap();
+        let wait_for_error = |push: &RtmpPush| {
+            let push_status = push.status();
+            push_status
+                .last_error
+                .clone()
+                .filter(|_| push_status.attempts >= 1)
+        };
+        let refused = RtmpPush::start(stream.clone(), url.clone(), OutboundPolicy::public_only());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let error = loop {
+            if let Some(e) = wait_for_error(&refused) {
+                break e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no attempt: {:?}",
+                refused.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        println!("public only: {error}");
+        assert!(
+            error.contains("127.0.0.1 is not a public address (loopback"),
+            "{error}"
+        );
+        refused.stop();
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        let lan = RtmpPush::start(stream.clone(), url, OutboundPolicy::with_private_network());
+        let error = loop {
+            if let Some(e) = wait_for_error(&lan) {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "no attempt: {:?}", lan.status());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        println!("LAN, hostile destination: {error}");
+        assert!(error.contains("nested deeper than 16"), "{error}");
+        assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+        assert_eq!(lan.status().publishes, 0);
+        lan.stop();
+        stream.close().await;
+    });
+    engine.close();
+}

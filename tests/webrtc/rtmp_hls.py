@@ -179,7 +179,10 @@ def main():
     record = os.path.join(args.work, "record")
     log_path = os.path.join(args.work, "server.log")
     server = serve(args.server, API_TOKEN, fixtures, params={"seed": 42, "delta": 0.7, "guidance_scale": 3.0},
-                   flags=["--record", record, "--hls-segment-ms", SEGMENT_MS], log_path=log_path)
+                   # The RTMP push goes to an ffmpeg on 127.0.0.1: a LAN destination, which the
+                   # server reaches only when told to (by default pushes go to public addresses).
+                   flags=["--record", record, "--hls-segment-ms", SEGMENT_MS, "--allow-private-network"],
+                   log_path=log_path)
     base = server.base
     summary = {}
     keys = []

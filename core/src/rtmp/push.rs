@@ -4,6 +4,11 @@
 //! an AVC sequence header and every encoded picture as an FLV video tag. When the connection
 //! fails the push retries (1 s, doubling up to 10 s) and starts again from a keyframe; while it
 //! is not publishing it does not subscribe to the output, so it costs the stream nothing.
+//!
+//! The destination is named by whoever created the stream, so the connection is made under the
+//! server's [`OutboundPolicy`]: the host is resolved and only the addresses the policy lets
+//! through are tried (by default no loopback, private or link-local address), and the server's
+//! answers are read under the session's limits.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,6 +21,7 @@ use tokio::sync::watch;
 use super::flv::{parameter_sets, picture_tag, sequence_header_tag};
 use super::handshake::{HandshakeRole, handshake};
 use super::session::{ClientEvent, ClientSession, SessionLimits};
+use crate::outbound::OutboundPolicy;
 use crate::webrtc::{Summary, WebRtcStream};
 
 /// The default RTMP port.
@@ -176,8 +182,9 @@ impl std::fmt::Debug for RtmpPush {
 }
 
 impl RtmpPush {
-    /// Starts pushing `stream`'s output to `url` (on the current Tokio runtime).
-    pub fn start(stream: Arc<WebRtcStream>, url: RtmpUrl) -> Self {
+    /// Starts pushing `stream`'s output to `url`, connecting only to addresses `policy` lets
+    /// through (on the current Tokio runtime).
+    pub fn start(stream: Arc<WebRtcStream>, url: RtmpUrl, policy: OutboundPolicy) -> Self {
         let shared = Arc::new(PushShared {
             status: Mutex::new(PushStatus {
                 url: url.redacted(),
@@ -195,7 +202,7 @@ impl RtmpPush {
         });
         let (stop, stopped) = watch::channel(false);
         let task_shared = shared.clone();
-        tokio::spawn(async move { run(task_shared, stream, url, stopped).await });
+        tokio::spawn(async move { run(task_shared, stream, url, policy, stopped).await });
         Self { shared, stop }
     }
 
@@ -244,6 +251,7 @@ async fn run(
     shared: Arc<PushShared>,
     stream: Arc<WebRtcStream>,
     url: RtmpUrl,
+    policy: OutboundPolicy,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut retry = Duration::from_secs(1);
@@ -254,7 +262,7 @@ async fn run(
             s.attempts += 1;
         }
         let attempt = tokio::select! {
-            outcome = push_once(&shared, &stream, &url) => outcome,
+            outcome = push_once(&shared, &stream, &url, policy) => outcome,
             _ = stopped.wait_for(|stop| *stop) => break,
         };
         {
@@ -287,10 +295,15 @@ struct Attempt {
 }
 
 /// One connection: set up, then send until something fails.
-async fn push_once(shared: &PushShared, stream: &Arc<WebRtcStream>, url: &RtmpUrl) -> Attempt {
+async fn push_once(
+    shared: &PushShared,
+    stream: &Arc<WebRtcStream>,
+    url: &RtmpUrl,
+    policy: OutboundPolicy,
+) -> Attempt {
     let mut published = false;
     let result = async {
-        let (mut socket, mut session) = tokio::time::timeout(SETUP_TIMEOUT, setup(url))
+        let (mut socket, mut session) = tokio::time::timeout(SETUP_TIMEOUT, setup(url, policy))
             .await
             .map_err(|_| "timed out connecting and asking to publish".to_owned())??;
         published = true;
@@ -404,11 +417,43 @@ async fn write_output(
     Ok(out.len())
 }
 
-/// Connects, handshakes, and asks to publish; returns the socket and the publishing session.
-async fn setup(url: &RtmpUrl) -> Result<(TcpStream, ClientSession), String> {
-    let mut socket = TcpStream::connect((url.host.as_str(), url.port))
+/// Connects to the first address of `url`'s host that `policy` lets through.
+async fn connect(url: &RtmpUrl, policy: OutboundPolicy) -> Result<TcpStream, String> {
+    let target = format!("{}:{}", url.host, url.port);
+    let addresses: Vec<_> = tokio::net::lookup_host((url.host.as_str(), url.port))
         .await
-        .map_err(|e| format!("connect to {}:{}: {e}", url.host, url.port))?;
+        .map_err(|e| format!("resolve {target}: {e}"))?
+        .collect();
+    let mut refusals = Vec::new();
+    let mut last_error = None;
+    for address in addresses {
+        if let Err(refusal) = policy.check(address) {
+            refusals.push(refusal.to_string());
+            continue;
+        }
+        match TcpStream::connect(address).await {
+            Ok(socket) => return Ok(socket),
+            Err(e) => last_error = Some(format!("connect to {target} ({address}): {e}")),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        if refusals.is_empty() {
+            format!("{target} resolves to no address")
+        } else {
+            format!(
+                "{target} is not reached from this server: {}",
+                refusals.join("; ")
+            )
+        }
+    }))
+}
+
+/// Connects, handshakes, and asks to publish; returns the socket and the publishing session.
+async fn setup(
+    url: &RtmpUrl,
+    policy: OutboundPolicy,
+) -> Result<(TcpStream, ClientSession), String> {
+    let mut socket = connect(url, policy).await?;
     let _ = socket.set_nodelay(true);
     let mut buffer = vec![0u8; 16 * 1024];
     let remaining = handshake(&mut socket, HandshakeRole::Client, &mut buffer)

@@ -39,8 +39,9 @@ stderr; their filter is SDSTREAM_LOG or RUST_LOG (default: sdstream=info,warn).
   --settings FILE_OR_JSON     engine settings (device, dtype, vae, model_root, ...)
   --allow-model ID            serve this hub id besides the known models, as a base model,
                               ControlNet or LoRA (repeatable)
-  --allow-private-network     let ip_adapter_style_image_url reach loopback and private
-                              addresses (a LAN set-up); link-local ones stay refused
+  --allow-private-network     let ip_adapter_style_image_url and output_rtmp_url reach
+                              loopback and private addresses (a LAN set-up); link-local
+                              ones stay refused
   --max-streams N             most streams at once; more are refused with 429 (default 8)
   --input-timeout SECONDS     no frame for this long: DEGRADED_INPUT (default 3)
   --idle-timeout SECONDS      delete a stream with no publisher and no media for this long;

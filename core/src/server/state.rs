@@ -284,7 +284,8 @@ impl App {
         let hls = HlsOutput::new(transport.clone(), self.config.hls.clone());
         let push = body.output_rtmp_url.map(|(text, url)| {
             tracing::info!(stream = %id, url = %url.redacted(), "RTMP push started");
-            (text, RtmpPush::start(transport.clone(), url))
+            let policy = self.config.settings.outbound_policy();
+            (text, RtmpPush::start(transport.clone(), url, policy))
         });
         let now = SystemTime::now();
         let entry = Arc::new(StreamEntry {
