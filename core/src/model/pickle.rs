@@ -32,10 +32,10 @@ use std::collections::HashMap;
 /// deep (dictionary, rebuild call, its arguments, the storage's persistent id and its tuple); a
 /// training checkpoint's optimizer state a few more.
 pub(crate) const MAX_DEPTH: usize = 100;
-/// Values in one pickle (a state dict makes about fifteen per tensor).
-pub(crate) const MAX_NODES: usize = 1 << 21;
+/// Values in one pickle (a state dict makes about fifteen per tensor; a value takes 48 bytes).
+pub(crate) const MAX_NODES: usize = 1 << 20;
 /// Memo entries in one pickle.
-pub(crate) const MAX_MEMO: usize = 1 << 21;
+pub(crate) const MAX_MEMO: usize = 1 << 20;
 /// Entries on the machine's stack at once.
 pub(crate) const MAX_STACK: usize = 1 << 20;
 /// Length of each of a `GLOBAL`'s two names.
@@ -845,6 +845,26 @@ mod tests {
             assert_eq!(err.offset, offset, "{err}");
             assert!(err.what.contains(what), "{err}");
         }
+    }
+
+    #[test]
+    fn values_memo_entries_and_the_stack_are_bounded() {
+        // None, POP: one value per two bytes, nothing left on the stack.
+        let values = [&[0x80u8, 2][..], &b"N0".repeat(MAX_NODES + 1), b"N."].concat();
+        let err = parse(&values).unwrap_err();
+        assert_eq!(err.offset, 2 + 2 * MAX_NODES, "{err}");
+        assert!(err.what.contains("more than 1048576 values"), "{err}");
+        // BINGET of one value: the stack grows, the values do not.
+        let stack = [&b"\x80\x02Nq\x00"[..], &b"h\x00".repeat(MAX_STACK), b"."].concat();
+        let err = parse(&stack).unwrap_err();
+        assert!(
+            err.what.contains("more than 1048576 values on the stack"),
+            "{err}"
+        );
+        // MEMOIZE of one value under ever new keys.
+        let memo = [&b"\x80\x02N"[..], &[0x94].repeat(MAX_MEMO + 1), b"."].concat();
+        let err = parse(&memo).unwrap_err();
+        assert!(err.what.contains("more than 1048576 memo entries"), "{err}");
     }
 
     #[test]

@@ -38,6 +38,8 @@ const NESTED_SECTIONS: [&str; 2] = ["image_proj", "ip_adapter"];
 const STATE_DICT_KEYS: [&str; 3] = ["state_dict", "params_ema", "params"];
 /// Entries in the archive (one per storage, plus five of torch's own).
 const MAX_ENTRIES: usize = 100_000;
+/// Tensors in one state dict.
+const MAX_TENSORS: usize = 65_536;
 /// Size of `data.pkl`: a state dict's pickle takes about 150 bytes per tensor.
 const MAX_PICKLE_BYTES: u64 = 16 << 20;
 /// Dimensions of one tensor.
@@ -175,6 +177,10 @@ pub(crate) fn read_as_safetensors(path: &Path) -> Result<Vec<u8>, ReadError> {
     })
 }
 
+const NO_TENSORS: &str = "no tensors found: expected a state dict at the top level or under \
+                          `state_dict`, `params_ema` or `params` (or IP-Adapter's \
+                          `image_proj` and `ip_adapter`)";
+
 const NOT_ZIP: &str = "not a readable PyTorch checkpoint (not a zip archive";
 
 fn starts_legacy(path: &Path) -> bool {
@@ -222,12 +228,7 @@ pub(crate) fn state_dict_tensors(p: &Pickle) -> Result<Vec<TensorRef>, String> {
         }
     }
     if sections.is_empty() {
-        return Err(
-            "no tensors found: expected a state dict at the top level or under \
-                    `state_dict`, `params_ema` or `params` (or IP-Adapter's `image_proj` and \
-                    `ip_adapter`)"
-                .into(),
-        );
+        return Err(NO_TENSORS.into());
     }
     let mut tensors = Vec::new();
     let mut names = HashSet::new();
@@ -241,6 +242,11 @@ pub(crate) fn state_dict_tensors(p: &Pickle) -> Result<Vec<TensorRef>, String> {
             let Some(tensor) = tensor_ref(p, &name, value)? else {
                 continue;
             };
+            if tensors.len() == MAX_TENSORS {
+                return Err(format!(
+                    "more than {MAX_TENSORS} tensors in the state dict (`{name}` is one more)"
+                ));
+            }
             if !names.insert(name.clone()) {
                 return Err(format!("tensor `{name}` appears twice in the state dict"));
             }
@@ -1204,6 +1210,17 @@ mod tests {
                 && err.contains("storage `0` holds 4 F32 elements (16 bytes)"),
             "{err}"
         );
+        // Through the weights loader, as a network's file: refused naming the file.
+        let path = std::env::temp_dir().join(format!("sdstream-huge-{}.pth", std::process::id()));
+        std::fs::write(&path, &file).unwrap();
+        let err = super::super::weights::WeightsFile::open(&path)
+            .expect_err("refused")
+            .to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("tensor `w`: shape"),
+            "{err}"
+        );
 
         // The storage itself declares 2^36 elements, over a 16-byte entry.
         let pickle = state_dict(|p| {
@@ -1278,6 +1295,30 @@ mod tests {
         println!(
             "2,000 views of one storage: {} bytes refused: {err}",
             file.len()
+        );
+    }
+
+    #[test]
+    fn more_tensors_than_the_bound_are_refused() {
+        // One zero-element tensor under 65,537 names (memo fetches of the same call).
+        let pickle = state_dict(|mut p| {
+            p = p
+                .str("t0")
+                .tensor("FloatStorage", "0", 0, 0, &[0], &[1])
+                .raw(b"r")
+                .raw(&7777u32.to_le_bytes());
+            for i in 1..=MAX_TENSORS {
+                p = p
+                    .str(&format!("t{i}"))
+                    .raw(b"j")
+                    .raw(&7777u32.to_le_bytes());
+            }
+            p
+        });
+        let err = refused(&archive(&pickle, &[("0", &[])]));
+        assert!(
+            err.contains("more than 65536 tensors in the state dict (`t65536` is one more)"),
+            "{err}"
         );
     }
 
@@ -1570,5 +1611,79 @@ mod tests {
             pkl.len() * 4
         );
         assert!(parsed > 0);
+    }
+
+    /// Peak resident memory since the last reset, and a reset (Linux; 0 elsewhere).
+    fn peak_kib(reset: bool) -> u64 {
+        if reset {
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        }
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        field("VmHWM:")
+    }
+
+    /// What reading the hostile files of issue #41 costs: time and peak memory above the
+    /// process's resident size before each read (and each file written to
+    /// `$SDSTREAM_HOSTILE_DIR` when set, to measure other readers on them). Ignored: it
+    /// prints figures. `cargo test -p sdstream --lib hostile_checkpoints_cost -- --ignored
+    /// --nocapture --test-threads 1`
+    #[test]
+    #[ignore]
+    fn hostile_checkpoints_cost() {
+        let side = 1 << 18;
+        let four = f32s(&[1.0, 2.0, 3.0, 4.0]);
+        let huge = state_dict(|p| {
+            p.str("w")
+                .tensor("FloatStorage", "0", 4, 0, &[side, side], &[side, 1])
+        });
+        let n = 100_000;
+        let deep = [&[0x80u8, 2][..], &vec![b']'; n], &vec![b'a'; n - 1], b"."].concat();
+        let bomb = |levels| {
+            state_dict(|p| {
+                memo_bomb(p.str("bomb"), levels).str("w").tensor(
+                    "FloatStorage",
+                    "0",
+                    4,
+                    0,
+                    &[4],
+                    &[1],
+                )
+            })
+        };
+        let files = [
+            ("huge_shape", archive(&huge, &[("0", &four)])),
+            ("deep_100000", archive(&deep, &[])),
+            ("memo_bomb_20", archive(&bomb(20), &[("0", &four)])),
+            ("memo_bomb_22", archive(&bomb(22), &[("0", &four)])),
+            ("memo_bomb_24", archive(&bomb(24), &[("0", &four)])),
+            ("memo_bomb_40", archive(&bomb(40), &[("0", &four)])),
+        ];
+        let dir = std::env::var_os("SDSTREAM_HOSTILE_DIR").map(std::path::PathBuf::from);
+        for (name, file) in &files {
+            if let Some(dir) = &dir {
+                std::fs::write(dir.join(format!("{name}.pth")), file).unwrap();
+            }
+            let base = peak_kib(true);
+            let t = std::time::Instant::now();
+            let result = read(file);
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let peak = peak_kib(false).saturating_sub(base);
+            let outcome = match result {
+                Ok(bytes) => format!("read {} tensors", tensors(&bytes).len()),
+                Err(ReadError::Invalid(e)) => format!("refused: {e}"),
+                Err(ReadError::Io(e)) => format!("I/O error: {e}"),
+            };
+            println!(
+                "{name}: {} bytes, {ms:.2} ms, peak +{peak} KiB; {outcome}",
+                file.len()
+            );
+        }
     }
 }
