@@ -24,6 +24,7 @@ use candle_nn::var_builder::SimpleBackend;
 use serde_json::Value;
 
 use crate::model::lora::LoraDeltas;
+use crate::model::torch_file::ReadError;
 use crate::{Error, Result};
 
 /// safetensors' own bound on the JSON header.
@@ -209,10 +210,6 @@ impl Storage {
     }
 }
 
-/// Dictionaries a PyTorch checkpoint may nest its tensors in, one per part of the network
-/// (h94/IP-Adapter's `.bin` files: the image projection and the attention layers).
-const NESTED_SECTIONS: [&str; 2] = ["image_proj", "ip_adapter"];
-
 /// A weights file whose header has been checked: a safetensors file (memory-mapped) or a
 /// PyTorch `.pth` checkpoint (see [`WeightsFile::open`]).
 pub(crate) struct WeightsFile {
@@ -251,11 +248,12 @@ impl WeightsFile {
     }
 
     /// Reads a PyTorch checkpoint (`torch.save`'s zip format, which every torch since 1.6
-    /// writes) with candle's pickle reader, which rebuilds tensors from the archive without
-    /// running any of the pickle's code, and rewrites it as safetensors bytes in memory, so that
-    /// it is checked exactly like a safetensors file. The state dict is the top-level
-    /// dictionary, or the one under `state_dict`, `params_ema` or `params` (as BasicSR and
-    /// Real-ESRGAN save theirs). The whole file is read: these checkpoints are the small
+    /// writes) with [`torch_file`](super::torch_file)'s bounded reader, which rebuilds the
+    /// state dict's tensors without running any of the pickle's code, and rewrites it as
+    /// safetensors bytes in memory, so that it is checked exactly like a safetensors file. The
+    /// state dict is the top-level dictionary, or the one under `state_dict`, `params_ema` or
+    /// `params` (as BasicSR and Real-ESRGAN save theirs), or IP-Adapter's `image_proj` and
+    /// `ip_adapter` sections. The whole file is read: these checkpoints are the small
     /// preprocessor networks, not diffusion models.
     pub(crate) fn open_pytorch(path: &Path) -> Result<Self> {
         let fail = |detail: String| Error::ModelLoad {
@@ -269,60 +267,13 @@ impl WeightsFile {
         if !meta.is_file() {
             return Err(fail("not a file".into()));
         }
-        let mut tensors = Vec::new();
-        for key in [None, Some("state_dict"), Some("params_ema"), Some("params")] {
-            // candle's reader panics on some malformed archives instead of failing.
-            let read =
-                std::panic::catch_unwind(|| candle_core::pickle::read_all_with_key(path, key))
-                    .unwrap_or_else(|_| {
-                        Err(candle_core::Error::Msg(
-                            "the pickle reader could not parse it".into(),
-                        ))
-                    });
-            match read {
-                Ok(found) if !found.is_empty() => {
-                    tensors = found;
-                    break;
-                }
-                Ok(_) => {}
-                // Another key may hold the dictionary; the top level's error is the telling one.
-                Err(_) if key.is_some() => {}
-                Err(e) => {
-                    return Err(fail(format!(
-                        "not a readable PyTorch checkpoint ({e}); sdstream reads the zip format \
-                         torch.save writes since torch 1.6 and safetensors files: re-save an older \
-                         file with torch.save, or convert it with safetensors.torch.save_file"
-                    )));
-                }
-            }
-        }
-        if tensors.is_empty() {
-            // IP-Adapter checkpoints hold one dictionary per part; their safetensors form names
-            // the tensors `<part>.<name>`, and so does this reading.
-            for section in NESTED_SECTIONS {
-                if let Ok(found) = std::panic::catch_unwind(|| {
-                    candle_core::pickle::read_all_with_key(path, Some(section))
-                }) && let Ok(found) = found
-                {
-                    tensors.extend(
-                        found
-                            .into_iter()
-                            .map(|(n, t)| (format!("{section}.{n}"), t)),
-                    );
-                }
-            }
-        }
-        if tensors.is_empty() {
-            return Err(fail(
-                "no tensors found: expected a state dict at the top level or under \
-                 `state_dict`, `params_ema` or `params` (or IP-Adapter's `image_proj` and \
-                 `ip_adapter`)"
-                    .into(),
-            ));
-        }
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n, t)), None)
-            .map_err(|e| fail(format!("cannot rewrite the tensors as safetensors: {e}")))?;
+        let bytes = super::torch_file::read_as_safetensors(path).map_err(|e| match e {
+            ReadError::Io(source) => Error::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+            ReadError::Invalid(detail) => fail(detail),
+        })?;
         let (entries, metadata) = parse_header(&bytes, bytes.len() as u64).map_err(fail)?;
         let storage = BufferedSafetensors::new(bytes)
             .map_err(|e| fail(format!("not a valid checkpoint: {e}")))?;
