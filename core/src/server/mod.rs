@@ -51,7 +51,10 @@
 //! filter from `SDSTREAM_LOG` or `RUST_LOG` (default `info`).
 
 mod cli;
+mod connections;
 mod daydream;
+#[cfg(test)]
+mod limits_tests;
 mod playback;
 mod record;
 mod replay;
@@ -74,6 +77,7 @@ use crate::rtmp::RtmpConfig;
 use crate::webrtc::TransportConfig;
 
 pub use cli::main;
+pub use connections::HttpConfig;
 pub use routes::router;
 pub use state::App;
 
@@ -100,6 +104,8 @@ pub struct ServerConfig {
     pub settings: EngineSettings,
     /// The WebRTC transport's configuration.
     pub transport: TransportConfig,
+    /// How HTTP connections are bounded: header, idle and write timeouts, the connection cap.
+    pub http: HttpConfig,
     /// Where to record every stream's inputs, outputs and params (for `sdstream replay`).
     pub record: Option<PathBuf>,
     /// Most streams at once; a create beyond is refused with 429.
@@ -131,6 +137,7 @@ impl Default for ServerConfig {
             default_params: Value::Object(Default::default()),
             settings: cli::served_settings(None, &[]).unwrap_or_default(),
             transport: TransportConfig::default(),
+            http: HttpConfig::default(),
             record: None,
             max_streams: 8,
             input_timeout: Duration::from_secs(3),
@@ -187,8 +194,9 @@ impl Server {
     }
 
     /// Serves on `listener` until `shutdown` completes, deleting idle streams meanwhile; then
-    /// stops taking requests, lets those in flight finish, and closes every stream's sessions
-    /// and engine.
+    /// stops taking connections, lets the requests in flight finish (idle connections close at
+    /// once), and closes every stream's sessions and engine. Connections are bounded as
+    /// [`HttpConfig`] says (module `connections`).
     pub async fn run(
         &self,
         listener: tokio::net::TcpListener,
@@ -207,17 +215,21 @@ impl Server {
             })
         });
         let app = self.app.clone();
-        let served = axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move {
+        connections::serve(
+            listener,
+            self.router(),
+            self.app.config().http.clone(),
+            async move {
                 shutdown.await;
                 app.begin_shutdown();
                 tracing::info!("shutting down: no new requests; closing the streams");
-            })
-            .await;
+            },
+        )
+        .await;
         if let Some(reaper) = reaper {
             reaper.abort();
         }
         self.app.close_all().await;
-        served
+        Ok(())
     }
 }

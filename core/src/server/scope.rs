@@ -509,6 +509,9 @@ async fn offer(State(app): State<Arc<App>>, request: Request) -> Result<Json, Sc
     if field_string(map, "type")? != "offer" {
         return Err(ApiError::field("type", "must be \"offer\"").into());
     }
+    // Read as the session will read it, before a stream, an engine (and whatever its
+    // parameters fetch) is spent on an offer that cannot be answered.
+    crate::webrtc::check_offer(&sdp)?;
     let initial = match map.get("initialParameters") {
         None | Some(Value::Null) => json!({}),
         Some(v @ Value::Object(_)) => v.clone(),

@@ -42,6 +42,7 @@ use std::time::Duration;
 
 pub use h264::EncoderSettings;
 pub use http::{BODY_TIMEOUT, StreamDirectory, error_response, read_body, request_token, router};
+pub use peer::check_offer;
 pub use stream::{
     ControlHandler, EncodedFrame, EncodedSink, ExternalPublisher, FrameObserver, IceCandidate,
     Ingest, IngestKind, PublisherState, SessionAnswer, Summary, TransportStats, WebRtcStream,
@@ -59,6 +60,20 @@ pub enum TransportError {
     /// A trickled ICE candidate cannot be used (400).
     #[error("bad ICE candidate: {0}")]
     BadCandidate(String),
+    /// A session's peer trickled more candidates than a session takes (400); none of the
+    /// request's were added.
+    #[error(
+        "the session already has {had} trickled candidates and this request brings {more}: a \
+         session takes at most {limit}; none of these were added"
+    )]
+    TooManyCandidates {
+        /// Candidates the session had taken before.
+        had: usize,
+        /// Candidates in the refused request.
+        more: usize,
+        /// Most a session takes.
+        limit: usize,
+    },
     /// No such stream or session (404).
     #[error("{0} not found")]
     NotFound(String),
@@ -111,6 +126,7 @@ impl TransportError {
             TransportError::UnsupportedMediaType(_) => "REQUEST/UNSUPPORTED_MEDIA_TYPE",
             TransportError::BadOffer(_) => "WEBRTC/BAD_OFFER",
             TransportError::BadCandidate(_) => "WEBRTC/BAD_CANDIDATE",
+            TransportError::TooManyCandidates { .. } => "WEBRTC/TOO_MANY_CANDIDATES",
             TransportError::NotFound(_) => "WEBRTC/NOT_FOUND",
             TransportError::Unauthorized => "AUTH/UNAUTHORIZED",
             TransportError::TooLarge { .. } => "REQUEST/TOO_LARGE",
@@ -127,7 +143,9 @@ impl TransportError {
     pub fn status(&self) -> u16 {
         match self {
             TransportError::UnsupportedMediaType(_) => 415,
-            TransportError::BadOffer(_) | TransportError::BadCandidate(_) => 400,
+            TransportError::BadOffer(_)
+            | TransportError::BadCandidate(_)
+            | TransportError::TooManyCandidates { .. } => 400,
             TransportError::NotFound(_) => 404,
             TransportError::Unauthorized => 401,
             TransportError::TooLarge { .. } => 413,
@@ -223,6 +241,12 @@ pub struct TransportConfig {
     pub gather_timeout: Duration,
     /// Largest accepted SDP offer in bytes. Default 64 KiB.
     pub max_sdp_bytes: usize,
+    /// Whether a peer's mDNS host candidates (`<uuid>.local`, in its offer or trickled) are
+    /// resolved by multicast DNS queries on the server's network. Default `false`: they are
+    /// ignored (counted in `remote_candidates_ignored`), as every name a client sends would
+    /// otherwise start a query; a browser that hides its addresses behind such names still
+    /// connects through the server's own candidates (its address is learnt from its checks).
+    pub resolve_mdns_candidates: bool,
 }
 
 impl Default for TransportConfig {
@@ -236,6 +260,7 @@ impl Default for TransportConfig {
             connect_timeout: Duration::from_secs(10),
             gather_timeout: Duration::from_secs(5),
             max_sdp_bytes: 64 * 1024,
+            resolve_mdns_candidates: false,
         }
     }
 }
