@@ -73,9 +73,9 @@ impl Default for HttpConfig {
     }
 }
 
-/// Most connections being refused at once (each is answered, then drained for at most
-/// [`REFUSAL_LINGER`] so that closing does not reset the connection before the client has read
-/// the answer); beyond, a connection over the cap is closed unanswered.
+/// Most refused connections kept open at once to deliver their 503 cleanly (each holds a
+/// descriptor for up to [`REFUSAL_LINGER`]); beyond, the answer is written and the connection
+/// closed at once.
 const MAX_REFUSING: usize = 64;
 /// How long a refused connection is kept to deliver its 503.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
@@ -432,34 +432,47 @@ async fn serve_connection(
     }
 }
 
-/// Answers a connection over the cap with 503, then lets it go.
-fn refuse(stream: TcpStream, refusing: &Arc<Semaphore>, max_connections: usize) -> bool {
+/// The answer to a connection over the cap: Daydream's envelope, 503.
+fn refusal(max_connections: usize) -> Vec<u8> {
+    let body = serde_json::json!({
+        "success": false,
+        "error": format!(
+            "the server has {max_connections} connections open, as many as it takes; retry in a \
+             moment"
+        ),
+        "code": "SERVER/TOO_MANY_CONNECTIONS",
+        "status": 503,
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Answers a connection over the cap with 503 and lets it go. Up to [`MAX_REFUSING`] at once
+/// are kept for up to [`REFUSAL_LINGER`], reading what the client sends until it closes:
+/// closing with unread bytes would reset the connection, which can discard the answer before
+/// the client has read it. Beyond, the answer is written at once (a new connection's send
+/// buffer is empty, so it goes whole) and the connection closed: a client that had already sent
+/// its request may then see the reset first.
+fn refuse(stream: TcpStream, refusing: &Arc<Semaphore>, answer: Arc<[u8]>) {
     let Ok(permit) = refusing.clone().try_acquire_owned() else {
-        return false;
+        if stream.try_write(&answer).is_ok() {
+            // The peer's bytes, if any, are read first: fewer resets.
+            let mut sink = [0u8; 4096];
+            while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+        }
+        return;
     };
     tokio::spawn(async move {
         let _permit = permit;
-        let body = serde_json::json!({
-            "success": false,
-            "error": format!(
-                "the server has {max_connections} connections open, as many as it takes; \
-                 retry in a moment"
-            ),
-            "code": "SERVER/TOO_MANY_CONNECTIONS",
-            "status": 503,
-        })
-        .to_string();
-        let answer = format!(
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-             retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
         let mut stream = stream;
         let _ = tokio::time::timeout(REFUSAL_LINGER, async {
-            stream.write_all(answer.as_bytes()).await?;
+            stream.write_all(&answer).await?;
             stream.shutdown().await?;
-            // What the client sends is read (and dropped) until it closes: closing with unread
-            // bytes would reset the connection, which can discard the answer before it is read.
             let mut sink = [0u8; 4096];
             let mut drained = 0usize;
             while drained < 64 * 1024 {
@@ -472,7 +485,6 @@ fn refuse(stream: TcpStream, refusing: &Arc<Semaphore>, max_connections: usize) 
         })
         .await;
     });
-    true
 }
 
 /// Whether an accept error concerns only the connection being accepted (which is gone).
@@ -524,6 +536,7 @@ pub(crate) async fn serve(
     let limits = Arc::new(config);
     let open = Arc::new(Semaphore::new(max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let answer: Arc<[u8]> = refusal(max_connections).into();
     let (stop, stopped) = watch::channel(false);
     let mut shutdown = pin!(shutdown);
     let mut refusals = Throttled::new();
@@ -544,13 +557,12 @@ pub(crate) async fn serve(
                     });
                 }
                 Err(_) => {
-                    let answered = refuse(stream, &refusing, max_connections);
+                    refuse(stream, &refusing, answer.clone());
                     if let Some(count) = refusals.due() {
                         tracing::warn!(
                             max_connections,
                             refused = count,
-                            answered,
-                            "HTTP connections over the cap refused with 503"
+                            "HTTP connections over the cap answered 503"
                         );
                     }
                 }

@@ -583,3 +583,200 @@ fn trickled_candidates_are_capped_per_session_and_mdns_names_ignored() {
     let (status, body) = patch(vec![json!({"candidate": "", "sdpMid": "0"})]);
     assert_eq!(status, 204, "{body}");
 }
+
+/// Set in the child process of [`few_descriptors_degrade_but_never_wedge`].
+#[cfg(target_os = "linux")]
+const FD_CHILD: &str = "SDSTREAM_TEST_FD_CHILD";
+/// The child's descriptor limit: the server takes at most half as connections.
+#[cfg(target_os = "linux")]
+const FD_LIMIT: u64 = 256;
+
+/// The child: a server in a process limited to [`FD_LIMIT`] descriptors, told by lines on its
+/// stdin to use up its descriptors (`exhaust`), give them back (`release`), say whether it can
+/// still open one (`probe`) or how many it has open (`fds`); it answers on stdout.
+#[cfg(target_os = "linux")]
+fn fd_child() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the one struct they are given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = FD_LIMIT;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    let mut cfg = config();
+    cfg.http.header_timeout = Duration::from_secs(60);
+    cfg.http.idle_timeout = Duration::from_secs(60);
+    let (_runtime, addr, _server) = serve(cfg);
+    let say = |line: String| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "child {line}");
+        let _ = out.flush();
+    };
+    say(format!("listening {}", addr.port()));
+    let mut held = Vec::new();
+    for line in std::io::stdin().lines() {
+        match line.unwrap_or_default().trim() {
+            "exhaust" => {
+                while let Ok(file) = std::fs::File::open("/dev/null") {
+                    held.push(file);
+                }
+                say(format!("exhaust {}", held.len()));
+            }
+            "release" => {
+                held.clear();
+                say("release".into());
+            }
+            "probe" => say(format!(
+                "probe {}",
+                std::fs::File::open("/dev/null").is_ok()
+            )),
+            "fds" => say(format!(
+                "fds {}",
+                std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+            )),
+            _ => {}
+        }
+    }
+}
+
+/// The finding: with 512 descriptors, 600 idle connections left none, so that `/healthz` timed
+/// out and RTMP could not accept. With the cap at half the limit, connections beyond it are
+/// answered 503 and descriptors remain; and when they do run out (here, taken by files), an
+/// open connection is still served and a waiting one is accepted once some are free.
+#[cfg(target_os = "linux")]
+#[test]
+fn few_descriptors_degrade_but_never_wedge() {
+    use std::io::BufRead;
+    use std::process::{Command as Process, Stdio};
+    if std::env::var_os(FD_CHILD).is_some() {
+        return fd_child();
+    }
+    let mut child = Process::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "server::limits_tests::few_descriptors_degrade_but_never_wedge",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(FD_CHILD, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("child server");
+    let mut to_child = child.stdin.take().expect("stdin");
+    let mut from_child = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut said = |prefix: &str| -> String {
+        for line in from_child.by_ref() {
+            let line = line.expect("child output");
+            // Not always at the start of a line: the harness's "test … ... " may precede it.
+            if let Some((_, rest)) = line.split_once(&format!("child {prefix}")) {
+                return rest.trim().to_owned();
+            }
+        }
+        panic!("the child ended before saying {prefix:?}");
+    };
+    let port: u16 = said("listening").parse().expect("port");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut ask = |command: &str| -> String {
+        writeln!(to_child, "{command}").expect("to child");
+        to_child.flush().expect("to child");
+        said(command)
+    };
+    let idle_fds: usize = ask("fds").parse().expect("count");
+
+    // 1. More connections than the process has descriptors.
+    let cap = (FD_LIMIT / 2) as usize;
+    let opened = 300;
+    let connections: Vec<TcpStream> = (0..opened)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    // The answers come at once; what has none after this is held open by the server.
+    thread::sleep(Duration::from_millis(1500));
+    let (mut answered_503, mut held_open, mut other) = (0, 0, 0);
+    for c in &connections {
+        c.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        match (&*c).read(&mut buf) {
+            Ok(n) if buf[..n].starts_with(b"HTTP/1.1 503") => answered_503 += 1,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                held_open += 1
+            }
+            _ => other += 1,
+        }
+    }
+    let polls: Vec<u16> = (0..5)
+        .map(|_| request(addr, "GET", "/healthz", "", None).0)
+        .collect();
+    let probe = ask("probe");
+    println!(
+        "{opened} connections to a server limited to {FD_LIMIT} descriptors: {held_open} held \
+         (the cap is {cap}), {answered_503} answered 503, {other} otherwise; /healthz meanwhile: \
+         {polls:?}; the server can still open a file: {probe}"
+    );
+    assert_eq!(
+        (held_open, answered_503, other),
+        (cap, opened - cap, 0),
+        "the cap, and every connection beyond it answered"
+    );
+    assert!(
+        polls.iter().all(|s| *s == 503),
+        "answered at once: {polls:?}"
+    );
+    assert_eq!(
+        probe, "true",
+        "descriptors remain for the rest of the server"
+    );
+    drop(connections);
+    // Every descriptor back before the next part, whose waiting connection must find none.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fds: usize = ask("fds").parse().expect("count");
+        if fds <= idle_fds {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{fds} descriptors open, {idle_fds} at the start"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(request(addr, "GET", "/healthz", "", None).0, 200);
+
+    // 2. Out of descriptors: accepting fails, the open connection is served, and the waiting
+    //    one is accepted once descriptors are back.
+    let mut open = TcpStream::connect(addr).expect("connect");
+    open.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    open.write_all(HEALTHZ).expect("request");
+    assert_eq!(read_response(&mut open).0, 200);
+    let files = ask("exhaust");
+    let mut waiting = TcpStream::connect(addr).expect("connect (the kernel's backlog)");
+    waiting.write_all(HEALTHZ).expect("request");
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = waiting.read(&mut buf);
+    open.write_all(HEALTHZ).expect("request");
+    let served = read_response(&mut open).0;
+    ask("release");
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let after = read_response(&mut waiting).0;
+    println!(
+        "descriptors used up ({files} files): a new connection waits ({early:?}), the open one \
+         answers {served}; once they are released the waiting one answers {after}"
+    );
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)),
+        "no descriptor, no accept: {early:?}"
+    );
+    assert_eq!((served, after), (200, 200));
+    drop(to_child);
+    assert!(child.wait().expect("child").success());
+}

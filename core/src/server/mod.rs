@@ -34,7 +34,9 @@
 //! not take, 408 for a body too slow, 409 for a second publisher, 413 for a body over the limit,
 //! 415 for a wrong content type, 422 for parameters the engine refuses (naming the field; a
 //! preprocessor or feature it cannot run is refused here, at creation), 429 when the server
-//! already runs `max_streams` streams, 503 for a viewer with no room or while shutting down.
+//! already runs `max_streams` streams, 503 for a viewer with no room, while shutting down, or for
+//! a connection beyond the connection cap. Connections themselves are bounded (a request head's
+//! time, a kept-alive connection's idleness, a stalled answer, how many at once: [`HttpConfig`]).
 //!
 //! Parameters go over the server's defaults (`--params`) and are validated with the server's
 //! [`EngineSettings`]: model paths off, only the known models and `--allow-model` ids served.

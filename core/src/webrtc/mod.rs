@@ -21,8 +21,11 @@
 //!
 //! * [`WebRtcStream::open_duplex`] answers a session whose one connection sends the camera and
 //!   receives the output (Daydream Scope's shape): it holds the publisher place and a viewer
-//!   place, takes trickled candidates ([`WebRtcStream::add_remote_candidates`]), and hands its
-//!   data-channel messages to a [`ControlHandler`].
+//!   place, takes trickled candidates ([`WebRtcStream::add_remote_candidates`], at most
+//!   [`MAX_REMOTE_CANDIDATES`] per session), and hands its data-channel messages to a
+//!   [`ControlHandler`]; like a publisher or a viewer, it ends if it does not connect within the
+//!   connect timeout. A peer's mDNS candidates (`….local`) are ignored unless
+//!   [`resolve_mdns_candidates`](TransportConfig::resolve_mdns_candidates) is set.
 //! * [`WebRtcStream::publish_external`] gives the publisher place to a source outside WebRTC
 //!   (RTMP, [`crate::rtmp`]), whose access units go through the same decode thread;
 //!   [`WebRtcStream::subscribe_encoded`] hands the encoded output to consumers outside WebRTC
@@ -45,7 +48,8 @@ pub use http::{BODY_TIMEOUT, StreamDirectory, error_response, read_body, request
 pub use peer::check_offer;
 pub use stream::{
     ControlHandler, EncodedFrame, EncodedSink, ExternalPublisher, FrameObserver, IceCandidate,
-    Ingest, IngestKind, PublisherState, SessionAnswer, Summary, TransportStats, WebRtcStream,
+    Ingest, IngestKind, MAX_REMOTE_CANDIDATES, PublisherState, SessionAnswer, Summary,
+    TransportStats, WebRtcStream,
 };
 
 /// Why a WHIP or WHEP request failed; [`status`](Self::status) is its HTTP status code.
