@@ -204,6 +204,7 @@ impl Server {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let (stop_reaper, mut reaper_stopped) = tokio::sync::watch::channel(false);
         let reaper = self.app.config().idle_timeout.map(|idle| {
             let app = self.app.clone();
             // Often enough that a stream outlives its timeout by at most a quarter of it.
@@ -211,7 +212,11 @@ impl Server {
             tokio::spawn(async move {
                 let mut interval = tokio::time::interval(tick);
                 loop {
-                    interval.tick().await;
+                    tokio::select! {
+                        _ = interval.tick() => {}
+                        _ = reaper_stopped.wait_for(|stop| *stop) => break,
+                    }
+                    // Not cancelled midway: a stream it has taken out is closed (and logged).
                     app.sweep(Instant::now()).await;
                 }
             })
@@ -228,8 +233,9 @@ impl Server {
             },
         )
         .await;
+        stop_reaper.send_replace(true);
         if let Some(reaper) = reaper {
-            reaper.abort();
+            let _ = reaper.await;
         }
         self.app.close_all().await;
         Ok(())
