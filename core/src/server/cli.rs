@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Server, ServerConfig};
+use super::{HttpConfig, Server, ServerConfig};
 use crate::hls::HlsConfig;
 use crate::ids::random_hex;
 use crate::webrtc::{EncoderSettings, IceServer, TransportConfig};
@@ -50,6 +50,8 @@ stderr; their filter is SDSTREAM_LOG or RUST_LOG (default: sdstream=info,warn).
   --max-viewers N             most viewers per stream (default 32)
   --max-pending-viewers N     most viewers still connecting per stream (default 8)
   --connect-timeout SECONDS   a session must connect within this (default 10)
+  --ice-mdns on|off           resolve peers' mDNS (.local) ICE candidates (default off: they
+                              are ignored; clients still connect through the server's own)
   --bitrate BPS               the WHEP/HLS/RTMP encoder's bitrate (default 4000000)
   --ice-server URL[,USER,CREDENTIAL]
                               a STUN or TURN server for ICE, also handed to Scope-style
@@ -59,6 +61,14 @@ stderr; their filter is SDSTREAM_LOG or RUST_LOG (default: sdstream=info,warn).
   --rtmp-public-url URL       the RTMP URL clients publish to, without the key (default
                               rtmp://<public host>:<RTMP port>/live)
   --hls-segment-ms MS         HLS segment length (default 1000; 200 to 10000)
+  --http-header-timeout SECONDS
+                              a request's head must arrive within this (default 10)
+  --http-idle-timeout SECONDS close a kept-alive connection idle this long (default 30)
+  --http-write-timeout SECONDS
+                              close a connection whose client reads nothing of its answer
+                              for this long (default 30)
+  --http-max-connections N    most HTTP connections at once (default 1024, at most half of
+                              the descriptor limit); more are answered 503
   --scope-auth token|none     whether the Scope-style routes (/api/v1/...) need the API token
                               (default token; Daydream Scope's own server asks for none)
   --record DIR                record every stream's inputs, outputs and params (for replay)
@@ -81,12 +91,14 @@ pub(crate) struct ServeArgs {
     pub(crate) max_viewers: usize,
     pub(crate) max_pending_viewers: usize,
     pub(crate) connect_timeout: Duration,
+    pub(crate) ice_mdns: bool,
     pub(crate) bitrate: u32,
     pub(crate) ice_servers: Vec<IceServer>,
     /// `None`: no RTMP ingest; `Some(None)`: the default address.
     pub(crate) rtmp_bind: Option<Option<SocketAddr>>,
     pub(crate) rtmp_public_url: Option<String>,
     pub(crate) hls_segment: Duration,
+    pub(crate) http: HttpConfig,
     pub(crate) scope_requires_token: bool,
     pub(crate) record: Option<PathBuf>,
 }
@@ -138,11 +150,13 @@ fn parse_serve(args: &[String], env_instance: Option<String>) -> Result<Command,
         max_viewers: 32,
         max_pending_viewers: TransportConfig::default().max_pending_viewers,
         connect_timeout: TransportConfig::default().connect_timeout,
+        ice_mdns: TransportConfig::default().resolve_mdns_candidates,
         bitrate: EncoderSettings::default().bitrate_bps,
         ice_servers: Vec::new(),
         rtmp_bind: Some(None),
         rtmp_public_url: None,
         hls_segment: HlsConfig::default().segment_target,
+        http: HttpConfig::default(),
         scope_requires_token: true,
         record: None,
     };
@@ -210,6 +224,25 @@ fn parse_serve(args: &[String], env_instance: Option<String>) -> Result<Command,
             }
             "--connect-timeout" => {
                 parsed.connect_timeout = Duration::from_secs(number(&value)?.clamp(1, 300));
+            }
+            "--ice-mdns" => {
+                parsed.ice_mdns = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => return Err(format!("--ice-mdns {other}: give on or off")),
+                };
+            }
+            "--http-header-timeout" => {
+                parsed.http.header_timeout = Duration::from_secs(number(&value)?.clamp(1, 300));
+            }
+            "--http-idle-timeout" => {
+                parsed.http.idle_timeout = Duration::from_secs(number(&value)?.clamp(1, 3600));
+            }
+            "--http-write-timeout" => {
+                parsed.http.write_timeout = Duration::from_secs(number(&value)?.clamp(1, 3600));
+            }
+            "--http-max-connections" => {
+                parsed.http.max_connections = number(&value)?.clamp(1, 1 << 20) as usize;
             }
             "--bitrate" => parsed.bitrate = number(&value)?.clamp(50_000, 50_000_000) as u32,
             "--ice-server" => parsed
@@ -356,6 +389,7 @@ pub(crate) fn config(
         max_viewers: args.max_viewers,
         max_pending_viewers: args.max_pending_viewers,
         connect_timeout: args.connect_timeout,
+        resolve_mdns_candidates: args.ice_mdns,
         encoder: EncoderSettings {
             bitrate_bps: args.bitrate,
             ..EncoderSettings::default()
@@ -386,6 +420,7 @@ pub(crate) fn config(
         default_params,
         settings,
         transport,
+        http: args.http.clone(),
         record: args.record.clone(),
         max_streams: args.max_streams,
         input_timeout: args.input_timeout,

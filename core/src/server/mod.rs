@@ -34,7 +34,9 @@
 //! not take, 408 for a body too slow, 409 for a second publisher, 413 for a body over the limit,
 //! 415 for a wrong content type, 422 for parameters the engine refuses (naming the field; a
 //! preprocessor or feature it cannot run is refused here, at creation), 429 when the server
-//! already runs `max_streams` streams, 503 for a viewer with no room or while shutting down.
+//! already runs `max_streams` streams, 503 for a viewer with no room, while shutting down, or for
+//! a connection beyond the connection cap. Connections themselves are bounded (a request head's
+//! time, a kept-alive connection's idleness, a stalled answer, how many at once: [`HttpConfig`]).
 //!
 //! Parameters go over the server's defaults (`--params`) and are validated with the server's
 //! [`EngineSettings`]: model paths off, only the known models and `--allow-model` ids served.
@@ -51,7 +53,10 @@
 //! filter from `SDSTREAM_LOG` or `RUST_LOG` (default `info`).
 
 mod cli;
+mod connections;
 mod daydream;
+#[cfg(test)]
+mod limits_tests;
 mod playback;
 mod record;
 mod replay;
@@ -74,6 +79,7 @@ use crate::rtmp::RtmpConfig;
 use crate::webrtc::TransportConfig;
 
 pub use cli::main;
+pub use connections::HttpConfig;
 pub use routes::router;
 pub use state::App;
 
@@ -100,6 +106,8 @@ pub struct ServerConfig {
     pub settings: EngineSettings,
     /// The WebRTC transport's configuration.
     pub transport: TransportConfig,
+    /// How HTTP connections are bounded: header, idle and write timeouts, the connection cap.
+    pub http: HttpConfig,
     /// Where to record every stream's inputs, outputs and params (for `sdstream replay`).
     pub record: Option<PathBuf>,
     /// Most streams at once; a create beyond is refused with 429.
@@ -131,6 +139,7 @@ impl Default for ServerConfig {
             default_params: Value::Object(Default::default()),
             settings: cli::served_settings(None, &[]).unwrap_or_default(),
             transport: TransportConfig::default(),
+            http: HttpConfig::default(),
             record: None,
             max_streams: 8,
             input_timeout: Duration::from_secs(3),
@@ -187,13 +196,15 @@ impl Server {
     }
 
     /// Serves on `listener` until `shutdown` completes, deleting idle streams meanwhile; then
-    /// stops taking requests, lets those in flight finish, and closes every stream's sessions
-    /// and engine.
+    /// stops taking connections, lets the requests in flight finish (idle connections close at
+    /// once), and closes every stream's sessions and engine. Connections are bounded as
+    /// [`HttpConfig`] says (module `connections`).
     pub async fn run(
         &self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let (stop_reaper, mut reaper_stopped) = tokio::sync::watch::channel(false);
         let reaper = self.app.config().idle_timeout.map(|idle| {
             let app = self.app.clone();
             // Often enough that a stream outlives its timeout by at most a quarter of it.
@@ -201,23 +212,32 @@ impl Server {
             tokio::spawn(async move {
                 let mut interval = tokio::time::interval(tick);
                 loop {
-                    interval.tick().await;
+                    tokio::select! {
+                        _ = interval.tick() => {}
+                        _ = reaper_stopped.wait_for(|stop| *stop) => break,
+                    }
+                    // Not cancelled midway: a stream it has taken out is closed (and logged).
                     app.sweep(Instant::now()).await;
                 }
             })
         });
         let app = self.app.clone();
-        let served = axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move {
+        connections::serve(
+            listener,
+            self.router(),
+            self.app.config().http.clone(),
+            async move {
                 shutdown.await;
                 app.begin_shutdown();
                 tracing::info!("shutting down: no new requests; closing the streams");
-            })
-            .await;
+            },
+        )
+        .await;
+        stop_reaper.send_replace(true);
         if let Some(reaper) = reaper {
-            reaper.abort();
+            let _ = reaper.await;
         }
         self.app.close_all().await;
-        served
+        Ok(())
     }
 }

@@ -5,7 +5,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `POST /api/v1/webrtc/offer` `{sdp, type: "offer", initialParameters?}` | `{sdp, type: "answer", sessionId}`: a new stream (its id is the session id) whose one connection carries both ways |
-//! | `PATCH /api/v1/webrtc/offer/{sessionId}` `{candidates: [{candidate, sdpMid, sdpMLineIndex}]}` | 204 |
+//! | `PATCH /api/v1/webrtc/offer/{sessionId}` `{candidates: [{candidate, sdpMid, sdpMLineIndex}]}` | 204; 400 past 64 candidates in a session |
 //! | `DELETE /api/v1/webrtc/offer/{sessionId}` | 204: `stream_stopped` on the channel, then the session and its stream end |
 //! | `GET /api/v1/webrtc/ice-servers` | `{iceServers: [{urls, username, credential}]}` (the server's `--ice-server` list) |
 //! | `POST /api/v1/pipeline/load`, `GET /api/v1/pipeline/status` | the one pipeline, `streamdiffusion`: load parameters become later offers' defaults; always `loaded` (each session loads its model, as its stream's status shows) |
@@ -21,6 +21,10 @@
 //! or not at all, answered `{type: "parameters_applied", update, params_version, paused}` or
 //! `{type: "parameters_rejected", error_message, fields}`. When the server ends a session it
 //! sends `{type: "stream_stopped", reason, error_message?}` first.
+//!
+//! An offer's SDP is read before its stream (and engine) is made, so that one that cannot be
+//! answered costs nothing; a session that does not connect within the transport's connect
+//! timeout ends, and its stream with it.
 
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::SystemTime;
@@ -509,6 +513,9 @@ async fn offer(State(app): State<Arc<App>>, request: Request) -> Result<Json, Sc
     if field_string(map, "type")? != "offer" {
         return Err(ApiError::field("type", "must be \"offer\"").into());
     }
+    // Read as the session will read it, before a stream, an engine (and whatever its
+    // parameters fetch) is spent on an offer that cannot be answered.
+    crate::webrtc::check_offer(&sdp)?;
     let initial = match map.get("initialParameters") {
         None | Some(Value::Null) => json!({}),
         Some(v @ Value::Object(_)) => v.clone(),

@@ -88,6 +88,8 @@ pub struct App {
     streams: RwLock<HashMap<String, Arc<StreamEntry>>>,
     /// Streams existing or being created: what the limit counts.
     live: AtomicUsize,
+    /// Engines ever started (one per stream created).
+    engines_started: AtomicUsize,
     shutting_down: AtomicBool,
     /// Turns true at shutdown: the RTMP listener stops.
     stop: watch::Sender<bool>,
@@ -119,6 +121,7 @@ impl App {
             config,
             streams: RwLock::new(HashMap::new()),
             live: AtomicUsize::new(0),
+            engines_started: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             stop: watch::channel(false).0,
             rtmp: OnceLock::new(),
@@ -159,6 +162,11 @@ impl App {
     /// Streams running now.
     pub fn stream_count(&self) -> usize {
         self.read().len()
+    }
+
+    /// Engines started since the server was made (one per stream created).
+    pub fn engines_started(&self) -> usize {
+        self.engines_started.load(Ordering::Acquire)
     }
 
     /// Whether shutdown has begun.
@@ -251,6 +259,7 @@ impl App {
             Engine::spawn(params.clone(), self.config.settings.clone(), options)
                 .map_err(ApiError::invalid)?,
         );
+        self.engines_started.fetch_add(1, Ordering::AcqRel);
         let id = self.new_id();
         let recorder = match &self.config.record {
             Some(dir) => match Recorder::new(dir.join(&id)) {

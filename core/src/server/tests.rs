@@ -18,15 +18,15 @@ use super::*;
 use crate::engine::EngineState;
 use crate::webrtc::{Ingest, PublisherState};
 
-fn fixtures() -> PathBuf {
+pub(super) fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
-const TOKEN: &str = "test-token";
+pub(super) const TOKEN: &str = "test-token";
 
 /// A configuration serving the tiny fixture by id (`tiny-sd-turbo` under model_root), as the
 /// end-to-end test runs it.
-fn config() -> ServerConfig {
+pub(super) fn config() -> ServerConfig {
     let settings_json = json!({
         "vae": "tiny-taesd",
         "model_root": fixtures(),
@@ -44,7 +44,7 @@ fn config() -> ServerConfig {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(super) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -52,16 +52,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// The server on a loopback port; the runtime serves it until dropped.
-fn serve(config: ServerConfig) -> (tokio::runtime::Runtime, SocketAddr, Server) {
+/// The server on a loopback port, as `Server::run` serves it; the runtime serves it until
+/// dropped.
+pub(super) fn serve(config: ServerConfig) -> (tokio::runtime::Runtime, SocketAddr, Server) {
     let server = Server::new(config).expect("server");
     let runtime = runtime();
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("listen");
     let addr = listener.local_addr().expect("address");
-    let router = server.router();
-    runtime.spawn(async move { axum::serve(listener, router).await });
+    let running = server.clone();
+    runtime.spawn(async move { running.run(listener, std::future::pending()).await });
     (runtime, addr, server)
 }
 
@@ -95,7 +96,7 @@ fn exchange(addr: SocketAddr, raw: &[u8], half_close: bool) -> (u16, String) {
 }
 
 /// A request with `auth` as the Authorization header (none when empty) and `body` as JSON.
-fn request(
+pub(super) fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -117,7 +118,12 @@ fn request(
 }
 
 /// A complete API request with the bearer token.
-fn api(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+pub(super) fn api(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, String) {
     let body = body.map(Value::to_string);
     let (status, _, body) = request(
         addr,
@@ -129,12 +135,12 @@ fn api(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16
     (status, body)
 }
 
-fn json_of(body: &str) -> Value {
+pub(super) fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
 /// `body` is Daydream's error envelope for `status`; returns its message.
-fn envelope(status: u16, body: &str) -> String {
+pub(super) fn envelope(status: u16, body: &str) -> String {
     let v = json_of(body);
     assert_eq!(v["success"], false, "{body}");
     assert_eq!(v["status"], status, "{body}");
@@ -149,7 +155,7 @@ fn envelope(status: u16, body: &str) -> String {
     v["error"].as_str().expect("error").to_owned()
 }
 
-fn create(addr: SocketAddr, body: &Value) -> Value {
+pub(super) fn create(addr: SocketAddr, body: &Value) -> Value {
     let (status, answer) = api(addr, "POST", "/v1/streams", Some(body));
     assert_eq!(status, 201, "{answer}");
     json_of(&answer)
@@ -1415,7 +1421,7 @@ fn bodies_cut_short_are_400_and_only_bodies_over_the_limit_413() {
             false,
             413,
         ),
-        // Complete, so the write side stays open: hyper (as axum serves it) drops the
+        // Complete, so the write side stays open: hyper drops the
         // connection when it reads EOF before its answer is out, and with nothing left to read
         // an early close raced the 400 (a CI run read no answer at all).
         (

@@ -21,8 +21,11 @@
 //!
 //! * [`WebRtcStream::open_duplex`] answers a session whose one connection sends the camera and
 //!   receives the output (Daydream Scope's shape): it holds the publisher place and a viewer
-//!   place, takes trickled candidates ([`WebRtcStream::add_remote_candidates`]), and hands its
-//!   data-channel messages to a [`ControlHandler`].
+//!   place, takes trickled candidates ([`WebRtcStream::add_remote_candidates`], at most
+//!   [`MAX_REMOTE_CANDIDATES`] per session), and hands its data-channel messages to a
+//!   [`ControlHandler`]; like a publisher or a viewer, it ends if it does not connect within the
+//!   connect timeout. A peer's mDNS candidates (`….local`) are ignored unless
+//!   [`resolve_mdns_candidates`](TransportConfig::resolve_mdns_candidates) is set.
 //! * [`WebRtcStream::publish_external`] gives the publisher place to a source outside WebRTC
 //!   (RTMP, [`crate::rtmp`]), whose access units go through the same decode thread;
 //!   [`WebRtcStream::subscribe_encoded`] hands the encoded output to consumers outside WebRTC
@@ -42,9 +45,11 @@ use std::time::Duration;
 
 pub use h264::EncoderSettings;
 pub use http::{BODY_TIMEOUT, StreamDirectory, error_response, read_body, request_token, router};
+pub use peer::check_offer;
 pub use stream::{
     ControlHandler, EncodedFrame, EncodedSink, ExternalPublisher, FrameObserver, IceCandidate,
-    Ingest, IngestKind, PublisherState, SessionAnswer, Summary, TransportStats, WebRtcStream,
+    Ingest, IngestKind, MAX_REMOTE_CANDIDATES, PublisherState, SessionAnswer, Summary,
+    TransportStats, WebRtcStream,
 };
 
 /// Why a WHIP or WHEP request failed; [`status`](Self::status) is its HTTP status code.
@@ -59,6 +64,20 @@ pub enum TransportError {
     /// A trickled ICE candidate cannot be used (400).
     #[error("bad ICE candidate: {0}")]
     BadCandidate(String),
+    /// A session's peer trickled more candidates than a session takes (400); none of the
+    /// request's were added.
+    #[error(
+        "the session already has {had} trickled candidates and this request brings {more}: a \
+         session takes at most {limit}; none of these were added"
+    )]
+    TooManyCandidates {
+        /// Candidates the session had taken before.
+        had: usize,
+        /// Candidates in the refused request.
+        more: usize,
+        /// Most a session takes.
+        limit: usize,
+    },
     /// No such stream or session (404).
     #[error("{0} not found")]
     NotFound(String),
@@ -111,6 +130,7 @@ impl TransportError {
             TransportError::UnsupportedMediaType(_) => "REQUEST/UNSUPPORTED_MEDIA_TYPE",
             TransportError::BadOffer(_) => "WEBRTC/BAD_OFFER",
             TransportError::BadCandidate(_) => "WEBRTC/BAD_CANDIDATE",
+            TransportError::TooManyCandidates { .. } => "WEBRTC/TOO_MANY_CANDIDATES",
             TransportError::NotFound(_) => "WEBRTC/NOT_FOUND",
             TransportError::Unauthorized => "AUTH/UNAUTHORIZED",
             TransportError::TooLarge { .. } => "REQUEST/TOO_LARGE",
@@ -127,7 +147,9 @@ impl TransportError {
     pub fn status(&self) -> u16 {
         match self {
             TransportError::UnsupportedMediaType(_) => 415,
-            TransportError::BadOffer(_) | TransportError::BadCandidate(_) => 400,
+            TransportError::BadOffer(_)
+            | TransportError::BadCandidate(_)
+            | TransportError::TooManyCandidates { .. } => 400,
             TransportError::NotFound(_) => 404,
             TransportError::Unauthorized => 401,
             TransportError::TooLarge { .. } => 413,
@@ -223,6 +245,12 @@ pub struct TransportConfig {
     pub gather_timeout: Duration,
     /// Largest accepted SDP offer in bytes. Default 64 KiB.
     pub max_sdp_bytes: usize,
+    /// Whether a peer's mDNS host candidates (`<uuid>.local`, in its offer or trickled) are
+    /// resolved by multicast DNS queries on the server's network. Default `false`: they are
+    /// ignored (counted in `remote_candidates_ignored`), as every name a client sends would
+    /// otherwise start a query; a browser that hides its addresses behind such names still
+    /// connects through the server's own candidates (its address is learnt from its checks).
+    pub resolve_mdns_candidates: bool,
 }
 
 impl Default for TransportConfig {
@@ -236,6 +264,7 @@ impl Default for TransportConfig {
             connect_timeout: Duration::from_secs(10),
             gather_timeout: Duration::from_secs(5),
             max_sdp_bytes: 64 * 1024,
+            resolve_mdns_candidates: false,
         }
     }
 }

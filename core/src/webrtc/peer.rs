@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
@@ -23,6 +24,7 @@ use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
     RTCIceGatheringState, RTCIceServer, RTCPeerConnectionState, RTCSessionDescription,
+    SettingEngineBuilder,
 };
 
 use super::{TransportConfig, TransportError};
@@ -253,7 +255,18 @@ pub(crate) async fn build(
         tracks: tracks_tx,
         data_channels: channels_tx,
     });
+    // webrtc-rs resolves `.local` candidates by default (mode QueryOnly: a multicast socket on
+    // port 5353 per connection, a query per name). Disabled, the ICE agent drops them unresolved.
+    let mdns = if config.resolve_mdns_candidates {
+        MulticastDnsMode::QueryOnly
+    } else {
+        MulticastDnsMode::Disabled
+    };
+    let setting_engine = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(mdns)
+        .build();
     let connection = PeerConnectionBuilder::new()
+        .with_setting_engine(setting_engine)
         .with_configuration(configuration)
         .with_media_engine(media_engine)
         .with_interceptor_registry(registry)
@@ -269,6 +282,23 @@ pub(crate) async fn build(
         tracks,
         data_channels,
     })
+}
+
+/// Checks that `sdp` is an offer a session can answer, the same way a session reads it (SDP
+/// syntax, a video section with H.264), without building anything: what a caller runs before
+/// spending a stream or an engine on it. A [`TransportError::BadOffer`] says what is wrong.
+pub fn check_offer(sdp: &str) -> Result<(), TransportError> {
+    parse_offer(sdp).map(|_| ())
+}
+
+/// Whether a candidate attribute (`candidate:… <address> <port> typ …`) names an mDNS host
+/// (`<name>.local`) rather than an address.
+pub(crate) fn is_mdns_candidate(attribute: &str) -> bool {
+    let bare = attribute.strip_prefix("candidate:").unwrap_or(attribute);
+    // foundation component transport priority address port typ type …
+    bare.split_ascii_whitespace()
+        .nth(4)
+        .is_some_and(|address| address.to_ascii_lowercase().ends_with(".local"))
 }
 
 /// Parses an offer; garbage is a [`TransportError::BadOffer`].

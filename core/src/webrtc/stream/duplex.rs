@@ -58,6 +58,9 @@ pub struct IceCandidate {
 
 /// Server messages kept for a session whose data channel has not opened yet.
 const MAX_PENDING_CONTROL: usize = 16;
+/// Most candidates a session's peer may trickle: a browser gathers a handful per network
+/// interface; every one added makes the ICE agent send checks to the address it names.
+pub const MAX_REMOTE_CANDIDATES: usize = 64;
 /// How long [`WebRtcStream::end_duplex`] lets its last message drain before closing.
 const FAREWELL_DRAIN: Duration = Duration::from_millis(500);
 
@@ -68,6 +71,8 @@ pub(super) struct ControlSlot {
     channels: Vec<Arc<dyn DataChannel>>,
     /// Server messages waiting for a channel.
     pending: Vec<String>,
+    /// Candidates the peer trickled and the session took (added or ignored).
+    remote_candidates: usize,
 }
 
 impl WebRtcStream {
@@ -155,6 +160,7 @@ impl WebRtcStream {
                 connection: connection.clone(),
                 channels: Vec::new(),
                 pending: Vec::new(),
+                remote_candidates: 0,
             },
         );
         self.shared.stats().counters.duplex_sessions_answered += 1;
@@ -176,16 +182,19 @@ impl WebRtcStream {
     }
 
     /// Adds candidates the peer of duplex session `session_id` trickles after its offer.
-    /// An empty candidate (end of candidates) is accepted and changes nothing.
+    /// An empty candidate (end of candidates) is accepted and changes nothing. All are checked
+    /// before any is added: a malformed one is a [`TransportError::BadCandidate`], and a request
+    /// that would take the session past [`MAX_REMOTE_CANDIDATES`] is a
+    /// [`TransportError::TooManyCandidates`]; either way none is added. mDNS host candidates
+    /// (`….local`) count, but are added only when the transport resolves them
+    /// ([`resolve_mdns_candidates`](crate::webrtc::TransportConfig::resolve_mdns_candidates)).
     pub async fn add_remote_candidates(
         &self,
         session_id: &str,
         candidates: &[IceCandidate],
     ) -> Result<(), TransportError> {
-        let connection = lock(&self.shared.controls)
-            .get(session_id)
-            .map(|slot| slot.connection.clone())
-            .ok_or_else(|| TransportError::NotFound(format!("session {session_id:?}")))?;
+        let not_found = || TransportError::NotFound(format!("session {session_id:?}"));
+        let mut checked = Vec::with_capacity(candidates.len());
         for (i, c) in candidates.iter().enumerate() {
             let text = c.candidate.as_deref().unwrap_or("").trim();
             if text.is_empty() {
@@ -202,6 +211,31 @@ impl WebRtcStream {
                 return Err(TransportError::BadCandidate(format!(
                     "candidates[{i}]: {e}: {text:?}"
                 )));
+            }
+            checked.push((i, c, attribute));
+        }
+        // Counted and capped under the lock, so that concurrent requests cannot both pass.
+        let connection = {
+            let mut controls = lock(&self.shared.controls);
+            let slot = controls.get_mut(session_id).ok_or_else(not_found)?;
+            let had = slot.remote_candidates;
+            if had + checked.len() > MAX_REMOTE_CANDIDATES {
+                drop(controls);
+                self.shared.stats().counters.remote_candidates_refused += checked.len() as u64;
+                return Err(TransportError::TooManyCandidates {
+                    had,
+                    more: checked.len(),
+                    limit: MAX_REMOTE_CANDIDATES,
+                });
+            }
+            slot.remote_candidates += checked.len();
+            slot.connection.clone()
+        };
+        let resolve_mdns = self.shared.config.resolve_mdns_candidates;
+        for (i, c, attribute) in checked {
+            if !resolve_mdns && peer::is_mdns_candidate(attribute) {
+                self.shared.stats().counters.remote_candidates_ignored += 1;
+                continue;
             }
             connection
                 .add_ice_candidate(RTCIceCandidateInit {
@@ -292,6 +326,19 @@ async fn run_controls(
     let Some(mut channels) = channels else {
         return;
     };
+    // One that never connects ends at the connect timeout, as a publisher or a viewer does, so
+    // that its handler (the server: its stream) lets go then; nothing else would end it, since
+    // a connection that never came up reports no failure.
+    if !shared.connects_in_time(&mut state.clone()).await {
+        let slot = lock(&shared.controls).remove(&id);
+        if let Some(slot) = slot {
+            shared.stats().counters.duplex_connect_failed += 1;
+            tracing::info!(session = %id, "duplex session ended: it did not connect in time");
+            slot.handler.on_end(&id);
+            let _ = slot.connection.close().await;
+        }
+        return;
+    }
     let ended = |s: &RTCPeerConnectionState| {
         matches!(
             s,

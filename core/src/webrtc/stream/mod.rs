@@ -28,7 +28,7 @@ use super::{TransportConfig, TransportError};
 use crate::Engine;
 use crate::engine::{FrameId, Output};
 
-pub use duplex::{ControlHandler, IceCandidate};
+pub use duplex::{ControlHandler, IceCandidate, MAX_REMOTE_CANDIDATES};
 pub use external::ExternalPublisher;
 pub use sinks::{EncodedFrame, EncodedSink};
 use stats::StatsState;

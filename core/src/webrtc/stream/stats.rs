@@ -86,6 +86,15 @@ pub struct TransportStats {
     pub duplex_sessions_answered: u64,
     /// ICE candidates a duplex session's peer trickled after its offer.
     pub remote_candidates_added: u64,
+    /// Trickled candidates taken but not added: mDNS host names (`….local`) while
+    /// [`resolve_mdns_candidates`](crate::webrtc::TransportConfig::resolve_mdns_candidates) is
+    /// off.
+    pub remote_candidates_ignored: u64,
+    /// Trickled candidates refused because their session had taken as many as it takes.
+    pub remote_candidates_refused: u64,
+    /// Duplex sessions ended because they did not connect (within the connect timeout, or
+    /// ICE/DTLS failed first).
+    pub duplex_connect_failed: u64,
     /// Data-channel messages received from duplex sessions.
     pub control_messages_received: u64,
     /// Data-channel messages sent to duplex sessions (replies and notices).
