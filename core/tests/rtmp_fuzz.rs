@@ -13,22 +13,22 @@
 //! - The push client's session gets mutated server answers (deep nesting among them) in memory.
 
 mod common;
+#[path = "common/transport.rs"]
+mod transport;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::fixture;
-use sdstream::params::{Prompt, VaeChoice};
 use sdstream::rtmp::amf0::{self, Value};
 use sdstream::rtmp::chunk::{ChunkDecoder, ChunkEncoder, ChunkLimits, Message, kind};
 use sdstream::rtmp::session::{ClientSession, SessionError, SessionLimits};
 use sdstream::rtmp::{RtmpConfig, RtmpDirectory, RtmpIngest, RtmpIngestStats};
 use sdstream::webrtc::{TransportConfig, WebRtcStream};
-use sdstream::{Engine, EngineOptions, EngineSettings, StreamDiffusionParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use transport::{runtime, tiny_engine};
 
 const KEY: &str = "the-key";
 
@@ -65,30 +65,6 @@ impl RtmpDirectory for OneKey {
     fn stream_for_key(&self, stream_key: &str) -> Option<(String, Arc<WebRtcStream>)> {
         (stream_key == KEY).then(|| ("s1".to_owned(), self.0.clone()))
     }
-}
-
-fn tiny_engine() -> Arc<Engine> {
-    let settings = EngineSettings {
-        vae: VaeChoice::Custom(fixture("tiny-taesd").display().to_string()),
-        allow_any_resolution: true,
-        ..EngineSettings::default()
-    };
-    let params = StreamDiffusionParams {
-        model_id: fixture("tiny-sd-turbo").display().to_string(),
-        prompt: Prompt::Text("a lighthouse".into()),
-        width: 64,
-        height: 64,
-        ..StreamDiffusionParams::default()
-    };
-    Arc::new(Engine::new(params, settings, EngineOptions::default()).expect("engine"))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .worker_threads(2)
-        .build()
-        .expect("runtime")
 }
 
 /// The ingest on a loopback port over one stream whose key is [`KEY`].
@@ -461,15 +437,37 @@ async fn settled(ingest: &RtmpIngest) -> RtmpIngestStats {
     }
 }
 
-#[test]
-fn rtmp_findings_close_only_their_connection() {
+/// Runs `test` with a stream over the tiny engine, then closes both.
+fn with_stream<F, Fut>(test: F)
+where
+    F: FnOnce(Arc<WebRtcStream>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let engine = tiny_engine();
-    let rt = runtime();
-    rt.block_on(async {
+    runtime().block_on(async {
         let stream = Arc::new(
             WebRtcStream::new(engine.clone(), TransportConfig::default()).expect("transport"),
         );
-        let (ingest, addr, _stop) = ingest(stream.clone(), test_config()).await;
+        test(stream.clone()).await;
+        stream.close().await;
+    });
+    engine.close();
+}
+
+/// An honest publisher's whole session on `addr`: whether the server accepted its publish.
+async fn honest_publisher_gets_in(addr: SocketAddr, rng: &mut Rng) -> bool {
+    let mut bytes = handshake(rng);
+    bytes.extend(chunked(&honest_session(rng, KEY, 3), 4096));
+    let answer = exchange(addr, &bytes, 3).await.expect("closed");
+    let codes = status_code(&answered_commands(&answer));
+    println!("an honest publisher is answered {codes:?}");
+    codes.iter().any(|c| c == "NetStream.Publish.Start")
+}
+
+#[test]
+fn rtmp_findings_close_only_their_connection() {
+    with_stream(|stream| async move {
+        let (ingest, addr, _stop) = ingest(stream, test_config()).await;
         let mut rng = Rng(41);
 
         // 1. The 50 KB connect nesting 10,000 strict arrays.
@@ -517,32 +515,17 @@ fn rtmp_findings_close_only_their_connection() {
         assert_eq!(s.protocol_errors, 1 + 128);
         assert_eq!((s.connections_refused, s.connection_panics), (0, 0));
 
-        // An honest publisher still gets in.
-        let mut bytes = handshake(&mut rng);
-        bytes.extend(chunked(&honest_session(&mut rng, KEY, 3), 4096));
-        let answer = exchange(addr, &bytes, 3).await.expect("closed");
-        let codes = status_code(&answered_commands(&answer));
-        assert!(
-            codes.iter().any(|c| c == "NetStream.Publish.Start"),
-            "{codes:?}"
-        );
+        assert!(honest_publisher_gets_in(addr, &mut rng).await);
         assert_eq!(settled(&ingest).await.publishes, 1);
-        stream.close().await;
     });
-    engine.close();
 }
 
 #[test]
 fn rtmp_fuzz_run_crashes_nothing_and_leaks_no_slot() {
     const CONNECTIONS: usize = 3_000;
     const AT_ONCE: usize = 24;
-    let engine = tiny_engine();
-    let rt = runtime();
-    rt.block_on(async {
-        let stream = Arc::new(
-            WebRtcStream::new(engine.clone(), TransportConfig::default()).expect("transport"),
-        );
-        let (ingest, addr, _stop) = ingest(stream.clone(), test_config()).await;
+    with_stream(|stream| async move {
+        let (ingest, addr, _stop) = ingest(stream, test_config()).await;
         let started = Instant::now();
         let mut kinds: BTreeMap<&'static str, usize> = BTreeMap::new();
         let mut bytes_sent = 0usize;
@@ -600,17 +583,8 @@ fn rtmp_fuzz_run_crashes_nothing_and_leaks_no_slot() {
         );
         // The process is alive (a stack overflow would have aborted the test binary) and an
         // honest publisher gets in.
-        let mut bytes = handshake(&mut rng);
-        bytes.extend(chunked(&honest_session(&mut rng, KEY, 3), 4096));
-        let answer = exchange(addr, &bytes, 2).await.expect("closed");
-        let codes = status_code(&answered_commands(&answer));
-        assert!(
-            codes.iter().any(|c| c == "NetStream.Publish.Start"),
-            "{codes:?}"
-        );
-        stream.close().await;
+        assert!(honest_publisher_gets_in(addr, &mut rng).await);
     });
-    engine.close();
 }
 
 /// The push's session against hostile destinations (an RTMP server reached in plain text can be
@@ -746,34 +720,23 @@ async fn hostile_destination() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsiz
 fn the_push_reaches_only_allowed_destinations_and_survives_a_hostile_one() {
     use sdstream::outbound::OutboundPolicy;
     use sdstream::rtmp::{RtmpPush, RtmpUrl};
-    let engine = tiny_engine();
-    let rt = runtime();
-    rt.block_on(async {
-        let stream = Arc::new(
-            WebRtcStream::new(engine.clone(), TransportConfig::default()).expect("transport"),
-        );
+    /// The first attempt's error (within a minute: a bound for a hung test).
+    async fn first_error(push: &RtmpPush) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = push.status();
+            if let Some(e) = status.last_error.clone().filter(|_| status.attempts >= 1) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no attempt: {status:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    with_stream(|stream| async move {
         let (addr, accepted) = hostile_destination().await;
         let url = RtmpUrl::parse(&format!("rtmp://127.0.0.1:{}/live/k", addr.port())).unwrap();
-        let wait_for_error = |push: &RtmpPush| {
-            let push_status = push.status();
-            push_status
-                .last_error
-                .clone()
-                .filter(|_| push_status.attempts >= 1)
-        };
         let refused = RtmpPush::start(stream.clone(), url.clone(), OutboundPolicy::public_only());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let error = loop {
-            if let Some(e) = wait_for_error(&refused) {
-                break e;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no attempt: {:?}",
-                refused.status()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let error = first_error(&refused).await;
         println!("public only: {error}");
         assert!(
             error.contains("127.0.0.1 is not a public address (loopback"),
@@ -782,20 +745,12 @@ fn the_push_reaches_only_allowed_destinations_and_survives_a_hostile_one() {
         refused.stop();
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 
-        let lan = RtmpPush::start(stream.clone(), url, OutboundPolicy::with_private_network());
-        let error = loop {
-            if let Some(e) = wait_for_error(&lan) {
-                break e;
-            }
-            assert!(Instant::now() < deadline, "no attempt: {:?}", lan.status());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let lan = RtmpPush::start(stream, url, OutboundPolicy::with_private_network());
+        let error = first_error(&lan).await;
         println!("LAN, hostile destination: {error}");
         assert!(error.contains("nested deeper than 16"), "{error}");
         assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
         assert_eq!(lan.status().publishes, 0);
         lan.stop();
-        stream.close().await;
     });
-    engine.close();
 }

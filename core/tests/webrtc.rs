@@ -8,16 +8,16 @@
 //! never connected). Media end to end is tests/webrtc/e2e.py (aiortc).
 
 mod common;
+#[path = "common/transport.rs"]
+mod transport;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::fixture;
-use sdstream::params::{Prompt, VaeChoice};
 use sdstream::webrtc::{
     PublisherState, StreamDirectory, TransportConfig, TransportError, WebRtcStream, router,
 };
-use sdstream::{Engine, EngineOptions, EngineSettings, StreamDiffusionParams};
+use transport::{runtime, tiny_engine};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
@@ -220,30 +220,6 @@ async fn cut_request(addr: std::net::SocketAddr, raw: String) -> u16 {
     })
     .await
     .expect("request thread")
-}
-
-fn tiny_engine() -> Arc<Engine> {
-    let settings = EngineSettings {
-        vae: VaeChoice::Custom(fixture("tiny-taesd").display().to_string()),
-        allow_any_resolution: true,
-        ..EngineSettings::default()
-    };
-    let params = StreamDiffusionParams {
-        model_id: fixture("tiny-sd-turbo").display().to_string(),
-        prompt: Prompt::Text("a lighthouse".into()),
-        width: 64,
-        height: 64,
-        ..StreamDiffusionParams::default()
-    };
-    Arc::new(Engine::new(params, settings, EngineOptions::default()).expect("engine"))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .worker_threads(2)
-        .build()
-        .expect("runtime")
 }
 
 /// Serves `stream` as `s1` (token `k`) on a loopback port.
