@@ -440,7 +440,7 @@ impl ChunkDecoder {
 }
 
 /// The 4-byte body of Set Chunk Size, Abort, Acknowledgement and Window Acknowledgement Size.
-fn control_word(message: &Message) -> Result<[u8; 4], ChunkError> {
+pub(super) fn control_word(message: &Message) -> Result<[u8; 4], ChunkError> {
     message
         .payload
         .as_slice()

@@ -26,18 +26,13 @@ pub(crate) async fn handshake(
     role: HandshakeRole,
     buffer: &mut [u8],
 ) -> Result<Vec<u8>, String> {
-    let guarded = |what: &str, f: &mut dyn FnMut() -> Result<HandshakeProcessResult, String>| {
-        catch_unwind(AssertUnwindSafe(f))
-            .unwrap_or_else(|_| Err(format!("the handshake could not be read ({what})")))
-    };
     let mut handshake = Handshake::new(match role {
         HandshakeRole::Server => PeerType::Server,
         HandshakeRole::Client => PeerType::Client,
     });
     if role == HandshakeRole::Client {
-        let first = catch_unwind(AssertUnwindSafe(|| handshake.generate_outbound_p0_and_p1()))
-            .map_err(|_| "the handshake could not be started".to_owned())?
-            .map_err(|e| format!("handshake: {e:?}"))?;
+        let first = guarded(|| handshake.generate_outbound_p0_and_p1())
+            .map_err(|e| format!("the handshake could not be started ({e})"))?;
         socket
             .write_all(&first)
             .await
@@ -52,28 +47,29 @@ pub(crate) async fn handshake(
             return Err("the peer closed the connection during the handshake".into());
         }
         let received = &buffer[..n];
-        let step = guarded("process", &mut || {
-            handshake
-                .process_bytes(received)
-                .map_err(|e| format!("not an RTMP handshake ({e:?})"))
-        })?;
-        match step {
-            HandshakeProcessResult::InProgress { response_bytes } => {
-                socket
-                    .write_all(&response_bytes)
-                    .await
-                    .map_err(|e| format!("write: {e}"))?;
-            }
+        let step = guarded(|| handshake.process_bytes(received))
+            .map_err(|e| format!("not an RTMP handshake ({e})"))?;
+        let (response, rest) = match step {
+            HandshakeProcessResult::InProgress { response_bytes } => (response_bytes, None),
             HandshakeProcessResult::Completed {
                 response_bytes,
                 remaining_bytes,
-            } => {
-                socket
-                    .write_all(&response_bytes)
-                    .await
-                    .map_err(|e| format!("write: {e}"))?;
-                return Ok(remaining_bytes);
-            }
+            } => (response_bytes, Some(remaining_bytes)),
+        };
+        socket
+            .write_all(&response)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        if let Some(rest) = rest {
+            return Ok(rest);
         }
+    }
+}
+
+/// Runs one call into rml_rtmp's handshake, a panic in it being an error like its own.
+fn guarded<T, E: std::fmt::Debug>(f: impl FnOnce() -> Result<T, E>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result.map_err(|e| format!("{e:?}")),
+        Err(_) => Err("it could not be read".into()),
     }
 }

@@ -441,9 +441,8 @@ impl RtmpIngest {
         rtmp_stream: u32,
         stream_key: &str,
     ) -> Result<(), Closed> {
-        let refuse = |message: &str| (transaction, rtmp_stream, message.to_owned());
-        let refusal = if conn.publisher.is_some() {
-            refuse("one publish per connection")
+        let refusal: String = if conn.publisher.is_some() {
+            "one publish per connection".into()
         } else if let Some((stream_id, stream)) = self.directory.stream_for_key(stream_key) {
             match stream.publish_external(IngestKind::Rtmp).await {
                 Ok(publisher) => {
@@ -461,22 +460,21 @@ impl RtmpIngest {
                 }
                 Err(TransportError::PublisherPresent) => {
                     self.lock().publishers_refused += 1;
-                    refuse("the stream already has a publisher")
+                    "the stream already has a publisher".into()
                 }
-                Err(e) => refuse(&e.to_string()),
+                Err(e) => e.to_string(),
             }
         } else {
             self.lock().unknown_keys += 1;
-            refuse("unknown stream key: create a stream and publish with its stream_key")
+            "unknown stream key: create a stream and publish with its stream_key".into()
         };
-        let (transaction, rtmp_stream, message) = refusal;
         Err(self
             .reject(
                 conn,
                 transaction,
                 rtmp_stream,
                 "NetStream.Publish.BadName",
-                &message,
+                &refusal,
             )
             .await)
     }

@@ -204,7 +204,7 @@ impl Link {
         for message in messages {
             match message.kind {
                 kind::WINDOW_ACK_SIZE => {
-                    let size = word(&message)?;
+                    let size = u32::from_be_bytes(chunk::control_word(&message)?);
                     self.peer_window = Some(size.max(1));
                 }
                 kind::USER_CONTROL => {
@@ -234,21 +234,6 @@ impl Link {
         }
         Ok(rest)
     }
-}
-
-fn word(message: &Message) -> Result<u32, SessionError> {
-    let bytes: [u8; 4] = message
-        .payload
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| {
-            protocol(format!(
-                "a control message of type {} with {} bytes",
-                message.kind,
-                message.payload.len()
-            ))
-        })?;
-    Ok(u32::from_be_bytes(bytes))
 }
 
 /// What a publisher asked for or sent.
