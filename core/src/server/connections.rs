@@ -434,15 +434,14 @@ async fn serve_connection(
 
 /// The answer to a connection over the cap: Daydream's envelope, 503.
 fn refusal(max_connections: usize) -> Vec<u8> {
-    let body = serde_json::json!({
-        "success": false,
-        "error": format!(
+    let body = crate::webrtc::error_envelope(
+        503,
+        "SERVER/TOO_MANY_CONNECTIONS",
+        &format!(
             "the server has {max_connections} connections open, as many as it takes; retry in a \
              moment"
         ),
-        "code": "SERVER/TOO_MANY_CONNECTIONS",
-        "status": 503,
-    })
+    )
     .to_string();
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\

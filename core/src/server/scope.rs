@@ -69,13 +69,9 @@ impl From<TransportError> for ScopeError {
 impl IntoResponse for ScopeError {
     fn into_response(self) -> Response {
         let e = self.0;
-        let body = json!({
-            "success": false,
-            "error": e.message,
-            "code": e.code,
-            "status": e.status.as_u16(),
-            "detail": e.message,
-        });
+        // Scope's clients read `detail`; Daydream's envelope carries the same message.
+        let mut body = crate::webrtc::error_envelope(e.status.as_u16(), e.code, &e.message);
+        body["detail"] = json!(e.message);
         let mut response = (e.status, axum::Json(body)).into_response();
         if e.status == StatusCode::UNAUTHORIZED {
             response

@@ -41,17 +41,22 @@ pub trait StreamDirectory: Send + Sync + 'static {
     ) -> Result<Arc<WebRtcStream>, TransportError>;
 }
 
-/// The error envelope of every HTTP answer that is not a success, Daydream's:
-/// `{"success": false, "error": message, "code": code, "status": status}` as
-/// `application/json`, with `WWW-Authenticate: Bearer` on a 401.
-pub fn error_response(status: u16, code: &str, message: &str) -> Response {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = serde_json::json!({
+/// Daydream's error envelope: `{"success": false, "error": message, "code": code, "status":
+/// status}`, the body of every HTTP answer that is not a success.
+pub fn error_envelope(status: u16, code: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({
         "success": false,
         "error": message,
         "code": code,
-        "status": status.as_u16(),
-    });
+        "status": status,
+    })
+}
+
+/// [`error_envelope`] as an `application/json` response, with `WWW-Authenticate: Bearer` on a
+/// 401.
+pub fn error_response(status: u16, code: &str, message: &str) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = error_envelope(status.as_u16(), code, message);
     let mut response = (status, axum::Json(body)).into_response();
     if status == StatusCode::UNAUTHORIZED {
         response

@@ -44,7 +44,9 @@ mod stream;
 use std::time::Duration;
 
 pub use h264::EncoderSettings;
-pub use http::{BODY_TIMEOUT, StreamDirectory, error_response, read_body, request_token, router};
+pub use http::{
+    BODY_TIMEOUT, StreamDirectory, error_envelope, error_response, read_body, request_token, router,
+};
 pub use peer::check_offer;
 pub use stream::{
     ControlHandler, EncodedFrame, EncodedSink, ExternalPublisher, FrameObserver, IceCandidate,
