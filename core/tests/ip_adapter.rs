@@ -237,6 +237,19 @@ fn other_style_url() -> String {
     data_url(&std::fs::read(fixture("frames/003.png")).unwrap())
 }
 
+/// An engine over `params` with [`settings`], without the warm-up frame (the tests feed their
+/// own).
+fn engine_without_warmup(params: StreamDiffusionParams) -> sdstream::Result<sdstream::Engine> {
+    sdstream::Engine::new(
+        params,
+        settings(),
+        sdstream::EngineOptions {
+            warmup: false,
+            ..sdstream::EngineOptions::default()
+        },
+    )
+}
+
 fn params(extra: Value) -> StreamDiffusionParams {
     let mut b = json!({
         "model_id": fixture("tiny-sd15").display().to_string(),
@@ -484,17 +497,8 @@ fn faceid_and_mismatched_checkpoints_are_refused_by_name() {
 
 #[test]
 fn an_engine_turns_the_adapter_on_hot_and_takes_the_hosts_picture() {
-    use sdstream::{Engine, EngineOptions};
     use std::time::{Duration, Instant};
-    let engine = Engine::new(
-        params(json!({})),
-        settings(),
-        EngineOptions {
-            warmup: false,
-            ..EngineOptions::default()
-        },
-    )
-    .expect("the engine starts");
+    let engine = engine_without_warmup(params(json!({}))).expect("the engine starts");
     let img = image::open(fixture("frames/000.png")).unwrap().to_rgb8();
     let frame = || Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
     engine.process(frame()).expect("a frame");
@@ -517,14 +521,9 @@ fn an_engine_turns_the_adapter_on_hot_and_takes_the_hosts_picture() {
     )
     .unwrap();
     let run = |host: bool| -> Vec<Vec<u8>> {
-        let engine = Engine::new(
-            params(json!({"ip_adapter": {"enabled": true, "scale": 0.7}})),
-            settings(),
-            EngineOptions {
-                warmup: false,
-                ..EngineOptions::default()
-            },
-        )
+        let engine = engine_without_warmup(params(
+            json!({"ip_adapter": {"enabled": true, "scale": 0.7}}),
+        ))
         .unwrap();
         let a = engine.process(frame()).unwrap().image.data;
         if host {
@@ -559,7 +558,6 @@ fn an_engine_turns_the_adapter_on_hot_and_takes_the_hosts_picture() {
 
 #[test]
 fn params_version_never_goes_back_across_refused_style_fetches() {
-    use sdstream::{Engine, EngineOptions};
     use std::time::{Duration, Instant};
     let on = |extra: Value| {
         let mut body = json!({"ip_adapter": {"enabled": true, "scale": 0.7}});
@@ -573,15 +571,7 @@ fn params_version_never_goes_back_across_refused_style_fetches() {
         on(json!({"ip_adapter_style_image_url": format!("http://127.0.0.1:{port}/style.png")}))
     };
     let scale = |s: f64| on(json!({"ip_adapter": {"enabled": true, "scale": s}}));
-    let engine = Engine::new(
-        on(json!({})),
-        settings(),
-        EngineOptions {
-            warmup: false,
-            ..EngineOptions::default()
-        },
-    )
-    .expect("the engine starts");
+    let engine = engine_without_warmup(on(json!({}))).expect("the engine starts");
     let img = image::open(fixture("frames/000.png")).unwrap().to_rgb8();
     let frame = || Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
     engine.process(frame()).expect("a frame");
