@@ -1,4 +1,4 @@
-//! `dtype: "bf16"` on the CPU against f32 (as tests/stream_bf16.rs) with every f32 3×3 stride-1
+//! `dtype: "bf16"` on the CPU against f32 (as core/tests/integration/stream_bf16.rs) with every f32 3×3 stride-1
 //! convolution on Winograd's F(4×4, 3×3) (`SDSTREAM_WINOGRAD=f4`), whose products then run on
 //! the bf16 GEMM too in the UNet and the ControlNets (the autoencoders keep f32 products): the
 //! variant whose transforms magnify rounding most, on every golden stream case. By default the kernel takes only wide layers, which the tiny golden networks
@@ -9,7 +9,7 @@ mod streams;
 
 /// bf16 against f32 (both on F(4×4, 3×3)), worst frame of any case. Measured on a Zen 4 CPU
 /// (AVX512-BF16): max 71.00 levels, mean 7.31, in none_t4_fullvae_nonoise (the case that
-/// amplifies every rounding most; 34.96 and 2.95 with the direct sums, tests/stream_bf16.rs).
+/// amplifies every rounding most; 34.96 and 2.95 with the direct sums, core/tests/integration/stream_bf16.rs).
 /// Held to 100 and 10: this fences the arithmetic; the full-size networks' pictures are
 /// measured in docs/ARCHITECTURE.md ("bf16 on the CPU").
 const MAX_LEVELS: f32 = 100.0;

@@ -1,6 +1,6 @@
 //! The golden stream cases (ControlNet streams included) through the portable kernels only (candle's generic ops: the code path
 //! CUDA and Metal take), on the CPU: f32 against the reference's outputs within the same bounds
-//! as tests/stream.rs, and f16 against that f32 run within stated bounds in 8-bit levels (bf16
+//! as core/tests/integration/stream.rs, and f16 against that f32 run within stated bounds in 8-bit levels (bf16
 //! cannot run here: candle 0.11's CPU matmul has no bf16; tests/cuda.rs checks it on a GPU).
 //! One test in its own binary, because `SDSTREAM_PORTABLE_KERNELS` is process-wide and read once.
 
@@ -25,7 +25,7 @@ fn portable_streams_match_goldens_and_half_precision_stays_close() {
         .map(|name| check_case_against_golden(name, Target::CPU_F32))
         .collect();
     // Portable bf16 is checked on a GPU (tests/cuda.rs): candle 0.11's CPU ops have no bf16
-    // (the CPU kernels' bf16, f32 maps with bf16 GEMMs, is tests/stream_bf16.rs).
+    // (the CPU kernels' bf16, f32 maps with bf16 GEMMs, is core/tests/integration/stream_bf16.rs).
     {
         let (dtype, max_levels, mean_levels) = ("f16", F16_MAX_LEVELS, F16_MEAN_LEVELS);
         let mut worst = Levels::default();

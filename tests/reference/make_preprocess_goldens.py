@@ -1,4 +1,4 @@
-"""Golden outputs for the image processors (core/src/preprocess), tested by core/tests/preprocess.rs.
+"""Golden outputs for the image processors (core/src/preprocess), tested by core/tests/integration/preprocess.rs.
 
 Writes tests/fixtures/preprocess/:
   inputs/<name>.png          RGB8 test images: the six examples/frames shrunk to 128x128 and

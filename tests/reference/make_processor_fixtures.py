@@ -1,5 +1,5 @@
 """Tiny random-weight annotator networks and golden outputs for sdstream's model-based image
-processors, tested by core/tests/processors.rs: HED and lineart (controlnet_aux's detectors),
+processors, tested by core/tests/integration/processors.rs: HED and lineart (controlnet_aux's detectors),
 standard_lineart (no network), Real-ESRGAN (spandrel), Depth Anything (transformers), OpenPose
 (controlnet_aux's OpenposeDetector) and the TemporalNet flow image (torchvision's RAFT).
 

@@ -308,7 +308,7 @@ async def closed_by_client(base, seconds):
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
     sid = answer["sessionId"]
     check(await wait_for(lambda: channel.readyState == "open", seconds), "its channel opens")
-    # A transition over frames (the glide's numbers are checked in core/tests/stream_updates.rs).
+    # A transition over frames (the glide's numbers are checked in core/tests/integration/stream_updates.rs).
     replies = []
     channel.on("message", lambda m: replies.append(json.loads(m)))
     channel.send(json.dumps({"transition": {"target_prompts": [{"text": "a kite at dusk"}], "num_steps": 8,

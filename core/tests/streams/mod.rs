@@ -1,5 +1,5 @@
 //! The golden stream cases (tests/fixtures/golden/streams.json) run on any device and dtype:
-//! tests/stream.rs (CPU, f32, the CPU kernels), tests/stream_portable.rs (CPU, the portable
+//! core/tests/integration/stream.rs (CPU, f32, the CPU kernels), tests/stream_portable.rs (CPU, the portable
 //! kernels GPUs run, f32 against the goldens, f16 and bf16 against f32) and tests/cuda.rs (a CUDA
 //! device, when there is one) share this harness.
 #![allow(dead_code)]
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::common::{WorstFrame, abs_err, fixture, golden};
 
-/// Every parity case of golden/streams.json (`self_t3_n30` is not one: tests/stream.rs).
+/// Every parity case of golden/streams.json (`self_t3_n30` is not one: core/tests/integration/stream.rs).
 pub const CASES: &[&str] = &[
     "self_t3",
     "none_t2",
@@ -33,7 +33,7 @@ pub const CASES: &[&str] = &[
 ];
 
 /// The ControlNet cases of golden/controlnet_streams.json that change nothing while they run
-/// (tests/controlnet.rs runs all of them, updates included, on the CPU).
+/// (core/tests/integration/controlnet.rs runs all of them, updates included, on the CPU).
 pub const CONTROLNET_CASES: &[&str] = &[
     "cn1_self_t3",
     "cn2_window_self_t3",
@@ -353,7 +353,7 @@ pub fn cpu_bf16_against_f32() -> (Levels, Levels) {
 /// Every golden stream case (ControlNet streams included) with every f32 3×3 stride-1
 /// convolution on Winograd's kernel in the variant `SDSTREAM_WINOGRAD` names (set by the
 /// caller's test binary before anything runs), against the reference's outputs within the
-/// bounds of tests/stream.rs (each case's worst frame is printed); checks that the kernel ran
+/// bounds of core/tests/integration/stream.rs (each case's worst frame is printed); checks that the kernel ran
 /// in every case.
 pub fn check_cases_on_winograd() {
     let variant = std::env::var("SDSTREAM_WINOGRAD").expect("the test binary sets the variant");

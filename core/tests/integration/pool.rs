@@ -5,7 +5,7 @@
 //! checks the process-wide pool, so that tests running side by side cannot change each other's
 //! counts.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::mpsc;

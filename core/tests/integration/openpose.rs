@@ -1,7 +1,7 @@
 //! The OpenPose body network and its keypoint decoding against controlnet_aux 0.0.10 and scipy
 //! (goldens from tests/reference/make_openpose_fixtures.py, under tests/fixtures/openpose/).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! AutoencoderKL against diffusers (goldens from tests/reference/).
 
-mod common;
+use crate::common;
 
 use common::{abs_err, check, edited_config, fixture, golden, scratch_dir};
 

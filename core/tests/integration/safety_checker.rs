@@ -3,7 +3,7 @@
 //! tests/fixtures/safety-checker (tests/reference/make_safety_checker_fixtures.py), and in a
 //! stream: on by default, flagged frames black and counted, off costing nothing.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -5,7 +5,7 @@
 //! nets run once a frame, and a switch to a model-based processor loads its network off the
 //! frames' path.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@
 //! with negative rows) against the reference's stream arithmetic with that conditioning, and
 //! through the Engine.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{WorstFrame, abs_err, fixture, golden, tiny_settings};

@@ -3,8 +3,8 @@
 //! stream case (ControlNet streams included: the nets take the UNet's precision), in 8-bit
 //! levels (pixel × 255).
 
-mod common;
-mod streams;
+use crate::common;
+use crate::streams;
 
 /// bf16 against f32, worst frame of any case. Measured on this project's machine (AMX): max
 /// 34.96 levels, mean 2.95, both in none_t4_fullvae_nonoise (four steps without noise through

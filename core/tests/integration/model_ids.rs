@@ -4,7 +4,7 @@
 //! never reads a folder outside `model_root` (or the cache). The HTTP server runs this way; its
 //! own answers are checked in the server module (`cargo test -p sdstream --features server --lib server::`).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

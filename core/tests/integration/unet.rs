@@ -2,7 +2,7 @@
 //! by tests/reference/make_fixtures.py, and the architecture variants made by
 //! tests/reference/make_unet_variants.py.
 
-mod common;
+use crate::common;
 
 use common::{abs_err, fixture, golden};
 

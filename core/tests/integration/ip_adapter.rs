@@ -4,7 +4,7 @@
 //! per-layer weight types, and the adapter in a stream: style from a URL, from the host, hot
 //! scale / weight type / enabled, refusals.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

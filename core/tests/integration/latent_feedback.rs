@@ -2,7 +2,7 @@
 //! the latents a stream keeps follow Daydream's blend, the decoded output is the decoded
 //! latent, hot changes keep or restart the history as stated.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Tensor};
 use common::{abs_err, fixture};

@@ -4,7 +4,7 @@
 //! nothing and change nothing, hot changes keep the loaded net, bad nets leave the stream as it
 //! was). Goldens: tests/reference/make_controlnet_fixtures.py.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! reading of `Config::from_tensor_shapes`, input checks, and (ignored, with RAFT_FULL_CHECK_DIR)
 //! the full-size raft_small with torchvision's default random init.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -5,7 +5,7 @@
 //! (`stabilityai/sdxl-turbo` + `xinsir/controlnet-canny-sdxl-1.0` at 0.3) streaming through the
 //! Engine on tiny stand-ins found under a model root by those ids.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! Depth Anything V2 (transformers' `DepthAnythingForDepthEstimation`) against transformers
 //! (goldens from tests/reference/make_depth_fixtures.py).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

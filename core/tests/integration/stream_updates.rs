@@ -2,7 +2,7 @@
 //! touching the loaded networks; reloads rebuild the stream; invalid or unsupported updates leave
 //! it exactly as it was.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
 //! CLIP text encoder against transformers' `CLIPTextModel` (goldens from tests/reference/).
 
-mod common;
+use crate::common;
 
 use common::{abs_err, edited_config, fixture, golden, scratch_dir};
 

@@ -3,7 +3,7 @@
 //! can never judge one folder and read another. This binary changes its working directory (a
 //! relative id is looked up there), so it holds this one test only.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! (goldens from tests/reference/make_preprocess_goldens.py), their params' validation, and the
 //! `image_preprocessing` / `image_postprocessing` chains in a running stream.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{abs_err, check, fixture, golden};

@@ -4,7 +4,7 @@
 //! triangle wave), so the fixtures hold only cv2's outputs: whole for small cases, as an FNV-1a
 //! digest (plus a strided sample for f32) for the large ones.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

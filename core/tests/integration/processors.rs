@@ -3,7 +3,7 @@
 //! detectors, spandrel's Real-ESRGAN, a torch rendering of Daydream's standard_lineart), the
 //! PyTorch checkpoint reader, and the network pool.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

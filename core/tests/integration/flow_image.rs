@@ -2,7 +2,7 @@
 //! tests/reference/make_raft_fixtures.py): random, smooth, all-zero and single-vector flows,
 //! vectors along every colour-wheel entry, a RAFT flow; and the colour wheel itself.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

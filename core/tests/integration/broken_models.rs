@@ -11,7 +11,7 @@
 //! A reload of an Engine to a broken copy keeps the previous pipeline serving, with
 //! `last_error` naming the problem.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -772,11 +772,20 @@ enum Ending {
     Aborted(String),
 }
 
+/// The child test's name as the harness knows it: its module path without the binary's name
+/// (`broken_models::child_loads_one_case` in the integration binary).
+fn child_test_name() -> String {
+    match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::child_loads_one_case"),
+        None => "child_loads_one_case".to_string(),
+    }
+}
+
 fn run_child(case: &Case, dir: &Path) -> Ending {
     let out = Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
-            "child_loads_one_case",
+            &child_test_name(),
             "--nocapture",
             "--test-threads=1",
         ])

@@ -2,7 +2,7 @@
 //! formula on diffusers' UNet (tests/reference/make_cached_attention_fixtures.py, rendered in f64),
 //! and in a stream: parameters, hot changes, and what it does to consecutive outputs.
 
-mod common;
+use crate::common;
 
 use common::{abs_err, check, fixture, golden};
 use sdstream::model::attention_bank::AttentionBank;

@@ -3,7 +3,7 @@
 //! updates on the next frame, reloads that fail or swap without stopping the stream, warm-up,
 //! and a stress run with concurrent producers and parameter changes.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::Mutex;

@@ -1,8 +1,8 @@
 //! The whole stream against the reference (streamdiffusion 0.1.1 on diffusers, CPU, float32):
 //! every case of tests/fixtures/golden/streams.json, frame by frame, on the tiny checkpoint.
 
-mod common;
-mod streams;
+use crate::common;
+use crate::streams;
 
 use sdstream::StreamDiffusion;
 use streams::{Target, case, check_case_against_golden, models, params_for, settings_for};

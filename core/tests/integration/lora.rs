@@ -4,7 +4,7 @@
 //! at once; LoRA files that do not fit refused with the layer named; the pool keeping LoRA'd
 //! networks apart; and streams through the Engine and StreamDiffusion.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! `cv_draw` against cv2 drawing goldens (tests/reference/make_cv_goldens.py): every case is
 //! drawn on a fresh zeroed canvas and compared pixel for pixel (as runs of painted pixels).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

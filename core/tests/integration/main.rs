@@ -1,0 +1,44 @@
+//! core's integration tests in one binary: one link instead of one per file (each test binary
+//! carries the whole library and its dependencies), so the suite builds faster and takes a
+//! fraction of the disk. A file of tests/ stays a binary of its own only where it must: its
+//! kernel switch is a process-wide environment variable read once (tests/portable.rs,
+//! tests/stream_*winograd*.rs, tests/stream_portable.rs), or it needs a feature (tests/cuda.rs,
+//! tests/webrtc.rs, tests/rtmp_fuzz.rs).
+
+#[path = "../common/mod.rs"]
+mod common;
+#[path = "../streams/mod.rs"]
+mod streams;
+
+mod broken_models;
+mod cached_attention;
+mod clip;
+mod controlnet;
+mod cv_draw;
+mod cv_resize;
+mod depth_anything;
+mod dj_body;
+mod engine;
+mod flow_image;
+mod ip_adapter;
+mod latent_feedback;
+mod lora;
+mod model_ids;
+mod openpose;
+mod params;
+mod params_fuzz;
+mod pool;
+mod preprocess;
+mod processors;
+mod raft;
+mod resolve;
+mod safety_checker;
+mod sdxl;
+mod sdxl_controlnet;
+mod stream;
+mod stream_bf16;
+mod stream_updates;
+mod style_picture;
+mod taesd;
+mod unet;
+mod vae;
