@@ -3,7 +3,6 @@
 //! stream case (ControlNet streams included: the nets take the UNet's precision), in 8-bit
 //! levels (pixel × 255).
 
-use crate::common;
 use crate::streams;
 
 /// bf16 against f32, worst frame of any case. Measured on this project's machine (AMX): max
