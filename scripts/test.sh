@@ -6,7 +6,7 @@
 #      (dev profile, so the optimised dependencies of step 1 are reused), then pytest, which
 #      also runs mypy's stubtest on the installed module against its .pyi stubs
 #      (python/tests/test_stubs.py);
-#   3. the `server` feature (with `webrtc`, `rtmp`, `hls`): its Rust tests, the aiortc
+#   3. the server crate (WebRTC, RTMP, HLS, the HTTP API; its Rust tests run in step 1): the aiortc
 #      end-to-end tests (WHIP/WHEP, the Scope-style session), the HTTP fuzz run, RTMP and HLS
 #      with ffmpeg (tests/webrtc/), Daydream's Python SDK against the server (tests/server/);
 #   4. the control page at `/` in a real browser (tests/browser/): the system's Chromium
@@ -30,20 +30,17 @@ PATH="$(cd "$venv" && pwd)/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" \
 # pytest exits 5 when it collects no tests: that fails this script too.
 "$venv/bin/python" -m pytest python/tests -q
 
-# 3. The optional server (feature `server`, which implies `webrtc`; off in the steps above): the
-#    WebRTC transport's, RTMP's, HLS's and the server module's Rust tests, the `sdstream` binary, then, each
-#    from its own virtualenv under the target dir with pinned wheels:
+# 3. The server crate (sdstream-server; its Rust tests ran in step 1): the `sdstream` binary,
+#    then, each from its own virtualenv under the target dir with pinned wheels:
 #    - the end-to-end test with aiortc, a WebRTC implementation that is not ours
 #      (target/webrtc-venv or $SDSTREAM_WEBRTC_VENV, tests/webrtc/requirements.txt), and a
 #      bounded HTTP fuzz run (3,000 hostile requests from a fixed seed, about 25 s);
 #    - Daydream's official Python SDK against the server (target/sdk-venv or
 #      $SDSTREAM_SDK_VENV, tests/server/requirements.txt; a few seconds).
-cargo test -p sdstream --features server --lib -- webrtc:: server:: rtmp:: hls::
-cargo test -p sdstream --features server --test webrtc
-#    RTMP from an attacker: the findings of issue #41 reproduced, and a bounded fuzz run
-#    (3,000 mutated connections from a fixed seed, a few seconds) against the ingest.
-cargo test -p sdstream --features server --test rtmp_fuzz -- --nocapture
-cargo build -p sdstream --features server --bin sdstream
+#    RTMP from an attacker (issue #41's findings and 3,000 mutated connections from a fixed seed)
+#    ran in step 1 too; here again with its figures printed.
+cargo test -p sdstream-server --test rtmp_fuzz -- --nocapture
+cargo build -p sdstream-server --bin sdstream
 server_bin="$target_dir/debug/sdstream"
 webrtc_venv="${SDSTREAM_WEBRTC_VENV:-$target_dir/webrtc-venv}"
 if [[ ! -x "$webrtc_venv/bin/python" ]]; then

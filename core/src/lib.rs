@@ -14,19 +14,15 @@
 //!   updates between frames, background reloads, Daydream's status report.
 //! * [`outbound`]: which addresses connections made for a client (the style picture's fetch,
 //!   the RTMP push) may reach.
-//! * `webrtc` (feature `webrtc`): WHIP ingest and WHEP playback around an engine, and the
-//!   duplex sessions (one connection both ways, with a control data channel).
-//! * `rtmp` (feature `rtmp`): RTMP ingest into a stream and RTMP push of its output.
-//! * `hls` (feature `hls`): a stream's output as HLS (MPEG-TS segments and a live playlist).
-//! * `server` (feature `server`): Daydream's HTTP API over engines, run by the `sdstream`
-//!   binary.
+//!
+//! The transports and Daydream's HTTP API over engines (WebRTC, RTMP, HLS, the `sdstream`
+//! binary) are the crate `sdstream-server`, a floor above this one; the kernels are the crate
+//! `sdstream-kernels` (re-exported as [`model::kernels`]), a floor below.
 
 pub mod alloc;
 pub mod engine;
 pub mod error;
 pub mod frame;
-#[cfg(feature = "hls")]
-pub mod hls;
 pub mod hub;
 pub mod ids;
 pub mod model;
@@ -34,14 +30,8 @@ pub mod outbound;
 pub mod params;
 pub mod pipeline;
 pub mod preprocess;
-#[cfg(feature = "rtmp")]
-pub mod rtmp;
 pub mod sampling;
-#[cfg(feature = "server")]
-pub mod server;
 pub mod status;
-#[cfg(feature = "webrtc")]
-pub mod webrtc;
 
 pub use engine::{
     DropPolicy, Engine, EngineOptions, EngineState, EngineStatus, FrameId, Output, StageMillis,

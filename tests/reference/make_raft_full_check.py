@@ -5,7 +5,7 @@ raft_small_random.safetensors (the state dict) and flows.safetensors (image1, im
 flow.1 .. flow.12). Then run the ignored Rust test with that folder:
 
   python tests/reference/make_raft_full_check.py /some/dir
-  RAFT_FULL_CHECK_DIR=/some/dir cargo test -p sdstream --test raft -- --ignored full_size
+  RAFT_FULL_CHECK_DIR=/some/dir cargo test -p sdstream --test integration -- --ignored raft::full_size
 """
 
 import pathlib

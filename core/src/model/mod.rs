@@ -15,7 +15,8 @@ pub mod depth_anything;
 pub mod dinov2;
 pub mod hed;
 pub mod ip_adapter;
-pub mod kernels;
+/// The kernels crate, where the networks have always found it.
+pub use sdstream_kernels as kernels;
 pub(crate) mod limits;
 pub mod lineart;
 pub mod lora;

@@ -6,7 +6,8 @@
 //! tensors the network holds (same storage), so it costs no memory of its own; where a
 //! constructor copies weights into a new tensor (the fused attention projections, bf16
 //! convolutions the CPU keeps in f32), it records the copy in place of what it was given
-//! ([`record`], [`record_rows`]) and the table still shares the network's storage.
+//! ([`record`], [`record_rows`]; the kernels report theirs through
+//! `sdstream_kernels::substitutes`) and the table still shares the network's storage.
 //!
 //! [`rebuild_with_lora`] builds the same network again over a [`RebuildBackend`]: a tensor no
 //! LoRA touches is handed out as it is (shared, not copied); a tensor the old or the new LoRA
@@ -54,8 +55,11 @@ impl WeightTable {
 /// Runs `build` with recording on, and returns what it built with the tensors it was handed.
 pub(crate) fn recording<M>(build: impl FnOnce() -> Result<M>) -> Result<(M, WeightTable)> {
     let previous = RECORDING.with(|r| r.replace(Some(HashMap::new())));
-    let built = build();
-    let table = RECORDING.with(|r| r.replace(previous)).unwrap_or_default();
+    let (built, substitutes) = sdstream_kernels::substitutes::collecting(build);
+    let mut table = RECORDING.with(|r| r.replace(previous)).unwrap_or_default();
+    // The copies the kernels keep (f32 convolution weights for bf16 ones on the CPU) in place
+    // of what the backend handed them: the table shares the network's storage.
+    table.extend(substitutes);
     built.map(|m| (m, WeightTable(Arc::new(table))))
 }
 

@@ -380,12 +380,7 @@ fn loggable(url: &str) -> String {
 
 fn log_not_fetched(url: &str, failure: &Failure) {
     let url = loggable(url);
-    // The server's log goes through tracing; the library alone has no logger and says it on
-    // stderr, as its loaders do.
-    #[cfg(feature = "webrtc")]
     tracing::warn!(%url, %failure, "{FIELD}: the style picture was not fetched");
-    #[cfg(not(feature = "webrtc"))]
-    eprintln!("sdstream: {FIELD} {url}: the style picture was not fetched: {failure}");
 }
 
 /// Fetched pictures, most recently used last, bounded in count and in bytes.

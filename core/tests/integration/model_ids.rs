@@ -2,7 +2,7 @@
 //! with paths off, validation accepts only the known ids and the allowed ones, every other id
 //! is refused with the same words whether or not a folder of that name exists, and loading
 //! never reads a folder outside `model_root` (or the cache). The HTTP server runs this way; its
-//! own answers are checked in the server module (`cargo test -p sdstream --features server --lib server::`).
+//! own answers are checked in the server module (`cargo test -p sdstream-server --lib api::`).
 
 use crate::common;
 

@@ -1,0 +1,601 @@
+//! Multi-head attention on the CPU in query blocks that stay in cache.
+//!
+//! `softmax(scale·q·kᵀ)·v` for every (image, head) pair, as the generic path computes it (the
+//! same GEMMs and the same vectorised softmax, so the same values), but a block of query rows at
+//! a time on one thread: the block's scores (`rows × keys`, up to 4 MiB) are written, normalised
+//! and multiplied by `v` while they sit in the core's cache, where the generic path writes
+//! megabytes of scores per head to memory and reads them back twice, and copies the heads' outputs
+//! together afterwards. Each block's output lands directly in its place in `[B, N, H·d]`, the
+//! layout the output projection reads.
+//!
+//! The operands are read where they are: heads-major (`[B·H, N, d]`, [`attention`]) or, as the
+//! projections write them, token-major (`[B, N, width]` with head `h`'s `d` columns at `offset +
+//! h·d`, [`attention_token_major`]), so that self-attention reads its queries, keys and values
+//! straight from the one fused projection instead of copying them apart first (at 4,096 tokens,
+//! batch 3, that copy moved 47 MB each way per layer).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::gemm_bf16::{self, PackedA, PackedB};
+use super::{SharedMut, contiguous_slice, cpu_kernels, for_each_range, simd, thread_count};
+
+/// Scores per block, in f32 values (4 MiB): at 4,096 keys, 256 query rows. Measured on the
+/// sd-turbo UNet at 512², batch 3: 1 MiB blocks 10.3–10.4 s, 4 MiB 9.8–9.9 s, 8 MiB 9.9–10.0 s.
+const BLOCK_SCORES: usize = 1 << 20;
+/// Fewest query rows per block (the GEMMs need some height to reach their speed).
+const MIN_ROWS: usize = 16;
+/// Tasks per thread the blocks aim for, so that uneven splits cost little.
+const TASKS_PER_THREAD: usize = 4;
+
+/// Whether [`attention`] runs for these tensors: f32 on the CPU kernels.
+pub fn applies(q: &Tensor) -> bool {
+    cpu_kernels(q.device()) && q.dtype() == DType::F32
+}
+
+/// Attention of `q` `[B·H, N, d]` over `k`, `v` `[B·H, M, d]` (heads-major pairs), with the
+/// heads merged back: `[B, N, H·d]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    AttentionOp::apply(q, k, v, (heads, scale), Arrangement::HeadsMajor)
+}
+
+/// One operand of [`attention_token_major`]: a `[B, tokens, width]` tensor whose head `h` is
+/// columns `offset + h·d .. offset + (h + 1)·d`.
+#[derive(Clone, Copy)]
+pub struct TokenMajor<'a> {
+    pub tensor: &'a Tensor,
+    pub offset: usize,
+}
+
+/// Attention of `heads` heads of `head_dim` values each, read in place from token-major
+/// operands (queries `[B, N, ·]`, keys and values `[B, M, ·]`; keys and values may be one
+/// tensor, and so may all three), heads merged: `[B, N, H·d]`.
+pub fn attention_token_major(
+    q: TokenMajor<'_>,
+    k: TokenMajor<'_>,
+    v: TokenMajor<'_>,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let arrangement = Arrangement::TokenMajor {
+        head_dim,
+        offsets: [q.offset, k.offset, v.offset],
+    };
+    AttentionOp::apply(q.tensor, k.tensor, v.tensor, (heads, scale), arrangement)
+}
+
+/// How the operands hold their heads.
+#[derive(Clone, Copy)]
+enum Arrangement {
+    /// `[B·H, tokens, d]`.
+    HeadsMajor,
+    /// `[B, tokens, width]`, head `h` at columns `offset + h·d` (one offset per operand).
+    TokenMajor {
+        head_dim: usize,
+        offsets: [usize; 3],
+    },
+}
+
+/// Where an operand's rows lie in its buffer: row `r` of image `i`, head `h` starts at
+/// `i·image_stride + h·head_stride + r·row_stride + offset`, and is `d` values long.
+#[derive(Clone, Copy, Debug)]
+struct Rows {
+    image_stride: usize,
+    head_stride: usize,
+    row_stride: usize,
+    offset: usize,
+}
+
+impl Rows {
+    fn heads_major(heads: usize, tokens: usize, d: usize) -> Self {
+        Self {
+            image_stride: heads * tokens * d,
+            head_stride: tokens * d,
+            row_stride: d,
+            offset: 0,
+        }
+    }
+
+    fn token_major(tokens: usize, width: usize, d: usize, offset: usize) -> Self {
+        Self {
+            image_stride: tokens * width,
+            head_stride: d,
+            row_stride: width,
+            offset,
+        }
+    }
+
+    fn at(&self, image: usize, head: usize, row: usize) -> usize {
+        image * self.image_stride + head * self.head_stride + row * self.row_stride + self.offset
+    }
+
+    /// The values `rows` rows of (image, head) span from their first: what a slice of them
+    /// must hold.
+    fn span(&self, rows: usize, d: usize) -> usize {
+        if rows == 0 {
+            0
+        } else {
+            (rows - 1) * self.row_stride + d
+        }
+    }
+}
+
+/// The operands' sizes: images, heads, queries, keys, values per head.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    n: usize,
+    m: usize,
+    d: usize,
+}
+
+struct AttentionOp {
+    heads: usize,
+    scale: f64,
+    /// Both products on bf16 operands with f32 sums ([`gemm_bf16`]); the softmax stays f32.
+    bf16: bool,
+    arrangement: Arrangement,
+}
+
+impl AttentionOp {
+    /// The op on these operands, bf16 products where the thread's scope asks for them.
+    fn apply(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (heads, scale): (usize, f64),
+        arrangement: Arrangement,
+    ) -> candle_core::Result<Tensor> {
+        let op = Self {
+            heads,
+            scale,
+            bf16: gemm_bf16::active(),
+            arrangement,
+        };
+        q.contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+    }
+
+    fn run(&self, (q, k, v): (&[f32], &[f32], &[f32]), rows: [Rows; 3], dims: Dims) -> Vec<f32> {
+        let Dims {
+            batch,
+            heads,
+            n,
+            m,
+            d,
+        } = dims;
+        let [q_rows, k_rows, v_rows] = rows;
+        let pairs = batch * heads;
+        let row_len = heads * d;
+        let mut out = vec![0f32; pairs * n * d];
+        if out.is_empty() {
+            return out;
+        }
+        let rows = block_rows(pairs, n, m, super::threads());
+        let blocks_per_pair = n.div_ceil(rows);
+        let tasks = pairs * blocks_per_pair;
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let scale = self.scale as f32;
+        let work = |range: std::ops::Range<usize>| {
+            let mut scores = vec![0f32; rows * m];
+            let mut packed = self.bf16.then(PackedPair::default);
+            for task in range {
+                let (pair, block) = (task / blocks_per_pair, task % blocks_per_pair);
+                let (image, head) = (pair / heads, pair % heads);
+                let r0 = block * rows;
+                let nr = rows.min(n - r0);
+                let q_at = q_rows.at(image, head, r0);
+                let (k_at, v_at) = (k_rows.at(image, head, 0), v_rows.at(image, head, 0));
+                let dst_at = (image * n + r0) * row_len + head * d;
+                if let Some(packed) = &mut packed {
+                    packed.run(
+                        (
+                            pair,
+                            (&k[k_at..][..k_rows.span(m, d)], k_rows.row_stride),
+                            (&v[v_at..][..v_rows.span(m, d)], v_rows.row_stride),
+                            (m, d),
+                        ),
+                        (&q[q_at..][..q_rows.span(nr, d)], q_rows.row_stride),
+                        &mut scores[..nr * m],
+                        scale,
+                        // SAFETY: as for the f32 products below.
+                        |packed_scores, packed_v| unsafe {
+                            gemm_bf16::gemm_into(
+                                packed_scores,
+                                packed_v,
+                                out_ptr.ptr().add(dst_at),
+                                row_len,
+                                1,
+                            )
+                        },
+                    );
+                    continue;
+                }
+                // SAFETY: scores holds nr × m values (row stride m); q's block is nr rows of d
+                // values (row stride q_rows.row_stride); kᵀ is read from k's m rows of (image,
+                // head) with strides swapped. cpu_fwd checked that every such row lies inside
+                // its operand.
+                unsafe {
+                    gemm::gemm(
+                        nr,
+                        m,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        m as isize,
+                        false,
+                        q.as_ptr().add(q_at),
+                        1,
+                        q_rows.row_stride as isize,
+                        k.as_ptr().add(k_at),
+                        k_rows.row_stride as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for row in scores[..nr * m].chunks_exact_mut(m) {
+                    simd::softmax_row(row, scale);
+                }
+                // SAFETY: dst is out[image, r0..r0 + nr, head·d..(head + 1)·d] (row stride
+                // H·d): written by this task only, since tasks partition (pair, rows). The
+                // scores are nr × m (row stride m), v's rows of (image, head) m × d (row stride
+                // v_rows.row_stride, checked in cpu_fwd).
+                unsafe {
+                    gemm::gemm(
+                        nr,
+                        d,
+                        m,
+                        out_ptr.ptr().add(dst_at),
+                        1,
+                        row_len as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        m as isize,
+                        v.as_ptr().add(v_at),
+                        1,
+                        v_rows.row_stride as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        };
+        let threads = thread_count(tasks, pairs * n * m);
+        for_each_range(tasks, threads, &work);
+        out
+    }
+}
+
+/// Query rows per task: as many as fit [`BLOCK_SCORES`], but few enough that the `pairs` ×
+/// blocks tasks give each of `threads` threads [`TASKS_PER_THREAD`] (a UNet's top level at 256²
+/// has 5 heads of 1,024 queries: 5 whole-pair tasks would leave one of 2 threads idle a sixth
+/// of the time), and never fewer than [`MIN_ROWS`].
+fn block_rows(pairs: usize, n: usize, m: usize, threads: usize) -> usize {
+    let by_memory = (BLOCK_SCORES / m.max(1)).max(MIN_ROWS);
+    let blocks_wanted = (threads * TASKS_PER_THREAD).div_ceil(pairs.max(1));
+    let by_balance = n.div_ceil(blocks_wanted).max(MIN_ROWS);
+    by_memory.min(by_balance).min(n).max(1)
+}
+
+/// An operand's rows of one (image, head) pair and their row stride.
+type StridedRows<'a> = (&'a [f32], usize);
+
+/// One thread's packed operands for the bf16 products: the keys and values of the pair it
+/// last saw (tasks of one pair are consecutive), the query block and the probabilities.
+#[derive(Default)]
+struct PackedPair {
+    pair: Option<usize>,
+    keys: PackedB,
+    values: PackedB,
+    queries: PackedA,
+    probabilities: PackedA,
+}
+
+impl PackedPair {
+    /// softmax(scale·q·kᵀ) into `scores` (`q` `[rows, d]`), then hands the packed
+    /// probabilities and values to `multiply_v`, which writes the block's output.
+    /// `k`, `v` and `q` come with their row strides.
+    fn run(
+        &mut self,
+        (pair, (k, k_stride), (v, v_stride), (m, d)): (
+            usize,
+            StridedRows,
+            StridedRows,
+            (usize, usize),
+        ),
+        (q, q_stride): StridedRows,
+        scores: &mut [f32],
+        scale: f32,
+        multiply_v: impl FnOnce(&PackedA, &PackedB),
+    ) {
+        if self.pair != Some(pair) {
+            self.keys.repack_transposed(k, m, d, k_stride, 1);
+            self.values.repack_rows(v, m, d, v_stride, 1);
+            self.pair = Some(pair);
+        }
+        let rows = scores.len() / m;
+        self.queries.repack(q, rows, d, q_stride, 1);
+        // SAFETY: `scores` holds rows × m values; both operands have d columns/rows.
+        unsafe { gemm_bf16::gemm_into(&self.queries, &self.keys, scores.as_mut_ptr(), m, 1) };
+        for row in scores.chunks_exact_mut(m) {
+            simd::softmax_row(row, scale);
+        }
+        self.probabilities.repack(scores, rows, m, m, 1);
+        multiply_v(&self.probabilities, &self.values);
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "sdstream-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let heads = self.heads;
+        let misfit = || {
+            candle_core::Error::Msg(format!(
+                "{name}: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
+                l1.shape(),
+                l2.shape(),
+                l3.shape(),
+            ))
+        };
+        let (q_dims, k_dims, v_dims) = (
+            l1.shape().dims3()?,
+            l2.shape().dims3()?,
+            l3.shape().dims3()?,
+        );
+        if heads == 0 || k_dims.1 != v_dims.1 || k_dims.0 != q_dims.0 || v_dims.0 != q_dims.0 {
+            return Err(misfit());
+        }
+        let (dims, rows) = match self.arrangement {
+            Arrangement::HeadsMajor => {
+                let (pairs, n, d) = q_dims;
+                let m = k_dims.1;
+                if k_dims != (pairs, m, d) || v_dims != k_dims || !pairs.is_multiple_of(heads) {
+                    return Err(misfit());
+                }
+                let batch = pairs / heads;
+                let rows = [
+                    Rows::heads_major(heads, n, d),
+                    Rows::heads_major(heads, m, d),
+                    Rows::heads_major(heads, m, d),
+                ];
+                (
+                    Dims {
+                        batch,
+                        heads,
+                        n,
+                        m,
+                        d,
+                    },
+                    rows,
+                )
+            }
+            Arrangement::TokenMajor { head_dim, offsets } => {
+                let (batch, n, m) = (q_dims.0, q_dims.1, k_dims.1);
+                let widths = [q_dims.2, k_dims.2, v_dims.2];
+                if head_dim == 0 || (0..3).any(|i| offsets[i] + heads * head_dim > widths[i]) {
+                    return Err(misfit());
+                }
+                let tokens = [n, m, m];
+                let rows = std::array::from_fn(|i| {
+                    Rows::token_major(tokens[i], widths[i], head_dim, offsets[i])
+                });
+                let dims = Dims {
+                    batch,
+                    heads,
+                    n,
+                    m,
+                    d: head_dim,
+                };
+                (dims, rows)
+            }
+        };
+        if s1.dtype() != DType::F32 {
+            candle_core::bail!("{name}: f32 only, got {:?}", s1.dtype());
+        }
+        let out = self.run(
+            (
+                contiguous_slice(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                contiguous_slice(s3, l3, name)?,
+            ),
+            rows,
+            dims,
+        );
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((dims.batch, dims.n, heads * dims.d)),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device};
+
+    /// Blocks give every thread several tasks where the rows allow, within the memory bound.
+    #[test]
+    fn blocks_spread_over_the_threads() {
+        let tasks =
+            |pairs, n: usize, m, threads| pairs * n.div_ceil(block_rows(pairs, n, m, threads));
+        // The UNet's top level at 256², batch 1: 5 heads of 1,024 queries and keys.
+        assert_eq!(block_rows(5, 1024, 1024, 2), 512);
+        assert_eq!(tasks(5, 1024, 1024, 2), 10);
+        assert_eq!(tasks(5, 1024, 77, 16), 65);
+        // At 512² the memory bound decides: 4 MiB of scores is 256 rows of 4,096 keys.
+        assert_eq!(block_rows(5, 4096, 4096, 2), 256);
+        // Small problems keep MIN_ROWS, or all their rows.
+        assert_eq!(block_rows(20, 64, 64, 2), 64);
+        assert_eq!(block_rows(1, 40, 64, 16), MIN_ROWS);
+        assert_eq!(block_rows(1, 5, 64, 16), 5);
+    }
+
+    /// The blocked kernel gives candle's softmax(scale·q·kᵀ)·v with the heads merged, for key
+    /// counts that make one block and several (with a partial last block).
+    #[test]
+    fn matches_the_unblocked_formula() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (batch, heads, n, m, d) in [(2, 3, 37, 29, 8), (1, 2, 600, 4096, 8)] {
+            let pairs = batch * heads;
+            let q = Tensor::randn(0f32, 1.0, (pairs, n, d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (pairs, m, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (pairs, m, d), &dev)?;
+            let scale = (d as f64).powf(-0.5);
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let want = probs
+                .matmul(&v)?
+                .reshape((batch, heads, n, d))?
+                .transpose(1, 2)?
+                .reshape((batch, n, heads * d))?;
+            let got = attention(&q, &k, &v, heads, scale)?;
+            assert_eq!(got.dims(), want.dims());
+            let err = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(
+                err < 1e-5,
+                "{batch}×{heads} heads, {n} queries, {m} keys: {err}"
+            );
+        }
+        // In bf16: the formula on rounded q, k, v and probabilities, up to f32 summation order.
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        for (batch, heads, n, m, d) in [(2, 3, 37, 29, 40), (1, 2, 600, 4096, 64)] {
+            let pairs = batch * heads;
+            let q = Tensor::randn(0f32, 1.0, (pairs, n, d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (pairs, m, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (pairs, m, d), &dev)?;
+            let scale = (d as f64).powf(-0.5);
+            let scores = (round(&q)?.matmul(&round(&k)?.t()?)? * scale)?;
+            let probs = round(&candle_nn::ops::softmax(&scores, D::Minus1)?)?;
+            let want = probs
+                .matmul(&round(&v)?)?
+                .reshape((batch, heads, n, d))?
+                .transpose(1, 2)?
+                .reshape((batch, n, heads * d))?;
+            let got = gemm_bf16::scoped(true, || attention(&q, &k, &v, heads, scale))?;
+            let err = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            // A score differing in the last f32 bit can round its probability to a neighbouring
+            // bf16 value (2⁻⁸ relative): bounded by that, not by f32's epsilon.
+            assert!(
+                err < 2e-3,
+                "bf16: {batch}×{heads} heads, {n} queries, {m} keys: {err}"
+            );
+        }
+        // Shapes that do not fit the head count are named.
+        let q = Tensor::zeros((3, 4, 8), DType::F32, &dev)?;
+        let err = attention(&q, &q, &q, 2, 1.0).unwrap_err().to_string();
+        assert!(err.contains("heads"), "{err}");
+        Ok(())
+    }
+
+    /// Read in place from token-major projections (self-attention's fused `[B, N, 3·H·d]`, and
+    /// cross-attention's `q` beside a `[B, M, 2·H·d]` key/value projection), in f32 and bf16,
+    /// the kernel gives what it gives on the same values copied apart heads-major.
+    #[test]
+    fn token_major_operands_match_heads_major_ones() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let heads_major = |t: &Tensor, parts: usize, part: usize, heads: usize, d: usize| {
+            let (b, tokens, _) = t.dims3()?;
+            t.reshape((b, tokens, parts, heads, d))?
+                .permute((2, 0, 3, 1, 4))?
+                .contiguous()?
+                .get(part)?
+                .reshape((b * heads, tokens, d))
+        };
+        let largest_difference = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        for bf16 in [false, true] {
+            for (batch, heads, n, m, d) in [(2, 3, 37, 29, 8), (1, 5, 300, 77, 64)] {
+                let view = |tensor, offset| TokenMajor { tensor, offset };
+                let scale = (d as f64).powf(-0.5);
+                let (hd, run) = (heads * d, |f: &dyn Fn() -> candle_core::Result<Tensor>| {
+                    gemm_bf16::scoped(bf16, f)
+                });
+                // Self-attention: q, k and v side by side in one tensor.
+                let qkv = Tensor::randn(0f32, 1.0, (batch, n, 3 * hd), &dev)?;
+                let got = run(&|| {
+                    attention_token_major(
+                        view(&qkv, 0),
+                        view(&qkv, hd),
+                        view(&qkv, 2 * hd),
+                        heads,
+                        d,
+                        scale,
+                    )
+                })?;
+                let (q, k, v) = (
+                    heads_major(&qkv, 3, 0, heads, d)?,
+                    heads_major(&qkv, 3, 1, heads, d)?,
+                    heads_major(&qkv, 3, 2, heads, d)?,
+                );
+                let want = run(&|| attention(&q, &k, &v, heads, scale))?;
+                assert_eq!(got.dims(), &[batch, n, hd]);
+                let err = largest_difference(&got, &want)?;
+                assert!(err <= 1e-6, "self, bf16 {bf16}, {heads} heads: {err}");
+                // Cross-attention: q alone, keys and values in one projection.
+                let q = Tensor::randn(0f32, 1.0, (batch, n, hd), &dev)?;
+                let kv = Tensor::randn(0f32, 1.0, (batch, m, 2 * hd), &dev)?;
+                let got = run(&|| {
+                    attention_token_major(view(&q, 0), view(&kv, 0), view(&kv, hd), heads, d, scale)
+                })?;
+                let (k, v) = (
+                    heads_major(&kv, 2, 0, heads, d)?,
+                    heads_major(&kv, 2, 1, heads, d)?,
+                );
+                let q_heads = heads_major(&Tensor::cat(&[&q, &q], 2)?, 2, 0, heads, d)?;
+                let want = run(&|| attention(&q_heads, &k, &v, heads, scale))?;
+                let err = largest_difference(&got, &want)?;
+                assert!(err <= 1e-6, "cross, bf16 {bf16}, {heads} heads: {err}");
+            }
+        }
+        // Heads that pass the end of an operand's rows are named, not read.
+        let qkv = Tensor::zeros((1, 4, 24), DType::F32, &dev)?;
+        let view = |offset| TokenMajor {
+            tensor: &qkv,
+            offset,
+        };
+        let err = attention_token_major(view(0), view(8), view(17), 2, 4, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("do not fit 2 heads"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,451 @@
+//! Element-wise and row-wise kernels of the transformer and resnet blocks: in-place adds into
+//! fresh tensors, GEGLU, scaled softmax; and torch's reflection padding.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, D, DType, InplaceOp1, InplaceOp2, Layout, Shape, Tensor, WithDType,
+};
+
+use super::simd::{self, softmax_row};
+use super::{
+    contiguous_slice, cpu_kernels, cuda_kernels, for_each_row, with_float_type, zeroed_buffer,
+};
+
+/// `fresh + other` with broadcasting, where `other` is either the same shape as `fresh` or
+/// shaped to broadcast so that its element `i` covers runs of `inner` consecutive elements of
+/// `fresh` (a `[N]` bias over the last dimension: `inner = 1`; a `[B, C, 1, 1]` shift of
+/// `[B, C, H, W]`: `inner = H·W`).
+///
+/// With the CPU kernels (and on CUDA, ops.cu) the sum is written into `fresh`'s buffer, so `fresh` must be a tensor
+/// the caller just produced and shares with nothing (the output of a matmul or convolution).
+pub fn add_fresh(fresh: Tensor, other: &Tensor, inner: usize) -> candle_core::Result<Tensor> {
+    let same_shape = fresh.dims() == other.dims();
+    let n = other.elem_count();
+    let in_place = (cpu_kernels(fresh.device()) || cuda_kernels(fresh.device()))
+        && fresh.is_contiguous()
+        && other.is_contiguous()
+        && fresh.dtype() == other.dtype()
+        && n > 0
+        && (same_shape || (inner > 0 && fresh.elem_count().is_multiple_of(n * inner)));
+    if !in_place {
+        return fresh.broadcast_add(other);
+    }
+    let inner = if same_shape { 1 } else { inner };
+    fresh.inplace_op2(other, &AddInPlace { n, inner })?;
+    Ok(fresh)
+}
+
+/// `dst[(j·n + i)·inner + k] += src[i]`.
+struct AddInPlace {
+    n: usize,
+    inner: usize,
+}
+
+/// Elements per work item of the in-place add.
+const ADD_CHUNK: usize = 1 << 14;
+
+impl AddInPlace {
+    fn run<T: WithDType>(&self, dst: &mut [T], src: &[T]) {
+        let (n, inner) = (self.n, self.inner);
+        if src.len() == dst.len() && inner == 1 {
+            for_each_row(dst, ADD_CHUNK, |chunk_index, out| {
+                let start = chunk_index * ADD_CHUNK;
+                let len = out.len();
+                for (o, v) in out.iter_mut().zip(&src[start..start + len]) {
+                    *o += *v;
+                }
+            });
+            return;
+        }
+        if inner == 1 {
+            // A bias over the last dimension: whole rows of `n` at a time, so that the loop is
+            // a vectorised row add (one value at a time it took a bounds check and a wrap test
+            // per element).
+            let rows_per_chunk = (ADD_CHUNK / n).max(1);
+            for_each_row(dst, rows_per_chunk * n, |_, out| {
+                for row in out.chunks_mut(n) {
+                    for (o, v) in row.iter_mut().zip(src) {
+                        *o += *v;
+                    }
+                }
+            });
+            return;
+        }
+        for_each_row(dst, ADD_CHUNK, |chunk_index, out| {
+            let start = chunk_index * ADD_CHUNK;
+            let mut i = (start / inner) % n;
+            let mut k = start % inner;
+            let mut pos = 0;
+            while pos < out.len() {
+                let run = (inner - k).min(out.len() - pos);
+                let v = src[i];
+                for o in &mut out[pos..pos + run] {
+                    *o += v;
+                }
+                pos += run;
+                k = 0;
+                i = if i + 1 == n { 0 } else { i + 1 };
+            }
+        });
+    }
+}
+
+impl InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "sdstream-add-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("add-in-place: operands must be contiguous")
+        };
+        match (s1, s2) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => self.run(&mut d[a0..a1], &s[b0..b1]),
+            (CpuStorage::F16(d), CpuStorage::F16(s)) => self.run(&mut d[a0..a1], &s[b0..b1]),
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => self.run(&mut d[a0..a1], &s[b0..b1]),
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => self.run(&mut d[a0..a1], &s[b0..b1]),
+            _ => candle_core::bail!("add-in-place: unsupported or mismatched dtypes"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        cuda::add_in_place(self, s1, l1, s2, l2)
+    }
+}
+
+/// ops.cu's in-place add on a CUDA device.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ops.ptx"));
+    const MODULE: &str = "sdstream_ops";
+    const THREADS: u32 = 256;
+    /// Enough blocks to fill a large GPU; the kernel strides over the rest.
+    const MAX_BLOCKS: usize = 4096;
+
+    pub(super) fn add_in_place(
+        op: &super::AddInPlace,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => run::<f32>(op, s1, l1, s2, l2, "f32"),
+            (DType::F16, DType::F16) => run::<half::f16>(op, s1, l1, s2, l2, "f16"),
+            (DType::BF16, DType::BF16) => run::<half::bf16>(op, s1, l1, s2, l2, "bf16"),
+            _ => candle_core::bail!("add-in-place: unsupported or mismatched dtypes"),
+        }
+    }
+
+    fn run<T: CudaDType + DeviceRepr>(
+        op: &super::AddInPlace,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        suffix: &str,
+    ) -> candle_core::Result<()> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("add-in-place: operands must be contiguous")
+        };
+        let total = a1 - a0;
+        if total == 0 {
+            return Ok(());
+        }
+        let dev = s1.device().clone();
+        let src = s2.as_cuda_slice::<T>()?.slice(b0..b1);
+        let dst = s1.as_cuda_slice_mut::<T>()?;
+        let mut dst = dst.slice_mut(a0..a1);
+        let func = dev.get_or_load_custom_func(&format!("add_in_place_{suffix}"), MODULE, PTX)?;
+        let mut builder = func.builder();
+        let (total_arg, n, inner) = (total as i64, op.n as i64, op.inner as i64);
+        builder.arg(&mut dst);
+        builder.arg(&src);
+        builder.arg(&total_arg);
+        builder.arg(&n);
+        builder.arg(&inner);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                total.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32,
+                1,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's parameters; it reads src below n (the
+        // caller checked that n · inner divides dst's length) and writes dst below total.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+/// diffusers' GEGLU of a projection's output before its bias: `[…, 2n]` plus `bias` (`[2n]`,
+/// if any) → `[…, n]`, first half × exact GELU(second half). The CPU kernel adds the bias as
+/// it reads each value, which spares the projection a pass of its own over its (widest in the
+/// UNet) output.
+pub fn geglu(hg: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    if cpu_kernels(hg.device())
+        && hg.is_contiguous()
+        && (bias.is_none() || hg.dtype() == DType::F32)
+    {
+        let bias = match bias {
+            Some(bias) => Some(bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        return hg.apply_op1_no_bwd(&Geglu { bias });
+    }
+    if let Some(bias) = bias {
+        return geglu(&hg.broadcast_add(bias)?, None);
+    }
+    let inner = hg.dim(D::Minus1)? / 2;
+    let hidden = hg.narrow(D::Minus1, 0, inner)?;
+    let gate = hg.narrow(D::Minus1, inner, inner)?;
+    hidden * gate.gelu_erf()?
+}
+
+/// The GEGLU kernel, one pass; `bias` (f32 only) is added to each value as it is read.
+struct Geglu {
+    bias: Option<Vec<f32>>,
+}
+
+impl Geglu {
+    /// f32: the vectorised row kernel ([`simd::geglu_row`]).
+    fn run_f32(&self, x: &[f32], width: usize) -> Vec<f32> {
+        let half = width / 2;
+        let mut dst = zeroed_buffer::<f32>(x.len() / 2);
+        let biases = match &self.bias {
+            Some(bias) => bias.split_at(half),
+            None => (&[][..], &[][..]),
+        };
+        for_each_row(&mut dst, half, |row, out| {
+            let (hidden, gate) = x[row * width..(row + 1) * width].split_at(half);
+            simd::geglu_row(out, hidden, gate, biases);
+        });
+        dst
+    }
+
+    /// The half types, without a bias, in f32 arithmetic.
+    fn run<T: WithDType>(x: &[T], width: usize) -> Vec<T> {
+        let half = width / 2;
+        let mut dst = zeroed_buffer::<T>(x.len() / 2);
+        for_each_row(&mut dst, half, |row, out| {
+            let src = &x[row * width..(row + 1) * width];
+            let (hidden, gate) = src.split_at(half);
+            for ((o, h), g) in out.iter_mut().zip(hidden).zip(gate) {
+                // f32 arithmetic as PyTorch's CPU GELU: x·0.5·(1 + erf(x·√½)), then × hidden.
+                let g = g.to_f64() as f32;
+                let gelu = g
+                    * 0.5
+                    * (1.0 + candle_core::cpu::erf::erf_f32(g * std::f32::consts::FRAC_1_SQRT_2));
+                *o = T::from_f64((h.to_f64() as f32 * gelu) as f64);
+            }
+        });
+        dst
+    }
+}
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "sdstream-geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut dims = l.shape().dims().to_vec();
+        let width = dims.last().copied().unwrap_or(0);
+        if width == 0 || !width.is_multiple_of(2) {
+            candle_core::bail!("GEGLU: last dimension {width} is not even")
+        }
+        if let Some(last) = dims.last_mut() {
+            *last = width / 2;
+        }
+        let name = self.name();
+        let storage = match (s, &self.bias) {
+            (CpuStorage::F32(_), bias) => {
+                if let Some(bias) = bias
+                    && bias.len() != width
+                {
+                    candle_core::bail!("GEGLU: {} bias values for width {width}", bias.len())
+                }
+                CpuStorage::F32(self.run_f32(contiguous_slice(s, l, name)?, width))
+            }
+            (_, Some(_)) => candle_core::bail!("GEGLU: a bias with {:?} values", s.dtype()),
+            (_, None) => with_float_type!(s.dtype(), name, |T| T::to_cpu_storage_owned(
+                Self::run::<T>(contiguous_slice(s, l, name)?, width)
+            )),
+        };
+        Ok((storage, Shape::from_dims(&dims)))
+    }
+}
+
+/// Row-wise softmax of `scale·scores` over the last dimension, computed in f32 as PyTorch's CPU
+/// attention does. With the CPU kernels it runs in place, so `scores` must be a fresh tensor
+/// shared with nothing (the output of a matmul).
+pub fn scaled_softmax(scores: Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if cpu_kernels(scores.device()) && scores.is_contiguous() {
+        scores.inplace_op1(&ScaledSoftmax { scale })?;
+        return Ok(scores);
+    }
+    candle_nn::ops::softmax_last_dim(&(scores * scale)?)
+}
+
+/// The in-place softmax kernel: vectorised for f32 (kernels::simd), the scalar loop below for
+/// the half types (held in f32 arithmetic all the same).
+struct ScaledSoftmax {
+    scale: f64,
+}
+
+impl ScaledSoftmax {
+    fn run<T: WithDType>(&self, data: &mut [T], width: usize) {
+        let scale = self.scale as f32;
+        for_each_row(data, width, |_, row| {
+            // x = scale·s (f32), then exp(x − max) / Σ.
+            let max = row
+                .iter()
+                .map(|v| v.to_f64() as f32 * scale)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                let e = (v.to_f64() as f32 * scale - max).exp();
+                sum += e;
+                *v = T::from_f64(e as f64);
+            }
+            for v in row.iter_mut() {
+                *v = T::from_f64((v.to_f64() as f32 / sum) as f64);
+            }
+        });
+    }
+}
+
+impl InplaceOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "sdstream-scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("softmax: scores must be contiguous")
+        };
+        let width = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        match s {
+            CpuStorage::F32(d) => {
+                let scale = self.scale as f32;
+                for_each_row(&mut d[a..b], width, |_, row| softmax_row(row, scale));
+            }
+            CpuStorage::F16(d) => self.run(&mut d[a..b], width),
+            CpuStorage::BF16(d) => self.run(&mut d[a..b], width),
+            CpuStorage::F64(d) => self.run(&mut d[a..b], width),
+            _ => candle_core::bail!("softmax: unsupported dtype"),
+        }
+        Ok(())
+    }
+}
+
+/// torch's reflection padding of the last two dimensions (`F.pad(x, (left, right, top,
+/// bottom), mode="reflect")`): index −i reads i and index n − 1 + i reads n − 1 − i, for pads
+/// smaller than the side, as torch requires. Built from index selections, so it runs on every
+/// device.
+pub fn reflection_pad(
+    x: &Tensor,
+    top: usize,
+    bottom: usize,
+    left: usize,
+    right: usize,
+) -> candle_core::Result<Tensor> {
+    let rank = x.rank();
+    if rank < 2 {
+        candle_core::bail!(
+            "reflection padding needs at least 2 dimensions, got {:?}",
+            x.dims()
+        );
+    }
+    let mut x = x.clone();
+    for (dim, before, after) in [(rank - 2, top, bottom), (rank - 1, left, right)] {
+        if before == 0 && after == 0 {
+            continue;
+        }
+        let n = x.dim(dim)?;
+        if before >= n || after >= n {
+            candle_core::bail!(
+                "reflection padding by {before}/{after} needs sides larger than that, got {:?}",
+                x.dims()
+            );
+        }
+        let last = n as isize - 1;
+        let index: Vec<u32> = (0..n + before + after)
+            .map(|i| {
+                let i = i as isize - before as isize;
+                let mirrored = if i < 0 {
+                    -i
+                } else if i > last {
+                    2 * last - i
+                } else {
+                    i
+                };
+                mirrored as u32
+            })
+            .collect();
+        let index = Tensor::new(index.as_slice(), x.device())?;
+        x = x.index_select(&index, dim)?;
+    }
+    Ok(x)
+}
+
+/// The transpose of a 2-D CPU tensor `[rows, cols]`, made contiguous: `[cols, rows]`. Copied in
+/// 32×32 blocks over candle's CPU threads; candle's own strided copy walks the source one index
+/// at a time, which took most of a model's load once the linear layers kept their weights
+/// transposed (unet_blocks::Linear).
+pub fn transposed(t: &Tensor) -> candle_core::Result<Tensor> {
+    /// Side of the square blocks, in values: a block of either layout stays in L1.
+    const BLOCK: usize = 32;
+    let (rows, cols) = t.dims2()?;
+    let t = t.contiguous()?;
+    if !t.device().is_cpu() {
+        return t.t()?.contiguous();
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("transpose: a CPU tensor's storage is not on the CPU");
+    };
+    with_float_type!(t.dtype(), "transpose", |T| {
+        let src = contiguous_slice::<T>(cpu, layout, "transpose")?;
+        let mut dst = vec![<T as WithDType>::from_f64(0.0); rows * cols];
+        if !dst.is_empty() {
+            // Each task writes BLOCK rows of the result (columns c0.. of the source).
+            for_each_row(&mut dst, BLOCK * rows, |block, out| {
+                let c0 = block * BLOCK;
+                let width = out.len() / rows;
+                for r0 in (0..rows).step_by(BLOCK) {
+                    for dc in 0..width {
+                        let column = &mut out[dc * rows..][..rows];
+                        for r in r0..(r0 + BLOCK).min(rows) {
+                            column[r] = src[r * cols + c0 + dc];
+                        }
+                    }
+                }
+            });
+        }
+        Tensor::from_vec(dst, (cols, rows), t.device())
+    })
+}
