@@ -11,7 +11,9 @@ use sdstream_core::{
     UpdateKind,
 };
 
-use crate::error::{ErrorSlot, Failure, SdsStatus, copy_out, guard, thread_copy_of};
+use crate::error::{
+    ErrorSlot, Failure, Handle, SdsStatus, copy_out, guard, thread_copy_of, with_handle,
+};
 use crate::frame::{
     SdsControlImage, SdsFrame, SdsOutput, SdsPixelFormat, check_fits, control_images, needed_bytes,
     pixel_format, write_output,
@@ -83,17 +85,10 @@ impl SdsEngine {
     }
 }
 
-/// Runs `body` on a non-NULL handle inside the boundary guard.
-fn with_engine(
-    function: &str,
-    engine: *const SdsEngine,
-    body: impl FnOnce(&SdsEngine) -> Result<(), Failure>,
-) -> SdsStatus {
-    // SAFETY: a non-NULL handle is one sds_engine_create returned and not yet destroyed (the
-    // caller's contract).
-    match unsafe { engine.as_ref() } {
-        Some(handle) => guard(function, Some(&handle.last_error), || body(handle)),
-        None => guard(function, None, || Err(Failure::null(function, "engine"))),
+impl Handle for SdsEngine {
+    const ARGUMENT: &'static str = "engine";
+    fn error_slot(&self) -> &ErrorSlot {
+        &self.last_error
     }
 }
 
@@ -276,7 +271,7 @@ pub unsafe extern "C" fn sds_engine_wait_ready(
     timeout_ms: i64,
 ) -> SdsStatus {
     const F: &str = "sds_engine_wait_ready";
-    with_engine(F, engine, |h| {
+    with_handle(F, engine, |h| {
         let timeout = u64::try_from(timeout_ms).ok().map(Duration::from_millis);
         h.engine.wait_ready(timeout).map_err(|e| {
             let mut failure = h.core_error(F, e);
@@ -320,7 +315,7 @@ pub unsafe extern "C" fn sds_engine_destroy(engine: *mut SdsEngine) -> SdsStatus
 /// `engine` is NULL or a live handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sds_engine_close(engine: *mut SdsEngine) -> SdsStatus {
-    with_engine("sds_engine_close", engine, |h| {
+    with_handle("sds_engine_close", engine, |h| {
         h.closed.store(true, Ordering::Release);
         h.engine.close();
         Ok(())
@@ -336,7 +331,7 @@ pub unsafe extern "C" fn sds_engine_close(engine: *mut SdsEngine) -> SdsStatus {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sds_engine_restart(engine: *mut SdsEngine) -> SdsStatus {
     const F: &str = "sds_engine_restart";
-    with_engine(F, engine, |h| {
+    with_handle(F, engine, |h| {
         h.engine.restart().map_err(|e| h.core_error(F, e))
     })
 }
@@ -356,7 +351,7 @@ pub unsafe extern "C" fn sds_engine_set_style_image(
     frame: *const SdsFrame,
 ) -> SdsStatus {
     const F: &str = "sds_engine_set_style_image";
-    with_engine(F, engine, |h| {
+    with_handle(F, engine, |h| {
         // SAFETY: by the caller's contract.
         let picture = match unsafe { frame.as_ref() } {
             None => None,
@@ -384,7 +379,7 @@ unsafe fn process(
     out: *mut SdsOutput,
 ) -> SdsStatus {
     let f = function;
-    with_engine(f, engine, |h| {
+    with_handle(f, engine, |h| {
         // SAFETY: by the caller's contract.
         let (frame, out) = unsafe {
             (
@@ -494,7 +489,7 @@ unsafe fn submit(
     timestamp: Option<i64>,
     id_out: *mut u64,
 ) -> SdsStatus {
-    with_engine(function, engine, |h| {
+    with_handle(function, engine, |h| {
         // SAFETY: by the caller's contract.
         let frame = unsafe { frame.as_ref() }.ok_or_else(|| Failure::null(function, "frame"))?;
         // SAFETY: by the caller's contract.
@@ -622,7 +617,7 @@ unsafe fn collect(
     out: *mut SdsOutput,
     timeout: Option<Duration>,
 ) -> SdsStatus {
-    with_engine(function, engine, |h| {
+    with_handle(function, engine, |h| {
         // SAFETY: by the caller's contract.
         let out = unsafe { out_arg(function, "out", out)? };
         if out.data.is_null() {
@@ -688,7 +683,7 @@ pub unsafe extern "C" fn sds_engine_flush(
     engine: *mut SdsEngine,
     dropped: *mut usize,
 ) -> SdsStatus {
-    with_engine("sds_engine_flush", engine, |h| {
+    with_handle("sds_engine_flush", engine, |h| {
         let n = h.engine.flush();
         // SAFETY: NULL or writable by the caller's contract.
         unsafe { write_opt(dropped, n) };
@@ -714,7 +709,7 @@ pub unsafe extern "C" fn sds_engine_output_size(
     size: *mut usize,
 ) -> SdsStatus {
     const F: &str = "sds_engine_output_size";
-    with_engine(F, engine, |h| {
+    with_handle(F, engine, |h| {
         // SAFETY: by the caller's contract.
         let (width, height, size) = unsafe {
             (
@@ -794,7 +789,7 @@ unsafe fn update_params(
     transition_json: Option<*const c_char>,
     kind: *mut SdsUpdateKind,
 ) -> SdsStatus {
-    with_engine(f, engine, |h| {
+    with_handle(f, engine, |h| {
         // SAFETY: by the caller's contract.
         let text = unsafe { str_arg(f, "params_json", params_json)? };
         let transition = match transition_json {
@@ -837,7 +832,7 @@ pub unsafe extern "C" fn sds_engine_status_json(
     out: *mut *mut c_char,
 ) -> SdsStatus {
     const F: &str = "sds_engine_status_json";
-    with_engine(F, engine, |h| {
+    with_handle(F, engine, |h| {
         // SAFETY: by the caller's contract.
         let out = unsafe { out_arg(F, "out", out)? };
         *out = std::ptr::null_mut();

@@ -228,6 +228,29 @@ pub(crate) fn guard(
     failure.status
 }
 
+/// An opaque handle of the C ABI: its name in messages and its own last-error slot.
+pub(crate) trait Handle {
+    /// The argument's name in a "`…` is NULL" message (`engine`, `processor`).
+    const ARGUMENT: &'static str;
+    /// Where a failure on this handle is recorded for `sds_*_last_error`.
+    fn error_slot(&self) -> &ErrorSlot;
+}
+
+/// Runs `body` on a non-NULL handle inside the boundary guard ([`guard`]); a NULL handle is
+/// [`Failure::null`], recorded in the thread's slot only.
+pub(crate) fn with_handle<H: Handle>(
+    function: &str,
+    handle: *const H,
+    body: impl FnOnce(&H) -> Result<(), Failure>,
+) -> SdsStatus {
+    // SAFETY: a non-NULL handle is one its `_create` function returned and not yet destroyed
+    // (the caller's contract).
+    match unsafe { handle.as_ref() } {
+        Some(handle) => guard(function, Some(handle.error_slot()), || body(handle)),
+        None => guard(function, None, || Err(Failure::null(function, H::ARGUMENT))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::sync::{Mutex, PoisonError};
 use sdstream_core::{ControlImage, EngineSettings, ImageProcessor};
 
 use crate::engine::{out_arg, str_arg, write_opt};
-use crate::error::{ErrorSlot, Failure, SdsStatus, guard, thread_copy_of};
+use crate::error::{ErrorSlot, Failure, Handle, SdsStatus, guard, thread_copy_of, with_handle};
 use crate::frame::SdsFrame;
 
 /// An image processor with its network loaded. Opaque; made by `sds_processor_create`, freed by
@@ -38,17 +38,10 @@ pub struct SdsControlOutput {
     pub size: usize,
 }
 
-/// Runs `body` on a non-NULL handle inside the boundary guard.
-fn with_processor(
-    function: &str,
-    processor: *const SdsProcessor,
-    body: impl FnOnce(&SdsProcessor) -> Result<(), Failure>,
-) -> SdsStatus {
-    // SAFETY: a non-NULL handle is one sds_processor_create returned and not yet destroyed
-    // (the caller's contract).
-    match unsafe { processor.as_ref() } {
-        Some(handle) => guard(function, Some(&handle.last_error), || body(handle)),
-        None => guard(function, None, || Err(Failure::null(function, "processor"))),
+impl Handle for SdsProcessor {
+    const ARGUMENT: &'static str = "processor";
+    fn error_slot(&self) -> &ErrorSlot {
+        &self.last_error
     }
 }
 
@@ -115,7 +108,7 @@ pub unsafe extern "C" fn sds_processor_process(
     out: *mut SdsControlOutput,
 ) -> SdsStatus {
     const F: &str = "sds_processor_process";
-    with_processor(F, processor, |h| {
+    with_handle(F, processor, |h| {
         // SAFETY: by the caller's contract.
         let (frame, out) = unsafe {
             (
@@ -189,7 +182,7 @@ pub unsafe extern "C" fn sds_processor_output_size(
     size: *mut usize,
 ) -> SdsStatus {
     const F: &str = "sds_processor_output_size";
-    with_processor(F, processor, |h| {
+    with_handle(F, processor, |h| {
         let p = h.processor.lock().unwrap_or_else(PoisonError::into_inner);
         let (w, ht) = p.output_size(width as usize, height as usize);
         let c = p.output_channels();
@@ -219,7 +212,7 @@ pub unsafe extern "C" fn sds_processor_output_size(
 /// `processor` is NULL or a live handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sds_processor_reset(processor: *mut SdsProcessor) -> SdsStatus {
-    with_processor("sds_processor_reset", processor, |h| {
+    with_handle("sds_processor_reset", processor, |h| {
         h.processor
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -21,7 +21,7 @@ pub mod conv;
 mod conv_channels_last;
 mod conv_direct;
 #[cfg(feature = "cudnn")]
-pub mod cudnn_conv;
+pub(crate) mod cudnn_conv;
 pub mod gemm_bf16;
 pub mod norm;
 pub mod ops;
@@ -37,11 +37,11 @@ pub use winograd::{
 };
 
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
-pub use pool::threads;
+pub(crate) use pool::threads;
 
 /// Whether the switch `name` is on: the environment variable is set to anything but nothing or
 /// `0`. The kernels' switches (`SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, ...) all read so.
-pub fn env_switch(name: &str) -> bool {
+pub(crate) fn env_switch(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
@@ -103,7 +103,11 @@ fn thread_count(items: usize, volume: usize) -> usize {
 
 /// Runs `f(row_index, row)` over the `row_len`-long rows of `dst` (the last may be shorter),
 /// spread over candle's CPU threads when the work is big enough to pay for them.
-pub fn for_each_row<T: Send>(dst: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+pub(crate) fn for_each_row<T: Send>(
+    dst: &mut [T],
+    row_len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
     if row_len == 0 || dst.is_empty() {
         return;
     }
@@ -184,7 +188,7 @@ impl<T> SharedMut<T> {
 /// visible share of the frame; on Linux the buffer is marked for transparent huge pages before
 /// its first touch, so it faults in 2 MiB at a time (docs/ARCHITECTURE.md "Performance"). The
 /// advice is only advice: where it is refused, nothing changes.
-pub fn zeroed_buffer<T: WithDType>(len: usize) -> Vec<T> {
+pub(crate) fn zeroed_buffer<T: WithDType>(len: usize) -> Vec<T> {
     let buffer = vec![T::zero(); len];
     #[cfg(target_os = "linux")]
     {
