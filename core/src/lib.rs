@@ -16,12 +16,14 @@
 //!   the RTMP push) may reach.
 //!
 //! The transports and Daydream's HTTP API over engines (WebRTC, RTMP, HLS, the `sdstream`
-//! binary) are the crate `sdstream-server`, a floor above this one; the kernels are the crate
-//! `sdstream-kernels` (re-exported as [`model::kernels`]), a floor below.
+//! binary) are the crate `sdstream-server`, a floor above this one. Below: the networks and
+//! their files are the crate `sdstream-models` (re-exported as [`model`], with the checkpoint
+//! loading and the pool that are this crate's), the kernels `sdstream-kernels` (as
+//! [`model::kernels`]; the allocator as [`alloc`]).
 
-pub mod alloc;
+pub use sdstream_kernels::alloc;
 pub mod engine;
-pub mod error;
+pub use sdstream_models::error;
 pub mod frame;
 pub mod hub;
 pub mod ids;

@@ -7,7 +7,101 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::stream_diffusion::StageTimings;
+use crate::params::catalog::{IMAGE_PROCESSORS, LATENT_PROCESSORS};
+
+/// Wall-clock time of each stage of the last processed frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimings {
+    /// Frame → tensor conversion and resize.
+    pub preprocess: Duration,
+    /// VAE/TAESD encode.
+    pub encode: Duration,
+    /// UNet (all rows of the stream batch, guidance included; ControlNets excluded).
+    pub unet: Duration,
+    /// ControlNets: control images (preprocessors) and the nets' forward passes.
+    pub controlnet: Duration,
+    /// VAE/TAESD decode.
+    pub decode: Duration,
+    /// Tensor → frame conversion.
+    pub postprocess: Duration,
+    /// The whole call.
+    pub total: Duration,
+    /// Each image processor's share: the ControlNets' preprocessors (inside `controlnet`) and
+    /// the `image_preprocessing` / `image_postprocessing` chains; also `latent_feedback` and
+    /// `safety_checker`.
+    pub processors: ProcessorTimes,
+    /// What the safety checker made of the frame.
+    pub safety: SafetyFrame,
+}
+
+/// The safety checker's part in one frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SafetyFrame {
+    /// Whether the checker ran on this frame (it is on, and the frame was not skipped).
+    pub checked: bool,
+    /// Whether the frame was flagged (and replaced by black). A skipped frame repeats the
+    /// previous output and its verdict.
+    pub flagged: bool,
+    /// The highest concept score (diffusers' rule flags above 0 at the default threshold).
+    pub max_concept_score: f32,
+}
+
+/// The name the safety checker's time is reported under, beside the processors'.
+pub const SAFETY_CHECKER: &str = "safety_checker";
+
+const TIMED: usize = IMAGE_PROCESSORS.len() + LATENT_PROCESSORS.len() + 1;
+
+/// Every name [`ProcessorTimes`] counts, in order: the image processors, the latent
+/// processors, the safety checker.
+fn timed_names() -> impl Iterator<Item = &'static &'static str> {
+    IMAGE_PROCESSORS
+        .iter()
+        .chain(LATENT_PROCESSORS)
+        .chain(std::iter::once(&SAFETY_CHECKER))
+}
+
+/// The position of `name` among the timed names.
+fn timed_index(name: &str) -> Option<usize> {
+    timed_names().position(|n| *n == name)
+}
+
+/// Time spent in each processor during one frame, by name (Daydream's processor names,
+/// [`IMAGE_PROCESSORS`], then `latent_feedback` and `safety_checker`); a processor that ran
+/// several times (two chains, two settings) sums, and the runs are counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessorTimes {
+    spent: [Option<Duration>; TIMED],
+    runs: [u32; TIMED],
+}
+
+impl ProcessorTimes {
+    /// Adds a run of `elapsed` to processor `name` (names outside the catalogue are not
+    /// counted).
+    pub fn add(&mut self, name: &str, elapsed: Duration) {
+        if let Some(i) = timed_index(name) {
+            let slot = &mut self.spent[i];
+            *slot = Some(slot.unwrap_or_default() + elapsed);
+            self.runs[i] += 1;
+        }
+    }
+
+    /// How many times processor `name` ran.
+    pub fn runs(&self, name: &str) -> u32 {
+        timed_index(name).map_or(0, |i| self.runs[i])
+    }
+
+    /// Each processor that ran, with its time, in catalogue order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, Duration)> + '_ {
+        timed_names()
+            .zip(&self.spent)
+            .filter_map(|(name, spent)| spent.map(|d| (*name, d)))
+    }
+
+    /// The time of processor `name` (`None` when it did not run).
+    pub fn get(&self, name: &str) -> Option<Duration> {
+        self.spent[timed_index(name)?]
+    }
+}
 
 /// Daydream's stream states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

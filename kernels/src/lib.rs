@@ -16,6 +16,7 @@
 //! (+ SiLU), group_norm.cu, and a frame's 8-bit conversions on the way on and off the device,
 //! transfer.cu; both compiled to PTX by build.rs with the `cuda` feature.
 
+pub mod alloc;
 pub mod attention;
 pub mod conv;
 mod conv_channels_last;

@@ -1,4 +1,4 @@
-"""Goldens for RAFT optical flow (core/src/model/raft.rs) and torchvision's flow_to_image
+"""Goldens for RAFT optical flow (models/src/raft.rs) and torchvision's flow_to_image
 (core/src/preprocess/flow_image.rs).
 
 Writes tests/fixtures/raft/:

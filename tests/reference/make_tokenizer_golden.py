@@ -1,5 +1,5 @@
 """Golden ids for sdstream's CLIP tokenizer built from vocab.json + merges.txt (no tokenizer.json),
-the layout of the real sd-turbo / SD1.5 repositories (core/src/model/tokenizer.rs).
+the layout of the real sd-turbo / SD1.5 repositories (models/src/tokenizer.rs).
 
 tests/fixtures/golden/tokenizer_ids.json (made by make_fixtures.py) covers the tokenizer.json path.
 This script copies tests/fixtures/tiny-sd-turbo/tokenizer without tokenizer.json into a temp folder,

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::hub::{self, HubOptions};
+use crate::hub::{self, HubOptions, Wanted};
 use crate::model::clip::ClipTextModel;
 use crate::model::controlnet::ControlNetModel;
-use crate::model::lora::{LoraDeltas, LoraFile, LoraStack, LoraTarget, resolve_lora};
+use crate::model::lora::{DIFFUSERS_LORA_FILE, LoraDeltas, LoraFile, LoraStack, LoraTarget};
 use crate::model::taesd::AutoencoderTiny;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
@@ -1049,6 +1049,52 @@ pub(crate) fn lock_or_wait<'a>(slot: &'a Mutex<()>, waiting: impl FnOnce()) -> M
             waiting();
             slot.lock().unwrap_or_else(PoisonError::into_inner)
         }
+    }
+}
+
+/// The LoRA file `id` names: a `.safetensors` file (where paths are allowed), or a folder or hub
+/// repository (resolved like a model: local folder, model_root, HF cache, hub) holding
+/// `pytorch_lora_weights.safetensors` or exactly one other `.safetensors` file.
+pub fn resolve_lora(id: &str, opts: &HubOptions) -> Result<PathBuf> {
+    if opts.allow_paths {
+        let as_file = Path::new(id);
+        if as_file.is_file() {
+            return Ok(as_file.to_path_buf());
+        }
+    }
+    let dir = hub::resolve_wanted(id, opts, &[Wanted::Glob("*.safetensors".into())])?;
+    let preferred = dir.join(DIFFUSERS_LORA_FILE);
+    if preferred.is_file() {
+        return Ok(preferred);
+    }
+    let read = std::fs::read_dir(&dir).map_err(|source| Error::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = read
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    match files.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Error::ModelLoad {
+            path: dir,
+            detail: format!(
+                "no LoRA here: expected {DIFFUSERS_LORA_FILE} or one .safetensors file"
+            ),
+        }),
+        many => Err(Error::ModelLoad {
+            path: dir.clone(),
+            detail: format!(
+                "{} .safetensors files and no {DIFFUSERS_LORA_FILE}: name the file itself ({})",
+                many.len(),
+                many.iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
     }
 }
 

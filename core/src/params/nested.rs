@@ -116,8 +116,9 @@ impl Default for IPAdapterConfig {
     }
 }
 
-/// Most frames `cached_attention` may bank (Daydream's `CACHED_ATTENTION_MAX_FRAMES`).
-pub const CACHED_ATTENTION_MAX_FRAMES: u32 = 4;
+/// Most frames `cached_attention` may bank (Daydream's `CACHED_ATTENTION_MAX_FRAMES`): what the
+/// bank holds.
+pub const CACHED_ATTENTION_MAX_FRAMES: u32 = crate::model::attention_bank::MAX_BANKED_FRAMES as u32;
 /// Longest `cached_attention.interval` (Daydream's bound: a minute at 24 fps).
 pub const CACHED_ATTENTION_MAX_INTERVAL: u32 = 1440;
 

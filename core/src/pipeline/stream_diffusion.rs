@@ -47,47 +47,13 @@ use crate::preprocess::latent::LatentChain;
 use crate::preprocess::networks::{
     Network, NetworkKind, NetworkPool, NetworkRequest, ProcessorNetworks,
 };
-use crate::preprocess::{self, ProcessorInputs, ProcessorTimes};
+use crate::preprocess::{self, ProcessorInputs};
 use crate::sampling::rng::TorchGenerator;
-use crate::status::{Activity, EngineState, EngineStatus, epoch_ms, params_hash};
+use crate::status::{Activity, EngineState, EngineStatus, ProcessorTimes, epoch_ms, params_hash};
 use crate::{Error, Result};
 
-/// Wall-clock time of each stage of the last processed frame.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct StageTimings {
-    /// Frame → tensor conversion and resize.
-    pub preprocess: Duration,
-    /// VAE/TAESD encode.
-    pub encode: Duration,
-    /// UNet (all rows of the stream batch, guidance included; ControlNets excluded).
-    pub unet: Duration,
-    /// ControlNets: control images (preprocessors) and the nets' forward passes.
-    pub controlnet: Duration,
-    /// VAE/TAESD decode.
-    pub decode: Duration,
-    /// Tensor → frame conversion.
-    pub postprocess: Duration,
-    /// The whole call.
-    pub total: Duration,
-    /// Each image processor's share: the ControlNets' preprocessors (inside `controlnet`) and
-    /// the `image_preprocessing` / `image_postprocessing` chains; also `latent_feedback` and
-    /// `safety_checker`.
-    pub processors: ProcessorTimes,
-    /// What the safety checker made of the frame.
-    pub safety: SafetyFrame,
-}
-
-/// The safety checker's part in one frame.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct SafetyFrame {
-    /// Whether the checker ran on this frame (it is on, and the frame was not skipped).
-    pub checked: bool,
-    /// Whether the frame was flagged (and replaced by black). A skipped frame repeats the
-    /// previous output and its verdict.
-    pub flagged: bool,
-    /// The highest concept score (diffusers' rule flags above 0 at the default threshold).
-    pub max_concept_score: f32,
-}
+/// The report types of a frame, kept with the rest of the status report.
+pub use crate::status::{SafetyFrame, StageTimings};
 
 /// A running StreamDiffusion stream over one loaded checkpoint.
 pub struct StreamDiffusion {

@@ -54,14 +54,15 @@ pub mod param_reader;
 pub mod planes;
 pub mod pose;
 pub mod realesrgan;
-pub mod resize;
+/// The resampling the networks share (models' `resize`).
+pub use sdstream_models::resize;
 pub mod soft_edge;
 pub mod standalone;
 pub mod standard_lineart;
 pub mod temporal_net;
 pub mod upscale;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::Tensor;
 use serde_json::{Map, Value};
@@ -69,7 +70,7 @@ use serde_json::{Map, Value};
 use self::networks::{Network, NetworkRequest, ProcessorNetworks};
 use self::param_reader::ParamReader;
 use self::planes::Planes;
-use crate::params::catalog::{IMAGE_PROCESSORS, LATENT_PROCESSORS};
+use crate::params::catalog::IMAGE_PROCESSORS;
 use crate::params::{ProcessingConfig, StreamDiffusionParams};
 use crate::{Error, Result};
 
@@ -111,62 +112,9 @@ pub struct ProcessorInputs<'a> {
     pub networks: Option<&'a ProcessorNetworks>,
 }
 
-/// The name the safety checker's time is reported under, beside the processors'.
-pub const SAFETY_CHECKER: &str = "safety_checker";
-
-const TIMED: usize = IMAGE_PROCESSORS.len() + LATENT_PROCESSORS.len() + 1;
-
-/// Every name [`ProcessorTimes`] counts, in order: the image processors, the latent
-/// processors, the safety checker.
-fn timed_names() -> impl Iterator<Item = &'static &'static str> {
-    IMAGE_PROCESSORS
-        .iter()
-        .chain(LATENT_PROCESSORS)
-        .chain(std::iter::once(&SAFETY_CHECKER))
-}
-
-/// The position of `name` among the timed names.
-fn timed_index(name: &str) -> Option<usize> {
-    timed_names().position(|n| *n == name)
-}
-
-/// Time spent in each processor during one frame, by name (Daydream's processor names,
-/// [`IMAGE_PROCESSORS`], then `latent_feedback` and `safety_checker`); a processor that ran
-/// several times (two chains, two settings) sums, and the runs are counted.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ProcessorTimes {
-    spent: [Option<Duration>; TIMED],
-    runs: [u32; TIMED],
-}
-
-impl ProcessorTimes {
-    /// Adds a run of `elapsed` to processor `name` (names outside the catalogue are not
-    /// counted).
-    pub fn add(&mut self, name: &str, elapsed: Duration) {
-        if let Some(i) = timed_index(name) {
-            let slot = &mut self.spent[i];
-            *slot = Some(slot.unwrap_or_default() + elapsed);
-            self.runs[i] += 1;
-        }
-    }
-
-    /// How many times processor `name` ran.
-    pub fn runs(&self, name: &str) -> u32 {
-        timed_index(name).map_or(0, |i| self.runs[i])
-    }
-
-    /// Each processor that ran, with its time, in catalogue order.
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, Duration)> + '_ {
-        timed_names()
-            .zip(&self.spent)
-            .filter_map(|(name, spent)| spent.map(|d| (*name, d)))
-    }
-
-    /// The time of processor `name` (`None` when it did not run).
-    pub fn get(&self, name: &str) -> Option<Duration> {
-        self.spent[timed_index(name)?]
-    }
-}
+/// The report types the processors fill (the time each took), kept with the rest of the
+/// status report.
+pub use crate::status::{ProcessorTimes, SAFETY_CHECKER};
 
 /// A processor with its params read and checked: the one place that maps a name and a params
 /// object to what runs, shared by [`validate`] and [`apply`].

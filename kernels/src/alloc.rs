@@ -11,11 +11,12 @@
 //!
 //! A library must not choose the process's allocator, so the crate only provides it: the C ABI
 //! and the Python module (whose Rust allocations are their own) and the `sdstream` binary
-//! install it; a Rust program opts in with
+//! install it; a Rust program opts in with (sdstream re-exports this module as `sdstream::alloc`)
 //!
 //! ```
 //! #[global_allocator]
-//! static ALLOCATOR: sdstream::alloc::ReusingAllocator = sdstream::alloc::ReusingAllocator::new();
+//! static ALLOCATOR: sdstream_kernels::alloc::ReusingAllocator =
+//!     sdstream_kernels::alloc::ReusingAllocator::new();
 //! # fn main() {}
 //! ```
 //!

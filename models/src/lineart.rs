@@ -21,9 +21,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::kernels::conv::{Conv2d, Padding};
-use crate::model::kernels::norm::GroupNorm;
-use crate::model::kernels::ops;
+use crate::kernels::conv::{Conv2d, Padding};
+use crate::kernels::norm::GroupNorm;
+use crate::kernels::ops;
 use crate::{Error, Result};
 
 /// torch's `InstanceNorm2d` default eps.

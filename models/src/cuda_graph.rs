@@ -31,7 +31,7 @@ type Signature = (ThreadId, Vec<(Vec<usize>, DType)>);
 
 /// Captured graphs of one network's forward pass (see the module's documentation).
 #[derive(Default)]
-pub(crate) struct GraphCache {
+pub struct GraphCache {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     graphs: Mutex<HashMap<Signature, Captured>>,
     failed: AtomicBool,
@@ -109,7 +109,7 @@ impl GraphCache {
     /// documentation). `inputs` must be every device tensor the pass reads that can change
     /// between calls; tensors it reads besides (weights) must stay allocated while the cache
     /// lives, as a network's weights do.
-    pub(crate) fn run(
+    pub fn run(
         &self,
         inputs: &[&Tensor],
         forward: impl Fn(&[&Tensor]) -> crate::Result<Tensor>,

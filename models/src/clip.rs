@@ -17,15 +17,15 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::model::kernels::norm::LayerNorm;
-use crate::model::limits::{
+use crate::kernels::norm::LayerNorm;
+use crate::limits::{
     Limits, MAX_CHANNELS, MAX_HEADS, MAX_POSITIONS, MAX_TEXT_LAYERS, MAX_VOCAB, MAX_WIDTH,
 };
 
-use crate::model::lora::LoraDeltas;
-use crate::model::weight_table::{WeightTable, rebuild_with_lora};
-use crate::model::{open_component_with_lora, try_vec};
+use crate::lora::LoraDeltas;
+use crate::weight_table::{WeightTable, rebuild_with_lora};
 use crate::{Error, Result};
+use crate::{open_component_with_lora, try_vec};
 
 /// `config.json` of a transformers `CLIPTextModel`; defaults are transformers' `CLIPTextConfig`.
 #[derive(Debug, Clone, Deserialize)]
@@ -127,7 +127,7 @@ impl Config {
         self.architectures.iter().any(|a| a == WITH_PROJECTION)
     }
 
-    /// Checks what the graph depends on, and every size against [`crate::model::limits`]; the
+    /// Checks what the graph depends on, and every size against [`crate::limits`]; the
     /// error names the offending field.
     pub fn validate(&self) -> Result<()> {
         let l = Limits::new("CLIP text encoder");
@@ -166,7 +166,7 @@ impl Config {
 
 /// The MLP activations transformers' `ACT2FN` offers that CLIP checkpoints use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
+pub enum Activation {
     /// `x·σ(1.702x)`, OpenAI CLIP's approximation.
     QuickGelu,
     /// Exact GELU through erf.
@@ -178,7 +178,7 @@ pub(crate) enum Activation {
 }
 
 impl Activation {
-    pub(crate) fn parse(name: &str) -> Result<Self> {
+    pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "quick_gelu" => Self::QuickGelu,
             "gelu" => Self::GeluErf,
@@ -263,7 +263,7 @@ impl SelfAttention {
 
 /// One pre-LayerNorm transformer layer (the text and the vision towers share it).
 #[derive(Debug, Clone)]
-pub(crate) struct EncoderLayer {
+pub struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: SelfAttention,
     layer_norm2: LayerNorm,
@@ -274,7 +274,7 @@ pub(crate) struct EncoderLayer {
 
 impl EncoderLayer {
     /// A layer of width `sizes.0` with `sizes.1` heads and an MLP of `sizes.2`.
-    pub(crate) fn new(
+    pub fn new(
         (dim, num_heads, intermediate): (usize, usize, usize),
         eps: f64,
         activation: Activation,
@@ -291,11 +291,7 @@ impl EncoderLayer {
         })
     }
 
-    pub(crate) fn forward(
-        &self,
-        xs: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let attn = self
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, mask)?;

@@ -5,7 +5,7 @@
 //! transformers spells it), the same pre-LayerNorm transformer layers as the text tower without a
 //! mask, and the pooled output: the class token's final state through `post_layernorm`.
 //!
-//! The Stable Diffusion safety checker ([`crate::model::safety_checker`]) runs it; IP-Adapter's
+//! The Stable Diffusion safety checker ([`crate::safety_checker`]) runs it; IP-Adapter's
 //! image encoder is the same network. Weights are read under transformers 4.x's names
 //! (`vision_model.embeddings...` below whatever prefix the caller gives) or 5.x's.
 
@@ -13,10 +13,10 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
-use crate::model::clip::{Activation, EncoderLayer};
-use crate::model::kernels::norm::LayerNorm;
-use crate::model::limits::{Limits, MAX_CHANNELS, MAX_HEADS, MAX_TEXT_LAYERS, MAX_WIDTH};
-use crate::preprocess::resize::{Filter, resize_rgb8};
+use crate::clip::{Activation, EncoderLayer};
+use crate::kernels::norm::LayerNorm;
+use crate::limits::{Limits, MAX_CHANNELS, MAX_HEADS, MAX_TEXT_LAYERS, MAX_WIDTH};
+use crate::resize::{Filter, resize_rgb8};
 use crate::{Error, Result};
 
 /// `vision_config` of a transformers CLIP configuration; defaults are `CLIPVisionConfig`'s.
@@ -80,7 +80,7 @@ fn default_eps() -> f64 {
 }
 
 impl VisionConfig {
-    /// Checks what the graph depends on and every size against [`crate::model::limits`].
+    /// Checks what the graph depends on and every size against [`crate::limits`].
     pub fn validate(&self) -> Result<()> {
         let l = Limits::new("CLIP vision encoder");
         l.value("hidden_size", self.hidden_size, MAX_CHANNELS)?;

@@ -16,15 +16,15 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::model::kernels::conv::{Conv2d, Padding};
-use crate::model::kernels::norm::GroupNorm;
-use crate::model::kernels::ops::add_fresh;
-use crate::model::kernels::{cpu_kernels, gemm_bf16};
-use crate::model::limits::{
+use crate::kernels::conv::{Conv2d, Padding};
+use crate::kernels::norm::GroupNorm;
+use crate::kernels::ops::add_fresh;
+use crate::kernels::{cpu_kernels, gemm_bf16};
+use crate::limits::{
     Limits, MAX_CHANNELS, MAX_GROUPS, MAX_IO_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS,
 };
-use crate::model::{no_unused_tensors, open_component};
 use crate::{Error, Result};
+use crate::{no_unused_tensors, open_component};
 
 /// diffusers' normalisation epsilon inside the VAE (hard-wired there too).
 const NORM_EPS: f64 = 1e-6;
@@ -135,7 +135,7 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Checks what the graph depends on, and every size against [`crate::model::limits`]; the
+    /// Checks what the graph depends on, and every size against [`crate::limits`]; the
     /// error names the offending field.
     pub fn validate(&self) -> Result<()> {
         let l = Limits::new("AutoencoderKL");
@@ -265,7 +265,7 @@ impl Activation {
 
 /// Whether the encoder and decoder run channels-last (`[B, H, W, C]`): where the CPU kernels
 /// run. There the convolution needs no im2col matrix and upsampling convolutions take 4 taps
-/// instead of 9 ([`crate::model::kernels::conv::Conv2d::into_channels_last`]): at 512×512 the
+/// instead of 9 ([`crate::kernels::conv::Conv2d::into_channels_last`]): at 512×512 the
 /// decoder's 128- and 256-channel convolutions take about half the time channels-first does.
 /// Maps are converted once on the way in and once on the way out (3 or 4 and 8 channels).
 fn runs_channels_last(vb: &VarBuilder) -> bool {

@@ -21,14 +21,14 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
-use crate::model::cuda_graph::GraphCache;
-use crate::model::kernels::conv::{Conv2d, Epilogue, Padding};
-use crate::model::kernels::{cpu_kernels, gemm_bf16};
-use crate::model::limits::{
+use crate::cuda_graph::GraphCache;
+use crate::kernels::conv::{Conv2d, Epilogue, Padding};
+use crate::kernels::{cpu_kernels, gemm_bf16};
+use crate::limits::{
     Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS, MAX_TINY_BLOCKS, MAX_UPSAMPLING,
 };
-use crate::model::{no_unused_tensors, open_component};
 use crate::{Error, Result};
+use crate::{no_unused_tensors, open_component};
 
 /// `config.json` of a diffusers `AutoencoderTiny`; defaults are diffusers' constructor defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -134,7 +134,7 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Checks what the graph depends on, and every size against [`crate::model::limits`]; the
+    /// Checks what the graph depends on, and every size against [`crate::limits`]; the
     /// error names the offending field.
     pub fn validate(&self) -> Result<()> {
         let l = Limits::new("AutoencoderTiny");

@@ -26,8 +26,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::hub::{self, HubOptions, Wanted};
-use crate::model::weights::WeightsFile;
+use crate::weights::WeightsFile;
 use crate::{Error, Result};
 
 /// The file name diffusers saves LoRAs under, and looks for first in a LoRA folder.
@@ -346,16 +345,12 @@ impl LoraDeltas {
     }
 
     /// Whether some delta patches the tensor `name`.
-    pub(crate) fn targets(&self, name: &str) -> bool {
+    pub fn targets(&self, name: &str) -> bool {
         self.deltas(name).is_some()
     }
 
     /// Checks that every delta for `name` has the shape of the stored tensor (`shape`).
-    pub(crate) fn check_fits(
-        &self,
-        name: &str,
-        shape: &[usize],
-    ) -> std::result::Result<(), String> {
+    pub fn check_fits(&self, name: &str, shape: &[usize]) -> std::result::Result<(), String> {
         for delta in self.deltas(name).unwrap_or_default() {
             let layer = delta.layer();
             let (out, r) = (layer.up.dims()[0], layer.down.dims()[0]);
@@ -382,13 +377,13 @@ impl LoraDeltas {
     }
 
     /// `base` (f32) with every delta for `name` added: W + Σ w·(α/r)·(up·down).
-    pub(crate) fn fuse(&self, name: &str, base: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn fuse(&self, name: &str, base: &Tensor) -> candle_core::Result<Tensor> {
         self.add_deltas(name, base, 1.0)
     }
 
     /// `fused` (f32) with every delta for `name` taken away again: W − Σ w·(α/r)·(up·down),
     /// in the reverse order of [`fuse`](Self::fuse).
-    pub(crate) fn unfuse(&self, name: &str, fused: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn unfuse(&self, name: &str, fused: &Tensor) -> candle_core::Result<Tensor> {
         self.add_deltas(name, fused, -1.0)
     }
 
@@ -415,7 +410,7 @@ impl LoraDeltas {
 
     /// Fails, naming the first, when some layer patched no tensor of the network (`used`: the
     /// tensor names its constructor asked for).
-    pub(crate) fn check_all_targeted(&self, used: &BTreeSet<String>) -> Result<()> {
+    pub fn check_all_targeted(&self, used: &BTreeSet<String>) -> Result<()> {
         let found: BTreeSet<String> = used.iter().filter_map(|n| self.key_of(n)).collect();
         let mut stray: Vec<&Delta> = self
             .by_module
@@ -438,52 +433,6 @@ impl LoraDeltas {
                 stray.len()
             ),
         })
-    }
-}
-
-/// The LoRA file `id` names: a `.safetensors` file (where paths are allowed), or a folder or hub
-/// repository (resolved like a model: local folder, model_root, HF cache, hub) holding
-/// `pytorch_lora_weights.safetensors` or exactly one other `.safetensors` file.
-pub fn resolve_lora(id: &str, opts: &HubOptions) -> Result<PathBuf> {
-    if opts.allow_paths {
-        let as_file = Path::new(id);
-        if as_file.is_file() {
-            return Ok(as_file.to_path_buf());
-        }
-    }
-    let dir = hub::resolve_wanted(id, opts, &[Wanted::Glob("*.safetensors".into())])?;
-    let preferred = dir.join(DIFFUSERS_LORA_FILE);
-    if preferred.is_file() {
-        return Ok(preferred);
-    }
-    let read = std::fs::read_dir(&dir).map_err(|source| Error::Io {
-        path: dir.clone(),
-        source,
-    })?;
-    let mut files: Vec<PathBuf> = read
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    files.sort();
-    match files.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(Error::ModelLoad {
-            path: dir,
-            detail: format!(
-                "no LoRA here: expected {DIFFUSERS_LORA_FILE} or one .safetensors file"
-            ),
-        }),
-        many => Err(Error::ModelLoad {
-            path: dir.clone(),
-            detail: format!(
-                "{} .safetensors files and no {DIFFUSERS_LORA_FILE}: name the file itself ({})",
-                many.len(),
-                many.iter()
-                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }),
     }
 }
 

@@ -25,7 +25,7 @@ use crate::{Error, Result};
 
 /// Activation functions that diffusers' `get_activation` can name in a UNet config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
+pub enum Activation {
     /// `silu` / `swish`.
     Silu,
     /// `gelu` (exact, erf-based, as `torch.nn.GELU()`).
@@ -36,7 +36,7 @@ pub(crate) enum Activation {
 
 impl Activation {
     /// Parses an activation name from a config; `option` names the config field for the error.
-    pub(crate) fn parse(name: &str, model: &str, option: &str) -> Result<Self> {
+    pub fn parse(name: &str, model: &str, option: &str) -> Result<Self> {
         match name {
             "silu" | "swish" => Ok(Self::Silu),
             "gelu" => Ok(Self::Gelu),
@@ -49,7 +49,7 @@ impl Activation {
         }
     }
 
-    pub(crate) fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Silu => x.silu(),
             Self::Gelu => x.gelu_erf(),
@@ -60,7 +60,7 @@ impl Activation {
 
 /// Settings every resnet and transformer of a UNet shares, taken from the model config.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct BlockSettings {
+pub struct BlockSettings {
     /// `norm_num_groups`.
     pub groups: usize,
     /// `norm_eps`, used by the resnets' GroupNorms.
@@ -77,7 +77,7 @@ pub(crate) struct BlockSettings {
 
 /// What one level of the UNet holds besides its resnets: the cross-attention transformers.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct AttentionSpec {
+pub struct AttentionSpec {
     /// Number of heads (diffusers' `num_attention_heads`, which defaults to `attention_head_dim`).
     pub heads: usize,
     /// Width of the text embeddings the cross-attention reads.
@@ -95,7 +95,7 @@ pub(crate) struct AttentionSpec {
 /// A linear layer `y = x·Wᵀ + b` over the last dimension. On the CPU the bias is added in place
 /// into the fresh matmul output (one pass, no extra allocation).
 #[derive(Debug, Clone)]
-pub(crate) struct Linear {
+pub struct Linear {
     /// `[out, in]`; on the CPU kernels a view of `[in, out]` values (see [`Linear::new`]).
     weight: Tensor,
     bias: Option<Tensor>,
@@ -111,7 +111,7 @@ impl Linear {
     /// large weights, that repacking was most of the work (64 tokens, 5120 → 1280: 13.1 →
     /// 4.9 ms). A weight already laid out so (a rebuild for a LoRA hands the old view back) is
     /// kept as it is.
-    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let weight = if !cpu_kernels(weight.device()) || weight.t()?.is_contiguous() {
             weight
         } else {
@@ -125,14 +125,14 @@ impl Linear {
     }
 
     /// The weight, `[out, in]` (a strided view on the CPU kernels).
-    pub(crate) fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 }
 
 /// `prefix.weight` (`[out, in]`) and `prefix.bias` of a linear layer. The weight table records
 /// the layer's own view of its weight (see [`Linear::new`] and [`weight_table`]).
-pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let layer = Linear::new(
         vb.get((out_dim, in_dim), "weight")?,
         Some(vb.get(out_dim, "bias")?),
@@ -143,7 +143,7 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
 
 impl Linear {
     /// `x·Wᵀ`, without the bias.
-    pub(crate) fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if gemm_bf16::active() && cpu_kernels(x.device()) && x.dtype() == DType::F32 {
             return gemm_bf16::linear(x, &self.weight, &self.packed_bf16);
         }
@@ -172,7 +172,7 @@ impl Module for Linear {
 }
 
 /// A convolution with bias and the same padding on every side, as the UNet's layers.
-pub(crate) fn conv2d(
+pub fn conv2d(
     in_ch: usize,
     out_ch: usize,
     kernel: usize,
@@ -202,7 +202,7 @@ fn pointwise_as_linear(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Li
 
 /// Sinusoidal timestep features, as diffusers' `get_timestep_embedding`, always in f32.
 #[derive(Debug, Clone)]
-pub(crate) struct SinusoidalTimesteps {
+pub struct SinusoidalTimesteps {
     /// `exp(-ln(10000)·i / (half − shift))`, `[1, half]`, f32.
     freqs: Tensor,
     dim: usize,
@@ -210,7 +210,7 @@ pub(crate) struct SinusoidalTimesteps {
 }
 
 impl SinusoidalTimesteps {
-    pub(crate) fn new(
+    pub fn new(
         dim: usize,
         flip_sin_to_cos: bool,
         freq_shift: f64,
@@ -235,7 +235,7 @@ impl SinusoidalTimesteps {
     }
 
     /// `[B]` timesteps (any dtype) → `[B, dim]` f32 features.
-    pub(crate) fn forward(&self, timesteps: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, timesteps: &Tensor) -> candle_core::Result<Tensor> {
         let b = timesteps.dim(0)?;
         let args = timesteps
             .to_device(self.freqs.device())?
@@ -258,7 +258,7 @@ impl SinusoidalTimesteps {
 
 /// diffusers' `TimestepEmbedding`: linear → act → linear (→ optional post activation).
 #[derive(Debug, Clone)]
-pub(crate) struct TimestepEmbedding {
+pub struct TimestepEmbedding {
     linear_1: Linear,
     act: Activation,
     linear_2: Linear,
@@ -266,7 +266,7 @@ pub(crate) struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
-    pub(crate) fn new(
+    pub fn new(
         in_dim: usize,
         out_dim: usize,
         act: Activation,
@@ -295,7 +295,7 @@ impl Module for TimestepEmbedding {
 
 /// diffusers' `ResnetBlock2D` (pre-norm, time-conditioned, optional 1×1 shortcut).
 #[derive(Debug, Clone)]
-pub(crate) struct ResnetBlock2D {
+pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
     time_emb_proj: Linear,
@@ -308,7 +308,7 @@ pub(crate) struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
-    pub(crate) fn new(
+    pub fn new(
         in_ch: usize,
         out_ch: usize,
         temb_ch: usize,
@@ -336,7 +336,7 @@ impl ResnetBlock2D {
 
     /// `temb_act` is the time embedding with the resnets' nonlinearity already applied (it is
     /// the same for every resnet, so the UNet computes it once per call).
-    pub(crate) fn forward(&self, x: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.norm_act(&self.norm1, x)?;
         let h = self.conv1.forward(&h)?;
         let t = self
@@ -376,12 +376,12 @@ impl ResnetBlock2D {
 
 /// diffusers' `Downsample2D` with a convolution (stride 2); padding 0 pads right and bottom.
 #[derive(Debug, Clone)]
-pub(crate) struct Downsample2D {
+pub struct Downsample2D {
     conv: Conv2d,
 }
 
 impl Downsample2D {
-    pub(crate) fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
         let padding = if padding == 0 {
             Padding::bottom_right(1)
         } else {
@@ -400,22 +400,18 @@ impl Module for Downsample2D {
 
 /// diffusers' `Upsample2D` with a convolution: nearest 2× (or to a given size), then 3×3 conv.
 #[derive(Debug, Clone)]
-pub(crate) struct Upsample2D {
+pub struct Upsample2D {
     conv: Conv2d,
 }
 
 impl Upsample2D {
-    pub(crate) fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))?,
         })
     }
 
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        size: Option<(usize, usize)>,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         match size {
             // Plain 2×: fused into the convolution's input copy on the CPU.
@@ -429,7 +425,7 @@ impl Upsample2D {
 /// diffusers' `Attention` (to_q/to_k/to_v without bias, to_out.0 with bias), all heads batched
 /// into one matmul. Self-attention projects q, k and v with one fused weight.
 #[derive(Debug, Clone)]
-pub(crate) struct Attention {
+pub struct Attention {
     /// Self-attention: `[q; k; v]` stacked. Cross-attention: q alone.
     to_q_or_qkv: Linear,
     /// Cross-attention only: `[k; v]` stacked.
@@ -491,7 +487,7 @@ const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
 const ATTENTION_BLOCK_BYTES_CPU: usize = 16 << 20;
 
 impl Attention {
-    pub(crate) fn new(
+    pub fn new(
         query_dim: usize,
         context_dim: Option<usize>,
         heads: usize,
@@ -532,14 +528,14 @@ impl Attention {
 
     /// Counts this layer's key/value projections into `counter` (with every other layer of
     /// its network).
-    pub(crate) fn share_projection_counter(&mut self, counter: &Arc<AtomicUsize>) {
+    pub fn share_projection_counter(&mut self, counter: &Arc<AtomicUsize>) {
         self.kv_memo.computed = Arc::clone(counter);
     }
 
     /// `x`: `[B, N, C]`; `context`: `[B, M, D]` for cross-attention (ignored for self-attention).
     /// With `bank`, self-attention also attends to the banked keys and values
-    /// ([`crate::model::attention_bank`]).
-    pub(crate) fn forward(
+    /// ([`crate::attention_bank`]).
+    pub fn forward(
         &self,
         x: &Tensor,
         context: Option<&Tensor>,
@@ -551,7 +547,7 @@ impl Attention {
     /// [`forward`](Self::forward) with IP-Adapter's decoupled cross-attention: the queries
     /// also attend to the image tokens' keys and values, and that result, times the layer's
     /// scale, is added to the text attention's before the output projection.
-    pub(crate) fn forward_with_image(
+    pub fn forward_with_image(
         &self,
         x: &Tensor,
         context: Option<&Tensor>,
@@ -740,16 +736,16 @@ impl Attention {
 /// What the transformer blocks read besides their input: the text embeddings and, with cached
 /// attention, this UNet call's use of the bank.
 #[derive(Clone, Copy)]
-pub(crate) struct Context<'a, 'b> {
-    pub(crate) text: &'a Tensor,
-    pub(crate) bank: Option<&'a RefCell<BankCall<'b>>>,
+pub struct Context<'a, 'b> {
+    pub text: &'a Tensor,
+    pub bank: Option<&'a RefCell<BankCall<'b>>>,
     /// IP-Adapter's image tokens and layers, when an adapter is active.
-    pub(crate) image: Option<&'a ImageContext<'a>>,
+    pub image: Option<&'a ImageContext<'a>>,
 }
 
 impl<'a> Context<'a, 'static> {
     /// The text alone (no bank, no image).
-    pub(crate) fn text(text: &'a Tensor) -> Self {
+    pub fn text(text: &'a Tensor) -> Self {
         Self {
             text,
             bank: None,
@@ -758,19 +754,19 @@ impl<'a> Context<'a, 'static> {
     }
 }
 
-/// IP-Adapter's part in one UNet call ([`crate::model::ip_adapter`]).
-pub(crate) struct ImageContext<'a> {
+/// IP-Adapter's part in one UNet call ([`crate::ip_adapter`]).
+pub struct ImageContext<'a> {
     /// The image tokens of every batch row, `[B, T, D]`.
-    pub(crate) tokens: &'a Tensor,
+    pub tokens: &'a Tensor,
     /// Per cross-attention layer (diffusers' `attn_processors` order): `[to_k_ip; to_v_ip]`.
-    pub(crate) layers: &'a [Linear],
+    pub layers: &'a [Linear],
     /// Per cross-attention layer: the scale of its image attention.
-    pub(crate) scales: &'a [f64],
+    pub scales: &'a [f64],
 }
 
 /// What one cross-attention layer reads of an [`ImageContext`].
 #[derive(Clone, Copy)]
-pub(crate) struct ImageAttention<'a> {
+pub struct ImageAttention<'a> {
     tokens: &'a Tensor,
     to_kv: &'a Linear,
     scale: f64,
@@ -778,7 +774,7 @@ pub(crate) struct ImageAttention<'a> {
 
 /// diffusers' `FeedForward` with GEGLU: `net.0.proj` (→ 2·inner), exact GELU gate, `net.2`.
 #[derive(Debug, Clone)]
-pub(crate) struct FeedForward {
+pub struct FeedForward {
     proj: Linear,
     out: Linear,
     /// Width of the projection's output, `2 · 4 · dim` (GEGLU's two halves).
@@ -793,7 +789,7 @@ pub(crate) struct FeedForward {
 const FEED_FORWARD_CHUNK_BYTES: usize = 16 << 20;
 
 impl FeedForward {
-    pub(crate) fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
             proj: linear(dim, 2 * inner, vb.pp("net").pp("0").pp("proj"))?,
@@ -830,7 +826,10 @@ impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // Chunks only keep the projection out of freshly mapped memory, at the price of reading
         // the weights once per chunk: not worth it where large blocks are reused anyway.
-        if !cpu_kernels(x.device()) || !x.is_contiguous() || crate::alloc::reuses_large_blocks() {
+        if !cpu_kernels(x.device())
+            || !x.is_contiguous()
+            || crate::kernels::alloc::reuses_large_blocks()
+        {
             return self.forward_rows(x);
         }
         let chunk_rows =
@@ -841,7 +840,7 @@ impl Module for FeedForward {
 
 /// diffusers' `BasicTransformerBlock` (layer_norm type): self-attn, cross-attn, GEGLU MLP.
 #[derive(Debug, Clone)]
-pub(crate) struct BasicTransformerBlock {
+pub struct BasicTransformerBlock {
     norm1: LayerNorm,
     attn1: Attention,
     norm2: LayerNorm,
@@ -851,24 +850,19 @@ pub(crate) struct BasicTransformerBlock {
     only_cross_attention: bool,
     /// This block's cross-attention in diffusers' `attn_processors` order (down, up, mid
     /// blocks), which IP-Adapter checkpoints number their layers by; set by the UNet.
-    pub(crate) cross_attention_slot: usize,
+    pub cross_attention_slot: usize,
     /// The width of its queries (what IP-Adapter's key and value projections output).
-    pub(crate) width: usize,
+    pub width: usize,
 }
 
 impl BasicTransformerBlock {
     /// Counts the key/value projections of this block's attention layers into `counter`.
-    pub(crate) fn share_projection_counter(&mut self, counter: &Arc<AtomicUsize>) {
+    pub fn share_projection_counter(&mut self, counter: &Arc<AtomicUsize>) {
         self.attn1.share_projection_counter(counter);
         self.attn2.share_projection_counter(counter);
     }
 
-    pub(crate) fn new(
-        dim: usize,
-        spec: &AttentionSpec,
-        upcast: bool,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(dim: usize, spec: &AttentionSpec, upcast: bool, vb: VarBuilder) -> Result<Self> {
         let head_dim = dim / spec.heads;
         let attn1_context = spec
             .only_cross_attention
@@ -900,11 +894,7 @@ impl BasicTransformerBlock {
         })
     }
 
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        context: Context<'_, '_>,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, context: Context<'_, '_>) -> candle_core::Result<Tensor> {
         // The bank extends self-attention only (an `only_cross_attention` attn1 reads the text).
         let (ctx1, bank) = if self.only_cross_attention {
             (Some(context.text), None)
@@ -943,7 +933,7 @@ impl BasicTransformerBlock {
 /// diffusers' `Transformer2DModel` over continuous input: GroupNorm (eps 1e-6), proj_in,
 /// transformer blocks on `[B, HW, C]` tokens, proj_out, residual.
 #[derive(Debug, Clone)]
-pub(crate) struct Transformer2DModel {
+pub struct Transformer2DModel {
     norm: GroupNorm,
     proj_in: Linear,
     blocks: Vec<BasicTransformerBlock>,
@@ -951,7 +941,7 @@ pub(crate) struct Transformer2DModel {
 }
 
 impl Transformer2DModel {
-    pub(crate) fn new(
+    pub fn new(
         channels: usize,
         spec: &AttentionSpec,
         s: &BlockSettings,
@@ -996,15 +986,11 @@ impl Transformer2DModel {
     }
 
     /// Its transformer blocks, in order.
-    pub(crate) fn blocks_mut(&mut self) -> impl Iterator<Item = &mut BasicTransformerBlock> {
+    pub fn blocks_mut(&mut self) -> impl Iterator<Item = &mut BasicTransformerBlock> {
         self.blocks.iter_mut()
     }
 
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        context: Context<'_, '_>,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, context: Context<'_, '_>) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = self
             .norm
@@ -1022,7 +1008,7 @@ impl Transformer2DModel {
 
 /// `CrossAttnDownBlock2D` (with transformers) or `DownBlock2D` (without).
 #[derive(Debug, Clone)]
-pub(crate) struct DownBlock {
+pub struct DownBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     downsampler: Option<Downsample2D>,
@@ -1030,7 +1016,7 @@ pub(crate) struct DownBlock {
 
 /// Shape of one UNet level, as `get_down_block`/`get_up_block` receive it.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct LevelShape {
+pub struct LevelShape {
     pub in_channels: usize,
     pub out_channels: usize,
     pub temb_channels: usize,
@@ -1039,11 +1025,11 @@ pub(crate) struct LevelShape {
 
 impl DownBlock {
     /// Its transformers (none in a block without attention).
-    pub(crate) fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
+    pub fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
         &mut self.attentions
     }
 
-    pub(crate) fn new(
+    pub fn new(
         shape: LevelShape,
         attention: Option<&AttentionSpec>,
         downsample_padding: Option<usize>,
@@ -1092,7 +1078,7 @@ impl DownBlock {
 
     /// Returns the block output and the skip connections it contributes (one per resnet, plus
     /// the downsampled output).
-    pub(crate) fn forward(
+    pub fn forward(
         &self,
         x: &Tensor,
         temb_act: &Tensor,
@@ -1115,7 +1101,7 @@ impl DownBlock {
     }
 
     /// How many skip connections this block contributes.
-    pub(crate) fn skip_count(&self) -> usize {
+    pub fn skip_count(&self) -> usize {
         self.resnets.len() + usize::from(self.downsampler.is_some())
     }
 }
@@ -1123,18 +1109,18 @@ impl DownBlock {
 /// `UNetMidBlock2DCrossAttn` (resnet, then transformer + resnet per layer) or `UNetMidBlock2D`
 /// without attention (a single resnet).
 #[derive(Debug, Clone)]
-pub(crate) struct MidBlock {
+pub struct MidBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
 }
 
 impl MidBlock {
     /// Its transformers (none in a block without attention).
-    pub(crate) fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
+    pub fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
         &mut self.attentions
     }
 
-    pub(crate) fn new(
+    pub fn new(
         channels: usize,
         temb_channels: usize,
         output_scale_factor: f64,
@@ -1169,7 +1155,7 @@ impl MidBlock {
         })
     }
 
-    pub(crate) fn forward(
+    pub fn forward(
         &self,
         x: &Tensor,
         temb_act: &Tensor,
@@ -1186,7 +1172,7 @@ impl MidBlock {
 
 /// `CrossAttnUpBlock2D` (with transformers) or `UpBlock2D` (without).
 #[derive(Debug, Clone)]
-pub(crate) struct UpBlock {
+pub struct UpBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     upsampler: Option<Upsample2D>,
@@ -1194,13 +1180,13 @@ pub(crate) struct UpBlock {
 
 impl UpBlock {
     /// Its transformers (none in a block without attention).
-    pub(crate) fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
+    pub fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
         &mut self.attentions
     }
 
     /// `shape.in_channels` is the channel count of the deepest skip this block consumes
     /// (diffusers' `in_channels`), `prev_channels` that of the block below.
-    pub(crate) fn new(
+    pub fn new(
         shape: LevelShape,
         prev_channels: usize,
         attention: Option<&AttentionSpec>,
@@ -1254,12 +1240,12 @@ impl UpBlock {
     }
 
     /// How many skip connections this block consumes.
-    pub(crate) fn skip_count(&self) -> usize {
+    pub fn skip_count(&self) -> usize {
         self.resnets.len()
     }
 
     /// `skips` are consumed from the last one backwards, as diffusers pops them.
-    pub(crate) fn forward(
+    pub fn forward(
         &self,
         x: &Tensor,
         skips: &[Tensor],

@@ -21,7 +21,7 @@
 //! Inputs: controlnet_aux feeds the BGR image bytes as `x / 256 − 0.5` (float32) at 368/H of
 //! the image size, padded with 128 at the bottom and right to a multiple of 8; that belongs to
 //! the caller. The outputs are the raw maps at 1/8 of the input size; the caller resizes them
-//! back to the image and decodes people ([`crate::preprocess::openpose`]).
+//! back to the image and decodes people (sdstream's `preprocess::openpose`).
 //!
 //! The checkpoint has no config: [`Config::from_tensor_shapes`] reads every width, the number of
 //! refinement stages and the output channel counts from the state dict, so the real file and
@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::kernels::conv::{Conv2d, Padding};
+use crate::kernels::conv::{Conv2d, Padding};
 
 /// The trunk's convolutions in order; a max-pool follows the ones marked `true`.
 const TRUNK_LAYERS: [(&str, bool); 12] = [

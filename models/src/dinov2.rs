@@ -28,7 +28,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::model::kernels::conv::{Conv2d, Padding};
+use crate::kernels::conv::{Conv2d, Padding};
 
 /// A size given as one number or as `[height, width]` (transformers accepts both for
 /// `image_size` and `patch_size`).
@@ -167,7 +167,7 @@ impl Default for Config {
 }
 
 /// An error naming the config key at fault.
-pub(crate) fn config_error(key: &str, detail: impl std::fmt::Display) -> candle_core::Error {
+pub fn config_error(key: &str, detail: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("config.json: `{key}`: {detail}"))
 }
 

@@ -56,7 +56,7 @@ const FORMATS: &str = "sdstream reads the zip format torch.save writes since tor
 
 /// Why a checkpoint could not be read.
 #[derive(Debug)]
-pub(crate) enum ReadError {
+pub enum ReadError {
     /// The file itself could not be opened or sized.
     Io(std::io::Error),
     /// The file is not a checkpoint this reader takes, or a tensor in it is malformed: what.
@@ -134,7 +134,7 @@ const ELEMENTS: [Element; 10] = [
 
 /// A storage as a tensor's persistent id describes it.
 #[derive(Debug)]
-pub(crate) struct StorageRef {
+pub struct StorageRef {
     key: String,
     element: &'static Element,
     elements: u64,
@@ -142,7 +142,7 @@ pub(crate) struct StorageRef {
 
 /// One tensor of a state dict: a view of a storage, not yet checked against it.
 #[derive(Debug)]
-pub(crate) struct TensorRef {
+pub struct TensorRef {
     name: String,
     storage: StorageRef,
     /// In elements.
@@ -153,7 +153,7 @@ pub(crate) struct TensorRef {
 }
 
 /// Where a checkpoint's storages are (the zip archive's entries here).
-pub(crate) trait Storages {
+pub trait Storages {
     /// Where storage `key` is (its position, for reading in file order) and its length in
     /// bytes, or why it cannot be read.
     fn locate(&mut self, key: &str) -> Result<(u64, u64), String>;
@@ -162,7 +162,7 @@ pub(crate) trait Storages {
 }
 
 /// Reads the PyTorch checkpoint `path` and rewrites its state dict as safetensors bytes.
-pub(crate) fn read_as_safetensors(path: &Path) -> Result<Vec<u8>, ReadError> {
+pub fn read_as_safetensors(path: &Path) -> Result<Vec<u8>, ReadError> {
     let file = File::open(path).map_err(ReadError::Io)?;
     let file_len = file.metadata().map_err(ReadError::Io)?.len();
     read_archive(BufReader::new(file), file_len).map_err(|e| match e {
@@ -192,7 +192,7 @@ fn starts_legacy(path: &Path) -> bool {
 }
 
 /// [`read_as_safetensors`] over any reader of a `file_len`-byte archive.
-pub(crate) fn read_archive<R: Read + Seek>(reader: R, file_len: u64) -> Result<Vec<u8>, ReadError> {
+pub fn read_archive<R: Read + Seek>(reader: R, file_len: u64) -> Result<Vec<u8>, ReadError> {
     let mut archive = ZipStorages::open(reader, file_len)?;
     let pickle_bytes = archive.read_pickle()?;
     let pickle = pickle::parse(&pickle_bytes)
@@ -209,7 +209,7 @@ pub(crate) fn read_archive<R: Read + Seek>(reader: R, file_len: u64) -> Result<V
 /// [`NESTED_SECTIONS`] dictionary, prefixed with its name. Entries that are not tensors (other
 /// values, or calls of anything but torch's rebuild functions) are left out; a tensor entry
 /// that is malformed is refused, naming it.
-pub(crate) fn state_dict_tensors(p: &Pickle) -> Result<Vec<TensorRef>, String> {
+pub fn state_dict_tensors(p: &Pickle) -> Result<Vec<TensorRef>, String> {
     let root = p.root();
     let mut sections = Vec::new();
     if holds_tensors(p, root) {

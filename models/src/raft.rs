@@ -32,7 +32,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::kernels::conv::{Conv2d, Padding};
+use crate::kernels::conv::{Conv2d, Padding};
 
 /// Instance norm's variance epsilon (torch's `InstanceNorm2d` default).
 const INSTANCE_NORM_EPS: f64 = 1e-5;

@@ -31,24 +31,24 @@ use std::collections::HashMap;
 /// Nesting levels of values, and of `MARK`s, the machine accepts. A state dict is about six
 /// deep (dictionary, rebuild call, its arguments, the storage's persistent id and its tuple); a
 /// training checkpoint's optimizer state a few more.
-pub(crate) const MAX_DEPTH: usize = 100;
+pub const MAX_DEPTH: usize = 100;
 /// Values in one pickle (a state dict makes about fifteen per tensor; a value takes 48 bytes).
-pub(crate) const MAX_NODES: usize = 1 << 20;
+pub const MAX_NODES: usize = 1 << 20;
 /// Memo entries in one pickle.
-pub(crate) const MAX_MEMO: usize = 1 << 20;
+pub const MAX_MEMO: usize = 1 << 20;
 /// Entries on the machine's stack at once.
-pub(crate) const MAX_STACK: usize = 1 << 20;
+pub const MAX_STACK: usize = 1 << 20;
 /// Length of each of a `GLOBAL`'s two names.
 const MAX_GLOBAL_NAME: usize = 256;
 /// The newest pickle protocol.
 const MAX_PROTOCOL: u8 = 5;
 
 /// A value's index in [`Pickle`]'s arena.
-pub(crate) type Id = u32;
+pub type Id = u32;
 
 /// One value of a pickle. Containers hold their children's [`Id`]s.
 #[derive(Debug)]
-pub(crate) enum Value {
+pub enum Value {
     None,
     Bool(bool),
     Int(i64),
@@ -112,7 +112,7 @@ struct Node {
 
 /// A pickle read into an arena of inert values.
 #[derive(Debug)]
-pub(crate) struct Pickle {
+pub struct Pickle {
     nodes: Vec<Node>,
     root: Id,
     /// Bytes of the input up to and including `STOP`.
@@ -124,60 +124,60 @@ pub(crate) struct Pickle {
 
 impl Pickle {
     /// The value `STOP` returned.
-    pub(crate) fn root(&self) -> Id {
+    pub fn root(&self) -> Id {
         self.root
     }
 
-    pub(crate) fn value(&self, id: Id) -> &Value {
+    pub fn value(&self, id: Id) -> &Value {
         &self.nodes[id as usize].value
     }
 
     /// Bytes of the input the pickle took, `STOP` included.
     #[allow(dead_code)] // torch's legacy format (several pickles in a row) needs it.
-    pub(crate) fn consumed(&self) -> usize {
+    pub fn consumed(&self) -> usize {
         self.consumed
     }
 
     /// Opcodes run.
     #[cfg(test)]
-    pub(crate) fn ops(&self) -> u64 {
+    pub fn ops(&self) -> u64 {
         self.ops
     }
 
     /// Values made.
     #[cfg(test)]
-    pub(crate) fn nodes(&self) -> usize {
+    pub fn nodes(&self) -> usize {
         self.nodes.len()
     }
 
     /// Nesting of the value `id` (1 for a leaf).
     #[cfg(test)]
-    pub(crate) fn depth(&self, id: Id) -> u32 {
+    pub fn depth(&self, id: Id) -> u32 {
         self.nodes[id as usize].depth
     }
 
-    pub(crate) fn str(&self, id: Id) -> Option<&str> {
+    pub fn str(&self, id: Id) -> Option<&str> {
         match self.value(id) {
             Value::Str(s) => Some(s),
             _ => None,
         }
     }
 
-    pub(crate) fn int(&self, id: Id) -> Option<i64> {
+    pub fn int(&self, id: Id) -> Option<i64> {
         match self.value(id) {
             Value::Int(i) => Some(*i),
             _ => None,
         }
     }
 
-    pub(crate) fn tuple(&self, id: Id) -> Option<&[Id]> {
+    pub fn tuple(&self, id: Id) -> Option<&[Id]> {
         match self.value(id) {
             Value::Tuple(items) => Some(items),
             _ => None,
         }
     }
 
-    pub(crate) fn dict(&self, id: Id) -> Option<&[(Id, Id)]> {
+    pub fn dict(&self, id: Id) -> Option<&[(Id, Id)]> {
         match self.value(id) {
             Value::Dict(items) => Some(items),
             _ => None,
@@ -186,7 +186,7 @@ impl Pickle {
 
     /// The value under the string key `key` of the dictionary `id` (the last one set, as
     /// Python keeps it).
-    pub(crate) fn dict_get(&self, id: Id, key: &str) -> Option<Id> {
+    pub fn dict_get(&self, id: Id, key: &str) -> Option<Id> {
         self.dict(id)?
             .iter()
             .rev()
@@ -194,7 +194,7 @@ impl Pickle {
             .map(|&(_, v)| v)
     }
 
-    pub(crate) fn global(&self, id: Id) -> Option<(&str, &str)> {
+    pub fn global(&self, id: Id) -> Option<(&str, &str)> {
         match self.value(id) {
             Value::Global { module, name } => Some((module, name)),
             _ => None,
@@ -202,14 +202,14 @@ impl Pickle {
     }
 
     /// The callable and arguments of a `REDUCE`/`NEWOBJ` value.
-    pub(crate) fn object(&self, id: Id) -> Option<(Id, Id)> {
+    pub fn object(&self, id: Id) -> Option<(Id, Id)> {
         match self.value(id) {
             Value::Object { callable, args } => Some((*callable, *args)),
             _ => None,
         }
     }
 
-    pub(crate) fn persistent_id(&self, id: Id) -> Option<Id> {
+    pub fn persistent_id(&self, id: Id) -> Option<Id> {
         match self.value(id) {
             Value::PersistentId(pid) => Some(*pid),
             _ => None,
@@ -217,7 +217,7 @@ impl Pickle {
     }
 
     /// A short description of the value `id` for error messages.
-    pub(crate) fn describe(&self, id: Id) -> String {
+    pub fn describe(&self, id: Id) -> String {
         match self.value(id) {
             Value::Bool(b) => format!("the bool {b}"),
             Value::Int(i) => format!("the int {i}"),
@@ -233,9 +233,9 @@ impl Pickle {
 
 /// Why a pickle was refused: what, and the input offset of the opcode at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct PickleError {
-    pub(crate) offset: usize,
-    pub(crate) what: String,
+pub struct PickleError {
+    pub offset: usize,
+    pub what: String,
 }
 
 impl std::fmt::Display for PickleError {
@@ -245,7 +245,7 @@ impl std::fmt::Display for PickleError {
 }
 
 /// Reads one pickle from the start of `input` (up to its `STOP`).
-pub(crate) fn parse(input: &[u8]) -> Result<Pickle, PickleError> {
+pub fn parse(input: &[u8]) -> Result<Pickle, PickleError> {
     let mut machine = Machine {
         input,
         pos: 0,

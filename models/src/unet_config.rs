@@ -286,7 +286,7 @@ pub(super) const MID_PLAIN: &str = "UNetMidBlock2D";
 
 /// The config resolved to one entry per level (outermost first), checked for what is supported.
 #[derive(Debug, Clone)]
-pub(crate) struct LevelPlan {
+pub struct LevelPlan {
     pub block_out_channels: Vec<usize>,
     pub layers: Vec<usize>,
     /// Attention of each down level (None for `DownBlock2D`).
@@ -363,7 +363,7 @@ impl UNetConfig {
 
     /// Checks the options shared by the UNet and the ControlNet (limits, time embedding, down
     /// path, mid block) and resolves the per-level lists. `model` names the network in errors.
-    pub(crate) fn plan(&self, model: &'static str) -> Result<LevelPlan> {
+    pub fn plan(&self, model: &'static str) -> Result<LevelPlan> {
         self.check_limits(model)?;
         let n = self.block_out_channels.len();
         if n == 0 {

@@ -24,8 +24,8 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::clip_vision::{ClipVisionModel, VisionConfig, clip_input};
-use crate::preprocess::resize::Filter;
+use crate::clip_vision::{ClipVisionModel, VisionConfig, clip_input};
+use crate::resize::Filter;
 use crate::{Error, Result};
 
 /// The concept embeddings diffusers' checker holds.
@@ -78,10 +78,10 @@ impl Config {
     /// Checks the vision configuration and the projection's width.
     pub fn validate(&self) -> Result<()> {
         self.vision()?.validate()?;
-        crate::model::limits::Limits::new("safety checker").value(
+        crate::limits::Limits::new("safety checker").value(
             "projection_dim",
             self.projection_dim,
-            crate::model::limits::MAX_CHANNELS,
+            crate::limits::MAX_CHANNELS,
         )
     }
 }

@@ -33,7 +33,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 
 use super::dinov2::{self, Dinov2Backbone, Extent, config_error};
-use crate::model::kernels::conv::{Conv2d, Padding};
+use crate::kernels::conv::{Conv2d, Padding};
 
 /// `config.json` of a `DepthAnythingForDepthEstimation`; missing keys take transformers'
 /// `DepthAnythingConfig` defaults. Training-only keys (`initializer_range`) are ignored.

@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 
-use crate::model::lora::LoraDeltas;
+use crate::lora::LoraDeltas;
 use crate::{Error, Result};
 
 thread_local! {
@@ -47,13 +47,13 @@ impl WeightTable {
 
     /// The tensor recorded under `name`.
     #[cfg(test)]
-    pub(crate) fn get(&self, name: &str) -> Option<&Tensor> {
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.0.get(name)
     }
 }
 
 /// Runs `build` with recording on, and returns what it built with the tensors it was handed.
-pub(crate) fn recording<M>(build: impl FnOnce() -> Result<M>) -> Result<(M, WeightTable)> {
+pub fn recording<M>(build: impl FnOnce() -> Result<M>) -> Result<(M, WeightTable)> {
     let previous = RECORDING.with(|r| r.replace(Some(HashMap::new())));
     let (built, substitutes) = sdstream_kernels::substitutes::collecting(build);
     let mut table = RECORDING.with(|r| r.replace(previous)).unwrap_or_default();
@@ -65,7 +65,7 @@ pub(crate) fn recording<M>(build: impl FnOnce() -> Result<M>) -> Result<(M, Weig
 
 /// Records `tensor` under `name` when a table is being recorded (else does nothing): what a
 /// weights backend hands out, or the copy a constructor keeps instead of what it was handed.
-pub(crate) fn record(name: &str, tensor: &Tensor) {
+pub fn record(name: &str, tensor: &Tensor) {
     RECORDING.with(|r| {
         if let Some(table) = r.borrow_mut().as_mut() {
             table.insert(name.to_string(), tensor.clone());
@@ -76,7 +76,7 @@ pub(crate) fn record(name: &str, tensor: &Tensor) {
 /// After a constructor concatenated the tensors `names` (in order, along dim 0) into `fused`,
 /// records each as its rows of `fused`, so that the table keeps views of the network's tensor
 /// rather than the separate tensors the constructor let go of.
-pub(crate) fn record_rows(names: &[String], fused: &Tensor) -> candle_core::Result<()> {
+pub fn record_rows(names: &[String], fused: &Tensor) -> candle_core::Result<()> {
     RECORDING.with(|r| {
         let mut r = r.borrow_mut();
         let Some(table) = r.as_mut() else {
@@ -101,7 +101,7 @@ pub(crate) fn record_rows(names: &[String], fused: &Tensor) -> candle_core::Resu
 /// with `new` deltas fused instead, through `build` (the network's constructor), in `dtype` on
 /// `device`. Every delta of `new` must fit the tensor it patches and find one, as at a load.
 /// Returns the network and its own table.
-pub(crate) fn rebuild_with_lora<C, M>(
+pub fn rebuild_with_lora<C, M>(
     config: &C,
     table: &WeightTable,
     dtype: DType,

@@ -20,8 +20,9 @@ use candle_core::Tensor;
 
 use crate::{Error, Result};
 
-/// The most frames the bank holds: the parameters' bound.
-pub const MAX_BANKED_FRAMES: usize = crate::params::CACHED_ATTENTION_MAX_FRAMES as usize;
+/// The most frames the bank holds: Daydream's `CACHED_ATTENTION_MAX_FRAMES`, which sdstream's
+/// parameters take from here as their bound.
+pub const MAX_BANKED_FRAMES: usize = 4;
 
 /// The keys and values kept across UNet calls, one entry per self-attention layer.
 #[derive(Debug, Clone)]
@@ -34,7 +35,7 @@ pub struct AttentionBank {
 }
 
 /// One UNet call's use of the bank: which layer comes next, and the fresh K/V of each.
-pub(crate) struct BankCall<'a> {
+pub struct BankCall<'a> {
     bank: &'a AttentionBank,
     next: usize,
     fresh: Vec<(Tensor, Tensor)>,
@@ -104,7 +105,7 @@ impl AttentionBank {
         self.layers.get(layer)
     }
 
-    pub(crate) fn begin(&self) -> RefCell<BankCall<'_>> {
+    pub fn begin(&self) -> RefCell<BankCall<'_>> {
         RefCell::new(BankCall {
             bank: self,
             next: 0,
@@ -113,7 +114,7 @@ impl AttentionBank {
     }
 
     /// Ends a call: counts it and, on a refresh call, shifts its K/V into the bank.
-    pub(crate) fn commit(&mut self, fresh: Vec<(Tensor, Tensor)>) -> Result<()> {
+    pub fn commit(&mut self, fresh: Vec<(Tensor, Tensor)>) -> Result<()> {
         let index = self.calls;
         self.calls += 1;
         let f = self.max_frames;
@@ -168,16 +169,12 @@ fn check(max_frames: usize, interval: usize) -> Result<()> {
 
 impl BankCall<'_> {
     /// The fresh keys and values of every layer, in call order.
-    pub(crate) fn into_fresh(self) -> Vec<(Tensor, Tensor)> {
+    pub fn into_fresh(self) -> Vec<(Tensor, Tensor)> {
         self.fresh
     }
 
     /// This layer's keys and values with the banked ones after them; `k`, `v`: `[B·H, N, d]`.
-    pub(crate) fn extend(
-        &mut self,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
+    pub fn extend(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let layer = self.next;
         self.next += 1;
         self.fresh.push((k.clone(), v.clone()));

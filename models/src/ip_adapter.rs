@@ -17,7 +17,7 @@
 //!
 //! A picture becomes tokens once ([`IpAdapter::encode`]); the UNet's cross-attention layers add
 //! `scale_l · softmax(Q·K_ipᵀ/√d)·V_ip` to their text attention before the output projection
-//! ([`crate::model::unet::ImagePrompt`]).
+//! ([`crate::unet::ImagePrompt`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,13 +26,13 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::model::clip_vision::{ClipVisionModel, VisionConfig, clip_input};
-use crate::model::kernels::norm::LayerNorm;
-use crate::model::limits::{Limits, MAX_CHANNELS};
-use crate::model::unet_blocks::Linear;
-use crate::model::{open_component_file, open_weights, safety_checker};
-use crate::preprocess::resize::Filter;
+use crate::clip_vision::{ClipVisionModel, VisionConfig, clip_input};
+use crate::kernels::norm::LayerNorm;
+use crate::limits::{Limits, MAX_CHANNELS};
+use crate::resize::Filter;
+use crate::unet_blocks::Linear;
 use crate::{Error, Result};
+use crate::{open_component_file, open_weights, safety_checker};
 
 /// `config.json` of the image encoder: transformers' `CLIPVisionConfig` with its projection.
 #[derive(Debug, Clone, Deserialize)]
@@ -260,7 +260,7 @@ impl IpAdapterLayers {
         self.layers.is_empty()
     }
 
-    pub(crate) fn layers(&self) -> &[Linear] {
+    pub fn layers(&self) -> &[Linear] {
         &self.layers
     }
 }
@@ -302,7 +302,7 @@ impl IpAdapter {
             .map(|p| p.join("image_encoder"))
             .unwrap_or_else(|| PathBuf::from("image_encoder"));
         let half = matches!(dtype, DType::F16 | DType::BF16);
-        let encoder_weights = match crate::model::weights_file(&encoder_dir, "model", half) {
+        let encoder_weights = match crate::weights_file(&encoder_dir, "model", half) {
             Err(_) if encoder_dir.join("pytorch_model.bin").is_file() => {
                 encoder_dir.join("pytorch_model.bin")
             }

@@ -6,7 +6,7 @@
 //! `[1, 3, 1, 1]` is subtracted. Five blocks follow, each a few 3×3 convolutions with ReLU (the
 //! blocks after the first start with a 2×2 max-pool), and each block's features go through a
 //! 1×1 projection to one channel: the five side outputs, at 1, 1/2, … 1/16 of the input size
-//! (pooling floors odd sizes). The caller resizes and fuses them ([`crate::preprocess::hed`]).
+//! (pooling floors odd sizes). The caller resizes and fuses them (sdstream's `preprocess::hed`).
 //!
 //! The checkpoint has no config: the widths and the convolutions per block are read from the
 //! tensors' shapes ([`Config::from_shapes`]), so the real file (64, 128, 256, 512, 512 wide;
@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::kernels::conv::{Conv2d, Padding};
+use crate::kernels::conv::{Conv2d, Padding};
 use crate::{Error, Result};
 
 /// Most blocks and convolutions per block a checkpoint may describe.

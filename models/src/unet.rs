@@ -41,7 +41,7 @@ use super::unet_blocks::{
 use super::weight_table::{WeightTable, rebuild_with_lora};
 use crate::{Error, Result};
 
-pub(crate) use super::unet_config::LevelPlan;
+pub use super::unet_config::LevelPlan;
 use super::unet_config::{CROSS_ATTN_UP, MID_CROSS_ATTN, PLAIN_UP, unsupported};
 pub use super::unet_config::{PerLevel, TransformerLayers, UNetConfig};
 
@@ -74,23 +74,23 @@ struct TextTimeEmbedding {
 /// The part of the UNet a ControlNet shares: time embedding, `conv_in`, down blocks, mid block.
 /// Weight names are relative to the model root (`time_embedding.*`, `down_blocks.*`, …).
 #[derive(Debug, Clone)]
-pub(crate) struct UNetEncoder {
+pub struct UNetEncoder {
     time_proj: SinusoidalTimesteps,
     time_embedding: TimestepEmbedding,
     add_embedding: Option<TextTimeEmbedding>,
     time_embed_act: Option<Activation>,
     resnet_act: Activation,
-    pub(crate) conv_in: Conv2d,
-    pub(crate) down_blocks: Vec<DownBlock>,
-    pub(crate) mid_block: Option<MidBlock>,
-    pub(crate) plan: LevelPlan,
+    pub conv_in: Conv2d,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: Option<MidBlock>,
+    pub plan: LevelPlan,
     dtype: DType,
     model: &'static str,
 }
 
 impl UNetEncoder {
     /// Builds the shared part from a checked config; `model` names the network in errors.
-    pub(crate) fn new(cfg: &UNetConfig, model: &'static str, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &UNetConfig, model: &'static str, vb: VarBuilder) -> Result<Self> {
         let plan = cfg.plan(model)?;
         let s = plan.settings;
         let ch0 = plan.block_out_channels[0];
@@ -199,7 +199,7 @@ impl UNetEncoder {
     }
 
     /// The model's dtype (that of its weights).
-    pub(crate) fn dtype(&self) -> DType {
+    pub fn dtype(&self) -> DType {
         self.dtype
     }
 
@@ -207,7 +207,7 @@ impl UNetEncoder {
     /// and `time_embedding_act_fn`), `[batch, time_embed_dim]` in the model dtype.
     ///
     /// `timesteps` holds one value per row (`[batch]`), or a single value for every row.
-    pub(crate) fn time_embedding(
+    pub fn time_embedding(
         &self,
         timesteps: &Tensor,
         batch: usize,
@@ -266,13 +266,13 @@ impl UNetEncoder {
     }
 
     /// The time embedding with the resnets' nonlinearity applied, as every resnet uses it.
-    pub(crate) fn resnet_temb(&self, emb: &Tensor) -> Result<Tensor> {
+    pub fn resnet_temb(&self, emb: &Tensor) -> Result<Tensor> {
         Ok(self.resnet_act.apply(emb)?)
     }
 
     /// Runs the down blocks; returns the output and every skip connection, `x` (the conv_in
     /// output) first.
-    pub(crate) fn down(
+    pub fn down(
         &self,
         x: &Tensor,
         temb_act: &Tensor,
@@ -290,12 +290,7 @@ impl UNetEncoder {
     }
 
     /// The mid block, or the identity when the config has none.
-    pub(crate) fn mid(
-        &self,
-        x: &Tensor,
-        temb_act: &Tensor,
-        context: Context<'_, '_>,
-    ) -> Result<Tensor> {
+    pub fn mid(&self, x: &Tensor, temb_act: &Tensor, context: Context<'_, '_>) -> Result<Tensor> {
         match &self.mid_block {
             Some(mid) => Ok(mid.forward(x, temb_act, context)?),
             None => Ok(x.clone()),
@@ -304,7 +299,7 @@ impl UNetEncoder {
 
     /// Channels of every skip connection in order (conv_in's first): the widths of a
     /// ControlNet's zero convolutions and of its down residuals.
-    pub(crate) fn skip_channels(&self) -> Vec<usize> {
+    pub fn skip_channels(&self) -> Vec<usize> {
         let plan = &self.plan;
         let mut channels = vec![plan.block_out_channels[0]];
         for (i, block) in self.down_blocks.iter().enumerate() {
@@ -317,7 +312,7 @@ impl UNetEncoder {
     }
 
     /// Number of skip connections (= ControlNet down residuals): conv_in's plus each block's.
-    pub(crate) fn skip_count(&self) -> usize {
+    pub fn skip_count(&self) -> usize {
         1 + self
             .down_blocks
             .iter()
@@ -346,7 +341,7 @@ pub struct UNet2DConditionModel {
     bf16_gemms: bool,
 }
 
-/// IP-Adapter's inputs to one UNet call ([`crate::model::ip_adapter`]).
+/// IP-Adapter's inputs to one UNet call ([`crate::ip_adapter`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ImagePrompt<'a> {
     /// The adapter's per-layer key and value projections.
@@ -672,7 +667,7 @@ impl UNet2DConditionModel {
     /// attention's `bank` and IP-Adapter's `image` prompt, each optional. With `image`, the
     /// last `image.tokens` tokens of `encoder_hidden_states` are the image tokens of each row
     /// (Daydream's layout: appended to the text) and every cross-attention layer also attends
-    /// to them ([`crate::model::ip_adapter`]). With either, the pass runs eagerly (no CUDA
+    /// to them ([`crate::ip_adapter`]). With either, the pass runs eagerly (no CUDA
     /// graph); with neither, this is `forward_with_added`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_extended(

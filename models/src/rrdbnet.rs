@@ -20,8 +20,8 @@ use std::collections::HashMap;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::kernels::conv::{Conv2d, Padding};
-use crate::model::kernels::ops;
+use crate::kernels::conv::{Conv2d, Padding};
+use crate::kernels::ops;
 use crate::{Error, Result};
 
 /// LeakyReLU's negative slope throughout.

@@ -17,47 +17,47 @@
 use crate::{Error, Result};
 
 /// Levels of a UNet, VAE or TAESD (entries of `block_out_channels`): 4 in SD1.x/2.x, 3 in SDXL.
-pub(crate) const MAX_LEVELS: usize = 8;
+pub const MAX_LEVELS: usize = 8;
 /// Channels of one level or layer: 1280 at most in SD/SDXL UNets, 512 in their VAEs.
-pub(crate) const MAX_CHANNELS: usize = 8192;
+pub const MAX_CHANNELS: usize = 8192;
 /// Resnets per level (`layers_per_block`): 2 in SD/SDXL UNets and VAEs, 1 in some ControlNets.
-pub(crate) const MAX_LAYERS_PER_BLOCK: usize = 16;
+pub const MAX_LAYERS_PER_BLOCK: usize = 16;
 /// Transformer blocks per attention (`transformer_layers_per_block`): 10 at SDXL's deepest level.
-pub(crate) const MAX_TRANSFORMER_LAYERS: usize = 64;
+pub const MAX_TRANSFORMER_LAYERS: usize = 64;
 /// Attention heads: 8 (SD1.x), 5–20 (SD2.x, SDXL), 12–20 in CLIP text encoders.
-pub(crate) const MAX_HEADS: usize = 1024;
+pub const MAX_HEADS: usize = 1024;
 /// Widths of embeddings: text (768 / 1024 / 2048), time (1280), SDXL's added conditioning
 /// input (2816), CLIP's MLP (3072 / 4096 / 5120).
-pub(crate) const MAX_WIDTH: usize = 65536;
+pub const MAX_WIDTH: usize = 65536;
 /// Image and latent channels: 3 and 4 (9 for inpainting UNets, 16 for later VAEs).
-pub(crate) const MAX_IO_CHANNELS: usize = 256;
+pub const MAX_IO_CHANNELS: usize = 256;
 /// Convolution kernel sides: 3 everywhere in SD.
-pub(crate) const MAX_KERNEL: usize = 15;
+pub const MAX_KERNEL: usize = 15;
 /// Convolution padding: 1.
-pub(crate) const MAX_PADDING: usize = 16;
+pub const MAX_PADDING: usize = 16;
 /// GroupNorm groups: 32.
-pub(crate) const MAX_GROUPS: usize = 1024;
+pub const MAX_GROUPS: usize = 1024;
 /// CLIP text transformer layers: 12 (CLIP-L), 23 (OpenCLIP-H), 32 (bigG).
-pub(crate) const MAX_TEXT_LAYERS: usize = 128;
+pub const MAX_TEXT_LAYERS: usize = 128;
 /// CLIP vocabulary: 49408 tokens.
-pub(crate) const MAX_VOCAB: usize = 1 << 20;
+pub const MAX_VOCAB: usize = 1 << 20;
 /// CLIP positions: 77 (248 in long-context variants). Sizes the host-side causal mask
 /// (positions² values, 64 MiB at this limit).
-pub(crate) const MAX_POSITIONS: usize = 4096;
+pub const MAX_POSITIONS: usize = 4096;
 /// TAESD residual blocks per level: 1 or 3.
-pub(crate) const MAX_TINY_BLOCKS: usize = 64;
+pub const MAX_TINY_BLOCKS: usize = 64;
 /// TAESD upsampling factor per level: 2.
-pub(crate) const MAX_UPSAMPLING: usize = 16;
+pub const MAX_UPSAMPLING: usize = 16;
 
 /// Checks one network's config values against their limits; the first value out of bounds is
 /// an [`Error::UnsupportedConfig`] naming the key, the value and the limit.
-pub(crate) struct Limits {
+pub struct Limits {
     model: &'static str,
 }
 
 impl Limits {
     /// Limits for the network called `model` in errors (`UNet`, `CLIP text encoder`, …).
-    pub(crate) fn new(model: &'static str) -> Self {
+    pub fn new(model: &'static str) -> Self {
         Self { model }
     }
 
@@ -70,7 +70,7 @@ impl Limits {
     }
 
     /// `value` ≤ `max`.
-    pub(crate) fn value(&self, key: &str, value: usize, max: usize) -> Result<()> {
+    pub fn value(&self, key: &str, value: usize, max: usize) -> Result<()> {
         if value > max {
             return Err(self.error(
                 key,
@@ -81,7 +81,7 @@ impl Limits {
     }
 
     /// Every entry ≤ `max`; an entry out of bounds is named `key[i]`.
-    pub(crate) fn values(&self, key: &str, values: &[usize], max: usize) -> Result<()> {
+    pub fn values(&self, key: &str, values: &[usize], max: usize) -> Result<()> {
         for (i, &v) in values.iter().enumerate() {
             self.value(&format!("{key}[{i}]"), v, max)?;
         }
@@ -89,7 +89,7 @@ impl Limits {
     }
 
     /// A list of at most `max` entries.
-    pub(crate) fn count(&self, key: &str, len: usize, max: usize) -> Result<()> {
+    pub fn count(&self, key: &str, len: usize, max: usize) -> Result<()> {
         if len > max {
             return Err(self.error(key, format!("has {len} entries, above the limit of {max}")));
         }
@@ -97,7 +97,7 @@ impl Limits {
     }
 
     /// A finite number, and positive when `positive` (else non-negative).
-    pub(crate) fn finite(&self, key: &str, value: f64, positive: bool) -> Result<()> {
+    pub fn finite(&self, key: &str, value: f64, positive: bool) -> Result<()> {
         let ok = value.is_finite() && if positive { value > 0.0 } else { value >= 0.0 };
         if !ok {
             let want = if positive { "positive" } else { "non-negative" };

@@ -23,8 +23,8 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use serde_json::Value;
 
-use crate::model::lora::LoraDeltas;
-use crate::model::torch_file::ReadError;
+use crate::lora::LoraDeltas;
+use crate::torch_file::ReadError;
 use crate::{Error, Result};
 
 /// safetensors' own bound on the JSON header.
@@ -32,7 +32,7 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// The float formats weights may be stored in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Float {
+pub enum Float {
     F16,
     Bf16,
     F32,
@@ -103,7 +103,7 @@ fn non_finite_flags(w: u64, lanes: &Lanes) -> u64 {
 }
 
 /// How many values of the little-endian `float` data `bytes` are NaN or ±Inf.
-pub(crate) fn count_non_finite(bytes: &[u8], float: Float) -> usize {
+pub fn count_non_finite(bytes: &[u8], float: Float) -> usize {
     let lanes = float.lanes();
     let word = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
     let mut count = 0;
@@ -212,7 +212,7 @@ impl Storage {
 
 /// A weights file whose header has been checked: a safetensors file (memory-mapped) or a
 /// PyTorch `.pth` checkpoint (see [`WeightsFile::open`]).
-pub(crate) struct WeightsFile {
+pub struct WeightsFile {
     path: PathBuf,
     /// The tensors in the order of their bytes in the file.
     entries: Vec<Entry>,
@@ -236,7 +236,7 @@ impl WeightsFile {
     /// or `.bin` (transformers' `pytorch_model.bin`) ([`open_pytorch`](Self::open_pytorch)), a
     /// safetensors file otherwise
     /// ([`open_safetensors`](Self::open_safetensors)).
-    pub(crate) fn open(path: &Path) -> Result<Self> {
+    pub fn open(path: &Path) -> Result<Self> {
         let extension = path
             .extension()
             .and_then(|e| e.to_str())
@@ -255,7 +255,7 @@ impl WeightsFile {
     /// `params` (as BasicSR and Real-ESRGAN save theirs), or IP-Adapter's `image_proj` and
     /// `ip_adapter` sections. The whole file is read: these checkpoints are the small
     /// preprocessor networks, not diffusion models.
-    pub(crate) fn open_pytorch(path: &Path) -> Result<Self> {
+    pub fn open_pytorch(path: &Path) -> Result<Self> {
         let fail = |detail: String| Error::ModelLoad {
             path: path.to_path_buf(),
             detail,
@@ -308,7 +308,7 @@ impl WeightsFile {
     /// Reads and checks the header of the safetensors file `path` (8-byte length, JSON object,
     /// every tensor's dtype, shape and byte range inside the file), then maps the file. Errors
     /// name the file and, where one is at fault, the tensor.
-    pub(crate) fn open_safetensors(path: &Path) -> Result<Self> {
+    pub fn open_safetensors(path: &Path) -> Result<Self> {
         let fail = |detail: String| Error::ModelLoad {
             path: path.to_path_buf(),
             detail,
@@ -363,19 +363,19 @@ impl WeightsFile {
     }
 
     /// A value of the header's `__metadata__`.
-    pub(crate) fn metadata(&self, key: &str) -> Option<&str> {
+    pub fn metadata(&self, key: &str) -> Option<&str> {
         self.metadata.get(key).map(String::as_str)
     }
 
     /// Every tensor's name and shape, in file order.
-    pub(crate) fn tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
         self.entries
             .iter()
             .map(|e| (e.name.as_str(), e.shape.as_slice()))
     }
 
     /// Every float tensor's name and shape, in file order.
-    pub(crate) fn float_tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
+    pub fn float_tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
         self.entries
             .iter()
             .filter(|e| e.float.is_some())
@@ -383,7 +383,7 @@ impl WeightsFile {
     }
 
     /// The float tensor `name` on the CPU in f32 (checked like a network's tensors).
-    pub(crate) fn load_f32(&self, name: &str) -> Result<Tensor> {
+    pub fn load_f32(&self, name: &str) -> Result<Tensor> {
         self.lookup(name, None).map_err(|detail| Error::ModelLoad {
             path: self.path.clone(),
             detail,
@@ -396,7 +396,7 @@ impl WeightsFile {
 
     /// The tensor `name`, of any numeric dtype, on the CPU in f32 (for small values such as a
     /// LoRA's alpha, which some files store as an integer).
-    pub(crate) fn load_numeric_f32(&self, name: &str) -> Result<Tensor> {
+    pub fn load_numeric_f32(&self, name: &str) -> Result<Tensor> {
         Ok(self
             .storage
             .load(name, &Device::Cpu)?
@@ -404,7 +404,7 @@ impl WeightsFile {
     }
 
     /// [`check_finite`](Self::check_finite) over every float tensor of the file.
-    pub(crate) fn check_all_finite(&self) -> Result<()> {
+    pub fn check_all_finite(&self) -> Result<()> {
         let names = self
             .entries
             .iter()
@@ -415,7 +415,7 @@ impl WeightsFile {
     }
 
     /// The file's path.
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
@@ -449,7 +449,7 @@ impl WeightsFile {
 
     /// Refuses float tensors that no `used` name claims and `tolerated` does not excuse: a file
     /// holding more than the config describes means config and weights do not belong together.
-    pub(crate) fn check_all_used(
+    pub fn check_all_used(
         &self,
         used: &BTreeSet<String>,
         tolerated: fn(&str) -> bool,
@@ -477,7 +477,7 @@ impl WeightsFile {
     /// Refuses NaN and ±Inf values in the tensors `names` (scanned in file order, from the
     /// map, before anything is uploaded); the error names the first tensor that has any, its
     /// count and the totals.
-    pub(crate) fn check_finite(&self, names: &BTreeSet<String>) -> Result<()> {
+    pub fn check_finite(&self, names: &BTreeSet<String>) -> Result<()> {
         let mut first: Option<(&str, usize, usize)> = None;
         let (mut tensors, mut values) = (0, 0);
         for entry in self.entries.iter().filter(|e| names.contains(&e.name)) {
@@ -581,20 +581,20 @@ thread_local! {
 /// across a load is the size of what it loaded, in the target dtype. A thread-local counter
 /// because networks are built synchronously on the caller's thread, and it spares every
 /// network constructor a byte count in its signature.
-pub(crate) fn loaded_bytes() -> u64 {
+pub fn loaded_bytes() -> u64 {
     LOADED_BYTES.with(Cell::get)
 }
 
 /// What a [`CheckedBackend`] hands out: zero-stride stand-ins (probe) or the stored tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Mode {
+pub enum Mode {
     Probe,
     Load,
 }
 
 /// A [`SimpleBackend`] that checks every requested tensor against the header before touching
 /// its bytes, and records the names it handed out.
-pub(crate) struct CheckedBackend {
+pub struct CheckedBackend {
     file: Arc<WeightsFile>,
     mode: Mode,
     used: Arc<Mutex<BTreeSet<String>>>,
@@ -603,7 +603,7 @@ pub(crate) struct CheckedBackend {
     /// projections, reshaped 1×1 convolutions) copy at memory speed; zero-stride stand-ins
     /// would be copied element by element.
     zeros: Option<Tensor>,
-    /// LoRA deltas to fuse into the tensors they target (see [`crate::model::lora`]).
+    /// LoRA deltas to fuse into the tensors they target (see [`crate::lora`]).
     lora: Option<Arc<LoraDeltas>>,
 }
 
@@ -613,7 +613,7 @@ impl CheckedBackend {
     /// The probe works on the CPU in f16 whatever the target: every constructor accepts it, it
     /// is half the bytes of f32 for the few weights a constructor copies (fused attention
     /// projections), and it avoids the f32 copies a bf16 convolution keeps on the CPU.
-    pub(crate) fn var_builder(
+    pub fn var_builder(
         file: Arc<WeightsFile>,
         mode: Mode,
         dtype: DType,
@@ -782,7 +782,7 @@ mod tests {
     #[test]
     #[ignore]
     fn weights_checks_cost_on_an_sd15_sized_unet() {
-        use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+        use crate::unet::{UNet2DConditionModel, UNetConfig};
         use std::time::Instant;
 
         let config: UNetConfig = serde_json::from_str("{}").expect("default config");
