@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::kernels::{self, transfer};
-use crate::preprocess::resize::{resize_rgb_f32_lanczos, resize_rgb8_lanczos};
+use crate::model::resize::{resize_rgb_f32_lanczos, resize_rgb8_lanczos};
 use crate::{Error, Result};
 
 /// How the pixels of a frame are laid out in memory. Channels are interleaved; rows are `stride`
