@@ -21,6 +21,8 @@
 //! loading and the pool that are this crate's), the kernels `sdstream-kernels` (as
 //! [`model::kernels`]; the allocator as [`alloc`]).
 
+#![deny(missing_docs)]
+
 pub use sdstream_kernels::alloc;
 pub mod engine;
 pub use sdstream_models::error;

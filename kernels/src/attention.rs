@@ -49,7 +49,9 @@ pub fn attention(
 /// columns `offset + h·d .. offset + (h + 1)·d`.
 #[derive(Clone, Copy)]
 pub struct TokenMajor<'a> {
+    /// The `[B, tokens, width]` tensor (several operands may share one, as a fused QKV does).
     pub tensor: &'a Tensor,
+    /// The column where this operand's first head starts.
     pub offset: usize,
 }
 

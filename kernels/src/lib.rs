@@ -16,6 +16,8 @@
 //! (+ SiLU), group_norm.cu, and a frame's 8-bit conversions on the way on and off the device,
 //! transfer.cu; both compiled to PTX by build.rs with the `cuda` feature.
 
+#![deny(missing_docs)]
+
 pub mod alloc;
 pub mod attention;
 pub mod conv;

@@ -11,6 +11,8 @@
 //! * [`api`]: Daydream's HTTP API over engines, the Scope-style session and the control page;
 //!   its [`api::main`] is the `sdstream` binary (`sdstream serve`, `sdstream replay`).
 
+#![deny(missing_docs)]
+
 pub mod api;
 pub mod hls;
 pub mod rtmp;
