@@ -1,6 +1,6 @@
 //! The engine's scheduling with stand-in pipelines: ordering, counters, hot updates, reload
 //! swaps, supersession, failures, panics, back-pressure, warm-up, shutdown. (Tests on the real
-//! networks are in core/tests/integration/engine.rs.)
+//! networks are in core/tests/engine.rs.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -2,8 +2,8 @@
 //! carries the whole library and its dependencies), so the suite builds faster and takes a
 //! fraction of the disk. A file of tests/ stays a binary of its own only where it must: its
 //! kernel switch is a process-wide environment variable read once (tests/portable.rs,
-//! tests/stream_*winograd*.rs, tests/stream_portable.rs), or it needs a feature (tests/cuda.rs,
-//! tests/webrtc.rs, tests/rtmp_fuzz.rs).
+//! tests/stream_*winograd*.rs, tests/stream_portable.rs), it needs a feature (tests/cuda.rs), or
+//! it compares frame times and must not share the cores with other tests (tests/engine.rs).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -18,7 +18,6 @@ mod cv_draw;
 mod cv_resize;
 mod depth_anything;
 mod dj_body;
-mod engine;
 mod flow_image;
 mod ip_adapter;
 mod latent_feedback;

@@ -2,8 +2,12 @@
 //! tests/fixtures/tiny-taesd, 64×64): outputs identical to calling the pipeline directly, hot
 //! updates on the next frame, reloads that fail or swap without stopping the stream, warm-up,
 //! and a stress run with concurrent producers and parameter changes.
+//!
+//! A binary of its own: its tests compare frame intervals and latencies with the typical frame
+//! time, and a test running beside them in the same process (the integration binary runs ~230)
+//! would take the cores they measure.
 
-use crate::common;
+mod common;
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -686,6 +690,17 @@ fn a_controlnet_added_and_rescaled_while_streaming_costs_no_frame() {
         let mut received = Vec::new();
         let mut start = Instant::now();
         for i in 0..n {
+            if i == add_at || i == rescale_at {
+                // An update acts on the frames processed after it. When tests running beside
+                // this one slow the engine below the pacing, frames still queued would take it
+                // too: wait for the earlier frames' outputs, so that "the next frame" is frame
+                // `i` on any machine, and resume the pacing from now.
+                while received.len() < i {
+                    let out = recv(&engine);
+                    received.push((Instant::now(), out));
+                }
+                start = Instant::now() - interval.mul_f64(i as f64);
+            }
             if i == add_at {
                 let update = engine
                     .update_params(with_controlnet(0.5))
@@ -694,15 +709,6 @@ fn a_controlnet_added_and_rescaled_while_streaming_costs_no_frame() {
                 versions.0 = engine.status().params_version;
             }
             if i == rescale_at {
-                // A hot update acts on the frames processed after it. When tests running beside
-                // this one slow the engine below the pacing, frames still queued would take it
-                // too: wait for the earlier frames' outputs, so that "the next frame" is frame
-                // `rescale_at` on any machine, and resume the pacing from now.
-                while received.len() < i {
-                    let out = recv(&engine);
-                    received.push((Instant::now(), out));
-                }
-                start = Instant::now() - interval.mul_f64(i as f64);
                 let update = engine.update_params(with_controlnet(0.9)).expect("rescale");
                 assert!(update.is_hot(), "{update:?}");
                 versions.1 = engine.status().params_version;
