@@ -24,6 +24,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::model::weight_names;
 use crate::{Error, Result};
 
 /// Where models are looked for, whether an id may be a path, and whether the network may be used.
@@ -172,8 +173,9 @@ pub enum Wanted {
     File(String),
     /// Every file matching this pattern (`*` matches within one path segment); at least one.
     Glob(String),
-    /// A safetensors weights file: `{stem}.safetensors` or `{stem}.fp16.safetensors`, either
-    /// accepted; `prefer_fp16` picks which to download when both exist remotely.
+    /// A network's weights in any form diffusers or transformers wrote
+    /// ([`weight_names::candidates`]: safetensors or a torch pickle, whole or sharded, full or
+    /// fp16), any accepted; `prefer_fp16` orders them when a repository holds several.
     Weights {
         /// Relative path without the `.safetensors` / `.fp16.safetensors` ending.
         stem: String,
@@ -222,11 +224,11 @@ impl Wanted {
         match self {
             Wanted::File(p) | Wanted::Glob(p) => p.clone(),
             Wanted::Weights { stem, prefer_fp16 } => {
-                if *prefer_fp16 {
-                    format!("{stem}.fp16.safetensors (or {stem}.safetensors)")
-                } else {
-                    format!("{stem}.safetensors (or {stem}.fp16.safetensors)")
-                }
+                let names: Vec<String> = weight_names::candidates(stem, *prefer_fp16)
+                    .into_iter()
+                    .map(|c| c.file)
+                    .collect();
+                format!("{} (or {})", names[0], names[1..].join(", "))
             }
             Wanted::Optional(inner) => format!("optional {}", inner.describe()),
             Wanted::OneOf(options) => options
@@ -242,10 +244,9 @@ impl Wanted {
         match self {
             Wanted::File(p) => dir.join(p).is_file(),
             Wanted::Glob(p) => !local_glob(dir, p).is_empty(),
-            Wanted::Weights { stem, .. } => {
-                dir.join(format!("{stem}.safetensors")).is_file()
-                    || dir.join(format!("{stem}.fp16.safetensors")).is_file()
-            }
+            Wanted::Weights { stem, prefer_fp16 } => weight_names::candidates(stem, *prefer_fp16)
+                .iter()
+                .any(|c| dir.join(&c.file).is_file()),
             Wanted::Optional(_) => true,
             Wanted::OneOf(options) => options.iter().any(|w| w.satisfied_in(dir)),
         }
@@ -274,20 +275,29 @@ impl Wanted {
                     Ok(found)
                 }
             }
-            Wanted::Weights { stem, prefer_fp16 } => {
-                let full = format!("{stem}.safetensors");
-                let half = format!("{stem}.fp16.safetensors");
-                let order = if *prefer_fp16 {
-                    [half, full]
-                } else {
-                    [full, half]
-                };
-                order
-                    .into_iter()
-                    .find(|name| listing.contains(name))
-                    .map(|name| vec![name])
-                    .ok_or_else(|| self.describe())
-            }
+            // The first form the repository holds, as a folder would be read; an index with
+            // the shards listed beside it.
+            Wanted::Weights { stem, prefer_fp16 } => weight_names::candidates(stem, *prefer_fp16)
+                .into_iter()
+                .find_map(|c| {
+                    if !listing.contains(&c.file) {
+                        return None;
+                    }
+                    let mut files = vec![c.file];
+                    if let Some(shards) = c.shards {
+                        let found: Vec<String> = listing
+                            .iter()
+                            .filter(|f| glob_match(&shards, f))
+                            .cloned()
+                            .collect();
+                        if found.is_empty() {
+                            return None;
+                        }
+                        files.extend(found);
+                    }
+                    Some(files)
+                })
+                .ok_or_else(|| self.describe()),
             Wanted::Optional(inner) => Ok(inner.select_remote(listing).unwrap_or_default()),
             Wanted::OneOf(options) => options
                 .iter()

@@ -301,13 +301,11 @@ impl IpAdapter {
             .parent()
             .map(|p| p.join("image_encoder"))
             .unwrap_or_else(|| PathBuf::from("image_encoder"));
-        let half = matches!(dtype, DType::F16 | DType::BF16);
-        let encoder_weights = match crate::weights_file(&encoder_dir, "model", half) {
-            Err(_) if encoder_dir.join("pytorch_model.bin").is_file() => {
-                encoder_dir.join("pytorch_model.bin")
-            }
-            found => found?,
-        };
+        let encoder_weights = crate::weights_file(
+            &encoder_dir,
+            "model",
+            crate::weight_names::prefers_fp16(dtype),
+        )?;
         let encoder = open_component_file(
             &encoder_dir,
             &encoder_weights,

@@ -36,6 +36,7 @@ pub mod unet;
 pub mod unet_blocks;
 mod unet_config;
 pub mod vae;
+pub mod weight_names;
 pub mod weight_table;
 pub mod weights;
 
@@ -86,26 +87,20 @@ pub fn try_vec<T>(len: usize, what: &str) -> candle_core::Result<Vec<T>> {
     Ok(v)
 }
 
-/// Picks the weights file of a component folder: `{stem}.safetensors`, or the
-/// `{stem}.fp16.safetensors` variant when that is all there is or when `prefer_fp16` is set.
-///
-/// `stem` is `diffusion_pytorch_model` for diffusers networks and `model` for transformers ones.
+/// Picks the weights file of a component folder: the first of
+/// [`weight_names::candidates`] there is (safetensors or a torch pickle, whole or sharded, the
+/// fp16 variant first when `prefer_fp16`). An index is returned as itself; [`WeightsFile::open`]
+/// opens its shards.
 pub fn weights_file(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<PathBuf> {
-    let full = dir.join(format!("{stem}.safetensors"));
-    let half = dir.join(format!("{stem}.fp16.safetensors"));
-    let order = if prefer_fp16 {
-        [&half, &full]
-    } else {
-        [&full, &half]
-    };
-    order
+    weight_names::candidates(stem, prefer_fp16)
         .into_iter()
+        .map(|c| dir.join(c.file))
         .find(|p| p.is_file())
-        .cloned()
         .ok_or_else(|| Error::ModelLoad {
             path: dir.to_path_buf(),
             detail: format!(
-                "no weights: expected {stem}.safetensors or {stem}.fp16.safetensors in this folder"
+                "no weights: expected one of {} in this folder",
+                weight_names::describe(stem)
             ),
         })
 }
@@ -160,7 +155,7 @@ pub fn open_component_with_lora<C, M>(
 where
     C: DeserializeOwned,
 {
-    let weights = weights_file(dir, stem, matches!(dtype, DType::F16 | DType::BF16))?;
+    let weights = weights_file(dir, stem, weight_names::prefers_fp16(dtype))?;
     open_component_file(
         dir, &weights, dtype, device, tolerated, lora, validate, build,
     )

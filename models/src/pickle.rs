@@ -133,9 +133,16 @@ impl Pickle {
     }
 
     /// Bytes of the input the pickle took, `STOP` included.
-    #[allow(dead_code)] // torch's legacy format (several pickles in a row) needs it.
     pub fn consumed(&self) -> usize {
         self.consumed
+    }
+
+    /// What every `BINPERSID` referred to, in the order they were read.
+    pub fn persistent_ids(&self) -> impl Iterator<Item = Id> + '_ {
+        self.nodes.iter().filter_map(|node| match node.value {
+            Value::PersistentId(referent) => Some(referent),
+            _ => None,
+        })
     }
 
     /// Opcodes run.

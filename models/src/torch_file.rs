@@ -22,12 +22,12 @@
 //! ([`TensorRef`]) nothing of where the storages are ([`Storages`]), so that torch's legacy
 //! format (one raw pickle stream, the storages appended) can be read through the same steps.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use super::pickle::{self, Id, Pickle};
+use super::pickle::{self, Id, Pickle, Value};
 
 /// Dictionaries a PyTorch checkpoint may nest its tensors in, one per part of the network
 /// (h94/IP-Adapter's `.bin` files: the image projection and the attention layers); their
@@ -50,8 +50,8 @@ const MAX_VIEW_FACTOR: u64 = 4;
 /// Wrappers (`_rebuild_parameter`, `_rebuild_from_type_v2`) around one tensor's rebuild call.
 const MAX_WRAPPERS: usize = 4;
 /// What to do with a file this reader does not take.
-const FORMATS: &str = "sdstream reads the zip format torch.save writes since torch 1.6 and \
-                       safetensors files: re-save an older file with torch.save, or convert it \
+const FORMATS: &str = "sdstream reads what torch.save writes (its zip format, and the legacy \
+                       format of torch before 1.6) and safetensors files: convert anything else \
                        with safetensors.torch.save_file";
 
 /// Why a checkpoint could not be read.
@@ -161,20 +161,22 @@ pub trait Storages {
     fn read(&mut self, key: &str, out: &mut [u8]) -> Result<(), String>;
 }
 
-/// Reads the PyTorch checkpoint `path` and rewrites its state dict as safetensors bytes.
+/// Reads the PyTorch checkpoint `path` (either format) and rewrites its state dict as
+/// safetensors bytes.
 pub fn read_as_safetensors(path: &Path) -> Result<Vec<u8>, ReadError> {
     let file = File::open(path).map_err(ReadError::Io)?;
     let file_len = file.metadata().map_err(ReadError::Io)?.len();
-    read_archive(BufReader::new(file), file_len).map_err(|e| match e {
-        // The legacy format is a raw pickle stream: PROTO 2, then the magic number (LONG1).
-        ReadError::Invalid(detail) if detail.starts_with(NOT_ZIP) && starts_legacy(path) => {
-            ReadError::Invalid(format!(
-                "a PyTorch checkpoint in the legacy format of torch before 1.6, which sdstream \
-                 does not read; {FORMATS}"
-            ))
-        }
-        e => e,
-    })
+    let mut reader = BufReader::new(file);
+    let mut head = [0u8; 3];
+    let legacy = reader.read_exact(&mut head).is_ok() && head == LEGACY_START;
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(ReadError::Io)?;
+    if legacy {
+        read_legacy(reader, file_len)
+    } else {
+        read_archive(reader, file_len)
+    }
 }
 
 const NO_TENSORS: &str = "no tensors found: expected a state dict at the top level or under \
@@ -183,13 +185,18 @@ const NO_TENSORS: &str = "no tensors found: expected a state dict at the top lev
 
 const NOT_ZIP: &str = "not a readable PyTorch checkpoint (not a zip archive";
 
-fn starts_legacy(path: &Path) -> bool {
-    let mut head = [0u8; 3];
-    File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok()
-        && head == [0x80, 0x02, 0x8a]
-}
+/// How a legacy checkpoint starts: `PROTO 2`, then the magic number as a `LONG1`.
+const LEGACY_START: [u8; 3] = [0x80, 0x02, 0x8a];
+/// torch's magic number for the legacy format, 0x1950a86a20f9469cfc6c, as `LONG1` stores it
+/// (length byte, then little-endian).
+const LEGACY_MAGIC: [u8; 11] = [
+    0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
+];
+/// The legacy format's protocol version (torch has written no other).
+const LEGACY_PROTOCOL: i64 = 1001;
+/// The legacy format's first three pickles (magic number, protocol version, system
+/// information) take about 200 bytes; this much is read beyond the state dict's bound.
+const LEGACY_PREAMBLE_BYTES: u64 = 4096;
 
 /// [`read_as_safetensors`] over any reader of a `file_len`-byte archive.
 pub fn read_archive<R: Read + Seek>(reader: R, file_len: u64) -> Result<Vec<u8>, ReadError> {
@@ -388,12 +395,28 @@ fn storage_ref(p: &Pickle, id: Id) -> Result<StorageRef, String> {
         )
     };
     let pid = p.persistent_id(id).ok_or_else(bad)?;
-    let items = p.tuple(pid).ok_or_else(bad)?;
-    let [tag, class, key, _location, elements, ..] = items else {
-        return Err(bad());
+    storage_of(p, pid).map_err(|e| e.unwrap_or_else(bad))
+}
+
+/// The storage the persistent id `pid` names: `('storage', torch.XStorage, key, location,
+/// elements)`, with a sixth item, `None`, in the legacy format. `Err(None)` when `pid` is no
+/// storage's persistent id.
+fn storage_of(p: &Pickle, pid: Id) -> Result<StorageRef, Option<String>> {
+    let items = p.tuple(pid).ok_or(None)?;
+    let [tag, class, key, _location, elements, rest @ ..] = items else {
+        return Err(None);
     };
     if p.str(*tag) != Some("storage") {
-        return Err(bad());
+        return Err(None);
+    }
+    if let Some(&view) = rest.first()
+        && !matches!(p.value(view), Value::None)
+    {
+        return Err(Some(format!(
+            "its storage is a view of another storage ({}), which torch has not written \
+             since 0.4 and sdstream does not read; re-save the file with torch.save",
+            p.describe(view)
+        )));
     }
     let element = p
         .global(*class)
@@ -403,11 +426,11 @@ fn storage_ref(p: &Pickle, id: Id) -> Result<StorageRef, String> {
                 .find(|e| matches!(module, "torch" | "torch.cuda") && e.class == name)
         })
         .ok_or_else(|| {
-            format!(
+            Some(format!(
                 "its storage type is {}; sdstream reads torch's Float, Half, BFloat16, \
                  Double, Byte, Char, Short, Int, Long and Bool storages",
                 p.describe(*class)
-            )
+            ))
         })?;
     let key = p
         .str(*key)
@@ -416,11 +439,11 @@ fn storage_ref(p: &Pickle, id: Id) -> Result<StorageRef, String> {
                 && k.len() <= 64
                 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         })
-        .ok_or_else(|| format!("its storage key is {}", p.describe(*key)))?;
+        .ok_or_else(|| Some(format!("its storage key is {}", p.describe(*key))))?;
     Ok(StorageRef {
         key: key.to_string(),
         element,
-        elements: count(p, *elements, "storage size")?,
+        elements: count(p, *elements, "storage size").map_err(Some)?,
     })
 }
 
@@ -723,6 +746,181 @@ fn gather(storage: &[u8], tensor: &TensorRef, out: &mut [u8]) {
             at = at.wrapping_sub(stride[dim].wrapping_mul(shape[dim]));
             index[dim] = 0;
         }
+    }
+}
+
+/// Reads a checkpoint in torch's legacy format (what `torch.save` wrote before 1.6, and still
+/// writes with `_use_new_zipfile_serialization=False`): five pickles in a row — the magic
+/// number, the protocol version (1001), the system information, the saved object and the
+/// sorted list of its storage keys — then each storage in that order as an 8-byte element
+/// count and its raw bytes. The object's pickle is bounded like a zip archive's `data.pkl`;
+/// every storage's place is found by walking the counts, each checked against the file's end,
+/// before any tensor byte is read.
+pub fn read_legacy<R: Read + Seek>(mut reader: R, file_len: u64) -> Result<Vec<u8>, ReadError> {
+    let head_len = file_len.min(MAX_PICKLE_BYTES + LEGACY_PREAMBLE_BYTES);
+    let capped = head_len < file_len;
+    let mut head = Vec::new();
+    head.try_reserve_exact(head_len as usize).map_err(|e| {
+        format!("cannot allocate {head_len} bytes for the checkpoint's pickles: {e}")
+    })?;
+    reader
+        .by_ref()
+        .take(head_len)
+        .read_to_end(&mut head)
+        .map_err(ReadError::Io)?;
+    let mut at = 0;
+    let magic = legacy_pickle(&head, &mut at, capped, "magic number")?;
+    if !matches!(magic.value(magic.root()), Value::BigInt { bytes: 10 })
+        || !head[..at]
+            .windows(LEGACY_MAGIC.len())
+            .any(|w| w == LEGACY_MAGIC)
+    {
+        return Err(format!(
+            "not a readable PyTorch checkpoint: it starts like torch's legacy format, but its \
+             first pickle is {}, not torch's magic number; {FORMATS}",
+            magic.describe(magic.root())
+        )
+        .into());
+    }
+    let version = legacy_pickle(&head, &mut at, capped, "protocol version")?;
+    if version.int(version.root()) != Some(LEGACY_PROTOCOL) {
+        return Err(format!(
+            "a legacy PyTorch checkpoint of protocol version {}; torch wrote only \
+             {LEGACY_PROTOCOL}",
+            version.describe(version.root())
+        )
+        .into());
+    }
+    let info = legacy_pickle(&head, &mut at, capped, "system information")?;
+    let little_endian = info
+        .dict_get(info.root(), "little_endian")
+        .map(|id| info.value(id));
+    if !matches!(little_endian, Some(Value::Bool(true))) {
+        return Err(String::from(
+            "the legacy checkpoint does not say it was written on a little-endian machine \
+             (its system information); sdstream reads little-endian checkpoints",
+        )
+        .into());
+    }
+    let object = legacy_pickle(&head, &mut at, capped, "saved object")?;
+    let list = legacy_pickle(&head, &mut at, capped, "list of storages")?;
+    let keys: Vec<&str> = match list.value(list.root()) {
+        Value::List(items) if items.len() <= MAX_ENTRIES => items
+            .iter()
+            .map(|&id| {
+                list.str(id)
+                    .ok_or_else(|| format!("its list of storages holds {}", list.describe(id)))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(format!(
+                "the legacy checkpoint's list of storages is {}, not a list of at most \
+                 {MAX_ENTRIES} keys",
+                list.describe(list.root())
+            )
+            .into());
+        }
+    };
+    // Every storage's element size, from the persistent ids that name it.
+    let mut element_size = HashMap::new();
+    for pid in object.persistent_ids() {
+        if let Ok(storage) = storage_of(&object, pid) {
+            element_size.insert(storage.key, storage.element.size);
+        }
+    }
+    let mut located = HashMap::new();
+    let mut position = at as u64;
+    for key in keys {
+        let size = *element_size.get(key).ok_or_else(|| {
+            format!("the legacy checkpoint lists storage `{key}`, but no tensor names its type")
+        })?;
+        let left = file_len.saturating_sub(position);
+        if left < 8 {
+            return Err(format!(
+                "storage `{key}`: the file ends {left} bytes after the previous storage, \
+                 before this one's 8-byte length: truncated"
+            )
+            .into());
+        }
+        reader
+            .seek(SeekFrom::Start(position))
+            .map_err(ReadError::Io)?;
+        let mut word = [0u8; 8];
+        reader.read_exact(&mut word).map_err(ReadError::Io)?;
+        let elements = u64::from_le_bytes(word);
+        let len = elements
+            .checked_mul(size)
+            .filter(|&len| len <= left - 8)
+            .ok_or_else(|| {
+                format!(
+                    "storage `{key}` declares {elements} elements of {size} bytes, but only {} \
+                     bytes follow: truncated or corrupt",
+                    left - 8
+                )
+            })?;
+        if located
+            .insert(key.to_string(), (position + 8, len))
+            .is_some()
+        {
+            return Err(format!("the legacy checkpoint lists storage `{key}` twice").into());
+        }
+        position += 8 + len;
+    }
+    if position != file_len {
+        return Err(format!(
+            "{} bytes follow the legacy checkpoint's last storage: not a file torch.save wrote",
+            file_len - position
+        )
+        .into());
+    }
+    let tensors = state_dict_tensors(&object)?;
+    drop((object, list, head));
+    let mut storages = LegacyStorages { reader, located };
+    let plan = plan(tensors, &mut storages, file_len)?;
+    Ok(fill(&plan, &mut storages)?)
+}
+
+/// The next of a legacy checkpoint's pickles, from `head[*at..]`; `capped` when `head` is not
+/// the whole file.
+fn legacy_pickle(head: &[u8], at: &mut usize, capped: bool, what: &str) -> Result<Pickle, String> {
+    let p = pickle::parse(&head[*at..]).map_err(|e| {
+        if capped && e.what.contains("truncated") {
+            format!(
+                "the legacy checkpoint's {what} does not end within its first {} bytes (a \
+                 state dict's pickle takes at most {MAX_PICKLE_BYTES})",
+                head.len()
+            )
+        } else {
+            format!(
+                "not a readable PyTorch checkpoint (the legacy format's {what}, {e}); {FORMATS}"
+            )
+        }
+    })?;
+    *at += p.consumed();
+    Ok(p)
+}
+
+/// The storages of a legacy checkpoint, where [`read_legacy`] found them.
+struct LegacyStorages<R> {
+    reader: R,
+    /// Each storage's first byte and length.
+    located: HashMap<String, (u64, u64)>,
+}
+
+impl<R: Read + Seek> Storages for LegacyStorages<R> {
+    fn locate(&mut self, key: &str) -> Result<(u64, u64), String> {
+        self.located
+            .get(key)
+            .copied()
+            .ok_or_else(|| "the checkpoint's list of storages does not name it".into())
+    }
+
+    fn read(&mut self, key: &str, out: &mut [u8]) -> Result<(), String> {
+        let (position, _) = self.locate(key)?;
+        self.reader
+            .seek(SeekFrom::Start(position))
+            .and_then(|_| self.reader.read_exact(out))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -1566,16 +1764,80 @@ mod tests {
         assert!(err.to_lowercase().contains("checksum"), "{err}");
     }
 
-    #[test]
-    fn the_legacy_format_is_named() {
-        let path = std::env::temp_dir().join(format!("sdstream-legacy-{}.pth", std::process::id()));
-        std::fs::write(&path, [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46]).unwrap();
-        let err = match read_as_safetensors(&path) {
+    fn legacy(file: &[u8]) -> Result<Vec<u8>, ReadError> {
+        read_legacy(Cursor::new(file), file.len() as u64)
+    }
+
+    fn legacy_refused(file: &[u8]) -> String {
+        match legacy(file) {
             Err(ReadError::Invalid(detail)) => detail,
-            other => panic!("{other:?}"),
-        };
-        std::fs::remove_file(&path).unwrap();
-        assert!(err.contains("legacy format of torch before 1.6"), "{err}");
+            Err(ReadError::Io(e)) => format!("I/O: {e}"),
+            Ok(bytes) => panic!("read {} tensors", tensors(&bytes).len()),
+        }
+    }
+
+    #[test]
+    fn the_legacy_format_reads_like_its_safetensors_twin() {
+        // torch.save(_use_new_zipfile_serialization=False) of f32, f16, bf16 and i64 tensors,
+        // a transposed view, two slices of one storage, a scalar and an empty tensor, under
+        // `state_dict` beside an int (tests/reference/make_published_layouts.py).
+        let dir = Path::new(FIXTURES).join("torch-legacy");
+        let got = tensors(&read_as_safetensors(&dir.join("mixed.pth")).expect("reads"));
+        let want = tensors(&std::fs::read(dir.join("mixed.safetensors")).unwrap());
+        assert_eq!(got.len(), 9);
+        assert_eq!(got, want);
+        assert_eq!(got["transposed"].1, [5, 6]);
+        assert_eq!(got["bf16.weight"].0, "BF16");
+        assert_eq!(got["steps"].2[16..24], (1i64 << 40).to_le_bytes());
+    }
+
+    #[test]
+    fn a_damaged_legacy_file_is_refused_by_what_is_wrong() {
+        let file = std::fs::read(Path::new(FIXTURES).join("torch-legacy/mixed.pth")).unwrap();
+        let cases: [(&str, Vec<u8>); 6] = [
+            // The magic number's first byte changed.
+            ("not torch's magic number", {
+                let mut f = file.clone();
+                f[4] ^= 0xff;
+                f
+            }),
+            // Cut inside the object's pickle.
+            ("saved object", file[..300].to_vec()),
+            // Cut inside the storages: the last one (the empty tensor's) loses its count.
+            ("before this one's 8-byte length: truncated", file[..file.len() - 1].to_vec()),
+            // A storage's count claims more than the file holds.
+            ("truncated or corrupt", {
+                let mut f = file.clone();
+                let end = f.len();
+                f[end - 1] = 1;
+                f
+            }),
+            // Bytes after the last storage.
+            ("1 bytes follow", [&file[..], &[0]].concat()),
+            // Big-endian system information: `little_endian` True → False.
+            ("little-endian", {
+                let at = file.windows(13).position(|w| w == b"little_endian").unwrap();
+                let mut f = file.clone();
+                // BINPUT n, then NEWTRUE (0x88).
+                assert_eq!(f[at + 15], 0x88);
+                f[at + 15] = 0x89;
+                f
+            }),
+        ];
+        for (what, bytes) in cases {
+            let err = legacy_refused(&bytes);
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        // Every cut, and every byte flipped, is refused or read, never a panic or a large
+        // allocation (the storages are tiny, so a claim beyond the file is refused first).
+        for len in 0..file.len() {
+            let _ = legacy(&file[..len]);
+        }
+        for at in 0..file.len() {
+            let mut f = file.clone();
+            f[at] ^= 0x5a;
+            let _ = legacy(&f);
+        }
     }
 
     #[test]

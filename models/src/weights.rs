@@ -192,23 +192,47 @@ enum Storage {
     Mapped(MmapedSafetensors),
     /// A PyTorch checkpoint, read and rewritten as safetensors bytes in memory.
     Buffered(BufferedSafetensors),
+    /// Shards: each tensor in the part `owner` names.
+    Sharded {
+        parts: Vec<Storage>,
+        owner: HashMap<String, usize>,
+    },
 }
 
 impl Storage {
-    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+    fn part(&self, name: &str) -> candle_core::Result<&Storage> {
         match self {
+            Storage::Sharded { parts, owner } => owner
+                .get(name)
+                .map(|&i| &parts[i])
+                .ok_or_else(|| candle_core::Error::Msg(format!("no tensor `{name}` in any shard"))),
+            single => Ok(single),
+        }
+    }
+
+    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        match self.part(name)? {
             Storage::Mapped(m) => m.load(name, device),
             Storage::Buffered(b) => b.load(name, device),
+            Storage::Sharded { .. } => Err(candle_core::Error::Msg("nested shards".into())),
         }
     }
 
     fn get(&self, name: &str) -> candle_core::Result<safetensors::tensor::TensorView<'_>> {
-        match self {
+        match self.part(name)? {
             Storage::Mapped(m) => m.get(name),
             Storage::Buffered(b) => b.get(name),
+            Storage::Sharded { .. } => Err(candle_core::Error::Msg("nested shards".into())),
         }
     }
 }
+
+/// Size of a shard index (a diffusers SDXL UNet's is about 200 KB).
+const MAX_INDEX_BYTES: u64 = 16 << 20;
+/// Shards behind one index.
+const MAX_SHARDS: usize = 1024;
+/// Tensors one index names.
+const MAX_INDEX_TENSORS: usize = 1 << 20;
 
 /// A weights file whose header has been checked: a safetensors file (memory-mapped) or a
 /// PyTorch `.pth` checkpoint (see [`WeightsFile::open`]).
@@ -232,11 +256,15 @@ impl std::fmt::Debug for WeightsFile {
 }
 
 impl WeightsFile {
-    /// Opens a weights file: a PyTorch checkpoint when its name ends in `.pth`, `.pt`, `.ckpt`
-    /// or `.bin` (transformers' `pytorch_model.bin`) ([`open_pytorch`](Self::open_pytorch)), a
-    /// safetensors file otherwise
-    /// ([`open_safetensors`](Self::open_safetensors)).
+    /// Opens a weights file: the shards a `*.index.json` names
+    /// ([`open_sharded`](Self::open_sharded)), a PyTorch checkpoint when its name ends in
+    /// `.pth`, `.pt`, `.ckpt` or `.bin` ([`open_pytorch`](Self::open_pytorch)), a safetensors
+    /// file otherwise ([`open_safetensors`](Self::open_safetensors)).
     pub fn open(path: &Path) -> Result<Self> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if crate::weight_names::is_index(name) {
+            return Self::open_sharded(path);
+        }
         let extension = path
             .extension()
             .and_then(|e| e.to_str())
@@ -282,6 +310,114 @@ impl WeightsFile {
             entries,
             metadata,
             Storage::Buffered(storage),
+        ))
+    }
+
+    /// Opens the shards the index `path` names (diffusers' and transformers'
+    /// `*.safetensors.index.json` and `*.bin.index.json`: `{"weight_map": {tensor: shard file}}`)
+    /// as one file. Each shard is opened and checked like a file of its own, and the index must
+    /// match them exactly: every tensor it names in the shard it names, no tensor a shard holds
+    /// that the index does not put there, no tensor in two shards. Shard names are plain file
+    /// names in the index's folder. Pickle shards are each read whole, like a single `.bin`.
+    pub fn open_sharded(path: &Path) -> Result<Self> {
+        let fail = |detail: String| Error::ModelLoad {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        if len > MAX_INDEX_BYTES {
+            return Err(fail(format!(
+                "a shard index of {len} bytes (at most {MAX_INDEX_BYTES})"
+            )));
+        }
+        let text = std::fs::read(path).map_err(io)?;
+        let index: Value = serde_json::from_slice(&text)
+            .map_err(|e| fail(format!("not a shard index (JSON): {e}")))?;
+        let map = index
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| fail("not a shard index: no `weight_map` object".into()))?;
+        if map.len() > MAX_INDEX_TENSORS {
+            return Err(fail(format!(
+                "the index names {} tensors (at most {MAX_INDEX_TENSORS})",
+                map.len()
+            )));
+        }
+        let mut shards: std::collections::BTreeMap<&str, usize> = Default::default();
+        for (tensor, shard) in map {
+            let shard = shard
+                .as_str()
+                .filter(|s| {
+                    !s.is_empty()
+                        && s.len() <= 255
+                        && !s.starts_with('.')
+                        && !s.contains(['/', '\\', '\0'])
+                        && !crate::weight_names::is_index(s)
+                })
+                .ok_or_else(|| {
+                    fail(format!(
+                        "the index puts tensor `{tensor}` in {shard}, not a weights file name \
+                         in the index's folder"
+                    ))
+                })?;
+            *shards.entry(shard).or_default() += 1;
+        }
+        if shards.len() > MAX_SHARDS {
+            return Err(fail(format!(
+                "the index names {} shards (at most {MAX_SHARDS})",
+                shards.len()
+            )));
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut entries = Vec::new();
+        let mut metadata = HashMap::new();
+        let mut parts = Vec::new();
+        let mut owner = HashMap::new();
+        for (&shard, &named) in &shards {
+            let file = Self::open(&dir.join(shard))?;
+            for entry in &file.entries {
+                if map.get(&entry.name).and_then(Value::as_str) != Some(shard) {
+                    return Err(fail(format!(
+                        "shard {shard} holds tensor `{}`, which the index does not put there",
+                        entry.name
+                    )));
+                }
+            }
+            if file.entries.len() != named {
+                let absent = map
+                    .iter()
+                    .find(|(t, s)| s.as_str() == Some(shard) && !file.index.contains_key(*t))
+                    .map_or_else(String::new, |(t, _)| t.clone());
+                return Err(fail(format!(
+                    "the index puts tensor `{absent}` in shard {shard}, which does not hold it \
+                     ({named} named there, {} held)",
+                    file.entries.len()
+                )));
+            }
+            let Self {
+                entries: shard_entries,
+                metadata: shard_metadata,
+                storage,
+                ..
+            } = file;
+            for entry in &shard_entries {
+                owner.insert(entry.name.clone(), parts.len());
+            }
+            entries.extend(shard_entries);
+            for (key, value) in shard_metadata {
+                metadata.entry(key).or_insert(value);
+            }
+            parts.push(storage);
+        }
+        Ok(Self::from_parts(
+            path,
+            entries,
+            metadata,
+            Storage::Sharded { parts, owner },
         ))
     }
 

@@ -31,7 +31,7 @@ use crate::model::openpose_body::{self, BodyPoseNet};
 use crate::model::raft::{self, Raft};
 use crate::model::rrdbnet::{self, RrdbNet};
 use crate::model::safety_checker::{self, SafetyChecker};
-use crate::model::{open_component, open_component_file, open_weights, weights_file};
+use crate::model::{open_component, open_component_file, open_weights, weight_names, weights_file};
 use crate::{Error, Result};
 
 /// Which network a request loads.
@@ -305,15 +305,9 @@ impl Network {
                 LineartGenerator::new,
             )?),
             NetworkKind::SafetyChecker => {
-                // `model.safetensors` (or its fp16 variant), else transformers' older
-                // `pytorch_model.bin`, read without running its pickle code.
-                let half = matches!(dtype, DType::F16 | DType::BF16);
-                let weights = match weights_file(path, "model", half) {
-                    Err(_) if path.join(SAFETY_CHECKER_BIN).is_file() => {
-                        path.join(SAFETY_CHECKER_BIN)
-                    }
-                    found => found?,
-                };
+                // `model.safetensors` or transformers' older `pytorch_model.bin` (read without
+                // running its pickle code), whole or sharded.
+                let weights = weights_file(path, "model", weight_names::prefers_fp16(dtype))?;
                 Network::SafetyChecker(
                     open_component_file(
                         path,

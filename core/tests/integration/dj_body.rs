@@ -89,6 +89,59 @@ fn mean_levels(a: &[u8], b: &[u8]) -> f64 {
         / a.len() as f64
 }
 
+/// The body's nets and processors as their repositories publish them
+/// (tests/fixtures/published-root): each thibaud net a lone fp16 `diffusion_pytorch_model.bin`
+/// with a diffusers 0.15 config, the OpenPose body network in torch's legacy format.
+fn published_settings() -> EngineSettings {
+    EngineSettings {
+        model_root: Some(fixture("published-root")),
+        ..EngineSettings::default()
+    }
+}
+
+#[test]
+fn the_dj_body_streams_with_every_net_in_its_published_layout() {
+    let settings = published_settings();
+    let body = dj_body();
+    let published = StreamDiffusionParams::from_json_with(&body.to_string(), &settings)
+        .unwrap_or_else(|e| panic!("the body validates: {e}"));
+    // The same nets (the same fp16 values) from a folder in today's diffusers layout.
+    let mut modern_body = body.clone();
+    let modern = fixture("tiny-controlnet-a").display().to_string();
+    let nets = modern_body["controlnets"].as_array_mut().unwrap();
+    // Five nets may not share an id: five copies of the folder.
+    let copies: Vec<String> = (0..nets.len())
+        .map(|i| {
+            let dir = common::scratch_dir(&format!("dj-modern-net-{i}"));
+            common::copy_dir(std::path::Path::new(&modern), &dir);
+            dir.display().to_string()
+        })
+        .collect();
+    for (net, copy) in nets.iter_mut().zip(&copies) {
+        net["model_id"] = json!(copy);
+    }
+    let modern = StreamDiffusionParams::from_json_with(&modern_body.to_string(), &settings)
+        .unwrap_or_else(|e| panic!("the modern body validates: {e}"));
+    let frames: Vec<Vec<u8>> = (0..2).map(frame_data).collect();
+    let mut want = StreamDiffusion::new(modern, settings.clone()).expect("the modern nets load");
+    let options = EngineOptions {
+        warmup: false,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(published, settings, options).expect("the published nets load");
+    for (i, data) in frames.iter().enumerate() {
+        let want = want.process(&frame(data)).expect("a frame").data;
+        let got = engine.process(frame(data)).expect("a frame comes back");
+        assert!(got.image.data == want, "frame {i}: published = modern");
+        for p in DJ_PROCESSORS {
+            assert_eq!(got.timings.processors.runs(p), 1, "frame {i}: {p} ran");
+        }
+    }
+    let status = engine.status();
+    assert_eq!(status.reload_failures, 0);
+    engine.close();
+}
+
 #[test]
 fn the_dj_body_streams_through_the_stream_and_the_engine() {
     let params = params(&dj_body());

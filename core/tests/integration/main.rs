@@ -27,6 +27,7 @@ mod openpose;
 mod params;
 mod params_fuzz;
 mod pool;
+mod published_layouts;
 mod preprocess;
 mod processors;
 mod raft;
