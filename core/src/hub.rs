@@ -1047,9 +1047,69 @@ mod tests {
             pick("unet/model.pth|unet/config.json|unet/*.json"),
             Ok(vec!["unet/config.json".to_string()])
         );
+        let err = pick("a.safetensors|a.pth").unwrap_err();
+        assert!(
+            err.starts_with("a.safetensors (or a.safetensors.index.json, a.bin, ")
+                && err.ends_with(" or a.pth"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn weights_are_fetched_in_the_form_the_repository_holds() {
+        let pick = |listing: &[&str], pattern: &str| {
+            let listing: Vec<String> = listing.iter().map(|s| s.to_string()).collect();
+            Wanted::parse(pattern).select_remote(&listing)
+        };
+        let strings = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
+        // thibaud/controlnet-sd21-*-diffusers: a lone .bin.
+        let thibaud = ["config.json", "diffusion_pytorch_model.bin", "README.md"];
+        for pattern in [
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ] {
+            assert_eq!(
+                pick(&thibaud, pattern),
+                Ok(strings(&["diffusion_pytorch_model.bin"]))
+            );
+        }
+        // A sharded UNet: the index and every shard listed beside it.
+        let sharded = [
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors.index.json",
+            "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+            "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/diffusion_pytorch_model-00001-of-00002.safetensors",
+        ];
         assert_eq!(
-            pick("a.safetensors|a.pth"),
-            Err("a.safetensors (or a.fp16.safetensors) or a.pth".to_string())
+            pick(&sharded, "unet/diffusion_pytorch_model.safetensors"),
+            Ok(strings(&[
+                "unet/diffusion_pytorch_model.safetensors.index.json",
+                "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+                "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+            ]))
+        );
+        // f16 takes the single fp16 file over the full-precision shards.
+        assert_eq!(
+            pick(&sharded, "unet/diffusion_pytorch_model.fp16.safetensors"),
+            Ok(strings(&["unet/diffusion_pytorch_model.fp16.safetensors"]))
+        );
+        // An index whose shards are not listed is no form at all.
+        assert!(pick(&sharded[1..2], "unet/diffusion_pytorch_model.safetensors").is_err());
+        // transformers' older text encoders: pytorch_model.bin beside model.fp16.safetensors;
+        // full precision takes the .bin (a complete file), f16 the fp16 one.
+        let encoder = [
+            "text_encoder/pytorch_model.bin",
+            "text_encoder/model.fp16.safetensors",
+        ];
+        assert_eq!(
+            pick(&encoder, "text_encoder/model.safetensors"),
+            Ok(strings(&["text_encoder/pytorch_model.bin"]))
+        );
+        assert_eq!(
+            pick(&encoder, "text_encoder/model.fp16.safetensors"),
+            Ok(strings(&["text_encoder/model.fp16.safetensors"]))
         );
     }
 

@@ -169,9 +169,7 @@ pub fn read_as_safetensors(path: &Path) -> Result<Vec<u8>, ReadError> {
     let mut reader = BufReader::new(file);
     let mut head = [0u8; 3];
     let legacy = reader.read_exact(&mut head).is_ok() && head == LEGACY_START;
-    reader
-        .seek(SeekFrom::Start(0))
-        .map_err(ReadError::Io)?;
+    reader.seek(SeekFrom::Start(0)).map_err(ReadError::Io)?;
     if legacy {
         read_legacy(reader, file_len)
     } else {
@@ -1804,7 +1802,10 @@ mod tests {
             // Cut inside the object's pickle.
             ("saved object", file[..300].to_vec()),
             // Cut inside the storages: the last one (the empty tensor's) loses its count.
-            ("before this one's 8-byte length: truncated", file[..file.len() - 1].to_vec()),
+            (
+                "before this one's 8-byte length: truncated",
+                file[..file.len() - 1].to_vec(),
+            ),
             // A storage's count claims more than the file holds.
             ("truncated or corrupt", {
                 let mut f = file.clone();
@@ -1816,7 +1817,10 @@ mod tests {
             ("1 bytes follow", [&file[..], &[0]].concat()),
             // Big-endian system information: `little_endian` True → False.
             ("little-endian", {
-                let at = file.windows(13).position(|w| w == b"little_endian").unwrap();
+                let at = file
+                    .windows(13)
+                    .position(|w| w == b"little_endian")
+                    .unwrap();
                 let mut f = file.clone();
                 // BINPUT n, then NEWTRUE (0x88).
                 assert_eq!(f[at + 15], 0x88);

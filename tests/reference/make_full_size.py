@@ -7,7 +7,8 @@ madebyollin/taesd, for benchmarks (never for correctness goldens, never committe
     text_encoder/ (OpenCLIP-H text tower, 23 layers), unet/ (SD 2.1 UNet), vae/ (SD AutoencoderKL)
   TAESD_OUT/         AutoencoderTiny laid out like madebyollin/taesd
   CONTROLNET_OUT/    (with --controlnet-out) a ControlNetModel in the shapes of the SD 2.1
-                     ControlNets Daydream streams with sd-turbo (thibaud/controlnet-sd21-*-diffusers)
+                     ControlNets Daydream streams with sd-turbo (thibaud/controlnet-sd21-*-diffusers);
+                     with --controlnet-as-published, in their published form (a lone fp16 .bin)
   SDXL_OUT/          (with --sdxl-out) a folder laid out like stabilityai/sdxl-turbo without its VAE
                      (the SDXL rows use TAESDXL): both tokenizers (copied from tests/fixtures/tiny-sdxl),
                      text_encoder (CLIP ViT-L/14 text), text_encoder_2 (OpenCLIP bigG text with its
@@ -553,6 +554,9 @@ def main() -> None:
     parser.add_argument("--controlnet-out", type=Path, default=None,
                         help="also (or, with --controlnet-only, only) write a full-size SD 2.1 ControlNet here")
     parser.add_argument("--controlnet-only", action="store_true")
+    parser.add_argument("--controlnet-as-published", action="store_true",
+                        help="write the ControlNet as thibaud/controlnet-sd21-*-diffusers publish it: a lone "
+                             "fp16 diffusion_pytorch_model.bin (torch.save) beside its config")
     parser.add_argument("--no-fp16", action="store_true", help="do not write the *.fp16.safetensors variants")
     parser.add_argument("--check-only", action="store_true", help="only run the sanity pass on existing folders")
     parser.add_argument("--check-size", type=int, default=256, help="image size of the sanity pass (UNet at /8)")
@@ -584,7 +588,13 @@ def main() -> None:
         start = time.perf_counter()
         controlnet = make_controlnet()
         write_json(controlnet_out / "config.json", SD21_CONTROLNET)
-        files = save_weights(controlnet.state_dict(), controlnet_out, "diffusion_pytorch_model", fp16)
+        if args.controlnet_as_published:
+            controlnet_out.mkdir(parents=True, exist_ok=True)
+            files = [controlnet_out / "diffusion_pytorch_model.bin"]
+            torch.save({k: v.detach().to(torch.float16).contiguous() for k, v in controlnet.state_dict().items()},
+                       files[0])
+        else:
+            files = save_weights(controlnet.state_dict(), controlnet_out, "diffusion_pytorch_model", fp16)
         report("controlnet", controlnet, files, time.perf_counter() - start)
         del controlnet
     if args.controlnet_only:

@@ -78,7 +78,9 @@ fn a_thibaud_net_as_a_lone_fp16_bin_with_its_old_config_streams_like_the_modern_
     let published = fixture("published-root").join(THIBAUD_OPENPOSE);
     assert!(
         published.join("diffusion_pytorch_model.bin").is_file()
-            && !published.join("diffusion_pytorch_model.safetensors").exists()
+            && !published
+                .join("diffusion_pytorch_model.safetensors")
+                .exists()
             && !published
                 .join("diffusion_pytorch_model.fp16.safetensors")
                 .exists(),
@@ -123,14 +125,13 @@ fn the_legacy_body_pose_model_computes_like_its_safetensors_twin() {
     let head = std::fs::read(&legacy).unwrap();
     assert_eq!(head[..3], [0x80, 0x02, 0x8a], "a legacy pickle, not a zip");
     let modern = fixture("model-root/lllyasviel/Annotators/body_pose_model.safetensors");
-    let load = |path: &Path| {
-        match Network::load(NetworkKind::BodyPose, path, DType::F32, &Device::Cpu)
+    let load =
+        |path: &Path| match Network::load(NetworkKind::BodyPose, path, DType::F32, &Device::Cpu)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         {
             Network::BodyPose(net) => net,
             _ => panic!("not a body pose network"),
-        }
-    };
+        };
     let (a, b) = (load(&legacy), load(&modern));
     let x = Tensor::rand(-0.5f32, 0.5, (1, 3, 48, 40), &Device::Cpu).unwrap();
     let ((pafs_a, heat_a), (pafs_b, heat_b)) = (a.forward(&x).unwrap(), b.forward(&x).unwrap());
