@@ -307,6 +307,19 @@ impl Wanted {
     }
 }
 
+/// Whether a network's weights (a [`Wanted::Weights`], alone or among alternatives) are among
+/// the `wanted` patterns that `found` says are not there.
+fn lacks_weights(wanted: &[Wanted], found: impl Fn(&Wanted) -> bool) -> bool {
+    fn names_weights(w: &Wanted) -> bool {
+        match w {
+            Wanted::Weights { .. } => true,
+            Wanted::OneOf(options) => options.iter().any(names_weights),
+            _ => false,
+        }
+    }
+    wanted.iter().any(|w| names_weights(w) && !found(w))
+}
+
 /// The weights pattern of a component: `"{component}/{stem}.safetensors"`, or the
 /// `.fp16.safetensors` form when f16 weights are preferred (either file satisfies both forms).
 pub fn weights_pattern(component: &str, stem: &str, prefer_fp16: bool) -> String {
@@ -453,10 +466,22 @@ pub fn resolve_wanted(id: &str, opts: &HubOptions, wanted: &[Wanted]) -> Result<
         if missing.is_empty() {
             return Ok(dir);
         }
+        let held = if lacks_weights(wanted, |w| w.satisfied_in(&dir)) {
+            weight_names::weight_like(
+                std::fs::read_dir(&dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            )
+        } else {
+            Vec::new()
+        };
         return Err(not_found(format!(
-            "local folder {} lacks {}",
+            "local folder {} lacks {}{}",
             dir.display(),
-            missing.join(", ")
+            missing.join(", "),
+            weight_names::what_is_held(&held)
         )));
     }
     let local = Path::new(id);
@@ -631,7 +656,16 @@ fn download(id: &str, cache: &Path, wanted: &[Wanted]) -> std::result::Result<Pa
         }
     }
     if !absent.is_empty() {
-        return Err(format!("hub repository {id} has no {}", absent.join(", ")));
+        let held = if lacks_weights(wanted, |w| w.select_remote(&listing).is_ok()) {
+            weight_names::weight_like(listing.iter().cloned())
+        } else {
+            Vec::new()
+        };
+        return Err(format!(
+            "hub repository {id} has no {}{}",
+            absent.join(", "),
+            weight_names::what_is_held(&held)
+        ));
     }
     let mut snapshot: Option<PathBuf> = None;
     for file in &files {
@@ -1052,6 +1086,40 @@ mod tests {
             err.starts_with("a.safetensors (or a.safetensors.index.json, a.bin, ")
                 && err.ends_with(" or a.pth"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_folder_holding_weights_in_no_form_read_says_what_it_holds() {
+        // CiaraRowles/TemporalNet2 publishes one single-file checkpoint and no diffusers weights.
+        let root = TempDir::new("single-file");
+        let dir = root.0.join("CiaraRowles/TemporalNet2");
+        touch(&dir.join("config.json"));
+        touch(&dir.join("temporalnetversion2.ckpt"));
+        touch(&dir.join("README.md"));
+        let opts = HubOptions {
+            model_root: Some(root.0.clone()),
+            ..offline(&root.0)
+        };
+        let wanted = ["config.json", "diffusion_pytorch_model.safetensors"];
+        let msg = resolve("CiaraRowles/TemporalNet2", &opts, &wanted)
+            .expect_err("no diffusers weights")
+            .to_string();
+        assert!(
+            msg.contains("lacks diffusion_pytorch_model.safetensors (or")
+                && msg.contains("it holds temporalnetversion2.ckpt")
+                && msg.contains("from_single_file"),
+            "{msg}"
+        );
+        // A folder that lacks only its config says nothing about its weights.
+        std::fs::remove_file(dir.join("config.json")).unwrap();
+        touch(&dir.join("diffusion_pytorch_model.bin"));
+        let msg = resolve("CiaraRowles/TemporalNet2", &opts, &wanted)
+            .expect_err("no config")
+            .to_string();
+        assert!(
+            msg.contains("lacks config.json") && !msg.contains("it holds"),
+            "{msg}"
         );
     }
 

@@ -96,12 +96,22 @@ pub fn weights_file(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<PathBuf
         .into_iter()
         .map(|c| dir.join(c.file))
         .find(|p| p.is_file())
-        .ok_or_else(|| Error::ModelLoad {
-            path: dir.to_path_buf(),
-            detail: format!(
-                "no weights: expected one of {} in this folder",
-                weight_names::describe(stem)
-            ),
+        .ok_or_else(|| {
+            let held = weight_names::weight_like(
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
+            Error::ModelLoad {
+                path: dir.to_path_buf(),
+                detail: format!(
+                    "no weights: expected one of {} in this folder{}",
+                    weight_names::describe(stem),
+                    weight_names::what_is_held(&held)
+                ),
+            }
         })
 }
 

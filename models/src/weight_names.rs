@@ -88,6 +88,46 @@ pub fn describe(stem: &str) -> String {
     names.join(", ")
 }
 
+/// At most this many names in [`what_is_held`].
+const MAX_HELD_NAMES: usize = 8;
+
+/// The names among `names` that look like weights files (safetensors, torch pickles,
+/// single-file checkpoints), sorted.
+pub fn weight_like(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut held: Vec<String> = names
+        .into_iter()
+        .filter(|n| {
+            [".safetensors", ".bin", ".ckpt", ".pth", ".pt"]
+                .iter()
+                .any(|ext| n.to_ascii_lowercase().ends_with(ext))
+        })
+        .collect();
+    held.sort();
+    held
+}
+
+/// What a folder or repository holds instead of a form [`candidates`] names, and what would
+/// be needed: empty when it holds no weights at all.
+pub fn what_is_held(held: &[String]) -> String {
+    if held.is_empty() {
+        return String::new();
+    }
+    let mut names = held
+        .iter()
+        .take(MAX_HELD_NAMES)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if held.len() > MAX_HELD_NAMES {
+        names.push_str(&format!(" and {} more", held.len() - MAX_HELD_NAMES));
+    }
+    format!(
+        "; it holds {names}, in no form sdstream reads for this network (a single-file \
+         checkpoint, such as a .ckpt of the original Stable Diffusion layout, is not read yet: \
+         convert it with diffusers' from_single_file(...).save_pretrained(...))"
+    )
+}
+
 /// Whether `name` is a shard index (a JSON file mapping tensors to shard files).
 pub fn is_index(name: &str) -> bool {
     name.ends_with(".index.json") || name.ends_with(".index.fp16.json")
@@ -136,6 +176,15 @@ mod tests {
             shards[5].as_deref(),
             Some("unet/diffusion_pytorch_model-*-of-*.safetensors")
         );
+        assert_eq!(
+            weight_like(
+                ["README.md", "temporalnetversion2.ckpt", "a.SAFETENSORS"].map(String::from)
+            ),
+            ["a.SAFETENSORS", "temporalnetversion2.ckpt"]
+        );
+        let held = what_is_held(&["temporalnetversion2.ckpt".into()]);
+        assert!(held.contains("temporalnetversion2.ckpt") && held.contains("from_single_file"));
+        assert_eq!(what_is_held(&[]), "");
         assert!(prefers_fp16(DType::F16));
         assert!(!prefers_fp16(DType::BF16) && !prefers_fp16(DType::F32));
     }
