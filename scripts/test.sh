@@ -58,7 +58,8 @@ fi
 "$webrtc_venv/bin/python" tests/webrtc/scope.py --server "$server_bin" \
   --fixtures tests/fixtures --work "$target_dir/scope-e2e"
 #    - the DJ visualiser's body (five ControlNets fed by pose, soft-edge, canny, depth and colour
-#      processors) on the tiny stand-ins of tests/fixtures/model-root, with aiortc.
+#      processors) on the tiny stand-ins of tests/fixtures/published-root (the layouts the
+#      repositories publish: .bin nets with diffusers 0.15 configs, a legacy-format .pth), with aiortc.
 "$webrtc_venv/bin/python" tests/webrtc/dj_body.py --server "$server_bin" --fixtures tests/fixtures
 ffmpeg="${FFMPEG:-ffmpeg}"
 if command -v "$ffmpeg" >/dev/null 2>&1; then

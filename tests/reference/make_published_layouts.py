@@ -24,12 +24,15 @@ Writes under tests/fixtures/:
   * tiny-sdxl-sharded/: tiny-sdxl with its UNet saved by diffusers in shards
     (`diffusion_pytorch_model-0000k-of-00003.safetensors` and
     `diffusion_pytorch_model.safetensors.index.json`), as a recent diffusers saves an fp32 SDXL
-    UNet (10.3 GB, over its 10 GB shard size); the other components link to tiny-sdxl.
+    UNet (10.3 GB, over its 10 GB shard size), and its second text encoder in transformers'
+    shard names (`model-0000k-of-0000n.safetensors`, `model.safetensors.index.json`); the other
+    components link to tiny-sdxl.
 
 Run from the repository root with the reference environment (tests/reference/README.md):
     "$REFENV/bin/python" tests/reference/make_published_layouts.py
 Deterministic: the same bytes every run (torch's legacy storage keys are memory addresses,
-so they are renamed in the file to 0, 1, 2, ... in order).
+so they are renamed in the file to 0, 1, 2, ... in order; see `legacy_save`), apart from the
+files diffusers and transformers write themselves.
 """
 
 from __future__ import annotations
@@ -48,40 +51,77 @@ from safetensors.torch import load_file, save_file
 from _common import FIXTURES
 
 
+# Bytes per element of the storage classes a legacy file names.
+ELEMENT_SIZES = {"FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "DoubleStorage": 8,
+                 "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1,
+                 "ByteStorage": 1, "BoolStorage": 1}
+
+
+class Named:
+    """A global of a pickle read without importing it: its name, and a call that makes nothing."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
 def legacy_save(obj, path: Path) -> None:
-    """torch.save in the legacy format, with its storage keys (the storages' addresses, which
-    differ from run to run) replaced by their rank among the sorted keys."""
+    """torch.save in the legacy format, made reproducible: torch names each storage by its
+    memory address and writes them sorted by that name, so the same object gives other bytes
+    on every run. The storages are renamed 0, 1, 2, ... (zero-padded to the same length) in the
+    order the object's pickle first names them, and the key list and the storages are written
+    in that order; the object's pickle is otherwise torch's, byte for byte."""
     buffer = io.BytesIO()
     torch.save(obj, buffer, _use_new_zipfile_serialization=False)
     data = buffer.getvalue()
-    # The five pickles: magic number, protocol version, system information, the object and the
-    # sorted list of storage keys; the keys appear as strings in the last two.
     stream = io.BytesIO(data)
+    for _ in range(3):  # magic number, protocol version, system information
+        pickle.load(stream)
+    object_start = stream.tell()
+    pids = []
 
-    class Skipper(pickle.Unpickler):
+    class Reader(pickle.Unpickler):
         def persistent_load(self, pid):
+            pids.append(pid)
             return None
 
         def find_class(self, module, name):
-            return lambda *args, **kwargs: None
+            return Named(name)
 
-    for _ in range(4):
-        Skipper(stream).load()
+    Reader(stream).load()
+    object_end = stream.tell()
     keys = pickle.load(stream)
-    assert keys == sorted(keys) and all(k.isdigit() for k in keys), keys
-    head = data[: stream.tell()]
-    rest = data[stream.tell():]
-    # Rewrite the keys inside the pickled bytes: each is a short string opcode followed by the
-    # key's characters; replace by same-length strings so no length byte moves.
-    for rank, key in enumerate(keys):
-        new = str(rank).rjust(len(key), "0")
-        assert head.count(key.encode()) >= 2, key
-        head = head.replace(key.encode(), new.encode())
+    position = stream.tell()
+    order, element = [], {}
+    for pid in pids:
+        assert pid[0] == "storage" and pid[5] is None, pid
+        if pid[2] not in element:
+            order.append(pid[2])
+            element[pid[2]] = ELEMENT_SIZES[pid[1].name]
+    assert sorted(order) == sorted(keys) and len(set(map(len, keys))) == 1, keys
+    chunks = {}
+    for key in keys:
+        count = int.from_bytes(data[position:position + 8], "little")
+        end = position + 8 + count * element[key]
+        chunks[key] = data[position:end]
+        position = end
+    assert position == len(data)
+    body = data[object_start:object_end]
+    renamed = {key: str(rank).rjust(len(key), "0") for rank, key in enumerate(order)}
+    for key, new in renamed.items():
+        assert body.count(key.encode()) >= 1, key
+        body = body.replace(key.encode(), new.encode())
+    out = (data[:object_start] + body + pickle.dumps([renamed[k] for k in order], protocol=2)
+           + b"".join(chunks[k] for k in order))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(head + rest)
-    # torch itself must read the result back.
+    path.write_bytes(out)
+    # torch itself must read the result back, equal.
     back = torch.load(path, weights_only=True)
-    assert back.keys() == obj.keys()
+    flat = back.get("state_dict", back)
+    want = obj.get("state_dict", obj)
+    assert flat.keys() == want.keys() and all(torch.equal(flat[k], want[k]) for k in want)
     print("wrote", path.relative_to(FIXTURES.parent.parent), path.stat().st_size, "bytes")
 
 
@@ -176,8 +216,22 @@ def sharded_sdxl() -> None:
         shutil.rmtree(out)
     out.mkdir()
     for entry in sorted(src.iterdir()):
-        if entry.name != "unet":
+        if entry.name not in ("unet", "text_encoder_2"):
             link(f"../tiny-sdxl/{entry.name}", out / entry.name)
+    # The second text encoder in transformers' shard names (model-0000k-of-0000n.safetensors,
+    # model.safetensors.index.json).
+    from transformers import CLIPTextModelWithProjection
+
+    encoder = CLIPTextModelWithProjection.from_pretrained(src / "text_encoder_2")
+    encoder.save_pretrained(out / "text_encoder_2", max_shard_size="1MB")
+    for f in (out / "text_encoder_2").iterdir():
+        os.chmod(f, 0o644)  # safetensors writes 0600
+    names = sorted(p.name for p in (out / "text_encoder_2").iterdir())
+    print("wrote tiny-sdxl-sharded/text_encoder_2:", names)
+    assert "model.safetensors.index.json" in names and len(names) >= 4, names
+    back = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder_2")
+    for (a, x), (b, y) in zip(sorted(encoder.state_dict().items()), sorted(back.state_dict().items())):
+        assert a == b and torch.equal(x, y), a
     unet = UNet2DConditionModel.from_pretrained(src / "unet")
     unet.save_pretrained(out / "unet", max_shard_size="2MB")
     shards = sorted(p.name for p in (out / "unet").iterdir())

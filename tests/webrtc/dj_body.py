@@ -1,9 +1,12 @@
 """The DJ visualiser's default body through `sdstream serve`, with aiortc as the camera and the
 viewer: five sd21 ControlNets fed by pose_tensorrt, soft_edge, canny, depth_tensorrt and
-passthrough, on the tiny stand-ins of tests/fixtures/model-root (the tiny sd-turbo, ControlNets
-and processor networks under their real ids).
+passthrough, on the tiny stand-ins of tests/fixtures/published-root: the tiny sd-turbo,
+ControlNets and processor networks under their real ids and in the layouts their repositories
+publish (each thibaud net a lone fp16 `diffusion_pytorch_model.bin` with a diffusers 0.15
+config, the OpenPose body network in torch's legacy format; see
+tests/reference/make_published_layouts.py).
 
-1. Starts the server with tests/fixtures/model-root as the model root; creates a stream with
+1. Starts the server with tests/fixtures/published-root as the model root; creates a stream with
    the body (512x512, t_index_list [12, 20, 24]).
 2. aiortc publishes examples/frames over WHIP and plays the stream over WHEP; frames must reach
    the viewer, and they must be the engine's pictures, not the camera's.
@@ -168,7 +171,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=420)
     args = ap.parse_args()
     fixtures = os.path.abspath(args.fixtures)
-    root = os.path.join(fixtures, "model-root")
+    root = os.path.join(fixtures, "published-root")
     frames_dir = os.path.join(fixtures, "..", "..", "examples", "frames")
     frames = [np.asarray(Image.open(os.path.join(frames_dir, f)).convert("RGB"))
               for f in sorted(os.listdir(frames_dir)) if f.endswith(".png")]
