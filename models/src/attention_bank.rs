@@ -105,6 +105,8 @@ impl AttentionBank {
         self.layers.get(layer)
     }
 
+    /// Starts one UNet call's use of the bank: its attention layers read the banked K and V in
+    /// order and record this call's fresh ones.
     pub fn begin(&self) -> RefCell<BankCall<'_>> {
         RefCell::new(BankCall {
             bank: self,

@@ -173,11 +173,15 @@ pub enum Activation {
     GeluErf,
     /// GELU's tanh approximation.
     GeluTanh,
+    /// ReLU.
     Relu,
+    /// SiLU (`x·sigmoid(x)`).
     Silu,
 }
 
 impl Activation {
+    /// Reads transformers' `hidden_act` name (`quick_gelu`, `gelu`, `gelu_new`, `relu`, `silu`);
+    /// others are an unsupported config.
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "quick_gelu" => Self::QuickGelu,
@@ -291,6 +295,8 @@ impl EncoderLayer {
         })
     }
 
+    /// One encoder layer: pre-norm self-attention (under `mask`, the causal mask) and pre-norm MLP,
+    /// each with its residual.
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let attn = self
             .self_attn

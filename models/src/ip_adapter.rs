@@ -260,6 +260,8 @@ impl IpAdapterLayers {
         self.layers.is_empty()
     }
 
+    /// The attention layers' key and value projections of the image tokens, in the UNet's attention
+    /// order.
     pub fn layers(&self) -> &[Linear] {
         &self.layers
     }

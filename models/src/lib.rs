@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! sdstream's networks and the files they come from: the floor between the kernels and the
 //! engine, which knows candle, the kernels and the formats, and nothing of parameters, the hub,
 //! pipelines or engines. sdstream re-exports it as `sdstream::model` (with the loading of a

@@ -49,32 +49,46 @@ pub type Id = u32;
 /// One value of a pickle. Containers hold their children's [`Id`]s.
 #[derive(Debug)]
 pub enum Value {
+    /// `None`.
     None,
+    /// A bool.
     Bool(bool),
+    /// An integer that fits in 64 bits.
     Int(i64),
     /// An integer wider than 64 bits (`LONG1`, `LONG4`): only its size is kept.
     BigInt {
+        /// Its length in bytes.
         bytes: usize,
     },
+    /// A float.
     Float(f64),
+    /// A string (`str`, or a Python 2 `unicode`).
     Str(Box<str>),
     /// `bytes`, `bytearray` or a Python 2 `str`: only the length is kept.
     Bytes {
+        /// Its length in bytes.
         len: usize,
     },
+    /// A tuple.
     Tuple(Vec<Id>),
+    /// A list.
     List(Vec<Id>),
     /// Items in the order they were set; a key set twice appears twice.
     Dict(Vec<(Id, Id)>),
+    /// A set or frozenset.
     Set(Vec<Id>),
     /// A `GLOBAL` or `STACK_GLOBAL`: the names only, never imported.
     Global {
+        /// The module, as the pickle spells it.
         module: Box<str>,
+        /// The name within the module.
         name: Box<str>,
     },
     /// `REDUCE`, `NEWOBJ` or `NEWOBJ_EX` of `callable` with `args`: recorded, never called.
     Object {
+        /// The value called (a global, as a rule).
         callable: Id,
+        /// Its arguments (a tuple, as a rule).
         args: Id,
     },
     /// `BINPERSID`: a reference the container resolves (torch: a tensor's storage).
@@ -128,6 +142,7 @@ impl Pickle {
         self.root
     }
 
+    /// The value `id` names.
     pub fn value(&self, id: Id) -> &Value {
         &self.nodes[id as usize].value
     }
@@ -163,6 +178,7 @@ impl Pickle {
         self.nodes[id as usize].depth
     }
 
+    /// The string `id` holds, if it is one.
     pub fn str(&self, id: Id) -> Option<&str> {
         match self.value(id) {
             Value::Str(s) => Some(s),
@@ -170,6 +186,7 @@ impl Pickle {
         }
     }
 
+    /// The 64-bit integer `id` holds, if it is one.
     pub fn int(&self, id: Id) -> Option<i64> {
         match self.value(id) {
             Value::Int(i) => Some(*i),
@@ -177,6 +194,7 @@ impl Pickle {
         }
     }
 
+    /// The items of the tuple `id`, if it is one.
     pub fn tuple(&self, id: Id) -> Option<&[Id]> {
         match self.value(id) {
             Value::Tuple(items) => Some(items),
@@ -184,6 +202,7 @@ impl Pickle {
         }
     }
 
+    /// The items of the dictionary `id` in the order they were set, if it is one.
     pub fn dict(&self, id: Id) -> Option<&[(Id, Id)]> {
         match self.value(id) {
             Value::Dict(items) => Some(items),
@@ -201,6 +220,7 @@ impl Pickle {
             .map(|&(_, v)| v)
     }
 
+    /// The module and name of the global `id`, if it is one.
     pub fn global(&self, id: Id) -> Option<(&str, &str)> {
         match self.value(id) {
             Value::Global { module, name } => Some((module, name)),
@@ -216,6 +236,7 @@ impl Pickle {
         }
     }
 
+    /// What the `BINPERSID` value `id` refers to, if it is one.
     pub fn persistent_id(&self, id: Id) -> Option<Id> {
         match self.value(id) {
             Value::PersistentId(pid) => Some(*pid),
@@ -241,7 +262,9 @@ impl Pickle {
 /// Why a pickle was refused: what, and the input offset of the opcode at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PickleError {
+    /// Where the opcode at fault starts, in bytes from the pickle's start.
     pub offset: usize,
+    /// What was wrong.
     pub what: String,
 }
 

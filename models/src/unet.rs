@@ -80,9 +80,13 @@ pub struct UNetEncoder {
     add_embedding: Option<TextTimeEmbedding>,
     time_embed_act: Option<Activation>,
     resnet_act: Activation,
+    /// The input convolution (latents to the first level's width).
     pub conv_in: Conv2d,
+    /// The down path's levels, outermost first.
     pub down_blocks: Vec<DownBlock>,
+    /// The middle block (`None` for `mid_block_type: null`).
     pub mid_block: Option<MidBlock>,
+    /// The config resolved level by level.
     pub plan: LevelPlan,
     dtype: DType,
     model: &'static str,

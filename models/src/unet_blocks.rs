@@ -49,6 +49,7 @@ impl Activation {
         }
     }
 
+    /// Applies the activation to `x`.
     pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Silu => x.silu(),
@@ -210,6 +211,7 @@ pub struct SinusoidalTimesteps {
 }
 
 impl SinusoidalTimesteps {
+    /// Precomputes the frequencies of a `dim`-wide embedding (diffusers' `Timesteps`).
     pub fn new(
         dim: usize,
         flip_sin_to_cos: bool,
@@ -266,6 +268,7 @@ pub struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
+    /// Builds the two linear layers from `vb` (`linear_1`, `linear_2`).
     pub fn new(
         in_dim: usize,
         out_dim: usize,
@@ -308,6 +311,8 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
+    /// Builds the block from `vb` (norms, convolutions, the time projection and the shortcut when
+    /// the widths differ).
     pub fn new(
         in_ch: usize,
         out_ch: usize,
@@ -381,6 +386,7 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
+    /// A stride-2 3×3 convolution; `padding` 0 pads bottom and right by one, as diffusers does.
     pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
         let padding = if padding == 0 {
             Padding::bottom_right(1)
@@ -405,12 +411,15 @@ pub struct Upsample2D {
 }
 
 impl Upsample2D {
+    /// A nearest ×2 upsampling followed by a 3×3 convolution.
     pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))?,
         })
     }
 
+    /// Upsamples `x` to `size` when given (the skip connection's size), else by two, then
+    /// convolves.
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         match size {
@@ -487,6 +496,8 @@ const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
 const ATTENTION_BLOCK_BYTES_CPU: usize = 16 << 20;
 
 impl Attention {
+    /// Builds the attention from `vb` (`to_q`, `to_k`, `to_v`, `to_out.0`); keys and values are
+    /// projected from `context_dim` channels (the input's `query_dim` when `None`).
     pub fn new(
         query_dim: usize,
         context_dim: Option<usize>,
@@ -737,7 +748,9 @@ impl Attention {
 /// attention, this UNet call's use of the bank.
 #[derive(Clone, Copy)]
 pub struct Context<'a, 'b> {
+    /// The text embeddings the cross-attention reads.
     pub text: &'a Tensor,
+    /// This UNet call's use of the attention bank (cached attention), when it is on.
     pub bank: Option<&'a RefCell<BankCall<'b>>>,
     /// IP-Adapter's image tokens and layers, when an adapter is active.
     pub image: Option<&'a ImageContext<'a>>,
@@ -789,6 +802,7 @@ pub struct FeedForward {
 const FEED_FORWARD_CHUNK_BYTES: usize = 16 << 20;
 
 impl FeedForward {
+    /// GEGLU feed-forward of width `dim` (inner width 4·dim).
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
@@ -862,6 +876,7 @@ impl BasicTransformerBlock {
         self.attn2.share_projection_counter(counter);
     }
 
+    /// Builds self-attention, cross-attention and the feed-forward from `vb`.
     pub fn new(dim: usize, spec: &AttentionSpec, upcast: bool, vb: VarBuilder) -> Result<Self> {
         let head_dim = dim / spec.heads;
         let attn1_context = spec
@@ -894,6 +909,8 @@ impl BasicTransformerBlock {
         })
     }
 
+    /// Self-attention (extended by the bank when on), cross-attention, then the feed-forward, each
+    /// pre-norm with its residual.
     pub fn forward(&self, x: &Tensor, context: Context<'_, '_>) -> candle_core::Result<Tensor> {
         // The bank extends self-attention only (an `only_cross_attention` attn1 reads the text).
         let (ctx1, bank) = if self.only_cross_attention {
@@ -941,6 +958,7 @@ pub struct Transformer2DModel {
 }
 
 impl Transformer2DModel {
+    /// Builds the norm, the input and output projections and the transformer blocks from `vb`.
     pub fn new(
         channels: usize,
         spec: &AttentionSpec,
@@ -990,6 +1008,8 @@ impl Transformer2DModel {
         self.blocks.iter_mut()
     }
 
+    /// Normalises and projects `x` to tokens, runs the transformer blocks and projects back, adding
+    /// the input.
     pub fn forward(&self, x: &Tensor, context: Context<'_, '_>) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = self
@@ -1017,9 +1037,13 @@ pub struct DownBlock {
 /// Shape of one UNet level, as `get_down_block`/`get_up_block` receive it.
 #[derive(Debug, Clone, Copy)]
 pub struct LevelShape {
+    /// Channels into the level.
     pub in_channels: usize,
+    /// Channels out of the level.
     pub out_channels: usize,
+    /// Width of the time embedding its resnets add.
     pub temb_channels: usize,
+    /// Resnets (and transformers, with attention) in the level.
     pub layers: usize,
 }
 
@@ -1029,6 +1053,8 @@ impl DownBlock {
         &mut self.attentions
     }
 
+    /// Builds a level from `vb`: its resnets, its transformers when `attention` is given, and its
+    /// downsampler unless it is the innermost.
     pub fn new(
         shape: LevelShape,
         attention: Option<&AttentionSpec>,
@@ -1120,6 +1146,8 @@ impl MidBlock {
         &mut self.attentions
     }
 
+    /// Builds the middle block from `vb`: resnet, then transformer and resnet pairs (resnets only
+    /// without attention).
     pub fn new(
         channels: usize,
         temb_channels: usize,
@@ -1155,6 +1183,7 @@ impl MidBlock {
         })
     }
 
+    /// Runs the middle block on `x` with the time embedding and the context.
     pub fn forward(
         &self,
         x: &Tensor,

@@ -287,14 +287,18 @@ pub(super) const MID_PLAIN: &str = "UNetMidBlock2D";
 /// The config resolved to one entry per level (outermost first), checked for what is supported.
 #[derive(Debug, Clone)]
 pub struct LevelPlan {
+    /// Width of each level.
     pub block_out_channels: Vec<usize>,
+    /// Resnets per level.
     pub layers: Vec<usize>,
     /// Attention of each down level (None for `DownBlock2D`).
     pub down_attention: Vec<Option<AttentionSpec>>,
     /// The per-level attention parameters regardless of block type (the up path and the mid
     /// block index them too).
     pub attention: Vec<AttentionSpec>,
+    /// Settings every block shares (norms, activation, upcasting).
     pub settings: BlockSettings,
+    /// Width of the time embedding.
     pub time_embed_dim: usize,
 }
 

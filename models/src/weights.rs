@@ -33,9 +33,13 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// The float formats weights may be stored in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Float {
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     Bf16,
+    /// IEEE single precision.
     F32,
+    /// IEEE double precision.
     F64,
 }
 
@@ -724,7 +728,9 @@ pub fn loaded_bytes() -> u64 {
 /// What a [`CheckedBackend`] hands out: zero-stride stand-ins (probe) or the stored tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
+    /// Compares each tensor with the header and hands back a zero-stride stand-in, reading nothing.
     Probe,
+    /// Reads each tensor from the file.
     Load,
 }
 
