@@ -24,9 +24,10 @@ Writes under tests/fixtures/:
   * tiny-sdxl-sharded/: tiny-sdxl with its UNet saved by diffusers in shards
     (`diffusion_pytorch_model-0000k-of-00003.safetensors` and
     `diffusion_pytorch_model.safetensors.index.json`), as a recent diffusers saves an fp32 SDXL
-    UNet (10.3 GB, over its 10 GB shard size), and its second text encoder in transformers'
-    shard names (`model-0000k-of-0000n.safetensors`, `model.safetensors.index.json`); the other
-    components link to tiny-sdxl.
+    UNet (10.3 GB, over its 10 GB shard size), its first text encoder as transformers' sharded
+    torch pickles (`pytorch_model-0000k-of-0000n.bin`, `pytorch_model.bin.index.json`) and its
+    second in transformers' safetensors shard names (`model-0000k-of-0000n.safetensors`,
+    `model.safetensors.index.json`); the other components link to tiny-sdxl.
 
 Run from the repository root with the reference environment (tests/reference/README.md):
     "$REFENV/bin/python" tests/reference/make_published_layouts.py
@@ -216,7 +217,7 @@ def sharded_sdxl() -> None:
         shutil.rmtree(out)
     out.mkdir()
     for entry in sorted(src.iterdir()):
-        if entry.name not in ("unet", "text_encoder_2"):
+        if entry.name not in ("unet", "text_encoder", "text_encoder_2"):
             link(f"../tiny-sdxl/{entry.name}", out / entry.name)
     # The second text encoder in transformers' shard names (model-0000k-of-0000n.safetensors,
     # model.safetensors.index.json).
@@ -230,6 +231,32 @@ def sharded_sdxl() -> None:
     print("wrote tiny-sdxl-sharded/text_encoder_2:", names)
     assert "model.safetensors.index.json" in names and len(names) >= 4, names
     back = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder_2")
+    for (a, x), (b, y) in zip(sorted(encoder.state_dict().items()), sorted(back.state_dict().items())):
+        assert a == b and torch.equal(x, y), a
+    # The first one as sharded torch pickles (pytorch_model-0000k-of-0000n.bin,
+    # pytorch_model.bin.index.json), as transformers saved before safetensors.
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel.from_pretrained(src / "text_encoder")
+    # transformers 5 writes safetensors only: the shards are torch.save'd here, named and indexed
+    # as transformers 4 wrote them (two shards, in the state dict's order).
+    (out / "text_encoder").mkdir()
+    shutil.copy(src / "text_encoder" / "config.json", out / "text_encoder" / "config.json")
+    state = encoder.state_dict()
+    names_in_order = list(state)
+    half = len(names_in_order) // 2
+    weight_map = {}
+    for k, part in enumerate((names_in_order[:half], names_in_order[half:]), start=1):
+        shard = f"pytorch_model-{k:05d}-of-00002.bin"
+        torch.save(OrderedDict((n, state[n].contiguous()) for n in part), out / "text_encoder" / shard)
+        weight_map.update({n: shard for n in part})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "text_encoder" / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+    names = sorted(p.name for p in (out / "text_encoder").iterdir())
+    print("wrote tiny-sdxl-sharded/text_encoder:", names)
+    assert "pytorch_model.bin.index.json" in names and len(names) >= 4, names
+    back = CLIPTextModel.from_pretrained(out / "text_encoder")
     for (a, x), (b, y) in zip(sorted(encoder.state_dict().items()), sorted(back.state_dict().items())):
         assert a == b and torch.equal(x, y), a
     unet = UNet2DConditionModel.from_pretrained(src / "unet")

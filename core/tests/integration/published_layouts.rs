@@ -2,7 +2,7 @@
 //! tiny-sdxl-sharded, written by tests/reference/make_published_layouts.py with torch and
 //! diffusers) load and stream exactly like the same networks in today's diffusers layout:
 //! a ControlNet as thibaud's lone fp16 `.bin` with a diffusers 0.15 config, the OpenPose body
-//! network in torch's legacy format, an SDXL UNet in shards.
+//! network in torch's legacy format, an SDXL pipeline whose UNet and text encoders are sharded.
 
 use crate::common;
 
@@ -140,8 +140,10 @@ fn the_legacy_body_pose_model_computes_like_its_safetensors_twin() {
     assert_eq!(abs_err(&heat_a, &heat_b).0, 0.0);
 }
 
+/// tiny-sdxl-sharded: the UNet in diffusers' safetensors shards, the first text encoder in
+/// transformers' sharded torch pickles, the second in transformers' safetensors shards.
 #[test]
-fn a_sharded_sdxl_unet_streams_like_the_single_file() {
+fn a_sharded_sdxl_streams_like_the_single_files() {
     let settings = common::tiny_settings("self");
     let run = |id: &str| {
         let body = json!({
@@ -154,17 +156,33 @@ fn a_sharded_sdxl_unet_streams_like_the_single_file() {
         let params = StreamDiffusionParams::from_json_with(&body.to_string(), &settings).unwrap();
         stream(params, settings.clone())
     };
-    let shards = std::fs::read_dir(fixture("tiny-sdxl-sharded/unet"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
+    let shards = |component: &str| -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(fixture(&format!("tiny-sdxl-sharded/{component}")))
                 .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains("-of-")
-        })
-        .count();
-    assert_eq!(shards, 3);
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("-of-") || n.contains(".index."))
+                .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(shards("unet").len(), 4);
+    assert_eq!(
+        shards("text_encoder"),
+        [
+            "pytorch_model-00001-of-00002.bin",
+            "pytorch_model-00002-of-00002.bin",
+            "pytorch_model.bin.index.json"
+        ]
+    );
+    assert_eq!(
+        shards("text_encoder_2"),
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json"
+        ]
+    );
     assert_eq!(run("tiny-sdxl-sharded"), run("tiny-sdxl"));
 }
 
