@@ -29,6 +29,7 @@ pub use sdstream_models::error;
 pub mod frame;
 pub mod hub;
 pub mod ids;
+pub mod log;
 pub mod model;
 pub mod outbound;
 pub mod params;

@@ -181,6 +181,7 @@ unsafe fn create(
     wait: bool,
 ) -> SdsStatus {
     guard(function, None, || {
+        sdstream_core::log::to_stderr_unless_subscribed();
         // SAFETY: forwarded from the caller.
         let out = unsafe { out_arg(function, "out", out)? };
         *out = std::ptr::null_mut();

@@ -64,6 +64,7 @@ pub unsafe extern "C" fn sds_processor_create(
 ) -> SdsStatus {
     const F: &str = "sds_processor_create";
     guard(F, None, || {
+        sdstream_core::log::to_stderr_unless_subscribed();
         // SAFETY: forwarded from the caller.
         let out = unsafe { out_arg(F, "out", out)? };
         *out = std::ptr::null_mut();

@@ -167,9 +167,7 @@ fn policy() -> Policy {
         Ok("f4") => Policy::Every(Variant::F4),
         Ok("" | "auto") | Err(std::env::VarError::NotPresent) => Policy::Auto,
         Ok(other) => {
-            eprintln!(
-                "sdstream: SDSTREAM_WINOGRAD={other:?} is not auto, off, f2 or f4; using auto"
-            );
+            tracing::warn!("SDSTREAM_WINOGRAD={other:?} is not auto, off, f2 or f4; using auto");
             Policy::Auto
         }
         Err(std::env::VarError::NotUnicode(_)) => Policy::Auto,

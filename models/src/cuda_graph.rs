@@ -176,8 +176,8 @@ impl GraphCache {
             Err(e) => {
                 FAILED.fetch_add(1, Ordering::Relaxed);
                 self.failed.store(true, Ordering::Relaxed);
-                eprintln!(
-                    "sdstream: CUDA graph capture failed, the network runs op by op from now on: {e}"
+                tracing::warn!(
+                    "CUDA graph capture failed, the network runs op by op from now on: {e}"
                 );
             }
         }
@@ -231,8 +231,8 @@ fn capture(
             "the replayed graph differs from the eager pass by {diff} (scale {scale})"
         ))));
     }
-    eprintln!(
-        "sdstream: captured a CUDA graph for inputs {:?}: its replay is within {diff} of the eager pass",
+    tracing::info!(
+        "captured a CUDA graph for inputs {:?}: its replay is within {diff} of the eager pass",
         inputs.iter().map(|t| t.dims().to_vec()).collect::<Vec<_>>()
     );
     Ok(Captured {

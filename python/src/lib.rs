@@ -771,6 +771,8 @@ impl PyImageProcessor {
 /// The native part of the `sdstream` Python package.
 #[pymodule]
 fn _sdstream(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Loading progress and warnings to stderr, as a notebook expects (SDSTREAM_LOG filters).
+    sdstream::log::to_stderr_unless_subscribed();
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("ValidationError", py.get_type::<ValidationError>())?;

@@ -120,7 +120,7 @@ pub(crate) fn load(
         &settings.hub_options(),
         models.dtype,
         &models.device,
-        &mut |line| eprintln!("sdstream: {line}"),
+        &mut crate::log::progress,
     )?;
     Ok(Some(net))
 }

@@ -146,10 +146,10 @@ impl std::fmt::Debug for StreamDiffusion {
 impl StreamDiffusion {
     /// Validates `params`, gets `params.model_id`'s networks from the process-wide
     /// [`ModelPool`] (loading them, from a local folder, model_root, the HF cache or the hub,
-    /// unless another stream holds them), and prepares a stream. Loading progress goes to
-    /// stderr.
+    /// unless another stream holds them), and prepares a stream. Loading progress is logged
+    /// ([`crate::log`]).
     pub fn new(params: StreamDiffusionParams, settings: EngineSettings) -> Result<Self> {
-        Self::new_with_progress(params, settings, &mut |line| eprintln!("sdstream: {line}"))
+        Self::new_with_progress(params, settings, &mut crate::log::progress)
     }
 
     /// [`new`](Self::new) with loading progress sent to `progress` instead of stderr.
@@ -225,9 +225,7 @@ impl StreamDiffusion {
             uncond: uncond.embeds,
         };
         let (state, generator) = build_state(&models, &params)?;
-        let controlnets = attach_controlnets(&models, &params, &[], &mut |line| {
-            eprintln!("sdstream: {line}")
-        })?;
+        let controlnets = attach_controlnets(&models, &params, &[], &mut crate::log::progress)?;
         let networks = load_networks(&models, &params, &settings)?;
         let safety_checker = load_safety_checker(&models, &params, &settings)?;
         let attention_bank = attention_bank(&params)?;
@@ -824,7 +822,7 @@ impl StreamDiffusion {
                     &self.models,
                     &params,
                     &self.current_controlnets(),
-                    &mut |line| eprintln!("sdstream: {line}"),
+                    &mut crate::log::progress,
                 )?;
                 let networks = load_networks(&self.models, &params, &self.settings)?;
                 let safety_checker = if params.use_safety_checker == self.params.use_safety_checker
@@ -865,9 +863,7 @@ impl StreamDiffusion {
                 let models = if ModelRequest::from(&params) == ModelRequest::from(&self.params) {
                     self.models.clone()
                 } else {
-                    ModelPool::global().get(&params, &self.settings, &mut |line| {
-                        eprintln!("sdstream: {line}")
-                    })?
+                    ModelPool::global().get(&params, &self.settings, &mut crate::log::progress)?
                 };
                 let mut fresh = Self::with_models_and_style(
                     models,
@@ -1123,7 +1119,7 @@ fn load_networks(
         &settings.hub_options(),
         models.dtype,
         &models.device,
-        &mut |line| eprintln!("sdstream: {line}"),
+        &mut crate::log::progress,
     )
 }
 
@@ -1140,7 +1136,7 @@ pub(crate) fn load_safety_checker(
         return Ok(None);
     }
     let pool = NetworkPool::global();
-    let mut progress = |line: &str| eprintln!("sdstream: {line}");
+    let mut progress = crate::log::progress;
     let net = match own_safety_checker(models) {
         Some(own) => pool.get_path(
             NetworkKind::SafetyChecker,

@@ -72,12 +72,10 @@ pub struct ImageProcessor {
 impl ImageProcessor {
     /// Processor `name` (Daydream's names) with `params` (its `preprocessor_params`), on the
     /// device and in the dtype `settings` ask for, its network found like models
-    /// (`settings.model_root`, the Hugging Face cache, a download); progress to stderr. An
+    /// (`settings.model_root`, the Hugging Face cache, a download); progress logged. An
     /// error names the parameter or the file at fault.
     pub fn new(name: &str, params: &Map<String, Value>, settings: &EngineSettings) -> Result<Self> {
-        Self::with_progress(name, params, settings, &mut |line| {
-            eprintln!("sdstream: {line}")
-        })
+        Self::with_progress(name, params, settings, &mut crate::log::progress)
     }
 
     /// [`new`](Self::new) with the params as a JSON text (an object; `"{}"` for the defaults),

@@ -435,21 +435,10 @@ pub(crate) fn config(
     })
 }
 
-/// Logs to stderr, filtered by `SDSTREAM_LOG`, else `RUST_LOG`, else `sdstream=info,warn`.
+/// Logs to stderr, filtered by `SDSTREAM_LOG`, else `RUST_LOG`, else `sdstream=info,warn`
+/// (the library's rule, [`sdstream::log`]).
 fn init_logs() {
-    use tracing_subscriber::EnvFilter;
-    let wanted = ["SDSTREAM_LOG", "RUST_LOG"]
-        .into_iter()
-        .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()))
-        .unwrap_or_else(|| "sdstream=info,warn".into());
-    let filter = EnvFilter::try_new(&wanted).unwrap_or_else(|e| {
-        eprintln!("log filter {wanted:?}: {e}; using sdstream=info,warn");
-        EnvFilter::new("sdstream=info,warn")
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    sdstream::log::to_stderr_unless_subscribed();
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
