@@ -19,8 +19,8 @@ Writes under tests/fixtures/:
       release only) and a lone fp16 `diffusion_pytorch_model.bin` (torch.save's zip format), made
       from tiny-controlnet-a (the same fp16 values; like the real nets, and unlike model-root's
       stand-ins, it has the cross-attention mid block, the only one diffusers 0.15 knew);
-    - the rest (sd-turbo, TAESD, Depth Anything, ControlNetHED.pth) as links to model-root, whose
-      layouts are already the published ones.
+    - the rest (sd-turbo, TAESD, Depth Anything, ControlNetHED.pth, and `tiny-taesd`, the server
+      tests' VAE id) as links, their layouts being already the published ones.
   * tiny-sdxl-sharded/: tiny-sdxl with its UNet saved by diffusers in shards
     (`diffusion_pytorch_model-0000k-of-00003.safetensors` and
     `diffusion_pytorch_model.safetensors.index.json`), as a recent diffusers saves an fp32 SDXL
@@ -202,6 +202,7 @@ def thibaud() -> None:
     root = FIXTURES / "published-root"
     link("../../tiny-sd-turbo", root / "stabilityai" / "sd-turbo")
     link("../../tiny-taesd", root / "madebyollin" / "taesd")
+    link("../tiny-taesd", root / "tiny-taesd")  # the server tests' `vae` id
     link("../../model-root/depth-anything/Depth-Anything-V2-Small-hf",
          root / "depth-anything" / "Depth-Anything-V2-Small-hf")
     link("../../../model-root/lllyasviel/Annotators/ControlNetHED.pth",
