@@ -34,43 +34,7 @@ use super::{
     with_float_type, zeroed_buffer,
 };
 
-/// Zero padding on each side of the input, in input pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Padding {
-    /// Rows added above.
-    pub top: usize,
-    /// Rows added below.
-    pub bottom: usize,
-    /// Columns added on the left.
-    pub left: usize,
-    /// Columns added on the right.
-    pub right: usize,
-}
-
-impl Padding {
-    /// The same padding on all four sides, as torch's `Conv2d(padding=p)`.
-    pub fn uniform(p: usize) -> Self {
-        Self {
-            top: p,
-            bottom: p,
-            left: p,
-            right: p,
-        }
-    }
-
-    /// Only below and on the right: diffusers' `Downsample2D(padding=0)`, which pads `(0, 1, 0, 1)`.
-    pub fn bottom_right(p: usize) -> Self {
-        Self {
-            bottom: p,
-            right: p,
-            ..Self::default()
-        }
-    }
-
-    fn is_uniform(&self) -> bool {
-        self.top == self.bottom && self.top == self.left && self.top == self.right
-    }
-}
+pub use super::padding::Padding;
 
 /// A 2-D convolution with torch's weight layout: weight `[C_out, C_in, k, k]`, bias `[C_out]`.
 #[derive(Debug, Clone)]

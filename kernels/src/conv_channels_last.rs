@@ -19,9 +19,9 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, WithDType};
 
-use super::conv::Padding;
 use super::conv_direct;
 use super::gemm_bf16::{self, PackedB};
+use super::padding::Padding;
 use super::winograd::{self, WinogradWeights};
 use super::{
     SharedMut, contiguous_slice, for_each_range, for_each_row, thread_count, with_float_type,

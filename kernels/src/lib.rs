@@ -28,6 +28,7 @@ pub(crate) mod cudnn_conv;
 pub mod gemm_bf16;
 pub mod norm;
 pub mod ops;
+mod padding;
 mod pool;
 mod simd;
 pub mod substitutes;
