@@ -25,7 +25,7 @@ mod support;
 
 use candle_core::{DType, Device};
 use sdstream::model::controlnet::ControlNetModel;
-use sdstream::model::{weight_names, weights, weights_file};
+use sdstream::model::{checked_backend, weight_names, weights_file};
 use support::{fixture, flag_values, peak_rss_kib, rss_kib};
 
 const USAGE: &str =
@@ -87,7 +87,7 @@ fn main() -> ExitCode {
     };
     let file_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     let before = rss_kib().unwrap_or(0) * 1024;
-    let loaded_before = weights::loaded_bytes();
+    let loaded_before = checked_backend::loaded_bytes();
     let start = std::time::Instant::now();
     let net = match ControlNetModel::load(&dir, dtype, &Device::Cpu) {
         Ok(net) => net,
@@ -97,7 +97,7 @@ fn main() -> ExitCode {
         }
     };
     let seconds = start.elapsed().as_secs_f64();
-    let tensors = weights::loaded_bytes() - loaded_before;
+    let tensors = checked_backend::loaded_bytes() - loaded_before;
     let after = rss_kib().unwrap_or(0) * 1024;
     let peak = peak_rss_kib().unwrap_or(0) * 1024;
     let target = tensors + file_bytes;

@@ -10,6 +10,7 @@
 //! ([`open_component`], [`weights`]); nothing assumes Stable Diffusion's full-size shapes.
 
 pub mod attention_bank;
+pub mod checked_backend;
 pub mod clip;
 pub mod clip_vision;
 pub mod controlnet;
@@ -49,8 +50,9 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
+use checked_backend::{CheckedBackend, Mode};
 pub use error::{Error, Result};
-use weights::{CheckedBackend, Mode, WeightsFile};
+use weights::WeightsFile;
 
 /// Reads a diffusers/transformers `config.json` into a network's config struct.
 ///

@@ -4,26 +4,21 @@
 //! [`WeightsFile::open`] reads and checks the header (every tensor's dtype, shape and byte range
 //! inside the file, so that a truncated file names the first tensor it cuts) and maps the file.
 //! A network is then built twice from the same constructor code: first over a *probe*
-//! [`CheckedBackend`], which compares every tensor the config asks for with the header (present,
+//! [`CheckedBackend`](crate::checked_backend::CheckedBackend), which compares every tensor the config asks for with the header (present,
 //! same shape, a float dtype) and hands back a zero-stride stand-in instead of reading it, then,
 //! once the probe went through and the file's unused tensors and non-finite values are checked,
 //! over a loading backend that reads each tensor from the map. A config that implies a network
 //! the file does not hold is therefore refused, naming the file and the tensor, before any
 //! weight is read or uploaded.
 
-use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::safetensors::{BufferedSafetensors, MmapedSafetensors};
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::VarBuilder;
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::lora::LoraDeltas;
 use crate::torch_file::ReadError;
 use crate::{Error, Result};
 
@@ -559,6 +554,36 @@ impl WeightsFile {
         &self.path
     }
 
+    /// Elements of the largest float tensor (what a probe's stand-ins are cut from).
+    pub(crate) fn largest_float_elements(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| e.float.is_some())
+            .map(|e| e.shape.iter().product::<usize>())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether the file holds a tensor `name`.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The stored tensor `name` on `device`, in its stored dtype.
+    pub(crate) fn load_stored(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        self.storage.load(name, device)
+    }
+
+    /// The header entry of `name`, checked to be a float tensor of `shape` (when one is asked
+    /// for); the error says what differs: its shape on success.
+    pub(crate) fn checked_shape(
+        &self,
+        name: &str,
+        shape: Option<&[usize]>,
+    ) -> std::result::Result<&[usize], String> {
+        self.lookup(name, shape).map(|e| e.shape.as_slice())
+    }
+
     /// The header entry of `name`, checked to be a float tensor of `shape` (when one is asked
     /// for); the error says what differs.
     fn lookup(&self, name: &str, shape: Option<&[usize]>) -> std::result::Result<&Entry, String> {
@@ -712,163 +737,12 @@ fn count(n: usize, thing: &str) -> String {
     }
 }
 
-thread_local! {
-    /// Bytes of the tensors this thread's loading backends have handed out, ever.
-    static LOADED_BYTES: Cell<u64> = const { Cell::new(0) };
-}
-
-/// The bytes of every tensor loaded on this thread so far (a running total): the difference
-/// across a load is the size of what it loaded, in the target dtype. A thread-local counter
-/// because networks are built synchronously on the caller's thread, and it spares every
-/// network constructor a byte count in its signature.
-pub fn loaded_bytes() -> u64 {
-    LOADED_BYTES.with(Cell::get)
-}
-
-/// What a [`CheckedBackend`] hands out: zero-stride stand-ins (probe) or the stored tensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Compares each tensor with the header and hands back a zero-stride stand-in, reading nothing.
-    Probe,
-    /// Reads each tensor from the file.
-    Load,
-}
-
-/// A [`SimpleBackend`] that checks every requested tensor against the header before touching
-/// its bytes, and records the names it handed out.
-pub struct CheckedBackend {
-    file: Arc<WeightsFile>,
-    mode: Mode,
-    used: Arc<Mutex<BTreeSet<String>>>,
-    /// Probe only: f16 zeros as many as the file's largest tensor holds. Every stand-in is a
-    /// contiguous view of it, so the few weights a constructor copies (fused attention
-    /// projections, reshaped 1×1 convolutions) copy at memory speed; zero-stride stand-ins
-    /// would be copied element by element.
-    zeros: Option<Tensor>,
-    /// LoRA deltas to fuse into the tensors they target (see [`crate::lora`]).
-    lora: Option<Arc<LoraDeltas>>,
-}
-
-impl CheckedBackend {
-    /// A [`VarBuilder`] over `file` in `mode`, and the set of names it hands out.
-    ///
-    /// The probe works on the CPU in f16 whatever the target: every constructor accepts it, it
-    /// is half the bytes of f32 for the few weights a constructor copies (fused attention
-    /// projections), and it avoids the f32 copies a bf16 convolution keeps on the CPU.
-    pub fn var_builder(
-        file: Arc<WeightsFile>,
-        mode: Mode,
-        dtype: DType,
-        device: &Device,
-        lora: Option<Arc<LoraDeltas>>,
-    ) -> (VarBuilder<'static>, Arc<Mutex<BTreeSet<String>>>) {
-        let used = Arc::new(Mutex::new(BTreeSet::new()));
-        let (dtype, device, zeros) = match mode {
-            Mode::Probe => {
-                let largest = file
-                    .entries
-                    .iter()
-                    .filter(|e| e.float.is_some())
-                    .map(|e| e.shape.iter().product::<usize>())
-                    .max()
-                    .unwrap_or(0);
-                // Bounded by the file's own contents (header checked against its size).
-                let zeros = Tensor::zeros(largest, DType::F16, &Device::Cpu).ok();
-                (DType::F16, Device::Cpu, zeros)
-            }
-            Mode::Load => (dtype, device.clone(), None),
-        };
-        let backend = Self {
-            file,
-            mode,
-            used: used.clone(),
-            zeros,
-            lora,
-        };
-        (
-            VarBuilder::from_backend(Box::new(backend), dtype, device),
-            used,
-        )
-    }
-
-    /// A zero tensor of `shape` standing in for a stored one, without reading it.
-    fn stand_in(&self, shape: &[usize], dtype: DType) -> candle_core::Result<Tensor> {
-        let elements = shape.iter().product::<usize>();
-        match &self.zeros {
-            Some(zeros) if dtype == zeros.dtype() && elements <= zeros.elem_count() => {
-                zeros.narrow(0, 0, elements)?.reshape(shape)
-            }
-            _ => Tensor::zeros((), dtype, &Device::Cpu)?.broadcast_as(shape),
-        }
-    }
-
-    fn fetch(
-        &self,
-        name: &str,
-        shape: Option<&Shape>,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let entry = self
-            .file
-            .lookup(name, shape.map(Shape::dims))
-            .map_err(candle_core::Error::Msg)?;
-        let lora = self.lora.as_ref().filter(|l| l.targets(name));
-        if let Some(lora) = lora {
-            lora.check_fits(name, &entry.shape)
-                .map_err(candle_core::Error::Msg)?;
-        }
-        let tensor = match self.mode {
-            Mode::Probe => self.stand_in(&entry.shape, dtype)?,
-            Mode::Load => {
-                let tensor = match lora {
-                    // Fused in f32 on the CPU, as diffusers' fuse_lora does on an f32 model.
-                    Some(lora) => {
-                        let base = self.file.storage.load(name, &Device::Cpu)?;
-                        lora.fuse(name, &base.to_dtype(DType::F32)?)?
-                            .to_dtype(dtype)?
-                            .to_device(device)?
-                    }
-                    None => self.file.storage.load(name, device)?.to_dtype(dtype)?,
-                };
-                let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
-                LOADED_BYTES.with(|total| total.set(total.get() + bytes as u64));
-                super::weight_table::record(name, &tensor);
-                tensor
-            }
-        };
-        self.used
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_string());
-        Ok(tensor)
-    }
-}
-
-impl SimpleBackend for CheckedBackend {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.fetch(name, Some(&s), dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.fetch(name, None, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.file.index.contains_key(name)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checked_backend::{CheckedBackend, Mode};
+    use candle_nn::VarBuilder;
+    use std::sync::Arc;
 
     fn encode(values: &[f32], float: Float) -> Vec<u8> {
         values

@@ -17,7 +17,7 @@ use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKl;
 use crate::model::weight_table::WeightTable;
-use crate::model::{read_config, weights};
+use crate::model::{checked_backend, read_config};
 use crate::params::{EngineSettings, ModelFamily, StreamDiffusionParams, VaeChoice};
 use crate::sampling::rng::TorchGenerator;
 use crate::sampling::scheduler::LcmScheduler;
@@ -447,9 +447,9 @@ impl StableDiffusionModels {
         settings: &EngineSettings,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
-        let before = weights::loaded_bytes();
+        let before = checked_backend::loaded_bytes();
         let mut models = Self::load_dir(folders, settings, settings.hub_options(), progress)?;
-        models.weight_bytes = weights::loaded_bytes() - before;
+        models.weight_bytes = checked_backend::loaded_bytes() - before;
         Ok(models)
     }
 
@@ -685,7 +685,7 @@ impl StableDiffusionModels {
             return Ok(net);
         }
         let base = self.unet.config();
-        let before = weights::loaded_bytes();
+        let before = checked_backend::loaded_bytes();
         let net = timed(progress, "controlnet", &dir, || {
             ControlNetModel::load_for(&dir, self.dtype, &self.device, |config| {
                 config.check_compatible(base, id)
@@ -693,7 +693,7 @@ impl StableDiffusionModels {
         })?
         // In the precision of the UNet it steers (bf16 GEMMs on the CPU, see compute_dtype).
         .with_bf16_gemms(self.unet.bf16_gemms());
-        let bytes = weights::loaded_bytes() - before;
+        let bytes = checked_backend::loaded_bytes() - before;
         self.controlnet_loads.fetch_add(1, Ordering::Relaxed);
         let net = Arc::new(net);
         self.lock_controlnets()
