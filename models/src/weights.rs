@@ -4,8 +4,8 @@
 //! [`WeightsFile::open`] reads and checks the header (every tensor's dtype, shape and byte range
 //! inside the file, so that a truncated file names the first tensor it cuts) and maps the file.
 //! A network is then built twice from the same constructor code: first over a *probe*
-//! [`CheckedBackend`](crate::checked_backend::CheckedBackend), which compares every tensor the config asks for with the header (present,
-//! same shape, a float dtype) and hands back a zero-stride stand-in instead of reading it, then,
+//! [`CheckedBackend`](crate::checked_backend::CheckedBackend), which compares every tensor the
+//! config asks for with the header (present, same shape, a float dtype) and hands back a zero-stride stand-in instead of reading it, then,
 //! once the probe went through and the file's unused tensors and non-finite values are checked,
 //! over a loading backend that reads each tensor from the map. A config that implies a network
 //! the file does not hold is therefore refused, naming the file and the tensor, before any
