@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::args::{engine_settings, json_arg};
 use super::{HttpConfig, Server, ServerConfig};
 use crate::hls::HlsConfig;
 use crate::webrtc::{EncoderSettings, IceServer, TransportConfig};
@@ -288,23 +289,6 @@ fn parse_serve(args: &[String], env_instance: Option<String>) -> Result<Command,
         ));
     }
     Ok(Command::Serve(Box::new(parsed)))
-}
-
-/// A JSON value from a file path or, when it starts with `{`, the text itself.
-pub(crate) fn json_arg(value: &str) -> Result<Value, String> {
-    let text = if value.trim_start().starts_with('{') {
-        value.to_owned()
-    } else {
-        std::fs::read_to_string(value).map_err(|e| format!("cannot read {value}: {e}"))?
-    };
-    serde_json::from_str(&text).map_err(|e| format!("{value}: {e}"))
-}
-
-pub(crate) fn engine_settings(arg: Option<&str>) -> Result<EngineSettings, String> {
-    match arg {
-        Some(v) => EngineSettings::from_json(&json_arg(v)?.to_string()).map_err(|e| e.to_string()),
-        None => Ok(EngineSettings::default()),
-    }
 }
 
 /// The settings the server's engines run with: `--settings`, model paths off (API clients name

@@ -50,11 +50,12 @@
 //! its creation, or from the publisher's last sign of life) is deleted.
 //!
 //! Logs go through `tracing` (requests, streams, sessions); the binary's subscriber reads its
-//! filter from `SDSTREAM_LOG` or `RUST_LOG` (default `info`).
+//! filter from `SDSTREAM_LOG` or `RUST_LOG` (default `sdstream=info,warn`; `sdstream::log`).
 
+mod args;
+mod bodies;
 mod cli;
 mod connections;
-mod daydream;
 #[cfg(test)]
 mod limits_tests;
 mod playback;
@@ -65,6 +66,7 @@ mod scope;
 mod state;
 #[cfg(test)]
 mod tests;
+mod views;
 
 use std::future::Future;
 use std::path::PathBuf;

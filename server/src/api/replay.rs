@@ -180,7 +180,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         }
     }
     let dir = dir.ok_or("replay needs --record DIR (one stream's folder)")?;
-    let settings = super::cli::engine_settings(settings_arg.as_deref())?;
+    let settings = super::args::engine_settings(settings_arg.as_deref())?;
     let (frames, params) = load(&dir)?;
     let first_version = frames.first().map(|f| f.version).unwrap_or(0);
 

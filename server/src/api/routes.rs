@@ -13,43 +13,15 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::daydream::{AUTHOR, ApiError, CreateBody, patch_params, status_json, stream_json};
-use super::state::{App, Directory, same_token};
-use super::{MAX_JSON_BYTES, MAX_SDP_BYTES};
-use crate::webrtc::{BODY_TIMEOUT, error_response, read_body};
+use super::MAX_SDP_BYTES;
+use super::bodies::{AUTHOR, ApiError, CreateBody, json_body, patch_params};
+use super::state::{App, Directory, has_api_token};
+use super::views::{status_json, stream_json};
+use crate::webrtc::error_response;
 use sdstream::Update;
 use sdstream::params::Transition;
 
 type Json = axum::Json<Value>;
-
-/// The JSON body: 415 unless `application/json`; then the transport's body rules (413 over the
-/// limit, 400 cut short, 408 too slow); 400 when not JSON.
-pub(crate) async fn json_body(request: Request) -> Result<Value, ApiError> {
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if content_type != "application/json" {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "REQUEST/UNSUPPORTED_MEDIA_TYPE",
-            format!("send JSON as application/json, not {content_type:?}"),
-        ));
-    }
-    let body = read_body(request, MAX_JSON_BYTES, BODY_TIMEOUT)
-        .await
-        .map_err(|e| {
-            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            ApiError::new(status, e.code(), e.to_string())
-        })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
-}
 
 async fn create_stream(
     State(app): State<Arc<App>>,
@@ -196,17 +168,6 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         "rtmp": app.rtmp().map(|r| r.stats()),
     }))
     .into_response()
-}
-
-/// Whether `request` carries the API's bearer token: the one check of every route that needs it.
-pub(crate) fn has_api_token(app: &App, request: &Request) -> bool {
-    request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .is_some_and(|(_, token)| same_token(token.trim(), &app.config().token))
 }
 
 /// Bearer-token check for the API.

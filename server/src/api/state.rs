@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::ServerConfig;
-use super::daydream::{ApiError, CreateBody, epoch_ms, rfc3339};
+use super::bodies::{ApiError, CreateBody, epoch_ms, rfc3339};
 use super::record::Recorder;
 use crate::hls::HlsOutput;
 use crate::rtmp::{RtmpDirectory, RtmpIngest, RtmpPush};
@@ -97,8 +97,9 @@ pub struct App {
     rtmp: OnceLock<Arc<RtmpIngest>>,
     /// When the server was made (Scope's `/health` reports it).
     pub(crate) started: SystemTime,
-    /// The Scope-style routes' own state.
-    pub(crate) scope: super::scope::ScopeState,
+    /// The parameters of Scope's last pipeline load (`POST /api/v1/pipeline/load`), the
+    /// defaults of later offers.
+    pub(crate) scope_load_params: std::sync::Mutex<Option<serde_json::Value>>,
 }
 
 /// A place among `max_streams`, given back when dropped unless the stream was installed.
@@ -126,7 +127,7 @@ impl App {
             stop: watch::channel(false).0,
             rtmp: OnceLock::new(),
             started: SystemTime::now(),
-            scope: Default::default(),
+            scope_load_params: Default::default(),
         }
     }
 
@@ -426,4 +427,15 @@ impl StreamDirectory for Directory {
     fn find(&self, id: &str, token: Option<&str>) -> Result<Arc<WebRtcStream>, TransportError> {
         Ok(self.0.stream_with_key(id, token)?.transport.clone())
     }
+}
+
+/// Whether `request` carries the API's bearer token: the one check of every route that needs it.
+pub(crate) fn has_api_token(app: &App, request: &axum::extract::Request) -> bool {
+    request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .is_some_and(|(_, token)| same_token(token.trim(), &app.config().token))
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
+use super::bodies::{CreateBody, rfc3339};
 use super::cli::{self, Command, check_default_params, served_settings};
-use super::daydream::{CreateBody, rfc3339};
 use super::state::{idle_since, stream_state};
 use super::*;
 use crate::webrtc::{Ingest, PublisherState};
