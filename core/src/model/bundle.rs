@@ -18,7 +18,7 @@ use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKl;
 use crate::model::weight_table::WeightTable;
 use crate::model::{checked_backend, read_config};
-use crate::params::{EngineSettings, ModelFamily, StreamDiffusionParams, VaeChoice};
+use crate::params::{EngineSettings, ModelFamily, StreamDiffusionParams, VaeChoice, json_kind};
 use crate::sampling::rng::TorchGenerator;
 use crate::sampling::scheduler::LcmScheduler;
 use crate::{Error, Result};
@@ -883,18 +883,6 @@ fn check_model_index(dir: &Path, full_vae: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// What kind of JSON value `v` is, for messages that must not echo arbitrary input.
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "a list",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 /// The tokenizer must not produce more ids than the text encoder has positions, or every

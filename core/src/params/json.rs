@@ -25,7 +25,7 @@ pub(crate) fn parse<T: DeserializeOwned>(text: &str, shape: Shape) -> Result<T> 
     if !tree.is_object() {
         return Err(Error::Json(format!(
             "expected a JSON object at the top level, got {}",
-            kind(&tree)
+            json_kind(&tree)
         )));
     }
     check_shape(&tree, shape, "")?;
@@ -102,14 +102,17 @@ fn check_shape(value: &Value, shape: Shape, path: &str) -> Result<()> {
         }
         (Shape::Object(_), other) => Err(Error::param(
             path,
-            format!("{path} must be an object, got {}", kind(other)),
+            format!("{path} must be an object, got {}", json_kind(other)),
         )),
         // A non-list where a list belongs: serde's own message says it well.
         (Shape::ListOf(_), _) => Ok(()),
     }
 }
 
-fn kind(value: &Value) -> &'static str {
+/// What kind of JSON value `value` is ("a string", "an object", …), for messages that name a
+/// wrong type without echoing the input. The params, the loaders and the server's bodies all
+/// say it this way.
+pub fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

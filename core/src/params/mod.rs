@@ -28,7 +28,7 @@ mod weighted;
 pub use catalog::ModelFamily;
 pub use classify::{ControlNetField, HotChange, IpAdapterField, Update, UpdateKind, classify};
 pub use fields::{Acceleration, DEFAULT_IP_ADAPTER_STYLE_IMAGE_URL, StreamDiffusionParams};
-pub use json::merge_patch;
+pub use json::{json_kind, merge_patch};
 pub use nested::{
     CACHED_ATTENTION_MAX_FRAMES, CACHED_ATTENTION_MAX_INTERVAL, CachedAttentionConfig,
     ControlNetConfig, IPAdapterConfig, IpAdapterType, ProcessingConfig, ProcessorConfig,

@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::extract::Request;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use sdstream::params::json_kind;
 use serde_json::{Map, Value, json};
 
 use super::MAX_JSON_BYTES;
@@ -145,19 +146,8 @@ fn string_field<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Option<&
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(ApiError::field(
             field,
-            format!("must be a string, not {}", kind(other)),
+            format!("must be a string, not {}", json_kind(other)),
         )),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -187,7 +177,7 @@ fn params_field(map: &Map<String, Value>) -> Result<Value, ApiError> {
             p @ Value::Object(_) => Ok(p.clone()),
             other => Err(ApiError::field(
                 field,
-                format!("must be an object, not {}", kind(other)),
+                format!("must be an object, not {}", json_kind(other)),
             )),
         },
         _ => Err(ApiError::field(

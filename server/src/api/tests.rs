@@ -273,7 +273,7 @@ fn create_bodies_in_both_forms_and_their_errors_name_the_field() {
         (
             json!({"pipeline_id": []}),
             422,
-            "`pipeline_id`: must be a string, not an array",
+            "`pipeline_id`: must be a string, not a list",
         ),
         (
             json!({"params": "x"}),
@@ -283,7 +283,7 @@ fn create_bodies_in_both_forms_and_their_errors_name_the_field() {
         (
             json!({"params": [1]}),
             422,
-            "`params`: must be an object, not an array",
+            "`params`: must be an object, not a list",
         ),
         (
             json!({"pipeline_params": 3}),

@@ -33,7 +33,7 @@ mod session;
 mod translate;
 
 use session::Control;
-use translate::{Rejection, Source, check_pipeline_ids, kind_of, translate};
+use translate::{Rejection, Source, check_pipeline_ids, translate};
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -44,6 +44,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
+use sdstream::params::json_kind;
 use serde_json::{Map, Value, json};
 
 use super::bodies::{ApiError, CreateBody, PIPELINE, json_body};
@@ -94,7 +95,7 @@ fn field_string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<&'a str,
         None | Some(Value::Null) => Err(ApiError::field(field, "is required")),
         Some(other) => Err(ApiError::field(
             field,
-            format!("must be a string, not {}", kind_of(other)),
+            format!("must be a string, not {}", json_kind(other)),
         )),
     }
 }
@@ -117,7 +118,7 @@ async fn offer(State(app): State<Arc<App>>, request: Request) -> Result<Json, Sc
         Some(other) => {
             return Err(ApiError::field(
                 "initialParameters",
-                format!("must be an object, not {}", kind_of(other)),
+                format!("must be an object, not {}", json_kind(other)),
             )
             .into());
         }
@@ -299,7 +300,7 @@ async fn load_pipeline(State(app): State<Arc<App>>, request: Request) -> Result<
         Some(other) => {
             return Err(ApiError::field(
                 "load_params",
-                format!("must be an object, not {}", kind_of(&other)),
+                format!("must be an object, not {}", json_kind(&other)),
             )
             .into());
         }

@@ -5,6 +5,7 @@
 use std::sync::OnceLock;
 
 use axum::http::StatusCode;
+use sdstream::params::json_kind;
 use serde_json::{Map, Value, json};
 
 use crate::api::bodies::{ApiError, PIPELINE};
@@ -69,24 +70,13 @@ fn params_fields() -> &'static [String] {
     })
 }
 
-pub(super) fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// Scope's `[{text, weight}]` as this server's `prompt`: one text alone, several as
 /// `[[text, weight], …]` (blended as `prompt_interpolation_method` says).
 fn prompt_of(field: &str, v: &Value) -> Result<Value, Rejection> {
     let items = v.as_array().ok_or_else(|| {
         Rejection::new(
             field,
-            format!("must be a list of {{text, weight}}, not {}", kind_of(v)),
+            format!("must be a list of {{text, weight}}, not {}", json_kind(v)),
         )
     })?;
     if items.is_empty() {
@@ -139,7 +129,7 @@ pub(crate) fn translate(
     let map = value.as_object().ok_or_else(|| {
         Rejection::new(
             "parameters",
-            format!("must be a JSON object, not {}", kind_of(value)),
+            format!("must be a JSON object, not {}", json_kind(value)),
         )
     })?;
     let mut update = ScopeUpdate::default();
