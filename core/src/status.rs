@@ -448,10 +448,14 @@ impl RateMeter {
     }
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
+/// Milliseconds since the Unix epoch now (0 if the clock is before it).
 pub(crate) fn epoch_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    epoch_ms_at(SystemTime::now())
+}
+
+/// `at` in milliseconds since the Unix epoch (0 before it), as the status's times are given.
+pub fn epoch_ms_at(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }

@@ -4,8 +4,6 @@
 //! The field lists follow Daydream's public API reference and its official Python SDK
 //! (`daydream-sdk` 0.1.0, whose error models require `error`, `code` and `status`).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::extract::Request;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -112,13 +110,6 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         error_response(self.status.as_u16(), self.code, &self.message)
     }
-}
-
-/// Milliseconds since the epoch.
-pub(crate) fn epoch_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 /// A create body, from either form: `{pipeline, params, name?, output_rtmp_url?}` or the

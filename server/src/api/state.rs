@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::ServerConfig;
-use super::bodies::{ApiError, CreateBody, epoch_ms, rfc3339};
+use super::bodies::{ApiError, CreateBody, rfc3339};
 use super::record::Recorder;
 use crate::hls::HlsOutput;
 use crate::rtmp::{RtmpDirectory, RtmpIngest, RtmpPush};
@@ -20,6 +20,7 @@ use crate::webrtc::{
 use sdstream::engine::EngineState;
 use sdstream::ids::random_hex;
 use sdstream::params::merge_patch;
+use sdstream::status::epoch_ms_at;
 use sdstream::{DropPolicy, Engine, EngineOptions, StreamDiffusionParams};
 
 /// One stream: its engine, its transport and what Daydream's stream object says about it.
@@ -305,7 +306,7 @@ impl App {
             pipeline: body.pipeline,
             pipeline_id: body.pipeline_id,
             created_at: rfc3339(now),
-            start_time: epoch_ms(now),
+            start_time: epoch_ms_at(now),
             created: Instant::now(),
             updated_at: Mutex::new(rfc3339(now)),
             engine,
