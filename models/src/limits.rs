@@ -106,3 +106,25 @@ impl Limits {
         Ok(())
     }
 }
+
+/// Refuses the first of `fields` that is 0, naming it: the sizes and counts a network cannot be
+/// built with none of (channels, layers, scaling factors).
+pub fn at_least_one(fields: &[(&str, usize)]) -> Result<()> {
+    match fields.iter().find(|(_, value)| *value == 0) {
+        Some((field, _)) => Err(Error::param(*field, "must be at least 1")),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a `scaling_factor` (or any factor) that is not a finite positive number, naming
+/// `field`.
+pub fn positive_factor(field: &str, value: f64) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::param(
+            field,
+            format!("must be a positive number, got {value}"),
+        ))
+    }
+}

@@ -198,22 +198,13 @@ impl Config {
                 format!("{groups} groups do not divide {c} channels of block_out_channels"),
             ));
         }
-        for (field, value) in [
+        super::limits::at_least_one(&[
             ("in_channels", self.in_channels),
             ("out_channels", self.out_channels),
             ("latent_channels", self.latent_channels),
             ("layers_per_block", self.layers_per_block),
-        ] {
-            if value == 0 {
-                return Err(Error::param(field, "must be at least 1"));
-            }
-        }
-        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
-            return Err(Error::param(
-                "scaling_factor",
-                format!("must be a positive number, got {}", self.scaling_factor),
-            ));
-        }
+        ])?;
+        super::limits::positive_factor("scaling_factor", self.scaling_factor)?;
         Ok(())
     }
 }
