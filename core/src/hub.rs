@@ -467,13 +467,7 @@ pub fn resolve_wanted(id: &str, opts: &HubOptions, wanted: &[Wanted]) -> Result<
             return Ok(dir);
         }
         let held = if lacks_weights(wanted, |w| w.satisfied_in(&dir)) {
-            weight_names::weight_like(
-                std::fs::read_dir(&dir)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned()),
-            )
+            weight_names::held_in(&dir)
         } else {
             Vec::new()
         };

@@ -100,13 +100,7 @@ pub fn weights_file(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<PathBuf
         .map(|c| dir.join(c.file))
         .find(|p| p.is_file())
         .ok_or_else(|| {
-            let held = weight_names::weight_like(
-                std::fs::read_dir(dir)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned()),
-            );
+            let held = weight_names::held_in(dir);
             Error::ModelLoad {
                 path: dir.to_path_buf(),
                 detail: format!(

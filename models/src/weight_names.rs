@@ -106,6 +106,17 @@ pub fn weight_like(names: impl IntoIterator<Item = String>) -> Vec<String> {
     held
 }
 
+/// The weight-like files of the folder `dir` ([`weight_like`]); none when it cannot be read.
+pub fn held_in(dir: &std::path::Path) -> Vec<String> {
+    weight_like(
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned()),
+    )
+}
+
 /// What a folder or repository holds instead of a form [`candidates`] names, and what would
 /// be needed: empty when it holds no weights at all.
 pub fn what_is_held(held: &[String]) -> String {
