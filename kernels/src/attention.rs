@@ -18,7 +18,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::gemm_bf16::{self, PackedA, PackedB};
-use super::{SharedMut, contiguous_slice, cpu_kernels, for_each_range, simd, thread_count};
+use super::{
+    SharedMut, contiguous_slice, cpu_kernels, cuda_kernels, for_each_range, simd, thread_count,
+};
 
 /// Scores per block, in f32 values (4 MiB): at 4,096 keys, 256 query rows. Measured on the
 /// sd-turbo UNet at 512², batch 3: 1 MiB blocks 10.3–10.4 s, 4 MiB 9.8–9.9 s, 8 MiB 9.9–10.0 s.
@@ -28,9 +30,44 @@ const MIN_ROWS: usize = 16;
 /// Tasks per thread the blocks aim for, so that uneven splits cost little.
 const TASKS_PER_THREAD: usize = 4;
 
-/// Whether [`attention`] runs for these tensors: f32 on the CPU kernels.
+/// Whether [`attention`] runs for these tensors on the CPU: f32 on the CPU kernels.
 pub fn applies(q: &Tensor) -> bool {
     cpu_kernels(q.device()) && q.dtype() == DType::F32
+}
+
+/// Whether [`attention`] and [`attention_token_major`] run for queries `q` with heads of
+/// `head_dim` values: on the CPU kernels ([`applies`]) or as the fused CUDA kernel
+/// ([`fused_on_cuda`]).
+pub fn runs_for(q: &Tensor, head_dim: usize) -> bool {
+    applies(q) || fused_on_cuda(q, head_dim)
+}
+
+/// The padded head dimensions the fused CUDA kernel is built for (attention.cu's entry
+/// points): SD 1.5's 40, 80 and 160, SD 2.1's and SDXL's 64, 128, and 16 (the tiny test
+/// checkpoints' 8 and 16, so that their golden streams run it).
+const CUDA_HEAD_DIMS: [usize; 6] = [16, 48, 64, 80, 128, 160];
+
+/// The kernel's padded head dimension for heads of `d` values (a multiple of 8), if it has one.
+fn padded_head_dim(d: usize) -> Option<usize> {
+    if d == 0 || !d.is_multiple_of(8) {
+        return None;
+    }
+    let dp = d.div_ceil(16) * 16;
+    CUDA_HEAD_DIMS.contains(&dp).then_some(dp)
+}
+
+/// Whether the fused CUDA kernel (attention.cu) runs for queries `q` with heads of `head_dim`:
+/// f16 or bf16 on a CUDA device with sdstream's kernels on ([`cuda_kernels`]), a head
+/// dimension it is built for, and `SDSTREAM_CUDA_ATTENTION` not `0`. f32 keeps the unfused
+/// path: tensor cores would round its operands to TF32, and the f32 goldens hold on the device
+/// only without that.
+pub fn fused_on_cuda(q: &Tensor, head_dim: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cuda_kernels(q.device())
+        && matches!(q.dtype(), DType::F16 | DType::BF16)
+        && padded_head_dim(head_dim).is_some()
+        && !*OFF
+            .get_or_init(|| std::env::var_os("SDSTREAM_CUDA_ATTENTION").is_some_and(|v| v == "0"))
 }
 
 /// Attention of `q` `[B·H, N, d]` over `k`, `v` `[B·H, M, d]` (heads-major pairs), with the
@@ -345,20 +382,15 @@ impl PackedPair {
     }
 }
 
-impl CustomOp3 for AttentionOp {
-    fn name(&self) -> &'static str {
-        "sdstream-attention"
-    }
-
-    fn cpu_fwd(
+impl AttentionOp {
+    /// The operands' sizes and where each one's rows lie, from their shapes; an error naming
+    /// the shapes when they do not fit the op's heads (or its arrangement's offsets).
+    fn layout(
         &self,
-        s1: &CpuStorage,
         l1: &Layout,
-        s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
         l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> candle_core::Result<(Dims, [Rows; 3])> {
         let name = self.name();
         let heads = self.heads;
         let misfit = || {
@@ -377,7 +409,7 @@ impl CustomOp3 for AttentionOp {
         if heads == 0 || k_dims.1 != v_dims.1 || k_dims.0 != q_dims.0 || v_dims.0 != q_dims.0 {
             return Err(misfit());
         }
-        let (dims, rows) = match self.arrangement {
+        match self.arrangement {
             Arrangement::HeadsMajor => {
                 let (pairs, n, d) = q_dims;
                 let m = k_dims.1;
@@ -390,16 +422,14 @@ impl CustomOp3 for AttentionOp {
                     Rows::heads_major(heads, m, d),
                     Rows::heads_major(heads, m, d),
                 ];
-                (
-                    Dims {
-                        batch,
-                        heads,
-                        n,
-                        m,
-                        d,
-                    },
-                    rows,
-                )
+                let dims = Dims {
+                    batch,
+                    heads,
+                    n,
+                    m,
+                    d,
+                };
+                Ok((dims, rows))
             }
             Arrangement::TokenMajor { head_dim, offsets } => {
                 let (batch, n, m) = (q_dims.0, q_dims.1, k_dims.1);
@@ -418,9 +448,28 @@ impl CustomOp3 for AttentionOp {
                     m,
                     d: head_dim,
                 };
-                (dims, rows)
+                Ok((dims, rows))
             }
-        };
+        }
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "sdstream-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (dims, rows) = self.layout(l1, l2, l3)?;
         if s1.dtype() != DType::F32 {
             candle_core::bail!("{name}: f32 only, got {:?}", s1.dtype());
         }
@@ -435,8 +484,175 @@ impl CustomOp3 for AttentionOp {
         );
         Ok((
             CpuStorage::F32(out),
-            Shape::from((dims.batch, dims.n, heads * dims.d)),
+            Shape::from((dims.batch, dims.n, self.heads * dims.d)),
         ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (dims, rows) = self.layout(l1, l2, l3)?;
+        cuda::forward(self.scale, dims, rows, [(s1, l1), (s2, l2), (s3, l3)])
+    }
+}
+
+/// The fused attention kernel (attention.cu, compiled to PTX by build.rs): tensor-core
+/// products in f16 or bf16 with f32 sums, the scores never in memory. Its portable twin is
+/// the CPU kernel above (the same arrangements, the same formula in f32).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout, Shape};
+    use std::sync::Mutex;
+
+    use super::{Dims, Rows};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+    const MODULE: &str = "sdstream_attention";
+    /// attention.cu's block: query rows, keys per tile, threads, warps.
+    const BLOCK_ROWS: usize = 64;
+    const BLOCK_KEYS: usize = 64;
+    const THREADS: u32 = 128;
+    const WARPS: usize = 4;
+    /// Shared memory a kernel may use without asking for more.
+    const DEFAULT_SHARED: usize = 48 * 1024;
+
+    /// attention.cu's shared memory for padded head dimension `dp` (its `Smem<DP>::TOTAL`):
+    /// q, k and v tiles with rows of `dp + 8`, each warp's f32 scores (rows of 68) and
+    /// probabilities (rows of 72).
+    pub(super) fn shared_bytes(dp: usize) -> usize {
+        let tiles = (BLOCK_ROWS + 2 * BLOCK_KEYS) * (dp + 8) * 2;
+        let scores = WARPS * 16 * (BLOCK_KEYS + 4) * 4;
+        let probabilities = WARPS * 16 * (BLOCK_KEYS + 8) * 2;
+        tiles + scores + probabilities
+    }
+
+    pub(super) fn forward(
+        scale: f64,
+        dims: Dims,
+        rows: [Rows; 3],
+        operands: [(&CudaStorage, &Layout); 3],
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dp = super::padded_head_dim(dims.d).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "sdstream-attention: no CUDA kernel for head dimension {}",
+                dims.d
+            ))
+        })?;
+        match operands[0].0.dtype() {
+            DType::F16 => run::<half::f16>(scale, dims, rows, operands, ("f16", dp)),
+            DType::BF16 => run::<half::bf16>(scale, dims, rows, operands, ("bf16", dp)),
+            other => candle_core::bail!("sdstream-attention: no CUDA kernel for {other:?}"),
+        }
+    }
+
+    fn run<T: CudaDType + DeviceRepr>(
+        scale: f64,
+        dims: Dims,
+        rows: [Rows; 3],
+        operands: [(&CudaStorage, &Layout); 3],
+        (suffix, dp): (&str, usize),
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Dims {
+            batch,
+            heads,
+            n,
+            m,
+            d,
+        } = dims;
+        let shape = Shape::from((batch, n, heads * d));
+        let dev = operands[0].0.device().clone();
+        // SAFETY: every element is written by the launch below (each (image, query row, head)
+        // by the block and warp that own the row) before anything reads it.
+        let dst = unsafe { dev.alloc::<T>(shape.elem_count())? };
+        if shape.elem_count() == 0 {
+            return Ok((CudaStorage::wrap_cuda_slice(dst, dev), shape));
+        }
+        if m == 0 {
+            candle_core::bail!("sdstream-attention: no keys to attend to");
+        }
+        // The kernel reads 8 values (16 bytes) at a time: every row must start at a multiple of 8.
+        let mut views = Vec::with_capacity(3);
+        for (i, (storage, layout)) in operands.iter().enumerate() {
+            let at = layout.start_offset() + rows[i].offset;
+            let r = &rows[i];
+            if d % 8 != 0
+                || [at, r.image_stride, r.head_stride, r.row_stride]
+                    .iter()
+                    .any(|x| x % 8 != 0)
+            {
+                candle_core::bail!(
+                    "sdstream-attention: the CUDA kernel reads rows at multiples of 8 values; \
+                     operand {i} starts at {at} with strides {r:?}"
+                )
+            }
+            if !layout.is_contiguous() {
+                candle_core::bail!("sdstream-attention: operand {i} is not contiguous")
+            }
+            views.push(storage.as_cuda_slice::<T>()?.slice(at..));
+        }
+        let name = format!("attention_{suffix}_{dp}");
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let shared = shared_bytes(dp);
+        // Asked for once per device and kernel, so never while a CUDA graph is being captured
+        // (a graph's eager pass always comes first).
+        static RAISED: Mutex<Vec<(DeviceId, String)>> = Mutex::new(Vec::new());
+        let mut raised = RAISED.lock().unwrap_or_else(|e| e.into_inner());
+        if shared > DEFAULT_SHARED && !raised.iter().any(|(id, n)| *id == dev.id() && *n == name) {
+            func.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared as i32,
+            )
+            .w()?;
+            raised.push((dev.id(), name));
+        }
+        drop(raised);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(BLOCK_ROWS) as u32, heads as u32, batch as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let (n_, m_, heads_, d_) = (n as i32, m as i32, heads as i32, d as i32);
+        let strides: Vec<i64> = rows
+            .iter()
+            .flat_map(|r| {
+                [
+                    r.image_stride as i64,
+                    r.head_stride as i64,
+                    r.row_stride as i64,
+                ]
+            })
+            .collect();
+        let scale = scale as f32;
+        let mut builder = func.builder();
+        builder.arg(&views[0]);
+        builder.arg(&views[1]);
+        builder.arg(&views[2]);
+        builder.arg(&dst);
+        builder.arg(&n_);
+        builder.arg(&m_);
+        builder.arg(&heads_);
+        builder.arg(&d_);
+        for stride in &strides {
+            builder.arg(stride);
+        }
+        builder.arg(&scale);
+        // SAFETY: the arguments match attention.cu's parameters one for one. layout() checked
+        // that every head's rows lie inside its operand (offset + heads·d within each row's
+        // width, tokens within the shape); the kernel reads rows below n and m and columns below
+        // d only, and writes out [batch, n, heads·d], which dst holds.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dst, dev), shape))
     }
 }
 
