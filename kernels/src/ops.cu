@@ -4,6 +4,11 @@
 //                   candle's broadcast add): biases per channel or per feature, time embeddings
 //                   per (batch, channel), and same-shape residual adds (n = total, inner = 1),
 //                   without the strided indexing of a general broadcast.
+//   geglu_*:        GEGLU of a projection's output before its bias: x [rows, 2·inner] plus bias
+//                   [2·inner] (geglu_bias_*) → out [rows, inner] = hidden · GELU(gate), with the
+//                   exact (erf) GELU, hidden = x[r, i] + bias[i], gate = x[r, inner + i] +
+//                   bias[inner + i]; f32 arithmetic, rounded once (the unfused path rounds the
+//                   biased input, the GELU and the product each).
 // Compiled to PTX by kernels/build.rs (feature `cuda`).
 #include <stdint.h>
 
@@ -18,6 +23,23 @@ __device__ void add_in_place(T *__restrict__ dst, const T *__restrict__ src, con
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t i = (idx / inner) % n;
     dst[idx] = store<T>(load(dst[idx]) + load(src[i]));
+  }
+}
+
+template <typename T, bool BIAS>
+__device__ void geglu(const T *__restrict__ x, const T *__restrict__ bias, T *__restrict__ out,
+                      const int64_t rows, const int64_t inner) {
+  const int64_t total = rows * inner;
+  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = idx / inner, i = idx % inner;
+    float hidden = load(x[r * 2 * inner + i]);
+    float gate = load(x[r * 2 * inner + inner + i]);
+    if (BIAS) {
+      hidden += load(bias[i]);
+      gate += load(bias[inner + i]);
+    }
+    out[idx] = store<T>(hidden * (0.5f * gate * (1.0f + erff(gate * 0.70710678118654752f))));
   }
 }
 
@@ -36,4 +58,34 @@ extern "C" __global__ void add_in_place_f16(__half *dst, const __half *src, cons
 extern "C" __global__ void add_in_place_bf16(__nv_bfloat16 *dst, const __nv_bfloat16 *src,
                                              const int64_t total, const int64_t n, const int64_t inner) {
   add_in_place(dst, src, total, n, inner);
+}
+
+extern "C" __global__ void geglu_f32(const float *x, const float *bias, float *out, const int64_t rows,
+                                     const int64_t inner) {
+  geglu<float, false>(x, bias, out, rows, inner);
+}
+
+extern "C" __global__ void geglu_bias_f32(const float *x, const float *bias, float *out,
+                                          const int64_t rows, const int64_t inner) {
+  geglu<float, true>(x, bias, out, rows, inner);
+}
+
+extern "C" __global__ void geglu_f16(const __half *x, const __half *bias, __half *out, const int64_t rows,
+                                     const int64_t inner) {
+  geglu<__half, false>(x, bias, out, rows, inner);
+}
+
+extern "C" __global__ void geglu_bias_f16(const __half *x, const __half *bias, __half *out,
+                                          const int64_t rows, const int64_t inner) {
+  geglu<__half, true>(x, bias, out, rows, inner);
+}
+
+extern "C" __global__ void geglu_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *bias, __nv_bfloat16 *out, const int64_t rows,
+                                     const int64_t inner) {
+  geglu<__nv_bfloat16, false>(x, bias, out, rows, inner);
+}
+
+extern "C" __global__ void geglu_bias_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *bias, __nv_bfloat16 *out,
+                                          const int64_t rows, const int64_t inner) {
+  geglu<__nv_bfloat16, true>(x, bias, out, rows, inner);
 }

@@ -199,6 +199,84 @@ mod cuda {
         unsafe { builder.launch(cfg) }.w()?;
         Ok(())
     }
+
+    /// ops.cu's GEGLU: `x` `[…, 2·inner]` (contiguous) and its `[2·inner]` bias → `[…, inner]`.
+    pub(super) fn geglu(
+        x: (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        match x.0.dtype() {
+            DType::F32 => run_geglu::<f32>(x, bias, "f32"),
+            DType::F16 => run_geglu::<half::f16>(x, bias, "f16"),
+            DType::BF16 => run_geglu::<half::bf16>(x, bias, "bf16"),
+            other => candle_core::bail!("sdstream-geglu: no CUDA kernel for {other:?}"),
+        }
+    }
+
+    fn run_geglu<T: CudaDType + DeviceRepr>(
+        (xs, xl): (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
+        suffix: &str,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        let Some((x0, x1)) = xl.contiguous_offsets() else {
+            candle_core::bail!("sdstream-geglu: the input must be contiguous")
+        };
+        let mut dims = xl.shape().dims().to_vec();
+        let width = dims.last().copied().unwrap_or(0);
+        if width == 0 || width % 2 != 0 {
+            candle_core::bail!("sdstream-geglu: input {:?} has no two halves", xl.shape())
+        }
+        let inner = width / 2;
+        let rows = (x1 - x0) / width;
+        *dims.last_mut().expect("width came from the last dimension") = inner;
+        let shape = candle_core::Shape::from(dims);
+        let dev = xs.device().clone();
+        // SAFETY: the launch below writes every one of the rows · inner values.
+        let dst = unsafe { dev.alloc::<T>(rows * inner)? };
+        if rows == 0 {
+            return Ok((CudaStorage::wrap_cuda_slice(dst, dev), shape));
+        }
+        let x = xs.as_cuda_slice::<T>()?.slice(x0..x1);
+        let bias_view = match bias {
+            Some((bs, bl)) => match bl.contiguous_offsets() {
+                Some((b0, b1)) if b1 - b0 == width => Some(bs.as_cuda_slice::<T>()?.slice(b0..b1)),
+                _ => candle_core::bail!(
+                    "sdstream-geglu: bias {:?} for input {:?}",
+                    bl.shape(),
+                    xl.shape()
+                ),
+            },
+            None => None,
+        };
+        let name = if bias_view.is_some() {
+            format!("geglu_bias_{suffix}")
+        } else {
+            format!("geglu_{suffix}")
+        };
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let (rows_arg, inner_arg) = (rows as i64, inner as i64);
+        let mut builder = func.builder();
+        builder.arg(&x);
+        // Without a bias the kernel never reads its bias pointer: x stands in for it.
+        builder.arg(bias_view.as_ref().unwrap_or(&x));
+        builder.arg(&dst);
+        builder.arg(&rows_arg);
+        builder.arg(&inner_arg);
+        let total = rows * inner;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                total.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32,
+                1,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's parameters; it reads x below rows · width,
+        // the bias below width, and writes dst below rows · inner.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dst, dev), shape))
+    }
 }
 
 /// diffusers' GEGLU of a projection's output before its bias: `[…, 2n]` plus `bias` (`[2n]`,
@@ -216,6 +294,20 @@ pub fn geglu(hg: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> 
         };
         return hg.apply_op1_no_bwd(&Geglu { bias });
     }
+    let width = hg.dim(D::Minus1)?;
+    let on_device = cuda_kernels(hg.device())
+        && hg.is_contiguous()
+        && width.is_multiple_of(2)
+        && matches!(hg.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && bias.is_none_or(|b| {
+            b.dtype() == hg.dtype() && b.is_contiguous() && b.elem_count() == width
+        });
+    if on_device {
+        return match bias {
+            Some(bias) => hg.apply_op2_no_bwd(bias, &GegluOnDevice),
+            None => hg.apply_op1_no_bwd(&GegluOnDevice),
+        };
+    }
     if let Some(bias) = bias {
         return geglu(&hg.broadcast_add(bias)?, None);
     }
@@ -223,6 +315,61 @@ pub fn geglu(hg: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> 
     let hidden = hg.narrow(D::Minus1, 0, inner)?;
     let gate = hg.narrow(D::Minus1, inner, inner)?;
     hidden * gate.gelu_erf()?
+}
+
+/// GEGLU in one pass on a CUDA device (ops.cu's `geglu_*`): the bias, if any, added as each
+/// value is read, f32 arithmetic rounded once. Its portable twin is the unfused path of
+/// [`geglu`] (a broadcast add, a narrow, candle's erf GELU and a product).
+struct GegluOnDevice;
+
+impl GegluOnDevice {
+    const NAME: &'static str = "sdstream-geglu";
+}
+
+impl CustomOp1 for GegluOnDevice {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{}: a CUDA kernel only", Self::NAME)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::geglu((s1, l1), None)
+    }
+}
+
+impl candle_core::CustomOp2 for GegluOnDevice {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{}: a CUDA kernel only", Self::NAME)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::geglu((s1, l1), Some((s2, l2)))
+    }
 }
 
 /// The GEGLU kernel, one pass; `bias` (f32 only) is added to each value as it is read.
