@@ -471,11 +471,22 @@ impl Clone for KvMemo {
 
 impl KvMemo {
     /// The key/value projection of `context`, from the memo when it saw the same values.
+    ///
+    /// On the CPU only. On a GPU the projection is a small GEMM (77 tokens), and a memo there
+    /// is unsafe under CUDA graphs ([`crate::cuda_graph`]): the capture would free the eager
+    /// pass's memoised tensor inside the graph being captured, and keep one of the graph's own
+    /// allocations past it. Frames on an H200 failed with `CUDA_ERROR_INVALID_VALUE` while
+    /// graphs were on and this memo kept GPU tensors, and ran with graphs off.
     fn get_or_compute(
         &self,
         context: &Tensor,
         compute: impl FnOnce() -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
+        if !context.device().is_cpu() {
+            let kv = compute()?;
+            self.computed.fetch_add(1, Ordering::Relaxed);
+            return Ok(kv);
+        }
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((seen, kv)) = last.as_ref()
             && same_values(seen, context)
@@ -578,7 +589,7 @@ impl Attention {
             }
             (Some(_), None) => candle_core::bail!("cross-attention called without a context"),
         };
-        if attention::applies(x) && bank.is_none() {
+        if attention::runs_for(&queries, d) && bank.is_none() {
             return self.attend_in_place(&queries, keys_values.as_ref(), image);
         }
         // Heads-major layout [·, B, H, tokens, d] so that every (batch, head) pair is one matmul.
@@ -675,7 +686,7 @@ impl Attention {
         m: usize,
     ) -> candle_core::Result<Tensor> {
         let (h, d) = (self.heads, self.head_dim);
-        if attention::applies(q) {
+        if attention::runs_for(q, d) {
             return attention::attention(q, k, v, h, self.scale);
         }
         // Scores are computed in blocks of (head, query rows): on the CPU a block fits the
