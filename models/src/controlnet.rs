@@ -10,12 +10,15 @@
 //! stream computes it once per frame ([`ControlNetModel::embed_condition`]) and reuses it for every
 //! UNet call and every batch row ([`ControlNetModel::forward_embedded`]).
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 
+use super::cuda_graph::GraphCache;
 use super::kernels::conv::Conv2d;
 use super::kernels::gemm_bf16;
 use super::limits::{Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS};
@@ -344,6 +347,27 @@ pub struct ControlNetModel {
     mid_zero_conv: Conv2d,
     /// Whether the CPU's GEMMs run in bf16 ([`with_bf16_gemms`](Self::with_bf16_gemms)).
     bf16_gemms: bool,
+    /// The forward pass's CUDA graphs (none elsewhere); a clone starts without any.
+    graphs: GraphCache,
+    /// The residuals' shapes for each sample shape, as the eager pass made them: a replayed
+    /// graph returns the residuals packed in one tensor, cut apart by these.
+    residual_shapes: ResidualShapes,
+}
+
+/// Residual shapes by sample shape (see [`ControlNetModel::forward_embedded`]).
+#[derive(Debug, Default)]
+struct ResidualShapes(Mutex<HashMap<Vec<usize>, Vec<Vec<usize>>>>);
+
+impl Clone for ResidualShapes {
+    fn clone(&self) -> Self {
+        Self(Mutex::new(self.lock().clone()))
+    }
+}
+
+impl ResidualShapes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<usize>, Vec<Vec<usize>>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl ControlNetModel {
@@ -382,6 +406,8 @@ impl ControlNetModel {
             down_zero_convs,
             mid_zero_conv,
             bf16_gemms: false,
+            graphs: GraphCache::default(),
+            residual_shapes: ResidualShapes::default(),
         })
     }
 
@@ -499,7 +525,6 @@ impl ControlNetModel {
         cond_embedding: &Tensor,
     ) -> Result<ControlResiduals> {
         let _bf16 = gemm_bf16::scope(self.bf16_gemms);
-        let dtype = self.dtype();
         let (batch, channels, height, width) = sample.dims4()?;
         if channels != self.config.unet.in_channels {
             return Err(input_error(format!(
@@ -523,6 +548,69 @@ impl ControlNetModel {
                 sample.dims()
             )));
         }
+        // On a CUDA device the pass below is captured as a CUDA graph at its first call for each
+        // input signature and replayed after (super::cuda_graph), every argument an input of
+        // the graph. A graph has one output: the residuals travel packed, flattened one after
+        // another, and are cut apart by the shapes the eager pass recorded.
+        if !self.graphs.captures(sample.device()) {
+            return self.residuals(
+                sample,
+                timesteps,
+                encoder_hidden_states,
+                added,
+                cond_embedding,
+            );
+        }
+        let mut inputs = vec![sample, timesteps, encoder_hidden_states, cond_embedding];
+        if let Some(added) = added {
+            inputs.extend([&added.text_embeds, &added.time_ids]);
+        }
+        let has_added = added.is_some();
+        let packed = self.graphs.run(&inputs, |xs| {
+            let added = has_added.then(|| AddedConditioning {
+                text_embeds: xs[4].clone(),
+                time_ids: xs[5].clone(),
+            });
+            let residuals = self.residuals(xs[0], xs[1], xs[2], added.as_ref(), xs[3])?;
+            let all: Vec<&Tensor> = residuals.down.iter().chain([&residuals.mid]).collect();
+            self.residual_shapes.lock().insert(
+                sample.dims().to_vec(),
+                all.iter().map(|t| t.dims().to_vec()).collect(),
+            );
+            let flat = all
+                .iter()
+                .map(|t| t.flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&flat, 0)?)
+        })?;
+        let shapes = self
+            .residual_shapes
+            .lock()
+            .get(sample.dims())
+            .cloned()
+            .ok_or_else(|| input_error("no residual shapes recorded for this sample".into()))?;
+        let mut start = 0;
+        let mut parts = Vec::with_capacity(shapes.len());
+        for shape in shapes {
+            let len = shape.iter().product::<usize>();
+            parts.push(packed.narrow(0, start, len)?.reshape(shape)?);
+            start += len;
+        }
+        let mid = parts.pop().expect("the mid residual was packed last");
+        Ok(ControlResiduals { down: parts, mid })
+    }
+
+    /// The pass of [`forward_embedded`](Self::forward_embedded) on checked inputs, op by op.
+    fn residuals(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
+        cond_embedding: &Tensor,
+    ) -> Result<ControlResiduals> {
+        let dtype = self.dtype();
+        let batch = sample.dim(0)?;
         let context = encoder_hidden_states.to_dtype(dtype)?;
         let emb = self.encoder.time_embedding(timesteps, batch, added)?;
         let temb_act = self.encoder.resnet_temb(&emb)?;

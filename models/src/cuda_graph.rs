@@ -105,6 +105,13 @@ struct Captured;
 unsafe impl Send for Captured {}
 
 impl GraphCache {
+    /// Whether [`run`](Self::run) captures and replays passes on `device`: a CUDA device,
+    /// graphs not turned off, and no capture of this cache failed. A caller that must reshape
+    /// its pass for a graph (one output tensor) can spare the CPU that work.
+    pub fn captures(&self, device: &Device) -> bool {
+        enabled(device) && !self.failed.load(Ordering::Relaxed)
+    }
+
     /// `forward(inputs)`, replayed from a captured graph when possible (see the module's
     /// documentation). `inputs` must be every device tensor the pass reads that can change
     /// between calls; tensors it reads besides (weights) must stay allocated while the cache
