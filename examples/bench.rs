@@ -23,7 +23,8 @@
 //! (`StreamDiffusion::set_stage_sync`); off, a GPU's stages only queue work and the total is the
 //! honest figure. Columns: upload (frame resize and conversion, copy to the device), encode,
 //! UNet, ControlNet (preprocessors and nets), decode, download (copy back, 8-bit quantisation),
-//! the total as the host saw it, and on a GPU the memory in use after the row's frames (the
+//! the total as the host saw it (mean, best, and the median and 99th-percentile frame: host
+//! frame in to host frame out), and on a GPU the memory in use after the row's frames (the
 //! device's total less its free memory). docs/GPU.md runs it on a GPU.
 
 use std::process::ExitCode;
@@ -270,6 +271,7 @@ fn run() -> Result<(), String> {
                     }
                     let mut sum = [Duration::ZERO; 7];
                     let mut best = Duration::MAX;
+                    let mut totals = Vec::with_capacity(args.frames);
                     for _ in 0..args.frames {
                         outputs.push(stream.process(&frame).map_err(|e| e.to_string())?.data);
                         let t = stream.timings();
@@ -285,7 +287,9 @@ fn run() -> Result<(), String> {
                             *acc += d;
                         }
                         best = best.min(t.total);
+                        totals.push(t.total);
                     }
+                    let (p50, p99) = (percentile(&mut totals, 0.50), percentile(&mut totals, 0.99));
                     let mean: Vec<f64> = sum.iter().map(|d| ms(*d) / args.frames as f64).collect();
                     let levels = match &against {
                         Some((models, s)) => {
@@ -319,7 +323,7 @@ fn run() -> Result<(), String> {
                         mean[6]
                     );
                     rows.push(format!(
-                    "| {size}² | {} ({}) | {vae} | {nets} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {memory} |{levels}",
+                    "| {size}² | {} ({}) | {vae} | {nets} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} | {memory} |{levels}",
                     t_index.len(),
                     t_index.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
                     mean[4],
@@ -331,6 +335,8 @@ fn run() -> Result<(), String> {
                     mean[6],
                     1e3 / mean[6],
                     ms(best),
+                    ms(p50),
+                    ms(p99),
                 ));
                 }
             }
@@ -356,13 +362,24 @@ fn run() -> Result<(), String> {
         None => (String::new(), ""),
     };
     println!(
-        "| size | steps (t_index_list) | VAE | ControlNets | upload ms | encode ms | UNet ms | ControlNet ms | decode ms | download ms | total ms | fps | best total ms | GPU memory GiB |{against_header}"
+        "| size | steps (t_index_list) | VAE | ControlNets | upload ms | encode ms | UNet ms | ControlNet ms | decode ms | download ms | total ms | fps | best total ms | p50 ms | p99 ms | GPU memory GiB |{against_header}"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|{against_rule}");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|{against_rule}");
     for r in rows {
         println!("{r}");
     }
     Ok(())
+}
+
+/// The frame time at quantile `q` of `times` (nearest rank: the smallest time that at least
+/// `q` of the frames do not exceed); zero for no frames.
+fn percentile(times: &mut [Duration], q: f64) -> Duration {
+    if times.is_empty() {
+        return Duration::ZERO;
+    }
+    times.sort_unstable();
+    let rank = (q * times.len() as f64).ceil() as usize;
+    times[rank.clamp(1, times.len()) - 1]
 }
 
 fn main() -> ExitCode {

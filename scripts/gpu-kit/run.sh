@@ -15,7 +15,15 @@
 #               tests/reference/bench_reference.py (streamdiffusion 0.1.1 on diffusers, torch eager)
 #               on the same weights and GPU, 1 and 2 steps, TAESD and the full VAE; diffusers,
 #               streamdiffusion and importlib_metadata come as wheels in $SDSTREAM_WHEELS (.whl)
+#     reference-compiled
+#               the same with torch.compile (mode $SDSTREAM_COMPILE_MODE, default max-autotune) on
+#               the UNet and TAESD, f16, 1 step, TAESD, the host waiting once a frame
+#     sdpa      torch's fused attention (flash, cuDNN, memory-efficient, math) on the UNet's
+#               attention shapes at 512², f16 (scripts/gpu-kit/sdpa_reference.py)
 #     all       info tests weights bench-f16 bench-bf16
+# $SDSTREAM_TESTS filters the tests (libtest's name filters; $SDSTREAM_TESTS_TAG names their log);
+# $SDSTREAM_REFERENCE_SYNC picks the reference's stage-sync modes (default "on off") and
+# $SDSTREAM_REFERENCE_ARGS adds flags to it (a later flag wins).
 # Logs and tables go to $OUT (the device tool's folder that comes back) or target/gpu-kit-out: at
 # most seven files for `info tests weights bench-f16 reference-f16`.
 # Everything unpacks under $SDSTREAM_GPU_WORK (default /tmp/sdstream-gpu), so a later call on the
@@ -91,8 +99,10 @@ stage_info() {
 }
 
 stage_tests() {
+  # shellcheck disable=SC2086 # SDSTREAM_TESTS is a list of filters
   SDSTREAM_REQUIRE_CUDA=1 SDSTREAM_FIXTURES="$work/fixtures" \
-    "$work/cuda-tests" --test-threads=1 --nocapture 2>&1 | tee "$out/cuda-tests.log"
+    "$work/cuda-tests" ${SDSTREAM_TESTS:-} --test-threads=1 --nocapture 2>&1 \
+    | tee "$out/cuda-tests${SDSTREAM_TESTS_TAG:-}.log"
   return "${PIPESTATUS[0]}"
 }
 
@@ -170,12 +180,30 @@ stage_reference() {
       "$wheels"/*.whl
   fi
   local sync
-  for sync in on off; do
+  # shellcheck disable=SC2086 # SDSTREAM_REFERENCE_SYNC and SDSTREAM_REFERENCE_ARGS are lists
+  for sync in ${SDSTREAM_REFERENCE_SYNC:-on off}; do
     PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}" SDSTREAM_FIXTURES="$work/fixtures" PYTHONUNBUFFERED=1 \
       "$python" tests/reference/bench_reference.py --sd "$work/fullsize/sd" --taesd "$work/fullsize/taesd" \
       --device cuda --dtype "$dtype" --sync-stages "$sync" --sizes 512 --t-index-lists '32;16,32' \
-      --warmup 3 --frames 20 --out "$out/reference-$dtype-sync-$sync.json" 2>&1 | tail -n 12
+      --warmup 3 --frames 20 --out "$out/reference-$dtype-sync-$sync.json" ${SDSTREAM_REFERENCE_ARGS:-} 2>&1 \
+      | tail -n 12
   done
+}
+
+stage_reference_compiled() {
+  local mode="${SDSTREAM_COMPILE_MODE:-max-autotune}" wheels="${SDSTREAM_WHEELS:-.whl}"
+  if [[ ! -f "$work/fullsize/done" ]]; then
+    stage_weights
+  fi
+  if [[ ! -d "$work/site/streamdiffusion" ]]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" \
+      "$wheels"/*.whl
+  fi
+  PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}" SDSTREAM_FIXTURES="$work/fixtures" PYTHONUNBUFFERED=1 \
+    "$python" tests/reference/bench_reference.py --sd "$work/fullsize/sd" --taesd "$work/fullsize/taesd" \
+    --device cuda --dtype f16 --sync-stages off --sizes 512 --t-index-lists 32 --vaes taesd \
+    --compile "$mode" --warmup 4 --frames 20 --out "$out/reference-f16-$mode.json" 2>&1 \
+    | tee "$work/reference-compiled.log" | grep -v "^    warm-up" | tail -n 30
 }
 
 unpack
@@ -191,6 +219,8 @@ for stage in "$@"; do
     profile-bf16) stage_profile bf16 ;;
     reference-f16) stage_reference f16 ;;
     reference-f32) stage_reference f32 ;;
+    reference-compiled) stage_reference_compiled ;;
+    sdpa) "$python" scripts/gpu-kit/sdpa_reference.py --dtype f16 --out "$out/sdpa-f16.md" ;;
     all) stage_info; stage_tests; stage_weights; stage_bench f16; stage_bench bf16 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

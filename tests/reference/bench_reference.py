@@ -2,7 +2,9 @@
 """Time the reference StreamDiffusion (PyPI streamdiffusion 0.1.1 on diffusers) on the full-size
 random-weight checkpoints that make_full_size.py (or scripts/gpu-kit/random_weights.py) writes: on the
 CPU in float32 (the default), or on a CUDA GPU in float16/float32 (`--device cuda --dtype f16`: torch
-eager, diffusers' default attention (SDPA), no TensorRT, no torch.compile).
+eager, diffusers' default attention (SDPA), no TensorRT; `--compile MODE` puts the UNet and TAESD's
+encoder and decoder through torch.compile, e.g. `max-autotune` (Inductor's tuned kernels and CUDA
+graphs), the best a torch user gets without TensorRT; the warm-up frames then include compiling).
 
 For each resolution x t_index_list x VAE (TAESD or the full AutoencoderKL), with cfg_type "self",
 guidance 1.2 (so residual CFG "self"), delta 0.7, 50 inference steps, the stream batch on,
@@ -208,7 +210,7 @@ def run_case(pipe, taesd, size: int, t_index_list: list[int], vae: str, warmup: 
 def markdown(results: list[dict], peak: dict, meta: dict) -> str:
     lines = [
         f"Reference StreamDiffusion {meta['streamdiffusion']} (diffusers {meta['diffusers']}, torch {meta['torch']}), "
-        f"{meta['device']} {meta['dtype']} (stages synchronised: {meta['sync_stages']}), "
+        f"{meta['device']} {meta['dtype']} (stages synchronised: {meta['sync_stages']}; torch.compile: {meta['compile']}), "
         f"{meta['threads']} threads, cfg {CFG_TYPE}, guidance {GUIDANCE_SCALE}, delta {DELTA}; "
         f"full-size random weights (sd-turbo / taesd shapes); mean of timed frames after {meta['warmup']} warm-up.",
         f"Machine: {meta['cpu']}, {meta['cpus']} CPUs{', ' + meta['gpu'] if meta['gpu'] else ''}; matmul peak "
@@ -225,8 +227,8 @@ def markdown(results: list[dict], peak: dict, meta: dict) -> str:
     for r in results:
         m = r["mean_ms"]
         lines.append(f"| {r['size']}² | {r['steps']} ({','.join(map(str, r['t_index_list']))}) | {r['vae']} | "
-                     f"{m['encode']:.0f} | {m['unet']:.0f} | {m['decode']:.0f} | {m['other']:.0f} | "
-                     f"{m['total']:.0f} | {r['fps']:.3f} | {r['min_ms']['total']:.0f} | {r['cpu_use']:.0%} |")
+                     f"{m['encode']:.2f} | {m['unet']:.2f} | {m['decode']:.2f} | {m['other']:.2f} | "
+                     f"{m['total']:.2f} | {r['fps']:.3f} | {r['min_ms']['total']:.2f} | {r['cpu_use']:.0%} |")
     return "\n".join(lines)
 
 
@@ -257,6 +259,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="f32", choices=("f32", "f16"), help="weights and activations")
     parser.add_argument("--sync-stages", default="on", choices=("on", "off"),
                         help="on a GPU: wait for it around every stage (per-stage columns) or not (the total)")
+    parser.add_argument("--compile", default="none",
+                        choices=("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                        help="torch.compile mode for the UNet and TAESD's encoder and decoder (default: eager)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     dtype = {"f32": torch.float32, "f16": torch.float16}[args.dtype]
@@ -300,6 +305,12 @@ def main() -> None:
     start = time.perf_counter()
     pipe, taesd = load_models(args.sd, args.taesd, args.device, dtype)
     meta["load_s"] = time.perf_counter() - start
+    meta["compile"] = args.compile
+    if args.compile != "none":
+        # Compiled lazily, at the first (warm-up) call of each shape.
+        pipe.unet = torch.compile(pipe.unet, mode=args.compile)
+        taesd.encoder = torch.compile(taesd.encoder, mode=args.compile)
+        taesd.decoder = torch.compile(taesd.decoder, mode=args.compile)
     print(f"models loaded in {meta['load_s']:.0f} s", flush=True)
 
     results = []

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One GPU call's worth of checks (docs/GPU.md, "The GPU kit"): run.sh's stages in the order they
+# matter, each under its own time limit, all within $SDSTREAM_SESSION_S seconds (default 560, for
+# a call limited to 600), so that a call that runs out of time still brings back what ran.
+#
+#   bash scripts/gpu-kit/session.sh            # on the GPU machine, the kit carried along
+#
+# The device tool brings back only a few files: everything a stage prints goes to ONE file,
+# $OUT/session.log, the tables to $OUT/tables.md, and the summary (each stage's status and time,
+# the tables) to stdout. The stages' own files stay under $SDSTREAM_GPU_WORK/out.
+set -u
+cd "$(dirname "$0")/../.."
+
+final="${OUT:-target/gpu-kit-out}"
+work="${SDSTREAM_GPU_WORK:-/tmp/sdstream-gpu}"
+export OUT="$work/out"
+mkdir -p "$OUT" "$final"
+log="$final/session.log"
+budget="${SDSTREAM_SESSION_S:-560}"
+start=$(date +%s)
+run=(bash scripts/gpu-kit/run.sh)
+
+# stage NAME LIMIT [VAR=VALUE...] STAGE: run.sh STAGE with the variables set, for at most LIMIT
+# seconds and never past the budget; what it leaves running is stopped before the next.
+stage() {
+  local name="$1" limit="$2" left began rc
+  shift 2
+  left=$((budget - ($(date +%s) - start)))
+  if ((left < 20)); then
+    echo "== $name skipped: ${left} s of the budget left" | tee -a "$log"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (at most ${limit} s): $*" >> "$log"
+  began=$(date +%s)
+  timeout --kill-after=5 "$limit" env "$@" >> "$log" 2>&1
+  rc=$?
+  # The bracket keeps each pattern from matching this script's own command line.
+  pkill -9 -f 'sdstream-gp[u]/(bench|cuda-tests)|[b]ench_reference|[s]dpa_reference|[r]andom_weights|[n]cu ' || true
+  echo "== $name: exit $rc after $(($(date +%s) - began)) s" | tee -a "$log"
+}
+
+: > "$log"
+stage info 30 "${run[@]}" info
+stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_geglu" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
+stage weights 150 "${run[@]}" weights
+stage tests 180 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_geglu" "${run[@]}" tests
+stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" bench-f16
+stage bench-f16-unfused 45 SDSTREAM_CUDA_ATTENTION=0 SDSTREAM_BENCH_TAG=-unfused \
+  SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
+stage bench-f16-off 45 SDSTREAM_BENCH_TAG=-off \
+  SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100 --sync-stages off" \
+  "${run[@]}" bench-f16
+stage reference-f16 90 SDSTREAM_REFERENCE_SYNC=off SDSTREAM_REFERENCE_ARGS="--vaes taesd" "${run[@]}" reference-f16
+stage sdpa 40 "${run[@]}" sdpa
+stage bench-bf16 45 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32" "${run[@]}" bench-bf16
+stage profile-f16 120 "${run[@]}" profile-f16
+# torch.compile's max-autotune took more than 400 s on an H200 (it did not finish): it gets what is
+# left, and reduce-overhead (CUDA graphs, no tuning) when too little is.
+left=$((budget - ($(date +%s) - start)))
+mode=reduce-overhead
+((left > 420)) && mode=max-autotune
+stage "reference-compiled-$mode" "$left" SDSTREAM_COMPILE_MODE="$mode" "${run[@]}" reference-compiled
+
+for table in "$OUT"/bench-*.md "$OUT"/sdpa-*.md "$OUT"/profile-*.txt; do
+  [[ -f "$table" ]] || continue
+  printf '\n### %s\n\n' "$(basename "$table")"
+  cat "$table"
+done > "$final/tables.md"
+for json in "$OUT"/reference-*.json; do
+  [[ -f "$json" ]] || continue
+  printf '\n### %s\n\n' "$(basename "$json")"
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["table"])' "$json"
+done >> "$final/tables.md"
+grep -E '^== ' "$log"
+grep -E '^test result|panicked|FAILED|> [0-9.e+-]+' "$log" | head -20
+cat "$final/tables.md"
