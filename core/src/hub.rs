@@ -40,6 +40,9 @@ pub struct HubOptions {
     /// from someone else (the HTTP server), so that an id is only ever a hub id looked up under
     /// `model_root`, in the cache or on the hub.
     pub allow_paths: bool,
+    /// The hub to download from (`HF_ENDPOINT`: a mirror, or a hub inside a private network).
+    /// `None`: huggingface.co.
+    pub endpoint: Option<String>,
 }
 
 impl Default for HubOptions {
@@ -49,6 +52,7 @@ impl Default for HubOptions {
             cache_dir: None,
             offline: false,
             allow_paths: true,
+            endpoint: None,
         }
     }
 }
@@ -56,7 +60,7 @@ impl Default for HubOptions {
 impl HubOptions {
     /// Options from the environment: `SDSTREAM_MODEL_ROOT`; the cache from `HF_HUB_CACHE`, else
     /// `HF_HOME/hub`, else `~/.cache/huggingface/hub`; offline when `HF_HUB_OFFLINE` is `1`, `true`,
-    /// `yes` or `on`.
+    /// `yes` or `on`; the hub at `HF_ENDPOINT` when set.
     pub fn from_env() -> Self {
         Self::from_vars(|name| std::env::var(name).ok())
     }
@@ -98,6 +102,7 @@ impl HubOptions {
             cache_dir,
             offline,
             allow_paths: true,
+            endpoint: non_empty("HF_ENDPOINT").map(|e| e.trim().trim_end_matches('/').to_string()),
         }
     }
 }
@@ -522,7 +527,7 @@ pub fn resolve_wanted(id: &str, opts: &HubOptions, wanted: &[Wanted]) -> Result<
             looked.join("; ")
         )));
     };
-    download(id, &cache, wanted).map_err(|why| {
+    download(id, &cache, opts.endpoint.as_deref(), wanted).map_err(|why| {
         looked.push(why);
         not_found(format!(
             "wanted {}; looked at: {}",
@@ -614,8 +619,14 @@ fn find_in_cache(
     ))
 }
 
-/// Downloads the wanted files of `id` into `cache` and returns the snapshot folder.
-fn download(id: &str, cache: &Path, wanted: &[Wanted]) -> std::result::Result<PathBuf, String> {
+/// Downloads the wanted files of `id` from `endpoint` (huggingface.co when `None`) into `cache`
+/// and returns the snapshot folder.
+fn download(
+    id: &str,
+    cache: &Path,
+    endpoint: Option<&str>,
+    wanted: &[Wanted],
+) -> std::result::Result<PathBuf, String> {
     use hf_hub::api::sync::ApiBuilder;
 
     let mut builder =
@@ -625,10 +636,8 @@ fn download(id: &str, cache: &Path, wanted: &[Wanted]) -> std::result::Result<Pa
     {
         builder = builder.with_token(Some(token.trim().to_string()));
     }
-    if let Ok(endpoint) = std::env::var("HF_ENDPOINT")
-        && !endpoint.trim().is_empty()
-    {
-        builder = builder.with_endpoint(endpoint.trim().to_string());
+    if let Some(endpoint) = endpoint {
+        builder = builder.with_endpoint(endpoint.to_string());
     }
     let api = builder
         .build()
@@ -741,6 +750,7 @@ mod tests {
             cache_dir: Some(cache.to_path_buf()),
             offline: true,
             allow_paths: true,
+            endpoint: None,
         }
     }
 

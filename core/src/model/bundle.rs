@@ -336,8 +336,9 @@ impl<N> NetCache<N> {
 pub const CONTROLNET_CACHE_SIZE: usize = 8;
 
 /// Files a stream needs from a checkpoint, so a hub download fetches only those
-/// (patterns as [`hub::resolve`] reads them; `?` marks optional files).
-fn checkpoint_files(full_vae: bool, fp16: bool) -> Vec<String> {
+/// (patterns as [`hub::resolve`] reads them; `?` marks optional files): what a script that
+/// fetches a model ahead of time asks for.
+pub fn checkpoint_files(full_vae: bool, fp16: bool) -> Vec<String> {
     let mut files: Vec<String> = [
         "model_index.json",
         "scheduler/scheduler_config.json",
@@ -379,7 +380,7 @@ fn checkpoint_files(full_vae: bool, fp16: bool) -> Vec<String> {
 }
 
 /// Files of a single-network folder (TAESD, a ControlNet): its config and its weights.
-fn component_files(fp16: bool) -> Vec<String> {
+pub fn component_files(fp16: bool) -> Vec<String> {
     vec![
         "config.json".into(),
         hub::weights_pattern("", "diffusion_pytorch_model", fp16),

@@ -19,6 +19,7 @@ mod cv_resize;
 mod depth_anything;
 mod dj_body;
 mod flow_image;
+mod hub_download;
 mod ip_adapter;
 mod latent_feedback;
 mod lora;

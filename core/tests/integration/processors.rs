@@ -22,7 +22,7 @@ fn hub() -> HubOptions {
         model_root: Some(fixture("model-root")),
         cache_dir: None,
         offline: true,
-        allow_paths: true,
+        ..HubOptions::default()
     }
 }
 

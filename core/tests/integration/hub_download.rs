@@ -1,0 +1,400 @@
+//! The hub download path, end to end: hf-hub's client (as sdstream drives it) against a hub
+//! of this test's own on localhost (`HubOptions::endpoint`, what `HF_ENDPOINT` sets), serving
+//! repositories in the layouts they are published in. The files a stream needs are listed,
+//! picked among the forms a repository holds (a lone fp16 `.bin`, shards and their index),
+//! fetched into a Hugging Face cache, found there again offline, and stream exactly like the
+//! same files on disk.
+//!
+//! The hub answers as huggingface.co does for what hf-hub asks: `GET /api/models/{id}/revision/
+//! main` (the listing and the commit), and `GET /{id}/resolve/main/{file}` with a `Range`
+//! (`206`, `Content-Range`, `ETag`, `X-Repo-Commit`).
+
+use crate::common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use common::{fixture, scratch_dir};
+use sdstream::hub::{self, HubOptions};
+use sdstream::model::bundle::{checkpoint_files, component_files};
+use sdstream::params::VaeChoice;
+use sdstream::{EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
+use serde_json::json;
+
+/// The commit every repository of the fake hub is at.
+const COMMIT: &str = "5d1b0c6f2e8a4b7c9d0e1f2a3b4c5d6e7f809a1b";
+
+/// A repository's files: relative name (with `/`) → bytes.
+type Files = BTreeMap<String, Vec<u8>>;
+
+/// The hub: its address and every request it answered (`METHOD path [range]`).
+struct FakeHub {
+    endpoint: String,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeHub {
+    /// Serves `repos` (id, folder) until the test process ends.
+    fn serve(repos: &[(&str, PathBuf)]) -> Self {
+        let repos: Arc<BTreeMap<String, Files>> = Arc::new(
+            repos
+                .iter()
+                .map(|(id, dir)| (id.to_string(), read_tree(dir)))
+                .collect(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a port on localhost");
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&requests);
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (repos, log) = (Arc::clone(&repos), Arc::clone(&log));
+                std::thread::spawn(move || {
+                    let _ = answer(conn, &repos, &log);
+                });
+            }
+        });
+        Self { endpoint, requests }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    fn options(&self, cache: &Path) -> HubOptions {
+        HubOptions {
+            model_root: None,
+            cache_dir: Some(cache.to_path_buf()),
+            offline: false,
+            allow_paths: false,
+            endpoint: Some(self.endpoint.clone()),
+        }
+    }
+}
+
+/// Every file under `dir` (links followed), by its name relative to `dir`.
+fn read_tree(dir: &Path) -> Files {
+    fn walk(dir: &Path, prefix: &str, files: &mut Files) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, &format!("{name}/"), files);
+            } else {
+                files.insert(name, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut files = Files::new();
+    walk(dir, "", &mut files);
+    files
+}
+
+/// An ETag for `bytes` (FNV-1a; hf-hub names the cached blob by it).
+fn etag(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}{:08x}", bytes.len())
+}
+
+/// Answers one request on `conn` and closes it.
+fn answer(
+    mut conn: TcpStream,
+    repos: &BTreeMap<String, Files>,
+    log: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, target) = (
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+    );
+    let mut range = None;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.trim().eq_ignore_ascii_case("range")
+        {
+            range = Some(value.trim().to_string());
+        }
+    }
+    log.lock().unwrap().push(match &range {
+        Some(r) => format!("{method} {target} {r}"),
+        None => format!("{method} {target}"),
+    });
+    let path = target.split('?').next().unwrap_or("");
+    let respond = |conn: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]| {
+        let mut head = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        conn.write_all(head.as_bytes())?;
+        conn.write_all(body)
+    };
+    for (id, files) in repos {
+        if path == format!("/api/models/{id}/revision/main") {
+            let listing = json!({
+                "sha": COMMIT,
+                "siblings": files.keys().map(|f| json!({"rfilename": f})).collect::<Vec<_>>(),
+            });
+            let body = listing.to_string();
+            let headers = [("Content-Type", "application/json".to_string())];
+            return respond(&mut conn, "200 OK", &headers, body.as_bytes());
+        }
+        let Some(name) = path.strip_prefix(&format!("/{id}/resolve/main/")) else {
+            continue;
+        };
+        let Some(bytes) = files.get(name) else {
+            return respond(&mut conn, "404 Not Found", &[], b"no such file");
+        };
+        let size = bytes.len();
+        let (start, end) = match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
+            Some(r) => {
+                let (a, b) = r.split_once('-').unwrap_or((r, ""));
+                let a: usize = a.parse().unwrap_or(0);
+                let b: usize = b
+                    .parse()
+                    .map_or(size.saturating_sub(1), |b: usize| b.min(size - 1));
+                (a.min(size), b)
+            }
+            None => (0, size.saturating_sub(1)),
+        };
+        let body = if size == 0 {
+            &[][..]
+        } else {
+            &bytes[start..=end]
+        };
+        let headers = [
+            ("Content-Range", format!("bytes {start}-{end}/{size}")),
+            ("ETag", format!("\"{}\"", etag(bytes))),
+            ("X-Repo-Commit", COMMIT.to_string()),
+        ];
+        return respond(&mut conn, "206 Partial Content", &headers, body);
+    }
+    respond(&mut conn, "404 Not Found", &[], b"no such repository")
+}
+
+/// The files of `requests` fetched whole (`GET …/resolve/main/{file} bytes=0-`).
+fn fetched(requests: &[String], id: &str) -> Vec<String> {
+    let prefix = format!("GET /{id}/resolve/main/");
+    let mut names: Vec<String> = requests
+        .iter()
+        .filter(|r| r.ends_with(" bytes=0-"))
+        .filter_map(|r| r.strip_prefix(&prefix))
+        .map(|r| r.trim_end_matches(" bytes=0-").to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+fn frames() -> Vec<Vec<u8>> {
+    (0..2)
+        .map(|i| {
+            image::open(fixture(&format!("frames/{i:03}.png")))
+                .unwrap()
+                .to_rgb8()
+                .into_raw()
+        })
+        .collect()
+}
+
+fn stream(body: serde_json::Value, settings: &EngineSettings) -> Vec<Vec<u8>> {
+    let params = StreamDiffusionParams::from_json_with(&body.to_string(), settings)
+        .unwrap_or_else(|e| panic!("the body validates: {e}"));
+    let mut stream = StreamDiffusion::new(params, settings.clone()).expect("the stream starts");
+    frames()
+        .iter()
+        .map(|data| {
+            let frame = Frame::packed(data, 64, 64, PixelFormat::Rgb8).unwrap();
+            stream.process(&frame).expect("a frame").data
+        })
+        .collect()
+}
+
+const THIBAUD_OPENPOSE: &str = "thibaud/controlnet-sd21-openpose-diffusers";
+
+/// thibaud's ControlNet as published (config.json of diffusers 0.15 and a lone fp16 `.bin`):
+/// the client lists it, fetches those two files and nothing else, and the net from the cache
+/// streams exactly as the same values in today's layout; asked again offline, the cache
+/// answers without a request.
+#[test]
+fn a_thibaud_net_downloads_from_the_hub_and_streams_like_the_modern_folder() {
+    let hub = FakeHub::serve(&[(
+        THIBAUD_OPENPOSE,
+        fixture("published-root").join(THIBAUD_OPENPOSE),
+    )]);
+    let cache = scratch_dir("hub-download-thibaud");
+    let wanted = component_files(true);
+    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    let dir = hub::resolve(THIBAUD_OPENPOSE, &hub.options(&cache), &wanted)
+        .unwrap_or_else(|e| panic!("the download succeeds: {e}"));
+    assert_eq!(
+        dir,
+        cache
+            .join("models--thibaud--controlnet-sd21-openpose-diffusers")
+            .join("snapshots")
+            .join(COMMIT)
+    );
+    let requests = hub.requests();
+    assert_eq!(
+        requests[0],
+        format!("GET /api/models/{THIBAUD_OPENPOSE}/revision/main")
+    );
+    assert_eq!(
+        fetched(&requests, THIBAUD_OPENPOSE),
+        ["config.json", "diffusion_pytorch_model.bin"]
+    );
+    for name in ["config.json", "diffusion_pytorch_model.bin"] {
+        assert_eq!(
+            std::fs::read(dir.join(name)).unwrap(),
+            std::fs::read(fixture("published-root").join(THIBAUD_OPENPOSE).join(name)).unwrap(),
+            "{name} arrives byte for byte"
+        );
+    }
+
+    // Offline, the cache the client wrote answers, and the hub hears nothing more.
+    let offline = HubOptions {
+        offline: true,
+        ..hub.options(&cache)
+    };
+    assert_eq!(
+        hub::resolve(THIBAUD_OPENPOSE, &offline, &wanted).unwrap(),
+        dir
+    );
+    assert_eq!(hub.requests().len(), requests.len());
+
+    // The downloaded net streams like the same fp16 values in today's layout.
+    let settings = EngineSettings {
+        vae: VaeChoice::Custom(fixture("tiny-taesd").display().to_string()),
+        allow_any_resolution: true,
+        ..EngineSettings::default()
+    };
+    let body = |net: &Path| {
+        json!({
+            "model_id": fixture("tiny-sd-turbo").display().to_string(),
+            "prompt": "a lighthouse in a storm",
+            "width": 64,
+            "height": 64,
+            "seed": 5,
+            "controlnets": [{
+                "model_id": net.display().to_string(),
+                "conditioning_scale": 0.8,
+                "preprocessor": "passthrough",
+            }],
+        })
+    };
+    let downloaded = stream(body(&dir), &settings);
+    let modern = stream(body(&fixture("tiny-controlnet-a")), &settings);
+    assert_eq!(downloaded.len(), 2);
+    assert!(
+        downloaded == modern,
+        "the downloaded .bin streams as the safetensors"
+    );
+}
+
+/// An SDXL checkpoint whose UNet is in diffusers' safetensors shards, the first text encoder
+/// in transformers' sharded torch pickles and the second in transformers' safetensors shards:
+/// the client fetches each index and the shards it names (and no other weights), and the
+/// checkpoint from the cache streams like the fixture folder it came from.
+#[test]
+fn a_sharded_sdxl_downloads_its_indexes_and_shards_and_streams_like_the_folder() {
+    let id = "tiny/sdxl-sharded";
+    let source = fixture("tiny-sdxl-sharded");
+    let hub = FakeHub::serve(&[(id, source.clone())]);
+    let cache = scratch_dir("hub-download-sdxl");
+    let wanted = checkpoint_files(false, false);
+    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    let dir = hub::resolve(id, &hub.options(&cache), &wanted)
+        .unwrap_or_else(|e| panic!("the download succeeds: {e}"));
+    let got = fetched(&hub.requests(), id);
+    let weights: Vec<&String> = got
+        .iter()
+        .filter(|n| n.contains(".bin") || n.contains(".safetensors"))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            "text_encoder/pytorch_model-00001-of-00002.bin",
+            "text_encoder/pytorch_model-00002-of-00002.bin",
+            "text_encoder/pytorch_model.bin.index.json",
+            "text_encoder_2/model-00001-of-00002.safetensors",
+            "text_encoder_2/model-00002-of-00002.safetensors",
+            "text_encoder_2/model.safetensors.index.json",
+            "unet/diffusion_pytorch_model-00001-of-00003.safetensors",
+            "unet/diffusion_pytorch_model-00002-of-00003.safetensors",
+            "unet/diffusion_pytorch_model-00003-of-00003.safetensors",
+            "unet/diffusion_pytorch_model.safetensors.index.json",
+        ],
+        "every index and shard, and no other weights (the safety checker's are not needed)"
+    );
+    for name in &got {
+        assert_eq!(
+            std::fs::read(dir.join(name)).unwrap(),
+            std::fs::read(source.join(name)).unwrap(),
+            "{name} arrives byte for byte"
+        );
+    }
+    let settings = common::tiny_settings("self");
+    let body = |model: &Path| {
+        json!({
+            "model_id": model.display().to_string(),
+            "prompt": "a red fox",
+            "width": 64,
+            "height": 64,
+            "seed": 3,
+            // The checker's weights are fetched apart (they are not among the files a stream
+            // needs from the checkpoint): off in both runs.
+            "use_safety_checker": false,
+        })
+    };
+    assert!(
+        stream(body(&dir), &settings) == stream(body(&source), &settings),
+        "the checkpoint from the cache streams like the folder"
+    );
+}
+
+/// A repository that holds no weights in any form the loaders read (a lone original-layout
+/// checkpoint) is refused before any download, naming what it does hold.
+#[test]
+fn a_repository_without_readable_weights_is_refused_naming_what_it_holds() {
+    let repo = scratch_dir("hub-download-ckpt-repo");
+    std::fs::write(repo.join("config.json"), b"{}").unwrap();
+    std::fs::write(
+        repo.join("temporalnetversion2.ckpt"),
+        b"not a real checkpoint",
+    )
+    .unwrap();
+    let id = "someone/temporal-net";
+    let hub = FakeHub::serve(&[(id, repo)]);
+    let cache = scratch_dir("hub-download-ckpt-cache");
+    let wanted = component_files(true);
+    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    let err = hub::resolve(id, &hub.options(&cache), &wanted)
+        .expect_err("no weights it can read")
+        .to_string();
+    assert!(
+        err.contains("hub repository someone/temporal-net has no"),
+        "{err}"
+    );
+    assert!(err.contains("temporalnetversion2.ckpt"), "{err}");
+    assert!(
+        fetched(&hub.requests(), id).is_empty(),
+        "nothing is downloaded: {:?}",
+        hub.requests()
+    );
+}
