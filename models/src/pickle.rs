@@ -266,6 +266,9 @@ pub struct PickleError {
     pub offset: usize,
     /// What was wrong.
     pub what: String,
+    /// Whether the input ended before the pickle did (a truncated file, or a head read of a
+    /// file cut short), as opposed to bytes no pickle holds.
+    pub ran_out: bool,
 }
 
 impl std::fmt::Display for PickleError {
@@ -285,6 +288,7 @@ pub fn parse(input: &[u8]) -> Result<Pickle, PickleError> {
         marks: Vec::new(),
         memo: HashMap::new(),
         ops: 0,
+        ran_out: false,
     };
     let root = machine.run()?;
     Ok(Pickle {
@@ -307,6 +311,8 @@ struct Machine<'a> {
     marks: Vec<usize>,
     memo: HashMap<u32, Id>,
     ops: u64,
+    /// Set when an opcode needed bytes past the input's end.
+    ran_out: bool,
 }
 
 impl Machine<'_> {
@@ -320,6 +326,7 @@ impl Machine<'_> {
                     return Err(PickleError {
                         offset: self.op_start,
                         what,
+                        ran_out: self.ran_out,
                     });
                 }
             }
@@ -329,6 +336,7 @@ impl Machine<'_> {
     fn take(&mut self, n: u64) -> Step<&[u8]> {
         let left = self.input.len() - self.pos;
         if n > left as u64 {
+            self.ran_out = true;
             return Err(format!(
                 "needs {n} bytes, but only {left} remain: truncated or corrupt"
             ));
@@ -542,6 +550,7 @@ impl Machine<'_> {
     /// Runs one opcode; `Some(root)` at `STOP`.
     fn step(&mut self) -> Step<Option<Id>> {
         let Some(&op) = self.input.get(self.pos) else {
+            self.ran_out = true;
             return Err("the pickle ends without STOP: truncated".into());
         };
         self.pos += 1;
@@ -856,24 +865,38 @@ mod tests {
 
     #[test]
     fn refuses_malformed_pickles_naming_the_byte() {
-        let cases: [(&[u8], usize, &str); 8] = [
-            (b"", 0, "ends without STOP"),
+        // (input, offset, what, whether the input ran out)
+        let cases: [(&[u8], usize, &str, bool); 9] = [
+            (b"", 0, "ends without STOP", true),
+            (b"\x80\x02K\x01", 4, "ends without STOP", true),
             (
                 b"\x80\x02X\xff\xff\xff\x7f",
                 2,
                 "needs 2147483647 bytes, but only 0 remain",
+                true,
             ),
-            (b"\x80\x02h\x05", 2, "memo entry 5, which was never stored"),
-            (b"\x80\x02t", 2, "no MARK"),
-            (b"\x80\x02a.", 2, "pops an empty stack"),
-            (b"\x80\x02K\x01K\x02a.", 6, "APPEND on a int, not a list"),
-            (b"\x80\x02I1\n.", 2, "text protocol"),
-            (b"\x80\x02\xff", 2, "unsupported opcode 0xff"),
+            (
+                b"\x80\x02h\x05",
+                2,
+                "memo entry 5, which was never stored",
+                false,
+            ),
+            (b"\x80\x02t", 2, "no MARK", false),
+            (b"\x80\x02a.", 2, "pops an empty stack", false),
+            (
+                b"\x80\x02K\x01K\x02a.",
+                6,
+                "APPEND on a int, not a list",
+                false,
+            ),
+            (b"\x80\x02I1\n.", 2, "text protocol", false),
+            (b"\x80\x02\xff", 2, "unsupported opcode 0xff", false),
         ];
-        for (input, offset, what) in cases {
+        for (input, offset, what, ran_out) in cases {
             let err = parse(input).unwrap_err();
             assert_eq!(err.offset, offset, "{err}");
             assert!(err.what.contains(what), "{err}");
+            assert_eq!(err.ran_out, ran_out, "{err}");
         }
     }
 

@@ -882,7 +882,7 @@ pub fn read_legacy<R: Read + Seek>(mut reader: R, file_len: u64) -> Result<Vec<u
 /// the whole file.
 fn legacy_pickle(head: &[u8], at: &mut usize, capped: bool, what: &str) -> Result<Pickle, String> {
     let p = pickle::parse(&head[*at..]).map_err(|e| {
-        if capped && e.what.contains("truncated") {
+        if capped && e.ran_out {
             format!(
                 "the legacy checkpoint's {what} does not end within its first {} bytes (a \
                  state dict's pickle takes at most {MAX_PICKLE_BYTES})",
