@@ -262,6 +262,76 @@ pub struct EngineStatus {
     /// Outputs it flagged and replaced by black.
     #[serde(default)]
     pub safety_frames_flagged: u64,
+    /// Every processed frame's latency, from the frame in (`submit`, or the call) to its
+    /// output, counted into buckets.
+    #[serde(default)]
+    pub frame_latency: LatencyHistogram,
+}
+
+/// Upper bounds of [`LatencyHistogram`]'s buckets, in seconds: around a frame at 30 to 200 fps,
+/// and out to the seconds a CPU takes.
+pub const LATENCY_BUCKETS_SECONDS: [f64; 14] = [
+    0.005, 0.01, 0.02, 0.033, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Frame latencies counted into the buckets of [`LATENCY_BUCKETS_SECONDS`] (what a Prometheus
+/// histogram reports), with their count and sum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyHistogram {
+    /// The buckets' upper bounds, in seconds ([`LATENCY_BUCKETS_SECONDS`]).
+    pub bounds_seconds: Vec<f64>,
+    /// `counts[i]`: latencies above `bounds_seconds[i - 1]` and at most `bounds_seconds[i]`;
+    /// one more entry than bounds, for those above the last.
+    pub counts: Vec<u64>,
+    /// Latencies counted.
+    pub count: u64,
+    /// Their sum, in seconds.
+    pub sum_seconds: f64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            bounds_seconds: LATENCY_BUCKETS_SECONDS.to_vec(),
+            counts: vec![0; LATENCY_BUCKETS_SECONDS.len() + 1],
+            count: 0,
+            sum_seconds: 0.0,
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Counts one latency.
+    pub fn record(&mut self, latency: Duration) {
+        let seconds = latency.as_secs_f64();
+        let bucket = self
+            .bounds_seconds
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(self.bounds_seconds.len());
+        if let Some(count) = self.counts.get_mut(bucket) {
+            *count += 1;
+        }
+        self.count += 1;
+        self.sum_seconds += seconds;
+    }
+
+    /// `(bound, latencies at most bound)` for each bound, then `(+∞, count)`: the cumulative
+    /// buckets of Prometheus' text format.
+    pub fn cumulative(&self) -> Vec<(f64, u64)> {
+        let mut total = 0;
+        let mut out: Vec<(f64, u64)> = self
+            .bounds_seconds
+            .iter()
+            .zip(&self.counts)
+            .map(|(&bound, &n)| {
+                total += n;
+                (bound, total)
+            })
+            .collect();
+        out.push((f64::INFINITY, self.count));
+        out
+    }
 }
 
 /// The frame and error counters both reports share, kept where frames are processed.
@@ -282,6 +352,7 @@ pub(crate) struct Activity {
     pub(crate) safety_frames_flagged: u64,
     pub(crate) input_meter: RateMeter,
     pub(crate) output_meter: RateMeter,
+    pub(crate) frame_latency: LatencyHistogram,
 }
 
 impl Activity {
@@ -303,6 +374,7 @@ impl Activity {
             safety_frames_flagged: 0,
             input_meter: RateMeter::new(fps_window),
             output_meter: RateMeter::new(fps_window),
+            frame_latency: LatencyHistogram::default(),
         }
     }
 
@@ -314,9 +386,10 @@ impl Activity {
         self.last_input_time = Some(epoch_ms());
     }
 
-    /// A frame came out, made in `timings`.
-    pub(crate) fn frame_out(&mut self, now: Instant, timings: StageTimings) {
+    /// A frame came out, made in `timings`, `latency` after it came in.
+    pub(crate) fn frame_out(&mut self, now: Instant, timings: StageTimings, latency: Duration) {
         self.frames_processed += 1;
+        self.frame_latency.record(latency);
         self.output_meter.record(now);
         self.last_output_time = Some(epoch_ms());
         self.timings = timings;
@@ -382,6 +455,7 @@ impl Activity {
             frames_prepared_ahead: 0,
             safety_frames_checked: self.safety_frames_checked,
             safety_frames_flagged: self.safety_frames_flagged,
+            frame_latency: self.frame_latency.clone(),
         }
     }
 }
@@ -512,6 +586,30 @@ mod tests {
         assert_eq!(params_hash(""), "cbf29ce484222325");
         assert_eq!(params_hash("a"), "af63dc4c8601ec8c");
         assert_eq!(params_hash("foobar"), "85944171f73967e8");
+    }
+
+    #[test]
+    fn latencies_land_in_the_bucket_whose_bound_they_do_not_exceed() {
+        let mut h = LatencyHistogram::default();
+        // Exactly on a bound counts in that bucket; past the last, in the overflow.
+        for ms in [1, 5, 6, 33, 34, 31_000] {
+            h.record(Duration::from_millis(ms));
+        }
+        assert_eq!(h.count, 6);
+        assert!((h.sum_seconds - 31.079).abs() < 1e-9, "{}", h.sum_seconds);
+        assert_eq!(h.counts.len(), LATENCY_BUCKETS_SECONDS.len() + 1);
+        assert_eq!(h.counts[0], 2, "1 ms and 5 ms are at most 5 ms");
+        assert_eq!(h.counts[1], 1, "6 ms");
+        assert_eq!(h.counts[3], 1, "33 ms");
+        assert_eq!(h.counts[4], 1, "34 ms");
+        assert_eq!(h.counts[LATENCY_BUCKETS_SECONDS.len()], 1, "31 s");
+        let cumulative = h.cumulative();
+        assert_eq!(cumulative.len(), LATENCY_BUCKETS_SECONDS.len() + 1);
+        assert_eq!(cumulative[0], (0.005, 2));
+        assert_eq!(cumulative[4], (0.05, 5));
+        assert_eq!(cumulative[LATENCY_BUCKETS_SECONDS.len() - 1], (30.0, 5));
+        assert_eq!(cumulative.last(), Some(&(f64::INFINITY, 6)));
+        assert!(cumulative.windows(2).all(|w| w[0].1 <= w[1].1));
     }
 
     #[test]

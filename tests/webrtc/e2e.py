@@ -69,6 +69,44 @@ def status_data(base, sid):
     return api(base, "GET", f"/v1/streams/{sid}/status")[1]["data"]
 
 
+def metrics_check(base, sid, status, summary):
+    """GET /metrics, parsed by Prometheus' own client parser: the stream's series agree with its
+    status (fetched just before, so counters may only have grown), the latency histogram's count
+    equals the frames processed in the same scrape, its buckets are cumulative up to +Inf, the
+    state is one-hot, and the route wants the API token."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    st, headers, raw = http("GET", base + "/metrics", headers={"Authorization": f"Bearer {API_TOKEN}"})
+    check(st == 200, f"GET /metrics: {st}")
+    check(headers.get("content-type", "").startswith("text/plain; version=0.0.4"),
+          f"/metrics is Prometheus' text format: {headers.get('content-type')}")
+    families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+    samples = [s for f in families.values() for s in f.samples]
+    mine = lambda name: [s for s in families[name].samples if s.labels.get("stream") == sid]  # noqa: E731
+    one = lambda family, sample: next(s.value for s in mine(family) if s.name == sample)  # noqa: E731
+    processed = one("sdstream_frames_processed", "sdstream_frames_processed_total")
+    check(processed >= status["frames_processed"] > 0,
+          f"/metrics: frames processed {processed} (status said {status['frames_processed']})")
+    submitted = one("sdstream_frames_submitted", "sdstream_frames_submitted_total")
+    check(submitted >= processed, f"/metrics: submitted {submitted} >= processed {processed}")
+    latency = mine("sdstream_frame_latency_seconds")
+    buckets = [(s.labels["le"], s.value) for s in latency if s.name.endswith("_bucket")]
+    count = next(s.value for s in latency if s.name.endswith("_count"))
+    total = next(s.value for s in latency if s.name.endswith("_sum"))
+    check(count == processed, f"/metrics: latency histogram count {count} = frames processed {processed}")
+    check(buckets[-1] == ("+Inf", count) and all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:])),
+          f"/metrics: {len(buckets)} cumulative buckets ending at +Inf with the count")
+    check(0 < total < 600 * count, f"/metrics: latency sum {total:.3f} s over {count:.0f} frames")
+    states = {s.labels["state"]: s.value for s in mine("sdstream_stream_state")}
+    check(sorted(states.values()) == [0, 0, 0, 0, 0, 1], f"/metrics: one state of six is 1: {states}")
+    pool = families["sdstream_model_pool_bytes"].samples[0].value
+    check(pool > 0, f"/metrics: the model pool holds {pool:.0f} bytes")
+    st, _, _ = http("GET", base + "/metrics")
+    check(st == 401, f"/metrics without the token: {st}")
+    summary["metrics"] = {"families": len(families), "samples": len(samples), "frames_processed": processed,
+                          "latency_mean_ms": 1e3 * total / count if count else None}
+
+
 def raw_http(base, raw, half_close=True, timeout=30):
     """Sends raw bytes on a fresh connection, shuts the write side (as a client whose body was cut
     off would) and returns the answer's status (0 for none)."""
@@ -483,6 +521,7 @@ async def stream_media(base, stream, seconds, summary):
     check(track.get("packets_received", 0) > 0 and stats["peer_conn_stats"]["BytesReceived"] > 0,
           f"status: ingest metrics count the publisher's packets ({track.get('packets_received')})")
     check(stats["peer_conn_stats"]["BytesSent"] > 0, "status: ingest metrics count the bytes sent to viewers")
+    await asyncio.to_thread(metrics_check, base, sid, final_status, summary)
     summary["status"] = {k: final_status[k] for k in ("state", "input_fps", "output_fps", "frames_processed", "frames_dropped")}
     summary["ingest_metrics"] = stats
     summary["transport"] = final["transport"]

@@ -299,7 +299,14 @@ fn outputs_follow_inputs_with_ids_timestamps_and_versions() {
     assert_eq!(status.state, EngineState::Online);
     assert_eq!((status.frames_submitted, status.frames_processed), (2, 2));
     assert!(status.last_output_time.is_some() && status.last_input_time.is_some());
+    // Both frames' latencies are counted, each once, and they add up to their sum.
+    let latency = &status.frame_latency;
+    assert_eq!(latency.count, 2);
+    assert_eq!(latency.counts.iter().sum::<u64>(), 2);
+    assert_eq!(latency.cumulative().last(), Some(&(f64::INFINITY, 2)));
+    assert!(latency.sum_seconds > 0.0 && latency.sum_seconds.is_finite());
     let json: serde_json::Value = serde_json::from_str(&engine.status_json()).expect("status JSON");
+    assert_eq!(json["frame_latency"]["count"], 2);
     assert_eq!(json["state"], "ONLINE");
     assert_eq!(json["last_params"]["prompt"], "flowers");
     assert_eq!(json["last_params_hash"].as_str().map(str::len), Some(16));

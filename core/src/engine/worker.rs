@@ -268,14 +268,15 @@ pub(super) fn run_frame(shared: &Shared, live: &mut Option<Live>, job: Job) {
     match result {
         Ok(Ok((image, timings))) => {
             let now = Instant::now();
-            s.activity.frame_out(now, timings);
+            let latency = now.saturating_duration_since(job.submitted);
+            s.activity.frame_out(now, timings, latency);
             let output = Output {
                 id: job.id,
                 timestamp: job.timestamp,
                 image,
                 timings,
                 params_version: version,
-                latency: now.saturating_duration_since(job.submitted),
+                latency,
             };
             // A full poll queue only happens under Latest: Lossless never takes a frame
             // without room for its output.

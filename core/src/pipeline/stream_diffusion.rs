@@ -373,7 +373,8 @@ impl StreamDiffusion {
         controls: &[(&str, &Frame)],
         prepared: Option<PreparedControls>,
     ) -> Result<Image> {
-        self.report.activity.frame_in(Instant::now());
+        let came_in = Instant::now();
+        self.report.activity.frame_in(came_in);
         let prepared = prepared.filter(|p| {
             p.follows == self.inputs_taken
                 && Some(&p.fingerprint) == ControlFingerprint::of(&self.params).as_ref()
@@ -383,7 +384,10 @@ impl StreamDiffusion {
         self.prepared = None;
         let activity = &mut self.report.activity;
         match &result {
-            Ok(_) => activity.frame_out(Instant::now(), self.timings),
+            Ok(_) => {
+                let now = Instant::now();
+                activity.frame_out(now, self.timings, now.saturating_duration_since(came_in));
+            }
             Err(e) => activity.frame_failed(Instant::now(), format!("a frame failed: {e}")),
         }
         result

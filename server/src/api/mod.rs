@@ -17,6 +17,7 @@
 //! | `GET {hls_url}` (`/hls/{id}/index.m3u8?token=`), its segments | HLS: a live playlist of MPEG-TS segments |
 //! | `rtmp://host:1935/live/{stream_key}` | RTMP ingest (a separate TCP listener, [`Server::start_rtmp`]) |
 //! | `POST /api/v1/webrtc/offer`, `PATCH`/`DELETE /api/v1/webrtc/offer/{id}`, `GET /api/v1/webrtc/ice-servers`, `POST /api/v1/pipeline/load`, `GET /api/v1/pipeline/status`, `GET /health` | Daydream Scope's session API (module `scope`; docs/STREAMING.md) |
+//! | `GET /metrics` | Prometheus' text format: each stream's state, fps, frame counters, stage times and latency histogram; memory and the model pool (module `metrics`) |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness (no token) |
 //! | `GET /` | a camera → WHIP, WHEP → `<video>` page |
 //!
@@ -58,6 +59,7 @@ mod cli;
 mod connections;
 #[cfg(test)]
 mod limits_tests;
+mod metrics;
 mod playback;
 mod record;
 mod replay;

@@ -317,6 +317,7 @@ pub fn router(app: Arc<App>) -> Router {
                 .delete(delete_stream_path),
         )
         .route("/v1/streams/{id}/status", get(get_status))
+        .route("/metrics", get(super::metrics::get_metrics))
         .route("/beta/streams/{id}/prompts", post(beta_prompts))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token))
         .with_state(app.clone());
