@@ -418,6 +418,218 @@ fn c_control_outputs_equal_the_rust_pipeline(model: &Path, vae: &Path, net: &Pat
     }
 }
 
+/// The settings host.c's engine gets.
+fn host_settings(vae: &Path) -> EngineSettings {
+    EngineSettings::from_json(&format!(
+        "{{\"vae\": \"{}\", \"allow_any_resolution\": true}}",
+        vae.display()
+    ))
+    .expect("settings")
+}
+
+/// host.c's outputs in `out_dir` are, byte for byte, what the synchronous Rust pipeline gives
+/// for the same frames with the same prompt change half way.
+fn assert_host_outputs_are_the_rust_pipelines(
+    out_dir: &Path,
+    model: &Path,
+    settings: &EngineSettings,
+    what: &str,
+) {
+    let parse = |prompt| {
+        StreamDiffusionParams::from_json_with(&host_params(model, prompt), settings)
+            .expect("params")
+    };
+    let mut stream = StreamDiffusion::new(parse("a watercolor of a lighthouse"), settings.clone())
+        .expect("load");
+    let frames = frames();
+    let half = frames.len() / 2;
+    let mut max_diff = 0u8;
+    let mut differing = 0usize;
+    for (i, (w, h, rgb)) in frames.iter().enumerate() {
+        if i == half {
+            stream
+                .update(parse("an oil painting of a stormy sea"))
+                .expect("hot update");
+        }
+        let frame = Frame::packed(rgb, *w as usize, *h as usize, PixelFormat::Rgb8).expect("frame");
+        let expected = stream.process(&frame).expect("process");
+        let written = std::fs::read(out_dir.join(format!("{i:03}.ppm"))).expect("host output");
+        assert_eq!(
+            written.len(),
+            ppm(64, 64, &expected.data).len(),
+            "{what}, frame {i}: size"
+        );
+        let c_pixels = &written[written.len() - expected.data.len()..];
+        for (a, b) in c_pixels.iter().zip(&expected.data) {
+            max_diff = max_diff.max(a.abs_diff(*b));
+            differing += usize::from(a != b);
+        }
+    }
+    println!(
+        "{what} vs StreamDiffusion::process over {} frames: max abs diff {max_diff}, {differing} \
+         bytes differ",
+        frames.len()
+    );
+    assert_eq!(
+        (max_diff, differing),
+        (0, 0),
+        "{what}: the C host's bytes differ from the Rust pipeline's"
+    );
+}
+
+/// Runs `program` with `args` in `dir` and returns what it printed, panicking with its output
+/// unless it succeeds.
+fn succeed(program: &str, args: &[&std::ffi::OsStr], envs: &[(&str, &Path)], dir: &Path) -> String {
+    let mut cmd = Command::new(program);
+    cmd.args(args).current_dir(dir);
+    for (name, value) in envs {
+        cmd.env(name, value);
+    }
+    let output = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {program} (CI installs cmake and pkg-config; so should you): {e}")
+    });
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed:\n{}",
+        show(&output)
+    );
+    // What it printed, standard output first.
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The library as scripts/install-c.sh installs it, used the ways C and C++ hosts find
+/// libraries: host.c built through pkg-config against the shared library (which the program
+/// then loads by its soname from the prefix), the TouchDesigner-style host through CMake's
+/// find_package; host.c's bytes equal the Rust pipeline's, and the C++ host's outputs arrive
+/// in order.
+#[test]
+fn the_installed_library_serves_pkg_config_and_cmake_hosts() {
+    let dir = scratch("installed");
+    let prefix = dir.join("prefix");
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir.parent().expect("target dir");
+    let script = workspace().join("scripts/install-c.sh");
+    let mut install: Vec<&std::ffi::OsStr> = vec![script.as_os_str()];
+    if profile_dir.file_name().is_some_and(|n| n == "debug") {
+        install.push("--debug".as_ref());
+    }
+    install.push(prefix.as_os_str());
+    let log = succeed(
+        "bash",
+        &install,
+        &[("CARGO_TARGET_DIR", target_dir)],
+        &workspace(),
+    );
+    assert!(log.contains("soname libsdstream.so.0."), "{log}");
+    for file in [
+        "include/sdstream.h",
+        "lib/libsdstream.a",
+        "lib/libsdstream.so",
+        "lib/pkgconfig/sdstream.pc",
+        "lib/cmake/sdstream/sdstreamConfig.cmake",
+        "lib/cmake/sdstream/sdstreamConfigVersion.cmake",
+    ] {
+        assert!(prefix.join(file).exists(), "{file} installed");
+    }
+    let pkgconfig = prefix.join("lib/pkgconfig");
+    let version = succeed(
+        "pkg-config",
+        &["--modversion".as_ref(), "sdstream".as_ref()],
+        &[("PKG_CONFIG_PATH", &pkgconfig)],
+        &dir,
+    );
+    assert_eq!(version.trim(), env!("CARGO_PKG_VERSION"));
+    let flags = succeed(
+        "pkg-config",
+        &["--cflags".as_ref(), "--libs".as_ref(), "sdstream".as_ref()],
+        &[("PKG_CONFIG_PATH", &pkgconfig)],
+        &dir,
+    );
+    assert!(flags.contains("-lsdstream"), "{flags}");
+
+    // host.c through pkg-config, against the shared library.
+    let host = dir.join("host");
+    let source = workspace().join("examples/c/host.c");
+    let mut cc: Vec<&std::ffi::OsStr> = vec![
+        "-std=c11".as_ref(),
+        "-Wall".as_ref(),
+        "-Wextra".as_ref(),
+        "-Werror".as_ref(),
+        source.as_os_str(),
+    ];
+    cc.extend(flags.split_whitespace().map(std::ffi::OsStr::new));
+    cc.extend(["-o".as_ref(), host.as_os_str()]);
+    succeed("cc", &cc, &[], &dir);
+    let needed = succeed("readelf", &["-d".as_ref(), host.as_os_str()], &[], &dir);
+    let soname = format!(
+        "[libsdstream.so.{}.{}]",
+        env!("CARGO_PKG_VERSION_MAJOR"),
+        env!("CARGO_PKG_VERSION_MINOR")
+    );
+    assert!(
+        needed.contains("(NEEDED)") && needed.contains(&soname),
+        "host needs the library by its soname {soname}:\n{needed}"
+    );
+    let (frames_dir, out_dir) = (dir.join("frames"), dir.join("out"));
+    write_ppm_frames(&frames_dir);
+    std::fs::create_dir_all(&out_dir).expect("out dir");
+    let (model, vae) = model_args();
+    let lib_dir = prefix.join("lib");
+    let log = succeed(
+        host.to_str().expect("a UTF-8 path"),
+        &[
+            model.as_os_str(),
+            vae.as_os_str(),
+            frames_dir.as_os_str(),
+            out_dir.as_os_str(),
+        ],
+        &[("LD_LIBRARY_PATH", &lib_dir)],
+        &dir,
+    );
+    assert!(log.contains("\"frames_processed\":8"), "{log}");
+    assert_host_outputs_are_the_rust_pipelines(
+        &out_dir,
+        &model,
+        &host_settings(&vae),
+        "host.c built through pkg-config",
+    );
+
+    // The C++ host through CMake's find_package (its build keeps the prefix in the RPATH).
+    let build_dir = dir.join("cmake-build");
+    let examples = workspace().join("examples/cpp");
+    let prefix_path = format!("-DCMAKE_PREFIX_PATH={}", prefix.display());
+    succeed(
+        "cmake",
+        &[
+            "-S".as_ref(),
+            examples.as_os_str(),
+            "-B".as_ref(),
+            build_dir.as_os_str(),
+            prefix_path.as_ref(),
+        ],
+        &[],
+        &dir,
+    );
+    succeed(
+        "cmake",
+        &["--build".as_ref(), build_dir.as_os_str()],
+        &[],
+        &dir,
+    );
+    let exe = build_dir.join("td_style_host");
+    let log = succeed(
+        exe.to_str().expect("a UTF-8 path"),
+        &[model.as_os_str(), vae.as_os_str(), frames_dir.as_os_str()],
+        &[],
+        &dir,
+    );
+    assert!(log.contains("in order: yes"), "{log}");
+}
+
 /// The params JSON host.c sends (same text, so the same parameters).
 fn host_params(model: &Path, prompt: &str) -> String {
     format!(
@@ -451,51 +663,9 @@ fn c_host_output_equals_the_rust_pipeline() {
     );
 
     // The same frames through the synchronous Rust pipeline, prompt changed half way.
-    let settings = EngineSettings::from_json(&format!(
-        "{{\"vae\": \"{}\", \"allow_any_resolution\": true}}",
-        vae.display()
-    ))
-    .expect("settings");
-    let parse = |prompt| {
-        StreamDiffusionParams::from_json_with(&host_params(&model, prompt), &settings)
-            .expect("params")
-    };
-    let mut stream = StreamDiffusion::new(parse("a watercolor of a lighthouse"), settings.clone())
-        .expect("load");
-    let frames = frames();
-    let half = frames.len() / 2;
-    let mut max_diff = 0u8;
-    let mut differing = 0usize;
-    for (i, (w, h, rgb)) in frames.iter().enumerate() {
-        if i == half {
-            stream
-                .update(parse("an oil painting of a stormy sea"))
-                .expect("hot update");
-        }
-        let frame = Frame::packed(rgb, *w as usize, *h as usize, PixelFormat::Rgb8).expect("frame");
-        let expected = stream.process(&frame).expect("process");
-        let written = std::fs::read(out_dir.join(format!("{i:03}.ppm"))).expect("host output");
-        assert_eq!(
-            written.len(),
-            ppm(64, 64, &expected.data).len(),
-            "frame {i}: size"
-        );
-        let c_pixels = &written[written.len() - expected.data.len()..];
-        for (a, b) in c_pixels.iter().zip(&expected.data) {
-            max_diff = max_diff.max(a.abs_diff(*b));
-            differing += usize::from(a != b);
-        }
-    }
-    println!(
-        "host.c vs StreamDiffusion::process over {} frames: max abs diff {max_diff}, {differing} \
-         bytes differ",
-        frames.len()
-    );
-    assert_eq!(
-        (max_diff, differing),
-        (0, 0),
-        "the C host's bytes differ from the Rust pipeline's"
-    );
+    let settings = host_settings(&vae);
+    assert_host_outputs_are_the_rust_pipelines(&out_dir, &model, &settings, "host.c");
+    let half = frames().len() / 2;
 
     // And the files the img2img example writes for the frames before the prompt change.
     let example_dir = dir.join("img2img");
