@@ -2,10 +2,11 @@
 # The test command named in README.md: everything a contributor runs before pushing.
 #   1. the Rust workspace's tests (which also build the examples the Python tests compare with);
 #   2. the Python module: a virtualenv (target/py-venv, or $SDSTREAM_PY_VENV) with the pinned
-#      tools of python/requirements-test.txt, the module installed by pip through maturin
-#      (dev profile, so the optimised dependencies of step 1 are reused), then pytest, which
-#      also runs mypy's stubtest on the installed module against its .pyi stubs
-#      (python/tests/test_stubs.py);
+#      tools of python/requirements-test.txt, the module built by maturin as an abi3 wheel (dev
+#      profile, so the optimised dependencies of step 1 are reused) and installed by pip, then
+#      pytest, which also runs mypy's stubtest on the installed module against its .pyi stubs
+#      (python/tests/test_stubs.py); then the wheel alone in a fresh virtualenv with no Rust
+#      toolchain on PATH, running the quickstart;
 #   3. the server crate (WebRTC, RTMP, HLS, the HTTP API; its Rust tests run in step 1): the aiortc
 #      end-to-end tests (WHIP/WHEP, the Scope-style session), the HTTP fuzz run, RTMP and HLS
 #      with ffmpeg (tests/webrtc/), Daydream's Python SDK against the server (tests/server/);
@@ -23,12 +24,40 @@ if [[ ! -x "$venv/bin/python" ]]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
-# The maturin build backend runs `maturin` from PATH: the venv's pinned one.
-PATH="$(cd "$venv" && pwd)/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" \
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation \
-  --force-reinstall --no-deps ./python
+# The module as users get it: an abi3 wheel (one wheel for CPython 3.9 and later), built by the
+# venv's pinned maturin in the dev profile, installed into the test venv.
+wheels="$target_dir/wheels"
+rm -rf "$wheels"
+PATH="$(cd "$venv" && pwd)/bin:$PATH" "$venv/bin/maturin" build --quiet -m python/Cargo.toml \
+  --profile dev -o "$wheels"
+wheel="$(ls "$wheels"/sdstream-*-abi3-*.whl)"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+  "$wheel"
 # pytest exits 5 when it collects no tests: that fails this script too.
 "$venv/bin/python" -m pytest python/tests -q
+# The wheel in a fresh venv with no Rust toolchain on PATH (only the venv and the system's
+# /usr/bin and /bin), numpy and Pillow from the package index: the quickstart runs on the tiny
+# fixtures and says what it must.
+wheel_venv="$target_dir/wheel-venv"
+rm -rf "$wheel_venv"
+"$python" -m venv "$wheel_venv"
+wheel_venv="$(cd "$wheel_venv" && pwd)"
+quickstart="$(env -i HOME="$HOME" PATH="$wheel_venv/bin:/usr/bin:/bin" bash -c '
+  set -euo pipefail
+  if command -v cargo || command -v rustc; then echo "a Rust toolchain is on PATH" >&2; exit 1; fi
+  python -m pip install --quiet --disable-pip-version-check "$1" numpy==2.4.6 pillow==13.0.0
+  python examples/python/quickstart.py tests/fixtures/tiny-sd-turbo tests/fixtures/tiny-taesd "$2"
+' quickstart "$wheel" "$wheel_venv/quickstart.png")"
+for expected in "rejected: invalid parameter \`t_index_list[1]\`" "prompt change: hot" \
+  "size change: reload" "after reload: (96, 96, 3)"; do
+  if [[ "$quickstart" != *"$expected"* ]]; then
+    echo "the quickstart from the wheel did not say: $expected" >&2
+    echo "$quickstart" >&2
+    exit 1
+  fi
+done
+[[ -s "$wheel_venv/quickstart.png" ]] || { echo "the quickstart from the wheel wrote no picture" >&2; exit 1; }
+echo "the abi3 wheel $(basename "$wheel") ran the quickstart in a venv without Rust"
 
 # 3. The server crate (sdstream-server; its Rust tests ran in step 1): the `sdstream` binary,
 #    then, each from its own virtualenv under the target dir with pinned wheels:
