@@ -42,7 +42,8 @@ wheel_venv="$target_dir/wheel-venv"
 rm -rf "$wheel_venv"
 "$python" -m venv "$wheel_venv"
 wheel_venv="$(cd "$wheel_venv" && pwd)"
-quickstart="$(env -i HOME="$HOME" PATH="$wheel_venv/bin:/usr/bin:/bin" bash -c '
+# (The rest of the environment stays: a proxy's certificates for pip, say.)
+quickstart="$(PATH="$wheel_venv/bin:/usr/bin:/bin" bash -c '
   set -euo pipefail
   if command -v cargo || command -v rustc; then echo "a Rust toolchain is on PATH" >&2; exit 1; fi
   python -m pip install --quiet --disable-pip-version-check "$1" numpy==2.4.6 pillow==13.0.0
