@@ -2,6 +2,7 @@
 # Builds, on a machine with no GPU, what a GPU machine needs to test and benchmark the `cuda`
 # feature without a Rust toolchain or network there (docs/GPU.md):
 #   KIT/bench.xz        examples/bench, release, stripped, xz-compressed
+#   KIT/attention-bench.xz  examples/attention_bench (attention alone), likewise
 #   KIT/cuda-tests.xz   the test binary of core/tests/cuda.rs, likewise
 #   KIT/fixtures.tar.xz the tiny fixtures those tests read (tests/fixtures, the parts they use)
 #   KIT/full_size_manifest.json, KIT/random_weights.py
@@ -21,7 +22,7 @@ eval "$(bash scripts/cuda-toolchain.sh --link)"
 
 # cudarc's build script adds CUDA_ROOT/lib and lib/stubs to the link search: the libraries are
 # linked by name (libcublas.so …), and the binaries ask for their sonames (libcublas.so.13 …).
-cargo build --release -p sdstream --features cudnn --example bench
+cargo build --release -p sdstream --features cudnn --example bench --example attention_bench
 test_bin="$(cargo test --release -p sdstream --features cudnn --test cuda --no-run \
   --message-format=json 2>/dev/null | python3 -c '
 import json, sys
@@ -30,14 +31,15 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
         print(m["executable"])')"
 bench_bin="$CARGO_TARGET_DIR/release/examples/bench"
-if [[ -z "$test_bin" || ! -x "$test_bin" || ! -x "$bench_bin" ]]; then
+attention_bin="$CARGO_TARGET_DIR/release/examples/attention_bench"
+if [[ -z "$test_bin" || ! -x "$test_bin" || ! -x "$bench_bin" || ! -x "$attention_bin" ]]; then
   echo "gpu-kit: the binaries were not built" >&2
   exit 1
 fi
 
 rm -rf "$kit"
 mkdir -p "$kit"
-for pair in "bench:$bench_bin" "cuda-tests:$test_bin"; do
+for pair in "bench:$bench_bin" "attention-bench:$attention_bin" "cuda-tests:$test_bin"; do
   name="${pair%%:*}"
   bin="${pair#*:}"
   strip -o "$kit/$name" "$bin"

@@ -20,6 +20,8 @@
 #               the UNet and TAESD, f16, 1 step, TAESD, the host waiting once a frame
 #     sdpa      torch's fused attention (flash, cuDNN, memory-efficient, math) on the UNet's
 #               attention shapes at 512², f16 (scripts/gpu-kit/sdpa_reference.py)
+#     attention sdstream's fused attention and the unfused path on the same shapes, f16
+#               (examples/attention_bench)
 #     all       info tests weights bench-f16 bench-bf16
 # $SDSTREAM_TESTS filters the tests (libtest's name filters; $SDSTREAM_TESTS_TAG names their log);
 # $SDSTREAM_REFERENCE_SYNC picks the reference's stage-sync modes (default "on off") and
@@ -38,7 +40,7 @@ if [[ "${1:-}" == "--kit" ]]; then
   shift 2
 fi
 if [[ $# -eq 0 ]]; then
-  sed -n '2,16p' "$0"
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' 
   exit 2
 fi
 work="${SDSTREAM_GPU_WORK:-/tmp/sdstream-gpu}"
@@ -52,7 +54,7 @@ unpack() {
     exit 1
   fi
   if ! cmp -s "$kit/BUILD.txt" "$work/BUILD.txt"; then
-    for name in bench cuda-tests; do
+    for name in bench attention-bench cuda-tests; do
       xz -dc "$kit/$name.xz" > "$work/$name"
       chmod +x "$work/$name"
     done
@@ -221,6 +223,7 @@ for stage in "$@"; do
     reference-f32) stage_reference f32 ;;
     reference-compiled) stage_reference_compiled ;;
     sdpa) "$python" scripts/gpu-kit/sdpa_reference.py --dtype f16 --out "$out/sdpa-f16.md" ;;
+    attention) "$work/attention-bench" --device cuda --dtype f16 --reps 50 | tee "$out/attention-f16.md" ;;
     all) stage_info; stage_tests; stage_weights; stage_bench f16; stage_bench bf16 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

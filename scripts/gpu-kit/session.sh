@@ -58,6 +58,7 @@ stage bench-f16-off 45 SDSTREAM_BENCH_TAG=-off \
   "${run[@]}" bench-f16
 stage reference-f16 90 SDSTREAM_REFERENCE_SYNC=off SDSTREAM_REFERENCE_ARGS="--vaes taesd" "${run[@]}" reference-f16
 stage sdpa 40 "${run[@]}" sdpa
+stage attention 40 "${run[@]}" attention
 stage bench-bf16 45 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32" "${run[@]}" bench-bf16
 stage profile-f16 120 "${run[@]}" profile-f16
 # torch.compile's max-autotune took more than 400 s on an H200 (it did not finish): it gets what is
@@ -67,7 +68,7 @@ mode=reduce-overhead
 ((left > 420)) && mode=max-autotune
 stage "reference-compiled-$mode" "$left" SDSTREAM_COMPILE_MODE="$mode" "${run[@]}" reference-compiled
 
-for table in "$OUT"/bench-*.md "$OUT"/sdpa-*.md "$OUT"/profile-*.txt; do
+for table in "$OUT"/bench-*.md "$OUT"/sdpa-*.md "$OUT"/attention-*.md "$OUT"/profile-*.txt; do
   [[ -f "$table" ]] || continue
   printf '\n### %s\n\n' "$(basename "$table")"
   cat "$table"
