@@ -188,3 +188,32 @@ pub fn frame_tensor(i: usize) -> Tensor {
     let f = sdstream::Frame::packed(img.as_raw(), 64, 64, sdstream::PixelFormat::Rgb8).unwrap();
     f.to_tensor(64, 64, &Device::Cpu).unwrap()
 }
+
+/// The first `count` fixture frames (tests/fixtures/frames, 64×64) as packed RGB8.
+pub fn rgb8_frames(count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            image::open(fixture(&format!("frames/{i:03}.png")))
+                .unwrap()
+                .to_rgb8()
+                .into_raw()
+        })
+        .collect()
+}
+
+/// The outputs of a stream over `frames` (64×64 RGB8), one after another.
+pub fn stream_outputs(
+    params: sdstream::StreamDiffusionParams,
+    settings: sdstream::EngineSettings,
+    frames: &[Vec<u8>],
+) -> Vec<Vec<u8>> {
+    let mut stream = sdstream::StreamDiffusion::new(params, settings).expect("the stream starts");
+    frames
+        .iter()
+        .map(|data| {
+            let frame = sdstream::Frame::packed(data, 64, 64, sdstream::PixelFormat::Rgb8)
+                .expect("a 64×64 frame");
+            stream.process(&frame).expect("a frame").data
+        })
+        .collect()
+}

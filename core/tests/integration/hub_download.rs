@@ -21,7 +21,7 @@ use common::{fixture, scratch_dir};
 use sdstream::hub::{self, HubOptions};
 use sdstream::model::bundle::{checkpoint_files, component_files};
 use sdstream::params::VaeChoice;
-use sdstream::{EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
+use sdstream::{EngineSettings, StreamDiffusionParams};
 use serde_json::json;
 
 /// The commit every repository of the fake hub is at.
@@ -202,28 +202,10 @@ fn fetched(requests: &[String], id: &str) -> Vec<String> {
     names
 }
 
-fn frames() -> Vec<Vec<u8>> {
-    (0..2)
-        .map(|i| {
-            image::open(fixture(&format!("frames/{i:03}.png")))
-                .unwrap()
-                .to_rgb8()
-                .into_raw()
-        })
-        .collect()
-}
-
 fn stream(body: serde_json::Value, settings: &EngineSettings) -> Vec<Vec<u8>> {
     let params = StreamDiffusionParams::from_json_with(&body.to_string(), settings)
         .unwrap_or_else(|e| panic!("the body validates: {e}"));
-    let mut stream = StreamDiffusion::new(params, settings.clone()).expect("the stream starts");
-    frames()
-        .iter()
-        .map(|data| {
-            let frame = Frame::packed(data, 64, 64, PixelFormat::Rgb8).unwrap();
-            stream.process(&frame).expect("a frame").data
-        })
-        .collect()
+    common::stream_outputs(params, settings.clone(), &common::rgb8_frames(2))
 }
 
 const THIBAUD_OPENPOSE: &str = "thibaud/controlnet-sd21-openpose-diffusers";

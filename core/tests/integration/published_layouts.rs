@@ -13,10 +13,7 @@ use common::{abs_err, fixture, scratch_dir};
 use sdstream::model::weight_names;
 use sdstream::params::VaeChoice;
 use sdstream::preprocess::networks::{Network, NetworkKind};
-use sdstream::{
-    Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusion,
-    StreamDiffusionParams,
-};
+use sdstream::{Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusionParams};
 use serde_json::json;
 
 const THIBAUD_OPENPOSE: &str = "thibaud/controlnet-sd21-openpose-diffusers";
@@ -51,14 +48,7 @@ fn params_with_net(net: Option<&str>) -> StreamDiffusionParams {
 }
 
 fn frames() -> Vec<Vec<u8>> {
-    (0..3)
-        .map(|i| {
-            image::open(fixture(&format!("frames/{i:03}.png")))
-                .unwrap()
-                .to_rgb8()
-                .into_raw()
-        })
-        .collect()
+    common::rgb8_frames(3)
 }
 
 fn frame(data: &[u8]) -> Frame<'_> {
@@ -66,11 +56,7 @@ fn frame(data: &[u8]) -> Frame<'_> {
 }
 
 fn stream(params: StreamDiffusionParams, settings: EngineSettings) -> Vec<Vec<u8>> {
-    let mut stream = StreamDiffusion::new(params, settings).expect("the stream starts");
-    frames()
-        .iter()
-        .map(|data| stream.process(&frame(data)).expect("a frame").data)
-        .collect()
+    common::stream_outputs(params, settings, &frames())
 }
 
 #[test]
