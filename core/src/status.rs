@@ -124,6 +124,16 @@ pub enum EngineState {
 }
 
 impl EngineState {
+    /// Every state, in the order of the lifecycle.
+    pub const ALL: [EngineState; 6] = [
+        EngineState::Loading,
+        EngineState::Online,
+        EngineState::DegradedInput,
+        EngineState::DegradedInference,
+        EngineState::Error,
+        EngineState::Offline,
+    ];
+
     /// The name Daydream uses (`"ONLINE"`, …).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -628,21 +638,14 @@ mod tests {
 
     #[test]
     fn states_serialise_with_daydream_names() {
-        let names: Vec<String> = [
-            EngineState::Loading,
-            EngineState::Online,
-            EngineState::DegradedInput,
-            EngineState::DegradedInference,
-            EngineState::Error,
-            EngineState::Offline,
-        ]
-        .iter()
-        .map(|s| {
-            let json = serde_json::to_string(s).unwrap_or_default();
-            assert_eq!(json, format!("\"{}\"", s.as_str()));
-            json
-        })
-        .collect();
+        let names: Vec<String> = EngineState::ALL
+            .iter()
+            .map(|s| {
+                let json = serde_json::to_string(s).unwrap_or_default();
+                assert_eq!(json, format!("\"{}\"", s.as_str()));
+                json
+            })
+            .collect();
         assert_eq!(names.len(), 6);
     }
 }

@@ -16,23 +16,13 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use sdstream::model::pool::ModelPool;
+use sdstream::model::pool::{ModelPool, PoolEntry};
 use sdstream::status::{EngineState, EngineStatus};
 
 use super::state::{App, stream_state};
 
 /// The text format's media type.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Every state a stream can report, each a series of `sdstream_stream_state`.
-const STATES: [EngineState; 6] = [
-    EngineState::Loading,
-    EngineState::Online,
-    EngineState::DegradedInput,
-    EngineState::DegradedInference,
-    EngineState::Error,
-    EngineState::Offline,
-];
 
 pub(crate) async fn get_metrics(State(app): State<Arc<App>>) -> Response {
     let streams: Vec<(String, EngineState, EngineStatus)> = app
@@ -45,10 +35,12 @@ pub(crate) async fn get_metrics(State(app): State<Arc<App>>) -> Response {
         })
         .collect();
     let pool = ModelPool::global();
+    // One listing of the pool serves both figures (each listing takes its lock).
+    let entries = pool.entries();
     let process = Process {
         resident_bytes: resident_memory_bytes(),
-        pool_checkpoints: pool.entries().len(),
-        pool_bytes: pool.total_bytes(),
+        pool_checkpoints: entries.len(),
+        pool_bytes: entries.iter().map(PoolEntry::total_bytes).sum(),
         pool_loads: pool.stats().loads,
     };
     (
@@ -112,7 +104,8 @@ fn exposition(streams: &[(String, EngineState, EngineStatus)], process: &Process
         "1 for the stream's current state (as its status reports it), 0 for the others.",
     );
     for (id, state, _) in streams {
-        for candidate in STATES {
+        // Every state a stream can report, each a series.
+        for candidate in EngineState::ALL {
             out.sample(
                 "sdstream_stream_state",
                 &[("stream", id), ("state", candidate.as_str())],
