@@ -60,32 +60,17 @@ extern "C" __global__ void add_in_place_bf16(__nv_bfloat16 *dst, const __nv_bflo
   add_in_place(dst, src, total, n, inner);
 }
 
-extern "C" __global__ void geglu_f32(const float *x, const float *bias, float *out, const int64_t rows,
-                                     const int64_t inner) {
-  geglu<float, false>(x, bias, out, rows, inner);
-}
+// GEGLU's entry points: without and with the projection's bias, per storage type.
+#define SDSTREAM_GEGLU(T, SUFFIX)                                                                \
+  extern "C" __global__ void geglu_##SUFFIX(const T *x, const T *bias, T *out,                  \
+                                            const int64_t rows, const int64_t inner) {          \
+    geglu<T, false>(x, bias, out, rows, inner);                                                 \
+  }                                                                                             \
+  extern "C" __global__ void geglu_bias_##SUFFIX(const T *x, const T *bias, T *out,             \
+                                                 const int64_t rows, const int64_t inner) {     \
+    geglu<T, true>(x, bias, out, rows, inner);                                                  \
+  }
 
-extern "C" __global__ void geglu_bias_f32(const float *x, const float *bias, float *out,
-                                          const int64_t rows, const int64_t inner) {
-  geglu<float, true>(x, bias, out, rows, inner);
-}
-
-extern "C" __global__ void geglu_f16(const __half *x, const __half *bias, __half *out, const int64_t rows,
-                                     const int64_t inner) {
-  geglu<__half, false>(x, bias, out, rows, inner);
-}
-
-extern "C" __global__ void geglu_bias_f16(const __half *x, const __half *bias, __half *out,
-                                          const int64_t rows, const int64_t inner) {
-  geglu<__half, true>(x, bias, out, rows, inner);
-}
-
-extern "C" __global__ void geglu_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *bias, __nv_bfloat16 *out, const int64_t rows,
-                                     const int64_t inner) {
-  geglu<__nv_bfloat16, false>(x, bias, out, rows, inner);
-}
-
-extern "C" __global__ void geglu_bias_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *bias, __nv_bfloat16 *out,
-                                          const int64_t rows, const int64_t inner) {
-  geglu<__nv_bfloat16, true>(x, bias, out, rows, inner);
-}
+SDSTREAM_GEGLU(float, f32)
+SDSTREAM_GEGLU(__half, f16)
+SDSTREAM_GEGLU(__nv_bfloat16, bf16)

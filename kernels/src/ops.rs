@@ -142,6 +142,20 @@ mod cuda {
     /// Enough blocks to fill a large GPU; the kernel strides over the rest.
     const MAX_BLOCKS: usize = 4096;
 
+    /// The launch of an element-wise kernel over `total` values: blocks of [`THREADS`], at
+    /// most [`MAX_BLOCKS`] of them, the kernel striding over the rest.
+    fn grid_stride(total: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                total.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32,
+                1,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
     pub(super) fn add_in_place(
         op: &super::AddInPlace,
         s1: &mut CudaStorage,
@@ -185,15 +199,7 @@ mod cuda {
         builder.arg(&total_arg);
         builder.arg(&n);
         builder.arg(&inner);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                total.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32,
-                1,
-                1,
-            ),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(total);
         // SAFETY: the arguments match the kernel's parameters; it reads src below n (the
         // caller checked that n · inner divides dst's length) and writes dst below total.
         unsafe { builder.launch(cfg) }.w()?;
@@ -263,15 +269,7 @@ mod cuda {
         builder.arg(&rows_arg);
         builder.arg(&inner_arg);
         let total = rows * inner;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                total.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32,
-                1,
-                1,
-            ),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(total);
         // SAFETY: the arguments match the kernel's parameters; it reads x below rows · width,
         // the bias below width, and writes dst below rows · inner.
         unsafe { builder.launch(cfg) }.w()?;
