@@ -172,8 +172,10 @@ for key, (count, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:40]:
 PY
 }
 
-stage_reference() {
-  local dtype="$1" wheels="${SDSTREAM_WHEELS:-.whl}"
+# The weights and the reference's packages (diffusers, streamdiffusion, importlib_metadata from
+# the wheels in $SDSTREAM_WHEELS, default .whl), each once while the machine stays warm.
+reference_ready() {
+  local wheels="${SDSTREAM_WHEELS:-.whl}"
   if [[ ! -f "$work/fullsize/done" ]]; then
     stage_weights
   fi
@@ -181,6 +183,11 @@ stage_reference() {
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" \
       "$wheels"/*.whl
   fi
+}
+
+stage_reference() {
+  local dtype="$1"
+  reference_ready
   local sync
   # shellcheck disable=SC2086 # SDSTREAM_REFERENCE_SYNC and SDSTREAM_REFERENCE_ARGS are lists
   for sync in ${SDSTREAM_REFERENCE_SYNC:-on off}; do
@@ -193,14 +200,8 @@ stage_reference() {
 }
 
 stage_reference_compiled() {
-  local mode="${SDSTREAM_COMPILE_MODE:-max-autotune}" wheels="${SDSTREAM_WHEELS:-.whl}"
-  if [[ ! -f "$work/fullsize/done" ]]; then
-    stage_weights
-  fi
-  if [[ ! -d "$work/site/streamdiffusion" ]]; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" \
-      "$wheels"/*.whl
-  fi
+  local mode="${SDSTREAM_COMPILE_MODE:-max-autotune}"
+  reference_ready
   PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}" SDSTREAM_FIXTURES="$work/fixtures" PYTHONUNBUFFERED=1 \
     "$python" tests/reference/bench_reference.py --sd "$work/fullsize/sd" --taesd "$work/fullsize/taesd" \
     --device cuda --dtype f16 --sync-stages off --sizes 512 --t-index-lists 32 --vaes taesd \
