@@ -21,7 +21,7 @@ use candle_nn::{VarBuilder, VarMap};
 use sdstream::model::ip_adapter::{
     AdapterConfig, ImageEncoder, ImageEncoderConfig, ImageProjection, IpAdapterLayers,
 };
-use sdstream::model::unet::{ImagePrompt, UNet2DConditionModel, UNetConfig};
+use sdstream::model::unet::{ImagePrompt, UNet2DConditionModel, UNetConfig, UNetInputs};
 use sdstream::preprocess::resize::Filter;
 use serde_json::json;
 
@@ -128,22 +128,16 @@ fn run() -> Result<(), String> {
     let with_tokens = Tensor::cat(&[&text, &tokens], 1).map_err(c)?;
     let scales = vec![1.0; layers.len()];
     let (plain_med, plain_best) = median_and_best(frames, || {
-        unet.forward(&sample, &t, &text, None).unwrap();
+        unet.forward(UNetInputs::new(&sample, &t, &text)).unwrap();
         sync(&device);
     });
     let (ip_med, ip_best) = median_and_best(frames, || {
-        unet.forward_extended(
-            &sample,
-            &t,
-            &with_tokens,
-            None,
-            None,
-            None,
-            Some(ImagePrompt {
+        unet.forward(
+            UNetInputs::new(&sample, &t, &with_tokens).image(Some(ImagePrompt {
                 adapter: &layers,
                 tokens: 4,
                 scales: &scales,
-            }),
+            })),
         )
         .unwrap();
         sync(&device);

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use sdstream::model::unet::{UNet2DConditionModel, UNetConfig};
+use sdstream::model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 
 // As the C ABI, the Python module and the server have it (sdstream::alloc); `SDSTREAM_REUSE_MB=0`
 // times the system allocator alone.
@@ -44,11 +44,11 @@ fn main() -> sdstream::Result<()> {
     let context = Tensor::randn(0f32, 1., (batch, 77, 1024), &device)?.to_dtype(dtype)?;
     let t: Vec<f32> = (0..batch).map(|i| 999.0 - 200.0 * i as f32).collect();
     let t = Tensor::new(t.as_slice(), &device)?;
-    let _ = unet.forward(&sample, &t, &context, None)?;
+    let _ = unet.forward(UNetInputs::new(&sample, &t, &context))?;
     let mut times = Vec::new();
     for _ in 0..iters {
         let start = Instant::now();
-        let out = unet.forward(&sample, &t, &context, None)?;
+        let out = unet.forward(UNetInputs::new(&sample, &t, &context))?;
         let _ = out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }

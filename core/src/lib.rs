@@ -39,12 +39,14 @@ pub mod sampling;
 pub mod status;
 
 pub use engine::{
-    DropPolicy, Engine, EngineOptions, EngineState, EngineStatus, FrameId, Output, StageMillis,
-    Submission,
+    DropPolicy, Engine, EngineBuilder, EngineOptions, EngineState, EngineStatus, FrameId, Output,
+    StageMillis, Submission,
 };
 pub use error::{Error, Result};
 pub use frame::{Frame, Image, PixelFormat};
 pub use params::{EngineSettings, StreamDiffusionParams, Update, UpdateKind, classify};
-pub use pipeline::stream_diffusion::{SafetyFrame, StageTimings, StreamDiffusion};
+pub use pipeline::stream_diffusion::{
+    FrameInput, SafetyFrame, StageTimings, StreamDiffusion, TensorInput,
+};
 pub use pipeline::style_image::StyleImage;
 pub use preprocess::standalone::{ControlImage, ImageProcessor};

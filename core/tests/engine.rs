@@ -19,7 +19,7 @@ use common::fixture;
 use sdstream::params::{ControlNetConfig, Prompt, VaeChoice};
 use sdstream::{
     DropPolicy, Engine, EngineOptions, EngineSettings, EngineState, EngineStatus, Frame, FrameId,
-    Image, Output, PixelFormat, StreamDiffusion, StreamDiffusionParams, Submission,
+    FrameInput, Image, Output, PixelFormat, StreamDiffusion, StreamDiffusionParams, Submission,
 };
 
 const SIZE: usize = 64;
@@ -614,7 +614,10 @@ fn stress_producers_and_parameter_changes() {
 
 #[test]
 fn status_has_every_daydream_field() {
-    let engine = Engine::spawn(params(), settings(), EngineOptions::default()).expect("spawn");
+    let engine = Engine::builder(params())
+        .settings(settings())
+        .spawn()
+        .expect("spawn");
     let loading: serde_json::Value =
         serde_json::from_str(&engine.status_json()).expect("status JSON");
     assert!(matches!(
@@ -863,7 +866,7 @@ fn external_control_images_through_the_engine_equal_the_pipeline() {
             )
             .expect("submit with controls");
         let expected = direct
-            .process_with_controls(&input, &list)
+            .process(FrameInput::new(&input).controls(&list))
             .expect("direct process_with_controls");
         let without_net = plain.process(&input).expect("plain process");
         let out = recv(&engine);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sdstream::model::clip::ClipTextModel;
 use sdstream::model::taesd::AutoencoderTiny;
-use sdstream::model::unet::{ControlResiduals, UNet2DConditionModel};
+use sdstream::model::unet::{ControlResiduals, UNet2DConditionModel, UNetInputs};
 use sdstream::model::vae::AutoencoderKl;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -51,7 +51,7 @@ fn portable_kernels_match_references() {
         .expect("load unet");
     let g = golden("unet.safetensors");
     let (sample, t, ctx) = (&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]);
-    let out = unet.forward(sample, t, ctx, None).unwrap();
+    let out = unet.forward(UNetInputs::new(sample, t, ctx)).unwrap();
     check("unet, per-row timesteps", &out, &g["output"], 1e-4);
     let control = ControlResiduals {
         down: (0..12)
@@ -59,7 +59,9 @@ fn portable_kernels_match_references() {
             .collect(),
         mid: g["control_mid_residual"].clone(),
     };
-    let out = unet.forward(sample, t, ctx, Some(&control)).unwrap();
+    let out = unet
+        .forward(UNetInputs::new(sample, t, ctx).control(Some(&control)))
+        .unwrap();
     check(
         "unet, additional residuals",
         &out,
@@ -72,7 +74,7 @@ fn portable_kernels_match_references() {
     let unet = UNet2DConditionModel::load(&dir, DType::F32, &cpu).expect("load unet variant");
     let g = load(&dir.join("io.safetensors"));
     let (sample, t, ctx) = (&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]);
-    let out = unet.forward(sample, t, ctx, None).unwrap();
+    let out = unet.forward(UNetInputs::new(sample, t, ctx)).unwrap();
     check("unet conv_proj_odd_size", &out, &g["output"], 1e-4);
 
     let vae =

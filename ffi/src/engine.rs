@@ -188,9 +188,13 @@ unsafe fn create(
         // SAFETY: forwarded from the caller.
         let (params, settings, options) =
             unsafe { configure(function, params_json, settings_json, options_json)? };
-        let spawn = if wait { Engine::new } else { Engine::spawn };
-        let engine =
-            spawn(params, settings, options).map_err(|e| Failure::from_core(function, e, false))?;
+        let builder = Engine::builder(params).settings(settings).options(options);
+        let engine = if wait {
+            builder.load()
+        } else {
+            builder.spawn()
+        }
+        .map_err(|e| Failure::from_core(function, e, false))?;
         *out = Box::into_raw(Box::new(SdsEngine::new(engine)));
         Ok(())
     })

@@ -29,7 +29,8 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use sdstream_core::{
-    EngineSettings, Frame, ImageProcessor, PixelFormat, StreamDiffusion, StreamDiffusionParams,
+    EngineSettings, Frame, FrameInput, ImageProcessor, PixelFormat, StreamDiffusion,
+    StreamDiffusionParams,
 };
 
 /// The libraries a Rust staticlib needs on Linux (`rustc --print native-static-libs`).
@@ -402,8 +403,8 @@ fn c_control_outputs_equal_the_rust_pipeline(model: &Path, vae: &Path, net: &Pat
     let calls: [&[(&str, &Frame)]; 3] = [&[], &[(id.as_str(), &control)], &[]];
     for (i, controls) in calls.iter().enumerate() {
         let expected = stream
-            .process_with_controls(&frame, controls)
-            .expect("process_with_controls");
+            .process(FrameInput::new(&frame).controls(controls))
+            .expect("process with controls");
         let path = dir.join(format!("control_{i}.ppm"));
         let written = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(written.len(), ppm(64, 64, &expected.data).len(), "{path:?}");

@@ -258,7 +258,7 @@ impl UNetEncoder {
                 return Err(unsupported(
                     self.model,
                     "addition_embed_type",
-                    "\"text_time\" needs added conditioning (text_embeds, time_ids); call forward_with_added",
+                    "\"text_time\" needs added conditioning (text_embeds, time_ids); set UNetInputs::added",
                 ));
             }
             (None, _) => {}
@@ -354,6 +354,75 @@ pub struct ImagePrompt<'a> {
     pub tokens: usize,
     /// The scale of every cross-attention layer's image attention (diffusers' order).
     pub scales: &'a [f64],
+}
+
+/// The inputs of one [`UNet2DConditionModel::forward`] call: the three every call takes, given
+/// to [`new`](Self::new), and the optional ones, set by the methods named after them (each
+/// takes an `Option`, so a caller passes what it has without branching).
+#[derive(Debug)]
+pub struct UNetInputs<'a> {
+    /// The noisy latents `[B, C, h, w]`.
+    pub sample: &'a Tensor,
+    /// The timesteps `[B]` (one per row, any dtype; a single value applies to every row).
+    pub timesteps: &'a Tensor,
+    /// The text embeddings `[B, tokens, D]`, with the image tokens appended when
+    /// [`image`](Self::image) is set.
+    pub encoder_hidden_states: &'a Tensor,
+    /// SDXL's added conditioning, which a config with `addition_embed_type: "text_time"`
+    /// requires.
+    pub added: Option<&'a AddedConditioning>,
+    /// ControlNet residuals, added to the skips and the mid block.
+    pub control: Option<&'a ControlResiduals>,
+    /// Cached attention: every self-attention layer also attends to the bank's keys and
+    /// values, and the bank takes this call's ([`AttentionBank`]).
+    pub bank: Option<&'a mut AttentionBank>,
+    /// IP-Adapter: the last `image.tokens` tokens of `encoder_hidden_states` are each row's
+    /// image tokens (Daydream's layout: appended to the text), and every cross-attention
+    /// layer also attends to them ([`crate::ip_adapter`]).
+    pub image: Option<ImagePrompt<'a>>,
+}
+
+impl<'a> UNetInputs<'a> {
+    /// A call with only the required inputs.
+    pub fn new(
+        sample: &'a Tensor,
+        timesteps: &'a Tensor,
+        encoder_hidden_states: &'a Tensor,
+    ) -> Self {
+        Self {
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added: None,
+            control: None,
+            bank: None,
+            image: None,
+        }
+    }
+
+    /// Sets (or clears) SDXL's added conditioning.
+    pub fn added(mut self, added: Option<&'a AddedConditioning>) -> Self {
+        self.added = added;
+        self
+    }
+
+    /// Sets (or clears) the ControlNet residuals.
+    pub fn control(mut self, control: Option<&'a ControlResiduals>) -> Self {
+        self.control = control;
+        self
+    }
+
+    /// Sets (or clears) cached attention's bank.
+    pub fn bank(mut self, bank: Option<&'a mut AttentionBank>) -> Self {
+        self.bank = bank;
+        self
+    }
+
+    /// Sets (or clears) IP-Adapter's image prompt.
+    pub fn image(mut self, image: Option<ImagePrompt<'a>>) -> Self {
+        self.image = image;
+        self
+    }
 }
 
 impl UNet2DConditionModel {
@@ -585,113 +654,28 @@ impl UNet2DConditionModel {
         self.encoder.skip_channels()
     }
 
-    /// Predicts the noise (or v) for `sample` `[B, C, h, w]` at `timesteps` `[B]` (one per row,
-    /// any dtype; a single value applies to every row) given the text embeddings
-    /// `encoder_hidden_states` `[B, 77, D]`, adding ControlNet residuals when given.
-    pub fn forward(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
-        control: Option<&ControlResiduals>,
-    ) -> Result<Tensor> {
-        self.forward_with_added(sample, timesteps, encoder_hidden_states, None, control)
-    }
-
-    /// [`forward`](Self::forward) with SDXL's added conditioning, which a config with
-    /// `addition_embed_type: "text_time"` requires.
+    /// Predicts the noise (or v) for one call's [`UNetInputs`]: `sample` `[B, C, h, w]` at
+    /// `timesteps` `[B]` given the text embeddings, with whichever of SDXL's added
+    /// conditioning, ControlNet residuals, cached attention's bank and IP-Adapter's image
+    /// prompt the call carries.
     ///
-    /// On a CUDA device the pass is captured as a CUDA graph at its first call for each input
-    /// signature and replayed after ([`super::cuda_graph`]): every argument is an input of the
-    /// graph, copied into it per call.
-    pub fn forward_with_added(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
-        added: Option<&AddedConditioning>,
-        control: Option<&ControlResiduals>,
-    ) -> Result<Tensor> {
-        let mut inputs = vec![sample, timesteps, encoder_hidden_states];
-        if let Some(added) = added {
-            inputs.extend([&added.text_embeds, &added.time_ids]);
-        }
-        if let Some(control) = control {
-            inputs.extend(control.down.iter());
-            inputs.push(&control.mid);
-        }
-        let has_added = added.is_some();
-        let down_count = control.map(|c| c.down.len());
-        self.graphs.run(&inputs, |xs| {
-            let added = has_added.then(|| AddedConditioning {
-                text_embeds: xs[3].clone(),
-                time_ids: xs[4].clone(),
-            });
-            let first = if has_added { 5 } else { 3 };
-            let control = down_count.map(|n| ControlResiduals {
-                down: xs[first..first + n].iter().map(|t| (*t).clone()).collect(),
-                mid: xs[first + n].clone(),
-            });
-            self.forward_eager(
-                xs[0],
-                xs[1],
-                xs[2],
-                added.as_ref(),
-                control.as_ref(),
-                None,
-                None,
-            )
-        })
-    }
-
-    /// [`forward_with_added`](Self::forward_with_added) with cached attention: every
-    /// self-attention layer also attends to `bank`'s keys and values, and the bank takes this
-    /// call's ([`AttentionBank`]). Runs eagerly (no CUDA graph: the bank changes every call).
-    pub fn forward_banked(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
-        added: Option<&AddedConditioning>,
-        control: Option<&ControlResiduals>,
-        bank: &mut AttentionBank,
-    ) -> Result<Tensor> {
-        self.forward_extended(
+    /// On a CUDA device a call with neither a bank nor an image prompt is captured as a CUDA
+    /// graph at its first call for each input signature and replayed after
+    /// ([`super::cuda_graph`]): every tensor is an input of the graph, copied into it per call.
+    /// A bank changes every call and an image prompt carries per-layer scales, so those calls
+    /// run eagerly.
+    pub fn forward(&self, inputs: UNetInputs<'_>) -> Result<Tensor> {
+        let UNetInputs {
             sample,
             timesteps,
             encoder_hidden_states,
             added,
             control,
-            Some(bank),
-            None,
-        )
-    }
-
-    /// The general call: [`forward_with_added`](Self::forward_with_added) with cached
-    /// attention's `bank` and IP-Adapter's `image` prompt, each optional. With `image`, the
-    /// last `image.tokens` tokens of `encoder_hidden_states` are the image tokens of each row
-    /// (Daydream's layout: appended to the text) and every cross-attention layer also attends
-    /// to them ([`crate::ip_adapter`]). With either, the pass runs eagerly (no CUDA
-    /// graph); with neither, this is `forward_with_added`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_extended(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
-        added: Option<&AddedConditioning>,
-        control: Option<&ControlResiduals>,
-        bank: Option<&mut AttentionBank>,
-        image: Option<ImagePrompt<'_>>,
-    ) -> Result<Tensor> {
+            bank,
+            image,
+        } = inputs;
         if bank.is_none() && image.is_none() {
-            return self.forward_with_added(
-                sample,
-                timesteps,
-                encoder_hidden_states,
-                added,
-                control,
-            );
+            return self.forward_graphed(sample, timesteps, encoder_hidden_states, added, control);
         }
         let (text, image_tokens) = match image {
             Some(image) => {
@@ -756,6 +740,47 @@ impl UNet2DConditionModel {
                 image_context.as_ref(),
             ),
         }
+    }
+
+    /// The pass without a bank or an image prompt, through the CUDA graph cache.
+    fn forward_graphed(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+    ) -> Result<Tensor> {
+        let mut inputs = vec![sample, timesteps, encoder_hidden_states];
+        if let Some(added) = added {
+            inputs.extend([&added.text_embeds, &added.time_ids]);
+        }
+        if let Some(control) = control {
+            inputs.extend(control.down.iter());
+            inputs.push(&control.mid);
+        }
+        let has_added = added.is_some();
+        let down_count = control.map(|c| c.down.len());
+        self.graphs.run(&inputs, |xs| {
+            let added = has_added.then(|| AddedConditioning {
+                text_embeds: xs[3].clone(),
+                time_ids: xs[4].clone(),
+            });
+            let first = if has_added { 5 } else { 3 };
+            let control = down_count.map(|n| ControlResiduals {
+                down: xs[first..first + n].iter().map(|t| (*t).clone()).collect(),
+                mid: xs[first + n].clone(),
+            });
+            self.forward_eager(
+                xs[0],
+                xs[1],
+                xs[2],
+                added.as_ref(),
+                control.as_ref(),
+                None,
+                None,
+            )
+        })
     }
 
     #[allow(clippy::too_many_arguments)]

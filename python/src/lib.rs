@@ -19,7 +19,8 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString};
 use sdstream::params::{ControlNetConfig, IPAdapterConfig, Transition};
 use sdstream::{
     ControlImage, Engine, EngineOptions, EngineSettings, EngineState, EngineStatus, Error, Frame,
-    Image, ImageProcessor, PixelFormat, StreamDiffusion, StreamDiffusionParams, Submission,
+    FrameInput, Image, ImageProcessor, PixelFormat, StreamDiffusion, StreamDiffusionParams,
+    Submission,
 };
 
 /// The module's own Rust allocations keep large freed blocks for reuse: a frame allocates the
@@ -423,7 +424,7 @@ impl PyStreamDiffusion {
         let image = py.detach(|| {
             self.with_stream(|stream| {
                 stream
-                    .process_with_controls(&frame, &controls)
+                    .process(FrameInput::new(&frame).controls(&controls))
                     .map_err(py_err)
             })
         })?;
@@ -535,7 +536,10 @@ impl PyEngine {
                 if wait {
                     Engine::new(params, settings, options)
                 } else {
-                    Engine::spawn(params, settings, options)
+                    Engine::builder(params)
+                        .settings(settings)
+                        .options(options)
+                        .spawn()
                 }
             })
             .map_err(py_err)?;

@@ -23,7 +23,7 @@ use sdstream_server::rtmp::amf0::{self, Value};
 use sdstream_server::rtmp::chunk::{ChunkDecoder, ChunkEncoder, ChunkLimits, Message, kind};
 use sdstream_server::rtmp::session::{ClientSession, SessionError, SessionLimits};
 use sdstream_server::rtmp::{RtmpConfig, RtmpDirectory, RtmpIngest, RtmpIngestStats};
-use sdstream_server::webrtc::{TransportConfig, WebRtcStream};
+use sdstream_server::webrtc::{MediaHub, TransportConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use transport::{runtime, tiny_engine};
@@ -57,17 +57,17 @@ impl Rng {
     }
 }
 
-struct OneKey(Arc<WebRtcStream>);
+struct OneKey(Arc<MediaHub>);
 
 impl RtmpDirectory for OneKey {
-    fn stream_for_key(&self, stream_key: &str) -> Option<(String, Arc<WebRtcStream>)> {
+    fn stream_for_key(&self, stream_key: &str) -> Option<(String, Arc<MediaHub>)> {
         (stream_key == KEY).then(|| ("s1".to_owned(), self.0.clone()))
     }
 }
 
 /// The ingest on a loopback port over one stream whose key is [`KEY`].
 async fn ingest(
-    stream: Arc<WebRtcStream>,
+    stream: Arc<MediaHub>,
     config: RtmpConfig,
 ) -> (
     Arc<RtmpIngest>,
@@ -438,14 +438,13 @@ async fn settled(ingest: &RtmpIngest) -> RtmpIngestStats {
 /// Runs `test` with a stream over the tiny engine, then closes both.
 fn with_stream<F, Fut>(test: F)
 where
-    F: FnOnce(Arc<WebRtcStream>) -> Fut,
+    F: FnOnce(Arc<MediaHub>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let engine = tiny_engine();
     runtime().block_on(async {
-        let stream = Arc::new(
-            WebRtcStream::new(engine.clone(), TransportConfig::default()).expect("transport"),
-        );
+        let stream =
+            Arc::new(MediaHub::new(engine.clone(), TransportConfig::default()).expect("transport"));
         test(stream.clone()).await;
         stream.close().await;
     });

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sdstream_server::webrtc::{
-    PublisherState, StreamDirectory, TransportConfig, TransportError, WebRtcStream, router,
+    MediaHub, PublisherState, StreamDirectory, TransportConfig, TransportError, router,
 };
 use transport::{runtime, tiny_engine};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
@@ -23,10 +23,10 @@ use webrtc::peer_connection::{
 };
 use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 
-struct OneStream(Arc<WebRtcStream>);
+struct OneStream(Arc<MediaHub>);
 
 impl StreamDirectory for OneStream {
-    fn find(&self, id: &str, token: Option<&str>) -> Result<Arc<WebRtcStream>, TransportError> {
+    fn find(&self, id: &str, token: Option<&str>) -> Result<Arc<MediaHub>, TransportError> {
         if id != "s1" {
             return Err(TransportError::NotFound(format!("stream {id:?}")));
         }
@@ -221,7 +221,7 @@ async fn cut_request(addr: std::net::SocketAddr, raw: String) -> u16 {
 }
 
 /// Serves `stream` as `s1` (token `k`) on a loopback port.
-async fn serve(stream: Arc<WebRtcStream>) -> std::net::SocketAddr {
+async fn serve(stream: Arc<MediaHub>) -> std::net::SocketAddr {
     let app = router(Arc::new(OneStream(stream)), 16 * 1024);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -247,9 +247,8 @@ async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
 fn whip_and_whep_routes_answer_bad_requests_and_keep_serving() {
     let engine = tiny_engine();
     runtime().block_on(async {
-        let stream = Arc::new(
-            WebRtcStream::new(engine.clone(), TransportConfig::default()).expect("transport"),
-        );
+        let stream =
+            Arc::new(MediaHub::new(engine.clone(), TransportConfig::default()).expect("transport"));
         let addr = serve(stream.clone()).await;
 
         let (_viewer, good_offer) = offer(RTCRtpTransceiverDirection::Recvonly).await;
@@ -494,7 +493,7 @@ fn viewer_offers_that_never_connect_give_way_to_a_real_viewer() {
             connect_timeout: Duration::from_secs(600),
             ..TransportConfig::default()
         };
-        let stream = Arc::new(WebRtcStream::new(engine.clone(), config).expect("transport"));
+        let stream = Arc::new(MediaHub::new(engine.clone(), config).expect("transport"));
         let addr = serve(stream.clone()).await;
         let mut locations = Vec::new();
         for i in 0..6 {
@@ -559,7 +558,7 @@ fn viewer_offers_that_never_connect_give_way_to_a_real_viewer() {
             connect_timeout: Duration::from_secs(1),
             ..TransportConfig::default()
         };
-        let stream = Arc::new(WebRtcStream::new(engine.clone(), config).expect("transport"));
+        let stream = Arc::new(MediaHub::new(engine.clone(), config).expect("transport"));
         let addr = serve(stream.clone()).await;
         for i in 0..3 {
             let reply = whep(addr, fake_offer.clone()).await;
@@ -577,7 +576,7 @@ fn viewer_offers_that_never_connect_give_way_to_a_real_viewer() {
             max_viewers: 1,
             ..TransportConfig::default()
         };
-        let stream = Arc::new(WebRtcStream::new(engine.clone(), config).expect("transport"));
+        let stream = Arc::new(MediaHub::new(engine.clone(), config).expect("transport"));
         let addr = serve(stream.clone()).await;
         let (viewer, viewer_offer) = offer(RTCRtpTransceiverDirection::Recvonly).await;
         let reply = whep(addr, viewer_offer).await;
@@ -605,7 +604,7 @@ fn a_second_publisher_is_refused_until_the_first_is_gone() {
             connect_timeout: Duration::from_secs(1),
             ..TransportConfig::default()
         };
-        let stream = Arc::new(WebRtcStream::new(engine.clone(), config).expect("transport"));
+        let stream = Arc::new(MediaHub::new(engine.clone(), config).expect("transport"));
         let addr = serve(stream.clone()).await;
         let whip = |sdp: String| async move {
             request(
@@ -738,9 +737,8 @@ fn an_external_publisher_and_an_encoded_sink_carry_frames_through_the_engine() {
     use sdstream_server::webrtc::h264::{EncoderSettings as Settings, H264Encoder};
     let engine = tiny_engine();
     runtime().block_on(async {
-        let stream = Arc::new(
-            WebRtcStream::new(engine.clone(), TransportConfig::default()).expect("transport"),
-        );
+        let stream =
+            Arc::new(MediaHub::new(engine.clone(), TransportConfig::default()).expect("transport"));
         let addr = serve(stream.clone()).await;
         let publisher = stream
             .publish_external(IngestKind::Rtmp)

@@ -26,7 +26,7 @@
 //! to [`EngineState::Error`] with `last_error` set, and [`Engine::restart`] (or any
 //! [`Engine::update_params`]) builds a new one. No call of this API panics.
 
-mod builder;
+mod build_thread;
 mod pipeline;
 mod state;
 mod types;
@@ -43,7 +43,7 @@ use crate::{Error, Result};
 
 pub use crate::status::{EngineState, EngineStatus, StageMillis};
 use crate::status::{epoch_ms, epoch_us};
-use builder::same_networks;
+use build_thread::same_networks;
 use pipeline::{PipelineFactory, StreamDiffusionFactory};
 use state::{BuildKind, Claim, Inner, Job, PackedFrame, Shared, closed_error};
 pub use types::{DropPolicy, EngineOptions, FrameId, Output, Submission};
@@ -64,61 +64,108 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-impl Engine {
-    /// Starts an engine and waits until its pipeline is loaded (which may take long: weights
-    /// are read, or downloaded). Fails with the loading error. Use [`spawn`](Self::spawn) to
-    /// return at once and follow the load through [`status`](Self::status).
-    pub fn new(
-        params: StreamDiffusionParams,
-        settings: EngineSettings,
-        options: EngineOptions,
-    ) -> Result<Self> {
-        let engine = Self::spawn(params, settings, options)?;
+/// How an [`Engine`] starts: its parameters, and the settings, options and model pool that
+/// default unless set. [`load`](Self::load) returns once the pipeline is loaded;
+/// [`spawn`](Self::spawn) returns at once.
+///
+/// ```no_run
+/// # use sdstream::{Engine, EngineOptions, EngineSettings, StreamDiffusionParams};
+/// # fn main() -> sdstream::Result<()> {
+/// let params = StreamDiffusionParams::default();
+/// let engine = Engine::builder(params)
+///     .settings(EngineSettings::default())
+///     .options(EngineOptions { warmup: false, ..EngineOptions::default() })
+///     .spawn()?;
+/// engine.wait_ready(None)?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "an EngineBuilder starts nothing until load or spawn"]
+pub struct EngineBuilder {
+    params: StreamDiffusionParams,
+    settings: EngineSettings,
+    options: EngineOptions,
+    pool: Option<Arc<ModelPool>>,
+}
+
+impl EngineBuilder {
+    /// The engine settings (device, dtype, model root, ...); [`EngineSettings::default`]
+    /// unless set.
+    pub fn settings(mut self, settings: EngineSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// The engine's queueing and warm-up options; [`EngineOptions::default`] unless set.
+    pub fn options(mut self, options: EngineOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Takes the networks from `pool` instead of the process-wide [`ModelPool::global`]:
+    /// engines share weights only with engines of the same pool.
+    pub fn pool(mut self, pool: Arc<ModelPool>) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Starts the engine and waits until its pipeline is loaded (which may take long: weights
+    /// are read, or downloaded). Fails with the loading error.
+    pub fn load(self) -> Result<Engine> {
+        let engine = self.spawn()?;
         engine.wait_ready(None)?;
         Ok(engine)
     }
 
-    /// Starts an engine and returns at once, in state `LOADING`; the pipeline is built on the
+    /// Starts the engine and returns at once, in state `LOADING`; the pipeline is built on the
     /// builder thread (`status().progress` says how far it got). Frames submitted meanwhile
     /// wait in the queue. Invalid parameters, settings or options fail here.
-    pub fn spawn(
-        params: StreamDiffusionParams,
-        settings: EngineSettings,
-        options: EngineOptions,
-    ) -> Result<Self> {
-        Self::spawn_in(ModelPool::global().clone(), params, settings, options)
-    }
-
-    /// [`new`](Self::new) taking its networks from `pool` instead of the process-wide
-    /// [`ModelPool::global`]: engines share weights only with engines of the same pool.
-    pub fn new_in(
-        pool: Arc<ModelPool>,
-        params: StreamDiffusionParams,
-        settings: EngineSettings,
-        options: EngineOptions,
-    ) -> Result<Self> {
-        let engine = Self::spawn_in(pool, params, settings, options)?;
-        engine.wait_ready(None)?;
-        Ok(engine)
-    }
-
-    /// [`spawn`](Self::spawn) taking its networks from `pool` (see [`new_in`](Self::new_in)).
-    pub fn spawn_in(
-        pool: Arc<ModelPool>,
-        params: StreamDiffusionParams,
-        settings: EngineSettings,
-        options: EngineOptions,
-    ) -> Result<Self> {
+    pub fn spawn(self) -> Result<Engine> {
+        let Self {
+            params,
+            settings,
+            options,
+            pool,
+        } = self;
         settings.validate()?;
         params.validate(&settings)?;
         // What the pipeline would refuse once loaded (a preprocessor it cannot run, a feature
         // it lacks) is refused here, not left to the load.
         check_supported(&params)?;
+        let pool = pool.unwrap_or_else(|| ModelPool::global().clone());
         let factory = Arc::new(StreamDiffusionFactory::new(settings.clone(), pool));
-        Self::spawn_with_factory(params, settings, options, factory)
+        Engine::spawn_with_factory(params, settings, options, factory)
+    }
+}
+
+impl Engine {
+    /// An engine for `params`, with settings, options and pool to set before it starts
+    /// ([`EngineBuilder`]).
+    pub fn builder(params: StreamDiffusionParams) -> EngineBuilder {
+        EngineBuilder {
+            params,
+            settings: EngineSettings::default(),
+            options: EngineOptions::default(),
+            pool: None,
+        }
     }
 
-    /// [`spawn`](Self::spawn) with any pipeline factory (tests use stand-ins).
+    /// Starts an engine and waits until its pipeline is loaded: the short form of
+    /// `Engine::builder(params).settings(settings).options(options).load()`. Use
+    /// [`builder`](Self::builder) to return at once ([`EngineBuilder::spawn`]) or to take the
+    /// networks from another pool.
+    pub fn new(
+        params: StreamDiffusionParams,
+        settings: EngineSettings,
+        options: EngineOptions,
+    ) -> Result<Self> {
+        Self::builder(params)
+            .settings(settings)
+            .options(options)
+            .load()
+    }
+
+    /// [`EngineBuilder::spawn`] with any pipeline factory (tests use stand-ins).
     pub(crate) fn spawn_with_factory(
         params: StreamDiffusionParams,
         settings: EngineSettings,
@@ -144,7 +191,7 @@ impl Engine {
         };
         for (name, body) in [
             ("sdstream-worker", worker::run_worker as fn(&Shared)),
-            ("sdstream-builder", builder::run_builder as fn(&Shared)),
+            ("sdstream-builder", build_thread::run_builder as fn(&Shared)),
         ] {
             let shared = shared.clone();
             let handle = std::thread::Builder::new()

@@ -8,30 +8,21 @@ use crate::frame::{Frame, Image};
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::pool::ModelPool;
 use crate::params::{EngineSettings, StreamDiffusionParams, Transition, Update};
+use crate::pipeline::ControlPreparer;
 use crate::pipeline::stream_diffusion::{
-    StageTimings, StreamDiffusion, image_prompt_ready, load_image_prompt, load_safety_checker,
-    prefetch_style_image, safety_checker_ready,
+    FrameInput, StageTimings, StreamDiffusion, image_prompt_ready, load_image_prompt,
+    load_safety_checker, prefetch_style_image, safety_checker_ready,
 };
-use crate::pipeline::{ControlPreparer, PreparedControls};
 use crate::preprocess;
 use crate::preprocess::networks::{Network, NetworkPool, ProcessorNetworks};
 use crate::{Error, Result};
 
 /// A running stream the worker thread owns.
 pub(crate) trait Pipeline: Send {
-    /// One frame in, one frame out; `controls` are control images by ControlNet model_id.
-    fn process(&mut self, frame: &Frame, controls: &[(&str, &Frame)]) -> Result<Image>;
-    /// [`process`](Self::process) with control images made ahead by a preparer of this
-    /// pipeline (used when they still apply). Stand-ins without preprocessors ignore them.
-    fn process_prepared(
-        &mut self,
-        frame: &Frame,
-        controls: &[(&str, &Frame)],
-        prepared: Option<PreparedControls>,
-    ) -> Result<Image> {
-        let _ = prepared;
-        self.process(frame, controls)
-    }
+    /// One frame in, one frame out, with the frame's control images by ControlNet model_id and
+    /// any made ahead by a preparer of this pipeline (used when they still apply; stand-ins
+    /// without preprocessors ignore them).
+    fn process(&mut self, input: FrameInput<'_>) -> Result<Image>;
     /// What makes the control images of the frame after `current` on another thread while
     /// this pipeline processes `current`; `None` when nothing can run ahead.
     fn control_preparer(&self, current: &Frame) -> Result<Option<ControlPreparer>> {
@@ -53,17 +44,8 @@ pub(crate) trait Pipeline: Send {
 }
 
 impl Pipeline for StreamDiffusion {
-    fn process(&mut self, frame: &Frame, controls: &[(&str, &Frame)]) -> Result<Image> {
-        StreamDiffusion::process_with_controls(self, frame, controls)
-    }
-
-    fn process_prepared(
-        &mut self,
-        frame: &Frame,
-        controls: &[(&str, &Frame)],
-        prepared: Option<PreparedControls>,
-    ) -> Result<Image> {
-        StreamDiffusion::process_prepared(self, frame, controls, prepared)
+    fn process(&mut self, input: FrameInput<'_>) -> Result<Image> {
+        StreamDiffusion::process(self, input)
     }
 
     fn control_preparer(&self, current: &Frame) -> Result<Option<ControlPreparer>> {

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::frame::{Frame, Image, PixelFormat};
 use crate::params::{EngineSettings, StreamDiffusionParams, Transition};
 use crate::pipeline::PreparedControls;
+use crate::pipeline::stream_diffusion::FrameInput;
 use crate::{Error, Result};
 
 use super::pipeline::{Pipeline, PipelineFactory};
@@ -64,7 +65,7 @@ impl Job {
             .map(|(id, c)| Ok((id.as_str(), c.frame()?)))
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<(&str, &Frame)> = controls.iter().map(|(id, f)| (*id, f)).collect();
-        pipeline.process_prepared(&frame, &refs, prepared)
+        pipeline.process(FrameInput::new(&frame).controls(&refs).prepared(prepared))
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::pipeline::{Pipeline, PipelineFactory};
 use super::*;
 use crate::params::{Prompt, Transition};
-use crate::pipeline::stream_diffusion::StageTimings;
+use crate::pipeline::stream_diffusion::{FrameInput, StageTimings};
 use crate::{Frame, Image, PixelFormat};
 
 /// Outputs one RGB pixel: [first input byte, width / 64, calls so far (warm-up included)].
@@ -28,7 +28,8 @@ struct Fake {
 }
 
 impl Pipeline for Fake {
-    fn process(&mut self, frame: &Frame, _controls: &[(&str, &Frame)]) -> Result<Image> {
+    fn process(&mut self, input: FrameInput<'_>) -> Result<Image> {
+        let frame = input.frame();
         self.frame_gate.pass();
         thread::sleep(self.delay);
         match self.params.prompt.texts().first().copied() {
@@ -1163,13 +1164,10 @@ fn spawn_refuses_what_the_pipeline_cannot_run_before_loading_anything() {
             "skip_diffusion",
         ),
     ] {
-        let err = Engine::spawn(
-            with(patch.clone()),
-            EngineSettings::default(),
-            EngineOptions::default(),
-        )
-        .map(|_| ())
-        .expect_err(&patch.to_string());
+        let err = Engine::builder(with(patch.clone()))
+            .spawn()
+            .map(|_| ())
+            .expect_err(&patch.to_string());
         assert!(
             matches!(&err, Error::InvalidParam { field: f, .. } if f == field),
             "{patch}: {err}"

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use crate::model::bundle::StableDiffusionModels;
 use crate::params::{Prompt, StreamDiffusionParams};
 use crate::pipeline::blend::{blend, blend_noise, normalized_weights};
-use crate::pipeline::stream::{StepTensors, StreamState};
+use crate::pipeline::stream_batch::{StepTensors, StreamState};
 use crate::sampling::rng::TorchGenerator;
 use crate::{Error, Result};
 

@@ -253,7 +253,7 @@ impl ControlFingerprint {
 }
 
 /// Control images made ahead of their frame ([`ControlPreparer::prepare`]), for
-/// [`StreamDiffusion::process_prepared`](super::stream_diffusion::StreamDiffusion::process_prepared).
+/// [`FrameInput::prepared`](super::stream_diffusion::FrameInput::prepared).
 #[derive(Debug)]
 pub struct PreparedControls {
     pub(crate) fingerprint: ControlFingerprint,

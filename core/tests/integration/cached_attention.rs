@@ -6,6 +6,7 @@ use crate::common;
 
 use common::{abs_err, check, fixture, golden};
 use sdstream::model::attention_bank::AttentionBank;
+use sdstream::model::unet::UNetInputs;
 use sdstream::{StreamDiffusion, StreamDiffusionParams};
 use serde_json::{Value, json};
 
@@ -25,12 +26,11 @@ fn banked_unet_calls_match_the_torch_rendering() {
     let text = &g["text"];
     for c in 0..CALLS {
         let out = unet
-            .forward(
+            .forward(UNetInputs::new(
                 &g[&format!("sample_{c}")],
                 &g[&format!("timesteps_{c}")],
                 text,
-                None,
-            )
+            ))
             .unwrap();
         check(
             &format!("plain {c}"),
@@ -43,13 +43,13 @@ fn banked_unet_calls_match_the_torch_rendering() {
         let mut bank = AttentionBank::new(frames, interval).unwrap();
         for c in 0..CALLS {
             let out = unet
-                .forward_banked(
-                    &g[&format!("sample_{c}")],
-                    &g[&format!("timesteps_{c}")],
-                    text,
-                    None,
-                    None,
-                    &mut bank,
+                .forward(
+                    UNetInputs::new(
+                        &g[&format!("sample_{c}")],
+                        &g[&format!("timesteps_{c}")],
+                        text,
+                    )
+                    .bank(Some(&mut bank)),
                 )
                 .unwrap();
             let want = &g[&format!("out_f{frames}_i{interval}_{c}")];
@@ -74,13 +74,13 @@ fn resizing_keeps_the_newest_frames_and_pads_with_zeros() {
     for c in 0..3 {
         models
             .unet
-            .forward_banked(
-                &g[&format!("sample_{c}")],
-                &g[&format!("timesteps_{c}")],
-                &g["text"],
-                None,
-                None,
-                &mut bank,
+            .forward(
+                UNetInputs::new(
+                    &g[&format!("sample_{c}")],
+                    &g[&format!("timesteps_{c}")],
+                    &g["text"],
+                )
+                .bank(Some(&mut bank)),
             )
             .unwrap();
     }

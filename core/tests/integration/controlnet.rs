@@ -14,7 +14,7 @@ use common::{WorstFrame, abs_err, edited_config, fixture, golden, scratch_dir};
 use sdstream::model::bundle::StableDiffusionModels;
 use sdstream::model::controlnet::ControlNetModel;
 use sdstream::{
-    EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams, Update,
+    EngineSettings, Frame, FrameInput, PixelFormat, StreamDiffusion, StreamDiffusionParams, Update,
 };
 use serde_json::{Value, json};
 
@@ -447,7 +447,7 @@ fn control_image_for_an_unknown_net_is_an_error_and_changes_nothing() {
     let img = image::open(fixture("frames/002.png")).unwrap().to_rgb8();
     let frame = Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
     let err = s
-        .process_with_controls(&frame, &[("no/such-net", &frame)])
+        .process(FrameInput::new(&frame).controls(&[("no/such-net", &frame)]))
         .unwrap_err()
         .to_string();
     assert!(err.contains("no/such-net"), "{err}");
@@ -458,6 +458,6 @@ fn control_image_for_an_unknown_net_is_an_error_and_changes_nothing() {
     );
     // A control image for a configured net is accepted (it is kept for `external` nets).
     let id = net_path("tiny-controlnet-a");
-    s.process_with_controls(&frame, &[(id.as_str(), &frame)])
+    s.process(FrameInput::new(&frame).controls(&[(id.as_str(), &frame)]))
         .unwrap();
 }

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{abs_err, check, fixture, golden};
 use sdstream::model::bundle::StableDiffusionModels;
 use sdstream::model::ip_adapter::{IpAdapter, layer_scales};
-use sdstream::model::unet::{AddedConditioning, ImagePrompt};
+use sdstream::model::unet::{AddedConditioning, ImagePrompt, UNetInputs};
 use sdstream::{
     EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams, StyleImage,
 };
@@ -51,18 +51,14 @@ fn unet_with_image(
     });
     models
         .unet
-        .forward_extended(
-            &g["sample"],
-            &g["timesteps"],
-            &e,
-            added.as_ref(),
-            None,
-            None,
-            Some(ImagePrompt {
-                adapter: adapter.layers(),
-                tokens: adapter.config().tokens,
-                scales,
-            }),
+        .forward(
+            UNetInputs::new(&g["sample"], &g["timesteps"], &e)
+                .added(added.as_ref())
+                .image(Some(ImagePrompt {
+                    adapter: adapter.layers(),
+                    tokens: adapter.config().tokens,
+                    scales,
+                })),
         )
         .unwrap()
 }
@@ -123,17 +119,15 @@ fn parity(family: &str, fixture_name: &str) {
     let rows = Tensor::cat(&[&g["negative_tokens"], &g["tokens"]], 0).unwrap();
     let plain = models
         .unet
-        .forward_with_added(
-            &g["sample"],
-            &g["timesteps"],
-            &g["text"],
-            g.get("text_embeds")
-                .map(|t| AddedConditioning {
-                    text_embeds: t.clone(),
-                    time_ids: g["time_ids"].clone(),
-                })
-                .as_ref(),
-            None,
+        .forward(
+            UNetInputs::new(&g["sample"], &g["timesteps"], &g["text"]).added(
+                g.get("text_embeds")
+                    .map(|t| AddedConditioning {
+                        text_embeds: t.clone(),
+                        time_ids: g["time_ids"].clone(),
+                    })
+                    .as_ref(),
+            ),
         )
         .unwrap();
     let (plain_err, _) = abs_err(&plain, &g["plain"]);

@@ -6,7 +6,7 @@ use crate::common;
 
 use candle_core::{DType, Tensor};
 use common::{abs_err, fixture};
-use sdstream::pipeline::stream::to_unit_range;
+use sdstream::pipeline::stream_batch::to_unit_range;
 use sdstream::{StreamDiffusion, StreamDiffusionParams};
 use serde_json::{Value, json};
 

@@ -15,6 +15,7 @@ use candle_core::{DType, Tensor};
 use common::{abs_err, fixture, golden, scratch_dir, tiny_settings};
 use sdstream::model::bundle::{ModelRequest, StableDiffusionModels};
 use sdstream::model::pool::ModelPool;
+use sdstream::model::unet::UNetInputs;
 use sdstream::params::Prompt;
 use sdstream::{
     Engine, EngineOptions, Error, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams,
@@ -79,12 +80,11 @@ fn run(
         .expect("text encoder");
     let out = models
         .unet
-        .forward(
+        .forward(UNetInputs::new(
             &g["base.sample"],
             &g["base.timesteps"],
             &g[&format!("{case}.text_embeds")],
-            None,
-        )
+        ))
         .expect("unet");
     (embeds, out)
 }

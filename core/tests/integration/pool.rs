@@ -73,16 +73,15 @@ fn frame(data: &[u8]) -> Frame<'_> {
 }
 
 fn engine_in(pool: &Arc<ModelPool>, params: StreamDiffusionParams) -> Engine {
-    Engine::new_in(
-        pool.clone(),
-        params,
-        settings(),
-        EngineOptions {
+    Engine::builder(params)
+        .settings(settings())
+        .options(EngineOptions {
             warmup: false,
             ..EngineOptions::default()
-        },
-    )
-    .expect("engine")
+        })
+        .pool(pool.clone())
+        .load()
+        .expect("engine")
 }
 
 /// The bytes the float tensors of a safetensors file take in f32, from its header.
@@ -269,7 +268,10 @@ fn concurrent_requests_for_one_model_load_it_once() {
 fn two_engines_spawned_together_load_once() {
     let pool = Arc::new(ModelPool::new());
     let spawn = || {
-        Engine::spawn_in(pool.clone(), params(), settings(), EngineOptions::default())
+        Engine::builder(params())
+            .settings(settings())
+            .pool(pool.clone())
+            .spawn()
             .expect("spawn")
     };
     let (a, b) = (spawn(), spawn());

@@ -11,7 +11,7 @@ use crate::common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{WorstFrame, abs_err, fixture, golden, tiny_settings};
 use sdstream::model::bundle::{ModelRequest, StableDiffusionModels};
-use sdstream::model::unet::AddedConditioning;
+use sdstream::model::unet::{AddedConditioning, UNetInputs};
 use sdstream::params::{ControlNetConfig, ModelFamily};
 use sdstream::{
     Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusion,
@@ -87,7 +87,7 @@ fn conditioning_matches_diffusers_encode_prompt() {
     };
     let out = models
         .unet
-        .forward_with_added(&g["sample"], &g["timesteps"], &context, Some(&added), None)
+        .forward(UNetInputs::new(&g["sample"], &g["timesteps"], &context).added(Some(&added)))
         .expect("unet");
     let (max, mean) = abs_err(&out, &g["unet_output"]);
     println!("SDXL UNet with text_embeds and time_ids: max {max:.2e} mean {mean:.2e}");
@@ -253,13 +253,7 @@ fn an_sdxl_lora_patches_the_unet_and_both_text_encoders() {
     };
     let out = models
         .unet
-        .forward_with_added(
-            &base["sample"],
-            &base["timesteps"],
-            &context,
-            Some(&added),
-            None,
-        )
+        .forward(UNetInputs::new(&base["sample"], &base["timesteps"], &context).added(Some(&added)))
         .unwrap();
     for (what, got, key, tol) in [
         ("prompt_embeds", &text.embeds, "prompt_embeds", 1e-5),

@@ -11,7 +11,8 @@ use common::{abs_err, fixture};
 use sdstream::model::bundle::StableDiffusionModels;
 use sdstream::sampling::rng::TorchGenerator;
 use sdstream::{
-    EngineSettings, Error, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams, Update,
+    EngineSettings, Error, Frame, FrameInput, PixelFormat, StreamDiffusion, StreamDiffusionParams,
+    Update,
 };
 use serde_json::{Value, json};
 
@@ -372,7 +373,7 @@ fn status_counts_frames_errors_updates_and_reloads() {
     }
     // A control image for a ControlNet the stream does not have: the frame fails.
     let err = s
-        .process_with_controls(&frame, &[("no/such-net", &frame)])
+        .process(FrameInput::new(&frame).controls(&[("no/such-net", &frame)]))
         .unwrap_err();
     assert!(err.to_string().contains("no/such-net"), "{err}");
     let status = s.status();

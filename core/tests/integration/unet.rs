@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use sdstream::model::unet::{
-    AddedConditioning, ControlResiduals, UNet2DConditionModel, UNetConfig,
+    AddedConditioning, ControlResiduals, UNet2DConditionModel, UNetConfig, UNetInputs,
 };
 
 fn get<'a>(g: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
@@ -51,18 +51,20 @@ fn tiny_sd_turbo_matches_diffusers() {
 
     // One timestep per row (the stream batch), as int64 like StreamDiffusion passes them.
     let out = unet
-        .forward(sample, get(&g, "timesteps"), context, None)
+        .forward(UNetInputs::new(sample, get(&g, "timesteps"), context))
         .unwrap();
     check("per-row timesteps", &out, get(&g, "output"), 1e-4);
 
     // The same rows given as f32 timesteps must give the same result.
     let t_f32 = get(&g, "timesteps").to_dtype(DType::F32).unwrap();
-    let out_f32 = unet.forward(sample, &t_f32, context, None).unwrap();
+    let out_f32 = unet
+        .forward(UNetInputs::new(sample, &t_f32, context))
+        .unwrap();
     check("per-row timesteps (f32)", &out_f32, get(&g, "output"), 1e-4);
 
     // A single timestep broadcast to every row.
     let out = unet
-        .forward(sample, get(&g, "single_timestep"), context, None)
+        .forward(UNetInputs::new(sample, get(&g, "single_timestep"), context))
         .unwrap();
     check(
         "single timestep",
@@ -88,7 +90,7 @@ fn tiny_sd_turbo_matches_diffusers() {
         mid: get(&g, "control_mid_residual").clone(),
     };
     let out = unet
-        .forward(sample, get(&g, "timesteps"), context, Some(&control))
+        .forward(UNetInputs::new(sample, get(&g, "timesteps"), context).control(Some(&control)))
         .unwrap();
     check(
         "additional residuals",
@@ -99,12 +101,11 @@ fn tiny_sd_turbo_matches_diffusers() {
 
     // A non-square latent reaching 2×3 at the deepest level.
     let out = unet
-        .forward(
+        .forward(UNetInputs::new(
             get(&g, "wide_sample"),
             get(&g, "wide_timesteps"),
             get(&g, "wide_encoder_hidden_states"),
-            None,
-        )
+        ))
         .unwrap();
     check("wide 16x24 latent", &out, get(&g, "wide_output"), 1e-4);
 }
@@ -125,11 +126,11 @@ fn cross_attention_projects_a_context_once_while_it_holds() {
         a.len() == b.len() && a == b
     };
     assert_eq!(unet.cross_attention_projections(), 0);
-    let first = unet.forward(sample, t, context, None).unwrap();
+    let first = unet.forward(UNetInputs::new(sample, t, context)).unwrap();
     assert_eq!(unet.cross_attention_projections(), layers);
 
     let second = unet
-        .forward(sample, t, &context.copy().unwrap(), None)
+        .forward(UNetInputs::new(sample, t, &context.copy().unwrap()))
         .unwrap();
     assert_eq!(
         unet.cross_attention_projections(),
@@ -139,12 +140,14 @@ fn cross_attention_projects_a_context_once_while_it_holds() {
     assert!(same_bits(&first, &second));
 
     let other = (context * 0.5).unwrap();
-    let third = unet.forward(sample, t, &other, None).unwrap();
+    let third = unet.forward(UNetInputs::new(sample, t, &other)).unwrap();
     assert_eq!(unet.cross_attention_projections(), 2 * layers);
-    let fresh = tiny_unet().forward(sample, t, &other, None).unwrap();
+    let fresh = tiny_unet()
+        .forward(UNetInputs::new(sample, t, &other))
+        .unwrap();
     assert!(same_bits(&third, &fresh), "a memo changed the output");
 
-    let again = unet.forward(sample, t, context, None).unwrap();
+    let again = unet.forward(UNetInputs::new(sample, t, context)).unwrap();
     assert_eq!(unet.cross_attention_projections(), 3 * layers);
     assert!(same_bits(&first, &again));
 }
@@ -169,12 +172,11 @@ fn tiny_sd_turbo_half_precision_runs_close() {
         .expect("load tiny UNet in f16");
     assert_eq!(unet.dtype(), dtype);
     let out = unet
-        .forward(
+        .forward(UNetInputs::new(
             get(&g, "sample"),
             get(&g, "timesteps"),
             get(&g, "encoder_hidden_states"),
-            None,
-        )
+        ))
         .unwrap();
     assert_eq!(out.dtype(), dtype);
     check("f16", &out, get(&g, "output"), 1e-2);
@@ -208,12 +210,10 @@ fn check_variant(name: &str) {
         time_ids: get(&g, "time_ids").clone(),
     });
     let run = |t: &Tensor, control: Option<&ControlResiduals>| {
-        unet.forward_with_added(
-            get(&g, "sample"),
-            t,
-            get(&g, "encoder_hidden_states"),
-            added.as_ref(),
-            control,
+        unet.forward(
+            UNetInputs::new(get(&g, "sample"), t, get(&g, "encoder_hidden_states"))
+                .added(added.as_ref())
+                .control(control),
         )
         .unwrap()
     };
@@ -263,12 +263,11 @@ fn variant_sdxl_text_time() {
 fn sdxl_config_without_added_conditioning_is_an_error() {
     let (unet, g) = variant("sdxl_text_time");
     let err = unet
-        .forward(
+        .forward(UNetInputs::new(
             get(&g, "sample"),
             get(&g, "timesteps"),
             get(&g, "encoder_hidden_states"),
-            None,
-        )
+        ))
         .unwrap_err()
         .to_string();
     assert!(err.contains("addition_embed_type"), "{err}");
@@ -380,14 +379,14 @@ fn wrong_inputs_are_abs_err() {
     // Two timesteps for three rows.
     let t = Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap();
     let err = unet
-        .forward(sample, &t, context, None)
+        .forward(UNetInputs::new(sample, &t, context))
         .unwrap_err()
         .to_string();
     assert!(err.contains("timesteps"), "{err}");
     // Text embeddings of the wrong width.
     let narrow = context.narrow(2, 0, 16).unwrap();
     let err = unet
-        .forward(sample, get(&g, "timesteps"), &narrow, None)
+        .forward(UNetInputs::new(sample, get(&g, "timesteps"), &narrow))
         .unwrap_err()
         .to_string();
     assert!(err.contains("encoder_hidden_states"), "{err}");
@@ -397,7 +396,7 @@ fn wrong_inputs_are_abs_err() {
         mid: get(&g, "control_mid_residual").clone(),
     };
     let err = unet
-        .forward(sample, get(&g, "timesteps"), context, Some(&control))
+        .forward(UNetInputs::new(sample, get(&g, "timesteps"), context).control(Some(&control)))
         .unwrap_err()
         .to_string();
     assert!(err.contains("residual"), "{err}");

@@ -15,7 +15,7 @@ use super::record::Recorder;
 use crate::hls::HlsOutput;
 use crate::rtmp::{RtmpDirectory, RtmpIngest, RtmpPush};
 use crate::webrtc::{
-    FrameObserver, Ingest, PublisherState, StreamDirectory, TransportError, WebRtcStream,
+    FrameObserver, Ingest, MediaHub, PublisherState, StreamDirectory, TransportError,
 };
 use sdstream::engine::EngineState;
 use sdstream::ids::random_hex;
@@ -37,7 +37,7 @@ pub(crate) struct StreamEntry {
     pub(crate) created: Instant,
     pub(crate) updated_at: Mutex<String>,
     pub(crate) engine: Arc<Engine>,
-    pub(crate) transport: Arc<WebRtcStream>,
+    pub(crate) transport: Arc<MediaHub>,
     pub(crate) recorder: Option<Arc<Recorder>>,
     /// The HLS output (its segmenter runs while someone reads it).
     pub(crate) hls: Arc<HlsOutput>,
@@ -258,7 +258,10 @@ impl App {
         // Validation, the features the pipeline runs and the preprocessors are all checked
         // here, before anything loads.
         let engine = Arc::new(
-            Engine::spawn(params.clone(), self.config.settings.clone(), options)
+            Engine::builder(params.clone())
+                .settings(self.config.settings.clone())
+                .options(options)
+                .spawn()
                 .map_err(ApiError::invalid)?,
         );
         self.engines_started.fetch_add(1, Ordering::AcqRel);
@@ -280,7 +283,7 @@ impl App {
             r.params(engine.status().params_version, &params);
         }
         let observer = recorder.clone().map(|r| r as Arc<dyn FrameObserver>);
-        let transport = match WebRtcStream::with_observer(
+        let transport = match MediaHub::with_observer(
             engine.clone(),
             self.config.transport.clone(),
             observer,
@@ -412,7 +415,7 @@ pub(crate) fn same_token(a: &str, b: &str) -> bool {
 pub(crate) struct Directory(pub(crate) Arc<App>);
 
 impl RtmpDirectory for Directory {
-    fn stream_for_key(&self, stream_key: &str) -> Option<(String, Arc<WebRtcStream>)> {
+    fn stream_for_key(&self, stream_key: &str) -> Option<(String, Arc<MediaHub>)> {
         // Every key is compared (in constant time), so the time taken tells nothing.
         let mut found = None;
         for stream in self.0.streams() {
@@ -425,7 +428,7 @@ impl RtmpDirectory for Directory {
 }
 
 impl StreamDirectory for Directory {
-    fn find(&self, id: &str, token: Option<&str>) -> Result<Arc<WebRtcStream>, TransportError> {
+    fn find(&self, id: &str, token: Option<&str>) -> Result<Arc<MediaHub>, TransportError> {
         Ok(self.0.stream_with_key(id, token)?.transport.clone())
     }
 }

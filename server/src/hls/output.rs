@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::ts::TsMuxer;
-use crate::webrtc::{EncodedFrame, Summary, WebRtcStream};
+use crate::webrtc::{EncodedFrame, MediaHub, Summary};
 
 /// How a stream's HLS output is cut and kept.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,7 +87,7 @@ struct State {
 
 /// A stream's HLS output (see the module docs).
 pub struct HlsOutput {
-    stream: Arc<WebRtcStream>,
+    stream: Arc<MediaHub>,
     config: HlsConfig,
     state: Mutex<State>,
     running: AtomicBool,
@@ -130,7 +130,7 @@ fn summarize(window: &VecDeque<f64>, count: u64) -> Summary {
 
 impl HlsOutput {
     /// The HLS output of `stream` (the segmenter starts on the first request).
-    pub fn new(stream: Arc<WebRtcStream>, config: HlsConfig) -> Arc<Self> {
+    pub fn new(stream: Arc<MediaHub>, config: HlsConfig) -> Arc<Self> {
         let (published, _) = watch::channel(0);
         Arc::new(Self {
             stream,

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use super::flv::{AvcDepacketizer, FlvError};
 use super::handshake::{HandshakeRole, handshake};
 use super::session::{ServerEvent, ServerSession, SessionLimits};
-use crate::webrtc::{ExternalPublisher, IngestKind, TransportError, WebRtcStream};
+use crate::webrtc::{ExternalPublisher, IngestKind, MediaHub, TransportError};
 
 /// How the ingest listener behaves.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +63,7 @@ impl Default for RtmpConfig {
 /// Finds the stream an RTMP stream key publishes to.
 pub trait RtmpDirectory: Send + Sync + 'static {
     /// The id and transport of the stream whose key is `stream_key`, if any.
-    fn stream_for_key(&self, stream_key: &str) -> Option<(String, Arc<WebRtcStream>)>;
+    fn stream_for_key(&self, stream_key: &str) -> Option<(String, Arc<MediaHub>)>;
 }
 
 /// Counters of the ingest listener.

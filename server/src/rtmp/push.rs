@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use super::flv::{parameter_sets, picture_tag, sequence_header_tag};
 use super::handshake::{HandshakeRole, handshake};
 use super::session::{ClientEvent, ClientSession, SessionLimits};
-use crate::webrtc::{Summary, WebRtcStream};
+use crate::webrtc::{MediaHub, Summary};
 use sdstream::outbound::OutboundPolicy;
 
 /// The default RTMP port.
@@ -184,7 +184,7 @@ impl std::fmt::Debug for RtmpPush {
 impl RtmpPush {
     /// Starts pushing `stream`'s output to `url`, connecting only to addresses `policy` lets
     /// through (on the current Tokio runtime).
-    pub fn start(stream: Arc<WebRtcStream>, url: RtmpUrl, policy: OutboundPolicy) -> Self {
+    pub fn start(stream: Arc<MediaHub>, url: RtmpUrl, policy: OutboundPolicy) -> Self {
         let shared = Arc::new(PushShared {
             status: Mutex::new(PushStatus {
                 url: url.redacted(),
@@ -249,7 +249,7 @@ fn summarize(mut values: Vec<f64>, count: u64) -> Summary {
 
 async fn run(
     shared: Arc<PushShared>,
-    stream: Arc<WebRtcStream>,
+    stream: Arc<MediaHub>,
     url: RtmpUrl,
     policy: OutboundPolicy,
     mut stopped: watch::Receiver<bool>,
@@ -297,7 +297,7 @@ struct Attempt {
 /// One connection: set up, then send until something fails.
 async fn push_once(
     shared: &PushShared,
-    stream: &Arc<WebRtcStream>,
+    stream: &Arc<MediaHub>,
     url: &RtmpUrl,
     policy: OutboundPolicy,
 ) -> Attempt {

@@ -28,17 +28,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 
-use super::{SessionAnswer, TransportError, WebRtcStream};
+use super::{MediaHub, SessionAnswer, TransportError};
 
 /// Finds a stream's transport by id and checks the caller's token.
 pub trait StreamDirectory: Send + Sync + 'static {
     /// The transport of stream `stream_id`, if `token` opens it: [`TransportError::NotFound`]
     /// for an unknown id, [`TransportError::Unauthorized`] for a missing or wrong token.
-    fn find(
-        &self,
-        stream_id: &str,
-        token: Option<&str>,
-    ) -> Result<Arc<WebRtcStream>, TransportError>;
+    fn find(&self, stream_id: &str, token: Option<&str>) -> Result<Arc<MediaHub>, TransportError>;
 }
 
 /// Daydream's error envelope: `{"success": false, "error": message, "code": code, "status":

@@ -1,7 +1,7 @@
 //! WebRTC transport around an [`Engine`](sdstream::Engine): WHIP ingest and WHEP
 //! playback, H.264 both ways.
 //!
-//! * [`WebRtcStream`] owns one engine's transport: at most one publisher (WHIP, RFC 9725) whose
+//! * [`MediaHub`] owns one engine's transport: at most one publisher (WHIP, RFC 9725) whose
 //!   video track is depacketized, decoded with OpenH264 and submitted to the engine (a second
 //!   one is refused with 409 until the first is gone), and up to
 //!   [`max_viewers`](TransportConfig::max_viewers) viewers (WHEP) to which the engine's outputs
@@ -19,16 +19,16 @@
 //!   supports neither trickle ICE nor ICE restarts. Errors are JSON envelopes
 //!   (`{"success": false, "error", "code", "status"}`, see [`error_response`]).
 //!
-//! * [`WebRtcStream::open_duplex`] answers a session whose one connection sends the camera and
+//! * [`MediaHub::open_duplex`] answers a session whose one connection sends the camera and
 //!   receives the output (Daydream Scope's shape): it holds the publisher place and a viewer
-//!   place, takes trickled candidates ([`WebRtcStream::add_remote_candidates`], at most
+//!   place, takes trickled candidates ([`MediaHub::add_remote_candidates`], at most
 //!   [`MAX_REMOTE_CANDIDATES`] per session), and hands its data-channel messages to a
 //!   [`ControlHandler`]; like a publisher or a viewer, it ends if it does not connect within the
 //!   connect timeout. A peer's mDNS candidates (`….local`) are ignored unless
 //!   [`resolve_mdns_candidates`](TransportConfig::resolve_mdns_candidates) is set.
-//! * [`WebRtcStream::publish_external`] gives the publisher place to a source outside WebRTC
+//! * [`MediaHub::publish_external`] gives the publisher place to a source outside WebRTC
 //!   (RTMP, [`crate::rtmp`]), whose access units go through the same decode thread;
-//!   [`WebRtcStream::subscribe_encoded`] hands the encoded output to consumers outside WebRTC
+//!   [`MediaHub::subscribe_encoded`] hands the encoded output to consumers outside WebRTC
 //!   (HLS, an RTMP push). One publisher at a time, whatever its kind.
 //!
 //! Audio tracks are accepted and ignored. Everything here runs on a Tokio runtime (the calls are
@@ -37,9 +37,9 @@
 
 pub mod h264;
 mod http;
+mod media_hub;
 mod peer;
 mod rtp;
-mod stream;
 
 use std::time::Duration;
 
@@ -47,12 +47,12 @@ pub use h264::EncoderSettings;
 pub use http::{
     BODY_TIMEOUT, StreamDirectory, error_envelope, error_response, read_body, request_token, router,
 };
-pub use peer::check_offer;
-pub use stream::{
+pub use media_hub::{
     ControlHandler, EncodedFrame, EncodedSink, ExternalPublisher, FrameObserver, IceCandidate,
-    Ingest, IngestKind, MAX_REMOTE_CANDIDATES, PublisherState, SessionAnswer, Summary,
-    TransportStats, WebRtcStream,
+    Ingest, IngestKind, MAX_REMOTE_CANDIDATES, MediaHub, PublisherState, SessionAnswer, Summary,
+    TransportStats,
 };
+pub use peer::check_offer;
 
 /// Why a WHIP or WHEP request failed; [`status`](Self::status) is its HTTP status code.
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +219,7 @@ impl IceServer {
     }
 }
 
-/// How a [`WebRtcStream`] connects and encodes.
+/// How a [`MediaHub`] connects and encodes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransportConfig {
     /// Local UDP addresses for ICE (`"127.0.0.1:0"`: loopback only, an ephemeral port per

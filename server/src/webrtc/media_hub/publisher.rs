@@ -17,14 +17,14 @@ use super::super::h264::H264Decoder;
 use super::super::peer;
 use super::super::rtp::{AccessUnitAssembler, Assembled};
 use super::{
-    DECODE_QUEUE, IngestKind, MAX_ACCESS_UNIT_BYTES, PLI_INTERVAL, PublisherLink, PublisherSlot,
-    SessionAnswer, Shared, WebRtcStream, lock,
+    DECODE_QUEUE, IngestKind, MAX_ACCESS_UNIT_BYTES, MediaHub, PLI_INTERVAL, PublisherLink,
+    PublisherSlot, SessionAnswer, Shared, lock,
 };
 use sdstream::engine::Submission;
 use sdstream::ids::random_hex;
 use sdstream::{Frame, PixelFormat};
 
-impl WebRtcStream {
+impl MediaHub {
     /// WHIP: answers a publisher's offer. The video track is decoded and fed to the engine;
     /// audio is accepted and dropped. While the stream's publisher is connected or still
     /// connecting, another is refused ([`TransportError::PublisherPresent`], 409); once its

@@ -54,7 +54,7 @@ impl Window {
     }
 }
 
-/// Counters and timings of a [`WebRtcStream`].
+/// Counters and timings of a [`MediaHub`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TransportStats {
     /// A publisher session exists.

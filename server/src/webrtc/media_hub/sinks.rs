@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::super::TransportError;
-use super::{Shared, WebRtcStream, lock};
+use super::{MediaHub, Shared, lock};
 
 /// One encoded output picture, shared by every viewer and sink.
 #[derive(Debug)]
@@ -42,7 +42,7 @@ const SINK_QUEUE: usize = 16;
 
 static NEXT_SINK: AtomicU64 = AtomicU64::new(1);
 
-/// A subscription to a stream's encoded output (see [`WebRtcStream::subscribe_encoded`]).
+/// A subscription to a stream's encoded output (see [`MediaHub::subscribe_encoded`]).
 /// Dropping it unsubscribes; while any sink or viewer exists the stream encodes its outputs.
 pub struct EncodedSink {
     shared: Arc<Shared>,
@@ -122,7 +122,7 @@ impl Drop for EncodedSink {
     }
 }
 
-impl WebRtcStream {
+impl MediaHub {
     /// Subscribes to the stream's encoded output: every engine output from now on, encoded
     /// once for all viewers and sinks (H.264 constrained baseline, the encoder settings of
     /// the transport). The first picture handed out is a keyframe.

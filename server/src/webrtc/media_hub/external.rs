@@ -9,10 +9,10 @@ use webrtc::peer_connection::RTCPeerConnectionState;
 
 use super::super::TransportError;
 use super::publisher::run_decoder;
-use super::{DECODE_QUEUE, IngestKind, PublisherLink, PublisherSlot, Shared, WebRtcStream};
+use super::{DECODE_QUEUE, IngestKind, MediaHub, PublisherLink, PublisherSlot, Shared};
 use sdstream::ids::random_hex;
 
-/// A publisher that is not a peer connection (see [`WebRtcStream::publish_external`]). It
+/// A publisher that is not a peer connection (see [`MediaHub::publish_external`]). It
 /// holds the stream's publisher place until it is dropped, or until the stream ends it
 /// (closed, or the session deleted), which [`is_ended`](Self::is_ended) and
 /// [`ended`](Self::ended) report.
@@ -89,7 +89,7 @@ impl Drop for ExternalPublisher {
     }
 }
 
-impl WebRtcStream {
+impl MediaHub {
     /// Takes the stream's publisher place for a source outside WebRTC (`kind`, e.g.
     /// [`IngestKind::Rtmp`]): refused with [`TransportError::PublisherPresent`] while another
     /// publisher is connected or connecting, exactly as a second WHIP offer is.

@@ -19,11 +19,11 @@ use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState, RTCSession
 use super::super::TransportError;
 use super::super::h264::H264Encoder;
 use super::super::peer;
-use super::{EncodedFrame, SessionAnswer, Shared, VIEWER_QUEUE, ViewerSlot, WebRtcStream, lock};
+use super::{EncodedFrame, MediaHub, SessionAnswer, Shared, VIEWER_QUEUE, ViewerSlot, lock};
 use sdstream::PixelFormat;
 use sdstream::ids::random_hex;
 
-impl WebRtcStream {
+impl MediaHub {
     /// WHEP: answers a viewer's offer with a track of the engine's output, H.264. Frames flow
     /// once the viewer connects, from a keyframe. A full stream makes room by ending its oldest
     /// session still connecting (see [`TransportConfig::max_pending_viewers`]); only when every

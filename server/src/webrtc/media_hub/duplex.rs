@@ -21,7 +21,7 @@ use super::super::TransportError;
 use super::super::peer;
 use super::publisher::start_publisher_tasks;
 use super::viewers::{output_track, run_viewer};
-use super::{IngestKind, PublisherLink, PublisherSlot, SessionAnswer, Shared, WebRtcStream, lock};
+use super::{IngestKind, MediaHub, PublisherLink, PublisherSlot, SessionAnswer, Shared, lock};
 use sdstream::ids::random_hex;
 
 /// Where a duplex session's data-channel messages go.
@@ -33,7 +33,7 @@ pub trait ControlHandler: Send + Sync + 'static {
 
     /// The session ended on its own: the peer closed its last control channel (as a client
     /// that closes its connection does), the connection failed or closed, or it never
-    /// connected. Not called when [`WebRtcStream::end_duplex`] or [`WebRtcStream::close`] ended
+    /// connected. Not called when [`MediaHub::end_duplex`] or [`MediaHub::close`] ended
     /// it.
     fn on_end(&self, session_id: &str);
 }
@@ -61,7 +61,7 @@ const MAX_PENDING_CONTROL: usize = 16;
 /// Most candidates a session's peer may trickle: a browser gathers a handful per network
 /// interface; every one added makes the ICE agent send checks to the address it names.
 pub const MAX_REMOTE_CANDIDATES: usize = 64;
-/// How long [`WebRtcStream::end_duplex`] lets its last message drain before closing.
+/// How long [`MediaHub::end_duplex`] lets its last message drain before closing.
 const FAREWELL_DRAIN: Duration = Duration::from_millis(500);
 
 pub(super) struct ControlSlot {
@@ -75,7 +75,7 @@ pub(super) struct ControlSlot {
     remote_candidates: usize,
 }
 
-impl WebRtcStream {
+impl MediaHub {
     /// Answers a duplex offer: the offer's video track feeds the engine (it takes the stream's
     /// publisher place: [`TransportError::PublisherPresent`] while another publisher is live),
     /// the engine's output goes back on the same connection (a viewer place), and the data

@@ -1,4 +1,4 @@
-//! [`WebRtcStream`]: one engine's publisher and viewers, and the threads between them.
+//! [`MediaHub`]: one engine's publisher and viewers, and the threads between them.
 //!
 //! Ingest: RTP packets (network task) → access units → decode thread → `Engine::submit`. A
 //! publisher outside WebRTC (RTMP) hands in access units through an [`ExternalPublisher`] and
@@ -231,20 +231,20 @@ impl Shared {
 /// The WHIP/WHEP transport of one [`Engine`]. Cheap to share (`Arc` inside); all methods take
 /// `&self`. Call [`close`](Self::close) to end every session; dropping it only stops the
 /// output thread.
-pub struct WebRtcStream {
+pub struct MediaHub {
     shared: Arc<Shared>,
     pump: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl std::fmt::Debug for WebRtcStream {
+impl std::fmt::Debug for MediaHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebRtcStream")
+        f.debug_struct("MediaHub")
             .field("config", &self.shared.config)
             .finish_non_exhaustive()
     }
 }
 
-impl WebRtcStream {
+impl MediaHub {
     /// Starts the transport of `engine`: the output thread starts at once (it takes every
     /// output of the engine from now on, so nothing else should poll it).
     pub fn new(engine: Arc<Engine>, config: TransportConfig) -> Result<Self, TransportError> {
@@ -396,7 +396,7 @@ impl WebRtcStream {
     }
 }
 
-impl Drop for WebRtcStream {
+impl Drop for MediaHub {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
         // Peer connections close when their last handle goes; tasks holding `shared` end as
