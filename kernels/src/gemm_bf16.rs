@@ -78,33 +78,31 @@ pub fn active() -> bool {
     BF16_GEMMS.with(Cell::get)
 }
 
-/// Whether this CPU has AMX's bf16 tiles and the operating system lets this process use them.
+/// Whether this CPU has AMX's bf16 tiles, the operating system lets this process use them, and
+/// the current [`crate::KernelPolicy`] allows them (`SDSTREAM_NO_AMX` says no, for
+/// comparisons). The hardware is asked once, and only once the policy allows it: a process that
+/// never may use the tiles never requests them from the kernel.
 pub fn amx_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if super::env_switch("SDSTREAM_NO_AMX") {
-            return false;
-        }
-        amx::request()
-    })
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    crate::KernelPolicy::current().amx && *SUPPORTED.get_or_init(amx::request)
 }
 
 /// Whether this CPU has AVX512-BF16's `VDPBF16PS` (AMD Zen 4 and later, Intel Cooper Lake and
 /// Sapphire Rapids): 32 bf16 products summed into 16 f32 lanes per instruction, twice the
-/// multiply-adds of an f32 FMA. `SDSTREAM_NO_AVX512_BF16=1` says no (for comparisons).
+/// multiply-adds of an f32 FMA, and the current [`crate::KernelPolicy`] allows it
+/// (`SDSTREAM_NO_AVX512_BF16=1` says no, for comparisons).
 pub fn avx512_bf16_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if super::env_switch("SDSTREAM_NO_AVX512_BF16") {
-            return false;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    })
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    crate::KernelPolicy::current().avx512_bf16
+        && *SUPPORTED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bf16")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            false
+        })
 }
 
 /// The block kernels, fastest first; [`Kernel::best`] is the one the GEMMs run.
@@ -120,7 +118,8 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU has (decided once).
+    /// The fastest kernel this CPU has that the current [`crate::KernelPolicy`] allows. Read
+    /// once per GEMM by its caller and passed down to the GEMM's parts.
     pub fn best() -> Kernel {
         if amx_available() {
             Kernel::Amx
@@ -131,7 +130,8 @@ impl Kernel {
         }
     }
 
-    /// Every kernel this CPU can run (for tests and benchmarks).
+    /// Every kernel this CPU can run that the current [`crate::KernelPolicy`] allows (for tests
+    /// and benchmarks).
     pub fn available() -> Vec<Kernel> {
         let mut kernels = Vec::new();
         if amx_available() {

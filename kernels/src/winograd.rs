@@ -34,12 +34,14 @@
 //! above: about twice the bf16 GEMM's error for m = 2, some tens of times it for m = 4 (tests
 //! in kernels::conv). Channels-last layers keep f32 products (see [`multiplies_in_bf16`]).
 
+#[cfg(test)]
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::gemm_bf16::{self, PackedA, PackedB};
 use super::simd::{self, Isa};
 use super::{SharedMut, for_each_range};
+use crate::{KernelPolicy, Winograd};
 
 /// Lanes of the transforms' vectors: one AVX-512 register of f32 (two AVX2 registers).
 const LANES: usize = 16;
@@ -148,30 +150,14 @@ impl Variant {
     pub(super) const ALL: [Variant; 2] = [Variant::F2, Variant::F4];
 }
 
-/// Where the kernel runs, from `SDSTREAM_WINOGRAD` (read once): `auto` (the default: wide enough
-/// layers over enough tiles, F(4×4, 3×3) where its tiles are many), `off` (never: for
-/// comparisons), `f2` or `f4` (that variant for every f32 3×3 stride-1 convolution: for tests of
-/// the arithmetic on small networks, and comparisons).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Policy {
-    Auto,
-    Off,
-    Every(Variant),
-}
-
-fn policy() -> Policy {
-    static POLICY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
-    *POLICY.get_or_init(|| match std::env::var("SDSTREAM_WINOGRAD").as_deref() {
-        Ok("off" | "0") => Policy::Off,
-        Ok("f2") => Policy::Every(Variant::F2),
-        Ok("f4") => Policy::Every(Variant::F4),
-        Ok("" | "auto") | Err(std::env::VarError::NotPresent) => Policy::Auto,
-        Ok(other) => {
-            tracing::warn!("SDSTREAM_WINOGRAD={other:?} is not auto, off, f2 or f4; using auto");
-            Policy::Auto
+impl From<Variant> for Winograd {
+    /// The policy that runs `variant` for every convolution it can.
+    fn from(variant: Variant) -> Winograd {
+        match variant {
+            Variant::F2 => Winograd::F2,
+            Variant::F4 => Winograd::F4,
         }
-        Err(std::env::VarError::NotUnicode(_)) => Policy::Auto,
-    })
+    }
 }
 
 /// Convolutions run by this kernel in this process (either layout, either variant), and those
@@ -224,16 +210,11 @@ pub(super) fn convolutions_on_this_thread() -> u64 {
     ON_THIS_THREAD.with(Cell::get)
 }
 
-thread_local! {
-    /// Tests on this thread choose the kernel (`Some(Some(v))`: variant v wherever the
-    /// convolution allows it, any size; `Some(None)`: never), so that every path is checked on
-    /// every machine.
-    static CHOICE: Cell<Option<Option<Variant>>> = const { Cell::new(None) };
-}
-
 /// The variant a convolution of `C_in → C_out` channels whose output is `batch` images of
 /// `h_out × w_out` runs with, if any (the caller has checked the kernel is 3×3, stride 1, f32);
-/// `channels_last` is the layer's layout.
+/// `channels_last` is the layer's layout. The current [`KernelPolicy`]'s [`Winograd`] decides:
+/// `auto` the default choice ([`by_default`]), `off` never, `f2` or `f4` that variant wherever
+/// the convolution allows it, at any size (tests of the arithmetic, comparisons).
 pub(super) fn chosen(
     batch: usize,
     h_out: usize,
@@ -242,13 +223,11 @@ pub(super) fn chosen(
     c_out: usize,
     channels_last: bool,
 ) -> Option<Variant> {
-    if let Some(choice) = CHOICE.with(Cell::get) {
-        return choice;
-    }
-    match policy() {
-        Policy::Off => None,
-        Policy::Every(variant) => Some(variant),
-        Policy::Auto => by_default(batch, h_out, w_out, c_in, c_out, channels_last),
+    match KernelPolicy::current().winograd {
+        Winograd::Off => None,
+        Winograd::F2 => Some(Variant::F2),
+        Winograd::F4 => Some(Variant::F4),
+        Winograd::Auto => by_default(batch, h_out, w_out, c_in, c_out, channels_last),
     }
 }
 
@@ -275,17 +254,16 @@ fn by_default(
         .find(|v| v.tiles(batch, h_out, w_out) >= MIN_TILES)
 }
 
-/// Makes this thread's convolutions take `variant` wherever they can (`Some(Some(v))`) or
-/// never (`Some(None)`) until the guard drops; `None` restores the default.
+/// Makes this thread's convolutions (and their parts on the pool) follow `winograd` until the
+/// guard drops: a variant wherever they can, or never ([`Winograd::Off`]); the rest of the
+/// current policy stays.
 #[cfg(test)]
-pub(super) fn choose(choice: Option<Option<Variant>>) -> impl Drop {
-    struct Restore(Option<Option<Variant>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            CHOICE.with(|c| c.set(self.0));
-        }
+pub(super) fn choose(winograd: Winograd) -> crate::PolicyGuard {
+    KernelPolicy {
+        winograd,
+        ..KernelPolicy::current()
     }
-    Restore(CHOICE.with(|c| c.replace(choice)))
+    .enter()
 }
 
 // ---------------------------------------------------------------------------------------------
