@@ -188,6 +188,9 @@ impl Drop for PolicyGuard {
 mod tests {
     use super::*;
 
+    /// Reads one field of a policy.
+    type Field = fn(KernelPolicy) -> bool;
+
     fn with(vars: &[(&str, &str)]) -> KernelPolicy {
         KernelPolicy::from_vars(|name| {
             vars.iter()
@@ -203,7 +206,7 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, fn(KernelPolicy) -> bool, bool); 4] = [
+        let cases: [(&str, Field, bool); 4] = [
             ("SDSTREAM_PORTABLE_KERNELS", |p| p.portable, false),
             ("SDSTREAM_NO_AMX", |p| p.amx, true),
             ("SDSTREAM_NO_AVX512_BF16", |p| p.avx512_bf16, true),
@@ -231,7 +234,7 @@ mod tests {
 
     #[test]
     fn cuda_switches_are_off_only_at_zero() {
-        let cases: [(&str, fn(KernelPolicy) -> bool); 3] = [
+        let cases: [(&str, Field); 3] = [
             ("SDSTREAM_CUDA_KERNELS", |p| p.cuda_kernels),
             ("SDSTREAM_CUDA_ATTENTION", |p| p.cuda_attention),
             ("SDSTREAM_CUDA_GRAPHS", |p| p.cuda_graphs),
@@ -287,7 +290,7 @@ mod tests {
         let outside = KernelPolicy::current();
         marked(Winograd::F2).scoped(|| {
             assert_eq!(KernelPolicy::current(), marked(Winograd::F2));
-            let inner = marked(Winograd::F4).scoped(|| KernelPolicy::current());
+            let inner = marked(Winograd::F4).scoped(KernelPolicy::current);
             assert_eq!(inner, marked(Winograd::F4));
             assert_eq!(KernelPolicy::current(), marked(Winograd::F2));
             {
