@@ -58,16 +58,14 @@ fn padded_head_dim(d: usize) -> Option<usize> {
 
 /// Whether the fused CUDA kernel (attention.cu) runs for queries `q` with heads of `head_dim`:
 /// f16 or bf16 on a CUDA device with sdstream's kernels on ([`cuda_kernels`]), a head
-/// dimension it is built for, and `SDSTREAM_CUDA_ATTENTION` not `0`. f32 keeps the unfused
-/// path: tensor cores would round its operands to TF32, and the f32 goldens hold on the device
-/// only without that.
+/// dimension it is built for, and the current [`crate::KernelPolicy`] allowing it
+/// (`SDSTREAM_CUDA_ATTENTION` not `0`). f32 keeps the unfused path: tensor cores would round its
+/// operands to TF32, and the f32 goldens hold on the device only without that.
 pub fn fused_on_cuda(q: &Tensor, head_dim: usize) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     cuda_kernels(q.device())
         && matches!(q.dtype(), DType::F16 | DType::BF16)
         && padded_head_dim(head_dim).is_some()
-        && !*OFF
-            .get_or_init(|| std::env::var_os("SDSTREAM_CUDA_ATTENTION").is_some_and(|v| v == "0"))
+        && crate::KernelPolicy::current().cuda_attention
 }
 
 /// Attention of `q` `[B·H, N, d]` over `k`, `v` `[B·H, M, d]` (heads-major pairs), with the

@@ -1003,7 +1003,7 @@ mod tests {
                     .to_dtype(DType::F32)?;
                 let before = winograd::convolutions_on_this_thread();
                 let winograd = {
-                    let _choice = winograd::choose(Some(Some(variant)));
+                    let _choice = winograd::choose(variant.into());
                     layer.forward_upsampled(&x, up)?
                 };
                 assert_eq!(
@@ -1012,7 +1012,7 @@ mod tests {
                     "{variant:?} ran"
                 );
                 let im2col = {
-                    let _choice = winograd::choose(Some(None));
+                    let _choice = winograd::choose(crate::Winograd::Off);
                     layer.forward_upsampled(&x, up)?
                 };
                 assert_eq!(winograd.dims(), want.dims());
@@ -1038,6 +1038,79 @@ mod tests {
                 worst.0, worst.1
             );
         }
+        Ok(())
+    }
+
+    /// The policy as a value, end to end: one layer in one test binary convolves under
+    /// `Winograd::Off` (the im2col GEMM) and `Winograd::F2`, each within the F(2×2, 3×3)
+    /// bounds of [`winograd_matches_the_formula_in_f64`] of the f64 formula, and only F2 runs
+    /// Winograd's kernel. Tests run side by side and any of them may run the kernel, so the
+    /// process-wide counter ([`crate::winograd_convolutions`]) can only be said to grow under
+    /// F2; this thread's own count says exactly which call ran it.
+    #[test]
+    fn a_scoped_kernel_policy_picks_winograd_in_one_binary() -> candle_core::Result<()> {
+        use crate::{KernelPolicy, Winograd};
+        let dev = Device::Cpu;
+        // Wide and large enough that the work splits over the pool's threads.
+        let (b, c_in, c_out, h, w) = (3, 96, 64, 16, 12);
+        let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
+        let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev)?;
+        let bias = Tensor::randn(0f32, 0.3, c_out, &dev)?;
+        let padding = Padding::uniform(1);
+        let layer = Conv2d::from_tensors(weight.clone(), Some(bias.clone()), 1, padding)?;
+        let exact = Conv2d::from_tensors(
+            weight.to_dtype(DType::F64)?,
+            Some(bias.to_dtype(DType::F64)?),
+            1,
+            padding,
+        )?;
+        let want = exact
+            .portable(&x.to_dtype(DType::F64)?)?
+            .to_dtype(DType::F32)?;
+        let (times_rounding, times_gemm) = winograd_bounds(winograd::Variant::F2);
+        let rounding = 2e-6 * (9.0 * c_in as f32).sqrt();
+        let run = |winograd: Winograd| -> candle_core::Result<(f32, u64, u64)> {
+            // The CPU kernels whatever the environment says, so that the choice is Winograd's.
+            let policy = KernelPolicy {
+                portable: false,
+                winograd,
+                ..KernelPolicy::process()
+            };
+            let (here, all) = (
+                winograd::convolutions_on_this_thread(),
+                crate::winograd_convolutions(),
+            );
+            let got = policy.scoped(|| layer.forward_upsampled(&x, 1))?;
+            assert_eq!(got.dims(), want.dims());
+            Ok((
+                max_abs_diff(&got, &want)?,
+                winograd::convolutions_on_this_thread() - here,
+                crate::winograd_convolutions() - all,
+            ))
+        };
+        let (off_err, off_here, _) = run(Winograd::Off)?;
+        let (f2_err, f2_here, f2_all) = run(Winograd::F2)?;
+        assert_eq!(off_here, 0, "Winograd's kernel ran under Winograd::Off");
+        assert_eq!(
+            f2_here, 1,
+            "Winograd's kernel did not run under Winograd::F2"
+        );
+        assert!(
+            f2_all >= 1,
+            "the process-wide counter missed the F2 convolution"
+        );
+        for (name, err) in [("off", off_err), ("f2", f2_err)] {
+            assert!(
+                err < times_rounding * rounding,
+                "{name}: {err} from the f64 formula, rounding {rounding}"
+            );
+        }
+        assert!(
+            f2_err <= times_gemm * off_err + 1e-6,
+            "F2 {f2_err}, im2col GEMM {off_err}"
+        );
+        // The scopes ended with their calls.
+        assert_eq!(KernelPolicy::current(), KernelPolicy::process());
         Ok(())
     }
 
@@ -1088,7 +1161,7 @@ mod tests {
                 };
                 let before = winograd::convolutions_on_this_thread();
                 let (plain, fused) = {
-                    let _choice = winograd::choose(Some(Some(variant)));
+                    let _choice = winograd::choose(variant.into());
                     (
                         last.forward(&x_last)?,
                         last.forward_with(&x_last, 1, epilogue)?,
@@ -1100,7 +1173,7 @@ mod tests {
                     "{variant:?} ran"
                 );
                 let gemm = {
-                    let _choice = winograd::choose(Some(None));
+                    let _choice = winograd::choose(crate::Winograd::Off);
                     last.forward(&x_last)?
                 };
                 let rounding = 2e-6 * (9.0 * c_in as f32).sqrt();
@@ -1177,7 +1250,7 @@ mod tests {
                 .portable(&x.to_dtype(DType::F64)?)?
                 .to_dtype(DType::F32)?;
                 let gemm_bf16_err = {
-                    let _choice = winograd::choose(Some(None));
+                    let _choice = winograd::choose(crate::Winograd::Off);
                     let got = gemm_bf16::scoped(true, || first.forward(&x))?;
                     max_abs_diff(&got, &exact)?
                 };
@@ -1198,7 +1271,7 @@ mod tests {
                         Ok(t)
                     }
                 };
-                let _choice = winograd::choose(Some(Some(variant)));
+                let _choice = winograd::choose(variant.into());
                 let before = winograd::convolutions_on_this_thread();
                 let in_f32 = back(layer.forward(&input)?)?;
                 let in_bf16 = back(gemm_bf16::scoped(true, || layer.forward(&input))?)?;
@@ -1252,7 +1325,7 @@ mod tests {
     /// Winograd's kernel, which a bf16 scope leaves in f32 and would take 64 → 64, is kept off.
     #[test]
     fn channels_last_bf16_matches_the_rounded_convolution() -> candle_core::Result<()> {
-        let _no_winograd = winograd::choose(Some(None));
+        let _no_winograd = winograd::choose(crate::Winograd::Off);
         let dev = Device::Cpu;
         let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
         let cases = [
@@ -1423,7 +1496,7 @@ mod tests {
                     "b{b} {c_in}->{c_out} k{k} {h}x{w} s{stride} {padding:?} up{up} direct {direct}"
                 );
                 let _choice = conv_direct::choose(Some(direct));
-                let _no_winograd = winograd::choose(Some(None));
+                let _no_winograd = winograd::choose(crate::Winograd::Off);
                 // What the op's dispatch reads on this thread.
                 assert_eq!(conv_direct::chosen(c_out), direct, "{case}");
                 assert_channels_last_matches(&first, &x, up, &case)?;

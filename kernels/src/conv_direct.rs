@@ -16,6 +16,7 @@
 //! Where the CPU has AVX-512, the `gemm` crate's 512-bit kernels keep the work: this kernel would
 //! use half of their width.
 
+#[cfg(test)]
 use std::cell::Cell;
 
 /// Output channels per block: two AVX2 registers of 8 lanes.
@@ -24,10 +25,15 @@ pub(super) const CHANNELS: usize = 16;
 /// 16 registers.
 const PIXELS: usize = 6;
 
+#[cfg(test)]
 thread_local! {
-    /// Tests on this thread choose the kernel (`Some(true)`: this one wherever the CPU can run it;
-    /// `Some(false)`: the GEMM path), so that both are checked on every machine.
-    static CHOICE: Cell<Option<bool>> = const { Cell::new(None) };
+    /// Tests on this thread run the kernel wherever the CPU can, AVX-512 or not, so that it is
+    /// checked on every machine. Not part of the [`crate::KernelPolicy`]: the policy says whether
+    /// the kernel is allowed, and preferring the AVX-512 GEMM where the CPU has it is a measured
+    /// speed choice, not one a host should override. Read on the calling thread only (the
+    /// channels-last convolution asks [`chosen`] before it splits its work), so unlike the policy
+    /// it need not reach the pool's workers.
+    static FORCED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Whether this CPU can run the kernel (AVX2 and FMA).
@@ -43,41 +49,54 @@ pub(super) fn available() -> bool {
 }
 
 /// Whether a convolution with `c_out` output channels runs on this kernel: it can run here,
-/// the channels fill whole blocks, no AVX-512 GEMM would be faster, and
-/// `SDSTREAM_NO_DIRECT_CONV` is unset (or `0`; set, the GEMM path runs: for comparisons).
+/// the channels fill whole blocks, no AVX-512 GEMM would be faster, and the current
+/// [`crate::KernelPolicy`] allows it (`SDSTREAM_NO_DIRECT_CONV` unset or `0`; set, the GEMM
+/// path runs: for comparisons).
 pub(super) fn chosen(c_out: usize) -> bool {
     if !available() || c_out == 0 || !c_out.is_multiple_of(CHANNELS) {
         return false;
     }
-    match CHOICE.with(Cell::get) {
-        Some(choice) => choice,
-        None => {
-            static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            let off = *OFF.get_or_init(|| super::env_switch("SDSTREAM_NO_DIRECT_CONV"));
-            #[cfg(target_arch = "x86_64")]
-            {
-                !off && !std::is_x86_feature_detected!("avx512f")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = off;
-                false
-            }
-        }
+    if !crate::KernelPolicy::current().direct_conv {
+        return false;
+    }
+    #[cfg(test)]
+    if FORCED.with(Cell::get) {
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        !std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
-/// Makes this thread's channels-last convolutions take the direct kernel (`Some(true)`) or the
-/// GEMM path (`Some(false)`) until the guard drops; `None` restores the CPU's choice.
+/// Makes this thread's channels-last convolutions take the direct kernel wherever the CPU can
+/// run it (`Some(true)`) or the GEMM path (`Some(false)`) until the guard drops; `None` leaves
+/// the choice to the CPU and the process's policy. The GEMM path is the policy's
+/// `direct_conv: false`; the direct kernel is the policy's `true` and, on CPUs with AVX-512,
+/// [`FORCED`] besides.
 #[cfg(test)]
 pub(super) fn choose(choice: Option<bool>) -> impl Drop {
-    struct Restore(Option<bool>);
+    struct Restore {
+        forced: bool,
+        _policy: crate::PolicyGuard,
+    }
     impl Drop for Restore {
         fn drop(&mut self) {
-            CHOICE.with(|c| c.set(self.0));
+            FORCED.with(|c| c.set(self.forced));
         }
     }
-    Restore(CHOICE.with(|c| c.replace(choice)))
+    let policy = crate::KernelPolicy {
+        direct_conv: choice.unwrap_or(crate::KernelPolicy::process().direct_conv),
+        ..crate::KernelPolicy::current()
+    };
+    Restore {
+        forced: FORCED.with(|c| c.replace(choice == Some(true))),
+        _policy: policy.enter(),
+    }
 }
 
 /// One phase's weights (`[taps_h, depth, C_out]`, `depth = taps_w · C_in`) regrouped into blocks

@@ -15,6 +15,10 @@
 //! On CUDA, kernels of sdstream's own replace some twins ([`cuda_kernels`] decides): GroupNorm
 //! (+ SiLU), group_norm.cu, and a frame's 8-bit conversions on the way on and off the device,
 //! transfer.cu; both compiled to PTX by build.rs with the `cuda` feature.
+//!
+//! Which kernels may run is a value, [`KernelPolicy`]: the process's comes from the `SDSTREAM_*`
+//! environment variables, and a caller can scope another on its thread for a while
+//! ([`KernelPolicy::scoped`]); the kernels' parts on other threads follow their caller's.
 
 #![deny(missing_docs)]
 
@@ -29,6 +33,7 @@ pub mod gemm_bf16;
 pub mod norm;
 pub mod ops;
 mod padding;
+mod policy;
 mod pool;
 mod simd;
 pub mod substitutes;
@@ -40,29 +45,25 @@ pub use winograd::{
     weight_bytes as winograd_weight_bytes,
 };
 
+/// Which kernels may run, as a value: the process's from its environment, or one scoped on the
+/// calling thread (see the type). Re-exported here so that hosts name it without knowing the
+/// crate's modules.
+pub use policy::{KernelPolicy, PolicyGuard, Winograd};
+
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
 pub(crate) use pool::threads;
 
-/// Whether the switch `name` is on: the environment variable is set to anything but nothing or
-/// `0`. The kernels' switches (`SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, ...) all read so.
-pub(crate) fn env_switch(name: &str) -> bool {
-    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-/// Whether the CPU kernels run for tensors on `device`: on the CPU unless
-/// `SDSTREAM_PORTABLE_KERNELS` is set (to anything but `0`), never elsewhere.
+/// Whether the CPU kernels run for tensors on `device`: on the CPU unless the current
+/// [`KernelPolicy`] asks for the portable twins (`SDSTREAM_PORTABLE_KERNELS`), never elsewhere.
 pub fn cpu_kernels(device: &Device) -> bool {
-    static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    device.is_cpu() && !*PORTABLE.get_or_init(|| env_switch("SDSTREAM_PORTABLE_KERNELS"))
+    device.is_cpu() && !KernelPolicy::current().portable
 }
 
-/// Whether sdstream's own CUDA kernels run for tensors on `device`: on a CUDA device unless
-/// `SDSTREAM_CUDA_KERNELS=0` (which leaves the portable twins), never elsewhere. Always false
-/// without the `cuda` feature.
+/// Whether sdstream's own CUDA kernels run for tensors on `device`: on a CUDA device unless the
+/// current [`KernelPolicy`] turns them off (`SDSTREAM_CUDA_KERNELS=0`, which leaves the portable
+/// twins), never elsewhere. Always false without the `cuda` feature.
 pub fn cuda_kernels(device: &Device) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    device.is_cuda()
-        && !*OFF.get_or_init(|| std::env::var_os("SDSTREAM_CUDA_KERNELS").is_some_and(|v| v == "0"))
+    device.is_cuda() && KernelPolicy::current().cuda_kernels
 }
 
 /// Prepares a freshly opened device for frames. On CUDA: memory a frame frees stays in the

@@ -11,12 +11,20 @@
 //! One caller at a time has the pool. A second caller (another engine's thread, a test running
 //! beside another) or a kernel started from inside a part runs on threads of its own for that
 //! call, as before the pool existed: nothing waits for the pool and nothing deadlocks on it.
+//!
+//! Every part runs under the caller's [`KernelPolicy`]: [`run`] reads it once on the calling
+//! thread and scopes it around each part it hands to another thread. The alternative, reading
+//! the policy on the calling thread in every kernel and passing it down to its parts, would
+//! hold only as long as no one ever adds a read inside a part; here a part cannot see another
+//! policy than its caller's, wherever its reads are, for a thread-local store per part.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
+
+use crate::policy::KernelPolicy;
 
 /// How long a worker that finished a part, or a caller waiting for the workers, spins before it
 /// parks. Between two kernels of a network the caller spends microseconds (allocating the next
@@ -39,6 +47,8 @@ struct Job {
     remaining: AtomicUsize,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
     caller: Thread,
+    /// The caller's policy, which the workers' parts run under.
+    policy: KernelPolicy,
 }
 
 /// A worker's mailbox, on its own cache line so that the caller's store to one worker does not
@@ -102,8 +112,10 @@ fn serve(worker: &Worker, part: usize) {
         let caller = job.caller.clone();
         // SAFETY: as above, the closure outlives the job.
         let work = unsafe { &*job.work };
-        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(part)))
-        {
+        let policy = job.policy;
+        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            policy.scoped(|| work(part))
+        })) {
             let mut slot = job.panic.lock().unwrap_or_else(|e| e.into_inner());
             slot.get_or_insert(payload);
         }
@@ -144,6 +156,8 @@ fn wait_for<T>(mut ready: impl FnMut() -> Option<T>) -> T {
 /// Runs `work(part)` for every part in `0..parts`, part 0 on the calling thread and the others
 /// at once on the pool's workers (or, when the pool is taken or too small, on threads started
 /// for this call). Returns when every part has; a part's panic is raised here afterwards.
+/// Every part runs under the caller's [`KernelPolicy::current`] (see the module's
+/// documentation).
 pub fn run(parts: usize, work: &(dyn Fn(usize) + Sync)) {
     if parts <= 1 {
         if parts == 1 {
@@ -170,6 +184,7 @@ pub fn run(parts: usize, work: &(dyn Fn(usize) + Sync)) {
         remaining: AtomicUsize::new(parts - 1),
         panic: Mutex::new(None),
         caller: std::thread::current(),
+        policy: KernelPolicy::current(),
     };
     let threads = pool.threads.get().expect("workers started");
     for (worker, thread) in pool.workers.iter().zip(threads.iter()).take(parts - 1) {
@@ -193,9 +208,10 @@ pub fn run(parts: usize, work: &(dyn Fn(usize) + Sync)) {
 /// [`run`] on threads started for this call, part 0 on the calling thread; the first part's
 /// panic (in part order) is raised after every thread has joined.
 fn run_on_new_threads(parts: usize, work: &(dyn Fn(usize) + Sync)) {
+    let policy = KernelPolicy::current();
     let outcomes = std::thread::scope(|scope| {
         let handles: Vec<_> = (1..parts)
-            .map(|part| scope.spawn(move || work(part)))
+            .map(|part| scope.spawn(move || policy.scoped(|| work(part))))
             .collect();
         let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(0)));
         let mut outcomes = vec![own];

@@ -13,8 +13,9 @@
 //!
 //! One graph per thread and signature: two streams sharing a network from two threads each
 //! replay their own (a replay on one thread's stream would otherwise race the other's inputs).
-//! Off with `SDSTREAM_CUDA_GRAPHS=0`, and always off without the `cuda` feature or on another
-//! device.
+//! Off where the current [`KernelPolicy`] says so (`SDSTREAM_CUDA_GRAPHS=0`), and always off
+//! without the `cuda` feature or on another device. A graph replays the kernels its capture
+//! ran, so graphs are kept per policy too: a pass under another policy captures its own.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,12 +23,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::ThreadId;
 
 use candle_core::{DType, Device, Tensor};
+use sdstream_kernels::KernelPolicy;
 
 /// Graphs kept per cache at most (input signatures × threads); beyond, calls run eagerly.
 #[cfg(feature = "cuda")]
 const MAX_GRAPHS: usize = 8;
 
-type Signature = (ThreadId, Vec<(Vec<usize>, DType)>);
+type Signature = (ThreadId, KernelPolicy, Vec<(Vec<usize>, DType)>);
 
 /// Captured graphs of one network's forward pass (see the module's documentation).
 #[derive(Default)]
@@ -79,12 +81,9 @@ pub fn counts() -> CudaGraphCounts {
     }
 }
 
-/// Whether forward passes on `device` are captured and replayed.
+/// Whether forward passes on `device` are captured and replayed (under the current policy).
 fn enabled(device: &Device) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    device.is_cuda()
-        && cfg!(feature = "cuda")
-        && !*OFF.get_or_init(|| std::env::var_os("SDSTREAM_CUDA_GRAPHS").is_some_and(|v| v == "0"))
+    device.is_cuda() && cfg!(feature = "cuda") && KernelPolicy::current().cuda_graphs
 }
 
 #[cfg(feature = "cuda")]
@@ -149,6 +148,7 @@ impl GraphCache {
     ) -> crate::Result<Tensor> {
         let signature: Signature = (
             std::thread::current().id(),
+            KernelPolicy::current(),
             inputs
                 .iter()
                 .map(|t| (t.dims().to_vec(), t.dtype()))

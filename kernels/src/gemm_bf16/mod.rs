@@ -78,33 +78,31 @@ pub fn active() -> bool {
     BF16_GEMMS.with(Cell::get)
 }
 
-/// Whether this CPU has AMX's bf16 tiles and the operating system lets this process use them.
+/// Whether this CPU has AMX's bf16 tiles, the operating system lets this process use them, and
+/// the current [`crate::KernelPolicy`] allows them (`SDSTREAM_NO_AMX` says no, for
+/// comparisons). The hardware is asked once, and only once the policy allows it: a process that
+/// never may use the tiles never requests them from the kernel.
 pub fn amx_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if super::env_switch("SDSTREAM_NO_AMX") {
-            return false;
-        }
-        amx::request()
-    })
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    crate::KernelPolicy::current().amx && *SUPPORTED.get_or_init(amx::request)
 }
 
 /// Whether this CPU has AVX512-BF16's `VDPBF16PS` (AMD Zen 4 and later, Intel Cooper Lake and
 /// Sapphire Rapids): 32 bf16 products summed into 16 f32 lanes per instruction, twice the
-/// multiply-adds of an f32 FMA. `SDSTREAM_NO_AVX512_BF16=1` says no (for comparisons).
+/// multiply-adds of an f32 FMA, and the current [`crate::KernelPolicy`] allows it
+/// (`SDSTREAM_NO_AVX512_BF16=1` says no, for comparisons).
 pub fn avx512_bf16_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if super::env_switch("SDSTREAM_NO_AVX512_BF16") {
-            return false;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    })
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    crate::KernelPolicy::current().avx512_bf16
+        && *SUPPORTED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bf16")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            false
+        })
 }
 
 /// The block kernels, fastest first; [`Kernel::best`] is the one the GEMMs run.
@@ -120,7 +118,8 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU has (decided once).
+    /// The fastest kernel this CPU has that the current [`crate::KernelPolicy`] allows. Read
+    /// once per GEMM by its caller and passed down to the GEMM's parts.
     pub fn best() -> Kernel {
         if amx_available() {
             Kernel::Amx
@@ -131,7 +130,8 @@ impl Kernel {
         }
     }
 
-    /// Every kernel this CPU can run (for tests and benchmarks).
+    /// Every kernel this CPU can run that the current [`crate::KernelPolicy`] allows (for tests
+    /// and benchmarks).
     pub fn available() -> Vec<Kernel> {
         let mut kernels = Vec::new();
         if amx_available() {
@@ -200,64 +200,7 @@ fn round_pairs_into(even: &[f32; TILE], odd: &[f32; TILE], dst: &mut [u16; K_BLO
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512_rounding {
-    //! [`super::to_bf16`] on 16 lanes at once, the same integer arithmetic lane by lane, so
-    //! the packed bits equal the scalar loop's.
-
-    use std::arch::x86_64::*;
-
-    use super::{K_BLOCK, TILE};
-
-    /// The rounded bits of 16 f32 values, each in the low half of its 32-bit lane.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    fn rounded(bits: __m512i) -> __m512i {
-        let high = _mm512_srli_epi32::<16>(bits);
-        let odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
-        let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
-        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
-        let quiet_nan = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
-        let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
-        let nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
-        _mm512_mask_blend_epi32(nan, rounded, quiet_nan)
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512F and BW; `dst` is as long as `src`.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn round_into(src: &[f32], dst: &mut [u16]) {
-        let whole = src.len() / 16 * 16;
-        for at in (0..whole).step_by(16) {
-            // SAFETY: 16 values at `at` lie inside both slices (at + 16 ≤ whole).
-            unsafe {
-                let bits = _mm512_loadu_si512(src.as_ptr().add(at).cast());
-                let words = _mm512_cvtepi32_epi16(rounded(bits));
-                _mm256_storeu_si256(dst.as_mut_ptr().add(at).cast(), words);
-            }
-        }
-        for (d, &v) in dst[whole..].iter_mut().zip(&src[whole..]) {
-            *d = super::to_bf16(v);
-        }
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512F and BW.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn round_pairs_into(
-        even: &[f32; TILE],
-        odd: &[f32; TILE],
-        dst: &mut [u16; K_BLOCK],
-    ) {
-        // SAFETY: 16 values each, and 32 for `dst`: whole vectors.
-        unsafe {
-            let even = rounded(_mm512_loadu_si512(even.as_ptr().cast()));
-            let odd = rounded(_mm512_loadu_si512(odd.as_ptr().cast()));
-            // Little-endian: the even value in each 32-bit lane's low half, as the pair layout.
-            let pairs = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
-            _mm512_storeu_si512(dst.as_mut_ptr().cast(), pairs);
-        }
-    }
-}
+mod avx512_rounding;
 
 #[inline(always)]
 fn from_bf16(bits: u16) -> f32 {
@@ -858,84 +801,7 @@ unsafe fn panel(kernel: Kernel, ops: &Operands, c: *mut f32, ldc: usize, accumul
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512_bf16 {
-    //! The AVX512-BF16 block: `VDPBF16PS` adds to each of 16 f32 lanes the two products of a
-    //! pair of bf16 values, exactly the pair layout of a packed B row (16 columns × a pair of
-    //! consecutive `k`); A's pair for one row of C is broadcast to every lane. Eight rows of C
-    //! × two 16-column strips stay in 16 of the 32 vector registers through a pass over `k`.
-    //! Each instruction rounds after each product (the odd one first), with denormals read
-    //! and written as zero, so its sums differ from the portable block's in the last bits.
-
-    use std::arch::x86_64::*;
-
-    use super::{BLOCK_LEN, K_BLOCK, Operands, PANEL, TILE};
-
-    /// Rows of C per register block.
-    const ROWS: usize = 8;
-    /// K blocks ahead whose rows of A are prefetched.
-    const AHEAD: usize = 4;
-
-    /// [`super::panel`] on AVX512-BF16.
-    ///
-    /// # Safety
-    /// As [`super::panel`]; the CPU has AVX-512F and AVX512-BF16.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn panel(ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
-        for r0 in (0..PANEL).step_by(ROWS) {
-            let a = if r0 < TILE { ops.a0 } else { ops.a1 };
-            let mut sums = [[_mm512_setzero_ps(); 2]; ROWS];
-            if accumulate {
-                for (i, row) in sums.iter_mut().enumerate() {
-                    for (h, v) in row.iter_mut().enumerate() {
-                        // SAFETY: 32 rows of 32 values at stride ldc (the caller's promise).
-                        *v = unsafe { _mm512_loadu_ps(c.add((r0 + i) * ldc + h * TILE)) };
-                    }
-                }
-            }
-            for q in 0..ops.blocks {
-                if q + AHEAD < ops.blocks {
-                    for i in 0..ROWS {
-                        let row = a
-                            .wrapping_add(((r0 + i) % TILE) * ops.a_row + (q + AHEAD) * ops.a_step);
-                        _mm_prefetch::<_MM_HINT_T0>(row.cast());
-                    }
-                }
-                for pair in 0..TILE {
-                    // SAFETY: the operands hold `blocks` tile blocks past each pointer: a B
-                    // block is 16 rows of 32 values (one 64-byte vector each); A's rows are
-                    // `a_row` apart, k blocks `a_step` apart, 32 values each.
-                    unsafe {
-                        let at = q * BLOCK_LEN + pair * K_BLOCK;
-                        let b = [
-                            _mm512_loadu_si512(ops.b0.add(at).cast()),
-                            _mm512_loadu_si512(ops.b1.add(at).cast()),
-                        ];
-                        let b: [__m512bh; 2] = [
-                            std::mem::transmute::<__m512i, __m512bh>(b[0]),
-                            std::mem::transmute::<__m512i, __m512bh>(b[1]),
-                        ];
-                        for (i, row) in sums.iter_mut().enumerate() {
-                            let word = a
-                                .add(((r0 + i) % TILE) * ops.a_row + q * ops.a_step + 2 * pair)
-                                .cast::<i32>()
-                                .read_unaligned();
-                            let a =
-                                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(word));
-                            row[0] = _mm512_dpbf16_ps(row[0], a, b[0]);
-                            row[1] = _mm512_dpbf16_ps(row[1], a, b[1]);
-                        }
-                    }
-                }
-            }
-            for (i, row) in sums.iter().enumerate() {
-                for (h, &v) in row.iter().enumerate() {
-                    // SAFETY: as for the loads above.
-                    unsafe { _mm512_storeu_ps(c.add((r0 + i) * ldc + h * TILE), v) };
-                }
-            }
-        }
-    }
-}
+mod avx512_bf16;
 
 /// Rows of C the portable block carries through the whole pass at a time, against one 16-column
 /// strip of B: 4 × 16 sums, eight 8-lane vectors on AVX2.
@@ -1006,83 +872,7 @@ unsafe fn panel_portable_vectorised(ops: &Operands, c: *mut f32, ldc: usize, acc
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    //! The portable block's piece in AVX2 intrinsics: the compiler's own vectorisation of
-    //! [`super::rows_times_strip`] shuffles the pairs apart and spills a sum (about 50 GFLOP/s
-    //! on 2 Zen 3 cores where this reaches more; examples/gemm_bench).
-
-    use std::arch::x86_64::*;
-
-    use super::{BLOCK_LEN, K_BLOCK, PORTABLE_ROWS, Sums, TILE};
-
-    /// [`super::rows_times_strip`], the same sums bit for bit: every pair of products is two
-    /// multiplies and an add, then added to the row's sum, in `k` order; nothing fused.
-    ///
-    /// # Safety
-    /// The CPU has AVX2.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn rows_times_strip(
-        rows: &[&[u16]; PORTABLE_ROWS],
-        a_step: usize,
-        b: &[u16],
-        blocks: usize,
-    ) -> Sums {
-        // A pair (first value in the low half) widens to two f32 values: the first shifted up,
-        // the second with the low half cleared.
-        let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
-        let mut sums = [[_mm256_setzero_ps(); 2]; PORTABLE_ROWS];
-        let b = &b[..blocks * BLOCK_LEN];
-        for r in rows {
-            assert!(r.len() >= blocks.saturating_sub(1) * a_step + K_BLOCK);
-        }
-        for q in 0..blocks {
-            for pair in 0..TILE {
-                let b_at = q * BLOCK_LEN + pair * K_BLOCK;
-                // SAFETY: b_at + 32 ≤ blocks × BLOCK_LEN = b.len(): two loads of 16 values.
-                let (w0, w1) = unsafe {
-                    let at = b.as_ptr().add(b_at).cast::<__m256i>();
-                    (_mm256_loadu_si256(at), _mm256_loadu_si256(at.add(1)))
-                };
-                let b_even = [
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w0)),
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w1)),
-                ];
-                let b_odd = [
-                    _mm256_castsi256_ps(_mm256_and_si256(w0, high)),
-                    _mm256_castsi256_ps(_mm256_and_si256(w1, high)),
-                ];
-                for (row_sums, row) in sums.iter_mut().zip(rows) {
-                    // SAFETY: q·a_step + 2·pair + 2 ≤ (blocks − 1)·a_step + 32 ≤ row.len()
-                    // (asserted above).
-                    let word = unsafe {
-                        row.as_ptr()
-                            .add(q * a_step + 2 * pair)
-                            .cast::<i32>()
-                            .read_unaligned()
-                    };
-                    let a = _mm256_set1_epi32(word);
-                    let a_even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(a));
-                    let a_odd = _mm256_castsi256_ps(_mm256_and_si256(a, high));
-                    for h in 0..2 {
-                        let pair_sum = _mm256_add_ps(
-                            _mm256_mul_ps(a_even, b_even[h]),
-                            _mm256_mul_ps(a_odd, b_odd[h]),
-                        );
-                        row_sums[h] = _mm256_add_ps(row_sums[h], pair_sum);
-                    }
-                }
-            }
-        }
-        let mut out = [[0f32; TILE]; PORTABLE_ROWS];
-        for (row_out, row_sums) in out.iter_mut().zip(&sums) {
-            for (h, &v) in row_sums.iter().enumerate() {
-                // SAFETY: 8 values from lane h·8 of a 16-value row.
-                unsafe { _mm256_storeu_ps(row_out[h * 8..].as_mut_ptr(), v) };
-            }
-        }
-        out
-    }
-}
+mod avx2;
 
 /// The sums of [`PORTABLE_ROWS`] rows of C over one 16-column strip.
 type Sums = [[f32; TILE]; PORTABLE_ROWS];
@@ -1121,157 +911,7 @@ fn rows_times_strip(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod amx {
-    //! The AMX block: inline assembly, since Rust's AMX intrinsics are not stable.
-
-    use std::arch::asm;
-
-    use super::{BLOCK_LEN, Operands, TILE};
-
-    /// Asks Linux for the tile data state (AMX's 8 KiB of registers are off until a process
-    /// asks), after checking CPUID for AMX-TILE and AMX-BF16.
-    pub(super) fn request() -> bool {
-        // SAFETY: CPUID leaf 7 exists on every x86-64 CPU this builds for.
-        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-        let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
-        if !(amx_bf16 && amx_tile) {
-            return false;
-        }
-        #[cfg(target_os = "linux")]
-        {
-            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-            const XFEATURE_XTILEDATA: libc::c_long = 18;
-            // SAFETY: the request only changes which register state the kernel saves for this
-            // process; a refusal returns an error and changes nothing.
-            let status = unsafe {
-                libc::syscall(
-                    libc::SYS_arch_prctl,
-                    ARCH_REQ_XCOMP_PERM,
-                    XFEATURE_XTILEDATA,
-                )
-            };
-            status == 0
-        }
-        #[cfg(not(target_os = "linux"))]
-        false
-    }
-
-    /// The palette every tile register is set to: 16 rows of 64 bytes.
-    #[repr(C, align(64))]
-    struct Config {
-        palette: u8,
-        start_row: u8,
-        reserved: [u8; 14],
-        bytes_per_row: [u16; 16],
-        rows: [u8; 16],
-        reserved2: [u8; 16],
-    }
-
-    /// This thread's tiles, configured while the value lives and released when it drops (so
-    /// the kernel stops saving 8 KiB of tile state at every switch).
-    pub(super) struct Tiles(());
-
-    impl Tiles {
-        pub(super) fn configure() -> Self {
-            let mut config = Config {
-                palette: 1,
-                start_row: 0,
-                reserved: [0; 14],
-                bytes_per_row: [0; 16],
-                rows: [0; 16],
-                reserved2: [0; 16],
-            };
-            for t in 0..8 {
-                config.bytes_per_row[t] = 64;
-                config.rows[t] = TILE as u8;
-            }
-            // SAFETY: only called where `amx_available` said the process may use the tiles;
-            // the configuration is a valid palette-1 layout.
-            unsafe {
-                asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
-            }
-            Self(())
-        }
-    }
-
-    impl Drop for Tiles {
-        fn drop(&mut self) {
-            // SAFETY: releases what `configure` set up on this thread.
-            unsafe { asm!("tilerelease", options(nostack, nomem)) };
-        }
-    }
-
-    /// One 32×32 block: tmm0..tmm3 accumulate (rows 0–15 / 16–31 × columns 0–15 / 16–31),
-    /// tmm4/tmm5 hold A's strips and tmm6/tmm7 B's.
-    ///
-    /// # Safety
-    /// As [`super::panel`]; this thread's tiles are configured ([`Tiles::configure`]).
-    pub(super) unsafe fn panel(ops: &Operands, c: *mut f32, ldc: usize, accumulate: bool) {
-        let stride = ldc * 4;
-        // SAFETY: the four C tiles are 16 rows of 64 bytes at `stride`, inside the block the
-        // caller handed over; the operand loads read 1 KiB per block that the caller promises.
-        unsafe {
-            let c01 = c.add(TILE);
-            let c10 = c.add(TILE * ldc);
-            let c11 = c10.add(TILE);
-            if accumulate {
-                asm!(
-                    "tileloadd tmm0, [{c00} + {s} * 1]",
-                    "tileloadd tmm1, [{c01} + {s} * 1]",
-                    "tileloadd tmm2, [{c10} + {s} * 1]",
-                    "tileloadd tmm3, [{c11} + {s} * 1]",
-                    c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
-                    s = in(reg) stride,
-                    options(nostack, readonly),
-                );
-            } else {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
-            }
-            asm!(
-                "2:",
-                "tileloadd tmm4, [{a0} + {sa} * 1]",
-                "tileloadd tmm6, [{b0} + {s} * 1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {s} * 1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1} + {sa} * 1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "add {a0}, {a_step}",
-                "add {a1}, {a_step}",
-                "add {b0}, {step}",
-                "add {b1}, {step}",
-                "dec {blocks}",
-                "jnz 2b",
-                a0 = inout(reg) ops.a0 => _,
-                a1 = inout(reg) ops.a1 => _,
-                b0 = inout(reg) ops.b0 => _,
-                b1 = inout(reg) ops.b1 => _,
-                blocks = inout(reg) ops.blocks => _,
-                sa = in(reg) ops.a_row * 2,
-                a_step = in(reg) ops.a_step * 2,
-                s = in(reg) 64usize,
-                step = const BLOCK_LEN * 2,
-                options(nostack, readonly),
-            );
-            asm!(
-                "tilestored [{c00} + {s} * 1], tmm0",
-                "tilestored [{c01} + {s} * 1], tmm1",
-                "tilestored [{c10} + {s} * 1], tmm2",
-                "tilestored [{c11} + {s} * 1], tmm3",
-                c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
-                s = in(reg) stride,
-                options(nostack),
-            );
-        }
-    }
-}
+mod amx;
 
 #[cfg(not(target_arch = "x86_64"))]
 mod amx {
@@ -1295,256 +935,4 @@ mod amx {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Deterministic values in [-1, 1) with a spread of magnitudes.
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn rounded(x: f32) -> f64 {
-        f64::from(from_bf16(to_bf16(x)))
-    }
-
-    /// The exact product of the rounded operands, in f64.
-    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
-        let mut c = vec![0f64; m * n];
-        for i in 0..m {
-            for p in 0..k {
-                let x = rounded(a[i * k + p]);
-                for j in 0..n {
-                    c[i * n + j] += x * rounded(b[p * n + j]);
-                }
-            }
-        }
-        c
-    }
-
-    #[test]
-    fn rounding_is_to_nearest_even() {
-        assert_eq!(to_bf16(1.0), 0x3f80);
-        // 1 + 2⁻⁸ is halfway between 1 and 1 + 2⁻⁷: ties go to the even mantissa (1.0).
-        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
-        // 1 + 3·2⁻⁸ is halfway between 1 + 2⁻⁷ and 1 + 2⁻⁶: to the even one, up.
-        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
-        assert_eq!(to_bf16(-2.0), 0xc000);
-        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
-        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
-        for x in values(1000, 3) {
-            assert_eq!(to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x}");
-        }
-    }
-
-    /// The vector rounding (where the CPU has AVX-512) gives the scalar rounding's bits, at
-    /// every length (whole vectors and a tail) and for the special values.
-    #[test]
-    fn slices_and_pairs_round_as_each_value_does() {
-        let mut src = values(1000, 7);
-        let specials = [
-            f32::NAN,
-            -f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            0.0,
-            -0.0,
-            f32::MIN_POSITIVE / 3.0,
-            f32::MAX,
-            1.0 + 1.0 / 256.0,
-            1.0 + 3.0 / 256.0,
-            f32::from_bits(0x7f7f_ffff),
-            f32::from_bits(0x7f80_0001),
-        ];
-        src[..specials.len()].copy_from_slice(&specials);
-        for len in [0, 5, 16, 31, 32, 1000] {
-            let mut dst = vec![0u16; len];
-            round_slice(&src[..len], &mut dst);
-            for (i, (&d, &x)) in dst.iter().zip(&src).enumerate() {
-                assert_eq!(d, to_bf16(x), "value {i} ({x}) of {len}");
-            }
-        }
-        let even: [f32; TILE] = src[..TILE].try_into().unwrap();
-        let odd: [f32; TILE] = src[TILE..2 * TILE].try_into().unwrap();
-        let mut pairs = [0u16; K_BLOCK];
-        round_pairs_into(&even, &odd, &mut pairs);
-        for c in 0..TILE {
-            assert_eq!(
-                [pairs[2 * c], pairs[2 * c + 1]],
-                [to_bf16(even[c]), to_bf16(odd[c])]
-            );
-        }
-    }
-
-    /// Both packings of B and both kernels against the f64 product of the rounded operands,
-    /// at shapes with ragged edges in every dimension and more than one pass over k.
-    #[test]
-    fn gemm_matches_the_rounded_product() {
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (17, 33, 15),
-            (64, 1100, 96),
-            (45, 2083, 70),
-            (96, 64, 33),
-        ] {
-            let a = values(m * k, 1);
-            let b = values(k * n, 2);
-            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-            let expected = reference(&a, &b, m, k, n);
-            let mut packed_a = PackedA::new(&a, m, k, k);
-            packed_a.repack(&a, m, k, k, 3);
-            let mut by_rows = PackedB::default();
-            by_rows.repack_rows(&b, k, n, n, 2);
-            let by_transpose = PackedB::from_transposed(&bt, n, k, k, 2);
-            for packed_b in [&by_rows, &by_transpose] {
-                for kernel in Kernel::available() {
-                    for threads in [1, 3] {
-                        let ldc = n + 3;
-                        let mut c = vec![f32::NAN; m * ldc];
-                        gemm_with(kernel, &packed_a, packed_b, &mut c, ldc, threads).unwrap();
-                        let mut worst = 0f64;
-                        for i in 0..m {
-                            for j in 0..n {
-                                let e = expected[i * n + j];
-                                let d = (f64::from(c[i * ldc + j]) - e).abs();
-                                // f32 sums of k products: error ~ k·2⁻²⁴ of the magnitudes.
-                                worst = worst.max(d / (k as f64).sqrt());
-                            }
-                            // The padding between rows is never written.
-                            assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
-                        }
-                        assert!(
-                            worst < 2e-6,
-                            "{m}×{k}×{n} {kernel:?} threads {threads}: {worst}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// The portable block's pieces (plain, and AVX2 where the CPU has it) give the pairwise
-    /// f32 formula's sums bit for bit: `c += a[2p]·b[2p] + a[2p+1]·b[2p+1]`, pair after pair,
-    /// on top of what C held when accumulating.
-    #[test]
-    fn portable_block_sums_pairwise_bit_for_bit() {
-        let (m, k, n) = (PANEL, 5 * K_BLOCK - 7, PANEL);
-        let (a, b) = (values(m * k, 5), values(k * n, 6));
-        let packed_a = PackedA::new(&a, m, k, k);
-        let mut packed_b = PackedB::default();
-        packed_b.repack_rows(&b, k, n, n, 1);
-        let ops = Operands {
-            a0: packed_a.block(0, 0),
-            a1: packed_a.block(1, 0),
-            a_row: K_BLOCK,
-            a_step: BLOCK_LEN,
-            b0: packed_b.block(0, 0),
-            b1: packed_b.block(1, 0),
-            blocks: packed_a.k_blocks,
-        };
-        let start = values(m * n, 7);
-        let value = |x: &[f32], at: usize, len: usize| {
-            if at < len {
-                from_bf16(to_bf16(x[at]))
-            } else {
-                0.0
-            }
-        };
-        let mut expected = start.clone();
-        for i in 0..m {
-            for j in 0..n {
-                let mut sum = 0f32;
-                for p in (0..packed_a.k_blocks * K_BLOCK).step_by(2) {
-                    let (a0, a1) = (
-                        value(&a, i * k + p, (i + 1) * k),
-                        value(&a, i * k + p + 1, (i + 1) * k),
-                    );
-                    let (b0, b1) = (
-                        if p < k {
-                            value(&b, p * n + j, k * n)
-                        } else {
-                            0.0
-                        },
-                        if p + 1 < k {
-                            value(&b, (p + 1) * n + j, k * n)
-                        } else {
-                            0.0
-                        },
-                    );
-                    sum += a0 * b0 + a1 * b1;
-                }
-                expected[i * n + j] += sum;
-            }
-        }
-        let mut pieces = vec!["plain"];
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            pieces.push("avx2");
-        }
-        for &piece in &pieces {
-            let mut c = start.clone();
-            // SAFETY: c holds 32 rows of n = 32 values; the operands are whole packed blocks;
-            // the AVX2 piece runs only where the CPU has AVX2.
-            unsafe {
-                if piece == "plain" {
-                    panel_portable(&ops, c.as_mut_ptr(), n, true, rows_times_strip);
-                } else {
-                    #[cfg(target_arch = "x86_64")]
-                    panel_portable(&ops, c.as_mut_ptr(), n, true, |r, step, b, q| {
-                        avx2::rows_times_strip(r, step, b, q)
-                    });
-                }
-            }
-            let differing = c
-                .iter()
-                .zip(&expected)
-                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                .count();
-            assert_eq!(
-                differing,
-                0,
-                "{piece}: {differing} of {} sums differ",
-                m * n
-            );
-        }
-        println!("portable block pieces checked bit for bit: {pieces:?}");
-    }
-
-    /// The tensor entry point: `x·Wᵀ` over a batch of token rows equals candle's f32 matmul of
-    /// the rounded operands, and the weight is packed once for every call.
-    #[test]
-    fn linear_matches_the_rounded_matmul() -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 37, 70), &dev)?;
-        let w = Tensor::randn(0f32, 0.2, (45, 70), &dev)?;
-        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
-        let want = round(&x)?.broadcast_matmul(&round(&w)?.t()?)?;
-        // The weight laid out [out, in], and as a view of [in, out] values (unet_blocks::Linear
-        // on the CPU), packed from either.
-        let w_in_out = w.t()?.contiguous()?.t()?;
-        for weight in [&w, &w_in_out] {
-            let packed = LazyWeight::default();
-            for _ in 0..2 {
-                let got = linear(&x, weight, &packed)?;
-                assert_eq!(got.dims(), &[2, 37, 45]);
-                let err = (&got - &want)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
-                assert!(err < 1e-4, "{err}");
-            }
-            assert!(packed.0.get().is_some());
-        }
-        Ok(())
-    }
-}
+mod tests;

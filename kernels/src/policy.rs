@@ -1,0 +1,378 @@
+//! Which kernels may run, as a value ([`KernelPolicy`]) rather than as environment variables
+//! read once into scattered statics.
+//!
+//! A process still starts from its environment ([`KernelPolicy::process`], the `SDSTREAM_*`
+//! switches read once). A caller that wants another choice for a while (a test comparing two
+//! variants in one binary, a host running two engines with different settings) scopes a policy
+//! on its thread ([`KernelPolicy::scoped`], [`KernelPolicy::enter`]); every kernel reads
+//! [`KernelPolicy::current`] when it is called. The policy only says what is *allowed*: whether
+//! the CPU has AMX or AVX512-BF16 is still detected where the kernels need it.
+//!
+//! The kernels split their work over the persistent workers of `pool`: `pool::run` carries the
+//! caller's current policy to every part it runs on another thread, so a scope set on the
+//! calling thread holds for all of a kernel's work, wherever it runs (see `pool::run`).
+//!
+//! This module depends on nothing else in the crate, so that anything may read it.
+
+use std::cell::Cell;
+use std::ffi::OsString;
+use std::sync::OnceLock;
+
+/// Where Winograd's 3×3 convolution runs (`SDSTREAM_WINOGRAD`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Winograd {
+    /// The kernel's own choice: wide enough layers over enough tiles, F(4×4, 3×3) where its
+    /// tiles are many (`auto`, the default).
+    #[default]
+    Auto,
+    /// Never (`off` or `0`): for comparisons against the im2col GEMM.
+    Off,
+    /// F(2×2, 3×3) for every f32 3×3 stride-1 convolution, whatever its size (`f2`): tests of
+    /// the arithmetic on small networks, and comparisons.
+    F2,
+    /// F(4×4, 3×3) for every f32 3×3 stride-1 convolution, whatever its size (`f4`).
+    F4,
+}
+
+/// Which of sdstream's kernels may run. `Default` is what a process gets with none of the
+/// `SDSTREAM_*` switches set: every fast kernel allowed where the hardware has it. Cheap to copy
+/// and to compare, and hashable, so that a host can key what it builds (a model, a captured
+/// CUDA graph) by the policy it was built under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelPolicy {
+    /// The CPU runs the portable twins (built from candle ops) instead of the CPU kernels: what
+    /// non-CPU devices run, so that their code path can be checked against the goldens without
+    /// a GPU (`SDSTREAM_PORTABLE_KERNELS`; see [`crate::cpu_kernels`]).
+    pub portable: bool,
+    /// The bf16 GEMM may use AMX tiles where the CPU and OS allow them (off with
+    /// `SDSTREAM_NO_AMX`, for comparisons; see [`crate::gemm_bf16::amx_available`]).
+    pub amx: bool,
+    /// The bf16 GEMM may use AVX512-BF16 where the CPU has it (off with
+    /// `SDSTREAM_NO_AVX512_BF16`; see [`crate::gemm_bf16::avx512_bf16_available`]).
+    pub avx512_bf16: bool,
+    /// Channels-last f32 convolutions may take the direct AVX2 kernel on CPUs it suits (off with
+    /// `SDSTREAM_NO_DIRECT_CONV`: the GEMM path runs, for comparisons).
+    pub direct_conv: bool,
+    /// Where Winograd's 3×3 convolution runs (`SDSTREAM_WINOGRAD`).
+    pub winograd: Winograd,
+    /// sdstream's own CUDA kernels replace the portable twins on CUDA devices (off with
+    /// `SDSTREAM_CUDA_KERNELS=0`; see [`crate::cuda_kernels`]).
+    pub cuda_kernels: bool,
+    /// The fused CUDA attention kernel may run (off with `SDSTREAM_CUDA_ATTENTION=0`; see
+    /// [`crate::attention::fused_on_cuda`]).
+    pub cuda_attention: bool,
+    /// Forward passes on CUDA devices are captured and replayed as CUDA graphs (off with
+    /// `SDSTREAM_CUDA_GRAPHS=0`; read by sdstream-models' graph cache).
+    pub cuda_graphs: bool,
+}
+
+impl Default for KernelPolicy {
+    fn default() -> Self {
+        KernelPolicy {
+            portable: false,
+            amx: true,
+            avx512_bf16: true,
+            direct_conv: true,
+            winograd: Winograd::Auto,
+            cuda_kernels: true,
+            cuda_attention: true,
+            cuda_graphs: true,
+        }
+    }
+}
+
+thread_local! {
+    /// The innermost policy scoped on this thread, if any. A `Cell` of a `Copy` value: reading it
+    /// is a thread-local load, cheap enough for every kernel call.
+    static SCOPED: Cell<Option<KernelPolicy>> = const { Cell::new(None) };
+}
+
+impl KernelPolicy {
+    /// The policy the process's environment asks for, read now (see [`KernelPolicy::from_vars`]
+    /// for the variables and their meanings).
+    pub fn from_env() -> Self {
+        Self::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// The policy the variables `lookup` returns ask for (`lookup(name)` is the value of the
+    /// variable `name`, `None` where it is unset). A pure function of `lookup`, so that the
+    /// parsing is tested without touching the process's environment. The meanings:
+    /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
+    ///   `SDSTREAM_NO_DIRECT_CONV` are switches, on when set to anything but nothing or `0`;
+    /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS` turn their
+    ///   feature off when exactly `0`;
+    /// - `SDSTREAM_WINOGRAD` is `auto` (or empty, or unset), `off` (or `0`), `f2` or `f4`;
+    ///   anything else is `auto`, with a warning (the kernels' choice is never worse than a
+    ///   typo's).
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<OsString>) -> Self {
+        let switch = |name: &str| lookup(name).is_some_and(|v| !v.is_empty() && v != "0");
+        let off = |name: &str| lookup(name).is_some_and(|v| v == "0");
+        let winograd = match lookup("SDSTREAM_WINOGRAD") {
+            None => Winograd::Auto,
+            Some(value) => match value.to_str() {
+                Some("off" | "0") => Winograd::Off,
+                Some("f2") => Winograd::F2,
+                Some("f4") => Winograd::F4,
+                Some("" | "auto") => Winograd::Auto,
+                Some(other) => {
+                    tracing::warn!(
+                        "SDSTREAM_WINOGRAD={other:?} is not auto, off, f2 or f4; using auto"
+                    );
+                    Winograd::Auto
+                }
+                // As `std::env::var` read it before: not Unicode, so not a name it knows.
+                None => Winograd::Auto,
+            },
+        };
+        KernelPolicy {
+            portable: switch("SDSTREAM_PORTABLE_KERNELS"),
+            amx: !switch("SDSTREAM_NO_AMX"),
+            avx512_bf16: !switch("SDSTREAM_NO_AVX512_BF16"),
+            direct_conv: !switch("SDSTREAM_NO_DIRECT_CONV"),
+            winograd,
+            cuda_kernels: !off("SDSTREAM_CUDA_KERNELS"),
+            cuda_attention: !off("SDSTREAM_CUDA_ATTENTION"),
+            cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
+        }
+    }
+
+    /// The process's policy: [`KernelPolicy::from_env`], read on the first call and kept, as
+    /// the switches were read before they were a value (a test binary that sets a variable
+    /// before any kernel runs still gets it).
+    pub fn process() -> Self {
+        static PROCESS: OnceLock<KernelPolicy> = OnceLock::new();
+        *PROCESS.get_or_init(Self::from_env)
+    }
+
+    /// The policy kernels called now on this thread follow: the innermost one scoped here
+    /// ([`KernelPolicy::scoped`], [`KernelPolicy::enter`]), else [`KernelPolicy::process`]. On
+    /// the kernels' pool workers, the policy of the caller whose part they run.
+    #[inline]
+    pub fn current() -> Self {
+        SCOPED.with(Cell::get).unwrap_or_else(Self::process)
+    }
+
+    /// `f()` with `self` as this thread's [`current`](KernelPolicy::current) policy (and its
+    /// kernels' pool parts'); the previous one is back when `f` returns or unwinds.
+    pub fn scoped<R>(self, f: impl FnOnce() -> R) -> R {
+        let _guard = self.enter();
+        f()
+    }
+
+    /// Makes `self` this thread's [`current`](KernelPolicy::current) policy until the guard
+    /// drops (also on unwinding). For callers whose scope is not one closure; guards must drop
+    /// in the reverse order of their making, as a stack of scopes does.
+    pub fn enter(self) -> PolicyGuard {
+        PolicyGuard {
+            previous: SCOPED.with(|s| s.replace(Some(self))),
+            _this_thread: std::marker::PhantomData,
+        }
+    }
+}
+
+/// While alive, its policy is this thread's [`KernelPolicy::current`]; dropping it restores the
+/// one before. Not `Send`: the scope belongs to the thread that made it.
+#[must_use = "the policy holds only while the guard is alive"]
+pub struct PolicyGuard {
+    previous: Option<KernelPolicy>,
+    _this_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for PolicyGuard {
+    fn drop(&mut self) {
+        SCOPED.with(|s| s.set(self.previous));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads one field of a policy.
+    type Field = fn(KernelPolicy) -> bool;
+
+    fn with(vars: &[(&str, &str)]) -> KernelPolicy {
+        KernelPolicy::from_vars(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| OsString::from(v))
+        })
+    }
+
+    #[test]
+    fn no_variables_give_the_default() {
+        assert_eq!(with(&[]), KernelPolicy::default());
+    }
+
+    #[test]
+    fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
+        let cases: [(&str, Field, bool); 4] = [
+            ("SDSTREAM_PORTABLE_KERNELS", |p| p.portable, false),
+            ("SDSTREAM_NO_AMX", |p| p.amx, true),
+            ("SDSTREAM_NO_AVX512_BF16", |p| p.avx512_bf16, true),
+            ("SDSTREAM_NO_DIRECT_CONV", |p| p.direct_conv, true),
+        ];
+        for (name, field, default) in cases {
+            assert_eq!(field(with(&[])), default, "{name} unset");
+            assert_eq!(field(with(&[(name, "")])), default, "{name} empty");
+            assert_eq!(field(with(&[(name, "0")])), default, "{name}=0");
+            for on in ["1", "yes", "true", "00"] {
+                assert_eq!(field(with(&[(name, on)])), !default, "{name}={on}");
+            }
+            // Nothing else moves.
+            let mut others = with(&[(name, "1")]);
+            let default_policy = KernelPolicy::default();
+            match name {
+                "SDSTREAM_PORTABLE_KERNELS" => others.portable = default_policy.portable,
+                "SDSTREAM_NO_AMX" => others.amx = default_policy.amx,
+                "SDSTREAM_NO_AVX512_BF16" => others.avx512_bf16 = default_policy.avx512_bf16,
+                _ => others.direct_conv = default_policy.direct_conv,
+            }
+            assert_eq!(others, default_policy, "{name} moves only its field");
+        }
+    }
+
+    #[test]
+    fn cuda_switches_are_off_only_at_zero() {
+        let cases: [(&str, Field); 3] = [
+            ("SDSTREAM_CUDA_KERNELS", |p| p.cuda_kernels),
+            ("SDSTREAM_CUDA_ATTENTION", |p| p.cuda_attention),
+            ("SDSTREAM_CUDA_GRAPHS", |p| p.cuda_graphs),
+        ];
+        for (name, field) in cases {
+            assert!(field(with(&[])), "{name} unset");
+            assert!(!field(with(&[(name, "0")])), "{name}=0");
+            for on in ["", "1", "off", "00"] {
+                assert!(field(with(&[(name, on)])), "{name}={on:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn winograd_names_its_policy() {
+        let cases = [
+            ("", Winograd::Auto),
+            ("auto", Winograd::Auto),
+            ("off", Winograd::Off),
+            ("0", Winograd::Off),
+            ("f2", Winograd::F2),
+            ("f4", Winograd::F4),
+            ("F4", Winograd::Auto),
+            ("fast", Winograd::Auto),
+        ];
+        for (value, want) in cases {
+            assert_eq!(
+                with(&[("SDSTREAM_WINOGRAD", value)]).winograd,
+                want,
+                "{value:?}"
+            );
+        }
+        assert_eq!(with(&[]).winograd, Winograd::Auto);
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let not_unicode = KernelPolicy::from_vars(|name| {
+                (name == "SDSTREAM_WINOGRAD").then(|| OsString::from_vec(vec![b'f', 0xff]))
+            });
+            assert_eq!(not_unicode.winograd, Winograd::Auto);
+        }
+    }
+
+    fn marked(winograd: Winograd) -> KernelPolicy {
+        KernelPolicy {
+            winograd,
+            ..KernelPolicy::process()
+        }
+    }
+
+    #[test]
+    fn scopes_nest_and_restore() {
+        let outside = KernelPolicy::current();
+        marked(Winograd::F2).scoped(|| {
+            assert_eq!(KernelPolicy::current(), marked(Winograd::F2));
+            let inner = marked(Winograd::F4).scoped(KernelPolicy::current);
+            assert_eq!(inner, marked(Winograd::F4));
+            assert_eq!(KernelPolicy::current(), marked(Winograd::F2));
+            {
+                let _guard = marked(Winograd::Off).enter();
+                assert_eq!(KernelPolicy::current(), marked(Winograd::Off));
+            }
+            assert_eq!(KernelPolicy::current(), marked(Winograd::F2));
+        });
+        assert_eq!(KernelPolicy::current(), outside);
+    }
+
+    #[test]
+    fn a_panic_restores_the_outer_scope() {
+        let outside = KernelPolicy::current();
+        marked(Winograd::F2).scoped(|| {
+            let caught = std::panic::catch_unwind(|| {
+                marked(Winograd::F4).scoped(|| {
+                    assert_eq!(KernelPolicy::current().winograd, Winograd::F4);
+                    panic!("inside the scope");
+                })
+            });
+            assert!(caught.is_err());
+            assert_eq!(KernelPolicy::current(), marked(Winograd::F2));
+        });
+        assert_eq!(KernelPolicy::current(), outside);
+    }
+
+    #[test]
+    fn another_thread_keeps_its_own_policy() {
+        marked(Winograd::F4).scoped(|| {
+            let there = std::thread::spawn(KernelPolicy::current).join().unwrap();
+            assert_eq!(there, KernelPolicy::process());
+        });
+    }
+
+    /// Every part of a pool call, on the caller or on a worker (or on a thread started for the
+    /// call when the pool is busy), sees the caller's policy; afterwards the workers are back
+    /// to their own (the next caller's, or none).
+    #[test]
+    fn a_scoped_policy_reaches_the_pool_s_parts() {
+        use std::sync::Mutex;
+        let parts = crate::threads().max(2) + 1; // some parts beyond the pool: own threads too
+        for winograd in [Winograd::Off, Winograd::F2, Winograd::F4] {
+            let policy = KernelPolicy {
+                portable: !KernelPolicy::process().portable,
+                ..marked(winograd)
+            };
+            for parts in [2, parts] {
+                let seen = Mutex::new(Vec::new());
+                policy.scoped(|| {
+                    crate::pool::run(parts, &|part| {
+                        seen.lock().unwrap().push((part, KernelPolicy::current()));
+                    })
+                });
+                let seen = seen.into_inner().unwrap();
+                assert_eq!(seen.len(), parts);
+                for (part, got) in seen {
+                    assert_eq!(got, policy, "part {part} of {parts}");
+                }
+            }
+            // Without a scope the parts see the process's policy, not the last caller's.
+            let seen = Mutex::new(Vec::new());
+            crate::pool::run(2, &|_| seen.lock().unwrap().push(KernelPolicy::current()));
+            for got in seen.into_inner().unwrap() {
+                assert_eq!(got, KernelPolicy::process());
+            }
+        }
+    }
+
+    /// A kernel started from inside a part (which runs on threads of its own) still sees it.
+    #[test]
+    fn nested_pool_calls_keep_the_policy() {
+        use std::sync::Mutex;
+        let policy = marked(Winograd::F2);
+        let seen = Mutex::new(Vec::new());
+        policy.scoped(|| {
+            crate::pool::run(2, &|_| {
+                crate::pool::run(2, &|_| seen.lock().unwrap().push(KernelPolicy::current()));
+            })
+        });
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.len(), 4);
+        assert!(seen.iter().all(|&p| p == policy));
+    }
+}
