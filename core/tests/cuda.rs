@@ -25,7 +25,7 @@ const CUDA_F32: Target = Target {
 /// with cuDNN's convolutions: worst max 18.81 and mean 1.21 (none_t4_fullvae_nonoise, four
 /// noiseless steps through the tiny random full VAE, which amplifies rounding); the TAESD cases
 /// at most 2.4 and 0.28. Held to about 1.3× that. (The CPU's portable path, candle's im2col
-/// convolutions, measured 7.65 and 0.70: tests/stream_portable.rs.)
+/// convolutions, measured 7.65 and 0.70: core/tests/integration/kernel_variants.rs.)
 const F16_MAX_LEVELS: f32 = 24.0;
 /// See [`F16_MAX_LEVELS`].
 const F16_MEAN_LEVELS: f32 = 1.6;

@@ -41,7 +41,10 @@ pub mod transfer;
 mod winograd;
 
 pub use winograd::{
-    bf16_convolutions as winograd_bf16_convolutions, convolutions as winograd_convolutions,
+    bf16_convolutions as winograd_bf16_convolutions,
+    bf16_convolutions_on_this_thread as winograd_bf16_convolutions_on_this_thread,
+    convolutions as winograd_convolutions,
+    convolutions_on_this_thread as winograd_convolutions_on_this_thread,
     weight_bytes as winograd_weight_bytes,
 };
 

@@ -12,7 +12,7 @@
 //!
 //! On the CPU the blocks use the shared kernels of [`super::kernels`] (tiled GEMM convolutions,
 //! f64-accumulated norms, in-place softmax and adds); other devices use candle's portable ops,
-//! which `SDSTREAM_PORTABLE_KERNELS=1` also selects on the CPU (tests/unet_portable.rs checks
+//! which `SDSTREAM_PORTABLE_KERNELS=1` also selects on the CPU (core/tests/integration/kernel_variants.rs checks
 //! that path).
 //! On the CPU candle has no bf16 arithmetic: there `dtype: "bf16"` loads the weights in f32 and
 //! turns on [`UNet2DConditionModel::with_bf16_gemms`] (f32 maps, GEMMs on bf16 operands,

@@ -189,6 +189,9 @@ impl Engine {
             shared: shared.clone(),
             threads: Mutex::new(Vec::with_capacity(2)),
         };
+        // The engine's threads run under the kernel policy of its settings, else the one
+        // current where it starts: loads, frames and the threads they start all see it.
+        let policy = shared.settings.kernel_policy();
         for (name, body) in [
             ("sdstream-worker", worker::run_worker as fn(&Shared)),
             ("sdstream-builder", build_thread::run_builder as fn(&Shared)),
@@ -196,7 +199,7 @@ impl Engine {
             let shared = shared.clone();
             let handle = std::thread::Builder::new()
                 .name(name.into())
-                .spawn(move || body(&shared))
+                .spawn(move || policy.scoped(|| body(&shared)))
                 .map_err(|e| Error::State(format!("cannot start the {name} thread: {e}")))?;
             // On an error above, dropping `engine` closes and joins what did start.
             engine.lock_threads().push(handle);

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use crate::Result;
 use crate::frame::Image;
+use crate::model::kernels::KernelPolicy;
 use crate::params::{StreamDiffusionParams, Transition, Update, classify};
 use crate::pipeline::stream_diffusion::StageTimings;
 
@@ -327,9 +328,11 @@ fn start_lookahead(shared: &Shared, live: &mut Live, current: &Job) {
     let Ok(Ok(Some(preparer))) = preparer else {
         return;
     };
+    let policy = KernelPolicy::current();
     let spawned = std::thread::Builder::new()
         .name("sdstream-prepare".into())
         .spawn(move || {
+            let _policy = policy.enter();
             catch_unwind(AssertUnwindSafe(|| preparer.prepare(&input.frame()?))).unwrap_or_else(
                 |panic| {
                     Err(crate::Error::State(format!(

@@ -36,6 +36,7 @@ use crate::hub::HubOptions;
 use crate::model::bundle::{
     ModelRequest, ResolvedFolders, StableDiffusionModels, canonical, lock_or_wait,
 };
+use crate::model::kernels::KernelPolicy;
 use crate::params::{DTypeChoice, DeviceSpec, EngineSettings, VaeChoice};
 
 /// What decides which networks a load produces: two requests with equal keys share one load.
@@ -54,6 +55,9 @@ pub struct ModelKey {
     pub hub: HubOptions,
     /// The LoRA files fused into the networks (canonical) with their weights' bits, in order.
     pub loras: Vec<(PathBuf, u64)>,
+    /// The kernel policy the networks load under: a layer's layout (channels-last, f32 copies
+    /// of bf16 weights, packed GEMM operands) is decided at load from it.
+    pub kernels: KernelPolicy,
 }
 
 /// The autoencoder part of a [`ModelKey`].
@@ -86,6 +90,7 @@ impl ModelKey {
                 .iter()
                 .map(|(path, weight)| (canonical(path), weight.to_bits()))
                 .collect(),
+            kernels: settings.kernel_policy(),
         }
     }
 }
@@ -101,6 +106,7 @@ struct Alias {
     device: DeviceSpec,
     vae: VaeChoice,
     hub: HubOptions,
+    kernels: KernelPolicy,
 }
 
 impl Alias {
@@ -117,6 +123,7 @@ impl Alias {
             device: settings.device,
             vae: settings.vae.clone(),
             hub: settings.hub_options(),
+            kernels: settings.kernel_policy(),
         }
     }
 }
@@ -257,7 +264,9 @@ impl ModelPool {
             return Ok(models);
         }
         // The same checkpoint loaded with other LoRAs (a LoRA weight changed, one added or
-        // removed): rebuild from its tensors instead of reading the weights again.
+        // removed): rebuild from its tensors instead of reading the weights again. Either way
+        // under the key's kernel policy, which decides the layers' layouts.
+        let _policy = slot.key.kernels.enter();
         let models = match self.lora_sibling(&slot.key) {
             Some(sibling) => {
                 let models = Arc::new(sibling.with_loras(&folders, progress)?);

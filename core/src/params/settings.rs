@@ -8,6 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::json;
+use crate::model::kernels::KernelPolicy;
 use crate::{Error, Result};
 
 /// Residual classifier-free guidance variant of StreamDiffusion (`cfg_type` in the reference).
@@ -300,6 +301,12 @@ pub struct EngineSettings {
     /// refused either way. Default false, in the library as in the server: the URL usually comes
     /// with a body someone else wrote, and a program whose pictures live on its LAN says so once.
     pub allow_private_network: bool,
+    /// Which kernels the engine's networks load and run with ([`KernelPolicy`]); set from Rust
+    /// only (no JSON key). Default none: the policy current on the thread that starts the
+    /// engine or stream (the process's, from the `SDSTREAM_*` switches, unless a caller scoped
+    /// another). Networks loaded under different policies are not shared.
+    #[serde(skip)]
+    pub kernels: Option<KernelPolicy>,
 }
 
 impl Default for EngineSettings {
@@ -315,11 +322,18 @@ impl Default for EngineSettings {
             allow_model_paths: true,
             allowed_models: Vec::new(),
             allow_private_network: false,
+            kernels: None,
         }
     }
 }
 
 impl EngineSettings {
+    /// The kernel policy these settings run under: [`kernels`](Self::kernels), else the one
+    /// current on this thread.
+    pub fn kernel_policy(&self) -> KernelPolicy {
+        self.kernels.unwrap_or_else(KernelPolicy::current)
+    }
+
     /// Where model ids are looked for under these settings: `model_root` (or
     /// `SDSTREAM_MODEL_ROOT`), the Hugging Face cache, and whether downloads are allowed. The
     /// one place validation and the loaders get it from.

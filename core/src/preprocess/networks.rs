@@ -26,6 +26,7 @@ use crate::hub::{self, HubOptions};
 use crate::model::depth_anything::{self, DepthAnything};
 use crate::model::hed::{self, Hed};
 use crate::model::ip_adapter::IpAdapter;
+use crate::model::kernels::KernelPolicy;
 use crate::model::lineart::{self, LineartGenerator};
 use crate::model::openpose_body::{self, BodyPoseNet};
 use crate::model::raft::{self, Raft};
@@ -348,7 +349,9 @@ fn unsupported_config<E: std::fmt::Display>(model: &str) -> impl Fn(E) -> Error 
 }
 
 /// What a network is shared by: the request as spelled (looked up without touching the disk)
-/// or the resolved file, with the dtype and device.
+/// or the resolved file, with the dtype, the device and the kernel policy current where it is
+/// asked for (a layer's layout is decided when it loads, so networks loaded under another
+/// policy are not shared).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum PoolKey {
     Request {
@@ -356,12 +359,14 @@ enum PoolKey {
         hub: HubOptions,
         dtype: DType,
         device: String,
+        kernels: KernelPolicy,
     },
     File {
         kind: NetworkKind,
         path: PathBuf,
         dtype: DType,
         device: String,
+        kernels: KernelPolicy,
     },
 }
 
@@ -403,6 +408,7 @@ impl NetworkPool {
             hub: hub.clone(),
             dtype,
             device: device_key(device),
+            kernels: KernelPolicy::current(),
         }
     }
 
@@ -432,6 +438,7 @@ impl NetworkPool {
             path: crate::model::bundle::canonical(path),
             dtype,
             device: device_key(device),
+            kernels: KernelPolicy::current(),
         };
         self.lock().get(&key).and_then(Weak::upgrade)
     }
@@ -490,6 +497,7 @@ impl NetworkPool {
             path: crate::model::bundle::canonical(path),
             dtype,
             device: device_key(device),
+            kernels: KernelPolicy::current(),
         };
         let found = self.lock().get(&file_key).and_then(Weak::upgrade);
         let net = match found {

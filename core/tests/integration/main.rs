@@ -1,9 +1,9 @@
 //! core's integration tests in one binary: one link instead of one per file (each test binary
 //! carries the whole library and its dependencies), so the suite builds faster and takes a
-//! fraction of the disk. A file of tests/ stays a binary of its own only where it must: its
-//! kernel switch is a process-wide environment variable read once (tests/portable.rs,
-//! tests/stream_*winograd*.rs, tests/stream_portable.rs), it needs a feature (tests/cuda.rs), or
-//! it compares frame times and must not share the cores with other tests (tests/engine.rs).
+//! fraction of the disk. Kernel variants run here too, each under a policy scoped on its test's
+//! thread (kernel_variants.rs). A file of tests/ stays a binary of its own only where it must:
+//! it needs a feature (tests/cuda.rs), or it compares frame times and must not share the cores
+//! with other tests (tests/engine.rs).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -21,6 +21,7 @@ mod dj_body;
 mod flow_image;
 mod hub_download;
 mod ip_adapter;
+mod kernel_variants;
 mod latent_feedback;
 mod lora;
 mod model_ids;

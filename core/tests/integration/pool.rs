@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::fixture;
 use sdstream::model::bundle::StableDiffusionModels;
+use sdstream::model::kernels::{self, KernelPolicy, Winograd};
 use sdstream::model::pool::{ModelPool, PoolStats};
 use sdstream::params::{ControlNetConfig, DTypeChoice, Prompt, VaeChoice};
 use sdstream::{
@@ -435,4 +436,72 @@ fn engines_and_streams_share_the_process_wide_pool() {
     drop((engine, stream));
     assert!(own_entries().is_empty());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The settings' kernel policy is part of what networks are shared by (a layer's layout is
+/// decided at load), and a stream runs every call under it, whatever the caller's thread has.
+#[test]
+fn a_kernel_policy_in_the_settings_keys_the_pool_and_runs_the_stream() {
+    let pool = Arc::new(ModelPool::new());
+    let under = |winograd| EngineSettings {
+        kernels: Some(KernelPolicy {
+            winograd,
+            ..KernelPolicy::process()
+        }),
+        ..settings()
+    };
+    let off = pool
+        .get(&params(), &under(Winograd::Off), &mut |_| {})
+        .expect("off");
+    let f2 = pool
+        .get(&params(), &under(Winograd::F2), &mut |_| {})
+        .expect("f2");
+    assert!(
+        !Arc::ptr_eq(&off, &f2),
+        "networks shared across kernel policies"
+    );
+    let again = pool
+        .get(&params(), &under(Winograd::F2), &mut |_| {})
+        .expect("f2 again");
+    assert!(Arc::ptr_eq(&f2, &again));
+    let stats = pool.stats();
+    assert_eq!((stats.loads, stats.reuses), (2, 1));
+
+    let bytes = frame_bytes();
+    let mut counts = Vec::new();
+    for (models, winograd) in [(off, Winograd::Off), (f2, Winograd::F2)] {
+        let mut stream =
+            StreamDiffusion::with_models(models, params(), under(winograd)).expect("stream");
+        let before = kernels::winograd_convolutions_on_this_thread();
+        stream.process(&frame(&bytes)).expect("frame");
+        counts.push(kernels::winograd_convolutions_on_this_thread() - before);
+    }
+    // By default the tiny networks' layers are too narrow for Winograd's kernel; F2 takes every
+    // f32 3×3 stride-1 convolution of the frame (measured: 486 a txt2img case, more with the
+    // encoder).
+    assert_eq!(
+        counts[0], 0,
+        "Winograd ran under a policy that turns it off"
+    );
+    assert!(
+        counts[1] >= 100,
+        "only {} convolutions on Winograd",
+        counts[1]
+    );
+
+    // An engine takes the policy into the pool the same way: F2 again is shared, F4 loads anew.
+    let engine_under = |winograd| {
+        Engine::builder(params())
+            .settings(under(winograd))
+            .options(EngineOptions {
+                warmup: false,
+                ..EngineOptions::default()
+            })
+            .pool(pool.clone())
+            .load()
+            .expect("engine")
+    };
+    let (_f2_engine, _f4_engine) = (engine_under(Winograd::F2), engine_under(Winograd::F4));
+    let stats = pool.stats();
+    assert_eq!((stats.loads, stats.reuses), (3, 2));
 }

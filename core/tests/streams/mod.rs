@@ -1,5 +1,5 @@
 //! The golden stream cases (tests/fixtures/golden/streams.json) run on any device and dtype:
-//! core/tests/integration/stream.rs (CPU, f32, the CPU kernels), tests/stream_portable.rs (CPU, the portable
+//! core/tests/integration/stream.rs (CPU, f32, the CPU kernels), integration/kernel_variants.rs (CPU, the portable
 //! kernels GPUs run, f32 against the goldens, f16 and bf16 against f32) and tests/cuda.rs (a CUDA
 //! device, when there is one) share this harness.
 #![allow(dead_code)]
@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use sdstream::model::bundle::StableDiffusionModels;
+use sdstream::model::kernels::{self, KernelPolicy, Winograd};
 use sdstream::{EngineSettings, Frame, PixelFormat, StreamDiffusion, StreamDiffusionParams};
 use serde_json::{Value, json};
 
@@ -115,9 +116,10 @@ pub fn params_for(case: &Value, target: Target) -> StreamDiffusionParams {
     StreamDiffusionParams::from_json_with(&body.to_string(), &settings_for(case, target)).unwrap()
 }
 
-/// Networks loaded once per autoencoder kind and target, shared by the cases.
+/// Networks loaded once per autoencoder kind, target and kernel policy (current on this
+/// thread), shared by the cases.
 pub fn models(case: &Value, target: Target) -> Arc<StableDiffusionModels> {
-    type Cache = Mutex<HashMap<(bool, Target), Arc<StableDiffusionModels>>>;
+    type Cache = Mutex<HashMap<(bool, Target, KernelPolicy), Arc<StableDiffusionModels>>>;
     static MODELS: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let full = case["vae"] == "full";
     let mut cache = MODELS
@@ -125,7 +127,7 @@ pub fn models(case: &Value, target: Target) -> Arc<StableDiffusionModels> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     cache
-        .entry((full, target))
+        .entry((full, target, KernelPolicy::current()))
         .or_insert_with(|| {
             let settings = settings_for(case, target);
             let id = fixture("tiny-sd-turbo").display().to_string();
@@ -351,17 +353,20 @@ pub fn cpu_bf16_against_f32() -> (Levels, Levels) {
 }
 
 /// Every golden stream case (ControlNet streams included) with every f32 3×3 stride-1
-/// convolution on Winograd's kernel in the variant `SDSTREAM_WINOGRAD` names (set by the
-/// caller's test binary before anything runs), against the reference's outputs within the
-/// bounds of core/tests/integration/stream.rs (each case's worst frame is printed); checks that the kernel ran
-/// in every case.
-pub fn check_cases_on_winograd() {
-    let variant = std::env::var("SDSTREAM_WINOGRAD").expect("the test binary sets the variant");
+/// convolution on Winograd's kernel in `variant` (scoped on this thread), against the
+/// reference's outputs within the bounds of core/tests/integration/stream.rs (each case's worst
+/// frame is printed); checks that the kernel ran in every case.
+pub fn check_cases_on_winograd(variant: Winograd) {
+    let policy = KernelPolicy {
+        winograd: variant,
+        ..KernelPolicy::process()
+    };
+    let _policy = policy.enter();
     for name in CASES.iter().chain(CONTROLNET_CASES) {
-        let before = sdstream::model::kernels::winograd_convolutions();
+        let before = kernels::winograd_convolutions_on_this_thread();
         check_case_against_golden(name, Target::CPU_F32);
-        let ran = sdstream::model::kernels::winograd_convolutions() - before;
-        println!("{name}: {ran} convolutions on Winograd's kernel ({variant})");
+        let ran = kernels::winograd_convolutions_on_this_thread() - before;
+        println!("{name}: {ran} convolutions on Winograd's kernel ({variant:?})");
         // Measured 486 (txt2img: no encoder) to 1,818 (ControlNets, step by step) a case.
         assert!(
             ran >= 400,

@@ -42,7 +42,6 @@ mod channels_last;
 mod transforms;
 mod weights;
 
-#[cfg(test)]
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -176,23 +175,31 @@ pub fn bf16_convolutions() -> u64 {
 /// Counts a convolution run by this kernel with `weights`.
 fn count(weights: &WinogradWeights) {
     CONVOLUTIONS.fetch_add(1, Ordering::Relaxed);
+    ON_THIS_THREAD.with(|n| n.set(n.get() + 1));
     if weights.is_bf16() {
         BF16_CONVOLUTIONS.fetch_add(1, Ordering::Relaxed);
+        BF16_ON_THIS_THREAD.with(|n| n.set(n.get() + 1));
     }
-    #[cfg(test)]
-    ON_THIS_THREAD.with(|n| n.set(n.get() + 1));
 }
 
-#[cfg(test)]
 thread_local! {
-    /// Convolutions this thread ran by this kernel (tests run side by side).
+    /// Convolutions this thread called this kernel for (tests that compare policies run side
+    /// by side in one binary, and the process-wide counts mix them).
     static ON_THIS_THREAD: Cell<u64> = const { Cell::new(0) };
+    /// Of those, the ones that multiplied in bf16.
+    static BF16_ON_THIS_THREAD: Cell<u64> = const { Cell::new(0) };
 }
 
-/// Convolutions this thread has run by this kernel.
-#[cfg(test)]
-pub(super) fn convolutions_on_this_thread() -> u64 {
+/// [`convolutions`] counted on the calling thread only: the convolutions this thread called
+/// (whichever threads did the work), so that one test's count is not another's.
+pub fn convolutions_on_this_thread() -> u64 {
     ON_THIS_THREAD.with(Cell::get)
+}
+
+/// [`bf16_convolutions`] counted on the calling thread only (see
+/// [`convolutions_on_this_thread`]).
+pub fn bf16_convolutions_on_this_thread() -> u64 {
+    BF16_ON_THIS_THREAD.with(Cell::get)
 }
 
 /// The variant a convolution of `C_in → C_out` channels whose output is `batch` images of

@@ -27,6 +27,7 @@ impl StreamDiffusion {
     /// `&Frame`, or a [`FrameInput`] that also carries control images for `external`
     /// ControlNets and control images made ahead.
     pub fn process<'a>(&mut self, input: impl Into<FrameInput<'a>>) -> Result<Image> {
+        let _policy = self.kernels.enter();
         let FrameInput {
             frame,
             controls,
@@ -96,6 +97,7 @@ impl StreamDiffusion {
     /// [`Frame::to_tensor`] makes it), and so is every control image of a [`TensorInput`];
     /// returns the output `[1, 3, H, W]` in [0, 1] (f32).
     pub fn process_tensor<'a>(&mut self, input: impl Into<TensorInput<'a>>) -> Result<Tensor> {
+        let _policy = self.kernels.enter();
         let TensorInput { x, controls } = input.into();
         let (width, height) = self.stream_size();
         let expected = [1, 3, height, width];
@@ -273,6 +275,7 @@ impl StreamDiffusion {
     ///
     /// Only `external` ControlNets act here (the others derive their image from an input frame).
     pub fn txt2img_from(&mut self, latent: &Tensor) -> Result<Tensor> {
+        let _policy = self.kernels.enter();
         self.advance_transition()?;
         let frame = ControlInputs {
             external_controls: &self.external_controls,

@@ -60,6 +60,9 @@ impl StreamDiffusion {
         settings: EngineSettings,
         host_style: Option<StyleImage>,
     ) -> Result<Self> {
+        // The stream runs, and its networks loaded, under one kernel policy.
+        let kernels = settings.kernel_policy();
+        let _policy = kernels.enter();
         settings.validate()?;
         params.validate(&settings)?;
         check_supported(&params)?;
@@ -154,6 +157,7 @@ impl StreamDiffusion {
             attention_bank,
             image_prompt,
             host_style,
+            kernels,
         })
     }
 }

@@ -23,6 +23,7 @@ use crate::Result;
 use crate::model::attention_bank::AttentionBank;
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::controlnet::ControlNetModel;
+use crate::model::kernels::KernelPolicy;
 use crate::params::{EngineSettings, StreamDiffusionParams};
 pub(crate) use crate::pipeline::accepted::{check_control_ids, check_supported};
 use crate::pipeline::conditioning::PromptCache;
@@ -101,6 +102,9 @@ pub struct StreamDiffusion {
     image_prompt: Option<ImagePromptState>,
     /// A style picture the host handed in, used instead of `ip_adapter_style_image_url`.
     host_style: Option<StyleImage>,
+    /// The kernel policy every call runs under: the settings', else the one current where the
+    /// stream was made (its networks loaded under it).
+    kernels: KernelPolicy,
 }
 
 /// The counters behind a stream's status report.

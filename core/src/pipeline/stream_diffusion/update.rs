@@ -40,6 +40,7 @@ impl StreamDiffusion {
         params: StreamDiffusionParams,
         transition: Transition,
     ) -> Result<Update> {
+        let _policy = self.kernels.enter();
         transition.validate()?;
         let result = self.apply_update(params, transition);
         let report = &mut self.report;
@@ -319,6 +320,7 @@ impl StreamDiffusion {
     /// The picture is encoded once, here, when the adapter is on (else when it is turned on).
     /// On an error the stream keeps its previous picture.
     pub fn set_style_image(&mut self, picture: Option<StyleImage>) -> Result<()> {
+        let _policy = self.kernels.enter();
         let image_prompt = image_prompt::build(
             &self.models,
             &self.params,
