@@ -26,7 +26,10 @@ fn portable() -> KernelPolicy {
 #[test]
 fn portable_kernels_match_references() {
     portable().scoped(|| {
-        assert!(!kernels::cpu_kernels(&Device::Cpu), "the CPU kernels are still on");
+        assert!(
+            !kernels::cpu_kernels(&Device::Cpu),
+            "the CPU kernels are still on"
+        );
         let cpu = Device::Cpu;
 
         let unet = UNet2DConditionModel::load(&fixture("tiny-sd-turbo/unet"), DType::F32, &cpu)
@@ -105,7 +108,10 @@ const PORTABLE_F16_MEAN_LEVELS: f32 = 1.0;
 #[test]
 fn portable_streams_match_goldens_and_half_precision_stays_close() {
     portable().scoped(|| {
-        assert!(!kernels::cpu_kernels(&Device::Cpu), "the CPU kernels are still on");
+        assert!(
+            !kernels::cpu_kernels(&Device::Cpu),
+            "the CPU kernels are still on"
+        );
         let cases: Vec<&str> = CASES.iter().chain(CONTROLNET_CASES).copied().collect();
         let f32_outputs: Vec<_> = cases
             .iter()

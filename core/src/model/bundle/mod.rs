@@ -2,26 +2,36 @@
 //! folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/) plus TAESD.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::hub::{self, HubOptions, Wanted};
 use crate::model::clip::ClipTextModel;
-use crate::model::controlnet::ControlNetModel;
-use crate::model::lora::{DIFFUSERS_LORA_FILE, LoraDeltas, LoraFile, LoraStack, LoraTarget};
+use crate::model::lora::{DIFFUSERS_LORA_FILE, LoraDeltas, LoraFile, LoraTarget};
 use crate::model::taesd::AutoencoderTiny;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKl;
 use crate::model::weight_table::WeightTable;
 use crate::model::{checked_backend, read_config};
-use crate::params::{EngineSettings, ModelFamily, StreamDiffusionParams, VaeChoice, json_kind};
+use crate::params::{EngineSettings, ModelFamily, StreamDiffusionParams, VaeChoice};
 use crate::sampling::rng::TorchGenerator;
 use crate::sampling::scheduler::LcmScheduler;
 use crate::{Error, Result};
+
+mod checks;
+mod controlnets;
+mod text;
+
+use checks::{
+    check_latent_channels, check_model_index, check_text_width, check_tokenizer_fits,
+    refuse_second_encoder_loras,
+};
+pub use controlnets::CONTROLNET_CACHE_SIZE;
+use controlnets::NetCache;
 
 /// The image autoencoder a stream encodes and decodes with.
 #[derive(Debug, Clone)]
@@ -224,117 +234,6 @@ pub(crate) struct ResolvedFolders {
     pub(crate) loras: Vec<(PathBuf, f64)>,
 }
 
-/// The ControlNets of one checkpoint, shared by every stream on it.
-///
-/// Every net some stream still holds stays findable (a weak reference), so a second stream
-/// asking for a net the first uses gets the same copy even after it left the recently-used
-/// set; the [`CONTROLNET_CACHE_SIZE`] most recently used are also held strongly, so a net
-/// removed from the parameters and added back soon costs nothing.
-/// Generic over the net so that its bookkeeping can be tested without loading networks.
-#[derive(Debug)]
-struct NetCache<N = ControlNetModel> {
-    /// Least recently used first.
-    nets: Vec<CachedNet<N>>,
-    /// Loads in progress by id: a second request for the same net waits on its lock and then
-    /// finds the net cached, instead of reading the weights again.
-    loading: Vec<(String, Arc<Mutex<()>>)>,
-}
-
-impl<N> Default for NetCache<N> {
-    fn default() -> Self {
-        Self {
-            nets: Vec::new(),
-            loading: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct CachedNet<N> {
-    /// The ids it was asked for by (several spellings of one folder share the net).
-    ids: Vec<String>,
-    /// The folder it was loaded from (canonical where the file system allows).
-    dir: PathBuf,
-    net: Weak<N>,
-    /// `Some` while among the most recently used.
-    pinned: Option<Arc<N>>,
-    bytes: u64,
-}
-
-impl<N> NetCache<N> {
-    /// A cache holding the same nets (no load in progress): for networks derived from these.
-    fn shared_copy(&self) -> Self {
-        Self {
-            nets: self
-                .nets
-                .iter()
-                .map(|c| CachedNet {
-                    ids: c.ids.clone(),
-                    dir: c.dir.clone(),
-                    net: c.net.clone(),
-                    pinned: c.pinned.clone(),
-                    bytes: c.bytes,
-                })
-                .collect(),
-            loading: Vec::new(),
-        }
-    }
-
-    /// The live net known under `id`, marked most recently used.
-    fn get(&mut self, id: &str) -> Option<Arc<N>> {
-        let pos = self
-            .nets
-            .iter()
-            .position(|n| n.ids.iter().any(|k| k == id))?;
-        self.touch(pos)
-    }
-
-    /// The live net loaded from `dir`, now also known under `id`, marked most recently used.
-    fn get_by_dir(&mut self, dir: &Path, id: &str) -> Option<Arc<N>> {
-        let pos = self.nets.iter().position(|n| n.dir == dir)?;
-        let net = self.touch(pos)?;
-        let entry = self.nets.last_mut().expect("just touched");
-        if !entry.ids.iter().any(|k| k == id) {
-            entry.ids.push(id.to_string());
-        }
-        Some(net)
-    }
-
-    /// Moves entry `pos` to the most recently used end if its net is alive.
-    fn touch(&mut self, pos: usize) -> Option<Arc<N>> {
-        let mut entry = self.nets.remove(pos);
-        let net = entry.net.upgrade()?;
-        entry.pinned = Some(net.clone());
-        self.nets.push(entry);
-        self.settle();
-        Some(net)
-    }
-
-    fn insert(&mut self, id: &str, dir: PathBuf, net: Arc<N>, bytes: u64) {
-        self.nets.push(CachedNet {
-            ids: vec![id.to_string()],
-            dir,
-            net: Arc::downgrade(&net),
-            pinned: Some(net),
-            bytes,
-        });
-        self.settle();
-    }
-
-    /// Unpins all but the most recently used nets and forgets those no stream holds.
-    fn settle(&mut self) {
-        let unpinned = self.nets.len().saturating_sub(CONTROLNET_CACHE_SIZE);
-        for entry in &mut self.nets[..unpinned] {
-            entry.pinned = None;
-        }
-        self.nets.retain(|n| n.net.strong_count() > 0);
-    }
-}
-
-/// How many ControlNets stay cached after they leave the parameters (each holds roughly a
-/// third of the UNet's weights).
-pub const CONTROLNET_CACHE_SIZE: usize = 8;
-
 /// Files a stream needs from a checkpoint, so a hub download fetches only those
 /// (patterns as [`hub::resolve`] reads them; `?` marks optional files): what a script that
 /// fetches a model ahead of time asks for.
@@ -395,7 +294,7 @@ fn lora_file(id: &str, opts: &HubOptions, field: &str) -> Result<PathBuf> {
     })
 }
 
-fn resolve(id: &str, opts: &HubOptions, files: &[String]) -> Result<PathBuf> {
+pub(super) fn resolve(id: &str, opts: &HubOptions, files: &[String]) -> Result<PathBuf> {
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
     hub::resolve(id, opts, &files)
 }
@@ -624,167 +523,10 @@ impl StableDiffusionModels {
         })
     }
 
-    /// The ControlNet `id` (a local folder or a hub id, resolved like `model_id`), loaded once
-    /// and cached: later calls, from any thread and any stream on these networks, return the
-    /// same `Arc` without reading weights (two spellings of one folder included). A net that
-    /// does not fit this checkpoint's UNet (text width, block widths, latent channels, family)
-    /// is an error naming both values, and is not cached.
-    ///
-    /// The cache keeps the [`CONTROLNET_CACHE_SIZE`] most recently used nets, and every net a
-    /// stream still holds, so a net removed from the parameters and added back soon costs
-    /// nothing. Concurrent requests for a net not loaded yet wait for one load (a per-id lock);
-    /// the cache's own lock is never held while a net loads, so lookups of cached nets never
-    /// wait for a load.
-    pub fn controlnet(
-        &self,
-        id: &str,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<Arc<ControlNetModel>> {
-        if let Some(net) = self.cached_controlnet(id) {
-            return Ok(net);
-        }
-        let slot = {
-            let mut cache = self.lock_controlnets();
-            match cache.loading.iter().find(|(k, _)| k == id) {
-                Some((_, slot)) => slot.clone(),
-                None => {
-                    let slot = Arc::new(Mutex::new(()));
-                    cache.loading.push((id.to_string(), slot.clone()));
-                    slot
-                }
-            }
-        };
-        let outcome = {
-            let _loading = lock_or_wait(&slot, || {
-                progress(&format!(
-                    "waiting for ControlNet {id}, which another stream is loading"
-                ))
-            });
-            self.load_controlnet(id, progress)
-        };
-        let mut cache = self.lock_controlnets();
-        cache
-            .loading
-            .retain(|(k, s)| !(k == id && Arc::ptr_eq(s, &slot)));
-        outcome
-    }
-
-    /// The body of [`controlnet`](Self::controlnet), run under the id's loading lock.
-    fn load_controlnet(
-        &self,
-        id: &str,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<Arc<ControlNetModel>> {
-        // Loaded by the request this one waited for.
-        if let Some(net) = self.cached_controlnet(id) {
-            return Ok(net);
-        }
-        let fp16 = self.dtype == DType::F16;
-        let dir = resolve(id, &self.hub, &component_files(fp16))?;
-        let canonical = canonical(&dir);
-        if let Some(net) = self.lock_controlnets().get_by_dir(&canonical, id) {
-            return Ok(net);
-        }
-        let base = self.unet.config();
-        let before = checked_backend::loaded_bytes();
-        let net = timed(progress, "controlnet", &dir, || {
-            ControlNetModel::load_for(&dir, self.dtype, &self.device, |config| {
-                config.check_compatible(base, id)
-            })
-        })?
-        // In the precision of the UNet it steers (bf16 GEMMs on the CPU, see compute_dtype).
-        .with_bf16_gemms(self.unet.bf16_gemms());
-        let bytes = checked_backend::loaded_bytes() - before;
-        self.controlnet_loads.fetch_add(1, Ordering::Relaxed);
-        let net = Arc::new(net);
-        self.lock_controlnets()
-            .insert(id, canonical, net.clone(), bytes);
-        Ok(net)
-    }
-
-    /// The ControlNet `id` if it is cached (marking it recently used); never loads.
-    pub fn cached_controlnet(&self, id: &str) -> Option<Arc<ControlNetModel>> {
-        self.lock_controlnets().get(id)
-    }
-
-    /// The ids of the cached ControlNets (the first id each was asked for), least recently
-    /// used first.
-    pub fn cached_controlnet_ids(&self) -> Vec<String> {
-        let mut cache = self.lock_controlnets();
-        cache.settle();
-        cache.nets.iter().map(|n| n.ids[0].clone()).collect()
-    }
-
-    /// How many ControlNets these networks have read from disk so far.
-    pub fn controlnet_loads(&self) -> u64 {
-        self.controlnet_loads.load(Ordering::Relaxed)
-    }
-
     /// Bytes of the networks' tensors in their dtype (tokenizer, scheduler and ControlNets
     /// not included): what one copy of the checkpoint costs.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
-    }
-
-    /// Bytes of the cached ControlNets' tensors.
-    pub fn controlnet_bytes(&self) -> u64 {
-        let mut cache = self.lock_controlnets();
-        cache.settle();
-        cache.nets.iter().map(|n| n.bytes).sum()
-    }
-
-    fn lock_controlnets(&self) -> MutexGuard<'_, NetCache> {
-        // A panic while holding the lock cannot leave the cache half-updated (each change is
-        // a single push, remove or field store), so a poisoned lock is still usable.
-        self.controlnets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// SDXL's embeddings of one text, as diffusers' `StableDiffusionXLPipeline.encode_prompt`
-    /// computes them (no clip skip); an error on a checkpoint without a second text encoder.
-    pub fn encode_text_sdxl(&self, text: &str) -> Result<SdxlText> {
-        let second = self.second.as_ref().ok_or_else(|| Error::ModelLoad {
-            path: self.dir.clone(),
-            detail: "not an SDXL checkpoint: it has no second text encoder".into(),
-        })?;
-        let (_, first) = self
-            .text_encoder
-            .forward_with_penultimate(&self.token_ids(&self.tokenizer, text)?)?;
-        let out = second
-            .text_encoder
-            .forward_all(&self.token_ids(&second.tokenizer, text)?)?;
-        Ok(SdxlText {
-            embeds: Tensor::cat(&[&first, &out.penultimate], 2)?,
-            pooled: out.pooled,
-        })
-    }
-
-    /// SDXL's `time_ids` for a stream of `height`×`width`: original size, crop corner (0, 0),
-    /// target size, `[1, 6]` in the networks' dtype (what the reference passes, with the
-    /// stream's size as both sizes).
-    pub fn sdxl_time_ids(&self, height: usize, width: usize) -> Result<Tensor> {
-        let (h, w) = (height as f32, width as f32);
-        Ok(
-            Tensor::from_vec(vec![h, w, 0.0, 0.0, h, w], (1, 6), &self.device)?
-                .to_dtype(self.dtype)?,
-        )
-    }
-
-    /// CLIP embedding `[1, 77, D]` of one text.
-    pub fn encode_text(&self, text: &str) -> Result<Tensor> {
-        self.text_encoder
-            .forward(&self.token_ids(&self.tokenizer, text)?)
-    }
-
-    /// `text` as `tokenizer` pads it, `[1, max_length]` on the networks' device.
-    fn token_ids(&self, tokenizer: &ClipTokenizer, text: &str) -> Result<Tensor> {
-        let ids = tokenizer.encode(text)?;
-        Ok(Tensor::from_vec(
-            ids,
-            (1, tokenizer.max_length()),
-            &self.device,
-        )?)
     }
 }
 
@@ -832,166 +574,6 @@ fn vae_dtype(family: ModelFamily, vae_dir: &Path, dtype: DType) -> Result<DType>
     })
 }
 
-fn check_model_index(dir: &Path, full_vae: bool) -> Result<()> {
-    let path = dir.join("model_index.json");
-    let fail = |detail: String| Error::ModelLoad {
-        path: path.clone(),
-        detail,
-    };
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let index: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
-    let Some(index) = index.as_object() else {
-        return Err(fail(format!(
-            "{} where diffusers' pipeline index is an object (component name → [library, class])",
-            json_kind(&index)
-        )));
-    };
-    if !index
-        .get("_class_name")
-        .is_some_and(serde_json::Value::is_string)
-    {
-        return Err(fail(
-            "no `_class_name` string (the pipeline class diffusers loads the folder as)".into(),
-        ));
-    }
-    let mut needed = vec!["scheduler", "tokenizer", "text_encoder", "unet"];
-    if full_vae {
-        needed.push("vae");
-    }
-    for name in needed {
-        let entry = index
-            .get(name)
-            .and_then(|v| v.as_array())
-            .filter(|v| v.len() == 2);
-        match entry {
-            Some(pair) if pair.iter().all(serde_json::Value::is_string) => {}
-            Some(pair) if pair.iter().all(serde_json::Value::is_null) => {
-                return Err(fail(format!(
-                    "`{name}` is [null, null]: the checkpoint declares no {name}, which a stream \
-                     needs"
-                )));
-            }
-            _ => {
-                return Err(fail(format!(
-                    "`{name}` is {} where a [library, class] pair is due",
-                    index.get(name).map_or("missing", json_kind)
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The tokenizer must not produce more ids than the text encoder has positions, or every
-/// prompt would fail to encode.
-/// `suffix` is "" for the first pair, "_2" for SDXL's second (`tokenizer_2/`, `text_encoder_2/`).
-fn check_tokenizer_fits(
-    dir: &Path,
-    suffix: &str,
-    tokenizer: &ClipTokenizer,
-    text_encoder: &ClipTextModel,
-) -> Result<()> {
-    let positions = text_encoder.config().max_position_embeddings;
-    if tokenizer.max_length() > positions {
-        return Err(Error::ModelLoad {
-            path: dir.join(format!("tokenizer{suffix}/tokenizer_config.json")),
-            detail: format!(
-                "the tokenizer's length ({}, `model_max_length`; 77 when absent) is longer than \
-                 the text encoder's {positions} positions (`max_position_embeddings` of \
-                 text_encoder{suffix}/config.json)",
-                tokenizer.max_length()
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// The UNet's cross-attention must read embeddings as wide as the text encoder makes them, or
-/// every frame would fail.
-fn check_text_width(
-    dir: &Path,
-    unet: &UNet2DConditionModel,
-    text_encoder: &ClipTextModel,
-    second: Option<&SecondTextEncoder>,
-) -> Result<()> {
-    let hidden = text_encoder.config().hidden_size;
-    let (total, whose) = match second {
-        None => (
-            hidden,
-            format!(
-                "the text encoder's width (`hidden_size` {hidden} in text_encoder/config.json)"
-            ),
-        ),
-        Some(second) => {
-            let other = second.text_encoder.config().hidden_size;
-            (
-                hidden + other,
-                format!(
-                    "the two text encoders' widths together ({hidden} + {other}, `hidden_size` in \
-                     text_encoder/ and text_encoder_2/config.json)"
-                ),
-            )
-        }
-    };
-    match unet.text_width() {
-        Some(width) if width != total => Err(Error::ModelLoad {
-            path: dir.join("unet/config.json"),
-            detail: format!("`cross_attention_dim` {width} does not match {whose}"),
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// The UNet denoises the autoencoder's latents: its input and output channels must be the
-/// latent channels.
-fn check_latent_channels(
-    dir: &Path,
-    unet: &UNet2DConditionModel,
-    autoencoder: &Autoencoder,
-    autoencoder_dir: &Path,
-) -> Result<()> {
-    let latent = autoencoder.latent_channels();
-    let config = unet.config();
-    for (key, channels) in [
-        ("in_channels", config.in_channels),
-        ("out_channels", config.out_channels),
-    ] {
-        if channels != latent {
-            return Err(Error::ModelLoad {
-                path: dir.join("unet/config.json"),
-                detail: format!(
-                    "`{key}` {channels} does not match the {latent} latent channels of the \
-                     autoencoder ({})",
-                    autoencoder_dir.join("config.json").display()
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Runs one loading step, reporting its start and duration.
-/// Fails, naming the file, when a LoRA of `stack` patches a second text encoder (an SDXL LoRA)
-/// and the checkpoint has none.
-fn refuse_second_encoder_loras(stack: &LoraStack) -> Result<()> {
-    match stack
-        .iter()
-        .find(|(f, _)| f.patches(LoraTarget::TextEncoder2))
-    {
-        Some((file, _)) => Err(Error::ModelLoad {
-            path: file.path().to_path_buf(),
-            detail: "the LoRA patches a second text encoder (an SDXL LoRA); this checkpoint \
-                     has none"
-                .into(),
-        }),
-        None => Ok(()),
-    }
-}
-
 /// Opens the LoRA files of `loras`, reporting each to `progress`.
 fn open_loras(
     loras: &[(PathBuf, f64)],
@@ -1006,7 +588,7 @@ fn open_loras(
         .collect()
 }
 
-fn timed<T>(
+pub(super) fn timed<T>(
     progress: &mut dyn FnMut(&str),
     what: &str,
     dir: &Path,
@@ -1084,64 +666,5 @@ pub fn resolve_lora(id: &str, opts: &HubOptions) -> Result<PathBuf> {
                     .join(", ")
             ),
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
-    use std::sync::Arc;
-
-    use super::{CONTROLNET_CACHE_SIZE, NetCache};
-
-    fn insert(cache: &mut NetCache<String>, id: &str) -> Arc<String> {
-        let net = Arc::new(id.to_string());
-        cache.insert(id, PathBuf::from(format!("/nets/{id}")), net.clone(), 1);
-        net
-    }
-
-    fn ids(cache: &NetCache<String>) -> Vec<String> {
-        cache.nets.iter().map(|n| n.ids[0].clone()).collect()
-    }
-
-    #[test]
-    fn a_net_in_use_stays_shared_after_it_leaves_the_recent_set() {
-        let mut cache = NetCache::<String>::default();
-        let first = insert(&mut cache, "n0");
-        for i in 1..=CONTROLNET_CACHE_SIZE {
-            drop(insert(&mut cache, &format!("n{i}")));
-        }
-        // n0 is no longer among the most recent, but a stream still holds it: the same copy.
-        assert!(cache.nets[0].pinned.is_none());
-        assert!(Arc::ptr_eq(&cache.get("n0").expect("held"), &first));
-        // Touched, it is the most recent again; n1 fell out and, held by nobody, is forgotten.
-        assert_eq!(ids(&cache).last().map(String::as_str), Some("n0"));
-        assert!(cache.get("n1").is_none());
-        assert_eq!(cache.nets.len(), CONTROLNET_CACHE_SIZE);
-        // Unpinned and unheld: gone once more nets come.
-        drop(first);
-        for i in 0..CONTROLNET_CACHE_SIZE {
-            drop(insert(&mut cache, &format!("m{i}")));
-        }
-        assert!(cache.get("n0").is_none());
-        assert_eq!(cache.nets.len(), CONTROLNET_CACHE_SIZE);
-    }
-
-    #[test]
-    fn another_spelling_of_a_folder_finds_the_same_net() {
-        let mut cache = NetCache::<String>::default();
-        let net = insert(&mut cache, "org/net");
-        assert!(
-            cache.get("./org/net").is_none(),
-            "ids are matched as spelled"
-        );
-        let by_dir = cache
-            .get_by_dir(&PathBuf::from("/nets/org/net"), "./org/net")
-            .expect("same folder");
-        assert!(Arc::ptr_eq(&by_dir, &net));
-        // Known under both spellings from now on, one entry.
-        assert!(Arc::ptr_eq(&cache.get("./org/net").expect("alias"), &net));
-        assert_eq!(cache.nets.len(), 1);
-        assert_eq!(cache.nets[0].ids, ["org/net", "./org/net"]);
     }
 }
