@@ -1,4 +1,4 @@
-# The native module (python/src/lib.rs). Private: the package `sdstream` wraps it. JSON texts go
+# The native module (python/src/, registered in lib.rs). Private: the package `sdstream` wraps it. JSON texts go
 # in and out; every rule lives in the Rust core.
 from typing import Dict, Literal, Optional, Tuple, Union, final
 
