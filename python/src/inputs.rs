@@ -5,8 +5,11 @@
 //! [`JsonText`], because its message names the JSON (`params`, `settings`, a nested kind…),
 //! which is the caller's name for it, not the argument's; and [`Controls`], because pyo3 prefixes
 //! a `TypeError` raised by extraction with `argument 'controls': `, which would change the
-//! message of a key that is not a string. Raising in the body also keeps the order in which an
-//! argument list with several faults reports them.
+//! message of a key that is not a string. Raising in the body also keeps the order in which
+//! several bad JSON texts are reported: as the body reads them (settings before params).
+//! [`FrameArray`] and [`StylePicture`] fail extraction itself (a `ValueError`, which pyo3 passes
+//! on unchanged), so a bad frame is reported before a `controls` that is not a dict or a
+//! `timestamp` that is not an int.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
