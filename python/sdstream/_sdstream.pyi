@@ -1,5 +1,5 @@
-# The native module (python/src/lib.rs). Private: the package `sdstream` wraps it. JSON texts go
-# in and out; every rule lives in the Rust core.
+# The native module (python/src/; lib.rs registers it). Private: the package `sdstream` wraps
+# it. JSON texts go in and out; every rule lives in the Rust core.
 from typing import Dict, Literal, Optional, Tuple, Union, final
 
 import numpy as np
