@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
-use candle_nn::var_builder::SimpleBackend;
 
 use crate::lora::LoraDeltas;
+use crate::tensor_source::{self, TensorSource};
 use crate::weights::WeightsFile;
 
 thread_local! {
@@ -82,10 +82,7 @@ impl CheckedBackend {
             zeros,
             lora,
         };
-        (
-            VarBuilder::from_backend(Box::new(backend), dtype, device),
-            used,
-        )
+        (tensor_source::var_builder(backend, dtype, &device), used)
     }
 
     /// A zero tensor of `shape` standing in for a stored one, without reading it.
@@ -142,23 +139,18 @@ impl CheckedBackend {
     }
 }
 
-impl SimpleBackend for CheckedBackend {
-    fn get(
+impl TensorSource for CheckedBackend {
+    fn tensor(
         &self,
-        s: Shape,
         name: &str,
-        _: candle_nn::Init,
+        shape: Option<&Shape>,
         dtype: DType,
-        dev: &Device,
+        device: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.fetch(name, Some(&s), dtype, dev)
+        self.fetch(name, shape, dtype, device)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.fetch(name, None, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
+    fn holds(&self, name: &str) -> bool {
         self.file.contains(name)
     }
 }

@@ -9,6 +9,7 @@
 //! and checked tensor by tensor against what the config implies before any is read
 //! ([`open_component`], [`weights`]); nothing assumes Stable Diffusion's full-size shapes.
 
+pub mod activation;
 pub mod attention_bank;
 pub mod checked_backend;
 pub mod clip;
@@ -32,6 +33,7 @@ pub mod resize;
 pub mod rrdbnet;
 pub mod safety_checker;
 pub mod taesd;
+mod tensor_source;
 pub mod tokenizer;
 pub mod torch_file;
 pub mod unet;

@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
+use crate::activation::Activation;
 use crate::cuda_graph::GraphCache;
 use crate::kernels::conv::{Conv2d, Epilogue, Padding};
 use crate::kernels::{cpu_kernels, gemm_bf16};
@@ -208,7 +209,7 @@ impl Config {
                 ));
             }
         }
-        Activation::parse(&self.act_fn)?;
+        Activation::from_config(&self.act_fn, "act_fn")?;
         if self.upsample_fn != "nearest" {
             return Err(Error::param(
                 "upsample_fn",
@@ -226,56 +227,6 @@ impl Config {
         ])?;
         super::limits::positive_factor("scaling_factor", self.scaling_factor)?;
         Ok(())
-    }
-}
-
-/// diffusers' `get_activation` names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Activation {
-    Relu,
-    Silu,
-    Gelu,
-    Mish,
-}
-
-impl Activation {
-    fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "relu" => Self::Relu,
-            "silu" | "swish" => Self::Silu,
-            "gelu" => Self::Gelu,
-            "mish" => Self::Mish,
-            other => {
-                return Err(Error::param(
-                    "act_fn",
-                    format!(
-                        "unsupported activation {other:?} (supported: relu, silu, swish, gelu, mish)"
-                    ),
-                ));
-            }
-        })
-    }
-
-    /// `conv(xs)` followed by the activation (ReLU fused into the convolution).
-    fn after_conv(self, conv: &Conv2d, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if self == Self::Relu {
-            let relu = Epilogue {
-                residual: None,
-                relu: true,
-            };
-            conv.forward_with(xs, 1, relu)
-        } else {
-            self.apply(&conv.forward(xs)?)
-        }
-    }
-
-    fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Relu => xs.relu(),
-            Self::Silu => xs.silu(),
-            Self::Gelu => xs.gelu_erf(),
-            Self::Mish => candle_nn::ops::mish(xs),
-        }
     }
 }
 
@@ -503,7 +454,7 @@ impl AutoencoderTiny {
     /// Builds the network from `config` with weights from `vb` (rooted at the file's top level).
     pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
-        let act = Activation::parse(&config.act_fn)?;
+        let act = Activation::from_config(&config.act_fn, "act_fn")?;
 
         let mut enc = SequenceBuilder::new(vb.pp("encoder.layers"));
         for (i, (&channels, &blocks)) in config

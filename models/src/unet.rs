@@ -36,7 +36,7 @@ use super::lora::LoraDeltas;
 use super::open_component_with_lora;
 use super::unet_blocks::{
     Activation, Context, DownBlock, ImageContext, LevelShape, MidBlock, SinusoidalTimesteps,
-    TimestepEmbedding, UpBlock, conv2d,
+    TimestepEmbedding, UpBlock, activation, conv2d,
 };
 use super::weight_table::{WeightTable, rebuild_with_lora};
 use crate::{Error, Result};
@@ -102,12 +102,12 @@ impl UNetEncoder {
         let post_act = cfg
             .timestep_post_act
             .as_deref()
-            .map(|a| Activation::parse(a, model, "timestep_post_act"))
+            .map(|a| activation(a, model, "timestep_post_act"))
             .transpose()?;
         let time_embed_act = cfg
             .time_embedding_act_fn
             .as_deref()
-            .map(|a| Activation::parse(a, model, "time_embedding_act_fn"))
+            .map(|a| activation(a, model, "time_embedding_act_fn"))
             .transpose()?;
         let add_embedding = match (
             cfg.addition_embed_type.as_deref(),
@@ -887,10 +887,12 @@ impl UNet2DConditionModel {
             };
             x = block.forward(&x, &block_skips, &temb_act, context, size)?;
         }
-        let x = match self.encoder.plan.settings.act {
-            Activation::Silu => self.conv_norm_out.forward_silu(&x)?,
-            act => act.apply(&self.conv_norm_out.forward(&x)?)?,
-        };
+        let x = self
+            .encoder
+            .plan
+            .settings
+            .act
+            .after_norm(&self.conv_norm_out, &x)?;
         Ok(self.conv_out.forward(&x)?)
     }
 }

@@ -7,7 +7,7 @@ use super::limits::{
     Limits, MAX_CHANNELS, MAX_GROUPS, MAX_HEADS, MAX_IO_CHANNELS, MAX_KERNEL, MAX_LAYERS_PER_BLOCK,
     MAX_LEVELS, MAX_PADDING, MAX_TRANSFORMER_LAYERS, MAX_WIDTH,
 };
-use super::unet_blocks::{Activation, AttentionSpec, BlockSettings};
+use super::unet_blocks::{AttentionSpec, BlockSettings, activation};
 use crate::{Error, Result};
 
 /// A config value that is either one value for every UNet level or one per level.
@@ -416,7 +416,7 @@ impl UNetConfig {
                 "null (no normalisation) is not supported",
             )
         })?;
-        let act = Activation::parse(&self.act_fn, model, "act_fn")?;
+        let act = activation(&self.act_fn, model, "act_fn")?;
         if self.dual_cross_attention {
             return Err(unsupported(
                 model,
@@ -535,10 +535,10 @@ impl UNetConfig {
             ));
         }
         if let Some(a) = &self.time_embedding_act_fn {
-            Activation::parse(a, model, "time_embedding_act_fn")?;
+            activation(a, model, "time_embedding_act_fn")?;
         }
         if let Some(a) = &self.timestep_post_act {
-            Activation::parse(a, model, "timestep_post_act")?;
+            activation(a, model, "timestep_post_act")?;
         }
 
         let layers = self

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
+use crate::activation::Activation;
 use crate::kernels::conv::{Conv2d, Padding};
 use crate::kernels::norm::GroupNorm;
 use crate::kernels::ops::add_fresh;
@@ -186,7 +187,7 @@ impl Config {
                 ));
             }
         }
-        Activation::parse(&self.act_fn)?;
+        Activation::from_config(&self.act_fn, "act_fn")?;
         let groups = self.norm_num_groups;
         if let Some(c) = self
             .block_out_channels
@@ -206,51 +207,6 @@ impl Config {
         ])?;
         super::limits::positive_factor("scaling_factor", self.scaling_factor)?;
         Ok(())
-    }
-}
-
-/// diffusers' `get_activation` names for the VAE's ResNet blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Activation {
-    Silu,
-    Mish,
-    Gelu,
-    Relu,
-}
-
-impl Activation {
-    fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "silu" | "swish" => Self::Silu,
-            "mish" => Self::Mish,
-            "gelu" => Self::Gelu,
-            "relu" => Self::Relu,
-            other => {
-                return Err(Error::param(
-                    "act_fn",
-                    format!(
-                        "unsupported activation {other:?} (supported: silu, swish, mish, gelu, relu)"
-                    ),
-                ));
-            }
-        })
-    }
-
-    fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Silu => xs.silu(),
-            Self::Mish => candle_nn::ops::mish(xs),
-            Self::Gelu => xs.gelu_erf(),
-            Self::Relu => xs.relu(),
-        }
-    }
-
-    /// `act(norm(x))`, fused when the activation is SiLU.
-    fn norm_act(self, norm: &GroupNorm, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Silu => norm.forward_silu(xs),
-            other => other.apply(&norm.forward(xs)?),
-        }
     }
 }
 
@@ -366,8 +322,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.act.norm_act(&self.norm1, xs)?)?;
-        let h = self.conv2.forward(&self.act.norm_act(&self.norm2, &h)?)?;
+        let h = self.conv1.forward(&self.act.after_norm(&self.norm1, xs)?)?;
+        let h = self.conv2.forward(&self.act.after_norm(&self.norm2, &h)?)?;
         match &self.conv_shortcut {
             Some(conv) => add_fresh(h, &conv.forward(xs)?, 1),
             None => add_fresh(h, xs, 1),
@@ -615,7 +571,7 @@ impl Encoder {
         let xs = self.mid_block.forward(&xs)?;
         let ys = self
             .conv_out
-            .forward(&self.act.norm_act(&self.conv_norm_out, &xs)?)?;
+            .forward(&self.act.after_norm(&self.conv_norm_out, &xs)?)?;
         leave(ys, self.channels_last)
     }
 }
@@ -677,7 +633,7 @@ impl Decoder {
         }
         let ys = self
             .conv_out
-            .forward(&self.act.norm_act(&self.conv_norm_out, &xs)?)?;
+            .forward(&self.act.after_norm(&self.conv_norm_out, &xs)?)?;
         leave(ys, self.channels_last)
     }
 }
@@ -699,7 +655,7 @@ impl AutoencoderKl {
     /// Builds the network from `config` with weights from `vb` (rooted at the file's top level).
     pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
-        let act = Activation::parse(&config.act_fn)?;
+        let act = Activation::from_config(&config.act_fn, "act_fn")?;
         let latent = config.latent_channels;
         Ok(Self {
             encoder: Encoder::new(config, act, vb.pp("encoder"))?,

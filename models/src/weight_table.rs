@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
-use candle_nn::var_builder::SimpleBackend;
 
 use crate::lora::LoraDeltas;
+use crate::tensor_source::{self, TensorSource};
 use crate::{Error, Result};
 
 thread_local! {
@@ -122,7 +122,7 @@ pub fn rebuild_with_lora<C, M>(
         new: new.clone(),
         used: used.clone(),
     };
-    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    let vb = tensor_source::var_builder(backend, dtype, device);
     let (model, table) = recording(|| build(config, vb))?;
     if let Some(new) = &new {
         new.check_all_targeted(&used.lock().unwrap_or_else(PoisonError::into_inner))?;
@@ -189,23 +189,18 @@ impl RebuildBackend {
     }
 }
 
-impl SimpleBackend for RebuildBackend {
-    fn get(
+impl TensorSource for RebuildBackend {
+    fn tensor(
         &self,
-        s: Shape,
         name: &str,
-        _: candle_nn::Init,
+        shape: Option<&Shape>,
         dtype: DType,
-        dev: &Device,
+        device: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.fetch(name, Some(&s), dtype, dev)
+        self.fetch(name, shape, dtype, device)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.fetch(name, None, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
+    fn holds(&self, name: &str) -> bool {
         self.table.0.contains_key(name)
     }
 }

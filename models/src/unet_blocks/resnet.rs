@@ -57,7 +57,7 @@ impl ResnetBlock2D {
     /// `temb_act` is the time embedding with the resnets' nonlinearity already applied (it is
     /// the same for every resnet, so the UNet computes it once per call).
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.norm_act(&self.norm1, x)?;
+        let h = self.act.after_norm(&self.norm1, x)?;
         let h = self.conv1.forward(&h)?;
         let t = self
             .time_emb_proj
@@ -72,7 +72,8 @@ impl ResnetBlock2D {
             self.act.apply(&h)?
         } else {
             let (_, _, hh, ww) = h.dims4()?;
-            self.norm_act(&self.norm2, &add_fresh(h, &t, hh * ww)?)?
+            self.act
+                .after_norm(&self.norm2, &add_fresh(h, &t, hh * ww)?)?
         };
         let h = self.conv2.forward(&h)?;
         let out = match &self.conv_shortcut {
@@ -83,13 +84,6 @@ impl ResnetBlock2D {
             Ok(out)
         } else {
             out / self.output_scale_factor
-        }
-    }
-
-    fn norm_act(&self, norm: &GroupNorm, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.act {
-            Activation::Silu => norm.forward_silu(x),
-            act => act.apply(&norm.forward(x)?),
         }
     }
 }

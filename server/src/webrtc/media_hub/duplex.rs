@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
-use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::peer_connection::{
     PeerConnection, RTCIceCandidateInit, RTCPeerConnectionState, RTCSessionDescription,
 };
@@ -20,7 +19,7 @@ use webrtc::peer_connection::{
 use super::super::TransportError;
 use super::super::peer;
 use super::publisher::start_publisher_tasks;
-use super::viewers::{output_track, run_viewer};
+use super::viewers::{OutputPeer, answer_with_output, run_viewer};
 use super::{IngestKind, MediaHub, PublisherLink, PublisherSlot, SessionAnswer, Shared, lock};
 use sdstream::ids::random_hex;
 
@@ -107,28 +106,19 @@ impl MediaHub {
         offer: RTCSessionDescription,
         handler: Arc<dyn ControlHandler>,
     ) -> Result<SessionAnswer, TransportError> {
-        let mut peer =
-            peer::build(&self.shared.config, peer::Receives::TracksAndDataChannels).await?;
-        let outcome = async {
-            let (track, ssrc) = output_track(id)?;
-            // Added before the offer is applied, so that it is sent on the offer's own video
-            // section (which then becomes send-receive) rather than needing one of its own.
-            let sender = peer
-                .connection
-                .add_track(track.clone() as Arc<dyn TrackLocal>)
-                .await
-                .map_err(|e| TransportError::WebRtc(e.to_string()))?;
-            let sdp = peer::answer(&mut peer, offer, self.shared.config.gather_timeout).await?;
-            Ok::<_, TransportError>((track, ssrc, sender, sdp))
-        }
-        .await;
-        let (track, ssrc, sender, sdp) = match outcome {
-            Ok(parts) => parts,
-            Err(e) => {
-                let _ = peer.connection.close().await;
-                return Err(e);
-            }
-        };
+        let OutputPeer {
+            mut peer,
+            track,
+            ssrc,
+            sender,
+            sdp,
+        } = answer_with_output(
+            &self.shared,
+            id,
+            offer,
+            peer::Receives::TracksAndDataChannels,
+        )
+        .await?;
         let connection = peer.connection.clone();
         let slot = PublisherSlot {
             id: id.to_owned(),

@@ -94,25 +94,13 @@ impl MediaHub {
         id: &str,
         offer: RTCSessionDescription,
     ) -> Result<SessionAnswer, TransportError> {
-        let mut peer = peer::build(&self.shared.config, peer::Receives::Nothing).await?;
-        let outcome = async {
-            let (track, ssrc) = output_track(id)?;
-            let sender = peer
-                .connection
-                .add_track(track.clone() as Arc<dyn TrackLocal>)
-                .await
-                .map_err(|e| TransportError::WebRtc(e.to_string()))?;
-            let sdp = peer::answer(&mut peer, offer, self.shared.config.gather_timeout).await?;
-            Ok::<_, TransportError>((track, ssrc, sender, sdp))
-        }
-        .await;
-        let (track, ssrc, sender, sdp) = match outcome {
-            Ok(parts) => parts,
-            Err(e) => {
-                let _ = peer.connection.close().await;
-                return Err(e);
-            }
-        };
+        let OutputPeer {
+            peer,
+            track,
+            ssrc,
+            sender,
+            sdp,
+        } = answer_with_output(&self.shared, id, offer, peer::Receives::Nothing).await?;
         let installed = match lock(&self.shared.viewers).get_mut(id) {
             Some(slot) => {
                 slot.connection = Some(peer.connection.clone());
@@ -157,9 +145,55 @@ impl MediaHub {
 }
 
 /// A new video track for the engine's output (H.264, a random SSRC) and its SSRC.
-pub(super) fn output_track(
-    session_id: &str,
-) -> Result<(Arc<TrackLocalStaticSample>, u32), TransportError> {
+/// A peer connection that sends session `id` the hub's output, answered: what WHEP viewers and
+/// duplex sessions both set up.
+pub(super) struct OutputPeer {
+    pub(super) peer: peer::Peer,
+    pub(super) track: Arc<TrackLocalStaticSample>,
+    pub(super) ssrc: u32,
+    pub(super) sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+    /// The answer's SDP.
+    pub(super) sdp: String,
+}
+
+/// Builds a peer that takes what `receives` says from the remote peer, adds session `id`'s
+/// output track and answers `offer`. The track is added before the offer is applied, so that it
+/// is sent on the offer's own video section (a duplex offer's then becomes send-receive) rather
+/// than needing one of its own. On any failure the connection is closed.
+pub(super) async fn answer_with_output(
+    shared: &Shared,
+    id: &str,
+    offer: RTCSessionDescription,
+    receives: peer::Receives,
+) -> Result<OutputPeer, TransportError> {
+    let mut peer = peer::build(&shared.config, receives).await?;
+    let outcome = async {
+        let (track, ssrc) = output_track(id)?;
+        let sender = peer
+            .connection
+            .add_track(track.clone() as Arc<dyn TrackLocal>)
+            .await
+            .map_err(|e| TransportError::WebRtc(e.to_string()))?;
+        let sdp = peer::answer(&mut peer, offer, shared.config.gather_timeout).await?;
+        Ok::<_, TransportError>((track, ssrc, sender, sdp))
+    }
+    .await;
+    match outcome {
+        Ok((track, ssrc, sender, sdp)) => Ok(OutputPeer {
+            peer,
+            track,
+            ssrc,
+            sender,
+            sdp,
+        }),
+        Err(e) => {
+            let _ = peer.connection.close().await;
+            Err(e)
+        }
+    }
+}
+
+fn output_track(session_id: &str) -> Result<(Arc<TrackLocalStaticSample>, u32), TransportError> {
     let ssrc = random_hex()
         .get(..8)
         .and_then(|h| u32::from_str_radix(h, 16).ok())
