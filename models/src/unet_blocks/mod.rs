@@ -7,7 +7,6 @@
 //! kernels; GEGLU uses the exact (erf) GELU; attention uses a scale of 1/√head_dim. The CPU
 //! kernels and their portable twins live in [`super::kernels`].
 
-
 pub use crate::activation::Activation;
 use crate::{Error, Result};
 
