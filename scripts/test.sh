@@ -15,9 +15,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+target_dir="${CARGO_TARGET_DIR:-target}"
+# Single-file checkpoints the tests load are converted into this cache, not the user's.
+export SDSTREAM_CACHE_DIR="${SDSTREAM_CACHE_DIR:-$(pwd)/$target_dir/sdstream-cache}"
+
 cargo test --workspace --exclude sdstream-python
 
-target_dir="${CARGO_TARGET_DIR:-target}"
 venv="${SDSTREAM_PY_VENV:-$target_dir/py-venv}"
 python="${PYTHON:-python3}"
 if [[ ! -x "$venv/bin/python" ]]; then

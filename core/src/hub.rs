@@ -438,6 +438,19 @@ pub fn local_dir(id: &str, opts: &HubOptions) -> Option<PathBuf> {
     under_root.is_dir().then_some(under_root)
 }
 
+/// The single-file checkpoint `id` names, when it is a file on disk and paths are allowed
+/// ([`HubOptions::allow_paths`]): a `.safetensors`, or a PyTorch `.ckpt`, `.pt` or `.pth`, in the
+/// original Stable Diffusion layout ([`crate::model::single_file`]).
+pub fn single_file(id: &str, opts: &HubOptions) -> Option<PathBuf> {
+    if !opts.allow_paths {
+        return None;
+    }
+    let path = Path::new(id);
+    let extension = path.extension()?.to_str()?.to_ascii_lowercase();
+    (matches!(extension.as_str(), "safetensors" | "ckpt" | "pt" | "pth") && path.is_file())
+        .then(|| path.to_path_buf())
+}
+
 /// The cache folder of a hub model id: `models--{org}--{name}`.
 pub fn cache_folder_name(id: &str) -> String {
     format!("models--{}", id.replace('/', "--"))

@@ -32,6 +32,7 @@ pub mod raft;
 pub mod resize;
 pub mod rrdbnet;
 pub mod safety_checker;
+pub mod single_file;
 pub mod taesd;
 mod tensor_source;
 pub mod tokenizer;

@@ -53,8 +53,9 @@ pub const MAX_PROMPT_CHARS: usize = 2048;
 pub enum ModelKind {
     /// A known id of this family.
     Known(ModelFamily),
-    /// An existing local folder: its family is read from its config.json by the loader, so the
-    /// family rules (ControlNet lists, SDXL limit, IPAdapter support) are not checked here.
+    /// An existing local folder, or a single-file checkpoint: its family is read from its
+    /// config.json (or its tensors) by the loader, so the family rules (ControlNet lists, SDXL
+    /// limit, IPAdapter support) are not checked here.
     LocalFolder(std::path::PathBuf),
     /// One of the settings' `allowed_models`: resolved by the loader like a known id, its family
     /// read from its config.json (so, as for a folder, the family rules are not checked here).
@@ -200,8 +201,12 @@ fn served(id: &str, kind: IdKind, settings: &EngineSettings) -> Option<Served> {
     }
     match kind {
         IdKind::Lora => Some(Served::AtLoad),
-        IdKind::Base | IdKind::ControlNet => {
-            hub::local_dir(id, &settings.hub_options()).map(Served::LocalFolder)
+        IdKind::ControlNet => hub::local_dir(id, &settings.hub_options()).map(Served::LocalFolder),
+        IdKind::Base => {
+            let opts = settings.hub_options();
+            hub::local_dir(id, &opts)
+                .or_else(|| hub::single_file(id, &opts))
+                .map(Served::LocalFolder)
         }
     }
 }
@@ -237,7 +242,7 @@ fn resolve_model(model_id: &str, settings: &EngineSettings) -> Result<ModelKind>
     Err(Error::param(
         "model_id",
         format!(
-            "Invalid model_id: {model_id} (expected one of {} or an existing local folder)",
+            "Invalid model_id: {model_id} (expected one of {}, an existing local folder or a single-file checkpoint)",
             served()
         ),
     ))

@@ -37,6 +37,7 @@ mod resolve;
 mod safety_checker;
 mod sdxl;
 mod sdxl_controlnet;
+mod single_file;
 mod stream;
 mod stream_bf16;
 mod stream_updates;

@@ -322,7 +322,10 @@ impl StableDiffusionModels {
         let fp16 = settings.dtype.dtype() == DType::F16;
         let opts = settings.hub_options();
         let full_vae = settings.vae == VaeChoice::Full;
-        let dir = resolve(&request.model_id, &opts, &checkpoint_files(full_vae, fp16))?;
+        let dir = match hub::single_file(&request.model_id, &opts) {
+            Some(file) => crate::model::single_file::diffusers_folder(&file, &opts)?,
+            None => resolve(&request.model_id, &opts, &checkpoint_files(full_vae, fp16))?,
+        };
         // The default TAESD depends on the family, known only once the UNet config is read.
         let taesd = match &settings.vae {
             VaeChoice::Custom(id) => Some(resolve(id, &opts, &component_files(fp16))?),
