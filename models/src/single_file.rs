@@ -530,6 +530,125 @@ pub fn components(family: Family) -> &'static [Component] {
     }
 }
 
+/// Where a ControlNet lies in a file of the original ControlNet training code (`cldm`).
+const CONTROL: &str = "control_model.";
+
+/// Whether `names` hold a ControlNet in the original layout (`control_model.input_hint_block.*`).
+pub fn is_controlnet<'a>(names: impl IntoIterator<Item = &'a str>) -> bool {
+    names
+        .into_iter()
+        .any(|name| name.starts_with("control_model.input_hint_block."))
+}
+
+/// The convolutions of the control image's embedding, by their index in `input_hint_block`
+/// (a Sequential of convolutions and SiLUs): `(index, [out, in, kh, kw])`, in order.
+fn hint_convolutions(file: &WeightsFile) -> Vec<(usize, Vec<usize>)> {
+    let mut convs: Vec<(usize, Vec<usize>)> = file
+        .tensors()
+        .filter_map(|(name, shape)| {
+            let rest = name.strip_prefix("control_model.input_hint_block.")?;
+            let (index, tail) = rest.split_once('.')?;
+            (tail == "weight").then(|| Some((index.parse().ok()?, shape.to_vec())))?
+        })
+        .collect();
+    convs.sort();
+    convs
+}
+
+/// The control image's channels and the widths of its embedding
+/// (`conditioning_embedding_out_channels`), read from the hint block's shapes: its first
+/// convolution takes the image; then each width has a convolution that keeps it and one that
+/// halves the size into the next, and a last one leads into the UNet's first width.
+pub fn controlnet_conditioning(file: &WeightsFile) -> Result<(usize, Vec<usize>)> {
+    let convs = hint_convolutions(file);
+    let bad = |detail: String| Error::State(format!("the ControlNet's input_hint_block: {detail}"));
+    if convs.len() < 2 || !convs.len().is_multiple_of(2) {
+        return Err(bad(format!(
+            "{} convolutions, where the layout has an even number, at least 2",
+            convs.len()
+        )));
+    }
+    if convs.iter().any(|(_, shape)| shape.len() != 4) {
+        return Err(bad("a weight that is not a convolution's".into()));
+    }
+    let channels = convs[0].1[1];
+    let mut widths = vec![convs[0].1[0]];
+    // convs[1..len-1] are the blocks: odd blocks change the width.
+    for (block, (_, shape)) in convs[1..convs.len() - 1].iter().enumerate() {
+        if block % 2 == 1 {
+            widths.push(shape[0]);
+        }
+    }
+    Ok((channels, widths))
+}
+
+/// The diffusers name of a ControlNet tensor (`rest` after `control_model.`); `last_hint` is
+/// the index of the hint block's last convolution.
+fn controlnet_name(rest: &str, layers_per_block: usize, last_hint: usize) -> Option<Target> {
+    if let Some((i, tail)) = numbered(rest, "zero_convs.") {
+        let tail = tail.strip_prefix("0.")?;
+        return Some(Target::Same(format!("controlnet_down_blocks.{i}.{tail}")));
+    }
+    if let Some(tail) = rest.strip_prefix("middle_block_out.0.") {
+        return Some(Target::Same(format!("controlnet_mid_block.{tail}")));
+    }
+    if let Some((k, tail)) = numbered(rest, "input_hint_block.") {
+        let conv = match k {
+            0 => "conv_in".to_string(),
+            k if k == last_hint => "conv_out".to_string(),
+            k if k % 2 == 0 => format!("blocks.{}", k / 2 - 1),
+            _ => return None,
+        };
+        return Some(Target::Same(format!(
+            "controlnet_cond_embedding.{conv}.{tail}"
+        )));
+    }
+    if rest.starts_with("output_blocks.") || rest.starts_with("out.") {
+        return None;
+    }
+    unet_name(rest, layers_per_block)
+}
+
+/// A single file's ControlNet (`control_model.*`; a training checkpoint's frozen base model
+/// beside it is not read) under diffusers' names, in the stored dtype on the CPU.
+/// `layers_per_block` is the base UNet's, which a ControlNet's encoder copies.
+pub fn controlnet(file: &WeightsFile, layers_per_block: usize) -> Result<ComponentTensors> {
+    let last_hint = hint_convolutions(file)
+        .last()
+        .map(|(k, _)| *k)
+        .ok_or_else(|| Error::State("the file holds no ControlNet (control_model.*)".into()))?;
+    let mut out = HashMap::new();
+    let mut unknown = Vec::new();
+    let names: Vec<String> = file
+        .tensors()
+        .filter(|(name, _)| name.starts_with(CONTROL))
+        .map(|(name, _)| name.to_string())
+        .collect();
+    for name in names {
+        let rest = &name[CONTROL.len()..];
+        match controlnet_name(rest, layers_per_block, last_hint) {
+            Some(Target::Same(ours)) => {
+                out.insert(ours, file.load_stored(&name, &Device::Cpu)?);
+            }
+            _ => unknown.push(name),
+        }
+    }
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(Error::State(format!(
+            "{} tensors of this ControlNet have names its layout does not have ({})",
+            unknown.len(),
+            unknown
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(out)
+}
+
 /// How many of `names` each component takes (a summary for logs and tests).
 pub fn census<'a>(
     names: impl IntoIterator<Item = &'a str>,
@@ -667,6 +786,40 @@ mod tests {
         );
         assert_eq!(
             open_clip_target("transformer.resblocks.0.attn.bogus", 2, false),
+            None
+        );
+    }
+
+    #[test]
+    fn controlnet_names_take_the_zero_convs_and_the_hint_block() {
+        let n = |rest| match controlnet_name(rest, 2, 14) {
+            Some(Target::Same(name)) => name,
+            other => panic!("{rest}: {other:?}"),
+        };
+        assert_eq!(
+            n("zero_convs.11.0.weight"),
+            "controlnet_down_blocks.11.weight"
+        );
+        assert_eq!(n("middle_block_out.0.bias"), "controlnet_mid_block.bias");
+        assert_eq!(
+            n("input_hint_block.0.weight"),
+            "controlnet_cond_embedding.conv_in.weight"
+        );
+        assert_eq!(
+            n("input_hint_block.12.bias"),
+            "controlnet_cond_embedding.blocks.5.bias"
+        );
+        assert_eq!(
+            n("input_hint_block.14.weight"),
+            "controlnet_cond_embedding.conv_out.weight"
+        );
+        assert_eq!(
+            n("input_blocks.4.1.proj_in.weight"),
+            "down_blocks.1.attentions.0.proj_in.weight"
+        );
+        assert_eq!(controlnet_name("input_hint_block.3.weight", 2, 14), None);
+        assert_eq!(
+            controlnet_name("output_blocks.0.0.in_layers.0.weight", 2, 14),
             None
         );
     }

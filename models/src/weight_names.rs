@@ -133,9 +133,9 @@ pub fn what_is_held(held: &[String]) -> String {
         names.push_str(&format!(" and {} more", held.len() - MAX_HELD_NAMES));
     }
     format!(
-        "; it holds {names}, in no form sdstream reads for this network (a single-file \
-         checkpoint, such as a .ckpt of the original Stable Diffusion layout, is not read yet: \
-         convert it with diffusers' from_single_file(...).save_pretrained(...))"
+        "; it holds {names}, in no form sdstream reads for this network (single files of the \
+         original layout are read as a model_id or a ControlNet, docs/CHECKPOINTS.md; for \
+         another network convert one with diffusers' from_single_file(...).save_pretrained(...))"
     )
 }
 

@@ -47,6 +47,37 @@ Writes under tests/fixtures/single-file/:
                      CHECKPOINT_KEY_NAMES it holds, and what diffusers' infer_diffusers_model_type
                      makes of it (always "v1": the tiny shapes miss its shape tests).
 
+And a single-file ControlNet in the original ControlNet ("cldm") layout, standing in for
+CiaraRowles/TemporalNet2 (whose repository holds only temporalnetversion2.ckpt, a ControlLDM
+training checkpoint of a ControlNet with a 6-channel hint: the current frame and a flow image):
+
+  tests/fixtures/tiny-controlnet-sd21-6ch/   the diffusers folder (config.json and
+                     diffusion_pytorch_model.safetensors, float32): ControlNetModel.from_unet(
+                     tiny-sd-turbo's UNet, conditioning_channels 6, conditioning_embedding_out_channels
+                     [8, 8, 16, 16]), so the UNet's encoder exactly (block types, widths, heads,
+                     linear projections), every tensor then redrawn from CONTROLNET_SEED (norm
+                     weights 1 + 0.1 N, norm biases 0.1 N, the hint embedding's conv weights
+                     He-normal N(0, 2 / fan_in), all else 0.02 N, zero convs included).
+  tests/fixtures/published-root/CiaraRowles/TemporalNet2/temporalnetversion2.ckpt
+                     a torch zip checkpoint {"state_dict", "global_step"} saved as Lightning does:
+                     the frozen base (tiny-sd-turbo's UNet) under model.diffusion_model. (LDM names)
+                     and the ControlNet under control_model. in cldm.ControlNet's names:
+                       time_embedding.linear_{1,2}           time_embed.{0,2}
+                       conv_in                               input_blocks.0.0
+                       down_blocks.*                         input_blocks.* (as the UNet's)
+                       mid_block.*                           middle_block.{0,1,2}
+                       controlnet_down_blocks.I              zero_convs.I.0
+                       controlnet_mid_block                  middle_block_out.0
+                       controlnet_cond_embedding.conv_in     input_hint_block.0
+                       controlnet_cond_embedding.blocks.K    input_hint_block.{2K + 2}
+                       controlnet_cond_embedding.conv_out    input_hint_block.14
+                     (input_hint_block is one Sequential with a SiLU after every conv but the
+                     last: the convs at the even indices).
+Its proof: ControlNetModel.from_single_file(ckpt, config=tiny-controlnet-sd21-6ch,
+local_files_only=True, torch_dtype=torch.float32) equals the folder's ControlNetModel, and
+UNet2DConditionModel.from_single_file(ckpt, config=tiny-sd-turbo/unet) equals tiny-sd-turbo's
+UNet (torch.equal, same key sets); manifest.json's "controlnets" gives its counts.
+
 The proof (always run, after writing): `StableDiffusionPipeline.from_single_file(file,
 config=model-root/<repo id>, local_files_only=True, torch_dtype=torch.float32)`
 (StableDiffusionXLPipeline for sdxl), then every tensor of unet, vae, text_encoder (and
@@ -81,6 +112,7 @@ from _common import FIXTURES, write_json  # noqa: E402
 OUT = FIXTURES / "single-file"
 ROOT = OUT / "model-root"
 SEED = 70  # the SD 2 stand-in's extra resblock and text_projection
+CONTROLNET_SEED = 71  # the ControlNet's weights
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD21_REPO = "stabilityai/stable-diffusion-2-1"
@@ -92,6 +124,18 @@ SD1_CLIP = "cond_stage_model.transformer."
 SD2_OPENCLIP = "cond_stage_model.model."
 SDXL_CLIP = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP = "conditioner.embedders.1.model."
+CONTROL = "control_model."  # ControlLDM's ControlNet (cldm.cldm.ControlNet)
+
+# The TemporalNet2 stand-in: a 6-channel-hint ControlNet for SD 2.1 (tiny-sd-turbo), as a diffusers
+# folder and as the cldm training checkpoint CiaraRowles/TemporalNet2 publishes.
+CONTROLNET = "tiny-controlnet-sd21-6ch"
+CONTROLNET_BASE = "tiny-sd-turbo"
+CONTROLNET_REPO = "CiaraRowles/TemporalNet2"
+CONTROLNET_FILE = "published-root/CiaraRowles/TemporalNet2/temporalnetversion2.ckpt"
+HINT_CHANNELS = 6  # the current frame and its optical-flow image, RGB each
+# Four widths as in every published ControlNet (16, 32, 96, 256), only narrower: diffusers'
+# converter knows conv_out only as input_hint_block.14, which four widths give.
+HINT_WIDTHS = [8, 8, 16, 16]
 
 # safetensors files written by torch's converters carry this and nothing else.
 METADATA = {"format": "pt"}
@@ -130,13 +174,14 @@ def rename(state: dict, prefixes: dict, inner: dict) -> dict:
     return out
 
 
-def ldm_unet(state: dict, config: dict) -> dict:
-    """A diffusers UNet2DConditionModel's tensors under the LDM (openaimodel.UNetModel) names."""
+def ldm_encoder(config: dict) -> tuple[dict, list]:
+    """The LDM names of the half a UNet and its ControlNet share (time embedding, conv_in, input
+    blocks, middle block): diffusers prefix -> LDM prefix, and the prefixes that are resnets."""
     n = config["layers_per_block"]
     levels = len(config["block_out_channels"])
     p = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
          "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-         "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+         "conv_in": "input_blocks.0.0",
          "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
          "mid_block.resnets.1": "middle_block.2"}
     resnets = ["mid_block.resnets.0", "mid_block.resnets.1"]
@@ -148,6 +193,15 @@ def ldm_unet(state: dict, config: dict) -> dict:
             resnets.append(f"down_blocks.{i}.resnets.{j}")
         if i < levels - 1:
             p[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{1 + i * (n + 1) + n}.0.op"
+    return p, resnets
+
+
+def ldm_unet(state: dict, config: dict) -> dict:
+    """A diffusers UNet2DConditionModel's tensors under the LDM (openaimodel.UNetModel) names."""
+    n = config["layers_per_block"]
+    levels = len(config["block_out_channels"])
+    p, resnets = ldm_encoder(config)
+    p.update({"conv_norm_out": "out.0", "conv_out": "out.2"})
     for i in range(levels):
         attention = config["up_block_types"][i].startswith("CrossAttn")
         for j in range(n + 1):
@@ -157,6 +211,30 @@ def ldm_unet(state: dict, config: dict) -> dict:
             resnets.append(f"up_blocks.{i}.resnets.{j}")
         if i < levels - 1:
             p[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{i * (n + 1) + n}.{2 if attention else 1}.conv"
+    return rename(state, p, {r: UNET_RESNET for r in resnets})
+
+
+def cldm_controlnet(state: dict, config: dict) -> dict:
+    """A diffusers ControlNetModel's tensors under the names of ControlNet's cldm.ControlNet (as
+    ControlLDM holds it under control_model.): the UNet encoder's LDM names, then
+      controlnet_down_blocks.I                -> zero_convs.I.0       (I = 0 .. 3 * levels - 1)
+      controlnet_mid_block                    -> middle_block_out.0
+      controlnet_cond_embedding.conv_in       -> input_hint_block.0
+      controlnet_cond_embedding.blocks.K      -> input_hint_block.{2K + 2}
+      controlnet_cond_embedding.conv_out      -> input_hint_block.{2 * len(blocks) + 2}
+    (input_hint_block is one nn.Sequential of convs with a SiLU after each but the last, so the
+    convs sit at the even indices; with four hint widths, as every published ControlNet has,
+    conv_out is input_hint_block.14, the one index diffusers' converter knows)."""
+    p, resnets = ldm_encoder(config)
+    zero_convs = 1 + len(config["block_out_channels"]) * (config["layers_per_block"] + 1) - 1
+    blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+    for i in range(zero_convs):
+        p[f"controlnet_down_blocks.{i}"] = f"zero_convs.{i}.0"
+    p["controlnet_mid_block"] = "middle_block_out.0"
+    p["controlnet_cond_embedding.conv_in"] = "input_hint_block.0"
+    for k in range(blocks):
+        p[f"controlnet_cond_embedding.blocks.{k}"] = f"input_hint_block.{2 * k + 2}"
+    p["controlnet_cond_embedding.conv_out"] = f"input_hint_block.{2 * blocks + 2}"
     return rename(state, p, {r: UNET_RESNET for r in resnets})
 
 
@@ -335,8 +413,8 @@ def build(name: str) -> dict:
     return {k: state[k].contiguous().clone() for k in sorted(state)}
 
 
-def write(name: str, state: dict) -> None:
-    path = OUT / name
+def write(name: str, state: dict, path: Path | None = None) -> None:
+    path = path or OUT / name
     path.parent.mkdir(parents=True, exist_ok=True)
     if name.endswith(".safetensors"):
         save_file(state, str(path), metadata=METADATA)
@@ -380,6 +458,57 @@ def config_copy(src: Path, dst: Path, extra: dict[str, Path] | None = None) -> N
             index[drop] = [None, None]
     (dst / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     print("wrote", dst.relative_to(FIXTURES.parent.parent), sorted(str(t.relative_to(dst)) for _, t in files))
+
+
+def make_controlnet():
+    """ControlNetModel.from_unet(tiny-sd-turbo's UNet, 6 hint channels, HINT_WIDTHS): the UNet's
+    encoder exactly (block types, widths, heads, linear projections), then every tensor drawn
+    afresh from CONTROLNET_SEED in sorted-name order (the zero convs too, so that each one
+    matters): GroupNorm / LayerNorm weights 1 + 0.1 N(0, 1), their biases 0.1 N(0, 1), the hint
+    embedding's conv weights N(0, 2 / fan_in), all else 0.02 N(0, 1)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(FIXTURES / CONTROLNET_BASE / "unet", local_files_only=True,
+                                                torch_dtype=torch.float32)
+    net = ControlNetModel.from_unet(unet, conditioning_channels=HINT_CHANNELS,
+                                    conditioning_embedding_out_channels=tuple(HINT_WIDTHS))
+    norms = {n for n, m in net.named_modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
+    g = torch.Generator().manual_seed(CONTROLNET_SEED)
+    with torch.no_grad():
+        for name, tensor in sorted(net.state_dict(keep_vars=True).items()):
+            module, kind = name.rsplit(".", 1)
+            noise = torch.randn(tensor.shape, generator=g)
+            if module in norms:
+                tensor.copy_((1.0 if kind == "weight" else 0.0) + 0.1 * noise)
+            elif module.startswith("controlnet_cond_embedding.") and kind == "weight":
+                # He-normal: eight convs of 0.02 would shrink the hint a millionfold.
+                tensor.copy_(noise * (2.0 / tensor[0].numel()) ** 0.5)
+            else:
+                tensor.copy_(0.02 * noise)
+    return net.eval()
+
+
+def write_controlnet(net) -> None:
+    folder = FIXTURES / CONTROLNET
+    if folder.exists():
+        shutil.rmtree(folder)
+    net.save_pretrained(folder, safe_serialization=True)
+    for f in folder.iterdir():
+        os.chmod(f, 0o644)  # safetensors writes 0600
+    cfg = config(folder)
+    assert "_name_or_path" not in cfg, cfg
+    print("wrote", folder.relative_to(FIXTURES.parent.parent), sorted(f.name for f in folder.iterdir()),
+          (folder / "diffusion_pytorch_model.safetensors").stat().st_size, "bytes,", len(net.state_dict()), "tensors")
+
+
+def build_controlnet() -> dict:
+    """A cldm (ControlLDM) training checkpoint's state dict: the frozen base UNet under
+    model.diffusion_model. (LDM names) and the trained ControlNet under control_model. (cldm
+    names)."""
+    base, folder = FIXTURES / CONTROLNET_BASE / "unet", FIXTURES / CONTROLNET
+    state = with_prefix(ldm_unet(weights(base), config(base)), UNET)
+    state.update(with_prefix(cldm_controlnet(weights(folder), config(folder)), CONTROL))
+    return {k: state[k].contiguous().clone() for k in sorted(state)}
 
 
 def model_root() -> None:
@@ -471,6 +600,48 @@ def check(name: str) -> dict:
             "unread": unread, "diffusers_markers": markers, "diffusers_infers_without_config": inferred}
 
 
+def assert_same(label: str, got: dict, want: dict) -> None:
+    assert got.keys() == want.keys(), f"{label}: {sorted(got.keys() ^ want.keys())}"
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, (label, key)
+        assert torch.equal(got[key], want[key]), f"{label}.{key} differs"
+
+
+def check_controlnet() -> dict:
+    """ControlNetModel.from_single_file(the .ckpt, config=the diffusers folder) gives the folder's
+    tensors exactly; UNet2DConditionModel.from_single_file(the .ckpt) gives the base UNet's."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
+
+    folder, base, path = FIXTURES / CONTROLNET, FIXTURES / CONTROLNET_BASE / "unet", FIXTURES / CONTROLNET_FILE
+    cfg, base_cfg = config(folder), config(base)
+    # The ControlNet mirrors its base's encoder, as real ControlNets do.
+    for key in ("down_block_types", "block_out_channels", "layers_per_block", "attention_head_dim",
+                "num_attention_heads", "cross_attention_dim", "use_linear_projection", "upcast_attention",
+                "transformer_layers_per_block", "norm_num_groups", "mid_block_type", "in_channels"):
+        assert cfg[key] == base_cfg[key], key
+    assert cfg["conditioning_channels"] == HINT_CHANNELS and cfg["conditioning_embedding_out_channels"] == HINT_WIDTHS
+    want = ControlNetModel.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32).state_dict()
+    got = ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                           torch_dtype=torch.float32).state_dict()
+    assert_same(CONTROLNET_REPO, got, want)
+    got = UNet2DConditionModel.from_single_file(str(path), config=str(base), local_files_only=True,
+                                                torch_dtype=torch.float32).state_dict()
+    assert_same(CONTROLNET_REPO + " base", got, source_model("unet", base).state_dict())
+    keys = file_keys(path)
+    control = sum(k.startswith(CONTROL) for k in keys)
+    assert all(k.startswith((CONTROL, UNET)) for k in keys)
+    assert control == len(want)  # one cldm tensor per diffusers tensor (time_proj holds none)
+    assert {d for d, _ in keys.values()} == {"F32"}
+    inferred = infer_diffusers_model_type(load_single_file_checkpoint(str(path), local_files_only=True))
+    print(f"{CONTROLNET_FILE}: {len(want)} ControlNet tensors ({control} under {CONTROL}), "
+          f"{len(keys) - control} base UNet tensors under {UNET}; from_single_file exact for both "
+          f"(diffusers would infer '{inferred}' without config=)")
+    return {"file": CONTROLNET_FILE, "source": CONTROLNET, "base": CONTROLNET_BASE, "tensors": len(want),
+            "control_model_tensors": control, "conditioning_channels": cfg["conditioning_channels"],
+            "conditioning_embedding_out_channels": cfg["conditioning_embedding_out_channels"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only check the files already written")
@@ -484,7 +655,16 @@ def main() -> None:
             again = build(name)
             assert again.keys() == state.keys() and all(torch.equal(again[k], v) for k, v in state.items())
             write(name, state)
+        net = make_controlnet()
+        again = make_controlnet().state_dict()
+        assert all(torch.equal(again[k], v) for k, v in net.state_dict().items())
+        write_controlnet(net)
+        state = build_controlnet()
+        again = build_controlnet()
+        assert again.keys() == state.keys() and all(torch.equal(again[k], v) for k, v in state.items())
+        write(CONTROLNET_FILE, state, FIXTURES / CONTROLNET_FILE)
     manifest = {"files": {name: check(name) for name in FILES},
+                "controlnets": {CONTROLNET_REPO: check_controlnet()},
                 "model_root": "model-root",
                 "made_by": "tests/reference/make_single_file.py"}
     if not args.check:

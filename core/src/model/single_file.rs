@@ -135,8 +135,9 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     hash
 }
 
-/// The cache folder of `file` converted with the configs of `configs`.
-fn converted_folder(file: &Path, configs: &Path) -> Result<PathBuf> {
+/// The cache folder of `file` converted with `configs` (the config folder's path, or the
+/// config itself).
+fn converted_folder(file: &Path, configs: &[u8]) -> Result<PathBuf> {
     let meta = std::fs::metadata(file).map_err(|source| Error::Io {
         path: file.to_path_buf(),
         source,
@@ -147,12 +148,11 @@ fn converted_folder(file: &Path, configs: &Path) -> Result<PathBuf> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
     let file = crate::model::bundle::canonical(file);
-    let configs = crate::model::bundle::canonical(configs);
     let key = fnv1a(&[
         file.to_string_lossy().as_bytes(),
         &meta.len().to_le_bytes(),
         &modified.to_le_bytes(),
-        configs.to_string_lossy().as_bytes(),
+        configs,
         &CONVERSION.to_le_bytes(),
     ]);
     let stem: String = file
@@ -177,13 +177,10 @@ fn converted_folder(file: &Path, configs: &Path) -> Result<PathBuf> {
 /// The diffusers folder of the single-file checkpoint `file`: converted now, unless an earlier
 /// load converted it already. Steps are logged ([`crate::log`]).
 pub fn diffusers_folder(file: &Path, opts: &HubOptions) -> Result<PathBuf> {
-    let at = |detail: String| Error::ModelLoad {
-        path: file.to_path_buf(),
-        detail,
-    };
     let weights = WeightsFile::open(file)?;
     let family = Family::detect(weights.tensors().map(|(name, _)| name)).ok_or_else(|| {
         at(
+            file,
             "not a whole Stable Diffusion checkpoint: a single file needs a UNet \
             (model.diffusion_model.*), an autoencoder (first_stage_model.*) and text encoders \
             (cond_stage_model.* or conditioner.embedders.*) under the original layout's names"
@@ -192,13 +189,17 @@ pub fn diffusers_folder(file: &Path, opts: &HubOptions) -> Result<PathBuf> {
     })?;
     let repo = family.config_repo();
     let configs = hub::resolve(repo, opts, &config_files(family)).map_err(|e| {
-        at(format!(
-            "an {} single file takes its configs and tokenizers from {repo}, which is not \
+        at(
+            file,
+            format!(
+                "an {} single file takes its configs and tokenizers from {repo}, which is not \
              available: {e}",
-            family.name()
-        ))
+                family.name()
+            ),
+        )
     })?;
-    let folder = converted_folder(file, &configs)?;
+    let canonical_configs = crate::model::bundle::canonical(&configs);
+    let folder = converted_folder(file, canonical_configs.to_string_lossy().as_bytes())?;
     if folder.join(COMPLETE).is_file() {
         crate::log::progress(&format!(
             "{}: {} single file, converted before in {}",
@@ -215,13 +216,13 @@ pub fn diffusers_folder(file: &Path, opts: &HubOptions) -> Result<PathBuf> {
         family.name(),
         folder.display()
     ));
-    let partial = folder.with_extension(format!("partial-{}", std::process::id()));
-    let io = |path: &Path, source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let _ = std::fs::remove_dir_all(&partial);
-    let written = (|| {
+    let record = serde_json::json!({
+        "source": file.display().to_string(),
+        "family": family.name(),
+        "configs": configs.display().to_string(),
+        "conversion": CONVERSION,
+    });
+    write_once(file, &folder, record, |partial| {
         for rel in config_files(family) {
             let rel = rel.trim_start_matches('?');
             let from = configs.join(rel);
@@ -236,11 +237,11 @@ pub fn diffusers_folder(file: &Path, opts: &HubOptions) -> Result<PathBuf> {
         }
         for &component in convert::components(family) {
             let tensors = convert::component(&weights, family, &layout, component)
-                .map_err(|e| at(e.to_string()))?;
-            let dir = partial.join(component.folder());
-            std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
-            let path = dir.join(component.weights_file());
-            candle_core::safetensors::save(&tensors, &path).map_err(|e| at(e.to_string()))?;
+                .map_err(|e| at(file, e.to_string()))?;
+            let path = partial
+                .join(component.folder())
+                .join(component.weights_file());
+            save(file, &tensors, &path)?;
             crate::log::progress(&format!(
                 "{}: {} tensors of the {}",
                 file.display(),
@@ -248,32 +249,173 @@ pub fn diffusers_folder(file: &Path, opts: &HubOptions) -> Result<PathBuf> {
                 component.folder()
             ));
         }
-        let record = serde_json::json!({
-            "source": file.display().to_string(),
-            "family": family.name(),
-            "configs": configs.display().to_string(),
-            "conversion": CONVERSION,
-        });
+        Ok(())
+    })
+}
+
+fn io(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn at(file: &Path, detail: String) -> Error {
+    Error::ModelLoad {
+        path: file.to_path_buf(),
+        detail,
+    }
+}
+
+/// Writes `tensors` as a safetensors file at `path` (its folder made).
+fn save(file: &Path, tensors: &convert::ComponentTensors, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    }
+    candle_core::safetensors::save(tensors, path).map_err(|e| at(file, e.to_string()))
+}
+
+/// Makes `folder` by `write` into a sibling folder of its own, completed by `record` (the file
+/// that marks a finished conversion) and renamed into place: a reader never sees half a folder,
+/// and two loads converting the same file at once both end with one whole folder.
+fn write_once(
+    file: &Path,
+    folder: &Path,
+    record: serde_json::Value,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let partial = folder.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    let written = write(&partial).and_then(|()| {
         let done = partial.join(COMPLETE);
-        std::fs::write(&done, record.to_string()).map_err(|e| io(&done, e))?;
-        Ok::<_, Error>(())
-    })();
+        std::fs::write(&done, record.to_string()).map_err(|e| io(&done, e))
+    });
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&partial);
         return Err(e);
     }
-    if let Some(parent) = folder.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-    }
-    if std::fs::rename(&partial, &folder).is_err() {
+    if std::fs::rename(&partial, folder).is_err() {
         // Another load converted the same file meanwhile: keep its folder.
         let _ = std::fs::remove_dir_all(&partial);
         if !folder.join(COMPLETE).is_file() {
-            return Err(at(format!(
-                "cannot move the converted folder to {}",
-                folder.display()
-            )));
+            return Err(at(
+                file,
+                format!("cannot move the converted folder to {}", folder.display()),
+            ));
         }
     }
-    Ok(folder)
+    Ok(folder.to_path_buf())
+}
+
+/// The single file a ControlNet id names when it is no diffusers folder: the id as a file
+/// (where paths are allowed), or a folder or repository whose only weights are one
+/// `.safetensors` or `.ckpt` at its top (`CiaraRowles/TemporalNet2` holds only
+/// `temporalnetversion2.ckpt`). `None` when there is none.
+fn controlnet_file(id: &str, opts: &HubOptions) -> Result<Option<PathBuf>> {
+    if let Some(file) = hub::single_file(id, opts) {
+        return Ok(Some(file));
+    }
+    let Ok(dir) = hub::resolve(id, opts, &["*.safetensors|*.ckpt"]) else {
+        return Ok(None);
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| io(&dir, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.is_file()
+                && path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| e == "safetensors" || e == "ckpt")
+        })
+        .collect();
+    files.sort();
+    match files.as_slice() {
+        [] => Ok(None),
+        [file] => Ok(Some(file.clone())),
+        several => Err(Error::ModelLoad {
+            path: dir.clone(),
+            detail: format!(
+                "ControlNet {id}: no diffusers weights, and {} single files ({}): name one as \
+                 the model_id",
+                several.len(),
+                several
+                    .iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+/// The diffusers folder of ControlNet `id` when it is a single file in the original ControlNet
+/// layout (`control_model.*`, as ControlNet's own training code saves it): converted once into
+/// the cache, its config the base UNet's (`base_config`, the `unet/config.json` of the checkpoint
+/// it steers, whose encoder a ControlNet copies) with the control image's channels and embedding
+/// widths read from the file. `None` when `id` names no single file.
+pub fn controlnet_folder(
+    id: &str,
+    opts: &HubOptions,
+    base_config: &Path,
+) -> Result<Option<PathBuf>> {
+    let Some(file) = controlnet_file(id, opts)? else {
+        return Ok(None);
+    };
+    let weights = WeightsFile::open(&file)?;
+    if !convert::is_controlnet(weights.tensors().map(|(name, _)| name)) {
+        return Err(at(
+            &file,
+            format!(
+                "ControlNet {id}: neither a diffusers folder nor a ControlNet in the original \
+                 layout (control_model.input_hint_block.*)"
+            ),
+        ));
+    }
+    let base_text = std::fs::read(base_config).map_err(|e| io(base_config, e))?;
+    let mut config: serde_json::Value = serde_json::from_slice(&base_text)
+        .map_err(|e| at(base_config, format!("not JSON: {e}")))?;
+    let layers_per_block = config["layers_per_block"]
+        .as_u64()
+        .ok_or_else(|| at(base_config, "layers_per_block is not one count".into()))?
+        as usize;
+    let (channels, widths) =
+        convert::controlnet_conditioning(&weights).map_err(|e| at(&file, e.to_string()))?;
+    let object = config
+        .as_object_mut()
+        .ok_or_else(|| at(base_config, "not a JSON object".into()))?;
+    object.insert("_class_name".into(), "ControlNetModel".into());
+    object.insert("conditioning_channels".into(), channels.into());
+    object.insert(
+        "conditioning_embedding_out_channels".into(),
+        serde_json::json!(widths),
+    );
+    let config_text =
+        serde_json::to_vec_pretty(&config).map_err(|e| at(base_config, e.to_string()))?;
+    let folder = converted_folder(&file, &config_text)?;
+    if folder.join(COMPLETE).is_file() {
+        return Ok(Some(folder));
+    }
+    crate::log::progress(&format!(
+        "{}: a ControlNet single file ({channels} control channels), converting into {}",
+        file.display(),
+        folder.display()
+    ));
+    let record = serde_json::json!({
+        "source": file.display().to_string(),
+        "controlnet": id,
+        "conversion": CONVERSION,
+    });
+    write_once(&file, &folder, record, |partial| {
+        let tensors = convert::controlnet(&weights, layers_per_block)
+            .map_err(|e| at(&file, e.to_string()))?;
+        save(
+            &file,
+            &tensors,
+            &partial.join("diffusion_pytorch_model.safetensors"),
+        )?;
+        let path = partial.join("config.json");
+        std::fs::write(&path, &config_text).map_err(|e| io(&path, e))
+    })
+    .map(Some)
 }

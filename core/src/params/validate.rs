@@ -201,8 +201,7 @@ fn served(id: &str, kind: IdKind, settings: &EngineSettings) -> Option<Served> {
     }
     match kind {
         IdKind::Lora => Some(Served::AtLoad),
-        IdKind::ControlNet => hub::local_dir(id, &settings.hub_options()).map(Served::LocalFolder),
-        IdKind::Base => {
+        IdKind::Base | IdKind::ControlNet => {
             let opts = settings.hub_options();
             hub::local_dir(id, &opts)
                 .or_else(|| hub::single_file(id, &opts))
@@ -605,7 +604,8 @@ fn check_controlnet_fields(
         };
         let message = if settings.allow_model_paths {
             format!(
-                "{field}: unknown ControlNet '{id}'; expected one of {} or an existing local folder",
+                "{field}: unknown ControlNet '{id}'; expected one of {}, an existing local folder or a \
+                 single file",
                 known()
             )
         } else {

@@ -229,3 +229,78 @@ fn an_fp16_single_file_keeps_its_half_precision_tensors() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// TemporalNet2 as its repository publishes it: no diffusers weights, one `.ckpt` in ControlNet's
+/// own training layout (`control_model.*`, with the frozen base UNet beside it). By its hub id it
+/// converts into exactly the net's diffusers tensors, with the config of the base it steers and
+/// the 6 control channels read from the file, and streams like the diffusers folder.
+#[test]
+fn temporalnet2_as_its_lone_ckpt_steers_like_its_diffusers_folder() {
+    const ID: &str = "CiaraRowles/TemporalNet2";
+    let entry = &manifest()["controlnets"][ID];
+    let published = EngineSettings {
+        model_root: Some(fixture("published-root")),
+        vae: VaeChoice::Custom(fixture("tiny-taesd").display().to_string()),
+        allow_any_resolution: true,
+        ..EngineSettings::default()
+    };
+    let folder = sdstream::model::single_file::controlnet_folder(
+        ID,
+        &published.hub_options(),
+        &fixture("tiny-sd-turbo/unet/config.json"),
+    )
+    .expect("converts")
+    .expect("a single file");
+    let converted = load_f32(&folder.join("diffusion_pytorch_model.safetensors"));
+    let source_dir = fixture(entry["source"].as_str().unwrap());
+    let source = load_f32(&source_dir.join("diffusion_pytorch_model.safetensors"));
+    assert_eq!(converted.len(), entry["tensors"].as_u64().unwrap() as usize);
+    assert_eq!(converted.len(), source.len());
+    for (key, want) in &source {
+        assert!(same_values(&converted[key], want), "{key} differs");
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["conditioning_channels"], 6);
+    assert_eq!(
+        config["conditioning_embedding_out_channels"],
+        entry["conditioning_embedding_out_channels"]
+    );
+
+    // The flow network (RAFT) is in the tiny model root; the net goes by its file there.
+    let with_raft = EngineSettings {
+        model_root: Some(fixture("model-root")),
+        ..published.clone()
+    };
+    let ckpt = fixture(entry["file"].as_str().unwrap())
+        .display()
+        .to_string();
+    let run = |net: String, scale: f64| {
+        let body = json!({
+            "model_id": fixture("tiny-sd-turbo").display().to_string(),
+            "prompt": "a lighthouse in a storm",
+            "width": 64,
+            "height": 64,
+            "seed": 21,
+            "use_safety_checker": false,
+            "controlnets": [{
+                "model_id": net,
+                "conditioning_scale": scale,
+                "preprocessor": "temporal_net_tensorrt",
+                "preprocessor_params": {"flow_strength": 0.4, "height": 256, "width": 256},
+                "conditioning_channels": 6,
+            }],
+        });
+        let params = StreamDiffusionParams::from_json_with(&body.to_string(), &with_raft)
+            .unwrap_or_else(|e| panic!("the body validates: {e}"));
+        common::stream_outputs(params, with_raft.clone(), &common::rgb8_frames(3))
+    };
+    let published_net = run(ckpt.clone(), 0.8);
+    assert_eq!(
+        published_net,
+        run(source_dir.display().to_string(), 0.8),
+        "the lone .ckpt streams otherwise than its diffusers folder"
+    );
+    assert_ne!(published_net, run(ckpt, 0.0), "the net does not act");
+}

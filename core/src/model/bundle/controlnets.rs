@@ -181,7 +181,15 @@ impl StableDiffusionModels {
             return Ok(net);
         }
         let fp16 = self.dtype == DType::F16;
-        let dir = resolve(id, &self.hub, &component_files(fp16))?;
+        let dir = match resolve(id, &self.hub, &component_files(fp16)) {
+            Ok(dir) => dir,
+            // A net published only as a single file (TemporalNet2's .ckpt).
+            Err(not_found) => {
+                let base = self.dir.join("unet").join("config.json");
+                crate::model::single_file::controlnet_folder(id, &self.hub, &base)?
+                    .ok_or(not_found)?
+            }
+        };
         let canonical = canonical(&dir);
         if let Some(net) = self.lock_controlnets().get_by_dir(&canonical, id) {
             return Ok(net);
