@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use common::fixture;
 use sdstream::model::single_file::diffusers_folder;
 use sdstream::params::VaeChoice;
-use sdstream::{EngineSettings, StreamDiffusionParams};
+use sdstream::{Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusionParams};
 use serde_json::{Value, json};
 
 fn manifest() -> Value {
@@ -99,7 +99,7 @@ fn each_single_file_converts_into_exactly_its_source_folders_tensors() {
     }
 }
 
-fn stream_of(model_id: PathBuf, settings: &EngineSettings, seed: u64) -> Vec<Vec<u8>> {
+fn body_of(model_id: PathBuf, settings: &EngineSettings, seed: u64) -> StreamDiffusionParams {
     let body = json!({
         "model_id": model_id.display().to_string(),
         "prompt": "a lighthouse in a storm",
@@ -111,27 +111,51 @@ fn stream_of(model_id: PathBuf, settings: &EngineSettings, seed: u64) -> Vec<Vec
         // SD 1.x would fuse the LCM-LoRA from the hub; the tiny folders are LCM already.
         "use_lcm_lora": false,
     });
-    let params = StreamDiffusionParams::from_json_with(&body.to_string(), settings)
-        .unwrap_or_else(|e| panic!("the body validates: {e}"));
+    StreamDiffusionParams::from_json_with(&body.to_string(), settings)
+        .unwrap_or_else(|e| panic!("the body validates: {e}"))
+}
+
+/// The folder's frames through a StreamDiffusion.
+fn stream_of(model_id: PathBuf, settings: &EngineSettings, seed: u64) -> Vec<Vec<u8>> {
+    let params = body_of(model_id, settings, seed);
     common::stream_outputs(params, settings.clone(), &common::rgb8_frames(3))
 }
 
-/// A model_id naming a file streams what its source folders stream: SD 2.x and SDXL with their
-/// own autoencoder, SD 1.x (whose tiny folder has none) through TAESD.
+/// The single file's frames through an Engine.
+fn engine_of(model_id: PathBuf, settings: &EngineSettings, seed: u64) -> Vec<Vec<u8>> {
+    let options = EngineOptions {
+        warmup: false,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(body_of(model_id, settings, seed), settings.clone(), options)
+        .expect("the engine starts on the single file");
+    let outputs = common::rgb8_frames(3)
+        .iter()
+        .map(|data| {
+            let frame = Frame::packed(data, 64, 64, PixelFormat::Rgb8).unwrap();
+            engine.process(frame).expect("a frame").image.data
+        })
+        .collect();
+    engine.close();
+    outputs
+}
+
+/// A model_id naming a file streams (through the Engine) what its source folders stream: SD 2.x
+/// and SDXL with their own autoencoder, SD 1.x (whose tiny folder has none) through TAESD.
 #[test]
 fn a_single_file_streams_like_its_diffusers_folders() {
     let full = settings(VaeChoice::Full);
     assert_eq!(
-        stream_of(fixture("single-file/sd21.ckpt"), &full, 11),
+        engine_of(fixture("single-file/sd21.ckpt"), &full, 11),
         stream_of(fixture("tiny-sd-turbo"), &full, 11),
     );
-    let sdxl = stream_of(fixture("single-file/sdxl.safetensors"), &full, 12);
+    let sdxl = engine_of(fixture("single-file/sdxl.safetensors"), &full, 12);
     assert_eq!(sdxl, stream_of(fixture("tiny-sdxl"), &full, 12));
     let taesd = settings(VaeChoice::Custom(
         fixture("tiny-taesd").display().to_string(),
     ));
     assert_eq!(
-        stream_of(fixture("single-file/sd15.safetensors"), &taesd, 13),
+        engine_of(fixture("single-file/sd15.safetensors"), &taesd, 13),
         stream_of(fixture("tiny-sd15"), &taesd, 13),
     );
     // The frames are pictures, not a constant.
