@@ -407,30 +407,76 @@ impl CustomOp3 for GroupNormChannelsLastOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = l1.shape();
-        let channels = shape.dims()[shape.rank() - 1];
-        if !channels.is_multiple_of(self.groups)
-            || l2.shape().elem_count() != channels
-            || l3.shape().elem_count() != channels
-        {
-            candle_core::bail!(
-                "GroupNorm (channels last): {} groups, weight {:?}, bias {:?}, input {shape:?}",
-                self.groups,
-                l2.shape(),
-                l3.shape()
-            )
-        }
-        let name = self.name();
-        let out = with_float_type!(s1.dtype(), name, |T| T::to_cpu_storage_owned(
-            self.run::<T>(
-                contiguous_slice(s1, l1, name)?,
-                shape,
-                contiguous_slice(s2, l2, name)?,
-                contiguous_slice(s3, l3, name)?,
-            )
-        ));
-        Ok((out, shape.clone()))
+        group_norm_cpu_fwd(self, (s1, l1), (s2, l2), (s3, l3))
     }
+}
+
+/// What the two GroupNorm layouts' CPU forwards differ in: where the channels are, and the pass.
+trait GroupNormLayout: CustomOp3 {
+    /// How the layout is named in a shape error.
+    const LAYOUT: &'static str;
+    fn groups(&self) -> usize;
+    /// The input's channel count.
+    fn channels(shape: &Shape) -> usize;
+    fn run<T: WithDType>(&self, x: &[T], shape: &Shape, weight: &[T], bias: &[T]) -> Vec<T>;
+}
+
+impl GroupNormLayout for GroupNormOp {
+    const LAYOUT: &'static str = "GroupNorm";
+    fn groups(&self) -> usize {
+        self.groups
+    }
+    fn channels(shape: &Shape) -> usize {
+        shape.dims()[1]
+    }
+    fn run<T: WithDType>(&self, x: &[T], shape: &Shape, weight: &[T], bias: &[T]) -> Vec<T> {
+        GroupNormOp::run(self, x, shape, weight, bias)
+    }
+}
+
+impl GroupNormLayout for GroupNormChannelsLastOp {
+    const LAYOUT: &'static str = "GroupNorm (channels last)";
+    fn groups(&self) -> usize {
+        self.groups
+    }
+    fn channels(shape: &Shape) -> usize {
+        shape.dims()[shape.rank() - 1]
+    }
+    fn run<T: WithDType>(&self, x: &[T], shape: &Shape, weight: &[T], bias: &[T]) -> Vec<T> {
+        GroupNormChannelsLastOp::run(self, x, shape, weight, bias)
+    }
+}
+
+/// The CPU forward of either layout: the input, weight and bias checked against the groups,
+/// then the layout's pass in the input's float type.
+fn group_norm_cpu_fwd<Op: GroupNormLayout>(
+    op: &Op,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let shape = l1.shape();
+    let channels = Op::channels(shape);
+    if !channels.is_multiple_of(op.groups())
+        || l2.shape().elem_count() != channels
+        || l3.shape().elem_count() != channels
+    {
+        candle_core::bail!(
+            "{}: {} groups, weight {:?}, bias {:?}, input {shape:?}",
+            Op::LAYOUT,
+            op.groups(),
+            l2.shape(),
+            l3.shape()
+        )
+    }
+    let name = op.name();
+    let out = with_float_type!(s1.dtype(), name, |T| T::to_cpu_storage_owned(op.run::<T>(
+        contiguous_slice(s1, l1, name)?,
+        shape,
+        contiguous_slice(s2, l2, name)?,
+        contiguous_slice(s3, l3, name)?,
+    )));
+    Ok((out, shape.clone()))
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -447,29 +493,7 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = l1.shape();
-        let channels = shape.dims()[1];
-        if !channels.is_multiple_of(self.groups)
-            || l2.shape().elem_count() != channels
-            || l3.shape().elem_count() != channels
-        {
-            candle_core::bail!(
-                "GroupNorm: {} groups, weight {:?}, bias {:?}, input {shape:?}",
-                self.groups,
-                l2.shape(),
-                l3.shape()
-            )
-        }
-        let name = self.name();
-        let out = with_float_type!(s1.dtype(), name, |T| T::to_cpu_storage_owned(
-            self.run::<T>(
-                contiguous_slice(s1, l1, name)?,
-                shape,
-                contiguous_slice(s2, l2, name)?,
-                contiguous_slice(s3, l3, name)?,
-            )
-        ));
-        Ok((out, shape.clone()))
+        group_norm_cpu_fwd(self, (s1, l1), (s2, l2), (s3, l3))
     }
 
     #[cfg(feature = "cuda")]
