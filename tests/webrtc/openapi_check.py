@@ -89,7 +89,7 @@ def main():
         st_started = time.monotonic()
         env = dict(os.environ, SCHEMATHESIS_HOOKS="openapi_hooks",
                    PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
-        run = subprocess.run(command, capture_output=True, text=True, env=env)
+        run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work)  # its files stay in work
         st_seconds = time.monotonic() - st_started
         print(run.stdout if len(run.stdout) < 60000 else run.stdout[:30000] + "\n[...]\n" + run.stdout[-30000:])
         if run.stderr.strip():
@@ -98,9 +98,20 @@ def main():
         if os.path.exists(report):
             with open(report) as f:
                 counts = json.load(f)
-        summary = {"operations_documented": len(operations), "schemathesis_exit": run.returncode,
-                   "schemathesis_seconds": round(st_seconds, 1), "seed": args.seed,
-                   "max_examples": args.max_examples, "report": counts}
+        tested = counts.get("operations", {}).get("tested", 0)
+        cases = counts.get("test_cases", {})
+        failures = sum(f.get("count", 0) for f in counts.get("failures", []))
+        errors = sum(e.get("count", 0) for e in counts.get("errors", []))
+        summary = {"operations_documented": len(operations), "operations_tested": tested,
+                   "cases": cases.get("generated", 0), "cases_with_failures": cases.get("with_failures", 0),
+                   "failures": counts.get("failures", []), "errors": counts.get("errors", []),
+                   "phases": {k: v.get("status") for k, v in counts.get("phases", {}).items()},
+                   "schemathesis_exit": run.returncode, "schemathesis_seconds": round(st_seconds, 1),
+                   "seed": args.seed, "max_examples": args.max_examples}
+        print(f"openapi: {len(operations)} operations documented, {tested} tested, {cases.get('generated', 0)} cases, "
+              f"{failures} failure(s), {errors} error(s) in {st_seconds:.1f} s", flush=True)
+        check(tested == len(operations), f"schemathesis tested every documented operation ({tested}/{len(operations)})")
+        check(failures == 0 and errors == 0, f"schemathesis: {failures} failure(s), {errors} error(s)")
         check(run.returncode == 0, f"schemathesis: exit {run.returncode}")
     finally:
         server.stop()

@@ -114,9 +114,7 @@ fn every_documented_operation_is_mounted_and_no_other_method() {
                     "{method} {path} is documented but answers {status} {body}"
                 );
                 assert!(
-                    item[*method]["responses"]
-                        .get(status.to_string())
-                        .is_some(),
+                    item[*method]["responses"].get(status.to_string()).is_some(),
                     "{method} {path} answered {status}, not documented: {body}"
                 );
             } else {
