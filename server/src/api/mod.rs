@@ -20,6 +20,7 @@
 //! | `GET /metrics` | Prometheus' text format: each stream's state, fps, frame counters, stage times and latency histogram; memory and the model pool (module `metrics`) |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness (no token) |
 //! | `GET /` | a camera → WHIP, WHEP → `<video>` page |
+//! | `GET /openapi.json` | the OpenAPI 3.1 document of every route here (`openapi.json`, written by hand; no token) |
 //!
 //! The stream object carries every field Daydream's SDK requires (`id`, `stream_key`,
 //! `created_at`, `output_playback_id`, `name`, `author`, `from_playground`, `gateway_host`,
@@ -60,6 +61,8 @@ mod connections;
 #[cfg(test)]
 mod limits_tests;
 mod metrics;
+#[cfg(test)]
+mod openapi_tests;
 mod playback;
 mod record;
 mod replay;

@@ -1,5 +1,6 @@
-//! The HTTP routes: Daydream's stream API, the WHIP/WHEP resources, health, the page; and the
-//! layers around them (bearer token, CORS, request log, error envelope).
+//! The HTTP routes: Daydream's stream API, the WHIP/WHEP resources, health, the page, the
+//! OpenAPI document of them all (`openapi.json`, served at `GET /openapi.json`); and the layers
+//! around them (bearer token, CORS, request log, error envelope).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -285,6 +286,13 @@ async fn index() -> Html<&'static str> {
     Html(include_str!("index.html"))
 }
 
+/// The OpenAPI 3.1 document of every route here (hand-written; `GET /openapi.json`).
+pub(crate) const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
 async fn no_route() -> Response {
     error_response(404, "ROUTE/NOT_FOUND", "no such route")
 }
@@ -325,6 +333,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
         .with_state(app.clone());
     let scope = super::scope::routes(app.clone());
     let hls = super::playback::routes(app.clone());
