@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 # Single-file checkpoints the tests load are converted into this cache, not the user's.
-export SDSTREAM_CACHE_DIR="${SDSTREAM_CACHE_DIR:-$(pwd)/$target_dir/sdstream-cache}"
+mkdir -p "$target_dir"
+export SDSTREAM_CACHE_DIR="${SDSTREAM_CACHE_DIR:-$(cd "$target_dir" && pwd)/sdstream-cache}"
 
 cargo test --workspace --exclude sdstream-python
 
