@@ -578,12 +578,15 @@ pub(crate) fn epoch_us() -> i64 {
 
 /// FNV-1a 64 of `text`, as 16 hex digits: stable across runs, platforms and builds.
 pub(crate) fn params_hash(text: &str) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    format!("{:016x}", fnv1a(text.as_bytes()))
+}
+
+/// FNV-1a 64 of `bytes`: a hash that stays the same across runs, platforms and builds (what
+/// reports and folder names keyed by it need).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

@@ -15,11 +15,13 @@
 //! and its `text_projection` transposed into a linear weight.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use crate::unet::{PerLevel, UNetConfig};
 use crate::weights::WeightsFile;
-use crate::{Error, Result};
+use crate::{Error, Result, clip, read_config, vae};
 
 /// The model family a single file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +95,48 @@ pub struct Layout {
     pub text_layers: usize,
     /// SDXL's second text encoder's `num_hidden_layers`.
     pub text_2_layers: Option<usize>,
+}
+
+impl Layout {
+    /// The sizes from the configs of a diffusers pipeline folder (the family's repository).
+    pub fn read(dir: &Path, family: Family) -> Result<Self> {
+        let unet_path = dir.join("unet/config.json");
+        let unet: UNetConfig = read_config(&unet_path)?;
+        let vae_path = dir.join("vae/config.json");
+        let vae: vae::Config = read_config(&vae_path)?;
+        if vae.block_out_channels.is_empty() {
+            return Err(Error::ModelLoad {
+                path: vae_path,
+                detail: "block_out_channels is empty".into(),
+            });
+        }
+        let text_layers =
+            |rel: &str| read_config::<clip::Config>(&dir.join(rel)).map(|c| c.num_hidden_layers);
+        Ok(Self {
+            unet_layers_per_block: layers_per_block(&unet).map_err(|detail| Error::ModelLoad {
+                path: unet_path,
+                detail,
+            })?,
+            vae_levels: vae.block_out_channels.len(),
+            text_layers: text_layers("text_encoder/config.json")?,
+            text_2_layers: match family {
+                Family::Sdxl => Some(text_layers("text_encoder_2/config.json")?),
+                Family::Sd1 | Family::Sd2 => None,
+            },
+        })
+    }
+}
+
+/// The one `layers_per_block` of `unet`: the LDM layout numbers blocks across levels, which a
+/// per-level count would make ambiguous (no released checkpoint has one).
+pub fn layers_per_block(unet: &UNetConfig) -> std::result::Result<usize, String> {
+    match &unet.layers_per_block {
+        PerLevel::One(n) => Ok(*n),
+        PerLevel::Each(levels) => match levels.first() {
+            Some(&first) if levels.iter().all(|&n| n == first) => Ok(first),
+            _ => Err("a single file's UNet needs one layers_per_block for every level".into()),
+        },
+    }
 }
 
 /// A diffusers component of a converted file.
@@ -218,6 +262,13 @@ fn numbered<'a>(rest: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
     Some((number.parse().ok()?, tail))
 }
 
+/// `name` with the first prefix of `table` it starts with replaced by that prefix's new name.
+fn renamed(name: &str, table: &[(&str, &str)]) -> Option<String> {
+    table
+        .iter()
+        .find_map(|(ldm, ours)| name.strip_prefix(ldm).map(|tail| format!("{ours}{tail}")))
+}
+
 /// A UNet resnet's LDM names inside the block.
 fn unet_resnet(tail: &str) -> Option<String> {
     const NAMES: [(&str, &str); 6] = [
@@ -228,9 +279,7 @@ fn unet_resnet(tail: &str) -> Option<String> {
         ("emb_layers.1.", "time_emb_proj."),
         ("skip_connection.", "conv_shortcut."),
     ];
-    NAMES
-        .iter()
-        .find_map(|(ldm, ours)| tail.strip_prefix(ldm).map(|t| format!("{ours}{t}")))
+    renamed(tail, &NAMES)
 }
 
 /// The diffusers name of a UNet tensor (`rest` after `model.diffusion_model.`).
@@ -244,10 +293,7 @@ fn unet_name(rest: &str, layers_per_block: usize) -> Option<Target> {
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
     ];
-    if let Some(name) = FIXED
-        .iter()
-        .find_map(|(ldm, ours)| rest.strip_prefix(ldm).map(|t| format!("{ours}{t}")))
-    {
+    if let Some(name) = renamed(rest, &FIXED) {
         return Some(Target::Same(name));
     }
     // A level holds `layers_per_block` resnets on the way down and one more on the way up; the
@@ -412,11 +458,8 @@ fn open_clip_target(rest: &str, layers: usize, with_projection: bool) -> Option<
         ),
         ("ln_final.", "final_layer_norm."),
     ];
-    if let Some(name) = FIXED.iter().find_map(|(ldm, ours)| {
-        rest.strip_prefix(ldm)
-            .map(|t| format!("text_model.{ours}{t}"))
-    }) {
-        return Some(Target::Same(name));
+    if let Some(name) = renamed(rest, &FIXED) {
+        return Some(Target::Same(format!("text_model.{name}")));
     }
     match rest {
         "logit_scale" => return Some(Target::Dropped),
@@ -439,11 +482,8 @@ fn open_clip_target(rest: &str, layers: usize, with_projection: bool) -> Option<
         ("mlp.c_proj.", "mlp.fc2."),
         ("attn.out_proj.", "self_attn.out_proj."),
     ];
-    if let Some(name) = RENAMED
-        .iter()
-        .find_map(|(ldm, ours)| tail.strip_prefix(ldm).map(|t| format!("{layer}.{ours}{t}")))
-    {
-        return Some(Target::Same(name));
+    if let Some(name) = renamed(tail, &RENAMED) {
+        return Some(Target::Same(format!("{layer}.{name}")));
     }
     let part = match tail {
         "attn.in_proj_weight" => "weight",

@@ -12,9 +12,11 @@
 use std::path::{Path, PathBuf};
 
 use sdstream_models::single_file::{self as convert, Family, Layout};
+use sdstream_models::unet::UNetConfig;
 use sdstream_models::weights::WeightsFile;
 
 use crate::hub::{self, HubOptions};
+use crate::model::bundle::checkpoint_files;
 use crate::{Error, Result};
 
 /// Bumped when the conversion changes, so that folders converted before are not reused.
@@ -39,100 +41,14 @@ pub fn cache_root() -> PathBuf {
     std::env::temp_dir().join("sdstream")
 }
 
-/// The files of a family's repository a conversion copies: everything but weights.
-fn config_files(family: Family) -> Vec<&'static str> {
-    let mut files = vec![
-        "model_index.json",
-        "scheduler/scheduler_config.json",
-        "tokenizer/vocab.json",
-        "tokenizer/merges.txt",
-        "tokenizer/tokenizer_config.json",
-        "?tokenizer/special_tokens_map.json",
-        "text_encoder/config.json",
-        "unet/config.json",
-        "vae/config.json",
-    ];
-    if family == Family::Sdxl {
-        files.extend([
-            "tokenizer_2/vocab.json",
-            "tokenizer_2/merges.txt",
-            "tokenizer_2/tokenizer_config.json",
-            "?tokenizer_2/special_tokens_map.json",
-            "text_encoder_2/config.json",
-        ]);
-    }
-    files
-}
-
-/// Reads one JSON config of the config folder.
-fn config_value(dir: &Path, rel: &str) -> Result<serde_json::Value> {
-    let path = dir.join(rel);
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| Error::ModelLoad {
-        path,
-        detail: format!("not JSON: {e}"),
-    })
-}
-
-/// The sizes the file's names depend on, from the family's configs.
-fn layout(dir: &Path, family: Family) -> Result<Layout> {
-    let unet = config_value(dir, "unet/config.json")?;
-    let vae = config_value(dir, "vae/config.json")?;
-    let bad = |rel: &str, detail: &str| Error::ModelLoad {
-        path: dir.join(rel),
-        detail: detail.into(),
-    };
-    let per_block = &unet["layers_per_block"];
-    let unet_layers_per_block = match per_block {
-        serde_json::Value::Array(levels) => {
-            let first = levels.first().and_then(serde_json::Value::as_u64);
-            if first.is_none() || levels.iter().any(|l| l.as_u64() != first) {
-                return Err(bad(
-                    "unet/config.json",
-                    "a single file's UNet needs one layers_per_block for every level",
-                ));
-            }
-            first
-        }
-        other => other.as_u64(),
-    }
-    .ok_or_else(|| bad("unet/config.json", "layers_per_block is not a count"))?
-        as usize;
-    let vae_levels = vae["block_out_channels"]
-        .as_array()
-        .map(Vec::len)
-        .filter(|n| *n > 0)
-        .ok_or_else(|| bad("vae/config.json", "block_out_channels is not a list"))?;
-    let text_layers = |rel: &str| -> Result<usize> {
-        config_value(dir, rel)?["num_hidden_layers"]
-            .as_u64()
-            .map(|n| n as usize)
-            .ok_or_else(|| bad(rel, "num_hidden_layers is not a count"))
-    };
-    Ok(Layout {
-        unet_layers_per_block,
-        vae_levels,
-        text_layers: text_layers("text_encoder/config.json")?,
-        text_2_layers: match family {
-            Family::Sdxl => Some(text_layers("text_encoder_2/config.json")?),
-            Family::Sd1 | Family::Sd2 => None,
-        },
-    })
-}
-
-/// FNV-1a: a hash that stays the same across builds and platforms (the folder name must).
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    for part in parts {
-        for byte in part.iter().chain(&[0xff]) {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    hash
+/// The files of a family's repository a conversion copies: a pipeline folder's files
+/// ([`checkpoint_files`]) but its weights, SDXL's second tokenizer and encoder among the optional
+/// ones.
+fn config_files() -> Vec<String> {
+    checkpoint_files(true, false)
+        .into_iter()
+        .filter(|pattern| !pattern.ends_with(".safetensors"))
+        .collect()
 }
 
 /// The cache folder of `file` converted with `configs` (the config folder's path, or the
@@ -148,13 +64,19 @@ fn converted_folder(file: &Path, configs: &[u8]) -> Result<PathBuf> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
     let file = crate::model::bundle::canonical(file);
-    let key = fnv1a(&[
+    // Each part followed by a byte no UTF-8 text holds, so that parts cannot run together.
+    let mut identity = Vec::new();
+    for part in [
         file.to_string_lossy().as_bytes(),
         &meta.len().to_le_bytes(),
         &modified.to_le_bytes(),
         configs,
         &CONVERSION.to_le_bytes(),
-    ]);
+    ] {
+        identity.extend_from_slice(part);
+        identity.push(0xff);
+    }
+    let key = crate::status::fnv1a(&identity);
     let stem: String = file
         .file_stem()
         .map(|s| s.to_string_lossy())
@@ -188,7 +110,9 @@ pub fn diffusers_folder(file: &Path, opts: &HubOptions) -> Result<PathBuf> {
         )
     })?;
     let repo = family.config_repo();
-    let configs = hub::resolve(repo, opts, &config_files(family)).map_err(|e| {
+    let wanted = config_files();
+    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    let configs = hub::resolve(repo, opts, &wanted).map_err(|e| {
         at(
             file,
             format!(
@@ -209,7 +133,7 @@ pub fn diffusers_folder(file: &Path, opts: &HubOptions) -> Result<PathBuf> {
         ));
         return Ok(folder);
     }
-    let layout = layout(&configs, family)?;
+    let layout = Layout::read(&configs, family)?;
     crate::log::progress(&format!(
         "{}: {} single file, converting into {} (configs from {repo})",
         file.display(),
@@ -223,7 +147,7 @@ pub fn diffusers_folder(file: &Path, opts: &HubOptions) -> Result<PathBuf> {
         "conversion": CONVERSION,
     });
     write_once(file, &folder, record, |partial| {
-        for rel in config_files(family) {
+        for rel in &wanted {
             let rel = rel.trim_start_matches('?');
             let from = configs.join(rel);
             if !from.is_file() {
@@ -375,10 +299,10 @@ pub fn controlnet_folder(
     let base_text = std::fs::read(base_config).map_err(|e| io(base_config, e))?;
     let mut config: serde_json::Value = serde_json::from_slice(&base_text)
         .map_err(|e| at(base_config, format!("not JSON: {e}")))?;
-    let layers_per_block = config["layers_per_block"]
-        .as_u64()
-        .ok_or_else(|| at(base_config, "layers_per_block is not one count".into()))?
-        as usize;
+    let unet: UNetConfig = serde_json::from_value(config.clone())
+        .map_err(|e| at(base_config, format!("not a UNet config: {e}")))?;
+    let layers_per_block =
+        convert::layers_per_block(&unet).map_err(|detail| at(base_config, detail))?;
     let (channels, widths) =
         convert::controlnet_conditioning(&weights).map_err(|e| at(&file, e.to_string()))?;
     let object = config
