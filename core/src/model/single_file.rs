@@ -10,6 +10,7 @@
 //! modification time) and the config folder; later loads read that folder directly.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use sdstream_models::single_file::{self as convert, Family, Layout};
 use sdstream_models::unet::UNetConfig;
@@ -200,14 +201,21 @@ fn save(file: &Path, tensors: &convert::ComponentTensors, path: &Path) -> Result
 }
 
 /// Makes `folder` by `write` into a sibling folder of its own, completed by `record` (the file
-/// that marks a finished conversion) and renamed into place: a reader never sees half a folder,
-/// and two loads converting the same file at once both end with one whole folder.
+/// that marks a finished conversion) and renamed into place: a reader never sees half a folder.
+/// Inside a process conversions take turns, and one that finds the folder made meanwhile (by a
+/// stream that asked for the same file first) uses it; across processes the sibling folders are
+/// each process's own, and the one renamed second keeps the first one's folder.
 fn write_once(
     file: &Path,
     folder: &Path,
     record: serde_json::Value,
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
+    static CONVERTING: Mutex<()> = Mutex::new(());
+    let _turn = CONVERTING.lock().unwrap_or_else(PoisonError::into_inner);
+    if folder.join(COMPLETE).is_file() {
+        return Ok(folder.to_path_buf());
+    }
     let partial = folder.with_extension(format!("partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     let written = write(&partial).and_then(|()| {
