@@ -262,8 +262,8 @@ impl From<VaeChoice> for String {
 
 /// Settings of the engine that Daydream's parameter model does not hold. JSON keys:
 /// `cfg_type`, `frame_buffer_size`, `device`, `dtype`, `vae`, `model_root`,
-/// `allow_any_resolution`, `allow_model_paths`, `allowed_models`, `allow_private_network`;
-/// unknown keys are an error. Any change needs a pipeline reload.
+/// `allow_any_resolution`, `allow_model_paths`, `allowed_models`, `allow_private_network`,
+/// `cross_stream_batching`, `frame_budget_ms`; unknown keys are an error. Any change needs a pipeline reload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSettings {
@@ -301,6 +301,14 @@ pub struct EngineSettings {
     /// refused either way. Default false, in the library as in the server: the URL usually comes
     /// with a body someone else wrote, and a program whose pictures live on its LAN says so once.
     pub allow_private_network: bool,
+    /// Whether the stream's UNet calls join those of other streams on the same loaded model in
+    /// one batched call ([`crate::pipeline::cross_stream`]). A stream alone runs as without.
+    /// Default true.
+    pub cross_stream_batching: bool,
+    /// The stream's frame budget in milliseconds: how long a frame may take from its arrival to
+    /// its output. The cross-stream scheduler never holds a batch past it, and admission keeps
+    /// every stream within its own. Default none: the spacing of the stream's input frames.
+    pub frame_budget_ms: Option<f64>,
     /// Which kernels the engine's networks load and run with ([`KernelPolicy`]); set from Rust
     /// only (no JSON key). Default none: the policy current on the thread that starts the
     /// engine or stream (the process's, from the `SDSTREAM_*` switches, unless a caller scoped
@@ -322,12 +330,20 @@ impl Default for EngineSettings {
             allow_model_paths: true,
             allowed_models: Vec::new(),
             allow_private_network: false,
+            cross_stream_batching: true,
+            frame_budget_ms: None,
             kernels: None,
         }
     }
 }
 
 impl EngineSettings {
+    /// [`frame_budget_ms`](Self::frame_budget_ms) as a duration.
+    pub fn frame_budget(&self) -> Option<std::time::Duration> {
+        self.frame_budget_ms
+            .map(|ms| std::time::Duration::from_secs_f64(ms / 1e3))
+    }
+
     /// The kernel policy these settings run under: [`kernels`](Self::kernels), else the one
     /// current on this thread.
     pub fn kernel_policy(&self) -> KernelPolicy {
@@ -388,6 +404,14 @@ impl EngineSettings {
                     "frame_buffer_size must be at least 1; got {}",
                     self.frame_buffer_size
                 ),
+            ));
+        }
+        if let Some(ms) = self.frame_budget_ms
+            && !(ms.is_finite() && (1.0..=60_000.0).contains(&ms))
+        {
+            return Err(Error::param(
+                "frame_budget_ms",
+                format!("frame_budget_ms must be from 1 to 60000 milliseconds, or null; got {ms}"),
             ));
         }
         if let VaeChoice::Custom(id) = &self.vae

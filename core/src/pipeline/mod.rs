@@ -4,6 +4,7 @@ mod accepted;
 pub mod blend;
 mod conditioning;
 mod controlnet;
+pub mod cross_stream;
 pub mod filter;
 mod image_prompt;
 pub mod stream_batch;

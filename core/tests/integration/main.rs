@@ -14,6 +14,7 @@ mod broken_models;
 mod cached_attention;
 mod clip;
 mod controlnet;
+mod cross_stream;
 mod cv_draw;
 mod cv_resize;
 mod depth_anything;

@@ -18,6 +18,7 @@ use crate::model::vae::AutoencoderKl;
 use crate::model::weight_table::WeightTable;
 use crate::model::{checked_backend, read_config};
 use crate::params::{EngineSettings, ModelFamily, StreamDiffusionParams, VaeChoice};
+use crate::pipeline::cross_stream::CrossStreamBatcher;
 use crate::sampling::rng::TorchGenerator;
 use crate::sampling::scheduler::LcmScheduler;
 use crate::{Error, Result};
@@ -123,6 +124,9 @@ pub struct StableDiffusionModels {
     /// ([`with_loras`](Self::with_loras)).
     text_encoder_weights: WeightTable,
     unet_weights: WeightTable,
+    /// The UNet calls of the streams sharing these networks, batched across streams
+    /// ([`CrossStreamBatcher`]).
+    pub(crate) batcher: Arc<CrossStreamBatcher>,
 }
 
 /// SDXL's second tokenizer and text encoder (`tokenizer_2/`, `text_encoder_2/`: OpenCLIP bigG
@@ -427,6 +431,7 @@ impl StableDiffusionModels {
             controlnet_loads: AtomicU64::new(0),
             text_encoder_weights,
             unet_weights,
+            batcher: CrossStreamBatcher::new(&self.device),
         })
     }
 
@@ -515,6 +520,7 @@ impl StableDiffusionModels {
             second,
             autoencoder,
             scheduler,
+            batcher: CrossStreamBatcher::new(&device),
             device,
             dtype,
             hub: opts,
@@ -524,6 +530,11 @@ impl StableDiffusionModels {
             text_encoder_weights,
             unet_weights,
         })
+    }
+
+    /// The scheduler that batches the UNet calls of the streams on these networks.
+    pub fn batcher(&self) -> &Arc<CrossStreamBatcher> {
+        &self.batcher
     }
 
     /// Bytes of the networks' tensors in their dtype (tokenizer, scheduler and ControlNets

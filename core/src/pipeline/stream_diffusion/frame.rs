@@ -12,6 +12,7 @@ use crate::pipeline::controlnet::{
     ActiveControlNet, ControlFingerprint, ControlInputs, ControlPreparer, control_conditions,
     control_residuals,
 };
+use crate::pipeline::cross_stream::UNetCall;
 use crate::pipeline::filter::FilterDecision;
 use crate::pipeline::image_prompt::ImagePromptState;
 use crate::pipeline::stream_batch::GuidanceParams;
@@ -35,6 +36,7 @@ impl StreamDiffusion {
         } = input.into();
         let came_in = Instant::now();
         self.report.activity.frame_in(came_in);
+        self.arrival = Some(came_in);
         let prepared = prepared.filter(|p| {
             p.follows == self.inputs_taken
                 && Some(&p.fingerprint) == ControlFingerprint::of(&self.params).as_ref()
@@ -42,6 +44,7 @@ impl StreamDiffusion {
         self.prepared = prepared;
         let result = self.run_frame(frame, controls);
         self.prepared = None;
+        self.arrival = None;
         let activity = &mut self.report.activity;
         match &result {
             Ok(_) => {
@@ -98,6 +101,21 @@ impl StreamDiffusion {
     /// returns the output `[1, 3, H, W]` in [0, 1] (f32).
     pub fn process_tensor<'a>(&mut self, input: impl Into<TensorInput<'a>>) -> Result<Tensor> {
         let _policy = self.kernels.enter();
+        // The frame's arrival: the call's, or that of the `process` call that converted it.
+        let arrival = self.arrival.take().unwrap_or_else(Instant::now);
+        self.pacing.arrived(arrival);
+        let budget = self.settings.frame_budget().or(self.pacing.interval);
+        self.deadline = budget.map(|b| arrival + b);
+        let result = self.process_tensor_due(input);
+        self.deadline = None;
+        if let (Ok(_), Some(member)) = (&result, &self.batch) {
+            let other_work = arrival.elapsed().saturating_sub(self.timings.unet);
+            member.frame_done(budget, other_work);
+        }
+        result
+    }
+
+    fn process_tensor_due<'a>(&mut self, input: impl Into<TensorInput<'a>>) -> Result<Tensor> {
         let TensorInput { x, controls } = input.into();
         let (width, height) = self.stream_size();
         let expected = [1, 3, height, width];
@@ -348,6 +366,13 @@ impl StreamDiffusion {
         let renoise = &mut self.renoise;
         let mut bank = self.attention_bank.as_mut();
         let image = self.image_prompt.as_ref().map(ImagePromptState::unet_input);
+        // Calls with cached attention or an image prompt carry per-stream state into the
+        // network: they run on their own.
+        let batch = match (&self.batch, &bank, &image) {
+            (Some(member), None, None) => Some(member),
+            _ => None,
+        };
+        let deadline = self.deadline;
         let steps = self.params.t_index_list.len();
         let sync = |device: &candle_core::Device| -> Result<()> {
             if self.stage_sync {
@@ -372,6 +397,16 @@ impl StreamDiffusion {
                     sync(&models.device)?;
                 }
                 control_time += tc.elapsed();
+                if let Some(member) = batch {
+                    let call = UNetCall {
+                        sample: x.clone(),
+                        timesteps: t.clone(),
+                        text: e.clone(),
+                        added: added.cloned(),
+                        control: residuals,
+                    };
+                    return member.forward(&models.unet, call, deadline);
+                }
                 models.unet.forward(
                     UNetInputs::new(x, t, e)
                         .added(added)

@@ -9,6 +9,7 @@ use crate::params::{EngineSettings, StreamDiffusionParams};
 use crate::pipeline::accepted::check_supported;
 use crate::pipeline::conditioning::{PromptCache, build_state, prompt_embedding};
 use crate::pipeline::controlnet::attach_controlnets;
+use crate::pipeline::cross_stream::MemberLabel;
 use crate::pipeline::filter::SimilarImageFilter;
 use crate::pipeline::image_prompt::{self};
 use crate::pipeline::stream_batch::{AddedText, Conditioning};
@@ -21,7 +22,7 @@ use crate::preprocess::{self};
 use crate::sampling::rng::TorchGenerator;
 use crate::{Error, Result};
 
-use super::{StageTimings, StreamDiffusion, StreamReport};
+use super::{FramePacing, StageTimings, StreamDiffusion, StreamReport};
 
 impl StreamDiffusion {
     /// Validates `params`, gets `params.model_id`'s networks from the process-wide
@@ -128,6 +129,12 @@ impl StreamDiffusion {
                 TorchGenerator::new(FILTER_SEED),
             )
         });
+        let batch = settings.cross_stream_batching.then(|| {
+            models.batcher.join(MemberLabel {
+                model_id: params.model_id.clone(),
+                size: (params.width as usize, params.height as usize),
+            })
+        });
         Ok(Self {
             models,
             params,
@@ -158,6 +165,10 @@ impl StreamDiffusion {
             image_prompt,
             host_style,
             kernels,
+            batch,
+            pacing: FramePacing::default(),
+            arrival: None,
+            deadline: None,
         })
     }
 }

@@ -28,6 +28,7 @@ use crate::params::{EngineSettings, StreamDiffusionParams};
 pub(crate) use crate::pipeline::accepted::{check_control_ids, check_supported};
 use crate::pipeline::conditioning::PromptCache;
 use crate::pipeline::controlnet::PreparedControls;
+use crate::pipeline::cross_stream::BatchMember;
 use crate::pipeline::filter::SimilarImageFilter;
 use crate::pipeline::image_prompt::ImagePromptState;
 pub(crate) use crate::pipeline::image_prompt::{
@@ -105,6 +106,37 @@ pub struct StreamDiffusion {
     /// The kernel policy every call runs under: the settings', else the one current where the
     /// stream was made (its networks loaded under it).
     kernels: KernelPolicy,
+    /// Its place among the streams that batch their UNet calls on these networks; `None` when
+    /// `cross_stream_batching` is off.
+    batch: Option<BatchMember>,
+    /// The spacing of its input frames, the frame budget when the settings set none.
+    pacing: FramePacing,
+    /// When the frame in progress came in to [`process`](Self::process).
+    arrival: Option<Instant>,
+    /// When the frame in progress is due (its arrival plus the budget), for the scheduler.
+    deadline: Option<Instant>,
+}
+
+/// An exponential average of the spacing of a stream's input frames.
+#[derive(Debug, Default, Clone, Copy)]
+struct FramePacing {
+    last_arrival: Option<Instant>,
+    interval: Option<Duration>,
+}
+
+impl FramePacing {
+    /// A frame arrived `now`; a gap of more than 2 s (a pause) restarts the average.
+    fn arrived(&mut self, now: Instant) {
+        if let Some(last) = self.last_arrival {
+            let gap = now.saturating_duration_since(last);
+            self.interval = match self.interval {
+                _ if gap > Duration::from_secs(2) => None,
+                Some(i) => Some(i.mul_f64(0.8) + gap.mul_f64(0.2)),
+                None => Some(gap),
+            };
+        }
+        self.last_arrival = Some(now);
+    }
 }
 
 /// The counters behind a stream's status report.

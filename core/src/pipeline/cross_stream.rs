@@ -1,0 +1,833 @@
+//! Cross-stream batching: streams that share one loaded model (the pool hands them the same
+//! [`StableDiffusionModels`]) also share its UNet calls.
+//!
+//! A UNet call at batch 1 leaves most of a large GPU idle, so N streams running their calls one
+//! after another cost N times what one batched call costs. Here every stream keeps its own
+//! thread and its own state (noise, stock noise, latent buffer, prompt, ControlNets); only the
+//! UNet call meets the others'. A stream's call enters a queue; whichever waiting thread finds
+//! the UNet free becomes the batch's runner: it takes the queued calls of the most urgent kind
+//! (same latent shape, text shape, added conditioning, dtype and kernel policy), concatenates
+//! their rows (each row keeps its own timestep, text embedding, noise and ControlNet residuals;
+//! a stream without a ControlNet gets zero residuals, which adds nothing), runs one forward,
+//! and hands each call its rows back. Calls that arrive while a batch runs wait for the next
+//! one, so streams that run flat out fall into step by themselves.
+//!
+//! Deadlines. Each call carries its frame's deadline (the frame's arrival plus the stream's
+//! budget: [`EngineSettings::frame_budget_ms`], else the spacing of its input frames). The
+//! runner may hold a batch back for a stream that is expected soon (it called recently, from
+//! another thread), but only while the batch still starts early enough to end before the
+//! earliest deadline in it, by the measured cost of a batch of that many rows; it never holds
+//! without a deadline. Calls are taken earliest deadline first, in arrival order among equal
+//! deadlines (a call without a deadline counts as due a second after it came), so no stream
+//! starves and streams of equal budget take turns.
+//!
+//! Alone, a stream's call finds the UNet free and no one to wait for, and runs as the same
+//! single forward it always was.
+//!
+//! Admission. Each batcher measures the cost of its batches per row count and fits it as
+//! `a + b·rows`; with each stream's other work per frame (encode, decode, ControlNets, …) and
+//! budget it predicts the time a round (one frame of every stream) takes with one stream more
+//! ([`admission`]), which is what the server answers a new stream with.
+//!
+//! [`StableDiffusionModels`]: crate::model::bundle::StableDiffusionModels
+//! [`EngineSettings::frame_budget_ms`]: crate::params::EngineSettings::frame_budget_ms
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::kernels::KernelPolicy;
+use crate::model::unet::{AddedConditioning, ControlResiduals, UNet2DConditionModel, UNetInputs};
+use crate::{Error, Result};
+
+/// Most rows one batched call takes; the rest wait for the next call.
+pub const MAX_BATCH_ROWS: usize = 64;
+
+/// A call without a deadline is ordered as if due this long after it came.
+const UNDATED_DUE: Duration = Duration::from_secs(1);
+
+/// A member that has not called for this many of its own call intervals is not waited for.
+const ACTIVE_INTERVALS: u32 = 3;
+
+/// One stream's UNet call, owned so that another thread can run it.
+#[derive(Debug, Clone)]
+pub struct UNetCall {
+    /// `[B, C, h, w]`.
+    pub sample: Tensor,
+    /// `[B]` (or `[1]`, for every row).
+    pub timesteps: Tensor,
+    /// `[B, tokens, D]`.
+    pub text: Tensor,
+    /// SDXL's added conditioning, `B` rows.
+    pub added: Option<AddedConditioning>,
+    /// ControlNet residuals, `B` rows each.
+    pub control: Option<ControlResiduals>,
+}
+
+impl UNetCall {
+    fn rows(&self) -> Result<usize> {
+        Ok(self.sample.dim(0)?)
+    }
+
+    fn forward(&self, unet: &UNet2DConditionModel) -> Result<Tensor> {
+        unet.forward(
+            UNetInputs::new(&self.sample, &self.timesteps, &self.text)
+                .added(self.added.as_ref())
+                .control(self.control.as_ref()),
+        )
+    }
+}
+
+/// What calls must share to run in one batch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BatchKind {
+    sample: Vec<usize>,
+    text: Vec<usize>,
+    added: Option<(Vec<usize>, Vec<usize>)>,
+    control: Option<Vec<Vec<usize>>>,
+    dtype: DType,
+    policy: KernelPolicy,
+}
+
+impl BatchKind {
+    fn of(call: &UNetCall, policy: KernelPolicy) -> Self {
+        let tail = |t: &Tensor| t.dims()[1..].to_vec();
+        Self {
+            sample: tail(&call.sample),
+            text: tail(&call.text),
+            added: call
+                .added
+                .as_ref()
+                .map(|a| (tail(&a.text_embeds), tail(&a.time_ids))),
+            // Residual shapes follow the sample's; kept so that a net of another layout (there is
+            // none for one UNet) could never be concatenated with the others.
+            control: call.control.as_ref().map(|c| {
+                c.down
+                    .iter()
+                    .chain(std::iter::once(&c.mid))
+                    .map(tail)
+                    .collect()
+            }),
+            dtype: call.sample.dtype(),
+            policy,
+        }
+    }
+
+    /// Whether calls of `self` and `other` may share a batch: everything equal, except that one
+    /// may carry ControlNet residuals and the other none.
+    fn joins(&self, other: &BatchKind) -> bool {
+        self.sample == other.sample
+            && self.text == other.text
+            && self.added == other.added
+            && self.dtype == other.dtype
+            && self.policy == other.policy
+            && match (&self.control, &other.control) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+
+    /// The key costs are measured under (residuals or not cost about the same).
+    fn cost_key(&self) -> BatchKind {
+        BatchKind {
+            control: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// Measured seconds of a batched call by its row count, fitted as `a + b·rows`.
+#[derive(Debug, Clone, Default)]
+struct CostFit {
+    /// An exponential average of the seconds per row count.
+    seconds: BTreeMap<usize, f64>,
+}
+
+impl CostFit {
+    fn record(&mut self, rows: usize, seconds: f64) {
+        self.seconds
+            .entry(rows)
+            .and_modify(|s| *s = 0.7 * *s + 0.3 * seconds)
+            .or_insert(seconds);
+    }
+
+    /// `(a, b)` of the least-squares line through the measured points; with one point, the line
+    /// through the origin (a pessimistic guess for a GPU, where a batch has a fixed cost).
+    fn line(&self) -> Option<(f64, f64)> {
+        let n = self.seconds.len();
+        if n == 0 {
+            return None;
+        }
+        if n == 1 {
+            let (&rows, &s) = self.seconds.iter().next()?;
+            return Some((0.0, s / rows.max(1) as f64));
+        }
+        let mean_x = self.seconds.keys().map(|&r| r as f64).sum::<f64>() / n as f64;
+        let mean_y = self.seconds.values().sum::<f64>() / n as f64;
+        let (mut sxy, mut sxx) = (0.0, 0.0);
+        for (&rows, &s) in &self.seconds {
+            let dx = rows as f64 - mean_x;
+            sxy += dx * (s - mean_y);
+            sxx += dx * dx;
+        }
+        let b = (sxy / sxx).max(0.0);
+        let a = (mean_y - b * mean_x).max(0.0);
+        Some((a, b))
+    }
+
+    fn estimate(&self, rows: usize) -> Option<Duration> {
+        let (a, b) = self.line()?;
+        Some(Duration::from_secs_f64((a + b * rows as f64).max(0.0)))
+    }
+}
+
+/// What a stream tells the batcher about itself, for holding batches and for admission.
+#[derive(Debug, Clone, Default)]
+struct Member {
+    /// Model id and stream size, to match a new stream against (admission).
+    label: MemberLabel,
+    kind: Option<BatchKind>,
+    /// Rows of its last call.
+    rows: usize,
+    last_call: Option<Instant>,
+    last_thread: Option<ThreadId>,
+    /// Exponential average of the spacing of its calls.
+    interval: Option<Duration>,
+    /// Its frame budget: the settings', else the spacing of its input frames.
+    budget: Option<Duration>,
+    /// Its frame's work besides the UNet call (encode, decode, ControlNets, pre/post).
+    other_work: Option<Duration>,
+}
+
+/// The model and size a stream runs, as admission matches them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberLabel {
+    /// `model_id` of the stream's parameters.
+    pub model_id: String,
+    /// Width and height in pixels.
+    pub size: (usize, usize),
+}
+
+struct Pending {
+    ticket: u64,
+    member: u64,
+    kind: BatchKind,
+    rows: usize,
+    deadline: Option<Instant>,
+    due: Instant,
+    thread: ThreadId,
+    call: UNetCall,
+}
+
+#[derive(Default)]
+struct BatchState {
+    next_ticket: u64,
+    next_member: u64,
+    queue: Vec<Pending>,
+    running: bool,
+    done: HashMap<u64, std::result::Result<Tensor, String>>,
+    members: HashMap<u64, Member>,
+    costs: HashMap<BatchKind, CostFit>,
+    counts: BatchCounts,
+}
+
+/// Counters of a batcher, for tests and status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    /// Forward calls run.
+    pub batches: u64,
+    /// Streams' calls they served.
+    pub calls: u64,
+    /// Rows they computed.
+    pub rows: u64,
+    /// Calls that ran in a batch with at least one other stream's call.
+    pub shared_calls: u64,
+    /// The most calls one batch served.
+    pub widest: u64,
+}
+
+/// The shared scheduler of one loaded model's UNet (see the module docs).
+pub struct CrossStreamBatcher {
+    state: Mutex<BatchState>,
+    wake: Condvar,
+    device: Device,
+}
+
+impl std::fmt::Debug for CrossStreamBatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrossStreamBatcher")
+            .field("counts", &self.counts())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every live batcher, for admission.
+fn registry() -> &'static Mutex<Vec<Weak<CrossStreamBatcher>>> {
+    static REGISTRY: OnceLock<Mutex<Vec<Weak<CrossStreamBatcher>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+impl CrossStreamBatcher {
+    /// A batcher for the UNet of a model on `device`.
+    pub fn new(device: &Device) -> Arc<Self> {
+        let batcher = Arc::new(Self {
+            state: Mutex::new(BatchState::default()),
+            wake: Condvar::new(),
+            device: device.clone(),
+        });
+        let mut all = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&batcher));
+        batcher
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The counters so far.
+    pub fn counts(&self) -> BatchCounts {
+        self.lock().counts
+    }
+
+    /// Streams registered.
+    pub fn members(&self) -> usize {
+        self.lock().members.len()
+    }
+
+    /// Registers a stream; it leaves when the handle drops.
+    pub fn join(self: &Arc<Self>, label: MemberLabel) -> BatchMember {
+        let mut s = self.lock();
+        let id = s.next_member;
+        s.next_member += 1;
+        s.members.insert(
+            id,
+            Member {
+                label,
+                ..Member::default()
+            },
+        );
+        BatchMember {
+            batcher: self.clone(),
+            id,
+        }
+    }
+
+    /// Records a measured batch cost (tests and benchmarks seed the fit with it).
+    #[doc(hidden)]
+    pub fn record_cost(
+        &self,
+        call_shape: &UNetCall,
+        policy: KernelPolicy,
+        rows: usize,
+        d: Duration,
+    ) {
+        let key = BatchKind::of(call_shape, policy).cost_key();
+        self.lock()
+            .costs
+            .entry(key)
+            .or_default()
+            .record(rows, d.as_secs_f64());
+    }
+
+    /// Whether the runner should hold the batch of `kind` for a stream expected soon, and until
+    /// when.
+    fn hold_until(&self, s: &BatchState, kind: &BatchKind, now: Instant) -> Option<Instant> {
+        let queued: Vec<&Pending> = s.queue.iter().filter(|p| p.kind.joins(kind)).collect();
+        let earliest = queued.iter().filter_map(|p| p.deadline).min()?;
+        let waiting_threads: Vec<ThreadId> = s.queue.iter().map(|p| p.thread).collect();
+        let queued_members: Vec<u64> = s.queue.iter().map(|p| p.member).collect();
+        let fit = s.costs.get(&kind.cost_key())?;
+        let mut rows: usize = queued.iter().map(|p| p.rows).sum();
+        let mut expected = Vec::new();
+        for (id, m) in &s.members {
+            let (Some(mk), Some(last), Some(interval), Some(thread)) =
+                (&m.kind, m.last_call, m.interval, m.last_thread)
+            else {
+                continue;
+            };
+            // One that waits here already, or whose thread waits here for another stream's
+            // call, cannot come before this batch runs.
+            if queued_members.contains(id) || waiting_threads.contains(&thread) || !mk.joins(kind) {
+                continue;
+            }
+            if now.saturating_duration_since(last) > interval * ACTIVE_INTERVALS {
+                continue;
+            }
+            expected.push((last + interval, m.rows));
+        }
+        if expected.is_empty() {
+            return None;
+        }
+        rows += expected.iter().map(|(_, r)| r).sum::<usize>();
+        let latest_start = earliest.checked_sub(fit.estimate(rows.min(MAX_BATCH_ROWS))?)?;
+        // Hold only for a stream that should arrive in time to go in.
+        let coming = expected.iter().any(|(at, _)| *at <= latest_start);
+        (coming && now < latest_start).then_some(latest_start)
+    }
+
+    /// The calls of the batch to run now, as indices into the queue (sorted most urgent first):
+    /// the most urgent call's kind, earliest deadline first, up to [`MAX_BATCH_ROWS`].
+    fn plan_batch(queue: &[Pending]) -> Vec<usize> {
+        let mut kind = queue[0].kind.clone();
+        let mut rows = 0;
+        let mut taken = Vec::new();
+        for (i, p) in queue.iter().enumerate() {
+            if p.kind.joins(&kind) && (taken.is_empty() || rows + p.rows <= MAX_BATCH_ROWS) {
+                rows += p.rows;
+                if kind.control.is_none() {
+                    kind.control = p.kind.control.clone();
+                }
+                taken.push(i);
+            }
+        }
+        taken
+    }
+
+    fn submit(
+        &self,
+        member: u64,
+        unet: &UNet2DConditionModel,
+        call: UNetCall,
+        deadline: Option<Instant>,
+    ) -> Result<Tensor> {
+        let policy = KernelPolicy::current();
+        let kind = BatchKind::of(&call, policy);
+        let rows = call.rows()?;
+        let now = Instant::now();
+        let thread = std::thread::current().id();
+        let mut s = self.lock();
+        let ticket = s.next_ticket;
+        s.next_ticket += 1;
+        if let Some(m) = s.members.get_mut(&member) {
+            if let Some(last) = m.last_call {
+                let gap = now.saturating_duration_since(last);
+                m.interval = Some(match m.interval {
+                    Some(i) => i.mul_f64(0.7) + gap.mul_f64(0.3),
+                    None => gap,
+                });
+            }
+            m.last_call = Some(now);
+            m.last_thread = Some(thread);
+            m.kind = Some(kind.clone());
+            m.rows = rows;
+        }
+        s.queue.push(Pending {
+            ticket,
+            member,
+            kind,
+            rows,
+            deadline,
+            due: deadline.unwrap_or(now + UNDATED_DUE),
+            thread,
+            call,
+        });
+        self.wake.notify_all();
+        loop {
+            if let Some(result) = s.done.remove(&ticket) {
+                return result.map_err(Error::State);
+            }
+            if s.running {
+                s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let now = Instant::now();
+            s.queue.sort_by_key(|p| (p.due, p.ticket));
+            let plan = Self::plan_batch(&s.queue);
+            // A batch runs on the thread of one of its calls (under that call's kernel policy,
+            // counted on that thread), so a stream alone runs on its own thread as before; the
+            // others wait to be woken.
+            if !plan.iter().any(|&i| s.queue[i].ticket == ticket) {
+                s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let first_kind = s.queue[0].kind.clone();
+            if let Some(until) = self.hold_until(&s, &first_kind, now) {
+                let wait = until.saturating_duration_since(now);
+                s = self
+                    .wake
+                    .wait_timeout(s, wait)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                continue;
+            }
+            let mut batch = Vec::with_capacity(plan.len());
+            for &i in plan.iter().rev() {
+                batch.push(s.queue.remove(i));
+            }
+            batch.reverse();
+            s.running = true;
+            drop(s);
+            let started = Instant::now();
+            let outcome =
+                catch_unwind(AssertUnwindSafe(|| self.run(unet, &batch))).unwrap_or_else(|panic| {
+                    Err(Error::State(format!(
+                        "the batched UNet call panicked: {}",
+                        panic_text(panic.as_ref())
+                    )))
+                });
+            let elapsed = started.elapsed();
+            s = self.lock();
+            s.running = false;
+            let total_rows: usize = batch.iter().map(|p| p.rows).sum();
+            let calls = batch.len() as u64;
+            s.counts.batches += 1;
+            s.counts.calls += calls;
+            s.counts.rows += total_rows as u64;
+            s.counts.widest = s.counts.widest.max(calls);
+            if calls > 1 {
+                s.counts.shared_calls += calls;
+            }
+            match outcome {
+                Ok(outputs) => {
+                    s.costs
+                        .entry(batch[0].kind.cost_key())
+                        .or_default()
+                        .record(total_rows, elapsed.as_secs_f64());
+                    for (p, out) in batch.iter().zip(outputs) {
+                        s.done.insert(p.ticket, Ok(out));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for p in &batch {
+                        s.done.insert(p.ticket, Err(message.clone()));
+                    }
+                }
+            }
+            self.wake.notify_all();
+        }
+    }
+
+    /// Runs one batch: a single call as it is, several concatenated and split again.
+    fn run(&self, unet: &UNet2DConditionModel, batch: &[Pending]) -> Result<Vec<Tensor>> {
+        if let [only] = batch {
+            let out = only.call.forward(unet)?;
+            self.settle()?;
+            return Ok(vec![out]);
+        }
+        let calls: Vec<&UNetCall> = batch.iter().map(|p| &p.call).collect();
+        let joined = join_calls(&calls)?;
+        let out = joined.forward(unet)?;
+        self.settle()?;
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        for p in batch {
+            outputs.push(out.narrow(0, start, p.rows)?);
+            start += p.rows;
+        }
+        Ok(outputs)
+    }
+
+    /// On a GPU the forward only queues work: wait for it, so that the measured cost is the
+    /// device's (the streams wait for their rows right after anyway).
+    fn settle(&self) -> Result<()> {
+        if !self.device.is_cpu() {
+            self.device.synchronize()?;
+        }
+        Ok(())
+    }
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
+
+/// Concatenates calls row-wise; a call without ControlNet residuals gets zeros in a batch where
+/// others have them.
+fn join_calls(calls: &[&UNetCall]) -> Result<UNetCall> {
+    let rows: Vec<usize> = calls.iter().map(|c| c.rows()).collect::<Result<_>>()?;
+    let cat = |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 0)?) };
+    let sample = cat(calls.iter().map(|c| c.sample.clone()).collect())?;
+    let timesteps = cat(calls
+        .iter()
+        .zip(&rows)
+        .map(|(c, &r)| {
+            if c.timesteps.elem_count() == 1 && r > 1 {
+                Ok(c.timesteps.reshape(1)?.repeat(r)?)
+            } else {
+                Ok(c.timesteps.clone())
+            }
+        })
+        .collect::<Result<_>>()?)?;
+    let text = cat(calls.iter().map(|c| c.text.clone()).collect())?;
+    let added = match calls[0].added {
+        Some(_) => {
+            let mut embeds = Vec::with_capacity(calls.len());
+            let mut ids = Vec::with_capacity(calls.len());
+            for c in calls {
+                let a = c.added.as_ref().ok_or_else(|| {
+                    Error::State("calls in one batch differ in added conditioning".into())
+                })?;
+                embeds.push(a.text_embeds.clone());
+                ids.push(a.time_ids.clone());
+            }
+            Some(AddedConditioning {
+                text_embeds: cat(embeds)?,
+                time_ids: cat(ids)?,
+            })
+        }
+        None => None,
+    };
+    let control = match calls.iter().find_map(|c| c.control.as_ref()) {
+        Some(template) => {
+            let parts: Vec<usize> = (0..=template.down.len()).collect();
+            let pick = |c: &ControlResiduals, i: usize| -> Tensor {
+                if i < c.down.len() {
+                    c.down[i].clone()
+                } else {
+                    c.mid.clone()
+                }
+            };
+            let mut joined = Vec::with_capacity(parts.len());
+            for &i in &parts {
+                let shape = pick(template, i);
+                let mut pieces = Vec::with_capacity(calls.len());
+                for (c, &r) in calls.iter().zip(&rows) {
+                    pieces.push(match &c.control {
+                        Some(res) => pick(res, i),
+                        None => {
+                            let mut dims = shape.dims().to_vec();
+                            dims[0] = r;
+                            Tensor::zeros(dims, shape.dtype(), shape.device())?
+                        }
+                    });
+                }
+                joined.push(cat(pieces)?);
+            }
+            let mid = joined.pop().expect("the mid residual");
+            Some(ControlResiduals { down: joined, mid })
+        }
+        None => None,
+    };
+    Ok(UNetCall {
+        sample,
+        timesteps,
+        text,
+        added,
+        control,
+    })
+}
+
+/// A stream's place in a [`CrossStreamBatcher`]; leaves it when dropped.
+pub struct BatchMember {
+    batcher: Arc<CrossStreamBatcher>,
+    id: u64,
+}
+
+impl std::fmt::Debug for BatchMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchMember").field("id", &self.id).finish()
+    }
+}
+
+impl BatchMember {
+    /// Runs `call` on `unet` (the batcher's model's), in a batch with other streams' calls where
+    /// they come in time; returns this call's rows of the prediction.
+    pub fn forward(
+        &self,
+        unet: &UNet2DConditionModel,
+        call: UNetCall,
+        deadline: Option<Instant>,
+    ) -> Result<Tensor> {
+        self.batcher.submit(self.id, unet, call, deadline)
+    }
+
+    /// After a frame: the stream's budget and its frame's work besides the UNet call.
+    pub fn frame_done(&self, budget: Option<Duration>, other_work: Duration) {
+        let mut s = self.batcher.lock();
+        if let Some(m) = s.members.get_mut(&self.id) {
+            m.budget = budget;
+            m.other_work = Some(match m.other_work {
+                Some(w) => w.mul_f64(0.7) + other_work.mul_f64(0.3),
+                None => other_work,
+            });
+        }
+    }
+
+    /// Sets what the stream would have measured: its call's shape, budget and other work (for
+    /// tests of admission, which then need no timing).
+    #[doc(hidden)]
+    pub fn seed_for_tests(
+        &self,
+        call_shape: &UNetCall,
+        policy: KernelPolicy,
+        budget: Duration,
+        other_work: Duration,
+    ) {
+        let mut s = self.batcher.lock();
+        if let Some(m) = s.members.get_mut(&self.id) {
+            m.kind = Some(BatchKind::of(call_shape, policy));
+            m.rows = call_shape.sample.dim(0).unwrap_or(1);
+            m.budget = Some(budget);
+            m.other_work = Some(other_work);
+        }
+    }
+
+    /// The batcher this stream belongs to.
+    pub fn batcher(&self) -> &Arc<CrossStreamBatcher> {
+        &self.batcher
+    }
+}
+
+impl Drop for BatchMember {
+    fn drop(&mut self) {
+        let mut s = self.batcher.lock();
+        s.members.remove(&self.id);
+        drop(s);
+        // A runner holding a batch for this stream stops waiting for it.
+        self.batcher.wake.notify_all();
+    }
+}
+
+/// The answer to "may one more stream of this model and size run here?".
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    /// Streams of the same model and size running now.
+    pub streams: usize,
+    /// Predicted time for one frame of every stream, the new one included (`None`: nothing is
+    /// measured yet, so the stream is admitted).
+    pub predicted_round: Option<Duration>,
+    /// The tightest frame budget among them.
+    pub tightest_budget: Option<Duration>,
+    /// Why the stream is refused; `None` when it is admitted.
+    pub refusal: Option<String>,
+}
+
+impl Admission {
+    /// Whether the new stream may start.
+    pub fn admitted(&self) -> bool {
+        self.refusal.is_none()
+    }
+}
+
+/// Whether a new stream of `label` with frame budget `budget` (`None`: the tightest budget of
+/// the streams it joins) keeps every stream of its model and size within its budget, predicted
+/// from the batches measured so far: a round (one frame of each) costs a batched UNet call of
+/// all their rows plus every stream's other work.
+pub fn admission(label: &MemberLabel, budget: Option<Duration>) -> Admission {
+    let batchers: Vec<Arc<CrossStreamBatcher>> = registry()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    let mut best: Option<Admission> = None;
+    for batcher in batchers {
+        let s = batcher.lock();
+        let peers: Vec<&Member> = s.members.values().filter(|m| &m.label == label).collect();
+        if peers.is_empty() {
+            continue;
+        }
+        let answer = predict(&s, &peers, budget, label);
+        // Several batchers of one model (another dtype or device): the busiest decides.
+        if best.as_ref().is_none_or(|b| answer.streams > b.streams) {
+            best = Some(answer);
+        }
+    }
+    best.unwrap_or(Admission {
+        streams: 0,
+        predicted_round: None,
+        tightest_budget: budget,
+        refusal: None,
+    })
+}
+
+fn predict(
+    s: &BatchState,
+    peers: &[&Member],
+    budget: Option<Duration>,
+    label: &MemberLabel,
+) -> Admission {
+    let streams = peers.len();
+    let measured: Vec<&&Member> = peers.iter().filter(|m| m.kind.is_some()).collect();
+    let tightest_peer = peers.iter().filter_map(|m| m.budget).min();
+    let tightest = match (budget, tightest_peer) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let unknown = Admission {
+        streams,
+        predicted_round: None,
+        tightest_budget: tightest,
+        refusal: None,
+    };
+    let Some(kind) = measured.first().and_then(|m| m.kind.clone()) else {
+        return unknown;
+    };
+    let Some(fit) = s.costs.get(&kind.cost_key()) else {
+        return unknown;
+    };
+    let rows_each = measured.iter().map(|m| m.rows).max().unwrap_or(1);
+    let rows: usize = peers
+        .iter()
+        .map(|m| if m.rows > 0 { m.rows } else { rows_each })
+        .sum::<usize>()
+        + rows_each;
+    let others: Vec<Duration> = peers.iter().filter_map(|m| m.other_work).collect();
+    let mean_other = if others.is_empty() {
+        Duration::ZERO
+    } else {
+        others.iter().sum::<Duration>() / others.len() as u32
+    };
+    let other: Duration = others.iter().sum::<Duration>() + mean_other;
+    // Calls past the widest batch run in further batches.
+    let batches = rows.div_ceil(MAX_BATCH_ROWS).max(1);
+    let Some(unet) = fit.estimate(rows.min(MAX_BATCH_ROWS)) else {
+        return unknown;
+    };
+    let round = unet * batches as u32 + other;
+    let refusal = tightest.filter(|b| round > *b).map(|b| {
+        format!(
+            "no capacity for another {} {}x{} stream: with {} running, one frame of each would \
+             take about {:.1} ms (a UNet batch of {rows} rows: {:.1} ms; the other stages: \
+             {:.1} ms), over the tightest frame budget of {:.1} ms",
+            label.model_id,
+            label.size.0,
+            label.size.1,
+            streams,
+            round.as_secs_f64() * 1e3,
+            (unet * batches as u32).as_secs_f64() * 1e3,
+            other.as_secs_f64() * 1e3,
+            b.as_secs_f64() * 1e3,
+        )
+    });
+    Admission {
+        streams,
+        predicted_round: Some(round),
+        tightest_budget: tightest,
+        refusal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cost_line_fits_the_points() {
+        let mut fit = CostFit::default();
+        assert_eq!(fit.estimate(4), None);
+        fit.record(2, 0.010);
+        // One point: through the origin.
+        assert_eq!(fit.estimate(4), Some(Duration::from_secs_f64(0.020)));
+        fit.record(4, 0.012);
+        // 8 ms + 1 ms per row.
+        let (a, b) = fit.line().unwrap();
+        assert!(
+            (a - 0.008).abs() < 1e-12 && (b - 0.001).abs() < 1e-12,
+            "{a} {b}"
+        );
+        assert_eq!(fit.estimate(8).unwrap().as_micros(), 16_000);
+    }
+}

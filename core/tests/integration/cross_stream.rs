@@ -1,0 +1,284 @@
+//! Cross-stream batching (sdstream::pipeline::cross_stream): streams on one loaded model run
+//! their UNet calls in shared batches, and each stream's outputs equal the same stream run
+//! alone, with prompts, t_index_list and ControlNet scales changing mid-run, a stream joining and
+//! one leaving while the others run.
+
+use crate::common;
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use candle_core::Tensor;
+use common::{abs_err, fixture, frame_tensor};
+use sdstream::model::bundle::StableDiffusionModels;
+use sdstream::pipeline::cross_stream::{MemberLabel, UNetCall, admission};
+use sdstream::{EngineSettings, StreamDiffusion, StreamDiffusionParams};
+use serde_json::{Value, json};
+
+/// A fresh load of the tiny checkpoint: its own batcher, so no other test's streams join it.
+fn own_models() -> Arc<StableDiffusionModels> {
+    let id = fixture("tiny-sd-turbo").display().to_string();
+    Arc::new(StableDiffusionModels::load(&id, &common::tiny_settings("self"), &mut |_| {}).unwrap())
+}
+
+fn settings(batching: bool, budget_ms: Option<f64>) -> EngineSettings {
+    let mut s = common::tiny_settings("self");
+    s.cross_stream_batching = batching;
+    s.frame_budget_ms = budget_ms;
+    s
+}
+
+fn body(prompt: &str, seed: i64, t_index_list: Value) -> Value {
+    json!({
+        "model_id": fixture("tiny-sd-turbo").display().to_string(),
+        "prompt": prompt,
+        "negative_prompt": "blurry",
+        "seed": seed,
+        "t_index_list": t_index_list,
+        "guidance_scale": 1.2,
+        "delta": 0.8,
+        "width": 64,
+        "height": 64,
+    })
+}
+
+fn net(scale: f64) -> Value {
+    json!([{
+        "model_id": fixture("tiny-controlnet-a").display().to_string(),
+        "conditioning_scale": scale,
+        "preprocessor": "passthrough",
+    }])
+}
+
+/// One stream's life: its body, the frames it takes, and changes applied before given frames.
+#[derive(Clone)]
+struct Script {
+    body: Value,
+    frames: std::ops::Range<usize>,
+    changes: Vec<(usize, Value)>,
+}
+
+fn run_script(
+    models: Arc<StableDiffusionModels>,
+    script: &Script,
+    settings: EngineSettings,
+    mut after_frame: impl FnMut(usize),
+) -> Vec<Tensor> {
+    let params =
+        StreamDiffusionParams::from_json_with(&script.body.to_string(), &settings).unwrap();
+    let mut stream = StreamDiffusion::with_models(models, params, settings.clone()).unwrap();
+    let mut outputs = Vec::new();
+    for i in script.frames.clone() {
+        for (at, change) in &script.changes {
+            if *at == i {
+                let params =
+                    StreamDiffusionParams::from_json_with(&change.to_string(), &settings).unwrap();
+                stream.update(params).unwrap();
+            }
+        }
+        outputs.push(stream.process_tensor(&frame_tensor(i)).unwrap());
+        after_frame(i);
+    }
+    outputs
+}
+
+fn scripts() -> Vec<Script> {
+    let a = body("a photo of a cat", 2, json!([12, 20, 32]));
+    let mut a_later = a.clone();
+    a_later["prompt"] = json!("a watercolor fox");
+    let b = body("a red car", 7, json!([16, 30]));
+    let mut b_later = b.clone();
+    b_later["t_index_list"] = json!([10, 24]);
+    let mut c = body("a lighthouse at dusk", 5, json!([12, 20, 32]));
+    c["controlnets"] = net(0.5);
+    let mut c_later = c.clone();
+    c_later["controlnets"] = net(0.9);
+    let d = body("a bowl of fruit", 11, json!([20, 32]));
+    let mut d_later = d.clone();
+    d_later["t_index_list"] = json!([12, 20, 32]);
+    vec![
+        Script {
+            body: a,
+            frames: 0..7,
+            changes: vec![(3, a_later)],
+        },
+        // Leaves after frame 4 while the others run on.
+        Script {
+            body: b,
+            frames: 0..5,
+            changes: vec![(2, b_later)],
+        },
+        Script {
+            body: c,
+            frames: 0..7,
+            changes: vec![(3, c_later)],
+        },
+        // Joins at frame 2; goes from 2 steps to 3 (rows per call) at frame 4.
+        Script {
+            body: d,
+            frames: 2..7,
+            changes: vec![(4, d_later)],
+        },
+    ]
+}
+
+#[test]
+fn batched_streams_equal_each_stream_alone() {
+    // Alone: each stream on its own, batching off.
+    let alone_models = own_models();
+    let alone: Vec<Vec<Tensor>> = scripts()
+        .iter()
+        .map(|s| run_script(alone_models.clone(), s, settings(false, None), |_| {}))
+        .collect();
+
+    // Together: one thread per stream on one shared model, with a generous budget so the
+    // scheduler holds each batch for the streams that are due.
+    let models = own_models();
+    // The joining stream starts once the first has made two frames.
+    let (joined_tx, joined_rx) = mpsc::channel::<()>();
+    let mut joined_tx = Some(joined_tx);
+    let mut joined_rx = Some(joined_rx);
+    let mut handles = Vec::new();
+    for (k, script) in scripts().into_iter().enumerate() {
+        let models = models.clone();
+        let signal = if k == 0 { joined_tx.take() } else { None };
+        let gate = if script.frames.start > 0 {
+            joined_rx.take()
+        } else {
+            None
+        };
+        handles.push(std::thread::spawn(move || {
+            if let Some(gate) = gate {
+                gate.recv().unwrap();
+            }
+            run_script(models, &script, settings(true, Some(5_000.0)), |i| {
+                if i == 1
+                    && let Some(signal) = &signal
+                {
+                    signal.send(()).unwrap();
+                }
+            })
+        }));
+    }
+    let together: Vec<Vec<Tensor>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+
+    let counts = models.batcher().counts();
+    println!("batches: {counts:?}");
+    let mut worst = 0f32;
+    for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.len(), b.len(), "stream {k}: frame count");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            let (max, _) = abs_err(x, y);
+            worst = worst.max(max);
+            assert!(
+                max <= 1e-5,
+                "stream {k}, frame {i}: batched differs from alone by {max:e}"
+            );
+        }
+    }
+    println!("largest difference, batched against alone: {worst:e}");
+    // 24 frames in all, one UNet call each.
+    assert_eq!(counts.calls, 24, "{counts:?}");
+    assert!(
+        counts.shared_calls >= 12,
+        "few calls were batched: {counts:?}"
+    );
+    assert!(
+        counts.widest >= 3,
+        "no batch held three streams: {counts:?}"
+    );
+    assert!(counts.batches < counts.calls, "{counts:?}");
+}
+
+#[test]
+fn a_stream_alone_runs_one_call_per_frame_on_its_own_thread() {
+    let models = own_models();
+    let script = &scripts()[0];
+    let batched = run_script(models.clone(), script, settings(true, Some(50.0)), |_| {});
+    let plain = run_script(models.clone(), script, settings(false, None), |_| {});
+    for (i, (x, y)) in batched.iter().zip(&plain).enumerate() {
+        assert_eq!(abs_err(x, y).0, 0.0, "frame {i}");
+    }
+    let counts = models.batcher().counts();
+    assert_eq!(
+        (counts.calls, counts.batches, counts.shared_calls),
+        (7, 7, 0)
+    );
+}
+
+#[test]
+fn admission_refuses_a_stream_past_the_budget_and_admits_it_when_one_leaves() {
+    let models = own_models();
+    let batcher = models.batcher();
+    let label = MemberLabel {
+        model_id: "admission-test/model".into(),
+        size: (64, 64),
+    };
+    // Nothing measured: admitted.
+    assert!(admission(&label, Some(Duration::from_millis(100))).admitted());
+    // Three streams of 3 rows, each with 4 ms of other work and a 40 ms budget, and a measured
+    // UNet cost of 8 ms + 1 ms per row.
+    let shape = UNetCall {
+        sample: Tensor::zeros(
+            (3, 4, 8, 8),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+        timesteps: Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        text: Tensor::zeros(
+            (3, 77, 32),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+        added: None,
+        control: None,
+    };
+    let policy = sdstream::model::kernels::KernelPolicy::current();
+    batcher.record_cost(&shape, policy, 3, Duration::from_millis(11));
+    batcher.record_cost(&shape, policy, 12, Duration::from_millis(20));
+    let members: Vec<_> = (0..3)
+        .map(|_| {
+            let m = batcher.join(label.clone());
+            m.seed_for_tests(
+                &shape,
+                policy,
+                Duration::from_millis(40),
+                Duration::from_millis(4),
+            );
+            m
+        })
+        .collect();
+    // Four streams: 12 rows → 20 ms, plus 4 × 4 ms = 36 ms ≤ 40 ms.
+    let three = admission(&label, None);
+    assert_eq!(three.streams, 3);
+    assert_eq!(three.predicted_round, Some(Duration::from_millis(36)));
+    assert!(three.admitted(), "{three:?}");
+    let fourth = batcher.join(label.clone());
+    fourth.seed_for_tests(
+        &shape,
+        policy,
+        Duration::from_millis(40),
+        Duration::from_millis(4),
+    );
+    // Five: 15 rows → 23 ms, plus 20 ms = 43 ms > 40 ms: refused, with the figures.
+    let four = admission(&label, None);
+    assert_eq!(four.predicted_round, Some(Duration::from_millis(43)));
+    let reason = four.refusal.clone().expect("refused");
+    assert!(
+        reason.contains("43.0 ms") && reason.contains("40.0 ms"),
+        "{reason}"
+    );
+    assert!(reason.contains("with 4 running"), "{reason}");
+    // One leaves: four again, admitted.
+    let mut members = members;
+    drop(members.pop());
+    let after = admission(&label, None);
+    assert_eq!(after.streams, 3);
+    assert_eq!(after.predicted_round, Some(Duration::from_millis(36)));
+    assert!(after.admitted(), "{after:?}");
+    drop(fourth);
+    assert_eq!(admission(&label, None).streams, 2);
+}
