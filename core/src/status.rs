@@ -276,6 +276,60 @@ pub struct EngineStatus {
     /// output, counted into buckets.
     #[serde(default)]
     pub frame_latency: LatencyHistogram,
+    /// Percentiles of the latencies of the last frames (up to [`RECENT_LATENCIES`]), what a
+    /// stream's budget is held against.
+    #[serde(default)]
+    pub latency_ms: LatencyPercentiles,
+}
+
+/// How many of the last frame latencies [`LatencyPercentiles`] are taken over.
+pub const RECENT_LATENCIES: usize = 256;
+
+/// Percentiles of recent frame latencies, in milliseconds (`null` before any frame).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyPercentiles {
+    /// The frames they are taken over.
+    pub frames: usize,
+    /// Median.
+    pub p50: Option<f64>,
+    /// 90th percentile.
+    pub p90: Option<f64>,
+    /// 99th percentile.
+    pub p99: Option<f64>,
+}
+
+/// The last [`RECENT_LATENCIES`] frame latencies.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RecentLatencies {
+    seconds: VecDeque<f64>,
+}
+
+impl RecentLatencies {
+    pub(crate) fn record(&mut self, latency: Duration) {
+        if self.seconds.len() == RECENT_LATENCIES {
+            self.seconds.pop_front();
+        }
+        self.seconds.push_back(latency.as_secs_f64());
+    }
+
+    /// Nearest-rank percentiles.
+    pub(crate) fn percentiles(&self) -> LatencyPercentiles {
+        let mut sorted: Vec<f64> = self.seconds.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let at = |p: f64| -> Option<f64> {
+            let n = sorted.len();
+            (n > 0).then(|| {
+                let rank = ((p * n as f64).ceil() as usize).clamp(1, n);
+                sorted[rank - 1] * 1e3
+            })
+        };
+        LatencyPercentiles {
+            frames: sorted.len(),
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+        }
+    }
 }
 
 /// Upper bounds of [`LatencyHistogram`]'s buckets, in seconds: around a frame at 30 to 200 fps,
@@ -363,6 +417,7 @@ pub(crate) struct Activity {
     pub(crate) input_meter: RateMeter,
     pub(crate) output_meter: RateMeter,
     pub(crate) frame_latency: LatencyHistogram,
+    pub(crate) recent_latency: RecentLatencies,
 }
 
 impl Activity {
@@ -385,6 +440,7 @@ impl Activity {
             input_meter: RateMeter::new(fps_window),
             output_meter: RateMeter::new(fps_window),
             frame_latency: LatencyHistogram::default(),
+            recent_latency: RecentLatencies::default(),
         }
     }
 
@@ -400,6 +456,7 @@ impl Activity {
     pub(crate) fn frame_out(&mut self, now: Instant, timings: StageTimings, latency: Duration) {
         self.frames_processed += 1;
         self.frame_latency.record(latency);
+        self.recent_latency.record(latency);
         self.output_meter.record(now);
         self.last_output_time = Some(epoch_ms());
         self.timings = timings;
@@ -466,6 +523,7 @@ impl Activity {
             safety_frames_checked: self.safety_frames_checked,
             safety_frames_flagged: self.safety_frames_flagged,
             frame_latency: self.frame_latency.clone(),
+            latency_ms: self.recent_latency.percentiles(),
         }
     }
 }
@@ -591,6 +649,23 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn latency_percentiles_are_nearest_rank_over_the_last_frames() {
+        let mut recent = super::RecentLatencies::default();
+        assert_eq!(recent.percentiles().p50, None);
+        // 1..=300 ms: only the last 256 (45..=300) count.
+        for ms in 1..=300u64 {
+            recent.record(Duration::from_millis(ms));
+        }
+        let p = recent.percentiles();
+        assert_eq!(p.frames, 256);
+        let ms = |v: Option<f64>| v.map(|v| (v * 1e3).round() / 1e3);
+        // ranks ceil(0.5·256) = 128, ceil(0.9·256) = 231, ceil(0.99·256) = 254.
+        assert_eq!(ms(p.p50), Some(172.0));
+        assert_eq!(ms(p.p90), Some(275.0));
+        assert_eq!(ms(p.p99), Some(298.0));
+    }
+
     use super::*;
 
     #[test]

@@ -308,6 +308,16 @@ fn outputs_follow_inputs_with_ids_timestamps_and_versions() {
     assert!(latency.sum_seconds > 0.0 && latency.sum_seconds.is_finite());
     let json: serde_json::Value = serde_json::from_str(&engine.status_json()).expect("status JSON");
     assert_eq!(json["frame_latency"]["count"], 2);
+    // The percentiles of the same two frames: the larger is p90 and p99, and p50 is one of them.
+    let recent = status.latency_ms;
+    assert_eq!(recent.frames, 2);
+    let (p50, p99) = (recent.p50.unwrap(), recent.p99.unwrap());
+    assert!(
+        p50 > 0.0 && p50 <= p99 && recent.p90 == Some(p99),
+        "{recent:?}"
+    );
+    assert!((p99 / 1e3) <= latency.sum_seconds + 1e-12);
+    assert_eq!(json["latency_ms"]["frames"], 2);
     assert_eq!(json["state"], "ONLINE");
     assert_eq!(json["last_params"]["prompt"], "flowers");
     assert_eq!(json["last_params_hash"].as_str().map(str::len), Some(16));

@@ -294,6 +294,11 @@ impl CrossStreamBatcher {
         self.lock().counts
     }
 
+    /// Starts [`BatchCounts::widest`] again (benchmarks read it per run).
+    pub fn reset_widest(&self) {
+        self.lock().counts.widest = 0;
+    }
+
     /// Streams registered.
     pub fn members(&self) -> usize {
         self.lock().members.len()
@@ -332,6 +337,22 @@ impl CrossStreamBatcher {
             .entry(key)
             .or_default()
             .record(rows, d.as_secs_f64());
+    }
+
+    /// Replaces the measured cost of every kind its streams run by exactly `per_row` a row
+    /// (tests of admission through the server, which then need no timing).
+    #[doc(hidden)]
+    pub fn set_cost_per_row_for_tests(&self, per_row: Duration) {
+        let mut s = self.lock();
+        let kinds: Vec<BatchKind> = s.members.values().filter_map(|m| m.kind.clone()).collect();
+        for kind in kinds {
+            let mut fit = CostFit::default();
+            for rows in [1, 2] {
+                fit.seconds
+                    .insert(rows, per_row.as_secs_f64() * rows as f64);
+            }
+            s.costs.insert(kind.cost_key(), fit);
+        }
     }
 
     /// Whether the runner should hold the batch of `kind` for a stream expected soon, and until

@@ -76,6 +76,16 @@ impl ApiError {
         )
     }
 
+    /// A new stream that would push the streams of its model and size past their frame
+    /// budgets (sdstream::pipeline::cross_stream::admission), with the figures.
+    pub(crate) fn no_capacity(reason: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "STREAMS/NO_CAPACITY",
+            format!("{}; delete a stream, or try another server", reason.into()),
+        )
+    }
+
     pub(crate) fn shutting_down() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -54,6 +54,8 @@
 //! Logs go through `tracing` (requests, streams, sessions); the binary's subscriber reads its
 //! filter from `SDSTREAM_LOG` or `RUST_LOG` (default `sdstream=info,warn`; `sdstream::log`).
 
+#[cfg(test)]
+mod admission_tests;
 mod args;
 mod bodies;
 mod cli;

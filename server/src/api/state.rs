@@ -20,6 +20,7 @@ use crate::webrtc::{
 use sdstream::engine::EngineState;
 use sdstream::ids::random_hex;
 use sdstream::params::merge_patch;
+use sdstream::pipeline::cross_stream::{self, MemberLabel};
 use sdstream::status::epoch_ms_at;
 use sdstream::{DropPolicy, Engine, EngineOptions, StreamDiffusionParams};
 
@@ -249,6 +250,19 @@ impl App {
         let params =
             StreamDiffusionParams::from_json_with(&params.to_string(), &self.config.settings)
                 .map_err(ApiError::invalid)?;
+        // Refused when the streams of its model and size would miss their budgets with it
+        // (predicted from their measured batches; admitted while nothing is measured).
+        let admission = cross_stream::admission(
+            &MemberLabel {
+                model_id: params.model_id.clone(),
+                size: (params.width as usize, params.height as usize),
+            },
+            self.config.settings.frame_budget(),
+        );
+        if let Some(reason) = admission.refusal {
+            tracing::info!(model = %params.model_id, %reason, "stream refused");
+            return Err(ApiError::no_capacity(reason));
+        }
         let mut place = self.take_place()?;
         let options = EngineOptions {
             drop_policy: DropPolicy::Latest,

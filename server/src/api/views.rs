@@ -174,6 +174,7 @@ pub(crate) fn status_json(app: &App, s: &StreamEntry) -> Value {
         "fps": engine.output_fps,
         "input_fps": engine.input_fps,
         "output_fps": engine.output_fps,
+        "latency_ms": engine.latency_ms,
         "last_input_time": engine.last_input_time,
         "last_output_time": engine.last_output_time,
         "last_error": engine.last_error,
