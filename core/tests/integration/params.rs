@@ -991,13 +991,16 @@ fn engine_settings_json() {
         serde_json::from_str::<Value>(&s.to_json()).unwrap(),
         json!({"cfg_type": "self", "frame_buffer_size": 1, "device": "cpu", "dtype": "f32",
                "vae": "taesd", "model_root": null, "allow_any_resolution": false,
-               "allow_model_paths": true, "allowed_models": [], "allow_private_network": false})
+               "allow_model_paths": true, "allowed_models": [], "allow_private_network": false,
+               "cross_stream_batching": true, "frame_budget_ms": null})
     );
 
     let full = r#"{"cfg_type": "initialize", "frame_buffer_size": 2, "device": "cuda:1",
         "dtype": "bf16", "vae": "madebyollin/taesdxl", "model_root": "/models",
-        "allow_any_resolution": true}"#;
+        "allow_any_resolution": true, "cross_stream_batching": false, "frame_budget_ms": 40}"#;
     let s = EngineSettings::from_json(full).unwrap();
+    assert!(!s.cross_stream_batching);
+    assert_eq!(s.frame_budget(), Some(std::time::Duration::from_millis(40)));
     assert_eq!(s.cfg_type, CfgType::Initialize);
     assert_eq!(s.frame_buffer_size, 2);
     assert_eq!(s.device, DeviceSpec::Cuda(1));
@@ -1048,6 +1051,21 @@ fn engine_settings_json() {
             r#"{"vae": ""}"#,
             "vae",
             &["vae must be \"taesd\", \"full\" or a folder / model id"],
+        ),
+        (
+            r#"{"frame_budget_ms": 0.5}"#,
+            "frame_budget_ms",
+            &["frame_budget_ms must be from 1 to 60000 milliseconds, or null; got 0.5"],
+        ),
+        (
+            r#"{"frame_budget_ms": 1e9}"#,
+            "frame_budget_ms",
+            &["frame_budget_ms must be from 1 to 60000 milliseconds"],
+        ),
+        (
+            r#"{"cross_stream_batching": "yes"}"#,
+            "cross_stream_batching",
+            &["invalid type: string \"yes\", expected a boolean"],
         ),
         (
             r#"{"frame_buffer_size": 0}"#,
