@@ -208,7 +208,7 @@ fn run(
                         .map_err(|e| e.to_string())?;
                     for _ in 0..args.warmup {
                         engine
-                            .process(Submission::new(picture.clone()))
+                            .process(Submission::new(picture))
                             .map_err(|e| e.to_string())?;
                     }
                     start.wait();
@@ -216,7 +216,7 @@ fn run(
                     for _ in 0..args.frames {
                         let t = Instant::now();
                         engine
-                            .process(Submission::new(picture.clone()))
+                            .process(Submission::new(picture))
                             .map_err(|e| e.to_string())?;
                         times.push(t.elapsed());
                     }

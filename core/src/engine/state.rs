@@ -65,7 +65,12 @@ impl Job {
             .map(|(id, c)| Ok((id.as_str(), c.frame()?)))
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<(&str, &Frame)> = controls.iter().map(|(id, f)| (*id, f)).collect();
-        pipeline.process(FrameInput::new(&frame).controls(&refs).prepared(prepared))
+        pipeline.process(
+            FrameInput::new(&frame)
+                .controls(&refs)
+                .prepared(prepared)
+                .arrived(self.submitted),
+        )
     }
 }
 

@@ -33,10 +33,11 @@ impl StreamDiffusion {
             frame,
             controls,
             prepared,
+            arrived,
         } = input.into();
         let came_in = Instant::now();
         self.report.activity.frame_in(came_in);
-        self.arrival = Some(came_in);
+        self.arrival = Some(arrived.unwrap_or(came_in));
         let prepared = prepared.filter(|p| {
             p.follows == self.inputs_taken
                 && Some(&p.fingerprint) == ControlFingerprint::of(&self.params).as_ref()
@@ -102,14 +103,16 @@ impl StreamDiffusion {
     pub fn process_tensor<'a>(&mut self, input: impl Into<TensorInput<'a>>) -> Result<Tensor> {
         let _policy = self.kernels.enter();
         // The frame's arrival: the call's, or that of the `process` call that converted it.
-        let arrival = self.arrival.take().unwrap_or_else(Instant::now);
+        let started = Instant::now();
+        let arrival = self.arrival.take().unwrap_or(started);
         self.pacing.arrived(arrival);
         let budget = self.settings.frame_budget().or(self.pacing.interval);
         self.deadline = budget.map(|b| arrival + b);
         let result = self.process_tensor_due(input);
         self.deadline = None;
         if let (Ok(_), Some(member)) = (&result, &self.batch) {
-            let other_work = arrival.elapsed().saturating_sub(self.timings.unet);
+            // The frame's own work besides its UNet call (not the time it queued before).
+            let other_work = started.elapsed().saturating_sub(self.timings.unet);
             member.frame_done(budget, other_work);
         }
         result

@@ -14,6 +14,7 @@ pub struct FrameInput<'a> {
     pub(super) frame: &'a Frame<'a>,
     pub(super) controls: &'a [(&'a str, &'a Frame<'a>)],
     pub(super) prepared: Option<PreparedControls>,
+    pub(super) arrived: Option<std::time::Instant>,
 }
 
 impl<'a> FrameInput<'a> {
@@ -23,6 +24,7 @@ impl<'a> FrameInput<'a> {
             frame,
             controls: &[],
             prepared: None,
+            arrived: None,
         }
     }
 
@@ -48,6 +50,15 @@ impl<'a> FrameInput<'a> {
     /// equal those without them.
     pub fn prepared(mut self, prepared: Option<PreparedControls>) -> Self {
         self.prepared = prepared;
+        self
+    }
+}
+
+impl FrameInput<'_> {
+    /// When the frame arrived (a host's queue in front of the stream: the `Engine` gives its
+    /// submission time), so that its deadline counts from there; by default, the call.
+    pub fn arrived(mut self, at: std::time::Instant) -> Self {
+        self.arrived = Some(at);
         self
     }
 }
