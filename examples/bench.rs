@@ -28,6 +28,9 @@
 //! device's total less its free memory). docs/GPU.md runs it on a GPU.
 
 use std::process::ExitCode;
+
+#[path = "support/multi_stream.rs"]
+mod multi_stream;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -383,6 +386,11 @@ fn percentile(times: &mut [Duration], q: f64) -> Duration {
 }
 
 fn main() -> ExitCode {
+    // `bench multi-stream FLAGS`: N streams batched across streams (the GPU kit carries one
+    // bench binary).
+    if std::env::args().nth(1).as_deref() == Some("multi-stream") {
+        return multi_stream::main(std::env::args().skip(2).collect());
+    }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

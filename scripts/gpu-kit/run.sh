@@ -8,6 +8,9 @@
 #     weights   full-size random sd-turbo / TAESD / ControlNet weights (once; about 5 GB on disk)
 #     bench-f16, bench-bf16, bench-f32
 #               examples/bench at 512², 1 and 2 steps, TAESD and the full VAE, 0/1/2 ControlNets
+#     multi-stream-f16
+#               1/2/4/8 streams batched against one engine per stream (`bench multi-stream`,
+#               512², 1 step, TAESD)
 #     profile-f16, profile-bf16
 #               Nsight Compute (ncu) over one 512² frame (TAESD, 1 step, no ControlNet, graphs off):
 #               each kernel's GPU time, summed by kernel name, for the frame after the warm-up
@@ -133,6 +136,21 @@ stage_bench() {
   return "${PIPESTATUS[0]}"
 }
 
+# N streams of one model, their UNet calls batched across streams, against one engine per
+# stream (docs/MULTI_STREAM.md), at 512², 1 step, TAESD.
+stage_multi_stream() {
+  local dtype="$1"
+  if [[ ! -f "$work/fullsize/done" ]]; then
+    stage_weights
+  fi
+  # shellcheck disable=SC2086 # SDSTREAM_MULTI_ARGS is a list of flags
+  "$work/bench" multi-stream --model "$work/fullsize/sd" --taesd "$work/fullsize/taesd" \
+    --device cuda --dtype "$dtype" --size 512 --t-index-list 32 --streams 1,2,4,8 \
+    --warmup 5 --frames 60 ${SDSTREAM_MULTI_ARGS:-} 2> "$out/bench-multi-stream-$dtype.log" \
+    | tee "$out/bench-multi-stream-$dtype.md"
+  return "${PIPESTATUS[0]}"
+}
+
 stage_profile() {
   local dtype="$1" ncu
   ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)"
@@ -218,6 +236,7 @@ for stage in "$@"; do
     bench-f16) stage_bench f16 ;;
     bench-bf16) stage_bench bf16 ;;
     bench-f32) stage_bench f32 ;;
+    multi-stream-f16) stage_multi_stream f16 ;;
     profile-f16) stage_profile f16 ;;
     profile-bf16) stage_profile bf16 ;;
     reference-f16) stage_reference f16 ;;

@@ -51,6 +51,7 @@ stage tests 180 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_geglu" "
 stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" bench-f16 \
   || stage bench-f16-nographs 90 SDSTREAM_CUDA_GRAPHS=0 SDSTREAM_BENCH_TAG=-nographs \
     SDSTREAM_BENCH_ARGS="--vaes taesd --frames 50" "${run[@]}" bench-f16
+stage multi-stream-f16 90 "${run[@]}" multi-stream-f16
 stage bench-f16-unfused 45 SDSTREAM_CUDA_ATTENTION=0 SDSTREAM_BENCH_TAG=-unfused \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
 stage bench-f16-off 45 SDSTREAM_BENCH_TAG=-off \

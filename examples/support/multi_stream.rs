@@ -1,0 +1,343 @@
+//! Many streams on one machine: aggregate fps and per-frame latency of N streams, each an
+//! [`Engine`] fed flat out by its own host thread, with their UNet calls batched across streams
+//! (`cross_stream_batching`, the default) against one engine per stream running its own calls
+//! (batching off). Both modes share the same loaded weights (one model pool); they run
+//! alternately, each N `--repeats` times, so that drift of the machine (heat, other load) falls
+//! on both.
+//!
+//! Run as `examples/multi_stream_bench.rs`, or as `bench multi-stream FLAGS` (the GPU kit
+//! carries the one bench binary):
+//!
+//! ```text
+//! cargo run --release -p sdstream --example multi_stream_bench -- --model MODEL_DIR \
+//!     --taesd TAESD_DIR [--streams 1,2,4,8] [--size 256] [--t-index-list 32] [--frames 6] \
+//!     [--warmup 2] [--repeats 1] [--device cpu] [--dtype f32] [--budget-ms MS]
+//! ```
+//! `--model` and `--taesd` default to `SDSTREAM_BENCH_MODEL` and `SDSTREAM_BENCH_TAESD`, the
+//! full-size random weights tests/reference/make_full_size.py makes. Each stream gets its own
+//! prompt and seed; `--budget-ms` sets every stream's `frame_budget_ms` (default: none, each
+//! stream's budget is the spacing of its frames). Latency is a frame's time from `Engine::process` in to its output out; the
+//! percentiles are over every measured frame of every stream. The batched rows also print how
+//! many UNet calls ran and how many streams' calls the widest batch held.
+
+use std::process::ExitCode;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use sdstream::engine::Submission;
+use sdstream::model::bundle::StableDiffusionModels;
+use sdstream::model::pool::ModelPool;
+use sdstream::{Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusionParams};
+use serde_json::json;
+
+struct Args {
+    model: String,
+    taesd: String,
+    streams: Vec<usize>,
+    size: usize,
+    t_index_list: Vec<usize>,
+    frames: usize,
+    warmup: usize,
+    repeats: usize,
+    device: String,
+    dtype: String,
+    budget_ms: Option<f64>,
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn list(v: &str, flag: &str) -> Result<Vec<usize>, String> {
+    v.split(',')
+        .map(|x| {
+            x.trim()
+                .parse()
+                .map_err(|_| format!("{flag}: not a list of counts: {v:?}"))
+        })
+        .collect()
+}
+
+fn parse(argv: Vec<String>) -> Result<Args, String> {
+    let mut a = Args {
+        model: env_var("SDSTREAM_BENCH_MODEL").unwrap_or_default(),
+        taesd: env_var("SDSTREAM_BENCH_TAESD").unwrap_or_default(),
+        streams: vec![1, 2, 4, 8],
+        size: 256,
+        t_index_list: vec![32],
+        frames: 6,
+        warmup: 2,
+        repeats: 1,
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        budget_ms: None,
+    };
+    let mut it = argv.into_iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => a.model = value()?,
+            "--taesd" => a.taesd = value()?,
+            "--streams" => a.streams = list(&value()?, "--streams")?,
+            "--size" => a.size = list(&value()?, "--size")?[0],
+            "--t-index-list" => a.t_index_list = list(&value()?, "--t-index-list")?,
+            "--frames" => a.frames = list(&value()?, "--frames")?[0],
+            "--warmup" => a.warmup = list(&value()?, "--warmup")?[0],
+            "--repeats" => a.repeats = list(&value()?, "--repeats")?[0].max(1),
+            "--device" => a.device = value()?,
+            "--dtype" => a.dtype = value()?,
+            "--budget-ms" => {
+                a.budget_ms = Some(
+                    value()?
+                        .parse()
+                        .map_err(|_| "--budget-ms: not a number".to_string())?,
+                )
+            }
+            "-h" | "--help" => {
+                return Err("see the comment at the top of examples/multi_stream_bench.rs".into());
+            }
+            other => return Err(format!("unknown flag {other:?}")),
+        }
+    }
+    if a.model.is_empty() || a.taesd.is_empty() {
+        return Err(
+            "--model and --taesd (or SDSTREAM_BENCH_MODEL and SDSTREAM_BENCH_TAESD) \
+                    name the full-size random weights of tests/reference/make_full_size.py"
+                .into(),
+        );
+    }
+    if a.streams.is_empty() || a.streams.contains(&0) || a.frames == 0 {
+        return Err("--streams needs counts of at least 1, --frames at least 1".into());
+    }
+    Ok(a)
+}
+
+/// One mode's figures for N streams.
+struct Row {
+    fps: f64,
+    p50: Duration,
+    p99: Duration,
+    calls: u64,
+    batches: u64,
+    widest: u64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn settings(args: &Args, batched: bool) -> Result<EngineSettings, String> {
+    EngineSettings::from_json(
+        &json!({
+            "device": args.device,
+            "dtype": args.dtype,
+            "vae": args.taesd,
+            "allow_any_resolution": true,
+            "cross_stream_batching": batched,
+            "frame_budget_ms": args.budget_ms,
+        })
+        .to_string(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn params(
+    args: &Args,
+    k: usize,
+    settings: &EngineSettings,
+) -> Result<StreamDiffusionParams, String> {
+    StreamDiffusionParams::from_json_with(
+        &json!({
+            "model_id": args.model,
+            "prompt": format!("a watercolor painting, variation {k}"),
+            "seed": 789 + k as i64,
+            "t_index_list": args.t_index_list,
+            "guidance_scale": 1.2,
+            "delta": 0.7,
+            // The checker's weights are not among the random stand-ins; its cost is per stream
+            // and the same in both modes.
+            "use_safety_checker": false,
+            "width": args.size,
+            "height": args.size,
+        })
+        .to_string(),
+        settings,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn run(
+    args: &Args,
+    pool: &Arc<ModelPool>,
+    models: &StableDiffusionModels,
+    n: usize,
+    batched: bool,
+) -> Result<Row, String> {
+    let settings = settings(args, batched)?;
+    let engines: Vec<Engine> = (0..n)
+        .map(|k| {
+            let params = params(args, k, &settings)?;
+            Engine::builder(params)
+                .settings(settings.clone())
+                .options(EngineOptions {
+                    warmup: false,
+                    ..EngineOptions::default()
+                })
+                .pool(pool.clone())
+                .load()
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let batcher = models.batcher();
+    batcher.reset_widest();
+    let before = batcher.counts();
+    let frame: Vec<u8> = (0..args.size * args.size * 3)
+        .map(|i| ((i * 37) % 251) as u8)
+        .collect();
+    // Every host thread warms up, then all start the measured frames together.
+    let start = Arc::new(Barrier::new(n + 1));
+    let latencies = std::thread::scope(|scope| -> Result<(Vec<Duration>, Duration), String> {
+        let handles: Vec<_> = engines
+            .iter()
+            .map(|engine| {
+                let start = start.clone();
+                let frame = &frame;
+                scope.spawn(move || -> Result<Vec<Duration>, String> {
+                    let picture = Frame::packed(frame, args.size, args.size, PixelFormat::Rgb8)
+                        .map_err(|e| e.to_string())?;
+                    for _ in 0..args.warmup {
+                        engine
+                            .process(Submission::new(picture))
+                            .map_err(|e| e.to_string())?;
+                    }
+                    start.wait();
+                    let mut times = Vec::with_capacity(args.frames);
+                    for _ in 0..args.frames {
+                        let t = Instant::now();
+                        engine
+                            .process(Submission::new(picture))
+                            .map_err(|e| e.to_string())?;
+                        times.push(t.elapsed());
+                    }
+                    Ok(times)
+                })
+            })
+            .collect();
+        start.wait();
+        let began = Instant::now();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(
+                h.join()
+                    .map_err(|_| "a host thread panicked".to_string())??,
+            );
+        }
+        Ok((all, began.elapsed()))
+    })?;
+    let (mut times, wall) = latencies;
+    times.sort();
+    let after = batcher.counts();
+    let (calls, batches, widest) = (
+        after.calls - before.calls,
+        after.batches - before.batches,
+        after.widest,
+    );
+    Ok(Row {
+        fps: times.len() as f64 / wall.as_secs_f64(),
+        p50: percentile(&times, 0.5),
+        p99: percentile(&times, 0.99),
+        calls,
+        batches,
+        widest,
+    })
+}
+
+/// Runs the benchmark on `argv` (the flags, without the program's name).
+pub fn main(argv: Vec<String>) -> ExitCode {
+    let args = match parse(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("multi_stream_bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let pool = Arc::new(ModelPool::new());
+    // Held for the whole run, so the engines of every row share one load.
+    let models = match settings(&args, true)
+        .and_then(|s| Ok((params(&args, 0, &s)?, s)))
+        .and_then(|(p, s)| pool.get(&p, &s, &mut |_| {}).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("multi_stream_bench: loading {}: {e}", args.model);
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{} streams at {}², t_index_list {:?}, TAESD, {} {}; {} measured frames per stream after {} \
+         warm-up; {} cores",
+        args.streams
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join("/"),
+        args.size,
+        args.t_index_list,
+        args.device,
+        args.dtype,
+        args.frames,
+        args.warmup,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    println!(
+        "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &n in &args.streams {
+        for repeat in 0..args.repeats {
+            // Alternate which mode goes first.
+            let order = if repeat % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for batched in order {
+                match run(&args, &pool, &models, n, batched) {
+                    Ok(r) => println!(
+                        "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} |",
+                        if batched {
+                            "batched"
+                        } else {
+                            "engine per stream"
+                        },
+                        r.fps,
+                        r.fps / n as f64,
+                        r.p50.as_secs_f64() * 1e3,
+                        r.p99.as_secs_f64() * 1e3,
+                        if batched {
+                            r.calls.to_string()
+                        } else {
+                            "-".into()
+                        },
+                        if batched {
+                            r.batches.to_string()
+                        } else {
+                            "-".into()
+                        },
+                        if batched {
+                            r.widest.to_string()
+                        } else {
+                            "-".into()
+                        },
+                    ),
+                    Err(e) => {
+                        eprintln!("multi_stream_bench: {n} streams: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
