@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::model::bundle::StableDiffusionModels;
 use crate::model::kernels::KernelPolicy;
 use crate::model::unet::{AddedConditioning, ControlResiduals, UNet2DConditionModel, UNetInputs};
 use crate::{Error, Result};
@@ -68,11 +69,55 @@ pub struct UNetCall {
     pub control: Option<ControlResiduals>,
 }
 
-impl UNetCall {
+/// A call a batcher takes: the UNet's, or the autoencoder's encoder or decoder network.
+#[derive(Debug, Clone)]
+pub enum SharedCall {
+    /// A UNet call.
+    UNet(UNetCall),
+    /// Frames `[B, 3, H, W]` through the encoder ([`Autoencoder::encode_features`](crate::model::bundle::Autoencoder::encode_features)).
+    Encode(Tensor),
+    /// Latents `[B, C, h, w]` (scaled) through the decoder ([`Autoencoder::decode`](crate::model::bundle::Autoencoder::decode)).
+    Decode(Tensor),
+}
+
+/// Which network a call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SharedNetwork {
+    /// The UNet.
+    UNet,
+    /// The autoencoder's encoder.
+    Encode,
+    /// The autoencoder's decoder.
+    Decode,
+}
+
+impl SharedCall {
     fn rows(&self) -> Result<usize> {
-        Ok(self.sample.dim(0)?)
+        Ok(match self {
+            SharedCall::UNet(c) => c.sample.dim(0)?,
+            SharedCall::Encode(x) | SharedCall::Decode(x) => x.dim(0)?,
+        })
     }
 
+    fn network(&self) -> SharedNetwork {
+        match self {
+            SharedCall::UNet(_) => SharedNetwork::UNet,
+            SharedCall::Encode(_) => SharedNetwork::Encode,
+            SharedCall::Decode(_) => SharedNetwork::Decode,
+        }
+    }
+
+    /// Runs the call alone.
+    fn run(&self, models: &StableDiffusionModels) -> Result<Tensor> {
+        match self {
+            SharedCall::UNet(c) => c.forward(&models.unet),
+            SharedCall::Encode(x) => models.autoencoder.encode_features(x),
+            SharedCall::Decode(z) => models.autoencoder.decode(z),
+        }
+    }
+}
+
+impl UNetCall {
     fn forward(&self, unet: &UNet2DConditionModel) -> Result<Tensor> {
         unet.forward(
             UNetInputs::new(&self.sample, &self.timesteps, &self.text)
@@ -85,6 +130,7 @@ impl UNetCall {
 /// What calls must share to run in one batch.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BatchKind {
+    network: SharedNetwork,
     sample: Vec<usize>,
     text: Vec<usize>,
     added: Option<(Vec<usize>, Vec<usize>)>,
@@ -94,9 +140,24 @@ pub struct BatchKind {
 }
 
 impl BatchKind {
-    fn of(call: &UNetCall, policy: KernelPolicy) -> Self {
+    fn of(call: &SharedCall, policy: KernelPolicy) -> Self {
         let tail = |t: &Tensor| t.dims()[1..].to_vec();
+        let call = match call {
+            SharedCall::UNet(call) => call,
+            SharedCall::Encode(x) | SharedCall::Decode(x) => {
+                return Self {
+                    network: call.network(),
+                    sample: tail(x),
+                    text: Vec::new(),
+                    added: None,
+                    control: None,
+                    dtype: x.dtype(),
+                    policy,
+                };
+            }
+        };
         Self {
+            network: SharedNetwork::UNet,
             sample: tail(&call.sample),
             text: tail(&call.text),
             added: call
@@ -129,7 +190,8 @@ impl BatchKind {
     /// Whether calls of `self` and `other` may share a batch: everything equal, except that one
     /// may carry ControlNet residuals and the other none.
     fn joins(&self, other: &BatchKind) -> bool {
-        self.sample == other.sample
+        self.network == other.network
+            && self.sample == other.sample
             && self.text == other.text
             && self.added == other.added
             && self.dtype == other.dtype
@@ -219,6 +281,9 @@ struct Member {
     budget: Option<Duration>,
     /// Its frame's work besides the UNet call (encode, decode, ControlNets, pre/post).
     other_work: Option<Duration>,
+    /// Its last UNet call ran in a shared batch and its decode has not come yet: a decode
+    /// batch may wait for it.
+    decode_due: bool,
 }
 
 /// The model and size a stream runs, as admission matches them.
@@ -238,7 +303,7 @@ struct Pending {
     deadline: Option<Instant>,
     due: Instant,
     thread: ThreadId,
-    call: UNetCall,
+    call: SharedCall,
 }
 
 #[derive(Default)]
@@ -255,7 +320,7 @@ struct BatchState {
     done: HashMap<u64, std::result::Result<Tensor, String>>,
     members: HashMap<u64, Member>,
     costs: HashMap<BatchKind, CostFit>,
-    counts: BatchCounts,
+    counts: HashMap<SharedNetwork, BatchCounts>,
 }
 
 /// Counters of a batcher, for tests and status.
@@ -312,14 +377,25 @@ impl CrossStreamBatcher {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The counters so far.
+    /// The counters of the UNet's calls so far.
     pub fn counts(&self) -> BatchCounts {
-        self.lock().counts
+        self.counts_of(SharedNetwork::UNet)
+    }
+
+    /// The counters of one network's calls so far.
+    pub fn counts_of(&self, network: SharedNetwork) -> BatchCounts {
+        self.lock()
+            .counts
+            .get(&network)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Starts [`BatchCounts::widest`] again (benchmarks read it per run).
     pub fn reset_widest(&self) {
-        self.lock().counts.widest = 0;
+        for counts in self.lock().counts.values_mut() {
+            counts.widest = 0;
+        }
     }
 
     /// Streams registered.
@@ -354,7 +430,7 @@ impl CrossStreamBatcher {
         rows: usize,
         d: Duration,
     ) {
-        let key = BatchKind::of(call_shape, policy).cost_key();
+        let key = BatchKind::of(&SharedCall::UNet(call_shape.clone()), policy).cost_key();
         self.lock()
             .costs
             .entry(key)
@@ -400,6 +476,9 @@ impl CrossStreamBatcher {
         let queued_members: Vec<u64> = s.queue.iter().map(|p| p.member).collect();
         let fit = s.costs.get(&kind.cost_key())?;
         let mut rows: usize = queued.iter().map(|p| p.rows).sum();
+        if kind.network == SharedNetwork::Decode {
+            return Self::hold_decode(s, fit, rows, earliest, now);
+        }
         let mut expected = Vec::new();
         for (id, m) in &s.members {
             let (Some(mk), Some(last), Some(interval), Some(thread)) =
@@ -422,37 +501,69 @@ impl CrossStreamBatcher {
         }
         let queued_rows = rows;
         rows += expected.iter().map(|(_, r, _)| r).sum::<usize>();
+        // How late past its usual time a stream is still waited for: a quarter of its spacing,
+        // or one call's time where that is longer (a stream held up behind another's encode).
+        let one_call = fit.estimate(queued_rows)?;
+        let grace = |interval: Duration| (interval / 4).max(one_call);
         if Self::exploring(s, kind) {
             // Until one shared batch is measured, whether batching pays is unknown: hold once
             // for the next stream due, at most two calls' time, deadline or not, to find out.
-            let cap = now + fit.estimate(queued_rows)? * 2;
+            let cap = now + one_call * 2;
             let until = expected
                 .iter()
-                .map(|(at, _, interval)| *at + *interval / 4)
+                .map(|(at, _, interval)| *at + grace(*interval))
                 .min()?
                 .min(cap);
             return (now < until).then_some((until, true));
         }
         let latest_start = earliest.checked_sub(fit.estimate(rows.min(MAX_BATCH_ROWS))?)?;
-        // Hold only for streams that should arrive in time to go in, and no longer than a
-        // quarter of their spacing past when they should have come (one that stopped sending
-        // is not waited for to the deadline).
+        // Hold only for streams that should arrive in time to go in, and not long past when
+        // they should have come (one that stopped sending is not waited for to the deadline).
         let until = expected
             .iter()
             .filter(|(at, _, _)| *at <= latest_start)
-            .map(|(at, _, interval)| *at + *interval / 4)
+            .map(|(at, _, interval)| *at + grace(*interval))
             .max()?
             .min(latest_start);
         (now < until).then_some((until, false))
     }
 
+    /// A decode batch waits for the other streams of the shared UNet batch they all came from
+    /// (they are right behind), at most one decode's time and never past the deadline.
+    fn hold_decode(
+        s: &BatchState,
+        fit: &CostFit,
+        rows: usize,
+        earliest: Instant,
+        now: Instant,
+    ) -> Option<(Instant, bool)> {
+        let queued_members: Vec<u64> = s.queue.iter().map(|p| p.member).collect();
+        let waiting_threads: Vec<ThreadId> = s.queue.iter().map(|p| p.thread).collect();
+        let due: usize = s
+            .members
+            .iter()
+            .filter(|(id, m)| {
+                m.decode_due
+                    && !queued_members.contains(id)
+                    && m.last_thread.is_none_or(|t| !waiting_threads.contains(&t))
+            })
+            .count();
+        if due == 0 {
+            return None;
+        }
+        let latest_start = earliest.checked_sub(fit.estimate(rows * (due + 1))?)?;
+        let until = (now + fit.estimate(rows)?).min(latest_start);
+        (now < until).then_some((until, false))
+    }
+
     /// The calls of the batch to run now, as indices into the queue (sorted most urgent first):
     /// the most urgent call's kind, earliest deadline first, up to [`MAX_BATCH_ROWS`].
-    fn plan_batch(queue: &[Pending]) -> Vec<usize> {
-        let mut kind = queue[0].kind.clone();
+    fn plan_batch(queue: &[Pending], lead: usize) -> Vec<usize> {
+        let mut kind = queue[lead].kind.clone();
         let mut rows = 0;
         let mut taken = Vec::new();
-        for (i, p) in queue.iter().enumerate() {
+        let order = std::iter::once(lead).chain((0..queue.len()).filter(|&i| i != lead));
+        for (i, p) in order.map(|i| (i, &queue[i])) {
             if p.kind.joins(&kind) && (taken.is_empty() || rows + p.rows <= MAX_BATCH_ROWS) {
                 rows += p.rows;
                 if kind.control.is_none() {
@@ -461,14 +572,37 @@ impl CrossStreamBatcher {
                 taken.push(i);
             }
         }
+        taken.sort_unstable();
         taken
+    }
+
+    /// A queued call to run before the most urgent one: the encode (or other call) of a stream
+    /// whose UNet call the most urgent UNet batch would wait for. It is quick, and then both
+    /// UNet calls meet, where otherwise the UNet batch would run without that stream.
+    fn unblocking_call(s: &BatchState, now: Instant) -> Option<usize> {
+        let first = &s.queue.first()?.kind;
+        if first.network != SharedNetwork::UNet {
+            return None;
+        }
+        s.queue.iter().position(|p| {
+            !p.kind.joins(first)
+                && s.members.get(&p.member).is_some_and(|m| {
+                    m.kind.as_ref().is_some_and(|k| k.joins(first))
+                        && match (m.last_call, m.interval) {
+                            (Some(last), Some(interval)) => {
+                                now.saturating_duration_since(last) <= interval * ACTIVE_INTERVALS
+                            }
+                            _ => false,
+                        }
+                })
+        })
     }
 
     fn submit(
         &self,
         member: u64,
-        unet: &UNet2DConditionModel,
-        call: UNetCall,
+        models: &StableDiffusionModels,
+        call: SharedCall,
         deadline: Option<Instant>,
     ) -> Result<Tensor> {
         let policy = KernelPolicy::current();
@@ -479,7 +613,15 @@ impl CrossStreamBatcher {
         let mut s = self.lock();
         let ticket = s.next_ticket;
         s.next_ticket += 1;
+        // A stream's pace is that of its UNet calls, one a frame.
         if let Some(m) = s.members.get_mut(&member) {
+            m.decode_due = false;
+        }
+        if let Some(m) = s
+            .members
+            .get_mut(&member)
+            .filter(|_| kind.network == SharedNetwork::UNet)
+        {
             if let Some(last) = m.last_call {
                 let gap = now.saturating_duration_since(last);
                 m.interval = Some(match m.interval {
@@ -516,7 +658,7 @@ impl CrossStreamBatcher {
                     // rows): run this call beside the one running, as separate engines would.
                     Some(i) if !pays => {
                         let call = s.queue.remove(i);
-                        s = self.run_batch(s, unet, vec![call]);
+                        s = self.run_batch(s, models, vec![call]);
                     }
                     _ => s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner),
                 }
@@ -524,7 +666,8 @@ impl CrossStreamBatcher {
             }
             let now = Instant::now();
             s.queue.sort_by_key(|p| (p.due, p.ticket));
-            let plan = Self::plan_batch(&s.queue);
+            let lead = Self::unblocking_call(&s, now).unwrap_or(0);
+            let plan = Self::plan_batch(&s.queue, lead);
             // A batch runs on the thread of one of its calls (under that call's kernel policy,
             // counted on that thread), so a stream alone runs on its own thread as before; the
             // others wait to be woken.
@@ -532,7 +675,7 @@ impl CrossStreamBatcher {
                 s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
-            let first_kind = s.queue[0].kind.clone();
+            let first_kind = s.queue[lead].kind.clone();
             if pays && let Some((until, exploring)) = self.hold_until(&s, &first_kind, now) {
                 if exploring && let Some(fit) = s.costs.get_mut(&first_kind.cost_key()) {
                     fit.exploring_holds += 1;
@@ -550,7 +693,7 @@ impl CrossStreamBatcher {
                 batch.push(s.queue.remove(i));
             }
             batch.reverse();
-            s = self.run_batch(s, unet, batch);
+            s = self.run_batch(s, models, batch);
         }
     }
 
@@ -586,7 +729,7 @@ impl CrossStreamBatcher {
     fn run_batch<'a>(
         &'a self,
         mut s: MutexGuard<'a, BatchState>,
-        unet: &UNet2DConditionModel,
+        models: &StableDiffusionModels,
         batch: Vec<Pending>,
     ) -> MutexGuard<'a, BatchState> {
         // A cost measured beside another run is not the batch's own.
@@ -597,9 +740,10 @@ impl CrossStreamBatcher {
         drop(s);
         let started = Instant::now();
         let outcome =
-            catch_unwind(AssertUnwindSafe(|| self.run(unet, &batch))).unwrap_or_else(|panic| {
+            catch_unwind(AssertUnwindSafe(|| self.run(models, &batch))).unwrap_or_else(|panic| {
                 Err(Error::State(format!(
-                    "the batched UNet call panicked: {}",
+                    "the batched {:?} call panicked: {}",
+                    batch[0].kind.network,
                     panic_text(panic.as_ref())
                 )))
             });
@@ -609,12 +753,13 @@ impl CrossStreamBatcher {
         s.running -= 1;
         let total_rows: usize = batch.iter().map(|p| p.rows).sum();
         let calls = batch.len() as u64;
-        s.counts.batches += 1;
-        s.counts.calls += calls;
-        s.counts.rows += total_rows as u64;
-        s.counts.widest = s.counts.widest.max(calls);
+        let counts = s.counts.entry(batch[0].kind.network).or_default();
+        counts.batches += 1;
+        counts.calls += calls;
+        counts.rows += total_rows as u64;
+        counts.widest = counts.widest.max(calls);
         if calls > 1 {
-            s.counts.shared_calls += calls;
+            counts.shared_calls += calls;
         }
         match outcome {
             Ok(outputs) => {
@@ -625,6 +770,14 @@ impl CrossStreamBatcher {
                 }
                 for (p, out) in batch.iter().zip(outputs) {
                     s.done.insert(p.ticket, Ok(out));
+                }
+                // The streams of a shared UNet batch decode next, together if they can.
+                if calls > 1 && batch[0].kind.network == SharedNetwork::UNet {
+                    for p in &batch {
+                        if let Some(m) = s.members.get_mut(&p.member) {
+                            m.decode_due = true;
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -639,15 +792,39 @@ impl CrossStreamBatcher {
     }
 
     /// Runs one batch: a single call as it is, several concatenated and split again.
-    fn run(&self, unet: &UNet2DConditionModel, batch: &[Pending]) -> Result<Vec<Tensor>> {
+    fn run(&self, models: &StableDiffusionModels, batch: &[Pending]) -> Result<Vec<Tensor>> {
         if let [only] = batch {
-            let out = only.call.forward(unet)?;
+            let out = only.call.run(models)?;
             self.settle()?;
             return Ok(vec![out]);
         }
-        let calls: Vec<&UNetCall> = batch.iter().map(|p| &p.call).collect();
-        let joined = join_calls(&calls)?;
-        let out = joined.forward(unet)?;
+        let joined = match &batch[0].call {
+            SharedCall::UNet(_) => {
+                let calls: Vec<&UNetCall> = batch
+                    .iter()
+                    .map(|p| match &p.call {
+                        SharedCall::UNet(c) => Ok(c),
+                        _ => Err(Error::State("a UNet batch holds another call".into())),
+                    })
+                    .collect::<Result<_>>()?;
+                SharedCall::UNet(join_calls(&calls)?)
+            }
+            SharedCall::Encode(_) | SharedCall::Decode(_) => {
+                let parts: Vec<Tensor> = batch
+                    .iter()
+                    .map(|p| match &p.call {
+                        SharedCall::Encode(x) | SharedCall::Decode(x) => x.clone(),
+                        SharedCall::UNet(c) => c.sample.clone(),
+                    })
+                    .collect();
+                let x = Tensor::cat(&parts, 0)?;
+                match batch[0].call {
+                    SharedCall::Encode(_) => SharedCall::Encode(x),
+                    _ => SharedCall::Decode(x),
+                }
+            }
+        };
+        let out = joined.run(models)?;
         self.settle()?;
         let mut outputs = Vec::with_capacity(batch.len());
         let mut start = 0;
@@ -681,7 +858,10 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 /// Concatenates calls row-wise; a call without ControlNet residuals gets zeros in a batch where
 /// others have them.
 fn join_calls(calls: &[&UNetCall]) -> Result<UNetCall> {
-    let rows: Vec<usize> = calls.iter().map(|c| c.rows()).collect::<Result<_>>()?;
+    let rows: Vec<usize> = calls
+        .iter()
+        .map(|c| Ok(c.sample.dim(0)?))
+        .collect::<Result<_>>()?;
     let cat = |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 0)?) };
     let sample = cat(calls.iter().map(|c| c.sample.clone()).collect())?;
     let timesteps = cat(calls
@@ -767,15 +947,40 @@ impl std::fmt::Debug for BatchMember {
 }
 
 impl BatchMember {
-    /// Runs `call` on `unet` (the batcher's model's), in a batch with other streams' calls where
+    /// Runs `call` on the UNet of `models` (the batcher's own), in a batch with other streams' calls where
     /// they come in time; returns this call's rows of the prediction.
     pub fn forward(
         &self,
-        unet: &UNet2DConditionModel,
+        models: &StableDiffusionModels,
         call: UNetCall,
         deadline: Option<Instant>,
     ) -> Result<Tensor> {
-        self.batcher.submit(self.id, unet, call, deadline)
+        self.batcher
+            .submit(self.id, models, SharedCall::UNet(call), deadline)
+    }
+
+    /// [`Autoencoder::encode_features`](crate::model::bundle::Autoencoder::encode_features) of frames `x`, in a batch with other streams' frames
+    /// where they come in time.
+    pub fn encode_features(
+        &self,
+        models: &StableDiffusionModels,
+        x: &Tensor,
+        deadline: Option<Instant>,
+    ) -> Result<Tensor> {
+        self.batcher
+            .submit(self.id, models, SharedCall::Encode(x.clone()), deadline)
+    }
+
+    /// [`Autoencoder::decode`](crate::model::bundle::Autoencoder::decode) of latents `z`, in a batch with other streams' latents where
+    /// they come in time.
+    pub fn decode(
+        &self,
+        models: &StableDiffusionModels,
+        z: &Tensor,
+        deadline: Option<Instant>,
+    ) -> Result<Tensor> {
+        self.batcher
+            .submit(self.id, models, SharedCall::Decode(z.clone()), deadline)
     }
 
     /// After a frame: the stream's budget and its frame's work besides the UNet call.
@@ -802,7 +1007,7 @@ impl BatchMember {
     ) {
         let mut s = self.batcher.lock();
         if let Some(m) = s.members.get_mut(&self.id) {
-            m.kind = Some(BatchKind::of(call_shape, policy));
+            m.kind = Some(BatchKind::of(&SharedCall::UNet(call_shape.clone()), policy));
             m.rows = call_shape.sample.dim(0).unwrap_or(1);
             m.budget = Some(budget);
             m.other_work = Some(other_work);
@@ -968,6 +1173,7 @@ mod tests {
 
     fn kind() -> BatchKind {
         BatchKind {
+            network: SharedNetwork::UNet,
             sample: vec![4, 8, 8],
             text: vec![77, 32],
             added: None,

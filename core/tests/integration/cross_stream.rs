@@ -12,7 +12,7 @@ use std::time::Duration;
 use candle_core::Tensor;
 use common::{abs_err, fixture, frame_tensor};
 use sdstream::model::bundle::StableDiffusionModels;
-use sdstream::pipeline::cross_stream::{MemberLabel, UNetCall, admission};
+use sdstream::pipeline::cross_stream::{MemberLabel, SharedNetwork, UNetCall, admission};
 use sdstream::{EngineSettings, StreamDiffusion, StreamDiffusionParams};
 use serde_json::{Value, json};
 
@@ -192,6 +192,75 @@ fn batched_streams_equal_each_stream_alone() {
         "no batch held three streams: {counts:?}"
     );
     assert!(counts.batches < counts.calls, "{counts:?}");
+    // Every frame encoded and decoded once, through the same batcher; the decodes of a shared
+    // UNet batch wait for each other.
+    let encode = models.batcher().counts_of(SharedNetwork::Encode);
+    let decode = models.batcher().counts_of(SharedNetwork::Decode);
+    println!("encode: {encode:?}\ndecode: {decode:?}");
+    assert_eq!((encode.calls, decode.calls), (24, 24));
+    assert!(
+        decode.shared_calls >= 4,
+        "no decodes were batched: {decode:?}"
+    );
+}
+
+#[test]
+fn streams_with_the_full_vae_batched_equal_each_alone() {
+    // The KL autoencoder: frames encoded in one batch, each stream's posterior sampled with its
+    // own generator.
+    let mut full = common::tiny_settings("self");
+    full.vae = "full".parse().unwrap();
+    let with = |batching: bool| {
+        let mut s = full.clone();
+        s.cross_stream_batching = batching;
+        s.frame_budget_ms = Some(5_000.0);
+        s
+    };
+    let load = || {
+        let id = fixture("tiny-sd-turbo").display().to_string();
+        Arc::new(StableDiffusionModels::load(&id, &full, &mut |_| {}).unwrap())
+    };
+    let scripts: Vec<Script> = [("a harbour", 3), ("a forest path", 9)]
+        .into_iter()
+        .map(|(prompt, seed)| Script {
+            body: body(prompt, seed, json!([16, 32])),
+            frames: 0..5,
+            changes: vec![],
+        })
+        .collect();
+    let alone_models = load();
+    let alone: Vec<Vec<Tensor>> = scripts
+        .iter()
+        .map(|s| run_script(alone_models.clone(), s, with(false), |_| {}))
+        .collect();
+    let models = load();
+    models.batcher().set_batching_pays_for_tests(Some(true));
+    // The two hosts send each frame at the same moment.
+    let barrier = std::sync::Barrier::new(2);
+    let together: Vec<Vec<Tensor>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = scripts
+            .iter()
+            .map(|s| {
+                let models = models.clone();
+                let settings = with(true);
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    run_script(models, s, settings, |_| {
+                        barrier.wait();
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(abs_err(x, y).0, 0.0, "stream {k}, frame {i}");
+        }
+    }
+    let unet = models.batcher().counts();
+    assert_eq!(unet.calls, 10);
+    assert!(unet.shared_calls >= 2, "{unet:?}");
 }
 
 #[test]

@@ -48,16 +48,44 @@ impl Autoencoder {
     /// `generator`, as the reference's `retrieve_latents(vae.encode(x), generator)`. The latent
     /// has `x`'s dtype even where the VAE computes in another (an upcast SDXL VAE).
     pub fn encode(&self, x: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
+        let features = self.encode_features(x)?;
+        self.latent_from_features(&features, x.dtype(), generator)
+    }
+
+    /// The encoder's network alone, for a batch `[B, 3, H, W]`: TAESD's latent (unscaled), or
+    /// the KL posterior's mean and log-variance side by side on the channels. Rows are
+    /// independent, so several streams' frames may be encoded in one call
+    /// ([`crate::pipeline::cross_stream`]).
+    pub fn encode_features(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Autoencoder::Kl(vae) => {
                 let (mean, logvar) = vae.encode_moments(&x.to_dtype(vae.dtype())?)?;
+                Ok(Tensor::cat(&[&mean, &logvar], 1)?)
+            }
+            Autoencoder::Tiny(taesd) => taesd.encode(x),
+        }
+    }
+
+    /// One stream's latent z₀ from its rows of [`encode_features`](Self::encode_features): the
+    /// KL posterior sampled with the stream's generator, scaled, in `dtype`.
+    pub fn latent_from_features(
+        &self,
+        features: &Tensor,
+        dtype: DType,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor> {
+        match self {
+            Autoencoder::Kl(vae) => {
+                let half = features.dim(1)? / 2;
+                let mean = features.narrow(1, 0, half)?;
+                let logvar = features.narrow(1, half, half)?;
                 let noise = generator
                     .randn_tensor(mean.dims(), mean.device())?
                     .to_dtype(mean.dtype())?;
                 let z = AutoencoderKl::sample_posterior(&mean, &logvar, &noise)?;
-                Ok((z * vae.scaling_factor())?.to_dtype(x.dtype())?)
+                Ok((z * vae.scaling_factor())?.to_dtype(dtype)?)
             }
-            Autoencoder::Tiny(taesd) => Ok((taesd.encode(x)? * taesd.scaling_factor())?),
+            Autoencoder::Tiny(taesd) => Ok((features * taesd.scaling_factor())?),
         }
     }
 

@@ -179,7 +179,17 @@ impl StreamDiffusion {
         let control_prep = tc.elapsed();
         let x = x.to_dtype(self.models.dtype)?;
         let t0 = Instant::now();
-        let z = self.models.autoencoder.encode(&x, &mut self.generator)?;
+        let z = match &self.batch {
+            Some(member) => {
+                let features = member.encode_features(&self.models, &x, self.deadline)?;
+                self.models.autoencoder.latent_from_features(
+                    &features,
+                    x.dtype(),
+                    &mut self.generator,
+                )?
+            }
+            None => self.models.autoencoder.encode(&x, &mut self.generator)?,
+        };
         let x_new = self.state.add_first_noise(&z)?;
         let x_new = self.latent_pre.apply(
             &x_new,
@@ -192,7 +202,10 @@ impl StreamDiffusion {
         let x0 = self.latent_postprocessing(&x0)?;
         self.timings.controlnet += control_prep;
         let t1 = Instant::now();
-        let image = self.models.autoencoder.decode(&x0)?;
+        let image = match &self.batch {
+            Some(member) => member.decode(&self.models, &x0, self.deadline)?,
+            None => self.models.autoencoder.decode(&x0)?,
+        };
         let out = crate::pipeline::stream_batch::to_unit_range(&image.to_dtype(DType::F32)?)?;
         let out = self.image_postprocessing(&out)?;
         let shown = self.safety_check(&out)?;
@@ -408,7 +421,7 @@ impl StreamDiffusion {
                         added: added.cloned(),
                         control: residuals,
                     };
-                    return member.forward(&models.unet, call, deadline);
+                    return member.forward(models, call, deadline);
                 }
                 models.unet.forward(
                     UNetInputs::new(x, t, e)
