@@ -45,6 +45,9 @@ use crate::model::kernels::KernelPolicy;
 use crate::model::unet::{AddedConditioning, ControlResiduals, UNet2DConditionModel, UNetInputs};
 use crate::{Error, Result};
 
+/// The longest a test's lockstep ([`CrossStreamBatcher::set_lockstep_for_tests`]) holds a call.
+const LOCKSTEP_WAIT: Duration = Duration::from_secs(2);
+
 /// Most rows one batched call takes; the rest wait for the next call.
 pub const MAX_BATCH_ROWS: usize = 64;
 
@@ -317,6 +320,9 @@ struct BatchState {
     runs_started: u64,
     /// Whether batching pays, decided by a test instead of the measured costs.
     pays_override: Option<bool>,
+    /// A test's rule that a batch waits (up to 2 s) until this many calls, or one of every
+    /// member, are queued.
+    lockstep_for_tests: Option<usize>,
     done: HashMap<u64, std::result::Result<Tensor, String>>,
     members: HashMap<u64, Member>,
     costs: HashMap<BatchKind, CostFit>,
@@ -443,6 +449,14 @@ impl CrossStreamBatcher {
     #[doc(hidden)]
     pub fn set_batching_pays_for_tests(&self, pays: Option<bool>) {
         self.lock().pays_override = pays;
+    }
+
+    /// Makes every batch wait (up to 2 s a batch) until `calls` calls of its kind, or one of
+    /// every member, are queued: batches a test's streams deterministically, whatever the
+    /// machine's timing.
+    #[doc(hidden)]
+    pub fn set_lockstep_for_tests(&self, calls: Option<usize>) {
+        self.lock().lockstep_for_tests = calls;
     }
 
     /// Replaces the measured cost of every kind its streams run by exactly `per_row` a row
@@ -609,6 +623,7 @@ impl CrossStreamBatcher {
         let kind = BatchKind::of(&call, policy);
         let rows = call.rows()?;
         let now = Instant::now();
+        let arrived = now;
         let thread = std::thread::current().id();
         let mut s = self.lock();
         let ticket = s.next_ticket;
@@ -676,6 +691,17 @@ impl CrossStreamBatcher {
                 continue;
             }
             let first_kind = s.queue[lead].kind.clone();
+            if let Some(calls) = s.lockstep_for_tests {
+                let wanted = calls.min(s.members.len());
+                if plan.len() < wanted && now.saturating_duration_since(arrived) < LOCKSTEP_WAIT {
+                    s = self
+                        .wake
+                        .wait_timeout(s, Duration::from_millis(5))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    continue;
+                }
+            }
             if pays && let Some((until, exploring)) = self.hold_until(&s, &first_kind, now) {
                 if exploring && let Some(fit) = s.costs.get_mut(&first_kind.cost_key()) {
                     fit.exploring_holds += 1;
@@ -735,12 +761,16 @@ impl CrossStreamBatcher {
         // A cost measured beside another run is not the batch's own.
         let alone = s.running == 0;
         let started_before = s.runs_started;
+        // A stream alone runs as it always did: its work only queued on a GPU, not waited for.
+        // With others, the batcher waits for the device, so that costs are the device's.
+        let settle = s.members.len() > 1;
+        let timed = settle || self.device.is_cpu();
         s.running += 1;
         s.runs_started += 1;
         drop(s);
         let started = Instant::now();
-        let outcome =
-            catch_unwind(AssertUnwindSafe(|| self.run(models, &batch))).unwrap_or_else(|panic| {
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.run(models, &batch, settle)))
+            .unwrap_or_else(|panic| {
                 Err(Error::State(format!(
                     "the batched {:?} call panicked: {}",
                     batch[0].kind.network,
@@ -763,7 +793,7 @@ impl CrossStreamBatcher {
         }
         match outcome {
             Ok(outputs) => {
-                if undisturbed {
+                if undisturbed && timed {
                     let fit = s.costs.entry(batch[0].kind.cost_key()).or_default();
                     fit.record(total_rows, elapsed.as_secs_f64());
                     fit.shared |= calls > 1;
@@ -792,10 +822,17 @@ impl CrossStreamBatcher {
     }
 
     /// Runs one batch: a single call as it is, several concatenated and split again.
-    fn run(&self, models: &StableDiffusionModels, batch: &[Pending]) -> Result<Vec<Tensor>> {
+    fn run(
+        &self,
+        models: &StableDiffusionModels,
+        batch: &[Pending],
+        settle: bool,
+    ) -> Result<Vec<Tensor>> {
         if let [only] = batch {
             let out = only.call.run(models)?;
-            self.settle()?;
+            if settle {
+                self.settle()?;
+            }
             return Ok(vec![out]);
         }
         let joined = match &batch[0].call {
@@ -836,7 +873,8 @@ impl CrossStreamBatcher {
     }
 
     /// On a GPU the forward only queues work: wait for it, so that the measured cost is the
-    /// device's (the streams wait for their rows right after anyway).
+    /// device's (the streams wait for their rows right after anyway). A shared batch always
+    /// has several members, so it always waits.
     fn settle(&self) -> Result<()> {
         if !self.device.is_cpu() {
             self.device.synchronize()?;

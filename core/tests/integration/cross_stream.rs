@@ -63,11 +63,13 @@ fn run_script(
     models: Arc<StableDiffusionModels>,
     script: &Script,
     settings: EngineSettings,
-    mut after_frame: impl FnMut(usize),
+    mut after_frame: impl FnMut(Option<usize>),
 ) -> Vec<Tensor> {
     let params =
         StreamDiffusionParams::from_json_with(&script.body.to_string(), &settings).unwrap();
     let mut stream = StreamDiffusion::with_models(models, params, settings.clone()).unwrap();
+    // `None`: the stream is made, no frame has run yet.
+    after_frame(None);
     let mut outputs = Vec::new();
     for i in script.frames.clone() {
         for (at, change) in &script.changes {
@@ -78,7 +80,7 @@ fn run_script(
             }
         }
         outputs.push(stream.process_tensor(&frame_tensor(i)).unwrap());
-        after_frame(i);
+        after_frame(Some(i));
     }
     outputs
 }
@@ -156,7 +158,7 @@ fn batched_streams_equal_each_stream_alone() {
                 gate.recv().unwrap();
             }
             run_script(models, &script, settings(true, Some(5_000.0)), |i| {
-                if i == 1
+                if i == Some(1)
                     && let Some(signal) = &signal
                 {
                     signal.send(()).unwrap();
@@ -234,8 +236,9 @@ fn streams_with_the_full_vae_batched_equal_each_alone() {
         .map(|s| run_script(alone_models.clone(), s, with(false), |_| {}))
         .collect();
     let models = load();
-    models.batcher().set_batching_pays_for_tests(Some(true));
-    // The two hosts send each frame at the same moment.
+    // Every call waits for the other stream's: each network's calls all run in pairs.
+    models.batcher().set_lockstep_for_tests(Some(2));
+    // The two hosts start together and send each frame at the same moment.
     let barrier = std::sync::Barrier::new(2);
     let together: Vec<Vec<Tensor>> = std::thread::scope(|scope| {
         let handles: Vec<_> = scripts
@@ -258,9 +261,18 @@ fn streams_with_the_full_vae_batched_equal_each_alone() {
             assert_eq!(abs_err(x, y).0, 0.0, "stream {k}, frame {i}");
         }
     }
-    let unet = models.batcher().counts();
-    assert_eq!(unet.calls, 10);
-    assert!(unet.shared_calls >= 2, "{unet:?}");
+    for network in [
+        SharedNetwork::UNet,
+        SharedNetwork::Encode,
+        SharedNetwork::Decode,
+    ] {
+        let counts = models.batcher().counts_of(network);
+        assert_eq!(
+            (counts.calls, counts.batches, counts.shared_calls),
+            (10, 5, 10),
+            "{network:?}: {counts:?}"
+        );
+    }
 }
 
 #[test]
