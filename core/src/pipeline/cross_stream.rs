@@ -702,7 +702,8 @@ impl CrossStreamBatcher {
                     continue;
                 }
             }
-            if pays && let Some((until, exploring)) = self.hold_until(&s, &first_kind, now) {
+            let worth = pays || Self::exploring(&s, &first_kind);
+            if worth && let Some((until, exploring)) = self.hold_until(&s, &first_kind, now) {
                 if exploring && let Some(fit) = s.costs.get_mut(&first_kind.cost_key()) {
                     fit.exploring_holds += 1;
                 }
@@ -726,20 +727,23 @@ impl CrossStreamBatcher {
     /// Whether one batched call costs less than calls of their own: the measured cost has a
     /// fixed part above 5 % of a call of `rows` rows (a GPU's launches). Where it has not (a CPU,
     /// whose cost grows with the rows), calls side by side use its cores better than calls in
-    /// turn. Until a shared batch has been measured, batching is assumed to pay.
+    /// turn. Until a shared batch has been measured, batching is assumed to pay on a GPU and
+    /// not on a CPU.
     fn batching_pays(s: &BatchState, kind: &BatchKind, rows: usize, device: &Device) -> bool {
         if let Some(pays) = s.pays_override {
             return pays;
+        }
+        if s.lockstep_for_tests.is_some() {
+            return true;
         }
         match s.costs.get(&kind.cost_key()) {
             Some(fit) if fit.shared && fit.seconds.len() >= 2 => match fit.line() {
                 Some((a, b)) => a > 0.05 * (a + b * rows as f64),
                 None => true,
             },
-            // Not measured after all its tries: a GPU's calls are launch-bound, a CPU's are not.
-            Some(fit) if fit.exploring_holds >= EXPLORING_HOLDS => !device.is_cpu(),
-            // Not known yet: batch, so that a shared batch gets measured.
-            _ => true,
+            // Not measured (yet, or after all its tries): a GPU's calls are launch-bound, a CPU's
+            // are not. The holds of `exploring` try to measure a shared batch meanwhile.
+            _ => !device.is_cpu(),
         }
     }
 
@@ -1224,8 +1228,10 @@ mod tests {
     #[test]
     fn batching_pays_where_a_batch_has_a_fixed_cost() {
         let mut s = BatchState::default();
-        // Nothing measured, or one stream's calls only: assumed to pay, to find out.
-        assert!(CrossStreamBatcher::batching_pays(
+        // Nothing measured, or one stream's calls only: on a CPU assumed not to pay, while the
+        // batcher explores.
+        assert!(CrossStreamBatcher::exploring(&s, &kind()));
+        assert!(!CrossStreamBatcher::batching_pays(
             &s,
             &kind(),
             2,
@@ -1236,7 +1242,7 @@ mod tests {
         fit.record(4, 0.020);
         s.costs.insert(kind(), fit.clone());
         assert!(CrossStreamBatcher::exploring(&s, &kind()));
-        assert!(CrossStreamBatcher::batching_pays(
+        assert!(!CrossStreamBatcher::batching_pays(
             &s,
             &kind(),
             2,
@@ -1283,6 +1289,14 @@ mod tests {
             ..kind()
         };
         assert!(with_control.joins(&kind()) && with_control.cost_key() == kind());
+        // A test's lockstep batches whatever the costs.
+        s.lockstep_for_tests = Some(2);
+        assert!(CrossStreamBatcher::batching_pays(
+            &s,
+            &kind(),
+            2,
+            &Device::Cpu
+        ));
         s.pays_override = Some(false);
         assert!(!CrossStreamBatcher::batching_pays(
             &s,
