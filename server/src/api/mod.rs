@@ -67,6 +67,7 @@ mod playback;
 mod record;
 mod replay;
 mod routes;
+mod run;
 mod scope;
 mod state;
 #[cfg(test)]
