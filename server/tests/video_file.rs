@@ -15,16 +15,29 @@ use sdstream_server::video_file::decode::VideoTrackInfo;
 use sdstream_server::video_file::{Mp4Input, TrackKind, VideoDecoder, VideoFileError};
 use video::{ffmpeg, fixtures, output_of, probe, root, scratch, video};
 
-/// The binary with the tiny checkpoint at 64×64 (model paths: `run` is a local tool).
+/// The engine settings of the tiny checkpoint (model paths: `run` is a local tool).
+fn tiny_settings() -> serde_json::Value {
+    serde_json::json!({
+        "vae": fixtures().join("tiny-taesd"),
+        "allow_any_resolution": true,
+    })
+}
+
+/// The binary with the tiny checkpoint at 64×64.
 fn run(input: &Path, output: &Path, extra: &[&str]) -> (bool, i32, String) {
+    run_with(input, output, &tiny_settings(), extra)
+}
+
+fn run_with(
+    input: &Path,
+    output: &Path,
+    settings: &serde_json::Value,
+    extra: &[&str],
+) -> (bool, i32, String) {
     let params = serde_json::json!({
         "model_id": fixtures().join("tiny-sd-turbo"),
         "width": 64,
         "height": 64,
-    });
-    let settings = serde_json::json!({
-        "vae": fixtures().join("tiny-taesd"),
-        "allow_any_resolution": true,
     });
     let out = Command::new(env!("CARGO_BIN_EXE_sdstream"))
         .arg("run")
@@ -241,6 +254,33 @@ fn run_writes_png_frames_and_reads_picture_folders() {
         assert_eq!(duration, "0.666667");
         assert_eq!(pts.len(), 16);
     }
+}
+
+#[test]
+fn an_upscaling_postprocessor_sizes_the_output_video() {
+    // Real-ESRGAN (the tiny stand-in under model-root) doubles the stream's 64×64: the video
+    // track is 128×128, and so are its pictures.
+    let dir = scratch("run-upscale");
+    let output = dir.join("out.mp4");
+    let mut settings = tiny_settings();
+    settings["model_root"] = serde_json::json!(fixtures().join("model-root"));
+    let chain = r#"{"image_postprocessing": {"enabled": true, "processors": [{"type": "realesrgan_trt"}]}}"#;
+    let (ok, code, stderr) = run_with(
+        &video("bframes.mp4"),
+        &output,
+        &settings,
+        &["--params", chain],
+    );
+    assert!(ok, "exit {code}:\n{stderr}");
+    let out = Mp4Input::open(&output).expect("output");
+    let track = video_track(&out);
+    assert_eq!(
+        (track.header.width >> 16, track.header.height >> 16),
+        (128, 128)
+    );
+    let pictures = decode_all(&output);
+    assert_eq!(pictures.len(), 16);
+    assert!(pictures.iter().all(|p| (p.width, p.height) == (128, 128)));
 }
 
 #[test]

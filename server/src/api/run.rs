@@ -577,7 +577,10 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), String> {
         args.output.display()
     );
     let mut sink = match sink {
-        Some((spec, copied, movie_timescale, times, fps, source_path)) => {
+        Some((mut spec, copied, movie_timescale, times, fps, source_path)) => {
+            // The stream's output size (a postprocessor such as realesrgan_trt doubles it).
+            let (out_w, out_h) = stream.output_size();
+            (spec.width, spec.height) = (out_w as u16, out_h as u16);
             let timescale = spec.timescale;
             let out = Mp4Output::create(
                 &args.output,
