@@ -611,7 +611,11 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), String> {
     catch_interrupts();
     let frames = spawn_reader(source);
     let mut progress = Progress::new(total);
-    progress.update(0);
+    // On a terminal the line appears with the first frame: OpenH264 prints a warning of its own
+    // when its encoder starts, which would land in the middle of it.
+    if !progress.tty {
+        progress.update(0);
+    }
     let mut done = 0usize;
     for frame in frames.iter() {
         if INTERRUPTED.load(Ordering::SeqCst) {
