@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command named in README.md: everything a contributor runs before pushing.
-#   1. the Rust workspace's tests (which also build the examples the Python tests compare with);
+#   1. the Rust workspace's tests (which also build the examples the Python tests compare with;
+#      `sdstream run`'s tests compare its files with FFmpeg's reading of them, as step 3 does:
+#      $FFMPEG/$FFPROBE or from PATH, SDSTREAM_SKIP_FFMPEG=1 skips those checks);
 #   2. the Python module: a virtualenv (target/py-venv, or $SDSTREAM_PY_VENV) with the pinned
 #      tools of python/requirements-test.txt, the module built by maturin as an abi3 wheel (dev
 #      profile, so the optimised dependencies of step 1 are reused) and installed by pip, then

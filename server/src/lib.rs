@@ -8,12 +8,16 @@
 //!   sessions (one connection both ways, with a control data channel).
 //! * [`rtmp`]: RTMP ingest into a stream and RTMP push of its output.
 //! * [`hls`]: a stream's output as HLS (MPEG-TS segments and a live playlist).
+//! * [`video_file`]: MP4 files in and out (our bounded reader, H.264 through OpenH264, audio
+//!   copied through) for `sdstream run`.
 //! * [`api`]: Daydream's HTTP API over engines, the Scope-style session and the control page;
-//!   its [`api::main`] is the `sdstream` binary (`sdstream serve`, `sdstream replay`).
+//!   its [`api::main`] is the `sdstream` binary (`sdstream serve`, `sdstream run`,
+//!   `sdstream replay`).
 
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod hls;
 pub mod rtmp;
+pub mod video_file;
 pub mod webrtc;

@@ -1,5 +1,6 @@
-//! The `sdstream` command line: `serve` (the server, until SIGINT or SIGTERM) and `replay`
-//! (a recorded stream through a fresh engine).
+//! The `sdstream` command line: `serve` (the server, until SIGINT or SIGTERM), `run` (a video
+//! file through one stream into a video file) and `replay` (a recorded stream through a fresh
+//! engine).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -20,10 +21,13 @@ const USAGE: &str = "\
 sdstream: real-time StreamDiffusion behind Daydream's HTTP API, with WHIP ingest and WHEP playback
 
 usage: sdstream serve [FLAGS]        run the server (until SIGINT or SIGTERM)
+       sdstream run --input PATH --output PATH [FLAGS]
+                                     a video file (or a folder of pictures) through one stream
+                                     into a video file (or a folder of PNG frames)
        sdstream replay --record DIR  run a recorded stream through a fresh engine and compare
        sdstream --version
 
-`sdstream serve --help` lists the server's flags.";
+`sdstream serve --help` and `sdstream run --help` list their flags.";
 
 const SERVE_USAGE: &str = "\
 usage: sdstream serve [FLAGS]   (--flag value or --flag=value)
@@ -114,6 +118,7 @@ pub(crate) enum Command {
     Help(&'static str),
     Version,
     Serve(Box<ServeArgs>),
+    Run(Box<super::run::RunArgs>),
     Replay(Vec<String>),
 }
 
@@ -134,6 +139,10 @@ pub(crate) fn parse(args: &[String], env_instance: Option<String>) -> Result<Com
         "-h" | "--help" | "help" => Ok(Command::Help(USAGE)),
         "-V" | "--version" => Ok(Command::Version),
         "replay" => Ok(Command::Replay(rest.to_vec())),
+        "run" => Ok(match super::run::parse(rest)? {
+            Some(args) => Command::Run(Box::new(args)),
+            None => Command::Help(super::run::USAGE),
+        }),
         "serve" => parse_serve(rest, env_instance),
         other => Err(format!("unknown command {other:?}\n\n{USAGE}")),
     }
@@ -523,6 +532,10 @@ pub fn main(args: Vec<String>) -> ExitCode {
             Ok(())
         }
         Command::Replay(rest) => super::replay::run(&rest),
+        Command::Run(args) => {
+            init_logs();
+            super::run::run(&args)
+        }
         Command::Serve(args) => {
             init_logs();
             tokio::runtime::Builder::new_multi_thread()

@@ -69,6 +69,7 @@ mod playback;
 mod record;
 mod replay;
 mod routes;
+mod run;
 mod scope;
 mod state;
 #[cfg(test)]

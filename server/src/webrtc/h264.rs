@@ -2,7 +2,10 @@
 //!
 //! The encoder makes constrained-baseline streams (no B-frames, CAVLC, one slice group), which
 //! every WebRTC endpoint decodes; the decoder takes whatever a browser or aiortc publishes in
-//! the profiles OpenH264 decodes (baseline, constrained baseline, main without interlace).
+//! the profiles OpenH264 decodes (baseline, constrained baseline, main and high without
+//! interlace, 8-bit 4:2:0). [`H264Decoder::decode_tagged`] carries a tag through the decoder's
+//! reordering, so that a file reader can put B-frame streams in presentation order by its
+//! container's times.
 
 use openh264::OpenH264API;
 use openh264::decoder::{Decoder, DecoderConfig, Flush};
@@ -23,6 +26,32 @@ pub struct DecodedPicture {
     pub height: usize,
     /// `width × height × 3` bytes.
     pub rgb: Vec<u8>,
+}
+
+/// A decoded 8-bit 4:2:0 picture, planes packed (no padding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YuvPicture {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `width × height` luma samples.
+    pub y: Vec<u8>,
+    /// `⌈width/2⌉ × ⌈height/2⌉` Cb samples.
+    pub u: Vec<u8>,
+    /// `⌈width/2⌉ × ⌈height/2⌉` Cr samples.
+    pub v: Vec<u8>,
+}
+
+impl YuvPicture {
+    /// The planes one after the other (FFmpeg's `yuv420p` raw layout).
+    pub fn to_i420(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.y.len() + self.u.len() + self.v.len());
+        out.extend_from_slice(&self.y);
+        out.extend_from_slice(&self.u);
+        out.extend_from_slice(&self.v);
+        out
+    }
 }
 
 /// Decodes Annex-B access units (one picture each) to RGB.
@@ -61,6 +90,156 @@ impl H264Decoder {
             DecodedPicture { width, height, rgb }
         }))
     }
+}
+
+impl H264Decoder {
+    /// Decodes one access unit (Annex-B) tagged with `tag`, and returns the picture the decoder
+    /// hands out now, if any, with the tag of the access unit it was decoded from: with
+    /// B-frames, pictures come out later than their access units went in, in an order OpenH264
+    /// guesses from picture order counts. The caller orders them by their tags.
+    pub fn decode_tagged(
+        &mut self,
+        access_unit: &[u8],
+        tag: u64,
+    ) -> Result<Option<(u64, YuvPicture)>, TransportError> {
+        let len = i32::try_from(access_unit.len())
+            .map_err(|_| TransportError::Codec("H.264 decode: access unit over 2 GiB".into()))?;
+        let mut dst = [std::ptr::null_mut::<u8>(); 3];
+        let mut info = openh264_sys2::SBufferInfo {
+            uiInBsTimeStamp: tag,
+            ..Default::default()
+        };
+        // SAFETY: the decoder is initialised (Decoder::with_api_config); the source pointer and
+        // length describe `access_unit`, which OpenH264 only reads during the call; `dst` and
+        // `info` are valid for writes.
+        let state = unsafe {
+            self.decoder.raw_api().decode_frame_no_delay(
+                access_unit.as_ptr(),
+                len,
+                dst.as_mut_ptr(),
+                &raw mut info,
+            )
+        };
+        check_state(state)?;
+        // SAFETY: `dst` and `info` are what the call above filled in.
+        unsafe { copy_picture(&dst, &info) }
+    }
+
+    /// After the last access unit: the next picture still held for reordering, if any.
+    pub fn flush_tagged(&mut self) -> Result<Option<(u64, YuvPicture)>, TransportError> {
+        let mut remaining: openh264_sys2::DECODER_OPTION = 0;
+        // SAFETY: the decoder is initialised; the option is an int the call writes.
+        unsafe {
+            self.decoder.raw_api().get_option(
+                openh264_sys2::DECODER_OPTION_NUM_OF_FRAMES_REMAINING_IN_BUFFER,
+                (&raw mut remaining).cast(),
+            );
+        }
+        if remaining <= 0 {
+            return Ok(None);
+        }
+        let mut dst = [std::ptr::null_mut::<u8>(); 3];
+        let mut info = openh264_sys2::SBufferInfo::default();
+        // SAFETY: as in decode_tagged.
+        let state = unsafe {
+            self.decoder
+                .raw_api()
+                .flush_frame(dst.as_mut_ptr(), &raw mut info)
+        };
+        check_state(state)?;
+        // SAFETY: `dst` and `info` are what the call above filled in.
+        unsafe { copy_picture(&dst, &info) }
+    }
+}
+
+/// An OpenH264 decoding state as an error, naming its flags; 0 (and "frame pending") are fine.
+fn check_state(state: openh264_sys2::DECODING_STATE) -> Result<(), TransportError> {
+    let flags = state & !openh264_sys2::dsFramePending;
+    if flags == 0 {
+        return Ok(());
+    }
+    let names = [
+        (openh264_sys2::dsRefLost, "reference lost"),
+        (openh264_sys2::dsBitstreamError, "bitstream error"),
+        (openh264_sys2::dsDepLayerLost, "dependent layer lost"),
+        (openh264_sys2::dsNoParamSets, "no parameter sets"),
+        (openh264_sys2::dsDataErrorConcealed, "data error concealed"),
+        (openh264_sys2::dsRefListNullPtrs, "reference list broken"),
+        (openh264_sys2::dsInvalidArgument, "invalid argument"),
+        (
+            openh264_sys2::dsInitialOptExpected,
+            "decoder not initialised",
+        ),
+        (openh264_sys2::dsOutOfMemory, "out of memory"),
+        (openh264_sys2::dsDstBufNeedExpan, "output buffer too small"),
+    ];
+    let said: Vec<&str> = names
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    Err(TransportError::Codec(format!(
+        "OpenH264 reports {} (state {state:#x})",
+        if said.is_empty() {
+            "an error".to_owned()
+        } else {
+            said.join(", ")
+        }
+    )))
+}
+
+/// Copies the picture OpenH264 handed out (if `info` says it did) out of the decoder's buffers.
+///
+/// # Safety
+///
+/// `dst` and `info` must be what a decode or flush call of the decoder just filled in, with no
+/// call to the decoder since.
+unsafe fn copy_picture(
+    dst: &[*mut u8; 3],
+    info: &openh264_sys2::SBufferInfo,
+) -> Result<Option<(u64, YuvPicture)>, TransportError> {
+    if info.iBufferStatus != 1 || dst.iter().any(|p| p.is_null()) {
+        return Ok(None);
+    }
+    // SAFETY: iBufferStatus 1 means the union holds the system-memory buffer description.
+    let buffer = unsafe { info.UsrData.sSystemBuffer };
+    if buffer.iFormat != openh264_sys2::videoFormatI420 {
+        return Err(TransportError::Codec(format!(
+            "H.264 decode: output format {} (I420 expected)",
+            buffer.iFormat
+        )));
+    }
+    let (width, height) = (
+        buffer.iWidth.max(0) as usize,
+        buffer.iHeight.max(0) as usize,
+    );
+    let (y_stride, c_stride) = (
+        buffer.iStride[0].max(0) as usize,
+        buffer.iStride[1].max(0) as usize,
+    );
+    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+    if width == 0 || height == 0 || y_stride < width || c_stride < cw {
+        return Err(TransportError::Codec(format!(
+            "H.264 decode: a {width}x{height} picture with strides {y_stride}/{c_stride}"
+        )));
+    }
+    let plane = |p: *mut u8, w: usize, h: usize, stride: usize| {
+        let mut out = Vec::with_capacity(w * h);
+        for row in 0..h {
+            // SAFETY: OpenH264's planes hold `h` rows of `stride` bytes, each row's first `w`
+            // pixels visible; they stay valid until the next call to the decoder.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(p.add(row * stride), w) });
+        }
+        out
+    };
+    let picture = YuvPicture {
+        width,
+        height,
+        y: plane(dst[0], width, height, y_stride),
+        u: plane(dst[1], cw, ch, c_stride),
+        v: plane(dst[2], cw, ch, c_stride),
+    };
+    Ok(Some((info.uiOutYuvTimeStamp, picture)))
 }
 
 /// Encoder settings.
