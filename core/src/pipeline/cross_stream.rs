@@ -280,7 +280,7 @@ struct Member {
     last_thread: Option<ThreadId>,
     /// Exponential average of the spacing of its calls.
     interval: Option<Duration>,
-    /// Its frame budget: the settings', else the spacing of its input frames.
+    /// Its frame budget as set in its settings (`frame_budget_ms`), which admission holds it to.
     budget: Option<Duration>,
     /// Its frame's work besides the UNet call (encode, decode, ControlNets, pre/post).
     other_work: Option<Duration>,
@@ -1094,7 +1094,8 @@ impl Admission {
 }
 
 /// Whether a new stream of `label` with frame budget `budget` (`None`: the tightest budget of
-/// the streams it joins) keeps every stream of its model and size within its budget, predicted
+/// the streams it joins) keeps every stream of its model and size within its budget (the
+/// budgets set with `frame_budget_ms`; streams without one are not refused for time), predicted
 /// from the batches measured so far: a round (one frame of each) costs a batched UNet call of
 /// all their rows plus every stream's other work.
 pub fn admission(label: &MemberLabel, budget: Option<Duration>) -> Admission {

@@ -48,10 +48,10 @@ stderr; their filter is SDSTREAM_LOG or RUST_LOG (default: sdstream=info,warn).
                               loopback and private addresses (a LAN set-up); link-local
                               ones stay refused
   --max-streams N             most streams at once; more are refused with 429 (default 8).
-                              Below it, a stream that would push the streams of its model
-                              and size past their frame budgets (measured; the settings'
-                              frame_budget_ms, else each stream's input spacing) is refused
-                              with 429 STREAMS/NO_CAPACITY and the figures
+                              Below it, with frame_budget_ms in --settings, a stream that
+                              would push the streams of its model and size past that budget
+                              (by their measured costs) is refused with 429
+                              STREAMS/NO_CAPACITY and the figures
   --input-timeout SECONDS     no frame for this long: DEGRADED_INPUT (default 3)
   --idle-timeout SECONDS      delete a stream with no publisher and no media for this long;
                               0: never (default 120)

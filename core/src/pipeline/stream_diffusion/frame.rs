@@ -113,7 +113,10 @@ impl StreamDiffusion {
         if let (Ok(_), Some(member)) = (&result, &self.batch) {
             // The frame's own work besides its UNet call (not the time it queued before).
             let other_work = started.elapsed().saturating_sub(self.timings.unet);
-            member.frame_done(budget, other_work);
+            // Admission holds streams to budgets someone set; the spacing of the input frames
+            // orders the scheduler's work, but it would refuse every stream past the first
+            // on a machine that serves one at its input rate.
+            member.frame_done(self.settings.frame_budget(), other_work);
         }
         result
     }
