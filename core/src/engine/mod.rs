@@ -45,6 +45,7 @@ pub use crate::status::{EngineState, EngineStatus, StageMillis};
 use crate::status::{epoch_ms, epoch_us};
 use build_thread::same_networks;
 use pipeline::{PipelineFactory, StreamDiffusionFactory};
+pub(crate) use state::panic_message;
 use state::{BuildKind, Claim, Inner, Job, PackedFrame, Shared, closed_error};
 pub use types::{DropPolicy, EngineOptions, FrameId, Output, Submission};
 

@@ -400,7 +400,7 @@ pub(super) fn params_json(params: &StreamDiffusionParams) -> serde_json::Value {
 }
 
 /// The message a panic carried.
-pub(super) fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -778,7 +778,7 @@ impl CrossStreamBatcher {
                 Err(Error::State(format!(
                     "the batched {:?} call panicked: {}",
                     batch[0].kind.network,
-                    panic_text(panic.as_ref())
+                    crate::engine::panic_message(panic.as_ref())
                 )))
             });
         let elapsed = started.elapsed();
@@ -884,16 +884,6 @@ impl CrossStreamBatcher {
             self.device.synchronize()?;
         }
         Ok(())
-    }
-}
-
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(no message)".to_owned()
     }
 }
 

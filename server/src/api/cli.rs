@@ -174,16 +174,7 @@ fn parse_serve(args: &[String], env_instance: Option<String>) -> Result<Command,
         scope_requires_token: true,
         record: None,
     };
-    // `--flag value` and `--flag=value` alike.
-    let split: Vec<String> = args
-        .iter()
-        .flat_map(|arg| match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                vec![flag.to_owned(), value.to_owned()]
-            }
-            _ => vec![arg.clone()],
-        })
-        .collect();
+    let split = split_flag_values(args);
     let mut it = split.iter();
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
@@ -553,4 +544,16 @@ pub fn main(args: Vec<String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The arguments with `--flag=value` split into `--flag value`, so that both forms read alike.
+pub(crate) fn split_flag_values(args: &[String]) -> Vec<String> {
+    args.iter()
+        .flat_map(|arg| match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                vec![flag.to_owned(), value.to_owned()]
+            }
+            _ => vec![arg.clone()],
+        })
+        .collect()
 }

@@ -86,15 +86,7 @@ fn parse_fps(value: &str) -> Result<(u32, u32), String> {
 
 /// Parses `sdstream run`'s flags (`args` after `run`); `Ok(None)` for `--help`.
 pub(crate) fn parse(args: &[String]) -> Result<Option<RunArgs>, String> {
-    let split: Vec<String> = args
-        .iter()
-        .flat_map(|arg| match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                vec![flag.to_owned(), value.to_owned()]
-            }
-            _ => vec![arg.clone()],
-        })
-        .collect();
+    let split = super::cli::split_flag_values(args);
     let (mut input, mut output, mut settings) = (None, None, None);
     let mut params = Vec::new();
     let mut fps = (30, 1);
