@@ -48,6 +48,9 @@ pub struct Conv2d {
     /// Whether maps are `[B, H, W, C]` ([`Conv2d::into_channels_last`]); with the CPU kernels
     /// the weight is then kept as `[kh, kw, C_in, C_out]`.
     channels_last: bool,
+    /// The weight is kept as `[C_out, kh, kw, C_in]` for cuDNN's channels-last convolution
+    /// (a channels-last layer made on a CUDA device with the `cudnn` feature).
+    cudnn_filter: bool,
     /// The weight `[C_out, C_in·kh·kw]` packed for bf16 products, made on the first one
     /// (channels-first CPU kernel only; see [`super::gemm_bf16`]).
     packed_bf16: Arc<OnceLock<PackedA>>,
@@ -113,6 +116,7 @@ impl Conv2d {
             stride,
             padding,
             channels_last: false,
+            cudnn_filter: false,
             packed_bf16: Default::default(),
             winograd: Default::default(),
         })
@@ -148,6 +152,7 @@ impl Conv2d {
             stride,
             padding,
             channels_last: false,
+            cudnn_filter: false,
             packed_bf16: Default::default(),
             winograd: Default::default(),
         })
@@ -162,18 +167,27 @@ impl Conv2d {
     /// and returns `[B, H_out, W_out, C_out]`. With the CPU kernels it runs
     /// [`super::conv_channels_last`], which writes no im2col matrix (the faster layout for few
     /// channels at large sizes); elsewhere the maps are permuted around candle's convolution.
+    ///
+    /// On a CUDA device with the `cudnn` feature (and sdstream's CUDA kernels allowed) the
+    /// weight is laid out once as `[C_out, kh, kw, C_in]`, and the maps go to cuDNN's NHWC
+    /// convolution as they are ([`super::cudnn_conv::conv2d_channels_last`]).
     pub fn into_channels_last(self) -> candle_core::Result<Self> {
         if self.channels_last {
             return Ok(self);
         }
-        let weight = if cpu_kernels(self.weight.device()) {
+        let device = self.weight.device().clone();
+        let cudnn_filter = cfg!(feature = "cudnn") && super::cuda_kernels(&device);
+        let weight = if cpu_kernels(&device) {
             self.weight.permute((2, 3, 1, 0))?.contiguous()?
+        } else if cudnn_filter {
+            self.weight.permute((0, 2, 3, 1))?.contiguous()?
         } else {
             self.weight
         };
         Ok(Self {
             weight,
             channels_last: true,
+            cudnn_filter,
             packed_bf16: Default::default(),
             winograd: Default::default(),
             ..self
@@ -249,7 +263,10 @@ impl Conv2d {
     pub fn output_size(&self, h: usize, w: usize, upsample: usize) -> (usize, usize, usize) {
         let dims = self.weight.dims();
         // [C_out, C_in, kh, kw], or [kh, kw, C_in, C_out] once relaid for the channels-last kernel.
-        let (kh, kw, c_out) = if self.channels_last && cpu_kernels(self.weight.device()) {
+        let (kh, kw, c_out) = if self.cudnn_filter {
+            // [C_out, kh, kw, C_in], cuDNN's NHWC filter.
+            (dims[1], dims[2], dims[0])
+        } else if self.channels_last && cpu_kernels(self.weight.device()) {
             (dims[0], dims[1], dims[3])
         } else {
             (dims[2], dims[3], dims[0])
@@ -268,6 +285,24 @@ impl Conv2d {
     /// Whether the convolution takes and returns channels-last maps.
     pub fn is_channels_last(&self) -> bool {
         self.channels_last
+    }
+
+    /// The weight in the checkpoint's shape `[C_out, C_in, kh, kw]`: the layer's own tensor,
+    /// or a view of it where the layer keeps it laid out otherwise (so that a table of the
+    /// network's weights can keep the layer's storage instead of a copy of its own).
+    pub fn weight_as_checkpoint(&self) -> candle_core::Result<Tensor> {
+        if self.cudnn_filter {
+            self.weight.permute((0, 3, 1, 2))
+        } else if self.channels_last && self.weight_is_hwio() {
+            self.weight.permute((3, 2, 0, 1))
+        } else {
+            Ok(self.weight.clone())
+        }
+    }
+
+    /// Whether the weight is kept `[kh, kw, C_in, C_out]` (for the CPU's channels-last kernel).
+    fn weight_is_hwio(&self) -> bool {
+        self.channels_last && !self.cudnn_filter && cpu_kernels(self.weight.device())
     }
 
     /// Convolves the nearest-neighbour `factor`× upsampling of `xs` (torch's
@@ -301,7 +336,17 @@ impl Conv2d {
             };
             return ys.to_dtype(dtype);
         }
-        let ys = if self.channels_last {
+        #[cfg(feature = "cudnn")]
+        let ys = if self.cudnn_filter && super::cuda_kernels(xs.device()) {
+            Some(self.cudnn_channels_last(xs, factor)?)
+        } else {
+            None
+        };
+        #[cfg(not(feature = "cudnn"))]
+        let ys: Option<Tensor> = None;
+        let ys = if let Some(ys) = ys {
+            ys
+        } else if self.channels_last {
             let xs = xs.permute((0, 3, 1, 2))?;
             self.forward_channels_first(&xs, factor)?
                 .permute((0, 2, 3, 1))?
@@ -411,9 +456,47 @@ impl Conv2d {
         Ok(Some(slot.get_or_init(|| Arc::new(transformed))))
     }
 
+    /// Channels-last maps through cuDNN's NHWC convolution with the weight laid out for it:
+    /// the nearest upsampling (when asked for) as one broadcast copy, uneven padding as zeros
+    /// around the map, the bias added in place over the channels.
+    #[cfg(feature = "cudnn")]
+    fn cudnn_channels_last(&self, xs: &Tensor, factor: usize) -> candle_core::Result<Tensor> {
+        let xs = if factor == 1 {
+            xs.clone()
+        } else {
+            upsample_nearest_channels_last(xs, factor)?
+        };
+        let p = self.padding;
+        let (xs, pad) = if p.is_uniform() {
+            (xs, p.top)
+        } else {
+            let padded = xs
+                .pad_with_zeros(1, p.top, p.bottom)?
+                .pad_with_zeros(2, p.left, p.right)?;
+            (padded, 0)
+        };
+        let ys = super::cudnn_conv::conv2d_channels_last(&xs, &self.weight, pad, self.stride)?;
+        if self.has_bias {
+            add_fresh(ys, &self.bias, 1)
+        } else {
+            Ok(ys)
+        }
+    }
+
+    /// The weight as `[C_out, C_in, kh, kw]` for candle's convolution (a copy where the layer
+    /// keeps it laid out for cuDNN's NHWC kernels and those are off for this call).
+    fn weight_oihw(&self) -> candle_core::Result<Tensor> {
+        if self.cudnn_filter {
+            self.weight.permute((0, 3, 1, 2))?.contiguous()
+        } else {
+            Ok(self.weight.clone())
+        }
+    }
+
     /// candle's convolution: what other devices run (on CUDA with the `cudnn` feature, cuDNN
     /// with f32 accumulation, [`super::cudnn_conv`]).
     fn portable(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let weight = self.weight_oihw()?;
         let p = self.padding;
         let (xs, pad) = if p.is_uniform() {
             (xs.clone(), p.top)
@@ -425,12 +508,12 @@ impl Conv2d {
         };
         #[cfg(feature = "cudnn")]
         let ys = if super::cuda_kernels(xs.device()) {
-            super::cudnn_conv::conv2d(&xs, &self.weight, pad, self.stride)?
+            super::cudnn_conv::conv2d(&xs, &weight, pad, self.stride)?
         } else {
-            xs.conv2d(&self.weight, pad, self.stride, 1, 1)?
+            xs.conv2d(&weight, pad, self.stride, 1, 1)?
         };
         #[cfg(not(feature = "cudnn"))]
-        let ys = xs.conv2d(&self.weight, pad, self.stride, 1, 1)?;
+        let ys = xs.conv2d(&weight, pad, self.stride, 1, 1)?;
         if self.has_bias {
             let (_, _, h, w) = ys.dims4()?;
             add_fresh(ys, &self.bias.reshape((1, (), 1, 1))?, h * w)
@@ -438,6 +521,16 @@ impl Conv2d {
             Ok(ys)
         }
     }
+}
+
+/// torch's nearest `factor`× upsampling of a channels-last map `[B, H, W, C]`: every pixel
+/// repeated `factor`×`factor` times, as one broadcast copy.
+pub fn upsample_nearest_channels_last(xs: &Tensor, factor: usize) -> candle_core::Result<Tensor> {
+    let (b, h, w, c) = xs.dims4()?;
+    xs.reshape((b, h, 1, w, 1, c))?
+        .broadcast_as((b, h, factor, w, factor, c))?
+        .contiguous()?
+        .reshape((b, h * factor, w * factor, c))
 }
 
 impl Module for Conv2d {

@@ -6,7 +6,9 @@
 //! accumulates f16 in f16), on tensor cores; f32 tensors with plain FMA math (no TF32), so that
 //! the f32 goldens hold on the GPU as on the CPU. Each geometry's descriptors and algorithm
 //! (the implicit-precomputed GEMM, else cuDNN's heuristic choice) are made once per thread and
-//! reused every frame.
+//! reused every frame. Maps may be channels first (NCHW) or, for networks that keep them so,
+//! channels last (NHWC, with filters `[C_out, kh, kw, C_in]`): cuDNN's tensor-core kernels
+//! compute in NHWC and transpose NCHW operands around every call.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -32,16 +34,47 @@ pub fn conv2d(
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
-    x.apply_op2_no_bwd(&weight, &CudnnConv { padding, stride })
+    x.apply_op2_no_bwd(
+        &weight,
+        &CudnnConv {
+            padding,
+            stride,
+            channels_last: false,
+        },
+    )
+}
+
+/// The same convolution over channels-last maps: `x` `[B, H, W, C_in]`, `weight` `[C_out, kh,
+/// kw, C_in]` (cuDNN's NHWC filter layout), returning `[B, H_out, W_out, C_out]`. The layout
+/// cuDNN's tensor-core kernels compute in, so that no transposes run around the call.
+pub fn conv2d_channels_last(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    x.apply_op2_no_bwd(
+        &weight,
+        &CudnnConv {
+            padding,
+            stride,
+            channels_last: true,
+        },
+    )
 }
 
 struct CudnnConv {
     padding: usize,
     stride: usize,
+    /// Maps `[B, H, W, C]` and filters `[C_out, kh, kw, C_in]` (cuDNN's NHWC format).
+    channels_last: bool,
 }
 
-/// One geometry: (device, dtype, input dims, weight dims, padding, stride).
-type Key = (DeviceId, DType, [usize; 4], [usize; 4], usize, usize);
+/// One geometry: (device, dtype, input dims, weight dims, padding, stride, channels last), the
+/// dims as the tensors hold them.
+type Key = (DeviceId, DType, [usize; 4], [usize; 4], usize, usize, bool);
 
 struct Plan<T: CudnnDataType> {
     conv: ConvDescriptor<f32>,
@@ -50,6 +83,7 @@ struct Plan<T: CudnnDataType> {
     y: TensorDescriptor<T>,
     algo: sys::cudnnConvolutionFwdAlgo_t,
     workspace: usize,
+    /// The output's dims as its tensor holds them (`[B, C, H, W]`, or `[B, H, W, C]`).
     out: [usize; 4],
 }
 
@@ -80,7 +114,15 @@ impl CudnnConv {
         wd: [usize; 4],
     ) -> candle_core::Result<Rc<Plan<T>>> {
         let device_id = dev.id();
-        let key: Key = (device_id, dtype, xd, wd, self.padding, self.stride);
+        let key: Key = (
+            device_id,
+            dtype,
+            xd,
+            wd,
+            self.padding,
+            self.stride,
+            self.channels_last,
+        );
         if let Some(plan) = PLANS.with(|p| p.borrow().get(&key).cloned()) {
             return plan
                 .downcast::<Plan<T>>()
@@ -94,6 +136,13 @@ impl CudnnConv {
             h.borrow_mut().insert(device_id, handle.clone());
             Ok(handle)
         })?;
+        // cuDNN takes dims as (n, c, h, w) whatever the memory layout its format names.
+        let (xd, wd) = if self.channels_last {
+            let ([b, h, w, c], [k, r, s, wc]) = (xd, wd);
+            ([b, c, h, w], [k, wc, r, s])
+        } else {
+            (xd, wd)
+        };
         let [b, c_in, h, w] = xd;
         let [c_out, wc_in, kh, kw] = wd;
         if wc_in != c_in {
@@ -104,7 +153,11 @@ impl CudnnConv {
             candle_core::bail!("sdstream-cudnn-conv: kernel {kh}x{kw} over {h}x{w} (padding {p})");
         }
         let out = [b, c_out, (h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1];
-        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let format = if self.channels_last {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        };
         let mut conv = handle.create_conv2d::<f32>(
             [c_int(p)?, c_int(p)?],
             [c_int(s)?, c_int(s)?],
@@ -120,9 +173,9 @@ impl CudnnConv {
         let to_c = |d: [usize; 4]| -> candle_core::Result<[std::ffi::c_int; 4]> {
             Ok([c_int(d[0])?, c_int(d[1])?, c_int(d[2])?, c_int(d[3])?])
         };
-        let x = handle.create_4d_tensor::<T>(nchw, to_c(xd)?)?;
-        let w = handle.create_4d_filter::<T>(nchw, to_c(wd)?)?;
-        let y = handle.create_4d_tensor::<T>(nchw, to_c(out)?)?;
+        let x = handle.create_4d_tensor::<T>(format, to_c(xd)?)?;
+        let w = handle.create_4d_filter::<T>(format, to_c(wd)?)?;
+        let y = handle.create_4d_tensor::<T>(format, to_c(out)?)?;
         let forward = ConvForward {
             conv: &conv,
             x: &x,
@@ -140,6 +193,12 @@ impl CudnnConv {
                 let algo = forward.pick_algorithm()?;
                 (algo, forward.get_workspace_size(algo)?)
             }
+        };
+        let out = if self.channels_last {
+            let [b, c, h, w] = out;
+            [b, h, w, c]
+        } else {
+            out
         };
         let plan = Rc::new(Plan {
             conv,
@@ -185,8 +244,8 @@ impl CudnnConv {
             w: &plan.w,
             y: &plan.y,
         };
-        // SAFETY: the buffers match the descriptors: contiguous NCHW of the planned dims and
-        // dtype; the workspace holds what cuDNN asked for this algorithm.
+        // SAFETY: the buffers match the descriptors: contiguous NCHW (or NHWC, as planned) of
+        // the planned dims and dtype; the workspace holds what cuDNN asked for this algorithm.
         unsafe {
             forward.launch(
                 plan.algo,

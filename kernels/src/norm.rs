@@ -119,7 +119,8 @@ impl GroupNorm {
                 x.shape()
             );
         }
-        if cpu_kernels(x.device()) {
+        let own_cuda_kernel = cuda_kernels(x.device()) && x.dtype() == self.weight.dtype();
+        if cpu_kernels(x.device()) || own_cuda_kernel {
             let op = GroupNormChannelsLastOp {
                 groups: self.groups,
                 eps: self.eps,
@@ -409,6 +410,51 @@ impl CustomOp3 for GroupNormChannelsLastOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         group_norm_cpu_fwd(self, (s1, l1), (s2, l2), (s3, l3))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        check_groups(self, l1.shape(), l2, l3)?;
+        let norm = cuda::Norm {
+            groups: self.groups,
+            eps: self.eps,
+            silu: self.silu,
+            channels_last: true,
+        };
+        cuda::forward(&norm, (s1, l1), (s2, l2), (s3, l3))
+    }
+}
+
+/// Checks the input's channels (where `Op`'s layout keeps them) against the groups, the weight
+/// and the bias.
+fn check_groups<Op: GroupNormLayout>(
+    op: &Op,
+    shape: &Shape,
+    l2: &Layout,
+    l3: &Layout,
+) -> candle_core::Result<()> {
+    let channels = Op::channels(shape);
+    if op.groups() == 0
+        || !channels.is_multiple_of(op.groups())
+        || l2.shape().elem_count() != channels
+        || l3.shape().elem_count() != channels
+    {
+        candle_core::bail!(
+            "{}: {} groups, weight {:?}, bias {:?}, input {shape:?}",
+            Op::LAYOUT,
+            op.groups(),
+            l2.shape(),
+            l3.shape()
+        )
+    }
+    Ok(())
 }
 
 /// What the two GroupNorm layouts' CPU forwards differ in: where the channels are, and the pass.
@@ -456,19 +502,7 @@ fn group_norm_cpu_fwd<Op: GroupNormLayout>(
     (s3, l3): (&CpuStorage, &Layout),
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let shape = l1.shape();
-    let channels = Op::channels(shape);
-    if !channels.is_multiple_of(op.groups())
-        || l2.shape().elem_count() != channels
-        || l3.shape().elem_count() != channels
-    {
-        candle_core::bail!(
-            "{}: {} groups, weight {:?}, bias {:?}, input {shape:?}",
-            Op::LAYOUT,
-            op.groups(),
-            l2.shape(),
-            l3.shape()
-        )
-    }
+    check_groups(op, shape, l2, l3)?;
     let name = op.name();
     let out = with_float_type!(s1.dtype(), name, |T| T::to_cpu_storage_owned(op.run::<T>(
         contiguous_slice(s1, l1, name)?,
@@ -506,20 +540,14 @@ impl CustomOp3 for GroupNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let shape = l1.shape();
-        let channels = shape.dims()[1];
-        if !channels.is_multiple_of(self.groups)
-            || l2.shape().elem_count() != channels
-            || l3.shape().elem_count() != channels
-        {
-            candle_core::bail!(
-                "GroupNorm: {} groups, weight {:?}, bias {:?}, input {shape:?}",
-                self.groups,
-                l2.shape(),
-                l3.shape()
-            )
-        }
-        cuda::forward(self, (s1, l1), (s2, l2), (s3, l3))
+        check_groups(self, l1.shape(), l2, l3)?;
+        let norm = cuda::Norm {
+            groups: self.groups,
+            eps: self.eps,
+            silu: self.silu,
+            channels_last: false,
+        };
+        cuda::forward(&norm, (s1, l1), (s2, l2), (s3, l3))
     }
 }
 
@@ -544,8 +572,17 @@ mod cuda {
     /// Values below which a chunk is not split further.
     const MIN_CHUNK: usize = 8192;
 
+    /// One GroupNorm: its groups, epsilon, whether SiLU follows, and where the channels are
+    /// (`[B, C, spatial…]`, or `[B, spatial…, C]` when `channels_last`).
+    pub(super) struct Norm {
+        pub groups: usize,
+        pub eps: f64,
+        pub silu: bool,
+        pub channels_last: bool,
+    }
+
     pub(super) fn forward(
-        op: &super::GroupNormOp,
+        op: &Norm,
         x: (&CudaStorage, &Layout),
         weight: (&CudaStorage, &Layout),
         bias: (&CudaStorage, &Layout),
@@ -572,7 +609,7 @@ mod cuda {
     }
 
     fn run<T: CudaDType + DeviceRepr>(
-        op: &super::GroupNormOp,
+        op: &Norm,
         (xs, xl): (&CudaStorage, &Layout),
         (ws, wl): (&CudaStorage, &Layout),
         (bs, bl): (&CudaStorage, &Layout),
@@ -582,8 +619,13 @@ mod cuda {
         let weight = view::<T>(ws, wl, "weight")?;
         let bias = view::<T>(bs, bl, "bias")?;
         let dims = xl.shape().dims();
-        let (batch, channels) = (dims[0], dims[1]);
-        let spatial: usize = dims[2..].iter().product();
+        let (batch, channels, spatial) = if op.channels_last {
+            let rank = dims.len();
+            (dims[0], dims[rank - 1], dims[1..rank - 1].iter().product())
+        } else {
+            (dims[0], dims[1], dims[2..].iter().product::<usize>())
+        };
+        let layout = if op.channels_last { "nhwc_" } else { "" };
         let per_group = channels / op.groups;
         let group_len = per_group * spatial;
         let groups_total = batch * op.groups;
@@ -615,18 +657,28 @@ mod cuda {
             spatial as i64,
         );
         let (eps, silu) = (op.eps as f32, i32::from(op.silu));
-        let stats =
-            dev.get_or_load_custom_func(&format!("group_norm_stats_{suffix}"), MODULE, PTX)?;
+        let stats = dev.get_or_load_custom_func(
+            &format!("group_norm_stats_{layout}{suffix}"),
+            MODULE,
+            PTX,
+        )?;
         let mut builder = stats.builder();
         builder.arg(&x);
         builder.arg(&partial);
         builder.arg(&group_len);
         builder.arg(&chunks);
+        if op.channels_last {
+            builder.arg(&groups);
+            builder.arg(&per_group);
+        }
         // SAFETY: the arguments match the kernel's parameters one for one; every index the
         // kernel forms stays below groups_total · group_len (x) and 3 · groups_total · chunks.
         unsafe { builder.launch(cfg) }.w()?;
-        let apply =
-            dev.get_or_load_custom_func(&format!("group_norm_apply_{suffix}"), MODULE, PTX)?;
+        let apply = dev.get_or_load_custom_func(
+            &format!("group_norm_apply_{layout}{suffix}"),
+            MODULE,
+            PTX,
+        )?;
         let mut builder = apply.builder();
         builder.arg(&x);
         builder.arg(&dst);

@@ -1,5 +1,8 @@
 // Element-wise kernels of kernels/src/ops.rs on a CUDA device.
-//   add_in_place_*: dst[(j·n + i)·inner + k] += src[i] over a contiguous dst of `total` values,
+//   add_in_place_*: dst[(j·n + i)·inner + k] += src[i] over a contiguous dst of `total` values
+//                   cut in slices of `per_slice` values, slice o reading src from o·n on (one
+//                   slice: per_slice = total; several: each image's time embedding over a
+//                   channels-last map),
 //                   in f32 arithmetic rounded once to the storage type (as the CPU kernel and
 //                   candle's broadcast add): biases per channel or per feature, time embeddings
 //                   per (batch, channel), and same-shape residual adds (n = total, inner = 1),
@@ -18,10 +21,10 @@ namespace {
 
 template <typename T>
 __device__ void add_in_place(T *__restrict__ dst, const T *__restrict__ src, const int64_t total,
-                             const int64_t n, const int64_t inner) {
+                             const int64_t n, const int64_t inner, const int64_t per_slice) {
   for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t i = (idx / inner) % n;
+    const int64_t i = (idx / per_slice) * n + ((idx % per_slice) / inner) % n;
     dst[idx] = store<T>(load(dst[idx]) + load(src[i]));
   }
 }
@@ -46,18 +49,21 @@ __device__ void geglu(const T *__restrict__ x, const T *__restrict__ bias, T *__
 }  // namespace
 
 extern "C" __global__ void add_in_place_f32(float *dst, const float *src, const int64_t total,
-                                            const int64_t n, const int64_t inner) {
-  add_in_place(dst, src, total, n, inner);
+                                            const int64_t n, const int64_t inner,
+                                            const int64_t per_slice) {
+  add_in_place(dst, src, total, n, inner, per_slice);
 }
 
 extern "C" __global__ void add_in_place_f16(__half *dst, const __half *src, const int64_t total,
-                                            const int64_t n, const int64_t inner) {
-  add_in_place(dst, src, total, n, inner);
+                                            const int64_t n, const int64_t inner,
+                                            const int64_t per_slice) {
+  add_in_place(dst, src, total, n, inner, per_slice);
 }
 
 extern "C" __global__ void add_in_place_bf16(__nv_bfloat16 *dst, const __nv_bfloat16 *src,
-                                             const int64_t total, const int64_t n, const int64_t inner) {
-  add_in_place(dst, src, total, n, inner);
+                                             const int64_t total, const int64_t n, const int64_t inner,
+                                            const int64_t per_slice) {
+  add_in_place(dst, src, total, n, inner, per_slice);
 }
 
 // GEGLU's entry points: without and with the projection's bias, per storage type.

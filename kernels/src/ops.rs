@@ -31,14 +31,69 @@ pub fn add_fresh(fresh: Tensor, other: &Tensor, inner: usize) -> candle_core::Re
         return fresh.broadcast_add(other);
     }
     let inner = if same_shape { 1 } else { inner };
-    fresh.inplace_op2(other, &AddInPlace { n, inner })?;
+    fresh.inplace_op2(
+        other,
+        &AddInPlace {
+            n,
+            inner,
+            outer: 1,
+        },
+    )?;
     Ok(fresh)
 }
 
-/// `dst[(j·n + i)·inner + k] += src[i]`.
+/// `fresh + other` where `fresh` is `[B, …]` and `other` `[B, …]` holds each image's own
+/// values, shaped to broadcast over its image so that, within image `b`, element `i` of
+/// `other[b]` covers runs of `inner` consecutive elements of `fresh[b]`: a channels-last map
+/// `[B, H, W, C]` plus each image's time embedding `[B, 1, 1, C]` (`inner = 1`), which
+/// [`add_fresh`] cannot express once `B > 1` (its pattern repeats one run of values over the
+/// whole tensor). The same rules for `fresh` as [`add_fresh`].
+pub fn add_fresh_per_batch(
+    fresh: Tensor,
+    other: &Tensor,
+    inner: usize,
+) -> candle_core::Result<Tensor> {
+    let batch = fresh.dim(0)?;
+    if other.dim(0)? != batch {
+        candle_core::bail!(
+            "add per batch: {:?} has not the batch of {:?}",
+            other.shape(),
+            fresh.shape()
+        );
+    }
+    if batch == 1 || fresh.dims() == other.dims() {
+        return add_fresh(fresh, other, inner);
+    }
+    let n = other.elem_count() / batch;
+    let per_image = fresh.elem_count() / batch;
+    let in_place = (cpu_kernels(fresh.device()) || cuda_kernels(fresh.device()))
+        && fresh.is_contiguous()
+        && other.is_contiguous()
+        && fresh.dtype() == other.dtype()
+        && n > 0
+        && inner > 0
+        && per_image.is_multiple_of(n * inner);
+    if !in_place {
+        return fresh.broadcast_add(other);
+    }
+    fresh.inplace_op2(
+        other,
+        &AddInPlace {
+            n,
+            inner,
+            outer: batch,
+        },
+    )?;
+    Ok(fresh)
+}
+
+/// `dst[((o·r + j)·n + i)·inner + k] += src[o·n + i]`: `dst` in `outer` equal slices, slice
+/// `o` taking `src`'s `o`-th run of `n` values repeated (`r` times) with each value over
+/// `inner` consecutive elements.
 struct AddInPlace {
     n: usize,
     inner: usize,
+    outer: usize,
 }
 
 /// Elements per work item of the in-place add.
@@ -46,6 +101,18 @@ const ADD_CHUNK: usize = 1 << 14;
 
 impl AddInPlace {
     fn run<T: WithDType>(&self, dst: &mut [T], src: &[T]) {
+        if self.outer > 1 {
+            let per_slice = dst.len() / self.outer;
+            for (d, s) in dst.chunks_mut(per_slice).zip(src.chunks(self.n)) {
+                self.run_slice(d, s);
+            }
+            return;
+        }
+        self.run_slice(dst, src);
+    }
+
+    /// One slice: `dst[(j·n + i)·inner + k] += src[i]`.
+    fn run_slice<T: WithDType>(&self, dst: &mut [T], src: &[T]) {
         let (n, inner) = (self.n, self.inner);
         if src.len() == dst.len() && inner == 1 {
             for_each_row(dst, ADD_CHUNK, |chunk_index, out| {
@@ -194,14 +261,17 @@ mod cuda {
         let func = dev.get_or_load_custom_func(&format!("add_in_place_{suffix}"), MODULE, PTX)?;
         let mut builder = func.builder();
         let (total_arg, n, inner) = (total as i64, op.n as i64, op.inner as i64);
+        let per_slice = (total / op.outer.max(1)) as i64;
         builder.arg(&mut dst);
         builder.arg(&src);
         builder.arg(&total_arg);
         builder.arg(&n);
         builder.arg(&inner);
+        builder.arg(&per_slice);
         let cfg = grid_stride(total);
-        // SAFETY: the arguments match the kernel's parameters; it reads src below n (the
-        // caller checked that n · inner divides dst's length) and writes dst below total.
+        // SAFETY: the arguments match the kernel's parameters; it reads src below outer · n
+        // (the caller checked that n · inner divides each of the outer slices of dst) and
+        // writes dst below total.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(())
     }
@@ -593,4 +663,67 @@ pub fn transposed(t: &Tensor) -> candle_core::Result<Tensor> {
         }
         Tensor::from_vec(dst, (cols, rows), t.device())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::KernelPolicy;
+
+    /// The in-place adds against candle's broadcast add, on the CPU kernels and the portable
+    /// path: a bias over the last dimension, a per-channel shift of channels-first maps, the
+    /// same-shape residual, and each image's values over its own channels-last map (three
+    /// images, so that the per-image runs differ from one repeated run).
+    #[test]
+    fn in_place_adds_match_broadcast_adds() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let fresh = || Tensor::randn(0f32, 1.0, (3, 5, 7, 8), &dev);
+        for portable in [false, true] {
+            let policy = KernelPolicy {
+                portable,
+                ..KernelPolicy::process()
+            };
+            policy.scoped(|| -> candle_core::Result<()> {
+                let per_image = Tensor::randn(0f32, 1.0, (3, 1, 1, 8), &dev)?;
+                let x = fresh()?;
+                let want = x.broadcast_add(&per_image)?;
+                let got = add_fresh_per_batch(x.copy()?, &per_image, 1)?;
+                assert_eq!(
+                    (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?,
+                    0.0,
+                    "per image, channels last (portable {portable})"
+                );
+
+                let shift = Tensor::randn(0f32, 1.0, (3, 5, 1, 1), &dev)?;
+                let x = fresh()?;
+                let want = x.broadcast_add(&shift)?;
+                for got in [
+                    add_fresh(x.copy()?, &shift, 7 * 8)?,
+                    add_fresh_per_batch(x.copy()?, &shift, 7 * 8)?,
+                ] {
+                    assert_eq!((got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+                }
+
+                let bias = Tensor::randn(0f32, 1.0, 8, &dev)?;
+                let x = fresh()?;
+                let want = x.broadcast_add(&bias)?;
+                let got = add_fresh(x.copy()?, &bias, 1)?;
+                assert_eq!((got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+
+                let residual = fresh()?;
+                let x = fresh()?;
+                let want = (&x + &residual)?;
+                let got = add_fresh_per_batch(x.copy()?, &residual, 1)?;
+                assert_eq!((got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+                Ok(())
+            })?;
+        }
+        // A batch that does not match is refused, naming both shapes.
+        let err = add_fresh_per_batch(fresh()?, &Tensor::zeros((2, 1, 1, 8), DType::F32, &dev)?, 1)
+            .expect_err("two images' values for three");
+        assert!(err.to_string().contains("[2, 1, 1, 8]"), "{err}");
+        Ok(())
+    }
 }

@@ -64,6 +64,13 @@ pub struct KernelPolicy {
     /// Forward passes on CUDA devices are captured and replayed as CUDA graphs (off with
     /// `SDSTREAM_CUDA_GRAPHS=0`; read by sdstream-models' graph cache).
     pub cuda_graphs: bool,
+    /// The UNet and its ControlNets keep their feature maps channels-last (`[B, H, W, C]`)
+    /// between their layers, on every device (on with `SDSTREAM_CHANNELS_LAST`; read when a
+    /// network loads, which lays its convolution weights out for it). On a CUDA device with
+    /// cuDNN that is the layout its tensor-core convolutions take without transposing around
+    /// every call; on the CPU it checks the same code against the goldens. Off by default
+    /// until a GPU run has measured it (docs/GPU.md).
+    pub channels_last: bool,
 }
 
 impl Default for KernelPolicy {
@@ -77,6 +84,7 @@ impl Default for KernelPolicy {
             cuda_kernels: true,
             cuda_attention: true,
             cuda_graphs: true,
+            channels_last: false,
         }
     }
 }
@@ -98,7 +106,7 @@ impl KernelPolicy {
     /// variable `name`, `None` where it is unset). A pure function of `lookup`, so that the
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
-    ///   `SDSTREAM_NO_DIRECT_CONV` are switches, on when set to anything but nothing or `0`;
+    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CHANNELS_LAST` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS` turn their
     ///   feature off when exactly `0`;
     /// - `SDSTREAM_WINOGRAD` is `auto` (or empty, or unset), `off` (or `0`), `f2` or `f4`;
@@ -133,6 +141,7 @@ impl KernelPolicy {
             cuda_kernels: !off("SDSTREAM_CUDA_KERNELS"),
             cuda_attention: !off("SDSTREAM_CUDA_ATTENTION"),
             cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
+            channels_last: switch("SDSTREAM_CHANNELS_LAST"),
         }
     }
 
@@ -206,8 +215,9 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 4] = [
+        let cases: [(&str, Field, bool); 5] = [
             ("SDSTREAM_PORTABLE_KERNELS", |p| p.portable, false),
+            ("SDSTREAM_CHANNELS_LAST", |p| p.channels_last, false),
             ("SDSTREAM_NO_AMX", |p| p.amx, true),
             ("SDSTREAM_NO_AVX512_BF16", |p| p.avx512_bf16, true),
             ("SDSTREAM_NO_DIRECT_CONV", |p| p.direct_conv, true),
@@ -226,6 +236,7 @@ mod tests {
                 "SDSTREAM_PORTABLE_KERNELS" => others.portable = default_policy.portable,
                 "SDSTREAM_NO_AMX" => others.amx = default_policy.amx,
                 "SDSTREAM_NO_AVX512_BF16" => others.avx512_bf16 = default_policy.avx512_bf16,
+                "SDSTREAM_CHANNELS_LAST" => others.channels_last = default_policy.channels_last,
                 _ => others.direct_conv = default_policy.direct_conv,
             }
             assert_eq!(others, default_policy, "{name} moves only its field");

@@ -25,7 +25,7 @@ use super::limits::{Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS};
 use super::unet::{
     AddedConditioning, ControlResiduals, LevelPlan, PerLevel, UNetConfig, UNetEncoder,
 };
-use super::unet_blocks::{Context, conv2d};
+use super::unet_blocks::{BlockSettings, Context, conv2d};
 use super::{no_unused_tensors, open_component};
 use crate::{Error, Result};
 
@@ -285,6 +285,8 @@ struct ConditioningEmbedding {
     conv_in: Conv2d,
     blocks: Vec<Conv2d>,
     conv_out: Conv2d,
+    /// The layout its maps take between its layers (the UNet blocks').
+    settings: BlockSettings,
 }
 
 impl ConditioningEmbedding {
@@ -292,45 +294,38 @@ impl ConditioningEmbedding {
         conditioning_channels: usize,
         widths: &[usize],
         out_channels: usize,
+        s: &BlockSettings,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let conv_in = conv2d(conditioning_channels, widths[0], 3, 1, 1, vb.pp("conv_in"))?;
+        let conv = |c_in, c_out, stride, vb: VarBuilder| -> Result<Conv2d> {
+            s.conv(conv2d(c_in, c_out, 3, stride, 1, vb.clone())?, &vb)
+        };
+        let conv_in = conv(conditioning_channels, widths[0], 1, vb.pp("conv_in"))?;
         let mut blocks = Vec::with_capacity(2 * widths.len().saturating_sub(1));
         for (i, pair) in widths.windows(2).enumerate() {
             let (c_in, c_out) = (pair[0], pair[1]);
             let vb_blocks = vb.pp("blocks");
-            blocks.push(conv2d(
-                c_in,
-                c_in,
-                3,
-                1,
-                1,
-                vb_blocks.pp((2 * i).to_string()),
-            )?);
-            blocks.push(conv2d(
-                c_in,
-                c_out,
-                3,
-                2,
-                1,
-                vb_blocks.pp((2 * i + 1).to_string()),
-            )?);
+            blocks.push(conv(c_in, c_in, 1, vb_blocks.pp((2 * i).to_string()))?);
+            blocks.push(conv(c_in, c_out, 2, vb_blocks.pp((2 * i + 1).to_string()))?);
         }
         let last = widths[widths.len() - 1];
-        let conv_out = conv2d(last, out_channels, 3, 1, 1, vb.pp("conv_out"))?;
+        let conv_out = conv(last, out_channels, 1, vb.pp("conv_out"))?;
         Ok(Self {
             conv_in,
             blocks,
             conv_out,
+            settings: *s,
         })
     }
 
+    /// `[B, C, H, W]` in and out, whatever the layout between its layers.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = self.conv_in.forward(x)?.silu()?;
+        let s = &self.settings;
+        let mut x = self.conv_in.forward(&s.enter(x)?)?.silu()?;
         for block in &self.blocks {
             x = block.forward(&x)?.silu()?;
         }
-        self.conv_out.forward(&x)
+        s.leave(&self.conv_out.forward(&x)?)
     }
 }
 
@@ -375,30 +370,26 @@ impl ControlNetModel {
     pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let encoder = UNetEncoder::new(&config.unet, MODEL, vb.clone())?;
+        let s = encoder.plan.settings;
         let ch0 = encoder.plan.block_out_channels[0];
         let cond_embedding = ConditioningEmbedding::new(
             config.conditioning_channels,
             &config.conditioning_embedding_out_channels,
             ch0,
+            &s,
             vb.pp("controlnet_cond_embedding"),
         )?;
+        let zero_conv = |ch, vb: VarBuilder| -> Result<Conv2d> {
+            s.conv(conv2d(ch, ch, 1, 1, 0, vb.clone())?, &vb)
+        };
         let down_zero_convs = encoder
             .skip_channels()
             .into_iter()
             .enumerate()
-            .map(|(i, ch)| {
-                conv2d(
-                    ch,
-                    ch,
-                    1,
-                    1,
-                    0,
-                    vb.pp("controlnet_down_blocks").pp(i.to_string()),
-                )
-            })
+            .map(|(i, ch)| zero_conv(ch, vb.pp("controlnet_down_blocks").pp(i.to_string())))
             .collect::<Result<Vec<_>>>()?;
         let mid_ch = encoder.plan.block_out_channels[encoder.plan.block_out_channels.len() - 1];
-        let mid_zero_conv = conv2d(mid_ch, mid_ch, 1, 1, 0, vb.pp("controlnet_mid_block"))?;
+        let mid_zero_conv = zero_conv(mid_ch, vb.pp("controlnet_mid_block"))?;
         Ok(Self {
             config: config.clone(),
             encoder,
@@ -467,6 +458,12 @@ impl ControlNetModel {
     /// The dtype of the weights, in which the network computes.
     pub fn dtype(&self) -> DType {
         self.encoder.dtype()
+    }
+
+    /// Whether the network keeps its maps channels-last between its layers (as
+    /// [`UNet2DConditionModel::maps_channels_last`](super::unet::UNet2DConditionModel::maps_channels_last)).
+    pub fn maps_channels_last(&self) -> bool {
+        self.encoder.plan.settings.channels_last
     }
 
     /// Number of down residuals the net produces (12 for SD 1.x/2.x).
@@ -611,17 +608,20 @@ impl ControlNetModel {
     ) -> Result<ControlResiduals> {
         let dtype = self.dtype();
         let batch = sample.dim(0)?;
+        let s = self.encoder.plan.settings;
         let context = encoder_hidden_states.to_dtype(dtype)?;
         let emb = self.encoder.time_embedding(timesteps, batch, added)?;
         let temb_act = self.encoder.resnet_temb(&emb)?;
         let x = self
             .encoder
             .conv_in
-            .forward(&sample.to_dtype(dtype)?)?
-            .broadcast_add(&cond_embedding.to_dtype(dtype)?)?;
+            .forward(&s.enter(&sample.to_dtype(dtype)?)?)?
+            .broadcast_add(&s.enter(&cond_embedding.to_dtype(dtype)?)?)?;
         let (x, skips) = self.encoder.down(&x, &temb_act, Context::text(&context))?;
         let x = self.encoder.mid(&x, &temb_act, Context::text(&context))?;
+        // Each residual leaves the blocks' layout: [B, C, h, w], as the UNet takes them.
         let pool = |r: Tensor| -> Result<Tensor> {
+            let r = s.leave(&r)?;
             if self.config.global_pool_conditions {
                 // diffusers averages and lets the UNet broadcast; broadcast here instead.
                 let dims = r.dims().to_vec();

@@ -95,7 +95,10 @@ pub struct UNetEncoder {
 impl UNetEncoder {
     /// Builds the shared part from a checked config; `model` names the network in errors.
     pub fn new(cfg: &UNetConfig, model: &'static str, vb: VarBuilder) -> Result<Self> {
-        let plan = cfg.plan(model)?;
+        let mut plan = cfg.plan(model)?;
+        // The layout is chosen when the network loads: its convolutions lay their weights out
+        // for it (docs/GPU.md, "Channels last").
+        plan.settings.channels_last = crate::kernels::KernelPolicy::current().channels_last;
         let s = plan.settings;
         let ch0 = plan.block_out_channels[0];
         let temb = plan.time_embed_dim;
@@ -186,13 +189,16 @@ impl UNetEncoder {
             add_embedding,
             time_embed_act,
             resnet_act: s.act,
-            conv_in: conv2d(
-                cfg.in_channels,
-                ch0,
-                cfg.conv_in_kernel,
-                1,
-                padding,
-                vb.pp("conv_in"),
+            conv_in: s.conv(
+                conv2d(
+                    cfg.in_channels,
+                    ch0,
+                    cfg.conv_in_kernel,
+                    1,
+                    padding,
+                    vb.pp("conv_in"),
+                )?,
+                &vb.pp("conv_in"),
             )?,
             down_blocks,
             mid_block,
@@ -519,14 +525,22 @@ impl UNet2DConditionModel {
             ));
         }
         Ok(Self {
-            conv_norm_out: GroupNorm::new(s.groups, ch0, s.eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(
+            conv_norm_out: s.norm(GroupNorm::new(
+                s.groups,
                 ch0,
-                config.out_channels,
-                config.conv_out_kernel,
-                1,
-                (config.conv_out_kernel - 1) / 2,
-                vb.pp("conv_out"),
+                s.eps,
+                vb.pp("conv_norm_out"),
+            )?),
+            conv_out: s.conv(
+                conv2d(
+                    ch0,
+                    config.out_channels,
+                    config.conv_out_kernel,
+                    1,
+                    (config.conv_out_kernel - 1) / 2,
+                    vb.pp("conv_out"),
+                )?,
+                &vb.pp("conv_out"),
             )?,
             config: config.clone(),
             encoder,
@@ -642,6 +656,12 @@ impl UNet2DConditionModel {
     /// (down blocks, up blocks, mid block): the layers IP-Adapter checkpoints number.
     pub fn cross_attention_widths(&self) -> &[usize] {
         &self.cross_attention_widths
+    }
+
+    /// Whether the network keeps its maps channels-last between its layers (chosen by the
+    /// kernel policy when it loaded; its inputs and outputs are `[B, C, H, W]` either way).
+    pub fn maps_channels_last(&self) -> bool {
+        self.encoder.plan.settings.channels_last
     }
 
     /// How many down residuals a [`ControlResiduals`] must hold (12 for SD 1.x/2.x).
@@ -828,7 +848,8 @@ impl UNet2DConditionModel {
         } else {
             sample
         };
-        let x = self.encoder.conv_in.forward(&sample)?;
+        let s = self.encoder.plan.settings;
+        let x = self.encoder.conv_in.forward(&s.enter(&sample)?)?;
         let context = Context {
             text: &context,
             bank,
@@ -844,26 +865,28 @@ impl UNet2DConditionModel {
                 )));
             }
             for (i, (skip, residual)) in skips.iter_mut().zip(&control.down).enumerate() {
-                if residual.dims() != skip.dims() {
+                let expected = s.leave_shape(skip)?;
+                if residual.dims() != expected {
                     return Err(shape_error(format!(
                         "ControlNet down residual {i} is {:?}, the skip connection is {:?}",
                         residual.dims(),
-                        skip.dims()
+                        expected
                     )));
                 }
-                *skip = (&*skip + residual.to_dtype(dtype)?)?;
+                *skip = (&*skip + s.enter(&residual.to_dtype(dtype)?)?)?;
             }
         }
         let mut x = self.encoder.mid(&x, &temb_act, context)?;
         if let Some(control) = control {
-            if control.mid.dims() != x.dims() {
+            let expected = s.leave_shape(&x)?;
+            if control.mid.dims() != expected {
                 return Err(shape_error(format!(
                     "ControlNet mid residual is {:?}, the mid block output is {:?}",
                     control.mid.dims(),
-                    x.dims()
+                    expected
                 )));
             }
-            x = (x + control.mid.to_dtype(dtype)?)?;
+            x = (x + s.enter(&control.mid.to_dtype(dtype)?)?)?;
         }
 
         // Sizes that are not multiples of 2^(levels−1) upsample to the skip's size, as diffusers.
@@ -879,10 +902,7 @@ impl UNet2DConditionModel {
             let block_skips = skips.split_off(skips.len() - take);
             let is_final = i + 1 == self.up_blocks.len();
             let size = match skips.last() {
-                Some(next) if forward_size && !is_final => {
-                    let (_, _, h, w) = next.dims4()?;
-                    Some((h, w))
-                }
+                Some(next) if forward_size && !is_final => Some(s.spatial(next)?),
                 _ => None,
             };
             x = block.forward(&x, &block_skips, &temb_act, context, size)?;
@@ -893,7 +913,7 @@ impl UNet2DConditionModel {
             .settings
             .act
             .after_norm(&self.conv_norm_out, &x)?;
-        Ok(self.conv_out.forward(&x)?)
+        Ok(s.leave(&self.conv_out.forward(&x)?)?)
     }
 }
 

@@ -617,6 +617,8 @@ impl UNetConfig {
                 scale_shift,
                 linear_projection: self.use_linear_projection,
                 upcast_attention: self.upcast_attention,
+                // The kernel policy's, set by the network that loads (see UNetEncoder::new).
+                channels_last: false,
             },
             time_embed_dim: self
                 .time_embedding_dim

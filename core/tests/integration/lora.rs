@@ -443,6 +443,37 @@ fn a_lora_change_rebuilds_from_memory_without_reading_the_weights() {
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
 
+/// With channels-last networks (kernel policy `channels_last`) the convolutions keep their
+/// weights laid out for their kernel and the weight table a view of them in the checkpoint's
+/// shape: a LoRA change that patches convolutions (kohya-b's resnet layers) rebuilds from that
+/// view to the same outputs as diffusers' fused networks.
+#[test]
+fn a_lora_change_rebuilds_channels_last_networks() {
+    use sdstream::model::kernels::KernelPolicy;
+    let g = golden("golden/lora.safetensors");
+    let pool = Arc::new(ModelPool::new());
+    let mut settings = tiny_settings("self");
+    settings.kernels = Some(KernelPolicy {
+        channels_last: true,
+        ..KernelPolicy::process()
+    });
+    let mut held = Vec::new();
+    for case in ["base", "kohya_b", "both", "base"] {
+        let models = pool
+            .get(request(case), &settings, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert!(models.unet.maps_channels_last(), "{case}: channels first");
+        let (_, out) = run(&models, &g, case);
+        let (unet_err, _) = abs_err(&out, &g[&format!("{case}.unet_output")]);
+        println!("{case} channels-last: UNet max {unet_err:.2e}");
+        assert!(unet_err <= 1e-5, "{case}: {unet_err}");
+        held = vec![models];
+    }
+    drop(held);
+    assert_eq!(pool.stats().loads, 1, "one load, from the files");
+    assert_eq!(pool.stats().lora_rebuilds, 3);
+}
+
 const SIZE: usize = 64;
 
 fn stream_params(loras: Option<(&str, f64)>, lcm: bool) -> StreamDiffusionParams {

@@ -12,6 +12,7 @@ mod streams;
 
 mod broken_models;
 mod cached_attention;
+mod channels_last;
 mod clip;
 mod controlnet;
 mod cross_stream;

@@ -77,6 +77,7 @@ impl DownBlock {
             Some(padding) => Some(Downsample2D::new(
                 shape.out_channels,
                 padding,
+                s,
                 vb.pp("downsamplers").pp("0"),
             )?),
             None => None,
@@ -191,6 +192,8 @@ pub struct UpBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     upsampler: Option<Upsample2D>,
+    /// Where the maps keep their channels, along which skips are concatenated.
+    channel_dim: usize,
 }
 
 impl UpBlock {
@@ -242,6 +245,7 @@ impl UpBlock {
         let upsampler = if add_upsample {
             Some(Upsample2D::new(
                 shape.out_channels,
+                s,
                 vb.pp("upsamplers").pp("0"),
             )?)
         } else {
@@ -251,6 +255,7 @@ impl UpBlock {
             resnets,
             attentions,
             upsampler,
+            channel_dim: s.channel_dim(),
         })
     }
 
@@ -277,7 +282,7 @@ impl UpBlock {
         }
         let mut x = x.clone();
         for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
-            x = Tensor::cat(&[&x, skip], 1)?;
+            x = Tensor::cat(&[&x, skip], self.channel_dim)?;
             x = resnet.forward(&x, temb_act)?;
             if let Some(attn) = self.attentions.get(i) {
                 x = attn.forward(&x, context)?;

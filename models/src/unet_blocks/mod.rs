@@ -7,7 +7,12 @@
 //! kernels; GEGLU uses the exact (erf) GELU; attention uses a scale of 1/√head_dim. The CPU
 //! kernels and their portable twins live in [`super::kernels`].
 
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
 pub use crate::activation::Activation;
+use crate::kernels::conv::Conv2d;
+use crate::kernels::norm::GroupNorm;
 use crate::{Error, Result};
 
 mod attention;
@@ -50,6 +55,76 @@ pub struct BlockSettings {
     pub linear_projection: bool,
     /// `upcast_attention`.
     pub upcast_attention: bool,
+    /// The blocks keep their maps channels-last, `[B, H, W, C]` (the kernel policy's
+    /// `channels_last` when the network loads; the convolutions and norms are built for it).
+    /// The networks' inputs and outputs stay `[B, C, H, W]` whatever this says: they enter and
+    /// leave the layout at their ends ([`BlockSettings::enter`], [`BlockSettings::leave`]).
+    pub channels_last: bool,
+}
+
+impl BlockSettings {
+    /// A `[B, C, H, W]` map in the blocks' layout.
+    pub fn enter(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.channels_last {
+            x.permute((0, 2, 3, 1))?.contiguous()
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    /// A map in the blocks' layout as `[B, C, H, W]`.
+    pub fn leave(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.channels_last {
+            x.permute((0, 3, 1, 2))?.contiguous()
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    /// The `[B, C, H, W]` dims of a map in the blocks' layout.
+    pub fn leave_shape(&self, x: &Tensor) -> candle_core::Result<Vec<usize>> {
+        let (b, a, c, d) = x.dims4()?;
+        Ok(if self.channels_last {
+            vec![b, d, a, c]
+        } else {
+            vec![b, a, c, d]
+        })
+    }
+
+    /// The dimension of a map in the blocks' layout that holds its channels.
+    pub fn channel_dim(&self) -> usize {
+        if self.channels_last { 3 } else { 1 }
+    }
+
+    /// The `(height, width)` of a map in the blocks' layout.
+    pub fn spatial(&self, x: &Tensor) -> candle_core::Result<(usize, usize)> {
+        let (_, a, b, c) = x.dims4()?;
+        Ok(if self.channels_last { (a, b) } else { (b, c) })
+    }
+
+    /// `conv` taking and returning maps in the blocks' layout. A channels-last layer keeps its
+    /// weight laid out for its kernel; the network's weight table (see
+    /// [`crate::weight_table`]) gets a view of it in the checkpoint's shape, not a second copy.
+    pub fn conv(&self, conv: Conv2d, vb: &VarBuilder) -> Result<Conv2d> {
+        if !self.channels_last {
+            return Ok(conv);
+        }
+        let conv = conv.into_channels_last()?;
+        crate::kernels::substitutes::report(
+            &format!("{}.weight", vb.prefix()),
+            &conv.weight_as_checkpoint()?,
+        );
+        Ok(conv)
+    }
+
+    /// `norm` over maps in the blocks' layout.
+    pub fn norm(&self, norm: GroupNorm) -> GroupNorm {
+        if self.channels_last {
+            norm.into_channels_last()
+        } else {
+            norm
+        }
+    }
 }
 
 /// What one level of the UNet holds besides its resnets: the cross-attention transformers.

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use crate::Result;
 use crate::kernels::conv::{Conv2d, Padding};
 use crate::kernels::norm::GroupNorm;
-use crate::kernels::ops::add_fresh;
+use crate::kernels::ops::{add_fresh, add_fresh_per_batch};
 
 use super::layers::{Linear, conv2d, linear};
 use super::{Activation, BlockSettings};
@@ -23,6 +23,8 @@ pub struct ResnetBlock2D {
     act: Activation,
     scale_shift: bool,
     output_scale_factor: f64,
+    /// Maps are `[B, H, W, C]` ([`BlockSettings::channels_last`]).
+    channels_last: bool,
 }
 
 impl ResnetBlock2D {
@@ -37,20 +39,25 @@ impl ResnetBlock2D {
         vb: VarBuilder,
     ) -> Result<Self> {
         let proj_out = if s.scale_shift { 2 * out_ch } else { out_ch };
+        let conv = |c_in, c_out, k, pad, name: &str| -> Result<Conv2d> {
+            let vb = vb.pp(name);
+            s.conv(conv2d(c_in, c_out, k, 1, pad, vb.clone())?, &vb)
+        };
         Ok(Self {
-            norm1: GroupNorm::new(s.groups, in_ch, s.eps, vb.pp("norm1"))?,
-            conv1: conv2d(in_ch, out_ch, 3, 1, 1, vb.pp("conv1"))?,
+            norm1: s.norm(GroupNorm::new(s.groups, in_ch, s.eps, vb.pp("norm1"))?),
+            conv1: conv(in_ch, out_ch, 3, 1, "conv1")?,
             time_emb_proj: linear(temb_ch, proj_out, vb.pp("time_emb_proj"))?,
-            norm2: GroupNorm::new(s.groups, out_ch, s.eps, vb.pp("norm2"))?,
-            conv2: conv2d(out_ch, out_ch, 3, 1, 1, vb.pp("conv2"))?,
+            norm2: s.norm(GroupNorm::new(s.groups, out_ch, s.eps, vb.pp("norm2"))?),
+            conv2: conv(out_ch, out_ch, 3, 1, "conv2")?,
             conv_shortcut: if in_ch != out_ch {
-                Some(conv2d(in_ch, out_ch, 1, 1, 0, vb.pp("conv_shortcut"))?)
+                Some(conv(in_ch, out_ch, 1, 0, "conv_shortcut")?)
             } else {
                 None
             },
             act: s.act,
             scale_shift: s.scale_shift,
             output_scale_factor,
+            channels_last: s.channels_last,
         })
     }
 
@@ -59,17 +66,27 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.act.after_norm(&self.norm1, x)?;
         let h = self.conv1.forward(&h)?;
-        let t = self
-            .time_emb_proj
-            .forward(temb_act)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
+        let t = self.time_emb_proj.forward(temb_act)?;
+        // Each image's embedding over its map: `[B, C, 1, 1]` over `[B, C, H, W]`, or
+        // `[B, 1, 1, C]` over `[B, H, W, C]`.
+        let (t, channel_dim) = if self.channels_last {
+            (t.unsqueeze(1)?.unsqueeze(1)?, 3)
+        } else {
+            (t.unsqueeze(2)?.unsqueeze(3)?, 1)
+        };
         let h = if self.scale_shift {
-            let ch = t.dim(1)? / 2;
-            let (scale, shift) = (t.narrow(1, 0, ch)?, t.narrow(1, ch, ch)?);
+            let ch = t.dim(channel_dim)? / 2;
+            let (scale, shift) = (
+                t.narrow(channel_dim, 0, ch)?,
+                t.narrow(channel_dim, ch, ch)?,
+            );
             let h = self.norm2.forward(&h)?;
             let h = h.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
             self.act.apply(&h)?
+        } else if self.channels_last {
+            let t = t.contiguous()?;
+            self.act
+                .after_norm(&self.norm2, &add_fresh_per_batch(h, &t, 1)?)?
         } else {
             let (_, _, hh, ww) = h.dims4()?;
             self.act
@@ -96,14 +113,22 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     /// A stride-2 3×3 convolution; `padding` 0 pads bottom and right by one, as diffusers does.
-    pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        channels: usize,
+        padding: usize,
+        s: &BlockSettings,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let padding = if padding == 0 {
             Padding::bottom_right(1)
         } else {
             Padding::uniform(padding)
         };
-        let conv = Conv2d::new(channels, channels, 3, 2, padding, true, vb.pp("conv"))?;
-        Ok(Self { conv })
+        let vb = vb.pp("conv");
+        let conv = Conv2d::new(channels, channels, 3, 2, padding, true, vb.clone())?;
+        Ok(Self {
+            conv: s.conv(conv, &vb)?,
+        })
     }
 }
 
@@ -117,25 +142,33 @@ impl Module for Downsample2D {
 #[derive(Debug, Clone)]
 pub struct Upsample2D {
     conv: Conv2d,
+    settings: BlockSettings,
 }
 
 impl Upsample2D {
     /// A nearest ×2 upsampling followed by a 3×3 convolution.
-    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(channels: usize, s: &BlockSettings, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("conv");
         Ok(Self {
-            conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))?,
+            conv: s.conv(conv2d(channels, channels, 3, 1, 1, vb.clone())?, &vb)?,
+            settings: *s,
         })
     }
 
     /// Upsamples `x` to `size` when given (the skip connection's size), else by two, then
     /// convolves.
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
+        let (h, w) = self.settings.spatial(x)?;
         match size {
             // Plain 2×: fused into the convolution's input copy on the CPU.
             None => self.conv.forward_upsampled(x, 2),
             Some(size) if size == (2 * h, 2 * w) => self.conv.forward_upsampled(x, 2),
-            Some((th, tw)) => self.conv.forward(&x.upsample_nearest2d(th, tw)?),
+            // Odd sizes (rare): through candle's channels-first upsampling.
+            Some((th, tw)) => {
+                let s = &self.settings;
+                let up = s.enter(&s.leave(x)?.upsample_nearest2d(th, tw)?)?;
+                self.conv.forward(&up)
+            }
         }
     }
 }

@@ -190,6 +190,8 @@ pub struct Transformer2DModel {
     proj_in: Linear,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Linear,
+    /// Maps are `[B, H, W, C]`, so its tokens are a reshape of them, not a transpose.
+    channels_last: bool,
 }
 
 impl Transformer2DModel {
@@ -231,9 +233,10 @@ impl Transformer2DModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: GroupNorm::new(s.groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: s.norm(GroupNorm::new(s.groups, channels, 1e-6, vb.pp("norm"))?),
             proj_in,
             blocks,
+            channels_last: s.channels_last,
             proj_out,
         })
     }
@@ -246,6 +249,15 @@ impl Transformer2DModel {
     /// Normalises and projects `x` to tokens, runs the transformer blocks and projects back, adding
     /// the input.
     pub fn forward(&self, x: &Tensor, context: Context<'_, '_>) -> candle_core::Result<Tensor> {
+        if self.channels_last {
+            let (b, h, w, c) = x.dims4()?;
+            let tokens = self.norm.forward(x)?.reshape((b, h * w, c))?;
+            let mut t = self.proj_in.forward(&tokens)?;
+            for block in &self.blocks {
+                t = block.forward(&t, context)?;
+            }
+            return self.proj_out.forward(&t)?.reshape((b, h, w, c))? + x;
+        }
         let (b, c, h, w) = x.dims4()?;
         let tokens = self
             .norm
