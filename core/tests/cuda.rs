@@ -118,6 +118,63 @@ fn cuda_half_precision_streams_stay_close_to_f32() {
     assert!(failures.is_empty(), "{failures:?}");
 }
 
+/// The same stream cases with the UNet and the ControlNets keeping their maps channels-last
+/// (SDSTREAM_CHANNELS_LAST: cuDNN's NHWC convolutions, GroupNorm's channels-last kernel): f32
+/// against the reference's outputs within the CPU's bounds, f16 against that f32 run within the
+/// bound the channels-first networks are held to.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_channels_last_streams_match_goldens() {
+    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::model::unet::UNet2DConditionModel;
+    if !cuda_or_skip("cuda_channels_last_streams_match_goldens") {
+        return;
+    }
+    KernelPolicy {
+        channels_last: true,
+        ..KernelPolicy::process()
+    }
+    .scoped(|| {
+        let cuda = Device::new_cuda(0).unwrap();
+        let unet =
+            UNet2DConditionModel::load(&common::fixture("tiny-sd-turbo/unet"), DType::F16, &cuda)
+                .unwrap();
+        assert!(unet.maps_channels_last(), "the layout was not taken");
+        drop(unet);
+        let cases = all_cases();
+        let f32_outputs: Vec<Vec<Tensor>> = cases
+            .iter()
+            .map(|name| check_case_against_golden(name, CUDA_F32))
+            .collect();
+        let mut worst = Levels::default();
+        for (name, reference) in cases.iter().zip(&f32_outputs) {
+            let target = Target {
+                device: "cuda",
+                dtype: "f16",
+            };
+            worst = worst.worst(Levels::of_case(
+                name,
+                target,
+                reference,
+                "cuda channels last",
+            ));
+        }
+        worst.assert_within(
+            "cuda channels-last f16 vs f32, worst case",
+            F16_MAX_LEVELS,
+            F16_MEAN_LEVELS,
+        );
+    });
+    let counts = sdstream::model::cuda_graph::counts();
+    println!("CUDA graphs: {counts:?}");
+    if std::env::var_os("SDSTREAM_CUDA_GRAPHS").is_none_or(|v| v != "0") {
+        assert_eq!(counts.failed, 0, "{counts:?}");
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "cuda"),
@@ -219,6 +276,29 @@ fn cuda_group_norm_kernel_matches_the_portable_twin() {
                 assert!(
                     max <= limit,
                     "{dtype:?} [{b}, {c}, {h}, {w}] silu {silu}: max {max} > {limit}"
+                );
+                // The kernel's channels-last entry points on the same values laid out
+                // [B, H, W, C], against the same twin.
+                let last = norm.clone().into_channels_last();
+                let x_last = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+                let ours_last = if silu {
+                    last.forward_silu(&x_last)
+                } else {
+                    last.forward(&x_last)
+                }
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
+                let (max, mean) = common::abs_err(
+                    &ours_last.to_device(&Device::Cpu).unwrap(),
+                    &twin.to_device(&Device::Cpu).unwrap(),
+                );
+                println!(
+                    "group norm channels last [{b}, {h}, {w}, {c}] / {groups} {dtype:?} silu {silu}: max {max:.2e} mean {mean:.2e}"
+                );
+                assert!(
+                    max <= limit,
+                    "{dtype:?} channels last [{b}, {h}, {w}, {c}] silu {silu}: max {max} > {limit}"
                 );
             }
         }
@@ -362,23 +442,37 @@ fn cuda_convolutions_match_the_cpu_kernel() {
             (DType::BF16, 8e-2),
         ] {
             let xs = x.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
-            let got = layer(dtype, &cuda).forward_upsampled(&xs, up).unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let got = got
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_device(&Device::Cpu)
-                .unwrap();
-            let (max, mean) = common::abs_err(&got, &want);
-            println!(
-                "conv [{b}, {c_in}, {h}, {w}] -> {c_out} k{k} s{stride} up{up} {dtype:?}: max {:.2e} mean {:.2e} of scale {scale:.2}",
-                max / scale,
-                mean / scale
-            );
-            assert!(
-                max <= limit * scale,
-                "{dtype:?}: max {max} > {limit} × {scale}"
-            );
+            // Channels first, then channels last: cuDNN's NHWC kernels with the filter laid
+            // out at load (the layout SDSTREAM_CHANNELS_LAST gives the UNet).
+            for channels_last in [false, true] {
+                let got = if channels_last {
+                    let layer = layer(dtype, &cuda).into_channels_last().unwrap();
+                    let xs = xs.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+                    layer
+                        .forward_upsampled(&xs, up)
+                        .unwrap()
+                        .permute((0, 3, 1, 2))
+                        .unwrap()
+                } else {
+                    layer(dtype, &cuda).forward_upsampled(&xs, up).unwrap()
+                };
+                assert_eq!(got.dims(), want.dims());
+                let got = got
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap();
+                let (max, mean) = common::abs_err(&got, &want);
+                println!(
+                    "conv [{b}, {c_in}, {h}, {w}] -> {c_out} k{k} s{stride} up{up} {dtype:?} channels last {channels_last}: max {:.2e} mean {:.2e} of scale {scale:.2}",
+                    max / scale,
+                    mean / scale
+                );
+                assert!(
+                    max <= limit * scale,
+                    "{dtype:?} channels last {channels_last}: max {max} > {limit} × {scale}"
+                );
+            }
         }
     }
 }

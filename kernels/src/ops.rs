@@ -31,14 +31,7 @@ pub fn add_fresh(fresh: Tensor, other: &Tensor, inner: usize) -> candle_core::Re
         return fresh.broadcast_add(other);
     }
     let inner = if same_shape { 1 } else { inner };
-    fresh.inplace_op2(
-        other,
-        &AddInPlace {
-            n,
-            inner,
-            outer: 1,
-        },
-    )?;
+    fresh.inplace_op2(other, &AddInPlace { n, inner, outer: 1 })?;
     Ok(fresh)
 }
 

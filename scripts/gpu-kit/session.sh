@@ -45,12 +45,16 @@ stage() {
 stage info 30 "${run[@]}" info
 stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_geglu" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
 stage weights 150 "${run[@]}" weights
-stage tests 180 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_geglu" "${run[@]}" tests
+stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_geglu" "${run[@]}" tests
 # Should CUDA graphs fail on the device again (as they did on an H200 before the key/value memo
 # was made the CPU's only), the figures come op by op instead of not at all.
 stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" bench-f16 \
   || stage bench-f16-nographs 90 SDSTREAM_CUDA_GRAPHS=0 SDSTREAM_BENCH_TAG=-nographs \
     SDSTREAM_BENCH_ARGS="--vaes taesd --frames 50" "${run[@]}" bench-f16
+# The UNet and ControlNets with channels-last maps (cuDNN's NHWC convolutions, no transposes
+# around them): off by default until this row shows what it saves.
+stage bench-f16-channels-last 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_BENCH_TAG=-channels-last \
+  SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
 stage multi-stream-f16 90 "${run[@]}" multi-stream-f16
 stage bench-f16-unfused 45 SDSTREAM_CUDA_ATTENTION=0 SDSTREAM_BENCH_TAG=-unfused \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16

@@ -29,14 +29,17 @@ fn channels_last_unet_matches_goldens() {
         channels_last(portable).scoped(|| {
             assert_eq!(kernels::cpu_kernels(&Device::Cpu), !portable);
             let cpu = Device::Cpu;
-            let unet =
-                UNet2DConditionModel::load(&fixture("tiny-sd-turbo/unet"), DType::F32, &cpu)
-                    .expect("load unet");
+            let unet = UNet2DConditionModel::load(&fixture("tiny-sd-turbo/unet"), DType::F32, &cpu)
+                .expect("load unet");
             assert!(unet.maps_channels_last(), "the layout was not taken");
             let g = golden("golden/unet.safetensors");
             let (sample, t, ctx) = (&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]);
             let out = unet.forward(UNetInputs::new(sample, t, ctx)).unwrap();
-            assert_eq!(out.dims(), sample.dims(), "the output leaves channels first");
+            assert_eq!(
+                out.dims(),
+                sample.dims(),
+                "the output leaves channels first"
+            );
             check(
                 &format!("channels-last unet (portable {portable})"),
                 &out,

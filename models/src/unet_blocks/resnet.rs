@@ -113,12 +113,7 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     /// A stride-2 3×3 convolution; `padding` 0 pads bottom and right by one, as diffusers does.
-    pub fn new(
-        channels: usize,
-        padding: usize,
-        s: &BlockSettings,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(channels: usize, padding: usize, s: &BlockSettings, vb: VarBuilder) -> Result<Self> {
         let padding = if padding == 0 {
             Padding::bottom_right(1)
         } else {
