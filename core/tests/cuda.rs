@@ -315,7 +315,6 @@ fn cuda_group_norm_kernel_matches_the_portable_twin() {
     ignore = "needs the cuda feature and a CUDA device"
 )]
 fn cuda_frames_cross_in_8_bits_as_the_host_converts() {
-    use sdstream::{Frame, Image, PixelFormat};
     if !cuda_or_skip("cuda_frames_cross_in_8_bits_as_the_host_converts") {
         return;
     }
@@ -324,6 +323,24 @@ fn cuda_frames_cross_in_8_bits_as_the_host_converts() {
         .device
         .device()
         .unwrap();
+    // Through pageable memory (the default), then through the pinned buffers
+    // (SDSTREAM_CUDA_PINNED), each run twice so that the buffers are reused.
+    for pinned in [false, false, true, true] {
+        let policy = sdstream::model::kernels::KernelPolicy {
+            cuda_pinned: pinned,
+            ..sdstream::model::kernels::KernelPolicy::process()
+        };
+        let compared = policy.scoped(|| frames_cross_in_8_bits(&cuda));
+        println!(
+            "8-bit transfers (pinned {pinned}): {compared} values and bytes compared, all equal"
+        );
+    }
+}
+
+/// The body of [`cuda_frames_cross_in_8_bits_as_the_host_converts`] under the current policy:
+/// how many values and bytes it compared.
+fn frames_cross_in_8_bits(cuda: &Device) -> usize {
+    use sdstream::{Frame, Image, PixelFormat};
     let (w, h) = (67, 45);
     let formats = [PixelFormat::Rgb8, PixelFormat::Rgba8, PixelFormat::Bgra8];
     let mut compared = 0usize;
@@ -334,7 +351,7 @@ fn cuda_frames_cross_in_8_bits_as_the_host_converts() {
         let frame = Frame::packed(&bytes, w, h, format).unwrap();
         for (tw, th) in [(w, h), (32, 24)] {
             let host = frame.to_tensor(tw, th, &Device::Cpu).unwrap();
-            let device = frame.to_tensor(tw, th, &cuda).unwrap();
+            let device = frame.to_tensor(tw, th, cuda).unwrap();
             assert_eq!(device.dims(), host.dims());
             let host: Vec<f32> = host.flatten_all().unwrap().to_vec1().unwrap();
             let device: Vec<f32> = device
@@ -373,7 +390,7 @@ fn cuda_frames_cross_in_8_bits_as_the_host_converts() {
         let planes = planes.to_dtype(dtype).unwrap();
         for format in formats {
             let host = Image::from_tensor(&planes, format).unwrap();
-            let device = Image::from_tensor(&planes.to_device(&cuda).unwrap(), format).unwrap();
+            let device = Image::from_tensor(&planes.to_device(cuda).unwrap(), format).unwrap();
             assert_eq!((device.width, device.height), (host.width, host.height));
             let differing = host
                 .data
@@ -386,7 +403,7 @@ fn cuda_frames_cross_in_8_bits_as_the_host_converts() {
             compared += host.data.len();
         }
     }
-    println!("8-bit transfers: {compared} values and bytes compared, all equal");
+    compared
 }
 
 /// Convolutions on the device (cuDNN with f32 accumulation under the `cudnn` feature, else

@@ -71,6 +71,10 @@ pub struct KernelPolicy {
     /// every call; on the CPU it checks the same code against the goldens. Off by default
     /// until a GPU run has measured it (docs/GPU.md).
     pub channels_last: bool,
+    /// A frame crosses to and from a CUDA device through page-locked host buffers, kept per
+    /// thread and reused, so that the copies are the DMA engine's alone (on with
+    /// `SDSTREAM_CUDA_PINNED`; see `transfer`). Off by default until a GPU run has measured it.
+    pub cuda_pinned: bool,
 }
 
 impl Default for KernelPolicy {
@@ -85,6 +89,7 @@ impl Default for KernelPolicy {
             cuda_attention: true,
             cuda_graphs: true,
             channels_last: false,
+            cuda_pinned: false,
         }
     }
 }
@@ -106,7 +111,7 @@ impl KernelPolicy {
     /// variable `name`, `None` where it is unset). A pure function of `lookup`, so that the
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
-    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CHANNELS_LAST` are switches, on when set to anything but nothing or `0`;
+    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CHANNELS_LAST`, `SDSTREAM_CUDA_PINNED` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS` turn their
     ///   feature off when exactly `0`;
     /// - `SDSTREAM_WINOGRAD` is `auto` (or empty, or unset), `off` (or `0`), `f2` or `f4`;
@@ -142,6 +147,7 @@ impl KernelPolicy {
             cuda_attention: !off("SDSTREAM_CUDA_ATTENTION"),
             cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
             channels_last: switch("SDSTREAM_CHANNELS_LAST"),
+            cuda_pinned: switch("SDSTREAM_CUDA_PINNED"),
         }
     }
 
@@ -215,9 +221,10 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 5] = [
+        let cases: [(&str, Field, bool); 6] = [
             ("SDSTREAM_PORTABLE_KERNELS", |p| p.portable, false),
             ("SDSTREAM_CHANNELS_LAST", |p| p.channels_last, false),
+            ("SDSTREAM_CUDA_PINNED", |p| p.cuda_pinned, false),
             ("SDSTREAM_NO_AMX", |p| p.amx, true),
             ("SDSTREAM_NO_AVX512_BF16", |p| p.avx512_bf16, true),
             ("SDSTREAM_NO_DIRECT_CONV", |p| p.direct_conv, true),
@@ -237,6 +244,7 @@ mod tests {
                 "SDSTREAM_NO_AMX" => others.amx = default_policy.amx,
                 "SDSTREAM_NO_AVX512_BF16" => others.avx512_bf16 = default_policy.avx512_bf16,
                 "SDSTREAM_CHANNELS_LAST" => others.channels_last = default_policy.channels_last,
+                "SDSTREAM_CUDA_PINNED" => others.cuda_pinned = default_policy.cuda_pinned,
                 _ => others.direct_conv = default_policy.direct_conv,
             }
             assert_eq!(others, default_policy, "{name} moves only its field");

@@ -3,6 +3,13 @@
 //! on the device with the host's arithmetic (sdstream's `frame` module), bit for bit. Used by
 //! sdstream's `Frame::to_tensor` and `Image::from_tensor` when [`super::cuda_kernels`] holds for
 //! the device; elsewhere the host converts.
+//!
+//! With the kernel policy's `cuda_pinned` (`SDSTREAM_CUDA_PINNED=1`) the bytes cross through
+//! page-locked host buffers, one for uploads and one for downloads per thread, kept and reused:
+//! from pageable memory the driver copies through a staging buffer of its own, and the upload
+//! is not asynchronous. The upload buffer is write-combined (the host only writes it); the
+//! download buffer is cached (the host reads it). Each buffer's event (cudarc's) makes a reuse
+//! wait for the copy that last used it.
 
 use candle_core::{CustomOp1, DType, Device, Tensor};
 
@@ -13,6 +20,14 @@ pub fn rgb8_to_unit_planes(
     height: usize,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    let packed = match device {
+        Device::Cuda(cuda) if super::KernelPolicy::current().cuda_pinned && !rgb.is_empty() => {
+            cuda::upload_pinned(&rgb, cuda)?
+        }
+        _ => Tensor::from_vec(rgb, width * height * 3, device)?,
+    };
+    #[cfg(not(feature = "cuda"))]
     let packed = Tensor::from_vec(rgb, width * height * 3, device)?;
     packed
         .apply_op1_no_bwd(&Rgb8ToUnitPlanes)?
@@ -30,9 +45,12 @@ pub fn unit_planes_to_packed8(
         candle_core::bail!("sdstream-packed8: {bpp} bytes per pixel with channels {rgb_order:?}");
     }
     let planes = planes.contiguous()?;
-    planes
-        .apply_op1_no_bwd(&UnitPlanesToPacked8 { bpp, rgb_order })?
-        .to_vec1::<u8>()
+    let packed = planes.apply_op1_no_bwd(&UnitPlanesToPacked8 { bpp, rgb_order })?;
+    #[cfg(feature = "cuda")]
+    if packed.device().is_cuda() && super::KernelPolicy::current().cuda_pinned {
+        return cuda::download_pinned(&packed);
+    }
+    packed.to_vec1::<u8>()
 }
 
 struct Rgb8ToUnitPlanes;
@@ -100,10 +118,87 @@ pub fn converts(dtype: DType) -> bool {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use std::cell::RefCell;
+    use std::sync::Arc;
+
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaStorage, DType, Layout, Shape};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage, Tensor};
+
+    thread_local! {
+        /// This thread's page-locked upload buffer (write-combined), the length of its last
+        /// frame.
+        static UPLOAD: RefCell<Option<PinnedHostSlice<u8>>> = const { RefCell::new(None) };
+        /// This thread's page-locked download buffer (cached), at least its largest frame.
+        static DOWNLOAD: RefCell<Option<PinnedHostSlice<u8>>> = const { RefCell::new(None) };
+    }
+
+    /// `bytes` on `dev` as a `[len]` u8 tensor, copied from this thread's pinned upload buffer
+    /// (allocated again when the frame's length or the device's context changes).
+    pub(super) fn upload_pinned(bytes: &[u8], dev: &CudaDevice) -> candle_core::Result<Tensor> {
+        let stream = dev.cuda_stream();
+        let context = stream.context().clone();
+        UPLOAD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let fits = slot
+                .as_ref()
+                .is_some_and(|b| b.len() == bytes.len() && Arc::ptr_eq(b.context(), &context));
+            if !fits {
+                // SAFETY: every byte is written below before the copy reads it.
+                *slot = Some(unsafe { context.alloc_pinned::<u8>(bytes.len()) }.w()?);
+            }
+            let buffer = slot.as_mut().expect("made above");
+            // Waits for the copy that last read the buffer.
+            buffer.as_mut_slice().w()?.copy_from_slice(bytes);
+            // SAFETY: the copy below writes every byte before anything reads them.
+            let mut dst = unsafe { dev.alloc::<u8>(bytes.len())? };
+            stream.memcpy_htod(&*buffer, &mut dst).w()?;
+            Ok(Tensor::from_storage(
+                Storage::Cuda(CudaStorage::wrap_cuda_slice(dst, dev.clone())),
+                bytes.len(),
+                BackpropOp::none(),
+                false,
+            ))
+        })
+    }
+
+    /// The bytes of a contiguous u8 tensor on a CUDA device, through this thread's pinned
+    /// download buffer (grown when a frame is larger than any before).
+    pub(super) fn download_pinned(packed: &Tensor) -> candle_core::Result<Vec<u8>> {
+        let (storage, layout) = packed.storage_and_layout();
+        let Storage::Cuda(cuda) = &*storage else {
+            candle_core::bail!("sdstream-packed8: the pixels are not on a CUDA device")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("sdstream-packed8: the pixels are not contiguous")
+        };
+        let len = end - start;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let src = cuda.as_cuda_slice::<u8>()?.slice(start..end);
+        let stream = cuda.device().cuda_stream();
+        let context = stream.context().clone();
+        DOWNLOAD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let fits = slot
+                .as_ref()
+                .is_some_and(|b| b.len() >= len && Arc::ptr_eq(b.context(), &context));
+            if !fits {
+                // Cached, not write-combined: the host reads it. SAFETY: only the bytes the
+                // copy below writes are read.
+                *slot = Some(unsafe { context.alloc_pinned_with_flags::<u8>(len, 0) }.w()?);
+            }
+            let buffer = slot.as_mut().expect("made above");
+            stream.memcpy_dtoh(&src, buffer).w()?;
+            // Waits for the copy.
+            Ok(buffer.as_slice().w()?[..len].to_vec())
+        })
+    }
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/transfer.ptx"));
     const MODULE: &str = "sdstream_transfer";

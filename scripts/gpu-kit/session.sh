@@ -61,6 +61,10 @@ stage bench-f16-unfused 45 SDSTREAM_CUDA_ATTENTION=0 SDSTREAM_BENCH_TAG=-unfused
 stage bench-f16-off 45 SDSTREAM_BENCH_TAG=-off \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100 --sync-stages off" \
   "${run[@]}" bench-f16
+# Frames through page-locked host buffers: against bench-f16-off's first row (both sync off).
+stage bench-f16-pinned 45 SDSTREAM_CUDA_PINNED=1 SDSTREAM_BENCH_TAG=-pinned \
+  SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 100 --sync-stages off" \
+  "${run[@]}" bench-f16
 stage reference-f16 90 SDSTREAM_REFERENCE_SYNC=off SDSTREAM_REFERENCE_ARGS="--vaes taesd" "${run[@]}" reference-f16
 stage sdpa 40 "${run[@]}" sdpa
 stage attention 40 "${run[@]}" attention
