@@ -64,9 +64,10 @@ pub struct KernelPolicy {
     /// Forward passes on CUDA devices are captured and replayed as CUDA graphs (off with
     /// `SDSTREAM_CUDA_GRAPHS=0`; read by sdstream-models' graph cache).
     pub cuda_graphs: bool,
-    /// The UNet and its ControlNets keep their feature maps channels-last (`[B, H, W, C]`)
-    /// between their layers, on every device (on with `SDSTREAM_CHANNELS_LAST`; read when a
-    /// network loads, which lays its convolution weights out for it). On a CUDA device with
+    /// The networks (the UNet, its ControlNets, TAESD and the VAE) keep their feature maps
+    /// channels-last (`[B, H, W, C]`) between their layers, on every device (on with
+    /// `SDSTREAM_CHANNELS_LAST`; read when a network loads, which lays its convolution weights
+    /// out for it; the CPU kernels run the autoencoders channels-last anyway). On a CUDA device with
     /// cuDNN that is the layout its tensor-core convolutions take without transposing around
     /// every call; on the CPU it checks the same code against the goldens. Off by default
     /// until a GPU run has measured it (docs/GPU.md).

@@ -230,7 +230,9 @@ impl Config {
     }
 }
 
-/// A 3×3 convolution, channels-last where the CPU kernels run (see [`AutoencoderTiny`]).
+/// A 3×3 convolution, channels-last where the CPU kernels run (see [`AutoencoderTiny`]), and
+/// elsewhere where the kernel policy asks for channels-last maps (`SDSTREAM_CHANNELS_LAST`: on a
+/// GPU, cuDNN's NHWC convolutions with no transposes around them).
 fn conv3x3(
     c_in: usize,
     c_out: usize,
@@ -247,7 +249,7 @@ fn conv3x3(
         bias,
         vb.clone(),
     )?;
-    if cpu_kernels(vb.device()) {
+    if cpu_kernels(vb.device()) || crate::kernels::KernelPolicy::current().channels_last {
         conv.into_channels_last()
     } else {
         Ok(conv)
@@ -536,6 +538,7 @@ impl AutoencoderTiny {
             Layer::Act(_) => false,
         });
         if channels_last
+            && cpu_kernels(xs.device())
             && xs.dtype() == DType::F32
             && layers.iter().all(|layer| match layer {
                 Layer::Act(act) => *act == Activation::Relu,

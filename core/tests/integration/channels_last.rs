@@ -138,8 +138,11 @@ fn channels_last_streams_match_goldens() {
             check_case_against_golden(name, Target::CPU_F32);
         }
     });
+    // The portable twins: TAESD and the full VAE channels-last too (the CPU kernels run them
+    // so anyway).
     channels_last(true).scoped(|| {
-        for name in CONTROLNET_CASES {
+        let cases = ["self_t3", "self_t3_fullvae", "none_t4_fullvae_nonoise"];
+        for name in cases.iter().chain(CONTROLNET_CASES) {
             check_case_against_golden(name, Target::CPU_F32);
         }
     });
