@@ -125,6 +125,62 @@ fn a_stream_past_the_capacity_is_refused_with_the_figures_and_admitted_after_one
     }
     let after = admission(&label, None);
     assert!(after.admitted(), "{after:?}");
+
+    // A stream asking for its own, tighter budget in its body is held to it: a round of two
+    // streams (a UNet batch of 4 rows, 1600 ms) does not fit 1000 ms.
+    let (status, body) = api(
+        addr,
+        "POST",
+        "/v1/streams",
+        Some(&json!({"params": {"prompt": "in a hurry"}, "frame_budget_ms": 1000})),
+    );
+    assert_eq!(status, 429, "{body}");
+    let message = envelope(429, &body);
+    assert!(
+        message.contains("a UNet batch of 4 rows: 1600.0 ms")
+            && message.contains("over the tightest frame budget of 1000.0 ms"),
+        "{message}"
+    );
+    // A budget out of the settings' range, or not a number, is refused naming the member.
+    for bad in [json!(0), json!(60001), json!("fast")] {
+        let (status, body) = api(
+            addr,
+            "POST",
+            "/v1/streams",
+            Some(&json!({"params": {"prompt": "bad budget"}, "frame_budget_ms": bad})),
+        );
+        assert!(status == 422 || status == 400, "{bad}: {status} {body}");
+        assert!(
+            envelope(status, &body).contains("frame_budget_ms"),
+            "{bad}: {body}"
+        );
+    }
+    assert_eq!(
+        server.app().stream_count(),
+        1,
+        "the refused streams left nothing"
+    );
+
+    // A looser one is admitted, and its engine runs under it.
+    let loose = create(
+        addr,
+        &json!({"params": {"prompt": "patient"}, "frame_budget_ms": 5000}),
+    );
+    let loose_id = loose["id"].as_str().expect("admitted").to_owned();
+    let engine = server.app().stream(&loose_id).unwrap().engine.clone();
+    assert_eq!(engine.settings().frame_budget_ms, Some(5000.0));
+    // Loaded, so that it has joined the batcher before it leaves it.
+    engine.wait_ready(Some(Duration::from_secs(120))).unwrap();
+    let (status, _) = api(addr, "DELETE", &format!("/v1/streams/{loose_id}"), None);
+    assert_eq!(status, 200);
+    while admission(&label, None).streams != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted stream never left the batcher"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     let third = create(addr, &json!({"params": {"prompt": "after one left"}}));
     assert!(third["id"].as_str().is_some());
 }

@@ -123,7 +123,8 @@ impl IntoResponse for ApiError {
 }
 
 /// A create body, from either form: `{pipeline, params, name?, output_rtmp_url?}` or the
-/// older `{pipeline_id, pipeline_params, name?}`.
+/// older `{pipeline_id, pipeline_params, name?}`; either may carry sdstream's
+/// `frame_budget_ms`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct CreateBody {
     pub(crate) pipeline: String,
@@ -133,6 +134,9 @@ pub(crate) struct CreateBody {
     pub(crate) name: Option<String>,
     /// Where to push the output over RTMP: the URL as given, parsed.
     pub(crate) output_rtmp_url: Option<(String, RtmpUrl)>,
+    /// This stream's frame budget (sdstream's own member), in place of the server's
+    /// `frame_budget_ms` setting; checked by the settings' own rule when the stream is made.
+    pub(crate) frame_budget_ms: Option<f64>,
 }
 
 fn object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
@@ -206,12 +210,23 @@ impl CreateBody {
             )),
             _ => None,
         };
+        let frame_budget_ms = match map.get("frame_budget_ms") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(ms)) => ms.as_f64(),
+            Some(other) => {
+                return Err(ApiError::field(
+                    "frame_budget_ms",
+                    format!("must be a number of milliseconds, not {}", json_kind(other)),
+                ));
+            }
+        };
         Ok(Self {
             pipeline: PIPELINE.to_owned(),
             pipeline_id,
             params: params_field(map)?,
             name,
             output_rtmp_url,
+            frame_budget_ms,
         })
     }
 }

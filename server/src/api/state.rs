@@ -245,11 +245,21 @@ impl App {
         if self.is_shutting_down() {
             return Err(ApiError::shutting_down());
         }
+        // The server's settings, with the stream's own frame budget when its body sets one
+        // (held to the settings' rule for it).
+        let settings = match body.frame_budget_ms {
+            Some(ms) => {
+                let mut settings = self.config.settings.clone();
+                settings.frame_budget_ms = Some(ms);
+                settings.validate().map_err(ApiError::invalid)?;
+                settings
+            }
+            None => self.config.settings.clone(),
+        };
         let mut params = self.config.default_params.clone();
         merge_patch(&mut params, &body.params);
-        let params =
-            StreamDiffusionParams::from_json_with(&params.to_string(), &self.config.settings)
-                .map_err(ApiError::invalid)?;
+        let params = StreamDiffusionParams::from_json_with(&params.to_string(), &settings)
+            .map_err(ApiError::invalid)?;
         // Refused when the streams of its model and size would miss their budgets with it
         // (predicted from their measured batches; admitted while nothing is measured).
         let admission = cross_stream::admission(
@@ -257,7 +267,7 @@ impl App {
                 model_id: params.model_id.clone(),
                 size: (params.width as usize, params.height as usize),
             },
-            self.config.settings.frame_budget(),
+            settings.frame_budget(),
         );
         if let Some(reason) = admission.refusal {
             tracing::info!(model = %params.model_id, %reason, "stream refused");
@@ -273,7 +283,7 @@ impl App {
         // here, before anything loads.
         let engine = Arc::new(
             Engine::builder(params.clone())
-                .settings(self.config.settings.clone())
+                .settings(settings)
                 .options(options)
                 .spawn()
                 .map_err(ApiError::invalid)?,

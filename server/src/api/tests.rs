@@ -256,6 +256,18 @@ fn create_bodies_in_both_forms_and_their_errors_name_the_field() {
     assert_eq!(parse(json!({})).expect("empty").params, json!({}));
     // `null` is absent, and so is an empty RTMP URL.
     assert!(parse(json!({"params": null, "name": null, "output_rtmp_url": ""})).is_ok());
+    // sdstream's own frame budget: a number (its range is the settings' rule, checked when the
+    // stream is made), absent when null.
+    assert_eq!(
+        parse(json!({"frame_budget_ms": 250})).unwrap().frame_budget_ms,
+        Some(250.0)
+    );
+    assert_eq!(
+        parse(json!({"frame_budget_ms": null})).unwrap().frame_budget_ms,
+        None
+    );
+    let err = parse(json!({"frame_budget_ms": "fast"})).expect_err("a string");
+    assert!(err.message.contains("frame_budget_ms"), "{}", err.message);
 
     let cases = [
         (json!([]), 400, "body must be a JSON object"),

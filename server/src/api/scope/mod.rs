@@ -147,6 +147,7 @@ async fn offer(State(app): State<Arc<App>>, request: Request) -> Result<Json, Sc
         params,
         name: Some("scope session".to_owned()),
         output_rtmp_url: None,
+        frame_budget_ms: None,
     })?;
     if let Some(paused) = update.paused {
         entry.transport.set_paused(paused);
