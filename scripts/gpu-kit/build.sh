@@ -5,7 +5,7 @@
 #   KIT/attention-bench.xz  examples/attention_bench (attention alone), likewise
 #   KIT/cuda-tests.xz   the test binary of core/tests/cuda.rs, likewise
 #   KIT/fixtures.tar.xz the tiny fixtures those tests read (tests/fixtures, the parts they use)
-#   KIT/full_size_manifest.json, KIT/random_weights.py
+#   KIT/full_size_manifest.json, KIT/full_size_manifest_sdxl.json, KIT/random_weights.py
 #                       full-size random weights drawn on the GPU machine with torch alone
 #   KIT/BUILD.txt       what was built, from which commit, with which toolchain
 # KIT is target/gpu-kit (or $1): inside the repository, ignored by git, so the device tool can
@@ -50,9 +50,11 @@ done
 (
   cd tests/fixtures
   tar -cJf - tiny-sd-turbo tiny-taesd tiny-controlnet-a tiny-controlnet-b frames \
+    tiny-sdxl/scheduler tiny-sdxl/tokenizer tiny-sdxl/tokenizer_2 \
     golden/streams.json golden/controlnet_streams.json golden/stream_*.safetensors
 ) > "$kit/fixtures.tar.xz"
-cp tests/reference/full_size_manifest.json scripts/gpu-kit/random_weights.py "$kit/"
+cp tests/reference/full_size_manifest.json tests/reference/full_size_manifest_sdxl.json \
+  scripts/gpu-kit/random_weights.py "$kit/"
 
 {
   echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- . ':!target' || echo ' (with uncommitted changes)')"

@@ -8,6 +8,10 @@
 #     weights   full-size random sd-turbo / TAESD / ControlNet weights (once; about 5 GB on disk)
 #     bench-f16, bench-bf16, bench-f32
 #               examples/bench at 512², 1 and 2 steps, TAESD and the full VAE, 0/1/2 ControlNets
+#     weights-sdxl
+#               full-size random sdxl-turbo / TAESDXL weights in float16 (once; about 6 GB)
+#     bench-sdxl-f16
+#               examples/bench on them at 512² and 1024², 1 step, TAESDXL, no ControlNet
 #     multi-stream-f16
 #               1/2/4/8 streams batched against one engine per stream (`bench multi-stream`,
 #               512², 1 step, TAESD)
@@ -64,7 +68,8 @@ unpack() {
     rm -rf "$work/fixtures"
     mkdir -p "$work/fixtures"
     tar -xJf "$kit/fixtures.tar.xz" -C "$work/fixtures"
-    cp "$kit/full_size_manifest.json" "$kit/random_weights.py" "$work/"
+    cp "$kit/full_size_manifest.json" "$kit/full_size_manifest_sdxl.json" \
+      "$kit/random_weights.py" "$work/"
     cp "$kit/BUILD.txt" "$work/BUILD.txt"
   fi
   # CUDA 13's libraries from the Python environment: torch's own lib/ and the nvidia-* wheels'.
@@ -120,6 +125,30 @@ stage_weights() {
     --tokenizer "$work/fixtures/tiny-sd-turbo/tokenizer" --out "$work/fullsize" 2>&1 \
     | tee "$out/weights.log"
   touch "$work/fullsize/done"
+}
+
+stage_weights_sdxl() {
+  if [[ -f "$work/fullsize-sdxl/done" ]]; then
+    echo "SDXL weights already at $work/fullsize-sdxl"
+    return
+  fi
+  "$python" "$work/random_weights.py" --manifest "$work/full_size_manifest_sdxl.json" \
+    --fixtures "$work/fixtures" --out "$work/fullsize-sdxl" 2>&1 | tee "$out/weights-sdxl.log"
+  touch "$work/fullsize-sdxl/done"
+}
+
+# sdxl-turbo's shapes at 512² and 1024², one step, TAESDXL (the SDXL rows).
+stage_bench_sdxl() {
+  local dtype="$1"
+  if [[ ! -f "$work/fullsize-sdxl/done" ]]; then
+    stage_weights_sdxl
+  fi
+  # shellcheck disable=SC2086 # SDSTREAM_BENCH_ARGS is a list of flags
+  "$work/bench" --model "$work/fullsize-sdxl/sdxl" --taesd "$work/fullsize-sdxl/taesdxl" \
+    --device cuda --dtype "$dtype" --sizes 512,1024 --warmup 3 --frames 20 --t-index-lists 32 \
+    --vaes taesd ${SDSTREAM_BENCH_ARGS:-} 2> "$out/bench-sdxl-$dtype${SDSTREAM_BENCH_TAG:-}.log" \
+    | tee "$out/bench-sdxl-$dtype${SDSTREAM_BENCH_TAG:-}.md"
+  return "${PIPESTATUS[0]}"
 }
 
 stage_bench() {
@@ -236,6 +265,8 @@ for stage in "$@"; do
     bench-f16) stage_bench f16 ;;
     bench-bf16) stage_bench bf16 ;;
     bench-f32) stage_bench f32 ;;
+    weights-sdxl) stage_weights_sdxl ;;
+    bench-sdxl-f16) stage_bench_sdxl f16 ;;
     multi-stream-f16) stage_multi_stream f16 ;;
     profile-f16) stage_profile f16 ;;
     profile-bf16) stage_profile bf16 ;;

@@ -56,6 +56,8 @@ stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" 
 stage bench-f16-channels-last 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_BENCH_TAG=-channels-last \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
 stage multi-stream-f16 90 "${run[@]}" multi-stream-f16
+# sdxl-turbo's shapes, 1 step, TAESDXL, 512² and 1024² (drawing its 3.5 G weights first).
+stage bench-sdxl-f16 150 "${run[@]}" bench-sdxl-f16
 stage bench-f16-unfused 45 SDSTREAM_CUDA_ATTENTION=0 SDSTREAM_BENCH_TAG=-unfused \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
 stage bench-f16-off 45 SDSTREAM_BENCH_TAG=-off \

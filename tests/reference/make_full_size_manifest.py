@@ -13,8 +13,15 @@ rescalings included), rounded to 6 significant digits; scripts/gpu-kit/random_we
 normal(mean, std) per tensor (std 0: the constant mean). The tokenizer is not described: the
 writer copies tests/fixtures/tiny-sd-turbo/tokenizer, as make_full_size.py does.
 
-Usage: "$REFENV/bin/python" tests/reference/make_full_size_manifest.py [--out FILE]
-(about a minute on 2 cores: it builds each network once, in float32, on the CPU).
+With --sdxl it describes make_full_size.py's sdxl-turbo-shaped checkpoint and TAESDXL instead
+(default out tests/reference/full_size_manifest_sdxl.json, committed): folders "sdxl" and
+"taesdxl", written by random_weights.py in float16 only ("half": true, as the published fp16
+files; 2.6 G UNet values in float32 would be 10 GB), with the scheduler and both tokenizers
+copied from the tiny SDXL fixture ("copy").
+
+Usage: "$REFENV/bin/python" tests/reference/make_full_size_manifest.py [--sdxl] [--out FILE]
+(about a minute on 2 cores, five with --sdxl: it builds each network once, in float32, on the
+CPU).
 """
 
 from __future__ import annotations
@@ -44,10 +51,17 @@ def describe(state: dict[str, torch.Tensor]) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "full_size_manifest.json")
+    here = Path(__file__).resolve().parent
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--sdxl", action="store_true", help="sdxl-turbo and TAESDXL instead of sd-turbo")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sdxl:
+        out = args.out or here / "full_size_manifest_sdxl.json"
+        write(out, sdxl_manifest())
+        return
+    args.out = args.out or here / "full_size_manifest.json"
 
     folders = {
         "sd": {
@@ -75,8 +89,62 @@ def main() -> None:
         weights[key] = describe(state)
         print(f"{key}: {len(state)} tensors, {sum(t.numel() for t in state.values()):,d} values", flush=True)
         del module, state
-    args.out.write_text(json.dumps({"folders": folders, "weights": weights}, indent=0) + "\n")
-    print(f"wrote {args.out} ({args.out.stat().st_size:,d} bytes)")
+    write(args.out, {"folders": folders, "weights": weights})
+
+
+def write(out: Path, manifest: dict) -> None:
+    out.write_text(json.dumps(manifest, indent=0) + "\n")
+    print(f"wrote {out} ({out.stat().st_size:,d} bytes)")
+
+
+def sdxl_manifest() -> dict:
+    """sdxl-turbo's shapes (make_full_size.make_sdxl's networks, same seeds) and TAESDXL."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def text_config(config: dict) -> CLIPTextConfig:
+        return CLIPTextConfig(**{k: v for k, v in config.items()
+                                 if k not in ("architectures", "model_type", "torch_dtype")})
+
+    def unet():
+        torch.manual_seed(5)
+        return UNet2DConditionModel(**full.diffusers_kwargs(full.SDXL_TURBO_UNET)).eval()
+
+    def text_encoder():
+        torch.manual_seed(6)
+        return CLIPTextModel(text_config(full.SDXL_TURBO_TEXT_ENCODER)).eval()
+
+    def text_encoder_2():
+        torch.manual_seed(7)
+        return CLIPTextModelWithProjection(text_config(full.SDXL_TURBO_TEXT_ENCODER_2)).eval()
+
+    folders = {
+        "sdxl": {
+            "model_index.json": full.SDXL_TURBO_MODEL_INDEX,
+            "unet/config.json": full.SDXL_TURBO_UNET,
+            "text_encoder/config.json": full.SDXL_TURBO_TEXT_ENCODER,
+            "text_encoder_2/config.json": full.SDXL_TURBO_TEXT_ENCODER_2,
+        },
+        "taesdxl": {"config.json": full.TAESDXL},
+    }
+    weights = {}
+    for key, build in [
+        ("sdxl/text_encoder/model", text_encoder),
+        ("sdxl/text_encoder_2/model", text_encoder_2),
+        ("sdxl/unet/diffusion_pytorch_model", unet),
+        ("taesdxl/diffusion_pytorch_model", lambda: full.make_taesd(seed=8)),
+    ]:
+        module = build()
+        state = module.state_dict()
+        if key.startswith("sdxl/text_encoder"):
+            # transformers 4's key names, as the published files (make_full_size.make_sdxl).
+            state = {k if k.startswith(("text_model.", "text_projection."))
+                     else f"text_model.{k}": v for k, v in state.items()}
+        weights[key] = describe(state)
+        print(f"{key}: {len(state)} tensors, {sum(t.numel() for t in state.values()):,d} values", flush=True)
+        del module, state
+    copy = {f"sdxl/{name}": f"tiny-sdxl/{name}" for name in ["scheduler", "tokenizer", "tokenizer_2"]}
+    return {"folders": folders, "weights": weights, "half": True, "copy": copy}
 
 
 if __name__ == "__main__":
