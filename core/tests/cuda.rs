@@ -718,3 +718,118 @@ fn cuda_geglu_kernel_matches_the_formula() {
     assert_eq!(checked, 4 * 3 * 2);
     assert!(failures.is_empty(), "{failures:?}");
 }
+
+/// Canny on the device (kernels' canny.cu, with SDSTREAM_CUDA_PREPROCESS) against the host's
+/// detector, bit for bit: the fixture frames and patterns that stress each part (noise: many
+/// candidates and ties in the suppression; a step; a long ring of weak edges reached from one
+/// strong pixel, which hysteresis must follow across many 32×32 tiles; an odd size), at several
+/// thresholds (swapped ones included), through the kernel itself and through the preprocessor
+/// a ControlNet runs.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_canny_matches_the_host_detector() {
+    use sdstream::model::kernels::{KernelPolicy, canny};
+    use sdstream::preprocess::{self, ProcessorInputs};
+    if !cuda_or_skip("cuda_canny_matches_the_host_detector") {
+        return;
+    }
+    let cuda = Device::new_cuda(0).unwrap();
+    let mut images: Vec<(String, Tensor)> = Vec::new();
+    for i in 0..3 {
+        let img = image::open(common::fixture(&format!("frames/{i:03}.png")))
+            .unwrap()
+            .to_rgb8();
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let frame =
+            sdstream::Frame::packed(img.as_raw(), w, h, sdstream::PixelFormat::Rgb8).unwrap();
+        let unit = frame
+            .to_tensor(w, h, &Device::Cpu)
+            .unwrap()
+            .affine(0.5, 0.5)
+            .unwrap();
+        images.push((format!("frame {i:03}"), unit));
+    }
+    let noise = Tensor::rand(0f32, 1.0, (1, 3, 97, 131), &Device::Cpu).unwrap();
+    images.push(("noise 97x131".into(), noise));
+    let (h, w) = (300, 300);
+    let step: Vec<f32> = (0..3 * h * w)
+        .map(|i| if (i % w) < w / 2 { 0.1 } else { 0.9 })
+        .collect();
+    images.push((
+        "step".into(),
+        Tensor::from_vec(step, (1, 3, h, w), &Device::Cpu).unwrap(),
+    ));
+    // A ring of faint contrast (weak edges) with one bright spot on it (a strong edge).
+    let ring: Vec<f32> = (0..h * w)
+        .map(|i| {
+            let (y, x) = ((i / w) as f32 - 150.0, (i % w) as f32 - 150.0);
+            let r = (y * y + x * x).sqrt();
+            let mut v = if r < 120.0 { 0.5 } else { 0.5 + 30.0 / 255.0 };
+            if (y + 120.0).abs() < 3.0 && x.abs() < 3.0 {
+                v = 1.0;
+            }
+            v
+        })
+        .collect();
+    let ring = Tensor::from_vec(ring, (1, 1, h, w), &Device::Cpu)
+        .unwrap()
+        .repeat((1, 3, 1, 1))
+        .unwrap();
+    images.push(("weak ring".into(), ring));
+    let thresholds = [
+        (100.0, 200.0),
+        (20.0, 60.0),
+        (200.0, 100.0),
+        (1.0, 255.0),
+        (50.5, 50.9),
+    ];
+    let policy = KernelPolicy {
+        cuda_preprocess: true,
+        ..KernelPolicy::process()
+    };
+    let mut compared = 0usize;
+    let mut edges = 0usize;
+    for (name, image) in &images {
+        for (low, high) in thresholds {
+            let params: serde_json::Map<String, serde_json::Value> = serde_json::from_value(
+                serde_json::json!({"low_threshold": low, "high_threshold": high}),
+            )
+            .unwrap();
+            let inputs = ProcessorInputs::default();
+            let host = preprocess::apply("canny", &params, image, &inputs).unwrap();
+            let on_device = image.to_device(&cuda).unwrap();
+            let direct = canny::canny(&on_device, low, high).unwrap();
+            let through = policy.scoped(|| {
+                assert!(canny::runs_on(&cuda));
+                preprocess::apply("canny", &params, &on_device, &inputs).unwrap()
+            });
+            let host: Vec<f32> = host.flatten_all().unwrap().to_vec1().unwrap();
+            for (how, got) in [("kernel", direct), ("preprocessor", through)] {
+                assert_eq!(got.dtype(), DType::F32);
+                let got: Vec<f32> = got
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let differing = host.iter().zip(&got).filter(|(a, b)| a != b).count();
+                assert_eq!(got.len(), host.len());
+                assert_eq!(
+                    differing, 0,
+                    "{name} ({low}, {high}) through the {how}: {differing} pixels differ"
+                );
+                compared += got.len();
+            }
+            edges += host.iter().filter(|&&v| v == 1.0).count();
+        }
+    }
+    println!("canny: {compared} values compared, all equal; {edges} edge values on the host");
+    assert!(
+        edges > 1000,
+        "the patterns made too few edges ({edges}) to check anything"
+    );
+}

@@ -24,6 +24,7 @@
 
 pub mod alloc;
 pub mod attention;
+pub mod canny;
 pub mod conv;
 mod conv_channels_last;
 mod conv_direct;

@@ -76,6 +76,10 @@ pub struct KernelPolicy {
     /// thread and reused, so that the copies are the DMA engine's alone (on with
     /// `SDSTREAM_CUDA_PINNED`; see `transfer`). Off by default until a GPU run has measured it.
     pub cuda_pinned: bool,
+    /// Preprocessors with a kernel of their own run on a CUDA device where the frame is
+    /// (`canny`; on with `SDSTREAM_CUDA_PREPROCESS`), instead of a download, the host's code and
+    /// an upload. Off by default until a GPU run has measured it.
+    pub cuda_preprocess: bool,
 }
 
 impl Default for KernelPolicy {
@@ -91,6 +95,7 @@ impl Default for KernelPolicy {
             cuda_graphs: true,
             channels_last: false,
             cuda_pinned: false,
+            cuda_preprocess: false,
         }
     }
 }
@@ -112,7 +117,8 @@ impl KernelPolicy {
     /// variable `name`, `None` where it is unset). A pure function of `lookup`, so that the
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
-    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CHANNELS_LAST`, `SDSTREAM_CUDA_PINNED` are switches, on when set to anything but nothing or `0`;
+    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CHANNELS_LAST`, `SDSTREAM_CUDA_PINNED`,
+    ///   `SDSTREAM_CUDA_PREPROCESS` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS` turn their
     ///   feature off when exactly `0`;
     /// - `SDSTREAM_WINOGRAD` is `auto` (or empty, or unset), `off` (or `0`), `f2` or `f4`;
@@ -149,6 +155,7 @@ impl KernelPolicy {
             cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
             channels_last: switch("SDSTREAM_CHANNELS_LAST"),
             cuda_pinned: switch("SDSTREAM_CUDA_PINNED"),
+            cuda_preprocess: switch("SDSTREAM_CUDA_PREPROCESS"),
         }
     }
 
@@ -222,7 +229,8 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 6] = [
+        let cases: [(&str, Field, bool); 7] = [
+            ("SDSTREAM_CUDA_PREPROCESS", |p| p.cuda_preprocess, false),
             ("SDSTREAM_PORTABLE_KERNELS", |p| p.portable, false),
             ("SDSTREAM_CHANNELS_LAST", |p| p.channels_last, false),
             ("SDSTREAM_CUDA_PINNED", |p| p.cuda_pinned, false),
@@ -246,6 +254,9 @@ mod tests {
                 "SDSTREAM_NO_AVX512_BF16" => others.avx512_bf16 = default_policy.avx512_bf16,
                 "SDSTREAM_CHANNELS_LAST" => others.channels_last = default_policy.channels_last,
                 "SDSTREAM_CUDA_PINNED" => others.cuda_pinned = default_policy.cuda_pinned,
+                "SDSTREAM_CUDA_PREPROCESS" => {
+                    others.cuda_preprocess = default_policy.cuda_preprocess
+                }
                 _ => others.direct_conv = default_policy.direct_conv,
             }
             assert_eq!(others, default_policy, "{name} moves only its field");

@@ -278,6 +278,12 @@ impl Processor {
         match *self {
             Processor::Passthrough => Ok(image.clone()),
             Processor::External => external(image, inputs.external),
+            // On a CUDA device with SDSTREAM_CUDA_PREPROCESS: the same detector where the frame
+            // is (kernels' canny.cu, bit for bit the host's), as f32 planes like the host's.
+            Processor::Canny(p) if crate::model::kernels::canny::runs_on(image.device()) => Ok(
+                crate::model::kernels::canny::canny(image, p.low_threshold, p.high_threshold)?
+                    .to_dtype(candle_core::DType::F32)?,
+            ),
             Processor::Canny(p) => on_host(&|x| canny::apply(x, p)),
             Processor::SoftEdge => on_host(&soft_edge::apply),
             Processor::Feedback(p) => feedback::apply(image, inputs.previous_output, p),

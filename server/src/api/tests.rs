@@ -259,11 +259,15 @@ fn create_bodies_in_both_forms_and_their_errors_name_the_field() {
     // sdstream's own frame budget: a number (its range is the settings' rule, checked when the
     // stream is made), absent when null.
     assert_eq!(
-        parse(json!({"frame_budget_ms": 250})).unwrap().frame_budget_ms,
+        parse(json!({"frame_budget_ms": 250}))
+            .unwrap()
+            .frame_budget_ms,
         Some(250.0)
     );
     assert_eq!(
-        parse(json!({"frame_budget_ms": null})).unwrap().frame_budget_ms,
+        parse(json!({"frame_budget_ms": null}))
+            .unwrap()
+            .frame_budget_ms,
         None
     );
     let err = parse(json!({"frame_budget_ms": "fast"})).expect_err("a string");
