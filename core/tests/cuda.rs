@@ -731,7 +731,7 @@ fn cuda_geglu_kernel_matches_the_formula() {
     ignore = "needs the cuda feature and a CUDA device"
 )]
 fn cuda_canny_matches_the_host_detector() {
-    use sdstream::model::kernels::{KernelPolicy, canny};
+    use sdstream::model::kernels::{self, KernelPolicy, canny};
     use sdstream::preprocess::{self, ProcessorInputs};
     if !cuda_or_skip("cuda_canny_matches_the_host_detector") {
         return;
@@ -803,7 +803,7 @@ fn cuda_canny_matches_the_host_detector() {
             let on_device = image.to_device(&cuda).unwrap();
             let direct = canny::canny(&on_device, low, high).unwrap();
             let through = policy.scoped(|| {
-                assert!(canny::runs_on(&cuda));
+                assert!(kernels::preprocess_on_device(&cuda));
                 preprocess::apply("canny", &params, &on_device, &inputs).unwrap()
             });
             let host: Vec<f32> = host.flatten_all().unwrap().to_vec1().unwrap();
@@ -832,4 +832,55 @@ fn cuda_canny_matches_the_host_detector() {
         edges > 1000,
         "the patterns made too few edges ({edges}) to check anything"
     );
+}
+
+/// `soft_edge` on the device (tensor operations, with SDSTREAM_CUDA_PREPROCESS) against the
+/// host's steps, within 1e-5 (the sums run in another order), on the fixture frames and noise.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_soft_edge_matches_the_host_steps() {
+    use sdstream::model::kernels::{self, KernelPolicy};
+    use sdstream::preprocess::{self, ProcessorInputs};
+    if !cuda_or_skip("cuda_soft_edge_matches_the_host_steps") {
+        return;
+    }
+    let cuda = Device::new_cuda(0).unwrap();
+    let policy = KernelPolicy {
+        cuda_preprocess: true,
+        ..KernelPolicy::process()
+    };
+    let mut images = vec![Tensor::rand(0f32, 1.0, (1, 3, 97, 131), &Device::Cpu).unwrap()];
+    for i in 0..2 {
+        let img = image::open(common::fixture(&format!("frames/{i:03}.png")))
+            .unwrap()
+            .to_rgb8();
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let data: Vec<f32> = img.as_raw().iter().map(|&b| f32::from(b) / 255.0).collect();
+        let hwc = Tensor::from_vec(data, (h, w, 3), &Device::Cpu).unwrap();
+        images.push(
+            hwc.permute((2, 0, 1))
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+                .contiguous()
+                .unwrap(),
+        );
+    }
+    let params = serde_json::Map::new();
+    let inputs = ProcessorInputs::default();
+    for (i, image) in images.iter().enumerate() {
+        let host = preprocess::apply("soft_edge", &params, image, &inputs).unwrap();
+        let on_device = image.to_device(&cuda).unwrap();
+        let got = policy.scoped(|| {
+            assert!(kernels::preprocess_on_device(&cuda));
+            preprocess::apply("soft_edge", &params, &on_device, &inputs).unwrap()
+        });
+        assert_eq!(got.dims(), host.dims());
+        let (max, mean) = common::abs_err(&got.to_device(&Device::Cpu).unwrap(), &host);
+        println!("soft edge on the device, image {i}: max {max:.2e} mean {mean:.2e}");
+        assert!(max <= 1e-5, "image {i}: max {max}");
+    }
 }

@@ -8,14 +8,7 @@
 //! reads back one flag, so the detector waits for the device a few times (once per tile
 //! boundary the longest chain of weak edges crosses) and is not captured in a CUDA graph.
 
-use candle_core::{Device, Tensor};
-
-/// Whether [`canny`] runs for `image`: on a CUDA device, when the current kernel policy allows
-/// sdstream's CUDA kernels and its preprocessors on the device (`SDSTREAM_CUDA_PREPROCESS`).
-pub fn runs_on(device: &Device) -> bool {
-    let policy = super::KernelPolicy::current();
-    cfg!(feature = "cuda") && super::cuda_kernels(device) && policy.cuda_preprocess
-}
+use candle_core::Tensor;
 
 /// Canny's edges of `image` (`[1, C, H, W]` or `[C, H, W]`, values in [0, 1], C = 1 or 3) on a
 /// CUDA device, with OpenCV's thresholds (floored, swapped when `low > high`): C planes of 1 on

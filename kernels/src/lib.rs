@@ -70,6 +70,14 @@ pub fn cuda_kernels(device: &Device) -> bool {
     device.is_cuda() && KernelPolicy::current().cuda_kernels
 }
 
+/// Whether the preprocessors that can run on `device` do ([`canny`], and `soft_edge` as tensor
+/// operations): on a CUDA device, when the current [`KernelPolicy`] allows sdstream's CUDA
+/// kernels and preprocessing there (`SDSTREAM_CUDA_PREPROCESS`). Never elsewhere: the host runs
+/// its own.
+pub fn preprocess_on_device(device: &Device) -> bool {
+    cuda_kernels(device) && KernelPolicy::current().cuda_preprocess
+}
+
 /// Prepares a freshly opened device for frames. On CUDA: memory a frame frees stays in the
 /// device's stream-ordered pool for the next frame (release threshold: unlimited), where the
 /// driver's default gives it back at every synchronisation, so that each frame would map its

@@ -76,9 +76,10 @@ pub struct KernelPolicy {
     /// thread and reused, so that the copies are the DMA engine's alone (on with
     /// `SDSTREAM_CUDA_PINNED`; see `transfer`). Off by default until a GPU run has measured it.
     pub cuda_pinned: bool,
-    /// Preprocessors with a kernel of their own run on a CUDA device where the frame is
-    /// (`canny`; on with `SDSTREAM_CUDA_PREPROCESS`), instead of a download, the host's code and
-    /// an upload. Off by default until a GPU run has measured it.
+    /// The preprocessors that can run on a CUDA device do, where the frame is (`canny` with a
+    /// kernel of its own, `soft_edge` as tensor operations; on with `SDSTREAM_CUDA_PREPROCESS`;
+    /// see [`crate::preprocess_on_device`]), instead of a download, the host's code and an
+    /// upload. Off by default until a GPU run has measured it.
     pub cuda_preprocess: bool,
 }
 

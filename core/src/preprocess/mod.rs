@@ -280,11 +280,18 @@ impl Processor {
             Processor::External => external(image, inputs.external),
             // On a CUDA device with SDSTREAM_CUDA_PREPROCESS: the same detector where the frame
             // is (kernels' canny.cu, bit for bit the host's), as f32 planes like the host's.
-            Processor::Canny(p) if crate::model::kernels::canny::runs_on(image.device()) => Ok(
-                crate::model::kernels::canny::canny(image, p.low_threshold, p.high_threshold)?
-                    .to_dtype(candle_core::DType::F32)?,
-            ),
+            Processor::Canny(p) if crate::model::kernels::preprocess_on_device(image.device()) => {
+                Ok(
+                    crate::model::kernels::canny::canny(image, p.low_threshold, p.high_threshold)?
+                        .to_dtype(candle_core::DType::F32)?,
+                )
+            }
             Processor::Canny(p) => on_host(&|x| canny::apply(x, p)),
+            // On a CUDA device with SDSTREAM_CUDA_PREPROCESS: the same steps as tensor
+            // operations where the frame is.
+            Processor::SoftEdge if crate::model::kernels::preprocess_on_device(image.device()) => {
+                Ok(soft_edge::apply_tensor(image)?)
+            }
             Processor::SoftEdge => on_host(&soft_edge::apply),
             Processor::Feedback(p) => feedback::apply(image, inputs.previous_output, p),
             Processor::Blur(p) => on_host(&|x| filters::blur(x, p)),

@@ -12,6 +12,10 @@
 //! replication), cross-correlation. Computed in f32 (Daydream runs it in the pipeline's dtype,
 //! float16 on GPUs). No params (Daydream declares none).
 
+use candle_core::{DType, Module, Tensor};
+
+use crate::model::kernels::conv::{Conv2d, Padding};
+
 use super::planes::{Planes, correlate, correlate_separable};
 
 /// Daydream's 5×5 Sobel-like x kernel (before the /16).
@@ -84,9 +88,95 @@ pub fn apply(image: &Planes) -> Planes {
     out
 }
 
+/// [`apply`] as tensor operations on the image's own device (`[1, C, H, W]` or `[C, H, W]` in
+/// [0, 1]): what a GPU runs with `SDSTREAM_CUDA_PREPROCESS`, instead of a download, [`apply`] on
+/// the host and an upload. The same steps in f32, through sdstream's convolutions (zero
+/// padding, cross-correlation; the blur as one 5×5 kernel), so the sums run in another order: within 1e-5 of [`apply`] (tested on the
+/// CPU, where both run), as Daydream's own float16 run is not bit-exact either. Returns
+/// `[1, C, H, W]` f32 (C at least 1).
+pub fn apply_tensor(image: &Tensor) -> candle_core::Result<Tensor> {
+    let image = match image.rank() {
+        3 => image.unsqueeze(0)?,
+        _ => image.clone(),
+    };
+    let (_, channels, h, w) = image.dims4()?;
+    let device = image.device();
+    let x = image.to_dtype(DType::F32)?;
+    let gray = if channels >= 3 {
+        let plane = |c: usize, weight: f64| x.narrow(1, c, 1)?.affine(weight, 0.0);
+        ((plane(0, 0.299)? + plane(1, 0.587)?)? + plane(2, 0.114)?)?
+    } else {
+        x.narrow(1, 0, 1)?
+    }
+    .contiguous()?;
+    // sdstream's convolution (f32 sums with plain FMA math on a GPU, no TF32), zero padding.
+    let correlate = |x: &Tensor, kernel: Vec<f32>, size: usize| -> candle_core::Result<Tensor> {
+        let weight = Tensor::from_vec(kernel, (1, 1, size, size), device)?;
+        Conv2d::from_tensors(weight, None, 1, Padding::uniform(size / 2))?.forward(x)
+    };
+    let mut combined: Option<Tensor> = None;
+    for (kernel_x, size, divisor, weight) in SCALES {
+        let kx: Vec<f32> = kernel_x.iter().map(|v| v / divisor).collect();
+        let ky = transpose(&kx, size);
+        let gx = correlate(&gray, kx, size)?;
+        let gy = correlate(&gray, ky, size)?;
+        let magnitude = (gx.sqr()? + gy.sqr()?)?
+            .sqrt()?
+            .affine(f64::from(weight), 0.0)?;
+        combined = Some(match combined {
+            None => magnitude,
+            Some(sum) => (sum + magnitude)?,
+        });
+    }
+    let combined = combined.expect("three scales");
+    let binomial = [1.0f32, 4.0, 6.0, 4.0, 1.0];
+    let blur: Vec<f32> = (0..25)
+        .map(|i| binomial[i / 5] * binomial[i % 5] / 256.0)
+        .collect();
+    let soft = correlate(&combined, blur, 5)?;
+    let max = soft.max_all()?.to_dtype(DType::F32)?;
+    let scaled = soft.broadcast_div(&(max + 1e-8)?)?;
+    // sigmoid(6x − 3) = 1 / (1 + exp(3 − 6x)), clamped to [0, 1].
+    let out = (scaled.affine(-6.0, 3.0)?.exp()? + 1.0)?
+        .recip()?
+        .clamp(0f32, 1f32)?;
+    let out = out.reshape((1, 1, h, w))?;
+    out.repeat((1, channels.max(1), 1, 1))
+}
+
 /// The transpose of a square `size × size` kernel.
 fn transpose(k: &[f32], size: usize) -> Vec<f32> {
     (0..size * size)
         .map(|i| k[(i % size) * size + i / size])
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// The tensor version (what a GPU runs) against the host's on the CPU, where both run: a
+    /// random image, a flat one (the maximum near 0: the 1e-8 matters) and a one-channel one.
+    #[test]
+    fn tensor_operations_match_the_host_steps() -> candle_core::Result<()> {
+        let random = Tensor::rand(0f32, 1.0, (1, 3, 37, 53), &Device::Cpu)?;
+        let flat = Tensor::full(0.25f32, (1, 3, 16, 16), &Device::Cpu)?;
+        let gray = Tensor::rand(0f32, 1.0, (1, 1, 20, 30), &Device::Cpu)?;
+        for (name, image) in [("random", random), ("flat", flat), ("one channel", gray)] {
+            let host = apply(&Planes::from_tensor(&image).map_err(candle_core::Error::wrap)?);
+            let host = Tensor::from_vec(
+                host.data,
+                (1, host.channels, host.height, host.width),
+                &Device::Cpu,
+            )?;
+            let tensor = apply_tensor(&image)?;
+            assert_eq!(tensor.dims(), host.dims(), "{name}");
+            let max = (tensor - &host)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            println!("soft edge as tensor operations, {name}: max {max:.2e} from the host's");
+            assert!(max <= 1e-5, "{name}: max {max}");
+        }
+        Ok(())
+    }
 }
