@@ -147,3 +147,79 @@ fn channels_last_streams_match_goldens() {
         }
     });
 }
+
+/// SDXL's UNet (a batch of two rows: each image's time embedding added over its own
+/// channels-last map) with the reference's added conditioning, and SDXL's ControlNet, built
+/// channels-last on the CPU kernels and on the portable twins, against diffusers.
+#[test]
+fn channels_last_sdxl_networks_match_diffusers() {
+    use sdstream::model::unet::AddedConditioning;
+    let g = golden("golden/sdxl_conditioning.safetensors");
+    let gc = golden("golden/sdxl_controlnet_net.safetensors");
+    for portable in [false, true] {
+        channels_last(portable).scoped(|| {
+            let unet =
+                UNet2DConditionModel::load(&fixture("tiny-sdxl/unet"), DType::F32, &Device::Cpu)
+                    .expect("the tiny SDXL UNet");
+            assert!(unet.maps_channels_last());
+            let context =
+                candle_core::Tensor::cat(&[&g["prompt_embeds"], &g["negative_prompt_embeds"]], 0)
+                    .unwrap();
+            let added = AddedConditioning {
+                text_embeds: candle_core::Tensor::cat(
+                    &[
+                        &g["pooled_prompt_embeds"],
+                        &g["negative_pooled_prompt_embeds"],
+                    ],
+                    0,
+                )
+                .unwrap(),
+                time_ids: g["add_time_ids"].repeat((2, 1)).unwrap(),
+            };
+            assert_eq!(g["sample"].dim(0).unwrap(), 2);
+            let out = unet
+                .forward(
+                    UNetInputs::new(&g["sample"], &g["timesteps"], &context).added(Some(&added)),
+                )
+                .unwrap();
+            check(
+                &format!("channels-last SDXL UNet (portable {portable})"),
+                &out,
+                &g["unet_output"],
+                1e-4,
+            );
+
+            let net =
+                ControlNetModel::load(&fixture("tiny-sdxl-controlnet"), DType::F32, &Device::Cpu)
+                    .expect("the tiny SDXL ControlNet");
+            assert!(net.maps_channels_last());
+            let added = AddedConditioning {
+                text_embeds: gc["text_embeds"].clone(),
+                time_ids: gc["time_ids"].clone(),
+            };
+            let out = net
+                .forward(
+                    &gc["sample"],
+                    &gc["timesteps"],
+                    &gc["encoder_hidden_states"],
+                    Some(&added),
+                    &gc["controlnet_cond"],
+                )
+                .unwrap();
+            for (i, got) in out.down.iter().enumerate() {
+                check(
+                    &format!("channels-last SDXL ControlNet down {i} (portable {portable})"),
+                    got,
+                    &gc[&format!("down_{i:02}")],
+                    1e-5,
+                );
+            }
+            check(
+                &format!("channels-last SDXL ControlNet mid (portable {portable})"),
+                &out.mid,
+                &gc["mid"],
+                1e-5,
+            );
+        })
+    }
+}
