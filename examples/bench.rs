@@ -58,23 +58,6 @@ struct Args {
     sync_stages: Option<bool>,
 }
 
-/// The switches of the process's kernel policy that change what a GPU runs, so that a table
-/// says what it measured (`SDSTREAM_CHANNELS_LAST` and the others, docs/GPU.md).
-fn policy_summary() -> String {
-    let p = sdstream::model::kernels::KernelPolicy::process();
-    let on_off = |on: bool| if on { "on" } else { "off" };
-    format!(
-        "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {}, pinned transfers {}, \
-         preprocessing on the device {}",
-        on_off(p.cuda_kernels),
-        on_off(p.cuda_attention),
-        on_off(p.cuda_graphs),
-        on_off(p.channels_last),
-        on_off(p.cuda_pinned),
-        on_off(p.cuda_preprocess),
-    )
-}
-
 /// The environment variables that stand in for `--model` and `--taesd`.
 const MODEL_VAR: &str = "SDSTREAM_BENCH_MODEL";
 const TAESD_VAR: &str = "SDSTREAM_BENCH_TAESD";
@@ -376,7 +359,7 @@ fn run() -> Result<(), String> {
         if sync_stages { "on" } else { "off" },
         peak_before,
         peak_after,
-        policy_summary(),
+        multi_stream::policy_summary(),
     );
     let (against_header, against_rule) = match &args.against {
         Some(dtype) => (format!(" vs {dtype}: max / mean levels |"), "---|"),

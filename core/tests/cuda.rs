@@ -884,3 +884,65 @@ fn cuda_soft_edge_matches_the_host_steps() {
         assert!(max <= 1e-5, "image {i}: max {max}");
     }
 }
+
+/// The in-place adds on the device (ops.cu) against candle's broadcast adds: each image's own
+/// values over its channels-last map (three images: the per-image runs of
+/// `add_fresh_per_batch`), a per-channel shift of channels-first maps and a bias over the last
+/// dimension, in every dtype. f32 and f16 sums are exact before their one rounding, so they
+/// must agree to the bit; bf16 within one rounding.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_in_place_adds_match_broadcast_adds() {
+    use sdstream::model::kernels::ops::{add_fresh, add_fresh_per_batch};
+    if !cuda_or_skip("cuda_in_place_adds_match_broadcast_adds") {
+        return;
+    }
+    let cuda = Device::new_cuda(0).unwrap();
+    let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap();
+    let cases = [
+        (
+            "per image, channels last",
+            randn(&[3, 5, 7, 8]),
+            randn(&[3, 1, 1, 8]),
+            1,
+            true,
+        ),
+        (
+            "per channel, channels first",
+            randn(&[3, 5, 7, 8]),
+            randn(&[3, 5, 1, 1]),
+            56,
+            false,
+        ),
+        ("bias", randn(&[3, 5, 7, 8]), randn(&[8]), 1, false),
+    ];
+    for (name, fresh, other, inner, per_batch) in cases {
+        for (dtype, bound) in [(DType::F32, 0.0f32), (DType::F16, 0.0), (DType::BF16, 3e-2)] {
+            let fresh = fresh.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
+            let other = other.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
+            let want = fresh.broadcast_add(&other).unwrap();
+            let copy = fresh.copy().unwrap();
+            let got = if per_batch {
+                add_fresh_per_batch(copy, &other, inner).unwrap()
+            } else {
+                add_fresh(copy, &other, inner).unwrap()
+            };
+            let (max, _) = common::abs_err(
+                &got.to_dtype(DType::F32)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap(),
+                &want
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap(),
+            );
+            println!("in-place add, {name}, {dtype:?}: max {max:.2e}");
+            assert!(max <= bound, "{name} {dtype:?}: max {max} > {bound}");
+        }
+    }
+}

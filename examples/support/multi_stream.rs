@@ -276,7 +276,7 @@ pub fn main(argv: Vec<String>) -> ExitCode {
     };
     println!(
         "{} streams at {}², t_index_list {:?}, TAESD, {} {}; {} measured frames per stream after {} \
-         warm-up; {} cores",
+         warm-up; {} cores; kernel policy: {}",
         args.streams
             .iter()
             .map(|n| n.to_string())
@@ -289,6 +289,7 @@ pub fn main(argv: Vec<String>) -> ExitCode {
         args.frames,
         args.warmup,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        policy_summary(),
     );
     println!(
         "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest |"
@@ -340,4 +341,21 @@ pub fn main(argv: Vec<String>) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The switches of the process's kernel policy that change what a GPU runs, so that a table
+/// says what it measured (`SDSTREAM_CHANNELS_LAST` and the others, docs/GPU.md).
+pub fn policy_summary() -> String {
+    let p = sdstream::model::kernels::KernelPolicy::process();
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    format!(
+        "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {}, pinned transfers {}, \
+         preprocessing on the device {}",
+        on_off(p.cuda_kernels),
+        on_off(p.cuda_attention),
+        on_off(p.cuda_graphs),
+        on_off(p.channels_last),
+        on_off(p.cuda_pinned),
+        on_off(p.cuda_preprocess),
+    )
 }

@@ -1500,6 +1500,22 @@ mod tests {
     /// The channels-last kernel computes what the channels-first one does, with its epilogue
     /// (bias, residual, ReLU) equal to the separate ops, across strides, paddings, kernel
     /// sizes, upsampling, batches and sizes that split rows over threads.
+    /// The channels-last nearest upsampling (what cuDNN's NHWC path feeds its convolution) is
+    /// torch's nearest upsampling of the same map, value for value: ×2 and ×3, two images.
+    #[test]
+    fn channels_last_upsampling_is_nearest_upsampling() -> candle_core::Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &Device::Cpu)?;
+        for factor in [2, 3] {
+            let want = x.upsample_nearest2d(5 * factor, 4 * factor)?;
+            let last = x.permute((0, 2, 3, 1))?.contiguous()?;
+            let got = upsample_nearest_channels_last(&last, factor)?.permute((0, 3, 1, 2))?;
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "×{factor}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn channels_last_matches_channels_first() -> candle_core::Result<()> {
         let dev = Device::Cpu;
