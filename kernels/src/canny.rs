@@ -52,19 +52,13 @@ mod cuda {
     use candle_core::op::BackpropOp;
     use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 
+    use crate::ops::grid_stride;
+
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/canny.ptx"));
     const MODULE: &str = "sdstream_canny";
     const THREADS: u32 = 256;
     /// The side of the square tiles `canny_grow` propagates in (canny.cu's `TILE`).
     const TILE: usize = 32;
-
-    fn grid_stride(items: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (items.div_ceil(THREADS as usize).clamp(1, 4096) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
 
     /// The edge map as `channels` planes of 1 and 0 in `T`.
     fn planes_of<T: CudaDType + DeviceRepr>(

@@ -486,11 +486,7 @@ impl Conv2d {
     /// The weight as `[C_out, C_in, kh, kw]` for candle's convolution (a copy where the layer
     /// keeps it laid out for cuDNN's NHWC kernels and those are off for this call).
     fn weight_oihw(&self) -> candle_core::Result<Tensor> {
-        if self.cudnn_filter {
-            self.weight.permute((0, 3, 1, 2))?.contiguous()
-        } else {
-            Ok(self.weight.clone())
-        }
+        self.weight_as_checkpoint()?.contiguous()
     }
 
     /// candle's convolution: what other devices run (on CUDA with the `cudnn` feature, cuDNN

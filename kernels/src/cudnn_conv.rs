@@ -32,16 +32,7 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
-    x.apply_op2_no_bwd(
-        &weight,
-        &CudnnConv {
-            padding,
-            stride,
-            channels_last: false,
-        },
-    )
+    convolve(x, weight, padding, stride, false)
 }
 
 /// The same convolution over channels-last maps: `x` `[B, H, W, C_in]`, `weight` `[C_out, kh,
@@ -53,6 +44,17 @@ pub fn conv2d_channels_last(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
+    convolve(x, weight, padding, stride, true)
+}
+
+/// Either layout's convolution, operands made contiguous.
+fn convolve(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    channels_last: bool,
+) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
     x.apply_op2_no_bwd(
@@ -60,7 +62,7 @@ pub fn conv2d_channels_last(
         &CudnnConv {
             padding,
             stride,
-            channels_last: true,
+            channels_last,
         },
     )
 }

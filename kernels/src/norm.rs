@@ -421,14 +421,7 @@ impl CustomOp3 for GroupNormChannelsLastOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        check_groups(self, l1.shape(), l2, l3)?;
-        let norm = cuda::Norm {
-            groups: self.groups,
-            eps: self.eps,
-            silu: self.silu,
-            channels_last: true,
-        };
-        cuda::forward(&norm, (s1, l1), (s2, l2), (s3, l3))
+        group_norm_cuda_fwd(self, (s1, l1), (s2, l2), (s3, l3))
     }
 }
 
@@ -457,11 +450,17 @@ fn check_groups<Op: GroupNormLayout>(
     Ok(())
 }
 
-/// What the two GroupNorm layouts' CPU forwards differ in: where the channels are, and the pass.
+/// What the two GroupNorm layouts' forwards differ in: where the channels are, and the pass.
 trait GroupNormLayout: CustomOp3 {
     /// How the layout is named in a shape error.
     const LAYOUT: &'static str;
+    /// Whether the channels are last (`[B, …, C]`), as the CUDA kernel's entry points ask.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    const CHANNELS_LAST: bool;
     fn groups(&self) -> usize;
+    /// `(eps, silu)`, for the CUDA kernel.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn eps_silu(&self) -> (f64, bool);
     /// The input's channel count.
     fn channels(shape: &Shape) -> usize;
     fn run<T: WithDType>(&self, x: &[T], shape: &Shape, weight: &[T], bias: &[T]) -> Vec<T>;
@@ -469,8 +468,12 @@ trait GroupNormLayout: CustomOp3 {
 
 impl GroupNormLayout for GroupNormOp {
     const LAYOUT: &'static str = "GroupNorm";
+    const CHANNELS_LAST: bool = false;
     fn groups(&self) -> usize {
         self.groups
+    }
+    fn eps_silu(&self) -> (f64, bool) {
+        (self.eps, self.silu)
     }
     fn channels(shape: &Shape) -> usize {
         shape.dims()[1]
@@ -482,8 +485,12 @@ impl GroupNormLayout for GroupNormOp {
 
 impl GroupNormLayout for GroupNormChannelsLastOp {
     const LAYOUT: &'static str = "GroupNorm (channels last)";
+    const CHANNELS_LAST: bool = true;
     fn groups(&self) -> usize {
         self.groups
+    }
+    fn eps_silu(&self) -> (f64, bool) {
+        (self.eps, self.silu)
     }
     fn channels(shape: &Shape) -> usize {
         shape.dims()[shape.rank() - 1]
@@ -513,6 +520,26 @@ fn group_norm_cpu_fwd<Op: GroupNormLayout>(
     Ok((out, shape.clone()))
 }
 
+/// The CUDA forward of either layout: the input checked against the groups, then the kernel's
+/// entry points for the layout.
+#[cfg(feature = "cuda")]
+fn group_norm_cuda_fwd<Op: GroupNormLayout>(
+    op: &Op,
+    (s1, l1): (&candle_core::CudaStorage, &Layout),
+    (s2, l2): (&candle_core::CudaStorage, &Layout),
+    (s3, l3): (&candle_core::CudaStorage, &Layout),
+) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    check_groups(op, l1.shape(), l2, l3)?;
+    let (eps, silu) = op.eps_silu();
+    let norm = cuda::Norm {
+        groups: op.groups(),
+        eps,
+        silu,
+        channels_last: Op::CHANNELS_LAST,
+    };
+    cuda::forward(&norm, (s1, l1), (s2, l2), (s3, l3))
+}
+
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "sdstream-group-norm"
@@ -540,14 +567,7 @@ impl CustomOp3 for GroupNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        check_groups(self, l1.shape(), l2, l3)?;
-        let norm = cuda::Norm {
-            groups: self.groups,
-            eps: self.eps,
-            silu: self.silu,
-            channels_last: false,
-        };
-        cuda::forward(&norm, (s1, l1), (s2, l2), (s3, l3))
+        group_norm_cuda_fwd(self, (s1, l1), (s2, l2), (s3, l3))
     }
 }
 

@@ -21,10 +21,7 @@ use super::{
 pub fn add_fresh(fresh: Tensor, other: &Tensor, inner: usize) -> candle_core::Result<Tensor> {
     let same_shape = fresh.dims() == other.dims();
     let n = other.elem_count();
-    let in_place = (cpu_kernels(fresh.device()) || cuda_kernels(fresh.device()))
-        && fresh.is_contiguous()
-        && other.is_contiguous()
-        && fresh.dtype() == other.dtype()
+    let in_place = adds_in_place(&fresh, other)
         && n > 0
         && (same_shape || (inner > 0 && fresh.elem_count().is_multiple_of(n * inner)));
     if !in_place {
@@ -59,13 +56,8 @@ pub fn add_fresh_per_batch(
     }
     let n = other.elem_count() / batch;
     let per_image = fresh.elem_count() / batch;
-    let in_place = (cpu_kernels(fresh.device()) || cuda_kernels(fresh.device()))
-        && fresh.is_contiguous()
-        && other.is_contiguous()
-        && fresh.dtype() == other.dtype()
-        && n > 0
-        && inner > 0
-        && per_image.is_multiple_of(n * inner);
+    let in_place =
+        adds_in_place(&fresh, other) && n > 0 && inner > 0 && per_image.is_multiple_of(n * inner);
     if !in_place {
         return fresh.broadcast_add(other);
     }
@@ -78,6 +70,15 @@ pub fn add_fresh_per_batch(
         },
     )?;
     Ok(fresh)
+}
+
+/// Whether `other` can be added into `fresh`'s own buffer: sdstream's kernels run on its device,
+/// both are contiguous, of one dtype (the shapes are each caller's to check).
+fn adds_in_place(fresh: &Tensor, other: &Tensor) -> bool {
+    (cpu_kernels(fresh.device()) || cuda_kernels(fresh.device()))
+        && fresh.is_contiguous()
+        && other.is_contiguous()
+        && fresh.dtype() == other.dtype()
 }
 
 /// `dst[((o·r + j)·n + i)·inner + k] += src[o·n + i]`: `dst` in `outer` equal slices, slice
@@ -188,6 +189,10 @@ impl InplaceOp2 for AddInPlace {
     }
 }
 
+/// The launch of an element-wise kernel (a grid that strides over what its blocks do not cover).
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::grid_stride;
+
 /// ops.cu's in-place add on a CUDA device.
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -204,7 +209,7 @@ mod cuda {
 
     /// The launch of an element-wise kernel over `total` values: blocks of [`THREADS`], at
     /// most [`MAX_BLOCKS`] of them, the kernel striding over the rest.
-    fn grid_stride(total: usize) -> LaunchConfig {
+    pub(crate) fn grid_stride(total: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (
                 total.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32,
