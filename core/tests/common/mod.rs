@@ -217,3 +217,18 @@ pub fn stream_outputs(
         })
         .collect()
 }
+
+/// The ControlNet residuals a UNet golden holds (`control_down_residual_NN`, in order, and
+/// `control_mid_residual`).
+pub fn control_residuals_of(
+    g: &HashMap<String, Tensor>,
+) -> sdstream::model::unet::ControlResiduals {
+    let mut down = Vec::new();
+    while let Some(t) = g.get(&format!("control_down_residual_{:02}", down.len())) {
+        down.push(t.clone());
+    }
+    sdstream::model::unet::ControlResiduals {
+        down,
+        mid: g["control_mid_residual"].clone(),
+    }
+}

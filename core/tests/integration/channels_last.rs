@@ -7,7 +7,7 @@
 use candle_core::{DType, Device};
 use sdstream::model::controlnet::ControlNetModel;
 use sdstream::model::kernels::{self, KernelPolicy};
-use sdstream::model::unet::{ControlResiduals, UNet2DConditionModel, UNetInputs};
+use sdstream::model::unet::{UNet2DConditionModel, UNetInputs};
 
 use crate::common::{check, fixture, golden};
 use crate::streams::{CASES, CONTROLNET_CASES, Target, check_case_against_golden};
@@ -46,12 +46,7 @@ fn channels_last_unet_matches_goldens() {
                 &g["output"],
                 1e-4,
             );
-            let control = ControlResiduals {
-                down: (0..12)
-                    .map(|i| g[&format!("control_down_residual_{i:02}")].clone())
-                    .collect(),
-                mid: g["control_mid_residual"].clone(),
-            };
+            let control = crate::common::control_residuals_of(&g);
             let out = unet
                 .forward(UNetInputs::new(sample, t, ctx).control(Some(&control)))
                 .unwrap();

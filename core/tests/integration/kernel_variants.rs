@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use sdstream::model::clip::ClipTextModel;
 use sdstream::model::kernels::{self, KernelPolicy, Winograd};
 use sdstream::model::taesd::AutoencoderTiny;
-use sdstream::model::unet::{ControlResiduals, UNet2DConditionModel, UNetInputs};
+use sdstream::model::unet::{UNet2DConditionModel, UNetInputs};
 use sdstream::model::vae::AutoencoderKl;
 
 use crate::common::{check, fixture, golden};
@@ -38,12 +38,7 @@ fn portable_kernels_match_references() {
         let (sample, t, ctx) = (&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]);
         let out = unet.forward(UNetInputs::new(sample, t, ctx)).unwrap();
         check("unet, per-row timesteps", &out, &g["output"], 1e-4);
-        let control = ControlResiduals {
-            down: (0..12)
-                .map(|i| g[&format!("control_down_residual_{i:02}")].clone())
-                .collect(),
-            mid: g["control_mid_residual"].clone(),
-        };
+        let control = crate::common::control_residuals_of(&g);
         let out = unet
             .forward(UNetInputs::new(sample, t, ctx).control(Some(&control)))
             .unwrap();

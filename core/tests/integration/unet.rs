@@ -83,12 +83,8 @@ fn tiny_sd_turbo_matches_diffusers() {
         })
         .collect();
     assert_eq!(unet.down_residual_channels(), golden_channels);
-    let control = ControlResiduals {
-        down: (0..12)
-            .map(|i| get(&g, &format!("control_down_residual_{i:02}")).clone())
-            .collect(),
-        mid: get(&g, "control_mid_residual").clone(),
-    };
+    let control = common::control_residuals_of(&g);
+    assert_eq!(control.down.len(), 12);
     let out = unet
         .forward(UNetInputs::new(sample, get(&g, "timesteps"), context).control(Some(&control)))
         .unwrap();
@@ -191,17 +187,6 @@ fn variant(name: &str) -> (UNet2DConditionModel, HashMap<String, Tensor>) {
     (unet, g)
 }
 
-fn control_from(g: &HashMap<String, Tensor>) -> ControlResiduals {
-    let mut down = Vec::new();
-    while let Some(t) = g.get(&format!("control_down_residual_{:02}", down.len())) {
-        down.push(t.clone());
-    }
-    ControlResiduals {
-        down,
-        mid: get(g, "control_mid_residual").clone(),
-    }
-}
-
 /// Every variant: per-row timesteps, a single timestep and additional residuals.
 fn check_variant(name: &str) {
     let (unet, g) = variant(name);
@@ -231,7 +216,7 @@ fn check_variant(name: &str) {
         get(&g, "output_single_timestep"),
         1e-4,
     );
-    let control = control_from(&g);
+    let control = common::control_residuals_of(&g);
     assert_eq!(control.down.len(), unet.down_residual_count());
     let channels: Vec<usize> = control.down.iter().map(|t| t.dim(1).unwrap()).collect();
     assert_eq!(unet.down_residual_channels(), channels);
