@@ -739,18 +739,7 @@ fn cuda_canny_matches_the_host_detector() {
     let cuda = Device::new_cuda(0).unwrap();
     let mut images: Vec<(String, Tensor)> = Vec::new();
     for i in 0..3 {
-        let img = image::open(common::fixture(&format!("frames/{i:03}.png")))
-            .unwrap()
-            .to_rgb8();
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        let frame =
-            sdstream::Frame::packed(img.as_raw(), w, h, sdstream::PixelFormat::Rgb8).unwrap();
-        let unit = frame
-            .to_tensor(w, h, &Device::Cpu)
-            .unwrap()
-            .affine(0.5, 0.5)
-            .unwrap();
-        images.push((format!("frame {i:03}"), unit));
+        images.push((format!("frame {i:03}"), unit_frame(i)));
     }
     let noise = Tensor::rand(0f32, 1.0, (1, 3, 97, 131), &Device::Cpu).unwrap();
     images.push(("noise 97x131".into(), noise));
@@ -834,17 +823,25 @@ fn cuda_canny_matches_the_host_detector() {
     );
 }
 
-/// `soft_edge` on the device (tensor operations, with SDSTREAM_CUDA_PREPROCESS) against the
-/// host's steps, within 1e-5 (the sums run in another order), on the fixture frames and noise.
+/// Fixture frame `i` (64×64) as a processor's input `[1, 3, 64, 64]` in [0, 1] on the CPU.
+fn unit_frame(i: usize) -> Tensor {
+    common::frame_tensor(i).affine(0.5, 0.5).unwrap()
+}
+
+/// The float processors on the device (their steps as tensor operations, with
+/// SDSTREAM_CUDA_PREPROCESS) against the host's steps, on the fixture frames and noise:
+/// `soft_edge`, `blur` and `sharpen` at Daydream's defaults and at the top of their ranges.
+/// The sums run in another order; the bounds are the CPU test's (the `filters` and `soft_edge`
+/// unit tests, which hold the tensor steps to the same host steps).
 #[test]
 #[cfg_attr(
     not(feature = "cuda"),
     ignore = "needs the cuda feature and a CUDA device"
 )]
-fn cuda_soft_edge_matches_the_host_steps() {
+fn cuda_float_processors_match_the_host_steps() {
     use sdstream::model::kernels::{self, KernelPolicy};
     use sdstream::preprocess::{self, ProcessorInputs};
-    if !cuda_or_skip("cuda_soft_edge_matches_the_host_steps") {
+    if !cuda_or_skip("cuda_float_processors_match_the_host_steps") {
         return;
     }
     let cuda = Device::new_cuda(0).unwrap();
@@ -853,36 +850,48 @@ fn cuda_soft_edge_matches_the_host_steps() {
         ..KernelPolicy::process()
     };
     let mut images = vec![Tensor::rand(0f32, 1.0, (1, 3, 97, 131), &Device::Cpu).unwrap()];
-    for i in 0..2 {
-        let img = image::open(common::fixture(&format!("frames/{i:03}.png")))
-            .unwrap()
-            .to_rgb8();
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        let data: Vec<f32> = img.as_raw().iter().map(|&b| f32::from(b) / 255.0).collect();
-        let hwc = Tensor::from_vec(data, (h, w, 3), &Device::Cpu).unwrap();
-        images.push(
-            hwc.permute((2, 0, 1))
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap()
-                .contiguous()
-                .unwrap(),
-        );
-    }
-    let params = serde_json::Map::new();
+    images.extend((0..2).map(unit_frame));
+    let processors = [
+        ("soft_edge", serde_json::json!({}), 1e-5),
+        ("blur", serde_json::json!({}), 1e-6),
+        (
+            "blur",
+            serde_json::json!({"blur_intensity": 10.0, "kernel_size": 51}),
+            1e-6,
+        ),
+        ("sharpen", serde_json::json!({}), 1e-5),
+        ("sharpen", serde_json::json!({"multi_scale": false}), 1e-5),
+        (
+            "sharpen",
+            serde_json::json!({"sharpen_intensity": 5.0, "unsharp_radius": 5.0,
+                "edge_enhancement": 2.0, "detail_boost": 1.0, "noise_reduction": 0.5}),
+            5e-5,
+        ),
+    ];
     let inputs = ProcessorInputs::default();
-    for (i, image) in images.iter().enumerate() {
-        let host = preprocess::apply("soft_edge", &params, image, &inputs).unwrap();
-        let on_device = image.to_device(&cuda).unwrap();
-        let got = policy.scoped(|| {
-            assert!(kernels::preprocess_on_device(&cuda));
-            preprocess::apply("soft_edge", &params, &on_device, &inputs).unwrap()
-        });
-        assert_eq!(got.dims(), host.dims());
-        let (max, mean) = common::abs_err(&got.to_device(&Device::Cpu).unwrap(), &host);
-        println!("soft edge on the device, image {i}: max {max:.2e} mean {mean:.2e}");
-        assert!(max <= 1e-5, "image {i}: max {max}");
+    let mut checked = 0;
+    for (name, params, bound) in processors {
+        let params: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_value(params).unwrap();
+        for (i, image) in images.iter().enumerate() {
+            let host = preprocess::apply(name, &params, image, &inputs).unwrap();
+            let on_device = image.to_device(&cuda).unwrap();
+            let got = policy.scoped(|| {
+                assert!(kernels::preprocess_on_device(&cuda));
+                preprocess::apply(name, &params, &on_device, &inputs).unwrap()
+            });
+            assert!(got.device().is_cuda(), "{name} left the device");
+            assert_eq!(got.dims(), host.dims());
+            let (max, mean) = common::abs_err(&got.to_device(&Device::Cpu).unwrap(), &host);
+            println!("{name} {params:?} on the device, image {i}: max {max:.2e} mean {mean:.2e}");
+            assert!(
+                max <= bound,
+                "{name} {params:?}, image {i}: max {max} (≤ {bound})"
+            );
+            checked += 1;
+        }
     }
+    assert_eq!(checked, 6 * 3);
 }
 
 /// The in-place adds on the device (ops.cu) against candle's broadcast adds: each image's own

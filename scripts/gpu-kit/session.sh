@@ -43,9 +43,9 @@ stage() {
 
 : > "$log"
 stage info 30 "${run[@]}" info
-stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_geglu cuda_canny cuda_soft_edge cuda_in_place" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
+stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_geglu cuda_canny cuda_float_processors cuda_in_place" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
 stage weights 150 "${run[@]}" weights
-stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_geglu --skip cuda_canny --skip cuda_soft_edge --skip cuda_in_place" "${run[@]}" tests
+stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place" "${run[@]}" tests
 # Should CUDA graphs fail on the device again (as they did on an H200 before the key/value memo
 # was made the CPU's only), the figures come op by op instead of not at all.
 stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" bench-f16 \

@@ -2,9 +2,24 @@
 //! float. Every convolution is torch's `conv2d` with `padding = k // 2` as Daydream runs it:
 //! zeros outside the image, so borders darken under the blur (as in Daydream).
 
+use candle_core::Tensor;
+
 use super::param_reader::ParamReader;
-use super::planes::{Planes, correlate, gaussian_taps};
+use super::planes::{
+    Planes, correlate, correlate_separable_tensor, correlate_tensor, gaussian_taps,
+    map_channels_tensor,
+};
 use crate::Result;
+
+/// Sharpening's edge term: the 3×3 Sobel kernels.
+const SOBEL_X: [f32; 9] = [-1., 0., 1., -2., 0., 2., -1., 0., 1.];
+const SOBEL_Y: [f32; 9] = [-1., -2., -1., 0., 0., 0., 1., 2., 1.];
+/// Sharpening's detail term.
+const LAPLACIAN: [f32; 9] = [0., -1., 0., -1., 4., -1., 0., -1., 0.];
+/// Multi-scale sharpening's (σ factor, weight) of each unsharp mask.
+const SHARPEN_SCALES: [(f64, f64); 3] = [(0.5, 0.3), (1.0, 0.5), (2.0, 0.2)];
+/// The σ of the blur that `noise_reduction` blends in.
+const NOISE_SIGMA: f64 = 0.3;
 
 /// `blur` settings (Daydream's `BlurPreprocessor`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,6 +46,22 @@ impl BlurParams {
 pub fn blur(image: &Planes, params: BlurParams) -> Planes {
     let mut scratch = Vec::new();
     gaussian_blur(image, params.kernel_size, params.sigma, &mut scratch)
+}
+
+/// [`blur`] as tensor operations on the image's own device (`[1, C, H, W]` in [0, 1]): what a
+/// GPU runs with `SDSTREAM_CUDA_PREPROCESS`, instead of a download, [`blur`] on the host and an
+/// upload. The same two passes in f32; the sums run in another order (tested on the CPU against
+/// [`blur`]). Returns `[1, C, H, W]` f32.
+pub fn blur_tensor(image: &Tensor, params: BlurParams) -> candle_core::Result<Tensor> {
+    map_channels_tensor(image, |x| {
+        gaussian_blur_tensor(x, params.kernel_size, params.sigma)
+    })
+}
+
+/// [`gaussian_blur`] of `[N, 1, H, W]` maps.
+fn gaussian_blur_tensor(x: &Tensor, size: usize, sigma: f64) -> candle_core::Result<Tensor> {
+    let taps = gaussian_taps(size, sigma);
+    correlate_separable_tensor(x, &taps, &taps)
 }
 
 /// The normalized `size × size` Gaussian blur of every channel (zero padding), as two 1-D passes.
@@ -90,14 +121,14 @@ pub fn sharpen(image: &Planes, p: SharpenParams) -> Planes {
     let mut x = image.clone();
     if p.noise_reduction > 0.0 {
         let n = p.noise_reduction as f32;
-        let smooth = sized_gaussian_blur(&x, 0.3, &mut scratch);
+        let smooth = sized_gaussian_blur(&x, NOISE_SIGMA, &mut scratch);
         for (v, s) in x.data.iter_mut().zip(&smooth.data) {
             *v = (1.0 - n) * *v + n * s;
         }
     }
     if p.multi_scale {
         let mut acc = x.clone();
-        for (scale, weight) in [(0.5, 0.3), (1.0, 0.5), (2.0, 0.2)] {
+        for (scale, weight) in SHARPEN_SCALES {
             let sharp = unsharp(
                 &x,
                 p.unsharp_radius * scale,
@@ -116,8 +147,6 @@ pub fn sharpen(image: &Planes, p: SharpenParams) -> Planes {
     }
     let (h, w) = (x.height, x.width);
     if p.edge_enhancement > 0.0 {
-        const SOBEL_X: [f32; 9] = [-1., 0., 1., -2., 0., 2., -1., 0., 1.];
-        const SOBEL_Y: [f32; 9] = [-1., -2., -1., 0., 0., 0., 1., 2., 1.];
         let e = p.edge_enhancement as f32;
         let mut gy = vec![0.0; h * w];
         x = x.map_planes(|src, dst| {
@@ -129,7 +158,6 @@ pub fn sharpen(image: &Planes, p: SharpenParams) -> Planes {
         });
     }
     if p.detail_boost > 0.0 {
-        const LAPLACIAN: [f32; 9] = [0., -1., 0., -1., 4., -1., 0., -1., 0.];
         let d = p.detail_boost as f32;
         x = x.map_planes(|src, dst| {
             correlate(src, h, w, &LAPLACIAN, 3, 3, dst);
@@ -142,10 +170,64 @@ pub fn sharpen(image: &Planes, p: SharpenParams) -> Planes {
     x
 }
 
-/// Gaussian blur with Daydream's sharpen sizing: max(3, ⌊6σ + 1⌋), raised to odd.
+/// [`sharpen`] as tensor operations on the image's own device (`[1, C, H, W]` in [0, 1]), the
+/// same steps in the same order in f32; only the convolutions' sums run in another order
+/// (tested on the CPU against [`sharpen`]). Returns `[1, C, H, W]` f32.
+pub fn sharpen_tensor(image: &Tensor, p: SharpenParams) -> candle_core::Result<Tensor> {
+    let clamp = |t: Tensor| t.clamp(0f32, 1f32);
+    // `v·a` with `a` as the host's f32 (affine's factor goes through f64 exactly).
+    let times = |t: &Tensor, a: f32| t.affine(f64::from(a), 0.0);
+    map_channels_tensor(image, |x| {
+        let mut x = x.clone();
+        if p.noise_reduction > 0.0 {
+            let n = p.noise_reduction as f32;
+            let smooth = sized_gaussian_blur_tensor(&x, NOISE_SIGMA)?;
+            x = (times(&x, 1.0 - n)? + times(&smooth, n)?)?;
+        }
+        x = if p.multi_scale {
+            let mut acc = x.clone();
+            for (scale, weight) in SHARPEN_SCALES {
+                let sharp =
+                    unsharp_tensor(&x, p.unsharp_radius * scale, p.sharpen_intensity * weight)?;
+                acc = (acc + times(&(sharp - &x)?, weight as f32)?)?;
+            }
+            clamp(acc)?
+        } else {
+            unsharp_tensor(&x, p.unsharp_radius, p.sharpen_intensity)?
+        };
+        if p.edge_enhancement > 0.0 {
+            let gx = correlate_tensor(&x, &SOBEL_X, 3, 3)?;
+            let gy = correlate_tensor(&x, &SOBEL_Y, 3, 3)?;
+            let magnitude = (gx.sqr()? + gy.sqr()?)?.sqrt()?;
+            x = clamp((&x + times(&magnitude, p.edge_enhancement as f32)?)?)?;
+        }
+        if p.detail_boost > 0.0 {
+            let detail = correlate_tensor(&x, &LAPLACIAN, 3, 3)?;
+            x = clamp((&x + times(&detail, p.detail_boost as f32)?)?)?;
+        }
+        clamp(x)
+    })
+}
+
+/// Daydream's sharpen sizing of a Gaussian: max(3, ⌊6σ + 1⌋), raised to odd.
+fn sharpen_blur_size(sigma: f64) -> usize {
+    ((6.0 * sigma + 1.0).floor() as usize).max(3) | 1
+}
+
+/// Gaussian blur with Daydream's sharpen sizing ([`sharpen_blur_size`]).
 fn sized_gaussian_blur(image: &Planes, sigma: f64, scratch: &mut Vec<f32>) -> Planes {
-    let size = ((6.0 * sigma + 1.0).floor() as usize).max(3) | 1;
-    gaussian_blur(image, size, sigma, scratch)
+    gaussian_blur(image, sharpen_blur_size(sigma), sigma, scratch)
+}
+
+/// [`sized_gaussian_blur`] of `[N, 1, H, W]` maps.
+fn sized_gaussian_blur_tensor(x: &Tensor, sigma: f64) -> candle_core::Result<Tensor> {
+    gaussian_blur_tensor(x, sharpen_blur_size(sigma), sigma)
+}
+
+/// [`unsharp`] of `[N, 1, H, W]` maps.
+fn unsharp_tensor(x: &Tensor, sigma: f64, amount: f64) -> candle_core::Result<Tensor> {
+    let blurred = sized_gaussian_blur_tensor(x, sigma)?;
+    (x + (x - blurred)?.affine(f64::from(amount as f32), 0.0)?)?.clamp(0f32, 1f32)
 }
 
 /// Unsharp mask clamp(x + amount·(x − G_σ(x)), 0, 1).
@@ -157,4 +239,140 @@ fn unsharp(image: &Planes, sigma: f64, amount: f64, scratch: &mut Vec<f32>) -> P
         *o = (v + a * (v - *o)).clamp(0.0, 1.0);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn host(image: &Tensor, f: impl Fn(&Planes) -> Planes) -> Tensor {
+        let out = f(&Planes::from_tensor(image).unwrap());
+        Tensor::from_vec(
+            out.data,
+            (1, out.channels, out.height, out.width),
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The tensor versions of `blur` and `sharpen` (what a GPU runs) against the host's steps,
+    /// on the CPU where both run: noise (every term busy), an image smaller than the largest
+    /// kernel (51 taps over 23 rows: the zero padding dominates) and one channel; default
+    /// params, the extremes of each range and sharpening's single-scale branch.
+    #[test]
+    fn tensor_operations_match_the_host_steps() {
+        // Fixed noise (the fractional part of a sine hash), so that every run checks the same
+        // sums.
+        let noise = |dims: (usize, usize, usize, usize)| {
+            let n = dims.0 * dims.1 * dims.2 * dims.3;
+            let values: Vec<f32> = (0..n)
+                .map(|i| ((i as f64 * 12.9898).sin() * 43758.5453).rem_euclid(1.0) as f32)
+                .collect();
+            Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+        };
+        let images = [
+            ("noise", noise((1, 3, 41, 57))),
+            ("small", noise((1, 3, 23, 30))),
+            ("one channel", noise((1, 1, 33, 19))),
+        ];
+        let blurs = [
+            BlurParams {
+                sigma: 2.0,
+                kernel_size: 15,
+            },
+            BlurParams {
+                sigma: 0.1,
+                kernel_size: 3,
+            },
+            BlurParams {
+                sigma: 10.0,
+                kernel_size: 51,
+            },
+        ];
+        let defaults = SharpenParams {
+            sharpen_intensity: 1.5,
+            unsharp_radius: 1.0,
+            edge_enhancement: 0.5,
+            detail_boost: 0.3,
+            noise_reduction: 0.1,
+            multi_scale: true,
+        };
+        // (params, bound): each step scales the difference of the sums before it (the unsharp
+        // amount, the edge and detail weights over kernels whose taps sum to 8 in magnitude),
+        // so the bound follows the params: 1e-5 at Daydream's defaults, 5e-5 at the top of
+        // every range (0.013 of an 8-bit level).
+        let sharpens = [
+            (defaults, 1e-5),
+            (
+                SharpenParams {
+                    multi_scale: false,
+                    ..defaults
+                },
+                1e-5,
+            ),
+            (
+                SharpenParams {
+                    sharpen_intensity: 5.0,
+                    unsharp_radius: 5.0,
+                    edge_enhancement: 2.0,
+                    detail_boost: 1.0,
+                    noise_reduction: 0.5,
+                    multi_scale: true,
+                },
+                5e-5,
+            ),
+            (
+                SharpenParams {
+                    sharpen_intensity: 0.1,
+                    unsharp_radius: 0.1,
+                    edge_enhancement: 0.0,
+                    detail_boost: 0.0,
+                    noise_reduction: 0.0,
+                    multi_scale: false,
+                },
+                1e-5,
+            ),
+        ];
+        let mut worst = (0f32, 0f32);
+        for (name, image) in &images {
+            for p in blurs {
+                let got = blur_tensor(image, p).unwrap();
+                let max = max_difference(&got, &host(image, |x| blur(x, p)));
+                assert!(max <= 1e-6, "blur {p:?} of {name}: max {max}");
+                worst.0 = worst.0.max(max);
+            }
+            for (p, bound) in sharpens {
+                let got = sharpen_tensor(image, p).unwrap();
+                let max = max_difference(&got, &host(image, |x| sharpen(x, p)));
+                assert!(
+                    max <= bound,
+                    "sharpen {p:?} of {name}: max {max} (≤ {bound})"
+                );
+                worst.1 = worst.1.max(max / bound);
+            }
+        }
+        println!(
+            "as tensor operations: blur within {:.2e} of the host; sharpen at most {:.0}% of \
+             its bound",
+            worst.0,
+            100.0 * worst.1
+        );
+        // A check that can fail: the sharpened noise is not the noise.
+        let noise = &images[0].1;
+        assert!(max_difference(&sharpen_tensor(noise, defaults).unwrap(), noise) > 0.1);
+    }
 }

@@ -275,26 +275,27 @@ impl Processor {
         let on_host = |f: &dyn Fn(&Planes) -> Planes| -> Result<Tensor> {
             f(&Planes::from_tensor(image)?).into_tensor(image.device())
         };
+        let on_device = crate::model::kernels::preprocess_on_device(image.device());
         match *self {
             Processor::Passthrough => Ok(image.clone()),
             Processor::External => external(image, inputs.external),
             // On a CUDA device with SDSTREAM_CUDA_PREPROCESS: the same detector where the frame
             // is (kernels' canny.cu, bit for bit the host's), as f32 planes like the host's.
-            Processor::Canny(p) if crate::model::kernels::preprocess_on_device(image.device()) => {
+            Processor::Canny(p) if on_device => {
                 Ok(
                     crate::model::kernels::canny::canny(image, p.low_threshold, p.high_threshold)?
                         .to_dtype(candle_core::DType::F32)?,
                 )
             }
             Processor::Canny(p) => on_host(&|x| canny::apply(x, p)),
-            // On a CUDA device with SDSTREAM_CUDA_PREPROCESS: the same steps as tensor
-            // operations where the frame is.
-            Processor::SoftEdge if crate::model::kernels::preprocess_on_device(image.device()) => {
-                Ok(soft_edge::apply_tensor(image)?)
-            }
+            // On a CUDA device with SDSTREAM_CUDA_PREPROCESS the float processors run their
+            // steps as tensor operations where the frame is.
+            Processor::SoftEdge if on_device => Ok(soft_edge::apply_tensor(image)?),
             Processor::SoftEdge => on_host(&soft_edge::apply),
             Processor::Feedback(p) => feedback::apply(image, inputs.previous_output, p),
+            Processor::Blur(p) if on_device => Ok(filters::blur_tensor(image, p)?),
             Processor::Blur(p) => on_host(&|x| filters::blur(x, p)),
+            Processor::Sharpen(p) if on_device => Ok(filters::sharpen_tensor(image, p)?),
             Processor::Sharpen(p) => on_host(&|x| filters::sharpen(x, p)),
             Processor::Upscale(p) => on_host(&|x| upscale::apply(x, p)),
             Processor::StandardLineart(p) => {

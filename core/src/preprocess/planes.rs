@@ -163,6 +163,55 @@ pub fn correlate_separable(
     }
 }
 
+/// [`correlate`] as a tensor operation on the map's own device, for the processors a GPU runs
+/// where the frame is (`SDSTREAM_CUDA_PREPROCESS`): every image of `x` (`[N, 1, H, W]` f32)
+/// correlated with the `kh × kw` kernel (odd sizes, row-major) and zeros outside, through
+/// sdstream's convolution (f32 sums, plain FMA math on a GPU, no TF32). Its sums run in another
+/// order than [`correlate`]'s, so the two agree to rounding, not to the bit.
+pub fn correlate_tensor(
+    x: &Tensor,
+    kernel: &[f32],
+    kh: usize,
+    kw: usize,
+) -> candle_core::Result<Tensor> {
+    use crate::model::kernels::conv::{Conv2d, Padding};
+    use candle_core::Module;
+    let weight = Tensor::from_slice(kernel, (1, 1, kh, kw), x.device())?;
+    let padding = Padding {
+        top: kh / 2,
+        bottom: kh / 2,
+        left: kw / 2,
+        right: kw / 2,
+    };
+    Conv2d::from_tensors(weight, None, 1, padding)?.forward(x)
+}
+
+/// [`correlate_separable`] as tensor operations ([`correlate_tensor`]): along the rows with
+/// `kernel_x`, then along the columns with `kernel_y`, the host's order of the passes.
+pub fn correlate_separable_tensor(
+    x: &Tensor,
+    kernel_y: &[f32],
+    kernel_x: &[f32],
+) -> candle_core::Result<Tensor> {
+    let rows = correlate_tensor(x, kernel_x, 1, kernel_x.len())?;
+    correlate_tensor(&rows, kernel_y, kernel_y.len(), 1)
+}
+
+/// `f` over every channel of `image` (`[B, C, H, W]`, any float dtype) as its own `[1, H, W]`
+/// image in f32, the tensor twin of [`Planes::map_planes`]: the channels become the batch of a
+/// one-channel map, so one convolution filters them all. Returns `[B, C, H, W]` f32.
+pub fn map_channels_tensor(
+    image: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = image.dims4()?;
+    let x = image
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .reshape((b * c, 1, h, w))?;
+    f(&x)?.reshape((b, c, h, w))
+}
+
 /// `out[x] += k * row[x + shift]` wherever `x + shift` is inside the row (zeros elsewhere).
 fn accumulate_shifted(out: &mut [f32], row: &[f32], shift: isize, k: f32) {
     let width = row.len() as isize;

@@ -12,11 +12,9 @@
 //! replication), cross-correlation. Computed in f32 (Daydream runs it in the pipeline's dtype,
 //! float16 on GPUs). No params (Daydream declares none).
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 
-use crate::model::kernels::conv::{Conv2d, Padding};
-
-use super::planes::{Planes, correlate, correlate_separable};
+use super::planes::{Planes, correlate, correlate_separable, correlate_tensor};
 
 /// Daydream's 5×5 Sobel-like x kernel (before the /16).
 const SOBEL5_X: [f32; 25] = [
@@ -90,9 +88,9 @@ pub fn apply(image: &Planes) -> Planes {
 
 /// [`apply`] as tensor operations on the image's own device (`[1, C, H, W]` or `[C, H, W]` in
 /// [0, 1]): what a GPU runs with `SDSTREAM_CUDA_PREPROCESS`, instead of a download, [`apply`] on
-/// the host and an upload. The same steps in f32, through sdstream's convolutions (zero
-/// padding, cross-correlation; the blur as one 5×5 kernel), so the sums run in another order: within 1e-5 of [`apply`] (tested on the
-/// CPU, where both run), as Daydream's own float16 run is not bit-exact either. Returns
+/// the host and an upload. The same steps in f32, through [`correlate_tensor`] (the blur as one
+/// 5×5 kernel), so the sums run in another order: within 1e-5 of [`apply`] (tested on the CPU,
+/// where both run), as Daydream's own float16 run is not bit-exact either. Returns
 /// `[1, C, H, W]` f32 (C at least 1).
 pub fn apply_tensor(image: &Tensor) -> candle_core::Result<Tensor> {
     let image = match image.rank() {
@@ -100,7 +98,6 @@ pub fn apply_tensor(image: &Tensor) -> candle_core::Result<Tensor> {
         _ => image.clone(),
     };
     let (_, channels, h, w) = image.dims4()?;
-    let device = image.device();
     let x = image.to_dtype(DType::F32)?;
     let gray = if channels >= 3 {
         let plane = |c: usize, weight: f64| x.narrow(1, c, 1)?.affine(weight, 0.0);
@@ -109,17 +106,12 @@ pub fn apply_tensor(image: &Tensor) -> candle_core::Result<Tensor> {
         x.narrow(1, 0, 1)?
     }
     .contiguous()?;
-    // sdstream's convolution (f32 sums with plain FMA math on a GPU, no TF32), zero padding.
-    let correlate = |x: &Tensor, kernel: Vec<f32>, size: usize| -> candle_core::Result<Tensor> {
-        let weight = Tensor::from_vec(kernel, (1, 1, size, size), device)?;
-        Conv2d::from_tensors(weight, None, 1, Padding::uniform(size / 2))?.forward(x)
-    };
     let mut combined: Option<Tensor> = None;
     for (kernel_x, size, divisor, weight) in SCALES {
         let kx: Vec<f32> = kernel_x.iter().map(|v| v / divisor).collect();
         let ky = transpose(&kx, size);
-        let gx = correlate(&gray, kx, size)?;
-        let gy = correlate(&gray, ky, size)?;
+        let gx = correlate_tensor(&gray, &kx, size, size)?;
+        let gy = correlate_tensor(&gray, &ky, size, size)?;
         let magnitude = (gx.sqr()? + gy.sqr()?)?
             .sqrt()?
             .affine(f64::from(weight), 0.0)?;
@@ -133,7 +125,7 @@ pub fn apply_tensor(image: &Tensor) -> candle_core::Result<Tensor> {
     let blur: Vec<f32> = (0..25)
         .map(|i| binomial[i / 5] * binomial[i % 5] / 256.0)
         .collect();
-    let soft = correlate(&combined, blur, 5)?;
+    let soft = correlate_tensor(&combined, &blur, 5, 5)?;
     let max = soft.max_all()?.to_dtype(DType::F32)?;
     let scaled = soft.broadcast_div(&(max + 1e-8)?)?;
     // sigmoid(6x − 3) = 1 / (1 + exp(3 − 6x)), clamped to [0, 1].
