@@ -25,7 +25,7 @@ use super::limits::{Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS};
 use super::unet::{
     AddedConditioning, ControlResiduals, LevelPlan, PerLevel, UNetConfig, UNetEncoder,
 };
-use super::unet_blocks::{BlockSettings, Context, conv2d};
+use super::unet_blocks::{BlockSettings, Context};
 use super::{no_unused_tensors, open_component};
 use crate::{Error, Result};
 
@@ -297,9 +297,7 @@ impl ConditioningEmbedding {
         s: &BlockSettings,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let conv = |c_in, c_out, stride, vb: VarBuilder| -> Result<Conv2d> {
-            s.conv(conv2d(c_in, c_out, 3, stride, 1, vb.clone())?, &vb)
-        };
+        let conv = |c_in, c_out, stride, vb| s.conv2d(c_in, c_out, 3, stride, 1, vb);
         let conv_in = conv(conditioning_channels, widths[0], 1, vb.pp("conv_in"))?;
         let mut blocks = Vec::with_capacity(2 * widths.len().saturating_sub(1));
         for (i, pair) in widths.windows(2).enumerate() {
@@ -379,9 +377,7 @@ impl ControlNetModel {
             &s,
             vb.pp("controlnet_cond_embedding"),
         )?;
-        let zero_conv = |ch, vb: VarBuilder| -> Result<Conv2d> {
-            s.conv(conv2d(ch, ch, 1, 1, 0, vb.clone())?, &vb)
-        };
+        let zero_conv = |ch, vb| s.conv2d(ch, ch, 1, 1, 0, vb);
         let down_zero_convs = encoder
             .skip_channels()
             .into_iter()

@@ -36,7 +36,7 @@ use super::lora::LoraDeltas;
 use super::open_component_with_lora;
 use super::unet_blocks::{
     Activation, Context, DownBlock, ImageContext, LevelShape, MidBlock, SinusoidalTimesteps,
-    TimestepEmbedding, UpBlock, activation, conv2d,
+    TimestepEmbedding, UpBlock, activation,
 };
 use super::weight_table::{WeightTable, rebuild_with_lora};
 use crate::{Error, Result};
@@ -189,16 +189,13 @@ impl UNetEncoder {
             add_embedding,
             time_embed_act,
             resnet_act: s.act,
-            conv_in: s.conv(
-                conv2d(
-                    cfg.in_channels,
-                    ch0,
-                    cfg.conv_in_kernel,
-                    1,
-                    padding,
-                    vb.pp("conv_in"),
-                )?,
-                &vb.pp("conv_in"),
+            conv_in: s.conv2d(
+                cfg.in_channels,
+                ch0,
+                cfg.conv_in_kernel,
+                1,
+                padding,
+                vb.pp("conv_in"),
             )?,
             down_blocks,
             mid_block,
@@ -531,16 +528,13 @@ impl UNet2DConditionModel {
                 s.eps,
                 vb.pp("conv_norm_out"),
             )?),
-            conv_out: s.conv(
-                conv2d(
-                    ch0,
-                    config.out_channels,
-                    config.conv_out_kernel,
-                    1,
-                    (config.conv_out_kernel - 1) / 2,
-                    vb.pp("conv_out"),
-                )?,
-                &vb.pp("conv_out"),
+            conv_out: s.conv2d(
+                ch0,
+                config.out_channels,
+                config.conv_out_kernel,
+                1,
+                (config.conv_out_kernel - 1) / 2,
+                vb.pp("conv_out"),
             )?,
             config: config.clone(),
             encoder,

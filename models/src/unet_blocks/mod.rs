@@ -117,6 +117,21 @@ impl BlockSettings {
         Ok(conv)
     }
 
+    /// diffusers' `nn.Conv2d` with a bias and uniform padding, read from `vb` ([`conv2d`]), over
+    /// maps in the blocks' layout ([`BlockSettings::conv`]).
+    pub fn conv2d(
+        &self,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Conv2d> {
+        let conv = conv2d(c_in, c_out, kernel, stride, padding, vb.clone())?;
+        self.conv(conv, &vb)
+    }
+
     /// `norm` over maps in the blocks' layout.
     pub fn norm(&self, norm: GroupNorm) -> GroupNorm {
         if self.channels_last {

@@ -8,7 +8,7 @@ use crate::kernels::conv::{Conv2d, Padding};
 use crate::kernels::norm::GroupNorm;
 use crate::kernels::ops::{add_fresh, add_fresh_per_batch};
 
-use super::layers::{Linear, conv2d, linear};
+use super::layers::{Linear, linear};
 use super::{Activation, BlockSettings};
 
 /// diffusers' `ResnetBlock2D` (pre-norm, time-conditioned, optional 1×1 shortcut).
@@ -39,10 +39,7 @@ impl ResnetBlock2D {
         vb: VarBuilder,
     ) -> Result<Self> {
         let proj_out = if s.scale_shift { 2 * out_ch } else { out_ch };
-        let conv = |c_in, c_out, k, pad, name: &str| -> Result<Conv2d> {
-            let vb = vb.pp(name);
-            s.conv(conv2d(c_in, c_out, k, 1, pad, vb.clone())?, &vb)
-        };
+        let conv = |c_in, c_out, k, pad, name: &str| s.conv2d(c_in, c_out, k, 1, pad, vb.pp(name));
         Ok(Self {
             norm1: s.norm(GroupNorm::new(s.groups, in_ch, s.eps, vb.pp("norm1"))?),
             conv1: conv(in_ch, out_ch, 3, 1, "conv1")?,
@@ -143,9 +140,8 @@ pub struct Upsample2D {
 impl Upsample2D {
     /// A nearest ×2 upsampling followed by a 3×3 convolution.
     pub fn new(channels: usize, s: &BlockSettings, vb: VarBuilder) -> Result<Self> {
-        let vb = vb.pp("conv");
         Ok(Self {
-            conv: s.conv(conv2d(channels, channels, 3, 1, 1, vb.clone())?, &vb)?,
+            conv: s.conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))?,
             settings: *s,
         })
     }
