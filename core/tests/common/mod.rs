@@ -232,3 +232,24 @@ pub fn control_residuals_of(
         mid: g["control_mid_residual"].clone(),
     }
 }
+
+/// The two-row SDXL UNet conditioning of an SDXL golden (tests/reference/make_sdxl_fixtures.py):
+/// the prompt and negative prompt embeddings as the context, their pooled projections and the
+/// time ids as the added conditioning, in the rows' order.
+pub fn sdxl_unet_conditioning(
+    g: &HashMap<String, Tensor>,
+) -> (Tensor, sdstream::model::unet::AddedConditioning) {
+    let context = Tensor::cat(&[&g["prompt_embeds"], &g["negative_prompt_embeds"]], 0).unwrap();
+    let added = sdstream::model::unet::AddedConditioning {
+        text_embeds: Tensor::cat(
+            &[
+                &g["pooled_prompt_embeds"],
+                &g["negative_pooled_prompt_embeds"],
+            ],
+            0,
+        )
+        .unwrap(),
+        time_ids: g["add_time_ids"].repeat((2, 1)).unwrap(),
+    };
+    (context, added)
+}

@@ -9,7 +9,7 @@ use sdstream::model::controlnet::ControlNetModel;
 use sdstream::model::kernels::{self, KernelPolicy};
 use sdstream::model::unet::{UNet2DConditionModel, UNetInputs};
 
-use crate::common::{check, fixture, golden};
+use crate::common::{check, fixture, golden, sdxl_unet_conditioning};
 use crate::streams::{CASES, CONTROLNET_CASES, Target, check_case_against_golden};
 
 fn channels_last(portable: bool) -> KernelPolicy {
@@ -157,20 +157,7 @@ fn channels_last_sdxl_networks_match_diffusers() {
                 UNet2DConditionModel::load(&fixture("tiny-sdxl/unet"), DType::F32, &Device::Cpu)
                     .expect("the tiny SDXL UNet");
             assert!(unet.maps_channels_last());
-            let context =
-                candle_core::Tensor::cat(&[&g["prompt_embeds"], &g["negative_prompt_embeds"]], 0)
-                    .unwrap();
-            let added = AddedConditioning {
-                text_embeds: candle_core::Tensor::cat(
-                    &[
-                        &g["pooled_prompt_embeds"],
-                        &g["negative_pooled_prompt_embeds"],
-                    ],
-                    0,
-                )
-                .unwrap(),
-                time_ids: g["add_time_ids"].repeat((2, 1)).unwrap(),
-            };
+            let (context, added) = sdxl_unet_conditioning(&g);
             assert_eq!(g["sample"].dim(0).unwrap(), 2);
             let out = unet
                 .forward(

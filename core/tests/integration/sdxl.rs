@@ -9,9 +9,9 @@
 use crate::common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{WorstFrame, abs_err, fixture, golden, tiny_settings};
+use common::{WorstFrame, abs_err, fixture, golden, sdxl_unet_conditioning, tiny_settings};
 use sdstream::model::bundle::{ModelRequest, StableDiffusionModels};
-use sdstream::model::unet::{AddedConditioning, UNetInputs};
+use sdstream::model::unet::UNetInputs;
 use sdstream::params::{ControlNetConfig, ModelFamily};
 use sdstream::{
     Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusion,
@@ -73,18 +73,7 @@ fn conditioning_matches_diffusers_encode_prompt() {
     assert_eq!(abs_err(&time_ids, &g["add_time_ids"]).0, 0.0);
 
     // The UNet with the added conditioning, on the reference's own conditioning.
-    let context = Tensor::cat(&[&g["prompt_embeds"], &g["negative_prompt_embeds"]], 0).unwrap();
-    let added = AddedConditioning {
-        text_embeds: Tensor::cat(
-            &[
-                &g["pooled_prompt_embeds"],
-                &g["negative_pooled_prompt_embeds"],
-            ],
-            0,
-        )
-        .unwrap(),
-        time_ids: g["add_time_ids"].repeat((2, 1)).unwrap(),
-    };
+    let (context, added) = sdxl_unet_conditioning(&g);
     let out = models
         .unet
         .forward(UNetInputs::new(&g["sample"], &g["timesteps"], &context).added(Some(&added)))
@@ -235,22 +224,7 @@ fn an_sdxl_lora_patches_the_unet_and_both_text_encoders() {
     let text = models
         .encode_text_sdxl("a watercolor of a lighthouse")
         .unwrap();
-    let context = Tensor::cat(
-        &[&base["prompt_embeds"], &base["negative_prompt_embeds"]],
-        0,
-    )
-    .unwrap();
-    let added = AddedConditioning {
-        text_embeds: Tensor::cat(
-            &[
-                &base["pooled_prompt_embeds"],
-                &base["negative_pooled_prompt_embeds"],
-            ],
-            0,
-        )
-        .unwrap(),
-        time_ids: base["add_time_ids"].repeat((2, 1)).unwrap(),
-    };
+    let (context, added) = sdxl_unet_conditioning(&base);
     let out = models
         .unet
         .forward(UNetInputs::new(&base["sample"], &base["timesteps"], &context).added(Some(&added)))
