@@ -116,53 +116,57 @@ stage_tests() {
   return "${PIPESTATUS[0]}"
 }
 
-stage_weights() {
-  if [[ -f "$work/fullsize/done" ]]; then
-    echo "weights already at $work/fullsize"
+# Draws full-size random weights from the kit's manifest $1 into $work/$2, once (a "done" file
+# marks them), logging to $out/$3.log; the rest are random_weights.py's flags.
+draw_weights() {
+  local manifest="$1" dir="$2" log="$3"
+  shift 3
+  if [[ -f "$work/$dir/done" ]]; then
+    echo "weights already at $work/$dir"
     return
   fi
-  "$python" "$work/random_weights.py" --manifest "$work/full_size_manifest.json" \
-    --tokenizer "$work/fixtures/tiny-sd-turbo/tokenizer" --out "$work/fullsize" 2>&1 \
-    | tee "$out/weights.log"
-  touch "$work/fullsize/done"
+  "$python" "$work/random_weights.py" --manifest "$work/$manifest" "$@" --out "$work/$dir" 2>&1 \
+    | tee "$out/$log.log"
+  touch "$work/$dir/done"
+}
+
+stage_weights() {
+  draw_weights full_size_manifest.json fullsize weights \
+    --tokenizer "$work/fixtures/tiny-sd-turbo/tokenizer"
 }
 
 stage_weights_sdxl() {
-  if [[ -f "$work/fullsize-sdxl/done" ]]; then
-    echo "SDXL weights already at $work/fullsize-sdxl"
-    return
+  draw_weights full_size_manifest_sdxl.json fullsize-sdxl weights-sdxl --fixtures "$work/fixtures"
+}
+
+# examples/bench on the GPU in dtype $2, its table to $out/$1-$2$SDSTREAM_BENCH_TAG.md and its
+# log beside it; the rest are the row's flags, then $SDSTREAM_BENCH_ARGS (a later flag wins).
+run_bench() {
+  local name="$1-$2${SDSTREAM_BENCH_TAG:-}" dtype="$2"
+  shift 2
+  # shellcheck disable=SC2086 # SDSTREAM_BENCH_ARGS is a list of flags
+  "$work/bench" --device cuda --dtype "$dtype" --warmup 3 --frames 20 "$@" \
+    ${SDSTREAM_BENCH_ARGS:-} 2> "$out/$name.log" | tee "$out/$name.md"
+  return "${PIPESTATUS[0]}"
+}
+
+# sd-turbo's shapes at 512², 1 and 2 steps, TAESD and the full VAE, 0/1/2 ControlNets.
+stage_bench() {
+  if [[ ! -f "$work/fullsize/done" ]]; then
+    stage_weights
   fi
-  "$python" "$work/random_weights.py" --manifest "$work/full_size_manifest_sdxl.json" \
-    --fixtures "$work/fixtures" --out "$work/fullsize-sdxl" 2>&1 | tee "$out/weights-sdxl.log"
-  touch "$work/fullsize-sdxl/done"
+  run_bench bench "$1" --model "$work/fullsize/sd" --taesd "$work/fullsize/taesd" \
+    --sizes 512 --t-index-lists '32;16,32' \
+    --controlnet "$work/fullsize/controlnet" --controlnet-counts 0,1,2
 }
 
 # sdxl-turbo's shapes at 512² and 1024², one step, TAESDXL (the SDXL rows).
 stage_bench_sdxl() {
-  local dtype="$1"
   if [[ ! -f "$work/fullsize-sdxl/done" ]]; then
     stage_weights_sdxl
   fi
-  # shellcheck disable=SC2086 # SDSTREAM_BENCH_ARGS is a list of flags
-  "$work/bench" --model "$work/fullsize-sdxl/sdxl" --taesd "$work/fullsize-sdxl/taesdxl" \
-    --device cuda --dtype "$dtype" --sizes 512,1024 --warmup 3 --frames 20 --t-index-lists 32 \
-    --vaes taesd ${SDSTREAM_BENCH_ARGS:-} 2> "$out/bench-sdxl-$dtype${SDSTREAM_BENCH_TAG:-}.log" \
-    | tee "$out/bench-sdxl-$dtype${SDSTREAM_BENCH_TAG:-}.md"
-  return "${PIPESTATUS[0]}"
-}
-
-stage_bench() {
-  local dtype="$1"
-  if [[ ! -f "$work/fullsize/done" ]]; then
-    stage_weights
-  fi
-  # shellcheck disable=SC2086 # SDSTREAM_BENCH_ARGS is a list of flags
-  "$work/bench" --model "$work/fullsize/sd" --taesd "$work/fullsize/taesd" \
-    --device cuda --dtype "$dtype" --sizes 512 --warmup 3 --frames 20 --t-index-lists '32;16,32' \
-    --controlnet "$work/fullsize/controlnet" --controlnet-counts 0,1,2 \
-    ${SDSTREAM_BENCH_ARGS:-} 2> "$out/bench-$dtype${SDSTREAM_BENCH_TAG:-}.log" \
-    | tee "$out/bench-$dtype${SDSTREAM_BENCH_TAG:-}.md"
-  return "${PIPESTATUS[0]}"
+  run_bench bench-sdxl "$1" --model "$work/fullsize-sdxl/sdxl" \
+    --taesd "$work/fullsize-sdxl/taesdxl" --sizes 512,1024 --t-index-lists 32 --vaes taesd
 }
 
 # N streams of one model, their UNet calls batched across streams, against one engine per
