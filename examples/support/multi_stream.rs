@@ -11,14 +11,19 @@
 //! ```text
 //! cargo run --release -p sdstream --example multi_stream_bench -- --model MODEL_DIR \
 //!     --taesd TAESD_DIR [--streams 1,2,4,8] [--size 256] [--t-index-list 32] [--frames 6] \
-//!     [--warmup 2] [--repeats 1] [--device cpu] [--dtype f32] [--budget-ms MS]
+//!     [--warmup 2] [--repeats 1] [--device cpu] [--dtype f32] [--budget-ms MS] \
+//!     [--controlnet DIR [--preprocessor passthrough]]
 //! ```
 //! `--model` and `--taesd` default to `SDSTREAM_BENCH_MODEL` and `SDSTREAM_BENCH_TAESD`, the
 //! full-size random weights tests/reference/make_full_size.py makes. Each stream gets its own
 //! prompt and seed; `--budget-ms` sets every stream's `frame_budget_ms` (default: none, each
-//! stream's budget is the spacing of its frames). Latency is a frame's time from `Engine::process` in to its output out; the
-//! percentiles are over every measured frame of every stream. The batched rows also print how
-//! many UNet calls ran and how many streams' calls the widest batch held.
+//! stream's budget is the spacing of its frames). `--controlnet` steers every stream with that
+//! ControlNet (scale 0.8; its control image made by `--preprocessor`, default `passthrough`,
+//! so that the rows time the networks), whose calls are batched across streams as the UNet's
+//! are. Latency is a frame's time from `Engine::process` in to its output out; the percentiles
+//! are over every measured frame of every stream. The batched rows also print how many UNet
+//! calls ran, in how many batches, how many streams' calls the widest batch held, and with a
+//! ControlNet its calls and batches.
 
 use std::process::ExitCode;
 use std::sync::{Arc, Barrier};
@@ -27,6 +32,7 @@ use std::time::{Duration, Instant};
 use sdstream::engine::Submission;
 use sdstream::model::bundle::StableDiffusionModels;
 use sdstream::model::pool::ModelPool;
+use sdstream::pipeline::cross_stream::SharedNetwork;
 use sdstream::{Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusionParams};
 use serde_json::json;
 
@@ -42,6 +48,8 @@ struct Args {
     device: String,
     dtype: String,
     budget_ms: Option<f64>,
+    controlnet: Option<String>,
+    preprocessor: String,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -71,6 +79,8 @@ fn parse(argv: Vec<String>) -> Result<Args, String> {
         device: "cpu".into(),
         dtype: "f32".into(),
         budget_ms: None,
+        controlnet: None,
+        preprocessor: "passthrough".into(),
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -93,6 +103,8 @@ fn parse(argv: Vec<String>) -> Result<Args, String> {
                         .map_err(|_| "--budget-ms: not a number".to_string())?,
                 )
             }
+            "--controlnet" => a.controlnet = Some(value()?),
+            "--preprocessor" => a.preprocessor = value()?,
             "-h" | "--help" => {
                 return Err("see the comment at the top of examples/multi_stream_bench.rs".into());
             }
@@ -120,6 +132,8 @@ struct Row {
     calls: u64,
     batches: u64,
     widest: u64,
+    /// ControlNet calls and the batches they ran in.
+    controlnet: (u64, u64),
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -160,6 +174,11 @@ fn params(
             "use_safety_checker": false,
             "width": args.size,
             "height": args.size,
+            "controlnets": args.controlnet.iter().map(|net| json!({
+                "model_id": net,
+                "conditioning_scale": 0.8,
+                "preprocessor": args.preprocessor,
+            })).collect::<Vec<_>>(),
         })
         .to_string(),
         settings,
@@ -192,6 +211,7 @@ fn run(
     let batcher = models.batcher();
     batcher.reset_widest();
     let before = batcher.counts();
+    let controlnet_before = batcher.counts_of(SharedNetwork::ControlNet);
     let frame: Vec<u8> = (0..args.size * args.size * 3)
         .map(|i| ((i * 37) % 251) as u8)
         .collect();
@@ -238,6 +258,7 @@ fn run(
     let (mut times, wall) = latencies;
     times.sort();
     let after = batcher.counts();
+    let controlnet_after = batcher.counts_of(SharedNetwork::ControlNet);
     let (calls, batches, widest) = (
         after.calls - before.calls,
         after.batches - before.batches,
@@ -250,6 +271,10 @@ fn run(
         calls,
         batches,
         widest,
+        controlnet: (
+            controlnet_after.calls - controlnet_before.calls,
+            controlnet_after.batches - controlnet_before.batches,
+        ),
     })
 }
 
@@ -275,8 +300,8 @@ pub fn main(argv: Vec<String>) -> ExitCode {
         }
     };
     println!(
-        "{} streams at {}², t_index_list {:?}, TAESD, {} {}; {} measured frames per stream after {} \
-         warm-up; {} cores; kernel policy: {}",
+        "{} streams at {}², t_index_list {:?}, TAESD, {}, {} {}; {} measured frames per stream \
+         after {} warm-up; {} cores; kernel policy: {}",
         args.streams
             .iter()
             .map(|n| n.to_string())
@@ -284,6 +309,10 @@ pub fn main(argv: Vec<String>) -> ExitCode {
             .join("/"),
         args.size,
         args.t_index_list,
+        match &args.controlnet {
+            Some(_) => format!("1 ControlNet ({})", args.preprocessor),
+            None => "no ControlNet".into(),
+        },
         args.device,
         args.dtype,
         args.frames,
@@ -292,9 +321,9 @@ pub fn main(argv: Vec<String>) -> ExitCode {
         policy_summary(),
     );
     println!(
-        "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest |"
+        "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest | ControlNet calls / batches |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.streams {
         for repeat in 0..args.repeats {
             // Alternate which mode goes first.
@@ -306,7 +335,7 @@ pub fn main(argv: Vec<String>) -> ExitCode {
             for batched in order {
                 match run(&args, &pool, &models, n, batched) {
                     Ok(r) => println!(
-                        "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} |",
+                        "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {} |",
                         if batched {
                             "batched"
                         } else {
@@ -328,6 +357,11 @@ pub fn main(argv: Vec<String>) -> ExitCode {
                         },
                         if batched {
                             r.widest.to_string()
+                        } else {
+                            "-".into()
+                        },
+                        if batched && args.controlnet.is_some() {
+                            format!("{} / {}", r.controlnet.0, r.controlnet.1)
                         } else {
                             "-".into()
                         },

@@ -15,6 +15,8 @@
 #     multi-stream-f16
 #               1/2/4/8 streams batched against one engine per stream (`bench multi-stream`,
 #               512², 1 step, TAESD)
+#     multi-stream-controlnet-f16
+#               the same with the ControlNet on every stream (its calls batched too)
 #     profile-f16, profile-bf16
 #               Nsight Compute (ncu) over one 512² frame (TAESD, 1 step, no ControlNet, graphs off):
 #               each kernel's GPU time, summed by kernel name, for the frame after the warm-up
@@ -177,10 +179,10 @@ stage_multi_stream() {
     stage_weights
   fi
   # shellcheck disable=SC2086 # SDSTREAM_MULTI_ARGS is a list of flags
+  local name="bench-multi-stream-$dtype${SDSTREAM_BENCH_TAG:-}"
   "$work/bench" multi-stream --model "$work/fullsize/sd" --taesd "$work/fullsize/taesd" \
     --device cuda --dtype "$dtype" --size 512 --t-index-list 32 --streams 1,2,4,8 \
-    --warmup 5 --frames 60 ${SDSTREAM_MULTI_ARGS:-} 2> "$out/bench-multi-stream-$dtype.log" \
-    | tee "$out/bench-multi-stream-$dtype.md"
+    --warmup 5 --frames 60 ${SDSTREAM_MULTI_ARGS:-} 2> "$out/$name.log" | tee "$out/$name.md"
   return "${PIPESTATUS[0]}"
 }
 
@@ -272,6 +274,10 @@ for stage in "$@"; do
     weights-sdxl) stage_weights_sdxl ;;
     bench-sdxl-f16) stage_bench_sdxl f16 ;;
     multi-stream-f16) stage_multi_stream f16 ;;
+    multi-stream-controlnet-f16)
+      SDSTREAM_BENCH_TAG="-controlnet${SDSTREAM_BENCH_TAG:-}" \
+        SDSTREAM_MULTI_ARGS="--controlnet $work/fullsize/controlnet ${SDSTREAM_MULTI_ARGS:-}" \
+        stage_multi_stream f16 ;;
     profile-f16) stage_profile f16 ;;
     profile-bf16) stage_profile bf16 ;;
     reference-f16) stage_reference f16 ;;

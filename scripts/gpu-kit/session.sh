@@ -82,6 +82,9 @@ stage sdpa 40 "${run[@]}" sdpa
 stage attention 40 "${run[@]}" attention
 stage bench-bf16 45 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32" "${run[@]}" bench-bf16
 stage profile-f16 120 "${run[@]}" profile-f16
+# ControlNet calls batched across streams: 1 and 4 streams, each with the ControlNet.
+stage multi-stream-controlnet-f16 60 SDSTREAM_MULTI_ARGS="--streams 1,4 --frames 30" \
+  "${run[@]}" multi-stream-controlnet-f16
 # torch.compile's max-autotune took more than 400 s on an H200 (it did not finish): it gets what is
 # left, and reduce-overhead (CUDA graphs, no tuning) when too little is.
 left=$((budget - ($(date +%s) - start)))

@@ -11,6 +11,7 @@ use crate::model::bundle::StableDiffusionModels;
 use crate::model::controlnet::ControlNetModel;
 use crate::model::unet::{AddedConditioning, ControlResiduals};
 use crate::params::StreamDiffusionParams;
+use crate::pipeline::cross_stream::{BatchMember, ControlNetCall};
 use crate::preprocess::networks::ProcessorNetworks;
 use crate::preprocess::{self, Processor, ProcessorInputs, ProcessorTimes};
 use crate::{Error, Result};
@@ -43,9 +44,21 @@ impl GuidanceWindow {
     }
 }
 
+/// Where a stream's ControlNet calls run: its place in the model's cross-stream batcher (so that
+/// they share batches with other streams' calls of the same net), the models it belongs to, and
+/// its frame's deadline.
+pub(super) type SharedControlNets<'a> = (
+    &'a BatchMember,
+    &'a StableDiffusionModels,
+    Option<std::time::Instant>,
+);
+
 /// The summed, scaled residuals of the acting nets for one UNet call; `rows[r]` is the step of
-/// row r. SDXL nets get the UNet call's added conditioning (`added`), row for row. A net runs only on the rows its window keeps (not at all when it keeps none); the
-/// other rows get zero residuals from it. `None` when no net acts on any row.
+/// row r. SDXL nets get the UNet call's added conditioning (`added`), row for row. A net runs
+/// only on the rows its window keeps (not at all when it keeps none); the other rows get zero
+/// residuals from it. `None` when no net acts on any row. With `shared`, each net's call goes
+/// through the cross-stream batcher; its rows come back as they would alone.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn control_residuals(
     controls: &[ActiveControlNet],
     x: &Tensor,
@@ -54,7 +67,30 @@ pub(super) fn control_residuals(
     added: Option<&AddedConditioning>,
     rows: &[usize],
     steps: usize,
+    shared: Option<SharedControlNets<'_>>,
 ) -> Result<Option<ControlResiduals>> {
+    let forward = |net: &Arc<ControlNetModel>,
+                   x: &Tensor,
+                   t: &Tensor,
+                   embeds: &Tensor,
+                   added: Option<&AddedConditioning>,
+                   embedded: &Tensor|
+     -> Result<ControlResiduals> {
+        match shared {
+            Some((member, models, deadline)) => {
+                let call = ControlNetCall {
+                    net: net.clone(),
+                    sample: x.clone(),
+                    timesteps: t.clone(),
+                    text: embeds.clone(),
+                    added: added.cloned(),
+                    embedded: embedded.clone(),
+                };
+                member.controlnet(models, call, deadline)
+            }
+            None => net.forward_embedded(x, t, embeds, added, embedded),
+        }
+    };
     let mut sum: Option<ControlResiduals> = None;
     for control in controls {
         let kept: Vec<u32> = rows
@@ -67,9 +103,7 @@ pub(super) fn control_residuals(
             continue;
         }
         let residuals = if kept.len() == rows.len() {
-            let r = control
-                .net
-                .forward_embedded(x, t, embeds, added, &control.embedded)?;
+            let r = forward(&control.net, x, t, embeds, added, &control.embedded)?;
             scale_residuals(r, control.scale, None)?
         } else {
             let index = Tensor::new(kept.as_slice(), x.device())?;
@@ -81,7 +115,8 @@ pub(super) fn control_residuals(
                 }),
                 None => None,
             };
-            let r = control.net.forward_embedded(
+            let r = forward(
+                &control.net,
                 &pick(x)?,
                 &pick(t)?,
                 &pick(embeds)?,

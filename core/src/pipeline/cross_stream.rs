@@ -1,5 +1,6 @@
 //! Cross-stream batching: streams that share one loaded model (the pool hands them the same
-//! [`StableDiffusionModels`]) also share its UNet calls.
+//! [`StableDiffusionModels`]) also share its UNet calls, and those of its autoencoder and of the
+//! ControlNets they share (one kind of batch per net).
 //!
 //! A UNet call at batch 1 leaves most of a large GPU idle, so N streams running their calls one
 //! after another cost N times what one batched call costs. Here every stream keeps its own
@@ -41,6 +42,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::bundle::StableDiffusionModels;
+use crate::model::controlnet::ControlNetModel;
 use crate::model::kernels::KernelPolicy;
 use crate::model::unet::{AddedConditioning, ControlResiduals, UNet2DConditionModel, UNetInputs};
 use crate::{Error, Result};
@@ -72,11 +74,46 @@ pub struct UNetCall {
     pub control: Option<ControlResiduals>,
 }
 
-/// A call a batcher takes: the UNet's, or the autoencoder's encoder or decoder network.
+/// One stream's call of one of its ControlNets, owned so that another thread can run it. Streams
+/// of one model share a ControlNet they both name (the model's cache hands them the same net),
+/// so their calls can share a batch as their UNet calls do.
+#[derive(Debug, Clone)]
+pub struct ControlNetCall {
+    /// The net.
+    pub net: Arc<ControlNetModel>,
+    /// `[B, C, h, w]`.
+    pub sample: Tensor,
+    /// `[B]` (or `[1]`, for every row).
+    pub timesteps: Tensor,
+    /// `[B, tokens, D]`.
+    pub text: Tensor,
+    /// SDXL's added conditioning, `B` rows.
+    pub added: Option<AddedConditioning>,
+    /// The stream's control image through the net's conditioning embedding, `[1 or B, ch0, h, w]`
+    /// ([`ControlNetModel::embed_condition`]).
+    pub embedded: Tensor,
+}
+
+impl ControlNetCall {
+    fn forward(&self) -> Result<ControlResiduals> {
+        self.net.forward_embedded(
+            &self.sample,
+            &self.timesteps,
+            &self.text,
+            self.added.as_ref(),
+            &self.embedded,
+        )
+    }
+}
+
+/// A call a batcher takes: the UNet's, a ControlNet's, or the autoencoder's encoder or decoder
+/// network.
 #[derive(Debug, Clone)]
 pub enum SharedCall {
     /// A UNet call.
     UNet(UNetCall),
+    /// A ControlNet call.
+    ControlNet(ControlNetCall),
     /// Frames `[B, 3, H, W]` through the encoder ([`Autoencoder::encode_features`](crate::model::bundle::Autoencoder::encode_features)).
     Encode(Tensor),
     /// Latents `[B, C, h, w]` (scaled) through the decoder ([`Autoencoder::decode`](crate::model::bundle::Autoencoder::decode)).
@@ -88,6 +125,8 @@ pub enum SharedCall {
 pub enum SharedNetwork {
     /// The UNet.
     UNet,
+    /// A ControlNet (each net its own kind of batch).
+    ControlNet,
     /// The autoencoder's encoder.
     Encode,
     /// The autoencoder's decoder.
@@ -98,6 +137,7 @@ impl SharedCall {
     fn rows(&self) -> Result<usize> {
         Ok(match self {
             SharedCall::UNet(c) => c.sample.dim(0)?,
+            SharedCall::ControlNet(c) => c.sample.dim(0)?,
             SharedCall::Encode(x) | SharedCall::Decode(x) => x.dim(0)?,
         })
     }
@@ -105,17 +145,61 @@ impl SharedCall {
     fn network(&self) -> SharedNetwork {
         match self {
             SharedCall::UNet(_) => SharedNetwork::UNet,
+            SharedCall::ControlNet(_) => SharedNetwork::ControlNet,
             SharedCall::Encode(_) => SharedNetwork::Encode,
             SharedCall::Decode(_) => SharedNetwork::Decode,
         }
     }
 
     /// Runs the call alone.
-    fn run(&self, models: &StableDiffusionModels) -> Result<Tensor> {
+    fn run(&self, models: &StableDiffusionModels) -> Result<SharedOutput> {
+        Ok(match self {
+            SharedCall::UNet(c) => SharedOutput::Tensor(c.forward(&models.unet)?),
+            SharedCall::ControlNet(c) => SharedOutput::Residuals(c.forward()?),
+            SharedCall::Encode(x) => SharedOutput::Tensor(models.autoencoder.encode_features(x)?),
+            SharedCall::Decode(z) => SharedOutput::Tensor(models.autoencoder.decode(z)?),
+        })
+    }
+}
+
+/// What a call returns: a tensor, or a ControlNet's residuals.
+#[derive(Debug, Clone)]
+enum SharedOutput {
+    Tensor(Tensor),
+    Residuals(ControlResiduals),
+}
+
+impl SharedOutput {
+    /// Rows `start..start + rows` of every tensor.
+    fn narrow(&self, start: usize, rows: usize) -> Result<SharedOutput> {
+        Ok(match self {
+            SharedOutput::Tensor(t) => SharedOutput::Tensor(t.narrow(0, start, rows)?),
+            SharedOutput::Residuals(r) => SharedOutput::Residuals(ControlResiduals {
+                down: r
+                    .down
+                    .iter()
+                    .map(|t| t.narrow(0, start, rows))
+                    .collect::<candle_core::Result<_>>()?,
+                mid: r.mid.narrow(0, start, rows)?,
+            }),
+        })
+    }
+
+    fn into_tensor(self) -> Result<Tensor> {
         match self {
-            SharedCall::UNet(c) => c.forward(&models.unet),
-            SharedCall::Encode(x) => models.autoencoder.encode_features(x),
-            SharedCall::Decode(z) => models.autoencoder.decode(z),
+            SharedOutput::Tensor(t) => Ok(t),
+            SharedOutput::Residuals(_) => Err(Error::State(
+                "a batcher returned residuals for a call that takes a tensor".into(),
+            )),
+        }
+    }
+
+    fn into_residuals(self) -> Result<ControlResiduals> {
+        match self {
+            SharedOutput::Residuals(r) => Ok(r),
+            SharedOutput::Tensor(_) => Err(Error::State(
+                "a batcher returned a tensor for a ControlNet call".into(),
+            )),
         }
     }
 }
@@ -134,6 +218,9 @@ impl UNetCall {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BatchKind {
     network: SharedNetwork,
+    /// Which ControlNet (the address of the one loaded net the streams share; a queued call
+    /// holds the net, so the address cannot name another net while it waits).
+    net: Option<usize>,
     sample: Vec<usize>,
     text: Vec<usize>,
     added: Option<(Vec<usize>, Vec<usize>)>,
@@ -147,9 +234,25 @@ impl BatchKind {
         let tail = |t: &Tensor| t.dims()[1..].to_vec();
         let call = match call {
             SharedCall::UNet(call) => call,
+            SharedCall::ControlNet(c) => {
+                return Self {
+                    network: SharedNetwork::ControlNet,
+                    net: Some(Arc::as_ptr(&c.net) as usize),
+                    sample: tail(&c.sample),
+                    text: tail(&c.text),
+                    added: c
+                        .added
+                        .as_ref()
+                        .map(|a| (tail(&a.text_embeds), tail(&a.time_ids))),
+                    control: Some(vec![tail(&c.embedded)]),
+                    dtype: c.sample.dtype(),
+                    policy,
+                };
+            }
             SharedCall::Encode(x) | SharedCall::Decode(x) => {
                 return Self {
                     network: call.network(),
+                    net: None,
                     sample: tail(x),
                     text: Vec::new(),
                     added: None,
@@ -161,6 +264,7 @@ impl BatchKind {
         };
         Self {
             network: SharedNetwork::UNet,
+            net: None,
             sample: tail(&call.sample),
             text: tail(&call.text),
             added: call
@@ -194,6 +298,7 @@ impl BatchKind {
     /// may carry ControlNet residuals and the other none.
     fn joins(&self, other: &BatchKind) -> bool {
         self.network == other.network
+            && self.net == other.net
             && self.sample == other.sample
             && self.text == other.text
             && self.added == other.added
@@ -287,6 +392,28 @@ struct Member {
     /// Its last UNet call ran in a shared batch and its decode has not come yet: a decode
     /// batch may wait for it.
     decode_due: bool,
+    /// The kind, time and rows of its last call of each ControlNet it runs (one a frame each,
+    /// at the pace of its UNet calls).
+    controlnet_calls: Vec<(BatchKind, Instant, usize)>,
+}
+
+impl Member {
+    /// When the member last called a network that joins `kind`, and with how many rows: its
+    /// UNet calls, or its calls of the same ControlNet. (It is never waited for elsewhere.)
+    fn last_call_of(&self, kind: &BatchKind) -> Option<(Instant, usize)> {
+        match kind.network {
+            SharedNetwork::UNet => {
+                let joins = self.kind.as_ref().is_some_and(|k| k.joins(kind));
+                self.last_call.filter(|_| joins).map(|at| (at, self.rows))
+            }
+            SharedNetwork::ControlNet => self
+                .controlnet_calls
+                .iter()
+                .find(|(k, _, _)| k.joins(kind))
+                .map(|&(_, at, rows)| (at, rows)),
+            SharedNetwork::Encode | SharedNetwork::Decode => None,
+        }
+    }
 }
 
 /// The model and size a stream runs, as admission matches them.
@@ -323,7 +450,7 @@ struct BatchState {
     /// A test's rule that a batch waits (up to 2 s) until this many calls, or one of every
     /// member, are queued.
     lockstep_for_tests: Option<usize>,
-    done: HashMap<u64, std::result::Result<Tensor, String>>,
+    done: HashMap<u64, std::result::Result<SharedOutput, String>>,
     members: HashMap<u64, Member>,
     costs: HashMap<BatchKind, CostFit>,
     counts: HashMap<SharedNetwork, BatchCounts>,
@@ -495,20 +622,20 @@ impl CrossStreamBatcher {
         }
         let mut expected = Vec::new();
         for (id, m) in &s.members {
-            let (Some(mk), Some(last), Some(interval), Some(thread)) =
-                (&m.kind, m.last_call, m.interval, m.last_thread)
+            let (Some((last, member_rows)), Some(interval), Some(thread)) =
+                (m.last_call_of(kind), m.interval, m.last_thread)
             else {
                 continue;
             };
             // One that waits here already, or whose thread waits here for another stream's
             // call, cannot come before this batch runs.
-            if queued_members.contains(id) || waiting_threads.contains(&thread) || !mk.joins(kind) {
+            if queued_members.contains(id) || waiting_threads.contains(&thread) {
                 continue;
             }
             if now.saturating_duration_since(last) > interval * ACTIVE_INTERVALS {
                 continue;
             }
-            expected.push((last + interval, m.rows, interval));
+            expected.push((last + interval, member_rows, interval));
         }
         if expected.is_empty() {
             return None;
@@ -618,7 +745,7 @@ impl CrossStreamBatcher {
         models: &StableDiffusionModels,
         call: SharedCall,
         deadline: Option<Instant>,
-    ) -> Result<Tensor> {
+    ) -> Result<SharedOutput> {
         let policy = KernelPolicy::current();
         let kind = BatchKind::of(&call, policy);
         let rows = call.rows()?;
@@ -631,6 +758,14 @@ impl CrossStreamBatcher {
         // A stream's pace is that of its UNet calls, one a frame.
         if let Some(m) = s.members.get_mut(&member) {
             m.decode_due = false;
+            if kind.network == SharedNetwork::ControlNet {
+                m.controlnet_calls.retain(|(k, _, _)| !k.joins(&kind));
+                m.controlnet_calls.push((kind.clone(), now, rows));
+                // A stream that keeps changing nets remembers its latest few.
+                if m.controlnet_calls.len() > 8 {
+                    m.controlnet_calls.remove(0);
+                }
+            }
         }
         if let Some(m) = s
             .members
@@ -831,7 +966,7 @@ impl CrossStreamBatcher {
         models: &StableDiffusionModels,
         batch: &[Pending],
         settle: bool,
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<Vec<SharedOutput>> {
         if let [only] = batch {
             let out = only.call.run(models)?;
             if settle {
@@ -839,25 +974,36 @@ impl CrossStreamBatcher {
             }
             return Ok(vec![out]);
         }
+        let mismatch = || Error::State("a batch holds calls of different networks".into());
         let joined = match &batch[0].call {
             SharedCall::UNet(_) => {
                 let calls: Vec<&UNetCall> = batch
                     .iter()
                     .map(|p| match &p.call {
                         SharedCall::UNet(c) => Ok(c),
-                        _ => Err(Error::State("a UNet batch holds another call".into())),
+                        _ => Err(mismatch()),
                     })
                     .collect::<Result<_>>()?;
                 SharedCall::UNet(join_calls(&calls)?)
+            }
+            SharedCall::ControlNet(_) => {
+                let calls: Vec<&ControlNetCall> = batch
+                    .iter()
+                    .map(|p| match &p.call {
+                        SharedCall::ControlNet(c) => Ok(c),
+                        _ => Err(mismatch()),
+                    })
+                    .collect::<Result<_>>()?;
+                SharedCall::ControlNet(join_controlnet_calls(&calls)?)
             }
             SharedCall::Encode(_) | SharedCall::Decode(_) => {
                 let parts: Vec<Tensor> = batch
                     .iter()
                     .map(|p| match &p.call {
-                        SharedCall::Encode(x) | SharedCall::Decode(x) => x.clone(),
-                        SharedCall::UNet(c) => c.sample.clone(),
+                        SharedCall::Encode(x) | SharedCall::Decode(x) => Ok(x.clone()),
+                        _ => Err(mismatch()),
                     })
-                    .collect();
+                    .collect::<Result<_>>()?;
                 let x = Tensor::cat(&parts, 0)?;
                 match batch[0].call {
                     SharedCall::Encode(_) => SharedCall::Encode(x),
@@ -870,7 +1016,7 @@ impl CrossStreamBatcher {
         let mut outputs = Vec::with_capacity(batch.len());
         let mut start = 0;
         for p in batch {
-            outputs.push(out.narrow(0, start, p.rows)?);
+            outputs.push(out.narrow(start, p.rows)?);
             start += p.rows;
         }
         Ok(outputs)
@@ -887,6 +1033,86 @@ impl CrossStreamBatcher {
     }
 }
 
+/// The rows of `parts`, one after another.
+fn cat_rows(parts: Vec<Tensor>) -> Result<Tensor> {
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// The calls' timesteps row-wise, a call's single timestep repeated over its rows.
+fn join_timesteps<'a>(
+    timesteps: impl Iterator<Item = &'a Tensor>,
+    rows: &[usize],
+) -> Result<Tensor> {
+    cat_rows(
+        timesteps
+            .zip(rows)
+            .map(|(t, &r)| {
+                if t.elem_count() == 1 && r > 1 {
+                    Ok(t.reshape(1)?.repeat(r)?)
+                } else {
+                    Ok(t.clone())
+                }
+            })
+            .collect::<Result<_>>()?,
+    )
+}
+
+/// The calls' SDXL added conditioning row-wise (`None` when the first call has none; calls of
+/// one kind all have it or all lack it).
+fn join_added<'a>(
+    added: impl ExactSizeIterator<Item = Option<&'a AddedConditioning>>,
+) -> Result<Option<AddedConditioning>> {
+    let n = added.len();
+    let mut embeds = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    for a in added {
+        match a {
+            Some(a) => {
+                embeds.push(a.text_embeds.clone());
+                ids.push(a.time_ids.clone());
+            }
+            None if embeds.is_empty() => return Ok(None),
+            None => {
+                return Err(Error::State(
+                    "calls in one batch differ in added conditioning".into(),
+                ));
+            }
+        }
+    }
+    Ok(Some(AddedConditioning {
+        text_embeds: cat_rows(embeds)?,
+        time_ids: cat_rows(ids)?,
+    }))
+}
+
+/// Concatenates ControlNet calls row-wise; each call's control image embedding is repeated over
+/// its rows (a call alone passes one row for all).
+fn join_controlnet_calls(calls: &[&ControlNetCall]) -> Result<ControlNetCall> {
+    let rows: Vec<usize> = calls
+        .iter()
+        .map(|c| Ok(c.sample.dim(0)?))
+        .collect::<Result<_>>()?;
+    let embedded = calls
+        .iter()
+        .zip(&rows)
+        .map(|(c, &r)| {
+            if c.embedded.dim(0)? == 1 && r > 1 {
+                Ok(c.embedded.repeat((r, 1, 1, 1))?)
+            } else {
+                Ok(c.embedded.clone())
+            }
+        })
+        .collect::<Result<_>>()?;
+    Ok(ControlNetCall {
+        net: calls[0].net.clone(),
+        sample: cat_rows(calls.iter().map(|c| c.sample.clone()).collect())?,
+        timesteps: join_timesteps(calls.iter().map(|c| &c.timesteps), &rows)?,
+        text: cat_rows(calls.iter().map(|c| c.text.clone()).collect())?,
+        added: join_added(calls.iter().map(|c| c.added.as_ref()))?,
+        embedded: cat_rows(embedded)?,
+    })
+}
+
 /// Concatenates calls row-wise; a call without ControlNet residuals gets zeros in a batch where
 /// others have them.
 fn join_calls(calls: &[&UNetCall]) -> Result<UNetCall> {
@@ -894,38 +1120,10 @@ fn join_calls(calls: &[&UNetCall]) -> Result<UNetCall> {
         .iter()
         .map(|c| Ok(c.sample.dim(0)?))
         .collect::<Result<_>>()?;
-    let cat = |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 0)?) };
-    let sample = cat(calls.iter().map(|c| c.sample.clone()).collect())?;
-    let timesteps = cat(calls
-        .iter()
-        .zip(&rows)
-        .map(|(c, &r)| {
-            if c.timesteps.elem_count() == 1 && r > 1 {
-                Ok(c.timesteps.reshape(1)?.repeat(r)?)
-            } else {
-                Ok(c.timesteps.clone())
-            }
-        })
-        .collect::<Result<_>>()?)?;
-    let text = cat(calls.iter().map(|c| c.text.clone()).collect())?;
-    let added = match calls[0].added {
-        Some(_) => {
-            let mut embeds = Vec::with_capacity(calls.len());
-            let mut ids = Vec::with_capacity(calls.len());
-            for c in calls {
-                let a = c.added.as_ref().ok_or_else(|| {
-                    Error::State("calls in one batch differ in added conditioning".into())
-                })?;
-                embeds.push(a.text_embeds.clone());
-                ids.push(a.time_ids.clone());
-            }
-            Some(AddedConditioning {
-                text_embeds: cat(embeds)?,
-                time_ids: cat(ids)?,
-            })
-        }
-        None => None,
-    };
+    let sample = cat_rows(calls.iter().map(|c| c.sample.clone()).collect())?;
+    let timesteps = join_timesteps(calls.iter().map(|c| &c.timesteps), &rows)?;
+    let text = cat_rows(calls.iter().map(|c| c.text.clone()).collect())?;
+    let added = join_added(calls.iter().map(|c| c.added.as_ref()))?;
     let control = match calls.iter().find_map(|c| c.control.as_ref()) {
         Some(template) => {
             let parts: Vec<usize> = (0..=template.down.len()).collect();
@@ -950,7 +1148,7 @@ fn join_calls(calls: &[&UNetCall]) -> Result<UNetCall> {
                         }
                     });
                 }
-                joined.push(cat(pieces)?);
+                joined.push(cat_rows(pieces)?);
             }
             let mid = joined.pop().expect("the mid residual");
             Some(ControlResiduals { down: joined, mid })
@@ -988,7 +1186,22 @@ impl BatchMember {
         deadline: Option<Instant>,
     ) -> Result<Tensor> {
         self.batcher
-            .submit(self.id, models, SharedCall::UNet(call), deadline)
+            .submit(self.id, models, SharedCall::UNet(call), deadline)?
+            .into_tensor()
+    }
+
+    /// Runs `call` on its ControlNet, in a batch with other streams' calls of the same net where
+    /// they come in time; returns this call's rows of the residuals (unscaled, as
+    /// [`ControlNetModel::forward_embedded`] returns them).
+    pub fn controlnet(
+        &self,
+        models: &StableDiffusionModels,
+        call: ControlNetCall,
+        deadline: Option<Instant>,
+    ) -> Result<ControlResiduals> {
+        self.batcher
+            .submit(self.id, models, SharedCall::ControlNet(call), deadline)?
+            .into_residuals()
     }
 
     /// [`Autoencoder::encode_features`](crate::model::bundle::Autoencoder::encode_features) of frames `x`, in a batch with other streams' frames
@@ -1000,7 +1213,8 @@ impl BatchMember {
         deadline: Option<Instant>,
     ) -> Result<Tensor> {
         self.batcher
-            .submit(self.id, models, SharedCall::Encode(x.clone()), deadline)
+            .submit(self.id, models, SharedCall::Encode(x.clone()), deadline)?
+            .into_tensor()
     }
 
     /// [`Autoencoder::decode`](crate::model::bundle::Autoencoder::decode) of latents `z`, in a batch with other streams' latents where
@@ -1012,7 +1226,8 @@ impl BatchMember {
         deadline: Option<Instant>,
     ) -> Result<Tensor> {
         self.batcher
-            .submit(self.id, models, SharedCall::Decode(z.clone()), deadline)
+            .submit(self.id, models, SharedCall::Decode(z.clone()), deadline)?
+            .into_tensor()
     }
 
     /// After a frame: the stream's budget and its frame's work besides the UNet call.
@@ -1207,6 +1422,7 @@ mod tests {
     fn kind() -> BatchKind {
         BatchKind {
             network: SharedNetwork::UNet,
+            net: None,
             sample: vec![4, 8, 8],
             text: vec![77, 32],
             added: None,
@@ -1214,6 +1430,70 @@ mod tests {
             dtype: DType::F32,
             policy: KernelPolicy::current(),
         }
+    }
+
+    /// A ControlNet batch waits for a stream that calls the same net at its pace, and not for
+    /// one that calls another net, nor for one whose UNet calls alone are due.
+    #[test]
+    fn a_controlnet_batch_holds_for_streams_of_the_same_net() {
+        let batcher = CrossStreamBatcher::new(&Device::Cpu);
+        let net = |id: usize| BatchKind {
+            network: SharedNetwork::ControlNet,
+            net: Some(id),
+            control: Some(vec![vec![8, 8, 8]]),
+            ..kind()
+        };
+        let now = Instant::now();
+        let mut s = BatchState::default();
+        // Measured with a shared batch: 10 ms a call and 1 ms a row.
+        let mut fit = CostFit {
+            shared: true,
+            ..CostFit::default()
+        };
+        fit.record(1, 0.011);
+        fit.record(2, 0.012);
+        s.costs.insert(net(1).cost_key(), fit);
+        // Member 0 waits with its call of net 1, due in a second.
+        s.queue.push(Pending {
+            ticket: 0,
+            member: 0,
+            kind: net(1),
+            rows: 1,
+            deadline: Some(now + Duration::from_secs(1)),
+            due: now + Duration::from_secs(1),
+            thread: std::thread::current().id(),
+            call: SharedCall::Encode(
+                Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+            ),
+        });
+        s.members.insert(0, Member::default());
+        // The others call every 100 ms from another thread, the last time 90 ms ago.
+        let other = std::thread::spawn(|| std::thread::current().id())
+            .join()
+            .unwrap();
+        let last = now - Duration::from_millis(90);
+        let member = |controlnet_calls| Member {
+            interval: Some(Duration::from_millis(100)),
+            last_thread: Some(other),
+            controlnet_calls,
+            ..Member::default()
+        };
+        s.members.insert(1, member(vec![(net(2), last, 1)]));
+        s.members.insert(
+            2,
+            Member {
+                kind: Some(kind()),
+                last_call: Some(last),
+                rows: 1,
+                ..member(Vec::new())
+            },
+        );
+        assert_eq!(batcher.hold_until(&s, &net(1), now), None);
+        // One that called net 1 is due in 10 ms: held for it, a quarter of its spacing past.
+        s.members.insert(3, member(vec![(net(1), last, 2)]));
+        let (until, exploring) = batcher.hold_until(&s, &net(1), now).expect("a hold");
+        assert!(!exploring);
+        assert_eq!(until, last + Duration::from_millis(100 + 25));
     }
 
     #[test]

@@ -275,6 +275,103 @@ fn streams_with_the_full_vae_batched_equal_each_alone() {
     }
 }
 
+/// Two streams on one model, both steered by the same two ControlNets (the model's cache hands
+/// them the same nets) with their own prompts, seeds, control images, scales and guidance
+/// windows: each net's calls run in shared batches, and each stream's frames equal the same
+/// stream run alone, to the bit (the CPU's kernels compute each row on its own). One stream's
+/// window keeps one of its two steps, so its calls of that net carry fewer rows than the
+/// other's; its scales change mid-run.
+#[test]
+fn controlnet_calls_batched_across_streams_equal_each_alone() {
+    let nets = |scale_a: f64, scale_b: f64, end_b: f64| {
+        json!([
+            {
+                "model_id": fixture("tiny-controlnet-a").display().to_string(),
+                "conditioning_scale": scale_a,
+                "preprocessor": "passthrough",
+            },
+            {
+                "model_id": fixture("tiny-controlnet-b").display().to_string(),
+                "conditioning_scale": scale_b,
+                "preprocessor": "passthrough",
+                "control_guidance_end": end_b,
+            },
+        ])
+    };
+    let mut first = body("a lighthouse at dusk", 5, json!([16, 32]));
+    first["controlnets"] = nets(0.5, 0.8, 1.0);
+    let mut first_later = first.clone();
+    first_later["controlnets"] = nets(0.9, 0.3, 1.0);
+    let mut second = body("a bowl of fruit", 11, json!([16, 32]));
+    second["controlnets"] = nets(0.7, 1.1, 0.5);
+    let scripts = [
+        Script {
+            body: first,
+            frames: 0..5,
+            changes: vec![(2, first_later)],
+        },
+        // Its frames are the first stream's two later: another control image each time.
+        Script {
+            body: second,
+            frames: 2..7,
+            changes: vec![],
+        },
+    ];
+    let alone_models = own_models();
+    let alone: Vec<Vec<Tensor>> = scripts
+        .iter()
+        .map(|s| run_script(alone_models.clone(), s, settings(false, None), |_| {}))
+        .collect();
+    let models = own_models();
+    // Every call waits for the other stream's: each network's calls all run in pairs.
+    models.batcher().set_lockstep_for_tests(Some(2));
+    let barrier = std::sync::Barrier::new(2);
+    let together: Vec<Vec<Tensor>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = scripts
+            .iter()
+            .map(|s| {
+                let models = models.clone();
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    run_script(models, s, settings(true, Some(5_000.0)), |_| {
+                        barrier.wait();
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.len(), 5);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(abs_err(x, y).0, 0.0, "stream {k}, frame {i}");
+        }
+    }
+    // 10 frames, two nets each: 20 calls, all in pairs (one batch per net and frame).
+    let controlnet = models.batcher().counts_of(SharedNetwork::ControlNet);
+    let unet = models.batcher().counts_of(SharedNetwork::UNet);
+    println!("ControlNet: {controlnet:?}\nUNet: {unet:?}");
+    assert_eq!(
+        (
+            controlnet.calls,
+            controlnet.batches,
+            controlnet.shared_calls
+        ),
+        (20, 10, 20),
+        "{controlnet:?}"
+    );
+    // Rows: net a takes both steps of both streams (4 a frame); net b both of the first
+    // stream's and the kept step of the second's (3 a frame).
+    assert_eq!(controlnet.rows, 5 * (4 + 3), "{controlnet:?}");
+    assert_eq!((unet.calls, unet.shared_calls), (10, 10), "{unet:?}");
+    // A check that can fail: the nets change the frames (scale 0 would leave them as without).
+    let mut plain = scripts[0].clone();
+    plain.body["controlnets"] = json!([]);
+    plain.changes.clear();
+    let without = run_script(own_models(), &plain, settings(false, None), |_| {});
+    assert!(abs_err(&without[0], &alone[0][0]).0 > 1e-3);
+}
+
 #[test]
 fn a_stream_alone_runs_one_call_per_frame_on_its_own_thread() {
     let models = own_models();

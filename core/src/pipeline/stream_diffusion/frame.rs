@@ -392,6 +392,12 @@ impl StreamDiffusion {
             _ => None,
         };
         let deadline = self.deadline;
+        // ControlNets read no per-stream state but the text, so their calls batch across
+        // streams even where the UNet call runs alone.
+        let shared_controls = self
+            .batch
+            .as_ref()
+            .map(|member| (member, &**models, deadline));
         let steps = self.params.t_index_list.len();
         let sync = |device: &candle_core::Device| -> Result<()> {
             if self.stage_sync {
@@ -411,7 +417,8 @@ impl StreamDiffusion {
                     Some(image) => e.narrow(1, 0, e.dim(1)? - image.tokens)?,
                     None => e.clone(),
                 };
-                let residuals = control_residuals(controls, x, t, &text, added, rows, steps)?;
+                let residuals =
+                    control_residuals(controls, x, t, &text, added, rows, steps, shared_controls)?;
                 if residuals.is_some() {
                     sync(&models.device)?;
                 }
