@@ -1038,23 +1038,43 @@ fn cat_rows(parts: Vec<Tensor>) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 0)?)
 }
 
-/// The calls' timesteps row-wise, a call's single timestep repeated over its rows.
-fn join_timesteps<'a>(
-    timesteps: impl Iterator<Item = &'a Tensor>,
-    rows: &[usize],
-) -> Result<Tensor> {
-    cat_rows(
-        timesteps
-            .zip(rows)
-            .map(|(t, &r)| {
-                if t.elem_count() == 1 && r > 1 {
-                    Ok(t.reshape(1)?.repeat(r)?)
-                } else {
-                    Ok(t.clone())
-                }
-            })
-            .collect::<Result<_>>()?,
-    )
+/// What every call of the UNet or a ControlNet carries, joined row-wise.
+struct JoinedInputs {
+    /// Rows of each call.
+    rows: Vec<usize>,
+    sample: Tensor,
+    /// A call's single timestep repeated over its rows.
+    timesteps: Tensor,
+    text: Tensor,
+    added: Option<AddedConditioning>,
+}
+
+/// Joins the calls' `(sample, timesteps, text, added)` row-wise.
+fn join_inputs(
+    calls: &[(&Tensor, &Tensor, &Tensor, Option<&AddedConditioning>)],
+) -> Result<JoinedInputs> {
+    let rows: Vec<usize> = calls
+        .iter()
+        .map(|c| Ok(c.0.dim(0)?))
+        .collect::<Result<_>>()?;
+    let timesteps = calls
+        .iter()
+        .zip(&rows)
+        .map(|(&(_, t, _, _), &r)| {
+            if t.elem_count() == 1 && r > 1 {
+                Ok(t.reshape(1)?.repeat(r)?)
+            } else {
+                Ok(t.clone())
+            }
+        })
+        .collect::<Result<_>>()?;
+    Ok(JoinedInputs {
+        sample: cat_rows(calls.iter().map(|c| c.0.clone()).collect())?,
+        timesteps: cat_rows(timesteps)?,
+        text: cat_rows(calls.iter().map(|c| c.2.clone()).collect())?,
+        added: join_added(calls.iter().map(|c| c.3))?,
+        rows,
+    })
 }
 
 /// The calls' SDXL added conditioning row-wise (`None` when the first call has none; calls of
@@ -1088,13 +1108,14 @@ fn join_added<'a>(
 /// Concatenates ControlNet calls row-wise; each call's control image embedding is repeated over
 /// its rows (a call alone passes one row for all).
 fn join_controlnet_calls(calls: &[&ControlNetCall]) -> Result<ControlNetCall> {
-    let rows: Vec<usize> = calls
+    let inputs: Vec<_> = calls
         .iter()
-        .map(|c| Ok(c.sample.dim(0)?))
-        .collect::<Result<_>>()?;
+        .map(|c| (&c.sample, &c.timesteps, &c.text, c.added.as_ref()))
+        .collect();
+    let joined = join_inputs(&inputs)?;
     let embedded = calls
         .iter()
-        .zip(&rows)
+        .zip(&joined.rows)
         .map(|(c, &r)| {
             if c.embedded.dim(0)? == 1 && r > 1 {
                 Ok(c.embedded.repeat((r, 1, 1, 1))?)
@@ -1105,10 +1126,10 @@ fn join_controlnet_calls(calls: &[&ControlNetCall]) -> Result<ControlNetCall> {
         .collect::<Result<_>>()?;
     Ok(ControlNetCall {
         net: calls[0].net.clone(),
-        sample: cat_rows(calls.iter().map(|c| c.sample.clone()).collect())?,
-        timesteps: join_timesteps(calls.iter().map(|c| &c.timesteps), &rows)?,
-        text: cat_rows(calls.iter().map(|c| c.text.clone()).collect())?,
-        added: join_added(calls.iter().map(|c| c.added.as_ref()))?,
+        sample: joined.sample,
+        timesteps: joined.timesteps,
+        text: joined.text,
+        added: joined.added,
         embedded: cat_rows(embedded)?,
     })
 }
@@ -1116,14 +1137,17 @@ fn join_controlnet_calls(calls: &[&ControlNetCall]) -> Result<ControlNetCall> {
 /// Concatenates calls row-wise; a call without ControlNet residuals gets zeros in a batch where
 /// others have them.
 fn join_calls(calls: &[&UNetCall]) -> Result<UNetCall> {
-    let rows: Vec<usize> = calls
+    let inputs: Vec<_> = calls
         .iter()
-        .map(|c| Ok(c.sample.dim(0)?))
-        .collect::<Result<_>>()?;
-    let sample = cat_rows(calls.iter().map(|c| c.sample.clone()).collect())?;
-    let timesteps = join_timesteps(calls.iter().map(|c| &c.timesteps), &rows)?;
-    let text = cat_rows(calls.iter().map(|c| c.text.clone()).collect())?;
-    let added = join_added(calls.iter().map(|c| c.added.as_ref()))?;
+        .map(|c| (&c.sample, &c.timesteps, &c.text, c.added.as_ref()))
+        .collect();
+    let JoinedInputs {
+        rows,
+        sample,
+        timesteps,
+        text,
+        added,
+    } = join_inputs(&inputs)?;
     let control = match calls.iter().find_map(|c| c.control.as_ref()) {
         Some(template) => {
             let parts: Vec<usize> = (0..=template.down.len()).collect();

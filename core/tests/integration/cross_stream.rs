@@ -85,6 +85,49 @@ fn run_script(
     outputs
 }
 
+/// The scripts run alone (each on `alone`'s models, `settings(false)`), then together on
+/// `together`'s models, one thread each, in lockstep: every call waits for the other streams'
+/// (each network's calls all run in shared batches), and the hosts send each frame at the same
+/// moment. Asserts that every stream's frames equal its frames alone, to the bit.
+fn alone_then_in_lockstep(
+    scripts: &[Script],
+    alone: Arc<StableDiffusionModels>,
+    together: &Arc<StableDiffusionModels>,
+    settings: impl Fn(bool) -> EngineSettings + Sync,
+) {
+    let alone: Vec<Vec<Tensor>> = scripts
+        .iter()
+        .map(|s| run_script(alone.clone(), s, settings(false), |_| {}))
+        .collect();
+    together
+        .batcher()
+        .set_lockstep_for_tests(Some(scripts.len()));
+    let barrier = std::sync::Barrier::new(scripts.len());
+    let batched: Vec<Vec<Tensor>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = scripts
+            .iter()
+            .map(|s| {
+                let models = together.clone();
+                let settings = settings(true);
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    run_script(models, s, settings, |_| {
+                        barrier.wait();
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (k, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a.len(), scripts[k].frames.len(), "stream {k}");
+        assert_eq!(a.len(), b.len(), "stream {k}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(abs_err(x, y).0, 0.0, "stream {k}, frame {i}");
+        }
+    }
+}
+
 fn scripts() -> Vec<Script> {
     let a = body("a photo of a cat", 2, json!([12, 20, 32]));
     let mut a_later = a.clone();
@@ -230,37 +273,8 @@ fn streams_with_the_full_vae_batched_equal_each_alone() {
             changes: vec![],
         })
         .collect();
-    let alone_models = load();
-    let alone: Vec<Vec<Tensor>> = scripts
-        .iter()
-        .map(|s| run_script(alone_models.clone(), s, with(false), |_| {}))
-        .collect();
     let models = load();
-    // Every call waits for the other stream's: each network's calls all run in pairs.
-    models.batcher().set_lockstep_for_tests(Some(2));
-    // The two hosts start together and send each frame at the same moment.
-    let barrier = std::sync::Barrier::new(2);
-    let together: Vec<Vec<Tensor>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = scripts
-            .iter()
-            .map(|s| {
-                let models = models.clone();
-                let settings = with(true);
-                let barrier = &barrier;
-                scope.spawn(move || {
-                    run_script(models, s, settings, |_| {
-                        barrier.wait();
-                    })
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert_eq!(abs_err(x, y).0, 0.0, "stream {k}, frame {i}");
-        }
-    }
+    alone_then_in_lockstep(&scripts, load(), &models, with);
     for network in [
         SharedNetwork::UNet,
         SharedNetwork::Encode,
@@ -317,36 +331,10 @@ fn controlnet_calls_batched_across_streams_equal_each_alone() {
             changes: vec![],
         },
     ];
-    let alone_models = own_models();
-    let alone: Vec<Vec<Tensor>> = scripts
-        .iter()
-        .map(|s| run_script(alone_models.clone(), s, settings(false, None), |_| {}))
-        .collect();
     let models = own_models();
-    // Every call waits for the other stream's: each network's calls all run in pairs.
-    models.batcher().set_lockstep_for_tests(Some(2));
-    let barrier = std::sync::Barrier::new(2);
-    let together: Vec<Vec<Tensor>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = scripts
-            .iter()
-            .map(|s| {
-                let models = models.clone();
-                let barrier = &barrier;
-                scope.spawn(move || {
-                    run_script(models, s, settings(true, Some(5_000.0)), |_| {
-                        barrier.wait();
-                    })
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    alone_then_in_lockstep(&scripts, own_models(), &models, |batching| {
+        settings(batching, batching.then_some(5_000.0))
     });
-    for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
-        assert_eq!(a.len(), 5);
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert_eq!(abs_err(x, y).0, 0.0, "stream {k}, frame {i}");
-        }
-    }
     // 10 frames, two nets each: 20 calls, all in pairs (one batch per net and frame).
     let controlnet = models.batcher().counts_of(SharedNetwork::ControlNet);
     let unet = models.batcher().counts_of(SharedNetwork::UNet);
@@ -369,7 +357,8 @@ fn controlnet_calls_batched_across_streams_equal_each_alone() {
     plain.body["controlnets"] = json!([]);
     plain.changes.clear();
     let without = run_script(own_models(), &plain, settings(false, None), |_| {});
-    assert!(abs_err(&without[0], &alone[0][0]).0 > 1e-3);
+    let with = run_script(own_models(), &scripts[0], settings(false, None), |_| {});
+    assert!(abs_err(&without[0], &with[0]).0 > 1e-3);
 }
 
 #[test]
