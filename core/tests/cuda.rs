@@ -894,6 +894,135 @@ fn cuda_float_processors_match_the_host_steps() {
     assert_eq!(checked, 6 * 3);
 }
 
+/// Streams batched across streams on the device against each stream alone on the device, in
+/// f32 (docs/MULTI_STREAM.md): two streams with their own prompts, seeds and frames, steered by
+/// the same ControlNet with their own scales, held in lockstep so that every UNet, ControlNet,
+/// encode and decode call runs as one batch of both (and as CUDA graphs captured for two
+/// streams' rows). cuDNN may choose other algorithms for a batch than for one call, so the
+/// outputs are held to the device's parity bound (common::STREAM_MAX_ABS, what the device's
+/// f32 meets against the reference), not to the bit as on the CPU.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_streams_batched_across_streams_match_each_alone() {
+    use sdstream::model::bundle::StableDiffusionModels;
+    use sdstream::pipeline::cross_stream::SharedNetwork;
+    use sdstream::{EngineSettings, StreamDiffusion, StreamDiffusionParams};
+    use std::sync::Arc;
+    if !cuda_or_skip("cuda_streams_batched_across_streams_match_each_alone") {
+        return;
+    }
+    let cuda = Device::new_cuda(0).unwrap();
+    let settings = |batching: bool| {
+        let mut s = EngineSettings::from_json(
+            &serde_json::json!({
+                "cfg_type": "self",
+                "vae": common::fixture("tiny-taesd").display().to_string(),
+                "allow_any_resolution": true,
+                "device": "cuda",
+                "dtype": "f32",
+            })
+            .to_string(),
+        )
+        .unwrap();
+        s.cross_stream_batching = batching;
+        s.frame_budget_ms = batching.then_some(5_000.0);
+        s
+    };
+    let model_id = common::fixture("tiny-sd-turbo").display().to_string();
+    let load =
+        || Arc::new(StableDiffusionModels::load(&model_id, &settings(true), &mut |_| {}).unwrap());
+    let streams = [
+        ("a lighthouse at dusk", 5, 0.6, 0),
+        ("a bowl of fruit", 11, 0.9, 3),
+    ];
+    const FRAMES: usize = 5;
+    let run = |models: Arc<StableDiffusionModels>,
+               (prompt, seed, scale, first): (&str, i64, f64, usize),
+               batching: bool,
+               after_frame: &dyn Fn()| {
+        let body = serde_json::json!({
+            "model_id": model_id,
+            "prompt": prompt,
+            "negative_prompt": "blurry",
+            "seed": seed,
+            "t_index_list": [16, 32],
+            "guidance_scale": 1.2,
+            "delta": 0.8,
+            "width": 64,
+            "height": 64,
+            "controlnets": [{
+                "model_id": common::fixture("tiny-controlnet-a").display().to_string(),
+                "conditioning_scale": scale,
+                "preprocessor": "passthrough",
+            }],
+        });
+        let settings = settings(batching);
+        let params = StreamDiffusionParams::from_json_with(&body.to_string(), &settings).unwrap();
+        let mut stream = StreamDiffusion::with_models(models, params, settings).unwrap();
+        (first..first + FRAMES)
+            .map(|i| {
+                let x = common::frame_tensor(i).to_device(&cuda).unwrap();
+                let out = stream.process_tensor(&x).unwrap();
+                after_frame();
+                out.to_device(&Device::Cpu).unwrap()
+            })
+            .collect::<Vec<Tensor>>()
+    };
+    let alone_models = load();
+    let alone: Vec<Vec<Tensor>> = streams
+        .iter()
+        .map(|&s| run(alone_models.clone(), s, false, &|| {}))
+        .collect();
+    let models = load();
+    models.batcher().set_lockstep_for_tests(Some(2));
+    let barrier = std::sync::Barrier::new(2);
+    let together: Vec<Vec<Tensor>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = streams
+            .iter()
+            .map(|&s| {
+                let (models, barrier, run) = (models.clone(), &barrier, &run);
+                scope.spawn(move || {
+                    run(models, s, true, &|| {
+                        barrier.wait();
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut worst = 0f32;
+    for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            let (max, _) = common::abs_err(x, y);
+            worst = worst.max(max);
+            assert!(
+                max <= common::STREAM_MAX_ABS,
+                "stream {k}, frame {i}: batched differs from alone by {max:e}"
+            );
+        }
+    }
+    println!("batched across streams on the device: within {worst:.2e} of each stream alone");
+    for network in [
+        SharedNetwork::UNet,
+        SharedNetwork::ControlNet,
+        SharedNetwork::Encode,
+        SharedNetwork::Decode,
+    ] {
+        let counts = models.batcher().counts_of(network);
+        println!("{network:?}: {counts:?}");
+        assert_eq!(
+            (counts.calls, counts.shared_calls, counts.batches),
+            (2 * FRAMES as u64, 2 * FRAMES as u64, FRAMES as u64),
+            "{network:?}: {counts:?}"
+        );
+    }
+    // A check that can fail: the two streams made different pictures.
+    assert!(common::abs_err(&together[0][0], &together[1][0]).0 > 1e-2);
+}
+
 /// The in-place adds on the device (ops.cu) against candle's broadcast adds: each image's own
 /// values over its channels-last map (three images: the per-image runs of
 /// `add_fresh_per_batch`), a per-channel shift of channels-first maps and a bias over the last
