@@ -162,6 +162,18 @@ impl SharedCall {
     }
 }
 
+impl From<UNetCall> for SharedCall {
+    fn from(call: UNetCall) -> Self {
+        SharedCall::UNet(call)
+    }
+}
+
+impl From<ControlNetCall> for SharedCall {
+    fn from(call: ControlNetCall) -> Self {
+        SharedCall::ControlNet(call)
+    }
+}
+
 /// What a call returns: a tensor, or a ControlNet's residuals.
 #[derive(Debug, Clone)]
 enum SharedOutput {
@@ -389,6 +401,9 @@ struct Member {
     budget: Option<Duration>,
     /// Its frame's work besides the UNet call (encode, decode, ControlNets, pre/post).
     other_work: Option<Duration>,
+    /// The part of `other_work` spent in its ControlNets (their calls, batched or not, and
+    /// summing their residuals).
+    controlnet_work: Option<Duration>,
     /// Its last UNet call ran in a shared batch and its decode has not come yet: a decode
     /// batch may wait for it.
     decode_due: bool,
@@ -554,16 +569,17 @@ impl CrossStreamBatcher {
         }
     }
 
-    /// Records a measured batch cost (tests and benchmarks seed the fit with it).
+    /// Records a measured batch cost of calls shaped as `call_shape` (a [`UNetCall`] or a
+    /// [`ControlNetCall`]; tests and benchmarks seed the fit with it).
     #[doc(hidden)]
     pub fn record_cost(
         &self,
-        call_shape: &UNetCall,
+        call_shape: impl Into<SharedCall>,
         policy: KernelPolicy,
         rows: usize,
         d: Duration,
     ) {
-        let key = BatchKind::of(&SharedCall::UNet(call_shape.clone()), policy).cost_key();
+        let key = BatchKind::of(&call_shape.into(), policy).cost_key();
         self.lock()
             .costs
             .entry(key)
@@ -1254,15 +1270,25 @@ impl BatchMember {
             .into_tensor()
     }
 
-    /// After a frame: the stream's budget and its frame's work besides the UNet call.
-    pub fn frame_done(&self, budget: Option<Duration>, other_work: Duration) {
+    /// After a frame: the stream's budget, its frame's work besides the UNet call, and the part
+    /// of that spent in its ControlNets.
+    pub fn frame_done(
+        &self,
+        budget: Option<Duration>,
+        other_work: Duration,
+        controlnet_work: Duration,
+    ) {
+        let average = |old: Option<Duration>, new: Duration| {
+            Some(match old {
+                Some(w) => w.mul_f64(0.7) + new.mul_f64(0.3),
+                None => new,
+            })
+        };
         let mut s = self.batcher.lock();
         if let Some(m) = s.members.get_mut(&self.id) {
             m.budget = budget;
-            m.other_work = Some(match m.other_work {
-                Some(w) => w.mul_f64(0.7) + other_work.mul_f64(0.3),
-                None => other_work,
-            });
+            m.other_work = average(m.other_work, other_work);
+            m.controlnet_work = average(m.controlnet_work, controlnet_work);
         }
     }
 
@@ -1282,6 +1308,26 @@ impl BatchMember {
             m.rows = call_shape.sample.dim(0).unwrap_or(1);
             m.budget = Some(budget);
             m.other_work = Some(other_work);
+        }
+    }
+
+    /// Sets what the stream would have measured of a ControlNet it runs: a call shaped as
+    /// `call_shape` made just now, and `controlnet_work` of its other work spent in its
+    /// ControlNets (for tests of admission).
+    #[doc(hidden)]
+    pub fn seed_controlnet_for_tests(
+        &self,
+        call_shape: &ControlNetCall,
+        policy: KernelPolicy,
+        controlnet_work: Duration,
+    ) {
+        let kind = BatchKind::of(&SharedCall::ControlNet(call_shape.clone()), policy);
+        let rows = call_shape.sample.dim(0).unwrap_or(1);
+        let mut s = self.batcher.lock();
+        if let Some(m) = s.members.get_mut(&self.id) {
+            m.controlnet_calls.retain(|(k, _, _)| !k.joins(&kind));
+            m.controlnet_calls.push((kind, Instant::now(), rows));
+            m.controlnet_work = Some(controlnet_work);
         }
     }
 
@@ -1386,7 +1432,19 @@ fn predict(
         .map(|m| if m.rows > 0 { m.rows } else { rows_each })
         .sum::<usize>()
         + rows_each;
-    let others: Vec<Duration> = peers.iter().filter_map(|m| m.other_work).collect();
+    // Where every ControlNet the streams run has a measured batch cost, its calls are predicted
+    // as batches (the shared time counted once) and taken out of each stream's other work;
+    // otherwise each stream's ControlNet time stays in its other work.
+    let controlnets = controlnet_batches(s, peers);
+    let others: Vec<Duration> = peers
+        .iter()
+        .filter_map(|m| match controlnets {
+            Some(_) => m
+                .other_work
+                .map(|w| w.saturating_sub(m.controlnet_work.unwrap_or_default())),
+            None => m.other_work,
+        })
+        .collect();
     let mean_other = if others.is_empty() {
         Duration::ZERO
     } else {
@@ -1398,20 +1456,25 @@ fn predict(
     let Some(unet) = fit.estimate(rows.min(MAX_BATCH_ROWS)) else {
         return unknown;
     };
-    let round = unet * batches as u32 + other;
+    let round = unet * batches as u32 + controlnets.unwrap_or_default() + other;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let refusal = tightest.filter(|b| round > *b).map(|b| {
+        let controlnets = match controlnets {
+            Some(d) => format!("; ControlNet batches: {:.1} ms", ms(d)),
+            None => String::new(),
+        };
         format!(
             "no capacity for another {} {}x{} stream: with {} running, one frame of each would \
-             take about {:.1} ms (a UNet batch of {rows} rows: {:.1} ms; the other stages: \
-             {:.1} ms), over the tightest frame budget of {:.1} ms",
+             take about {:.1} ms (a UNet batch of {rows} rows: {:.1} ms{controlnets}; the other \
+             stages: {:.1} ms), over the tightest frame budget of {:.1} ms",
             label.model_id,
             label.size.0,
             label.size.1,
             streams,
-            round.as_secs_f64() * 1e3,
-            (unet * batches as u32).as_secs_f64() * 1e3,
-            other.as_secs_f64() * 1e3,
-            b.as_secs_f64() * 1e3,
+            ms(round),
+            ms(unet * batches as u32),
+            ms(other),
+            ms(b),
         )
     });
     Admission {
@@ -1420,6 +1483,45 @@ fn predict(
         tightest_budget: tightest,
         refusal,
     }
+}
+
+/// The predicted time of one batch of each ControlNet the `peers` run (their recent calls of it,
+/// and a new stream's as wide as the widest of them: it is assumed to run the nets its peers
+/// run), by each net's measured batch cost; `None` when they run none or one of the nets has no
+/// measured cost yet.
+fn controlnet_batches(s: &BatchState, peers: &[&Member]) -> Option<Duration> {
+    let now = Instant::now();
+    // (cost key, rows of the peers' calls, widest call)
+    let mut nets: Vec<(BatchKind, usize, usize)> = Vec::new();
+    for m in peers {
+        for (kind, at, rows) in &m.controlnet_calls {
+            // A net the stream stopped running is not counted.
+            let recent = m
+                .interval
+                .is_none_or(|i| now.saturating_duration_since(*at) <= i * ACTIVE_INTERVALS);
+            if !recent {
+                continue;
+            }
+            let key = kind.cost_key();
+            match nets.iter_mut().find(|(k, _, _)| *k == key) {
+                Some(net) => {
+                    net.1 += rows;
+                    net.2 = net.2.max(*rows);
+                }
+                None => nets.push((key, *rows, *rows)),
+            }
+        }
+    }
+    if nets.is_empty() {
+        return None;
+    }
+    nets.iter()
+        .map(|(key, rows, widest)| {
+            let rows = rows + widest;
+            let batch = s.costs.get(key)?.estimate(rows.min(MAX_BATCH_ROWS))?;
+            Some(batch * rows.div_ceil(MAX_BATCH_ROWS) as u32)
+        })
+        .sum()
 }
 
 #[cfg(test)]

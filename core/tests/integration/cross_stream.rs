@@ -407,8 +407,8 @@ fn admission_refuses_a_stream_past_the_budget_and_admits_it_when_one_leaves() {
         control: None,
     };
     let policy = sdstream::model::kernels::KernelPolicy::current();
-    batcher.record_cost(&shape, policy, 3, Duration::from_millis(11));
-    batcher.record_cost(&shape, policy, 12, Duration::from_millis(20));
+    batcher.record_cost(shape.clone(), policy, 3, Duration::from_millis(11));
+    batcher.record_cost(shape.clone(), policy, 12, Duration::from_millis(20));
     let members: Vec<_> = (0..3)
         .map(|_| {
             let m = batcher.join(label.clone());
@@ -451,4 +451,80 @@ fn admission_refuses_a_stream_past_the_budget_and_admits_it_when_one_leaves() {
     assert!(after.admitted(), "{after:?}");
     drop(fourth);
     assert_eq!(admission(&label, None).streams, 2);
+}
+
+/// With ControlNet calls batched across streams, admission counts each net's batch once (by
+/// its measured cost) and takes each stream's ControlNet time out of its other work; where a
+/// net's batch cost is not measured yet, each stream's ControlNet time counts as before.
+#[test]
+fn admission_counts_a_shared_controlnet_batch_once() {
+    use candle_core::{DType, Device};
+    use sdstream::model::controlnet::ControlNetModel;
+    use sdstream::pipeline::cross_stream::ControlNetCall;
+    let models = own_models();
+    let batcher = models.batcher();
+    let label = MemberLabel {
+        model_id: "admission-test/controlnet".into(),
+        size: (64, 64),
+    };
+    let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    let shape = UNetCall {
+        sample: zeros(&[3, 4, 8, 8]),
+        timesteps: zeros(&[3]),
+        text: zeros(&[3, 77, 32]),
+        added: None,
+        control: None,
+    };
+    let net = |name: &str| {
+        let net = ControlNetModel::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        ControlNetCall {
+            net: Arc::new(net),
+            sample: zeros(&[3, 4, 8, 8]),
+            timesteps: zeros(&[3]),
+            text: zeros(&[3, 77, 32]),
+            added: None,
+            embedded: zeros(&[1, 32, 8, 8]),
+        }
+    };
+    let (net_a, net_b) = (net("tiny-controlnet-a"), net("tiny-controlnet-b"));
+    let policy = sdstream::model::kernels::KernelPolicy::current();
+    // UNet: 8 ms + 1 ms a row; net a: 6 ms + 1 ms a row.
+    batcher.record_cost(shape.clone(), policy, 3, Duration::from_millis(11));
+    batcher.record_cost(shape.clone(), policy, 12, Duration::from_millis(20));
+    batcher.record_cost(net_a.clone(), policy, 3, Duration::from_millis(9));
+    batcher.record_cost(net_a.clone(), policy, 12, Duration::from_millis(18));
+    // Streams of 3 rows with a 55 ms budget, 10 ms of other work each, 6 ms of it in net a.
+    let join = || {
+        let m = batcher.join(label.clone());
+        m.seed_for_tests(
+            &shape,
+            policy,
+            Duration::from_millis(55),
+            Duration::from_millis(10),
+        );
+        m.seed_controlnet_for_tests(&net_a, policy, Duration::from_millis(6));
+        m
+    };
+    let members: Vec<_> = (0..3).map(|_| join()).collect();
+    // Four streams: UNet 12 rows → 20 ms, net a 12 rows → 18 ms, 4 × (10 − 6) ms = 16 ms: 54
+    // ms ≤ 55 ms (each stream's ControlNet time counted on its own would make 60 ms).
+    let three = admission(&label, None);
+    assert_eq!(three.predicted_round, Some(Duration::from_millis(54)));
+    assert!(three.admitted(), "{three:?}");
+    let fourth = join();
+    // Five: UNet 15 rows → 23 ms, net a 15 rows → 21 ms, 5 × 4 ms = 20 ms: 64 ms, refused.
+    let four = admission(&label, None);
+    assert_eq!(four.predicted_round, Some(Duration::from_millis(64)));
+    let reason = four.refusal.expect("refused");
+    assert!(
+        reason.contains("ControlNet batches: 21.0 ms") && reason.contains("64.0 ms"),
+        "{reason}"
+    );
+    // A net whose batches are not measured yet: every stream's ControlNet time counts, 23 ms +
+    // 5 × 10 ms.
+    members[0].seed_controlnet_for_tests(&net_b, policy, Duration::from_millis(6));
+    let unmeasured = admission(&label, None);
+    assert_eq!(unmeasured.predicted_round, Some(Duration::from_millis(73)));
+    assert!(!unmeasured.refusal.unwrap().contains("ControlNet"));
+    drop(fourth);
 }

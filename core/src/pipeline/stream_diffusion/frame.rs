@@ -116,7 +116,11 @@ impl StreamDiffusion {
             // Admission holds streams to budgets someone set; the spacing of the input frames
             // orders the scheduler's work, but it would refuse every stream past the first
             // on a machine that serves one at its input rate.
-            member.frame_done(self.settings.frame_budget(), other_work);
+            member.frame_done(
+                self.settings.frame_budget(),
+                other_work,
+                self.timings.controlnet,
+            );
         }
         result
     }
