@@ -486,6 +486,19 @@ pub struct BatchCounts {
     pub widest: u64,
 }
 
+impl BatchCounts {
+    /// Counts one batch of `calls` calls and `rows` rows.
+    fn add_batch(&mut self, calls: u64, rows: usize) {
+        self.batches += 1;
+        self.calls += calls;
+        self.rows += rows as u64;
+        self.widest = self.widest.max(calls);
+        if calls > 1 {
+            self.shared_calls += calls;
+        }
+    }
+}
+
 /// The shared scheduler of one loaded model's UNet (see the module docs).
 pub struct CrossStreamBatcher {
     state: Mutex<BatchState>,
@@ -499,6 +512,45 @@ impl std::fmt::Debug for CrossStreamBatcher {
             .field("counts", &self.counts())
             .finish_non_exhaustive()
     }
+}
+
+impl SharedNetwork {
+    /// Every network a batcher takes calls of.
+    pub const ALL: [SharedNetwork; 4] = [
+        SharedNetwork::UNet,
+        SharedNetwork::ControlNet,
+        SharedNetwork::Encode,
+        SharedNetwork::Decode,
+    ];
+
+    /// Its name in figures (`unet`, `controlnet`, `encode`, `decode`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharedNetwork::UNet => "unet",
+            SharedNetwork::ControlNet => "controlnet",
+            SharedNetwork::Encode => "encode",
+            SharedNetwork::Decode => "decode",
+        }
+    }
+}
+
+/// The counters of every batcher the process has had, per network, kept when a batcher goes
+/// with its model (so that they only grow, as a monitoring counter must).
+fn process_counts() -> &'static Mutex<HashMap<SharedNetwork, BatchCounts>> {
+    static COUNTS: OnceLock<Mutex<HashMap<SharedNetwork, BatchCounts>>> = OnceLock::new();
+    COUNTS.get_or_init(Default::default)
+}
+
+/// The process's batching so far, per network in [`SharedNetwork::ALL`]'s order: calls, the
+/// batches they ran as, rows, calls that shared a batch, and the widest batch (`/metrics`).
+pub fn process_totals() -> Vec<(SharedNetwork, BatchCounts)> {
+    let counts = process_counts()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    SharedNetwork::ALL
+        .iter()
+        .map(|n| (*n, counts.get(n).copied().unwrap_or_default()))
+        .collect()
 }
 
 /// Every live batcher, for admission.
@@ -938,14 +990,17 @@ impl CrossStreamBatcher {
         s.running -= 1;
         let total_rows: usize = batch.iter().map(|p| p.rows).sum();
         let calls = batch.len() as u64;
-        let counts = s.counts.entry(batch[0].kind.network).or_default();
-        counts.batches += 1;
-        counts.calls += calls;
-        counts.rows += total_rows as u64;
-        counts.widest = counts.widest.max(calls);
-        if calls > 1 {
-            counts.shared_calls += calls;
-        }
+        let network = batch[0].kind.network;
+        s.counts
+            .entry(network)
+            .or_default()
+            .add_batch(calls, total_rows);
+        process_counts()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(network)
+            .or_default()
+            .add_batch(calls, total_rows);
         match outcome {
             Ok(outputs) => {
                 if undisturbed && timed {

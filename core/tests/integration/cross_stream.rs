@@ -312,6 +312,8 @@ fn controlnet_calls_batched_across_streams_equal_each_alone() {
             },
         ])
     };
+    let totals = || sdstream::pipeline::cross_stream::process_totals()[1].1;
+    let process_before = totals();
     let mut first = body("a lighthouse at dusk", 5, json!([16, 32]));
     first["controlnets"] = nets(0.5, 0.8, 1.0);
     let mut first_later = first.clone();
@@ -351,6 +353,16 @@ fn controlnet_calls_batched_across_streams_equal_each_alone() {
     // Rows: net a takes both steps of both streams (4 a frame); net b both of the first
     // stream's and the kept step of the second's (3 a frame).
     assert_eq!(controlnet.rows, 5 * (4 + 3), "{controlnet:?}");
+    // The process's counters (what /metrics reports) took them in too (other tests' streams
+    // may add theirs meanwhile).
+    let process = totals();
+    assert_eq!(
+        sdstream::pipeline::cross_stream::process_totals()[1].0,
+        SharedNetwork::ControlNet
+    );
+    assert!(process.calls >= process_before.calls + 20, "{process:?}");
+    assert!(process.shared_calls >= process_before.shared_calls + 20);
+    assert!(process.batches >= process_before.batches + 10);
     assert_eq!((unet.calls, unet.shared_calls), (10, 10), "{unet:?}");
     // A check that can fail: the nets change the frames (scale 0 would leave them as without).
     let mut plain = scripts[0].clone();

@@ -1,12 +1,15 @@
 //! `GET /metrics`: the streams and the process in Prometheus' text exposition format (0.0.4),
-//! for operators who scrape their servers. It translates what the status endpoint reports (the
-//! engines' [`EngineStatus`], the model pool's figures); it computes nothing of its own.
+//! for operators who scrape their servers. It translates what the core reports (the engines'
+//! [`EngineStatus`], the model pool's figures, the cross-stream batchers' counters); it computes
+//! nothing of its own.
 //!
 //! Per stream (label `stream`, the stream id): its state as the status endpoint gives it (one
 //! series per state, 1 for the current one), input and output fps, frames submitted, processed,
 //! failed and dropped, outputs dropped, errors, reloads and failed reloads, the queue, the last
 //! frame's stage times, and the histogram of frame latencies (frame in to frame out). For the
-//! process: streams, resident memory (Linux), the model pool's checkpoints, bytes and loads.
+//! process: streams, resident memory (Linux), the model pool's checkpoints, bytes and loads, and
+//! the cross-stream batchers' calls, batches, rows and shared calls per network (label
+//! `network`: `unet`, `controlnet`, `encode`, `decode`; docs/MULTI_STREAM.md).
 //! The route takes the API token like every `/v1` route: the stream ids it lists are what a
 //! viewer's URL is made of.
 
@@ -17,6 +20,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use sdstream::model::pool::{ModelPool, PoolEntry};
+use sdstream::pipeline::cross_stream::{self, BatchCounts, SharedNetwork};
 use sdstream::status::{EngineState, EngineStatus};
 
 use super::state::{App, stream_state};
@@ -42,6 +46,7 @@ pub(crate) async fn get_metrics(State(app): State<Arc<App>>) -> Response {
         pool_checkpoints: entries.len(),
         pool_bytes: entries.iter().map(PoolEntry::total_bytes).sum(),
         pool_loads: pool.stats().loads,
+        batching: cross_stream::process_totals(),
     };
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
@@ -56,6 +61,8 @@ struct Process {
     pool_checkpoints: usize,
     pool_bytes: u64,
     pool_loads: u64,
+    /// The cross-stream batchers' counters per network.
+    batching: Vec<(SharedNetwork, BatchCounts)>,
 }
 
 /// The exposition of `streams` (id, state, engine status) and `process`.
@@ -97,6 +104,36 @@ fn exposition(streams: &[(String, EngineState, EngineStatus)], process: &Process
         &[],
         process.pool_loads as f64,
     );
+
+    type Count = fn(&BatchCounts) -> u64;
+    let batching: [(&str, &str, Count); 4] = [
+        (
+            "sdstream_batch_calls_total",
+            "Network calls the streams made through the cross-stream batchers.",
+            |c| c.calls,
+        ),
+        (
+            "sdstream_batches_total",
+            "Forward passes those calls ran as (fewer than the calls where streams shared them).",
+            |c| c.batches,
+        ),
+        (
+            "sdstream_batch_shared_calls_total",
+            "Calls that ran in one forward pass with another stream's.",
+            |c| c.shared_calls,
+        ),
+        (
+            "sdstream_batch_rows_total",
+            "Rows those forward passes computed.",
+            |c| c.rows,
+        ),
+    ];
+    for (name, help, count) in batching {
+        out.family(name, "counter", help);
+        for (network, counts) in &process.batching {
+            out.sample(name, &[("network", network.as_str())], count(counts) as f64);
+        }
+    }
 
     out.family(
         "sdstream_stream_state",
@@ -360,11 +397,31 @@ mod tests {
             ),
             ("s2".to_string(), EngineState::DegradedInput, status(0, &[])),
         ];
+        let unet = BatchCounts {
+            batches: 5,
+            calls: 10,
+            rows: 20,
+            shared_calls: 10,
+            widest: 2,
+        };
         let process = Process {
             resident_bytes: Some(1 << 20),
             pool_checkpoints: 1,
             pool_bytes: 123,
             pool_loads: 2,
+            batching: SharedNetwork::ALL
+                .iter()
+                .map(|&n| {
+                    (
+                        n,
+                        if n == SharedNetwork::UNet {
+                            unet
+                        } else {
+                            BatchCounts::default()
+                        },
+                    )
+                })
+                .collect(),
         };
         let text = exposition(&streams, &process);
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
@@ -373,7 +430,11 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), families, "each family once");
-        assert_eq!(families, 21);
+        assert_eq!(families, 25);
+        assert!(text.contains("sdstream_batch_calls_total{network=\"unet\"} 10\n"));
+        assert!(text.contains("sdstream_batches_total{network=\"unet\"} 5\n"));
+        assert!(text.contains("sdstream_batch_shared_calls_total{network=\"unet\"} 10\n"));
+        assert!(text.contains("sdstream_batch_rows_total{network=\"controlnet\"} 0\n"));
         assert!(text.contains("sdstream_streams 2\n"), "{text}");
         assert!(text.contains("sdstream_process_resident_memory_bytes 1048576\n"));
         let id = r#"stream="a\"b\\c\nd""#;
