@@ -389,6 +389,22 @@ fn a_stream_alone_runs_one_call_per_frame_on_its_own_thread() {
     );
 }
 
+/// Zeros of `dims` on the CPU (the shapes admission's tests seed their costs with).
+fn zeros(dims: &[usize]) -> Tensor {
+    Tensor::zeros(dims, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()
+}
+
+/// The shape of a UNet call of 3 rows the admission tests' streams make.
+fn three_row_unet_call() -> UNetCall {
+    UNetCall {
+        sample: zeros(&[3, 4, 8, 8]),
+        timesteps: zeros(&[3]),
+        text: zeros(&[3, 77, 32]),
+        added: None,
+        control: None,
+    }
+}
+
 #[test]
 fn admission_refuses_a_stream_past_the_budget_and_admits_it_when_one_leaves() {
     let models = own_models();
@@ -401,23 +417,7 @@ fn admission_refuses_a_stream_past_the_budget_and_admits_it_when_one_leaves() {
     assert!(admission(&label, Some(Duration::from_millis(100))).admitted());
     // Three streams of 3 rows, each with 4 ms of other work and a 40 ms budget, and a measured
     // UNet cost of 8 ms + 1 ms per row.
-    let shape = UNetCall {
-        sample: Tensor::zeros(
-            (3, 4, 8, 8),
-            candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap(),
-        timesteps: Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
-        text: Tensor::zeros(
-            (3, 77, 32),
-            candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap(),
-        added: None,
-        control: None,
-    };
+    let shape = three_row_unet_call();
     let policy = sdstream::model::kernels::KernelPolicy::current();
     batcher.record_cost(shape.clone(), policy, 3, Duration::from_millis(11));
     batcher.record_cost(shape.clone(), policy, 12, Duration::from_millis(20));
@@ -479,14 +479,7 @@ fn admission_counts_a_shared_controlnet_batch_once() {
         model_id: "admission-test/controlnet".into(),
         size: (64, 64),
     };
-    let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
-    let shape = UNetCall {
-        sample: zeros(&[3, 4, 8, 8]),
-        timesteps: zeros(&[3]),
-        text: zeros(&[3, 77, 32]),
-        added: None,
-        control: None,
-    };
+    let shape = three_row_unet_call();
     let net = |name: &str| {
         let net = ControlNetModel::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         ControlNetCall {
