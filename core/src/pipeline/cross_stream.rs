@@ -1109,6 +1109,23 @@ fn cat_rows(parts: Vec<Tensor>) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 0)?)
 }
 
+/// A call's input for all of its `rows` rows: one given for every row (a single timestep, a
+/// control image embedded once) repeated over them, else as it is.
+fn over_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
+    // A scalar counts as one row.
+    if rows <= 1 || t.dims().first().is_some_and(|&n| n != 1) {
+        return Ok(t.clone());
+    }
+    let t = if t.rank() == 0 {
+        t.reshape(1)?
+    } else {
+        t.clone()
+    };
+    let mut times = vec![1; t.rank()];
+    times[0] = rows;
+    Ok(t.repeat(times)?)
+}
+
 /// What every call of the UNet or a ControlNet carries, joined row-wise.
 struct JoinedInputs {
     /// Rows of each call.
@@ -1131,13 +1148,7 @@ fn join_inputs(
     let timesteps = calls
         .iter()
         .zip(&rows)
-        .map(|(&(_, t, _, _), &r)| {
-            if t.elem_count() == 1 && r > 1 {
-                Ok(t.reshape(1)?.repeat(r)?)
-            } else {
-                Ok(t.clone())
-            }
-        })
+        .map(|(&(_, t, _, _), &r)| over_rows(t, r))
         .collect::<Result<_>>()?;
     Ok(JoinedInputs {
         sample: cat_rows(calls.iter().map(|c| c.0.clone()).collect())?,
@@ -1187,13 +1198,7 @@ fn join_controlnet_calls(calls: &[&ControlNetCall]) -> Result<ControlNetCall> {
     let embedded = calls
         .iter()
         .zip(&joined.rows)
-        .map(|(c, &r)| {
-            if c.embedded.dim(0)? == 1 && r > 1 {
-                Ok(c.embedded.repeat((r, 1, 1, 1))?)
-            } else {
-                Ok(c.embedded.clone())
-            }
-        })
+        .map(|(c, &r)| over_rows(&c.embedded, r))
         .collect::<Result<_>>()?;
     Ok(ControlNetCall {
         net: calls[0].net.clone(),
