@@ -830,9 +830,10 @@ fn unit_frame(i: usize) -> Tensor {
 
 /// The float processors on the device (their steps as tensor operations, with
 /// SDSTREAM_CUDA_PREPROCESS) against the host's steps, on the fixture frames and noise:
-/// `soft_edge`, `blur` and `sharpen` at Daydream's defaults and at the top of their ranges.
-/// The sums run in another order; the bounds are the CPU test's (the `filters` and `soft_edge`
-/// unit tests, which hold the tensor steps to the same host steps).
+/// `soft_edge`, `blur` and `sharpen` at Daydream's defaults and at the top of their ranges,
+/// `upscale` (bit for bit) and `standard_lineart` (within a level). The sums run in another
+/// order; the bounds are the CPU tests' (the `filters`, `soft_edge`, `upscale` and
+/// `standard_lineart` unit tests, which hold the tensor steps to the same host steps).
 #[test]
 #[cfg_attr(
     not(feature = "cuda"),
@@ -867,7 +868,28 @@ fn cuda_float_processors_match_the_host_steps() {
                 "edge_enhancement": 2.0, "detail_boost": 1.0, "noise_reduction": 0.5}),
             5e-5,
         ),
+        // The host's arithmetic step for step: bit for bit.
+        ("upscale", serde_json::json!({}), 0.0),
+        (
+            "upscale",
+            serde_json::json!({"scale_factor": 1.5, "algorithm": "bicubic"}),
+            0.0,
+        ),
+        // 8-bit levels after a blur whose sums differ in the last bits: at most one level
+        // (then the bilinear resize to the frame), on under 1 % of the values (below).
+        (
+            "standard_lineart",
+            serde_json::json!({"detect_resolution": 128}),
+            LEVEL,
+        ),
+        (
+            "standard_lineart",
+            serde_json::json!({"detect_resolution": 64, "gaussian_sigma": 20.0,
+                "intensity_threshold": 30}),
+            LEVEL,
+        ),
     ];
+    const LEVEL: f32 = 1.0 / 255.0 + 1e-5;
     let inputs = ProcessorInputs::default();
     let mut checked = 0;
     for (name, params, bound) in processors {
@@ -888,10 +910,26 @@ fn cuda_float_processors_match_the_host_steps() {
                 max <= bound,
                 "{name} {params:?}, image {i}: max {max} (≤ {bound})"
             );
+            let half_level_off = (got.to_device(&Device::Cpu).unwrap() - &host)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .gt(0.5 / 255.0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                half_level_off < 0.01,
+                "{name} {params:?}, image {i}: {half_level_off} of the values half a level off"
+            );
             checked += 1;
         }
     }
-    assert_eq!(checked, 6 * 3);
+    assert_eq!(checked, 10 * 3);
 }
 
 /// Streams batched across streams on the device against each stream alone on the device, in

@@ -297,10 +297,18 @@ impl Processor {
             Processor::Blur(p) => on_host(&|x| filters::blur(x, p)),
             Processor::Sharpen(p) if on_device => Ok(filters::sharpen_tensor(image, p)?),
             Processor::Sharpen(p) => on_host(&|x| filters::sharpen(x, p)),
+            Processor::Upscale(p) if on_device => Ok(upscale::apply_tensor(image, p)?),
             Processor::Upscale(p) => on_host(&|x| upscale::apply(x, p)),
             Processor::StandardLineart(p) => {
                 let (_, _, h, w) = image.dims4()?;
-                let lines = on_host(&|x| standard_lineart::apply(x, p))?;
+                // The tensor steps on the CPU as well: 2–3× faster there than the host's
+                // loops (the blur as two 1-D passes through the CPU convolution) and as close
+                // to Daydream's torch code (processors tests).
+                let lines = if on_device || image.device().is_cpu() {
+                    standard_lineart::apply_tensor(image, p)?
+                } else {
+                    on_host(&|x| standard_lineart::apply(x, p))?
+                };
                 annotator::to_stream_size(&lines, h, w)
             }
             Processor::RealEsrgan(_) => match network(inputs, NetworkRequest::REAL_ESRGAN_X2)? {

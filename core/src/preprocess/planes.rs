@@ -174,14 +174,27 @@ pub fn correlate_tensor(
     kh: usize,
     kw: usize,
 ) -> candle_core::Result<Tensor> {
+    correlate_padded_tensor(x, kernel, kh, kw, (kh / 2, kw / 2))
+}
+
+/// [`correlate_tensor`] with `padding` = (rows, columns) of zeros on each side instead of half
+/// the kernel's: (0, 0) keeps only the outputs whose window lies inside `x`, which shrinks the
+/// map by `kh − 1` rows and `kw − 1` columns (for a map padded beforehand its own way).
+pub fn correlate_padded_tensor(
+    x: &Tensor,
+    kernel: &[f32],
+    kh: usize,
+    kw: usize,
+    padding: (usize, usize),
+) -> candle_core::Result<Tensor> {
     use crate::model::kernels::conv::{Conv2d, Padding};
     use candle_core::Module;
     let weight = Tensor::from_slice(kernel, (1, 1, kh, kw), x.device())?;
     let padding = Padding {
-        top: kh / 2,
-        bottom: kh / 2,
-        left: kw / 2,
-        right: kw / 2,
+        top: padding.0,
+        bottom: padding.0,
+        left: padding.1,
+        right: padding.1,
     };
     Conv2d::from_tensors(weight, None, 1, padding)?.forward(x)
 }
@@ -199,7 +212,8 @@ pub fn correlate_separable_tensor(
 
 /// `f` over every channel of `image` (`[B, C, H, W]`, any float dtype) as its own `[1, H, W]`
 /// image in f32, the tensor twin of [`Planes::map_planes`]: the channels become the batch of a
-/// one-channel map, so one convolution filters them all. Returns `[B, C, H, W]` f32.
+/// one-channel map, so one convolution filters them all. Returns `[B, C, H', W']` f32, the size
+/// `f` makes.
 pub fn map_channels_tensor(
     image: &Tensor,
     f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
@@ -209,7 +223,9 @@ pub fn map_channels_tensor(
         .to_dtype(DType::F32)?
         .contiguous()?
         .reshape((b * c, 1, h, w))?;
-    f(&x)?.reshape((b, c, h, w))
+    let y = f(&x)?;
+    let (_, _, out_h, out_w) = y.dims4()?;
+    y.reshape((b, c, out_h, out_w))
 }
 
 /// `out[x] += k * row[x + shift]` wherever `x + shift` is inside the row (zeros elsewhere).

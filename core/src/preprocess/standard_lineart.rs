@@ -19,9 +19,11 @@
 //! Params: `detect_resolution` (integer in [8, 4096], default 512), `gaussian_sigma` (1–20, default 6),
 //! `intensity_threshold` (1–50, default 8).
 
+use candle_core::{DType, Tensor};
+
 use super::param_reader::ParamReader;
-use super::planes::Planes;
-use super::upscale::{Resample, resize};
+use super::planes::{Planes, correlate_padded_tensor, map_channels_tensor};
+use super::upscale::{Resample, resize, resize_tensor};
 use crate::Result;
 
 /// `standard_lineart` settings.
@@ -54,16 +56,18 @@ pub fn apply(image: &Planes, p: StandardLineartParams) -> Planes {
     for v in &mut levels.data {
         *v = (*v * 255.0).round().clamp(0.0, 255.0);
     }
-    let (h, w) = (image.height, image.width);
-    let k = p.detect_resolution as f64 / h.min(w) as f64;
-    let target = |side: usize| (((side as f64) * k) as f32).round_ties_even() as usize;
-    let (th, tw) = (target(h).max(1), target(w).max(1));
-    let scaled = if k > 1.0 {
+    let size = DetectionSize::new(image.height, image.width, p);
+    let (th, tw, ph, pw) = (
+        size.height,
+        size.width,
+        size.padded_height,
+        size.padded_width,
+    );
+    let scaled = if size.enlarges {
         resize(&levels, th, tw, Resample::Bicubic)
     } else {
         area_resize(&levels, th, tw)
     };
-    let (ph, pw) = (th.div_ceil(64) * 64, tw.div_ceil(64) * 64);
     let padded = pad_replicate(&scaled, ph, pw);
     let blurred = blur(&padded, p.gaussian_sigma);
     let n = ph * pw;
@@ -75,19 +79,7 @@ pub fn apply(image: &Planes, p: StandardLineartParams) -> Planes {
         }
         *v = least.clamp(0.0, 255.0);
     }
-    let threshold = p.intensity_threshold as f32;
-    let mut above: Vec<f32> = intensity
-        .iter()
-        .copied()
-        .filter(|&v| v > threshold)
-        .collect();
-    let norm = if above.is_empty() {
-        16.0
-    } else {
-        let middle = (above.len() - 1) / 2;
-        let (_, median, _) = above.select_nth_unstable_by(middle, f32::total_cmp);
-        median.max(16.0)
-    };
+    let norm = normaliser(&intensity, p.intensity_threshold);
     let mut out = Planes::zeros(3, th, tw);
     for y in 0..th {
         for x in 0..tw {
@@ -102,22 +94,117 @@ pub fn apply(image: &Planes, p: StandardLineartParams) -> Planes {
     out
 }
 
+/// [`apply`] as tensor operations on the image's own device (`[1, 3, H, W]` in [0, 1], any
+/// float dtype): what a GPU runs with `SDSTREAM_CUDA_PREPROCESS`. Returns `[1, 3, H', W']` f32.
+///
+/// Every step but the blur is the host's arithmetic on the same values: the bicubic resize
+/// through [`resize_tensor`]; the area resize as two products with 0/1 matrices, whose sums of
+/// 8-bit levels are exact in f32 in any order while a box holds fewer than 65,793 pixels (a
+/// shrink under 256× per side); the median on the host, from one download of the intensity map
+/// (candle's device sort takes rows of at most 1,024 values). The blur runs Daydream's kernel
+/// as its two 1-D factors (37 + 37 taps at the default σ instead of 37², 121 + 121 at the top),
+/// through sdstream's convolution, so its sums differ from the host's in the last bits, and a
+/// level that lands on a whole number after the scaling may truncate to the one below (tested
+/// on the CPU: at most one level, on a small share of the pixels).
+pub fn apply_tensor(image: &Tensor, p: StandardLineartParams) -> candle_core::Result<Tensor> {
+    let device = image.device();
+    let (_, _, h, w) = image.dims4()?;
+    let levels = image
+        .to_dtype(DType::F32)?
+        .affine(255.0, 0.0)?
+        .round()?
+        .clamp(0f32, 255f32)?;
+    let size = DetectionSize::new(h, w, p);
+    let (th, tw, ph, pw) = (
+        size.height,
+        size.width,
+        size.padded_height,
+        size.padded_width,
+    );
+    let scaled = if size.enlarges {
+        resize_tensor(&levels, th, tw, Resample::Bicubic)?
+    } else {
+        area_resize_tensor(&levels, th, tw)?
+    };
+    let padded = gather_2d(
+        &scaled,
+        &replicate_indices(th, ph),
+        &replicate_indices(tw, pw),
+    )?;
+    let blurred = blur_tensor(&padded, p.gaussian_sigma)?;
+    let intensity = (blurred - &padded)?.min_keepdim(1)?.clamp(0f32, 255f32)?;
+    let norm = normaliser(
+        &intensity.flatten_all()?.to_vec1::<f32>()?,
+        p.intensity_threshold,
+    );
+    let scalar = |v: f32| Tensor::new(v, device);
+    intensity
+        .narrow(2, 0, th)?
+        .narrow(3, 0, tw)?
+        .broadcast_div(&scalar(norm)?)?
+        .broadcast_mul(&scalar(127.0)?)?
+        .clamp(0f32, 255f32)?
+        // Non-negative after the clamp: the floor is the truncation.
+        .floor()?
+        .broadcast_div(&scalar(255.0)?)?
+        .repeat((1, 3, 1, 1))
+}
+
+/// Step 1's sizes.
+struct DetectionSize {
+    /// Rows and columns the image is scaled to.
+    height: usize,
+    width: usize,
+    /// Those rounded up to multiples of 64.
+    padded_height: usize,
+    padded_width: usize,
+    /// Whether the scaling enlarges (bicubic) or not (area).
+    enlarges: bool,
+}
+
+impl DetectionSize {
+    fn new(height: usize, width: usize, p: StandardLineartParams) -> Self {
+        let k = p.detect_resolution as f64 / height.min(width) as f64;
+        let target = |side: usize| ((((side as f64) * k) as f32).round_ties_even() as usize).max(1);
+        let (th, tw) = (target(height), target(width));
+        DetectionSize {
+            height: th,
+            width: tw,
+            padded_height: th.div_ceil(64) * 64,
+            padded_width: tw.div_ceil(64) * 64,
+            enlarges: k > 1.0,
+        }
+    }
+}
+
+/// Step 4's divisor: the lower median of the intensities above `threshold`, at least 16 (16
+/// when none is above it).
+fn normaliser(intensity: &[f32], threshold: f64) -> f32 {
+    let threshold = threshold as f32;
+    let mut above: Vec<f32> = intensity
+        .iter()
+        .copied()
+        .filter(|&v| v > threshold)
+        .collect();
+    if above.is_empty() {
+        return 16.0;
+    }
+    let middle = (above.len() - 1) / 2;
+    let (_, median, _) = above.select_nth_unstable_by(middle, f32::total_cmp);
+    median.max(16.0)
+}
+
 /// torch's `F.interpolate(mode="area")` (adaptive average pooling): output pixel (i, j)
 /// averages input rows ⌊i·H/h⌋ .. ⌈(i+1)·H/h⌉ and the columns likewise.
 fn area_resize(image: &Planes, height: usize, width: usize) -> Planes {
     let (ih, iw) = (image.height, image.width);
-    let span = |o: usize, out: usize, input: usize| {
-        let start = o * input / out;
-        let end = ((o + 1) * input).div_ceil(out);
-        (start, end)
-    };
     let mut out = Planes::zeros(image.channels, height, width);
     for c in 0..image.channels {
         let src = image.plane(c);
         for y in 0..height {
-            let (y0, y1) = span(y, height, ih);
+            let (y0, y1) = area_span(y, height, ih);
             for x in 0..width {
-                let (x0, x1) = span(x, width, iw);
+                let (x0, x1) = area_span(x, width, iw);
                 let mut sum = 0.0f32;
                 for row in src[y0 * iw..y1 * iw].chunks_exact(iw) {
                     for &v in &row[x0..x1] {
@@ -129,6 +216,74 @@ fn area_resize(image: &Planes, height: usize, width: usize) -> Planes {
         }
     }
     out
+}
+
+/// The input indices `start..end` output `o` of `out` averages over an axis of `input`.
+fn area_span(o: usize, out: usize, input: usize) -> (usize, usize) {
+    (o * input / out, ((o + 1) * input).div_ceil(out))
+}
+
+/// [`area_resize`] as tensor operations: the box sums as products with 0/1 matrices (rows, then
+/// columns), divided by each box's size.
+fn area_resize_tensor(x: &Tensor, height: usize, width: usize) -> candle_core::Result<Tensor> {
+    let device = x.device();
+    let (_, channels, ih, iw) = x.dims4()?;
+    // `[out, input]`: 1 where output `o`'s box holds input `i`.
+    let boxes = |out: usize, input: usize| -> candle_core::Result<Tensor> {
+        let mut m = vec![0f32; out * input];
+        for o in 0..out {
+            let (start, end) = area_span(o, out, input);
+            m[o * input + start..o * input + end].fill(1.0);
+        }
+        Tensor::from_vec(m, (out, input), device)
+    };
+    let rows = boxes(height, ih)?;
+    let columns = boxes(width, iw)?.t()?.contiguous()?;
+    let sums = rows
+        .broadcast_matmul(&x.squeeze(0)?.contiguous()?)?
+        .broadcast_matmul(&columns)?;
+    let counts: Vec<f32> = (0..height)
+        .flat_map(|y| {
+            let (y0, y1) = area_span(y, height, ih);
+            (0..width).map(move |x| {
+                let (x0, x1) = area_span(x, width, iw);
+                ((y1 - y0) * (x1 - x0)) as f32
+            })
+        })
+        .collect();
+    let counts = Tensor::from_vec(counts, (height, width), device)?;
+    sums.broadcast_div(&counts)?
+        .reshape((1, channels, height, width))
+}
+
+/// `x` (`[N, C, H, W]`) with rows `rows` and columns `columns` of it, in those orders.
+fn gather_2d(x: &Tensor, rows: &[u32], columns: &[u32]) -> candle_core::Result<Tensor> {
+    let index = |v: &[u32]| Tensor::from_slice(v, v.len(), x.device());
+    x.index_select(&index(rows)?, 2)?
+        .index_select(&index(columns)?, 3)
+}
+
+/// Indices `0..padded` that repeat the last of `0..len`.
+fn replicate_indices(len: usize, padded: usize) -> Vec<u32> {
+    (0..padded).map(|i| i.min(len - 1) as u32).collect()
+}
+
+/// Indices of `−r..len + r` reflected into `0..len` (torch's reflect: −i reads i, len − 1 + i
+/// reads len − 1 − i; clamped for a pad wider than the map, which torch refuses).
+fn reflect_indices(len: usize, r: usize) -> Vec<u32> {
+    let last = len as isize - 1;
+    (-(r as isize)..(len + r) as isize)
+        .map(|i| {
+            let m = if i < 0 {
+                -i
+            } else if i > last {
+                2 * last - i
+            } else {
+                i
+            };
+            m.clamp(0, last) as u32
+        })
+        .collect()
 }
 
 /// Pads on the bottom and right to `height × width` by repeating the last row and column.
@@ -182,31 +337,24 @@ fn linspace_unit(n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The blur's taps per side: `2·⌈3σ⌉ + 1`.
+fn blur_size(sigma: f64) -> usize {
+    2 * ((3.0 * sigma) as f32).ceil() as usize + 1
+}
+
 /// The per-channel blur of step 2: reflection pad by `size / 2`, then the kernel.
 fn blur(image: &Planes, sigma: f64) -> Planes {
-    let size = 2 * ((3.0 * sigma) as f32).ceil() as usize + 1;
+    let size = blur_size(sigma);
     let k = kernel(size, sigma);
     let r = size / 2;
     let (h, w) = (image.height, image.width);
-    // torch's reflect: index −i reads i, index n − 1 + i reads n − 1 − i.
-    let reflect = |i: isize, n: usize| -> usize {
-        let last = n as isize - 1;
-        let m = if i < 0 {
-            -i
-        } else if i > last {
-            2 * last - i
-        } else {
-            i
-        };
-        m.clamp(0, last) as usize
-    };
     let (ph, pw) = (h + 2 * r, w + 2 * r);
+    let (rows, columns) = (reflect_indices(h, r), reflect_indices(w, r));
     let mut padded = vec![0.0f32; ph * pw];
     image.map_planes(|src, dst| {
-        for y in 0..ph {
-            let sy = reflect(y as isize - r as isize, h);
-            for x in 0..pw {
-                padded[y * pw + x] = src[sy * w + reflect(x as isize - r as isize, w)];
+        for (y, &sy) in rows.iter().enumerate() {
+            for (x, &sx) in columns.iter().enumerate() {
+                padded[y * pw + x] = src[sy as usize * w + sx as usize];
             }
         }
         for y in 0..h {
@@ -223,9 +371,31 @@ fn blur(image: &Planes, sigma: f64) -> Planes {
     })
 }
 
+/// [`blur`] as tensor operations on `x`'s device (`[1, C, H, W]` f32): the reflection pad as
+/// gathers, then Daydream's kernel as its two 1-D factors (the kernel is `g(x)·g(y)` over its
+/// sum, which is `(Σg)²`), each normalised in f64.
+fn blur_tensor(x: &Tensor, sigma: f64) -> candle_core::Result<Tensor> {
+    let size = blur_size(sigma);
+    let r = size / 2;
+    let (_, _, h, w) = x.dims4()?;
+    let padded = gather_2d(x, &reflect_indices(h, r), &reflect_indices(w, r))?;
+    let two_sigma_sq = 2.0 * sigma * sigma;
+    let raw: Vec<f64> = linspace_unit(size)
+        .iter()
+        .map(|&p| (-(p as f64 * p as f64) / two_sigma_sq).exp())
+        .collect();
+    let sum: f64 = raw.iter().sum();
+    let taps: Vec<f32> = raw.iter().map(|v| (v / sum) as f32).collect();
+    map_channels_tensor(&padded, |p| {
+        let along_rows = correlate_padded_tensor(p, &taps, 1, size, (0, 0))?;
+        correlate_padded_tensor(&along_rows, &taps, size, 1, (0, 0))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn linspace_matches_torch_at_both_ends_and_the_middle() {
@@ -245,6 +415,119 @@ mod tests {
             .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
         // exp(−2/72) at the corners against 1 in the middle.
         assert!(lo / hi > 0.97, "{lo} {hi}");
+    }
+
+    /// 8-bit levels of a fixed sine hash (the same sums every run), with a dark diagonal band
+    /// so that the map has lines, as `[1, 3, H, W]` in [0, 1].
+    fn frame(height: usize, width: usize) -> Planes {
+        let mut data = Vec::with_capacity(3 * height * width);
+        for c in 0..3 {
+            for y in 0..height {
+                for x in 0..width {
+                    let i = ((c * height + y) * width + x) as f32;
+                    let hash = ((i * 12.9898).sin() * 43_758.547).fract().abs();
+                    let band = (x as isize - y as isize).unsigned_abs() % 17 < 3;
+                    let level = if band {
+                        20.0 + 30.0 * hash
+                    } else {
+                        120.0 + 120.0 * hash
+                    };
+                    data.push(level.round() / 255.0);
+                }
+            }
+        }
+        Planes {
+            channels: 3,
+            height,
+            width,
+            data,
+        }
+    }
+
+    #[test]
+    fn resizes_and_pads_as_tensor_operations_are_the_hosts_bit_for_bit() {
+        let image = frame(45, 70);
+        let mut levels = image.clone();
+        for v in &mut levels.data {
+            *v = (*v * 255.0).round();
+        }
+        let tensor = levels.clone().into_tensor(&Device::Cpu).unwrap();
+        for (h, w) in [(45, 70), (20, 31), (7, 11), (1, 1)] {
+            let got = Planes::from_tensor(&area_resize_tensor(&tensor, h, w).unwrap()).unwrap();
+            assert_eq!(got, area_resize(&levels, h, w), "area to {h}×{w}");
+        }
+        let padded = gather_2d(
+            &tensor,
+            &replicate_indices(45, 64),
+            &replicate_indices(70, 128),
+        )
+        .unwrap();
+        assert_eq!(
+            Planes::from_tensor(&padded).unwrap(),
+            pad_replicate(&levels, 64, 128)
+        );
+        // A pad wider than half the map reflects and clamps as the host's.
+        assert_eq!(reflect_indices(3, 2), vec![2, 1, 0, 1, 2, 1, 0]);
+        assert_eq!(reflect_indices(2, 3), vec![1, 1, 1, 0, 1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn line_maps_as_tensor_operations_are_within_a_level_of_the_hosts() {
+        let defaults = StandardLineartParams {
+            detect_resolution: 64,
+            gaussian_sigma: 6.0,
+            intensity_threshold: 8.0,
+        };
+        let cases = [
+            // Shrinks (area), enlarges (bicubic), the widest kernel, a high threshold.
+            ("area", frame(72, 96), defaults),
+            (
+                "bicubic",
+                frame(40, 52),
+                StandardLineartParams {
+                    detect_resolution: 56,
+                    ..defaults
+                },
+            ),
+            (
+                "σ 20",
+                frame(64, 64),
+                StandardLineartParams {
+                    gaussian_sigma: 20.0,
+                    ..defaults
+                },
+            ),
+            (
+                "σ 1, threshold 50",
+                frame(50, 81),
+                StandardLineartParams {
+                    gaussian_sigma: 1.0,
+                    intensity_threshold: 50.0,
+                    ..defaults
+                },
+            ),
+        ];
+        let (mut values, mut off) = (0usize, 0usize);
+        for (name, image, p) in cases {
+            let want = apply(&image, p);
+            let tensor = image.clone().into_tensor(&Device::Cpu).unwrap();
+            let got = Planes::from_tensor(&apply_tensor(&tensor, p).unwrap()).unwrap();
+            assert_eq!(
+                (got.channels, got.height, got.width),
+                (want.channels, want.height, want.width),
+                "{name}"
+            );
+            let lit = want.data.iter().filter(|&&v| v > 0.0).count();
+            assert!(lit * 20 > want.data.len(), "{name}: only {lit} lit values");
+            for (a, b) in got.data.iter().zip(&want.data) {
+                let levels = ((a - b) * 255.0).abs();
+                assert!(levels <= 1.0 + 1e-4, "{name}: {a} against {b}");
+                off += usize::from(levels > 0.5);
+            }
+            values += want.data.len();
+        }
+        println!("standard_lineart as tensor operations: {off} of {values} values a level off");
+        assert!(off * 100 < values, "{off} of {values} values a level off");
     }
 
     #[test]

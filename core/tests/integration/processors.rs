@@ -364,33 +364,65 @@ fn temporal_net_matches_daydreams_flow_image() {
     }
 }
 
+/// The processor (its tensor steps, which the CPU runs, and a GPU with
+/// `SDSTREAM_CUDA_PREPROCESS`) and the host's steps (a GPU's default: download, host, upload)
+/// against the torch rendering, held to the same bounds.
 #[test]
 fn standard_lineart_matches_daydreams_arithmetic() {
+    use sdstream::preprocess::annotator::to_stream_size;
+    use sdstream::preprocess::planes::Planes;
+    use sdstream::preprocess::standard_lineart::{StandardLineartParams, apply};
     let g = goldens();
+    let mut checked = 0;
     for name in ["sq", "wide"] {
         let x = unit_image(&g[&format!("input_{name}")]);
-        for (case, p) in [
-            ("default", json!({})),
+        let (_, _, h, w) = x.dims4().unwrap();
+        for (case, p, settings) in [
+            (
+                "default",
+                json!({}),
+                StandardLineartParams {
+                    detect_resolution: 512,
+                    gaussian_sigma: 6.0,
+                    intensity_threshold: 8.0,
+                },
+            ),
             (
                 "small",
                 json!({"detect_resolution": 48, "gaussian_sigma": 2.5, "intensity_threshold": 20}),
+                StandardLineartParams {
+                    detect_resolution: 48,
+                    gaussian_sigma: 2.5,
+                    intensity_threshold: 20.0,
+                },
             ),
         ] {
             let want = &g[&format!("std_lineart_{case}_{name}")];
-            let got = run("standard_lineart", p, &x, None);
-            let (max, mean) = abs_err(&got, want);
-            let off = share_off(&got, want, 0.5);
-            println!("standard_lineart {case} {name}: max {max:.3e} mean {mean:.3e} off {off:.2e}");
-            // 8-bit maps resized with bilinear weights: a level truncated the other way moves
-            // a value by at most 1/255; the float sums' order decides only rare ties.
-            assert!(max <= 1.0 / 255.0 + 1e-5, "{case} {name}: max {max}");
-            assert!(
-                off < 0.01,
-                "{case} {name}: {off} of the values off by more than half a level"
-            );
-            assert!(mean < 1e-3, "{case} {name}: mean {mean}");
+            let processor = run("standard_lineart", p, &x, None);
+            let host = apply(&Planes::from_tensor(&x).unwrap(), settings)
+                .into_tensor(&Device::Cpu)
+                .unwrap();
+            let host = to_stream_size(&host, h, w).unwrap();
+            for (path, got) in [("tensor steps", &processor), ("host steps", &host)] {
+                let (max, mean) = abs_err(got, want);
+                let off = share_off(got, want, 0.5);
+                println!(
+                    "standard_lineart {case} {name} ({path}): max {max:.3e} mean {mean:.3e} \
+                     off {off:.2e}"
+                );
+                // 8-bit maps resized with bilinear weights: a level truncated the other way
+                // moves a value by at most 1/255; the float sums' order decides only rare ties.
+                assert!(max <= 1.0 / 255.0 + 1e-5, "{case} {name} {path}: max {max}");
+                assert!(
+                    off < 0.01,
+                    "{case} {name} {path}: {off} of the values off by more than half a level"
+                );
+                assert!(mean < 1e-3, "{case} {name} {path}: mean {mean}");
+                checked += 1;
+            }
         }
     }
+    assert_eq!(checked, 8);
 }
 
 #[test]
