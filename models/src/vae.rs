@@ -17,6 +17,7 @@ use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::activation::Activation;
+use crate::cuda_graph::GraphCache;
 use crate::kernels::conv::{Conv2d, Padding};
 use crate::kernels::norm::GroupNorm;
 use crate::kernels::ops::add_fresh;
@@ -651,6 +652,10 @@ pub struct AutoencoderKl {
     dtype: DType,
     /// Whether the CPU's GEMMs run in bf16 ([`with_bf16_gemms`](Self::with_bf16_gemms)).
     bf16_gemms: bool,
+    /// CUDA graphs of the encoder (to the moments) and the decoder (none elsewhere); a clone
+    /// starts without any.
+    encoder_graphs: GraphCache,
+    decoder_graphs: GraphCache,
 }
 
 impl AutoencoderKl {
@@ -675,6 +680,8 @@ impl AutoencoderKl {
             config: config.clone(),
             dtype: vb.dtype(),
             bf16_gemms: false,
+            encoder_graphs: GraphCache::default(),
+            decoder_graphs: GraphCache::default(),
         })
     }
 
@@ -721,11 +728,19 @@ impl AutoencoderKl {
     /// multiples of [`spatial_scale_factor`](Self::spatial_scale_factor)): `(mean, logvar)`,
     /// each [B, latent_channels, H/f, W/f], logvar clamped to [−30, 20] as diffusers'
     /// `DiagonalGaussianDistribution` does. Both are views into one tensor.
+    /// On a CUDA device the encoder runs as a CUDA graph after its first call
+    /// ([`super::cuda_graph`]); the posterior's noise is added outside it
+    /// ([`sample_posterior`](Self::sample_posterior)), drawn where the engine draws it.
     pub fn encode_moments(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut moments = gemm_bf16::scoped(self.bf16_gemms, || self.encoder.forward(x))?;
-        if let Some(conv) = &self.quant_conv {
-            moments = conv.forward(&moments)?;
-        }
+        let moments = gemm_bf16::scoped(self.bf16_gemms, || {
+            self.encoder_graphs.run(&[x], |xs| {
+                let moments = self.encoder.forward(xs[0])?;
+                Ok(match &self.quant_conv {
+                    Some(conv) => conv.forward(&moments)?,
+                    None => moments,
+                })
+            })
+        })?;
         let latent = self.config.latent_channels;
         let mean = moments.narrow(1, 0, latent)?;
         let logvar = moments.narrow(1, latent, latent)?.clamp(-30f32, 20f32)?;
@@ -742,14 +757,17 @@ impl AutoencoderKl {
 
     /// Decodes latents `z` ([B, latent_channels, h, w], already divided by the scaling factor)
     /// into images [B, out_channels, h·f, w·f], nominally in [−1, 1] (not clamped).
+    /// On a CUDA device it runs as a CUDA graph after its first call ([`super::cuda_graph`]).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let z = match &self.post_quant_conv {
-            Some(conv) => conv.forward(z)?,
-            None => z.clone(),
-        };
-        Ok(gemm_bf16::scoped(self.bf16_gemms, || {
-            self.decoder.forward(&z)
-        })?)
+        gemm_bf16::scoped(self.bf16_gemms, || {
+            self.decoder_graphs.run(&[z], |zs| {
+                let z = match &self.post_quant_conv {
+                    Some(conv) => conv.forward(zs[0])?,
+                    None => zs[0].clone(),
+                };
+                Ok(self.decoder.forward(&z)?)
+            })
+        })
     }
 
     /// The same network with its CPU GEMMs in bf16 (`on`) or f32: bf16 operands, f32 sums,
