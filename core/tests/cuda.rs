@@ -930,6 +930,34 @@ fn cuda_float_processors_match_the_host_steps() {
         }
     }
     assert_eq!(checked, 10 * 3);
+
+    // `feedback` after an upscaling postprocessor: the larger previous output resized to the
+    // frame where it is, with the host's arithmetic (bit for bit).
+    let params: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_value(serde_json::json!({"feedback_strength": 0.3})).unwrap();
+    let previous = Tensor::rand(0f32, 1.0, (1, 3, 194, 262), &Device::Cpu).unwrap();
+    let host_inputs = ProcessorInputs {
+        previous_output: Some(&previous),
+        ..Default::default()
+    };
+    let host = preprocess::apply("feedback", &params, &images[0], &host_inputs).unwrap();
+    let previous_on_device = previous.to_device(&cuda).unwrap();
+    let device_inputs = ProcessorInputs {
+        previous_output: Some(&previous_on_device),
+        ..Default::default()
+    };
+    let got = policy.scoped(|| {
+        preprocess::apply(
+            "feedback",
+            &params,
+            &images[0].to_device(&cuda).unwrap(),
+            &device_inputs,
+        )
+        .unwrap()
+    });
+    let (max, _) = common::abs_err(&got.to_device(&Device::Cpu).unwrap(), &host);
+    println!("feedback of a larger previous output on the device: max {max:.2e}");
+    assert_eq!(max, 0.0);
 }
 
 /// Streams batched across streams on the device against each stream alone on the device, in

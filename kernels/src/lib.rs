@@ -70,8 +70,9 @@ pub fn cuda_kernels(device: &Device) -> bool {
     device.is_cuda() && KernelPolicy::current().cuda_kernels
 }
 
-/// Whether the preprocessors that can run on `device` do ([`canny`]; `soft_edge`, `blur` and
-/// `sharpen` as tensor operations): on a CUDA device, when the current [`KernelPolicy`] allows sdstream's CUDA
+/// Whether the preprocessors that can run on `device` do ([`canny`]; `soft_edge`, `blur`,
+/// `sharpen`, `upscale`, `standard_lineart` and `feedback`'s resize as tensor operations): on a
+/// CUDA device, when the current [`KernelPolicy`] allows sdstream's CUDA
 /// kernels and preprocessing there (`SDSTREAM_CUDA_PREPROCESS`). Never elsewhere: the host runs
 /// its own.
 pub fn preprocess_on_device(device: &Device) -> bool {

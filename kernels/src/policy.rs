@@ -77,7 +77,7 @@ pub struct KernelPolicy {
     /// `SDSTREAM_CUDA_PINNED`; see `transfer`). Off by default until a GPU run has measured it.
     pub cuda_pinned: bool,
     /// The preprocessors that can run on a CUDA device do, where the frame is (`canny` with a
-    /// kernel of its own, `soft_edge`, `blur` and `sharpen` as tensor operations; on with
+    /// kernel of its own, the other pixel processors as tensor operations; on with
     /// `SDSTREAM_CUDA_PREPROCESS`; see [`crate::preprocess_on_device`]), instead of a download,
     /// the host's code and an upload. Off by default until a GPU run has measured it.
     pub cuda_preprocess: bool,

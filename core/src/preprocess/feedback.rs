@@ -49,6 +49,11 @@ pub fn apply(image: &Tensor, previous: Option<&Tensor>, p: FeedbackParams) -> Re
     // size (torch's bilinear resize).
     let previous = if previous.dims() == image.dims() {
         previous
+    } else if crate::model::kernels::preprocess_on_device(image.device()) {
+        // Where the frame is, with the host's arithmetic step for step (bit for bit).
+        let previous = previous.to_dtype(candle_core::DType::F32)?;
+        super::upscale::resize_tensor(&previous, h, w, super::upscale::Resample::Bilinear)?
+            .to_dtype(image.dtype())?
     } else {
         let planes = super::planes::Planes::from_tensor(&previous)?;
         super::upscale::resize(&planes, h, w, super::upscale::Resample::Bilinear)

@@ -57,12 +57,7 @@ pub fn apply(image: &Planes, p: StandardLineartParams) -> Planes {
         *v = (*v * 255.0).round().clamp(0.0, 255.0);
     }
     let size = DetectionSize::new(image.height, image.width, p);
-    let (th, tw, ph, pw) = (
-        size.height,
-        size.width,
-        size.padded_height,
-        size.padded_width,
-    );
+    let ((th, tw), (ph, pw)) = (size.scaled, size.padded);
     let scaled = if size.enlarges {
         resize(&levels, th, tw, Resample::Bicubic)
     } else {
@@ -115,12 +110,7 @@ pub fn apply_tensor(image: &Tensor, p: StandardLineartParams) -> candle_core::Re
         .round()?
         .clamp(0f32, 255f32)?;
     let size = DetectionSize::new(h, w, p);
-    let (th, tw, ph, pw) = (
-        size.height,
-        size.width,
-        size.padded_height,
-        size.padded_width,
-    );
+    let ((th, tw), (ph, pw)) = (size.scaled, size.padded);
     let scaled = if size.enlarges {
         resize_tensor(&levels, th, tw, Resample::Bicubic)?
     } else {
@@ -153,11 +143,9 @@ pub fn apply_tensor(image: &Tensor, p: StandardLineartParams) -> candle_core::Re
 /// Step 1's sizes.
 struct DetectionSize {
     /// Rows and columns the image is scaled to.
-    height: usize,
-    width: usize,
+    scaled: (usize, usize),
     /// Those rounded up to multiples of 64.
-    padded_height: usize,
-    padded_width: usize,
+    padded: (usize, usize),
     /// Whether the scaling enlarges (bicubic) or not (area).
     enlarges: bool,
 }
@@ -168,10 +156,8 @@ impl DetectionSize {
         let target = |side: usize| ((((side as f64) * k) as f32).round_ties_even() as usize).max(1);
         let (th, tw) = (target(height), target(width));
         DetectionSize {
-            height: th,
-            width: tw,
-            padded_height: th.div_ceil(64) * 64,
-            padded_width: tw.div_ceil(64) * 64,
+            scaled: (th, tw),
+            padded: (th.div_ceil(64) * 64, tw.div_ceil(64) * 64),
             enlarges: k > 1.0,
         }
     }
