@@ -448,6 +448,28 @@ fn warmup_makes_the_first_output_come_from_the_first_frame() {
     assert!(mean > 0.5, "warm-up changed little: mean {mean:.3} levels");
 }
 
+/// `skip_diffusion` under the engine: with warm-up on, every frame (the first included) comes
+/// back as it went in, through the processors only (none here), and the engine counts them.
+#[test]
+fn skip_diffusion_frames_come_back_as_they_went_in() {
+    let frames = frames();
+    let skipping = StreamDiffusionParams {
+        skip_diffusion: true,
+        use_safety_checker: false,
+        ..params()
+    };
+    let engine =
+        Engine::new(skipping, settings(), options(DropPolicy::Lossless, true)).expect("engine");
+    for (i, f) in frames.iter().enumerate() {
+        engine.submit(frame(f)).expect("submit");
+        let out = recv(&engine);
+        assert_eq!(out.image.data, *f, "frame {i}");
+    }
+    let status = engine.status();
+    assert_eq!(status.frames_processed, frames.len() as u64);
+    assert_counters_add_up(&status);
+}
+
 #[test]
 fn stress_producers_and_parameter_changes() {
     let (outputs, submitted, status) = within(Duration::from_secs(240), || {

@@ -199,9 +199,9 @@ type Preloaded = (
 
 /// Extra passes that fill the stream batch with a frame, so that the next output comes from
 /// that frame instead of the zero buffer: n − 1 for a denoising batch of n steps, none
-/// without one (frame_buffer_size is 1).
+/// without one (frame_buffer_size is 1) or with `skip_diffusion` (no batch to fill).
 pub(crate) fn warmup_passes(params: &StreamDiffusionParams) -> usize {
-    if params.use_denoising_batch {
+    if params.use_denoising_batch && !params.skip_diffusion {
         params.t_index_list.len().saturating_sub(1)
     } else {
         0

@@ -1170,8 +1170,9 @@ fn spawn_refuses_what_the_pipeline_cannot_run_before_loading_anything() {
             "controlnets[0].preprocessor",
         ),
         (
-            serde_json::json!({"skip_diffusion": true}),
-            "skip_diffusion",
+            serde_json::json!({"image_preprocessing": {"enabled": true,
+                "processors": [{"type": "mediapipe_pose"}]}}),
+            "image_preprocessing.processors[0]",
         ),
     ] {
         let err = Engine::builder(with(patch.clone()))
@@ -1187,10 +1188,14 @@ fn spawn_refuses_what_the_pipeline_cannot_run_before_loading_anything() {
     let factory = FakeFactory::new(0, 0);
     let engine = engine(factory, EngineOptions::default());
     let err = engine
-        .update_params(with(serde_json::json!({"skip_diffusion": true})))
-        .expect_err("skip_diffusion");
+        .update_params(with(
+            serde_json::json!({"image_preprocessing": {"enabled": true,
+            "processors": [{"type": "mediapipe_pose"}]}}),
+        ))
+        .expect_err("mediapipe_pose");
     assert!(
-        matches!(&err, Error::InvalidParam { field, .. } if field == "skip_diffusion"),
+        matches!(&err, Error::InvalidParam { field, .. }
+            if field == "image_preprocessing.processors[0]"),
         "{err}"
     );
 }

@@ -9,12 +9,6 @@ use crate::{Error, Result};
 /// silently streaming without them, and checks every ControlNet's preprocessor and its
 /// parameters with [`preprocess::validate`].
 pub(crate) fn check_supported(params: &StreamDiffusionParams) -> Result<()> {
-    let not_yet = |field: &str, what: &str| {
-        Err(Error::param(
-            field,
-            format!("{what} is not supported yet by sdstream"),
-        ))
-    };
     for (i, net) in params.controlnets.iter().enumerate() {
         preprocess::validate(
             &net.preprocessor,
@@ -48,9 +42,6 @@ pub(crate) fn check_supported(params: &StreamDiffusionParams) -> Result<()> {
         params.latent_postprocessing.as_ref(),
         "latent_postprocessing",
     )?;
-    if params.skip_diffusion {
-        return not_yet("skip_diffusion", "skip_diffusion (processors only)");
-    }
     Ok(())
 }
 

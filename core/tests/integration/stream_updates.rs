@@ -601,3 +601,107 @@ fn a_transition_glides_prompt_and_seed_frame_by_frame_and_ends_on_the_target() {
         Err(Error::InvalidParam { .. })
     ));
 }
+
+/// `skip_diffusion`: each frame leaves as it came in, through the image processors only (Daydream's
+/// processors-only path): no filter, ControlNet, encode, UNet or decode; `feedback` sees the
+/// previous output; text-to-image is refused naming the field; turning it on or off is a reload.
+#[test]
+fn skip_diffusion_passes_frames_through_the_image_processors() {
+    use sdstream::preprocess::{self, ProcessorInputs};
+    let plain = with(
+        with(base_body(), "skip_diffusion", json!(true)),
+        "use_safety_checker",
+        json!(false),
+    );
+    let mut s = stream(&plain);
+    for i in 0..3 {
+        let x = frame_tensor(i);
+        let out = s.process_tensor(&x).unwrap();
+        let unit = ((&x + 1.0).unwrap() / 2.0).unwrap();
+        assert_eq!(abs_err(&out, &unit).0, 0.0, "frame {i}");
+        let t = s.timings();
+        assert_eq!((t.encode, t.unet, t.decode), Default::default());
+    }
+    // Through the frame API the 8-bit pixels come back as they went in.
+    let img = image::open(fixture("frames/001.png")).unwrap().to_rgb8();
+    let frame = Frame::packed(img.as_raw(), 64, 64, PixelFormat::Rgb8).unwrap();
+    let out = s.process(&frame).unwrap();
+    assert_eq!(out.data, *img.as_raw());
+    let err = s.txt2img().expect_err("no input frame");
+    assert!(
+        matches!(&err, Error::InvalidParam { field, .. } if field == "skip_diffusion"),
+        "{err}"
+    );
+
+    // The safety checker (on by default) still sees every output: the tiny pipeline's own
+    // passes it, so the frame leaves unchanged.
+    let mut checked = stream(&with(base_body(), "skip_diffusion", json!(true)));
+    let x = frame_tensor(0);
+    let out = checked.process_tensor(&x).unwrap();
+    assert_eq!(abs_err(&out, &x.affine(0.5, 0.5).unwrap()).0, 0.0);
+    let t = checked.timings();
+    assert!(t.safety.checked && !t.safety.flagged, "{:?}", t.safety);
+    assert_eq!(t.processors.runs("safety_checker"), 1);
+
+    // A preprocessing chain (feedback, then blur) and a postprocessing one (sharpen), against
+    // the processors applied by hand in [0, 1].
+    let chained = with(
+        with(
+            plain.clone(),
+            "image_preprocessing",
+            json!({"enabled": true, "processors": [
+                {"type": "feedback", "params": {"feedback_strength": 0.4}},
+                {"type": "blur", "params": {"blur_intensity": 1.5, "kernel_size": 7}}]}),
+        ),
+        "image_postprocessing",
+        json!({"enabled": true, "processors": [{"type": "sharpen"}]}),
+    );
+    let mut s = stream(&chained);
+    let run = |name: &str, p: Value, x: &Tensor, previous: Option<&Tensor>| {
+        let p: serde_json::Map<String, Value> = serde_json::from_value(p).unwrap();
+        let inputs = ProcessorInputs {
+            previous_output: previous,
+            ..Default::default()
+        };
+        preprocess::apply(name, &p, x, &inputs).unwrap()
+    };
+    let mut previous: Option<Tensor> = None;
+    let mut compared = 0;
+    for i in 0..3 {
+        let x = frame_tensor(i);
+        let got = s.process_tensor(&x).unwrap();
+        let unit = x.affine(0.5, 0.5).unwrap();
+        let fed = run(
+            "feedback",
+            json!({"feedback_strength": 0.4}),
+            &unit,
+            previous.as_ref(),
+        );
+        let blurred = run(
+            "blur",
+            json!({"blur_intensity": 1.5, "kernel_size": 7}),
+            &fed,
+            None,
+        );
+        // The stream hands the chain's result on in [−1, 1] and back, clamped to [0, 1].
+        let back = ((blurred.affine(2.0, -1.0).unwrap() + 1.0).unwrap() / 2.0)
+            .unwrap()
+            .clamp(0f32, 1f32)
+            .unwrap();
+        let want = run("sharpen", json!({}), &back, None);
+        let (max, _) = abs_err(&got, &want);
+        assert!(max <= 1e-6, "frame {i}: max {max}");
+        // A check that can fail: the processors changed the frame.
+        assert!(abs_err(&got, &unit).0 > 0.01, "frame {i}");
+        previous = Some(want);
+        compared += 1;
+    }
+    assert_eq!(compared, 3);
+
+    // Turning it on or off rebuilds the stream (a reload), on a diffusing stream and back.
+    let mut diffusing = stream(&with(base_body(), "use_safety_checker", json!(false)));
+    assert!(diffusing.update(params(&plain)).unwrap().needs_reload());
+    let mut skipping = stream(&plain);
+    let back_on = with(plain.clone(), "skip_diffusion", json!(false));
+    assert!(skipping.update(params(&back_on)).unwrap().needs_reload());
+}

@@ -1122,7 +1122,6 @@ fn what_the_engine_cannot_run_is_refused_at_creation_naming_the_field() {
             json!({"ip_adapter": {"enabled": true, "type": "faceid"}}),
             "ip_adapter.type",
         ),
-        (json!({"skip_diffusion": true}), "`skip_diffusion`"),
         (
             json!({"latent_preprocessing": {"enabled": true, "processors": [
                 {"type": "latent_feedback", "params": {"feedback_strength": 2}}]}}),

@@ -150,6 +150,9 @@ impl StreamDiffusion {
         self.external_controls.extend(fresh);
         self.timings.processors = ProcessorTimes::default();
         let x = &self.image_preprocessing(x)?;
+        if self.params.skip_diffusion {
+            return self.pass_through(x);
+        }
         if let Some((filter, rng)) = &mut self.filter {
             let u = f64::from(rng.rand(1)[0]);
             if filter.decide(x, u)? == FilterDecision::Skip
@@ -221,6 +224,25 @@ impl StreamDiffusion {
         self.timings.decode = t1.elapsed();
         // Feedback and the filter's repeats see the generated picture, as Daydream's
         // `prev_image_result` (its checker runs on the way out).
+        self.previous_output = Some(out);
+        self.previous_input = Some(unit_input);
+        self.inputs_taken += 1;
+        Ok(shown)
+    }
+
+    /// `skip_diffusion`: the preprocessed frame `x` (in [−1, 1]) is the output, as Daydream's
+    /// processors-only path makes it: mapped to [0, 1] and clamped there, then
+    /// `image_postprocessing` and the safety checker (when on; Daydream's path leaves it out).
+    /// No similar-image filter, ControlNet, encode, denoising or decode runs, and no random
+    /// number is drawn.
+    fn pass_through(&mut self, x: &Tensor) -> Result<Tensor> {
+        let unit_input = to_unit(x)?;
+        let out = self.image_postprocessing(&unit_input.clamp(0f32, 1f32)?)?;
+        let shown = self.safety_check(&out)?;
+        self.timings.encode = Duration::ZERO;
+        self.timings.unet = Duration::ZERO;
+        self.timings.controlnet = Duration::ZERO;
+        self.timings.decode = Duration::ZERO;
         self.previous_output = Some(out);
         self.previous_input = Some(unit_input);
         self.inputs_taken += 1;
@@ -303,6 +325,7 @@ impl StreamDiffusion {
     /// Text-to-image: one stream step from a fresh latent drawn from the stream's generator
     /// (the reference draws it from torch's global generator, which no seed controls).
     pub fn txt2img(&mut self) -> Result<Tensor> {
+        self.refuse_txt2img_without_diffusion()?;
         let (c, h, w) = latent_shape(&self.models, &self.params);
         let latent = self
             .generator
@@ -316,6 +339,7 @@ impl StreamDiffusion {
     ///
     /// Only `external` ControlNets act here (the others derive their image from an input frame).
     pub fn txt2img_from(&mut self, latent: &Tensor) -> Result<Tensor> {
+        self.refuse_txt2img_without_diffusion()?;
         let _policy = self.kernels.enter();
         self.advance_transition()?;
         let frame = ControlInputs {
@@ -337,6 +361,19 @@ impl StreamDiffusion {
         let image = self.models.autoencoder.decode(&x0)?;
         let out = crate::pipeline::stream_batch::to_unit_range(&image.to_dtype(DType::F32)?)?;
         self.safety_check(&out)
+    }
+
+    /// Text-to-image has no input frame for `skip_diffusion` to pass through (Daydream
+    /// refuses it too).
+    fn refuse_txt2img_without_diffusion(&self) -> Result<()> {
+        if self.params.skip_diffusion {
+            return Err(Error::param(
+                "skip_diffusion",
+                "skip_diffusion passes input frames through the image processors; text-to-image \
+                 has no input frame (turn skip_diffusion off to generate from text)",
+            ));
+        }
+        Ok(())
     }
 
     /// Runs `latent_postprocessing` on x̂₀ and keeps the result as the previous latent (what

@@ -129,7 +129,8 @@ impl StreamDiffusion {
                 TorchGenerator::new(FILTER_SEED),
             )
         });
-        let batch = settings.cross_stream_batching.then(|| {
+        // A stream that skips the diffusion makes no network calls to share.
+        let batch = (settings.cross_stream_batching && !params.skip_diffusion).then(|| {
             models.batcher.join(MemberLabel {
                 model_id: params.model_id.clone(),
                 size: (params.width as usize, params.height as usize),
