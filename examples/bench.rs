@@ -9,6 +9,8 @@
 //!     [--sizes 256,512] [--frames 3] [--warmup 1] [--dtype f32] [--against f32] [--device cpu] \
 //!     [--controlnet CONTROLNET_DIR --controlnet-counts 0,1,2,5] [--sync-stages on|off]
 //! ```
+//! `bench multi-stream FLAGS` and `bench processors FLAGS` run examples/multi_stream_bench and
+//! examples/processors_bench instead (the GPU kit carries this one binary).
 //! `--model` and `--taesd` default to the environment variables `SDSTREAM_BENCH_MODEL` and
 //! `SDSTREAM_BENCH_TAESD` (`--taesd` is needed only when the TAESD rows run). Full-size random
 //! weights are made by tests/reference/make_full_size.py (never committed), which reads the same
@@ -31,6 +33,10 @@ use std::process::ExitCode;
 
 #[path = "support/multi_stream.rs"]
 mod multi_stream;
+#[path = "support/processors.rs"]
+mod processors;
+#[path = "support/mod.rs"]
+mod support;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -391,6 +397,10 @@ fn main() -> ExitCode {
     // bench binary).
     if std::env::args().nth(1).as_deref() == Some("multi-stream") {
         return multi_stream::main(std::env::args().skip(2).collect());
+    }
+    // `bench processors FLAGS`: each image processor's time a frame (examples/processors_bench).
+    if std::env::args().nth(1).as_deref() == Some("processors") {
+        return processors::main(std::env::args().skip(2).collect());
     }
     match run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,11 @@
 #               512², 1 step, TAESD)
 #     multi-stream-controlnet-f16
 #               the same with the ControlNet on every stream (its calls batched too)
+#     processors
+#               every image processor's time a frame at 512² on the device (`bench processors`,
+#               full-size random networks in f16): the pixel processors on the host's way
+#               (download, host, upload) and, with SDSTREAM_CUDA_PREPROCESS=1, on the device;
+#               the network processors once
 #     profile-f16, profile-bf16
 #               Nsight Compute (ncu) over one 512² frame (TAESD, 1 step, no ControlNet, graphs off):
 #               each kernel's GPU time, summed by kernel name, for the frame after the warm-up
@@ -186,6 +191,19 @@ stage_multi_stream() {
   return "${PIPESTATUS[0]}"
 }
 
+# `bench processors` at 512² in f16: the pixel processors without and with the device switch
+# (two tables), the network processors once (in the second).
+stage_processors() {
+  local pixel="canny,soft_edge,blur,sharpen,upscale,standard_lineart"
+  # The repository's frame (the binary's default names the build machine's checkout).
+  local frame="examples/frames/000.png"
+  "$work/bench" processors --device cuda --dtype f16 --frames 10 --frame "$frame" --only "$pixel" \
+    2> "$out/bench-processors-host.log" | tee "$out/bench-processors-host.md"
+  SDSTREAM_CUDA_PREPROCESS=1 "$work/bench" processors --device cuda --dtype f16 --frames 10 --frame "$frame" \
+    2> "$out/bench-processors-device.log" | tee "$out/bench-processors-device.md"
+  return "${PIPESTATUS[0]}"
+}
+
 stage_profile() {
   local dtype="$1" ncu
   ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)"
@@ -278,6 +296,7 @@ for stage in "$@"; do
       SDSTREAM_BENCH_TAG="-controlnet${SDSTREAM_BENCH_TAG:-}" \
         SDSTREAM_MULTI_ARGS="--controlnet $work/fullsize/controlnet ${SDSTREAM_MULTI_ARGS:-}" \
         stage_multi_stream f16 ;;
+    processors) stage_processors ;;
     profile-f16) stage_profile f16 ;;
     profile-bf16) stage_profile bf16 ;;
     reference-f16) stage_reference f16 ;;

@@ -82,6 +82,8 @@ stage sdpa 40 "${run[@]}" sdpa
 stage attention 40 "${run[@]}" attention
 stage bench-bf16 45 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32" "${run[@]}" bench-bf16
 stage profile-f16 120 "${run[@]}" profile-f16
+# Every image processor's time on the device (the pixel ones without and with the switch).
+stage processors 45 "${run[@]}" processors
 # ControlNet calls batched across streams: 1 and 4 streams, each with the ControlNet.
 stage multi-stream-controlnet-f16 60 SDSTREAM_MULTI_ARGS="--streams 1,4 --frames 30" \
   "${run[@]}" multi-stream-controlnet-f16
