@@ -904,24 +904,14 @@ fn cuda_float_processors_match_the_host_steps() {
             });
             assert!(got.device().is_cuda(), "{name} left the device");
             assert_eq!(got.dims(), host.dims());
-            let (max, mean) = common::abs_err(&got.to_device(&Device::Cpu).unwrap(), &host);
+            let got = got.to_device(&Device::Cpu).unwrap();
+            let (max, mean) = common::abs_err(&got, &host);
             println!("{name} {params:?} on the device, image {i}: max {max:.2e} mean {mean:.2e}");
             assert!(
                 max <= bound,
                 "{name} {params:?}, image {i}: max {max} (≤ {bound})"
             );
-            let half_level_off = (got.to_device(&Device::Cpu).unwrap() - &host)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .gt(0.5 / 255.0)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let half_level_off = common::share_off(&got, &host, 0.5);
             assert!(
                 half_level_off < 0.01,
                 "{name} {params:?}, image {i}: {half_level_off} of the values half a level off"

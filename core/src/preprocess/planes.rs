@@ -206,8 +206,21 @@ pub fn correlate_separable_tensor(
     kernel_y: &[f32],
     kernel_x: &[f32],
 ) -> candle_core::Result<Tensor> {
-    let rows = correlate_tensor(x, kernel_x, 1, kernel_x.len())?;
-    correlate_tensor(&rows, kernel_y, kernel_y.len(), 1)
+    let padding = (kernel_y.len() / 2, kernel_x.len() / 2);
+    correlate_separable_padded_tensor(x, kernel_y, kernel_x, padding)
+}
+
+/// [`correlate_separable_tensor`] with `padding` = (rows, columns) of zeros on each side
+/// instead of half the kernels' ([`correlate_padded_tensor`]; (0, 0) for a map padded its own
+/// way beforehand).
+pub fn correlate_separable_padded_tensor(
+    x: &Tensor,
+    kernel_y: &[f32],
+    kernel_x: &[f32],
+    padding: (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let rows = correlate_padded_tensor(x, kernel_x, 1, kernel_x.len(), (0, padding.1))?;
+    correlate_padded_tensor(&rows, kernel_y, kernel_y.len(), 1, (padding.0, 0))
 }
 
 /// `f` over every channel of `image` (`[B, C, H, W]`, any float dtype) as its own `[1, H, W]`
@@ -255,6 +268,12 @@ pub fn gaussian_taps(size: usize, sigma: f64) -> Vec<f32> {
         .collect();
     let sum: f64 = raw.iter().sum();
     raw.iter().map(|v| (v / sum) as f32).collect()
+}
+
+/// A fixed sine hash of `i` in [0, 1): test inputs that are the same every run.
+#[cfg(test)]
+pub(crate) fn sine_hash(i: usize) -> f32 {
+    ((i as f32 * 12.9898).sin() * 43_758.547).fract().abs()
 }
 
 #[cfg(test)]

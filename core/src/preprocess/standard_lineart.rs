@@ -22,7 +22,7 @@
 use candle_core::{DType, Tensor};
 
 use super::param_reader::ParamReader;
-use super::planes::{Planes, correlate_padded_tensor, map_channels_tensor};
+use super::planes::{Planes, correlate_separable_padded_tensor, map_channels_tensor};
 use super::upscale::{Resample, resize, resize_tensor};
 use crate::Result;
 
@@ -214,27 +214,29 @@ fn area_span(o: usize, out: usize, input: usize) -> (usize, usize) {
 fn area_resize_tensor(x: &Tensor, height: usize, width: usize) -> candle_core::Result<Tensor> {
     let device = x.device();
     let (_, channels, ih, iw) = x.dims4()?;
-    // `[out, input]`: 1 where output `o`'s box holds input `i`.
-    let boxes = |out: usize, input: usize| -> candle_core::Result<Tensor> {
-        let mut m = vec![0f32; out * input];
-        for o in 0..out {
-            let (start, end) = area_span(o, out, input);
-            m[o * input + start..o * input + end].fill(1.0);
-        }
-        Tensor::from_vec(m, (out, input), device)
+    let spans = |out: usize, input: usize| -> Vec<(usize, usize)> {
+        (0..out).map(|o| area_span(o, out, input)).collect()
     };
-    let rows = boxes(height, ih)?;
-    let columns = boxes(width, iw)?.t()?.contiguous()?;
+    let (row_spans, column_spans) = (spans(height, ih), spans(width, iw));
+    // `[out, input]`: 1 where output `o`'s box holds input `i`.
+    let boxes = |spans: &[(usize, usize)], input: usize| -> candle_core::Result<Tensor> {
+        let mut m = vec![0f32; spans.len() * input];
+        for (row, &(start, end)) in m.chunks_exact_mut(input).zip(spans) {
+            row[start..end].fill(1.0);
+        }
+        Tensor::from_vec(m, (spans.len(), input), device)
+    };
+    let rows = boxes(&row_spans, ih)?;
+    let columns = boxes(&column_spans, iw)?.t()?.contiguous()?;
     let sums = rows
         .broadcast_matmul(&x.squeeze(0)?.contiguous()?)?
         .broadcast_matmul(&columns)?;
-    let counts: Vec<f32> = (0..height)
-        .flat_map(|y| {
-            let (y0, y1) = area_span(y, height, ih);
-            (0..width).map(move |x| {
-                let (x0, x1) = area_span(x, width, iw);
-                ((y1 - y0) * (x1 - x0)) as f32
-            })
+    let counts: Vec<f32> = row_spans
+        .iter()
+        .flat_map(|&(y0, y1)| {
+            column_spans
+                .iter()
+                .map(move |&(x0, x1)| ((y1 - y0) * (x1 - x0)) as f32)
         })
         .collect();
     let counts = Tensor::from_vec(counts, (height, width), device)?;
@@ -373,8 +375,7 @@ fn blur_tensor(x: &Tensor, sigma: f64) -> candle_core::Result<Tensor> {
     let sum: f64 = raw.iter().sum();
     let taps: Vec<f32> = raw.iter().map(|v| (v / sum) as f32).collect();
     map_channels_tensor(&padded, |p| {
-        let along_rows = correlate_padded_tensor(p, &taps, 1, size, (0, 0))?;
-        correlate_padded_tensor(&along_rows, &taps, size, 1, (0, 0))
+        correlate_separable_padded_tensor(p, &taps, &taps, (0, 0))
     })
 }
 
@@ -410,8 +411,7 @@ mod tests {
         for c in 0..3 {
             for y in 0..height {
                 for x in 0..width {
-                    let i = ((c * height + y) * width + x) as f32;
-                    let hash = ((i * 12.9898).sin() * 43_758.547).fract().abs();
+                    let hash = super::super::planes::sine_hash((c * height + y) * width + x);
                     let band = (x as isize - y as isize).unsigned_abs() % 17 < 3;
                     let level = if band {
                         20.0 + 30.0 * hash

@@ -206,7 +206,7 @@ mod tests {
     /// Values of a fixed sine hash in [0, 1] (the same sums every run).
     fn noise(channels: usize, height: usize, width: usize) -> Planes {
         let data = (0..channels * height * width)
-            .map(|i| ((i as f32 * 12.9898).sin() * 43_758.547).fract().abs())
+            .map(super::super::planes::sine_hash)
             .collect();
         Planes {
             channels,

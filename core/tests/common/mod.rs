@@ -68,6 +68,13 @@ pub fn abs_err(a: &Tensor, b: &Tensor) -> (f32, f32) {
     (max, mean)
 }
 
+/// The fraction of values of `got` more than `levels`/255 from `want` (same shape and device).
+pub fn share_off(got: &Tensor, want: &Tensor, levels: f32) -> f32 {
+    let d = (got - want).unwrap().abs().unwrap();
+    let off = d.gt(levels / 255.0).unwrap().to_dtype(DType::F32).unwrap();
+    off.mean_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
 /// Prints the error of `got` against `want` and asserts its max abs is within `tol`.
 pub fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
     let (max, mean) = abs_err(got, want);

@@ -8,7 +8,7 @@ use crate::common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::{abs_err, fixture, golden, scratch_dir};
+use common::{abs_err, fixture, golden, scratch_dir, share_off};
 use sdstream::hub::HubOptions;
 use sdstream::preprocess::networks::{
     Network, NetworkKind, NetworkPool, NetworkRequest, ProcessorNetworks,
@@ -64,13 +64,6 @@ fn run(name: &str, p: Value, image: &Tensor, networks: Option<&ProcessorNetworks
         ..Default::default()
     };
     preprocess::apply(name, &params(p), image, &inputs).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-/// The fraction of values of `got` more than `levels`/255 from `want`.
-fn share_off(got: &Tensor, want: &Tensor, levels: f32) -> f32 {
-    let d = (got - want).unwrap().abs().unwrap();
-    let off = d.gt(levels / 255.0).unwrap().to_dtype(DType::F32).unwrap();
-    off.mean_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
 #[test]

@@ -239,10 +239,6 @@ impl StreamDiffusion {
         let unit_input = to_unit(x)?;
         let out = self.image_postprocessing(&unit_input.clamp(0f32, 1f32)?)?;
         let shown = self.safety_check(&out)?;
-        self.timings.encode = Duration::ZERO;
-        self.timings.unet = Duration::ZERO;
-        self.timings.controlnet = Duration::ZERO;
-        self.timings.decode = Duration::ZERO;
         self.previous_output = Some(out);
         self.previous_input = Some(unit_input);
         self.inputs_taken += 1;
