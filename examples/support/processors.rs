@@ -1,6 +1,6 @@
 //! Milliseconds per frame of each image processor at a given size (512² by default), with
 //! full-size networks of random weights (the real architectures' sizes: HED, the lineart
-//! generator, the OpenPose body network, Depth Anything V2 Small, RAFT-small, Real-ESRGAN ×2),
+//! generator and the anime one, the OpenPose body network, Depth Anything V2 Small, RAFT-small, Real-ESRGAN ×2),
 //! the timing docs/PREPROCESSORS.md reports.
 //!
 //! Run as `examples/processors_bench.rs`, or as `bench processors FLAGS` (the GPU kit carries the
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use sdstream::model::{depth_anything, hed, lineart, openpose_body, raft, rrdbnet};
+use sdstream::model::{depth_anything, hed, lineart, lineart_anime, openpose_body, raft, rrdbnet};
 use sdstream::preprocess::networks::{Network, NetworkRequest, ProcessorNetworks};
 use sdstream::preprocess::{Processor, ProcessorInputs};
 use serde_json::{Value, json};
@@ -131,6 +131,15 @@ fn networks(dtype: DType, device: &Device) -> sdstream::Result<ProcessorNetworks
         Network::Lineart(generator(&())?),
     ));
     nets.push((
+        NetworkRequest::LINEART_ANIME,
+        Network::LineartAnime(random_network(
+            &lineart_anime::Config::anime2sketch(),
+            dtype,
+            device,
+            lineart_anime::LineartAnimeGenerator::new,
+        )?),
+    ));
+    nets.push((
         NetworkRequest::BODY_POSE,
         Network::BodyPose(random_network(
             &openpose_body::Config::default(),
@@ -167,7 +176,7 @@ fn networks(dtype: DType, device: &Device) -> sdstream::Result<ProcessorNetworks
         )?),
     ));
     eprintln!(
-        "made 6 full-size random networks in {:.1} s",
+        "made 7 full-size random networks in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     Ok(ProcessorNetworks::from_networks(
@@ -186,6 +195,7 @@ fn cases() -> Vec<(&'static str, Value)> {
         ("standard_lineart", json!({})),
         ("hed", json!({})),
         ("lineart", json!({"coarse": true})),
+        ("lineart", json!({"anime_style": true})),
         ("pose_tensorrt", json!({})),
         ("depth_tensorrt", json!({})),
         ("temporal_net_tensorrt", json!({})),

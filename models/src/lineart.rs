@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::conv_transpose::ConvTranspose2x;
 use crate::kernels::conv::{Conv2d, Padding};
 use crate::kernels::norm::GroupNorm;
 use crate::kernels::ops;
@@ -122,125 +123,25 @@ impl ConvNorm {
 
 /// torch's `ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1)` followed
 /// by InstanceNorm and ReLU: doubles the map's size.
-///
-/// The transposed convolution runs as one ordinary 2×2 convolution, so that it gets the fast
-/// kernel: output pixel (2m + a, 2n + b) reads input pixels m, m + 1 and n, n + 1 only — along
-/// each axis an even output takes tap 1 at m, an odd one tap 2 at m and tap 0 at m + 1 — so a
-/// 2×2 convolution (padded by one below and to the right) with 4·c_out channels, one group per
-/// phase (a, b) holding that phase's taps and zeros for the rest, computes every output; the
-/// groups are then interleaved into the doubled map. That is 16 products per input pixel and
-/// output channel where the transposed convolution has 9 (candle's own is far slower on the
-/// CPU, and a zero-stuffed input would cost 36).
 #[derive(Debug, Clone)]
 struct UpConvNorm {
-    conv: Conv2d,
-    channels: usize,
+    conv: ConvTranspose2x,
     norm: GroupNorm,
-}
-
-/// Along one axis, the transposed kernel's tap that input offset `d` (0 or 1) gives to an
-/// output of phase `phase` (0: even, 1: odd); `None` where it gives none.
-fn tap(phase: usize, d: usize) -> Option<usize> {
-    match (phase, d) {
-        (0, 0) => Some(1),
-        (1, 0) => Some(2),
-        (1, 1) => Some(0),
-        _ => None,
-    }
 }
 
 impl UpConvNorm {
     /// `dtype` is the dtype the generator computes in (its convolutions').
     fn new(c_in: usize, c_out: usize, dtype: DType, vb: VarBuilder) -> Result<Self> {
-        let weight = vb
-            .get((c_in, c_out, 3, 3), "weight")?
-            .to_dtype(DType::F32)?;
-        // [c_in, c_out, 3, 3] → per phase, per tap, a [c_out, c_in] block.
-        let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
-        let mut phased = vec![0f32; 4 * c_out * c_in * 4];
-        for (a, b) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-            let group = a * 2 + b;
-            for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                let (Some(ky), Some(kx)) = (tap(a, dy), tap(b, dx)) else {
-                    continue;
-                };
-                for co in 0..c_out {
-                    for ci in 0..c_in {
-                        let from = ((ci * c_out + co) * 3 + ky) * 3 + kx;
-                        let to = (((group * c_out + co) * c_in + ci) * 2 + dy) * 2 + dx;
-                        phased[to] = w[from];
-                    }
-                }
-            }
-        }
-        let device = vb.device();
-        let phased = Tensor::from_vec(phased, (4 * c_out, c_in, 2, 2), device)?.to_dtype(dtype)?;
-        let bias = vb.get(c_out, "bias")?.to_dtype(dtype)?;
-        let bias = Tensor::cat(&[&bias, &bias, &bias, &bias], 0)?;
-        let padding = Padding {
-            top: 0,
-            bottom: 1,
-            left: 0,
-            right: 1,
-        };
+        let device = vb.device().clone();
         Ok(Self {
-            conv: Conv2d::from_tensors(phased, Some(bias), 1, padding)?,
-            channels: c_out,
-            norm: GroupNorm::instance(c_out, INSTANCE_NORM_EPS, dtype, device)?,
+            conv: ConvTranspose2x::new(c_in, c_out, 3, 1, 1, true, dtype, vb)?,
+            norm: GroupNorm::instance(c_out, INSTANCE_NORM_EPS, dtype, &device)?,
         })
     }
 
-    /// The transposed convolution alone: `[B, c_in, H, W]` → `[B, c_out, 2H, 2W]`.
-    fn upsample(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, _, h, w) = x.dims4()?;
-        let c = self.channels;
-        Ok(self
-            .conv
-            .forward(x)?
-            .reshape((b, 2, 2, c, h, w))?
-            .permute((0, 3, 4, 1, 5, 2))?
-            .reshape((b, c, 2 * h, 2 * w))?)
-    }
-
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.upsample(x)?;
+        let y = self.conv.forward(x)?;
         Ok(self.norm.forward(&y)?.relu()?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn the_phased_convolution_equals_torchs_transposed_one() {
-        let device = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 5, 7, 6), &device).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (5, 4, 3, 3), &device).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 4, &device).unwrap();
-        let tensors = std::collections::HashMap::from([
-            ("weight".to_string(), w.clone()),
-            ("bias".to_string(), b.clone()),
-        ]);
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-        let up = UpConvNorm::new(5, 4, DType::F32, vb).unwrap();
-        let got = up.upsample(&x).unwrap();
-        let want = x
-            .conv_transpose2d(&w, 1, 1, 2, 1)
-            .unwrap()
-            .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
-            .unwrap();
-        assert_eq!(got.dims(), &[2, 4, 14, 12]);
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-4, "{diff}");
     }
 }
 

@@ -19,7 +19,7 @@
 //! | `upscale` | [`upscale`] | `scale_factor` (2.0), `algorithm` ("bilinear") |
 //! | `standard_lineart` | [`standard_lineart`] | `detect_resolution` (512), `gaussian_sigma` (6.0), `intensity_threshold` (8) |
 //! | `hed` | [`hed`] | `safe` (true; no effect, as in Daydream) |
-//! | `lineart` | [`lineart`] | `detect_resolution` (512), `coarse` (true), `anime_style` (false only) |
+//! | `lineart` | [`lineart`] | `detect_resolution` (512), `coarse` (true), `anime_style` (false) |
 //! | `depth_tensorrt`, `depth` | [`depth`] | `detect_resolution` (518), `model_name` (`depth` only: Depth Anything V2 Small only) |
 //! | `pose_tensorrt`, `openpose` | [`pose`] | `detect_resolution` (512), `include_hands`/`include_face` (false only), `confidence_threshold` (0.5; no effect) |
 //! | `temporal_net_tensorrt` | [`temporal_net`] | `height`/`width` (512), `flow_strength` (1.0), `output_format` ("concat") |
@@ -322,6 +322,7 @@ impl Processor {
             },
             Processor::Lineart(p) => match network(inputs, p.network())? {
                 Network::Lineart(net) => lineart::apply(net, image, p),
+                Network::LineartAnime(net) => lineart::apply_anime(net, image, p),
                 _ => Err(wrong_network("lineart")),
             },
             Processor::Depth(p) => {

@@ -28,6 +28,7 @@ use crate::model::hed::{self, Hed};
 use crate::model::ip_adapter::IpAdapter;
 use crate::model::kernels::KernelPolicy;
 use crate::model::lineart::{self, LineartGenerator};
+use crate::model::lineart_anime::{self, LineartAnimeGenerator};
 use crate::model::openpose_body::{self, BodyPoseNet};
 use crate::model::raft::{self, Raft};
 use crate::model::rrdbnet::{self, RrdbNet};
@@ -42,6 +43,8 @@ pub enum NetworkKind {
     Hed,
     /// The lineart generator ([`crate::model::lineart`]).
     Lineart,
+    /// The anime lineart U-Net ([`crate::model::lineart_anime`]).
+    LineartAnime,
     /// The OpenPose body network ([`crate::model::openpose_body`]).
     BodyPose,
     /// Depth Anything ([`crate::model::depth_anything`]), a transformers checkpoint folder.
@@ -64,6 +67,7 @@ impl NetworkKind {
         match self {
             NetworkKind::Hed => "HED",
             NetworkKind::Lineart => "lineart generator",
+            NetworkKind::LineartAnime => "anime lineart generator",
             NetworkKind::BodyPose => "OpenPose body",
             NetworkKind::DepthAnything => "Depth Anything",
             NetworkKind::Raft => "RAFT optical flow",
@@ -113,6 +117,13 @@ impl NetworkRequest {
         kind: NetworkKind::Lineart,
         repo: ANNOTATORS,
         stem: "sk_model2",
+    };
+    /// `netG.pth` of `lllyasviel/Annotators` (Anime2Sketch's generator, controlnet_aux's
+    /// `LineartAnimeDetector`).
+    pub const LINEART_ANIME: Self = Self {
+        kind: NetworkKind::LineartAnime,
+        repo: ANNOTATORS,
+        stem: "netG",
     };
     /// `body_pose_model.pth` of `lllyasviel/Annotators` (controlnet_aux's OpenPose body).
     pub const BODY_POSE: Self = Self {
@@ -244,6 +255,8 @@ pub enum Network {
     Hed(Hed),
     /// The lineart generator.
     Lineart(LineartGenerator),
+    /// The anime lineart generator.
+    LineartAnime(LineartAnimeGenerator),
     /// The OpenPose body network.
     BodyPose(BodyPoseNet),
     /// Depth Anything.
@@ -304,6 +317,13 @@ impl Network {
                 device,
                 lineart::Config::from_shapes,
                 LineartGenerator::new,
+            )?),
+            NetworkKind::LineartAnime => Network::LineartAnime(open_weights(
+                path,
+                dtype,
+                device,
+                lineart_anime::Config::from_shapes,
+                LineartAnimeGenerator::new,
             )?),
             NetworkKind::SafetyChecker => {
                 // `model.safetensors` or transformers' older `pytorch_model.bin` (read without

@@ -290,7 +290,7 @@ fn validation_names_the_field_and_the_rule() {
         );
     }
     for (name, p, key) in [
-        ("lineart", json!({"anime_style": true}), "anime_style"),
+        ("openpose", json!({"include_hands": true}), "include_hands"),
         ("openpose", json!({"include_face": true}), "include_face"),
     ] {
         let err = preprocess::validate(name, &params(p), f)
@@ -301,6 +301,12 @@ fn validation_names_the_field_and_the_rule() {
             "{err}"
         );
     }
+    preprocess::validate("lineart", &params(json!({"anime_style": true})), f)
+        .expect("the anime lineart generator is supported");
+    let err = preprocess::validate("lineart", &params(json!({"anime_style": "yes"})), f)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&format!("{f}.params.anime_style")), "{err}");
     let err = preprocess::validate("sobel", &Map::new(), f)
         .unwrap_err()
         .to_string();
