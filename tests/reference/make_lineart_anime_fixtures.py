@@ -37,7 +37,6 @@ import sys
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -45,7 +44,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from controlnet_aux.lineart_anime import LineartAnimeDetector, UnetGenerator  # noqa: E402
 
-from make_processor_fixtures import ANNOTATORS, OUT, ROOT, inputs  # noqa: E402
+# Daydream's LineartPreprocessor calls either detector the same way (the anime one takes
+# `coarse` and ignores it).
+from make_processor_fixtures import ANNOTATORS, OUT, ROOT, inputs, lineart_daydream  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -54,19 +55,6 @@ def tiny_generator(seed=11):
     torch.manual_seed(seed)
     norm = functools.partial(torch.nn.InstanceNorm2d, affine=False, track_running_stats=False)
     return UnetGenerator(3, 1, 8, 2, norm_layer=norm, use_dropout=False).float().eval()
-
-
-def anime_daydream(detector, image, detect):
-    """LineartPreprocessor._process_core with anime_style, then the tensor path's resize."""
-    h, w = image.shape[:2]
-    pil = Image.fromarray(image)
-    if pil.size != (detect, detect):
-        pil = pil.resize((detect, detect), Image.LANCZOS)
-    result = detector(pil, detect_resolution=detect, image_resolution=detect, coarse=True)
-    t = torch.from_numpy(np.asarray(result).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-    if t.shape[-2:] != (h, w):
-        t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
-    return t.contiguous()
 
 
 CASES = [("sq", 512), ("wide", 128), ("sq", 320)]
@@ -94,11 +82,11 @@ def main():
 
     with torch.no_grad():
         for name, detect in CASES:
-            out = anime_daydream(detector, images[name], detect)
+            out = lineart_daydream(detector, images[name], detect, True)
             goldens[f"lineart_anime_{detect}_{name}"] = out
             levels = torch.unique(torch.round(out * 255)).numel()
             cv2.ipp.setUseIPP(False)
-            plain = anime_daydream(detector, images[name], detect)
+            plain = lineart_daydream(detector, images[name], detect, True)
             cv2.ipp.setUseIPP(True)
             moved = (plain - out).abs().max().item() * 255
             share = ((plain - out).abs() * 255 > 0.5).float().mean().item()
