@@ -1,6 +1,6 @@
 //! Milliseconds per frame of each image processor at a given size (512² by default), with
 //! full-size networks of random weights (the real architectures' sizes: HED, the lineart
-//! generator and the anime one, the OpenPose body network, Depth Anything V2 Small, RAFT-small, Real-ESRGAN ×2),
+//! generator and the anime one, the OpenPose body, hand and face networks, Depth Anything V2 Small, RAFT-small, Real-ESRGAN ×2),
 //! the timing docs/PREPROCESSORS.md reports.
 //!
 //! Run as `examples/processors_bench.rs`, or as `bench processors FLAGS` (the GPU kit carries the
@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use sdstream::model::{depth_anything, hed, lineart, lineart_anime, openpose_body, raft, rrdbnet};
+use sdstream::model::{
+    depth_anything, hed, lineart, lineart_anime, openpose_body, openpose_cpm, raft, rrdbnet,
+};
 use sdstream::preprocess::networks::{Network, NetworkRequest, ProcessorNetworks};
 use sdstream::preprocess::{Processor, ProcessorInputs};
 use serde_json::{Value, json};
@@ -148,6 +150,20 @@ fn networks(dtype: DType, device: &Device) -> sdstream::Result<ProcessorNetworks
             |c, vb| Ok(openpose_body::BodyPoseNet::new(c, vb)?),
         )?),
     ));
+    for (request, heatmaps) in [
+        (NetworkRequest::HAND_POSE, 22),
+        (NetworkRequest::FACE_POSE, 71),
+    ] {
+        nets.push((
+            request,
+            Network::Keypoints(random_network(
+                &openpose_cpm::Config::published(heatmaps),
+                dtype,
+                device,
+                openpose_cpm::KeypointNet::new,
+            )?),
+        ));
+    }
     nets.push((
         NetworkRequest::DEPTH_ANYTHING_V2_SMALL,
         Network::DepthAnything(random_network(
@@ -176,7 +192,7 @@ fn networks(dtype: DType, device: &Device) -> sdstream::Result<ProcessorNetworks
         )?),
     ));
     eprintln!(
-        "made 7 full-size random networks in {:.1} s",
+        "made 9 full-size random networks in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     Ok(ProcessorNetworks::from_networks(
@@ -272,9 +288,16 @@ fn run(args: Vec<String>) -> Result<(), String> {
             }
         }
         times.sort();
-        let network = processor.network().map_or("-".to_owned(), |r| {
-            format!("{} ({})", r.kind.name(), r.stem)
-        });
+        let networks: Vec<String> = processor
+            .networks()
+            .iter()
+            .map(|r| format!("{} ({})", r.kind.name(), r.stem))
+            .collect();
+        let network = if networks.is_empty() {
+            "-".to_owned()
+        } else {
+            networks.join(", ")
+        };
         println!(
             "| {name} | {network} | {:.1} | {:.1} |",
             ms(times[times.len() / 2]),
@@ -297,6 +320,43 @@ fn run(args: Vec<String>) -> Result<(), String> {
         times.sort();
         println!(
             "OpenPose body network alone at 184x184: median {:.1} ms, best {:.1} ms",
+            ms(times[times.len() / 2]),
+            ms(times[0])
+        );
+    }
+    // The hand network at the four sizes one hand runs it at, and the face network: what
+    // `include_hands`/`include_face` add per hand and per face found (a real scene decides how
+    // many; random weights find arbitrary people, so the whole processor is not timed).
+    for (request, what, sides) in [
+        (
+            NetworkRequest::HAND_POSE,
+            "hand",
+            &[184usize, 368, 552, 736][..],
+        ),
+        (NetworkRequest::FACE_POSE, "face", &[384][..]),
+    ] {
+        let Ok(Network::Keypoints(net)) = nets.get(request) else {
+            continue;
+        };
+        let inputs = sides
+            .iter()
+            .map(|&s| Tensor::zeros((1, 3, s, s), dtype, &device))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        let mut times = Vec::with_capacity(args.frames);
+        for k in 0..=args.frames {
+            let t = Instant::now();
+            for input in &inputs {
+                net.forward(input).map_err(|e| e.to_string())?;
+            }
+            device.synchronize().map_err(|e| e.to_string())?;
+            if k > 0 {
+                times.push(t.elapsed());
+            }
+        }
+        times.sort();
+        println!(
+            "OpenPose {what} network at {sides:?}: median {:.1} ms, best {:.1} ms",
             ms(times[times.len() / 2]),
             ms(times[0])
         );

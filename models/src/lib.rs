@@ -29,6 +29,7 @@ pub mod lineart;
 pub mod lineart_anime;
 pub mod lora;
 pub mod openpose_body;
+pub mod openpose_cpm;
 pub mod pickle;
 pub mod raft;
 pub mod resize;

@@ -45,6 +45,7 @@ pub mod depth;
 pub mod feedback;
 pub mod filters;
 pub mod flow_image;
+pub mod hand_face;
 pub mod hed;
 pub mod latent;
 pub mod lineart;
@@ -219,9 +220,9 @@ impl Processor {
         })
     }
 
-    /// The network the processor runs, if it is a model-based one.
-    pub fn network(&self) -> Option<NetworkRequest> {
-        match self {
+    /// The networks the processor runs (none for a pixel processor).
+    pub fn networks(&self) -> Vec<NetworkRequest> {
+        let one = match self {
             Processor::Passthrough
             | Processor::External
             | Processor::Canny(_)
@@ -235,9 +236,10 @@ impl Processor {
             Processor::Hed(_) => Some(NetworkRequest::HED),
             Processor::Lineart(p) => Some(p.network()),
             Processor::Depth(_) => Some(NetworkRequest::DEPTH_ANYTHING_V2_SMALL),
-            Processor::Pose(_) => Some(NetworkRequest::BODY_POSE),
+            Processor::Pose(p) => return p.networks(),
             Processor::TemporalNet(_) => Some(NetworkRequest::RAFT_SMALL),
-        }
+        };
+        one.into_iter().collect()
     }
 
     /// Whether the processor's image depends only on its frame (and the previous input), so
@@ -332,7 +334,22 @@ impl Processor {
                 }
             }
             Processor::Pose(p) => match network(inputs, NetworkRequest::BODY_POSE)? {
-                Network::BodyPose(net) => pose::apply(net, image, p),
+                Network::BodyPose(net) => {
+                    let hand_face = if p.hands_and_face {
+                        match (
+                            network(inputs, NetworkRequest::HAND_POSE)?,
+                            network(inputs, NetworkRequest::FACE_POSE)?,
+                        ) {
+                            (Network::Keypoints(hand), Network::Keypoints(face)) => {
+                                Some((hand, face))
+                            }
+                            _ => return Err(wrong_network("openpose")),
+                        }
+                    } else {
+                        None
+                    };
+                    pose::apply(net, hand_face, image, p)
+                }
                 _ => Err(wrong_network("openpose")),
             },
             Processor::TemporalNet(p) => match network(inputs, NetworkRequest::RAFT_SMALL)? {
@@ -529,7 +546,7 @@ pub fn output_size(params: &StreamDiffusionParams) -> (usize, usize) {
 /// The networks the processors of `params` run, each once.
 pub fn networks_for(params: &StreamDiffusionParams) -> Vec<NetworkRequest> {
     let mut requests: Vec<NetworkRequest> = Vec::new();
-    for request in processors_of(params).iter().filter_map(Processor::network) {
+    for request in processors_of(params).iter().flat_map(Processor::networks) {
         if !requests.contains(&request) {
             requests.push(request);
         }

@@ -30,6 +30,7 @@ use crate::model::kernels::KernelPolicy;
 use crate::model::lineart::{self, LineartGenerator};
 use crate::model::lineart_anime::{self, LineartAnimeGenerator};
 use crate::model::openpose_body::{self, BodyPoseNet};
+use crate::model::openpose_cpm::{self, KeypointNet};
 use crate::model::raft::{self, Raft};
 use crate::model::rrdbnet::{self, RrdbNet};
 use crate::model::safety_checker::{self, SafetyChecker};
@@ -47,6 +48,10 @@ pub enum NetworkKind {
     LineartAnime,
     /// The OpenPose body network ([`crate::model::openpose_body`]).
     BodyPose,
+    /// OpenPose's hand network ([`crate::model::openpose_cpm`]).
+    HandPose,
+    /// OpenPose's face network ([`crate::model::openpose_cpm`]).
+    FacePose,
     /// Depth Anything ([`crate::model::depth_anything`]), a transformers checkpoint folder.
     DepthAnything,
     /// RAFT optical flow ([`crate::model::raft`]).
@@ -69,6 +74,8 @@ impl NetworkKind {
             NetworkKind::Lineart => "lineart generator",
             NetworkKind::LineartAnime => "anime lineart generator",
             NetworkKind::BodyPose => "OpenPose body",
+            NetworkKind::HandPose => "OpenPose hand",
+            NetworkKind::FacePose => "OpenPose face",
             NetworkKind::DepthAnything => "Depth Anything",
             NetworkKind::Raft => "RAFT optical flow",
             NetworkKind::RealEsrgan => "Real-ESRGAN",
@@ -130,6 +137,18 @@ impl NetworkRequest {
         kind: NetworkKind::BodyPose,
         repo: ANNOTATORS,
         stem: "body_pose_model",
+    };
+    /// `hand_pose_model.pth` of `lllyasviel/Annotators` (controlnet_aux's OpenPose hands).
+    pub const HAND_POSE: Self = Self {
+        kind: NetworkKind::HandPose,
+        repo: ANNOTATORS,
+        stem: "hand_pose_model",
+    };
+    /// `facenet.pth` of `lllyasviel/Annotators` (controlnet_aux's OpenPose face).
+    pub const FACE_POSE: Self = Self {
+        kind: NetworkKind::FacePose,
+        repo: ANNOTATORS,
+        stem: "facenet",
     };
     /// Depth Anything V2 Small in transformers' layout (`config.json`, `model.safetensors`).
     pub const DEPTH_ANYTHING_V2_SMALL: Self = Self {
@@ -259,6 +278,8 @@ pub enum Network {
     LineartAnime(LineartAnimeGenerator),
     /// The OpenPose body network.
     BodyPose(BodyPoseNet),
+    /// OpenPose's hand or face network.
+    Keypoints(KeypointNet),
     /// Depth Anything.
     DepthAnything(DepthAnything),
     /// RAFT optical flow.
@@ -283,6 +304,13 @@ impl Network {
                 device,
                 |shapes| Ok(openpose_body::Config::from_tensor_shapes(shapes)?),
                 |config, vb| Ok(BodyPoseNet::new(config, vb)?),
+            )?),
+            NetworkKind::HandPose | NetworkKind::FacePose => Network::Keypoints(open_weights(
+                path,
+                dtype,
+                device,
+                openpose_cpm::Config::from_shapes,
+                KeypointNet::new,
             )?),
             NetworkKind::DepthAnything => Network::DepthAnything(open_component(
                 path,

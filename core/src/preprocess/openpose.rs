@@ -182,6 +182,9 @@ pub struct Keypoint {
     pub score: f64,
     /// The peak's [`Peak::id`].
     pub id: usize,
+    /// The peak's (column, row) in the image: `format_body_result`'s coordinates, which the
+    /// hand and face boxes are computed from.
+    pub pixel: [usize; 2],
 }
 
 /// A detected person: controlnet_aux's `BodyResult` after `detect_poses`' normalisation.
@@ -222,7 +225,7 @@ pub enum Stroke {
 
 /// numpy's `sum` of a float64 array: pairwise summation (blocks of up to 128 with eight
 /// accumulators), which is what `_gaussian_kernel1d`'s normalisation uses.
-fn numpy_sum(values: &[f64]) -> f64 {
+pub(crate) fn numpy_sum(values: &[f64]) -> f64 {
     let n = values.len();
     if n < 8 {
         let mut sum = -0.0;
@@ -568,6 +571,7 @@ pub fn decode_people(heatmaps: &[f64], pafs: &[f64], height: usize, width: usize
                         y: p.y as f64 / h,
                         score: p.score,
                         id,
+                        pixel: [p.x, p.y],
                     }
                 })
             }),

@@ -11,17 +11,21 @@
 //! 3. every heatmap and part-affinity channel enlarged ×8 with OpenCV's Lanczos-4 (f32), the
 //!    padding cut off, resized to the image (Lanczos-4 when enlarging, area otherwise);
 //! 4. the keypoints decoded and grouped into people ([`super::openpose`]);
-//! 5. the limbs (ellipses at 0.6 of their colour) and joints drawn on a black canvas with
-//!    OpenCV's rasterisation ([`super::cv_draw`]);
-//! 6. Daydream's tensor path resizes the canvas to the frame's size (bilinear).
+//! 5. with `include_hands` or `include_face` (Daydream passes controlnet_aux
+//!    `hand_and_face = include_hands or include_face`, so either switches on both), each
+//!    person's hands and face found with OpenPose's hand and face networks
+//!    ([`super::hand_face`]);
+//! 6. per person, the limbs (ellipses at 0.6 of their colour) and joints, then the hands and
+//!    the face, drawn on a black canvas with OpenCV's rasterisation ([`super::cv_draw`]);
+//! 7. Daydream's tensor path resizes the canvas to the frame's size (bilinear).
 //!
 //! Daydream's `pose_tensorrt` runs a different network (YOLO-NAS-Pose through TensorRT) and
 //! draws its own skeleton; sdstream runs OpenPose for it too, which gives the skeleton the
 //! OpenPose ControlNets (`thibaud/controlnet-sd21-openpose-diffusers`, …) were trained on.
 //!
 //! Params: `detect_resolution` (integer, default 512); `openpose`: `include_hands` and
-//! `include_face` (booleans, default false; the hand and face networks are not supported yet,
-//! and `true` is refused); `pose_tensorrt`: `confidence_threshold` (number in [0, 1], default 0.5)
+//! `include_face` (booleans, default false; either loads `hand_pose_model.pth` and
+//! `facenet.pth` and draws hands and face); `pose_tensorrt`: `confidence_threshold` (number in [0, 1], default 0.5)
 //! and `engine_path` select Daydream's TensorRT engine: accepted, unused; `image_resolution`:
 //! accepted (the output has the frame's size).
 
@@ -29,10 +33,15 @@ use candle_core::{DType, Device, Tensor};
 
 use super::annotator::{Rgb8, to_stream_size};
 use super::cv_draw::{ellipse_to_polygon, fill_circle, fill_convex_polygon};
-use super::cv_resize::{Interpolation, resize_f32};
-use super::openpose::{HEATMAP_CHANNELS, PAF_CHANNELS, Stroke, body_strokes, decode_people};
+use super::cv_resize::resize_f32;
+use super::hand_face::{self, smart_mode};
+use super::networks::NetworkRequest;
+use super::openpose::{
+    HEATMAP_CHANNELS, PAF_CHANNELS, Person, Stroke, body_strokes, decode_people,
+};
 use super::param_reader::ParamReader;
 use crate::model::openpose_body::BodyPoseNet;
+use crate::model::openpose_cpm::KeypointNet;
 use crate::{Error, Result};
 
 /// controlnet_aux's default detect resolution, which Daydream does not change.
@@ -41,66 +50,132 @@ const DETECT_RESOLUTION: usize = 512;
 const BOX_SIZE: f64 = 368.0;
 /// The network's output stride.
 const STRIDE: usize = 8;
-/// The padding's level.
-const PAD_VALUE: u8 = 128;
 
 /// `openpose` / `pose_tensorrt` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoseParams {
     /// The square side the frame is squashed to first.
     pub detect_resolution: usize,
+    /// Hands and face as well (`include_hands` or `include_face`).
+    pub hands_and_face: bool,
 }
 
 impl PoseParams {
     /// Reads `openpose`'s params, or `pose_tensorrt`'s when `tensorrt_names` is set.
     pub fn read(r: &ParamReader<'_>, tensorrt_names: bool) -> Result<Self> {
-        if tensorrt_names {
+        let hands_and_face = if tensorrt_names {
             r.number("confidence_threshold", 0.5, 0.0..=1.0)?;
             r.string("engine_path")?;
+            false
         } else {
-            for key in ["include_hands", "include_face"] {
-                if r.boolean(key, false)? {
-                    return Err(r.error(
-                        key,
-                        "hand and face keypoints (controlnet_aux's hand and face networks) are \
-                         not supported yet by sdstream; the body skeleton is drawn without them \
-                         when this is false"
-                            .into(),
-                    ));
-                }
-            }
-        }
+            r.boolean("include_hands", false)? | r.boolean("include_face", false)?
+        };
         r.integer("image_resolution", 512, 64..=4096)?;
         Ok(Self {
             detect_resolution: r.integer("detect_resolution", 512, 64..=4096)? as usize,
+            hands_and_face,
         })
+    }
+
+    /// The networks these settings run: the body's, and the hand's and face's with
+    /// [`Self::hands_and_face`].
+    pub fn networks(&self) -> Vec<NetworkRequest> {
+        let mut requests = vec![NetworkRequest::BODY_POSE];
+        if self.hands_and_face {
+            requests.extend([NetworkRequest::HAND_POSE, NetworkRequest::FACE_POSE]);
+        }
+        requests
     }
 }
 
-/// The pose skeleton of `image` `[1, 3, H, W]` in [0, 1], as `[1, 3, H, W]` in [0, 1].
-pub fn apply(net: &BodyPoseNet, image: &Tensor, p: PoseParams) -> Result<Tensor> {
+/// The hand and face networks, as functions from a prepared input to its heatmaps (so that the
+/// steps around them can be checked with given maps).
+pub struct HandFaceNetworks<'a> {
+    /// Input `[1, 3, H, W]` to heatmaps `[1, 22, H/8, W/8]`.
+    pub hand: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+    /// Input `[1, 3, 384, 384]` to heatmaps `[1, 71, 48, 48]`.
+    pub face: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+}
+
+/// The pose skeleton of `image` `[1, 3, H, W]` in [0, 1], as `[1, 3, H, W]` in [0, 1];
+/// `hand_face` (the hand's and the face's networks) draws hands and faces too.
+pub fn apply(
+    net: &BodyPoseNet,
+    hand_face: Option<(&KeypointNet, &KeypointNet)>,
+    image: &Tensor,
+    p: PoseParams,
+) -> Result<Tensor> {
     let (_, _, h, w) = image.dims4()?;
     let d = p.detect_resolution;
     let detect = Rgb8::from_tensor(image)?
         .resize_pil_lanczos(d, d)
         .resize_image(DETECT_RESOLUTION);
     let device = image.device();
-    let canvas = skeleton(&detect, device, |x| {
-        let (pafs, heatmaps) = net.forward(x)?;
-        Ok((pafs.to_dtype(DType::F32)?, heatmaps.to_dtype(DType::F32)?))
-    })?;
+    let hand =
+        |x: &Tensor| hand_face.map_or_else(|| unreachable_net("hand"), |(n, _)| n.forward(x));
+    let face =
+        |x: &Tensor| hand_face.map_or_else(|| unreachable_net("face"), |(_, n)| n.forward(x));
+    let extras = HandFaceNetworks {
+        hand: &hand,
+        face: &face,
+    };
+    let canvas = skeleton(
+        &detect,
+        device,
+        |x| {
+            let (pafs, heatmaps) = net.forward(x)?;
+            Ok((pafs.to_dtype(DType::F32)?, heatmaps.to_dtype(DType::F32)?))
+        },
+        hand_face.is_some().then_some(&extras),
+    )?;
     to_stream_size(&canvas.to_tensor(device)?, h, w)
 }
 
-/// Steps 2–5 on `image` (RGB): the skeleton canvas at the image's size. `network` maps the
+fn unreachable_net(what: &str) -> Result<Tensor> {
+    Err(Error::State(format!(
+        "no OpenPose {what} network was loaded"
+    )))
+}
+
+/// Steps 2–6 on `image` (RGB): the skeleton canvas at the image's size. `network` maps the
 /// prepared input `[1, 3, h, w]` (BGR, `pixel / 256 − 0.5`, f32) to the PAFs `[1, 38, h/8, w/8]`
 /// and heatmaps `[1, 19, h/8, w/8]` (f32); it is a parameter so that the steps around it can be
-/// checked with given maps.
+/// checked with given maps. With `hand_face`, hands and faces are found and drawn too.
 pub fn skeleton(
     image: &Rgb8,
     device: &Device,
     network: impl FnOnce(&Tensor) -> Result<(Tensor, Tensor)>,
+    hand_face: Option<&HandFaceNetworks<'_>>,
 ) -> Result<Rgb8> {
+    let (h, w) = (image.height, image.width);
+    let people = find_people(image, device, network)?;
+    let mut canvas = vec![0u8; h * w * 3];
+    for person in &people {
+        draw_body(&mut canvas, h, w, std::slice::from_ref(person));
+        if let Some(nets) = hand_face {
+            let found = hand_face::detect(person, image, device, nets.hand, nets.face)?;
+            for hand in [&found.left_hand, &found.right_hand].into_iter().flatten() {
+                hand_face::draw_hand(&mut canvas, h, w, hand);
+            }
+            if let Some(face) = &found.face {
+                hand_face::draw_face(&mut canvas, h, w, face);
+            }
+        }
+    }
+    Ok(Rgb8 {
+        height: h,
+        width: w,
+        data: canvas,
+    })
+}
+
+/// Steps 2–4 on `image` (RGB): the people the body network's maps give (`network` as in
+/// [`skeleton`]).
+pub fn find_people(
+    image: &Rgb8,
+    device: &Device,
+    network: impl FnOnce(&Tensor) -> Result<(Tensor, Tensor)>,
+) -> Result<Vec<Person>> {
     let (h, w) = (image.height, image.width);
     let input = network_input(image, device)?;
     let (_, _, ph, pw) = input.dims4()?;
@@ -124,9 +199,12 @@ pub fn skeleton(
     };
     let heat = maps(&heatmaps, HEATMAP_CHANNELS, "heatmaps")?;
     let paf = maps(&pafs, PAF_CHANNELS, "part affinity fields")?;
-    let people = decode_people(&heat, &paf, h, w);
-    let mut canvas = vec![0u8; h * w * 3];
-    for stroke in body_strokes(&people, w, h) {
+    Ok(decode_people(&heat, &paf, h, w))
+}
+
+/// `draw_bodypose` for `people` on an RGB canvas.
+fn draw_body(canvas: &mut [u8], h: usize, w: usize, people: &[Person]) {
+    for stroke in body_strokes(people, w, h) {
         match stroke {
             Stroke::Limb {
                 center,
@@ -142,37 +220,21 @@ pub fn skeleton(
                     360,
                     1,
                 );
-                fill_convex_polygon(&mut canvas, h, w, &polygon, color);
+                fill_convex_polygon(canvas, h, w, &polygon, color);
             }
             Stroke::Joint {
                 center,
                 radius,
                 color,
-            } => fill_circle(&mut canvas, h, w, (center[0], center[1]), radius, color),
+            } => fill_circle(canvas, h, w, (center[0], center[1]), radius, color),
         }
     }
-    Ok(Rgb8 {
-        height: h,
-        width: w,
-        data: canvas,
-    })
 }
 
 /// `smart_resize_k`'s size for the network: each side times 0.5·368/H, truncated.
 fn scaled_size(h: usize, w: usize) -> (usize, usize) {
     let scale = 0.5 * BOX_SIZE / h as f64;
     ((h as f64 * scale) as usize, (w as f64 * scale) as usize)
-}
-
-/// OpenCV's choice in `smart_resize`/`smart_resize_k`: area when the sides shrink on the
-/// whole, Lanczos-4 otherwise.
-fn smart_mode(from: (usize, usize), to: (usize, usize)) -> Interpolation {
-    let k = (to.0 + to.1) as f64 / (from.0 + from.1) as f64;
-    if k < 1.0 {
-        Interpolation::Area
-    } else {
-        Interpolation::Lanczos4
-    }
 }
 
 /// Step 2's network input `[1, 3, h, w]`: the image in BGR scaled to [`scaled_size`], padded
@@ -185,20 +247,8 @@ pub fn network_input(image: &Rgb8, device: &Device) -> Result<Tensor> {
             "openpose: a {w}x{h} image scales to nothing"
         )));
     }
-    let mode = smart_mode((h, w), (sh, sw));
-    let small = image.resize_cv(sh, sw, mode);
-    let (ph, pw) = (sh.div_ceil(STRIDE) * STRIDE, sw.div_ceil(STRIDE) * STRIDE);
-    let plane = ph * pw;
-    let mut input = vec![f32::from(PAD_VALUE) / 256.0 - 0.5; 3 * plane];
-    for y in 0..sh {
-        for x in 0..sw {
-            let px = &small.data[(y * sw + x) * 3..][..3];
-            for (c, &level) in px.iter().rev().enumerate() {
-                input[c * plane + y * pw + x] = f32::from(level) / 256.0 - 0.5;
-            }
-        }
-    }
-    Ok(Tensor::from_vec(input, (1, 3, ph, pw), device)?)
+    let small = image.resize_cv(sh, sw, smart_mode((h, w), (sh, sw)));
+    hand_face::bgr_input(&small, device)
 }
 
 /// Step 3 for one network output `[1, C, h, w]`: each channel ×8 with Lanczos-4, cut to the

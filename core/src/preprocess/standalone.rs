@@ -106,7 +106,7 @@ impl ImageProcessor {
         let processor = Processor::parse(name, params, "name", "params")?;
         let device = settings.device.device()?;
         let networks = ProcessorNetworks::load(
-            processor.network(),
+            processor.networks(),
             NetworkPool::global(),
             &settings.hub_options(),
             settings.dtype.dtype(),

@@ -420,7 +420,9 @@ fn connections_and_groups_match_controlnet_aux() {
     }
 }
 
-fn people_from_json(value: &Value) -> Vec<Person> {
+/// The people of a golden, on a `width`×`height` image (the pixel is the normalised position
+/// scaled back and rounded).
+fn people_from_json(value: &Value, width: usize, height: usize) -> Vec<Person> {
     value
         .as_array()
         .unwrap()
@@ -436,6 +438,10 @@ fn people_from_json(value: &Value) -> Vec<Person> {
                         y: num(&k["y"]),
                         score: num(&k["score"]),
                         id: k["id"].as_u64().unwrap() as usize,
+                        pixel: [
+                            (num(&k["x"]) * width as f64).round() as usize,
+                            (num(&k["y"]) * height as f64).round() as usize,
+                        ],
                     })
                 }),
                 total_score: num(&p["total_score"]),
@@ -449,7 +455,7 @@ fn people_from_json(value: &Value) -> Vec<Person> {
 fn people_match_controlnet_aux() {
     for case in decode_cases() {
         let people = decode_people(&case.heatmaps, &case.pafs, case.height, case.width);
-        let want = people_from_json(&case.golden["people"]);
+        let want = people_from_json(&case.golden["people"], case.width, case.height);
         assert_eq!(people.len(), want.len(), "{}", case.name);
         let mut max_err: f64 = 0.0;
         for (n, (got, want)) in people.iter().zip(&want).enumerate() {
@@ -462,6 +468,7 @@ fn people_match_controlnet_aux() {
                         close(&format!("{what} part {part} y"), g.y, w.y);
                         close(&format!("{what} part {part} score"), g.score, w.score);
                         assert_eq!(g.id, w.id, "{what} part {part}");
+                        assert_eq!(g.pixel, w.pixel, "{what} part {part}");
                         max_err = max_err.max((g.x - w.x).abs()).max((g.y - w.y).abs());
                         max_err = max_err.max((g.score - w.score).abs());
                     }
@@ -496,7 +503,7 @@ fn ints(v: &Value) -> Vec<i64> {
 fn strokes_match_draw_bodypose() {
     for case in decode_cases() {
         // From controlnet_aux's own people, so that the strokes are checked on their own.
-        let people = people_from_json(&case.golden["people"]);
+        let people = people_from_json(&case.golden["people"], case.width, case.height);
         let strokes = body_strokes(&people, case.width, case.height);
         let want = case.golden["strokes"].as_array().unwrap();
         assert_eq!(strokes.len(), want.len(), "{}", case.name);

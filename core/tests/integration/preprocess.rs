@@ -290,17 +290,16 @@ fn validation_names_the_field_and_the_rule() {
         );
     }
     for (name, p, key) in [
-        ("openpose", json!({"include_hands": true}), "include_hands"),
-        ("openpose", json!({"include_face": true}), "include_face"),
+        ("openpose", json!({"include_hands": 1}), "include_hands"),
+        ("openpose", json!({"include_face": "no"}), "include_face"),
     ] {
         let err = preprocess::validate(name, &params(p), f)
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains(&format!("{f}.params.{key}")) && err.contains("not supported yet"),
-            "{err}"
-        );
+        assert!(err.contains(&format!("{f}.params.{key}")), "{err}");
     }
+    preprocess::validate("openpose", &params(json!({"include_hands": true})), f)
+        .expect("hands and faces are supported");
     preprocess::validate("lineart", &params(json!({"anime_style": true})), f)
         .expect("the anime lineart generator is supported");
     let err = preprocess::validate("lineart", &params(json!({"anime_style": "yes"})), f)

@@ -292,6 +292,156 @@ fn depth_matches_daydreams_depth_anything_path() {
     assert!(err.contains("multiple of 14"), "{err}");
 }
 
+/// The tiny hand and face networks, loaded through the PyTorch reader (the hand's file in
+/// torch's legacy format), against controlnet_aux's modules
+/// (tests/reference/make_hand_face_fixtures.py).
+#[test]
+fn openpose_hand_and_face_networks_match_controlnet_aux() {
+    let g = golden("processors/hand_face.safetensors");
+    let nets = networks(&[NetworkRequest::HAND_POSE, NetworkRequest::FACE_POSE]);
+    for (request, name, channels) in [
+        (NetworkRequest::HAND_POSE, "hand", 22),
+        (NetworkRequest::FACE_POSE, "face", 71),
+    ] {
+        let Network::Keypoints(net) = nets.get(request).unwrap() else {
+            panic!("wrong network kind");
+        };
+        assert_eq!(net.config().heatmap_channels, channels);
+        assert_eq!(net.config().refinement_stages, 5);
+        let levels = g[&format!("{name}_in_levels")]
+            .to_dtype(DType::F32)
+            .unwrap();
+        let got = net
+            .forward(&((levels / 256.0).unwrap() - 0.5).unwrap())
+            .unwrap();
+        let want = &g[&format!("{name}_out")];
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let (max, mean) = abs_err(&got, want);
+        println!("{name} network: max {max:.3e} mean {mean:.3e} of outputs up to {scale:.3}");
+        assert_eq!(got.dims(), want.dims());
+        // The face's 7×7 convolutions read 77 channels: f32 sums in another order.
+        assert!(max <= 1e-5 * scale.max(1.0), "{name}: max abs {max}");
+    }
+}
+
+/// OpenCV's 8-bit `GaussianBlur(σ = 0.8)`, which the hand detector starts with, bit for bit.
+#[test]
+fn hand_blur_matches_opencv() {
+    use sdstream::preprocess::annotator::Rgb8;
+    use sdstream::preprocess::hand_face::gaussian_blur_08;
+
+    let g = golden("processors/hand_face.safetensors");
+    for k in 0..3 {
+        let levels = &g[&format!("blur_in_{k}")];
+        let (height, width, _) = levels.dims3().unwrap();
+        let image = Rgb8 {
+            height,
+            width,
+            data: levels.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+        };
+        let want = g[&format!("blur_out_{k}")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        assert_eq!(gaussian_blur_08(&image).data, want, "{height}x{width}");
+    }
+}
+
+/// The whole hands-and-face path (boxes from the body, the blur, the four hand sizes, the face
+/// crop, peaks, normalisation and drawing) with the body network's maps given and the tiny hand
+/// and face networks, against controlnet_aux's `OpenposeDetector(hand_and_face=True)`.
+#[test]
+fn openpose_finds_and_draws_hands_and_faces_as_controlnet_aux_does() {
+    use sdstream::preprocess::annotator::Rgb8;
+    use sdstream::preprocess::{hand_face, pose};
+
+    let g = goldens();
+    let nets = networks(&[NetworkRequest::HAND_POSE, NetworkRequest::FACE_POSE]);
+    let (Network::Keypoints(hand), Network::Keypoints(face)) = (
+        nets.get(NetworkRequest::HAND_POSE).unwrap(),
+        nets.get(NetworkRequest::FACE_POSE).unwrap(),
+    ) else {
+        panic!("wrong network kinds");
+    };
+    let frame = image::open(fixture("../../examples/frames/001.png"))
+        .unwrap()
+        .to_rgb8();
+    let image = Rgb8 {
+        height: 512,
+        width: 512,
+        data: frame.into_raw(),
+    };
+    let body_maps = |_: &Tensor| Ok((g["pose_maps_pafs"].clone(), g["pose_maps_heatmaps"].clone()));
+    let hand_net = |x: &Tensor| hand.forward(x);
+    let face_net = |x: &Tensor| face.forward(x);
+
+    // The keypoints, exactly (float32 values over the image's size).
+    let people = pose::find_people(&image, &Device::Cpu, body_maps).unwrap();
+    let want: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("processors/hand_face_people.json")).unwrap(),
+    )
+    .unwrap();
+    let want = want.as_array().unwrap();
+    assert_eq!(people.len(), want.len());
+    let points = |v: &Value| -> Option<Vec<[f32; 2]>> {
+        v.as_array().map(|list| {
+            list.iter()
+                .map(|p| [p[0].as_f64().unwrap() as f32, p[1].as_f64().unwrap() as f32])
+                .collect()
+        })
+    };
+    let mut compared = 0;
+    for (n, (person, w)) in people.iter().zip(want).enumerate() {
+        let found = hand_face::detect(person, &image, &Device::Cpu, &hand_net, &face_net).unwrap();
+        for (what, got, want) in [
+            ("left hand", &found.left_hand, points(&w["left_hand"])),
+            ("right hand", &found.right_hand, points(&w["right_hand"])),
+            ("face", &found.face, points(&w["face"])),
+        ] {
+            assert_eq!(got, &want, "person {n} {what}");
+            compared += want.map_or(0, |p| p.len());
+        }
+    }
+    println!("hands and faces: {compared} keypoints identical");
+    assert!(
+        compared >= 2 * (21 + 21 + 30),
+        "the scene has two people with hands and faces"
+    );
+
+    let extras = pose::HandFaceNetworks {
+        hand: &hand_net,
+        face: &face_net,
+    };
+    let canvas = pose::skeleton(&image, &Device::Cpu, body_maps, Some(&extras)).unwrap();
+    let want = image::open(fixture("processors/hand_face_canvas.png"))
+        .unwrap()
+        .to_rgb8();
+    let body_only = image::open(fixture("processors/pose_maps_canvas.png"))
+        .unwrap()
+        .to_rgb8();
+    let count_differing = |a: &[u8], b: &[u8]| {
+        a.chunks_exact(3)
+            .zip(b.chunks_exact(3))
+            .filter(|(p, q)| p != q)
+            .count()
+    };
+    let differing = count_differing(&canvas.data, want.as_raw());
+    let added = count_differing(want.as_raw(), body_only.as_raw());
+    println!("hands and faces: {added} pixels beyond the body, {differing} differ");
+    assert!(added > 2_000, "the golden draws hands and faces");
+    assert_eq!(
+        differing, 0,
+        "pixels differing from controlnet_aux's canvas"
+    );
+}
+
 #[test]
 fn openpose_draws_what_controlnet_aux_draws_from_the_same_maps() {
     use sdstream::preprocess::annotator::Rgb8;
@@ -308,21 +458,26 @@ fn openpose_draws_what_controlnet_aux_draws_from_the_same_maps() {
     };
     let want_input = g["pose_maps_input"].to_vec3::<u8>().unwrap();
     let mut seen_input = false;
-    let canvas = pose::skeleton(&image, &Device::Cpu, |input| {
-        // The prepared input: BGR levels / 256 − 0.5 at 184 × 184.
-        assert_eq!(input.dims(), &[1, 3, 184, 184]);
-        let planes = input.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
-        for (y, row) in want_input.iter().enumerate() {
-            for (x, px) in row.iter().enumerate() {
-                for c in 0..3 {
-                    let level = ((planes[c][y][x] + 0.5) * 256.0).round() as u8;
-                    assert_eq!(level, px[c], "network input at ({x}, {y}), channel {c}");
+    let canvas = pose::skeleton(
+        &image,
+        &Device::Cpu,
+        |input| {
+            // The prepared input: BGR levels / 256 − 0.5 at 184 × 184.
+            assert_eq!(input.dims(), &[1, 3, 184, 184]);
+            let planes = input.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+            for (y, row) in want_input.iter().enumerate() {
+                for (x, px) in row.iter().enumerate() {
+                    for c in 0..3 {
+                        let level = ((planes[c][y][x] + 0.5) * 256.0).round() as u8;
+                        assert_eq!(level, px[c], "network input at ({x}, {y}), channel {c}");
+                    }
                 }
             }
-        }
-        seen_input = true;
-        Ok((g["pose_maps_pafs"].clone(), g["pose_maps_heatmaps"].clone()))
-    })
+            seen_input = true;
+            Ok((g["pose_maps_pafs"].clone(), g["pose_maps_heatmaps"].clone()))
+        },
+        None,
+    )
     .unwrap();
     assert!(seen_input);
     let want = image::open(fixture("processors/pose_maps_canvas.png"))
@@ -364,17 +519,68 @@ fn openpose_and_pose_tensorrt_match_controlnet_aux_with_the_tiny_network() {
         );
         assert_eq!(abs_err(&same, &got).0, 0.0);
     }
-    let err = preprocess::validate(
+    // Either switch loads both networks (Daydream passes `hand_and_face`); `pose_tensorrt`
+    // has neither.
+    for (name, p, want) in [
+        ("openpose", json!({}), vec![NetworkRequest::BODY_POSE]),
+        (
+            "openpose",
+            json!({"include_hands": true}),
+            vec![
+                NetworkRequest::BODY_POSE,
+                NetworkRequest::HAND_POSE,
+                NetworkRequest::FACE_POSE,
+            ],
+        ),
+        (
+            "openpose",
+            json!({"include_face": true, "include_hands": false}),
+            vec![
+                NetworkRequest::BODY_POSE,
+                NetworkRequest::HAND_POSE,
+                NetworkRequest::FACE_POSE,
+            ],
+        ),
+        ("pose_tensorrt", json!({}), vec![NetworkRequest::BODY_POSE]),
+    ] {
+        let processor = preprocess::Processor::parse(name, &params(p), "f", "p").unwrap();
+        assert_eq!(processor.networks(), want, "{name}");
+    }
+    // The whole processor with hands and faces: the tiny random body network finds about 50
+    // "people" in these frames, and faces for about half of them (no hand boxes).
+    let all = networks(&[
+        NetworkRequest::BODY_POSE,
+        NetworkRequest::HAND_POSE,
+        NetworkRequest::FACE_POSE,
+    ]);
+    let hands = golden("processors/hand_face.safetensors");
+    for name in ["sq", "wide"] {
+        let x = unit_image(&g[&format!("input_{name}")]);
+        let body = run("openpose", json!({}), &x, Some(&all));
+        let with = run("openpose", json!({"include_hands": true}), &x, Some(&all));
+        let want = &hands[&format!("pose_hands_{name}")];
+        check_levels(
+            &format!("openpose with hands {name}"),
+            &with,
+            want,
+            0.51,
+            1e-3,
+            0.0,
+        );
+        assert!(abs_err(&with, &body).0 > 0.0, "{name}: faces drawn");
+    }
+    let err = preprocess::apply(
         "openpose",
-        &params(json!({"include_hands": true})),
-        "controlnets[0].preprocessor",
+        &params(json!({"include_face": true})),
+        &unit_image(&g["input_sq"]),
+        &ProcessorInputs {
+            networks: Some(&nets),
+            ..Default::default()
+        },
     )
-    .expect_err("hands are refused")
+    .expect_err("the hand and face networks were not loaded")
     .to_string();
-    assert!(
-        err.contains("include_hands") && err.contains("not supported"),
-        "{err}"
-    );
+    assert!(err.contains("hand_pose_model"), "{err}");
 }
 
 #[test]
