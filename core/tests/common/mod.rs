@@ -68,6 +68,18 @@ pub fn abs_err(a: &Tensor, b: &Tensor) -> (f32, f32) {
     (max, mean)
 }
 
+/// The largest magnitude in `t` (the scale errors are measured against).
+pub fn max_magnitude(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// The fraction of values of `got` more than `levels`/255 from `want` (same shape and device).
 pub fn share_off(got: &Tensor, want: &Tensor, levels: f32) -> f32 {
     let d = (got - want).unwrap().abs().unwrap();

@@ -69,13 +69,7 @@ fn errors(got: &Tensor, want: &Tensor) -> (f32, f32, f32) {
     let d = (got - want).unwrap().abs().unwrap();
     let max = d.max_all().unwrap().to_scalar::<f32>().unwrap();
     let mean = d.mean_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = common::max_magnitude(want);
     (max, mean, scale)
 }
 

@@ -67,13 +67,7 @@ fn errors(ours: &Tensor, reference: &Tensor) -> (f32, f32, f32) {
     let diff = (ours - reference).unwrap().abs().unwrap();
     let max_diff = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
     let mean_diff = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = common::max_magnitude(reference);
     (max_diff / scale, mean_diff, scale)
 }
 
