@@ -97,6 +97,7 @@ fn run() -> Result<(), String> {
         dim: text_width,
         embed_dim: 1024,
         widths: unet.cross_attention_widths().to_vec(),
+        resampler: None,
     };
     let adapter_map = VarMap::new();
     let vb = VarBuilder::from_varmap(&adapter_map, DType::F32, &device);

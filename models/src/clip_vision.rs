@@ -207,8 +207,19 @@ impl ClipVisionModel {
         self.position_embedding.dtype()
     }
 
-    /// `pixel_values`: [B, C, image_size, image_size], normalised as the image processor does.
-    pub fn forward(&self, pixel_values: &Tensor) -> Result<ClipVisionOutputs> {
+    /// transformers' `hidden_states[layers]`: the tokens `[B, 1 + grid², hidden]` after the
+    /// first `layers` encoder layers (0: the embeddings after `pre_layrnorm`).
+    pub fn hidden_states_after(&self, pixel_values: &Tensor, layers: usize) -> Result<Tensor> {
+        let mut xs = self.embeddings(pixel_values)?;
+        for layer in self.layers.iter().take(layers) {
+            xs = layer.forward(&xs, None)?;
+        }
+        Ok(xs)
+    }
+
+    /// The tokens entering the first layer: patches and the class token with their positions,
+    /// through `pre_layrnorm`.
+    fn embeddings(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let size = self.config.image_size;
         let (b, c, h, w) = pixel_values.dims4()?;
         if (c, h, w) != (self.config.num_channels, size, size) {
@@ -231,7 +242,12 @@ impl ClipVisionModel {
             .reshape((1, 1, dim))?
             .repeat((b, 1, 1))?;
         let xs = Tensor::cat(&[class, patches], 1)?.broadcast_add(&self.position_embedding)?;
-        let mut xs = self.pre_layrnorm.forward(&xs)?;
+        Ok(self.pre_layrnorm.forward(&xs)?)
+    }
+
+    /// `pixel_values`: [B, C, image_size, image_size], normalised as the image processor does.
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<ClipVisionOutputs> {
+        let mut xs = self.embeddings(pixel_values)?;
         for layer in &self.layers {
             xs = layer.forward(&xs, None)?;
         }

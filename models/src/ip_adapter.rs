@@ -5,15 +5,21 @@
 //! - the image encoder, transformers' `CLIPVisionModelWithProjection` ([`ImageEncoder`]): CLIP's
 //!   vision tower ([`ClipVisionModel`]) and a projection without bias, giving one embedding
 //!   `[B, P]` per picture (its folder: `config.json`, `model.safetensors` or `pytorch_model.bin`);
-//! - the image projection ([`ImageProjection`], diffusers' `ImageProjection`): a linear layer to
-//!   `T · D` and a LayerNorm over each of the T tokens of width D (the text's width);
+//! - the image projection ([`ImageProjection`]): for the regular adapters diffusers'
+//!   `ImageProjection`, a linear layer to `T · D` and a LayerNorm over each of the T tokens of
+//!   width D (the text's width); for the Plus adapters (`ip-adapter-plus_sd15`,
+//!   `ip-adapter-plus_sdxl_vit-h`) the Resampler ([`Resampler`], diffusers'
+//!   `IPAdapterPlusImageProjection`), which reads the encoder's penultimate hidden states
+//!   instead of its embedding;
 //! - per cross-attention layer of the UNet, keys and values for the image tokens
 //!   ([`IpAdapterLayers`], `to_k_ip` and `to_v_ip` without bias, stacked).
 //!
 //! The checkpoint (`ip-adapter_sd15.bin` and the like) holds `image_proj.{proj,norm}.*` and
 //! `ip_adapter.<n>.to_{k,v}_ip.weight`, n = 1, 3, 5, … — the position of each `attn2` in
-//! diffusers' `attn_processors` (the `attn1` between them hold no weights). Sizes come from the
-//! tensors. The plus (Resampler) and FaceID variants are refused by name.
+//! diffusers' `attn_processors` (the `attn1` between them hold no weights); a Plus checkpoint
+//! holds `image_proj.{latents,proj_in,proj_out,norm_out,layers}.*` instead of
+//! `image_proj.{proj,norm}.*`. Sizes come from the tensors. The FaceID variants are refused by
+//! name.
 //!
 //! A picture becomes tokens once ([`IpAdapter::encode`]); the UNet's cross-attention layers add
 //! `scale_l · softmax(Q·K_ipᵀ/√d)·V_ip` to their text attention before the output projection
@@ -93,25 +99,59 @@ impl ImageEncoder {
         self.projection.dim(1).unwrap_or(0)
     }
 
+    /// The tower's width (what the penultimate hidden states are wide).
+    pub fn hidden_size(&self) -> usize {
+        self.vision.config().hidden_size
+    }
+
     /// `image_embeds` `[B, P]` of processed pictures `[B, 3, S, S]`.
     pub fn image_embeds(&self, pixels: &Tensor) -> Result<Tensor> {
         let pooled = self.vision.forward(pixels)?.pooled;
         Ok(pooled.matmul(&self.projection)?)
+    }
+
+    /// `hidden_states[-2]` `[B, 1 + grid², hidden]`: the tokens after all but the last layer,
+    /// what the Plus adapters read.
+    pub fn penultimate_hidden_states(&self, pixels: &Tensor) -> Result<Tensor> {
+        let layers = self.vision.config().num_hidden_layers;
+        self.vision
+            .hidden_states_after(pixels, layers.saturating_sub(1))
     }
 }
 
 /// The sizes of an IP-Adapter checkpoint, read from its tensors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterConfig {
-    /// Image tokens per picture (4 for the regular adapters).
+    /// Image tokens per picture (4 for the regular adapters, 16 for Plus).
     pub tokens: usize,
     /// Their width: the UNet's `cross_attention_dim`.
     pub dim: usize,
-    /// The image embedding's width (the encoder's `projection_dim`).
+    /// The width of what the projection reads: the encoder's `projection_dim` (regular), or
+    /// its `hidden_size` (Plus).
     pub embed_dim: usize,
     /// The query width of every cross-attention layer, in the checkpoint's order.
     pub widths: Vec<usize>,
+    /// The Resampler's sizes for a Plus checkpoint; `None` for a regular one.
+    pub resampler: Option<ResamplerConfig>,
 }
+
+/// The sizes of a Plus adapter's Resampler, read from its tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResamplerConfig {
+    /// The width the latent queries work at (`latents` `[1, T, width]`).
+    pub width: usize,
+    /// Attention and feed-forward blocks.
+    pub depth: usize,
+    /// Attention heads (64 channels each, as h94 and diffusers build it).
+    pub heads: usize,
+    /// The feed-forward's inner width.
+    pub ff_width: usize,
+}
+
+/// Channels per head of the Resampler's attention.
+const RESAMPLER_HEAD_DIM: usize = 64;
+/// Most Resampler blocks a checkpoint may describe (h94's have 4).
+const MAX_RESAMPLER_DEPTH: usize = 64;
 
 impl AdapterConfig {
     /// Reads the sizes from the checkpoint's float tensors; the plus and FaceID variants are
@@ -122,17 +162,11 @@ impl AdapterConfig {
             option: "checkpoint".into(),
             detail,
         };
-        if shapes.contains_key("image_proj.latents") {
-            return Err(unsupported(
-                "this is an IP-Adapter Plus checkpoint (a Resampler image projection); sdstream \
-                 runs the regular adapters (ip-adapter_sd15, ip-adapter_sdxl)"
-                    .into(),
-            ));
-        }
         if shapes.keys().any(|k| k.contains("lora")) {
             return Err(unsupported(
                 "this is an IP-Adapter FaceID checkpoint (LoRA layers, InsightFace embeddings); \
-                 sdstream runs the regular adapters (ip-adapter_sd15, ip-adapter_sdxl)"
+                 sdstream runs the regular and Plus adapters (ip-adapter_sd15, ip-adapter_sdxl, \
+                 ip-adapter-plus_sd15, …)"
                     .into(),
             ));
         }
@@ -144,15 +178,19 @@ impl AdapterConfig {
                 ))
             })
         };
-        let norm = shape("image_proj.norm.weight")?;
-        let proj = shape("image_proj.proj.weight")?;
-        let (dim, rows, embed_dim) = match (norm.as_slice(), proj.as_slice()) {
-            ([d], [rows, e]) if *d > 0 && rows % d == 0 => (*d, *rows, *e),
-            _ => {
-                return Err(unsupported(format!(
-                    "image_proj.proj.weight {proj:?} and image_proj.norm.weight {norm:?} do not \
-                     make tokens of one width"
-                )));
+        let (tokens, dim, embed_dim, resampler) = if shapes.contains_key("image_proj.latents") {
+            Self::resampler_sizes(&shape)?
+        } else {
+            let norm = shape("image_proj.norm.weight")?;
+            let proj = shape("image_proj.proj.weight")?;
+            match (norm.as_slice(), proj.as_slice()) {
+                ([d], [rows, e]) if *d > 0 && rows % d == 0 => (rows / d, *d, *e, None),
+                _ => {
+                    return Err(unsupported(format!(
+                        "image_proj.proj.weight {proj:?} and image_proj.norm.weight {norm:?} do \
+                         not make tokens of one width"
+                    )));
+                }
             }
         };
         let mut widths = Vec::new();
@@ -174,24 +212,111 @@ impl AdapterConfig {
             ));
         }
         Ok(Self {
-            tokens: rows / dim,
+            tokens,
             dim,
             embed_dim,
             widths,
+            resampler,
         })
+    }
+
+    /// A Plus checkpoint's (tokens, output width, input width, Resampler sizes). The exact
+    /// shape of every tensor is checked when the Resampler is built.
+    fn resampler_sizes<'a>(
+        shape: &dyn Fn(&str) -> Result<&'a Vec<usize>>,
+    ) -> Result<(usize, usize, usize, Option<ResamplerConfig>)> {
+        let unsupported = |detail: String| Error::UnsupportedConfig {
+            model: "IP-Adapter Plus".into(),
+            option: "checkpoint".into(),
+            detail,
+        };
+        let (latents, proj_in, proj_out) = (
+            shape("image_proj.latents")?,
+            shape("image_proj.proj_in.weight")?,
+            shape("image_proj.proj_out.weight")?,
+        );
+        let (tokens, width, embed, out) =
+            match (latents.as_slice(), proj_in.as_slice(), proj_out.as_slice()) {
+                ([1, t, w], [w2, e], [o, w3])
+                    if w == w2 && w == w3 && *t > 0 && *e > 0 && *o > 0 =>
+                {
+                    (*t, *w, *e, *o)
+                }
+                _ => {
+                    return Err(unsupported(format!(
+                        "image_proj.latents {latents:?}, proj_in.weight {proj_in:?} and \
+                     proj_out.weight {proj_out:?} do not fit together"
+                    )));
+                }
+            };
+        let mut depth = 0;
+        while shape(&format!("image_proj.layers.{depth}.0.to_q.weight")).is_ok() {
+            depth += 1;
+            if depth > MAX_RESAMPLER_DEPTH {
+                return Err(unsupported(format!(
+                    "more than {MAX_RESAMPLER_DEPTH} Resampler blocks"
+                )));
+            }
+        }
+        if depth == 0 {
+            return Err(unsupported("a Resampler without blocks".into()));
+        }
+        let inner = shape("image_proj.layers.0.0.to_q.weight")?[0];
+        let ff_width = shape("image_proj.layers.0.1.1.weight")?[0];
+        if inner == 0 || inner % RESAMPLER_HEAD_DIM != 0 {
+            return Err(unsupported(format!(
+                "attention width {inner} is not a whole number of {RESAMPLER_HEAD_DIM}-channel \
+                 heads"
+            )));
+        }
+        let config = ResamplerConfig {
+            width,
+            depth,
+            heads: inner / RESAMPLER_HEAD_DIM,
+            ff_width,
+        };
+        Ok((tokens, out, embed, Some(config)))
+    }
+}
+
+/// The image projection of either family: image embeddings or hidden states in, `[B, T, D]`
+/// tokens out.
+#[derive(Debug, Clone)]
+pub enum ImageProjection {
+    /// diffusers' `ImageProjection` (regular adapters): `[B, E]` embeddings in.
+    Linear(LinearProjection),
+    /// diffusers' `IPAdapterPlusImageProjection` (Plus adapters): `[B, N, E]` hidden states in.
+    Resampler(Resampler),
+}
+
+impl ImageProjection {
+    /// Builds the projection of `config`'s family (weights under `vb`, `image_proj.` in the file).
+    pub fn new(config: &AdapterConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(match &config.resampler {
+            None => Self::Linear(LinearProjection::new(config, vb)?),
+            Some(r) => Self::Resampler(Resampler::new(config, r, vb)?),
+        })
+    }
+
+    /// The tokens of embeddings `[B, E]` (regular) or hidden states `[B, N, E]` (Plus).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Linear(p) => p.forward(x),
+            Self::Resampler(r) => r.forward(x),
+        }
     }
 }
 
 /// diffusers' `ImageProjection`: `[B, E]` embeddings → `[B, T, D]` tokens.
 #[derive(Debug, Clone)]
-pub struct ImageProjection {
+pub struct LinearProjection {
     proj: Linear,
     norm: LayerNorm,
     tokens: usize,
     dim: usize,
 }
 
-impl ImageProjection {
+impl LinearProjection {
     /// Builds the projection (`proj.*`, `norm.*` under `vb`) for `config`'s sizes.
     pub fn new(config: &AdapterConfig, vb: VarBuilder) -> Result<Self> {
         let rows = config.tokens * config.dim;
@@ -214,6 +339,122 @@ impl ImageProjection {
             .forward(&embeds.unsqueeze(1)?)?
             .reshape((b, self.tokens, self.dim))?;
         Ok(self.norm.forward(&x)?)
+    }
+}
+
+/// One block of the Resampler: latent queries attend to [hidden states, themselves], then a
+/// feed-forward, each added to the latents.
+#[derive(Debug, Clone)]
+struct ResamplerBlock {
+    /// LayerNorms of the hidden states and of the latents before the attention.
+    norm_states: LayerNorm,
+    norm_latents: LayerNorm,
+    to_q: Linear,
+    /// `to_kv`: keys then values.
+    to_kv: Linear,
+    to_out: Linear,
+    ff_norm: LayerNorm,
+    ff_in: Linear,
+    ff_out: Linear,
+    heads: usize,
+}
+
+impl ResamplerBlock {
+    fn forward(&self, states: &Tensor, latents: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = latents.dims3()?;
+        let x = self.norm_states.forward(states)?;
+        let l = self.norm_latents.forward(latents)?;
+        let q = self.to_q.forward(&l)?;
+        let kv = self.to_kv.forward(&Tensor::cat(&[&x, &l], 1)?)?;
+        let inner = q.dim(2)?;
+        let n = kv.dim(1)?;
+        let h = self.heads;
+        let d = inner / h;
+        let split = |x: &Tensor, len: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, len, h, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(&q, t)?;
+        let k = split(&kv.narrow(2, 0, inner)?, n)?;
+        let v = split(&kv.narrow(2, inner, inner)?, n)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let attended = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, inner))?;
+        let latents = (self.to_out.forward(&attended)? + latents)?;
+        let ff = self.ff_out.forward(
+            &self
+                .ff_in
+                .forward(&self.ff_norm.forward(&latents)?)?
+                .gelu_erf()?,
+        )?;
+        Ok((ff + latents)?)
+    }
+}
+
+/// diffusers' `IPAdapterPlusImageProjection` (h94's `Resampler`): `T` learned latent queries
+/// read the encoder's penultimate hidden states `[B, N, E]` through `depth` attention blocks;
+/// `[B, T, D]` tokens out.
+#[derive(Debug, Clone)]
+pub struct Resampler {
+    latents: Tensor,
+    proj_in: Linear,
+    blocks: Vec<ResamplerBlock>,
+    proj_out: Linear,
+    norm_out: LayerNorm,
+}
+
+impl Resampler {
+    /// Builds the Resampler (`latents`, `proj_in.*`, `layers.<i>.{0,1}.*`, `proj_out.*`,
+    /// `norm_out.*` under `vb`).
+    pub fn new(config: &AdapterConfig, sizes: &ResamplerConfig, vb: VarBuilder) -> Result<Self> {
+        let (w, e, out) = (sizes.width, config.embed_dim, config.dim);
+        let inner = sizes.heads * RESAMPLER_HEAD_DIM;
+        let plain = |vb: VarBuilder, rows: usize, cols: usize| -> Result<Linear> {
+            Ok(Linear::new(vb.get((rows, cols), "weight")?, None)?)
+        };
+        let blocks = (0..sizes.depth)
+            .map(|i| {
+                let attn = vb.pp(format!("layers.{i}.0"));
+                let ff = vb.pp(format!("layers.{i}.1"));
+                Ok(ResamplerBlock {
+                    norm_states: LayerNorm::new(w, 1e-5, attn.pp("norm1"))?,
+                    norm_latents: LayerNorm::new(w, 1e-5, attn.pp("norm2"))?,
+                    to_q: plain(attn.pp("to_q"), inner, w)?,
+                    to_kv: plain(attn.pp("to_kv"), 2 * inner, w)?,
+                    to_out: plain(attn.pp("to_out"), w, inner)?,
+                    ff_norm: LayerNorm::new(w, 1e-5, ff.pp("0"))?,
+                    ff_in: plain(ff.pp("1"), sizes.ff_width, w)?,
+                    ff_out: plain(ff.pp("3"), w, sizes.ff_width)?,
+                    heads: sizes.heads,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            latents: vb.get((1, config.tokens, w), "latents")?,
+            proj_in: Linear::new(
+                vb.get((w, e), "proj_in.weight")?,
+                Some(vb.get(w, "proj_in.bias")?),
+            )?,
+            blocks,
+            proj_out: Linear::new(
+                vb.get((out, w), "proj_out.weight")?,
+                Some(vb.get(out, "proj_out.bias")?),
+            )?,
+            norm_out: LayerNorm::new(out, 1e-5, vb.pp("norm_out"))?,
+        })
+    }
+
+    /// The tokens `[B, T, D]` of hidden states `[B, N, E]`.
+    pub fn forward(&self, states: &Tensor) -> Result<Tensor> {
+        let b = states.dim(0)?;
+        let x = self.proj_in.forward(states)?;
+        let mut latents = self.latents.repeat((b, 1, 1))?;
+        for block in &self.blocks {
+            latents = block.forward(&x, &latents)?;
+        }
+        Ok(self.norm_out.forward(&self.proj_out.forward(&latents)?)?)
     }
 }
 
@@ -281,7 +522,8 @@ struct AdapterWeights {
 pub struct ImageTokens {
     /// With the picture.
     pub cond: Tensor,
-    /// Without it (diffusers and Daydream: the projection of zero embeddings).
+    /// Without it (diffusers and Daydream: the projection of zero embeddings; for a Plus adapter
+    /// the projection of the hidden states of a picture of zeros).
     pub uncond: Tensor,
 }
 
@@ -294,15 +536,33 @@ pub struct IpAdapter {
     device: Device,
 }
 
+/// Where h94/IP-Adapter keeps the image encoder of the checkpoint at `weights` (a file, or a
+/// path in the repository such as `sdxl_models/ip-adapter_sdxl`): the folder `image_encoder`
+/// beside it, except for the SDXL checkpoints made for the ViT-H encoder (`…_vit-h`), which
+/// use the SD 1.5 folder's (`models/image_encoder`, a sibling of `sdxl_models`).
+pub fn image_encoder_dir(weights: &Path) -> PathBuf {
+    let folder = weights.parent().unwrap_or(Path::new(""));
+    let vit_h = weights
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .is_some_and(|s| s.ends_with("_vit-h"));
+    if vit_h {
+        folder
+            .parent()
+            .unwrap_or(Path::new(""))
+            .join("models")
+            .join("image_encoder")
+    } else {
+        folder.join("image_encoder")
+    }
+}
+
 impl IpAdapter {
     /// Loads the checkpoint at `weights` (`.safetensors`, or h94's `.bin`, read without running
-    /// its pickle code) and the image encoder in the folder `image_encoder` beside it, as h94
-    /// lays them out. Every tensor is checked (shapes, unused, NaN/Inf); errors name the file.
+    /// its pickle code) and its image encoder where h94 lays it out ([`image_encoder_dir`]).
+    /// Every tensor is checked (shapes, unused, NaN/Inf); errors name the file.
     pub fn load(weights: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let encoder_dir = weights
-            .parent()
-            .map(|p| p.join("image_encoder"))
-            .unwrap_or_else(|| PathBuf::from("image_encoder"));
+        let encoder_dir = image_encoder_dir(weights);
         let encoder_weights = crate::weights_file(
             &encoder_dir,
             "model",
@@ -338,15 +598,19 @@ impl IpAdapter {
                 })
             },
         )?;
-        if weights_model.config.embed_dim != encoder.projection_dim() {
+        let (encoder_width, what) = if weights_model.config.resampler.is_some() {
+            (encoder.hidden_size(), "hidden states")
+        } else {
+            (encoder.projection_dim(), "image embeddings")
+        };
+        if weights_model.config.embed_dim != encoder_width {
             return Err(Error::ModelLoad {
                 path: weights.to_path_buf(),
                 detail: format!(
-                    "the adapter takes {}-wide image embeddings, the encoder in {} makes {}-wide \
+                    "the adapter takes {}-wide {what}, the encoder in {} makes {encoder_width}-wide \
                      ones: they belong to different models",
                     weights_model.config.embed_dim,
                     encoder_dir.display(),
-                    encoder.projection_dim()
                 ),
             });
         }
@@ -400,8 +664,14 @@ impl IpAdapter {
     /// The tokens of a picture and of no picture ([`ImageTokens`]), f32.
     pub fn encode(&self, rgb: &[u8], width: usize, height: usize) -> Result<ImageTokens> {
         let pixels = self.clip_input(rgb, width, height)?;
-        let embeds = self.encoder.image_embeds(&pixels)?;
-        let both = Tensor::cat(&[&embeds, &embeds.zeros_like()?], 0)?;
+        let both = if self.weights.config.resampler.is_some() {
+            // Plus: the penultimate hidden states of the picture and of zero pixels.
+            let pixels = Tensor::cat(&[&pixels, &pixels.zeros_like()?], 0)?;
+            self.encoder.penultimate_hidden_states(&pixels)?
+        } else {
+            let embeds = self.encoder.image_embeds(&pixels)?;
+            Tensor::cat(&[&embeds, &embeds.zeros_like()?], 0)?
+        };
         let tokens = self
             .weights
             .projection

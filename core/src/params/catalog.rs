@@ -185,6 +185,15 @@ pub const IP_ADAPTER_MODEL_PATHS: &[&str] = &[
     "h94/IP-Adapter-FaceID/ip-adapter-faceid_sdxl.bin",
 ];
 
+/// h94's Plus checkpoints, which sdstream accepts for `ip_adapter.ipadapter_model_path` beyond
+/// Daydream's values (the SDXL ones are made for the ViT-H encoder of `models/image_encoder`).
+pub const IP_ADAPTER_PLUS_MODEL_PATHS: &[&str] = &[
+    "h94/IP-Adapter/models/ip-adapter-plus_sd15.bin",
+    "h94/IP-Adapter/models/ip-adapter-plus-face_sd15.bin",
+    "h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.bin",
+    "h94/IP-Adapter/sdxl_models/ip-adapter-plus-face_sdxl_vit-h.bin",
+];
+
 /// Values Daydream accepts for the deprecated `ip_adapter.image_encoder_path`.
 pub const IP_ADAPTER_IMAGE_ENCODER_PATHS: &[&str] = &[
     "h94/IP-Adapter/models/image_encoder",

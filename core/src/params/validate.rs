@@ -9,8 +9,8 @@
 
 use super::catalog::{
     self, IMAGE_PROCESSORS, INSIGHTFACE_MODEL_NAMES, IP_ADAPTER_IMAGE_ENCODER_PATHS,
-    IP_ADAPTER_MODEL_PATHS, IP_ADAPTER_WEIGHT_TYPES, KNOWN_LORAS, KNOWN_MODELS, LATENT_PROCESSORS,
-    ModelFamily, python_list,
+    IP_ADAPTER_MODEL_PATHS, IP_ADAPTER_PLUS_MODEL_PATHS, IP_ADAPTER_WEIGHT_TYPES, KNOWN_LORAS,
+    KNOWN_MODELS, LATENT_PROCESSORS, ModelFamily, python_list,
 };
 use super::fields::StreamDiffusionParams;
 use super::nested::{ControlNetConfig, IPAdapterConfig, ProcessingConfig};
@@ -570,6 +570,13 @@ fn check_ip_adapter(
     ];
     for (field, value, allowed, what) in literals {
         if let Some(value) = value {
+            // sdstream's additions (the Plus checkpoints) pass; anything else is judged, and
+            // refused in Daydream's words, against Daydream's values.
+            if field == "ip_adapter.ipadapter_model_path"
+                && IP_ADAPTER_PLUS_MODEL_PATHS.contains(&value.as_str())
+            {
+                continue;
+            }
             one_of(field, value, allowed, what)?;
         }
     }

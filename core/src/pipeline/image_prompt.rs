@@ -73,14 +73,11 @@ pub(crate) fn request(
     let Some(path) = &ip.ipadapter_model_path else {
         return Ok(Some(by_family));
     };
-    let named = [
-        NetworkRequest::IP_ADAPTER_SD15,
-        NetworkRequest::IP_ADAPTER_SDXL,
-    ]
-    .into_iter()
-    .find(|r| path.ends_with(&format!("{}.bin", r.stem)));
+    let named = NetworkRequest::IP_ADAPTERS
+        .into_iter()
+        .find(|r| path.ends_with(&format!("{}.bin", r.stem)));
     match named {
-        Some(r) if r == by_family => Ok(Some(r)),
+        Some(r) if family_name(r) == family_name(by_family) => Ok(Some(r)),
         Some(r) => Err(Error::param(
             "ip_adapter.ipadapter_model_path",
             format!(
@@ -99,7 +96,7 @@ pub(crate) fn request(
 }
 
 fn family_name(r: NetworkRequest) -> &'static str {
-    if r == NetworkRequest::IP_ADAPTER_SDXL {
+    if r.stem.starts_with("sdxl_models/") {
         "SDXL"
     } else {
         "SD 1.5"

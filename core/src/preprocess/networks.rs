@@ -25,7 +25,7 @@ use candle_core::{DType, Device};
 use crate::hub::{self, HubOptions};
 use crate::model::depth_anything::{self, DepthAnything};
 use crate::model::hed::{self, Hed};
-use crate::model::ip_adapter::IpAdapter;
+use crate::model::ip_adapter::{IpAdapter, image_encoder_dir};
 use crate::model::kernels::KernelPolicy;
 use crate::model::lineart::{self, LineartGenerator};
 use crate::model::lineart_anime::{self, LineartAnimeGenerator};
@@ -183,6 +183,42 @@ impl NetworkRequest {
         repo: IP_ADAPTER_REPO,
         stem: "sdxl_models/ip-adapter_sdxl",
     };
+    /// h94's IP-Adapter Plus for SD 1.5 (`models/ip-adapter-plus_sd15`, a Resampler over the
+    /// ViT-H encoder's hidden states).
+    pub const IP_ADAPTER_PLUS_SD15: Self = Self {
+        kind: NetworkKind::IpAdapter,
+        repo: IP_ADAPTER_REPO,
+        stem: "models/ip-adapter-plus_sd15",
+    };
+    /// h94's IP-Adapter Plus Face for SD 1.5 (`models/ip-adapter-plus-face_sd15`).
+    pub const IP_ADAPTER_PLUS_FACE_SD15: Self = Self {
+        kind: NetworkKind::IpAdapter,
+        repo: IP_ADAPTER_REPO,
+        stem: "models/ip-adapter-plus-face_sd15",
+    };
+    /// h94's IP-Adapter Plus for SDXL on the ViT-H encoder
+    /// (`sdxl_models/ip-adapter-plus_sdxl_vit-h`, encoder `models/image_encoder`).
+    pub const IP_ADAPTER_PLUS_SDXL: Self = Self {
+        kind: NetworkKind::IpAdapter,
+        repo: IP_ADAPTER_REPO,
+        stem: "sdxl_models/ip-adapter-plus_sdxl_vit-h",
+    };
+    /// h94's IP-Adapter Plus Face for SDXL on the ViT-H encoder
+    /// (`sdxl_models/ip-adapter-plus-face_sdxl_vit-h`).
+    pub const IP_ADAPTER_PLUS_FACE_SDXL: Self = Self {
+        kind: NetworkKind::IpAdapter,
+        repo: IP_ADAPTER_REPO,
+        stem: "sdxl_models/ip-adapter-plus-face_sdxl_vit-h",
+    };
+    /// Every IP-Adapter checkpoint sdstream runs.
+    pub const IP_ADAPTERS: [Self; 6] = [
+        Self::IP_ADAPTER_SD15,
+        Self::IP_ADAPTER_SDXL,
+        Self::IP_ADAPTER_PLUS_SD15,
+        Self::IP_ADAPTER_PLUS_FACE_SD15,
+        Self::IP_ADAPTER_PLUS_SDXL,
+        Self::IP_ADAPTER_PLUS_FACE_SDXL,
+    ];
     /// `RealESRGAN_x2.pth` of `ai-forever/Real-ESRGAN`.
     pub const REAL_ESRGAN_X2: Self = Self {
         kind: NetworkKind::RealEsrgan,
@@ -195,13 +231,10 @@ impl NetworkRequest {
     fn wanted(&self) -> Vec<String> {
         if self.kind == NetworkKind::IpAdapter {
             // h94 publishes `.bin` checkpoints (and safetensors copies of some); the image
-            // encoder is the `image_encoder` folder beside the checkpoint.
-            let folder = self.stem.rsplit_once('/').map_or("", |(dir, _)| dir);
-            let encoder = if folder.is_empty() {
-                "image_encoder".to_string()
-            } else {
-                format!("{folder}/image_encoder")
-            };
+            // encoder is a folder of the repository (`image_encoder_dir`).
+            let encoder = image_encoder_dir(Path::new(self.stem))
+                .to_string_lossy()
+                .replace('\\', "/");
             vec![
                 format!("{0}.safetensors|{0}.bin", self.stem),
                 format!("{encoder}/config.json"),

@@ -170,6 +170,96 @@ fn sdxl_adapter_matches_diffusers() {
     parity("sdxl", "tiny-sdxl");
 }
 
+/// A Plus checkpoint (tests/reference/make_ip_adapter_plus_fixtures.py): the encoder's
+/// penultimate hidden states, diffusers' `IPAdapterPlusImageProjection`, the negative tokens from
+/// a picture of zeros, and the UNet with its 16 tokens.
+fn plus_parity(family: &str, fixture_name: &str, checkpoint: &str) {
+    let g = golden(&format!("golden/ip_adapter_{family}.safetensors"));
+    let p = golden(&format!("golden/ip_adapter_plus_{family}.safetensors"));
+    let path = fixture(&format!("model-root/h94/IP-Adapter/{checkpoint}"));
+    let adapter = IpAdapter::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let config = adapter.config();
+    let resampler = config.resampler.as_ref().expect("a Plus checkpoint");
+    assert_eq!(
+        (
+            config.tokens,
+            resampler.depth,
+            resampler.heads,
+            resampler.width
+        ),
+        (16, 4, 2, 32)
+    );
+    let hidden = adapter
+        .encoder()
+        .penultimate_hidden_states(&g["clip_input"])
+        .unwrap();
+    check(
+        &format!("{family} plus hidden"),
+        &hidden,
+        &p["hidden"],
+        1e-5,
+    );
+    let tokens = adapter.projection().forward(&p["hidden"]).unwrap();
+    check(
+        &format!("{family} plus tokens"),
+        &tokens,
+        &p["tokens"],
+        1e-5,
+    );
+    let picture = style_picture();
+    let encoded = adapter
+        .encode(&picture.rgb, picture.width, picture.height)
+        .unwrap();
+    assert_eq!(encoded.cond.dims(), p["tokens"].dims());
+    check(
+        &format!("{family} plus encode"),
+        &encoded.cond,
+        &p["tokens"],
+        1e-5,
+    );
+    check(
+        &format!("{family} plus negative tokens"),
+        &encoded.uncond,
+        &p["negative_tokens"],
+        1e-5,
+    );
+    let models = StableDiffusionModels::load(
+        fixture(fixture_name).display().to_string().as_str(),
+        &common::tiny_settings("self"),
+        &mut |_| {},
+    )
+    .unwrap();
+    let n = models.unet.cross_attention_widths().len();
+    let rows = Tensor::cat(&[&p["negative_tokens"], &p["tokens"]], 0).unwrap();
+    let out = unet_with_image(&models, &adapter, &g, &rows, &vec![1.0; n]);
+    let (max, mean) = abs_err(&out, &p["out_scale_1.0"]);
+    println!("{family} plus scale 1: max {max:.2e} mean {mean:.2e}");
+    check(
+        &format!("{family} plus scale 1"),
+        &out,
+        &p["out_scale_1.0"],
+        1e-5,
+    );
+    assert!(
+        abs_err(&out, &g["plain"]).0 > 0.1,
+        "the adapter moves the output"
+    );
+}
+
+#[test]
+fn sd15_plus_adapter_matches_diffusers() {
+    plus_parity("sd15", "tiny-sd15", "models/ip-adapter-plus_sd15.bin");
+}
+
+#[test]
+fn sdxl_vit_h_plus_adapter_matches_diffusers() {
+    plus_parity(
+        "sdxl",
+        "tiny-sdxl",
+        "sdxl_models/ip-adapter-plus_sdxl_vit-h.bin",
+    );
+}
+
 #[test]
 fn weight_types_give_daydreams_layer_scales() {
     let close = |a: &[f64], b: &[f64]| {
@@ -487,6 +577,47 @@ fn faceid_and_mismatched_checkpoints_are_refused_by_name() {
         err.contains("ip_adapter.ipadapter_model_path") && err.contains("SDXL"),
         "{err}"
     );
+    let err = StreamDiffusion::new(
+        params(json!({"ip_adapter": {"enabled": true,
+            "ipadapter_model_path": "h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.bin"}})),
+        settings(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("ip_adapter.ipadapter_model_path") && err.contains("SDXL"),
+        "{err}"
+    );
+    let body = json!({
+        "model_id": fixture("tiny-sd15").display().to_string(),
+        "prompt": "a cat",
+        "ip_adapter": {"enabled": true,
+            "ipadapter_model_path": "h94/IP-Adapter/models/ip-adapter-plus_sd14.bin"},
+    });
+    let err = StreamDiffusionParams::from_json_with(&body.to_string(), &settings())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ip_adapter.ipadapter_model_path") && err.contains("ip-adapter_sd15.bin"),
+        "Daydream's values named: {err}"
+    );
+}
+
+/// A stream with the Plus checkpoint: 16 image tokens from the style picture, and the output
+/// moves away from the stream without the adapter.
+#[test]
+fn a_stream_runs_the_plus_adapter_named_by_its_path() {
+    let on = json!({"ip_adapter": {"enabled": true, "scale": 1.0,
+        "ipadapter_model_path": "h94/IP-Adapter/models/ip-adapter-plus_sd15.bin"}});
+    let mut plain = StreamDiffusion::new(params(json!({})), settings()).unwrap();
+    let mut styled = StreamDiffusion::new(params(on), settings()).unwrap();
+    let image = styled.conditioning().image.as_ref().unwrap();
+    assert_eq!(image.cond.dims(), &[1, 16, 32]);
+    let a = frames(&mut plain, 3);
+    let b = frames(&mut styled, 3);
+    let moved = mean_levels(&a, &b);
+    println!("plus adapter: outputs {moved:.2} levels from the plain stream's");
+    assert!(moved > 0.5, "the adapter changes the pictures: {moved}");
 }
 
 #[test]
