@@ -1,6 +1,7 @@
 //! Milliseconds per frame of each image processor at a given size (512² by default), with
 //! full-size networks of random weights (the real architectures' sizes: HED, the lineart
-//! generator and the anime one, the OpenPose body, hand and face networks, Depth Anything V2 Small, RAFT-small, Real-ESRGAN ×2),
+//! generator and the anime one, the OpenPose body, hand and face networks, Depth Anything V2 Small,
+//! DPT-Large, RAFT-small, Real-ESRGAN ×2),
 //! the timing docs/PREPROCESSORS.md reports.
 //!
 //! Run as `examples/processors_bench.rs`, or as `bench processors FLAGS` (the GPU kit carries the
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use sdstream::model::{
-    depth_anything, hed, lineart, lineart_anime, openpose_body, openpose_cpm, raft, rrdbnet,
+    depth_anything, dpt, hed, lineart, lineart_anime, openpose_body, openpose_cpm, raft, rrdbnet,
 };
 use sdstream::preprocess::networks::{Network, NetworkRequest, ProcessorNetworks};
 use sdstream::preprocess::{Processor, ProcessorInputs};
@@ -174,6 +175,13 @@ fn networks(dtype: DType, device: &Device) -> sdstream::Result<ProcessorNetworks
         )?),
     ));
     nets.push((
+        NetworkRequest::DPT_LARGE,
+        Network::Dpt(dpt::DptDepth {
+            net: random_network(&dpt::Config::dpt_large(), dtype, device, dpt::Dpt::new)?,
+            processor: dpt::ProcessorConfig::default(),
+        }),
+    ));
+    nets.push((
         NetworkRequest::RAFT_SMALL,
         Network::Raft(random_network(
             &raft::Config::default(),
@@ -192,7 +200,7 @@ fn networks(dtype: DType, device: &Device) -> sdstream::Result<ProcessorNetworks
         )?),
     ));
     eprintln!(
-        "made 9 full-size random networks in {:.1} s",
+        "made 10 full-size random networks in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     Ok(ProcessorNetworks::from_networks(
@@ -214,6 +222,7 @@ fn cases() -> Vec<(&'static str, Value)> {
         ("lineart", json!({"anime_style": true})),
         ("pose_tensorrt", json!({})),
         ("depth_tensorrt", json!({})),
+        ("depth", json!({})),
         ("temporal_net_tensorrt", json!({})),
         ("realesrgan_trt", json!({})),
     ]

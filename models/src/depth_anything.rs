@@ -144,7 +144,7 @@ impl Default for Config {
 
 /// How a reassemble layer resizes its level.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum ResizeKind {
+pub(crate) enum ResizeKind {
     /// Transposed convolution, kernel = stride = the factor.
     Up(usize),
     Identity,
@@ -152,7 +152,7 @@ enum ResizeKind {
     Down(usize),
 }
 
-fn resize_kind(factor: f64) -> Option<ResizeKind> {
+pub(crate) fn resize_kind(factor: f64) -> Option<ResizeKind> {
     if !(factor.is_finite() && factor > 0.0) {
         None
     } else if factor > 1.0 {
@@ -307,7 +307,12 @@ impl Config {
 /// (CPU, CUDA, Metal) places the source samples as torch does for both settings; the size
 /// argument (not a scale factor) is what the modeling code passes, except for the last fusion
 /// layer's ×2, where align_corners makes the two the same.
-fn resize_bilinear(x: &Tensor, h: usize, w: usize, align_corners: bool) -> Result<Tensor> {
+pub(crate) fn resize_bilinear(
+    x: &Tensor,
+    h: usize,
+    w: usize,
+    align_corners: bool,
+) -> Result<Tensor> {
     let (_, _, h0, w0) = x.dims4()?;
     if (h0, w0) == (h, w) {
         return Ok(x.clone());
@@ -366,9 +371,9 @@ struct ReassembleLayer {
 }
 
 impl ReassembleLayer {
-    fn new(config: &Config, channels: usize, factor: f64, vb: VarBuilder) -> Result<Self> {
+    fn new(hidden: usize, channels: usize, factor: f64, vb: VarBuilder) -> Result<Self> {
         let projection = Conv2d::new(
-            config.reassemble_hidden_size,
+            hidden,
             channels,
             1,
             1,
@@ -537,13 +542,98 @@ impl Head {
     }
 }
 
+/// The DPT neck (`neck.*`) that Depth Anything and DPT share: per level a reassemble layer and
+/// a 3×3 convolution, then the top-down fusion.
+#[derive(Debug)]
+pub(crate) struct Neck {
+    reassemble: Vec<ReassembleLayer>,
+    convs: Vec<Conv2d>,
+    fusion: Vec<FusionLayer>,
+}
+
+impl Neck {
+    /// `hidden`: the tokens' width; `sizes` and `factors`: each level's channels and resize;
+    /// `fusion`: the fused width.
+    pub(crate) fn new(
+        hidden: usize,
+        sizes: &[usize],
+        factors: &[f64],
+        fusion: usize,
+        neck: VarBuilder,
+    ) -> Result<Self> {
+        let reassemble = sizes
+            .iter()
+            .zip(factors)
+            .enumerate()
+            .map(|(i, (&channels, &factor))| {
+                ReassembleLayer::new(
+                    hidden,
+                    channels,
+                    factor,
+                    neck.pp(format!("reassemble_stage.layers.{i}")),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let convs = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &channels)| {
+                Conv2d::new(
+                    channels,
+                    fusion,
+                    3,
+                    1,
+                    Padding::uniform(1),
+                    false,
+                    neck.pp(format!("convs.{i}")),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let fusion = (0..sizes.len())
+            .map(|j| FusionLayer::new(fusion, neck.pp(format!("fusion_stage.layers.{j}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            reassemble,
+            convs,
+            fusion,
+        })
+    }
+
+    /// The fused map after `levels` (finest first, each `[B, hidden, h, w]`, the tokens laid
+    /// out) went through their reassemble layers and convolutions, fused top-down through the
+    /// first `head_level + 1` fusion layers.
+    pub(crate) fn forward(&self, levels: Vec<Tensor>, head_level: usize) -> Result<Tensor> {
+        let mut levels = levels
+            .iter()
+            .zip(&self.reassemble)
+            .zip(&self.convs)
+            .map(|((map, reassemble), conv)| conv.forward(&reassemble.forward(map)?))
+            .collect::<Result<Vec<_>>>()?;
+        // Coarsest level first; each fused map is resized to the next level's size.
+        levels.reverse();
+        let mut fused: Option<Tensor> = None;
+        for (j, layer) in self.fusion.iter().enumerate().take(head_level + 1) {
+            let size = match levels.get(j + 1) {
+                Some(next) => {
+                    let (_, _, h, w) = next.dims4()?;
+                    Some((h, w))
+                }
+                None => None,
+            };
+            fused = Some(match &fused {
+                None => layer.forward(&levels[j], None, size)?,
+                Some(x) => layer.forward(x, Some(&levels[j]), size)?,
+            });
+        }
+        fused.ok_or_else(|| candle_core::Error::Msg("no fusion layer".into()))
+    }
+}
+
 /// transformers' `DepthAnythingForDepthEstimation`.
 #[derive(Debug)]
 pub struct DepthAnything {
     backbone: Dinov2Backbone,
-    reassemble: Vec<ReassembleLayer>,
-    convs: Vec<Conv2d>,
-    fusion: Vec<FusionLayer>,
+    neck: Neck,
     head: Head,
     head_level: usize,
     patch: usize,
@@ -557,46 +647,16 @@ impl DepthAnything {
     pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let backbone = Dinov2Backbone::new(&config.backbone_config, vb.pp("backbone"))?;
-        let neck = vb.pp("neck");
-        let reassemble = config
-            .neck_hidden_sizes
-            .iter()
-            .zip(&config.reassemble_factors)
-            .enumerate()
-            .map(|(i, (&channels, &factor))| {
-                ReassembleLayer::new(
-                    config,
-                    channels,
-                    factor,
-                    neck.pp(format!("reassemble_stage.layers.{i}")),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let f = config.fusion_hidden_size;
-        let convs = config
-            .neck_hidden_sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &channels)| {
-                Conv2d::new(
-                    channels,
-                    f,
-                    3,
-                    1,
-                    Padding::uniform(1),
-                    false,
-                    neck.pp(format!("convs.{i}")),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let fusion = (0..config.neck_hidden_sizes.len())
-            .map(|j| FusionLayer::new(f, neck.pp(format!("fusion_stage.layers.{j}"))))
-            .collect::<Result<Vec<_>>>()?;
+        let neck = Neck::new(
+            config.reassemble_hidden_size,
+            &config.neck_hidden_sizes,
+            &config.reassemble_factors,
+            config.fusion_hidden_size,
+            vb.pp("neck"),
+        )?;
         Ok(Self {
             backbone,
-            reassemble,
-            convs,
-            fusion,
+            neck,
             head: Head::new(config, vb.pp("head"))?,
             head_level: config.head_level().unwrap_or(0),
             patch: config.backbone_config.patch(),
@@ -620,33 +680,18 @@ impl DepthAnything {
         let (_, _, height, width) = pixel_values.dims4()?;
         let (gh, gw) = (height / self.patch, width / self.patch);
         let stages = self.backbone.forward(pixel_values)?;
-        let mut levels = Vec::with_capacity(stages.len());
-        for ((tokens, reassemble), conv) in stages.iter().zip(&self.reassemble).zip(&self.convs) {
-            let (b, _, d) = tokens.dims3()?;
-            let map = tokens
-                .narrow(1, 1, gh * gw)?
-                .reshape((b, gh, gw, d))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?;
-            levels.push(conv.forward(&reassemble.forward(&map)?)?);
-        }
-        // Coarsest level first; each fused map is resized to the next level's size.
-        levels.reverse();
-        let mut fused: Option<Tensor> = None;
-        for (j, layer) in self.fusion.iter().enumerate().take(self.head_level + 1) {
-            let size = match levels.get(j + 1) {
-                Some(next) => {
-                    let (_, _, h, w) = next.dims4()?;
-                    Some((h, w))
-                }
-                None => None,
-            };
-            fused = Some(match &fused {
-                None => layer.forward(&levels[j], None, size)?,
-                Some(x) => layer.forward(x, Some(&levels[j]), size)?,
-            });
-        }
-        let fused = fused.ok_or_else(|| candle_core::Error::Msg("no fusion layer".into()))?;
+        let levels = stages
+            .iter()
+            .map(|tokens| {
+                let (b, _, d) = tokens.dims3()?;
+                tokens
+                    .narrow(1, 1, gh * gw)?
+                    .reshape((b, gh, gw, d))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let fused = self.neck.forward(levels, self.head_level)?;
         self.head.forward(&fused, gh * self.patch, gw * self.patch)
     }
 }

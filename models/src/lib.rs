@@ -19,6 +19,7 @@ pub mod conv_transpose;
 pub mod cuda_graph;
 pub mod depth_anything;
 pub mod dinov2;
+pub mod dpt;
 pub mod error;
 pub mod hed;
 pub mod ip_adapter;

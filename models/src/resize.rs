@@ -29,6 +29,8 @@ pub enum Filter {
     Lanczos,
     /// `Image.BICUBIC`: Keys' cubic with a = −0.5 on (−2, 2).
     Bicubic,
+    /// `Image.BILINEAR`: the triangle 1 − |x| on (−1, 1).
+    Bilinear,
 }
 
 impl Filter {
@@ -36,6 +38,7 @@ impl Filter {
         match self {
             Filter::Lanczos => LANCZOS_SUPPORT,
             Filter::Bicubic => 2.0,
+            Filter::Bilinear => 1.0,
         }
     }
 
@@ -43,6 +46,7 @@ impl Filter {
         match self {
             Filter::Lanczos => lanczos(x),
             Filter::Bicubic => bicubic(x),
+            Filter::Bilinear => (1.0 - x.abs()).max(0.0),
         }
     }
 }

@@ -20,7 +20,7 @@
 //! | `standard_lineart` | [`standard_lineart`] | `detect_resolution` (512), `gaussian_sigma` (6.0), `intensity_threshold` (8) |
 //! | `hed` | [`hed`] | `safe` (true; no effect, as in Daydream) |
 //! | `lineart` | [`lineart`] | `detect_resolution` (512), `coarse` (true), `anime_style` (false) |
-//! | `depth_tensorrt`, `depth` | [`depth`] | `detect_resolution` (518), `model_name` (`depth` only: Depth Anything V2 Small only) |
+//! | `depth_tensorrt`, `depth` | [`depth`] | `detect_resolution` (518; `depth` with DPT: 512), `model_name` (`depth` only: `Intel/dpt-large`, the default, or Depth Anything V2 Small) |
 //! | `pose_tensorrt`, `openpose` | [`pose`] | `detect_resolution` (512), `include_hands`/`include_face` (false only), `confidence_threshold` (0.5; no effect) |
 //! | `temporal_net_tensorrt` | [`temporal_net`] | `height`/`width` (512), `flow_strength` (1.0), `output_format` ("concat") |
 //! | `realesrgan_trt` | [`realesrgan`] | `enable_tensorrt`, `force_rebuild` (no effect) |
@@ -235,7 +235,7 @@ impl Processor {
             Processor::RealEsrgan(_) => Some(NetworkRequest::REAL_ESRGAN_X2),
             Processor::Hed(_) => Some(NetworkRequest::HED),
             Processor::Lineart(p) => Some(p.network()),
-            Processor::Depth(_) => Some(NetworkRequest::DEPTH_ANYTHING_V2_SMALL),
+            Processor::Depth(p) => Some(p.network()),
             Processor::Pose(p) => return p.networks(),
             Processor::TemporalNet(_) => Some(NetworkRequest::RAFT_SMALL),
         };
@@ -327,12 +327,11 @@ impl Processor {
                 Network::LineartAnime(net) => lineart::apply_anime(net, image, p),
                 _ => Err(wrong_network("lineart")),
             },
-            Processor::Depth(p) => {
-                match network(inputs, NetworkRequest::DEPTH_ANYTHING_V2_SMALL)? {
-                    Network::DepthAnything(net) => depth::apply(net, image, p),
-                    _ => Err(wrong_network("depth")),
-                }
-            }
+            Processor::Depth(p) => match network(inputs, p.network())? {
+                Network::DepthAnything(net) => depth::apply(net, image, p),
+                Network::Dpt(net) => depth::apply_dpt(net, image, p),
+                _ => Err(wrong_network("depth")),
+            },
             Processor::Pose(p) => match network(inputs, NetworkRequest::BODY_POSE)? {
                 Network::BodyPose(net) => {
                     let hand_face = if p.hands_and_face {

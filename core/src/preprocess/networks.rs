@@ -24,6 +24,7 @@ use candle_core::{DType, Device};
 
 use crate::hub::{self, HubOptions};
 use crate::model::depth_anything::{self, DepthAnything};
+use crate::model::dpt::DptDepth;
 use crate::model::hed::{self, Hed};
 use crate::model::ip_adapter::{IpAdapter, image_encoder_dir};
 use crate::model::kernels::KernelPolicy;
@@ -54,6 +55,8 @@ pub enum NetworkKind {
     FacePose,
     /// Depth Anything ([`crate::model::depth_anything`]), a transformers checkpoint folder.
     DepthAnything,
+    /// DPT ([`crate::model::dpt`]), a transformers checkpoint folder with its image processor.
+    Dpt,
     /// RAFT optical flow ([`crate::model::raft`]).
     Raft,
     /// Real-ESRGAN's RRDB upscaler ([`crate::model::rrdbnet`]).
@@ -77,6 +80,7 @@ impl NetworkKind {
             NetworkKind::HandPose => "OpenPose hand",
             NetworkKind::FacePose => "OpenPose face",
             NetworkKind::DepthAnything => "Depth Anything",
+            NetworkKind::Dpt => "DPT",
             NetworkKind::Raft => "RAFT optical flow",
             NetworkKind::RealEsrgan => "Real-ESRGAN",
             NetworkKind::SafetyChecker => "safety checker",
@@ -89,7 +93,7 @@ impl NetworkKind {
     fn is_folder(self) -> bool {
         matches!(
             self,
-            NetworkKind::DepthAnything | NetworkKind::SafetyChecker
+            NetworkKind::DepthAnything | NetworkKind::Dpt | NetworkKind::SafetyChecker
         )
     }
 }
@@ -154,6 +158,13 @@ impl NetworkRequest {
     pub const DEPTH_ANYTHING_V2_SMALL: Self = Self {
         kind: NetworkKind::DepthAnything,
         repo: "depth-anything/Depth-Anything-V2-Small-hf",
+        stem: "model",
+    };
+    /// `Intel/dpt-large` in transformers' layout (`config.json`, `preprocessor_config.json`,
+    /// `model.safetensors` or `pytorch_model.bin`): Daydream's `depth` network.
+    pub const DPT_LARGE: Self = Self {
+        kind: NetworkKind::Dpt,
+        repo: "Intel/dpt-large",
         stem: "model",
     };
     /// torchvision's `raft_small` weights (`Raft_Small_Weights.C_T_V2`), which are not on the
@@ -246,6 +257,13 @@ impl NetworkRequest {
                 "config.json".into(),
                 format!("{}.safetensors|{SAFETY_CHECKER_BIN}", self.stem),
             ]
+        } else if self.kind == NetworkKind::Dpt {
+            // transformers checkpoints of 2022 may hold `pytorch_model.bin` only.
+            vec![
+                "config.json".into(),
+                "preprocessor_config.json".into(),
+                format!("{0}.safetensors|pytorch_{0}.bin", self.stem),
+            ]
         } else if self.kind.is_folder() {
             vec!["config.json".into(), format!("{}.safetensors", self.stem)]
         } else {
@@ -315,6 +333,8 @@ pub enum Network {
     Keypoints(KeypointNet),
     /// Depth Anything.
     DepthAnything(DepthAnything),
+    /// DPT with its image processor.
+    Dpt(DptDepth),
     /// RAFT optical flow.
     Raft(Raft),
     /// Real-ESRGAN.
@@ -358,6 +378,7 @@ impl Network {
                 },
                 |config, vb| Ok(DepthAnything::new(config, vb)?),
             )?),
+            NetworkKind::Dpt => Network::Dpt(DptDepth::load(path, dtype, device)?),
             NetworkKind::Raft => Network::Raft(open_weights(
                 path,
                 dtype,

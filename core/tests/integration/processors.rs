@@ -262,10 +262,11 @@ fn depth_matches_daydreams_depth_anything_path() {
         let (max, mean) = abs_err(&got, want);
         println!("depth {detect} {name}: max {max:.3e} mean {mean:.3e}");
         assert!(max < 2e-4, "depth {detect} {name}: max {max}");
-        // `depth` runs the same network the same way.
+        // `depth` naming Depth Anything runs the same network the same way.
         let same = run(
             "depth",
-            json!({"detect_resolution": detect}),
+            json!({"detect_resolution": detect,
+                "model_name": "depth-anything/Depth-Anything-V2-Small-hf"}),
             &x,
             Some(&nets),
         );
@@ -273,13 +274,15 @@ fn depth_matches_daydreams_depth_anything_path() {
     }
     let err = preprocess::validate(
         "depth",
-        &params(json!({"model_name": "Intel/dpt-large"})),
+        &params(json!({"model_name": "Intel/dpt-hybrid-midas"})),
         "controlnets[0].preprocessor",
     )
     .expect_err("another depth model is refused")
     .to_string();
     assert!(
-        err.contains("Intel/dpt-large") && err.contains("model_name"),
+        err.contains("Intel/dpt-hybrid-midas")
+            && err.contains("Intel/dpt-large")
+            && err.contains("model_name"),
         "{err}"
     );
     let err = preprocess::validate(
@@ -290,6 +293,97 @@ fn depth_matches_daydreams_depth_anything_path() {
     .expect_err("not a multiple of 14")
     .to_string();
     assert!(err.contains("multiple of 14"), "{err}");
+}
+
+/// `depth` with its default `Intel/dpt-large` (tests/reference/make_dpt_fixtures.py): the
+/// image processor, the network alone (at the trained grid and a resized one), and the whole
+/// processor as Daydream's wrapper runs transformers' pipeline.
+#[test]
+fn depth_matches_daydreams_dpt_pipeline() {
+    use sdstream::preprocess::depth::{DepthModel, DepthParams};
+
+    let g = golden("processors/dpt.safetensors");
+    let nets = networks(&[NetworkRequest::DPT_LARGE]);
+    let Network::Dpt(dpt) = nets.get(NetworkRequest::DPT_LARGE).unwrap() else {
+        panic!("wrong network kind");
+    };
+    // The processor: PIL's bilinear resize (this file's `resample` 2) bit for bit, then the
+    // rescale and normalisation.
+    let levels = &g["pixel_levels"];
+    let inputs = goldens();
+    let sq = inputs["input_sq"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    let pixels = dpt
+        .processor
+        .pixel_values(&sq, 64, 64, &Device::Cpu)
+        .unwrap();
+    let want_levels = levels.to_dtype(DType::F32).unwrap();
+    let want = ((want_levels
+        .permute((2, 0, 1))
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        / 127.5)
+        .unwrap()
+        - 1.0)
+        .unwrap();
+    assert_eq!(pixels.dims(), &[1, 3, 384, 384]);
+    let (max, _) = abs_err(&pixels, &want);
+    assert!(max < 1e-6, "pixel values: max {max}");
+
+    for (k, input) in [(0, levels), (1, &g["net_in_levels_1"])] {
+        let x = ((input
+            .to_dtype(DType::F32)
+            .unwrap()
+            .permute((2, 0, 1))
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            / 127.5)
+            .unwrap()
+            - 1.0)
+            .unwrap();
+        let got = dpt.net.forward(&x).unwrap();
+        let want = &g[&format!("net_out_{k}")];
+        let scale = max_magnitude(want);
+        let (max, mean) = abs_err(&got, want);
+        println!("DPT network {k}: max {max:.3e} mean {mean:.3e} of depths up to {scale:.1}");
+        assert!(max <= 2e-5 * scale, "DPT network {k}: max {max}");
+    }
+
+    for (detect, name) in [(512, "sq"), (512, "wide"), (320, "sq")] {
+        let p = params(json!({"detect_resolution": detect}));
+        let parsed = preprocess::Processor::parse("depth", &p, "f", "p").unwrap();
+        assert_eq!(
+            parsed.networks(),
+            vec![NetworkRequest::DPT_LARGE],
+            "Intel/dpt-large is depth's default"
+        );
+        let x = unit_image(&inputs[&format!("input_{name}")]);
+        let got = run(
+            "depth",
+            json!({"detect_resolution": detect}),
+            &x,
+            Some(&nets),
+        );
+        // Two 8-bit steps (the squashed frame, rounded; the depth, truncated) turn float
+        // differences of the last bits into whole levels near their boundaries.
+        check_levels(
+            &format!("DPT depth {detect} {name}"),
+            &got,
+            &g[&format!("depth_{detect}_{name}")],
+            1.01,
+            0.06,
+            0.01,
+        );
+    }
+    let _ = DepthParams {
+        detect_resolution: 512,
+        model: DepthModel::Dpt,
+    };
 }
 
 /// The tiny hand and face networks, loaded through the PyTorch reader (the hand's file in
