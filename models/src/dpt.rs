@@ -531,12 +531,15 @@ impl Dpt {
             Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.positions(gh, gw)?)?;
         let last = self.out_indices.iter().copied().max().unwrap_or(0);
         let mut levels = Vec::with_capacity(self.out_indices.len());
-        let mut outputs = Vec::with_capacity(last + 1);
-        for layer in &self.layers[..=last] {
+        // Only the layers the neck reads are kept.
+        let mut outputs = std::collections::HashMap::with_capacity(self.out_indices.len());
+        for (i, layer) in self.layers[..=last].iter().enumerate() {
             tokens = layer.forward(&tokens)?;
-            outputs.push(tokens.clone());
+            if self.out_indices.contains(&i) {
+                outputs.insert(i, tokens.clone());
+            }
         }
-        for (level, &i) in self.out_indices.iter().enumerate() {
+        for (level, i) in self.out_indices.iter().enumerate() {
             let out = &outputs[i];
             let cls = out.narrow(1, 0, 1)?;
             let grid = out.narrow(1, 1, gh * gw)?;

@@ -508,7 +508,11 @@ pub fn detect(
     let (h, w) = (image.height, image.width);
     let mut found = HandsAndFace::default();
     for hand in hand_boxes(person, h, w) {
-        let peaks = hand_peaks(&crop(image, hand.area), device, hand_network)?;
+        let pixels = crop(image, hand.area);
+        if pixels.height == 0 || pixels.width == 0 {
+            continue;
+        }
+        let peaks = hand_peaks(&pixels, device, hand_network)?;
         let points = Some(normalised(&peaks, hand.area, h, w));
         if hand.left {
             found.left_hand = points;
@@ -517,9 +521,12 @@ pub fn detect(
         }
     }
     if let Some(area) = face_box(person, h, w) {
-        let peaks = face_peaks(&crop(image, area), device, face_network)?;
-        if !peaks.is_empty() {
-            found.face = Some(normalised(&peaks, area, h, w));
+        let pixels = crop(image, area);
+        if pixels.height > 0 && pixels.width > 0 {
+            let peaks = face_peaks(&pixels, device, face_network)?;
+            if !peaks.is_empty() {
+                found.face = Some(normalised(&peaks, area, h, w));
+            }
         }
     }
     Ok(found)
