@@ -113,23 +113,28 @@ impl DepthParams {
     }
 }
 
-/// `depth` with DPT (module docs): the depth map of `image` `[1, 3, H, W]` in [0, 1], as
-/// `[1, 3, H, W]` in [0, 1] (f32).
-pub fn apply_dpt(net: &DptDepth, image: &Tensor, p: DepthParams) -> Result<Tensor> {
+/// An RGB `image` `[1, 3, H, W]` squashed to `d × d` (bilinear, align_corners false), f32.
+fn squashed(image: &Tensor, d: usize) -> Result<Tensor> {
     let (_, channels, h, w) = image.dims4()?;
     if channels != 3 {
         return Err(Error::InvalidFrame(format!(
             "depth takes an RGB image, got {channels} channels"
         )));
     }
-    let d = p.detect_resolution;
     let x = image.to_dtype(DType::F32)?;
-    let x = if (h, w) == (d, d) {
+    Ok(if (h, w) == (d, d) {
         x
     } else {
         x.upsample_bilinear2d(d, d, false)?
-    };
-    let levels = Rgb8::from_tensor(&x)?;
+    })
+}
+
+/// `depth` with DPT (module docs): the depth map of `image` `[1, 3, H, W]` in [0, 1], as
+/// `[1, 3, H, W]` in [0, 1] (f32).
+pub fn apply_dpt(net: &DptDepth, image: &Tensor, p: DepthParams) -> Result<Tensor> {
+    let (_, _, h, w) = image.dims4()?;
+    let d = p.detect_resolution;
+    let levels = Rgb8::from_tensor(&squashed(image, d)?)?;
     let pixels = net
         .processor
         .pixel_values(&levels.data, d, d, image.device())?;
@@ -177,19 +182,9 @@ pub fn apply_dpt(net: &DptDepth, image: &Tensor, p: DepthParams) -> Result<Tenso
 
 /// The depth map of `image` `[1, 3, H, W]` in [0, 1], as `[1, 3, H, W]` in [0, 1] (f32).
 pub fn apply(net: &DepthAnything, image: &Tensor, p: DepthParams) -> Result<Tensor> {
-    let (_, channels, h, w) = image.dims4()?;
-    if channels != 3 {
-        return Err(Error::InvalidFrame(format!(
-            "depth takes an RGB image, got {channels} channels"
-        )));
-    }
+    let (_, _, h, w) = image.dims4()?;
     let d = p.detect_resolution;
-    let x = image.to_dtype(DType::F32)?;
-    let x = if (h, w) == (d, d) {
-        x
-    } else {
-        x.upsample_bilinear2d(d, d, false)?
-    };
+    let x = squashed(image, d)?;
     let depth = net
         .forward(&x.to_dtype(net.dtype())?)?
         .to_dtype(DType::F32)?;

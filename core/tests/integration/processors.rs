@@ -320,33 +320,15 @@ fn depth_matches_daydreams_dpt_pipeline() {
         .processor
         .pixel_values(&sq, 64, 64, &Device::Cpu)
         .unwrap();
-    let want_levels = levels.to_dtype(DType::F32).unwrap();
-    let want = ((want_levels
-        .permute((2, 0, 1))
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap()
-        / 127.5)
-        .unwrap()
-        - 1.0)
-        .unwrap();
+    // Stored uint8 `[H, W, 3]` levels as `[1, 3, H, W]` in [−1, 1]: `level / 127.5 − 1`.
+    let signed = |levels: &Tensor| ((unit_image(levels) * 2.0).unwrap() - 1.0).unwrap();
+    let want = signed(levels);
     assert_eq!(pixels.dims(), &[1, 3, 384, 384]);
     let (max, _) = abs_err(&pixels, &want);
     assert!(max < 1e-6, "pixel values: max {max}");
 
     for (k, input) in [(0, levels), (1, &g["net_in_levels_1"])] {
-        let x = ((input
-            .to_dtype(DType::F32)
-            .unwrap()
-            .permute((2, 0, 1))
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap()
-            / 127.5)
-            .unwrap()
-            - 1.0)
-            .unwrap();
-        let got = dpt.net.forward(&x).unwrap();
+        let got = dpt.net.forward(&signed(input)).unwrap();
         let want = &g[&format!("net_out_{k}")];
         let scale = max_magnitude(want);
         let (max, mean) = abs_err(&got, want);
