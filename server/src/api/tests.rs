@@ -1104,7 +1104,7 @@ fn what_the_engine_cannot_run_is_refused_at_creation_naming_the_field() {
         ),
         (
             json!({"controlnets": [{"model_id": "tiny-controlnet-a", "preprocessor": "openpose",
-                                     "preprocessor_params": {"include_hands": true}}]}),
+                                     "preprocessor_params": {"include_hands": "yes"}}]}),
             "`controlnets[0].preprocessor.params.include_hands`",
         ),
         (
