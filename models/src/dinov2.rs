@@ -469,9 +469,10 @@ impl Embeddings {
     }
 }
 
-/// Multi-head self-attention (`attention.attention.{query,key,value}`, `attention.output.dense`).
+/// Multi-head self-attention (`attention.attention.{query,key,value}`, `attention.output.dense`),
+/// the layout transformers' ViTs share (DINOv2's, DPT's).
 #[derive(Debug)]
-struct Attention {
+pub(crate) struct Attention {
     query: Linear,
     key: Linear,
     value: Linear,
@@ -482,10 +483,25 @@ struct Attention {
 
 impl Attention {
     fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
-        let d = config.hidden_size;
+        Self::with_sizes(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.qkv_bias,
+            vb,
+        )
+    }
+
+    /// `d` wide, `heads` heads, biases on the query, key and value when `qkv_bias`; weights
+    /// under `vb` (the layer's `attention`).
+    pub(crate) fn with_sizes(
+        d: usize,
+        heads: usize,
+        qkv_bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let projection = |name: &str| {
             let vb = vb.pp("attention").pp(name);
-            if config.qkv_bias {
+            if qkv_bias {
                 candle_nn::linear(d, d, vb)
             } else {
                 candle_nn::linear_no_bias(d, d, vb)
@@ -496,12 +512,12 @@ impl Attention {
             key: projection("key")?,
             value: projection("value")?,
             output: candle_nn::linear(d, d, vb.pp("output.dense"))?,
-            heads: config.num_attention_heads,
-            head_dim: d / config.num_attention_heads,
+            heads,
+            head_dim: d / heads,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let heads = |proj: &Linear| -> Result<Tensor> {
             proj.forward(x)?

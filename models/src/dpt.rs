@@ -26,6 +26,7 @@ use candle_nn::{LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::depth_anything::{Neck, resize_bilinear};
+use crate::dinov2::Attention;
 use crate::kernels::conv::{Conv2d, Padding};
 use crate::limits::{Limits, MAX_CHANNELS};
 use crate::{Error, Result};
@@ -313,34 +314,23 @@ impl Config {
 #[derive(Debug)]
 struct Layer {
     norm_before: LayerNorm,
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attention_out: Linear,
+    attention: Attention,
     norm_after: LayerNorm,
     intermediate: Linear,
     output: Linear,
-    heads: usize,
 }
 
 impl Layer {
     fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
         let (d, eps) = (config.hidden_size, config.layer_norm_eps);
-        let attention = vb.pp("attention");
-        let projection = |name: &str| {
-            let vb = attention.pp("attention").pp(name);
-            if config.qkv_bias {
-                candle_nn::linear(d, d, vb)
-            } else {
-                candle_nn::linear_no_bias(d, d, vb)
-            }
-        };
         Ok(Self {
             norm_before: candle_nn::layer_norm(d, eps, vb.pp("layernorm_before"))?,
-            query: projection("query")?,
-            key: projection("key")?,
-            value: projection("value")?,
-            attention_out: candle_nn::linear(d, d, attention.pp("output.dense"))?,
+            attention: Attention::with_sizes(
+                d,
+                config.num_attention_heads,
+                config.qkv_bias,
+                vb.pp("attention"),
+            )?,
             norm_after: candle_nn::layer_norm(d, eps, vb.pp("layernorm_after"))?,
             intermediate: candle_nn::linear(
                 d,
@@ -348,26 +338,11 @@ impl Layer {
                 vb.pp("intermediate.dense"),
             )?,
             output: candle_nn::linear(config.intermediate_size, d, vb.pp("output.dense"))?,
-            heads: config.num_attention_heads,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let head_dim = d / self.heads;
-        let h = self.norm_before.forward(x)?;
-        let split = |proj: &Linear| -> Result<Tensor> {
-            Ok(proj
-                .forward(&h)?
-                .reshape((b, t, self.heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
-        let scores = (q.matmul(&k.t()?)? * (head_dim as f64).powf(-0.5))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        let x = (self.attention_out.forward(&context)? + x)?;
+        let x = (self.attention.forward(&self.norm_before.forward(x)?)? + x)?;
         let mlp = self.output.forward(
             &self
                 .intermediate
