@@ -63,6 +63,16 @@ fn unet_with_image(
         .unwrap()
 }
 
+/// The tiny checkpoint `fixture_name` (tests/fixtures).
+fn tiny_models(fixture_name: &str) -> StableDiffusionModels {
+    StableDiffusionModels::load(
+        fixture(fixture_name).display().to_string().as_str(),
+        &common::tiny_settings("self"),
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
 fn parity(family: &str, fixture_name: &str) {
     let g = golden(&format!("golden/ip_adapter_{family}.safetensors"));
     let adapter = IpAdapter::load(&adapter_path(family), DType::F32, &Device::Cpu).unwrap();
@@ -104,12 +114,7 @@ fn parity(family: &str, fixture_name: &str) {
     );
 
     // The UNet with the adapter: row 0 the negative tokens, row 1 the picture's.
-    let models = StableDiffusionModels::load(
-        fixture(fixture_name).display().to_string().as_str(),
-        &common::tiny_settings("self"),
-        &mut |_| {},
-    )
-    .unwrap();
+    let models = tiny_models(fixture_name);
     let n = models.unet.cross_attention_widths().len();
     assert_eq!(adapter.layers().len(), n);
     assert_eq!(
@@ -223,12 +228,7 @@ fn plus_parity(family: &str, fixture_name: &str, checkpoint: &str) {
         &p["negative_tokens"],
         1e-5,
     );
-    let models = StableDiffusionModels::load(
-        fixture(fixture_name).display().to_string().as_str(),
-        &common::tiny_settings("self"),
-        &mut |_| {},
-    )
-    .unwrap();
+    let models = tiny_models(fixture_name);
     let n = models.unet.cross_attention_widths().len();
     let rows = Tensor::cat(&[&p["negative_tokens"], &p["tokens"]], 0).unwrap();
     let out = unet_with_image(&models, &adapter, &g, &rows, &vec![1.0; n]);

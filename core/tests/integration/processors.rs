@@ -429,7 +429,6 @@ fn hand_blur_matches_opencv() {
 /// and face networks, against controlnet_aux's `OpenposeDetector(hand_and_face=True)`.
 #[test]
 fn openpose_finds_and_draws_hands_and_faces_as_controlnet_aux_does() {
-    use sdstream::preprocess::annotator::Rgb8;
     use sdstream::preprocess::{hand_face, pose};
 
     let g = goldens();
@@ -440,14 +439,7 @@ fn openpose_finds_and_draws_hands_and_faces_as_controlnet_aux_does() {
     ) else {
         panic!("wrong network kinds");
     };
-    let frame = image::open(fixture("../../examples/frames/001.png"))
-        .unwrap()
-        .to_rgb8();
-    let image = Rgb8 {
-        height: 512,
-        width: 512,
-        data: frame.into_raw(),
-    };
+    let image = pose_frame();
     let body_maps = |_: &Tensor| Ok((g["pose_maps_pafs"].clone(), g["pose_maps_heatmaps"].clone()));
     let hand_net = |x: &Tensor| hand.forward(x);
     let face_net = |x: &Tensor| face.forward(x);
@@ -496,14 +488,8 @@ fn openpose_finds_and_draws_hands_and_faces_as_controlnet_aux_does() {
     let body_only = image::open(fixture("processors/pose_maps_canvas.png"))
         .unwrap()
         .to_rgb8();
-    let count_differing = |a: &[u8], b: &[u8]| {
-        a.chunks_exact(3)
-            .zip(b.chunks_exact(3))
-            .filter(|(p, q)| p != q)
-            .count()
-    };
-    let differing = count_differing(&canvas.data, want.as_raw());
-    let added = count_differing(want.as_raw(), body_only.as_raw());
+    let differing = differing_pixels(&canvas.data, want.as_raw());
+    let added = differing_pixels(want.as_raw(), body_only.as_raw());
     println!("hands and faces: {added} pixels beyond the body, {differing} differ");
     assert!(added > 2_000, "the golden draws hands and faces");
     assert_eq!(
@@ -512,20 +498,33 @@ fn openpose_finds_and_draws_hands_and_faces_as_controlnet_aux_does() {
     );
 }
 
-#[test]
-fn openpose_draws_what_controlnet_aux_draws_from_the_same_maps() {
-    use sdstream::preprocess::annotator::Rgb8;
-    use sdstream::preprocess::pose;
-
-    let g = goldens();
+/// examples/frames/001.png (512²), the frame the pose goldens drew on.
+fn pose_frame() -> sdstream::preprocess::annotator::Rgb8 {
     let frame = image::open(fixture("../../examples/frames/001.png"))
         .unwrap()
         .to_rgb8();
-    let image = Rgb8 {
+    sdstream::preprocess::annotator::Rgb8 {
         height: 512,
         width: 512,
         data: frame.into_raw(),
-    };
+    }
+}
+
+/// How many RGB pixels of two same-sized canvases differ.
+fn differing_pixels(a: &[u8], b: &[u8]) -> usize {
+    assert_eq!(a.len(), b.len(), "canvas sizes");
+    a.chunks_exact(3)
+        .zip(b.chunks_exact(3))
+        .filter(|(p, q)| p != q)
+        .count()
+}
+
+#[test]
+fn openpose_draws_what_controlnet_aux_draws_from_the_same_maps() {
+    use sdstream::preprocess::pose;
+
+    let g = goldens();
+    let image = pose_frame();
     let want_input = g["pose_maps_input"].to_vec3::<u8>().unwrap();
     let mut seen_input = false;
     let canvas = pose::skeleton(
@@ -553,12 +552,7 @@ fn openpose_draws_what_controlnet_aux_draws_from_the_same_maps() {
     let want = image::open(fixture("processors/pose_maps_canvas.png"))
         .unwrap()
         .to_rgb8();
-    let differing = canvas
-        .data
-        .chunks_exact(3)
-        .zip(want.as_raw().chunks_exact(3))
-        .filter(|(a, b)| a != b)
-        .count();
+    let differing = differing_pixels(&canvas.data, want.as_raw());
     let drawn = want
         .as_raw()
         .chunks_exact(3)
