@@ -8,8 +8,11 @@
 //! page-locked host buffers, one for uploads and one for downloads per thread, kept and reused:
 //! from pageable memory the driver copies through a staging buffer of its own, and the upload
 //! is not asynchronous. The upload buffer is write-combined (the host only writes it); the
-//! download buffer is cached (the host reads it). Each buffer's event (cudarc's) makes a reuse
-//! wait for the copy that last used it.
+//! download buffer is cached (the host reads it). Each buffer has an event of its own, recorded
+//! after every copy through it: the host waits on it before it reads a download or overwrites an
+//! upload. (cudarc's buffers carry an event too, but record it only where the context manages
+//! several streams' synchronisation, which candle's single stream does not: relying on it, the
+//! first GPU run read downloads before their copies ended, 6,288 of 12,060 bytes wrong.)
 
 use candle_core::{CustomOp1, DType, Device, Tensor};
 
@@ -122,19 +125,44 @@ mod cuda {
     use std::sync::Arc;
 
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED as WRITE_COMBINED;
     use candle_core::cuda_backend::cudarc::driver::{
-        DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+        CudaContext, CudaEvent, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage, Tensor};
 
+    /// A page-locked buffer and the event recorded on the stream after the last copy through it.
+    struct Pinned {
+        buffer: PinnedHostSlice<u8>,
+        copied: CudaEvent,
+    }
+
+    impl Pinned {
+        /// A buffer of `len` bytes allocated with `flags` (cudarc's `alloc_pinned_with_flags`).
+        ///
+        /// # Safety
+        /// The bytes are uninitialised: each must be written before it is read.
+        unsafe fn new(
+            context: &Arc<CudaContext>,
+            len: usize,
+            flags: u32,
+        ) -> candle_core::Result<Self> {
+            Ok(Pinned {
+                // SAFETY: passed on to the caller.
+                buffer: unsafe { context.alloc_pinned_with_flags::<u8>(len, flags) }.w()?,
+                copied: context.new_event(None).w()?,
+            })
+        }
+    }
+
     thread_local! {
         /// This thread's page-locked upload buffer (write-combined), the length of its last
         /// frame.
-        static UPLOAD: RefCell<Option<PinnedHostSlice<u8>>> = const { RefCell::new(None) };
+        static UPLOAD: RefCell<Option<Pinned>> = const { RefCell::new(None) };
         /// This thread's page-locked download buffer (cached), at least its largest frame.
-        static DOWNLOAD: RefCell<Option<PinnedHostSlice<u8>>> = const { RefCell::new(None) };
+        static DOWNLOAD: RefCell<Option<Pinned>> = const { RefCell::new(None) };
     }
 
     /// `bytes` on `dev` as a `[len]` u8 tensor, copied from this thread's pinned upload buffer
@@ -144,19 +172,21 @@ mod cuda {
         let context = stream.context().clone();
         UPLOAD.with(|cell| {
             let mut slot = cell.borrow_mut();
-            let fits = slot
-                .as_ref()
-                .is_some_and(|b| b.len() == bytes.len() && Arc::ptr_eq(b.context(), &context));
+            let fits = slot.as_ref().is_some_and(|p| {
+                p.buffer.len() == bytes.len() && Arc::ptr_eq(p.buffer.context(), &context)
+            });
             if !fits {
                 // SAFETY: every byte is written below before the copy reads it.
-                *slot = Some(unsafe { context.alloc_pinned::<u8>(bytes.len()) }.w()?);
+                *slot = Some(unsafe { Pinned::new(&context, bytes.len(), WRITE_COMBINED) }?);
             }
-            let buffer = slot.as_mut().expect("made above");
-            // Waits for the copy that last read the buffer.
-            buffer.as_mut_slice().w()?.copy_from_slice(bytes);
+            let pinned = slot.as_mut().expect("made above");
+            // The copy that last read the buffer must be over before it is overwritten.
+            pinned.copied.synchronize().w()?;
+            pinned.buffer.as_mut_slice().w()?.copy_from_slice(bytes);
             // SAFETY: the copy below writes every byte before anything reads them.
             let mut dst = unsafe { dev.alloc::<u8>(bytes.len())? };
-            stream.memcpy_htod(&*buffer, &mut dst).w()?;
+            stream.memcpy_htod(&pinned.buffer, &mut dst).w()?;
+            pinned.copied.record(&stream).w()?;
             Ok(Tensor::from_storage(
                 Storage::Cuda(CudaStorage::wrap_cuda_slice(dst, dev.clone())),
                 bytes.len(),
@@ -185,18 +215,22 @@ mod cuda {
         let context = stream.context().clone();
         DOWNLOAD.with(|cell| {
             let mut slot = cell.borrow_mut();
-            let fits = slot
-                .as_ref()
-                .is_some_and(|b| b.len() >= len && Arc::ptr_eq(b.context(), &context));
+            let fits = slot.as_ref().is_some_and(|p| {
+                p.buffer.len() >= len && Arc::ptr_eq(p.buffer.context(), &context)
+            });
             if !fits {
                 // Cached, not write-combined: the host reads it. SAFETY: only the bytes the
                 // copy below writes are read.
-                *slot = Some(unsafe { context.alloc_pinned_with_flags::<u8>(len, 0) }.w()?);
+                *slot = Some(unsafe { Pinned::new(&context, len, 0) }?);
             }
-            let buffer = slot.as_mut().expect("made above");
-            stream.memcpy_dtoh(&src, buffer).w()?;
-            // Waits for the copy.
-            Ok(buffer.as_slice().w()?[..len].to_vec())
+            let pinned = slot.as_mut().expect("made above");
+            // cudarc copies as many bytes as its destination holds, so the destination is the
+            // buffer's first `len` bytes (a plain slice: the driver still sees page-locked memory).
+            let head = &mut pinned.buffer.as_mut_slice().w()?[..len];
+            stream.memcpy_dtoh(&src, head).w()?;
+            pinned.copied.record(&stream).w()?;
+            pinned.copied.synchronize().w()?;
+            Ok(pinned.buffer.as_slice().w()?[..len].to_vec())
         })
     }
 
