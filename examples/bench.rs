@@ -365,7 +365,7 @@ fn run() -> Result<(), String> {
         if sync_stages { "on" } else { "off" },
         peak_before,
         peak_after,
-        multi_stream::policy_summary(),
+        multi_stream::policy_summary(device.is_cuda()),
     );
     let (against_header, against_rule) = match &args.against {
         Some(dtype) => (format!(" vs {dtype}: max / mean levels |"), "---|"),

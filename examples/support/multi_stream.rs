@@ -318,7 +318,7 @@ pub fn main(argv: Vec<String>) -> ExitCode {
         args.frames,
         args.warmup,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        policy_summary(),
+        policy_summary(args.device.starts_with("cuda")),
     );
     println!(
         "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest | ControlNet calls / batches |"
@@ -378,17 +378,20 @@ pub fn main(argv: Vec<String>) -> ExitCode {
 }
 
 /// The switches of the process's kernel policy that change what a GPU runs, so that a table
-/// says what it measured (`SDSTREAM_CHANNELS_LAST` and the others, docs/GPU.md).
-pub fn policy_summary() -> String {
+/// says what it measured (`SDSTREAM_CHANNELS_LAST` and the others, docs/GPU.md). `cuda`: whether
+/// the bench's device is a CUDA device, which decides what the channels-last choice gives
+/// (on there by default, off elsewhere).
+pub fn policy_summary(cuda: bool) -> String {
     let p = sdstream::model::kernels::KernelPolicy::process();
     let on_off = |on: bool| if on { "on" } else { "off" };
     format!(
-        "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {}, pinned transfers {}, \
-         preprocessing on the device {}",
+        "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
+         pinned transfers {}, preprocessing on the device {}",
         on_off(p.cuda_kernels),
         on_off(p.cuda_attention),
         on_off(p.cuda_graphs),
-        on_off(p.channels_last),
+        on_off(p.channels_last.on(cuda)),
+        p.channels_last.name(),
         on_off(p.cuda_pinned),
         on_off(p.cuda_preprocess),
     )

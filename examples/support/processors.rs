@@ -14,9 +14,9 @@
 //! The frame defaults to examples/frames/000.png resized to the size. Each processor runs once
 //! to warm up, then `--frames` times; the table gives the median and the best time of those, and
 //! the processor's own conversions (frame to tensor and back are not counted). On a GPU each run
-//! waits for the device; `SDSTREAM_CUDA_PREPROCESS=1` runs the pixel processors there (else they
-//! download the frame, run on the host and upload the result). Random weights make the
-//! networks' work what it is with real weights; what follows a network and depends on what it
+//! waits for the device; the pixel processors run there by default (with
+//! `SDSTREAM_CUDA_PREPROCESS=0` they download the frame, run on the host and upload the
+//! result). Random weights make the networks' work what it is with real weights; what follows a network and depends on what it
 //! finds (OpenPose's keypoint grouping and drawing) may cost more or less with real weights on a
 //! real scene.
 

@@ -52,7 +52,7 @@ pub use winograd::{
 /// Which kernels may run, as a value: the process's from its environment, or one scoped on the
 /// calling thread (see the type). Re-exported here so that hosts name it without knowing the
 /// crate's modules.
-pub use policy::{KernelPolicy, PolicyGuard, Winograd};
+pub use policy::{ChannelsLast, KernelPolicy, PolicyGuard, Winograd};
 
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
 pub(crate) use pool::threads;
@@ -72,9 +72,9 @@ pub fn cuda_kernels(device: &Device) -> bool {
 
 /// Whether the preprocessors that can run on `device` do ([`canny`]; `soft_edge`, `blur`,
 /// `sharpen`, `upscale`, `standard_lineart` and `feedback`'s resize as tensor operations): on a
-/// CUDA device, when the current [`KernelPolicy`] allows sdstream's CUDA
-/// kernels and preprocessing there (`SDSTREAM_CUDA_PREPROCESS`). Never elsewhere: the host runs
-/// its own.
+/// CUDA device, when the current [`KernelPolicy`] allows sdstream's CUDA kernels and
+/// preprocessing there (both by default; off with `SDSTREAM_CUDA_KERNELS=0` or
+/// `SDSTREAM_CUDA_PREPROCESS=0`). Never elsewhere: the host runs its own.
 pub fn preprocess_on_device(device: &Device) -> bool {
     cuda_kernels(device) && KernelPolicy::current().cuda_preprocess
 }

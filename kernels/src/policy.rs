@@ -34,6 +34,43 @@ pub enum Winograd {
     F4,
 }
 
+/// Which devices' networks keep their feature maps channels-last (`SDSTREAM_CHANNELS_LAST`;
+/// see [`KernelPolicy::channels_last`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ChannelsLast {
+    /// On CUDA devices only (`auto`, empty or unset: the default). Measured on an H200 (sd-turbo
+    /// 512², 1 step, TAESD, f16, stage sync on): 13.79 ms a frame against 18.56 ms
+    /// channels-first; on the CPU it is slower (docs/GPU.md, "Channels last").
+    #[default]
+    Auto,
+    /// On every device (any other value but `0` and `off`, as the switch it was): on the CPU,
+    /// to check the GPU's code against the goldens.
+    On,
+    /// On no device (`0` or `off`): for comparisons against channels-first maps.
+    Off,
+}
+
+impl ChannelsLast {
+    /// Whether networks on a device keep their maps channels-last under this choice; `cuda` is
+    /// whether the device is a CUDA device.
+    pub fn on(self, cuda: bool) -> bool {
+        match self {
+            ChannelsLast::Auto => cuda,
+            ChannelsLast::On => true,
+            ChannelsLast::Off => false,
+        }
+    }
+
+    /// The variable's value that asks for this choice: `auto`, `on` or `off`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChannelsLast::Auto => "auto",
+            ChannelsLast::On => "on",
+            ChannelsLast::Off => "off",
+        }
+    }
+}
+
 /// Which of sdstream's kernels may run. `Default` is what a process gets with none of the
 /// `SDSTREAM_*` switches set: every fast kernel allowed where the hardware has it. Cheap to copy
 /// and to compare, and hashable, so that a host can key what it builds (a model, a captured
@@ -64,22 +101,25 @@ pub struct KernelPolicy {
     /// Forward passes on CUDA devices are captured and replayed as CUDA graphs (off with
     /// `SDSTREAM_CUDA_GRAPHS=0`; read by sdstream-models' graph cache).
     pub cuda_graphs: bool,
-    /// The networks (the UNet, its ControlNets, TAESD and the VAE) keep their feature maps
-    /// channels-last (`[B, H, W, C]`) between their layers, on every device (on with
-    /// `SDSTREAM_CHANNELS_LAST`; read when a network loads, which lays its convolution weights
-    /// out for it; the CPU kernels run the autoencoders channels-last anyway). On a CUDA device with
-    /// cuDNN that is the layout its tensor-core convolutions take without transposing around
-    /// every call; on the CPU it checks the same code against the goldens. Off by default
-    /// until a GPU run has measured it (docs/GPU.md).
-    pub channels_last: bool,
+    /// On which devices the networks (the UNet, its ControlNets, TAESD and the VAE) keep their
+    /// feature maps channels-last (`[B, H, W, C]`) between their layers
+    /// (`SDSTREAM_CHANNELS_LAST`; see [`KernelPolicy::channels_last_on`]; read when a network
+    /// loads, which lays its convolution weights out for it; the CPU kernels run the
+    /// autoencoders channels-last anyway). On a CUDA device with cuDNN that is the layout its
+    /// tensor-core convolutions take without transposing around every call: on CUDA devices
+    /// by default ([`ChannelsLast::Auto`]; docs/GPU.md, "Channels last"). On the CPU it is
+    /// slower, and [`ChannelsLast::On`] checks the same code against the goldens there.
+    pub channels_last: ChannelsLast,
     /// A frame crosses to and from a CUDA device through page-locked host buffers, kept per
     /// thread and reused, so that the copies are the DMA engine's alone (on with
     /// `SDSTREAM_CUDA_PINNED`; see `transfer`). Off by default until a GPU run has measured it.
     pub cuda_pinned: bool,
     /// The preprocessors that can run on a CUDA device do, where the frame is (`canny` with a
-    /// kernel of its own, the other pixel processors as tensor operations; on with
-    /// `SDSTREAM_CUDA_PREPROCESS`; see [`crate::preprocess_on_device`]), instead of a download,
-    /// the host's code and an upload. Off by default until a GPU run has measured it.
+    /// kernel of its own, the other pixel processors as tensor operations; see
+    /// [`crate::preprocess_on_device`]), instead of a download, the host's code and an upload
+    /// (off with `SDSTREAM_CUDA_PREPROCESS=0`). Measured on an H200: canny bit for bit the
+    /// host's, the float processors within 1e-5 of the host's steps, a frame with one
+    /// ControlNet 24.49 ms against 33.39 ms on the host's way.
     pub cuda_preprocess: bool,
 }
 
@@ -94,9 +134,9 @@ impl Default for KernelPolicy {
             cuda_kernels: true,
             cuda_attention: true,
             cuda_graphs: true,
-            channels_last: false,
+            channels_last: ChannelsLast::Auto,
             cuda_pinned: false,
-            cuda_preprocess: false,
+            cuda_preprocess: true,
         }
     }
 }
@@ -118,10 +158,12 @@ impl KernelPolicy {
     /// variable `name`, `None` where it is unset). A pure function of `lookup`, so that the
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
-    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CHANNELS_LAST`, `SDSTREAM_CUDA_PINNED`,
-    ///   `SDSTREAM_CUDA_PREPROCESS` are switches, on when set to anything but nothing or `0`;
-    /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS` turn their
-    ///   feature off when exactly `0`;
+    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED` are switches, on when set to anything
+    ///   but nothing or `0`;
+    /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
+    ///   `SDSTREAM_CUDA_PREPROCESS` turn their feature off when exactly `0`;
+    /// - `SDSTREAM_CHANNELS_LAST` is `auto` (or empty, or unset: CUDA devices only), `0` or `off`
+    ///   (no device), anything else on (every device, as when it was a switch);
     /// - `SDSTREAM_WINOGRAD` is `auto` (or empty, or unset), `off` (or `0`), `f2` or `f4`;
     ///   anything else is `auto`, with a warning (the kernels' choice is never worse than a
     ///   typo's).
@@ -145,6 +187,12 @@ impl KernelPolicy {
                 None => Winograd::Auto,
             },
         };
+        let channels_last = match lookup("SDSTREAM_CHANNELS_LAST") {
+            None => ChannelsLast::Auto,
+            Some(value) if value.is_empty() || value == "auto" => ChannelsLast::Auto,
+            Some(value) if value == "0" || value == "off" => ChannelsLast::Off,
+            Some(_) => ChannelsLast::On,
+        };
         KernelPolicy {
             portable: switch("SDSTREAM_PORTABLE_KERNELS"),
             amx: !switch("SDSTREAM_NO_AMX"),
@@ -154,10 +202,17 @@ impl KernelPolicy {
             cuda_kernels: !off("SDSTREAM_CUDA_KERNELS"),
             cuda_attention: !off("SDSTREAM_CUDA_ATTENTION"),
             cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
-            channels_last: switch("SDSTREAM_CHANNELS_LAST"),
+            channels_last,
             cuda_pinned: switch("SDSTREAM_CUDA_PINNED"),
-            cuda_preprocess: switch("SDSTREAM_CUDA_PREPROCESS"),
+            cuda_preprocess: !off("SDSTREAM_CUDA_PREPROCESS"),
         }
+    }
+
+    /// Whether networks loaded on `device` keep their maps channels-last under this policy
+    /// ([`KernelPolicy::channels_last`]: by default on CUDA devices only). The CPU kernels run
+    /// the autoencoders channels-last whatever this says (their own rule, where they load).
+    pub fn channels_last_on(&self, device: &candle_core::Device) -> bool {
+        self.channels_last.on(device.is_cuda())
     }
 
     /// The process's policy: [`KernelPolicy::from_env`], read on the first call and kept, as
@@ -230,10 +285,8 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 7] = [
-            ("SDSTREAM_CUDA_PREPROCESS", |p| p.cuda_preprocess, false),
+        let cases: [(&str, Field, bool); 5] = [
             ("SDSTREAM_PORTABLE_KERNELS", |p| p.portable, false),
-            ("SDSTREAM_CHANNELS_LAST", |p| p.channels_last, false),
             ("SDSTREAM_CUDA_PINNED", |p| p.cuda_pinned, false),
             ("SDSTREAM_NO_AMX", |p| p.amx, true),
             ("SDSTREAM_NO_AVX512_BF16", |p| p.avx512_bf16, true),
@@ -253,11 +306,7 @@ mod tests {
                 "SDSTREAM_PORTABLE_KERNELS" => others.portable = default_policy.portable,
                 "SDSTREAM_NO_AMX" => others.amx = default_policy.amx,
                 "SDSTREAM_NO_AVX512_BF16" => others.avx512_bf16 = default_policy.avx512_bf16,
-                "SDSTREAM_CHANNELS_LAST" => others.channels_last = default_policy.channels_last,
                 "SDSTREAM_CUDA_PINNED" => others.cuda_pinned = default_policy.cuda_pinned,
-                "SDSTREAM_CUDA_PREPROCESS" => {
-                    others.cuda_preprocess = default_policy.cuda_preprocess
-                }
                 _ => others.direct_conv = default_policy.direct_conv,
             }
             assert_eq!(others, default_policy, "{name} moves only its field");
@@ -266,17 +315,91 @@ mod tests {
 
     #[test]
     fn cuda_switches_are_off_only_at_zero() {
-        let cases: [(&str, Field); 3] = [
+        let cases: [(&str, Field); 4] = [
             ("SDSTREAM_CUDA_KERNELS", |p| p.cuda_kernels),
             ("SDSTREAM_CUDA_ATTENTION", |p| p.cuda_attention),
             ("SDSTREAM_CUDA_GRAPHS", |p| p.cuda_graphs),
+            ("SDSTREAM_CUDA_PREPROCESS", |p| p.cuda_preprocess),
         ];
         for (name, field) in cases {
             assert!(field(with(&[])), "{name} unset");
+            assert!(field(KernelPolicy::default()), "{name} by default");
             assert!(!field(with(&[(name, "0")])), "{name}=0");
             for on in ["", "1", "off", "00"] {
                 assert!(field(with(&[(name, on)])), "{name}={on:?}");
             }
+            // Nothing else moves.
+            let mut others = with(&[(name, "0")]);
+            let default_policy = KernelPolicy::default();
+            match name {
+                "SDSTREAM_CUDA_KERNELS" => others.cuda_kernels = default_policy.cuda_kernels,
+                "SDSTREAM_CUDA_ATTENTION" => others.cuda_attention = default_policy.cuda_attention,
+                "SDSTREAM_CUDA_GRAPHS" => others.cuda_graphs = default_policy.cuda_graphs,
+                _ => others.cuda_preprocess = default_policy.cuda_preprocess,
+            }
+            assert_eq!(others, default_policy, "{name} moves only its field");
+        }
+    }
+
+    /// `SDSTREAM_CHANNELS_LAST`: CUDA devices only unless set, `0` or `off` for none, any
+    /// other value for every device (as when it was a switch).
+    #[test]
+    fn channels_last_names_its_policy() {
+        let cases = [
+            ("", ChannelsLast::Auto),
+            ("auto", ChannelsLast::Auto),
+            ("0", ChannelsLast::Off),
+            ("off", ChannelsLast::Off),
+            ("1", ChannelsLast::On),
+            ("on", ChannelsLast::On),
+            ("yes", ChannelsLast::On),
+            ("00", ChannelsLast::On),
+        ];
+        for (value, want) in cases {
+            let policy = with(&[("SDSTREAM_CHANNELS_LAST", value)]);
+            assert_eq!(policy.channels_last, want, "{value:?}");
+            assert_eq!(
+                KernelPolicy {
+                    channels_last: ChannelsLast::Auto,
+                    ..policy
+                },
+                KernelPolicy::default(),
+                "{value:?} moves only its field"
+            );
+        }
+        assert_eq!(with(&[]).channels_last, ChannelsLast::Auto);
+        assert_eq!(KernelPolicy::default().channels_last, ChannelsLast::Auto);
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let not_unicode = KernelPolicy::from_vars(|name| {
+                (name == "SDSTREAM_CHANNELS_LAST").then(|| OsString::from_vec(vec![b'o', 0xff]))
+            });
+            assert_eq!(not_unicode.channels_last, ChannelsLast::On);
+        }
+        // Which devices each choice covers: (choice, on CUDA, on other devices).
+        for (choice, cuda, other) in [
+            (ChannelsLast::Auto, true, false),
+            (ChannelsLast::On, true, true),
+            (ChannelsLast::Off, false, false),
+        ] {
+            assert_eq!(choice.on(true), cuda, "{choice:?} on CUDA");
+            assert_eq!(choice.on(false), other, "{choice:?} elsewhere");
+            let policy = KernelPolicy {
+                channels_last: choice,
+                ..KernelPolicy::default()
+            };
+            assert_eq!(
+                policy.channels_last_on(&candle_core::Device::Cpu),
+                other,
+                "{choice:?} on the CPU"
+            );
+            let name = choice.name();
+            assert_eq!(
+                with(&[("SDSTREAM_CHANNELS_LAST", name)]).channels_last,
+                choice,
+                "{name}"
+            );
         }
     }
 

@@ -231,8 +231,8 @@ impl Config {
 }
 
 /// A 3×3 convolution, channels-last where the CPU kernels run (see [`AutoencoderTiny`]), and
-/// elsewhere where the kernel policy asks for channels-last maps (`SDSTREAM_CHANNELS_LAST`: on a
-/// GPU, cuDNN's NHWC convolutions with no transposes around them).
+/// elsewhere where the kernel policy asks for channels-last maps (`SDSTREAM_CHANNELS_LAST`, by
+/// default on CUDA devices: cuDNN's NHWC convolutions with no transposes around them).
 fn conv3x3(
     c_in: usize,
     c_out: usize,
@@ -249,7 +249,9 @@ fn conv3x3(
         bias,
         vb.clone(),
     )?;
-    if cpu_kernels(vb.device()) || crate::kernels::KernelPolicy::current().channels_last {
+    if cpu_kernels(vb.device())
+        || crate::kernels::KernelPolicy::current().channels_last_on(vb.device())
+    {
         conv.into_channels_last()
     } else {
         Ok(conv)

@@ -97,8 +97,9 @@ impl UNetEncoder {
     pub fn new(cfg: &UNetConfig, model: &'static str, vb: VarBuilder) -> Result<Self> {
         let mut plan = cfg.plan(model)?;
         // The layout is chosen when the network loads: its convolutions lay their weights out
-        // for it (docs/GPU.md, "Channels last").
-        plan.settings.channels_last = crate::kernels::KernelPolicy::current().channels_last;
+        // for it (docs/GPU.md, "Channels last"; by default channels-last on CUDA devices only).
+        plan.settings.channels_last =
+            crate::kernels::KernelPolicy::current().channels_last_on(vb.device());
         let s = plan.settings;
         let ch0 = plan.block_out_channels[0];
         let temb = plan.time_embed_dim;

@@ -216,10 +216,11 @@ impl Config {
 /// instead of 9 ([`crate::kernels::conv::Conv2d::into_channels_last`]): at 512×512 the
 /// decoder's 128- and 256-channel convolutions take about half the time channels-first does.
 /// Maps are converted once on the way in and once on the way out (3 or 4 and 8 channels).
-/// Elsewhere where the kernel policy asks for channels-last maps (`SDSTREAM_CHANNELS_LAST`: on a
-/// GPU, cuDNN's NHWC convolutions with no transposes around them).
+/// Elsewhere where the kernel policy asks for channels-last maps (`SDSTREAM_CHANNELS_LAST`, by
+/// default on CUDA devices: cuDNN's NHWC convolutions with no transposes around them).
 fn runs_channels_last(vb: &VarBuilder) -> bool {
-    cpu_kernels(vb.device()) || crate::kernels::KernelPolicy::current().channels_last
+    cpu_kernels(vb.device())
+        || crate::kernels::KernelPolicy::current().channels_last_on(vb.device())
 }
 
 /// A convolution of the encoder or decoder, in their layout.

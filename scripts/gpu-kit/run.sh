@@ -20,8 +20,8 @@
 #     processors
 #               every image processor's time a frame at 512² on the device (`bench processors`,
 #               full-size random networks in f16): the pixel processors on the host's way
-#               (download, host, upload) and, with SDSTREAM_CUDA_PREPROCESS=1, on the device;
-#               the network processors once
+#               (download, host, upload; SDSTREAM_CUDA_PREPROCESS=0) and on the device (the
+#               default); the network processors once
 #     profile-f16, profile-bf16
 #               Nsight Compute (ncu) over one 512² frame (TAESD, 1 step, no ControlNet, graphs off):
 #               each kernel's GPU time, summed by kernel name, for the frame after the warm-up
@@ -191,15 +191,17 @@ stage_multi_stream() {
   return "${PIPESTATUS[0]}"
 }
 
-# `bench processors` at 512² in f16: the pixel processors without and with the device switch
-# (two tables), the network processors once (in the second).
+# `bench processors` at 512² in f16: the pixel processors on the host's way
+# (SDSTREAM_CUDA_PREPROCESS=0) and on the device (the default; two tables), the network
+# processors once (in the second).
 stage_processors() {
   local pixel="canny,soft_edge,blur,sharpen,upscale,standard_lineart"
   # The repository's frame (the binary's default names the build machine's checkout).
   local frame="examples/frames/000.png"
-  "$work/bench" processors --device cuda --dtype f16 --frames 10 --frame "$frame" --only "$pixel" \
+  SDSTREAM_CUDA_PREPROCESS=0 "$work/bench" processors --device cuda --dtype f16 --frames 10 \
+    --frame "$frame" --only "$pixel" \
     2> "$out/bench-processors-host.log" | tee "$out/bench-processors-host.md"
-  SDSTREAM_CUDA_PREPROCESS=1 "$work/bench" processors --device cuda --dtype f16 --frames 10 --frame "$frame" \
+  "$work/bench" processors --device cuda --dtype f16 --frames 10 --frame "$frame" \
     2> "$out/bench-processors-device.log" | tee "$out/bench-processors-device.md"
   return "${PIPESTATUS[0]}"
 }

@@ -49,9 +49,9 @@ pub fn blur(image: &Planes, params: BlurParams) -> Planes {
 }
 
 /// [`blur`] as tensor operations on the image's own device (`[1, C, H, W]` in [0, 1]): what a
-/// GPU runs with `SDSTREAM_CUDA_PREPROCESS`, instead of a download, [`blur`] on the host and an
-/// upload. The same two passes in f32; the sums run in another order (tested on the CPU against
-/// [`blur`]). Returns `[1, C, H, W]` f32.
+/// GPU runs (unless `SDSTREAM_CUDA_PREPROCESS=0`), instead of a download, [`blur`] on the host
+/// and an upload. The same two passes in f32; the sums run in another order (tested on the CPU
+/// against [`blur`]). Returns `[1, C, H, W]` f32.
 pub fn blur_tensor(image: &Tensor, params: BlurParams) -> candle_core::Result<Tensor> {
     map_channels_tensor(image, |x| {
         gaussian_blur_tensor(x, params.kernel_size, params.sigma)

@@ -281,8 +281,9 @@ impl Processor {
         match *self {
             Processor::Passthrough => Ok(image.clone()),
             Processor::External => external(image, inputs.external),
-            // On a CUDA device with SDSTREAM_CUDA_PREPROCESS: the same detector where the frame
-            // is (kernels' canny.cu, bit for bit the host's), as f32 planes like the host's.
+            // On a CUDA device (unless SDSTREAM_CUDA_PREPROCESS=0): the same detector where the
+            // frame is (kernels' canny.cu, bit for bit the host's), as f32 planes like the
+            // host's.
             Processor::Canny(p) if on_device => {
                 Ok(
                     crate::model::kernels::canny::canny(image, p.low_threshold, p.high_threshold)?
@@ -290,7 +291,7 @@ impl Processor {
                 )
             }
             Processor::Canny(p) => on_host(&|x| canny::apply(x, p)),
-            // On a CUDA device with SDSTREAM_CUDA_PREPROCESS the float processors run their
+            // On a CUDA device (unless SDSTREAM_CUDA_PREPROCESS=0) the float processors run their
             // steps as tensor operations where the frame is.
             Processor::SoftEdge if on_device => Ok(soft_edge::apply_tensor(image)?),
             Processor::SoftEdge => on_host(&soft_edge::apply),

@@ -164,10 +164,10 @@ pub fn correlate_separable(
 }
 
 /// [`correlate`] as a tensor operation on the map's own device, for the processors a GPU runs
-/// where the frame is (`SDSTREAM_CUDA_PREPROCESS`): every image of `x` (`[N, 1, H, W]` f32)
-/// correlated with the `kh × kw` kernel (odd sizes, row-major) and zeros outside, through
-/// sdstream's convolution (f32 sums, plain FMA math on a GPU, no TF32). Its sums run in another
-/// order than [`correlate`]'s, so the two agree to rounding, not to the bit.
+/// where the frame is (unless `SDSTREAM_CUDA_PREPROCESS=0`): every image of `x`
+/// (`[N, 1, H, W]` f32) correlated with the `kh × kw` kernel (odd sizes, row-major) and zeros
+/// outside, through sdstream's convolution (f32 sums, plain FMA math on a GPU, no TF32). Its
+/// sums run in another order than [`correlate`]'s, so the two agree to rounding, not to the bit.
 pub fn correlate_tensor(
     x: &Tensor,
     kernel: &[f32],

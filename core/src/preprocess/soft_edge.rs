@@ -87,10 +87,10 @@ pub fn apply(image: &Planes) -> Planes {
 }
 
 /// [`apply`] as tensor operations on the image's own device (`[1, C, H, W]` or `[C, H, W]` in
-/// [0, 1]): what a GPU runs with `SDSTREAM_CUDA_PREPROCESS`, instead of a download, [`apply`] on
-/// the host and an upload. The same steps in f32, through [`correlate_tensor`] (the blur as one
-/// 5×5 kernel), so the sums run in another order: within 1e-5 of [`apply`] (tested on the CPU,
-/// where both run), as Daydream's own float16 run is not bit-exact either. Returns
+/// [0, 1]): what a GPU runs (unless `SDSTREAM_CUDA_PREPROCESS=0`), instead of a download,
+/// [`apply`] on the host and an upload. The same steps in f32, through [`correlate_tensor`] (the
+/// blur as one 5×5 kernel), so the sums run in another order: within 1e-5 of [`apply`] (tested
+/// on the CPU, where both run), as Daydream's own float16 run is not bit-exact either. Returns
 /// `[1, C, H, W]` f32 (C at least 1).
 pub fn apply_tensor(image: &Tensor) -> candle_core::Result<Tensor> {
     let image = match image.rank() {

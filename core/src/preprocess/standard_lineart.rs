@@ -90,7 +90,8 @@ pub fn apply(image: &Planes, p: StandardLineartParams) -> Planes {
 }
 
 /// [`apply`] as tensor operations on the image's own device (`[1, 3, H, W]` in [0, 1], any
-/// float dtype): what a GPU runs with `SDSTREAM_CUDA_PREPROCESS`. Returns `[1, 3, H', W']` f32.
+/// float dtype): what a GPU runs (unless `SDSTREAM_CUDA_PREPROCESS=0`). Returns
+/// `[1, 3, H', W']` f32.
 ///
 /// Every step but the blur is the host's arithmetic on the same values: the bicubic resize
 /// through [`resize_tensor`]; the area resize as two products with 0/1 matrices, whose sums of

@@ -63,8 +63,8 @@ pub fn apply(image: &Planes, p: UpscaleParams) -> Planes {
 }
 
 /// [`apply`] as tensor operations on the image's own device (`[1, C, H, W]` in [0, 1], any
-/// float dtype): what a GPU runs with `SDSTREAM_CUDA_PREPROCESS`. The host's arithmetic step
-/// for step ([`resize_tensor`]), so the result is [`apply`]'s bit for bit. Returns
+/// float dtype): what a GPU runs (unless `SDSTREAM_CUDA_PREPROCESS=0`). The host's arithmetic
+/// step for step ([`resize_tensor`]), so the result is [`apply`]'s bit for bit. Returns
 /// `[1, C, H, W]` f32.
 pub fn apply_tensor(image: &Tensor, p: UpscaleParams) -> candle_core::Result<Tensor> {
     let (_, _, h, w) = image.dims4()?;

@@ -1,12 +1,13 @@
 //! The UNet and its ControlNets with their maps kept channels-last between layers (kernel policy
-//! `channels_last`, `SDSTREAM_CHANNELS_LAST=1`; docs/GPU.md, "Channels last"): the layout a GPU's
-//! cuDNN convolutions compute in. On the CPU the same network code runs with the CPU's
-//! channels-last kernels, and with the portable twins (what a GPU runs where sdstream's own CUDA
-//! kernels are off); both against the goldens the channels-first networks meet.
+//! `channels_last` on every device, `SDSTREAM_CHANNELS_LAST=1`; docs/GPU.md, "Channels last"):
+//! the layout a GPU's cuDNN convolutions compute in, the default on CUDA devices. On the CPU
+//! the same network code runs with the CPU's channels-last kernels, and with the portable twins
+//! (what a GPU runs where sdstream's own CUDA kernels are off); both against the goldens the
+//! channels-first networks meet.
 
 use candle_core::{DType, Device};
 use sdstream::model::controlnet::ControlNetModel;
-use sdstream::model::kernels::{self, KernelPolicy};
+use sdstream::model::kernels::{self, ChannelsLast, KernelPolicy};
 use sdstream::model::unet::{UNet2DConditionModel, UNetInputs};
 
 use crate::common::{check, fixture, golden, sdxl_unet_conditioning};
@@ -14,7 +15,7 @@ use crate::streams::{CASES, CONTROLNET_CASES, Target, check_case_against_golden}
 
 fn channels_last(portable: bool) -> KernelPolicy {
     KernelPolicy {
-        channels_last: true,
+        channels_last: ChannelsLast::On,
         portable,
         ..KernelPolicy::process()
     }

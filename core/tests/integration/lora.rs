@@ -443,18 +443,18 @@ fn a_lora_change_rebuilds_from_memory_without_reading_the_weights() {
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
 
-/// With channels-last networks (kernel policy `channels_last`) the convolutions keep their
-/// weights laid out for their kernel and the weight table a view of them in the checkpoint's
-/// shape: a LoRA change that patches convolutions (kohya-b's resnet layers) rebuilds from that
-/// view to the same outputs as diffusers' fused networks.
+/// With channels-last networks on the CPU (kernel policy `channels_last` on every device) the
+/// convolutions keep their weights laid out for their kernel and the weight table a view of
+/// them in the checkpoint's shape: a LoRA change that patches convolutions (kohya-b's resnet
+/// layers) rebuilds from that view to the same outputs as diffusers' fused networks.
 #[test]
 fn a_lora_change_rebuilds_channels_last_networks() {
-    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::model::kernels::{ChannelsLast, KernelPolicy};
     let g = golden("golden/lora.safetensors");
     let pool = Arc::new(ModelPool::new());
     let mut settings = tiny_settings("self");
     settings.kernels = Some(KernelPolicy {
-        channels_last: true,
+        channels_last: ChannelsLast::On,
         ..KernelPolicy::process()
     });
     let mut held = Vec::new();

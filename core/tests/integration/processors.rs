@@ -705,9 +705,9 @@ fn temporal_net_matches_daydreams_flow_image() {
     }
 }
 
-/// The processor (its tensor steps, which the CPU runs, and a GPU with
-/// `SDSTREAM_CUDA_PREPROCESS`) and the host's steps (a GPU's default: download, host, upload)
-/// against the torch rendering, held to the same bounds.
+/// The processor (its tensor steps, which the CPU runs, and a GPU by default) and the host's
+/// steps (a GPU's with `SDSTREAM_CUDA_PREPROCESS=0`: download, host, upload) against the torch
+/// rendering, held to the same bounds.
 #[test]
 fn standard_lineart_matches_daydreams_arithmetic() {
     use sdstream::preprocess::annotator::to_stream_size;
