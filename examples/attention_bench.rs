@@ -1,7 +1,8 @@
 //! Attention alone, on the shapes sd-turbo's UNet meets at 512² (and SD 1.5's 64²
 //! self-attention): sdstream's kernel (attention.cu on a CUDA device in f16 or bf16, the CPU
-//! kernel in f32 on the CPU) beside the unfused path it replaced (candle's products and softmax,
-//! the heads merged after), in milliseconds per call: the mean of `--reps` calls after warm-up
+//! kernel in f32 on the CPU; on a CUDA device also the register-level kernel that the kernel
+//! policy's `cuda_flash_attention` picks) beside the unfused path it replaced (candle's products
+//! and softmax, the heads merged after), in milliseconds per call: the mean of `--reps` calls after warm-up
 //! calls, the device synchronised before and after them. `scripts/gpu-kit/sdpa_reference.py`
 //! gives torch's kernels (flash, cuDNN, memory-efficient, math) on the same shapes.
 //!
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use sdstream::model::kernels::attention;
+use sdstream::model::kernels::{KernelPolicy, attention};
 
 /// (label, batch, heads, queries, keys, head dim), as sdpa_reference.py lists them.
 const SHAPES: [(&str, usize, usize, usize, usize, usize); 8] = [
@@ -93,8 +94,17 @@ fn run() -> Result<(), String> {
         "attention on {} in {}, ms per call (mean of {} calls after 3 warm-up calls)",
         args.device, args.dtype, args.reps
     );
-    println!("| shape | B×H | N | M | d | sdstream ms | unfused ms |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("| shape | B×H | N | M | d | sdstream ms | sdstream registers ms | unfused ms |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let policy = KernelPolicy::current();
+    let wmma = KernelPolicy {
+        cuda_flash_attention: false,
+        ..policy
+    };
+    let registers = KernelPolicy {
+        cuda_flash_attention: true,
+        ..policy
+    };
     for (label, batch, heads, n, m, d) in SHAPES {
         let pairs = batch * heads;
         let draw = |tokens: usize| {
@@ -104,12 +114,22 @@ fn run() -> Result<(), String> {
         };
         let (q, k, v) = (draw(n)?, draw(m)?, draw(m)?);
         let scale = (d as f64).powf(-0.5);
-        let ours = if attention::runs_for(&q, d) {
-            let ms = time_ms(&device, args.reps, || {
-                attention::attention(&q, &k, &v, heads, scale)
+        // sdstream's kernel under `policy`, if it runs for these tensors.
+        let time_ours = |policy: KernelPolicy| -> Result<String, String> {
+            policy.scoped(|| {
+                if !attention::runs_for(&q, d) {
+                    return Ok("–".to_string());
+                }
+                let ms = time_ms(&device, args.reps, || {
+                    attention::attention(&q, &k, &v, heads, scale)
+                })
+                .map_err(e)?;
+                Ok(format!("{ms:.4}"))
             })
-            .map_err(e)?;
-            format!("{ms:.4}")
+        };
+        let ours = time_ours(wmma)?;
+        let ours_registers = if attention::fused_on_cuda(&q, d) {
+            time_ours(registers)?
         } else {
             "–".to_string()
         };
@@ -122,7 +142,9 @@ fn run() -> Result<(), String> {
                 .reshape((batch, n, heads * d))
         })
         .map_err(e)?;
-        println!("| {label} | {batch}×{heads} | {n} | {m} | {d} | {ours} | {unfused:.4} |");
+        println!(
+            "| {label} | {batch}×{heads} | {n} | {m} | {d} | {ours} | {ours_registers} | {unfused:.4} |"
+        );
     }
     Ok(())
 }

@@ -491,7 +491,8 @@ fn cuda_convolutions_match_the_cpu_kernel() {
     }
 }
 
-/// The fused attention kernel (attention.cu) against softmax(scale·q·kᵀ)·v in f32 on the CPU,
+/// The fused attention kernels (attention.cu: the WMMA kernel, the default, and the register
+/// kernel of the kernel policy's `cuda_flash_attention`) against softmax(scale·q·kᵀ)·v in f32 on the CPU,
 /// on the same values rounded to f16 or bf16, for the arrangements the UNet uses (heads-major,
 /// and token-major read in place from self-attention's fused q/k/v projection and from
 /// cross-attention's key/value projection) and the shapes it meets: SD 2.1's 4,096 tokens of
@@ -505,6 +506,7 @@ fn cuda_convolutions_match_the_cpu_kernel() {
     ignore = "needs the cuda feature and a CUDA device"
 )]
 fn cuda_fused_attention_matches_the_f32_formula() {
+    use sdstream::model::kernels::KernelPolicy;
     use sdstream::model::kernels::attention::{self, TokenMajor};
     if !cuda_or_skip("cuda_fused_attention_matches_the_f32_formula") {
         return;
@@ -584,24 +586,38 @@ fn cuda_fused_attention_matches_the_f32_formula() {
             let k32 = heads_major(&to_f32_cpu(&kv_dev), kv_parts, k_part, heads, d);
             let v32 = heads_major(&to_f32_cpu(&kv_dev), kv_parts, v_part, heads, d);
             let want = attention::attention(&q32, &k32, &v32, heads, scale).unwrap();
-            // Token-major, read in place.
             let view = |tensor, offset| TokenMajor { tensor, offset };
-            let token_major = attention::attention_token_major(
-                view(&q_dev, 0),
-                view(&kv_dev, k_at),
-                view(&kv_dev, v_at),
-                heads,
-                d,
-                scale,
-            )
-            .unwrap();
             // Heads-major, as the bank's path hands them over.
             let (q_h, k_h, v_h) = (
                 heads_major(&q_dev, q_parts, 0, heads, d),
                 heads_major(&kv_dev, kv_parts, k_part, heads, d),
                 heads_major(&kv_dev, kv_parts, v_part, heads, d),
             );
-            let heads_major_out = attention::attention(&q_h, &k_h, &v_h, heads, scale).unwrap();
+            // Both kernels (the kernel policy's `cuda_flash_attention`), each on both arrangements.
+            let mut outputs = Vec::new();
+            for (kernel, registers) in [("WMMA", false), ("registers", true)] {
+                let policy = KernelPolicy {
+                    cuda_flash_attention: registers,
+                    ..KernelPolicy::process()
+                };
+                let (token_major, heads_major_out) = policy.scoped(|| {
+                    // Token-major, read in place.
+                    let token_major = attention::attention_token_major(
+                        view(&q_dev, 0),
+                        view(&kv_dev, k_at),
+                        view(&kv_dev, v_at),
+                        heads,
+                        d,
+                        scale,
+                    )
+                    .unwrap();
+                    let heads_major_out =
+                        attention::attention(&q_h, &k_h, &v_h, heads, scale).unwrap();
+                    (token_major, heads_major_out)
+                });
+                outputs.push((kernel, "token-major", token_major));
+                outputs.push((kernel, "heads-major", heads_major_out));
+            }
             // The unfused path on the device in the same dtype.
             let probs = candle_nn::ops::softmax_last_dim(
                 &(q_h.matmul(&k_h.t().unwrap()).unwrap() * scale).unwrap(),
@@ -617,33 +633,30 @@ fn cuda_fused_attention_matches_the_f32_formula() {
                 .reshape((batch, n, hd))
                 .unwrap();
             let (u_max, u_mean) = common::abs_err(&to_f32_cpu(&unfused), &want);
-            for (arrangement, got) in [
-                ("token-major", &token_major),
-                ("heads-major", &heads_major_out),
-            ] {
+            for (kernel, arrangement, got) in &outputs {
                 assert_eq!(got.dims(), &[batch, n, hd]);
                 let (max, mean) = common::abs_err(&to_f32_cpu(got), &want);
                 println!(
-                    "attention {arrangement} [{batch}×{heads}, {n} × {m} keys, d {d}, spread {spread}] {dtype:?}: \
+                    "attention {kernel} {arrangement} [{batch}×{heads}, {n} × {m} keys, d {d}, spread {spread}] {dtype:?}: \
                      fused max {max:.2e} mean {mean:.2e}; unfused max {u_max:.2e} mean {u_mean:.2e}"
                 );
                 assert!(
                     max.is_finite() && max <= max_limit,
-                    "{dtype:?} {arrangement} [{batch}, {heads}, {n}, {m}, {d}]: max {max} > {max_limit}"
+                    "{kernel} {dtype:?} {arrangement} [{batch}, {heads}, {n}, {m}, {d}]: max {max} > {max_limit}"
                 );
                 assert!(
                     mean <= mean_limit,
-                    "{dtype:?} {arrangement} [{batch}, {heads}, {n}, {m}, {d}]: mean {mean} > {mean_limit}"
+                    "{kernel} {dtype:?} {arrangement} [{batch}, {heads}, {n}, {m}, {d}]: mean {mean} > {mean_limit}"
                 );
                 assert!(
                     mean <= u_mean * 1.05 + 1e-6,
-                    "{dtype:?} {arrangement}: the fused kernel's mean error {mean} exceeds the unfused path's {u_mean}"
+                    "{kernel} {dtype:?} {arrangement}: the fused kernel's mean error {mean} exceeds the unfused path's {u_mean}"
                 );
                 checked += 1;
             }
         }
     }
-    assert_eq!(checked, shapes.len() * 2 * 2);
+    assert_eq!(checked, shapes.len() * 2 * 2 * 2);
 }
 
 /// GEGLU in one pass on the device (ops.cu) against its formula in f32 on the CPU, with and

@@ -384,11 +384,16 @@ pub fn main(argv: Vec<String>) -> ExitCode {
 pub fn policy_summary(cuda: bool) -> String {
     let p = sdstream::model::kernels::KernelPolicy::process();
     let on_off = |on: bool| if on { "on" } else { "off" };
+    let attention = match (p.cuda_attention, p.cuda_flash_attention) {
+        (false, _) => "off",
+        (true, false) => "on (WMMA)",
+        (true, true) => "on (registers)",
+    };
     format!(
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
          pinned transfers {}, preprocessing on the device {}",
         on_off(p.cuda_kernels),
-        on_off(p.cuda_attention),
+        attention,
         on_off(p.cuda_graphs),
         on_off(p.channels_last.on(cuda)),
         p.channels_last.name(),

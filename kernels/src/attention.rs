@@ -525,10 +525,15 @@ mod cuda {
     /// Shared memory a kernel may use without asking for more.
     const DEFAULT_SHARED: usize = 48 * 1024;
 
-    /// attention.cu's shared memory for padded head dimension `dp` (its `Smem<DP>::TOTAL`):
-    /// q, k and v tiles with rows of `dp + 8`, each warp's f32 scores (rows of 68) and
-    /// probabilities (rows of 72).
-    pub(super) fn shared_bytes(dp: usize) -> usize {
+    /// attention.cu's shared memory for padded head dimension `dp`. The WMMA kernel
+    /// (`attention_*`, its `Smem<DP>::TOTAL`): q, k and v tiles with rows of `dp + 8`, each
+    /// warp's f32 scores (rows of 68) and probabilities (rows of 72). The register kernel
+    /// (`flash_attention_*`, its `FlashSmem<DP>::TOTAL`): the q tile and two k and two v tiles
+    /// (double-buffered), rows of `dp + 8`.
+    pub(super) fn shared_bytes(dp: usize, registers: bool) -> usize {
+        if registers {
+            return (BLOCK_ROWS + 4 * BLOCK_KEYS) * (dp + 8) * 2;
+        }
         let tiles = (BLOCK_ROWS + 2 * BLOCK_KEYS) * (dp + 8) * 2;
         let scores = WARPS * 16 * (BLOCK_KEYS + 4) * 4;
         let probabilities = WARPS * 16 * (BLOCK_KEYS + 8) * 2;
@@ -599,9 +604,15 @@ mod cuda {
             }
             views.push(storage.as_cuda_slice::<T>()?.slice(at..));
         }
-        let name = format!("attention_{suffix}_{dp}");
+        // The register kernel where the kernel policy asks for it (`SDSTREAM_CUDA_FLASH_ATTENTION`).
+        let registers = crate::KernelPolicy::current().cuda_flash_attention;
+        let name = if registers {
+            format!("flash_attention_{suffix}_{dp}")
+        } else {
+            format!("attention_{suffix}_{dp}")
+        };
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        let shared = shared_bytes(dp);
+        let shared = shared_bytes(dp, registers);
         // Asked for once per device and kernel, so never while a CUDA graph is being captured
         // (a graph's eager pass always comes first).
         static RAISED: Mutex<Vec<(DeviceId, String)>> = Mutex::new(Vec::new());

@@ -98,6 +98,13 @@ pub struct KernelPolicy {
     /// The fused CUDA attention kernel may run (off with `SDSTREAM_CUDA_ATTENTION=0`; see
     /// [`crate::attention::fused_on_cuda`]).
     pub cuda_attention: bool,
+    /// Where the fused CUDA attention runs, it is the register-level kernel (attention.cu's
+    /// `flash_attention_*`: one pass, the online softmax in registers, `mma.sync` and
+    /// `ldmatrix`, double-buffered `cp.async` tiles) instead of the WMMA kernel (on with
+    /// `SDSTREAM_CUDA_FLASH_ATTENTION`). Off by default until a GPU run has checked and
+    /// measured it: the WMMA kernel took 0.487 ms on an H200 for a self-attention that cuDNN's
+    /// fused kernel does in 0.077 ms.
+    pub cuda_flash_attention: bool,
     /// Forward passes on CUDA devices are captured and replayed as CUDA graphs (off with
     /// `SDSTREAM_CUDA_GRAPHS=0`; read by sdstream-models' graph cache).
     pub cuda_graphs: bool,
@@ -133,6 +140,7 @@ impl Default for KernelPolicy {
             winograd: Winograd::Auto,
             cuda_kernels: true,
             cuda_attention: true,
+            cuda_flash_attention: false,
             cuda_graphs: true,
             channels_last: ChannelsLast::Auto,
             cuda_pinned: false,
@@ -158,8 +166,8 @@ impl KernelPolicy {
     /// variable `name`, `None` where it is unset). A pure function of `lookup`, so that the
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
-    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED` are switches, on when set to anything
-    ///   but nothing or `0`;
+    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED`, `SDSTREAM_CUDA_FLASH_ATTENTION` are
+    ///   switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
     ///   `SDSTREAM_CUDA_PREPROCESS` turn their feature off when exactly `0`;
     /// - `SDSTREAM_CHANNELS_LAST` is `auto` (or empty, or unset: CUDA devices only), `0` or `off`
@@ -201,6 +209,7 @@ impl KernelPolicy {
             winograd,
             cuda_kernels: !off("SDSTREAM_CUDA_KERNELS"),
             cuda_attention: !off("SDSTREAM_CUDA_ATTENTION"),
+            cuda_flash_attention: switch("SDSTREAM_CUDA_FLASH_ATTENTION"),
             cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
             channels_last,
             cuda_pinned: switch("SDSTREAM_CUDA_PINNED"),
@@ -285,9 +294,14 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 5] = [
+        let cases: [(&str, Field, bool); 6] = [
             ("SDSTREAM_PORTABLE_KERNELS", |p| p.portable, false),
             ("SDSTREAM_CUDA_PINNED", |p| p.cuda_pinned, false),
+            (
+                "SDSTREAM_CUDA_FLASH_ATTENTION",
+                |p| p.cuda_flash_attention,
+                false,
+            ),
             ("SDSTREAM_NO_AMX", |p| p.amx, true),
             ("SDSTREAM_NO_AVX512_BF16", |p| p.avx512_bf16, true),
             ("SDSTREAM_NO_DIRECT_CONV", |p| p.direct_conv, true),
@@ -307,6 +321,9 @@ mod tests {
                 "SDSTREAM_NO_AMX" => others.amx = default_policy.amx,
                 "SDSTREAM_NO_AVX512_BF16" => others.avx512_bf16 = default_policy.avx512_bf16,
                 "SDSTREAM_CUDA_PINNED" => others.cuda_pinned = default_policy.cuda_pinned,
+                "SDSTREAM_CUDA_FLASH_ATTENTION" => {
+                    others.cuda_flash_attention = default_policy.cuda_flash_attention
+                }
                 _ => others.direct_conv = default_policy.direct_conv,
             }
             assert_eq!(others, default_policy, "{name} moves only its field");

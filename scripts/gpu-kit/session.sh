@@ -51,15 +51,24 @@ stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_geglu --
 stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" bench-f16 \
   || stage bench-f16-nographs 90 SDSTREAM_CUDA_GRAPHS=0 SDSTREAM_BENCH_TAG=-nographs \
     SDSTREAM_BENCH_ARGS="--vaes taesd --frames 50" "${run[@]}" bench-f16
+# The register-level attention kernel (SDSTREAM_CUDA_FLASH_ATTENTION, off by default until this
+# row and the tests below have run): against bench-f16's rows, which run the WMMA kernel.
+stage bench-f16-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_BENCH_TAG=-flash \
+  SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
+# Every stream case in f16 and bf16 against f32 with the register kernel (cuda_fused_attention
+# above checked it alone, on the UNet's shapes).
+stage tests-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_TESTS=cuda_half_precision_streams \
+  SDSTREAM_TESTS_TAG=-flash "${run[@]}" tests
 # The networks with channels-first maps (cuDNN's NCHW convolutions, transposes around each):
 # against bench-f16's rows, which run channels-last, a CUDA device's default since an H200
 # measured 13.79 ms a frame against 18.56 channels-first (512², 1 step, TAESD, stage sync on).
 stage bench-f16-channels-first 60 SDSTREAM_CHANNELS_LAST=0 SDSTREAM_BENCH_TAG=-channels-first \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
 # Every prepared switch on at once (channels last and canny on the device, both the defaults
-# now, set here to say so; pinned transfers, still off by default), the host waiting once a
-# frame: the figure to hold against the 100 fps target.
+# now, set here to say so; pinned transfers and the register attention kernel, still off by
+# default), the host waiting once a frame: the figure to hold against the 100 fps target.
 stage bench-f16-all-on 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_PREPROCESS=1 \
+  SDSTREAM_CUDA_FLASH_ATTENTION=1 \
   SDSTREAM_BENCH_TAG=-all-on \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100 --sync-stages off" \
   "${run[@]}" bench-f16
@@ -70,6 +79,10 @@ stage bench-f16-host-preprocess 45 SDSTREAM_CUDA_PREPROCESS=0 SDSTREAM_BENCH_TAG
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 1 --t-index-lists 32 --frames 100" \
   "${run[@]}" bench-f16
 stage multi-stream-f16 90 "${run[@]}" multi-stream-f16
+# Issue 44's target (8 streams at 30 fps each) with every prepared switch on: batched UNet calls
+# of up to 8 rows spend most of their time in attention.
+stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_FLASH_ATTENTION=1 \
+  SDSTREAM_BENCH_TAG=-all-on SDSTREAM_MULTI_ARGS="--streams 1,4,8 --frames 40" "${run[@]}" multi-stream-f16
 # sdxl-turbo's shapes, 1 step, TAESDXL, 512² and 1024² (drawing its 3.5 G weights first).
 stage bench-sdxl-f16 150 "${run[@]}" bench-sdxl-f16
 stage bench-f16-unfused 45 SDSTREAM_CUDA_ATTENTION=0 SDSTREAM_BENCH_TAG=-unfused \
