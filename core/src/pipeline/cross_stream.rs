@@ -341,11 +341,22 @@ struct CostFit {
     shared: bool,
     /// Holds made to find that out ([`EXPLORING_HOLDS`] at most).
     exploring_holds: u32,
+    /// Batches of this kind run since a shared batch was last measured or a hold was last made
+    /// to measure one (see [`REMEASURE_AFTER`]).
+    batches_since_shared: u32,
 }
 
 /// Holds past the deadline a batcher makes to measure a shared batch before it gives up and
 /// judges by the device alone.
 const EXPLORING_HOLDS: u32 = 3;
+
+/// On a GPU, where batching was judged not to pay, the batches of one kind after which a hold is
+/// made again to measure a shared batch. Without it the judgement could never change: calls run
+/// side by side measure no shared batch, and few calls alone. An H200 run locked itself out so:
+/// after three shared batches at 2 streams (costs timed while other streams' transfers shared
+/// the device's queue), none at 4 and 8 streams, where batching gave 1.6–1.8× the throughput
+/// in another process.
+const REMEASURE_AFTER: u32 = 64;
 
 impl CostFit {
     fn record(&mut self, rows: usize, seconds: f64) {
@@ -462,6 +473,10 @@ struct BatchState {
     runs_started: u64,
     /// Whether batching pays, decided by a test instead of the measured costs.
     pays_override: Option<bool>,
+    /// The kind whose next batch measures a shared batch again (see [`REMEASURE_AFTER`]).
+    measure_next: Option<BatchKind>,
+    /// That batch is running: calls that would run beside it wait, so that its cost is its own.
+    measuring: bool,
     /// A test's rule that a batch waits (up to 2 s) until this many calls, or one of every
     /// member, are queued.
     lockstep_for_tests: Option<usize>,
@@ -714,7 +729,7 @@ impl CrossStreamBatcher {
         // or one call's time where that is longer (a stream held up behind another's encode).
         let one_call = fit.estimate(queued_rows)?;
         let grace = |interval: Duration| (interval / 4).max(one_call);
-        if Self::exploring(s, kind) {
+        if Self::exploring(s, kind, self.remeasures(s, kind, queued_rows)) {
             // Until one shared batch is measured, whether batching pays is unknown: hold once
             // for the next stream due, at most two calls' time, deadline or not, to find out.
             let cap = now + one_call * 2;
@@ -874,7 +889,7 @@ impl CrossStreamBatcher {
                 match mine {
                     // Batching would save nothing here (a CPU, where a call's cost grows with its
                     // rows): run this call beside the one running, as separate engines would.
-                    Some(i) if !pays => {
+                    Some(i) if !pays && !s.measuring => {
                         let call = s.queue.remove(i);
                         s = self.run_batch(s, models, vec![call]);
                     }
@@ -905,10 +920,21 @@ impl CrossStreamBatcher {
                     continue;
                 }
             }
-            let worth = pays || Self::exploring(&s, &first_kind);
+            let worth =
+                pays || Self::exploring(&s, &first_kind, self.remeasures(&s, &first_kind, rows));
             if worth && let Some((until, exploring)) = self.hold_until(&s, &first_kind, now) {
+                let mut again = false;
                 if exploring && let Some(fit) = s.costs.get_mut(&first_kind.cost_key()) {
                     fit.exploring_holds += 1;
+                    if fit.shared {
+                        // Measuring again: one hold per REMEASURE_AFTER batches, and the next
+                        // batch of the kind runs with no other beside it.
+                        fit.batches_since_shared = 0;
+                        again = true;
+                    }
+                }
+                if again {
+                    s.measure_next = Some(first_kind.cost_key());
                 }
                 let wait = until.saturating_duration_since(now);
                 s = self
@@ -950,12 +976,22 @@ impl CrossStreamBatcher {
         }
     }
 
-    /// Whether no batch of several streams' calls of `kind` has been measured yet, and holds
-    /// to measure one are left.
-    fn exploring(s: &BatchState, kind: &BatchKind) -> bool {
-        s.costs
-            .get(&kind.cost_key())
-            .is_none_or(|fit| !fit.shared && fit.exploring_holds < EXPLORING_HOLDS)
+    /// Whether a hold should be made to measure a batch of several streams' calls of `kind`:
+    /// none has been measured yet and holds to measure one are left, or (`remeasure`: on a GPU
+    /// where batching is judged not to pay) [`REMEASURE_AFTER`] batches have run since the last
+    /// measurement or hold.
+    fn exploring(s: &BatchState, kind: &BatchKind, remeasure: bool) -> bool {
+        match s.costs.get(&kind.cost_key()) {
+            None => true,
+            Some(fit) if !fit.shared => fit.exploring_holds < EXPLORING_HOLDS,
+            Some(fit) => remeasure && fit.batches_since_shared >= REMEASURE_AFTER,
+        }
+    }
+
+    /// Whether [`Self::exploring`] may measure again: on a GPU, where batching is judged not to
+    /// pay for `rows` rows.
+    fn remeasures(&self, s: &BatchState, kind: &BatchKind, rows: usize) -> bool {
+        !self.device.is_cpu() && !Self::batching_pays(s, kind, rows, &self.device)
     }
 
     /// Runs `batch` with the lock released, then records it and hands the rows out.
@@ -967,6 +1003,11 @@ impl CrossStreamBatcher {
     ) -> MutexGuard<'a, BatchState> {
         // A cost measured beside another run is not the batch's own.
         let alone = s.running == 0;
+        let measuring = s.measure_next.as_ref() == Some(&batch[0].kind.cost_key());
+        if measuring {
+            s.measure_next = None;
+            s.measuring = true;
+        }
         let started_before = s.runs_started;
         // A stream alone runs as it always did: its work only queued on a GPU, not waited for.
         // With others, the batcher waits for the device, so that costs are the device's.
@@ -988,6 +1029,9 @@ impl CrossStreamBatcher {
         let mut s = self.lock();
         let undisturbed = alone && s.runs_started == started_before + 1;
         s.running -= 1;
+        if measuring {
+            s.measuring = false;
+        }
         let total_rows: usize = batch.iter().map(|p| p.rows).sum();
         let calls = batch.len() as u64;
         let network = batch[0].kind.network;
@@ -1003,10 +1047,18 @@ impl CrossStreamBatcher {
             .add_batch(calls, total_rows);
         match outcome {
             Ok(outputs) => {
-                if undisturbed && timed {
+                let recorded = undisturbed && timed;
+                if recorded {
                     let fit = s.costs.entry(batch[0].kind.cost_key()).or_default();
                     fit.record(total_rows, elapsed.as_secs_f64());
                     fit.shared |= calls > 1;
+                }
+                if let Some(fit) = s.costs.get_mut(&batch[0].kind.cost_key()) {
+                    fit.batches_since_shared = if recorded && calls > 1 {
+                        0
+                    } else {
+                        fit.batches_since_shared.saturating_add(1)
+                    };
                 }
                 for (p, out) in batch.iter().zip(outputs) {
                     s.done.insert(p.ticket, Ok(out));
@@ -1687,7 +1739,7 @@ mod tests {
         let mut s = BatchState::default();
         // Nothing measured, or one stream's calls only: on a CPU assumed not to pay, while the
         // batcher explores.
-        assert!(CrossStreamBatcher::exploring(&s, &kind()));
+        assert!(CrossStreamBatcher::exploring(&s, &kind(), false));
         assert!(!CrossStreamBatcher::batching_pays(
             &s,
             &kind(),
@@ -1698,7 +1750,7 @@ mod tests {
         fit.record(2, 0.010);
         fit.record(4, 0.020);
         s.costs.insert(kind(), fit.clone());
-        assert!(CrossStreamBatcher::exploring(&s, &kind()));
+        assert!(CrossStreamBatcher::exploring(&s, &kind(), false));
         assert!(!CrossStreamBatcher::batching_pays(
             &s,
             &kind(),
@@ -1709,7 +1761,7 @@ mod tests {
         let mut given_up = fit.clone();
         given_up.exploring_holds = EXPLORING_HOLDS;
         s.costs.insert(kind(), given_up);
-        assert!(!CrossStreamBatcher::exploring(&s, &kind()));
+        assert!(!CrossStreamBatcher::exploring(&s, &kind(), false));
         assert!(!CrossStreamBatcher::batching_pays(
             &s,
             &kind(),
@@ -1718,8 +1770,20 @@ mod tests {
         ));
         // Measured with a shared batch: cost proportional to the rows (a CPU): does not pay.
         fit.shared = true;
+        s.costs.insert(kind(), fit.clone());
+        assert!(!CrossStreamBatcher::exploring(&s, &kind(), false));
+        // Where it may measure again (a GPU judged not to pay), only after REMEASURE_AFTER
+        // batches since the last shared one; never where it may not (a CPU).
+        assert!(!CrossStreamBatcher::exploring(&s, &kind(), true));
+        let mut stale = fit.clone();
+        stale.batches_since_shared = REMEASURE_AFTER - 1;
+        s.costs.insert(kind(), stale.clone());
+        assert!(!CrossStreamBatcher::exploring(&s, &kind(), true));
+        stale.batches_since_shared = REMEASURE_AFTER;
+        s.costs.insert(kind(), stale);
+        assert!(CrossStreamBatcher::exploring(&s, &kind(), true));
+        assert!(!CrossStreamBatcher::exploring(&s, &kind(), false));
         s.costs.insert(kind(), fit);
-        assert!(!CrossStreamBatcher::exploring(&s, &kind()));
         assert!(!CrossStreamBatcher::batching_pays(
             &s,
             &kind(),
