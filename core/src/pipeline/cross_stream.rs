@@ -477,6 +477,9 @@ struct BatchState {
     measure_next: Option<BatchKind>,
     /// That batch is running: calls that would run beside it wait, so that its cost is its own.
     measuring: bool,
+    /// A test's stand-in for a GPU: batchers with the same group share one device's time in
+    /// [`admission`], wherever they run.
+    device_group_for_tests: Option<u64>,
     /// A test's rule that a batch waits (up to 2 s) until this many calls, or one of every
     /// member, are queued.
     lockstep_for_tests: Option<usize>,
@@ -574,7 +577,35 @@ fn registry() -> &'static Mutex<Vec<Weak<CrossStreamBatcher>>> {
     REGISTRY.get_or_init(Default::default)
 }
 
+/// Batchers whose streams share one device's time, as [`admission`] counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceGroup {
+    Gpu(candle_core::DeviceLocation),
+    Test(u64),
+}
+
 impl CrossStreamBatcher {
+    /// Which batchers' streams share this one's device time in [`admission`]: a GPU's, by its
+    /// location; none on a CPU (see [`admission`]), unless a test said otherwise
+    /// ([`Self::set_device_group_for_tests`]).
+    fn device_group(&self) -> Option<DeviceGroup> {
+        if let Some(group) = self.lock().device_group_for_tests {
+            return Some(DeviceGroup::Test(group));
+        }
+        match self.device.location() {
+            candle_core::DeviceLocation::Cpu => None,
+            gpu => Some(DeviceGroup::Gpu(gpu)),
+        }
+    }
+
+    /// Makes [`admission`] count this batcher's streams with those of every batcher given the
+    /// same `group`, as it counts the batchers of one GPU (`None`: by the device again), so that
+    /// tests on a CPU check the rule.
+    #[doc(hidden)]
+    pub fn set_device_group_for_tests(&self, group: Option<u64>) {
+        self.lock().device_group_for_tests = group;
+    }
+
     /// A batcher for the UNet of a model on `device`.
     pub fn new(device: &Device) -> Arc<Self> {
         let batcher = Arc::new(Self {
@@ -1464,10 +1495,15 @@ impl Drop for BatchMember {
 pub struct Admission {
     /// Streams of the same model and size running now.
     pub streams: usize,
-    /// Predicted time for one frame of every stream, the new one included (`None`: nothing is
-    /// measured yet, so the stream is admitted).
+    /// Predicted time for one frame of every stream of its model and size, the new one included
+    /// (`None`: nothing is measured yet, so the stream is admitted).
     pub predicted_round: Option<Duration>,
-    /// The tightest frame budget among them.
+    /// Streams of other models or sizes on the same GPU, whose frames share its time.
+    pub other_streams: usize,
+    /// Their predicted round (one frame of each), added to `predicted_round` before it is held
+    /// to the budgets (zero where none are measured).
+    pub other_round: Duration,
+    /// The tightest frame budget among them all.
     pub tightest_budget: Option<Duration>,
     /// Why the stream is refused; `None` when it is admitted.
     pub refusal: Option<String>,
@@ -1481,10 +1517,13 @@ impl Admission {
 }
 
 /// Whether a new stream of `label` with frame budget `budget` (`None`: the tightest budget of
-/// the streams it joins) keeps every stream of its model and size within its budget (the
-/// budgets set with `frame_budget_ms`; streams without one are not refused for time), predicted
-/// from the batches measured so far: a round (one frame of each) costs a batched UNet call of
-/// all their rows plus every stream's other work.
+/// the streams it joins) keeps every stream within its budget (the budgets set with
+/// `frame_budget_ms`; streams without one are not refused for time), predicted from the batches
+/// measured so far: a round of its model and size (one frame of each) costs a batched UNet call
+/// of all their rows plus every stream's other work, and on a GPU the rounds of the other
+/// models and sizes it runs come on top ([`Admission::other_round`]). On a CPU they do not:
+/// there a batcher's costs are timed while the other engines' calls run beside them on the
+/// cores, so their load is in the figures already.
 pub fn admission(label: &MemberLabel, budget: Option<Duration>) -> Admission {
     let batchers: Vec<Arc<CrossStreamBatcher>> = registry()
         .lock()
@@ -1492,116 +1531,197 @@ pub fn admission(label: &MemberLabel, budget: Option<Duration>) -> Admission {
         .iter()
         .filter_map(Weak::upgrade)
         .collect();
-    let mut best: Option<Admission> = None;
-    for batcher in batchers {
+    // The group the stream joins. Several batchers of one model (another dtype or device): the
+    // busiest decides.
+    let mut joined: Option<(GroupRound, usize)> = None;
+    for (at, batcher) in batchers.iter().enumerate() {
         let s = batcher.lock();
         let peers: Vec<&Member> = s.members.values().filter(|m| &m.label == label).collect();
         if peers.is_empty() {
             continue;
         }
-        let answer = predict(&s, &peers, budget, label);
-        // Several batchers of one model (another dtype or device): the busiest decides.
-        if best.as_ref().is_none_or(|b| answer.streams > b.streams) {
-            best = Some(answer);
+        let group = GroupRound::of(&s, &peers, true);
+        if joined
+            .as_ref()
+            .is_none_or(|(b, _)| group.streams > b.streams)
+        {
+            joined = Some((group, at));
         }
     }
-    best.unwrap_or(Admission {
-        streams: 0,
-        predicted_round: None,
-        tightest_budget: budget,
-        refusal: None,
-    })
+    let Some((group, at)) = joined else {
+        return Admission {
+            streams: 0,
+            predicted_round: None,
+            other_streams: 0,
+            other_round: Duration::ZERO,
+            tightest_budget: budget,
+            refusal: None,
+        };
+    };
+    // The other groups on its device, each without a new stream.
+    let device = batchers[at].device_group();
+    let mut others = Vec::new();
+    for (i, batcher) in batchers.iter().enumerate() {
+        if device.is_none() || batcher.device_group() != device {
+            continue;
+        }
+        let s = batcher.lock();
+        let mut labels: Vec<&MemberLabel> = Vec::new();
+        for m in s.members.values() {
+            let joins = i == at && &m.label == label;
+            if !joins && !labels.contains(&&m.label) {
+                labels.push(&m.label);
+            }
+        }
+        for other in labels {
+            let peers: Vec<&Member> = s.members.values().filter(|m| &m.label == other).collect();
+            others.push(GroupRound::of(&s, &peers, false));
+        }
+    }
+    group.admission(label, budget, &others)
 }
 
-fn predict(
-    s: &BatchState,
-    peers: &[&Member],
+/// What one group of streams (one model and size in one batcher) costs a round.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct GroupRound {
+    streams: usize,
+    /// UNet rows of the round.
+    rows: usize,
+    /// The round's UNet batches, ControlNet batches (where every net's cost is measured) and
+    /// other work; `None` while the UNet's cost is not measured.
+    unet: Option<Duration>,
+    controlnets: Option<Duration>,
+    other: Duration,
+    /// The tightest budget among the group's streams.
     budget: Option<Duration>,
-    label: &MemberLabel,
-) -> Admission {
-    let streams = peers.len();
-    let measured: Vec<&&Member> = peers.iter().filter(|m| m.kind.is_some()).collect();
-    let tightest_peer = peers.iter().filter_map(|m| m.budget).min();
-    let tightest = match (budget, tightest_peer) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let unknown = Admission {
-        streams,
-        predicted_round: None,
-        tightest_budget: tightest,
-        refusal: None,
-    };
-    let Some(kind) = measured.first().and_then(|m| m.kind.clone()) else {
-        return unknown;
-    };
-    let Some(fit) = s.costs.get(&kind.cost_key()) else {
-        return unknown;
-    };
-    let rows_each = measured.iter().map(|m| m.rows).max().unwrap_or(1);
-    let rows: usize = peers
-        .iter()
-        .map(|m| if m.rows > 0 { m.rows } else { rows_each })
-        .sum::<usize>()
-        + rows_each;
-    // Where every ControlNet the streams run has a measured batch cost, its calls are predicted
-    // as batches (the shared time counted once) and taken out of each stream's other work;
-    // otherwise each stream's ControlNet time stays in its other work.
-    let controlnets = controlnet_batches(s, peers);
-    let others: Vec<Duration> = peers
-        .iter()
-        .filter_map(|m| match controlnets {
-            Some(_) => m
-                .other_work
-                .map(|w| w.saturating_sub(m.controlnet_work.unwrap_or_default())),
-            None => m.other_work,
-        })
-        .collect();
-    let mean_other = if others.is_empty() {
-        Duration::ZERO
-    } else {
-        others.iter().sum::<Duration>() / others.len() as u32
-    };
-    let other: Duration = others.iter().sum::<Duration>() + mean_other;
-    // Calls past the widest batch run in further batches.
-    let batches = rows.div_ceil(MAX_BATCH_ROWS).max(1);
-    let Some(unet) = fit.estimate(rows.min(MAX_BATCH_ROWS)) else {
-        return unknown;
-    };
-    let round = unet * batches as u32 + controlnets.unwrap_or_default() + other;
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let refusal = tightest.filter(|b| round > *b).map(|b| {
-        let controlnets = match controlnets {
-            Some(d) => format!("; ControlNet batches: {:.1} ms", ms(d)),
-            None => String::new(),
+}
+
+impl GroupRound {
+    /// The round of `peers`, with one stream more (as wide as the widest, with the mean other
+    /// work) when `joining`.
+    fn of(s: &BatchState, peers: &[&Member], joining: bool) -> GroupRound {
+        let mut group = GroupRound {
+            streams: peers.len(),
+            budget: peers.iter().filter_map(|m| m.budget).min(),
+            ..GroupRound::default()
         };
-        format!(
-            "no capacity for another {} {}x{} stream: with {} running, one frame of each would \
-             take about {:.1} ms (a UNet batch of {rows} rows: {:.1} ms{controlnets}; the other \
-             stages: {:.1} ms), over the tightest frame budget of {:.1} ms",
-            label.model_id,
-            label.size.0,
-            label.size.1,
-            streams,
-            ms(round),
-            ms(unet * batches as u32),
-            ms(other),
-            ms(b),
-        )
-    });
-    Admission {
-        streams,
-        predicted_round: Some(round),
-        tightest_budget: tightest,
-        refusal,
+        let measured: Vec<&&Member> = peers.iter().filter(|m| m.kind.is_some()).collect();
+        let Some(kind) = measured.first().and_then(|m| m.kind.clone()) else {
+            return group;
+        };
+        let Some(fit) = s.costs.get(&kind.cost_key()) else {
+            return group;
+        };
+        let rows_each = measured.iter().map(|m| m.rows).max().unwrap_or(1);
+        let new_rows = if joining { rows_each } else { 0 };
+        group.rows = peers
+            .iter()
+            .map(|m| if m.rows > 0 { m.rows } else { rows_each })
+            .sum::<usize>()
+            + new_rows;
+        // Where every ControlNet the streams run has a measured batch cost, its calls are
+        // predicted as batches (the shared time counted once) and taken out of each stream's
+        // other work; otherwise each stream's ControlNet time stays in its other work.
+        group.controlnets = controlnet_batches(s, peers, joining);
+        let others: Vec<Duration> = peers
+            .iter()
+            .filter_map(|m| match group.controlnets {
+                Some(_) => m
+                    .other_work
+                    .map(|w| w.saturating_sub(m.controlnet_work.unwrap_or_default())),
+                None => m.other_work,
+            })
+            .collect();
+        let mean_other = if others.is_empty() || !joining {
+            Duration::ZERO
+        } else {
+            others.iter().sum::<Duration>() / others.len() as u32
+        };
+        group.other = others.iter().sum::<Duration>() + mean_other;
+        // Calls past the widest batch run in further batches.
+        let batches = group.rows.div_ceil(MAX_BATCH_ROWS).max(1);
+        group.unet = fit
+            .estimate(group.rows.min(MAX_BATCH_ROWS))
+            .map(|one| one * batches as u32);
+        group
+    }
+
+    /// Its UNet, ControlNet and other time; `None` while the UNet's cost is not measured.
+    fn round(&self) -> Option<Duration> {
+        Some(self.unet? + self.controlnets.unwrap_or_default() + self.other)
+    }
+
+    /// The answer for a new stream of `label` (budget `budget`) joining this group, with the
+    /// `others` on its device: refused when the rounds together exceed the tightest budget.
+    fn admission(
+        &self,
+        label: &MemberLabel,
+        budget: Option<Duration>,
+        others: &[GroupRound],
+    ) -> Admission {
+        let budgets = std::iter::once(budget)
+            .chain(std::iter::once(self.budget))
+            .chain(others.iter().map(|o| o.budget));
+        let tightest = budgets.flatten().min();
+        let other_streams = others.iter().map(|o| o.streams).sum();
+        let other_round: Duration = others.iter().filter_map(GroupRound::round).sum();
+        let Some(own) = self.round() else {
+            return Admission {
+                streams: self.streams,
+                predicted_round: None,
+                other_streams,
+                other_round,
+                tightest_budget: tightest,
+                refusal: None,
+            };
+        };
+        let total = own + other_round;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let refusal = tightest.filter(|b| total > *b).map(|b| {
+            let controlnets = match self.controlnets {
+                Some(d) => format!("; ControlNet batches: {:.1} ms", ms(d)),
+                None => String::new(),
+            };
+            let others = if other_streams > 0 {
+                format!(
+                    "; {other_streams} stream{} of other models or sizes on the device: {:.1} ms",
+                    if other_streams == 1 { "" } else { "s" },
+                    ms(other_round)
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "no capacity for another {} {}x{} stream: with {} running, one frame of each would \
+                 take about {:.1} ms (a UNet batch of {} rows: {:.1} ms{controlnets}; the other \
+                 stages: {:.1} ms{others}), over the tightest frame budget of {:.1} ms",
+                label.model_id,
+                label.size.0,
+                label.size.1,
+                self.streams,
+                ms(total),
+                self.rows,
+                ms(self.unet.unwrap_or_default()),
+                ms(self.other),
+                ms(b),
+            )
+        });
+        Admission {
+            streams: self.streams,
+            predicted_round: Some(own),
+            other_streams,
+            other_round,
+            tightest_budget: tightest,
+            refusal,
+        }
     }
 }
 
 /// The predicted time of one batch of each ControlNet the `peers` run (their recent calls of it,
-/// and a new stream's as wide as the widest of them: it is assumed to run the nets its peers
-/// run), by each net's measured batch cost; `None` when they run none or one of the nets has no
-/// measured cost yet.
-fn controlnet_batches(s: &BatchState, peers: &[&Member]) -> Option<Duration> {
+/// and, when `joining`, a new stream's as wide as the widest of them: it is assumed to run the
+/// nets its peers run), by each net's measured batch cost; `None` when they run none or one of
+/// the nets has no measured cost yet.
+fn controlnet_batches(s: &BatchState, peers: &[&Member], joining: bool) -> Option<Duration> {
     let now = Instant::now();
     // (cost key, rows of the peers' calls, widest call)
     let mut nets: Vec<(BatchKind, usize, usize)> = Vec::new();
@@ -1629,7 +1749,7 @@ fn controlnet_batches(s: &BatchState, peers: &[&Member]) -> Option<Duration> {
     }
     nets.iter()
         .map(|(key, rows, widest)| {
-            let rows = rows + widest;
+            let rows = rows + if joining { *widest } else { 0 };
             let batch = s.costs.get(key)?.estimate(rows.min(MAX_BATCH_ROWS))?;
             Some(batch * rows.div_ceil(MAX_BATCH_ROWS) as u32)
         })

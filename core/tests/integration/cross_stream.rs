@@ -533,3 +533,94 @@ fn admission_counts_a_shared_controlnet_batch_once() {
     assert!(!unmeasured.refusal.unwrap().contains("ControlNet"));
     drop(fourth);
 }
+
+/// On one GPU, streams of other models and sizes share its time: admission adds their round (one
+/// frame of each, no new stream among them) to the round of the group the stream joins, holds
+/// the sum to every budget on the device, and names them in a refusal; one of theirs that leaves
+/// frees its share. On a CPU the groups stay apart (their costs are timed side by side on the
+/// cores); a test's device group stands in for the GPU here.
+#[test]
+fn admission_counts_the_streams_of_other_models_on_the_device() {
+    let (models_a, models_b) = (own_models(), own_models());
+    let (a, b) = (models_a.batcher(), models_b.batcher());
+    let label_a = MemberLabel {
+        model_id: "admission-test/device-a".into(),
+        size: (64, 64),
+    };
+    let label_b = MemberLabel {
+        model_id: "admission-test/device-b".into(),
+        size: (64, 64),
+    };
+    let shape = three_row_unet_call();
+    let policy = sdstream::model::kernels::KernelPolicy::current();
+    // Both models: 8 ms + 1 ms a row.
+    for batcher in [a, b] {
+        batcher.record_cost(shape.clone(), policy, 3, Duration::from_millis(11));
+        batcher.record_cost(shape.clone(), policy, 12, Duration::from_millis(20));
+    }
+    let join = |batcher: &Arc<sdstream::pipeline::cross_stream::CrossStreamBatcher>,
+                label: &MemberLabel,
+                budget_ms: u64,
+                other_ms: u64| {
+        let m = batcher.join(label.clone());
+        m.seed_for_tests(
+            &shape,
+            policy,
+            Duration::from_millis(budget_ms),
+            Duration::from_millis(other_ms),
+        );
+        m
+    };
+    // Model a: two streams of 3 rows, 50 ms budgets, 4 ms of other work each. Model b: one of 3
+    // rows, a 60 ms budget, 5 ms of other work.
+    let _a_streams = [join(a, &label_a, 50, 4), join(a, &label_a, 50, 4)];
+    let _b_first = join(b, &label_b, 60, 5);
+    // Apart (a CPU): a third stream of a: 9 rows → 17 ms + 3 × 4 ms = 29 ms; b not counted.
+    let apart = admission(&label_a, None);
+    assert_eq!(apart.predicted_round, Some(Duration::from_millis(29)));
+    assert_eq!(
+        (apart.other_streams, apart.other_round),
+        (0, Duration::ZERO)
+    );
+    assert!(apart.admitted(), "{apart:?}");
+    // One device: b's round on top (3 rows → 11 ms + 5 ms = 16 ms): 45 ms ≤ 50 ms.
+    const GROUP: u64 = 0x5d5_0044;
+    a.set_device_group_for_tests(Some(GROUP));
+    b.set_device_group_for_tests(Some(GROUP));
+    let together = admission(&label_a, None);
+    assert_eq!(together.predicted_round, Some(Duration::from_millis(29)));
+    assert_eq!(together.other_streams, 1);
+    assert_eq!(together.other_round, Duration::from_millis(16));
+    assert_eq!(together.tightest_budget, Some(Duration::from_millis(50)));
+    assert!(together.admitted(), "{together:?}");
+    // A second stream of b with a 40 ms budget: b's round 6 rows → 14 ms + 10 ms = 24 ms, so
+    // 29 + 24 = 53 ms against b's 40 ms: refused, with the figures.
+    let b_second = join(b, &label_b, 40, 5);
+    let refused = admission(&label_a, None);
+    assert_eq!(refused.other_round, Duration::from_millis(24));
+    assert_eq!(refused.tightest_budget, Some(Duration::from_millis(40)));
+    let reason = refused.refusal.clone().expect("refused");
+    assert!(
+        reason.contains("53.0 ms")
+            && reason.contains("40.0 ms")
+            && reason.contains("2 streams of other models or sizes on the device: 24.0 ms"),
+        "{reason}"
+    );
+    // Model b's own admission sees model a's two streams (6 rows → 14 ms + 8 ms = 22 ms) beside
+    // its own round with a third (9 rows → 17 ms + 15 ms = 32 ms): 54 ms > 40 ms.
+    let for_b = admission(&label_b, None);
+    assert_eq!(for_b.predicted_round, Some(Duration::from_millis(32)));
+    assert_eq!(
+        (for_b.other_streams, for_b.other_round),
+        (2, Duration::from_millis(22))
+    );
+    assert!(!for_b.admitted());
+    // b's second stream leaves: 45 ms against 50 ms again.
+    drop(b_second);
+    let after = admission(&label_a, None);
+    assert_eq!(after.other_round, Duration::from_millis(16));
+    assert!(after.admitted(), "{after:?}");
+    a.set_device_group_for_tests(None);
+    b.set_device_group_for_tests(None);
+    assert_eq!(admission(&label_a, None).other_streams, 0);
+}
