@@ -44,6 +44,8 @@ stage() {
 : > "$log"
 stage info 30 "${run[@]}" info
 stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_geglu cuda_canny cuda_float_processors cuda_in_place" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
+# The register attention kernel is in those tests: where they pass, the profile below runs it.
+kernels_passed=$?
 stage weights 150 "${run[@]}" weights
 stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place" "${run[@]}" tests
 # Should CUDA graphs fail on the device again (as they did on an H200 before the key/value memo
@@ -98,7 +100,13 @@ stage reference-f16 90 SDSTREAM_REFERENCE_SYNC=off SDSTREAM_REFERENCE_ARGS="--va
 stage sdpa 40 "${run[@]}" sdpa
 stage attention 40 "${run[@]}" attention
 stage bench-bf16 45 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32" "${run[@]}" bench-bf16
-stage profile-f16 120 "${run[@]}" profile-f16
+# The frame as it will run next: with the register attention kernel and pinned transfers where
+# the kernels' tests passed, else as the defaults run it.
+if ((kernels_passed == 0)); then
+  stage profile-f16 120 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_PINNED=1 "${run[@]}" profile-f16
+else
+  stage profile-f16 120 "${run[@]}" profile-f16
+fi
 # Every image processor's time on the device (the pixel ones on the host's way and on the device).
 stage processors 45 "${run[@]}" processors
 # ControlNet calls batched across streams: 1 and 4 streams, each with the ControlNet.
