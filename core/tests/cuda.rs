@@ -491,6 +491,125 @@ fn cuda_convolutions_match_the_cpu_kernel() {
     }
 }
 
+/// A channels-last convolution with its bias, residual and ReLU in cuDNN's call (kernel policy
+/// `cuda_fused_conv`, `cudnnConvolutionBiasActivationForward`) against the same layer with them
+/// as separate ops, and both against the CPU's f32 convolution with the epilogue: every
+/// combination of residual and ReLU, on the networks' shapes (3×3 stride 1 and 2 with uneven
+/// padding, 1×1, upsample-then-convolve), in f32, f16 and bf16. The fused call rounds once where
+/// the separate ops round after each step: within three roundings of the output's scale. Fails
+/// where cuDNN refuses a configuration (the layer would then run the separate ops; the test says
+/// which).
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
+    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::model::kernels::conv::{Conv2d, Epilogue, Padding, cudnn_fused_calls};
+    if !cuda_or_skip("cuda_fused_conv_epilogue_matches_the_separate_ops") {
+        return;
+    }
+    let cuda = Device::new_cuda(0).unwrap();
+    // (batch, c_in, c_out, h, w, kernel, stride, padding, upsample)
+    let cases = [
+        (2, 320, 320, 64, 64, 3, 1, Padding::uniform(1), 1),
+        (1, 64, 64, 128, 96, 3, 1, Padding::uniform(1), 2),
+        (1, 128, 128, 64, 64, 3, 2, Padding::bottom_right(1), 1),
+        (2, 640, 320, 32, 32, 1, 1, Padding::uniform(0), 1),
+        (1, 4, 64, 17, 13, 3, 2, Padding::uniform(1), 1),
+    ];
+    let to_cpu = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let mut fused_runs = 0u64;
+    let before = cudnn_fused_calls();
+    for (b, c_in, c_out, h, w, k, stride, padding, up) in cases {
+        let x = Tensor::randn(0f32, 1.0, (b, h, w, c_in), &Device::Cpu).unwrap();
+        let weight = (Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &Device::Cpu).unwrap()
+            / ((c_in * k * k) as f64).sqrt())
+        .unwrap();
+        let bias = Tensor::randn(0f32, 0.1, c_out, &Device::Cpu).unwrap();
+        let layer = |dtype: DType, device: &Device| {
+            let tensors = std::collections::HashMap::from([
+                ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
+                ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
+            ]);
+            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
+            Conv2d::new(c_in, c_out, k, stride, padding, true, vb)
+                .unwrap()
+                .into_channels_last()
+                .unwrap()
+        };
+        let plain = layer(DType::F32, &Device::Cpu)
+            .forward_upsampled(&x, up)
+            .unwrap();
+        let residual = Tensor::randn(0f32, 0.5, plain.dims(), &Device::Cpu).unwrap();
+        for (with_residual, relu) in [(false, false), (false, true), (true, false), (true, true)] {
+            fn epilogue(r: &Tensor, with_residual: bool, relu: bool) -> Epilogue<'_> {
+                Epilogue {
+                    residual: Some(r).filter(|_| with_residual),
+                    relu,
+                }
+            }
+            let want = layer(DType::F32, &Device::Cpu)
+                .forward_with(&x, up, epilogue(&residual, with_residual, relu))
+                .unwrap();
+            let scale = common::max_magnitude(&want).max(1e-3);
+            for (dtype, fused_limit, cpu_limit) in [
+                (DType::F32, 1e-5f32, 1e-4f32),
+                (DType::F16, 3e-3, 1e-2),
+                (DType::BF16, 2.4e-2, 8e-2),
+            ] {
+                let layer = layer(dtype, &cuda);
+                let xs = x.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
+                let rs = residual.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
+                let run = |fused: bool| {
+                    KernelPolicy {
+                        cuda_fused_conv: fused,
+                        ..KernelPolicy::process()
+                    }
+                    .scoped(|| {
+                        layer
+                            .forward_with(&xs, up, epilogue(&rs, with_residual, relu))
+                            .unwrap()
+                    })
+                };
+                let separate = to_cpu(&run(false));
+                let calls = cudnn_fused_calls();
+                let fused = to_cpu(&run(true));
+                assert_eq!(
+                    cudnn_fused_calls(),
+                    calls + 1,
+                    "cuDNN refused [{b}, {h}, {w}, {c_in}] -> {c_out} k{k} s{stride} up{up} \
+                     {dtype:?} residual {with_residual} ReLU {relu} (see the warning above)"
+                );
+                fused_runs += 1;
+                assert_eq!(fused.dims(), want.dims());
+                let (max, mean) = common::abs_err(&fused, &separate);
+                let (cpu_max, _) = common::abs_err(&fused, &want);
+                println!(
+                    "fused conv [{b}, {h}, {w}, {c_in}] -> {c_out} k{k} s{stride} up{up} {dtype:?} residual {with_residual} ReLU {relu}: \
+                     against the separate ops max {:.2e} mean {:.2e}, against the CPU's f32 max {:.2e} (of scale {scale:.2})",
+                    max / scale,
+                    mean / scale,
+                    cpu_max / scale
+                );
+                assert!(
+                    max <= fused_limit * scale && cpu_max <= cpu_limit * scale,
+                    "{dtype:?} residual {with_residual} ReLU {relu}: {max} (separate ops) > {fused_limit} × {scale} \
+                     or {cpu_max} (CPU) > {cpu_limit} × {scale}"
+                );
+            }
+        }
+    }
+    assert_eq!(fused_runs, 5 * 4 * 3);
+    assert_eq!(cudnn_fused_calls() - before, fused_runs);
+}
+
 /// The fused attention kernels (attention.cu: the WMMA kernel, the default, and the register
 /// kernel of the kernel policy's `cuda_flash_attention`) against softmax(scale·q·kᵀ)·v in f32 on the CPU,
 /// on the same values rounded to f16 or bf16, for the arrangements the UNet uses (heads-major,

@@ -391,7 +391,7 @@ pub fn policy_summary(cuda: bool) -> String {
     };
     format!(
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
-         pinned transfers {}, preprocessing on the device {}",
+         pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}",
         on_off(p.cuda_kernels),
         attention,
         on_off(p.cuda_graphs),
@@ -399,5 +399,6 @@ pub fn policy_summary(cuda: bool) -> String {
         p.channels_last.name(),
         on_off(p.cuda_pinned),
         on_off(p.cuda_preprocess),
+        on_off(p.cuda_fused_conv),
     )
 }

@@ -338,6 +338,11 @@ impl Conv2d {
         }
         #[cfg(feature = "cudnn")]
         let ys = if self.cudnn_filter && super::cuda_kernels(xs.device()) {
+            if super::KernelPolicy::current().cuda_fused_conv
+                && let Some(ys) = self.cudnn_channels_last_fused(xs, factor, epilogue)?
+            {
+                return Ok(ys);
+            }
             Some(self.cudnn_channels_last(xs, factor)?)
         } else {
             None
@@ -456,30 +461,96 @@ impl Conv2d {
         Ok(Some(slot.get_or_init(|| Arc::new(transformed))))
     }
 
-    /// Channels-last maps through cuDNN's NHWC convolution with the weight laid out for it:
-    /// the nearest upsampling (when asked for) as one broadcast copy, uneven padding as zeros
-    /// around the map, the bias added in place over the channels.
+    /// A channels-last map made ready for cuDNN's symmetric padding: the nearest upsampling
+    /// (when asked for) as one broadcast copy, uneven padding as zeros around the map; with the
+    /// padding cuDNN is to add.
     #[cfg(feature = "cudnn")]
-    fn cudnn_channels_last(&self, xs: &Tensor, factor: usize) -> candle_core::Result<Tensor> {
+    fn cudnn_input(&self, xs: &Tensor, factor: usize) -> candle_core::Result<(Tensor, usize)> {
         let xs = if factor == 1 {
             xs.clone()
         } else {
             upsample_nearest_channels_last(xs, factor)?
         };
         let p = self.padding;
-        let (xs, pad) = if p.is_uniform() {
-            (xs, p.top)
-        } else {
-            let padded = xs
-                .pad_with_zeros(1, p.top, p.bottom)?
-                .pad_with_zeros(2, p.left, p.right)?;
-            (padded, 0)
-        };
+        if p.is_uniform() {
+            return Ok((xs, p.top));
+        }
+        let padded = xs
+            .pad_with_zeros(1, p.top, p.bottom)?
+            .pad_with_zeros(2, p.left, p.right)?;
+        Ok((padded, 0))
+    }
+
+    /// Channels-last maps through cuDNN's NHWC convolution with the weight laid out for it
+    /// ([`Self::cudnn_input`]), the bias added in place over the channels.
+    #[cfg(feature = "cudnn")]
+    fn cudnn_channels_last(&self, xs: &Tensor, factor: usize) -> candle_core::Result<Tensor> {
+        let (xs, pad) = self.cudnn_input(xs, factor)?;
         let ys = super::cudnn_conv::conv2d_channels_last(&xs, &self.weight, pad, self.stride)?;
         if self.has_bias {
             add_fresh(ys, &self.bias, 1)
         } else {
             Ok(ys)
+        }
+    }
+
+    /// [`Self::cudnn_channels_last`] with the bias and `epilogue` in cuDNN's call
+    /// ([`super::cudnn_conv::conv2d_channels_last_fused`], kernel policy `cuda_fused_conv`);
+    /// `None` where cuDNN refuses the configuration, which is then remembered for this thread and
+    /// geometry (one warning) and runs as separate ops.
+    #[cfg(feature = "cudnn")]
+    fn cudnn_channels_last_fused(
+        &self,
+        xs: &Tensor,
+        factor: usize,
+        epilogue: Epilogue,
+    ) -> candle_core::Result<Option<Tensor>> {
+        use std::cell::RefCell;
+        use std::collections::HashSet;
+        /// Input dims, weight dims, dtype, residual, ReLU.
+        type Refused = (Vec<usize>, Vec<usize>, DType, bool, bool);
+        thread_local! {
+            /// The geometries cuDNN refused.
+            static REFUSED: RefCell<HashSet<Refused>> = RefCell::new(HashSet::new());
+        }
+        let (xs, pad) = self.cudnn_input(xs, factor)?;
+        let key = (
+            xs.dims().to_vec(),
+            self.weight.dims().to_vec(),
+            xs.dtype(),
+            epilogue.residual.is_some(),
+            epilogue.relu,
+        );
+        if REFUSED.with(|r| r.borrow().contains(&key)) {
+            return Ok(None);
+        }
+        let residual = match epilogue.residual {
+            Some(r) => Some(r.to_dtype(xs.dtype())?),
+            None => None,
+        };
+        match super::cudnn_conv::conv2d_channels_last_fused(
+            &xs,
+            &self.weight,
+            &self.bias,
+            residual.as_ref(),
+            epilogue.relu,
+            pad,
+            self.stride,
+        ) {
+            Ok(ys) => Ok(Some(ys)),
+            Err(e) => {
+                tracing::warn!(
+                    "cuDNN refused a fused convolution ({:?} over {:?}, {:?}, residual {}, ReLU {}): \
+                     {e}; this geometry runs its epilogue as separate ops",
+                    key.1,
+                    key.0,
+                    key.2,
+                    key.3,
+                    key.4
+                );
+                REFUSED.with(|r| r.borrow_mut().insert(key));
+                Ok(None)
+            }
         }
     }
 
@@ -517,6 +588,15 @@ impl Conv2d {
             Ok(ys)
         }
     }
+}
+
+/// How many convolutions ran with their epilogue in cuDNN's call (kernel policy
+/// `cuda_fused_conv`; 0 without the `cudnn` feature), for tests.
+pub fn cudnn_fused_calls() -> u64 {
+    #[cfg(feature = "cudnn")]
+    return super::cudnn_conv::fused_calls();
+    #[cfg(not(feature = "cudnn"))]
+    0
 }
 
 /// torch's nearest `factor`× upsampling of a channels-last map `[B, H, W, C]`: every pixel

@@ -105,6 +105,11 @@ pub struct KernelPolicy {
     /// measured it: the WMMA kernel took 0.487 ms on an H200 for a self-attention that cuDNN's
     /// fused kernel does in 0.077 ms.
     pub cuda_flash_attention: bool,
+    /// Channels-last convolutions through cuDNN apply their bias, residual and ReLU in the same
+    /// call (`cudnnConvolutionBiasActivationForward`) instead of three passes of their own over
+    /// the output (on with `SDSTREAM_CUDA_FUSED_CONV`; see `cudnn_conv`). Off by default until
+    /// a GPU run has checked and measured it.
+    pub cuda_fused_conv: bool,
     /// Forward passes on CUDA devices are captured and replayed as CUDA graphs (off with
     /// `SDSTREAM_CUDA_GRAPHS=0`; read by sdstream-models' graph cache).
     pub cuda_graphs: bool,
@@ -141,6 +146,7 @@ impl Default for KernelPolicy {
             cuda_kernels: true,
             cuda_attention: true,
             cuda_flash_attention: false,
+            cuda_fused_conv: false,
             cuda_graphs: true,
             channels_last: ChannelsLast::Auto,
             cuda_pinned: false,
@@ -166,8 +172,8 @@ impl KernelPolicy {
     /// variable `name`, `None` where it is unset). A pure function of `lookup`, so that the
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
-    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED`, `SDSTREAM_CUDA_FLASH_ATTENTION` are
-    ///   switches, on when set to anything but nothing or `0`;
+    ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED`, `SDSTREAM_CUDA_FLASH_ATTENTION`,
+    ///   `SDSTREAM_CUDA_FUSED_CONV` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
     ///   `SDSTREAM_CUDA_PREPROCESS` turn their feature off when exactly `0`;
     /// - `SDSTREAM_CHANNELS_LAST` is `auto` (or empty, or unset: CUDA devices only), `0` or `off`
@@ -210,6 +216,7 @@ impl KernelPolicy {
             cuda_kernels: !off("SDSTREAM_CUDA_KERNELS"),
             cuda_attention: !off("SDSTREAM_CUDA_ATTENTION"),
             cuda_flash_attention: switch("SDSTREAM_CUDA_FLASH_ATTENTION"),
+            cuda_fused_conv: switch("SDSTREAM_CUDA_FUSED_CONV"),
             cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
             channels_last,
             cuda_pinned: switch("SDSTREAM_CUDA_PINNED"),
@@ -294,7 +301,8 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 6] = [
+        let cases: [(&str, Field, bool); 7] = [
+            ("SDSTREAM_CUDA_FUSED_CONV", |p| p.cuda_fused_conv, false),
             ("SDSTREAM_PORTABLE_KERNELS", |p| p.portable, false),
             ("SDSTREAM_CUDA_PINNED", |p| p.cuda_pinned, false),
             (
@@ -323,6 +331,9 @@ mod tests {
                 "SDSTREAM_CUDA_PINNED" => others.cuda_pinned = default_policy.cuda_pinned,
                 "SDSTREAM_CUDA_FLASH_ATTENTION" => {
                     others.cuda_flash_attention = default_policy.cuda_flash_attention
+                }
+                "SDSTREAM_CUDA_FUSED_CONV" => {
+                    others.cuda_fused_conv = default_policy.cuda_fused_conv
                 }
                 _ => others.direct_conv = default_policy.direct_conv,
             }
