@@ -234,9 +234,10 @@ impl CudnnConvFused {
                         sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
                         [1, c_int(c_out)?, 1, 1],
                     )?,
+                    // As the separate ReLU (candle's, `max(x, 0)`) takes NaN to 0.
                     act: handle.create_activation::<f32>(
                         mode,
-                        sys::cudnnNanPropagation_t::CUDNN_PROPAGATE_NAN,
+                        sys::cudnnNanPropagation_t::CUDNN_NOT_PROPAGATE_NAN,
                         0.0,
                     )?,
                 });
