@@ -409,6 +409,72 @@ fn frames_cross_in_8_bits(cuda: &Device) -> usize {
     compared
 }
 
+/// A convolution the GPU tests check on the networks' shapes: 3×3 stride 1 and 2 (with the VAE's
+/// uneven padding), 1×1, upsample-then-convolve, and a narrow input.
+#[derive(Clone, Copy)]
+struct ConvCase {
+    b: usize,
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    padding: sdstream::model::kernels::conv::Padding,
+    up: usize,
+}
+
+impl ConvCase {
+    fn new(
+        (b, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
+        (k, stride, padding, up): (usize, usize, sdstream::model::kernels::conv::Padding, usize),
+    ) -> Self {
+        ConvCase {
+            b,
+            c_in,
+            c_out,
+            h,
+            w,
+            k,
+            stride,
+            padding,
+            up,
+        }
+    }
+
+    fn all() -> [ConvCase; 5] {
+        use sdstream::model::kernels::conv::Padding;
+        [
+            ConvCase::new((2, 320, 320, 64, 64), (3, 1, Padding::uniform(1), 1)),
+            ConvCase::new((1, 64, 64, 128, 96), (3, 1, Padding::uniform(1), 2)),
+            ConvCase::new((1, 128, 128, 64, 64), (3, 2, Padding::bottom_right(1), 1)),
+            ConvCase::new((2, 640, 320, 32, 32), (1, 1, Padding::uniform(0), 1)),
+            ConvCase::new((1, 4, 64, 17, 13), (3, 2, Padding::uniform(1), 1)),
+        ]
+    }
+
+    /// The layer with random weights (scaled by the fan-in) and bias, drawn once: a function
+    /// making it in a dtype on a device, channels first.
+    fn layer(&self) -> impl Fn(DType, &Device) -> sdstream::model::kernels::conv::Conv2d {
+        let c = *self;
+        let weight = (Tensor::randn(0f32, 1.0, (c.c_out, c.c_in, c.k, c.k), &Device::Cpu).unwrap()
+            / ((c.c_in * c.k * c.k) as f64).sqrt())
+        .unwrap();
+        let bias = Tensor::randn(0f32, 0.1, c.c_out, &Device::Cpu).unwrap();
+        move |dtype: DType, device: &Device| {
+            let tensors = std::collections::HashMap::from([
+                ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
+                ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
+            ]);
+            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
+            sdstream::model::kernels::conv::Conv2d::new(
+                c.c_in, c.c_out, c.k, c.stride, c.padding, true, vb,
+            )
+            .unwrap()
+        }
+    }
+}
+
 /// Convolutions on the device (cuDNN with f32 accumulation under the `cudnn` feature, else
 /// candle's im2col) against the CPU's kernel, on the networks' shapes: 3×3 stride 1 and 2, 1×1,
 /// the asymmetric padding of the VAE's downsampler, the decoders' upsample-then-convolve; f32
@@ -419,33 +485,24 @@ fn frames_cross_in_8_bits(cuda: &Device) -> usize {
     ignore = "needs the cuda feature and a CUDA device"
 )]
 fn cuda_convolutions_match_the_cpu_kernel() {
-    use sdstream::model::kernels::conv::{Conv2d, Padding};
     if !cuda_or_skip("cuda_convolutions_match_the_cpu_kernel") {
         return;
     }
     let cuda = Device::new_cuda(0).unwrap();
-    // (batch, c_in, c_out, h, w, kernel, stride, padding, upsample)
-    let cases = [
-        (2, 320, 320, 64, 64, 3, 1, Padding::uniform(1), 1),
-        (1, 64, 64, 128, 96, 3, 1, Padding::uniform(1), 2),
-        (1, 128, 128, 64, 64, 3, 2, Padding::bottom_right(1), 1),
-        (2, 640, 320, 32, 32, 1, 1, Padding::uniform(0), 1),
-        (1, 4, 64, 17, 13, 3, 2, Padding::uniform(1), 1),
-    ];
-    for (b, c_in, c_out, h, w, k, stride, padding, up) in cases {
+    for case in ConvCase::all() {
+        let ConvCase {
+            b,
+            c_in,
+            c_out,
+            h,
+            w,
+            k,
+            stride,
+            up,
+            ..
+        } = case;
         let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &Device::Cpu).unwrap();
-        let weight = (Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &Device::Cpu).unwrap()
-            / ((c_in * k * k) as f64).sqrt())
-        .unwrap();
-        let bias = Tensor::randn(0f32, 0.1, c_out, &Device::Cpu).unwrap();
-        let layer = |dtype: DType, device: &Device| {
-            let tensors = std::collections::HashMap::from([
-                ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
-                ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
-            ]);
-            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
-            Conv2d::new(c_in, c_out, k, stride, padding, true, vb).unwrap()
-        };
+        let layer = case.layer();
         let want = layer(DType::F32, &Device::Cpu)
             .forward_upsampled(&x, up)
             .unwrap();
@@ -506,19 +563,11 @@ fn cuda_convolutions_match_the_cpu_kernel() {
 )]
 fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
     use sdstream::model::kernels::KernelPolicy;
-    use sdstream::model::kernels::conv::{Conv2d, Epilogue, Padding, cudnn_fused_calls};
+    use sdstream::model::kernels::conv::{Epilogue, cudnn_fused_calls};
     if !cuda_or_skip("cuda_fused_conv_epilogue_matches_the_separate_ops") {
         return;
     }
     let cuda = Device::new_cuda(0).unwrap();
-    // (batch, c_in, c_out, h, w, kernel, stride, padding, upsample)
-    let cases = [
-        (2, 320, 320, 64, 64, 3, 1, Padding::uniform(1), 1),
-        (1, 64, 64, 128, 96, 3, 1, Padding::uniform(1), 2),
-        (1, 128, 128, 64, 64, 3, 2, Padding::bottom_right(1), 1),
-        (2, 640, 320, 32, 32, 1, 1, Padding::uniform(0), 1),
-        (1, 4, 64, 17, 13, 3, 2, Padding::uniform(1), 1),
-    ];
     let to_cpu = |t: &Tensor| {
         t.to_dtype(DType::F32)
             .unwrap()
@@ -527,23 +576,22 @@ fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
     };
     let mut fused_runs = 0u64;
     let before = cudnn_fused_calls();
-    for (b, c_in, c_out, h, w, k, stride, padding, up) in cases {
+    for case in ConvCase::all() {
+        let ConvCase {
+            b,
+            c_in,
+            c_out,
+            h,
+            w,
+            k,
+            stride,
+            up,
+            ..
+        } = case;
         let x = Tensor::randn(0f32, 1.0, (b, h, w, c_in), &Device::Cpu).unwrap();
-        let weight = (Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &Device::Cpu).unwrap()
-            / ((c_in * k * k) as f64).sqrt())
-        .unwrap();
-        let bias = Tensor::randn(0f32, 0.1, c_out, &Device::Cpu).unwrap();
-        let layer = |dtype: DType, device: &Device| {
-            let tensors = std::collections::HashMap::from([
-                ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
-                ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
-            ]);
-            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
-            Conv2d::new(c_in, c_out, k, stride, padding, true, vb)
-                .unwrap()
-                .into_channels_last()
-                .unwrap()
-        };
+        let make = case.layer();
+        let layer =
+            |dtype: DType, device: &Device| make(dtype, device).into_channels_last().unwrap();
         let plain = layer(DType::F32, &Device::Cpu)
             .forward_upsampled(&x, up)
             .unwrap();
@@ -606,7 +654,7 @@ fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
             }
         }
     }
-    assert_eq!(fused_runs, 5 * 4 * 3);
+    assert_eq!(fused_runs, ConvCase::all().len() as u64 * 4 * 3);
     assert_eq!(cudnn_fused_calls() - before, fused_runs);
 }
 
