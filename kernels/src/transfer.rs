@@ -157,6 +157,16 @@ mod cuda {
         }
     }
 
+    impl Drop for Pinned {
+        /// A buffer replaced by a larger one (or left behind by its thread) may still be read or
+        /// written by its last copy: the memory is freed only after that copy.
+        fn drop(&mut self) {
+            if let Err(e) = self.copied.synchronize() {
+                tracing::warn!("waiting for a pinned buffer's last copy before freeing it: {e}");
+            }
+        }
+    }
+
     thread_local! {
         /// This thread's page-locked upload buffer (write-combined), the length of its last
         /// frame.
