@@ -954,18 +954,20 @@ impl CrossStreamBatcher {
             let worth =
                 pays || Self::exploring(&s, &first_kind, self.remeasures(&s, &first_kind, rows));
             if worth && let Some((until, exploring)) = self.hold_until(&s, &first_kind, now) {
+                let key = first_kind.cost_key();
                 let mut again = false;
-                if exploring && let Some(fit) = s.costs.get_mut(&first_kind.cost_key()) {
-                    fit.exploring_holds += 1;
+                if exploring && let Some(fit) = s.costs.get_mut(&key) {
                     if fit.shared {
                         // Measuring again: one hold per REMEASURE_AFTER batches, and the next
                         // batch of the kind runs with no other beside it.
                         fit.batches_since_shared = 0;
                         again = true;
+                    } else {
+                        fit.exploring_holds += 1;
                     }
                 }
                 if again {
-                    s.measure_next = Some(first_kind.cost_key());
+                    s.measure_next = Some(key);
                 }
                 let wait = until.saturating_duration_since(now);
                 s = self
@@ -1034,7 +1036,8 @@ impl CrossStreamBatcher {
     ) -> MutexGuard<'a, BatchState> {
         // A cost measured beside another run is not the batch's own.
         let alone = s.running == 0;
-        let measuring = s.measure_next.as_ref() == Some(&batch[0].kind.cost_key());
+        let key = batch[0].kind.cost_key();
+        let measuring = s.measure_next.as_ref() == Some(&key);
         if measuring {
             s.measure_next = None;
             s.measuring = true;
@@ -1079,12 +1082,16 @@ impl CrossStreamBatcher {
         match outcome {
             Ok(outputs) => {
                 let recorded = undisturbed && timed;
-                if recorded {
-                    let fit = s.costs.entry(batch[0].kind.cost_key()).or_default();
-                    fit.record(total_rows, elapsed.as_secs_f64());
-                    fit.shared |= calls > 1;
-                }
-                if let Some(fit) = s.costs.get_mut(&batch[0].kind.cost_key()) {
+                let fit = if recorded {
+                    Some(s.costs.entry(key).or_default())
+                } else {
+                    s.costs.get_mut(&key)
+                };
+                if let Some(fit) = fit {
+                    if recorded {
+                        fit.record(total_rows, elapsed.as_secs_f64());
+                        fit.shared |= calls > 1;
+                    }
                     fit.batches_since_shared = if recorded && calls > 1 {
                         0
                     } else {
