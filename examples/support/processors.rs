@@ -16,9 +16,9 @@
 //! the processor's own conversions (frame to tensor and back are not counted). On a GPU each run
 //! waits for the device; the pixel processors run there by default (with
 //! `SDSTREAM_CUDA_PREPROCESS=0` they download the frame, run on the host and upload the
-//! result). Random weights make the networks' work what it is with real weights; what follows a network and depends on what it
-//! finds (OpenPose's keypoint grouping and drawing) may cost more or less with real weights on a
-//! real scene.
+//! result). Random weights make the networks' work what it is with real weights; what follows a
+//! network and depends on what it finds (OpenPose's keypoint grouping and drawing) may cost more
+//! or less with real weights on a real scene.
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -230,9 +230,10 @@ impl Config {
     }
 }
 
-/// A 3×3 convolution, channels-last where the CPU kernels run (see [`AutoencoderTiny`]), and
-/// elsewhere where the kernel policy asks for channels-last maps (`SDSTREAM_CHANNELS_LAST`, by
-/// default on CUDA devices: cuDNN's NHWC convolutions with no transposes around them).
+/// A 3×3 convolution in the autoencoders' layout ([`crate::vae::map_conv`]): channels-last
+/// where the CPU kernels run (see [`AutoencoderTiny`]), and elsewhere where the kernel policy
+/// asks for channels-last maps (`SDSTREAM_CHANNELS_LAST`, by default on CUDA devices: cuDNN's
+/// NHWC convolutions with no transposes around them).
 fn conv3x3(
     c_in: usize,
     c_out: usize,
@@ -249,13 +250,7 @@ fn conv3x3(
         bias,
         vb.clone(),
     )?;
-    if cpu_kernels(vb.device())
-        || crate::kernels::KernelPolicy::current().channels_last_on(vb.device())
-    {
-        conv.into_channels_last()
-    } else {
-        Ok(conv)
-    }
+    crate::vae::map_conv(conv, &vb)
 }
 
 /// diffusers' `AutoencoderTinyBlock` with equal input and output channels (identity skip).

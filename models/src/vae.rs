@@ -223,8 +223,9 @@ fn runs_channels_last(vb: &VarBuilder) -> bool {
         || crate::kernels::KernelPolicy::current().channels_last_on(vb.device())
 }
 
-/// A convolution of the encoder or decoder, in their layout.
-fn map_conv(conv: Conv2d, vb: &VarBuilder) -> candle_core::Result<Conv2d> {
+/// A convolution of the encoder or decoder, in their layout (TAESD's too: one rule for both
+/// autoencoders).
+pub(crate) fn map_conv(conv: Conv2d, vb: &VarBuilder) -> candle_core::Result<Conv2d> {
     if runs_channels_last(vb) {
         conv.into_channels_last()
     } else {
