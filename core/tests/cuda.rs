@@ -221,26 +221,34 @@ fn cuda_without_the_feature_names_it() {
     );
 }
 
-/// sdstream's GroupNorm (+ SiLU) kernel against its portable twin on the device, in every dtype,
-/// on shapes of the UNet and the VAE (odd sizes and a large mean included).
+/// sdstream's GroupNorm (+ SiLU) kernels against their portable twin on the device, in every
+/// dtype, on shapes of the UNet and the VAE (odd sizes and a large mean included): channels
+/// first, channels last, and channels last through the `_rows` kernels.
 #[test]
 #[cfg_attr(
     not(feature = "cuda"),
     ignore = "needs the cuda feature and a CUDA device"
 )]
 fn cuda_group_norm_kernel_matches_the_portable_twin() {
-    use sdstream::model::kernels::norm::GroupNorm;
+    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::model::kernels::norm::{GroupNorm, group_norm_rows_calls};
     if !cuda_or_skip("cuda_group_norm_kernel_matches_the_portable_twin") {
         return;
     }
     let device = Device::new_cuda(0).unwrap();
     // (batch, channels, height, width, groups, offset, f32 bound)
+    // The UNet's widest and narrowest maps, the VAE's, a large mean, one pixel, and a group of
+    // 3 channels (the `_rows` kernels' single-channel runs).
     let shapes = [
         (2, 320, 64, 64, 32, 0.0, 2e-5f32),
+        (1, 1280, 8, 8, 32, 0.0, 2e-5),
         (1, 128, 257, 129, 32, 0.0, 2e-5),
         (3, 64, 9, 7, 4, 100.0, 2e-4),
         (1, 512, 1, 1, 32, 0.0, 2e-5),
+        (2, 96, 5, 6, 32, 0.0, 2e-5),
     ];
+    let rows_before = group_norm_rows_calls();
+    let mut rows_runs = 0;
     for (b, c, h, w, groups, offset, bound) in shapes {
         let x = ((Tensor::randn(0f32, 1.0, (b, c, h, w), &Device::Cpu).unwrap() * 3.0).unwrap()
             + offset)
@@ -281,31 +289,44 @@ fn cuda_group_norm_kernel_matches_the_portable_twin() {
                     "{dtype:?} [{b}, {c}, {h}, {w}] silu {silu}: max {max} > {limit}"
                 );
                 // The kernel's channels-last entry points on the same values laid out
-                // [B, H, W, C], against the same twin.
+                // [B, H, W, C], against the same twin: the two-pass kernels and the `_rows`
+                // ones (kernel policy `cuda_group_norm_rows`).
                 let last = norm.clone().into_channels_last();
                 let x_last = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
-                let ours_last = if silu {
-                    last.forward_silu(&x_last)
-                } else {
-                    last.forward(&x_last)
+                for rows in [false, true] {
+                    let ours_last = KernelPolicy {
+                        cuda_group_norm_rows: rows,
+                        ..KernelPolicy::process()
+                    }
+                    .scoped(|| {
+                        if silu {
+                            last.forward_silu(&x_last)
+                        } else {
+                            last.forward(&x_last)
+                        }
+                    })
+                    .unwrap()
+                    .permute((0, 3, 1, 2))
+                    .unwrap();
+                    rows_runs += usize::from(rows);
+                    let (max, mean) = common::abs_err(
+                        &ours_last.to_device(&Device::Cpu).unwrap(),
+                        &twin.to_device(&Device::Cpu).unwrap(),
+                    );
+                    let kernels = if rows { "rows" } else { "two-pass" };
+                    println!(
+                        "group norm channels last ({kernels}) [{b}, {h}, {w}, {c}] / {groups} {dtype:?} silu {silu}: max {max:.2e} mean {mean:.2e}"
+                    );
+                    assert!(
+                        max <= limit,
+                        "{dtype:?} channels last ({kernels}) [{b}, {h}, {w}, {c}] silu {silu}: max {max} > {limit}"
+                    );
                 }
-                .unwrap()
-                .permute((0, 3, 1, 2))
-                .unwrap();
-                let (max, mean) = common::abs_err(
-                    &ours_last.to_device(&Device::Cpu).unwrap(),
-                    &twin.to_device(&Device::Cpu).unwrap(),
-                );
-                println!(
-                    "group norm channels last [{b}, {h}, {w}, {c}] / {groups} {dtype:?} silu {silu}: max {max:.2e} mean {mean:.2e}"
-                );
-                assert!(
-                    max <= limit,
-                    "{dtype:?} channels last [{b}, {h}, {w}, {c}] silu {silu}: max {max} > {limit}"
-                );
             }
         }
     }
+    // Every shape here fits the `_rows` kernels: none fell back to the two-pass ones.
+    assert_eq!(group_norm_rows_calls() - rows_before, rows_runs as u64);
 }
 
 /// A frame crosses to the device as packed RGB8 and comes back as 8-bit pixels, converted on the

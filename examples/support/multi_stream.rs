@@ -391,7 +391,8 @@ pub fn policy_summary(cuda: bool) -> String {
     };
     format!(
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
-         pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}",
+         pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}, \
+         GroupNorm rows kernels {}",
         on_off(p.cuda_kernels),
         attention,
         on_off(p.cuda_graphs),
@@ -400,5 +401,6 @@ pub fn policy_summary(cuda: bool) -> String {
         on_off(p.cuda_pinned),
         on_off(p.cuda_preprocess),
         on_off(p.cuda_fused_conv),
+        on_off(p.cuda_group_norm_rows),
     )
 }

@@ -571,6 +571,86 @@ impl CustomOp3 for GroupNormOp {
     }
 }
 
+/// How many GroupNorms ran group_norm.cu's `_rows` kernels (kernel policy
+/// `cuda_group_norm_rows`; 0 without the `cuda` feature), for tests.
+pub fn group_norm_rows_calls() -> u64 {
+    #[cfg(feature = "cuda")]
+    return cuda::ROWS_CALLS.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
+/// How group_norm.cu's `_rows` kernels cut a channels-last GroupNorm over `images` ×
+/// `pixels` × `channels` values (kernel policy `cuda_group_norm_rows`): each thread reads a run
+/// of `width` channels (2 where a group's channel count is even and the input starts on an even
+/// value, for paired loads; else 1), a block has `channels / width` such lanes times `rows`
+/// rows of pixels, and each image's pixels are cut in `chunks` chunks of `chunk_pixels`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct RowsGeometry {
+    width: usize,
+    lanes: usize,
+    rows: usize,
+    chunks: usize,
+    chunk_pixels: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl RowsGeometry {
+    /// Threads a block aims for.
+    const THREADS: usize = 512;
+    /// Threads a block may have (group_norm.cu's `kRowsMaxThreads`, its shared statistics).
+    const MAX_THREADS: usize = 1024;
+    /// Blocks worth launching in all (a couple per multiprocessor of a large GPU).
+    const TARGET_BLOCKS: usize = 256;
+    /// Pixels each thread reads at least, so that a block's merge is worth its reads.
+    const MIN_PIXELS_PER_THREAD: usize = 4;
+
+    /// The geometry, or `None` where the kernels do not apply: more lanes than a block has
+    /// threads, or values past 32-bit indices.
+    fn new(
+        images: usize,
+        pixels: usize,
+        channels: usize,
+        groups: usize,
+        first_even: bool,
+    ) -> Option<Self> {
+        if images == 0 || pixels == 0 || groups == 0 || !channels.is_multiple_of(groups) {
+            return None;
+        }
+        if images
+            .checked_mul(pixels)
+            .and_then(|v| v.checked_mul(channels))
+            .is_none_or(|v| v > i32::MAX as usize)
+            || images > u16::MAX as usize
+        {
+            return None;
+        }
+        let width = if (channels / groups).is_multiple_of(2) && first_even {
+            2
+        } else {
+            1
+        };
+        let lanes = channels / width;
+        if lanes > Self::MAX_THREADS {
+            return None;
+        }
+        let rows = (Self::THREADS / lanes).max(1);
+        let chunks = Self::TARGET_BLOCKS
+            .div_ceil(images)
+            .min(pixels.div_ceil(rows * Self::MIN_PIXELS_PER_THREAD))
+            .max(1);
+        let chunk_pixels = pixels.div_ceil(chunks);
+        Some(Self {
+            width,
+            lanes,
+            rows,
+            chunks: pixels.div_ceil(chunk_pixels),
+            chunk_pixels,
+        })
+    }
+}
+
 /// GroupNorm's own CUDA kernel (group_norm.cu, compiled to PTX by build.rs): two launches, the
 /// groups' statistics spread over several blocks each, then the normalisation with the optional
 /// SiLU in one pass. Off with `SDSTREAM_CUDA_KERNELS=0`, which leaves the portable twin.
@@ -578,13 +658,16 @@ impl CustomOp3 for GroupNormOp {
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::{CudaStorage, DType, Layout, Shape};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
     const MODULE: &str = "sdstream_group_norm";
+    /// GroupNorms run by the `_rows` kernels ([`super::group_norm_rows_calls`]).
+    pub(super) static ROWS_CALLS: std::sync::atomic::AtomicU64 =
+        std::sync::atomic::AtomicU64::new(0);
     /// Threads per block.
     const THREADS: u32 = 512;
     /// Blocks worth launching in all (a few per multiprocessor of a large GPU).
@@ -659,6 +742,15 @@ mod cuda {
                 xl.shape().clone(),
             ));
         }
+        if op.channels_last && crate::KernelPolicy::current().cuda_group_norm_rows {
+            let first_even = xl.contiguous_offsets().is_some_and(|(a, _)| a % 2 == 0);
+            if let Some(geometry) =
+                super::RowsGeometry::new(batch, spatial, channels, op.groups, first_even)
+            {
+                let operands = (&x, &weight, &bias, dst);
+                return run_rows(op, dev, operands, xl, batch, geometry, suffix);
+            }
+        }
         let chunks = TARGET_BLOCKS
             .div_ceil(groups_total)
             .min(group_len.div_ceil(MIN_CHUNK))
@@ -719,6 +811,107 @@ mod cuda {
             xl.shape().clone(),
         ))
     }
+
+    /// The `_rows` kernels (stats, finalize, apply) over channels-last `x` `[images, pixels,
+    /// channels]`, into `dst`.
+    fn run_rows<T: CudaDType + DeviceRepr>(
+        op: &Norm,
+        dev: &CudaDevice,
+        (x, weight, bias, dst): RowsOperands<'_, T>,
+        xl: &Layout,
+        images: usize,
+        geometry: super::RowsGeometry,
+        suffix: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = xl.shape().dims();
+        let channels = dims[dims.len() - 1];
+        let pixels = xl.shape().elem_count() / (images * channels);
+        let groups_total = images * op.groups;
+        // SAFETY: `stats` writes every (image, group, chunk) entry and `finalize` every
+        // (image, group) pair before anything reads them.
+        let partial = unsafe { dev.alloc::<f32>(3 * groups_total * geometry.chunks)? };
+        let mean_rstd = unsafe { dev.alloc::<f32>(2 * groups_total)? };
+        let blocks = LaunchConfig {
+            grid_dim: (geometry.chunks as u32, images as u32, 1),
+            block_dim: (geometry.lanes as u32, geometry.rows as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        let (pixels, channels, groups, chunk_pixels, chunks) = (
+            pixels as i32,
+            channels as i32,
+            op.groups as i32,
+            geometry.chunk_pixels as i32,
+            geometry.chunks as i32,
+        );
+        let width = geometry.width;
+        let stats = dev.get_or_load_custom_func(
+            &format!("group_norm_rows_stats_v{width}_{suffix}"),
+            MODULE,
+            PTX,
+        )?;
+        let mut builder = stats.builder();
+        builder.arg(x);
+        builder.arg(&partial);
+        builder.arg(&pixels);
+        builder.arg(&channels);
+        builder.arg(&groups);
+        builder.arg(&chunk_pixels);
+        // SAFETY: the arguments match the kernel's parameters one for one; the geometry keeps
+        // every index below 2³¹ and within x (images · pixels · channels values, read in runs
+        // of `width` from an offset the geometry checked to be a multiple of it) and partial.
+        unsafe { builder.launch(blocks) }.w()?;
+        let finalize = dev.get_or_load_custom_func("group_norm_rows_finalize", MODULE, PTX)?;
+        let mut builder = finalize.builder();
+        let (groups_total_arg, eps) = (groups_total as i32, op.eps as f32);
+        builder.arg(&partial);
+        builder.arg(&mean_rstd);
+        builder.arg(&groups_total_arg);
+        builder.arg(&chunks);
+        builder.arg(&eps);
+        // A warp per group, four warps a block.
+        let warps_per_block = 4;
+        let cfg = LaunchConfig {
+            grid_dim: (groups_total.div_ceil(warps_per_block) as u32, 1, 1),
+            block_dim: (32 * warps_per_block as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's parameters; it reads partial below
+        // 3 · groups_total · chunks and writes mean_rstd below 2 · groups_total.
+        unsafe { builder.launch(cfg) }.w()?;
+        let apply = dev.get_or_load_custom_func(
+            &format!("group_norm_rows_apply_v{width}_{suffix}"),
+            MODULE,
+            PTX,
+        )?;
+        let mut builder = apply.builder();
+        let silu = i32::from(op.silu);
+        builder.arg(x);
+        builder.arg(&dst);
+        builder.arg(weight);
+        builder.arg(bias);
+        builder.arg(&mean_rstd);
+        builder.arg(&pixels);
+        builder.arg(&channels);
+        builder.arg(&groups);
+        builder.arg(&chunk_pixels);
+        builder.arg(&silu);
+        // SAFETY: as the stats launch; dst has as many values as x and starts aligned (a fresh
+        // allocation); channel indices stay below `channels`, group indices below groups_total.
+        unsafe { builder.launch(blocks) }.w()?;
+        ROWS_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((
+            CudaStorage::wrap_cuda_slice(dst, dev.clone()),
+            xl.shape().clone(),
+        ))
+    }
+
+    /// The `_rows` kernels' input, weight and bias, and the output they fill.
+    type RowsOperands<'a, T> = (
+        &'a CudaView<'a, T>,
+        &'a CudaView<'a, T>,
+        &'a CudaView<'a, T>,
+        CudaSlice<T>,
+    );
 }
 
 /// The LayerNorm kernel: input contiguous `[…, D]`, weight and bias `[D]`.
@@ -781,6 +974,48 @@ impl CustomOp3 for LayerNormOp {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The `_rows` kernels' cut of the UNet's, the VAE's and the tiny checkpoints' GroupNorms:
+    /// whole blocks of lanes, chunks that cover every pixel once, paired loads only where a
+    /// group's channels pair up and the input starts even, and no launch where a block could not
+    /// hold the lanes or an index would pass 2³¹.
+    #[test]
+    fn group_norm_rows_geometry_covers_every_value_once() {
+        // (images, pixels, channels, groups, first even) → (width, lanes, rows)
+        let cases = [
+            ((1, 64 * 64, 320, 32, true), (2, 160, 3)),
+            ((8, 64 * 64, 320, 32, true), (2, 160, 3)),
+            ((1, 8 * 8, 1280, 32, true), (2, 640, 1)),
+            ((1, 512 * 512, 128, 32, true), (2, 64, 8)),
+            ((2, 30, 96, 32, true), (1, 96, 5)),
+            ((1, 64 * 64, 320, 32, false), (1, 320, 1)),
+            ((3, 17, 24, 4, true), (2, 12, 42)),
+        ];
+        for ((images, pixels, channels, groups, even), (width, lanes, rows)) in cases {
+            let g = RowsGeometry::new(images, pixels, channels, groups, even)
+                .unwrap_or_else(|| panic!("{images}×{pixels}×{channels}: no geometry"));
+            assert_eq!((g.width, g.lanes, g.rows), (width, lanes, rows), "{g:?}");
+            assert_eq!(g.lanes * g.width, channels);
+            assert!(g.lanes * g.rows <= RowsGeometry::MAX_THREADS, "{g:?}");
+            // Every pixel in exactly one chunk: the last chunk is not empty.
+            assert!(g.chunks * g.chunk_pixels >= pixels, "{g:?}");
+            assert!((g.chunks - 1) * g.chunk_pixels < pixels, "{g:?}");
+            // Blocks in all near the target, never past it by more than one image's worth.
+            assert!(
+                g.chunks * images <= RowsGeometry::TARGET_BLOCKS + images,
+                "{g:?}"
+            );
+        }
+        // 1,280 channels a group of 1 (odd): 1,280 lanes of one channel, more than a block has.
+        assert_eq!(RowsGeometry::new(1, 64, 1280, 1280, true), None);
+        assert_eq!(RowsGeometry::new(1, 64, 2560, 32, true), None);
+        // 2³¹ values and more: the kernels index in 32 bits.
+        assert_eq!(RowsGeometry::new(2, 1 << 24, 64, 32, true), None);
+        assert!(RowsGeometry::new(1, (1 << 24) - 1, 64, 32, true).is_some());
+        // Channels the groups do not divide, and empty inputs.
+        assert_eq!(RowsGeometry::new(1, 64, 100, 32, true), None);
+        assert_eq!(RowsGeometry::new(1, 0, 64, 32, true), None);
+    }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()

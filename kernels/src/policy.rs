@@ -110,6 +110,13 @@ pub struct KernelPolicy {
     /// the output (on with `SDSTREAM_CUDA_FUSED_CONV`; see `cudnn_conv`). Off by default until
     /// a GPU run has checked and measured it.
     pub cuda_fused_conv: bool,
+    /// Channels-last GroupNorm on a CUDA device runs group_norm.cu's `_rows` kernels, whose
+    /// warps read whole pixels (all channels, consecutive addresses, 32-bit indices), instead of
+    /// the kernels that walk one group's channels C apart with 64-bit divisions per value (61
+    /// calls took 1.69 ms of an H200 frame under the profiler). On with
+    /// `SDSTREAM_CUDA_GROUP_NORM_ROWS`; off by default until a GPU run has checked and
+    /// measured it (kernels/emulate checks its arithmetic on the CPU).
+    pub cuda_group_norm_rows: bool,
     /// Forward passes on CUDA devices are captured and replayed as CUDA graphs (off with
     /// `SDSTREAM_CUDA_GRAPHS=0`; read by sdstream-models' graph cache).
     pub cuda_graphs: bool,
@@ -147,6 +154,7 @@ impl Default for KernelPolicy {
             cuda_attention: true,
             cuda_flash_attention: false,
             cuda_fused_conv: false,
+            cuda_group_norm_rows: false,
             cuda_graphs: true,
             channels_last: ChannelsLast::Auto,
             cuda_pinned: false,
@@ -173,7 +181,7 @@ impl KernelPolicy {
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
     ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED`, `SDSTREAM_CUDA_FLASH_ATTENTION`,
-    ///   `SDSTREAM_CUDA_FUSED_CONV` are switches, on when set to anything but nothing or `0`;
+    ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
     ///   `SDSTREAM_CUDA_PREPROCESS` turn their feature off when exactly `0`;
     /// - `SDSTREAM_CHANNELS_LAST` is `auto` (or empty, or unset: CUDA devices only), `0` or `off`
@@ -217,6 +225,7 @@ impl KernelPolicy {
             cuda_attention: !off("SDSTREAM_CUDA_ATTENTION"),
             cuda_flash_attention: switch("SDSTREAM_CUDA_FLASH_ATTENTION"),
             cuda_fused_conv: switch("SDSTREAM_CUDA_FUSED_CONV"),
+            cuda_group_norm_rows: switch("SDSTREAM_CUDA_GROUP_NORM_ROWS"),
             cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
             channels_last,
             cuda_pinned: switch("SDSTREAM_CUDA_PINNED"),
@@ -301,8 +310,13 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 7] = [
+        let cases: [(&str, Field, bool); 8] = [
             ("SDSTREAM_CUDA_FUSED_CONV", |p| p.cuda_fused_conv, false),
+            (
+                "SDSTREAM_CUDA_GROUP_NORM_ROWS",
+                |p| p.cuda_group_norm_rows,
+                false,
+            ),
             ("SDSTREAM_PORTABLE_KERNELS", |p| p.portable, false),
             ("SDSTREAM_CUDA_PINNED", |p| p.cuda_pinned, false),
             (
@@ -334,6 +348,9 @@ mod tests {
                 }
                 "SDSTREAM_CUDA_FUSED_CONV" => {
                     others.cuda_fused_conv = default_policy.cuda_fused_conv
+                }
+                "SDSTREAM_CUDA_GROUP_NORM_ROWS" => {
+                    others.cuda_group_norm_rows = default_policy.cuda_group_norm_rows
                 }
                 _ => others.direct_conv = default_policy.direct_conv,
             }

@@ -1,0 +1,85 @@
+// ops.cu's in-place adds and GEGLU, emulated on the CPU (kernels/emulate/emulate.h), against
+// the formulas in f64: every indexing branch of the adds (same shape, one slice with and without
+// an inner stride, several slices) and both GEGLU entry points, in f32, f16 and bf16.
+#include "../src/ops.cu"
+#include "check.h"
+
+namespace {
+
+struct AddCase {
+  const char *what;
+  int64_t total, n, inner, outer;
+};
+
+template <typename T> void adds() {
+  // Shapes from the networks at tiny sizes: a channels-last bias ([pixels, C] += [C]), a
+  // channels-first bias ([C, pixels] += [C], inner = pixels), a residual (n = total), a time
+  // embedding per image over channels-last maps (outer = images), and a channels-first one.
+  const AddCase cases[] = {
+      {"bias, channels last", 37 * 24, 24, 1, 1},
+      {"bias, channels first", 24 * 37, 24, 37, 1},
+      {"residual", 999, 999, 1, 1},
+      {"time embedding, channels last, 3 images", 3 * 19 * 16, 16, 1, 3},
+      {"time embedding, channels first, 2 images", 2 * 16 * 21, 16, 21, 2},
+  };
+  for (const auto &c : cases) {
+    const auto dst0 = check::random_values(c.total, 1);
+    const auto src0 = check::random_values(c.n * c.outer, 2);
+    auto dst = check::stored<T>(dst0);
+    const auto src = check::stored<T>(src0);
+    const auto dst_in = check::widened(dst);
+    const auto src_in = check::widened(src);
+    const int64_t per_slice = c.total / c.outer;
+    std::vector<double> want(c.total);
+    for (int64_t idx = 0; idx < c.total; ++idx) {
+      const int64_t o = idx / per_slice, in = idx % per_slice;
+      want[idx] = static_cast<double>(dst_in[idx]) + src_in[o * c.n + (in / c.inner) % c.n];
+    }
+    // A grid smaller than the work, so that the stride loop runs more than once.
+    emu::launch(add_in_place<T>, {3}, {64}, dst.data(), src.data(), c.total, c.n, c.inner,
+                per_slice);
+    check::expect_close(std::string("add_in_place ") + check::name<T>() + ", " + c.what,
+                        check::widened(dst), want, check::unit<T>());
+  }
+}
+
+template <typename T> void geglus() {
+  const int64_t rows = 13, inner = 40;
+  const auto x = check::stored<T>(check::random_values(rows * 2 * inner, 3, 2.0f));
+  const auto bias = check::stored<T>(check::random_values(2 * inner, 4, 0.5f));
+  const auto xf = check::widened(x);
+  const auto bf = check::widened(bias);
+  for (const bool with_bias : {false, true}) {
+    std::vector<T> out(rows * inner);
+    std::vector<double> want(rows * inner);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < inner; ++i) {
+        double h = xf[r * 2 * inner + i], g = xf[r * 2 * inner + inner + i];
+        if (with_bias) {
+          h += bf[i];
+          g += bf[inner + i];
+        }
+        want[r * inner + i] = h * 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0)));
+      }
+    if (with_bias)
+      emu::launch(geglu<T, true>, {2}, {128}, x.data(), bias.data(), out.data(), rows, inner);
+    else
+      emu::launch(geglu<T, false>, {2}, {128}, x.data(), bias.data(), out.data(), rows, inner);
+    // The hidden and gate sums are rounded to f32 once each: a few f32 ulps beside the output's
+    // own rounding.
+    check::expect_close(std::string("geglu ") + check::name<T>() + (with_bias ? ", bias" : ""),
+                        check::widened(out), want, check::unit<T>() + 1e-6);
+  }
+}
+
+}  // namespace
+
+int main() {
+  adds<float>();
+  adds<__half>();
+  adds<__nv_bfloat16>();
+  geglus<float>();
+  geglus<__half>();
+  geglus<__nv_bfloat16>();
+  return check::summary("ops.cu, emulated");
+}
