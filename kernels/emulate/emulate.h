@@ -24,6 +24,9 @@
 #include <type_traits>
 #include <vector>
 
+// The .cu files' switch for their CPU stand-ins (kernels/emulate/ptx.h).
+#define SDSTREAM_EMULATED 1
+
 #undef __global__
 #undef __device__
 #undef __host__
@@ -35,6 +38,10 @@
 #define __forceinline__ inline
 // One block runs at a time, so a block's shared memory can be a static.
 #define __shared__ static
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+// A launch's dynamic shared memory (storage.cuh's SDSTREAM_DYNAMIC_SHARED).
+#define SDSTREAM_DYNAMIC_SHARED(NAME) unsigned char *NAME = emu::dynamic_shared
 
 struct emu_dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -123,6 +130,12 @@ template <typename T> T shuffle(T v, int src_lane) {
   return r;
 }
 
+// Dynamic shared memory: as much as an H100 block may have. Filled with 0xFF bytes (NaN in
+// every float type) at each block's start, so that a read of what no thread wrote shows.
+alignas(128) inline unsigned char dynamic_shared[232448];
+// Called at each block's start by every part of the stand-in that keeps state per block.
+inline std::vector<void (*)()> block_start_hooks;
+
 inline std::function<void()> body;
 
 // A fiber's first frame: the kernel, then back to the scheduler for good.
@@ -143,11 +156,16 @@ inline void *first_frame(std::vector<unsigned char> &stack) {
   return slots - 6;
 }
 
-// Runs `kernel(args...)` over the grid, one block after another, the block's threads as fibers
-// resumed round-robin until all have returned.
+// Runs `kernel(args...)` over the grid with `shared_bytes` of dynamic shared memory, one block
+// after another, the block's threads as fibers resumed round-robin until all have returned.
 template <typename... P, typename... A>
-void launch(void (*kernel)(P...), emu_dim3 grid, emu_dim3 block, A... args) {
+void launch_shared(void (*kernel)(P...), emu_dim3 grid, emu_dim3 block, size_t shared_bytes,
+                   A... args) {
   constexpr size_t kStack = 256 * 1024;
+  if (shared_bytes > sizeof dynamic_shared) {
+    std::fprintf(stderr, "emulate: %zu bytes of dynamic shared memory asked for\n", shared_bytes);
+    std::abort();
+  }
   block_dim = block;
   grid_dim = grid;
   const unsigned threads = block.x * block.y * block.z;
@@ -162,6 +180,8 @@ void launch(void (*kernel)(P...), emu_dim3 grid, emu_dim3 block, A... args) {
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         block_idx = emu_dim3{bx, by, bz};
+        std::memset(dynamic_shared, 0xff, shared_bytes);
+        for (auto hook : block_start_hooks) hook();
         block_barrier = Barrier{threads};
         warp_barriers.assign(warps, Barrier{});
         for (unsigned w = 0; w < warps; ++w) warp_barriers[w].expected = std::min(32u, threads - w * 32);
@@ -180,6 +200,12 @@ void launch(void (*kernel)(P...), emu_dim3 grid, emu_dim3 block, A... args) {
           }
         }
       }
+}
+
+// `launch_shared` without dynamic shared memory.
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), emu_dim3 grid, emu_dim3 block, A... args) {
+  launch_shared(kernel, grid, block, 0, args...);
 }
 
 }  // namespace emu

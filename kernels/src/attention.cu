@@ -96,7 +96,7 @@ __device__ void attention(const T *__restrict__ q, const T *__restrict__ k,
                           const int64_t k_row, const int64_t v_image, const int64_t v_head,
                           const int64_t v_row, const float scale) {
   using S = Smem<DP>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  SDSTREAM_DYNAMIC_SHARED(smem);
   T *q_tile = reinterpret_cast<T *>(smem);
   T *k_tile = reinterpret_cast<T *>(smem + S::Q);
   T *v_tile = reinterpret_cast<T *>(smem + S::Q + S::K);
@@ -218,6 +218,9 @@ __device__ void attention(const T *__restrict__ q, const T *__restrict__ k,
 // probabilities enter the product unnormalised, rounded once to the storage type). Operand
 // layouts and the host's guarantees are those of the kernel above.
 
+// The PTX instructions, each behind a function of its own; kernels/emulate/ptx.h has their
+// stand-ins for the CPU (SDSTREAM_EMULATED).
+#ifndef SDSTREAM_EMULATED
 template <typename T> struct Mma;
 template <> struct Mma<__half> {
   // D = A·B + D, A 16×16 (row), B 16×8 (col), f32 accumulators.
@@ -281,6 +284,7 @@ __device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_
 template <int PENDING> __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
+#endif  // SDSTREAM_EMULATED
 
 // Row stride (elements) of the register kernel's tiles: DP + 8 makes a row (DP/8 + 1)·16 bytes, an
 // odd number of 16-byte units for every DP multiple of 16, so the 8 rows of an ldmatrix phase fall
@@ -320,7 +324,7 @@ __device__ void flash_attention(const T *__restrict__ q, const T *__restrict__ k
   constexpr int KSTEPS = DP / 16;           // steps of the q·kᵀ product over the head dimension
   constexpr int OTILES = DP / 8;            // 8-column tiles of the output
   constexpr int STILES = BLOCK_KEYS / 8;    // 8-key tiles of the scores
-  extern __shared__ __align__(128) unsigned char smem[];
+  SDSTREAM_DYNAMIC_SHARED(smem);
   T *q_tile = reinterpret_cast<T *>(smem);
   T *k_tiles = q_tile + BLOCK_ROWS * LD;     // two tiles
   T *v_tiles = k_tiles + 2 * S::TILE;        // two tiles

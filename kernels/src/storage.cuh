@@ -5,6 +5,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+// A kernel's dynamic shared memory as `unsigned char NAME[]`, 128-byte aligned (the CPU's
+// stand-in, kernels/emulate, defines it first).
+#ifndef SDSTREAM_DYNAMIC_SHARED
+#define SDSTREAM_DYNAMIC_SHARED(NAME) extern __shared__ __align__(128) unsigned char NAME[]
+#endif
+
 namespace {
 
 template <typename T> __device__ __forceinline__ float load(const T v);
