@@ -1280,7 +1280,8 @@ fn cuda_streams_batched_across_streams_match_each_alone() {
 /// The in-place adds on the device (ops.cu) against candle's broadcast adds: each image's own
 /// values over its channels-last map (three images: the per-image runs of
 /// `add_fresh_per_batch`), a per-channel shift of channels-first maps and a bias over the last
-/// dimension, in every dtype. f32 and f16 sums are exact before their one rounding, so they
+/// dimension, in every dtype, through ops.cu's 16-byte path and (6 channels, a map one value
+/// into its buffer) its scalar one. f32 and f16 sums are exact before their one rounding, so they
 /// must agree to the bit; bf16 within one rounding.
 #[test]
 #[cfg_attr(
@@ -1310,13 +1311,42 @@ fn cuda_in_place_adds_match_broadcast_adds() {
             false,
         ),
         ("bias", randn(&[3, 5, 7, 8]), randn(&[8]), 1, false),
+        // ops.cu's 16-byte path takes the cases above and the residual; these two it must
+        // leave to the scalar kernel (6 values do not fill a vector; a map starting one value
+        // into its buffer is not 16-byte aligned).
+        (
+            "residual",
+            randn(&[3, 5, 7, 8]),
+            randn(&[3, 5, 7, 8]),
+            1,
+            false,
+        ),
+        ("bias of 6", randn(&[3, 5, 7, 6]), randn(&[6]), 1, false),
+        (
+            "bias, unaligned",
+            randn(&[1, 5, 7, 8]),
+            randn(&[8]),
+            1,
+            false,
+        ),
     ];
     for (name, fresh, other, inner, per_batch) in cases {
         for (dtype, bound) in [(DType::F32, 0.0f32), (DType::F16, 0.0), (DType::BF16, 3e-2)] {
             let fresh = fresh.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
             let other = other.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
             let want = fresh.broadcast_add(&other).unwrap();
-            let copy = fresh.copy().unwrap();
+            let copy = if name.ends_with("unaligned") {
+                // One value in: the map starts 2 or 4 bytes past its buffer's start.
+                let flat = fresh.flatten_all().unwrap();
+                let padded = Tensor::cat(&[&flat.narrow(0, 0, 1).unwrap(), &flat], 0).unwrap();
+                padded
+                    .narrow(0, 1, flat.elem_count())
+                    .unwrap()
+                    .reshape(fresh.shape())
+                    .unwrap()
+            } else {
+                fresh.copy().unwrap()
+            };
             let got = if per_batch {
                 add_fresh_per_batch(copy, &other, inner).unwrap()
             } else {

@@ -40,6 +40,14 @@
 #define __shared__ static
 #undef __launch_bounds__
 #define __launch_bounds__(...)
+// A kernel's promise that a pointer is aligned (storage.cuh), checked.
+#define SDSTREAM_ASSUME_ALIGNED(POINTER, BYTES)                                                  \
+  do {                                                                                           \
+    if (reinterpret_cast<uintptr_t>(POINTER) % (BYTES) != 0) {                                   \
+      std::fprintf(stderr, "emulate: %s is not %d-byte aligned\n", #POINTER, (int)(BYTES));     \
+      std::abort();                                                                              \
+    }                                                                                            \
+  } while (0)
 // A launch's dynamic shared memory (storage.cuh's SDSTREAM_DYNAMIC_SHARED).
 #define SDSTREAM_DYNAMIC_SHARED(NAME) unsigned char *NAME = emu::dynamic_shared
 

@@ -43,6 +43,32 @@ template <typename T> void adds() {
   }
 }
 
+// The vectorised add against the scalar one, bit for bit, where the host launches it (inner = 1,
+// n and per_slice multiples of the vector's width): a residual, a bias over the last dimension
+// and channels-last time embeddings of 3 images.
+template <typename T> void vector_adds() {
+  constexpr int W = Vec16<T>::kWidth;
+  const AddCase cases[] = {
+      {"residual", 13 * W * 8, 13 * W * 8, 1, 1},
+      {"bias, channels last", 37 * 4 * W, 4 * W, 1, 1},
+      {"time embedding, channels last, 3 images", 3 * 19 * 2 * W, 2 * W, 1, 3},
+  };
+  for (const auto &c : cases) {
+    const auto dst0 = check::stored<T>(check::random_values(c.total, 5));
+    const auto src = check::stored<T>(check::random_values(c.n * c.outer, 6));
+    const int64_t per_slice = c.total / c.outer;
+    auto scalar = dst0, vector = dst0;
+    emu::launch(add_in_place<T>, {3}, {64}, scalar.data(), src.data(), c.total, c.n, c.inner,
+                per_slice);
+    emu::launch(add_in_place_vec<T>, {2}, {32}, vector.data(), src.data(),
+                static_cast<uint32_t>(c.total / W), static_cast<uint32_t>(c.n / W),
+                static_cast<uint32_t>(per_slice / W));
+    check::expect_equal(std::string("add_in_place_vec ") + check::name<T>() + ", " + c.what +
+                            " (against the scalar kernel)",
+                        vector, scalar);
+  }
+}
+
 template <typename T> void geglus() {
   const int64_t rows = 13, inner = 40;
   const auto x = check::stored<T>(check::random_values(rows * 2 * inner, 3, 2.0f));
@@ -78,6 +104,9 @@ int main() {
   adds<float>();
   adds<__half>();
   adds<__nv_bfloat16>();
+  vector_adds<float>();
+  vector_adds<__half>();
+  vector_adds<__nv_bfloat16>();
   geglus<float>();
   geglus<__half>();
   geglus<__nv_bfloat16>();

@@ -7,6 +7,8 @@
 //                   candle's broadcast add): biases per channel or per feature, time embeddings
 //                   per (batch, channel), and same-shape residual adds (n = total, inner = 1),
 //                   without the strided indexing of a general broadcast.
+//   add_in_place_vec_*: the same 16 bytes at a time, where the source index is the same for a
+//                   vector's values (inner = 1) and the operands allow it.
 //   geglu_*:        GEGLU of a projection's output before its bias: x [rows, 2·inner] plus bias
 //                   [2·inner] (geglu_bias_*) → out [rows, inner] = hidden · GELU(gate), with the
 //                   exact (erf) GELU, hidden = x[r, i] + bias[i], gate = x[r, inner + i] +
@@ -54,13 +56,45 @@ __device__ void add_in_place(T *__restrict__ dst, const T *__restrict__ src, con
   }
 }
 
-template <typename T, bool BIAS>
-__device__ void geglu(const T *__restrict__ x, const T *__restrict__ bias, T *__restrict__ out,
-                      const int64_t rows, const int64_t inner) {
-  const int64_t total = rows * inner;
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = idx / inner, i = idx % inner;
+// 16 bytes of T, loaded and stored as one access.
+template <typename T> struct alignas(16) Vec16 {
+  static constexpr int kWidth = 16 / sizeof(T);
+  T v[kWidth];
+};
+
+// The in-place add 16 bytes at a time where the source index is the same for a run of values,
+// inner = 1 (same-shape adds, biases over the last dimension, channels-last time embeddings): in
+// vector units, element i reads src[(i / per_slice)·n + i % n] (one slice: src[i % n]). The host
+// launches it only where n and per_slice are multiples of the vector's width and both operands
+// start 16-byte aligned. A vector's values are added one by one as the scalar kernel adds them,
+// so the results are the same bits.
+template <typename T>
+__device__ void add_in_place_vec(T *__restrict__ dst, const T *__restrict__ src,
+                                 const uint32_t total, const uint32_t n, const uint32_t per_slice) {
+  SDSTREAM_ASSUME_ALIGNED(dst, 16);
+  SDSTREAM_ASSUME_ALIGNED(src, 16);
+  using V = Vec16<T>;
+  V *d = reinterpret_cast<V *>(dst);
+  const V *s = reinterpret_cast<const V *>(src);
+  const bool same_shape = n == total, one_slice = per_slice == total;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    const uint32_t from = same_shape ? i : (one_slice ? 0 : (i / per_slice) * n) + i % n;
+    V a = d[i];
+    const V b = s[from];
+#pragma unroll
+    for (int j = 0; j < V::kWidth; ++j) a.v[j] = store<T>(load(a.v[j]) + load(b.v[j]));
+    d[i] = a;
+  }
+}
+
+// GEGLU over rows·inner outputs; I is the index type (32 bits where every index fits: a GPU has
+// no integer divider, and 64-bit divisions are long instruction sequences).
+template <typename T, bool BIAS, typename I>
+__device__ __forceinline__ void geglu_indexed(const T *__restrict__ x, const T *__restrict__ bias,
+                                              T *__restrict__ out, const I rows, const I inner) {
+  const I total = rows * inner;
+  for (I idx = (I)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (I)gridDim.x * blockDim.x) {
+    const I r = idx / inner, i = idx % inner;
     float hidden = load(x[r * 2 * inner + i]);
     float gate = load(x[r * 2 * inner + inner + i]);
     if (BIAS) {
@@ -69,6 +103,16 @@ __device__ void geglu(const T *__restrict__ x, const T *__restrict__ bias, T *__
     }
     out[idx] = store<T>(hidden * (0.5f * gate * (1.0f + erff(gate * 0.70710678118654752f))));
   }
+}
+
+template <typename T, bool BIAS>
+__device__ void geglu(const T *__restrict__ x, const T *__restrict__ bias, T *__restrict__ out,
+                      const int64_t rows, const int64_t inner) {
+  // The input has 2·rows·inner values: its indices must fit too.
+  if (2 * rows * inner <= INT32_MAX)
+    geglu_indexed<T, BIAS, uint32_t>(x, bias, out, (uint32_t)rows, (uint32_t)inner);
+  else
+    geglu_indexed<T, BIAS, int64_t>(x, bias, out, rows, inner);
 }
 
 }  // namespace
@@ -90,6 +134,17 @@ extern "C" __global__ void add_in_place_bf16(__nv_bfloat16 *dst, const __nv_bflo
                                             const int64_t per_slice) {
   add_in_place(dst, src, total, n, inner, per_slice);
 }
+
+// The vectorised in-place add's entry points (totals in 16-byte vectors).
+#define SDSTREAM_ADD_IN_PLACE_VEC(T, SUFFIX)                                                     \
+  extern "C" __global__ void add_in_place_vec_##SUFFIX(T *dst, const T *src, const uint32_t total, \
+                                                      const uint32_t n, const uint32_t per_slice) { \
+    add_in_place_vec(dst, src, total, n, per_slice);                                             \
+  }
+
+SDSTREAM_ADD_IN_PLACE_VEC(float, f32)
+SDSTREAM_ADD_IN_PLACE_VEC(__half, f16)
+SDSTREAM_ADD_IN_PLACE_VEC(__nv_bfloat16, bf16)
 
 // GEGLU's entry points: without and with the projection's bias, per storage type.
 #define SDSTREAM_GEGLU(T, SUFFIX)                                                                \

@@ -11,6 +11,12 @@
 #define SDSTREAM_DYNAMIC_SHARED(NAME) extern __shared__ __align__(128) unsigned char NAME[]
 #endif
 
+// Where a kernel relies on a pointer's alignment (vector loads), it says so; the CPU's stand-in
+// checks it, the device trusts the host's launch (which checks the addresses).
+#ifndef SDSTREAM_ASSUME_ALIGNED
+#define SDSTREAM_ASSUME_ALIGNED(POINTER, BYTES) ((void)0)
+#endif
+
 namespace {
 
 template <typename T> __device__ __forceinline__ float load(const T v);
