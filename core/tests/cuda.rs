@@ -679,6 +679,136 @@ fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
     assert_eq!(cudnn_fused_calls() - before, fused_runs);
 }
 
+/// Linear layers with their bias and residual in cuBLASLt's epilogue (kernel policy
+/// `cuda_fused_linear`, kernels/cublaslt_linear.rs) against the separate ops on the device and
+/// the CPU's f32 arithmetic, on the UNet's shapes (the attentions' and the feed-forward's output
+/// projections at each level, a batch of two, the tiny checkpoints' widths), with and without
+/// the residual, in f32, f16 and bf16. The fused call rounds once where the separate ops round
+/// three times, so it must be no further from f32 than they are (beyond a rounding).
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_fused_linear_matches_the_separate_ops() {
+    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::model::kernels::ops::{linear_fused, linear_fused_calls};
+    if !cuda_or_skip("cuda_fused_linear_matches_the_separate_ops") {
+        return;
+    }
+    let cuda = Device::new_cuda(0).unwrap();
+    let to_cpu = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let randn = |dims: &[usize], s: f64| {
+        (Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap() * s).unwrap()
+    };
+    // (batch, tokens, in, out)
+    let shapes = [
+        (1, 4096, 320, 320),
+        (1, 1024, 640, 640),
+        (1, 64, 5120, 1280),
+        (2, 256, 1280, 1280),
+        (1, 77, 1024, 320),
+        (3, 37, 32, 48),
+    ];
+    let before = linear_fused_calls();
+    let mut runs = 0u64;
+    for (batch, tokens, k, n) in shapes {
+        let x = randn(&[batch, tokens, k], 1.0);
+        let w = randn(&[n, k], (k as f64).powf(-0.5));
+        let b = randn(&[n], 0.5);
+        let r = randn(&[batch, tokens, n], 1.0);
+        for with_residual in [false, true] {
+            let want = {
+                let y = x
+                    .reshape((batch * tokens, k))
+                    .unwrap()
+                    .matmul(&w.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&b)
+                    .unwrap()
+                    .reshape((batch, tokens, n))
+                    .unwrap();
+                if with_residual { (y + &r).unwrap() } else { y }
+            };
+            for (dtype, limit) in [(DType::F32, 1e-5f32), (DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+                let dev = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
+                let (xs, ws, bs, rs) = (dev(&x), dev(&w), dev(&b), dev(&r));
+                let residual = with_residual.then_some(&rs);
+                let separate = {
+                    let y = xs
+                        .reshape((batch * tokens, k))
+                        .unwrap()
+                        .matmul(&ws.t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&bs)
+                        .unwrap()
+                        .reshape((batch, tokens, n))
+                        .unwrap();
+                    to_cpu(&if with_residual { (y + &rs).unwrap() } else { y })
+                };
+                let calls = linear_fused_calls();
+                let fused = KernelPolicy {
+                    cuda_fused_linear: true,
+                    ..KernelPolicy::process()
+                }
+                .scoped(|| linear_fused(&xs, &ws, &bs, residual).unwrap());
+                let fused = to_cpu(&fused.unwrap_or_else(|| {
+                    panic!(
+                        "cuBLASLt refused [{batch}, {tokens}, {k}] -> {n} {dtype:?} residual \
+                         {with_residual} (see the warning above)"
+                    )
+                }));
+                assert_eq!(linear_fused_calls(), calls + 1);
+                runs += 1;
+                assert_eq!(fused.dims(), want.dims());
+                let scale = common::max_magnitude(&want).max(1e-3);
+                let (max, mean) = common::abs_err(&fused, &want);
+                let (s_max, s_mean) = common::abs_err(&separate, &want);
+                println!(
+                    "fused linear [{batch}, {tokens}, {k}] -> {n} {dtype:?} residual {with_residual}: \
+                     against f32 max {:.2e} mean {:.2e}; separate ops max {:.2e} mean {:.2e} (of scale {scale:.2})",
+                    max / scale,
+                    mean / scale,
+                    s_max / scale,
+                    s_mean / scale
+                );
+                assert!(
+                    max <= limit * scale,
+                    "{dtype:?} [{batch}, {tokens}, {k}] -> {n}: max {max} > {limit} × {scale}"
+                );
+                assert!(
+                    mean <= s_mean * 1.05 + 1e-6 * scale,
+                    "{dtype:?} [{batch}, {tokens}, {k}] -> {n}: the fused call's mean error {mean} \
+                     exceeds the separate ops' {s_mean}"
+                );
+            }
+        }
+    }
+    // The switch off: nothing runs fused.
+    let off = KernelPolicy {
+        cuda_fused_linear: false,
+        ..KernelPolicy::process()
+    }
+    .scoped(|| {
+        let dev = |t: Tensor| t.to_device(&cuda).unwrap();
+        linear_fused(
+            &dev(randn(&[1, 4, 8], 1.0)),
+            &dev(randn(&[8, 8], 1.0)),
+            &dev(randn(&[8], 1.0)),
+            None,
+        )
+        .unwrap()
+    });
+    assert!(off.is_none());
+    assert_eq!(runs, shapes.len() as u64 * 2 * 3);
+    assert_eq!(linear_fused_calls() - before, runs);
+}
+
 /// The fused attention kernels (attention.cu: the WMMA kernel, the default, and the register
 /// kernel of the kernel policy's `cuda_flash_attention`) against softmax(scale·q·kᵀ)·v in f32 on the CPU,
 /// on the same values rounded to f16 or bf16, for the arrangements the UNet uses (heads-major,

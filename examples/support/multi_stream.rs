@@ -392,7 +392,7 @@ pub fn policy_summary(cuda: bool) -> String {
     format!(
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
          pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}, \
-         GroupNorm rows kernels {}",
+         GroupNorm rows kernels {}, fused linear epilogue {}",
         on_off(p.cuda_kernels),
         attention,
         on_off(p.cuda_graphs),
@@ -402,5 +402,6 @@ pub fn policy_summary(cuda: bool) -> String {
         on_off(p.cuda_preprocess),
         on_off(p.cuda_fused_conv),
         on_off(p.cuda_group_norm_rows),
+        on_off(p.cuda_fused_linear),
     )
 }

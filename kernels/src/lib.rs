@@ -28,6 +28,8 @@ pub mod canny;
 pub mod conv;
 mod conv_channels_last;
 mod conv_direct;
+#[cfg(feature = "cuda")]
+pub mod cublaslt_linear;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
 pub mod gemm_bf16;

@@ -72,6 +72,78 @@ pub fn add_fresh_per_batch(
     Ok(fresh)
 }
 
+/// `x·Wᵀ + bias (+ residual)` with the bias and the residual in cuBLASLt's epilogue of the
+/// product (`cublaslt_linear`), where the kernel policy's `cuda_fused_linear` allows it: `x`
+/// `[…, K]`, `weight` `[N, K]`, `bias` `[N]`, `residual` the output's shape, one dtype, on a
+/// CUDA device with sdstream's kernels on. `None` where it does not run (another device, the
+/// switch off, another dtype, or a configuration cuBLASLt refused, warned once for each and
+/// left to the separate ops from then on): the caller then runs the product and the adds.
+pub fn linear_fused(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        use std::cell::RefCell;
+        use std::collections::HashSet;
+        /// Input dims, weight dims, dtype, residual.
+        type Refused = (Vec<usize>, Vec<usize>, candle_core::DType, bool);
+        thread_local! {
+            /// The configurations cuBLASLt refused.
+            static REFUSED: RefCell<HashSet<Refused>> = RefCell::new(HashSet::new());
+        }
+        let dtype = x.dtype();
+        let applies = super::KernelPolicy::current().cuda_fused_linear
+            && cuda_kernels(x.device())
+            && weight.dtype() == dtype
+            && bias.dtype() == dtype
+            && residual.is_none_or(|r| r.dtype() == dtype && r.device().same_device(x.device()));
+        if !applies {
+            return Ok(None);
+        }
+        let key = (
+            x.dims().to_vec(),
+            weight.dims().to_vec(),
+            dtype,
+            residual.is_some(),
+        );
+        if REFUSED.with(|r| r.borrow().contains(&key)) {
+            return Ok(None);
+        }
+        match super::cublaslt_linear::linear_fused(x, weight, bias, residual) {
+            Ok(y) => Ok(Some(y)),
+            Err(e) => {
+                tracing::warn!(
+                    "cuBLASLt refused a fused linear layer ({:?} over {:?}, {:?}, residual {}): \
+                     {e}; this configuration runs its bias and residual as separate ops",
+                    key.1,
+                    key.0,
+                    key.2,
+                    key.3
+                );
+                REFUSED.with(|r| r.borrow_mut().insert(key));
+                Ok(None)
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, weight, bias, residual);
+        Ok(None)
+    }
+}
+
+/// How many linear layers ran with their epilogue in cuBLASLt's call ([`linear_fused`]; 0
+/// without the `cuda` feature), for tests.
+pub fn linear_fused_calls() -> u64 {
+    #[cfg(feature = "cuda")]
+    return super::cublaslt_linear::fused_calls();
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// Whether `other` can be added into `fresh`'s own buffer: sdstream's kernels run on its device,
 /// both are contiguous, of one dtype (the shapes are each caller's to check).
 fn adds_in_place(fresh: &Tensor, other: &Tensor) -> bool {

@@ -117,6 +117,11 @@ pub struct KernelPolicy {
     /// `SDSTREAM_CUDA_GROUP_NORM_ROWS`; off by default until a GPU run has checked and
     /// measured it (kernels/emulate checks its arithmetic on the CPU).
     pub cuda_group_norm_rows: bool,
+    /// Linear layers on a CUDA device add their bias, and the residual where the network has
+    /// one, in cuBLASLt's epilogue of the product (`cublaslt_linear`) instead of two passes of
+    /// their own over the output (on with `SDSTREAM_CUDA_FUSED_LINEAR`; off by default until a
+    /// GPU run has checked and measured it).
+    pub cuda_fused_linear: bool,
     /// Forward passes on CUDA devices are captured and replayed as CUDA graphs (off with
     /// `SDSTREAM_CUDA_GRAPHS=0`; read by sdstream-models' graph cache).
     pub cuda_graphs: bool,
@@ -155,6 +160,7 @@ impl Default for KernelPolicy {
             cuda_flash_attention: false,
             cuda_fused_conv: false,
             cuda_group_norm_rows: false,
+            cuda_fused_linear: false,
             cuda_graphs: true,
             channels_last: ChannelsLast::Auto,
             cuda_pinned: false,
@@ -181,7 +187,8 @@ impl KernelPolicy {
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
     ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED`, `SDSTREAM_CUDA_FLASH_ATTENTION`,
-    ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS` are switches, on when set to anything but nothing or `0`;
+    ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS`,
+    ///   `SDSTREAM_CUDA_FUSED_LINEAR` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
     ///   `SDSTREAM_CUDA_PREPROCESS` turn their feature off when exactly `0`;
     /// - `SDSTREAM_CHANNELS_LAST` is `auto` (or empty, or unset: CUDA devices only), `0` or `off`
@@ -226,6 +233,7 @@ impl KernelPolicy {
             cuda_flash_attention: switch("SDSTREAM_CUDA_FLASH_ATTENTION"),
             cuda_fused_conv: switch("SDSTREAM_CUDA_FUSED_CONV"),
             cuda_group_norm_rows: switch("SDSTREAM_CUDA_GROUP_NORM_ROWS"),
+            cuda_fused_linear: switch("SDSTREAM_CUDA_FUSED_LINEAR"),
             cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
             channels_last,
             cuda_pinned: switch("SDSTREAM_CUDA_PINNED"),
@@ -310,7 +318,8 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 8] = [
+        let cases: [(&str, Field, bool); 9] = [
+            ("SDSTREAM_CUDA_FUSED_LINEAR", |p| p.cuda_fused_linear, false),
             ("SDSTREAM_CUDA_FUSED_CONV", |p| p.cuda_fused_conv, false),
             (
                 "SDSTREAM_CUDA_GROUP_NORM_ROWS",
@@ -351,6 +360,9 @@ mod tests {
                 }
                 "SDSTREAM_CUDA_GROUP_NORM_ROWS" => {
                     others.cuda_group_norm_rows = default_policy.cuda_group_norm_rows
+                }
+                "SDSTREAM_CUDA_FUSED_LINEAR" => {
+                    others.cuda_fused_linear = default_policy.cuda_fused_linear
                 }
                 _ => others.direct_conv = default_policy.direct_conv,
             }

@@ -43,12 +43,20 @@ stage() {
 
 : > "$log"
 stage info 30 "${run[@]}" info
-stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda_geglu cuda_canny cuda_float_processors cuda_in_place cuda_group_norm" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
-# The register attention kernel, the fused convolution epilogue and the GroupNorm `_rows` kernels
-# are in those tests: where they pass, the profile below runs them.
-kernels_passed=$?
+stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda_geglu cuda_canny cuda_float_processors cuda_in_place cuda_group_norm cuda_fused_linear" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
+# The register attention kernel, the fused convolution epilogue, the GroupNorm `_rows` kernels and
+# the fused linear epilogue are in those tests: each switch whose test passed is "proven", and
+# the all-on rows and the profile below run the proven ones (a kernel that failed its test would
+# give a figure for wrong pictures).
+passed() { grep -qE "^test $1[a-z0-9_]* \.\.\. ok" "$log"; }
+proven=()
+passed cuda_fused_attention && proven+=(SDSTREAM_CUDA_FLASH_ATTENTION=1)
+passed cuda_fused_conv && proven+=(SDSTREAM_CUDA_FUSED_CONV=1)
+passed cuda_group_norm && proven+=(SDSTREAM_CUDA_GROUP_NORM_ROWS=1)
+passed cuda_fused_linear && proven+=(SDSTREAM_CUDA_FUSED_LINEAR=1)
+echo "== proven switches: ${proven[*]:-none}" | tee -a "$log"
 stage weights 150 "${run[@]}" weights
-stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm" "${run[@]}" tests
+stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_fused_linear" "${run[@]}" tests
 # Should CUDA graphs fail on the device again (as they did on an H200 before the key/value memo
 # was made the CPU's only), the figures come op by op instead of not at all.
 stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" bench-f16 \
@@ -66,9 +74,18 @@ stage bench-f16-fused-conv 45 SDSTREAM_CUDA_FUSED_CONV=1 SDSTREAM_BENCH_TAG=-fus
 # default until this row and cuda_group_norm have run): against bench-f16's rows.
 stage bench-f16-group-norm-rows 45 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_BENCH_TAG=-group-norm-rows \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
-# Every stream case in f16 and bf16 against f32 with the register kernel and the GroupNorm
-# `_rows` kernels (cuda_fused_attention and cuda_group_norm above checked them alone).
-stage tests-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_TESTS=cuda_half_precision_streams \
+# Linear layers with their bias and residual in cuBLASLt's epilogue (SDSTREAM_CUDA_FUSED_LINEAR,
+# off by default until this row and cuda_fused_linear have run): against bench-f16's rows.
+stage bench-f16-fused-linear 45 SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_BENCH_TAG=-fused-linear \
+  SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
+# The f32 goldens with the switches that change f32 arithmetic on (GroupNorm's `_rows` kernels,
+# the fused convolution and linear epilogues; f32 attention runs unfused whatever the switch).
+stage tests-all-on-f32 60 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_FUSED_CONV=1 SDSTREAM_CUDA_FUSED_LINEAR=1 \
+  SDSTREAM_TESTS=cuda_f32_streams SDSTREAM_TESTS_TAG=-all-on-f32 "${run[@]}" tests
+# Every stream case in f16 and bf16 against f32 with the register kernel, the GroupNorm `_rows`
+# kernels and the fused linear epilogue (each checked alone above).
+stage tests-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_FUSED_LINEAR=1 \
+  SDSTREAM_TESTS=cuda_half_precision_streams \
   SDSTREAM_TESTS_TAG=-flash "${run[@]}" tests
 # The networks with channels-first maps (cuDNN's NCHW convolutions, transposes around each):
 # against bench-f16's rows, which run channels-last, a CUDA device's default since an H200
@@ -80,8 +97,7 @@ stage bench-f16-channels-first 60 SDSTREAM_CHANNELS_LAST=0 SDSTREAM_BENCH_TAG=-c
 # default, and the fused convolution epilogue), the host waiting once a frame: the figure to hold
 # against the 100 fps target.
 stage bench-f16-all-on 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_PREPROCESS=1 \
-  SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_FUSED_CONV=1 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 \
-  SDSTREAM_BENCH_TAG=-all-on \
+  "${proven[@]}" SDSTREAM_BENCH_TAG=-all-on \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100 --sync-stages off" \
   "${run[@]}" bench-f16
 # Canny on the host (download, host, upload): against bench-f16's 1-ControlNet row (stage sync
@@ -93,8 +109,7 @@ stage bench-f16-host-preprocess 45 SDSTREAM_CUDA_PREPROCESS=0 SDSTREAM_BENCH_TAG
 stage multi-stream-f16 90 "${run[@]}" multi-stream-f16
 # Issue 44's target (8 streams at 30 fps each) with every prepared switch on: batched UNet calls
 # of up to 8 rows spend most of their time in attention.
-stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_FUSED_CONV=1 \
-  SDSTREAM_CUDA_GROUP_NORM_ROWS=1 \
+stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" \
   SDSTREAM_BENCH_TAG=-all-on SDSTREAM_MULTI_ARGS="--streams 1,4,8 --frames 40" "${run[@]}" multi-stream-f16
 # sdxl-turbo's shapes, 1 step, TAESDXL, 512² and 1024² (drawing its 3.5 G weights first).
 stage bench-sdxl-f16 150 "${run[@]}" bench-sdxl-f16
@@ -111,15 +126,8 @@ stage reference-f16 90 SDSTREAM_REFERENCE_SYNC=off SDSTREAM_REFERENCE_ARGS="--va
 stage sdpa 40 "${run[@]}" sdpa
 stage attention 40 "${run[@]}" attention
 stage bench-bf16 45 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32" "${run[@]}" bench-bf16
-# The frame as it will run next: with the register attention kernel, the fused convolution
-# epilogue and pinned transfers where the kernels' tests passed, else as the defaults run it.
-if ((kernels_passed == 0)); then
-  stage profile-f16 120 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_FUSED_CONV=1 SDSTREAM_CUDA_PINNED=1 \
-    SDSTREAM_CUDA_GROUP_NORM_ROWS=1 \
-    "${run[@]}" profile-f16
-else
-  stage profile-f16 120 "${run[@]}" profile-f16
-fi
+# The frame as it will run next: pinned transfers and the proven switches.
+stage profile-f16 120 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" "${run[@]}" profile-f16
 # Every image processor's time on the device (the pixel ones on the host's way and on the device).
 stage processors 45 "${run[@]}" processors
 # ControlNet calls batched across streams: 1 and 4 streams, each with the ControlNet.

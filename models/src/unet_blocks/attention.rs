@@ -162,6 +162,20 @@ impl Attention {
         bank: Option<&RefCell<BankCall<'_>>>,
         image: Option<ImageAttention<'_>>,
     ) -> candle_core::Result<Tensor> {
+        self.forward_residual(x, context, bank, image, None)
+    }
+
+    /// [`forward_with_image`](Self::forward_with_image) plus `residual` (`[B, N, C]`, the
+    /// block's input), added by the output projection ([`Linear::forward_residual`]: in its
+    /// epilogue where the kernel policy fuses it).
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        bank: Option<&RefCell<BankCall<'_>>>,
+        image: Option<ImageAttention<'_>>,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
         let bank = bank.filter(|_| self.to_kv.is_none());
@@ -176,7 +190,7 @@ impl Attention {
             (Some(_), None) => candle_core::bail!("cross-attention called without a context"),
         };
         if kernels::attention::runs_for(&queries, d) && bank.is_none() {
-            return self.attend_in_place(&queries, keys_values.as_ref(), image);
+            return self.attend_in_place(&queries, keys_values.as_ref(), image, residual);
         }
         // Heads-major layout [·, B, H, tokens, d] so that every (batch, head) pair is one matmul.
         let heads_major = |kv: Tensor, tokens: usize| {
@@ -222,7 +236,7 @@ impl Attention {
             let from_image = self.attend_blocks(&q, &k, &v, b, n, t)?;
             out = (out + (from_image * image.scale)?)?;
         }
-        self.to_out.forward(&out)
+        self.to_out.forward_residual(&out, residual)
     }
 
     /// [`forward_with_image`](Self::forward_with_image) on the CPU kernels without a bank: the
@@ -233,6 +247,7 @@ impl Attention {
         queries: &Tensor,
         keys_values: Option<&Tensor>,
         image: Option<ImageAttention<'_>>,
+        residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let (h, d) = (self.heads, self.head_dim);
         // The queries' attention over the keys at column `keys` of `kv` and the values right
@@ -257,7 +272,7 @@ impl Attention {
             let from_image = attend(&image.to_kv.forward(image.tokens)?, 0)?;
             out = (out + (from_image * image.scale)?)?;
         }
-        self.to_out.forward(&out)
+        self.to_out.forward_residual(&out, residual)
     }
 
     /// Attention of `q` `[B·H, N, d]` over `k`, `v` `[B·H, M, d]`, heads merged back:

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::Result;
 use crate::kernels::conv::{Conv2d, Padding};
-use crate::kernels::ops::{add_fresh, transposed};
+use crate::kernels::ops::{self, add_fresh, transposed};
 use crate::kernels::{cpu_kernels, gemm_bf16};
 use crate::try_vec;
 use crate::weight_table;
@@ -79,16 +79,38 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Linear {
+    /// `x·Wᵀ + b + residual` (`residual` the output's shape): on a CUDA device with the kernel
+    /// policy's `cuda_fused_linear`, the bias and the residual in the product's epilogue
+    /// ([`ops::linear_fused`]); else the product, then the adds.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(bias) = &self.bias
+            && let Some(y) = ops::linear_fused(x, &self.weight, bias, residual)?
+        {
+            return Ok(y);
+        }
         let y = self.product(x)?;
         let dtype = y.dtype();
-        match &self.bias {
+        let y = match &self.bias {
             // The bf16 product is f32 whatever the bias's type (`to_dtype` to the bias's own
             // type is a clone of the handle).
-            Some(bias) => add_fresh(y, &bias.to_dtype(dtype)?, 1),
+            Some(bias) => add_fresh(y, &bias.to_dtype(dtype)?, 1)?,
+            None => y,
+        };
+        match residual {
+            Some(residual) => add_fresh(y, residual, 1),
             None => Ok(y),
         }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_residual(x, None)
     }
 }
 

@@ -71,6 +71,23 @@ impl FeedForward {
     }
 }
 
+impl FeedForward {
+    /// The feed-forward of `x` plus `residual` (the block's input): on a device other than the
+    /// CPU's kernels the output projection adds it ([`Linear::forward_residual`]: in its
+    /// epilogue where the kernel policy fuses it).
+    pub(super) fn forward_residual(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        if cpu_kernels(x.device()) {
+            return add_fresh(self.forward(x)?, residual, 1);
+        }
+        let hidden = geglu(&self.proj.product(x)?, self.proj.bias.as_ref())?;
+        self.out.forward_residual(&hidden, Some(residual))
+    }
+}
+
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // Chunks only keep the projection out of freshly mapped memory, at the price of reading
@@ -153,11 +170,9 @@ impl BasicTransformerBlock {
         } else {
             (None, context.bank)
         };
-        let x = add_fresh(
-            self.attn1.forward(&self.norm1.forward(x)?, ctx1, bank)?,
-            x,
-            1,
-        )?;
+        let x = self
+            .attn1
+            .forward_residual(&self.norm1.forward(x)?, ctx1, bank, None, Some(x))?;
         // A layer at scale 0 adds nothing: skipped, as the adapter's absence.
         let image = context.image.and_then(|image| {
             let slot = self.cross_attention_slot;
@@ -168,17 +183,14 @@ impl BasicTransformerBlock {
                 scale,
             })
         });
-        let x = add_fresh(
-            self.attn2.forward_with_image(
-                &self.norm2.forward(&x)?,
-                Some(context.text),
-                None,
-                image,
-            )?,
-            &x,
-            1,
+        let x = self.attn2.forward_residual(
+            &self.norm2.forward(&x)?,
+            Some(context.text),
+            None,
+            image,
+            Some(&x),
         )?;
-        add_fresh(self.ff.forward(&self.norm3.forward(&x)?)?, &x, 1)
+        self.ff.forward_residual(&self.norm3.forward(&x)?, &x)
     }
 }
 
@@ -256,7 +268,12 @@ impl Transformer2DModel {
             for block in &self.blocks {
                 t = block.forward(&t, context)?;
             }
-            return self.proj_out.forward(&t)?.reshape((b, h, w, c))? + x;
+            // x's tokens are a reshape of it (channels last): the projection adds them.
+            let x_tokens = x.reshape((b, h * w, c))?;
+            return self
+                .proj_out
+                .forward_residual(&t, Some(&x_tokens))?
+                .reshape((b, h, w, c));
         }
         let (b, c, h, w) = x.dims4()?;
         let tokens = self
