@@ -4,7 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::Result;
-use crate::kernels::conv::{Conv2d, Padding};
+use crate::kernels::conv::{Conv2d, Epilogue, Padding};
 use crate::kernels::norm::GroupNorm;
 use crate::kernels::ops::{add_fresh, add_fresh_per_batch};
 
@@ -89,10 +89,20 @@ impl ResnetBlock2D {
             self.act
                 .after_norm(&self.norm2, &add_fresh(h, &t, hh * ww)?)?
         };
-        let h = self.conv2.forward(&h)?;
-        let out = match &self.conv_shortcut {
-            Some(conv) => add_fresh(h, &conv.forward(x)?, 1)?,
-            None => add_fresh(h, x, 1)?,
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = if self.channels_last {
+            // The shortcut as the convolution's residual: in cuDNN's call where the kernel
+            // policy fuses the epilogue (`cuda_fused_conv`), else the same add as below.
+            let epilogue = Epilogue {
+                residual: Some(&shortcut),
+                relu: false,
+            };
+            self.conv2.forward_with(&h, 1, epilogue)?
+        } else {
+            add_fresh(self.conv2.forward(&h)?, &shortcut, 1)?
         };
         if self.output_scale_factor == 1.0 {
             Ok(out)
