@@ -735,7 +735,11 @@ fn cuda_fused_linear_matches_the_separate_ops() {
                     .unwrap();
                 if with_residual { (y + &r).unwrap() } else { y }
             };
-            for (dtype, limit) in [(DType::F32, 1e-5f32), (DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+            for (dtype, limit) in [
+                (DType::F32, 1e-5f32),
+                (DType::F16, 4e-3),
+                (DType::BF16, 3e-2),
+            ] {
                 let dev = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
                 let (xs, ws, bs, rs) = (dev(&x), dev(&w), dev(&b), dev(&r));
                 let residual = with_residual.then_some(&rs);

@@ -392,7 +392,7 @@ pub fn policy_summary(cuda: bool) -> String {
     format!(
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
          pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}, \
-         GroupNorm rows kernels {}, fused linear epilogue {}",
+         GroupNorm rows kernels {}, fused linear epilogue {}, 16-byte adds {}",
         on_off(p.cuda_kernels),
         attention,
         on_off(p.cuda_graphs),
@@ -403,5 +403,6 @@ pub fn policy_summary(cuda: bool) -> String {
         on_off(p.cuda_fused_conv),
         on_off(p.cuda_group_norm_rows),
         on_off(p.cuda_fused_linear),
+        on_off(p.cuda_vector_adds),
     )
 }

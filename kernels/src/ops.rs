@@ -342,6 +342,7 @@ mod cuda {
         };
         if op.inner == 1
             && aligned
+            && crate::KernelPolicy::current().cuda_vector_adds
             && total <= i32::MAX as usize
             && [total, op.n, per_slice]
                 .iter()

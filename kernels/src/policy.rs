@@ -122,6 +122,11 @@ pub struct KernelPolicy {
     /// their own over the output (on with `SDSTREAM_CUDA_FUSED_LINEAR`; off by default until a
     /// GPU run has checked and measured it).
     pub cuda_fused_linear: bool,
+    /// The in-place adds on a CUDA device move 16 bytes a load where the operands allow it
+    /// (ops.cu's `add_in_place_vec_*`: the same bits as the scalar kernel; off with
+    /// `SDSTREAM_CUDA_VECTOR_ADDS=0`, for comparisons, and for the GPU kit to fall back on
+    /// should the device refuse it).
+    pub cuda_vector_adds: bool,
     /// Forward passes on CUDA devices are captured and replayed as CUDA graphs (off with
     /// `SDSTREAM_CUDA_GRAPHS=0`; read by sdstream-models' graph cache).
     pub cuda_graphs: bool,
@@ -161,6 +166,7 @@ impl Default for KernelPolicy {
             cuda_fused_conv: false,
             cuda_group_norm_rows: false,
             cuda_fused_linear: false,
+            cuda_vector_adds: true,
             cuda_graphs: true,
             channels_last: ChannelsLast::Auto,
             cuda_pinned: false,
@@ -190,7 +196,8 @@ impl KernelPolicy {
     ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS`,
     ///   `SDSTREAM_CUDA_FUSED_LINEAR` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
-    ///   `SDSTREAM_CUDA_PREPROCESS` turn their feature off when exactly `0`;
+    ///   `SDSTREAM_CUDA_PREPROCESS`, `SDSTREAM_CUDA_VECTOR_ADDS` turn their feature off when
+    ///   exactly `0`;
     /// - `SDSTREAM_CHANNELS_LAST` is `auto` (or empty, or unset: CUDA devices only), `0` or `off`
     ///   (no device), anything else on (every device, as when it was a switch);
     /// - `SDSTREAM_WINOGRAD` is `auto` (or empty, or unset), `off` (or `0`), `f2` or `f4`;
@@ -234,6 +241,7 @@ impl KernelPolicy {
             cuda_fused_conv: switch("SDSTREAM_CUDA_FUSED_CONV"),
             cuda_group_norm_rows: switch("SDSTREAM_CUDA_GROUP_NORM_ROWS"),
             cuda_fused_linear: switch("SDSTREAM_CUDA_FUSED_LINEAR"),
+            cuda_vector_adds: !off("SDSTREAM_CUDA_VECTOR_ADDS"),
             cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
             channels_last,
             cuda_pinned: switch("SDSTREAM_CUDA_PINNED"),
@@ -372,7 +380,8 @@ mod tests {
 
     #[test]
     fn cuda_switches_are_off_only_at_zero() {
-        let cases: [(&str, Field); 4] = [
+        let cases: [(&str, Field); 5] = [
+            ("SDSTREAM_CUDA_VECTOR_ADDS", |p| p.cuda_vector_adds),
             ("SDSTREAM_CUDA_KERNELS", |p| p.cuda_kernels),
             ("SDSTREAM_CUDA_ATTENTION", |p| p.cuda_attention),
             ("SDSTREAM_CUDA_GRAPHS", |p| p.cuda_graphs),
@@ -392,6 +401,9 @@ mod tests {
                 "SDSTREAM_CUDA_KERNELS" => others.cuda_kernels = default_policy.cuda_kernels,
                 "SDSTREAM_CUDA_ATTENTION" => others.cuda_attention = default_policy.cuda_attention,
                 "SDSTREAM_CUDA_GRAPHS" => others.cuda_graphs = default_policy.cuda_graphs,
+                "SDSTREAM_CUDA_VECTOR_ADDS" => {
+                    others.cuda_vector_adds = default_policy.cuda_vector_adds
+                }
                 _ => others.cuda_preprocess = default_policy.cuda_preprocess,
             }
             assert_eq!(others, default_policy, "{name} moves only its field");
