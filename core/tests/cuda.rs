@@ -589,12 +589,7 @@ fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
         return;
     }
     let cuda = Device::new_cuda(0).unwrap();
-    let to_cpu = |t: &Tensor| {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-    };
+    let to_cpu = common::f32_on_cpu;
     let mut fused_runs = 0u64;
     let before = cudnn_fused_calls();
     for case in ConvCase::all() {
@@ -697,12 +692,7 @@ fn cuda_fused_linear_matches_the_separate_ops() {
         return;
     }
     let cuda = Device::new_cuda(0).unwrap();
-    let to_cpu = |t: &Tensor| {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-    };
+    let to_cpu = common::f32_on_cpu;
     let randn = |dims: &[usize], s: f64| {
         (Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap() * s).unwrap()
     };
@@ -848,7 +838,7 @@ fn cuda_fused_attention_matches_the_f32_formula() {
             .reshape((b * heads, tokens, d))
             .unwrap()
     };
-    let to_f32_cpu = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&cpu).unwrap();
+    let to_f32_cpu = common::f32_on_cpu;
     // (batch, heads, queries, keys, head dim, spread of q and k)
     let shapes = [
         (1, 5, 4096, 4096, 64, 1.0f32),

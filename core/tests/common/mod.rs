@@ -68,6 +68,14 @@ pub fn abs_err(a: &Tensor, b: &Tensor) -> (f32, f32) {
     (max, mean)
 }
 
+/// `t` as f32 on the CPU (a device's output, to compare with the CPU's).
+pub fn f32_on_cpu(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&candle_core::Device::Cpu)
+        .unwrap()
+}
+
 /// The largest magnitude in `t` (the scale errors are measured against).
 pub fn max_magnitude(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32)
