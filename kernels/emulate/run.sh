@@ -9,6 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# The fibers switch stacks with a few x86-64 instructions (emulate.h).
+if [[ "$(uname -m)" != x86_64 ]]; then
+  echo "kernels/emulate: the stand-in runs on x86-64 only, not $(uname -m)" >&2
+  exit 1
+fi
 if [[ -z "${CUDA_INCLUDE:-}" ]]; then
   eval "$(bash ../../scripts/cuda-toolchain.sh)"
   CUDA_INCLUDE="$(dirname "$(dirname "$(command -v nvcc)")")/include"
