@@ -521,37 +521,28 @@ impl Conv2d {
             epilogue.residual.is_some(),
             epilogue.relu,
         );
-        if REFUSED.with(|r| r.borrow().contains(&key)) {
-            return Ok(None);
-        }
-        let residual = match epilogue.residual {
-            Some(r) => Some(r.to_dtype(xs.dtype())?),
-            None => None,
+        let run = || {
+            let residual = match epilogue.residual {
+                Some(r) => Some(r.to_dtype(xs.dtype())?),
+                None => None,
+            };
+            super::cudnn_conv::conv2d_channels_last_fused(
+                &xs,
+                &self.weight,
+                &self.bias,
+                residual.as_ref(),
+                epilogue.relu,
+                pad,
+                self.stride,
+            )
         };
-        match super::cudnn_conv::conv2d_channels_last_fused(
-            &xs,
-            &self.weight,
-            &self.bias,
-            residual.as_ref(),
-            epilogue.relu,
-            pad,
-            self.stride,
-        ) {
-            Ok(ys) => Ok(Some(ys)),
-            Err(e) => {
-                tracing::warn!(
-                    "cuDNN refused a fused convolution ({:?} over {:?}, {:?}, residual {}, ReLU {}): \
-                     {e}; this geometry runs its epilogue as separate ops",
-                    key.1,
-                    key.0,
-                    key.2,
-                    key.3,
-                    key.4
-                );
-                REFUSED.with(|r| r.borrow_mut().insert(key));
-                Ok(None)
-            }
-        }
+        super::fused::unless_refused(&REFUSED, key, run, |key, e| {
+            format!(
+                "cuDNN refused a fused convolution ({:?} over {:?}, {:?}, residual {}, ReLU {}): \
+                 {e}; this geometry runs its epilogue as separate ops",
+                key.1, key.0, key.2, key.3, key.4
+            )
+        })
     }
 
     /// The weight as `[C_out, C_in, kh, kw]` for candle's convolution (a copy where the layer

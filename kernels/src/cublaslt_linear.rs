@@ -109,8 +109,9 @@ thread_local! {
     static CONTEXTS: RefCell<HashMap<DeviceId, Context>> = RefCell::new(HashMap::new());
 }
 
-fn lt(status: Result<(), result::CublasError>, what: &str) -> candle_core::Result<()> {
-    status.map_err(|e| candle_core::Error::Msg(format!("sdstream-fused-linear: {what}: {e:?}")))
+/// A cuBLASLt error as candle's, naming the step that failed.
+fn lt_error(what: &str) -> impl FnOnce(result::CublasError) -> candle_core::Error + '_ {
+    move |e| candle_core::Error::Msg(format!("sdstream-fused-linear: {what}: {e:?}"))
 }
 
 /// The largest power of two, up to 256, that divides `address` (cuBLASLt's alignment
@@ -180,25 +181,12 @@ impl FusedLinear {
             let (w_ptr, _w_guard) = w.device_ptr(&stream);
             let (b_ptr, _b_guard) = b.device_ptr(&stream);
             let (d_ptr, _d_guard) = dst.device_ptr(&stream);
-            let residual_view = match &residual_guard {
-                Some((storage, layout)) => {
-                    let candle_core::Storage::Cuda(storage) = &**storage else {
-                        candle_core::bail!("{name}: the residual is not on the device")
-                    };
-                    let Some((r0, r1)) = layout.contiguous_offsets() else {
-                        candle_core::bail!("{name}: the residual is not contiguous")
-                    };
-                    if layout.dims() != &out_dims[..] || storage.dtype() != dtype {
-                        candle_core::bail!(
-                            "{name}: residual {:?} {:?} for an output {out_dims:?} {dtype:?}",
-                            layout.dims(),
-                            storage.dtype()
-                        );
-                    }
-                    Some(storage.as_cuda_slice::<T>()?.slice(r0..r1))
-                }
-                None => None,
-            };
+            let residual_view = residual_guard
+                .as_ref()
+                .map(|(storage, layout)| {
+                    super::fused::residual_view::<T>(storage, layout, &out_dims, dtype, name)
+                })
+                .transpose()?;
             let (c_ptr, _c_guard) = match &residual_view {
                 Some(view) => {
                     let (p, g) = view.device_ptr(&stream);
@@ -227,9 +215,7 @@ impl FusedLinear {
                 let context = match contexts.entry(dev.id()) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
-                        let handle = result::create_handle().map_err(|e| {
-                            candle_core::Error::Msg(format!("{name}: cublasLtCreate: {e:?}"))
-                        })?;
+                        let handle = result::create_handle().map_err(lt_error("cublasLtCreate"))?;
                         // SAFETY: the workspace is only cuBLASLt's scratch space.
                         let workspace = unsafe { dev.alloc::<u8>(workspace_bytes(dev))? };
                         e.insert(Context {
@@ -254,43 +240,39 @@ impl FusedLinear {
                 let workspace_len = context.workspace.len();
                 // SAFETY: the descriptor is this module's; the value is a device pointer.
                 let (value, size) = attr(&b_ptr);
-                lt(
-                    unsafe {
-                        result::set_matmul_desc_attribute(
-                            plan.desc,
-                            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                            value,
-                            size,
-                        )
-                    },
-                    "bias pointer",
-                )?;
+                unsafe {
+                    result::set_matmul_desc_attribute(
+                        plan.desc,
+                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                        value,
+                        size,
+                    )
+                }
+                .map_err(lt_error("bias pointer"))?;
                 // SAFETY: the layouts describe the buffers: W N·K values, x M·K, C and D M·N, all of
                 // the plan's type, on this device, aligned as the plan was told; the bias N values;
                 // the workspace is as large as the preference said.
-                lt(
-                    unsafe {
-                        result::matmul(
-                            context.handle,
-                            plan.desc,
-                            attr(&alpha).0,
-                            attr(&beta).0,
-                            w_ptr as *const c_void,
-                            plan.a,
-                            x_ptr as *const c_void,
-                            plan.b,
-                            c_ptr as *const c_void,
-                            plan.c,
-                            d_ptr as *mut c_void,
-                            plan.c,
-                            &plan.algo,
-                            ws_ptr as *mut c_void,
-                            workspace_len,
-                            stream.cu_stream() as sys::cudaStream_t,
-                        )
-                    },
-                    "cublasLtMatmul",
-                )
+                unsafe {
+                    result::matmul(
+                        context.handle,
+                        plan.desc,
+                        attr(&alpha).0,
+                        attr(&beta).0,
+                        w_ptr as *const c_void,
+                        plan.a,
+                        x_ptr as *const c_void,
+                        plan.b,
+                        c_ptr as *const c_void,
+                        plan.c,
+                        d_ptr as *mut c_void,
+                        plan.c,
+                        &plan.algo,
+                        ws_ptr as *mut c_void,
+                        workspace_len,
+                        stream.cu_stream() as sys::cudaStream_t,
+                    )
+                }
+                .map_err(lt_error("cublasLtMatmul"))
             })?;
         }
         drop(residual_guard);
@@ -310,14 +292,9 @@ fn make_plan(
     aligned: [u32; 4],
     bias_ptr: CUdeviceptr,
 ) -> candle_core::Result<Plan> {
-    let name = "sdstream-fused-linear";
-    let err = |what: &str| {
-        let what = what.to_string();
-        move |e: result::CublasError| candle_core::Error::Msg(format!("{name}: {what}: {e:?}"))
-    };
     let (m, n, k) = (m as u64, n as u64, k as u64);
     let desc = result::create_matmul_desc(compute_type, sys::cudaDataType_t::CUDA_R_32F)
-        .map_err(err("matmul descriptor"))?;
+        .map_err(lt_error("matmul descriptor"))?;
     // The plan owns each descriptor as soon as it exists, so that an error below frees them.
     let mut plan = Plan {
         desc,
@@ -328,9 +305,12 @@ fn make_plan(
         algo: unsafe { std::mem::zeroed() },
     };
     // A: W as stored, K × N column-major, taken transposed; B: x, K × M; C and D: N × M.
-    plan.a = result::create_matrix_layout(matrix_type, k, n, k as i64).map_err(err("layout W"))?;
-    plan.b = result::create_matrix_layout(matrix_type, k, m, k as i64).map_err(err("layout x"))?;
-    plan.c = result::create_matrix_layout(matrix_type, n, m, n as i64).map_err(err("layout y"))?;
+    plan.a =
+        result::create_matrix_layout(matrix_type, k, n, k as i64).map_err(lt_error("layout W"))?;
+    plan.b =
+        result::create_matrix_layout(matrix_type, k, m, k as i64).map_err(lt_error("layout x"))?;
+    plan.c =
+        result::create_matrix_layout(matrix_type, n, m, n as i64).map_err(lt_error("layout y"))?;
     let transpose = candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
     let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
     let settings: [(sys::cublasLtMatmulDescAttributes_t, (*const c_void, usize)); 3] = [
@@ -350,9 +330,9 @@ fn make_plan(
     for (attribute, (value, size)) in settings {
         // SAFETY: the descriptor is live; each value has its attribute's type.
         unsafe { result::set_matmul_desc_attribute(plan.desc, attribute, value, size) }
-            .map_err(err("matmul attribute"))?;
+            .map_err(lt_error("matmul attribute"))?;
     }
-    let pref = result::create_matmul_pref().map_err(err("preference"))?;
+    let pref = result::create_matmul_pref().map_err(lt_error("preference"))?;
     let workspace = context.workspace.len() as u64;
     let preferences = [
         (
@@ -380,7 +360,7 @@ fn make_plan(
     for (attribute, (value, size)) in preferences {
         // SAFETY: the preference is live; each value has its attribute's type.
         outcome = unsafe { result::set_matmul_pref_attribute(pref, attribute, value, size) }
-            .map_err(err("preference attribute"));
+            .map_err(lt_error("preference attribute"));
         if outcome.is_err() {
             break;
         }
@@ -398,7 +378,7 @@ fn make_plan(
                 pref,
             )
         }
-        .map_err(err("no algorithm (cublasLtMatmulAlgoGetHeuristic)"))
+        .map_err(lt_error("no algorithm (cublasLtMatmulAlgoGetHeuristic)"))
     });
     // SAFETY: made above, destroyed once.
     let _ = unsafe { result::destroy_matmul_pref(pref) };

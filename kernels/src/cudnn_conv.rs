@@ -255,23 +255,13 @@ impl CudnnConvFused {
         let residual_guard = self.residual.as_ref().map(|r| r.storage_and_layout());
         let (z, alpha2) = match &residual_guard {
             Some((storage, layout)) => {
-                let candle_core::Storage::Cuda(storage) = &**storage else {
-                    candle_core::bail!(
-                        "sdstream-cudnn-conv-fused: the residual is not on the device"
-                    )
-                };
-                let Some((r0, r1)) = layout.contiguous_offsets() else {
-                    candle_core::bail!("sdstream-cudnn-conv-fused: the residual is not contiguous")
-                };
-                if layout.dims() != &plan.out[..] || storage.dtype() != dtype {
-                    candle_core::bail!(
-                        "sdstream-cudnn-conv-fused: residual {:?} {:?} for an output {:?} {dtype:?}",
-                        layout.dims(),
-                        storage.dtype(),
-                        plan.out
-                    );
-                }
-                let view = storage.as_cuda_slice::<T>()?.slice(r0..r1);
+                let view = super::fused::residual_view::<T>(
+                    storage,
+                    layout,
+                    &plan.out,
+                    dtype,
+                    "sdstream-cudnn-conv-fused",
+                )?;
                 (RawView::<T>::of(&view, &stream), 1.0)
             }
             // No residual: the output as z, scaled by zero (cuDNN does not read it then).

@@ -32,6 +32,8 @@ mod conv_direct;
 pub mod cublaslt_linear;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
+#[cfg(feature = "cuda")]
+mod fused;
 pub mod gemm_bf16;
 pub mod norm;
 pub mod ops;

@@ -109,24 +109,14 @@ pub fn linear_fused(
             dtype,
             residual.is_some(),
         );
-        if REFUSED.with(|r| r.borrow().contains(&key)) {
-            return Ok(None);
-        }
-        match super::cublaslt_linear::linear_fused(x, weight, bias, residual) {
-            Ok(y) => Ok(Some(y)),
-            Err(e) => {
-                tracing::warn!(
-                    "cuBLASLt refused a fused linear layer ({:?} over {:?}, {:?}, residual {}): \
-                     {e}; this configuration runs its bias and residual as separate ops",
-                    key.1,
-                    key.0,
-                    key.2,
-                    key.3
-                );
-                REFUSED.with(|r| r.borrow_mut().insert(key));
-                Ok(None)
-            }
-        }
+        let run = || super::cublaslt_linear::linear_fused(x, weight, bias, residual);
+        super::fused::unless_refused(&REFUSED, key, run, |key, e| {
+            format!(
+                "cuBLASLt refused a fused linear layer ({:?} over {:?}, {:?}, residual {}): \
+                 {e}; this configuration runs its bias and residual as separate ops",
+                key.1, key.0, key.2, key.3
+            )
+        })
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -93,17 +93,14 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let out = if self.channels_last {
-            // The shortcut as the convolution's residual: in cuDNN's call where the kernel
-            // policy fuses the epilogue (`cuda_fused_conv`), else the same add as below.
-            let epilogue = Epilogue {
-                residual: Some(&shortcut),
-                relu: false,
-            };
-            self.conv2.forward_with(&h, 1, epilogue)?
-        } else {
-            add_fresh(self.conv2.forward(&h)?, &shortcut, 1)?
+        // The shortcut as conv2's residual: added in cuDNN's call where the kernel policy fuses
+        // the epilogue (`cuda_fused_conv`, channels-last layers), else by the add that follows
+        // the convolution.
+        let epilogue = Epilogue {
+            residual: Some(&shortcut),
+            relu: false,
         };
+        let out = self.conv2.forward_with(&h, 1, epilogue)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

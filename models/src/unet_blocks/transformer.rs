@@ -69,9 +69,7 @@ impl FeedForward {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)?.reshape(dims)
     }
-}
 
-impl FeedForward {
     /// The feed-forward of `x` plus `residual` (the block's input): on a device other than the
     /// CPU's kernels the output projection adds it ([`Linear::forward_residual`]: in its
     /// epilogue where the kernel policy fuses it).
