@@ -10,7 +10,14 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The kernels, by file stem.
-const KERNELS: &[&str] = &["attention", "canny", "group_norm", "ops", "transfer"];
+const KERNELS: &[&str] = &[
+    "attention",
+    "canny",
+    "group_norm",
+    "layer_norm",
+    "ops",
+    "transfer",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

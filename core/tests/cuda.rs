@@ -329,6 +329,106 @@ fn cuda_group_norm_kernel_matches_the_portable_twin() {
     assert_eq!(group_norm_rows_calls() - rows_before, rows_runs as u64);
 }
 
+/// layer_norm.cu's kernel (kernel policy `cuda_layer_norm`) against the CPU kernel on the same
+/// values (moments in f64), on the transformers' rows (320, 640 and 1,280 values, a batch of
+/// 64² and 32² maps), a text encoder's (77 × 1,024), values far from zero and the narrowest row
+/// it takes; candle's kernel, which runs without the switch, measured beside it.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_layer_norm_kernel_matches_the_cpu_kernel() {
+    use candle_core::Module;
+    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::model::kernels::norm::{LayerNorm, layer_norm_kernel_calls};
+    if !cuda_or_skip("cuda_layer_norm_kernel_matches_the_cpu_kernel") {
+        return;
+    }
+    let device = Device::new_cuda(0).unwrap();
+    // (rows, dim, offset)
+    let shapes = [
+        (2 * 4096, 320, 0.0f32),
+        (2 * 1024, 640, 0.0),
+        (256, 1280, 0.0),
+        (77, 1024, 0.0),
+        (13, 320, 50.0),
+        (3, 8, 0.0),
+    ];
+    let calls_before = layer_norm_kernel_calls();
+    let mut ours_runs = 0u64;
+    for (rows, dim, offset) in shapes {
+        let x = ((Tensor::randn(0f32, 1.0, (rows, dim), &Device::Cpu).unwrap() * 2.0).unwrap()
+            + f64::from(offset))
+        .unwrap();
+        let weight = Tensor::randn(1f32, 0.2, dim, &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 0.2, dim, &Device::Cpu).unwrap();
+        // f32: sums in f32 against f64 (and, far from zero, x − μ only as exact as x's f32 ulp);
+        // f16 and bf16: both compute in f32 and the kernel rounds once (|y| below 8: an ulp).
+        for (dtype, limit) in [
+            (DType::F32, 2e-5f32 + offset.abs() * 2e-7),
+            (DType::F16, 8e-3),
+            (DType::BF16, 6.25e-2),
+        ] {
+            let norm_in = |device: &Device, dtype: DType| {
+                let tensors = std::collections::HashMap::from([
+                    ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
+                    ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
+                ]);
+                let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
+                LayerNorm::new(dim, 1e-5, vb).unwrap()
+            };
+            let stored = x.to_dtype(dtype).unwrap();
+            // The CPU kernel in f32 on the values as stored, with the weights as stored.
+            let twin = {
+                let tensors = std::collections::HashMap::from([
+                    (
+                        "weight".to_string(),
+                        weight
+                            .to_dtype(dtype)
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap(),
+                    ),
+                    (
+                        "bias".to_string(),
+                        bias.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap(),
+                    ),
+                ]);
+                let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+                LayerNorm::new(dim, 1e-5, vb)
+                    .unwrap()
+                    .forward(&stored.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+            };
+            let norm = norm_in(&device, dtype);
+            let on_device = stored.to_device(&device).unwrap();
+            for own in [true, false] {
+                let out = KernelPolicy {
+                    cuda_layer_norm: own,
+                    ..KernelPolicy::process()
+                }
+                .scoped(|| norm.forward(&on_device))
+                .unwrap();
+                let (max, mean) = common::abs_err(&common::f32_on_cpu(&out), &twin);
+                let kernel = if own { "layer_norm.cu" } else { "candle" };
+                println!(
+                    "layer norm ({kernel}) [{rows}, {dim}] offset {offset} {dtype:?}: max {max:.2e} mean {mean:.2e}"
+                );
+                if own {
+                    ours_runs += 1;
+                    assert!(
+                        max <= limit,
+                        "{dtype:?} [{rows}, {dim}] offset {offset}: max {max} > {limit}"
+                    );
+                }
+            }
+        }
+    }
+    // Every shape here fits the kernel: none fell back to candle's.
+    assert_eq!(layer_norm_kernel_calls() - calls_before, ours_runs);
+}
+
 /// A frame crosses to the device as packed RGB8 and comes back as 8-bit pixels, converted on the
 /// device (transfer.cu): the same bits as the host's conversions, for every pixel format, with
 /// and without a resize, and for outputs in f32, f16 and bf16 with ties, values out of [0, 1]

@@ -374,6 +374,25 @@ pub fn main(argv: Vec<String>) -> ExitCode {
             }
         }
     }
+    // Where a round's time goes: the batches' own device time by network and rows (the
+    // batcher's averages, measured where several streams shared it).
+    let costs = models.batcher().measured_costs();
+    if !costs.is_empty() {
+        println!();
+        println!("| network | per-row shape | rows | batch ms | ms per row |");
+        println!("|---|---|---:|---:|---:|");
+        for c in costs {
+            let ms = c.time.as_secs_f64() * 1e3;
+            println!(
+                "| {} | {:?} | {} | {:.2} | {:.2} |",
+                c.network.as_str(),
+                c.sample,
+                c.rows,
+                ms,
+                ms / c.rows as f64
+            );
+        }
+    }
     ExitCode::SUCCESS
 }
 
@@ -392,7 +411,7 @@ pub fn policy_summary(cuda: bool) -> String {
     format!(
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
          pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}, \
-         GroupNorm rows kernels {}, fused linear epilogue {}, 16-byte adds {}",
+         GroupNorm rows kernels {}, LayerNorm kernel {}, fused linear epilogue {}, 16-byte adds {}",
         on_off(p.cuda_kernels),
         attention,
         on_off(p.cuda_graphs),
@@ -402,6 +421,7 @@ pub fn policy_summary(cuda: bool) -> String {
         on_off(p.cuda_preprocess),
         on_off(p.cuda_fused_conv),
         on_off(p.cuda_group_norm_rows),
+        on_off(p.cuda_layer_norm),
         on_off(p.cuda_fused_linear),
         on_off(p.cuda_vector_adds),
     )

@@ -202,11 +202,62 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
-        if cpu_kernels(x.device()) {
-            return x.apply_op3_no_bwd(&self.weight, &self.bias, &LayerNormOp { eps: self.eps });
+        let op = LayerNormOp { eps: self.eps };
+        if cpu_kernels(x.device()) || self.own_cuda_kernel(&x) {
+            return x.apply_op3_no_bwd(&self.weight, &self.bias, &op);
         }
         candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)
     }
+}
+
+impl LayerNorm {
+    /// Whether layer_norm.cu's kernel takes `x` (contiguous): on a CUDA device under the kernel
+    /// policy `cuda_layer_norm`, with the weight's dtype, a row the kernel holds
+    /// ([`layer_norm_chunks`]) and every operand starting on 16 bytes. Elsewhere candle's
+    /// kernel runs, as it always did.
+    fn own_cuda_kernel(&self, x: &Tensor) -> bool {
+        if !(cuda_kernels(x.device()) && crate::KernelPolicy::current().cuda_layer_norm) {
+            return false;
+        }
+        let dtype = x.dtype();
+        let dim = x.dims().last().copied().unwrap_or(0);
+        let aligned =
+            |t: &Tensor| (t.layout().start_offset() * dtype.size_in_bytes()).is_multiple_of(16);
+        dtype == self.weight.dtype()
+            && dtype == self.bias.dtype()
+            && self.weight.elem_count() == dim
+            && self.bias.elem_count() == dim
+            && x.elem_count() <= i32::MAX as usize
+            && layer_norm_chunks(dtype, dim).is_some()
+            && [x, &self.weight, &self.bias].into_iter().all(aligned)
+    }
+}
+
+/// The 16-byte runs a lane of layer_norm.cu's kernel holds for rows of `dim` values of `dtype`
+/// (its `CHUNKS`, the smallest built power of two whose 32 lanes cover the row), or `None`
+/// where it takes no such row: a width that is not a whole number of runs, or wider than
+/// 2,048 values (the registers a lane has).
+pub fn layer_norm_chunks(dtype: DType, dim: usize) -> Option<usize> {
+    let width = match dtype {
+        DType::F32 => 4,
+        DType::F16 | DType::BF16 => 8,
+        _ => return None,
+    };
+    let most = if width == 4 { 16 } else { 8 };
+    if dim == 0 || !dim.is_multiple_of(width) {
+        return None;
+    }
+    let chunks = (dim / width).div_ceil(32).next_power_of_two();
+    (chunks <= most).then_some(chunks)
+}
+
+/// How many LayerNorms ran layer_norm.cu's kernel (kernel policy `cuda_layer_norm`; 0 without
+/// the `cuda` feature), for tests.
+pub fn layer_norm_kernel_calls() -> u64 {
+    #[cfg(feature = "cuda")]
+    return cuda::LAYER_NORM_CALLS.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(feature = "cuda"))]
+    0
 }
 
 /// Mean and 1/√(var + eps) of a slice, accumulated in f64 in two passes (robust to large means).
@@ -912,6 +963,105 @@ mod cuda {
         &'a CudaView<'a, T>,
         CudaSlice<T>,
     );
+
+    const LAYER_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/layer_norm.ptx"));
+    const LAYER_NORM_MODULE: &str = "sdstream_layer_norm";
+    /// LayerNorms run by layer_norm.cu's kernel ([`super::layer_norm_kernel_calls`]).
+    pub(super) static LAYER_NORM_CALLS: std::sync::atomic::AtomicU64 =
+        std::sync::atomic::AtomicU64::new(0);
+    /// Rows a block of layer_norm.cu's kernel takes (its `WARPS`: a warp a row).
+    const LAYER_NORM_ROWS_PER_BLOCK: usize = 4;
+
+    /// LayerNorm of contiguous `x` `[…, dim]` over its last dimension through layer_norm.cu's
+    /// kernel, which the caller chose for it (`LayerNorm::own_cuda_kernel`); the checks here
+    /// only turn a wrong choice into an error instead of a wrong read.
+    pub(super) fn layer_norm(
+        eps: f64,
+        x: (&CudaStorage, &Layout),
+        weight: (&CudaStorage, &Layout),
+        bias: (&CudaStorage, &Layout),
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match x.0.dtype() {
+            DType::F32 => layer_norm_of::<f32>(eps, x, weight, bias, "f32"),
+            DType::F16 => layer_norm_of::<half::f16>(eps, x, weight, bias, "f16"),
+            DType::BF16 => layer_norm_of::<half::bf16>(eps, x, weight, bias, "bf16"),
+            other => candle_core::bail!("sdstream-layer-norm: no CUDA kernel for {other:?}"),
+        }
+    }
+
+    fn layer_norm_of<T: CudaDType + DeviceRepr>(
+        eps: f64,
+        (xs, xl): (&CudaStorage, &Layout),
+        (ws, wl): (&CudaStorage, &Layout),
+        (bs, bl): (&CudaStorage, &Layout),
+        suffix: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let name = "sdstream-layer-norm";
+        let dim = xl.shape().dims().last().copied().unwrap_or(0);
+        let elements = xl.shape().elem_count();
+        let Some(chunks) = super::layer_norm_chunks(xs.dtype(), dim) else {
+            candle_core::bail!(
+                "{name}: no kernel for rows of {dim} {:?} values",
+                xs.dtype()
+            )
+        };
+        let aligned = |l: &Layout| (l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16);
+        if wl.shape().elem_count() != dim
+            || bl.shape().elem_count() != dim
+            || ws.dtype() != xs.dtype()
+            || bs.dtype() != xs.dtype()
+            || elements > i32::MAX as usize
+            || ![xl, wl, bl].into_iter().all(aligned)
+        {
+            candle_core::bail!(
+                "{name}: input {:?} at {}, weight {:?} at {}, bias {:?} at {}",
+                xl.shape(),
+                xl.start_offset(),
+                wl.shape(),
+                wl.start_offset(),
+                bl.shape(),
+                bl.start_offset()
+            )
+        }
+        let x = view::<T>(xs, xl, "input")?;
+        let weight = view::<T>(ws, wl, "weight")?;
+        let bias = view::<T>(bs, bl, "bias")?;
+        let dev = xs.device();
+        // SAFETY: the launch below writes every value of every row.
+        let dst = unsafe { dev.alloc::<T>(elements)? };
+        let rows = elements / dim;
+        if rows > 0 {
+            let func = dev.get_or_load_custom_func(
+                &format!("layer_norm_c{chunks}_{suffix}"),
+                LAYER_NORM_MODULE,
+                LAYER_NORM_PTX,
+            )?;
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(LAYER_NORM_ROWS_PER_BLOCK) as u32, 1, 1),
+                block_dim: (32 * LAYER_NORM_ROWS_PER_BLOCK as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (rows_arg, dim_arg, eps) = (rows as i32, dim as i32, eps as f32);
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&dst);
+            builder.arg(&weight);
+            builder.arg(&bias);
+            builder.arg(&rows_arg);
+            builder.arg(&dim_arg);
+            builder.arg(&eps);
+            // SAFETY: the arguments match the kernel's parameters one for one; dim is a whole
+            // number of 16-byte runs and at most 32 · chunks of them (layer_norm_chunks), every
+            // operand starts on 16 bytes (checked above; dst is a fresh allocation), and every
+            // index stays below rows · dim < 2³¹.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        LAYER_NORM_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((
+            CudaStorage::wrap_cuda_slice(dst, dev.clone()),
+            xl.shape().clone(),
+        ))
+    }
 }
 
 /// The LayerNorm kernel: input contiguous `[…, D]`, weight and bias `[D]`.
@@ -968,12 +1118,61 @@ impl CustomOp3 for LayerNormOp {
         ));
         Ok((out, shape.clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::layer_norm(self.eps, (s1, l1), (s2, l2), (s3, l3))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// layer_norm.cu's kernel holds the networks' rows (the transformers' 320 to 1,280 values,
+    /// the text encoders' 768 and 1,024) in the fewest runs a lane, and takes no row it cannot.
+    #[test]
+    fn layer_norm_chunks_cover_the_networks_rows() {
+        let cases = [
+            (DType::F16, 320, Some(2)),
+            (DType::F16, 640, Some(4)),
+            (DType::F16, 1280, Some(8)),
+            (DType::BF16, 768, Some(4)),
+            (DType::F16, 2048, Some(8)),
+            (DType::F16, 8, Some(1)),
+            (DType::F32, 320, Some(4)),
+            (DType::F32, 1280, Some(16)),
+            (DType::F32, 2048, Some(16)),
+            // Past the registers, not a whole run, empty, and a dtype it has no entry for.
+            (DType::F16, 2056, None),
+            (DType::F32, 2052, None),
+            (DType::F16, 324, None),
+            (DType::F32, 6, None),
+            (DType::F16, 0, None),
+            (DType::F64, 320, None),
+        ];
+        for (dtype, dim, want) in cases {
+            assert_eq!(layer_norm_chunks(dtype, dim), want, "{dtype:?} {dim}");
+            if let Some(chunks) = want {
+                let width = 16 / dtype.size_in_bytes();
+                // The lanes cover the row, and half as many runs a lane would not.
+                assert!(32 * chunks * width >= dim, "{dtype:?} {dim}");
+                assert!(
+                    chunks == 1 || 32 * (chunks / 2) * width < dim,
+                    "{dtype:?} {dim}"
+                );
+            }
+        }
+    }
 
     /// The `_rows` kernels' cut of the UNet's, the VAE's and the tiny checkpoints' GroupNorms:
     /// whole blocks of lanes, chunks that cover every pixel once, paired loads only where a

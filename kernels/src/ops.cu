@@ -56,12 +56,6 @@ __device__ void add_in_place(T *__restrict__ dst, const T *__restrict__ src, con
   }
 }
 
-// 16 bytes of T, loaded and stored as one access.
-template <typename T> struct alignas(16) Vec16 {
-  static constexpr int kWidth = 16 / sizeof(T);
-  T v[kWidth];
-};
-
 // The in-place add 16 bytes at a time where the source index is the same for a run of values,
 // inner = 1 (same-shape adds, biases over the last dimension, channels-last time embeddings): in
 // vector units, element i reads src[(i / per_slice)·n + i % n] (one slice: src[i % n]). The host

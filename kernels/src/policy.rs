@@ -117,6 +117,13 @@ pub struct KernelPolicy {
     /// `SDSTREAM_CUDA_GROUP_NORM_ROWS`; off by default until a GPU run has checked and
     /// measured it (kernels/emulate checks its arithmetic on the CPU).
     pub cuda_group_norm_rows: bool,
+    /// LayerNorm on a CUDA device runs layer_norm.cu's kernel (a warp per row held in
+    /// registers, 16-byte loads, the row read once) instead of candle's (32 threads a row, or
+    /// 1,024 from 1,024 values on, 2-byte loads, the row read twice): 48 calls a frame of
+    /// sd-turbo, each batched row adding to them. On with `SDSTREAM_CUDA_LAYER_NORM`; off by
+    /// default until a GPU run has checked and measured it (kernels/emulate checks its
+    /// arithmetic on the CPU).
+    pub cuda_layer_norm: bool,
     /// Linear layers on a CUDA device add their bias, and the residual where the network has
     /// one, in cuBLASLt's epilogue of the product (`cublaslt_linear`) instead of two passes of
     /// their own over the output (on with `SDSTREAM_CUDA_FUSED_LINEAR`; off by default until a
@@ -165,6 +172,7 @@ impl Default for KernelPolicy {
             cuda_flash_attention: false,
             cuda_fused_conv: false,
             cuda_group_norm_rows: false,
+            cuda_layer_norm: false,
             cuda_fused_linear: false,
             cuda_vector_adds: true,
             cuda_graphs: true,
@@ -193,7 +201,7 @@ impl KernelPolicy {
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
     ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED`, `SDSTREAM_CUDA_FLASH_ATTENTION`,
-    ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS`,
+    ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS`, `SDSTREAM_CUDA_LAYER_NORM`,
     ///   `SDSTREAM_CUDA_FUSED_LINEAR` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
     ///   `SDSTREAM_CUDA_PREPROCESS`, `SDSTREAM_CUDA_VECTOR_ADDS` turn their feature off when
@@ -240,6 +248,7 @@ impl KernelPolicy {
             cuda_flash_attention: switch("SDSTREAM_CUDA_FLASH_ATTENTION"),
             cuda_fused_conv: switch("SDSTREAM_CUDA_FUSED_CONV"),
             cuda_group_norm_rows: switch("SDSTREAM_CUDA_GROUP_NORM_ROWS"),
+            cuda_layer_norm: switch("SDSTREAM_CUDA_LAYER_NORM"),
             cuda_fused_linear: switch("SDSTREAM_CUDA_FUSED_LINEAR"),
             cuda_vector_adds: !off("SDSTREAM_CUDA_VECTOR_ADDS"),
             cuda_graphs: !off("SDSTREAM_CUDA_GRAPHS"),
@@ -326,8 +335,9 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 9] = [
+        let cases: [(&str, Field, bool); 10] = [
             ("SDSTREAM_CUDA_FUSED_LINEAR", |p| p.cuda_fused_linear, false),
+            ("SDSTREAM_CUDA_LAYER_NORM", |p| p.cuda_layer_norm, false),
             ("SDSTREAM_CUDA_FUSED_CONV", |p| p.cuda_fused_conv, false),
             (
                 "SDSTREAM_CUDA_GROUP_NORM_ROWS",
@@ -371,6 +381,9 @@ mod tests {
                 }
                 "SDSTREAM_CUDA_FUSED_LINEAR" => {
                     others.cuda_fused_linear = default_policy.cuda_fused_linear
+                }
+                "SDSTREAM_CUDA_LAYER_NORM" => {
+                    others.cuda_layer_norm = default_policy.cuda_layer_norm
                 }
                 _ => others.direct_conv = default_policy.direct_conv,
             }

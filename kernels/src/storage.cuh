@@ -33,4 +33,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(const 
   return __float2bfloat16_rn(v);
 }
 
+// 16 bytes of T, loaded and stored as one access (the host checks the alignment).
+template <typename T> struct alignas(16) Vec16 {
+  static constexpr int kWidth = 16 / sizeof(T);
+  T v[kWidth];
+};
+
 }  // namespace

@@ -489,6 +489,19 @@ struct BatchState {
     counts: HashMap<SharedNetwork, BatchCounts>,
 }
 
+/// One measured batch cost ([`CrossStreamBatcher::measured_costs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeasuredCost {
+    /// The network the batch ran.
+    pub network: SharedNetwork,
+    /// One row's input shape (latent or image, without the batch dimension).
+    pub sample: Vec<usize>,
+    /// Rows in the batch.
+    pub rows: usize,
+    /// The batch's time, averaged over the batches of this many rows.
+    pub time: Duration,
+}
+
 /// Counters of a batcher, for tests and status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchCounts {
@@ -683,6 +696,31 @@ impl CrossStreamBatcher {
             .entry(key)
             .or_default()
             .record(rows, d.as_secs_f64());
+    }
+
+    /// Every batch cost measured so far (an exponential average per row count, the device's
+    /// time: a batch of several streams waits for the device), ordered by network, per-row
+    /// shape and rows: where a round of many streams spends its time (the multi-stream
+    /// benchmark prints it after each batched row).
+    pub fn measured_costs(&self) -> Vec<MeasuredCost> {
+        let s = self.lock();
+        let mut costs: Vec<MeasuredCost> = s
+            .costs
+            .iter()
+            .flat_map(|(kind, fit)| {
+                fit.seconds.iter().map(|(&rows, &seconds)| MeasuredCost {
+                    network: kind.network,
+                    sample: kind.sample.clone(),
+                    rows,
+                    time: Duration::from_secs_f64(seconds),
+                })
+            })
+            .collect();
+        let order = |n: SharedNetwork| SharedNetwork::ALL.iter().position(|&m| m == n);
+        costs.sort_by(|a, b| {
+            (order(a.network), &a.sample, a.rows).cmp(&(order(b.network), &b.sample, b.rows))
+        });
+        costs
     }
 
     /// Decides whether batching pays instead of the measured costs (`None`: measured again),
@@ -1782,6 +1820,43 @@ mod tests {
             "{a} {b}"
         );
         assert_eq!(fit.estimate(8).unwrap().as_micros(), 16_000);
+    }
+
+    /// The measured costs come out per network, shape and rows, averaged as recorded
+    /// (0.7 · old + 0.3 · new), the UNet's before the decoder's and fewer rows first.
+    #[test]
+    fn measured_costs_list_every_recorded_batch_in_order() {
+        let batcher = CrossStreamBatcher::new(&Device::Cpu);
+        let decode = BatchKind {
+            network: SharedNetwork::Decode,
+            text: Vec::new(),
+            sample: vec![4, 64, 64],
+            ..kind()
+        };
+        {
+            let mut s = batcher.lock();
+            let unet = s.costs.entry(kind().cost_key()).or_default();
+            unet.record(8, 0.040);
+            unet.record(1, 0.010);
+            unet.record(1, 0.020);
+            s.costs.entry(decode).or_default().record(8, 0.016);
+        }
+        let listed: Vec<(SharedNetwork, Vec<usize>, usize, u64)> = batcher
+            .measured_costs()
+            .into_iter()
+            .map(|c| {
+                let micros = (c.time.as_secs_f64() * 1e6).round() as u64;
+                (c.network, c.sample, c.rows, micros)
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (SharedNetwork::UNet, vec![4, 8, 8], 1, 13_000),
+                (SharedNetwork::UNet, vec![4, 8, 8], 8, 40_000),
+                (SharedNetwork::Decode, vec![4, 64, 64], 8, 16_000),
+            ]
+        );
     }
 
     fn kind() -> BatchKind {
