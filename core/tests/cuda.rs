@@ -669,6 +669,110 @@ fn cuda_convolutions_match_the_cpu_kernel() {
     }
 }
 
+/// The upsample-then-convolve layers through the phase path (kernel policy `cuda_phase_conv`:
+/// cuDNN's 2×2 convolution of the map itself with the four phase filters, then ops.cu's phase
+/// interleave with the bias) against the CPU's f32 upsampled convolution, beside the path it
+/// replaces (the upsampled map convolved by cuDNN), on TAESD's and the UNet's upsamplers, with
+/// and without a bias, in f32, f16 and bf16; a layer whose output channels are no whole 16-byte
+/// vector keeps the upsampled path.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_phase_conv_matches_the_upsampled_convolution() {
+    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::model::kernels::conv::{Conv2d, Padding};
+    use sdstream::model::kernels::ops::phase_interleave_calls;
+    if !cuda_or_skip("cuda_phase_conv_matches_the_upsampled_convolution") {
+        return;
+    }
+    let cuda = Device::new_cuda(0).unwrap();
+    // (batch, c_in, c_out, h, w, bias, takes the phase path)
+    let cases = [
+        (1, 64, 64, 64, 48, false, true),
+        (2, 1280, 1280, 8, 8, true, true),
+        (1, 640, 640, 32, 32, true, true),
+        (1, 64, 3, 16, 16, true, false),
+    ];
+    for (b, c_in, c_out, h, w, with_bias, phases) in cases {
+        let weight = (Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &Device::Cpu).unwrap()
+            / ((c_in * 9) as f64).sqrt())
+        .unwrap();
+        let bias = Tensor::randn(0f32, 0.1, c_out, &Device::Cpu).unwrap();
+        let layer = |dtype: DType, device: &Device| {
+            let mut tensors = std::collections::HashMap::from([(
+                "weight".to_string(),
+                weight.to_dtype(dtype).unwrap(),
+            )]);
+            if with_bias {
+                tensors.insert("bias".to_string(), bias.to_dtype(dtype).unwrap());
+            }
+            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
+            Conv2d::new(c_in, c_out, 3, 1, Padding::uniform(1), with_bias, vb).unwrap()
+        };
+        let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &Device::Cpu).unwrap();
+        let want = layer(DType::F32, &Device::Cpu)
+            .forward_upsampled(&x, 2)
+            .unwrap();
+        let scale = common::max_magnitude(&want);
+        for (dtype, limit) in [
+            (DType::F32, 1e-4f32),
+            (DType::F16, 1e-2),
+            (DType::BF16, 8e-2),
+        ] {
+            let conv = layer(dtype, &cuda).into_channels_last().unwrap();
+            let xs = x
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(&cuda)
+                .unwrap()
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let mut errors = Vec::new();
+            for phase_conv in [true, false] {
+                let before = phase_interleave_calls();
+                let got = KernelPolicy {
+                    cuda_phase_conv: phase_conv,
+                    ..KernelPolicy::process()
+                }
+                .scoped(|| conv.forward_upsampled(&xs, 2))
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
+                let took_phases = phase_interleave_calls() - before;
+                assert_eq!(
+                    took_phases,
+                    u64::from(phase_conv && phases),
+                    "{c_in}→{c_out} {dtype:?}: phase path taken {took_phases} times"
+                );
+                assert_eq!(got.dims(), want.dims());
+                let (max, mean) = common::abs_err(&common::f32_on_cpu(&got), &want);
+                println!(
+                    "upsampled conv [{b}, {c_in}, {h}, {w}] -> {c_out} bias {with_bias} {dtype:?} phases {phase_conv}: max {:.2e} mean {:.2e} of scale {scale:.2}",
+                    max / scale,
+                    mean / scale
+                );
+                assert!(
+                    max <= limit * scale,
+                    "{dtype:?} phases {phase_conv}: max {max} > {limit} × {scale}"
+                );
+                errors.push(max);
+            }
+            // The phase filters round their summed taps once more: no further from f32 than
+            // twice the upsampled path's error, or a tenth of the bound.
+            assert!(
+                errors[0] <= (2.0 * errors[1]).max(0.1 * limit * scale),
+                "{dtype:?}: phases {} against the upsampled path's {}",
+                errors[0],
+                errors[1]
+            );
+        }
+    }
+}
+
 /// A channels-last convolution with its bias, residual and ReLU in cuDNN's call (kernel policy
 /// `cuda_fused_conv`, `cudnnConvolutionBiasActivationForward`) against the same layer with them
 /// as separate ops, and both against the CPU's f32 convolution with the epilogue: every

@@ -411,7 +411,8 @@ pub fn policy_summary(cuda: bool) -> String {
     format!(
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
          pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}, \
-         GroupNorm rows kernels {}, LayerNorm kernel {}, fused linear epilogue {}, 16-byte adds {}",
+         phase convolutions {}, GroupNorm rows kernels {}, LayerNorm kernel {}, \
+         fused linear epilogue {}, 16-byte adds {}",
         on_off(p.cuda_kernels),
         attention,
         on_off(p.cuda_graphs),
@@ -420,6 +421,7 @@ pub fn policy_summary(cuda: bool) -> String {
         on_off(p.cuda_pinned),
         on_off(p.cuda_preprocess),
         on_off(p.cuda_fused_conv),
+        on_off(p.cuda_phase_conv),
         on_off(p.cuda_group_norm_rows),
         on_off(p.cuda_layer_norm),
         on_off(p.cuda_fused_linear),

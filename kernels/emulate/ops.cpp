@@ -1,4 +1,4 @@
-// ops.cu's in-place adds and GEGLU, emulated on the CPU (kernels/emulate/emulate.h), against
+// ops.cu's in-place adds, GEGLU and the phase interleave, emulated on the CPU (kernels/emulate/emulate.h), against
 // the formulas in f64: every indexing branch of the adds (same shape, one slice with and without
 // an inner stride, several slices) and both GEGLU entry points, in f32, f16 and bf16.
 #include "../src/ops.cu"
@@ -98,6 +98,38 @@ template <typename T> void geglus() {
   }
 }
 
+// The phase interleave against its definition, bit for bit: out[image, 2i + a, 2j + b, c] is
+// z[image, i + a, j + b, (2a + b)·C + c] (plus bias[c], rounded once), for 2 images of uneven
+// height and width, with and without the bias.
+template <typename T> void phase_interleaves() {
+  constexpr int W = Vec16<T>::kWidth;
+  const uint32_t images = 2, h = 5, w = 3, c = 3 * W;
+  const auto z = check::stored<T>(check::random_values(images * (h + 1) * (w + 1) * 4 * c, 7));
+  const auto bias = check::stored<T>(check::random_values(c, 8));
+  for (const bool with_bias : {false, true}) {
+    std::vector<T> want(images * 2 * h * 2 * w * c), got(want.size());
+    for (uint32_t n = 0; n < images; ++n)
+      for (uint32_t y = 0; y < 2 * h; ++y)
+        for (uint32_t x = 0; x < 2 * w; ++x)
+          for (uint32_t k = 0; k < c; ++k) {
+            const uint32_t a = y % 2, b = x % 2;
+            const T v = z[((n * (h + 1) + y / 2 + a) * (w + 1) + x / 2 + b) * 4 * c + (2 * a + b) * c + k];
+            want[((n * 2 * h + y) * 2 * w + x) * c + k] =
+                with_bias ? store<T>(load(v) + load(bias[k])) : v;
+          }
+    // A grid smaller than the work, so that the stride loop runs more than once.
+    if (with_bias)
+      emu::launch(phase_interleave<T, true>, {2}, {32}, z.data(), bias.data(), got.data(), images,
+                  h, w, c / W);
+    else
+      emu::launch(phase_interleave<T, false>, {2}, {32}, z.data(), bias.data(), got.data(),
+                  images, h, w, c / W);
+    check::expect_equal(std::string("phase_interleave ") + check::name<T>() +
+                            (with_bias ? ", bias" : ""),
+                        got, want);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -110,5 +142,8 @@ int main() {
   geglus<float>();
   geglus<__half>();
   geglus<__nv_bfloat16>();
+  phase_interleaves<float>();
+  phase_interleaves<__half>();
+  phase_interleaves<__nv_bfloat16>();
   return check::summary("ops.cu, emulated");
 }

@@ -58,6 +58,10 @@ pub struct Conv2d {
     /// products (indexed by `2·Variant::index + bf16`), made on the first convolution that
     /// takes it (f32 3×3 stride-1 CPU kernels).
     winograd: Arc<[OnceLock<Arc<WinogradWeights>>; 4]>,
+    /// The weight as four phase filters ([`phase_filters`]), made on the first convolution of
+    /// a 2× upsampled map that takes the phase path (kernel policy `cuda_phase_conv`).
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    phases: Arc<OnceLock<Tensor>>,
 }
 
 /// What a convolution applies to its output before returning it, in this order: the bias, then
@@ -119,6 +123,7 @@ impl Conv2d {
             cudnn_filter: false,
             packed_bf16: Default::default(),
             winograd: Default::default(),
+            phases: Default::default(),
         })
     }
 
@@ -155,6 +160,7 @@ impl Conv2d {
             cudnn_filter: false,
             packed_bf16: Default::default(),
             winograd: Default::default(),
+            phases: Default::default(),
         })
     }
 
@@ -190,6 +196,7 @@ impl Conv2d {
             cudnn_filter,
             packed_bf16: Default::default(),
             winograd: Default::default(),
+            phases: Default::default(),
             ..self
         })
     }
@@ -338,6 +345,9 @@ impl Conv2d {
         }
         #[cfg(feature = "cudnn")]
         let ys = if self.cudnn_filter && super::cuda_kernels(xs.device()) {
+            if self.phases_apply(xs, factor, &epilogue) {
+                return self.cudnn_phases(xs);
+            }
             if super::KernelPolicy::current().cuda_fused_conv
                 && let Some(ys) = self.cudnn_channels_last_fused(xs, factor, epilogue)?
             {
@@ -545,6 +555,43 @@ impl Conv2d {
         })
     }
 
+    /// Whether this call takes the phase path ([`Self::cudnn_phases`]): kernel policy
+    /// `cuda_phase_conv`, a 2× upsampling into a 3×3 stride-1 convolution padded by one on
+    /// every side, no residual or ReLU to apply, and output channels in whole 16-byte vectors
+    /// (ops.cu's `phase_interleave`).
+    #[cfg(feature = "cudnn")]
+    fn phases_apply(&self, xs: &Tensor, factor: usize, epilogue: &Epilogue) -> bool {
+        let dims = self.weight.dims();
+        let vector = 16 / xs.dtype().size_in_bytes().max(1);
+        factor == 2
+            && super::KernelPolicy::current().cuda_phase_conv
+            && epilogue.residual.is_none()
+            && !epilogue.relu
+            && self.stride == 1
+            && self.padding == Padding::uniform(1)
+            && dims.len() == 4
+            && (dims[1], dims[2]) == (3, 3)
+            && dims[0].is_multiple_of(vector)
+            && xs.dtype() == self.weight.dtype()
+    }
+
+    /// The nearest 2× upsampling of channels-last `xs` convolved, as cuDNN's 2×2 convolution of
+    /// `xs` itself with the four phase filters ([`phase_filters`], made on the first call)
+    /// padded by one, whose `[B, H + 1, W + 1, 4·C_out]` output [`super::ops::phase_interleave`]
+    /// puts in place with the bias.
+    #[cfg(feature = "cudnn")]
+    fn cudnn_phases(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let filters = match self.phases.get() {
+            Some(filters) => filters,
+            None => {
+                let made = phase_filters(&self.weight)?;
+                self.phases.get_or_init(|| made)
+            }
+        };
+        let z = super::cudnn_conv::conv2d_channels_last(&xs.contiguous()?, filters, 1, 1)?;
+        super::ops::phase_interleave(&z, self.has_bias.then_some(&self.bias))
+    }
+
     /// The weight as `[C_out, C_in, kh, kw]` for candle's convolution (a copy where the layer
     /// keeps it laid out for cuDNN's NHWC kernels and those are off for this call).
     fn weight_oihw(&self) -> candle_core::Result<Tensor> {
@@ -588,6 +635,41 @@ pub fn cudnn_fused_calls() -> u64 {
     return super::cudnn_conv::fused_calls();
     #[cfg(not(feature = "cudnn"))]
     0
+}
+
+/// A 3×3 filter `[C_out, 3, 3, C_in]` (cuDNN's NHWC layout) applied to the nearest 2×
+/// upsampling of a map, padded by one, as four 2×2 filters `[4·C_out, 2, 2, C_in]` applied to
+/// the map itself padded by one: output row 2i takes the filter's row 0 from input row i − 1 and
+/// rows 1 and 2 (summed) from row i; row 2i + 1 rows 0 and 1 from row i and row 2 from row i + 1;
+/// columns likewise. Phase (a, b) is filter block 2a + b; its output at (i + a, j + b) of the
+/// `(H + 1) × (W + 1)` result is the upsampled convolution's at (2i + a, 2j + b) (zero padding
+/// maps onto zero padding at both ends). The taps are summed in f32 and rounded once to the
+/// weight's dtype.
+pub fn phase_filters(weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (c_out, kh, kw, c_in) = weight.dims4()?;
+    if (kh, kw) != (3, 3) {
+        candle_core::bail!("phase filters: a 3×3 filter, not {kh}×{kw} ({c_out} × {c_in})")
+    }
+    let dtype = weight.dtype();
+    let k = weight.to_dtype(DType::F32)?;
+    // Phase `a` along dimension `dim`: taps {0}, {1, 2} (a = 0) or {0, 1}, {2} (a = 1).
+    let along = |t: &Tensor, dim: usize, a: usize| -> candle_core::Result<Tensor> {
+        let tap = |i: usize| t.narrow(dim, i, 1);
+        let (first, second) = if a == 0 {
+            (tap(0)?, (tap(1)? + tap(2)?)?)
+        } else {
+            ((tap(0)? + tap(1)?)?, tap(2)?)
+        };
+        Tensor::cat(&[first, second], dim)
+    };
+    let mut blocks = Vec::with_capacity(4);
+    for a in 0..2 {
+        let rows = along(&k, 1, a)?;
+        for b in 0..2 {
+            blocks.push(along(&rows, 2, b)?);
+        }
+    }
+    Tensor::cat(&blocks, 0)?.to_dtype(dtype)?.contiguous()
 }
 
 /// torch's nearest `factor`× upsampling of a channels-last map `[B, H, W, C]`: every pixel
@@ -1041,6 +1123,47 @@ mod tests {
     /// The kernel agrees with candle's convolution across strides, paddings, kernel sizes,
     /// upsampling, odd sizes, and shapes that take either tiling (threads over tiles, or a
     /// threaded GEMM).
+    /// The four phase filters over the map itself, put in place by the phase interleave,
+    /// compute the nearest 2× upsampling convolved by the 3×3 filter (candle's own CPU
+    /// convolutions on both sides), with and without a bias, down to one-pixel maps.
+    #[test]
+    fn phase_filters_convolve_as_the_upsampled_map() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        for (c_in, c_out, h, w, with_bias) in [
+            (3, 8, 5, 4, true),
+            (16, 4, 1, 1, false),
+            (8, 8, 6, 7, true),
+            (5, 12, 2, 9, false),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, c_in, h, w), &dev)?;
+            let k = Tensor::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev)?;
+            let bias = Tensor::randn(0f32, 0.3, c_out, &dev)?;
+            let want = x
+                .upsample_nearest2d(2 * h, 2 * w)?
+                .conv2d(&k, 1, 1, 1, 1)?
+                .broadcast_add(&(bias.reshape((1, c_out, 1, 1))? * f64::from(with_bias))?)?
+                .permute((0, 2, 3, 1))?;
+            let filters = phase_filters(&k.permute((0, 2, 3, 1))?.contiguous()?)?;
+            assert_eq!(filters.dims(), &[4 * c_out, 2, 2, c_in]);
+            let z = x
+                .conv2d(&filters.permute((0, 3, 1, 2))?.contiguous()?, 1, 1, 1, 1)?
+                .permute((0, 2, 3, 1))?;
+            assert_eq!(z.dims(), &[2, h + 1, w + 1, 4 * c_out]);
+            let got = super::super::ops::phase_interleave(&z, with_bias.then_some(&bias))?;
+            assert_eq!(got.dims(), want.dims());
+            let worst = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                worst <= 1e-5 * scale,
+                "{c_in}→{c_out} at {h}×{w}, bias {with_bias}: {worst} (scale {scale})"
+            );
+        }
+        // A 1×1 filter has no phases.
+        let one = Tensor::zeros((4, 1, 1, 4), DType::F32, &dev)?;
+        assert!(phase_filters(&one).is_err());
+        Ok(())
+    }
+
     #[test]
     fn matches_candle_convolution() -> candle_core::Result<()> {
         let dev = Device::Cpu;

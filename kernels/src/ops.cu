@@ -99,6 +99,44 @@ __device__ __forceinline__ void geglu_indexed(const T *__restrict__ x, const T *
   }
 }
 
+// The four phases of a nearest-2× upsampling followed by a 3×3 convolution, computed as one
+// 2×2 convolution with 4·C outputs over the map itself (Conv2d's phase path), put in their
+// places: phase (a, b) of output pixel (2i + a, 2j + b) is z[image, i + a, j + b, (2a + b)·C + c]
+// of z [images, h + 1, w + 1, 4·C]; out [images, 2h, 2w, C] gets it, plus bias[c] when BIAS
+// (rounded once more, as the separate bias add rounds it). One thread a 16-byte vector of out:
+// C is a whole number of vectors (c_vecs of them), the operands 16-byte aligned, and every
+// index of z and out below 2³¹ (the host checks all of it).
+template <typename T, bool BIAS>
+__device__ void phase_interleave(const T *__restrict__ z, const T *__restrict__ bias,
+                                 T *__restrict__ out, const uint32_t images, const uint32_t h,
+                                 const uint32_t w, const uint32_t c_vecs) {
+  SDSTREAM_ASSUME_ALIGNED(z, 16);
+  SDSTREAM_ASSUME_ALIGNED(out, 16);
+  using V = Vec16<T>;
+  const V *zv = reinterpret_cast<const V *>(z);
+  const V *bv = reinterpret_cast<const V *>(bias);
+  V *ov = reinterpret_cast<V *>(out);
+  const uint32_t total = images * 2 * h * 2 * w * c_vecs;
+  for (uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+    const uint32_t cv = idx % c_vecs;
+    uint32_t rest = idx / c_vecs;
+    const uint32_t x = rest % (2 * w);
+    rest /= 2 * w;
+    const uint32_t y = rest % (2 * h);
+    const uint32_t image = rest / (2 * h);
+    const uint32_t a = y % 2, b = x % 2;
+    const uint32_t pixel = (image * (h + 1) + y / 2 + a) * (w + 1) + x / 2 + b;
+    V v = zv[(pixel * 4 + 2 * a + b) * c_vecs + cv];
+    if (BIAS) {
+      SDSTREAM_ASSUME_ALIGNED(bias, 16);
+      const V add = bv[cv];
+#pragma unroll
+      for (int j = 0; j < V::kWidth; ++j) v.v[j] = store<T>(load(v.v[j]) + load(add.v[j]));
+    }
+    ov[idx] = v;
+  }
+}
+
 template <typename T, bool BIAS>
 __device__ void geglu(const T *__restrict__ x, const T *__restrict__ bias, T *__restrict__ out,
                       const int64_t rows, const int64_t inner) {
@@ -154,3 +192,20 @@ SDSTREAM_ADD_IN_PLACE_VEC(__nv_bfloat16, bf16)
 SDSTREAM_GEGLU(float, f32)
 SDSTREAM_GEGLU(__half, f16)
 SDSTREAM_GEGLU(__nv_bfloat16, bf16)
+
+// The phase interleave's entry points: without and with the convolution's bias.
+#define SDSTREAM_PHASE_INTERLEAVE(T, SUFFIX)                                                       \
+  extern "C" __global__ void phase_interleave_##SUFFIX(const T *z, const T *bias, T *out,         \
+                                                       const uint32_t images, const uint32_t h,   \
+                                                       const uint32_t w, const uint32_t c_vecs) { \
+    phase_interleave<T, false>(z, bias, out, images, h, w, c_vecs);                               \
+  }                                                                                               \
+  extern "C" __global__ void phase_interleave_bias_##SUFFIX(                                      \
+      const T *z, const T *bias, T *out, const uint32_t images, const uint32_t h,                 \
+      const uint32_t w, const uint32_t c_vecs) {                                                  \
+    phase_interleave<T, true>(z, bias, out, images, h, w, c_vecs);                                \
+  }
+
+SDSTREAM_PHASE_INTERLEAVE(float, f32)
+SDSTREAM_PHASE_INTERLEAVE(__half, f16)
+SDSTREAM_PHASE_INTERLEAVE(__nv_bfloat16, bf16)

@@ -375,6 +375,89 @@ mod cuda {
         Ok(())
     }
 
+    /// Phase interleaves run ([`super::phase_interleave_calls`]).
+    pub(super) static PHASE_INTERLEAVES: std::sync::atomic::AtomicU64 =
+        std::sync::atomic::AtomicU64::new(0);
+
+    /// ops.cu's phase interleave: `z` `[images, h + 1, w + 1, 4·c]` (and `bias` `[c]`) →
+    /// `[images, 2h, 2w, c]`.
+    pub(super) fn phase_interleave(
+        z: (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
+        geometry: [usize; 4],
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        match z.0.dtype() {
+            DType::F32 => run_phase_interleave::<f32>(z, bias, geometry, "f32"),
+            DType::F16 => run_phase_interleave::<half::f16>(z, bias, geometry, "f16"),
+            DType::BF16 => run_phase_interleave::<half::bf16>(z, bias, geometry, "bf16"),
+            other => candle_core::bail!("sdstream-phase-interleave: no CUDA kernel for {other:?}"),
+        }
+    }
+
+    fn run_phase_interleave<T: CudaDType + DeviceRepr>(
+        (zs, zl): (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
+        [images, h, w, c]: [usize; 4],
+        suffix: &str,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        let name = "sdstream-phase-interleave";
+        let width = 16 / std::mem::size_of::<T>();
+        let Some((z0, z1)) = zl.contiguous_offsets() else {
+            candle_core::bail!("{name}: the input must be contiguous")
+        };
+        let total = images * 4 * h * w * c;
+        if !c.is_multiple_of(width) || (z1 - z0).max(total) > i32::MAX as usize {
+            candle_core::bail!("{name}: {c} channels of {suffix} over {:?}", zl.shape())
+        }
+        let dev = zs.device().clone();
+        let stream = dev.cuda_stream();
+        let z = zs.as_cuda_slice::<T>()?.slice(z0..z1);
+        let bias_view = match bias {
+            Some((bs, bl)) => match bl.contiguous_offsets() {
+                Some((b0, b1)) if b1 - b0 == c => Some(bs.as_cuda_slice::<T>()?.slice(b0..b1)),
+                _ => candle_core::bail!("{name}: bias {:?} for {c} channels", bl.shape()),
+            },
+            None => None,
+        };
+        let aligned = {
+            let (z_ptr, _z_guard) = z.device_ptr(&stream);
+            let b_ptr = bias_view.as_ref().map(|b| b.device_ptr(&stream).0);
+            z_ptr % 16 == 0 && b_ptr.is_none_or(|p| p % 16 == 0)
+        };
+        if !aligned {
+            candle_core::bail!("{name}: an operand does not start on 16 bytes")
+        }
+        // SAFETY: the launch below writes every value of the output.
+        let dst = unsafe { dev.alloc::<T>(total)? };
+        let shape = candle_core::Shape::from((images, 2 * h, 2 * w, c));
+        if total > 0 {
+            let kernel = if bias_view.is_some() {
+                format!("phase_interleave_bias_{suffix}")
+            } else {
+                format!("phase_interleave_{suffix}")
+            };
+            let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
+            let (images_arg, h_arg, w_arg, vecs) =
+                (images as u32, h as u32, w as u32, (c / width) as u32);
+            let mut builder = func.builder();
+            builder.arg(&z);
+            // Without a bias the kernel never reads its bias pointer: z stands in for it.
+            builder.arg(bias_view.as_ref().unwrap_or(&z));
+            builder.arg(&dst);
+            builder.arg(&images_arg);
+            builder.arg(&h_arg);
+            builder.arg(&w_arg);
+            builder.arg(&vecs);
+            // SAFETY: the arguments match the kernel's parameters; z holds images · (h + 1) ·
+            // (w + 1) · 4c values (its shape, checked by the caller) and dst images · 4hwc, both
+            // below 2³¹, in whole 16-byte vectors from 16-byte aligned starts (checked above;
+            // dst is a fresh allocation), and the bias c values.
+            unsafe { builder.launch(grid_stride(total / width)) }.w()?;
+        }
+        PHASE_INTERLEAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((CudaStorage::wrap_cuda_slice(dst, dev), shape))
+    }
+
     /// ops.cu's GEGLU: `x` `[…, 2·inner]` (contiguous) and its `[2·inner]` bias → `[…, inner]`.
     pub(super) fn geglu(
         x: (&CudaStorage, &Layout),
@@ -482,6 +565,145 @@ pub fn geglu(hg: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> 
     let hidden = hg.narrow(D::Minus1, 0, inner)?;
     let gate = hg.narrow(D::Minus1, inner, inner)?;
     hidden * gate.gelu_erf()?
+}
+
+/// The four phases of an upsample-then-convolve put in their places (ops.cu's
+/// `phase_interleave_*` on a CUDA device): `z` `[B, H + 1, W + 1, 4·C]`, the 2×2 convolution of
+/// a map with [`super::conv::phase_filters`], gives `[B, 2H, 2W, C]`, phase (a, b) of output
+/// pixel (2i + a, 2j + b) being `z[…, i + a, j + b, (2a + b)·C + c]`, plus `bias` (`[C]`) when
+/// given, rounded once more as the separate bias add rounds it. On a CUDA device `C` must be a
+/// whole number of 16-byte vectors and both operands start on 16 bytes; the CPU runs the same
+/// definition one value at a time (for tests).
+pub fn phase_interleave(z: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let z = z.contiguous()?;
+    match bias {
+        Some(bias) => z.apply_op2_no_bwd(&bias.contiguous()?, &PhaseInterleave),
+        None => z.apply_op1_no_bwd(&PhaseInterleave),
+    }
+}
+
+/// How many phase interleaves ran on a CUDA device, for tests (0 without the `cuda` feature).
+pub fn phase_interleave_calls() -> u64 {
+    #[cfg(feature = "cuda")]
+    return cuda::PHASE_INTERLEAVES.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
+/// See [`phase_interleave`].
+struct PhaseInterleave;
+
+impl PhaseInterleave {
+    const NAME: &'static str = "sdstream-phase-interleave";
+
+    /// `(images, h, w, channels)` of the output's input map from `z`'s dims, or an error
+    /// naming what does not fit.
+    fn geometry(z: &Shape, bias: Option<&Shape>) -> candle_core::Result<[usize; 4]> {
+        let (images, h1, w1, c4) = z.dims4()?;
+        if h1 < 2 || w1 < 2 || c4 == 0 || !c4.is_multiple_of(4) {
+            candle_core::bail!("{}: {z:?} is not [B, H + 1, W + 1, 4·C]", Self::NAME)
+        }
+        let channels = c4 / 4;
+        if let Some(bias) = bias
+            && bias.elem_count() != channels
+        {
+            candle_core::bail!("{}: bias {bias:?} for {channels} channels", Self::NAME)
+        }
+        Ok([images, h1 - 1, w1 - 1, channels])
+    }
+
+    fn run<T: WithDType>(z: &[T], bias: Option<&[T]>, [images, h, w, c]: [usize; 4]) -> Vec<T> {
+        let mut out = zeroed_buffer::<T>(images * 4 * h * w * c);
+        for_each_row(&mut out, 2 * w * c, |row, dst| {
+            let (image, y) = (row / (2 * h), row % (2 * h));
+            let a = y % 2;
+            for x in 0..2 * w {
+                let b = x % 2;
+                let pixel = (image * (h + 1) + y / 2 + a) * (w + 1) + x / 2 + b;
+                let src = &z[(pixel * 4 + 2 * a + b) * c..][..c];
+                let dst = &mut dst[x * c..(x + 1) * c];
+                match bias {
+                    // The sum in f32, rounded once to T, as the device and the bias add do.
+                    Some(bias) => {
+                        for ((o, v), add) in dst.iter_mut().zip(src).zip(bias) {
+                            let sum = v.to_f64() as f32 + add.to_f64() as f32;
+                            *o = T::from_f64(f64::from(sum));
+                        }
+                    }
+                    None => dst.copy_from_slice(src),
+                }
+            }
+        });
+        out
+    }
+
+    fn cpu(
+        z: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let geometry = Self::geometry(z.1.shape(), bias.map(|b| b.1.shape()))?;
+        let [images, h, w, c] = geometry;
+        let out = with_float_type!(z.0.dtype(), Self::NAME, |T| {
+            let bias = match bias {
+                Some((s, l)) => Some(contiguous_slice::<T>(s, l, Self::NAME)?),
+                None => None,
+            };
+            T::to_cpu_storage_owned(Self::run::<T>(
+                contiguous_slice(z.0, z.1, Self::NAME)?,
+                bias,
+                geometry,
+            ))
+        });
+        Ok((out, Shape::from((images, 2 * h, 2 * w, c))))
+    }
+}
+
+impl CustomOp1 for PhaseInterleave {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::cpu((s1, l1), None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let geometry = Self::geometry(l1.shape(), None)?;
+        cuda::phase_interleave((s1, l1), None, geometry)
+    }
+}
+
+impl candle_core::CustomOp2 for PhaseInterleave {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::cpu((s1, l1), Some((s2, l2)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let geometry = Self::geometry(l1.shape(), Some(l2.shape()))?;
+        cuda::phase_interleave((s1, l1), Some((s2, l2)), geometry)
+    }
 }
 
 /// GEGLU in one pass on a CUDA device (ops.cu's `geglu_*`): the bias, if any, added as each

@@ -110,6 +110,14 @@ pub struct KernelPolicy {
     /// the output (on with `SDSTREAM_CUDA_FUSED_CONV`; see `cudnn_conv`). Off by default until
     /// a GPU run has checked and measured it.
     pub cuda_fused_conv: bool,
+    /// Channels-last 3×3 convolutions of a nearest-2× upsampled map on a CUDA device (the
+    /// UNet's and the ControlNets' upsamplers, TAESD's and the VAE's decoders) run as one 2×2
+    /// convolution with four times the outputs over the map itself, whose four phases ops.cu's
+    /// `phase_interleave` puts in their places with the bias: 16 products a pixel of the
+    /// upsampled map's input instead of 36, and the upsampled map (a broadcast copy, 4× the
+    /// input) never made (on with `SDSTREAM_CUDA_PHASE_CONV`; see `conv::phase_filters`). Off by
+    /// default until a GPU run has checked and measured it.
+    pub cuda_phase_conv: bool,
     /// Channels-last GroupNorm on a CUDA device runs group_norm.cu's `_rows` kernels, whose
     /// warps read whole pixels (all channels, consecutive addresses, 32-bit indices), instead of
     /// the kernels that walk one group's channels C apart with 64-bit divisions per value (61
@@ -171,6 +179,7 @@ impl Default for KernelPolicy {
             cuda_attention: true,
             cuda_flash_attention: false,
             cuda_fused_conv: false,
+            cuda_phase_conv: false,
             cuda_group_norm_rows: false,
             cuda_layer_norm: false,
             cuda_fused_linear: false,
@@ -201,8 +210,8 @@ impl KernelPolicy {
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
     ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED`, `SDSTREAM_CUDA_FLASH_ATTENTION`,
-    ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS`, `SDSTREAM_CUDA_LAYER_NORM`,
-    ///   `SDSTREAM_CUDA_FUSED_LINEAR` are switches, on when set to anything but nothing or `0`;
+    ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_PHASE_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS`,
+    ///   `SDSTREAM_CUDA_LAYER_NORM`, `SDSTREAM_CUDA_FUSED_LINEAR` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
     ///   `SDSTREAM_CUDA_PREPROCESS`, `SDSTREAM_CUDA_VECTOR_ADDS` turn their feature off when
     ///   exactly `0`;
@@ -247,6 +256,7 @@ impl KernelPolicy {
             cuda_attention: !off("SDSTREAM_CUDA_ATTENTION"),
             cuda_flash_attention: switch("SDSTREAM_CUDA_FLASH_ATTENTION"),
             cuda_fused_conv: switch("SDSTREAM_CUDA_FUSED_CONV"),
+            cuda_phase_conv: switch("SDSTREAM_CUDA_PHASE_CONV"),
             cuda_group_norm_rows: switch("SDSTREAM_CUDA_GROUP_NORM_ROWS"),
             cuda_layer_norm: switch("SDSTREAM_CUDA_LAYER_NORM"),
             cuda_fused_linear: switch("SDSTREAM_CUDA_FUSED_LINEAR"),
@@ -335,7 +345,8 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 10] = [
+        let cases: [(&str, Field, bool); 11] = [
+            ("SDSTREAM_CUDA_PHASE_CONV", |p| p.cuda_phase_conv, false),
             ("SDSTREAM_CUDA_FUSED_LINEAR", |p| p.cuda_fused_linear, false),
             ("SDSTREAM_CUDA_LAYER_NORM", |p| p.cuda_layer_norm, false),
             ("SDSTREAM_CUDA_FUSED_CONV", |p| p.cuda_fused_conv, false),
@@ -384,6 +395,9 @@ mod tests {
                 }
                 "SDSTREAM_CUDA_LAYER_NORM" => {
                     others.cuda_layer_norm = default_policy.cuda_layer_norm
+                }
+                "SDSTREAM_CUDA_PHASE_CONV" => {
+                    others.cuda_phase_conv = default_policy.cuda_phase_conv
                 }
                 _ => others.direct_conv = default_policy.direct_conv,
             }

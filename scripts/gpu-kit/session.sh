@@ -43,9 +43,9 @@ stage() {
 
 : > "$log"
 stage info 30 "${run[@]}" info
-stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda_geglu cuda_canny cuda_float_processors cuda_in_place cuda_group_norm cuda_layer_norm cuda_fused_linear" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
+stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda_geglu cuda_canny cuda_float_processors cuda_in_place cuda_group_norm cuda_layer_norm cuda_fused_linear cuda_phase_conv" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
 # The register attention kernel, the fused convolution epilogue, the GroupNorm `_rows` kernels,
-# the LayerNorm kernel and the fused linear epilogue are in those tests: each switch whose test passed is "proven", and
+# the LayerNorm kernel, the fused linear epilogue and the phase convolutions are in those tests: each switch whose test passed is "proven", and
 # the all-on rows and the profile below run the proven ones (a kernel that failed its test would
 # give a figure for wrong pictures).
 passed() { grep -qE "^test $1[a-z0-9_]* \.\.\. ok" "$log"; }
@@ -55,6 +55,7 @@ passed cuda_fused_conv && proven+=(SDSTREAM_CUDA_FUSED_CONV=1)
 passed cuda_group_norm && proven+=(SDSTREAM_CUDA_GROUP_NORM_ROWS=1)
 passed cuda_layer_norm && proven+=(SDSTREAM_CUDA_LAYER_NORM=1)
 passed cuda_fused_linear && proven+=(SDSTREAM_CUDA_FUSED_LINEAR=1)
+passed cuda_phase_conv && proven+=(SDSTREAM_CUDA_PHASE_CONV=1)
 echo "== proven switches: ${proven[*]:-none}" | tee -a "$log"
 # The in-place adds' 16-byte path is in the default path (the same bits as the scalar kernel,
 # checked under kernels/emulate): should its test fail on the device, every later stage runs
@@ -64,7 +65,7 @@ if ! passed cuda_in_place; then
   echo "== cuda_in_place failed: the stages below run the scalar adds" | tee -a "$log"
 fi
 stage weights 150 "${run[@]}" weights
-stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear" "${run[@]}" tests
+stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear --skip cuda_phase_conv" "${run[@]}" tests
 # Should CUDA graphs fail on the device again (as they did on an H200 before the key/value memo
 # was made the CPU's only), the figures come op by op instead of not at all.
 stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" bench-f16 \
@@ -86,16 +87,23 @@ stage bench-f16-group-norm-rows 45 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_BENC
 # off by default until this row and cuda_fused_linear have run): against bench-f16's rows.
 stage bench-f16-fused-linear 45 SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_BENCH_TAG=-fused-linear \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
+# Upsample-then-convolve layers as four phase convolutions (SDSTREAM_CUDA_PHASE_CONV, off by default
+# until this row and cuda_phase_conv have run): against bench-f16's rows, TAESD and the full VAE
+# (whose decoder's upsampling convolutions are most of its work).
+stage bench-f16-phase-conv 45 SDSTREAM_CUDA_PHASE_CONV=1 SDSTREAM_BENCH_TAG=-phase-conv \
+  SDSTREAM_BENCH_ARGS="--vaes taesd,full --controlnet-counts 0 --t-index-lists 32 --frames 60" "${run[@]}" bench-f16
 # The f32 goldens with the switches that change f32 arithmetic on (GroupNorm's `_rows` kernels,
-# the LayerNorm kernel, the fused convolution and linear epilogues; f32 attention runs unfused
+# the LayerNorm kernel, the fused convolution and linear epilogues, the phase convolutions; f32
+# attention runs unfused
 # whatever the switch).
 stage tests-all-on-f32 60 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_LAYER_NORM=1 SDSTREAM_CUDA_FUSED_CONV=1 \
-  SDSTREAM_CUDA_FUSED_LINEAR=1 \
+  SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 \
   SDSTREAM_TESTS=cuda_f32_streams SDSTREAM_TESTS_TAG=-all-on-f32 "${run[@]}" tests
 # Every stream case in f16 and bf16 against f32 with the register kernel, the GroupNorm `_rows`
-# kernels, the LayerNorm kernel and the fused linear epilogue (each checked alone above).
+# kernels, the LayerNorm kernel, the fused linear epilogue and the phase convolutions (each
+# checked alone above).
 stage tests-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_LAYER_NORM=1 \
-  SDSTREAM_CUDA_FUSED_LINEAR=1 \
+  SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 \
   SDSTREAM_TESTS=cuda_half_precision_streams \
   SDSTREAM_TESTS_TAG=-flash "${run[@]}" tests
 # Every prepared switch on at once (channels last and canny on the device, both the defaults
