@@ -329,6 +329,86 @@ fn cuda_group_norm_kernel_matches_the_portable_twin() {
     assert_eq!(group_norm_rows_calls() - rows_before, rows_runs as u64);
 }
 
+/// A resnet's time embedding added in the `_rows` kernels' reads (`GroupNorm::forward_with_added`,
+/// kernel policy `cuda_group_norm_rows`) against the separate in-place add followed by the same
+/// kernels: the same bits, in f32, f16 and bf16, with and without SiLU, on the UNet's maps of
+/// several images (each with its own embedding) and a tiny checkpoint's odd groups.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_group_norm_with_an_added_embedding_matches_the_separate_add() {
+    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::model::kernels::norm::{GroupNorm, group_norm_rows_calls};
+    use sdstream::model::kernels::ops::add_fresh_per_batch;
+    if !cuda_or_skip("cuda_group_norm_with_an_added_embedding_matches_the_separate_add") {
+        return;
+    }
+    let device = Device::new_cuda(0).unwrap();
+    let rows = KernelPolicy {
+        cuda_group_norm_rows: true,
+        ..KernelPolicy::process()
+    };
+    // (batch, height, width, channels, groups)
+    let shapes = [(2, 64, 64, 320, 32), (3, 8, 8, 1280, 32), (2, 5, 6, 24, 8)];
+    let rows_before = group_norm_rows_calls();
+    let mut runs = 0u64;
+    for (b, h, w, c, groups) in shapes {
+        let x = (Tensor::randn(0f32, 1.0, (b, h, w, c), &Device::Cpu).unwrap() * 3.0).unwrap();
+        let t = Tensor::randn(0f32, 1.0, (b, c), &Device::Cpu).unwrap();
+        let weight = Tensor::randn(1f32, 0.2, c, &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 0.2, c, &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let tensors = std::collections::HashMap::from([
+                ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
+                ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
+            ]);
+            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, &device);
+            let norm = GroupNorm::new(groups, c, 1e-5, vb)
+                .unwrap()
+                .into_channels_last();
+            let xs = x.to_dtype(dtype).unwrap().to_device(&device).unwrap();
+            let ts = t.to_dtype(dtype).unwrap().to_device(&device).unwrap();
+            for silu in [false, true] {
+                let (fused, separate) = rows.scoped(|| {
+                    let fresh = (&xs * 1.0).unwrap();
+                    let fused = norm.forward_with_added(fresh, &ts, silu).unwrap();
+                    let summed = add_fresh_per_batch(
+                        (&xs * 1.0).unwrap(),
+                        &ts.reshape((b, 1, 1, c)).unwrap(),
+                        1,
+                    )
+                    .unwrap();
+                    let separate = if silu {
+                        norm.forward_silu(&summed)
+                    } else {
+                        norm.forward(&summed)
+                    }
+                    .unwrap();
+                    (fused, separate)
+                });
+                runs += 2;
+                let differ = common::f32_on_cpu(&fused)
+                    .ne(&common::f32_on_cpu(&separate))
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                println!(
+                    "group norm with an added embedding [{b}, {h}, {w}, {c}] / {groups} {dtype:?} silu {silu}: {differ} values differ"
+                );
+                assert_eq!(differ, 0.0, "{dtype:?} [{b}, {h}, {w}, {c}] silu {silu}");
+            }
+        }
+    }
+    // Both ways ran the `_rows` kernels every time.
+    assert_eq!(group_norm_rows_calls() - rows_before, runs);
+}
+
 /// layer_norm.cu's kernel (kernel policy `cuda_layer_norm`) against the CPU kernel on the same
 /// values (moments in f64), on the transformers' rows (320, 640 and 1,280 values, a batch of
 /// 64² and 32² maps), a text encoder's (77 × 1,024), values far from zero and the narrowest row

@@ -1,7 +1,8 @@
 // group_norm.cu's kernels emulated on the CPU (kernels/emulate/emulate.h) against GroupNorm in
 // f64: the channels-first and channels-last kernels, and the channels-last `_rows` kernels with
 // both run widths, over the networks' channel counts at small sizes, with and without SiLU,
-// in f32, f16 and bf16, one and several chunks per image, and values far from zero.
+// in f32, f16 and bf16, one and several chunks per image, and values far from zero; the `_rows`
+// kernels' per-image add against the plain kernels on the sum, bit for bit.
 #include "../src/group_norm.cu"
 #include "check.h"
 
@@ -65,9 +66,12 @@ std::vector<T> to_channels_last(const std::vector<T> &x, const Case &c) {
   return out;
 }
 
+// The `_rows` kernels; with `per_image` ([images, C]) their `_add` entry points, which normalise
+// x plus each image's value per channel.
 template <typename T, int V>
 std::vector<T> run_rows(const std::vector<T> &x, const std::vector<T> &w, const std::vector<T> &b,
-                        const Case &c, bool silu, float eps, int chunks_wanted) {
+                        const Case &c, bool silu, float eps, int chunks_wanted,
+                        const std::vector<T> *per_image = nullptr) {
   const int lanes = c.channels / V;
   const unsigned rows = std::max(1, 512 / lanes);
   const int chunk_pixels = (c.pixels + chunks_wanted - 1) / chunks_wanted;
@@ -77,13 +81,22 @@ std::vector<T> run_rows(const std::vector<T> &x, const std::vector<T> &w, const 
   std::vector<T> y(x.size());
   const emu_dim3 grid{static_cast<unsigned>(chunks), static_cast<unsigned>(c.images)};
   const emu_dim3 block{static_cast<unsigned>(lanes), rows};
-  emu::launch(rows_stats<T, V>, grid, block, x.data(), partial.data(), c.pixels, c.channels,
-              c.groups, chunk_pixels);
+  const T *add = per_image ? per_image->data() : nullptr;
+  if (per_image)
+    emu::launch(rows_stats<T, V, true>, grid, block, x.data(), add, partial.data(), c.pixels,
+                c.channels, c.groups, chunk_pixels);
+  else
+    emu::launch(rows_stats<T, V, false>, grid, block, x.data(), add, partial.data(), c.pixels,
+                c.channels, c.groups, chunk_pixels);
   const int groups_total = c.images * c.groups;
   emu::launch(rows_finalize, {static_cast<unsigned>((groups_total + 3) / 4)}, {128},
               partial.data(), mean_rstd.data(), groups_total, chunks, eps);
-  emu::launch(rows_apply<T, V>, grid, block, x.data(), y.data(), w.data(), b.data(),
-              mean_rstd.data(), c.pixels, c.channels, c.groups, chunk_pixels, silu ? 1 : 0);
+  if (per_image)
+    emu::launch(rows_apply<T, V, true>, grid, block, x.data(), add, y.data(), w.data(), b.data(),
+                mean_rstd.data(), c.pixels, c.channels, c.groups, chunk_pixels, silu ? 1 : 0);
+  else
+    emu::launch(rows_apply<T, V, false>, grid, block, x.data(), add, y.data(), w.data(), b.data(),
+                mean_rstd.data(), c.pixels, c.channels, c.groups, chunk_pixels, silu ? 1 : 0);
   return y;
 }
 
@@ -153,6 +166,26 @@ template <typename T> void cases() {
           check::expect_close(std::string("rows V=1") + what + tag, check::widened(y1), want,
                               bound);
         }
+      }
+      // A time embedding per image and channel added in the kernel: the same bits as the
+      // plain kernels on the sum the separate add rounds to T.
+      {
+        const auto t = check::stored<T>(check::random_values(
+            static_cast<size_t>(c.images) * c.channels, seed + 100, 0.7f));
+        std::vector<T> summed(x.size());
+        for (size_t i = 0; i < x.size(); ++i) {
+          const size_t image = i / (static_cast<size_t>(c.pixels) * c.channels);
+          summed[i] = store<T>(load(x[i]) + load(t[image * c.channels + i % c.channels]));
+        }
+        const std::string tag = std::string("rows with a per-image add") +
+                                (per % 2 == 0 ? " V=2" : " V=1") + what +
+                                " (against the plain kernels on the sum)";
+        if (per % 2 == 0)
+          check::expect_equal(tag, run_rows<T, 2>(x, w, b, c, silu, eps, 4, &t),
+                              run_rows<T, 2>(summed, w, b, c, silu, eps, 4));
+        else
+          check::expect_equal(tag, run_rows<T, 1>(x, w, b, c, silu, eps, 4, &t),
+                              run_rows<T, 1>(summed, w, b, c, silu, eps, 4));
       }
       check::expect_close(std::string("two-pass, channels last") + what,
                           check::widened(run_two_pass(x, w, b, c, silu, eps, true, 3)), want,

@@ -178,12 +178,29 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Run {
 // times the block rows.
 constexpr int kRowsMaxThreads = 1024;
 
+// What the `_rows` kernels normalise: x itself, or (ADD) x plus each image's value per channel
+// (a resnet's time embedding, [images, C]), the sum rounded to T as the separate add that it
+// replaces rounds it, so that the result is the same bits.
+template <typename T, int V, bool ADD> struct RowsInput {
+  float add[V];
+  __device__ __forceinline__ RowsInput(const T* __restrict__ per_image, const int image,
+                                       const int channels, const int lane) {
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      add[j] = ADD ? load(per_image[static_cast<size_t>(image) * channels + lane * V + j]) : 0.f;
+  }
+  __device__ __forceinline__ float operator()(const Run<T, V>& r, const int j) const {
+    return ADD ? load(store<T>(load(r.v[j]) + add[j])) : load(r.v[j]);
+  }
+};
+
 // Grid (chunks, images), block (C / V, rows). Thread (lane, row) reads channels lane·V … of
 // pixels begin + row, begin + row + rows, … of its chunk; partial gets 3 floats per (image,
 // group, chunk).
-template <typename T, int V>
-__device__ void rows_stats(const T* __restrict__ x, float* __restrict__ partial, const int pixels,
-                           const int channels, const int groups, const int chunk_pixels) {
+template <typename T, int V, bool ADD>
+__device__ void rows_stats(const T* __restrict__ x, const T* __restrict__ per_image,
+                           float* __restrict__ partial, const int pixels, const int channels,
+                           const int groups, const int chunk_pixels) {
   __shared__ Stat lane_stats[kRowsMaxThreads];
   const int lanes = channels / V;
   const int lane = threadIdx.x;
@@ -191,13 +208,14 @@ __device__ void rows_stats(const T* __restrict__ x, float* __restrict__ partial,
   const int begin = blockIdx.x * chunk_pixels;
   const int end = min(pixels, begin + chunk_pixels);
   const Run<T, V>* runs = reinterpret_cast<const Run<T, V>*>(x) + static_cast<size_t>(image) * pixels * lanes;
+  const RowsInput<T, V, ADD> input(per_image, image, channels, lane);
   Shifted s{0.f, 0.f, 0.f, 0};
   int p = begin + static_cast<int>(threadIdx.y);
-  if (p < end) s.k = load(runs[p * lanes + lane].v[0]);
+  if (p < end) s.k = input(runs[p * lanes + lane], 0);
   for (; p < end; p += blockDim.y) {
     const Run<T, V> r = runs[p * lanes + lane];
 #pragma unroll
-    for (int j = 0; j < V; ++j) s.add(load(r.v[j]));
+    for (int j = 0; j < V; ++j) s.add(input(r, j));
   }
   lane_stats[threadIdx.y * lanes + lane] = s.stat();
   __syncthreads();
@@ -239,8 +257,9 @@ __device__ void rows_finalize(const float* __restrict__ partial, float* __restri
 
 // Grid and block as `rows_stats`: y = x·scale + shift per channel (then SiLU when asked),
 // scale = γ/σ and shift = β − scale·μ, as `apply` computes them.
-template <typename T, int V>
-__device__ void rows_apply(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ weight,
+template <typename T, int V, bool ADD>
+__device__ void rows_apply(const T* __restrict__ x, const T* __restrict__ per_image,
+                           T* __restrict__ y, const T* __restrict__ weight,
                            const T* __restrict__ bias, const float* __restrict__ mean_rstd,
                            const int pixels, const int channels, const int groups,
                            const int chunk_pixels, const int silu) {
@@ -248,6 +267,7 @@ __device__ void rows_apply(const T* __restrict__ x, T* __restrict__ y, const T* 
   const int lane = threadIdx.x;
   const int image = blockIdx.y;
   const int per_group = channels / groups;
+  const RowsInput<T, V, ADD> input(per_image, image, channels, lane);
   float scale[V], shift[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
@@ -267,7 +287,7 @@ __device__ void rows_apply(const T* __restrict__ x, T* __restrict__ y, const T* 
     Run<T, V> w;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      float v = load(r.v[j]) * scale[j] + shift[j];
+      float v = input(r, j) * scale[j] + shift[j];
       if (silu) v = v / (1.f + __expf(-v));
       w.v[j] = store<T>(v);
     }
@@ -283,18 +303,24 @@ extern "C" __global__ void group_norm_rows_finalize(const float* partial, float*
   rows_finalize(partial, mean_rstd, groups_total, chunks, eps);
 }
 
-// The `_rows` entry points per storage type and run width V.
-#define GROUP_NORM_ROWS(NAME, T, V)                                                               \
-  extern "C" __global__ void group_norm_rows_stats_v##V##_##NAME(                                 \
-      const T* x, float* partial, const int pixels, const int channels, const int groups,         \
-      const int chunk_pixels) {                                                                   \
-    rows_stats<T, V>(x, partial, pixels, channels, groups, chunk_pixels);                         \
+// The `_rows` entry points per storage type and run width V; `_add` normalises x plus a value
+// per image and channel (`per_image`, [images, C]; the plain ones never read it).
+#define GROUP_NORM_ROWS_ADD(NAME, T, V, ADD, TAG)                                                 \
+  extern "C" __global__ void group_norm_rows_stats##TAG##_v##V##_##NAME(                          \
+      const T* x, const T* per_image, float* partial, const int pixels, const int channels,       \
+      const int groups, const int chunk_pixels) {                                                 \
+    rows_stats<T, V, ADD>(x, per_image, partial, pixels, channels, groups, chunk_pixels);         \
   }                                                                                               \
-  extern "C" __global__ void group_norm_rows_apply_v##V##_##NAME(                                 \
-      const T* x, T* y, const T* weight, const T* bias, const float* mean_rstd, const int pixels, \
-      const int channels, const int groups, const int chunk_pixels, const int silu) {             \
-    rows_apply<T, V>(x, y, weight, bias, mean_rstd, pixels, channels, groups, chunk_pixels, silu); \
+  extern "C" __global__ void group_norm_rows_apply##TAG##_v##V##_##NAME(                          \
+      const T* x, const T* per_image, T* y, const T* weight, const T* bias,                       \
+      const float* mean_rstd, const int pixels, const int channels, const int groups,             \
+      const int chunk_pixels, const int silu) {                                                   \
+    rows_apply<T, V, ADD>(x, per_image, y, weight, bias, mean_rstd, pixels, channels, groups,     \
+                          chunk_pixels, silu);                                                    \
   }
+#define GROUP_NORM_ROWS(NAME, T, V)            \
+  GROUP_NORM_ROWS_ADD(NAME, T, V, false, )     \
+  GROUP_NORM_ROWS_ADD(NAME, T, V, true, _add)
 
 GROUP_NORM_ROWS(f32, float, 1)
 GROUP_NORM_ROWS(f32, float, 2)

@@ -9,6 +9,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 
+use super::ops::{add_fresh, add_fresh_per_batch};
 use super::{
     contiguous_slice, cpu_kernels, cuda_kernels, for_each_row, with_float_type, zeroed_buffer,
 };
@@ -84,6 +85,70 @@ impl GroupNorm {
         self.run(x, true)
     }
 
+    /// `GroupNorm(x + add)`, then SiLU when `silu`, where `add` holds each image's value per
+    /// channel (`[B, C]`: a resnet's time embedding) broadcast over its map. Where group_norm.cu's
+    /// `_rows` kernels run (channels last on a CUDA device, kernel policy `cuda_group_norm_rows`)
+    /// they add it as they read, rounding the sum to the storage type as the separate add does:
+    /// the same bits without a pass over the map of its own. Elsewhere `x` (consumed: a fresh
+    /// map its caller made, written in place) takes that add first.
+    pub fn forward_with_added(
+        &self,
+        x: Tensor,
+        add: &Tensor,
+        silu: bool,
+    ) -> candle_core::Result<Tensor> {
+        let channels = self.weight.dim(0)?;
+        let (batch, rank) = (x.dim(0)?, x.rank());
+        if add.dims() != [batch, channels] || rank < 3 {
+            candle_core::bail!(
+                "GroupNorm over {channels} channels: an add of {:?} for an input {:?}",
+                add.shape(),
+                x.shape()
+            );
+        }
+        if self.rows_take_add(&x, add)? {
+            let op = GroupNormChannelsLastOp {
+                groups: self.groups,
+                eps: self.eps,
+                silu,
+                add: Some(add.contiguous()?),
+            };
+            return x
+                .contiguous()?
+                .apply_op3_no_bwd(&self.weight, &self.bias, &op);
+        }
+        let mut per_image = vec![1usize; rank];
+        per_image[0] = batch;
+        let summed = if self.channels_last {
+            per_image[rank - 1] = channels;
+            add_fresh_per_batch(x, &add.reshape(per_image)?.contiguous()?, 1)?
+        } else {
+            per_image[1] = channels;
+            let spatial: usize = x.dims()[2..].iter().product();
+            add_fresh(x, &add.reshape(per_image)?.contiguous()?, spatial)?
+        };
+        self.run(&summed, silu)
+    }
+
+    /// Whether the `_rows` kernels normalise `x` (channels last) with `add` in their reads.
+    fn rows_take_add(&self, x: &Tensor, add: &Tensor) -> candle_core::Result<bool> {
+        if !(self.channels_last
+            && cuda_kernels(x.device())
+            && crate::KernelPolicy::current().cuda_group_norm_rows
+            && x.dtype() == self.weight.dtype()
+            && add.dtype() == x.dtype()
+            && add.device().same_device(x.device()))
+        {
+            return Ok(false);
+        }
+        let dims = x.dims();
+        let channels = dims[dims.len() - 1];
+        let pixels: usize = dims[1..dims.len() - 1].iter().product();
+        // A contiguous input starts where its layout does (a copy would start at 0).
+        let first_even = !x.is_contiguous() || x.layout().start_offset().is_multiple_of(2);
+        Ok(RowsGeometry::new(dims[0], pixels, channels, self.groups, first_even).is_some())
+    }
+
     fn run(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         if self.channels_last {
             return self.run_channels_last(x, silu);
@@ -125,6 +190,7 @@ impl GroupNorm {
                 groups: self.groups,
                 eps: self.eps,
                 silu,
+                add: None,
             };
             return x
                 .contiguous()?
@@ -353,6 +419,10 @@ struct GroupNormChannelsLastOp {
     groups: usize,
     eps: f64,
     silu: bool,
+    /// Each image's value per channel (`[B, C]`) added to the input before it is normalised,
+    /// in the `_rows` kernels' reads ([`GroupNorm::forward_with_added`] attaches it only where
+    /// they run).
+    add: Option<Tensor>,
 }
 
 impl GroupNormChannelsLastOp {
@@ -459,6 +529,12 @@ impl CustomOp3 for GroupNormChannelsLastOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if self.add.is_some() {
+            candle_core::bail!(
+                "{}: the per-image add runs in CUDA's `_rows` kernels only",
+                self.name()
+            )
+        }
         group_norm_cpu_fwd(self, (s1, l1), (s2, l2), (s3, l3))
     }
 
@@ -514,6 +590,11 @@ trait GroupNormLayout: CustomOp3 {
     fn eps_silu(&self) -> (f64, bool);
     /// The input's channel count.
     fn channels(shape: &Shape) -> usize;
+    /// Each image's value per channel to add to the input first (channels last only).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn per_image_add(&self) -> Option<&Tensor> {
+        None
+    }
     fn run<T: WithDType>(&self, x: &[T], shape: &Shape, weight: &[T], bias: &[T]) -> Vec<T>;
 }
 
@@ -545,6 +626,9 @@ impl GroupNormLayout for GroupNormChannelsLastOp {
     }
     fn channels(shape: &Shape) -> usize {
         shape.dims()[shape.rank() - 1]
+    }
+    fn per_image_add(&self) -> Option<&Tensor> {
+        self.add.as_ref()
     }
     fn run<T: WithDType>(&self, x: &[T], shape: &Shape, weight: &[T], bias: &[T]) -> Vec<T> {
         GroupNormChannelsLastOp::run(self, x, shape, weight, bias)
@@ -588,7 +672,15 @@ fn group_norm_cuda_fwd<Op: GroupNormLayout>(
         silu,
         channels_last: Op::CHANNELS_LAST,
     };
-    cuda::forward(&norm, (s1, l1), (s2, l2), (s3, l3))
+    let add = op.per_image_add().map(Tensor::storage_and_layout);
+    let add = match &add {
+        Some((storage, layout)) => match &**storage {
+            candle_core::Storage::Cuda(storage) => Some((storage, *layout)),
+            _ => candle_core::bail!("{}: the per-image add is not on the device", op.name()),
+        },
+        None => None,
+    };
+    cuda::forward(&norm, (s1, l1), (s2, l2), (s3, l3), add)
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -735,16 +827,27 @@ mod cuda {
         pub channels_last: bool,
     }
 
+    /// The operands of one GroupNorm: input, weight, bias, and each image's value per channel
+    /// to add to the input first (the `_rows` kernels only).
+    type Operands<'a> = (
+        (&'a CudaStorage, &'a Layout),
+        (&'a CudaStorage, &'a Layout),
+        (&'a CudaStorage, &'a Layout),
+        Option<(&'a CudaStorage, &'a Layout)>,
+    );
+
     pub(super) fn forward(
         op: &Norm,
         x: (&CudaStorage, &Layout),
         weight: (&CudaStorage, &Layout),
         bias: (&CudaStorage, &Layout),
+        add: Option<(&CudaStorage, &Layout)>,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let operands = (x, weight, bias, add);
         match x.0.dtype() {
-            DType::F32 => run::<f32>(op, x, weight, bias, "f32"),
-            DType::F16 => run::<half::f16>(op, x, weight, bias, "f16"),
-            DType::BF16 => run::<half::bf16>(op, x, weight, bias, "bf16"),
+            DType::F32 => run::<f32>(op, operands, "f32"),
+            DType::F16 => run::<half::f16>(op, operands, "f16"),
+            DType::BF16 => run::<half::bf16>(op, operands, "bf16"),
             other => candle_core::bail!("sdstream-group-norm: no CUDA kernel for {other:?}"),
         }
     }
@@ -764,14 +867,16 @@ mod cuda {
 
     fn run<T: CudaDType + DeviceRepr>(
         op: &Norm,
-        (xs, xl): (&CudaStorage, &Layout),
-        (ws, wl): (&CudaStorage, &Layout),
-        (bs, bl): (&CudaStorage, &Layout),
+        ((xs, xl), (ws, wl), (bs, bl), add): Operands<'_>,
         suffix: &str,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let x = view::<T>(xs, xl, "input")?;
         let weight = view::<T>(ws, wl, "weight")?;
         let bias = view::<T>(bs, bl, "bias")?;
+        let add = match add {
+            Some((storage, layout)) => Some(view::<T>(storage, layout, "per-image add")?),
+            None => None,
+        };
         let dims = xl.shape().dims();
         let (batch, channels, spatial) = if op.channels_last {
             let rank = dims.len();
@@ -798,9 +903,20 @@ mod cuda {
             if let Some(geometry) =
                 super::RowsGeometry::new(batch, spatial, channels, op.groups, first_even)
             {
-                let operands = (&x, &weight, &bias, dst);
+                if add.as_ref().is_some_and(|a| a.len() != batch * channels) {
+                    candle_core::bail!(
+                        "sdstream-group-norm: a per-image add of {} values for {batch} × {channels}",
+                        add.as_ref().map_or(0, |a| a.len())
+                    )
+                }
+                let operands = (&x, add.as_ref(), &weight, &bias, dst);
                 return run_rows(op, dev, operands, xl, batch, geometry, suffix);
             }
+        }
+        if add.is_some() {
+            candle_core::bail!(
+                "sdstream-group-norm: the per-image add runs in the `_rows` kernels only"
+            )
         }
         let chunks = TARGET_BLOCKS
             .div_ceil(groups_total)
@@ -868,7 +984,7 @@ mod cuda {
     fn run_rows<T: CudaDType + DeviceRepr>(
         op: &Norm,
         dev: &CudaDevice,
-        (x, weight, bias, dst): RowsOperands<'_, T>,
+        (x, add, weight, bias, dst): RowsOperands<'_, T>,
         xl: &Layout,
         images: usize,
         geometry: super::RowsGeometry,
@@ -895,13 +1011,18 @@ mod cuda {
             geometry.chunks as i32,
         );
         let width = geometry.width;
+        // `_add`: the input plus each image's value per channel; the plain kernels never read
+        // their `per_image` pointer, for which x stands in.
+        let tag = if add.is_some() { "_add" } else { "" };
+        let per_image = add.unwrap_or(x);
         let stats = dev.get_or_load_custom_func(
-            &format!("group_norm_rows_stats_v{width}_{suffix}"),
+            &format!("group_norm_rows_stats{tag}_v{width}_{suffix}"),
             MODULE,
             PTX,
         )?;
         let mut builder = stats.builder();
         builder.arg(x);
+        builder.arg(per_image);
         builder.arg(&partial);
         builder.arg(&pixels);
         builder.arg(&channels);
@@ -930,13 +1051,14 @@ mod cuda {
         // 3 · groups_total · chunks and writes mean_rstd below 2 · groups_total.
         unsafe { builder.launch(cfg) }.w()?;
         let apply = dev.get_or_load_custom_func(
-            &format!("group_norm_rows_apply_v{width}_{suffix}"),
+            &format!("group_norm_rows_apply{tag}_v{width}_{suffix}"),
             MODULE,
             PTX,
         )?;
         let mut builder = apply.builder();
         let silu = i32::from(op.silu);
         builder.arg(x);
+        builder.arg(per_image);
         builder.arg(&dst);
         builder.arg(weight);
         builder.arg(bias);
@@ -956,9 +1078,11 @@ mod cuda {
         ))
     }
 
-    /// The `_rows` kernels' input, weight and bias, and the output they fill.
+    /// The `_rows` kernels' input, per-image add (`[images, C]`, if any), weight and bias, and
+    /// the output they fill.
     type RowsOperands<'a, T> = (
         &'a CudaView<'a, T>,
+        Option<&'a CudaView<'a, T>>,
         &'a CudaView<'a, T>,
         &'a CudaView<'a, T>,
         CudaSlice<T>,

@@ -67,6 +67,21 @@ impl Activation {
         }
     }
 
+    /// `act(norm(x + add))`, `add` holding each image's value per channel (`[B, C]`, a
+    /// resnet's time embedding), added in the GroupNorm's reads where its kernels can
+    /// ([`GroupNorm::forward_with_added`]); `x` is consumed (a fresh map).
+    pub fn after_norm_added(
+        self,
+        norm: &GroupNorm,
+        x: Tensor,
+        add: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Silu => norm.forward_with_added(x, add, true),
+            other => other.apply(&norm.forward_with_added(x, add, false)?),
+        }
+    }
+
     /// `act(conv(x))`, with ReLU fused into the convolution's epilogue.
     pub fn after_conv(self, conv: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {

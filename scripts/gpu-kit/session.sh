@@ -48,7 +48,10 @@ stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda
 # the LayerNorm kernel, the fused linear epilogue and the phase convolutions are in those tests: each switch whose test passed is "proven", and
 # the all-on rows and the profile below run the proven ones (a kernel that failed its test would
 # give a figure for wrong pictures).
-passed() { grep -qE "^test $1[a-z0-9_]* \.\.\. ok" "$log"; }
+# Every test of that name's prefix passed (at least one ran, none failed).
+passed() {
+  grep -qE "^test $1[a-z0-9_]* \.\.\. ok" "$log" && ! grep -qE "^test $1[a-z0-9_]* \.\.\. FAILED" "$log"
+}
 proven=()
 passed cuda_fused_attention && proven+=(SDSTREAM_CUDA_FLASH_ATTENTION=1)
 passed cuda_fused_conv && proven+=(SDSTREAM_CUDA_FUSED_CONV=1)

@@ -6,7 +6,6 @@ use candle_nn::VarBuilder;
 use crate::Result;
 use crate::kernels::conv::{Conv2d, Epilogue, Padding};
 use crate::kernels::norm::GroupNorm;
-use crate::kernels::ops::{add_fresh, add_fresh_per_batch};
 
 use super::layers::{Linear, linear};
 use super::{Activation, BlockSettings};
@@ -63,15 +62,15 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.act.after_norm(&self.norm1, x)?;
         let h = self.conv1.forward(&h)?;
+        // Each image's embedding `[B, C]` over its map.
         let t = self.time_emb_proj.forward(temb_act)?;
-        // Each image's embedding over its map: `[B, C, 1, 1]` over `[B, C, H, W]`, or
-        // `[B, 1, 1, C]` over `[B, H, W, C]`.
-        let (t, channel_dim) = if self.channels_last {
-            (t.unsqueeze(1)?.unsqueeze(1)?, 3)
-        } else {
-            (t.unsqueeze(2)?.unsqueeze(3)?, 1)
-        };
         let h = if self.scale_shift {
+            // `[B, C, 1, 1]` over `[B, C, H, W]`, or `[B, 1, 1, C]` over `[B, H, W, C]`.
+            let (t, channel_dim) = if self.channels_last {
+                (t.unsqueeze(1)?.unsqueeze(1)?, 3)
+            } else {
+                (t.unsqueeze(2)?.unsqueeze(3)?, 1)
+            };
             let ch = t.dim(channel_dim)? / 2;
             let (scale, shift) = (
                 t.narrow(channel_dim, 0, ch)?,
@@ -80,14 +79,10 @@ impl ResnetBlock2D {
             let h = self.norm2.forward(&h)?;
             let h = h.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
             self.act.apply(&h)?
-        } else if self.channels_last {
-            let t = t.contiguous()?;
-            self.act
-                .after_norm(&self.norm2, &add_fresh_per_batch(h, &t, 1)?)?
         } else {
-            let (_, _, hh, ww) = h.dims4()?;
-            self.act
-                .after_norm(&self.norm2, &add_fresh(h, &t, hh * ww)?)?
+            // Added in the GroupNorm's reads where its kernels can (channels last on a CUDA
+            // device): no pass over the map of its own.
+            self.act.after_norm_added(&self.norm2, h, &t)?
         };
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
