@@ -118,11 +118,13 @@ stage bench-f16-all-on 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTRE
   "${proven[@]}" SDSTREAM_BENCH_TAG=-all-on \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100 --sync-stages off" \
   "${run[@]}" bench-f16
-stage multi-stream-f16 90 "${run[@]}" multi-stream-f16
 # Issue 44's target (8 streams at 30 fps each) with every prepared switch on: batched UNet calls
 # of up to 8 rows spend most of their time in attention.
 stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" \
   SDSTREAM_BENCH_TAG=-all-on SDSTREAM_MULTI_ARGS="--streams 1,4,8 --frames 40" "${run[@]}" multi-stream-f16
+# The frame as it will run next (pinned transfers and the proven switches), kernel by kernel:
+# what is left between it and the target.
+stage profile-f16 120 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" "${run[@]}" profile-f16
 # sdxl-turbo's shapes, 1 step, TAESDXL, 512² and 1024² (drawing its 3.5 G weights first), with
 # pinned transfers and the proven switches (the defaults' figures are in docs/GPU.md).
 stage bench-sdxl-f16 150 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" "${run[@]}" bench-sdxl-f16
@@ -135,10 +137,11 @@ stage bench-f16-pinned 45 SDSTREAM_CUDA_PINNED=1 SDSTREAM_BENCH_TAG=-pinned \
   "${run[@]}" bench-f16
 stage reference-f16 90 SDSTREAM_REFERENCE_SYNC=off SDSTREAM_REFERENCE_ARGS="--vaes taesd" "${run[@]}" reference-f16
 stage sdpa 40 "${run[@]}" sdpa
+# The defaults' batched rows (the last H200 kit measured 1/2/4/8 streams with them), to hold the
+# all-on rows against in the same run.
+stage multi-stream-f16 60 SDSTREAM_MULTI_ARGS="--streams 1,8 --frames 30" "${run[@]}" multi-stream-f16
 stage attention 40 "${run[@]}" attention
 stage bench-bf16 45 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32" "${run[@]}" bench-bf16
-# The frame as it will run next: pinned transfers and the proven switches.
-stage profile-f16 120 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" "${run[@]}" profile-f16
 # torch.compile's max-autotune took more than 400 s on an H200 (it did not finish): it gets what is
 # left but the last two stages' minute, and reduce-overhead (CUDA graphs, no tuning) when too
 # little is.
