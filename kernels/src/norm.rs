@@ -106,7 +106,7 @@ impl GroupNorm {
                 x.shape()
             );
         }
-        if self.rows_take_add(&x, add)? {
+        if self.rows_take_add(&x, add) {
             let op = GroupNormChannelsLastOp {
                 groups: self.groups,
                 eps: self.eps,
@@ -131,7 +131,7 @@ impl GroupNorm {
     }
 
     /// Whether the `_rows` kernels normalise `x` (channels last) with `add` in their reads.
-    fn rows_take_add(&self, x: &Tensor, add: &Tensor) -> candle_core::Result<bool> {
+    fn rows_take_add(&self, x: &Tensor, add: &Tensor) -> bool {
         if !(self.channels_last
             && cuda_kernels(x.device())
             && crate::KernelPolicy::current().cuda_group_norm_rows
@@ -139,14 +139,14 @@ impl GroupNorm {
             && add.dtype() == x.dtype()
             && add.device().same_device(x.device()))
         {
-            return Ok(false);
+            return false;
         }
         let dims = x.dims();
         let channels = dims[dims.len() - 1];
         let pixels: usize = dims[1..dims.len() - 1].iter().product();
         // A contiguous input starts where its layout does (a copy would start at 0).
         let first_even = !x.is_contiguous() || x.layout().start_offset().is_multiple_of(2);
-        Ok(RowsGeometry::new(dims[0], pixels, channels, self.groups, first_even).is_some())
+        RowsGeometry::new(dims[0], pixels, channels, self.groups, first_even).is_some()
     }
 
     fn run(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
