@@ -13,13 +13,15 @@
 //!
 //! One graph per thread and signature: two streams sharing a network from two threads each
 //! replay their own (a replay on one thread's stream would otherwise race the other's inputs).
+//! The graphs of a thread that has ended are dropped when a cache is full (a server's streams
+//! come and go, each on a thread of its own: without it, the ninth would run op by op).
 //! Off where the current [`KernelPolicy`] says so (`SDSTREAM_CUDA_GRAPHS=0`), and always off
 //! without the `cuda` feature or on another device. A graph replays the kernels its capture
 //! ran, so graphs are kept per policy too: a pass under another policy captures its own.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::thread::ThreadId;
 
 use candle_core::{DType, Device, Tensor};
@@ -79,6 +81,61 @@ pub fn counts() -> CudaGraphCounts {
         replayed: REPLAYED.load(Ordering::Relaxed),
         failed: FAILED.load(Ordering::Relaxed),
     }
+}
+
+/// The threads alive now that have run a graph cache's pass: each registers on its first call
+/// and leaves when it ends (its thread-local guard drops), so that a cache can drop the graphs
+/// of threads that are gone (a server's streams come and go, each on a thread of its own).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn live_threads() -> &'static Mutex<HashSet<ThreadId>> {
+    static LIVE: OnceLock<Mutex<HashSet<ThreadId>>> = OnceLock::new();
+    LIVE.get_or_init(Default::default)
+}
+
+/// Registers its thread in [`live_threads`] while the thread lives.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct LiveThread(ThreadId);
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl LiveThread {
+    fn register() -> Self {
+        let id = std::thread::current().id();
+        live_threads()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+        LiveThread(id)
+    }
+}
+
+impl Drop for LiveThread {
+    fn drop(&mut self) {
+        live_threads()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.0);
+    }
+}
+
+thread_local! {
+    static THIS_THREAD: LiveThread = LiveThread::register();
+}
+
+/// Marks this thread alive (once) for [`drop_gone_threads`].
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn mark_alive() {
+    THIS_THREAD.with(|_| ());
+}
+
+/// Drops the entries of threads that have ended: their graphs can never replay again (a graph
+/// replays only on the thread that captured it), and they hold device memory and a place among
+/// the [`MAX_GRAPHS`]. Returns how many went.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn drop_gone_threads<V>(graphs: &mut HashMap<Signature, V>) -> usize {
+    let live = live_threads().lock().unwrap_or_else(|e| e.into_inner());
+    let before = graphs.len();
+    graphs.retain(|(thread, _, _), _| live.contains(thread));
+    before - graphs.len()
 }
 
 /// Whether forward passes on `device` are captured and replayed (under the current policy).
@@ -146,6 +203,7 @@ impl GraphCache {
         inputs: &[&Tensor],
         forward: impl Fn(&[&Tensor]) -> crate::Result<Tensor>,
     ) -> crate::Result<Tensor> {
+        mark_alive();
         let signature: Signature = (
             std::thread::current().id(),
             KernelPolicy::current(),
@@ -163,7 +221,7 @@ impl GraphCache {
             REPLAYED.fetch_add(1, Ordering::Relaxed);
             return Ok(captured.output.copy()?);
         }
-        if graphs.len() >= MAX_GRAPHS {
+        if graphs.len() >= MAX_GRAPHS && drop_gone_threads(&mut graphs) == 0 {
             return forward(inputs);
         }
         // candle uploads small kernel parameters (a strided operand's dims and strides) from
@@ -247,4 +305,37 @@ fn capture(
         output,
         graph,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread that ran a cache's pass counts as alive until it ends; its entries then go, and
+    /// a live thread's stay.
+    #[test]
+    fn entries_of_ended_threads_are_dropped() {
+        mark_alive();
+        let here = std::thread::current().id();
+        let (gone_tx, gone_rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            mark_alive();
+            let id = std::thread::current().id();
+            assert!(live_threads().lock().unwrap().contains(&id));
+            gone_tx.send(id).unwrap();
+        });
+        let gone = gone_rx.recv().unwrap();
+        worker.join().unwrap();
+        assert!(!live_threads().lock().unwrap().contains(&gone));
+        let policy = KernelPolicy::current();
+        let shape = vec![(vec![1, 4, 8, 8], DType::F32)];
+        let mut graphs: HashMap<Signature, u32> = HashMap::from([
+            ((here, policy, shape.clone()), 1),
+            ((gone, policy, shape.clone()), 2),
+        ]);
+        assert_eq!(drop_gone_threads(&mut graphs), 1);
+        assert_eq!(graphs.len(), 1);
+        assert_eq!(graphs.get(&(here, policy, shape)), Some(&1));
+        assert_eq!(drop_gone_threads(&mut graphs), 0);
+    }
 }

@@ -33,7 +33,7 @@
 //! [`StableDiffusionModels`]: crate::model::bundle::StableDiffusionModels
 //! [`EngineSettings::frame_budget_ms`]: crate::params::EngineSettings::frame_budget_ms
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::thread::ThreadId;
@@ -483,6 +483,8 @@ struct BatchState {
     /// A test's rule that a batch waits (up to 2 s) until this many calls, or one of every
     /// member, are queued.
     lockstep_for_tests: Option<usize>,
+    /// The threads that ran batches of several streams' calls, per network.
+    shared_runners: HashMap<SharedNetwork, HashSet<ThreadId>>,
     done: HashMap<u64, std::result::Result<SharedOutput, String>>,
     members: HashMap<u64, Member>,
     costs: HashMap<BatchKind, CostFit>,
@@ -648,6 +650,16 @@ impl CrossStreamBatcher {
             .get(&network)
             .copied()
             .unwrap_or_default()
+    }
+
+    /// How many threads have run batches of several streams' calls of `network` (tests: the
+    /// batches of a kind keep to the longest-standing stream's thread).
+    #[doc(hidden)]
+    pub fn shared_batch_threads_for_tests(&self, network: SharedNetwork) -> usize {
+        self.lock()
+            .shared_runners
+            .get(&network)
+            .map_or(0, HashSet::len)
     }
 
     /// Starts [`BatchCounts::widest`] again (benchmarks read it per run).
@@ -971,9 +983,16 @@ impl CrossStreamBatcher {
             let lead = Self::unblocking_call(&s, now).unwrap_or(0);
             let plan = Self::plan_batch(&s.queue, lead);
             // A batch runs on the thread of one of its calls (under that call's kernel policy,
-            // counted on that thread), so a stream alone runs on its own thread as before; the
-            // others wait to be woken.
-            if !plan.iter().any(|&i| s.queue[i].ticket == ticket) {
+            // counted on that thread), so a stream alone runs on its own thread as before: the
+            // call of the longest-standing stream (the lowest member id), so that on a GPU the
+            // batches of a kind keep to one thread, whose CUDA graphs they replay (graphs are
+            // kept per thread: any call's thread would capture a graph of each batch width in
+            // turn). The others wait to be woken.
+            let runner = plan
+                .iter()
+                .min_by_key(|&&i| (s.queue[i].member, s.queue[i].ticket))
+                .map(|&i| s.queue[i].ticket);
+            if runner != Some(ticket) {
                 s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
@@ -1111,6 +1130,12 @@ impl CrossStreamBatcher {
             .entry(network)
             .or_default()
             .add_batch(calls, total_rows);
+        if calls > 1 {
+            s.shared_runners
+                .entry(network)
+                .or_default()
+                .insert(std::thread::current().id());
+        }
         process_counts()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

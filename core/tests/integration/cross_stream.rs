@@ -119,6 +119,16 @@ fn alone_then_in_lockstep(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    // Every shared batch of a network ran on one thread: the first stream's, which stays for
+    // the whole run.
+    for network in SharedNetwork::ALL {
+        let threads = together.batcher().shared_batch_threads_for_tests(network);
+        let shared = together.batcher().counts_of(network).shared_calls;
+        assert!(
+            threads <= 1 && (shared == 0) == (threads == 0),
+            "{network:?}: {shared} shared calls ran on {threads} threads"
+        );
+    }
     for (k, (a, b)) in alone.iter().zip(&batched).enumerate() {
         assert_eq!(a.len(), scripts[k].frames.len(), "stream {k}");
         assert_eq!(a.len(), b.len(), "stream {k}");
@@ -237,6 +247,15 @@ fn batched_streams_equal_each_stream_alone() {
         "no batch held three streams: {counts:?}"
     );
     assert!(counts.batches < counts.calls, "{counts:?}");
+    // Shared batches keep to the longest-standing stream's thread: one of the three streams
+    // there from the start, and, should that be the stream that leaves, the next.
+    let runners = models
+        .batcher()
+        .shared_batch_threads_for_tests(SharedNetwork::UNet);
+    assert!(
+        (1..=2).contains(&runners),
+        "{runners} threads ran shared UNet batches"
+    );
     // Every frame encoded and decoded once, through the same batcher; the decodes of a shared
     // UNet batch wait for each other.
     let encode = models.batcher().counts_of(SharedNetwork::Encode);
