@@ -14,7 +14,8 @@
 //! One graph per thread and signature: two streams sharing a network from two threads each
 //! replay their own (a replay on one thread's stream would otherwise race the other's inputs).
 //! The graphs of a thread that has ended are dropped when a cache is full (a server's streams
-//! come and go, each on a thread of its own: without it, the ninth would run op by op).
+//! come and go, each on a thread of its own: without it, the cache would fill with the graphs
+//! of streams long gone, and later ones would run op by op).
 //! Off where the current [`KernelPolicy`] says so (`SDSTREAM_CUDA_GRAPHS=0`), and always off
 //! without the `cuda` feature or on another device. A graph replays the kernels its capture
 //! ran, so graphs are kept per policy too: a pass under another policy captures its own.
@@ -27,9 +28,11 @@ use std::thread::ThreadId;
 use candle_core::{DType, Device, Tensor};
 use sdstream_kernels::KernelPolicy;
 
-/// Graphs kept per cache at most (input signatures × threads); beyond, calls run eagerly.
+/// Graphs kept per cache at most (input signatures × threads); beyond, calls run eagerly. 16:
+/// eight streams' threads each with a graph of its calls alone, and the thread their shared
+/// batches run on with one of each width from 2 to 8 rows.
 #[cfg(feature = "cuda")]
-const MAX_GRAPHS: usize = 8;
+const MAX_GRAPHS: usize = 16;
 
 type Signature = (ThreadId, KernelPolicy, Vec<(Vec<usize>, DType)>);
 
