@@ -83,6 +83,51 @@ pub fn preprocess_on_device(device: &Device) -> bool {
     cuda_kernels(device) && KernelPolicy::current().cuda_preprocess
 }
 
+/// The work this host thread has queued on a device so far, as a point another thread's work
+/// can be made to wait for. candle gives each host thread its own CUDA stream (the driver's
+/// per-thread default stream), and nothing orders two threads' streams: a tensor one thread's
+/// kernels are still writing may be read by another thread's kernels unless they wait for this
+/// mark. On other devices there is nothing to wait for.
+pub struct QueuedWork {
+    #[cfg(feature = "cuda")]
+    event: Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>,
+}
+
+impl std::fmt::Debug for QueuedWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedWork").finish_non_exhaustive()
+    }
+}
+
+impl QueuedWork {
+    /// Marks what this thread has queued on `device` so far (a CUDA event on its stream).
+    pub fn mark(device: &Device) -> candle_core::Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = device {
+            use candle_core::cuda_backend::WrapErr;
+            let event = d.cuda_stream().record_event(None).w()?;
+            return Ok(Self { event: Some(event) });
+        }
+        let _ = device;
+        Ok(Self {
+            #[cfg(feature = "cuda")]
+            event: None,
+        })
+    }
+
+    /// Makes the work this thread queues on `device` from now on wait until the marked work
+    /// is done (without blocking the host).
+    pub fn wait_here(&self, device: &Device) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(d), Some(event)) = (device, &self.event) {
+            use candle_core::cuda_backend::WrapErr;
+            d.cuda_stream().wait(event).w()?;
+        }
+        let _ = device;
+        Ok(())
+    }
+}
+
 /// Prepares a freshly opened device for frames. On CUDA: memory a frame frees stays in the
 /// device's stream-ordered pool for the next frame (release threshold: unlimited), where the
 /// driver's default gives it back at every synchronisation, so that each frame would map its

@@ -136,8 +136,13 @@ impl PipelineFactory for StreamDiffusionFactory {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Box<dyn Pipeline>> {
         let models = self.models_for(params, progress)?;
+        let device = models.device.clone();
         progress("preparing the stream");
         let stream = StreamDiffusion::with_models(models, params.clone(), self.settings.clone())?;
+        // Built on this thread, run on the engine's worker: what the stream computed here (its
+        // prompt's embeddings, its noise) is queued on this thread's CUDA stream, which nothing
+        // orders with the worker's.
+        device.synchronize()?;
         Ok(Box::new(stream))
     }
 
@@ -165,6 +170,8 @@ impl PipelineFactory for StreamDiffusionFactory {
         let checker = load_safety_checker(&models, params, &self.settings)?;
         let adapter = load_image_prompt(&models, params, &self.settings)?;
         prefetch_style_image(params, &self.settings)?;
+        // Loaded on this thread, used by the worker's (see `build`).
+        models.device.synchronize()?;
         self.preloaded
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

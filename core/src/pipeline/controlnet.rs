@@ -312,11 +312,15 @@ pub struct ControlPreparer {
     pub(crate) previous_input: Option<Tensor>,
     /// The count of input frames the stream will have taken when the prepared frame comes.
     pub(crate) follows: u64,
+    /// The stream's work when it made this (`previous_input` among it), for the preparing
+    /// thread's CUDA stream to wait for: each thread has its own, which nothing orders.
+    pub(crate) made: crate::model::kernels::QueuedWork,
 }
 
 impl ControlPreparer {
     /// The control images of `frame` (resized to the stream's size as the stream does).
     pub fn prepare(&self, frame: &crate::frame::Frame) -> Result<PreparedControls> {
+        self.made.wait_here(&self.device)?;
         let (width, height) = self.fingerprint.size;
         let unit = frame
             .to_tensor(width, height, &self.device)?
@@ -334,6 +338,8 @@ impl ControlPreparer {
             times.add(name, start.elapsed());
             images.push((name.clone(), params.clone(), image));
         }
+        // The images go to the stream's thread: done before its CUDA stream reads them.
+        self.device.synchronize()?;
         Ok(PreparedControls {
             fingerprint: self.fingerprint.clone(),
             follows: self.follows,

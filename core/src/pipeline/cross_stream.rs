@@ -43,7 +43,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::controlnet::ControlNetModel;
-use crate::model::kernels::KernelPolicy;
+use crate::model::kernels::{KernelPolicy, QueuedWork};
 use crate::model::unet::{AddedConditioning, ControlResiduals, UNet2DConditionModel, UNetInputs};
 use crate::{Error, Result};
 
@@ -460,6 +460,10 @@ struct Pending {
     due: Instant,
     thread: ThreadId,
     call: SharedCall,
+    /// The work the calling thread had queued when it handed the call over (its inputs among
+    /// it), for the thread that runs the batch to wait for (each thread has its own CUDA
+    /// stream); `None` where the call can only run on its own thread.
+    queued: Option<QueuedWork>,
 }
 
 #[derive(Default)]
@@ -948,6 +952,13 @@ impl CrossStreamBatcher {
             m.kind = Some(kind.clone());
             m.rows = rows;
         }
+        // Another stream's thread may run this call: its inputs must be written before that
+        // thread's kernels read them.
+        let queued = if s.members.len() > 1 {
+            Some(QueuedWork::mark(&self.device)?)
+        } else {
+            None
+        };
         s.queue.push(Pending {
             ticket,
             member,
@@ -957,6 +968,7 @@ impl CrossStreamBatcher {
             due: deadline.unwrap_or(now + UNDATED_DUE),
             thread,
             call,
+            queued,
         });
         self.wake.notify_all();
         let my_kind = BatchKind::of_pending(&s.queue, ticket);
@@ -1191,6 +1203,14 @@ impl CrossStreamBatcher {
         batch: &[Pending],
         settle: bool,
     ) -> Result<Vec<SharedOutput>> {
+        // The calls handed over by other threads: their inputs come from those threads' CUDA
+        // streams, which nothing orders with this one.
+        let here = std::thread::current().id();
+        for p in batch.iter().filter(|p| p.thread != here) {
+            if let Some(queued) = &p.queued {
+                queued.wait_here(&self.device)?;
+            }
+        }
         if let [only] = batch {
             let out = only.call.run(models)?;
             if settle {
@@ -1930,6 +1950,7 @@ mod tests {
             call: SharedCall::Encode(
                 Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
             ),
+            queued: None,
         });
         s.members.insert(0, Member::default());
         // The others call every 100 ms from another thread, the last time 90 ms ago.

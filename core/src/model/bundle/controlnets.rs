@@ -204,6 +204,9 @@ impl StableDiffusionModels {
         // In the precision of the UNet it steers (bf16 GEMMs on the CPU, see compute_dtype).
         .with_bf16_gemms(self.unet.bf16_gemms());
         let bytes = checked_backend::loaded_bytes() - before;
+        // Other streams' threads share the net: its weights, uploaded and converted on this
+        // thread's CUDA stream, must be in place before their streams read them.
+        self.device.synchronize()?;
         self.controlnet_loads.fetch_add(1, Ordering::Relaxed);
         let net = Arc::new(net);
         self.lock_controlnets()

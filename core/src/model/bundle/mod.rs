@@ -385,6 +385,10 @@ impl StableDiffusionModels {
         let before = checked_backend::loaded_bytes();
         let mut models = Self::load_dir(folders, settings, settings.hub_options(), progress)?;
         models.weight_bytes = checked_backend::loaded_bytes() - before;
+        // The streams that share these networks run on threads of their own, each with its own
+        // CUDA stream (candle's per-thread default streams, which nothing orders): the weights,
+        // uploaded and converted on this thread's, must be in place before theirs read them.
+        models.device.synchronize()?;
         Ok(models)
     }
 

@@ -73,6 +73,7 @@ impl StreamDiffusion {
             device: self.models.device.clone(),
             previous_input: Some(previous),
             follows: self.inputs_taken + 1,
+            made: crate::model::kernels::QueuedWork::mark(&self.models.device)?,
         }))
     }
 
