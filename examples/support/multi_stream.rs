@@ -134,6 +134,9 @@ struct Row {
     widest: u64,
     /// ControlNet calls and the batches they ran in.
     controlnet: (u64, u64),
+    /// CUDA graphs captured, replays, and captures that failed during the row (every
+    /// network's): whether its calls ran from graphs or op by op.
+    graphs: (usize, usize, usize),
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -212,6 +215,7 @@ fn run(
     batcher.reset_widest();
     let before = batcher.counts();
     let controlnet_before = batcher.counts_of(SharedNetwork::ControlNet);
+    let graphs_before = sdstream::model::cuda_graph::counts();
     let frame: Vec<u8> = (0..args.size * args.size * 3)
         .map(|i| ((i * 37) % 251) as u8)
         .collect();
@@ -259,6 +263,7 @@ fn run(
     times.sort();
     let after = batcher.counts();
     let controlnet_after = batcher.counts_of(SharedNetwork::ControlNet);
+    let graphs_after = sdstream::model::cuda_graph::counts();
     let (calls, batches, widest) = (
         after.calls - before.calls,
         after.batches - before.batches,
@@ -274,6 +279,11 @@ fn run(
         controlnet: (
             controlnet_after.calls - controlnet_before.calls,
             controlnet_after.batches - controlnet_before.batches,
+        ),
+        graphs: (
+            graphs_after.captured - graphs_before.captured,
+            graphs_after.replayed - graphs_before.replayed,
+            graphs_after.failed - graphs_before.failed,
         ),
     })
 }
@@ -321,9 +331,9 @@ pub fn main(argv: Vec<String>) -> ExitCode {
         policy_summary(args.device.starts_with("cuda")),
     );
     println!(
-        "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest | ControlNet calls / batches |"
+        "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest | ControlNet calls / batches | graphs captured / replayed / failed |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.streams {
         for repeat in 0..args.repeats {
             // Alternate which mode goes first.
@@ -335,7 +345,7 @@ pub fn main(argv: Vec<String>) -> ExitCode {
             for batched in order {
                 match run(&args, &pool, &models, n, batched) {
                     Ok(r) => println!(
-                        "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {} |",
+                        "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {} | {} / {} / {} |",
                         if batched {
                             "batched"
                         } else {
@@ -365,6 +375,9 @@ pub fn main(argv: Vec<String>) -> ExitCode {
                         } else {
                             "-".into()
                         },
+                        r.graphs.0,
+                        r.graphs.1,
+                        r.graphs.2,
                     ),
                     Err(e) => {
                         eprintln!("multi_stream_bench: {n} streams: {e}");
