@@ -612,6 +612,9 @@ impl NetworkPool {
                     path.display()
                 ));
                 let net = Arc::new(Network::load(kind, path, dtype, device)?);
+                // Shared with other threads, each on its own CUDA stream: the weights must be
+                // in place before theirs read them.
+                device.synchronize()?;
                 progress(&format!(
                     "loaded the {} network in {:.2} s",
                     kind.name(),
