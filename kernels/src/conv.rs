@@ -1120,9 +1120,6 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The kernel agrees with candle's convolution across strides, paddings, kernel sizes,
-    /// upsampling, odd sizes, and shapes that take either tiling (threads over tiles, or a
-    /// threaded GEMM).
     /// The four phase filters over the map itself, put in place by the phase interleave,
     /// compute the nearest 2× upsampling convolved by the 3×3 filter (candle's own CPU
     /// convolutions on both sides), with and without a bias, down to one-pixel maps.
@@ -1164,6 +1161,9 @@ mod tests {
         Ok(())
     }
 
+    /// The kernel agrees with candle's convolution across strides, paddings, kernel sizes,
+    /// upsampling, odd sizes, and shapes that take either tiling (threads over tiles, or a
+    /// threaded GEMM).
     #[test]
     fn matches_candle_convolution() -> candle_core::Result<()> {
         let dev = Device::Cpu;
