@@ -282,20 +282,34 @@ impl LayerNorm {
     /// ([`layer_norm_chunks`]) and every operand starting on 16 bytes. Elsewhere candle's
     /// kernel runs, as it always did.
     fn own_cuda_kernel(&self, x: &Tensor) -> bool {
-        if !(cuda_kernels(x.device()) && crate::KernelPolicy::current().cuda_layer_norm) {
-            return false;
-        }
-        let dtype = x.dtype();
-        let dim = x.dims().last().copied().unwrap_or(0);
-        let aligned =
-            |t: &Tensor| (t.layout().start_offset() * dtype.size_in_bytes()).is_multiple_of(16);
-        dtype == self.weight.dtype()
-            && dtype == self.bias.dtype()
-            && self.weight.elem_count() == dim
-            && self.bias.elem_count() == dim
-            && x.elem_count() <= i32::MAX as usize
-            && layer_norm_chunks(dtype, dim).is_some()
-            && [x, &self.weight, &self.bias].into_iter().all(aligned)
+        cuda_kernels(x.device())
+            && crate::KernelPolicy::current().cuda_layer_norm
+            && layer_norm_kernel_takes(
+                [x.dtype(), self.weight.dtype(), self.bias.dtype()],
+                [x.layout(), self.weight.layout(), self.bias.layout()],
+            )
+            .is_some()
+    }
+}
+
+/// Whether layer_norm.cu's kernel takes the contiguous input, weight and bias of these dtypes
+/// and layouts, and with how many runs a lane ([`layer_norm_chunks`]): one dtype, weight and
+/// bias as wide as a row, fewer than 2³¹ values, every operand starting on 16 bytes. The one
+/// rule `LayerNorm::own_cuda_kernel` chooses by and the launch checks.
+fn layer_norm_kernel_takes(dtypes: [DType; 3], layouts: [&Layout; 3]) -> Option<usize> {
+    let dtype = dtypes[0];
+    let [x, weight, bias] = layouts;
+    let dim = x.dims().last().copied().unwrap_or(0);
+    let aligned = |l: &Layout| (l.start_offset() * dtype.size_in_bytes()).is_multiple_of(16);
+    let fits = dtypes.iter().all(|&d| d == dtype)
+        && weight.shape().elem_count() == dim
+        && bias.shape().elem_count() == dim
+        && x.shape().elem_count() <= i32::MAX as usize
+        && layouts.into_iter().all(aligned);
+    if fits {
+        layer_norm_chunks(dtype, dim)
+    } else {
+        None
     }
 }
 
@@ -1123,30 +1137,19 @@ mod cuda {
         let name = "sdstream-layer-norm";
         let dim = xl.shape().dims().last().copied().unwrap_or(0);
         let elements = xl.shape().elem_count();
-        let Some(chunks) = super::layer_norm_chunks(xs.dtype(), dim) else {
+        let dtypes = [xs.dtype(), ws.dtype(), bs.dtype()];
+        let Some(chunks) = super::layer_norm_kernel_takes(dtypes, [xl, wl, bl]) else {
             candle_core::bail!(
-                "{name}: no kernel for rows of {dim} {:?} values",
-                xs.dtype()
-            )
-        };
-        let aligned = |l: &Layout| (l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16);
-        if wl.shape().elem_count() != dim
-            || bl.shape().elem_count() != dim
-            || ws.dtype() != xs.dtype()
-            || bs.dtype() != xs.dtype()
-            || elements > i32::MAX as usize
-            || ![xl, wl, bl].into_iter().all(aligned)
-        {
-            candle_core::bail!(
-                "{name}: input {:?} at {}, weight {:?} at {}, bias {:?} at {}",
+                "{name}: no kernel for input {:?} {:?} at {}, weight {:?} at {}, bias {:?} at {}",
                 xl.shape(),
+                xs.dtype(),
                 xl.start_offset(),
                 wl.shape(),
                 wl.start_offset(),
                 bl.shape(),
                 bl.start_offset()
             )
-        }
+        };
         let x = view::<T>(xs, xl, "input")?;
         let weight = view::<T>(ws, wl, "weight")?;
         let bias = view::<T>(bs, bl, "bias")?;
@@ -1296,6 +1299,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// layer_norm.cu's kernel takes rows whose operands share a dtype and start on 16 bytes,
+    /// with a weight and bias as wide as the row, and nothing else.
+    #[test]
+    fn layer_norm_kernel_takes_only_what_it_can_read() {
+        let f16 = [DType::F16; 3];
+        let x = Layout::contiguous((77, 320));
+        let row = Layout::contiguous(320);
+        assert_eq!(layer_norm_kernel_takes(f16, [&x, &row, &row]), Some(2));
+        // An input starting 8 values (16 bytes) in, and 4 values (8 bytes) in.
+        let x8 = Layout::contiguous_with_offset((77, 320), 8);
+        let x4 = Layout::contiguous_with_offset((77, 320), 4);
+        assert_eq!(layer_norm_kernel_takes(f16, [&x8, &row, &row]), Some(2));
+        assert_eq!(layer_norm_kernel_takes(f16, [&x4, &row, &row]), None);
+        // A weight of another dtype, a bias of another width, a row it does not hold.
+        let mixed = [DType::F16, DType::F32, DType::F16];
+        assert_eq!(layer_norm_kernel_takes(mixed, [&x, &row, &row]), None);
+        let narrow = Layout::contiguous(312);
+        assert_eq!(layer_norm_kernel_takes(f16, [&x, &row, &narrow]), None);
+        let wide = Layout::contiguous((3, 4096));
+        let wide_row = Layout::contiguous(4096);
+        assert_eq!(
+            layer_norm_kernel_takes(f16, [&wide, &wide_row, &wide_row]),
+            None
+        );
     }
 
     /// The `_rows` kernels' cut of the UNet's, the VAE's and the tiny checkpoints' GroupNorms:
