@@ -141,12 +141,13 @@ impl GroupNorm {
         {
             return false;
         }
-        let dims = x.dims();
-        let channels = dims[dims.len() - 1];
-        let pixels: usize = dims[1..dims.len() - 1].iter().product();
-        // A contiguous input starts where its layout does (a copy would start at 0).
-        let first_even = !x.is_contiguous() || x.layout().start_offset().is_multiple_of(2);
-        RowsGeometry::new(dims[0], pixels, channels, self.groups, first_even).is_some()
+        // The layout the kernels will read: x's own, or a fresh copy's.
+        let layout = if x.is_contiguous() {
+            x.layout().clone()
+        } else {
+            Layout::contiguous(x.shape())
+        };
+        RowsGeometry::of_layout(&layout, self.groups).is_some()
     }
 
     fn run(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
@@ -763,6 +764,16 @@ impl RowsGeometry {
     /// Pixels each thread reads at least, so that a block's merge is worth its reads.
     const MIN_PIXELS_PER_THREAD: usize = 4;
 
+    /// The geometry of a contiguous channels-last input `[images, …, channels]` laid out as
+    /// `layout` (paired loads need its first value at an even offset), or `None` as [`Self::new`].
+    fn of_layout(layout: &Layout, groups: usize) -> Option<Self> {
+        let dims = layout.dims();
+        let (&images, &channels) = (dims.first()?, dims.last()?);
+        let pixels: usize = dims.get(1..dims.len() - 1)?.iter().product();
+        let first_even = layout.start_offset().is_multiple_of(2);
+        Self::new(images, pixels, channels, groups, first_even)
+    }
+
     /// The geometry, or `None` where the kernels do not apply: more lanes than a block has
     /// threads, or values past 32-bit indices.
     fn new(
@@ -912,20 +923,18 @@ mod cuda {
                 xl.shape().clone(),
             ));
         }
-        if op.channels_last && crate::KernelPolicy::current().cuda_group_norm_rows {
-            let first_even = xl.contiguous_offsets().is_some_and(|(a, _)| a % 2 == 0);
-            if let Some(geometry) =
-                super::RowsGeometry::new(batch, spatial, channels, op.groups, first_even)
-            {
-                if add.as_ref().is_some_and(|a| a.len() != batch * channels) {
-                    candle_core::bail!(
-                        "sdstream-group-norm: a per-image add of {} values for {batch} × {channels}",
-                        add.as_ref().map_or(0, |a| a.len())
-                    )
-                }
-                let operands = (&x, add.as_ref(), &weight, &bias, dst);
-                return run_rows(op, dev, operands, xl, batch, geometry, suffix);
+        if op.channels_last
+            && crate::KernelPolicy::current().cuda_group_norm_rows
+            && let Some(geometry) = super::RowsGeometry::of_layout(xl, op.groups)
+        {
+            if add.as_ref().is_some_and(|a| a.len() != batch * channels) {
+                candle_core::bail!(
+                    "sdstream-group-norm: a per-image add of {} values for {batch} × {channels}",
+                    add.as_ref().map_or(0, |a| a.len())
+                )
             }
+            let operands = (&x, add.as_ref(), &weight, &bias, dst);
+            return run_rows(op, dev, operands, xl, batch, geometry, suffix);
         }
         if add.is_some() {
             candle_core::bail!(
@@ -1360,6 +1369,18 @@ mod tests {
         }
         // 1,280 channels a group of 1 (odd): 1,280 lanes of one channel, more than a block has.
         assert_eq!(RowsGeometry::new(1, 64, 1280, 1280, true), None);
+        // From a channels-last layout: its dims, and paired loads only from an even offset.
+        let at = |offset| {
+            RowsGeometry::of_layout(
+                &Layout::contiguous_with_offset((2, 64, 64, 320), offset),
+                32,
+            )
+        };
+        assert_eq!(at(0), RowsGeometry::new(2, 64 * 64, 320, 32, true));
+        assert_eq!(at(0).map(|g| g.width), Some(2));
+        assert_eq!(at(3), RowsGeometry::new(2, 64 * 64, 320, 32, false));
+        assert_eq!(at(3).map(|g| g.width), Some(1));
+        assert_eq!(RowsGeometry::of_layout(&Layout::contiguous(320), 32), None);
         assert_eq!(RowsGeometry::new(1, 64, 2560, 32, true), None);
         // 2³¹ values and more: the kernels index in 32 bits.
         assert_eq!(RowsGeometry::new(2, 1 << 24, 64, 32, true), None);
