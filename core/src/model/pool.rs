@@ -269,10 +269,7 @@ impl ModelPool {
         let _policy = slot.key.kernels.enter();
         let models = match self.lora_sibling(&slot.key) {
             Some(sibling) => {
-                let models = sibling.with_loras(&folders, progress)?;
-                // As a load: the rebuilt weights are in place before other threads read them.
-                models.device.synchronize()?;
-                let models = Arc::new(models);
+                let models = Arc::new(sibling.with_loras(&folders, progress)?);
                 self.lora_rebuilds.fetch_add(1, Ordering::Relaxed);
                 models
             }

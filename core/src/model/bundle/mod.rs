@@ -445,6 +445,8 @@ impl StableDiffusionModels {
             }
         };
         let controlnets = self.lock_controlnets().shared_copy();
+        // As a load: the rebuilt weights are in place before other threads read them.
+        self.device.synchronize()?;
         Ok(Self {
             dir: self.dir.clone(),
             loras: folders.loras.clone(),
