@@ -57,6 +57,20 @@ fn cuda_or_skip(test: &str) -> bool {
     false
 }
 
+/// A norm layer's `weight` and `bias` (given in f32) as stored in `dtype`, on `device`.
+fn affine_vars(
+    weight: &Tensor,
+    bias: &Tensor,
+    dtype: DType,
+    device: &Device,
+) -> candle_nn::VarBuilder<'static> {
+    let tensors = std::collections::HashMap::from([
+        ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
+        ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
+    ]);
+    candle_nn::VarBuilder::from_tensors(tensors, dtype, device)
+}
+
 fn all_cases() -> Vec<&'static str> {
     CASES.iter().chain(CONTROLNET_CASES).copied().collect()
 }
@@ -262,11 +276,7 @@ fn cuda_group_norm_kernel_matches_the_portable_twin() {
             (DType::F16, 8e-3),
             (DType::BF16, 6.25e-2),
         ] {
-            let tensors = std::collections::HashMap::from([
-                ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
-                ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
-            ]);
-            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, &device);
+            let vb = affine_vars(&weight, &bias, dtype, &device);
             let norm = GroupNorm::new(groups, c, 1e-5, vb).unwrap();
             let x = x.to_dtype(dtype).unwrap().to_device(&device).unwrap();
             for silu in [false, true] {
@@ -360,11 +370,7 @@ fn cuda_group_norm_with_an_added_embedding_matches_the_separate_add() {
         let weight = Tensor::randn(1f32, 0.2, c, &Device::Cpu).unwrap();
         let bias = Tensor::randn(0f32, 0.2, c, &Device::Cpu).unwrap();
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let tensors = std::collections::HashMap::from([
-                ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
-                ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
-            ]);
-            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, &device);
+            let vb = affine_vars(&weight, &bias, dtype, &device);
             let norm = GroupNorm::new(groups, c, 1e-5, vb)
                 .unwrap()
                 .into_channels_last();
@@ -450,38 +456,20 @@ fn cuda_layer_norm_kernel_matches_the_cpu_kernel() {
             (DType::F16, 8e-3),
             (DType::BF16, 6.25e-2),
         ] {
-            let norm_in = |device: &Device, dtype: DType| {
-                let tensors = std::collections::HashMap::from([
-                    ("weight".to_string(), weight.to_dtype(dtype).unwrap()),
-                    ("bias".to_string(), bias.to_dtype(dtype).unwrap()),
-                ]);
-                let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
-                LayerNorm::new(dim, 1e-5, vb).unwrap()
-            };
             let stored = x.to_dtype(dtype).unwrap();
             // The CPU kernel in f32 on the values as stored, with the weights as stored.
-            let twin = {
-                let tensors = std::collections::HashMap::from([
-                    (
-                        "weight".to_string(),
-                        weight
-                            .to_dtype(dtype)
-                            .unwrap()
-                            .to_dtype(DType::F32)
-                            .unwrap(),
-                    ),
-                    (
-                        "bias".to_string(),
-                        bias.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap(),
-                    ),
-                ]);
-                let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-                LayerNorm::new(dim, 1e-5, vb)
-                    .unwrap()
-                    .forward(&stored.to_dtype(DType::F32).unwrap())
-                    .unwrap()
-            };
-            let norm = norm_in(&device, dtype);
+            let stored_weight = weight.to_dtype(dtype).unwrap();
+            let stored_bias = bias.to_dtype(dtype).unwrap();
+            let twin = LayerNorm::new(
+                dim,
+                1e-5,
+                affine_vars(&stored_weight, &stored_bias, DType::F32, &Device::Cpu),
+            )
+            .unwrap()
+            .forward(&stored.to_dtype(DType::F32).unwrap())
+            .unwrap();
+            let norm =
+                LayerNorm::new(dim, 1e-5, affine_vars(&weight, &bias, dtype, &device)).unwrap();
             let on_device = stored.to_device(&device).unwrap();
             for own in [true, false] {
                 let out = KernelPolicy {
