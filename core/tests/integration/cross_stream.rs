@@ -247,13 +247,16 @@ fn batched_streams_equal_each_stream_alone() {
         "no batch held three streams: {counts:?}"
     );
     assert!(counts.batches < counts.calls, "{counts:?}");
-    // Shared batches keep to the longest-standing stream's thread: one of the three streams
-    // there from the start, and, should that be the stream that leaves, the next.
+    // A shared batch runs on the thread of its longest-standing stream. These streams do not
+    // move in lockstep, so a batch may hold any two or more of them, and each of the three there
+    // from the start may be the longest-standing in some batch; the stream that joined last,
+    // whichever it is, never is, so its thread runs none. (The lockstep tests, where every batch holds every
+    // stream, assert a single thread.)
     let runners = models
         .batcher()
         .shared_batch_threads_for_tests(SharedNetwork::UNet);
     assert!(
-        (1..=2).contains(&runners),
+        (1..=3).contains(&runners),
         "{runners} threads ran shared UNet batches"
     );
     // Every frame encoded and decoded once, through the same batcher; the decodes of a shared
