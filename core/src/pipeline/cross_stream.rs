@@ -656,8 +656,8 @@ impl CrossStreamBatcher {
             .unwrap_or_default()
     }
 
-    /// How many threads have run batches of several streams' calls of `network` (tests: the
-    /// batches of a kind keep to the longest-standing stream's thread).
+    /// How many threads have run batches of several streams' calls of `network` (tests: a
+    /// batch runs on its longest-standing stream's thread).
     #[doc(hidden)]
     pub fn shared_batch_threads_for_tests(&self, network: SharedNetwork) -> usize {
         self.lock()
@@ -997,9 +997,9 @@ impl CrossStreamBatcher {
             // A batch runs on the thread of one of its calls (under that call's kernel policy,
             // counted on that thread), so a stream alone runs on its own thread as before: the
             // call of the longest-standing stream (the lowest member id), so that on a GPU the
-            // batches of a kind keep to one thread, whose CUDA graphs they replay (graphs are
-            // kept per thread: any call's thread would capture a graph of each batch width in
-            // turn). The others wait to be woken.
+            // batches holding that stream keep to its thread, whose CUDA graphs they replay
+            // (graphs are kept per thread: any call's thread would capture a graph of each batch
+            // width in turn). The others wait to be woken.
             let runner = plan
                 .iter()
                 .min_by_key(|&&i| (s.queue[i].member, s.queue[i].ticket))
