@@ -32,6 +32,10 @@
 #     reference-compiled
 #               the same with torch.compile (mode $SDSTREAM_COMPILE_MODE, default max-autotune) on
 #               the UNet and TAESD, f16, 1 step, TAESD, the host waiting once a frame
+#     reference-graphs
+#               diffusers' UNet and TAESD's encoder and decoder alone on the same weights, eager and
+#               replayed from a torch CUDA graph, channels first and last, batches 1 and 8, f16
+#               (scripts/gpu-kit/graph_reference.py): the torch CUDA-graph UNet issue 46 aims at
 #     sdpa      torch's fused attention (flash, cuDNN, memory-efficient, math) on the UNet's
 #               attention shapes at 512², f16 (scripts/gpu-kit/sdpa_reference.py)
 #     attention sdstream's fused attention and the unfused path on the same shapes, f16
@@ -282,6 +286,14 @@ stage_reference_compiled() {
     | tee "$work/reference-compiled.log" | grep -v "^    warm-up" | tail -n 30
 }
 
+stage_reference_graphs() {
+  reference_ready
+  PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+    "$python" scripts/gpu-kit/graph_reference.py --sd "$work/fullsize/sd" --taesd "$work/fullsize/taesd" \
+    --device cuda --dtype f16 --size 512 --batches "${SDSTREAM_GRAPH_BATCHES:-1,8}" \
+    --out "$out/reference-graphs-f16.md" 2>&1
+}
+
 unpack
 for stage in "$@"; do
   case "$stage" in
@@ -304,6 +316,7 @@ for stage in "$@"; do
     reference-f16) stage_reference f16 ;;
     reference-f32) stage_reference f32 ;;
     reference-compiled) stage_reference_compiled ;;
+    reference-graphs) stage_reference_graphs ;;
     sdpa) "$python" scripts/gpu-kit/sdpa_reference.py --dtype f16 --out "$out/sdpa-f16.md" ;;
     attention) "$work/attention-bench" --device cuda --dtype f16 --reps 50 | tee "$out/attention-f16.md" ;;
     all) stage_info; stage_tests; stage_weights; stage_bench f16; stage_bench bf16 ;;

@@ -78,6 +78,9 @@ stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" 
 # row and the tests below have run): against bench-f16's rows, which run the WMMA kernel.
 stage bench-f16-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_BENCH_TAG=-flash \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
+# Each fused attention kernel alone on the UNet's shapes (WMMA, register-level, unfused): five
+# seconds that say whether the register kernel closed the gap to cuDNN's 0.077 ms.
+stage attention 40 "${run[@]}" attention
 # Convolutions with their bias, residual and ReLU in cuDNN's call (SDSTREAM_CUDA_FUSED_CONV, off
 # by default until this row and cuda_fused_conv have run): against bench-f16's rows.
 stage bench-f16-fused-conv 45 SDSTREAM_CUDA_FUSED_CONV=1 SDSTREAM_BENCH_TAG=-fused-conv \
@@ -118,10 +121,19 @@ stage bench-f16-all-on 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTRE
   "${proven[@]}" SDSTREAM_BENCH_TAG=-all-on \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100 --sync-stages off" \
   "${run[@]}" bench-f16
+# The same switches with each stage waiting for the device: the UNet's own time with every
+# proven switch, to hold against torch's CUDA-graph UNet (reference-graphs, below).
+stage bench-f16-all-on-sync 40 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_PREPROCESS=1 \
+  "${proven[@]}" SDSTREAM_BENCH_TAG=-all-on-sync \
+  SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 60 --sync-stages on" \
+  "${run[@]}" bench-f16
 # Issue 44's target (8 streams at 30 fps each) with every prepared switch on: batched UNet calls
 # of up to 8 rows spend most of their time in attention.
 stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" \
   SDSTREAM_BENCH_TAG=-all-on SDSTREAM_MULTI_ARGS="--streams 1,4,8 --frames 40" "${run[@]}" multi-stream-f16
+# diffusers' UNet and TAESD alone replayed from torch CUDA graphs, batches 1 and 8: the UNet
+# time issue 46 aims at, and what a batched round of eight streams costs torch.
+stage reference-graphs 60 "${run[@]}" reference-graphs
 # The frame as it will run next (pinned transfers and the proven switches), kernel by kernel:
 # what is left between it and the target.
 stage profile-f16 120 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" "${run[@]}" profile-f16
@@ -140,7 +152,6 @@ stage sdpa 40 "${run[@]}" sdpa
 # The defaults' batched rows (the last H200 kit measured 1/2/4/8 streams with them), to hold the
 # all-on rows against in the same run.
 stage multi-stream-f16 60 SDSTREAM_MULTI_ARGS="--streams 1,8 --frames 30" "${run[@]}" multi-stream-f16
-stage attention 40 "${run[@]}" attention
 stage bench-bf16 45 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32" "${run[@]}" bench-bf16
 # torch.compile's max-autotune took more than 400 s on an H200 (it did not finish): it gets what is
 # left but the last two stages' minute, and reduce-overhead (CUDA graphs, no tuning) when too
@@ -159,7 +170,7 @@ stage processors 30 "${run[@]}" processors
 stage multi-stream-controlnet-f16 30 SDSTREAM_MULTI_ARGS="--streams 1,4 --frames 30" \
   "${run[@]}" multi-stream-controlnet-f16
 
-for table in "$OUT"/bench-*.md "$OUT"/sdpa-*.md "$OUT"/attention-*.md "$OUT"/profile-*.txt; do
+for table in "$OUT"/bench-*.md "$OUT"/reference-graphs-*.md "$OUT"/sdpa-*.md "$OUT"/attention-*.md "$OUT"/profile-*.txt; do
   [[ -f "$table" ]] || continue
   printf '\n### %s\n\n' "$(basename "$table")"
   cat "$table"
