@@ -1,7 +1,9 @@
 //! Attention alone, on the shapes sd-turbo's UNet meets at 512² (and SD 1.5's 64²
 //! self-attention): sdstream's kernel (attention.cu on a CUDA device in f16 or bf16, the CPU
 //! kernel in f32 on the CPU; on a CUDA device also the register-level kernel that the kernel
-//! policy's `cuda_flash_attention` picks) beside the unfused path it replaced (candle's products
+//! policy's `cuda_flash_attention` picks, and, built with `cudnn`, cuDNN's fused attention that
+//! `cuda_cudnn_attention` picks, "refused" where cuDNN does not take the shape) beside the
+//! unfused path it replaced (candle's products
 //! and softmax, the heads merged after), in milliseconds per call: the mean of `--reps` calls after warm-up
 //! calls, the device synchronised before and after them. `scripts/gpu-kit/sdpa_reference.py`
 //! gives torch's kernels (flash, cuDNN, memory-efficient, math) on the same shapes.
@@ -94,8 +96,10 @@ fn run() -> Result<(), String> {
         "attention on {} in {}, ms per call (mean of {} calls after 3 warm-up calls)",
         args.device, args.dtype, args.reps
     );
-    println!("| shape | B×H | N | M | d | sdstream ms | sdstream registers ms | unfused ms |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| shape | B×H | N | M | d | sdstream ms | sdstream registers ms | cuDNN ms | unfused ms |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let policy = KernelPolicy::current();
     let wmma = KernelPolicy {
         cuda_flash_attention: false,
@@ -133,6 +137,26 @@ fn run() -> Result<(), String> {
         } else {
             "–".to_string()
         };
+        // cuDNN's fused attention, where this build has it and cuDNN takes the shape (its
+        // call count moves); attention.cu's kernel runs in its place where it does not.
+        #[cfg(feature = "cudnn")]
+        let cudnn = if attention::fused_on_cuda(&q, d) {
+            use sdstream::model::kernels::cudnn_attention;
+            let before = cudnn_attention::calls();
+            let ms = time_ours(KernelPolicy {
+                cuda_cudnn_attention: true,
+                ..policy
+            })?;
+            if cudnn_attention::calls() > before {
+                ms
+            } else {
+                "refused".to_string()
+            }
+        } else {
+            "–".to_string()
+        };
+        #[cfg(not(feature = "cudnn"))]
+        let cudnn = "–";
         let unfused = time_ms(&device, args.reps, || {
             let scores = (q.matmul(&k.t()?)? * scale)?;
             candle_nn::ops::softmax_last_dim(&scores)?
@@ -143,7 +167,7 @@ fn run() -> Result<(), String> {
         })
         .map_err(e)?;
         println!(
-            "| {label} | {batch}×{heads} | {n} | {m} | {d} | {ours} | {ours_registers} | {unfused:.4} |"
+            "| {label} | {batch}×{heads} | {n} | {m} | {d} | {ours} | {ours_registers} | {cudnn} | {unfused:.4} |"
         );
     }
     Ok(())

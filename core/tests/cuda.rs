@@ -1091,10 +1091,60 @@ fn cuda_fused_linear_matches_the_separate_ops() {
 )]
 fn cuda_fused_attention_matches_the_f32_formula() {
     use sdstream::model::kernels::KernelPolicy;
-    use sdstream::model::kernels::attention::{self, TokenMajor};
     if !cuda_or_skip("cuda_fused_attention_matches_the_f32_formula") {
         return;
     }
+    // Both kernels (the kernel policy's `cuda_flash_attention`), each on both arrangements.
+    let kernels = [false, true].map(|registers| KernelPolicy {
+        cuda_flash_attention: registers,
+        ..KernelPolicy::process()
+    });
+    let cases = attention_against_f32(&[("WMMA", kernels[0]), ("registers", kernels[1])], &|| 0);
+    // Every shape, in both dtypes, under both kernels, in order.
+    assert_eq!(cases.len(), ATTENTION_SHAPES.len() * 2 * 2);
+    for (i, case) in cases.iter().enumerate() {
+        assert_eq!(case.shape, ATTENTION_SHAPES[i / 4], "case {i}");
+        assert_eq!(case.dtype, [DType::F16, DType::BF16][i / 2 % 2], "case {i}");
+        assert_eq!(case.kernel, ["WMMA", "registers"][i % 2], "case {i}");
+        assert_eq!(case.observed, 0, "case {i}: nothing is observed");
+    }
+}
+
+/// (batch, heads, queries, keys, head dim, spread of q and k): the shapes of
+/// [`attention_against_f32`].
+const ATTENTION_SHAPES: [(usize, usize, usize, usize, usize, f32); 11] = [
+    (1, 5, 4096, 4096, 64, 1.0),
+    (2, 5, 4096, 77, 64, 1.0),
+    (1, 8, 1024, 1024, 40, 1.0),
+    (2, 8, 256, 77, 80, 1.0),
+    (1, 8, 64, 77, 160, 1.0),
+    (3, 2, 37, 29, 64, 1.0),
+    (1, 10, 1024, 2048, 64, 1.0),
+    (1, 5, 300, 4, 64, 1.0),
+    (2, 4, 200, 130, 16, 1.0),
+    (1, 2, 100, 300, 8, 1.0),
+    (1, 5, 256, 256, 64, 4.0),
+];
+
+/// One checked case of [`attention_against_f32`]: its shape (as [`ATTENTION_SHAPES`] has it),
+/// dtype and kernel, and how far `observe`'s count moved while the kernel ran both
+/// arrangements.
+struct AttentionCase {
+    shape: (usize, usize, usize, usize, usize, f32),
+    dtype: DType,
+    kernel: &'static str,
+    observed: u64,
+}
+
+/// Runs attention on the device under each of `kernels` (a name and the kernel policy that
+/// picks it), in both arrangements, on every shape of [`ATTENTION_SHAPES`] in f16 and bf16, and
+/// asserts each output against the f32 formula (and against the unfused path's error on the
+/// same values); returns the cases checked.
+fn attention_against_f32(
+    kernels: &[(&'static str, sdstream::model::kernels::KernelPolicy)],
+    observe: &dyn Fn() -> u64,
+) -> Vec<AttentionCase> {
+    use sdstream::model::kernels::attention::{self, TokenMajor};
     let cuda = Device::new_cuda(0).unwrap();
     let cpu = Device::Cpu;
     let heads_major = |t: &Tensor, parts: usize, part: usize, heads: usize, d: usize| {
@@ -1111,22 +1161,9 @@ fn cuda_fused_attention_matches_the_f32_formula() {
             .unwrap()
     };
     let to_f32_cpu = common::f32_on_cpu;
-    // (batch, heads, queries, keys, head dim, spread of q and k)
-    let shapes = [
-        (1, 5, 4096, 4096, 64, 1.0f32),
-        (2, 5, 4096, 77, 64, 1.0),
-        (1, 8, 1024, 1024, 40, 1.0),
-        (2, 8, 256, 77, 80, 1.0),
-        (1, 8, 64, 77, 160, 1.0),
-        (3, 2, 37, 29, 64, 1.0),
-        (1, 10, 1024, 2048, 64, 1.0),
-        (1, 5, 300, 4, 64, 1.0),
-        (2, 4, 200, 130, 16, 1.0),
-        (1, 2, 100, 300, 8, 1.0),
-        (1, 5, 256, 256, 64, 4.0),
-    ];
-    let mut checked = 0;
-    for (batch, heads, n, m, d, spread) in shapes {
+    let mut checked = Vec::new();
+    for shape in ATTENTION_SHAPES {
+        let (batch, heads, n, m, d, spread) = shape;
         let hd = heads * d;
         let scale = (d as f64).powf(-0.5);
         let draw = |shape: (usize, usize, usize), s: f32| {
@@ -1177,13 +1214,10 @@ fn cuda_fused_attention_matches_the_f32_formula() {
                 heads_major(&kv_dev, kv_parts, k_part, heads, d),
                 heads_major(&kv_dev, kv_parts, v_part, heads, d),
             );
-            // Both kernels (the kernel policy's `cuda_flash_attention`), each on both arrangements.
             let mut outputs = Vec::new();
-            for (kernel, registers) in [("WMMA", false), ("registers", true)] {
-                let policy = KernelPolicy {
-                    cuda_flash_attention: registers,
-                    ..KernelPolicy::process()
-                };
+            let mut observed = Vec::new();
+            for &(kernel, policy) in kernels {
+                let before = observe();
                 let (token_major, heads_major_out) = policy.scoped(|| {
                     // Token-major, read in place.
                     let token_major = attention::attention_token_major(
@@ -1199,6 +1233,7 @@ fn cuda_fused_attention_matches_the_f32_formula() {
                         attention::attention(&q_h, &k_h, &v_h, heads, scale).unwrap();
                     (token_major, heads_major_out)
                 });
+                observed.push((kernel, observe() - before));
                 outputs.push((kernel, "token-major", token_major));
                 outputs.push((kernel, "heads-major", heads_major_out));
             }
@@ -1236,11 +1271,59 @@ fn cuda_fused_attention_matches_the_f32_formula() {
                     mean <= u_mean * 1.05 + 1e-6,
                     "{kernel} {dtype:?} {arrangement}: the fused kernel's mean error {mean} exceeds the unfused path's {u_mean}"
                 );
-                checked += 1;
+            }
+            for (kernel, observed) in observed {
+                checked.push(AttentionCase {
+                    shape,
+                    dtype,
+                    kernel,
+                    observed,
+                });
             }
         }
     }
-    assert_eq!(checked, shapes.len() * 2 * 2 * 2);
+    checked
+}
+
+/// cuDNN's fused attention (kernels/src/cudnn_attention.rs, kernel policy
+/// `cuda_cudnn_attention`) against the f32 formula on the same shapes and bounds as the
+/// kernels of attention.cu ([`attention_against_f32`]). It must have run, not fallen back to
+/// attention.cu, in both arrangements of every shape whose heads a real checkpoint has (40 to
+/// 160 values); the tiny checkpoints' heads of 8 and 16 may fall back (said below).
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_cudnn_attention_matches_the_f32_formula() {
+    use sdstream::model::kernels::{KernelPolicy, cudnn_attention};
+    if !cuda_or_skip("cuda_cudnn_attention_matches_the_f32_formula") {
+        return;
+    }
+    let policy = KernelPolicy {
+        cuda_cudnn_attention: true,
+        ..KernelPolicy::process()
+    };
+    let cases = attention_against_f32(&[("cuDNN", policy)], &cudnn_attention::calls);
+    assert_eq!(cases.len(), ATTENTION_SHAPES.len() * 2);
+    let mut fell_back = Vec::new();
+    for case in &cases {
+        let (batch, heads, n, m, d, _) = case.shape;
+        println!(
+            "cuDNN attention [{batch}×{heads}, {n} × {m} keys, d {d}] {:?}: {} of 2 calls through cuDNN",
+            case.dtype, case.observed
+        );
+        assert!(
+            case.observed <= 2,
+            "{} counted {} calls",
+            case.kernel,
+            case.observed
+        );
+        if case.observed < 2 {
+            fell_back.push((case.shape, case.dtype));
+        }
+    }
+    assert!(
+        fell_back.iter().all(|((.., d, _), _)| *d < 40),
+        "cuDNN refused shapes of a real checkpoint's heads (its warnings above say why): {fell_back:?}"
+    );
 }
 
 /// GEGLU in one pass on the device (ops.cu) against its formula in f32 on the CPU, with and

@@ -416,10 +416,16 @@ pub fn main(argv: Vec<String>) -> ExitCode {
 pub fn policy_summary(cuda: bool) -> String {
     let p = sdstream::model::kernels::KernelPolicy::process();
     let on_off = |on: bool| if on { "on" } else { "off" };
-    let attention = match (p.cuda_attention, p.cuda_flash_attention) {
-        (false, _) => "off",
-        (true, false) => "on (WMMA)",
-        (true, true) => "on (registers)",
+    let attention = match (
+        p.cuda_attention,
+        p.cuda_cudnn_attention,
+        p.cuda_flash_attention,
+    ) {
+        (false, ..) => "off",
+        (true, true, false) => "on (cuDNN, else WMMA)",
+        (true, true, true) => "on (cuDNN, else registers)",
+        (true, false, false) => "on (WMMA)",
+        (true, false, true) => "on (registers)",
     };
     format!(
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \

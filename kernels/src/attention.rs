@@ -123,7 +123,7 @@ enum Arrangement {
 /// Where an operand's rows lie in its buffer: row `r` of image `i`, head `h` starts at
 /// `i·image_stride + h·head_stride + r·row_stride + offset`, and is `d` values long.
 #[derive(Clone, Copy, Debug)]
-struct Rows {
+pub(crate) struct Rows {
     image_stride: usize,
     head_stride: usize,
     row_stride: usize,
@@ -131,7 +131,7 @@ struct Rows {
 }
 
 impl Rows {
-    fn heads_major(heads: usize, tokens: usize, d: usize) -> Self {
+    pub(crate) fn heads_major(heads: usize, tokens: usize, d: usize) -> Self {
         Self {
             image_stride: heads * tokens * d,
             head_stride: tokens * d,
@@ -140,7 +140,7 @@ impl Rows {
         }
     }
 
-    fn token_major(tokens: usize, width: usize, d: usize, offset: usize) -> Self {
+    pub(crate) fn token_major(tokens: usize, width: usize, d: usize, offset: usize) -> Self {
         Self {
             image_stride: tokens * width,
             head_stride: d,
@@ -166,12 +166,68 @@ impl Rows {
 
 /// The operands' sizes: images, heads, queries, keys, values per head.
 #[derive(Clone, Copy)]
-struct Dims {
-    batch: usize,
-    heads: usize,
-    n: usize,
-    m: usize,
-    d: usize,
+pub(crate) struct Dims {
+    pub(crate) batch: usize,
+    pub(crate) heads: usize,
+    pub(crate) n: usize,
+    pub(crate) m: usize,
+    pub(crate) d: usize,
+}
+
+/// One tensor of cuDNN's attention graph (cudnn_attention.rs): dims and strides in cuDNN's
+/// order (image, head, then the matrix's rows and columns), in values, and where its first
+/// value lies in its operand (values from the layout's start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct GraphOperand {
+    pub(crate) dims: [i64; 4],
+    pub(crate) strides: [i64; 4],
+    pub(crate) offset: usize,
+}
+
+/// cuDNN's four tensors for attention of `dims` over operands whose rows lie as `rows` (q, k,
+/// v): q as `[B, H, N, d]`; k as kᵀ `[B, H, d, M]`, the same values with the last two strides
+/// swapped (cuDNN's graph multiplies q by kᵀ as it is described); v `[B, H, M, d]`; and the
+/// output `[B, H, N, d]` with the strides of `[B, N, H·d]`, the layout the output projection
+/// reads.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+pub(crate) fn cudnn_operands(dims: Dims, rows: [Rows; 3]) -> [GraphOperand; 4] {
+    let Dims {
+        batch,
+        heads,
+        n,
+        m,
+        d,
+    } = dims;
+    let i = |v: usize| v as i64;
+    let matrix = |r: &Rows, tokens: usize, transposed: bool| {
+        let (dims, strides) = if transposed {
+            (
+                [batch, heads, d, tokens],
+                [r.image_stride, r.head_stride, 1, r.row_stride],
+            )
+        } else {
+            (
+                [batch, heads, tokens, d],
+                [r.image_stride, r.head_stride, r.row_stride, 1],
+            )
+        };
+        GraphOperand {
+            dims: dims.map(i),
+            strides: strides.map(i),
+            offset: r.offset,
+        }
+    };
+    let out = GraphOperand {
+        dims: [batch, heads, n, d].map(i),
+        strides: [n * heads * d, d, heads * d, 1].map(i),
+        offset: 0,
+    };
+    [
+        matrix(&rows[0], n, false),
+        matrix(&rows[1], m, true),
+        matrix(&rows[2], m, false),
+        out,
+    ]
 }
 
 struct AttentionOp {
@@ -546,6 +602,17 @@ mod cuda {
         rows: [Rows; 3],
         operands: [(&CudaStorage, &Layout); 3],
     ) -> candle_core::Result<(CudaStorage, Shape)> {
+        // cuDNN's fused attention first where the kernel policy asks for it; attention.cu's
+        // kernel where cuDNN refuses the geometry (said once per thread and geometry).
+        #[cfg(feature = "cudnn")]
+        if crate::KernelPolicy::current().cuda_cudnn_attention {
+            let graph = super::cudnn_operands(dims, rows);
+            let shape = Shape::from((dims.batch, dims.n, dims.heads * dims.d));
+            match crate::cudnn_attention::forward(scale, graph, shape, operands) {
+                Ok(out) => return Ok(out),
+                Err(e) => crate::cudnn_attention::note_refusal(&graph, &e),
+            }
+        }
         let dp = super::padded_head_dim(dims.d).ok_or_else(|| {
             candle_core::Error::Msg(format!(
                 "sdstream-attention: no CUDA kernel for head dimension {}",
@@ -669,6 +736,67 @@ mod cuda {
 mod tests {
     use super::*;
     use candle_core::{D, Device};
+
+    /// cuDNN's graph tensors address the values the kernels read: for every (image, head, row,
+    /// column) of q, k and v, the tensor's offset plus its strides give `Rows::at` plus the
+    /// column (kᵀ with row and column swapped), and the output's give `[B, N, H·d]`'s index.
+    #[test]
+    fn cudnn_operands_address_the_kernels_values() {
+        let (batch, heads, n, m, d) = (2, 3, 5, 7, 8);
+        let width = heads * d;
+        let dims = Dims {
+            batch,
+            heads,
+            n,
+            m,
+            d,
+        };
+        let arrangements = [
+            // A fused q/k/v projection (self-attention's shape needs n == m: keys of 5 here).
+            [
+                Rows::token_major(n, 3 * width, d, 0),
+                Rows::token_major(m, 2 * width + 8, d, 8),
+                Rows::token_major(m, 2 * width + 8, d, width + 8),
+            ],
+            [
+                Rows::heads_major(heads, n, d),
+                Rows::heads_major(heads, m, d),
+                Rows::heads_major(heads, m, d),
+            ],
+        ];
+        let mut checked = 0;
+        for rows in arrangements {
+            let graph = cudnn_operands(dims, rows);
+            let at = |g: &GraphOperand, idx: [usize; 4]| {
+                g.offset as i64 + (0..4).map(|i| idx[i] as i64 * g.strides[i]).sum::<i64>()
+            };
+            for image in 0..batch {
+                for head in 0..heads {
+                    for col in 0..d {
+                        for row in 0..n {
+                            let want = (rows[0].at(image, head, row) + col) as i64;
+                            assert_eq!(at(&graph[0], [image, head, row, col]), want, "q");
+                            let out = ((image * n + row) * width + head * d + col) as i64;
+                            assert_eq!(at(&graph[3], [image, head, row, col]), out, "out");
+                            checked += 2;
+                        }
+                        for key in 0..m {
+                            let k = (rows[1].at(image, head, key) + col) as i64;
+                            assert_eq!(at(&graph[1], [image, head, col, key]), k, "kᵀ");
+                            let v = (rows[2].at(image, head, key) + col) as i64;
+                            assert_eq!(at(&graph[2], [image, head, key, col]), v, "v");
+                            checked += 2;
+                        }
+                    }
+                }
+            }
+            assert_eq!(graph[0].dims, [2, 3, 5, 8]);
+            assert_eq!(graph[1].dims, [2, 3, 8, 7]);
+            assert_eq!(graph[2].dims, [2, 3, 7, 8]);
+            assert_eq!(graph[3].dims, [2, 3, 5, 8]);
+        }
+        assert_eq!(checked, 2 * batch * heads * d * 2 * (n + m));
+    }
 
     /// Blocks give every thread several tasks where the rows allow, within the memory bound.
     #[test]

@@ -31,6 +31,8 @@ mod conv_direct;
 #[cfg(feature = "cuda")]
 pub mod cublaslt_linear;
 #[cfg(feature = "cudnn")]
+pub mod cudnn_attention;
+#[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
 #[cfg(feature = "cuda")]
 mod fused;

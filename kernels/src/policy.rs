@@ -105,6 +105,13 @@ pub struct KernelPolicy {
     /// measured it: the WMMA kernel took 0.487 ms on an H200 for a self-attention that cuDNN's
     /// fused kernel does in 0.077 ms.
     pub cuda_flash_attention: bool,
+    /// Where the fused CUDA attention runs, cuDNN's fused attention runs first (feature
+    /// `cudnn`; `cudnn_attention`: one graph of cuDNN's backend API that its flash-attention
+    /// engines take), and attention.cu's kernel wherever cuDNN refuses a geometry (on with
+    /// `SDSTREAM_CUDA_CUDNN_ATTENTION`). Off by default until a GPU run has checked and measured
+    /// it: torch's call of cuDNN's kernel took 0.077 ms on an H200 for the self-attention the
+    /// WMMA kernel took 0.487 ms for.
+    pub cuda_cudnn_attention: bool,
     /// Channels-last convolutions through cuDNN apply their bias, residual and ReLU in the same
     /// call (`cudnnConvolutionBiasActivationForward`) instead of three passes of their own over
     /// the output (on with `SDSTREAM_CUDA_FUSED_CONV`; see `cudnn_conv`). Off by default until
@@ -178,6 +185,7 @@ impl Default for KernelPolicy {
             cuda_kernels: true,
             cuda_attention: true,
             cuda_flash_attention: false,
+            cuda_cudnn_attention: false,
             cuda_fused_conv: false,
             cuda_phase_conv: false,
             cuda_group_norm_rows: false,
@@ -210,6 +218,7 @@ impl KernelPolicy {
     /// parsing is tested without touching the process's environment. The meanings:
     /// - `SDSTREAM_PORTABLE_KERNELS`, `SDSTREAM_NO_AMX`, `SDSTREAM_NO_AVX512_BF16`,
     ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED`, `SDSTREAM_CUDA_FLASH_ATTENTION`,
+    ///   `SDSTREAM_CUDA_CUDNN_ATTENTION`,
     ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_PHASE_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS`,
     ///   `SDSTREAM_CUDA_LAYER_NORM`, `SDSTREAM_CUDA_FUSED_LINEAR` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
@@ -255,6 +264,7 @@ impl KernelPolicy {
             cuda_kernels: !off("SDSTREAM_CUDA_KERNELS"),
             cuda_attention: !off("SDSTREAM_CUDA_ATTENTION"),
             cuda_flash_attention: switch("SDSTREAM_CUDA_FLASH_ATTENTION"),
+            cuda_cudnn_attention: switch("SDSTREAM_CUDA_CUDNN_ATTENTION"),
             cuda_fused_conv: switch("SDSTREAM_CUDA_FUSED_CONV"),
             cuda_phase_conv: switch("SDSTREAM_CUDA_PHASE_CONV"),
             cuda_group_norm_rows: switch("SDSTREAM_CUDA_GROUP_NORM_ROWS"),
@@ -345,7 +355,12 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 11] = [
+        let cases: [(&str, Field, bool); 12] = [
+            (
+                "SDSTREAM_CUDA_CUDNN_ATTENTION",
+                |p| p.cuda_cudnn_attention,
+                false,
+            ),
             ("SDSTREAM_CUDA_PHASE_CONV", |p| p.cuda_phase_conv, false),
             ("SDSTREAM_CUDA_FUSED_LINEAR", |p| p.cuda_fused_linear, false),
             ("SDSTREAM_CUDA_LAYER_NORM", |p| p.cuda_layer_norm, false),
@@ -398,6 +413,9 @@ mod tests {
                 }
                 "SDSTREAM_CUDA_PHASE_CONV" => {
                     others.cuda_phase_conv = default_policy.cuda_phase_conv
+                }
+                "SDSTREAM_CUDA_CUDNN_ATTENTION" => {
+                    others.cuda_cudnn_attention = default_policy.cuda_cudnn_attention
                 }
                 _ => others.direct_conv = default_policy.direct_conv,
             }

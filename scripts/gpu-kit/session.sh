@@ -44,7 +44,11 @@ stage() {
 : > "$log"
 stage info 30 "${run[@]}" info
 stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda_geglu cuda_canny cuda_float_processors cuda_in_place cuda_group_norm cuda_layer_norm cuda_fused_linear cuda_phase_conv" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
-# The register attention kernel, the fused convolution epilogue, the GroupNorm `_rows` kernels,
+# cuDNN's fused attention in a stage of its own: its engines compile their kernels (NVRTC) when
+# a shape's plan is built, seconds each, which must not take the other kernels' time.
+stage tests-cudnn-attention 90 SDSTREAM_TESTS=cuda_cudnn_attention SDSTREAM_TESTS_TAG=-cudnn-attention \
+  "${run[@]}" tests
+# The register attention kernel, cuDNN's fused attention, the fused convolution epilogue, the GroupNorm `_rows` kernels,
 # the LayerNorm kernel, the fused linear epilogue and the phase convolutions are in those tests: each switch whose test passed is "proven", and
 # the all-on rows and the profile below run the proven ones (a kernel that failed its test would
 # give a figure for wrong pictures).
@@ -54,6 +58,7 @@ passed() {
 }
 proven=()
 passed cuda_fused_attention && proven+=(SDSTREAM_CUDA_FLASH_ATTENTION=1)
+passed cuda_cudnn_attention && proven+=(SDSTREAM_CUDA_CUDNN_ATTENTION=1)
 passed cuda_fused_conv && proven+=(SDSTREAM_CUDA_FUSED_CONV=1)
 passed cuda_group_norm && proven+=(SDSTREAM_CUDA_GROUP_NORM_ROWS=1)
 passed cuda_layer_norm && proven+=(SDSTREAM_CUDA_LAYER_NORM=1)
@@ -68,7 +73,7 @@ if ! passed cuda_in_place; then
   echo "== cuda_in_place failed: the stages below run the scalar adds" | tee -a "$log"
 fi
 stage weights 150 "${run[@]}" weights
-stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear --skip cuda_phase_conv" "${run[@]}" tests
+stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_cudnn_attention --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear --skip cuda_phase_conv" "${run[@]}" tests
 # Should CUDA graphs fail on the device again (as they did on an H200 before the key/value memo
 # was made the CPU's only), the figures come op by op instead of not at all.
 stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" bench-f16 \
@@ -78,8 +83,13 @@ stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" 
 # row and the tests below have run): against bench-f16's rows, which run the WMMA kernel.
 stage bench-f16-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_BENCH_TAG=-flash \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
-# Each fused attention kernel alone on the UNet's shapes (WMMA, register-level, unfused): five
-# seconds that say whether the register kernel closed the gap to cuDNN's 0.077 ms.
+# cuDNN's fused attention through its backend graph (SDSTREAM_CUDA_CUDNN_ATTENTION, off by
+# default until this row and cuda_cudnn_attention have run; attention.cu's kernel where cuDNN
+# refuses a shape): against bench-f16's rows and the register kernel's.
+stage bench-f16-cudnn-attention 60 SDSTREAM_CUDA_CUDNN_ATTENTION=1 SDSTREAM_BENCH_TAG=-cudnn-attention \
+  SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
+# Each fused attention kernel alone on the UNet's shapes (WMMA, register-level, cuDNN's,
+# unfused): five seconds that say whether the register kernel closed the gap to cuDNN's.
 stage attention 40 "${run[@]}" attention
 # Convolutions with their bias, residual and ReLU in cuDNN's call (SDSTREAM_CUDA_FUSED_CONV, off
 # by default until this row and cuda_fused_conv have run): against bench-f16's rows.
@@ -105,10 +115,12 @@ stage bench-f16-phase-conv 45 SDSTREAM_CUDA_PHASE_CONV=1 SDSTREAM_BENCH_TAG=-pha
 stage tests-all-on-f32 60 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_LAYER_NORM=1 SDSTREAM_CUDA_FUSED_CONV=1 \
   SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 \
   SDSTREAM_TESTS=cuda_f32_streams SDSTREAM_TESTS_TAG=-all-on-f32 "${run[@]}" tests
-# Every stream case in f16 and bf16 against f32 with the register kernel, the GroupNorm `_rows`
+# Every stream case in f16 and bf16 against f32 with cuDNN's attention (the register kernel
+# where cuDNN refuses a shape), the GroupNorm `_rows`
 # kernels, the LayerNorm kernel, the fused linear epilogue and the phase convolutions (each
 # checked alone above).
-stage tests-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_LAYER_NORM=1 \
+stage tests-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_CUDNN_ATTENTION=1 \
+  SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_LAYER_NORM=1 \
   SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 \
   SDSTREAM_TESTS=cuda_half_precision_streams \
   SDSTREAM_TESTS_TAG=-flash "${run[@]}" tests

@@ -1,0 +1,735 @@
+//! Attention through cuDNN's fused scaled-dot-product kernels, on a CUDA device (feature `cudnn`,
+//! kernel policy `cuda_cudnn_attention`): `softmax(scale·q·kᵀ)·v` as one graph of cuDNN's backend
+//! API, which cuDNN matches to its flash-attention engines. On an H200, torch's call of the same
+//! kernels took 0.077 ms for the UNet's 4,096-token self-attention of 5 heads of 64, against
+//! 0.487 ms for attention.cu's WMMA kernel (docs/GPU.md).
+//!
+//! The graph is the one cuDNN recognises as attention (its frontend builds the same for
+//! inference before cuDNN 9.21): q·kᵀ (f32 scores), times the scale (a scalar passed by value),
+//! the softmax spelled out (the row maximum, the difference, its exponential, the row sum, the
+//! quotient, and the log-sum-exp statistics from the maximum and the sum, which cuDNN's pattern
+//! wants even where nothing reads them), the probabilities in the storage type, times v. Every
+//! operand is read where it lies (attention.rs's `cudnn_operands` gives each its dims and
+//! strides): the fused projections' token-major rows or the bank's heads-major ones; keys enter
+//! transposed by their strides alone; the output is written `[B, N, H·d]`.
+//!
+//! Each geometry's graph, engine choice (cuDNN's heuristic, mode A, the first configuration
+//! that builds) and plan are made once per thread, on the call's first (eager) run, and kept;
+//! a geometry cuDNN refuses is remembered as refused, and its calls go back to attention.cu.
+//! Checked without a GPU against the cuDNN 9.26 library (`deviceless_plans_exist`, an ignored
+//! test: the heuristic's support checks for an H100's properties); the numbers need a device
+//! (core/tests/cuda.rs, `cuda_cudnn_attention_matches_the_f32_formula`).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cudnn::sys;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, DeviceId};
+use candle_core::{CudaStorage, DType, Layout, Shape};
+
+use super::attention::GraphOperand;
+
+use sys::cudnnBackendAttributeName_t as Attr;
+use sys::cudnnBackendAttributeType_t as Type;
+use sys::cudnnBackendDescriptorType_t as Kind;
+
+/// Calls that ran through cuDNN ([`forward`]), for tests and the bench.
+pub fn calls() -> u64 {
+    CALLS.load(Ordering::Relaxed)
+}
+
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// The graph's tensors that the variant pack names: q, kᵀ, v, the output and the scale.
+const Q: i64 = 1;
+const K: i64 = 2;
+const V: i64 = 3;
+const O: i64 = 4;
+const SCALE: i64 = 5;
+/// The first id of the graph's virtual tensors.
+const VIRTUAL: i64 = 100;
+
+/// A cuDNN status as candle's error, with cuDNN's own account of the last failure.
+fn check(status: sys::cudnnStatus_t, what: &str) -> candle_core::Result<()> {
+    if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        return Ok(());
+    }
+    let mut message = [0 as std::ffi::c_char; 512];
+    // SAFETY: cuDNN writes at most `len` bytes, NUL-terminated; its error string is static.
+    let (name, detail) = unsafe {
+        sys::cudnnGetLastErrorString(message.as_mut_ptr(), message.len());
+        (
+            std::ffi::CStr::from_ptr(sys::cudnnGetErrorString(status)).to_string_lossy(),
+            std::ffi::CStr::from_ptr(message.as_ptr()).to_string_lossy(),
+        )
+    };
+    candle_core::bail!("sdstream-cudnn-attention: {what}: {name} {detail}")
+}
+
+/// A backend descriptor, destroyed with its owner.
+pub(crate) struct Descriptor(sys::cudnnBackendDescriptor_t);
+
+impl Drop for Descriptor {
+    fn drop(&mut self) {
+        // SAFETY: made by cudnnBackendCreateDescriptor, destroyed once; failures only leak.
+        let _ = unsafe { sys::cudnnBackendDestroyDescriptor(self.0) };
+    }
+}
+
+impl Descriptor {
+    pub(crate) fn new(kind: Kind) -> candle_core::Result<Self> {
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: cuDNN writes the new descriptor's handle.
+        check(
+            unsafe { sys::cudnnBackendCreateDescriptor(kind, &mut raw) },
+            "create descriptor",
+        )?;
+        Ok(Self(raw))
+    }
+
+    /// Sets attribute `name` to `values`, whose element type `ty` names (the caller's promise:
+    /// `T` is that type's C representation).
+    fn set<T>(&self, name: Attr, ty: Type, values: &[T]) -> candle_core::Result<()> {
+        // SAFETY: `values` holds `len` elements of the C type `ty` names; cuDNN copies them.
+        check(
+            unsafe {
+                sys::cudnnBackendSetAttribute(
+                    self.0,
+                    name,
+                    ty,
+                    values.len() as i64,
+                    values.as_ptr() as *const c_void,
+                )
+            },
+            &format!("set {name:?}"),
+        )
+    }
+
+    fn set_i64(&self, name: Attr, values: &[i64]) -> candle_core::Result<()> {
+        self.set(name, Type::CUDNN_TYPE_INT64, values)
+    }
+
+    fn set_descriptors(&self, name: Attr, values: &[&Descriptor]) -> candle_core::Result<()> {
+        let raw: Vec<sys::cudnnBackendDescriptor_t> = values.iter().map(|d| d.0).collect();
+        self.set(name, Type::CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw)
+    }
+
+    fn finalize(self, what: &str) -> candle_core::Result<Self> {
+        // SAFETY: a live descriptor.
+        check(
+            unsafe { sys::cudnnBackendFinalize(self.0) },
+            &format!("finalize {what}"),
+        )?;
+        Ok(self)
+    }
+}
+
+/// A tensor of the graph: `dtype`, `operand`'s dims and strides, id `uid`; virtual where only
+/// the graph sees it.
+fn tensor(
+    uid: i64,
+    dtype: sys::cudnnDataType_t,
+    dims: [i64; 4],
+    strides: [i64; 4],
+    is_virtual: bool,
+) -> candle_core::Result<Descriptor> {
+    let t = Descriptor::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
+    t.set(
+        Attr::CUDNN_ATTR_TENSOR_DATA_TYPE,
+        Type::CUDNN_TYPE_DATA_TYPE,
+        &[dtype],
+    )?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, &dims)?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_STRIDES, &strides)?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, &[uid])?;
+    // Every real operand starts 16-byte aligned (attention.rs checks rows at multiples of 8).
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[16])?;
+    t.set(
+        Attr::CUDNN_ATTR_TENSOR_IS_VIRTUAL,
+        Type::CUDNN_TYPE_BOOLEAN,
+        &[is_virtual],
+    )?;
+    t.finalize("tensor")
+}
+
+/// The scale: one f32 passed by value (the variant pack points at host memory).
+fn scale_tensor() -> candle_core::Result<Descriptor> {
+    let t = Descriptor::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
+    t.set(
+        Attr::CUDNN_ATTR_TENSOR_DATA_TYPE,
+        Type::CUDNN_TYPE_DATA_TYPE,
+        &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
+    )?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, &[1, 1, 1, 1])?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_STRIDES, &[1, 1, 1, 1])?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, &[SCALE])?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[4])?;
+    t.set(
+        Attr::CUDNN_ATTR_TENSOR_IS_VIRTUAL,
+        Type::CUDNN_TYPE_BOOLEAN,
+        &[false],
+    )?;
+    t.set(
+        Attr::CUDNN_ATTR_TENSOR_IS_BY_VALUE,
+        Type::CUDNN_TYPE_BOOLEAN,
+        &[true],
+    )?;
+    t.finalize("scale tensor")
+}
+
+/// `y = mode(x, b)` (or `mode(x)`), computed in f32.
+fn pointwise(
+    mode: sys::cudnnPointwiseMode_t,
+    x: &Descriptor,
+    b: Option<&Descriptor>,
+    y: &Descriptor,
+) -> candle_core::Result<[Descriptor; 2]> {
+    let pw = Descriptor::new(Kind::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
+    pw.set(
+        Attr::CUDNN_ATTR_POINTWISE_MODE,
+        Type::CUDNN_TYPE_POINTWISE_MODE,
+        &[mode],
+    )?;
+    pw.set(
+        Attr::CUDNN_ATTR_POINTWISE_MATH_PREC,
+        Type::CUDNN_TYPE_DATA_TYPE,
+        &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
+    )?;
+    let pw = pw.finalize("pointwise")?;
+    let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &[&pw])?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, &[x])?;
+    if let Some(b) = b {
+        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &[b])?;
+    }
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &[y])?;
+    Ok([pw, op.finalize(&format!("pointwise {mode:?}"))?])
+}
+
+/// `y = reduce(x)` over the last dimension, in f32.
+fn reduction(
+    operator: sys::cudnnReduceTensorOp_t,
+    x: &Descriptor,
+    y: &Descriptor,
+) -> candle_core::Result<[Descriptor; 2]> {
+    let r = Descriptor::new(Kind::CUDNN_BACKEND_REDUCTION_DESCRIPTOR)?;
+    r.set(
+        Attr::CUDNN_ATTR_REDUCTION_OPERATOR,
+        Type::CUDNN_TYPE_REDUCTION_OPERATOR_TYPE,
+        &[operator],
+    )?;
+    r.set(
+        Attr::CUDNN_ATTR_REDUCTION_COMP_TYPE,
+        Type::CUDNN_TYPE_DATA_TYPE,
+        &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
+    )?;
+    let r = r.finalize("reduction")?;
+    let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR)?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_REDUCTION_DESC, &[&r])?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_REDUCTION_XDESC, &[x])?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_REDUCTION_YDESC, &[y])?;
+    Ok([r, op.finalize(&format!("reduction {operator:?}"))?])
+}
+
+/// `c = a·b` over the last two dimensions, f32 sums.
+fn matmul(a: &Descriptor, b: &Descriptor, c: &Descriptor) -> candle_core::Result<[Descriptor; 2]> {
+    let m = Descriptor::new(Kind::CUDNN_BACKEND_MATMUL_DESCRIPTOR)?;
+    m.set(
+        Attr::CUDNN_ATTR_MATMUL_COMP_TYPE,
+        Type::CUDNN_TYPE_DATA_TYPE,
+        &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
+    )?;
+    let m = m.finalize("matmul")?;
+    let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR)?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_ADESC, &[a])?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_BDESC, &[b])?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_CDESC, &[c])?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_DESC, &[&m])?;
+    Ok([m, op.finalize("matmul operation")?])
+}
+
+/// The attention graph's operations over `operands` (q, kᵀ, v, output) in `dtype`, and every
+/// descriptor they refer to (kept alive with them).
+pub(crate) struct Graph {
+    /// The operations, in order (the graph's OPS attribute).
+    operations: Vec<Descriptor>,
+    /// Tensors and the operations' own descriptors.
+    _parts: Vec<Descriptor>,
+}
+
+impl Graph {
+    pub(crate) fn new(
+        operands: [GraphOperand; 4],
+        dtype: sys::cudnnDataType_t,
+    ) -> candle_core::Result<Self> {
+        use sys::cudnnDataType_t::CUDNN_DATA_FLOAT as F32;
+        use sys::cudnnPointwiseMode_t as Pw;
+        use sys::cudnnReduceTensorOp_t as Reduce;
+        let [q, k, v, o] = operands;
+        let (b, h, n, m) = (q.dims[0], q.dims[1], q.dims[2], k.dims[3]);
+        let scores = [b, h, n, m];
+        let scores_strides = [h * n * m, n * m, m, 1];
+        let per_row = [b, h, n, 1];
+        let per_row_strides = [h * n, n, 1, 1];
+        let mut uid = VIRTUAL;
+        let mut next = || {
+            uid += 1;
+            uid
+        };
+        let q_t = tensor(Q, dtype, q.dims, q.strides, false)?;
+        let k_t = tensor(K, dtype, k.dims, k.strides, false)?;
+        let v_t = tensor(V, dtype, v.dims, v.strides, false)?;
+        let o_t = tensor(O, dtype, o.dims, o.strides, false)?;
+        let scale = scale_tensor()?;
+        let s = tensor(next(), F32, scores, scores_strides, true)?;
+        let scaled = tensor(next(), F32, scores, scores_strides, true)?;
+        let max = tensor(next(), F32, per_row, per_row_strides, true)?;
+        let shifted = tensor(next(), F32, scores, scores_strides, true)?;
+        let exp = tensor(next(), F32, scores, scores_strides, true)?;
+        let sum = tensor(next(), F32, per_row, per_row_strides, true)?;
+        let log_sum = tensor(next(), F32, per_row, per_row_strides, true)?;
+        let stats = tensor(next(), F32, per_row, per_row_strides, true)?;
+        // The probabilities in the storage type: the second product's A operand.
+        let p = tensor(next(), dtype, scores, scores_strides, true)?;
+        let steps = [
+            matmul(&q_t, &k_t, &s)?,
+            pointwise(Pw::CUDNN_POINTWISE_MUL, &s, Some(&scale), &scaled)?,
+            reduction(Reduce::CUDNN_REDUCE_TENSOR_MAX, &scaled, &max)?,
+            pointwise(Pw::CUDNN_POINTWISE_SUB, &scaled, Some(&max), &shifted)?,
+            pointwise(Pw::CUDNN_POINTWISE_EXP, &shifted, None, &exp)?,
+            reduction(Reduce::CUDNN_REDUCE_TENSOR_ADD, &exp, &sum)?,
+            pointwise(Pw::CUDNN_POINTWISE_LOG, &sum, None, &log_sum)?,
+            pointwise(Pw::CUDNN_POINTWISE_ADD, &max, Some(&log_sum), &stats)?,
+            pointwise(Pw::CUDNN_POINTWISE_DIV, &exp, Some(&sum), &p)?,
+            matmul(&p, &v_t, &o_t)?,
+        ];
+        let mut operations = Vec::with_capacity(steps.len());
+        let mut parts = vec![
+            q_t, k_t, v_t, o_t, scale, s, scaled, max, shifted, exp, sum, log_sum, stats, p,
+        ];
+        for [own, op] in steps {
+            parts.push(own);
+            operations.push(op);
+        }
+        Ok(Self {
+            operations,
+            _parts: parts,
+        })
+    }
+
+    /// The operation graph over these operations (with `handle` where there is one: cuDNN
+    /// before 9.? asks for it; a deviceless build has none).
+    pub(crate) fn operation_graph(
+        &self,
+        handle: Option<sys::cudnnHandle_t>,
+    ) -> candle_core::Result<Descriptor> {
+        let graph = Descriptor::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
+        let ops: Vec<&Descriptor> = self.operations.iter().collect();
+        graph.set_descriptors(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &ops)?;
+        if let Some(handle) = handle {
+            graph.set(
+                Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE,
+                Type::CUDNN_TYPE_HANDLE,
+                &[handle],
+            )?;
+        }
+        graph.finalize("operation graph")
+    }
+}
+
+/// The engine configurations cuDNN's heuristic (`mode`) offers for `graph`, best first
+/// (for the device `properties` describe, where given, instead of the handle's).
+pub(crate) fn engine_configs(
+    graph: &Descriptor,
+    mode: sys::cudnnBackendHeurMode_t,
+    properties: Option<&Descriptor>,
+) -> candle_core::Result<Vec<Descriptor>> {
+    let heuristic = Descriptor::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
+    heuristic.set_descriptors(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[graph])?;
+    heuristic.set(
+        Attr::CUDNN_ATTR_ENGINEHEUR_MODE,
+        Type::CUDNN_TYPE_HEUR_MODE,
+        &[mode],
+    )?;
+    if let Some(properties) = properties {
+        heuristic.set_descriptors(Attr::CUDNN_ATTR_ENGINEHEUR_DEVICEPROP, &[properties])?;
+    }
+    let heuristic = heuristic.finalize("heuristic")?;
+    let mut offered = 0i64;
+    // SAFETY: asks for the count only (no elements written).
+    check(
+        unsafe {
+            sys::cudnnBackendGetAttribute(
+                heuristic.0,
+                Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                0,
+                &mut offered,
+                std::ptr::null_mut(),
+            )
+        },
+        "heuristic results",
+    )?;
+    let configs = (0..offered.max(0))
+        .map(|_| Descriptor::new(Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut raw: Vec<sys::cudnnBackendDescriptor_t> = configs.iter().map(|c| c.0).collect();
+    let mut filled = 0i64;
+    // SAFETY: `raw` holds `offered` created engine-config descriptors for cuDNN to fill.
+    check(
+        unsafe {
+            sys::cudnnBackendGetAttribute(
+                heuristic.0,
+                Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                offered,
+                &mut filled,
+                raw.as_mut_ptr() as *mut c_void,
+            )
+        },
+        "heuristic results",
+    )?;
+    let mut configs = configs;
+    configs.truncate(filled.clamp(0, offered) as usize);
+    Ok(configs)
+}
+
+/// One geometry's graph and plan, and the workspace its plan asks for.
+struct Plan {
+    plan: Descriptor,
+    workspace: usize,
+    _config: Descriptor,
+    _operation_graph: Descriptor,
+    _graph: Graph,
+}
+
+impl Plan {
+    fn build(
+        handle: sys::cudnnHandle_t,
+        operands: [GraphOperand; 4],
+        dtype: sys::cudnnDataType_t,
+    ) -> candle_core::Result<Self> {
+        let graph = Graph::new(operands, dtype)?;
+        let operation_graph = graph.operation_graph(Some(handle))?;
+        let mut last_refusal = None;
+        for mode in [
+            sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+            sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
+        ] {
+            let configs = match engine_configs(&operation_graph, mode, None) {
+                Ok(configs) => configs,
+                Err(e) => {
+                    last_refusal = Some(e);
+                    continue;
+                }
+            };
+            for config in configs {
+                let plan = Descriptor::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
+                plan.set(
+                    Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
+                    Type::CUDNN_TYPE_HANDLE,
+                    &[handle],
+                )?;
+                plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&config])?;
+                match plan.finalize("execution plan") {
+                    Ok(plan) => {
+                        let mut workspace = 0i64;
+                        let mut count = 0i64;
+                        // SAFETY: one i64 written.
+                        check(
+                            unsafe {
+                                sys::cudnnBackendGetAttribute(
+                                    plan.0,
+                                    Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                                    Type::CUDNN_TYPE_INT64,
+                                    1,
+                                    &mut count,
+                                    &mut workspace as *mut i64 as *mut c_void,
+                                )
+                            },
+                            "workspace size",
+                        )?;
+                        return Ok(Self {
+                            plan,
+                            workspace: workspace.max(0) as usize,
+                            _config: config,
+                            _operation_graph: operation_graph,
+                            _graph: graph,
+                        });
+                    }
+                    Err(e) => last_refusal = Some(e),
+                }
+            }
+        }
+        Err(last_refusal.unwrap_or_else(|| {
+            candle_core::Error::Msg(
+                "sdstream-cudnn-attention: cuDNN offers no engine for this attention".into(),
+            )
+        }))
+    }
+}
+
+/// A thread's cuDNN handle on one device, on that thread's stream of it.
+struct Handle(sys::cudnnHandle_t);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: made by cudnnCreate, destroyed once.
+        let _ = unsafe { sys::cudnnDestroy(self.0) };
+    }
+}
+
+/// One geometry: (device, dtype, the four operands' dims and strides).
+type Key = (DeviceId, DType, [GraphOperand; 4]);
+
+thread_local! {
+    // Handles and plans are made and used on one thread (candle's stream is per thread).
+    static HANDLES: RefCell<HashMap<DeviceId, Rc<Handle>>> = RefCell::new(HashMap::new());
+    // A refused geometry keeps its refusal, so that its calls go back to attention.cu at once.
+    static PLANS: RefCell<HashMap<Key, Result<Rc<Plan>, String>>> = RefCell::new(HashMap::new());
+}
+
+fn handle(dev: &candle_core::CudaDevice) -> candle_core::Result<Rc<Handle>> {
+    if let Some(h) = HANDLES.with(|h| h.borrow().get(&dev.id()).cloned()) {
+        return Ok(h);
+    }
+    let mut raw = std::ptr::null_mut();
+    // SAFETY: cuDNN writes the new handle.
+    check(unsafe { sys::cudnnCreate(&mut raw) }, "cudnnCreate")?;
+    let h = Rc::new(Handle(raw));
+    let stream = dev.cuda_stream();
+    // SAFETY: the handle is live; the stream is this thread's stream of the device, which
+    // outlives the handle (candle keeps it while the device lives).
+    check(
+        unsafe { sys::cudnnSetStream(raw, stream.cu_stream() as sys::cudaStream_t) },
+        "cudnnSetStream",
+    )?;
+    HANDLES.with(|hs| hs.borrow_mut().insert(dev.id(), h.clone()));
+    Ok(h)
+}
+
+/// Says, once per geometry in the process, that cuDNN's attention did not run for `graph` and
+/// why; attention.cu's kernel runs instead.
+pub(crate) fn note_refusal(graph: &[GraphOperand; 4], error: &candle_core::Error) {
+    static SAID: std::sync::Mutex<Vec<[GraphOperand; 4]>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if !said.contains(graph) {
+        said.push(*graph);
+        tracing::warn!(
+            "cuDNN's attention does not run for q {:?} over k {:?} (strides {:?}, {:?}); \
+             attention.cu's kernel runs instead: {error}",
+            graph[0].dims,
+            graph[1].dims,
+            graph[0].strides,
+            graph[1].strides
+        );
+    }
+}
+
+/// Attention through cuDNN for the operands attention.rs laid out (`graph`: q, kᵀ, v, the
+/// output; each operand's storage and layout, its first value `graph[i].offset` values into
+/// the layout): the output `out_shape` (`[B, N, H·d]`). An error where cuDNN refuses the
+/// geometry (once per thread and geometry; later calls fail at once) or the call.
+pub(crate) fn forward(
+    scale: f64,
+    graph: [GraphOperand; 4],
+    out_shape: Shape,
+    operands: [(&CudaStorage, &Layout); 3],
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    match operands[0].0.dtype() {
+        DType::F16 => run::<half::f16>(
+            scale,
+            graph,
+            out_shape,
+            operands,
+            sys::cudnnDataType_t::CUDNN_DATA_HALF,
+        ),
+        DType::BF16 => run::<half::bf16>(
+            scale,
+            graph,
+            out_shape,
+            operands,
+            sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        ),
+        other => candle_core::bail!("sdstream-cudnn-attention: no cuDNN attention for {other:?}"),
+    }
+}
+
+fn run<T: CudaDType + DeviceRepr>(
+    scale: f64,
+    graph: [GraphOperand; 4],
+    out_shape: Shape,
+    operands: [(&CudaStorage, &Layout); 3],
+    dtype: sys::cudnnDataType_t,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = operands[0].0.device().clone();
+    let key: Key = (dev.id(), operands[0].0.dtype(), graph);
+    let handle = handle(&dev)?;
+    let plan = match PLANS.with(|p| p.borrow().get(&key).cloned()) {
+        Some(Ok(plan)) => plan,
+        Some(Err(refusal)) => candle_core::bail!("{refusal}"),
+        None => {
+            // Made on the call's eager run, never while a CUDA graph is being captured (a
+            // graph's eager pass comes first on every thread).
+            let made = Plan::build(handle.0, graph, dtype).map(Rc::new);
+            let kept = made.as_ref().map(Rc::clone).map_err(|e| e.to_string());
+            PLANS.with(|p| p.borrow_mut().insert(key, kept));
+            made?
+        }
+    };
+    let stream = dev.cuda_stream();
+    let elements = out_shape.elem_count();
+    // SAFETY: the plan's second product writes every output value.
+    let dst = unsafe { dev.alloc::<T>(elements)? };
+    let workspace = unsafe { dev.alloc::<u8>(plan.workspace.max(1))? };
+    let views = operands
+        .iter()
+        .zip(&graph)
+        .map(|((storage, layout), operand)| {
+            Ok(storage
+                .as_cuda_slice::<T>()?
+                .slice(layout.start_offset() + operand.offset..))
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    {
+        // candle runs one stream per thread with cudarc's event tracking off: the guards record
+        // nothing, and the addresses stay valid while the views live.
+        let (q_ptr, _q) = views[0].device_ptr(&stream);
+        let (k_ptr, _k) = views[1].device_ptr(&stream);
+        let (v_ptr, _v) = views[2].device_ptr(&stream);
+        let (o_ptr, _o) = dst.device_ptr(&stream);
+        let (w_ptr, _w) = workspace.device_ptr(&stream);
+        let scale = scale as f32;
+        let pack = Descriptor::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
+        pack.set_i64(
+            Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS,
+            &[Q, K, V, O, SCALE],
+        )?;
+        let pointers: [*mut c_void; 5] = [
+            q_ptr as *mut c_void,
+            k_ptr as *mut c_void,
+            v_ptr as *mut c_void,
+            o_ptr as *mut c_void,
+            // By value: cuDNN reads the host's f32 while it queues the call.
+            &scale as *const f32 as *mut c_void,
+        ];
+        pack.set(
+            Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,
+            Type::CUDNN_TYPE_VOID_PTR,
+            &pointers,
+        )?;
+        pack.set(
+            Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
+            Type::CUDNN_TYPE_VOID_PTR,
+            &[w_ptr as *mut c_void],
+        )?;
+        let pack = pack.finalize("variant pack")?;
+        // SAFETY: the plan was built for these operands' dims, strides and dtype (the key);
+        // every pointer is a live device buffer of the right size on this thread's stream, the
+        // scale a live host f32, the workspace as large as the plan asked.
+        check(
+            unsafe { sys::cudnnBackendExecute(handle.0, plan.plan.0, pack.0) },
+            "execute",
+        )?;
+    }
+    CALLS.fetch_add(1, Ordering::Relaxed);
+    Ok((CudaStorage::wrap_cuda_slice(dst, dev), out_shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An H100's properties as cuDNN's device-properties descriptor reads them (the fields
+    /// cuDNN 9.26 asks for), so that its heuristic can be asked without a device.
+    const H100: &str = r#"{"maxGridSize": [2147483647, 65535, 65535], "maxBlockSize": [1024, 1024, 64],
+        "regsPerBlock": 65536, "multiProcessorCount": 132, "smCountOrigin": 0, "warpSize": 32,
+        "maxSharedMemoryPerBlock": 49152, "maxSharedMemoryPerBlockOptin": 232448,
+        "oversizedSharedMemoryPerBlock": 0, "reservedSharedMemoryPerBlock": 1024,
+        "maxRegistersPerSM": 65536, "maxCtasPerSM": 32, "maxThreadsPerBlock": 1024,
+        "maxThreadsPerSM": 2048, "pciDeviceId": 0, "isTccDriver": 0, "supportCoopLaunch": 1,
+        "smClockRateKHz": 1980000, "memClockRateKHz": 2619000, "l2CacheSize": 52428800,
+        "deviceName": "NVIDIA H100 80GB HBM3", "totalGlobalMem": 85520809984, "deviceVer": 900,
+        "driverVer": 13000, "cudaDeviceId": 0}"#;
+
+    /// cuDNN's heuristic offers engines for the graph on the UNet's shapes, asked for an H100
+    /// without a device (cuDNN 9.8 and later). Needs the real libcudnn (9.8+) on the library
+    /// path and a libcuda that loads (the driver, or a stand-in exporting the symbols cuDNN
+    /// looks up): `cargo test -p sdstream-kernels --features cudnn deviceless -- --ignored`.
+    /// Without the statistics (the log-sum-exp) in the graph, cuDNN 9.26 offers none.
+    #[test]
+    #[ignore = "needs cuDNN 9.8+ on the library path"]
+    fn deviceless_plans_exist() {
+        let properties = Descriptor::new(Kind::CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR).unwrap();
+        properties
+            .set(
+                Attr::CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION,
+                Type::CUDNN_TYPE_CHAR,
+                H100.as_bytes(),
+            )
+            .unwrap();
+        let properties = properties.finalize("device properties").unwrap();
+        let d = 64;
+        let c = 5 * d;
+        let mut offered = Vec::new();
+        // (batch, heads, queries, keys, head dim, token-major)
+        for (b, h, n, m, d, token_major) in [
+            (1usize, 5usize, 4096usize, 4096usize, d, true),
+            (1, 5, 4096, 77, d, true),
+            (8, 5, 4096, 4096, d, true),
+            (1, 8, 4096, 4096, 40, false),
+            (2, 20, 256, 256, 64, false),
+        ] {
+            use crate::attention::{Dims, Rows, cudnn_operands};
+            let rows = if token_major {
+                // A fused q/k/v projection for self-attention, a k/v one for cross-attention.
+                let (qw, kw, k_at, v_at) = if n == m {
+                    (3 * c, 3 * c, c, 2 * c)
+                } else {
+                    (c, 2 * c, 0, c)
+                };
+                [
+                    Rows::token_major(n, qw, d, 0),
+                    Rows::token_major(m, kw, d, k_at),
+                    Rows::token_major(m, kw, d, v_at),
+                ]
+            } else {
+                [
+                    Rows::heads_major(h, n, d),
+                    Rows::heads_major(h, m, d),
+                    Rows::heads_major(h, m, d),
+                ]
+            };
+            let dims = Dims {
+                batch: b,
+                heads: h,
+                n,
+                m,
+                d,
+            };
+            let operands = cudnn_operands(dims, rows);
+            let graph = Graph::new(operands, sys::cudnnDataType_t::CUDNN_DATA_HALF).unwrap();
+            let operation_graph = graph.operation_graph(None).unwrap();
+            let configs = engine_configs(
+                &operation_graph,
+                sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+                Some(&properties),
+            )
+            .unwrap();
+            println!(
+                "[{b}×{h}, {n} × {m} keys, d {d}, token-major {token_major}]: {} engine configurations",
+                configs.len()
+            );
+            offered.push(configs.len());
+        }
+        assert!(
+            offered.iter().all(|&n| n > 0),
+            "cuDNN offered no engine for some shape: {offered:?}"
+        );
+    }
+}
