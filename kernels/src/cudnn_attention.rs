@@ -14,7 +14,8 @@
 //! transposed by their strides alone; the output is written `[B, N, H·d]`.
 //!
 //! Each geometry's graph, engine choice (cuDNN's heuristic, mode A, the first configuration
-//! that builds) and plan are made once per thread, on the call's first (eager) run, and kept;
+//! that builds) and plan are made once per thread (offsets aside: a plan takes any 16-byte
+//! aligned operands of its dims and strides), on the call's first (eager) run, and kept;
 //! a geometry cuDNN refuses is remembered as refused, and its calls go back to attention.cu.
 //! Checked without a GPU against the cuDNN 9.26 library (`deviceless_plans_exist`, an ignored
 //! test: the heuristic's support checks for an H100's properties); the numbers need a device
@@ -417,53 +418,48 @@ impl Plan {
         let graph = Graph::new(operands, dtype)?;
         let operation_graph = graph.operation_graph(Some(handle))?;
         let mut last_refusal = None;
-        for mode in [
+        // Mode A only: its choices are the flash engines; a fallback engine that took this
+        // graph would be one of cuDNN's generic ones, slower than attention.cu's kernel.
+        let configs = engine_configs(
+            &operation_graph,
             sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
-            sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
-        ] {
-            let configs = match engine_configs(&operation_graph, mode, None) {
-                Ok(configs) => configs,
-                Err(e) => {
-                    last_refusal = Some(e);
-                    continue;
+            None,
+        )?;
+        for config in configs {
+            let plan = Descriptor::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
+            plan.set(
+                Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
+                Type::CUDNN_TYPE_HANDLE,
+                &[handle],
+            )?;
+            plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&config])?;
+            match plan.finalize("execution plan") {
+                Ok(plan) => {
+                    let mut workspace = 0i64;
+                    let mut count = 0i64;
+                    // SAFETY: one i64 written.
+                    check(
+                        unsafe {
+                            sys::cudnnBackendGetAttribute(
+                                plan.0,
+                                Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                                Type::CUDNN_TYPE_INT64,
+                                1,
+                                &mut count,
+                                &mut workspace as *mut i64 as *mut c_void,
+                            )
+                        },
+                        "workspace size",
+                    )?;
+                    return Ok(Self {
+                        plan,
+                        workspace: workspace.max(0) as usize,
+                        _config: config,
+                        _operation_graph: operation_graph,
+                        _graph: graph,
+                    });
                 }
-            };
-            for config in configs {
-                let plan = Descriptor::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
-                plan.set(
-                    Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
-                    Type::CUDNN_TYPE_HANDLE,
-                    &[handle],
-                )?;
-                plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&config])?;
-                match plan.finalize("execution plan") {
-                    Ok(plan) => {
-                        let mut workspace = 0i64;
-                        let mut count = 0i64;
-                        // SAFETY: one i64 written.
-                        check(
-                            unsafe {
-                                sys::cudnnBackendGetAttribute(
-                                    plan.0,
-                                    Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                                    Type::CUDNN_TYPE_INT64,
-                                    1,
-                                    &mut count,
-                                    &mut workspace as *mut i64 as *mut c_void,
-                                )
-                            },
-                            "workspace size",
-                        )?;
-                        return Ok(Self {
-                            plan,
-                            workspace: workspace.max(0) as usize,
-                            _config: config,
-                            _operation_graph: operation_graph,
-                            _graph: graph,
-                        });
-                    }
-                    Err(e) => last_refusal = Some(e),
-                }
+                Err(e) => last_refusal = Some(e),
             }
         }
         Err(last_refusal.unwrap_or_else(|| {
@@ -484,7 +480,7 @@ impl Drop for Handle {
     }
 }
 
-/// One geometry: (device, dtype, the four operands' dims and strides).
+/// One geometry: (device, dtype, the four operands' dims and strides, their offsets zero).
 type Key = (DeviceId, DType, [GraphOperand; 4]);
 
 thread_local! {
@@ -568,7 +564,11 @@ fn run<T: CudaDType + DeviceRepr>(
     dtype: sys::cudnnDataType_t,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = operands[0].0.device().clone();
-    let key: Key = (dev.id(), operands[0].0.dtype(), graph);
+    let key: Key = (
+        dev.id(),
+        operands[0].0.dtype(),
+        graph.map(|g| GraphOperand { offset: 0, ..g }),
+    );
     let handle = handle(&dev)?;
     let plan = match PLANS.with(|p| p.borrow().get(&key).cloned()) {
         Some(Ok(plan)) => plan,
