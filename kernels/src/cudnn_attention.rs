@@ -494,11 +494,16 @@ fn handle(dev: &candle_core::CudaDevice) -> candle_core::Result<Rc<Handle>> {
     if let Some(h) = HANDLES.with(|h| h.borrow().get(&dev.id()).cloned()) {
         return Ok(h);
     }
+    let stream = dev.cuda_stream();
+    // cuDNN makes its handle in the thread's current context: the device's.
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| candle_core::Error::Msg(format!("sdstream-cudnn-attention: {e:?}")))?;
     let mut raw = std::ptr::null_mut();
     // SAFETY: cuDNN writes the new handle.
     check(unsafe { sys::cudnnCreate(&mut raw) }, "cudnnCreate")?;
     let h = Rc::new(Handle(raw));
-    let stream = dev.cuda_stream();
     // SAFETY: the handle is live; the stream is this thread's stream of the device, which
     // outlives the handle (candle keeps it while the device lives).
     check(
