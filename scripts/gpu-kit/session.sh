@@ -142,7 +142,7 @@ stage bench-f16-all-on 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTRE
   "${run[@]}" bench-f16
 # The same switches with each stage waiting for the device: the UNet's own time with every
 # proven switch, to hold against torch's CUDA-graph UNet (reference-graphs, below).
-stage bench-f16-all-on-sync 40 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_PREPROCESS=1 \
+stage bench-f16-all-on-sync 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_PREPROCESS=1 \
   "${proven[@]}" SDSTREAM_BENCH_TAG=-all-on-sync \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 60 --sync-stages on" \
   "${run[@]}" bench-f16
