@@ -38,6 +38,7 @@ use super::attention::GraphOperand;
 use sys::cudnnBackendAttributeName_t as Attr;
 use sys::cudnnBackendAttributeType_t as Type;
 use sys::cudnnBackendDescriptorType_t as Kind;
+use sys::cudnnDataType_t::CUDNN_DATA_FLOAT as F32;
 
 /// Calls that ran through cuDNN ([`forward`]), for tests and the bench.
 pub fn calls() -> u64 {
@@ -111,6 +112,10 @@ impl Descriptor {
         )
     }
 
+    fn set_data_type(&self, name: Attr, dtype: sys::cudnnDataType_t) -> candle_core::Result<()> {
+        self.set(name, Type::CUDNN_TYPE_DATA_TYPE, &[dtype])
+    }
+
     fn set_i64(&self, name: Attr, values: &[i64]) -> candle_core::Result<()> {
         self.set(name, Type::CUDNN_TYPE_INT64, values)
     }
@@ -130,57 +135,43 @@ impl Descriptor {
     }
 }
 
-/// A tensor of the graph: `dtype`, `operand`'s dims and strides, id `uid`; virtual where only
-/// the graph sees it.
+/// What a tensor of the graph is to the variant pack.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    /// A device buffer the variant pack points at (16-byte aligned: attention.rs checks rows
+    /// at multiples of 8 values).
+    Operand,
+    /// Only the graph sees it.
+    Virtual,
+    /// A host value the variant pack points at, read when the call is queued.
+    ByValue,
+}
+
+/// A tensor of the graph: `dtype`, `dims` and `strides`, id `uid`.
 fn tensor(
     uid: i64,
     dtype: sys::cudnnDataType_t,
     dims: [i64; 4],
     strides: [i64; 4],
-    is_virtual: bool,
+    role: Role,
 ) -> candle_core::Result<Descriptor> {
     let t = Descriptor::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
-    t.set(
-        Attr::CUDNN_ATTR_TENSOR_DATA_TYPE,
-        Type::CUDNN_TYPE_DATA_TYPE,
-        &[dtype],
-    )?;
+    t.set_data_type(Attr::CUDNN_ATTR_TENSOR_DATA_TYPE, dtype)?;
     t.set_i64(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, &dims)?;
     t.set_i64(Attr::CUDNN_ATTR_TENSOR_STRIDES, &strides)?;
     t.set_i64(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, &[uid])?;
-    // Every real operand starts 16-byte aligned (attention.rs checks rows at multiples of 8).
-    t.set_i64(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[16])?;
+    let alignment = if role == Role::ByValue { 4 } else { 16 };
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[alignment])?;
+    let boolean = Type::CUDNN_TYPE_BOOLEAN;
     t.set(
         Attr::CUDNN_ATTR_TENSOR_IS_VIRTUAL,
-        Type::CUDNN_TYPE_BOOLEAN,
-        &[is_virtual],
+        boolean,
+        &[role == Role::Virtual],
     )?;
+    if role == Role::ByValue {
+        t.set(Attr::CUDNN_ATTR_TENSOR_IS_BY_VALUE, boolean, &[true])?;
+    }
     t.finalize("tensor")
-}
-
-/// The scale: one f32 passed by value (the variant pack points at host memory).
-fn scale_tensor() -> candle_core::Result<Descriptor> {
-    let t = Descriptor::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
-    t.set(
-        Attr::CUDNN_ATTR_TENSOR_DATA_TYPE,
-        Type::CUDNN_TYPE_DATA_TYPE,
-        &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
-    )?;
-    t.set_i64(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, &[1, 1, 1, 1])?;
-    t.set_i64(Attr::CUDNN_ATTR_TENSOR_STRIDES, &[1, 1, 1, 1])?;
-    t.set_i64(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, &[SCALE])?;
-    t.set_i64(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[4])?;
-    t.set(
-        Attr::CUDNN_ATTR_TENSOR_IS_VIRTUAL,
-        Type::CUDNN_TYPE_BOOLEAN,
-        &[false],
-    )?;
-    t.set(
-        Attr::CUDNN_ATTR_TENSOR_IS_BY_VALUE,
-        Type::CUDNN_TYPE_BOOLEAN,
-        &[true],
-    )?;
-    t.finalize("scale tensor")
 }
 
 /// `y = mode(x, b)` (or `mode(x)`), computed in f32.
@@ -196,11 +187,7 @@ fn pointwise(
         Type::CUDNN_TYPE_POINTWISE_MODE,
         &[mode],
     )?;
-    pw.set(
-        Attr::CUDNN_ATTR_POINTWISE_MATH_PREC,
-        Type::CUDNN_TYPE_DATA_TYPE,
-        &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
-    )?;
+    pw.set_data_type(Attr::CUDNN_ATTR_POINTWISE_MATH_PREC, F32)?;
     let pw = pw.finalize("pointwise")?;
     let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
     op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &[&pw])?;
@@ -224,11 +211,7 @@ fn reduction(
         Type::CUDNN_TYPE_REDUCTION_OPERATOR_TYPE,
         &[operator],
     )?;
-    r.set(
-        Attr::CUDNN_ATTR_REDUCTION_COMP_TYPE,
-        Type::CUDNN_TYPE_DATA_TYPE,
-        &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
-    )?;
+    r.set_data_type(Attr::CUDNN_ATTR_REDUCTION_COMP_TYPE, F32)?;
     let r = r.finalize("reduction")?;
     let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR)?;
     op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_REDUCTION_DESC, &[&r])?;
@@ -240,11 +223,7 @@ fn reduction(
 /// `c = a·b` over the last two dimensions, f32 sums.
 fn matmul(a: &Descriptor, b: &Descriptor, c: &Descriptor) -> candle_core::Result<[Descriptor; 2]> {
     let m = Descriptor::new(Kind::CUDNN_BACKEND_MATMUL_DESCRIPTOR)?;
-    m.set(
-        Attr::CUDNN_ATTR_MATMUL_COMP_TYPE,
-        Type::CUDNN_TYPE_DATA_TYPE,
-        &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
-    )?;
+    m.set_data_type(Attr::CUDNN_ATTR_MATMUL_COMP_TYPE, F32)?;
     let m = m.finalize("matmul")?;
     let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR)?;
     op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_ADESC, &[a])?;
@@ -268,7 +247,6 @@ impl Graph {
         operands: [GraphOperand; 4],
         dtype: sys::cudnnDataType_t,
     ) -> candle_core::Result<Self> {
-        use sys::cudnnDataType_t::CUDNN_DATA_FLOAT as F32;
         use sys::cudnnPointwiseMode_t as Pw;
         use sys::cudnnReduceTensorOp_t as Reduce;
         let [q, k, v, o] = operands;
@@ -282,21 +260,21 @@ impl Graph {
             uid += 1;
             uid
         };
-        let q_t = tensor(Q, dtype, q.dims, q.strides, false)?;
-        let k_t = tensor(K, dtype, k.dims, k.strides, false)?;
-        let v_t = tensor(V, dtype, v.dims, v.strides, false)?;
-        let o_t = tensor(O, dtype, o.dims, o.strides, false)?;
-        let scale = scale_tensor()?;
-        let s = tensor(next(), F32, scores, scores_strides, true)?;
-        let scaled = tensor(next(), F32, scores, scores_strides, true)?;
-        let max = tensor(next(), F32, per_row, per_row_strides, true)?;
-        let shifted = tensor(next(), F32, scores, scores_strides, true)?;
-        let exp = tensor(next(), F32, scores, scores_strides, true)?;
-        let sum = tensor(next(), F32, per_row, per_row_strides, true)?;
-        let log_sum = tensor(next(), F32, per_row, per_row_strides, true)?;
-        let stats = tensor(next(), F32, per_row, per_row_strides, true)?;
+        let q_t = tensor(Q, dtype, q.dims, q.strides, Role::Operand)?;
+        let k_t = tensor(K, dtype, k.dims, k.strides, Role::Operand)?;
+        let v_t = tensor(V, dtype, v.dims, v.strides, Role::Operand)?;
+        let o_t = tensor(O, dtype, o.dims, o.strides, Role::Operand)?;
+        let scale = tensor(SCALE, F32, [1; 4], [1; 4], Role::ByValue)?;
+        let s = tensor(next(), F32, scores, scores_strides, Role::Virtual)?;
+        let scaled = tensor(next(), F32, scores, scores_strides, Role::Virtual)?;
+        let max = tensor(next(), F32, per_row, per_row_strides, Role::Virtual)?;
+        let shifted = tensor(next(), F32, scores, scores_strides, Role::Virtual)?;
+        let exp = tensor(next(), F32, scores, scores_strides, Role::Virtual)?;
+        let sum = tensor(next(), F32, per_row, per_row_strides, Role::Virtual)?;
+        let log_sum = tensor(next(), F32, per_row, per_row_strides, Role::Virtual)?;
+        let stats = tensor(next(), F32, per_row, per_row_strides, Role::Virtual)?;
         // The probabilities in the storage type: the second product's A operand.
-        let p = tensor(next(), dtype, scores, scores_strides, true)?;
+        let p = tensor(next(), dtype, scores, scores_strides, Role::Virtual)?;
         let steps = [
             matmul(&q_t, &k_t, &s)?,
             pointwise(Pw::CUDNN_POINTWISE_MUL, &s, Some(&scale), &scaled)?,

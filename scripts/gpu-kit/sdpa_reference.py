@@ -16,6 +16,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
+# The CUDA-event timing the kit's torch figures share (this script's folder is on the path).
+from graph_reference import timed
+
 # (label, batch, heads, queries, keys, head dim): sd-turbo (SD 2.1) at 512², one-step stream batch.
 SHAPES = [
     ("64² self", 1, 5, 4096, 4096, 64),
@@ -33,19 +36,6 @@ BACKENDS = [
     ("efficient", SDPBackend.EFFICIENT_ATTENTION),
     ("math", SDPBackend.MATH),
 ]
-
-
-def time_ms(fn, reps: int) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -70,7 +60,7 @@ def main() -> None:
         for _, backend in BACKENDS:
             try:
                 with sdpa_kernel(backend):
-                    cells.append(f"{time_ms(lambda: scaled_dot_product_attention(q, k, v), args.reps):.4f}")
+                    cells.append(f"{timed(lambda: scaled_dot_product_attention(q, k, v), 'cuda', 5, args.reps):.4f}")
             except RuntimeError as e:
                 cells.append("n/a")
                 print(f"{label} {backend}: {str(e).splitlines()[0][:120]}")
