@@ -641,9 +641,8 @@ mod tests {
         "driverVer": 13000, "cudaDeviceId": 0}"#;
 
     /// cuDNN's heuristic offers engines for the graph on the UNet's shapes, asked for an H100
-    /// without a device (cuDNN 9.8 and later). Needs the real libcudnn (9.8+) on the library
-    /// path and a libcuda that loads (the driver, or a stand-in exporting the symbols cuDNN
-    /// looks up): `cargo test -p sdstream-kernels --features cudnn deviceless -- --ignored`.
+    /// without a device (cuDNN 9.8 and later). Needs the real libcudnn on the library path and
+    /// a libcuda that loads: `bash scripts/cudnn-deviceless.sh` provides both and runs it.
     /// Without the statistics (the log-sum-exp) in the graph, cuDNN 9.26 offers none.
     #[test]
     #[ignore = "needs cuDNN 9.8+ on the library path"]
