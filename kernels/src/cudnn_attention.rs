@@ -301,8 +301,9 @@ impl Graph {
         })
     }
 
-    /// The operation graph over these operations (with `handle` where there is one: cuDNN
-    /// before 9.? asks for it; a deviceless build has none).
+    /// The operation graph over these operations, tied to `handle` where there is one (cuDNN
+    /// 9's headers deprecate the attribute, but its earlier releases ask for it, and NVIDIA's
+    /// frontend still sets it; a deviceless build has no handle to give).
     pub(crate) fn operation_graph(
         &self,
         handle: Option<sys::cudnnHandle_t>,
