@@ -170,6 +170,14 @@ fn run() -> Result<(), String> {
             "| {label} | {batch}×{heads} | {n} | {m} | {d} | {ours} | {ours_registers} | {cudnn} | {unfused:.4} |"
         );
     }
+    #[cfg(feature = "cudnn")]
+    {
+        let plans = sdstream::model::kernels::cudnn_attention::plan_builds();
+        println!(
+            "\ncuDNN attention: {} plans built, {} geometries refused, {:.0} ms building them",
+            plans.built, plans.refused, plans.milliseconds
+        );
+    }
     Ok(())
 }
 

@@ -378,6 +378,20 @@ fn run() -> Result<(), String> {
     for r in rows {
         println!("{r}");
     }
+    #[cfg(feature = "cudnn")]
+    {
+        use sdstream::model::kernels::cudnn_attention;
+        let plans = cudnn_attention::plan_builds();
+        if plans.built + plans.refused > 0 {
+            println!(
+                "cuDNN attention: {} calls; {} plans built, {} geometries refused, {:.0} ms building them",
+                cudnn_attention::calls(),
+                plans.built,
+                plans.refused,
+                plans.milliseconds
+            );
+        }
+    }
     Ok(())
 }
 

@@ -1305,6 +1305,11 @@ fn cuda_cudnn_attention_matches_the_f32_formula() {
     };
     let cases = attention_against_f32(&[("cuDNN", policy)], &cudnn_attention::calls);
     assert_eq!(cases.len(), ATTENTION_SHAPES.len() * 2);
+    let plans = cudnn_attention::plan_builds();
+    println!(
+        "cuDNN attention: {} plans built, {} geometries refused, {:.0} ms building them",
+        plans.built, plans.refused, plans.milliseconds
+    );
     let mut fell_back = Vec::new();
     for case in &cases {
         let (batch, heads, n, m, d, _) = case.shape;

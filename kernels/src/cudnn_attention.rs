@@ -47,6 +47,32 @@ pub fn calls() -> u64 {
 
 static CALLS: AtomicU64 = AtomicU64::new(0);
 
+/// The plans this process has built (one per thread and geometry) and refused, and the time
+/// the builds took: cuDNN's attention engines compile their kernels (NVRTC) when a plan is
+/// built, which every thread's first call of a geometry waits for.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PlanBuilds {
+    /// Plans built.
+    pub built: u64,
+    /// Geometries cuDNN refused (their calls run attention.cu's kernel).
+    pub refused: u64,
+    /// The time building and refusing took, in all.
+    pub milliseconds: f64,
+}
+
+/// This process's [`PlanBuilds`] so far.
+pub fn plan_builds() -> PlanBuilds {
+    PlanBuilds {
+        built: BUILT.load(Ordering::Relaxed),
+        refused: REFUSED.load(Ordering::Relaxed),
+        milliseconds: BUILD_MICROS.load(Ordering::Relaxed) as f64 / 1e3,
+    }
+}
+
+static BUILT: AtomicU64 = AtomicU64::new(0);
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+static BUILD_MICROS: AtomicU64 = AtomicU64::new(0);
+
 /// The graph's tensors that the variant pack names: q, kᵀ, v, the output and the scale.
 const Q: i64 = 1;
 const K: i64 = 2;
@@ -560,7 +586,12 @@ fn run<T: CudaDType + DeviceRepr>(
         None => {
             // Made on the call's eager run, never while a CUDA graph is being captured (a
             // graph's eager pass comes first on every thread).
+            let began = std::time::Instant::now();
             let made = Plan::build(handle.0, graph, dtype).map(Rc::new);
+            let micros = began.elapsed().as_micros() as u64;
+            BUILD_MICROS.fetch_add(micros, Ordering::Relaxed);
+            let count = if made.is_ok() { &BUILT } else { &REFUSED };
+            count.fetch_add(1, Ordering::Relaxed);
             let kept = made.as_ref().map(Rc::clone).map_err(|e| e.to_string());
             PLANS.with(|p| p.borrow_mut().insert(key, kept));
             made?
