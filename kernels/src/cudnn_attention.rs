@@ -727,20 +727,26 @@ mod tests {
                 d,
             };
             let operands = cudnn_operands(dims, rows);
-            let graph = Graph::new(operands, sys::cudnnDataType_t::CUDNN_DATA_HALF).unwrap();
-            let operation_graph = graph.operation_graph(None).unwrap();
-            let configs = engine_configs(
-                &operation_graph,
-                sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
-                Some(&properties),
-            )
-            .unwrap();
-            println!(
-                "[{b}×{h}, {n} × {m} keys, d {d}, token-major {token_major}]: {} engine configurations",
-                configs.len()
-            );
-            offered.push(configs.len());
+            for (name, dtype) in [
+                ("f16", sys::cudnnDataType_t::CUDNN_DATA_HALF),
+                ("bf16", sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16),
+            ] {
+                let graph = Graph::new(operands, dtype).unwrap();
+                let operation_graph = graph.operation_graph(None).unwrap();
+                let configs = engine_configs(
+                    &operation_graph,
+                    sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+                    Some(&properties),
+                )
+                .unwrap();
+                println!(
+                    "[{b}×{h}, {n} × {m} keys, d {d}, token-major {token_major}] {name}: {} engine configurations",
+                    configs.len()
+                );
+                offered.push(configs.len());
+            }
         }
+        assert_eq!(offered.len(), 10, "five shapes, two dtypes");
         assert!(
             offered.iter().all(|&n| n > 0),
             "cuDNN offered no engine for some shape: {offered:?}"
