@@ -65,12 +65,13 @@ passed cuda_layer_norm && proven+=(SDSTREAM_CUDA_LAYER_NORM=1)
 passed cuda_fused_linear && proven+=(SDSTREAM_CUDA_FUSED_LINEAR=1)
 passed cuda_phase_conv && proven+=(SDSTREAM_CUDA_PHASE_CONV=1)
 echo "== proven switches: ${proven[*]:-none}" | tee -a "$log"
-# The batched rows make a plan per batch width (2 to 8) and geometry on their runner thread:
-# with cuDNN's attention that would be dozens of NVRTC compilations inside a 60 s stage, so
-# they run the other proven switches (attention.cu's kernel).
-proven_batched=()
+# cuDNN's attention engines compile their kernels (NVRTC) as each thread's first call of a
+# geometry builds its plan, for a time no run has measured yet. So the headline rows, the
+# batched ones (a plan per batch width, 2 to 8, and geometry) and the profile run the other
+# proven switches (attention.cu's kernel), and cuDNN's attention has all-on rows of its own.
+proven_kernels=()
 for switch in "${proven[@]}"; do
-  [[ "$switch" == SDSTREAM_CUDA_CUDNN_ATTENTION=1 ]] || proven_batched+=("$switch")
+  [[ "$switch" == SDSTREAM_CUDA_CUDNN_ATTENTION=1 ]] || proven_kernels+=("$switch")
 done
 # The in-place adds' 16-byte path is in the default path (the same bits as the scalar kernel,
 # checked under kernels/emulate): should its test fail on the device, every later stage runs
@@ -137,28 +138,40 @@ stage tests-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_CUDNN_ATTENTI
 # and that no change since touched are left out: channels first, canny on the host, attention
 # unfused; docs/GPU.md has them.)
 stage bench-f16-all-on 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_PREPROCESS=1 \
-  "${proven[@]}" SDSTREAM_BENCH_TAG=-all-on \
+  "${proven_kernels[@]}" SDSTREAM_BENCH_TAG=-all-on \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100 --sync-stages off" \
   "${run[@]}" bench-f16
 # The same switches with each stage waiting for the device: the UNet's own time with every
 # proven switch, to hold against torch's CUDA-graph UNet (reference-graphs, below).
 stage bench-f16-all-on-sync 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_PREPROCESS=1 \
-  "${proven[@]}" SDSTREAM_BENCH_TAG=-all-on-sync \
+  "${proven_kernels[@]}" SDSTREAM_BENCH_TAG=-all-on-sync \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 60 --sync-stages on" \
   "${run[@]}" bench-f16
+# The same frame with cuDNN's attention as well, where its test passed: the host waiting once
+# a frame, then each stage waiting (the bench prints how long its plans took to build).
+if [[ "${#proven_kernels[@]}" -ne "${#proven[@]}" ]]; then
+  stage bench-f16-all-on-cudnn 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_PREPROCESS=1 \
+    "${proven[@]}" SDSTREAM_BENCH_TAG=-all-on-cudnn \
+    SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100 --sync-stages off" \
+    "${run[@]}" bench-f16
+  stage bench-f16-all-on-cudnn-sync 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 SDSTREAM_CUDA_PREPROCESS=1 \
+    "${proven[@]}" SDSTREAM_BENCH_TAG=-all-on-cudnn-sync \
+    SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 60 --sync-stages on" \
+    "${run[@]}" bench-f16
+fi
 # Issue 44's target (8 streams at 30 fps each) with every prepared switch on: batched UNet calls
 # of up to 8 rows spend most of their time in attention.
-stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven_batched[@]}" \
+stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" \
   SDSTREAM_BENCH_TAG=-all-on SDSTREAM_MULTI_ARGS="--streams 1,4,8 --frames 40" "${run[@]}" multi-stream-f16
 # diffusers' UNet and TAESD alone replayed from torch CUDA graphs, batches 1 and 8: the UNet
 # time issue 46 aims at, and what a batched round of eight streams costs torch.
 stage reference-graphs 60 "${run[@]}" reference-graphs
 # The frame as it will run next (pinned transfers and the proven switches), kernel by kernel:
 # what is left between it and the target.
-stage profile-f16 120 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" "${run[@]}" profile-f16
+stage profile-f16 120 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" "${run[@]}" profile-f16
 # sdxl-turbo's shapes, 1 step, TAESDXL, 512² and 1024² (drawing its 3.5 G weights first), with
 # pinned transfers and the proven switches (the defaults' figures are in docs/GPU.md).
-stage bench-sdxl-f16 150 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" "${run[@]}" bench-sdxl-f16
+stage bench-sdxl-f16 150 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" "${run[@]}" bench-sdxl-f16
 stage bench-f16-off 45 SDSTREAM_BENCH_TAG=-off \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100 --sync-stages off" \
   "${run[@]}" bench-f16
