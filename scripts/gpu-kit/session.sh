@@ -84,7 +84,8 @@ stage weights 150 "${run[@]}" weights
 stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_cudnn_attention --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear --skip cuda_phase_conv" "${run[@]}" tests
 # Should CUDA graphs fail on the device again (as they did on an H200 before the key/value memo
 # was made the CPU's only), the figures come op by op instead of not at all.
-stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --frames 100" "${run[@]}" bench-f16 \
+stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" \
+  "${run[@]}" bench-f16 \
   || stage bench-f16-nographs 90 SDSTREAM_CUDA_GRAPHS=0 SDSTREAM_BENCH_TAG=-nographs \
     SDSTREAM_BENCH_ARGS="--vaes taesd --frames 50" "${run[@]}" bench-f16
 # The register-level attention kernel (SDSTREAM_CUDA_FLASH_ATTENTION, off by default until this
@@ -147,6 +148,13 @@ stage bench-f16-all-on-sync 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 S
   "${proven_kernels[@]}" SDSTREAM_BENCH_TAG=-all-on-sync \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 60 --sync-stages on" \
   "${run[@]}" bench-f16
+# Issue 44's target (8 streams at 30 fps each) with every prepared switch on: batched UNet calls
+# of up to 8 rows spend most of their time in attention.
+stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" \
+  SDSTREAM_BENCH_TAG=-all-on SDSTREAM_MULTI_ARGS="--streams 1,8 --frames 40" "${run[@]}" multi-stream-f16
+# diffusers' UNet and TAESD alone replayed from torch CUDA graphs, batches 1 and 8: the UNet
+# time issue 46 aims at, and what a batched round of eight streams costs torch.
+stage reference-graphs 60 "${run[@]}" reference-graphs
 # The same frame with cuDNN's attention as well, where its test passed: the host waiting once
 # a frame, then each stage waiting (the bench prints how long its plans took to build).
 if [[ "${#proven_kernels[@]}" -ne "${#proven[@]}" ]]; then
@@ -159,13 +167,6 @@ if [[ "${#proven_kernels[@]}" -ne "${#proven[@]}" ]]; then
     SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 60 --sync-stages on" \
     "${run[@]}" bench-f16
 fi
-# Issue 44's target (8 streams at 30 fps each) with every prepared switch on: batched UNet calls
-# of up to 8 rows spend most of their time in attention.
-stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" \
-  SDSTREAM_BENCH_TAG=-all-on SDSTREAM_MULTI_ARGS="--streams 1,4,8 --frames 40" "${run[@]}" multi-stream-f16
-# diffusers' UNet and TAESD alone replayed from torch CUDA graphs, batches 1 and 8: the UNet
-# time issue 46 aims at, and what a batched round of eight streams costs torch.
-stage reference-graphs 60 "${run[@]}" reference-graphs
 # The frame as it will run next (pinned transfers and the proven switches), kernel by kernel:
 # what is left between it and the target.
 stage profile-f16 120 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" "${run[@]}" profile-f16
