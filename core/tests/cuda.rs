@@ -1303,7 +1303,17 @@ fn cuda_cudnn_attention_matches_the_f32_formula() {
         cuda_cudnn_attention: true,
         ..KernelPolicy::process()
     };
-    let cases = attention_against_f32(&[("cuDNN", policy)], &cudnn_attention::calls);
+    // The calls through cuDNN, and, as the cases go (a stage that times out still shows it),
+    // the plans built so far and the time their kernels took to compile.
+    let observe = || {
+        let plans = cudnn_attention::plan_builds();
+        eprintln!(
+            "cuDNN attention so far: {} plans built, {} refused, {:.0} ms",
+            plans.built, plans.refused, plans.milliseconds
+        );
+        cudnn_attention::calls()
+    };
+    let cases = attention_against_f32(&[("cuDNN", policy)], &observe);
     assert_eq!(cases.len(), ATTENTION_SHAPES.len() * 2);
     let plans = cudnn_attention::plan_builds();
     println!(
