@@ -173,10 +173,7 @@ fn run() -> Result<(), String> {
     #[cfg(feature = "cudnn")]
     {
         let plans = sdstream::model::kernels::cudnn_attention::plan_builds();
-        println!(
-            "\ncuDNN attention: {} plans built, {} geometries refused, {:.0} ms building them",
-            plans.built, plans.refused, plans.milliseconds
-        );
+        println!("\ncuDNN attention: {plans}");
     }
     Ok(())
 }

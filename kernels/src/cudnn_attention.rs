@@ -60,6 +60,18 @@ pub struct PlanBuilds {
     pub milliseconds: f64,
 }
 
+/// "N plans built, M geometries refused, T ms building them": the one wording the bench, the
+/// attention bench and the device test print.
+impl std::fmt::Display for PlanBuilds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} plans built, {} geometries refused, {:.0} ms building them",
+            self.built, self.refused, self.milliseconds
+        )
+    }
+}
+
 /// This process's [`PlanBuilds`] so far.
 pub fn plan_builds() -> PlanBuilds {
     PlanBuilds {
@@ -381,7 +393,7 @@ pub(crate) fn engine_configs(
         },
         "heuristic results",
     )?;
-    let configs = (0..offered.max(0))
+    let mut configs = (0..offered.max(0))
         .map(|_| Descriptor::new(Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let mut raw: Vec<sys::cudnnBackendDescriptor_t> = configs.iter().map(|c| c.0).collect();
@@ -400,7 +412,6 @@ pub(crate) fn engine_configs(
         },
         "heuristic results",
     )?;
-    let mut configs = configs;
     configs.truncate(filled.clamp(0, offered) as usize);
     Ok(configs)
 }

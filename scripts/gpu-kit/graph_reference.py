@@ -35,13 +35,15 @@ DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 def load(args: argparse.Namespace, dtype: torch.dtype):
     from diffusers import AutoencoderTiny, UNet2DConditionModel
 
-    unet_dir = args.sd / "unet"
     # The kit writes float16 copies beside the float32 files: read those for f16 (seconds, not
     # tens of seconds), the float32 ones otherwise.
-    variant = "fp16" if dtype == torch.float16 and (unet_dir / "diffusion_pytorch_model.fp16.safetensors").exists() else None
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype, variant=variant)
-    taesd_variant = "fp16" if dtype == torch.float16 and (args.taesd / "diffusion_pytorch_model.fp16.safetensors").exists() else None
-    taesd = AutoencoderTiny.from_pretrained(args.taesd, torch_dtype=dtype, variant=taesd_variant)
+    def variant(folder: Path) -> str | None:
+        half = dtype == torch.float16 and (folder / "diffusion_pytorch_model.fp16.safetensors").exists()
+        return "fp16" if half else None
+
+    unet_dir = args.sd / "unet"
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype, variant=variant(unet_dir))
+    taesd = AutoencoderTiny.from_pretrained(args.taesd, torch_dtype=dtype, variant=variant(args.taesd))
     return unet.to(args.device).eval(), taesd.to(args.device).eval()
 
 
