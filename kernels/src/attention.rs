@@ -609,7 +609,9 @@ mod cuda {
             let graph = super::cudnn_operands(dims, rows);
             let shape = Shape::from((dims.batch, dims.n, dims.heads * dims.d));
             match crate::cudnn_attention::forward(scale, graph, shape, operands) {
-                Ok(out) => return Ok(out),
+                Ok(Some(out)) => return Ok(out),
+                // Refused: said when the plan was.
+                Ok(None) => {}
                 Err(e) => crate::cudnn_attention::note_refusal(&graph, &e),
             }
         }

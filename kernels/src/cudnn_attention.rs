@@ -16,7 +16,8 @@
 //! Each geometry's graph, engine choice (cuDNN's heuristic, mode A, the first configuration
 //! that builds) and plan are made once per thread (offsets aside: a plan takes any 16-byte
 //! aligned operands of its dims and strides), on the call's first (eager) run, and kept;
-//! a geometry cuDNN refuses is remembered as refused, and its calls go back to attention.cu.
+//! a geometry cuDNN refuses is said once and remembered, and its calls go back to attention.cu
+//! at once (no error made, no lock taken).
 //! Checked without a GPU against the cuDNN 9.26 library (`deviceless_plans_exist`, an ignored
 //! test: the heuristic's support checks for an H100's properties); the numbers need a device
 //! (core/tests/cuda.rs, `cuda_cudnn_attention_matches_the_f32_formula`).
@@ -502,8 +503,8 @@ type Key = (DeviceId, DType, [GraphOperand; 4]);
 thread_local! {
     // Handles and plans are made and used on one thread (candle's stream is per thread).
     static HANDLES: RefCell<HashMap<DeviceId, Rc<Handle>>> = RefCell::new(HashMap::new());
-    // A refused geometry keeps its refusal, so that its calls go back to attention.cu at once.
-    static PLANS: RefCell<HashMap<Key, Result<Rc<Plan>, String>>> = RefCell::new(HashMap::new());
+    // A refused geometry is kept as `None`, so that its calls go back to attention.cu at once.
+    static PLANS: RefCell<HashMap<Key, Option<Rc<Plan>>>> = RefCell::new(HashMap::new());
 }
 
 fn handle(dev: &candle_core::CudaDevice) -> candle_core::Result<Rc<Handle>> {
@@ -531,7 +532,7 @@ fn handle(dev: &candle_core::CudaDevice) -> candle_core::Result<Rc<Handle>> {
 }
 
 /// Says, once per geometry in the process, that cuDNN's attention did not run for `graph` and
-/// why; attention.cu's kernel runs instead.
+/// why (cuDNN refused its plan, or the call failed); attention.cu's kernel runs instead.
 pub(crate) fn note_refusal(graph: &[GraphOperand; 4], error: &candle_core::Error) {
     static SAID: std::sync::Mutex<Vec<[GraphOperand; 4]>> = std::sync::Mutex::new(Vec::new());
     let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
@@ -550,14 +551,15 @@ pub(crate) fn note_refusal(graph: &[GraphOperand; 4], error: &candle_core::Error
 
 /// Attention through cuDNN for the operands attention.rs laid out (`graph`: q, kᵀ, v, the
 /// output; each operand's storage and layout, its first value `graph[i].offset` values into
-/// the layout): the output `out_shape` (`[B, N, H·d]`). An error where cuDNN refuses the
-/// geometry (once per thread and geometry; later calls fail at once) or the call.
+/// the layout): the output `out_shape` (`[B, N, H·d]`). `None` where cuDNN refused the
+/// geometry (said once, when this thread first asked; later calls return at once, the caller
+/// runs attention.cu's kernel); an error where the call itself failed.
 pub(crate) fn forward(
     scale: f64,
     graph: [GraphOperand; 4],
     out_shape: Shape,
     operands: [(&CudaStorage, &Layout); 3],
-) -> candle_core::Result<(CudaStorage, Shape)> {
+) -> candle_core::Result<Option<(CudaStorage, Shape)>> {
     match operands[0].0.dtype() {
         DType::F16 => run::<half::f16>(
             scale,
@@ -583,7 +585,7 @@ fn run<T: CudaDType + DeviceRepr>(
     out_shape: Shape,
     operands: [(&CudaStorage, &Layout); 3],
     dtype: sys::cudnnDataType_t,
-) -> candle_core::Result<(CudaStorage, Shape)> {
+) -> candle_core::Result<Option<(CudaStorage, Shape)>> {
     let dev = operands[0].0.device().clone();
     let key: Key = (
         dev.id(),
@@ -592,21 +594,29 @@ fn run<T: CudaDType + DeviceRepr>(
     );
     let handle = handle(&dev)?;
     let plan = match PLANS.with(|p| p.borrow().get(&key).cloned()) {
-        Some(Ok(plan)) => plan,
-        Some(Err(refusal)) => candle_core::bail!("{refusal}"),
+        Some(kept) => kept,
         None => {
             // Made on the call's eager run, never while a CUDA graph is being captured (a
             // graph's eager pass comes first on every thread).
             let began = std::time::Instant::now();
-            let made = Plan::build(handle.0, graph, dtype).map(Rc::new);
+            let built = Plan::build(handle.0, graph, dtype);
             let micros = began.elapsed().as_micros() as u64;
             BUILD_MICROS.fetch_add(micros, Ordering::Relaxed);
-            let count = if made.is_ok() { &BUILT } else { &REFUSED };
+            let made = match built {
+                Ok(plan) => Some(Rc::new(plan)),
+                Err(refusal) => {
+                    note_refusal(&graph, &refusal);
+                    None
+                }
+            };
+            let count = if made.is_some() { &BUILT } else { &REFUSED };
             count.fetch_add(1, Ordering::Relaxed);
-            let kept = made.as_ref().map(Rc::clone).map_err(|e| e.to_string());
-            PLANS.with(|p| p.borrow_mut().insert(key, kept));
-            made?
+            PLANS.with(|p| p.borrow_mut().insert(key, made.clone()));
+            made
         }
+    };
+    let Some(plan) = plan else {
+        return Ok(None);
     };
     let stream = dev.cuda_stream();
     let elements = out_shape.elem_count();
@@ -664,7 +674,7 @@ fn run<T: CudaDType + DeviceRepr>(
         )?;
     }
     CALLS.fetch_add(1, Ordering::Relaxed);
-    Ok((CudaStorage::wrap_cuda_slice(dst, dev), out_shape))
+    Ok(Some((CudaStorage::wrap_cuda_slice(dst, dev), out_shape)))
 }
 
 #[cfg(test)]
