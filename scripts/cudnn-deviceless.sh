@@ -7,14 +7,20 @@
 #   bash scripts/cudnn-deviceless.sh
 #
 # cuDNN itself: $SDSTREAM_CUDNN_LIB (a folder with libcudnn.so.9 and its engine libraries), else
-# the pinned nvidia-cudnn-cu13 wheel from the package index, installed once under
-# target/cudnn-deviceless (about 1 GB). The CUDA libraries the test binary links against come from
+# the nvidia-cudnn-cu13 wheel $SDSTREAM_CUDNN_VERSION from the package index, installed once
+# under target/cudnn-deviceless/VERSION (about 1 GB each). The default, 9.19.0.56, is the one
+# torch 2.11 pins, which the kit's GPU machine loads (its torch 2.11.0+cu130 ships the CUDA
+# libraries the kit runs on); 9.26.0.51, the newest when the graph was written, gives the same
+# answers. The CUDA libraries the test binary links against come from
 # the CUDA toolchain (scripts/cuda-toolchain.sh --link). libcuda is the driver's and there is none:
 # cuDNN loads it and looks a list of its functions up before its heuristic checks an engine, so a
 # stand-in exports each of them (and every driver function the test binary imports), returning
 # success and touching nothing; the heuristic's checks never call them. Building the plans
-# themselves needs the real driver (those engines compile their kernels then): that is the GPU
-# kit's device test.
+# themselves needs the real driver, although cuDNN accepts a device-properties descriptor for a
+# plan too: finalizing one for these properties reaches NVRTC with options cuDNN obfuscates, and
+# NVRTC then faults on state this stand-in never sets up (cuDNN 9.19, NVRTC 13.0 and 13.2; NVRTC
+# alone compiles for sm_90 here). The plans, their compile time and the numbers are the GPU kit's
+# device test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,10 +30,11 @@ mkdir -p "$work"
 
 cudnn="${SDSTREAM_CUDNN_LIB:-}"
 if [[ -z "$cudnn" ]]; then
-  cudnn="$work/site/nvidia/cudnn/lib"
+  version="${SDSTREAM_CUDNN_VERSION:-9.19.0.56}"
+  cudnn="$work/$version/nvidia/cudnn/lib"
   if [[ ! -f "$cudnn/libcudnn.so.9" ]]; then
-    echo "installing nvidia-cudnn-cu13 9.26.0.51 under $work/site (once)" >&2
-    python3 -m pip install -q --no-deps --target "$work/site" nvidia-cudnn-cu13==9.26.0.51
+    echo "installing nvidia-cudnn-cu13 $version under $work/$version (once)" >&2
+    python3 -m pip install -q --no-deps --target "$work/$version" "nvidia-cudnn-cu13==$version"
   fi
 fi
 [[ -f "$cudnn/libcudnn.so.9" ]] || { echo "no libcudnn.so.9 in $cudnn" >&2; exit 1; }

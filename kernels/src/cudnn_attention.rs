@@ -18,8 +18,9 @@
 //! aligned operands of its dims and strides), on the call's first (eager) run, and kept;
 //! a geometry cuDNN refuses is said once and remembered, and its calls go back to attention.cu
 //! at once (no error made, no lock taken).
-//! Checked without a GPU against the cuDNN 9.26 library (`deviceless_plans_exist`, an ignored
-//! test: the heuristic's support checks for an H100's properties); the numbers need a device
+//! Checked without a GPU against the cuDNN 9.19 library, which the kit's GPU machine loads (torch
+//! 2.11 pins it), and 9.26 (`deviceless_plans_exist`, an ignored test: the heuristic's support
+//! checks for an H100's properties); the plans and the numbers need a device
 //! (core/tests/cuda.rs, `cuda_cudnn_attention_matches_the_f32_formula`).
 
 use std::cell::RefCell;
@@ -682,7 +683,7 @@ mod tests {
     use super::*;
 
     /// An H100's properties as cuDNN's device-properties descriptor reads them (the fields
-    /// cuDNN 9.26 asks for), so that its heuristic can be asked without a device.
+    /// cuDNN 9.19 and 9.26 ask for), so that its heuristic can be asked without a device.
     const H100: &str = r#"{"maxGridSize": [2147483647, 65535, 65535], "maxBlockSize": [1024, 1024, 64],
         "regsPerBlock": 65536, "multiProcessorCount": 132, "smCountOrigin": 0, "warpSize": 32,
         "maxSharedMemoryPerBlock": 49152, "maxSharedMemoryPerBlockOptin": 232448,
@@ -696,7 +697,7 @@ mod tests {
     /// cuDNN's heuristic offers engines for the graph on the UNet's shapes, asked for an H100
     /// without a device (cuDNN 9.8 and later). Needs the real libcudnn on the library path and
     /// a libcuda that loads: `bash scripts/cudnn-deviceless.sh` provides both and runs it.
-    /// Without the statistics (the log-sum-exp) in the graph, cuDNN 9.26 offers none.
+    /// Without the statistics (the log-sum-exp) in the graph, cuDNN 9.19 and 9.26 offer none.
     #[test]
     #[ignore = "needs cuDNN 9.8+ on the library path"]
     fn deviceless_plans_exist() {

@@ -113,7 +113,8 @@ stage_info() {
   {
     cat "$work/BUILD.txt"
     nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true
-    "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' || true
+    # cuDNN's version too: the binaries load the cuDNN of torch's environment (LD_LIBRARY_PATH).
+    "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())' || true
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     ldd "$work/bench" | grep -E 'cu|nvrtc' || true
   } 2>&1 | tee "$out/info.txt"
