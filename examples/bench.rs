@@ -378,16 +378,8 @@ fn run() -> Result<(), String> {
     for r in rows {
         println!("{r}");
     }
-    #[cfg(feature = "cudnn")]
-    {
-        use sdstream::model::kernels::cudnn_attention;
-        let plans = cudnn_attention::plan_builds();
-        if plans.built + plans.refused > 0 {
-            println!(
-                "cuDNN attention: {} calls; {plans}",
-                cudnn_attention::calls()
-            );
-        }
+    if let Some(line) = multi_stream::cudnn_attention_summary() {
+        println!("{line}");
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 # Asks cuDNN, on a machine with no GPU, whether it takes the attention graph that
 # kernels/src/cudnn_attention.rs builds (docs/GPU.md, "Attention through cuDNN"): runs the
 # ignored test `deviceless_plans_exist`, which hands cuDNN's heuristic an H100's properties (a
-# device-properties descriptor, cuDNN 9.8 and later) instead of a device.
+# device-properties descriptor, cuDNN 9.8 and later) instead of a device, for each graph as it
+# is and as the dynamic-shape graph whose kernel cache batched calls share.
 #
 #   bash scripts/cudnn-deviceless.sh
 #

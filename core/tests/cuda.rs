@@ -1099,7 +1099,11 @@ fn cuda_fused_attention_matches_the_f32_formula() {
         cuda_flash_attention: registers,
         ..KernelPolicy::process()
     });
-    let cases = attention_against_f32(&[("WMMA", kernels[0]), ("registers", kernels[1])], &|| 0);
+    let cases = attention_against_f32(
+        &ATTENTION_SHAPES,
+        &[("WMMA", kernels[0]), ("registers", kernels[1])],
+        &|| 0,
+    );
     // Every shape, in both dtypes, under both kernels, in order.
     assert_eq!(cases.len(), ATTENTION_SHAPES.len() * 2 * 2);
     for (i, case) in cases.iter().enumerate() {
@@ -1110,9 +1114,11 @@ fn cuda_fused_attention_matches_the_f32_formula() {
     }
 }
 
-/// (batch, heads, queries, keys, head dim, spread of q and k): the shapes of
-/// [`attention_against_f32`].
-const ATTENTION_SHAPES: [(usize, usize, usize, usize, usize, f32); 11] = [
+/// (batch, heads, queries, keys, head dim, spread of q and k): an attention call's shape.
+type AttentionShape = (usize, usize, usize, usize, usize, f32);
+
+/// The shapes the fused attention kernels are checked on ([`attention_against_f32`]).
+const ATTENTION_SHAPES: [AttentionShape; 11] = [
     (1, 5, 4096, 4096, 64, 1.0),
     (2, 5, 4096, 77, 64, 1.0),
     (1, 8, 1024, 1024, 40, 1.0),
@@ -1130,17 +1136,18 @@ const ATTENTION_SHAPES: [(usize, usize, usize, usize, usize, f32); 11] = [
 /// dtype and kernel, and how far `observe`'s count moved while the kernel ran both
 /// arrangements.
 struct AttentionCase {
-    shape: (usize, usize, usize, usize, usize, f32),
+    shape: AttentionShape,
     dtype: DType,
     kernel: &'static str,
     observed: u64,
 }
 
 /// Runs attention on the device under each of `kernels` (a name and the kernel policy that
-/// picks it), in both arrangements, on every shape of [`ATTENTION_SHAPES`] in f16 and bf16, and
-/// asserts each output against the f32 formula (and against the unfused path's error on the
-/// same values); returns the cases checked.
+/// picks it), in both arrangements, on every one of `shapes` in f16 and bf16, and asserts each
+/// output against the f32 formula (and against the unfused path's error on the same values);
+/// returns the cases checked.
 fn attention_against_f32(
+    shapes: &[AttentionShape],
     kernels: &[(&'static str, sdstream::model::kernels::KernelPolicy)],
     observe: &dyn Fn() -> u64,
 ) -> Vec<AttentionCase> {
@@ -1162,7 +1169,7 @@ fn attention_against_f32(
     };
     let to_f32_cpu = common::f32_on_cpu;
     let mut checked = Vec::new();
-    for shape in ATTENTION_SHAPES {
+    for &shape in shapes {
         let (batch, heads, n, m, d, spread) = shape;
         let hd = heads * d;
         let scale = (d as f64).powf(-0.5);
@@ -1309,7 +1316,7 @@ fn cuda_cudnn_attention_matches_the_f32_formula() {
         eprintln!("cuDNN attention so far: {}", cudnn_attention::plan_builds());
         cudnn_attention::calls()
     };
-    let cases = attention_against_f32(&[("cuDNN", policy)], &observe);
+    let cases = attention_against_f32(&ATTENTION_SHAPES, &[("cuDNN", policy)], &observe);
     assert_eq!(cases.len(), ATTENTION_SHAPES.len() * 2);
     println!("cuDNN attention: {}", cudnn_attention::plan_builds());
     let mut fell_back = Vec::new();
@@ -1329,9 +1336,8 @@ fn cuda_cudnn_attention_matches_the_f32_formula() {
             fell_back.push((case.shape, case.dtype));
         }
     }
-    let in_a_frame = |(_, _, n, m, d, _): (usize, usize, usize, usize, usize, f32)| {
-        d >= 40 && n % 64 == 0 && (m % 64 == 0 || m == 77)
-    };
+    let in_a_frame =
+        |(_, _, n, m, d, _): AttentionShape| d >= 40 && n % 64 == 0 && (m % 64 == 0 || m == 77);
     assert!(
         fell_back.iter().all(|(shape, _)| !in_a_frame(*shape)),
         "cuDNN refused shapes of a real checkpoint's frame (its warnings above say why): {fell_back:?}"
@@ -1340,6 +1346,59 @@ fn cuda_cudnn_attention_matches_the_f32_formula() {
         ATTENTION_SHAPES.iter().filter(|s| in_a_frame(**s)).count(),
         7,
         "the frame's shapes among the cases"
+    );
+}
+
+/// cuDNN's fused attention on calls of 2, 3 and 4 rows of the 64² cross-attention and of 2
+/// and 3 rows of the 64² self-attention (the widths a cross-stream batcher forms) with the
+/// kernel policy's `cuda_cudnn_kernel_cache`: each row count's plan is built for a
+/// dynamic-shape graph with its geometry's kernel cache, so that only a geometry's first plan
+/// compiles the engine's kernel (the time each build took is printed as the cases go). Every
+/// call ran through cuDNN within [`attention_against_f32`]'s bounds, and every plan it built
+/// took the kernel cache (none fell back to a static plan).
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_cudnn_kernel_cache_serves_every_batch_width() {
+    use sdstream::model::kernels::{KernelPolicy, cudnn_attention};
+    if !cuda_or_skip("cuda_cudnn_kernel_cache_serves_every_batch_width") {
+        return;
+    }
+    const WIDTHS: [AttentionShape; 5] = [
+        (2, 5, 4096, 77, 64, 1.0),
+        (3, 5, 4096, 77, 64, 1.0),
+        (4, 5, 4096, 77, 64, 1.0),
+        (2, 5, 4096, 4096, 64, 1.0),
+        (3, 5, 4096, 4096, 64, 1.0),
+    ];
+    let policy = KernelPolicy {
+        cuda_cudnn_attention: true,
+        cuda_cudnn_kernel_cache: true,
+        ..KernelPolicy::process()
+    };
+    let before = cudnn_attention::plan_builds();
+    let observe = || {
+        eprintln!("cuDNN attention so far: {}", cudnn_attention::plan_builds());
+        cudnn_attention::calls()
+    };
+    let cases = attention_against_f32(&WIDTHS, &[("cuDNN, kernel caches", policy)], &observe);
+    let after = cudnn_attention::plan_builds();
+    println!("cuDNN attention: {after}");
+    assert_eq!(cases.len(), WIDTHS.len() * 2, "every width in f16 and bf16");
+    for case in &cases {
+        assert_eq!(
+            case.observed, 2,
+            "{:?} {:?}: both arrangements through cuDNN",
+            case.shape, case.dtype
+        );
+    }
+    // A plan per width, dtype and arrangement (token-major, heads-major), each with its
+    // geometry's kernel cache.
+    let plans = (WIDTHS.len() * 2 * 2) as u64;
+    assert_eq!(after.built - before.built, plans, "plans built");
+    assert_eq!(
+        after.shared - before.shared,
+        plans,
+        "plans built with kernel caches (the warnings above say why any was not)"
     );
 }
 

@@ -406,7 +406,30 @@ pub fn main(argv: Vec<String>) -> ExitCode {
             );
         }
     }
+    // The plans cuDNN's attention built for the rounds' row counts, and their compile time.
+    if let Some(line) = cudnn_attention_summary() {
+        println!();
+        println!("{line}");
+    }
     ExitCode::SUCCESS
+}
+
+/// cuDNN's attention in this process (its calls, and the plans it built or refused, with their
+/// time), where it built or refused any (feature `cudnn`): the line the benches print after their
+/// tables.
+pub fn cudnn_attention_summary() -> Option<String> {
+    #[cfg(feature = "cudnn")]
+    {
+        use sdstream::model::kernels::cudnn_attention;
+        let plans = cudnn_attention::plan_builds();
+        if plans.built + plans.refused > 0 {
+            return Some(format!(
+                "cuDNN attention: {} calls; {plans}",
+                cudnn_attention::calls()
+            ));
+        }
+    }
+    None
 }
 
 /// The switches of the process's kernel policy that change what a GPU runs, so that a table
@@ -419,13 +442,16 @@ pub fn policy_summary(cuda: bool) -> String {
     let attention = match (
         p.cuda_attention,
         p.cuda_cudnn_attention,
+        p.cuda_cudnn_kernel_cache,
         p.cuda_flash_attention,
     ) {
         (false, ..) => "off",
-        (true, true, false) => "on (cuDNN, else WMMA)",
-        (true, true, true) => "on (cuDNN, else registers)",
-        (true, false, false) => "on (WMMA)",
-        (true, false, true) => "on (registers)",
+        (true, true, false, false) => "on (cuDNN, else WMMA)",
+        (true, true, false, true) => "on (cuDNN, else registers)",
+        (true, true, true, false) => "on (cuDNN with kernel caches, else WMMA)",
+        (true, true, true, true) => "on (cuDNN with kernel caches, else registers)",
+        (true, false, _, false) => "on (WMMA)",
+        (true, false, _, true) => "on (registers)",
     };
     format!(
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \

@@ -230,6 +230,18 @@ pub(crate) fn cudnn_operands(dims: Dims, rows: [Rows; 3]) -> [GraphOperand; 4] {
     ]
 }
 
+/// `graph` with its batch left out (the batch dimension 0, the offsets 0): what every batch of
+/// one geometry has in common, since no stride depends on the batch. The key of the kernel
+/// cache that plans of several rows share (`cudnn_attention`).
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+pub(crate) fn batchless(graph: [GraphOperand; 4]) -> [GraphOperand; 4] {
+    graph.map(|mut g| {
+        g.dims[0] = 0;
+        g.offset = 0;
+        g
+    })
+}
+
 struct AttentionOp {
     heads: usize,
     scale: f64,
@@ -798,6 +810,65 @@ mod tests {
             assert_eq!(graph[3].dims, [2, 3, 5, 8]);
         }
         assert_eq!(checked, 2 * batch * heads * d * 2 * (n + m));
+    }
+
+    /// Every batch of one geometry gives cuDNN the same operands but for the batch (the kernel
+    /// cache that plans of several rows share is keyed so), in both arrangements; another
+    /// geometry (other keys, other heads) does not.
+    #[test]
+    fn a_geometrys_operands_differ_only_in_their_batch() {
+        let (heads, n, d) = (5, 64, 64);
+        let width = heads * d;
+        let arrangements = |m: usize| {
+            [
+                [
+                    Rows::token_major(n, 3 * width, d, 0),
+                    Rows::token_major(m, 3 * width, d, width),
+                    Rows::token_major(m, 3 * width, d, 2 * width),
+                ],
+                [
+                    Rows::heads_major(heads, n, d),
+                    Rows::heads_major(heads, m, d),
+                    Rows::heads_major(heads, m, d),
+                ],
+            ]
+        };
+        let dims = |batch, heads, m| Dims {
+            batch,
+            heads,
+            n,
+            m,
+            d,
+        };
+        let mut keys = Vec::new();
+        for rows in arrangements(n) {
+            let key = batchless(cudnn_operands(dims(1, heads, n), rows));
+            for batch in 1..=8 {
+                let graph = cudnn_operands(dims(batch, heads, n), rows);
+                assert!(graph.iter().all(|g| g.dims[0] == batch as i64), "{graph:?}");
+                assert_eq!(batchless(graph), key, "batch {batch}");
+            }
+            keys.push(key);
+        }
+        assert_ne!(
+            keys[0], keys[1],
+            "the arrangements are geometries of their own"
+        );
+        let [token_major, heads_major] = arrangements(77);
+        let fewer_keys = [
+            batchless(cudnn_operands(dims(2, heads, 77), token_major)),
+            batchless(cudnn_operands(dims(2, heads, 77), heads_major)),
+        ];
+        assert!(fewer_keys.iter().all(|k| !keys.contains(k)), "77 keys");
+        let other_heads = batchless(cudnn_operands(
+            dims(2, 10, n),
+            [
+                Rows::heads_major(10, n, d),
+                Rows::heads_major(10, n, d),
+                Rows::heads_major(10, n, d),
+            ],
+        ));
+        assert!(!keys.contains(&other_heads), "10 heads");
     }
 
     /// Blocks give every thread several tasks where the rows allow, within the memory bound.

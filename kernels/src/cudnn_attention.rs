@@ -18,6 +18,13 @@
 //! aligned operands of its dims and strides), on the call's first (eager) run, and kept;
 //! a geometry cuDNN refuses is said once and remembered, and its calls go back to attention.cu
 //! at once (no error made, no lock taken).
+//!
+//! Calls of several rows under the kernel policy's `cuda_cudnn_kernel_cache` get plans for a
+//! dynamic-shape graph that share the kernel cache of their geometry (its operands with the
+//! batch left out; one per process, for every thread): the engines compile their kernel as a
+//! plan is built, and a cross-stream batcher's rounds come in every width from 2 to 8 rows, on
+//! whichever thread forms them, so that each width on each thread would compile it again. A
+//! call of one row keeps its static plan; a plan refused with the cache is built static.
 //! Checked without a GPU against the cuDNN 9.19 library, which the kit's GPU machine loads (torch
 //! 2.11 pins it), and 9.26 (`deviceless_plans_exist`, an ignored test: the heuristic's support
 //! checks for an H100's properties); the plans and the numbers need a device
@@ -28,6 +35,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::sys;
@@ -56,20 +64,23 @@ static CALLS: AtomicU64 = AtomicU64::new(0);
 pub struct PlanBuilds {
     /// Plans built.
     pub built: u64,
+    /// Of those, the plans built for a dynamic-shape graph with its geometry's kernel cache
+    /// (calls of several rows under the kernel policy's `cuda_cudnn_kernel_cache`).
+    pub shared: u64,
     /// Geometries cuDNN refused (their calls run attention.cu's kernel).
     pub refused: u64,
     /// The time building and refusing took, in all.
     pub milliseconds: f64,
 }
 
-/// "N plans built, M geometries refused, T ms building them": the one wording the bench, the
-/// attention bench and the device test print.
+/// "N plans built (K with kernel caches), M geometries refused, T ms building them": the one
+/// wording the bench, the attention bench and the device test print.
 impl std::fmt::Display for PlanBuilds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} plans built, {} geometries refused, {:.0} ms building them",
-            self.built, self.refused, self.milliseconds
+            "{} plans built ({} with kernel caches), {} geometries refused, {:.0} ms building them",
+            self.built, self.shared, self.refused, self.milliseconds
         )
     }
 }
@@ -78,12 +89,14 @@ impl std::fmt::Display for PlanBuilds {
 pub fn plan_builds() -> PlanBuilds {
     PlanBuilds {
         built: BUILT.load(Ordering::Relaxed),
+        shared: SHARED.load(Ordering::Relaxed),
         refused: REFUSED.load(Ordering::Relaxed),
         milliseconds: BUILD_MICROS.load(Ordering::Relaxed) as f64 / 1e3,
     }
 }
 
 static BUILT: AtomicU64 = AtomicU64::new(0);
+static SHARED: AtomicU64 = AtomicU64::new(0);
 static REFUSED: AtomicU64 = AtomicU64::new(0);
 static BUILD_MICROS: AtomicU64 = AtomicU64::new(0);
 
@@ -343,14 +356,23 @@ impl Graph {
 
     /// The operation graph over these operations, tied to `handle` where there is one (cuDNN
     /// 9's headers deprecate the attribute, but its earlier releases ask for it, and NVIDIA's
-    /// frontend still sets it; a deviceless build has no handle to give).
+    /// frontend still sets it; a deviceless build has no handle to give). `dynamic`: a
+    /// dynamic-shape graph, whose plans may take their kernels from a kernel cache.
     pub(crate) fn operation_graph(
         &self,
         handle: Option<sys::cudnnHandle_t>,
+        dynamic: bool,
     ) -> candle_core::Result<Descriptor> {
         let graph = Descriptor::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
         let ops: Vec<&Descriptor> = self.operations.iter().collect();
         graph.set_descriptors(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &ops)?;
+        if dynamic {
+            graph.set(
+                Attr::CUDNN_ATTR_OPERATIONGRAPH_IS_DYNAMIC_SHAPE_ENABLED,
+                Type::CUDNN_TYPE_BOOLEAN,
+                &[true],
+            )?;
+        }
         if let Some(handle) = handle {
             graph.set(
                 Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE,
@@ -428,13 +450,16 @@ struct Plan {
 }
 
 impl Plan {
+    /// The plan of the first configuration that builds; with `kernels`, for a dynamic-shape
+    /// graph whose kernel comes from (or goes into) that cache.
     fn build(
         handle: sys::cudnnHandle_t,
         operands: [GraphOperand; 4],
         dtype: sys::cudnnDataType_t,
+        kernels: Option<&KernelCache>,
     ) -> candle_core::Result<Self> {
         let graph = Graph::new(operands, dtype)?;
-        let operation_graph = graph.operation_graph(Some(handle))?;
+        let operation_graph = graph.operation_graph(Some(handle), kernels.is_some())?;
         let mut last_refusal = None;
         // Mode A only: its choices are the flash engines; a fallback engine that took this
         // graph would be one of cuDNN's generic ones, slower than attention.cu's kernel.
@@ -451,6 +476,12 @@ impl Plan {
                 &[handle],
             )?;
             plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&config])?;
+            if let Some(kernels) = kernels {
+                plan.set_descriptors(
+                    Attr::CUDNN_ATTR_EXECUTION_PLAN_KERNEL_CACHE,
+                    &[&kernels.cache],
+                )?;
+            }
             match plan.finalize("execution plan") {
                 Ok(plan) => {
                     let mut workspace = 0i64;
@@ -488,6 +519,77 @@ impl Plan {
     }
 }
 
+/// The compiled kernels of one geometry whatever its batch (cuDNN's kernel cache, cuDNN 9.5
+/// and later), bound to the first dynamic-shape operation graph of that geometry, which it
+/// keeps alive. Shared by every thread: cross-stream batches of 2 to 8 rows run on whichever
+/// thread forms them, and each thread builds its own plans, so without it every row count on
+/// every thread would compile the engine's kernel anew.
+struct KernelCache {
+    cache: Descriptor,
+    _operation_graph: Descriptor,
+    _graph: Graph,
+}
+
+// SAFETY: cuDNN's descriptors are heap objects with no tie to a thread; a kernel cache is only
+// read or changed by a plan's build, which holds the cache's mutex throughout.
+unsafe impl Send for KernelCache {}
+
+impl KernelCache {
+    fn new(operands: [GraphOperand; 4], dtype: sys::cudnnDataType_t) -> candle_core::Result<Self> {
+        let graph = Graph::new(operands, dtype)?;
+        let operation_graph = graph.operation_graph(None, true)?;
+        let cache = Descriptor::new(Kind::CUDNN_BACKEND_KERNEL_CACHE_DESCRIPTOR)?;
+        cache.set_descriptors(
+            Attr::CUDNN_ATTR_KERNEL_CACHE_OPERATION_GRAPH,
+            &[&operation_graph],
+        )?;
+        Ok(Self {
+            cache: cache.finalize("kernel cache")?,
+            _operation_graph: operation_graph,
+            _graph: graph,
+        })
+    }
+}
+
+/// A geometry with its batch left out: (device, dtype, the four operands' dims and strides
+/// with batch 0 and offsets 0, [`super::attention::batchless`]).
+type Geometry = (DeviceId, DType, [GraphOperand; 4]);
+
+/// The kernel cache of `geometry`, made on first use and bound to the graph of `operands` (the
+/// geometry at the batch of the call that made it); `None` where cuDNN has none (before 9.5) or
+/// refused to make it (said once).
+fn kernel_cache(
+    geometry: Geometry,
+    operands: [GraphOperand; 4],
+    dtype: sys::cudnnDataType_t,
+) -> Option<Arc<Mutex<KernelCache>>> {
+    type Caches = HashMap<Geometry, Option<Arc<Mutex<KernelCache>>>>;
+    static CACHES: OnceLock<Mutex<Caches>> = OnceLock::new();
+    // SAFETY: a plain query.
+    if unsafe { sys::cudnnGetVersion() } < 90500 {
+        return None;
+    }
+    let mut caches = CACHES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    caches
+        .entry(geometry)
+        .or_insert_with(|| match KernelCache::new(operands, dtype) {
+            Ok(cache) => Some(Arc::new(Mutex::new(cache))),
+            Err(e) => {
+                tracing::warn!(
+                    "cuDNN made no kernel cache for q {:?} over k {:?} (any batch); its \
+                     batches build static plans: {e}",
+                    operands[0].dims,
+                    operands[1].dims
+                );
+                None
+            }
+        })
+        .clone()
+}
+
 /// A thread's cuDNN handle on one device, on that thread's stream of it.
 struct Handle(sys::cudnnHandle_t);
 
@@ -498,8 +600,9 @@ impl Drop for Handle {
     }
 }
 
-/// One geometry: (device, dtype, the four operands' dims and strides, their offsets zero).
-type Key = (DeviceId, DType, [GraphOperand; 4]);
+/// One geometry: (device, dtype, the four operands' dims and strides, their offsets zero), and
+/// whether its plan takes its kernel from the geometry's kernel cache.
+type Key = (DeviceId, DType, [GraphOperand; 4], bool);
 
 thread_local! {
     // Handles and plans are made and used on one thread (candle's stream is per thread).
@@ -535,13 +638,34 @@ fn handle(dev: &candle_core::CudaDevice) -> candle_core::Result<Rc<Handle>> {
 /// Says, once per geometry in the process, that cuDNN's attention did not run for `graph` and
 /// why (cuDNN refused its plan, or the call failed); attention.cu's kernel runs instead.
 pub(crate) fn note_refusal(graph: &[GraphOperand; 4], error: &candle_core::Error) {
-    static SAID: std::sync::Mutex<Vec<[GraphOperand; 4]>> = std::sync::Mutex::new(Vec::new());
-    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    static SAID: Mutex<Vec<[GraphOperand; 4]>> = Mutex::new(Vec::new());
+    say_once(&SAID, graph, "; attention.cu's kernel runs instead", error);
+}
+
+/// Says, once per geometry in the process, that cuDNN refused `graph`'s plan with its kernel
+/// cache; a static plan is built instead.
+fn note_kernel_cache_refusal(graph: &[GraphOperand; 4], error: &candle_core::Error) {
+    static SAID: Mutex<Vec<[GraphOperand; 4]>> = Mutex::new(Vec::new());
+    say_once(
+        &SAID,
+        graph,
+        " with its kernel cache; a static plan is built instead",
+        error,
+    );
+}
+
+fn say_once(
+    said: &Mutex<Vec<[GraphOperand; 4]>>,
+    graph: &[GraphOperand; 4],
+    instead: &str,
+    error: &candle_core::Error,
+) {
+    let mut said = said.lock().unwrap_or_else(|e| e.into_inner());
     if !said.contains(graph) {
         said.push(*graph);
         tracing::warn!(
-            "cuDNN's attention does not run for q {:?} over k {:?} (strides {:?}, {:?}); \
-             attention.cu's kernel runs instead: {error}",
+            "cuDNN's attention does not run for q {:?} over k {:?} (strides {:?}, {:?}){instead}: \
+             {error}",
             graph[0].dims,
             graph[1].dims,
             graph[0].strides,
@@ -588,11 +712,11 @@ fn run<T: CudaDType + DeviceRepr>(
     dtype: sys::cudnnDataType_t,
 ) -> candle_core::Result<Option<(CudaStorage, Shape)>> {
     let dev = operands[0].0.device().clone();
-    let key: Key = (
-        dev.id(),
-        operands[0].0.dtype(),
-        graph.map(|g| GraphOperand { offset: 0, ..g }),
-    );
+    let at_zero = graph.map(|g| GraphOperand { offset: 0, ..g });
+    // Calls of several rows share their geometry's compiled kernel across row counts where the
+    // policy asks for it; a call of one row (a stream alone) keeps the static plan.
+    let shared = graph[0].dims[0] > 1 && crate::KernelPolicy::current().cuda_cudnn_kernel_cache;
+    let key: Key = (dev.id(), operands[0].0.dtype(), at_zero, shared);
     let handle = handle(&dev)?;
     let plan = match PLANS.with(|p| p.borrow().get(&key).cloned()) {
         Some(kept) => kept,
@@ -600,7 +724,24 @@ fn run<T: CudaDType + DeviceRepr>(
             // Made on the call's eager run, never while a CUDA graph is being captured (a
             // graph's eager pass comes first on every thread).
             let began = std::time::Instant::now();
-            let built = Plan::build(handle.0, graph, dtype);
+            let geometry = super::attention::batchless(at_zero);
+            let kernels = shared
+                .then(|| kernel_cache((dev.id(), operands[0].0.dtype(), geometry), at_zero, dtype))
+                .flatten();
+            // A refused plan with the kernel cache falls back to a static one.
+            let with_cache = kernels.as_ref().and_then(|kernels| {
+                let kernels = kernels.lock().unwrap_or_else(|e| e.into_inner());
+                Plan::build(handle.0, graph, dtype, Some(&kernels))
+                    .inspect_err(|refusal| note_kernel_cache_refusal(&graph, refusal))
+                    .ok()
+            });
+            let built = match with_cache {
+                Some(plan) => {
+                    SHARED.fetch_add(1, Ordering::Relaxed);
+                    Ok(plan)
+                }
+                None => Plan::build(handle.0, graph, dtype, None),
+            };
             let micros = began.elapsed().as_micros() as u64;
             BUILD_MICROS.fetch_add(micros, Ordering::Relaxed);
             let made = match built {
@@ -713,6 +854,8 @@ mod tests {
         let d = 64;
         let c = 5 * d;
         let mut offered = Vec::new();
+        let mut offered_dynamic = Vec::new();
+        let mut caches = Vec::new();
         // (batch, heads, queries, keys, head dim, token-major)
         for (b, h, n, m, d, token_major) in [
             (1usize, 5usize, 4096usize, 4096usize, d, true),
@@ -754,7 +897,7 @@ mod tests {
                 ("bf16", sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16),
             ] {
                 let graph = Graph::new(operands, dtype).unwrap();
-                let operation_graph = graph.operation_graph(None).unwrap();
+                let operation_graph = graph.operation_graph(None, false).unwrap();
                 let configs = engine_configs(
                     &operation_graph,
                     sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
@@ -766,12 +909,40 @@ mod tests {
                     configs.len()
                 );
                 offered.push(configs.len());
+                // The same as a dynamic-shape graph, and the kernel cache a geometry's plans
+                // of several rows share (`cuda_cudnn_kernel_cache`), bound to it.
+                let dynamic = graph.operation_graph(None, true).unwrap();
+                let dynamic_configs = engine_configs(
+                    &dynamic,
+                    sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+                    Some(&properties),
+                )
+                .unwrap();
+                let cache = KernelCache::new(operands, dtype);
+                println!(
+                    "    dynamic shapes: {} engine configurations; kernel cache {}",
+                    dynamic_configs.len(),
+                    match &cache {
+                        Ok(_) => "made".to_string(),
+                        Err(e) => format!("refused: {e}"),
+                    }
+                );
+                offered_dynamic.push(dynamic_configs.len());
+                caches.push(cache.is_ok());
             }
         }
         assert_eq!(offered.len(), 10, "five shapes, two dtypes");
         assert!(
             offered.iter().all(|&n| n > 0),
             "cuDNN offered no engine for some shape: {offered:?}"
+        );
+        assert!(
+            offered_dynamic.iter().all(|&n| n > 0),
+            "cuDNN offered no engine for some dynamic-shape graph: {offered_dynamic:?}"
+        );
+        assert!(
+            caches.iter().all(|&made| made),
+            "cuDNN made no kernel cache for some graph: {caches:?}"
         );
     }
 }

@@ -112,6 +112,13 @@ pub struct KernelPolicy {
     /// it: torch's call of cuDNN's kernel took 0.077 ms on an H200 for the self-attention the
     /// WMMA kernel took 0.487 ms for.
     pub cuda_cudnn_attention: bool,
+    /// Where cuDNN's fused attention runs a call of more than one row, its plan is built for a
+    /// dynamic-shape graph with the kernel cache of its geometry, shared by every thread and
+    /// every row count: the batch widths a cross-stream batcher forms (2 to 8) then compile
+    /// the engine's kernel once instead of once each (on with `SDSTREAM_CUDA_CUDNN_KERNEL_CACHE`;
+    /// see `cudnn_attention`). Calls of one row keep their static plans. Off by default until a
+    /// GPU run has checked it.
+    pub cuda_cudnn_kernel_cache: bool,
     /// Channels-last convolutions through cuDNN apply their bias, residual and ReLU in the same
     /// call (`cudnnConvolutionBiasActivationForward`) instead of three passes of their own over
     /// the output (on with `SDSTREAM_CUDA_FUSED_CONV`; see `cudnn_conv`). Off by default until
@@ -186,6 +193,7 @@ impl Default for KernelPolicy {
             cuda_attention: true,
             cuda_flash_attention: false,
             cuda_cudnn_attention: false,
+            cuda_cudnn_kernel_cache: false,
             cuda_fused_conv: false,
             cuda_phase_conv: false,
             cuda_group_norm_rows: false,
@@ -265,6 +273,7 @@ impl KernelPolicy {
             cuda_attention: !off("SDSTREAM_CUDA_ATTENTION"),
             cuda_flash_attention: switch("SDSTREAM_CUDA_FLASH_ATTENTION"),
             cuda_cudnn_attention: switch("SDSTREAM_CUDA_CUDNN_ATTENTION"),
+            cuda_cudnn_kernel_cache: switch("SDSTREAM_CUDA_CUDNN_KERNEL_CACHE"),
             cuda_fused_conv: switch("SDSTREAM_CUDA_FUSED_CONV"),
             cuda_phase_conv: switch("SDSTREAM_CUDA_PHASE_CONV"),
             cuda_group_norm_rows: switch("SDSTREAM_CUDA_GROUP_NORM_ROWS"),
@@ -355,10 +364,15 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 12] = [
+        let cases: [(&str, Field, bool); 13] = [
             (
                 "SDSTREAM_CUDA_CUDNN_ATTENTION",
                 |p| p.cuda_cudnn_attention,
+                false,
+            ),
+            (
+                "SDSTREAM_CUDA_CUDNN_KERNEL_CACHE",
+                |p| p.cuda_cudnn_kernel_cache,
                 false,
             ),
             ("SDSTREAM_CUDA_PHASE_CONV", |p| p.cuda_phase_conv, false),
@@ -416,6 +430,9 @@ mod tests {
                 }
                 "SDSTREAM_CUDA_CUDNN_ATTENTION" => {
                     others.cuda_cudnn_attention = default_policy.cuda_cudnn_attention
+                }
+                "SDSTREAM_CUDA_CUDNN_KERNEL_CACHE" => {
+                    others.cuda_cudnn_kernel_cache = default_policy.cuda_cudnn_kernel_cache
                 }
                 _ => others.direct_conv = default_policy.direct_conv,
             }

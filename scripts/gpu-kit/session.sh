@@ -82,7 +82,7 @@ if ! passed cuda_in_place; then
   echo "== cuda_in_place failed: the stages below run the scalar adds" | tee -a "$log"
 fi
 stage weights 150 "${run[@]}" weights
-stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_cudnn_attention --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear --skip cuda_phase_conv" "${run[@]}" tests
+stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_cudnn_attention --skip cuda_cudnn_kernel_cache --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear --skip cuda_phase_conv" "${run[@]}" tests
 # Should CUDA graphs fail on the device again (as they did on an H200 before the key/value memo
 # was made the CPU's only), the figures come op by op instead of not at all.
 stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" \
@@ -171,6 +171,19 @@ fi
 # The frame as it will run next (pinned transfers and the proven switches), kernel by kernel:
 # what is left between it and the target.
 stage profile-f16 120 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" "${run[@]}" profile-f16
+# cuDNN's attention in batched rounds (issue 44): calls of 2 to 4 rows built as dynamic-shape
+# plans sharing each geometry's kernel cache (SDSTREAM_CUDA_CUDNN_KERNEL_CACHE), so that the
+# widths a batcher forms do not each compile the engine's kernel; the test prints each build's
+# time. Where it passes, the batched 1- and 8-stream rows with cuDNN's attention.
+if [[ "${#proven_kernels[@]}" -ne "${#proven[@]}" ]]; then
+  stage tests-cudnn-kernel-cache 60 SDSTREAM_TESTS=cuda_cudnn_kernel_cache \
+    SDSTREAM_TESTS_TAG=-cudnn-kernel-cache "${run[@]}" tests
+  if passed cuda_cudnn_kernel_cache; then
+    stage multi-stream-f16-all-on-cudnn 60 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" \
+      SDSTREAM_CUDA_CUDNN_KERNEL_CACHE=1 SDSTREAM_BENCH_TAG=-all-on-cudnn \
+      SDSTREAM_MULTI_ARGS="--streams 1,8 --frames 40" "${run[@]}" multi-stream-f16
+  fi
+fi
 # sdxl-turbo's shapes, 1 step, TAESDXL, 512² and 1024² (drawing its 3.5 G weights first), with
 # pinned transfers and the proven switches (the defaults' figures are in docs/GPU.md).
 stage bench-sdxl-f16 150 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" "${run[@]}" bench-sdxl-f16
