@@ -2,7 +2,8 @@
 //! self-attention): sdstream's kernel (attention.cu on a CUDA device in f16 or bf16, the CPU
 //! kernel in f32 on the CPU; on a CUDA device also the register-level kernel that the kernel
 //! policy's `cuda_flash_attention` picks, and, built with `cudnn`, cuDNN's fused attention that
-//! `cuda_cudnn_attention` picks, "refused" where cuDNN does not take the shape) beside the
+//! `cuda_cudnn_attention` picks, "refused" where cuDNN does not take the shape, static and, for
+//! several images, from its kernel cache as `cuda_cudnn_kernel_cache` builds it) beside the
 //! unfused path it replaced (candle's products
 //! and softmax, the heads merged after), in milliseconds per call: the mean of `--reps` calls after warm-up
 //! calls, the device synchronised before and after them. `scripts/gpu-kit/sdpa_reference.py`
@@ -19,8 +20,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use sdstream::model::kernels::{KernelPolicy, attention};
 
-/// (label, batch, heads, queries, keys, head dim), as sdpa_reference.py lists them.
-const SHAPES: [(&str, usize, usize, usize, usize, usize); 8] = [
+/// (label, batch, heads, queries, keys, head dim), as sdpa_reference.py lists them. The rows of
+/// 8 images are a cross-stream batch of eight streams (issue 44).
+const SHAPES: [(&str, usize, usize, usize, usize, usize); 10] = [
     ("64² self", 1, 5, 4096, 4096, 64),
     ("64² cross", 1, 5, 4096, 77, 64),
     ("32² self", 1, 10, 1024, 1024, 64),
@@ -29,6 +31,8 @@ const SHAPES: [(&str, usize, usize, usize, usize, usize); 8] = [
     ("16² cross", 1, 20, 256, 77, 64),
     ("8² self", 1, 20, 64, 64, 64),
     ("SD1.5 64² self", 1, 8, 4096, 4096, 40),
+    ("64² self, 8 images", 8, 5, 4096, 4096, 64),
+    ("64² cross, 8 images", 8, 5, 4096, 77, 64),
 ];
 
 struct Args {
@@ -97,9 +101,10 @@ fn run() -> Result<(), String> {
         args.device, args.dtype, args.reps
     );
     println!(
-        "| shape | B×H | N | M | d | sdstream ms | sdstream registers ms | cuDNN ms | unfused ms |"
+        "| shape | B×H | N | M | d | sdstream ms | sdstream registers ms | cuDNN ms | \
+         cuDNN, kernel cache ms | unfused ms |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let policy = KernelPolicy::current();
     let wmma = KernelPolicy {
         cuda_flash_attention: false,
@@ -139,24 +144,31 @@ fn run() -> Result<(), String> {
         };
         // cuDNN's fused attention, where this build has it and cuDNN takes the shape (its
         // call count moves); attention.cu's kernel runs in its place where it does not.
+        // With `kernel_cache`, a call of several images gets a dynamic-shape plan from its
+        // geometry's kernel cache (one image keeps the static plan: "–"), which must be no
+        // slower than the static plan beside it to pay.
         #[cfg(feature = "cudnn")]
-        let cudnn = if attention::fused_on_cuda(&q, d) {
+        let time_cudnn = |kernel_cache: bool| -> Result<String, String> {
             use sdstream::model::kernels::cudnn_attention;
+            if !attention::fused_on_cuda(&q, d) || (kernel_cache && batch == 1) {
+                return Ok("–".to_string());
+            }
             let before = cudnn_attention::calls();
             let ms = time_ours(KernelPolicy {
                 cuda_cudnn_attention: true,
+                cuda_cudnn_kernel_cache: kernel_cache,
                 ..policy
             })?;
-            if cudnn_attention::calls() > before {
+            Ok(if cudnn_attention::calls() > before {
                 ms
             } else {
                 "refused".to_string()
-            }
-        } else {
-            "–".to_string()
+            })
         };
+        #[cfg(feature = "cudnn")]
+        let (cudnn, cudnn_kernel_cache) = (time_cudnn(false)?, time_cudnn(true)?);
         #[cfg(not(feature = "cudnn"))]
-        let cudnn = "–";
+        let (cudnn, cudnn_kernel_cache) = ("–", "–");
         let unfused = time_ms(&device, args.reps, || {
             let scores = (q.matmul(&k.t()?)? * scale)?;
             candle_nn::ops::softmax_last_dim(&scores)?
@@ -167,7 +179,8 @@ fn run() -> Result<(), String> {
         })
         .map_err(e)?;
         println!(
-            "| {label} | {batch}×{heads} | {n} | {m} | {d} | {ours} | {ours_registers} | {cudnn} | {unfused:.4} |"
+            "| {label} | {batch}×{heads} | {n} | {m} | {d} | {ours} | {ours_registers} | {cudnn} | \
+             {cudnn_kernel_cache} | {unfused:.4} |"
         );
     }
     #[cfg(feature = "cudnn")]

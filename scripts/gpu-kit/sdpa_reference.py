@@ -29,6 +29,8 @@ SHAPES = [
     ("16² cross", 1, 20, 256, 77, 64),
     ("8² self", 1, 20, 64, 64, 64),
     ("SD1.5 64² self", 1, 8, 4096, 4096, 40),
+    ("64² self, 8 images", 8, 5, 4096, 4096, 64),
+    ("64² cross, 8 images", 8, 5, 4096, 77, 64),
 ]
 BACKENDS = [
     ("flash", SDPBackend.FLASH_ATTENTION),
