@@ -1292,6 +1292,11 @@ fn attention_against_f32(
     checked
 }
 
+/// Held by the tests that count cuDNN's attention calls and plans (process-wide counters), so
+/// that a parallel run does not count one test's calls in the other's.
+#[cfg(feature = "cudnn")]
+static CUDNN_ATTENTION_COUNTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// cuDNN's fused attention (kernels/src/cudnn_attention.rs, kernel policy
 /// `cuda_cudnn_attention`) against the f32 formula on the same shapes and bounds as the
 /// kernels of attention.cu ([`attention_against_f32`]). It must have run, not fallen back to
@@ -1306,6 +1311,9 @@ fn cuda_cudnn_attention_matches_the_f32_formula() {
     if !cuda_or_skip("cuda_cudnn_attention_matches_the_f32_formula") {
         return;
     }
+    let _counters = CUDNN_ATTENTION_COUNTERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let policy = KernelPolicy {
         cuda_cudnn_attention: true,
         ..KernelPolicy::process()
@@ -1363,6 +1371,9 @@ fn cuda_cudnn_kernel_cache_serves_every_batch_width() {
     if !cuda_or_skip("cuda_cudnn_kernel_cache_serves_every_batch_width") {
         return;
     }
+    let _counters = CUDNN_ATTENTION_COUNTERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     const WIDTHS: [AttentionShape; 5] = [
         (2, 5, 4096, 77, 64, 1.0),
         (3, 5, 4096, 77, 64, 1.0),
