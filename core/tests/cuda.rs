@@ -1297,6 +1297,17 @@ fn attention_against_f32(
 #[cfg(feature = "cudnn")]
 static CUDNN_ATTENTION_COUNTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// For a test of cuDNN's attention named `test`: `None` where it is skipped (no device), else
+/// the counters' lock, held while it runs.
+#[cfg(feature = "cudnn")]
+fn cudnn_attention_counters(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    cuda_or_skip(test).then(|| {
+        CUDNN_ATTENTION_COUNTERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    })
+}
+
 /// cuDNN's fused attention (kernels/src/cudnn_attention.rs, kernel policy
 /// `cuda_cudnn_attention`) against the f32 formula on the same shapes and bounds as the
 /// kernels of attention.cu ([`attention_against_f32`]). It must have run, not fallen back to
@@ -1308,12 +1319,10 @@ static CUDNN_ATTENTION_COUNTERS: std::sync::Mutex<()> = std::sync::Mutex::new(()
 #[test]
 fn cuda_cudnn_attention_matches_the_f32_formula() {
     use sdstream::model::kernels::{KernelPolicy, cudnn_attention};
-    if !cuda_or_skip("cuda_cudnn_attention_matches_the_f32_formula") {
+    let Some(_counters) = cudnn_attention_counters("cuda_cudnn_attention_matches_the_f32_formula")
+    else {
         return;
-    }
-    let _counters = CUDNN_ATTENTION_COUNTERS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    };
     let policy = KernelPolicy {
         cuda_cudnn_attention: true,
         ..KernelPolicy::process()
@@ -1368,12 +1377,11 @@ fn cuda_cudnn_attention_matches_the_f32_formula() {
 #[test]
 fn cuda_cudnn_kernel_cache_serves_every_batch_width() {
     use sdstream::model::kernels::{KernelPolicy, cudnn_attention};
-    if !cuda_or_skip("cuda_cudnn_kernel_cache_serves_every_batch_width") {
+    let Some(_counters) =
+        cudnn_attention_counters("cuda_cudnn_kernel_cache_serves_every_batch_width")
+    else {
         return;
-    }
-    let _counters = CUDNN_ATTENTION_COUNTERS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    };
     const WIDTHS: [AttentionShape; 5] = [
         (2, 5, 4096, 77, 64, 1.0),
         (3, 5, 4096, 77, 64, 1.0),

@@ -897,37 +897,34 @@ mod tests {
                 ("bf16", sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16),
             ] {
                 let graph = Graph::new(operands, dtype).unwrap();
-                let operation_graph = graph.operation_graph(None, false).unwrap();
-                let configs = engine_configs(
-                    &operation_graph,
-                    sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
-                    Some(&properties),
-                )
-                .unwrap();
+                // The configurations offered for the graph as it is, or as a dynamic-shape graph.
+                let offered_for = |dynamic| {
+                    let operation_graph = graph.operation_graph(None, dynamic).unwrap();
+                    engine_configs(
+                        &operation_graph,
+                        sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+                        Some(&properties),
+                    )
+                    .unwrap()
+                    .len()
+                };
+                let configs = offered_for(false);
                 println!(
-                    "[{b}×{h}, {n} × {m} keys, d {d}, token-major {token_major}] {name}: {} engine configurations",
-                    configs.len()
+                    "[{b}×{h}, {n} × {m} keys, d {d}, token-major {token_major}] {name}: {configs} engine configurations"
                 );
-                offered.push(configs.len());
+                offered.push(configs);
                 // The same as a dynamic-shape graph, and the kernel cache a geometry's plans
                 // of several rows share (`cuda_cudnn_kernel_cache`), bound to it.
-                let dynamic = graph.operation_graph(None, true).unwrap();
-                let dynamic_configs = engine_configs(
-                    &dynamic,
-                    sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
-                    Some(&properties),
-                )
-                .unwrap();
+                let dynamic_configs = offered_for(true);
                 let cache = KernelCache::new(operands, dtype);
                 println!(
-                    "    dynamic shapes: {} engine configurations; kernel cache {}",
-                    dynamic_configs.len(),
+                    "    dynamic shapes: {dynamic_configs} engine configurations; kernel cache {}",
                     match &cache {
                         Ok(_) => "made".to_string(),
                         Err(e) => format!("refused: {e}"),
                     }
                 );
-                offered_dynamic.push(dynamic_configs.len());
+                offered_dynamic.push(dynamic_configs);
                 caches.push(cache.is_ok());
             }
         }
