@@ -847,8 +847,11 @@ fn cuda_phase_conv_matches_the_upsampled_convolution() {
 /// combination of residual and ReLU, on the networks' shapes (3×3 stride 1 and 2 with uneven
 /// padding, 1×1, upsample-then-convolve), in f32, f16 and bf16. The fused call rounds once where
 /// the separate ops round after each step: within three roundings of the output's scale. Fails
-/// where cuDNN refuses a configuration (the layer would then run the separate ops; the test says
-/// which).
+/// where cuDNN refuses an f32 or f16 configuration (the layer would then run the separate ops;
+/// the test says which). A bf16 refusal is said and counted, not failed: NVIDIA documents the
+/// fused call's data types for f32 and f16 only, and the layer's answer must then be the
+/// separate ops' (checked the same way), so that one refused bf16 case does not leave the
+/// switch unproven for the f16 frames it is for.
 #[test]
 #[cfg_attr(
     not(feature = "cuda"),
@@ -863,6 +866,7 @@ fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
     let cuda = Device::new_cuda(0).unwrap();
     let to_cpu = common::f32_on_cpu;
     let mut fused_runs = 0u64;
+    let mut bf16_refused = 0u64;
     let before = cudnn_fused_calls();
     for case in ConvCase::all() {
         let ConvCase {
@@ -904,8 +908,11 @@ fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
                 let xs = x.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
                 let rs = residual.to_dtype(dtype).unwrap().to_device(&cuda).unwrap();
                 let run = |fused: bool| {
+                    // The phase convolutions would take the upsampling cases without an
+                    // epilogue away from the call under test.
                     KernelPolicy {
                         cuda_fused_conv: fused,
+                        cuda_phase_conv: false,
                         ..KernelPolicy::process()
                     }
                     .scoped(|| {
@@ -917,13 +924,21 @@ fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
                 let separate = to_cpu(&run(false));
                 let calls = cudnn_fused_calls();
                 let fused = to_cpu(&run(true));
-                assert_eq!(
-                    cudnn_fused_calls(),
-                    calls + 1,
-                    "cuDNN refused [{b}, {h}, {w}, {c_in}] -> {c_out} k{k} s{stride} up{up} \
-                     {dtype:?} residual {with_residual} ReLU {relu} (see the warning above)"
-                );
-                fused_runs += 1;
+                let ran_fused = cudnn_fused_calls() - calls;
+                if ran_fused == 0 && dtype == DType::BF16 {
+                    println!(
+                        "cuDNN refused [{b}, {h}, {w}, {c_in}] -> {c_out} k{k} s{stride} up{up} \
+                         {dtype:?} residual {with_residual} ReLU {relu}: the separate ops ran"
+                    );
+                    bf16_refused += 1;
+                } else {
+                    assert_eq!(
+                        ran_fused, 1,
+                        "cuDNN refused [{b}, {h}, {w}, {c_in}] -> {c_out} k{k} s{stride} up{up} \
+                         {dtype:?} residual {with_residual} ReLU {relu} (see the warning above)"
+                    );
+                    fused_runs += 1;
+                }
                 assert_eq!(fused.dims(), want.dims());
                 let (max, mean) = common::abs_err(&fused, &separate);
                 let (cpu_max, _) = common::abs_err(&fused, &want);
@@ -942,7 +957,10 @@ fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
             }
         }
     }
-    assert_eq!(fused_runs, ConvCase::all().len() as u64 * 4 * 3);
+    let cases = ConvCase::all().len() as u64 * 4;
+    println!("fused conv: {fused_runs} calls fused, {bf16_refused} bf16 cases refused");
+    assert_eq!(fused_runs + bf16_refused, cases * 3);
+    assert!(fused_runs >= cases * 2, "an f32 or f16 case ran unfused");
     assert_eq!(cudnn_fused_calls() - before, fused_runs);
 }
 

@@ -64,8 +64,26 @@ fn padded_head_dim(d: usize) -> Option<usize> {
 pub fn fused_on_cuda(q: &Tensor, head_dim: usize) -> bool {
     cuda_kernels(q.device())
         && matches!(q.dtype(), DType::F16 | DType::BF16)
-        && padded_head_dim(head_dim).is_some()
+        && padded_head_dim(head_dim).is_some_and(|dp| fits_on_device(q.device(), dp))
         && crate::KernelPolicy::current().cuda_attention
+}
+
+/// Whether the WMMA kernel's shared memory for padded head dimension `dp` fits one block of
+/// `device` (at 160, 89 KiB: every GPU with bf16 tensor cores has at least 99 KiB, but the
+/// limit is read, not assumed).
+#[cfg(feature = "cuda")]
+fn fits_on_device(device: &candle_core::Device, dp: usize) -> bool {
+    match device {
+        candle_core::Device::Cuda(dev) => {
+            cuda::shared_limit(dev).is_ok_and(|limit| cuda::shared_bytes(dp, false) <= limit)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fits_on_device(_: &candle_core::Device, _: usize) -> bool {
+    false
 }
 
 /// Attention of `q` `[B·H, N, d]` over `k`, `v` `[B·H, M, d]` (heads-major pairs), with the
@@ -575,9 +593,11 @@ impl CustomOp3 for AttentionOp {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUdevice_attribute, CUfunction_attribute_enum,
+    };
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
     use candle_core::{CudaStorage, DType, Layout, Shape};
     use std::sync::Mutex;
 
@@ -592,6 +612,39 @@ mod cuda {
     const WARPS: usize = 4;
     /// Shared memory a kernel may use without asking for more.
     const DEFAULT_SHARED: usize = 48 * 1024;
+
+    /// The most dynamic shared memory one block may ask for on `dev` (the opt-in limit: 227 KiB
+    /// on Hopper, 163 KiB on the A100, 99 KiB on Ampere's and Ada's other parts), read once per
+    /// device.
+    pub(super) fn shared_limit(dev: &CudaDevice) -> candle_core::Result<usize> {
+        static LIMITS: Mutex<Vec<(DeviceId, usize)>> = Mutex::new(Vec::new());
+        let mut limits = LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, limit)) = limits.iter().find(|(id, _)| *id == dev.id()) {
+            return Ok(*limit);
+        }
+        let limit = dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .w()?;
+        let limit = usize::try_from(limit).unwrap_or(0);
+        limits.push((dev.id(), limit));
+        Ok(limit)
+    }
+
+    /// Says once per device and head dimension that the register kernel does not fit.
+    fn note_flash_too_large(dev: &CudaDevice, dp: usize, limit: usize) {
+        static SAID: Mutex<Vec<(DeviceId, usize)>> = Mutex::new(Vec::new());
+        let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+        if !said.contains(&(dev.id(), dp)) {
+            said.push((dev.id(), dp));
+            tracing::warn!(
+                "the register attention kernel needs {} bytes of shared memory for heads padded \
+                 to {dp}, more than this GPU's {limit}: the WMMA kernel runs them instead",
+                shared_bytes(dp, true)
+            );
+        }
+    }
 
     /// attention.cu's shared memory for padded head dimension `dp`. The WMMA kernel
     /// (`attention_*`, its `Smem<DP>::TOTAL`): q, k and v tiles with rows of `dp + 8`, each
@@ -685,28 +738,43 @@ mod cuda {
             }
             views.push(storage.as_cuda_slice::<T>()?.slice(at..));
         }
-        // The register kernel where the kernel policy asks for it (`SDSTREAM_CUDA_FLASH_ATTENTION`).
-        let registers = crate::KernelPolicy::current().cuda_flash_attention;
+        // The register kernel where the kernel policy asks for it (`SDSTREAM_CUDA_FLASH_ATTENTION`)
+        // and its double-buffered tiles fit one block of this device (at 160, 105 KiB: more
+        // than Ampere's and Ada's consumer parts allow); the WMMA kernel otherwise.
+        let limit = shared_limit(&dev)?;
+        let registers = crate::KernelPolicy::current().cuda_flash_attention && {
+            let fits = shared_bytes(dp, true) <= limit;
+            if !fits {
+                note_flash_too_large(&dev, dp, limit);
+            }
+            fits
+        };
         let name = if registers {
             format!("flash_attention_{suffix}_{dp}")
         } else {
             format!("attention_{suffix}_{dp}")
         };
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let shared = shared_bytes(dp, registers);
-        // Asked for once per device and kernel, so never while a CUDA graph is being captured
-        // (a graph's eager pass always comes first).
-        static RAISED: Mutex<Vec<(DeviceId, String)>> = Mutex::new(Vec::new());
-        let mut raised = RAISED.lock().unwrap_or_else(|e| e.into_inner());
-        if shared > DEFAULT_SHARED && !raised.iter().any(|(id, n)| *id == dev.id() && *n == name) {
-            func.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared as i32,
+        if shared > limit {
+            candle_core::bail!(
+                "sdstream-attention: heads of {d} values need {shared} bytes of shared memory \
+                 a block; this GPU allows {limit}"
             )
-            .w()?;
-            raised.push((dev.id(), name));
         }
-        drop(raised);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        // The limit is a property of the loaded function, so it is read from the function on
+        // every call: two threads' first calls can each load the module (candle's map keeps
+        // the later copy), and a setting remembered by name would then belong to a function
+        // no longer in use. Reading it is a host call; setting it is no stream operation, so
+        // it is allowed while a CUDA graph is being captured (where it is never needed: the
+        // graph's eager pass comes first).
+        if shared > DEFAULT_SHARED {
+            let attribute =
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            if func.get_attribute(attribute).w()? < shared as i32 {
+                func.set_attribute(attribute, shared as i32).w()?;
+            }
+        }
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(BLOCK_ROWS) as u32, heads as u32, batch as u32),
             block_dim: (THREADS, 1, 1),

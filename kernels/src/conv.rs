@@ -517,8 +517,8 @@ impl Conv2d {
     ) -> candle_core::Result<Option<Tensor>> {
         use std::cell::RefCell;
         use std::collections::HashSet;
-        /// Input dims, weight dims, dtype, residual, ReLU.
-        type Refused = (Vec<usize>, Vec<usize>, DType, bool, bool);
+        /// Input dims, weight dims, stride, padding, dtype, residual, ReLU.
+        type Refused = (Vec<usize>, Vec<usize>, usize, usize, DType, bool, bool);
         thread_local! {
             /// The geometries cuDNN refused.
             static REFUSED: RefCell<HashSet<Refused>> = RefCell::new(HashSet::new());
@@ -527,6 +527,8 @@ impl Conv2d {
         let key = (
             xs.dims().to_vec(),
             self.weight.dims().to_vec(),
+            self.stride,
+            pad,
             xs.dtype(),
             epilogue.residual.is_some(),
             epilogue.relu,
@@ -548,9 +550,9 @@ impl Conv2d {
         };
         super::fused::unless_refused(&REFUSED, key, run, |key, e| {
             format!(
-                "cuDNN refused a fused convolution ({:?} over {:?}, {:?}, residual {}, ReLU {}): \
-                 {e}; this geometry runs its epilogue as separate ops",
-                key.1, key.0, key.2, key.3, key.4
+                "cuDNN refused a fused convolution ({:?} over {:?}, stride {}, padding {}, {:?}, \
+                 residual {}, ReLU {}): {e}; this geometry runs its epilogue as separate ops",
+                key.1, key.0, key.2, key.3, key.4, key.5, key.6
             )
         })
     }

@@ -175,8 +175,10 @@ impl FusedLinear {
             let x = xs.as_cuda_slice::<T>()?.slice(x0..x1);
             let w = ws.as_cuda_slice::<T>()?.slice(w0..w1);
             let b = bs.as_cuda_slice::<T>()?.slice(b0..b1);
-            // candle runs one stream per device with cudarc's event tracking off: the guards
-            // record nothing, and the addresses stay valid while the views live.
+            // cudarc makes a buffer's read and write events only in its multi-stream mode, which
+            // candle's per-thread default streams never enter (cross-thread order is
+            // `QueuedWork`'s): the guards record nothing, and the addresses stay valid while
+            // the views live.
             let (x_ptr, _x_guard) = x.device_ptr(&stream);
             let (w_ptr, _w_guard) = w.device_ptr(&stream);
             let (b_ptr, _b_guard) = b.device_ptr(&stream);

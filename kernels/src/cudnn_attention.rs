@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::sys;
+use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaStorage, DType, Layout, Shape};
@@ -213,8 +214,9 @@ fn tensor(
     t.set_i64(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, &dims)?;
     t.set_i64(Attr::CUDNN_ATTR_TENSOR_STRIDES, &strides)?;
     t.set_i64(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, &[uid])?;
-    let alignment = if role == Role::ByValue { 4 } else { 16 };
-    t.set_i64(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[alignment])?;
+    // 16 bytes for the by-value scale too, as NVIDIA's frontend declares it (the heuristic
+    // takes 4 as well, but plan finalization checks more than the heuristic does).
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[16])?;
     let boolean = Type::CUDNN_TYPE_BOOLEAN;
     t.set(
         Attr::CUDNN_ATTR_TENSOR_IS_VIRTUAL,
@@ -712,17 +714,41 @@ fn run<T: CudaDType + DeviceRepr>(
     dtype: sys::cudnnDataType_t,
 ) -> candle_core::Result<Option<(CudaStorage, Shape)>> {
     let dev = operands[0].0.device().clone();
+    // The graph declares every operand 16-byte aligned: a row that starts off a multiple of 8
+    // values goes to attention.cu's checks instead (which name it).
+    let aligned = graph[0].dims[3] % 8 == 0
+        && operands.iter().zip(&graph).all(|((_, layout), operand)| {
+            (layout.start_offset() + operand.offset) % 8 == 0
+                && operand.strides.iter().all(|&s| s == 1 || s % 8 == 0)
+        });
+    if !aligned {
+        return Ok(None);
+    }
     let at_zero = graph.map(|g| GraphOperand { offset: 0, ..g });
     // Calls of several rows share their geometry's compiled kernel across row counts where the
     // policy asks for it; a call of one row (a stream alone) keeps the static plan.
     let shared = graph[0].dims[0] > 1 && crate::KernelPolicy::current().cuda_cudnn_kernel_cache;
     let key: Key = (dev.id(), operands[0].0.dtype(), at_zero, shared);
-    let handle = handle(&dev)?;
     let plan = match PLANS.with(|p| p.borrow().get(&key).cloned()) {
         Some(kept) => kept,
         None => {
-            // Made on the call's eager run, never while a CUDA graph is being captured (a
-            // graph's eager pass comes first on every thread).
+            // Made on the call's eager run (a graph's eager pass comes first on every thread),
+            // never while a CUDA graph is being captured: building compiles a kernel and may
+            // allocate, which a capture must not see. A capture that meets a geometry with no
+            // plan records attention.cu's kernel.
+            let capturing = dev
+                .cuda_stream()
+                .capture_status()
+                .map_err(|e| candle_core::Error::Msg(format!("sdstream-cudnn-attention: {e:?}")))?;
+            if capturing != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                return Ok(None);
+            }
+            // cuDNN compiles the plan's kernel in the thread's current context: the device's.
+            dev.cuda_stream()
+                .context()
+                .bind_to_thread()
+                .map_err(|e| candle_core::Error::Msg(format!("sdstream-cudnn-attention: {e:?}")))?;
+            let handle = handle(&dev)?;
             let began = std::time::Instant::now();
             let geometry = super::attention::batchless(at_zero);
             let kernels = shared
@@ -760,6 +786,8 @@ fn run<T: CudaDType + DeviceRepr>(
     let Some(plan) = plan else {
         return Ok(None);
     };
+    // Made with the plan, on this thread.
+    let handle = handle(&dev)?;
     let stream = dev.cuda_stream();
     let elements = out_shape.elem_count();
     // SAFETY: the plan's second product writes every output value.
@@ -775,8 +803,10 @@ fn run<T: CudaDType + DeviceRepr>(
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     {
-        // candle runs one stream per thread with cudarc's event tracking off: the guards record
-        // nothing, and the addresses stay valid while the views live.
+        // cudarc makes a buffer's read and write events only in its multi-stream mode, which
+        // candle's per-thread default streams never enter (cross-thread order is
+        // `QueuedWork`'s): the guards record nothing, and the addresses stay valid while the
+        // views live.
         let (q_ptr, _q) = views[0].device_ptr(&stream);
         let (k_ptr, _k) = views[1].device_ptr(&stream);
         let (v_ptr, _v) = views[2].device_ptr(&stream);
@@ -810,10 +840,17 @@ fn run<T: CudaDType + DeviceRepr>(
         // SAFETY: the plan was built for these operands' dims, strides and dtype (the key);
         // every pointer is a live device buffer of the right size on this thread's stream, the
         // scale a live host f32, the workspace as large as the plan asked.
-        check(
+        let executed = check(
             unsafe { sys::cudnnBackendExecute(handle.0, plan.plan.0, pack.0) },
             "execute",
-        )?;
+        );
+        if let Err(e) = executed {
+            // A plan that fails to run is dropped for this thread's geometry like a refused
+            // one, so that later calls go to attention.cu at once instead of failing in cuDNN
+            // first; the caller says why, once.
+            PLANS.with(|p| p.borrow_mut().insert(key, None));
+            return Err(e);
+        }
     }
     CALLS.fetch_add(1, Ordering::Relaxed);
     Ok(Some((CudaStorage::wrap_cuda_slice(dst, dev), out_shape)))

@@ -132,8 +132,9 @@ struct RawView<T> {
 
 impl<T> RawView<T> {
     fn of(view: &impl DevicePtr<T>, stream: &Arc<CudaStream>) -> Self {
-        // candle runs one stream per device with cudarc's event tracking off: the guard records
-        // nothing.
+        // cudarc makes a buffer's read and write events only in its multi-stream mode, which
+        // candle's per-thread default streams never enter (cross-thread order is
+        // `QueuedWork`'s): the guard records nothing.
         let (ptr, _guard) = view.device_ptr(stream);
         RawView {
             ptr,

@@ -304,14 +304,16 @@ extern "C" __global__ void group_norm_rows_finalize(const float* partial, float*
 }
 
 // The `_rows` entry points per storage type and run width V; `_add` normalises x plus a value
-// per image and channel (`per_image`, [images, C]; the plain ones never read it).
+// per image and channel (`per_image`, [images, C]; the plain ones never read it). The host
+// launches blocks of up to 1,024 threads (norm.rs, `MAX_THREADS`), which only start where a
+// thread needs at most 64 registers (ptxas, sm_90: 37 at most now): the bound keeps it so.
 #define GROUP_NORM_ROWS_ADD(NAME, T, V, ADD, TAG)                                                 \
-  extern "C" __global__ void group_norm_rows_stats##TAG##_v##V##_##NAME(                          \
+  extern "C" __global__ void __launch_bounds__(1024) group_norm_rows_stats##TAG##_v##V##_##NAME(  \
       const T* x, const T* per_image, float* partial, const int pixels, const int channels,       \
       const int groups, const int chunk_pixels) {                                                 \
     rows_stats<T, V, ADD>(x, per_image, partial, pixels, channels, groups, chunk_pixels);         \
   }                                                                                               \
-  extern "C" __global__ void group_norm_rows_apply##TAG##_v##V##_##NAME(                          \
+  extern "C" __global__ void __launch_bounds__(1024) group_norm_rows_apply##TAG##_v##V##_##NAME(  \
       const T* x, const T* per_image, T* y, const T* weight, const T* bias,                       \
       const float* mean_rstd, const int pixels, const int channels, const int groups,             \
       const int chunk_pixels, const int silu) {                                                   \

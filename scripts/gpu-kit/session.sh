@@ -46,8 +46,9 @@ stage info 30 "${run[@]}" info
 stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda_geglu cuda_canny cuda_float_processors cuda_in_place cuda_group_norm cuda_layer_norm cuda_fused_linear cuda_phase_conv" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
 # cuDNN's fused attention in a stage of its own: its engines compile their kernels (NVRTC) when
 # a shape's plan is built, for a time no run has measured yet (the test prints it as it goes),
-# which must not take the other kernels' time.
-stage tests-cudnn-attention 90 SDSTREAM_TESTS=cuda_cudnn_attention SDSTREAM_TESTS_TAG=-cudnn-attention \
+# which must not take the other kernels' time. Up to 44 plans (11 shapes, f16 and bf16, both
+# arrangements), each a compile: the limit allows 3 s each.
+stage tests-cudnn-attention 150 SDSTREAM_TESTS=cuda_cudnn_attention SDSTREAM_TESTS_TAG=-cudnn-attention \
   "${run[@]}" tests
 # The register attention kernel, cuDNN's fused attention, the fused convolution epilogue, the GroupNorm `_rows` kernels,
 # the LayerNorm kernel, the fused linear epilogue and the phase convolutions are in those tests: each switch whose test passed is "proven", and
