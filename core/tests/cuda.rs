@@ -1118,6 +1118,7 @@ fn cuda_fused_attention_matches_the_f32_formula() {
         ..KernelPolicy::process()
     });
     let cases = attention_against_f32(
+        &Device::new_cuda(0).unwrap(),
         &ATTENTION_SHAPES,
         &[("WMMA", kernels[0]), ("registers", kernels[1])],
         &|| 0,
@@ -1160,17 +1161,18 @@ struct AttentionCase {
     observed: u64,
 }
 
-/// Runs attention on the device under each of `kernels` (a name and the kernel policy that
-/// picks it), in both arrangements, on every one of `shapes` in f16 and bf16, and asserts each
-/// output against the f32 formula (and against the unfused path's error on the same values);
-/// returns the cases checked.
+/// Runs attention on `cuda` under each of `kernels` (a name and the kernel policy that picks
+/// it), in both arrangements, on every one of `shapes` in f16 and bf16, and asserts each output
+/// against the f32 formula (and against the unfused path's error on the same values); returns
+/// the cases checked.
 fn attention_against_f32(
+    cuda: &Device,
     shapes: &[AttentionShape],
     kernels: &[(&'static str, sdstream::model::kernels::KernelPolicy)],
     observe: &dyn Fn() -> u64,
 ) -> Vec<AttentionCase> {
     use sdstream::model::kernels::attention::{self, TokenMajor};
-    let cuda = Device::new_cuda(0).unwrap();
+    let cuda = cuda.clone();
     let cpu = Device::Cpu;
     let heads_major = |t: &Tensor, parts: usize, part: usize, heads: usize, d: usize| {
         let (b, tokens, _) = t.dims3().unwrap();
@@ -1351,7 +1353,12 @@ fn cuda_cudnn_attention_matches_the_f32_formula() {
         eprintln!("cuDNN attention so far: {}", cudnn_attention::plan_builds());
         cudnn_attention::calls()
     };
-    let cases = attention_against_f32(&ATTENTION_SHAPES, &[("cuDNN", policy)], &observe);
+    let cases = attention_against_f32(
+        &Device::new_cuda(0).unwrap(),
+        &ATTENTION_SHAPES,
+        &[("cuDNN", policy)],
+        &observe,
+    );
     assert_eq!(cases.len(), ATTENTION_SHAPES.len() * 2);
     println!("cuDNN attention: {}", cudnn_attention::plan_builds());
     let mut fell_back = Vec::new();
@@ -1390,7 +1397,10 @@ fn cuda_cudnn_attention_matches_the_f32_formula() {
 /// dynamic-shape graph with its geometry's kernel cache, so that only a geometry's first plan
 /// compiles the engine's kernel (the time each build took is printed as the cases go). Every
 /// call ran through cuDNN within [`attention_against_f32`]'s bounds, and every plan it built
-/// took the kernel cache (none fell back to a static plan).
+/// took the kernel cache (none fell back to a static plan). The first width runs on a thread
+/// that then ends (its cuDNN handle and plans go with it), as a batcher's rounds move to
+/// another stream's thread when the stream that ran them leaves: the later widths take their
+/// kernels from caches that thread filled.
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_cudnn_kernel_cache_serves_every_batch_width() {
@@ -1417,7 +1427,21 @@ fn cuda_cudnn_kernel_cache_serves_every_batch_width() {
         eprintln!("cuDNN attention so far: {}", cudnn_attention::plan_builds());
         cudnn_attention::calls()
     };
-    let cases = attention_against_f32(&WIDTHS, &[("cuDNN, kernel caches", policy)], &observe);
+    // One device for both threads: the kernel caches are the device's.
+    let cuda = Device::new_cuda(0).unwrap();
+    let kernels = [("cuDNN, kernel caches", policy)];
+    let first_thread = std::thread::scope(|s| {
+        s.spawn(|| attention_against_f32(&cuda, &WIDTHS[..1], &kernels, &observe))
+            .join()
+            .expect("the first width's thread")
+    });
+    let mut cases = first_thread;
+    cases.extend(attention_against_f32(
+        &cuda,
+        &WIDTHS[1..],
+        &kernels,
+        &observe,
+    ));
     let after = cudnn_attention::plan_builds();
     println!("cuDNN attention: {after}");
     assert_eq!(cases.len(), WIDTHS.len() * 2, "every width in f16 and bf16");
