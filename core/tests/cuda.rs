@@ -1463,6 +1463,38 @@ fn cuda_cudnn_kernel_cache_serves_every_batch_width() {
     );
 }
 
+/// A CUDA device opened for frames (`DeviceSpec::device`, which every engine, pool and binding
+/// opens through) makes no CUDA events for its buffers unless the kernel policy keeps cudarc's
+/// event tracking (`SDSTREAM_CUDA_EVENT_TRACKING`), and its buffers work either way: a value
+/// written, computed on and read back.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_opened_devices_track_no_events() {
+    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::params::DeviceSpec;
+    if !cuda_or_skip("cuda_opened_devices_track_no_events") {
+        return;
+    }
+    for tracking in [false, true] {
+        let policy = KernelPolicy {
+            cuda_event_tracking: tracking,
+            ..KernelPolicy::process()
+        };
+        let device = policy.scoped(|| DeviceSpec::Cuda(0).device().unwrap());
+        let Device::Cuda(cuda) = &device else {
+            panic!("DeviceSpec::Cuda(0) opened {device:?}")
+        };
+        assert_eq!(
+            cuda.is_event_tracking(),
+            tracking,
+            "tracking asked: {tracking}"
+        );
+        let x = Tensor::arange(0f32, 1024.0, &device).unwrap();
+        let sum = (&x + &x).unwrap().sum_all().unwrap();
+        assert_eq!(sum.to_scalar::<f32>().unwrap(), 1023.0 * 1024.0);
+    }
+}
+
 /// GEGLU in one pass on the device (ops.cu) against its formula in f32 on the CPU, with and
 /// without the projection's bias, in f32, f16 and bf16, on the UNet's widths. Errors are
 /// relative to each value, with a floor of 0.01 near zero. f16 and bf16 round once: within half

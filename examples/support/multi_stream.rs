@@ -457,7 +457,7 @@ pub fn policy_summary(cuda: bool) -> String {
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
          pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}, \
          phase convolutions {}, GroupNorm rows kernels {}, LayerNorm kernel {}, \
-         fused linear epilogue {}, 16-byte adds {}",
+         fused linear epilogue {}, 16-byte adds {}, event tracking {}",
         on_off(p.cuda_kernels),
         attention,
         on_off(p.cuda_graphs),
@@ -471,5 +471,6 @@ pub fn policy_summary(cuda: bool) -> String {
         on_off(p.cuda_layer_norm),
         on_off(p.cuda_fused_linear),
         on_off(p.cuda_vector_adds),
+        on_off(p.cuda_event_tracking),
     )
 }

@@ -134,12 +134,20 @@ impl QueuedWork {
 /// device's stream-ordered pool for the next frame (release threshold: unlimited), where the
 /// driver's default gives it back at every synchronisation, so that each frame would map its
 /// working memory (hundreds of MB for the VAE at 512²) anew. What a stream has used at most
-/// stays reserved while the process runs, as PyTorch's caching allocator does.
+/// stays reserved while the process runs, as PyTorch's caching allocator does. And buffers
+/// allocated from now on make no CUDA events, unless the kernel policy keeps cudarc's event
+/// tracking ([`KernelPolicy::cuda_event_tracking`], which says why).
 pub fn prepare_device(device: &Device) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         use candle_core::cuda_backend::WrapErr;
         use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        if !KernelPolicy::current().cuda_event_tracking {
+            // SAFETY: cudarc's events order one context's streams; this context has one
+            // stream per thread, and work that crosses threads waits on `QueuedWork`'s events,
+            // which are made whatever this says.
+            unsafe { d.disable_event_tracking() };
+        }
         let stream = d.cuda_stream();
         let context = stream.context();
         context.bind_to_thread().w()?;

@@ -179,6 +179,14 @@ pub struct KernelPolicy {
     /// host's, the float processors within 1e-5 of the host's steps, a frame with one
     /// ControlNet 24.49 ms against 33.39 ms on the host's way.
     pub cuda_preprocess: bool,
+    /// A CUDA device opened for frames ([`crate::prepare_device`]) keeps cudarc's event
+    /// tracking, under which every buffer allocated makes two CUDA events and every buffer
+    /// freed destroys them (on with `SDSTREAM_CUDA_EVENT_TRACKING`). Off by default: the events
+    /// only order work across streams of one context, which sdstream never makes (each thread
+    /// queues on its own per-thread stream, and what crosses threads waits on `QueuedWork`),
+    /// so they cost two driver calls per allocation and two per free for nothing (a frame run
+    /// op by op allocates about once per kernel: a thousand times at 512²).
+    pub cuda_event_tracking: bool,
 }
 
 impl Default for KernelPolicy {
@@ -204,6 +212,7 @@ impl Default for KernelPolicy {
             channels_last: ChannelsLast::Auto,
             cuda_pinned: false,
             cuda_preprocess: true,
+            cuda_event_tracking: false,
         }
     }
 }
@@ -228,7 +237,8 @@ impl KernelPolicy {
     ///   `SDSTREAM_NO_DIRECT_CONV`, `SDSTREAM_CUDA_PINNED`, `SDSTREAM_CUDA_FLASH_ATTENTION`,
     ///   `SDSTREAM_CUDA_CUDNN_ATTENTION`,
     ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_PHASE_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS`,
-    ///   `SDSTREAM_CUDA_LAYER_NORM`, `SDSTREAM_CUDA_FUSED_LINEAR` are switches, on when set to anything but nothing or `0`;
+    ///   `SDSTREAM_CUDA_LAYER_NORM`, `SDSTREAM_CUDA_FUSED_LINEAR`, `SDSTREAM_CUDA_CUDNN_KERNEL_CACHE`,
+    ///   `SDSTREAM_CUDA_EVENT_TRACKING` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
     ///   `SDSTREAM_CUDA_PREPROCESS`, `SDSTREAM_CUDA_VECTOR_ADDS` turn their feature off when
     ///   exactly `0`;
@@ -284,6 +294,7 @@ impl KernelPolicy {
             channels_last,
             cuda_pinned: switch("SDSTREAM_CUDA_PINNED"),
             cuda_preprocess: !off("SDSTREAM_CUDA_PREPROCESS"),
+            cuda_event_tracking: switch("SDSTREAM_CUDA_EVENT_TRACKING"),
         }
     }
 
@@ -364,7 +375,12 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 13] = [
+        let cases: [(&str, Field, bool); 14] = [
+            (
+                "SDSTREAM_CUDA_EVENT_TRACKING",
+                |p| p.cuda_event_tracking,
+                false,
+            ),
             (
                 "SDSTREAM_CUDA_CUDNN_ATTENTION",
                 |p| p.cuda_cudnn_attention,
@@ -433,6 +449,9 @@ mod tests {
                 }
                 "SDSTREAM_CUDA_CUDNN_KERNEL_CACHE" => {
                     others.cuda_cudnn_kernel_cache = default_policy.cuda_cudnn_kernel_cache
+                }
+                "SDSTREAM_CUDA_EVENT_TRACKING" => {
+                    others.cuda_event_tracking = default_policy.cuda_event_tracking
                 }
                 _ => others.direct_conv = default_policy.direct_conv,
             }
