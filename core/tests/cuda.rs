@@ -848,8 +848,8 @@ fn cuda_phase_conv_matches_the_upsampled_convolution() {
 /// padding, 1×1, upsample-then-convolve), in f32, f16 and bf16. The fused call rounds once where
 /// the separate ops round after each step: within three roundings of the output's scale. Fails
 /// where cuDNN refuses an f32 or f16 configuration (the layer would then run the separate ops;
-/// the test says which). A bf16 refusal is said and counted, not failed: NVIDIA documents the
-/// fused call's data types for f32 and f16 only, and the layer's answer must then be the
+/// the test says which). A bf16 refusal is said and counted, not failed: whether the fused call
+/// takes bf16 is not settled until a GPU runs it, and the layer's answer must then be the
 /// separate ops' (checked the same way), so that one refused bf16 case does not leave the
 /// switch unproven for the f16 frames it is for.
 #[test]
