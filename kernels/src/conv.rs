@@ -575,6 +575,11 @@ impl Conv2d {
             && (dims[1], dims[2]) == (3, 3)
             && dims[0].is_multiple_of(vector)
             && xs.dtype() == self.weight.dtype()
+            // The interleave reads the bias 16 bytes at a time; the device's allocations start
+            // on 256 bytes, so a bias starting on a vector's values does too.
+            && (!self.has_bias
+                || (self.bias.is_contiguous()
+                    && self.bias.layout().start_offset().is_multiple_of(vector)))
     }
 
     /// The nearest 2× upsampling of channels-last `xs` convolved, as cuDNN's 2×2 convolution of
