@@ -1925,6 +1925,84 @@ fn cuda_streams_batched_across_streams_match_each_alone() {
     assert!(common::abs_err(&together[0][0], &together[1][0]).0 > 1e-2);
 }
 
+/// One stream called from several host threads in turn, each call made once the last has
+/// returned (as a host that serialises its calls makes them: Python's thread pool under the
+/// stream's lock, a C host's workers) gives what the same calls give from one thread. Each
+/// thread queues on its own CUDA stream: every call here runs on a thread of its own (the
+/// construction, four frames, a prompt change between them) and must wait for the last call's
+/// work on the device (`ThreadHandoff`), or it reads a prompt, a latent or a noise before the
+/// kernels that write them have run.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_a_stream_called_from_threads_in_turn_matches_one_thread() {
+    use sdstream::{EngineSettings, StreamDiffusion, StreamDiffusionParams};
+    if !cuda_or_skip("cuda_a_stream_called_from_threads_in_turn_matches_one_thread") {
+        return;
+    }
+    let cuda = Device::new_cuda(0).unwrap();
+    let settings = EngineSettings::from_json(
+        &serde_json::json!({
+            "cfg_type": "self",
+            "vae": common::fixture("tiny-taesd").display().to_string(),
+            "allow_any_resolution": true,
+            "device": "cuda",
+            "dtype": "f16",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let body = |prompt: &str| {
+        let body = serde_json::json!({
+            "model_id": common::fixture("tiny-sd-turbo").display().to_string(),
+            "prompt": prompt,
+            "seed": 7,
+            "t_index_list": [16, 32],
+            "width": 64,
+            "height": 64,
+        });
+        StreamDiffusionParams::from_json_with(&body.to_string(), &settings).unwrap()
+    };
+    const FRAMES: usize = 4;
+    // Each step on a thread `on` gives (a fresh scoped thread each, or this one).
+    let run = |on: &dyn Fn(&mut (dyn FnMut() + Send))| -> Vec<Tensor> {
+        let mut stream = None;
+        on(&mut || stream = Some(StreamDiffusion::new(body("a lighthouse"), settings.clone())));
+        let mut stream = stream.unwrap().unwrap();
+        let mut outputs = Vec::new();
+        for i in 0..FRAMES {
+            if i == 2 {
+                on(&mut || {
+                    stream.update(body("a bowl of fruit")).unwrap();
+                });
+            }
+            on(&mut || {
+                let x = common::frame_tensor(i).to_device(&cuda).unwrap();
+                let out = stream.process_tensor(&x).unwrap();
+                outputs.push(out.to_device(&Device::Cpu).unwrap());
+            });
+        }
+        outputs
+    };
+    let one_thread = run(&|step| step());
+    let threads = std::cell::Cell::new(0usize);
+    let in_turn = run(&|step| {
+        std::thread::scope(|s| s.spawn(step).join().unwrap());
+        threads.set(threads.get() + 1);
+    });
+    assert_eq!(threads.get(), 1 + FRAMES + 1, "a thread per call");
+    assert_eq!(in_turn.len(), FRAMES);
+    for (i, (a, b)) in one_thread.iter().zip(&in_turn).enumerate() {
+        let (max, _) = common::abs_err(a, b);
+        println!("frame {i}: threads in turn against one thread, max {max:.2e}");
+        assert!(max <= 1e-3, "frame {i}: {max:e}");
+    }
+    // A check that can fail: the prompt change changed the picture.
+    assert!(common::abs_err(&one_thread[1], &one_thread[2]).0 > 1e-2);
+}
+
 /// The in-place adds on the device (ops.cu) against candle's broadcast adds: each image's own
 /// values over its channels-last map (three images: the per-image runs of
 /// `add_fresh_per_batch`), a per-channel shift of channels-first maps and a bias over the last

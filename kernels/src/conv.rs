@@ -592,6 +592,10 @@ impl Conv2d {
             Some(filters) => filters,
             None => {
                 let made = phase_filters(&self.weight)?;
+                // Made on this thread's CUDA stream and read by every thread's that runs the
+                // layer: written before it is shared (once, never inside a capture, whose
+                // eager pass makes them first).
+                made.device().synchronize()?;
                 self.phases.get_or_init(|| made)
             }
         };

@@ -130,6 +130,42 @@ impl QueuedWork {
     }
 }
 
+/// The order of one object's calls from several host threads on a device. Each call starts
+/// with [`enter`](Self::enter), which makes this thread's work wait for what the last call left
+/// queued if another thread made it, and ends with [`leave`](Self::leave), which marks what it
+/// left queued. A host that serialises its calls (a mutex, the GIL) orders them on the host
+/// only: a prompt encoded by one thread's kernels, read by the next call's on another thread's
+/// stream, would otherwise be read before it is written. On the same thread (every engine's
+/// worker) the wait is never made; off CUDA nothing is marked.
+#[derive(Debug, Default)]
+pub struct ThreadHandoff {
+    last: Option<(std::thread::ThreadId, QueuedWork)>,
+}
+
+impl ThreadHandoff {
+    /// Makes this thread's work on `device` wait for the last call's, where another thread
+    /// made that call.
+    pub fn enter(&self, device: &Device) -> candle_core::Result<()> {
+        match &self.last {
+            Some((thread, work)) if *thread != std::thread::current().id() => {
+                work.wait_here(device)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Marks the work this call left queued on `device` (on CUDA devices; elsewhere the work
+    /// is done when the call returns).
+    pub fn leave(&mut self, device: &Device) -> candle_core::Result<()> {
+        self.last = if device.is_cuda() {
+            Some((std::thread::current().id(), QueuedWork::mark(device)?))
+        } else {
+            None
+        };
+        Ok(())
+    }
+}
+
 /// Prepares a freshly opened device for frames. On CUDA: memory a frame frees stays in the
 /// device's stream-ordered pool for the next frame (release threshold: unlimited), where the
 /// driver's default gives it back at every synchronisation, so that each frame would map its

@@ -268,12 +268,25 @@ fn capture(
         .map(|t| t.contiguous().and_then(|t| t.copy()))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let stream = cuda.cuda_stream();
+    // cudarc keeps an error a release met on any thread (a free, an event's destruction) and
+    // returns it from the next call that binds the context, whichever thread makes it. One
+    // left by another thread must neither abort this capture nor, met inside it, keep
+    // `end_capture` from ending it (the stream would stay in capture mode and every later
+    // call on this thread fail): taken and said here. The replay check below judges the
+    // graph.
+    let take_stale = |when: &str| {
+        if let Err(e) = stream.context().check_err() {
+            tracing::warn!("a CUDA error a release left ({when} a capture): {e}");
+        }
+    };
+    take_stale("before");
     stream.synchronize().map_err(candle_core::Error::wrap)?;
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .map_err(candle_core::Error::wrap)?;
     let refs: Vec<&Tensor> = statics.iter().collect();
     let output = forward(&refs);
+    take_stale("during");
     // End the capture whatever happened, so that the stream leaves capture mode.
     let graph = stream.end_capture(
         sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,

@@ -399,7 +399,8 @@ struct Embeddings {
     /// Side of the grid the position embeddings were learned for.
     grid: usize,
     patch: usize,
-    /// The last resampled position embeddings, by patch grid (a stream keeps its size).
+    /// The first resampled position embeddings made, by patch grid, kept for the network's
+    /// life (a stream keeps its size; another size is made at each call, see `positions`).
     resampled: Mutex<Option<((usize, usize), Tensor)>>,
 }
 
@@ -464,7 +465,14 @@ impl Embeddings {
         let resampled = wx.broadcast_left(gh)?.matmul(&rows)?;
         let resampled = resampled.reshape((1, gh * gw, d))?;
         let t = Tensor::cat(&[&cls, &resampled], 1)?.to_dtype(self.position_embeddings.dtype())?;
-        *cache = Some(((gh, gw), t.clone()));
+        // Made on this thread's CUDA stream, read by every thread that runs the network (the
+        // stream's worker and its prepare thread, other streams sharing it): written before it
+        // is shared, and never dropped while another thread's kernels may still read it (a
+        // grid of another size makes its own, uncached).
+        if cache.is_none() {
+            t.device().synchronize()?;
+            *cache = Some(((gh, gw), t.clone()));
+        }
         Ok(t)
     }
 }

@@ -41,6 +41,12 @@ pub(crate) trait Pipeline: Send {
     fn params(&self) -> &StreamDiffusionParams;
     /// Stage timings of the last `process` call.
     fn timings(&self) -> StageTimings;
+    /// Waits until the work this thread queued for the pipeline is done: before it is handed
+    /// to another thread to be dropped (what it frees there is freed on that thread's CUDA
+    /// stream, which nothing orders with this one's).
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Pipeline for StreamDiffusion {
@@ -66,6 +72,10 @@ impl Pipeline for StreamDiffusion {
 
     fn timings(&self) -> StageTimings {
         StreamDiffusion::timings(self)
+    }
+
+    fn settle(&self) -> Result<()> {
+        StreamDiffusion::settle(self)
     }
 }
 

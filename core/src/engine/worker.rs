@@ -4,6 +4,7 @@
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use crate::Result;
@@ -13,9 +14,9 @@ use crate::params::{StreamDiffusionParams, Transition, Update, classify};
 use crate::pipeline::stream_diffusion::StageTimings;
 
 use super::pipeline::{Pipeline, warmup_passes};
-use super::state::{BuildKind, Inner, Job, Ready, Shared, panic_message};
+use super::state::{BuildKind, Inner, Job, PackedFrame, Ready, Shared, panic_message};
 use super::{DropPolicy, Output};
-use crate::pipeline::PreparedControls;
+use crate::pipeline::{ControlPreparer, PreparedControls};
 use crate::status::epoch_ms;
 
 /// The serving pipeline, as the worker holds it.
@@ -24,9 +25,11 @@ pub(super) struct Live {
     version: u64,
     /// Whether its stream batch has been primed (always true with warm-up off).
     warmed: bool,
-    /// The control images of the next queued frame, being made on a helper thread while this
-    /// pipeline processes the frame before it.
+    /// The control images of the next queued frame, being made on the prepare thread while
+    /// this pipeline processes the frame before it.
     lookahead: Option<Lookahead>,
+    /// The thread that makes them (started at the first frame that has images to make ahead).
+    prepare: Option<PrepareThread>,
     /// The version of the host's style picture this pipeline has (see `Inner::style`).
     style_version: u64,
 }
@@ -34,7 +37,52 @@ pub(super) struct Live {
 /// A queued frame's control images in the making (see [`start_lookahead`]).
 struct Lookahead {
     id: crate::engine::FrameId,
-    images: std::thread::JoinHandle<Result<PreparedControls>>,
+    images: mpsc::Receiver<Result<PreparedControls>>,
+}
+
+/// One frame's control images to make ahead, and where they go.
+struct PrepareJob {
+    preparer: ControlPreparer,
+    input: PackedFrame,
+    policy: KernelPolicy,
+    images: mpsc::SyncSender<Result<PreparedControls>>,
+}
+
+/// The thread that makes queued frames' control images ahead (see [`start_lookahead`]), one for
+/// a serving pipeline's life, taking the frames one after another. A thread per frame opened
+/// the libraries' per-thread state anew every frame (a cuDNN handle and its plans, cuBLASLt's
+/// workspace) and closed it as the thread ended, and closing a cuDNN handle waits for the whole
+/// device (cuDNN's documentation says `cudnnDestroy` synchronises it): a frame with a network
+/// preprocessor then waited, at the join, for every stream's work on the GPU. The thread ends
+/// when its pipeline is dropped (the channel closes) and its last frame is made.
+struct PrepareThread {
+    jobs: mpsc::Sender<PrepareJob>,
+}
+
+impl PrepareThread {
+    fn start() -> std::io::Result<Self> {
+        let (jobs, queue) = mpsc::channel::<PrepareJob>();
+        std::thread::Builder::new()
+            .name("sdstream-prepare".into())
+            .spawn(move || {
+                for job in queue {
+                    let made = job.policy.scoped(|| {
+                        catch_unwind(AssertUnwindSafe(|| {
+                            job.preparer.prepare(&job.input.frame()?)
+                        }))
+                        .unwrap_or_else(|panic| {
+                            Err(crate::Error::State(format!(
+                                "preparing control images panicked: {}",
+                                panic_message(panic.as_ref())
+                            )))
+                        })
+                    });
+                    // Nobody waits for a stale frame's images (the `latest` policy dropped it).
+                    let _ = job.images.send(made);
+                }
+            })?;
+        Ok(Self { jobs })
+    }
 }
 
 pub(super) enum Action {
@@ -82,9 +130,14 @@ pub(super) fn worker_loop(shared: &Shared, live: &mut Option<Live>) {
                     version: ready.version,
                     warmed: ready.warmed || !shared.options.warmup,
                     lookahead: None,
+                    prepare: None,
                     style_version: 0,
                 });
                 examined = None;
+                // Outside the lock: the host's calls need not wait for the device.
+                let settled = old
+                    .as_ref()
+                    .and_then(|old| settle_for_retiring(old.pipeline.as_ref()));
                 let mut s = shared.lock();
                 if s.ever_served {
                     s.restart_count += 1;
@@ -95,7 +148,7 @@ pub(super) fn worker_loop(shared: &Shared, live: &mut Option<Live>) {
                 s.pending_build = None;
                 s.progress = None;
                 if let Some(old) = old {
-                    s.retired.push(old.pipeline);
+                    retire(&mut s, old.pipeline, settled);
                     shared.build.notify_one();
                 }
                 drop(s);
@@ -249,7 +302,7 @@ pub(super) fn run_frame(shared: &Shared, live: &mut Option<Live>, job: Job) {
     // This frame's images if they were made ahead (a stale lookahead, for a frame the `latest`
     // policy dropped, is left to finish on its own), then the next frame's, beside this one.
     let prepared = match l.lookahead.take() {
-        Some(ahead) if ahead.id == job.id => ahead.images.join().ok().and_then(Result::ok),
+        Some(ahead) if ahead.id == job.id => ahead.images.recv().ok().and_then(Result::ok),
         _ => None,
     };
     if prepared.is_some() {
@@ -328,23 +381,50 @@ fn start_lookahead(shared: &Shared, live: &mut Live, current: &Job) {
     let Ok(Ok(Some(preparer))) = preparer else {
         return;
     };
-    let policy = KernelPolicy::current();
-    let spawned = std::thread::Builder::new()
-        .name("sdstream-prepare".into())
-        .spawn(move || {
-            let _policy = policy.enter();
-            catch_unwind(AssertUnwindSafe(|| preparer.prepare(&input.frame()?))).unwrap_or_else(
-                |panic| {
-                    Err(crate::Error::State(format!(
-                        "preparing control images panicked: {}",
-                        panic_message(panic.as_ref())
-                    )))
-                },
-            )
-        });
-    if let Ok(images) = spawned {
-        live.lookahead = Some(Lookahead { id, images });
+    if live.prepare.is_none() {
+        live.prepare = PrepareThread::start().ok();
     }
+    let Some(thread) = &live.prepare else {
+        return;
+    };
+    let (images, made) = mpsc::sync_channel(1);
+    let job = PrepareJob {
+        preparer,
+        input,
+        policy: KernelPolicy::current(),
+        images,
+    };
+    if thread.jobs.send(job).is_ok() {
+        live.lookahead = Some(Lookahead { id, images: made });
+    } else {
+        // The thread is gone (it cannot panic past its catch; a failed spawn of the next
+        // frame's, then, would try again).
+        live.prepare = None;
+    }
+}
+
+/// Waits until the work this thread queued for `pipeline` (a hot update's prompt, a frame
+/// that failed half-way) is done, before it goes to the builder thread to be dropped: its
+/// buffers are freed on the builder's CUDA stream, which nothing orders with this one's, and
+/// the builder's next allocation could take them while this thread's kernels still write
+/// them. What went wrong, if the device would not wait (the pipeline is retired all the same).
+fn settle_for_retiring(pipeline: &dyn Pipeline) -> Option<String> {
+    let settled = catch_unwind(AssertUnwindSafe(|| pipeline.settle())).unwrap_or_else(|_| {
+        Err(crate::Error::State(
+            "waiting for the device panicked".into(),
+        ))
+    });
+    settled
+        .err()
+        .map(|e| format!("waiting for the retired pipeline's work failed: {e}"))
+}
+
+/// Hands `pipeline`, settled ([`settle_for_retiring`]), to the builder thread to drop.
+fn retire(s: &mut Inner, pipeline: Box<dyn Pipeline>, settled: Option<String>) {
+    if let Some(failure) = settled {
+        s.record_error(failure);
+    }
+    s.retired.push(pipeline);
 }
 
 /// A panic inside the pipeline: its state cannot be trusted, so it is discarded (the builder
@@ -362,7 +442,8 @@ pub(super) fn crash(
     ));
     s.serving = None;
     if let Some(dead) = live.take() {
-        s.retired.push(dead.pipeline);
+        let settled = settle_for_retiring(dead.pipeline.as_ref());
+        retire(s, dead.pipeline, settled);
         shared.build.notify_one();
     }
     shared.host.notify_all();

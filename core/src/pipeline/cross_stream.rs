@@ -197,6 +197,21 @@ impl SharedOutput {
         })
     }
 
+    /// The same values in buffers of their own (a copy of every tensor).
+    fn owned(&self) -> Result<SharedOutput> {
+        Ok(match self {
+            SharedOutput::Tensor(t) => SharedOutput::Tensor(t.force_contiguous()?),
+            SharedOutput::Residuals(r) => SharedOutput::Residuals(ControlResiduals {
+                down: r
+                    .down
+                    .iter()
+                    .map(Tensor::force_contiguous)
+                    .collect::<candle_core::Result<_>>()?,
+                mid: r.mid.force_contiguous()?,
+            }),
+        })
+    }
+
     fn into_tensor(self) -> Result<Tensor> {
         match self {
             SharedOutput::Tensor(t) => Ok(t),
@@ -1128,6 +1143,11 @@ impl CrossStreamBatcher {
                     crate::engine::panic_message(panic.as_ref())
                 )))
             });
+        // A failed batch may have queued reads of other threads' inputs before it failed: wait
+        // for them too, before those threads drop (and free) what they handed in.
+        if outcome.is_err() && settle {
+            let _ = self.settle();
+        }
         let elapsed = started.elapsed();
         let mut s = self.lock();
         let undisturbed = alone && s.runs_started == started_before + 1;
@@ -1256,13 +1276,21 @@ impl CrossStreamBatcher {
             }
         };
         let out = joined.run(models)?;
-        self.settle()?;
+        // On a GPU each call gets its rows in a buffer of its own, copied here before the
+        // wait: views of one shared buffer would free it on the stream of whichever thread
+        // dropped its view last, while the others' reads of their rows may still be queued on
+        // theirs, and that thread's next allocation could then take the memory (the device's
+        // memory pool orders a free only on the stream that made it). On the CPU nothing is
+        // queued, and the views cost nothing.
+        let own = !self.device.is_cpu();
         let mut outputs = Vec::with_capacity(batch.len());
         let mut start = 0;
         for p in batch {
-            outputs.push(out.narrow(start, p.rows)?);
+            let rows = out.narrow(start, p.rows)?;
+            outputs.push(if own { rows.owned()? } else { rows });
             start += p.rows;
         }
+        self.settle()?;
         Ok(outputs)
     }
 

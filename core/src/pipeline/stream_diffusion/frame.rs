@@ -102,6 +102,11 @@ impl StreamDiffusion {
     /// [`Frame::to_tensor`] makes it), and so is every control image of a [`TensorInput`];
     /// returns the output `[1, 3, H, W]` in [0, 1] (f32).
     pub fn process_tensor<'a>(&mut self, input: impl Into<TensorInput<'a>>) -> Result<Tensor> {
+        let input = input.into();
+        self.handed(|stream| stream.process_tensor_here(input))
+    }
+
+    fn process_tensor_here(&mut self, input: TensorInput<'_>) -> Result<Tensor> {
         let _policy = self.kernels.enter();
         // The frame's arrival: the call's, or that of the `process` call that converted it.
         let started = Instant::now();
@@ -336,6 +341,10 @@ impl StreamDiffusion {
     ///
     /// Only `external` ControlNets act here (the others derive their image from an input frame).
     pub fn txt2img_from(&mut self, latent: &Tensor) -> Result<Tensor> {
+        self.handed(|stream| stream.txt2img_here(latent))
+    }
+
+    fn txt2img_here(&mut self, latent: &Tensor) -> Result<Tensor> {
         self.refuse_txt2img_without_diffusion()?;
         let _policy = self.kernels.enter();
         self.advance_transition()?;

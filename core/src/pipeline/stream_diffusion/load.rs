@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::model::attention_bank::AttentionBank;
 use crate::model::bundle::StableDiffusionModels;
+use crate::model::kernels::ThreadHandoff;
 use crate::model::pool::ModelPool;
 use crate::params::{EngineSettings, StreamDiffusionParams};
 use crate::pipeline::accepted::check_supported;
@@ -136,7 +137,7 @@ impl StreamDiffusion {
                 size: (params.width as usize, params.height as usize),
             })
         });
-        Ok(Self {
+        let mut stream = Self {
             models,
             params,
             settings,
@@ -170,7 +171,13 @@ impl StreamDiffusion {
             pacing: FramePacing::default(),
             arrival: None,
             deadline: None,
-        })
+            handoff: ThreadHandoff::default(),
+        };
+        // The prompt's embedding, the noise and the rest were queued on this thread: a first
+        // call from another waits for them.
+        let device = stream.models.device.clone();
+        stream.handoff.leave(&device)?;
+        Ok(stream)
     }
 }
 

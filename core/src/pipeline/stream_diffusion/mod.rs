@@ -23,7 +23,7 @@ use crate::Result;
 use crate::model::attention_bank::AttentionBank;
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::controlnet::ControlNetModel;
-use crate::model::kernels::KernelPolicy;
+use crate::model::kernels::{KernelPolicy, ThreadHandoff};
 use crate::params::{EngineSettings, StreamDiffusionParams};
 pub(crate) use crate::pipeline::accepted::{check_control_ids, check_supported};
 use crate::pipeline::conditioning::PromptCache;
@@ -115,6 +115,10 @@ pub struct StreamDiffusion {
     arrival: Option<Instant>,
     /// When the frame in progress is due (its arrival plus the budget), for the scheduler.
     deadline: Option<Instant>,
+    /// What the last call left queued on the device and on which thread: a host may call from
+    /// several threads (Python's pool, a C host's), and each thread queues on its own CUDA
+    /// stream.
+    handoff: ThreadHandoff,
 }
 
 /// An exponential average of the spacing of a stream's input frames.
@@ -295,5 +299,26 @@ impl StreamDiffusion {
     /// Replaces the base noise; for tests that feed the reference's own init_noise.
     pub fn set_init_noise(&mut self, noise: Tensor) -> Result<()> {
         self.state.set_init_noise(noise)
+    }
+}
+
+impl StreamDiffusion {
+    /// Waits until the work this thread queued for the stream is done (before another thread
+    /// drops it: what it frees there is freed on that thread's CUDA stream).
+    pub(crate) fn settle(&self) -> Result<()> {
+        Ok(self.models.device.synchronize()?)
+    }
+
+    /// Runs `call`, one of this stream's calls from whichever host thread makes it: its work
+    /// after the last call's, where another thread made that ([`ThreadHandoff`]), and what it
+    /// leaves queued marked for the next, also when it fails.
+    fn handed<R>(&mut self, call: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        let device = self.models.device.clone();
+        self.handoff.enter(&device)?;
+        let result = call(self);
+        let marked = self.handoff.leave(&device);
+        let value = result?;
+        marked?;
+        Ok(value)
     }
 }

@@ -40,6 +40,14 @@ impl StreamDiffusion {
         params: StreamDiffusionParams,
         transition: Transition,
     ) -> Result<Update> {
+        self.handed(|stream| stream.update_here(params, transition))
+    }
+
+    fn update_here(
+        &mut self,
+        params: StreamDiffusionParams,
+        transition: Transition,
+    ) -> Result<Update> {
         let _policy = self.kernels.enter();
         transition.validate()?;
         let result = self.apply_update(params, transition);
@@ -320,6 +328,10 @@ impl StreamDiffusion {
     /// The picture is encoded once, here, when the adapter is on (else when it is turned on).
     /// On an error the stream keeps its previous picture.
     pub fn set_style_image(&mut self, picture: Option<StyleImage>) -> Result<()> {
+        self.handed(|stream| stream.set_style_image_here(picture))
+    }
+
+    fn set_style_image_here(&mut self, picture: Option<StyleImage>) -> Result<()> {
         let _policy = self.kernels.enter();
         let image_prompt = image_prompt::build(
             &self.models,
