@@ -430,12 +430,14 @@ struct Member {
     /// The part of `other_work` spent in its ControlNets (their calls, batched or not, and
     /// summing their residuals).
     controlnet_work: Option<Duration>,
+    /// The part of `other_work` spent in its encoder and decoder calls (batched or not).
+    autoencoder_work: Option<Duration>,
     /// Its last UNet call ran in a shared batch and its decode has not come yet: a decode
     /// batch may wait for it.
     decode_due: bool,
-    /// The kind, time and rows of its last call of each ControlNet it runs (one a frame each,
-    /// at the pace of its UNet calls).
-    controlnet_calls: Vec<(BatchKind, Instant, usize)>,
+    /// The kind, time and rows of its last call of each ControlNet it runs, of the encoder and
+    /// of the decoder (one a frame each, at the pace of its UNet calls).
+    shared_calls: Vec<(BatchKind, Instant, usize)>,
 }
 
 impl Member {
@@ -448,7 +450,7 @@ impl Member {
                 self.last_call.filter(|_| joins).map(|at| (at, self.rows))
             }
             SharedNetwork::ControlNet => self
-                .controlnet_calls
+                .shared_calls
                 .iter()
                 .find(|(k, _, _)| k.joins(kind))
                 .map(|&(_, at, rows)| (at, rows)),
@@ -941,12 +943,12 @@ impl CrossStreamBatcher {
         // A stream's pace is that of its UNet calls, one a frame.
         if let Some(m) = s.members.get_mut(&member) {
             m.decode_due = false;
-            if kind.network == SharedNetwork::ControlNet {
-                m.controlnet_calls.retain(|(k, _, _)| !k.joins(&kind));
-                m.controlnet_calls.push((kind.clone(), now, rows));
+            if kind.network != SharedNetwork::UNet {
+                m.shared_calls.retain(|(k, _, _)| !k.joins(&kind));
+                m.shared_calls.push((kind.clone(), now, rows));
                 // A stream that keeps changing nets remembers its latest few.
-                if m.controlnet_calls.len() > 8 {
-                    m.controlnet_calls.remove(0);
+                if m.shared_calls.len() > 10 {
+                    m.shared_calls.remove(0);
                 }
             }
         }
@@ -1258,7 +1260,7 @@ impl CrossStreamBatcher {
                         _ => Err(mismatch()),
                     })
                     .collect::<Result<_>>()?;
-                SharedCall::ControlNet(join_controlnet_calls(&calls)?)
+                SharedCall::ControlNet(join_shared_calls(&calls)?)
             }
             SharedCall::Encode(_) | SharedCall::Decode(_) => {
                 let parts: Vec<Tensor> = batch
@@ -1390,7 +1392,7 @@ fn join_added<'a>(
 
 /// Concatenates ControlNet calls row-wise; each call's control image embedding is repeated over
 /// its rows (a call alone passes one row for all).
-fn join_controlnet_calls(calls: &[&ControlNetCall]) -> Result<ControlNetCall> {
+fn join_shared_calls(calls: &[&ControlNetCall]) -> Result<ControlNetCall> {
     let inputs: Vec<_> = calls
         .iter()
         .map(|c| (&c.sample, &c.timesteps, &c.text, c.added.as_ref()))
@@ -1531,13 +1533,14 @@ impl BatchMember {
             .into_tensor()
     }
 
-    /// After a frame: the stream's budget, its frame's work besides the UNet call, and the part
-    /// of that spent in its ControlNets.
+    /// After a frame: the stream's budget, its frame's work besides the UNet call, and the parts
+    /// of that spent in its ControlNets and in its encoder and decoder calls.
     pub fn frame_done(
         &self,
         budget: Option<Duration>,
         other_work: Duration,
         controlnet_work: Duration,
+        autoencoder_work: Duration,
     ) {
         let average = |old: Option<Duration>, new: Duration| {
             Some(match old {
@@ -1550,6 +1553,7 @@ impl BatchMember {
             m.budget = budget;
             m.other_work = average(m.other_work, other_work);
             m.controlnet_work = average(m.controlnet_work, controlnet_work);
+            m.autoencoder_work = average(m.autoencoder_work, autoencoder_work);
         }
     }
 
@@ -1586,8 +1590,8 @@ impl BatchMember {
         let rows = call_shape.sample.dim(0).unwrap_or(1);
         let mut s = self.batcher.lock();
         if let Some(m) = s.members.get_mut(&self.id) {
-            m.controlnet_calls.retain(|(k, _, _)| !k.joins(&kind));
-            m.controlnet_calls.push((kind, Instant::now(), rows));
+            m.shared_calls.retain(|(k, _, _)| !k.joins(&kind));
+            m.shared_calls.push((kind, Instant::now(), rows));
             m.controlnet_work = Some(controlnet_work);
         }
     }
@@ -1705,10 +1709,12 @@ struct GroupRound {
     streams: usize,
     /// UNet rows of the round.
     rows: usize,
-    /// The round's UNet batches, ControlNet batches (where every net's cost is measured) and
-    /// other work; `None` while the UNet's cost is not measured.
+    /// The round's UNet batches, ControlNet batches (where every net's cost is measured),
+    /// encoder and decoder batches (where both costs are measured) and other work; `None`
+    /// while the UNet's cost is not measured.
     unet: Option<Duration>,
     controlnets: Option<Duration>,
+    autoencoder: Option<Duration>,
     other: Duration,
     /// The tightest budget among the group's streams.
     budget: Option<Duration>,
@@ -1739,15 +1745,27 @@ impl GroupRound {
             + new_rows;
         // Where every ControlNet the streams run has a measured batch cost, its calls are
         // predicted as batches (the shared time counted once) and taken out of each stream's
-        // other work; otherwise each stream's ControlNet time stays in its other work.
-        group.controlnets = controlnet_batches(s, peers, joining);
+        // other work; otherwise each stream's ControlNet time stays in its other work. The
+        // same for the encoder and decoder: a stream's time in a shared batch is the whole
+        // batch's, so summing the streams' would count it once per stream.
+        group.controlnets = shared_batches(s, peers, joining, &[SharedNetwork::ControlNet]);
+        group.autoencoder = shared_batches(
+            s,
+            peers,
+            joining,
+            &[SharedNetwork::Encode, SharedNetwork::Decode],
+        );
         let others: Vec<Duration> = peers
             .iter()
-            .filter_map(|m| match group.controlnets {
-                Some(_) => m
-                    .other_work
-                    .map(|w| w.saturating_sub(m.controlnet_work.unwrap_or_default())),
-                None => m.other_work,
+            .filter_map(|m| {
+                let mut work = m.other_work?;
+                if group.controlnets.is_some() {
+                    work = work.saturating_sub(m.controlnet_work.unwrap_or_default());
+                }
+                if group.autoencoder.is_some() {
+                    work = work.saturating_sub(m.autoencoder_work.unwrap_or_default());
+                }
+                Some(work)
             })
             .collect();
         let mean_other = if others.is_empty() || !joining {
@@ -1764,9 +1782,15 @@ impl GroupRound {
         group
     }
 
-    /// Its UNet, ControlNet and other time; `None` while the UNet's cost is not measured.
+    /// Its UNet, ControlNet, autoencoder and other time; `None` while the UNet's cost is not
+    /// measured.
     fn round(&self) -> Option<Duration> {
-        Some(self.unet? + self.controlnets.unwrap_or_default() + self.other)
+        Some(
+            self.unet?
+                + self.controlnets.unwrap_or_default()
+                + self.autoencoder.unwrap_or_default()
+                + self.other,
+        )
     }
 
     /// The answer for a new stream of `label` (budget `budget`) joining this group, with the
@@ -1800,6 +1824,10 @@ impl GroupRound {
                 Some(d) => format!("; ControlNet batches: {:.1} ms", ms(d)),
                 None => String::new(),
             };
+            let autoencoder = match self.autoencoder {
+                Some(d) => format!("; encoder and decoder batches: {:.1} ms", ms(d)),
+                None => String::new(),
+            };
             let others = if other_streams > 0 {
                 format!(
                     "; {other_streams} stream{} of other models or sizes on the device: {:.1} ms",
@@ -1811,7 +1839,7 @@ impl GroupRound {
             };
             format!(
                 "no capacity for another {} {}x{} stream: with {} running, one frame of each would \
-                 take about {:.1} ms (a UNet batch of {} rows: {:.1} ms{controlnets}; the other \
+                 take about {:.1} ms (a UNet batch of {} rows: {:.1} ms{controlnets}{autoencoder}; the other \
                  stages: {:.1} ms{others}), over the tightest frame budget of {:.1} ms",
                 label.model_id,
                 label.size.0,
@@ -1835,16 +1863,24 @@ impl GroupRound {
     }
 }
 
-/// The predicted time of one batch of each ControlNet the `peers` run (their recent calls of it,
-/// and, when `joining`, a new stream's as wide as the widest of them: it is assumed to run the
-/// nets its peers run), by each net's measured batch cost; `None` when they run none or one of
-/// the nets has no measured cost yet.
-fn controlnet_batches(s: &BatchState, peers: &[&Member], joining: bool) -> Option<Duration> {
+/// The predicted time of one batch of each of `networks` the `peers` call (each ControlNet they
+/// run, the encoder, the decoder: their recent calls of it, and, when `joining`, a new stream's
+/// as wide as the widest of them: it is assumed to call what its peers call), by each one's
+/// measured batch cost; `None` when they call none or one has no measured cost yet.
+fn shared_batches(
+    s: &BatchState,
+    peers: &[&Member],
+    joining: bool,
+    networks: &[SharedNetwork],
+) -> Option<Duration> {
     let now = Instant::now();
     // (cost key, rows of the peers' calls, widest call)
     let mut nets: Vec<(BatchKind, usize, usize)> = Vec::new();
     for m in peers {
-        for (kind, at, rows) in &m.controlnet_calls {
+        for (kind, at, rows) in &m.shared_calls {
+            if !networks.contains(&kind.network) {
+                continue;
+            }
             // A net the stream stopped running is not counted.
             let recent = m
                 .interval
@@ -1945,6 +1981,68 @@ mod tests {
         }
     }
 
+    /// Admission counts a round's encoder and decoder batches once: each stream's time in a
+    /// shared batch is the whole batch's, so the streams' other work, summed, would count it
+    /// once per stream (8 streams whose 30 ms of other work is 28 ms of shared autoencoder
+    /// batches would look like 240 ms a round instead of about 40).
+    #[test]
+    fn a_round_counts_its_shared_autoencoder_batches_once() {
+        let now = Instant::now();
+        let of = |network| BatchKind {
+            network,
+            sample: vec![3, 64, 64],
+            ..kind()
+        };
+        let (encode, decode) = (of(SharedNetwork::Encode), of(SharedNetwork::Decode));
+        // A fixed cost and one per row, as a GPU's: UNet 5 + 1 ms a row, encoder 4 + 0.5,
+        // decoder 6 + 1.
+        let fit = |a: f64, b: f64| {
+            let mut fit = CostFit {
+                shared: true,
+                ..CostFit::default()
+            };
+            fit.record(1, a + b);
+            fit.record(2, a + 2.0 * b);
+            fit
+        };
+        let mut s = BatchState::default();
+        s.costs.insert(kind(), fit(0.005, 0.001));
+        let member = |calls: Vec<(BatchKind, Instant, usize)>| Member {
+            kind: Some(kind()),
+            rows: 1,
+            other_work: Some(Duration::from_millis(30)),
+            autoencoder_work: Some(Duration::from_millis(28)),
+            shared_calls: calls,
+            ..Member::default()
+        };
+        let members: Vec<Member> = (0..8)
+            .map(|_| member(vec![(encode.clone(), now, 1), (decode.clone(), now, 1)]))
+            .collect();
+        let peers: Vec<&Member> = members.iter().collect();
+        let ms = |d: Duration| (d.as_secs_f64() * 1e3 * 1e3).round() / 1e3;
+        // The autoencoder's costs not measured yet: each stream's other work as it is.
+        let group = GroupRound::of(&s, &peers, false);
+        assert_eq!(group.autoencoder, None);
+        assert_eq!(ms(group.other), 240.0);
+        assert_eq!(ms(group.round().unwrap()), 13.0 + 240.0);
+        // Measured: one encoder batch of 8 rows (8 ms) and one decoder batch (14 ms), and each
+        // stream's 2 ms of other work.
+        s.costs.insert(encode.cost_key(), fit(0.004, 0.0005));
+        s.costs.insert(decode.cost_key(), fit(0.006, 0.001));
+        let group = GroupRound::of(&s, &peers, false);
+        assert_eq!(group.autoencoder.map(ms), Some(22.0));
+        assert_eq!(ms(group.other), 16.0);
+        assert_eq!(ms(group.round().unwrap()), 13.0 + 22.0 + 16.0);
+        // A ninth stream joining: one row more in each batch, and the mean other work.
+        let joining = GroupRound::of(&s, &peers, true);
+        assert_eq!(joining.autoencoder.map(ms), Some(8.5 + 15.0));
+        assert_eq!(ms(joining.other), 18.0);
+        assert_eq!(ms(joining.round().unwrap()), 14.0 + 23.5 + 18.0);
+        // One cost missing (a stream that never decoded through the batcher): not predicted.
+        s.costs.remove(&decode.cost_key());
+        assert_eq!(GroupRound::of(&s, &peers, false).autoencoder, None);
+    }
+
     /// A ControlNet batch waits for a stream that calls the same net at its pace, and not for
     /// one that calls another net, nor for one whose UNet calls alone are due.
     #[test]
@@ -1986,10 +2084,10 @@ mod tests {
             .join()
             .unwrap();
         let last = now - Duration::from_millis(90);
-        let member = |controlnet_calls| Member {
+        let member = |shared_calls| Member {
             interval: Some(Duration::from_millis(100)),
             last_thread: Some(other),
-            controlnet_calls,
+            shared_calls,
             ..Member::default()
         };
         s.members.insert(1, member(vec![(net(2), last, 1)]));

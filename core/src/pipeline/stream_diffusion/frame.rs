@@ -126,6 +126,7 @@ impl StreamDiffusion {
                 self.settings.frame_budget(),
                 other_work,
                 self.timings.controlnet,
+                self.timings.encode + self.timings.decode,
             );
         }
         result
