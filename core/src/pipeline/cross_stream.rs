@@ -843,6 +843,18 @@ impl CrossStreamBatcher {
             return (now < until).then_some((until, true));
         }
         let latest_start = earliest.checked_sub(fit.estimate(rows.min(MAX_BATCH_ROWS))?)?;
+        if latest_start <= now && Self::batching_pays(s, kind, queued_rows, &self.device) {
+            // The earliest deadline is lost whatever this batch does. A stream still due
+            // within half a batch's fixed cost is worth that wait: its call in a batch of its
+            // own would pay the whole fixed cost again and push every later batch back by it,
+            // so that one late round splits the next (U(1) + U(7) where U(8) was due).
+            let (fixed, _) = fit.line()?;
+            let horizon = now + Duration::from_secs_f64(fixed / 2.0);
+            let coming = expected
+                .iter()
+                .any(|(at, _, interval)| *at <= horizon && now <= *at + grace(*interval));
+            return (coming && now < horizon).then_some((horizon, false));
+        }
         // Hold only for streams that should arrive in time to go in, and not long past when
         // they should have come (one that stopped sending is not waited for to the deadline).
         let until = expected
@@ -1979,6 +1991,64 @@ mod tests {
             dtype: DType::F32,
             policy: KernelPolicy::current(),
         }
+    }
+
+    /// A batch whose earliest deadline is lost whatever it does still waits for a stream due
+    /// within half the fixed cost of a batch (on a device where batching pays), and only for
+    /// such a one: its call alone later would pay the fixed cost again.
+    #[test]
+    fn a_late_batch_waits_for_a_stream_due_within_half_its_fixed_cost() {
+        let batcher = CrossStreamBatcher::new(&Device::Cpu);
+        let now = Instant::now();
+        let mut s = BatchState::default();
+        s.pays_override = Some(true);
+        // 8 ms a batch and 1 ms a row, measured shared: half the fixed cost is 4 ms.
+        let mut fit = CostFit {
+            shared: true,
+            ..CostFit::default()
+        };
+        fit.record(1, 0.009);
+        fit.record(2, 0.010);
+        s.costs.insert(kind(), fit);
+        // Member 0's call waits, due now: its deadline is lost.
+        s.queue.push(Pending {
+            ticket: 0,
+            member: 0,
+            kind: kind(),
+            rows: 1,
+            deadline: Some(now),
+            due: now,
+            thread: std::thread::current().id(),
+            call: SharedCall::Encode(
+                Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            queued: None,
+        });
+        s.members.insert(0, Member::default());
+        let other = std::thread::spawn(|| std::thread::current().id())
+            .join()
+            .unwrap();
+        // A stream calling every 100 ms, the last `ago` ms ago.
+        let calling = |ago: u64| Member {
+            kind: Some(kind()),
+            rows: 1,
+            last_call: Some(now - Duration::from_millis(ago)),
+            interval: Some(Duration::from_millis(100)),
+            last_thread: Some(other),
+            ..Member::default()
+        };
+        // Due in 5 ms: past the horizon, not waited for.
+        s.members.insert(1, calling(95));
+        assert_eq!(batcher.hold_until(&s, &kind(), now), None);
+        // Due in 3 ms: waited for, until the horizon at most.
+        s.members.insert(2, calling(97));
+        assert_eq!(
+            batcher.hold_until(&s, &kind(), now),
+            Some((now + Duration::from_millis(4), false))
+        );
+        // Where batching does not pay (a CPU's costs), never.
+        s.pays_override = Some(false);
+        assert_eq!(batcher.hold_until(&s, &kind(), now), None);
     }
 
     /// Admission counts a round's encoder and decoder batches once: each stream's time in a
