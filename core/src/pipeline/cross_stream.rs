@@ -2000,8 +2000,10 @@ mod tests {
     fn a_late_batch_waits_for_a_stream_due_within_half_its_fixed_cost() {
         let batcher = CrossStreamBatcher::new(&Device::Cpu);
         let now = Instant::now();
-        let mut s = BatchState::default();
-        s.pays_override = Some(true);
+        let mut s = BatchState {
+            pays_override: Some(true),
+            ..BatchState::default()
+        };
         // 8 ms a batch and 1 ms a row, measured shared: half the fixed cost is 4 ms.
         let mut fit = CostFit {
             shared: true,
