@@ -441,6 +441,19 @@ struct Member {
 }
 
 impl Member {
+    /// A frame the stream took without calling any network (the similar-image filter gave the
+    /// last output again): its next calls are a spacing from now, not due now. Without this,
+    /// batches held for a stream whose call was not coming, up to the hold's grace.
+    fn frame_skipped(&mut self, now: Instant) {
+        if self.last_call.is_some() {
+            self.last_call = Some(now);
+        }
+        for (_, at, _) in &mut self.shared_calls {
+            *at = now;
+        }
+        self.decode_due = false;
+    }
+
     /// When the member last called a network that joins `kind`, and with how many rows: its
     /// UNet calls, or its calls of the same ControlNet. (It is never waited for elsewhere.)
     fn last_call_of(&self, kind: &BatchKind) -> Option<(Instant, usize)> {
@@ -1545,6 +1558,15 @@ impl BatchMember {
             .into_tensor()
     }
 
+    /// A frame taken without any network call (the similar-image filter skipped it): batches
+    /// do not wait for this stream's calls until a spacing from now.
+    pub fn frame_skipped(&self) {
+        let mut s = self.batcher.lock();
+        if let Some(m) = s.members.get_mut(&self.id) {
+            m.frame_skipped(Instant::now());
+        }
+    }
+
     /// After a frame: the stream's budget, its frame's work besides the UNet call, and the parts
     /// of that spent in its ControlNets and in its encoder and decoder calls.
     pub fn frame_done(
@@ -2050,6 +2072,65 @@ mod tests {
         );
         // Where batching does not pay (a CPU's costs), never.
         s.pays_override = Some(false);
+        assert_eq!(batcher.hold_until(&s, &kind(), now), None);
+    }
+
+    /// A stream whose frame the similar-image filter skipped is not waited for: its next call
+    /// is a spacing from the skip, not due now.
+    #[test]
+    fn a_batch_does_not_wait_for_a_stream_that_skipped_its_frame() {
+        let batcher = CrossStreamBatcher::new(&Device::Cpu);
+        let now = Instant::now();
+        let mut fit = CostFit {
+            shared: true,
+            ..CostFit::default()
+        };
+        fit.record(1, 0.009);
+        fit.record(2, 0.010);
+        let mut s = BatchState {
+            pays_override: Some(true),
+            ..BatchState::default()
+        };
+        s.costs.insert(kind(), fit);
+        s.queue.push(Pending {
+            ticket: 0,
+            member: 0,
+            kind: kind(),
+            rows: 1,
+            deadline: Some(now + Duration::from_millis(50)),
+            due: now + Duration::from_millis(50),
+            thread: std::thread::current().id(),
+            call: SharedCall::Encode(
+                Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            queued: None,
+        });
+        s.members.insert(0, Member::default());
+        let other = std::thread::spawn(|| std::thread::current().id())
+            .join()
+            .unwrap();
+        // Calls every 100 ms, the last 95 ms ago: due in 5 ms, waited for (a quarter of its
+        // spacing past that at most, well before the batch must start to meet its deadline).
+        let mut due = Member {
+            kind: Some(kind()),
+            rows: 1,
+            last_call: Some(now - Duration::from_millis(95)),
+            interval: Some(Duration::from_millis(100)),
+            last_thread: Some(other),
+            decode_due: true,
+            ..Member::default()
+        };
+        s.members.insert(1, due.clone());
+        assert_eq!(
+            batcher.hold_until(&s, &kind(), now),
+            Some((now + Duration::from_millis(30), false))
+        );
+        // Its frame skipped just now: next due in 100 ms, after the batch must start: not waited
+        // for.
+        due.frame_skipped(now);
+        assert_eq!(due.last_call, Some(now));
+        assert!(!due.decode_due);
+        s.members.insert(1, due);
         assert_eq!(batcher.hold_until(&s, &kind(), now), None);
     }
 

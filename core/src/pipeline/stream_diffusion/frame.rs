@@ -165,7 +165,11 @@ impl StreamDiffusion {
             if filter.decide(x, u)? == FilterDecision::Skip
                 && let Some(previous) = &self.previous_output
             {
-                // The previous output again, with its verdict (no second check).
+                // The previous output again, with its verdict (no second check); no network
+                // runs, which the batch scheduler must know not to wait for this stream.
+                if let Some(member) = &self.batch {
+                    member.frame_skipped();
+                }
                 self.timings.safety.checked = false;
                 return Ok(if self.timings.safety.flagged {
                     previous.zeros_like()?
