@@ -1285,7 +1285,7 @@ impl CrossStreamBatcher {
                         _ => Err(mismatch()),
                     })
                     .collect::<Result<_>>()?;
-                SharedCall::ControlNet(join_shared_calls(&calls)?)
+                SharedCall::ControlNet(join_controlnet_calls(&calls)?)
             }
             SharedCall::Encode(_) | SharedCall::Decode(_) => {
                 let parts: Vec<Tensor> = batch
@@ -1417,7 +1417,7 @@ fn join_added<'a>(
 
 /// Concatenates ControlNet calls row-wise; each call's control image embedding is repeated over
 /// its rows (a call alone passes one row for all).
-fn join_shared_calls(calls: &[&ControlNetCall]) -> Result<ControlNetCall> {
+fn join_controlnet_calls(calls: &[&ControlNetCall]) -> Result<ControlNetCall> {
     let inputs: Vec<_> = calls
         .iter()
         .map(|c| (&c.sample, &c.timesteps, &c.text, c.added.as_ref()))
@@ -2015,6 +2015,41 @@ mod tests {
         }
     }
 
+    /// A cost measured with shared batches: `one` seconds for a call of 1 row, `two` for 2.
+    fn shared_fit(one: f64, two: f64) -> CostFit {
+        let mut fit = CostFit {
+            shared: true,
+            ..CostFit::default()
+        };
+        fit.record(1, one);
+        fit.record(2, two);
+        fit
+    }
+
+    /// Member 0's call of one row of `kind`, waiting in the queue, due at `deadline`.
+    fn waiting(kind: BatchKind, deadline: Instant) -> Pending {
+        Pending {
+            ticket: 0,
+            member: 0,
+            kind,
+            rows: 1,
+            deadline: Some(deadline),
+            due: deadline,
+            thread: std::thread::current().id(),
+            call: SharedCall::Encode(
+                Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            queued: None,
+        }
+    }
+
+    /// The id of a thread other than this one (the other streams').
+    fn another_thread() -> ThreadId {
+        std::thread::spawn(|| std::thread::current().id())
+            .join()
+            .unwrap()
+    }
+
     /// A batch whose earliest deadline is lost whatever it does still waits for a stream due
     /// within half the fixed cost of a batch (on a device where batching pays), and only for
     /// such a one: its call alone later would pay the fixed cost again.
@@ -2027,31 +2062,11 @@ mod tests {
             ..BatchState::default()
         };
         // 8 ms a batch and 1 ms a row, measured shared: half the fixed cost is 4 ms.
-        let mut fit = CostFit {
-            shared: true,
-            ..CostFit::default()
-        };
-        fit.record(1, 0.009);
-        fit.record(2, 0.010);
-        s.costs.insert(kind(), fit);
+        s.costs.insert(kind(), shared_fit(0.009, 0.010));
         // Member 0's call waits, due now: its deadline is lost.
-        s.queue.push(Pending {
-            ticket: 0,
-            member: 0,
-            kind: kind(),
-            rows: 1,
-            deadline: Some(now),
-            due: now,
-            thread: std::thread::current().id(),
-            call: SharedCall::Encode(
-                Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
-            ),
-            queued: None,
-        });
+        s.queue.push(waiting(kind(), now));
         s.members.insert(0, Member::default());
-        let other = std::thread::spawn(|| std::thread::current().id())
-            .join()
-            .unwrap();
+        let other = another_thread();
         // A stream calling every 100 ms, the last `ago` ms ago.
         let calling = |ago: u64| Member {
             kind: Some(kind()),
@@ -2081,34 +2096,15 @@ mod tests {
     fn a_batch_does_not_wait_for_a_stream_that_skipped_its_frame() {
         let batcher = CrossStreamBatcher::new(&Device::Cpu);
         let now = Instant::now();
-        let mut fit = CostFit {
-            shared: true,
-            ..CostFit::default()
-        };
-        fit.record(1, 0.009);
-        fit.record(2, 0.010);
         let mut s = BatchState {
             pays_override: Some(true),
             ..BatchState::default()
         };
-        s.costs.insert(kind(), fit);
-        s.queue.push(Pending {
-            ticket: 0,
-            member: 0,
-            kind: kind(),
-            rows: 1,
-            deadline: Some(now + Duration::from_millis(50)),
-            due: now + Duration::from_millis(50),
-            thread: std::thread::current().id(),
-            call: SharedCall::Encode(
-                Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
-            ),
-            queued: None,
-        });
+        s.costs.insert(kind(), shared_fit(0.009, 0.010));
+        s.queue
+            .push(waiting(kind(), now + Duration::from_millis(50)));
         s.members.insert(0, Member::default());
-        let other = std::thread::spawn(|| std::thread::current().id())
-            .join()
-            .unwrap();
+        let other = another_thread();
         // Calls every 100 ms, the last 95 ms ago: due in 5 ms, waited for (a quarter of its
         // spacing past that at most, well before the batch must start to meet its deadline).
         let mut due = Member {
@@ -2149,15 +2145,7 @@ mod tests {
         let (encode, decode) = (of(SharedNetwork::Encode), of(SharedNetwork::Decode));
         // A fixed cost and one per row, as a GPU's: UNet 5 + 1 ms a row, encoder 4 + 0.5,
         // decoder 6 + 1.
-        let fit = |a: f64, b: f64| {
-            let mut fit = CostFit {
-                shared: true,
-                ..CostFit::default()
-            };
-            fit.record(1, a + b);
-            fit.record(2, a + 2.0 * b);
-            fit
-        };
+        let fit = |a: f64, b: f64| shared_fit(a + b, a + 2.0 * b);
         let mut s = BatchState::default();
         s.costs.insert(kind(), fit(0.005, 0.001));
         let member = |calls: Vec<(BatchKind, Instant, usize)>| Member {
@@ -2210,32 +2198,13 @@ mod tests {
         let now = Instant::now();
         let mut s = BatchState::default();
         // Measured with a shared batch: 10 ms a call and 1 ms a row.
-        let mut fit = CostFit {
-            shared: true,
-            ..CostFit::default()
-        };
-        fit.record(1, 0.011);
-        fit.record(2, 0.012);
+        let fit = shared_fit(0.011, 0.012);
         s.costs.insert(net(1).cost_key(), fit);
         // Member 0 waits with its call of net 1, due in a second.
-        s.queue.push(Pending {
-            ticket: 0,
-            member: 0,
-            kind: net(1),
-            rows: 1,
-            deadline: Some(now + Duration::from_secs(1)),
-            due: now + Duration::from_secs(1),
-            thread: std::thread::current().id(),
-            call: SharedCall::Encode(
-                Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
-            ),
-            queued: None,
-        });
+        s.queue.push(waiting(net(1), now + Duration::from_secs(1)));
         s.members.insert(0, Member::default());
         // The others call every 100 ms from another thread, the last time 90 ms ago.
-        let other = std::thread::spawn(|| std::thread::current().id())
-            .join()
-            .unwrap();
+        let other = another_thread();
         let last = now - Duration::from_millis(90);
         let member = |shared_calls| Member {
             interval: Some(Duration::from_millis(100)),
