@@ -397,8 +397,8 @@ fn start_lookahead(shared: &Shared, live: &mut Live, current: &Job) {
     if thread.jobs.send(job).is_ok() {
         live.lookahead = Some(Lookahead { id, images: made });
     } else {
-        // The thread is gone (it cannot panic past its catch; a failed spawn of the next
-        // frame's, then, would try again).
+        // The thread is gone (it catches every panic, so this is not expected): the next
+        // frame starts another.
         live.prepare = None;
     }
 }
