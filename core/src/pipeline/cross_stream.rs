@@ -455,7 +455,8 @@ impl Member {
     }
 
     /// When the member last called a network that joins `kind`, and with how many rows: its
-    /// UNet calls, or its calls of the same ControlNet. (It is never waited for elsewhere.)
+    /// UNet calls, or its calls of the same ControlNet. (Encoder and decoder batches have holds
+    /// of their own: [`CrossStreamBatcher::hold_encode`], [`CrossStreamBatcher::hold_decode`].)
     fn last_call_of(&self, kind: &BatchKind) -> Option<(Instant, usize)> {
         match kind.network {
             SharedNetwork::UNet => {
@@ -815,8 +816,10 @@ impl CrossStreamBatcher {
         let queued_members: Vec<u64> = s.queue.iter().map(|p| p.member).collect();
         let fit = s.costs.get(&kind.cost_key())?;
         let mut rows: usize = queued.iter().map(|p| p.rows).sum();
-        if kind.network == SharedNetwork::Decode {
-            return Self::hold_decode(s, fit, rows, earliest, now);
+        match kind.network {
+            SharedNetwork::Decode => return self.hold_decode(s, kind, fit, rows, earliest, now),
+            SharedNetwork::Encode => return self.hold_encode(s, kind, fit, rows, earliest, now),
+            SharedNetwork::UNet | SharedNetwork::ControlNet => {}
         }
         let mut expected = Vec::new();
         for (id, m) in &s.members {
@@ -880,9 +883,13 @@ impl CrossStreamBatcher {
     }
 
     /// A decode batch waits for the other streams of the shared UNet batch they all came from
-    /// (they are right behind), at most one decode's time and never past the deadline.
+    /// (they are right behind), at most one decode's time and never past the deadline while
+    /// that can still be met; once it cannot, at most half a batch's fixed cost
+    /// ([`Self::lost_deadline_hold`]).
     fn hold_decode(
+        &self,
         s: &BatchState,
+        kind: &BatchKind,
         fit: &CostFit,
         rows: usize,
         earliest: Instant,
@@ -902,8 +909,86 @@ impl CrossStreamBatcher {
         if due == 0 {
             return None;
         }
-        let latest_start = earliest.checked_sub(fit.estimate(rows * (due + 1))?)?;
-        let until = (now + fit.estimate(rows)?).min(latest_start);
+        let until = now + fit.estimate(rows)?;
+        match earliest.checked_sub(fit.estimate(rows * (due + 1))?) {
+            Some(latest_start) if latest_start > now => {
+                Some((until.min(latest_start), false)).filter(|(u, _)| now < *u)
+            }
+            _ => self.lost_deadline_hold(s, kind, fit, rows, until, now),
+        }
+    }
+
+    /// An encode batch waits for the streams whose encode is due now by their pace (their
+    /// last encode a call spacing ago), and for no stream longer than a batch's fixed cost:
+    /// the streams of one round reach their encodes a fraction of a millisecond apart (the
+    /// runner of the round's decode batch gets its rows first), and without a hold the first
+    /// would encode alone and the rest in a second batch behind it, which costs the fixed part
+    /// again (E(1) + E(7) where E(8) was due). A stream whose encode is due later than that is
+    /// not waited for: its own batch costs no more than the wait. Never past the deadline
+    /// while that can still be met; once it cannot, at most half the fixed cost.
+    fn hold_encode(
+        &self,
+        s: &BatchState,
+        kind: &BatchKind,
+        fit: &CostFit,
+        rows: usize,
+        earliest: Instant,
+        now: Instant,
+    ) -> Option<(Instant, bool)> {
+        let (fixed, _) = fit.line()?;
+        if !fit.shared || fixed <= 0.0 {
+            return None;
+        }
+        let cap = now + Duration::from_secs_f64(fixed);
+        let queued_members: Vec<u64> = s.queue.iter().map(|p| p.member).collect();
+        let waiting_threads: Vec<ThreadId> = s.queue.iter().map(|p| p.thread).collect();
+        let mut coming_rows = 0;
+        for (id, m) in &s.members {
+            let Some(interval) = m.interval else { continue };
+            if queued_members.contains(id)
+                || m.last_thread.is_some_and(|t| waiting_threads.contains(&t))
+            {
+                continue;
+            }
+            let Some(&(_, at, member_rows)) = m.shared_calls.iter().find(|(k, _, _)| k.joins(kind))
+            else {
+                continue;
+            };
+            // Due by its pace, a quarter of its spacing late at most, and before the cap.
+            let due = at + interval;
+            if due <= cap && now <= due + interval / 4 {
+                coming_rows += member_rows;
+            }
+        }
+        if coming_rows == 0 {
+            return None;
+        }
+        match earliest.checked_sub(fit.estimate(rows + coming_rows)?) {
+            Some(latest_start) if latest_start > now => {
+                Some((cap.min(latest_start), false)).filter(|(u, _)| now < *u)
+            }
+            _ => self.lost_deadline_hold(s, kind, fit, rows, cap, now),
+        }
+    }
+
+    /// A hold for streams right behind a batch whose earliest deadline is lost whatever it
+    /// does: until `until`, at most half the batch's fixed cost from now, and only where
+    /// batching pays. Their calls in a batch of their own would pay the whole fixed cost again
+    /// and push every later batch back by it, so that one late round splits the next.
+    fn lost_deadline_hold(
+        &self,
+        s: &BatchState,
+        kind: &BatchKind,
+        fit: &CostFit,
+        rows: usize,
+        until: Instant,
+        now: Instant,
+    ) -> Option<(Instant, bool)> {
+        if !Self::batching_pays(s, kind, rows, &self.device) {
+            return None;
+        }
+        let (fixed, _) = fit.line()?;
+        let until = until.min(now + Duration::from_secs_f64(fixed / 2.0));
         (now < until).then_some((until, false))
     }
 
@@ -2088,6 +2173,120 @@ mod tests {
         // Where batching does not pay (a CPU's costs), never.
         s.pays_override = Some(false);
         assert_eq!(batcher.hold_until(&s, &kind(), now), None);
+    }
+
+    /// The kind of a TAESD encode batch of one 512² frame a row.
+    fn encode_kind() -> BatchKind {
+        BatchKind {
+            network: SharedNetwork::Encode,
+            text: Vec::new(),
+            sample: vec![3, 512, 512],
+            ..kind()
+        }
+    }
+
+    /// An encode batch waits for the streams whose encode is due by their pace, for at most a
+    /// batch's fixed cost (what a second batch for them would cost again), and not for a
+    /// stream due later than that, one already queued, or one that skipped its frame.
+    #[test]
+    fn an_encode_batch_waits_for_the_streams_due_within_its_fixed_cost() {
+        let batcher = CrossStreamBatcher::new(&Device::Cpu);
+        let now = Instant::now();
+        let mut s = BatchState {
+            pays_override: Some(true),
+            ..BatchState::default()
+        };
+        // 1.3 ms a batch and 0.2 ms a row, measured shared.
+        s.costs.insert(encode_kind(), shared_fit(0.0015, 0.0017));
+        s.queue
+            .push(waiting(encode_kind(), now + Duration::from_millis(50)));
+        s.members.insert(0, Member::default());
+        let other = another_thread();
+        // A stream at 30 ms a frame whose last encode was `ago` µs ago.
+        let encoding = |ago: u64| Member {
+            interval: Some(Duration::from_millis(30)),
+            last_thread: Some(other),
+            shared_calls: vec![(encode_kind(), now - Duration::from_micros(ago), 1)],
+            ..Member::default()
+        };
+        // Due in 10 ms, well past the fixed cost: not waited for.
+        s.members.insert(1, encoding(20_000));
+        assert_eq!(batcher.hold_until(&s, &encode_kind(), now), None);
+        // Due in 0.2 ms: waited for, a fixed cost from now at most.
+        let mut due = encoding(29_800);
+        s.members.insert(2, due.clone());
+        assert_eq!(
+            batcher.hold_until(&s, &encode_kind(), now),
+            Some((now + Duration::from_micros(1300), false))
+        );
+        // 2 ms late (within a quarter of its spacing): still waited for.
+        s.members.insert(2, encoding(32_000));
+        assert!(batcher.hold_until(&s, &encode_kind(), now).is_some());
+        // 10 ms late: not coming this round.
+        s.members.insert(2, encoding(40_000));
+        assert_eq!(batcher.hold_until(&s, &encode_kind(), now), None);
+        // Its frame skipped: next due a spacing from now.
+        due.frame_skipped(now);
+        s.members.insert(2, due);
+        assert_eq!(batcher.hold_until(&s, &encode_kind(), now), None);
+        // The deadline lost whatever the batch does: half the fixed cost at most, and only
+        // where batching pays.
+        s.members.insert(2, encoding(29_800));
+        s.queue[0].deadline = Some(now);
+        assert_eq!(
+            batcher.hold_until(&s, &encode_kind(), now),
+            Some((now + Duration::from_micros(650), false))
+        );
+        s.pays_override = Some(false);
+        assert_eq!(batcher.hold_until(&s, &encode_kind(), now), None);
+        // Measured only for one stream's calls: no hold (the first shared batches come from
+        // calls that meet by themselves).
+        s.pays_override = Some(true);
+        s.costs.get_mut(&encode_kind()).unwrap().shared = false;
+        assert_eq!(batcher.hold_until(&s, &encode_kind(), now), None);
+    }
+
+    /// A decode batch whose deadline is lost still waits for the streams of the shared UNet
+    /// batch it came from, for half its fixed cost at most, where batching pays; before, it
+    /// ran without them (D(1) + D(7)).
+    #[test]
+    fn a_late_decode_batch_waits_half_its_fixed_cost_for_its_round() {
+        let batcher = CrossStreamBatcher::new(&Device::Cpu);
+        let now = Instant::now();
+        let decode = BatchKind {
+            network: SharedNetwork::Decode,
+            text: Vec::new(),
+            sample: vec![4, 64, 64],
+            ..kind()
+        };
+        let mut s = BatchState {
+            pays_override: Some(true),
+            ..BatchState::default()
+        };
+        // 1.6 ms a batch and 0.3 ms a row.
+        s.costs.insert(decode.clone(), shared_fit(0.0019, 0.0022));
+        s.queue
+            .push(waiting(decode.clone(), now + Duration::from_millis(50)));
+        s.members.insert(0, Member::default());
+        let behind = Member {
+            decode_due: true,
+            last_thread: Some(another_thread()),
+            ..Member::default()
+        };
+        s.members.insert(1, behind);
+        // In time: one decode's time (1.9 ms).
+        assert_eq!(
+            batcher.hold_until(&s, &decode, now),
+            Some((now + Duration::from_micros(1900), false))
+        );
+        // Late: half the fixed cost.
+        s.queue[0].deadline = Some(now);
+        assert_eq!(
+            batcher.hold_until(&s, &decode, now),
+            Some((now + Duration::from_micros(800), false))
+        );
+        s.pays_override = Some(false);
+        assert_eq!(batcher.hold_until(&s, &decode, now), None);
     }
 
     /// A stream whose frame the similar-image filter skipped is not waited for: its next call
