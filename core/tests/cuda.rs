@@ -1809,11 +1809,36 @@ fn cuda_float_processors_match_the_host_steps() {
     ignore = "needs the cuda feature and a CUDA device"
 )]
 fn cuda_streams_batched_across_streams_match_each_alone() {
+    streams_batched_across_streams_match_each_alone(
+        "cuda_streams_batched_across_streams_match_each_alone",
+        false,
+    );
+}
+
+/// The same with each batch handed back by a CUDA event that its callers' streams wait on
+/// (`SDSTREAM_CUDA_BATCH_EVENTS`): the running thread no longer waits for the device, so a
+/// caller that read its rows or freed its inputs before its stream waited for the batch would
+/// read them unwritten or free them under it. The batches' costs are then timed on the device,
+/// and each network's are counted.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_streams_batched_with_events_match_each_alone() {
+    streams_batched_across_streams_match_each_alone(
+        "cuda_streams_batched_with_events_match_each_alone",
+        true,
+    );
+}
+
+fn streams_batched_across_streams_match_each_alone(test: &str, events: bool) {
     use sdstream::model::bundle::StableDiffusionModels;
+    use sdstream::model::kernels::KernelPolicy;
     use sdstream::pipeline::cross_stream::SharedNetwork;
     use sdstream::{EngineSettings, StreamDiffusion, StreamDiffusionParams};
     use std::sync::Arc;
-    if !cuda_or_skip("cuda_streams_batched_across_streams_match_each_alone") {
+    if !cuda_or_skip(test) {
         return;
     }
     let cuda = Device::new_cuda(0).unwrap();
@@ -1831,6 +1856,10 @@ fn cuda_streams_batched_across_streams_match_each_alone() {
         .unwrap();
         s.cross_stream_batching = batching;
         s.frame_budget_ms = batching.then_some(5_000.0);
+        s.kernels = Some(KernelPolicy {
+            cuda_batch_events: events,
+            ..KernelPolicy::process()
+        });
         s
     };
     let model_id = common::fixture("tiny-sd-turbo").display().to_string();
@@ -1919,6 +1948,23 @@ fn cuda_streams_batched_across_streams_match_each_alone() {
             (counts.calls, counts.shared_calls, counts.batches),
             (2 * FRAMES as u64, 2 * FRAMES as u64, FRAMES as u64),
             "{network:?}: {counts:?}"
+        );
+    }
+    // Every network's batches were timed: on the host after a wait, or on the device by
+    // their events (read here, once the device has run them).
+    let costs = models.batcher().measured_costs();
+    println!("measured costs: {costs:?}");
+    for network in [
+        SharedNetwork::UNet,
+        SharedNetwork::ControlNet,
+        SharedNetwork::Encode,
+        SharedNetwork::Decode,
+    ] {
+        assert!(
+            costs
+                .iter()
+                .any(|c| c.network == network && c.rows >= 2 && !c.time.is_zero()),
+            "{network:?}: no shared batch timed in {costs:?}"
         );
     }
     // A check that can fail: the two streams made different pictures.

@@ -22,8 +22,9 @@
 //! so that the rows time the networks), whose calls are batched across streams as the UNet's
 //! are. Latency is a frame's time from `Engine::process` in to its output out; the percentiles
 //! are over every measured frame of every stream. The batched rows also print how many UNet
-//! calls ran, in how many batches, how many streams' calls the widest batch held, and with a
-//! ControlNet its calls and batches.
+//! calls ran, in how many batches, how many streams' calls the widest batch held, with a
+//! ControlNet its calls and batches, and the encoder's and decoder's batches (a round in step
+//! has one of each); the counters cover the measured frames only.
 
 use std::process::ExitCode;
 use std::sync::{Arc, Barrier};
@@ -31,8 +32,9 @@ use std::time::{Duration, Instant};
 
 use sdstream::engine::Submission;
 use sdstream::model::bundle::StableDiffusionModels;
+use sdstream::model::cuda_graph::CudaGraphCounts;
 use sdstream::model::pool::ModelPool;
-use sdstream::pipeline::cross_stream::SharedNetwork;
+use sdstream::pipeline::cross_stream::{BatchCounts, CrossStreamBatcher, SharedNetwork};
 use sdstream::{Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusionParams};
 use serde_json::json;
 
@@ -134,6 +136,8 @@ struct Row {
     widest: u64,
     /// ControlNet calls and the batches they ran in.
     controlnet: (u64, u64),
+    /// The encoder's and the decoder's batches (the rounds' calls of each are one a frame).
+    autoencoder: (u64, u64),
     /// CUDA graphs captured, replays, and captures that failed during the row (every
     /// network's): whether its calls ran from graphs or op by op.
     graphs: (usize, usize, usize),
@@ -212,20 +216,19 @@ fn run(
         })
         .collect::<Result<_, _>>()?;
     let batcher = models.batcher();
-    batcher.reset_widest();
-    let before = batcher.counts();
-    let controlnet_before = batcher.counts_of(SharedNetwork::ControlNet);
-    let graphs_before = sdstream::model::cuda_graph::counts();
     let frame: Vec<u8> = (0..args.size * args.size * 3)
         .map(|i| ((i * 37) % 251) as u8)
         .collect();
-    // Every host thread warms up, then all start the measured frames together.
+    // Every host thread warms up, then all start the measured frames together, once the
+    // counters are read: they count the measured frames' batches only.
+    let warmed = Arc::new(Barrier::new(n + 1));
     let start = Arc::new(Barrier::new(n + 1));
+    let mut before = None;
     let latencies = std::thread::scope(|scope| -> Result<(Vec<Duration>, Duration), String> {
         let handles: Vec<_> = engines
             .iter()
             .map(|engine| {
-                let start = start.clone();
+                let (warmed, start) = (warmed.clone(), start.clone());
                 let frame = &frame;
                 scope.spawn(move || -> Result<Vec<Duration>, String> {
                     let picture = Frame::packed(frame, args.size, args.size, PixelFormat::Rgb8)
@@ -235,6 +238,7 @@ fn run(
                             .process(Submission::new(picture))
                             .map_err(|e| e.to_string())?;
                     }
+                    warmed.wait();
                     start.wait();
                     let mut times = Vec::with_capacity(args.frames);
                     for _ in 0..args.frames {
@@ -248,6 +252,9 @@ fn run(
                 })
             })
             .collect();
+        warmed.wait();
+        batcher.reset_widest();
+        before = Some(Counters::read(batcher));
         start.wait();
         let began = Instant::now();
         let mut all = Vec::new();
@@ -261,14 +268,20 @@ fn run(
     })?;
     let (mut times, wall) = latencies;
     times.sort();
-    let after = batcher.counts();
-    let controlnet_after = batcher.counts_of(SharedNetwork::ControlNet);
-    let graphs_after = sdstream::model::cuda_graph::counts();
+    let before = before.ok_or("the host threads ended before their measured frames")?;
+    let Counters {
+        all: after,
+        controlnet: controlnet_after,
+        encode: encode_after,
+        decode: decode_after,
+        graphs: graphs_after,
+    } = Counters::read(batcher);
     let (calls, batches, widest) = (
-        after.calls - before.calls,
-        after.batches - before.batches,
+        after.calls - before.all.calls,
+        after.batches - before.all.batches,
         after.widest,
     );
+    let (controlnet_before, graphs_before) = (before.controlnet, before.graphs);
     Ok(Row {
         fps: times.len() as f64 / wall.as_secs_f64(),
         p50: percentile(&times, 0.5),
@@ -280,12 +293,37 @@ fn run(
             controlnet_after.calls - controlnet_before.calls,
             controlnet_after.batches - controlnet_before.batches,
         ),
+        autoencoder: (
+            encode_after.batches - before.encode.batches,
+            decode_after.batches - before.decode.batches,
+        ),
         graphs: (
             graphs_after.captured - graphs_before.captured,
             graphs_after.replayed - graphs_before.replayed,
             graphs_after.failed - graphs_before.failed,
         ),
     })
+}
+
+/// A batcher's counters and the process's CUDA graph counts, read at once.
+struct Counters {
+    all: BatchCounts,
+    controlnet: BatchCounts,
+    encode: BatchCounts,
+    decode: BatchCounts,
+    graphs: CudaGraphCounts,
+}
+
+impl Counters {
+    fn read(batcher: &CrossStreamBatcher) -> Self {
+        Counters {
+            all: batcher.counts(),
+            controlnet: batcher.counts_of(SharedNetwork::ControlNet),
+            encode: batcher.counts_of(SharedNetwork::Encode),
+            decode: batcher.counts_of(SharedNetwork::Decode),
+            graphs: sdstream::model::cuda_graph::counts(),
+        }
+    }
 }
 
 /// Runs the benchmark on `argv` (the flags, without the program's name).
@@ -331,9 +369,9 @@ pub fn main(argv: Vec<String>) -> ExitCode {
         policy_summary(args.device.starts_with("cuda")),
     );
     println!(
-        "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest | ControlNet calls / batches | graphs captured / replayed / failed |"
+        "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest | ControlNet calls / batches | encode / decode batches | graphs captured / replayed / failed |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.streams {
         for repeat in 0..args.repeats {
             // Alternate which mode goes first.
@@ -345,7 +383,7 @@ pub fn main(argv: Vec<String>) -> ExitCode {
             for batched in order {
                 match run(&args, &pool, &models, n, batched) {
                     Ok(r) => println!(
-                        "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {} | {} / {} / {} |",
+                        "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} / {} / {} |",
                         if batched {
                             "batched"
                         } else {
@@ -372,6 +410,11 @@ pub fn main(argv: Vec<String>) -> ExitCode {
                         },
                         if batched && args.controlnet.is_some() {
                             format!("{} / {}", r.controlnet.0, r.controlnet.1)
+                        } else {
+                            "-".into()
+                        },
+                        if batched {
+                            format!("{} / {}", r.autoencoder.0, r.autoencoder.1)
                         } else {
                             "-".into()
                         },
@@ -457,7 +500,7 @@ pub fn policy_summary(cuda: bool) -> String {
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
          pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}, \
          phase convolutions {}, GroupNorm rows kernels {}, LayerNorm kernel {}, \
-         fused linear epilogue {}, 16-byte adds {}, event tracking {}",
+         fused linear epilogue {}, 16-byte adds {}, event tracking {}, batch hand-back by events {}",
         on_off(p.cuda_kernels),
         attention,
         on_off(p.cuda_graphs),
@@ -472,5 +515,6 @@ pub fn policy_summary(cuda: bool) -> String {
         on_off(p.cuda_fused_linear),
         on_off(p.cuda_vector_adds),
         on_off(p.cuda_event_tracking),
+        on_off(p.cuda_batch_events),
     )
 }

@@ -117,6 +117,57 @@ impl QueuedWork {
         })
     }
 
+    /// Like [`mark`](Self::mark), with the device's clock read as the work passes the mark:
+    /// two timed marks give the device's time between them ([`seconds_since`](Self::seconds_since)),
+    /// without the host waiting for either.
+    pub fn mark_timed(device: &Device) -> candle_core::Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = device {
+            use candle_core::cuda_backend::WrapErr;
+            use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+            let event = d
+                .cuda_stream()
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .w()?;
+            return Ok(Self { event: Some(event) });
+        }
+        Self::mark(device)
+    }
+
+    /// Whether the marked work is done, without waiting (always, off CUDA). An error the
+    /// device met meanwhile is returned.
+    pub fn is_done(&self) -> candle_core::Result<bool> {
+        #[cfg(feature = "cuda")]
+        if let Some(event) = &self.event {
+            use candle_core::cuda_backend::WrapErr;
+            return event.try_is_complete().w();
+        }
+        Ok(true)
+    }
+
+    /// The device's seconds from `start` to this mark, both made by
+    /// [`mark_timed`](Self::mark_timed) (negative where this mark was passed first, on another
+    /// stream). Waits for both marks; `None` off CUDA, where nothing was timed.
+    pub fn seconds_since(&self, start: &QueuedWork) -> candle_core::Result<Option<f64>> {
+        #[cfg(feature = "cuda")]
+        if let (Some(end), Some(start)) = (&self.event, &start.event) {
+            use candle_core::cuda_backend::WrapErr;
+            return Ok(Some(f64::from(start.elapsed_ms(end).w()?) / 1e3));
+        }
+        let _ = start;
+        Ok(None)
+    }
+
+    /// Blocks the host until the marked work is done (at once off CUDA).
+    pub fn wait_host(&self) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(event) = &self.event {
+            use candle_core::cuda_backend::WrapErr;
+            event.synchronize().w()?;
+        }
+        Ok(())
+    }
+
     /// Makes the work this thread queues on `device` from now on wait until the marked work
     /// is done (without blocking the host).
     pub fn wait_here(&self, device: &Device) -> candle_core::Result<()> {

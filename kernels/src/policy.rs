@@ -187,6 +187,14 @@ pub struct KernelPolicy {
     /// so they cost two driver calls per allocation and two per free for nothing (a frame run
     /// op by op allocates about once per kernel: a thousand times at 512²).
     pub cuda_event_tracking: bool,
+    /// A batch of several streams' calls on a CUDA device hands each call its rows with a CUDA
+    /// event that the caller's stream waits on, instead of the running thread waiting for the
+    /// device before it hands them out; the batch's cost is timed between two events on the
+    /// device (on with `SDSTREAM_CUDA_BATCH_EVENTS`; see `sdstream::pipeline::cross_stream`).
+    /// The host then queues a round's next batch while the device still runs this one, where
+    /// every stage change left the device idle for the hand-back's wake-ups and the streams'
+    /// own work between their calls. Off by default until a GPU has run its test.
+    pub cuda_batch_events: bool,
 }
 
 impl Default for KernelPolicy {
@@ -213,6 +221,7 @@ impl Default for KernelPolicy {
             cuda_pinned: false,
             cuda_preprocess: true,
             cuda_event_tracking: false,
+            cuda_batch_events: false,
         }
     }
 }
@@ -238,7 +247,7 @@ impl KernelPolicy {
     ///   `SDSTREAM_CUDA_CUDNN_ATTENTION`,
     ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_PHASE_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS`,
     ///   `SDSTREAM_CUDA_LAYER_NORM`, `SDSTREAM_CUDA_FUSED_LINEAR`, `SDSTREAM_CUDA_CUDNN_KERNEL_CACHE`,
-    ///   `SDSTREAM_CUDA_EVENT_TRACKING` are switches, on when set to anything but nothing or `0`;
+    ///   `SDSTREAM_CUDA_EVENT_TRACKING`, `SDSTREAM_CUDA_BATCH_EVENTS` are switches, on when set to anything but nothing or `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
     ///   `SDSTREAM_CUDA_PREPROCESS`, `SDSTREAM_CUDA_VECTOR_ADDS` turn their feature off when
     ///   exactly `0`;
@@ -295,6 +304,7 @@ impl KernelPolicy {
             cuda_pinned: switch("SDSTREAM_CUDA_PINNED"),
             cuda_preprocess: !off("SDSTREAM_CUDA_PREPROCESS"),
             cuda_event_tracking: switch("SDSTREAM_CUDA_EVENT_TRACKING"),
+            cuda_batch_events: switch("SDSTREAM_CUDA_BATCH_EVENTS"),
         }
     }
 
@@ -375,7 +385,8 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 14] = [
+        let cases: [(&str, Field, bool); 15] = [
+            ("SDSTREAM_CUDA_BATCH_EVENTS", |p| p.cuda_batch_events, false),
             (
                 "SDSTREAM_CUDA_EVENT_TRACKING",
                 |p| p.cuda_event_tracking,
@@ -452,6 +463,9 @@ mod tests {
                 }
                 "SDSTREAM_CUDA_EVENT_TRACKING" => {
                     others.cuda_event_tracking = default_policy.cuda_event_tracking
+                }
+                "SDSTREAM_CUDA_BATCH_EVENTS" => {
+                    others.cuda_batch_events = default_policy.cuda_batch_events
                 }
                 _ => others.direct_conv = default_policy.direct_conv,
             }

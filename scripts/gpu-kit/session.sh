@@ -154,6 +154,14 @@ stage bench-f16-all-on-sync 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 S
 # of up to 8 rows spend most of their time in attention.
 stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" \
   SDSTREAM_BENCH_TAG=-all-on SDSTREAM_MULTI_ARGS="--streams 1,8 --frames 40" "${run[@]}" multi-stream-f16
+# The same 8 streams with each batch handed back by a CUDA event instead of the running thread
+# waiting for the device (the host queues a round's next batch while this one runs), where its
+# test passed: against the row above, what the host's waits at each stage change cost.
+if passed cuda_streams_batched_with_events; then
+  stage multi-stream-f16-all-on-events 50 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" \
+    SDSTREAM_CUDA_BATCH_EVENTS=1 SDSTREAM_BENCH_TAG=-all-on-events \
+    SDSTREAM_MULTI_ARGS="--streams 8 --frames 40" "${run[@]}" multi-stream-f16
+fi
 # diffusers' UNet and TAESD alone replayed from torch CUDA graphs, batches 1 and 8: the UNet
 # time issue 46 aims at, and what a batched round of eight streams costs torch.
 stage reference-graphs 60 "${run[@]}" reference-graphs

@@ -520,10 +520,54 @@ struct BatchState {
     lockstep_for_tests: Option<usize>,
     /// The threads that ran batches of several streams' calls, per network.
     shared_runners: HashMap<SharedNetwork, HashSet<ThreadId>>,
-    done: HashMap<u64, std::result::Result<SharedOutput, String>>,
+    /// Each finished call's rows, with the mark its caller's stream waits on before it uses
+    /// them where the batch was handed back by events ([`Handback::Events`]).
+    done: HashMap<u64, std::result::Result<HandedRows, String>>,
+    /// Batches handed back by events whose device time is read once the device has run them.
+    timings: Vec<TimedBatch>,
+    /// The end of the last batch handed back by events, for the next one to tell whether the
+    /// two overlapped on the device (batches run on their runners' streams).
+    last_end: Option<(ThreadId, Arc<QueuedWork>)>,
     members: HashMap<u64, Member>,
     costs: HashMap<BatchKind, CostFit>,
     counts: HashMap<SharedNetwork, BatchCounts>,
+}
+
+/// One call's rows, and the mark its caller's stream waits on before it uses them
+/// ([`Handback::Events`]).
+type HandedRows = (SharedOutput, Option<Arc<QueuedWork>>);
+
+/// A batch's rows per call, and with [`Handback::Events`] its start and end marks.
+type BatchOutputs = (Vec<SharedOutput>, Option<(QueuedWork, Arc<QueuedWork>)>);
+
+/// How the callers of a batch get their rows on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handback {
+    /// As soon as the batch is queued: a stream alone, whose calls run on its own thread and
+    /// stream (nothing to order, and no cost to measure).
+    Queued,
+    /// Once the running thread has waited for the device, so that the batch's cost is its
+    /// wall time (the default, and the CPU's, where nothing is queued).
+    Wait,
+    /// As soon as the batch is queued, with a CUDA event marked after it that each caller's
+    /// stream waits on; the cost is the device's time between two events, read later
+    /// ([`KernelPolicy::cuda_batch_events`]).
+    Events,
+}
+
+/// A batch handed back by events, whose device time is read once done.
+struct TimedBatch {
+    key: BatchKind,
+    rows: usize,
+    calls: u64,
+    start: QueuedWork,
+    end: Arc<QueuedWork>,
+    /// The end of the batch queued by events before it, where another thread ran that (on
+    /// its own stream): where it ended after this one started, the two shared the device and
+    /// this cost is not its own. On the same thread's stream the two ran in turn.
+    previous: Option<Arc<QueuedWork>>,
+    /// No other batch began on the host while this one was queued.
+    undisturbed: bool,
 }
 
 /// One measured batch cost ([`CrossStreamBatcher::measured_costs`]).
@@ -750,7 +794,8 @@ impl CrossStreamBatcher {
     /// shape and rows: where a round of many streams spends its time (the multi-stream
     /// benchmark prints it after each batched row).
     pub fn measured_costs(&self) -> Vec<MeasuredCost> {
-        let s = self.lock();
+        let mut s = self.lock();
+        self.collect_timings(&mut s);
         let mut costs: Vec<MeasuredCost> = s
             .costs
             .iter()
@@ -1101,7 +1146,18 @@ impl CrossStreamBatcher {
         let my_kind = BatchKind::of_pending(&s.queue, ticket);
         loop {
             if let Some(result) = s.done.remove(&ticket) {
-                return result.map_err(Error::State);
+                drop(s);
+                let (out, end) = result.map_err(Error::State)?;
+                if let Some(end) = end {
+                    // This thread's stream waits for the batch (queued on the runner's) before
+                    // it reads the rows or frees anything the batch read. Should that fail,
+                    // the host waits instead, so that nothing is freed under the batch.
+                    if let Err(e) = end.wait_here(&self.device) {
+                        let _ = end.wait_host();
+                        return Err(e.into());
+                    }
+                }
+                return Ok(out);
             }
             let pays = Self::batching_pays(&s, &my_kind, rows, &self.device);
             if s.running > 0 {
@@ -1240,14 +1296,23 @@ impl CrossStreamBatcher {
         }
         let started_before = s.runs_started;
         // A stream alone runs as it always did: its work only queued on a GPU, not waited for.
-        // With others, the batcher waits for the device, so that costs are the device's.
+        // With others, the batcher waits for the device, so that costs are the device's, or
+        // (`cuda_batch_events`) times the batch on the device and hands it back at once.
         let settle = s.members.len() > 1;
+        let handback = if !settle {
+            Handback::Queued
+        } else if !self.device.is_cpu() && batch[0].kind.policy.cuda_batch_events {
+            Handback::Events
+        } else {
+            Handback::Wait
+        };
         let timed = settle || self.device.is_cpu();
+        self.collect_timings(&mut s);
         s.running += 1;
         s.runs_started += 1;
         drop(s);
         let started = Instant::now();
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.run(models, &batch, settle)))
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.run(models, &batch, handback)))
             .unwrap_or_else(|panic| {
                 Err(Error::State(format!(
                     "the batched {:?} call panicked: {}",
@@ -1287,26 +1352,36 @@ impl CrossStreamBatcher {
             .or_default()
             .add_batch(calls, total_rows);
         match outcome {
-            Ok(outputs) => {
-                let recorded = undisturbed && timed;
-                let fit = if recorded {
-                    Some(s.costs.entry(key).or_default())
-                } else {
-                    s.costs.get_mut(&key)
-                };
-                if let Some(fit) = fit {
-                    if recorded {
-                        fit.record(total_rows, elapsed.as_secs_f64());
-                        fit.shared |= calls > 1;
+            Ok((outputs, timing)) => {
+                let end = match timing {
+                    Some((start, end)) => {
+                        // Its cost is read once the device has run it.
+                        let here = std::thread::current().id();
+                        let previous = s
+                            .last_end
+                            .replace((here, end.clone()))
+                            .filter(|(thread, _)| *thread != here)
+                            .map(|(_, previous)| previous);
+                        s.timings.push(TimedBatch {
+                            key,
+                            rows: total_rows,
+                            calls,
+                            start,
+                            end: end.clone(),
+                            previous,
+                            undisturbed,
+                        });
+                        Some(end)
                     }
-                    fit.batches_since_shared = if recorded && calls > 1 {
-                        0
-                    } else {
-                        fit.batches_since_shared.saturating_add(1)
-                    };
-                }
+                    None => {
+                        let recorded = undisturbed && timed;
+                        let seconds = recorded.then_some(elapsed.as_secs_f64());
+                        Self::note_cost(&mut s, key, total_rows, calls, seconds);
+                        None
+                    }
+                };
                 for (p, out) in batch.iter().zip(outputs) {
-                    s.done.insert(p.ticket, Ok(out));
+                    s.done.insert(p.ticket, Ok((out, end.clone())));
                 }
                 // The streams of a shared UNet batch decode next, together if they can.
                 if calls > 1 && batch[0].kind.network == SharedNetwork::UNet {
@@ -1328,13 +1403,71 @@ impl CrossStreamBatcher {
         s
     }
 
-    /// Runs one batch: a single call as it is, several concatenated and split again.
+    /// Counts a batch of `kind` (`key`) in its cost fit: `seconds`, where it was measured on
+    /// its own, is recorded for its rows.
+    fn note_cost(
+        s: &mut BatchState,
+        key: BatchKind,
+        rows: usize,
+        calls: u64,
+        seconds: Option<f64>,
+    ) {
+        let fit = if seconds.is_some() {
+            Some(s.costs.entry(key).or_default())
+        } else {
+            s.costs.get_mut(&key)
+        };
+        if let Some(fit) = fit {
+            if let Some(seconds) = seconds {
+                fit.record(rows, seconds);
+                fit.shared |= calls > 1;
+            }
+            fit.batches_since_shared = if seconds.is_some() && calls > 1 {
+                0
+            } else {
+                fit.batches_since_shared.saturating_add(1)
+            };
+        }
+    }
+
+    /// Records the costs of the batches handed back by events that the device has run since
+    /// the last look (their device time between their two marks), without waiting for the
+    /// others. A batch that overlapped the one queued before it on the device (another
+    /// runner's stream) is counted but not recorded, as a batch run beside another is not.
+    fn collect_timings(&self, s: &mut BatchState) {
+        for t in std::mem::take(&mut s.timings) {
+            match t.end.is_done() {
+                Ok(true) => {}
+                Ok(false) => {
+                    s.timings.push(t);
+                    continue;
+                }
+                // The device's error reaches the streams through their own calls; this
+                // batch's time is lost with it.
+                Err(_) => continue,
+            }
+            let overlapped = t.previous.as_ref().is_some_and(|previous| {
+                !matches!(previous.is_done(), Ok(true))
+                    || !matches!(previous.seconds_since(&t.start), Ok(Some(s)) if s <= 0.0)
+            });
+            let seconds = t
+                .end
+                .seconds_since(&t.start)
+                .ok()
+                .flatten()
+                .filter(|_| t.undisturbed && !overlapped);
+            Self::note_cost(s, t.key, t.rows, t.calls, seconds);
+        }
+    }
+
+    /// Runs one batch: a single call as it is, several concatenated and split again; with
+    /// [`Handback::Events`], also the marks that time it and that its callers wait on.
     fn run(
         &self,
         models: &StableDiffusionModels,
         batch: &[Pending],
-        settle: bool,
-    ) -> Result<Vec<SharedOutput>> {
+        handback: Handback,
+    ) -> Result<BatchOutputs> {
         // The calls handed over by other threads: their inputs come from those threads' CUDA
         // streams, which nothing orders with this one.
         let here = std::thread::current().id();
@@ -1343,12 +1476,14 @@ impl CrossStreamBatcher {
                 queued.wait_here(&self.device)?;
             }
         }
+        // After the waits: the batch's time on the device starts when its stream gets here.
+        let start = match handback {
+            Handback::Events => Some(QueuedWork::mark_timed(&self.device)?),
+            Handback::Queued | Handback::Wait => None,
+        };
         if let [only] = batch {
             let out = only.call.run(models)?;
-            if settle {
-                self.settle()?;
-            }
-            return Ok(vec![out]);
+            return self.hand_back(vec![out], handback, start);
         }
         let mismatch = || Error::State("a batch holds calls of different networks".into());
         let joined = match &batch[0].call {
@@ -1396,14 +1531,35 @@ impl CrossStreamBatcher {
         // queued, and the views cost nothing.
         let own = !self.device.is_cpu();
         let mut outputs = Vec::with_capacity(batch.len());
-        let mut start = 0;
+        let mut row = 0;
         for p in batch {
-            let rows = out.narrow(start, p.rows)?;
+            let rows = out.narrow(row, p.rows)?;
             outputs.push(if own { rows.owned()? } else { rows });
-            start += p.rows;
+            row += p.rows;
         }
-        self.settle()?;
-        Ok(outputs)
+        self.hand_back(outputs, handback, start)
+    }
+
+    /// A batch's rows as its callers get them: after a wait for the device
+    /// ([`Handback::Wait`]), or with the marks its callers' streams wait on
+    /// ([`Handback::Events`]).
+    fn hand_back(
+        &self,
+        outputs: Vec<SharedOutput>,
+        handback: Handback,
+        start: Option<QueuedWork>,
+    ) -> Result<BatchOutputs> {
+        match (handback, start) {
+            (Handback::Events, Some(start)) => {
+                let end = Arc::new(QueuedWork::mark_timed(&self.device)?);
+                Ok((outputs, Some((start, end))))
+            }
+            (Handback::Wait, _) => {
+                self.settle()?;
+                Ok((outputs, None))
+            }
+            _ => Ok((outputs, None)),
+        }
     }
 
     /// On a GPU the forward only queues work: wait for it, so that the measured cost is the
