@@ -411,6 +411,33 @@ fn a_stream_alone_runs_one_call_per_frame_on_its_own_thread() {
     );
 }
 
+/// A stream that shares its networks decodes its text-to-image frames through the batcher
+/// too (an img2img stream's decode batch after a shared UNet batch expects them there), with
+/// the same pixels as a stream on its own.
+#[test]
+fn text_to_image_decodes_through_the_batcher() {
+    let models = own_models();
+    let body = body("a quiet harbour", 9, json!([20, 32]));
+    let txt2img = |batching: bool| {
+        let settings = settings(batching, None);
+        let params = StreamDiffusionParams::from_json_with(&body.to_string(), &settings).unwrap();
+        let mut stream = StreamDiffusion::with_models(models.clone(), params, settings).unwrap();
+        (0..2)
+            .map(|_| stream.txt2img().unwrap())
+            .collect::<Vec<Tensor>>()
+    };
+    let plain = txt2img(false);
+    assert_eq!(models.batcher().counts_of(SharedNetwork::Decode).calls, 0);
+    let batched = txt2img(true);
+    for (i, (x, y)) in batched.iter().zip(&plain).enumerate() {
+        assert_eq!(abs_err(x, y).0, 0.0, "frame {i}");
+    }
+    let decode = models.batcher().counts_of(SharedNetwork::Decode);
+    assert_eq!((decode.calls, decode.batches), (2, 2));
+    // A check that can fail: the two frames differ (the stream's noise moves on).
+    assert!(abs_err(&batched[0], &batched[1]).0 > 0.0);
+}
+
 /// Zeros of `dims` on the CPU (the shapes admission's tests seed their costs with).
 fn zeros(dims: &[usize]) -> Tensor {
     Tensor::zeros(dims, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()

@@ -223,10 +223,7 @@ impl StreamDiffusion {
         let x0 = self.latent_postprocessing(&x0)?;
         self.timings.controlnet += control_prep;
         let t1 = Instant::now();
-        let image = match &self.batch {
-            Some(member) => member.decode(&self.models, &x0, self.deadline)?,
-            None => self.models.autoencoder.decode(&x0)?,
-        };
+        let image = self.decode(&x0)?;
         let out = crate::pipeline::stream_batch::to_unit_range(&image.to_dtype(DType::F32)?)?;
         let out = self.image_postprocessing(&out)?;
         let shown = self.safety_check(&out)?;
@@ -369,9 +366,20 @@ impl StreamDiffusion {
         )?;
         let x0 = self.denoise(latent, &conds)?;
         let x0 = self.latent_postprocessing(&x0)?;
-        let image = self.models.autoencoder.decode(&x0)?;
+        let image = self.decode(&x0)?;
         let out = crate::pipeline::stream_batch::to_unit_range(&image.to_dtype(DType::F32)?)?;
         self.safety_check(&out)
+    }
+
+    /// Decodes x̂₀, in a batch with other streams' latents where the stream shares its
+    /// networks. Text-to-image decodes there too (with no deadline, so nothing waits for it):
+    /// after a UNet call in a shared batch, the other streams' decode batch expects this
+    /// stream's decode, and waited for it (one decode's time) when it went elsewhere.
+    fn decode(&self, x0: &Tensor) -> Result<Tensor> {
+        match &self.batch {
+            Some(member) => member.decode(&self.models, x0, self.deadline),
+            None => Ok(self.models.autoencoder.decode(x0)?),
+        }
     }
 
     /// Text-to-image has no input frame for `skip_diffusion` to pass through (Daydream
