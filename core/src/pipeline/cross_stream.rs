@@ -857,8 +857,7 @@ impl CrossStreamBatcher {
     ) -> Option<(Instant, bool)> {
         let queued: Vec<&Pending> = s.queue.iter().filter(|p| p.kind.joins(kind)).collect();
         let earliest = queued.iter().filter_map(|p| p.deadline).min()?;
-        let waiting_threads: Vec<ThreadId> = s.queue.iter().map(|p| p.thread).collect();
-        let queued_members: Vec<u64> = s.queue.iter().map(|p| p.member).collect();
+        let outside = Self::outside_the_queue(s);
         let fit = s.costs.get(&kind.cost_key())?;
         let mut rows: usize = queued.iter().map(|p| p.rows).sum();
         match kind.network {
@@ -868,14 +867,14 @@ impl CrossStreamBatcher {
         }
         let mut expected = Vec::new();
         for (id, m) in &s.members {
-            let (Some((last, member_rows)), Some(interval), Some(thread)) =
+            let (Some((last, member_rows)), Some(interval), Some(_)) =
                 (m.last_call_of(kind), m.interval, m.last_thread)
             else {
                 continue;
             };
             // One that waits here already, or whose thread waits here for another stream's
             // call, cannot come before this batch runs.
-            if queued_members.contains(id) || waiting_threads.contains(&thread) {
+            if !outside(*id, m) {
                 continue;
             }
             if now.saturating_duration_since(last) > interval * ACTIVE_INTERVALS {
@@ -930,7 +929,7 @@ impl CrossStreamBatcher {
     /// A decode batch waits for the other streams of the shared UNet batch they all came from
     /// (they are right behind), at most one decode's time and never past the deadline while
     /// that can still be met; once it cannot, at most half a batch's fixed cost
-    /// ([`Self::lost_deadline_hold`]).
+    /// ([`Self::hold_for_behind`]).
     fn hold_decode(
         &self,
         s: &BatchState,
@@ -940,27 +939,17 @@ impl CrossStreamBatcher {
         earliest: Instant,
         now: Instant,
     ) -> Option<(Instant, bool)> {
-        let queued_members: Vec<u64> = s.queue.iter().map(|p| p.member).collect();
-        let waiting_threads: Vec<ThreadId> = s.queue.iter().map(|p| p.thread).collect();
+        let outside = Self::outside_the_queue(s);
         let due: usize = s
             .members
             .iter()
-            .filter(|(id, m)| {
-                m.decode_due
-                    && !queued_members.contains(id)
-                    && m.last_thread.is_none_or(|t| !waiting_threads.contains(&t))
-            })
+            .filter(|&(id, m)| m.decode_due && outside(*id, m))
             .count();
         if due == 0 {
             return None;
         }
         let until = now + fit.estimate(rows)?;
-        match earliest.checked_sub(fit.estimate(rows * (due + 1))?) {
-            Some(latest_start) if latest_start > now => {
-                Some((until.min(latest_start), false)).filter(|(u, _)| now < *u)
-            }
-            _ => self.lost_deadline_hold(s, kind, fit, rows, until, now),
-        }
+        self.hold_for_behind(s, kind, fit, (rows, rows * (due + 1)), until, earliest, now)
     }
 
     /// An encode batch waits for the streams whose encode is due now by their pace (their
@@ -985,14 +974,11 @@ impl CrossStreamBatcher {
             return None;
         }
         let cap = now + Duration::from_secs_f64(fixed);
-        let queued_members: Vec<u64> = s.queue.iter().map(|p| p.member).collect();
-        let waiting_threads: Vec<ThreadId> = s.queue.iter().map(|p| p.thread).collect();
+        let outside = Self::outside_the_queue(s);
         let mut coming_rows = 0;
-        for (id, m) in &s.members {
+        for (&id, m) in &s.members {
             let Some(interval) = m.interval else { continue };
-            if queued_members.contains(id)
-                || m.last_thread.is_some_and(|t| waiting_threads.contains(&t))
-            {
+            if !outside(id, m) {
                 continue;
             }
             let Some(&(_, at, member_rows)) = m.shared_calls.iter().find(|(k, _, _)| k.joins(kind))
@@ -1008,32 +994,46 @@ impl CrossStreamBatcher {
         if coming_rows == 0 {
             return None;
         }
-        match earliest.checked_sub(fit.estimate(rows + coming_rows)?) {
-            Some(latest_start) if latest_start > now => {
-                Some((cap.min(latest_start), false)).filter(|(u, _)| now < *u)
-            }
-            _ => self.lost_deadline_hold(s, kind, fit, rows, cap, now),
+        self.hold_for_behind(s, kind, fit, (rows, rows + coming_rows), cap, earliest, now)
+    }
+
+    /// Whether a member may still call before the batch being planned runs: neither its call
+    /// nor one from its thread (waiting there for another stream's call) is queued.
+    fn outside_the_queue(s: &BatchState) -> impl Fn(u64, &Member) -> bool + '_ {
+        move |id, m| {
+            !s.queue
+                .iter()
+                .any(|p| p.member == id || m.last_thread.is_some_and(|thread| p.thread == thread))
         }
     }
 
-    /// A hold for streams right behind a batch whose earliest deadline is lost whatever it
-    /// does: until `until`, at most half the batch's fixed cost from now, and only where
-    /// batching pays. Their calls in a batch of their own would pay the whole fixed cost again
-    /// and push every later batch back by it, so that one late round splits the next.
-    fn lost_deadline_hold(
+    /// A hold until `until` for streams right behind a batch of `rows` rows (`all_rows` with
+    /// them): never past the latest start that still ends the batch before its earliest
+    /// deadline, while that can be met. Once it cannot, at most half the batch's fixed cost
+    /// from now, and only where batching pays: their calls in a batch of their own would pay
+    /// the whole fixed cost again and push every later batch back by it, so that one late
+    /// round splits the next.
+    #[allow(clippy::too_many_arguments)]
+    fn hold_for_behind(
         &self,
         s: &BatchState,
         kind: &BatchKind,
         fit: &CostFit,
-        rows: usize,
+        (rows, all_rows): (usize, usize),
         until: Instant,
+        earliest: Instant,
         now: Instant,
     ) -> Option<(Instant, bool)> {
-        if !Self::batching_pays(s, kind, rows, &self.device) {
-            return None;
-        }
-        let (fixed, _) = fit.line()?;
-        let until = until.min(now + Duration::from_secs_f64(fixed / 2.0));
+        let until = match earliest.checked_sub(fit.estimate(all_rows)?) {
+            Some(latest_start) if latest_start > now => until.min(latest_start),
+            _ => {
+                if !Self::batching_pays(s, kind, rows, &self.device) {
+                    return None;
+                }
+                let (fixed, _) = fit.line()?;
+                until.min(now + Duration::from_secs_f64(fixed / 2.0))
+            }
+        };
         (now < until).then_some((until, false))
     }
 
