@@ -2284,6 +2284,19 @@ mod tests {
         }
     }
 
+    /// A batcher's state where batching pays, with `fit` measured for `kind` and member 0's
+    /// call of one row of it waiting in the queue, due at `deadline`.
+    fn one_waiting(kind: BatchKind, fit: CostFit, deadline: Instant) -> BatchState {
+        let mut s = BatchState {
+            pays_override: Some(true),
+            ..BatchState::default()
+        };
+        s.costs.insert(kind.clone(), fit);
+        s.queue.push(waiting(kind, deadline));
+        s.members.insert(0, Member::default());
+        s
+    }
+
     /// The id of a thread other than this one (the other streams').
     fn another_thread() -> ThreadId {
         std::thread::spawn(|| std::thread::current().id())
@@ -2298,15 +2311,9 @@ mod tests {
     fn a_late_batch_waits_for_a_stream_due_within_half_its_fixed_cost() {
         let batcher = CrossStreamBatcher::new(&Device::Cpu);
         let now = Instant::now();
-        let mut s = BatchState {
-            pays_override: Some(true),
-            ..BatchState::default()
-        };
-        // 8 ms a batch and 1 ms a row, measured shared: half the fixed cost is 4 ms.
-        s.costs.insert(kind(), shared_fit(0.009, 0.010));
-        // Member 0's call waits, due now: its deadline is lost.
-        s.queue.push(waiting(kind(), now));
-        s.members.insert(0, Member::default());
+        // 8 ms a batch and 1 ms a row, measured shared: half the fixed cost is 4 ms. Member 0's
+        // call waits, due now: its deadline is lost.
+        let mut s = one_waiting(kind(), shared_fit(0.009, 0.010), now);
         let other = another_thread();
         // A stream calling every 100 ms, the last `ago` ms ago.
         let calling = |ago: u64| Member {
@@ -2348,15 +2355,12 @@ mod tests {
     fn an_encode_batch_waits_for_the_streams_due_within_its_fixed_cost() {
         let batcher = CrossStreamBatcher::new(&Device::Cpu);
         let now = Instant::now();
-        let mut s = BatchState {
-            pays_override: Some(true),
-            ..BatchState::default()
-        };
         // 1.3 ms a batch and 0.2 ms a row, measured shared.
-        s.costs.insert(encode_kind(), shared_fit(0.0015, 0.0017));
-        s.queue
-            .push(waiting(encode_kind(), now + Duration::from_millis(50)));
-        s.members.insert(0, Member::default());
+        let mut s = one_waiting(
+            encode_kind(),
+            shared_fit(0.0015, 0.0017),
+            now + Duration::from_millis(50),
+        );
         let other = another_thread();
         // A stream at 30 ms a frame whose last encode was `ago` µs ago.
         let encoding = |ago: u64| Member {
@@ -2415,15 +2419,12 @@ mod tests {
             sample: vec![4, 64, 64],
             ..kind()
         };
-        let mut s = BatchState {
-            pays_override: Some(true),
-            ..BatchState::default()
-        };
         // 1.6 ms a batch and 0.3 ms a row.
-        s.costs.insert(decode.clone(), shared_fit(0.0019, 0.0022));
-        s.queue
-            .push(waiting(decode.clone(), now + Duration::from_millis(50)));
-        s.members.insert(0, Member::default());
+        let mut s = one_waiting(
+            decode.clone(),
+            shared_fit(0.0019, 0.0022),
+            now + Duration::from_millis(50),
+        );
         let behind = Member {
             decode_due: true,
             last_thread: Some(another_thread()),
@@ -2451,14 +2452,11 @@ mod tests {
     fn a_batch_does_not_wait_for_a_stream_that_skipped_its_frame() {
         let batcher = CrossStreamBatcher::new(&Device::Cpu);
         let now = Instant::now();
-        let mut s = BatchState {
-            pays_override: Some(true),
-            ..BatchState::default()
-        };
-        s.costs.insert(kind(), shared_fit(0.009, 0.010));
-        s.queue
-            .push(waiting(kind(), now + Duration::from_millis(50)));
-        s.members.insert(0, Member::default());
+        let mut s = one_waiting(
+            kind(),
+            shared_fit(0.009, 0.010),
+            now + Duration::from_millis(50),
+        );
         let other = another_thread();
         // Calls every 100 ms, the last 95 ms ago: due in 5 ms, waited for (a quarter of its
         // spacing past that at most, well before the batch must start to meet its deadline).
