@@ -232,14 +232,21 @@ fn run(
                 let frame = &frame;
                 scope.spawn(move || -> Result<Vec<Duration>, String> {
                     let picture = Frame::packed(frame, args.size, args.size, PixelFormat::Rgb8)
-                        .map_err(|e| e.to_string())?;
-                    for _ in 0..args.warmup {
-                        engine
-                            .process(Submission::new(picture))
-                            .map_err(|e| e.to_string())?;
-                    }
+                        .map_err(|e| e.to_string());
+                    let warm = picture.clone().and_then(|picture| {
+                        (0..args.warmup).try_for_each(|_| {
+                            engine
+                                .process(Submission::new(picture))
+                                .map(drop)
+                                .map_err(|e| e.to_string())
+                        })
+                    });
+                    // Past both barriers even after a failed warm-up, which the others and the
+                    // main thread would otherwise wait for for ever.
                     warmed.wait();
                     start.wait();
+                    warm?;
+                    let picture = picture?;
                     let mut times = Vec::with_capacity(args.frames);
                     for _ in 0..args.frames {
                         let t = Instant::now();
@@ -268,7 +275,7 @@ fn run(
     })?;
     let (mut times, wall) = latencies;
     times.sort();
-    let before = before.ok_or("the host threads ended before their measured frames")?;
+    let before = before.ok_or("the counters were not read")?;
     let Counters {
         all: after,
         controlnet: controlnet_after,

@@ -147,12 +147,22 @@ impl QueuedWork {
 
     /// The device's seconds from `start` to this mark, both made by
     /// [`mark_timed`](Self::mark_timed) (negative where this mark was passed first, on another
-    /// stream). Waits for both marks; `None` off CUDA, where nothing was timed.
+    /// stream); `None` while either is not done (this never waits), and off CUDA, where
+    /// nothing was timed.
     pub fn seconds_since(&self, start: &QueuedWork) -> candle_core::Result<Option<f64>> {
         #[cfg(feature = "cuda")]
-        if let (Some(end), Some(start)) = (&self.event, &start.event) {
+        if let (Some(end), Some(begin)) = (&self.event, &start.event) {
             use candle_core::cuda_backend::WrapErr;
-            return Ok(Some(f64::from(start.elapsed_ms(end).w()?) / 1e3));
+            use candle_core::cuda_backend::cudarc::driver::result;
+            if !(self.is_done()? && start.is_done()?) {
+                return Ok(None);
+            }
+            // The driver's call itself, not cudarc's `elapsed_ms`: that binds the context,
+            // which takes (and returns as its own) an error another thread's release left for
+            // the next call, and waits for both events, which are done here anyway.
+            // SAFETY: both events are alive (borrowed) and were created by cudarc.
+            let ms = unsafe { result::event::elapsed(begin.cu_event(), end.cu_event()) }.w()?;
+            return Ok(Some(f64::from(ms) / 1e3));
         }
         let _ = start;
         Ok(None)

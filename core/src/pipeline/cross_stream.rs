@@ -489,6 +489,8 @@ struct Pending {
     rows: usize,
     deadline: Option<Instant>,
     due: Instant,
+    /// When the call came: a hold's limits count from the first call of the batch.
+    arrived: Instant,
     thread: ThreadId,
     call: SharedCall,
     /// The work the calling thread had queued when it handed the call over (its inputs among
@@ -525,9 +527,6 @@ struct BatchState {
     done: HashMap<u64, std::result::Result<HandedRows, String>>,
     /// Batches handed back by events whose device time is read once the device has run them.
     timings: Vec<TimedBatch>,
-    /// The end of the last batch handed back by events, for the next one to tell whether the
-    /// two overlapped on the device (batches run on their runners' streams).
-    last_end: Option<(ThreadId, Arc<QueuedWork>)>,
     members: HashMap<u64, Member>,
     costs: HashMap<BatchKind, CostFit>,
     counts: HashMap<SharedNetwork, BatchCounts>,
@@ -539,6 +538,16 @@ type HandedRows = (SharedOutput, Option<Arc<QueuedWork>>);
 
 /// A batch's rows per call, and with [`Handback::Events`] its start and end marks.
 type BatchOutputs = (Vec<SharedOutput>, Option<(QueuedWork, Arc<QueuedWork>)>);
+
+/// The instants a hold is judged by.
+#[derive(Debug, Clone, Copy)]
+struct HoldTimes {
+    /// When the first queued call of the batch came.
+    since: Instant,
+    /// The earliest deadline among them.
+    earliest: Instant,
+    now: Instant,
+}
 
 /// How the callers of a batch get their rows on a GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -560,14 +569,40 @@ struct TimedBatch {
     key: BatchKind,
     rows: usize,
     calls: u64,
-    start: QueuedWork,
+    /// The thread that ran it, on whose stream it was queued.
+    thread: ThreadId,
+    start: Arc<QueuedWork>,
     end: Arc<QueuedWork>,
-    /// The end of the batch queued by events before it, where another thread ran that (on
-    /// its own stream): where it ended after this one started, the two shared the device and
-    /// this cost is not its own. On the same thread's stream the two ran in turn.
-    previous: Option<Arc<QueuedWork>>,
+    /// The start and end marks of the batches other threads queued while this one was not
+    /// yet known done: on other streams they may have run beside it on the device, and where
+    /// one did, this cost is not its own. (Batches of one thread run in turn on its stream.)
+    others: Vec<(Arc<QueuedWork>, Arc<QueuedWork>)>,
     /// No other batch began on the host while this one was queued.
     undisturbed: bool,
+}
+
+impl TimedBatch {
+    /// Whether the batch marked by `start` and `end` ran on the device while this one did
+    /// (this one is done). Where the device's answer is an error, assumed so.
+    fn ran_beside(&self, (start, end): &(Arc<QueuedWork>, Arc<QueuedWork>)) -> bool {
+        // Not started yet, now that this one is done: it runs after.
+        match start.is_done() {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(_) => return true,
+        }
+        // Started after this one ended: no overlap.
+        match self.end.seconds_since(start) {
+            Ok(Some(ended_after_it_started)) if ended_after_it_started > 0.0 => {}
+            Ok(Some(_)) => return false,
+            _ => return true,
+        }
+        // Started before this one ended, and still running, or ended after this one started.
+        match end.seconds_since(&self.start) {
+            Ok(Some(ended_after_this_started)) => ended_after_this_started > 0.0,
+            _ => true,
+        }
+    }
 }
 
 /// One measured batch cost ([`CrossStreamBatcher::measured_costs`]).
@@ -857,12 +892,20 @@ impl CrossStreamBatcher {
     ) -> Option<(Instant, bool)> {
         let queued: Vec<&Pending> = s.queue.iter().filter(|p| p.kind.joins(kind)).collect();
         let earliest = queued.iter().filter_map(|p| p.deadline).min()?;
+        // A hold's limits count from when the batch's first call came, not from this wake of
+        // the runner (each submit wakes it, and a limit from `now` would move with every one).
+        let since = queued.iter().map(|p| p.arrived).min()?;
         let outside = Self::outside_the_queue(s);
         let fit = s.costs.get(&kind.cost_key())?;
         let mut rows: usize = queued.iter().map(|p| p.rows).sum();
+        let times = HoldTimes {
+            since,
+            earliest,
+            now,
+        };
         match kind.network {
-            SharedNetwork::Decode => return self.hold_decode(s, kind, fit, rows, earliest, now),
-            SharedNetwork::Encode => return self.hold_encode(s, kind, fit, rows, earliest, now),
+            SharedNetwork::Decode => return self.hold_decode(s, kind, fit, rows, times),
+            SharedNetwork::Encode => return self.hold_encode(s, kind, fit, rows, times),
             SharedNetwork::UNet | SharedNetwork::ControlNet => {}
         }
         let mut expected = Vec::new();
@@ -894,7 +937,7 @@ impl CrossStreamBatcher {
         if Self::exploring(s, kind, self.remeasures(s, kind, queued_rows)) {
             // Until one shared batch is measured, whether batching pays is unknown: hold once
             // for the next stream due, at most two calls' time, deadline or not, to find out.
-            let cap = now + one_call * 2;
+            let cap = since + one_call * 2;
             let until = expected
                 .iter()
                 .map(|(at, _, interval)| *at + grace(*interval))
@@ -909,7 +952,7 @@ impl CrossStreamBatcher {
             // own would pay the whole fixed cost again and push every later batch back by it,
             // so that one late round splits the next (U(1) + U(7) where U(8) was due).
             let (fixed, _) = fit.line()?;
-            let horizon = now + Duration::from_secs_f64(fixed / 2.0);
+            let horizon = since.max(latest_start) + Duration::from_secs_f64(fixed / 2.0);
             let coming = expected
                 .iter()
                 .any(|(at, _, interval)| *at <= horizon && now <= *at + grace(*interval));
@@ -936,8 +979,7 @@ impl CrossStreamBatcher {
         kind: &BatchKind,
         fit: &CostFit,
         rows: usize,
-        earliest: Instant,
-        now: Instant,
+        times: HoldTimes,
     ) -> Option<(Instant, bool)> {
         let outside = Self::outside_the_queue(s);
         let due: usize = s
@@ -948,8 +990,8 @@ impl CrossStreamBatcher {
         if due == 0 {
             return None;
         }
-        let until = now + fit.estimate(rows)?;
-        self.hold_for_behind(s, kind, fit, (rows, rows * (due + 1)), until, earliest, now)
+        let until = times.since + fit.estimate(rows)?;
+        self.hold_for_behind(s, kind, fit, (rows, rows * (due + 1)), until, times)
     }
 
     /// An encode batch waits for the streams whose encode is due now by their pace (their
@@ -966,14 +1008,13 @@ impl CrossStreamBatcher {
         kind: &BatchKind,
         fit: &CostFit,
         rows: usize,
-        earliest: Instant,
-        now: Instant,
+        times: HoldTimes,
     ) -> Option<(Instant, bool)> {
         let (fixed, _) = fit.line()?;
         if !fit.shared || fixed <= 0.0 {
             return None;
         }
-        let cap = now + Duration::from_secs_f64(fixed);
+        let cap = times.since + Duration::from_secs_f64(fixed);
         let outside = Self::outside_the_queue(s);
         let mut coming_rows = 0;
         for (&id, m) in &s.members {
@@ -987,14 +1028,14 @@ impl CrossStreamBatcher {
             };
             // Due by its pace, a quarter of its spacing late at most, and before the cap.
             let due = at + interval;
-            if due <= cap && now <= due + interval / 4 {
+            if due <= cap && times.now <= due + interval / 4 {
                 coming_rows += member_rows;
             }
         }
         if coming_rows == 0 {
             return None;
         }
-        self.hold_for_behind(s, kind, fit, (rows, rows + coming_rows), cap, earliest, now)
+        self.hold_for_behind(s, kind, fit, (rows, rows + coming_rows), cap, times)
     }
 
     /// Whether a member may still call before the batch being planned runs: neither its call
@@ -1010,10 +1051,9 @@ impl CrossStreamBatcher {
     /// A hold until `until` for streams right behind a batch of `rows` rows (`all_rows` with
     /// them): never past the latest start that still ends the batch before its earliest
     /// deadline, while that can be met. Once it cannot, at most half the batch's fixed cost
-    /// from now, and only where batching pays: their calls in a batch of their own would pay
-    /// the whole fixed cost again and push every later batch back by it, so that one late
-    /// round splits the next.
-    #[allow(clippy::too_many_arguments)]
+    /// past the moment it was lost (or the first call came, if later), and only where batching
+    /// pays: their calls in a batch of their own would pay the whole fixed cost again and push
+    /// every later batch back by it, so that one late round splits the next.
     fn hold_for_behind(
         &self,
         s: &BatchState,
@@ -1021,20 +1061,21 @@ impl CrossStreamBatcher {
         fit: &CostFit,
         (rows, all_rows): (usize, usize),
         until: Instant,
-        earliest: Instant,
-        now: Instant,
+        times: HoldTimes,
     ) -> Option<(Instant, bool)> {
-        let until = match earliest.checked_sub(fit.estimate(all_rows)?) {
-            Some(latest_start) if latest_start > now => until.min(latest_start),
+        let latest_start = times.earliest.checked_sub(fit.estimate(all_rows)?);
+        let until = match latest_start {
+            Some(latest_start) if latest_start > times.now => until.min(latest_start),
             _ => {
                 if !Self::batching_pays(s, kind, rows, &self.device) {
                     return None;
                 }
                 let (fixed, _) = fit.line()?;
-                until.min(now + Duration::from_secs_f64(fixed / 2.0))
+                let lost = latest_start.map_or(times.since, |l| l.max(times.since));
+                until.min(lost + Duration::from_secs_f64(fixed / 2.0))
             }
         };
-        (now < until).then_some((until, false))
+        (times.now < until).then_some((until, false))
     }
 
     /// The calls of the batch to run now, as indices into the queue (sorted most urgent first):
@@ -1138,6 +1179,7 @@ impl CrossStreamBatcher {
             rows,
             deadline,
             due: deadline.unwrap_or(now + UNDATED_DUE),
+            arrived,
             thread,
             call,
             queued,
@@ -1150,11 +1192,16 @@ impl CrossStreamBatcher {
                 let (out, end) = result.map_err(Error::State)?;
                 if let Some(end) = end {
                     // This thread's stream waits for the batch (queued on the runner's) before
-                    // it reads the rows or frees anything the batch read. Should that fail,
-                    // the host waits instead, so that nothing is freed under the batch.
+                    // it reads the rows or frees anything the batch read. Should that fail (an
+                    // error another thread's release left for the next call binding the
+                    // context comes out of whichever call that is), the host waits instead,
+                    // so that nothing is freed under the batch, and the rows are good.
                     if let Err(e) = end.wait_here(&self.device) {
-                        let _ = end.wait_host();
-                        return Err(e.into());
+                        end.wait_host()?;
+                        tracing::warn!(
+                            "a batched {:?} call's stream could not wait on the device for its                              batch ({e}); the host waited instead",
+                            my_kind.network
+                        );
                     }
                 }
                 return Ok(out);
@@ -1355,20 +1402,23 @@ impl CrossStreamBatcher {
             Ok((outputs, timing)) => {
                 let end = match timing {
                     Some((start, end)) => {
-                        // Its cost is read once the device has run it.
+                        // Its cost is read once the device has run it, unless a batch another
+                        // thread queued meanwhile ran beside it.
                         let here = std::thread::current().id();
-                        let previous = s
-                            .last_end
-                            .replace((here, end.clone()))
-                            .filter(|(thread, _)| *thread != here)
-                            .map(|(_, previous)| previous);
+                        let start = Arc::new(start);
+                        let mut others = Vec::new();
+                        for t in s.timings.iter_mut().filter(|t| t.thread != here) {
+                            t.others.push((start.clone(), end.clone()));
+                            others.push((t.start.clone(), t.end.clone()));
+                        }
                         s.timings.push(TimedBatch {
                             key,
                             rows: total_rows,
                             calls,
+                            thread: here,
                             start,
                             end: end.clone(),
-                            previous,
+                            others,
                             undisturbed,
                         });
                         Some(end)
@@ -1432,8 +1482,8 @@ impl CrossStreamBatcher {
 
     /// Records the costs of the batches handed back by events that the device has run since
     /// the last look (their device time between their two marks), without waiting for the
-    /// others. A batch that overlapped the one queued before it on the device (another
-    /// runner's stream) is counted but not recorded, as a batch run beside another is not.
+    /// others. A batch that ran beside another thread's on the device is counted but not
+    /// recorded, as a batch run beside another is not.
     fn collect_timings(&self, s: &mut BatchState) {
         for t in std::mem::take(&mut s.timings) {
             match t.end.is_done() {
@@ -1444,18 +1494,18 @@ impl CrossStreamBatcher {
                 }
                 // The device's error reaches the streams through their own calls; this
                 // batch's time is lost with it.
-                Err(_) => continue,
+                Err(_) => {
+                    Self::note_cost(s, t.key, t.rows, t.calls, None);
+                    continue;
+                }
             }
-            let overlapped = t.previous.as_ref().is_some_and(|previous| {
-                !matches!(previous.is_done(), Ok(true))
-                    || !matches!(previous.seconds_since(&t.start), Ok(Some(s)) if s <= 0.0)
-            });
+            let alone = t.undisturbed && !t.others.iter().any(|other| t.ran_beside(other));
             let seconds = t
                 .end
                 .seconds_since(&t.start)
                 .ok()
                 .flatten()
-                .filter(|_| t.undisturbed && !overlapped);
+                .filter(|_| alone);
             Self::note_cost(s, t.key, t.rows, t.calls, seconds);
         }
     }
@@ -2267,8 +2317,9 @@ mod tests {
         fit
     }
 
-    /// Member 0's call of one row of `kind`, waiting in the queue, due at `deadline`.
-    fn waiting(kind: BatchKind, deadline: Instant) -> Pending {
+    /// Member 0's call of one row of `kind`, waiting in the queue since `arrived`, due at
+    /// `deadline`.
+    fn waiting(kind: BatchKind, arrived: Instant, deadline: Instant) -> Pending {
         Pending {
             ticket: 0,
             member: 0,
@@ -2276,6 +2327,7 @@ mod tests {
             rows: 1,
             deadline: Some(deadline),
             due: deadline,
+            arrived,
             thread: std::thread::current().id(),
             call: SharedCall::Encode(
                 Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
@@ -2285,14 +2337,19 @@ mod tests {
     }
 
     /// A batcher's state where batching pays, with `fit` measured for `kind` and member 0's
-    /// call of one row of it waiting in the queue, due at `deadline`.
-    fn one_waiting(kind: BatchKind, fit: CostFit, deadline: Instant) -> BatchState {
+    /// call of one row of it waiting in the queue since `arrived`, due at `deadline`.
+    fn one_waiting(
+        kind: BatchKind,
+        fit: CostFit,
+        arrived: Instant,
+        deadline: Instant,
+    ) -> BatchState {
         let mut s = BatchState {
             pays_override: Some(true),
             ..BatchState::default()
         };
         s.costs.insert(kind.clone(), fit);
-        s.queue.push(waiting(kind, deadline));
+        s.queue.push(waiting(kind, arrived, deadline));
         s.members.insert(0, Member::default());
         s
     }
@@ -2313,7 +2370,7 @@ mod tests {
         let now = Instant::now();
         // 8 ms a batch and 1 ms a row, measured shared: half the fixed cost is 4 ms. Member 0's
         // call waits, due now: its deadline is lost.
-        let mut s = one_waiting(kind(), shared_fit(0.009, 0.010), now);
+        let mut s = one_waiting(kind(), shared_fit(0.009, 0.010), now, now);
         let other = another_thread();
         // A stream calling every 100 ms, the last `ago` ms ago.
         let calling = |ago: u64| Member {
@@ -2359,6 +2416,7 @@ mod tests {
         let mut s = one_waiting(
             encode_kind(),
             shared_fit(0.0015, 0.0017),
+            now,
             now + Duration::from_millis(50),
         );
         let other = another_thread();
@@ -2372,13 +2430,18 @@ mod tests {
         // Due in 10 ms, well past the fixed cost: not waited for.
         s.members.insert(1, encoding(20_000));
         assert_eq!(batcher.hold_until(&s, &encode_kind(), now), None);
-        // Due in 0.2 ms: waited for, a fixed cost from now at most.
+        // Due in 0.2 ms: waited for, a fixed cost from the first call's arrival at most, however
+        // often the runner wakes meanwhile.
         let mut due = encoding(29_800);
         s.members.insert(2, due.clone());
-        assert_eq!(
-            batcher.hold_until(&s, &encode_kind(), now),
-            Some((now + Duration::from_micros(1300), false))
-        );
+        for woken in [0, 1000] {
+            assert_eq!(
+                batcher.hold_until(&s, &encode_kind(), now + Duration::from_micros(woken)),
+                Some((now + Duration::from_micros(1300), false))
+            );
+        }
+        let past = now + Duration::from_micros(1300);
+        assert_eq!(batcher.hold_until(&s, &encode_kind(), past), None);
         // 2 ms late (within a quarter of its spacing): still waited for.
         s.members.insert(2, encoding(32_000));
         assert!(batcher.hold_until(&s, &encode_kind(), now).is_some());
@@ -2423,6 +2486,7 @@ mod tests {
         let mut s = one_waiting(
             decode.clone(),
             shared_fit(0.0019, 0.0022),
+            now,
             now + Duration::from_millis(50),
         );
         let behind = Member {
@@ -2436,12 +2500,14 @@ mod tests {
             batcher.hold_until(&s, &decode, now),
             Some((now + Duration::from_micros(1900), false))
         );
-        // Late: half the fixed cost.
+        // Late: half the fixed cost, from when the call came.
         s.queue[0].deadline = Some(now);
         assert_eq!(
             batcher.hold_until(&s, &decode, now),
             Some((now + Duration::from_micros(800), false))
         );
+        let woken = now + Duration::from_micros(800);
+        assert_eq!(batcher.hold_until(&s, &decode, woken), None);
         s.pays_override = Some(false);
         assert_eq!(batcher.hold_until(&s, &decode, now), None);
     }
@@ -2455,6 +2521,7 @@ mod tests {
         let mut s = one_waiting(
             kind(),
             shared_fit(0.009, 0.010),
+            now,
             now + Duration::from_millis(50),
         );
         let other = another_thread();
@@ -2554,7 +2621,8 @@ mod tests {
         let fit = shared_fit(0.011, 0.012);
         s.costs.insert(net(1).cost_key(), fit);
         // Member 0 waits with its call of net 1, due in a second.
-        s.queue.push(waiting(net(1), now + Duration::from_secs(1)));
+        s.queue
+            .push(waiting(net(1), now, now + Duration::from_secs(1)));
         s.members.insert(0, Member::default());
         // The others call every 100 ms from another thread, the last time 90 ms ago.
         let other = another_thread();
