@@ -25,6 +25,11 @@
 //! Alone, a stream's call finds the UNet free and no one to wait for, and runs as the same
 //! single forward it always was.
 //!
+//! On a GPU with [`KernelPolicy::cuda_batch_events`], a thread of the batcher's own runs the
+//! batches while several streams share it, and hands each call its rows with a CUDA event its
+//! stream waits on, instead of waiting for the device first (docs/MULTI_STREAM.md, "Handing a
+//! batch back").
+//!
 //! Admission. Each batcher measures the cost of its batches per row count and fits it as
 //! `a + b·rows`; with each stream's other work per frame (encode, decode, ControlNets, …) and
 //! budget it predicts the time a round (one frame of every stream) takes with one stream more
@@ -482,6 +487,25 @@ pub struct MemberLabel {
     pub size: (usize, usize),
 }
 
+/// The networks a call handed to the batcher runs on, for whichever thread runs its batch.
+#[derive(Clone, Copy)]
+struct ModelsRef(*const StableDiffusionModels);
+
+// SAFETY: the models are shared by every stream's thread (they are `Sync`); the pointer is
+// read only while the call's own thread waits in `submit` for its result (see
+// `ModelsRef::get`).
+unsafe impl Send for ModelsRef {}
+
+impl ModelsRef {
+    /// # Safety
+    /// Only while the thread that made the call waits in `submit` for its result: its
+    /// `&StableDiffusionModels` is alive until then.
+    unsafe fn get<'a>(self) -> &'a StableDiffusionModels {
+        // SAFETY: as the caller promises.
+        unsafe { &*self.0 }
+    }
+}
+
 struct Pending {
     ticket: u64,
     member: u64,
@@ -493,6 +517,8 @@ struct Pending {
     arrived: Instant,
     thread: ThreadId,
     call: SharedCall,
+    /// The networks the call runs on (the batcher's own), for the batch runner's thread.
+    models: ModelsRef,
     /// The work the calling thread had queued when it handed the call over (its inputs among
     /// it), for the thread that runs the batch to wait for (each thread has its own CUDA
     /// stream); `None` where the call can only run on its own thread.
@@ -527,6 +553,17 @@ struct BatchState {
     done: HashMap<u64, std::result::Result<HandedRows, String>>,
     /// Batches handed back by events whose device time is read once the device has run them.
     timings: Vec<TimedBatch>,
+    /// A call asked for batches handed back by events on a GPU, which a thread of the
+    /// batcher's own runs while several streams share it ([`CrossStreamBatcher::runner_wanted`]).
+    events_asked: bool,
+    /// A test's choice of that thread, whatever the device and policy.
+    runner_for_tests: Option<bool>,
+    /// The batcher's runner thread, while it runs.
+    runner: Option<ThreadId>,
+    /// Starting it failed: the streams' threads run the batches.
+    runner_failed: bool,
+    /// Batches the runner thread ran.
+    runner_batches: u64,
     members: HashMap<u64, Member>,
     costs: HashMap<BatchKind, CostFit>,
     counts: HashMap<SharedNetwork, BatchCounts>,
@@ -538,6 +575,14 @@ type HandedRows = (SharedOutput, Option<Arc<QueuedWork>>);
 
 /// A batch's rows per call, and with [`Handback::Events`] its start and end marks.
 type BatchOutputs = (Vec<SharedOutput>, Option<(QueuedWork, Arc<QueuedWork>)>);
+
+/// What a thread that may run batches does next.
+enum Step {
+    /// Runs this batch.
+    Run(Vec<Pending>),
+    /// Waits to be woken, or until the instant (a hold, the tests' lockstep).
+    Wait(Option<Instant>),
+}
 
 /// The instants a hold is judged by.
 #[derive(Debug, Clone, Copy)]
@@ -865,6 +910,21 @@ impl CrossStreamBatcher {
         self.lock().lockstep_for_tests = calls;
     }
 
+    /// Makes the batcher's own thread run the batches while several streams share it
+    /// (`Some(true)`), or never (`Some(false)`), whatever the device and kernel policy say
+    /// (`None`: a GPU's policy decides, [`KernelPolicy::cuda_batch_events`]).
+    #[doc(hidden)]
+    pub fn set_runner_thread_for_tests(&self, on: Option<bool>) {
+        self.lock().runner_for_tests = on;
+        self.wake.notify_all();
+    }
+
+    /// Batches the batcher's own thread has run.
+    #[doc(hidden)]
+    pub fn runner_thread_batches_for_tests(&self) -> u64 {
+        self.lock().runner_batches
+    }
+
     /// Replaces the measured cost of every kind its streams run by exactly `per_row` a row
     /// (tests of admission through the server, which then need no timing).
     #[doc(hidden)]
@@ -1121,7 +1181,7 @@ impl CrossStreamBatcher {
     }
 
     fn submit(
-        &self,
+        self: &Arc<Self>,
         member: u64,
         models: &StableDiffusionModels,
         call: SharedCall,
@@ -1136,6 +1196,7 @@ impl CrossStreamBatcher {
         let mut s = self.lock();
         let ticket = s.next_ticket;
         s.next_ticket += 1;
+        s.events_asked |= policy.cuda_batch_events && !self.device.is_cpu();
         // A stream's pace is that of its UNet calls, one a frame.
         if let Some(m) = s.members.get_mut(&member) {
             m.decode_due = false;
@@ -1182,6 +1243,7 @@ impl CrossStreamBatcher {
             arrived,
             thread,
             call,
+            models: ModelsRef(models),
             queued,
         });
         self.wake.notify_all();
@@ -1199,7 +1261,8 @@ impl CrossStreamBatcher {
                     if let Err(e) = end.wait_here(&self.device) {
                         end.wait_host()?;
                         tracing::warn!(
-                            "a batched {:?} call's stream could not wait on the device for its                              batch ({e}); the host waited instead",
+                            "a batched {:?} call's stream could not wait on the device for its \
+                             batch ({e}); the host waited instead",
                             my_kind.network
                         );
                     }
@@ -1220,68 +1283,185 @@ impl CrossStreamBatcher {
                 }
                 continue;
             }
-            let now = Instant::now();
-            s.queue.sort_by_key(|p| (p.due, p.ticket));
-            let lead = Self::unblocking_call(&s, now).unwrap_or(0);
-            let plan = Self::plan_batch(&s.queue, lead);
-            // A batch runs on the thread of one of its calls (under that call's kernel policy,
-            // counted on that thread), so a stream alone runs on its own thread as before: the
-            // call of the longest-standing stream (the lowest member id), so that on a GPU the
-            // batches holding that stream keep to its thread, whose CUDA graphs they replay
-            // (graphs are kept per thread: any call's thread would capture a graph of each batch
-            // width in turn). The others wait to be woken.
+            if self.runner_wanted(&s) {
+                // The batcher's own thread runs the batches (it is woken by this call's
+                // submit); this one waits for its rows.
+                self.start_runner(&mut s);
+                if s.runner.is_some() {
+                    s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
+            }
+            s = match self.next_step(&mut s, Some(ticket)) {
+                Step::Run(batch) => self.run_batch(s, models, batch),
+                Step::Wait(until) => self.wait(s, until),
+            };
+        }
+    }
+
+    /// Waits for the batcher's condition variable, until `until` at most.
+    fn wait<'a>(
+        &'a self,
+        s: MutexGuard<'a, BatchState>,
+        until: Option<Instant>,
+    ) -> MutexGuard<'a, BatchState> {
+        match until {
+            None => self.wake.wait(s).unwrap_or_else(PoisonError::into_inner),
+            Some(until) => {
+                let wait = until.saturating_duration_since(Instant::now());
+                self.wake
+                    .wait_timeout(s, wait)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+        }
+    }
+
+    /// The next batch to run, or how long to wait for one, for a thread that may run batches
+    /// while none runs: `me`, a call's ticket, where the calling stream's thread asks (it runs
+    /// only a batch that holds its call and no lower member's), `None` for the runner thread.
+    fn next_step(&self, s: &mut BatchState, me: Option<u64>) -> Step {
+        if s.queue.is_empty() {
+            return Step::Wait(None);
+        }
+        let now = Instant::now();
+        s.queue.sort_by_key(|p| (p.due, p.ticket));
+        let lead = Self::unblocking_call(s, now).unwrap_or(0);
+        let plan = Self::plan_batch(&s.queue, lead);
+        // A batch runs on the thread of one of its calls (under that call's kernel policy,
+        // counted on that thread), so a stream alone runs on its own thread as before: the
+        // call of the longest-standing stream (the lowest member id), so that on a GPU the
+        // batches holding that stream keep to its thread, whose CUDA graphs they replay
+        // (graphs are kept per thread: any call's thread would capture a graph of each batch
+        // width in turn). The others wait to be woken.
+        if let Some(me) = me {
             let runner = plan
                 .iter()
                 .min_by_key(|&&i| (s.queue[i].member, s.queue[i].ticket))
                 .map(|&i| s.queue[i].ticket);
-            if runner != Some(ticket) {
-                s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+            if runner != Some(me) {
+                return Step::Wait(None);
+            }
+        }
+        let first_kind = s.queue[lead].kind.clone();
+        let lead_rows = s.queue[lead].rows;
+        if let Some(calls) = s.lockstep_for_tests {
+            let wanted = calls.min(s.members.len());
+            let since = plan
+                .iter()
+                .map(|&i| s.queue[i].arrived)
+                .min()
+                .unwrap_or(now);
+            if plan.len() < wanted && now.saturating_duration_since(since) < LOCKSTEP_WAIT {
+                return Step::Wait(Some(now + Duration::from_millis(5)));
+            }
+        }
+        let pays = Self::batching_pays(s, &first_kind, lead_rows, &self.device);
+        let worth =
+            pays || Self::exploring(s, &first_kind, self.remeasures(s, &first_kind, lead_rows));
+        if worth && let Some((until, exploring)) = self.hold_until(s, &first_kind, now) {
+            let key = first_kind.cost_key();
+            let mut again = false;
+            if exploring && let Some(fit) = s.costs.get_mut(&key) {
+                if fit.shared {
+                    // Measuring again: one hold per REMEASURE_AFTER batches, and the next
+                    // batch of the kind runs with no other beside it.
+                    fit.batches_since_shared = 0;
+                    again = true;
+                } else {
+                    fit.exploring_holds += 1;
+                }
+            }
+            if again {
+                s.measure_next = Some(key);
+            }
+            return Step::Wait(Some(until));
+        }
+        let mut batch = Vec::with_capacity(plan.len());
+        for &i in plan.iter().rev() {
+            batch.push(s.queue.remove(i));
+        }
+        batch.reverse();
+        Step::Run(batch)
+    }
+
+    /// Whether the batcher's own thread runs the batches: several streams share it and one
+    /// asked for batches handed back by events on a GPU ([`KernelPolicy::cuda_batch_events`]),
+    /// or a test asked for it. Every batch then runs on one thread and one CUDA stream: its
+    /// graphs are captured once per batch width (on the streams' threads, a batch that lacks
+    /// the longest-standing stream, and every batch once that stream leaves, moved to
+    /// another thread, which captured its graphs again, 40 to 100 ms a width at 512²), the
+    /// device runs the batches in the order they were queued, and each one's time on the
+    /// device is its own.
+    fn runner_wanted(&self, s: &BatchState) -> bool {
+        s.members.len() > 1 && !s.runner_failed && s.runner_for_tests.unwrap_or(s.events_asked)
+    }
+
+    /// Starts the runner thread unless it runs.
+    fn start_runner(self: &Arc<Self>, s: &mut BatchState) {
+        if s.runner.is_some() || s.runner_failed {
+            return;
+        }
+        let batcher = Arc::downgrade(self);
+        match std::thread::Builder::new()
+            .name("sdstream-batches".into())
+            .spawn(move || Self::run_batches(batcher))
+        {
+            Ok(handle) => s.runner = Some(handle.thread().id()),
+            Err(e) => {
+                tracing::warn!(
+                    "the batch runner thread did not start ({e}); the streams' threads run \
+                     their batches"
+                );
+                s.runner_failed = true;
+            }
+        }
+    }
+
+    /// The runner thread: runs the batches while it is wanted, then ends (a batcher that is
+    /// wanted again starts another).
+    fn run_batches(batcher: Weak<Self>) {
+        let Some(b) = batcher.upgrade() else { return };
+        // A panic outside a batch's own run (which `run_batch` catches) would leave the
+        // streams waiting for a thread that is gone: they run their batches again instead.
+        if catch_unwind(AssertUnwindSafe(|| b.run_batches_while_wanted())).is_err() {
+            let mut s = b.lock();
+            s.runner = None;
+            s.runner_failed = true;
+            drop(s);
+            tracing::error!(
+                "the batch runner thread panicked; the streams' threads run their batches"
+            );
+            b.wake.notify_all();
+        }
+    }
+
+    fn run_batches_while_wanted(&self) {
+        let b = self;
+        let mut s = b.lock();
+        loop {
+            if !b.runner_wanted(&s) {
+                s.runner = None;
+                drop(s);
+                // The streams' threads run their batches again.
+                b.wake.notify_all();
+                return;
+            }
+            if s.running > 0 {
+                s = b.wait(s, None);
                 continue;
             }
-            let first_kind = s.queue[lead].kind.clone();
-            if let Some(calls) = s.lockstep_for_tests {
-                let wanted = calls.min(s.members.len());
-                if plan.len() < wanted && now.saturating_duration_since(arrived) < LOCKSTEP_WAIT {
-                    s = self
-                        .wake
-                        .wait_timeout(s, Duration::from_millis(5))
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
-                    continue;
+            s = match b.next_step(&mut s, None) {
+                Step::Run(batch) => {
+                    s.runner_batches += 1;
+                    let _policy = batch[0].kind.policy.enter();
+                    // SAFETY: every call of the batch waits in `submit` until `run_batch` has
+                    // put its result in `done`, after the batch ran.
+                    let models = unsafe { batch[0].models.get() };
+                    b.run_batch(s, models, batch)
                 }
-            }
-            let worth =
-                pays || Self::exploring(&s, &first_kind, self.remeasures(&s, &first_kind, rows));
-            if worth && let Some((until, exploring)) = self.hold_until(&s, &first_kind, now) {
-                let key = first_kind.cost_key();
-                let mut again = false;
-                if exploring && let Some(fit) = s.costs.get_mut(&key) {
-                    if fit.shared {
-                        // Measuring again: one hold per REMEASURE_AFTER batches, and the next
-                        // batch of the kind runs with no other beside it.
-                        fit.batches_since_shared = 0;
-                        again = true;
-                    } else {
-                        fit.exploring_holds += 1;
-                    }
-                }
-                if again {
-                    s.measure_next = Some(key);
-                }
-                let wait = until.saturating_duration_since(now);
-                s = self
-                    .wake
-                    .wait_timeout(s, wait)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
-                continue;
-            }
-            let mut batch = Vec::with_capacity(plan.len());
-            for &i in plan.iter().rev() {
-                batch.push(s.queue.remove(i));
-            }
-            batch.reverse();
-            s = self.run_batch(s, models, batch);
+                Step::Wait(until) => b.wait(s, until),
+            };
         }
     }
 
@@ -2332,6 +2512,8 @@ mod tests {
             call: SharedCall::Encode(
                 Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
             ),
+            // Never run: the hold tests only plan.
+            models: ModelsRef(std::ptr::null()),
             queued: None,
         }
     }

@@ -180,6 +180,18 @@ fn scripts() -> Vec<Script> {
 
 #[test]
 fn batched_streams_equal_each_stream_alone() {
+    scripts_batched_equal_each_alone(false);
+}
+
+/// The same streams, joining and leaving as before, with every batch of several streams run by
+/// the batcher's own thread (as on a GPU with `SDSTREAM_CUDA_BATCH_EVENTS`): the same pixels,
+/// and one thread ran every shared batch.
+#[test]
+fn batched_streams_on_the_batchers_own_thread_equal_each_stream_alone() {
+    scripts_batched_equal_each_alone(true);
+}
+
+fn scripts_batched_equal_each_alone(runner_thread: bool) {
     // Alone: each stream on its own, batching off.
     let alone_models = own_models();
     let alone: Vec<Vec<Tensor>> = scripts()
@@ -193,6 +205,9 @@ fn batched_streams_equal_each_stream_alone() {
     // Batch wherever calls meet, whatever this machine's costs say (they decide how much is
     // batched, not what a batch computes).
     models.batcher().set_batching_pays_for_tests(Some(true));
+    models
+        .batcher()
+        .set_runner_thread_for_tests(Some(runner_thread));
     // The joining stream starts once the first has made two frames.
     let (joined_tx, joined_rx) = mpsc::channel::<()>();
     let mut joined_tx = Some(joined_tx);
@@ -255,10 +270,17 @@ fn batched_streams_equal_each_stream_alone() {
     let runners = models
         .batcher()
         .shared_batch_threads_for_tests(SharedNetwork::UNet);
-    assert!(
-        (1..=3).contains(&runners),
-        "{runners} threads ran shared UNet batches"
-    );
+    if runner_thread {
+        // The batcher's thread ran them all; the streams' threads ran only their calls while
+        // alone.
+        assert_eq!(runners, 1, "{runners} threads ran shared UNet batches");
+        assert!(models.batcher().runner_thread_batches_for_tests() > 0);
+    } else {
+        assert!(
+            (1..=3).contains(&runners),
+            "{runners} threads ran shared UNet batches"
+        );
+    }
     // Every frame encoded and decoded once, through the same batcher; the decodes of a shared
     // UNet batch wait for each other.
     let encode = models.batcher().counts_of(SharedNetwork::Encode);
@@ -309,6 +331,39 @@ fn streams_with_the_full_vae_batched_equal_each_alone() {
             "{network:?}: {counts:?}"
         );
     }
+}
+
+/// Two streams in lockstep with the batcher's own thread running their batches: each frame
+/// equals the stream alone to the bit, and that thread ran every batch (5 frames: 5 UNet, 5
+/// encoder and 5 decoder batches of both streams' calls), the streams' threads none.
+#[test]
+fn the_batchers_own_thread_runs_every_batch_of_streams_in_lockstep() {
+    let scripts: Vec<Script> = [("a harbour", 3), ("a forest path", 9)]
+        .into_iter()
+        .map(|(prompt, seed)| Script {
+            body: body(prompt, seed, json!([16, 32])),
+            frames: 0..5,
+            changes: vec![],
+        })
+        .collect();
+    let models = own_models();
+    models.batcher().set_runner_thread_for_tests(Some(true));
+    alone_then_in_lockstep(&scripts, own_models(), &models, |batching| {
+        settings(batching, Some(5_000.0))
+    });
+    for network in [
+        SharedNetwork::UNet,
+        SharedNetwork::Encode,
+        SharedNetwork::Decode,
+    ] {
+        let counts = models.batcher().counts_of(network);
+        assert_eq!(
+            (counts.calls, counts.batches, counts.shared_calls),
+            (10, 5, 10),
+            "{network:?}: {counts:?}"
+        );
+    }
+    assert_eq!(models.batcher().runner_thread_batches_for_tests(), 15);
 }
 
 /// Two streams on one model, both steered by the same two ControlNets (the model's cache hands
