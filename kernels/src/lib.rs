@@ -191,6 +191,19 @@ impl QueuedWork {
     }
 }
 
+/// Makes `device`'s CUDA context current on this thread, for a thread that has run nothing on
+/// it yet and starts with calls that do not bind it themselves (event queries); nothing off
+/// CUDA.
+pub fn bind_to_thread(device: &Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::WrapErr;
+        d.cuda_stream().context().bind_to_thread().w()?;
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// The order of one object's calls from several host threads on a device. Each call starts
 /// with [`enter`](Self::enter), which makes this thread's work wait for what the last call left
 /// queued if another thread made it, and ends with [`leave`](Self::leave), which marks what it

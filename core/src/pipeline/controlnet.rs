@@ -49,7 +49,7 @@ impl GuidanceWindow {
 /// its frame's deadline.
 pub(super) type SharedControlNets<'a> = (
     &'a BatchMember,
-    &'a StableDiffusionModels,
+    &'a Arc<StableDiffusionModels>,
     Option<std::time::Instant>,
 );
 

@@ -487,25 +487,6 @@ pub struct MemberLabel {
     pub size: (usize, usize),
 }
 
-/// The networks a call handed to the batcher runs on, for whichever thread runs its batch.
-#[derive(Clone, Copy)]
-struct ModelsRef(*const StableDiffusionModels);
-
-// SAFETY: the models are shared by every stream's thread (they are `Sync`); the pointer is
-// read only while the call's own thread waits in `submit` for its result (see
-// `ModelsRef::get`).
-unsafe impl Send for ModelsRef {}
-
-impl ModelsRef {
-    /// # Safety
-    /// Only while the thread that made the call waits in `submit` for its result: its
-    /// `&StableDiffusionModels` is alive until then.
-    unsafe fn get<'a>(self) -> &'a StableDiffusionModels {
-        // SAFETY: as the caller promises.
-        unsafe { &*self.0 }
-    }
-}
-
 struct Pending {
     ticket: u64,
     member: u64,
@@ -518,10 +499,11 @@ struct Pending {
     thread: ThreadId,
     call: SharedCall,
     /// The networks the call runs on (the batcher's own), for the batch runner's thread.
-    models: ModelsRef,
+    models: Arc<StableDiffusionModels>,
     /// The work the calling thread had queued when it handed the call over (its inputs among
     /// it), for the thread that runs the batch to wait for (each thread has its own CUDA
-    /// stream); `None` where the call can only run on its own thread.
+    /// stream). Marked before the caller first waits, which is when another thread can take
+    /// the call; `None` until then, and on the CPU.
     queued: Option<QueuedWork>,
 }
 
@@ -564,6 +546,8 @@ struct BatchState {
     runner_failed: bool,
     /// Batches the runner thread ran.
     runner_batches: u64,
+    /// Every runner thread there has been (for tests).
+    runner_threads: HashSet<ThreadId>,
     members: HashMap<u64, Member>,
     costs: HashMap<BatchKind, CostFit>,
     counts: HashMap<SharedNetwork, BatchCounts>,
@@ -575,6 +559,54 @@ type HandedRows = (SharedOutput, Option<Arc<QueuedWork>>);
 
 /// A batch's rows per call, and with [`Handback::Events`] its start and end marks.
 type BatchOutputs = (Vec<SharedOutput>, Option<(QueuedWork, Arc<QueuedWork>)>);
+
+/// Takes a call out of the batcher where its `submit` ends without its rows (an error or a
+/// panic on the way): queued, it would hold the models (which hold the batcher) and could be
+/// run for a caller that is gone.
+struct Withdraw<'a> {
+    batcher: &'a CrossStreamBatcher,
+    /// The call's ticket while it is the batcher's.
+    ticket: Option<u64>,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket {
+            let mut s = self.batcher.lock();
+            s.queue.retain(|p| p.ticket != ticket);
+            s.done.remove(&ticket);
+        }
+    }
+}
+
+/// Settles a batch whose run or bookkeeping unwound past `run_batch`'s own catch: the batcher
+/// no longer counts it as running, and its callers get an error instead of waiting for ever.
+struct Unwinding<'a> {
+    batcher: &'a CrossStreamBatcher,
+    /// The calls still owed a result.
+    tickets: Vec<u64>,
+    /// The batch is still counted in `running`.
+    running: bool,
+}
+
+impl Drop for Unwinding<'_> {
+    fn drop(&mut self) {
+        if self.tickets.is_empty() && !self.running {
+            return;
+        }
+        let mut s = self.batcher.lock();
+        if self.running {
+            s.running = s.running.saturating_sub(1);
+        }
+        for &ticket in &self.tickets {
+            s.done
+                .entry(ticket)
+                .or_insert_with(|| Err("the batch's bookkeeping panicked".into()));
+        }
+        drop(s);
+        self.batcher.wake.notify_all();
+    }
+}
 
 /// What a thread that may run batches does next.
 enum Step {
@@ -925,6 +957,16 @@ impl CrossStreamBatcher {
         self.lock().runner_batches
     }
 
+    /// Whether every batch of several streams' calls of `network` ran on a runner thread of
+    /// the batcher's own (and one did run).
+    #[doc(hidden)]
+    pub fn shared_batches_ran_on_runner_threads_for_tests(&self, network: SharedNetwork) -> bool {
+        let s = self.lock();
+        s.shared_runners
+            .get(&network)
+            .is_some_and(|threads| !threads.is_empty() && threads.is_subset(&s.runner_threads))
+    }
+
     /// Replaces the measured cost of every kind its streams run by exactly `per_row` a row
     /// (tests of admission through the server, which then need no timing).
     #[doc(hidden)]
@@ -1183,7 +1225,7 @@ impl CrossStreamBatcher {
     fn submit(
         self: &Arc<Self>,
         member: u64,
-        models: &StableDiffusionModels,
+        models: &Arc<StableDiffusionModels>,
         call: SharedCall,
         deadline: Option<Instant>,
     ) -> Result<SharedOutput> {
@@ -1193,6 +1235,11 @@ impl CrossStreamBatcher {
         let now = Instant::now();
         let arrived = now;
         let thread = std::thread::current().id();
+        // Declared before the lock's guard, so that an unwinding call drops the lock first.
+        let mut withdraw = Withdraw {
+            batcher: self,
+            ticket: None,
+        };
         let mut s = self.lock();
         let ticket = s.next_ticket;
         s.next_ticket += 1;
@@ -1226,13 +1273,6 @@ impl CrossStreamBatcher {
             m.kind = Some(kind.clone());
             m.rows = rows;
         }
-        // Another stream's thread may run this call: its inputs must be written before that
-        // thread's kernels read them.
-        let queued = if s.members.len() > 1 {
-            Some(QueuedWork::mark(&self.device)?)
-        } else {
-            None
-        };
         s.queue.push(Pending {
             ticket,
             member,
@@ -1243,13 +1283,15 @@ impl CrossStreamBatcher {
             arrived,
             thread,
             call,
-            models: ModelsRef(models),
-            queued,
+            models: models.clone(),
+            queued: None,
         });
+        withdraw.ticket = Some(ticket);
         self.wake.notify_all();
         let my_kind = BatchKind::of_pending(&s.queue, ticket);
         loop {
             if let Some(result) = s.done.remove(&ticket) {
+                withdraw.ticket = None;
                 drop(s);
                 let (out, end) = result.map_err(Error::State)?;
                 if let Some(end) = end {
@@ -1279,7 +1321,10 @@ impl CrossStreamBatcher {
                         let call = s.queue.remove(i);
                         s = self.run_batch(s, models, vec![call]);
                     }
-                    _ => s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner),
+                    _ => {
+                        self.mark_before_waiting(&mut s, ticket)?;
+                        s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+                    }
                 }
                 continue;
             }
@@ -1288,15 +1333,35 @@ impl CrossStreamBatcher {
                 // submit); this one waits for its rows.
                 self.start_runner(&mut s);
                 if s.runner.is_some() {
+                    self.mark_before_waiting(&mut s, ticket)?;
                     s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
                     continue;
                 }
             }
             s = match self.next_step(&mut s, Some(ticket)) {
                 Step::Run(batch) => self.run_batch(s, models, batch),
-                Step::Wait(until) => self.wait(s, until),
+                Step::Wait(until) => {
+                    self.mark_before_waiting(&mut s, ticket)?;
+                    self.wait(s, until)
+                }
             };
         }
+    }
+
+    /// Marks the work the calling thread has queued (its call's inputs among it), before it
+    /// waits and another thread may take its call, unless that is done or its call is gone.
+    fn mark_before_waiting(&self, s: &mut BatchState, ticket: u64) -> Result<()> {
+        if self.device.is_cpu() {
+            return Ok(());
+        }
+        if let Some(p) = s
+            .queue
+            .iter_mut()
+            .find(|p| p.ticket == ticket && p.queued.is_none())
+        {
+            p.queued = Some(QueuedWork::mark(&self.device)?);
+        }
+        Ok(())
     }
 
     /// Waits for the batcher's condition variable, until `until` at most.
@@ -1394,7 +1459,15 @@ impl CrossStreamBatcher {
     /// device runs the batches in the order they were queued, and each one's time on the
     /// device is its own.
     fn runner_wanted(&self, s: &BatchState) -> bool {
-        s.members.len() > 1 && !s.runner_failed && s.runner_for_tests.unwrap_or(s.events_asked)
+        s.members.len() > 1 && Self::runner_lives(s)
+    }
+
+    /// Whether the runner thread, once started, stays: while any stream is a member. With one
+    /// left it runs nothing (the stream runs its calls on its own thread, as alone) but keeps
+    /// its CUDA graphs, cuDNN and cuBLASLt state for when a second comes back; a server
+    /// passing through one stream would otherwise capture every batch width again.
+    fn runner_lives(s: &BatchState) -> bool {
+        !s.members.is_empty() && !s.runner_failed && s.runner_for_tests.unwrap_or(s.events_asked)
     }
 
     /// Starts the runner thread unless it runs.
@@ -1407,7 +1480,10 @@ impl CrossStreamBatcher {
             .name("sdstream-batches".into())
             .spawn(move || Self::run_batches(batcher))
         {
-            Ok(handle) => s.runner = Some(handle.thread().id()),
+            Ok(handle) => {
+                s.runner = Some(handle.thread().id());
+                s.runner_threads.insert(handle.thread().id());
+            }
             Err(e) => {
                 tracing::warn!(
                     "the batch runner thread did not start ({e}); the streams' threads run \
@@ -1418,12 +1494,18 @@ impl CrossStreamBatcher {
         }
     }
 
-    /// The runner thread: runs the batches while it is wanted, then ends (a batcher that is
-    /// wanted again starts another).
+    /// The runner thread: runs the batches while several streams share the batcher, waits
+    /// while one does, and ends when none does (a batcher wanted again starts another).
     fn run_batches(batcher: Weak<Self>) {
         let Some(b) = batcher.upgrade() else { return };
-        // A panic outside a batch's own run (which `run_batch` catches) would leave the
-        // streams waiting for a thread that is gone: they run their batches again instead.
+        // Its first calls may be event queries (the last runner's timings), which bind no
+        // context themselves.
+        if let Err(e) = crate::model::kernels::bind_to_thread(&b.device) {
+            tracing::warn!("the batch runner thread could not bind its device: {e}");
+        }
+        // A panic outside a batch's own run and its bookkeeping (which `run_batch` settles)
+        // would leave the streams waiting for a thread that is gone: they run their batches
+        // again instead.
         if catch_unwind(AssertUnwindSafe(|| b.run_batches_while_wanted())).is_err() {
             let mut s = b.lock();
             s.runner = None;
@@ -1440,14 +1522,17 @@ impl CrossStreamBatcher {
         let b = self;
         let mut s = b.lock();
         loop {
-            if !b.runner_wanted(&s) {
+            if !Self::runner_lives(&s) {
                 s.runner = None;
                 drop(s);
+                // What it queued is done before its stream goes with it (callers wait on its
+                // events; its graphs' buffers are freed later from other threads).
+                let _ = b.device.synchronize();
                 // The streams' threads run their batches again.
                 b.wake.notify_all();
                 return;
             }
-            if s.running > 0 {
+            if !b.runner_wanted(&s) || s.running > 0 {
                 s = b.wait(s, None);
                 continue;
             }
@@ -1455,10 +1540,8 @@ impl CrossStreamBatcher {
                 Step::Run(batch) => {
                     s.runner_batches += 1;
                     let _policy = batch[0].kind.policy.enter();
-                    // SAFETY: every call of the batch waits in `submit` until `run_batch` has
-                    // put its result in `done`, after the batch ran.
-                    let models = unsafe { batch[0].models.get() };
-                    b.run_batch(s, models, batch)
+                    let models = batch[0].models.clone();
+                    b.run_batch(s, &models, batch)
                 }
                 Step::Wait(until) => b.wait(s, until),
             };
@@ -1538,6 +1621,11 @@ impl CrossStreamBatcher {
         s.running += 1;
         s.runs_started += 1;
         drop(s);
+        let mut unwinding = Unwinding {
+            batcher: self,
+            tickets: batch.iter().map(|p| p.ticket).collect(),
+            running: true,
+        };
         let started = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| self.run(models, &batch, handback)))
             .unwrap_or_else(|panic| {
@@ -1556,6 +1644,7 @@ impl CrossStreamBatcher {
         let mut s = self.lock();
         let undisturbed = alone && s.runs_started == started_before + 1;
         s.running -= 1;
+        unwinding.running = false;
         if measuring {
             s.measuring = false;
         }
@@ -1629,6 +1718,7 @@ impl CrossStreamBatcher {
                 }
             }
         }
+        unwinding.tickets.clear();
         self.wake.notify_all();
         s
     }
@@ -1685,7 +1775,7 @@ impl CrossStreamBatcher {
                 .seconds_since(&t.start)
                 .ok()
                 .flatten()
-                .filter(|_| alone);
+                .filter(|seconds| alone && seconds.is_finite() && *seconds >= 0.0);
             Self::note_cost(s, t.key, t.rows, t.calls, seconds);
         }
     }
@@ -1980,7 +2070,7 @@ impl BatchMember {
     /// they come in time; returns this call's rows of the prediction.
     pub fn forward(
         &self,
-        models: &StableDiffusionModels,
+        models: &Arc<StableDiffusionModels>,
         call: UNetCall,
         deadline: Option<Instant>,
     ) -> Result<Tensor> {
@@ -1994,7 +2084,7 @@ impl BatchMember {
     /// [`ControlNetModel::forward_embedded`] returns them).
     pub fn controlnet(
         &self,
-        models: &StableDiffusionModels,
+        models: &Arc<StableDiffusionModels>,
         call: ControlNetCall,
         deadline: Option<Instant>,
     ) -> Result<ControlResiduals> {
@@ -2007,7 +2097,7 @@ impl BatchMember {
     /// where they come in time.
     pub fn encode_features(
         &self,
-        models: &StableDiffusionModels,
+        models: &Arc<StableDiffusionModels>,
         x: &Tensor,
         deadline: Option<Instant>,
     ) -> Result<Tensor> {
@@ -2020,7 +2110,7 @@ impl BatchMember {
     /// they come in time.
     pub fn decode(
         &self,
-        models: &StableDiffusionModels,
+        models: &Arc<StableDiffusionModels>,
         z: &Tensor,
         deadline: Option<Instant>,
     ) -> Result<Tensor> {
@@ -2497,6 +2587,27 @@ mod tests {
         fit
     }
 
+    /// The tiny checkpoint's networks, loaded once: what a queued call carries (the hold
+    /// tests never run one).
+    fn test_models() -> Arc<StableDiffusionModels> {
+        static MODELS: OnceLock<Arc<StableDiffusionModels>> = OnceLock::new();
+        MODELS
+            .get_or_init(|| {
+                let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+                let settings = crate::EngineSettings::from_json(
+                    &serde_json::json!({
+                        "vae": format!("{fixtures}/tiny-taesd"),
+                        "allow_any_resolution": true,
+                    })
+                    .to_string(),
+                )
+                .unwrap();
+                let id = format!("{fixtures}/tiny-sd-turbo");
+                Arc::new(StableDiffusionModels::load(&id, &settings, &mut |_| {}).unwrap())
+            })
+            .clone()
+    }
+
     /// Member 0's call of one row of `kind`, waiting in the queue since `arrived`, due at
     /// `deadline`.
     fn waiting(kind: BatchKind, arrived: Instant, deadline: Instant) -> Pending {
@@ -2512,8 +2623,7 @@ mod tests {
             call: SharedCall::Encode(
                 Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
             ),
-            // Never run: the hold tests only plan.
-            models: ModelsRef(std::ptr::null()),
+            models: test_models(),
             queued: None,
         }
     }

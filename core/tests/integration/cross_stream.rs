@@ -274,7 +274,14 @@ fn scripts_batched_equal_each_alone(runner_thread: bool) {
         // The batcher's thread ran them all; the streams' threads ran only their calls while
         // alone.
         assert_eq!(runners, 1, "{runners} threads ran shared UNet batches");
-        assert!(models.batcher().runner_thread_batches_for_tests() > 0);
+        for network in [SharedNetwork::UNet, SharedNetwork::Decode] {
+            assert!(
+                models
+                    .batcher()
+                    .shared_batches_ran_on_runner_threads_for_tests(network),
+                "{network:?}: a stream's thread ran a shared batch"
+            );
+        }
     } else {
         assert!(
             (1..=3).contains(&runners),
@@ -364,6 +371,11 @@ fn the_batchers_own_thread_runs_every_batch_of_streams_in_lockstep() {
         );
     }
     assert_eq!(models.batcher().runner_thread_batches_for_tests(), 15);
+    assert!(
+        models
+            .batcher()
+            .shared_batches_ran_on_runner_threads_for_tests(SharedNetwork::UNet)
+    );
 }
 
 /// Two streams on one model, both steered by the same two ControlNets (the model's cache hands

@@ -454,10 +454,7 @@ impl StreamDiffusion {
         let deadline = self.deadline;
         // ControlNets read no per-stream state but the text, so their calls batch across
         // streams even where the UNet call runs alone.
-        let shared_controls = self
-            .batch
-            .as_ref()
-            .map(|member| (member, &**models, deadline));
+        let shared_controls = self.batch.as_ref().map(|member| (member, models, deadline));
         let steps = self.params.t_index_list.len();
         let sync = |device: &candle_core::Device| -> Result<()> {
             if self.stage_sync {
