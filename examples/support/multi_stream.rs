@@ -24,7 +24,9 @@
 //! are over every measured frame of every stream. The batched rows also print how many UNet
 //! calls ran, in how many batches, how many streams' calls the widest batch held, with a
 //! ControlNet its calls and batches, and the encoder's and decoder's batches (a round in step
-//! has one of each); the counters cover the measured frames only.
+//! has one of each), and how busy the batches kept the device (their device time, where
+//! measured on their own, over the row's wall time); the counters cover the measured frames
+//! only.
 
 use std::process::ExitCode;
 use std::sync::{Arc, Barrier};
@@ -138,6 +140,9 @@ struct Row {
     controlnet: (u64, u64),
     /// The encoder's and the decoder's batches (the rounds' calls of each are one a frame).
     autoencoder: (u64, u64),
+    /// The batches' device time (those measured on their own, every network's) over the
+    /// run's wall time, and how many of its batches were measured so.
+    busy: (f64, u64, u64),
     /// CUDA graphs captured, replays, and captures that failed during the row (every
     /// network's): whether its calls ran from graphs or op by op.
     graphs: (usize, usize, usize),
@@ -289,6 +294,15 @@ fn run(
         after.widest,
     );
     let (controlnet_before, graphs_before) = (before.controlnet, before.graphs);
+    let all_networks = |c: &Counters| {
+        [c.all, c.controlnet, c.encode, c.decode]
+            .iter()
+            .fold((Duration::ZERO, 0, 0), |(t, timed, n), x| {
+                (t + x.device_time, timed + x.timed, n + x.batches)
+            })
+    };
+    let (busy_after, timed_after, batches_after) = all_networks(&Counters::read(batcher));
+    let (busy_before, timed_before, batches_before) = all_networks(&before);
     Ok(Row {
         fps: times.len() as f64 / wall.as_secs_f64(),
         p50: percentile(&times, 0.5),
@@ -303,6 +317,11 @@ fn run(
         autoencoder: (
             encode_after.batches - before.encode.batches,
             decode_after.batches - before.decode.batches,
+        ),
+        busy: (
+            (busy_after - busy_before).as_secs_f64() / wall.as_secs_f64(),
+            timed_after - timed_before,
+            batches_after - batches_before,
         ),
         graphs: (
             graphs_after.captured - graphs_before.captured,
@@ -376,9 +395,9 @@ pub fn main(argv: Vec<String>) -> ExitCode {
         policy_summary(args.device.starts_with("cuda")),
     );
     println!(
-        "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest | ControlNet calls / batches | encode / decode batches | graphs captured / replayed / failed |"
+        "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest | ControlNet calls / batches | encode / decode batches | device busy (batches timed) | graphs captured / replayed / failed |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.streams {
         for repeat in 0..args.repeats {
             // Alternate which mode goes first.
@@ -390,7 +409,7 @@ pub fn main(argv: Vec<String>) -> ExitCode {
             for batched in order {
                 match run(&args, &pool, &models, n, batched) {
                     Ok(r) => println!(
-                        "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} / {} / {} |",
+                        "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} / {} |",
                         if batched {
                             "batched"
                         } else {
@@ -422,6 +441,11 @@ pub fn main(argv: Vec<String>) -> ExitCode {
                         },
                         if batched {
                             format!("{} / {}", r.autoencoder.0, r.autoencoder.1)
+                        } else {
+                            "-".into()
+                        },
+                        if batched && r.busy.1 > 0 {
+                            format!("{:.0} % ({} of {})", r.busy.0 * 100.0, r.busy.1, r.busy.2)
                         } else {
                             "-".into()
                         },

@@ -708,9 +708,21 @@ pub struct BatchCounts {
     pub shared_calls: u64,
     /// The most calls one batch served.
     pub widest: u64,
+    /// Batches whose cost was measured on its own (see `device_time`).
+    pub timed: u64,
+    /// Their time on the device, summed: on a GPU after the runner waited for it, or between
+    /// the batch's two events ([`KernelPolicy::cuda_batch_events`]). Against a run's wall
+    /// time, how busy the batches kept the device.
+    pub device_time: Duration,
 }
 
 impl BatchCounts {
+    /// Counts one batch measured on its own, `time` on the device.
+    fn add_timed(&mut self, time: Duration) {
+        self.timed += 1;
+        self.device_time += time;
+    }
+
     /// Counts one batch of `calls` calls and `rows` rows.
     fn add_batch(&mut self, calls: u64, rows: usize) {
         self.batches += 1;
@@ -836,11 +848,9 @@ impl CrossStreamBatcher {
 
     /// The counters of one network's calls so far.
     pub fn counts_of(&self, network: SharedNetwork) -> BatchCounts {
-        self.lock()
-            .counts
-            .get(&network)
-            .copied()
-            .unwrap_or_default()
+        let mut s = self.lock();
+        self.collect_timings(&mut s);
+        s.counts.get(&network).copied().unwrap_or_default()
     }
 
     /// How many threads have run batches of several streams' calls of `network` (tests: a
@@ -1732,6 +1742,17 @@ impl CrossStreamBatcher {
         calls: u64,
         seconds: Option<f64>,
     ) {
+        if let Some(seconds) = seconds {
+            let time = Duration::from_secs_f64(seconds.max(0.0));
+            let counts = s.counts.entry(key.network).or_default();
+            counts.add_timed(time);
+            process_counts()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(key.network)
+                .or_default()
+                .add_timed(time);
+        }
         let fit = if seconds.is_some() {
             Some(s.costs.entry(key).or_default())
         } else {

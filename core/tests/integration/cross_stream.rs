@@ -369,6 +369,9 @@ fn the_batchers_own_thread_runs_every_batch_of_streams_in_lockstep() {
             (10, 5, 10),
             "{network:?}: {counts:?}"
         );
+        // Each ran alone, so each was timed, and the times add up.
+        assert_eq!(counts.timed, 5, "{network:?}: {counts:?}");
+        assert!(!counts.device_time.is_zero(), "{network:?}: {counts:?}");
     }
     assert_eq!(models.batcher().runner_thread_batches_for_tests(), 15);
     assert!(

@@ -134,6 +134,20 @@ fn exposition(streams: &[(String, EngineState, EngineStatus)], process: &Process
             out.sample(name, &[("network", network.as_str())], count(counts) as f64);
         }
     }
+    let busy = "sdstream_batch_device_seconds_total";
+    out.family(
+        busy,
+        "counter",
+        "Device time of the forward passes measured on their own (how busy the batches keep \
+         the device, against the wall clock).",
+    );
+    for (network, counts) in &process.batching {
+        out.sample(
+            busy,
+            &[("network", network.as_str())],
+            counts.device_time.as_secs_f64(),
+        );
+    }
 
     out.family(
         "sdstream_stream_state",
@@ -403,6 +417,8 @@ mod tests {
             rows: 20,
             shared_calls: 10,
             widest: 2,
+            timed: 4,
+            device_time: std::time::Duration::from_millis(1250),
         };
         let process = Process {
             resident_bytes: Some(1 << 20),
@@ -430,11 +446,12 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), families, "each family once");
-        assert_eq!(families, 25);
+        assert_eq!(families, 26);
         assert!(text.contains("sdstream_batch_calls_total{network=\"unet\"} 10\n"));
         assert!(text.contains("sdstream_batches_total{network=\"unet\"} 5\n"));
         assert!(text.contains("sdstream_batch_shared_calls_total{network=\"unet\"} 10\n"));
         assert!(text.contains("sdstream_batch_rows_total{network=\"controlnet\"} 0\n"));
+        assert!(text.contains("sdstream_batch_device_seconds_total{network=\"unet\"} 1.25\n"));
         assert!(text.contains("sdstream_streams 2\n"), "{text}");
         assert!(text.contains("sdstream_process_resident_memory_bytes 1048576\n"));
         let id = r#"stream="a\"b\\c\nd""#;
