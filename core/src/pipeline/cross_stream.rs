@@ -710,9 +710,10 @@ pub struct BatchCounts {
     pub widest: u64,
     /// Batches whose cost was measured on its own (see `device_time`).
     pub timed: u64,
-    /// Their time on the device, summed: on a GPU after the runner waited for it, or between
-    /// the batch's two events ([`KernelPolicy::cuda_batch_events`]). Against a run's wall
-    /// time, how busy the batches kept the device.
+    /// Their time, summed: the wall time of the run and of the runner's wait for the device
+    /// (on a CPU, the run), or the device's time between the batch's two events
+    /// ([`KernelPolicy::cuda_batch_events`]). Against a run's wall time, how busy the batches
+    /// kept the device.
     pub device_time: Duration,
 }
 
