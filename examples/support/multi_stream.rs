@@ -36,7 +36,9 @@ use sdstream::engine::Submission;
 use sdstream::model::bundle::StableDiffusionModels;
 use sdstream::model::cuda_graph::CudaGraphCounts;
 use sdstream::model::pool::ModelPool;
-use sdstream::pipeline::cross_stream::{BatchCounts, CrossStreamBatcher, SharedNetwork};
+use sdstream::pipeline::cross_stream::{
+    BatchCounts, BatchTrace, CrossStreamBatcher, SharedNetwork,
+};
 use sdstream::{Engine, EngineOptions, EngineSettings, Frame, PixelFormat, StreamDiffusionParams};
 use serde_json::json;
 
@@ -143,6 +145,8 @@ struct Row {
     /// The batches' device time (those measured on their own, every network's) over the
     /// run's wall time, and how many of its batches were measured so.
     busy: (f64, u64, u64),
+    /// The run's last batches as they ran (batched rows of several streams).
+    trace: Vec<BatchTrace>,
     /// CUDA graphs captured, replays, and captures that failed during the row (every
     /// network's): whether its calls ran from graphs or op by op.
     graphs: (usize, usize, usize),
@@ -266,6 +270,7 @@ fn run(
             .collect();
         warmed.wait();
         batcher.reset_widest();
+        batcher.trace(TRACED_BATCHES);
         before = Some(Counters::read(batcher));
         start.wait();
         let began = Instant::now();
@@ -302,6 +307,8 @@ fn run(
             })
     };
     let (busy_after, timed_after, batches_after) = all_networks(&Counters::read(batcher));
+    let trace = batcher.take_trace();
+    batcher.trace(0);
     let (busy_before, timed_before, batches_before) = all_networks(&before);
     Ok(Row {
         fps: times.len() as f64 / wall.as_secs_f64(),
@@ -323,12 +330,55 @@ fn run(
             timed_after - timed_before,
             batches_after - batches_before,
         ),
+        trace: if batched && n > 1 { trace } else { Vec::new() },
         graphs: (
             graphs_after.captured - graphs_before.captured,
             graphs_after.replayed - graphs_before.replayed,
             graphs_after.failed - graphs_before.failed,
         ),
     })
+}
+
+/// The batches a batched row keeps for its timeline (the last rounds of 8 streams: encode,
+/// UNet and decode, about three batches a round).
+const TRACED_BATCHES: usize = 12;
+
+/// Prints the last traced batches of a row: when each started after its first call came, how
+/// far apart its calls came, how long it ran (host times: with the default hand-back, its run
+/// includes the runner's wait for the device), and the gap since the batch before it ended,
+/// in which nothing of the batcher's was running.
+fn print_trace(n: usize, trace: &[BatchTrace]) {
+    if trace.is_empty() {
+        return;
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!();
+    println!(
+        "The last {} batches of {n} streams batched (host times):",
+        trace.len()
+    );
+    println!();
+    println!(
+        "| batch | network | calls | rows | first call to start ms | calls spread ms | run ms | gap before ms |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    let mut previous: Option<Instant> = None;
+    for (i, b) in trace.iter().enumerate() {
+        let gap = previous.map_or("-".to_string(), |end| {
+            format!("{:.2}", ms(b.started.saturating_duration_since(end)))
+        });
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {gap} |",
+            i + 1,
+            b.network.as_str(),
+            b.calls,
+            b.rows,
+            ms(b.started.saturating_duration_since(b.first_call)),
+            ms(b.last_call.saturating_duration_since(b.first_call)),
+            ms(b.ended.saturating_duration_since(b.started)),
+        );
+        previous = Some(previous.map_or(b.ended, |end| end.max(b.ended)));
+    }
 }
 
 /// A batcher's counters and the process's CUDA graph counts, read at once.
@@ -398,6 +448,8 @@ pub fn main(argv: Vec<String>) -> ExitCode {
         "| streams | mode | aggregate fps | fps per stream | p50 ms | p99 ms | UNet calls | batches | widest | ControlNet calls / batches | encode / decode batches | device busy (batches timed) | graphs captured / replayed / failed |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    // The timeline of the last batched row of several streams.
+    let mut traced = None;
     for &n in &args.streams {
         for repeat in 0..args.repeats {
             // Alternate which mode goes first.
@@ -408,51 +460,56 @@ pub fn main(argv: Vec<String>) -> ExitCode {
             };
             for batched in order {
                 match run(&args, &pool, &models, n, batched) {
-                    Ok(r) => println!(
-                        "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} / {} |",
-                        if batched {
-                            "batched"
-                        } else {
-                            "engine per stream"
-                        },
-                        r.fps,
-                        r.fps / n as f64,
-                        r.p50.as_secs_f64() * 1e3,
-                        r.p99.as_secs_f64() * 1e3,
-                        if batched {
-                            r.calls.to_string()
-                        } else {
-                            "-".into()
-                        },
-                        if batched {
-                            r.batches.to_string()
-                        } else {
-                            "-".into()
-                        },
-                        if batched {
-                            r.widest.to_string()
-                        } else {
-                            "-".into()
-                        },
-                        if batched && args.controlnet.is_some() {
-                            format!("{} / {}", r.controlnet.0, r.controlnet.1)
-                        } else {
-                            "-".into()
-                        },
-                        if batched {
-                            format!("{} / {}", r.autoencoder.0, r.autoencoder.1)
-                        } else {
-                            "-".into()
-                        },
-                        if batched && r.busy.1 > 0 {
-                            format!("{:.0} % ({} of {})", r.busy.0 * 100.0, r.busy.1, r.busy.2)
-                        } else {
-                            "-".into()
-                        },
-                        r.graphs.0,
-                        r.graphs.1,
-                        r.graphs.2,
-                    ),
+                    Ok(r) => {
+                        println!(
+                            "| {n} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} / {} |",
+                            if batched {
+                                "batched"
+                            } else {
+                                "engine per stream"
+                            },
+                            r.fps,
+                            r.fps / n as f64,
+                            r.p50.as_secs_f64() * 1e3,
+                            r.p99.as_secs_f64() * 1e3,
+                            if batched {
+                                r.calls.to_string()
+                            } else {
+                                "-".into()
+                            },
+                            if batched {
+                                r.batches.to_string()
+                            } else {
+                                "-".into()
+                            },
+                            if batched {
+                                r.widest.to_string()
+                            } else {
+                                "-".into()
+                            },
+                            if batched && args.controlnet.is_some() {
+                                format!("{} / {}", r.controlnet.0, r.controlnet.1)
+                            } else {
+                                "-".into()
+                            },
+                            if batched {
+                                format!("{} / {}", r.autoencoder.0, r.autoencoder.1)
+                            } else {
+                                "-".into()
+                            },
+                            if batched && r.busy.1 > 0 {
+                                format!("{:.0} % ({} of {})", r.busy.0 * 100.0, r.busy.1, r.busy.2)
+                            } else {
+                                "-".into()
+                            },
+                            r.graphs.0,
+                            r.graphs.1,
+                            r.graphs.2,
+                        );
+                        if !r.trace.is_empty() {
+                            traced = Some((n, r.trace));
+                        }
+                    }
                     Err(e) => {
                         eprintln!("multi_stream_bench: {n} streams: {e}");
                         return ExitCode::FAILURE;
@@ -460,6 +517,9 @@ pub fn main(argv: Vec<String>) -> ExitCode {
                 }
             }
         }
+    }
+    if let Some((n, trace)) = &traced {
+        print_trace(*n, trace);
     }
     // Where a round's time goes: the batches' own device time by network and rows (the
     // batcher's averages, measured where several streams shared it).

@@ -548,6 +548,8 @@ struct BatchState {
     runner_batches: u64,
     /// Every runner thread there has been (for tests).
     runner_threads: HashSet<ThreadId>,
+    /// The last batches run, while a benchmark traces them ([`CrossStreamBatcher::trace`]).
+    trace: Option<(usize, std::collections::VecDeque<BatchTrace>)>,
     members: HashMap<u64, Member>,
     costs: HashMap<BatchKind, CostFit>,
     counts: HashMap<SharedNetwork, BatchCounts>,
@@ -680,6 +682,28 @@ impl TimedBatch {
             _ => true,
         }
     }
+}
+
+/// One batch as it ran, for a benchmark's timeline of a round
+/// ([`CrossStreamBatcher::trace`]). Host times: with the default hand-back the run includes
+/// the runner's wait for the device, so the gaps between one batch's end and the next's start
+/// are the device's idle time too.
+#[derive(Debug, Clone)]
+pub struct BatchTrace {
+    /// The network the batch ran.
+    pub network: SharedNetwork,
+    /// Streams' calls in it.
+    pub calls: usize,
+    /// Rows it computed.
+    pub rows: usize,
+    /// When its first call came.
+    pub first_call: Instant,
+    /// When its last call came.
+    pub last_call: Instant,
+    /// When it started.
+    pub started: Instant,
+    /// When its rows were handed back.
+    pub ended: Instant,
 }
 
 /// One measured batch cost ([`CrossStreamBatcher::measured_costs`]).
@@ -862,6 +886,25 @@ impl CrossStreamBatcher {
             .shared_runners
             .get(&network)
             .map_or(0, HashSet::len)
+    }
+
+    /// Keeps the last `capacity` batches' timeline from now on (`0`: stops), for a benchmark
+    /// to print where a round's time goes; [`Self::take_trace`] hands it over.
+    pub fn trace(&self, capacity: usize) {
+        self.lock().trace = (capacity > 0).then(|| {
+            (
+                capacity,
+                std::collections::VecDeque::with_capacity(capacity),
+            )
+        });
+    }
+
+    /// The traced batches, oldest first, and the trace starts again empty.
+    pub fn take_trace(&self) -> Vec<BatchTrace> {
+        match &mut self.lock().trace {
+            Some((_, trace)) => trace.drain(..).collect(),
+            None => Vec::new(),
+        }
     }
 
     /// Starts [`BatchCounts::widest`] again (benchmarks read it per run).
@@ -1651,8 +1694,23 @@ impl CrossStreamBatcher {
         if outcome.is_err() && settle {
             let _ = self.settle();
         }
-        let elapsed = started.elapsed();
+        let ended = Instant::now();
+        let elapsed = ended - started;
         let mut s = self.lock();
+        if let Some((capacity, trace)) = &mut s.trace {
+            if trace.len() == *capacity {
+                trace.pop_front();
+            }
+            trace.push_back(BatchTrace {
+                network: batch[0].kind.network,
+                calls: batch.len(),
+                rows: batch.iter().map(|p| p.rows).sum(),
+                first_call: batch.iter().map(|p| p.arrived).min().unwrap_or(started),
+                last_call: batch.iter().map(|p| p.arrived).max().unwrap_or(started),
+                started,
+                ended,
+            });
+        }
         let undisturbed = alone && s.runs_started == started_before + 1;
         s.running -= 1;
         unwinding.running = false;
