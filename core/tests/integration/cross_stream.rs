@@ -355,9 +355,24 @@ fn the_batchers_own_thread_runs_every_batch_of_streams_in_lockstep() {
         .collect();
     let models = own_models();
     models.batcher().set_runner_thread_for_tests(Some(true));
+    models.batcher().trace(4);
     alone_then_in_lockstep(&scripts, own_models(), &models, |batching| {
         settings(batching, Some(5_000.0))
     });
+    // The last four batches as they ran: the last frame's UNet batch (2 rows a stream) then
+    // its decode batch, each of both streams' calls, one after the other.
+    let trace = models.batcher().take_trace();
+    let shape: Vec<(SharedNetwork, usize, usize)> =
+        trace.iter().map(|b| (b.network, b.calls, b.rows)).collect();
+    assert_eq!(
+        shape[2..],
+        [(SharedNetwork::UNet, 2, 4), (SharedNetwork::Decode, 2, 2)]
+    );
+    for (b, next) in trace.iter().zip(&trace[1..]) {
+        assert!(b.first_call <= b.last_call && b.last_call <= b.started);
+        assert!(b.started <= b.ended && b.ended <= next.started);
+    }
+    assert!(models.batcher().take_trace().is_empty());
     for network in [
         SharedNetwork::UNet,
         SharedNetwork::Encode,
