@@ -300,6 +300,33 @@ fn scripts_batched_equal_each_alone(runner_thread: bool) {
     );
 }
 
+/// Two streams of five frames each, their own prompt and seed, two steps.
+fn two_streams_of_five_frames() -> Vec<Script> {
+    [("a harbour", 3), ("a forest path", 9)]
+        .into_iter()
+        .map(|(prompt, seed)| Script {
+            body: body(prompt, seed, json!([16, 32])),
+            frames: 0..5,
+            changes: vec![],
+        })
+        .collect()
+}
+
+/// Asserts that both streams' 5 calls of `network` ran in 5 batches of both, and returns its
+/// counters.
+fn every_call_shared(
+    models: &StableDiffusionModels,
+    network: SharedNetwork,
+) -> sdstream::pipeline::cross_stream::BatchCounts {
+    let counts = models.batcher().counts_of(network);
+    assert_eq!(
+        (counts.calls, counts.batches, counts.shared_calls),
+        (10, 5, 10),
+        "{network:?}: {counts:?}"
+    );
+    counts
+}
+
 #[test]
 fn streams_with_the_full_vae_batched_equal_each_alone() {
     // The KL autoencoder: frames encoded in one batch, each stream's posterior sampled with its
@@ -316,14 +343,7 @@ fn streams_with_the_full_vae_batched_equal_each_alone() {
         let id = fixture("tiny-sd-turbo").display().to_string();
         Arc::new(StableDiffusionModels::load(&id, &full, &mut |_| {}).unwrap())
     };
-    let scripts: Vec<Script> = [("a harbour", 3), ("a forest path", 9)]
-        .into_iter()
-        .map(|(prompt, seed)| Script {
-            body: body(prompt, seed, json!([16, 32])),
-            frames: 0..5,
-            changes: vec![],
-        })
-        .collect();
+    let scripts = two_streams_of_five_frames();
     let models = load();
     alone_then_in_lockstep(&scripts, load(), &models, with);
     for network in [
@@ -331,12 +351,7 @@ fn streams_with_the_full_vae_batched_equal_each_alone() {
         SharedNetwork::Encode,
         SharedNetwork::Decode,
     ] {
-        let counts = models.batcher().counts_of(network);
-        assert_eq!(
-            (counts.calls, counts.batches, counts.shared_calls),
-            (10, 5, 10),
-            "{network:?}: {counts:?}"
-        );
+        every_call_shared(&models, network);
     }
 }
 
@@ -345,14 +360,7 @@ fn streams_with_the_full_vae_batched_equal_each_alone() {
 /// encoder and 5 decoder batches of both streams' calls), the streams' threads none.
 #[test]
 fn the_batchers_own_thread_runs_every_batch_of_streams_in_lockstep() {
-    let scripts: Vec<Script> = [("a harbour", 3), ("a forest path", 9)]
-        .into_iter()
-        .map(|(prompt, seed)| Script {
-            body: body(prompt, seed, json!([16, 32])),
-            frames: 0..5,
-            changes: vec![],
-        })
-        .collect();
+    let scripts = two_streams_of_five_frames();
     let models = own_models();
     models.batcher().set_runner_thread_for_tests(Some(true));
     models.batcher().trace(4);
@@ -378,12 +386,7 @@ fn the_batchers_own_thread_runs_every_batch_of_streams_in_lockstep() {
         SharedNetwork::Encode,
         SharedNetwork::Decode,
     ] {
-        let counts = models.batcher().counts_of(network);
-        assert_eq!(
-            (counts.calls, counts.batches, counts.shared_calls),
-            (10, 5, 10),
-            "{network:?}: {counts:?}"
-        );
+        let counts = every_call_shared(&models, network);
         // Each ran alone, so each was timed, and the times add up.
         assert_eq!(counts.timed, 5, "{network:?}: {counts:?}");
         assert!(!counts.device_time.is_zero(), "{network:?}: {counts:?}");
