@@ -286,44 +286,25 @@ fn run(
     let (mut times, wall) = latencies;
     times.sort();
     let before = before.ok_or("the counters were not read")?;
-    let Counters {
-        all: after,
-        controlnet: controlnet_after,
-        encode: encode_after,
-        decode: decode_after,
-        graphs: graphs_after,
-    } = Counters::read(batcher);
-    let (calls, batches, widest) = (
-        after.calls - before.all.calls,
-        after.batches - before.all.batches,
-        after.widest,
-    );
-    let (controlnet_before, graphs_before) = (before.controlnet, before.graphs);
-    let all_networks = |c: &Counters| {
-        [c.all, c.controlnet, c.encode, c.decode]
-            .iter()
-            .fold((Duration::ZERO, 0, 0), |(t, timed, n), x| {
-                (t + x.device_time, timed + x.timed, n + x.batches)
-            })
-    };
-    let (busy_after, timed_after, batches_after) = all_networks(&Counters::read(batcher));
+    let after = Counters::read(batcher);
     let trace = batcher.take_trace();
     batcher.trace(0);
-    let (busy_before, timed_before, batches_before) = all_networks(&before);
+    let (busy_after, timed_after, batches_after) = after.timed_batches();
+    let (busy_before, timed_before, batches_before) = before.timed_batches();
     Ok(Row {
         fps: times.len() as f64 / wall.as_secs_f64(),
         p50: percentile(&times, 0.5),
         p99: percentile(&times, 0.99),
-        calls,
-        batches,
-        widest,
+        calls: after.all.calls - before.all.calls,
+        batches: after.all.batches - before.all.batches,
+        widest: after.all.widest,
         controlnet: (
-            controlnet_after.calls - controlnet_before.calls,
-            controlnet_after.batches - controlnet_before.batches,
+            after.controlnet.calls - before.controlnet.calls,
+            after.controlnet.batches - before.controlnet.batches,
         ),
         autoencoder: (
-            encode_after.batches - before.encode.batches,
-            decode_after.batches - before.decode.batches,
+            after.encode.batches - before.encode.batches,
+            after.decode.batches - before.decode.batches,
         ),
         busy: (
             (busy_after - busy_before).as_secs_f64() / wall.as_secs_f64(),
@@ -332,9 +313,9 @@ fn run(
         ),
         trace: if batched && n > 1 { trace } else { Vec::new() },
         graphs: (
-            graphs_after.captured - graphs_before.captured,
-            graphs_after.replayed - graphs_before.replayed,
-            graphs_after.failed - graphs_before.failed,
+            after.graphs.captured - before.graphs.captured,
+            after.graphs.replayed - before.graphs.replayed,
+            after.graphs.failed - before.graphs.failed,
         ),
     })
 }
@@ -399,6 +380,16 @@ impl Counters {
             decode: batcher.counts_of(SharedNetwork::Decode),
             graphs: sdstream::model::cuda_graph::counts(),
         }
+    }
+
+    /// Every network's batches timed on their own: their summed time, how many, and how
+    /// many batches ran in all.
+    fn timed_batches(&self) -> (Duration, u64, u64) {
+        [self.all, self.controlnet, self.encode, self.decode]
+            .iter()
+            .fold((Duration::ZERO, 0, 0), |(time, timed, all), c| {
+                (time + c.device_time, timed + c.timed, all + c.batches)
+            })
     }
 }
 

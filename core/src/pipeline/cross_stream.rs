@@ -1377,7 +1377,7 @@ impl CrossStreamBatcher {
                     }
                     _ => {
                         self.mark_before_waiting(&mut s, ticket)?;
-                        s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+                        s = self.wait(s, None);
                     }
                 }
                 continue;
@@ -1388,7 +1388,7 @@ impl CrossStreamBatcher {
                 self.start_runner(&mut s);
                 if s.runner.is_some() {
                     self.mark_before_waiting(&mut s, ticket)?;
-                    s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+                    s = self.wait(s, None);
                     continue;
                 }
             }
@@ -1573,31 +1573,30 @@ impl CrossStreamBatcher {
     }
 
     fn run_batches_while_wanted(&self) {
-        let b = self;
-        let mut s = b.lock();
+        let mut s = self.lock();
         loop {
             if !Self::runner_lives(&s) {
                 s.runner = None;
                 drop(s);
                 // What it queued is done before its stream goes with it (callers wait on its
                 // events; its graphs' buffers are freed later from other threads).
-                let _ = b.device.synchronize();
+                let _ = self.device.synchronize();
                 // The streams' threads run their batches again.
-                b.wake.notify_all();
+                self.wake.notify_all();
                 return;
             }
-            if !b.runner_wanted(&s) || s.running > 0 {
-                s = b.wait(s, None);
+            if !self.runner_wanted(&s) || s.running > 0 {
+                s = self.wait(s, None);
                 continue;
             }
-            s = match b.next_step(&mut s, None) {
+            s = match self.next_step(&mut s, None) {
                 Step::Run(batch) => {
                     s.runner_batches += 1;
                     let _policy = batch[0].kind.policy.enter();
                     let models = batch[0].models.clone();
-                    b.run_batch(s, &models, batch)
+                    self.run_batch(s, &models, batch)
                 }
-                Step::Wait(until) => b.wait(s, until),
+                Step::Wait(until) => self.wait(s, until),
             };
         }
     }
@@ -1696,6 +1695,7 @@ impl CrossStreamBatcher {
         }
         let ended = Instant::now();
         let elapsed = ended - started;
+        let total_rows: usize = batch.iter().map(|p| p.rows).sum();
         let mut s = self.lock();
         if let Some((capacity, trace)) = &mut s.trace {
             if trace.len() == *capacity {
@@ -1704,7 +1704,7 @@ impl CrossStreamBatcher {
             trace.push_back(BatchTrace {
                 network: batch[0].kind.network,
                 calls: batch.len(),
-                rows: batch.iter().map(|p| p.rows).sum(),
+                rows: total_rows,
                 first_call: batch.iter().map(|p| p.arrived).min().unwrap_or(started),
                 last_call: batch.iter().map(|p| p.arrived).max().unwrap_or(started),
                 started,
@@ -1717,7 +1717,6 @@ impl CrossStreamBatcher {
         if measuring {
             s.measuring = false;
         }
-        let total_rows: usize = batch.iter().map(|p| p.rows).sum();
         let calls = batch.len() as u64;
         let network = batch[0].kind.network;
         s.counts
