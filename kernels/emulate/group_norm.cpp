@@ -66,37 +66,100 @@ std::vector<T> to_channels_last(const std::vector<T> &x, const Case &c) {
   return out;
 }
 
-// The `_rows` kernels; with `per_image` ([images, C]) their `_add` entry points, which normalise
-// x plus each image's value per channel.
+// What the `_rows` kernels computed in three launches before `apply` merged the chunks itself:
+// a warp per group (of all images) merging its chunks into (mean, 1/σ), lane k chunks k,
+// k + 32, …, then the shuffle tree. `apply` must give the bits this gives.
+void three_launch_finalize(const float *partial, float *mean_rstd, const int groups_total,
+                           const int chunks, const float eps) {
+  const int g = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (g >= groups_total) return;
+  Stat s{0.f, 0.f, 0.f};
+  for (int c = lane; c < chunks; c += 32) {
+    const float *p = partial + 3 * (static_cast<size_t>(g) * chunks + c);
+    s = merge(s, Stat{p[0], p[1], p[2]});
+  }
+  s = warp_reduce(s);
+  if (lane == 0) {
+    mean_rstd[2 * g] = s.mean;
+    mean_rstd[2 * g + 1] = rsqrtf(s.m2 / s.n + eps);
+  }
+}
+
+struct RowsRun {
+  int chunk_pixels, chunks;
+  std::vector<float> partial;
+};
+
+// The `_rows` kernels' first launch; with `per_image` ([images, C]) its `_add` entry point.
+template <typename T, int V>
+RowsRun rows_partial(const std::vector<T> &x, const Case &c, int chunks_wanted,
+                     const std::vector<T> *per_image) {
+  const int lanes = c.channels / V;
+  const unsigned rows = std::max(1, 512 / lanes);
+  RowsRun run;
+  run.chunk_pixels = (c.pixels + chunks_wanted - 1) / chunks_wanted;
+  run.chunks = (c.pixels + run.chunk_pixels - 1) / run.chunk_pixels;
+  run.partial.assign(3 * static_cast<size_t>(c.images) * c.groups * run.chunks, NAN);
+  const emu_dim3 grid{static_cast<unsigned>(run.chunks), static_cast<unsigned>(c.images)};
+  const emu_dim3 block{static_cast<unsigned>(lanes), rows};
+  const T *add = per_image ? per_image->data() : nullptr;
+  if (per_image)
+    emu::launch(rows_stats<T, V, true>, grid, block, x.data(), add, run.partial.data(), c.pixels,
+                c.channels, c.groups, run.chunk_pixels);
+  else
+    emu::launch(rows_stats<T, V, false>, grid, block, x.data(), add, run.partial.data(),
+                c.pixels, c.channels, c.groups, run.chunk_pixels);
+  return run;
+}
+
+// The `_rows` kernels (stats, then apply); with `per_image` ([images, C]) their `_add` entry
+// points, which normalise x plus each image's value per channel.
 template <typename T, int V>
 std::vector<T> run_rows(const std::vector<T> &x, const std::vector<T> &w, const std::vector<T> &b,
                         const Case &c, bool silu, float eps, int chunks_wanted,
                         const std::vector<T> *per_image = nullptr) {
+  const RowsRun run = rows_partial<T, V>(x, c, chunks_wanted, per_image);
   const int lanes = c.channels / V;
   const unsigned rows = std::max(1, 512 / lanes);
-  const int chunk_pixels = (c.pixels + chunks_wanted - 1) / chunks_wanted;
-  const int chunks = (c.pixels + chunk_pixels - 1) / chunk_pixels;
-  std::vector<float> partial(3 * static_cast<size_t>(c.images) * c.groups * chunks, NAN);
-  std::vector<float> mean_rstd(2 * static_cast<size_t>(c.images) * c.groups, NAN);
   std::vector<T> y(x.size());
-  const emu_dim3 grid{static_cast<unsigned>(chunks), static_cast<unsigned>(c.images)};
+  const emu_dim3 grid{static_cast<unsigned>(run.chunks), static_cast<unsigned>(c.images)};
   const emu_dim3 block{static_cast<unsigned>(lanes), rows};
   const T *add = per_image ? per_image->data() : nullptr;
   if (per_image)
-    emu::launch(rows_stats<T, V, true>, grid, block, x.data(), add, partial.data(), c.pixels,
-                c.channels, c.groups, chunk_pixels);
-  else
-    emu::launch(rows_stats<T, V, false>, grid, block, x.data(), add, partial.data(), c.pixels,
-                c.channels, c.groups, chunk_pixels);
-  const int groups_total = c.images * c.groups;
-  emu::launch(rows_finalize, {static_cast<unsigned>((groups_total + 3) / 4)}, {128},
-              partial.data(), mean_rstd.data(), groups_total, chunks, eps);
-  if (per_image)
     emu::launch(rows_apply<T, V, true>, grid, block, x.data(), add, y.data(), w.data(), b.data(),
-                mean_rstd.data(), c.pixels, c.channels, c.groups, chunk_pixels, silu ? 1 : 0);
+                run.partial.data(), c.pixels, c.channels, c.groups, run.chunk_pixels, eps,
+                silu ? 1 : 0);
   else
-    emu::launch(rows_apply<T, V, false>, grid, block, x.data(), add, y.data(), w.data(), b.data(),
-                mean_rstd.data(), c.pixels, c.channels, c.groups, chunk_pixels, silu ? 1 : 0);
+    emu::launch(rows_apply<T, V, false>, grid, block, x.data(), add, y.data(), w.data(),
+                b.data(), run.partial.data(), c.pixels, c.channels, c.groups, run.chunk_pixels,
+                eps, silu ? 1 : 0);
+  return y;
+}
+
+// The output the three launches gave: the same statistics, the separate finalize, then each
+// value scaled and shifted as `apply` does it.
+template <typename T, int V>
+std::vector<T> run_rows_three_launches(const std::vector<T> &x, const std::vector<T> &w,
+                                       const std::vector<T> &b, const Case &c, bool silu,
+                                       float eps, int chunks_wanted) {
+  const RowsRun run = rows_partial<T, V>(x, c, chunks_wanted, nullptr);
+  const int groups_total = c.images * c.groups;
+  std::vector<float> mean_rstd(2 * static_cast<size_t>(groups_total), NAN);
+  emu::launch(three_launch_finalize, {static_cast<unsigned>((groups_total + 3) / 4)}, {128},
+              run.partial.data(), mean_rstd.data(), groups_total, run.chunks, eps);
+  std::vector<T> y(x.size());
+  const int per_group = c.channels / c.groups;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const int ch = static_cast<int>(i % c.channels);
+    const size_t image = i / (static_cast<size_t>(c.pixels) * c.channels);
+    const size_t g = image * c.groups + ch / per_group;
+    const float scale = mean_rstd[2 * g + 1] * load(w[ch]);
+    const float shift = load(b[ch]) - scale * mean_rstd[2 * g];
+    float v = load(x[i]) * scale + shift;
+    if (silu) v = v / (1.f + __expf(-v));
+    y[i] = store<T>(v);
+  }
   return y;
 }
 
@@ -132,6 +195,8 @@ template <typename T> void cases() {
   const Case all[] = {
       {1, 67, 320, 32, 0.f},  {2, 40, 64, 32, 0.f},  {1, 9, 1280, 32, 0.f},
       {2, 30, 96, 32, 0.f},   {1, 50, 128, 32, 40.f}, {3, 17, 24, 4, 0.f},
+      // More groups than a block's 10 whole warps (320 threads), so warps take several.
+      {2, 12, 640, 64, 0.f},
   };
   const float eps = 1e-5f;
   uint32_t seed = 10;
@@ -161,6 +226,13 @@ template <typename T> void cases() {
           y = run_rows<T, 1>(x, w, b, c, silu, eps, chunks);
         check::expect_close(std::string("rows") + (per % 2 == 0 ? " V=2" : " V=1") + what + tag,
                             check::widened(y), want, bound);
+        // `apply`'s own merge of the chunks: the bits of the separate finalize launch.
+        const std::vector<T> three = per % 2 == 0
+                                         ? run_rows_three_launches<T, 2>(x, w, b, c, silu, eps, chunks)
+                                         : run_rows_three_launches<T, 1>(x, w, b, c, silu, eps, chunks);
+        check::expect_equal(std::string("rows, chunks merged in apply") + what + tag +
+                                " (against the three-launch kernels)",
+                            y, three);
         if (per % 2 == 0 && c.channels <= kRowsMaxThreads) {
           const auto y1 = run_rows<T, 1>(x, w, b, c, silu, eps, chunks);
           check::expect_close(std::string("rows V=1") + what + tag, check::widened(y1), want,

@@ -8,13 +8,15 @@
 // (kernels/src/norm.rs) does. Compiled to PTX by kernels/build.rs (feature `cuda`).
 //
 // The `_rows` entry points are a second channels-last GroupNorm (kernel policy
-// `cuda_group_norm_rows`), in three launches whose blocks read whole pixels, all C channels of
+// `cuda_group_norm_rows`), in two launches whose blocks read whole pixels, all C channels of
 // each, so that a warp's loads are consecutive: `stats` gives each thread a fixed run of V
 // channels (V = 2 where a group's channels are even in number and the rows aligned, else 1) over
-// a chunk of pixels, merges the threads of each group in a fixed order; `finalize` merges a
-// group's chunks (a warp per group, a fixed shuffle tree) into its mean and 1/σ; `apply` scales
-// and shifts each thread's V channels. Indices are 32-bit (the launch checks that every one
-// fits). The first kernel's blocks each walk one group's values with four 64-bit divisions per
+// a chunk of pixels, merges the threads of each group in a fixed order; `apply` first merges
+// each group's chunks into its mean and 1/σ (a warp per group, a fixed shuffle tree, so every
+// block of an image gets the same bits), then scales and shifts each thread's V channels.
+// Merging in `apply` costs each block a few kilobytes of reads from L2 and saves a launch of
+// its own per GroupNorm (61 a UNet call, a third of its small kernels' launches with three).
+// Indices are 32-bit (the launch checks that every one fits). The first kernel's blocks each walk one group's values with four 64-bit divisions per
 // value, strided C apart for want of the other groups' channels: 61 calls took 1.69 ms of an
 // H200 frame under the profiler, about 28 µs each for 2–8 MB of traffic.
 #include <stdint.h>
@@ -235,44 +237,61 @@ __device__ void rows_stats(const T* __restrict__ x, const T* __restrict__ per_im
   }
 }
 
-// A warp per group (of all images): lane k merges chunks k, k + 32, …, then the warp's shuffle
-// tree merges the lanes; mean_rstd gets (mean, 1/σ) per group.
-__device__ void rows_finalize(const float* __restrict__ partial, float* __restrict__ mean_rstd,
-                              const int groups_total, const int chunks, const float eps) {
-  const int warps_per_block = blockDim.x / 32;
-  const int g = blockIdx.x * warps_per_block + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (g >= groups_total) return;  // whole warps: blockDim.x is a multiple of 32
+// The most groups an image may have in the `_rows` kernels: `apply` keeps each group's mean
+// and 1/σ in shared memory (norm.rs's `RowsGeometry::MAX_GROUPS`).
+constexpr int kRowsMaxGroups = 128;
+
+// Group g's (of all images) statistics from its chunks' in partial, valid in lane 0: lane k
+// merges chunks k, k + 32, …, then the warp's shuffle tree merges the lanes. A fixed order, so
+// every block that asks gets the same bits. Every lane of a whole warp calls it.
+__device__ __forceinline__ Stat merge_chunks(const float* __restrict__ partial, const int g,
+                                             const int chunks, const int lane) {
   Stat s{0.f, 0.f, 0.f};
   for (int c = lane; c < chunks; c += 32) {
     const float* p = partial + 3 * (static_cast<size_t>(g) * chunks + c);
     s = merge(s, Stat{p[0], p[1], p[2]});
   }
-  s = warp_reduce(s);
-  if (lane == 0) {
-    mean_rstd[2 * g] = s.mean;
-    mean_rstd[2 * g + 1] = rsqrtf(s.m2 / s.n + eps);
-  }
+  return warp_reduce(s);
 }
 
-// Grid and block as `rows_stats`: y = x·scale + shift per channel (then SiLU when asked),
-// scale = γ/σ and shift = β − scale·μ, as `apply` computes them.
+// Grid and block as `rows_stats`, whose partial statistics (gridDim.x chunks an image) it
+// reads: each group's mean and 1/σ (the block's whole warps a group each, in turn), then
+// y = x·scale + shift per channel (then SiLU when asked), scale = γ/σ and shift = β − scale·μ,
+// as `apply` computes them. groups is at most kRowsMaxGroups.
 template <typename T, int V, bool ADD>
 __device__ void rows_apply(const T* __restrict__ x, const T* __restrict__ per_image,
                            T* __restrict__ y, const T* __restrict__ weight,
-                           const T* __restrict__ bias, const float* __restrict__ mean_rstd,
+                           const T* __restrict__ bias, const float* __restrict__ partial,
                            const int pixels, const int channels, const int groups,
-                           const int chunk_pixels, const int silu) {
+                           const int chunk_pixels, const float eps, const int silu) {
+  __shared__ float mean_rstd[2 * kRowsMaxGroups];
   const int lanes = channels / V;
   const int lane = threadIdx.x;
   const int image = blockIdx.y;
   const int per_group = channels / groups;
+  {
+    // A block has at least 257 threads (norm.rs's geometry), so at least 8 whole warps; the
+    // threads of a last, partial warp take no group (a shuffle needs every lane of its warp).
+    const int t = threadIdx.y * blockDim.x + threadIdx.x;
+    const int whole_warps = static_cast<int>(blockDim.x * blockDim.y) / 32;
+    const int warp = t / 32;
+    if (warp < whole_warps) {
+      for (int g = warp; g < groups; g += whole_warps) {
+        const Stat s = merge_chunks(partial, image * groups + g, gridDim.x, t % 32);
+        if (t % 32 == 0) {
+          mean_rstd[2 * g] = s.mean;
+          mean_rstd[2 * g + 1] = rsqrtf(s.m2 / s.n + eps);
+        }
+      }
+    }
+    __syncthreads();
+  }
   const RowsInput<T, V, ADD> input(per_image, image, channels, lane);
   float scale[V], shift[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     const int c = lane * V + j;
-    const int g = image * groups + c / per_group;
+    const int g = c / per_group;
     const float mean = mean_rstd[2 * g];
     scale[j] = mean_rstd[2 * g + 1] * load(weight[c]);
     shift[j] = load(bias[c]) - scale[j] * mean;
@@ -297,12 +316,6 @@ __device__ void rows_apply(const T* __restrict__ x, const T* __restrict__ per_im
 
 }  // namespace
 
-extern "C" __global__ void group_norm_rows_finalize(const float* partial, float* mean_rstd,
-                                                    const int groups_total, const int chunks,
-                                                    const float eps) {
-  rows_finalize(partial, mean_rstd, groups_total, chunks, eps);
-}
-
 // The `_rows` entry points per storage type and run width V; `_add` normalises x plus a value
 // per image and channel (`per_image`, [images, C]; the plain ones never read it). The host
 // launches blocks of up to 1,024 threads (norm.rs, `MAX_THREADS`), which only start where a
@@ -315,10 +328,10 @@ extern "C" __global__ void group_norm_rows_finalize(const float* partial, float*
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(1024) group_norm_rows_apply##TAG##_v##V##_##NAME(  \
       const T* x, const T* per_image, T* y, const T* weight, const T* bias,                       \
-      const float* mean_rstd, const int pixels, const int channels, const int groups,             \
-      const int chunk_pixels, const int silu) {                                                   \
-    rows_apply<T, V, ADD>(x, per_image, y, weight, bias, mean_rstd, pixels, channels, groups,     \
-                          chunk_pixels, silu);                                                    \
+      const float* partial, const int pixels, const int channels, const int groups,               \
+      const int chunk_pixels, const float eps, const int silu) {                                  \
+    rows_apply<T, V, ADD>(x, per_image, y, weight, bias, partial, pixels, channels, groups,       \
+                          chunk_pixels, eps, silu);                                               \
   }
 #define GROUP_NORM_ROWS(NAME, T, V)            \
   GROUP_NORM_ROWS_ADD(NAME, T, V, false, )     \

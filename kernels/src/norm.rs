@@ -759,6 +759,9 @@ impl RowsGeometry {
     const THREADS: usize = 512;
     /// Threads a block may have (group_norm.cu's `kRowsMaxThreads`, its shared statistics).
     const MAX_THREADS: usize = 1024;
+    /// Groups an image may have (group_norm.cu's `kRowsMaxGroups`: `apply` keeps each group's
+    /// mean and 1/σ in shared memory). The networks have 32.
+    const MAX_GROUPS: usize = 128;
     /// Blocks worth launching in all (a couple per multiprocessor of a large GPU).
     const TARGET_BLOCKS: usize = 256;
     /// Pixels each thread reads at least, so that a block's merge is worth its reads.
@@ -775,7 +778,7 @@ impl RowsGeometry {
     }
 
     /// The geometry, or `None` where the kernels do not apply: more lanes than a block has
-    /// threads, or values past 32-bit indices.
+    /// threads, more groups than `apply` keeps, or values past 32-bit indices.
     fn new(
         images: usize,
         pixels: usize,
@@ -783,7 +786,12 @@ impl RowsGeometry {
         groups: usize,
         first_even: bool,
     ) -> Option<Self> {
-        if images == 0 || pixels == 0 || groups == 0 || !channels.is_multiple_of(groups) {
+        if images == 0
+            || pixels == 0
+            || groups == 0
+            || groups > Self::MAX_GROUPS
+            || !channels.is_multiple_of(groups)
+        {
             return None;
         }
         if images
@@ -1002,8 +1010,8 @@ mod cuda {
         ))
     }
 
-    /// The `_rows` kernels (stats, finalize, apply) over channels-last `x` `[images, pixels,
-    /// channels]`, into `dst`.
+    /// The `_rows` kernels (stats, then apply, which merges each group's chunks itself) over
+    /// channels-last `x` `[images, pixels, channels]`, into `dst`.
     fn run_rows<T: CudaDType + DeviceRepr>(
         op: &Norm,
         dev: &CudaDevice,
@@ -1017,21 +1025,19 @@ mod cuda {
         let channels = dims[dims.len() - 1];
         let pixels = xl.shape().elem_count() / (images * channels);
         let groups_total = images * op.groups;
-        // SAFETY: `stats` writes every (image, group, chunk) entry and `finalize` every
-        // (image, group) pair before anything reads them.
+        // SAFETY: `stats` writes every (image, group, chunk) entry before `apply` reads them.
         let partial = unsafe { dev.alloc::<f32>(3 * groups_total * geometry.chunks)? };
-        let mean_rstd = unsafe { dev.alloc::<f32>(2 * groups_total)? };
         let blocks = LaunchConfig {
             grid_dim: (geometry.chunks as u32, images as u32, 1),
             block_dim: (geometry.lanes as u32, geometry.rows as u32, 1),
             shared_mem_bytes: 0,
         };
-        let (pixels, channels, groups, chunk_pixels, chunks) = (
+        // The chunks an image has are the grid's width: `apply` reads them from gridDim.
+        let (pixels, channels, groups, chunk_pixels) = (
             pixels as i32,
             channels as i32,
             op.groups as i32,
             geometry.chunk_pixels as i32,
-            geometry.chunks as i32,
         );
         let width = geometry.width;
         // `_add`: the input plus each image's value per channel; the plain kernels never read
@@ -1055,44 +1061,29 @@ mod cuda {
         // every index below 2³¹ and within x (images · pixels · channels values, read in runs
         // of `width` from an offset the geometry checked to be a multiple of it) and partial.
         unsafe { builder.launch(blocks) }.w()?;
-        let finalize = dev.get_or_load_custom_func("group_norm_rows_finalize", MODULE, PTX)?;
-        let mut builder = finalize.builder();
-        let (groups_total_arg, eps) = (groups_total as i32, op.eps as f32);
-        builder.arg(&partial);
-        builder.arg(&mean_rstd);
-        builder.arg(&groups_total_arg);
-        builder.arg(&chunks);
-        builder.arg(&eps);
-        // A warp per group, four warps a block.
-        let warps_per_block = 4;
-        let cfg = LaunchConfig {
-            grid_dim: (groups_total.div_ceil(warps_per_block) as u32, 1, 1),
-            block_dim: (32 * warps_per_block as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the arguments match the kernel's parameters; it reads partial below
-        // 3 · groups_total · chunks and writes mean_rstd below 2 · groups_total.
-        unsafe { builder.launch(cfg) }.w()?;
         let apply = dev.get_or_load_custom_func(
             &format!("group_norm_rows_apply{tag}_v{width}_{suffix}"),
             MODULE,
             PTX,
         )?;
         let mut builder = apply.builder();
-        let silu = i32::from(op.silu);
+        let (silu, eps) = (i32::from(op.silu), op.eps as f32);
         builder.arg(x);
         builder.arg(per_image);
         builder.arg(&dst);
         builder.arg(weight);
         builder.arg(bias);
-        builder.arg(&mean_rstd);
+        builder.arg(&partial);
         builder.arg(&pixels);
         builder.arg(&channels);
         builder.arg(&groups);
         builder.arg(&chunk_pixels);
+        builder.arg(&eps);
         builder.arg(&silu);
-        // SAFETY: as the stats launch; dst has as many values as x and starts aligned (a fresh
-        // allocation); channel indices stay below `channels`, group indices below groups_total.
+        // SAFETY: as the stats launch, on the same grid, so it reads partial's chunks as stats
+        // wrote them; dst has as many values as x and starts aligned (a fresh allocation);
+        // channel indices stay below `channels`, group indices below the geometry's
+        // MAX_GROUPS, the kernel's shared statistics.
         unsafe { builder.launch(blocks) }.w()?;
         ROWS_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok((
@@ -1358,6 +1349,8 @@ mod tests {
             assert_eq!((g.width, g.lanes, g.rows), (width, lanes, rows), "{g:?}");
             assert_eq!(g.lanes * g.width, channels);
             assert!(g.lanes * g.rows <= RowsGeometry::MAX_THREADS, "{g:?}");
+            // `apply` merges the groups' chunks with the block's whole warps: 8 at least.
+            assert!(g.lanes * g.rows / 32 >= 8, "{g:?}");
             // Every pixel in exactly one chunk: the last chunk is not empty.
             assert!(g.chunks * g.chunk_pixels >= pixels, "{g:?}");
             assert!((g.chunks - 1) * g.chunk_pixels < pixels, "{g:?}");
@@ -1385,6 +1378,9 @@ mod tests {
         // 2³¹ values and more: the kernels index in 32 bits.
         assert_eq!(RowsGeometry::new(2, 1 << 24, 64, 32, true), None);
         assert!(RowsGeometry::new(1, (1 << 24) - 1, 64, 32, true).is_some());
+        // More groups than `apply` keeps statistics for.
+        assert!(RowsGeometry::new(1, 64, 256, 128, true).is_some());
+        assert_eq!(RowsGeometry::new(1, 64, 258, 129, true), None);
         // Channels the groups do not divide, and empty inputs.
         assert_eq!(RowsGeometry::new(1, 64, 100, 32, true), None);
         assert_eq!(RowsGeometry::new(1, 0, 64, 32, true), None);
