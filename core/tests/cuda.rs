@@ -376,10 +376,24 @@ fn cuda_group_norm_with_an_added_embedding_matches_the_separate_add() {
                 .into_channels_last();
             let xs = x.to_dtype(dtype).unwrap().to_device(&device).unwrap();
             let ts = t.to_dtype(dtype).unwrap().to_device(&device).unwrap();
+            // The same values as columns of a wider product (a resnet's of every resnet's
+            // time projection): rows c + 10 apart, which the kernels read without a copy.
+            let pad = |n: usize| Tensor::full(1e3f32, (b, n), &Device::Cpu).unwrap();
+            let wide = Tensor::cat(&[pad(3), t.clone(), pad(7)], 1)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(&device)
+                .unwrap();
+            let columns = wide.narrow(1, 3, c).unwrap();
+            assert!(!columns.is_contiguous());
             for silu in [false, true] {
-                let (fused, separate) = rows.scoped(|| {
+                let (fused, from_columns, separate) = rows.scoped(|| {
                     let fresh = (&xs * 1.0).unwrap();
                     let fused = norm.forward_with_added(fresh, &ts, silu).unwrap();
+                    let from_columns = norm
+                        .forward_with_added((&xs * 1.0).unwrap(), &columns, silu)
+                        .unwrap();
                     let summed = add_fresh_per_batch(
                         (&xs * 1.0).unwrap(),
                         &ts.reshape((b, 1, 1, c)).unwrap(),
@@ -392,18 +406,27 @@ fn cuda_group_norm_with_an_added_embedding_matches_the_separate_add() {
                         norm.forward(&summed)
                     }
                     .unwrap();
-                    (fused, separate)
+                    (fused, from_columns, separate)
                 });
-                runs += 2;
-                let differ = common::f32_on_cpu(&fused)
-                    .ne(&common::f32_on_cpu(&separate))
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                runs += 3;
+                // How many values of `a` and `b` differ.
+                let count_differing = |a: &Tensor, b: &Tensor| {
+                    common::f32_on_cpu(a)
+                        .ne(&common::f32_on_cpu(b))
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                };
+                assert_eq!(
+                    count_differing(&fused, &from_columns),
+                    0.0,
+                    "{dtype:?} [{b}, {h}, {w}, {c}] silu {silu}: the add read as columns"
+                );
+                let differ = count_differing(&fused, &separate);
                 println!(
                     "group norm with an added embedding [{b}, {h}, {w}, {c}] / {groups} {dtype:?} silu {silu}: {differ} values differ"
                 );
@@ -411,7 +434,7 @@ fn cuda_group_norm_with_an_added_embedding_matches_the_separate_add() {
             }
         }
     }
-    // Both ways ran the `_rows` kernels every time.
+    // All three ways ran the `_rows` kernels every time.
     assert_eq!(group_norm_rows_calls() - rows_before, runs);
 }
 
@@ -962,6 +985,149 @@ fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
     assert_eq!(fused_runs + bf16_refused, cases * 3);
     assert!(fused_runs >= cases * 2, "an f32 or f16 case ran unfused");
     assert_eq!(cudnn_fused_calls() - before, fused_runs);
+}
+
+/// Every resnet's time projection in one product (kernel policy `fused_time_projections`,
+/// read when a network is built) on the device: the tiny UNet on the golden's inputs (rows with
+/// timesteps of their own) built with it against the same network built without it, in f32
+/// (within 1e-5 of the output's scale) and f16 (5e-3), with GroupNorm's `_rows` kernels reading
+/// each resnet's columns of the product in place and with the separate add; the fused path is
+/// counted. Then the full-size projections (sd-turbo's 22 resnets, 1 and 8 rows, f16): one
+/// product against 22 products and their bias adds, timed and printed, their values compared.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs the cuda feature and a CUDA device"
+)]
+fn cuda_fused_time_projections_match_each_resnets_own() {
+    use candle_core::Module;
+    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::model::unet::{UNet2DConditionModel, UNetInputs};
+    use sdstream::model::unet_blocks::{Linear, time_columns_taken};
+    if !cuda_or_skip("cuda_fused_time_projections_match_each_resnets_own") {
+        return;
+    }
+    let cuda = Device::new_cuda(0).unwrap();
+    let g = common::golden("golden/unet.safetensors");
+    let on_device = |name: &str| g[name].to_device(&cuda).unwrap();
+    let (sample, t, ctx) = (
+        on_device("sample"),
+        on_device("timesteps"),
+        on_device("encoder_hidden_states"),
+    );
+    assert!(sample.dim(0).unwrap() > 1, "several rows");
+    let path = common::fixture("tiny-sd-turbo/unet");
+    for rows in [false, true] {
+        for (dtype, limit) in [(DType::F32, 1e-5f32), (DType::F16, 5e-3)] {
+            let base = KernelPolicy {
+                cuda_group_norm_rows: rows,
+                ..KernelPolicy::process()
+            };
+            let plain = base.scoped(|| {
+                let unet = UNet2DConditionModel::load(&path, dtype, &cuda).unwrap();
+                assert!(!unet.fuses_time_projections());
+                common::f32_on_cpu(&unet.forward(UNetInputs::new(&sample, &t, &ctx)).unwrap())
+            });
+            let (fused, taken) = KernelPolicy {
+                fused_time_projections: true,
+                ..base
+            }
+            .scoped(|| {
+                let unet = UNet2DConditionModel::load(&path, dtype, &cuda).unwrap();
+                assert!(unet.fuses_time_projections());
+                let before = time_columns_taken();
+                let out = unet.forward(UNetInputs::new(&sample, &t, &ctx)).unwrap();
+                (common::f32_on_cpu(&out), time_columns_taken() - before)
+            });
+            // 22 resnets a pass: the eager pass, and its capture where graphs are on.
+            assert!(
+                taken >= 22 && taken % 22 == 0,
+                "{taken} resnet calls took columns"
+            );
+            let scale = common::max_magnitude(&plain).max(1e-3);
+            let diff = common::max_magnitude(&(&fused - &plain).unwrap()) / scale;
+            println!(
+                "fused time projections, {dtype:?}, GroupNorm rows kernels {rows}: max {diff:.3e} \
+                 of the output's scale against each resnet's own"
+            );
+            assert!(diff <= limit, "{dtype:?} rows {rows}: {diff} > {limit}");
+        }
+    }
+
+    // sd-turbo's resnets: 320, 320, 640, 640, 1280 × 4 down, 1280 × 2 mid, 1280 × 6, 640 × 3,
+    // 320 × 3 up, each projecting the 1,280-wide embedding.
+    let widths: Vec<usize> = [320, 320, 640, 640]
+        .into_iter()
+        .chain([1280; 12])
+        .chain([640; 3])
+        .chain([320; 3])
+        .collect();
+    assert_eq!(widths.len(), 22);
+    let randn = |dims: &[usize], s: f64| {
+        (Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap() * s)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap()
+            .to_device(&cuda)
+            .unwrap()
+    };
+    let layers: Vec<(Tensor, Tensor)> = widths
+        .iter()
+        .map(|&w| (randn(&[w, 1280], 1280f64.powf(-0.5)), randn(&[w], 0.5)))
+        .collect();
+    let separate: Vec<Linear> = layers
+        .iter()
+        .map(|(w, b)| Linear::new(w.clone(), Some(b.clone())).unwrap())
+        .collect();
+    let weights: Vec<&Tensor> = layers.iter().map(|(w, _)| w).collect();
+    let biases: Vec<&Tensor> = layers.iter().map(|(_, b)| b).collect();
+    let fused = Linear::new(
+        Tensor::cat(&weights, 0).unwrap(),
+        Some(Tensor::cat(&biases, 0).unwrap()),
+    )
+    .unwrap();
+    let time = |f: &dyn Fn() -> Tensor| {
+        for _ in 0..10 {
+            f();
+        }
+        cuda.synchronize().unwrap();
+        let reps = 200;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        cuda.synchronize().unwrap();
+        start.elapsed().as_secs_f64() * 1e6 / reps as f64
+    };
+    for batch in [1, 8] {
+        let temb = randn(&[batch, 1280], 1.0);
+        let apart = || {
+            let outs: Vec<Tensor> = separate.iter().map(|l| l.forward(&temb).unwrap()).collect();
+            Tensor::cat(&outs, 1).unwrap()
+        };
+        let together = || fused.forward(&temb).unwrap();
+        let (a, b) = (
+            common::f32_on_cpu(&apart()),
+            common::f32_on_cpu(&together()),
+        );
+        let diff = common::max_magnitude(&(&a - &b).unwrap());
+        let scale = common::max_magnitude(&a);
+        println!(
+            "time projections, {batch} rows, f16: fused within {diff:.3e} of 22 apart (scale {scale:.2})"
+        );
+        assert!(diff <= 4e-3 * scale.max(1.0), "{batch} rows: {diff}");
+        let per_layer = time(&|| {
+            for l in &separate {
+                l.forward(&temb).unwrap();
+            }
+            temb.clone()
+        });
+        let one = time(&together);
+        println!(
+            "time projections, {batch} rows, f16 (host time a call, the device waited for at \
+             the end): 22 products with their bias adds {per_layer:.1} µs, one product {one:.1} µs"
+        );
+    }
 }
 
 /// Linear layers with their bias and residual in cuBLASLt's epilogue (kernel policy

@@ -582,7 +582,8 @@ pub fn policy_summary(cuda: bool) -> String {
         "CUDA kernels {}, fused attention {}, CUDA graphs {}, channels last {} ({}), \
          pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}, \
          phase convolutions {}, GroupNorm rows kernels {}, LayerNorm kernel {}, \
-         fused linear epilogue {}, 16-byte adds {}, event tracking {}, batch hand-back by events {}",
+         fused linear epilogue {}, 16-byte adds {}, event tracking {}, batch hand-back by events {}, \
+         fused time projections {}",
         on_off(p.cuda_kernels),
         attention,
         on_off(p.cuda_graphs),
@@ -598,5 +599,6 @@ pub fn policy_summary(cuda: bool) -> String {
         on_off(p.cuda_vector_adds),
         on_off(p.cuda_event_tracking),
         on_off(p.cuda_batch_events),
+        on_off(p.fused_time_projections),
     )
 }

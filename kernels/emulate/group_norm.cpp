@@ -94,7 +94,7 @@ struct RowsRun {
 // The `_rows` kernels' first launch; with `per_image` ([images, C]) its `_add` entry point.
 template <typename T, int V>
 RowsRun rows_partial(const std::vector<T> &x, const Case &c, int chunks_wanted,
-                     const std::vector<T> *per_image) {
+                     const T *per_image, int per_image_stride) {
   const int lanes = c.channels / V;
   const unsigned rows = std::max(1, 512 / lanes);
   RowsRun run;
@@ -103,37 +103,37 @@ RowsRun rows_partial(const std::vector<T> &x, const Case &c, int chunks_wanted,
   run.partial.assign(3 * static_cast<size_t>(c.images) * c.groups * run.chunks, NAN);
   const emu_dim3 grid{static_cast<unsigned>(run.chunks), static_cast<unsigned>(c.images)};
   const emu_dim3 block{static_cast<unsigned>(lanes), rows};
-  const T *add = per_image ? per_image->data() : nullptr;
   if (per_image)
-    emu::launch(rows_stats<T, V, true>, grid, block, x.data(), add, run.partial.data(), c.pixels,
-                c.channels, c.groups, run.chunk_pixels);
+    emu::launch(rows_stats<T, V, true>, grid, block, x.data(), per_image, per_image_stride,
+                run.partial.data(), c.pixels, c.channels, c.groups, run.chunk_pixels);
   else
-    emu::launch(rows_stats<T, V, false>, grid, block, x.data(), add, run.partial.data(),
-                c.pixels, c.channels, c.groups, run.chunk_pixels);
+    emu::launch(rows_stats<T, V, false>, grid, block, x.data(), per_image, per_image_stride,
+                run.partial.data(), c.pixels, c.channels, c.groups, run.chunk_pixels);
   return run;
 }
 
-// The `_rows` kernels (stats, then apply); with `per_image` ([images, C]) their `_add` entry
-// points, which normalise x plus each image's value per channel.
+// The `_rows` kernels (stats, then apply); with `per_image` ([images, C], rows
+// `per_image_stride` values apart, C when 0) their `_add` entry points, which normalise x plus
+// each image's value per channel.
 template <typename T, int V>
 std::vector<T> run_rows(const std::vector<T> &x, const std::vector<T> &w, const std::vector<T> &b,
                         const Case &c, bool silu, float eps, int chunks_wanted,
-                        const std::vector<T> *per_image = nullptr) {
-  const RowsRun run = rows_partial<T, V>(x, c, chunks_wanted, per_image);
+                        const T *per_image = nullptr, int per_image_stride = 0) {
+  if (per_image_stride == 0) per_image_stride = c.channels;
+  const RowsRun run = rows_partial<T, V>(x, c, chunks_wanted, per_image, per_image_stride);
   const int lanes = c.channels / V;
   const unsigned rows = std::max(1, 512 / lanes);
   std::vector<T> y(x.size());
   const emu_dim3 grid{static_cast<unsigned>(run.chunks), static_cast<unsigned>(c.images)};
   const emu_dim3 block{static_cast<unsigned>(lanes), rows};
-  const T *add = per_image ? per_image->data() : nullptr;
   if (per_image)
-    emu::launch(rows_apply<T, V, true>, grid, block, x.data(), add, y.data(), w.data(), b.data(),
-                run.partial.data(), c.pixels, c.channels, c.groups, run.chunk_pixels, eps,
-                silu ? 1 : 0);
+    emu::launch(rows_apply<T, V, true>, grid, block, x.data(), per_image, per_image_stride,
+                y.data(), w.data(), b.data(), run.partial.data(), c.pixels, c.channels, c.groups,
+                run.chunk_pixels, eps, silu ? 1 : 0);
   else
-    emu::launch(rows_apply<T, V, false>, grid, block, x.data(), add, y.data(), w.data(),
-                b.data(), run.partial.data(), c.pixels, c.channels, c.groups, run.chunk_pixels,
-                eps, silu ? 1 : 0);
+    emu::launch(rows_apply<T, V, false>, grid, block, x.data(), per_image, per_image_stride,
+                y.data(), w.data(), b.data(), run.partial.data(), c.pixels, c.channels, c.groups,
+                run.chunk_pixels, eps, silu ? 1 : 0);
   return y;
 }
 
@@ -143,7 +143,7 @@ template <typename T, int V>
 std::vector<T> run_rows_three_launches(const std::vector<T> &x, const std::vector<T> &w,
                                        const std::vector<T> &b, const Case &c, bool silu,
                                        float eps, int chunks_wanted) {
-  const RowsRun run = rows_partial<T, V>(x, c, chunks_wanted, nullptr);
+  const RowsRun run = rows_partial<T, V>(x, c, chunks_wanted, nullptr, c.channels);
   const int groups_total = c.images * c.groups;
   std::vector<float> mean_rstd(2 * static_cast<size_t>(groups_total), NAN);
   emu::launch(three_launch_finalize, {static_cast<unsigned>((groups_total + 3) / 4)}, {128},
@@ -252,12 +252,22 @@ template <typename T> void cases() {
         const std::string tag = std::string("rows with a per-image add") +
                                 (per % 2 == 0 ? " V=2" : " V=1") + what +
                                 " (against the plain kernels on the sum)";
-        if (per % 2 == 0)
-          check::expect_equal(tag, run_rows<T, 2>(x, w, b, c, silu, eps, 4, &t),
-                              run_rows<T, 2>(summed, w, b, c, silu, eps, 4));
-        else
-          check::expect_equal(tag, run_rows<T, 1>(x, w, b, c, silu, eps, 4, &t),
-                              run_rows<T, 1>(summed, w, b, c, silu, eps, 4));
+        const auto added = [&](const T *per_image, int stride) {
+          return per % 2 == 0 ? run_rows<T, 2>(x, w, b, c, silu, eps, 4, per_image, stride)
+                              : run_rows<T, 1>(x, w, b, c, silu, eps, 4, per_image, stride);
+        };
+        const auto plain = per % 2 == 0 ? run_rows<T, 2>(summed, w, b, c, silu, eps, 4)
+                                        : run_rows<T, 1>(summed, w, b, c, silu, eps, 4);
+        check::expect_equal(tag, added(t.data(), 0), plain);
+        // The same values as columns 3 … 3 + C of rows C + 7 wide: one image's columns of the
+        // product of every resnet's time projection.
+        const int stride = c.channels + 7;
+        std::vector<T> wide(static_cast<size_t>(c.images) * stride, store<T>(1e4f));
+        for (int i = 0; i < c.images; ++i)
+          for (int ch = 0; ch < c.channels; ++ch)
+            wide[static_cast<size_t>(i) * stride + 3 + ch] = t[static_cast<size_t>(i) * c.channels + ch];
+        check::expect_equal(tag + ", its rows " + std::to_string(stride) + " apart",
+                            added(wide.data() + 3, stride), plain);
       }
       check::expect_close(std::string("two-pass, channels last") + what,
                           check::widened(run_two_pass(x, w, b, c, silu, eps, true, 3)), want,

@@ -181,15 +181,17 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Run {
 constexpr int kRowsMaxThreads = 1024;
 
 // What the `_rows` kernels normalise: x itself, or (ADD) x plus each image's value per channel
-// (a resnet's time embedding, [images, C]), the sum rounded to T as the separate add that it
-// replaces rounds it, so that the result is the same bits.
+// (a resnet's time embedding, [images, C], image i's C values from per_image + i · stride: a
+// network's projections for all its resnets hand each its columns of one product), the sum
+// rounded to T as the separate add that it replaces rounds it, so that the result is the same
+// bits.
 template <typename T, int V, bool ADD> struct RowsInput {
   float add[V];
-  __device__ __forceinline__ RowsInput(const T* __restrict__ per_image, const int image,
-                                       const int channels, const int lane) {
+  __device__ __forceinline__ RowsInput(const T* __restrict__ per_image, const int stride,
+                                       const int image, const int lane) {
 #pragma unroll
     for (int j = 0; j < V; ++j)
-      add[j] = ADD ? load(per_image[static_cast<size_t>(image) * channels + lane * V + j]) : 0.f;
+      add[j] = ADD ? load(per_image[static_cast<size_t>(image) * stride + lane * V + j]) : 0.f;
   }
   __device__ __forceinline__ float operator()(const Run<T, V>& r, const int j) const {
     return ADD ? load(store<T>(load(r.v[j]) + add[j])) : load(r.v[j]);
@@ -201,6 +203,7 @@ template <typename T, int V, bool ADD> struct RowsInput {
 // group, chunk).
 template <typename T, int V, bool ADD>
 __device__ void rows_stats(const T* __restrict__ x, const T* __restrict__ per_image,
+                           const int per_image_stride,
                            float* __restrict__ partial, const int pixels, const int channels,
                            const int groups, const int chunk_pixels) {
   __shared__ Stat lane_stats[kRowsMaxThreads];
@@ -210,7 +213,7 @@ __device__ void rows_stats(const T* __restrict__ x, const T* __restrict__ per_im
   const int begin = blockIdx.x * chunk_pixels;
   const int end = min(pixels, begin + chunk_pixels);
   const Run<T, V>* runs = reinterpret_cast<const Run<T, V>*>(x) + static_cast<size_t>(image) * pixels * lanes;
-  const RowsInput<T, V, ADD> input(per_image, image, channels, lane);
+  const RowsInput<T, V, ADD> input(per_image, per_image_stride, image, lane);
   Shifted s{0.f, 0.f, 0.f, 0};
   int p = begin + static_cast<int>(threadIdx.y);
   if (p < end) s.k = input(runs[p * lanes + lane], 0);
@@ -260,6 +263,7 @@ __device__ __forceinline__ Stat merge_chunks(const float* __restrict__ partial, 
 // as `apply` computes them. groups is at most kRowsMaxGroups.
 template <typename T, int V, bool ADD>
 __device__ void rows_apply(const T* __restrict__ x, const T* __restrict__ per_image,
+                           const int per_image_stride,
                            T* __restrict__ y, const T* __restrict__ weight,
                            const T* __restrict__ bias, const float* __restrict__ partial,
                            const int pixels, const int channels, const int groups,
@@ -286,7 +290,7 @@ __device__ void rows_apply(const T* __restrict__ x, const T* __restrict__ per_im
     }
     __syncthreads();
   }
-  const RowsInput<T, V, ADD> input(per_image, image, channels, lane);
+  const RowsInput<T, V, ADD> input(per_image, per_image_stride, image, lane);
   float scale[V], shift[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
@@ -317,21 +321,23 @@ __device__ void rows_apply(const T* __restrict__ x, const T* __restrict__ per_im
 }  // namespace
 
 // The `_rows` entry points per storage type and run width V; `_add` normalises x plus a value
-// per image and channel (`per_image`, [images, C]; the plain ones never read it). The host
+// per image and channel (`per_image`, [images, C], rows `per_image_stride` values apart; the
+// plain ones never read it). The host
 // launches blocks of up to 1,024 threads (norm.rs, `MAX_THREADS`), which only start where a
 // thread needs at most 64 registers (ptxas, sm_90: 37 at most now): the bound keeps it so.
 #define GROUP_NORM_ROWS_ADD(NAME, T, V, ADD, TAG)                                                 \
   extern "C" __global__ void __launch_bounds__(1024) group_norm_rows_stats##TAG##_v##V##_##NAME(  \
-      const T* x, const T* per_image, float* partial, const int pixels, const int channels,       \
-      const int groups, const int chunk_pixels) {                                                 \
-    rows_stats<T, V, ADD>(x, per_image, partial, pixels, channels, groups, chunk_pixels);         \
+      const T* x, const T* per_image, const int per_image_stride, float* partial,                 \
+      const int pixels, const int channels, const int groups, const int chunk_pixels) {           \
+    rows_stats<T, V, ADD>(x, per_image, per_image_stride, partial, pixels, channels, groups,      \
+                          chunk_pixels);                                                          \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(1024) group_norm_rows_apply##TAG##_v##V##_##NAME(  \
-      const T* x, const T* per_image, T* y, const T* weight, const T* bias,                       \
-      const float* partial, const int pixels, const int channels, const int groups,               \
-      const int chunk_pixels, const float eps, const int silu) {                                  \
-    rows_apply<T, V, ADD>(x, per_image, y, weight, bias, partial, pixels, channels, groups,       \
-                          chunk_pixels, eps, silu);                                               \
+      const T* x, const T* per_image, const int per_image_stride, T* y, const T* weight,          \
+      const T* bias, const float* partial, const int pixels, const int channels,                  \
+      const int groups, const int chunk_pixels, const float eps, const int silu) {                \
+    rows_apply<T, V, ADD>(x, per_image, per_image_stride, y, weight, bias, partial, pixels,       \
+                          channels, groups, chunk_pixels, eps, silu);                             \
   }
 #define GROUP_NORM_ROWS(NAME, T, V)            \
   GROUP_NORM_ROWS_ADD(NAME, T, V, false, )     \

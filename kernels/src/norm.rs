@@ -107,11 +107,18 @@ impl GroupNorm {
             );
         }
         if self.rows_take_add(&x, add) {
+            // The kernels read rows of values any distance apart (a resnet's columns of the
+            // product of every resnet's time projection), so such a view needs no copy.
+            let rows_of_values = add.rank() == 2 && (add.dim(0)? == 1 || add.stride()[1] == 1);
             let op = GroupNormChannelsLastOp {
                 groups: self.groups,
                 eps: self.eps,
                 silu,
-                add: Some(add.contiguous()?),
+                add: Some(if rows_of_values {
+                    add.clone()
+                } else {
+                    add.contiguous()?
+                }),
             };
             return x
                 .contiguous()?
@@ -898,6 +905,38 @@ mod cuda {
         }
     }
 
+    /// The per-image add `[images, C]` as the `_rows` kernels read it: from its first value to
+    /// its last, with the distance between its rows (C where contiguous; more where it is a
+    /// resnet's columns of a product for several resnets, `Tensor::narrow` on the last dim).
+    fn per_image_view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CudaView<'a, T>, usize)> {
+        let slice = s.as_cuda_slice::<T>()?;
+        let (images, channels) = l.shape().dims2()?;
+        let stride = match l.stride() {
+            _ if images == 1 => channels,
+            &[row, 1] if row >= channels => row,
+            other => candle_core::bail!(
+                "sdstream-group-norm: a per-image add {:?} with strides {other:?}: its rows \
+                 must be runs of values",
+                l.dims()
+            ),
+        };
+        if images == 0 || channels == 0 {
+            candle_core::bail!("sdstream-group-norm: an empty per-image add {:?}", l.dims());
+        }
+        let start = l.start_offset();
+        let end = start + (images - 1) * stride + channels;
+        if end > slice.len() || stride > i32::MAX as usize {
+            candle_core::bail!(
+                "sdstream-group-norm: a per-image add {:?} past its storage",
+                l.dims()
+            );
+        }
+        Ok((slice.slice(start..end), stride))
+    }
+
     fn run<T: CudaDType + DeviceRepr>(
         op: &Norm,
         ((xs, xl), (ws, wl), (bs, bl), add): Operands<'_>,
@@ -907,7 +946,7 @@ mod cuda {
         let weight = view::<T>(ws, wl, "weight")?;
         let bias = view::<T>(bs, bl, "bias")?;
         let add = match add {
-            Some((storage, layout)) => Some(view::<T>(storage, layout, "per-image add")?),
+            Some((storage, layout)) => Some(per_image_view::<T>(storage, layout)?),
             None => None,
         };
         let dims = xl.shape().dims();
@@ -935,10 +974,13 @@ mod cuda {
             && crate::KernelPolicy::current().cuda_group_norm_rows
             && let Some(geometry) = super::RowsGeometry::of_layout(xl, op.groups)
         {
-            if add.as_ref().is_some_and(|a| a.len() != batch * channels) {
+            if let Some((a, stride)) = &add
+                && (a.len() != (batch - 1) * stride + channels || *stride < channels)
+            {
                 candle_core::bail!(
-                    "sdstream-group-norm: a per-image add of {} values for {batch} × {channels}",
-                    add.as_ref().map_or(0, |a| a.len())
+                    "sdstream-group-norm: a per-image add of {} values, rows {stride} apart, \
+                     for {batch} × {channels}",
+                    a.len()
                 )
             }
             let operands = (&x, add.as_ref(), &weight, &bias, dst);
@@ -1043,7 +1085,10 @@ mod cuda {
         // `_add`: the input plus each image's value per channel; the plain kernels never read
         // their `per_image` pointer, for which x stands in.
         let tag = if add.is_some() { "_add" } else { "" };
-        let per_image = add.unwrap_or(x);
+        let (per_image, per_image_stride) = match add {
+            Some((view, stride)) => (view, *stride as i32),
+            None => (x, channels),
+        };
         let stats = dev.get_or_load_custom_func(
             &format!("group_norm_rows_stats{tag}_v{width}_{suffix}"),
             MODULE,
@@ -1052,6 +1097,7 @@ mod cuda {
         let mut builder = stats.builder();
         builder.arg(x);
         builder.arg(per_image);
+        builder.arg(&per_image_stride);
         builder.arg(&partial);
         builder.arg(&pixels);
         builder.arg(&channels);
@@ -1070,6 +1116,7 @@ mod cuda {
         let (silu, eps) = (i32::from(op.silu), op.eps as f32);
         builder.arg(x);
         builder.arg(per_image);
+        builder.arg(&per_image_stride);
         builder.arg(&dst);
         builder.arg(weight);
         builder.arg(bias);
@@ -1096,7 +1143,7 @@ mod cuda {
     /// the output they fill.
     type RowsOperands<'a, T> = (
         &'a CudaView<'a, T>,
-        Option<&'a CudaView<'a, T>>,
+        Option<&'a (CudaView<'a, T>, usize)>,
         &'a CudaView<'a, T>,
         &'a CudaView<'a, T>,
         CudaSlice<T>,

@@ -195,6 +195,13 @@ pub struct KernelPolicy {
     /// every stage change left the device idle for the hand-back's wake-ups and the streams'
     /// own work between their calls. Off by default until a GPU has run its test.
     pub cuda_batch_events: bool,
+    /// A UNet or ControlNet loaded under this policy projects the time embedding for all its
+    /// resnets in one product (their `time_emb_proj` weights concatenated at load, each
+    /// resnet's own a view of its rows) instead of one small product and bias add per resnet:
+    /// 22 of each a sd-turbo UNet call, launch-bound on a GPU. Read when the network is built,
+    /// on every device (the CPU's for tests). On with `SDSTREAM_FUSED_TIME_PROJECTIONS`; off by
+    /// default until a GPU run has checked it.
+    pub fused_time_projections: bool,
 }
 
 impl Default for KernelPolicy {
@@ -222,6 +229,7 @@ impl Default for KernelPolicy {
             cuda_preprocess: true,
             cuda_event_tracking: false,
             cuda_batch_events: false,
+            fused_time_projections: false,
         }
     }
 }
@@ -247,7 +255,9 @@ impl KernelPolicy {
     ///   `SDSTREAM_CUDA_CUDNN_ATTENTION`,
     ///   `SDSTREAM_CUDA_FUSED_CONV`, `SDSTREAM_CUDA_PHASE_CONV`, `SDSTREAM_CUDA_GROUP_NORM_ROWS`,
     ///   `SDSTREAM_CUDA_LAYER_NORM`, `SDSTREAM_CUDA_FUSED_LINEAR`, `SDSTREAM_CUDA_CUDNN_KERNEL_CACHE`,
-    ///   `SDSTREAM_CUDA_EVENT_TRACKING`, `SDSTREAM_CUDA_BATCH_EVENTS` are switches, on when set to anything but nothing or `0`;
+    ///   `SDSTREAM_CUDA_EVENT_TRACKING`, `SDSTREAM_CUDA_BATCH_EVENTS`,
+    ///   `SDSTREAM_FUSED_TIME_PROJECTIONS` are switches, on when set to anything but nothing or
+    ///   `0`;
     /// - `SDSTREAM_CUDA_KERNELS`, `SDSTREAM_CUDA_ATTENTION`, `SDSTREAM_CUDA_GRAPHS`,
     ///   `SDSTREAM_CUDA_PREPROCESS`, `SDSTREAM_CUDA_VECTOR_ADDS` turn their feature off when
     ///   exactly `0`;
@@ -305,6 +315,7 @@ impl KernelPolicy {
             cuda_preprocess: !off("SDSTREAM_CUDA_PREPROCESS"),
             cuda_event_tracking: switch("SDSTREAM_CUDA_EVENT_TRACKING"),
             cuda_batch_events: switch("SDSTREAM_CUDA_BATCH_EVENTS"),
+            fused_time_projections: switch("SDSTREAM_FUSED_TIME_PROJECTIONS"),
         }
     }
 
@@ -385,8 +396,13 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 15] = [
+        let cases: [(&str, Field, bool); 16] = [
             ("SDSTREAM_CUDA_BATCH_EVENTS", |p| p.cuda_batch_events, false),
+            (
+                "SDSTREAM_FUSED_TIME_PROJECTIONS",
+                |p| p.fused_time_projections,
+                false,
+            ),
             (
                 "SDSTREAM_CUDA_EVENT_TRACKING",
                 |p| p.cuda_event_tracking,
@@ -466,6 +482,9 @@ mod tests {
                 }
                 "SDSTREAM_CUDA_BATCH_EVENTS" => {
                     others.cuda_batch_events = default_policy.cuda_batch_events
+                }
+                "SDSTREAM_FUSED_TIME_PROJECTIONS" => {
+                    others.fused_time_projections = default_policy.fused_time_projections
                 }
                 _ => others.direct_conv = default_policy.direct_conv,
             }

@@ -25,7 +25,7 @@ use super::limits::{Limits, MAX_CHANNELS, MAX_IO_CHANNELS, MAX_LEVELS};
 use super::unet::{
     AddedConditioning, ControlResiduals, LevelPlan, PerLevel, UNetConfig, UNetEncoder,
 };
-use super::unet_blocks::{BlockSettings, Context};
+use super::unet_blocks::{BlockSettings, Context, ResnetTime, TimeProjections};
 use super::{no_unused_tensors, open_component};
 use crate::{Error, Result};
 
@@ -345,6 +345,9 @@ pub struct ControlNetModel {
     /// The residuals' shapes for each sample shape, as the eager pass made them: a replayed
     /// graph returns the residuals packed in one tensor, cut apart by these.
     residual_shapes: ResidualShapes,
+    /// Every resnet's time projection in one product, where the kernel policy fused them when
+    /// the network was built (`fused_time_projections`, as the UNet's).
+    time_projections: Option<TimeProjections>,
 }
 
 /// Residual shapes by sample shape (see [`ControlNetModel::forward_embedded`]).
@@ -367,7 +370,12 @@ impl ControlNetModel {
     /// Builds the network from its config and weights (diffusers' names).
     pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
-        let encoder = UNetEncoder::new(&config.unet, MODEL, vb.clone())?;
+        let mut encoder = UNetEncoder::new(&config.unet, MODEL, vb.clone())?;
+        let time_projections = if crate::kernels::KernelPolicy::current().fused_time_projections {
+            TimeProjections::fuse(encoder.resnets_mut())?
+        } else {
+            None
+        };
         let s = encoder.plan.settings;
         let ch0 = encoder.plan.block_out_channels[0];
         let cond_embedding = ConditioningEmbedding::new(
@@ -395,6 +403,7 @@ impl ControlNetModel {
             bf16_gemms: false,
             graphs: GraphCache::default(),
             residual_shapes: ResidualShapes::default(),
+            time_projections,
         })
     }
 
@@ -449,6 +458,12 @@ impl ControlNetModel {
     /// The config the network was built from.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Whether the network projects the time embedding for all its resnets in one product
+    /// (the kernel policy's `fused_time_projections` when it was built).
+    pub fn fuses_time_projections(&self) -> bool {
+        self.time_projections.is_some()
     }
 
     /// The dtype of the weights, in which the network computes.
@@ -608,13 +623,15 @@ impl ControlNetModel {
         let context = encoder_hidden_states.to_dtype(dtype)?;
         let emb = self.encoder.time_embedding(timesteps, batch, added)?;
         let temb_act = self.encoder.resnet_temb(&emb)?;
+        let projected = TimeProjections::project(self.time_projections.as_ref(), &temb_act)?;
+        let time = ResnetTime::new(&temb_act, projected.as_ref());
         let x = self
             .encoder
             .conv_in
             .forward(&s.enter(&sample.to_dtype(dtype)?)?)?
             .broadcast_add(&s.enter(&cond_embedding.to_dtype(dtype)?)?)?;
-        let (x, skips) = self.encoder.down(&x, &temb_act, Context::text(&context))?;
-        let x = self.encoder.mid(&x, &temb_act, Context::text(&context))?;
+        let (x, skips) = self.encoder.down(&x, time, Context::text(&context))?;
+        let x = self.encoder.mid(&x, time, Context::text(&context))?;
         // Each residual leaves the blocks' layout: [B, C, h, w], as the UNet takes them.
         let pool = |r: Tensor| -> Result<Tensor> {
             let r = s.leave(&r)?;

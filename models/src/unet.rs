@@ -35,8 +35,8 @@ use super::kernels::norm::GroupNorm;
 use super::lora::LoraDeltas;
 use super::open_component_with_lora;
 use super::unet_blocks::{
-    Activation, Context, DownBlock, ImageContext, LevelShape, MidBlock, SinusoidalTimesteps,
-    TimestepEmbedding, UpBlock, activation,
+    Activation, Context, DownBlock, ImageContext, LevelShape, MidBlock, ResnetBlock2D, ResnetTime,
+    SinusoidalTimesteps, TimeProjections, TimestepEmbedding, UpBlock, activation,
 };
 use super::weight_table::{WeightTable, rebuild_with_lora};
 use crate::{Error, Result};
@@ -278,19 +278,32 @@ impl UNetEncoder {
         Ok(self.resnet_act.apply(emb)?)
     }
 
+    /// The resnets of the down blocks, then the mid block's, in the order a call runs them
+    /// (the first of a network's [`TimeProjections`]).
+    pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
+        self.down_blocks
+            .iter_mut()
+            .flat_map(|b| b.resnets_mut().iter_mut())
+            .chain(
+                self.mid_block
+                    .iter_mut()
+                    .flat_map(|b| b.resnets_mut().iter_mut()),
+            )
+    }
+
     /// Runs the down blocks; returns the output and every skip connection, `x` (the conv_in
     /// output) first.
     pub fn down(
         &self,
         x: &Tensor,
-        temb_act: &Tensor,
+        time: ResnetTime<'_>,
         context: Context<'_, '_>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut skips = Vec::with_capacity(self.skip_count());
         skips.push(x.clone());
         let mut x = x.clone();
         for block in &self.down_blocks {
-            let (out, block_skips) = block.forward(&x, temb_act, context)?;
+            let (out, block_skips) = block.forward(&x, time, context)?;
             skips.extend(block_skips);
             x = out;
         }
@@ -298,9 +311,14 @@ impl UNetEncoder {
     }
 
     /// The mid block, or the identity when the config has none.
-    pub fn mid(&self, x: &Tensor, temb_act: &Tensor, context: Context<'_, '_>) -> Result<Tensor> {
+    pub fn mid(
+        &self,
+        x: &Tensor,
+        time: ResnetTime<'_>,
+        context: Context<'_, '_>,
+    ) -> Result<Tensor> {
         match &self.mid_block {
-            Some(mid) => Ok(mid.forward(x, temb_act, context)?),
+            Some(mid) => Ok(mid.forward(x, time, context)?),
             None => Ok(x.clone()),
         }
     }
@@ -347,6 +365,9 @@ pub struct UNet2DConditionModel {
     /// Whether the CPU's GEMMs run in bf16 during the forward pass (`dtype: "bf16"` on the
     /// CPU, see [`super::kernels::gemm_bf16`]).
     bf16_gemms: bool,
+    /// Every resnet's time projection in one product, where the kernel policy fused them when
+    /// the network was built (`fused_time_projections`).
+    time_projections: Option<TimeProjections>,
 }
 
 /// IP-Adapter's inputs to one UNet call ([`crate::ip_adapter`]).
@@ -512,6 +533,18 @@ impl UNet2DConditionModel {
                 }
             }
         }
+        // Down, mid, then up: the order a call runs its resnets in.
+        let time_projections = if crate::kernels::KernelPolicy::current().fused_time_projections {
+            TimeProjections::fuse(
+                encoder.resnets_mut().chain(
+                    up_blocks
+                        .iter_mut()
+                        .flat_map(|b| b.resnets_mut().iter_mut()),
+                ),
+            )?
+        } else {
+            None
+        };
         if config.conv_out_kernel.is_multiple_of(2) {
             return Err(unsupported(
                 MODEL,
@@ -544,6 +577,7 @@ impl UNet2DConditionModel {
             kv_projections,
             graphs: GraphCache::default(),
             bf16_gemms: false,
+            time_projections,
         })
     }
 
@@ -613,6 +647,12 @@ impl UNet2DConditionModel {
     /// context reuse them); shared with clones of this network.
     pub fn cross_attention_projections(&self) -> usize {
         self.kv_projections.load(Ordering::Relaxed)
+    }
+
+    /// Whether the network projects the time embedding for all its resnets in one product
+    /// (the kernel policy's `fused_time_projections` when it was built).
+    pub fn fuses_time_projections(&self) -> bool {
+        self.time_projections.is_some()
     }
 
     /// The config the network was built from.
@@ -837,6 +877,8 @@ impl UNet2DConditionModel {
 
         let emb = self.encoder.time_embedding(timesteps, batch, added)?;
         let temb_act = self.encoder.resnet_temb(&emb)?;
+        let projected = TimeProjections::project(self.time_projections.as_ref(), &temb_act)?;
+        let time = ResnetTime::new(&temb_act, projected.as_ref());
 
         let sample = if self.config.center_input_sample {
             sample.affine(2.0, -1.0)?
@@ -850,7 +892,7 @@ impl UNet2DConditionModel {
             bank,
             image,
         };
-        let (x, mut skips) = self.encoder.down(&x, &temb_act, context)?;
+        let (x, mut skips) = self.encoder.down(&x, time, context)?;
         if let Some(control) = control {
             if control.down.len() != skips.len() {
                 return Err(shape_error(format!(
@@ -871,7 +913,7 @@ impl UNet2DConditionModel {
                 *skip = (&*skip + s.enter(&residual.to_dtype(dtype)?)?)?;
             }
         }
-        let mut x = self.encoder.mid(&x, &temb_act, context)?;
+        let mut x = self.encoder.mid(&x, time, context)?;
         if let Some(control) = control {
             let expected = s.leave_shape(&x)?;
             if control.mid.dims() != expected {
@@ -900,7 +942,7 @@ impl UNet2DConditionModel {
                 Some(next) if forward_size && !is_final => Some(s.spatial(next)?),
                 _ => None,
             };
-            x = block.forward(&x, &block_skips, &temb_act, context, size)?;
+            x = block.forward(&x, &block_skips, time, context, size)?;
         }
         let x = self
             .encoder

@@ -43,7 +43,7 @@ stage() {
 
 : > "$log"
 stage info 30 "${run[@]}" info
-stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda_geglu cuda_canny cuda_float_processors cuda_in_place cuda_group_norm cuda_layer_norm cuda_fused_linear cuda_phase_conv" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
+stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda_geglu cuda_canny cuda_float_processors cuda_in_place cuda_group_norm cuda_layer_norm cuda_fused_linear cuda_phase_conv cuda_fused_time_projections" SDSTREAM_TESTS_TAG=-kernels "${run[@]}" tests
 # cuDNN's fused attention in a stage of its own: its engines compile their kernels (NVRTC) when
 # a shape's plan is built, for a time no run has measured yet (the test prints it as it goes),
 # which must not take the other kernels' time. Up to 44 plans (11 shapes, f16 and bf16, both
@@ -51,7 +51,8 @@ stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda
 stage tests-cudnn-attention 150 SDSTREAM_TESTS=cuda_cudnn_attention SDSTREAM_TESTS_TAG=-cudnn-attention \
   "${run[@]}" tests
 # The register attention kernel, cuDNN's fused attention, the fused convolution epilogue, the GroupNorm `_rows` kernels,
-# the LayerNorm kernel, the fused linear epilogue and the phase convolutions are in those tests: each switch whose test passed is "proven", and
+# the LayerNorm kernel, the fused linear epilogue, the phase convolutions and the fused time
+# projections are in those tests: each switch whose test passed is "proven", and
 # the all-on rows and the profile below run the proven ones (a kernel that failed its test would
 # give a figure for wrong pictures).
 # Every test of that name's prefix passed (at least one ran, none failed).
@@ -66,6 +67,7 @@ passed cuda_group_norm && proven+=(SDSTREAM_CUDA_GROUP_NORM_ROWS=1)
 passed cuda_layer_norm && proven+=(SDSTREAM_CUDA_LAYER_NORM=1)
 passed cuda_fused_linear && proven+=(SDSTREAM_CUDA_FUSED_LINEAR=1)
 passed cuda_phase_conv && proven+=(SDSTREAM_CUDA_PHASE_CONV=1)
+passed cuda_fused_time_projections && proven+=(SDSTREAM_FUSED_TIME_PROJECTIONS=1)
 echo "== proven switches: ${proven[*]:-none}" | tee -a "$log"
 # cuDNN's attention engines compile their kernels (NVRTC) as each thread's first call of a
 # geometry builds its plan, for a time no run has measured yet. So the headline rows, the
@@ -83,7 +85,7 @@ if ! passed cuda_in_place; then
   echo "== cuda_in_place failed: the stages below run the scalar adds" | tee -a "$log"
 fi
 stage weights 150 "${run[@]}" weights
-stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_cudnn_attention --skip cuda_cudnn_kernel_cache --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear --skip cuda_phase_conv" "${run[@]}" tests
+stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_cudnn_attention --skip cuda_cudnn_kernel_cache --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear --skip cuda_phase_conv --skip cuda_fused_time_projections" "${run[@]}" tests
 # Should CUDA graphs fail on the device again (as they did on an H200 before the key/value memo
 # was made the CPU's only), the figures come op by op instead of not at all.
 stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" \
@@ -120,19 +122,18 @@ stage bench-f16-fused-linear 45 SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_BENCH_TAG=
 stage bench-f16-phase-conv 45 SDSTREAM_CUDA_PHASE_CONV=1 SDSTREAM_BENCH_TAG=-phase-conv \
   SDSTREAM_BENCH_ARGS="--vaes taesd,full --controlnet-counts 0 --t-index-lists 32 --frames 60" "${run[@]}" bench-f16
 # The f32 goldens with the switches that change f32 arithmetic on (GroupNorm's `_rows` kernels,
-# the LayerNorm kernel, the fused convolution and linear epilogues, the phase convolutions; f32
-# attention runs unfused
-# whatever the switch).
+# the LayerNorm kernel, the fused convolution and linear epilogues, the phase convolutions, the
+# fused time projections; f32 attention runs unfused whatever the switch).
 stage tests-all-on-f32 60 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_LAYER_NORM=1 SDSTREAM_CUDA_FUSED_CONV=1 \
-  SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 \
+  SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 SDSTREAM_FUSED_TIME_PROJECTIONS=1 \
   SDSTREAM_TESTS=cuda_f32_streams SDSTREAM_TESTS_TAG=-all-on-f32 "${run[@]}" tests
 # Every stream case in f16 and bf16 against f32 with cuDNN's attention (the register kernel
 # where cuDNN refuses a shape), the GroupNorm `_rows`
-# kernels, the LayerNorm kernel, the fused linear epilogue and the phase convolutions (each
-# checked alone above).
+# kernels, the LayerNorm kernel, the fused linear epilogue, the phase convolutions and the fused
+# time projections (each checked alone above).
 stage tests-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_CUDNN_ATTENTION=1 \
   SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_LAYER_NORM=1 \
-  SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 \
+  SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 SDSTREAM_FUSED_TIME_PROJECTIONS=1 \
   SDSTREAM_TESTS=cuda_half_precision_streams \
   SDSTREAM_TESTS_TAG=-flash "${run[@]}" tests
 # Every prepared switch on at once (channels last and canny on the device, both the defaults

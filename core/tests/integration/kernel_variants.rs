@@ -190,3 +190,114 @@ fn cpu_bf16_streams_on_winograd_f4_stay_close_to_f32() {
         );
     })
 }
+
+/// Every resnet's time projection in one product (kernel policy `fused_time_projections`, read
+/// when a network is built): the UNet (per-row timesteps, with and without ControlNet
+/// residuals) and a ControlNet against their goldens and against the same networks built
+/// without it, the fused path counted on this thread. The portable twins too: the code path
+/// a GPU takes.
+#[test]
+fn fused_time_projections_match_the_goldens() {
+    use sdstream::model::controlnet::ControlNetModel;
+    use sdstream::model::unet_blocks::time_columns_taken;
+    let cpu = Device::Cpu;
+    let g = golden("golden/unet.safetensors");
+    let (sample, t, ctx) = (&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]);
+    assert!(
+        sample.dim(0).unwrap() > 1,
+        "several rows, each its own timestep"
+    );
+    let control = crate::common::control_residuals_of(&g);
+    let net_gold = golden("golden/controlnet_net.safetensors");
+    let net_out = |net: &ControlNetModel| {
+        net.forward(
+            &net_gold["sample"],
+            &net_gold["timesteps"],
+            &net_gold["encoder_hidden_states"],
+            None,
+            &net_gold["controlnet_cond"],
+        )
+        .unwrap()
+    };
+    let unet_path = fixture("tiny-sd-turbo/unet");
+    let net_path = fixture("tiny-controlnet-a");
+    // The CPU kernels sum each output of the wider product in the same order: the same bits.
+    // candle's generic matmul (the portable twins) blocks a wider product otherwise: rounding
+    // apart, which the network carries to its output (3.3e-5 measured; the goldens' 1e-4).
+    for (name, base, tol) in [
+        ("CPU kernels", KernelPolicy::process(), 0.0),
+        ("portable twins", portable(), 1e-4),
+    ] {
+        // The same networks built without it, under the same kernels.
+        let (plain_out, plain_residuals) = base.scoped(|| {
+            let plain = UNet2DConditionModel::load(&unet_path, DType::F32, &cpu).unwrap();
+            assert!(!plain.fuses_time_projections());
+            let plain_net = ControlNetModel::load(&net_path, DType::F32, &cpu).unwrap();
+            assert!(!plain_net.fuses_time_projections());
+            (
+                plain.forward(UNetInputs::new(sample, t, ctx)).unwrap(),
+                net_out(&plain_net),
+            )
+        });
+        let policy = KernelPolicy {
+            fused_time_projections: true,
+            ..base
+        };
+        policy.scoped(|| {
+            let unet = UNet2DConditionModel::load(&unet_path, DType::F32, &cpu).unwrap();
+            assert!(unet.fuses_time_projections(), "{name}");
+            let before = time_columns_taken();
+            let out = unet.forward(UNetInputs::new(sample, t, ctx)).unwrap();
+            // tiny-sd-turbo: 8 down resnets, 2 mid, 12 up, as sd-turbo's UNet.
+            assert_eq!(time_columns_taken() - before, 22, "{name}");
+            check(
+                &format!("unet, fused time projections, {name}"),
+                &out,
+                &g["output"],
+                1e-4,
+            );
+            check(
+                &format!("unet, fused time projections against unfused, {name}"),
+                &out,
+                &plain_out,
+                tol,
+            );
+            let out = unet
+                .forward(UNetInputs::new(sample, t, ctx).control(Some(&control)))
+                .unwrap();
+            check(
+                &format!("unet, fused time projections, residuals, {name}"),
+                &out,
+                &g["output_control"],
+                1e-4,
+            );
+
+            let net = ControlNetModel::load(&net_path, DType::F32, &cpu).unwrap();
+            assert!(net.fuses_time_projections(), "{name}");
+            let before = time_columns_taken();
+            let residuals = net_out(&net);
+            // Its 8 down resnets and 2 mid ones.
+            assert_eq!(time_columns_taken() - before, 10, "{name}");
+            for (i, (got, want)) in residuals.down.iter().zip(&plain_residuals.down).enumerate() {
+                check(
+                    &format!("controlnet down {i}, fused, {name}"),
+                    got,
+                    want,
+                    1e-5,
+                );
+                check(
+                    &format!("controlnet down {i}, fused, against diffusers, {name}"),
+                    got,
+                    &net_gold[&format!("a_down_{i:02}")],
+                    1e-5,
+                );
+            }
+            check(
+                &format!("controlnet mid, fused, {name}"),
+                &residuals.mid,
+                &plain_residuals.mid,
+                tol,
+            );
+        });
+    }
+}

@@ -443,6 +443,35 @@ fn a_lora_change_rebuilds_from_memory_without_reading_the_weights() {
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
 
+/// Loads tiny-sd15 under `policy`, then changes its LoRAs (kohya-b, both, none) through one
+/// pool: one load from the files and three rebuilds from the loaded tensors, each set's UNet
+/// output within 1e-5 of diffusers' fused networks. `unet_output` runs the UNet of each set
+/// (and checks what `policy` must have changed); `what` names the policy in the lines printed.
+fn rebuilds_under(
+    policy: sdstream::model::kernels::KernelPolicy,
+    what: &str,
+    unet_output: impl Fn(&StableDiffusionModels, &str) -> Tensor,
+) {
+    let g = golden("golden/lora.safetensors");
+    let pool = Arc::new(ModelPool::new());
+    let mut settings = tiny_settings("self");
+    settings.kernels = Some(policy);
+    let mut held = Vec::new();
+    for case in ["base", "kohya_b", "both", "base"] {
+        let models = pool
+            .get(request(case), &settings, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let out = unet_output(&models, case);
+        let (unet_err, _) = abs_err(&out, &g[&format!("{case}.unet_output")]);
+        println!("{case} {what}: UNet max {unet_err:.2e}");
+        assert!(unet_err <= 1e-5, "{case}: {unet_err}");
+        held = vec![models];
+    }
+    drop(held);
+    assert_eq!(pool.stats().loads, 1, "one load, from the files");
+    assert_eq!(pool.stats().lora_rebuilds, 3);
+}
+
 /// With channels-last networks on the CPU (kernel policy `channels_last` on every device) the
 /// convolutions keep their weights laid out for their kernel and the weight table a view of
 /// them in the checkpoint's shape: a LoRA change that patches convolutions (kohya-b's resnet
@@ -451,27 +480,38 @@ fn a_lora_change_rebuilds_from_memory_without_reading_the_weights() {
 fn a_lora_change_rebuilds_channels_last_networks() {
     use sdstream::model::kernels::{ChannelsLast, KernelPolicy};
     let g = golden("golden/lora.safetensors");
-    let pool = Arc::new(ModelPool::new());
-    let mut settings = tiny_settings("self");
-    settings.kernels = Some(KernelPolicy {
+    let policy = KernelPolicy {
         channels_last: ChannelsLast::On,
         ..KernelPolicy::process()
-    });
-    let mut held = Vec::new();
-    for case in ["base", "kohya_b", "both", "base"] {
-        let models = pool
-            .get(request(case), &settings, &mut |_| {})
-            .unwrap_or_else(|e| panic!("{case}: {e}"));
+    };
+    rebuilds_under(policy, "channels-last", |models, case| {
         assert!(models.unet.maps_channels_last(), "{case}: channels first");
-        let (_, out) = run(&models, &g, case);
-        let (unet_err, _) = abs_err(&out, &g[&format!("{case}.unet_output")]);
-        println!("{case} channels-last: UNet max {unet_err:.2e}");
-        assert!(unet_err <= 1e-5, "{case}: {unet_err}");
-        held = vec![models];
-    }
-    drop(held);
-    assert_eq!(pool.stats().loads, 1, "one load, from the files");
-    assert_eq!(pool.stats().lora_rebuilds, 3);
+        run(models, &g, case).1
+    });
+}
+
+/// With every resnet's time projection in one product (kernel policy
+/// `fused_time_projections`), the resnets' own weights are views of the fused one and the
+/// weight table records those views: a LoRA change that patches `time_emb_proj` (kohya-b's
+/// resnet layers) rebuilds the fused weight to the same outputs as diffusers' fused networks,
+/// and the rebuilt networks take their time embeddings from it.
+#[test]
+fn a_lora_change_rebuilds_fused_time_projections() {
+    use sdstream::model::kernels::KernelPolicy;
+    use sdstream::model::unet_blocks::time_columns_taken;
+    let g = golden("golden/lora.safetensors");
+    let policy = KernelPolicy {
+        fused_time_projections: true,
+        ..KernelPolicy::process()
+    };
+    rebuilds_under(policy, "fused time projections", |models, case| {
+        assert!(models.unet.fuses_time_projections(), "{case}: not fused");
+        let before = time_columns_taken();
+        let (_, out) = run(models, &g, case);
+        // tiny-sd15: 2 down resnets, 2 mid, 4 up (counted on this thread).
+        assert_eq!(time_columns_taken() - before, 8, "{case}");
+        out
+    });
 }
 
 const SIZE: usize = 64;

@@ -8,8 +8,8 @@ use crate::Result;
 use crate::try_vec;
 
 use super::{
-    AttentionSpec, BlockSettings, Context, Downsample2D, ResnetBlock2D, Transformer2DModel,
-    Upsample2D,
+    AttentionSpec, BlockSettings, Context, Downsample2D, ResnetBlock2D, ResnetTime,
+    Transformer2DModel, Upsample2D,
 };
 
 /// `CrossAttnDownBlock2D` (with transformers) or `DownBlock2D` (without).
@@ -37,6 +37,11 @@ impl DownBlock {
     /// Its transformers (none in a block without attention).
     pub fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
         &mut self.attentions
+    }
+
+    /// Its resnets, in the order it runs them.
+    pub fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
+        &mut self.resnets
     }
 
     /// Builds a level from `vb`: its resnets, its transformers when `attention` is given, and its
@@ -94,13 +99,13 @@ impl DownBlock {
     pub fn forward(
         &self,
         x: &Tensor,
-        temb_act: &Tensor,
+        time: ResnetTime<'_>,
         context: Context<'_, '_>,
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         let mut x = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(&x, temb_act)?;
+            x = resnet.forward(&x, time)?;
             if let Some(attn) = self.attentions.get(i) {
                 x = attn.forward(&x, context)?;
             }
@@ -131,6 +136,11 @@ impl MidBlock {
     /// Its transformers (none in a block without attention).
     pub fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
         &mut self.attentions
+    }
+
+    /// Its resnets, in the order it runs them.
+    pub fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
+        &mut self.resnets
     }
 
     /// Builds the middle block from `vb`: resnet, then transformer and resnet pairs (resnets only
@@ -174,13 +184,13 @@ impl MidBlock {
     pub fn forward(
         &self,
         x: &Tensor,
-        temb_act: &Tensor,
+        time: ResnetTime<'_>,
         context: Context<'_, '_>,
     ) -> candle_core::Result<Tensor> {
-        let mut x = self.resnets[0].forward(x, temb_act)?;
+        let mut x = self.resnets[0].forward(x, time)?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             x = attn.forward(&x, context)?;
-            x = resnet.forward(&x, temb_act)?;
+            x = resnet.forward(&x, time)?;
         }
         Ok(x)
     }
@@ -200,6 +210,11 @@ impl UpBlock {
     /// Its transformers (none in a block without attention).
     pub fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
         &mut self.attentions
+    }
+
+    /// Its resnets, in the order it runs them.
+    pub fn resnets_mut(&mut self) -> &mut [ResnetBlock2D] {
+        &mut self.resnets
     }
 
     /// `shape.in_channels` is the channel count of the deepest skip this block consumes
@@ -269,7 +284,7 @@ impl UpBlock {
         &self,
         x: &Tensor,
         skips: &[Tensor],
-        temb_act: &Tensor,
+        time: ResnetTime<'_>,
         context: Context<'_, '_>,
         upsample_size: Option<(usize, usize)>,
     ) -> candle_core::Result<Tensor> {
@@ -283,7 +298,7 @@ impl UpBlock {
         let mut x = x.clone();
         for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
             x = Tensor::cat(&[&x, skip], self.channel_dim)?;
-            x = resnet.forward(&x, temb_act)?;
+            x = resnet.forward(&x, time)?;
             if let Some(attn) = self.attentions.get(i) {
                 x = attn.forward(&x, context)?;
             }

@@ -24,7 +24,9 @@ mod transformer;
 pub use attention::{Attention, Context, ImageAttention, ImageContext};
 pub use layers::{Linear, SinusoidalTimesteps, TimestepEmbedding, conv2d, linear};
 pub use levels::{DownBlock, LevelShape, MidBlock, UpBlock};
-pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+pub use resnet::{
+    Downsample2D, ResnetBlock2D, ResnetTime, TimeProjections, Upsample2D, time_columns_taken,
+};
 pub use transformer::{BasicTransformerBlock, FeedForward, Transformer2DModel};
 
 /// The activation a UNet or ControlNet config's `option` names. `mish`, which diffusers also
