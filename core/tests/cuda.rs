@@ -364,6 +364,18 @@ fn cuda_group_norm_with_an_added_embedding_matches_the_separate_add() {
     let shapes = [(2, 64, 64, 320, 32), (3, 8, 8, 1280, 32), (2, 5, 6, 24, 8)];
     let rows_before = group_norm_rows_calls();
     let mut runs = 0u64;
+    // How many values of `a` and `b` differ.
+    let count_differing = |a: &Tensor, b: &Tensor| {
+        common::f32_on_cpu(a)
+            .ne(&common::f32_on_cpu(b))
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     for (b, h, w, c, groups) in shapes {
         let x = (Tensor::randn(0f32, 1.0, (b, h, w, c), &Device::Cpu).unwrap() * 3.0).unwrap();
         let t = Tensor::randn(0f32, 1.0, (b, c), &Device::Cpu).unwrap();
@@ -409,18 +421,6 @@ fn cuda_group_norm_with_an_added_embedding_matches_the_separate_add() {
                     (fused, from_columns, separate)
                 });
                 runs += 3;
-                // How many values of `a` and `b` differ.
-                let count_differing = |a: &Tensor, b: &Tensor| {
-                    common::f32_on_cpu(a)
-                        .ne(&common::f32_on_cpu(b))
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
-                };
                 assert_eq!(
                     count_differing(&fused, &from_columns),
                     0.0,

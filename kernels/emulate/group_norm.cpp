@@ -86,8 +86,11 @@ void three_launch_finalize(const float *partial, float *mean_rstd, const int gro
   }
 }
 
+// The `_rows` kernels' launch (as norm.rs's geometry cuts it, for `chunks_wanted` chunks an
+// image) and the statistics their first launch left.
 struct RowsRun {
   int chunk_pixels, chunks;
+  emu_dim3 grid, block;
   std::vector<float> partial;
 };
 
@@ -100,15 +103,17 @@ RowsRun rows_partial(const std::vector<T> &x, const Case &c, int chunks_wanted,
   RowsRun run;
   run.chunk_pixels = (c.pixels + chunks_wanted - 1) / chunks_wanted;
   run.chunks = (c.pixels + run.chunk_pixels - 1) / run.chunk_pixels;
+  run.grid = emu_dim3{static_cast<unsigned>(run.chunks), static_cast<unsigned>(c.images)};
+  run.block = emu_dim3{static_cast<unsigned>(lanes), rows};
   run.partial.assign(3 * static_cast<size_t>(c.images) * c.groups * run.chunks, NAN);
-  const emu_dim3 grid{static_cast<unsigned>(run.chunks), static_cast<unsigned>(c.images)};
-  const emu_dim3 block{static_cast<unsigned>(lanes), rows};
   if (per_image)
-    emu::launch(rows_stats<T, V, true>, grid, block, x.data(), per_image, per_image_stride,
-                run.partial.data(), c.pixels, c.channels, c.groups, run.chunk_pixels);
+    emu::launch(rows_stats<T, V, true>, run.grid, run.block, x.data(), per_image,
+                per_image_stride, run.partial.data(), c.pixels, c.channels, c.groups,
+                run.chunk_pixels);
   else
-    emu::launch(rows_stats<T, V, false>, grid, block, x.data(), per_image, per_image_stride,
-                run.partial.data(), c.pixels, c.channels, c.groups, run.chunk_pixels);
+    emu::launch(rows_stats<T, V, false>, run.grid, run.block, x.data(), per_image,
+                per_image_stride, run.partial.data(), c.pixels, c.channels, c.groups,
+                run.chunk_pixels);
   return run;
 }
 
@@ -121,19 +126,15 @@ std::vector<T> run_rows(const std::vector<T> &x, const std::vector<T> &w, const 
                         const T *per_image = nullptr, int per_image_stride = 0) {
   if (per_image_stride == 0) per_image_stride = c.channels;
   const RowsRun run = rows_partial<T, V>(x, c, chunks_wanted, per_image, per_image_stride);
-  const int lanes = c.channels / V;
-  const unsigned rows = std::max(1, 512 / lanes);
   std::vector<T> y(x.size());
-  const emu_dim3 grid{static_cast<unsigned>(run.chunks), static_cast<unsigned>(c.images)};
-  const emu_dim3 block{static_cast<unsigned>(lanes), rows};
   if (per_image)
-    emu::launch(rows_apply<T, V, true>, grid, block, x.data(), per_image, per_image_stride,
-                y.data(), w.data(), b.data(), run.partial.data(), c.pixels, c.channels, c.groups,
-                run.chunk_pixels, eps, silu ? 1 : 0);
+    emu::launch(rows_apply<T, V, true>, run.grid, run.block, x.data(), per_image,
+                per_image_stride, y.data(), w.data(), b.data(), run.partial.data(), c.pixels,
+                c.channels, c.groups, run.chunk_pixels, eps, silu ? 1 : 0);
   else
-    emu::launch(rows_apply<T, V, false>, grid, block, x.data(), per_image, per_image_stride,
-                y.data(), w.data(), b.data(), run.partial.data(), c.pixels, c.channels, c.groups,
-                run.chunk_pixels, eps, silu ? 1 : 0);
+    emu::launch(rows_apply<T, V, false>, run.grid, run.block, x.data(), per_image,
+                per_image_stride, y.data(), w.data(), b.data(), run.partial.data(), c.pixels,
+                c.channels, c.groups, run.chunk_pixels, eps, silu ? 1 : 0);
   return y;
 }
 

@@ -16,9 +16,10 @@
 // block of an image gets the same bits), then scales and shifts each thread's V channels.
 // Merging in `apply` costs each block a few kilobytes of reads from L2 and saves a launch of
 // its own per GroupNorm (61 a UNet call, a third of its small kernels' launches with three).
-// Indices are 32-bit (the launch checks that every one fits). The first kernel's blocks each walk one group's values with four 64-bit divisions per
-// value, strided C apart for want of the other groups' channels: 61 calls took 1.69 ms of an
-// H200 frame under the profiler, about 28 µs each for 2–8 MB of traffic.
+// Indices are 32-bit (the launch checks that every one fits). The first pair of kernels
+// (above) has each block walk one group's values with four 64-bit divisions per value,
+// strided C apart for want of the other groups' channels: 61 calls took 1.69 ms of an H200
+// frame under the profiler, about 28 µs each for 2–8 MB of traffic.
 #include <stdint.h>
 
 #include "storage.cuh"

@@ -107,14 +107,11 @@ impl GroupNorm {
             );
         }
         if self.rows_take_add(&x, add) {
-            // The kernels read rows of values any distance apart (a resnet's columns of the
-            // product of every resnet's time projection), so such a view needs no copy.
-            let rows_of_values = add.rank() == 2 && (add.dim(0)? == 1 || add.stride()[1] == 1);
             let op = GroupNormChannelsLastOp {
                 groups: self.groups,
                 eps: self.eps,
                 silu,
-                add: Some(if rows_of_values {
+                add: Some(if per_image_row_stride(add.layout()).is_some() {
                     add.clone()
                 } else {
                     add.contiguous()?
@@ -745,6 +742,23 @@ pub fn group_norm_rows_calls() -> u64 {
     0
 }
 
+/// The distance between the rows of a per-image add `[images, C]` as group_norm.cu's `_rows`
+/// kernels read it in place: rows that are runs of C values, at least C apart (a resnet's
+/// columns of the product of every resnet's time projection lie `Σ C` apart). `None` where
+/// they are not (broadcast or transposed rows): such an add is copied first.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn per_image_row_stride(layout: &Layout) -> Option<usize> {
+    let &[images, channels] = layout.dims() else {
+        return None;
+    };
+    match *layout.stride() {
+        [_, inner] if inner != 1 && channels > 1 => None,
+        _ if images == 1 => Some(channels),
+        [row, _] if row >= channels => Some(row),
+        _ => None,
+    }
+}
+
 /// How group_norm.cu's `_rows` kernels cut a channels-last GroupNorm over `images` ×
 /// `pixels` × `channels` values (kernel policy `cuda_group_norm_rows`): each thread reads a run
 /// of `width` channels (2 where a group's channel count is even and the input starts on an even
@@ -905,27 +919,29 @@ mod cuda {
         }
     }
 
-    /// The per-image add `[images, C]` as the `_rows` kernels read it: from its first value to
-    /// its last, with the distance between its rows (C where contiguous; more where it is a
-    /// resnet's columns of a product for several resnets, `Tensor::narrow` on the last dim).
+    /// The per-image add, `images` × `channels`, as the `_rows` kernels read it: from its
+    /// first value to its last, with the distance between its rows
+    /// ([`super::per_image_row_stride`]).
     fn per_image_view<'a, T: CudaDType>(
         s: &'a CudaStorage,
         l: &Layout,
+        (images, channels): (usize, usize),
     ) -> candle_core::Result<(CudaView<'a, T>, usize)> {
-        let slice = s.as_cuda_slice::<T>()?;
-        let (images, channels) = l.shape().dims2()?;
-        let stride = match l.stride() {
-            _ if images == 1 => channels,
-            &[row, 1] if row >= channels => row,
-            other => candle_core::bail!(
-                "sdstream-group-norm: a per-image add {:?} with strides {other:?}: its rows \
-                 must be runs of values",
+        if l.dims() != [images, channels] || images == 0 || channels == 0 {
+            candle_core::bail!(
+                "sdstream-group-norm: a per-image add {:?} for {images} × {channels}",
                 l.dims()
-            ),
-        };
-        if images == 0 || channels == 0 {
-            candle_core::bail!("sdstream-group-norm: an empty per-image add {:?}", l.dims());
+            )
         }
+        let Some(stride) = super::per_image_row_stride(l) else {
+            candle_core::bail!(
+                "sdstream-group-norm: a per-image add {:?} with strides {:?}: its rows must be \
+                 runs of values",
+                l.dims(),
+                l.stride()
+            )
+        };
+        let slice = s.as_cuda_slice::<T>()?;
         let start = l.start_offset();
         let end = start + (images - 1) * stride + channels;
         if end > slice.len() || stride > i32::MAX as usize {
@@ -945,16 +961,18 @@ mod cuda {
         let x = view::<T>(xs, xl, "input")?;
         let weight = view::<T>(ws, wl, "weight")?;
         let bias = view::<T>(bs, bl, "bias")?;
-        let add = match add {
-            Some((storage, layout)) => Some(per_image_view::<T>(storage, layout)?),
-            None => None,
-        };
         let dims = xl.shape().dims();
         let (batch, channels, spatial) = if op.channels_last {
             let rank = dims.len();
             (dims[0], dims[rank - 1], dims[1..rank - 1].iter().product())
         } else {
             (dims[0], dims[1], dims[2..].iter().product::<usize>())
+        };
+        let add = match add {
+            Some((storage, layout)) => {
+                Some(per_image_view::<T>(storage, layout, (batch, channels))?)
+            }
+            None => None,
         };
         let layout = if op.channels_last { "nhwc_" } else { "" };
         let per_group = channels / op.groups;
@@ -974,15 +992,6 @@ mod cuda {
             && crate::KernelPolicy::current().cuda_group_norm_rows
             && let Some(geometry) = super::RowsGeometry::of_layout(xl, op.groups)
         {
-            if let Some((a, stride)) = &add
-                && (a.len() != (batch - 1) * stride + channels || *stride < channels)
-            {
-                candle_core::bail!(
-                    "sdstream-group-norm: a per-image add of {} values, rows {stride} apart, \
-                     for {batch} × {channels}",
-                    a.len()
-                )
-            }
             let operands = (&x, add.as_ref(), &weight, &bias, dst);
             return run_rows(op, dev, operands, xl, batch, geometry, suffix);
         }
@@ -1370,6 +1379,47 @@ mod tests {
         let wide_row = Layout::contiguous(4096);
         assert_eq!(
             layer_norm_kernel_takes(f16, [&wide, &wide_row, &wide_row]),
+            None
+        );
+    }
+
+    /// The per-image adds the `_rows` kernels read in place, and those copied first.
+    #[test]
+    fn per_image_adds_are_read_in_place_where_their_rows_are_runs() {
+        let dev = Device::Cpu;
+        let stride = |t: &Tensor| per_image_row_stride(t.layout());
+        let wide = Tensor::zeros((2, 20), DType::F32, &dev).unwrap();
+        assert_eq!(
+            stride(&Tensor::zeros((2, 8), DType::F32, &dev).unwrap()),
+            Some(8)
+        );
+        // A resnet's columns of a product for several: rows 20 apart.
+        assert_eq!(stride(&wide.narrow(1, 3, 8).unwrap()), Some(20));
+        assert_eq!(
+            stride(&wide.narrow(0, 1, 1).unwrap().narrow(1, 3, 8).unwrap()),
+            Some(8)
+        );
+        // One value per row: its inner stride does not matter.
+        let column = Tensor::zeros((1, 2), DType::F32, &dev)
+            .unwrap()
+            .t()
+            .unwrap();
+        assert_eq!(column.stride(), [1, 2]);
+        assert_eq!(stride(&column), Some(1));
+        // Broadcast rows, transposed rows, and not `[images, C]`: copied first.
+        let row = Tensor::zeros((1, 8), DType::F32, &dev).unwrap();
+        assert_eq!(stride(&row.broadcast_as((2, 8)).unwrap()), None);
+        assert_eq!(
+            stride(
+                &Tensor::zeros((8, 2), DType::F32, &dev)
+                    .unwrap()
+                    .t()
+                    .unwrap()
+            ),
+            None
+        );
+        assert_eq!(
+            stride(&Tensor::zeros((2, 2, 8), DType::F32, &dev).unwrap()),
             None
         );
     }

@@ -371,11 +371,7 @@ impl ControlNetModel {
     pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let mut encoder = UNetEncoder::new(&config.unet, MODEL, vb.clone())?;
-        let time_projections = if crate::kernels::KernelPolicy::current().fused_time_projections {
-            TimeProjections::fuse(encoder.resnets_mut())?
-        } else {
-            None
-        };
+        let time_projections = TimeProjections::fuse_if_asked(encoder.resnets_mut())?;
         let s = encoder.plan.settings;
         let ch0 = encoder.plan.block_out_channels[0];
         let cond_embedding = ConditioningEmbedding::new(

@@ -534,17 +534,13 @@ impl UNet2DConditionModel {
             }
         }
         // Down, mid, then up: the order a call runs its resnets in.
-        let time_projections = if crate::kernels::KernelPolicy::current().fused_time_projections {
-            TimeProjections::fuse(
-                encoder.resnets_mut().chain(
-                    up_blocks
-                        .iter_mut()
-                        .flat_map(|b| b.resnets_mut().iter_mut()),
-                ),
-            )?
-        } else {
-            None
-        };
+        let time_projections = TimeProjections::fuse_if_asked(
+            encoder.resnets_mut().chain(
+                up_blocks
+                    .iter_mut()
+                    .flat_map(|b| b.resnets_mut().iter_mut()),
+            ),
+        )?;
         if config.conv_out_kernel.is_multiple_of(2) {
             return Err(unsupported(
                 MODEL,

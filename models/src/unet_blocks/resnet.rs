@@ -58,12 +58,16 @@ pub struct TimeProjections {
 }
 
 impl TimeProjections {
-    /// Fuses the projections of `resnets` (in the order the network runs them), or `None` for
-    /// a network without resnets. Records the rows of the fused weight in the weight table in
-    /// place of the separate weights (see [`weight_table::record_rows`]).
-    pub fn fuse<'r>(
+    /// Fuses the projections of `resnets` (in the order the network runs them) where the
+    /// current kernel policy asks for it; `None` where it does not, or for a network without
+    /// resnets. Records the rows of the fused weight in the weight table in place of the
+    /// separate weights (see [`weight_table::record_rows`]).
+    pub fn fuse_if_asked<'r>(
         resnets: impl IntoIterator<Item = &'r mut ResnetBlock2D>,
     ) -> Result<Option<Self>> {
+        if !crate::kernels::KernelPolicy::current().fused_time_projections {
+            return Ok(None);
+        }
         let mut resnets: Vec<&mut ResnetBlock2D> = resnets.into_iter().collect();
         if resnets.is_empty() {
             return Ok(None);
