@@ -381,6 +381,9 @@ fn run() -> Result<(), String> {
     if let Some(line) = multi_stream::cudnn_attention_summary() {
         println!("{line}");
     }
+    if let Some(line) = multi_stream::conv_engines_summary() {
+        println!("{line}");
+    }
     Ok(())
 }
 

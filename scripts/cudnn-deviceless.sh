@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Asks cuDNN, on a machine with no GPU, whether it takes the attention graph that
-# kernels/src/cudnn_attention.rs builds (docs/GPU.md, "Attention through cuDNN"): runs the
-# ignored test `deviceless_plans_exist`, which hands cuDNN's heuristic an H100's properties (a
-# device-properties descriptor, cuDNN 9.8 and later) instead of a device, for each graph as it
-# is and as the dynamic-shape graph whose kernel cache batched calls share.
+# kernels/src/cudnn_attention.rs builds (docs/GPU.md, "Attention through cuDNN") and which
+# engines it offers the convolution graphs of kernels/src/cudnn_conv_graph.rs: runs the ignored
+# tests `deviceless_plans_exist` and `deviceless_convolution_engines_exist`, which hand cuDNN's
+# heuristic an H100's properties (a device-properties descriptor, cuDNN 9.8 and later) instead
+# of a device, for each attention graph as it is and as the dynamic-shape graph whose kernel
+# cache batched calls share, and for each convolution of the UNet and TAESD with its epilogue.
 #
 #   bash scripts/cudnn-deviceless.sh
 #
@@ -63,4 +65,4 @@ gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$work/libcuda.so.1" "$work/libcud
 
 cuda_libs="$(dirname "$(readlink -f "$CUDA_ROOT/lib/libcudart.so")")"
 LD_LIBRARY_PATH="$work:$cudnn:$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-  "$binary" deviceless_plans_exist --ignored --nocapture
+  "$binary" deviceless_ --ignored --nocapture --test-threads 1

@@ -536,6 +536,9 @@ pub fn main(argv: Vec<String>) -> ExitCode {
         println!();
         println!("{line}");
     }
+    if let Some(line) = conv_engines_summary() {
+        println!("{line}");
+    }
     ExitCode::SUCCESS
 }
 
@@ -555,6 +558,14 @@ pub fn cudnn_attention_summary() -> Option<String> {
         }
     }
     None
+}
+
+/// The convolution engines chosen from cuDNN's graph API in this process (kernel policy
+/// `cuda_conv_engines`: the calls through them, the geometries chosen and refused, the time the
+/// choices took), where any was chosen or refused: a line the benches print after their tables.
+pub fn conv_engines_summary() -> Option<String> {
+    let choices = sdstream::model::kernels::conv::conv_engine_choices();
+    (choices.chosen + choices.refused > 0).then(|| format!("cuDNN convolution engines: {choices}"))
 }
 
 /// The switches of the process's kernel policy that change what a GPU runs, so that a table
@@ -583,7 +594,7 @@ pub fn policy_summary(cuda: bool) -> String {
          pinned transfers {}, preprocessing on the device {}, fused convolution epilogue {}, \
          phase convolutions {}, GroupNorm rows kernels {}, LayerNorm kernel {}, \
          fused linear epilogue {}, 16-byte adds {}, event tracking {}, batch hand-back by events {}, \
-         fused time projections {}",
+         fused time projections {}, convolution engines chosen by timing {}",
         on_off(p.cuda_kernels),
         attention,
         on_off(p.cuda_graphs),
@@ -600,5 +611,6 @@ pub fn policy_summary(cuda: bool) -> String {
         on_off(p.cuda_event_tracking),
         on_off(p.cuda_batch_events),
         on_off(p.fused_time_projections),
+        on_off(p.cuda_conv_engines),
     )
 }

@@ -639,6 +639,45 @@ impl Conv2d {
     }
 }
 
+/// What the choices of cuDNN's convolution engines (kernel policy `cuda_conv_engines`) have
+/// done in this process so far ([`conv_engine_choices`]), for tests and the bench.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineChoices {
+    /// Convolutions that ran through a chosen engine's plan.
+    pub calls: u64,
+    /// Geometries (per thread) whose plan was chosen.
+    pub chosen: u64,
+    /// Candidate plans built and timed for them.
+    pub timed: u64,
+    /// Geometries (per thread) cuDNN refused: the legacy call runs them.
+    pub refused: u64,
+    /// Time spent choosing (building the candidates' plans and timing them), in µs.
+    pub choose_micros: u64,
+}
+
+impl std::fmt::Display for EngineChoices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} convolutions through chosen engines; {} geometries chosen from {} timed plans in \
+             {:.1} ms; {} refused",
+            self.calls,
+            self.chosen,
+            self.timed,
+            self.choose_micros as f64 / 1e3,
+            self.refused
+        )
+    }
+}
+
+/// What the engine choices have done so far (all zero without the `cudnn` feature).
+pub fn conv_engine_choices() -> EngineChoices {
+    #[cfg(feature = "cudnn")]
+    return super::cudnn_conv_graph::engine_choices();
+    #[cfg(not(feature = "cudnn"))]
+    EngineChoices::default()
+}
+
 /// How many convolutions ran with their epilogue in cuDNN's call (kernel policy
 /// `cuda_fused_conv`; 0 without the `cudnn` feature), for tests.
 pub fn cudnn_fused_calls() -> u64 {

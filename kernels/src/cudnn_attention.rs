@@ -45,11 +45,9 @@ use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaStorage, DType, Layout, Shape};
 
 use super::attention::GraphOperand;
-
-use sys::cudnnBackendAttributeName_t as Attr;
-use sys::cudnnBackendAttributeType_t as Type;
-use sys::cudnnBackendDescriptorType_t as Kind;
-use sys::cudnnDataType_t::CUDNN_DATA_FLOAT as F32;
+use super::cudnn_backend::{
+    self, Attr, Descriptor, F32, Kind, Role, Type, engine_configs, handle, pointwise, tensor,
+};
 
 /// Calls that ran through cuDNN ([`forward`]), for tests and the bench.
 pub fn calls() -> u64 {
@@ -109,150 +107,6 @@ const O: i64 = 4;
 const SCALE: i64 = 5;
 /// The first id of the graph's virtual tensors.
 const VIRTUAL: i64 = 100;
-
-/// A cuDNN status as candle's error, with cuDNN's own account of the last failure.
-fn check(status: sys::cudnnStatus_t, what: &str) -> candle_core::Result<()> {
-    if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
-        return Ok(());
-    }
-    let mut message = [0 as std::ffi::c_char; 512];
-    // SAFETY: cuDNN writes at most `len` bytes, NUL-terminated; its error string is static.
-    let (name, detail) = unsafe {
-        sys::cudnnGetLastErrorString(message.as_mut_ptr(), message.len());
-        (
-            std::ffi::CStr::from_ptr(sys::cudnnGetErrorString(status)).to_string_lossy(),
-            std::ffi::CStr::from_ptr(message.as_ptr()).to_string_lossy(),
-        )
-    };
-    candle_core::bail!("sdstream-cudnn-attention: {what}: {name} {detail}")
-}
-
-/// A backend descriptor, destroyed with its owner.
-pub(crate) struct Descriptor(sys::cudnnBackendDescriptor_t);
-
-impl Drop for Descriptor {
-    fn drop(&mut self) {
-        // SAFETY: made by cudnnBackendCreateDescriptor, destroyed once; failures only leak.
-        let _ = unsafe { sys::cudnnBackendDestroyDescriptor(self.0) };
-    }
-}
-
-impl Descriptor {
-    pub(crate) fn new(kind: Kind) -> candle_core::Result<Self> {
-        let mut raw = std::ptr::null_mut();
-        // SAFETY: cuDNN writes the new descriptor's handle.
-        check(
-            unsafe { sys::cudnnBackendCreateDescriptor(kind, &mut raw) },
-            "create descriptor",
-        )?;
-        Ok(Self(raw))
-    }
-
-    /// Sets attribute `name` to `values`, whose element type `ty` names (the caller's promise:
-    /// `T` is that type's C representation).
-    fn set<T>(&self, name: Attr, ty: Type, values: &[T]) -> candle_core::Result<()> {
-        // SAFETY: `values` holds `len` elements of the C type `ty` names; cuDNN copies them.
-        check(
-            unsafe {
-                sys::cudnnBackendSetAttribute(
-                    self.0,
-                    name,
-                    ty,
-                    values.len() as i64,
-                    values.as_ptr() as *const c_void,
-                )
-            },
-            &format!("set {name:?}"),
-        )
-    }
-
-    fn set_data_type(&self, name: Attr, dtype: sys::cudnnDataType_t) -> candle_core::Result<()> {
-        self.set(name, Type::CUDNN_TYPE_DATA_TYPE, &[dtype])
-    }
-
-    fn set_i64(&self, name: Attr, values: &[i64]) -> candle_core::Result<()> {
-        self.set(name, Type::CUDNN_TYPE_INT64, values)
-    }
-
-    fn set_descriptors(&self, name: Attr, values: &[&Descriptor]) -> candle_core::Result<()> {
-        let raw: Vec<sys::cudnnBackendDescriptor_t> = values.iter().map(|d| d.0).collect();
-        self.set(name, Type::CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw)
-    }
-
-    fn finalize(self, what: &str) -> candle_core::Result<Self> {
-        // SAFETY: a live descriptor.
-        check(
-            unsafe { sys::cudnnBackendFinalize(self.0) },
-            &format!("finalize {what}"),
-        )?;
-        Ok(self)
-    }
-}
-
-/// What a tensor of the graph is to the variant pack.
-#[derive(Clone, Copy, PartialEq)]
-enum Role {
-    /// A device buffer the variant pack points at (16-byte aligned: attention.rs checks rows
-    /// at multiples of 8 values).
-    Operand,
-    /// Only the graph sees it.
-    Virtual,
-    /// A host value the variant pack points at, read when the call is queued.
-    ByValue,
-}
-
-/// A tensor of the graph: `dtype`, `dims` and `strides`, id `uid`.
-fn tensor(
-    uid: i64,
-    dtype: sys::cudnnDataType_t,
-    dims: [i64; 4],
-    strides: [i64; 4],
-    role: Role,
-) -> candle_core::Result<Descriptor> {
-    let t = Descriptor::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
-    t.set_data_type(Attr::CUDNN_ATTR_TENSOR_DATA_TYPE, dtype)?;
-    t.set_i64(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, &dims)?;
-    t.set_i64(Attr::CUDNN_ATTR_TENSOR_STRIDES, &strides)?;
-    t.set_i64(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, &[uid])?;
-    // 16 bytes for the by-value scale too, as NVIDIA's frontend declares it (the heuristic
-    // takes 4 as well, but plan finalization checks more than the heuristic does).
-    t.set_i64(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[16])?;
-    let boolean = Type::CUDNN_TYPE_BOOLEAN;
-    t.set(
-        Attr::CUDNN_ATTR_TENSOR_IS_VIRTUAL,
-        boolean,
-        &[role == Role::Virtual],
-    )?;
-    if role == Role::ByValue {
-        t.set(Attr::CUDNN_ATTR_TENSOR_IS_BY_VALUE, boolean, &[true])?;
-    }
-    t.finalize("tensor")
-}
-
-/// `y = mode(x, b)` (or `mode(x)`), computed in f32.
-fn pointwise(
-    mode: sys::cudnnPointwiseMode_t,
-    x: &Descriptor,
-    b: Option<&Descriptor>,
-    y: &Descriptor,
-) -> candle_core::Result<[Descriptor; 2]> {
-    let pw = Descriptor::new(Kind::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
-    pw.set(
-        Attr::CUDNN_ATTR_POINTWISE_MODE,
-        Type::CUDNN_TYPE_POINTWISE_MODE,
-        &[mode],
-    )?;
-    pw.set_data_type(Attr::CUDNN_ATTR_POINTWISE_MATH_PREC, F32)?;
-    let pw = pw.finalize("pointwise")?;
-    let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
-    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &[&pw])?;
-    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, &[x])?;
-    if let Some(b) = b {
-        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &[b])?;
-    }
-    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &[y])?;
-    Ok([pw, op.finalize(&format!("pointwise {mode:?}"))?])
-}
 
 /// `y = reduce(x)` over the last dimension, in f32.
 fn reduction(
@@ -315,21 +169,21 @@ impl Graph {
             uid += 1;
             uid
         };
-        let q_t = tensor(Q, dtype, q.dims, q.strides, Role::Operand)?;
-        let k_t = tensor(K, dtype, k.dims, k.strides, Role::Operand)?;
-        let v_t = tensor(V, dtype, v.dims, v.strides, Role::Operand)?;
-        let o_t = tensor(O, dtype, o.dims, o.strides, Role::Operand)?;
-        let scale = tensor(SCALE, F32, [1; 4], [1; 4], Role::ByValue)?;
-        let s = tensor(next(), F32, scores, scores_strides, Role::Virtual)?;
-        let scaled = tensor(next(), F32, scores, scores_strides, Role::Virtual)?;
-        let max = tensor(next(), F32, per_row, per_row_strides, Role::Virtual)?;
-        let shifted = tensor(next(), F32, scores, scores_strides, Role::Virtual)?;
-        let exp = tensor(next(), F32, scores, scores_strides, Role::Virtual)?;
-        let sum = tensor(next(), F32, per_row, per_row_strides, Role::Virtual)?;
-        let log_sum = tensor(next(), F32, per_row, per_row_strides, Role::Virtual)?;
-        let stats = tensor(next(), F32, per_row, per_row_strides, Role::Virtual)?;
+        let q_t = tensor(Q, dtype, &q.dims, &q.strides, Role::Operand)?;
+        let k_t = tensor(K, dtype, &k.dims, &k.strides, Role::Operand)?;
+        let v_t = tensor(V, dtype, &v.dims, &v.strides, Role::Operand)?;
+        let o_t = tensor(O, dtype, &o.dims, &o.strides, Role::Operand)?;
+        let scale = tensor(SCALE, F32, &[1; 4], &[1; 4], Role::ByValue)?;
+        let s = tensor(next(), F32, &scores, &scores_strides, Role::Virtual)?;
+        let scaled = tensor(next(), F32, &scores, &scores_strides, Role::Virtual)?;
+        let max = tensor(next(), F32, &per_row, &per_row_strides, Role::Virtual)?;
+        let shifted = tensor(next(), F32, &scores, &scores_strides, Role::Virtual)?;
+        let exp = tensor(next(), F32, &scores, &scores_strides, Role::Virtual)?;
+        let sum = tensor(next(), F32, &per_row, &per_row_strides, Role::Virtual)?;
+        let log_sum = tensor(next(), F32, &per_row, &per_row_strides, Role::Virtual)?;
+        let stats = tensor(next(), F32, &per_row, &per_row_strides, Role::Virtual)?;
         // The probabilities in the storage type: the second product's A operand.
-        let p = tensor(next(), dtype, scores, scores_strides, Role::Virtual)?;
+        let p = tensor(next(), dtype, &scores, &scores_strides, Role::Virtual)?;
         let steps = [
             matmul(&q_t, &k_t, &s)?,
             pointwise(Pw::CUDNN_POINTWISE_MUL, &s, Some(&scale), &scaled)?,
@@ -356,97 +210,19 @@ impl Graph {
         })
     }
 
-    /// The operation graph over these operations, tied to `handle` where there is one (cuDNN
-    /// 9's headers deprecate the attribute, but its earlier releases ask for it, and NVIDIA's
-    /// frontend still sets it; a deviceless build has no handle to give). `dynamic`: a
-    /// dynamic-shape graph, whose plans may take their kernels from a kernel cache.
+    /// The operation graph over these operations ([`cudnn_backend::operation_graph`]).
     pub(crate) fn operation_graph(
         &self,
         handle: Option<sys::cudnnHandle_t>,
         dynamic: bool,
     ) -> candle_core::Result<Descriptor> {
-        let graph = Descriptor::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
-        let ops: Vec<&Descriptor> = self.operations.iter().collect();
-        graph.set_descriptors(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &ops)?;
-        if dynamic {
-            graph.set(
-                Attr::CUDNN_ATTR_OPERATIONGRAPH_IS_DYNAMIC_SHAPE_ENABLED,
-                Type::CUDNN_TYPE_BOOLEAN,
-                &[true],
-            )?;
-        }
-        if let Some(handle) = handle {
-            graph.set(
-                Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE,
-                Type::CUDNN_TYPE_HANDLE,
-                &[handle],
-            )?;
-        }
-        graph.finalize("operation graph")
+        cudnn_backend::operation_graph(&self.operations, handle, dynamic)
     }
 }
 
-/// The engine configurations cuDNN's heuristic (`mode`) offers for `graph`, best first
-/// (for the device `properties` describe, where given, instead of the handle's).
-pub(crate) fn engine_configs(
-    graph: &Descriptor,
-    mode: sys::cudnnBackendHeurMode_t,
-    properties: Option<&Descriptor>,
-) -> candle_core::Result<Vec<Descriptor>> {
-    let heuristic = Descriptor::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
-    heuristic.set_descriptors(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[graph])?;
-    heuristic.set(
-        Attr::CUDNN_ATTR_ENGINEHEUR_MODE,
-        Type::CUDNN_TYPE_HEUR_MODE,
-        &[mode],
-    )?;
-    if let Some(properties) = properties {
-        heuristic.set_descriptors(Attr::CUDNN_ATTR_ENGINEHEUR_DEVICEPROP, &[properties])?;
-    }
-    let heuristic = heuristic.finalize("heuristic")?;
-    let mut offered = 0i64;
-    // SAFETY: asks for the count only (no elements written).
-    check(
-        unsafe {
-            sys::cudnnBackendGetAttribute(
-                heuristic.0,
-                Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                0,
-                &mut offered,
-                std::ptr::null_mut(),
-            )
-        },
-        "heuristic results",
-    )?;
-    let mut configs = (0..offered.max(0))
-        .map(|_| Descriptor::new(Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let mut raw: Vec<sys::cudnnBackendDescriptor_t> = configs.iter().map(|c| c.0).collect();
-    let mut filled = 0i64;
-    // SAFETY: `raw` holds `offered` created engine-config descriptors for cuDNN to fill.
-    check(
-        unsafe {
-            sys::cudnnBackendGetAttribute(
-                heuristic.0,
-                Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                offered,
-                &mut filled,
-                raw.as_mut_ptr() as *mut c_void,
-            )
-        },
-        "heuristic results",
-    )?;
-    configs.truncate(filled.clamp(0, offered) as usize);
-    Ok(configs)
-}
-
-/// One geometry's graph and plan, and the workspace its plan asks for.
+/// One geometry's graph and plan.
 struct Plan {
-    plan: Descriptor,
-    workspace: usize,
-    _config: Descriptor,
+    plan: cudnn_backend::Plan,
     _operation_graph: Descriptor,
     _graph: Graph,
 }
@@ -471,41 +247,10 @@ impl Plan {
             None,
         )?;
         for config in configs {
-            let plan = Descriptor::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
-            plan.set(
-                Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
-                Type::CUDNN_TYPE_HANDLE,
-                &[handle],
-            )?;
-            plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&config])?;
-            if let Some(kernels) = kernels {
-                plan.set_descriptors(
-                    Attr::CUDNN_ATTR_EXECUTION_PLAN_KERNEL_CACHE,
-                    &[&kernels.cache],
-                )?;
-            }
-            match plan.finalize("execution plan") {
+            match cudnn_backend::Plan::build(handle, config, kernels.map(|k| &k.cache)) {
                 Ok(plan) => {
-                    let mut workspace = 0i64;
-                    let mut count = 0i64;
-                    // SAFETY: one i64 written.
-                    check(
-                        unsafe {
-                            sys::cudnnBackendGetAttribute(
-                                plan.0,
-                                Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                                Type::CUDNN_TYPE_INT64,
-                                1,
-                                &mut count,
-                                &mut workspace as *mut i64 as *mut c_void,
-                            )
-                        },
-                        "workspace size",
-                    )?;
                     return Ok(Self {
                         plan,
-                        workspace: workspace.max(0) as usize,
-                        _config: config,
                         _operation_graph: operation_graph,
                         _graph: graph,
                     });
@@ -592,49 +337,14 @@ fn kernel_cache(
         .clone()
 }
 
-/// A thread's cuDNN handle on one device, on that thread's stream of it.
-struct Handle(sys::cudnnHandle_t);
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        // SAFETY: made by cudnnCreate, destroyed once.
-        let _ = unsafe { sys::cudnnDestroy(self.0) };
-    }
-}
-
 /// One geometry: (device, dtype, the four operands' dims and strides, their offsets zero), and
 /// whether its plan takes its kernel from the geometry's kernel cache.
 type Key = (DeviceId, DType, [GraphOperand; 4], bool);
 
 thread_local! {
-    // Handles and plans are made and used on one thread (candle's stream is per thread).
-    static HANDLES: RefCell<HashMap<DeviceId, Rc<Handle>>> = RefCell::new(HashMap::new());
+    // Plans are made and used on one thread (candle's stream is per thread).
     // A refused geometry is kept as `None`, so that its calls go back to attention.cu at once.
     static PLANS: RefCell<HashMap<Key, Option<Rc<Plan>>>> = RefCell::new(HashMap::new());
-}
-
-fn handle(dev: &candle_core::CudaDevice) -> candle_core::Result<Rc<Handle>> {
-    if let Some(h) = HANDLES.with(|h| h.borrow().get(&dev.id()).cloned()) {
-        return Ok(h);
-    }
-    let stream = dev.cuda_stream();
-    // cuDNN makes its handle in the thread's current context: the device's.
-    stream
-        .context()
-        .bind_to_thread()
-        .map_err(|e| candle_core::Error::Msg(format!("sdstream-cudnn-attention: {e:?}")))?;
-    let mut raw = std::ptr::null_mut();
-    // SAFETY: cuDNN writes the new handle.
-    check(unsafe { sys::cudnnCreate(&mut raw) }, "cudnnCreate")?;
-    let h = Rc::new(Handle(raw));
-    // SAFETY: the handle is live; the stream is this thread's stream of the device, which
-    // outlives the handle (candle keeps it while the device lives).
-    check(
-        unsafe { sys::cudnnSetStream(raw, stream.cu_stream() as sys::cudaStream_t) },
-        "cudnnSetStream",
-    )?;
-    HANDLES.with(|hs| hs.borrow_mut().insert(dev.id(), h.clone()));
-    Ok(h)
 }
 
 /// Says, once per geometry in the process, that cuDNN's attention did not run for `graph` and
@@ -792,7 +502,7 @@ fn run<T: CudaDType + DeviceRepr>(
     let elements = out_shape.elem_count();
     // SAFETY: the plan's second product writes every output value.
     let dst = unsafe { dev.alloc::<T>(elements)? };
-    let workspace = unsafe { dev.alloc::<u8>(plan.workspace.max(1))? };
+    let workspace = unsafe { dev.alloc::<u8>(plan.plan.workspace.max(1))? };
     let views = operands
         .iter()
         .zip(&graph)
@@ -813,11 +523,6 @@ fn run<T: CudaDType + DeviceRepr>(
         let (o_ptr, _o) = dst.device_ptr(&stream);
         let (w_ptr, _w) = workspace.device_ptr(&stream);
         let scale = scale as f32;
-        let pack = Descriptor::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
-        pack.set_i64(
-            Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS,
-            &[Q, K, V, O, SCALE],
-        )?;
         let pointers: [*mut c_void; 5] = [
             q_ptr as *mut c_void,
             k_ptr as *mut c_void,
@@ -826,24 +531,17 @@ fn run<T: CudaDType + DeviceRepr>(
             // By value: cuDNN reads the host's f32 while it queues the call.
             &scale as *const f32 as *mut c_void,
         ];
-        pack.set(
-            Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,
-            Type::CUDNN_TYPE_VOID_PTR,
-            &pointers,
-        )?;
-        pack.set(
-            Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
-            Type::CUDNN_TYPE_VOID_PTR,
-            &[w_ptr as *mut c_void],
-        )?;
-        let pack = pack.finalize("variant pack")?;
         // SAFETY: the plan was built for these operands' dims, strides and dtype (the key);
         // every pointer is a live device buffer of the right size on this thread's stream, the
         // scale a live host f32, the workspace as large as the plan asked.
-        let executed = check(
-            unsafe { sys::cudnnBackendExecute(handle.0, plan.plan.0, pack.0) },
-            "execute",
-        );
+        let executed = unsafe {
+            plan.plan.execute(
+                handle.0,
+                &[Q, K, V, O, SCALE],
+                &pointers,
+                w_ptr as *mut c_void,
+            )
+        };
         if let Err(e) = executed {
             // A plan that fails to run is dropped for this thread's geometry like a refused
             // one, so that later calls go to attention.cu at once instead of failing in cuDNN
@@ -860,18 +558,6 @@ fn run<T: CudaDType + DeviceRepr>(
 mod tests {
     use super::*;
 
-    /// An H100's properties as cuDNN's device-properties descriptor reads them (the fields
-    /// cuDNN 9.19 and 9.26 ask for), so that its heuristic can be asked without a device.
-    const H100: &str = r#"{"maxGridSize": [2147483647, 65535, 65535], "maxBlockSize": [1024, 1024, 64],
-        "regsPerBlock": 65536, "multiProcessorCount": 132, "smCountOrigin": 0, "warpSize": 32,
-        "maxSharedMemoryPerBlock": 49152, "maxSharedMemoryPerBlockOptin": 232448,
-        "oversizedSharedMemoryPerBlock": 0, "reservedSharedMemoryPerBlock": 1024,
-        "maxRegistersPerSM": 65536, "maxCtasPerSM": 32, "maxThreadsPerBlock": 1024,
-        "maxThreadsPerSM": 2048, "pciDeviceId": 0, "isTccDriver": 0, "supportCoopLaunch": 1,
-        "smClockRateKHz": 1980000, "memClockRateKHz": 2619000, "l2CacheSize": 52428800,
-        "deviceName": "NVIDIA H100 80GB HBM3", "totalGlobalMem": 85520809984, "deviceVer": 900,
-        "driverVer": 13000, "cudaDeviceId": 0}"#;
-
     /// cuDNN's heuristic offers engines for the graph on the UNet's shapes, asked for an H100
     /// without a device (cuDNN 9.8 and later). Needs the real libcudnn on the library path and
     /// a libcuda that loads: `bash scripts/cudnn-deviceless.sh` provides both and runs it.
@@ -879,15 +565,7 @@ mod tests {
     #[test]
     #[ignore = "needs cuDNN 9.8+ on the library path"]
     fn deviceless_plans_exist() {
-        let properties = Descriptor::new(Kind::CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR).unwrap();
-        properties
-            .set(
-                Attr::CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION,
-                Type::CUDNN_TYPE_CHAR,
-                H100.as_bytes(),
-            )
-            .unwrap();
-        let properties = properties.finalize("device properties").unwrap();
+        let properties = cudnn_backend::device_properties(cudnn_backend::H100).unwrap();
         let d = 64;
         let c = 5 * d;
         let mut offered = Vec::new();

@@ -23,7 +23,8 @@ use candle_core::cuda_backend::cudarc::cudnn::{
 };
 use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaStream, DevicePtr, DeviceRepr, DeviceSlice, SyncOnDrop, ValidAsZeroBits,
+    CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, DeviceSlice, SyncOnDrop,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
@@ -208,6 +209,44 @@ impl CudnnConvFused {
                 b1 - b0
             );
         }
+        let stream = dev.cuda_stream();
+        let elements: usize = plan.out.iter().product();
+        let residual_guard = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match &residual_guard {
+            Some((storage, layout)) => Some(super::fused::residual_view::<T>(
+                storage,
+                layout,
+                &plan.out,
+                dtype,
+                "sdstream-cudnn-conv-fused",
+            )?),
+            None => None,
+        };
+        if super::KernelPolicy::current().cuda_conv_engines {
+            let src = xs.as_cuda_slice::<T>()?.slice(x0..x1);
+            let filter = ws.as_cuda_slice::<T>()?.slice(w0..w1);
+            let bias = bs.as_cuda_slice::<T>()?.slice(b0..b1);
+            // SAFETY: the graph's call writes every output element.
+            let dst = unsafe { dev.alloc::<T>(elements)? };
+            let operands = GraphOperands {
+                x: &src,
+                w: &filter,
+                bias: Some(&bias),
+                residual: residual.as_ref(),
+            };
+            let (xd, wd) = (dims4(xl, "input")?, dims4(wl, "weight")?);
+            if self
+                .conv
+                .through_chosen_engine(dev, dtype, (xd, wd), operands, self.relu, &dst)?
+            {
+                drop(residual_guard);
+                FUSED_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok((
+                    CudaStorage::wrap_cuda_slice(dst, dev.clone()),
+                    Shape::from(plan.out.to_vec()),
+                ));
+            }
+        }
         let identity =
             sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
         if !self.relu && plan.algo != identity {
@@ -246,25 +285,13 @@ impl CudnnConvFused {
                 d
             }
         };
-        let stream = dev.cuda_stream();
-        let elements: usize = plan.out.iter().product();
         let src = RawView::<T>::of(&xs.as_cuda_slice::<T>()?.slice(x0..x1), &stream);
         let filter = ws.as_cuda_slice::<T>()?.slice(w0..w1);
         let bias = RawView::<T>::of(&bs.as_cuda_slice::<T>()?.slice(b0..b1), &stream);
         // SAFETY: the call writes every output element (alpha1 1; z scaled by alpha2).
         let mut dst = unsafe { dev.alloc::<T>(elements)? };
-        let residual_guard = self.residual.as_ref().map(|r| r.storage_and_layout());
-        let (z, alpha2) = match &residual_guard {
-            Some((storage, layout)) => {
-                let view = super::fused::residual_view::<T>(
-                    storage,
-                    layout,
-                    &plan.out,
-                    dtype,
-                    "sdstream-cudnn-conv-fused",
-                )?;
-                (RawView::<T>::of(&view, &stream), 1.0)
-            }
+        let (z, alpha2) = match &residual {
+            Some(view) => (RawView::<T>::of(view, &stream), 1.0),
             // No residual: the output as z, scaled by zero (cuDNN does not read it then).
             None => (RawView::<T>::of(&dst, &stream), 0.0),
         };
@@ -390,7 +417,72 @@ fn c_int(v: usize) -> candle_core::Result<std::ffi::c_int> {
         .map_err(|_| candle_core::Error::Msg(format!("sdstream-cudnn-conv: {v} is too large")))
 }
 
+/// The device buffers of a call through cuDNN's graph API ([`CudnnConv::through_chosen_engine`]).
+struct GraphOperands<'a, T> {
+    x: &'a CudaView<'a, T>,
+    w: &'a CudaView<'a, T>,
+    bias: Option<&'a CudaView<'a, T>>,
+    residual: Option<&'a CudaView<'a, T>>,
+}
+
 impl CudnnConv {
+    /// Runs this channels-last convolution (input dims `xd`, filter dims `wd`; with the bias,
+    /// residual and ReLU `operands` and `relu` name) into `dst` through the engine chosen for
+    /// its geometry on this thread ([`super::cudnn_conv_graph`]) where the kernel policy asks
+    /// for it (`cuda_conv_engines`). `false` where it did not run: the legacy call runs then.
+    fn through_chosen_engine<T: DeviceRepr>(
+        &self,
+        dev: &candle_core::CudaDevice,
+        dtype: DType,
+        (xd, wd): ([usize; 4], [usize; 4]),
+        operands: GraphOperands<'_, T>,
+        relu: bool,
+        dst: &CudaSlice<T>,
+    ) -> candle_core::Result<bool> {
+        use super::cudnn_conv_graph::{Buffers, Epilogue, Geometry, forward};
+        if !self.channels_last || !super::KernelPolicy::current().cuda_conv_engines {
+            return Ok(false);
+        }
+        let stream = dev.cuda_stream();
+        // cudarc records no events for candle's per-thread streams: the guards hold nothing,
+        // and the addresses stay valid while the views live.
+        let (x, _x) = operands.x.device_ptr(&stream);
+        let (w, _w) = operands.w.device_ptr(&stream);
+        let bias = operands.bias.map(|b| b.device_ptr(&stream).0);
+        let residual = operands.residual.map(|r| r.device_ptr(&stream).0);
+        let (y, _y) = dst.device_ptr(&stream);
+        let geometry = Geometry {
+            input: xd,
+            filter: wd,
+            padding: self.padding,
+            stride: self.stride,
+        };
+        let epilogue = Epilogue {
+            bias: bias.is_some(),
+            residual: residual.is_some(),
+            relu,
+        };
+        // SAFETY: contiguous channels-last operands of these dims and `dtype` (the callers
+        // checked), the bias C_out values and the residual the output's dims (checked by
+        // `residual_view`), `dst` a fresh buffer of the output's size, all on this thread's
+        // stream.
+        unsafe {
+            forward(
+                dev,
+                dtype,
+                geometry,
+                epilogue,
+                Buffers {
+                    x,
+                    w,
+                    bias,
+                    residual,
+                    y,
+                },
+            )
+        }
+    }
+
     fn plan<T: CudnnDataType + 'static>(
         &self,
         dev: &candle_core::CudaDevice,
@@ -509,12 +601,25 @@ impl CudnnConv {
             candle_core::bail!("sdstream-cudnn-conv: operands must be contiguous")
         };
         let dev = xs.device();
-        let plan = self.plan::<T>(dev, xs.dtype(), dims4(xl, "input")?, dims4(wl, "weight")?)?;
+        let (xd, wd) = (dims4(xl, "input")?, dims4(wl, "weight")?);
+        let plan = self.plan::<T>(dev, xs.dtype(), xd, wd)?;
         let src = xs.as_cuda_slice::<T>()?.slice(x0..x1);
         let filter = ws.as_cuda_slice::<T>()?.slice(w0..w1);
         let elements: usize = plan.out.iter().product();
         // SAFETY: the convolution (beta 0) writes every output element.
         let mut dst = unsafe { dev.alloc::<T>(elements)? };
+        let operands = GraphOperands {
+            x: &src,
+            w: &filter,
+            bias: None,
+            residual: None,
+        };
+        if self.through_chosen_engine(dev, xs.dtype(), (xd, wd), operands, false, &dst)? {
+            return Ok((
+                CudaStorage::wrap_cuda_slice(dst, dev.clone()),
+                Shape::from(plan.out.to_vec()),
+            ));
+        }
         let mut workspace = unsafe { dev.alloc::<u8>(plan.workspace.max(1))? };
         let forward = ConvForward {
             conv: &plan.conv,

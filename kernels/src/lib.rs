@@ -33,7 +33,11 @@ pub mod cublaslt_linear;
 #[cfg(feature = "cudnn")]
 pub mod cudnn_attention;
 #[cfg(feature = "cudnn")]
+mod cudnn_backend;
+#[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
+#[cfg(feature = "cudnn")]
+mod cudnn_conv_graph;
 #[cfg(feature = "cuda")]
 mod fused;
 pub mod gemm_bf16;

@@ -124,6 +124,13 @@ pub struct KernelPolicy {
     /// the output (on with `SDSTREAM_CUDA_FUSED_CONV`; see `cudnn_conv`). Off by default until
     /// a GPU run has checked and measured it.
     pub cuda_fused_conv: bool,
+    /// Channels-last convolutions through cuDNN (with their epilogue where `cuda_fused_conv`
+    /// asks for it) run as graphs of cuDNN's backend API, each geometry's engine chosen on its
+    /// first call on a thread by timing up to four of the engines whose arithmetic is the plain
+    /// formula's (`cudnn_conv_graph`), instead of the legacy call's one algorithm, the
+    /// implicit-precomputed GEMM (on with `SDSTREAM_CUDA_CONV_ENGINES`). Off by default until a
+    /// GPU run has checked and measured it.
+    pub cuda_conv_engines: bool,
     /// Channels-last 3×3 convolutions of a nearest-2× upsampled map on a CUDA device (the
     /// UNet's and the ControlNets' upsamplers, TAESD's and the VAE's decoders) run as one 2×2
     /// convolution with four times the outputs over the map itself, whose four phases ops.cu's
@@ -218,6 +225,7 @@ impl Default for KernelPolicy {
             cuda_cudnn_attention: false,
             cuda_cudnn_kernel_cache: false,
             cuda_fused_conv: false,
+            cuda_conv_engines: false,
             cuda_phase_conv: false,
             cuda_group_norm_rows: false,
             cuda_layer_norm: false,
@@ -304,6 +312,7 @@ impl KernelPolicy {
             cuda_cudnn_attention: switch("SDSTREAM_CUDA_CUDNN_ATTENTION"),
             cuda_cudnn_kernel_cache: switch("SDSTREAM_CUDA_CUDNN_KERNEL_CACHE"),
             cuda_fused_conv: switch("SDSTREAM_CUDA_FUSED_CONV"),
+            cuda_conv_engines: switch("SDSTREAM_CUDA_CONV_ENGINES"),
             cuda_phase_conv: switch("SDSTREAM_CUDA_PHASE_CONV"),
             cuda_group_norm_rows: switch("SDSTREAM_CUDA_GROUP_NORM_ROWS"),
             cuda_layer_norm: switch("SDSTREAM_CUDA_LAYER_NORM"),
@@ -396,7 +405,8 @@ mod tests {
 
     #[test]
     fn switches_are_on_when_set_to_anything_but_nothing_or_zero() {
-        let cases: [(&str, Field, bool); 16] = [
+        let cases: [(&str, Field, bool); 17] = [
+            ("SDSTREAM_CUDA_CONV_ENGINES", |p| p.cuda_conv_engines, false),
             ("SDSTREAM_CUDA_BATCH_EVENTS", |p| p.cuda_batch_events, false),
             (
                 "SDSTREAM_FUSED_TIME_PROJECTIONS",
@@ -458,6 +468,9 @@ mod tests {
                 }
                 "SDSTREAM_CUDA_FUSED_CONV" => {
                     others.cuda_fused_conv = default_policy.cuda_fused_conv
+                }
+                "SDSTREAM_CUDA_CONV_ENGINES" => {
+                    others.cuda_conv_engines = default_policy.cuda_conv_engines
                 }
                 "SDSTREAM_CUDA_GROUP_NORM_ROWS" => {
                     others.cuda_group_norm_rows = default_policy.cuda_group_norm_rows

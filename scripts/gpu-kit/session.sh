@@ -50,6 +50,12 @@ stage tests-kernels 90 SDSTREAM_TESTS="cuda_fused_attention cuda_fused_conv cuda
 # arrangements), each a compile: the limit allows 3 s each.
 stage tests-cudnn-attention 150 SDSTREAM_TESTS=cuda_cudnn_attention SDSTREAM_TESTS_TAG=-cudnn-attention \
   "${run[@]}" tests
+# Convolutions through engines chosen from cuDNN's graph API (SDSTREAM_CUDA_CONV_ENGINES): each
+# geometry's first call builds up to four plans and times them, and the fused ones' engines may
+# compile their kernels (NVRTC), for a time no run has measured yet (the test prints it): a
+# stage of its own. The test also times the legacy call against the chosen engines.
+stage tests-conv-engines 90 SDSTREAM_TESTS=cuda_conv_engines SDSTREAM_TESTS_TAG=-conv-engines \
+  "${run[@]}" tests
 # The register attention kernel, cuDNN's fused attention, the fused convolution epilogue, the GroupNorm `_rows` kernels,
 # the LayerNorm kernel, the fused linear epilogue, the phase convolutions and the fused time
 # projections are in those tests: each switch whose test passed is "proven", and
@@ -68,6 +74,7 @@ passed cuda_layer_norm && proven+=(SDSTREAM_CUDA_LAYER_NORM=1)
 passed cuda_fused_linear && proven+=(SDSTREAM_CUDA_FUSED_LINEAR=1)
 passed cuda_phase_conv && proven+=(SDSTREAM_CUDA_PHASE_CONV=1)
 passed cuda_fused_time_projections && proven+=(SDSTREAM_FUSED_TIME_PROJECTIONS=1)
+passed cuda_conv_engines && proven+=(SDSTREAM_CUDA_CONV_ENGINES=1)
 echo "== proven switches: ${proven[*]:-none}" | tee -a "$log"
 # cuDNN's attention engines compile their kernels (NVRTC) as each thread's first call of a
 # geometry builds its plan, for a time no run has measured yet. So the headline rows, the
@@ -77,6 +84,14 @@ proven_kernels=()
 for switch in "${proven[@]}"; do
   [[ "$switch" == SDSTREAM_CUDA_CUDNN_ATTENTION=1 ]] || proven_kernels+=("$switch")
 done
+# The convolution engines are chosen per thread and geometry on first use, timing up to four
+# plans each: a stream alone meets all its geometries in the bench's warm-up frames, but a
+# batcher's rounds of every width from 2 to 8 rows would still be choosing in the measured
+# ones. So the batched rows run without them (proven_batched).
+proven_batched=()
+for switch in "${proven_kernels[@]}"; do
+  [[ "$switch" == SDSTREAM_CUDA_CONV_ENGINES=1 ]] || proven_batched+=("$switch")
+done
 # The in-place adds' 16-byte path is in the default path (the same bits as the scalar kernel,
 # checked under kernels/emulate): should its test fail on the device, every later stage runs
 # the scalar kernel instead of failing with it.
@@ -85,7 +100,7 @@ if ! passed cuda_in_place; then
   echo "== cuda_in_place failed: the stages below run the scalar adds" | tee -a "$log"
 fi
 stage weights 150 "${run[@]}" weights
-stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_cudnn_attention --skip cuda_cudnn_kernel_cache --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear --skip cuda_phase_conv --skip cuda_fused_time_projections" "${run[@]}" tests
+stage tests 240 SDSTREAM_TESTS="--skip cuda_fused_attention --skip cuda_cudnn_attention --skip cuda_cudnn_kernel_cache --skip cuda_fused_conv --skip cuda_geglu --skip cuda_canny --skip cuda_float_processors --skip cuda_in_place --skip cuda_group_norm --skip cuda_layer_norm --skip cuda_fused_linear --skip cuda_phase_conv --skip cuda_fused_time_projections --skip cuda_conv_engines" "${run[@]}" tests
 # Should CUDA graphs fail on the device again (as they did on an H200 before the key/value memo
 # was made the CPU's only), the figures come op by op instead of not at all.
 stage bench-f16 120 SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0,1 --t-index-lists 32 --frames 100" \
@@ -108,6 +123,12 @@ stage attention 40 "${run[@]}" attention
 # by default until this row and cuda_fused_conv have run): against bench-f16's rows.
 stage bench-f16-fused-conv 45 SDSTREAM_CUDA_FUSED_CONV=1 SDSTREAM_BENCH_TAG=-fused-conv \
   SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
+# The same with each convolution's engine chosen from cuDNN's graph API by timing
+# (SDSTREAM_CUDA_CONV_ENGINES, off by default until this row and cuda_conv_engines have run):
+# against the row above.
+stage bench-f16-conv-engines 45 SDSTREAM_CUDA_FUSED_CONV=1 SDSTREAM_CUDA_CONV_ENGINES=1 \
+  SDSTREAM_BENCH_TAG=-conv-engines \
+  SDSTREAM_BENCH_ARGS="--vaes taesd --controlnet-counts 0 --t-index-lists 32 --frames 100" "${run[@]}" bench-f16
 # Channels-last GroupNorm through the `_rows` kernels (SDSTREAM_CUDA_GROUP_NORM_ROWS, off by
 # default until this row and cuda_group_norm have run): against bench-f16's rows.
 stage bench-f16-group-norm-rows 45 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_BENCH_TAG=-group-norm-rows \
@@ -125,7 +146,7 @@ stage bench-f16-phase-conv 45 SDSTREAM_CUDA_PHASE_CONV=1 SDSTREAM_BENCH_TAG=-pha
 # the LayerNorm kernel, the fused convolution and linear epilogues, the phase convolutions, the
 # fused time projections; f32 attention runs unfused whatever the switch).
 stage tests-all-on-f32 60 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_LAYER_NORM=1 SDSTREAM_CUDA_FUSED_CONV=1 \
-  SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 SDSTREAM_FUSED_TIME_PROJECTIONS=1 \
+  SDSTREAM_CUDA_CONV_ENGINES=1 SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 SDSTREAM_FUSED_TIME_PROJECTIONS=1 \
   SDSTREAM_TESTS=cuda_f32_streams SDSTREAM_TESTS_TAG=-all-on-f32 "${run[@]}" tests
 # Every stream case in f16 and bf16 against f32 with cuDNN's attention (the register kernel
 # where cuDNN refuses a shape), the GroupNorm `_rows`
@@ -134,7 +155,7 @@ stage tests-all-on-f32 60 SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_LAYER_NO
 stage tests-flash 60 SDSTREAM_CUDA_FLASH_ATTENTION=1 SDSTREAM_CUDA_CUDNN_ATTENTION=1 \
   SDSTREAM_CUDA_GROUP_NORM_ROWS=1 SDSTREAM_CUDA_LAYER_NORM=1 \
   SDSTREAM_CUDA_FUSED_LINEAR=1 SDSTREAM_CUDA_PHASE_CONV=1 SDSTREAM_FUSED_TIME_PROJECTIONS=1 \
-  SDSTREAM_TESTS=cuda_half_precision_streams \
+  SDSTREAM_CUDA_CONV_ENGINES=1 SDSTREAM_TESTS=cuda_half_precision_streams \
   SDSTREAM_TESTS_TAG=-flash "${run[@]}" tests
 # Every prepared switch on at once (channels last and canny on the device, both the defaults
 # now, set here to say so; pinned transfers; the proven switches), the host waiting once a
@@ -153,13 +174,13 @@ stage bench-f16-all-on-sync 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 S
   "${run[@]}" bench-f16
 # Issue 44's target (8 streams at 30 fps each) with every prepared switch on: batched UNet calls
 # of up to 8 rows spend most of their time in attention.
-stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" \
+stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven_batched[@]}" \
   SDSTREAM_BENCH_TAG=-all-on SDSTREAM_MULTI_ARGS="--streams 1,8 --frames 40" "${run[@]}" multi-stream-f16
 # The same 8 streams with each batch handed back by a CUDA event instead of the running thread
 # waiting for the device (the host queues a round's next batch while this one runs), where its
 # test passed: against the row above, what the host's waits at each stage change cost.
 if passed cuda_streams_batched_with_events; then
-  stage multi-stream-f16-all-on-events 50 SDSTREAM_CUDA_PINNED=1 "${proven_kernels[@]}" \
+  stage multi-stream-f16-all-on-events 50 SDSTREAM_CUDA_PINNED=1 "${proven_batched[@]}" \
     SDSTREAM_CUDA_BATCH_EVENTS=1 SDSTREAM_BENCH_TAG=-all-on-events \
     SDSTREAM_MULTI_ARGS="--streams 8 --frames 40" "${run[@]}" multi-stream-f16
 fi
@@ -189,8 +210,8 @@ if [[ "${#proven_kernels[@]}" -ne "${#proven[@]}" ]]; then
   stage tests-cudnn-kernel-cache 60 SDSTREAM_TESTS=cuda_cudnn_kernel_cache \
     SDSTREAM_TESTS_TAG=-cudnn-kernel-cache "${run[@]}" tests
   if passed cuda_cudnn_kernel_cache; then
-    stage multi-stream-f16-all-on-cudnn 60 SDSTREAM_CUDA_PINNED=1 "${proven[@]}" \
-      SDSTREAM_CUDA_CUDNN_KERNEL_CACHE=1 SDSTREAM_BENCH_TAG=-all-on-cudnn \
+    stage multi-stream-f16-all-on-cudnn 60 SDSTREAM_CUDA_PINNED=1 "${proven_batched[@]}" \
+      SDSTREAM_CUDA_CUDNN_ATTENTION=1 SDSTREAM_CUDA_CUDNN_KERNEL_CACHE=1 SDSTREAM_BENCH_TAG=-all-on-cudnn \
       SDSTREAM_MULTI_ARGS="--streams 1,8 --frames 40" "${run[@]}" multi-stream-f16
   fi
 fi
