@@ -289,6 +289,8 @@ pub(crate) struct EngineInfo {
     /// `CUDNN_ATTR_ENGINE_GLOBAL_INDEX`: which of cuDNN's engines, for logs.
     pub(crate) index: i64,
     pub(crate) numerical_notes: Vec<sys::cudnnBackendNumericalNote_t>,
+    /// Whether building its plan compiles its kernel (NVRTC): a build that takes time.
+    pub(crate) runtime_compiled: bool,
 }
 
 /// What `config`'s engine is ([`EngineInfo`]).
@@ -330,9 +332,29 @@ pub(crate) fn engine_info(config: &Descriptor) -> candle_core::Result<EngineInfo
         "numerical notes",
     )?;
     notes.truncate(written.clamp(0, capacity as i64) as usize);
+    let capacity = sys::cudnnBackendBehaviorNote_t::CUDNN_BEHAVIOR_NOTE_TYPE_COUNT as usize;
+    let mut behavior =
+        vec![sys::cudnnBackendBehaviorNote_t::CUDNN_BEHAVIOR_NOTE_TYPE_COUNT; capacity];
+    // SAFETY: room for `capacity` notes, as many as there are kinds.
+    check(
+        unsafe {
+            sys::cudnnBackendGetAttribute(
+                engine.0,
+                Attr::CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE,
+                Type::CUDNN_TYPE_BEHAVIOR_NOTE,
+                capacity as i64,
+                &mut written,
+                behavior.as_mut_ptr() as *mut c_void,
+            )
+        },
+        "behavior notes",
+    )?;
+    behavior.truncate(written.clamp(0, capacity as i64) as usize);
     Ok(EngineInfo {
         index,
         numerical_notes: notes,
+        runtime_compiled: behavior
+            .contains(&sys::cudnnBackendBehaviorNote_t::CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION),
     })
 }
 

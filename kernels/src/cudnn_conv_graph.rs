@@ -44,6 +44,10 @@ use sys::cudnnBackendNumericalNote_t as Note;
 
 /// How many acceptable engine configurations a geometry's choice builds and times at most.
 pub(crate) const CANDIDATES: usize = 4;
+/// How many of those may be engines whose plans compile their kernel as they are built
+/// (NVRTC, a fraction of a second or more each): the rest of the heuristic's order is skipped
+/// past them.
+const COMPILED_CANDIDATES: usize = 2;
 /// Timed runs of each candidate, after one untimed run (which loads its kernel).
 const TIMED_RUNS: usize = 3;
 
@@ -70,8 +74,11 @@ impl Geometry {
     }
 }
 
-/// What the graph applies after the convolution, in this order: `+ bias` (`[C_out]`),
-/// `+ residual` (the output's shape), ReLU.
+/// What the graph applies after the convolution, in this order: `+ residual` (the output's
+/// shape), `+ bias` (`[C_out]`), ReLU. The order of the legacy fused call's formula, and the one
+/// cuDNN's precompiled fused engines take: with the bias added before the residual, cuDNN 9.19
+/// offers an H100 only an engine that compiles its kernel at build (engine 7, 3
+/// configurations), in this order 38 to 40 configurations of the precompiled engine 41.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub(crate) struct Epilogue {
     pub(crate) bias: bool,
@@ -213,21 +220,21 @@ impl Graph {
             parts.extend(operand);
             Ok(next)
         };
-        if epilogue.bias {
-            let bias = tensor(BIAS, dtype, &[1, k, 1, 1], &[k, 1, k, k], Role::Operand)?;
-            current = then(
-                Pw::CUDNN_POINTWISE_ADD,
-                Some(bias),
-                current,
-                &mut parts,
-                &mut operations,
-            )?;
-        }
         if epilogue.residual {
             let residual = tensor(RESIDUAL, dtype, &y_dims, &y_strides, Role::Operand)?;
             current = then(
                 Pw::CUDNN_POINTWISE_ADD,
                 Some(residual),
+                current,
+                &mut parts,
+                &mut operations,
+            )?;
+        }
+        if epilogue.bias {
+            let bias = tensor(BIAS, dtype, &[1, k, 1, 1], &[k, 1, k, k], Role::Operand)?;
+            current = then(
+                Pw::CUDNN_POINTWISE_ADD,
+                Some(bias),
                 current,
                 &mut parts,
                 &mut operations,
@@ -513,10 +520,17 @@ unsafe fn choose(
     let graph = Graph::new(geometry, epilogue, cudnn_dtype)?;
     let operation_graph = graph.operation_graph(Some(handle.0))?;
     let mut built = Vec::new();
+    let mut compiled = 0;
     let mut last_refusal = None;
     for (config, info) in acceptable_configs(&operation_graph, dtype == DType::F32, None)? {
         if built.len() == CANDIDATES {
             break;
+        }
+        if info.runtime_compiled {
+            if compiled == COMPILED_CANDIDATES {
+                continue;
+            }
+            compiled += 1;
         }
         match cudnn_backend::Plan::build(handle.0, config, None) {
             Ok(plan) => built.push((plan, info.index)),
@@ -716,13 +730,24 @@ mod tests {
                 .unwrap_or(0);
                 let acceptable =
                     acceptable_configs(&operation_graph, f32_storage, Some(&properties)).unwrap();
-                let engines: Vec<i64> = acceptable.iter().map(|(_, info)| info.index).collect();
+                // Each engine's index, starred where its plans compile their kernel.
+                let engines: Vec<String> = acceptable
+                    .iter()
+                    .map(|(_, info)| {
+                        format!(
+                            "{}{}",
+                            info.index,
+                            if info.runtime_compiled { "*" } else { "" }
+                        )
+                    })
+                    .collect();
                 println!(
                     "{name} {:?} over {:?} {dtype_name} {epilogue:?}: mode A offers {offered}, \
-                     {} keep the plain arithmetic (engines {engines:?})",
+                     {} keep the plain arithmetic (engines, * compiled at build: {})",
                     geometry.filter,
                     geometry.input,
-                    acceptable.len()
+                    acceptable.len(),
+                    engines.join(" ")
                 );
                 // The frames' dtype must have them; bf16's and f32's are said.
                 let whole_vectors = geometry.input[3] % 8 == 0 && geometry.filter[0] % 8 == 0;
