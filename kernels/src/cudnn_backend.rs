@@ -392,6 +392,25 @@ impl Plan {
         })
     }
 
+    /// The plan of `config` for the device `properties` describe, without a handle (cuDNN 9.8
+    /// and later): whether cuDNN finalizes it, and its workspace, on a machine with no device.
+    #[cfg(test)]
+    pub(crate) fn build_deviceless(
+        config: Descriptor,
+        properties: &Descriptor,
+    ) -> candle_core::Result<Self> {
+        let plan = Descriptor::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
+        plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&config])?;
+        plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_DEVICEPROP, &[properties])?;
+        let plan = plan.finalize("execution plan")?;
+        let workspace = plan.get_i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)?;
+        Ok(Self {
+            plan,
+            workspace: workspace.max(0) as usize,
+            _config: config,
+        })
+    }
+
     /// Queues the plan on `handle`'s stream over the buffers `pointers` (device addresses, or
     /// host addresses of by-value scalars) that `uids` name, with `workspace`.
     ///
