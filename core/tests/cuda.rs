@@ -1115,6 +1115,47 @@ fn cuda_conv_engines_match_the_legacy_call() {
     assert_eq!(chosen_runs + refused, cases);
     println!("conv engines: {}", conv_engine_choices());
 
+    // A thread meeting a geometry this one timed builds the chosen plan alone (no timing), and
+    // the same engine gives the same bits.
+    let case = ConvCase::all()[0];
+    let layer = case.layer()(DType::F16, &cuda)
+        .into_channels_last()
+        .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (case.b, case.h, case.w, case.c_in), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap()
+        .to_device(&cuda)
+        .unwrap();
+    let run = || {
+        policy(true, true).scoped(|| {
+            let y = layer
+                .forward_with(
+                    &x,
+                    1,
+                    Epilogue {
+                        residual: None,
+                        relu: false,
+                    },
+                )
+                .unwrap();
+            to_cpu(&y)
+        })
+    };
+    let here = run();
+    let before = conv_engine_choices();
+    let there = std::thread::scope(|s| s.spawn(run).join().unwrap());
+    let after = conv_engine_choices();
+    assert_eq!(after.chosen - before.chosen, 1, "the other thread's plan");
+    assert_eq!(
+        after.shared - before.shared,
+        1,
+        "taken from this thread's choice"
+    );
+    assert_eq!(after.timed, before.timed, "nothing timed again");
+    let (max, _) = common::abs_err(&here, &there);
+    assert_eq!(max, 0.0, "the same engine, the same bits");
+
     // Time a call of each in the frame's f16, the legacy call against the chosen engine, with
     // the bias (and TAESD's ReLU) in cuDNN's call and as separate ops after a plain
     // convolution: cuDNN's heuristic offers other engines for a plain convolution than for one

@@ -651,6 +651,9 @@ pub struct EngineChoices {
     pub timed: u64,
     /// Geometries (per thread) cuDNN refused: the legacy call runs them.
     pub refused: u64,
+    /// Of the chosen, those a thread took from another thread's timing (one plan built, none
+    /// timed).
+    pub shared: u64,
     /// Time spent choosing (building the candidates' plans and timing them), in µs.
     pub choose_micros: u64,
 }
@@ -659,10 +662,11 @@ impl std::fmt::Display for EngineChoices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} convolutions through chosen engines; {} geometries chosen from {} timed plans in \
-             {:.1} ms; {} refused",
+            "{} convolutions through chosen engines; {} geometries chosen ({} from another \
+             thread's timing) from {} timed plans in {:.1} ms; {} refused",
             self.calls,
             self.chosen,
+            self.shared,
             self.timed,
             self.choose_micros as f64 / 1e3,
             self.refused

@@ -25,8 +25,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::rc::Rc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
 
 use candle_core::DType;
 use candle_core::cuda_backend::DeviceId;
@@ -310,10 +310,17 @@ thread_local! {
     static PLANS: RefCell<HashMap<Key, Option<Rc<Chosen>>>> = RefCell::new(HashMap::new());
 }
 
+/// Each geometry's choice in this process: the chosen configuration's position among the
+/// acceptable ones in the heuristic's order. A thread that meets a geometry another thread
+/// timed builds that plan alone instead of timing again: a cross-stream batcher's rounds of
+/// each width run on whichever stream's thread forms them.
+static DECIDED: LazyLock<Mutex<HashMap<Key, usize>>> = LazyLock::new(Default::default);
+
 static CALLS: AtomicU64 = AtomicU64::new(0);
 static CHOSEN: AtomicU64 = AtomicU64::new(0);
 static TIMED: AtomicU64 = AtomicU64::new(0);
 static REFUSED: AtomicU64 = AtomicU64::new(0);
+static SHARED: AtomicU64 = AtomicU64::new(0);
 static CHOOSE_MICROS: AtomicU64 = AtomicU64::new(0);
 
 /// The counts so far ([`EngineChoices`]).
@@ -323,6 +330,7 @@ pub(crate) fn engine_choices() -> EngineChoices {
         chosen: CHOSEN.load(Ordering::Relaxed),
         timed: TIMED.load(Ordering::Relaxed),
         refused: REFUSED.load(Ordering::Relaxed),
+        shared: SHARED.load(Ordering::Relaxed),
         choose_micros: CHOOSE_MICROS.load(Ordering::Relaxed),
     }
 }
@@ -519,10 +527,33 @@ unsafe fn choose(
     let handle = handle(dev)?;
     let graph = Graph::new(geometry, epilogue, cudnn_dtype)?;
     let operation_graph = graph.operation_graph(Some(handle.0))?;
+    let mut acceptable = acceptable_configs(&operation_graph, dtype == DType::F32, None)?;
+    // Another thread timed this geometry: its choice (a position in the heuristic's order,
+    // which is the same for the same graph and device) is built alone.
+    let key: Key = (dev.id(), dtype, geometry, epilogue);
+    let decided = DECIDED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .copied();
+    if let Some(position) = decided.filter(|&p| p < acceptable.len()) {
+        let (config, info) = acceptable.swap_remove(position);
+        if let Ok(plan) = cudnn_backend::Plan::build(handle.0, config, None) {
+            SHARED.fetch_add(1, Ordering::Relaxed);
+            return Ok(Chosen {
+                plan,
+                engine: info.index,
+                _operation_graph: operation_graph,
+                _graph: graph,
+            });
+        }
+        // Not built here: this thread chooses for itself.
+        acceptable = acceptable_configs(&operation_graph, dtype == DType::F32, None)?;
+    }
     let mut built = Vec::new();
     let mut compiled = 0;
     let mut last_refusal = None;
-    for (config, info) in acceptable_configs(&operation_graph, dtype == DType::F32, None)? {
+    for (position, (config, info)) in acceptable.into_iter().enumerate() {
         if built.len() == CANDIDATES {
             break;
         }
@@ -533,7 +564,7 @@ unsafe fn choose(
             compiled += 1;
         }
         match cudnn_backend::Plan::build(handle.0, config, None) {
-            Ok(plan) => built.push((plan, info.index)),
+            Ok(plan) => built.push((plan, info.index, position)),
             Err(e) => last_refusal = Some(e),
         }
     }
@@ -553,7 +584,7 @@ unsafe fn choose(
                 .map_err(|e| candle_core::Error::Msg(format!("sdstream-cudnn-conv-graph: {e:?}")))
         };
         let mut fastest = f32::INFINITY;
-        for (i, (plan, _)) in built.iter().enumerate() {
+        for (i, (plan, ..)) in built.iter().enumerate() {
             // SAFETY: the caller's promise; every run writes the whole output.
             unsafe { run(dev, handle.0, plan, buffers) }?;
             let start = event(&stream)?;
@@ -574,7 +605,11 @@ unsafe fn choose(
     } else {
         TIMED.fetch_add(1, Ordering::Relaxed);
     }
-    let (plan, engine) = built.swap_remove(best);
+    let (plan, engine, position) = built.swap_remove(best);
+    DECIDED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, position);
     Ok(Chosen {
         plan,
         engine,

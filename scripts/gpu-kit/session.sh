@@ -84,10 +84,11 @@ proven_kernels=()
 for switch in "${proven[@]}"; do
   [[ "$switch" == SDSTREAM_CUDA_CUDNN_ATTENTION=1 ]] || proven_kernels+=("$switch")
 done
-# The convolution engines are chosen per thread and geometry on first use, timing up to four
-# plans each: a stream alone meets all its geometries in the bench's warm-up frames, but a
-# batcher's rounds of every width from 2 to 8 rows would still be choosing in the measured
-# ones. So the batched rows run without them (proven_batched).
+# The convolution engines are chosen per geometry on first use, timing up to four plans each
+# (once per process; other threads build the chosen plan alone): a stream alone meets all its
+# geometries in the bench's warm-up frames, but a batcher's rounds of every width from 2 to 8
+# rows may still be choosing in the measured ones. So the batched rows run without them
+# (proven_batched), and 8 streams have a row with them of their own.
 proven_batched=()
 for switch in "${proven_kernels[@]}"; do
   [[ "$switch" == SDSTREAM_CUDA_CONV_ENGINES=1 ]] || proven_batched+=("$switch")
@@ -176,6 +177,14 @@ stage bench-f16-all-on-sync 60 SDSTREAM_CHANNELS_LAST=1 SDSTREAM_CUDA_PINNED=1 S
 # of up to 8 rows spend most of their time in attention.
 stage multi-stream-f16-all-on 60 SDSTREAM_CUDA_PINNED=1 "${proven_batched[@]}" \
   SDSTREAM_BENCH_TAG=-all-on SDSTREAM_MULTI_ARGS="--streams 1,8 --frames 40" "${run[@]}" multi-stream-f16
+# The same with each convolution's engine chosen by timing, where its test passed: batches of
+# 8 rows are where the convolutions' arithmetic rate counts most (the choices' count and time
+# follow the table).
+if passed cuda_conv_engines; then
+  stage multi-stream-f16-all-on-conv-engines 50 SDSTREAM_CUDA_PINNED=1 "${proven_batched[@]}" \
+    SDSTREAM_CUDA_CONV_ENGINES=1 SDSTREAM_BENCH_TAG=-all-on-conv-engines \
+    SDSTREAM_MULTI_ARGS="--streams 8 --frames 40" "${run[@]}" multi-stream-f16
+fi
 # The same 8 streams with each batch handed back by a CUDA event instead of the running thread
 # waiting for the device (the host queues a round's next batch while this one runs), where its
 # test passed: against the row above, what the host's waits at each stage change cost.
