@@ -665,6 +665,27 @@ impl ConvCase {
         ]
     }
 
+    /// A random channels-last input of the case's shape, a random residual of its output's
+    /// shape (both on the CPU, f32), and the layer ([`ConvCase::layer`]) laid out channels-last.
+    fn channels_last_inputs(
+        &self,
+    ) -> (
+        Tensor,
+        Tensor,
+        impl Fn(DType, &Device) -> sdstream::model::kernels::conv::Conv2d,
+    ) {
+        let x =
+            Tensor::randn(0f32, 1.0, (self.b, self.h, self.w, self.c_in), &Device::Cpu).unwrap();
+        let make = self.layer();
+        let layer =
+            move |dtype: DType, device: &Device| make(dtype, device).into_channels_last().unwrap();
+        let plain = layer(DType::F32, &Device::Cpu)
+            .forward_upsampled(&x, self.up)
+            .unwrap();
+        let residual = Tensor::randn(0f32, 0.5, plain.dims(), &Device::Cpu).unwrap();
+        (x, residual, layer)
+    }
+
     /// The layer with random weights (scaled by the fan-in) and bias, drawn once: a function
     /// making it in a dtype on a device, channels first.
     fn layer(&self) -> impl Fn(DType, &Device) -> sdstream::model::kernels::conv::Conv2d {
@@ -684,6 +705,18 @@ impl ConvCase {
             )
             .unwrap()
         }
+    }
+}
+
+/// A convolution's epilogue: the residual `r` where asked for, and the ReLU.
+fn epilogue(
+    r: &Tensor,
+    with_residual: bool,
+    relu: bool,
+) -> sdstream::model::kernels::conv::Epilogue<'_> {
+    sdstream::model::kernels::conv::Epilogue {
+        residual: Some(r).filter(|_| with_residual),
+        relu,
     }
 }
 
@@ -882,7 +915,7 @@ fn cuda_phase_conv_matches_the_upsampled_convolution() {
 )]
 fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
     use sdstream::model::kernels::KernelPolicy;
-    use sdstream::model::kernels::conv::{Epilogue, cudnn_fused_calls};
+    use sdstream::model::kernels::conv::cudnn_fused_calls;
     if !cuda_or_skip("cuda_fused_conv_epilogue_matches_the_separate_ops") {
         return;
     }
@@ -903,21 +936,8 @@ fn cuda_fused_conv_epilogue_matches_the_separate_ops() {
             up,
             ..
         } = case;
-        let x = Tensor::randn(0f32, 1.0, (b, h, w, c_in), &Device::Cpu).unwrap();
-        let make = case.layer();
-        let layer =
-            |dtype: DType, device: &Device| make(dtype, device).into_channels_last().unwrap();
-        let plain = layer(DType::F32, &Device::Cpu)
-            .forward_upsampled(&x, up)
-            .unwrap();
-        let residual = Tensor::randn(0f32, 0.5, plain.dims(), &Device::Cpu).unwrap();
+        let (x, residual, layer) = case.channels_last_inputs();
         for (with_residual, relu) in [(false, false), (false, true), (true, false), (true, true)] {
-            fn epilogue(r: &Tensor, with_residual: bool, relu: bool) -> Epilogue<'_> {
-                Epilogue {
-                    residual: Some(r).filter(|_| with_residual),
-                    relu,
-                }
-            }
             let want = layer(DType::F32, &Device::Cpu)
                 .forward_with(&x, up, epilogue(&residual, with_residual, relu))
                 .unwrap();
@@ -1030,14 +1050,7 @@ fn cuda_conv_engines_match_the_legacy_call() {
             up,
             ..
         } = case;
-        let x = Tensor::randn(0f32, 1.0, (b, h, w, c_in), &Device::Cpu).unwrap();
-        let make = case.layer();
-        let layer =
-            |dtype: DType, device: &Device| make(dtype, device).into_channels_last().unwrap();
-        let plain = layer(DType::F32, &Device::Cpu)
-            .forward_upsampled(&x, up)
-            .unwrap();
-        let residual = Tensor::randn(0f32, 0.5, plain.dims(), &Device::Cpu).unwrap();
+        let (x, residual, layer) = case.channels_last_inputs();
         // (epilogue in cuDNN's call, residual, ReLU); without the first the bias is a separate
         // add after a plain convolution.
         for (fused, with_residual, relu) in [
@@ -1047,12 +1060,6 @@ fn cuda_conv_engines_match_the_legacy_call() {
             (true, true, false),
             (true, true, true),
         ] {
-            fn epilogue(r: &Tensor, with_residual: bool, relu: bool) -> Epilogue<'_> {
-                Epilogue {
-                    residual: Some(r).filter(|_| with_residual),
-                    relu,
-                }
-            }
             let want = layer(DType::F32, &Device::Cpu)
                 .forward_with(&x, up, epilogue(&residual, with_residual, relu))
                 .unwrap();

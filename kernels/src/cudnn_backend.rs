@@ -103,25 +103,42 @@ impl Descriptor {
         Ok(self)
     }
 
-    /// Attribute `name`, a single int64.
-    pub(crate) fn get_i64(&self, name: Attr) -> candle_core::Result<i64> {
-        let mut value = 0i64;
-        let mut count = 0i64;
-        // SAFETY: one i64 written.
+    /// Attribute `name`: at most `values.len()` elements of the C type `ty` names, written
+    /// into `values`; how many cuDNN wrote.
+    ///
+    /// # Safety
+    /// `T` is the C representation of `ty` (for descriptors, `values` holds created
+    /// descriptors of the kind the attribute has, which cuDNN fills).
+    pub(crate) unsafe fn get<T>(
+        &self,
+        name: Attr,
+        ty: Type,
+        values: &mut [T],
+    ) -> candle_core::Result<usize> {
+        let mut written = 0i64;
+        // SAFETY: room for `len` elements of `ty`'s C type (the caller's promise).
         check(
             unsafe {
                 sys::cudnnBackendGetAttribute(
                     self.0,
                     name,
-                    Type::CUDNN_TYPE_INT64,
-                    1,
-                    &mut count,
-                    &mut value as *mut i64 as *mut c_void,
+                    ty,
+                    values.len() as i64,
+                    &mut written,
+                    values.as_mut_ptr() as *mut c_void,
                 )
             },
             &format!("get {name:?}"),
         )?;
-        Ok(value)
+        Ok(written.clamp(0, values.len() as i64) as usize)
+    }
+
+    /// Attribute `name`, a single int64.
+    pub(crate) fn get_i64(&self, name: Attr) -> candle_core::Result<i64> {
+        let mut value = [0i64];
+        // SAFETY: CUDNN_TYPE_INT64's C type is int64_t.
+        unsafe { self.get(name, Type::CUDNN_TYPE_INT64, &mut value) }?;
+        Ok(value[0])
     }
 }
 
@@ -264,22 +281,15 @@ pub(crate) fn engine_configs(
         .map(|_| Descriptor::new(Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let mut raw: Vec<sys::cudnnBackendDescriptor_t> = configs.iter().map(|c| c.0).collect();
-    let mut filled = 0i64;
     // SAFETY: `raw` holds `offered` created engine-config descriptors for cuDNN to fill.
-    check(
-        unsafe {
-            sys::cudnnBackendGetAttribute(
-                heuristic.0,
-                Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                offered,
-                &mut filled,
-                raw.as_mut_ptr() as *mut c_void,
-            )
-        },
-        "heuristic results",
-    )?;
-    configs.truncate(filled.clamp(0, offered) as usize);
+    let filled = unsafe {
+        heuristic.get(
+            Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+            Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            &mut raw,
+        )
+    }?;
+    configs.truncate(filled);
     Ok(configs)
 }
 
@@ -296,60 +306,38 @@ pub(crate) struct EngineInfo {
 /// What `config`'s engine is ([`EngineInfo`]).
 pub(crate) fn engine_info(config: &Descriptor) -> candle_core::Result<EngineInfo> {
     let engine = Descriptor::new(Kind::CUDNN_BACKEND_ENGINE_DESCRIPTOR)?;
-    let mut count = 0i64;
-    let mut raw = engine.0;
     // SAFETY: one created engine descriptor for cuDNN to fill.
-    check(
-        unsafe {
-            sys::cudnnBackendGetAttribute(
-                config.0,
-                Attr::CUDNN_ATTR_ENGINECFG_ENGINE,
-                Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                1,
-                &mut count,
-                &mut raw as *mut sys::cudnnBackendDescriptor_t as *mut c_void,
-            )
-        },
-        "engine of a configuration",
-    )?;
+    unsafe {
+        config.get(
+            Attr::CUDNN_ATTR_ENGINECFG_ENGINE,
+            Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            &mut [engine.0],
+        )
+    }?;
     let index = engine.get_i64(Attr::CUDNN_ATTR_ENGINE_GLOBAL_INDEX)?;
-    let capacity = sys::cudnnBackendNumericalNote_t::CUDNN_NUMERICAL_NOTE_TYPE_COUNT as usize;
-    let mut notes =
-        vec![sys::cudnnBackendNumericalNote_t::CUDNN_NUMERICAL_NOTE_TYPE_COUNT; capacity];
-    let mut written = 0i64;
-    // SAFETY: room for `capacity` notes, as many as there are kinds.
-    check(
-        unsafe {
-            sys::cudnnBackendGetAttribute(
-                engine.0,
-                Attr::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
-                Type::CUDNN_TYPE_NUMERICAL_NOTE,
-                capacity as i64,
-                &mut written,
-                notes.as_mut_ptr() as *mut c_void,
-            )
-        },
-        "numerical notes",
-    )?;
-    notes.truncate(written.clamp(0, capacity as i64) as usize);
-    let capacity = sys::cudnnBackendBehaviorNote_t::CUDNN_BEHAVIOR_NOTE_TYPE_COUNT as usize;
-    let mut behavior =
-        vec![sys::cudnnBackendBehaviorNote_t::CUDNN_BEHAVIOR_NOTE_TYPE_COUNT; capacity];
-    // SAFETY: room for `capacity` notes, as many as there are kinds.
-    check(
-        unsafe {
-            sys::cudnnBackendGetAttribute(
-                engine.0,
-                Attr::CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE,
-                Type::CUDNN_TYPE_BEHAVIOR_NOTE,
-                capacity as i64,
-                &mut written,
-                behavior.as_mut_ptr() as *mut c_void,
-            )
-        },
-        "behavior notes",
-    )?;
-    behavior.truncate(written.clamp(0, capacity as i64) as usize);
+    // Room for as many notes as there are kinds.
+    let mut notes = [sys::cudnnBackendNumericalNote_t::CUDNN_NUMERICAL_NOTE_TYPE_COUNT;
+        sys::cudnnBackendNumericalNote_t::CUDNN_NUMERICAL_NOTE_TYPE_COUNT as usize];
+    // SAFETY: CUDNN_TYPE_NUMERICAL_NOTE's C type is the enum, a 32-bit value as this one.
+    let written = unsafe {
+        engine.get(
+            Attr::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
+            Type::CUDNN_TYPE_NUMERICAL_NOTE,
+            &mut notes,
+        )
+    }?;
+    let notes = notes[..written].to_vec();
+    let mut behavior = [sys::cudnnBackendBehaviorNote_t::CUDNN_BEHAVIOR_NOTE_TYPE_COUNT;
+        sys::cudnnBackendBehaviorNote_t::CUDNN_BEHAVIOR_NOTE_TYPE_COUNT as usize];
+    // SAFETY: as above, for the behavior notes.
+    let written = unsafe {
+        engine.get(
+            Attr::CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE,
+            Type::CUDNN_TYPE_BEHAVIOR_NOTE,
+            &mut behavior,
+        )
+    }?;
+    let behavior = &behavior[..written];
     Ok(EngineInfo {
         index,
         numerical_notes: notes,
