@@ -231,13 +231,13 @@ impl Plan {
     /// The plan of the first configuration that builds; with `kernels`, for a dynamic-shape
     /// graph whose kernel comes from (or goes into) that cache.
     fn build(
-        handle: sys::cudnnHandle_t,
+        handle: &Rc<cudnn_backend::Handle>,
         operands: [GraphOperand; 4],
         dtype: sys::cudnnDataType_t,
         kernels: Option<&KernelCache>,
     ) -> candle_core::Result<Self> {
         let graph = Graph::new(operands, dtype)?;
-        let operation_graph = graph.operation_graph(Some(handle), kernels.is_some())?;
+        let operation_graph = graph.operation_graph(Some(handle.0), kernels.is_some())?;
         let mut last_refusal = None;
         // Mode A only: its choices are the flash engines; a fallback engine that took this
         // graph would be one of cuDNN's generic ones, slower than attention.cu's kernel.
@@ -467,7 +467,7 @@ fn run<T: CudaDType + DeviceRepr>(
             // A refused plan with the kernel cache falls back to a static one.
             let with_cache = kernels.as_ref().and_then(|kernels| {
                 let kernels = kernels.lock().unwrap_or_else(|e| e.into_inner());
-                Plan::build(handle.0, graph, dtype, Some(&kernels))
+                Plan::build(&handle, graph, dtype, Some(&kernels))
                     .inspect_err(|refusal| note_kernel_cache_refusal(&graph, refusal))
                     .ok()
             });
@@ -476,7 +476,7 @@ fn run<T: CudaDType + DeviceRepr>(
                     SHARED.fetch_add(1, Ordering::Relaxed);
                     Ok(plan)
                 }
-                None => Plan::build(handle.0, graph, dtype, None),
+                None => Plan::build(&handle, graph, dtype, None),
             };
             let micros = began.elapsed().as_micros() as u64;
             BUILD_MICROS.fetch_add(micros, Ordering::Relaxed);

@@ -346,18 +346,22 @@ pub(crate) fn engine_info(config: &Descriptor) -> candle_core::Result<EngineInfo
     })
 }
 
-/// An execution plan and the workspace it asks for, with the configuration it was made of.
+/// An execution plan and the workspace it asks for, with the configuration it was made of and
+/// the handle it was made on, which it keeps alive: a thread's handles and plans live in
+/// thread-locals whose destructors run in no order a plan could rely on, and a plan is
+/// destroyed before its handle (the fields' order).
 pub(crate) struct Plan {
     pub(crate) plan: Descriptor,
     pub(crate) workspace: usize,
     _config: Descriptor,
+    _handle: Option<Rc<Handle>>,
 }
 
 impl Plan {
     /// The plan of `config` on `handle`; with `kernel_cache`, one whose kernel comes from (or
     /// goes into) that cache (a dynamic-shape graph's). An error where cuDNN refuses it.
     pub(crate) fn build(
-        handle: sys::cudnnHandle_t,
+        handle: &Rc<Handle>,
         config: Descriptor,
         kernel_cache: Option<&Descriptor>,
     ) -> candle_core::Result<Self> {
@@ -365,7 +369,7 @@ impl Plan {
         plan.set(
             Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
             Type::CUDNN_TYPE_HANDLE,
-            &[handle],
+            &[handle.0],
         )?;
         plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&config])?;
         if let Some(cache) = kernel_cache {
@@ -377,6 +381,7 @@ impl Plan {
             plan,
             workspace: workspace.max(0) as usize,
             _config: config,
+            _handle: Some(handle.clone()),
         })
     }
 
@@ -396,6 +401,7 @@ impl Plan {
             plan,
             workspace: workspace.max(0) as usize,
             _config: config,
+            _handle: None,
         })
     }
 

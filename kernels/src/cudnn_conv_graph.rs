@@ -538,7 +538,7 @@ unsafe fn choose(
         .copied();
     if let Some(position) = decided.filter(|&p| p < acceptable.len()) {
         let (config, info) = acceptable.swap_remove(position);
-        if let Ok(plan) = cudnn_backend::Plan::build(handle.0, config, None) {
+        if let Ok(plan) = cudnn_backend::Plan::build(&handle, config, None) {
             SHARED.fetch_add(1, Ordering::Relaxed);
             return Ok(Chosen {
                 plan,
@@ -563,7 +563,7 @@ unsafe fn choose(
             }
             compiled += 1;
         }
-        match cudnn_backend::Plan::build(handle.0, config, None) {
+        match cudnn_backend::Plan::build(&handle, config, None) {
             Ok(plan) => built.push((plan, info.index, position)),
             Err(e) => last_refusal = Some(e),
         }
