@@ -2,8 +2,8 @@
 //! cuDNN's backend API, each geometry's engine chosen by timing (feature `cudnn`, kernel policy
 //! `cuda_conv_engines`).
 //!
-//! The legacy call `cudnn_conv` makes names one algorithm, the implicit-precomputed GEMM, and
-//! cuDNN runs whichever of its engines stands behind that name; its fused call takes an
+//! The legacy call that `cudnn_conv` makes names one algorithm, the implicit-precomputed GEMM,
+//! and cuDNN runs whichever of its engines stands behind that name; its fused call takes an
 //! identity activation with that algorithm only. The backend API offers every engine cuDNN has
 //! for a graph, ranked by its heuristic, each with notes on its arithmetic. Here each geometry
 //! (batch, sizes, channels, padding, stride, dtype, epilogue) gets the engines of heuristic
@@ -12,10 +12,11 @@
 //! VAE, see `cudnn_conv`), no inputs converted down or sums kept in a narrower type, nothing
 //! non-deterministic (same seed, same picture), and no tensor cores for f32 (TF32 would round
 //! its operands; the f32 goldens hold without). Up to [`CANDIDATES`] of them are built and
-//! timed on the call's own operands, on the first (eager) call of the geometry on a thread,
-//! and the fastest kept for that thread, as torch's `cudnn.benchmark` does. The epilogue is
-//! part of the graph (pointwise nodes after the convolution, in f32, rounded once to the
-//! storage type), so any engine that fuses it may run it.
+//! timed on the call's own operands, on the geometry's first (eager) call, and the fastest
+//! kept, as torch's `cudnn.benchmark` does: its plan for the thread, and the choice for the
+//! process, so that another thread meeting the geometry builds that plan without timing. The
+//! epilogue is part of the graph (pointwise nodes after the convolution, in f32, rounded once
+//! to the storage type), so any engine that fuses it may run it.
 //!
 //! Nothing is built while a CUDA graph is being captured (building may compile a kernel and
 //! allocate); the caller then runs the legacy call, as it does where cuDNN refuses a geometry
@@ -740,10 +741,11 @@ mod tests {
     /// cuDNN's heuristic offers engines that keep the plain arithmetic ([`notes_allow`]) for
     /// the networks' convolutions, with and without their epilogues, asked for an H100 without
     /// a device (cuDNN 9.8 and later), and cuDNN finalizes the first one's plan for those
-    /// properties (measured with cuDNN 9.19: 45 of 45, all three dtypes; f16 asserted). Needs the real libcudnn on the library path and a
-    /// libcuda that loads: `bash scripts/cudnn-deviceless.sh` provides both and runs it. The
-    /// geometries whose channels are not whole 16-byte vectors (TAESD's 3-channel ends, the
-    /// UNet's 4-channel input) may be refused: the legacy call runs those.
+    /// properties (measured with cuDNN 9.19: 45 of 45, all three dtypes; f16 asserted). Needs
+    /// the real libcudnn on the library path and a libcuda that loads:
+    /// `bash scripts/cudnn-deviceless.sh` provides both and runs it. The geometries whose
+    /// channels are not whole 16-byte vectors (TAESD's 3-channel ends, the UNet's 4-channel
+    /// input) may be refused: the legacy call runs those.
     #[test]
     #[ignore = "needs cuDNN 9.8+ on the library path"]
     fn deviceless_convolution_engines_exist() {
