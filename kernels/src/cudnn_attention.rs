@@ -39,14 +39,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::sys;
-use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaStorage, DType, Layout, Shape};
 
 use super::attention::GraphOperand;
 use super::cudnn_backend::{
-    self, Attr, Descriptor, F32, Kind, Role, Type, engine_configs, handle, pointwise, tensor,
+    self, Attr, Descriptor, F32, Kind, Role, Type, engine_configs, pointwise, tensor,
 };
 
 /// Calls that ran through cuDNN ([`forward`]), for tests and the bench.
@@ -446,19 +445,10 @@ fn run<T: CudaDType + DeviceRepr>(
             // never while a CUDA graph is being captured: building compiles a kernel and may
             // allocate, which a capture must not see. A capture that meets a geometry with no
             // plan records attention.cu's kernel.
-            let capturing = dev
-                .cuda_stream()
-                .capture_status()
-                .map_err(|e| candle_core::Error::Msg(format!("sdstream-cudnn-attention: {e:?}")))?;
-            if capturing != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            if cudnn_backend::capturing(&dev)? {
                 return Ok(None);
             }
-            // cuDNN compiles the plan's kernel in the thread's current context: the device's.
-            dev.cuda_stream()
-                .context()
-                .bind_to_thread()
-                .map_err(|e| candle_core::Error::Msg(format!("sdstream-cudnn-attention: {e:?}")))?;
-            let handle = handle(&dev)?;
+            let handle = cudnn_backend::handle_for_building(&dev)?;
             let began = std::time::Instant::now();
             let geometry = super::attention::batchless(at_zero);
             let kernels = shared
@@ -496,8 +486,6 @@ fn run<T: CudaDType + DeviceRepr>(
     let Some(plan) = plan else {
         return Ok(None);
     };
-    // Made with the plan, on this thread.
-    let handle = handle(&dev)?;
     let stream = dev.cuda_stream();
     let elements = out_shape.elem_count();
     // SAFETY: the plan's second product writes every output value.
@@ -535,12 +523,8 @@ fn run<T: CudaDType + DeviceRepr>(
         // every pointer is a live device buffer of the right size on this thread's stream, the
         // scale a live host f32, the workspace as large as the plan asked.
         let executed = unsafe {
-            plan.plan.execute(
-                handle.0,
-                &[Q, K, V, O, SCALE],
-                &pointers,
-                w_ptr as *mut c_void,
-            )
+            plan.plan
+                .execute(&[Q, K, V, O, SCALE], &pointers, w_ptr as *mut c_void)
         };
         if let Err(e) = executed {
             // A plan that fails to run is dropped for this thread's geometry like a refused

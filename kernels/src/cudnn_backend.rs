@@ -354,7 +354,8 @@ pub(crate) struct Plan {
     pub(crate) plan: Descriptor,
     pub(crate) workspace: usize,
     _config: Descriptor,
-    _handle: Option<Rc<Handle>>,
+    /// `None` for a plan built without a device ([`Plan::build_deviceless`]), which cannot run.
+    handle: Option<Rc<Handle>>,
 }
 
 impl Plan {
@@ -381,7 +382,7 @@ impl Plan {
             plan,
             workspace: workspace.max(0) as usize,
             _config: config,
-            _handle: Some(handle.clone()),
+            handle: Some(handle.clone()),
         })
     }
 
@@ -401,11 +402,11 @@ impl Plan {
             plan,
             workspace: workspace.max(0) as usize,
             _config: config,
-            _handle: None,
+            handle: None,
         })
     }
 
-    /// Queues the plan on `handle`'s stream over the buffers `pointers` (device addresses, or
+    /// Queues the plan on its handle's stream over the buffers `pointers` (device addresses, or
     /// host addresses of by-value scalars) that `uids` name, with `workspace`.
     ///
     /// # Safety
@@ -414,11 +415,13 @@ impl Plan {
     /// stream; the workspace holds at least [`Plan::workspace`] bytes.
     pub(crate) unsafe fn execute(
         &self,
-        handle: sys::cudnnHandle_t,
         uids: &[i64],
         pointers: &[*mut c_void],
         workspace: *mut c_void,
     ) -> candle_core::Result<()> {
+        let Some(handle) = &self.handle else {
+            candle_core::bail!("sdstream-cudnn: a plan built without a device cannot run")
+        };
         let pack = Descriptor::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
         pack.set_i64(Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, uids)?;
         pack.set(
@@ -434,7 +437,7 @@ impl Plan {
         let pack = pack.finalize("variant pack")?;
         // SAFETY: the caller's promise (above).
         check(
-            unsafe { sys::cudnnBackendExecute(handle, self.plan.0, pack.0) },
+            unsafe { sys::cudnnBackendExecute(handle.0, self.plan.0, pack.0) },
             "execute",
         )
     }
@@ -478,6 +481,29 @@ pub(crate) fn handle(dev: &candle_core::CudaDevice) -> candle_core::Result<Rc<Ha
     )?;
     HANDLES.with(|hs| hs.borrow_mut().insert(dev.id(), h.clone()));
     Ok(h)
+}
+
+/// Whether this thread's stream of `dev` is capturing a CUDA graph. No plan is built then:
+/// building may compile a kernel and allocate, which a capture must not see.
+pub(crate) fn capturing(dev: &candle_core::CudaDevice) -> candle_core::Result<bool> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
+    let status = dev
+        .cuda_stream()
+        .capture_status()
+        .map_err(|e| candle_core::Error::Msg(format!("sdstream-cudnn: {e:?}")))?;
+    Ok(status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// This thread's handle for `dev`, with the device's context made the thread's current one:
+/// cuDNN compiles a plan's kernel, where its engine has one to compile, in the current context.
+pub(crate) fn handle_for_building(
+    dev: &candle_core::CudaDevice,
+) -> candle_core::Result<Rc<Handle>> {
+    dev.cuda_stream()
+        .context()
+        .bind_to_thread()
+        .map_err(|e| candle_core::Error::Msg(format!("sdstream-cudnn: {e:?}")))?;
+    handle(dev)
 }
 
 /// A device-properties descriptor made of `json` (cuDNN 9.8 and later), in which cuDNN's

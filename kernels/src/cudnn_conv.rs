@@ -199,9 +199,8 @@ impl CudnnConvFused {
         };
         let dev = xs.device();
         let dtype = xs.dtype();
-        let plan = self
-            .conv
-            .plan::<T>(dev, dtype, dims4(xl, "input")?, dims4(wl, "weight")?)?;
+        let (xd, wd) = (dims4(xl, "input")?, dims4(wl, "weight")?);
+        let plan = self.conv.plan::<T>(dev, dtype, xd, wd)?;
         let c_out = plan.out[3];
         if b1 - b0 != c_out {
             candle_core::bail!(
@@ -222,30 +221,28 @@ impl CudnnConvFused {
             )?),
             None => None,
         };
-        if super::KernelPolicy::current().cuda_conv_engines {
-            let src = xs.as_cuda_slice::<T>()?.slice(x0..x1);
-            let filter = ws.as_cuda_slice::<T>()?.slice(w0..w1);
-            let bias = bs.as_cuda_slice::<T>()?.slice(b0..b1);
-            // SAFETY: the graph's call writes every output element.
-            let dst = unsafe { dev.alloc::<T>(elements)? };
-            let operands = GraphOperands {
-                x: &src,
-                w: &filter,
-                bias: Some(&bias),
-                residual: residual.as_ref(),
-            };
-            let (xd, wd) = (dims4(xl, "input")?, dims4(wl, "weight")?);
-            if self
-                .conv
-                .through_chosen_engine(dev, dtype, (xd, wd), operands, self.relu, &dst)?
-            {
-                drop(residual_guard);
-                FUSED_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Ok((
-                    CudaStorage::wrap_cuda_slice(dst, dev.clone()),
-                    Shape::from(plan.out.to_vec()),
-                ));
-            }
+        let src = xs.as_cuda_slice::<T>()?.slice(x0..x1);
+        let filter = ws.as_cuda_slice::<T>()?.slice(w0..w1);
+        let bias = bs.as_cuda_slice::<T>()?.slice(b0..b1);
+        // SAFETY: either call below writes every output element (the legacy one: alpha1 1, z
+        // scaled by alpha2).
+        let mut dst = unsafe { dev.alloc::<T>(elements)? };
+        let operands = GraphOperands {
+            x: &src,
+            w: &filter,
+            bias: Some(&bias),
+            residual: residual.as_ref(),
+        };
+        if self
+            .conv
+            .through_chosen_engine(dev, dtype, (xd, wd), operands, self.relu, &dst)?
+        {
+            drop(residual_guard);
+            FUSED_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok((
+                CudaStorage::wrap_cuda_slice(dst, dev.clone()),
+                Shape::from(plan.out.to_vec()),
+            ));
         }
         let identity =
             sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
@@ -285,11 +282,8 @@ impl CudnnConvFused {
                 d
             }
         };
-        let src = RawView::<T>::of(&xs.as_cuda_slice::<T>()?.slice(x0..x1), &stream);
-        let filter = ws.as_cuda_slice::<T>()?.slice(w0..w1);
-        let bias = RawView::<T>::of(&bs.as_cuda_slice::<T>()?.slice(b0..b1), &stream);
-        // SAFETY: the call writes every output element (alpha1 1; z scaled by alpha2).
-        let mut dst = unsafe { dev.alloc::<T>(elements)? };
+        let src = RawView::<T>::of(&src, &stream);
+        let bias = RawView::<T>::of(&bias, &stream);
         let (z, alpha2) = match &residual {
             Some(view) => (RawView::<T>::of(view, &stream), 1.0),
             // No residual: the output as z, scaled by zero (cuDNN does not read it then).

@@ -32,12 +32,11 @@ use std::sync::{LazyLock, Mutex};
 use candle_core::DType;
 use candle_core::cuda_backend::DeviceId;
 use candle_core::cuda_backend::cudarc::cudnn::sys;
-use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
 
 use super::conv::EngineChoices;
 use super::cudnn_backend::{
-    self, Attr, Descriptor, EngineInfo, F32, Kind, Role, Type, engine_configs, engine_info, handle,
+    self, Attr, Descriptor, EngineInfo, F32, Kind, Role, Type, engine_configs, engine_info,
     pointwise, tensor,
 };
 
@@ -432,17 +431,12 @@ pub(crate) unsafe fn forward(
     let chosen = match PLANS.with(|p| p.borrow().get(&key).cloned()) {
         Some(kept) => kept,
         None => {
-            let stream = dev.cuda_stream();
-            let capturing = stream.capture_status().map_err(|e| {
-                candle_core::Error::Msg(format!("sdstream-cudnn-conv-graph: {e:?}"))
-            })?;
-            if capturing != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            if cudnn_backend::capturing(dev)? {
                 return Ok(false);
             }
             let began = std::time::Instant::now();
             // SAFETY: the caller's promise, passed on.
-            let made = match unsafe { choose(dev, cudnn_dtype, dtype, geometry, epilogue, buffers) }
-            {
+            let made = match unsafe { choose(dev, cudnn_dtype, key, buffers) } {
                 Ok(chosen) => {
                     CHOSEN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
@@ -469,9 +463,8 @@ pub(crate) unsafe fn forward(
     let Some(chosen) = chosen else {
         return Ok(false);
     };
-    let handle = handle(dev)?;
     // SAFETY: the caller's promise; the workspace is the plan's.
-    let ran = unsafe { run(dev, handle.0, &chosen.plan, buffers) };
+    let ran = unsafe { run(dev, &chosen.plan, buffers) };
     if let Err(e) = ran {
         // A plan that fails to run is dropped like a refused one: later calls go to the
         // legacy call at once.
@@ -489,7 +482,6 @@ pub(crate) unsafe fn forward(
 /// As [`forward`]'s, for the plan's geometry.
 unsafe fn run(
     dev: &candle_core::CudaDevice,
-    handle: sys::cudnnHandle_t,
     plan: &cudnn_backend::Plan,
     buffers: Buffers,
 ) -> candle_core::Result<()> {
@@ -502,36 +494,29 @@ unsafe fn run(
     let (w_ptr, _guard) = workspace.device_ptr(&stream);
     let (uids, pointers) = buffers.pack();
     // SAFETY: the caller's promise; the workspace holds what the plan asked for.
-    unsafe { plan.execute(handle, &uids, &pointers, w_ptr as *mut c_void) }
+    unsafe { plan.execute(&uids, &pointers, w_ptr as *mut c_void) }
 }
 
-/// Builds up to [`CANDIDATES`] plans of the acceptable engines for the geometry and keeps the
-/// one whose [`TIMED_RUNS`] runs over `buffers` took least time on the device (the first that
-/// builds, where only one does).
+/// Builds up to [`CANDIDATES`] plans of the acceptable engines for `key`'s geometry and keeps
+/// the one whose [`TIMED_RUNS`] runs over `buffers` took least time on the device (the first
+/// that builds, where only one does).
 ///
 /// # Safety
 /// As [`forward`]'s.
 unsafe fn choose(
     dev: &candle_core::CudaDevice,
     cudnn_dtype: sys::cudnnDataType_t,
-    dtype: DType,
-    geometry: Geometry,
-    epilogue: Epilogue,
+    key: Key,
     buffers: Buffers,
 ) -> candle_core::Result<Chosen> {
+    let (_, dtype, geometry, epilogue) = key;
     let stream = dev.cuda_stream();
-    // cuDNN builds plans (and may compile their kernels) in the thread's current context.
-    stream
-        .context()
-        .bind_to_thread()
-        .map_err(|e| candle_core::Error::Msg(format!("sdstream-cudnn-conv-graph: {e:?}")))?;
-    let handle = handle(dev)?;
+    let handle = cudnn_backend::handle_for_building(dev)?;
     let graph = Graph::new(geometry, epilogue, cudnn_dtype)?;
     let operation_graph = graph.operation_graph(Some(handle.0))?;
     let mut acceptable = acceptable_configs(&operation_graph, dtype == DType::F32, None)?;
     // Another thread timed this geometry: its choice (a position in the heuristic's order,
     // which is the same for the same graph and device) is built alone.
-    let key: Key = (dev.id(), dtype, geometry, epilogue);
     let decided = DECIDED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -587,11 +572,11 @@ unsafe fn choose(
         let mut fastest = f32::INFINITY;
         for (i, (plan, ..)) in built.iter().enumerate() {
             // SAFETY: the caller's promise; every run writes the whole output.
-            unsafe { run(dev, handle.0, plan, buffers) }?;
+            unsafe { run(dev, plan, buffers) }?;
             let start = event(&stream)?;
             for _ in 0..TIMED_RUNS {
                 // SAFETY: as above.
-                unsafe { run(dev, handle.0, plan, buffers) }?;
+                unsafe { run(dev, plan, buffers) }?;
             }
             let end = event(&stream)?;
             let ms = start.elapsed_ms(&end).map_err(|e| {
