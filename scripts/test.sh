@@ -22,7 +22,13 @@ target_dir="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$target_dir"
 export SDSTREAM_CACHE_DIR="${SDSTREAM_CACHE_DIR:-$(cd "$target_dir" && pwd)/sdstream-cache}"
 
+# Where the time goes: each part says when it starts.
+part() { printf '\n--- %s (%d s into the tests)\n' "$1" "$SECONDS"; }
+
+part "1. the Rust workspace's tests"
 cargo test --workspace --exclude sdstream-python
+
+part "2. the Python module"
 
 venv="${SDSTREAM_PY_VENV:-$target_dir/py-venv}"
 python="${PYTHON:-python3}"
@@ -76,6 +82,7 @@ echo "the abi3 wheel $(basename "$wheel") ran the quickstart in a venv without R
 #      $SDSTREAM_SDK_VENV, tests/server/requirements.txt; a few seconds).
 #    RTMP from an attacker (issue #41's findings and 3,000 mutated connections from a fixed seed)
 #    ran in step 1 too; here again with its figures printed.
+part "3. the server against real peers"
 cargo test -p sdstream-server --test rtmp_fuzz -- --nocapture
 cargo build -p sdstream-server --bin sdstream
 server_bin="$target_dir/debug/sdstream"
@@ -126,6 +133,7 @@ fi
 #    from its own virtualenv (target/browser-venv, or $SDSTREAM_BROWSER_VENV) with the pinned
 #    wheels of tests/browser/requirements.txt; screenshots go to target/browser-e2e/screens.
 #    Playwright never downloads a browser here: it runs the system's Chromium.
+part "4. the control page in Chromium"
 chromium="${CHROMIUM:-/usr/bin/chromium}"
 browser_venv="${SDSTREAM_BROWSER_VENV:-$target_dir/browser-venv}"
 if [[ -x "$chromium" ]]; then
@@ -142,3 +150,4 @@ else
   echo "or set SDSTREAM_SKIP_BROWSER=1 to skip the browser test" >&2
   exit 1
 fi
+part "done"
