@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Checks that the cargo commands the tests run after `cargo test --workspace` compile nothing
+that command already compiled.
+
+A crate that a later command resolves with other features, another profile or other
+dependencies is another crate to cargo: it compiles it again, and everything above it (serde,
+candle, the library: minutes each on CI's two cores). This compares cargo's unit graphs (what
+each command would compile; nothing is built) and names every unit that would be compiled a
+second time and why. Units only a later command needs (pyo3 for the Python module) are fine.
+
+When it fails: add the crate and the features it names to workspace-hack/Cargo.toml, or make
+the command select what the tests do (the test profile, the workspace).
+
+The unit graph is an unstable cargo option: RUSTC_BOOTSTRAP lets the stable toolchain print it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# scripts/test.sh's first command: everything below is compared with its units.
+TESTS = ["test", "--workspace", "--exclude", "sdstream-python", "--no-run"]
+
+# What runs after it: ffi/tests/c_api.rs (the static library, scripts/install-c.sh --debug),
+# maturin's build of the module, and scripts/test.sh's server steps.
+LATER = {
+    "c_api.rs: the static library": ["build", "-p", "sdstream-ffi", "--lib", "--profile", "test"],
+    "install-c.sh --debug": ["build", "-p", "sdstream-ffi", "--profile", "test"],
+    "maturin build --profile test": ["build", "-p", "sdstream-python", "--lib", "--profile", "test"],
+    "test.sh: rtmp_fuzz": TESTS[:-1] + ["--test", "rtmp_fuzz", "--no-run"],
+    "test.sh: the server binary": [
+        "build", "--workspace", "--exclude", "sdstream-python", "--profile", "test",
+        "--bin", "sdstream",
+    ],
+}
+
+
+def unit_graph(args):
+    env = dict(os.environ, RUSTC_BOOTSTRAP="1")
+    command = ["cargo", *args, "--locked", "--unit-graph", "-Z", "unstable-options"]
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{out.stderr}")
+    return json.loads(out.stdout)["units"]
+
+
+def short(unit):
+    return f"{unit['pkg_id'].rsplit('#', 1)[-1]} ({unit['target']['name']}, {unit['mode']})"
+
+
+def place(unit):
+    """Where cargo would put the unit's output, less what makes it one build or another."""
+    return (unit["pkg_id"], unit["target"]["name"], unit["mode"], unit["platform"])
+
+
+def identities(units):
+    """Each unit's identity: itself and, recursively, its dependencies."""
+    memo = {}
+
+    def identity(i):
+        if i not in memo:
+            unit = units[i]
+            memo[i] = None  # cargo's graph has no cycles; this only guards the recursion
+            deps = tuple(sorted(identity(d["index"]) for d in unit["dependencies"]))
+            memo[i] = hash((
+                place(unit), tuple(unit["target"]["crate_types"]), tuple(unit["features"]),
+                json.dumps(unit["profile"], sort_keys=True), deps,
+            ))
+        return memo[i]
+
+    return [identity(i) for i in range(len(units))]
+
+
+def why(unit, tests_units):
+    """How the unit differs from the tests' unit in the same place."""
+    same_place = [u for u in tests_units if place(u) == place(unit)]
+    reasons = []
+    for other in same_place:
+        if other["features"] != unit["features"]:
+            reasons.append(f"features {unit['features']} against {other['features']}")
+        if other["profile"] != unit["profile"]:
+            reasons.append(f"profile {unit['profile']['name']} against {other['profile']['name']}")
+    return "; ".join(reasons) or "a dependency differs"
+
+
+def main():
+    tests_units = unit_graph(TESTS)
+    tests_ids = set(identities(tests_units))
+    tests_places = {place(u) for u in tests_units}
+    failed = False
+    for what, args in LATER.items():
+        units = unit_graph(args)
+        again = [
+            u for u, i in zip(units, identities(units))
+            if i not in tests_ids and place(u) in tests_places and u["mode"] != "run-custom-build"
+        ]
+        # The units whose own settings differ, not those that differ only through them.
+        own = [u for u in again if why(u, tests_units) != "a dependency differs"] or again
+        if own:
+            failed = True
+            print(f"{what} (cargo {' '.join(args)}) would compile {len(again)} units again:",
+                  file=sys.stderr)
+            for unit in own[:20]:
+                print(f"  {short(unit)}: {why(unit, tests_units)}", file=sys.stderr)
+        else:
+            new = len([u for u in units if place(u) not in tests_places])
+            print(f"{what}: reuses the tests' build ({len(units)} units, {new} of its own)")
+    if failed:
+        print("see workspace-hack/Cargo.toml and this script's docstring", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
