@@ -9,7 +9,7 @@ each command would compile; nothing is built) and names every unit that would be
 second time and why. Units only a later command needs (pyo3 for the Python module) are fine.
 
 When it fails: add the crate and the features it names to workspace-hack/Cargo.toml, or make
-the command select what the tests do (the test profile, the workspace).
+the command select what the tests do (the workspace; the dev profile's settings).
 
 The unit graph is an unstable cargo option: RUSTC_BOOTSTRAP lets the stable toolchain print it.
 """
@@ -27,15 +27,20 @@ TESTS = ["test", "--workspace", "--exclude", "sdstream-python", "--no-run"]
 # What runs after it: ffi/tests/c_api.rs (the static library, scripts/install-c.sh --debug),
 # maturin's build of the module, and scripts/test.sh's server steps.
 LATER = {
-    "c_api.rs: the static library": ["build", "-p", "sdstream-ffi", "--lib", "--profile", "test"],
-    "install-c.sh --debug": ["build", "-p", "sdstream-ffi", "--profile", "test"],
-    "maturin build --profile test": ["build", "-p", "sdstream-python", "--lib", "--profile", "test"],
+    "c_api.rs: the static library": ["build", "-p", "sdstream-ffi", "--lib"],
+    "install-c.sh --debug": ["build", "-p", "sdstream-ffi"],
+    "maturin build --profile dev": ["build", "-p", "sdstream-python", "--lib"],
     "test.sh: rtmp_fuzz": TESTS[:-1] + ["--test", "rtmp_fuzz", "--no-run"],
     "test.sh: the server binary": [
-        "build", "--workspace", "--exclude", "sdstream-python", "--profile", "test",
-        "--bin", "sdstream",
+        "build", "--workspace", "--exclude", "sdstream-python", "--bin", "sdstream",
     ],
 }
+
+
+def settings(profile):
+    """A profile as cargo tells builds apart: its settings, not its name (`cargo test`'s test
+    profile has the dev profile's settings, and their builds are shared)."""
+    return json.dumps({k: v for k, v in profile.items() if k != "name"}, sort_keys=True)
 
 
 def unit_graph(args):
@@ -67,7 +72,7 @@ def identities(units):
             deps = tuple(sorted(identity(d["index"]) for d in unit["dependencies"]))
             memo[i] = hash((
                 place(unit), tuple(unit["target"]["crate_types"]), tuple(unit["features"]),
-                json.dumps(unit["profile"], sort_keys=True), deps,
+                settings(unit["profile"]), deps,
             ))
         return memo[i]
 
@@ -81,8 +86,8 @@ def why(unit, tests_units):
     for other in same_place:
         if other["features"] != unit["features"]:
             reasons.append(f"features {unit['features']} against {other['features']}")
-        if other["profile"] != unit["profile"]:
-            reasons.append(f"profile {unit['profile']['name']} against {other['profile']['name']}")
+        if settings(other["profile"]) != settings(unit["profile"]):
+            reasons.append(f"profile {settings(unit['profile'])} against {settings(other['profile'])}")
     return "; ".join(reasons) or "a dependency differs"
 
 

@@ -12,9 +12,8 @@
 #   PREFIX/lib/cmake/sdstream/              find_package(sdstream): sdstream::sdstream (shared),
 #                                           sdstream::sdstream_static
 #
-# It builds sdstream-ffi first (release; --debug takes cargo's test profile, which has the dev
-# profile's settings, optimised dependencies included, and is the build `cargo test` makes, so
-# after the tests nothing is compiled again). The files are the build's: nothing is compiled twice.
+# It builds sdstream-ffi first (release; --debug takes the dev profile, whose dependencies are
+# optimised too, and reuses a test build). The files are the build's: nothing is compiled twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +23,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --debug) profile=debug; shift ;;
     --features) features=(--features "$2"); shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     -*) echo "install-c.sh: unknown option $1" >&2; exit 2 ;;
     *) break ;;
   esac
@@ -46,7 +45,7 @@ IFS=. read -r major minor _ <<< "$version"
 if [[ "$major" == 0 ]]; then soversion="0.$minor"; else soversion="$major"; fi
 
 cargo_args=(build -p sdstream-ffi "${features[@]}")
-if [[ "$profile" == release ]]; then cargo_args+=(--release); else cargo_args+=(--profile test); fi
+[[ "$profile" == release ]] && cargo_args+=(--release)
 cargo "${cargo_args[@]}"
 built="${CARGO_TARGET_DIR:-target}/$profile"
 for file in libsdstream.so libsdstream.a; do

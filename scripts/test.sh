@@ -4,8 +4,8 @@
 #      `sdstream run`'s tests compare its files with FFmpeg's reading of them, as step 3 does:
 #      $FFMPEG/$FFPROBE or from PATH, SDSTREAM_SKIP_FFMPEG=1 skips those checks);
 #   2. the Python module: a virtualenv (target/py-venv, or $SDSTREAM_PY_VENV) with the pinned
-#      tools of python/requirements-test.txt, the module built by maturin as an abi3 wheel (cargo's
-#      test profile, so step 1's build of everything below the module is reused) and installed by pip, then
+#      tools of python/requirements-test.txt, the module built by maturin as an abi3 wheel (dev
+#      profile, so step 1's build of everything below the module is reused) and installed by pip, then
 #      pytest, which also runs mypy's stubtest on the installed module against its .pyi stubs
 #      (python/tests/test_stubs.py); then the wheel alone in a fresh virtualenv with no Rust
 #      toolchain on PATH, running the quickstart;
@@ -37,12 +37,14 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
 # The module as users get it: an abi3 wheel (one wheel for CPython 3.9 and later), built by the
-# venv's pinned maturin in cargo's test profile (the dev profile's settings; step 1 built every
-# crate below the module with it), installed into the test venv.
+# venv's pinned maturin in the dev profile, installed into the test venv. Step 1's build of every
+# crate below the module is reused: cargo's test profile has the dev profile's settings, and a
+# profile's name is not part of what makes two builds differ. (Not `--profile test`: maturin
+# builds through `cargo rustc`, for which that name still means a test harness.)
 wheels="$target_dir/wheels"
 rm -rf "$wheels"
 PATH="$(cd "$venv" && pwd)/bin:$PATH" "$venv/bin/maturin" build --quiet -m python/Cargo.toml \
-  --profile test -o "$wheels"
+  --profile dev -o "$wheels"
 wheel="$(ls "$wheels"/sdstream-*-abi3-*.whl)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
   "$wheel"
@@ -84,10 +86,10 @@ echo "the abi3 wheel $(basename "$wheel") ran the quickstart in a venv without R
 #    RTMP from an attacker (issue #41's findings and 3,000 mutated connections from a fixed seed)
 #    ran in step 1 too; here again with its figures printed.
 part "3. the server against real peers"
-# Both commands select what step 1 did (the workspace; the test profile), so they compile nothing
-# again (scripts/check-build-reuse.py checks it).
+# Both commands select the packages step 1 did, so they resolve the same features and compile
+# nothing again (scripts/check-build-reuse.py checks it).
 cargo test --workspace --exclude sdstream-python --test rtmp_fuzz -- --nocapture
-cargo build --workspace --exclude sdstream-python --profile test --bin sdstream
+cargo build --workspace --exclude sdstream-python --bin sdstream
 server_bin="$target_dir/debug/sdstream"
 webrtc_venv="${SDSTREAM_WEBRTC_VENV:-$target_dir/webrtc-venv}"
 if [[ ! -x "$webrtc_venv/bin/python" ]]; then

@@ -151,11 +151,8 @@ fn staticlib() -> PathBuf {
     BUILT
         .get_or_init(|| {
             let profile_dir = profile_dir();
-            // `cargo test` builds the debug directory's files with the test profile: building
-            // the library with it too reuses that build (the dev profile, the same settings
-            // under another name, would compile every dependency again).
             let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-                Some("debug") | None => "test".to_string(),
+                Some("debug") | None => "dev".to_string(),
                 Some(other) => other.to_string(),
             };
             let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
