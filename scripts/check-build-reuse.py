@@ -25,11 +25,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ["test", "--workspace", "--exclude", "sdstream-python", "--no-run"]
 
 # What runs after it: ffi/tests/c_api.rs (the static library, scripts/install-c.sh --debug),
-# maturin's build of the module, and scripts/test.sh's server steps.
+# maturin's build of the module, the Rust examples the Python tests compare with
+# (python/tests/conftest.py), and scripts/test.sh's server steps.
 LATER = {
     "c_api.rs: the static library": ["build", "-p", "sdstream-ffi", "--lib"],
     "install-c.sh --debug": ["build", "-p", "sdstream-ffi"],
     "maturin build --profile dev": ["build", "-p", "sdstream-python", "--lib"],
+    "python/tests: a Rust example": [
+        "build", "--workspace", "--exclude", "sdstream-python", "--example", "validate_bodies",
+    ],
     "test.sh: rtmp_fuzz": TESTS[:-1] + ["--test", "rtmp_fuzz", "--no-run"],
     "test.sh: the server binary": [
         "build", "--workspace", "--exclude", "sdstream-python", "--bin", "sdstream",

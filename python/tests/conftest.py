@@ -1,5 +1,6 @@
 """Shared helpers: the workspace root, the tiny fixture, and the Rust examples the tests
-compare against (run through cargo, which reuses the build of `scripts/test.sh`)."""
+compare against (built by cargo as `scripts/test.sh` builds the workspace, so its build is
+reused)."""
 
 import json
 import os
@@ -30,8 +31,20 @@ TINY_SETTINGS = {"vae": str(TINY_TAESD), "allow_any_resolution": True}
 
 
 def run_example(name, *args):
-    """Runs a Rust example of the workspace and returns its stdout."""
-    cmd = ["cargo", "run", "--quiet", "-p", "sdstream", "--example", name, "--", *map(str, args)]
+    """Builds a Rust example of the workspace, runs it and returns its stdout.
+
+    Built with the workspace selected, as `cargo test --workspace` builds it: `cargo run -p
+    sdstream` would resolve the dependencies' features for that package alone and compile
+    them all again (scripts/check-build-reuse.py)."""
+    build = ["cargo", "build", "--quiet", "--workspace", "--exclude", "sdstream-python",
+             "--example", name]
+    done = subprocess.run(build, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(build)} failed ({done.returncode}):\n{done.stderr}")
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    if not target.is_absolute():
+        target = ROOT / target
+    cmd = [str(target / "debug" / "examples" / name), *map(str, args)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
