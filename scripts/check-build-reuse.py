@@ -72,7 +72,6 @@ def identities(units):
     def identity(i):
         if i not in memo:
             unit = units[i]
-            memo[i] = None  # cargo's graph has no cycles; this only guards the recursion
             deps = tuple(sorted(identity(d["index"]) for d in unit["dependencies"]))
             memo[i] = hash((
                 place(unit), tuple(unit["target"]["crate_types"]), tuple(unit["features"]),
@@ -83,39 +82,42 @@ def identities(units):
     return [identity(i) for i in range(len(units))]
 
 
-def why(unit, tests_units):
-    """How the unit differs from the tests' unit in the same place."""
-    same_place = [u for u in tests_units if place(u) == place(unit)]
+def why(unit, same_place):
+    """How the unit differs from the tests' units in its place ("" where only a dependency
+    does)."""
     reasons = []
     for other in same_place:
         if other["features"] != unit["features"]:
             reasons.append(f"features {unit['features']} against {other['features']}")
         if settings(other["profile"]) != settings(unit["profile"]):
             reasons.append(f"profile {settings(unit['profile'])} against {settings(other['profile'])}")
-    return "; ".join(reasons) or "a dependency differs"
+    return "; ".join(reasons)
 
 
 def main():
     tests_units = unit_graph(TESTS)
     tests_ids = set(identities(tests_units))
-    tests_places = {place(u) for u in tests_units}
+    tests_by_place = {}
+    for unit in tests_units:
+        tests_by_place.setdefault(place(unit), []).append(unit)
     failed = False
     for what, args in LATER.items():
         units = unit_graph(args)
         again = [
-            u for u, i in zip(units, identities(units))
-            if i not in tests_ids and place(u) in tests_places and u["mode"] != "run-custom-build"
+            (u, why(u, tests_by_place[place(u)]))
+            for u, i in zip(units, identities(units))
+            if i not in tests_ids and place(u) in tests_by_place and u["mode"] != "run-custom-build"
         ]
         # The units whose own settings differ, not those that differ only through them.
-        own = [u for u in again if why(u, tests_units) != "a dependency differs"] or again
-        if own:
+        shown = [(u, reason) for u, reason in again if reason] or again
+        if shown:
             failed = True
             print(f"{what} (cargo {' '.join(args)}) would compile {len(again)} units again:",
                   file=sys.stderr)
-            for unit in own[:20]:
-                print(f"  {short(unit)}: {why(unit, tests_units)}", file=sys.stderr)
+            for unit, reason in shown[:20]:
+                print(f"  {short(unit)}: {reason or 'a dependency differs'}", file=sys.stderr)
         else:
-            new = len([u for u in units if place(u) not in tests_places])
+            new = len([u for u in units if place(u) not in tests_by_place])
             print(f"{what}: reuses the tests' build ({len(units)} units, {new} of its own)")
     if failed:
         print("see workspace-hack/Cargo.toml and this script's docstring", file=sys.stderr)
