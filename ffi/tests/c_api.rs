@@ -144,6 +144,35 @@ fn sanitizer_reports(text: &str) -> usize {
     .sum()
 }
 
+/// Takes out of `cmd`'s environment what cargo sets for this test's crate (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, …), so that a cargo it runs sees the environment `cargo test` saw.
+/// Build scripts may ask to run again when such a variable changes (ring's asks for
+/// `CARGO_MANIFEST_DIR` and the `CARGO_PKG_*` ones): inherited, they made this test's cargo
+/// rebuild ring and every crate above it, and the next cargo command of the tests (maturin's,
+/// then the server's) rebuild them again.
+fn without_this_crates_cargo_env(cmd: &mut Command) -> &mut Command {
+    const SET_FOR_THE_CRATE: [&str; 7] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if SET_FOR_THE_CRATE.contains(&name)
+            || name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_")
+            || name == "OUT_DIR"
+        {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// `libsdstream.a`, built (or found fresh) by cargo in this test's target dir and profile:
 /// `cargo test` itself builds only the rlib the Rust tests link.
 fn staticlib() -> PathBuf {
@@ -157,7 +186,7 @@ fn staticlib() -> PathBuf {
             };
             let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let output = Command::new(cargo)
+            let output = without_this_crates_cargo_env(&mut Command::new(cargo))
                 .args([
                     "build",
                     "-p",
@@ -482,6 +511,8 @@ fn assert_host_outputs_are_the_rust_pipelines(
 /// unless it succeeds.
 fn succeed(program: &str, args: &[&std::ffi::OsStr], envs: &[(&str, &Path)], dir: &Path) -> String {
     let mut cmd = Command::new(program);
+    // scripts/install-c.sh runs cargo.
+    without_this_crates_cargo_env(&mut cmd);
     cmd.args(args).current_dir(dir);
     for (name, value) in envs {
         cmd.env(name, value);
