@@ -12,6 +12,11 @@ When it fails: add the crate and the features it names to workspace-hack/Cargo.t
 the command select what the tests do (the workspace; the dev profile's settings).
 
 The unit graph is an unstable cargo option: RUSTC_BOOTSTRAP lets the stable toolchain print it.
+
+Not in the unit graph: the environment. A build script that asks to run again when a variable
+changes (ring's watches CARGO_MANIFEST_DIR and CARGO_PKG_*) reruns where a later command runs
+with that variable changed, and its crate and everything above it are compiled again; a cargo
+started by a test must drop what cargo set for the test (ffi/tests/c_api.rs does).
 """
 
 import json
