@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use super::Pending;
 use crate::model::bundle::StableDiffusionModels;
 use crate::model::controlnet::ControlNetModel;
 use crate::model::kernels::KernelPolicy;
@@ -264,15 +263,6 @@ impl BatchKind {
             dtype: call.sample.dtype(),
             policy,
         }
-    }
-
-    /// The kind of the queued call `ticket`.
-    pub(super) fn of_pending(queue: &[Pending], ticket: u64) -> Self {
-        queue
-            .iter()
-            .find(|p| p.ticket == ticket)
-            .map(|p| p.kind.clone())
-            .expect("the call was just queued")
     }
 
     /// Whether calls of `self` and `other` may share a batch: everything equal, except that one

@@ -915,7 +915,7 @@ impl CrossStreamBatcher {
         s.queue.push(Pending {
             ticket,
             member,
-            kind,
+            kind: kind.clone(),
             rows,
             deadline,
             due: deadline.unwrap_or(now + UNDATED_DUE),
@@ -927,7 +927,6 @@ impl CrossStreamBatcher {
         });
         withdraw.ticket = Some(ticket);
         self.wake.notify_all();
-        let my_kind = BatchKind::of_pending(&s.queue, ticket);
         loop {
             if let Some(result) = s.done.remove(&ticket) {
                 withdraw.ticket = None;
@@ -944,13 +943,13 @@ impl CrossStreamBatcher {
                         tracing::warn!(
                             "a batched {:?} call's stream could not wait on the device for its \
                              batch ({e}); the host waited instead",
-                            my_kind.network
+                            kind.network
                         );
                     }
                 }
                 return Ok(out);
             }
-            let pays = Self::batching_pays(&s, &my_kind, rows, &self.device);
+            let pays = Self::batching_pays(&s, &kind, rows, &self.device);
             if s.running > 0 {
                 let mine = s.queue.iter().position(|p| p.ticket == ticket);
                 match mine {
