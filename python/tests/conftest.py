@@ -2,6 +2,7 @@
 compare against (built by cargo as `scripts/test.sh` builds the workspace, so its build is
 reused)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -30,25 +31,32 @@ TINY_BODY = {
 TINY_SETTINGS = {"vae": str(TINY_TAESD), "allow_any_resolution": True}
 
 
-def run_example(name, *args):
-    """Builds a Rust example of the workspace, runs it and returns its stdout.
-
-    Built with the workspace selected, as `cargo test --workspace` builds it: `cargo run -p
-    sdstream` would resolve the dependencies' features for that package alone and compile
-    them all again (scripts/check-build-reuse.py)."""
-    build = ["cargo", "build", "--quiet", "--workspace", "--exclude", "sdstream-python",
-             "--example", name]
-    done = subprocess.run(build, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise AssertionError(f"{' '.join(build)} failed ({done.returncode}):\n{done.stderr}")
-    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    if not target.is_absolute():
-        target = ROOT / target
-    cmd = [str(target / "debug" / "examples" / name), *map(str, args)]
+def _run(cmd):
+    """Runs `cmd` in the workspace and returns its stdout; raises with its stderr if it fails."""
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
     return done.stdout
+
+
+@functools.cache
+def _built_example(name):
+    """The path of the Rust example `name`, built once a session.
+
+    Built with the workspace selected, as `cargo test --workspace` builds it: `cargo run -p
+    sdstream` would resolve the dependencies' features for that package alone and compile
+    them all again (scripts/check-build-reuse.py)."""
+    _run(["cargo", "build", "--quiet", "--workspace", "--exclude", "sdstream-python",
+          "--example", name])
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    if not target.is_absolute():
+        target = ROOT / target
+    return target / "debug" / "examples" / name
+
+
+def run_example(name, *args):
+    """Runs a Rust example of the workspace (built once) and returns its stdout."""
+    return _run([str(_built_example(name)), *map(str, args)])
 
 
 @pytest.fixture(scope="session")
