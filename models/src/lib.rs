@@ -67,15 +67,70 @@ use weights::WeightsFile;
 /// keys take the struct's serde defaults, which mirror diffusers' constructor defaults. An error
 /// names the file and, for a value of the wrong type, its key.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
+    let bytes = read_bounded(path, MAX_CONFIG_BYTES)?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(de).map_err(|e| Error::ModelLoad {
         path: path.to_path_buf(),
         detail: format!("bad config: {}", describe_json_error(&e)),
     })
+}
+
+/// Most bytes of a JSON config in a checkpoint (`config.json`, `model_index.json`,
+/// `scheduler_config.json`, `tokenizer_config.json`, …). Real ones take a few KiB; the largest
+/// met, a safety checker's with both of CLIP's tower configs inline, about 5 KiB.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Most bytes of a tokenizer's vocabulary files (`tokenizer.json`, `vocab.json`, `merges.txt`):
+/// CLIP's `tokenizer.json` takes 1.7 MiB.
+pub const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
+
+/// The size of `path`, refused before anything is read when it is not a regular file (a FIFO
+/// would block the load, a device would never end) or holds more than `limit` bytes: a
+/// checkpoint from the hub is an attacker's choice, and a config of some GiB would otherwise be
+/// read whole into memory.
+pub fn check_bounded(path: &Path, limit: u64) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let fail = |detail: String| Error::ModelLoad {
+        path: path.to_path_buf(),
+        detail,
+    };
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    if meta.len() > limit {
+        return Err(fail(format!(
+            "{} bytes, where a file of its kind holds at most {limit}",
+            meta.len()
+        )));
+    }
+    Ok(meta.len())
+}
+
+/// Reads a checkpoint's metadata file whole once [`check_bounded`] has passed it, and never
+/// more than `limit` bytes of it (should it grow meanwhile).
+pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let len = check_bounded(path, limit)?;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut bytes = Vec::with_capacity(len as usize);
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::ModelLoad {
+            path: path.to_path_buf(),
+            detail: format!("grew past {limit} bytes while it was read"),
+        });
+    }
+    Ok(bytes)
 }
 
 /// A serde error with the path of the value at fault, when there is one (`layers_per_block: …`).

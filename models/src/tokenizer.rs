@@ -94,15 +94,14 @@ fn token_content(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// The JSON of an optional file; one that is there but is not a regular file (a folder, a FIFO)
+/// is an error, not an absence.
 fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
-    if !path.is_file() {
+    if std::fs::symlink_metadata(path).is_err() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text)
+    let bytes = crate::read_bounded(path, crate::MAX_CONFIG_BYTES)?;
+    serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| Error::ModelLoad {
             path: path.to_path_buf(),
@@ -125,7 +124,8 @@ impl ClipTokenizer {
         let special = SpecialTokens::read(dir)?;
         let tokenizer_json = dir.join("tokenizer.json");
         let mut tokenizer = if tokenizer_json.is_file() {
-            Tokenizer::from_file(&tokenizer_json).map_err(|e| load_error(&tokenizer_json, e))?
+            let bytes = crate::read_bounded(&tokenizer_json, crate::MAX_TOKENIZER_BYTES)?;
+            Tokenizer::from_bytes(bytes).map_err(|e| load_error(&tokenizer_json, e))?
         } else {
             Self::build_from_vocab(dir, &special.unk)?
         };
@@ -172,6 +172,10 @@ impl ClipTokenizer {
                     ),
                 ));
             }
+        }
+        // BPE reads the two files itself; their sizes are bounded first.
+        for file in [&vocab, &merges] {
+            crate::check_bounded(file, crate::MAX_TOKENIZER_BYTES)?;
         }
         let (vocab_str, merges_str) = (path_str(&vocab)?, path_str(&merges)?);
         let bpe = BPE::from_file(vocab_str, merges_str)

@@ -304,7 +304,7 @@ pub fn controlnet_folder(
             ),
         ));
     }
-    let base_text = std::fs::read(base_config).map_err(|e| io(base_config, e))?;
+    let base_text = sdstream_models::read_bounded(base_config, sdstream_models::MAX_CONFIG_BYTES)?;
     let mut config: serde_json::Value = serde_json::from_slice(&base_text)
         .map_err(|e| at(base_config, format!("not JSON: {e}")))?;
     let unet: UNetConfig = serde_json::from_value(config.clone())

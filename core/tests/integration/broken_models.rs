@@ -90,6 +90,21 @@ fn make_dir_of(dir: &Path, rel: &str) {
     std::fs::create_dir(&path).unwrap();
 }
 
+/// Replaces the file `dir/rel` by a sparse file of 8 GiB (no disk space taken): a metadata file
+/// that large must be refused by its size, never read.
+fn huge(dir: &Path, rel: &str) {
+    let file = std::fs::File::create(dir.join(rel)).unwrap();
+    file.set_len(8 << 30).unwrap();
+}
+
+/// Replaces the file `dir/rel` by a FIFO no one writes: opening it would block the load.
+fn fifo(dir: &Path, rel: &str) {
+    let path = dir.join(rel);
+    std::fs::remove_file(&path).unwrap();
+    let made = Command::new("mkfifo").arg(&path).status().unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+}
+
 /// Rewrites the safetensors file `dir/rel` after `edit` changed its tensors.
 fn edit_tensors(dir: &Path, rel: &str, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
     let path = dir.join(rel);
@@ -150,6 +165,14 @@ fn cases() -> Vec<Case> {
             breaks: |d| {
                 write(d, "model_index.json", b"{\"_class_name\": \"StableDiff");
                 strings(&["model_index.json"])
+            },
+        },
+        Case {
+            name: "model_index.json of 8 GiB",
+            target: Target::Checkpoint,
+            breaks: |d| {
+                huge(d, "model_index.json");
+                strings(&["model_index.json", "8589934592 bytes", "at most 4194304"])
             },
         },
         Case {
@@ -332,6 +355,24 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
+            name: "unet config.json of 8 GiB",
+            target: Target::Checkpoint,
+            breaks: |d| {
+                huge(d, "unet/config.json");
+                strings(&["unet/config.json", "8589934592 bytes", "at most 4194304"])
+            },
+        },
+        Case {
+            name: "text_encoder config.json is a FIFO",
+            target: Target::Checkpoint,
+            breaks: |d| {
+                // Found wanting when the id is resolved (a required file must be a regular
+                // file), before anything opens it.
+                fifo(d, "text_encoder/config.json");
+                strings(&["text_encoder/config.json", "lacks"])
+            },
+        },
+        Case {
             name: "unet config.json is a folder",
             target: Target::Checkpoint,
             breaks: |d| {
@@ -499,6 +540,22 @@ fn cases() -> Vec<Case> {
             breaks: |d| {
                 write(d, "tokenizer/tokenizer.json", b"{\"model\": {\"vocab\"");
                 strings(&["tokenizer/tokenizer.json"])
+            },
+        },
+        Case {
+            name: "tokenizer.json of 8 GiB",
+            target: Target::Checkpoint,
+            breaks: |d| {
+                huge(d, "tokenizer/tokenizer.json");
+                strings(&["tokenizer/tokenizer.json", "at most 67108864"])
+            },
+        },
+        Case {
+            name: "special_tokens_map.json is a FIFO",
+            target: Target::Checkpoint,
+            breaks: |d| {
+                fifo(d, "tokenizer/special_tokens_map.json");
+                strings(&["tokenizer/special_tokens_map.json", "not a regular file"])
             },
         },
         Case {

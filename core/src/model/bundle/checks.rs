@@ -18,12 +18,9 @@ pub(super) fn check_model_index(dir: &Path, full_vae: bool) -> Result<()> {
         path: path.clone(),
         detail,
     };
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let bytes = sdstream_models::read_bounded(&path, sdstream_models::MAX_CONFIG_BYTES)?;
     let index: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| fail(format!("not JSON: {e}")))?;
     let Some(index) = index.as_object() else {
         return Err(fail(format!(
             "{} where diffusers' pipeline index is an object (component name → [library, class])",

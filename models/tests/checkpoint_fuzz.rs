@@ -1,0 +1,966 @@
+//! Checkpoints facing an attacker: thousands of mutated copies of the files a model load reads,
+//! each loaded as a load does, every tensor read and checked, the network built and run once.
+//! None may panic, and none may allocate more than a bound set by its own size (a counting
+//! allocator watches this test binary, which holds only these tests).
+//!
+//! - Weight files (torch.save's zip archives, torch's legacy format, safetensors): bits flipped,
+//!   bytes cut, inserted or set to extremes, integers in the format's own fields (zip headers,
+//!   the pickle's arguments, the safetensors header's offsets, shapes and length) replaced by
+//!   boundary values. A torch archive's pickle is also mutated on its own and the archive
+//!   written again around it, so that the pickle machine, not the zip's checksum, meets it.
+//! - Configs (`config.json` of the UNet, VAE, TAESD and text encoder): values replaced by
+//!   zeros, negatives, huge numbers, fractions, nulls, other types; keys removed; lists grown
+//!   or cut. Those that load are run on a small input.
+//! - LoRAs: well-formed files whose tensors are reshaped, renamed, dropped or doubled, or whose
+//!   alphas are odd, fused into the UNet and text encoder they were made for, then run.
+//!
+//! `SDSTREAM_WEIGHT_FUZZ_RUNS` sets the cases per set and `SDSTREAM_WEIGHT_FUZZ_SEED` other
+//! mutations, for a longer campaign than CI's.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{Cursor, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use sdstream_models::weights::WeightsFile;
+
+/// Counts the largest single allocation and the peak of live bytes.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Relaxed);
+        // SAFETY: the caller's layout, as GlobalAlloc requires.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Relaxed) + layout.size();
+            PEAK.fetch_max(live, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Relaxed);
+        // SAFETY: `p` came from `alloc` with this layout.
+        unsafe { System.dealloc(p, layout) }
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+        LARGEST.fetch_max(size, Relaxed);
+        // SAFETY: as GlobalAlloc::realloc requires.
+        let q = unsafe { System.realloc(p, layout, size) };
+        if !q.is_null() {
+            LIVE.fetch_sub(layout.size(), Relaxed);
+            let live = LIVE.fetch_add(size, Relaxed) + size;
+            PEAK.fetch_max(live, Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The counters are the process's: one test runs at a time, from before it reads its fixtures.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// xorshift64*: the same mutations on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn fixture(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(relative)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "sdstream-weight-fuzz-{}-{name}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch folder");
+    dir
+}
+
+/// Integers a field is set to: the edges of every width, and small ones.
+const EXTREMES: [u64; 12] = [
+    0,
+    1,
+    2,
+    0x7f,
+    0xff,
+    0x7fff,
+    0xffff,
+    0x7fff_ffff,
+    0xffff_ffff,
+    0x7fff_ffff_ffff_ffff,
+    u64::MAX,
+    0x1_0000_0000,
+];
+
+/// One to four mutations of `base`, some at the `fields` (offsets of integers the format reads).
+fn mutate(rng: &mut Rng, base: &[u8], fields: &[(usize, usize)]) -> Vec<u8> {
+    let mut data = base.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        if data.is_empty() {
+            break;
+        }
+        match rng.below(7) {
+            0 => {
+                let i = rng.below(data.len());
+                data[i] ^= 1 << rng.below(8);
+            }
+            1 => {
+                let i = rng.below(data.len());
+                data[i] = [0, 0xff, 0x7f, 0x80][rng.below(4)];
+            }
+            2 => {
+                let cut = rng.below(data.len());
+                data.truncate(cut);
+            }
+            3 => {
+                let i = rng.below(data.len());
+                let n = 1 + rng.below(16);
+                let end = (i + n).min(data.len());
+                data.drain(i..end);
+            }
+            4 => {
+                let i = rng.below(data.len());
+                let byte = rng.next() as u8;
+                for _ in 0..1 + rng.below(8) {
+                    data.insert(i, byte);
+                }
+            }
+            _ => {
+                // An integer field (or, without any, anywhere) set to an extreme.
+                let (at, width) = if fields.is_empty() || rng.below(4) == 0 {
+                    (rng.below(data.len()), [1, 2, 4, 8][rng.below(4)])
+                } else {
+                    fields[rng.below(fields.len())]
+                };
+                let value = EXTREMES[rng.below(EXTREMES.len())].to_le_bytes();
+                for (k, byte) in value.iter().enumerate().take(width) {
+                    if let Some(b) = data.get_mut(at + k) {
+                        *b = *byte;
+                    }
+                }
+            }
+        }
+    }
+    data
+}
+
+/// What a model load does with a weights file: open it, read every tensor, check them.
+fn load_all(path: &Path) -> Result<usize, String> {
+    let file = WeightsFile::open(path).map_err(|e| e.to_string())?;
+    let names: Vec<String> = file.tensors().map(|(n, _)| n.to_string()).collect();
+    for name in &names {
+        file.load_numeric_f32(name).map_err(|e| e.to_string())?;
+    }
+    file.check_all_finite().map_err(|e| e.to_string())?;
+    Ok(names.len())
+}
+
+/// Outcome of a mutated set.
+#[derive(Debug, Default)]
+struct Tally {
+    loaded: usize,
+    refused: usize,
+    largest: usize,
+    peak: usize,
+    messages: std::collections::BTreeMap<String, usize>,
+}
+
+/// Writes each mutation to `path` (with the sibling `extra` files unchanged), loads it, and
+/// counts; panics name the case.
+fn run(
+    what: &str,
+    runs: usize,
+    path: &Path,
+    mut make: impl FnMut(&mut Rng) -> Vec<u8>,
+    seed: u64,
+) -> Tally {
+    let mut rng = seeded(seed);
+    let mut tally = Tally::default();
+    for i in 0..runs {
+        let data = make(&mut rng);
+        std::fs::write(path, &data).expect("write the mutated file");
+        LARGEST.store(0, Relaxed);
+        let before = LIVE.load(Relaxed);
+        PEAK.store(before, Relaxed);
+        let result = std::panic::catch_unwind(|| load_all(path));
+        tally.largest = tally.largest.max(LARGEST.load(Relaxed));
+        tally.peak = tally.peak.max(PEAK.load(Relaxed).saturating_sub(before));
+        match result {
+            Ok(Ok(_)) => tally.loaded += 1,
+            Ok(Err(e)) => {
+                tally.refused += 1;
+                // The message's words without names and numbers, to group them.
+                let kind: String = e
+                    .split(": ")
+                    .nth(1)
+                    .unwrap_or(&e)
+                    .split_whitespace()
+                    .filter(|w| !w.contains('`') && !w.chars().any(|c| c.is_ascii_digit()))
+                    .take(6)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                *tally.messages.entry(kind).or_default() += 1;
+            }
+            Err(_) => {
+                let kept = path.with_extension(format!("panicked-{i}"));
+                std::fs::write(&kept, &data).ok();
+                panic!(
+                    "{what}: mutated file {i} panicked the loader (kept at {})",
+                    kept.display()
+                )
+            }
+        }
+    }
+    eprintln!(
+        "{what}: {runs} mutated files: {} loaded, {} refused; largest allocation {} bytes, \
+         peak {} bytes",
+        tally.loaded, tally.refused, tally.largest, tally.peak
+    );
+    for (kind, n) in &tally.messages {
+        eprintln!("  {n:5} × {kind}");
+    }
+    tally
+}
+
+/// `SDSTREAM_WEIGHT_FUZZ_SEED` gives a longer campaign other mutations than CI's.
+fn seeded(seed: u64) -> Rng {
+    let extra = std::env::var("SDSTREAM_WEIGHT_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    Rng(seed ^ extra.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+fn runs(default: usize) -> usize {
+    std::env::var("SDSTREAM_WEIGHT_FUZZ_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The entries of a stored zip archive, in order.
+fn entries(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut zip = zip::ZipArchive::new(Cursor::new(archive)).expect("fixture archive");
+    (0..zip.len())
+        .map(|i| {
+            let mut f = zip.by_index(i).expect("entry");
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes).expect("entry bytes");
+            (f.name().expect("entry name").to_string(), bytes)
+        })
+        .collect()
+}
+
+fn write_archive(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, bytes) in entries {
+        zip.start_file(name, stored).expect("entry");
+        zip.write_all(bytes).expect("entry bytes");
+    }
+    zip.finish().expect("archive").into_inner()
+}
+
+/// Offsets of a pickle's integer arguments (BININT, BININT1, BININT2, LONG1, BINUNICODE and
+/// SHORT_BINUNICODE lengths, BINPUT/BINGET memo keys), found by opcode byte: some are not
+/// opcodes, which only makes the mutation blinder.
+fn pickle_fields(pickle: &[u8]) -> Vec<(usize, usize)> {
+    let mut fields = Vec::new();
+    for (i, &op) in pickle.iter().enumerate() {
+        let width = match op {
+            b'J' | b'X' | b'r' | b'j' => 4,
+            b'K' | b'q' | b'h' | b'\x8c' | b'\x8a' => 1,
+            b'M' => 2,
+            _ => continue,
+        };
+        fields.push((i + 1, width));
+    }
+    fields
+}
+
+/// Offsets of a zip's header fields: sizes, offsets, counts and name lengths of its local and
+/// central headers and its end records.
+fn zip_fields(archive: &[u8]) -> Vec<(usize, usize)> {
+    let mut fields = Vec::new();
+    for i in 0..archive.len().saturating_sub(4) {
+        match &archive[i..i + 4] {
+            // Local header: sizes, name and extra lengths.
+            b"PK\x03\x04" => fields.extend([
+                (i + 14, 4),
+                (i + 18, 4),
+                (i + 22, 4),
+                (i + 26, 2),
+                (i + 28, 2),
+            ]),
+            // Central header: sizes, lengths, local header offset.
+            b"PK\x01\x02" => fields.extend([
+                (i + 20, 4),
+                (i + 24, 4),
+                (i + 28, 2),
+                (i + 30, 2),
+                (i + 32, 2),
+                (i + 42, 4),
+            ]),
+            // End of central directory (and the zip64 one): counts, size, offset.
+            b"PK\x05\x06" => fields.extend([(i + 8, 2), (i + 10, 2), (i + 12, 4), (i + 16, 4)]),
+            b"PK\x06\x06" => fields.extend([(i + 24, 8), (i + 32, 8), (i + 40, 8), (i + 48, 8)]),
+            _ => {}
+        }
+    }
+    fields
+}
+
+/// Offsets of the integers in a safetensors header (`data_offsets`, `shape`) and its length.
+fn safetensors_fields(file: &[u8]) -> Vec<(usize, usize)> {
+    let mut fields = vec![(0, 8)];
+    let header_len = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header = &file[8..8 + header_len];
+    let mut i = 0;
+    while i < header.len() {
+        if header[i].is_ascii_digit() {
+            let start = i;
+            while i < header.len() && header[i].is_ascii_digit() {
+                i += 1;
+            }
+            // Digits are written over as text (see `mutate_digits`); width marks the run.
+            fields.push((8 + start, i - start));
+        }
+        i += 1;
+    }
+    fields
+}
+
+/// Replaces one run of digits in a JSON text with a boundary number (or a sign, a fraction or
+/// an exponent), keeping the rest.
+fn mutate_digits(rng: &mut Rng, data: &[u8], fields: &[(usize, usize)]) -> Vec<u8> {
+    let (at, len) = fields[rng.below(fields.len())];
+    let replacement: &[u8] = match rng.below(9) {
+        0 => b"0",
+        1 => b"18446744073709551615",
+        2 => b"18446744073709551616",
+        3 => b"9223372036854775807",
+        4 => b"-1",
+        5 => b"4294967296",
+        6 => b"1e300",
+        7 => b"2.5",
+        _ => b"99999999999999999999999999999999",
+    };
+    let mut out = data[..at].to_vec();
+    out.extend_from_slice(replacement);
+    out.extend_from_slice(&data[(at + len).min(data.len())..]);
+    // The header's length prefix follows the text where it can (a safetensors file).
+    if at >= 8 && out.len() >= 8 {
+        let old = u64::from_le_bytes(data[..8].try_into().unwrap()) as i64;
+        let new = old + replacement.len() as i64 - len as i64;
+        if new > 0 && rng.below(4) != 0 {
+            out[..8].copy_from_slice(&(new as u64).to_le_bytes());
+        }
+    }
+    out
+}
+
+#[test]
+fn mutated_torch_archives_never_panic_or_overallocate() {
+    let _one = one_at_a_time();
+    let base = std::fs::read(fixture(
+        "published-root/thibaud/controlnet-sd21-canny-diffusers/diffusion_pytorch_model.bin",
+    ))
+    .expect("fixture");
+    let dir = scratch("zip");
+    let path = dir.join("diffusion_pytorch_model.bin");
+    let zip = zip_fields(&base);
+    let container = run(
+        "zip container",
+        runs(600),
+        &path,
+        |rng| mutate(rng, &base, &zip),
+        0x7a69_7031,
+    );
+    let parts = entries(&base);
+    let pkl = parts
+        .iter()
+        .position(|(n, _)| n.ends_with("data.pkl"))
+        .expect("data.pkl");
+    let fields = pickle_fields(&parts[pkl].1);
+    let pickle = run(
+        "pickle in a valid archive",
+        runs(1500),
+        &path,
+        |rng| {
+            let mut parts = parts.clone();
+            parts[pkl].1 = mutate(rng, &parts[pkl].1, &fields);
+            // Now and then a storage cut short or grown too.
+            if rng.below(4) == 0 {
+                let i = rng.below(parts.len());
+                if !parts[i].0.ends_with("data.pkl") {
+                    let n = parts[i].1.len();
+                    parts[i].1.resize(rng.below(2 * n + 8), 0x41);
+                }
+            }
+            write_archive(&parts)
+        },
+        0x706b_6c31,
+    );
+    let bound = 4 * base.len() + (1 << 20);
+    for (what, t) in [("container", &container), ("pickle", &pickle)] {
+        assert!(
+            t.largest <= bound,
+            "{what}: largest allocation {} > {bound}",
+            t.largest
+        );
+        assert!(
+            t.peak <= 4 * bound,
+            "{what}: peak {} > {}",
+            t.peak,
+            4 * bound
+        );
+        assert!(t.refused > 0, "{what}: no mutation refused");
+    }
+    assert!(container.loaded + pickle.loaded > 0, "no mutation loaded");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn mutated_legacy_torch_files_never_panic_or_overallocate() {
+    let _one = one_at_a_time();
+    let base = std::fs::read(fixture("torch-legacy/mixed.pth")).expect("fixture");
+    let dir = scratch("legacy");
+    let path = dir.join("mixed.pth");
+    let fields = pickle_fields(&base);
+    let t = run(
+        "legacy torch file",
+        runs(3000),
+        &path,
+        |rng| mutate(rng, &base, &fields),
+        0x6c65_6731,
+    );
+    let bound = 64 * base.len() + (1 << 20);
+    assert!(
+        t.largest <= bound,
+        "largest allocation {} > {bound}",
+        t.largest
+    );
+    assert!(t.refused > 0 && t.loaded > 0, "{t:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn mutated_safetensors_files_never_panic_or_overallocate() {
+    let _one = one_at_a_time();
+    let base = std::fs::read(fixture("torch-legacy/mixed.safetensors")).expect("fixture");
+    let dir = scratch("safetensors");
+    let path = dir.join("model.safetensors");
+    let fields = safetensors_fields(&base);
+    let t = run(
+        "safetensors file",
+        runs(3000),
+        &path,
+        |rng| {
+            if rng.below(2) == 0 {
+                mutate_digits(rng, &base, &fields[1..])
+            } else {
+                mutate(rng, &base, &fields[..1])
+            }
+        },
+        0x7361_6631,
+    );
+    let bound = 64 * base.len() + (1 << 20);
+    assert!(
+        t.largest <= bound,
+        "largest allocation {} > {bound}",
+        t.largest
+    );
+    assert!(t.refused > 0 && t.loaded > 0, "{t:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Values a config entry is set to.
+fn odd_value(rng: &mut Rng) -> serde_json::Value {
+    use serde_json::json;
+    match rng.below(16) {
+        0 => json!(0),
+        1 => json!(1),
+        2 => json!(2),
+        3 => json!(3),
+        4 => json!(-1),
+        5 => json!(7),
+        6 => json!(1_000_000_000u64),
+        7 => json!(u64::MAX),
+        8 => json!(0.5),
+        9 => json!(-0.0),
+        10 => json!(1e300),
+        11 => serde_json::Value::Null,
+        12 => json!(true),
+        13 => json!(""),
+        14 => json!(
+            [
+                "gelu",
+                "relu",
+                "silu",
+                "swish",
+                "mish",
+                "quick_gelu",
+                "nearest",
+                "x"
+            ][rng.below(8)]
+        ),
+        _ => json!([]),
+    }
+}
+
+/// Every path to a value in `v` (object keys and array indices).
+fn paths(
+    v: &serde_json::Value,
+    here: &mut Vec<serde_json::Value>,
+    out: &mut Vec<Vec<serde_json::Value>>,
+) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, child) in map {
+                here.push(k.clone().into());
+                out.push(here.clone());
+                paths(child, here, out);
+                here.pop();
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                here.push(i.into());
+                out.push(here.clone());
+                paths(child, here, out);
+                here.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One to three changes of a config: a value replaced, a key removed, an array grown or cut.
+fn mutate_config(rng: &mut Rng, base: &serde_json::Value) -> serde_json::Value {
+    let mut config = base.clone();
+    for _ in 0..1 + rng.below(3) {
+        let mut all = Vec::new();
+        paths(&config, &mut Vec::new(), &mut all);
+        let path = &all[rng.below(all.len())];
+        let (last, parent_path) = path.split_last().expect("a path");
+        let mut parent = &mut config;
+        for step in parent_path {
+            parent = match step {
+                serde_json::Value::String(k) => &mut parent[k.as_str()],
+                _ => &mut parent[step.as_u64().expect("index") as usize],
+            };
+        }
+        match (rng.below(6), last) {
+            (0, serde_json::Value::String(k)) => {
+                parent.as_object_mut().expect("object").remove(k);
+            }
+            (1, _) => {
+                let target = match last {
+                    serde_json::Value::String(k) => &mut parent[k.as_str()],
+                    _ => &mut parent[last.as_u64().expect("index") as usize],
+                };
+                if let Some(items) = target.as_array_mut() {
+                    if rng.below(2) == 0 {
+                        items.pop();
+                    } else if let Some(first) = items.first().cloned() {
+                        items.push(first);
+                    }
+                }
+            }
+            _ => {
+                let value = odd_value(rng);
+                match last {
+                    serde_json::Value::String(k) => parent[k.as_str()] = value,
+                    _ => parent[last.as_u64().expect("index") as usize] = value,
+                }
+            }
+        }
+    }
+    config
+}
+
+/// A network folder: its weights linked from the fixture, its config mutated.
+fn config_cases(
+    what: &str,
+    fixture_dir: &str,
+    runs: usize,
+    seed: u64,
+    load_and_run: impl Fn(&Path) -> Result<(), String> + std::panic::RefUnwindSafe,
+) -> Tally {
+    let source = fixture(fixture_dir);
+    let dir = scratch(&format!("config-{what}"));
+    for entry in std::fs::read_dir(&source).expect("fixture folder") {
+        let entry = entry.expect("entry");
+        if entry.file_name() != "config.json" {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy weights");
+        }
+    }
+    let base: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(source.join("config.json")).expect("config"))
+            .expect("config JSON");
+    let mut rng = seeded(seed);
+    let mut tally = Tally::default();
+    for i in 0..runs {
+        let config = mutate_config(&mut rng, &base);
+        let text = serde_json::to_vec_pretty(&config).expect("JSON");
+        std::fs::write(dir.join("config.json"), &text).expect("write config");
+        LARGEST.store(0, Relaxed);
+        match std::panic::catch_unwind(|| load_and_run(&dir)) {
+            Ok(Ok(())) => tally.loaded += 1,
+            Ok(Err(e)) => {
+                tally.refused += 1;
+                let kind: String = e
+                    .split_whitespace()
+                    .filter(|w| {
+                        !w.contains('`')
+                            && !w.contains('/')
+                            && !w.chars().any(|c| c.is_ascii_digit())
+                    })
+                    .take(8)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                *tally.messages.entry(kind).or_default() += 1;
+            }
+            Err(_) => {
+                let kept = dir.with_extension(format!("panicked-{i}.json"));
+                std::fs::write(&kept, &text).ok();
+                panic!(
+                    "{what}: mutated config {i} panicked (kept at {})",
+                    kept.display()
+                )
+            }
+        }
+        tally.largest = tally.largest.max(LARGEST.load(Relaxed));
+    }
+    eprintln!(
+        "{what}: {runs} mutated configs: {} loaded and ran, {} refused; largest allocation {} bytes",
+        tally.loaded, tally.refused, tally.largest
+    );
+    for (kind, n) in &tally.messages {
+        eprintln!("  {n:5} × {kind}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    tally
+}
+
+mod configs {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+    use sdstream_models::unet::{UNet2DConditionModel, UNetInputs};
+
+    fn e(e: impl std::fmt::Display) -> String {
+        e.to_string()
+    }
+
+    #[test]
+    fn mutated_unet_configs_load_and_run_or_are_refused() {
+        let _one = one_at_a_time();
+        let t = config_cases(
+            "unet",
+            "tiny-sd-turbo/unet",
+            runs(300),
+            0x756e_6574,
+            |dir| {
+                let unet = UNet2DConditionModel::load(dir, DType::F32, &Device::Cpu).map_err(e)?;
+                let c = unet.config().in_channels;
+                let sample = Tensor::ones((1, c, 8, 8), DType::F32, &Device::Cpu).map_err(e)?;
+                let t = Tensor::new(&[500f32], &Device::Cpu).map_err(e)?;
+                let width = unet.text_width().unwrap_or(32);
+                let text = Tensor::ones((1, 4, width), DType::F32, &Device::Cpu).map_err(e)?;
+                unet.forward(UNetInputs::new(&sample, &t, &text))
+                    .map_err(e)?;
+                Ok(())
+            },
+        );
+        assert!(t.refused > 0 && t.loaded > 0, "{t:?}");
+    }
+
+    #[test]
+    fn mutated_autoencoder_configs_load_and_run_or_are_refused() {
+        let _one = one_at_a_time();
+        let t = config_cases("vae", "tiny-sd-turbo/vae", runs(300), 0x7661_6531, |dir| {
+            let vae = sdstream_models::vae::AutoencoderKl::load(dir, DType::F32, &Device::Cpu)
+                .map_err(e)?;
+            let c = vae.config().in_channels;
+            let x = Tensor::ones((1, c, 16, 16), DType::F32, &Device::Cpu).map_err(e)?;
+            let (mean, _) = vae.encode_moments(&x).map_err(e)?;
+            vae.decode(&mean).map_err(e)?;
+            Ok(())
+        });
+        assert!(t.refused > 0 && t.loaded > 0, "{t:?}");
+        let t = config_cases("taesd", "tiny-taesd", runs(300), 0x7461_6531, |dir| {
+            let taesd =
+                sdstream_models::taesd::AutoencoderTiny::load(dir, DType::F32, &Device::Cpu)
+                    .map_err(e)?;
+            let c = taesd.config().in_channels;
+            let x = Tensor::ones((1, c, 16, 16), DType::F32, &Device::Cpu).map_err(e)?;
+            let z = taesd.encode(&x).map_err(e)?;
+            taesd.decode(&z).map_err(e)?;
+            Ok(())
+        });
+        assert!(t.refused > 0 && t.loaded > 0, "{t:?}");
+    }
+
+    #[test]
+    fn mutated_text_encoder_configs_load_and_run_or_are_refused() {
+        let _one = one_at_a_time();
+        let t = config_cases(
+            "clip",
+            "tiny-sd-turbo/text_encoder",
+            runs(300),
+            0x636c_6970,
+            |dir| {
+                let clip =
+                    sdstream_models::clip::ClipTextModel::load(dir, DType::F32, &Device::Cpu)
+                        .map_err(e)?;
+                let ids = Tensor::zeros((1, 77), DType::U32, &Device::Cpu).map_err(e)?;
+                clip.forward(&ids).map_err(e)?;
+                Ok(())
+            },
+        );
+        assert!(t.refused > 0 && t.loaded > 0, "{t:?}");
+    }
+}
+
+mod loras {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+    use safetensors::tensor::TensorView;
+    use sdstream_models::clip::ClipTextModel;
+    use sdstream_models::lora::{LoraDeltas, LoraFile, LoraTarget};
+    use sdstream_models::unet::{UNet2DConditionModel, UNetInputs};
+    use std::sync::Arc;
+
+    /// A LoRA file's tensors: name, shape, f32 values.
+    type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+    fn read(path: &Path) -> Tensors {
+        let bytes = std::fs::read(path).expect("LoRA fixture");
+        let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let mut out: Tensors = file
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+                let values = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                (name, view.shape().to_vec(), values)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn write(tensors: &Tensors) -> Vec<u8> {
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(n, s, v)| {
+                (
+                    n.clone(),
+                    s.clone(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            })
+            .collect();
+        let views: Vec<(String, TensorView<'_>)> = bytes
+            .iter()
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view"),
+                )
+            })
+            .collect();
+        safetensors::tensor::serialize(views, None).expect("serialize")
+    }
+
+    /// One to three structural changes that keep the file well formed: a tensor reshaped (its
+    /// values made again), renamed (to another layer's name, another part, or nonsense),
+    /// dropped or doubled, or an alpha set to an odd number.
+    fn mutate_lora(rng: &mut Rng, base: &Tensors) -> Tensors {
+        let mut t = base.clone();
+        for _ in 0..1 + rng.below(3) {
+            if t.is_empty() {
+                break;
+            }
+            let i = rng.below(t.len());
+            match rng.below(6) {
+                0 | 1 => {
+                    let mut shape = t[i].1.clone();
+                    match rng.below(4) {
+                        0 if !shape.is_empty() => {
+                            let d = rng.below(shape.len());
+                            shape[d] = [0, 1, 2, 3, 5, 8, 64, 4096][rng.below(8)];
+                        }
+                        1 => shape.push([1, 3][rng.below(2)]),
+                        2 => {
+                            shape.pop();
+                        }
+                        _ => shape.reverse(),
+                    }
+                    let n: usize = shape.iter().product();
+                    if n <= 1 << 20 {
+                        t[i].1 = shape;
+                        t[i].2 = (0..n).map(|k| ((k % 7) as f32 - 3.0) * 0.01).collect();
+                    }
+                }
+                2 => {
+                    let other = t[rng.below(t.len())].0.clone();
+                    let (prefix, _) = other.split_once('.').unwrap_or((&other, ""));
+                    let (_, suffix) = t[i].0.split_once('.').unwrap_or(("", "weight"));
+                    t[i].0 = match rng.below(4) {
+                        0 => format!("{prefix}.{suffix}"),
+                        1 => t[i].0.replace("lora_down", "lora_up"),
+                        2 => t[i].0.replace("_0_", "_7_").replace(".0.", ".9."),
+                        _ => format!("{}x", t[i].0),
+                    };
+                    t.sort_by(|a, b| a.0.cmp(&b.0));
+                    t.dedup_by(|a, b| a.0 == b.0);
+                }
+                3 => {
+                    t.remove(i);
+                }
+                4 => {
+                    if let Some(alpha) = t.iter_mut().filter(|x| x.1.is_empty()).nth(i % 8) {
+                        alpha.2 = vec![[0.0, -1.0, 1e30, 1e-30, 4096.0][rng.below(5)]];
+                    }
+                }
+                _ => {
+                    let copy = t[i].clone();
+                    let (prefix, suffix) = copy.0.split_once('.').unwrap_or((&copy.0, ""));
+                    t.push((
+                        format!("{prefix}_extra.{suffix}"),
+                        copy.1.clone(),
+                        copy.2.clone(),
+                    ));
+                    t.sort_by(|a, b| a.0.cmp(&b.0));
+                }
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn mutated_loras_fuse_or_are_refused() {
+        let _one = one_at_a_time();
+        let unet_dir = fixture("tiny-sd15/unet");
+        let clip_dir = fixture("tiny-sd15/text_encoder");
+        let dir = scratch("lora");
+        let path = dir.join("lora.safetensors");
+        let mut tally = Tally::default();
+        for (k, base) in [
+            "lora/kohya-b/b.safetensors",
+            "lora/peft-a/pytorch_lora_weights.safetensors",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let base = read(&fixture(base));
+            let mut rng = seeded(0x6c6f_7261 + k as u64);
+            for i in 0..runs(150) {
+                let mutated = mutate_lora(&mut rng, &base);
+                std::fs::write(&path, write(&mutated)).expect("write LoRA");
+                let outcome = std::panic::catch_unwind(|| -> Result<(), String> {
+                    let e = |e: sdstream_models::Error| e.to_string();
+                    let c = |e: candle_core::Error| e.to_string();
+                    let file = Arc::new(LoraFile::open(&path).map_err(e)?);
+                    let stack = [(file, 0.8)];
+                    if let Some(deltas) = LoraDeltas::new(LoraTarget::Unet, &stack) {
+                        let (unet, _) = UNet2DConditionModel::load_with_lora(
+                            &unet_dir,
+                            DType::F32,
+                            &Device::Cpu,
+                            Some(deltas),
+                        )
+                        .map_err(e)?;
+                        let sample =
+                            Tensor::ones((1, 4, 8, 8), DType::F32, &Device::Cpu).map_err(c)?;
+                        let t = Tensor::new(&[500f32], &Device::Cpu).map_err(c)?;
+                        let width = unet.text_width().unwrap_or(32);
+                        let text =
+                            Tensor::ones((1, 4, width), DType::F32, &Device::Cpu).map_err(c)?;
+                        unet.forward(UNetInputs::new(&sample, &t, &text))
+                            .map_err(e)?;
+                    }
+                    if let Some(deltas) = LoraDeltas::new(LoraTarget::TextEncoder, &stack) {
+                        let (clip, _) = ClipTextModel::load_with_lora(
+                            &clip_dir,
+                            DType::F32,
+                            &Device::Cpu,
+                            Some(deltas),
+                        )
+                        .map_err(e)?;
+                        let ids = Tensor::zeros((1, 77), DType::U32, &Device::Cpu).map_err(c)?;
+                        clip.forward(&ids).map_err(e)?;
+                    }
+                    Ok(())
+                });
+                match outcome {
+                    Ok(Ok(())) => tally.loaded += 1,
+                    Ok(Err(msg)) => {
+                        tally.refused += 1;
+                        let kind: String = msg
+                            .split_whitespace()
+                            .filter(|w| {
+                                !w.contains('`')
+                                    && !w.contains('/')
+                                    && !w.chars().any(|c| c.is_ascii_digit())
+                            })
+                            .take(8)
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        *tally.messages.entry(kind).or_default() += 1;
+                    }
+                    Err(_) => {
+                        let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
+                        std::fs::copy(&path, &kept).ok();
+                        panic!("mutated LoRA {k}/{i} panicked (kept at {})", kept.display());
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "LoRAs: {} fused and ran, {} refused",
+            tally.loaded, tally.refused
+        );
+        for (kind, n) in &tally.messages {
+            eprintln!("  {n:5} × {kind}");
+        }
+        assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
