@@ -964,3 +964,154 @@ mod loras {
         std::fs::remove_dir_all(&dir).ok();
     }
 }
+
+mod tokenizers_files {
+    use super::*;
+    use sdstream_models::tokenizer::ClipTokenizer;
+
+    /// The paths of `v` outside the vocabulary and merges (a hundred thousand entries a mutation
+    /// would almost always land in), and a few of those entries.
+    fn tokenizer_paths(rng: &mut Rng, v: &serde_json::Value) -> Vec<Vec<serde_json::Value>> {
+        let mut outside = v.clone();
+        // An earlier change may have made `model` something else than an object.
+        let (vocab, merges) = match outside.get_mut("model").and_then(|m| m.as_object_mut()) {
+            Some(model) => (
+                model.remove("vocab").unwrap_or_default(),
+                model.remove("merges").unwrap_or_default(),
+            ),
+            None => Default::default(),
+        };
+        let mut all = Vec::new();
+        paths(&outside, &mut Vec::new(), &mut all);
+        let model: serde_json::Value = "model".into();
+        if let Some(words) = vocab.as_object() {
+            all.push(vec![model.clone(), "vocab".into()]);
+            for _ in 0..4 {
+                let (word, _) = words.iter().nth(rng.below(words.len())).expect("a word");
+                all.push(vec![model.clone(), "vocab".into(), word.clone().into()]);
+            }
+        }
+        if let Some(pairs) = merges.as_array() {
+            all.push(vec![model.clone(), "merges".into()]);
+            for _ in 0..4 {
+                all.push(vec![
+                    model.clone(),
+                    "merges".into(),
+                    rng.below(pairs.len()).into(),
+                ]);
+            }
+        }
+        all
+    }
+
+    /// One to three changes to `base` at paths `tokenizer_paths` picks.
+    fn mutate_tokenizer(rng: &mut Rng, base: &serde_json::Value) -> serde_json::Value {
+        let mut json = base.clone();
+        for _ in 0..1 + rng.below(3) {
+            let all = tokenizer_paths(rng, &json);
+            let path = &all[rng.below(all.len())];
+            let (last, parent_path) = path.split_last().expect("a path");
+            let mut parent = &mut json;
+            for step in parent_path {
+                parent = match step {
+                    serde_json::Value::String(k) => &mut parent[k.as_str()],
+                    _ => &mut parent[step.as_u64().expect("index") as usize],
+                };
+            }
+            let slot = match last {
+                serde_json::Value::String(k) => &mut parent[k.as_str()],
+                _ => &mut parent[last.as_u64().expect("index") as usize],
+            };
+            *slot = match rng.below(5) {
+                // A pattern that backtracks, where a regex is.
+                0 => serde_json::json!({"Regex": "(a+)+$|(\\p{L}*)*x"}),
+                1 => serde_json::json!("<|endoftext|>"),
+                _ => odd_value(rng),
+            };
+        }
+        json
+    }
+
+    #[test]
+    fn mutated_tokenizer_files_load_and_encode_or_are_refused() {
+        let _one = one_at_a_time();
+        let source = fixture("tiny-sd-turbo/tokenizer");
+        let dir = scratch("tokenizer");
+        for entry in std::fs::read_dir(&source).expect("fixture folder") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+        }
+        let read = |name: &str| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(source.join(name)).expect(name)).expect(name)
+        };
+        let tokenizer = read("tokenizer.json");
+        let small = [
+            ("tokenizer_config.json", read("tokenizer_config.json")),
+            ("special_tokens_map.json", read("special_tokens_map.json")),
+        ];
+        let prompts = [
+            "a photo of a cat, highly detailed",
+            "",
+            "ÀÉÎõü 東京 🙂 \u{0}\u{202e} <|endoftext|> <|startoftext|>",
+            &"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa!".repeat(20),
+        ];
+        let mut rng = seeded(0x746f_6b31);
+        let mut tally = Tally::default();
+        for i in 0..runs(80) {
+            // The big file in one case of two, then one of the small ones; the others as they
+            // came.
+            let (name, text) = if rng.below(2) == 0 {
+                let json = mutate_tokenizer(&mut rng, &tokenizer);
+                ("tokenizer.json", serde_json::to_vec(&json).expect("JSON"))
+            } else {
+                let (name, base) = &small[rng.below(small.len())];
+                let json = mutate_config(&mut rng, base);
+                (*name, serde_json::to_vec(&json).expect("JSON"))
+            };
+            std::fs::write(dir.join(name), &text).expect("write");
+            let outcome = std::panic::catch_unwind(|| -> Result<usize, String> {
+                let t = ClipTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
+                let mut ids = 0;
+                for prompt in prompts {
+                    ids += t.encode(prompt).map_err(|e| e.to_string())?.len();
+                }
+                Ok(ids)
+            });
+            match outcome {
+                Ok(Ok(ids)) => {
+                    assert!(ids > 0);
+                    tally.loaded += 1;
+                }
+                Ok(Err(msg)) => {
+                    tally.refused += 1;
+                    let kind: String = msg
+                        .split_whitespace()
+                        .filter(|w| !w.contains('/') && !w.chars().any(|c| c.is_ascii_digit()))
+                        .take(8)
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    *tally.messages.entry(kind).or_default() += 1;
+                }
+                Err(_) => {
+                    let kept = dir.with_extension(format!("panicked-{i}-{name}"));
+                    std::fs::write(&kept, &text).ok();
+                    panic!(
+                        "mutated {name} {i} panicked the tokenizer (kept at {})",
+                        kept.display()
+                    );
+                }
+            }
+            // The next case starts from the fixture's files again.
+            std::fs::copy(source.join(name), dir.join(name)).expect("restore");
+        }
+        eprintln!(
+            "tokenizers: {} loaded and encoded, {} refused",
+            tally.loaded, tally.refused
+        );
+        for (kind, n) in &tally.messages {
+            eprintln!("  {n:5} × {kind}");
+        }
+        assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
