@@ -1115,3 +1115,104 @@ mod tokenizers_files {
         std::fs::remove_dir_all(&dir).ok();
     }
 }
+
+/// A shard index's mutations: its values replaced (among them other shards' names, paths out of
+/// the folder, itself), entries removed, its lists and maps grown or cut; the shards stay.
+#[test]
+fn mutated_shard_indexes_load_or_are_refused() {
+    let _one = one_at_a_time();
+    let mut tally = Tally::default();
+    for (k, (folder, index)) in [
+        (
+            "tiny-sdxl-sharded/unet",
+            "diffusion_pytorch_model.safetensors.index.json",
+        ),
+        (
+            "tiny-sdxl-sharded/text_encoder",
+            "pytorch_model.bin.index.json",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let source = fixture(folder);
+        let dir = scratch(&format!("index-{k}"));
+        for entry in std::fs::read_dir(&source).expect("fixture folder") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+        }
+        let base: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(source.join(index)).expect("index"))
+                .expect("JSON");
+        let shards: Vec<String> = std::fs::read_dir(&source)
+            .expect("fixture folder")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        let mut rng = seeded(0x696e_6478 + k as u64);
+        for i in 0..runs(150) {
+            let mut json = mutate_config(&mut rng, &base);
+            // Now and then an entry sent to another file: a shard, the index, the config, a
+            // path out of the folder, one that is not there.
+            if let Some(map) = json.get_mut("weight_map").and_then(|m| m.as_object_mut())
+                && !map.is_empty()
+                && rng.below(2) == 0
+            {
+                let key = map.keys().nth(rng.below(map.len())).expect("a key").clone();
+                let targets = [
+                    shards[rng.below(shards.len())].as_str(),
+                    index,
+                    "config.json",
+                    "../config.json",
+                    "/etc/hostname",
+                    "missing.safetensors",
+                    "",
+                ];
+                map[&key] = targets[rng.below(targets.len())].into();
+            }
+            let text = serde_json::to_vec(&json).expect("JSON");
+            let path = dir.join(index);
+            std::fs::write(&path, &text).expect("write");
+            LARGEST.store(0, Relaxed);
+            match std::panic::catch_unwind(|| load_all(&path)) {
+                Ok(Ok(_)) => tally.loaded += 1,
+                Ok(Err(msg)) => {
+                    tally.refused += 1;
+                    let kind: String = msg
+                        .split(": ")
+                        .nth(1)
+                        .unwrap_or(&msg)
+                        .split_whitespace()
+                        .filter(|w| !w.contains('`') && !w.chars().any(|c| c.is_ascii_digit()))
+                        .take(6)
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    *tally.messages.entry(kind).or_default() += 1;
+                }
+                Err(_) => {
+                    let kept = dir.with_extension(format!("panicked-{i}.json"));
+                    std::fs::write(&kept, &text).ok();
+                    panic!(
+                        "mutated index {k}/{i} panicked (kept at {})",
+                        kept.display()
+                    );
+                }
+            }
+            tally.largest = tally.largest.max(LARGEST.load(Relaxed));
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    eprintln!(
+        "shard indexes: {} loaded, {} refused; largest allocation {} bytes",
+        tally.loaded, tally.refused, tally.largest
+    );
+    for (kind, n) in &tally.messages {
+        eprintln!("  {n:5} × {kind}");
+    }
+    // The largest shard is read whole when it is a pickle (3.2 MB).
+    assert!(
+        tally.largest <= 4 * 3_191_141 + (1 << 20),
+        "largest allocation {}",
+        tally.largest
+    );
+    assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
+}
