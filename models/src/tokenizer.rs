@@ -94,6 +94,23 @@ fn token_content(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// Calls into the tokenizers library with what a checkpoint's files say, a panic turned into
+/// an error naming `path`: its builders index buffers with the files' values (0.23 panics on a
+/// `continuing_subword_prefix` longer than a merge's second token), and a checkpoint is an
+/// attacker's choice.
+fn without_panics<T, E: std::fmt::Display>(
+    path: &Path,
+    call: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(result) => result.map_err(|e| load_error(path, e)),
+        Err(_) => Err(load_error(
+            path,
+            "the tokenizers library panicked on what this file holds",
+        )),
+    }
+}
+
 /// The JSON of an optional file; one that is there but is not a regular file (a folder, a FIFO)
 /// is an error, not an absence.
 fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
@@ -125,7 +142,7 @@ impl ClipTokenizer {
         let tokenizer_json = dir.join("tokenizer.json");
         let mut tokenizer = if tokenizer_json.is_file() {
             let bytes = crate::read_bounded(&tokenizer_json, crate::MAX_TOKENIZER_BYTES)?;
-            Tokenizer::from_bytes(bytes).map_err(|e| load_error(&tokenizer_json, e))?
+            without_panics(&tokenizer_json, || Tokenizer::from_bytes(bytes))?
         } else {
             Self::build_from_vocab(dir, &special.unk)?
         };
@@ -178,18 +195,15 @@ impl ClipTokenizer {
             crate::check_bounded(file, crate::MAX_TOKENIZER_BYTES)?;
         }
         let (vocab_str, merges_str) = (path_str(&vocab)?, path_str(&merges)?);
-        let bpe = BPE::from_file(vocab_str, merges_str)
-            .unk_token(unk.to_string())
-            .continuing_subword_prefix(String::new())
-            .end_of_word_suffix("</w>".to_string())
-            .fuse_unk(false)
-            .build()
-            .map_err(|e| {
-                load_error(
-                    &vocab,
-                    format!("cannot build BPE from vocab.json + merges.txt: {e}"),
-                )
-            })?;
+        let bpe = without_panics(&vocab, || {
+            BPE::from_file(vocab_str, merges_str)
+                .unk_token(unk.to_string())
+                .continuing_subword_prefix(String::new())
+                .end_of_word_suffix("</w>".to_string())
+                .fuse_unk(false)
+                .build()
+                .map_err(|e| format!("cannot build BPE from vocab.json + merges.txt: {e}"))
+        })?;
         let mut tokenizer = Tokenizer::new(bpe);
         let whitespace = Replace::new(
             tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
@@ -218,10 +232,17 @@ impl ClipTokenizer {
 
     /// The ids of `text` without truncation or padding: `bos … eos`.
     pub fn encode_untruncated(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| Error::param("prompt", format!("cannot tokenize {text:?}: {e}")))?;
+        let encode = std::panic::AssertUnwindSafe(|| self.tokenizer.encode(text, false));
+        let encoding = match std::panic::catch_unwind(encode) {
+            Ok(encoded) => encoded
+                .map_err(|e| Error::param("prompt", format!("cannot tokenize {text:?}: {e}")))?,
+            Err(_) => {
+                return Err(Error::param(
+                    "prompt",
+                    format!("cannot tokenize {text:?}: the tokenizer's library panicked on it"),
+                ));
+            }
+        };
         let mut ids = Vec::with_capacity(encoding.get_ids().len() + 2);
         ids.push(self.bos_id);
         ids.extend_from_slice(encoding.get_ids());
@@ -333,6 +354,25 @@ mod tests {
         fn drop(&mut self) {
             std::fs::remove_dir_all(&self.0).ok();
         }
+    }
+
+    /// A `tokenizer.json` whose BPE `continuing_subword_prefix` is longer than a merge's second
+    /// token panics inside the tokenizers library (0.23, found by models/tests/checkpoint_fuzz.rs):
+    /// the load fails with an error naming the file, and the next load of a good folder works.
+    #[test]
+    fn a_tokenizer_json_that_panics_the_library_is_an_error_naming_it() {
+        let tmp = TempTokenizer::new("panics", true, false);
+        let path = tmp.0.join("tokenizer.json");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        json["model"]["continuing_subword_prefix"] = "<|endoftext|>".into();
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let err = ClipTokenizer::from_dir(&tmp.0).expect_err("a panicking file must not load");
+        let message = err.to_string();
+        assert!(message.contains("tokenizer.json"), "{message}");
+        assert!(message.contains("panicked"), "{message}");
+        let good = ClipTokenizer::from_dir(&tiny_tokenizer_dir()).expect("the fixture loads");
+        assert_eq!(good.encode("a cat").expect("encode").len(), 77);
     }
 
     /// Compares every prompt's 77 ids; returns the number of prompts that matched.

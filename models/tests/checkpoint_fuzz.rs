@@ -848,8 +848,6 @@ mod loras {
                         2 => t[i].0.replace("_0_", "_7_").replace(".0.", ".9."),
                         _ => format!("{}x", t[i].0),
                     };
-                    t.sort_by(|a, b| a.0.cmp(&b.0));
-                    t.dedup_by(|a, b| a.0 == b.0);
                 }
                 3 => {
                     t.remove(i);
@@ -867,9 +865,11 @@ mod loras {
                         copy.1.clone(),
                         copy.2.clone(),
                     ));
-                    t.sort_by(|a, b| a.0.cmp(&b.0));
                 }
             }
+            // One tensor a name: safetensors' writer panics on two (a file cannot hold them).
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            t.dedup_by(|a, b| a.0 == b.0);
         }
         t
     }
