@@ -1216,3 +1216,248 @@ fn mutated_shard_indexes_load_or_are_refused() {
     );
     assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
 }
+
+/// The processors' networks, whose sizes come from their tensors' shapes (there is no config):
+/// well-formed files whose tensors are reshaped, dropped, doubled under another layer's number
+/// or renamed, loaded as a processor loads them, then run on a small picture.
+mod shape_configured {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+    use sdstream_models::{hed, lineart, lineart_anime, openpose_body, openpose_cpm, rrdbnet};
+
+    type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+    fn read(path: &Path) -> Tensors {
+        let file = WeightsFile::open(path).expect("fixture");
+        let mut out: Tensors = file
+            .float_tensors()
+            .map(|(name, shape)| {
+                let values = file
+                    .load_f32(name)
+                    .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                    .expect("values");
+                (name.to_string(), shape.to_vec(), values)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Digits in a name moved by one or set to 9 (another layer, or one past the last).
+    fn renumber(rng: &mut Rng, name: &str) -> String {
+        let digits: Vec<usize> = name
+            .char_indices()
+            .filter(|(_, c)| c.is_ascii_digit())
+            .map(|(i, _)| i)
+            .collect();
+        if digits.is_empty() {
+            return format!("{name}x");
+        }
+        let at = digits[rng.below(digits.len())];
+        let d = name.as_bytes()[at] - b'0';
+        let new = [(d + 1) % 10, d.saturating_sub(1), 9][rng.below(3)];
+        format!("{}{}{}", &name[..at], new, &name[at + 1..])
+    }
+
+    fn mutate_shapes(rng: &mut Rng, base: &Tensors) -> Tensors {
+        let mut t = base.clone();
+        for _ in 0..1 + rng.below(3) {
+            if t.is_empty() {
+                break;
+            }
+            let i = rng.below(t.len());
+            match rng.below(5) {
+                0 | 1 => {
+                    let mut shape = t[i].1.clone();
+                    match rng.below(4) {
+                        0 if !shape.is_empty() => {
+                            let d = rng.below(shape.len());
+                            shape[d] = [0, 1, 2, 3, 5, 7, 64, 1024][rng.below(8)];
+                        }
+                        1 => shape.push([1, 2][rng.below(2)]),
+                        2 => {
+                            shape.pop();
+                        }
+                        _ => shape.reverse(),
+                    }
+                    let n: usize = shape.iter().product();
+                    if n <= 1 << 22 {
+                        t[i].1 = shape;
+                        t[i].2 = (0..n).map(|k| ((k % 5) as f32 - 2.0) * 0.05).collect();
+                    }
+                }
+                2 => {
+                    t.remove(i);
+                }
+                3 => {
+                    let copy = t[i].clone();
+                    t.push((renumber(rng, &copy.0), copy.1, copy.2));
+                }
+                _ => t[i].0 = renumber(rng, &t[i].0),
+            }
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            t.dedup_by(|a, b| a.0 == b.0);
+        }
+        t
+    }
+
+    fn write(tensors: &Tensors) -> Vec<u8> {
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(n, s, v)| {
+                (
+                    n.clone(),
+                    s.clone(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+            .iter()
+            .map(|(n, s, b)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+                (n.clone(), view.expect("view"))
+            })
+            .collect();
+        safetensors::tensor::serialize(views, None).expect("serialize")
+    }
+
+    type Run = fn(&Path) -> Result<(), String>;
+
+    fn e(e: impl std::fmt::Display) -> String {
+        e.to_string()
+    }
+
+    fn picture(side: usize) -> Result<Tensor, String> {
+        Tensor::ones((1, 3, side, side), DType::F32, &Device::Cpu).map_err(e)
+    }
+
+    const NETWORKS: [(&str, Run); 6] = [
+        ("lllyasviel/Annotators/ControlNetHED.pth", |p| {
+            let net = sdstream_models::open_weights(
+                p,
+                DType::F32,
+                &Device::Cpu,
+                hed::Config::from_shapes,
+                hed::Hed::new,
+            )
+            .map_err(e)?;
+            net.forward(&picture(32)?).map_err(e)?;
+            Ok(())
+        }),
+        ("lllyasviel/Annotators/sk_model.pth", |p| {
+            let net = sdstream_models::open_weights(
+                p,
+                DType::F32,
+                &Device::Cpu,
+                lineart::Config::from_shapes,
+                lineart::LineartGenerator::new,
+            )
+            .map_err(e)?;
+            net.forward(&picture(32)?).map_err(e)?;
+            Ok(())
+        }),
+        ("lllyasviel/Annotators/netG.pth", |p| {
+            let net = sdstream_models::open_weights(
+                p,
+                DType::F32,
+                &Device::Cpu,
+                lineart_anime::Config::from_shapes,
+                lineart_anime::LineartAnimeGenerator::new,
+            )
+            .map_err(e)?;
+            net.forward(&picture(256)?).map_err(e)?;
+            Ok(())
+        }),
+        ("lllyasviel/Annotators/body_pose_model.safetensors", |p| {
+            let net = sdstream_models::open_weights(
+                p,
+                DType::F32,
+                &Device::Cpu,
+                |s| Ok(openpose_body::Config::from_tensor_shapes(s)?),
+                |c, vb| Ok(openpose_body::BodyPoseNet::new(c, vb)?),
+            )
+            .map_err(e)?;
+            net.forward(&picture(32)?).map_err(e)?;
+            Ok(())
+        }),
+        ("lllyasviel/Annotators/hand_pose_model.pth", |p| {
+            let net = sdstream_models::open_weights(
+                p,
+                DType::F32,
+                &Device::Cpu,
+                openpose_cpm::Config::from_shapes,
+                openpose_cpm::KeypointNet::new,
+            )
+            .map_err(e)?;
+            net.forward(&picture(32)?).map_err(e)?;
+            Ok(())
+        }),
+        ("ai-forever/Real-ESRGAN/RealESRGAN_x2.pth", |p| {
+            let net = sdstream_models::open_weights(
+                p,
+                DType::F32,
+                &Device::Cpu,
+                rrdbnet::Config::from_shapes,
+                rrdbnet::RrdbNet::new,
+            )
+            .map_err(e)?;
+            net.forward(&picture(16)?).map_err(e)?;
+            Ok(())
+        }),
+    ];
+
+    #[test]
+    fn processor_networks_with_mutated_shapes_load_and_run_or_are_refused() {
+        let _one = one_at_a_time();
+        let dir = scratch("shapes");
+        let path = dir.join("weights.safetensors");
+        let mut tally = Tally::default();
+        for (k, (file, run)) in NETWORKS.iter().enumerate() {
+            let base = read(&fixture(&format!("model-root/{file}")));
+            // The fixture itself, written again, loads and runs: the mutations are what fail.
+            std::fs::write(&path, write(&base)).expect("write");
+            run(&path).unwrap_or_else(|err| panic!("{file} unmutated: {err}"));
+            let mut rng = seeded(0x7368_6170 + k as u64);
+            for i in 0..runs(60) {
+                let mutated = mutate_shapes(&mut rng, &base);
+                std::fs::write(&path, write(&mutated)).expect("write");
+                match std::panic::catch_unwind(|| run(&path)) {
+                    Ok(Ok(())) => tally.loaded += 1,
+                    Ok(Err(msg)) => {
+                        tally.refused += 1;
+                        let kind: String = msg
+                            .split_whitespace()
+                            .filter(|w| {
+                                !w.contains('`')
+                                    && !w.contains('/')
+                                    && !w.chars().any(|c| c.is_ascii_digit())
+                            })
+                            .take(8)
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        *tally.messages.entry(kind).or_default() += 1;
+                    }
+                    Err(_) => {
+                        let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
+                        std::fs::copy(&path, &kept).ok();
+                        panic!(
+                            "{file}: mutated copy {i} panicked (kept at {})",
+                            kept.display()
+                        );
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "processor networks: {} loaded and ran, {} refused",
+            tally.loaded, tally.refused
+        );
+        for (kind, n) in &tally.messages {
+            eprintln!("  {n:5} × {kind}");
+        }
+        assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
