@@ -13,6 +13,9 @@
 //!   or cut. Those that load are run on a small input.
 //! - LoRAs: well-formed files whose tensors are reshaped, renamed, dropped or doubled, or whose
 //!   alphas are odd, fused into the UNet and text encoder they were made for, then run.
+//! - Networks sized by their tensors (the processors' HED, lineart, OpenPose and Real-ESRGAN,
+//!   the IP-Adapters): tensors reshaped, dropped, doubled or renumbered; loaded and run.
+//! - Shard indexes and tokenizer folders: values replaced, entries sent to other files.
 //!
 //! `SDSTREAM_WEIGHT_FUZZ_RUNS` sets the cases per set and `SDSTREAM_WEIGHT_FUZZ_SEED` other
 //! mutations, for a longer campaign than CI's.
@@ -1217,7 +1220,8 @@ fn mutated_shard_indexes_load_or_are_refused() {
     assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
 }
 
-/// The processors' networks, whose sizes come from their tensors' shapes (there is no config):
+/// The processors' networks and the IP-Adapters, whose sizes come from their tensors' shapes
+/// (there is no config):
 /// well-formed files whose tensors are reshaped, dropped, doubled under another layer's number
 /// or renamed, loaded as a processor loads them, then run on a small picture.
 mod shape_configured {
@@ -1333,7 +1337,18 @@ mod shape_configured {
         Tensor::ones((1, 3, side, side), DType::F32, &Device::Cpu).map_err(e)
     }
 
-    const NETWORKS: [(&str, Run); 6] = [
+    /// An IP-Adapter at `p` with the image encoder beside it, run on a small picture.
+    fn ip_adapter(p: &Path) -> Result<(), String> {
+        let adapter =
+            sdstream_models::ip_adapter::IpAdapter::load(p, DType::F32, &Device::Cpu).map_err(e)?;
+        let rgb = vec![128u8; 32 * 32 * 3];
+        adapter.encode(&rgb, 32, 32).map_err(e)?;
+        Ok(())
+    }
+
+    const NETWORKS: [(&str, Run); 8] = [
+        ("h94/IP-Adapter/models/ip-adapter_sd15.bin", ip_adapter),
+        ("h94/IP-Adapter/models/ip-adapter-plus_sd15.bin", ip_adapter),
         ("lllyasviel/Annotators/ControlNetHED.pth", |p| {
             let net = sdstream_models::open_weights(
                 p,
@@ -1413,6 +1428,12 @@ mod shape_configured {
         let _one = one_at_a_time();
         let dir = scratch("shapes");
         let path = dir.join("weights.safetensors");
+        // The IP-Adapters' image encoder, where h94 lays it out: beside the weights.
+        let encoder = fixture("model-root/h94/IP-Adapter/models/image_encoder");
+        std::fs::create_dir_all(dir.join("image_encoder")).expect("encoder folder");
+        for name in ["config.json", "model.safetensors"] {
+            std::fs::copy(encoder.join(name), dir.join("image_encoder").join(name)).expect("copy");
+        }
         let mut tally = Tally::default();
         for (k, (file, run)) in NETWORKS.iter().enumerate() {
             let base = read(&fixture(&format!("model-root/{file}")));
