@@ -198,6 +198,51 @@ struct Tally {
     messages: std::collections::BTreeMap<String, usize>,
 }
 
+impl Tally {
+    /// Counts one case: what it gave where it loaded (`Some(Some(_))`), `Some(None)` where it
+    /// was refused, `None` where it panicked.
+    fn count<T>(&mut self, outcome: std::thread::Result<Result<T, String>>) -> Option<Option<T>> {
+        match outcome {
+            Ok(Ok(value)) => {
+                self.loaded += 1;
+                Some(Some(value))
+            }
+            Ok(Err(message)) => {
+                self.refused += 1;
+                *self.messages.entry(kind_of(&message)).or_default() += 1;
+                Some(None)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Prints the counts, the allocations where the set watched them, and how many refusals of
+    /// each kind.
+    fn report(&self, what: &str) {
+        let mut line = format!("{what}: {} loaded, {} refused", self.loaded, self.refused);
+        if self.largest > 0 {
+            line += &format!("; largest allocation {} bytes", self.largest);
+        }
+        if self.peak > 0 {
+            line += &format!(", peak {} bytes", self.peak);
+        }
+        eprintln!("{line}");
+        for (kind, n) in &self.messages {
+            eprintln!("  {n:5} × {kind}");
+        }
+    }
+}
+
+/// A refusal's words without names, paths and numbers, so that like messages group.
+fn kind_of(message: &str) -> String {
+    message
+        .split_whitespace()
+        .filter(|w| !w.contains('`') && !w.contains('/') && !w.chars().any(|c| c.is_ascii_digit()))
+        .take(8)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Writes each mutation to `path` (with the sibling `extra` files unchanged), loads it, and
 /// counts; panics name the case.
 fn run(
@@ -218,40 +263,16 @@ fn run(
         let result = std::panic::catch_unwind(|| load_all(path));
         tally.largest = tally.largest.max(LARGEST.load(Relaxed));
         tally.peak = tally.peak.max(PEAK.load(Relaxed).saturating_sub(before));
-        match result {
-            Ok(Ok(_)) => tally.loaded += 1,
-            Ok(Err(e)) => {
-                tally.refused += 1;
-                // The message's words without names and numbers, to group them.
-                let kind: String = e
-                    .split(": ")
-                    .nth(1)
-                    .unwrap_or(&e)
-                    .split_whitespace()
-                    .filter(|w| !w.contains('`') && !w.chars().any(|c| c.is_ascii_digit()))
-                    .take(6)
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                *tally.messages.entry(kind).or_default() += 1;
-            }
-            Err(_) => {
-                let kept = path.with_extension(format!("panicked-{i}"));
-                std::fs::write(&kept, &data).ok();
-                panic!(
-                    "{what}: mutated file {i} panicked the loader (kept at {})",
-                    kept.display()
-                )
-            }
+        if tally.count(result).is_none() {
+            let kept = path.with_extension(format!("panicked-{i}"));
+            std::fs::write(&kept, &data).ok();
+            panic!(
+                "{what}: mutated file {i} panicked the loader (kept at {})",
+                kept.display()
+            )
         }
     }
-    eprintln!(
-        "{what}: {runs} mutated files: {} loaded, {} refused; largest allocation {} bytes, \
-         peak {} bytes",
-        tally.loaded, tally.refused, tally.largest, tally.peak
-    );
-    for (kind, n) in &tally.messages {
-        eprintln!("  {n:5} × {kind}");
-    }
+    tally.report(&format!("{what}: {runs} mutated files"));
     tally
 }
 
@@ -639,40 +660,20 @@ fn config_cases(
         let text = serde_json::to_vec_pretty(&config).expect("JSON");
         std::fs::write(dir.join("config.json"), &text).expect("write config");
         LARGEST.store(0, Relaxed);
-        match std::panic::catch_unwind(|| load_and_run(&dir)) {
-            Ok(Ok(())) => tally.loaded += 1,
-            Ok(Err(e)) => {
-                tally.refused += 1;
-                let kind: String = e
-                    .split_whitespace()
-                    .filter(|w| {
-                        !w.contains('`')
-                            && !w.contains('/')
-                            && !w.chars().any(|c| c.is_ascii_digit())
-                    })
-                    .take(8)
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                *tally.messages.entry(kind).or_default() += 1;
-            }
-            Err(_) => {
-                let kept = dir.with_extension(format!("panicked-{i}.json"));
-                std::fs::write(&kept, &text).ok();
-                panic!(
-                    "{what}: mutated config {i} panicked (kept at {})",
-                    kept.display()
-                )
-            }
+        if tally
+            .count(std::panic::catch_unwind(|| load_and_run(&dir)))
+            .is_none()
+        {
+            let kept = dir.with_extension(format!("panicked-{i}.json"));
+            std::fs::write(&kept, &text).ok();
+            panic!(
+                "{what}: mutated config {i} panicked (kept at {})",
+                kept.display()
+            )
         }
         tally.largest = tally.largest.max(LARGEST.load(Relaxed));
     }
-    eprintln!(
-        "{what}: {runs} mutated configs: {} loaded and ran, {} refused; largest allocation {} bytes",
-        tally.loaded, tally.refused, tally.largest
-    );
-    for (kind, n) in &tally.messages {
-        eprintln!("  {n:5} × {kind}");
-    }
+    tally.report(&format!("{what}: {runs} mutated configs"));
     std::fs::remove_dir_all(&dir).ok();
     tally
 }
@@ -756,126 +757,133 @@ mod configs {
     }
 }
 
+/// A weights file's float tensors: name, shape, values.
+type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// The float tensors of any file `WeightsFile` reads, ordered by name.
+fn read_tensors(path: &Path) -> Tensors {
+    let file = WeightsFile::open(path).expect("fixture");
+    let mut out: Tensors = file
+        .float_tensors()
+        .map(|(name, shape)| {
+            let values = file
+                .load_f32(name)
+                .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                .expect("values");
+            (name.to_string(), shape.to_vec(), values)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// A safetensors file of `tensors` in f32.
+fn write_tensors(tensors: &Tensors) -> Vec<u8> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| {
+            (
+                n.clone(),
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+            (n.clone(), view.expect("view"))
+        })
+        .collect();
+    safetensors::tensor::serialize(views, None).expect("serialize")
+}
+
+/// Digits in a name moved by one or set to 9 (another layer, or one past the last).
+fn renumber(rng: &mut Rng, name: &str) -> String {
+    let digits: Vec<usize> = name
+        .char_indices()
+        .filter(|(_, c)| c.is_ascii_digit())
+        .map(|(i, _)| i)
+        .collect();
+    if digits.is_empty() {
+        return format!("{name}x");
+    }
+    let at = digits[rng.below(digits.len())];
+    let d = name.as_bytes()[at] - b'0';
+    let new = [(d + 1) % 10, d.saturating_sub(1), 9][rng.below(3)];
+    format!("{}{}{}", &name[..at], new, &name[at + 1..])
+}
+
+/// One to three structural changes that keep the file well formed: a tensor reshaped (its
+/// values made again), dropped, doubled under another layer's number, renamed (another
+/// layer's number, LoRA's other half, another module's prefix, nonsense), or a scalar (a
+/// LoRA's alpha) set to an odd number.
+fn mutate_tensors(rng: &mut Rng, base: &Tensors) -> Tensors {
+    let mut t = base.clone();
+    for _ in 0..1 + rng.below(3) {
+        if t.is_empty() {
+            break;
+        }
+        let i = rng.below(t.len());
+        match rng.below(6) {
+            0 | 1 => {
+                let mut shape = t[i].1.clone();
+                match rng.below(4) {
+                    0 if !shape.is_empty() => {
+                        let d = rng.below(shape.len());
+                        shape[d] = [0, 1, 2, 3, 5, 7, 64, 1024][rng.below(8)];
+                    }
+                    1 => shape.push([1, 2, 3][rng.below(3)]),
+                    2 => {
+                        shape.pop();
+                    }
+                    _ => shape.reverse(),
+                }
+                let n: usize = shape.iter().product();
+                if n <= 1 << 22 {
+                    t[i].1 = shape;
+                    t[i].2 = (0..n).map(|k| ((k % 7) as f32 - 3.0) * 0.02).collect();
+                }
+            }
+            2 => {
+                t.remove(i);
+            }
+            3 => {
+                let copy = t[i].clone();
+                t.push((renumber(rng, &copy.0), copy.1, copy.2));
+            }
+            4 => {
+                let other = t[rng.below(t.len())].0.clone();
+                let (prefix, _) = other.split_once('.').unwrap_or((&other, ""));
+                let (_, suffix) = t[i].0.split_once('.').unwrap_or(("", "weight"));
+                t[i].0 = match rng.below(4) {
+                    0 => renumber(rng, &t[i].0),
+                    1 => t[i].0.replace("lora_down", "lora_up"),
+                    2 => format!("{prefix}.{suffix}"),
+                    _ => format!("{}x", t[i].0),
+                };
+            }
+            _ => {
+                if let Some(scalar) = t.iter_mut().filter(|x| x.1.is_empty()).nth(i % 8) {
+                    scalar.2 = vec![[0.0, -1.0, 1e30, 1e-30, 4096.0][rng.below(5)]];
+                }
+            }
+        }
+        // One tensor a name: safetensors' writer panics on two (a file cannot hold them).
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t.dedup_by(|a, b| a.0 == b.0);
+    }
+    t
+}
+
 mod loras {
     use super::*;
     use candle_core::{DType, Device, Tensor};
-    use safetensors::tensor::TensorView;
     use sdstream_models::clip::ClipTextModel;
     use sdstream_models::lora::{LoraDeltas, LoraFile, LoraTarget};
     use sdstream_models::unet::{UNet2DConditionModel, UNetInputs};
     use std::sync::Arc;
-
-    /// A LoRA file's tensors: name, shape, f32 values.
-    type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
-
-    fn read(path: &Path) -> Tensors {
-        let bytes = std::fs::read(path).expect("LoRA fixture");
-        let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-        let mut out: Tensors = file
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| {
-                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-                let values = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                    .collect();
-                (name, view.shape().to_vec(), values)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
-    }
-
-    fn write(tensors: &Tensors) -> Vec<u8> {
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-            .iter()
-            .map(|(n, s, v)| {
-                (
-                    n.clone(),
-                    s.clone(),
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                )
-            })
-            .collect();
-        let views: Vec<(String, TensorView<'_>)> = bytes
-            .iter()
-            .map(|(n, s, b)| {
-                (
-                    n.clone(),
-                    TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view"),
-                )
-            })
-            .collect();
-        safetensors::tensor::serialize(views, None).expect("serialize")
-    }
-
-    /// One to three structural changes that keep the file well formed: a tensor reshaped (its
-    /// values made again), renamed (to another layer's name, another part, or nonsense),
-    /// dropped or doubled, or an alpha set to an odd number.
-    fn mutate_lora(rng: &mut Rng, base: &Tensors) -> Tensors {
-        let mut t = base.clone();
-        for _ in 0..1 + rng.below(3) {
-            if t.is_empty() {
-                break;
-            }
-            let i = rng.below(t.len());
-            match rng.below(6) {
-                0 | 1 => {
-                    let mut shape = t[i].1.clone();
-                    match rng.below(4) {
-                        0 if !shape.is_empty() => {
-                            let d = rng.below(shape.len());
-                            shape[d] = [0, 1, 2, 3, 5, 8, 64, 4096][rng.below(8)];
-                        }
-                        1 => shape.push([1, 3][rng.below(2)]),
-                        2 => {
-                            shape.pop();
-                        }
-                        _ => shape.reverse(),
-                    }
-                    let n: usize = shape.iter().product();
-                    if n <= 1 << 20 {
-                        t[i].1 = shape;
-                        t[i].2 = (0..n).map(|k| ((k % 7) as f32 - 3.0) * 0.01).collect();
-                    }
-                }
-                2 => {
-                    let other = t[rng.below(t.len())].0.clone();
-                    let (prefix, _) = other.split_once('.').unwrap_or((&other, ""));
-                    let (_, suffix) = t[i].0.split_once('.').unwrap_or(("", "weight"));
-                    t[i].0 = match rng.below(4) {
-                        0 => format!("{prefix}.{suffix}"),
-                        1 => t[i].0.replace("lora_down", "lora_up"),
-                        2 => t[i].0.replace("_0_", "_7_").replace(".0.", ".9."),
-                        _ => format!("{}x", t[i].0),
-                    };
-                }
-                3 => {
-                    t.remove(i);
-                }
-                4 => {
-                    if let Some(alpha) = t.iter_mut().filter(|x| x.1.is_empty()).nth(i % 8) {
-                        alpha.2 = vec![[0.0, -1.0, 1e30, 1e-30, 4096.0][rng.below(5)]];
-                    }
-                }
-                _ => {
-                    let copy = t[i].clone();
-                    let (prefix, suffix) = copy.0.split_once('.').unwrap_or((&copy.0, ""));
-                    t.push((
-                        format!("{prefix}_extra.{suffix}"),
-                        copy.1.clone(),
-                        copy.2.clone(),
-                    ));
-                }
-            }
-            // One tensor a name: safetensors' writer panics on two (a file cannot hold them).
-            t.sort_by(|a, b| a.0.cmp(&b.0));
-            t.dedup_by(|a, b| a.0 == b.0);
-        }
-        t
-    }
 
     #[test]
     fn mutated_loras_fuse_or_are_refused() {
@@ -892,11 +900,11 @@ mod loras {
         .iter()
         .enumerate()
         {
-            let base = read(&fixture(base));
+            let base = read_tensors(&fixture(base));
             let mut rng = seeded(0x6c6f_7261 + k as u64);
             for i in 0..runs(150) {
-                let mutated = mutate_lora(&mut rng, &base);
-                std::fs::write(&path, write(&mutated)).expect("write LoRA");
+                let mutated = mutate_tensors(&mut rng, &base);
+                std::fs::write(&path, write_tensors(&mutated)).expect("write LoRA");
                 let outcome = std::panic::catch_unwind(|| -> Result<(), String> {
                     let e = |e: sdstream_models::Error| e.to_string();
                     let c = |e: candle_core::Error| e.to_string();
@@ -932,37 +940,14 @@ mod loras {
                     }
                     Ok(())
                 });
-                match outcome {
-                    Ok(Ok(())) => tally.loaded += 1,
-                    Ok(Err(msg)) => {
-                        tally.refused += 1;
-                        let kind: String = msg
-                            .split_whitespace()
-                            .filter(|w| {
-                                !w.contains('`')
-                                    && !w.contains('/')
-                                    && !w.chars().any(|c| c.is_ascii_digit())
-                            })
-                            .take(8)
-                            .collect::<Vec<_>>()
-                            .join(" ");
-                        *tally.messages.entry(kind).or_default() += 1;
-                    }
-                    Err(_) => {
-                        let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
-                        std::fs::copy(&path, &kept).ok();
-                        panic!("mutated LoRA {k}/{i} panicked (kept at {})", kept.display());
-                    }
+                if tally.count(outcome).is_none() {
+                    let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
+                    std::fs::copy(&path, &kept).ok();
+                    panic!("mutated LoRA {k}/{i} panicked (kept at {})", kept.display());
                 }
             }
         }
-        eprintln!(
-            "LoRAs: {} fused and ran, {} refused",
-            tally.loaded, tally.refused
-        );
-        for (kind, n) in &tally.messages {
-            eprintln!("  {n:5} × {kind}");
-        }
+        tally.report("LoRAs");
         assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -1080,22 +1065,10 @@ mod tokenizers_files {
                 }
                 Ok(ids)
             });
-            match outcome {
-                Ok(Ok(ids)) => {
-                    assert!(ids > 0);
-                    tally.loaded += 1;
-                }
-                Ok(Err(msg)) => {
-                    tally.refused += 1;
-                    let kind: String = msg
-                        .split_whitespace()
-                        .filter(|w| !w.contains('/') && !w.chars().any(|c| c.is_ascii_digit()))
-                        .take(8)
-                        .collect::<Vec<_>>()
-                        .join(" ");
-                    *tally.messages.entry(kind).or_default() += 1;
-                }
-                Err(_) => {
+            match tally.count(outcome) {
+                Some(Some(ids)) => assert!(ids > 0, "four prompts gave no ids"),
+                Some(None) => {}
+                None => {
                     let kept = dir.with_extension(format!("panicked-{i}-{name}"));
                     std::fs::write(&kept, &text).ok();
                     panic!(
@@ -1107,13 +1080,7 @@ mod tokenizers_files {
             // The next case starts from the fixture's files again.
             std::fs::copy(source.join(name), dir.join(name)).expect("restore");
         }
-        eprintln!(
-            "tokenizers: {} loaded and encoded, {} refused",
-            tally.loaded, tally.refused
-        );
-        for (kind, n) in &tally.messages {
-            eprintln!("  {n:5} × {kind}");
-        }
+        tally.report("tokenizers");
         assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -1176,41 +1143,22 @@ fn mutated_shard_indexes_load_or_are_refused() {
             let path = dir.join(index);
             std::fs::write(&path, &text).expect("write");
             LARGEST.store(0, Relaxed);
-            match std::panic::catch_unwind(|| load_all(&path)) {
-                Ok(Ok(_)) => tally.loaded += 1,
-                Ok(Err(msg)) => {
-                    tally.refused += 1;
-                    let kind: String = msg
-                        .split(": ")
-                        .nth(1)
-                        .unwrap_or(&msg)
-                        .split_whitespace()
-                        .filter(|w| !w.contains('`') && !w.chars().any(|c| c.is_ascii_digit()))
-                        .take(6)
-                        .collect::<Vec<_>>()
-                        .join(" ");
-                    *tally.messages.entry(kind).or_default() += 1;
-                }
-                Err(_) => {
-                    let kept = dir.with_extension(format!("panicked-{i}.json"));
-                    std::fs::write(&kept, &text).ok();
-                    panic!(
-                        "mutated index {k}/{i} panicked (kept at {})",
-                        kept.display()
-                    );
-                }
+            if tally
+                .count(std::panic::catch_unwind(|| load_all(&path)))
+                .is_none()
+            {
+                let kept = dir.with_extension(format!("panicked-{i}.json"));
+                std::fs::write(&kept, &text).ok();
+                panic!(
+                    "mutated index {k}/{i} panicked (kept at {})",
+                    kept.display()
+                );
             }
             tally.largest = tally.largest.max(LARGEST.load(Relaxed));
         }
         std::fs::remove_dir_all(&dir).ok();
     }
-    eprintln!(
-        "shard indexes: {} loaded, {} refused; largest allocation {} bytes",
-        tally.loaded, tally.refused, tally.largest
-    );
-    for (kind, n) in &tally.messages {
-        eprintln!("  {n:5} × {kind}");
-    }
+    tally.report("shard indexes");
     // The largest shard is read whole when it is a pickle (3.2 MB).
     assert!(
         tally.largest <= 4 * 3_191_141 + (1 << 20),
@@ -1229,104 +1177,6 @@ mod shape_configured {
     use candle_core::{DType, Device, Tensor};
     use sdstream_models::{hed, lineart, lineart_anime, openpose_body, openpose_cpm, rrdbnet};
 
-    type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
-
-    fn read(path: &Path) -> Tensors {
-        let file = WeightsFile::open(path).expect("fixture");
-        let mut out: Tensors = file
-            .float_tensors()
-            .map(|(name, shape)| {
-                let values = file
-                    .load_f32(name)
-                    .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
-                    .expect("values");
-                (name.to_string(), shape.to_vec(), values)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
-    }
-
-    /// Digits in a name moved by one or set to 9 (another layer, or one past the last).
-    fn renumber(rng: &mut Rng, name: &str) -> String {
-        let digits: Vec<usize> = name
-            .char_indices()
-            .filter(|(_, c)| c.is_ascii_digit())
-            .map(|(i, _)| i)
-            .collect();
-        if digits.is_empty() {
-            return format!("{name}x");
-        }
-        let at = digits[rng.below(digits.len())];
-        let d = name.as_bytes()[at] - b'0';
-        let new = [(d + 1) % 10, d.saturating_sub(1), 9][rng.below(3)];
-        format!("{}{}{}", &name[..at], new, &name[at + 1..])
-    }
-
-    fn mutate_shapes(rng: &mut Rng, base: &Tensors) -> Tensors {
-        let mut t = base.clone();
-        for _ in 0..1 + rng.below(3) {
-            if t.is_empty() {
-                break;
-            }
-            let i = rng.below(t.len());
-            match rng.below(5) {
-                0 | 1 => {
-                    let mut shape = t[i].1.clone();
-                    match rng.below(4) {
-                        0 if !shape.is_empty() => {
-                            let d = rng.below(shape.len());
-                            shape[d] = [0, 1, 2, 3, 5, 7, 64, 1024][rng.below(8)];
-                        }
-                        1 => shape.push([1, 2][rng.below(2)]),
-                        2 => {
-                            shape.pop();
-                        }
-                        _ => shape.reverse(),
-                    }
-                    let n: usize = shape.iter().product();
-                    if n <= 1 << 22 {
-                        t[i].1 = shape;
-                        t[i].2 = (0..n).map(|k| ((k % 5) as f32 - 2.0) * 0.05).collect();
-                    }
-                }
-                2 => {
-                    t.remove(i);
-                }
-                3 => {
-                    let copy = t[i].clone();
-                    t.push((renumber(rng, &copy.0), copy.1, copy.2));
-                }
-                _ => t[i].0 = renumber(rng, &t[i].0),
-            }
-            t.sort_by(|a, b| a.0.cmp(&b.0));
-            t.dedup_by(|a, b| a.0 == b.0);
-        }
-        t
-    }
-
-    fn write(tensors: &Tensors) -> Vec<u8> {
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-            .iter()
-            .map(|(n, s, v)| {
-                (
-                    n.clone(),
-                    s.clone(),
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                )
-            })
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-            .iter()
-            .map(|(n, s, b)| {
-                let view =
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
-                (n.clone(), view.expect("view"))
-            })
-            .collect();
-        safetensors::tensor::serialize(views, None).expect("serialize")
-    }
-
     type Run = fn(&Path) -> Result<(), String>;
 
     fn e(e: impl std::fmt::Display) -> String {
@@ -1335,6 +1185,17 @@ mod shape_configured {
 
     fn picture(side: usize) -> Result<Tensor, String> {
         Tensor::ones((1, 3, side, side), DType::F32, &Device::Cpu).map_err(e)
+    }
+
+    /// A network sized by its tensors, loaded from `p` as the processors load theirs.
+    fn open<C, M>(
+        p: &Path,
+        config: impl FnOnce(
+            &std::collections::HashMap<String, Vec<usize>>,
+        ) -> sdstream_models::Result<C>,
+        build: impl Fn(&C, candle_nn::VarBuilder<'static>) -> sdstream_models::Result<M>,
+    ) -> Result<M, String> {
+        sdstream_models::open_weights(p, DType::F32, &Device::Cpu, config, build).map_err(e)
     }
 
     /// An IP-Adapter at `p` with the image encoder beside it, run on a small picture.
@@ -1350,74 +1211,48 @@ mod shape_configured {
         ("h94/IP-Adapter/models/ip-adapter_sd15.bin", ip_adapter),
         ("h94/IP-Adapter/models/ip-adapter-plus_sd15.bin", ip_adapter),
         ("lllyasviel/Annotators/ControlNetHED.pth", |p| {
-            let net = sdstream_models::open_weights(
-                p,
-                DType::F32,
-                &Device::Cpu,
-                hed::Config::from_shapes,
-                hed::Hed::new,
-            )
-            .map_err(e)?;
+            let net = open(p, hed::Config::from_shapes, hed::Hed::new)?;
             net.forward(&picture(32)?).map_err(e)?;
             Ok(())
         }),
         ("lllyasviel/Annotators/sk_model.pth", |p| {
-            let net = sdstream_models::open_weights(
+            let net = open(
                 p,
-                DType::F32,
-                &Device::Cpu,
                 lineart::Config::from_shapes,
                 lineart::LineartGenerator::new,
-            )
-            .map_err(e)?;
+            )?;
             net.forward(&picture(32)?).map_err(e)?;
             Ok(())
         }),
         ("lllyasviel/Annotators/netG.pth", |p| {
-            let net = sdstream_models::open_weights(
+            let net = open(
                 p,
-                DType::F32,
-                &Device::Cpu,
                 lineart_anime::Config::from_shapes,
                 lineart_anime::LineartAnimeGenerator::new,
-            )
-            .map_err(e)?;
+            )?;
             net.forward(&picture(256)?).map_err(e)?;
             Ok(())
         }),
         ("lllyasviel/Annotators/body_pose_model.safetensors", |p| {
-            let net = sdstream_models::open_weights(
+            let net = open(
                 p,
-                DType::F32,
-                &Device::Cpu,
                 |s| Ok(openpose_body::Config::from_tensor_shapes(s)?),
                 |c, vb| Ok(openpose_body::BodyPoseNet::new(c, vb)?),
-            )
-            .map_err(e)?;
+            )?;
             net.forward(&picture(32)?).map_err(e)?;
             Ok(())
         }),
         ("lllyasviel/Annotators/hand_pose_model.pth", |p| {
-            let net = sdstream_models::open_weights(
+            let net = open(
                 p,
-                DType::F32,
-                &Device::Cpu,
                 openpose_cpm::Config::from_shapes,
                 openpose_cpm::KeypointNet::new,
-            )
-            .map_err(e)?;
+            )?;
             net.forward(&picture(32)?).map_err(e)?;
             Ok(())
         }),
         ("ai-forever/Real-ESRGAN/RealESRGAN_x2.pth", |p| {
-            let net = sdstream_models::open_weights(
-                p,
-                DType::F32,
-                &Device::Cpu,
-                rrdbnet::Config::from_shapes,
-                rrdbnet::RrdbNet::new,
-            )
-            .map_err(e)?;
+            let net = open(p, rrdbnet::Config::from_shapes, rrdbnet::RrdbNet::new)?;
             net.forward(&picture(16)?).map_err(e)?;
             Ok(())
         }),
@@ -1436,48 +1271,28 @@ mod shape_configured {
         }
         let mut tally = Tally::default();
         for (k, (file, run)) in NETWORKS.iter().enumerate() {
-            let base = read(&fixture(&format!("model-root/{file}")));
+            let base = read_tensors(&fixture(&format!("model-root/{file}")));
             // The fixture itself, written again, loads and runs: the mutations are what fail.
-            std::fs::write(&path, write(&base)).expect("write");
+            std::fs::write(&path, write_tensors(&base)).expect("write");
             run(&path).unwrap_or_else(|err| panic!("{file} unmutated: {err}"));
             let mut rng = seeded(0x7368_6170 + k as u64);
             for i in 0..runs(60) {
-                let mutated = mutate_shapes(&mut rng, &base);
-                std::fs::write(&path, write(&mutated)).expect("write");
-                match std::panic::catch_unwind(|| run(&path)) {
-                    Ok(Ok(())) => tally.loaded += 1,
-                    Ok(Err(msg)) => {
-                        tally.refused += 1;
-                        let kind: String = msg
-                            .split_whitespace()
-                            .filter(|w| {
-                                !w.contains('`')
-                                    && !w.contains('/')
-                                    && !w.chars().any(|c| c.is_ascii_digit())
-                            })
-                            .take(8)
-                            .collect::<Vec<_>>()
-                            .join(" ");
-                        *tally.messages.entry(kind).or_default() += 1;
-                    }
-                    Err(_) => {
-                        let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
-                        std::fs::copy(&path, &kept).ok();
-                        panic!(
-                            "{file}: mutated copy {i} panicked (kept at {})",
-                            kept.display()
-                        );
-                    }
+                let mutated = mutate_tensors(&mut rng, &base);
+                std::fs::write(&path, write_tensors(&mutated)).expect("write");
+                if tally
+                    .count(std::panic::catch_unwind(|| run(&path)))
+                    .is_none()
+                {
+                    let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
+                    std::fs::copy(&path, &kept).ok();
+                    panic!(
+                        "{file}: mutated copy {i} panicked (kept at {})",
+                        kept.display()
+                    );
                 }
             }
         }
-        eprintln!(
-            "processor networks: {} loaded and ran, {} refused",
-            tally.loaded, tally.refused
-        );
-        for (kind, n) in &tally.messages {
-            eprintln!("  {n:5} × {kind}");
-        }
+        tally.report("processor networks");
         assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
         std::fs::remove_dir_all(&dir).ok();
     }
