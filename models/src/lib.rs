@@ -76,8 +76,8 @@ pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 /// Most bytes of a JSON config in a checkpoint (`config.json`, `model_index.json`,
-/// `scheduler_config.json`, `tokenizer_config.json`, …). Real ones take a few KiB; the largest
-/// met, a safety checker's with both of CLIP's tower configs inline, about 5 KiB.
+/// `scheduler_config.json`, `tokenizer_config.json`, …). Real ones take a few KiB (a safety
+/// checker's, with both of CLIP's tower configs inline, among the largest).
 pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
 /// Most bytes of a tokenizer's vocabulary files (`tokenizer.json`, `vocab.json`, `merges.txt`):
