@@ -109,6 +109,19 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Copies every file of the fixture folder `source` into `dir`.
+fn copy_folder(source: &Path, dir: &Path) {
+    for entry in std::fs::read_dir(source).expect("fixture folder") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// Integers a field is set to: the edges of every width, and small ones.
 const EXTREMES: [u64; 12] = [
     0,
@@ -199,9 +212,16 @@ struct Tally {
 }
 
 impl Tally {
-    /// Counts one case: what it gave where it loaded (`Some(Some(_))`), `Some(None)` where it
+    /// Runs one case, records its largest allocation and its peak above the live bytes before
+    /// it, and counts it: what it gave where it loaded (`Some(Some(_))`), `Some(None)` where it
     /// was refused, `None` where it panicked.
-    fn count<T>(&mut self, outcome: std::thread::Result<Result<T, String>>) -> Option<Option<T>> {
+    fn case<T>(&mut self, load: impl FnOnce() -> Result<T, String>) -> Option<Option<T>> {
+        LARGEST.store(0, Relaxed);
+        let before = LIVE.load(Relaxed);
+        PEAK.store(before, Relaxed);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load));
+        self.largest = self.largest.max(LARGEST.load(Relaxed));
+        self.peak = self.peak.max(PEAK.load(Relaxed).saturating_sub(before));
         match outcome {
             Ok(Ok(value)) => {
                 self.loaded += 1;
@@ -216,17 +236,12 @@ impl Tally {
         }
     }
 
-    /// Prints the counts, the allocations where the set watched them, and how many refusals of
-    /// each kind.
+    /// Prints the counts, the allocations and how many refusals of each kind.
     fn report(&self, what: &str) {
-        let mut line = format!("{what}: {} loaded, {} refused", self.loaded, self.refused);
-        if self.largest > 0 {
-            line += &format!("; largest allocation {} bytes", self.largest);
-        }
-        if self.peak > 0 {
-            line += &format!(", peak {} bytes", self.peak);
-        }
-        eprintln!("{line}");
+        eprintln!(
+            "{what}: {} loaded, {} refused; largest allocation {} bytes, peak {} bytes",
+            self.loaded, self.refused, self.largest, self.peak
+        );
         for (kind, n) in &self.messages {
             eprintln!("  {n:5} × {kind}");
         }
@@ -243,8 +258,7 @@ fn kind_of(message: &str) -> String {
         .join(" ")
 }
 
-/// Writes each mutation to `path` (with the sibling `extra` files unchanged), loads it, and
-/// counts; panics name the case.
+/// Writes each mutation to `path`, loads it, and counts; a panic keeps the file and names it.
 fn run(
     what: &str,
     runs: usize,
@@ -257,13 +271,7 @@ fn run(
     for i in 0..runs {
         let data = make(&mut rng);
         std::fs::write(path, &data).expect("write the mutated file");
-        LARGEST.store(0, Relaxed);
-        let before = LIVE.load(Relaxed);
-        PEAK.store(before, Relaxed);
-        let result = std::panic::catch_unwind(|| load_all(path));
-        tally.largest = tally.largest.max(LARGEST.load(Relaxed));
-        tally.peak = tally.peak.max(PEAK.load(Relaxed).saturating_sub(before));
-        if tally.count(result).is_none() {
+        if tally.case(|| load_all(path)).is_none() {
             let kept = path.with_extension(format!("panicked-{i}"));
             std::fs::write(&kept, &data).ok();
             panic!(
@@ -475,19 +483,25 @@ fn mutated_torch_archives_never_panic_or_overallocate() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn mutated_legacy_torch_files_never_panic_or_overallocate() {
-    let _one = one_at_a_time();
-    let base = std::fs::read(fixture("torch-legacy/mixed.pth")).expect("fixture");
-    let dir = scratch("legacy");
-    let path = dir.join("mixed.pth");
-    let fields = pickle_fields(&base);
+/// Mutates the small fixture `relative` (written as `name`) with `make`, given the offsets of
+/// its integer fields (`fields_of`, found once), loads each copy, and holds its largest
+/// allocation to 64 times the file plus 1 MiB; some copies must load, some be refused.
+fn small_file_cases(
+    what: &str,
+    (relative, name): (&str, &str),
+    seed: u64,
+    fields_of: fn(&[u8]) -> Vec<(usize, usize)>,
+    mut make: impl FnMut(&mut Rng, &[u8], &[(usize, usize)]) -> Vec<u8>,
+) {
+    let base = std::fs::read(fixture(relative)).expect("fixture");
+    let fields = fields_of(&base);
+    let dir = scratch(name);
     let t = run(
-        "legacy torch file",
+        what,
         runs(3000),
-        &path,
-        |rng| mutate(rng, &base, &fields),
-        0x6c65_6731,
+        &dir.join(name),
+        |rng| make(rng, &base, &fields),
+        seed,
     );
     let bound = 64 * base.len() + (1 << 20);
     assert!(
@@ -500,33 +514,33 @@ fn mutated_legacy_torch_files_never_panic_or_overallocate() {
 }
 
 #[test]
+fn mutated_legacy_torch_files_never_panic_or_overallocate() {
+    let _one = one_at_a_time();
+    small_file_cases(
+        "legacy torch file",
+        ("torch-legacy/mixed.pth", "mixed.pth"),
+        0x6c65_6731,
+        pickle_fields,
+        mutate,
+    );
+}
+
+#[test]
 fn mutated_safetensors_files_never_panic_or_overallocate() {
     let _one = one_at_a_time();
-    let base = std::fs::read(fixture("torch-legacy/mixed.safetensors")).expect("fixture");
-    let dir = scratch("safetensors");
-    let path = dir.join("model.safetensors");
-    let fields = safetensors_fields(&base);
-    let t = run(
+    small_file_cases(
         "safetensors file",
-        runs(3000),
-        &path,
-        |rng| {
+        ("torch-legacy/mixed.safetensors", "model.safetensors"),
+        0x7361_6631,
+        safetensors_fields,
+        |rng, base, fields| {
             if rng.below(2) == 0 {
-                mutate_digits(rng, &base, &fields[1..])
+                mutate_digits(rng, base, &fields[1..])
             } else {
-                mutate(rng, &base, &fields[..1])
+                mutate(rng, base, &fields[..1])
             }
         },
-        0x7361_6631,
     );
-    let bound = 64 * base.len() + (1 << 20);
-    assert!(
-        t.largest <= bound,
-        "largest allocation {} > {bound}",
-        t.largest
-    );
-    assert!(t.refused > 0 && t.loaded > 0, "{t:?}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Values a config entry is set to.
@@ -590,6 +604,19 @@ fn paths(
     }
 }
 
+/// The value under `step` (an object's key or an array's index) of `v`.
+fn child<'a>(v: &'a mut serde_json::Value, step: &serde_json::Value) -> &'a mut serde_json::Value {
+    match step {
+        serde_json::Value::String(k) => &mut v[k.as_str()],
+        _ => &mut v[step.as_u64().expect("index") as usize],
+    }
+}
+
+/// The value at `path` (from [`paths`]) in `v`.
+fn at<'a>(v: &'a mut serde_json::Value, path: &[serde_json::Value]) -> &'a mut serde_json::Value {
+    path.iter().fold(v, |v, step| child(v, step))
+}
+
 /// One to three changes of a config: a value replaced, a key removed, an array grown or cut.
 fn mutate_config(rng: &mut Rng, base: &serde_json::Value) -> serde_json::Value {
     let mut config = base.clone();
@@ -598,23 +625,13 @@ fn mutate_config(rng: &mut Rng, base: &serde_json::Value) -> serde_json::Value {
         paths(&config, &mut Vec::new(), &mut all);
         let path = &all[rng.below(all.len())];
         let (last, parent_path) = path.split_last().expect("a path");
-        let mut parent = &mut config;
-        for step in parent_path {
-            parent = match step {
-                serde_json::Value::String(k) => &mut parent[k.as_str()],
-                _ => &mut parent[step.as_u64().expect("index") as usize],
-            };
-        }
+        let parent = at(&mut config, parent_path);
         match (rng.below(6), last) {
             (0, serde_json::Value::String(k)) => {
                 parent.as_object_mut().expect("object").remove(k);
             }
             (1, _) => {
-                let target = match last {
-                    serde_json::Value::String(k) => &mut parent[k.as_str()],
-                    _ => &mut parent[last.as_u64().expect("index") as usize],
-                };
-                if let Some(items) = target.as_array_mut() {
+                if let Some(items) = child(parent, last).as_array_mut() {
                     if rng.below(2) == 0 {
                         items.pop();
                     } else if let Some(first) = items.first().cloned() {
@@ -622,19 +639,13 @@ fn mutate_config(rng: &mut Rng, base: &serde_json::Value) -> serde_json::Value {
                     }
                 }
             }
-            _ => {
-                let value = odd_value(rng);
-                match last {
-                    serde_json::Value::String(k) => parent[k.as_str()] = value,
-                    _ => parent[last.as_u64().expect("index") as usize] = value,
-                }
-            }
+            _ => *child(parent, last) = odd_value(rng),
         }
     }
     config
 }
 
-/// A network folder: its weights linked from the fixture, its config mutated.
+/// A network folder: its weights copied from the fixture, its config mutated.
 fn config_cases(
     what: &str,
     fixture_dir: &str,
@@ -644,26 +655,15 @@ fn config_cases(
 ) -> Tally {
     let source = fixture(fixture_dir);
     let dir = scratch(&format!("config-{what}"));
-    for entry in std::fs::read_dir(&source).expect("fixture folder") {
-        let entry = entry.expect("entry");
-        if entry.file_name() != "config.json" {
-            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy weights");
-        }
-    }
-    let base: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(source.join("config.json")).expect("config"))
-            .expect("config JSON");
+    copy_folder(&source, &dir);
+    let base = read_json(&source.join("config.json"));
     let mut rng = seeded(seed);
     let mut tally = Tally::default();
     for i in 0..runs {
         let config = mutate_config(&mut rng, &base);
         let text = serde_json::to_vec_pretty(&config).expect("JSON");
         std::fs::write(dir.join("config.json"), &text).expect("write config");
-        LARGEST.store(0, Relaxed);
-        if tally
-            .count(std::panic::catch_unwind(|| load_and_run(&dir)))
-            .is_none()
-        {
+        if tally.case(|| load_and_run(&dir)).is_none() {
             let kept = dir.with_extension(format!("panicked-{i}.json"));
             std::fs::write(&kept, &text).ok();
             panic!(
@@ -671,21 +671,41 @@ fn config_cases(
                 kept.display()
             )
         }
-        tally.largest = tally.largest.max(LARGEST.load(Relaxed));
     }
     tally.report(&format!("{what}: {runs} mutated configs"));
     std::fs::remove_dir_all(&dir).ok();
     tally
 }
 
+fn e(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// One UNet call on an 8×8 latent with four text tokens.
+fn run_unet(unet: &sdstream_models::unet::UNet2DConditionModel) -> Result<(), String> {
+    use candle_core::{DType, Device, Tensor};
+    let c = unet.config().in_channels;
+    let sample = Tensor::ones((1, c, 8, 8), DType::F32, &Device::Cpu).map_err(e)?;
+    let t = Tensor::new(&[500f32], &Device::Cpu).map_err(e)?;
+    let width = unet.text_width().unwrap_or(32);
+    let text = Tensor::ones((1, 4, width), DType::F32, &Device::Cpu).map_err(e)?;
+    unet.forward(sdstream_models::unet::UNetInputs::new(&sample, &t, &text))
+        .map_err(e)?;
+    Ok(())
+}
+
+/// One text encoder call on 77 tokens.
+fn run_clip(clip: &sdstream_models::clip::ClipTextModel) -> Result<(), String> {
+    use candle_core::{DType, Device, Tensor};
+    let ids = Tensor::zeros((1, 77), DType::U32, &Device::Cpu).map_err(e)?;
+    clip.forward(&ids).map_err(e)?;
+    Ok(())
+}
+
 mod configs {
     use super::*;
     use candle_core::{DType, Device, Tensor};
-    use sdstream_models::unet::{UNet2DConditionModel, UNetInputs};
-
-    fn e(e: impl std::fmt::Display) -> String {
-        e.to_string()
-    }
+    use sdstream_models::unet::UNet2DConditionModel;
 
     #[test]
     fn mutated_unet_configs_load_and_run_or_are_refused() {
@@ -695,17 +715,7 @@ mod configs {
             "tiny-sd-turbo/unet",
             runs(300),
             0x756e_6574,
-            |dir| {
-                let unet = UNet2DConditionModel::load(dir, DType::F32, &Device::Cpu).map_err(e)?;
-                let c = unet.config().in_channels;
-                let sample = Tensor::ones((1, c, 8, 8), DType::F32, &Device::Cpu).map_err(e)?;
-                let t = Tensor::new(&[500f32], &Device::Cpu).map_err(e)?;
-                let width = unet.text_width().unwrap_or(32);
-                let text = Tensor::ones((1, 4, width), DType::F32, &Device::Cpu).map_err(e)?;
-                unet.forward(UNetInputs::new(&sample, &t, &text))
-                    .map_err(e)?;
-                Ok(())
-            },
+            |dir| run_unet(&UNet2DConditionModel::load(dir, DType::F32, &Device::Cpu).map_err(e)?),
         );
         assert!(t.refused > 0 && t.loaded > 0, "{t:?}");
     }
@@ -745,12 +755,10 @@ mod configs {
             runs(300),
             0x636c_6970,
             |dir| {
-                let clip =
-                    sdstream_models::clip::ClipTextModel::load(dir, DType::F32, &Device::Cpu)
-                        .map_err(e)?;
-                let ids = Tensor::zeros((1, 77), DType::U32, &Device::Cpu).map_err(e)?;
-                clip.forward(&ids).map_err(e)?;
-                Ok(())
+                run_clip(
+                    &sdstream_models::clip::ClipTextModel::load(dir, DType::F32, &Device::Cpu)
+                        .map_err(e)?,
+                )
             },
         );
         assert!(t.refused > 0 && t.loaded > 0, "{t:?}");
@@ -879,10 +887,10 @@ fn mutate_tensors(rng: &mut Rng, base: &Tensors) -> Tensors {
 
 mod loras {
     use super::*;
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device};
     use sdstream_models::clip::ClipTextModel;
     use sdstream_models::lora::{LoraDeltas, LoraFile, LoraTarget};
-    use sdstream_models::unet::{UNet2DConditionModel, UNetInputs};
+    use sdstream_models::unet::UNet2DConditionModel;
     use std::sync::Arc;
 
     #[test]
@@ -905,9 +913,7 @@ mod loras {
             for i in 0..runs(150) {
                 let mutated = mutate_tensors(&mut rng, &base);
                 std::fs::write(&path, write_tensors(&mutated)).expect("write LoRA");
-                let outcome = std::panic::catch_unwind(|| -> Result<(), String> {
-                    let e = |e: sdstream_models::Error| e.to_string();
-                    let c = |e: candle_core::Error| e.to_string();
+                let outcome = tally.case(|| -> Result<(), String> {
                     let file = Arc::new(LoraFile::open(&path).map_err(e)?);
                     let stack = [(file, 0.8)];
                     if let Some(deltas) = LoraDeltas::new(LoraTarget::Unet, &stack) {
@@ -918,14 +924,7 @@ mod loras {
                             Some(deltas),
                         )
                         .map_err(e)?;
-                        let sample =
-                            Tensor::ones((1, 4, 8, 8), DType::F32, &Device::Cpu).map_err(c)?;
-                        let t = Tensor::new(&[500f32], &Device::Cpu).map_err(c)?;
-                        let width = unet.text_width().unwrap_or(32);
-                        let text =
-                            Tensor::ones((1, 4, width), DType::F32, &Device::Cpu).map_err(c)?;
-                        unet.forward(UNetInputs::new(&sample, &t, &text))
-                            .map_err(e)?;
+                        run_unet(&unet)?;
                     }
                     if let Some(deltas) = LoraDeltas::new(LoraTarget::TextEncoder, &stack) {
                         let (clip, _) = ClipTextModel::load_with_lora(
@@ -935,12 +934,11 @@ mod loras {
                             Some(deltas),
                         )
                         .map_err(e)?;
-                        let ids = Tensor::zeros((1, 77), DType::U32, &Device::Cpu).map_err(c)?;
-                        clip.forward(&ids).map_err(e)?;
+                        run_clip(&clip)?;
                     }
                     Ok(())
                 });
-                if tally.count(outcome).is_none() {
+                if outcome.is_none() {
                     let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
                     std::fs::copy(&path, &kept).ok();
                     panic!("mutated LoRA {k}/{i} panicked (kept at {})", kept.display());
@@ -998,19 +996,7 @@ mod tokenizers_files {
         for _ in 0..1 + rng.below(3) {
             let all = tokenizer_paths(rng, &json);
             let path = &all[rng.below(all.len())];
-            let (last, parent_path) = path.split_last().expect("a path");
-            let mut parent = &mut json;
-            for step in parent_path {
-                parent = match step {
-                    serde_json::Value::String(k) => &mut parent[k.as_str()],
-                    _ => &mut parent[step.as_u64().expect("index") as usize],
-                };
-            }
-            let slot = match last {
-                serde_json::Value::String(k) => &mut parent[k.as_str()],
-                _ => &mut parent[last.as_u64().expect("index") as usize],
-            };
-            *slot = match rng.below(5) {
+            *at(&mut json, path) = match rng.below(5) {
                 // A pattern that backtracks, where a regex is.
                 0 => serde_json::json!({"Regex": "(a+)+$|(\\p{L}*)*x"}),
                 1 => serde_json::json!("<|endoftext|>"),
@@ -1025,18 +1011,10 @@ mod tokenizers_files {
         let _one = one_at_a_time();
         let source = fixture("tiny-sd-turbo/tokenizer");
         let dir = scratch("tokenizer");
-        for entry in std::fs::read_dir(&source).expect("fixture folder") {
-            let entry = entry.expect("entry");
-            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
-        }
-        let read = |name: &str| -> serde_json::Value {
-            serde_json::from_slice(&std::fs::read(source.join(name)).expect(name)).expect(name)
-        };
-        let tokenizer = read("tokenizer.json");
-        let small = [
-            ("tokenizer_config.json", read("tokenizer_config.json")),
-            ("special_tokens_map.json", read("special_tokens_map.json")),
-        ];
+        copy_folder(&source, &dir);
+        let tokenizer = read_json(&source.join("tokenizer.json"));
+        let small = ["tokenizer_config.json", "special_tokens_map.json"]
+            .map(|name| (name, read_json(&source.join(name))));
         let prompts = [
             "a photo of a cat, highly detailed",
             "",
@@ -1057,7 +1035,7 @@ mod tokenizers_files {
                 (*name, serde_json::to_vec(&json).expect("JSON"))
             };
             std::fs::write(dir.join(name), &text).expect("write");
-            let outcome = std::panic::catch_unwind(|| -> Result<usize, String> {
+            let outcome = tally.case(|| -> Result<usize, String> {
                 let t = ClipTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
                 let mut ids = 0;
                 for prompt in prompts {
@@ -1065,7 +1043,7 @@ mod tokenizers_files {
                 }
                 Ok(ids)
             });
-            match tally.count(outcome) {
+            match outcome {
                 Some(Some(ids)) => assert!(ids > 0, "four prompts gave no ids"),
                 Some(None) => {}
                 None => {
@@ -1107,13 +1085,8 @@ fn mutated_shard_indexes_load_or_are_refused() {
     {
         let source = fixture(folder);
         let dir = scratch(&format!("index-{k}"));
-        for entry in std::fs::read_dir(&source).expect("fixture folder") {
-            let entry = entry.expect("entry");
-            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
-        }
-        let base: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(source.join(index)).expect("index"))
-                .expect("JSON");
+        copy_folder(&source, &dir);
+        let base = read_json(&source.join(index));
         let shards: Vec<String> = std::fs::read_dir(&source)
             .expect("fixture folder")
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -1142,11 +1115,7 @@ fn mutated_shard_indexes_load_or_are_refused() {
             let text = serde_json::to_vec(&json).expect("JSON");
             let path = dir.join(index);
             std::fs::write(&path, &text).expect("write");
-            LARGEST.store(0, Relaxed);
-            if tally
-                .count(std::panic::catch_unwind(|| load_all(&path)))
-                .is_none()
-            {
+            if tally.case(|| load_all(&path)).is_none() {
                 let kept = dir.with_extension(format!("panicked-{i}.json"));
                 std::fs::write(&kept, &text).ok();
                 panic!(
@@ -1154,7 +1123,6 @@ fn mutated_shard_indexes_load_or_are_refused() {
                     kept.display()
                 );
             }
-            tally.largest = tally.largest.max(LARGEST.load(Relaxed));
         }
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -1178,10 +1146,6 @@ mod shape_configured {
     use sdstream_models::{hed, lineart, lineart_anime, openpose_body, openpose_cpm, rrdbnet};
 
     type Run = fn(&Path) -> Result<(), String>;
-
-    fn e(e: impl std::fmt::Display) -> String {
-        e.to_string()
-    }
 
     fn picture(side: usize) -> Result<Tensor, String> {
         Tensor::ones((1, 3, side, side), DType::F32, &Device::Cpu).map_err(e)
@@ -1279,10 +1243,7 @@ mod shape_configured {
             for i in 0..runs(60) {
                 let mutated = mutate_tensors(&mut rng, &base);
                 std::fs::write(&path, write_tensors(&mutated)).expect("write");
-                if tally
-                    .count(std::panic::catch_unwind(|| run(&path)))
-                    .is_none()
-                {
+                if tally.case(|| run(&path)).is_none() {
                     let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
                     std::fs::copy(&path, &kept).ok();
                     panic!(
