@@ -94,20 +94,17 @@ fn token_content(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// Calls into the tokenizers library with what a checkpoint's files say, a panic turned into
-/// an error naming `path`: its builders index buffers with the files' values (0.23 panics on a
-/// `continuing_subword_prefix` longer than a merge's second token), and a checkpoint is an
-/// attacker's choice.
+/// Calls into the tokenizers library with what a checkpoint's files say (or a prompt), its
+/// error or a panic turned into `fail`'s error: its builders index buffers with the files'
+/// values (0.23 panics on a `continuing_subword_prefix` longer than a merge's second token),
+/// and a checkpoint is an attacker's choice.
 fn without_panics<T, E: std::fmt::Display>(
-    path: &Path,
     call: impl FnOnce() -> std::result::Result<T, E>,
+    fail: impl FnOnce(String) -> Error,
 ) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
-        Ok(result) => result.map_err(|e| load_error(path, e)),
-        Err(_) => Err(load_error(
-            path,
-            "the tokenizers library panicked on what this file holds",
-        )),
+        Ok(result) => result.map_err(|e| fail(e.to_string())),
+        Err(_) => Err(fail("the tokenizers library panicked on it".into())),
     }
 }
 
@@ -142,7 +139,10 @@ impl ClipTokenizer {
         let tokenizer_json = dir.join("tokenizer.json");
         let mut tokenizer = if tokenizer_json.is_file() {
             let bytes = crate::read_bounded(&tokenizer_json, crate::MAX_TOKENIZER_BYTES)?;
-            without_panics(&tokenizer_json, || Tokenizer::from_bytes(bytes))?
+            without_panics(
+                || Tokenizer::from_bytes(bytes),
+                |e| load_error(&tokenizer_json, e),
+            )?
         } else {
             Self::build_from_vocab(dir, &special.unk)?
         };
@@ -195,15 +195,22 @@ impl ClipTokenizer {
             crate::check_bounded(file, crate::MAX_TOKENIZER_BYTES)?;
         }
         let (vocab_str, merges_str) = (path_str(&vocab)?, path_str(&merges)?);
-        let bpe = without_panics(&vocab, || {
-            BPE::from_file(vocab_str, merges_str)
-                .unk_token(unk.to_string())
-                .continuing_subword_prefix(String::new())
-                .end_of_word_suffix("</w>".to_string())
-                .fuse_unk(false)
-                .build()
-                .map_err(|e| format!("cannot build BPE from vocab.json + merges.txt: {e}"))
-        })?;
+        let bpe = without_panics(
+            || {
+                BPE::from_file(vocab_str, merges_str)
+                    .unk_token(unk.to_string())
+                    .continuing_subword_prefix(String::new())
+                    .end_of_word_suffix("</w>".to_string())
+                    .fuse_unk(false)
+                    .build()
+            },
+            |e| {
+                load_error(
+                    &vocab,
+                    format!("cannot build BPE from vocab.json + merges.txt: {e}"),
+                )
+            },
+        )?;
         let mut tokenizer = Tokenizer::new(bpe);
         let whitespace = Replace::new(
             tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
@@ -232,17 +239,10 @@ impl ClipTokenizer {
 
     /// The ids of `text` without truncation or padding: `bos … eos`.
     pub fn encode_untruncated(&self, text: &str) -> Result<Vec<u32>> {
-        let encode = std::panic::AssertUnwindSafe(|| self.tokenizer.encode(text, false));
-        let encoding = match std::panic::catch_unwind(encode) {
-            Ok(encoded) => encoded
-                .map_err(|e| Error::param("prompt", format!("cannot tokenize {text:?}: {e}")))?,
-            Err(_) => {
-                return Err(Error::param(
-                    "prompt",
-                    format!("cannot tokenize {text:?}: the tokenizer's library panicked on it"),
-                ));
-            }
-        };
+        let encoding = without_panics(
+            || self.tokenizer.encode(text, false),
+            |e| Error::param("prompt", format!("cannot tokenize {text:?}: {e}")),
+        )?;
         let mut ids = Vec::with_capacity(encoding.get_ids().len() + 2);
         ids.push(self.bos_id);
         ids.extend_from_slice(encoding.get_ids());
