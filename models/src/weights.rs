@@ -323,17 +323,7 @@ impl WeightsFile {
             path: path.to_path_buf(),
             detail,
         };
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let len = std::fs::metadata(path).map_err(io)?.len();
-        if len > MAX_INDEX_BYTES {
-            return Err(fail(format!(
-                "a shard index of {len} bytes (at most {MAX_INDEX_BYTES})"
-            )));
-        }
-        let text = std::fs::read(path).map_err(io)?;
+        let text = crate::read_bounded(path, MAX_INDEX_BYTES)?;
         let index: Value = serde_json::from_slice(&text)
             .map_err(|e| fail(format!("not a shard index (JSON): {e}")))?;
         let map = index
