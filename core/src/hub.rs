@@ -9,8 +9,8 @@
 //! 3. the Hugging Face cache snapshot of `id` (`models--{org}--{name}/refs/main` →
 //!    `snapshots/<hash>/`, or any snapshot that holds the wanted files when the ref is missing or
 //!    incomplete);
-//! 4. a download of the wanted files into that cache with hf-hub (with a progress bar), unless
-//!    offline.
+//! 4. a download of the wanted files into that cache (`download`: one commit, every file's size
+//!    and hash from the hub's listing checked before and while it arrives), unless offline.
 //!
 //! Steps 1 and 2 are [`local_dir`]: validation accepts an unknown id only when it finds a folder
 //! there, and [`resolve`] then loads from that very folder (failing, with what it lacks, rather
@@ -26,6 +26,9 @@ use std::path::{Path, PathBuf};
 
 use crate::model::weight_names;
 use crate::{Error, Result};
+
+mod download;
+pub use download::{MAX_LISTING_BYTES, MAX_WEIGHT_FILE_BYTES};
 
 /// Where models are looked for, whether an id may be a path, and whether the network may be used.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -540,7 +543,13 @@ pub fn resolve_wanted(id: &str, opts: &HubOptions, wanted: &[Wanted]) -> Result<
             looked.join("; ")
         )));
     };
-    download(id, &cache, opts.endpoint.as_deref(), wanted).map_err(|why| {
+    let endpoint = opts
+        .endpoint
+        .as_deref()
+        .unwrap_or(download::DEFAULT_ENDPOINT);
+    let token = download::token(|name| std::env::var(name).ok(), &cache);
+    let limits = download::Limits::default();
+    download::download(id, &cache, endpoint, token.as_deref(), wanted, &limits).map_err(|why| {
         looked.push(why);
         not_found(format!(
             "wanted {}; looked at: {}",
@@ -630,82 +639,6 @@ fn find_in_cache(
         repo.display(),
         notes.join(", ")
     ))
-}
-
-/// Downloads the wanted files of `id` from `endpoint` (huggingface.co when `None`) into `cache`
-/// and returns the snapshot folder.
-fn download(
-    id: &str,
-    cache: &Path,
-    endpoint: Option<&str>,
-    wanted: &[Wanted],
-) -> std::result::Result<PathBuf, String> {
-    use hf_hub::api::sync::ApiBuilder;
-
-    let mut builder =
-        ApiBuilder::from_cache(hf_hub::Cache::new(cache.to_path_buf())).with_progress(true);
-    if let Ok(token) = std::env::var("HF_TOKEN")
-        && !token.trim().is_empty()
-    {
-        builder = builder.with_token(Some(token.trim().to_string()));
-    }
-    if let Some(endpoint) = endpoint {
-        builder = builder.with_endpoint(endpoint.to_string());
-    }
-    let api = builder
-        .build()
-        .map_err(|e| format!("hub download: cannot start a client: {e}"))?;
-    let repo = api.model(id.to_string());
-    let listing: Vec<String> = repo
-        .info()
-        .map_err(|e| format!("hub: cannot list the files of {id}: {e}"))?
-        .siblings
-        .into_iter()
-        .map(|s| s.rfilename)
-        .collect();
-    let mut files = Vec::new();
-    let mut absent = Vec::new();
-    for w in wanted {
-        match w.select_remote(&listing) {
-            Ok(found) => files.extend(found),
-            Err(what) => absent.push(what),
-        }
-    }
-    if !absent.is_empty() {
-        let held = if lacks_weights(wanted, |w| w.select_remote(&listing).is_ok()) {
-            weight_names::weight_like(listing.iter().cloned())
-        } else {
-            Vec::new()
-        };
-        return Err(format!(
-            "hub repository {id} has no {}{}",
-            absent.join(", "),
-            weight_names::what_is_held(&held)
-        ));
-    }
-    let mut snapshot: Option<PathBuf> = None;
-    for file in &files {
-        let path = repo
-            .get(file)
-            .map_err(|e| format!("hub: downloading {file} of {id} failed: {e}"))?;
-        // The file lives at <snapshot>/<file>: strip as many components as the file has.
-        let depth = Path::new(file).components().count();
-        let root = path.ancestors().nth(depth).map(Path::to_path_buf);
-        if snapshot.is_none() {
-            snapshot = root;
-        }
-    }
-    let dir = snapshot.ok_or_else(|| format!("hub: nothing to download for {id}"))?;
-    let missing = missing_in(&dir, wanted);
-    if missing.is_empty() {
-        Ok(dir)
-    } else {
-        Err(format!(
-            "hub download into {} is incomplete (the repository changed during the download?): lacks {}",
-            dir.display(),
-            missing.join(", ")
-        ))
-    }
 }
 
 #[cfg(test)]

@@ -84,6 +84,28 @@ pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 /// CLIP's `tokenizer.json` takes 1.7 MiB.
 pub const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
 
+/// Most bytes of a shard index (`*.safetensors.index.json`; a diffusers SDXL UNet's is about
+/// 200 KB).
+pub const MAX_INDEX_BYTES: u64 = 16 << 20;
+
+/// The most bytes a reader of this crate takes from a file named `name` (a path in a
+/// checkpoint's folder, `unet/config.json`), by its kind: a shard index, a tokenizer's
+/// vocabulary, any other JSON or text file (a config). `None` for everything else, the weight
+/// files, which their readers bound by their headers instead. Whoever fetches a checkpoint's
+/// files (the hub download) refuses a larger one before a byte of it arrives.
+pub fn max_bytes_of(name: &str) -> Option<u64> {
+    let file = name.rsplit('/').next().unwrap_or(name);
+    if file.ends_with(".index.json") {
+        Some(MAX_INDEX_BYTES)
+    } else if matches!(file, "tokenizer.json" | "vocab.json" | "merges.txt") {
+        Some(MAX_TOKENIZER_BYTES)
+    } else if file.ends_with(".json") || file.ends_with(".txt") {
+        Some(MAX_CONFIG_BYTES)
+    } else {
+        None
+    }
+}
+
 /// The size of `path`, refused before anything is read when it is not a regular file (a FIFO
 /// would block the load, a device would never end) or holds more than `limit` bytes: a
 /// checkpoint from the hub is an attacker's choice, and a config of some GiB would otherwise be

@@ -226,8 +226,6 @@ impl Storage {
     }
 }
 
-/// Size of a shard index (a diffusers SDXL UNet's is about 200 KB).
-const MAX_INDEX_BYTES: u64 = 16 << 20;
 /// Shards behind one index.
 const MAX_SHARDS: usize = 1024;
 /// Tensors one index names.
@@ -323,7 +321,7 @@ impl WeightsFile {
             path: path.to_path_buf(),
             detail,
         };
-        let text = crate::read_bounded(path, MAX_INDEX_BYTES)?;
+        let text = crate::read_bounded(path, crate::MAX_INDEX_BYTES)?;
         let index: Value = serde_json::from_slice(&text)
             .map_err(|e| fail(format!("not a shard index (JSON): {e}")))?;
         let map = index

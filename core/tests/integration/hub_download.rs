@@ -1,13 +1,14 @@
-//! The hub download path, end to end: hf-hub's client (as sdstream drives it) against a hub
-//! of this test's own on localhost (`HubOptions::endpoint`, what `HF_ENDPOINT` sets), serving
-//! repositories in the layouts they are published in. The files a stream needs are listed,
-//! picked among the forms a repository holds (a lone fp16 `.bin`, shards and their index),
-//! fetched into a Hugging Face cache, found there again offline, and stream exactly like the
-//! same files on disk.
+//! The hub download path, end to end: sdstream's downloader against a hub of this test's own on
+//! localhost (`HubOptions::endpoint`, what `HF_ENDPOINT` sets), serving repositories in the
+//! layouts they are published in. The files a stream needs are listed, picked among the forms a
+//! repository holds (a lone fp16 `.bin`, shards and their index), fetched into a Hugging Face
+//! cache, found there again offline, and stream exactly like the same files on disk.
 //!
-//! The hub answers as huggingface.co does for what hf-hub asks: `GET /api/models/{id}/revision/
-//! main` (the listing and the commit), and `GET /{id}/resolve/main/{file}` with a `Range`
-//! (`206`, `Content-Range`, `ETag`, `X-Repo-Commit`).
+//! The hub answers as huggingface.co does for what the downloader asks: `GET /api/models/{id}/
+//! revision/main?blobs=true` (the commit, and each file's size and git hash, with the SHA-256 of
+//! those kept in LFS), and `GET /{id}/resolve/{commit}/{file}`, whole (`200`) or from a `Range`
+//! (`206`, `Content-Range`). The downloader's refusals (sizes, hashes, stalls, paths) are its
+//! unit tests' (core/src/hub/download_tests.rs).
 
 use crate::common;
 
@@ -94,13 +95,35 @@ fn read_tree(dir: &Path) -> Files {
     files
 }
 
-/// An ETag for `bytes` (FNV-1a; hf-hub names the cached blob by it).
-fn etag(bytes: &[u8]) -> String {
+/// A stand-in for `bytes`' git blob hash (FNV-1a, 40 hex digits; the cache names a blob kept
+/// in git by it).
+fn git_hash(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("{h:016x}{:08x}", bytes.len())
+    format!("{h:016x}{:024x}", bytes.len())
+}
+
+/// Whether the hub keeps `name` in LFS (weights are; configs and tokenizers are not).
+fn in_lfs(name: &str) -> bool {
+    [".safetensors", ".bin", ".pth", ".ckpt", ".pt"]
+        .iter()
+        .any(|ending| name.ends_with(ending))
+}
+
+/// The listing's entry for `name`.
+fn sibling(name: &str, bytes: &[u8]) -> serde_json::Value {
+    use sha2::Digest;
+    let mut entry = json!({"rfilename": name, "size": bytes.len(), "blobId": git_hash(bytes)});
+    if in_lfs(name) {
+        let sha256: String = sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        entry["lfs"] = json!({"sha256": sha256, "size": bytes.len(), "pointerSize": 134});
+    }
+    entry
 }
 
 /// Answers one request on `conn` and closes it.
@@ -150,53 +173,46 @@ fn answer(
         if path == format!("/api/models/{id}/revision/main") {
             let listing = json!({
                 "sha": COMMIT,
-                "siblings": files.keys().map(|f| json!({"rfilename": f})).collect::<Vec<_>>(),
+                "siblings": files.iter().map(|(f, b)| sibling(f, b)).collect::<Vec<_>>(),
             });
             let body = listing.to_string();
             let headers = [("Content-Type", "application/json".to_string())];
             return respond(&mut conn, "200 OK", &headers, body.as_bytes());
         }
-        let Some(name) = path.strip_prefix(&format!("/{id}/resolve/main/")) else {
+        let Some(name) = path.strip_prefix(&format!("/{id}/resolve/{COMMIT}/")) else {
             continue;
         };
         let Some(bytes) = files.get(name) else {
             return respond(&mut conn, "404 Not Found", &[], b"no such file");
         };
         let size = bytes.len();
-        let (start, end) = match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
-            Some(r) => {
-                let (a, b) = r.split_once('-').unwrap_or((r, ""));
-                let a: usize = a.parse().unwrap_or(0);
-                let b: usize = b
-                    .parse()
-                    .map_or(size.saturating_sub(1), |b: usize| b.min(size - 1));
-                (a.min(size), b)
-            }
-            None => (0, size.saturating_sub(1)),
+        let Some(r) = range.as_deref().and_then(|r| r.strip_prefix("bytes=")) else {
+            return respond(&mut conn, "200 OK", &[], bytes);
         };
+        let (a, b) = r.split_once('-').unwrap_or((r, ""));
+        let start: usize = a.parse::<usize>().unwrap_or(0).min(size);
+        let end: usize = b
+            .parse()
+            .map_or(size.saturating_sub(1), |b: usize| b.min(size - 1));
         let body = if size == 0 {
             &[][..]
         } else {
             &bytes[start..=end]
         };
-        let headers = [
-            ("Content-Range", format!("bytes {start}-{end}/{size}")),
-            ("ETag", format!("\"{}\"", etag(bytes))),
-            ("X-Repo-Commit", COMMIT.to_string()),
-        ];
+        let headers = [("Content-Range", format!("bytes {start}-{end}/{size}"))];
         return respond(&mut conn, "206 Partial Content", &headers, body);
     }
     respond(&mut conn, "404 Not Found", &[], b"no such repository")
 }
 
-/// The files of `requests` fetched whole (`GET …/resolve/main/{file} bytes=0-`).
+/// The files of `requests` fetched whole (`GET …/resolve/{commit}/{file}`, no range).
 fn fetched(requests: &[String], id: &str) -> Vec<String> {
-    let prefix = format!("GET /{id}/resolve/main/");
+    let prefix = format!("GET /{id}/resolve/{COMMIT}/");
     let mut names: Vec<String> = requests
         .iter()
-        .filter(|r| r.ends_with(" bytes=0-"))
+        .filter(|r| !r.contains(" bytes="))
         .filter_map(|r| r.strip_prefix(&prefix))
-        .map(|r| r.trim_end_matches(" bytes=0-").to_string())
+        .map(str::to_string)
         .collect();
     names.sort();
     names
@@ -235,7 +251,7 @@ fn a_thibaud_net_downloads_from_the_hub_and_streams_like_the_modern_folder() {
     let requests = hub.requests();
     assert_eq!(
         requests[0],
-        format!("GET /api/models/{THIBAUD_OPENPOSE}/revision/main")
+        format!("GET /api/models/{THIBAUD_OPENPOSE}/revision/main?blobs=true")
     );
     assert_eq!(
         fetched(&requests, THIBAUD_OPENPOSE),
