@@ -199,6 +199,12 @@ pub(super) fn download(
         .collect::<std::result::Result<Vec<_>, _>>()?;
 
     let repo = cache.join(super::cache_folder_name(id));
+    // One download of a repository at a time in this process: a second engine starting on the
+    // same model waits, then finds the blobs the first fetched.
+    let lock = repository_lock(&repo);
+    let _held = lock
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let blobs = repo.join("blobs");
     let snapshot = repo.join("snapshots").join(commit);
     let io =
@@ -240,6 +246,19 @@ pub(super) fn download(
             missing.join(", ")
         ))
     }
+}
+
+/// The lock of the repository folder `repo` (made on first use, kept for the process: one per
+/// repository downloaded).
+fn repository_lock(repo: &Path) -> std::sync::Arc<std::sync::Mutex<()>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOCKS: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>> = OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    locks.entry(repo.to_path_buf()).or_default().clone()
 }
 
 /// What the listing says of `name`, checked: a name that stays inside a folder, a hash that is

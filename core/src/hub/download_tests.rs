@@ -762,3 +762,39 @@ fn this_machine_and_the_hosts_no_proxy_names_bypass_a_proxy() {
     assert!(bypasses_proxy("https://huggingface.co", "*"));
     assert!(!bypasses_proxy("not a url", "*"));
 }
+
+#[test]
+fn two_downloads_of_one_repository_at_once_fetch_each_file_once() {
+    let files = repository(100_000);
+    let hub = hub_with(files.clone(), |seen, reply| {
+        if seen.path.ends_with(".safetensors") {
+            // Slow enough that the second caller arrives while the first is fetching.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        reply
+    });
+    let cache = Cache::new("together");
+    let snapshots: Vec<PathBuf> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..2)
+            .map(|_| scope.spawn(|| fetch(&hub, &cache, &limits()).expect("download")))
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(snapshots[0], snapshots[1]);
+    let listed = hub
+        .seen()
+        .iter()
+        .filter(|s| s.path.starts_with("/api/"))
+        .count();
+    assert_eq!(listed, 2, "each caller lists the repository");
+    assert_eq!(hub.file_requests().len(), 3, "{:?}", hub.file_requests());
+    for f in &files[..3] {
+        assert_eq!(
+            std::fs::read(snapshots[0].join(f.name)).expect(f.name),
+            f.bytes
+        );
+    }
+}
