@@ -99,19 +99,34 @@ pub struct Layout {
 
 impl Layout {
     /// The sizes from the configs of a diffusers pipeline folder (the family's repository).
+    /// Each config is held to its network's checks and limits before its sizes are used, as a
+    /// load of the converted folder would hold it.
     pub fn read(dir: &Path, family: Family) -> Result<Self> {
+        let at = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: Error| Error::ModelLoad {
+                path,
+                detail: e.to_string(),
+            }
+        };
         let unet_path = dir.join("unet/config.json");
         let unet: UNetConfig = read_config(&unet_path)?;
+        unet.plan("UNet").map_err(at(&unet_path))?;
         let vae_path = dir.join("vae/config.json");
         let vae: vae::Config = read_config(&vae_path)?;
+        vae.validate().map_err(at(&vae_path))?;
         if vae.block_out_channels.is_empty() {
             return Err(Error::ModelLoad {
                 path: vae_path,
                 detail: "block_out_channels is empty".into(),
             });
         }
-        let text_layers =
-            |rel: &str| read_config::<clip::Config>(&dir.join(rel)).map(|c| c.num_hidden_layers);
+        let text_layers = |rel: &str| {
+            let path = dir.join(rel);
+            let config = read_config::<clip::Config>(&path)?;
+            config.validate().map_err(at(&path))?;
+            Ok::<_, Error>(config.num_hidden_layers)
+        };
         Ok(Self {
             unet_layers_per_block: layers_per_block(&unet).map_err(|detail| Error::ModelLoad {
                 path: unet_path,
@@ -298,7 +313,7 @@ fn unet_name(rest: &str, layers_per_block: usize) -> Option<Target> {
     }
     // A level holds `layers_per_block` resnets on the way down and one more on the way up; the
     // LDM layout numbers them (and the resamplers) consecutively across the levels.
-    let per_level = layers_per_block + 1;
+    let per_level = layers_per_block.checked_add(1)?;
     let name = if let Some((i, tail)) = numbered(rest, "input_blocks.") {
         let (level, layer) = ((i.checked_sub(1)?) / per_level, (i - 1) % per_level);
         let (part, tail) = tail.split_once('.')?;
@@ -716,6 +731,56 @@ mod tests {
             Some(Target::Same(name)) => name,
             other => panic!("expected a plain rename, got {other:?}"),
         }
+    }
+
+    /// A config's `layers_per_block` at the top of its type names no block (the count of a
+    /// level's blocks would overflow), and the configs a layout is read from are held to the
+    /// networks' limits before their sizes are used.
+    #[test]
+    fn layout_sizes_past_the_networks_limits_are_refused() {
+        assert_eq!(
+            unet_name("input_blocks.1.0.in_layers.0.weight", usize::MAX),
+            None
+        );
+        assert_eq!(
+            unet_name("output_blocks.4.1.proj_in.weight", usize::MAX),
+            None
+        );
+        assert_eq!(
+            controlnet_name("input_blocks.1.0.in_layers.0.weight", usize::MAX, 14),
+            None
+        );
+
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(
+            "../tests/fixtures/single-file/model-root/stable-diffusion-v1-5/stable-diffusion-v1-5",
+        );
+        let dir =
+            std::env::temp_dir().join(format!("sdstream-layout-limits-{}", std::process::id()));
+        for (folder, key, value) in [
+            ("unet", "layers_per_block", serde_json::json!(u64::MAX)),
+            ("vae", "block_out_channels", serde_json::json!(vec![4; 100])),
+            (
+                "text_encoder",
+                "num_hidden_layers",
+                serde_json::json!(u64::MAX),
+            ),
+        ] {
+            let _ = std::fs::remove_dir_all(&dir);
+            for f in ["unet", "vae", "text_encoder"] {
+                std::fs::create_dir_all(dir.join(f)).unwrap();
+                let mut config: serde_json::Value = serde_json::from_slice(
+                    &std::fs::read(source.join(f).join("config.json")).unwrap(),
+                )
+                .unwrap();
+                if f == folder {
+                    config[key] = value.clone();
+                }
+                std::fs::write(dir.join(f).join("config.json"), config.to_string()).unwrap();
+            }
+            let err = Layout::read(&dir, Family::Sd1).expect_err(key).to_string();
+            assert!(err.contains(key) && err.contains(folder), "{key}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     /// The UNet names of SD 1.5's real layout (2 resnets a level, 4 levels) land where diffusers

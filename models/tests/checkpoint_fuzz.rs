@@ -16,6 +16,9 @@
 //! - Networks sized by their tensors (the processors' HED, lineart, OpenPose and Real-ESRGAN,
 //!   the IP-Adapters): tensors reshaped, dropped, doubled or renumbered; loaded and run.
 //! - Shard indexes and tokenizer folders: values replaced, entries sent to other files.
+//! - Single files in the original layout (SD 1.x, 2.x, SDXL): tensors renamed, reshaped,
+//!   dropped or doubled, and the family's configs mutated; each converted into diffusers'
+//!   tensors or refused.
 //!
 //! `SDSTREAM_WEIGHT_FUZZ_RUNS` sets the cases per set and `SDSTREAM_WEIGHT_FUZZ_SEED` other
 //! mutations, for a longer campaign than CI's.
@@ -1256,5 +1259,124 @@ mod shape_configured {
         tally.report("processor networks");
         assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+mod single_files {
+    use super::*;
+    use sdstream_models::single_file::{self, Family, Layout};
+
+    /// The stand-ins of tests/fixtures/single-file: file, family, the family's config folder.
+    const FILES: [(&str, Family, &str); 3] = [
+        (
+            "sd15.safetensors",
+            Family::Sd1,
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ),
+        ("sd21.ckpt", Family::Sd2, "stabilityai/stable-diffusion-2-1"),
+        (
+            "sdxl.safetensors",
+            Family::Sdxl,
+            "stabilityai/stable-diffusion-xl-base-1.0",
+        ),
+    ];
+
+    fn config_folder(repo: &str) -> PathBuf {
+        fixture("single-file/model-root").join(repo)
+    }
+
+    /// What a conversion does with a file: its family from the names, the layout from the
+    /// configs in `configs`, every component renamed (and reshaped) into diffusers' tensors.
+    /// The count of tensors converted.
+    fn convert(path: &Path, configs: &Path) -> Result<usize, String> {
+        let file = WeightsFile::open(path).map_err(e)?;
+        let family =
+            Family::detect(file.tensors().map(|(name, _)| name)).ok_or("not a whole checkpoint")?;
+        let layout = Layout::read(configs, family).map_err(e)?;
+        single_file::census(file.tensors().map(|(name, _)| name), family, &layout).map_err(e)?;
+        let mut converted = 0;
+        for &component in single_file::components(family) {
+            converted += single_file::component(&file, family, &layout, component)
+                .map_err(e)?
+                .len();
+        }
+        Ok(converted)
+    }
+
+    /// Single files in the original layout with their tensors renamed (another block's number,
+    /// another component's prefix), reshaped, dropped or doubled: converted or refused.
+    #[test]
+    fn mutated_single_files_convert_or_are_refused() {
+        let _one = one_at_a_time();
+        let dir = scratch("single-file");
+        let path = dir.join("mutated.safetensors");
+        let mut tally = Tally::default();
+        for (k, (name, _, repo)) in FILES.iter().enumerate() {
+            let base = read_tensors(&fixture("single-file").join(name));
+            let configs = config_folder(repo);
+            let mut rng = seeded(0x0005_f11e + k as u64);
+            for i in 0..runs(40) {
+                let mutated = mutate_tensors(&mut rng, &base);
+                std::fs::write(&path, write_tensors(&mutated)).expect("write the file");
+                if tally.case(|| convert(&path, &configs)).is_none() {
+                    let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
+                    std::fs::copy(&path, &kept).ok();
+                    panic!(
+                        "mutated {name} {i} panicked the conversion (kept at {})",
+                        kept.display()
+                    );
+                }
+            }
+        }
+        tally.report("single files");
+        assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The family's configs (where the layout's sizes come from) mutated, each file converted
+    /// with them.
+    #[test]
+    fn single_files_convert_or_are_refused_under_mutated_configs() {
+        let _one = one_at_a_time();
+        let mut tally = Tally::default();
+        for (k, (name, _, repo)) in FILES.iter().enumerate() {
+            let source = config_folder(repo);
+            let dir = scratch(&format!("single-file-configs-{k}"));
+            let folders = ["unet", "vae", "text_encoder", "text_encoder_2"];
+            let folders: Vec<&str> = folders
+                .into_iter()
+                .filter(|f| source.join(f).join("config.json").is_file())
+                .collect();
+            for folder in &folders {
+                std::fs::create_dir_all(dir.join(folder)).expect("folder");
+            }
+            let bases: Vec<serde_json::Value> = folders
+                .iter()
+                .map(|f| read_json(&source.join(f).join("config.json")))
+                .collect();
+            let file = fixture("single-file").join(name);
+            let mut rng = seeded(0x00c0_f165 + k as u64);
+            for i in 0..runs(60) {
+                let which = rng.below(folders.len());
+                for (j, (folder, base)) in folders.iter().zip(&bases).enumerate() {
+                    let config = if j == which {
+                        mutate_config(&mut rng, base)
+                    } else {
+                        base.clone()
+                    };
+                    let text = serde_json::to_vec_pretty(&config).expect("JSON");
+                    std::fs::write(dir.join(folder).join("config.json"), text).expect("write");
+                }
+                if tally.case(|| convert(&file, &dir)).is_none() {
+                    panic!(
+                        "{name} under mutated configs {i} panicked the conversion (kept in {})",
+                        dir.display()
+                    );
+                }
+            }
+            std::fs::remove_dir_all(&dir).ok();
+        }
+        tally.report("single files under mutated configs");
+        assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
     }
 }

@@ -309,6 +309,8 @@ pub fn controlnet_folder(
         .map_err(|e| at(base_config, format!("not JSON: {e}")))?;
     let unet: UNetConfig = serde_json::from_value(config.clone())
         .map_err(|e| at(base_config, format!("not a UNet config: {e}")))?;
+    unet.plan("UNet")
+        .map_err(|e| at(base_config, e.to_string()))?;
     let layers_per_block =
         convert::layers_per_block(&unet).map_err(|detail| at(base_config, detail))?;
     let (channels, widths) =
