@@ -349,7 +349,25 @@ impl Hub<'_> {
         let id = self.id;
         let url = format!("{}/api/models/{id}/revision/main?blobs=true", self.endpoint);
         let what = format!("listing the files of {id}");
-        let response = self.call(self.get(&url), &what)?;
+        let response = match self.get(&url).call() {
+            Ok(response) => response,
+            Err(ureq::Error::Status(code @ (401 | 403), _)) => {
+                let token = if self.token.is_some() {
+                    "the token sent (HF_TOKEN or the token file) has no access to it"
+                } else {
+                    "set HF_TOKEN to a token with access"
+                };
+                return Err(format!(
+                    "hub: {what}: the server answered {code}: a gated or private repository; {token}"
+                ));
+            }
+            Err(ureq::Error::Status(404, _)) => {
+                return Err(format!(
+                    "hub: {what}: the server answered 404: no such repository"
+                ));
+            }
+            Err(other) => return Err(format!("hub: {what}: {other}")),
+        };
         let mut body = Vec::new();
         response
             .into_reader()

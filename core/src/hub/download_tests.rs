@@ -652,7 +652,11 @@ fn answers_without_what_a_download_needs_are_errors_naming_them() {
     );
     // Statuses: the listing refused, a file gone, a redirect to nowhere.
     for (status, location, expected) in [
-        (401, None, "the server answered 401"),
+        (
+            401,
+            None,
+            "the server answered 401: a gated or private repository; set HF_TOKEN",
+        ),
         (404, None, "the server answered 404"),
         (302, None, "answered 302"),
         (302, Some("/elsewhere"), "answered 404"),
