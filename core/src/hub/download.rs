@@ -53,8 +53,11 @@ pub(super) struct Limits {
     pub rate_window: Duration,
     /// See `rate_window`.
     pub min_bytes_per_window: u64,
-    /// Bytes the cache's disk keeps free after the download.
+    /// Bytes the cache's disk keeps free after a download (of at most as many bytes as the
+    /// download's own: a few configs need not find a GiB free).
     pub free_space_margin: u64,
+    /// The bytes free on the disk holding a folder, where the system says.
+    pub free_space: fn(&Path) -> Option<u64>,
     /// Times a file whose connection ended early is asked for again, from where it stopped.
     pub resumes: usize,
     /// A progress line at most this often while a file arrives.
@@ -69,6 +72,7 @@ impl Default for Limits {
             rate_window: Duration::from_secs(60),
             min_bytes_per_window: 1 << 20,
             free_space_margin: 1 << 30,
+            free_space: free_bytes,
             resumes: 3,
             progress_every: Duration::from_secs(10),
         }
@@ -212,13 +216,15 @@ pub(super) fn download(
     std::fs::create_dir_all(&blobs).map_err(|e| io("cannot make", &blobs, e))?;
     let missing: Vec<&Remote> = remotes.iter().filter(|r| !has_blob(&blobs, r)).collect();
     let needed: u64 = missing.iter().map(|r| r.size).sum();
-    if let Some(free) = free_bytes(&blobs)
-        && needed.saturating_add(limits.free_space_margin) > free
+    let margin = limits.free_space_margin.min(needed);
+    if needed > 0
+        && let Some(free) = (limits.free_space)(&blobs)
+        && needed.saturating_add(margin) > free
     {
         return Err(format!(
-            "hub: {id} needs {needed} bytes in {}, which has {free} free (a download leaves {} free)",
-            cache.display(),
-            limits.free_space_margin
+            "hub: {id} needs {needed} bytes in {}, which has {free} free (a download leaves \
+             {margin} free)",
+            cache.display()
         ));
     }
     if !missing.is_empty() {

@@ -414,13 +414,30 @@ fn a_file_larger_than_its_kind_allows_is_refused_before_it_is_asked_for() {
 fn a_download_that_would_fill_the_disk_is_refused_before_it_starts() {
     let hub = hub_with(repository(1000), |_, reply| reply);
     let cache = Cache::new("disk");
+    // The three files take 1,061 bytes; a disk with 2,000 free keeps less than as much again.
     let tight = Limits {
-        free_space_margin: u64::MAX / 2,
-        ..limits()
+        free_space: |_| Some(2000),
+        ..Limits::default()
     };
     let err = fetch(&hub, &cache, &tight).expect_err("refused");
-    assert!(err.contains("free") && err.contains("needs"), "{err}");
+    assert!(
+        err.contains("needs 1061 bytes")
+            && err.contains("which has 2000 free (a download leaves 1061 free)"),
+        "{err}"
+    );
     assert!(hub.file_requests().is_empty());
+    // With as much again free, it goes ahead; then, all there, it needs no space at all.
+    let roomy = Limits {
+        free_space: |_| Some(2122),
+        ..Limits::default()
+    };
+    fetch(&hub, &cache, &roomy).expect("fits");
+    let full = Limits {
+        free_space: |_| Some(0),
+        ..Limits::default()
+    };
+    fetch(&hub, &cache, &full).expect("nothing to fetch");
+    assert_eq!(hub.file_requests().len(), 3);
 }
 
 #[test]
