@@ -888,6 +888,31 @@ fn mutate_tensors(rng: &mut Rng, base: &Tensors) -> Tensors {
     t
 }
 
+/// `runs` mutations of `base` ([`mutate_tensors`], from `seed`), each written to `path` as a
+/// safetensors file and given to `load`, counted in `tally`; a panic keeps the file and names it.
+fn tensor_cases<T>(
+    tally: &mut Tally,
+    what: &str,
+    base: &Tensors,
+    path: &Path,
+    (runs, seed): (usize, u64),
+    load: impl Fn(&Path) -> Result<T, String>,
+) {
+    let mut rng = seeded(seed);
+    for i in 0..runs {
+        let mutated = mutate_tensors(&mut rng, base);
+        std::fs::write(path, write_tensors(&mutated)).expect("write the mutated file");
+        if tally.case(|| load(path)).is_none() {
+            let kept = path.with_extension(format!("panicked-{i}.safetensors"));
+            std::fs::copy(path, &kept).ok();
+            panic!(
+                "{what}: mutated copy {i} panicked (kept at {})",
+                kept.display()
+            );
+        }
+    }
+}
+
 mod loras {
     use super::*;
     use candle_core::{DType, Device};
@@ -912,41 +937,32 @@ mod loras {
         .enumerate()
         {
             let base = read_tensors(&fixture(base));
-            let mut rng = seeded(0x6c6f_7261 + k as u64);
-            for i in 0..runs(150) {
-                let mutated = mutate_tensors(&mut rng, &base);
-                std::fs::write(&path, write_tensors(&mutated)).expect("write LoRA");
-                let outcome = tally.case(|| -> Result<(), String> {
-                    let file = Arc::new(LoraFile::open(&path).map_err(e)?);
-                    let stack = [(file, 0.8)];
-                    if let Some(deltas) = LoraDeltas::new(LoraTarget::Unet, &stack) {
-                        let (unet, _) = UNet2DConditionModel::load_with_lora(
-                            &unet_dir,
-                            DType::F32,
-                            &Device::Cpu,
-                            Some(deltas),
-                        )
-                        .map_err(e)?;
-                        run_unet(&unet)?;
-                    }
-                    if let Some(deltas) = LoraDeltas::new(LoraTarget::TextEncoder, &stack) {
-                        let (clip, _) = ClipTextModel::load_with_lora(
-                            &clip_dir,
-                            DType::F32,
-                            &Device::Cpu,
-                            Some(deltas),
-                        )
-                        .map_err(e)?;
-                        run_clip(&clip)?;
-                    }
-                    Ok(())
-                });
-                if outcome.is_none() {
-                    let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
-                    std::fs::copy(&path, &kept).ok();
-                    panic!("mutated LoRA {k}/{i} panicked (kept at {})", kept.display());
+            let cases = (runs(150), 0x6c6f_7261 + k as u64);
+            tensor_cases(&mut tally, "LoRA", &base, &path, cases, |path| {
+                let file = Arc::new(LoraFile::open(path).map_err(e)?);
+                let stack = [(file, 0.8)];
+                if let Some(deltas) = LoraDeltas::new(LoraTarget::Unet, &stack) {
+                    let (unet, _) = UNet2DConditionModel::load_with_lora(
+                        &unet_dir,
+                        DType::F32,
+                        &Device::Cpu,
+                        Some(deltas),
+                    )
+                    .map_err(e)?;
+                    run_unet(&unet)?;
                 }
-            }
+                if let Some(deltas) = LoraDeltas::new(LoraTarget::TextEncoder, &stack) {
+                    let (clip, _) = ClipTextModel::load_with_lora(
+                        &clip_dir,
+                        DType::F32,
+                        &Device::Cpu,
+                        Some(deltas),
+                    )
+                    .map_err(e)?;
+                    run_clip(&clip)?;
+                }
+                Ok(())
+            });
         }
         tally.report("LoRAs");
         assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
@@ -1242,19 +1258,8 @@ mod shape_configured {
             // The fixture itself, written again, loads and runs: the mutations are what fail.
             std::fs::write(&path, write_tensors(&base)).expect("write");
             run(&path).unwrap_or_else(|err| panic!("{file} unmutated: {err}"));
-            let mut rng = seeded(0x7368_6170 + k as u64);
-            for i in 0..runs(60) {
-                let mutated = mutate_tensors(&mut rng, &base);
-                std::fs::write(&path, write_tensors(&mutated)).expect("write");
-                if tally.case(|| run(&path)).is_none() {
-                    let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
-                    std::fs::copy(&path, &kept).ok();
-                    panic!(
-                        "{file}: mutated copy {i} panicked (kept at {})",
-                        kept.display()
-                    );
-                }
-            }
+            let cases = (runs(60), 0x7368_6170 + k as u64);
+            tensor_cases(&mut tally, file, &base, &path, cases, run);
         }
         tally.report("processor networks");
         assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
@@ -1314,19 +1319,10 @@ mod single_files {
         for (k, (name, _, repo)) in FILES.iter().enumerate() {
             let base = read_tensors(&fixture("single-file").join(name));
             let configs = config_folder(repo);
-            let mut rng = seeded(0x0005_f11e + k as u64);
-            for i in 0..runs(40) {
-                let mutated = mutate_tensors(&mut rng, &base);
-                std::fs::write(&path, write_tensors(&mutated)).expect("write the file");
-                if tally.case(|| convert(&path, &configs)).is_none() {
-                    let kept = dir.join(format!("panicked-{k}-{i}.safetensors"));
-                    std::fs::copy(&path, &kept).ok();
-                    panic!(
-                        "mutated {name} {i} panicked the conversion (kept at {})",
-                        kept.display()
-                    );
-                }
-            }
+            let cases = (runs(40), 0x0005_f11e + k as u64);
+            tensor_cases(&mut tally, name, &base, &path, cases, |path| {
+                convert(path, &configs)
+            });
         }
         tally.report("single files");
         assert!(tally.refused > 0 && tally.loaded > 0, "{tally:?}");
