@@ -5,7 +5,8 @@
 //! (once). The publisher's state (never, connecting, connected, gone) follows its session. Sessions: viewer offers that never
 //! connect give way to newer ones and end after the connect timeout, so a real viewer gets in
 //! right after a flood; a second publisher gets 409 until the first is gone (closed, DELETEd or
-//! never connected). Media end to end is tests/webrtc/e2e.py (aiortc).
+//! never connected). Mutated offers get 201 or 400, never a 5xx or a dropped connection. Media
+//! end to end is tests/webrtc/e2e.py (aiortc).
 
 mod transport;
 
@@ -839,4 +840,270 @@ fn an_external_publisher_and_an_encoded_sink_carry_frames_through_the_engine() {
             .expect("ended() completes");
     });
     engine.close();
+}
+
+/// An offer in the form Chromium sends a WHIP server (audio and video, VP8 and H.264 with their
+/// retransmission formats, header extensions, feedback, an SSRC group), written out by hand as
+/// a seed for the mutations below.
+const CHROMIUM_STYLE_OFFER: &str = "v=0\r\n\
+o=- 4611731400430051336 2 IN IP4 127.0.0.1\r\n\
+s=-\r\n\
+t=0 0\r\n\
+a=group:BUNDLE 0 1\r\n\
+a=extmap-allow-mixed\r\n\
+a=msid-semantic: WMS camera\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\n\
+c=IN IP4 0.0.0.0\r\n\
+a=rtcp:9 IN IP4 0.0.0.0\r\n\
+a=ice-ufrag:Qb3k\r\n\
+a=ice-pwd:f7Xq2lB9d0sE8mZr1vY6tN4u\r\n\
+a=ice-options:trickle\r\n\
+a=fingerprint:sha-256 3B:6C:0A:5F:11:92:E4:7D:28:AB:C0:19:F3:44:8E:07:D2:5A:61:B8:0C:73:9E:F1:26:4D:B5:E8:03:7A:C9:12\r\n\
+a=setup:actpass\r\n\
+a=mid:0\r\n\
+a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\n\
+a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
+a=sendonly\r\n\
+a=msid:camera mic\r\n\
+a=rtcp-mux\r\n\
+a=rtpmap:111 opus/48000/2\r\n\
+a=rtcp-fb:111 transport-cc\r\n\
+a=fmtp:111 minptime=10;useinbandfec=1\r\n\
+a=rtpmap:63 red/48000/2\r\n\
+a=fmtp:63 111/111\r\n\
+a=ssrc:3333 cname:Vq2c\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103\r\n\
+c=IN IP4 0.0.0.0\r\n\
+a=rtcp:9 IN IP4 0.0.0.0\r\n\
+a=ice-ufrag:Qb3k\r\n\
+a=ice-pwd:f7Xq2lB9d0sE8mZr1vY6tN4u\r\n\
+a=ice-options:trickle\r\n\
+a=fingerprint:sha-256 3B:6C:0A:5F:11:92:E4:7D:28:AB:C0:19:F3:44:8E:07:D2:5A:61:B8:0C:73:9E:F1:26:4D:B5:E8:03:7A:C9:12\r\n\
+a=setup:actpass\r\n\
+a=mid:1\r\n\
+a=extmap:2 http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time\r\n\
+a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\n\
+a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
+a=extmap:13 urn:3gpp:video-orientation\r\n\
+a=sendonly\r\n\
+a=msid:camera video\r\n\
+a=rtcp-mux\r\n\
+a=rtcp-rsize\r\n\
+a=rtpmap:96 VP8/90000\r\n\
+a=rtcp-fb:96 goog-remb\r\n\
+a=rtcp-fb:96 transport-cc\r\n\
+a=rtcp-fb:96 ccm fir\r\n\
+a=rtcp-fb:96 nack\r\n\
+a=rtcp-fb:96 nack pli\r\n\
+a=rtpmap:97 rtx/90000\r\n\
+a=fmtp:97 apt=96\r\n\
+a=rtpmap:102 H264/90000\r\n\
+a=rtcp-fb:102 goog-remb\r\n\
+a=rtcp-fb:102 transport-cc\r\n\
+a=rtcp-fb:102 ccm fir\r\n\
+a=rtcp-fb:102 nack\r\n\
+a=rtcp-fb:102 nack pli\r\n\
+a=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
+a=rtpmap:103 rtx/90000\r\n\
+a=fmtp:103 apt=102\r\n\
+a=ssrc-group:FID 1111 2222\r\n\
+a=ssrc:1111 cname:Vq2c\r\n\
+a=ssrc:1111 msid:camera video\r\n\
+a=ssrc:2222 cname:Vq2c\r\n\
+a=ssrc:2222 msid:camera video\r\n";
+
+/// Lines an offer could carry that a parser or a session meets rarely.
+const ODD_LINES: [&str; 24] = [
+    "a=ssrc-group:FID 1111",
+    "a=ssrc-group:FID",
+    "a=ssrc:notanumber cname:x",
+    "a=ssrc:4294967296 cname:x",
+    "a=rid:h send",
+    "a=rid:",
+    "a=simulcast:send h;m;l",
+    "a=simulcast:",
+    "a=fmtp:102 profile-level-id=zz;packetization-mode=99",
+    "a=fmtp:102",
+    "a=rtpmap:102 H264",
+    "a=rtpmap:999999 H264/90000",
+    "a=rtpmap:102 H264/notaclock",
+    "a=extmap:0 urn:x",
+    "a=extmap:99999 urn:ietf:params:rtp-hdrext:sdes:mid",
+    "a=candidate:1 1 udp 1 1.2.3.4 99999 typ host",
+    "a=candidate:1 1 udp",
+    "a=group:BUNDLE 0 0 1 1 7",
+    "a=mid:",
+    "a=setup:bogus",
+    "a=fingerprint:sha-256 ZZ",
+    "a=fingerprint:md5",
+    "m=video 0 UDP/TLS/RTP/SAVPF",
+    "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
+];
+
+/// Tokens a value of an offer's line is replaced by.
+fn odd_token(rng: &mut u64) -> String {
+    match below(rng, 12) {
+        0 => String::new(),
+        1 => "0".into(),
+        2 => "-1".into(),
+        3 => "65536".into(),
+        4 => "4294967296".into(),
+        5 => "18446744073709551616".into(),
+        6 => "x".into(),
+        7 => "H264".into(),
+        8 => "*".into(),
+        9 => "a".repeat(3000),
+        10 => "\u{1F642}".into(),
+        _ => "0.0.0.0".into(),
+    }
+}
+
+/// xorshift64*: the mutations are the same on every run.
+fn below(state: &mut u64, n: usize) -> usize {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    (state.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1) as u64) as usize
+}
+
+/// One to three changes of `base`'s lines: one removed, doubled, moved, cut short, a token
+/// of it replaced, or an odd line inserted.
+fn mutate_offer(rng: &mut u64, base: &str) -> String {
+    let mut lines: Vec<String> = base.lines().map(str::to_owned).collect();
+    for _ in 0..1 + below(rng, 3) {
+        let i = 1 + below(rng, lines.len() - 1);
+        match below(rng, 6) {
+            0 => {
+                lines.remove(i);
+            }
+            1 => {
+                let copy = lines[i].clone();
+                let at = 1 + below(rng, lines.len() - 1);
+                lines.insert(at, copy);
+            }
+            2 => {
+                let j = 1 + below(rng, lines.len() - 1);
+                lines.swap(i, j);
+            }
+            3 => {
+                let cut: String = lines[i].chars().take(below(rng, lines[i].len())).collect();
+                lines[i] = cut;
+            }
+            4 => {
+                let line = &lines[i];
+                let bounds: Vec<usize> = line
+                    .char_indices()
+                    .filter(|(_, c)| matches!(c, ' ' | ':' | '/' | '=' | ';'))
+                    .map(|(k, _)| k + 1)
+                    .collect();
+                let start = if bounds.is_empty() {
+                    2.min(line.len())
+                } else {
+                    bounds[below(rng, bounds.len())]
+                };
+                let end = line[start..]
+                    .find([' ', ':', '/', '=', ';'])
+                    .map_or(line.len(), |k| start + k);
+                lines[i] = format!("{}{}{}", &line[..start], odd_token(rng), &line[end..]);
+            }
+            _ => lines.insert(i, ODD_LINES[below(rng, ODD_LINES.len())].to_owned()),
+        }
+        if lines.len() < 2 {
+            break;
+        }
+    }
+    let newline = if below(rng, 8) == 0 { "\n" } else { "\r\n" };
+    lines.join(newline) + newline
+}
+
+/// Mutated offers (a Chromium-style publisher's, webrtc-rs's publisher and viewer offers) sent
+/// to WHIP and WHEP: every one gets an answer (201, or a 4xx naming what is wrong; never a
+/// dropped connection or a 5xx), sessions that were made are ended, and afterwards good offers
+/// still get their sessions. `SDSTREAM_SDP_FUZZ_RUNS` sets the count and
+/// `SDSTREAM_SDP_FUZZ_SEED` other mutations.
+#[test]
+fn mutated_offers_are_answered_or_refused_and_the_routes_keep_serving() {
+    let engine = tiny_engine();
+    runtime().block_on(async {
+        let stream =
+            Arc::new(MediaHub::new(engine.clone(), TransportConfig::default()).expect("transport"));
+        let addr = serve(stream.clone()).await;
+        let (_viewer, viewer_offer) = offer(RTCRtpTransceiverDirection::Recvonly).await;
+        let (_publisher, publisher_offer) = offer(RTCRtpTransceiverDirection::Sendrecv).await;
+        let seeds = [
+            ("/whip/s1?token=k", CHROMIUM_STYLE_OFFER),
+            ("/whip/s1?token=k", publisher_offer.as_str()),
+            ("/whep/s1?token=k", viewer_offer.as_str()),
+        ];
+        // Each seed is an offer a session takes, so that what the mutations break is theirs.
+        for (path, seed) in seeds {
+            let reply = request(addr, "POST", path, Some("application/sdp"), seed.as_bytes()).await;
+            assert_eq!(reply.status, 201, "{path} unmutated: {}", reply.body);
+            let location = reply.header("location").expect("Location").to_owned();
+            assert_eq!(
+                request(addr, "DELETE", &location, None, b"").await.status,
+                200
+            );
+        }
+        let runs: usize = std::env::var("SDSTREAM_SDP_FUZZ_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(450);
+        let mut rng = 0x5d9_0ffe_u64
+            ^ std::env::var("SDSTREAM_SDP_FUZZ_SEED")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+        for i in 0..runs {
+            let (path, seed) = seeds[i % seeds.len()];
+            let mutated = mutate_offer(&mut rng, seed);
+            let reply = request(
+                addr,
+                "POST",
+                path,
+                Some("application/sdp"),
+                mutated.as_bytes(),
+            )
+            .await;
+            *statuses.entry(reply.status).or_default() += 1;
+            assert!(
+                matches!(reply.status, 201 | 400 | 413),
+                "mutated offer {i} to {path}: {} {}\n{mutated}",
+                reply.status,
+                reply.body
+            );
+            if reply.status == 201 {
+                let location = reply.header("location").expect("Location").to_owned();
+                assert_eq!(
+                    request(addr, "DELETE", &location, None, b"").await.status,
+                    200
+                );
+            } else {
+                let envelope: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
+                assert!(
+                    envelope["error"].as_str().is_some_and(|e| !e.is_empty()),
+                    "offer {i}: {}",
+                    reply.body
+                );
+            }
+        }
+        eprintln!("{runs} mutated offers: statuses {statuses:?}");
+        assert!(statuses.get(&201).is_some_and(|&n| n > 0), "{statuses:?}");
+        assert!(statuses.get(&400).is_some_and(|&n| n > 0), "{statuses:?}");
+        for (path, seed) in seeds {
+            let reply = request(addr, "POST", path, Some("application/sdp"), seed.as_bytes()).await;
+            assert_eq!(
+                reply.status, 201,
+                "{path} after the mutations: {}",
+                reply.body
+            );
+            let location = reply.header("location").expect("Location").to_owned();
+            assert_eq!(
+                request(addr, "DELETE", &location, None, b"").await.status,
+                200
+            );
+        }
+    });
 }

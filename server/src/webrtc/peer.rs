@@ -369,9 +369,11 @@ pub(crate) async fn answer(
         .create_answer(None)
         .await
         .map_err(|e| TransportError::BadOffer(format!("cannot answer the offer: {e}")))?;
+    // The answer was made from the offer a moment ago: where applying it fails, the offer's
+    // contents are at fault (an SSRC line that names no number, say), not the server.
     pc.set_local_description(answer)
         .await
-        .map_err(|e| TransportError::WebRtc(e.to_string()))?;
+        .map_err(|e| TransportError::BadOffer(format!("cannot use the offer: {e}")))?;
     let gathered = peer.gathered.wait_for(|done| *done);
     // On timeout the answer goes out with the candidates gathered so far.
     let _ = tokio::time::timeout(gather_timeout, gathered).await;
