@@ -26,36 +26,9 @@ use sdstream_server::rtmp::{RtmpConfig, RtmpDirectory, RtmpIngest, RtmpIngestSta
 use sdstream_server::webrtc::{MediaHub, TransportConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use transport::{runtime, tiny_engine};
+use transport::{Rng, runtime, tiny_engine};
 
 const KEY: &str = "the-key";
-
-/// SplitMix64: a fixed seed gives the same run everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    /// `least` + below(`spread`) random bytes.
-    fn some_bytes(&mut self, least: usize, spread: usize) -> Vec<u8> {
-        let n = least + self.below(spread);
-        self.bytes(n)
-    }
-}
 
 struct OneKey(Arc<MediaHub>);
 

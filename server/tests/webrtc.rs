@@ -16,7 +16,7 @@ use std::time::Duration;
 use sdstream_server::webrtc::{
     MediaHub, PublisherState, StreamDirectory, TransportConfig, TransportError, router,
 };
-use transport::{runtime, tiny_engine};
+use transport::{Rng, runtime, tiny_engine};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
@@ -941,8 +941,8 @@ const ODD_LINES: [&str; 24] = [
 ];
 
 /// Tokens a value of an offer's line is replaced by.
-fn odd_token(rng: &mut u64) -> String {
-    match below(rng, 12) {
+fn odd_token(rng: &mut Rng) -> String {
+    match rng.below(12) {
         0 => String::new(),
         1 => "0".into(),
         2 => "-1".into(),
@@ -958,35 +958,27 @@ fn odd_token(rng: &mut u64) -> String {
     }
 }
 
-/// xorshift64*: the mutations are the same on every run.
-fn below(state: &mut u64, n: usize) -> usize {
-    *state ^= *state >> 12;
-    *state ^= *state << 25;
-    *state ^= *state >> 27;
-    (state.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1) as u64) as usize
-}
-
 /// One to three changes of `base`'s lines: one removed, doubled, moved, cut short, a token
 /// of it replaced, or an odd line inserted.
-fn mutate_offer(rng: &mut u64, base: &str) -> String {
+fn mutate_offer(rng: &mut Rng, base: &str) -> String {
     let mut lines: Vec<String> = base.lines().map(str::to_owned).collect();
-    for _ in 0..1 + below(rng, 3) {
-        let i = 1 + below(rng, lines.len() - 1);
-        match below(rng, 6) {
+    for _ in 0..1 + rng.below(3) {
+        let i = 1 + rng.below(lines.len() - 1);
+        match rng.below(6) {
             0 => {
                 lines.remove(i);
             }
             1 => {
                 let copy = lines[i].clone();
-                let at = 1 + below(rng, lines.len() - 1);
+                let at = 1 + rng.below(lines.len() - 1);
                 lines.insert(at, copy);
             }
             2 => {
-                let j = 1 + below(rng, lines.len() - 1);
+                let j = 1 + rng.below(lines.len() - 1);
                 lines.swap(i, j);
             }
             3 => {
-                let cut: String = lines[i].chars().take(below(rng, lines[i].len())).collect();
+                let cut: String = lines[i].chars().take(rng.below(lines[i].len())).collect();
                 lines[i] = cut;
             }
             4 => {
@@ -999,20 +991,20 @@ fn mutate_offer(rng: &mut u64, base: &str) -> String {
                 let start = if bounds.is_empty() {
                     2.min(line.len())
                 } else {
-                    bounds[below(rng, bounds.len())]
+                    bounds[rng.below(bounds.len())]
                 };
                 let end = line[start..]
                     .find([' ', ':', '/', '=', ';'])
                     .map_or(line.len(), |k| start + k);
                 lines[i] = format!("{}{}{}", &line[..start], odd_token(rng), &line[end..]);
             }
-            _ => lines.insert(i, ODD_LINES[below(rng, ODD_LINES.len())].to_owned()),
+            _ => lines.insert(i, ODD_LINES[rng.below(ODD_LINES.len())].to_owned()),
         }
         if lines.len() < 2 {
             break;
         }
     }
-    let newline = if below(rng, 8) == 0 { "\n" } else { "\r\n" };
+    let newline = if rng.below(8) == 0 { "\n" } else { "\r\n" };
     lines.join(newline) + newline
 }
 
@@ -1049,12 +1041,12 @@ fn mutated_offers_are_answered_or_refused_and_the_routes_keep_serving() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(450);
-        let mut rng = 0x5d9_0ffe_u64
+        let mut rng = Rng(0x5d9_0ffe_u64
             ^ std::env::var("SDSTREAM_SDP_FUZZ_SEED")
                 .ok()
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0)
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
         for i in 0..runs {
             let (path, seed) = seeds[i % seeds.len()];

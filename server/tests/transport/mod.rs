@@ -1,11 +1,17 @@
 //! What the transport tests (tests/webrtc.rs, tests/rtmp_fuzz.rs) share: the tiny checkpoint's
-//! engine at 64×64 and a small Tokio runtime.
+//! engine at 64×64, a small Tokio runtime and the fuzzing's random choices.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use sdstream::params::{Prompt, VaeChoice};
 use sdstream::{Engine, EngineOptions, EngineSettings, StreamDiffusionParams};
+
+// Each test binary takes the part of it that it uses.
+#[allow(dead_code)]
+#[path = "../support/rng.rs"]
+mod rng;
+pub use rng::Rng;
 
 /// `tests/fixtures/<rel>` at the workspace root.
 pub fn fixture(rel: &str) -> PathBuf {

@@ -124,22 +124,9 @@ pub fn probe(ffprobe: &str, file: &Path, kind: &str) -> (u64, String, String, Ve
     )
 }
 
-/// SplitMix64: a fixed seed gives the same run everywhere.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+#[path = "../support/rng.rs"]
+mod rng;
+pub use rng::Rng;
 
 /// Offsets of the size fields of the boxes in `data` whose types are the ones the reader
 /// parses (the places where a changed number matters most).
