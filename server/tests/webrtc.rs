@@ -232,6 +232,26 @@ async fn serve(stream: Arc<MediaHub>) -> std::net::SocketAddr {
     addr
 }
 
+/// A stream with the default transport settings over `engine`, served as `s1` (token `k`).
+async fn serve_default(engine: &Arc<sdstream::Engine>) -> (Arc<MediaHub>, std::net::SocketAddr) {
+    let stream =
+        Arc::new(MediaHub::new(engine.clone(), TransportConfig::default()).expect("transport"));
+    let addr = serve(stream.clone()).await;
+    (stream, addr)
+}
+
+/// Posts `sdp` to `path`, requires a session (201), and ends it with a DELETE of its Location.
+async fn open_and_end(addr: std::net::SocketAddr, path: &str, sdp: &str, what: &str) {
+    let reply = request(addr, "POST", path, Some("application/sdp"), sdp.as_bytes()).await;
+    assert_eq!(reply.status, 201, "{what} to {path}: {}", reply.body);
+    let location = reply.header("location").expect("Location").to_owned();
+    assert_eq!(
+        request(addr, "DELETE", &location, None, b"").await.status,
+        200,
+        "{what}"
+    );
+}
+
 /// Polls `condition` every 20 ms until it holds or a minute passes (a bound for a hung test,
 /// not a measurement); whether it held.
 async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
@@ -248,9 +268,7 @@ async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
 fn whip_and_whep_routes_answer_bad_requests_and_keep_serving() {
     let engine = tiny_engine();
     runtime().block_on(async {
-        let stream =
-            Arc::new(MediaHub::new(engine.clone(), TransportConfig::default()).expect("transport"));
-        let addr = serve(stream.clone()).await;
+        let (stream, addr) = serve_default(&engine).await;
 
         let (_viewer, good_offer) = offer(RTCRtpTransceiverDirection::Recvonly).await;
         let (_publisher, publish_offer) = offer(RTCRtpTransceiverDirection::Sendrecv).await;
@@ -738,9 +756,7 @@ fn an_external_publisher_and_an_encoded_sink_carry_frames_through_the_engine() {
     use sdstream_server::webrtc::h264::{EncoderSettings as Settings, H264Encoder};
     let engine = tiny_engine();
     runtime().block_on(async {
-        let stream =
-            Arc::new(MediaHub::new(engine.clone(), TransportConfig::default()).expect("transport"));
-        let addr = serve(stream.clone()).await;
+        let (stream, addr) = serve_default(&engine).await;
         let publisher = stream
             .publish_external(IngestKind::Rtmp)
             .await
@@ -1017,9 +1033,7 @@ fn mutate_offer(rng: &mut Rng, base: &str) -> String {
 fn mutated_offers_are_answered_or_refused_and_the_routes_keep_serving() {
     let engine = tiny_engine();
     runtime().block_on(async {
-        let stream =
-            Arc::new(MediaHub::new(engine.clone(), TransportConfig::default()).expect("transport"));
-        let addr = serve(stream.clone()).await;
+        let (_stream, addr) = serve_default(&engine).await;
         let (_viewer, viewer_offer) = offer(RTCRtpTransceiverDirection::Recvonly).await;
         let (_publisher, publisher_offer) = offer(RTCRtpTransceiverDirection::Sendrecv).await;
         let seeds = [
@@ -1029,13 +1043,7 @@ fn mutated_offers_are_answered_or_refused_and_the_routes_keep_serving() {
         ];
         // Each seed is an offer a session takes, so that what the mutations break is theirs.
         for (path, seed) in seeds {
-            let reply = request(addr, "POST", path, Some("application/sdp"), seed.as_bytes()).await;
-            assert_eq!(reply.status, 201, "{path} unmutated: {}", reply.body);
-            let location = reply.header("location").expect("Location").to_owned();
-            assert_eq!(
-                request(addr, "DELETE", &location, None, b"").await.status,
-                200
-            );
+            open_and_end(addr, path, seed, "unmutated").await;
         }
         let runs: usize = std::env::var("SDSTREAM_SDP_FUZZ_RUNS")
             .ok()
@@ -1085,17 +1093,7 @@ fn mutated_offers_are_answered_or_refused_and_the_routes_keep_serving() {
         assert!(statuses.get(&201).is_some_and(|&n| n > 0), "{statuses:?}");
         assert!(statuses.get(&400).is_some_and(|&n| n > 0), "{statuses:?}");
         for (path, seed) in seeds {
-            let reply = request(addr, "POST", path, Some("application/sdp"), seed.as_bytes()).await;
-            assert_eq!(
-                reply.status, 201,
-                "{path} after the mutations: {}",
-                reply.body
-            );
-            let location = reply.header("location").expect("Location").to_owned();
-            assert_eq!(
-                request(addr, "DELETE", &location, None, b"").await.status,
-                200
-            );
+            open_and_end(addr, path, seed, "after the mutations").await;
         }
     });
 }
