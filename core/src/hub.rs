@@ -28,7 +28,6 @@ use crate::model::weight_names;
 use crate::{Error, Result};
 
 mod download;
-pub use download::{MAX_LISTING_BYTES, MAX_WEIGHT_FILE_BYTES};
 
 /// Where models are looked for, whether an id may be a path, and whether the network may be used.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

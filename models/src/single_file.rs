@@ -114,13 +114,8 @@ impl Layout {
         unet.plan("UNet").map_err(at(&unet_path))?;
         let vae_path = dir.join("vae/config.json");
         let vae: vae::Config = read_config(&vae_path)?;
+        // (Among its checks: at least one level, which the decoder's numbering needs.)
         vae.validate().map_err(at(&vae_path))?;
-        if vae.block_out_channels.is_empty() {
-            return Err(Error::ModelLoad {
-                path: vae_path,
-                detail: "block_out_channels is empty".into(),
-            });
-        }
         let text_layers = |rel: &str| {
             let path = dir.join(rel);
             let config = read_config::<clip::Config>(&path)?;

@@ -9,7 +9,8 @@
 //!   a config 4 MiB, a tokenizer 64 MiB; a weight file [`MAX_WEIGHT_FILE_BYTES`]) is refused;
 //! - the files of one download come from one commit, the listing's, so a repository that changes
 //!   meanwhile cannot mix two versions;
-//! - the sizes together must leave [`Limits::free_space_margin`] free on the cache's disk;
+//! - the files still to fetch must fit on the cache's disk with [`Limits::free_space_margin`]
+//!   to spare (as much again as they take, when that is less);
 //! - every name, commit and hash that becomes a path is checked to stay inside the cache.
 //!
 //! While it arrives: never more bytes than the listing gave; a connection that ends early is
@@ -112,8 +113,8 @@ struct Remote {
     /// Its name under `blobs/`: the SHA-256 for LFS files, the git blob hash otherwise (as
     /// `huggingface_hub` names them).
     blob: String,
-    /// The SHA-256 its bytes must have (LFS files).
-    sha256: Option<String>,
+    /// Whether `blob` is the SHA-256 its bytes must have (an LFS file).
+    hashed: bool,
 }
 
 /// The token to send the hub: `HF_TOKEN`, else the file `huggingface_hub` writes at login
@@ -277,13 +278,13 @@ fn remote(id: &str, listing: &Listing, name: &str) -> std::result::Result<Remote
     if !is_relative_inside(name) {
         return fail("not a relative path inside the repository".into());
     }
-    let (size, blob, sha256) = match &sibling.lfs {
+    let (size, blob, hashed) = match &sibling.lfs {
         Some(lfs) => {
             let hash = lfs.sha256.to_ascii_lowercase();
             if !is_hex(&hash, 64) {
                 return fail(format!("the LFS hash {:?} is not a SHA-256", shown(&hash)));
             }
-            (lfs.size, hash.clone(), Some(hash))
+            (lfs.size, hash, true)
         }
         None => {
             let Some(blob) = sibling.blob_id.as_deref().map(str::to_ascii_lowercase) else {
@@ -298,7 +299,7 @@ fn remote(id: &str, listing: &Listing, name: &str) -> std::result::Result<Remote
             let Some(size) = sibling.size else {
                 return fail("the listing gives no size".into());
             };
-            (size, blob, None)
+            (size, blob, false)
         }
     };
     let limit = sdstream_models::max_bytes_of(name).unwrap_or(MAX_WEIGHT_FILE_BYTES);
@@ -311,7 +312,7 @@ fn remote(id: &str, listing: &Listing, name: &str) -> std::result::Result<Remote
         name: name.to_string(),
         size,
         blob,
-        sha256,
+        hashed,
     })
 }
 
@@ -336,14 +337,28 @@ impl Hub<'_> {
         }
     }
 
-    /// An answer, or what was wrong with it in words.
+    /// An answer, or what was wrong with it in words; `missing` says what a 404 means here.
     fn call(
         &self,
         request: ureq::Request,
         what: &str,
+        missing: &str,
     ) -> std::result::Result<ureq::Response, String> {
         match request.call() {
             Ok(response) => Ok(response),
+            Err(ureq::Error::Status(code @ (401 | 403), _)) => {
+                let token = if self.token.is_some() {
+                    "the token sent (HF_TOKEN or the token file) has no access to it"
+                } else {
+                    "set HF_TOKEN to a token with access"
+                };
+                Err(format!(
+                    "hub: {what}: the server answered {code}: a gated or private repository; {token}"
+                ))
+            }
+            Err(ureq::Error::Status(404, _)) => {
+                Err(format!("hub: {what}: the server answered 404: {missing}"))
+            }
             Err(ureq::Error::Status(code, _)) => {
                 Err(format!("hub: {what}: the server answered {code}"))
             }
@@ -355,25 +370,7 @@ impl Hub<'_> {
         let id = self.id;
         let url = format!("{}/api/models/{id}/revision/main?blobs=true", self.endpoint);
         let what = format!("listing the files of {id}");
-        let response = match self.get(&url).call() {
-            Ok(response) => response,
-            Err(ureq::Error::Status(code @ (401 | 403), _)) => {
-                let token = if self.token.is_some() {
-                    "the token sent (HF_TOKEN or the token file) has no access to it"
-                } else {
-                    "set HF_TOKEN to a token with access"
-                };
-                return Err(format!(
-                    "hub: {what}: the server answered {code}: a gated or private repository; {token}"
-                ));
-            }
-            Err(ureq::Error::Status(404, _)) => {
-                return Err(format!(
-                    "hub: {what}: the server answered 404: no such repository"
-                ));
-            }
-            Err(other) => return Err(format!("hub: {what}: {other}")),
-        };
+        let response = self.call(self.get(&url), &what, "no such repository")?;
         let mut body = Vec::new();
         response
             .into_reader()
@@ -408,7 +405,7 @@ impl Hub<'_> {
             .extend(r.name.split('/'));
         let partial = Partial::create(blobs, &r.blob).map_err(|e| format!("hub: {what}: {e}"))?;
         let mut file = &partial.file;
-        let mut hasher = r.sha256.as_ref().map(|_| Sha256::new());
+        let mut hasher = r.hashed.then(Sha256::new);
         let started = Instant::now();
         let mut got = 0u64;
         let mut last_progress = started;
@@ -420,7 +417,11 @@ impl Hub<'_> {
             if got > 0 {
                 request = request.set("Range", &format!("bytes={got}-"));
             }
-            let response = self.call(request, &format!("downloading {what}"))?;
+            let response = self.call(
+                request,
+                &format!("downloading {what}"),
+                "not at the commit the listing names",
+            )?;
             match response.status() {
                 200 if got > 0 => {
                     // The server ignored the range: the whole file again, from its start.
@@ -428,7 +429,7 @@ impl Hub<'_> {
                         .and_then(|()| file.rewind())
                         .map_err(|e| format!("hub: {what}: {e}"))?;
                     got = 0;
-                    hasher = r.sha256.as_ref().map(|_| Sha256::new());
+                    hasher = r.hashed.then(Sha256::new);
                 }
                 200 => {}
                 206 if got > 0 => {
@@ -522,12 +523,13 @@ impl Hub<'_> {
                 ));
             }
         }
-        if let (Some(h), Some(expected)) = (hasher, &r.sha256) {
+        if let Some(h) = hasher {
             let actual: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            if &actual != expected {
+            if actual != r.blob {
                 return Err(format!(
                     "hub: {what}: its bytes hash to SHA-256 {actual}, where the listing gives \
-                     {expected}; not kept"
+                     {}; not kept",
+                    r.blob
                 ));
             }
         }

@@ -674,7 +674,16 @@ fn answers_without_what_a_download_needs_are_errors_naming_them() {
             None,
             "the server answered 401: a gated or private repository; set HF_TOKEN",
         ),
-        (404, None, "the server answered 404"),
+        (
+            403,
+            None,
+            "the server answered 403: a gated or private repository",
+        ),
+        (
+            404,
+            None,
+            "the server answered 404: not at the commit the listing names",
+        ),
         (302, None, "answered 302"),
         (302, Some("/elsewhere"), "answered 404"),
     ] {
