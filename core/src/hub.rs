@@ -28,6 +28,8 @@ use crate::model::weight_names;
 use crate::{Error, Result};
 
 mod download;
+#[cfg(test)]
+mod stand_in_hub;
 
 /// Where models are looked for, whether an id may be a path, and whether the network may be used.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -4,7 +4,8 @@
 //! repository holds (a lone fp16 `.bin`, shards and their index), fetched into a Hugging Face
 //! cache, found there again offline, and stream exactly like the same files on disk.
 //!
-//! The hub answers as huggingface.co does for what the downloader asks: `GET /api/models/{id}/
+//! The hub (the stand-in of the download's unit tests, `core/src/hub/stand_in_hub.rs`) answers
+//! as huggingface.co does for what the downloader asks: `GET /api/models/{id}/
 //! revision/main?blobs=true` (the commit, and each file's size and git hash, with the SHA-256 of
 //! those kept in LFS), and `GET /{id}/resolve/{commit}/{file}`, whole (`200`) or from a `Range`
 //! (`206`, `Content-Range`). The downloader's refusals (sizes, hashes, stalls, paths) are its
@@ -13,10 +14,7 @@
 use crate::common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use common::{fixture, scratch_dir};
 use sdstream::hub::{self, HubOptions};
@@ -24,6 +22,12 @@ use sdstream::model::bundle::{checkpoint_files, component_files};
 use sdstream::params::VaeChoice;
 use sdstream::{EngineSettings, StreamDiffusionParams};
 use serde_json::json;
+// The download's own unit tests' stand-in hub, serving folders here (those tests read the
+// parts of it these do not).
+#[allow(dead_code)]
+#[path = "../../src/hub/stand_in_hub.rs"]
+mod stand_in_hub;
+use stand_in_hub::{Reply, Seen, StandIn};
 
 /// The commit every repository of the fake hub is at.
 const COMMIT: &str = "5d1b0c6f2e8a4b7c9d0e1f2a3b4c5d6e7f809a1b";
@@ -31,38 +35,33 @@ const COMMIT: &str = "5d1b0c6f2e8a4b7c9d0e1f2a3b4c5d6e7f809a1b";
 /// A repository's files: relative name (with `/`) → bytes.
 type Files = BTreeMap<String, Vec<u8>>;
 
-/// The hub: its address and every request it answered (`METHOD path [range]`).
+/// The hub: the stand-in server answering for `repos`.
 struct FakeHub {
-    endpoint: String,
-    requests: Arc<Mutex<Vec<String>>>,
+    server: StandIn,
 }
 
 impl FakeHub {
     /// Serves `repos` (id, folder) until the test process ends.
     fn serve(repos: &[(&str, PathBuf)]) -> Self {
-        let repos: Arc<BTreeMap<String, Files>> = Arc::new(
-            repos
-                .iter()
-                .map(|(id, dir)| (id.to_string(), read_tree(dir)))
-                .collect(),
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").expect("a port on localhost");
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&requests);
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let (repos, log) = (Arc::clone(&repos), Arc::clone(&log));
-                std::thread::spawn(move || {
-                    let _ = answer(conn, &repos, &log);
-                });
-            }
-        });
-        Self { endpoint, requests }
+        let repos: BTreeMap<String, Files> = repos
+            .iter()
+            .map(|(id, dir)| (id.to_string(), read_tree(dir)))
+            .collect();
+        Self {
+            server: StandIn::start(move |seen| answer(&repos, seen)),
+        }
     }
 
+    /// Every request it answered, as `GET target [range]` (all are GETs).
     fn requests(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
+        self.server
+            .seen()
+            .into_iter()
+            .map(|seen| match seen.range {
+                Some(r) => format!("GET {} {r}", seen.path),
+                None => format!("GET {}", seen.path),
+            })
+            .collect()
     }
 
     fn options(&self, cache: &Path) -> HubOptions {
@@ -71,7 +70,7 @@ impl FakeHub {
             cache_dir: Some(cache.to_path_buf()),
             offline: false,
             allow_paths: false,
-            endpoint: Some(self.endpoint.clone()),
+            endpoint: Some(self.server.endpoint.clone()),
         }
     }
 }
@@ -126,68 +125,33 @@ fn sibling(name: &str, bytes: &[u8]) -> serde_json::Value {
     entry
 }
 
-/// Answers one request on `conn` and closes it.
-fn answer(
-    mut conn: TcpStream,
-    repos: &BTreeMap<String, Files>,
-    log: &Mutex<Vec<String>>,
-) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or("").to_string(),
-        parts.next().unwrap_or("").to_string(),
-    );
-    let mut range = None;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':')
-            && name.trim().eq_ignore_ascii_case("range")
-        {
-            range = Some(value.trim().to_string());
-        }
-    }
-    log.lock().unwrap().push(match &range {
-        Some(r) => format!("{method} {target} {r}"),
-        None => format!("{method} {target}"),
-    });
-    let path = target.split('?').next().unwrap_or("");
-    let respond = |conn: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]| {
-        let mut head = format!(
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-            body.len()
-        );
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str("\r\n");
-        conn.write_all(head.as_bytes())?;
-        conn.write_all(body)
+/// The answer to `seen`, as huggingface.co gives it for `repos`.
+fn answer(repos: &BTreeMap<String, Files>, seen: &Seen) -> Reply {
+    let status = |status, body: &[u8]| Reply {
+        status,
+        body: body.to_vec(),
+        ..Reply::default()
     };
+    let path = seen.path.split('?').next().unwrap_or("");
     for (id, files) in repos {
         if path == format!("/api/models/{id}/revision/main") {
             let listing = json!({
                 "sha": COMMIT,
                 "siblings": files.iter().map(|(f, b)| sibling(f, b)).collect::<Vec<_>>(),
             });
-            let body = listing.to_string();
-            let headers = [("Content-Type", "application/json".to_string())];
-            return respond(&mut conn, "200 OK", &headers, body.as_bytes());
+            let mut reply = Reply::ok(listing.to_string());
+            reply.headers = vec![("Content-Type".into(), "application/json".into())];
+            return reply;
         }
         let Some(name) = path.strip_prefix(&format!("/{id}/resolve/{COMMIT}/")) else {
             continue;
         };
         let Some(bytes) = files.get(name) else {
-            return respond(&mut conn, "404 Not Found", &[], b"no such file");
+            return status(404, b"no such file");
         };
         let size = bytes.len();
-        let Some(r) = range.as_deref().and_then(|r| r.strip_prefix("bytes=")) else {
-            return respond(&mut conn, "200 OK", &[], bytes);
+        let Some(r) = seen.range.as_deref().and_then(|r| r.strip_prefix("bytes=")) else {
+            return Reply::ok(bytes.clone());
         };
         let (a, b) = r.split_once('-').unwrap_or((r, ""));
         let start: usize = a.parse::<usize>().unwrap_or(0).min(size);
@@ -199,10 +163,14 @@ fn answer(
         } else {
             &bytes[start..=end]
         };
-        let headers = [("Content-Range", format!("bytes {start}-{end}/{size}"))];
-        return respond(&mut conn, "206 Partial Content", &headers, body);
+        let mut reply = status(206, body);
+        reply.headers = vec![(
+            "Content-Range".into(),
+            format!("bytes {start}-{end}/{size}"),
+        )];
+        return reply;
     }
-    respond(&mut conn, "404 Not Found", &[], b"no such repository")
+    status(404, b"no such repository")
 }
 
 /// The files of `requests` fetched whole (`GET …/resolve/{commit}/{file}`, no range).
