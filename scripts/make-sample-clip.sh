@@ -45,6 +45,13 @@ mkdir -p tests/fixtures/video
 encode -f lavfi -i "$(scene 96 64 24 1)" -f lavfi -i "$(tone 1)" \
   -map 0:v -map 1:a -c:v libx264 -pix_fmt yuv420p -g 8 -c:a aac -b:a 32k -t 0.6667 \
   -fflags +bitexact -flags:v +bitexact -flags:a +bitexact tests/fixtures/video/bframes.mp4
+# The same clip fragmented, as recorders and packagers write it (copied, not re-encoded): CMAF
+# style (an index without samples, every fragment's data offsets from its moof) and ffmpeg's
+# plain fragmenting (the first fragment's samples in the index, explicit base offsets).
+encode -i tests/fixtures/video/bframes.mp4 -c copy -fflags +bitexact \
+  -movflags frag_keyframe+empty_moov+default_base_moof tests/fixtures/video/frag-cmaf.mp4
+encode -i tests/fixtures/video/bframes.mp4 -c copy -fflags +bitexact -movflags frag_keyframe \
+  tests/fixtures/video/frag-moov.mp4
 # Refused inputs: no video; MPEG-4 Part 2 video; H.264 High 4:4:4 Predictive; H.264 High 10.
 encode -f lavfi -i "$(tone 0.2)" -c:a aac -b:a 32k -fflags +bitexact -flags:a +bitexact \
   tests/fixtures/video/audio-only.m4a

@@ -515,10 +515,352 @@ fn the_reader_names_what_is_wrong() {
         err.to_string().contains("past the end of the file"),
         "{err}"
     );
-    // A fragmented file (a moof box at the top level).
+    // An empty movie fragment after a plain file's media data adds nothing.
     let mut fragmented = clip.clone();
     fragmented.extend_from_slice(&[0, 0, 0, 8]);
     fragmented.extend_from_slice(b"moof");
-    let err = open(&write("fragmented.mp4", &fragmented)).expect_err("fragmented");
-    assert!(matches!(err, VideoFileError::Fragmented), "{err}");
+    let input = Mp4Input::open(&write("fragmented.mp4", &fragmented)).expect("empty fragment");
+    let plain = Mp4Input::open(&video("bframes.mp4")).expect("the clip");
+    assert_eq!(input.fragments, 1);
+    for (a, b) in input.tracks.iter().zip(&plain.tracks) {
+        assert_eq!(a.samples, b.samples);
+        assert_eq!(a.sample_tables, b.sample_tables);
+    }
+}
+
+/// (track, kind) pairs: the video and the audio track of a file, in that order.
+fn video_and_audio(input: &Mp4Input) -> [&sdstream_server::video_file::Track; 2] {
+    let audio = input
+        .tracks
+        .iter()
+        .find(|t| t.kind == TrackKind::Audio)
+        .expect("an audio track");
+    [video_track(input), audio]
+}
+
+/// Asserts that `fragmented` holds the plain file's samples: the same bytes, sync flags and
+/// sample descriptions, the same durations and the same presentation times relative to the
+/// first (in seconds: a packager may change the timescale), and that its durations describe
+/// them. Returns the fragments read.
+fn same_samples(fragmented: &Path, plain: &Path) -> usize {
+    let mut ours = Mp4Input::open(fragmented).expect("the fragmented file");
+    let mut theirs = Mp4Input::open(plain).expect("the plain file");
+    assert!(ours.notes.is_empty(), "{:?}", ours.notes);
+    let pairs: Vec<_> = video_and_audio(&ours)
+        .into_iter()
+        .cloned()
+        .zip(video_and_audio(&theirs).into_iter().cloned())
+        .collect();
+    for (a, b) in &pairs {
+        let what = format!("{} track {}", fragmented.display(), a.id);
+        // ffmpeg's fragmenting turns the audio's edit list (AAC's 1,024 priming samples) into
+        // a first packet of 4,000 units: the audio's times are checked against ffprobe's
+        // reading of each file instead.
+        let timed = a.kind == TrackKind::Video;
+        assert_eq!(a.samples.len(), b.samples.len(), "{what}");
+        let first = |t: &sdstream_server::video_file::Track| {
+            t.samples.iter().map(|s| s.cts()).min().unwrap_or(0)
+        };
+        let (fa, fb) = (first(a), first(b));
+        let tick = 1.0 / f64::from(a.timescale.min(b.timescale));
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for (k, (sa, sb)) in a.samples.iter().zip(&b.samples).enumerate() {
+            ours.read_sample(sa, &mut x).expect("sample");
+            theirs.read_sample(sb, &mut y).expect("sample");
+            assert_eq!(x, y, "{what}: sample {k}'s bytes");
+            assert_eq!(
+                (sa.sync, sa.entry),
+                (sb.sync, sb.entry),
+                "{what}: sample {k}"
+            );
+            let secs =
+                |v: i64, t: &sdstream_server::video_file::Track| v as f64 / f64::from(t.timescale);
+            if !timed {
+                continue;
+            }
+            let (pa, pb) = (secs(sa.cts() - fa, a), secs(sb.cts() - fb, b));
+            assert!(
+                (pa - pb).abs() <= tick,
+                "{what}: sample {k} at {pa} s, not {pb} s"
+            );
+            let (da, db) = (
+                secs(i64::from(sa.duration), a),
+                secs(i64::from(sb.duration), b),
+            );
+            assert!(
+                (da - db).abs() <= tick,
+                "{what}: sample {k} lasts {da} s, not {db} s"
+            );
+        }
+        assert_eq!(a.media_duration, a.samples_duration(), "{what}");
+        let seconds = a.header.duration as f64 / f64::from(ours.movie_timescale);
+        let samples = a.samples_duration() as f64 / f64::from(a.timescale);
+        assert!(
+            (seconds - samples).abs() <= 1e-3,
+            "{what}: {seconds} s, not {samples} s"
+        );
+    }
+    ours.fragments
+}
+
+#[test]
+fn fragmented_files_read_as_the_plain_file_they_were_made_from() {
+    let plain = video("bframes.mp4");
+    // ffmpeg fragmenting the clip CMAF-style (no samples in the index) and its own way (the
+    // first fragment's samples in the index): 2 fragments and 1.
+    assert_eq!(same_samples(&video("frag-cmaf.mp4"), &plain), 2);
+    assert_eq!(same_samples(&video("frag-moov.mp4"), &plain), 1);
+    let Some((ffmpeg, ffprobe)) = ffmpeg() else {
+        return;
+    };
+    // More of ffmpeg's ways, made here: a fragment a frame, one track a fragment, Smooth
+    // Streaming's (10 MHz timescale, signed composition offsets, no tfdt, all-ones durations).
+    let dir = scratch("fragmented");
+    for (name, flags) in [
+        (
+            "every.mp4",
+            vec!["-movflags", "frag_every_frame+empty_moov"],
+        ),
+        (
+            "separate.mp4",
+            vec!["-movflags", "frag_keyframe+empty_moov+separate_moof"],
+        ),
+        ("smooth.ismv", vec!["-f", "ismv"]),
+    ] {
+        let out = dir.join(name);
+        let mut args = vec![
+            "-v",
+            "error",
+            "-y",
+            "-i",
+            plain.to_str().expect("utf-8"),
+            "-c",
+            "copy",
+        ];
+        args.extend(flags);
+        args.push(out.to_str().expect("utf-8"));
+        output_of(&ffmpeg, &args);
+        let fragments = same_samples(&out, &plain);
+        eprintln!("{name}: {fragments} fragments");
+        assert!(fragments >= 2, "{name}: {fragments} fragments");
+    }
+    // FFmpeg's own reading of the fragmented files: every picture and audio packet at the time
+    // ours gives it. (Not the Smooth Streaming file: where composition offsets are negative,
+    // FFmpeg shifts its presentation times by the most negative one, 833,333 units there.)
+    for file in [
+        video("frag-cmaf.mp4"),
+        video("frag-moov.mp4"),
+        dir.join("every.mp4"),
+        dir.join("separate.mp4"),
+    ] {
+        let input = Mp4Input::open(&file).expect("open");
+        let [v, a] = video_and_audio(&input);
+        let (frames, _, _, pts) = probe(&ffprobe, &file, "v");
+        assert_eq!(frames, 16, "{}", file.display());
+        assert_eq!(pts, presentation_times(v), "{}", file.display());
+        // The audio by packet (the decoder drops packets of no duration from its frames).
+        let listed = output_of(
+            &ffprobe,
+            &[
+                "-v",
+                "error",
+                "-select_streams",
+                "a:0",
+                "-show_entries",
+                "packet=pts",
+                "-of",
+                "csv=p=0",
+                file.to_str().expect("utf-8"),
+            ],
+        );
+        let mut pts: Vec<i64> = String::from_utf8_lossy(&listed)
+            .lines()
+            .filter_map(|l| l.trim().trim_end_matches(',').parse().ok())
+            .collect();
+        pts.sort_unstable();
+        assert_eq!(pts.len(), 33, "{}", file.display());
+        assert_eq!(pts, presentation_times(a), "{}", file.display());
+    }
+}
+
+#[test]
+fn a_fragmented_file_runs_as_the_plain_file() {
+    // The same pictures in, so the same pictures out: the output's video samples are the plain
+    // clip's run's, byte for byte, at the fragmented file's times, with its audio packets.
+    let dir = scratch("run-fragmented");
+    let fragmented = video("frag-cmaf.mp4");
+    let (from_plain, from_fragments) = (dir.join("plain.mp4"), dir.join("fragmented.mp4"));
+    for (input, output) in [
+        (video("bframes.mp4"), &from_plain),
+        (fragmented.clone(), &from_fragments),
+    ] {
+        let (ok, code, stderr) = run(&input, output, &[]);
+        assert!(ok, "exit {code}:\n{stderr}");
+    }
+    let mut a = Mp4Input::open(&from_fragments).expect("output");
+    let mut b = Mp4Input::open(&from_plain).expect("output");
+    assert_eq!(a.fragments, 0, "the output is a plain MP4");
+    let (va, vb) = (video_track(&a).clone(), video_track(&b).clone());
+    assert_eq!(va.samples.len(), 16);
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for (sa, sb) in va.samples.iter().zip(&vb.samples) {
+        a.read_sample(sa, &mut x).expect("sample");
+        b.read_sample(sb, &mut y).expect("sample");
+        assert_eq!(x, y);
+    }
+    let input = Mp4Input::open(&fragmented).expect("input");
+    assert_eq!(
+        presentation_times(&va),
+        presentation_times(video_track(&input))
+    );
+    let (packets_in, _) = audio_packets(&fragmented);
+    let (packets_out, track_out) = audio_packets(&from_fragments);
+    assert_eq!(packets_in.len(), 33);
+    assert_eq!(packets_out, packets_in);
+    let audio_in = video_and_audio(&input)[1];
+    let times = |t: &sdstream_server::video_file::Track| -> Vec<(i64, u32)> {
+        t.samples.iter().map(|s| (s.cts(), s.duration)).collect()
+    };
+    assert_eq!(times(&track_out), times(audio_in));
+    if let Some((_, ffprobe)) = ffmpeg() {
+        let (frames, _, _, pts_out) = probe(&ffprobe, &from_fragments, "v");
+        let (_, _, _, pts_in) = probe(&ffprobe, &fragmented, "v");
+        assert_eq!(frames, 16);
+        assert_eq!(pts_out, pts_in);
+    }
+}
+
+#[test]
+fn a_fragmented_recording_cut_off_keeps_its_whole_fragments() {
+    let dir = scratch("cut-fragments");
+    let clip = std::fs::read(video("frag-cmaf.mp4")).expect("clip");
+    let moofs: Vec<usize> = clip
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| w == b"moof")
+        .map(|(i, _)| i - 4)
+        .collect();
+    let mdats: Vec<usize> = clip
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| w == b"mdat")
+        .map(|(i, _)| i - 4)
+        .collect();
+    assert_eq!((moofs.len(), mdats.len()), (2, 2));
+    // Cut in the second fragment's media data, and in its header: the first fragment's 8
+    // pictures and 13 audio packets are read, and a note says what was left out.
+    for (name, at) in [
+        ("in-media.mp4", mdats[1] + 600),
+        ("in-header.mp4", moofs[1] + 100),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, &clip[..at]).expect("write");
+        let input = Mp4Input::open(&path).expect("the whole fragments");
+        assert_eq!(input.fragments, 1, "{name}");
+        let [v, a] = video_and_audio(&input);
+        assert_eq!((v.samples.len(), a.samples.len()), (8, 13), "{name}");
+        assert!(
+            input
+                .notes
+                .iter()
+                .any(|n| n.contains("ends inside a movie fragment")),
+            "{name}: {:?}",
+            input.notes
+        );
+        let output = dir.join(format!("out-{name}"));
+        let (ok, code, stderr) = run(&path, &output, &[]);
+        assert!(ok, "{name}: exit {code}:\n{stderr}");
+        assert!(
+            stderr.contains("note: the file ends inside a movie fragment"),
+            "{stderr}"
+        );
+        assert_eq!(
+            video_track(&Mp4Input::open(&output).expect("output"))
+                .samples
+                .len(),
+            8
+        );
+    }
+    // Cut before any fragment is whole: no pictures, refused by name.
+    let path = dir.join("no-fragment.mp4");
+    std::fs::write(&path, &clip[..mdats[0] + 100]).expect("write");
+    refused(&path, &["the video track has no samples"]);
+}
+
+#[test]
+fn hostile_fragments_are_refused_by_name() {
+    let dir = scratch("hostile-fragments");
+    let clip = std::fs::read(video("frag-cmaf.mp4")).expect("clip");
+    let at = |kind: &[u8; 4], nth: usize| -> usize {
+        clip.windows(4)
+            .enumerate()
+            .filter(|(_, w)| w == kind)
+            .nth(nth)
+            .map(|(i, _)| i)
+            .expect("box")
+    };
+    let patched = |name: &str, offset: usize, bytes: &[u8]| -> String {
+        let mut data = clip.clone();
+        data[offset..offset + bytes.len()].copy_from_slice(bytes);
+        let path = dir.join(name);
+        std::fs::write(&path, &data).expect("write");
+        Mp4Input::open(&path).expect_err(name).to_string()
+    };
+    // The first video traf's tfhd names track 9; its trun claims 2^31 - 1 samples; its data
+    // offset reaches before the file; the index's defaults name sample description 5.
+    let tfhd = at(b"tfhd", 0);
+    let trun = at(b"trun", 0);
+    let trex = at(b"trex", 0);
+    let cases = [
+        (
+            "track.mp4",
+            tfhd + 8,
+            9u32.to_be_bytes(),
+            "names track 9, which the index",
+        ),
+        (
+            "count.mp4",
+            trun + 8,
+            0x7fff_ffffu32.to_be_bytes(),
+            "trun claims 2147483647 samples",
+        ),
+        (
+            "offset.mp4",
+            trun + 12,
+            0x8000_0000u32.to_be_bytes(),
+            "before the file",
+        ),
+        (
+            "description.mp4",
+            trex + 12,
+            5u32.to_be_bytes(),
+            "names sample description 5 of 1",
+        ),
+    ];
+    for (name, offset, bytes, expect) in cases {
+        let message = patched(name, offset, &bytes);
+        assert!(message.contains(expect), "{name}: {message}");
+    }
+    // The second video fragment's decode time (tfdt, version 1) set back to 0.
+    let tfdt = at(b"tfdt", 2);
+    let message = patched("back.mp4", tfdt + 8, &0u64.to_be_bytes());
+    assert!(
+        message.contains("is before the previous sample's"),
+        "{message}"
+    );
+    // ... and forward: a gap of one second lengthens the sample before it.
+    let mut data = clip.clone();
+    let time = u64::from_be_bytes(data[tfdt + 8..tfdt + 16].try_into().expect("8 bytes"));
+    data[tfdt + 8..tfdt + 16].copy_from_slice(&(time + 12_288).to_be_bytes());
+    let path = dir.join("gap.mp4");
+    std::fs::write(&path, &data).expect("write");
+    let gap = Mp4Input::open(&path).expect("a gap");
+    let plain = Mp4Input::open(&video("frag-cmaf.mp4")).expect("clip");
+    let (g, p) = (&video_track(&gap).samples, &video_track(&plain).samples);
+    assert_eq!(g[7].duration, p[7].duration + 12_288);
+    assert_eq!(g[8].dts, p[8].dts + 12_288);
+    assert_eq!(
+        video_track(&gap).samples_duration(),
+        video_track(&plain).samples_duration() + 12_288
+    );
 }

@@ -29,10 +29,12 @@ Runs every frame of a video through one StreamDiffusion stream and writes one ou
 input frame. Frames are centre-cropped to the stream's aspect ratio and resized to its width x
 height (from the params).
 
-  --input PATH            an MP4 (or QuickTime .mov) file with H.264 video (8-bit 4:2:0,
-                          progressive; Baseline, Main or High profile), or a folder of PNG/JPEG
-                          pictures taken in name order. Webcams are not read (yet): record a
-                          clip first (ffmpeg -f v4l2 -i /dev/video0 -t 5 clip.mp4)
+  --input PATH            an MP4 (or QuickTime .mov) file, plain or fragmented, with H.264
+                          video (8-bit 4:2:0, progressive; Baseline, Main or High profile); a
+                          fragmented recording cut off is read to its last whole fragment.
+                          Or a folder of PNG/JPEG pictures taken in name order. Webcams are
+                          not read (yet): record a clip first (ffmpeg -f v4l2 -i /dev/video0
+                          -t 5 clip.mp4)
   --output PATH           a .mp4 file: H.264 with the input's frame times and timescale (the
                           same frame count and duration), the input's audio tracks copied packet
                           for packet; or a folder (made if missing) of PNG frames. An existing
@@ -438,6 +440,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), String> {
     let mut notes = Vec::new();
     let (total, sink) = match &source {
         Source::Mp4 { path, input, video } => {
+            notes.extend(input.notes.iter().cloned());
             let total = video.presentation.len();
             let track = video.track(input);
             for (i, t) in input.tracks.iter().enumerate() {

@@ -2,18 +2,20 @@
 //! box by box without reading the media data, the index (`moov`, at most
 //! [`MAX_MOOV_BYTES`](super::limits::MAX_MOOV_BYTES)) is read into memory and each track's
 //! sample table expanded into one [`Sample`] per sample, every sample checked to lie inside the
-//! file. Samples are then read one at a time ([`Mp4Input::read_sample`]).
+//! file; a fragmented file's movie fragments add theirs ([`super::fragments`]). Samples are then
+//! read one at a time ([`Mp4Input::read_sample`]).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use super::bmff::{self, BoxRef, Fields, children, fourcc};
+use super::fragments::{self, FragmentBox, TrackDefaults};
 use super::limits::{
     MAX_MOOV_BYTES, MAX_SAMPLE_BYTES, MAX_SAMPLE_ENTRIES, MAX_SAMPLES, MAX_TOP_LEVEL_BOXES,
     MAX_TRACKS,
 };
-use super::{Result, VideoFileError};
+use super::{Result, VideoFileError, mux};
 
 /// One sample (an access unit of video, a packet of audio) of a track.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +148,12 @@ pub struct Mp4Input {
     pub movie_duration: u64,
     /// The tracks, in the file's order.
     pub tracks: Vec<Track>,
+    /// Movie fragments (`moof`) whose samples the tracks hold: 0 for a file that is not
+    /// fragmented.
+    pub fragments: usize,
+    /// What a user should know about how the file was read: fragments left out of a recording
+    /// that was cut off, a start time left out.
+    pub notes: Vec<String>,
 }
 
 /// Top-level box types an MP4 or QuickTime file starts with.
@@ -200,6 +208,7 @@ impl Mp4Input {
         let mut pos = 0u64;
         let mut ftyp = None;
         let mut moov: Option<Vec<u8>> = None;
+        let mut fragment_boxes = Vec::new();
         let mut boxes = 0usize;
         while pos < file_len {
             boxes += 1;
@@ -244,7 +253,11 @@ impl Mp4Input {
                 ))
             })?;
             match &kind {
-                b"moof" | b"mfra" => return Err(VideoFileError::Fragmented),
+                b"moof" => fragment_boxes.push(FragmentBox {
+                    pos,
+                    size,
+                    header_len: header_len as u64,
+                }),
                 b"moov" => {
                     if moov.is_some() {
                         return Err(VideoFileError::Malformed("two moov boxes".into()));
@@ -297,16 +310,75 @@ impl Mp4Input {
                 "no index (moov box): the file may be cut off or still being written".into(),
             )
         })?;
-        let mut input = Self::from_moov(file, file_len, &moov)?;
+        let (mut input, defaults) = Self::from_moov(file, file_len, &moov)?;
         input.ftyp = ftyp;
+        if defaults.is_some() || !fragment_boxes.is_empty() {
+            input.add_fragments(&fragment_boxes, &defaults.unwrap_or_default())?;
+        }
         Ok(input)
     }
 
-    fn from_moov(file: File, file_len: u64, moov: &[u8]) -> Result<Self> {
+    /// Adds the samples of the movie fragments, and describes each track that got some as one
+    /// plain track would be: its timing tables made from its samples, its durations from them.
+    fn add_fragments(&mut self, boxes: &[FragmentBox], defaults: &[TrackDefaults]) -> Result<()> {
+        let before: Vec<usize> = self.tracks.iter().map(|t| t.samples.len()).collect();
+        let total = before.iter().map(|&n| n as u64).sum();
+        let read = fragments::read(
+            &mut self.file,
+            self.file_len,
+            boxes,
+            defaults,
+            &mut self.tracks,
+            total,
+        )?;
+        self.fragments = read.read;
+        if let Some(cut) = read.cut {
+            self.notes.push(format!(
+                "the file ends inside a movie fragment; the {} whole fragments before it are read \
+                 ({cut})",
+                read.read
+            ));
+        }
+        self.notes.extend(read.notes);
+        for (track, &n) in self.tracks.iter_mut().zip(&before) {
+            if track.samples.len() == n {
+                continue;
+            }
+            // The index's sample-numbered tables described its own samples only. Sample groups
+            // (an AAC track's pre-roll) stay: samples past a group table's end belong to none.
+            track
+                .sample_tables
+                .retain(|b| matches!(b.get(4..8), Some(b"sgpd" | b"sbgp")));
+            track.sample_tables.extend(timing_tables(&track.samples)?);
+            track.media_duration = track.samples_duration();
+            let duration =
+                mux::rescale(track.media_duration, track.timescale, self.movie_timescale);
+            // A fragmented file's index has 0 (or all ones) where the durations will be.
+            if track.edit_list.is_none() || matches!(track.header.duration, 0 | u64::MAX) {
+                track.header.duration = duration;
+            }
+        }
+        if matches!(self.movie_duration, 0 | u64::MAX) || self.fragments > 0 {
+            self.movie_duration = self
+                .tracks
+                .iter()
+                .map(|t| t.header.duration)
+                .max()
+                .unwrap_or(0);
+        }
+        Ok(())
+    }
+
+    fn from_moov(
+        file: File,
+        file_len: u64,
+        moov: &[u8],
+    ) -> Result<(Self, Option<Vec<TrackDefaults>>)> {
         let mut movie_timescale = 0;
         let mut movie_duration = 0;
         let mut tracks = Vec::new();
         let mut total_samples = 0u64;
+        let mut defaults = None;
         for child in children(moov, "moov") {
             let child = child?;
             match &child.kind {
@@ -323,7 +395,7 @@ impl Mp4Input {
                         movie_duration = u64::from(f.u32()?);
                     }
                 }
-                b"mvex" => return Err(VideoFileError::Fragmented),
+                b"mvex" => defaults = Some(fragments::parse_mvex(child.body)?),
                 b"trak" => {
                     if tracks.len() == MAX_TRACKS {
                         return Err(VideoFileError::TooLarge(format!(
@@ -342,14 +414,19 @@ impl Mp4Input {
                 "the movie header (mvhd) is missing or has timescale 0".into(),
             ));
         }
-        Ok(Self {
-            file,
-            file_len,
-            ftyp: None,
-            movie_timescale,
-            movie_duration,
-            tracks,
-        })
+        Ok((
+            Self {
+                file,
+                file_len,
+                ftyp: None,
+                movie_timescale,
+                movie_duration,
+                tracks,
+                fragments: 0,
+                notes: Vec::new(),
+            },
+            defaults,
+        ))
     }
 
     /// What the file holds, for messages: "video (avc1), audio (mp4a)".
@@ -804,6 +881,17 @@ fn parse_stbl(stbl: &[u8], path: &str, file_len: u64, samples_left: u64) -> Resu
         samples,
         kept,
     })
+}
+
+/// A track's timing tables (`stts`, and `ctts` and `stss` where they say something), made
+/// from its samples.
+fn timing_tables(samples: &[Sample]) -> Result<Vec<Vec<u8>>> {
+    let mut tables = vec![mux::stts(samples.iter().map(|s| s.duration))];
+    if samples.iter().any(|s| s.cts_offset != 0) {
+        tables.push(mux::ctts(samples.iter().map(|s| i64::from(s.cts_offset)))?);
+    }
+    tables.extend(mux::stss(samples.iter().map(|s| s.sync)));
+    Ok(tables)
 }
 
 fn blank(size: u32) -> Sample {

@@ -15,8 +15,10 @@ pub const MAX_SAMPLE_BYTES: u32 = 64 << 20;
 /// Tracks in a file.
 pub const MAX_TRACKS: usize = 64;
 
-/// Boxes at the top level of the file (a plain MP4 has four or five).
-pub const MAX_TOP_LEVEL_BOXES: usize = 10_000;
+/// Boxes at the top level of the file: a plain MP4 has four or five, a fragmented one two a
+/// fragment (an hour of 30 fps video fragmented frame by frame has about 216,000). Each costs
+/// one 16-byte read.
+pub const MAX_TOP_LEVEL_BOXES: usize = 1 << 20;
 
 /// Sample descriptions in one track.
 pub const MAX_SAMPLE_ENTRIES: u32 = 16;

@@ -8,6 +8,8 @@
 //!   (no recursion into unknown boxes). A file that breaks a rule is refused with a
 //!   [`VideoFileError`] naming it; no input panics (`server/tests/video_file.rs` mutates files by
 //!   the thousand).
+//! * `fragments`: the samples a fragmented MP4's movie fragments (`moof`) add to its tracks,
+//!   under the same bounds; a recording cut off keeps its whole fragments.
 //! * [`avc`]: the H.264 side of the container (the `avcC` record, sequence parameter sets,
 //!   length-prefixed NAL units ↔ Annex-B) and which profiles OpenH264 decodes.
 //! * [`decode`]: a video track's samples, decoded by OpenH264 and put in presentation order by
@@ -24,6 +26,7 @@ pub mod avc;
 mod bmff;
 pub mod decode;
 pub mod demux;
+mod fragments;
 pub mod limits;
 pub mod mux;
 pub mod yuv;
@@ -51,12 +54,6 @@ pub enum VideoFileError {
     /// A size or count beyond what this reader takes ([`limits`]).
     #[error("too large: {0}")]
     TooLarge(String),
-    /// Fragmented MP4 (`moof` boxes), which `sdstream run` does not read.
-    #[error(
-        "fragmented MP4 (moof boxes) is not supported; remux it first: \
-         ffmpeg -i IN.mp4 -c copy -movflags +faststart OUT.mp4"
-    )]
-    Fragmented,
     /// No video track.
     #[error("no video track (the file holds {0})")]
     NoVideoTrack(String),

@@ -384,17 +384,7 @@ impl Mp4Output {
             if self.video.iter().any(|s| s.cts_offset != 0) {
                 stbl.extend(ctts(self.video.iter().map(|s| s.cts_offset))?);
             }
-            if !self.video.iter().all(|s| s.sync) {
-                let mut stss = full(0, 0);
-                let numbers: Vec<u32> = (1..=self.video.len() as u32)
-                    .filter(|&n| self.video[n as usize - 1].sync)
-                    .collect();
-                stss.extend_from_slice(&(numbers.len() as u32).to_be_bytes());
-                for n in numbers {
-                    stss.extend_from_slice(&n.to_be_bytes());
-                }
-                stbl.extend(boxed(b"stss", &stss));
-            }
+            stbl.extend(stss(self.video.iter().map(|s| s.sync)).unwrap_or_default());
             stbl.extend(stsz(self.video.iter().map(|s| s.size)));
             stbl.extend(layout(&self.video_chunks, base, wide));
             stbl
@@ -636,7 +626,8 @@ fn runs<T: PartialEq + Copy>(values: impl Iterator<Item = T>) -> Vec<(u32, T)> {
     out
 }
 
-fn stts(durations: impl Iterator<Item = u32>) -> Vec<u8> {
+/// `stts` for samples of these durations.
+pub(super) fn stts(durations: impl Iterator<Item = u32>) -> Vec<u8> {
     let runs = runs(durations);
     let mut b = full(0, 0);
     b.extend_from_slice(&(runs.len() as u32).to_be_bytes());
@@ -647,7 +638,8 @@ fn stts(durations: impl Iterator<Item = u32>) -> Vec<u8> {
     boxed(b"stts", &b)
 }
 
-fn ctts(offsets: impl Iterator<Item = i64>) -> Result<Vec<u8>> {
+/// `ctts` for samples of these composition offsets (version 1 where one is negative).
+pub(super) fn ctts(offsets: impl Iterator<Item = i64>) -> Result<Vec<u8>> {
     let runs = runs(offsets);
     let negative = runs.iter().any(|(_, o)| *o < 0);
     let mut b = full(u8::from(negative), 0);
@@ -660,6 +652,24 @@ fn ctts(offsets: impl Iterator<Item = i64>) -> Result<Vec<u8>> {
         b.extend_from_slice(&o.to_be_bytes());
     }
     Ok(boxed(b"ctts", &b))
+}
+
+/// `stss` naming the sync samples; `None` when every sample is one (no `stss` says that).
+pub(super) fn stss(sync: impl Iterator<Item = bool>) -> Option<Vec<u8>> {
+    let sync: Vec<bool> = sync.collect();
+    if sync.iter().all(|&s| s) {
+        return None;
+    }
+    let numbers: Vec<u32> = (1u32..)
+        .zip(&sync)
+        .filter_map(|(n, &s)| s.then_some(n))
+        .collect();
+    let mut b = full(0, 0);
+    b.extend_from_slice(&(numbers.len() as u32).to_be_bytes());
+    for n in numbers {
+        b.extend_from_slice(&n.to_be_bytes());
+    }
+    Some(boxed(b"stss", &b))
 }
 
 fn stsz(sizes: impl Iterator<Item = u32>) -> Vec<u8> {

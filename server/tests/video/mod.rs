@@ -131,10 +131,10 @@ pub use rng::Rng;
 /// Offsets of the size fields of the boxes in `data` whose types are the ones the reader
 /// parses (the places where a changed number matters most).
 pub fn box_offsets(data: &[u8]) -> Vec<usize> {
-    const KINDS: [&[u8; 4]; 22] = [
+    const KINDS: [&[u8; 4]; 30] = [
         b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd", b"stts", b"ctts", b"stsc", b"stsz",
         b"stco", b"stss", b"elst", b"edts", b"mdhd", b"tkhd", b"hdlr", b"mvhd", b"avcC", b"avc1",
-        b"mp4a", b"mdat",
+        b"mp4a", b"mdat", b"mvex", b"trex", b"moof", b"mfhd", b"traf", b"tfhd", b"tfdt", b"trun",
     ];
     (4..data.len().saturating_sub(4))
         .filter(|&i| KINDS.iter().any(|k| &data[i..i + 4] == *k))
