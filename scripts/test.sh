@@ -13,7 +13,9 @@
 #      end-to-end tests (WHIP/WHEP, the Scope-style session), the HTTP fuzz run, RTMP and HLS
 #      with ffmpeg (tests/webrtc/), Daydream's Python SDK against the server (tests/server/);
 #   4. the control page at `/` in a real browser (tests/browser/): the system's Chromium
-#      ($CHROMIUM, default /usr/bin/chromium; .ci/run installs Debian's) driven by Playwright.
+#      ($CHROMIUM, default /usr/bin/chromium; .ci/run installs Debian's) driven by Playwright;
+#      then Chromium's MediaRecorder recording of its fake camera (a fragmented MP4) through
+#      `sdstream run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -148,6 +150,13 @@ if [[ -x "$chromium" ]]; then
   "$browser_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/browser/requirements.txt
   "$browser_venv/bin/python" tests/browser/page_e2e.py --server "$server_bin" \
     --fixtures tests/fixtures --work "$target_dir/browser-e2e" --chromium "$chromium"
+  # Chromium's MediaRecorder recording (a fragmented MP4) through `sdstream run`, checked with
+  # ffprobe (step 3 required it, unless SDSTREAM_SKIP_FFMPEG=1).
+  if [[ "${SDSTREAM_SKIP_FFMPEG:-0}" != 1 ]]; then
+    "$browser_venv/bin/python" tests/browser/media_recorder.py --server "$server_bin" \
+      --fixtures tests/fixtures --work "$target_dir/media-recorder" --chromium "$chromium" \
+      --ffprobe "${FFPROBE:-ffprobe}"
+  fi
 elif [[ "${SDSTREAM_SKIP_BROWSER:-0}" == 1 ]]; then
   echo "SDSTREAM_SKIP_BROWSER=1: the browser test of the control page is skipped" >&2
 else
