@@ -807,7 +807,8 @@ fn hostile_fragments_are_refused_by_name() {
         Mp4Input::open(&path).expect_err(name).to_string()
     };
     // The first video traf's tfhd names track 9; its trun claims 2^31 - 1 samples; its data
-    // offset reaches before the file; the index's defaults name sample description 5.
+    // offset reaches before the file, or past its end; the index's defaults name sample
+    // description 5.
     let tfhd = at(b"tfhd", 0);
     let trun = at(b"trun", 0);
     let trex = at(b"trex", 0);
@@ -829,6 +830,13 @@ fn hostile_fragments_are_refused_by_name() {
             trun + 12,
             0x8000_0000u32.to_be_bytes(),
             "before the file",
+        ),
+        // Past the end, in the first of two fragments: not a recording cut off.
+        (
+            "outside.mp4",
+            trun + 12,
+            0x7000_0000u32.to_be_bytes(),
+            "lies past the end of the file",
         ),
         (
             "description.mp4",

@@ -32,9 +32,9 @@ height (from the params).
   --input PATH            an MP4 (or QuickTime .mov) file, plain or fragmented, with H.264
                           video (8-bit 4:2:0, progressive; Baseline, Main or High profile); a
                           fragmented recording cut off is read to its last whole fragment.
-                          Or a folder of PNG/JPEG pictures taken in name order. Webcams are
-                          not read (yet): record a clip first (ffmpeg -f v4l2 -i /dev/video0
-                          -t 5 clip.mp4)
+                          Or a folder of PNG/JPEG pictures taken in name order.
+                          Webcams are not read (yet): record a clip first
+                          (ffmpeg -f v4l2 -i /dev/video0 -t 5 clip.mp4)
   --output PATH           a .mp4 file: H.264 with the input's frame times and timescale (the
                           same frame count and duration), the input's audio tracks copied packet
                           for packet; or a folder (made if missing) of PNG frames. An existing

@@ -178,7 +178,7 @@ pub(crate) fn read(
         });
         if let Some((p, k)) = outside {
             let s = p.samples[k];
-            out.cut = Some(format!(
+            let place = format!(
                 "fragment {} of {} (moof at byte {at}): track {}'s sample {} (bytes {} to {}) lies \
                  past the end of the file ({file_len} bytes)",
                 number + 1,
@@ -187,7 +187,12 @@ pub(crate) fn read(
                 k + 1,
                 s.offset,
                 s.offset.saturating_add(u64::from(s.size))
-            ));
+            );
+            // Only the last fragment can have been cut off; one before it is malformed.
+            if number + 1 < fragments.len() {
+                return Err(VideoFileError::Malformed(place));
+            }
+            out.cut = Some(place);
             break;
         }
         for p in pending {
