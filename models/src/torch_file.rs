@@ -159,6 +159,9 @@ pub trait Storages {
     fn locate(&mut self, key: &str) -> Result<(u64, u64), String>;
     /// Reads storage `key`, whose length [`locate`](Self::locate) gave, into `out`.
     fn read(&mut self, key: &str, out: &mut [u8]) -> Result<(), String>;
+    /// Where storage `key`'s bytes start in the file, and the CRC-32 they must have, if the
+    /// format records one (for [`map_checkpoint`], which reads them where they lie).
+    fn data_start(&mut self, key: &str) -> Result<(u64, Option<u32>), String>;
 }
 
 /// Reads the PyTorch checkpoint `path` (either format) and rewrites its state dict as
@@ -198,6 +201,15 @@ const LEGACY_PREAMBLE_BYTES: u64 = 4096;
 
 /// [`read_as_safetensors`] over any reader of a `file_len`-byte archive.
 pub fn read_archive<R: Read + Seek>(reader: R, file_len: u64) -> Result<Vec<u8>, ReadError> {
+    let (plan, mut archive) = archive_plan(reader, file_len)?;
+    Ok(fill(&plan, &mut archive)?)
+}
+
+/// A zip checkpoint's tensors, checked against its storages.
+fn archive_plan<R: Read + Seek>(
+    reader: R,
+    file_len: u64,
+) -> Result<(Plan, ZipStorages<R>), ReadError> {
     let mut archive = ZipStorages::open(reader, file_len)?;
     let pickle_bytes = archive.read_pickle()?;
     let pickle = pickle::parse(&pickle_bytes)
@@ -206,7 +218,181 @@ pub fn read_archive<R: Read + Seek>(reader: R, file_len: u64) -> Result<Vec<u8>,
     drop(pickle);
     drop(pickle_bytes);
     let plan = plan(tensors, &mut archive, file_len)?;
-    Ok(fill(&plan, &mut archive)?)
+    Ok((plan, archive))
+}
+
+/// One tensor of a [`MappedCheckpoint`].
+#[derive(Debug)]
+pub struct MappedTensor {
+    /// Its name in the state dict.
+    pub name: String,
+    /// safetensors' name of its element type (`F32`, `F16`, …).
+    pub dtype: &'static str,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Where its bytes are: a range of the file, or of the copies of views that are not.
+    place: Place,
+}
+
+#[derive(Debug, Clone)]
+enum Place {
+    /// Bytes `range` of the file, in row-major order as the tensor is.
+    File(std::ops::Range<usize>),
+    /// A view whose elements are not one run of the file (a transposed or strided view),
+    /// copied into [`MappedCheckpoint::copies`]: that copy's index.
+    Copy(usize),
+}
+
+/// A PyTorch checkpoint (either format) checked as [`read_as_safetensors`] checks it, whose
+/// tensors are then read where they lie in the file, memory-mapped: opening it allocates
+/// nothing the tensors' size (but the copies of views that are not one run of the file), and
+/// a tensor no one asks for is never read. A loader that reads every tensor once into its own
+/// copies peaks at those copies, where one that rewrote the file in memory first peaked at
+/// the copies plus the file (a `.ckpt` holding a whole pipeline, of which a ControlNet
+/// conversion reads one part, takes only that part's pages).
+pub struct MappedCheckpoint {
+    map: memmap2::Mmap,
+    copies: Vec<Vec<u8>>,
+    /// The state dict's tensors, in the order of their bytes in the file.
+    pub tensors: Vec<MappedTensor>,
+}
+
+impl std::fmt::Debug for MappedCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedCheckpoint")
+            .field("bytes", &self.map.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl MappedCheckpoint {
+    /// The tensor's bytes (little-endian, row-major).
+    pub fn bytes(&self, tensor: &MappedTensor) -> &[u8] {
+        match &tensor.place {
+            Place::File(range) => &self.map[range.clone()],
+            Place::Copy(i) => &self.copies[*i],
+        }
+    }
+
+    /// Where the tensor's bytes start in the file (`None` for a copied view).
+    pub fn file_offset(&self, tensor: &MappedTensor) -> Option<u64> {
+        match &tensor.place {
+            Place::File(range) => Some(range.start as u64),
+            Place::Copy(_) => None,
+        }
+    }
+}
+
+/// Opens the PyTorch checkpoint `path` (either format) as a [`MappedCheckpoint`]: the pickle
+/// read and every tensor checked against its storage as [`read_as_safetensors`] does, each
+/// storage's place checked against the file and, in a zip archive, its CRC-32 (read from the
+/// map, through the page cache: no copy is held).
+pub fn map_checkpoint(path: &Path) -> Result<MappedCheckpoint, ReadError> {
+    let file = File::open(path).map_err(ReadError::Io)?;
+    let file_len = file.metadata().map_err(ReadError::Io)?.len();
+    // SAFETY: the map is read-only and lives as long as the checkpoint; as with the mapped
+    // safetensors files, the file must not be truncated while the process reads it (which
+    // the hub cache and a model folder are not).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(ReadError::Io)?;
+    let mut reader = BufReader::new(file);
+    let mut head = [0u8; 3];
+    let legacy = reader.read_exact(&mut head).is_ok() && head == LEGACY_START;
+    reader.seek(SeekFrom::Start(0)).map_err(ReadError::Io)?;
+    if legacy {
+        let (plan, mut storages) = legacy_plan(reader, file_len)?;
+        Ok(mapped(plan, &mut storages, map)?)
+    } else {
+        let (plan, mut storages) = archive_plan(reader, file_len)?;
+        Ok(mapped(plan, &mut storages, map)?)
+    }
+}
+
+/// The checked plan's tensors placed in the mapped file.
+fn mapped(
+    plan: Plan,
+    storages: &mut impl Storages,
+    map: memmap2::Mmap,
+) -> Result<MappedCheckpoint, String> {
+    let mut places: Vec<Option<(usize, Place)>> = vec![None; plan.tensors.len()];
+    let mut copies = Vec::new();
+    for (key, len, users) in &plan.storages {
+        let (start, crc) = storages
+            .data_start(key)
+            .map_err(|e| format!("storage `{key}`: {e}"))?;
+        let end = start.checked_add(*len).filter(|&e| e <= map.len() as u64);
+        let Some(end) = end else {
+            return Err(format!(
+                "storage `{key}` ({len} bytes at byte {start}) runs past the end of the {}-byte \
+                 file",
+                map.len()
+            ));
+        };
+        let (start, end) = (start as usize, end as usize);
+        let data = &map[start..end];
+        if let Some(expected) = crc {
+            let found = crc32fast::hash(data);
+            if found != expected {
+                return Err(format!(
+                    "storage `{key}`: its bytes' CRC-32 is {found:08x}, the archive records \
+                     {expected:08x}: the file is corrupt"
+                ));
+            }
+        }
+        for &user in users {
+            let (tensor, range) = &plan.tensors[user];
+            let size = tensor.storage.element.size as usize;
+            let bytes = range.len();
+            let place = if is_contiguous(&tensor.shape, &tensor.stride) {
+                // Inside the storage: check_view bounded the view by its elements.
+                let first = start + tensor.offset as usize * size;
+                Place::File(first..first + bytes)
+            } else {
+                let mut copy = Vec::new();
+                copy.try_reserve_exact(bytes).map_err(|e| {
+                    format!(
+                        "cannot allocate tensor `{}` ({bytes} bytes): {e}",
+                        tensor.name
+                    )
+                })?;
+                copy.resize(bytes, 0);
+                gather(data, tensor, &mut copy);
+                copies.push(copy);
+                Place::Copy(copies.len() - 1)
+            };
+            places[user] = Some((start, place));
+        }
+    }
+    let mut tensors = Vec::with_capacity(plan.tensors.len());
+    for ((tensor, _), place) in plan.tensors.into_iter().zip(places) {
+        let (at, place) =
+            place.ok_or_else(|| format!("tensor `{}` has no storage", tensor.name))?;
+        let shape = tensor
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| format!("tensor `{}`: shape {:?}", tensor.name, tensor.shape))?;
+        tensors.push((
+            at,
+            MappedTensor {
+                name: tensor.name,
+                dtype: tensor.storage.element.dtype,
+                shape,
+                place,
+            },
+        ));
+    }
+    // In file order, so that reading every tensor walks the file once.
+    tensors.sort_by_key(|(at, t)| match &t.place {
+        Place::File(range) => (range.start, t.name.clone()),
+        Place::Copy(_) => (*at, t.name.clone()),
+    });
+    Ok(MappedCheckpoint {
+        map,
+        copies,
+        tensors: tensors.into_iter().map(|(_, t)| t).collect(),
+    })
 }
 
 /// The tensors of the checkpoint's state dict: the top-level dictionary's, or else those of
@@ -754,7 +940,16 @@ fn gather(storage: &[u8], tensor: &TensorRef, out: &mut [u8]) {
 /// count and its raw bytes. The object's pickle is bounded like a zip archive's `data.pkl`;
 /// every storage's place is found by walking the counts, each checked against the file's end,
 /// before any tensor byte is read.
-pub fn read_legacy<R: Read + Seek>(mut reader: R, file_len: u64) -> Result<Vec<u8>, ReadError> {
+pub fn read_legacy<R: Read + Seek>(reader: R, file_len: u64) -> Result<Vec<u8>, ReadError> {
+    let (plan, mut storages) = legacy_plan(reader, file_len)?;
+    Ok(fill(&plan, &mut storages)?)
+}
+
+/// A legacy checkpoint's tensors, checked against its storages.
+fn legacy_plan<R: Read + Seek>(
+    mut reader: R,
+    file_len: u64,
+) -> Result<(Plan, LegacyStorages<R>), ReadError> {
     let head_len = file_len.min(MAX_PICKLE_BYTES + LEGACY_PREAMBLE_BYTES);
     let capped = head_len < file_len;
     let mut head = Vec::new();
@@ -875,7 +1070,7 @@ pub fn read_legacy<R: Read + Seek>(mut reader: R, file_len: u64) -> Result<Vec<u
     drop((object, list, head));
     let mut storages = LegacyStorages { reader, located };
     let plan = plan(tensors, &mut storages, file_len)?;
-    Ok(fill(&plan, &mut storages)?)
+    Ok((plan, storages))
 }
 
 /// The next of a legacy checkpoint's pickles, from `head[*at..]`; `capped` when `head` is not
@@ -919,6 +1114,11 @@ impl<R: Read + Seek> Storages for LegacyStorages<R> {
             .seek(SeekFrom::Start(position))
             .and_then(|_| self.reader.read_exact(out))
             .map_err(|e| e.to_string())
+    }
+
+    fn data_start(&mut self, key: &str) -> Result<(u64, Option<u32>), String> {
+        // The legacy format records no checksum.
+        Ok((self.locate(key)?.0, None))
     }
 }
 
@@ -1073,6 +1273,16 @@ impl<R: Read + Seek> Storages for ZipStorages<R> {
         }
         Ok(())
     }
+
+    fn data_start(&mut self, key: &str) -> Result<(u64, Option<u32>), String> {
+        let index = self.storage_index(key).ok_or("no longer in the archive")?;
+        let file = self.zip.by_index(index).map_err(|e| e.to_string())?;
+        stored_len(&file, self.file_len)?;
+        let start = file
+            .data_start()
+            .ok_or("the archive does not say where the entry's data starts")?;
+        Ok((start, Some(file.crc32())))
+    }
 }
 
 #[cfg(test)]
@@ -1190,8 +1400,49 @@ mod tests {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
 
+    /// The archive's reading in memory, checked against its mapped reading ([`agree`]).
     fn read(file: &[u8]) -> Result<Vec<u8>, ReadError> {
-        read_archive(Cursor::new(file), file.len() as u64)
+        let result = read_archive(Cursor::new(file), file.len() as u64);
+        agree(file, &result);
+        result
+    }
+
+    /// `file`'s mapped reading ([`map_checkpoint`], from a temporary file), as [`Tensors`];
+    /// also how many bytes it copied.
+    fn mapped(file: &[u8]) -> Result<(Tensors, usize), ReadError> {
+        static FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "sdstream-torch-file-{}-{n}.bin",
+            std::process::id()
+        ));
+        std::fs::write(&path, file).unwrap();
+        let result = map_checkpoint(&path).map(|c| {
+            let tensors = c
+                .tensors
+                .iter()
+                .map(|t| {
+                    let bytes = c.bytes(t).to_vec();
+                    (
+                        t.name.clone(),
+                        (t.dtype.to_string(), t.shape.clone(), bytes),
+                    )
+                })
+                .collect();
+            (tensors, c.copies.iter().map(Vec::len).sum())
+        });
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
+    /// Both readings of `file` agree: the same tensors, or both refuse it.
+    fn agree(file: &[u8], read: &Result<Vec<u8>, ReadError>) {
+        match (read, mapped(file)) {
+            (Ok(bytes), Ok((got, _))) => assert_eq!(got, tensors(bytes)),
+            (Err(_), Err(_)) => {}
+            (Ok(_), Err(e)) => panic!("the mapped reading refused what was read: {e:?}"),
+            (Err(e), Ok(_)) => panic!("the mapped reading read what was refused ({e:?})"),
+        }
     }
 
     /// Name → (dtype, shape, bytes) of safetensors bytes.
@@ -1280,6 +1531,78 @@ mod tests {
                 "{fixture}: {} tensors, {bytes} bytes, as candle's",
                 ours.len()
             );
+        }
+    }
+
+    /// Every PyTorch checkpoint under tests/fixtures (both formats, the published layouts'
+    /// `.bin`/`.pth`/`.ckpt` files, the single files, the shards).
+    fn fixture_checkpoints() -> Vec<std::path::PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let is_dir = std::fs::metadata(&path).is_ok_and(|m| m.is_dir());
+                let name = path.to_string_lossy().into_owned();
+                if is_dir && !name.ends_with("/frame") {
+                    walk(&path, out);
+                } else if [".bin", ".pth", ".ckpt", ".pt"]
+                    .iter()
+                    .any(|e| name.ends_with(e))
+                {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(Path::new(FIXTURES), &mut out);
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn mapped_checkpoints_read_what_the_rewriting_reads_without_copying() {
+        let files = fixture_checkpoints();
+        assert!(files.len() >= 20, "{} checkpoints", files.len());
+        let (mut total, mut copied_views) = (0usize, 0usize);
+        for path in &files {
+            let shown = path.strip_prefix(FIXTURES).unwrap_or(path).display();
+            let rewritten = tensors(&read_as_safetensors(path).expect("reads"));
+            let bytes = std::fs::read(path).unwrap();
+            let (mapped, copied) = mapped(&bytes).expect("maps");
+            assert_eq!(mapped, rewritten, "{shown}");
+            // Only views that are not one run of the file are copied: the legacy fixture's
+            // transposed tensor (5×6 f32); every other tensor is read where it lies.
+            let expected = if shown.to_string().ends_with("torch-legacy/mixed.pth") {
+                copied_views += 1;
+                5 * 6 * 4
+            } else {
+                0
+            };
+            assert_eq!(copied, expected, "{shown}");
+            total += mapped.len();
+        }
+        println!(
+            "{} checkpoints, {total} tensors: the same as rewritten, {copied_views} view copied",
+            files.len()
+        );
+        assert_eq!(copied_views, 1);
+    }
+
+    #[test]
+    fn a_mapped_storage_whose_crc_differs_is_refused() {
+        let two = f32s(&[1.0, 2.0]);
+        let pickle = state_dict(|p| p.str("w").tensor("FloatStorage", "0", 2, 0, &[2], &[1]));
+        let mut file = archive(&pickle, &[("0", &two)]);
+        assert_eq!(mapped(&file).expect("maps").0.len(), 1);
+        let at = file.windows(8).position(|b| b == &two[..]).unwrap();
+        file[at] ^= 1;
+        match mapped(&file) {
+            Err(ReadError::Invalid(e)) => {
+                assert!(e.contains("CRC-32") && e.contains("storage `0`"), "{e}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 
@@ -1763,7 +2086,12 @@ mod tests {
     }
 
     fn legacy(file: &[u8]) -> Result<Vec<u8>, ReadError> {
-        read_legacy(Cursor::new(file), file.len() as u64)
+        let result = read_legacy(Cursor::new(file), file.len() as u64);
+        // What starts like a legacy file is read as one by both (map_checkpoint sniffs).
+        if file.starts_with(&LEGACY_START) {
+            agree(file, &result);
+        }
+        result
     }
 
     fn legacy_refused(file: &[u8]) -> String {

@@ -15,11 +15,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::{BufferedSafetensors, MmapedSafetensors};
+use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::torch_file::ReadError;
+use crate::torch_file::{MappedCheckpoint, ReadError};
 use crate::{Error, Result};
 
 /// safetensors' own bound on the JSON header.
@@ -90,6 +90,24 @@ fn element_size(dtype: &str) -> Option<usize> {
         "I16" | "U16" | "F16" | "BF16" => 2,
         "I32" | "U32" | "F32" => 4,
         "I64" | "U64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+/// safetensors' element type of the name [`torch_file`](super::torch_file) gives.
+fn safetensors_dtype(name: &str) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype;
+    Some(match name {
+        "F32" => Dtype::F32,
+        "F16" => Dtype::F16,
+        "BF16" => Dtype::BF16,
+        "F64" => Dtype::F64,
+        "U8" => Dtype::U8,
+        "I8" => Dtype::I8,
+        "I16" => Dtype::I16,
+        "I32" => Dtype::I32,
+        "I64" => Dtype::I64,
+        "BOOL" => Dtype::BOOL,
         _ => return None,
     })
 }
@@ -189,8 +207,8 @@ impl Entry {
 enum Storage {
     /// A safetensors file, memory-mapped.
     Mapped(MmapedSafetensors),
-    /// A PyTorch checkpoint, read and rewritten as safetensors bytes in memory.
-    Buffered(BufferedSafetensors),
+    /// A PyTorch checkpoint, its tensors read where they lie (memory-mapped), by name.
+    Pickled(MappedCheckpoint, HashMap<String, usize>),
     /// Shards: each tensor in the part `owner` names.
     Sharded {
         parts: Vec<Storage>,
@@ -212,7 +230,7 @@ impl Storage {
     fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         match self.part(name)? {
             Storage::Mapped(m) => m.load(name, device),
-            Storage::Buffered(b) => b.load(name, device),
+            Storage::Pickled(..) => self.get(name)?.load(device),
             Storage::Sharded { .. } => Err(candle_core::Error::Msg("nested shards".into())),
         }
     }
@@ -220,7 +238,21 @@ impl Storage {
     fn get(&self, name: &str) -> candle_core::Result<safetensors::tensor::TensorView<'_>> {
         match self.part(name)? {
             Storage::Mapped(m) => m.get(name),
-            Storage::Buffered(b) => b.get(name),
+            Storage::Pickled(checkpoint, index) => {
+                let tensor = index
+                    .get(name)
+                    .map(|&i| &checkpoint.tensors[i])
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no tensor `{name}`")))?;
+                let dtype = safetensors_dtype(tensor.dtype).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("tensor `{name}`: dtype {}", tensor.dtype))
+                })?;
+                safetensors::tensor::TensorView::new(
+                    dtype,
+                    tensor.shape.clone(),
+                    checkpoint.bytes(tensor),
+                )
+                .map_err(|e| candle_core::Error::Msg(format!("tensor `{name}`: {e}")))
+            }
             Storage::Sharded { .. } => Err(candle_core::Error::Msg("nested shards".into())),
         }
     }
@@ -273,13 +305,14 @@ impl WeightsFile {
     }
 
     /// Reads a PyTorch checkpoint (`torch.save`'s zip format, which every torch since 1.6
-    /// writes) with [`torch_file`](super::torch_file)'s bounded reader, which rebuilds the
-    /// state dict's tensors without running any of the pickle's code, and rewrites it as
-    /// safetensors bytes in memory, so that it is checked exactly like a safetensors file. The
+    /// writes, or torch's legacy format) with [`torch_file`](super::torch_file)'s bounded
+    /// reader, which rebuilds the state dict's tensors without running any of the pickle's
+    /// code and checks each against its storage, then reads the tensors where they lie in the
+    /// file, memory-mapped like a safetensors file ([`torch_file::map_checkpoint`]
+    /// (super::torch_file::map_checkpoint)): opening a 3 GB `.bin` holds no copy of it. The
     /// state dict is the top-level dictionary, or the one under `state_dict`, `params_ema` or
     /// `params` (as BasicSR and Real-ESRGAN save theirs), or IP-Adapter's `image_proj` and
-    /// `ip_adapter` sections. The whole file is read: these checkpoints are the small
-    /// preprocessor networks, not diffusion models.
+    /// `ip_adapter` sections.
     pub fn open_pytorch(path: &Path) -> Result<Self> {
         let fail = |detail: String| Error::ModelLoad {
             path: path.to_path_buf(),
@@ -292,21 +325,37 @@ impl WeightsFile {
         if !meta.is_file() {
             return Err(fail("not a file".into()));
         }
-        let bytes = super::torch_file::read_as_safetensors(path).map_err(|e| match e {
+        let checkpoint = super::torch_file::map_checkpoint(path).map_err(|e| match e {
             ReadError::Io(source) => Error::Io {
                 path: path.to_path_buf(),
                 source,
             },
             ReadError::Invalid(detail) => fail(detail),
         })?;
-        let (entries, metadata) = parse_header(&bytes, bytes.len() as u64).map_err(fail)?;
-        let storage = BufferedSafetensors::new(bytes)
-            .map_err(|e| fail(format!("not a valid checkpoint: {e}")))?;
+        let mut entries = Vec::with_capacity(checkpoint.tensors.len());
+        for tensor in &checkpoint.tensors {
+            let bytes = checkpoint.bytes(tensor).len() as u64;
+            let start = checkpoint.file_offset(tensor).unwrap_or(0);
+            entries.push(Entry {
+                name: tensor.name.clone(),
+                dtype: tensor.dtype.to_string(),
+                float: Float::parse(tensor.dtype),
+                shape: tensor.shape.clone(),
+                start,
+                end: start + bytes,
+            });
+        }
+        let index = checkpoint
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Ok(Self::from_parts(
             path,
             entries,
-            metadata,
-            Storage::Buffered(storage),
+            HashMap::new(),
+            Storage::Pickled(checkpoint, index),
         ))
     }
 
