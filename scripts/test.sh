@@ -14,8 +14,9 @@
 #      with ffmpeg (tests/webrtc/), Daydream's Python SDK against the server (tests/server/);
 #   4. the control page at `/` in a real browser (tests/browser/): the system's Chromium
 #      ($CHROMIUM, default /usr/bin/chromium; .ci/run installs Debian's) driven by Playwright;
-#      then Chromium's MediaRecorder recording of its fake camera (a fragmented MP4) through
-#      `sdstream run`.
+#      Medooze's WHIP and WHEP clients from npm (fetched from the registry, $NPM_CONFIG_REGISTRY)
+#      in Chromium against the server; Chromium's MediaRecorder recording of its fake camera (a
+#      fragmented MP4) through `sdstream run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -150,6 +151,10 @@ if [[ -x "$chromium" ]]; then
   "$browser_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/browser/requirements.txt
   "$browser_venv/bin/python" tests/browser/page_e2e.py --server "$server_bin" \
     --fixtures tests/fixtures --work "$target_dir/browser-e2e" --chromium "$chromium"
+  # The WHIP and WHEP clients on npm (whip-whep, pinned and checked against its SHA-512) in
+  # Chromium against the server.
+  "$browser_venv/bin/python" tests/browser/npm_whip_whep.py --server "$server_bin" \
+    --fixtures tests/fixtures --work "$target_dir/npm-whip-whep" --chromium "$chromium"
   # Chromium's MediaRecorder recording (a fragmented MP4) through `sdstream run`, checked with
   # ffprobe (step 3 required it, unless SDSTREAM_SKIP_FFMPEG=1).
   if [[ "${SDSTREAM_SKIP_FFMPEG:-0}" != 1 ]]; then

@@ -734,18 +734,15 @@ fn a_fragmented_file_runs_as_the_plain_file() {
 fn a_fragmented_recording_cut_off_keeps_its_whole_fragments() {
     let dir = scratch("cut-fragments");
     let clip = std::fs::read(video("frag-cmaf.mp4")).expect("clip");
-    let moofs: Vec<usize> = clip
-        .windows(4)
-        .enumerate()
-        .filter(|(_, w)| w == b"moof")
-        .map(|(i, _)| i - 4)
-        .collect();
-    let mdats: Vec<usize> = clip
-        .windows(4)
-        .enumerate()
-        .filter(|(_, w)| w == b"mdat")
-        .map(|(i, _)| i - 4)
-        .collect();
+    // Where each box of a type starts (its size field, 4 bytes before the type).
+    let starts = |kind: &[u8; 4]| -> Vec<usize> {
+        clip.windows(4)
+            .enumerate()
+            .filter(|(_, w)| w == kind)
+            .map(|(i, _)| i - 4)
+            .collect()
+    };
+    let (moofs, mdats) = (starts(b"moof"), starts(b"mdat"));
     assert_eq!((moofs.len(), mdats.len()), (2, 2));
     // Cut in the second fragment's media data, and in its header: the first fragment's 8
     // pictures and 13 audio packets are read, and a note says what was left out.
