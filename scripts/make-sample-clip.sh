@@ -52,6 +52,8 @@ encode -i tests/fixtures/video/bframes.mp4 -c copy -fflags +bitexact \
   -movflags frag_keyframe+empty_moov+default_base_moof tests/fixtures/video/frag-cmaf.mp4
 encode -i tests/fixtures/video/bframes.mp4 -c copy -fflags +bitexact -movflags frag_keyframe \
   tests/fixtures/video/frag-moov.mp4
+# The same clip in Matroska (OBS's default recording format), copied.
+encode -i tests/fixtures/video/bframes.mp4 -c copy -fflags +bitexact tests/fixtures/video/bframes.mkv
 # Refused inputs: no video; MPEG-4 Part 2 video; H.264 High 4:4:4 Predictive; H.264 High 10.
 encode -f lavfi -i "$(tone 0.2)" -c:a aac -b:a 32k -fflags +bitexact -flags:a +bitexact \
   tests/fixtures/video/audio-only.m4a

@@ -869,3 +869,191 @@ fn hostile_fragments_are_refused_by_name() {
         video_track(&plain).samples_duration() + 12_288
     );
 }
+
+/// Every packet's presentation time of a file's first stream of `kind`, by ffprobe, in seconds
+/// (sorted).
+fn packet_seconds(ffprobe: &str, file: &Path, kind: &str) -> Vec<f64> {
+    let listed = output_of(
+        ffprobe,
+        &[
+            "-v",
+            "error",
+            "-select_streams",
+            &format!("{kind}:0"),
+            "-show_entries",
+            "packet=pts_time",
+            "-of",
+            "csv=p=0",
+            file.to_str().expect("utf-8"),
+        ],
+    );
+    let mut times: Vec<f64> = String::from_utf8_lossy(&listed)
+        .lines()
+        .filter_map(|l| l.trim().trim_end_matches(',').parse().ok())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+/// A track's presentation times in seconds (sorted).
+fn seconds(track: &sdstream_server::video_file::Track) -> Vec<f64> {
+    presentation_times(track)
+        .into_iter()
+        .map(|t| t as f64 / f64::from(track.timescale))
+        .collect()
+}
+
+fn close(a: &[f64], b: &[f64], tolerance: f64) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tolerance)
+}
+
+#[test]
+fn a_matroska_file_reads_as_the_plain_file_it_was_made_from() {
+    // ffmpeg's copy of the clip into Matroska (H.264 and AAC, millisecond times): the same
+    // frames and packets, byte for byte, the pictures at the same times (to the millisecond
+    // Matroska keeps), the audio timed by its 1,024-sample frames.
+    let mkv = video("bframes.mkv");
+    let mut ours = Mp4Input::open(&mkv).expect("the Matroska file");
+    let mut plain = Mp4Input::open(&video("bframes.mp4")).expect("the plain file");
+    assert!(ours.notes.is_empty(), "{:?}", ours.notes);
+    assert_eq!(ours.describe_tracks(), "video ('avc1'), audio ('mp4a')");
+    let (a, b) = (
+        video_and_audio(&ours).map(Clone::clone),
+        video_and_audio(&plain).map(Clone::clone),
+    );
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for (ta, tb) in a.iter().zip(&b) {
+        assert_eq!(ta.samples.len(), tb.samples.len(), "track {}", ta.id);
+        for (k, (sa, sb)) in ta.samples.iter().zip(&tb.samples).enumerate() {
+            ours.read_sample(sa, &mut x).expect("sample");
+            plain.read_sample(sb, &mut y).expect("sample");
+            assert_eq!(x, y, "track {}: sample {k}'s bytes", ta.id);
+            assert_eq!(sa.sync, sb.sync, "track {}: sample {k}", ta.id);
+        }
+    }
+    let relative = |t: &sdstream_server::video_file::Track| {
+        let s = seconds(t);
+        let first = s[0];
+        s.into_iter().map(|v| v - first).collect::<Vec<_>>()
+    };
+    assert!(
+        close(&relative(&a[0]), &relative(&b[0]), 0.001),
+        "{:?}",
+        relative(&a[0])
+    );
+    assert_eq!(a[1].timescale, 48_000);
+    assert!(a[1].samples.iter().all(|s| s.duration == 1024));
+    // Decoded, the pictures are the plain file's.
+    let (pictures, reference) = (decode_all(&mkv), decode_all(&video("bframes.mp4")));
+    assert_eq!(pictures.len(), 16);
+    for (p, r) in pictures.iter().zip(&reference) {
+        assert_eq!(p.to_i420(), r.to_i420());
+    }
+    // FFmpeg's reading of the same file: every picture and packet at the time ours gives it.
+    if let Some((_, ffprobe)) = ffmpeg() {
+        assert!(close(
+            &packet_seconds(&ffprobe, &mkv, "v"),
+            &seconds(&a[0]),
+            1e-9
+        ));
+        assert!(close(
+            &packet_seconds(&ffprobe, &mkv, "a"),
+            &seconds(&a[1]),
+            0.001
+        ));
+    }
+}
+
+#[test]
+fn a_matroska_file_runs_with_its_times_and_audio() {
+    let dir = scratch("run-matroska");
+    let mkv = video("bframes.mkv");
+    let output = dir.join("out.mp4");
+    let (ok, code, stderr) = run(&mkv, &output, &[]);
+    assert!(ok, "exit {code}:\n{stderr}");
+    let input = Mp4Input::open(&mkv).expect("input");
+    let out = Mp4Input::open(&output).expect("output");
+    assert_eq!(video_track(&out).samples.len(), 16);
+    assert_eq!(seconds(video_track(&out)), seconds(video_track(&input)));
+    let (packets_in, _) = audio_packets(&mkv);
+    let (packets_out, track_out) = audio_packets(&output);
+    assert_eq!(packets_out, packets_in);
+    assert_eq!(seconds(&track_out), seconds(video_and_audio(&input)[1]));
+    if let Some((_, ffprobe)) = ffmpeg() {
+        // The output as FFmpeg reads it: AAC it decodes, pictures at the input's times.
+        let (frames, _, _, _) = probe(&ffprobe, &output, "v");
+        assert_eq!(frames, 16);
+        assert!(close(
+            &packet_seconds(&ffprobe, &output, "v"),
+            &packet_seconds(&ffprobe, &mkv, "v"),
+            1e-6
+        ));
+        let (packets, _, _, _) = probe(&ffprobe, &output, "a");
+        assert_eq!(packets, 33);
+    }
+}
+
+#[test]
+fn hostile_matroska_is_refused_by_name() {
+    let dir = scratch("hostile-matroska");
+    let clip = std::fs::read(video("bframes.mkv")).expect("clip");
+    let open = |name: &str, data: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, data).expect("write");
+        Mp4Input::open(&path).and_then(|i| VideoTrackInfo::find(&i).map(|_| i))
+    };
+    let at = |id: &[u8]| {
+        clip.windows(id.len())
+            .position(|w| w == id)
+            .expect("element")
+    };
+    // Another DocType.
+    let mut other = clip.clone();
+    let doc = at(b"matroska");
+    other[doc..doc + 8].copy_from_slice(b"notmkv!!");
+    let err = open("doctype.mkv", &other)
+        .expect_err("doctype")
+        .to_string();
+    assert!(err.contains("not Matroska"), "{err}");
+    // The video's codec changed to HEVC: named.
+    let mut hevc = clip.clone();
+    let codec = at(b"V_MPEG4/ISO/AVC");
+    hevc[codec..codec + 15].copy_from_slice(b"V_MPEGH/ISO/HEV");
+    let err = open("hevc.mkv", &hevc).expect_err("hevc").to_string();
+    assert!(err.contains("not H.264"), "{err}");
+    // The Tracks element claiming more than the file: cut off, no tracks.
+    let mut tracks = clip.clone();
+    // (The last occurrence of its ID: the first is the SeekHead's reference to it.)
+    let t = clip
+        .windows(4)
+        .rposition(|w| w == [0x16, 0x54, 0xAE, 0x6B])
+        .expect("Tracks");
+    tracks[t + 4] = 0x01;
+    tracks[t + 5..t + 12].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xF0]);
+    let err = open("tracks.mkv", &tracks).expect_err("tracks").to_string();
+    assert!(err.contains("no Tracks element"), "{err}");
+    // Cut in the middle: the blocks before the cut are read.
+    let cut = &clip[..clip.len() * 2 / 3];
+    match open("cut.mkv", cut) {
+        Ok(input) => {
+            let n = video_track(&input).samples.len();
+            assert!(n > 0 && n < 16, "{n} pictures");
+        }
+        Err(e) => assert!(
+            matches!(
+                e,
+                VideoFileError::Truncated(_) | VideoFileError::Malformed(_)
+            ),
+            "{e}"
+        ),
+    }
+    // Every cut and byte flip: refused or read, never a panic.
+    for len in (0..clip.len()).step_by(97) {
+        let _ = open("cuts.mkv", &clip[..len]);
+    }
+    for i in (0..clip.len()).step_by(13) {
+        let mut flipped = clip.clone();
+        flipped[i] ^= 0x55;
+        let _ = open("flips.mkv", &flipped);
+    }
+}

@@ -89,11 +89,15 @@ fn read_all(path: &std::path::Path) -> Result<usize, String> {
 #[test]
 fn mutated_files_never_panic_overallocate_or_hang() {
     // SDSTREAM_VIDEO_FUZZ_FILE mutates another file (docs/VIDEO_FILES.md runs examples/clip.mp4,
-    // as tests/reference/mp4_readers measures the other readers on); by default the fixture clip
-    // and its fragmented copy (movie fragments: their own boxes and rules).
+    // as tests/reference/mp4_readers measures the other readers on); by default the fixture clip,
+    // its fragmented copy (movie fragments: their own boxes and rules) and its Matroska copy.
     let files = match std::env::var_os("SDSTREAM_VIDEO_FUZZ_FILE") {
         Some(file) => vec![std::path::PathBuf::from(file)],
-        None => vec![video("bframes.mp4"), video("frag-cmaf.mp4")],
+        None => vec![
+            video("bframes.mp4"),
+            video("frag-cmaf.mp4"),
+            video("bframes.mkv"),
+        ],
     };
     // SDSTREAM_VIDEO_FUZZ_RUNS for a longer run (per file).
     let runs: usize = std::env::var("SDSTREAM_VIDEO_FUZZ_RUNS")

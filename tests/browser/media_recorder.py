@@ -1,17 +1,19 @@
-"""A browser's own recording through `sdstream run`: Debian's Chromium records its fake camera and
-microphone with MediaRecorder as MP4 (H.264 and Opus, a keyframe every 500 ms), which Chromium
-writes as a fragmented MP4 (an index without samples, then one movie fragment a keyframe), the
-file a web app uploads. Then:
+"""A browser's own recordings through `sdstream run`: Debian's Chromium records its fake camera
+and microphone with MediaRecorder (H.264 and Opus, a keyframe every 500 ms) as MP4, which it
+writes fragmented (an index without samples, then one movie fragment a keyframe), and as
+Matroska, which it writes live (sizes unknown, Annex-B pictures carrying their parameter sets,
+no CodecPrivate): the files a web app uploads. For each:
 
-1. The recording is what the test means to check: MP4 with movie fragments (at least 2 `moof`
-   boxes), H.264 and Opus by ffprobe.
+1. The recording is what the test means to check: H.264 and Opus by ffprobe (and the MP4 with
+   at least 2 movie fragments).
 2. `sdstream run` (the tiny checkpoint, 64x64) reads it whole: exit 0, and its output, a plain
    MP4 (no `moof`), has by ffprobe every picture of the recording at the recording's presentation
    time (the same count, the same times in the same time base) and every audio packet at its
    time.
-3. The recording cut in its last fragment's media data (a recording stopped by a crash): exit 0,
-   a note that the file ends inside a movie fragment, and exactly the pictures of the whole
-   fragments before it (those ffprobe places before the last `moof`).
+3. The recording cut short (a recording stopped by a crash; the MP4 in its last fragment's media
+   data, the Matroska file two thirds in): exit 0, a note saying where the file ends, and
+   exactly the pictures whole before the cut (by ffprobe's packet positions; in the MP4, those
+   of the fragments before the last).
 
 usage: media_recorder.py --server BIN --fixtures DIR --work DIR [--chromium /usr/bin/chromium]
        [--ffprobe ffprobe]
@@ -34,7 +36,9 @@ from server_harness import arguments, check, finish  # noqa: E402
 
 from page_e2e import CHROMIUM_FLAGS, FAKE_CAMERA, ALLOW_CAMERA  # noqa: E402
 
-MIME = "video/mp4;codecs=avc1,opus"
+# The two containers Chromium records H.264 in: MP4 (fragmented) and Matroska (written live:
+# sizes unknown, the parameter sets in the stream, Annex-B start codes, no CodecPrivate).
+CONTAINERS = [("mp4", "video/mp4;codecs=avc1,opus"), ("mkv", "video/x-matroska;codecs=avc1,opus")]
 RECORD_MS = 3000
 
 RECORD = """async ([mime, ms]) => {
@@ -73,13 +77,18 @@ def top_level_boxes(data):
 
 
 def packets(ffprobe, path, kind):
-    """[(pts, pos, size)] of the first stream of `kind` ("v" or "a"), in file order."""
+    """[(pts in seconds, pos, size)] of the first stream of `kind` ("v" or "a"), in file order."""
     out = subprocess.run(
         [ffprobe, "-v", "error", "-select_streams", f"{kind}:0", "-show_entries",
-         "packet=pts,pos,size", "-of", "json", path],
+         "packet=pts_time,pos,size", "-of", "json", path],
         check=True, capture_output=True, text=True).stdout
-    return [(int(p["pts"]), int(p.get("pos", -1)), int(p["size"]))
+    return [(float(p["pts_time"]), int(p.get("pos", -1)), int(p["size"]))
             for p in json.loads(out).get("packets", [])]
+
+
+def same_times(a, b, tolerance):
+    """Two lists of times equal within `tolerance` seconds."""
+    return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b))
 
 
 def codecs(ffprobe, path):
@@ -101,24 +110,89 @@ def run(server, fixtures, source, output):
 
 
 def record(chromium, folder):
-    """Chromium's MediaRecorder recording of its fake devices (bytes), from a page served on a
-    loopback address (getUserMedia needs a secure context)."""
+    """Chromium's MediaRecorder recordings of its fake devices, {extension: bytes}, from a page
+    served on a loopback address (getUserMedia needs a secure context)."""
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=folder, **k)  # noqa: E731
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    recordings = {}
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=chromium, args=CHROMIUM_FLAGS + FAKE_CAMERA + ALLOW_CAMERA)
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/")
-            supported = page.evaluate(f"MediaRecorder.isTypeSupported('{MIME}')")
-            check(supported, f"Chromium's MediaRecorder records {MIME}")
-            data = base64.b64decode(page.evaluate(RECORD, [MIME, RECORD_MS])) if supported else b""
+            for extension, mime in CONTAINERS:
+                supported = page.evaluate(f"MediaRecorder.isTypeSupported('{mime}')")
+                if check(supported, f"Chromium's MediaRecorder records {mime}"):
+                    recordings[extension] = base64.b64decode(page.evaluate(RECORD, [mime, RECORD_MS]))
             browser.close()
-            return data
     finally:
         httpd.shutdown()
+    return recordings
+
+
+def exercise(args, extension, data, summary):
+    """Checks 1-3 of the module's docstring on one recording."""
+    recording = os.path.join(args.work, f"recording.{extension}")
+    with open(recording, "wb") as f:
+        f.write(data)
+    figures = summary.setdefault(extension, {"bytes": len(data)})
+    # Matroska keeps times to the millisecond; the output MP4 keeps them to the microsecond.
+    tolerance = 1e-6 if extension == "mp4" else 0.0011
+    boxes = top_level_boxes(data) if extension == "mp4" else []
+    if extension == "mp4":
+        moofs = [b for b in boxes if b[0] == "moof"]
+        figures["fragments"] = len(moofs)
+        if not check(len(moofs) >= 2, f"the MP4 recording is fragmented: {len(moofs)} movie fragments"):
+            return
+    check(sorted(codecs(args.ffprobe, recording)) == ["h264", "opus"],
+          f"the {extension} recording holds H.264 and Opus")
+    video = packets(args.ffprobe, recording, "v")
+    audio = packets(args.ffprobe, recording, "a")
+    figures.update(pictures=len(video), audio_packets=len(audio))
+    check(len(video) >= 20 and len(audio) >= 20,
+          f"the {extension} recording holds {len(video)} pictures and {len(audio)} audio packets")
+
+    # 2. The whole recording.
+    output = os.path.join(args.work, f"out-{extension}.mp4")
+    code, stderr = run(args.server, args.fixtures, recording, output)
+    if not check(code == 0 and f"done: {len(video)} frames" in stderr,
+                 f"sdstream run reads the {extension} recording: exit {code}, {len(video)} frames"):
+        print(stderr[-2000:])
+    if code == 0:
+        with open(output, "rb") as f:
+            out_boxes = top_level_boxes(f.read())
+        check(not any(b[0] == "moof" for b in out_boxes), "the output is a plain MP4")
+        out_video = packets(args.ffprobe, output, "v")
+        out_audio = packets(args.ffprobe, output, "a")
+        check(same_times(sorted(p[0] for p in out_video), sorted(p[0] for p in video), tolerance),
+              f"every picture at the recording's time ({len(out_video)} of {len(video)})")
+        check(same_times([p[0] for p in out_audio], [p[0] for p in audio], tolerance)
+              and [p[2] for p in out_audio] == [p[2] for p in audio],
+              f"every audio packet at its time and size ({len(out_audio)} of {len(audio)})")
+
+    # 3. Cut short: in an MP4, in its last fragment's media data; in Matroska, two thirds in.
+    if extension == "mp4":
+        last = [b for b in boxes if b[0] == "moof"][-1][1]
+        mdat = next(b for b in boxes if b[0] == "mdat" and b[1] > last)
+        cut_at = mdat[1] + mdat[2] // 2
+        whole = sum(1 for p in video if 0 <= p[1] and p[1] + p[2] <= last)
+        note = "note: the file ends inside a movie fragment"
+    else:
+        cut_at = len(data) * 2 // 3
+        whole = sum(1 for p in video if 0 <= p[1] and p[1] + p[2] <= cut_at)
+        note = "note: the file ends inside a cluster"
+    cut = os.path.join(args.work, f"cut.{extension}")
+    with open(cut, "wb") as f:
+        f.write(data[:cut_at])
+    figures["pictures_before_the_cut"] = whole
+    output = os.path.join(args.work, f"out-cut-{extension}.mp4")
+    code, stderr = run(args.server, args.fixtures, cut, output)
+    if not check(code == 0 and note in stderr and f"done: {whole} frames" in stderr,
+                 f"the {extension} recording cut short runs its {whole} whole pictures "
+                 f"(of {len(video)}), with a note: exit {code}"):
+        print(stderr[-2000:])
 
 
 def main():
@@ -131,57 +205,9 @@ def main():
     os.makedirs(page_dir, exist_ok=True)
     with open(os.path.join(page_dir, "index.html"), "w") as f:
         f.write("<!doctype html><title>recorder</title>")
-    data = record(args.chromium, page_dir)
-    recording = os.path.join(args.work, "recording.mp4")
-    with open(recording, "wb") as f:
-        f.write(data)
-    summary = {"recording_bytes": len(data)}
-    boxes = top_level_boxes(data)
-    moofs = [b for b in boxes if b[0] == "moof"]
-    summary["fragments"] = len(moofs)
-    check(len(moofs) >= 2, f"the recording is a fragmented MP4: {len(moofs)} movie fragments")
-    if not moofs:
-        finish(summary)
-    check(codecs(args.ffprobe, recording) in (["h264", "opus"], ["opus", "h264"]),
-          "the recording holds H.264 and Opus")
-    video = packets(args.ffprobe, recording, "v")
-    audio = packets(args.ffprobe, recording, "a")
-    summary.update(pictures=len(video), audio_packets=len(audio))
-    check(len(video) >= 20 and len(audio) >= 20,
-          f"the recording holds {len(video)} pictures and {len(audio)} audio packets")
-
-    # 2. The whole recording.
-    output = os.path.join(args.work, "out.mp4")
-    code, stderr = run(args.server, args.fixtures, recording, output)
-    if not check(code == 0 and f"done: {len(video)} frames" in stderr,
-                 f"sdstream run reads the recording: exit {code}, {len(video)} frames"):
-        print(stderr[-2000:])
-    if code == 0:
-        with open(output, "rb") as f:
-            out_boxes = top_level_boxes(f.read())
-        check(not any(b[0] == "moof" for b in out_boxes), "the output is a plain MP4")
-        out_video = packets(args.ffprobe, output, "v")
-        out_audio = packets(args.ffprobe, output, "a")
-        check(sorted(p[0] for p in out_video) == sorted(p[0] for p in video),
-              f"every picture at the recording's time ({len(out_video)} of {len(video)})")
-        check([(p[0], p[2]) for p in out_audio] == [(p[0], p[2]) for p in audio],
-              f"every audio packet at its time and size ({len(out_audio)} of {len(audio)})")
-
-    # 3. Cut in the last fragment's media data.
-    last = moofs[-1][1]
-    mdat = next(b for b in boxes if b[0] == "mdat" and b[1] > last)
-    cut = os.path.join(args.work, "cut.mp4")
-    with open(cut, "wb") as f:
-        f.write(data[:mdat[1] + mdat[2] // 2])
-    whole = sum(1 for p in video if 0 <= p[1] and p[1] + p[2] <= last)
-    summary["pictures_before_the_cut"] = whole
-    output = os.path.join(args.work, "out-cut.mp4")
-    code, stderr = run(args.server, args.fixtures, cut, output)
-    if not check(code == 0 and "note: the file ends inside a movie fragment" in stderr
-                 and f"done: {whole} frames" in stderr,
-                 f"a recording cut in its last fragment runs its {whole} whole-fragment "
-                 f"pictures (of {len(video)}), with a note: exit {code}"):
-        print(stderr[-2000:])
+    summary = {}
+    for extension, data in record(args.chromium, page_dir).items():
+        exercise(args, extension, data, summary)
     finish(summary)
 
 

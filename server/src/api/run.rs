@@ -29,9 +29,10 @@ Runs every frame of a video through one StreamDiffusion stream and writes one ou
 input frame. Frames are centre-cropped to the stream's aspect ratio and resized to its width x
 height (from the params).
 
-  --input PATH            an MP4 (or QuickTime .mov) file, plain or fragmented, with H.264
-                          video (8-bit 4:2:0, progressive; Baseline, Main or High profile); a
-                          fragmented recording cut off is read to its last whole fragment.
+  --input PATH            an MP4 (or QuickTime .mov) file, plain or fragmented, or a Matroska
+                          (.mkv) file, with H.264 video (8-bit 4:2:0, progressive; Baseline,
+                          Main or High profile); a recording cut off is read to its last whole
+                          fragment or block.
                           Or a folder of PNG/JPEG pictures taken in name order.
                           Webcams are not read (yet): record a clip first
                           (ffmpeg -f v4l2 -i /dev/video0 -t 5 clip.mp4)

@@ -24,6 +24,8 @@ pub struct VideoTrackInfo {
     pub sps: SpsInfo,
     /// For each presentation rank, the index of its sample (decode order).
     pub presentation: Vec<usize>,
+    /// Its samples carry Annex-B start codes ([`Track::annex_b`]).
+    pub annex_b: bool,
 }
 
 impl VideoTrackInfo {
@@ -74,6 +76,7 @@ impl VideoTrackInfo {
             config,
             sps,
             presentation,
+            annex_b: track.annex_b,
         })
     }
 
@@ -198,12 +201,16 @@ impl VideoDecoder {
                     self.annex_b
                         .extend_from_slice(&self.info.config.annex_b_parameter_sets());
                 }
-                avc::sample_to_annex_b(
-                    &self.sample,
-                    self.info.config.length_size,
-                    &mut self.annex_b,
-                )
-                .map_err(|e| at_sample(e, i, self.rank.len()))?;
+                if self.info.annex_b {
+                    self.annex_b.extend_from_slice(&self.sample);
+                } else {
+                    avc::sample_to_annex_b(
+                        &self.sample,
+                        self.info.config.length_size,
+                        &mut self.annex_b,
+                    )
+                    .map_err(|e| at_sample(e, i, self.rank.len()))?;
+                }
                 let decoded = self
                     .decoder
                     .decode_tagged(&self.annex_b, u64::from(self.rank[i]))

@@ -118,6 +118,9 @@ pub struct Track {
     /// (`stts`, `ctts`, `cslg`, `stss`, `sdtp`, `sgpd`, `sbgp`, `stps`, `subs`, `padb`), byte for
     /// byte: a copy of the track with the same samples keeps them as they are.
     pub sample_tables: Vec<Vec<u8>>,
+    /// H.264 samples that carry Annex-B start codes instead of length prefixes (Chromium's
+    /// Matroska recordings, whose parameter sets are in the stream); false in an MP4.
+    pub annex_b: bool,
 }
 
 impl Track {
@@ -164,14 +167,10 @@ const TOP_LEVEL: [&[u8; 4]; 12] = [
 
 /// What a file that is not an MP4 looks like, from its first bytes.
 fn sniff(first: &[u8]) -> String {
-    let known: [(&[u8], &str); 9] = [
+    let known: [(&[u8], &str); 8] = [
         (b"\x89PNG", "a PNG picture"),
         (b"\xff\xd8\xff", "a JPEG picture"),
         (b"GIF8", "a GIF picture"),
-        (
-            b"\x1a\x45\xdf\xa3",
-            "Matroska or WebM (convert it: ffmpeg -i IN -c:v libx264 -c:a aac OUT.mp4)",
-        ),
         (b"RIFF", "a RIFF file (AVI or WAV)"),
         (b"FLV", "an FLV file"),
         (b"OggS", "an Ogg file"),
@@ -204,6 +203,13 @@ impl Mp4Input {
         let file_len = file.metadata()?.len();
         if file_len == 0 {
             return Err(VideoFileError::NotMp4(sniff(&[])));
+        }
+        let mut magic = [0u8; 4];
+        if file_len >= 4 {
+            file.read_exact(&mut magic)?;
+            if magic == super::matroska::MAGIC {
+                return super::matroska::open(file, file_len);
+            }
         }
         let mut pos = 0u64;
         let mut ftyp = None;
@@ -369,6 +375,27 @@ impl Mp4Input {
         Ok(())
     }
 
+    /// An input read by another container's reader (Matroska) into MP4's terms.
+    pub(super) fn from_parts(
+        file: File,
+        file_len: u64,
+        movie_timescale: u32,
+        movie_duration: u64,
+        tracks: Vec<Track>,
+        notes: Vec<String>,
+    ) -> Self {
+        Self {
+            file,
+            file_len,
+            ftyp: None,
+            movie_timescale,
+            movie_duration,
+            tracks,
+            fragments: 0,
+            notes,
+        }
+    }
+
     fn from_moov(
         file: File,
         file_len: u64,
@@ -519,6 +546,7 @@ fn parse_track(trak: BoxRef<'_>, file_len: u64, samples_left: u64) -> Result<Tra
         entries: table.entries,
         samples: table.samples,
         sample_tables: table.kept,
+        annex_b: false,
     })
 }
 
@@ -885,7 +913,7 @@ fn parse_stbl(stbl: &[u8], path: &str, file_len: u64, samples_left: u64) -> Resu
 
 /// A track's timing tables (`stts`, and `ctts` and `stss` where they say something), made
 /// from its samples.
-fn timing_tables(samples: &[Sample]) -> Result<Vec<Vec<u8>>> {
+pub(super) fn timing_tables(samples: &[Sample]) -> Result<Vec<Vec<u8>>> {
     let mut tables = vec![mux::stts(samples.iter().map(|s| s.duration))];
     if samples.iter().any(|s| s.cts_offset != 0) {
         tables.push(mux::ctts(samples.iter().map(|s| i64::from(s.cts_offset)))?);

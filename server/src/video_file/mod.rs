@@ -10,6 +10,9 @@
 //!   the thousand).
 //! * `fragments`: the samples a fragmented MP4's movie fragments (`moof`) add to its tracks,
 //!   under the same bounds; a recording cut off keeps its whole fragments.
+//! * `matroska`: Matroska/WebM files (OBS's recordings, `MediaRecorder`'s `video/x-matroska`)
+//!   read into the same tracks and samples, their sample descriptions made from the codecs'
+//!   private data (H.264's `avcC`, AAC's AudioSpecificConfig, Opus's `OpusHead`).
 //! * [`avc`]: the H.264 side of the container (the `avcC` record, sequence parameter sets,
 //!   length-prefixed NAL units ↔ Annex-B) and which profiles OpenH264 decodes.
 //! * [`decode`]: a video track's samples, decoded by OpenH264 and put in presentation order by
@@ -28,6 +31,7 @@ pub mod decode;
 pub mod demux;
 mod fragments;
 pub mod limits;
+mod matroska;
 pub mod mux;
 pub mod yuv;
 

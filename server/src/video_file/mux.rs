@@ -452,7 +452,8 @@ impl Drop for Mp4Output {
     }
 }
 
-const IDENTITY: [u8; 36] = [
+/// The identity display matrix, as `tkhd` stores it.
+pub(super) const IDENTITY: [u8; 36] = [
     0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, //
     0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, //
     0, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0,
@@ -463,7 +464,8 @@ pub fn rescale(value: u64, from: u32, to: u32) -> u64 {
     ((u128::from(value) * u128::from(to) + u128::from(from) / 2) / u128::from(from.max(1))) as u64
 }
 
-fn boxed(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
+/// A box of `kind` around `body` (a 64-bit size where it needs one).
+pub(super) fn boxed(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 16);
     if body.len() + 8 > u32::MAX as usize {
         out.extend_from_slice(&1u32.to_be_bytes());
@@ -593,7 +595,8 @@ fn trak(
     boxed(b"trak", &trak)
 }
 
-fn avc1_entry(width: u16, height: u16, config: &AvcConfig) -> Vec<u8> {
+/// An `avc1` sample description of `width` x `height` holding `config`.
+pub(super) fn avc1_entry(width: u16, height: u16, config: &AvcConfig) -> Vec<u8> {
     let mut b = vec![0u8; 6];
     b.extend_from_slice(&1u16.to_be_bytes()); // data_reference_index
     b.extend_from_slice(&[0; 16]);

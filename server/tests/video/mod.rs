@@ -136,10 +136,25 @@ pub fn box_offsets(data: &[u8]) -> Vec<usize> {
         b"stco", b"stss", b"elst", b"edts", b"mdhd", b"tkhd", b"hdlr", b"mvhd", b"avcC", b"avc1",
         b"mp4a", b"mdat", b"mvex", b"trex", b"moof", b"mfhd", b"traf", b"tfhd", b"tfdt", b"trun",
     ];
-    (4..data.len().saturating_sub(4))
+    // Matroska's: the elements of the segment's level (4-byte IDs), a track entry's, a
+    // cluster's timestamp and blocks (their ID, then the size that follows).
+    const EBML: [&[u8]; 8] = [
+        &[0x18, 0x53, 0x80, 0x67],
+        &[0x15, 0x49, 0xA9, 0x66],
+        &[0x16, 0x54, 0xAE, 0x6B],
+        &[0x1F, 0x43, 0xB6, 0x75],
+        &[0x63, 0xA2],
+        &[0xAE],
+        &[0xE7],
+        &[0xA3],
+    ];
+    let mp4 = (4..data.len().saturating_sub(4))
         .filter(|&i| KINDS.iter().any(|k| &data[i..i + 4] == *k))
-        .map(|i| i - 4)
-        .collect()
+        .map(|i| i - 4);
+    let matroska = data.starts_with(&[0x1A, 0x45, 0xDF, 0xA3]);
+    let ebml = (0..data.len().saturating_sub(4))
+        .filter(move |&i| matroska && EBML.iter().any(|id| data[i..].starts_with(id)));
+    mp4.chain(ebml).collect()
 }
 
 /// A mutated copy of `base`: cut short, bits flipped, or a 32-bit field near a box header set to
