@@ -433,21 +433,19 @@ pub(crate) fn open(mut file: File, file_len: u64) -> Result<Mp4Input> {
         return Err(e);
     }
     // Every block's frames, by track.
-    let mut frames: Vec<Vec<Frame>> = plans.iter().map(|_| Vec::new()).collect();
-    let mut total = 0u64;
+    let mut blocks = Blocks {
+        file: &mut file,
+        file_len,
+        plans: &plans,
+        frames: plans.iter().map(|_| Vec::new()).collect(),
+        total: 0,
+        elements: &mut elements,
+        notes: &mut notes,
+    };
     for (start, end) in clusters {
-        read_cluster(
-            &mut file,
-            start,
-            end,
-            file_len,
-            &plans,
-            &mut frames,
-            &mut total,
-            &mut elements,
-            &mut notes,
-        )?;
+        blocks.cluster(start, end)?;
     }
+    let frames = blocks.frames;
     // An H.264 track without CodecPrivate: its parameter sets from its first frame.
     for ((_, plan), frames) in plans.iter_mut().zip(&frames) {
         if let Some(Plan::Video {
@@ -727,187 +725,162 @@ fn opus_samples(packet: &[u8]) -> Option<u32> {
     Some(frame * count).filter(|&n| n > 0 && n <= 5760)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn read_cluster(
-    file: &mut File,
-    start: u64,
-    end: u64,
+/// What reading the clusters' blocks needs and gathers.
+struct Blocks<'a> {
+    file: &'a mut File,
     file_len: u64,
-    plans: &[(TrackEntry, Option<Plan>)],
-    frames: &mut [Vec<Frame>],
-    total: &mut u64,
-    elements: &mut usize,
-    notes: &mut Vec<String>,
-) -> Result<()> {
-    let mut cluster_time = 0i64;
-    let mut at = start;
-    while let Some(e) = read_header(file, at, end)? {
-        *elements += 1;
-        if *elements > MAX_TOP_LEVEL_BOXES {
-            return Err(VideoFileError::TooLarge(format!(
-                "more than {MAX_TOP_LEVEL_BOXES} elements in the clusters"
-            )));
-        }
-        let Some(size) = e.size else {
-            return Err(malformed(format!(
-                "element 0x{:X} of unknown size inside a cluster",
-                e.id
-            )));
-        };
-        let next = e
-            .data
-            .checked_add(size)
-            .ok_or_else(|| malformed("an element's size overflows"))?;
-        if next > file_len {
-            // A recording cut off in this element: what came before it is read.
-            note_cut(notes);
-            break;
-        }
-        match e.id {
-            CLUSTER_TIMESTAMP => {
-                let v = read_bytes(file, e.data, size, 8, "a cluster's Timestamp")?;
-                cluster_time = i64::try_from(uint(&v, "Timestamp")?)
-                    .map_err(|_| malformed("a cluster's Timestamp past 2^63"))?;
-            }
-            SIMPLE_BLOCK => block(
-                file,
-                e.data,
-                size,
-                cluster_time,
-                None,
-                plans,
-                frames,
-                total,
-                file_len,
-            )?,
-            BLOCK_GROUP => {
-                let group = read_bytes(
-                    file,
-                    e.data,
-                    size.min(MAX_SAMPLE_BYTES as u64 + 64),
-                    MAX_SAMPLE_BYTES as u64 + 64,
-                    "a BlockGroup",
-                )?;
-                let parts = children(&group, "BlockGroup")?;
-                let key = !parts.iter().any(|(id, _)| *id == REFERENCE_BLOCK);
-                if let Some((_, r)) = parts.iter().find(|(id, _)| *id == BLOCK) {
-                    let data = e.data + r.start as u64;
-                    block(
-                        file,
-                        data,
-                        r.len() as u64,
-                        cluster_time,
-                        Some(key),
-                        plans,
-                        frames,
-                        total,
-                        file_len,
-                    )?;
-                }
-            }
-            _ => {}
-        }
-        at = next;
-    }
-    Ok(())
+    plans: &'a [(TrackEntry, Option<Plan>)],
+    /// Every read track's frames, by the index of its plan.
+    frames: Vec<Vec<Frame>>,
+    /// Frames of all tracks.
+    total: u64,
+    /// Elements of the segment and its clusters.
+    elements: &'a mut usize,
+    notes: &'a mut Vec<String>,
 }
 
-/// One block's frames (`key`: a BlockGroup's keyframe flag; a SimpleBlock carries its own).
-#[allow(clippy::too_many_arguments)]
-fn block(
-    file: &mut File,
-    data: u64,
-    size: u64,
-    cluster_time: i64,
-    key: Option<bool>,
-    plans: &[(TrackEntry, Option<Plan>)],
-    frames: &mut [Vec<Frame>],
-    total: &mut u64,
-    file_len: u64,
-) -> Result<()> {
-    let mut head = [0u8; 12];
-    let want = size.min(12) as usize;
-    file.seek(SeekFrom::Start(data))?;
-    file.read_exact(&mut head[..want])?;
-    let bad = || malformed(format!("the block at byte {data} is cut off or invalid"));
-    let (number, len) = vint(&head[..want], false, 8).ok_or_else(bad)?;
-    if want < len + 3 {
-        return Err(bad());
-    }
-    let Some(k) = plans
-        .iter()
-        .position(|(t, plan)| t.number == number && plan.is_some())
-    else {
-        return Ok(()); // a track left out
-    };
-    let relative = i64::from(i16::from_be_bytes([head[len], head[len + 1]]));
-    let flags = head[len + 2];
-    let time = cluster_time.checked_add(relative).ok_or_else(bad)?;
-    let key = key.unwrap_or(flags & 0x80 != 0);
-    let payload = data + len as u64 + 3;
-    let payload_len = size - (len as u64 + 3);
-    let lacing = (flags >> 1) & 3;
-    let mut sizes: Vec<u64> = Vec::new();
-    let mut first = payload;
-    if lacing == 0 {
-        sizes.push(payload_len);
-    } else {
-        // A laced block is read whole (audio: small) to find its frames' sizes.
-        let bytes = read_bytes(
-            file,
-            payload,
-            payload_len,
-            u64::from(MAX_SAMPLE_BYTES),
-            "a laced block",
-        )?;
-        let count = usize::from(*bytes.first().ok_or_else(bad)?) + 1;
-        let mut pos = 1usize;
-        match lacing {
-            1 => {
-                for _ in 0..count - 1 {
-                    let mut n = 0u64;
-                    loop {
-                        let b = *bytes.get(pos).ok_or_else(bad)?;
-                        pos += 1;
-                        n += u64::from(b);
-                        if b != 255 {
-                            break;
-                        }
+impl Blocks<'_> {
+    /// The blocks of the cluster whose children lie in `start..end`.
+    fn cluster(&mut self, start: u64, end: u64) -> Result<()> {
+        let mut cluster_time = 0i64;
+        let mut at = start;
+        while let Some(e) = read_header(self.file, at, end)? {
+            *self.elements += 1;
+            if *self.elements > MAX_TOP_LEVEL_BOXES {
+                return Err(VideoFileError::TooLarge(format!(
+                    "more than {MAX_TOP_LEVEL_BOXES} elements in the clusters"
+                )));
+            }
+            let Some(size) = e.size else {
+                return Err(malformed(format!(
+                    "element 0x{:X} of unknown size inside a cluster",
+                    e.id
+                )));
+            };
+            let next = e
+                .data
+                .checked_add(size)
+                .ok_or_else(|| malformed("an element's size overflows"))?;
+            if next > self.file_len {
+                // A recording cut off in this element: what came before it is read.
+                note_cut(self.notes);
+                break;
+            }
+            match e.id {
+                CLUSTER_TIMESTAMP => {
+                    let v = read_bytes(self.file, e.data, size, 8, "a cluster's Timestamp")?;
+                    cluster_time = i64::try_from(uint(&v, "Timestamp")?)
+                        .map_err(|_| malformed("a cluster's Timestamp past 2^63"))?;
+                }
+                SIMPLE_BLOCK => self.block(e.data, size, cluster_time, None)?,
+                BLOCK_GROUP => {
+                    let group = read_bytes(
+                        self.file,
+                        e.data,
+                        size.min(MAX_SAMPLE_BYTES as u64 + 64),
+                        MAX_SAMPLE_BYTES as u64 + 64,
+                        "a BlockGroup",
+                    )?;
+                    let parts = children(&group, "BlockGroup")?;
+                    let key = !parts.iter().any(|(id, _)| *id == REFERENCE_BLOCK);
+                    if let Some((_, r)) = parts.iter().find(|(id, _)| *id == BLOCK) {
+                        let data = e.data + r.start as u64;
+                        self.block(data, r.len() as u64, cluster_time, Some(key))?;
                     }
-                    sizes.push(n);
                 }
+                _ => {}
             }
-            3 => {
-                let (mut n, l) = vint(&bytes[pos..], false, 8).ok_or_else(bad)?;
-                pos += l;
-                sizes.push(n);
-                for _ in 1..count - 1 {
-                    let (raw, l) = vint(&bytes[pos..], false, 8).ok_or_else(bad)?;
-                    pos += l;
-                    // A signed difference: the raw value minus half its range.
-                    let bias = (1i64 << (7 * l - 1)) - 1;
-                    let next = n as i64 + (raw as i64 - bias);
-                    n = u64::try_from(next).map_err(|_| bad())?;
-                    sizes.push(n);
-                }
-            }
-            _ => {
-                let each = (payload_len - 1) / count as u64;
-                if each * count as u64 != payload_len - 1 {
-                    return Err(bad());
-                }
-                sizes = vec![each; count - 1];
-            }
+            at = next;
         }
-        let used: u64 = sizes.iter().sum::<u64>() + pos as u64;
-        let last = payload_len.checked_sub(used).ok_or_else(bad)?;
-        sizes.push(last);
-        first = payload + pos as u64;
+        Ok(())
     }
-    let opus = matches!(plans[k].1, Some(Plan::Opus { .. }));
-    let mut offset = first;
-    for size in sizes {
-        let size = u32::try_from(size)
+
+    /// One block's frames (`key`: a BlockGroup's keyframe flag; a SimpleBlock carries its own).
+    fn block(&mut self, data: u64, size: u64, cluster_time: i64, key: Option<bool>) -> Result<()> {
+        let mut head = [0u8; 12];
+        let want = size.min(12) as usize;
+        self.file.seek(SeekFrom::Start(data))?;
+        self.file.read_exact(&mut head[..want])?;
+        let bad = || malformed(format!("the block at byte {data} is cut off or invalid"));
+        let (number, len) = vint(&head[..want], false, 8).ok_or_else(bad)?;
+        if want < len + 3 {
+            return Err(bad());
+        }
+        let Some(k) = self
+            .plans
+            .iter()
+            .position(|(t, plan)| t.number == number && plan.is_some())
+        else {
+            return Ok(()); // a track left out
+        };
+        let relative = i64::from(i16::from_be_bytes([head[len], head[len + 1]]));
+        let flags = head[len + 2];
+        let time = cluster_time.checked_add(relative).ok_or_else(bad)?;
+        let key = key.unwrap_or(flags & 0x80 != 0);
+        let payload = data + len as u64 + 3;
+        let payload_len = size - (len as u64 + 3);
+        let lacing = (flags >> 1) & 3;
+        let mut sizes: Vec<u64> = Vec::new();
+        let mut first = payload;
+        if lacing == 0 {
+            sizes.push(payload_len);
+        } else {
+            // A laced block is read whole (audio: small) to find its frames' sizes.
+            let bytes = read_bytes(
+                self.file,
+                payload,
+                payload_len,
+                u64::from(MAX_SAMPLE_BYTES),
+                "a laced block",
+            )?;
+            let count = usize::from(*bytes.first().ok_or_else(bad)?) + 1;
+            let mut pos = 1usize;
+            match lacing {
+                1 => {
+                    for _ in 0..count - 1 {
+                        let mut n = 0u64;
+                        loop {
+                            let b = *bytes.get(pos).ok_or_else(bad)?;
+                            pos += 1;
+                            n += u64::from(b);
+                            if b != 255 {
+                                break;
+                            }
+                        }
+                        sizes.push(n);
+                    }
+                }
+                3 => {
+                    let (mut n, l) = vint(&bytes[pos..], false, 8).ok_or_else(bad)?;
+                    pos += l;
+                    sizes.push(n);
+                    for _ in 1..count - 1 {
+                        let (raw, l) = vint(&bytes[pos..], false, 8).ok_or_else(bad)?;
+                        pos += l;
+                        // A signed difference: the raw value minus half its range.
+                        let bias = (1i64 << (7 * l - 1)) - 1;
+                        let next = n as i64 + (raw as i64 - bias);
+                        n = u64::try_from(next).map_err(|_| bad())?;
+                        sizes.push(n);
+                    }
+                }
+                _ => {
+                    let each = (payload_len - 1) / count as u64;
+                    if each * count as u64 != payload_len - 1 {
+                        return Err(bad());
+                    }
+                    sizes = vec![each; count - 1];
+                }
+            }
+            let used: u64 = sizes.iter().sum::<u64>() + pos as u64;
+            let last = payload_len.checked_sub(used).ok_or_else(bad)?;
+            sizes.push(last);
+            first = payload + pos as u64;
+        }
+        let opus = matches!(self.plans[k].1, Some(Plan::Opus { .. }));
+        let mut offset = first;
+        for size in sizes {
+            let size = u32::try_from(size)
             .ok()
             .filter(|&s| s <= MAX_SAMPLE_BYTES)
             .ok_or_else(|| {
@@ -915,33 +888,34 @@ fn block(
                     "a frame of {size} bytes at byte {offset}; at most {MAX_SAMPLE_BYTES} are read"
                 ))
             })?;
-        if offset + u64::from(size) > file_len {
-            return Err(VideoFileError::Truncated(format!(
-                "a frame at byte {offset} lies past the end of the file"
-            )));
+            if offset + u64::from(size) > self.file_len {
+                return Err(VideoFileError::Truncated(format!(
+                    "a frame at byte {offset} lies past the end of the file"
+                )));
+            }
+            self.total += 1;
+            if self.total > MAX_SAMPLES || self.total > self.file_len {
+                return Err(VideoFileError::TooLarge(format!(
+                    "more than {MAX_SAMPLES} frames, or more than the file's bytes"
+                )));
+            }
+            let mut head = [0u8; 2];
+            if opus && size > 0 {
+                let n = size.min(2) as usize;
+                self.file.seek(SeekFrom::Start(offset))?;
+                self.file.read_exact(&mut head[..n])?;
+            }
+            self.frames[k].push(Frame {
+                offset,
+                size,
+                time,
+                key,
+                head,
+            });
+            offset += u64::from(size);
         }
-        *total += 1;
-        if *total > MAX_SAMPLES || *total > file_len {
-            return Err(VideoFileError::TooLarge(format!(
-                "more than {MAX_SAMPLES} frames, or more than the file's bytes"
-            )));
-        }
-        let mut head = [0u8; 2];
-        if opus && size > 0 {
-            let n = size.min(2) as usize;
-            file.seek(SeekFrom::Start(offset))?;
-            file.read_exact(&mut head[..n])?;
-        }
-        frames[k].push(Frame {
-            offset,
-            size,
-            time,
-            key,
-            head,
-        });
-        offset += u64::from(size);
+        Ok(())
     }
-    Ok(())
 }
 
 /// `ticks` of the segment (`scale` ns each) in units of `timescale` a second, rounded.
