@@ -15,7 +15,7 @@ use sdstream_server::video_file::avc::Matrix;
 use sdstream_server::video_file::decode::VideoTrackInfo;
 use sdstream_server::video_file::yuv::to_rgb;
 use sdstream_server::video_file::{Mp4Input, TrackKind, VideoDecoder, VideoFileError};
-use video::{ffmpeg, fixtures, output_of, probe, root, scratch, video};
+use video::{ffmpeg, fixtures, output_of, packet_field, probe, root, scratch, video};
 
 /// The engine settings of the tiny checkpoint (model paths: `run` is a local tool).
 fn tiny_settings() -> serde_json::Value {
@@ -659,23 +659,9 @@ fn fragmented_files_read_as_the_plain_file_they_were_made_from() {
         assert_eq!(frames, 16, "{}", file.display());
         assert_eq!(pts, presentation_times(v), "{}", file.display());
         // The audio by packet (the decoder drops packets of no duration from its frames).
-        let listed = output_of(
-            &ffprobe,
-            &[
-                "-v",
-                "error",
-                "-select_streams",
-                "a:0",
-                "-show_entries",
-                "packet=pts",
-                "-of",
-                "csv=p=0",
-                file.to_str().expect("utf-8"),
-            ],
-        );
-        let mut pts: Vec<i64> = String::from_utf8_lossy(&listed)
-            .lines()
-            .filter_map(|l| l.trim().trim_end_matches(',').parse().ok())
+        let mut pts: Vec<i64> = packet_field(&ffprobe, &file, "a", "pts")
+            .iter()
+            .filter_map(|v| v.parse().ok())
             .collect();
         pts.sort_unstable();
         assert_eq!(pts.len(), 33, "{}", file.display());
@@ -873,23 +859,9 @@ fn hostile_fragments_are_refused_by_name() {
 /// Every packet's presentation time of a file's first stream of `kind`, by ffprobe, in seconds
 /// (sorted).
 fn packet_seconds(ffprobe: &str, file: &Path, kind: &str) -> Vec<f64> {
-    let listed = output_of(
-        ffprobe,
-        &[
-            "-v",
-            "error",
-            "-select_streams",
-            &format!("{kind}:0"),
-            "-show_entries",
-            "packet=pts_time",
-            "-of",
-            "csv=p=0",
-            file.to_str().expect("utf-8"),
-        ],
-    );
-    let mut times: Vec<f64> = String::from_utf8_lossy(&listed)
-        .lines()
-        .filter_map(|l| l.trim().trim_end_matches(',').parse().ok())
+    let mut times: Vec<f64> = packet_field(ffprobe, file, kind, "pts_time")
+        .iter()
+        .filter_map(|v| v.parse().ok())
         .collect();
     times.sort_by(f64::total_cmp);
     times

@@ -375,7 +375,8 @@ impl Mp4Input {
         Ok(())
     }
 
-    /// An input read by another container's reader (Matroska) into MP4's terms.
+    /// An input of these tracks (an MP4's index, or another container's reader's (Matroska)
+    /// tracks in MP4's terms).
     pub(super) fn from_parts(
         file: File,
         file_len: u64,
@@ -442,16 +443,14 @@ impl Mp4Input {
             ));
         }
         Ok((
-            Self {
+            Self::from_parts(
                 file,
                 file_len,
-                ftyp: None,
                 movie_timescale,
                 movie_duration,
                 tracks,
-                fragments: 0,
-                notes: Vec::new(),
-            },
+                Vec::new(),
+            ),
             defaults,
         ))
     }

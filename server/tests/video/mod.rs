@@ -124,6 +124,30 @@ pub fn probe(ffprobe: &str, file: &Path, kind: &str) -> (u64, String, String, Ve
     )
 }
 
+/// One field of every packet of a file's first stream of `kind` ("v" or "a"), by ffprobe, in
+/// file order: `pts` (in the stream's time base), `pts_time` (seconds), `size`, …
+pub fn packet_field(ffprobe: &str, file: &Path, kind: &str, field: &str) -> Vec<String> {
+    let listed = output_of(
+        ffprobe,
+        &[
+            "-v",
+            "error",
+            "-select_streams",
+            &format!("{kind}:0"),
+            "-show_entries",
+            &format!("packet={field}"),
+            "-of",
+            "csv=p=0",
+            file.to_str().expect("utf-8"),
+        ],
+    );
+    String::from_utf8_lossy(&listed)
+        .lines()
+        .map(|l| l.trim().trim_end_matches(',').to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
 #[path = "../support/rng.rs"]
 mod rng;
 pub use rng::Rng;
