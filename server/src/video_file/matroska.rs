@@ -1089,3 +1089,129 @@ fn audio_samples(
     }
     Ok(samples)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An element: its ID's bytes, a 8-byte size, its data.
+    fn element(id: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut out = id.to_vec();
+        out.push(0x01);
+        out.extend_from_slice(&(data.len() as u64).to_be_bytes()[1..]);
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn uint_element(id: &[u8], value: u64) -> Vec<u8> {
+        element(id, &value.to_be_bytes())
+    }
+
+    /// An Opus packet of one 20 ms frame (TOC config 1: SILK narrowband 20 ms; code 0: one
+    /// frame), `n` bytes.
+    fn opus_packet(n: usize, fill: u8) -> Vec<u8> {
+        let mut p = vec![fill; n];
+        p[0] = 1 << 3;
+        p
+    }
+
+    /// A Matroska file of one Opus track whose cluster holds `blocks` (SimpleBlock bodies
+    /// after the track number, timecode and flags, which are added).
+    fn opus_file(blocks: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut head = b"OpusHead".to_vec();
+        head.extend_from_slice(&[1, 2, 0x38, 0x01, 0x80, 0xBB, 0, 0, 0, 0, 0]);
+        let mut track = uint_element(&[0xD7], 1);
+        track.extend(uint_element(&[0x83], 2));
+        track.extend(element(&[0x86], b"A_OPUS"));
+        track.extend(element(&[0x63, 0xA2], &head));
+        let tracks = element(&[0x16, 0x54, 0xAE, 0x6B], &element(&[0xAE], &track));
+        let info = element(
+            &[0x15, 0x49, 0xA9, 0x66],
+            &uint_element(&[0x2A, 0xD7, 0xB1], 1_000_000),
+        );
+        let mut cluster = uint_element(&[0xE7], 0);
+        for (i, (flags, body)) in blocks.iter().enumerate() {
+            let mut block = vec![0x81]; // track 1
+            block.extend_from_slice(&((i as i16) * 20).to_be_bytes());
+            block.push(*flags);
+            block.extend_from_slice(body);
+            cluster.extend(element(&[0xA3], &block));
+        }
+        let mut segment = info;
+        segment.extend(tracks);
+        segment.extend(element(&[0x1F, 0x43, 0xB6, 0x75], &cluster));
+        let mut file = element(&MAGIC, &element(&[0x42, 0x82], b"matroska"));
+        file.extend(element(&[0x18, 0x53, 0x80, 0x67], &segment));
+        file
+    }
+
+    fn open_bytes(name: &str, data: &[u8]) -> Result<Mp4Input> {
+        let path = std::env::temp_dir().join(format!("sdstream-mkv-{}-{name}", std::process::id()));
+        std::fs::write(&path, data).expect("write");
+        let result = Mp4Input::open(&path);
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
+    #[test]
+    fn an_opus_packets_length_comes_from_its_toc() {
+        // RFC 6716 3.1: config (5 bits), stereo, code (2 bits: 1, 2, 2 or N frames).
+        assert_eq!(opus_samples(&[1 << 3]), Some(960)); // SILK NB 20 ms
+        assert_eq!(opus_samples(&[(1 << 3) | 1]), Some(1920)); // two frames
+        assert_eq!(opus_samples(&[(1 << 3) | 3, 3]), Some(2880)); // three frames
+        assert_eq!(opus_samples(&[31 << 3]), Some(960)); // CELT FB 20 ms
+        assert_eq!(opus_samples(&[16 << 3]), Some(120)); // CELT NB 2.5 ms
+        assert_eq!(opus_samples(&[13 << 3]), Some(960)); // Hybrid FB 20 ms
+        assert_eq!(opus_samples(&[(3 << 3) | 3, 3]), None); // 180 ms: past the 120 ms limit
+        assert_eq!(opus_samples(&[(1 << 3) | 3, 0]), None); // no frames
+        assert_eq!(opus_samples(&[]), None);
+    }
+
+    #[test]
+    fn laced_blocks_give_each_frame_its_bytes_and_length() {
+        let (a, b, c) = (opus_packet(300, 1), opus_packet(40, 2), opus_packet(7, 3));
+        let frames = [a.clone(), b.clone(), c.clone()];
+        // Xiph lacing: 3 frames, the first two sizes as runs of 255 (300 = 255 + 45).
+        let mut xiph = vec![2, 255, 45, 40];
+        xiph.extend(frames.concat());
+        // EBML lacing: the first size as a vint, then the difference (40 - 300 = -260) as a
+        // signed 2-byte vint (bias 8191).
+        let mut ebml = vec![2, 0x41, 0x2C];
+        let diff = (-260i64 + 8191) as u16 | 0x4000;
+        ebml.extend_from_slice(&diff.to_be_bytes());
+        ebml.extend(frames.concat());
+        // Fixed-size lacing: two frames of 40 bytes.
+        let mut fixed = vec![1];
+        fixed.extend(b.repeat(2));
+        let file = opus_file(&[
+            (0x80 | 0x02, xiph),
+            (0x80 | 0x06, ebml),
+            (0x80 | 0x04, fixed),
+            (0x80, a.clone()),
+        ]);
+        let mut input = open_bytes("laced.mkv", &file).expect("opens");
+        let track = input.tracks[0].clone();
+        assert_eq!(track.codec(), *b"Opus");
+        assert_eq!(track.timescale, 48_000);
+        let sizes: Vec<u32> = track.samples.iter().map(|s| s.size).collect();
+        assert_eq!(sizes, [300, 40, 7, 300, 40, 7, 40, 40, 300]);
+        // 20 ms of 48 kHz each, in order, from the first block's time.
+        assert!(track.samples.iter().all(|s| s.duration == 960));
+        assert_eq!(track.samples[8].dts, 8 * 960);
+        let mut buf = Vec::new();
+        let want = [&a, &b, &c, &a, &b, &c, &b, &b, &a];
+        for (s, want) in track.samples.iter().zip(want) {
+            input.read_sample(s, &mut buf).expect("sample");
+            assert_eq!(&buf, want);
+        }
+        // The dOps box carries the OpusHead's values big-endian: 2 channels, pre-skip 312.
+        let raw = &track.entries[0].raw;
+        let dops = raw.windows(4).position(|w| w == b"dOps").expect("dOps") + 4;
+        assert_eq!(&raw[dops..dops + 4], &[0, 2, 0x01, 0x38]);
+        // Laces that claim more than the block holds are refused by name.
+        let mut bad = vec![2, 255, 255, 255, 255];
+        bad.extend(opus_packet(10, 4));
+        let err = open_bytes("bad.mkv", &opus_file(&[(0x82, bad)])).expect_err("bad lacing");
+        assert!(err.to_string().contains("cut off or invalid"), "{err}");
+    }
+}
