@@ -15,6 +15,9 @@ no CodecPrivate): the files a web app uploads. For each:
    exactly the pictures whole before the cut (by ffprobe's packet positions; in the MP4, those
    of the fragments before the last).
 
+Chromium's default recording, WebM with VP8, is refused naming the codec and the ffmpeg command
+that converts it (exit code 1, no output).
+
 usage: media_recorder.py --server BIN --fixtures DIR --work DIR [--chromium /usr/bin/chromium]
        [--ffprobe ffprobe]
 Exits non-zero on any failed check; prints a JSON summary.
@@ -38,7 +41,9 @@ from page_e2e import CHROMIUM_FLAGS, FAKE_CAMERA, ALLOW_CAMERA  # noqa: E402
 
 # The two containers Chromium records H.264 in: MP4 (fragmented) and Matroska (written live:
 # sizes unknown, the parameter sets in the stream, Annex-B start codes, no CodecPrivate).
-CONTAINERS = [("mp4", "video/mp4;codecs=avc1,opus"), ("mkv", "video/x-matroska;codecs=avc1,opus")]
+CONTAINERS = [("mp4", "video/mp4;codecs=avc1,opus"), ("mkv", "video/x-matroska;codecs=avc1,opus"),
+              # Chromium's default: WebM with VP8, which sdstream run refuses by name.
+              ("webm", "video/webm;codecs=vp8,opus")]
 RECORD_MS = 3000
 
 RECORD = """async ([mime, ms]) => {
@@ -195,6 +200,23 @@ def exercise(args, extension, data, summary):
         print(stderr[-2000:])
 
 
+def refused(args, data, summary):
+    """4. Chromium's default recording (WebM, VP8): refused naming the codec and the command that
+    converts it, exit code 1, no output."""
+    recording = os.path.join(args.work, "recording.webm")
+    with open(recording, "wb") as f:
+        f.write(data)
+    summary["webm"] = {"bytes": len(data)}
+    output = os.path.join(args.work, "out-webm.mp4")
+    if os.path.exists(output):
+        os.remove(output)
+    code, stderr = run(args.server, args.fixtures, recording, output)
+    if not check(code == 1 and "VP8 (V_VP8), not H.264" in stderr and "ffmpeg -i IN" in stderr
+                 and not os.path.exists(output),
+                 f"the WebM (VP8) recording is refused naming its codec: exit {code}"):
+        print(stderr[-2000:])
+
+
 def main():
     ap = arguments(work=True)
     ap.add_argument("--chromium", default="/usr/bin/chromium")
@@ -207,7 +229,10 @@ def main():
         f.write("<!doctype html><title>recorder</title>")
     summary = {}
     for extension, data in record(args.chromium, page_dir).items():
-        exercise(args, extension, data, summary)
+        if extension == "webm":
+            refused(args, data, summary)
+        else:
+            exercise(args, extension, data, summary)
     finish(summary)
 
 
