@@ -167,17 +167,23 @@ pub trait Storages {
 /// Reads the PyTorch checkpoint `path` (either format) and rewrites its state dict as
 /// safetensors bytes.
 pub fn read_as_safetensors(path: &Path) -> Result<Vec<u8>, ReadError> {
-    let file = File::open(path).map_err(ReadError::Io)?;
-    let file_len = file.metadata().map_err(ReadError::Io)?.len();
-    let mut reader = BufReader::new(file);
-    let mut head = [0u8; 3];
-    let legacy = reader.read_exact(&mut head).is_ok() && head == LEGACY_START;
-    reader.seek(SeekFrom::Start(0)).map_err(ReadError::Io)?;
+    let (reader, file_len, legacy) = open_checkpoint(File::open(path).map_err(ReadError::Io)?)?;
     if legacy {
         read_legacy(reader, file_len)
     } else {
         read_archive(reader, file_len)
     }
+}
+
+/// A checkpoint file's reader at its start, its length, and whether it is in torch's legacy
+/// format (by its first bytes) rather than the zip format.
+fn open_checkpoint(file: File) -> Result<(BufReader<File>, u64, bool), ReadError> {
+    let file_len = file.metadata().map_err(ReadError::Io)?.len();
+    let mut reader = BufReader::new(file);
+    let mut head = [0u8; 3];
+    let legacy = reader.read_exact(&mut head).is_ok() && head == LEGACY_START;
+    reader.seek(SeekFrom::Start(0)).map_err(ReadError::Io)?;
+    Ok((reader, file_len, legacy))
 }
 
 const NO_TENSORS: &str = "no tensors found: expected a state dict at the top level or under \
@@ -290,15 +296,11 @@ impl MappedCheckpoint {
 /// map, through the page cache: no copy is held).
 pub fn map_checkpoint(path: &Path) -> Result<MappedCheckpoint, ReadError> {
     let file = File::open(path).map_err(ReadError::Io)?;
-    let file_len = file.metadata().map_err(ReadError::Io)?.len();
     // SAFETY: the map is read-only and lives as long as the checkpoint; as with the mapped
     // safetensors files, the file must not be truncated while the process reads it (which
     // the hub cache and a model folder are not).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(ReadError::Io)?;
-    let mut reader = BufReader::new(file);
-    let mut head = [0u8; 3];
-    let legacy = reader.read_exact(&mut head).is_ok() && head == LEGACY_START;
-    reader.seek(SeekFrom::Start(0)).map_err(ReadError::Io)?;
+    let (reader, file_len, legacy) = open_checkpoint(file)?;
     if legacy {
         let (plan, mut storages) = legacy_plan(reader, file_len)?;
         Ok(mapped(plan, &mut storages, map)?)

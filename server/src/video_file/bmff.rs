@@ -194,6 +194,12 @@ impl<'a> Fields<'a> {
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    /// The next u32 where the box's flags say the field is `present`, else `default` (the
+    /// optional fields of `tfhd` and `trun`).
+    pub(crate) fn u32_if(&mut self, present: bool, default: u32) -> Result<u32> {
+        if present { self.u32() } else { Ok(default) }
+    }
+
     pub(crate) fn u64(&mut self) -> Result<u64> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];

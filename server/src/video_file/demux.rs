@@ -910,6 +910,28 @@ fn parse_stbl(stbl: &[u8], path: &str, file_len: u64, samples_left: u64) -> Resu
     })
 }
 
+/// The start of a track whose first sample is presented at `start` (in its timescale), as every
+/// sample's composition offset carries it (fragmented MP4 and Matroska tracks, whose decode
+/// times are made to run from 0): all of it, unless it is past half of a 32-bit offset's
+/// range, so that the offsets themselves keep the other half; then 0, with a note.
+pub(super) fn carried_start(
+    start: i64,
+    track: u32,
+    timescale: u32,
+    notes: &mut Vec<String>,
+) -> i64 {
+    const MAX: i64 = (i32::MAX / 2) as i64;
+    if (0..=MAX).contains(&start) {
+        return start;
+    }
+    notes.push(format!(
+        "track {track} starts at {start} units ({:.3} s), too far for a composition offset: its \
+         samples start at 0",
+        start as f64 / f64::from(timescale.max(1))
+    ));
+    0
+}
+
 /// A track's timing tables (`stts`, and `ctts` and `stss` where they say something), made
 /// from its samples.
 pub(super) fn timing_tables(samples: &[Sample]) -> Result<Vec<Vec<u8>>> {

@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
 use super::bmff::{Fields, children};
-use super::demux::{Sample, Track};
+use super::demux::{Sample, Track, carried_start};
 use super::limits::{MAX_MOOV_BYTES, MAX_SAMPLE_BYTES, MAX_SAMPLES};
 use super::{Result, VideoFileError};
 
@@ -116,10 +116,6 @@ struct TrackState {
     /// too large for a 32-bit offset).
     carried: i64,
 }
-
-/// The largest start a composition offset carries: half of its range, so that the offsets
-/// themselves keep the other half.
-const MAX_CARRIED: u64 = (i32::MAX / 2) as u64;
 
 /// One fragment's samples for one track, before they are known to lie inside the file.
 struct Pending {
@@ -282,26 +278,10 @@ fn parse_moof(
         } else {
             previous_end.unwrap_or(moof_pos)
         };
-        let description = if flags & DESCRIPTION_INDEX != 0 {
-            f.u32()?
-        } else {
-            trex.description
-        };
-        let default_duration = if flags & DEFAULT_DURATION != 0 {
-            f.u32()?
-        } else {
-            trex.duration
-        };
-        let default_size = if flags & DEFAULT_SIZE != 0 {
-            f.u32()?
-        } else {
-            trex.size
-        };
-        let default_flags = if flags & DEFAULT_FLAGS != 0 {
-            f.u32()?
-        } else {
-            trex.flags
-        };
+        let description = f.u32_if(flags & DESCRIPTION_INDEX != 0, trex.description)?;
+        let default_duration = f.u32_if(flags & DEFAULT_DURATION != 0, trex.duration)?;
+        let default_size = f.u32_if(flags & DEFAULT_SIZE != 0, trex.size)?;
+        let default_flags = f.u32_if(flags & DEFAULT_FLAGS != 0, trex.flags)?;
         let entries = tracks[track].entries.len();
         let mut samples = Vec::new();
         let mut next = base;
@@ -365,21 +345,9 @@ fn parse_moof(
                 VideoFileError::TooLarge(format!("cannot allocate the table of {count} samples"))
             })?;
             for k in 0..count {
-                let duration = if run_flags & SAMPLE_DURATION != 0 {
-                    f.u32()?
-                } else {
-                    default_duration
-                };
-                let size = if run_flags & SAMPLE_SIZE != 0 {
-                    f.u32()?
-                } else {
-                    default_size
-                };
-                let sample_flags = if run_flags & SAMPLE_FLAGS != 0 {
-                    f.u32()?
-                } else {
-                    default_flags
-                };
+                let duration = f.u32_if(run_flags & SAMPLE_DURATION != 0, default_duration)?;
+                let size = f.u32_if(run_flags & SAMPLE_SIZE != 0, default_size)?;
+                let sample_flags = f.u32_if(run_flags & SAMPLE_FLAGS != 0, default_flags)?;
                 // The first sample's flags override the others' for it alone.
                 let sample_flags = match (k, first_flags) {
                     (0, Some(first)) => first,
@@ -446,16 +414,8 @@ fn append(
             // The track's first samples: its start is carried in the composition offsets.
             None => {
                 state.origin = time;
-                state.carried = if time <= MAX_CARRIED {
-                    time as i64
-                } else {
-                    notes.push(format!(
-                        "track {id} starts at decode time {time} ({:.3} s), too far for a \
-                         composition offset: its samples start at 0",
-                        time as f64 / f64::from(track.timescale.max(1))
-                    ));
-                    0
-                };
+                let start = i64::try_from(time).unwrap_or(i64::MAX);
+                state.carried = carried_start(start, id, track.timescale, notes);
             }
             Some(last) => {
                 let time = time.checked_sub(state.origin).ok_or_else(|| {

@@ -26,7 +26,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
-use super::demux::{Mp4Input, Sample, SampleEntry, Track, TrackHeader, TrackKind};
+use super::demux::{Mp4Input, Sample, SampleEntry, Track, TrackHeader, TrackKind, carried_start};
 use super::limits::{MAX_MOOV_BYTES, MAX_SAMPLE_BYTES, MAX_SAMPLES, MAX_TOP_LEVEL_BOXES};
 use super::{Result, VideoFileError, avc, mux};
 
@@ -509,6 +509,26 @@ pub(crate) fn open(mut file: File, file_len: u64) -> Result<Mp4Input> {
     ))
 }
 
+/// Where an element inside a cluster ends, counted against the elements' bound (shared by the
+/// segment and its clusters); one of unknown size cannot be placed there.
+fn element_end(e: &Element, elements: &mut usize) -> Result<u64> {
+    *elements += 1;
+    if *elements > MAX_TOP_LEVEL_BOXES {
+        return Err(VideoFileError::TooLarge(format!(
+            "more than {MAX_TOP_LEVEL_BOXES} elements in the segment and its clusters"
+        )));
+    }
+    let size = e.size.ok_or_else(|| {
+        malformed(format!(
+            "element 0x{:X} of unknown size inside a cluster",
+            e.id
+        ))
+    })?;
+    e.data
+        .checked_add(size)
+        .ok_or_else(|| malformed("an element's size overflows"))
+}
+
 /// The note for a recording cut off in a cluster (once).
 fn note_cut(notes: &mut Vec<String>) {
     const CUT: &str = "the file ends inside a cluster (a recording cut off?); the blocks whole \
@@ -526,22 +546,7 @@ fn unknown_cluster_end(file: &mut File, data: u64, end: u64, elements: &mut usiz
         if SEGMENT_LEVEL.contains(&e.id) {
             return Ok(at);
         }
-        *elements += 1;
-        if *elements > MAX_TOP_LEVEL_BOXES {
-            return Err(VideoFileError::TooLarge(format!(
-                "more than {MAX_TOP_LEVEL_BOXES} elements in the segment"
-            )));
-        }
-        let Some(size) = e.size else {
-            return Err(malformed(format!(
-                "element 0x{:X} of unknown size inside a cluster",
-                e.id
-            )));
-        };
-        at = e
-            .data
-            .checked_add(size)
-            .ok_or_else(|| malformed("an element's size overflows"))?;
+        at = element_end(&e, elements)?;
     }
     Ok(at.min(end))
 }
@@ -745,22 +750,8 @@ impl Blocks<'_> {
         let mut cluster_time = 0i64;
         let mut at = start;
         while let Some(e) = read_header(self.file, at, end)? {
-            *self.elements += 1;
-            if *self.elements > MAX_TOP_LEVEL_BOXES {
-                return Err(VideoFileError::TooLarge(format!(
-                    "more than {MAX_TOP_LEVEL_BOXES} elements in the clusters"
-                )));
-            }
-            let Some(size) = e.size else {
-                return Err(malformed(format!(
-                    "element 0x{:X} of unknown size inside a cluster",
-                    e.id
-                )));
-            };
-            let next = e
-                .data
-                .checked_add(size)
-                .ok_or_else(|| malformed("an element's size overflows"))?;
+            let next = element_end(&e, self.elements)?;
+            let size = next - e.data;
             if next > self.file_len {
                 // A recording cut off in this element: what came before it is read.
                 note_cut(self.notes);
@@ -953,6 +944,7 @@ fn build_track(
             sorted.sort_unstable();
             let base = sorted.first().copied().unwrap_or(0);
             let default = to_units(t.default_duration as i64, 1, timescale);
+            let start = carried_start(base, id, timescale, notes);
             let mut samples = Vec::with_capacity(frames.len());
             for (i, f) in frames.iter().enumerate() {
                 let dts = sorted[i] - base;
@@ -968,7 +960,7 @@ fn build_track(
                     size: f.size,
                     duration: u32::try_from(duration)
                         .map_err(|_| malformed("a frame's duration past 32 bits"))?,
-                    cts_offset: i32::try_from(offset + carried(base, id, timescale, notes))
+                    cts_offset: i32::try_from(offset + start)
                         .map_err(|_| malformed("a frame's time past 32 bits"))?,
                     entry: 0,
                     sync: f.key,
@@ -1016,24 +1008,6 @@ fn build_track(
     Ok(track)
 }
 
-/// The start carried in composition offsets (as a fragmented MP4's): the track's first time,
-/// unless too large for them.
-fn carried(base: i64, id: u32, timescale: u32, notes: &mut Vec<String>) -> i64 {
-    const MAX: i64 = (i32::MAX / 2) as i64;
-    if (0..=MAX).contains(&base) {
-        base
-    } else {
-        let note = format!(
-            "track {id} starts at {:.3} s, too far for a composition offset: its samples start at 0",
-            base as f64 / f64::from(timescale)
-        );
-        if !notes.contains(&note) {
-            notes.push(note);
-        }
-        0
-    }
-}
-
 /// ISO 639-2 `und` unless the track names a three-letter language.
 fn pack_language(language: &str) -> u16 {
     let b = language.as_bytes();
@@ -1058,7 +1032,7 @@ fn audio_samples(
     let Some(first) = frames.first() else {
         return Ok(Vec::new());
     };
-    let start = carried(to_units(first.time, scale, rate), id, rate, notes);
+    let start = carried_start(to_units(first.time, scale, rate), id, rate, notes);
     let start =
         i32::try_from(start).map_err(|_| malformed("an audio track's start past 32 bits"))?;
     let mut samples: Vec<Sample> = Vec::with_capacity(frames.len());
